@@ -1,0 +1,342 @@
+/*
+ * mha.h -- libmha, multi-head attention for CPUs.  The whole public API.
+ *
+ * libmha computes what PyTorch's nn.MultiheadAttention and
+ * scaled_dot_product_attention compute:
+ *
+ *     Attention(Q, K, V) = softmax(Q K^T * scale + bias) V,  scale = 1/sqrt(d)
+ *     head_i             = Attention(X_q W_i^Q, X_k W_i^K, X_v W_i^V)
+ *     MultiHead          = Concat(head_1 .. head_h) W^O
+ *
+ * Quick start (self-attention, error handling shortened):
+ *
+ *     mha_st_file *weights;
+ *     mha_layer   *layer;
+ *     mha_ctx     *ctx;
+ *     mha_st_open("block.safetensors", &weights);
+ *     mha_layer_from_safetensors(weights, "", 12, 0, &layer);  // 12 heads
+ *     mha_ctx_create(0, &ctx);                                 // all CPUs
+ *
+ *     mha_layer_fwd_args args;
+ *     mha_layer_fwd_args_init(&args);
+ *     args.query = mha_tensor_3d(x, batch, seq, embed);        // [N, L, E]
+ *     args.key = args.value = args.query;
+ *     mha_tensor y = mha_tensor_3d(out, batch, seq, embed);
+ *     if (mha_layer_forward(ctx, layer, &y, NULL, &args) != MHA_OK)
+ *         fprintf(stderr, "%s\n", mha_last_error());
+ *
+ * Conventions
+ *   - Every fallible function returns mha_status; MHA_OK is 0.  On failure
+ *     mha_last_error() returns a sentence (thread-local, valid until the
+ *     next failing call on the same thread) naming the argument at fault.
+ *     Outputs are written only on success, unless a function says so.
+ *   - Tensors are caller-owned float32 buffers described by mha_tensor:
+ *     up to four dimensions with explicit strides counted in elements, so
+ *     [B, L, H, D] and [B, H, L, D] layouts are both read without copies.
+ *     Inputs are never written through.
+ *   - Masks are either "keep" bytes (non-zero = may attend) or floats added
+ *     to the scores, with broadcasting strides (0 repeats a dimension).
+ *   - A query row whose keys are all masked gives output 0 and log-sum-exp
+ *     -inf (never NaN).  PyTorch gives NaN there; this is the one
+ *     intentional difference.
+ *   - Sizes are int64_t and every size product is checked for overflow.
+ *   - Results do not depend on the thread count: same bits for 1 or N.
+ *   - Thread safety: functions are reentrant.  An mha_ctx or mha_layer may
+ *     be used by one thread at a time; an mha_st_file likewise.  Distinct
+ *     objects may be used from distinct threads freely.
+ *   - Every *_free(NULL) is a harmless no-op.
+ */
+#ifndef MHA_H
+#define MHA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MHA_VERSION_MAJOR 0
+#define MHA_VERSION_MINOR 1
+#define MHA_VERSION_PATCH 0
+#define MHA_VERSION_STRING "0.1.0"
+
+/* ------------------------------------------------------------------ */
+/* Status and errors                                                   */
+/* ------------------------------------------------------------------ */
+
+typedef enum mha_status {
+    MHA_OK = 0,
+    MHA_ERR_INVALID_ARG,  /* an argument is out of range or inconsistent */
+    MHA_ERR_MISUSE,       /* NULL handle or call in the wrong order */
+    MHA_ERR_NOMEM,        /* an allocation failed */
+    MHA_ERR_IO,           /* a file could not be read or written */
+    MHA_ERR_CORRUPT,      /* a safetensors file is malformed */
+    MHA_ERR_UNSUPPORTED,  /* valid request this build cannot serve */
+    MHA_ERR_NOT_FOUND,    /* a named tensor is absent */
+    MHA_ERR_INTERNAL      /* a bug in libmha; please report it */
+} mha_status;
+
+/* Name of a status ("invalid argument", ...); static storage, never NULL. */
+const char *mha_status_str(mha_status status);
+
+/* The sentence describing the last failure on this thread, or "" if none
+ * has happened.  Owned by the library. */
+const char *mha_last_error(void);
+
+/* The library's version, e.g. "0.1.0"; compare with MHA_VERSION_STRING to
+ * check that header and library match. */
+const char *mha_version(void);
+
+/* ------------------------------------------------------------------ */
+/* Tensors and masks                                                   */
+/* ------------------------------------------------------------------ */
+
+/* A strided float32 view.  Rank-3 views leave shape[3] = 1, stride[3] = 0;
+ * functions say which rank they expect.  Strides are in elements and may
+ * be any non-negative values (0 repeats). */
+typedef struct mha_tensor {
+    float  *data;
+    int64_t shape[4];
+    int64_t stride[4];
+} mha_tensor;
+
+/* Contiguous row-major views. */
+mha_tensor mha_tensor_3d(float *data, int64_t d0, int64_t d1, int64_t d2);
+mha_tensor mha_tensor_4d(float *data, int64_t d0, int64_t d1, int64_t d2, int64_t d3);
+
+typedef enum mha_mask_kind {
+    MHA_MASK_NONE = 0,
+    MHA_MASK_KEEP,  /* uint8_t; non-zero = the key may be attended */
+    MHA_MASK_ADD    /* float; added to the score (-INFINITY masks out) */
+} mha_mask_kind;
+
+/* A mask over [batch, heads, query, key].  stride[] is in elements; use 0
+ * to broadcast a dimension (e.g. [L, S] -> {0, 0, S, 1}). */
+typedef struct mha_mask {
+    mha_mask_kind kind;
+    const void   *data;
+    int64_t       stride[4];
+} mha_mask;
+
+typedef enum mha_causal {
+    MHA_CAUSAL_NONE = 0,
+    MHA_CAUSAL_TOP_LEFT,     /* key j <= query i (PyTorch is_causal) */
+    MHA_CAUSAL_BOTTOM_RIGHT  /* key j <= i + S - L (flash-attn, KV cache) */
+} mha_causal;
+
+/* ------------------------------------------------------------------ */
+/* Execution context                                                   */
+/* ------------------------------------------------------------------ */
+
+/* Threads and scratch memory for compute calls.  n_threads 0 means the
+ * MHA_NUM_THREADS environment variable if set, else all online CPUs.
+ * Errors: INVALID_ARG (n_threads < 0 or > 1024), NOMEM. */
+typedef struct mha_ctx mha_ctx;
+mha_status mha_ctx_create(int n_threads, mha_ctx **out_ctx);
+void       mha_ctx_free(mha_ctx *ctx);
+int        mha_ctx_threads(const mha_ctx *ctx);
+
+/* ------------------------------------------------------------------ */
+/* Scaled dot-product attention                                        */
+/* ------------------------------------------------------------------ */
+
+/* Options of one attention call.  Call mha_attn_desc_init() first.
+ * The score of query i and key j (L queries, S keys) is built in this
+ * order:
+ *     s  = (q_i . k_j) * scale
+ *     s  = softcap * tanh(s / softcap)          if softcap > 0
+ *     s += -alibi_slopes[h] * |i + S - L - j|   if alibi_slopes
+ *     s += mask (ADD) or -inf where mask is 0 (KEEP)
+ *     s  = -inf where causal or window excludes j
+ * The window is flash-attn's: i + S - L - window_left <= j <=
+ * i + S - L + window_right, -1 meaning unbounded on that side. */
+typedef struct mha_attn_desc {
+    double        scale;         /* NAN (default): 1/sqrt(D) */
+    mha_causal    causal;        /* default MHA_CAUSAL_NONE */
+    int64_t       window_left;   /* default -1 */
+    int64_t       window_right;  /* default -1 */
+    float         softcap;       /* default 0 = off */
+    const float  *alibi_slopes;  /* [Hq] or NULL */
+    mha_mask      mask;          /* over [B, Hq, L, S]; default none */
+    int           enable_gqa;    /* allow Hkv to divide Hq; default 0 */
+} mha_attn_desc;
+
+void mha_attn_desc_init(mha_attn_desc *desc);
+
+/* out = attention(q, k, v) for every batch and head.
+ *   out  [B, Hq, L, Dv]  written
+ *   lse  [B, Hq, L]      contiguous; natural log of each row's softmax
+ *                        denominator (-inf for a fully masked row); may
+ *                        be NULL
+ *   q    [B, Hq, L, D]
+ *   k    [B, Hkv, S, D]  Hkv == Hq, or with enable_gqa Hq % Hkv == 0
+ *                        (query head h reads kv head h / (Hq / Hkv))
+ *   v    [B, Hkv, S, Dv]
+ * out must not overlap the inputs.  Errors: MISUSE (NULL pointers),
+ * INVALID_ARG (shapes, strides, window, softcap, scale), NOMEM. */
+mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse,
+                         const mha_tensor *q, const mha_tensor *k,
+                         const mha_tensor *v, const mha_attn_desc *desc);
+
+/* ------------------------------------------------------------------ */
+/* safetensors files                                                   */
+/* ------------------------------------------------------------------ */
+
+typedef enum mha_dtype {
+    MHA_DTYPE_F64 = 0,
+    MHA_DTYPE_F32,
+    MHA_DTYPE_F16,
+    MHA_DTYPE_BF16,
+    MHA_DTYPE_BOOL,
+    MHA_DTYPE_U8,
+    MHA_DTYPE_I32,
+    MHA_DTYPE_I64,
+    MHA_DTYPE_COUNT
+} mha_dtype;
+
+#define MHA_ST_MAX_RANK 8
+
+/* "F32", "BF16", ... as written in safetensors headers. */
+const char *mha_dtype_name(mha_dtype dtype);
+size_t      mha_dtype_size(mha_dtype dtype);
+
+typedef struct mha_st_info {
+    const char *name;          /* owned by the file object */
+    mha_dtype   dtype;
+    int         rank;
+    int64_t     shape[MHA_ST_MAX_RANK];
+    int64_t     numel;
+} mha_st_info;
+
+/* A parsed and fully validated safetensors file.  Opening checks the
+ * whole header (size bound of 100 MB, JSON, dtypes, shapes, offsets that
+ * are in order, contiguous and inside the file) before anything sized
+ * from the file is allocated; tensor data is read on demand.
+ * Errors: IO (cannot open/read), CORRUPT (names the fault), NOMEM. */
+typedef struct mha_st_file mha_st_file;
+mha_status mha_st_open(const char *path, mha_st_file **out_file);
+/* Same, over a caller buffer that must outlive the file object. */
+mha_status mha_st_open_memory(const void *buf, size_t len, mha_st_file **out_file);
+void       mha_st_close(mha_st_file *file);
+
+int64_t     mha_st_count(const mha_st_file *file);
+/* Tensor by index (0 .. count-1, in file order) or by name; NOT_FOUND
+ * when absent. */
+mha_status  mha_st_info_at(const mha_st_file *file, int64_t index, mha_st_info *info);
+mha_status  mha_st_find(const mha_st_file *file, const char *name, mha_st_info *info);
+/* Value of a __metadata__ key, or NULL. */
+const char *mha_st_metadata(const mha_st_file *file, const char *key);
+
+/* Copy a tensor converted to float32 (from F64, F32, F16, BF16, BOOL,
+ * U8, I32 or I64) into dst, which holds `capacity` floats.
+ * Errors: NOT_FOUND, INVALID_ARG (capacity too small), IO. */
+mha_status mha_st_read_f32(mha_st_file *file, const char *name, float *dst, int64_t capacity);
+/* Copy a tensor's raw little-endian bytes into dst (capacity bytes). */
+mha_status mha_st_read_raw(mha_st_file *file, const char *name, void *dst, size_t capacity);
+
+/* Builds a safetensors file in memory and writes it atomically: to a
+ * temporary name in the same directory, fsync, then rename, so a reader
+ * never sees a partial file and a failure leaves nothing behind.  Added
+ * data is copied.  Errors: INVALID_ARG (bad name/shape, duplicate name),
+ * NOMEM, IO. */
+typedef struct mha_st_writer mha_st_writer;
+mha_status mha_st_writer_create(mha_st_writer **out_writer);
+void       mha_st_writer_free(mha_st_writer *writer);
+mha_status mha_st_writer_add(mha_st_writer *writer, const char *name, mha_dtype dtype,
+                             int rank, const int64_t *shape, const void *data);
+mha_status mha_st_writer_set_metadata(mha_st_writer *writer, const char *key, const char *value);
+mha_status mha_st_writer_save(const mha_st_writer *writer, const char *path);
+
+/* ------------------------------------------------------------------ */
+/* The multi-head attention layer (torch.nn.MultiheadAttention)        */
+/* ------------------------------------------------------------------ */
+
+typedef struct mha_layer_desc {
+    int64_t embed_dim;     /* E; required */
+    int64_t num_heads;     /* h; E % h == 0 */
+    int64_t kdim;          /* key features; 0 (default) = E */
+    int64_t vdim;          /* value features; 0 (default) = E */
+    int     bias;          /* in_proj_bias and out_proj.bias; default 1 */
+    int     add_bias_kv;   /* bias_k and bias_v rows; default 0 */
+    int     add_zero_attn; /* a zero key/value row; default 0 */
+} mha_layer_desc;
+
+void mha_layer_desc_init(mha_layer_desc *desc);
+
+/* A layer owns float32 copies of its weights, zero until set.
+ * Errors: INVALID_ARG (names the field, e.g. E not divisible by h), NOMEM. */
+typedef struct mha_layer mha_layer;
+mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer);
+void       mha_layer_free(mha_layer *layer);
+const mha_layer_desc *mha_layer_get_desc(const mha_layer *layer);
+
+/* Set one weight by its nn.MultiheadAttention state_dict name:
+ * in_proj_weight [3E, E] (kdim == vdim == E), q_proj_weight [E, E],
+ * k_proj_weight [E, kdim], v_proj_weight [E, vdim], in_proj_bias [3E],
+ * out_proj.weight [E, E], out_proj.bias [E], bias_k / bias_v [1, 1, E].
+ * numel must match.  Errors: NOT_FOUND (name not a weight of this layer),
+ * INVALID_ARG (size). */
+mha_status mha_layer_set_weight(mha_layer *layer, const char *name,
+                                const float *data, int64_t numel);
+
+/* Create a layer from the state_dict tensors "<prefix><name>" in a
+ * safetensors file: E, kdim, vdim, bias and add_bias_kv are read from the
+ * tensors present; num_heads and add_zero_attn are not stored by PyTorch
+ * and are given here.  Errors: NOT_FOUND (names the missing tensor),
+ * INVALID_ARG (names the tensor with the wrong shape), IO, NOMEM. */
+mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix,
+                                      int64_t num_heads, int add_zero_attn,
+                                      mha_layer **out_layer);
+
+typedef struct mha_layer_fwd_args {
+    mha_tensor query;             /* [N, L, E] rank 3 */
+    mha_tensor key;               /* [N, S, kdim] */
+    mha_tensor value;             /* [N, S, vdim] */
+    mha_mask   attn_mask;         /* over [N, h, L, S] */
+    mha_mask   key_padding_mask;  /* over [N, h, L, S], usually {S, 0, 0, 1} */
+    mha_causal causal;            /* over the S real keys; default none */
+    int        average_attn_weights;  /* default 1 */
+} mha_layer_fwd_args;
+
+void mha_layer_fwd_args_init(mha_layer_fwd_args *args);
+
+/* attn_output = MultiHead(query, key, value).
+ *   attn_output   [N, L, E]  written
+ *   attn_weights  NULL, or [N, 1, L, S'] (averaged over heads) or
+ *                 [N, h, L, S'], S' = S + add_bias_kv + add_zero_attn;
+ *                 the softmax probabilities
+ * Masks and causal apply to the S real keys; the bias_k/bias_v and zero
+ * rows are appended after them and never masked, as in PyTorch.
+ * Errors: MISUSE, INVALID_ARG (names the tensor and dimension), NOMEM. */
+mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *layer, mha_tensor *attn_output,
+                             mha_tensor *attn_weights, const mha_layer_fwd_args *args);
+
+/* ------------------------------------------------------------------ */
+/* Sizing questions (mha info)                                         */
+/* ------------------------------------------------------------------ */
+
+typedef struct mha_info {
+    int64_t head_dim;              /* E / h */
+    int64_t kv_dim;                /* num_kv_heads * head_dim */
+    int64_t params;                /* with biases */
+    int64_t params_single_head;    /* one head of width E */
+    double  flops_projections;     /* one forward, batch 1, seq N */
+    double  flops_attention;
+    double  bytes_weights;         /* float32 */
+    double  bytes_activations;     /* float32 inputs, intermediates, output */
+    int64_t kv_cache_bytes_per_token;      /* float32, this config */
+    int64_t kv_cache_bytes_per_token_mha;  /* float32, without GQA */
+} mha_info;
+
+/* Fill *info for self-attention with E, h heads, g kv heads (0 = h) at
+ * sequence length seq.  Errors: INVALID_ARG with the reason, e.g. when E
+ * is not divisible by h or h not by g. */
+mha_status mha_info_compute(int64_t embed_dim, int64_t num_heads, int64_t num_kv_heads,
+                            int64_t seq, mha_info *info);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MHA_H */

@@ -1,0 +1,50 @@
+/*
+ * attention.h -- the resolved form of one attention problem, shared by the
+ * public mha_attention() and the layer.
+ *
+ * Every option (scale, softcap, ALiBi, masks, causal alignment, window,
+ * GQA, keys appended by the layer) is resolved here once into:
+ *   - per query row i, a range [lo, hi) of the R "real" keys it may see,
+ *   - per score, an additive bias (ALiBi and masks) on real keys,
+ *   - keys R .. S-1 (bias_k/bias_v and zero rows of the layer) that every
+ *     row sees without bias,
+ * so the kernels only follow that one contract.
+ */
+#ifndef MHA_ATTENTION_H
+#define MHA_ATTENTION_H
+
+#include "internal.h"
+#include "parallel.h"
+
+typedef struct mha__attn_plan {
+    int64_t B, Hq, Hkv, L, S, D, Dv;
+    int64_t R;               /* keys [0, R) are real: masks, causal, window, ALiBi apply */
+    int64_t group;           /* Hq / Hkv: query heads per kv head */
+    float   scale;
+    float   softcap;         /* 0 = off */
+    mha_causal causal;
+    int64_t window_left, window_right;  /* -1 = unbounded */
+    const float *alibi;      /* [Hq] or NULL */
+    mha_mask masks[2];       /* over [B, Hq, L, R]; kind NONE = unused */
+} mha__attn_plan;
+
+/* Checks a plan's sizes and options (not its tensors); INVALID_ARG names
+ * the offending field. */
+mha_status mha__attn_plan_check(const mha__attn_plan *plan);
+
+/* out [B,Hq,L,Dv] and lse [B,Hq,L] (contiguous, may be NULL) from q, k, v
+ * viewed as in mha_attention(); shapes already validated. */
+mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *out, float *lse,
+                             const mha_tensor *q, const mha_tensor *k, const mha_tensor *v);
+
+/* Softmax probabilities from the log-sum-exp a forward pass saved:
+ * p = exp(score - lse), written to probs [B, Hq, L, S], or summed over
+ * heads and divided by Hq into probs [B, 1, L, S] when `average`. */
+mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *probs, int average,
+                           const float *lse, const mha_tensor *q, const mha_tensor *k);
+
+/* Checks that `t` has the given rank-4 shape (-1 = any) and that its
+ * strides address no element past INT64_MAX; INVALID_ARG names `what`. */
+mha_status mha__check_tensor(const mha_tensor *t, const char *what, const int64_t shape[4]);
+
+#endif /* MHA_ATTENTION_H */

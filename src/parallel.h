@@ -1,0 +1,36 @@
+/*
+ * parallel.h -- the execution context: thread count, scratch buffers and a
+ * fork-join loop over independent work items.
+ *
+ * Work items are split into contiguous chunks, one per thread, and every
+ * item is computed the same way whichever thread runs it, so results do
+ * not depend on the thread count.
+ */
+#ifndef MHA_PARALLEL_H
+#define MHA_PARALLEL_H
+
+#include "internal.h"
+
+/* Scratch buffers a context keeps between calls; each grows on demand at
+ * call setup, never inside a compute loop. */
+typedef enum mha__scratch_slot {
+    MHA_SCRATCH_THREADS = 0,  /* per-thread rows of the attention kernels */
+    MHA_SCRATCH_LAYER,        /* projections of the layer */
+    MHA_SCRATCH_COUNT
+} mha__scratch_slot;
+
+/* A buffer of at least `bytes` in `slot`, 64-byte aligned, or NULL (with
+ * mha_last_error set).  Valid until the next call for the same slot. */
+void *mha__ctx_scratch(mha_ctx *ctx, mha__scratch_slot slot, int64_t bytes);
+
+/* Calls fn(arg, thread, begin, end) on contiguous chunks covering
+ * [0, n_items), one chunk per thread (fewer when there are fewer items);
+ * thread numbers are 0 .. n-1 and index per-thread scratch.  Returns when
+ * all chunks are done. */
+typedef void (*mha__range_fn)(void *arg, int thread, int64_t begin, int64_t end);
+void mha__parallel_for(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *arg);
+
+/* Bytes of per-thread scratch rounded up so threads never share a line. */
+int64_t mha__pad_to_line(int64_t bytes);
+
+#endif /* MHA_PARALLEL_H */

@@ -1,0 +1,47 @@
+/*
+ * reference.h -- the naive reference implementation, in float64 (the
+ * oracle) and float32 (the "plain float32 implementation" that the
+ * tolerance rule measures against).  Not part of the public API; used by
+ * tests.  Every tensor is contiguous row-major.
+ */
+#ifndef MHA_REFERENCE_H
+#define MHA_REFERENCE_H
+
+#include "mha.h"
+
+#include <stdint.h>
+
+/* One attention problem.  Masks are dense over [B, Hq, L, S] (NULL =
+ * none): keep (non-zero = may attend) and add (added to the score). */
+typedef struct mha_ref_sdpa {
+    int64_t B, Hq, Hkv, L, S, D, Dv;
+    double scale, softcap;           /* softcap 0 = off */
+    mha_causal causal;
+    int64_t window_left, window_right;
+    const double *alibi;             /* [Hq] or NULL */
+    const uint8_t *keep;
+    const double *add;
+} mha_ref_sdpa;
+
+/* out [B,Hq,L,Dv]; lse [B,Hq,L] and probs [B,Hq,L,S] may be NULL. */
+void mha_ref_sdpa_f64(const mha_ref_sdpa *a, const double *q, const double *k, const double *v,
+                      double *out, double *lse, double *probs);
+void mha_ref_sdpa_f32(const mha_ref_sdpa *a, const float *q, const float *k, const float *v,
+                      float *out, float *lse, float *probs);
+
+/* nn.MultiheadAttention, batch-first [N, L, E] inputs.  Weights as in the
+ * state_dict: w_q [E,E], w_k [E,kdim], w_v [E,vdim], b_in [3E] or NULL,
+ * w_out [E,E], b_out [E] or NULL, bias_k/bias_v [E] or NULL.  `add` is a
+ * dense additive mask [N, h, L, S] over the real keys (or NULL); `causal`
+ * is top-left over them.  probs [N, h, L, S'] may be NULL. */
+typedef struct mha_ref_layer {
+    int64_t N, L, S, E, H, kdim, vdim;
+    int add_zero_attn, causal;
+    const double *w_q, *w_k, *w_v, *b_in, *w_out, *b_out, *bias_k, *bias_v;
+    const double *add;
+} mha_ref_layer;
+
+void mha_ref_layer_f64(const mha_ref_layer *a, const double *query, const double *key, const double *value,
+                       double *out, double *probs);
+
+#endif /* MHA_REFERENCE_H */

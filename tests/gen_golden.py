@@ -1,0 +1,385 @@
+#!/usr/bin/python3
+"""Write the golden test cases in tests/data/golden/ from PyTorch.
+
+Run with Debian's python3-torch:  /usr/bin/python3 tests/gen_golden.py
+Tests never need Python; only regenerating does.  Output is deterministic.
+
+Each case is one safetensors file holding everything a test needs:
+  - the weights, under their nn.MultiheadAttention state_dict names,
+  - the inputs (query, key, value, masks, alibi_slopes) under the CLI's names,
+  - "expected.<output>": the float64 result (the oracle),
+  - "torch32.<output>": PyTorch's float32 result (the baseline of the
+    tolerance rule: our error may be at most twice PyTorch's),
+  - __metadata__ "command" (forward or sdpa) and "args" (its flags).
+The C test runs `mha <command> --weights F --inputs F --out T <args>` and
+compares T's tensors with these.
+
+nn.MultiheadAttention goldens come from the module itself.  PyTorch 1.13
+has no scaled_dot_product_attention, so SDPA goldens come from sdpa_math()
+below, written with torch ops from the definitions (flash-attn's window
+and ALiBi, Gemma's softcap), run in float64 and float32.
+"""
+import json
+import math
+import os
+import struct
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "data", "golden")
+
+DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+          torch.bfloat16: "BF16", torch.bool: "BOOL", torch.uint8: "U8",
+          torch.int32: "I32", torch.int64: "I64"}
+
+
+def tensor_bytes(t):
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: go through int16
+        return t.view(torch.int16).numpy().tobytes()
+    return t.numpy().tobytes()
+
+
+def save(path, tensors, metadata):
+    header = {"__metadata__": metadata}
+    blobs, offset = [], 0
+    for name, t in tensors.items():
+        data = tensor_bytes(t)
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for b in blobs:
+            f.write(b)
+
+
+# ---------------------------------------------------------------------------
+# nn.MultiheadAttention cases
+# ---------------------------------------------------------------------------
+
+def make_module(E, H, bias=True, add_bias_kv=False, add_zero_attn=False, kdim=None, vdim=None,
+                batch_first=False):
+    m = torch.nn.MultiheadAttention(E, H, bias=bias, add_bias_kv=add_bias_kv,
+                                    add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim,
+                                    batch_first=batch_first)
+    with torch.no_grad():  # PyTorch zero-initialises biases; make every parameter count
+        for name, p in m.named_parameters():
+            fan_in = p.shape[-1] if p.dim() == 2 else E
+            p.uniform_(-1.0, 1.0).mul_(1.0 / math.sqrt(fan_in) if p.dim() == 2 else 0.5)
+    return m.eval()
+
+
+def round_to(t, dtype):
+    """Values as a file of `dtype` holds them (so both sides see the same)."""
+    return t.to(dtype).to(torch.float32)
+
+
+def forward_case(name, E, H, L, S=None, N=2, batched=True, batch_first=False, cross=False,
+                 kdim=None, vdim=None, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 attn_mask=None, kpm=None, causal=False, need_weights=False, average=True,
+                 prefix="", input_dtype=torch.float32, weight_dtype=torch.float32,
+                 fully_masked_batch=None, scale_inputs=1.0):
+    """attn_mask: None, 'bool2', 'float2', 'bool3', 'float3'; kpm: None, 'bool', 'float'."""
+    S = L if S is None else S
+    m = make_module(E, H, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first)
+    if weight_dtype != torch.float32:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(round_to(p, weight_dtype))
+    kd, vd = kdim or E, vdim or E
+
+    def shape(T, F):
+        if not batched:
+            return (T, F)
+        return (N, T, F) if batch_first else (T, N, F)
+
+    q = round_to(torch.randn(shape(L, E)) * scale_inputs, input_dtype)
+    k = round_to(torch.randn(shape(S, kd)), input_dtype) if cross else q
+    v = round_to(torch.randn(shape(S, vd)), input_dtype) if cross else q
+    n = N if batched else 1
+    inputs = {"query": q.to(input_dtype)}
+    if cross:
+        inputs["key"], inputs["value"] = k.to(input_dtype), v.to(input_dtype)
+
+    # Masks in our CLI's form (PyTorch's own conventions) ...
+    am = None
+    if attn_mask:
+        dims = (L, S) if attn_mask.endswith("2") else (n * H, L, S)
+        if attn_mask.startswith("bool"):
+            am = torch.rand(dims) < 0.3
+            am[..., 0] = False  # every row keeps a key: PyTorch gives NaN otherwise
+        else:
+            am = torch.randn(dims)
+        inputs["attn_mask"] = am
+    kp = None
+    if kpm:
+        kp = torch.rand((n, S)) < 0.3
+        kp[:, -1] = False
+        if causal:
+            kp[:, 0] = False  # row 0 sees only key 0 under a causal mask
+        if fully_masked_batch is not None:
+            kp[fully_masked_batch, :] = True
+        if kpm == "float":
+            kp = torch.where(kp, torch.tensor(-1e9), torch.randn((n, S)))
+        inputs["key_padding_mask"] = kp if batched else kp[0]
+    causal_mask = torch.ones(L, S).tril().logical_not() if causal else None
+    if causal:
+        # keep the first key of every row visible under combined masks
+        if am is not None and am.dtype == torch.bool:
+            am[..., 0] = False
+
+    # ... and one float mask for PyTorch 1.13, which cannot merge every mix.
+    def merged(dtype):
+        total = torch.zeros((n, H, L, S), dtype=dtype)
+        for part in (am, causal_mask):
+            if part is None:
+                continue
+            part = part.reshape((n, H, L, S) if part.dim() == 3 else (1, 1, L, S))
+            total = total + (torch.where(part, float("-inf"), 0.0) if part.dtype == torch.bool else part).to(dtype)
+        if kp is not None:
+            kpf = torch.where(kp, float("-inf"), 0.0) if kp.dtype == torch.bool else kp
+            total = total + kpf.to(dtype).reshape(n, 1, 1, S)
+        return total.reshape(n * H, L, S)
+
+    def run(dtype):
+        mm = make_module(E, H, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first)
+        mm.load_state_dict(m.state_dict())
+        mm = mm.to(dtype)
+        mask = merged(dtype) if (am is not None or kp is not None or causal) else None
+        if mask is not None and not batched:
+            mask = mask.reshape(H, L, S)
+        with torch.no_grad():
+            out, w = mm(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
+                        need_weights=need_weights, average_attn_weights=average)
+        out = out.detach().clone()
+        w = w.detach().clone() if w is not None else None
+        if fully_masked_batch is not None:
+            # Our definition: a row with no visible key attends to nothing
+            # (PyTorch gives NaN), so the layer outputs out_proj.bias.
+            b = fully_masked_batch
+            ob = mm.out_proj.bias.detach() if bias else torch.zeros(E, dtype=dtype)
+            sel = (slice(None), b) if not batch_first else (b,)
+            out[sel] = ob
+            if w is not None:
+                w[b] = 0
+        return out, w
+
+    out64, w64 = run(torch.float64)
+    out32, w32 = run(torch.float32)
+    tensors = {prefix + k_: round_to(t, weight_dtype).to(weight_dtype) if weight_dtype != torch.float32 else t
+               for k_, t in m.state_dict().items()}
+    if prefix:
+        tensors["decoy.out_proj.weight"] = torch.zeros(3, 3)  # another block in the same file
+    tensors.update(inputs)
+    tensors["expected.attn_output"] = out64
+    tensors["torch32.attn_output"] = out32
+    if need_weights:
+        tensors["expected.attn_output_weights"] = w64
+        tensors["torch32.attn_output_weights"] = w32
+    args = ["--num-heads", str(H)]
+    if batch_first:
+        args.append("--batch-first")
+    if need_weights:
+        args.append("--need-weights")
+        if not average:
+            args.append("--no-average-attn-weights")
+    if add_zero_attn:
+        args.append("--add-zero-attn")
+    if causal:
+        args.append("--is-causal")
+    if prefix:
+        args += ["--prefix", prefix]
+    save(os.path.join(OUT, name + ".safetensors"), tensors,
+         {"command": "forward", "args": " ".join(args)})
+
+
+# ---------------------------------------------------------------------------
+# scaled_dot_product_attention cases
+# ---------------------------------------------------------------------------
+
+def sdpa_math(q, k, v, mask=None, causal=None, scale=None, gqa=False, window=(-1, -1),
+              softcap=0.0, alibi=None):
+    """Reference SDPA from the definitions, in q's dtype.
+
+    Score order: scale, softcap, ALiBi, mask, then causal/window exclusion.
+    A row with no visible key gives output 0 and lse -inf.
+    """
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if gqa:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(L).reshape(L, 1)
+    j = torch.arange(S).reshape(1, S)
+    diag = i + S - L
+    if alibi is not None:
+        s = s - alibi.to(q.dtype).reshape(1, Hq, 1, 1) * (diag - j).abs().to(q.dtype)
+    visible = torch.ones(L, S, dtype=torch.bool)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            visible = visible & mask
+        else:
+            s = s + mask.to(q.dtype)
+    if causal == "top_left":
+        visible = visible & (j <= i)
+    if causal == "bottom_right":
+        visible = visible & (j <= diag)
+    if window[0] >= 0:
+        visible = visible & (j >= diag - window[0])
+    if window[1] >= 0:
+        visible = visible & (j <= diag + window[1])
+    s = s.masked_fill(~visible, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    empty = m == float("-inf")
+    p = torch.exp(s - torch.where(empty, torch.zeros_like(m), m))
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p / torch.where(empty, torch.ones_like(denom), denom), v)
+    lse = torch.where(empty, m, m + torch.log(denom)).squeeze(-1)
+    return out, lse
+
+
+def sdpa_case(name, B, Hq, L, S, D, Dv=None, Hkv=None, mask=None, causal=None, scale=None,
+              window=(-1, -1), softcap=0.0, alibi=False, fully_masked=False, input_dtype=torch.float32,
+              scale_inputs=1.0):
+    """mask: None, 'bool_LS', 'bool_B1LS', 'bool_1H1S', 'float_BHLS', 'float_LS'."""
+    Dv = D if Dv is None else Dv
+    Hkv = Hq if Hkv is None else Hkv
+    q = round_to(torch.randn(B, Hq, L, D) * scale_inputs, input_dtype)
+    k = round_to(torch.randn(B, Hkv, S, D) * scale_inputs, input_dtype)
+    v = round_to(torch.randn(B, Hkv, S, Dv), input_dtype)
+    tensors = {"query": q.to(input_dtype), "key": k.to(input_dtype), "value": v.to(input_dtype)}
+    m = None
+    if mask:
+        kind, dims = mask.split("_")
+        sizes = {"B": B, "H": Hq, "L": L, "S": S, "1": 1}
+        shape = [sizes[c] for c in dims]
+        m = torch.rand(shape) < 0.7 if kind == "bool" else torch.randn(shape)
+        if fully_masked:
+            m[..., 0, :] = False if kind == "bool" else float("-inf")
+        tensors["attn_mask"] = m
+    slopes = None
+    if alibi:
+        slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / Hq) for h in range(Hq)])
+        tensors["alibi_slopes"] = slopes
+    kw = dict(mask=m, causal=causal, scale=scale, gqa=Hkv != Hq, window=window, softcap=softcap, alibi=slopes)
+    out64, lse64 = sdpa_math(q.double(), k.double(), v.double(), **kw)
+    out32, lse32 = sdpa_math(q, k, v, **kw)
+    tensors.update({"expected.output": out64, "expected.lse": lse64,
+                    "torch32.output": out32, "torch32.lse": lse32})
+    args = []
+    if causal == "top_left":
+        args.append("--is-causal")
+    if causal == "bottom_right":
+        args.append("--causal-bottom-right")
+    if scale is not None:
+        args += ["--scale", repr(scale)]
+    if Hkv != Hq:
+        args.append("--enable-gqa")
+    if window[0] >= 0:
+        args += ["--window-left", str(window[0])]
+    if window[1] >= 0:
+        args += ["--window-right", str(window[1])]
+    if softcap > 0:
+        args += ["--softcap", repr(softcap)]
+    save(os.path.join(OUT, name + ".safetensors"), tensors, {"command": "sdpa", "args": " ".join(args)})
+
+
+def main():
+    torch.manual_seed(20261122)
+    os.makedirs(OUT, exist_ok=True)
+    for f in os.listdir(OUT):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(OUT, f))
+
+    # nn.MultiheadAttention: every option, odd sizes, head dims 8..128.
+    forward_case("fwd_basic", E=16, H=2, L=5)
+    forward_case("fwd_batch_first", E=24, H=3, L=7, N=3, batch_first=True)
+    forward_case("fwd_unbatched", E=20, H=2, L=9, batched=False)
+    forward_case("fwd_unbatched_weights", E=20, H=4, L=6, batched=False, need_weights=True, average=False,
+                 attn_mask="bool3")
+    forward_case("fwd_cross", E=32, H=4, L=6, S=11, cross=True, batch_first=True)
+    forward_case("fwd_kdim_vdim", E=24, H=2, L=5, S=8, cross=True, kdim=10, vdim=14, need_weights=True)
+    forward_case("fwd_no_bias", E=16, H=4, L=4, bias=False, need_weights=True)
+    forward_case("fwd_bias_kv", E=16, H=2, L=5, add_bias_kv=True, need_weights=True, attn_mask="bool2",
+                 kpm="bool")
+    forward_case("fwd_zero_attn", E=16, H=2, L=5, add_zero_attn=True, need_weights=True, average=False,
+                 attn_mask="float3", kpm="bool")
+    forward_case("fwd_bias_kv_zero_attn", E=12, H=3, L=4, S=6, cross=True, add_bias_kv=True,
+                 add_zero_attn=True, need_weights=True, average=False, kpm="float", batch_first=True)
+    forward_case("fwd_mask_bool2", E=16, H=2, L=8, attn_mask="bool2", need_weights=True)
+    forward_case("fwd_mask_float2", E=16, H=2, L=8, attn_mask="float2", need_weights=True)
+    forward_case("fwd_mask_bool3", E=16, H=2, L=7, S=9, cross=True, attn_mask="bool3", need_weights=True,
+                 average=False)
+    forward_case("fwd_mask_float3", E=16, H=2, L=7, attn_mask="float3")
+    forward_case("fwd_kpm_bool", E=16, H=2, L=10, kpm="bool", need_weights=True)
+    forward_case("fwd_kpm_float", E=16, H=2, L=10, kpm="float", batch_first=True)
+    forward_case("fwd_masks_mixed", E=16, H=4, L=6, attn_mask="float2", kpm="bool", need_weights=True)
+    forward_case("fwd_masks_float_both", E=16, H=4, L=6, attn_mask="float3", kpm="float")
+    forward_case("fwd_masks_bool_float", E=16, H=2, L=6, attn_mask="bool2", kpm="float")
+    forward_case("fwd_causal", E=24, H=3, L=13, causal=True, need_weights=True, average=False)
+    forward_case("fwd_causal_mask", E=24, H=3, L=9, causal=True, attn_mask="bool2", kpm="bool",
+                 batch_first=True)
+    forward_case("fwd_causal_cross", E=16, H=2, L=5, S=9, cross=True, causal=True, need_weights=True)
+    forward_case("fwd_fully_masked", E=16, H=2, L=4, N=3, kpm="bool", fully_masked_batch=1,
+                 need_weights=True)
+    forward_case("fwd_long", E=64, H=2, L=70, S=67, cross=True, N=1, need_weights=True)
+    forward_case("fwd_head128", E=128, H=1, L=9, N=1)
+    forward_case("fwd_head8x8", E=64, H=8, L=33, N=1, attn_mask="bool2")
+    forward_case("fwd_head_odd", E=3 * 13, H=3, L=17, S=23, cross=True, N=2)
+    forward_case("fwd_one_token", E=16, H=2, L=1, S=1, cross=True)
+    forward_case("fwd_prefix", E=16, H=2, L=5, prefix="encoder.layers.0.self_attn.", batch_first=True)
+    forward_case("fwd_bf16_inputs", E=32, H=4, L=8, input_dtype=torch.bfloat16, need_weights=True)
+    forward_case("fwd_f16_weights", E=32, H=2, L=8, weight_dtype=torch.float16)
+    forward_case("fwd_f64_inputs", E=16, H=2, L=6, input_dtype=torch.float64, weight_dtype=torch.float64)
+    forward_case("fwd_large_inputs", E=32, H=4, L=12, scale_inputs=30.0, need_weights=True)
+
+    # scaled_dot_product_attention: every variant, odd sizes.
+    sdpa_case("sdpa_basic", B=2, Hq=3, L=5, S=7, D=8)
+    sdpa_case("sdpa_dv", B=1, Hq=2, L=9, S=4, D=24, Dv=40)
+    sdpa_case("sdpa_causal_square", B=2, Hq=2, L=11, S=11, D=16, causal="top_left")
+    sdpa_case("sdpa_causal_tl_wide", B=1, Hq=2, L=5, S=12, D=16, causal="top_left")
+    sdpa_case("sdpa_causal_tl_tall", B=1, Hq=2, L=12, S=5, D=16, causal="top_left")
+    sdpa_case("sdpa_causal_br_wide", B=1, Hq=2, L=5, S=12, D=16, causal="bottom_right")
+    sdpa_case("sdpa_causal_br_tall", B=1, Hq=2, L=12, S=5, D=16, causal="bottom_right")
+    sdpa_case("sdpa_scale", B=1, Hq=2, L=6, S=6, D=32, scale=0.37)
+    sdpa_case("sdpa_gqa", B=2, Hq=8, Hkv=2, L=9, S=13, D=16, causal="bottom_right")
+    sdpa_case("sdpa_mqa", B=1, Hq=6, Hkv=1, L=7, S=7, D=12)
+    sdpa_case("sdpa_window_left", B=1, Hq=2, L=20, S=20, D=16, window=(3, -1))
+    sdpa_case("sdpa_window_both", B=1, Hq=2, L=9, S=21, D=16, window=(4, 2))
+    sdpa_case("sdpa_window_causal", B=1, Hq=2, L=16, S=16, D=16, causal="bottom_right", window=(5, 0))
+    sdpa_case("sdpa_window_right", B=1, Hq=1, L=14, S=10, D=8, window=(-1, 1))
+    sdpa_case("sdpa_softcap", B=1, Hq=2, L=8, S=8, D=16, softcap=2.5, scale_inputs=4.0)
+    sdpa_case("sdpa_alibi", B=1, Hq=4, L=10, S=14, D=16, alibi=True)
+    sdpa_case("sdpa_alibi_causal_softcap", B=1, Hq=4, L=10, S=10, D=16, alibi=True, causal="top_left",
+              softcap=5.0)
+    sdpa_case("sdpa_mask_bool_LS", B=2, Hq=2, L=6, S=9, D=8, mask="bool_LS")
+    sdpa_case("sdpa_mask_bool_B1LS", B=2, Hq=3, L=6, S=9, D=8, mask="bool_B1LS")
+    sdpa_case("sdpa_mask_bool_1H1S", B=2, Hq=3, L=6, S=9, D=8, mask="bool_1H1S")
+    sdpa_case("sdpa_mask_float_BHLS", B=2, Hq=2, L=6, S=9, D=8, mask="float_BHLS")
+    sdpa_case("sdpa_mask_float_LS", B=1, Hq=2, L=6, S=9, D=8, mask="float_LS", causal="top_left")
+    sdpa_case("sdpa_fully_masked_bool", B=1, Hq=2, L=5, S=6, D=8, mask="bool_BHLS", fully_masked=True)
+    sdpa_case("sdpa_fully_masked_float", B=1, Hq=2, L=5, S=6, D=8, mask="float_BHLS", fully_masked=True)
+    sdpa_case("sdpa_long", B=1, Hq=2, L=70, S=65, D=64, causal="bottom_right")
+    sdpa_case("sdpa_head128", B=1, Hq=1, L=33, S=47, D=128)
+    sdpa_case("sdpa_head_odd", B=1, Hq=3, L=17, S=19, D=40, Dv=24, window=(6, 6))
+    sdpa_case("sdpa_one_key", B=1, Hq=1, L=3, S=1, D=8)
+    sdpa_case("sdpa_f16_inputs", B=1, Hq=2, L=9, S=9, D=16, input_dtype=torch.float16)
+    sdpa_case("sdpa_large_logits", B=1, Hq=2, L=8, S=8, D=16, scale_inputs=20.0)
+
+    total = sum(os.path.getsize(os.path.join(OUT, f)) for f in os.listdir(OUT))
+    print(f"wrote {len(os.listdir(OUT))} cases, {total / 1e6:.2f} MB, to {OUT}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

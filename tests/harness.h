@@ -1,0 +1,110 @@
+/*
+ * harness.h -- what every libmha test shares: checks that count failures
+ * and the tolerance rule, in one place.
+ *
+ * Tolerance rule (FlashAttention's, docs/NUMERICS.md): against the float64
+ * oracle, our error may be at most twice the error of a plain float32
+ * implementation of the same computation, plus a tiny absolute floor:
+ *     max|ours - ref| <= 2 * max|base - ref| + 4 * FLT_EPSILON * max(1, max|ref|)
+ * Infinities must match exactly (a fully masked row's lse is -inf), and a
+ * NaN where the oracle has none always fails.
+ */
+#ifndef MHA_TEST_HARNESS_H
+#define MHA_TEST_HARNESS_H
+
+#include "mha.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int harness_failures;
+static int harness_checks;
+
+#define CHECK(cond, ...)                                                        \
+    do {                                                                        \
+        harness_checks++;                                                       \
+        if (!(cond)) {                                                          \
+            harness_failures++;                                                 \
+            fprintf(stderr, "%s:%d: check failed: %s: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                                       \
+            fputc('\n', stderr);                                                \
+        }                                                                       \
+    } while (0)
+
+/* A call that must succeed; prints the library's sentence if not. */
+#define CHECK_OK(call)                                                          \
+    do {                                                                        \
+        mha_status st_ = (call);                                                \
+        CHECK(st_ == MHA_OK, "%s -> %s: %s", #call, mha_status_str(st_), mha_last_error()); \
+    } while (0)
+
+/* A call that must fail with `status` and a message containing `needle`. */
+#define CHECK_FAILS(call, status, needle)                                       \
+    do {                                                                        \
+        mha_status st_ = (call);                                                \
+        CHECK(st_ == (status), "%s -> %s (%s), expected %s", #call, mha_status_str(st_), \
+              mha_last_error(), mha_status_str(status));                        \
+        CHECK(strstr(mha_last_error(), (needle)) != NULL, "message \"%s\" lacks \"%s\"", \
+              mha_last_error(), (needle));                                      \
+    } while (0)
+
+/* Ends main(): the summary line ctest logs and a non-zero exit on failure. */
+static inline int harness_finish(const char *name)
+{
+    printf("%s: %d passed, %d failed\n", name, harness_checks - harness_failures, harness_failures);
+    return harness_failures ? 1 : 0;
+}
+
+typedef struct tolerance_report {
+    double err, base_err, limit;
+    long long worst;   /* index of the largest error, -1 if none */
+    bool ok;
+} tolerance_report;
+
+/* The tolerance rule over n values.  `base` may be NULL when no float32
+ * baseline exists: then only the floor applies. */
+static inline tolerance_report tolerance_check(const float *got, const double *ref, const float *base, long long n)
+{
+    tolerance_report r = {0, 0, 0, -1, true};
+    double max_ref = 1.0;
+    for (long long i = 0; i < n; i++) {
+        if (isfinite(ref[i]) && fabs(ref[i]) > max_ref) max_ref = fabs(ref[i]);
+        if (isinf(ref[i]) || isnan(ref[i])) {
+            bool same = isnan(ref[i]) ? isnan(got[i]) : (double)got[i] == ref[i];
+            if (!same) {
+                r.ok = false;
+                r.worst = i;
+                r.err = INFINITY;
+            }
+            continue;
+        }
+        double e = isfinite(got[i]) ? fabs((double)got[i] - ref[i]) : INFINITY;
+        if (e > r.err || (isnan(got[i]))) {
+            r.err = isnan(got[i]) ? INFINITY : e;
+            r.worst = i;
+        }
+        if (base && isfinite(base[i])) {
+            double b = fabs((double)base[i] - ref[i]);
+            if (b > r.base_err) r.base_err = b;
+        }
+    }
+    r.limit = 2.0 * r.base_err + 4.0 * FLT_EPSILON * max_ref;
+    if (!(r.err <= r.limit)) r.ok = false;
+    return r;
+}
+
+/* CHECK the rule; on failure print where and by how much. */
+#define CHECK_CLOSE(what, got, ref, base, n)                                    \
+    do {                                                                        \
+        tolerance_report tr_ = tolerance_check((got), (ref), (base), (n));      \
+        CHECK(tr_.ok, "%s: max error %.3g > limit %.3g (float32 baseline %.3g) at %lld: got %.9g want %.9g", \
+              (what), tr_.err, tr_.limit, tr_.base_err, tr_.worst,              \
+              tr_.worst >= 0 ? (double)(got)[tr_.worst] : 0.0,                  \
+              tr_.worst >= 0 ? (ref)[tr_.worst] : 0.0);                          \
+    } while (0)
+
+#endif /* MHA_TEST_HARNESS_H */

@@ -1,0 +1,165 @@
+/*
+ * test_golden.c -- every PyTorch golden case through the real CLI.
+ *
+ * For each .safetensors file in tests/data/golden (see gen_golden.py), run
+ *     mha <command> --inputs F [--weights F] --out T <args>
+ * in-process, then hold every output tensor to the tolerance rule against
+ * the float64 result, with PyTorch's float32 result as the baseline.  The
+ * same case is run again with 1 and 3 threads: the bits must not change.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include "cli.h"
+#include "harness.h"
+
+#include <dirent.h>
+#include <stdint.h>
+#include <unistd.h>
+
+enum { MAX_ARGS = 32 };
+
+typedef struct buffer {
+    float *data;
+    int64_t n;
+} buffer;
+
+static buffer read_f32(mha_st_file *f, const char *name)
+{
+    buffer b = {NULL, 0};
+    mha_st_info info;
+    if (mha_st_find(f, name, &info) != MHA_OK) return b;
+    b.n = info.numel;
+    b.data = malloc((size_t)(b.n ? b.n : 1) * sizeof(float));
+    if (mha_st_read_f32(f, name, b.data, b.n) != MHA_OK) b.n = -1;
+    return b;
+}
+
+static double *read_f64(mha_st_file *f, const char *name, int64_t *n)
+{
+    mha_st_info info;
+    if (mha_st_find(f, name, &info) != MHA_OK || info.dtype != MHA_DTYPE_F64) return NULL;
+    double *d = malloc((size_t)(info.numel ? info.numel : 1) * sizeof(double));
+    if (mha_st_read_raw(f, name, d, (size_t)info.numel * sizeof(double)) != MHA_OK) {
+        free(d);
+        return NULL;
+    }
+    *n = info.numel;
+    return d;
+}
+
+/* Runs the case's command writing to `out_path`; returns the exit code. */
+static int run_case(const char *path, mha_st_file *cf, const char *out_path, const char *threads)
+{
+    const char *command = mha_st_metadata(cf, "command");
+    const char *args = mha_st_metadata(cf, "args");
+    char arg_copy[1024];
+    snprintf(arg_copy, sizeof arg_copy, "%s", args ? args : "");
+    char *argv[MAX_ARGS];
+    int argc = 0;
+    argv[argc++] = "mha";
+    argv[argc++] = (char *)command;
+    argv[argc++] = "--inputs";
+    argv[argc++] = (char *)path;
+    argv[argc++] = "--out";
+    argv[argc++] = (char *)out_path;
+    argv[argc++] = "--threads";
+    argv[argc++] = (char *)threads;
+    if (strcmp(command, "forward") == 0) {
+        argv[argc++] = "--weights";
+        argv[argc++] = (char *)path;
+    }
+    for (char *tok = strtok(arg_copy, " "); tok && argc < MAX_ARGS - 1; tok = strtok(NULL, " "))
+        argv[argc++] = tok;
+    argv[argc] = NULL;
+    return mha_cli_main(argc, argv);
+}
+
+/* Compare every expected.<name> in the case with <name> in the output. */
+static int compare_outputs(const char *case_name, mha_st_file *cf, mha_st_file *of)
+{
+    int compared = 0;
+    for (int64_t i = 0; i < mha_st_count(cf); i++) {
+        mha_st_info info;
+        mha_st_info_at(cf, i, &info);
+        if (strncmp(info.name, "expected.", 9) != 0) continue;
+        const char *out_name = info.name + 9;
+        char base_name[256], what[320];
+        snprintf(base_name, sizeof base_name, "torch32.%s", out_name);
+        snprintf(what, sizeof what, "%s: %s", case_name, out_name);
+        mha_st_info got_info;
+        CHECK(mha_st_find(of, out_name, &got_info) == MHA_OK, "%s missing from the output", what);
+        if (mha_st_find(of, out_name, &got_info) != MHA_OK) continue;
+        bool same_shape = got_info.rank == info.rank;
+        for (int d = 0; same_shape && d < info.rank; d++) same_shape = got_info.shape[d] == info.shape[d];
+        CHECK(same_shape, "%s: shape differs from PyTorch's", what);
+        int64_t n = 0;
+        double *ref = read_f64(cf, info.name, &n);
+        buffer got = read_f32(of, out_name), base = read_f32(cf, base_name);
+        if (same_shape && ref && got.n == n && base.n == n) CHECK_CLOSE(what, got.data, ref, base.data, n);
+        compared++;
+        free(ref);
+        free(got.data);
+        free(base.data);
+    }
+    /* No outputs beyond the expected ones. */
+    CHECK(mha_st_count(of) == compared, "%s: output has %lld tensors, expected %d", case_name,
+          (long long)mha_st_count(of), compared);
+    return compared;
+}
+
+static bool same_file(const char *a, const char *b)
+{
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    bool same = fa && fb;
+    while (same) {
+        int ca = fgetc(fa), cb = fgetc(fb);
+        if (ca != cb) same = false;
+        if (ca == EOF) break;
+    }
+    if (fa) fclose(fa);
+    if (fb) fclose(fb);
+    return same;
+}
+
+static void test_case(const char *dir, const char *file, const char *tmpdir)
+{
+    char path[1024], out1[1024], out3[1024];
+    snprintf(path, sizeof path, "%s/%s", dir, file);
+    snprintf(out1, sizeof out1, "%s/out1.safetensors", tmpdir);
+    snprintf(out3, sizeof out3, "%s/out3.safetensors", tmpdir);
+    mha_st_file *cf = NULL, *of = NULL;
+    CHECK_OK(mha_st_open(path, &cf));
+    if (!cf) return;
+    int rc = run_case(path, cf, out1, "1");
+    CHECK(rc == 0, "%s: mha exited %d", file, rc);
+    if (rc == 0) {
+        CHECK_OK(mha_st_open(out1, &of));
+        if (of) CHECK(compare_outputs(file, cf, of) > 0, "%s: nothing compared", file);
+        rc = run_case(path, cf, out3, "3");
+        CHECK(rc == 0 && same_file(out1, out3), "%s: 3 threads give different bits than 1", file);
+    }
+    mha_st_close(of);
+    mha_st_close(cf);
+    unlink(out1);
+    unlink(out3);
+}
+
+int main(int argc, char **argv)
+{
+    const char *dir = argc > 1 ? argv[1] : "tests/data/golden";
+    char tmpdir[] = "/tmp/mha_golden_XXXXXX";
+    if (!mkdtemp(tmpdir)) return 1;
+    DIR *d = opendir(dir);
+    CHECK(d != NULL, "cannot open %s", dir);
+    int cases = 0;
+    for (struct dirent *e; d && (e = readdir(d));) {
+        size_t len = strlen(e->d_name);
+        if (len < 12 || strcmp(e->d_name + len - 12, ".safetensors") != 0) continue;
+        test_case(dir, e->d_name, tmpdir);
+        cases++;
+    }
+    if (d) closedir(d);
+    rmdir(tmpdir);
+    CHECK(cases >= 60, "found only %d golden cases in %s", cases, dir);
+    return harness_finish("test_golden");
+}

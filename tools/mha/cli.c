@@ -1,0 +1,296 @@
+/*
+ * cli.c -- shared plumbing of the `mha` subcommands (see cli.h).
+ */
+#include "cli.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void cli_error(const char *cmd, const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "mha %s: ", cmd);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+static void print_usage(const char *cmd, const char *synopsis, const cli_flag *flags, int n)
+{
+    printf("usage: mha %s %s\n\n", cmd, synopsis);
+    for (int i = 0; i < n; i++) {
+        const char *arg = flags[i].kind == FLAG_BOOL ? "" : flags[i].kind == FLAG_STRING ? " S" : " N";
+        char left[64];
+        snprintf(left, sizeof left, "--%s%s", flags[i].name, arg);
+        printf("  %-26s %s\n", left, flags[i].help);
+    }
+    printf("  %-26s %s\n", "--help", "show this help");
+}
+
+static int set_value(const char *cmd, cli_flag *f, const char *value)
+{
+    char *end;
+    errno = 0;
+    switch (f->kind) {
+    case FLAG_STRING:
+        *(const char **)f->dst = value;
+        return CLI_OK;
+    case FLAG_INT: {
+        long long v = strtoll(value, &end, 10);
+        if (!*value || *end || errno == ERANGE) {
+            cli_error(cmd, "--%s needs an integer, got \"%s\"", f->name, value);
+            return CLI_USAGE;
+        }
+        *(int64_t *)f->dst = v;
+        return CLI_OK;
+    }
+    case FLAG_DOUBLE: {
+        double v = strtod(value, &end);
+        if (!*value || *end || errno == ERANGE || !isfinite(v)) {
+            cli_error(cmd, "--%s needs a finite number, got \"%s\"", f->name, value);
+            return CLI_USAGE;
+        }
+        *(double *)f->dst = v;
+        return CLI_OK;
+    }
+    case FLAG_BOOL:
+        break;
+    }
+    return CLI_USAGE;
+}
+
+int cli_parse(const char *cmd, const char *synopsis, int argc, char **argv, cli_flag *flags, int n_flags,
+              bool *help_shown)
+{
+    *help_shown = false;
+    for (int a = 1; a < argc; a++) {
+        const char *arg = argv[a];
+        if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+            print_usage(cmd, synopsis, flags, n_flags);
+            *help_shown = true;
+            return CLI_OK;
+        }
+        if (strncmp(arg, "--", 2) != 0) {
+            cli_error(cmd, "unexpected argument \"%s\" (flags start with --; see mha %s --help)", arg, cmd);
+            return CLI_USAGE;
+        }
+        const char *name = arg + 2, *eq = strchr(name, '=');
+        size_t len = eq ? (size_t)(eq - name) : strlen(name);
+        cli_flag *f = NULL;
+        for (int i = 0; i < n_flags && !f; i++)
+            if (strlen(flags[i].name) == len && strncmp(flags[i].name, name, len) == 0) f = &flags[i];
+        if (!f) {
+            cli_error(cmd, "unknown flag --%.*s (see mha %s --help)", (int)len, name, cmd);
+            return CLI_USAGE;
+        }
+        if (f->seen) {
+            cli_error(cmd, "--%s is given twice", f->name);
+            return CLI_USAGE;
+        }
+        f->seen = true;
+        if (f->kind == FLAG_BOOL) {
+            if (eq) {
+                cli_error(cmd, "--%s takes no value", f->name);
+                return CLI_USAGE;
+            }
+            *(bool *)f->dst = true;
+            continue;
+        }
+        const char *value = eq ? eq + 1 : NULL;
+        if (!value) {
+            if (a + 1 >= argc) {
+                cli_error(cmd, "--%s needs a value", f->name);
+                return CLI_USAGE;
+            }
+            value = argv[++a];
+        }
+        int rc = set_value(cmd, f, value);
+        if (rc != CLI_OK) return rc;
+    }
+    return CLI_OK;
+}
+
+const char *cli_shape_str(const int64_t *shape, int rank, char *buf, size_t size)
+{
+    size_t used = (size_t)snprintf(buf, size, "[");
+    for (int d = 0; d < rank && used < size; d++)
+        used += (size_t)snprintf(buf + used, size - used, "%s%lld", d ? ", " : "", (long long)shape[d]);
+    if (used < size) snprintf(buf + used, size - used, "]");
+    return buf;
+}
+
+int cli_open(const char *cmd, const char *what, const char *path, mha_st_file **file)
+{
+    if (mha_st_open(path, file) != MHA_OK) {
+        cli_error(cmd, "%s file: %s", what, mha_last_error());
+        return CLI_FAIL;
+    }
+    return CLI_OK;
+}
+
+int cli_ctx(const char *cmd, int64_t threads, mha_ctx **ctx)
+{
+    if (threads < 0 || threads > 1024) {
+        cli_error(cmd, "--threads must be in 0..1024 (0 = all CPUs), got %lld", (long long)threads);
+        return CLI_USAGE;
+    }
+    if (mha_ctx_create((int)threads, ctx) != MHA_OK) {
+        cli_error(cmd, "%s", mha_last_error());
+        return CLI_FAIL;
+    }
+    return CLI_OK;
+}
+
+static bool is_float_dtype(mha_dtype d)
+{
+    return d == MHA_DTYPE_F64 || d == MHA_DTYPE_F32 || d == MHA_DTYPE_F16 || d == MHA_DTYPE_BF16;
+}
+
+int cli_load(const char *cmd, mha_st_file *file, const char *path, const char *name, bool required,
+             bool allow_bytes, cli_tensor *t)
+{
+    memset(t, 0, sizeof *t);
+    t->name = name;
+    mha_st_info info;
+    mha_status st = mha_st_find(file, name, &info);
+    if (st == MHA_ERR_NOT_FOUND && !required) return CLI_OK;
+    if (st == MHA_ERR_NOT_FOUND) {
+        cli_error(cmd, "%s has no tensor named \"%s\", which is required", path, name);
+        return CLI_FAIL;
+    }
+    if (st != MHA_OK) {
+        cli_error(cmd, "%s: %s", path, mha_last_error());
+        return CLI_FAIL;
+    }
+    bool bytes = info.dtype == MHA_DTYPE_BOOL || info.dtype == MHA_DTYPE_U8;
+    if (!is_float_dtype(info.dtype) && !(allow_bytes && bytes)) {
+        cli_error(cmd, "%s: tensor \"%s\" has dtype %s; it must be %s", path, name, mha_dtype_name(info.dtype),
+                  allow_bytes ? "BOOL, U8 or a float dtype (F64, F32, F16, BF16)" : "a float dtype (F64, F32, F16, BF16)");
+        return CLI_FAIL;
+    }
+    t->present = true;
+    t->dtype = info.dtype;
+    t->rank = info.rank;
+    memcpy(t->shape, info.shape, sizeof t->shape);
+    t->numel = info.numel;
+    size_t n = (size_t)(info.numel ? info.numel : 1);
+    if (bytes) {
+        t->u8 = malloc(n);
+        st = t->u8 ? mha_st_read_raw(file, name, t->u8, n) : MHA_ERR_NOMEM;
+    } else {
+        t->f32 = n <= SIZE_MAX / sizeof(float) ? malloc(n * sizeof(float)) : NULL;
+        st = t->f32 ? mha_st_read_f32(file, name, t->f32, (int64_t)n) : MHA_ERR_NOMEM;
+    }
+    if (st != MHA_OK) {
+        cli_error(cmd, "%s: tensor \"%s\": %s", path, name, st == MHA_ERR_NOMEM ? "out of memory" : mha_last_error());
+        cli_tensor_free(t);
+        return CLI_FAIL;
+    }
+    return CLI_OK;
+}
+
+void cli_tensor_free(cli_tensor *t)
+{
+    free(t->f32);
+    free(t->u8);
+    t->f32 = NULL;
+    t->u8 = NULL;
+    t->present = false;
+}
+
+mha_mask cli_mask(cli_tensor *t, bool true_means_keep, const int64_t stride[4])
+{
+    mha_mask m = {MHA_MASK_NONE, NULL, {0, 0, 0, 0}};
+    if (!t->present) return m;
+    memcpy(m.stride, stride, sizeof m.stride);
+    if (t->u8) {
+        /* The library's byte masks say "keep"; flip PyTorch's "masked out". */
+        for (int64_t i = 0; i < t->numel; i++) t->u8[i] = true_means_keep ? t->u8[i] != 0 : t->u8[i] == 0;
+        m.kind = MHA_MASK_KEEP;
+        m.data = t->u8;
+    } else {
+        m.kind = MHA_MASK_ADD;
+        m.data = t->f32;
+    }
+    return m;
+}
+
+int cli_save(const char *cmd, const char *path, const cli_output *outs, int n)
+{
+    mha_st_writer *w = NULL;
+    mha_status st = mha_st_writer_create(&w);
+    for (int i = 0; st == MHA_OK && i < n; i++)
+        st = mha_st_writer_add(w, outs[i].name, MHA_DTYPE_F32, outs[i].rank, outs[i].shape, outs[i].data);
+    if (st == MHA_OK) st = mha_st_writer_save(w, path);
+    mha_st_writer_free(w);
+    if (st != MHA_OK) {
+        cli_error(cmd, "cannot write --out %s: %s", path, mha_last_error());
+        return CLI_FAIL;
+    }
+    return CLI_OK;
+}
+
+bool cli_product(const int64_t *dims, int n, int64_t *out)
+{
+    int64_t p = 1;
+    for (int i = 0; i < n; i++)
+        if (dims[i] < 0 || __builtin_mul_overflow(p, dims[i], &p) || p > INT64_MAX / 8) return false;
+    *out = p;
+    return true;
+}
+
+float *cli_alloc_floats(const char *cmd, const char *what, const int64_t *dims, int n)
+{
+    int64_t count;
+    if (!cli_product(dims, n, &count)) {
+        cli_error(cmd, "%s would have more elements than memory can address", what);
+        return NULL;
+    }
+    float *p = malloc((size_t)(count ? count : 1) * sizeof(float));
+    if (!p) cli_error(cmd, "out of memory allocating %s (%lld floats)", what, (long long)count);
+    return p;
+}
+
+static void print_help(void)
+{
+    printf("usage: mha COMMAND [flags]   (mha COMMAND --help for its flags)\n\n"
+           "commands:\n"
+           "  forward   torch.nn.MultiheadAttention forward on safetensors inputs\n"
+           "  sdpa      scaled dot-product attention on [B, H, L, D] tensors\n"
+           "  info      head dimension, parameters, FLOPs, bytes and KV cache of a configuration\n\n"
+           "  --version print the version;  --help print this help\n");
+}
+
+int mha_cli_main(int argc, char **argv)
+{
+    static const struct {
+        const char *name;
+        int (*run)(int, char **);
+    } commands[] = {{"forward", mha_cmd_forward}, {"sdpa", mha_cmd_sdpa}, {"info", mha_cmd_info}};
+    if (argc < 2) {
+        print_help();
+        return CLI_USAGE;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
+        print_help();
+        return CLI_OK;
+    }
+    if (strcmp(cmd, "--version") == 0) {
+        printf("mha %s (library %s)\n", MHA_VERSION_STRING, mha_version());
+        return CLI_OK;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (strcmp(cmd, commands[i].name) == 0) {
+            int rc = commands[i].run(argc - 1, argv + 1);
+            fflush(stdout);
+            return rc;
+        }
+    fprintf(stderr, "mha: unknown command \"%s\" (try mha --help)\n", cmd);
+    return CLI_USAGE;
+}

@@ -1,0 +1,94 @@
+/*
+ * cli.h -- what the `mha` subcommands share: flag parsing, error messages,
+ * loading tensors from safetensors inputs and writing outputs.  No math:
+ * every computation goes through the public API in mha.h.
+ */
+#ifndef MHA_CLI_H
+#define MHA_CLI_H
+
+#include "mha.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* Exit codes. */
+enum { CLI_OK = 0, CLI_FAIL = 1, CLI_USAGE = 2 };
+
+/* Entry points: argv[0] is the subcommand's name. */
+int mha_cli_main(int argc, char **argv);
+int mha_cmd_forward(int argc, char **argv);
+int mha_cmd_sdpa(int argc, char **argv);
+int mha_cmd_info(int argc, char **argv);
+
+/* Print "mha <cmd>: <message>" on stderr. */
+void cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+typedef enum cli_flag_kind { FLAG_BOOL, FLAG_STRING, FLAG_INT, FLAG_DOUBLE } cli_flag_kind;
+
+typedef struct cli_flag {
+    const char   *name;     /* without the leading "--" */
+    cli_flag_kind kind;
+    void         *dst;      /* bool, const char *, int64_t or double */
+    const char   *help;
+    bool          seen;     /* set by cli_parse */
+} cli_flag;
+
+/* Parses --name value, --name=value and --help.  Returns CLI_OK, or
+ * CLI_USAGE after printing the problem; *help_shown is set when --help
+ * printed the usage (the caller then exits 0). */
+int cli_parse(const char *cmd, const char *synopsis, int argc, char **argv, cli_flag *flags, int n_flags,
+              bool *help_shown);
+
+/* One tensor read from an inputs file.  Float dtypes load as float32
+ * (f32); BOOL and U8 load as bytes (u8). */
+typedef struct cli_tensor {
+    const char *name;
+    bool        present;
+    mha_dtype   dtype;
+    int         rank;
+    int64_t     shape[MHA_ST_MAX_RANK];
+    int64_t     numel;
+    float      *f32;
+    uint8_t    *u8;
+} cli_tensor;
+
+/* Load `name` from `file` (opened from `path`).  An absent optional tensor
+ * gives present = false; an absent required one is an error.  Masks
+ * (allow_bytes) may be BOOL or U8; all other tensors must have a float
+ * dtype.  Returns CLI_OK or CLI_FAIL after printing the error. */
+int  cli_load(const char *cmd, mha_st_file *file, const char *path, const char *name, bool required,
+              bool allow_bytes, cli_tensor *t);
+void cli_tensor_free(cli_tensor *t);
+
+/* "[2, 3, 4]" */
+const char *cli_shape_str(const int64_t *shape, int rank, char *buf, size_t size);
+
+/* Open a safetensors file or print why not. */
+int cli_open(const char *cmd, const char *what, const char *path, mha_st_file **file);
+
+/* The library mask for a loaded BOOL/U8 or float tensor (kind NONE when
+ * absent).  Bytes are rewritten in place to the library's "keep" meaning:
+ * true_means_keep says which convention the file used (SDPA: True = take
+ * part; nn.MultiheadAttention: True = masked out). */
+mha_mask cli_mask(cli_tensor *t, bool true_means_keep, const int64_t stride[4]);
+
+/* Output tensors, written atomically as float32 to `path`. */
+typedef struct cli_output {
+    const char   *name;
+    int           rank;
+    const int64_t *shape;
+    const float  *data;
+} cli_output;
+int cli_save(const char *cmd, const char *path, const cli_output *outs, int n);
+
+/* Product of sizes; false when it overflows (or exceeds what float
+ * buffers can address). */
+bool cli_product(const int64_t *dims, int n, int64_t *out);
+
+/* malloc of the product of dims floats, or NULL after printing why. */
+float *cli_alloc_floats(const char *cmd, const char *what, const int64_t *dims, int n);
+
+/* Context with --threads (0 = default). */
+int cli_ctx(const char *cmd, int64_t threads, mha_ctx **ctx);
+
+#endif /* MHA_CLI_H */

@@ -1,0 +1,233 @@
+/*
+ * cmd_forward.c -- `mha forward`: torch.nn.MultiheadAttention.forward on
+ * tensors from safetensors files, with PyTorch's names, layouts and mask
+ * conventions (bool True = masked out).
+ */
+#include "cli.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const CMD = "forward";
+
+typedef struct forward_opts {
+    const char *weights, *inputs, *out, *prefix;
+    int64_t num_heads, threads;
+    bool batch_first, need_weights, no_average, add_zero_attn, is_causal;
+} forward_opts;
+
+/* Sizes of the call, read off query and key. */
+typedef struct dims {
+    bool    batched;
+    int64_t N, L, S, E, H, S1;
+} dims;
+
+typedef struct inputs {
+    cli_tensor query, key, value, attn_mask, key_padding_mask;
+} inputs;
+
+static void inputs_free(inputs *in)
+{
+    cli_tensor_free(&in->query);
+    cli_tensor_free(&in->key);
+    cli_tensor_free(&in->value);
+    cli_tensor_free(&in->attn_mask);
+    cli_tensor_free(&in->key_padding_mask);
+}
+
+static int load_inputs(mha_st_file *file, const char *path, inputs *in)
+{
+    if (cli_load(CMD, file, path, "query", true, false, &in->query) ||
+        cli_load(CMD, file, path, "key", false, false, &in->key) ||
+        cli_load(CMD, file, path, "value", false, false, &in->value) ||
+        cli_load(CMD, file, path, "attn_mask", false, true, &in->attn_mask) ||
+        cli_load(CMD, file, path, "key_padding_mask", false, true, &in->key_padding_mask))
+        return CLI_FAIL;
+    if (in->key.present != in->value.present) {
+        cli_error(CMD, "%s has \"%s\" but no \"%s\"; give both, or neither for self-attention", path,
+                  in->key.present ? "key" : "value", in->key.present ? "value" : "key");
+        return CLI_FAIL;
+    }
+    return CLI_OK;
+}
+
+/* Element strides of a [N, T, F] view of a PyTorch tensor in `t`'s layout:
+ * unbatched [T, F], [T, N, F], or [N, T, F] with --batch-first. */
+static mha_tensor layer_view(float *data, const cli_tensor *t, const dims *d, bool batch_first)
+{
+    int64_t T = t->shape[d->batched && batch_first ? 1 : 0], F = t->shape[t->rank - 1];
+    mha_tensor v = {data, {d->N, T, F, 1}, {0, F, 1, 0}};
+    if (d->batched) {
+        v.stride[0] = batch_first ? T * F : F;
+        v.stride[1] = batch_first ? F : d->N * F;
+    }
+    return v;
+}
+
+static int check_shapes(const forward_opts *o, const inputs *in, const mha_layer_desc *ld, dims *d)
+{
+    char got[96];
+    const cli_tensor *q = &in->query;
+    const cli_tensor *k = in->key.present ? &in->key : q, *v = in->value.present ? &in->value : q;
+    if (q->rank != 2 && q->rank != 3) {
+        cli_error(CMD, "%s: query has shape %s; it must be [L, E], [L, N, E] or with --batch-first [N, L, E]",
+                  o->inputs, cli_shape_str(q->shape, q->rank, got, sizeof got));
+        return CLI_FAIL;
+    }
+    d->batched = q->rank == 3;
+    int batch_dim = o->batch_first ? 0 : 1, seq_dim = d->batched ? 1 - batch_dim : 0;
+    d->N = d->batched ? q->shape[batch_dim] : 1;
+    d->L = q->shape[seq_dim];
+    d->E = ld->embed_dim;
+    d->H = ld->num_heads;
+    if (q->shape[q->rank - 1] != d->E) {
+        cli_error(CMD, "%s: query has %lld features but the weights' embed_dim is %lld", o->inputs,
+                  (long long)q->shape[q->rank - 1], (long long)d->E);
+        return CLI_FAIL;
+    }
+    const cli_tensor *kv[2] = {k, v};
+    const int64_t feat[2] = {ld->kdim, ld->vdim};
+    for (int i = 0; i < 2; i++) {
+        const cli_tensor *t = kv[i];
+        bool ok = t->rank == q->rank && t->shape[t->rank - 1] == feat[i] &&
+                  (!d->batched || t->shape[batch_dim] == d->N) && t->shape[seq_dim] == k->shape[seq_dim];
+        if (!ok) {
+            cli_error(CMD, "%s: %s has shape %s; expected %s %lld features (the weights' %s), the query's batch "
+                      "and layout, and as many rows as key",
+                      o->inputs, t->name, cli_shape_str(t->shape, t->rank, got, sizeof got), t->name,
+                      (long long)feat[i], i ? "vdim" : "kdim");
+            return CLI_FAIL;
+        }
+    }
+    d->S = k->shape[seq_dim];
+    d->S1 = d->S + !!ld->add_bias_kv + !!ld->add_zero_attn;
+    return CLI_OK;
+}
+
+/* attn_mask [L, S] or [N*H, L, S]; key_padding_mask [N, S] ([S] unbatched). */
+static int masks(const forward_opts *o, inputs *in, const dims *d, mha_layer_fwd_args *args)
+{
+    char got[96];
+    cli_tensor *am = &in->attn_mask, *kpm = &in->key_padding_mask;
+    if (am->present) {
+        bool shared = am->rank == 2 && am->shape[0] == d->L && am->shape[1] == d->S;
+        bool per_head = am->rank == 3 && am->shape[0] == d->N * d->H && am->shape[1] == d->L && am->shape[2] == d->S;
+        if (!shared && !per_head) {
+            cli_error(CMD, "%s: attn_mask has shape %s; it must be [L, S] = [%lld, %lld] or [N*num_heads, L, S] = "
+                      "[%lld, %lld, %lld]",
+                      o->inputs, cli_shape_str(am->shape, am->rank, got, sizeof got), (long long)d->L,
+                      (long long)d->S, (long long)(d->N * d->H), (long long)d->L, (long long)d->S);
+            return CLI_FAIL;
+        }
+        int64_t st[4] = {shared ? 0 : d->H * d->L * d->S, shared ? 0 : d->L * d->S, d->S, 1};
+        args->attn_mask = cli_mask(am, false, st);
+    }
+    if (kpm->present) {
+        bool ok = d->batched ? kpm->rank == 2 && kpm->shape[0] == d->N && kpm->shape[1] == d->S
+                             : kpm->rank == 1 && kpm->shape[0] == d->S;
+        if (!ok) {
+            cli_error(CMD, "%s: key_padding_mask has shape %s; it must be %s", o->inputs,
+                      cli_shape_str(kpm->shape, kpm->rank, got, sizeof got), d->batched ? "[N, S]" : "[S]");
+            return CLI_FAIL;
+        }
+        int64_t st[4] = {d->S, 0, 0, 1};
+        args->key_padding_mask = cli_mask(kpm, false, st);
+    }
+    return CLI_OK;
+}
+
+static int run(const forward_opts *o, mha_layer *layer, inputs *in)
+{
+    const mha_layer_desc *ld = mha_layer_get_desc(layer);
+    dims d;
+    mha_layer_fwd_args args;
+    mha_layer_fwd_args_init(&args);
+    if (check_shapes(o, in, ld, &d) || masks(o, in, &d, &args)) return CLI_FAIL;
+    cli_tensor *k = in->key.present ? &in->key : &in->query, *v = in->value.present ? &in->value : &in->query;
+    args.query = layer_view(in->query.f32, &in->query, &d, o->batch_first);
+    args.key = layer_view(k->f32, k, &d, o->batch_first);
+    args.value = layer_view(v->f32, v, &d, o->batch_first);
+    args.causal = o->is_causal ? MHA_CAUSAL_TOP_LEFT : MHA_CAUSAL_NONE;
+    args.average_attn_weights = !o->no_average;
+
+    int64_t heads = o->no_average ? d.H : 1, wdims[4] = {d.N, heads, d.L, d.S1};
+    float *out = cli_alloc_floats(CMD, "attn_output", in->query.shape, in->query.rank);
+    float *weights = out && o->need_weights ? cli_alloc_floats(CMD, "attn_output_weights", wdims, 4) : NULL;
+    mha_ctx *ctx = NULL;
+    int rc = !out || (o->need_weights && !weights) ? CLI_FAIL : cli_ctx(CMD, o->threads, &ctx);
+    if (rc == CLI_OK) {
+        mha_tensor y = layer_view(out, &in->query, &d, o->batch_first);
+        mha_tensor w = mha_tensor_4d(weights, d.N, heads, d.L, d.S1);
+        if (mha_layer_forward(ctx, layer, &y, weights ? &w : NULL, &args) != MHA_OK) {
+            cli_error(CMD, "%s", mha_last_error());
+            rc = CLI_FAIL;
+        }
+    }
+    if (rc == CLI_OK) {
+        /* Weights drop N when unbatched and the head axis when averaged. */
+        int64_t wshape[4] = {d.N, heads, d.L, d.S1};
+        int skip = !d.batched, wrank = 4 - skip;
+        if (!o->no_average) {
+            wshape[1] = wshape[0];
+            skip++;
+            wrank--;
+        }
+        cli_output outs[2] = {{"attn_output", in->query.rank, in->query.shape, out},
+                              {"attn_output_weights", wrank, wshape + skip, weights}};
+        rc = cli_save(CMD, o->out, outs, o->need_weights ? 2 : 1);
+    }
+    mha_ctx_free(ctx);
+    free(out);
+    free(weights);
+    return rc;
+}
+
+int mha_cmd_forward(int argc, char **argv)
+{
+    forward_opts o = {.prefix = ""};
+    cli_flag flags[] = {
+        {"weights", FLAG_STRING, &o.weights, "safetensors with the nn.MultiheadAttention state_dict", false},
+        {"prefix", FLAG_STRING, &o.prefix, "prefix of the weight names, e.g. \"encoder.layers.0.self_attn.\"", false},
+        {"inputs", FLAG_STRING, &o.inputs, "safetensors with query [, key, value, attn_mask, key_padding_mask]", false},
+        {"out", FLAG_STRING, &o.out, "safetensors to write attn_output [, attn_output_weights] to", false},
+        {"num-heads", FLAG_INT, &o.num_heads, "number of heads (embed_dim must be divisible by it)", false},
+        {"batch-first", FLAG_BOOL, &o.batch_first, "inputs are [N, L, E] instead of [L, N, E]", false},
+        {"need-weights", FLAG_BOOL, &o.need_weights, "also write attn_output_weights", false},
+        {"no-average-attn-weights", FLAG_BOOL, &o.no_average, "per-head weights [N, H, L, S] instead of the mean", false},
+        {"add-zero-attn", FLAG_BOOL, &o.add_zero_attn, "append a zero key and value, as add_zero_attn=True", false},
+        {"is-causal", FLAG_BOOL, &o.is_causal, "mask keys after the query (top-left causal)", false},
+        {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
+    };
+    bool help;
+    int rc = cli_parse(CMD, "--weights W --inputs X --out Y --num-heads H [flags]", argc, argv, flags,
+                       (int)(sizeof flags / sizeof flags[0]), &help);
+    if (rc != CLI_OK || help) return rc;
+    const char *missing = !o.weights ? "--weights" : !o.inputs ? "--inputs" : !o.out ? "--out"
+                        : !flags[4].seen ? "--num-heads" : NULL;
+    if (missing) {
+        cli_error(CMD, "%s is required (see mha forward --help)", missing);
+        return CLI_USAGE;
+    }
+    if (o.num_heads < 1) {
+        cli_error(CMD, "--num-heads must be positive, got %lld", (long long)o.num_heads);
+        return CLI_USAGE;
+    }
+    mha_st_file *wf = NULL, *xf = NULL;
+    mha_layer *layer = NULL;
+    inputs in;
+    memset(&in, 0, sizeof in);
+    rc = cli_open(CMD, "--weights", o.weights, &wf);
+    if (rc == CLI_OK && mha_layer_from_safetensors(wf, o.prefix, o.num_heads, o.add_zero_attn, &layer) != MHA_OK) {
+        cli_error(CMD, "--weights %s: %s", o.weights, mha_last_error());
+        rc = CLI_FAIL;
+    }
+    if (rc == CLI_OK) rc = cli_open(CMD, "--inputs", o.inputs, &xf);
+    if (rc == CLI_OK) rc = load_inputs(xf, o.inputs, &in);
+    if (rc == CLI_OK) rc = run(&o, layer, &in);
+    inputs_free(&in);
+    mha_layer_free(layer);
+    mha_st_close(wf);
+    mha_st_close(xf);
+    return rc;
+}

@@ -1,0 +1,107 @@
+/*
+ * cmd_info.c -- `mha info`: the sizing questions people ask about an
+ * attention configuration.  The numbers come from mha_info_compute();
+ * this file only explains them.
+ */
+#include "cli.h"
+
+#include <stdio.h>
+
+static const char *const CMD = "info";
+
+static void print_divisors(int64_t embed_dim)
+{
+    fprintf(stderr, "  head counts that divide %lld:", (long long)embed_dim);
+    int shown = 0;
+    for (int64_t h = 1; h <= embed_dim && shown < 16; h++)
+        if (embed_dim % h == 0) {
+            fprintf(stderr, " %lld", (long long)h);
+            shown++;
+        }
+    fprintf(stderr, "%s\n", shown == 16 ? " ..." : "");
+}
+
+/* 12345678 -> "12,345,678" */
+static const char *grouped(int64_t v, char *buf, size_t size)
+{
+    char digits[32];
+    int n = snprintf(digits, sizeof digits, "%lld", (long long)v), out = 0;
+    for (int i = 0; i < n && (size_t)out + 2 < size; i++) {
+        if (i && (n - i) % 3 == 0) buf[out++] = ',';
+        buf[out++] = digits[i];
+    }
+    buf[out] = '\0';
+    return buf;
+}
+
+static void print_kv_table(int64_t E, int64_t h)
+{
+    mha_info info;
+    printf("KV cache per token and layer (K and V, float32; bf16 is half):\n");
+    for (int64_t g = h; g >= 1; g--) {
+        /* MHA, MQA and the GQA group counts that divide h by a power of two. */
+        bool pow2_group = (h / g & (h / g - 1)) == 0;
+        if (h % g || !(g == h || g == 1 || pow2_group)) continue;
+        if (mha_info_compute(E, h, g, 0, &info) != MHA_OK) continue;
+        const char *kind = g == h ? "MHA" : g == 1 ? "MQA" : "GQA";
+        printf("  %s  %4lld kv heads: %8lld bytes  (%.3gx less than MHA)\n", kind, (long long)g,
+               (long long)info.kv_cache_bytes_per_token,
+               (double)info.kv_cache_bytes_per_token_mha / (double)info.kv_cache_bytes_per_token);
+    }
+}
+
+static void print_info(int64_t E, int64_t h, int64_t g, int64_t seq, const mha_info *in)
+{
+    char a[40], b[40];
+    printf("configuration: embed_dim %lld, %lld heads, %lld key/value heads (%s)\n", (long long)E, (long long)h,
+           (long long)(g ? g : h), !g || g == h ? "multi-head attention" : g == 1 ? "multi-query attention"
+                                                                                  : "grouped-query attention");
+    printf("head dimension: d_k = embed_dim / num_heads = %lld / %lld = %lld\n", (long long)E, (long long)h,
+           (long long)in->head_dim);
+    printf("parameters: %s (W_q, W_o %lld x %lld; W_k, W_v %lld x %lld; 2 x %lld + 2 x %lld biases)\n",
+           grouped(in->params, a, sizeof a), (long long)E, (long long)E, (long long)in->kv_dim, (long long)E,
+           (long long)E, (long long)in->kv_dim);
+    printf("  one head of width %lld has %s: %s\n", (long long)E, grouped(in->params_single_head, b, sizeof b),
+           in->params == in->params_single_head
+               ? "the same, since splitting into heads only partitions the projections"
+               : "grouping K/V heads is what saves parameters; splitting into heads saves none");
+    printf("one forward at seq %lld (batch 1, self-attention, float32):\n", (long long)seq);
+    printf("  projections  %10.4g GFLOP\n", in->flops_projections / 1e9);
+    printf("  attention    %10.4g GFLOP  (Q K^T and P V; about half with a causal mask)\n",
+           in->flops_attention / 1e9);
+    printf("  total        %10.4g GFLOP\n", (in->flops_projections + in->flops_attention) / 1e9);
+    printf("  memory       %10.4g MB weights + %.4g MB activations (each written and read once)\n",
+           in->bytes_weights / 1e6, in->bytes_activations / 1e6);
+    print_kv_table(E, h);
+}
+
+int mha_cmd_info(int argc, char **argv)
+{
+    int64_t E = 0, h = 0, g = 0, seq = 1024;
+    cli_flag flags[] = {
+        {"embed-dim", FLAG_INT, &E, "model width E (d_model)", false},
+        {"num-heads", FLAG_INT, &h, "number of query heads h", false},
+        {"num-kv-heads", FLAG_INT, &g, "key/value heads for GQA/MQA (default: h)", false},
+        {"seq", FLAG_INT, &seq, "sequence length for FLOPs and bytes (default 1024)", false},
+    };
+    bool help;
+    int rc = cli_parse(CMD, "--embed-dim E --num-heads H [--num-kv-heads G] [--seq N]", argc, argv, flags,
+                       (int)(sizeof flags / sizeof flags[0]), &help);
+    if (rc != CLI_OK || help) return rc;
+    if (!flags[0].seen || !flags[1].seen) {
+        cli_error(CMD, "%s is required (see mha info --help)", !flags[0].seen ? "--embed-dim" : "--num-heads");
+        return CLI_USAGE;
+    }
+    if (flags[2].seen && g < 1) {
+        cli_error(CMD, "--num-kv-heads must be positive, got %lld", (long long)g);
+        return CLI_USAGE;
+    }
+    mha_info info;
+    if (mha_info_compute(E, h, g, seq, &info) != MHA_OK) {
+        cli_error(CMD, "%s", mha_last_error());
+        if (E >= 1 && h >= 1 && E % h) print_divisors(E);
+        return CLI_FAIL;
+    }
+    print_info(E, h, g, seq, &info);
+    return CLI_OK;
+}

@@ -1,0 +1,176 @@
+/*
+ * cmd_sdpa.c -- `mha sdpa`: scaled_dot_product_attention on [B, H, L, D]
+ * tensors, with PyTorch's mask convention (bool True = take part) plus
+ * bottom-right causal, sliding window, softcap and ALiBi.
+ */
+#include "cli.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const CMD = "sdpa";
+
+typedef struct sdpa_opts {
+    const char *inputs, *out;
+    bool is_causal, bottom_right, enable_gqa;
+    double scale, softcap;
+    int64_t window_left, window_right, threads;
+} sdpa_opts;
+
+typedef struct sdpa_inputs {
+    cli_tensor q, k, v, mask, alibi;
+} sdpa_inputs;
+
+static void sdpa_inputs_free(sdpa_inputs *in)
+{
+    cli_tensor_free(&in->q);
+    cli_tensor_free(&in->k);
+    cli_tensor_free(&in->v);
+    cli_tensor_free(&in->mask);
+    cli_tensor_free(&in->alibi);
+}
+
+static int check_rank4(const char *path, const cli_tensor *t, const char *layout)
+{
+    char got[96];
+    if (t->rank == 4) return CLI_OK;
+    cli_error(CMD, "%s: %s has shape %s; it must be %s", path, t->name, cli_shape_str(t->shape, t->rank, got, sizeof got),
+              layout);
+    return CLI_FAIL;
+}
+
+/* Strides that broadcast attn_mask (rank <= 4, aligned right as in
+ * PyTorch) to [B, Hq, L, S]. */
+static int mask_strides(const char *path, const cli_tensor *m, const int64_t full[4], int64_t stride[4])
+{
+    char got[96];
+    if (m->rank > 4) {
+        cli_error(CMD, "%s: attn_mask has %d dimensions; at most 4 broadcast to [B, H, L, S]", path, m->rank);
+        return CLI_FAIL;
+    }
+    int64_t step = 1;
+    for (int d = 3; d >= 0; d--) {
+        int md = m->rank - 4 + d;
+        int64_t size = md >= 0 ? m->shape[md] : 1;
+        if (size != 1 && size != full[d]) {
+            cli_error(CMD, "%s: attn_mask of shape %s does not broadcast to [B, H, L, S] = [%lld, %lld, %lld, %lld]",
+                      path, cli_shape_str(m->shape, m->rank, got, sizeof got), (long long)full[0], (long long)full[1],
+                      (long long)full[2], (long long)full[3]);
+            return CLI_FAIL;
+        }
+        stride[d] = size == 1 ? 0 : step;
+        step *= size;
+    }
+    return CLI_OK;
+}
+
+static int load(mha_st_file *f, const char *path, sdpa_inputs *in)
+{
+    if (cli_load(CMD, f, path, "query", true, false, &in->q) || cli_load(CMD, f, path, "key", true, false, &in->k) ||
+        cli_load(CMD, f, path, "value", true, false, &in->v) ||
+        cli_load(CMD, f, path, "attn_mask", false, true, &in->mask) ||
+        cli_load(CMD, f, path, "alibi_slopes", false, false, &in->alibi))
+        return CLI_FAIL;
+    if (check_rank4(path, &in->q, "[B, Hq, L, D]") || check_rank4(path, &in->k, "[B, Hkv, S, D]") ||
+        check_rank4(path, &in->v, "[B, Hkv, S, Dv]"))
+        return CLI_FAIL;
+    if (in->alibi.present && (in->alibi.rank != 1 || in->alibi.shape[0] != in->q.shape[1])) {
+        cli_error(CMD, "%s: alibi_slopes must have shape [Hq] = [%lld]", path, (long long)in->q.shape[1]);
+        return CLI_FAIL;
+    }
+    return CLI_OK;
+}
+
+static mha_tensor view4(float *data, const int64_t *shape)
+{
+    return mha_tensor_4d(data, shape[0], shape[1], shape[2], shape[3]);
+}
+
+static int run(const sdpa_opts *o, sdpa_inputs *in)
+{
+    mha_attn_desc desc;
+    mha_attn_desc_init(&desc);
+    if (!isnan(o->scale)) desc.scale = o->scale;
+    desc.causal = o->bottom_right ? MHA_CAUSAL_BOTTOM_RIGHT : o->is_causal ? MHA_CAUSAL_TOP_LEFT : MHA_CAUSAL_NONE;
+    desc.window_left = o->window_left;
+    desc.window_right = o->window_right;
+    desc.softcap = (float)o->softcap;
+    desc.enable_gqa = o->enable_gqa;
+    desc.alibi_slopes = in->alibi.present ? in->alibi.f32 : NULL;
+    const int64_t *qs = in->q.shape;
+    int64_t out_shape[4] = {qs[0], qs[1], qs[2], in->v.shape[3]};
+    if (in->mask.present) {
+        int64_t full[4] = {qs[0], qs[1], qs[2], in->k.shape[2]}, stride[4];
+        if (mask_strides(o->inputs, &in->mask, full, stride)) return CLI_FAIL;
+        desc.mask = cli_mask(&in->mask, true, stride);
+    }
+    float *out = cli_alloc_floats(CMD, "output", out_shape, 4);
+    float *lse = out ? cli_alloc_floats(CMD, "lse", qs, 3) : NULL;
+    mha_ctx *ctx = NULL;
+    int rc = out && lse ? cli_ctx(CMD, o->threads, &ctx) : CLI_FAIL;
+    if (rc == CLI_OK) {
+        mha_tensor q = view4(in->q.f32, in->q.shape), k = view4(in->k.f32, in->k.shape);
+        mha_tensor v = view4(in->v.f32, in->v.shape), y = view4(out, out_shape);
+        if (mha_attention(ctx, &y, lse, &q, &k, &v, &desc) != MHA_OK) {
+            cli_error(CMD, "%s: %s", o->inputs, mha_last_error());
+            rc = CLI_FAIL;
+        }
+    }
+    if (rc == CLI_OK) {
+        cli_output outs[2] = {{"output", 4, out_shape, out}, {"lse", 3, qs, lse}};
+        rc = cli_save(CMD, o->out, outs, 2);
+    }
+    mha_ctx_free(ctx);
+    free(out);
+    free(lse);
+    return rc;
+}
+
+int mha_cmd_sdpa(int argc, char **argv)
+{
+    sdpa_opts o = {.scale = NAN, .window_left = -1, .window_right = -1};
+    cli_flag flags[] = {
+        {"inputs", FLAG_STRING, &o.inputs, "safetensors with query, key, value [, attn_mask, alibi_slopes]", false},
+        {"out", FLAG_STRING, &o.out, "safetensors to write output and lse to", false},
+        {"is-causal", FLAG_BOOL, &o.is_causal, "causal mask aligned top-left (PyTorch is_causal)", false},
+        {"causal-bottom-right", FLAG_BOOL, &o.bottom_right, "causal mask aligned bottom-right (KV cache)", false},
+        {"scale", FLAG_DOUBLE, &o.scale, "score scale (default 1/sqrt(D))", false},
+        {"enable-gqa", FLAG_BOOL, &o.enable_gqa, "let Hq be a multiple of Hkv (grouped-query)", false},
+        {"window-left", FLAG_INT, &o.window_left, "keys visible left of the diagonal (-1 = all)", false},
+        {"window-right", FLAG_INT, &o.window_right, "keys visible right of the diagonal (-1 = all)", false},
+        {"softcap", FLAG_DOUBLE, &o.softcap, "cap scores at C via C*tanh(s/C) (0 = off)", false},
+        {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
+    };
+    bool help;
+    int rc = cli_parse(CMD, "--inputs X --out Y [flags]", argc, argv, flags, (int)(sizeof flags / sizeof flags[0]),
+                       &help);
+    if (rc != CLI_OK || help) return rc;
+    if (!o.inputs || !o.out) {
+        cli_error(CMD, "%s is required (see mha sdpa --help)", !o.inputs ? "--inputs" : "--out");
+        return CLI_USAGE;
+    }
+    if (o.is_causal && o.bottom_right) {
+        cli_error(CMD, "--is-causal and --causal-bottom-right exclude each other; choose one alignment");
+        return CLI_USAGE;
+    }
+    if (o.window_left < -1 || o.window_right < -1) {
+        cli_error(CMD, "--window-%s must be -1 (unbounded) or more, got %lld", o.window_left < -1 ? "left" : "right",
+                  (long long)(o.window_left < -1 ? o.window_left : o.window_right));
+        return CLI_USAGE;
+    }
+    if (o.softcap < 0) {
+        cli_error(CMD, "--softcap must be 0 (off) or positive, got %g", o.softcap);
+        return CLI_USAGE;
+    }
+    mha_st_file *f = NULL;
+    sdpa_inputs in;
+    memset(&in, 0, sizeof in);
+    rc = cli_open(CMD, "--inputs", o.inputs, &f);
+    if (rc == CLI_OK) rc = load(f, o.inputs, &in);
+    if (rc == CLI_OK) rc = run(&o, &in);
+    sdpa_inputs_free(&in);
+    mha_st_close(f);
+    return rc;
+}
