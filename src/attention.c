@@ -186,6 +186,7 @@ typedef struct forward_job {
     const mha__attn_plan *p;
     mha_tensor *out;
     float *lse;
+    mha__row_stats *stats;
     const mha_tensor *q, *k, *v;
     char *scratch;
     int64_t scratch_stride;  /* bytes per thread */
@@ -198,13 +199,12 @@ static void forward_row(const forward_job *job, int64_t b, int64_t h, int64_t i,
     row r = make_row(p, job->q, job->k, b, h, i);
     float max = score_row(p, &r, job->q, job->k, scores);
     float *o = out->data + b * out->stride[0] + h * out->stride[1] + i * out->stride[2];
-    float lse = -INFINITY;
+    float sum = 0.0f;
     if (max == -INFINITY) {
         /* Nothing visible: defined as output 0, lse -inf (not NaN). */
         for (int64_t c = 0; c < p->Dv; c++) o[c * out->stride[3]] = 0.0f;
     } else {
         const float *vrow = v->data + b * v->stride[0] + (h / p->group) * v->stride[1];
-        float sum = 0.0f;
         for (int64_t c = 0; c < p->Dv; c++) acc[c] = 0.0f;
         for (int64_t j = 0; j < p->S; j++) {
             if (scores[j] == -INFINITY) continue;
@@ -214,9 +214,13 @@ static void forward_row(const forward_job *job, int64_t b, int64_t h, int64_t i,
             for (int64_t c = 0; c < p->Dv; c++) acc[c] += w * vj[c * v->stride[3]];
         }
         for (int64_t c = 0; c < p->Dv; c++) o[c * out->stride[3]] = acc[c] / sum;
-        lse = max + logf(sum);
     }
-    if (job->lse) job->lse[(b * p->Hq + h) * p->L + i] = lse;
+    int64_t at = (b * p->Hq + h) * p->L + i;
+    if (job->lse) job->lse[at] = sum > 0 ? max + logf(sum) : -INFINITY;
+    if (job->stats) {
+        job->stats->max[at] = max;
+        job->stats->sum[at] = sum;
+    }
 }
 
 static void forward_range(void *arg, int thread, int64_t begin, int64_t end)
@@ -249,9 +253,9 @@ static char *thread_scratch(mha_ctx *ctx, int64_t floats, int64_t *stride)
 }
 
 mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse,
-                             const mha_tensor *q, const mha_tensor *k, const mha_tensor *v)
+                             mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v)
 {
-    forward_job job = {p, out, lse, q, k, v, NULL, 0};
+    forward_job job = {p, out, lse, stats, q, k, v, NULL, 0};
     job.scratch = thread_scratch(ctx, p->S + p->Dv, &job.scratch_stride);
     if (!job.scratch) return MHA_ERR_NOMEM;
     mha__parallel_for(ctx, p->B * p->Hq * p->L, forward_range, &job);
@@ -259,14 +263,14 @@ mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *
 }
 
 /* ---------------------------------------------------------------- */
-/* Probabilities from the saved log-sum-exp                          */
+/* Probabilities from the saved row statistics                      */
 /* ---------------------------------------------------------------- */
 
 typedef struct probs_job {
     const mha__attn_plan *p;
     mha_tensor *probs;
     int average;
-    const float *lse;
+    const mha__row_stats *stats;
     const mha_tensor *q, *k;
     char *scratch;
     int64_t scratch_stride;
@@ -281,10 +285,11 @@ static void probs_row(const probs_job *job, int64_t b, int64_t i, float *scores)
     for (int64_t h = 0; h < p->Hq; h++) {
         row r = make_row(p, job->q, job->k, b, h, i);
         score_row(p, &r, job->q, job->k, scores);
-        float lse = job->lse[(b * p->Hq + h) * p->L + i];
+        int64_t at = (b * p->Hq + h) * p->L + i;
+        float max = job->stats->max[at], sum = job->stats->sum[at];
         float *dst = pr->data + b * pr->stride[0] + (job->average ? 0 : h) * pr->stride[1] + i * pr->stride[2];
         for (int64_t j = 0; j < p->S; j++) {
-            float w = lse == -INFINITY ? 0.0f : expf(scores[j] - lse);
+            float w = sum > 0 ? expf(scores[j] - max) / sum : 0.0f;
             float *d = &dst[j * pr->stride[3]];
             *d = (job->average && h > 0) ? *d + w : w;
         }
@@ -304,9 +309,9 @@ static void probs_range(void *arg, int thread, int64_t begin, int64_t end)
 }
 
 mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *probs, int average,
-                           const float *lse, const mha_tensor *q, const mha_tensor *k)
+                           const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k)
 {
-    probs_job job = {p, probs, average, lse, q, k, NULL, 0};
+    probs_job job = {p, probs, average, stats, q, k, NULL, 0};
     job.scratch = thread_scratch(ctx, p->S, &job.scratch_stride);
     if (!job.scratch) return MHA_ERR_NOMEM;
     mha__parallel_for(ctx, p->B * p->L, probs_range, &job);
@@ -351,5 +356,5 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_te
         .alibi = desc->alibi_slopes, .masks = {desc->mask},
     };
     if ((st = mha__attn_plan_check(&p)) != MHA_OK) return st;
-    return mha__attn_forward(ctx, &p, out, lse, q, k, v);
+    return mha__attn_forward(ctx, &p, out, lse, NULL, q, k, v);
 }

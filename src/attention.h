@@ -28,20 +28,30 @@ typedef struct mha__attn_plan {
     mha_mask masks[2];       /* over [B, Hq, L, R]; kind NONE = unused */
 } mha__attn_plan;
 
+/* Per-row softmax statistics a forward pass can save: the maximum score
+ * and the sum of exp(score - max), each [B, Hq, L] contiguous.  lse is
+ * max + log(sum); keeping the two apart lets the probabilities be
+ * recomputed as exp(s - max) / sum, as accurate as a plain softmax even
+ * when scores are large (exp(s - lse) loses |lse| * eps). */
+typedef struct mha__row_stats {
+    float *max, *sum;
+} mha__row_stats;
+
 /* Checks a plan's sizes and options (not its tensors); INVALID_ARG names
  * the offending field. */
 mha_status mha__attn_plan_check(const mha__attn_plan *plan);
 
-/* out [B,Hq,L,Dv] and lse [B,Hq,L] (contiguous, may be NULL) from q, k, v
- * viewed as in mha_attention(); shapes already validated. */
+/* out [B,Hq,L,Dv] from q, k, v viewed as in mha_attention(); shapes
+ * already validated.  lse [B,Hq,L] and stats may be NULL. */
 mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *out, float *lse,
-                             const mha_tensor *q, const mha_tensor *k, const mha_tensor *v);
+                             mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v);
 
-/* Softmax probabilities from the log-sum-exp a forward pass saved:
- * p = exp(score - lse), written to probs [B, Hq, L, S], or summed over
- * heads and divided by Hq into probs [B, 1, L, S] when `average`. */
+/* Softmax probabilities recomputed from the statistics a forward pass
+ * saved: p = exp(score - max) / sum, written to probs [B, Hq, L, S], or
+ * summed over heads and divided by Hq into probs [B, 1, L, S] when
+ * `average`.  O(S) scratch per thread, no L x S buffer. */
 mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *probs, int average,
-                           const float *lse, const mha_tensor *q, const mha_tensor *k);
+                           const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k);
 
 /* Checks that `t` has the given rank-4 shape (-1 = any) and that its
  * strides address no element past INT64_MAX; INVALID_ARG names `what`. */

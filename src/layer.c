@@ -9,7 +9,7 @@
  *   V = value W_v^T + b_v            [N, S', E]
  *   A = attention over [N, h, *, d] views of Q, K, V (no copies)
  *   attn_output = A W_o^T + b_o      written through the caller's strides
- *   attn_weights, if asked, recomputed from the saved log-sum-exp.
+ *   attn_weights, if asked, recomputed from the saved row max and sum.
  */
 #include "attention.h"
 #include "internal.h"
@@ -236,9 +236,11 @@ static mha_status check_forward(const mha_layer *l, const mha_tensor *attn_outpu
     return MHA_OK;
 }
 
-/* The layer's scratch: Q, K, V, the concatenated heads and the lse. */
+/* The layer's scratch: Q, K, V, the concatenated heads and the row
+ * statistics that attn_weights are recomputed from. */
 typedef struct layer_buffers {
-    float *q, *k, *v, *heads, *lse;
+    float *q, *k, *v, *heads;
+    mha__row_stats stats;
 } layer_buffers;
 
 static mha_status layer_buffers_get(mha_ctx *ctx, int64_t N, int64_t L, int64_t S1, int64_t E, int64_t H,
@@ -248,6 +250,7 @@ static mha_status layer_buffers_get(mha_ctx *ctx, int64_t N, int64_t L, int64_t 
     if (!mha__mul(N, L, &nq) || !mha__mul(nq, E, &nq) || !mha__mul(N, S1, &nk) || !mha__mul(nk, E, &nk) ||
         !mha__mul(N, H, &nlse) || !mha__mul(nlse, L, &nlse) || !mha__add(nq, nq, &total) ||
         !mha__add(total, nk, &total) || !mha__add(total, nk, &total) || !mha__add(total, nlse, &total) ||
+        !mha__add(total, nlse, &total) ||
         !mha__mul(total, (int64_t)sizeof(float), &total))
         return mha__fail(MHA_ERR_INVALID_ARG, "the layer's workspace for %lld x %lld queries and %lld keys overflows",
                          (long long)N, (long long)L, (long long)S1);
@@ -257,7 +260,8 @@ static mha_status layer_buffers_get(mha_ctx *ctx, int64_t N, int64_t L, int64_t 
     b->k = b->q + nq;
     b->v = b->k + nk;
     b->heads = b->v + nk;
-    b->lse = b->heads + nq;
+    b->stats.max = b->heads + nq;
+    b->stats.sum = b->stats.max + nlse;
     return MHA_OK;
 }
 
@@ -321,9 +325,9 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
     mha_tensor kh = heads_view(buf.k, N, S1, H, hd);
     mha_tensor vh = heads_view(buf.v, N, S1, H, hd);
     mha_tensor oh = heads_view(buf.heads, N, L, H, hd);
-    if ((st = mha__attn_forward(ctx, &plan, &oh, buf.lse, &qh, &kh, &vh)) != MHA_OK) return st;
+    if ((st = mha__attn_forward(ctx, &plan, &oh, NULL, &buf.stats, &qh, &kh, &vh)) != MHA_OK) return st;
     if (attn_weights &&
-        (st = mha__attn_probs(ctx, &plan, attn_weights, a->average_attn_weights, buf.lse, &qh, &kh)) != MHA_OK)
+        (st = mha__attn_probs(ctx, &plan, attn_weights, a->average_attn_weights, &buf.stats, &qh, &kh)) != MHA_OK)
         return st;
     mha_tensor heads = mha_tensor_3d(buf.heads, N, L, E);
     linear(ctx, attn_output, &heads, l->w_out, l->b_out, E, E);

@@ -43,5 +43,8 @@ typedef struct mha_ref_layer {
 
 void mha_ref_layer_f64(const mha_ref_layer *a, const double *query, const double *key, const double *value,
                        double *out, double *probs);
+/* The same in float32 (weights and mask rounded to float). */
+void mha_ref_layer_f32(const mha_ref_layer *a, const float *query, const float *key, const float *value,
+                       float *out, float *probs);
 
 #endif /* MHA_REFERENCE_H */

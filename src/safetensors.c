@@ -188,7 +188,7 @@ static mha_status validate_entries(mha_st_file *f)
                              e->name, mha_dtype_name(e->dtype), (long long)e->numel, (long long)bytes,
                              (long long)(e->end - e->begin));
     }
-    qsort(f->entries, (size_t)f->count, sizeof(entry), by_begin);
+    if (f->count) qsort(f->entries, (size_t)f->count, sizeof(entry), by_begin);
     int64_t expected = 0;
     for (int64_t i = 0; i < f->count; i++) {
         entry *e = &f->entries[i];
@@ -205,7 +205,7 @@ static mha_status validate_entries(mha_st_file *f)
     f->by_name = mha__alloc(f->count, sizeof(entry *));
     if (!f->by_name) return MHA_ERR_NOMEM;
     for (int64_t i = 0; i < f->count; i++) f->by_name[i] = &f->entries[i];
-    qsort(f->by_name, (size_t)f->count, sizeof(entry *), by_name);
+    if (f->count) qsort(f->by_name, (size_t)f->count, sizeof(entry *), by_name);
     for (int64_t i = 1; i < f->count; i++)
         if (strcmp(f->by_name[i - 1]->name, f->by_name[i]->name) == 0)
             return mha__fail(MHA_ERR_CORRUPT, "tensor name \"%s\" appears twice", f->by_name[i]->name);

@@ -120,7 +120,7 @@ static mha_status read_string(cursor *c, char **out)
         if (*c->p == '\\' && c->end - c->p < 2) break;
         c->p += (*c->p == '\\') ? 2 : 1;
     }
-    if (c->p >= c->end) return fault(c, "unterminated string");
+    if (c->p >= c->end || *c->p != '"') return fault(c, "unterminated string");
     const char *close = c->p, *outer_end = c->end;
     char *s = mha__alloc(close - start + 1, 1);
     if (!s) return MHA_ERR_NOMEM;
@@ -291,8 +291,10 @@ static mha_status read_tensor_fields(cursor *c, mha__json_tensor *t)
                 char *dtype;
                 st = read_string(c, &dtype);
                 if (st == MHA_OK) {
-                    snprintf(t->dtype, sizeof t->dtype, "%s", dtype);
-                    if (strlen(dtype) >= sizeof t->dtype) t->dtype[0] = '?'; /* too long: unknown */
+                    /* Too long for any known dtype: keep "?" for the message. */
+                    size_t n = strlen(dtype);
+                    if (n < sizeof t->dtype) memcpy(t->dtype, dtype, n + 1);
+                    else memcpy(t->dtype, "?", 2);
                     mha__free(dtype);
                 }
             } else if (strcmp(field, "shape") == 0) {

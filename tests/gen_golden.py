@@ -295,8 +295,27 @@ def sdpa_case(name, B, Hq, L, S, D, Dv=None, Hkv=None, mask=None, causal=None, s
     save(os.path.join(OUT, name + ".safetensors"), tensors, {"command": "sdpa", "args": " ".join(args)})
 
 
+def make_demo(path):
+    """The README demo's example: a 64-wide, 8-head self-attention block
+    over 6 tokens, with PyTorch's own outputs (causal, need_weights) saved
+    beside it so the demo can show both."""
+    E, H, L = 64, 8, 6
+    m = make_module(E, H)
+    x = torch.randn(L, E)
+    causal = torch.ones(L, L).tril().logical_not()
+    with torch.no_grad():
+        out, w = m(x, x, x, attn_mask=causal, need_weights=True)
+    tensors = dict(m.state_dict())
+    tensors["query"] = x
+    tensors["pytorch.attn_output"] = out
+    tensors["pytorch.attn_output_weights"] = w
+    save(path, tensors, {"about": "nn.MultiheadAttention(64, 8) state_dict, a [6, 64] query, "
+                                  "and PyTorch's outputs with a causal mask and need_weights"})
+
+
 def main():
     torch.manual_seed(20261122)
+    make_demo(os.path.join(HERE, "..", "examples", "demo.safetensors"))
     os.makedirs(OUT, exist_ok=True)
     for f in os.listdir(OUT):
         if f.endswith(".safetensors"):

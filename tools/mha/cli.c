@@ -262,7 +262,8 @@ static void print_help(void)
            "commands:\n"
            "  forward   torch.nn.MultiheadAttention forward on safetensors inputs\n"
            "  sdpa      scaled dot-product attention on [B, H, L, D] tensors\n"
-           "  info      head dimension, parameters, FLOPs, bytes and KV cache of a configuration\n\n"
+           "  info      head dimension, parameters, FLOPs, bytes and KV cache of a configuration\n"
+           "  show      list a safetensors file's tensors or print one's values\n\n"
            "  --version print the version;  --help print this help\n");
 }
 
@@ -271,7 +272,8 @@ int mha_cli_main(int argc, char **argv)
     static const struct {
         const char *name;
         int (*run)(int, char **);
-    } commands[] = {{"forward", mha_cmd_forward}, {"sdpa", mha_cmd_sdpa}, {"info", mha_cmd_info}};
+    } commands[] = {{"forward", mha_cmd_forward}, {"sdpa", mha_cmd_sdpa}, {"info", mha_cmd_info},
+                      {"show", mha_cmd_show}};
     if (argc < 2) {
         print_help();
         return CLI_USAGE;

@@ -9,16 +9,17 @@
 
 static const char *const CMD = "info";
 
-static void print_divisors(int64_t embed_dim)
+/* "1, 2, 3, 4, ..." : the head counts that would work, for the error. */
+static const char *divisors(int64_t embed_dim, char *buf, size_t size)
 {
-    fprintf(stderr, "  head counts that divide %lld:", (long long)embed_dim);
+    size_t used = 0;
     int shown = 0;
-    for (int64_t h = 1; h <= embed_dim && shown < 16; h++)
-        if (embed_dim % h == 0) {
-            fprintf(stderr, " %lld", (long long)h);
-            shown++;
-        }
-    fprintf(stderr, "%s\n", shown == 16 ? " ..." : "");
+    buf[0] = '\0';
+    for (int64_t h = 1; h <= embed_dim && shown < 12 && used < size; h++)
+        if (embed_dim % h == 0)
+            used += (size_t)snprintf(buf + used, size - used, "%s%lld", shown++ ? ", " : "", (long long)h);
+    if (shown == 12 && used < size) snprintf(buf + used, size - used, ", ...");
+    return buf;
 }
 
 /* 12345678 -> "12,345,678" */
@@ -98,8 +99,12 @@ int mha_cmd_info(int argc, char **argv)
     }
     mha_info info;
     if (mha_info_compute(E, h, g, seq, &info) != MHA_OK) {
-        cli_error(CMD, "%s", mha_last_error());
-        if (E >= 1 && h >= 1 && E % h) print_divisors(E);
+        char list[160];
+        if (E >= 1 && h >= 1 && E % h)
+            cli_error(CMD, "%s; head counts that divide %lld: %s", mha_last_error(), (long long)E,
+                      divisors(E, list, sizeof list));
+        else
+            cli_error(CMD, "%s", mha_last_error());
         return CLI_FAIL;
     }
     print_info(E, h, g, seq, &info);

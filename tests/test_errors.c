@@ -1,0 +1,361 @@
+/*
+ * test_errors.c -- every documented error: the status (or exit code), a
+ * message that names the problem, and for the CLI no output file left
+ * behind.  Leaks are caught by the sanitizer build of the same test.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include "cli.h"
+#include "harness.h"
+
+#include <stdarg.h>
+#include <stdint.h>
+#include <unistd.h>
+
+static char tmpdir[] = "/tmp/mha_errors_XXXXXX";
+static char out_path[512];
+static const char *golden_dir;
+
+/* ------------------------------------------------------------------ */
+/* The C API                                                           */
+/* ------------------------------------------------------------------ */
+
+static void test_ctx_and_info(void)
+{
+    mha_ctx *ctx = (mha_ctx *)&ctx;
+    CHECK_FAILS(mha_ctx_create(-1, &ctx), MHA_ERR_INVALID_ARG, "thread count -1");
+    CHECK(ctx == NULL, "ctx not cleared on failure");
+    CHECK_FAILS(mha_ctx_create(5000, &ctx), MHA_ERR_INVALID_ARG, "outside 0..1024");
+    CHECK_FAILS(mha_ctx_create(1, NULL), MHA_ERR_MISUSE, "NULL");
+    mha_info info;
+    CHECK_FAILS(mha_info_compute(768, 10, 0, 16, &info), MHA_ERR_INVALID_ARG,
+                "embed_dim 768 is not divisible by num_heads 10 (768 / 10 = 76.8)");
+    CHECK_FAILS(mha_info_compute(768, 12, 5, 16, &info), MHA_ERR_INVALID_ARG,
+                "num_heads 12 is not a multiple of num_kv_heads 5");
+    CHECK_FAILS(mha_info_compute(0, 1, 0, 16, &info), MHA_ERR_INVALID_ARG, "embed_dim must be in");
+    CHECK_FAILS(mha_info_compute(64, 0, 0, 16, &info), MHA_ERR_INVALID_ARG, "num_heads must be positive");
+    CHECK_FAILS(mha_info_compute(64, 4, 0, -1, &info), MHA_ERR_INVALID_ARG, "seq must be in");
+    CHECK_OK(mha_info_compute(768, 12, 4, 1024, &info));
+    CHECK(info.head_dim == 64 && info.kv_dim == 256, "GQA head_dim %lld kv_dim %lld", (long long)info.head_dim,
+          (long long)info.kv_dim);
+    CHECK(info.kv_cache_bytes_per_token == 2 * 256 * 4 && info.kv_cache_bytes_per_token_mha == 2 * 768 * 4,
+          "kv cache bytes");
+    CHECK_OK(mha_info_compute(768, 12, 0, 1024, &info));
+    CHECK(info.params == info.params_single_head && info.params == 4 * 768 * 768 + 4 * 768, "MHA parameters");
+    CHECK(info.flops_attention == 4.0 * 1024 * 1024 * 768, "attention FLOPs");
+    CHECK(strcmp(mha_status_str(MHA_ERR_CORRUPT), "malformed file") == 0 &&
+              strcmp(mha_status_str((mha_status)99), "unknown status") == 0,
+          "status names");
+    CHECK(strcmp(mha_version(), MHA_VERSION_STRING) == 0, "version mismatch");
+}
+
+static void test_attention_args(void)
+{
+    mha_ctx *ctx = NULL;
+    CHECK_OK(mha_ctx_create(1, &ctx));
+    float q[2 * 3 * 4], k[2 * 5 * 4], v[2 * 5 * 6], o[2 * 3 * 6], lse[6];
+    memset(q, 0, sizeof q);
+    memset(k, 0, sizeof k);
+    memset(v, 0, sizeof v);
+    mha_tensor tq = mha_tensor_4d(q, 1, 2, 3, 4), tk = mha_tensor_4d(k, 1, 2, 5, 4);
+    mha_tensor tv = mha_tensor_4d(v, 1, 2, 5, 6), to = mha_tensor_4d(o, 1, 2, 3, 6);
+    mha_attn_desc d;
+    mha_attn_desc_init(&d);
+    CHECK_OK(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d));
+    CHECK_FAILS(mha_attention(NULL, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_MISUSE, "NULL");
+    mha_tensor bad = tk;
+    bad.shape[3] = 3;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &bad, &tv, &d), MHA_ERR_INVALID_ARG,
+                "key has 3 in its fourth dimension, expected 4");
+    bad = tv;
+    bad.shape[2] = 4;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &bad, &d), MHA_ERR_INVALID_ARG, "value has 4 in its third");
+    bad = to;
+    bad.shape[3] = 4;
+    CHECK_FAILS(mha_attention(ctx, &bad, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "output has 4 in its fourth");
+    bad = tq;
+    bad.stride[0] = -1;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &bad, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "negative size or stride");
+    bad = tq;
+    bad.stride[2] = INT64_MAX / 2;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &bad, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "overflows 64 bits");
+    bad = tk;
+    bad.data = NULL;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &bad, &tv, &d), MHA_ERR_MISUSE, "key is NULL");
+    mha_tensor k1 = mha_tensor_4d(k, 1, 1, 5, 4), v1 = mha_tensor_4d(v, 1, 1, 5, 6);
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &k1, &v1, &d), MHA_ERR_INVALID_ARG,
+                "key has 1 heads but query has 2; set enable_gqa");
+    mha_tensor q3 = mha_tensor_4d(q, 1, 3, 2, 4), o3 = mha_tensor_4d(o, 1, 3, 2, 6);
+    d.enable_gqa = 1;
+    CHECK_FAILS(mha_attention(ctx, &o3, lse, &q3, &tk, &tv, &d), MHA_ERR_INVALID_ARG,
+                "query heads 3 are not a multiple of key/value heads 2");
+    mha_attn_desc_init(&d);
+    d.window_left = -2;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "window sizes must be >= -1");
+    mha_attn_desc_init(&d);
+    d.softcap = -1;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "softcap must be finite and >= 0");
+    d.softcap = NAN;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "softcap");
+    mha_attn_desc_init(&d);
+    d.scale = INFINITY;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "scale must be finite");
+    mha_attn_desc_init(&d);
+    d.causal = (mha_causal)7;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "causal mode 7");
+    mha_attn_desc_init(&d);
+    d.mask.kind = (mha_mask_kind)9;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "mask kind 9");
+    d.mask.kind = MHA_MASK_KEEP;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_MISUSE, "mask data is NULL");
+    uint8_t keep[15];
+    d.mask = (mha_mask){MHA_MASK_KEEP, keep, {0, 0, INT64_MAX / 2, 1}};
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "mask strides");
+    mha_ctx_free(ctx);
+}
+
+static void test_layer_args(void)
+{
+    mha_layer_desc d;
+    mha_layer_desc_init(&d);
+    mha_layer *layer = (mha_layer *)&d;
+    d.embed_dim = 768;
+    d.num_heads = 10;
+    CHECK_FAILS(mha_layer_create(&d, &layer), MHA_ERR_INVALID_ARG, "embed_dim 768 is not divisible by num_heads 10");
+    CHECK(layer == NULL, "layer not cleared on failure");
+    d.num_heads = 0;
+    CHECK_FAILS(mha_layer_create(&d, &layer), MHA_ERR_INVALID_ARG, "num_heads must be positive");
+    d.embed_dim = 0;
+    d.num_heads = 1;
+    CHECK_FAILS(mha_layer_create(&d, &layer), MHA_ERR_INVALID_ARG, "embed_dim must be positive");
+    d.embed_dim = INT64_C(1) << 40;
+    CHECK_FAILS(mha_layer_create(&d, &layer), MHA_ERR_INVALID_ARG, "too large");
+    d.embed_dim = 8;
+    d.num_heads = 2;
+    d.kdim = -3;
+    CHECK_FAILS(mha_layer_create(&d, &layer), MHA_ERR_INVALID_ARG, "kdim and vdim must be >= 0");
+    d.kdim = 5;
+    CHECK_OK(mha_layer_create(&d, &layer));
+    float w[3 * 64];
+    memset(w, 0, sizeof w);
+    CHECK_FAILS(mha_layer_set_weight(layer, "in_proj_weight", w, 3 * 64), MHA_ERR_NOT_FOUND,
+                "\"in_proj_weight\" is not a weight of this layer configuration");
+    CHECK_FAILS(mha_layer_set_weight(layer, "bias_k", w, 8), MHA_ERR_NOT_FOUND, "bias_k");
+    CHECK_FAILS(mha_layer_set_weight(layer, "k_proj_weight", w, 64), MHA_ERR_INVALID_ARG,
+                "k_proj_weight needs 40 values, got 64");
+    CHECK_FAILS(mha_layer_set_weight(layer, "nonsense", w, 1), MHA_ERR_NOT_FOUND, "nonsense");
+    CHECK_OK(mha_layer_set_weight(layer, "k_proj_weight", w, 40));
+    CHECK_FAILS(mha_layer_set_weight(NULL, "k_proj_weight", w, 40), MHA_ERR_MISUSE, "not a live mha_layer");
+
+    mha_ctx *ctx = NULL;
+    CHECK_OK(mha_ctx_create(2, &ctx));
+    float x[2 * 4 * 8], key[2 * 4 * 5], y[2 * 3 * 8], att[2 * 3 * 4];
+    memset(x, 0, sizeof x);
+    memset(key, 0, sizeof key);
+    mha_layer_fwd_args a;
+    mha_layer_fwd_args_init(&a);
+    a.query = mha_tensor_3d(x, 2, 3, 8);
+    a.key = mha_tensor_3d(key, 2, 4, 5);
+    a.value = mha_tensor_3d(x, 2, 3, 8);
+    mha_tensor out = mha_tensor_3d(y, 2, 3, 8), weights = mha_tensor_4d(att, 2, 1, 3, 4);
+    CHECK_FAILS(mha_layer_forward(ctx, layer, &out, NULL, &a), MHA_ERR_INVALID_ARG, "value has 3 in its second");
+    a.value = mha_tensor_3d(x, 2, 4, 8);
+    a.key = mha_tensor_3d(key, 2, 4, 4);
+    CHECK_FAILS(mha_layer_forward(ctx, layer, &out, NULL, &a), MHA_ERR_INVALID_ARG, "key has 4 in its third dimension, expected 5");
+    a.key = mha_tensor_3d(key, 2, 4, 5);
+    CHECK_OK(mha_layer_forward(ctx, layer, &out, &weights, &a));
+    weights.shape[3] = 5;
+    CHECK_FAILS(mha_layer_forward(ctx, layer, &out, &weights, &a), MHA_ERR_INVALID_ARG, "attn_weights has 5 in its fourth");
+    out.shape[1] = 2;
+    CHECK_FAILS(mha_layer_forward(ctx, layer, &out, NULL, &a), MHA_ERR_INVALID_ARG, "attn_output has 2 in its second");
+    CHECK_FAILS(mha_layer_forward(ctx, NULL, &out, NULL, &a), MHA_ERR_MISUSE, "not a live mha_layer");
+    CHECK_FAILS(mha_layer_forward(NULL, layer, &out, NULL, &a), MHA_ERR_MISUSE, "NULL");
+    mha_ctx_free(ctx);
+    mha_layer_free(layer);
+    mha_layer_free(NULL);
+    mha_ctx_free(NULL);
+    mha_st_close(NULL);
+    mha_st_writer_free(NULL);
+}
+
+/* ------------------------------------------------------------------ */
+/* The CLI                                                             */
+/* ------------------------------------------------------------------ */
+
+/* Run `mha args...` with stderr captured; check the exit code is
+ * non-zero, the message contains `needle`, and --out was not written. */
+static void expect_cli_error(const char *needle, ...)
+{
+    char *argv[40];
+    int argc = 0;
+    va_list ap;
+    va_start(ap, needle);
+    argv[argc++] = "mha";
+    for (char *a; argc < 39 && (a = va_arg(ap, char *));) argv[argc++] = a;
+    va_end(ap);
+    argv[argc] = NULL;
+    char err_path[600];
+    snprintf(err_path, sizeof err_path, "%s/stderr.txt", tmpdir);
+    fflush(stderr);
+    int saved = dup(2);
+    FILE *capture = fopen(err_path, "w+");
+    dup2(fileno(capture), 2);
+    int rc = mha_cli_main(argc, argv);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    char text[2048] = "";
+    rewind(capture);
+    size_t n = fread(text, 1, sizeof text - 1, capture);
+    text[n] = '\0';
+    fclose(capture);
+    unlink(err_path);
+    CHECK(rc != 0, "mha %s ... exited 0 (expected an error containing \"%s\")", argc > 1 ? argv[1] : "", needle);
+    CHECK(strstr(text, needle) != NULL, "stderr \"%s\" lacks \"%s\"", text, needle);
+    CHECK(strchr(text, '\n') == text + strlen(text) - 1 || strstr(needle, "\n"), "not one line: \"%s\"", text);
+    CHECK(access(out_path, F_OK) != 0, "output file left behind after \"%s\"", needle);
+    unlink(out_path);
+}
+
+/* Write a safetensors file of F32 (or given dtype) tensors; varargs are
+ * (name, dtype, rank, dims..., ) ended by NULL; data is zeros. */
+static void write_file(const char *path, ...)
+{
+    mha_st_writer *w = NULL;
+    mha_st_writer_create(&w);
+    va_list ap;
+    va_start(ap, path);
+    for (const char *name; (name = va_arg(ap, const char *));) {
+        mha_dtype dt = (mha_dtype)va_arg(ap, int);
+        int rank = va_arg(ap, int);
+        int64_t shape[8], n = 1;
+        for (int d = 0; d < rank; d++) n *= shape[d] = va_arg(ap, int);
+        void *zeros = calloc((size_t)(n ? n : 1), 8);
+        mha_st_writer_add(w, name, dt, rank, shape, zeros);
+        free(zeros);
+    }
+    va_end(ap);
+    CHECK_OK(mha_st_writer_save(w, path));
+    mha_st_writer_free(w);
+}
+
+static void test_cli_usage(void)
+{
+    char weights[600];
+    snprintf(weights, sizeof weights, "%s/fwd_basic.safetensors", golden_dir);
+    expect_cli_error("unknown command \"bogus\"", "bogus", NULL);
+    expect_cli_error("--weights is required", "forward", "--inputs", weights, "--out", out_path, "--num-heads", "2", NULL);
+    expect_cli_error("--num-heads is required", "forward", "--weights", weights, "--inputs", weights, "--out", out_path, NULL);
+    expect_cli_error("unknown flag --frobnicate", "forward", "--frobnicate", NULL);
+    expect_cli_error("--num-heads needs an integer, got \"two\"", "forward", "--num-heads", "two", NULL);
+    expect_cli_error("--num-heads needs a value", "forward", "--num-heads", NULL);
+    expect_cli_error("--batch-first is given twice", "forward", "--batch-first", "--batch-first", NULL);
+    expect_cli_error("unexpected argument \"stray\"", "forward", "stray", NULL);
+    expect_cli_error("--num-heads must be positive, got 0", "forward", "--weights", weights, "--inputs", weights,
+                     "--out", out_path, "--num-heads", "0", NULL);
+    expect_cli_error("--threads must be in 0..1024", "forward", "--weights", weights, "--inputs", weights, "--out",
+                     out_path, "--num-heads", "2", "--threads", "-3", NULL);
+    expect_cli_error("--scale needs a finite number", "sdpa", "--inputs", weights, "--out", out_path, "--scale", "nan", NULL);
+    expect_cli_error("exclude each other", "sdpa", "--inputs", weights, "--out", out_path, "--is-causal",
+                     "--causal-bottom-right", NULL);
+    expect_cli_error("--window-left must be -1 (unbounded) or more, got -2", "sdpa", "--inputs", weights, "--out",
+                     out_path, "--window-left", "-2", NULL);
+    expect_cli_error("--softcap must be 0 (off) or positive", "sdpa", "--inputs", weights, "--out", out_path,
+                     "--softcap", "-1", NULL);
+    expect_cli_error("embed_dim 768 is not divisible by num_heads 10", "info", "--embed-dim", "768", "--num-heads",
+                     "10", NULL);
+    expect_cli_error("not a multiple of num_kv_heads 5", "info", "--embed-dim", "768", "--num-heads", "12",
+                     "--num-kv-heads", "5", NULL);
+    expect_cli_error("--embed-dim is required", "info", "--num-heads", "12", NULL);
+}
+
+static void test_cli_files(void)
+{
+    char weights[600], p[600], corrupt[600];
+    snprintf(weights, sizeof weights, "%s/fwd_basic.safetensors", golden_dir); /* E=16, 2 heads, [5, 2, 16] */
+    snprintf(p, sizeof p, "%s/in.safetensors", tmpdir);
+    snprintf(corrupt, sizeof corrupt, "%s/corrupt.safetensors", tmpdir);
+    FILE *f = fopen(corrupt, "wb");
+    fwrite("\x10\0\0\0\0\0\0\0{\"a\":", 1, 13, f);
+    fclose(f);
+    const char *fwd[] = {"forward", "--weights", weights, "--inputs", p, "--out", out_path, "--num-heads", "2"};
+#define FWD(needle, ...) expect_cli_error(needle, fwd[0], fwd[1], fwd[2], fwd[3], fwd[4], fwd[5], fwd[6], fwd[7], fwd[8], __VA_ARGS__)
+    expect_cli_error("cannot open", "forward", "--weights", "/nonexistent/w.safetensors", "--inputs", weights, "--out",
+                     out_path, "--num-heads", "2", NULL);
+    expect_cli_error("corrupt.safetensors: header length 16 runs past the end", "forward", "--weights", corrupt,
+                     "--inputs", weights, "--out", out_path, "--num-heads", "2", NULL);
+    expect_cli_error("embed_dim 16 is not divisible by num_heads 3", "forward", "--weights", weights, "--inputs",
+                     weights, "--out", out_path, "--num-heads", "3", NULL);
+    expect_cli_error("no tensor \"blk.out_proj.weight\"", "forward", "--weights", weights, "--inputs", weights,
+                     "--out", out_path, "--num-heads", "2", "--prefix", "blk.", NULL);
+    expect_cli_error("cannot write --out", "forward", "--weights", weights, "--inputs", weights, "--out",
+                     "/nonexistent/dir/y.safetensors", "--num-heads", "2", NULL);
+
+    write_file(p, "key", MHA_DTYPE_F32, 3, 5, 2, 16, NULL);
+    FWD("has no tensor named \"query\"", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "key", MHA_DTYPE_F32, 3, 5, 2, 16, NULL);
+    FWD("has \"key\" but no \"value\"", NULL);
+    write_file(p, "query", MHA_DTYPE_I64, 3, 5, 2, 16, NULL);
+    FWD("tensor \"query\" has dtype I64", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 5, 2, 16, NULL);
+    FWD("query has shape [1, 5, 2, 16]", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 12, NULL);
+    FWD("query has 12 features but the weights' embed_dim is 16", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "key", MHA_DTYPE_F32, 3, 7, 3, 16, "value", MHA_DTYPE_F32, 3,
+               7, 3, 16, NULL);
+    FWD("key has shape [7, 3, 16]", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "key", MHA_DTYPE_F32, 3, 7, 2, 16, "value", MHA_DTYPE_F32, 3,
+               6, 2, 16, NULL);
+    FWD("value has shape [6, 2, 16]", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "attn_mask", MHA_DTYPE_BOOL, 2, 5, 4, NULL);
+    FWD("attn_mask has shape [5, 4]; it must be [L, S] = [5, 5] or [N*num_heads, L, S] = [4, 5, 5]", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "attn_mask", MHA_DTYPE_I32, 2, 5, 5, NULL);
+    FWD("attn_mask\" has dtype I32", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "key_padding_mask", MHA_DTYPE_BOOL, 2, 5, 2, NULL);
+    FWD("key_padding_mask has shape [5, 2]; it must be [N, S]", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 2, 5, 16, "key_padding_mask", MHA_DTYPE_BOOL, 2, 1, 5, NULL);
+    FWD("key_padding_mask has shape [1, 5]; it must be [S]", NULL);
+
+    const char *sd[] = {"sdpa", "--inputs", p, "--out", out_path};
+#define SDPA(needle, ...) expect_cli_error(needle, sd[0], sd[1], sd[2], sd[3], sd[4], __VA_ARGS__)
+    write_file(p, "query", MHA_DTYPE_F32, 3, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "value", MHA_DTYPE_F32,
+               4, 1, 2, 3, 8, NULL);
+    SDPA("query has shape [2, 3, 8]; it must be [B, Hq, L, D]", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "value", MHA_DTYPE_F32, 4, 1, 2, 3, 8, NULL);
+    SDPA("has no tensor named \"key\"", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 4, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32,
+               4, 1, 2, 5, 8, NULL);
+    SDPA("key has 2 heads but query has 4; set enable_gqa", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 7, "value", MHA_DTYPE_F32,
+               4, 1, 2, 5, 8, NULL);
+    SDPA("key has 7 in its fourth dimension, expected 8", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32,
+               4, 1, 2, 5, 8, "attn_mask", MHA_DTYPE_BOOL, 2, 3, 4, NULL);
+    SDPA("attn_mask of shape [3, 4] does not broadcast to [B, H, L, S] = [1, 2, 3, 5]", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32,
+               4, 1, 2, 5, 8, "alibi_slopes", MHA_DTYPE_F32, 1, 3, NULL);
+    SDPA("alibi_slopes must have shape [Hq] = [2]", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32,
+               4, 1, 2, 5, 8, "attn_mask", MHA_DTYPE_BOOL, 5, 1, 1, 1, 3, 5, NULL);
+    SDPA("attn_mask has 5 dimensions", NULL);
+    /* Sizes from a file that would overflow an allocation are refused. */
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1 << 20, 1 << 20, 1 << 20, 0, "key", MHA_DTYPE_F32, 4, 1 << 20, 1, 5, 0,
+               "value", MHA_DTYPE_F32, 4, 1 << 20, 1, 5, 1, NULL);
+    SDPA("more elements than memory can address", NULL);
+    unlink(p);
+    unlink(corrupt);
+}
+
+int main(int argc, char **argv)
+{
+    golden_dir = argc > 1 ? argv[1] : "tests/data/golden";
+    if (!mkdtemp(tmpdir)) return 1;
+    snprintf(out_path, sizeof out_path, "%s/out.safetensors", tmpdir);
+    test_ctx_and_info();
+    test_attention_args();
+    test_layer_args();
+    test_cli_usage();
+    test_cli_files();
+    rmdir(tmpdir);
+    return harness_finish("test_errors");
+}
