@@ -45,9 +45,9 @@ static void print_kv_table(int64_t E, int64_t h)
         if (h % g || !(g == h || g == 1 || pow2_group)) continue;
         if (mha_info_compute(E, h, g, 0, &info) != MHA_OK) continue;
         const char *kind = g == h ? "MHA" : g == 1 ? "MQA" : "GQA";
-        printf("  %s  %4lld kv heads: %8lld bytes  (%.3gx less than MHA)\n", kind, (long long)g,
-               (long long)info.kv_cache_bytes_per_token,
-               (double)info.kv_cache_bytes_per_token_mha / (double)info.kv_cache_bytes_per_token);
+        printf("  %s  %4lld kv heads: %8lld bytes", kind, (long long)g, (long long)info.kv_cache_bytes_per_token);
+        if (g == h) printf("  (the baseline)\n");
+        else printf("  (%.3gx smaller)\n", (double)info.kv_cache_bytes_per_token_mha / (double)info.kv_cache_bytes_per_token);
     }
 }
 

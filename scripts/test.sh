@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Build libmha with warnings as errors and run the whole test suite twice:
+# a normal optimised build, then under AddressSanitizer (with leak
+# checking) and UndefinedBehaviorSanitizer.  Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+jobs=$(nproc 2>/dev/null || echo 2)
+
+echo "== build (release, -Werror) and test"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMHA_WERROR=ON >/dev/null
+cmake --build build -j"$jobs" >/dev/null
+(cd build && ctest --output-on-failure)
+
+echo "== build with AddressSanitizer + UndefinedBehaviorSanitizer and test"
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DMHA_WERROR=ON -DMHA_SANITIZE=address,undefined >/dev/null
+cmake --build build-asan -j"$jobs" >/dev/null
+(cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure)
