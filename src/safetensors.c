@@ -90,6 +90,12 @@ typedef struct meta_pair {
     char *key, *value;
 } meta_pair;
 
+/* __metadata__ pairs, as read or as to be written. */
+typedef struct meta_list {
+    meta_pair *pairs;
+    int64_t    count, capacity;
+} meta_list;
+
 struct mha_st_file {
     FILE       *fp;           /* NULL when reading from memory */
     const unsigned char *mem;
@@ -98,8 +104,7 @@ struct mha_st_file {
     entry      *entries;      /* sorted by begin offset once validated */
     int64_t     count, capacity;
     entry     **by_name;      /* sorted by name, for lookups */
-    meta_pair  *meta;
-    int64_t     meta_count, meta_capacity;
+    meta_list   meta;
 };
 
 /* Grow *array of *capacity elements so it can hold one more. */
@@ -141,22 +146,32 @@ static mha_status on_tensor(void *user, mha__json_tensor *t)
     return MHA_OK;
 }
 
-static mha_status on_metadata(void *user, const char *key, const char *value)
+static void meta_free(meta_list *m)
 {
-    mha_st_file *f = user;
-    mha_status st = reserve_one((void **)&f->meta, f->meta_count, &f->meta_capacity,
-                                sizeof(meta_pair));
+    for (int64_t i = 0; i < m->count; i++) {
+        mha__free(m->pairs[i].key);
+        mha__free(m->pairs[i].value);
+    }
+    mha__free(m->pairs);
+}
+
+static mha_status meta_append(meta_list *m, const char *key, const char *value)
+{
+    mha_status st = reserve_one((void **)&m->pairs, m->count, &m->capacity, sizeof(meta_pair));
     if (st != MHA_OK) return st;
-    meta_pair *m = &f->meta[f->meta_count];
-    m->key = mha__strdup(key);
-    m->value = mha__strdup(value);
-    if (!m->key || !m->value) {
-        mha__free(m->key);
-        mha__free(m->value);
+    meta_pair pair = {mha__strdup(key), mha__strdup(value)};
+    if (!pair.key || !pair.value) {
+        mha__free(pair.key);
+        mha__free(pair.value);
         return MHA_ERR_NOMEM;
     }
-    f->meta_count++;
+    m->pairs[m->count++] = pair;
     return MHA_OK;
+}
+
+static mha_status on_metadata(void *user, const char *key, const char *value)
+{
+    return meta_append(&((mha_st_file *)user)->meta, key, value);
 }
 
 static int by_begin(const void *a, const void *b)
@@ -305,13 +320,9 @@ void mha_st_close(mha_st_file *f)
     if (!f) return;
     if (f->fp) fclose(f->fp);
     for (int64_t i = 0; i < f->count; i++) mha__free(f->entries[i].name);
-    for (int64_t i = 0; i < f->meta_count; i++) {
-        mha__free(f->meta[i].key);
-        mha__free(f->meta[i].value);
-    }
     mha__free(f->entries);
     mha__free(f->by_name);
-    mha__free(f->meta);
+    meta_free(&f->meta);
     mha__free(f);
 }
 
@@ -361,8 +372,8 @@ mha_status mha_st_find(const mha_st_file *f, const char *name, mha_st_info *info
 const char *mha_st_metadata(const mha_st_file *f, const char *key)
 {
     if (!f || !key) return NULL;
-    for (int64_t i = 0; i < f->meta_count; i++)
-        if (strcmp(f->meta[i].key, key) == 0) return f->meta[i].value;
+    for (int64_t i = 0; i < f->meta.count; i++)
+        if (strcmp(f->meta.pairs[i].key, key) == 0) return f->meta.pairs[i].value;
     return NULL;
 }
 
@@ -420,8 +431,7 @@ struct mha_st_writer {
     entry     *entries;
     void     **data;
     int64_t    count, capacity, data_capacity;
-    meta_pair *meta;
-    int64_t    meta_count, meta_capacity;
+    meta_list  meta;
 };
 
 mha_status mha_st_writer_create(mha_st_writer **out_writer)
@@ -438,13 +448,9 @@ void mha_st_writer_free(mha_st_writer *w)
         mha__free(w->entries[i].name);
         mha__free(w->data[i]);
     }
-    for (int64_t i = 0; i < w->meta_count; i++) {
-        mha__free(w->meta[i].key);
-        mha__free(w->meta[i].value);
-    }
     mha__free(w->entries);
     mha__free(w->data);
-    mha__free(w->meta);
+    meta_free(&w->meta);
     mha__free(w);
 }
 
@@ -487,16 +493,7 @@ mha_status mha_st_writer_add(mha_st_writer *w, const char *name, mha_dtype dtype
 mha_status mha_st_writer_set_metadata(mha_st_writer *w, const char *key, const char *value)
 {
     if (!w || !key || !value) return mha__fail(MHA_ERR_MISUSE, "mha_st_writer_set_metadata: NULL argument");
-    mha_status st = reserve_one((void **)&w->meta, w->meta_count, &w->meta_capacity, sizeof(meta_pair));
-    if (st != MHA_OK) return st;
-    meta_pair m = {mha__strdup(key), mha__strdup(value)};
-    if (!m.key || !m.value) {
-        mha__free(m.key);
-        mha__free(m.value);
-        return MHA_ERR_NOMEM;
-    }
-    w->meta[w->meta_count++] = m;
-    return MHA_OK;
+    return meta_append(&w->meta, key, value);
 }
 
 /* A growable text buffer for the header. */
@@ -557,20 +554,20 @@ static void put_int(text *t, int64_t v)
 static void build_header(const mha_st_writer *w, text *t)
 {
     put_str(t, "{");
-    if (w->meta_count) {
+    if (w->meta.count) {
         put_str(t, "\"__metadata__\":{");
-        for (int64_t i = 0; i < w->meta_count; i++) {
+        for (int64_t i = 0; i < w->meta.count; i++) {
             if (i) put_str(t, ",");
-            put_json_string(t, w->meta[i].key);
+            put_json_string(t, w->meta.pairs[i].key);
             put_str(t, ":");
-            put_json_string(t, w->meta[i].value);
+            put_json_string(t, w->meta.pairs[i].value);
         }
         put_str(t, "}");
     }
     int64_t offset = 0;
     for (int64_t i = 0; i < w->count; i++) {
         const entry *e = &w->entries[i];
-        if (i || w->meta_count) put_str(t, ",");
+        if (i || w->meta.count) put_str(t, ",");
         put_json_string(t, e->name);
         put_str(t, ":{\"dtype\":\"");
         put_str(t, mha_dtype_name(e->dtype));

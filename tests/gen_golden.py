@@ -121,9 +121,7 @@ def forward_case(name, E, H, L, S=None, N=2, batched=True, batch_first=False, cr
     kp = None
     if kpm:
         kp = torch.rand((n, S)) < 0.3
-        kp[:, -1] = False
-        if causal:
-            kp[:, 0] = False  # row 0 sees only key 0 under a causal mask
+        kp[:, 0] = False  # key 0 stays visible to every row, under every mask and causal
         if fully_masked_batch is not None:
             kp[fully_masked_batch, :] = True
         if kpm == "float":
@@ -313,6 +311,38 @@ def make_demo(path):
                                   "and PyTorch's outputs with a causal mask and need_weights"})
 
 
+def random_combinations(n_forward, n_sdpa):
+    """Options drawn at random, so combinations nobody listed get tested."""
+    g = torch.Generator().manual_seed(7)
+
+    def draw(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    for i in range(n_forward):
+        H = draw([1, 2, 3, 4, 6])
+        E = H * draw([4, 5, 8, 11, 16])
+        cross = draw([False, True])
+        batched = draw([True, True, False])
+        forward_case(f"combo_fwd_{i:02d}", E=E, H=H, L=draw([1, 3, 8, 21, 37]),
+                     S=draw([1, 4, 9, 30]) if cross else None, N=draw([1, 2, 3]), batched=batched,
+                     batch_first=batched and draw([False, True]), cross=cross,
+                     kdim=draw([None, 7]) if cross else None, vdim=draw([None, 5]) if cross else None,
+                     bias=draw([True, True, False]), add_bias_kv=draw([False, True]),
+                     add_zero_attn=draw([False, True]),
+                     attn_mask=draw([None, "bool2", "float2", "bool3", "float3"]),
+                     kpm=draw([None, "bool", "float"]), causal=draw([False, True]),
+                     need_weights=draw([False, True]), average=draw([True, False]))
+    for i in range(n_sdpa):
+        Hkv = draw([1, 2])
+        L, S = draw([1, 5, 16, 33]), draw([1, 6, 17, 40])
+        sdpa_case(f"combo_sdpa_{i:02d}", B=draw([1, 2]), Hq=Hkv * draw([1, 1, 2, 4]), Hkv=Hkv, L=L, S=S,
+                  D=draw([8, 12, 32, 48]), Dv=draw([None, 16]),
+                  mask=draw([None, "bool_LS", "bool_B1LS", "bool_1H1S", "float_BHLS", "float_LS"]),
+                  causal=draw([None, "top_left", "bottom_right"]), scale=draw([None, None, 0.3]),
+                  window=(draw([-1, -1, 0, 3, 10]), draw([-1, -1, 0, 2])), softcap=draw([0.0, 0.0, 3.0]),
+                  alibi=draw([False, True]))
+
+
 def main():
     torch.manual_seed(20261122)
     make_demo(os.path.join(HERE, "..", "examples", "demo.safetensors"))
@@ -395,6 +425,8 @@ def main():
     sdpa_case("sdpa_one_key", B=1, Hq=1, L=3, S=1, D=8)
     sdpa_case("sdpa_f16_inputs", B=1, Hq=2, L=9, S=9, D=16, input_dtype=torch.float16)
     sdpa_case("sdpa_large_logits", B=1, Hq=2, L=8, S=8, D=16, scale_inputs=20.0)
+
+    random_combinations(30, 30)
 
     total = sum(os.path.getsize(os.path.join(OUT, f)) for f in os.listdir(OUT))
     print(f"wrote {len(os.listdir(OUT))} cases, {total / 1e6:.2f} MB, to {OUT}")

@@ -182,39 +182,87 @@ static void test_layer_args(void)
 /* The CLI                                                             */
 /* ------------------------------------------------------------------ */
 
-/* Run `mha args...` with stderr captured; check the exit code is
- * non-zero, the message contains `needle`, and --out was not written. */
-static void expect_cli_error(const char *needle, ...)
+/* Run `mha argv...` with file descriptor `fd` (1 or 2) captured into
+ * text; returns the exit code. */
+static int run_captured(int fd, char **argv, int argc, char *text, size_t size)
 {
-    char *argv[40];
-    int argc = 0;
-    va_list ap;
-    va_start(ap, needle);
-    argv[argc++] = "mha";
-    for (char *a; argc < 39 && (a = va_arg(ap, char *));) argv[argc++] = a;
-    va_end(ap);
-    argv[argc] = NULL;
-    char err_path[600];
-    snprintf(err_path, sizeof err_path, "%s/stderr.txt", tmpdir);
+    char path[600];
+    snprintf(path, sizeof path, "%s/captured.txt", tmpdir);
+    fflush(stdout);
     fflush(stderr);
-    int saved = dup(2);
-    FILE *capture = fopen(err_path, "w+");
-    dup2(fileno(capture), 2);
+    int saved = dup(fd);
+    FILE *capture = fopen(path, "w+");
+    dup2(fileno(capture), fd);
     int rc = mha_cli_main(argc, argv);
+    fflush(stdout);
     fflush(stderr);
-    dup2(saved, 2);
+    dup2(saved, fd);
     close(saved);
-    char text[2048] = "";
     rewind(capture);
-    size_t n = fread(text, 1, sizeof text - 1, capture);
+    size_t n = fread(text, 1, size - 1, capture);
     text[n] = '\0';
     fclose(capture);
-    unlink(err_path);
+    unlink(path);
+    return rc;
+}
+
+static int collect_args(char **argv, va_list ap)
+{
+    int argc = 0;
+    argv[argc++] = "mha";
+    for (char *a; argc < 39 && (a = va_arg(ap, char *));) argv[argc++] = a;
+    argv[argc] = NULL;
+    return argc;
+}
+
+/* Run `mha args...`; check the exit code is non-zero, stderr is one line
+ * containing `needle`, and --out was not written. */
+static void expect_cli_error(const char *needle, ...)
+{
+    char *argv[40], text[2048];
+    va_list ap;
+    va_start(ap, needle);
+    int argc = collect_args(argv, ap);
+    va_end(ap);
+    int rc = run_captured(2, argv, argc, text, sizeof text);
     CHECK(rc != 0, "mha %s ... exited 0 (expected an error containing \"%s\")", argc > 1 ? argv[1] : "", needle);
     CHECK(strstr(text, needle) != NULL, "stderr \"%s\" lacks \"%s\"", text, needle);
-    CHECK(strchr(text, '\n') == text + strlen(text) - 1 || strstr(needle, "\n"), "not one line: \"%s\"", text);
+    CHECK(strchr(text, '\n') == text + strlen(text) - 1, "not one line: \"%s\"", text);
     CHECK(access(out_path, F_OK) != 0, "output file left behind after \"%s\"", needle);
     unlink(out_path);
+}
+
+/* Run `mha args...`; check it exits 0 and stdout contains `needle`. */
+static void expect_cli_output(const char *needle, ...)
+{
+    char *argv[40], text[8192];
+    va_list ap;
+    va_start(ap, needle);
+    int argc = collect_args(argv, ap);
+    va_end(ap);
+    int rc = run_captured(1, argv, argc, text, sizeof text);
+    CHECK(rc == 0, "mha %s ... exited %d", argc > 1 ? argv[1] : "", rc);
+    CHECK(strstr(text, needle) != NULL, "stdout \"%s\" lacks \"%s\"", text, needle);
+}
+
+static void test_cli_success(void)
+{
+    char demo[600];
+    snprintf(demo, sizeof demo, "%s/fwd_basic.safetensors", golden_dir);
+    expect_cli_output("mha " MHA_VERSION_STRING, "--version", NULL);
+    expect_cli_output("commands:", "--help", NULL);
+    expect_cli_output("--no-average-attn-weights", "forward", "--help", NULL);
+    expect_cli_output("--causal-bottom-right", "sdpa", "--help", NULL);
+    expect_cli_output("head dimension: d_k = embed_dim / num_heads = 768 / 12 = 64", "info", "--embed-dim", "768",
+                      "--num-heads", "12", NULL);
+    expect_cli_output("one head of width 768 has 2,362,368: the same", "info", "--embed-dim", "768", "--num-heads",
+                      "12", NULL);
+    expect_cli_output("GQA     4 kv heads:     2048 bytes  (3x smaller)  <- this configuration", "info", "--embed-dim", "768",
+                      "--num-heads", "12", "--num-kv-heads", "4", NULL);
+    expect_cli_output("attention        0.5369 GFLOP", "info", "--embed-dim", "512", "--num-heads", "8", "--seq",
+                      "512", NULL);
+    expect_cli_output("in_proj_weight                   F32   [48, 16]", "show", demo, NULL);
+    expect_cli_output("out_proj.bias F32 [16]", "show", demo, "--tensor", "out_proj.bias", "--max", "2", NULL);
 }
 
 /* Write a safetensors file of F32 (or given dtype) tensors; varargs are
@@ -354,6 +402,7 @@ int main(int argc, char **argv)
     test_ctx_and_info();
     test_attention_args();
     test_layer_args();
+    test_cli_success();
     test_cli_usage();
     test_cli_files();
     rmdir(tmpdir);

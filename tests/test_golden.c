@@ -160,6 +160,6 @@ int main(int argc, char **argv)
     }
     if (d) closedir(d);
     rmdir(tmpdir);
-    CHECK(cases >= 60, "found only %d golden cases in %s", cases, dir);
+    CHECK(cases >= 120, "found only %d golden cases in %s", cases, dir);
     return harness_finish("test_golden");
 }

@@ -35,19 +35,20 @@ static const char *grouped(int64_t v, char *buf, size_t size)
     return buf;
 }
 
-static void print_kv_table(int64_t E, int64_t h)
+static void print_kv_table(int64_t E, int64_t h, int64_t chosen)
 {
     mha_info info;
     printf("KV cache per token and layer (K and V, float32; bf16 is half):\n");
     for (int64_t g = h; g >= 1; g--) {
-        /* MHA, MQA and the GQA group counts that divide h by a power of two. */
+        /* MHA, MQA, the chosen count, and GQA groups of a power of two. */
         bool pow2_group = (h / g & (h / g - 1)) == 0;
-        if (h % g || !(g == h || g == 1 || pow2_group)) continue;
+        if (h % g || !(g == h || g == 1 || g == chosen || pow2_group)) continue;
         if (mha_info_compute(E, h, g, 0, &info) != MHA_OK) continue;
         const char *kind = g == h ? "MHA" : g == 1 ? "MQA" : "GQA";
         printf("  %s  %4lld kv heads: %8lld bytes", kind, (long long)g, (long long)info.kv_cache_bytes_per_token);
-        if (g == h) printf("  (the baseline)\n");
-        else printf("  (%.3gx smaller)\n", (double)info.kv_cache_bytes_per_token_mha / (double)info.kv_cache_bytes_per_token);
+        if (g == h) printf("  (the baseline)");
+        else printf("  (%.3gx smaller)", (double)info.kv_cache_bytes_per_token_mha / (double)info.kv_cache_bytes_per_token);
+        printf("%s\n", g == chosen ? "  <- this configuration" : "");
     }
 }
 
@@ -73,7 +74,7 @@ static void print_info(int64_t E, int64_t h, int64_t g, int64_t seq, const mha_i
     printf("  total        %10.4g GFLOP\n", (in->flops_projections + in->flops_attention) / 1e9);
     printf("  memory       %10.4g MB weights + %.4g MB activations (each written and read once)\n",
            in->bytes_weights / 1e6, in->bytes_activations / 1e6);
-    print_kv_table(E, h);
+    print_kv_table(E, h, g ? g : h);
 }
 
 int mha_cmd_info(int argc, char **argv)
