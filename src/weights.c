@@ -93,8 +93,9 @@ static mha_status infer_desc(const lookup *lk, mha_layer_desc *d, mha_st_info fo
             names[(*n)++] = sep[i];
         }
     }
+    mha_st_info out_bias;
     if ((st = find_weight(lk, "in_proj_bias", &info, &has_bias)) != MHA_OK) return st;
-    if ((st = find_weight(lk, "out_proj.bias", &found[*n + 1], &has_out_bias)) != MHA_OK) return st;
+    if ((st = find_weight(lk, "out_proj.bias", &out_bias, &has_out_bias)) != MHA_OK) return st;
     if (has_bias != has_out_bias)
         return mha__fail(MHA_ERR_NOT_FOUND, "\"%s%s\" is present but \"%s%s\" is not; nn.MultiheadAttention has both or neither",
                          lk->prefix, has_bias ? "in_proj_bias" : "out_proj.bias", lk->prefix,
@@ -102,11 +103,11 @@ static mha_status infer_desc(const lookup *lk, mha_layer_desc *d, mha_st_info fo
     d->bias = has_bias;
     if (has_bias) {
         if ((st = expect_shape(&info, 1, (int64_t[]){3 * E})) != MHA_OK) return st;
-        if ((st = expect_shape(&found[*n + 1], 1, (int64_t[]){E})) != MHA_OK) return st;
+        if ((st = expect_shape(&out_bias, 1, (int64_t[]){E})) != MHA_OK) return st;
         found[*n] = info;
-        names[*n] = "in_proj_bias";
-        names[*n + 1] = "out_proj.bias";
-        *n += 2;
+        names[(*n)++] = "in_proj_bias";
+        found[*n] = out_bias;
+        names[(*n)++] = "out_proj.bias";
     }
     if ((st = find_weight(lk, "bias_k", &info, &has_bias_k)) != MHA_OK) return st;
     d->add_bias_kv = has_bias_k;

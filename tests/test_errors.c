@@ -339,6 +339,31 @@ static void test_cli_files(void)
     expect_cli_error("cannot write --out", "forward", "--weights", weights, "--inputs", weights, "--out",
                      "/nonexistent/dir/y.safetensors", "--num-heads", "2", NULL);
 
+    /* Weights whose names or shapes do not make an nn.MultiheadAttention. */
+    char w[600];
+    snprintf(w, sizeof w, "%s/w.safetensors", tmpdir);
+    const char *bad_w[] = {"forward", "--weights", w, "--inputs", weights, "--out", out_path, "--num-heads", "2"};
+#define BADW(needle) expect_cli_error(needle, bad_w[0], bad_w[1], bad_w[2], bad_w[3], bad_w[4], bad_w[5], bad_w[6], bad_w[7], bad_w[8], NULL)
+    write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 15, NULL);
+    BADW("\"out_proj.weight\" must be a square [E, E] matrix");
+    write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "in_proj_weight", MHA_DTYPE_F32, 2, 47, 16, NULL);
+    BADW("\"in_proj_weight\" has shape [47, 16], expected [48, 16]");
+    write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, NULL);
+    BADW("no tensor \"q_proj_weight\"");
+    write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "q_proj_weight", MHA_DTYPE_F32, 2, 16, 16,
+               "k_proj_weight", MHA_DTYPE_F32, 2, 15, 4, "v_proj_weight", MHA_DTYPE_F32, 2, 16, 4, NULL);
+    BADW("\"k_proj_weight\" must be [16, in_features]");
+    write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "in_proj_weight", MHA_DTYPE_F32, 2, 48, 16,
+               "in_proj_bias", MHA_DTYPE_F32, 1, 48, NULL);
+    BADW("\"in_proj_bias\" is present but \"out_proj.bias\" is not");
+    write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "in_proj_weight", MHA_DTYPE_F32, 2, 48, 16,
+               "in_proj_bias", MHA_DTYPE_F32, 1, 47, "out_proj.bias", MHA_DTYPE_F32, 1, 16, NULL);
+    BADW("\"in_proj_bias\" has shape [47], expected [48]");
+    write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "in_proj_weight", MHA_DTYPE_F32, 2, 48, 16,
+               "bias_k", MHA_DTYPE_F32, 3, 1, 1, 16, NULL);
+    BADW("no tensor \"bias_v\"");
+    unlink(w);
+
     write_file(p, "key", MHA_DTYPE_F32, 3, 5, 2, 16, NULL);
     FWD("has no tensor named \"query\"", NULL);
     write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "key", MHA_DTYPE_F32, 3, 5, 2, 16, NULL);
