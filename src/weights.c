@@ -52,6 +52,10 @@ static mha_status expect_shape(const mha_st_info *info, int rank, const int64_t 
 /* Read the tensor described by info into the layer weight `name`. */
 static mha_status load_weight(mha_layer *layer, mha_st_file *file, const mha_st_info *info, const char *name)
 {
+    if (info->dtype != MHA_DTYPE_F32 && info->dtype != MHA_DTYPE_F64 && info->dtype != MHA_DTYPE_F16 &&
+        info->dtype != MHA_DTYPE_BF16)
+        return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" has dtype %s; weights must be F32, F64, F16 or BF16",
+                         info->name, mha_dtype_name(info->dtype));
     float *tmp = mha__alloc(info->numel, sizeof(float));
     if (!tmp) return MHA_ERR_NOMEM;
     mha_status st = mha_st_read_f32(file, info->name, tmp, info->numel);

@@ -362,6 +362,8 @@ static void test_cli_files(void)
     write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "in_proj_weight", MHA_DTYPE_F32, 2, 48, 16,
                "bias_k", MHA_DTYPE_F32, 3, 1, 1, 16, NULL);
     BADW("no tensor \"bias_v\"");
+    write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "in_proj_weight", MHA_DTYPE_I32, 2, 48, 16, NULL);
+    BADW("\"in_proj_weight\" has dtype I32; weights must be F32, F64, F16 or BF16");
     unlink(w);
 
     write_file(p, "key", MHA_DTYPE_F32, 3, 5, 2, 16, NULL);
