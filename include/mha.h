@@ -88,6 +88,12 @@ const char *mha_last_error(void);
  * check that header and library match. */
 const char *mha_version(void);
 
+/* The instruction set of the kernels in use: "avx512", "avx2" or
+ * "generic", the best this CPU and OS support.  The environment variable
+ * MHA_ISA=generic|avx2|avx512, read once, caps the choice (for tests and
+ * benchmarks).  Static storage. */
+const char *mha_isa(void);
+
 /* ------------------------------------------------------------------ */
 /* Tensors and masks                                                   */
 /* ------------------------------------------------------------------ */

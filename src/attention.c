@@ -1,12 +1,7 @@
 /*
- * attention.c -- scaled dot-product attention: validation, the per-row key
- * range and bias, and the portable row kernel.
- *
- * One query row at a time: its scores against the keys it may see go into
- * a per-thread row buffer, then a max-subtracted softmax weights the values.
- * Memory beyond inputs and outputs is O(S) per thread.  The fused,
- * blocked, SIMD kernels of later work implement the same contract; this
- * one is written to be read.
+ * attention.c -- scaled dot-product attention: validation and the row
+ * contract (which keys a query row sees, and the bias on each score).  The
+ * computation itself is in flash.c.
  */
 #include "attention.h"
 
@@ -96,9 +91,7 @@ mha_status mha__attn_plan_check(const mha__attn_plan *p)
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* The real keys [*lo, *hi) that query row i may see under causal masking
- * and the window; empty when *lo >= *hi. */
-static void row_key_range(const mha__attn_plan *p, int64_t i, int64_t *lo, int64_t *hi)
+void mha__row_key_range(const mha__attn_plan *p, int64_t i, int64_t *lo, int64_t *hi)
 {
     int64_t diag = i + p->R - p->L; /* the key aligned with row i, bottom-right */
     *lo = 0;
@@ -109,16 +102,7 @@ static void row_key_range(const mha__attn_plan *p, int64_t i, int64_t *lo, int64
     if (p->window_right >= 0) *hi = min64(*hi, diag + p->window_right + 1);
 }
 
-static float dot(const float *a, int64_t a_stride, const float *b, int64_t b_stride, int64_t n)
-{
-    float sum = 0.0f;
-    for (int64_t c = 0; c < n; c++) sum += a[c * a_stride] * b[c * b_stride];
-    return sum;
-}
-
-/* Additive bias of real key j for (batch b, head h, row i): ALiBi plus the
- * masks, -inf where a keep-mask forbids the key. */
-static float real_key_bias(const mha__attn_plan *p, int64_t b, int64_t h, int64_t i, int64_t j)
+float mha__real_key_bias(const mha__attn_plan *p, int64_t b, int64_t h, int64_t i, int64_t j)
 {
     float bias = 0.0f;
     if (p->alibi) bias -= p->alibi[h] * (float)llabs(i + p->R - p->L - j);
@@ -135,108 +119,12 @@ static float real_key_bias(const mha__attn_plan *p, int64_t b, int64_t h, int64_
     return bias;
 }
 
-/* One row's view of the problem. */
-typedef struct row {
-    int64_t b, h, i;
-    int64_t lo, hi;           /* visible real keys */
-    const float *q;           /* q[b, h, i, :] */
-    const float *k;           /* k[b, h / group, 0, :] */
-} row;
-
-static row make_row(const mha__attn_plan *p, const mha_tensor *q, const mha_tensor *k,
-                    int64_t b, int64_t h, int64_t i)
-{
-    row r = {.b = b, .h = h, .i = i};
-    row_key_range(p, i, &r.lo, &r.hi);
-    r.q = q->data + b * q->stride[0] + h * q->stride[1] + i * q->stride[2];
-    r.k = k->data + b * k->stride[0] + (h / p->group) * k->stride[1];
-    return r;
-}
-
-static bool key_visible(const mha__attn_plan *p, const row *r, int64_t j)
-{
-    return j >= p->R || (j >= r->lo && j < r->hi);
-}
-
-/* scores[j] for every key of the row: scaled, capped, biased; -inf for
- * keys the row may not see.  Returns the maximum. */
-static float score_row(const mha__attn_plan *p, const row *r, const mha_tensor *q, const mha_tensor *k,
-                       float *scores)
-{
-    float max = -INFINITY;
-    for (int64_t j = 0; j < p->S; j++) {
-        if (!key_visible(p, r, j)) {
-            scores[j] = -INFINITY;
-            continue;
-        }
-        float s = dot(r->q, q->stride[3], r->k + j * k->stride[2], k->stride[3], p->D) * p->scale;
-        if (p->softcap > 0) s = p->softcap * tanhf(s / p->softcap);
-        if (j < p->R) s += real_key_bias(p, r->b, r->h, r->i, j);
-        scores[j] = s;
-        if (s > max) max = s;
-    }
-    return max;
-}
-
 /* ---------------------------------------------------------------- */
-/* Forward                                                           */
+/* Scratch                                                           */
 /* ---------------------------------------------------------------- */
-
-typedef struct forward_job {
-    const mha__attn_plan *p;
-    mha_tensor *out;
-    float *lse;
-    mha__row_stats *stats;
-    const mha_tensor *q, *k, *v;
-    char *scratch;
-    int64_t scratch_stride;  /* bytes per thread */
-} forward_job;
-
-static void forward_row(const forward_job *job, int64_t b, int64_t h, int64_t i, float *scores, float *acc)
-{
-    const mha__attn_plan *p = job->p;
-    const mha_tensor *v = job->v, *out = job->out;
-    row r = make_row(p, job->q, job->k, b, h, i);
-    float max = score_row(p, &r, job->q, job->k, scores);
-    float *o = out->data + b * out->stride[0] + h * out->stride[1] + i * out->stride[2];
-    float sum = 0.0f;
-    if (max == -INFINITY) {
-        /* Nothing visible: defined as output 0, lse -inf (not NaN). */
-        for (int64_t c = 0; c < p->Dv; c++) o[c * out->stride[3]] = 0.0f;
-    } else {
-        const float *vrow = v->data + b * v->stride[0] + (h / p->group) * v->stride[1];
-        for (int64_t c = 0; c < p->Dv; c++) acc[c] = 0.0f;
-        for (int64_t j = 0; j < p->S; j++) {
-            if (scores[j] == -INFINITY) continue;
-            float w = expf(scores[j] - max);
-            sum += w;
-            const float *vj = vrow + j * v->stride[2];
-            for (int64_t c = 0; c < p->Dv; c++) acc[c] += w * vj[c * v->stride[3]];
-        }
-        for (int64_t c = 0; c < p->Dv; c++) o[c * out->stride[3]] = acc[c] / sum;
-    }
-    int64_t at = (b * p->Hq + h) * p->L + i;
-    if (job->lse) job->lse[at] = sum > 0 ? max + logf(sum) : -INFINITY;
-    if (job->stats) {
-        job->stats->max[at] = max;
-        job->stats->sum[at] = sum;
-    }
-}
-
-static void forward_range(void *arg, int thread, int64_t begin, int64_t end)
-{
-    const forward_job *job = arg;
-    const mha__attn_plan *p = job->p;
-    float *scores = (float *)(job->scratch + thread * job->scratch_stride);
-    float *acc = scores + p->S;
-    for (int64_t item = begin; item < end; item++) {
-        int64_t i = item % p->L, bh = item / p->L;
-        forward_row(job, bh / p->Hq, bh % p->Hq, i, scores, acc);
-    }
-}
 
 /* Per-thread scratch of `floats` floats; NULL on failure. */
-static char *thread_scratch(mha_ctx *ctx, int64_t floats, int64_t *stride)
+char *mha__thread_scratch(mha_ctx *ctx, int64_t floats, int64_t *stride)
 {
     int64_t bytes;
     if (!mha__mul(floats, (int64_t)sizeof(float), &bytes) || bytes > INT64_MAX / 2 - 64) {
@@ -250,72 +138,6 @@ static char *thread_scratch(mha_ctx *ctx, int64_t floats, int64_t *stride)
         return NULL;
     }
     return mha__ctx_scratch(ctx, MHA_SCRATCH_THREADS, total);
-}
-
-mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse,
-                             mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v)
-{
-    forward_job job = {p, out, lse, stats, q, k, v, NULL, 0};
-    job.scratch = thread_scratch(ctx, p->S + p->Dv, &job.scratch_stride);
-    if (!job.scratch) return MHA_ERR_NOMEM;
-    mha__parallel_for(ctx, p->B * p->Hq * p->L, forward_range, &job);
-    return MHA_OK;
-}
-
-/* ---------------------------------------------------------------- */
-/* Probabilities from the saved row statistics                      */
-/* ---------------------------------------------------------------- */
-
-typedef struct probs_job {
-    const mha__attn_plan *p;
-    mha_tensor *probs;
-    int average;
-    const mha__row_stats *stats;
-    const mha_tensor *q, *k;
-    char *scratch;
-    int64_t scratch_stride;
-} probs_job;
-
-/* Row (b, i) of every head; heads in a fixed order so averaging is
- * deterministic. */
-static void probs_row(const probs_job *job, int64_t b, int64_t i, float *scores)
-{
-    const mha__attn_plan *p = job->p;
-    const mha_tensor *pr = job->probs;
-    for (int64_t h = 0; h < p->Hq; h++) {
-        row r = make_row(p, job->q, job->k, b, h, i);
-        score_row(p, &r, job->q, job->k, scores);
-        int64_t at = (b * p->Hq + h) * p->L + i;
-        float max = job->stats->max[at], sum = job->stats->sum[at];
-        float *dst = pr->data + b * pr->stride[0] + (job->average ? 0 : h) * pr->stride[1] + i * pr->stride[2];
-        for (int64_t j = 0; j < p->S; j++) {
-            float w = sum > 0 ? expf(scores[j] - max) / sum : 0.0f;
-            float *d = &dst[j * pr->stride[3]];
-            *d = (job->average && h > 0) ? *d + w : w;
-        }
-    }
-    if (job->average) {
-        float *dst = pr->data + b * pr->stride[0] + i * pr->stride[2];
-        for (int64_t j = 0; j < p->S; j++) dst[j * pr->stride[3]] /= (float)p->Hq;
-    }
-}
-
-static void probs_range(void *arg, int thread, int64_t begin, int64_t end)
-{
-    const probs_job *job = arg;
-    float *scores = (float *)(job->scratch + thread * job->scratch_stride);
-    for (int64_t item = begin; item < end; item++)
-        probs_row(job, item / job->p->L, item % job->p->L, scores);
-}
-
-mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *probs, int average,
-                           const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k)
-{
-    probs_job job = {p, probs, average, stats, q, k, NULL, 0};
-    job.scratch = thread_scratch(ctx, p->S, &job.scratch_stride);
-    if (!job.scratch) return MHA_ERR_NOMEM;
-    mha__parallel_for(ctx, p->B * p->L, probs_range, &job);
-    return MHA_OK;
 }
 
 /* ---------------------------------------------------------------- */

@@ -53,6 +53,18 @@ mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tenso
 mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *probs, int average,
                            const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k);
 
+/* The row contract, in one place for every kernel:
+ * the real keys [*lo, *hi) that query row i may see under causal masking
+ * and the window (empty when *lo >= *hi; both grow with i), ... */
+void mha__row_key_range(const mha__attn_plan *plan, int64_t i, int64_t *lo, int64_t *hi);
+/* ... and the additive bias of real key j for (batch b, head h, row i):
+ * ALiBi plus the masks, -inf where a keep-mask forbids the key. */
+float mha__real_key_bias(const mha__attn_plan *plan, int64_t b, int64_t h, int64_t i, int64_t j);
+
+/* Per-thread scratch of `floats` floats for every thread of ctx, each
+ * slice 64-byte aligned, *stride bytes apart; NULL on failure. */
+char *mha__thread_scratch(mha_ctx *ctx, int64_t floats, int64_t *stride);
+
 /* Checks that `t` has the given rank-4 shape (-1 = any) and that its
  * strides address no element past INT64_MAX; INVALID_ARG names `what`. */
 mha_status mha__check_tensor(const mha_tensor *t, const char *what, const int64_t shape[4]);

@@ -3,7 +3,8 @@
  * over the heads, output projection.
  *
  * Data flow of one forward call (N batches, L queries, S keys, h heads of
- * width d = E / h):
+ * width d = E / h); the projections are GEMMs against weights packed when
+ * they are set (gemm.c), the attention is flash.c's fused kernel:
  *   Q = query W_q^T + b_q            [N, L, E]   layer scratch
  *   K = key   W_k^T + b_k            [N, S', E]  S' = S (+1 bias_k) (+1 zero)
  *   V = value W_v^T + b_v            [N, S', E]
@@ -12,6 +13,7 @@
  *   attn_weights, if asked, recomputed from the saved row max and sum.
  */
 #include "attention.h"
+#include "gemm.h"
 #include "internal.h"
 
 #include <math.h>
@@ -29,6 +31,8 @@ struct mha_layer {
     float         *w_out;     /* [E, E] */
     float         *b_out;     /* [E] or NULL */
     float         *bias_k, *bias_v;  /* [E] or NULL */
+    const mha__kernels *kt;   /* the kernels the packs below were made for */
+    mha__packed    pk_q, pk_k, pk_v, pk_out;  /* the four matrices, packed for the GEMM */
 };
 
 void mha_layer_desc_init(mha_layer_desc *desc)
@@ -57,6 +61,20 @@ static mha_status check_desc(const mha_layer_desc *d)
     if (!mha__mul(d->embed_dim, d->embed_dim, &e2) || e2 > INT64_MAX / 8)
         return mha__fail(MHA_ERR_INVALID_ARG, "embed_dim %lld is too large", (long long)d->embed_dim);
     return MHA_OK;
+}
+
+/* Refresh the packed copy of whichever matrix starts at `changed` (all
+ * three input projections for the packed in_proj_weight). */
+static mha_status repack(mha_layer *l, const float *changed)
+{
+    const mha_layer_desc *d = &l->desc;
+    int64_t E = d->embed_dim;
+    mha_status st = MHA_OK;
+    if (changed == l->w_out) return mha__pack(&l->pk_out, l->kt, l->w_out, E, E);
+    if (changed == l->w_in || changed == l->w_q) st = mha__pack(&l->pk_q, l->kt, l->w_q, E, E);
+    if (st == MHA_OK && (changed == l->w_in || changed == l->w_k)) st = mha__pack(&l->pk_k, l->kt, l->w_k, E, d->kdim);
+    if (st == MHA_OK && (changed == l->w_in || changed == l->w_v)) st = mha__pack(&l->pk_v, l->kt, l->w_v, E, d->vdim);
+    return st;
 }
 
 mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
@@ -90,6 +108,11 @@ mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
     l->w_q = l->w_in;
     l->w_k = l->w_q + E * E;
     l->w_v = l->w_k + E * d.kdim;
+    l->kt = mha__kernels_get();
+    if ((st = repack(l, l->w_in)) != MHA_OK || (st = repack(l, l->w_out)) != MHA_OK) {
+        mha_layer_free(l);
+        return st;
+    }
     *out_layer = l;
     return MHA_OK;
 }
@@ -104,6 +127,10 @@ void mha_layer_free(mha_layer *l)
     mha__free(l->b_out);
     mha__free(l->bias_k);
     mha__free(l->bias_v);
+    mha__packed_free(&l->pk_q);
+    mha__packed_free(&l->pk_k);
+    mha__packed_free(&l->pk_v);
+    mha__packed_free(&l->pk_out);
     mha__free(l);
 }
 
@@ -168,44 +195,28 @@ mha_status mha_layer_set_weight(mha_layer *l, const char *name, const float *dat
     if (numel != s->numel)
         return mha__fail(MHA_ERR_INVALID_ARG, "%s needs %lld values, got %lld", name, (long long)s->numel, (long long)numel);
     memcpy(s->dst, data, (size_t)numel * sizeof(float));
-    return MHA_OK;
+    return repack(l, s->dst);
 }
 
 /* ---------------------------------------------------------------- */
 /* Projections                                                       */
 /* ---------------------------------------------------------------- */
 
-/* y[n, l, :] = x[n, l, :] W^T + b for every row, W [out, in] row-major. */
-typedef struct linear_job {
-    const mha_tensor *x;
-    mha_tensor *y;
-    const float *w, *b;
-    int64_t in, out, rows_per_batch;
-} linear_job;
-
-static void linear_range(void *arg, int thread, int64_t begin, int64_t end)
+/* y[n, t, :] = x[n, t, :] W^T + b for a [N, T, F] view x and an output
+ * view y with unit column stride: one GEMM when the rows are evenly spaced,
+ * else one per batch. */
+static void project(mha_ctx *ctx, const mha_layer *l, const mha_tensor *x, const mha__packed *w, const float *b,
+                    const mha_tensor *y)
 {
-    (void)thread;
-    const linear_job *job = arg;
-    const mha_tensor *x = job->x, *y = job->y;
-    for (int64_t r = begin; r < end; r++) {
-        int64_t n = r / job->rows_per_batch, t = r % job->rows_per_batch;
-        const float *xr = x->data + n * x->stride[0] + t * x->stride[1];
-        float *yr = y->data + n * y->stride[0] + t * y->stride[1];
-        for (int64_t o = 0; o < job->out; o++) {
-            const float *wo = job->w + o * job->in;
-            float sum = 0.0f;
-            for (int64_t c = 0; c < job->in; c++) sum += xr[c * x->stride[2]] * wo[c];
-            yr[o * y->stride[2]] = job->b ? sum + job->b[o] : sum;
-        }
+    int64_t N = x->shape[0], T = x->shape[1];
+    bool even = (N == 1 || x->stride[0] == T * x->stride[1]) && (N == 1 || y->stride[0] == T * y->stride[1]);
+    if (even) {
+        mha__linear(ctx, l->kt, N * T, x->data, x->stride[1], x->stride[2], w, b, y->data, y->stride[1]);
+        return;
     }
-}
-
-static void linear(mha_ctx *ctx, mha_tensor *y, const mha_tensor *x, const float *w, const float *b,
-                   int64_t in, int64_t out)
-{
-    linear_job job = {x, y, w, b, in, out, x->shape[1]};
-    mha__parallel_for(ctx, x->shape[0] * x->shape[1], linear_range, &job);
+    for (int64_t n = 0; n < N; n++)
+        mha__linear(ctx, l->kt, T, x->data + n * x->stride[0], x->stride[1], x->stride[2], w, b,
+                    y->data + n * y->stride[0], y->stride[1]);
 }
 
 /* ---------------------------------------------------------------- */
@@ -316,9 +327,9 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
     mha_tensor k = mha_tensor_3d(buf.k, N, S1, E);
     mha_tensor v = mha_tensor_3d(buf.v, N, S1, E);
     k.shape[1] = v.shape[1] = S; /* project the real keys; extra rows follow */
-    linear(ctx, &q, &a->query, l->w_q, l->b_in, E, E);
-    linear(ctx, &k, &a->key, l->w_k, l->b_in ? l->b_in + E : NULL, d->kdim, E);
-    linear(ctx, &v, &a->value, l->w_v, l->b_in ? l->b_in + 2 * E : NULL, d->vdim, E);
+    project(ctx, l, &a->query, &l->pk_q, l->b_in, &q);
+    project(ctx, l, &a->key, &l->pk_k, l->b_in ? l->b_in + E : NULL, &k);
+    project(ctx, l, &a->value, &l->pk_v, l->b_in ? l->b_in + 2 * E : NULL, &v);
     append_extra_keys(l, buf.k, buf.v, N, S, S1);
 
     mha_tensor qh = heads_view(buf.q, N, L, H, hd);
@@ -330,6 +341,16 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
         (st = mha__attn_probs(ctx, &plan, attn_weights, a->average_attn_weights, &buf.stats, &qh, &kh)) != MHA_OK)
         return st;
     mha_tensor heads = mha_tensor_3d(buf.heads, N, L, E);
-    linear(ctx, attn_output, &heads, l->w_out, l->b_out, E, E);
+    if (attn_output->stride[2] == 1) {
+        project(ctx, l, &heads, &l->pk_out, l->b_out, attn_output);
+        return MHA_OK;
+    }
+    /* Columns not contiguous: project into Q's buffer (free by now), then scatter. */
+    project(ctx, l, &heads, &l->pk_out, l->b_out, &q);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t t = 0; t < L; t++)
+            for (int64_t c = 0; c < E; c++)
+                attn_output->data[n * attn_output->stride[0] + t * attn_output->stride[1] + c * attn_output->stride[2]] =
+                    buf.q[(n * L + t) * E + c];
     return MHA_OK;
 }

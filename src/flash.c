@@ -1,0 +1,303 @@
+/*
+ * flash.c -- the fused attention forward: tiles of BR query rows against
+ * tiles of BC keys with an online softmax (FlashAttention's algorithm), so
+ * the L x S score matrix never exists.  Memory beyond inputs and outputs
+ * is one tile set per thread: O(BR * (BC + D + Dv)).
+ *
+ * For one work item (batch b, head h, query rows i0 .. i0+BR):
+ *   m = -inf, l = 0, O = 0
+ *   for each key tile that some row of the item may see:
+ *     S = Q K^T                        (micro-kernel, K tile packed as K^T)
+ *     S = scale, softcap, biases, masks (the row contract of attention.c)
+ *     m', P = exp(S - m'), l = l e^(m - m') + rowsum(P)   (softmax_step)
+ *     O = O e^(m - m') + P V           (micro-kernel, accumulating)
+ *   out = O / l, lse = m + log l   (0 and -inf for a row that saw nothing)
+ * Key tiles outside every row's causal/window range are skipped, so a
+ * causal problem costs about half of a dense one.  Work items are
+ * independent, hence the same bits for any thread count.
+ */
+#include "attention.h"
+#include "kernels/kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+enum { BR = 64, BC = 64 };
+
+typedef struct flash_job {
+    const mha__attn_plan *p;
+    const mha__kernels *kt;
+    mha_tensor *out;
+    float *lse;
+    mha__row_stats *stats;
+    const mha_tensor *q, *k, *v;
+    char *scratch;
+    int64_t scratch_stride, q_blocks;
+} flash_job;
+
+/* Per-thread tiles, carved from one scratch slice. */
+typedef struct tiles {
+    float *kt;      /* [D][BC]   the key tile, transposed */
+    float *vt;      /* [BC][Dv]  the value tile, when V's rows are not contiguous */
+    float *s;       /* [BR][BC]  scores, then probabilities */
+    float *o;       /* [BR][Dv]  unnormalised output */
+    float *max, *sum, *scale;  /* [BR] */
+} tiles;
+
+static int64_t tiles_floats(const mha__attn_plan *p)
+{
+    return p->D * BC + BC * p->Dv + BR * BC + BR * p->Dv + 3 * BR + 5 * 16; /* +16 per array: alignment slack */
+}
+
+static float *carve(float **cursor, int64_t n)
+{
+    float *start = *cursor;
+    *cursor += (n + 15) / 16 * 16;
+    return start;
+}
+
+static tiles tiles_at(const flash_job *j, int thread)
+{
+    const mha__attn_plan *p = j->p;
+    float *cur = (float *)(j->scratch + thread * j->scratch_stride);
+    tiles t;
+    t.kt = carve(&cur, p->D * BC);
+    t.vt = carve(&cur, BC * p->Dv);
+    t.s = carve(&cur, BR * BC);
+    t.o = carve(&cur, BR * p->Dv);
+    t.max = carve(&cur, BR);
+    t.sum = carve(&cur, BR);
+    t.scale = carve(&cur, BR);
+    return t;
+}
+
+/* K^T for keys j0 .. j0+cols of (b, kv head). */
+static void pack_keys(const flash_job *j, const float *k, int64_t cols, float *kt)
+{
+    const mha_tensor *kv = j->k;
+    for (int64_t jj = 0; jj < cols; jj++)
+        for (int64_t c = 0; c < j->p->D; c++) kt[c * BC + jj] = k[jj * kv->stride[2] + c * kv->stride[3]];
+}
+
+/* Scores of rows [i0, i0+rows) against keys [j0, j0+cols): S = Q K^T, then
+ * the row contract.  `plain` says every key of the tile is visible to every
+ * row with no bias, so only the scale applies. */
+static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                       int64_t j0, int64_t cols, bool plain)
+{
+    const mha__attn_plan *p = j->p;
+    const mha__kernels *kt = j->kt;
+    const mha_tensor *q = j->q;
+    const float *qb = q->data + b * q->stride[0] + h * q->stride[1] + i0 * q->stride[2];
+    for (int64_t r = 0; r < rows; r += kt->mr)
+        for (int64_t c = 0; c < cols; c += kt->nr) {
+            int64_t m = rows - r < kt->mr ? rows - r : kt->mr, n = cols - c < kt->nr ? cols - c : kt->nr;
+            kt->gemm_tile(m, n, p->D, qb + r * q->stride[2], q->stride[2], q->stride[3], t->kt + c, BC,
+                          t->s + r * BC + c, BC, 0);
+        }
+    if (plain) {
+        for (int64_t r = 0; r < rows; r++) kt->scale(t->s + r * BC, cols, p->scale);
+        return;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t i = i0 + r, lo, hi;
+        mha__row_key_range(p, i, &lo, &hi);
+        float *s = t->s + r * BC;
+        for (int64_t c = 0; c < cols; c++) {
+            int64_t key = j0 + c;
+            if (key < p->R && (key < lo || key >= hi)) {
+                s[c] = -INFINITY;
+                continue;
+            }
+            float x = s[c] * p->scale;
+            if (p->softcap > 0) x = p->softcap * tanhf(x / p->softcap);
+            if (key < p->R) x += mha__real_key_bias(p, b, h, i, key);
+            s[c] = x;
+        }
+    }
+}
+
+/* O += P V for keys [j0, j0+cols), after rescaling O's rows. */
+static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t rows, int64_t j0,
+                              int64_t cols)
+{
+    const mha__attn_plan *p = j->p;
+    const mha__kernels *kt = j->kt;
+    const mha_tensor *v = j->v;
+    const float *vb = v->data + b * v->stride[0] + (h / p->group) * v->stride[1] + j0 * v->stride[2];
+    int64_t ldv = v->stride[2];
+    if (v->stride[3] != 1) { /* gather the tile so its rows are contiguous */
+        for (int64_t jj = 0; jj < cols; jj++)
+            for (int64_t c = 0; c < p->Dv; c++) t->vt[jj * p->Dv + c] = vb[jj * v->stride[2] + c * v->stride[3]];
+        vb = t->vt;
+        ldv = p->Dv;
+    }
+    for (int64_t r = 0; r < rows; r++)
+        if (t->scale[r] != 1.0f) kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
+    for (int64_t r = 0; r < rows; r += kt->mr)
+        for (int64_t c = 0; c < p->Dv; c += kt->nr) {
+            int64_t m = rows - r < kt->mr ? rows - r : kt->mr, n = p->Dv - c < kt->nr ? p->Dv - c : kt->nr;
+            kt->gemm_tile(m, n, cols, t->s + r * BC, BC, 1, vb + c, ldv, t->o + r * p->Dv + c, p->Dv, 1);
+        }
+}
+
+/* One key tile [j0, j0+cols) for the item's rows. */
+static void key_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                     int64_t j0, int64_t cols, bool plain)
+{
+    const mha_tensor *k = j->k;
+    const float *kb = k->data + b * k->stride[0] + (h / j->p->group) * k->stride[1] + j0 * k->stride[2];
+    pack_keys(j, kb, cols, t->kt);
+    score_tile(j, t, b, h, i0, rows, j0, cols, plain);
+    j->kt->softmax_step(t->s, BC, rows, cols, t->max, t->sum, t->scale);
+    accumulate_values(j, t, b, h, rows, j0, cols);
+}
+
+static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
+{
+    const mha__attn_plan *p = j->p;
+    const mha_tensor *out = j->out;
+    for (int64_t r = 0; r < rows; r++) {
+        float *dst = out->data + b * out->stride[0] + h * out->stride[1] + (i0 + r) * out->stride[2];
+        float l = t->sum[r], inv = l > 0 ? 1.0f / l : 0.0f;
+        const float *o = t->o + r * p->Dv;
+        for (int64_t c = 0; c < p->Dv; c++) dst[c * out->stride[3]] = l > 0 ? o[c] * inv : 0.0f;
+        int64_t at = (b * p->Hq + h) * p->L + i0 + r;
+        if (j->lse) j->lse[at] = l > 0 ? t->max[r] + logf(l) : -INFINITY;
+        if (j->stats) {
+            j->stats->max[at] = l > 0 ? t->max[r] : -INFINITY;
+            j->stats->sum[at] = l;
+        }
+    }
+}
+
+/* Does any bias or mask apply to real keys? */
+static bool has_bias(const mha__attn_plan *p)
+{
+    return p->softcap > 0 || p->alibi || p->masks[0].kind != MHA_MASK_NONE || p->masks[1].kind != MHA_MASK_NONE;
+}
+
+static void flash_item(const flash_job *j, const tiles *t, int64_t item)
+{
+    const mha__attn_plan *p = j->p;
+    int64_t qb = item % j->q_blocks, bh = item / j->q_blocks, b = bh / p->Hq, h = bh % p->Hq;
+    int64_t i0 = qb * BR, rows = p->L - i0 < BR ? p->L - i0 : BR;
+    /* Rows' key ranges grow with i, so the first row has the smallest hi
+     * and the last row the largest lo. */
+    int64_t lo_first, hi_first, lo_last, hi_last;
+    mha__row_key_range(p, i0, &lo_first, &hi_first);
+    mha__row_key_range(p, i0 + rows - 1, &lo_last, &hi_last);
+    for (int64_t r = 0; r < rows; r++) {
+        t->max[r] = -INFINITY;
+        t->sum[r] = 0.0f;
+    }
+    memset(t->o, 0, (size_t)(rows * p->Dv) * sizeof(float));
+    bool biased = has_bias(p);
+    int64_t start = lo_first > 0 ? lo_first / BC * BC : 0, stop = hi_last < p->R ? hi_last : p->R;
+    for (int64_t j0 = start; j0 < stop; j0 += BC) {
+        int64_t cols = stop - j0 < BC ? stop - j0 : BC;
+        bool plain = !biased && j0 >= lo_last && j0 + cols <= hi_first;
+        key_tile(j, t, b, h, i0, rows, j0, cols, plain);
+    }
+    if (p->S > p->R) { /* appended keys: visible to all, unbiased, but capped */
+        key_tile(j, t, b, h, i0, rows, p->R, p->S - p->R, p->softcap == 0);
+    }
+    write_rows(j, t, b, h, i0, rows);
+}
+
+static void flash_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    const flash_job *j = arg;
+    tiles t = tiles_at(j, thread);
+    for (int64_t item = begin; item < end; item++) flash_item(j, &t, item);
+}
+
+/* ---------------------------------------------------------------- */
+/* attn_weights: probabilities recomputed from the saved statistics   */
+/* ---------------------------------------------------------------- */
+
+/* The scores come from the same micro-kernel as the forward pass, so each
+ * is bit-identical to the one the statistics were built from; with logits
+ * in the hundreds any other way of computing them would disagree with the
+ * saved maximum by more than the tolerance allows. */
+typedef struct probs_job {
+    flash_job f;
+    mha_tensor *probs;
+    int average;
+} probs_job;
+
+/* probs[b, h or 0, i0 .. i0+rows, j0 .. j0+cols] = P (or += for averaging). */
+static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                        int64_t j0, int64_t cols)
+{
+    const mha__attn_plan *p = pj->f.p;
+    const mha_tensor *pr = pj->probs;
+    bool add = pj->average && h > 0;
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t at = (b * p->Hq + h) * p->L + i0 + r;
+        float max = pj->f.stats->max[at], sum = pj->f.stats->sum[at];
+        float *s = t->s + r * BC;
+        if (sum > 0) {
+            pj->f.kt->exp_shift(s, cols, max);
+            pj->f.kt->scale(s, cols, 1.0f / sum);
+        } else {
+            memset(s, 0, (size_t)cols * sizeof(float));
+        }
+        float *dst = pr->data + b * pr->stride[0] + (pj->average ? 0 : h) * pr->stride[1] + (i0 + r) * pr->stride[2] +
+                     j0 * pr->stride[3];
+        for (int64_t c = 0; c < cols; c++) dst[c * pr->stride[3]] = add ? dst[c * pr->stride[3]] + s[c] : s[c];
+    }
+}
+
+/* Item (b, query block): every head in order, every key tile. */
+static void probs_item(const probs_job *pj, const tiles *t, int64_t item)
+{
+    const flash_job *j = &pj->f;
+    const mha__attn_plan *p = j->p;
+    int64_t b = item / j->q_blocks, i0 = (item % j->q_blocks) * BR, rows = p->L - i0 < BR ? p->L - i0 : BR;
+    for (int64_t h = 0; h < p->Hq; h++)
+        for (int64_t j0 = 0; j0 < p->S; j0 += BC) {
+            int64_t cols = p->S - j0 < BC ? p->S - j0 : BC;
+            const float *kb = j->k->data + b * j->k->stride[0] + (h / p->group) * j->k->stride[1] + j0 * j->k->stride[2];
+            pack_keys(j, kb, cols, t->kt);
+            score_tile(j, t, b, h, i0, rows, j0, cols, false);
+            store_probs(pj, t, b, h, i0, rows, j0, cols);
+        }
+    if (!pj->average) return;
+    float inv = 1.0f / (float)p->Hq;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < p->S; c++) {
+            const mha_tensor *pr = pj->probs;
+            float *d = pr->data + b * pr->stride[0] + (i0 + r) * pr->stride[2] + c * pr->stride[3];
+            *d = *d * inv;
+        }
+}
+
+static void probs_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    const probs_job *pj = arg;
+    tiles t = tiles_at(&pj->f, thread);
+    for (int64_t item = begin; item < end; item++) probs_item(pj, &t, item);
+}
+
+mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *probs, int average,
+                           const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k)
+{
+    probs_job pj = {{p, mha__kernels_get(), NULL, NULL, (mha__row_stats *)stats, q, k, NULL, NULL, 0,
+                     (p->L + BR - 1) / BR},
+                    probs, average};
+    pj.f.scratch = mha__thread_scratch(ctx, tiles_floats(p), &pj.f.scratch_stride);
+    if (!pj.f.scratch) return MHA_ERR_NOMEM;
+    mha__parallel_for(ctx, p->B * pj.f.q_blocks, probs_range, &pj);
+    return MHA_OK;
+}
+
+mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse,
+                             mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v)
+{
+    flash_job job = {p, mha__kernels_get(), out, lse, stats, q, k, v, NULL, 0, (p->L + BR - 1) / BR};
+    job.scratch = mha__thread_scratch(ctx, tiles_floats(p), &job.scratch_stride);
+    if (!job.scratch) return MHA_ERR_NOMEM;
+    mha__parallel_for(ctx, p->B * p->Hq * job.q_blocks, flash_range, &job);
+    return MHA_OK;
+}

@@ -1,0 +1,71 @@
+/*
+ * kernels.h -- the contract between the portable orchestration code and the
+ * per-ISA micro-kernels, and the table that selects them at run time.
+ *
+ * Only these small, well-specified functions are written per ISA, each in
+ * its own file compiled with its own flags (generic.c, avx2.c, avx512.c).
+ * Everything else -- tiling, masking, scheduling -- is portable C that
+ * calls through the table.  generic.c is the readable statement of what
+ * every other implementation computes.
+ */
+#ifndef MHA_KERNELS_H
+#define MHA_KERNELS_H
+
+#include <stdint.h>
+
+/* C[m x n] (+)= A[m x k] * B[k x n], the register-tiled core of every
+ * matrix product in the library:
+ *   A element (i, p) is a[i * a_rs + p * a_cs]   (any strides: row-major
+ *                    Q rows, or packed MR-wide panels)
+ *   B element (p, j) is b[p * ldb + j]           (rows of n contiguous floats)
+ *   C element (i, j) is c[i * ldc + j]
+ * with m <= mr and n <= nr of the table; accumulate = 0 overwrites C,
+ * 1 adds to it.  Each C element is one chain of multiply-adds over p in
+ * increasing order, so a tile's result does not depend on how the caller
+ * splits the work.  Reads and writes only the m x n tile (tails are
+ * masked, never over-read). */
+typedef void (*mha__gemm_tile_fn)(int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs,
+                                  const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
+
+/* One online-softmax step over a block of scores, per row r < rows:
+ *   s[r][0..cols) are scores; max[r], sum[r] the running statistics;
+ *   new_max = max(max[r], max_j s[r][j])
+ *   s[r][j] <- exp(s[r][j] - new_max)          (0 where s was -inf)
+ *   scale[r] = exp(max[r] - new_max)           (1 if both are -inf)
+ *   sum[r]  = sum[r] * scale[r] + sum_j s[r][j]
+ *   max[r]  = new_max
+ * The caller then rescales its output rows by scale[r] and adds P V. */
+typedef void (*mha__softmax_step_fn)(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
+                                     float *scale);
+
+/* x[i] *= alpha for i < n. */
+typedef void (*mha__scale_fn)(float *x, int64_t n, float alpha);
+
+/* x[i] = exp(x[i] - shift) for i < n (0 where x[i] is -inf), with the same
+ * exp as softmax_step. */
+typedef void (*mha__exp_shift_fn)(float *x, int64_t n, float shift);
+
+typedef struct mha__kernels {
+    const char *name;               /* "generic", "avx2", "avx512" */
+    int mr, nr;                     /* gemm_tile's largest m and n */
+    mha__gemm_tile_fn gemm_tile;
+    mha__softmax_step_fn softmax_step;
+    mha__scale_fn scale;
+    mha__exp_shift_fn exp_shift;
+} mha__kernels;
+
+/* The table for this CPU, chosen once (thread-safe): the best ISA the CPU
+ * and the OS support, or the one named by MHA_ISA=generic|avx2|avx512 if the
+ * CPU can run it.  Never NULL. */
+const mha__kernels *mha__kernels_get(void);
+
+/* A specific table, or NULL if this CPU/OS cannot run it or the name is
+ * unknown.  For tests and benchmarks that compare paths. */
+const mha__kernels *mha__kernels_named(const char *name);
+
+/* Each ISA file defines its table; cpu.c chooses among them. */
+extern const mha__kernels mha__kernels_generic;
+extern const mha__kernels mha__kernels_avx2;
+extern const mha__kernels mha__kernels_avx512;
+
+#endif /* MHA_KERNELS_H */

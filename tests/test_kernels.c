@@ -1,0 +1,151 @@
+/*
+ * test_kernels.c -- every micro-kernel of every ISA this machine runs,
+ * against double precision, over shapes that hit each tail:
+ *   gemm_tile: m in 1..mr, n in 1..nr, k in {0, 1, 3, 17, 64, 200}, both
+ *              A layouts, overwrite and accumulate, never writing outside
+ *              the tile;
+ *   exp:       relative error over [-103, 88] and exact 0 for -inf;
+ *   softmax_step: running max/sum against a direct computation, rows
+ *              fully masked, tails.
+ */
+#include "harness.h"
+#include "kernels/kernels.h"
+
+#include <stdint.h>
+
+static uint64_t rng = 12345;
+
+static float uniform(void)
+{
+    rng = rng * 6364136223846793005u + 1442695040888963407u;
+    return (float)((rng >> 40) * 0x1p-24 * 2.0 - 1.0);
+}
+
+static void test_gemm_tile(const mha__kernels *kt)
+{
+    enum { K_MAX = 200, GUARD = 3 };
+    static const int64_t ks[] = {0, 1, 3, 17, 64, 200};
+    int64_t lda = K_MAX + 5, ldb = kt->nr + 7, ldc = kt->nr + 9;
+    float *a = malloc(sizeof(float) * (size_t)(kt->mr * lda * 2)), *b = malloc(sizeof(float) * (size_t)(K_MAX * ldb));
+    float *c = malloc(sizeof(float) * (size_t)((kt->mr + GUARD) * ldc)), *c0 = malloc(sizeof(float) * (size_t)((kt->mr + GUARD) * ldc));
+    for (int64_t i = 0; i < kt->mr * lda * 2; i++) a[i] = uniform();
+    for (int64_t i = 0; i < K_MAX * ldb; i++) b[i] = uniform();
+    int bad = 0;
+    for (int layout = 0; layout < 2; layout++)
+        for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++)
+            for (int64_t m = 1; m <= kt->mr; m++)
+                for (int64_t n = 1; n <= kt->nr; n++)
+                    for (int acc = 0; acc < 2; acc++) {
+                        int64_t k = ks[ki];
+                        /* layout 0: row-major A; 1: column panels (a_rs 1, a_cs mr). */
+                        int64_t a_rs = layout ? 1 : lda, a_cs = layout ? kt->mr : 1;
+                        for (int64_t i = 0; i < (kt->mr + GUARD) * ldc; i++) c[i] = c0[i] = uniform();
+                        kt->gemm_tile(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, acc);
+                        for (int64_t i = 0; i < kt->mr + GUARD; i++)
+                            for (int64_t j = 0; j < ldc; j++) {
+                                float got = c[i * ldc + j];
+                                if (i >= m || j >= n) {
+                                    bad += got != c0[i * ldc + j];
+                                    continue;
+                                }
+                                double want = acc ? c0[i * ldc + j] : 0.0, mag = fabs(want);
+                                for (int64_t p = 0; p < k; p++) {
+                                    double t = (double)a[i * a_rs + p * a_cs] * b[p * ldb + j];
+                                    want += t;
+                                    mag += fabs(t);
+                                }
+                                /* A float32 sum of k + 1 terms: k+2 roundings at most. */
+                                bad += fabs(got - want) > (double)(k + 2) * FLT_EPSILON * mag + 1e-30;
+                            }
+                    }
+    CHECK(bad == 0, "%s gemm_tile: %d wrong or out-of-tile values", kt->name, bad);
+    free(a);
+    free(b);
+    free(c);
+    free(c0);
+}
+
+static void test_exp(const mha__kernels *kt)
+{
+    enum { N = 4099 };
+    float *x = malloc(N * sizeof(float));
+    double worst = 0;
+    for (int i = 0; i < N; i++) x[i] = -103.0f + 191.0f * (float)i / (N - 1);
+    float *y = malloc(N * sizeof(float));
+    memcpy(y, x, N * sizeof(float));
+    kt->exp_shift(y, N, 0.0f);
+    for (int i = 0; i < N; i++) {
+        double want = exp((double)x[i]);
+        if (want < 0x1p-126) continue; /* denormal results may flush to 0 */
+        double rel = fabs(y[i] - want) / want;
+        if (rel > worst) worst = rel;
+    }
+    CHECK(worst < 4 * FLT_EPSILON, "%s exp: worst relative error %.3g", kt->name, worst);
+    float special[5] = {-INFINITY, -200.0f, 0.0f, NAN, 1.0f};
+    kt->exp_shift(special, 5, 1.0f);
+    CHECK(special[0] == 0.0f && special[1] == 0.0f && fabsf(special[2] - 0.36787944f) < 1e-7f && isnan(special[3]) &&
+              special[4] == 1.0f,
+          "%s exp specials: %g %g %g %g %g", kt->name, (double)special[0], (double)special[1], (double)special[2],
+          (double)special[3], (double)special[4]);
+    free(x);
+    free(y);
+}
+
+/* Two steps of softmax_step over a row split in two blocks must give the
+ * statistics of the whole row. */
+static void test_softmax_step(const mha__kernels *kt)
+{
+    enum { ROWS = 5, COLS = 37, LDS = 40 };
+    float s[ROWS * LDS], max[ROWS], sum[ROWS], scale[ROWS], row[ROWS][2 * COLS];
+    for (int r = 0; r < ROWS; r++) {
+        max[r] = -INFINITY;
+        sum[r] = 0;
+        for (int j = 0; j < 2 * COLS; j++) row[r][j] = uniform() * 20.0f;
+    }
+    for (int j = 0; j < 2 * COLS; j++) row[1][j] = -INFINITY;        /* fully masked row */
+    for (int j = 0; j < COLS; j++) row[2][j] = -INFINITY;            /* first block masked */
+    row[3][5] = -INFINITY;
+    int bad = 0;
+    for (int blk = 0; blk < 2; blk++) {
+        for (int r = 0; r < ROWS; r++) memcpy(s + r * LDS, row[r] + blk * COLS, COLS * sizeof(float));
+        kt->softmax_step(s, LDS, ROWS, COLS, max, sum, scale);
+        for (int r = 0; r < ROWS; r++) {
+            double m = -INFINITY;
+            for (int j = 0; j < (blk + 1) * COLS; j++) m = fmax(m, row[r][j]);
+            bad += max[r] != (float)m && !(isinf(m) && max[r] == -INFINITY);
+            for (int j = 0; j < COLS; j++) {
+                /* exp of the float difference: the subtraction's rounding is not the kernel's. */
+                double want = isinf(m) ? 0.0 : exp((double)(row[r][blk * COLS + j] - (float)m));
+                bad += fabs(s[r * LDS + j] - want) > 4 * FLT_EPSILON * (want + 1e-30);
+            }
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        double m = -INFINITY, want = 0;
+        for (int j = 0; j < 2 * COLS; j++) m = fmax(m, row[r][j]);
+        for (int j = 0; j < 2 * COLS && !isinf(m); j++) want += exp((double)(row[r][j] - (float)m));
+        bad += fabs(sum[r] - want) > 16 * FLT_EPSILON * want;
+    }
+    CHECK(bad == 0, "%s softmax_step: %d mismatches", kt->name, bad);
+    CHECK(sum[1] == 0.0f && max[1] == -INFINITY, "%s: masked row has sum %g", kt->name, (double)sum[1]);
+}
+
+int main(void)
+{
+    static const char *const names[] = {"generic", "avx2", "avx512"};
+    int tested = 0;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        const mha__kernels *kt = mha__kernels_named(names[i]);
+        if (!kt) {
+            printf("test_kernels: %s not supported here, skipped\n", names[i]);
+            continue;
+        }
+        test_gemm_tile(kt);
+        test_exp(kt);
+        test_softmax_step(kt);
+        tested++;
+    }
+    CHECK(tested >= 1, "no kernels ran");
+    printf("test_kernels: in use here: %s\n", mha_isa());
+    return harness_finish("test_kernels");
+}
