@@ -143,6 +143,12 @@ mha_status mha_ctx_create(int n_threads, mha_ctx **out_ctx);
 void       mha_ctx_free(mha_ctx *ctx);
 int        mha_ctx_threads(const mha_ctx *ctx);
 
+/* Measure this machine's float32 multiply-add peak with the kernels in
+ * use (mha_isa()), all of ctx's threads at once, for about `seconds`
+ * (best of three runs).  GFLOP/s in *gflops.  Not reentrant.
+ * Errors: MISUSE, INVALID_ARG (seconds outside (0, 60]). */
+mha_status mha_measure_peak(mha_ctx *ctx, double seconds, double *gflops);
+
 /* ------------------------------------------------------------------ */
 /* Scaled dot-product attention                                        */
 /* ------------------------------------------------------------------ */

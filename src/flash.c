@@ -7,7 +7,7 @@
  * For one work item (batch b, head h, query rows i0 .. i0+BR):
  *   m = -inf, l = 0, O = 0
  *   for each key tile that some row of the item may see:
- *     S = Q K^T                        (micro-kernel, K tile packed as K^T)
+ *     S = Q K^T                        (micro-kernel: K rows x packed Q^T)
  *     S = scale, softcap, biases, masks (the row contract of attention.c)
  *     m', P = exp(S - m'), l = l e^(m - m') + rowsum(P)   (softmax_step)
  *     O = O e^(m - m') + P V           (micro-kernel, accumulating)
@@ -37,16 +37,16 @@ typedef struct flash_job {
 
 /* Per-thread tiles, carved from one scratch slice. */
 typedef struct tiles {
-    float *kt;      /* [D][BC]   the key tile, transposed */
+    float *qt;      /* [D][BR]   the item's queries, transposed (packed once per item) */
     float *vt;      /* [BC][Dv]  the value tile, when V's rows are not contiguous */
-    float *s;       /* [BR][BC]  scores, then probabilities */
+    float *st;      /* [BC][BR]  scores, then probabilities, key-major */
     float *o;       /* [BR][Dv]  unnormalised output */
     float *max, *sum, *scale;  /* [BR] */
 } tiles;
 
 static int64_t tiles_floats(const mha__attn_plan *p)
 {
-    return p->D * BC + BC * p->Dv + BR * BC + BR * p->Dv + 3 * BR + 5 * 16; /* +16 per array: alignment slack */
+    return p->D * BR + BC * p->Dv + BC * BR + BR * p->Dv + 3 * BR + 5 * 16; /* +16 per array: alignment slack */
 }
 
 static float *carve(float **cursor, int64_t n)
@@ -61,9 +61,9 @@ static tiles tiles_at(const flash_job *j, int thread)
     const mha__attn_plan *p = j->p;
     float *cur = (float *)(j->scratch + thread * j->scratch_stride);
     tiles t;
-    t.kt = carve(&cur, p->D * BC);
+    t.qt = carve(&cur, p->D * BR);
     t.vt = carve(&cur, BC * p->Dv);
-    t.s = carve(&cur, BR * BC);
+    t.st = carve(&cur, BC * BR);
     t.o = carve(&cur, BR * p->Dv);
     t.max = carve(&cur, BR);
     t.sum = carve(&cur, BR);
@@ -71,53 +71,57 @@ static tiles tiles_at(const flash_job *j, int thread)
     return t;
 }
 
-/* K^T for keys j0 .. j0+cols of (b, kv head). */
-static void pack_keys(const flash_job *j, const float *k, int64_t cols, float *kt)
+/* Q^T for query rows i0 .. i0+rows of (b, h): packed once per item, it is
+ * the B operand of every score tile. */
+static void pack_queries(const flash_job *j, int64_t b, int64_t h, int64_t i0, int64_t rows, float *qt)
 {
-    const mha_tensor *kv = j->k;
-    for (int64_t jj = 0; jj < cols; jj++)
-        for (int64_t c = 0; c < j->p->D; c++) kt[c * BC + jj] = k[jj * kv->stride[2] + c * kv->stride[3]];
+    const mha_tensor *q = j->q;
+    const float *qb = q->data + b * q->stride[0] + h * q->stride[1] + i0 * q->stride[2];
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < j->p->D; c++) qt[c * BR + r] = qb[r * q->stride[2] + c * q->stride[3]];
 }
 
-/* Scores of rows [i0, i0+rows) against keys [j0, j0+cols): S = Q K^T, then
- * the row contract.  `plain` says every key of the tile is visible to every
- * row with no bias, so only the scale applies. */
+/* Scores of keys [j0, j0+cols) against the item's rows, key-major:
+ * S^T = K Q^T, with K's rows read in place as the broadcast operand; then
+ * the row contract.  `plain` says every key of the tile is visible to
+ * every row with no bias, so only the scale applies. */
 static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
                        int64_t j0, int64_t cols, bool plain)
 {
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
-    const mha_tensor *q = j->q;
-    const float *qb = q->data + b * q->stride[0] + h * q->stride[1] + i0 * q->stride[2];
-    for (int64_t r = 0; r < rows; r += kt->mr)
-        for (int64_t c = 0; c < cols; c += kt->nr) {
-            int64_t m = rows - r < kt->mr ? rows - r : kt->mr, n = cols - c < kt->nr ? cols - c : kt->nr;
-            kt->gemm_tile(m, n, p->D, qb + r * q->stride[2], q->stride[2], q->stride[3], t->kt + c, BC,
-                          t->s + r * BC + c, BC, 0);
+    const mha_tensor *k = j->k;
+    const float *kb = k->data + b * k->stride[0] + (h / p->group) * k->stride[1] + j0 * k->stride[2];
+    for (int64_t c = 0; c < cols; c += kt->mr)
+        for (int64_t r = 0; r < rows; r += kt->nr) {
+            int64_t m = cols - c < kt->mr ? cols - c : kt->mr, n = rows - r < kt->nr ? rows - r : kt->nr;
+            kt->gemm_tile(m, n, p->D, kb + c * k->stride[2], k->stride[2], k->stride[3], t->qt + r, BR,
+                          t->st + c * BR + r, BR, 0);
         }
     if (plain) {
-        for (int64_t r = 0; r < rows; r++) kt->scale(t->s + r * BC, cols, p->scale);
+        for (int64_t c = 0; c < cols; c++) kt->scale(t->st + c * BR, rows, p->scale);
         return;
     }
     for (int64_t r = 0; r < rows; r++) {
         int64_t i = i0 + r, lo, hi;
         mha__row_key_range(p, i, &lo, &hi);
-        float *s = t->s + r * BC;
         for (int64_t c = 0; c < cols; c++) {
             int64_t key = j0 + c;
+            float *s = &t->st[c * BR + r];
             if (key < p->R && (key < lo || key >= hi)) {
-                s[c] = -INFINITY;
+                *s = -INFINITY;
                 continue;
             }
-            float x = s[c] * p->scale;
+            float x = *s * p->scale;
             if (p->softcap > 0) x = p->softcap * tanhf(x / p->softcap);
             if (key < p->R) x += mha__real_key_bias(p, b, h, i, key);
-            s[c] = x;
+            *s = x;
         }
     }
 }
 
-/* O += P V for keys [j0, j0+cols), after rescaling O's rows. */
+/* O = O * scale + P V for keys [j0, j0+cols); P^T is the A operand, read
+ * through its strides. */
 static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t rows, int64_t j0,
                               int64_t cols)
 {
@@ -137,7 +141,7 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
     for (int64_t r = 0; r < rows; r += kt->mr)
         for (int64_t c = 0; c < p->Dv; c += kt->nr) {
             int64_t m = rows - r < kt->mr ? rows - r : kt->mr, n = p->Dv - c < kt->nr ? p->Dv - c : kt->nr;
-            kt->gemm_tile(m, n, cols, t->s + r * BC, BC, 1, vb + c, ldv, t->o + r * p->Dv + c, p->Dv, 1);
+            kt->gemm_tile(m, n, cols, t->st + r, 1, BR, vb + c, ldv, t->o + r * p->Dv + c, p->Dv, 1);
         }
 }
 
@@ -145,11 +149,8 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
 static void key_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
                      int64_t j0, int64_t cols, bool plain)
 {
-    const mha_tensor *k = j->k;
-    const float *kb = k->data + b * k->stride[0] + (h / j->p->group) * k->stride[1] + j0 * k->stride[2];
-    pack_keys(j, kb, cols, t->kt);
     score_tile(j, t, b, h, i0, rows, j0, cols, plain);
-    j->kt->softmax_step(t->s, BC, rows, cols, t->max, t->sum, t->scale);
+    j->kt->softmax_step(t->st, BR, rows, cols, t->max, t->sum, t->scale);
     accumulate_values(j, t, b, h, rows, j0, cols);
 }
 
@@ -192,6 +193,7 @@ static void flash_item(const flash_job *j, const tiles *t, int64_t item)
         t->sum[r] = 0.0f;
     }
     memset(t->o, 0, (size_t)(rows * p->Dv) * sizeof(float));
+    pack_queries(j, b, h, i0, rows, t->qt);
     bool biased = has_bias(p);
     int64_t start = lo_first > 0 ? lo_first / BC * BC : 0, stop = hi_last < p->R ? hi_last : p->R;
     for (int64_t j0 = start; j0 < stop; j0 += BC) {
@@ -236,7 +238,8 @@ static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t 
     for (int64_t r = 0; r < rows; r++) {
         int64_t at = (b * p->Hq + h) * p->L + i0 + r;
         float max = pj->f.stats->max[at], sum = pj->f.stats->sum[at];
-        float *s = t->s + r * BC;
+        float s[BC];
+        for (int64_t c = 0; c < cols; c++) s[c] = t->st[c * BR + r]; /* back to query-major */
         if (sum > 0) {
             pj->f.kt->exp_shift(s, cols, max);
             pj->f.kt->scale(s, cols, 1.0f / sum);
@@ -255,14 +258,14 @@ static void probs_item(const probs_job *pj, const tiles *t, int64_t item)
     const flash_job *j = &pj->f;
     const mha__attn_plan *p = j->p;
     int64_t b = item / j->q_blocks, i0 = (item % j->q_blocks) * BR, rows = p->L - i0 < BR ? p->L - i0 : BR;
-    for (int64_t h = 0; h < p->Hq; h++)
+    for (int64_t h = 0; h < p->Hq; h++) {
+        pack_queries(j, b, h, i0, rows, t->qt);
         for (int64_t j0 = 0; j0 < p->S; j0 += BC) {
             int64_t cols = p->S - j0 < BC ? p->S - j0 : BC;
-            const float *kb = j->k->data + b * j->k->stride[0] + (h / p->group) * j->k->stride[1] + j0 * j->k->stride[2];
-            pack_keys(j, kb, cols, t->kt);
             score_tile(j, t, b, h, i0, rows, j0, cols, false);
             store_probs(pj, t, b, h, i0, rows, j0, cols);
         }
+    }
     if (!pj->average) return;
     float inv = 1.0f / (float)p->Hq;
     for (int64_t r = 0; r < rows; r++)

@@ -5,8 +5,8 @@
  *              A layouts, overwrite and accumulate, never writing outside
  *              the tile;
  *   exp:       relative error over [-103, 88] and exact 0 for -inf;
- *   softmax_step: running max/sum against a direct computation, rows
- *              fully masked, tails.
+ *   softmax_step: running max/sum against a direct computation over a
+ *              key-major tile, queries fully masked, tails.
  */
 #include "harness.h"
 #include "kernels/kernels.h"
@@ -95,8 +95,8 @@ static void test_exp(const mha__kernels *kt)
  * statistics of the whole row. */
 static void test_softmax_step(const mha__kernels *kt)
 {
-    enum { ROWS = 5, COLS = 37, LDS = 40 };
-    float s[ROWS * LDS], max[ROWS], sum[ROWS], scale[ROWS], row[ROWS][2 * COLS];
+    enum { ROWS = 21, COLS = 37, LDS = 24 }; /* 21 queries: a tail in every vector width */
+    float s[COLS * LDS], max[ROWS], sum[ROWS], scale[ROWS], row[ROWS][2 * COLS];
     for (int r = 0; r < ROWS; r++) {
         max[r] = -INFINITY;
         sum[r] = 0;
@@ -107,7 +107,8 @@ static void test_softmax_step(const mha__kernels *kt)
     row[3][5] = -INFINITY;
     int bad = 0;
     for (int blk = 0; blk < 2; blk++) {
-        for (int r = 0; r < ROWS; r++) memcpy(s + r * LDS, row[r] + blk * COLS, COLS * sizeof(float));
+        for (int r = 0; r < ROWS; r++) /* key-major: s[key * LDS + query] */
+            for (int j = 0; j < COLS; j++) s[j * LDS + r] = row[r][blk * COLS + j];
         kt->softmax_step(s, LDS, ROWS, COLS, max, sum, scale);
         for (int r = 0; r < ROWS; r++) {
             double m = -INFINITY;
@@ -116,7 +117,7 @@ static void test_softmax_step(const mha__kernels *kt)
             for (int j = 0; j < COLS; j++) {
                 /* exp of the float difference: the subtraction's rounding is not the kernel's. */
                 double want = isinf(m) ? 0.0 : exp((double)(row[r][blk * COLS + j] - (float)m));
-                bad += fabs(s[r * LDS + j] - want) > 4 * FLT_EPSILON * (want + 1e-30);
+                bad += fabs(s[j * LDS + r] - want) > 4 * FLT_EPSILON * (want + 1e-30);
             }
         }
     }

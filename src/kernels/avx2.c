@@ -21,33 +21,53 @@ static __m256i lane_mask(int64_t n)
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+/* One row of the tile: broadcast A(i, p), two FMAs. */
+#define ROW_FMA(i)                                                  \
+    do {                                                            \
+        __m256 a_ = _mm256_broadcast_ss(&r##i[p * a_cs]);           \
+        c##i##0 = _mm256_fmadd_ps(a_, b0, c##i##0);                 \
+        c##i##1 = _mm256_fmadd_ps(a_, b1, c##i##1);                 \
+    } while (0)
+
+#define ROW_STORE(i)                                                \
+    do {                                                            \
+        if (i < m) {                                                \
+            float *ci = c + i * ldc;                                \
+            if (accumulate) {                                       \
+                c##i##0 = _mm256_add_ps(c##i##0, _mm256_maskload_ps(ci, m0)); \
+                c##i##1 = _mm256_add_ps(c##i##1, _mm256_maskload_ps(ci + 8, m1)); \
+            }                                                       \
+            _mm256_maskstore_ps(ci, m0, c##i##0);                   \
+            _mm256_maskstore_ps(ci + 8, m1, c##i##1);               \
+        }                                                           \
+    } while (0)
+
+/* Named accumulators, not an array: compilers spill arrays of vectors. */
 static void gemm_tile_avx2(int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs,
                            const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
-    const float *row[MR];
-    for (int i = 0; i < MR; i++) row[i] = a + (i < m ? i : m - 1) * a_rs;
+    const float *r0 = a, *r1 = a + (1 < m ? 1 : m - 1) * a_rs, *r2 = a + (2 < m ? 2 : m - 1) * a_rs;
+    const float *r3 = a + (3 < m ? 3 : m - 1) * a_rs, *r4 = a + (4 < m ? 4 : m - 1) * a_rs;
+    const float *r5 = a + (5 < m ? 5 : m - 1) * a_rs;
     __m256i m0 = lane_mask(n), m1 = lane_mask(n - 8);
-    __m256 acc[MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (int64_t p = 0; p < k; p++) {
         __m256 b0 = _mm256_maskload_ps(b + p * ldb, m0);
         __m256 b1 = _mm256_maskload_ps(b + p * ldb + 8, m1);
-#pragma GCC unroll 6
-        for (int i = 0; i < MR; i++) {
-            __m256 ai = _mm256_broadcast_ss(&row[i][p * a_cs]);
-            acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
-        }
+        ROW_FMA(0);
+        ROW_FMA(1);
+        ROW_FMA(2);
+        ROW_FMA(3);
+        ROW_FMA(4);
+        ROW_FMA(5);
     }
-    for (int i = 0; i < m; i++) {
-        float *ci = c + i * ldc;
-        if (accumulate) {
-            acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_maskload_ps(ci, m0));
-            acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_maskload_ps(ci + 8, m1));
-        }
-        _mm256_maskstore_ps(ci, m0, acc[i][0]);
-        _mm256_maskstore_ps(ci + 8, m1, acc[i][1]);
-    }
+    ROW_STORE(0);
+    ROW_STORE(1);
+    ROW_STORE(2);
+    ROW_STORE(3);
+    ROW_STORE(4);
+    ROW_STORE(5);
 }
 
 /* exp(x) for 8 lanes, the same method as exp512 in avx512.c; 2^n is built
@@ -82,52 +102,38 @@ static __m256 exp256(__m256 x)
     return _mm256_blendv_ps(result, x_in, nan);
 }
 
+static void softmax_step_avx2(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
+                              float *scale)
+{
+    const __m256 neg_inf = _mm256_set1_ps(-INFINITY), one = _mm256_set1_ps(1.0f);
+    for (int64_t i = 0; i < rows; i += 8) { /* 8 queries per vector */
+        __m256i mk = lane_mask(rows - i);
+        __m256 lanes = _mm256_castsi256_ps(mk);
+        __m256 old_max = _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(max + i, mk), lanes), new_max = old_max;
+        for (int64_t j = 0; j < cols; j++)
+            new_max = _mm256_max_ps(new_max, _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(s + j * lds + i, mk), lanes));
+        /* Queries that still see nothing subtract 0, so their -inf scores give 0. */
+        __m256 seen = _mm256_cmp_ps(new_max, neg_inf, _CMP_NEQ_OQ);
+        __m256 shift = _mm256_and_ps(new_max, seen), block_sum = _mm256_setzero_ps();
+        for (int64_t j = 0; j < cols; j++) {
+            __m256 e = exp256(_mm256_sub_ps(_mm256_maskload_ps(s + j * lds + i, mk), shift));
+            _mm256_maskstore_ps(s + j * lds + i, mk, e);
+            block_sum = _mm256_add_ps(block_sum, e);
+        }
+        __m256 sc = _mm256_blendv_ps(one, exp256(_mm256_sub_ps(old_max, shift)), seen);
+        __m256 new_sum = _mm256_fmadd_ps(_mm256_maskload_ps(sum + i, mk), sc, block_sum);
+        _mm256_maskstore_ps(scale + i, mk, sc);
+        _mm256_maskstore_ps(sum + i, mk, new_sum);
+        _mm256_maskstore_ps(max + i, mk, new_max);
+    }
+}
+
 static float hsum256(__m256 v)
 {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
-}
-
-static float hmax256(__m256 v)
-{
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static void softmax_step_avx2(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
-                              float *scale)
-{
-    const __m256 neg_inf = _mm256_set1_ps(-INFINITY);
-    for (int64_t r = 0; r < rows; r++) {
-        float *row = s + r * lds;
-        __m256 vmax = _mm256_set1_ps(max[r]);
-        for (int64_t j = 0; j < cols; j += 8) {
-            __m256i mk = lane_mask(cols - j);
-            __m256 v = _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(row + j, mk), _mm256_castsi256_ps(mk));
-            vmax = _mm256_max_ps(vmax, v);
-        }
-        float new_max = hmax256(vmax);
-        if (new_max == -INFINITY) {
-            for (int64_t j = 0; j < cols; j += 8) _mm256_maskstore_ps(row + j, lane_mask(cols - j), _mm256_setzero_ps());
-            scale[r] = 1.0f;
-            continue;
-        }
-        __m256 vsum = _mm256_setzero_ps(), shift = _mm256_set1_ps(new_max);
-        for (int64_t j = 0; j < cols; j += 8) {
-            __m256i mk = lane_mask(cols - j);
-            __m256 e = exp256(_mm256_sub_ps(_mm256_maskload_ps(row + j, mk), shift));
-            e = _mm256_and_ps(e, _mm256_castsi256_ps(mk));
-            _mm256_maskstore_ps(row + j, mk, e);
-            vsum = _mm256_add_ps(vsum, e);
-        }
-        scale[r] = expf(max[r] - new_max);
-        sum[r] = sum[r] * scale[r] + hsum256(vsum);
-        max[r] = new_max;
-    }
 }
 
 static void scale_avx2(float *x, int64_t n, float alpha)
@@ -148,6 +154,23 @@ static void exp_shift_avx2(float *x, int64_t n, float shift)
     }
 }
 
+/* 12 independent FMA chains (see avx512.c). */
+static double peak_avx2(int64_t iterations)
+{
+    volatile float seed = 1.0f;
+    __m256 m = _mm256_set1_ps(seed * 0.999999f), a = _mm256_set1_ps(seed * 1e-7f);
+    __m256 x[12];
+    for (int i = 0; i < 12; i++) x[i] = _mm256_set1_ps(seed + (float)i);
+    for (int64_t it = 0; it < iterations; it++) {
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) x[i] = _mm256_fmadd_ps(x[i], m, a);
+    }
+    __m256 sum = x[0];
+    for (int i = 1; i < 12; i++) sum = _mm256_add_ps(sum, x[i]);
+    seed = hsum256(sum);
+    return 2.0 * 8.0 * 12.0 * (double)iterations;
+}
+
 const mha__kernels mha__kernels_avx2 = {
     .name = "avx2",
     .mr = MR,
@@ -156,4 +179,5 @@ const mha__kernels mha__kernels_avx2 = {
     .softmax_step = softmax_step_avx2,
     .scale = scale_avx2,
     .exp_shift = exp_shift_avx2,
+    .peak = peak_avx2,
 };

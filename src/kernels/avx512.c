@@ -20,33 +20,58 @@ static __mmask16 lane_mask(int64_t n)
     return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
+/* One row of the tile: broadcast A(i, p), two FMAs. */
+#define ROW_FMA(i)                                                  \
+    do {                                                            \
+        __m512 a_ = _mm512_set1_ps(r##i[p * a_cs]);                 \
+        c##i##0 = _mm512_fmadd_ps(a_, b0, c##i##0);                 \
+        c##i##1 = _mm512_fmadd_ps(a_, b1, c##i##1);                 \
+    } while (0)
+
+#define ROW_STORE(i)                                                \
+    do {                                                            \
+        if (i < m) {                                                \
+            float *ci = c + i * ldc;                                \
+            if (accumulate) {                                       \
+                c##i##0 = _mm512_add_ps(c##i##0, _mm512_maskz_loadu_ps(m0, ci)); \
+                c##i##1 = _mm512_add_ps(c##i##1, _mm512_maskz_loadu_ps(m1, ci + 16)); \
+            }                                                       \
+            _mm512_mask_storeu_ps(ci, m0, c##i##0);                 \
+            _mm512_mask_storeu_ps(ci + 16, m1, c##i##1);            \
+        }                                                           \
+    } while (0)
+
+/* Named accumulators, not an array: compilers spill arrays of vectors. */
 static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs,
                              const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
-    const float *row[MR];
-    for (int i = 0; i < MR; i++) row[i] = a + (i < m ? i : m - 1) * a_rs;
+    const float *r0 = a, *r1 = a + (1 < m ? 1 : m - 1) * a_rs, *r2 = a + (2 < m ? 2 : m - 1) * a_rs;
+    const float *r3 = a + (3 < m ? 3 : m - 1) * a_rs, *r4 = a + (4 < m ? 4 : m - 1) * a_rs;
+    const float *r5 = a + (5 < m ? 5 : m - 1) * a_rs, *r6 = a + (6 < m ? 6 : m - 1) * a_rs;
+    const float *r7 = a + (7 < m ? 7 : m - 1) * a_rs;
     __mmask16 m0 = lane_mask(n), m1 = lane_mask(n - 16);
-    __m512 acc[MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+    __m512 c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
     for (int64_t p = 0; p < k; p++) {
         __m512 b0 = _mm512_maskz_loadu_ps(m0, b + p * ldb);
         __m512 b1 = _mm512_maskz_loadu_ps(m1, b + p * ldb + 16);
-#pragma GCC unroll 8
-        for (int i = 0; i < MR; i++) {
-            __m512 ai = _mm512_set1_ps(row[i][p * a_cs]);
-            acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
-        }
+        ROW_FMA(0);
+        ROW_FMA(1);
+        ROW_FMA(2);
+        ROW_FMA(3);
+        ROW_FMA(4);
+        ROW_FMA(5);
+        ROW_FMA(6);
+        ROW_FMA(7);
     }
-    for (int i = 0; i < m; i++) {
-        float *ci = c + i * ldc;
-        if (accumulate) {
-            acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, ci));
-            acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, ci + 16));
-        }
-        _mm512_mask_storeu_ps(ci, m0, acc[i][0]);
-        _mm512_mask_storeu_ps(ci + 16, m1, acc[i][1]);
-    }
+    ROW_STORE(0);
+    ROW_STORE(1);
+    ROW_STORE(2);
+    ROW_STORE(3);
+    ROW_STORE(4);
+    ROW_STORE(5);
+    ROW_STORE(6);
+    ROW_STORE(7);
 }
 
 /* exp(x) for 16 lanes, about 1 ulp: x = n ln2 + r with |r| <= ln2/2, a
@@ -78,30 +103,25 @@ static __m512 exp512(__m512 x)
 static void softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
                                 float *scale)
 {
-    for (int64_t r = 0; r < rows; r++) {
-        float *row = s + r * lds;
-        __m512 vmax = _mm512_set1_ps(max[r]);
-        for (int64_t j = 0; j < cols; j += 16) {
-            __mmask16 mk = lane_mask(cols - j);
-            vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mk, row + j));
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY), one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < rows; i += 16) { /* 16 queries per vector */
+        __mmask16 mk = lane_mask(rows - i);
+        __m512 old_max = _mm512_mask_loadu_ps(neg_inf, mk, max + i), new_max = old_max;
+        for (int64_t j = 0; j < cols; j++)
+            new_max = _mm512_max_ps(new_max, _mm512_mask_loadu_ps(neg_inf, mk, s + j * lds + i));
+        /* Queries that still see nothing subtract 0, so their -inf scores give 0. */
+        __mmask16 seen = _mm512_cmp_ps_mask(new_max, neg_inf, _CMP_NEQ_OQ);
+        __m512 shift = _mm512_maskz_mov_ps(seen, new_max), block_sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < cols; j++) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + j * lds + i), shift));
+            _mm512_mask_storeu_ps(s + j * lds + i, mk, e);
+            block_sum = _mm512_add_ps(block_sum, e);
         }
-        float new_max = _mm512_reduce_max_ps(vmax);
-        if (new_max == -INFINITY) {
-            for (int64_t j = 0; j < cols; j += 16) _mm512_mask_storeu_ps(row + j, lane_mask(cols - j), _mm512_setzero_ps());
-            scale[r] = 1.0f;
-            continue;
-        }
-        __m512 vsum = _mm512_setzero_ps(), shift = _mm512_set1_ps(new_max);
-        for (int64_t j = 0; j < cols; j += 16) {
-            __mmask16 mk = lane_mask(cols - j);
-            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, row + j), shift));
-            e = _mm512_maskz_mov_ps(mk, e);
-            _mm512_mask_storeu_ps(row + j, mk, e);
-            vsum = _mm512_add_ps(vsum, e);
-        }
-        scale[r] = expf(max[r] - new_max);
-        sum[r] = sum[r] * scale[r] + _mm512_reduce_add_ps(vsum);
-        max[r] = new_max;
+        __m512 sc = _mm512_mask_blend_ps(seen, one, exp512(_mm512_sub_ps(old_max, shift)));
+        __m512 new_sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, sum + i), sc, block_sum);
+        _mm512_mask_storeu_ps(scale + i, mk, sc);
+        _mm512_mask_storeu_ps(sum + i, mk, new_sum);
+        _mm512_mask_storeu_ps(max + i, mk, new_max);
     }
 }
 
@@ -123,6 +143,24 @@ static void exp_shift_avx512(float *x, int64_t n, float shift)
     }
 }
 
+/* 12 independent FMA chains: enough to cover the FMA latency on every
+ * AVX-512 core we know (4 cycles x up to 2 ports, plus slack). */
+static double peak_avx512(int64_t iterations)
+{
+    volatile float seed = 1.0f;
+    __m512 m = _mm512_set1_ps(seed * 0.999999f), a = _mm512_set1_ps(seed * 1e-7f);
+    __m512 x[12];
+    for (int i = 0; i < 12; i++) x[i] = _mm512_set1_ps(seed + (float)i);
+    for (int64_t it = 0; it < iterations; it++) {
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) x[i] = _mm512_fmadd_ps(x[i], m, a);
+    }
+    __m512 sum = x[0];
+    for (int i = 1; i < 12; i++) sum = _mm512_add_ps(sum, x[i]);
+    seed = _mm512_reduce_add_ps(sum);
+    return 2.0 * 16.0 * 12.0 * (double)iterations;
+}
+
 const mha__kernels mha__kernels_avx512 = {
     .name = "avx512",
     .mr = MR,
@@ -131,4 +169,5 @@ const mha__kernels mha__kernels_avx512 = {
     .softmax_step = softmax_step_avx512,
     .scale = scale_avx512,
     .exp_shift = exp_shift_avx512,
+    .peak = peak_avx512,
 };

@@ -23,24 +23,23 @@ static void gemm_tile_generic(int64_t m, int64_t n, int64_t k, const float *a, i
 static void softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
                                  float *scale)
 {
-    for (int64_t r = 0; r < rows; r++) {
-        float *row = s + r * lds;
-        float new_max = max[r];
+    for (int64_t i = 0; i < rows; i++) {
+        float new_max = max[i];
         for (int64_t j = 0; j < cols; j++)
-            if (row[j] > new_max) new_max = row[j];
+            if (s[j * lds + i] > new_max) new_max = s[j * lds + i];
         if (new_max == -INFINITY) { /* nothing visible yet */
-            for (int64_t j = 0; j < cols; j++) row[j] = 0.0f;
-            scale[r] = 1.0f;
+            for (int64_t j = 0; j < cols; j++) s[j * lds + i] = 0.0f;
+            scale[i] = 1.0f;
             continue;
         }
-        float row_sum = 0.0f;
+        float block_sum = 0.0f;
         for (int64_t j = 0; j < cols; j++) {
-            row[j] = expf(row[j] - new_max);
-            row_sum += row[j];
+            s[j * lds + i] = expf(s[j * lds + i] - new_max);
+            block_sum += s[j * lds + i];
         }
-        scale[r] = expf(max[r] - new_max);
-        sum[r] = sum[r] * scale[r] + row_sum;
-        max[r] = new_max;
+        scale[i] = expf(max[i] - new_max);
+        sum[i] = sum[i] * scale[i] + block_sum;
+        max[i] = new_max;
     }
 }
 
@@ -54,6 +53,20 @@ static void exp_shift_generic(float *x, int64_t n, float shift)
     for (int64_t i = 0; i < n; i++) x[i] = expf(x[i] - shift);
 }
 
+static double peak_generic(int64_t iterations)
+{
+    /* Eight independent chains; volatile keeps the compiler from folding them. */
+    volatile float seed = 1.0f;
+    float x[8], m = seed * 0.999999f, a = seed * 1e-7f;
+    for (int i = 0; i < 8; i++) x[i] = seed + (float)i;
+    for (int64_t it = 0; it < iterations; it++)
+        for (int i = 0; i < 8; i++) x[i] = x[i] * m + a;
+    float sink = 0;
+    for (int i = 0; i < 8; i++) sink += x[i];
+    seed = sink;
+    return 2.0 * 8.0 * (double)iterations;
+}
+
 const mha__kernels mha__kernels_generic = {
     .name = "generic",
     .mr = GENERIC_MR,
@@ -62,4 +75,5 @@ const mha__kernels mha__kernels_generic = {
     .softmax_step = softmax_step_generic,
     .scale = scale_generic,
     .exp_shift = exp_shift_generic,
+    .peak = peak_generic,
 };

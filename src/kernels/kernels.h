@@ -27,14 +27,17 @@
 typedef void (*mha__gemm_tile_fn)(int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs,
                                   const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
 
-/* One online-softmax step over a block of scores, per row r < rows:
- *   s[r][0..cols) are scores; max[r], sum[r] the running statistics;
- *   new_max = max(max[r], max_j s[r][j])
- *   s[r][j] <- exp(s[r][j] - new_max)          (0 where s was -inf)
- *   scale[r] = exp(max[r] - new_max)           (1 if both are -inf)
- *   sum[r]  = sum[r] * scale[r] + sum_j s[r][j]
- *   max[r]  = new_max
- * The caller then rescales its output rows by scale[r] and adds P V. */
+/* One online-softmax step over a tile of scores stored key-major:
+ * s[j * lds + i] is the score of query i < rows against key j < cols.
+ * For each query i, with max[i], sum[i] its running statistics:
+ *   new_max  = max(max[i], max_j s[j][i])
+ *   s[j][i] <- exp(s[j][i] - new_max)         (0 where s was -inf)
+ *   scale[i] = exp(max[i] - new_max)          (1 while nothing is visible)
+ *   sum[i]   = sum[i] * scale[i] + sum_j s[j][i]
+ *   max[i]   = new_max
+ * The caller then rescales output row i by scale[i] and adds P V.  The
+ * layout puts queries in vector lanes, so no step needs a horizontal
+ * reduction. */
 typedef void (*mha__softmax_step_fn)(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
                                      float *scale);
 
@@ -45,6 +48,11 @@ typedef void (*mha__scale_fn)(float *x, int64_t n, float alpha);
  * exp as softmax_step. */
 typedef void (*mha__exp_shift_fn)(float *x, int64_t n, float shift);
 
+/* Runs `iterations` rounds of independent multiply-adds on registers (no
+ * memory traffic) and returns the floating-point operations done: the
+ * measure of this ISA's peak. */
+typedef double (*mha__peak_fn)(int64_t iterations);
+
 typedef struct mha__kernels {
     const char *name;               /* "generic", "avx2", "avx512" */
     int mr, nr;                     /* gemm_tile's largest m and n */
@@ -52,6 +60,7 @@ typedef struct mha__kernels {
     mha__softmax_step_fn softmax_step;
     mha__scale_fn scale;
     mha__exp_shift_fn exp_shift;
+    mha__peak_fn peak;
 } mha__kernels;
 
 /* The table for this CPU, chosen once (thread-safe): the best ISA the CPU

@@ -20,6 +20,7 @@ int mha_cmd_forward(int argc, char **argv);
 int mha_cmd_sdpa(int argc, char **argv);
 int mha_cmd_info(int argc, char **argv);
 int mha_cmd_show(int argc, char **argv);
+int mha_cmd_bench(int argc, char **argv);
 
 /* Print "mha <cmd>: <message>" on stderr. */
 void cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -1,0 +1,252 @@
+/*
+ * cmd_bench.c -- `mha bench`: time the library on one shape, or measure the
+ * machine's peak.  Validates nothing itself (the tests do); it warms up,
+ * then reports the median, minimum and maximum of --repeat timed calls,
+ * GFLOP/s by the formula of docs/PERFORMANCE.md and the percentage of the
+ * peak measured in the same process.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include "cli.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static const char *const CMD = "bench";
+
+typedef struct bench_opts {
+    const char *op, *dtype;
+    int64_t batch, seq, kv_seq, embed_dim, num_heads, num_kv_heads, threads, repeat;
+    bool causal, json, peak;
+    double peak_gflops;
+} bench_opts;
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static float *random_buffer(int64_t n, float scale)
+{
+    float *p = malloc((size_t)(n ? n : 1) * sizeof(float));
+    uint64_t s = 0x2545f4914f6cdd1du;
+    for (int64_t i = 0; p && i < n; i++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        p[i] = scale * ((float)(s >> 40) * 0x1p-24f * 2.0f - 1.0f);
+    }
+    return p;
+}
+
+/* One benchmark: setup builds the call, run performs it once. */
+typedef struct bench_case {
+    mha_ctx *ctx;
+    mha_layer *layer;
+    mha_layer_fwd_args args;
+    mha_tensor out, q, k, v;
+    mha_attn_desc desc;
+    float *buffers[6];
+    double flops;
+} bench_case;
+
+/* FLOPs of one call (docs/PERFORMANCE.md): projections 2*N*E*(E + 2*kv + E)
+ * per batch, attention 4*N*S*E (QK^T and PV), halved when causal. */
+static double attention_flops(const bench_opts *o)
+{
+    double f = 4.0 * (double)o->batch * (double)o->seq * (double)o->kv_seq * (double)o->embed_dim;
+    return o->causal ? f / 2 : f;
+}
+
+static int setup_forward(const bench_opts *o, bench_case *c)
+{
+    mha_layer_desc d;
+    mha_layer_desc_init(&d);
+    d.embed_dim = o->embed_dim;
+    d.num_heads = o->num_heads;
+    if (mha_layer_create(&d, &c->layer) != MHA_OK) {
+        cli_error(CMD, "%s", mha_last_error());
+        return CLI_FAIL;
+    }
+    int64_t E = o->embed_dim, n_x = o->batch * o->seq * E;
+    c->buffers[0] = random_buffer(3 * E * E, 1.0f / sqrtf((float)E));
+    c->buffers[1] = random_buffer(n_x, 1.0f);
+    c->buffers[2] = malloc((size_t)n_x * sizeof(float));
+    if (!c->buffers[0] || !c->buffers[1] || !c->buffers[2]) {
+        cli_error(CMD, "out of memory");
+        return CLI_FAIL;
+    }
+    mha_layer_set_weight(c->layer, "in_proj_weight", c->buffers[0], 3 * E * E);
+    mha_layer_set_weight(c->layer, "out_proj.weight", c->buffers[0], E * E);
+    mha_layer_fwd_args_init(&c->args);
+    c->args.query = c->args.key = c->args.value = mha_tensor_3d(c->buffers[1], o->batch, o->seq, E);
+    c->args.causal = o->causal ? MHA_CAUSAL_TOP_LEFT : MHA_CAUSAL_NONE;
+    c->out = mha_tensor_3d(c->buffers[2], o->batch, o->seq, E);
+    c->flops = 2.0 * (double)o->batch * (double)o->seq * (double)E * (4.0 * (double)E) + attention_flops(o);
+    return CLI_OK;
+}
+
+static int setup_sdpa(const bench_opts *o, bench_case *c)
+{
+    int64_t H = o->num_heads, G = o->num_kv_heads, D = o->embed_dim / H;
+    int64_t nq = o->batch * H * o->seq * D, nk = o->batch * G * o->kv_seq * D;
+    c->buffers[0] = random_buffer(nq, 1.0f);
+    c->buffers[1] = random_buffer(nk, 1.0f);
+    c->buffers[2] = random_buffer(nk, 1.0f);
+    c->buffers[3] = malloc((size_t)nq * sizeof(float));
+    if (!c->buffers[0] || !c->buffers[1] || !c->buffers[2] || !c->buffers[3]) {
+        cli_error(CMD, "out of memory");
+        return CLI_FAIL;
+    }
+    c->q = mha_tensor_4d(c->buffers[0], o->batch, H, o->seq, D);
+    c->k = mha_tensor_4d(c->buffers[1], o->batch, G, o->kv_seq, D);
+    c->v = mha_tensor_4d(c->buffers[2], o->batch, G, o->kv_seq, D);
+    c->out = mha_tensor_4d(c->buffers[3], o->batch, H, o->seq, D);
+    mha_attn_desc_init(&c->desc);
+    c->desc.enable_gqa = G != H;
+    c->desc.causal = o->causal ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_NONE;
+    c->flops = attention_flops(o);
+    return CLI_OK;
+}
+
+static mha_status run_once(const bench_opts *o, bench_case *c)
+{
+    if (strcmp(o->op, "forward") == 0) return mha_layer_forward(c->ctx, c->layer, &c->out, NULL, &c->args);
+    return mha_attention(c->ctx, &c->out, NULL, &c->q, &c->k, &c->v, &c->desc);
+}
+
+static void report(const bench_opts *o, const bench_case *c, double *ms, int n)
+{
+    qsort(ms, (size_t)n, sizeof *ms, cmp_double);
+    double median = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
+    double gflops = c->flops / (median * 1e6), pct = o->peak_gflops > 0 ? 100.0 * gflops / o->peak_gflops : 0;
+    if (o->json) {
+        printf("{\"op\":\"%s\",\"batch\":%lld,\"seq\":%lld,\"kv_seq\":%lld,\"embed_dim\":%lld,\"num_heads\":%lld,"
+               "\"num_kv_heads\":%lld,\"causal\":%s,\"threads\":%d,\"isa\":\"%s\",\"dtype\":\"%s\",\"median_ms\":%.4f,"
+               "\"min_ms\":%.4f,\"max_ms\":%.4f,\"gflops\":%.2f,\"peak_gflops\":%.2f,\"percent_of_peak\":%.1f}\n",
+               o->op, (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->embed_dim,
+               (long long)o->num_heads, (long long)o->num_kv_heads, o->causal ? "true" : "false",
+               mha_ctx_threads(c->ctx), mha_isa(), o->dtype, median, ms[0], ms[n - 1], gflops, o->peak_gflops, pct);
+        return;
+    }
+    printf("%s B=%lld N=%lld S=%lld E=%lld h=%lld kv=%lld%s, %d threads, %s: median %.3f ms (min %.3f, max %.3f), "
+           "%.1f GFLOP/s = %.1f%% of the %.1f GFLOP/s peak\n",
+           o->op, (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->embed_dim,
+           (long long)o->num_heads, (long long)o->num_kv_heads, o->causal ? " causal" : "", mha_ctx_threads(c->ctx),
+           mha_isa(), median, ms[0], ms[n - 1], gflops, pct, o->peak_gflops);
+}
+
+static int measure(bench_opts *o)
+{
+    bench_case c;
+    memset(&c, 0, sizeof c);
+    int rc = cli_ctx(CMD, o->threads, &c.ctx);
+    if (rc == CLI_OK && o->peak_gflops <= 0 && mha_measure_peak(c.ctx, 0.5, &o->peak_gflops) != MHA_OK) rc = CLI_FAIL;
+    if (rc == CLI_OK) rc = strcmp(o->op, "forward") == 0 ? setup_forward(o, &c) : setup_sdpa(o, &c);
+    double *ms = malloc((size_t)o->repeat * sizeof(double));
+    if (rc == CLI_OK && !ms) rc = CLI_FAIL;
+    for (int w = 0; rc == CLI_OK && w < 2; w++) /* warm-up: scratch, caches, page faults */
+        if (run_once(o, &c) != MHA_OK) {
+            cli_error(CMD, "%s", mha_last_error());
+            rc = CLI_FAIL;
+        }
+    for (int64_t r = 0; rc == CLI_OK && r < o->repeat; r++) {
+        double t0 = now_ms();
+        run_once(o, &c);
+        ms[r] = now_ms() - t0;
+    }
+    if (rc == CLI_OK) report(o, &c, ms, (int)o->repeat);
+    free(ms);
+    for (int i = 0; i < 6; i++) free(c.buffers[i]);
+    mha_layer_free(c.layer);
+    mha_ctx_free(c.ctx);
+    return rc;
+}
+
+static int measure_peak(const bench_opts *o)
+{
+    int n_cpus = 0;
+    mha_ctx *all = NULL, *one = NULL;
+    double g1 = 0, gn = 0;
+    int rc = cli_ctx(CMD, o->threads, &all);
+    if (rc == CLI_OK) rc = cli_ctx(CMD, 1, &one);
+    if (rc == CLI_OK && (mha_measure_peak(one, 1.0, &g1) != MHA_OK || mha_measure_peak(all, 1.0, &gn) != MHA_OK)) {
+        cli_error(CMD, "%s", mha_last_error());
+        rc = CLI_FAIL;
+    }
+    if (rc == CLI_OK) {
+        n_cpus = mha_ctx_threads(all);
+        if (o->json)
+            printf("{\"op\":\"peak\",\"isa\":\"%s\",\"dtype\":\"f32\",\"threads\":1,\"gflops\":%.2f}\n"
+                   "{\"op\":\"peak\",\"isa\":\"%s\",\"dtype\":\"f32\",\"threads\":%d,\"gflops\":%.2f}\n",
+                   mha_isa(), g1, mha_isa(), n_cpus, gn);
+        else
+            printf("float32 FMA peak (%s): %.1f GFLOP/s on 1 thread, %.1f GFLOP/s on %d threads\n", mha_isa(), g1,
+                   gn, n_cpus);
+    }
+    mha_ctx_free(all);
+    mha_ctx_free(one);
+    return rc;
+}
+
+int mha_cmd_bench(int argc, char **argv)
+{
+    bench_opts o = {.op = "forward", .dtype = "f32", .batch = 1, .seq = 512, .embed_dim = 768, .num_heads = 12,
+                    .repeat = 10};
+    cli_flag flags[] = {
+        {"op", FLAG_STRING, &o.op, "forward (the MHA layer) or sdpa (attention core); default forward", false},
+        {"batch", FLAG_INT, &o.batch, "batch size B (default 1)", false},
+        {"seq", FLAG_INT, &o.seq, "query length N (default 512)", false},
+        {"kv-seq", FLAG_INT, &o.kv_seq, "key length S for sdpa (default N)", false},
+        {"embed-dim", FLAG_INT, &o.embed_dim, "model width E (default 768)", false},
+        {"num-heads", FLAG_INT, &o.num_heads, "heads h (default 12)", false},
+        {"num-kv-heads", FLAG_INT, &o.num_kv_heads, "key/value heads for sdpa (default h)", false},
+        {"is-causal", FLAG_BOOL, &o.causal, "causal masking", false},
+        {"dtype", FLAG_STRING, &o.dtype, "f32 (bf16 is not available yet)", false},
+        {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
+        {"repeat", FLAG_INT, &o.repeat, "timed calls (default 10)", false},
+        {"peak-gflops", FLAG_DOUBLE, &o.peak_gflops, "use this peak instead of measuring it", false},
+        {"json", FLAG_BOOL, &o.json, "one JSON object per line", false},
+        {"peak", FLAG_BOOL, &o.peak, "measure the FMA peak on 1 thread and on all", false},
+    };
+    bool help;
+    int rc = cli_parse(CMD, "[--op forward|sdpa] [--batch B] [--seq N] [--embed-dim E] [--num-heads H] [flags] | --peak",
+                       argc, argv, flags, (int)(sizeof flags / sizeof flags[0]), &help);
+    if (rc != CLI_OK || help) return rc;
+    if (o.peak) return measure_peak(&o);
+    if (strcmp(o.op, "forward") != 0 && strcmp(o.op, "sdpa") != 0) {
+        cli_error(CMD, "--op %s is not available yet; use forward or sdpa", o.op);
+        return CLI_USAGE;
+    }
+    if (strcmp(o.dtype, "f32") != 0) {
+        cli_error(CMD, "--dtype %s is not available yet; use f32", o.dtype);
+        return CLI_USAGE;
+    }
+    if (!o.kv_seq) o.kv_seq = o.seq;
+    if (!o.num_kv_heads) o.num_kv_heads = o.num_heads;
+    if (strcmp(o.op, "forward") == 0 && (o.kv_seq != o.seq || o.num_kv_heads != o.num_heads)) {
+        cli_error(CMD, "--op forward is self-attention: --kv-seq and --num-kv-heads apply to sdpa only");
+        return CLI_USAGE;
+    }
+    int64_t sizes[] = {o.batch, o.seq, o.kv_seq, o.embed_dim, o.num_heads, o.num_kv_heads, o.repeat};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        if (sizes[i] < 1 || sizes[i] > (INT64_C(1) << 24)) {
+            cli_error(CMD, "sizes and --repeat must be in 1..16777216");
+            return CLI_USAGE;
+        }
+    if (o.embed_dim % o.num_heads || o.num_heads % o.num_kv_heads) {
+        cli_error(CMD, "embed_dim %lld must be divisible by num_heads %lld, and that by num_kv_heads %lld",
+                  (long long)o.embed_dim, (long long)o.num_heads, (long long)o.num_kv_heads);
+        return CLI_USAGE;
+    }
+    return measure(&o);
+}
