@@ -11,6 +11,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -124,6 +125,13 @@ static mha_status run_once(const bench_opts *o, bench_case *c)
     return mha_attention(c->ctx, &c->out, NULL, &c->q, &c->k, &c->v, &c->desc);
 }
 
+/* Peak resident memory of this process so far, in MB. */
+static double peak_rss_mb(void)
+{
+    struct rusage ru;
+    return getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss / 1024.0 : 0.0;
+}
+
 static void report(const bench_opts *o, const bench_case *c, double *ms, int n)
 {
     qsort(ms, (size_t)n, sizeof *ms, cmp_double);
@@ -132,17 +140,19 @@ static void report(const bench_opts *o, const bench_case *c, double *ms, int n)
     if (o->json) {
         printf("{\"op\":\"%s\",\"batch\":%lld,\"seq\":%lld,\"kv_seq\":%lld,\"embed_dim\":%lld,\"num_heads\":%lld,"
                "\"num_kv_heads\":%lld,\"causal\":%s,\"threads\":%d,\"isa\":\"%s\",\"dtype\":\"%s\",\"median_ms\":%.4f,"
-               "\"min_ms\":%.4f,\"max_ms\":%.4f,\"gflops\":%.2f,\"peak_gflops\":%.2f,\"percent_of_peak\":%.1f}\n",
+               "\"min_ms\":%.4f,\"max_ms\":%.4f,\"gflops\":%.2f,\"peak_gflops\":%.2f,\"percent_of_peak\":%.1f,"
+               "\"peak_rss_mb\":%.1f}\n",
                o->op, (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->embed_dim,
                (long long)o->num_heads, (long long)o->num_kv_heads, o->causal ? "true" : "false",
-               mha_ctx_threads(c->ctx), mha_isa(), o->dtype, median, ms[0], ms[n - 1], gflops, o->peak_gflops, pct);
+               mha_ctx_threads(c->ctx), mha_isa(), o->dtype, median, ms[0], ms[n - 1], gflops, o->peak_gflops, pct,
+               peak_rss_mb());
         return;
     }
     printf("%s B=%lld N=%lld S=%lld E=%lld h=%lld kv=%lld%s, %d threads, %s: median %.3f ms (min %.3f, max %.3f), "
-           "%.1f GFLOP/s = %.1f%% of the %.1f GFLOP/s peak\n",
+           "%.1f GFLOP/s = %.1f%% of the %.1f GFLOP/s peak, peak memory %.0f MB\n",
            o->op, (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->embed_dim,
            (long long)o->num_heads, (long long)o->num_kv_heads, o->causal ? " causal" : "", mha_ctx_threads(c->ctx),
-           mha_isa(), median, ms[0], ms[n - 1], gflops, pct, o->peak_gflops);
+           mha_isa(), median, ms[0], ms[n - 1], gflops, pct, o->peak_gflops, peak_rss_mb());
 }
 
 static int measure(bench_opts *o)

@@ -1,0 +1,114 @@
+#!/usr/bin/python3
+"""libmha against PyTorch, side by side, in one run.
+
+    /usr/bin/python3 bench/compare_torch.py [--threads 2] [--repeat 10] [--quick]
+
+For each shape of the fast-kernel issue it times PyTorch 1.13 (Debian's
+python3-torch, same thread count) and then `build/mha bench` on the same
+shape, alternating so that both see the same machine state, and prints
+medians, GFLOP/s, percent of the measured peak and the ratio.
+
+  layer  nn.MultiheadAttention(E, h, batch_first=True).eval() under no_grad
+         with need_weights=False (PyTorch's fast path); causal rows pass a
+         boolean causal attn_mask, as PyTorch needs.
+  core   PyTorch 1.13's private F._scaled_dot_product_attention on
+         [B*h, N, d] (what nn.MultiheadAttention calls; 1.13 has no public
+         SDPA) against `mha bench --op sdpa`.
+FLOPs follow docs/PERFORMANCE.md: projections 8*B*N*E^2, attention
+4*B*N*S*E, halved when causal.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MHA = os.path.join(ROOT, "build", "mha")
+
+LAYER_SHAPES = [  # name, B, N, causal
+    ("S1", 8, 128, False), ("S2", 1, 512, False), ("S3", 1, 2048, False), ("S3 causal", 1, 2048, True),
+    ("S4", 1, 8192, False), ("S4 causal", 1, 8192, True),
+]
+CORE_SHAPES = [  # name, N, heads, kv heads, head dim
+    ("core N=512", 512, 12, 12, 64), ("core N=2048", 2048, 12, 12, 64), ("core N=8192", 8192, 12, 12, 64),
+    ("GQA 32/8 d=128 N=2048", 2048, 32, 8, 128),
+]
+
+
+def median_ms(fn, repeat):
+    fn()
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def torch_layer_ms(B, N, E, H, causal, repeat):
+    m = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
+    x = torch.randn(B, N, E)
+    mask = torch.ones(N, N, dtype=torch.bool).triu(1) if causal else None
+    with torch.no_grad():
+        return median_ms(lambda: m(x, x, x, attn_mask=mask, need_weights=False), repeat)
+
+
+def torch_core_ms(N, H, G, d, repeat):
+    q = torch.randn(H, N, d)
+    k = torch.randn(G, N, d).repeat_interleave(H // G, dim=0)
+    v = torch.randn(G, N, d).repeat_interleave(H // G, dim=0)
+    with torch.no_grad():
+        return median_ms(lambda: F._scaled_dot_product_attention(q, k, v), repeat)
+
+
+def mha_bench(args, threads, repeat, peak):
+    cmd = [MHA, "bench", "--json", "--threads", str(threads), "--repeat", str(repeat), "--peak-gflops", str(peak)]
+    out = subprocess.run(cmd + args, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="skip the N=8192 shapes")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    E, H = 768, 12
+    peak_out = subprocess.run([MHA, "bench", "--peak", "--json", "--threads", str(a.threads)], check=True,
+                              capture_output=True, text=True).stdout.strip().splitlines()
+    peak = json.loads(peak_out[-1])["gflops"]
+    print(f"torch {torch.__version__}, {a.threads} threads, measured f32 peak {peak:.1f} GFLOP/s "
+          f"({json.loads(peak_out[-1])['isa']}), medians of {a.repeat}")
+    print(f"{'shape':<24}{'torch ms':>10}{'mha ms':>10}{'speed-up':>10}{'mha GFLOP/s':>13}{'% peak':>8}"
+          f"{'mha MB':>8}")
+    for name, B, N, causal in LAYER_SHAPES:
+        if a.quick and N > 4096:
+            continue
+        t = torch_layer_ms(B, N, E, H, causal, a.repeat)
+        r = mha_bench(["--op", "forward", "--batch", str(B), "--seq", str(N), "--embed-dim", str(E),
+                       "--num-heads", str(H)] + (["--is-causal"] if causal else []), a.threads, a.repeat, peak)
+        print(f"{'layer ' + name:<24}{t:>10.2f}{r['median_ms']:>10.2f}{t / r['median_ms']:>9.2f}x"
+              f"{r['gflops']:>13.1f}{r['percent_of_peak']:>8.1f}{r.get('peak_rss_mb', 0):>8.0f}")
+    for name, N, Hq, G, d in CORE_SHAPES:
+        if a.quick and N > 4096:
+            continue
+        t = torch_core_ms(N, Hq, G, d, a.repeat)
+        r = mha_bench(["--op", "sdpa", "--seq", str(N), "--embed-dim", str(Hq * d), "--num-heads", str(Hq),
+                       "--num-kv-heads", str(G)], a.threads, a.repeat, peak)
+        print(f"{name:<24}{t:>10.2f}{r['median_ms']:>10.2f}{t / r['median_ms']:>9.2f}x"
+              f"{r['gflops']:>13.1f}{r['percent_of_peak']:>8.1f}{r.get('peak_rss_mb', 0):>8.0f}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"PyTorch process peak resident memory: {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
