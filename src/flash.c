@@ -7,8 +7,8 @@
  * For one work item (batch b, head h, query rows i0 .. i0+BR):
  *   m = -inf, l = 0, O = 0
  *   for each key tile that some row of the item may see:
- *     S = Q K^T                        (micro-kernel: K rows x packed Q^T)
- *     S = scale, softcap, biases, masks (the row contract of attention.c)
+ *     S = K (scale Q)^T, key-major     (micro-kernel: K rows x packed Q^T)
+ *     S = softcap, biases, masks        (the row contract of attention.c)
  *     m', P = exp(S - m'), l = l e^(m - m') + rowsum(P)   (softmax_step)
  *     O = O e^(m - m') + P V           (micro-kernel, accumulating)
  *   out = O / l, lse = m + log l   (0 and -inf for a row that saw nothing)
@@ -22,11 +22,24 @@
 #include <math.h>
 #include <string.h>
 
-enum { BR = 64, BC = 64 };
+/* Query rows per item (at most BR; see rows_per_item) and keys per tile:
+ * multiples of every kernel's mr (12, 6, 4), so full tiles have no tails.
+ * BR is also the leading dimension of the transposed tiles. */
+enum { BR = 192, BC = 96 };
+
+/* 96 rows per item while one head's K and V fit in about twice the L2
+ * cache; beyond that, 192 rows share each pass over K and V (measured at
+ * N = 2048 and 8192, d = 64: docs/PERFORMANCE.md). */
+static int64_t rows_per_item(const mha__attn_plan *p)
+{
+    double kv_bytes = (double)p->S * (double)(p->D + p->Dv) * sizeof(float);
+    return kv_bytes > 2.5e6 ? BR : BR / 2;
+}
 
 typedef struct flash_job {
     const mha__attn_plan *p;
     const mha__kernels *kt;
+    int64_t br;                /* query rows per item */
     mha_tensor *out;
     float *lse;
     mha__row_stats *stats;
@@ -42,6 +55,7 @@ typedef struct tiles {
     float *st;      /* [BC][BR]  scores, then probabilities, key-major */
     float *o;       /* [BR][Dv]  unnormalised output */
     float *max, *sum, *scale;  /* [BR] */
+    int64_t lo[BR], hi[BR];    /* each row's visible real keys (mha__row_key_range) */
 } tiles;
 
 static int64_t tiles_floats(const mha__attn_plan *p)
@@ -71,23 +85,26 @@ static tiles tiles_at(const flash_job *j, int thread)
     return t;
 }
 
-/* Q^T for query rows i0 .. i0+rows of (b, h): packed once per item, it is
- * the B operand of every score tile. */
+/* (scale * Q)^T for query rows i0 .. i0+rows of (b, h): packed once per
+ * item, it is the B operand of every score tile.  Scaling the queries, as
+ * nn.MultiheadAttention does, saves a pass over every score tile. */
 static void pack_queries(const flash_job *j, int64_t b, int64_t h, int64_t i0, int64_t rows, float *qt)
 {
     const mha_tensor *q = j->q;
     const float *qb = q->data + b * q->stride[0] + h * q->stride[1] + i0 * q->stride[2];
+    float scale = j->p->scale;
     for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < j->p->D; c++) qt[c * BR + r] = qb[r * q->stride[2] + c * q->stride[3]];
+        for (int64_t c = 0; c < j->p->D; c++) qt[c * BR + r] = qb[r * q->stride[2] + c * q->stride[3]] * scale;
 }
 
 /* Scores of keys [j0, j0+cols) against the item's rows, key-major:
- * S^T = K Q^T, with K's rows read in place as the broadcast operand; then
- * the row contract.  `plain` says every key of the tile is visible to
- * every row with no bias, so only the scale applies. */
+ * S^T = K (scale Q)^T, with K's rows read in place as the broadcast
+ * operand; then the row contract, unless `plain` says every key of the
+ * tile is visible to every row with no bias. */
 static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
                        int64_t j0, int64_t cols, bool plain)
 {
+    bool biased = j->p->alibi || j->p->masks[0].kind != MHA_MASK_NONE || j->p->masks[1].kind != MHA_MASK_NONE;
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
     const mha_tensor *k = j->k;
@@ -98,24 +115,24 @@ static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h,
             kt->gemm_tile(m, n, p->D, kb + c * k->stride[2], k->stride[2], k->stride[3], t->qt + r, BR,
                           t->st + c * BR + r, BR, 0);
         }
-    if (plain) {
-        for (int64_t c = 0; c < cols; c++) kt->scale(t->st + c * BR, rows, p->scale);
-        return;
-    }
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t i = i0 + r, lo, hi;
-        mha__row_key_range(p, i, &lo, &hi);
-        for (int64_t c = 0; c < cols; c++) {
-            int64_t key = j0 + c;
-            float *s = &t->st[c * BR + r];
-            if (key < p->R && (key < lo || key >= hi)) {
-                *s = -INFINITY;
+    if (plain) return;
+    /* Key-major order, so each pass is over contiguous memory. */
+    for (int64_t c = 0; c < cols; c++) {
+        int64_t key = j0 + c;
+        float *s = t->st + c * BR;
+        if (key >= p->R) { /* appended keys: no range, no bias, only the cap */
+            for (int64_t r = 0; p->softcap > 0 && r < rows; r++) s[r] = p->softcap * tanhf(s[r] / p->softcap);
+            continue;
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            if (key < t->lo[r] || key >= t->hi[r]) {
+                s[r] = -INFINITY;
                 continue;
             }
-            float x = *s * p->scale;
+            float x = s[r];
             if (p->softcap > 0) x = p->softcap * tanhf(x / p->softcap);
-            if (key < p->R) x += mha__real_key_bias(p, b, h, i, key);
-            *s = x;
+            if (biased) x += mha__real_key_bias(p, b, h, i0 + r, key);
+            s[r] = x;
         }
     }
 }
@@ -178,16 +195,21 @@ static bool has_bias(const mha__attn_plan *p)
     return p->softcap > 0 || p->alibi || p->masks[0].kind != MHA_MASK_NONE || p->masks[1].kind != MHA_MASK_NONE;
 }
 
-static void flash_item(const flash_job *j, const tiles *t, int64_t item)
+/* Each row's visible real keys, for the row contract in score_tile. */
+static void row_ranges(const flash_job *j, tiles *t, int64_t i0, int64_t rows)
+{
+    for (int64_t r = 0; r < rows; r++) mha__row_key_range(j->p, i0 + r, &t->lo[r], &t->hi[r]);
+}
+
+static void flash_item(const flash_job *j, tiles *t, int64_t item)
 {
     const mha__attn_plan *p = j->p;
     int64_t qb = item % j->q_blocks, bh = item / j->q_blocks, b = bh / p->Hq, h = bh % p->Hq;
-    int64_t i0 = qb * BR, rows = p->L - i0 < BR ? p->L - i0 : BR;
+    int64_t i0 = qb * j->br, rows = p->L - i0 < j->br ? p->L - i0 : j->br;
     /* Rows' key ranges grow with i, so the first row has the smallest hi
      * and the last row the largest lo. */
-    int64_t lo_first, hi_first, lo_last, hi_last;
-    mha__row_key_range(p, i0, &lo_first, &hi_first);
-    mha__row_key_range(p, i0 + rows - 1, &lo_last, &hi_last);
+    row_ranges(j, t, i0, rows);
+    int64_t lo_first = t->lo[0], hi_first = t->hi[0], lo_last = t->lo[rows - 1], hi_last = t->hi[rows - 1];
     for (int64_t r = 0; r < rows; r++) {
         t->max[r] = -INFINITY;
         t->sum[r] = 0.0f;
@@ -253,11 +275,12 @@ static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t 
 }
 
 /* Item (b, query block): every head in order, every key tile. */
-static void probs_item(const probs_job *pj, const tiles *t, int64_t item)
+static void probs_item(const probs_job *pj, tiles *t, int64_t item)
 {
     const flash_job *j = &pj->f;
     const mha__attn_plan *p = j->p;
-    int64_t b = item / j->q_blocks, i0 = (item % j->q_blocks) * BR, rows = p->L - i0 < BR ? p->L - i0 : BR;
+    int64_t b = item / j->q_blocks, i0 = (item % j->q_blocks) * j->br, rows = p->L - i0 < j->br ? p->L - i0 : j->br;
+    row_ranges(j, t, i0, rows);
     for (int64_t h = 0; h < p->Hq; h++) {
         pack_queries(j, b, h, i0, rows, t->qt);
         for (int64_t j0 = 0; j0 < p->S; j0 += BC) {
@@ -286,8 +309,9 @@ static void probs_range(void *arg, int thread, int64_t begin, int64_t end)
 mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *probs, int average,
                            const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k)
 {
-    probs_job pj = {{p, mha__kernels_get(), NULL, NULL, (mha__row_stats *)stats, q, k, NULL, NULL, 0,
-                     (p->L + BR - 1) / BR},
+    int64_t br = rows_per_item(p);
+    probs_job pj = {{p, mha__kernels_get(), br, NULL, NULL, (mha__row_stats *)stats, q, k, NULL, NULL, 0,
+                     (p->L + br - 1) / br},
                     probs, average};
     pj.f.scratch = mha__thread_scratch(ctx, tiles_floats(p), &pj.f.scratch_stride);
     if (!pj.f.scratch) return MHA_ERR_NOMEM;
@@ -298,7 +322,8 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *pr
 mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse,
                              mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v)
 {
-    flash_job job = {p, mha__kernels_get(), out, lse, stats, q, k, v, NULL, 0, (p->L + BR - 1) / BR};
+    int64_t br = rows_per_item(p);
+    flash_job job = {p, mha__kernels_get(), br, out, lse, stats, q, k, v, NULL, 0, (p->L + br - 1) / br};
     job.scratch = mha__thread_scratch(ctx, tiles_floats(p), &job.scratch_stride);
     if (!job.scratch) return MHA_ERR_NOMEM;
     mha__parallel_for(ctx, p->B * p->Hq * job.q_blocks, flash_range, &job);

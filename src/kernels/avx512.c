@@ -3,9 +3,9 @@
  * -mavx512f -mavx512dq -mavx512bw -mavx512vl -mfma; called only when cpu.c
  * has seen the CPU and OS support them.
  *
- * gemm_tile keeps an 8 x 32 tile of C in 16 zmm registers: per step of k it
- * loads two vectors of B and broadcasts eight values of A (16 FMAs for 10
- * loads).  Rows past m re-read the last valid row of A and are not stored,
+ * gemm_tile keeps a 12 x 32 tile of C in 24 zmm registers: per step of k
+ * it loads two vectors of B and broadcasts twelve values of A (24 FMAs for
+ * 14 loads).  Rows past m re-read the last valid row of A and are not stored,
  * so tails never touch memory outside the tile; columns past n are masked.
  */
 #include "kernels.h"
@@ -13,7 +13,7 @@
 #include <immintrin.h>
 #include <math.h>
 
-enum { MR = 8, NR = 32 };
+enum { MR = 12, NR = 32 };
 
 static __mmask16 lane_mask(int64_t n)
 {
@@ -41,17 +41,19 @@ static __mmask16 lane_mask(int64_t n)
         }                                                           \
     } while (0)
 
-/* Named accumulators, not an array: compilers spill arrays of vectors. */
+/* Named accumulators, not an array: compilers spill arrays of vectors.
+ * 24 accumulators + 2 B vectors + 1 broadcast of the 32 zmm registers. */
 static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs,
                              const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
-    const float *r0 = a, *r1 = a + (1 < m ? 1 : m - 1) * a_rs, *r2 = a + (2 < m ? 2 : m - 1) * a_rs;
-    const float *r3 = a + (3 < m ? 3 : m - 1) * a_rs, *r4 = a + (4 < m ? 4 : m - 1) * a_rs;
-    const float *r5 = a + (5 < m ? 5 : m - 1) * a_rs, *r6 = a + (6 < m ? 6 : m - 1) * a_rs;
-    const float *r7 = a + (7 < m ? 7 : m - 1) * a_rs;
+#define ROW_PTR(i) const float *r##i = a + (i < m ? i : m - 1) * a_rs
+    ROW_PTR(0); ROW_PTR(1); ROW_PTR(2); ROW_PTR(3); ROW_PTR(4); ROW_PTR(5);
+    ROW_PTR(6); ROW_PTR(7); ROW_PTR(8); ROW_PTR(9); ROW_PTR(10); ROW_PTR(11);
+#undef ROW_PTR
     __mmask16 m0 = lane_mask(n), m1 = lane_mask(n - 16);
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
     __m512 c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
+    __m512 c80 = c00, c81 = c00, c90 = c00, c91 = c00, c100 = c00, c101 = c00, c110 = c00, c111 = c00;
     for (int64_t p = 0; p < k; p++) {
         __m512 b0 = _mm512_maskz_loadu_ps(m0, b + p * ldb);
         __m512 b1 = _mm512_maskz_loadu_ps(m1, b + p * ldb + 16);
@@ -63,6 +65,10 @@ static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, in
         ROW_FMA(5);
         ROW_FMA(6);
         ROW_FMA(7);
+        ROW_FMA(8);
+        ROW_FMA(9);
+        ROW_FMA(10);
+        ROW_FMA(11);
     }
     ROW_STORE(0);
     ROW_STORE(1);
@@ -72,6 +78,10 @@ static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, in
     ROW_STORE(5);
     ROW_STORE(6);
     ROW_STORE(7);
+    ROW_STORE(8);
+    ROW_STORE(9);
+    ROW_STORE(10);
+    ROW_STORE(11);
 }
 
 /* exp(x) for 16 lanes, about 1 ulp: x = n ln2 + r with |r| <= ln2/2, a
