@@ -26,7 +26,7 @@ mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int
         for (int64_t c = 0; c < in; c++)
             for (int64_t j = 0; j < nr; j++) {
                 int64_t o = panel * nr + j;
-                data[(panel * in + c) * nr + j] = o < out ? w[o * in + c] : 0.0f;
+                data[(panel * in + c) * nr + j] = o < out && w ? w[o * in + c] : 0.0f;
             }
     mha__free(p->data);
     *p = (mha__packed){data, out, in, nr};

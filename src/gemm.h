@@ -17,7 +17,8 @@ typedef struct mha__packed {
     int64_t out, in, nr;
 } mha__packed;
 
-/* Packs w [out, in]; replaces any earlier contents of p.  NOMEM. */
+/* Packs w [out, in] (NULL: zeros); replaces any earlier contents of p.
+ * On failure p is unchanged.  NOMEM. */
 mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in);
 void       mha__packed_free(mha__packed *p);
 

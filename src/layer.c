@@ -21,18 +21,17 @@
 
 enum { LAYER_MAGIC = 0x6d68616c }; /* "mhal": catches use of a freed or foreign pointer */
 
+/* The matrices are kept only in packed form (gemm.h): a second, plain copy
+ * would cost 4 E^2 floats that nothing reads. */
 struct mha_layer {
     uint32_t       magic;
     mha_layer_desc desc;
     int64_t        head_dim;
-    float         *w_in;      /* W_q [E, E], W_k [E, kdim], W_v [E, vdim], back to back */
-    float         *w_q, *w_k, *w_v;
+    const mha__kernels *kt;   /* the kernels the packs were made for */
+    mha__packed    w_q, w_k, w_v, w_out;  /* W_q [E, E], W_k [E, kdim], W_v [E, vdim], W_o [E, E] */
     float         *b_in;      /* [3E] or NULL */
-    float         *w_out;     /* [E, E] */
     float         *b_out;     /* [E] or NULL */
     float         *bias_k, *bias_v;  /* [E] or NULL */
-    const mha__kernels *kt;   /* the kernels the packs below were made for */
-    mha__packed    pk_q, pk_k, pk_v, pk_out;  /* the four matrices, packed for the GEMM */
 };
 
 void mha_layer_desc_init(mha_layer_desc *desc)
@@ -63,20 +62,6 @@ static mha_status check_desc(const mha_layer_desc *d)
     return MHA_OK;
 }
 
-/* Refresh the packed copy of whichever matrix starts at `changed` (all
- * three input projections for the packed in_proj_weight). */
-static mha_status repack(mha_layer *l, const float *changed)
-{
-    const mha_layer_desc *d = &l->desc;
-    int64_t E = d->embed_dim;
-    mha_status st = MHA_OK;
-    if (changed == l->w_out) return mha__pack(&l->pk_out, l->kt, l->w_out, E, E);
-    if (changed == l->w_in || changed == l->w_q) st = mha__pack(&l->pk_q, l->kt, l->w_q, E, E);
-    if (st == MHA_OK && (changed == l->w_in || changed == l->w_k)) st = mha__pack(&l->pk_k, l->kt, l->w_k, E, d->kdim);
-    if (st == MHA_OK && (changed == l->w_in || changed == l->w_v)) st = mha__pack(&l->pk_v, l->kt, l->w_v, E, d->vdim);
-    return st;
-}
-
 mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
 {
     if (!desc || !out_layer) return mha__fail(MHA_ERR_MISUSE, "mha_layer_create: NULL argument");
@@ -84,34 +69,28 @@ mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
     mha_status st = check_desc(desc);
     if (st != MHA_OK) return st;
     mha_layer_desc d = *desc;
-    int64_t E = d.embed_dim;
+    int64_t E = d.embed_dim, cols;
     if (!d.kdim) d.kdim = E;
     if (!d.vdim) d.vdim = E;
-    int64_t in_cols, in_size;
-    if (!mha__add(E, d.kdim, &in_cols) || !mha__add(in_cols, d.vdim, &in_cols) || !mha__mul(E, in_cols, &in_size))
+    if (!mha__add(E, d.kdim, &cols) || !mha__add(cols, d.vdim, &cols) || !mha__mul(E, cols, &cols))
         return mha__fail(MHA_ERR_INVALID_ARG, "kdim %lld or vdim %lld is too large", (long long)d.kdim, (long long)d.vdim);
     mha_layer *l = mha__calloc(1, sizeof *l);
     if (!l) return MHA_ERR_NOMEM;
     l->magic = LAYER_MAGIC;
     l->desc = d;
     l->head_dim = E / d.num_heads;
-    l->w_in = mha__calloc(in_size, sizeof(float));
-    l->w_out = mha__calloc(E * E, sizeof(float));
-    bool ok = l->w_in && l->w_out;
+    l->kt = mha__kernels_get();
+    /* Weights start as zeros, as the header promises. */
+    if ((st = mha__pack(&l->w_q, l->kt, NULL, E, E)) == MHA_OK && (st = mha__pack(&l->w_k, l->kt, NULL, E, d.kdim)) == MHA_OK &&
+        (st = mha__pack(&l->w_v, l->kt, NULL, E, d.vdim)) == MHA_OK)
+        st = mha__pack(&l->w_out, l->kt, NULL, E, E);
+    bool ok = st == MHA_OK;
     if (ok && d.bias) ok = (l->b_in = mha__calloc(3 * E, sizeof(float))) && (l->b_out = mha__calloc(E, sizeof(float)));
     if (ok && d.add_bias_kv)
         ok = (l->bias_k = mha__calloc(E, sizeof(float))) && (l->bias_v = mha__calloc(E, sizeof(float)));
     if (!ok) {
         mha_layer_free(l);
-        return MHA_ERR_NOMEM;
-    }
-    l->w_q = l->w_in;
-    l->w_k = l->w_q + E * E;
-    l->w_v = l->w_k + E * d.kdim;
-    l->kt = mha__kernels_get();
-    if ((st = repack(l, l->w_in)) != MHA_OK || (st = repack(l, l->w_out)) != MHA_OK) {
-        mha_layer_free(l);
-        return st;
+        return st != MHA_OK ? st : MHA_ERR_NOMEM;
     }
     *out_layer = l;
     return MHA_OK;
@@ -121,16 +100,14 @@ void mha_layer_free(mha_layer *l)
 {
     if (!l) return;
     l->magic = 0;
-    mha__free(l->w_in);
-    mha__free(l->w_out);
+    mha__packed_free(&l->w_q);
+    mha__packed_free(&l->w_k);
+    mha__packed_free(&l->w_v);
+    mha__packed_free(&l->w_out);
     mha__free(l->b_in);
     mha__free(l->b_out);
     mha__free(l->bias_k);
     mha__free(l->bias_v);
-    mha__packed_free(&l->pk_q);
-    mha__packed_free(&l->pk_k);
-    mha__packed_free(&l->pk_v);
-    mha__packed_free(&l->pk_out);
     mha__free(l);
 }
 
@@ -149,36 +126,55 @@ const mha_layer_desc *mha_layer_get_desc(const mha_layer *l)
 /* Weights by PyTorch name                                           */
 /* ---------------------------------------------------------------- */
 
-/* Where each state_dict tensor of this layer lives, and its size; NULL
- * dst when the layer's configuration has no such tensor. */
+/* What each state_dict name of nn.MultiheadAttention sets. */
+typedef enum weight_target {
+    SET_IN_PROJ, SET_Q, SET_K, SET_V, SET_IN_BIAS, SET_OUT, SET_OUT_BIAS, SET_BIAS_K, SET_BIAS_V, TARGET_COUNT
+} weight_target;
+
 typedef struct weight_slot {
     const char *name;
-    float      *dst;
     int64_t     numel;
+    bool        present;  /* does this configuration have it? */
 } weight_slot;
 
-static int weight_slots(mha_layer *l, weight_slot slots[8])
+static void weight_slots(const mha_layer *l, weight_slot slots[TARGET_COUNT])
 {
     const mha_layer_desc *d = &l->desc;
     int64_t E = d->embed_dim;
     bool packed = d->kdim == E && d->vdim == E; /* PyTorch's _qkv_same_embed_dim */
-    int n = 0;
-    slots[n++] = (weight_slot){"in_proj_weight", packed ? l->w_in : NULL, 3 * E * E};
-    slots[n++] = (weight_slot){"q_proj_weight", packed ? NULL : l->w_q, E * E};
-    slots[n++] = (weight_slot){"k_proj_weight", packed ? NULL : l->w_k, E * d->kdim};
-    slots[n++] = (weight_slot){"v_proj_weight", packed ? NULL : l->w_v, E * d->vdim};
-    slots[n++] = (weight_slot){"in_proj_bias", l->b_in, 3 * E};
-    slots[n++] = (weight_slot){"out_proj.weight", l->w_out, E * E};
-    slots[n++] = (weight_slot){"out_proj.bias", l->b_out, E};
-    slots[n++] = (weight_slot){"bias_k", l->bias_k, E};
-    return n;
+    slots[SET_IN_PROJ] = (weight_slot){"in_proj_weight", 3 * E * E, packed};
+    slots[SET_Q] = (weight_slot){"q_proj_weight", E * E, !packed};
+    slots[SET_K] = (weight_slot){"k_proj_weight", E * d->kdim, !packed};
+    slots[SET_V] = (weight_slot){"v_proj_weight", E * d->vdim, !packed};
+    slots[SET_IN_BIAS] = (weight_slot){"in_proj_bias", 3 * E, d->bias};
+    slots[SET_OUT] = (weight_slot){"out_proj.weight", E * E, true};
+    slots[SET_OUT_BIAS] = (weight_slot){"out_proj.bias", E, d->bias};
+    slots[SET_BIAS_K] = (weight_slot){"bias_k", E, d->add_bias_kv};
+    slots[SET_BIAS_V] = (weight_slot){"bias_v", E, d->add_bias_kv};
 }
 
-static weight_slot *find_slot(weight_slot *slots, int n, const char *name)
+static mha_status apply_weight(mha_layer *l, weight_target what, const float *data, int64_t numel)
 {
-    for (int i = 0; i < n; i++)
-        if (strcmp(slots[i].name, name) == 0) return &slots[i];
-    return NULL;
+    const mha_layer_desc *d = &l->desc;
+    int64_t E = d->embed_dim;
+    mha_status st = MHA_OK;
+    switch (what) {
+    case SET_IN_PROJ: /* [W_q; W_k; W_v] stacked */
+        if ((st = mha__pack(&l->w_q, l->kt, data, E, E)) == MHA_OK &&
+            (st = mha__pack(&l->w_k, l->kt, data + E * E, E, E)) == MHA_OK)
+            st = mha__pack(&l->w_v, l->kt, data + 2 * E * E, E, E);
+        return st;
+    case SET_Q: return mha__pack(&l->w_q, l->kt, data, E, E);
+    case SET_K: return mha__pack(&l->w_k, l->kt, data, E, d->kdim);
+    case SET_V: return mha__pack(&l->w_v, l->kt, data, E, d->vdim);
+    case SET_OUT: return mha__pack(&l->w_out, l->kt, data, E, E);
+    case SET_IN_BIAS: memcpy(l->b_in, data, (size_t)numel * sizeof(float)); return MHA_OK;
+    case SET_OUT_BIAS: memcpy(l->b_out, data, (size_t)numel * sizeof(float)); return MHA_OK;
+    case SET_BIAS_K: memcpy(l->bias_k, data, (size_t)numel * sizeof(float)); return MHA_OK;
+    case SET_BIAS_V: memcpy(l->bias_v, data, (size_t)numel * sizeof(float)); return MHA_OK;
+    case TARGET_COUNT: break;
+    }
+    return mha__fail(MHA_ERR_INTERNAL, "unknown weight target %d", (int)what);
 }
 
 mha_status mha_layer_set_weight(mha_layer *l, const char *name, const float *data, int64_t numel)
@@ -186,16 +182,17 @@ mha_status mha_layer_set_weight(mha_layer *l, const char *name, const float *dat
     mha_status st = check_layer(l, "mha_layer_set_weight");
     if (st != MHA_OK) return st;
     if (!name || !data) return mha__fail(MHA_ERR_MISUSE, "mha_layer_set_weight: NULL argument");
-    weight_slot slots[8];
-    int n = weight_slots(l, slots);
-    weight_slot bias_v = {"bias_v", l->bias_v, l->desc.embed_dim};
-    weight_slot *s = strcmp(name, "bias_v") == 0 ? &bias_v : find_slot(slots, n, name);
-    if (!s || !s->dst)
-        return mha__fail(MHA_ERR_NOT_FOUND, "\"%s\" is not a weight of this layer configuration", name);
-    if (numel != s->numel)
-        return mha__fail(MHA_ERR_INVALID_ARG, "%s needs %lld values, got %lld", name, (long long)s->numel, (long long)numel);
-    memcpy(s->dst, data, (size_t)numel * sizeof(float));
-    return repack(l, s->dst);
+    weight_slot slots[TARGET_COUNT];
+    weight_slots(l, slots);
+    for (int t = 0; t < TARGET_COUNT; t++) {
+        if (strcmp(slots[t].name, name) != 0) continue;
+        if (!slots[t].present) break;
+        if (numel != slots[t].numel)
+            return mha__fail(MHA_ERR_INVALID_ARG, "%s needs %lld values, got %lld", name, (long long)slots[t].numel,
+                             (long long)numel);
+        return apply_weight(l, (weight_target)t, data, numel);
+    }
+    return mha__fail(MHA_ERR_NOT_FOUND, "\"%s\" is not a weight of this layer configuration", name);
 }
 
 /* ---------------------------------------------------------------- */
@@ -254,14 +251,17 @@ typedef struct layer_buffers {
     mha__row_stats stats;
 } layer_buffers;
 
+/* Q [N, L, E], K and V [N, S1, E]; the head outputs get a buffer of their
+ * own only when `separate_heads`, else they overwrite Q (each flash item
+ * packs its queries before it writes the same rows and heads); the row
+ * statistics only when attn_weights need them. */
 static mha_status layer_buffers_get(mha_ctx *ctx, int64_t N, int64_t L, int64_t S1, int64_t E, int64_t H,
-                                    layer_buffers *b)
+                                    bool separate_heads, bool stats, layer_buffers *b)
 {
     int64_t nq, nk, nlse, total;
     if (!mha__mul(N, L, &nq) || !mha__mul(nq, E, &nq) || !mha__mul(N, S1, &nk) || !mha__mul(nk, E, &nk) ||
-        !mha__mul(N, H, &nlse) || !mha__mul(nlse, L, &nlse) || !mha__add(nq, nq, &total) ||
-        !mha__add(total, nk, &total) || !mha__add(total, nk, &total) || !mha__add(total, nlse, &total) ||
-        !mha__add(total, nlse, &total) ||
+        !mha__mul(N, H, &nlse) || !mha__mul(nlse, L, &nlse) || !mha__add(nq, separate_heads ? nq : 0, &total) ||
+        !mha__add(total, nk, &total) || !mha__add(total, nk, &total) || !mha__add(total, stats ? 2 * nlse : 0, &total) ||
         !mha__mul(total, (int64_t)sizeof(float), &total))
         return mha__fail(MHA_ERR_INVALID_ARG, "the layer's workspace for %lld x %lld queries and %lld keys overflows",
                          (long long)N, (long long)L, (long long)S1);
@@ -270,9 +270,9 @@ static mha_status layer_buffers_get(mha_ctx *ctx, int64_t N, int64_t L, int64_t 
     b->q = base;
     b->k = b->q + nq;
     b->v = b->k + nk;
-    b->heads = b->v + nk;
-    b->stats.max = b->heads + nq;
-    b->stats.sum = b->stats.max + nlse;
+    b->heads = separate_heads ? b->v + nk : b->q;
+    b->stats.max = stats ? b->v + nk + (separate_heads ? nq : 0) : NULL;
+    b->stats.sum = stats ? b->stats.max + nlse : NULL;
     return MHA_OK;
 }
 
@@ -320,33 +320,36 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
     };
     if ((st = mha__attn_plan_check(&plan)) != MHA_OK) return st;
     if (N * L == 0) return MHA_OK;
+    /* The weights pass re-reads Q, and a strided output is staged in Q. */
+    bool separate_heads = attn_weights || attn_output->stride[2] != 1;
     layer_buffers buf = {0};
-    if ((st = layer_buffers_get(ctx, N, L, S1, E, H, &buf)) != MHA_OK) return st;
+    if ((st = layer_buffers_get(ctx, N, L, S1, E, H, separate_heads, attn_weights != NULL, &buf)) != MHA_OK) return st;
 
     mha_tensor q = mha_tensor_3d(buf.q, N, L, E);
     mha_tensor k = mha_tensor_3d(buf.k, N, S1, E);
     mha_tensor v = mha_tensor_3d(buf.v, N, S1, E);
     k.shape[1] = v.shape[1] = S; /* project the real keys; extra rows follow */
-    project(ctx, l, &a->query, &l->pk_q, l->b_in, &q);
-    project(ctx, l, &a->key, &l->pk_k, l->b_in ? l->b_in + E : NULL, &k);
-    project(ctx, l, &a->value, &l->pk_v, l->b_in ? l->b_in + 2 * E : NULL, &v);
+    project(ctx, l, &a->query, &l->w_q, l->b_in, &q);
+    project(ctx, l, &a->key, &l->w_k, l->b_in ? l->b_in + E : NULL, &k);
+    project(ctx, l, &a->value, &l->w_v, l->b_in ? l->b_in + 2 * E : NULL, &v);
     append_extra_keys(l, buf.k, buf.v, N, S, S1);
 
     mha_tensor qh = heads_view(buf.q, N, L, H, hd);
     mha_tensor kh = heads_view(buf.k, N, S1, H, hd);
     mha_tensor vh = heads_view(buf.v, N, S1, H, hd);
     mha_tensor oh = heads_view(buf.heads, N, L, H, hd);
-    if ((st = mha__attn_forward(ctx, &plan, &oh, NULL, &buf.stats, &qh, &kh, &vh)) != MHA_OK) return st;
+    if ((st = mha__attn_forward(ctx, &plan, &oh, NULL, attn_weights ? &buf.stats : NULL, &qh, &kh, &vh)) != MHA_OK)
+        return st;
     if (attn_weights &&
         (st = mha__attn_probs(ctx, &plan, attn_weights, a->average_attn_weights, &buf.stats, &qh, &kh)) != MHA_OK)
         return st;
     mha_tensor heads = mha_tensor_3d(buf.heads, N, L, E);
     if (attn_output->stride[2] == 1) {
-        project(ctx, l, &heads, &l->pk_out, l->b_out, attn_output);
+        project(ctx, l, &heads, &l->w_out, l->b_out, attn_output);
         return MHA_OK;
     }
     /* Columns not contiguous: project into Q's buffer (free by now), then scatter. */
-    project(ctx, l, &heads, &l->pk_out, l->b_out, &q);
+    project(ctx, l, &heads, &l->w_out, l->b_out, &q);
     for (int64_t n = 0; n < N; n++)
         for (int64_t t = 0; t < L; t++)
             for (int64_t c = 0; c < E; c++)

@@ -512,6 +512,16 @@ static void test_padding_equals_attn_mask(mha_ctx *ctx)
     args.attn_mask = (mha_mask){MHA_MASK_KEEP, full, {H * L * S, L * S, S, 1}};
     CHECK_OK(mha_layer_forward(ctx, layer, &yb, NULL, &args));
     CHECK(memcmp(a, b, sizeof a) == 0, "key_padding_mask and the same attn_mask differ");
+    /* An output whose features are strided (here [N, L, E] stored as
+     * [E, N, L]) gets the same values as a contiguous one. */
+    float t[2 * 5 * 12];
+    mha_tensor yt = {t, {N, L, E, 1}, {L, 1, N * L, 0}};
+    CHECK_OK(mha_layer_forward(ctx, layer, &yt, NULL, &args));
+    bool same = true;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t l = 0; l < L; l++)
+            for (int64_t c = 0; c < E; c++) same = same && t[c * N * L + n * L + l] == b[(n * L + l) * E + c];
+    CHECK(same, "strided attn_output differs from the contiguous one");
     free(w);
     free(x);
     mha_layer_free(layer);

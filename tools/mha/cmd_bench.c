@@ -88,6 +88,8 @@ static int setup_forward(const bench_opts *o, bench_case *c)
     }
     mha_layer_set_weight(c->layer, "in_proj_weight", c->buffers[0], 3 * E * E);
     mha_layer_set_weight(c->layer, "out_proj.weight", c->buffers[0], E * E);
+    free(c->buffers[0]); /* the layer keeps its own packed copy */
+    c->buffers[0] = NULL;
     mha_layer_fwd_args_init(&c->args);
     c->args.query = c->args.key = c->args.value = mha_tensor_3d(c->buffers[1], o->batch, o->seq, E);
     c->args.causal = o->causal ? MHA_CAUSAL_TOP_LEFT : MHA_CAUSAL_NONE;
