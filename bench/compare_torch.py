@@ -26,8 +26,7 @@ import subprocess
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+torch = None  # imported in main(), after the peak is measured on an idle machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MHA = os.path.join(ROOT, "build", "mha")
@@ -66,13 +65,25 @@ def torch_core_ms(N, H, G, d, repeat):
     k = torch.randn(G, N, d).repeat_interleave(H // G, dim=0)
     v = torch.randn(G, N, d).repeat_interleave(H // G, dim=0)
     with torch.no_grad():
-        return median_ms(lambda: F._scaled_dot_product_attention(q, k, v), repeat)
+        return median_ms(lambda: torch.nn.functional._scaled_dot_product_attention(q, k, v), repeat)
 
 
 def mha_bench(args, threads, repeat, peak):
+    # PyTorch's OpenMP threads spin for a while after its last call; let them
+    # go to sleep so they do not steal the cores from libmha's run.
+    time.sleep(1.0)
     cmd = [MHA, "bench", "--json", "--threads", str(threads), "--repeat", str(repeat), "--peak-gflops", str(peak)]
     out = subprocess.run(cmd + args, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def blas_in_use():
+    """The BLAS library PyTorch's matmuls went through (Debian picks it with
+    update-alternatives: reference BLAS unless OpenBLAS is installed)."""
+    torch.randn(64, 64) @ torch.randn(64, 64)
+    with open("/proc/self/maps") as maps:
+        libs = {line.split()[-1] for line in maps if "blas" in line.lower() and "/" in line}
+    return ", ".join(sorted(os.path.realpath(p) for p in libs)) or "unknown"
 
 
 def main():
@@ -81,13 +92,17 @@ def main():
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="skip the N=8192 shapes")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
     E, H = 768, 12
     peak_out = subprocess.run([MHA, "bench", "--peak", "--json", "--threads", str(a.threads)], check=True,
                               capture_output=True, text=True).stdout.strip().splitlines()
     peak = json.loads(peak_out[-1])["gflops"]
+    global torch
+    import torch as imported
+    torch = imported
+    torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} threads, measured f32 peak {peak:.1f} GFLOP/s "
           f"({json.loads(peak_out[-1])['isa']}), medians of {a.repeat}")
+    print(f"PyTorch's BLAS: {blas_in_use()}")
     print(f"{'shape':<24}{'torch ms':>10}{'mha ms':>10}{'speed-up':>10}{'mha GFLOP/s':>13}{'% peak':>8}"
           f"{'mha MB':>8}")
     for name, B, N, causal in LAYER_SHAPES:

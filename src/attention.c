@@ -102,6 +102,11 @@ void mha__row_key_range(const mha__attn_plan *p, int64_t i, int64_t *lo, int64_t
     if (p->window_right >= 0) *hi = min64(*hi, diag + p->window_right + 1);
 }
 
+bool mha__plan_has_bias(const mha__attn_plan *p)
+{
+    return p->alibi || p->masks[0].kind != MHA_MASK_NONE || p->masks[1].kind != MHA_MASK_NONE;
+}
+
 float mha__real_key_bias(const mha__attn_plan *p, int64_t b, int64_t h, int64_t i, int64_t j)
 {
     float bias = 0.0f;

@@ -60,6 +60,8 @@ void mha__row_key_range(const mha__attn_plan *plan, int64_t i, int64_t *lo, int6
 /* ... and the additive bias of real key j for (batch b, head h, row i):
  * ALiBi plus the masks, -inf where a keep-mask forbids the key. */
 float mha__real_key_bias(const mha__attn_plan *plan, int64_t b, int64_t h, int64_t i, int64_t j);
+/* Is mha__real_key_bias ever non-zero (ALiBi or a mask present)? */
+bool mha__plan_has_bias(const mha__attn_plan *plan);
 
 /* Per-thread scratch of `floats` floats for every thread of ctx, each
  * slice 64-byte aligned, *stride bytes apart; NULL on failure. */

@@ -104,7 +104,7 @@ static void pack_queries(const flash_job *j, int64_t b, int64_t h, int64_t i0, i
 static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
                        int64_t j0, int64_t cols, bool plain)
 {
-    bool biased = j->p->alibi || j->p->masks[0].kind != MHA_MASK_NONE || j->p->masks[1].kind != MHA_MASK_NONE;
+    bool biased = mha__plan_has_bias(j->p);
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
     const mha_tensor *k = j->k;
@@ -189,12 +189,6 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
     }
 }
 
-/* Does any bias or mask apply to real keys? */
-static bool has_bias(const mha__attn_plan *p)
-{
-    return p->softcap > 0 || p->alibi || p->masks[0].kind != MHA_MASK_NONE || p->masks[1].kind != MHA_MASK_NONE;
-}
-
 /* Each row's visible real keys, for the row contract in score_tile. */
 static void row_ranges(const flash_job *j, tiles *t, int64_t i0, int64_t rows)
 {
@@ -216,7 +210,7 @@ static void flash_item(const flash_job *j, tiles *t, int64_t item)
     }
     memset(t->o, 0, (size_t)(rows * p->Dv) * sizeof(float));
     pack_queries(j, b, h, i0, rows, t->qt);
-    bool biased = has_bias(p);
+    bool biased = p->softcap > 0 || mha__plan_has_bias(p); /* any score needs more than the GEMM */
     int64_t start = lo_first > 0 ? lo_first / BC * BC : 0, stop = hi_last < p->R ? hi_last : p->R;
     for (int64_t j0 = start; j0 < stop; j0 += BC) {
         int64_t cols = stop - j0 < BC ? stop - j0 : BC;

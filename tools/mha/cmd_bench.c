@@ -127,9 +127,18 @@ static mha_status run_once(const bench_opts *o, bench_case *c)
     return mha_attention(c->ctx, &c->out, NULL, &c->q, &c->k, &c->v, &c->desc);
 }
 
-/* Peak resident memory of this process so far, in MB. */
+/* Peak resident memory of this process so far, in MB: Linux's VmHWM,
+ * which starts afresh at exec (getrusage's ru_maxrss carries over the
+ * peak of the process that exec'd us, e.g. a Python script). */
 static double peak_rss_mb(void)
 {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    double kb = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %lf kB", &kb) == 1) break;
+    if (f) fclose(f);
+    if (kb >= 0) return kb / 1024.0;
     struct rusage ru;
     return getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss / 1024.0 : 0.0;
 }
