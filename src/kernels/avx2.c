@@ -7,6 +7,7 @@
  * re-read the last valid row of A and are not stored; columns past n are
  * masked.
  */
+#include "exp_poly.h"
 #include "kernels.h"
 
 #include <immintrin.h>
@@ -74,22 +75,22 @@ static void gemm_tile_avx2(int64_t m, int64_t n, int64_t k, const float *a, int6
  * in the exponent bits, so lanes below -87.3 (denormal results) give 0. */
 static __m256 exp256(__m256 x)
 {
-    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-    const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+    const __m256 log2e = _mm256_set1_ps(MHA_EXP_LOG2E);
+    const __m256 ln2_hi = _mm256_set1_ps(MHA_EXP_LN2_HI), ln2_lo = _mm256_set1_ps(MHA_EXP_LN2_LO);
     __m256 alive = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33f), _CMP_NLT_UQ);
     __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
     __m256 x_in = x;
-    x = _mm256_min_ps(x, _mm256_set1_ps(88.72f));
+    x = _mm256_min_ps(x, _mm256_set1_ps(MHA_EXP_MAX_INPUT));
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.33f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
     r = _mm256_fnmadd_ps(n, ln2_lo, r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 p = _mm256_set1_ps(MHA_EXP_C0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(MHA_EXP_C1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(MHA_EXP_C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(MHA_EXP_C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(MHA_EXP_C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(MHA_EXP_C5));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     /* 2^n as a float: n + 127 in the exponent field; n is in [-126, 128]. */
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);

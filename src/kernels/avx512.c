@@ -8,6 +8,7 @@
  * 14 loads).  Rows past m re-read the last valid row of A and are not stored,
  * so tails never touch memory outside the tile; columns past n are masked.
  */
+#include "exp_poly.h"
 #include "kernels.h"
 
 #include <immintrin.h>
@@ -90,22 +91,22 @@ static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, in
  * stays NaN. */
 static __m512 exp512(__m512 x)
 {
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    const __m512 log2e = _mm512_set1_ps(MHA_EXP_LOG2E);
+    const __m512 ln2_hi = _mm512_set1_ps(MHA_EXP_LN2_HI), ln2_lo = _mm512_set1_ps(MHA_EXP_LN2_LO);
     __mmask16 alive = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-103.9f), _CMP_NLT_UQ);
     __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     __m512 x_in = x;
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.72f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(MHA_EXP_MAX_INPUT));
     x = _mm512_max_ps(x, _mm512_set1_ps(-103.9f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
     r = _mm512_fnmadd_ps(n, ln2_lo, r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 p = _mm512_set1_ps(MHA_EXP_C0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MHA_EXP_C1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MHA_EXP_C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MHA_EXP_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MHA_EXP_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MHA_EXP_C5));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(alive, _mm512_scalef_ps(p, n)), nan, x_in);
 }
