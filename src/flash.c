@@ -25,7 +25,7 @@
 /* Query rows per item (at most BR; see rows_per_item) and keys per tile:
  * multiples of every kernel's mr (12, 6, 4), so full tiles have no tails.
  * BR is also the leading dimension of the transposed tiles. */
-enum { BR = 192, BC = 96 };
+enum { BR = 192, BC = 192 };
 
 /* 96 rows per item while one head's K and V fit in about twice the L2
  * cache; beyond that, 192 rows share each pass over K and V (measured at
