@@ -30,6 +30,19 @@ static __m256i lane_mask(int64_t n)
         c##i##1 = _mm256_fmadd_ps(a_, b1, c##i##1);                 \
     } while (0)
 
+#define FULL_STORE(i)                                               \
+    do {                                                            \
+        if (i < m) {                                                \
+            float *ci = c + i * ldc;                                \
+            if (accumulate) {                                       \
+                c##i##0 = _mm256_add_ps(c##i##0, _mm256_loadu_ps(ci)); \
+                c##i##1 = _mm256_add_ps(c##i##1, _mm256_loadu_ps(ci + 8)); \
+            }                                                       \
+            _mm256_storeu_ps(ci, c##i##0);                          \
+            _mm256_storeu_ps(ci + 8, c##i##1);                      \
+        }                                                           \
+    } while (0)
+
 #define ROW_STORE(i)                                                \
     do {                                                            \
         if (i < m) {                                                \
@@ -43,7 +56,23 @@ static __m256i lane_mask(int64_t n)
         }                                                           \
     } while (0)
 
-/* Named accumulators, not an array: compilers spill arrays of vectors. */
+/* The k loop over rows r0..r5, with B loaded by LOAD_B(offset). */
+#define TILE_LOOP(LOAD_B)                                           \
+    for (int64_t p = 0; p < k; p++) {                               \
+        __m256 b0 = LOAD_B(0), b1 = LOAD_B(8);                      \
+        ROW_FMA(0);                                                 \
+        ROW_FMA(1);                                                 \
+        ROW_FMA(2);                                                 \
+        ROW_FMA(3);                                                 \
+        ROW_FMA(4);                                                 \
+        ROW_FMA(5);                                                 \
+    }
+#define LOAD_FULL(off) _mm256_loadu_ps(b + p * ldb + (off))
+#define LOAD_MASKED(off) _mm256_maskload_ps(b + p * ldb + (off), (off) ? m1 : m0)
+
+/* Named accumulators, not an array: compilers spill arrays of vectors.
+ * Full-width tiles use plain loads: vmaskmovps is slow on some CPUs (AMD
+ * microcodes the masked store), so masks are kept for the tails. */
 static void gemm_tile_avx2(int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs,
                            const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
@@ -53,16 +82,17 @@ static void gemm_tile_avx2(int64_t m, int64_t n, int64_t k, const float *a, int6
     __m256i m0 = lane_mask(n), m1 = lane_mask(n - 8);
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    for (int64_t p = 0; p < k; p++) {
-        __m256 b0 = _mm256_maskload_ps(b + p * ldb, m0);
-        __m256 b1 = _mm256_maskload_ps(b + p * ldb + 8, m1);
-        ROW_FMA(0);
-        ROW_FMA(1);
-        ROW_FMA(2);
-        ROW_FMA(3);
-        ROW_FMA(4);
-        ROW_FMA(5);
+    if (n == NR) {
+        TILE_LOOP(LOAD_FULL)
+        FULL_STORE(0);
+        FULL_STORE(1);
+        FULL_STORE(2);
+        FULL_STORE(3);
+        FULL_STORE(4);
+        FULL_STORE(5);
+        return;
     }
+    TILE_LOOP(LOAD_MASKED)
     ROW_STORE(0);
     ROW_STORE(1);
     ROW_STORE(2);
