@@ -58,6 +58,7 @@ int main(int argc, char **argv)
         int64_t M = shapes[s].rows, K = shapes[s].in, N = shapes[s].out;
         float *x = filled(M * K), *w = filled(N * K), *b = filled(N), *y = malloc((size_t)(M * N) * sizeof(float));
         mha__packed packed = {0};
+        mha__mat xm = {x, K, 1, 0, 0}, ym = {y, N, 1, 0, 0};
         mha__pack(&packed, kt, w, N, K);
         double *t_blas = malloc((size_t)repeat * sizeof(double)), *t_mha = malloc((size_t)repeat * sizeof(double));
         /* Blocks, not alternating calls: OpenBLAS's threads spin for a while
@@ -65,7 +66,7 @@ int main(int argc, char **argv)
         for (int block = 0; block < 2; block++) {
             for (int r = -2; r < repeat / 2; r++) { /* two warm-up calls */
                 double t0 = now_ms();
-                mha__linear(ctx, kt, M, x, K, 1, &packed, b, y, N);
+                mha__linear(ctx, kt, M, &xm, &packed, b, &ym);
                 if (r >= 0) t_mha[block * (repeat / 2) + r] = now_ms() - t0;
             }
             for (int r = -2; r < repeat / 2; r++) {

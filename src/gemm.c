@@ -2,7 +2,9 @@
  * gemm.c -- y = x W^T + b for the projections.
  *
  * W is packed once into panels of nr output columns (W^T, in x nr each), so
- * the micro-kernel reads B as contiguous vectors.  The work is a grid of
+ * the micro-kernel reads B as contiguous vectors.  Inputs and outputs may be
+ * split into column groups (one per head: [H][rows][d]), which lets the
+ * layer keep Q, K, V and the head outputs head-major.  The work is a grid of
  * (block of ROW_BLOCK rows) x (one panel) items; within an item the panel
  * (in x nr floats, ~100 KB for in = 768) stays in L2 while the rows stream
  * through it, mr at a time.  Every output tile is computed by one
@@ -42,13 +44,19 @@ void mha__packed_free(mha__packed *p)
 typedef struct linear_job {
     const mha__kernels *kt;
     int64_t rows;
-    const float *x;
-    int64_t x_rs, x_cs;
+    mha__mat x;
     const mha__packed *w;
     const float *b;
-    float *y;
-    int64_t ldy, row_blocks;
+    mha__mat y;
+    int64_t row_blocks;
 } linear_job;
+
+/* Element (r, c) of a grouped matrix. */
+static float *mat_at(const mha__mat *a, int64_t r, int64_t c)
+{
+    int64_t g = a->group_cols ? c / a->group_cols : 0, cc = a->group_cols ? c % a->group_cols : c;
+    return a->data + g * a->group_stride + r * a->rs + cc * a->cs;
+}
 
 static void linear_item(const linear_job *j, int64_t item)
 {
@@ -56,13 +64,18 @@ static void linear_item(const linear_job *j, int64_t item)
     int64_t panel = item / j->row_blocks, r0 = (item % j->row_blocks) * ROW_BLOCK;
     int64_t r1 = r0 + ROW_BLOCK < j->rows ? r0 + ROW_BLOCK : j->rows;
     int64_t col0 = panel * kt->nr, cols = j->w->out - col0 < kt->nr ? j->w->out - col0 : kt->nr;
-    const float *b = j->w->data + panel * j->w->in * kt->nr;
+    int64_t in = j->w->in, chunk = j->x.group_cols ? j->x.group_cols : in;
+    const float *b = j->w->data + panel * in * kt->nr;
     for (int64_t r = r0; r < r1; r += kt->mr) {
         int64_t m = r1 - r < kt->mr ? r1 - r : kt->mr;
-        float *y = j->y + r * j->ldy + col0;
+        float *y = mat_at(&j->y, r, col0);
         if (j->b)
-            for (int64_t i = 0; i < m; i++) memcpy(y + i * j->ldy, j->b + col0, (size_t)cols * sizeof(float));
-        kt->gemm_tile(m, cols, j->w->in, j->x + r * j->x_rs, j->x_rs, j->x_cs, b, kt->nr, y, j->ldy, j->b != NULL);
+            for (int64_t i = 0; i < m; i++) memcpy(y + i * j->y.rs, j->b + col0, (size_t)cols * sizeof(float));
+        /* One call per input group, accumulating: each output is still one
+         * chain of multiply-adds over the inputs in order. */
+        for (int64_t c0 = 0; c0 < in; c0 += chunk)
+            kt->gemm_tile(m, cols, in - c0 < chunk ? in - c0 : chunk, mat_at(&j->x, r, c0), j->x.rs, j->x.cs,
+                          b + c0 * kt->nr, kt->nr, y, j->y.rs, j->b != NULL || c0 > 0);
     }
 }
 
@@ -72,10 +85,10 @@ static void linear_range(void *arg, int thread, int64_t begin, int64_t end)
     for (int64_t item = begin; item < end; item++) linear_item(arg, item);
 }
 
-void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const float *x, int64_t x_rs, int64_t x_cs,
-                 const mha__packed *w, const float *b, float *y, int64_t ldy)
+void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
+                 const float *b, const mha__mat *y)
 {
-    linear_job job = {kt, rows, x, x_rs, x_cs, w, b, y, ldy, (rows + ROW_BLOCK - 1) / ROW_BLOCK};
+    linear_job job = {kt, rows, *x, w, b, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK};
     int64_t panels = (w->out + kt->nr - 1) / kt->nr;
     mha__parallel_for(ctx, job.row_blocks * panels, linear_range, &job);
 }

@@ -22,10 +22,22 @@ typedef struct mha__packed {
 mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in);
 void       mha__packed_free(mha__packed *p);
 
-/* y[r, :] = x[r, :] W^T + b for r < rows, with x[r, c] at x[r * x_rs + c * x_cs]
- * and y[r, j] at y[r * ldy + j]; b may be NULL.  Each output is one FMA
- * chain over the inputs in order (bias first), whatever the thread count. */
-void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const float *x, int64_t x_rs, int64_t x_cs,
-                 const mha__packed *w, const float *b, float *y, int64_t ldy);
+/* A matrix seen through strides, its columns optionally split into groups
+ * of group_cols (0: one group) that lie group_stride floats apart:
+ * element (r, c) is at data + (c / group_cols) * group_stride + r * rs +
+ * (c % group_cols) * cs.  Row-major [rows][cols] is {data, cols, 1, 0, 0};
+ * head-major [H][rows][d] is {data, d, 1, d, rows * d}. */
+typedef struct mha__mat {
+    float  *data;
+    int64_t rs, cs;
+    int64_t group_cols, group_stride;
+} mha__mat;
+
+/* y[r, :] = x[r, :] W^T + b for r < rows; b may be NULL.  y must have
+ * cs = 1 and, if grouped, groups that are a multiple of the kernels' nr
+ * wide (so no panel straddles two groups).  Each output is one FMA chain
+ * over the inputs in order (bias first), whatever the thread count. */
+void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
+                 const float *b, const mha__mat *y);
 
 #endif /* MHA_GEMM_H */

@@ -199,21 +199,78 @@ mha_status mha_layer_set_weight(mha_layer *l, const char *name, const float *dat
 /* Projections                                                       */
 /* ---------------------------------------------------------------- */
 
-/* y[n, t, :] = x[n, t, :] W^T + b for a [N, T, F] view x and an output
- * view y with unit column stride: one GEMM when the rows are evenly spaced,
- * else one per batch. */
-static void project(mha_ctx *ctx, const mha_layer *l, const mha_tensor *x, const mha__packed *w, const float *b,
-                    const mha_tensor *y)
+/* A batch of matrices: batch n is m with data moved by n * batch_stride. */
+typedef struct batched {
+    mha__mat m;
+    int64_t  batch_stride;
+} batched;
+
+/* A [N, T, F] tensor view as a batch of [T, F] matrices. */
+static batched from_view(const mha_tensor *t)
 {
-    int64_t N = x->shape[0], T = x->shape[1];
-    bool even = (N == 1 || x->stride[0] == T * x->stride[1]) && (N == 1 || y->stride[0] == T * y->stride[1]);
-    if (even) {
-        mha__linear(ctx, l->kt, N * T, x->data, x->stride[1], x->stride[2], w, b, y->data, y->stride[1]);
+    return (batched){{t->data, t->stride[1], t->stride[2], 0, 0}, t->stride[0]};
+}
+
+/* Where the layer keeps its activations (Q, K, V, head outputs), T rows
+ * per batch: head-major [N][H][T][d] when d is a multiple of the kernels'
+ * nr, so each GEMM panel lies inside one head and attention reads a head's
+ * rows contiguously; otherwise row-major [N][T][E]. */
+static bool head_major(const mha_layer *l) { return l->head_dim % l->kt->nr == 0; }
+
+static batched activations(const mha_layer *l, float *base, int64_t T)
+{
+    int64_t E = l->desc.embed_dim, d = l->head_dim;
+    if (head_major(l)) return (batched){{base, d, 1, d, T * d}, E * T};
+    return (batched){{base, E, 1, 0, 0}, T * E};
+}
+
+/* The same activations as the [N, H, T, d] view attention reads. */
+static mha_tensor heads_view(const mha_layer *l, float *base, int64_t N, int64_t T)
+{
+    int64_t H = l->desc.num_heads, d = l->head_dim;
+    if (head_major(l)) return mha_tensor_4d(base, N, H, T, d);
+    mha_tensor t = {base, {N, H, T, d}, {T * H * d, d, H * d, 1}};
+    return t;
+}
+
+/* y[n, t, :] = x[n, t, :] W^T + b for N batches of T rows: one GEMM when
+ * the batches lie evenly one after another, else one per batch. */
+static void project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const batched *x, const mha__packed *w,
+                    const float *b, const batched *y)
+{
+    bool even = !x->m.group_cols && !y->m.group_cols && x->batch_stride == T * x->m.rs &&
+                y->batch_stride == T * y->m.rs;
+    if (N == 1 || even) {
+        mha__linear(ctx, l->kt, N * T, &x->m, w, b, &y->m);
         return;
     }
+    for (int64_t n = 0; n < N; n++) {
+        mha__mat xn = x->m, yn = y->m;
+        xn.data += n * x->batch_stride;
+        yn.data += n * y->batch_stride;
+        mha__linear(ctx, l->kt, T, &xn, w, b, &yn);
+    }
+}
+
+/* Rows S and S+1 of K and V in every head: bias_k/bias_v, then the zero
+ * row (the activations hold S1 rows per batch). */
+static void append_extra_keys(const mha_layer *l, float *k, float *v, int64_t N, int64_t S, int64_t S1)
+{
+    mha_tensor kh = heads_view(l, k, N, S1), vh = heads_view(l, v, N, S1);
+    int64_t d = l->head_dim;
     for (int64_t n = 0; n < N; n++)
-        mha__linear(ctx, l->kt, T, x->data + n * x->stride[0], x->stride[1], x->stride[2], w, b,
-                    y->data + n * y->stride[0], y->stride[1]);
+        for (int64_t h = 0; h < l->desc.num_heads; h++) {
+            int64_t row = S, at_k = n * kh.stride[0] + h * kh.stride[1], at_v = n * vh.stride[0] + h * vh.stride[1];
+            if (l->desc.add_bias_kv) {
+                memcpy(k + at_k + row * kh.stride[2], l->bias_k + h * d, (size_t)d * sizeof(float));
+                memcpy(v + at_v + row * vh.stride[2], l->bias_v + h * d, (size_t)d * sizeof(float));
+                row++;
+            }
+            if (l->desc.add_zero_attn) {
+                memset(k + at_k + row * kh.stride[2], 0, (size_t)d * sizeof(float));
+                memset(v + at_v + row * vh.stride[2], 0, (size_t)d * sizeof(float));
+            }
+        }
 }
 
 /* ---------------------------------------------------------------- */
@@ -276,31 +333,6 @@ static mha_status layer_buffers_get(mha_ctx *ctx, int64_t N, int64_t L, int64_t 
     return MHA_OK;
 }
 
-/* Rows S and S+1 of K and V: bias_k/bias_v, then the zero row. */
-static void append_extra_keys(const mha_layer *l, float *k, float *v, int64_t N, int64_t S, int64_t S1)
-{
-    int64_t E = l->desc.embed_dim;
-    for (int64_t n = 0; n < N; n++) {
-        int64_t row = S;
-        if (l->desc.add_bias_kv) {
-            memcpy(k + (n * S1 + row) * E, l->bias_k, (size_t)E * sizeof(float));
-            memcpy(v + (n * S1 + row) * E, l->bias_v, (size_t)E * sizeof(float));
-            row++;
-        }
-        if (l->desc.add_zero_attn) {
-            memset(k + (n * S1 + row) * E, 0, (size_t)E * sizeof(float));
-            memset(v + (n * S1 + row) * E, 0, (size_t)E * sizeof(float));
-        }
-    }
-}
-
-/* [N, rows, E] contiguous, seen as [N, h, rows, d]. */
-static mha_tensor heads_view(float *data, int64_t N, int64_t rows, int64_t H, int64_t d)
-{
-    mha_tensor t = {data, {N, H, rows, d}, {rows * H * d, d, H * d, 1}};
-    return t;
-}
-
 mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output, mha_tensor *attn_weights,
                              const mha_layer_fwd_args *a)
 {
@@ -325,31 +357,29 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
     layer_buffers buf = {0};
     if ((st = layer_buffers_get(ctx, N, L, S1, E, H, separate_heads, attn_weights != NULL, &buf)) != MHA_OK) return st;
 
-    mha_tensor q = mha_tensor_3d(buf.q, N, L, E);
-    mha_tensor k = mha_tensor_3d(buf.k, N, S1, E);
-    mha_tensor v = mha_tensor_3d(buf.v, N, S1, E);
-    k.shape[1] = v.shape[1] = S; /* project the real keys; extra rows follow */
-    project(ctx, l, &a->query, &l->w_q, l->b_in, &q);
-    project(ctx, l, &a->key, &l->w_k, l->b_in ? l->b_in + E : NULL, &k);
-    project(ctx, l, &a->value, &l->w_v, l->b_in ? l->b_in + 2 * E : NULL, &v);
+    batched x_q = from_view(&a->query), x_k = from_view(&a->key), x_v = from_view(&a->value);
+    batched q = activations(l, buf.q, L), k = activations(l, buf.k, S1), v = activations(l, buf.v, S1);
+    project(ctx, l, N, L, &x_q, &l->w_q, l->b_in, &q);
+    project(ctx, l, N, S, &x_k, &l->w_k, l->b_in ? l->b_in + E : NULL, &k); /* the real keys; extra rows follow */
+    project(ctx, l, N, S, &x_v, &l->w_v, l->b_in ? l->b_in + 2 * E : NULL, &v);
     append_extra_keys(l, buf.k, buf.v, N, S, S1);
 
-    mha_tensor qh = heads_view(buf.q, N, L, H, hd);
-    mha_tensor kh = heads_view(buf.k, N, S1, H, hd);
-    mha_tensor vh = heads_view(buf.v, N, S1, H, hd);
-    mha_tensor oh = heads_view(buf.heads, N, L, H, hd);
+    mha_tensor qh = heads_view(l, buf.q, N, L), kh = heads_view(l, buf.k, N, S1), vh = heads_view(l, buf.v, N, S1);
+    mha_tensor oh = heads_view(l, buf.heads, N, L);
     if ((st = mha__attn_forward(ctx, &plan, &oh, NULL, attn_weights ? &buf.stats : NULL, &qh, &kh, &vh)) != MHA_OK)
         return st;
     if (attn_weights &&
         (st = mha__attn_probs(ctx, &plan, attn_weights, a->average_attn_weights, &buf.stats, &qh, &kh)) != MHA_OK)
         return st;
-    mha_tensor heads = mha_tensor_3d(buf.heads, N, L, E);
+    batched heads = activations(l, buf.heads, L);
     if (attn_output->stride[2] == 1) {
-        project(ctx, l, &heads, &l->w_out, l->b_out, attn_output);
+        batched y = from_view(attn_output);
+        project(ctx, l, N, L, &heads, &l->w_out, l->b_out, &y);
         return MHA_OK;
     }
     /* Columns not contiguous: project into Q's buffer (free by now), then scatter. */
-    project(ctx, l, &heads, &l->w_out, l->b_out, &q);
+    batched staged = {{buf.q, E, 1, 0, 0}, L * E};
+    project(ctx, l, N, L, &heads, &l->w_out, l->b_out, &staged);
     for (int64_t n = 0; n < N; n++)
         for (int64_t t = 0; t < L; t++)
             for (int64_t c = 0; c < E; c++)
