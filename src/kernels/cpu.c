@@ -57,6 +57,7 @@ static cpu_features detect(void) { return (cpu_features){false, false}; }
 #endif
 
 /* Best first. */
+#if defined(__x86_64__) || defined(__i386__)
 static const mha__kernels *const candidates[] = {&mha__kernels_avx512, &mha__kernels_avx2, &mha__kernels_generic};
 
 static bool runs_here(const mha__kernels *k, cpu_features f)
@@ -65,6 +66,16 @@ static bool runs_here(const mha__kernels *k, cpu_features f)
     if (k == &mha__kernels_avx2) return f.avx2_fma;
     return true;
 }
+#else
+static const mha__kernels *const candidates[] = {&mha__kernels_generic};
+
+static bool runs_here(const mha__kernels *k, cpu_features f)
+{
+    (void)k;
+    (void)f;
+    return true;
+}
+#endif
 
 const mha__kernels *mha__kernels_named(const char *name)
 {
