@@ -1,10 +1,10 @@
 /*
- * flash.c -- the fused attention forward: tiles of BR query rows against
- * tiles of BC keys with an online softmax (FlashAttention's algorithm), so
- * the L x S score matrix never exists.  Memory beyond inputs and outputs
- * is one tile set per thread: O(BR * (BC + D + Dv)).
+ * flash.c -- the fused attention forward: tiles of up to BR query rows
+ * against tiles of BC keys with an online softmax (FlashAttention's
+ * algorithm), so the L x S score matrix never exists.  Memory beyond inputs
+ * and outputs is one tile set per thread: O(BR * (BC + D + Dv)).
  *
- * For one work item (batch b, head h, query rows i0 .. i0+BR):
+ * For one work item (batch b, head h, a block of query rows):
  *   m = -inf, l = 0, O = 0
  *   for each key tile that some row of the item may see:
  *     S = K (scale Q)^T, key-major     (micro-kernel: K rows x packed Q^T)

@@ -5,10 +5,12 @@
  * Data flow of one forward call (N batches, L queries, S keys, h heads of
  * width d = E / h); the projections are GEMMs against weights packed when
  * they are set (gemm.c), the attention is flash.c's fused kernel:
- *   Q = query W_q^T + b_q            [N, L, E]   layer scratch
- *   K = key   W_k^T + b_k            [N, S', E]  S' = S (+1 bias_k) (+1 zero)
- *   V = value W_v^T + b_v            [N, S', E]
- *   A = attention over [N, h, *, d] views of Q, K, V (no copies)
+ *   Q = query W_q^T + b_q            L rows   (layer scratch, head-major
+ *   K = key   W_k^T + b_k            S' rows   [N][h][T][d] when d allows,
+ *   V = value W_v^T + b_v            S' rows   see activations())
+ *                                    S' = S (+1 bias_k) (+1 zero row)
+ *   A = attention over [N, h, T, d] views of Q, K, V (no copies),
+ *       written over Q when nothing reads Q afterwards
  *   attn_output = A W_o^T + b_o      written through the caller's strides
  *   attn_weights, if asked, recomputed from the saved row max and sum.
  */
