@@ -116,7 +116,10 @@ static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h,
                           t->st + c * BR + r, BR, 0);
         }
     if (plain) return;
-    /* Key-major order, so each pass is over contiguous memory. */
+    /* Key-major order, so each pass is over contiguous memory.  Rows' ranges
+     * grow with the row, so the rows that see a key form one run
+     * [first, last), and both ends only move forward as the key grows. */
+    int64_t first = 0, last = 0;
     for (int64_t c = 0; c < cols; c++) {
         int64_t key = j0 + c;
         float *s = t->st + c * BR;
@@ -124,11 +127,11 @@ static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h,
             for (int64_t r = 0; p->softcap > 0 && r < rows; r++) s[r] = p->softcap * tanhf(s[r] / p->softcap);
             continue;
         }
-        for (int64_t r = 0; r < rows; r++) {
-            if (key < t->lo[r] || key >= t->hi[r]) {
-                s[r] = -INFINITY;
-                continue;
-            }
+        while (first < rows && t->hi[first] <= key) first++;
+        while (last < rows && t->lo[last] <= key) last++;
+        for (int64_t r = 0; r < first; r++) s[r] = -INFINITY;
+        for (int64_t r = last > first ? last : first; r < rows; r++) s[r] = -INFINITY;
+        for (int64_t r = first; r < last && (biased || p->softcap > 0); r++) {
             float x = s[r];
             if (p->softcap > 0) x = p->softcap * tanhf(x / p->softcap);
             if (biased) x += mha__real_key_bias(p, b, h, i0 + r, key);
