@@ -47,6 +47,14 @@ static void test_ctx_and_info(void)
               strcmp(mha_status_str((mha_status)99), "unknown status") == 0,
           "status names");
     CHECK(strcmp(mha_version(), MHA_VERSION_STRING) == 0, "version mismatch");
+    double gflops;
+    mha_ctx *one = NULL;
+    CHECK_OK(mha_ctx_create(1, &one));
+    CHECK_FAILS(mha_measure_peak(one, 0, &gflops), MHA_ERR_INVALID_ARG, "seconds must be in (0, 60]");
+    CHECK_FAILS(mha_measure_peak(NULL, 1, &gflops), MHA_ERR_MISUSE, "NULL");
+    mha_ctx_free(one);
+    const char *isa = mha_isa();
+    CHECK(strcmp(isa, "generic") == 0 || strcmp(isa, "avx2") == 0 || strcmp(isa, "avx512") == 0, "isa %s", isa);
 }
 
 static void test_attention_args(void)
@@ -263,6 +271,12 @@ static void test_cli_success(void)
                       "512", NULL);
     expect_cli_output("in_proj_weight                   F32   [48, 16]", "show", demo, NULL);
     expect_cli_output("out_proj.bias F32 [16]", "show", demo, "--tensor", "out_proj.bias", "--max", "2", NULL);
+    /* Benchmarks run on tiny shapes here only to check their plumbing. */
+    expect_cli_output("\"op\":\"forward\",\"batch\":2,\"seq\":8", "bench", "--batch", "2", "--seq", "8",
+                      "--embed-dim", "16", "--num-heads", "2", "--repeat", "2", "--peak-gflops", "1", "--json", NULL);
+    expect_cli_output("\"num_kv_heads\":1,\"causal\":true", "bench", "--op", "sdpa", "--seq", "8", "--embed-dim",
+                      "16", "--num-heads", "2", "--num-kv-heads", "1", "--is-causal", "--repeat", "1",
+                      "--peak-gflops", "1", "--json", NULL);
 }
 
 /* Write a safetensors file of F32 (or given dtype) tensors; varargs are
@@ -315,6 +329,10 @@ static void test_cli_usage(void)
     expect_cli_error("not a multiple of num_kv_heads 5", "info", "--embed-dim", "768", "--num-heads", "12",
                      "--num-kv-heads", "5", NULL);
     expect_cli_error("--embed-dim is required", "info", "--num-heads", "12", NULL);
+    expect_cli_error("--op backward is not available yet", "bench", "--op", "backward", NULL);
+    expect_cli_error("--dtype bf16 is not available yet", "bench", "--dtype", "bf16", NULL);
+    expect_cli_error("--op forward is self-attention", "bench", "--kv-seq", "7", NULL);
+    expect_cli_error("must be divisible by num_heads", "bench", "--embed-dim", "10", "--num-heads", "3", NULL);
 }
 
 static void test_cli_files(void)
