@@ -28,12 +28,12 @@ static uint64_t xgetbv0(void)
 }
 
 typedef struct cpu_features {
-    bool avx2_fma, avx512;
+    bool avx2_fma, avx512, avx512_bf16;
 } cpu_features;
 
 static cpu_features detect(void)
 {
-    cpu_features f = {false, false};
+    cpu_features f = {false, false, false};
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
     bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
@@ -46,14 +46,15 @@ static cpu_features detect(void)
     bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31)); /* F DQ BW VL */
     f.avx2_fma = avx2 && fma;
     f.avx512 = f.avx2_fma && avx512 && zmm_state;
+    if (f.avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
     return f;
 }
 #else
 typedef struct cpu_features {
-    bool avx2_fma, avx512;
+    bool avx2_fma, avx512, avx512_bf16;
 } cpu_features;
 
-static cpu_features detect(void) { return (cpu_features){false, false}; }
+static cpu_features detect(void) { return (cpu_features){false, false, false}; }
 #endif
 
 /* Best first. */
@@ -111,3 +112,21 @@ const mha__kernels *mha__kernels_get(void)
 }
 
 const char *mha_isa(void) { return mha__kernels_get()->name; }
+
+/* bf16: the native dot-product kernel where the CPU has AVX512-BF16 and the
+ * float32 choice is avx512 (so MHA_ISA caps both), else the portable one. */
+mha__gemm_tile_bf16_fn mha__bf16_tile_named(const char *name)
+{
+    if (name && strcmp(name, "generic") == 0) return mha__gemm_tile_bf16_generic;
+#if defined(__x86_64__) || defined(__i386__)
+    if (name && strcmp(name, "avx512_bf16") == 0 && detect().avx512_bf16) return mha__gemm_tile_bf16_avx512;
+#endif
+    return NULL;
+}
+
+mha__gemm_tile_bf16_fn mha__bf16_tile(const char **name)
+{
+    bool native = strcmp(mha__kernels_get()->name, "avx512") == 0 && mha__bf16_tile_named("avx512_bf16");
+    if (name) *name = native ? "avx512_bf16" : "generic";
+    return native ? mha__bf16_tile_named("avx512_bf16") : mha__gemm_tile_bf16_generic;
+}

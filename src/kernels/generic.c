@@ -3,6 +3,7 @@
  * documentation of what the SIMD kernels compute; they must agree with it
  * within the tolerance rule.
  */
+#include "convert.h"
 #include "kernels.h"
 
 #include <math.h>
@@ -65,6 +66,22 @@ static double peak_generic(int64_t iterations)
     for (int i = 0; i < 8; i++) sink += x[i];
     seed = sink;
     return 2.0 * 8.0 * (double)iterations;
+}
+
+void mha__gemm_tile_bf16_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
+                                 const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+{
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            float acc = accumulate ? c[i * ldc + j] : 0.0f;
+            for (int64_t p = 0; p < k; p += 2) {
+                const uint16_t *bp = b + (p / 2) * ldb + 2 * j;
+                /* Products of bf16 values are exact in float32. */
+                acc += mha__bf16_to_f32(a[i * a_rs + p]) * mha__bf16_to_f32(bp[0]);
+                acc += mha__bf16_to_f32(a[i * a_rs + p + 1]) * mha__bf16_to_f32(bp[1]);
+            }
+            c[i * ldc + j] = acc;
+        }
 }
 
 const mha__kernels mha__kernels_generic = {

@@ -63,6 +63,32 @@ typedef struct mha__kernels {
     mha__peak_fn peak;
 } mha__kernels;
 
+/* The same product in bfloat16 (raw uint16_t bits) with float32
+ * accumulation, for the bf16 paths:
+ *   A element (i, p) at a[i * a_rs + p]   (rows of k values; k even)
+ *   B in pairs of rows: element (p, j) at b[(p / 2) * ldb + 2 * j + p % 2]
+ *   C float32, as in gemm_tile; m <= 12, n <= 32.
+ * Each product of two bf16 values is exact in float32; the sums round as
+ * float32 in p order, pairwise (p, p+1) as the AVX512-BF16 dot product
+ * instruction does, which also treats denormal inputs and results as 0. */
+typedef void (*mha__gemm_tile_bf16_fn)(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
+                                       const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
+
+enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
+
+void mha__gemm_tile_bf16_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
+                                 const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
+#if defined(__x86_64__) || defined(__i386__)
+void mha__gemm_tile_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
+                                const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
+#endif
+
+/* The bf16 tile for this CPU ("avx512_bf16" when the CPU and OS support
+ * AVX512-BF16 and MHA_ISA does not cap below avx512, else "generic"), or
+ * the named one (NULL if it cannot run here). */
+mha__gemm_tile_bf16_fn mha__bf16_tile(const char **name);
+mha__gemm_tile_bf16_fn mha__bf16_tile_named(const char *name);
+
 /* The table for this CPU, chosen once (thread-safe): the best ISA the CPU
  * and the OS support, or the one named by MHA_ISA=generic|avx2|avx512 if the
  * CPU can run it.  Never NULL. */
