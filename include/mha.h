@@ -272,11 +272,21 @@ typedef struct mha_layer_desc {
     int     bias;          /* in_proj_bias and out_proj.bias; default 1 */
     int     add_bias_kv;   /* bias_k and bias_v rows; default 0 */
     int     add_zero_attn; /* a zero key/value row; default 0 */
+    mha_dtype dtype;       /* MHA_DTYPE_F32 (default) or MHA_DTYPE_BF16 */
 } mha_layer_desc;
 
 void mha_layer_desc_init(mha_layer_desc *desc);
 
-/* A layer owns float32 copies of its weights, zero until set.
+/* With dtype MHA_DTYPE_BF16 the layer computes as a bfloat16 model does:
+ * weights are rounded to bf16 when set, and the input, Q, K, V, the
+ * unnormalised attention probabilities and the head outputs are rounded to
+ * bf16 where they enter a matrix product; every product accumulates in
+ * float32, softmax statistics stay float32, and inputs and outputs are
+ * float32 buffers as always.  It uses AVX512-BF16 where the CPU has it
+ * (mha_isa() "avx512" and the CPU flag), else a portable bf16 kernel.
+ * Accuracy: docs/NUMERICS.md.
+ *
+ * A layer owns packed copies of its weights, zero until set.
  * Errors: INVALID_ARG (names the field, e.g. E not divisible by h), NOMEM. */
 typedef struct mha_layer mha_layer;
 mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer);

@@ -26,6 +26,7 @@ typedef struct mha__attn_plan {
     int64_t window_left, window_right;  /* -1 = unbounded */
     const float *alibi;      /* [Hq] or NULL */
     mha_mask masks[2];       /* over [B, Hq, L, R]; kind NONE = unused */
+    bool    bf16;            /* Q, K, V and P rounded to bf16 for the products */
 } mha__attn_plan;
 
 /* Per-row softmax statistics a forward pass can save: the maximum score

@@ -17,6 +17,7 @@
  * independent, hence the same bits for any thread count.
  */
 #include "attention.h"
+#include "convert.h"
 #include "kernels/kernels.h"
 
 #include <math.h>
@@ -39,6 +40,7 @@ static int64_t rows_per_item(const mha__attn_plan *p)
 typedef struct flash_job {
     const mha__attn_plan *p;
     const mha__kernels *kt;
+    mha__gemm_tile_bf16_fn tile16;  /* non-NULL: the products run in bf16 */
     int64_t br;                /* query rows per item */
     mha_tensor *out;
     float *lse;
@@ -55,12 +57,19 @@ typedef struct tiles {
     float *st;      /* [BC][BR]  scores, then probabilities, key-major */
     float *o;       /* [BR][Dv]  unnormalised output */
     float *max, *sum, *scale;  /* [BR] */
+    uint16_t *k16;  /* bf16 only: [BC][D even]  the key tile, rounded */
+    uint16_t *p16;  /* bf16 only: [BR][BC]      probabilities, query-major, rounded */
     int64_t lo[BR], hi[BR];    /* each row's visible real keys (mha__row_key_range) */
 } tiles;
 
+/* In bf16, qt holds (scale Q)^T and vt the value tile in pairs of rows,
+ * as the bf16 tile reads B (kernels.h); odd dimensions are padded with 0. */
+static int64_t even(int64_t n) { return n + (n & 1); }
+
 static int64_t tiles_floats(const mha__attn_plan *p)
 {
-    return p->D * BR + BC * p->Dv + BC * BR + BR * p->Dv + 3 * BR + 5 * 16; /* +16 per array: alignment slack */
+    return p->D * BR + BC * p->Dv + BC * BR + BR * p->Dv + 3 * BR + (BC * even(p->D) + BR * BC) / 2 +
+           7 * 16; /* +16 per array: alignment slack */
 }
 
 static float *carve(float **cursor, int64_t n)
@@ -82,6 +91,8 @@ static tiles tiles_at(const flash_job *j, int thread)
     t.max = carve(&cur, BR);
     t.sum = carve(&cur, BR);
     t.scale = carve(&cur, BR);
+    t.k16 = (uint16_t *)carve(&cur, BC * even(p->D) / 2);
+    t.p16 = (uint16_t *)carve(&cur, BR * BC / 2);
     return t;
 }
 
@@ -93,8 +104,57 @@ static void pack_queries(const flash_job *j, int64_t b, int64_t h, int64_t i0, i
     const mha_tensor *q = j->q;
     const float *qb = q->data + b * q->stride[0] + h * q->stride[1] + i0 * q->stride[2];
     float scale = j->p->scale;
+    int64_t D = j->p->D;
+    if (j->tile16) { /* pairs of dimensions: element (c, r) at (c / 2) * 2 BR + 2 r + c % 2 */
+        uint16_t *qt16 = (uint16_t *)qt;
+        for (int64_t r = 0; r < rows; r++) {
+            for (int64_t c = 0; c < D; c++)
+                qt16[(c / 2) * 2 * BR + 2 * r + c % 2] = mha__f32_to_bf16(qb[r * q->stride[2] + c * q->stride[3]] * scale);
+            if (D & 1) qt16[(D / 2) * 2 * BR + 2 * r + 1] = 0;
+        }
+        return;
+    }
     for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < j->p->D; c++) qt[c * BR + r] = qb[r * q->stride[2] + c * q->stride[3]] * scale;
+        for (int64_t c = 0; c < D; c++) qt[c * BR + r] = qb[r * q->stride[2] + c * q->stride[3]] * scale;
+}
+
+/* S^T for keys [0, cols) of the tile at kb, in bf16: the key rows rounded
+ * and padded to an even width, times the packed (scale Q)^T. */
+static void score_products_bf16(const flash_job *j, const tiles *t, const float *kb, int64_t rows, int64_t cols)
+{
+    const mha_tensor *k = j->k;
+    int64_t D = j->p->D, De = even(D);
+    for (int64_t c = 0; c < cols; c++) {
+        for (int64_t d = 0; d < D; d++) t->k16[c * De + d] = mha__f32_to_bf16(kb[c * k->stride[2] + d * k->stride[3]]);
+        if (D & 1) t->k16[c * De + D] = 0;
+    }
+    for (int64_t c = 0; c < cols; c += MHA_BF16_MR)
+        for (int64_t r = 0; r < rows; r += MHA_BF16_NR) {
+            int64_t m = cols - c < MHA_BF16_MR ? cols - c : MHA_BF16_MR, n = rows - r < MHA_BF16_NR ? rows - r : MHA_BF16_NR;
+            j->tile16(m, n, De, t->k16 + c * De, De, (const uint16_t *)t->qt + 2 * r, 2 * BR, t->st + c * BR + r, BR, 0);
+        }
+}
+
+/* O += P V in bf16: P rounded query-major, the value tile rounded into
+ * pairs of keys, both padded to an even number of keys. */
+static void value_products_bf16(const flash_job *j, const tiles *t, const float *vb, int64_t rows, int64_t cols)
+{
+    const mha_tensor *v = j->v;
+    int64_t Dv = j->p->Dv, ce = even(cols);
+    uint16_t *v16 = (uint16_t *)t->vt;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c = 0; c < cols; c++) t->p16[r * BC + c] = mha__f32_to_bf16(t->st[c * BR + r]);
+        if (cols & 1) t->p16[r * BC + cols] = 0;
+    }
+    for (int64_t key = 0; key < ce; key++)
+        for (int64_t d = 0; d < Dv; d++)
+            v16[(key / 2) * 2 * Dv + 2 * d + key % 2] =
+                key < cols ? mha__f32_to_bf16(vb[key * v->stride[2] + d * v->stride[3]]) : 0;
+    for (int64_t r = 0; r < rows; r += MHA_BF16_MR)
+        for (int64_t c = 0; c < Dv; c += MHA_BF16_NR) {
+            int64_t m = rows - r < MHA_BF16_MR ? rows - r : MHA_BF16_MR, n = Dv - c < MHA_BF16_NR ? Dv - c : MHA_BF16_NR;
+            j->tile16(m, n, ce, t->p16 + r * BC, BC, v16 + 2 * c, 2 * Dv, t->o + r * Dv + c, Dv, 1);
+        }
 }
 
 /* Scores of keys [j0, j0+cols) against the item's rows, key-major:
@@ -109,12 +169,15 @@ static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h,
     const mha__kernels *kt = j->kt;
     const mha_tensor *k = j->k;
     const float *kb = k->data + b * k->stride[0] + (h / p->group) * k->stride[1] + j0 * k->stride[2];
-    for (int64_t c = 0; c < cols; c += kt->mr)
-        for (int64_t r = 0; r < rows; r += kt->nr) {
-            int64_t m = cols - c < kt->mr ? cols - c : kt->mr, n = rows - r < kt->nr ? rows - r : kt->nr;
-            kt->gemm_tile(m, n, p->D, kb + c * k->stride[2], k->stride[2], k->stride[3], t->qt + r, BR,
-                          t->st + c * BR + r, BR, 0);
-        }
+    if (j->tile16)
+        score_products_bf16(j, t, kb, rows, cols);
+    else
+        for (int64_t c = 0; c < cols; c += kt->mr)
+            for (int64_t r = 0; r < rows; r += kt->nr) {
+                int64_t m = cols - c < kt->mr ? cols - c : kt->mr, n = rows - r < kt->nr ? rows - r : kt->nr;
+                kt->gemm_tile(m, n, p->D, kb + c * k->stride[2], k->stride[2], k->stride[3], t->qt + r, BR,
+                              t->st + c * BR + r, BR, 0);
+            }
     if (plain) return;
     /* Key-major order, so each pass is over contiguous memory.  Rows' ranges
      * grow with the row, so the rows that see a key form one run
@@ -150,6 +213,12 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
     const mha_tensor *v = j->v;
     const float *vb = v->data + b * v->stride[0] + (h / p->group) * v->stride[1] + j0 * v->stride[2];
     int64_t ldv = v->stride[2];
+    if (j->tile16) {
+        for (int64_t r = 0; r < rows; r++)
+            if (t->scale[r] != 1.0f) kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
+        value_products_bf16(j, t, vb, rows, cols);
+        return;
+    }
     if (v->stride[3] != 1) { /* gather the tile so its rows are contiguous */
         for (int64_t jj = 0; jj < cols; jj++)
             for (int64_t c = 0; c < p->Dv; c++) t->vt[jj * p->Dv + c] = vb[jj * v->stride[2] + c * v->stride[3]];
@@ -307,8 +376,8 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *pr
                            const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k)
 {
     int64_t br = rows_per_item(p);
-    probs_job pj = {{p, mha__kernels_get(), br, NULL, NULL, (mha__row_stats *)stats, q, k, NULL, NULL, 0,
-                     (p->L + br - 1) / br},
+    probs_job pj = {{p, mha__kernels_get(), p->bf16 ? mha__bf16_tile(NULL) : NULL, br, NULL, NULL,
+                     (mha__row_stats *)stats, q, k, NULL, NULL, 0, (p->L + br - 1) / br},
                     probs, average};
     pj.f.scratch = mha__thread_scratch(ctx, tiles_floats(p), &pj.f.scratch_stride);
     if (!pj.f.scratch) return MHA_ERR_NOMEM;
@@ -320,7 +389,8 @@ mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *
                              mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v)
 {
     int64_t br = rows_per_item(p);
-    flash_job job = {p, mha__kernels_get(), br, out, lse, stats, q, k, v, NULL, 0, (p->L + br - 1) / br};
+    flash_job job = {p, mha__kernels_get(), p->bf16 ? mha__bf16_tile(NULL) : NULL, br, out, lse, stats, q, k, v,
+                     NULL, 0, (p->L + br - 1) / br};
     job.scratch = mha__thread_scratch(ctx, tiles_floats(p), &job.scratch_stride);
     if (!job.scratch) return MHA_ERR_NOMEM;
     mha__parallel_for(ctx, p->B * p->Hq * job.q_blocks, flash_range, &job);

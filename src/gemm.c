@@ -13,6 +13,8 @@
  */
 #include "gemm.h"
 
+#include "convert.h"
+
 #include <string.h>
 
 enum { ROW_BLOCK = 96 };
@@ -91,4 +93,94 @@ void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__
     linear_job job = {kt, rows, *x, w, b, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK};
     int64_t panels = (w->out + kt->nr - 1) / kt->nr;
     mha__parallel_for(ctx, job.row_blocks * panels, linear_range, &job);
+}
+
+/* ---------------------------------------------------------------- */
+/* bfloat16                                                          */
+/* ---------------------------------------------------------------- */
+
+mha_status mha__pack_bf16(mha__packed_bf16 *p, const float *w, int64_t out, int64_t in)
+{
+    int64_t nr = MHA_BF16_NR, panels = (out + nr - 1) / nr, in_even = in + (in & 1), n;
+    if (!mha__mul(panels * nr, in_even, &n))
+        return mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)out, (long long)in);
+    uint16_t *data = mha__alloc(n, sizeof(uint16_t));
+    if (!data) return MHA_ERR_NOMEM;
+    for (int64_t panel = 0; panel < panels; panel++)
+        for (int64_t c = 0; c < in_even; c++)
+            for (int64_t j = 0; j < nr; j++) {
+                int64_t o = panel * nr + j;
+                float v = o < out && c < in && w ? w[o * in + c] : 0.0f;
+                data[panel * in_even * nr + (c / 2) * 2 * nr + 2 * j + c % 2] = mha__f32_to_bf16(v);
+            }
+    mha__free(p->data);
+    *p = (mha__packed_bf16){data, out, in, in_even};
+    return MHA_OK;
+}
+
+void mha__packed_bf16_free(mha__packed_bf16 *p)
+{
+    mha__free(p->data);
+    p->data = NULL;
+}
+
+typedef struct round_job {
+    const mha__mat *x;
+    int64_t in, in_even;
+    uint16_t *xb;
+} round_job;
+
+static void round_rows(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const round_job *j = arg;
+    for (int64_t r = begin; r < end; r++) {
+        uint16_t *dst = j->xb + r * j->in_even;
+        for (int64_t c = 0; c < j->in; c++) dst[c] = mha__f32_to_bf16(*mat_at(j->x, r, c));
+        if (j->in_even > j->in) dst[j->in] = 0;
+    }
+}
+
+typedef struct linear_bf16_job {
+    mha__gemm_tile_bf16_fn tile;
+    int64_t rows;
+    const uint16_t *xb;
+    const mha__packed_bf16 *w;
+    const float *b;
+    mha__mat y;
+    int64_t row_blocks;
+} linear_bf16_job;
+
+static void linear_bf16_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const linear_bf16_job *j = arg;
+    int64_t nr = MHA_BF16_NR, mr = MHA_BF16_MR, in_even = j->w->in_even;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t panel = item / j->row_blocks, r0 = (item % j->row_blocks) * ROW_BLOCK;
+        int64_t r1 = r0 + ROW_BLOCK < j->rows ? r0 + ROW_BLOCK : j->rows;
+        int64_t col0 = panel * nr, cols = j->w->out - col0 < nr ? j->w->out - col0 : nr;
+        const uint16_t *b = j->w->data + panel * in_even * nr;
+        for (int64_t r = r0; r < r1; r += mr) {
+            int64_t m = r1 - r < mr ? r1 - r : mr;
+            float *y = mat_at(&j->y, r, col0);
+            if (j->b)
+                for (int64_t i = 0; i < m; i++) memcpy(y + i * j->y.rs, j->b + col0, (size_t)cols * sizeof(float));
+            j->tile(m, cols, in_even, j->xb + r * in_even, in_even, b, 2 * nr, y, j->y.rs, j->b != NULL);
+        }
+    }
+}
+
+mha_status mha__linear_bf16(mha_ctx *ctx, mha__gemm_tile_bf16_fn tile, int64_t rows, const mha__mat *x,
+                            const mha__packed_bf16 *w, const float *b, const mha__mat *y)
+{
+    int64_t n;
+    if (!mha__mul(rows, w->in_even, &n)) return mha__fail(MHA_ERR_INVALID_ARG, "bf16 input of %lld rows overflows", (long long)rows);
+    uint16_t *xb = mha__ctx_scratch(ctx, MHA_SCRATCH_BF16, n * (int64_t)sizeof(uint16_t));
+    if (!xb) return MHA_ERR_NOMEM;
+    round_job rj = {x, w->in, w->in_even, xb};
+    mha__parallel_for(ctx, rows, round_rows, &rj);
+    linear_bf16_job job = {tile, rows, xb, w, b, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK};
+    mha__parallel_for(ctx, job.row_blocks * ((w->out + MHA_BF16_NR - 1) / MHA_BF16_NR), linear_bf16_range, &job);
+    return MHA_OK;
 }

@@ -40,4 +40,21 @@ typedef struct mha__mat {
 void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
                  const float *b, const mha__mat *y);
 
+/* The same for bfloat16 weights: W [out, in] rounded to bf16, in panels of
+ * MHA_BF16_NR columns, the input dimension padded to even with zeros and
+ * stored in pairs: element (c, j) of panel p at
+ * data + p * in_even * MHA_BF16_NR + (c / 2) * 2 * MHA_BF16_NR + 2 * j + c % 2. */
+typedef struct mha__packed_bf16 {
+    uint16_t *data;
+    int64_t   out, in, in_even;
+} mha__packed_bf16;
+
+mha_status mha__pack_bf16(mha__packed_bf16 *p, const float *w, int64_t out, int64_t in);
+void       mha__packed_bf16_free(mha__packed_bf16 *p);
+
+/* y = x W^T + b with x rounded to bf16 (once, into the context's scratch)
+ * and every product accumulated in float32 by `tile`.  NOMEM. */
+mha_status mha__linear_bf16(mha_ctx *ctx, mha__gemm_tile_bf16_fn tile, int64_t rows, const mha__mat *x,
+                            const mha__packed_bf16 *w, const float *b, const mha__mat *y);
+
 #endif /* MHA_GEMM_H */

@@ -23,14 +23,20 @@
 
 enum { LAYER_MAGIC = 0x6d68616c }; /* "mhal": catches use of a freed or foreign pointer */
 
-/* The matrices are kept only in packed form (gemm.h): a second, plain copy
- * would cost 4 E^2 floats that nothing reads. */
+/* The four matrices: W_q [E, E], W_k [E, kdim], W_v [E, vdim], W_o [E, E]. */
+typedef enum matrix { MAT_Q, MAT_K, MAT_V, MAT_OUT, MAT_COUNT } matrix;
+
+/* The matrices are kept only in packed form (gemm.h), float32 or bf16 as the
+ * layer computes: a second, plain copy would cost 4 E^2 floats that nothing
+ * reads. */
 struct mha_layer {
     uint32_t       magic;
     mha_layer_desc desc;
     int64_t        head_dim;
     const mha__kernels *kt;   /* the kernels the packs were made for */
-    mha__packed    w_q, w_k, w_v, w_out;  /* W_q [E, E], W_k [E, kdim], W_v [E, vdim], W_o [E, E] */
+    bool           bf16;      /* desc.dtype == MHA_DTYPE_BF16 */
+    mha__packed    w[MAT_COUNT];        /* float32 packs (unused in bf16) */
+    mha__packed_bf16 w16[MAT_COUNT];    /* bf16 packs (unused in float32) */
     float         *b_in;      /* [3E] or NULL */
     float         *b_out;     /* [E] or NULL */
     float         *bias_k, *bias_v;  /* [E] or NULL */
@@ -40,6 +46,7 @@ void mha_layer_desc_init(mha_layer_desc *desc)
 {
     memset(desc, 0, sizeof *desc);
     desc->bias = 1;
+    desc->dtype = MHA_DTYPE_F32;
 }
 
 void mha_layer_fwd_args_init(mha_layer_fwd_args *args)
@@ -58,10 +65,22 @@ static mha_status check_desc(const mha_layer_desc *d)
     if (d->kdim < 0 || d->vdim < 0)
         return mha__fail(MHA_ERR_INVALID_ARG, "kdim and vdim must be >= 0 (0 = embed_dim), got %lld and %lld",
                          (long long)d->kdim, (long long)d->vdim);
+    if (d->dtype != MHA_DTYPE_F32 && d->dtype != MHA_DTYPE_BF16)
+        return mha__fail(MHA_ERR_INVALID_ARG, "dtype %s is not supported; the layer computes in F32 or BF16",
+                         mha_dtype_name(d->dtype));
     int64_t e2;
     if (!mha__mul(d->embed_dim, d->embed_dim, &e2) || e2 > INT64_MAX / 8)
         return mha__fail(MHA_ERR_INVALID_ARG, "embed_dim %lld is too large", (long long)d->embed_dim);
     return MHA_OK;
+}
+
+/* Pack matrix `which` from w [E, in] (NULL: zeros) in the layer's format. */
+static mha_status pack_matrix(mha_layer *l, matrix which, const float *w)
+{
+    int64_t E = l->desc.embed_dim;
+    int64_t in = which == MAT_K ? l->desc.kdim : which == MAT_V ? l->desc.vdim : E;
+    if (l->bf16) return mha__pack_bf16(&l->w16[which], w, E, in);
+    return mha__pack(&l->w[which], l->kt, w, E, in);
 }
 
 mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
@@ -83,9 +102,10 @@ mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
     l->head_dim = E / d.num_heads;
     l->kt = mha__kernels_get();
     /* Weights start as zeros, as the header promises. */
-    if ((st = mha__pack(&l->w_q, l->kt, NULL, E, E)) == MHA_OK && (st = mha__pack(&l->w_k, l->kt, NULL, E, d.kdim)) == MHA_OK &&
-        (st = mha__pack(&l->w_v, l->kt, NULL, E, d.vdim)) == MHA_OK)
-        st = mha__pack(&l->w_out, l->kt, NULL, E, E);
+    l->bf16 = d.dtype == MHA_DTYPE_BF16;
+    if ((st = pack_matrix(l, MAT_Q, NULL)) == MHA_OK && (st = pack_matrix(l, MAT_K, NULL)) == MHA_OK &&
+        (st = pack_matrix(l, MAT_V, NULL)) == MHA_OK)
+        st = pack_matrix(l, MAT_OUT, NULL);
     bool ok = st == MHA_OK;
     if (ok && d.bias) ok = (l->b_in = mha__calloc(3 * E, sizeof(float))) && (l->b_out = mha__calloc(E, sizeof(float)));
     if (ok && d.add_bias_kv)
@@ -102,10 +122,10 @@ void mha_layer_free(mha_layer *l)
 {
     if (!l) return;
     l->magic = 0;
-    mha__packed_free(&l->w_q);
-    mha__packed_free(&l->w_k);
-    mha__packed_free(&l->w_v);
-    mha__packed_free(&l->w_out);
+    for (int i = 0; i < MAT_COUNT; i++) {
+        mha__packed_free(&l->w[i]);
+        mha__packed_bf16_free(&l->w16[i]);
+    }
     mha__free(l->b_in);
     mha__free(l->b_out);
     mha__free(l->bias_k);
@@ -162,14 +182,13 @@ static mha_status apply_weight(mha_layer *l, weight_target what, const float *da
     mha_status st = MHA_OK;
     switch (what) {
     case SET_IN_PROJ: /* [W_q; W_k; W_v] stacked */
-        if ((st = mha__pack(&l->w_q, l->kt, data, E, E)) == MHA_OK &&
-            (st = mha__pack(&l->w_k, l->kt, data + E * E, E, E)) == MHA_OK)
-            st = mha__pack(&l->w_v, l->kt, data + 2 * E * E, E, E);
+        if ((st = pack_matrix(l, MAT_Q, data)) == MHA_OK && (st = pack_matrix(l, MAT_K, data + E * E)) == MHA_OK)
+            st = pack_matrix(l, MAT_V, data + 2 * E * E);
         return st;
-    case SET_Q: return mha__pack(&l->w_q, l->kt, data, E, E);
-    case SET_K: return mha__pack(&l->w_k, l->kt, data, E, d->kdim);
-    case SET_V: return mha__pack(&l->w_v, l->kt, data, E, d->vdim);
-    case SET_OUT: return mha__pack(&l->w_out, l->kt, data, E, E);
+    case SET_Q: return pack_matrix(l, MAT_Q, data);
+    case SET_K: return pack_matrix(l, MAT_K, data);
+    case SET_V: return pack_matrix(l, MAT_V, data);
+    case SET_OUT: return pack_matrix(l, MAT_OUT, data);
     case SET_IN_BIAS: memcpy(l->b_in, data, (size_t)numel * sizeof(float)); return MHA_OK;
     case SET_OUT_BIAS: memcpy(l->b_out, data, (size_t)numel * sizeof(float)); return MHA_OK;
     case SET_BIAS_K: memcpy(l->bias_k, data, (size_t)numel * sizeof(float)); return MHA_OK;
@@ -217,7 +236,10 @@ static batched from_view(const mha_tensor *t)
  * per batch: head-major [N][H][T][d] when d is a multiple of the kernels'
  * nr, so each GEMM panel lies inside one head and attention reads a head's
  * rows contiguously; otherwise row-major [N][T][E]. */
-static bool head_major(const mha_layer *l) { return l->head_dim % l->kt->nr == 0; }
+static bool head_major(const mha_layer *l)
+{
+    return l->head_dim % (l->bf16 ? MHA_BF16_NR : l->kt->nr) == 0; /* the GEMM's panel width */
+}
 
 static batched activations(const mha_layer *l, float *base, int64_t T)
 {
@@ -235,23 +257,31 @@ static mha_tensor heads_view(const mha_layer *l, float *base, int64_t N, int64_t
     return t;
 }
 
+/* One GEMM of the layer, in its dtype. */
+static mha_status linear(mha_ctx *ctx, const mha_layer *l, int64_t rows, const mha__mat *x, matrix which,
+                         const float *b, const mha__mat *y)
+{
+    if (l->bf16) return mha__linear_bf16(ctx, mha__bf16_tile(NULL), rows, x, &l->w16[which], b, y);
+    mha__linear(ctx, l->kt, rows, x, &l->w[which], b, y);
+    return MHA_OK;
+}
+
 /* y[n, t, :] = x[n, t, :] W^T + b for N batches of T rows: one GEMM when
  * the batches lie evenly one after another, else one per batch. */
-static void project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const batched *x, const mha__packed *w,
-                    const float *b, const batched *y)
+static mha_status project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const batched *x, matrix which,
+                          const float *b, const batched *y)
 {
     bool even = !x->m.group_cols && !y->m.group_cols && x->batch_stride == T * x->m.rs &&
                 y->batch_stride == T * y->m.rs;
-    if (N == 1 || even) {
-        mha__linear(ctx, l->kt, N * T, &x->m, w, b, &y->m);
-        return;
-    }
-    for (int64_t n = 0; n < N; n++) {
+    if (N == 1 || even) return linear(ctx, l, N * T, &x->m, which, b, &y->m);
+    mha_status st = MHA_OK;
+    for (int64_t n = 0; n < N && st == MHA_OK; n++) {
         mha__mat xn = x->m, yn = y->m;
         xn.data += n * x->batch_stride;
         yn.data += n * y->batch_stride;
-        mha__linear(ctx, l->kt, T, &xn, w, b, &yn);
+        st = linear(ctx, l, T, &xn, which, b, &yn);
     }
+    return st;
 }
 
 /* Rows S and S+1 of K and V in every head: bias_k/bias_v, then the zero
@@ -350,7 +380,7 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
         .B = N, .Hq = H, .Hkv = H, .L = L, .S = S1, .D = hd, .Dv = hd, .R = S, .group = 1,
         .scale = (float)(1.0 / sqrt((double)hd)), .causal = a->causal,
         .window_left = -1, .window_right = -1,
-        .masks = {a->attn_mask, a->key_padding_mask},
+        .masks = {a->attn_mask, a->key_padding_mask}, .bf16 = l->bf16,
     };
     if ((st = mha__attn_plan_check(&plan)) != MHA_OK) return st;
     if (N * L == 0) return MHA_OK;
@@ -361,9 +391,10 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
 
     batched x_q = from_view(&a->query), x_k = from_view(&a->key), x_v = from_view(&a->value);
     batched q = activations(l, buf.q, L), k = activations(l, buf.k, S1), v = activations(l, buf.v, S1);
-    project(ctx, l, N, L, &x_q, &l->w_q, l->b_in, &q);
-    project(ctx, l, N, S, &x_k, &l->w_k, l->b_in ? l->b_in + E : NULL, &k); /* the real keys; extra rows follow */
-    project(ctx, l, N, S, &x_v, &l->w_v, l->b_in ? l->b_in + 2 * E : NULL, &v);
+    if ((st = project(ctx, l, N, L, &x_q, MAT_Q, l->b_in, &q)) != MHA_OK ||
+        (st = project(ctx, l, N, S, &x_k, MAT_K, l->b_in ? l->b_in + E : NULL, &k)) != MHA_OK || /* extra rows follow */
+        (st = project(ctx, l, N, S, &x_v, MAT_V, l->b_in ? l->b_in + 2 * E : NULL, &v)) != MHA_OK)
+        return st;
     append_extra_keys(l, buf.k, buf.v, N, S, S1);
 
     mha_tensor qh = heads_view(l, buf.q, N, L), kh = heads_view(l, buf.k, N, S1), vh = heads_view(l, buf.v, N, S1);
@@ -376,12 +407,11 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
     batched heads = activations(l, buf.heads, L);
     if (attn_output->stride[2] == 1) {
         batched y = from_view(attn_output);
-        project(ctx, l, N, L, &heads, &l->w_out, l->b_out, &y);
-        return MHA_OK;
+        return project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &y);
     }
     /* Columns not contiguous: project into Q's buffer (free by now), then scatter. */
     batched staged = {{buf.q, E, 1, 0, 0}, L * E};
-    project(ctx, l, N, L, &heads, &l->w_out, l->b_out, &staged);
+    if ((st = project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &staged)) != MHA_OK) return st;
     for (int64_t n = 0; n < N; n++)
         for (int64_t t = 0; t < L; t++)
             for (int64_t c = 0; c < E; c++)

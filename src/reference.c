@@ -4,6 +4,8 @@
  */
 #include "reference.h"
 
+#include "convert.h"
+
 #include <stdint.h>
 
 #include <math.h>
@@ -18,6 +20,7 @@ static void *ref_alloc(int64_t n, size_t size)
     return p;
 }
 
+#define ROUND(x) (x)
 #define REAL double
 #define MATH(f) f
 #define NAME mha_ref_sdpa_f64
@@ -43,4 +46,23 @@ static void *ref_alloc(int64_t n, size_t size)
 #undef NAME
 #undef LAYER_NAME
 #undef SUFFIX
+#undef ROUND
+
+/* The plain bfloat16 model: float32 arithmetic, values rounded to bf16
+ * where a bf16 model stores them. */
+static float round_bf16(float x) { return mha__bf16_to_f32(mha__f32_to_bf16(x)); }
+#define ROUND(x) round_bf16(x)
+#define REAL float
+#define MATH(fn) fn##f
+#define NAME mha_ref_sdpa_bf16
+#define LAYER_NAME mha_ref_layer_bf16
+#define SUFFIX(x) x##_bf16
+#include "reference_sdpa.h"
+#include "reference_layer.h"
+#undef REAL
+#undef MATH
+#undef NAME
+#undef LAYER_NAME
+#undef SUFFIX
+#undef ROUND
 

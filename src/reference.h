@@ -28,6 +28,9 @@ void mha_ref_sdpa_f64(const mha_ref_sdpa *a, const double *q, const double *k, c
                       double *out, double *lse, double *probs);
 void mha_ref_sdpa_f32(const mha_ref_sdpa *a, const float *q, const float *k, const float *v,
                       float *out, float *lse, float *probs);
+/* float32, with the probabilities rounded to bf16 where they meet V. */
+void mha_ref_sdpa_bf16(const mha_ref_sdpa *a, const float *q, const float *k, const float *v,
+                       float *out, float *lse, float *probs);
 
 /* nn.MultiheadAttention, batch-first [N, L, E] inputs.  Weights as in the
  * state_dict: w_q [E,E], w_k [E,kdim], w_v [E,vdim], b_in [3E] or NULL,
@@ -43,7 +46,11 @@ typedef struct mha_ref_layer {
 
 void mha_ref_layer_f64(const mha_ref_layer *a, const double *query, const double *key, const double *value,
                        double *out, double *probs);
-/* The same in float32 (weights and mask rounded to float). */
+/* The same in float32 (weights and mask rounded to float), and as a plain
+ * bfloat16 model computes it (see reference_layer.h): the baselines of the
+ * tolerance rule for the float32 and bf16 layers. */
+void mha_ref_layer_bf16(const mha_ref_layer *a, const float *query, const float *key, const float *value,
+                        float *out, float *probs);
 void mha_ref_layer_f32(const mha_ref_layer *a, const float *query, const float *key, const float *value,
                        float *out, float *probs);
 

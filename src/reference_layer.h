@@ -1,7 +1,9 @@
 /*
  * reference_layer.h -- the body of the reference nn.MultiheadAttention,
- * compiled for two element types by reference.c (see reference_sdpa.h for
- * the macros; SUFFIX names the file-local helpers per type).  It follows
+ * compiled for several element types by reference.c (see reference_sdpa.h
+ * for the macros; SUFFIX names the file-local helpers per type).  ROUND
+ * marks every value a bf16 model stores: weights, inputs, Q, K, V, the
+ * probabilities entering P V, and the head outputs.  It follows
  * PyTorch's multi_head_attention_forward step by step.
  */
 
@@ -17,12 +19,29 @@ static void SUFFIX(linear)(const REAL *x, int64_t rows, int64_t in, const REAL *
         }
 }
 
-/* A REAL copy of n doubles (NULL stays NULL). */
+/* A REAL copy of n doubles (NULL stays NULL), each ROUNDed. */
 static REAL *SUFFIX(copy)(const double *src, int64_t n)
 {
     if (!src) return NULL;
     REAL *dst = ref_alloc(n, sizeof(REAL));
+    for (int64_t i = 0; i < n; i++) dst[i] = ROUND((REAL)src[i]);
+    return dst;
+}
+
+/* A REAL copy of n doubles, not rounded (NULL stays NULL). */
+static REAL *SUFFIX(exact)(const double *src, int64_t n)
+{
+    if (!src) return NULL;
+    REAL *dst = ref_alloc(n, sizeof(REAL));
     for (int64_t i = 0; i < n; i++) dst[i] = (REAL)src[i];
+    return dst;
+}
+
+/* A ROUNDed copy of n REALs. */
+static REAL *SUFFIX(rounded)(const REAL *src, int64_t n)
+{
+    REAL *dst = ref_alloc(n, sizeof(REAL));
+    for (int64_t i = 0; i < n; i++) dst[i] = ROUND(src[i]);
     return dst;
 }
 
@@ -31,9 +50,13 @@ void LAYER_NAME(const mha_ref_layer *a, const REAL *query, const REAL *key, cons
 {
     int64_t N = a->N, L = a->L, S = a->S, E = a->E, H = a->H, d = E / H;
     int64_t S1 = S + (a->bias_k != NULL) + (a->add_zero_attn != 0);
+    /* In a bf16 model the weights and inputs are stored rounded; biases stay. */
+    REAL *query_r = SUFFIX(rounded)(query, N * L * E), *key_r = SUFFIX(rounded)(key, N * S * a->kdim);
+    REAL *value_r = SUFFIX(rounded)(value, N * S * a->vdim);
+    query = query_r, key = key_r, value = value_r;
     REAL *w_q = SUFFIX(copy)(a->w_q, E * E), *w_k = SUFFIX(copy)(a->w_k, E * a->kdim);
     REAL *w_v = SUFFIX(copy)(a->w_v, E * a->vdim), *w_out = SUFFIX(copy)(a->w_out, E * E);
-    REAL *b_in = SUFFIX(copy)(a->b_in, 3 * E), *b_out = SUFFIX(copy)(a->b_out, E);
+    REAL *b_in = SUFFIX(exact)(a->b_in, 3 * E), *b_out = SUFFIX(exact)(a->b_out, E);
     REAL *q = ref_alloc(N * L * E, sizeof(REAL)), *k = ref_alloc(N * S1 * E, sizeof(REAL));
     REAL *v = ref_alloc(N * S1 * E, sizeof(REAL)), *cat = ref_alloc(N * L * E, sizeof(REAL));
     REAL *qh = ref_alloc(N * H * L * d, sizeof(REAL)), *oh = ref_alloc(N * H * L * d, sizeof(REAL));
@@ -52,10 +75,10 @@ void LAYER_NAME(const mha_ref_layer *a, const REAL *query, const REAL *key, cons
     for (int64_t n = 0; n < N; n++)
         for (int64_t h = 0; h < H; h++)
             for (int64_t c = 0; c < d; c++) {
-                for (int64_t t = 0; t < L; t++) qh[((n * H + h) * L + t) * d + c] = q[(n * L + t) * E + h * d + c];
+                for (int64_t t = 0; t < L; t++) qh[((n * H + h) * L + t) * d + c] = ROUND(q[(n * L + t) * E + h * d + c]);
                 for (int64_t t = 0; t < S1; t++) {
-                    kh[((n * H + h) * S1 + t) * d + c] = k[(n * S1 + t) * E + h * d + c];
-                    vh[((n * H + h) * S1 + t) * d + c] = v[(n * S1 + t) * E + h * d + c];
+                    kh[((n * H + h) * S1 + t) * d + c] = ROUND(k[(n * S1 + t) * E + h * d + c]);
+                    vh[((n * H + h) * S1 + t) * d + c] = ROUND(v[(n * S1 + t) * E + h * d + c]);
                 }
             }
     /* The mask over real keys, padded with 0 for the appended ones; causal
@@ -71,9 +94,9 @@ void LAYER_NAME(const mha_ref_layer *a, const REAL *query, const REAL *key, cons
     for (int64_t n = 0; n < N; n++)
         for (int64_t h = 0; h < H; h++)
             for (int64_t t = 0; t < L; t++)
-                for (int64_t c = 0; c < d; c++) cat[(n * L + t) * E + h * d + c] = oh[((n * H + h) * L + t) * d + c];
+                for (int64_t c = 0; c < d; c++) cat[(n * L + t) * E + h * d + c] = ROUND(oh[((n * H + h) * L + t) * d + c]);
     SUFFIX(linear)(cat, N * L, E, w_out, b_out, E, out);
-    REAL *owned[] = {w_q, w_k, w_v, w_out, b_in, b_out, q, k, v, cat, qh, oh, kh, vh};
+    REAL *owned[] = {w_q, w_k, w_v, w_out, b_in, b_out, q, k, v, cat, qh, oh, kh, vh, query_r, key_r, value_r};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     free(add);
 }

@@ -25,9 +25,10 @@ void NAME(const mha_ref_sdpa *a, const REAL *q, const REAL *k, const REAL *v, RE
             if (a->window_left >= 0 && j < diag - a->window_left) visible = false;
             if (a->window_right >= 0 && j > diag + a->window_right) visible = false;
             if (a->keep && !a->keep[row * a->S + j]) visible = false;
+            /* Queries scaled first, as nn.MultiheadAttention does (and, in a
+             * bf16 model, stored rounded). */
             REAL x = 0;
-            for (int64_t c = 0; c < a->D; c++) x += qi[c] * kb[j * a->D + c];
-            x *= (REAL)a->scale;
+            for (int64_t c = 0; c < a->D; c++) x += ROUND(qi[c] * (REAL)a->scale) * kb[j * a->D + c];
             if (a->softcap > 0) x = (REAL)a->softcap * MATH(tanh)(x / (REAL)a->softcap);
             if (a->alibi) x -= (REAL)a->alibi[h] * (REAL)llabs(diag - j);
             if (a->add) x += (REAL)a->add[row * a->S + j];
@@ -41,7 +42,7 @@ void NAME(const mha_ref_sdpa *a, const REAL *q, const REAL *k, const REAL *v, RE
         }
         for (int64_t c = 0; c < a->Dv; c++) {
             REAL o = 0;
-            for (int64_t j = 0; j < a->S; j++) o += s[j] * vb[j * a->Dv + c];
+            for (int64_t j = 0; j < a->S; j++) o += ROUND(s[j]) * vb[j * a->Dv + c];
             out[row * a->Dv + c] = sum > 0 ? o / sum : 0;
         }
         if (lse) lse[row] = sum > 0 ? max + MATH(log)(sum) : -INFINITY;

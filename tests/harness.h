@@ -3,9 +3,12 @@
  * and the tolerance rule, in one place.
  *
  * Tolerance rule (FlashAttention's, docs/NUMERICS.md): against the float64
- * oracle, our error may be at most twice the error of a plain float32
- * implementation of the same computation, plus a tiny absolute floor:
- *     max|ours - ref| <= 2 * max|base - ref| + 4 * FLT_EPSILON * max(1, max|ref|)
+ * oracle, our error may be at most twice the error of a plain
+ * implementation of the same computation in the same precision, plus a tiny
+ * absolute floor tied to that precision's epsilon:
+ *     max|ours - ref| <= 2 * max|base - ref| + 4 * eps * max(1, max|ref|)
+ * with eps = FLT_EPSILON for float32, and for bfloat16 BF16_FLOOR_EPS =
+ * 2^-9, so that the floor 4 * eps is bf16's own epsilon, 2^-7.
  * Infinities must match exactly (a fully masked row's lse is -inf), and a
  * NaN where the oracle has none always fails.
  */
@@ -65,9 +68,12 @@ typedef struct tolerance_report {
     bool ok;
 } tolerance_report;
 
-/* The tolerance rule over n values.  `base` may be NULL when no float32
- * baseline exists: then only the floor applies. */
-static inline tolerance_report tolerance_check(const float *got, const double *ref, const float *base, long long n)
+#define BF16_FLOOR_EPS 0x1p-9
+
+/* The tolerance rule over n values.  `base` may be NULL when no baseline
+ * exists: then only the floor applies. */
+static inline tolerance_report tolerance_check_eps(const float *got, const double *ref, const float *base, long long n,
+                                                   double eps)
 {
     tolerance_report r = {0, 0, 0, -1, true};
     double max_ref = 1.0;
@@ -92,15 +98,21 @@ static inline tolerance_report tolerance_check(const float *got, const double *r
             if (b > r.base_err) r.base_err = b;
         }
     }
-    r.limit = 2.0 * r.base_err + 4.0 * FLT_EPSILON * max_ref;
+    r.limit = 2.0 * r.base_err + 4.0 * eps * max_ref;
     if (!(r.err <= r.limit)) r.ok = false;
     return r;
 }
 
+static inline tolerance_report tolerance_check(const float *got, const double *ref, const float *base, long long n)
+{
+    return tolerance_check_eps(got, ref, base, n, FLT_EPSILON);
+}
+
 /* CHECK the rule; on failure print where and by how much. */
-#define CHECK_CLOSE(what, got, ref, base, n)                                    \
+#define CHECK_CLOSE(what, got, ref, base, n) CHECK_CLOSE_EPS(what, got, ref, base, n, FLT_EPSILON)
+#define CHECK_CLOSE_EPS(what, got, ref, base, n, eps)                           \
     do {                                                                        \
-        tolerance_report tr_ = tolerance_check((got), (ref), (base), (n));      \
+        tolerance_report tr_ = tolerance_check_eps((got), (ref), (base), (n), (eps)); \
         CHECK(tr_.ok, "%s: max error %.3g > limit %.3g (float32 baseline %.3g) at %lld: got %.9g want %.9g", \
               (what), tr_.err, tr_.limit, tr_.base_err, tr_.worst,              \
               tr_.worst >= 0 ? (double)(got)[tr_.worst] : 0.0,                  \

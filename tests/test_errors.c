@@ -330,7 +330,7 @@ static void test_cli_usage(void)
                      "--num-kv-heads", "5", NULL);
     expect_cli_error("--embed-dim is required", "info", "--num-heads", "12", NULL);
     expect_cli_error("--op backward is not available yet", "bench", "--op", "backward", NULL);
-    expect_cli_error("--dtype bf16 is not available yet", "bench", "--dtype", "bf16", NULL);
+    expect_cli_error("--dtype bf16 is not available for --op sdpa", "bench", "--op", "sdpa", "--dtype", "bf16", NULL);
     expect_cli_error("--op forward is self-attention", "bench", "--kv-seq", "7", NULL);
     expect_cli_error("must be divisible by num_heads", "bench", "--embed-dim", "10", "--num-heads", "3", NULL);
 }

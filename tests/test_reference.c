@@ -328,6 +328,7 @@ static void test_fully_masked_rows(mha_ctx *ctx)
 typedef struct layer_case {
     int64_t N, L, S, E, H, kdim, vdim;
     bool bias, bias_kv, zero_attn, causal, mask, kpm, batch_first, need_weights, average;
+    bool bf16;  /* the layer computes in bfloat16; the baseline is the plain bf16 model */
 } layer_case;
 
 static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, const char *label)
@@ -343,6 +344,7 @@ static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, co
     ld.bias = c->bias;
     ld.add_bias_kv = c->bias_kv;
     ld.add_zero_attn = c->zero_attn;
+    ld.dtype = c->bf16 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
     mha_layer *layer = NULL;
     CHECK_OK(mha_layer_create(&ld, &layer));
     if (!layer) return;
@@ -424,10 +426,11 @@ static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, co
     double *ref = malloc((size_t)(N * L * E) * sizeof(double)), *ref_p = malloc((size_t)nprobs * sizeof(double));
     float *base = malloc((size_t)(N * L * E) * sizeof(float)), *base_p = malloc((size_t)nprobs * sizeof(float));
     mha_ref_layer_f64(&r, xq, xk, xv, ref, ref_p);
-    mha_ref_layer_f32(&r, iq, ik, iv, base, base_p);
+    (c->bf16 ? mha_ref_layer_bf16 : mha_ref_layer_f32)(&r, iq, ik, iv, base, base_p);
     char what[320];
     snprintf(what, sizeof what, "%s attn_output", label);
-    CHECK_CLOSE(what, out1, ref, base, N * L * E);
+    double eps = c->bf16 ? BF16_FLOOR_EPS : FLT_EPSILON;
+    CHECK_CLOSE_EPS(what, out1, ref, base, N * L * E, eps);
     if (c->need_weights) {
         if (c->average) /* mean over heads, as PyTorch: sum, then divide */
             for (int64_t n = 0; n < N; n++)
@@ -442,7 +445,7 @@ static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, co
                     base_p[n * L * S1 + i] = sf / (float)H;
                 }
         snprintf(what, sizeof what, "%s attn_weights", label);
-        CHECK_CLOSE(what, w1, ref_p, base_p, nw);
+        CHECK_CLOSE_EPS(what, w1, ref_p, base_p, nw, eps);
     }
     void *owned[] = {wq, wk, wv, wo, bi, bo, bk, bv, xq, xk, xv, fq, fk, fv, fo, fbi, fbo, fbk, fbv, iq, ik, iv,
                      amask, kpm, add, out1, out2, w1, w2, ref, ref_p, base, base_p};
@@ -454,7 +457,7 @@ static void test_layer_sweep(mha_ctx *ctx1, mha_ctx *ctx2)
 {
     static const int64_t seqs[] = {1, 3, 8, 17, 40};
     static const int64_t heads[] = {1, 2, 3, 4, 8};
-    for (int n = 0; n < 60; n++) {
+    for (int n = 0; n < 90; n++) { /* every third one in bf16 */
         layer_case c;
         c.H = heads[pick(5)];
         c.E = c.H * (4 + pick(13));
@@ -473,9 +476,11 @@ static void test_layer_sweep(mha_ctx *ctx1, mha_ctx *ctx2)
         c.need_weights = pick(2);
         c.average = pick(2);
         c.batch_first = true;
+        c.bf16 = n % 3 == 2;
         char label[160];
-        snprintf(label, sizeof label, "layer #%d N%lld L%lld S%lld E%lld H%lld k%lld v%lld", n, (long long)c.N,
-                 (long long)c.L, (long long)c.S, (long long)c.E, (long long)c.H, (long long)c.kdim, (long long)c.vdim);
+        snprintf(label, sizeof label, "layer #%d%s N%lld L%lld S%lld E%lld H%lld k%lld v%lld", n, c.bf16 ? " bf16" : "",
+                 (long long)c.N, (long long)c.L, (long long)c.S, (long long)c.E, (long long)c.H, (long long)c.kdim,
+                 (long long)c.vdim);
         run_layer_case(&c, ctx1, ctx2, label);
     }
 }
