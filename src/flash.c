@@ -40,7 +40,7 @@ static int64_t rows_per_item(const mha__attn_plan *p)
 typedef struct flash_job {
     const mha__attn_plan *p;
     const mha__kernels *kt;
-    mha__gemm_tile_bf16_fn tile16;  /* non-NULL: the products run in bf16 */
+    const mha__bf16_kernels *bk;  /* non-NULL: the products run in bf16 */
     int64_t br;                /* query rows per item */
     mha_tensor *out;
     float *lse;
@@ -58,7 +58,7 @@ typedef struct tiles {
     float *o;       /* [BR][Dv]  unnormalised output */
     float *max, *sum, *scale;  /* [BR] */
     uint16_t *k16;  /* bf16 only: [BC][D even]  the key tile, rounded */
-    uint16_t *p16;  /* bf16 only: [BR][BC]      probabilities, query-major, rounded */
+    uint16_t *p16;  /* bf16 only: [BC / 2][BR][2] probabilities in pairs of keys, rounded */
     int64_t lo[BR], hi[BR];    /* each row's visible real keys (mha__row_key_range) */
 } tiles;
 
@@ -105,7 +105,7 @@ static void pack_queries(const flash_job *j, int64_t b, int64_t h, int64_t i0, i
     const float *qb = q->data + b * q->stride[0] + h * q->stride[1] + i0 * q->stride[2];
     float scale = j->p->scale;
     int64_t D = j->p->D;
-    if (j->tile16) { /* pairs of dimensions: element (c, r) at (c / 2) * 2 BR + 2 r + c % 2 */
+    if (j->bk) { /* pairs of dimensions: element (c, r) at (c / 2) * 2 BR + 2 r + c % 2 */
         uint16_t *qt16 = (uint16_t *)qt;
         for (int64_t r = 0; r < rows; r++) {
             for (int64_t c = 0; c < D; c++)
@@ -125,35 +125,47 @@ static void score_products_bf16(const flash_job *j, const tiles *t, const float 
     const mha_tensor *k = j->k;
     int64_t D = j->p->D, De = even(D);
     for (int64_t c = 0; c < cols; c++) {
-        for (int64_t d = 0; d < D; d++) t->k16[c * De + d] = mha__f32_to_bf16(kb[c * k->stride[2] + d * k->stride[3]]);
+        if (k->stride[3] == 1) {
+            j->bk->round(t->k16 + c * De, kb + c * k->stride[2], D);
+        } else {
+            for (int64_t d = 0; d < D; d++) t->k16[c * De + d] = mha__f32_to_bf16(kb[c * k->stride[2] + d * k->stride[3]]);
+        }
         if (D & 1) t->k16[c * De + D] = 0;
     }
     for (int64_t c = 0; c < cols; c += MHA_BF16_MR)
         for (int64_t r = 0; r < rows; r += MHA_BF16_NR) {
             int64_t m = cols - c < MHA_BF16_MR ? cols - c : MHA_BF16_MR, n = rows - r < MHA_BF16_NR ? rows - r : MHA_BF16_NR;
-            j->tile16(m, n, De, t->k16 + c * De, De, (const uint16_t *)t->qt + 2 * r, 2 * BR, t->st + c * BR + r, BR, 0);
+            j->bk->tile(m, n, De, t->k16 + c * De, De, 2, (const uint16_t *)t->qt + 2 * r, 2 * BR, t->st + c * BR + r,
+                        BR, 0);
         }
 }
 
-/* O += P V in bf16: P rounded query-major, the value tile rounded into
- * pairs of keys, both padded to an even number of keys. */
+/* O += P V in bf16: pairs of key rows of P (key-major, as softmax_step
+ * left it) and of V interleaved and rounded, padded to an even number of
+ * keys; P's pairs are then the A operand (a_rs = 2, a_ps = 2 BR). */
 static void value_products_bf16(const flash_job *j, const tiles *t, const float *vb, int64_t rows, int64_t cols)
 {
     const mha_tensor *v = j->v;
+    const mha__bf16_kernels *bk = j->bk;
     int64_t Dv = j->p->Dv, ce = even(cols);
-    uint16_t *v16 = (uint16_t *)t->vt;
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t c = 0; c < cols; c++) t->p16[r * BC + c] = mha__f32_to_bf16(t->st[c * BR + r]);
-        if (cols & 1) t->p16[r * BC + cols] = 0;
+    uint16_t *v16 = (uint16_t *)t->vt, *p16 = t->p16;
+    for (int64_t c = 0; c < cols; c += 2) {
+        const float *second = c + 1 < cols ? t->st + (c + 1) * BR : NULL;
+        bk->pairs(p16 + (c / 2) * 2 * BR, t->st + c * BR, second, rows);
+        if (v->stride[3] == 1) {
+            bk->pairs(v16 + (c / 2) * 2 * Dv, vb + c * v->stride[2], c + 1 < cols ? vb + (c + 1) * v->stride[2] : NULL, Dv);
+            continue;
+        }
+        for (int64_t d = 0; d < Dv; d++) {
+            v16[(c / 2) * 2 * Dv + 2 * d] = mha__f32_to_bf16(vb[c * v->stride[2] + d * v->stride[3]]);
+            v16[(c / 2) * 2 * Dv + 2 * d + 1] =
+                c + 1 < cols ? mha__f32_to_bf16(vb[(c + 1) * v->stride[2] + d * v->stride[3]]) : 0;
+        }
     }
-    for (int64_t key = 0; key < ce; key++)
-        for (int64_t d = 0; d < Dv; d++)
-            v16[(key / 2) * 2 * Dv + 2 * d + key % 2] =
-                key < cols ? mha__f32_to_bf16(vb[key * v->stride[2] + d * v->stride[3]]) : 0;
     for (int64_t r = 0; r < rows; r += MHA_BF16_MR)
         for (int64_t c = 0; c < Dv; c += MHA_BF16_NR) {
             int64_t m = rows - r < MHA_BF16_MR ? rows - r : MHA_BF16_MR, n = Dv - c < MHA_BF16_NR ? Dv - c : MHA_BF16_NR;
-            j->tile16(m, n, ce, t->p16 + r * BC, BC, v16 + 2 * c, 2 * Dv, t->o + r * Dv + c, Dv, 1);
+            bk->tile(m, n, ce, p16 + 2 * r, 2, 2 * BR, v16 + 2 * c, 2 * Dv, t->o + r * Dv + c, Dv, 1);
         }
 }
 
@@ -169,7 +181,7 @@ static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h,
     const mha__kernels *kt = j->kt;
     const mha_tensor *k = j->k;
     const float *kb = k->data + b * k->stride[0] + (h / p->group) * k->stride[1] + j0 * k->stride[2];
-    if (j->tile16)
+    if (j->bk)
         score_products_bf16(j, t, kb, rows, cols);
     else
         for (int64_t c = 0; c < cols; c += kt->mr)
@@ -213,7 +225,7 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
     const mha_tensor *v = j->v;
     const float *vb = v->data + b * v->stride[0] + (h / p->group) * v->stride[1] + j0 * v->stride[2];
     int64_t ldv = v->stride[2];
-    if (j->tile16) {
+    if (j->bk) {
         for (int64_t r = 0; r < rows; r++)
             if (t->scale[r] != 1.0f) kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
         value_products_bf16(j, t, vb, rows, cols);
@@ -376,7 +388,7 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *pr
                            const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k)
 {
     int64_t br = rows_per_item(p);
-    probs_job pj = {{p, mha__kernels_get(), p->bf16 ? mha__bf16_tile(NULL) : NULL, br, NULL, NULL,
+    probs_job pj = {{p, mha__kernels_get(), p->bf16 ? mha__bf16_get() : NULL, br, NULL, NULL,
                      (mha__row_stats *)stats, q, k, NULL, NULL, 0, (p->L + br - 1) / br},
                     probs, average};
     pj.f.scratch = mha__thread_scratch(ctx, tiles_floats(p), &pj.f.scratch_stride);
@@ -389,7 +401,7 @@ mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *
                              mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v)
 {
     int64_t br = rows_per_item(p);
-    flash_job job = {p, mha__kernels_get(), p->bf16 ? mha__bf16_tile(NULL) : NULL, br, out, lse, stats, q, k, v,
+    flash_job job = {p, mha__kernels_get(), p->bf16 ? mha__bf16_get() : NULL, br, out, lse, stats, q, k, v,
                      NULL, 0, (p->L + br - 1) / br};
     job.scratch = mha__thread_scratch(ctx, tiles_floats(p), &job.scratch_stride);
     if (!job.scratch) return MHA_ERR_NOMEM;

@@ -125,18 +125,29 @@ void mha__packed_bf16_free(mha__packed_bf16 *p)
 }
 
 typedef struct round_job {
+    const mha__bf16_kernels *bk;
     const mha__mat *x;
     int64_t in, in_even;
     uint16_t *xb;
 } round_job;
 
+/* Rows of x rounded to bf16, padded to an even width; each group of
+ * contiguous columns in one vector call. */
 static void round_rows(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const round_job *j = arg;
+    int64_t group = j->x->group_cols ? j->x->group_cols : j->in;
     for (int64_t r = begin; r < end; r++) {
         uint16_t *dst = j->xb + r * j->in_even;
-        for (int64_t c = 0; c < j->in; c++) dst[c] = mha__f32_to_bf16(*mat_at(j->x, r, c));
+        for (int64_t c0 = 0; c0 < j->in; c0 += group) {
+            int64_t n = j->in - c0 < group ? j->in - c0 : group;
+            if (j->x->cs == 1) {
+                j->bk->round(dst + c0, mat_at(j->x, r, c0), n);
+            } else {
+                for (int64_t c = c0; c < c0 + n; c++) dst[c] = mha__f32_to_bf16(*mat_at(j->x, r, c));
+            }
+        }
         if (j->in_even > j->in) dst[j->in] = 0;
     }
 }
@@ -166,21 +177,21 @@ static void linear_bf16_range(void *arg, int thread, int64_t begin, int64_t end)
             float *y = mat_at(&j->y, r, col0);
             if (j->b)
                 for (int64_t i = 0; i < m; i++) memcpy(y + i * j->y.rs, j->b + col0, (size_t)cols * sizeof(float));
-            j->tile(m, cols, in_even, j->xb + r * in_even, in_even, b, 2 * nr, y, j->y.rs, j->b != NULL);
+            j->tile(m, cols, in_even, j->xb + r * in_even, in_even, 2, b, 2 * nr, y, j->y.rs, j->b != NULL);
         }
     }
 }
 
-mha_status mha__linear_bf16(mha_ctx *ctx, mha__gemm_tile_bf16_fn tile, int64_t rows, const mha__mat *x,
+mha_status mha__linear_bf16(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, const mha__mat *x,
                             const mha__packed_bf16 *w, const float *b, const mha__mat *y)
 {
     int64_t n;
     if (!mha__mul(rows, w->in_even, &n)) return mha__fail(MHA_ERR_INVALID_ARG, "bf16 input of %lld rows overflows", (long long)rows);
     uint16_t *xb = mha__ctx_scratch(ctx, MHA_SCRATCH_BF16, n * (int64_t)sizeof(uint16_t));
     if (!xb) return MHA_ERR_NOMEM;
-    round_job rj = {x, w->in, w->in_even, xb};
+    round_job rj = {bk, x, w->in, w->in_even, xb};
     mha__parallel_for(ctx, rows, round_rows, &rj);
-    linear_bf16_job job = {tile, rows, xb, w, b, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK};
+    linear_bf16_job job = {bk->tile, rows, xb, w, b, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK};
     mha__parallel_for(ctx, job.row_blocks * ((w->out + MHA_BF16_NR - 1) / MHA_BF16_NR), linear_bf16_range, &job);
     return MHA_OK;
 }

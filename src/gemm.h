@@ -53,8 +53,8 @@ mha_status mha__pack_bf16(mha__packed_bf16 *p, const float *w, int64_t out, int6
 void       mha__packed_bf16_free(mha__packed_bf16 *p);
 
 /* y = x W^T + b with x rounded to bf16 (once, into the context's scratch)
- * and every product accumulated in float32 by `tile`.  NOMEM. */
-mha_status mha__linear_bf16(mha_ctx *ctx, mha__gemm_tile_bf16_fn tile, int64_t rows, const mha__mat *x,
+ * and every product accumulated in float32 by bk's tile.  NOMEM. */
+mha_status mha__linear_bf16(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, const mha__mat *x,
                             const mha__packed_bf16 *w, const float *b, const mha__mat *y);
 
 #endif /* MHA_GEMM_H */

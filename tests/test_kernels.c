@@ -132,43 +132,70 @@ static void test_softmax_step(const mha__kernels *kt)
     CHECK(sum[1] == 0.0f && max[1] == -INFINITY, "%s: masked row has sum %g", kt->name, (double)sum[1]);
 }
 
-/* The bf16 tile: every tail, both accumulate modes, nothing written outside
- * the tile, sums within float32 rounding of the exact (double) ones. */
-static void test_gemm_tile_bf16(const char *name, mha__gemm_tile_bf16_fn tile)
+/* The bf16 kernels: the tile over every tail, both A layouts (row-major
+ * and pairs of rows) and both accumulate modes, writing nothing outside the
+ * tile, with sums within float32 rounding of the exact (double) ones; and
+ * the conversions against the scalar rounding. */
+static void test_bf16_kernels(const mha__bf16_kernels *bk)
 {
     enum { K_MAX = 200, MR = MHA_BF16_MR, NR = MHA_BF16_NR, GUARD = 3 };
     static const int64_t ks[] = {0, 2, 6, 64, 200};
     int64_t lda = K_MAX + 6, ldb = 2 * NR + 10, ldc = NR + 9;
-    uint16_t *a = malloc(sizeof(uint16_t) * MR * lda), *b = malloc(sizeof(uint16_t) * (K_MAX / 2) * ldb);
+    uint16_t *a = malloc(sizeof(uint16_t) * MR * lda * 2), *b = malloc(sizeof(uint16_t) * (K_MAX / 2) * ldb);
     float *c = malloc(sizeof(float) * (MR + GUARD) * ldc), *c0 = malloc(sizeof(float) * (MR + GUARD) * ldc);
-    for (int64_t i = 0; i < MR * lda; i++) a[i] = mha__f32_to_bf16(uniform());
+    for (int64_t i = 0; i < MR * lda * 2; i++) a[i] = mha__f32_to_bf16(uniform());
     for (int64_t i = 0; i < (K_MAX / 2) * ldb; i++) b[i] = mha__f32_to_bf16(uniform());
     int bad = 0;
-    for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++)
-        for (int64_t m = 1; m <= MR; m++)
-            for (int64_t n = 1; n <= NR; n++)
-                for (int acc = 0; acc < 2; acc++) {
-                    int64_t k = ks[ki];
-                    for (int64_t i = 0; i < (MR + GUARD) * ldc; i++) c[i] = c0[i] = uniform();
-                    tile(m, n, k, a, lda, b, ldb, c, ldc, acc);
-                    for (int64_t i = 0; i < MR + GUARD; i++)
-                        for (int64_t j = 0; j < ldc; j++) {
-                            float got = c[i * ldc + j];
-                            if (i >= m || j >= n) {
-                                bad += got != c0[i * ldc + j];
-                                continue;
+    for (int layout = 0; layout < 2; layout++)
+        for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++)
+            for (int64_t m = 1; m <= MR; m++)
+                for (int64_t n = 1; n <= NR; n++)
+                    for (int acc = 0; acc < 2; acc++) {
+                        int64_t k = ks[ki];
+                        /* layout 0: rows of k values; 1: pairs of rows, [k / 2][MR][2]. */
+                        int64_t a_rs = layout ? 2 : lda, a_ps = layout ? 2 * MR : 2;
+                        for (int64_t i = 0; i < (MR + GUARD) * ldc; i++) c[i] = c0[i] = uniform();
+                        bk->tile(m, n, k, a, a_rs, a_ps, b, ldb, c, ldc, acc);
+                        for (int64_t i = 0; i < MR + GUARD; i++)
+                            for (int64_t j = 0; j < ldc; j++) {
+                                float got = c[i * ldc + j];
+                                if (i >= m || j >= n) {
+                                    bad += got != c0[i * ldc + j];
+                                    continue;
+                                }
+                                double want = acc ? c0[i * ldc + j] : 0.0, mag = fabs(want);
+                                for (int64_t p = 0; p < k; p++) {
+                                    double t = (double)mha__bf16_to_f32(a[i * a_rs + (p / 2) * a_ps + p % 2]) *
+                                               mha__bf16_to_f32(b[(p / 2) * ldb + 2 * j + p % 2]);
+                                    want += t;
+                                    mag += fabs(t);
+                                }
+                                bad += fabs(got - want) > (double)(k + 2) * FLT_EPSILON * mag + 1e-30;
                             }
-                            double want = acc ? c0[i * ldc + j] : 0.0, mag = fabs(want);
-                            for (int64_t p = 0; p < k; p++) {
-                                double t = (double)mha__bf16_to_f32(a[i * lda + p]) *
-                                           mha__bf16_to_f32(b[(p / 2) * ldb + 2 * j + p % 2]);
-                                want += t;
-                                mag += fabs(t);
-                            }
-                            bad += fabs(got - want) > (double)(k + 2) * FLT_EPSILON * mag + 1e-30;
-                        }
-                }
-    CHECK(bad == 0, "%s bf16 tile: %d wrong or out-of-tile values", name, bad);
+                    }
+    CHECK(bad == 0, "%s bf16 tile: %d wrong or out-of-tile values", bk->name, bad);
+    /* Conversions, with tails, against the scalar round-to-nearest-even. */
+    enum { N = 37 };
+    float x0[N], x1[N];
+    uint16_t out[2 * N + 2], want[2 * N + 2];
+    for (int i = 0; i < N; i++) x0[i] = uniform() * 300.0f, x1[i] = uniform() * 1e-3f;
+    int conv_bad = 0;
+    for (int n = 1; n <= N; n += 7) {
+        memset(out, 0xab, sizeof out);
+        memcpy(want, out, sizeof want);
+        for (int i = 0; i < n; i++) want[i] = mha__f32_to_bf16(x0[i]);
+        bk->round(out, x0, n);
+        conv_bad += memcmp(out, want, sizeof out) != 0;
+        memset(out, 0xab, sizeof out);
+        memcpy(want, out, sizeof want);
+        for (int i = 0; i < n; i++) want[2 * i] = mha__f32_to_bf16(x0[i]), want[2 * i + 1] = mha__f32_to_bf16(x1[i]);
+        bk->pairs(out, x0, x1, n);
+        conv_bad += memcmp(out, want, sizeof out) != 0;
+        for (int i = 0; i < n; i++) want[2 * i + 1] = 0;
+        bk->pairs(out, x0, NULL, n);
+        conv_bad += memcmp(out, want, sizeof out) != 0;
+    }
+    CHECK(conv_bad == 0, "%s bf16 conversions: %d mismatches", bk->name, conv_bad);
     free(a);
     free(b);
     free(c);
@@ -179,9 +206,9 @@ int main(void)
 {
     static const char *const bf16_names[] = {"generic", "avx512_bf16"};
     for (size_t i = 0; i < sizeof bf16_names / sizeof bf16_names[0]; i++) {
-        mha__gemm_tile_bf16_fn tile = mha__bf16_tile_named(bf16_names[i]);
-        if (tile) test_gemm_tile_bf16(bf16_names[i], tile);
-        else printf("test_kernels: bf16 tile %s not supported here, skipped\n", bf16_names[i]);
+        const mha__bf16_kernels *bk = mha__bf16_named(bf16_names[i]);
+        if (bk) test_bf16_kernels(bk);
+        else printf("test_kernels: bf16 kernels %s not supported here, skipped\n", bf16_names[i]);
     }
     static const char *const names[] = {"generic", "avx2", "avx512"};
     int tested = 0;
@@ -197,8 +224,6 @@ int main(void)
         tested++;
     }
     CHECK(tested >= 1, "no kernels ran");
-    const char *bf16_name;
-    mha__bf16_tile(&bf16_name);
-    printf("test_kernels: in use here: %s, bf16 tile %s\n", mha_isa(), bf16_name);
+    printf("test_kernels: in use here: %s, bf16 kernels %s\n", mha_isa(), mha__bf16_get()->name);
     return harness_finish("test_kernels");
 }

@@ -1,7 +1,7 @@
 /*
  * avx512_bf16.c -- the bf16 micro-kernel on AVX512-BF16 (vdpbf16ps).
- * Compiled with -mavx512f -mavx512bf16; called only when cpu.c has seen
- * the CPU support it.
+ * Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512bf16; called only
+ * when cpu.c has seen the CPU support it.
  *
  * A 12 x 32 tile of C in 24 zmm registers, as the float32 kernel, but each
  * step takes two values of k: one zmm of B holds 16 columns x 2 rows of
@@ -28,7 +28,7 @@ static __m512i pair_at(const uint16_t *a)
 
 #define ROW_DOT(i)                                                                  \
     do {                                                                            \
-        __m512bh a_ = (__m512bh)pair_at(r##i + p);                                  \
+        __m512bh a_ = (__m512bh)pair_at(r##i + (p / 2) * a_ps);                     \
         c##i##0 = _mm512_dpbf16_ps(c##i##0, a_, b0);                                \
         c##i##1 = _mm512_dpbf16_ps(c##i##1, a_, b1);                                \
     } while (0)
@@ -46,8 +46,8 @@ static __m512i pair_at(const uint16_t *a)
         }                                                                           \
     } while (0)
 
-void mha__gemm_tile_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
-                                const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+static void tile_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
+                             const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
 #define ROW_PTR(i) const uint16_t *r##i = a + (i < m ? i : m - 1) * a_rs
     ROW_PTR(0); ROW_PTR(1); ROW_PTR(2); ROW_PTR(3); ROW_PTR(4); ROW_PTR(5);
@@ -88,3 +88,32 @@ void mha__gemm_tile_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t 
     ROW_STORE(10);
     ROW_STORE(11);
 }
+
+static void round_bf16_avx512(uint16_t *dst, const float *src, int64_t n)
+{
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mk = lane_mask(n - i);
+        __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, src + i));
+        _mm256_mask_storeu_epi16(dst + i, mk, (__m256i)h);
+    }
+}
+
+/* Widen each bf16 to 32 bits, the second row's in the high half: lane j is
+ * then the pair (x0[j], x1[j]) in memory order. */
+static void pairs_bf16_avx512(uint16_t *dst, const float *x0, const float *x1, int64_t n)
+{
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mk = lane_mask(n - i);
+        __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, x0 + i)));
+        __m512i hi = x1 ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, x1 + i)))
+                        : _mm512_setzero_si512();
+        _mm512_mask_storeu_epi32(dst + 2 * i, mk, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+}
+
+const mha__bf16_kernels mha__bf16_kernels_avx512 = {
+    .name = "avx512_bf16",
+    .tile = tile_bf16_avx512,
+    .round = round_bf16_avx512,
+    .pairs = pairs_bf16_avx512,
+};

@@ -113,20 +113,29 @@ const mha__kernels *mha__kernels_get(void)
 
 const char *mha_isa(void) { return mha__kernels_get()->name; }
 
-/* bf16: the native dot-product kernel where the CPU has AVX512-BF16 and the
- * float32 choice is avx512 (so MHA_ISA caps both), else the portable one. */
-mha__gemm_tile_bf16_fn mha__bf16_tile_named(const char *name)
+/* bf16: the native dot-product kernels where the CPU has AVX512-BF16 and
+ * the float32 choice is avx512 (so MHA_ISA caps both), else the portable
+ * ones. */
+const mha__bf16_kernels *mha__bf16_named(const char *name)
 {
-    if (name && strcmp(name, "generic") == 0) return mha__gemm_tile_bf16_generic;
+    if (name && strcmp(name, "generic") == 0) return &mha__bf16_kernels_generic;
 #if defined(__x86_64__) || defined(__i386__)
-    if (name && strcmp(name, "avx512_bf16") == 0 && detect().avx512_bf16) return mha__gemm_tile_bf16_avx512;
+    if (name && strcmp(name, "avx512_bf16") == 0 && detect().avx512_bf16) return &mha__bf16_kernels_avx512;
 #endif
     return NULL;
 }
 
-mha__gemm_tile_bf16_fn mha__bf16_tile(const char **name)
+static const mha__bf16_kernels *chosen_bf16;
+static pthread_once_t chosen_bf16_once = PTHREAD_ONCE_INIT;
+
+static void choose_bf16(void)
 {
-    bool native = strcmp(mha__kernels_get()->name, "avx512") == 0 && mha__bf16_tile_named("avx512_bf16");
-    if (name) *name = native ? "avx512_bf16" : "generic";
-    return native ? mha__bf16_tile_named("avx512_bf16") : mha__gemm_tile_bf16_generic;
+    const mha__bf16_kernels *native = mha__bf16_named("avx512_bf16");
+    chosen_bf16 = native && strcmp(mha__kernels_get()->name, "avx512") == 0 ? native : &mha__bf16_kernels_generic;
+}
+
+const mha__bf16_kernels *mha__bf16_get(void)
+{
+    pthread_once(&chosen_bf16_once, choose_bf16);
+    return chosen_bf16;
 }

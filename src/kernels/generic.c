@@ -68,21 +68,41 @@ static double peak_generic(int64_t iterations)
     return 2.0 * 8.0 * (double)iterations;
 }
 
-void mha__gemm_tile_bf16_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
-                                 const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+static void tile_bf16_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
+                              const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = 0; j < n; j++) {
             float acc = accumulate ? c[i * ldc + j] : 0.0f;
             for (int64_t p = 0; p < k; p += 2) {
-                const uint16_t *bp = b + (p / 2) * ldb + 2 * j;
+                const uint16_t *ap = a + i * a_rs + (p / 2) * a_ps, *bp = b + (p / 2) * ldb + 2 * j;
                 /* Products of bf16 values are exact in float32. */
-                acc += mha__bf16_to_f32(a[i * a_rs + p]) * mha__bf16_to_f32(bp[0]);
-                acc += mha__bf16_to_f32(a[i * a_rs + p + 1]) * mha__bf16_to_f32(bp[1]);
+                acc += mha__bf16_to_f32(ap[0]) * mha__bf16_to_f32(bp[0]);
+                acc += mha__bf16_to_f32(ap[1]) * mha__bf16_to_f32(bp[1]);
             }
             c[i * ldc + j] = acc;
         }
 }
+
+static void round_bf16_generic(uint16_t *dst, const float *src, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = mha__f32_to_bf16(src[i]);
+}
+
+static void pairs_bf16_generic(uint16_t *dst, const float *x0, const float *x1, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        dst[2 * i] = mha__f32_to_bf16(x0[i]);
+        dst[2 * i + 1] = x1 ? mha__f32_to_bf16(x1[i]) : 0;
+    }
+}
+
+const mha__bf16_kernels mha__bf16_kernels_generic = {
+    .name = "generic",
+    .tile = tile_bf16_generic,
+    .round = round_bf16_generic,
+    .pairs = pairs_bf16_generic,
+};
 
 const mha__kernels mha__kernels_generic = {
     .name = "generic",

@@ -65,29 +65,43 @@ typedef struct mha__kernels {
 
 /* The same product in bfloat16 (raw uint16_t bits) with float32
  * accumulation, for the bf16 paths:
- *   A element (i, p) at a[i * a_rs + p]   (rows of k values; k even)
+ *   A element (i, p) at a[i * a_rs + (p / 2) * a_ps + p % 2]: values come
+ *     in pairs along k (row-major rows have a_ps = 2); k even
  *   B in pairs of rows: element (p, j) at b[(p / 2) * ldb + 2 * j + p % 2]
- *   C float32, as in gemm_tile; m <= 12, n <= 32.
+ *   C float32, as in gemm_tile; m <= MHA_BF16_MR, n <= MHA_BF16_NR.
  * Each product of two bf16 values is exact in float32; the sums round as
  * float32 in p order, pairwise (p, p+1) as the AVX512-BF16 dot product
  * instruction does, which also treats denormal inputs and results as 0. */
 typedef void (*mha__gemm_tile_bf16_fn)(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
-                                       const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
+                                       int64_t a_ps, const uint16_t *b, int64_t ldb, float *c, int64_t ldc,
+                                       int accumulate);
+
+/* dst[i] = bf16(src[i]), round to nearest even, for i < n. */
+typedef void (*mha__bf16_round_fn)(uint16_t *dst, const float *src, int64_t n);
+
+/* dst[2i] = bf16(x0[i]), dst[2i + 1] = bf16(x1[i]) (0 when x1 is NULL), for
+ * i < n: two rows interleaved into the pairs the tile reads. */
+typedef void (*mha__bf16_pairs_fn)(uint16_t *dst, const float *x0, const float *x1, int64_t n);
 
 enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
 
-void mha__gemm_tile_bf16_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
-                                 const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
+typedef struct mha__bf16_kernels {
+    const char *name;  /* "generic" or "avx512_bf16" */
+    mha__gemm_tile_bf16_fn tile;
+    mha__bf16_round_fn round;
+    mha__bf16_pairs_fn pairs;
+} mha__bf16_kernels;
+
+extern const mha__bf16_kernels mha__bf16_kernels_generic;
 #if defined(__x86_64__) || defined(__i386__)
-void mha__gemm_tile_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
-                                const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
+extern const mha__bf16_kernels mha__bf16_kernels_avx512;
 #endif
 
-/* The bf16 tile for this CPU ("avx512_bf16" when the CPU and OS support
- * AVX512-BF16 and MHA_ISA does not cap below avx512, else "generic"), or
- * the named one (NULL if it cannot run here). */
-mha__gemm_tile_bf16_fn mha__bf16_tile(const char **name);
-mha__gemm_tile_bf16_fn mha__bf16_tile_named(const char *name);
+/* The bf16 kernels for this CPU: "avx512_bf16" when the CPU and OS support
+ * AVX512-BF16 and the float32 choice is avx512 (so MHA_ISA caps both), else
+ * "generic"; or the named ones (NULL if they cannot run here). */
+const mha__bf16_kernels *mha__bf16_get(void);
+const mha__bf16_kernels *mha__bf16_named(const char *name);
 
 /* The table for this CPU, chosen once (thread-safe): the best ISA the CPU
  * and the OS support, or the one named by MHA_ISA=generic|avx2|avx512 if the
