@@ -95,13 +95,15 @@ def main():
     E, H = 768, 12
     peak_out = subprocess.run([MHA, "bench", "--peak", "--json", "--threads", str(a.threads)], check=True,
                               capture_output=True, text=True).stdout.strip().splitlines()
-    peak = json.loads(peak_out[-1])["gflops"]
+    peaks = [json.loads(line) for line in peak_out]
+    f32_peak = [p for p in peaks if p["dtype"] == "f32" and p["threads"] == a.threads][0]
+    peak = f32_peak["gflops"]
     global torch
     import torch as imported
     torch = imported
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} threads, measured f32 peak {peak:.1f} GFLOP/s "
-          f"({json.loads(peak_out[-1])['isa']}), medians of {a.repeat}")
+          f"({f32_peak['isa']}), medians of {a.repeat}")
     print(f"PyTorch's BLAS: {blas_in_use()}")
     print(f"{'shape':<24}{'torch ms':>10}{'mha ms':>10}{'speed-up':>10}{'mha GFLOP/s':>13}{'% peak':>8}"
           f"{'mha MB':>8}")

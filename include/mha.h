@@ -14,7 +14,7 @@
  *     mha_layer   *layer;
  *     mha_ctx     *ctx;
  *     mha_st_open("block.safetensors", &weights);
- *     mha_layer_from_safetensors(weights, "", 12, 0, &layer);  // 12 heads
+ *     mha_layer_from_safetensors(weights, "", 12, 0, MHA_DTYPE_F32, &layer);
  *     mha_ctx_create(0, &ctx);                                 // all CPUs
  *
  *     mha_layer_fwd_args args;
@@ -143,11 +143,6 @@ mha_status mha_ctx_create(int n_threads, mha_ctx **out_ctx);
 void       mha_ctx_free(mha_ctx *ctx);
 int        mha_ctx_threads(const mha_ctx *ctx);
 
-/* Measure this machine's float32 multiply-add peak with the kernels in
- * use (mha_isa()), all of ctx's threads at once, for about `seconds`
- * (best of three runs).  GFLOP/s in *gflops.  Not reentrant.
- * Errors: MISUSE, INVALID_ARG (seconds outside (0, 60]). */
-mha_status mha_measure_peak(mha_ctx *ctx, double seconds, double *gflops);
 
 /* ------------------------------------------------------------------ */
 /* Scaled dot-product attention                                        */
@@ -212,6 +207,14 @@ typedef enum mha_dtype {
 /* "F32", "BF16", ... as written in safetensors headers. */
 const char *mha_dtype_name(mha_dtype dtype);
 size_t      mha_dtype_size(mha_dtype dtype);
+
+/* Measure this machine's multiply-add peak for `dtype` (MHA_DTYPE_F32, or
+ * MHA_DTYPE_BF16: the bf16 dot-product instructions where the kernels use
+ * them, else the float32 peak) with the kernels in use (mha_isa()), all of
+ * ctx's threads at once, for about `seconds` (best of three runs).
+ * GFLOP/s in *gflops.  Not reentrant.  Errors: MISUSE, INVALID_ARG (dtype,
+ * seconds outside (0, 60]). */
+mha_status mha_measure_peak(mha_ctx *ctx, mha_dtype dtype, double seconds, double *gflops);
 
 typedef struct mha_st_info {
     const char *name;          /* owned by the file object */
@@ -305,10 +308,12 @@ mha_status mha_layer_set_weight(mha_layer *layer, const char *name,
 /* Create a layer from the state_dict tensors "<prefix><name>" in a
  * safetensors file: E, kdim, vdim, bias and add_bias_kv are read from the
  * tensors present; num_heads and add_zero_attn are not stored by PyTorch
- * and are given here.  Errors: NOT_FOUND (names the missing tensor),
- * INVALID_ARG (names the tensor with the wrong shape), IO, NOMEM. */
+ * and are given here, as is the dtype to compute in (MHA_DTYPE_F32 or
+ * MHA_DTYPE_BF16; stored F32, F64, F16 and BF16 weights load into either).
+ * Errors: NOT_FOUND (names the missing tensor), INVALID_ARG (names the
+ * tensor with the wrong shape or dtype), IO, NOMEM. */
 mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix,
-                                      int64_t num_heads, int add_zero_attn,
+                                      int64_t num_heads, int add_zero_attn, mha_dtype dtype,
                                       mha_layer **out_layer);
 
 typedef struct mha_layer_fwd_args {

@@ -17,7 +17,7 @@ static double now_seconds(void)
 }
 
 typedef struct peak_job {
-    const mha__kernels *kt;
+    mha__peak_fn peak;
     int64_t iterations;
     double flops[1024];
 } peak_job;
@@ -27,7 +27,7 @@ static void peak_range(void *arg, int thread, int64_t begin, int64_t end)
     peak_job *j = arg;
     (void)begin;
     (void)end;
-    j->flops[thread] = j->kt->peak(j->iterations);
+    j->flops[thread] = j->peak(j->iterations);
 }
 
 /* FLOP/s of all threads running the peak loop together for `iterations`. */
@@ -43,14 +43,17 @@ static double run(mha_ctx *ctx, peak_job *j, int64_t iterations, double *seconds
     return total / *seconds;
 }
 
-mha_status mha_measure_peak(mha_ctx *ctx, double seconds, double *gflops)
+mha_status mha_measure_peak(mha_ctx *ctx, mha_dtype dtype, double seconds, double *gflops)
 {
     if (!ctx || !gflops) return mha__fail(MHA_ERR_MISUSE, "mha_measure_peak: NULL argument");
     if (!(seconds > 0 && seconds <= 60))
         return mha__fail(MHA_ERR_INVALID_ARG, "seconds must be in (0, 60], got %g", seconds);
+    if (dtype != MHA_DTYPE_F32 && dtype != MHA_DTYPE_BF16)
+        return mha__fail(MHA_ERR_INVALID_ARG, "dtype %s has no peak to measure; use F32 or BF16", mha_dtype_name(dtype));
     static peak_job job; /* large; one measurement at a time is enough */
     peak_job *j = &job;
-    j->kt = mha__kernels_get();
+    const mha__bf16_kernels *bk = mha__bf16_get();
+    j->peak = dtype == MHA_DTYPE_BF16 && bk->peak ? bk->peak : mha__kernels_get()->peak;
     double took;
     int64_t iterations = 100000;
     run(ctx, j, iterations, &took);

@@ -128,7 +128,7 @@ static mha_status infer_desc(const lookup *lk, mha_layer_desc *d, mha_st_info fo
 }
 
 mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix, int64_t num_heads,
-                                      int add_zero_attn, mha_layer **out_layer)
+                                      int add_zero_attn, mha_dtype dtype, mha_layer **out_layer)
 {
     if (!file || !out_layer) return mha__fail(MHA_ERR_MISUSE, "mha_layer_from_safetensors: NULL argument");
     *out_layer = NULL;
@@ -137,6 +137,7 @@ mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix, int
     mha_layer_desc_init(&d);
     d.num_heads = num_heads;
     d.add_zero_attn = add_zero_attn;
+    d.dtype = dtype;
     mha_st_info found[8];
     const char *names[8];
     int n = 0;

@@ -10,6 +10,8 @@ Each case is one safetensors file holding everything a test needs:
   - "expected.<output>": the float64 result (the oracle),
   - "torch32.<output>": PyTorch's float32 result (the baseline of the
     tolerance rule: our error may be at most twice PyTorch's),
+  - "torchbf16.<output>" in cases marked "bf16": PyTorch computing in
+    bfloat16, the baseline for `mha forward --dtype bf16`,
   - __metadata__ "command" (forward or sdpa) and "args" (its flags).
 The C test runs `mha <command> --weights F --inputs F --out T <args>` and
 compares T's tensors with these.
@@ -85,7 +87,7 @@ def forward_case(name, E, H, L, S=None, N=2, batched=True, batch_first=False, cr
                  kdim=None, vdim=None, bias=True, add_bias_kv=False, add_zero_attn=False,
                  attn_mask=None, kpm=None, causal=False, need_weights=False, average=True,
                  prefix="", input_dtype=torch.float32, weight_dtype=torch.float32,
-                 fully_masked_batch=None, scale_inputs=1.0):
+                 fully_masked_batch=None, scale_inputs=1.0, bf16=False):
     """attn_mask: None, 'bool2', 'float2', 'bool3', 'float3'; kpm: None, 'bool', 'float'."""
     S = L if S is None else S
     m = make_module(E, H, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first)
@@ -171,6 +173,8 @@ def forward_case(name, E, H, L, S=None, N=2, batched=True, batch_first=False, cr
 
     out64, w64 = run(torch.float64)
     out32, w32 = run(torch.float32)
+    if bf16:  # PyTorch computing in bfloat16: the baseline for `mha forward --dtype bf16`
+        out16, w16 = run(torch.bfloat16)
     tensors = {prefix + k_: round_to(t, weight_dtype).to(weight_dtype) if weight_dtype != torch.float32 else t
                for k_, t in m.state_dict().items()}
     if prefix:
@@ -181,6 +185,10 @@ def forward_case(name, E, H, L, S=None, N=2, batched=True, batch_first=False, cr
     if need_weights:
         tensors["expected.attn_output_weights"] = w64
         tensors["torch32.attn_output_weights"] = w32
+    if bf16:
+        tensors["torchbf16.attn_output"] = out16.float()
+        if need_weights:
+            tensors["torchbf16.attn_output_weights"] = w16.float()
     args = ["--num-heads", str(H)]
     if batch_first:
         args.append("--batch-first")
@@ -194,8 +202,10 @@ def forward_case(name, E, H, L, S=None, N=2, batched=True, batch_first=False, cr
         args.append("--is-causal")
     if prefix:
         args += ["--prefix", prefix]
-    save(os.path.join(OUT, name + ".safetensors"), tensors,
-         {"command": "forward", "args": " ".join(args)})
+    meta = {"command": "forward", "args": " ".join(args)}
+    if bf16:
+        meta["bf16"] = "yes"
+    save(os.path.join(OUT, name + ".safetensors"), tensors, meta)
 
 
 # ---------------------------------------------------------------------------
@@ -352,13 +362,13 @@ def main():
             os.remove(os.path.join(OUT, f))
 
     # nn.MultiheadAttention: every option, odd sizes, head dims 8..128.
-    forward_case("fwd_basic", E=16, H=2, L=5)
+    forward_case("fwd_basic", E=16, H=2, L=5, bf16=True)
     forward_case("fwd_batch_first", E=24, H=3, L=7, N=3, batch_first=True)
     forward_case("fwd_unbatched", E=20, H=2, L=9, batched=False)
     forward_case("fwd_unbatched_weights", E=20, H=4, L=6, batched=False, need_weights=True, average=False,
                  attn_mask="bool3")
-    forward_case("fwd_cross", E=32, H=4, L=6, S=11, cross=True, batch_first=True)
-    forward_case("fwd_kdim_vdim", E=24, H=2, L=5, S=8, cross=True, kdim=10, vdim=14, need_weights=True)
+    forward_case("fwd_cross", E=32, H=4, L=6, S=11, cross=True, batch_first=True, bf16=True)
+    forward_case("fwd_kdim_vdim", E=24, H=2, L=5, S=8, cross=True, kdim=10, vdim=14, need_weights=True, bf16=True)
     forward_case("fwd_no_bias", E=16, H=4, L=4, bias=False, need_weights=True)
     forward_case("fwd_bias_kv", E=16, H=2, L=5, add_bias_kv=True, need_weights=True, attn_mask="bool2",
                  kpm="bool")
@@ -373,17 +383,18 @@ def main():
     forward_case("fwd_mask_float3", E=16, H=2, L=7, attn_mask="float3")
     forward_case("fwd_kpm_bool", E=16, H=2, L=10, kpm="bool", need_weights=True)
     forward_case("fwd_kpm_float", E=16, H=2, L=10, kpm="float", batch_first=True)
-    forward_case("fwd_masks_mixed", E=16, H=4, L=6, attn_mask="float2", kpm="bool", need_weights=True)
+    forward_case("fwd_masks_mixed", E=16, H=4, L=6, attn_mask="float2", kpm="bool", need_weights=True, bf16=True)
+    forward_case("fwd_bf16_wide", E=128, H=2, L=40, N=2, batch_first=True, bf16=True)
     forward_case("fwd_masks_float_both", E=16, H=4, L=6, attn_mask="float3", kpm="float")
     forward_case("fwd_masks_bool_float", E=16, H=2, L=6, attn_mask="bool2", kpm="float")
-    forward_case("fwd_causal", E=24, H=3, L=13, causal=True, need_weights=True, average=False)
+    forward_case("fwd_causal", E=24, H=3, L=13, causal=True, need_weights=True, average=False, bf16=True)
     forward_case("fwd_causal_mask", E=24, H=3, L=9, causal=True, attn_mask="bool2", kpm="bool",
                  batch_first=True)
     forward_case("fwd_causal_cross", E=16, H=2, L=5, S=9, cross=True, causal=True, need_weights=True)
     forward_case("fwd_fully_masked", E=16, H=2, L=4, N=3, kpm="bool", fully_masked_batch=1,
                  need_weights=True)
-    forward_case("fwd_long", E=64, H=2, L=70, S=67, cross=True, N=1, need_weights=True)
-    forward_case("fwd_head128", E=128, H=1, L=9, N=1)
+    forward_case("fwd_long", E=64, H=2, L=70, S=67, cross=True, N=1, need_weights=True, bf16=True)
+    forward_case("fwd_head128", E=128, H=1, L=9, N=1, bf16=True)
     forward_case("fwd_head8x8", E=64, H=8, L=33, N=1, attn_mask="bool2")
     forward_case("fwd_head_odd", E=3 * 13, H=3, L=17, S=23, cross=True, N=2)
     forward_case("fwd_one_token", E=16, H=2, L=1, S=1, cross=True)

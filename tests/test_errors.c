@@ -50,8 +50,9 @@ static void test_ctx_and_info(void)
     double gflops;
     mha_ctx *one = NULL;
     CHECK_OK(mha_ctx_create(1, &one));
-    CHECK_FAILS(mha_measure_peak(one, 0, &gflops), MHA_ERR_INVALID_ARG, "seconds must be in (0, 60]");
-    CHECK_FAILS(mha_measure_peak(NULL, 1, &gflops), MHA_ERR_MISUSE, "NULL");
+    CHECK_FAILS(mha_measure_peak(one, MHA_DTYPE_F32, 0, &gflops), MHA_ERR_INVALID_ARG, "seconds must be in (0, 60]");
+    CHECK_FAILS(mha_measure_peak(one, MHA_DTYPE_I32, 1, &gflops), MHA_ERR_INVALID_ARG, "dtype I32 has no peak");
+    CHECK_FAILS(mha_measure_peak(NULL, MHA_DTYPE_F32, 1, &gflops), MHA_ERR_MISUSE, "NULL");
     mha_ctx_free(one);
     const char *isa = mha_isa();
     CHECK(strcmp(isa, "generic") == 0 || strcmp(isa, "avx2") == 0 || strcmp(isa, "avx512") == 0, "isa %s", isa);

@@ -47,8 +47,9 @@ static double *read_f64(mha_st_file *f, const char *name, int64_t *n)
     return d;
 }
 
-/* Runs the case's command writing to `out_path`; returns the exit code. */
-static int run_case(const char *path, mha_st_file *cf, const char *out_path, const char *threads)
+/* Runs the case's command writing to `out_path` (with --dtype bf16 when
+ * `bf16`); returns the exit code. */
+static int run_case(const char *path, mha_st_file *cf, const char *out_path, const char *threads, bool bf16)
 {
     const char *command = mha_st_metadata(cf, "command");
     const char *args = mha_st_metadata(cf, "args");
@@ -68,14 +69,20 @@ static int run_case(const char *path, mha_st_file *cf, const char *out_path, con
         argv[argc++] = "--weights";
         argv[argc++] = (char *)path;
     }
+    if (bf16) {
+        argv[argc++] = "--dtype";
+        argv[argc++] = "bf16";
+    }
     for (char *tok = strtok(arg_copy, " "); tok && argc < MAX_ARGS - 1; tok = strtok(NULL, " "))
         argv[argc++] = tok;
     argv[argc] = NULL;
     return mha_cli_main(argc, argv);
 }
 
-/* Compare every expected.<name> in the case with <name> in the output. */
-static int compare_outputs(const char *case_name, mha_st_file *cf, mha_st_file *of)
+/* Compare every expected.<name> in the case with <name> in the output,
+ * against the float32 baseline torch32.<name>, or with `bf16` against
+ * PyTorch's bfloat16 result torchbf16.<name> and bf16's floor. */
+static int compare_outputs(const char *case_name, mha_st_file *cf, mha_st_file *of, bool bf16)
 {
     int compared = 0;
     for (int64_t i = 0; i < mha_st_count(cf); i++) {
@@ -84,8 +91,8 @@ static int compare_outputs(const char *case_name, mha_st_file *cf, mha_st_file *
         if (strncmp(info.name, "expected.", 9) != 0) continue;
         const char *out_name = info.name + 9;
         char base_name[256], what[320];
-        snprintf(base_name, sizeof base_name, "torch32.%s", out_name);
-        snprintf(what, sizeof what, "%s: %s", case_name, out_name);
+        snprintf(base_name, sizeof base_name, "%s.%s", bf16 ? "torchbf16" : "torch32", out_name);
+        snprintf(what, sizeof what, "%s%s: %s", case_name, bf16 ? " (bf16)" : "", out_name);
         mha_st_info got_info;
         CHECK(mha_st_find(of, out_name, &got_info) == MHA_OK, "%s missing from the output", what);
         if (mha_st_find(of, out_name, &got_info) != MHA_OK) continue;
@@ -95,7 +102,9 @@ static int compare_outputs(const char *case_name, mha_st_file *cf, mha_st_file *
         int64_t n = 0;
         double *ref = read_f64(cf, info.name, &n);
         buffer got = read_f32(of, out_name), base = read_f32(cf, base_name);
-        if (same_shape && ref && got.n == n && base.n == n) CHECK_CLOSE(what, got.data, ref, base.data, n);
+        CHECK(base.n == n, "%s: no baseline %s", what, base_name);
+        if (same_shape && ref && got.n == n && base.n == n)
+            CHECK_CLOSE_EPS(what, got.data, ref, base.data, n, bf16 ? BF16_FLOOR_EPS : FLT_EPSILON);
         compared++;
         free(ref);
         free(got.data);
@@ -130,15 +139,19 @@ static void test_case(const char *dir, const char *file, const char *tmpdir)
     mha_st_file *cf = NULL, *of = NULL;
     CHECK_OK(mha_st_open(path, &cf));
     if (!cf) return;
-    int rc = run_case(path, cf, out1, "1");
-    CHECK(rc == 0, "%s: mha exited %d", file, rc);
-    if (rc == 0) {
+    const char *bf16_meta = mha_st_metadata(cf, "bf16");
+    int runs = bf16_meta && strcmp(bf16_meta, "yes") == 0 ? 2 : 1;
+    for (int bf16 = 0; bf16 < runs; bf16++) {
+        int rc = run_case(path, cf, out1, "1", bf16);
+        CHECK(rc == 0, "%s: mha exited %d", file, rc);
+        if (rc != 0) continue;
         CHECK_OK(mha_st_open(out1, &of));
-        if (of) CHECK(compare_outputs(file, cf, of) > 0, "%s: nothing compared", file);
-        rc = run_case(path, cf, out3, "3");
+        if (of) CHECK(compare_outputs(file, cf, of, bf16) > 0, "%s: nothing compared", file);
+        mha_st_close(of);
+        of = NULL;
+        rc = run_case(path, cf, out3, "3", bf16);
         CHECK(rc == 0 && same_file(out1, out3), "%s: 3 threads give different bits than 1", file);
     }
-    mha_st_close(of);
     mha_st_close(cf);
     unlink(out1);
     unlink(out3);

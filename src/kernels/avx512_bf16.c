@@ -111,9 +111,28 @@ static void pairs_bf16_avx512(uint16_t *dst, const float *x0, const float *x1, i
     }
 }
 
+/* 12 independent vdpbf16ps chains; each instruction is 16 lanes x 2
+ * multiply-adds. */
+static double peak_bf16_avx512(int64_t iterations)
+{
+    volatile float seed = 1.0f;
+    __m512bh a = (__m512bh)_mm512_set1_epi32((int)(seed * 16256)), b = a;
+    __m512 x[12];
+    for (int i = 0; i < 12; i++) x[i] = _mm512_set1_ps(seed * (float)i);
+    for (int64_t it = 0; it < iterations; it++) {
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) x[i] = _mm512_dpbf16_ps(x[i], a, b);
+    }
+    __m512 sum = x[0];
+    for (int i = 1; i < 12; i++) sum = _mm512_add_ps(sum, x[i]);
+    seed = _mm512_reduce_add_ps(sum);
+    return 2.0 * 2.0 * 16.0 * 12.0 * (double)iterations;
+}
+
 const mha__bf16_kernels mha__bf16_kernels_avx512 = {
     .name = "avx512_bf16",
     .tile = tile_bf16_avx512,
     .round = round_bf16_avx512,
     .pairs = pairs_bf16_avx512,
+    .peak = peak_bf16_avx512,
 };

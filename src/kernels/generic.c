@@ -102,6 +102,7 @@ const mha__bf16_kernels mha__bf16_kernels_generic = {
     .tile = tile_bf16_generic,
     .round = round_bf16_generic,
     .pairs = pairs_bf16_generic,
+    .peak = NULL, /* converts to float32: the float32 peak applies */
 };
 
 const mha__kernels mha__kernels_generic = {

@@ -90,6 +90,7 @@ typedef struct mha__bf16_kernels {
     mha__gemm_tile_bf16_fn tile;
     mha__bf16_round_fn round;
     mha__bf16_pairs_fn pairs;
+    mha__peak_fn peak;  /* the bf16 multiply-add peak (NULL: same as float32) */
 } mha__bf16_kernels;
 
 extern const mha__bf16_kernels mha__bf16_kernels_generic;

@@ -160,9 +160,9 @@ static void report(const bench_opts *o, const bench_case *c, double *ms, int n)
                peak_rss_mb());
         return;
     }
-    printf("%s B=%lld N=%lld S=%lld E=%lld h=%lld kv=%lld%s, %d threads, %s: median %.3f ms (min %.3f, max %.3f), "
+    printf("%s %s B=%lld N=%lld S=%lld E=%lld h=%lld kv=%lld%s, %d threads, %s: median %.3f ms (min %.3f, max %.3f), "
            "%.1f GFLOP/s = %.1f%% of the %.1f GFLOP/s peak, peak memory %.0f MB\n",
-           o->op, (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->embed_dim,
+           o->op, o->dtype, (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->embed_dim,
            (long long)o->num_heads, (long long)o->num_kv_heads, o->causal ? " causal" : "", mha_ctx_threads(c->ctx),
            mha_isa(), median, ms[0], ms[n - 1], gflops, pct, o->peak_gflops, peak_rss_mb());
 }
@@ -172,7 +172,9 @@ static int measure(bench_opts *o)
     bench_case c;
     memset(&c, 0, sizeof c);
     int rc = cli_ctx(CMD, o->threads, &c.ctx);
-    if (rc == CLI_OK && o->peak_gflops <= 0 && mha_measure_peak(c.ctx, 0.5, &o->peak_gflops) != MHA_OK) rc = CLI_FAIL;
+    mha_dtype dt = strcmp(o->dtype, "bf16") == 0 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
+    if (rc == CLI_OK && o->peak_gflops <= 0 && mha_measure_peak(c.ctx, dt, 0.5, &o->peak_gflops) != MHA_OK)
+        rc = CLI_FAIL;
     if (rc == CLI_OK) rc = strcmp(o->op, "forward") == 0 ? setup_forward(o, &c) : setup_sdpa(o, &c);
     double *ms = malloc((size_t)o->repeat * sizeof(double));
     if (rc == CLI_OK && !ms) rc = CLI_FAIL;
@@ -198,22 +200,26 @@ static int measure_peak(const bench_opts *o)
 {
     int n_cpus = 0;
     mha_ctx *all = NULL, *one = NULL;
-    double g1 = 0, gn = 0;
     int rc = cli_ctx(CMD, o->threads, &all);
     if (rc == CLI_OK) rc = cli_ctx(CMD, 1, &one);
-    if (rc == CLI_OK && (mha_measure_peak(one, 1.0, &g1) != MHA_OK || mha_measure_peak(all, 1.0, &gn) != MHA_OK)) {
-        cli_error(CMD, "%s", mha_last_error());
-        rc = CLI_FAIL;
-    }
-    if (rc == CLI_OK) {
+    static const struct { mha_dtype dtype; const char *name, *label; } kinds[] = {
+        {MHA_DTYPE_F32, "f32", "float32 FMA"}, {MHA_DTYPE_BF16, "bf16", "bfloat16 dot-product"}};
+    for (size_t k = 0; rc == CLI_OK && k < sizeof kinds / sizeof kinds[0]; k++) {
+        double g1 = 0, gn = 0;
+        if (mha_measure_peak(one, kinds[k].dtype, 1.0, &g1) != MHA_OK ||
+            mha_measure_peak(all, kinds[k].dtype, 1.0, &gn) != MHA_OK) {
+            cli_error(CMD, "%s", mha_last_error());
+            rc = CLI_FAIL;
+            break;
+        }
         n_cpus = mha_ctx_threads(all);
         if (o->json)
-            printf("{\"op\":\"peak\",\"isa\":\"%s\",\"dtype\":\"f32\",\"threads\":1,\"gflops\":%.2f}\n"
-                   "{\"op\":\"peak\",\"isa\":\"%s\",\"dtype\":\"f32\",\"threads\":%d,\"gflops\":%.2f}\n",
-                   mha_isa(), g1, mha_isa(), n_cpus, gn);
+            printf("{\"op\":\"peak\",\"isa\":\"%s\",\"dtype\":\"%s\",\"threads\":1,\"gflops\":%.2f}\n"
+                   "{\"op\":\"peak\",\"isa\":\"%s\",\"dtype\":\"%s\",\"threads\":%d,\"gflops\":%.2f}\n",
+                   mha_isa(), kinds[k].name, g1, mha_isa(), kinds[k].name, n_cpus, gn);
         else
-            printf("float32 FMA peak (%s): %.1f GFLOP/s on 1 thread, %.1f GFLOP/s on %d threads\n", mha_isa(), g1,
-                   gn, n_cpus);
+            printf("%s peak (%s): %.1f GFLOP/s on 1 thread, %.1f GFLOP/s on %d threads\n", kinds[k].label, mha_isa(),
+                   g1, gn, n_cpus);
     }
     mha_ctx_free(all);
     mha_ctx_free(one);

@@ -13,6 +13,7 @@ static const char *const CMD = "forward";
 
 typedef struct forward_opts {
     const char *weights, *inputs, *out, *prefix;
+    const char *dtype;
     int64_t num_heads, threads;
     bool batch_first, need_weights, no_average, add_zero_attn, is_causal;
 } forward_opts;
@@ -185,7 +186,7 @@ static int run(const forward_opts *o, mha_layer *layer, inputs *in)
 
 int mha_cmd_forward(int argc, char **argv)
 {
-    forward_opts o = {.prefix = ""};
+    forward_opts o = {.prefix = "", .dtype = "f32"};
     cli_flag flags[] = {
         {"weights", FLAG_STRING, &o.weights, "safetensors with the nn.MultiheadAttention state_dict", false},
         {"prefix", FLAG_STRING, &o.prefix, "prefix of the weight names, e.g. \"encoder.layers.0.self_attn.\"", false},
@@ -198,6 +199,7 @@ int mha_cmd_forward(int argc, char **argv)
         {"add-zero-attn", FLAG_BOOL, &o.add_zero_attn, "append a zero key and value, as add_zero_attn=True", false},
         {"is-causal", FLAG_BOOL, &o.is_causal, "mask keys after the query (top-left causal)", false},
         {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
+        {"dtype", FLAG_STRING, &o.dtype, "f32 (default) or bf16: compute as a bfloat16 model", false},
     };
     bool help;
     int rc = cli_parse(CMD, "--weights W --inputs X --out Y --num-heads H [flags]", argc, argv, flags,
@@ -209,6 +211,10 @@ int mha_cmd_forward(int argc, char **argv)
         cli_error(CMD, "%s is required (see mha forward --help)", missing);
         return CLI_USAGE;
     }
+    if (strcmp(o.dtype, "f32") != 0 && strcmp(o.dtype, "bf16") != 0) {
+        cli_error(CMD, "--dtype must be f32 or bf16, got \"%s\"", o.dtype);
+        return CLI_USAGE;
+    }
     if (o.num_heads < 1) {
         cli_error(CMD, "--num-heads must be positive, got %lld", (long long)o.num_heads);
         return CLI_USAGE;
@@ -218,7 +224,9 @@ int mha_cmd_forward(int argc, char **argv)
     inputs in;
     memset(&in, 0, sizeof in);
     rc = cli_open(CMD, "--weights", o.weights, &wf);
-    if (rc == CLI_OK && mha_layer_from_safetensors(wf, o.prefix, o.num_heads, o.add_zero_attn, &layer) != MHA_OK) {
+    mha_dtype dtype = strcmp(o.dtype, "bf16") == 0 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
+    if (rc == CLI_OK &&
+        mha_layer_from_safetensors(wf, o.prefix, o.num_heads, o.add_zero_attn, dtype, &layer) != MHA_OK) {
         cli_error(CMD, "--weights %s: %s", o.weights, mha_last_error());
         rc = CLI_FAIL;
     }
