@@ -8,7 +8,7 @@
  * absolute floor tied to that precision's epsilon:
  *     max|ours - ref| <= 2 * max|base - ref| + 4 * eps * max(1, max|ref|)
  * with eps = FLT_EPSILON for float32, and for bfloat16 BF16_FLOOR_EPS =
- * 2^-9, so that the floor 4 * eps is bf16's own epsilon, 2^-7.
+ * 2^-11, so that the floor 4 * eps is half of bf16's unit roundoff 2^-8.
  * Infinities must match exactly (a fully masked row's lse is -inf), and a
  * NaN where the oracle has none always fails.
  */
@@ -68,7 +68,7 @@ typedef struct tolerance_report {
     bool ok;
 } tolerance_report;
 
-#define BF16_FLOOR_EPS 0x1p-9
+#define BF16_FLOOR_EPS 0x1p-11
 
 /* The tolerance rule over n values.  `base` may be NULL when no baseline
  * exists: then only the floor applies. */
