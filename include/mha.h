@@ -131,6 +131,19 @@ typedef enum mha_causal {
     MHA_CAUSAL_BOTTOM_RIGHT  /* key j <= i + S - L (flash-attn, KV cache) */
 } mha_causal;
 
+/* Element types: of safetensors data, and of computation (F32, BF16). */
+typedef enum mha_dtype {
+    MHA_DTYPE_F64 = 0,
+    MHA_DTYPE_F32,
+    MHA_DTYPE_F16,
+    MHA_DTYPE_BF16,
+    MHA_DTYPE_BOOL,
+    MHA_DTYPE_U8,
+    MHA_DTYPE_I32,
+    MHA_DTYPE_I64,
+    MHA_DTYPE_COUNT
+} mha_dtype;
+
 /* ------------------------------------------------------------------ */
 /* Execution context                                                   */
 /* ------------------------------------------------------------------ */
@@ -167,6 +180,10 @@ typedef struct mha_attn_desc {
     const float  *alibi_slopes;  /* [Hq] or NULL */
     mha_mask      mask;          /* over [B, Hq, L, S]; default none */
     int           enable_gqa;    /* allow Hkv to divide Hq; default 0 */
+    mha_dtype     dtype;         /* MHA_DTYPE_F32 (default), or MHA_DTYPE_BF16:
+                                    scale*q, k, v and the probabilities are
+                                    rounded to bf16 where they enter the two
+                                    products, which accumulate in float32 */
 } mha_attn_desc;
 
 void mha_attn_desc_init(mha_attn_desc *desc);
@@ -190,17 +207,6 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse,
 /* safetensors files                                                   */
 /* ------------------------------------------------------------------ */
 
-typedef enum mha_dtype {
-    MHA_DTYPE_F64 = 0,
-    MHA_DTYPE_F32,
-    MHA_DTYPE_F16,
-    MHA_DTYPE_BF16,
-    MHA_DTYPE_BOOL,
-    MHA_DTYPE_U8,
-    MHA_DTYPE_I32,
-    MHA_DTYPE_I64,
-    MHA_DTYPE_COUNT
-} mha_dtype;
 
 #define MHA_ST_MAX_RANK 8
 

@@ -25,6 +25,7 @@ void mha_attn_desc_init(mha_attn_desc *desc)
 {
     memset(desc, 0, sizeof *desc);
     desc->scale = NAN;
+    desc->dtype = MHA_DTYPE_F32;
     desc->causal = MHA_CAUSAL_NONE;
     desc->window_left = -1;
     desc->window_right = -1;
@@ -180,8 +181,11 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_te
         .scale = isnan(desc->scale) ? (float)(1.0 / sqrt((double)D)) : (float)desc->scale,
         .softcap = desc->softcap, .causal = desc->causal,
         .window_left = desc->window_left, .window_right = desc->window_right,
-        .alibi = desc->alibi_slopes, .masks = {desc->mask},
+        .alibi = desc->alibi_slopes, .masks = {desc->mask}, .bf16 = desc->dtype == MHA_DTYPE_BF16,
     };
+    if (desc->dtype != MHA_DTYPE_F32 && desc->dtype != MHA_DTYPE_BF16)
+        return mha__fail(MHA_ERR_INVALID_ARG, "dtype %s is not supported; attention computes in F32 or BF16",
+                         mha_dtype_name(desc->dtype));
     if ((st = mha__attn_plan_check(&p)) != MHA_OK) return st;
     return mha__attn_forward(ctx, &p, out, lse, NULL, q, k, v);
 }

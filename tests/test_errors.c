@@ -113,6 +113,9 @@ static void test_attention_args(void)
     d.causal = (mha_causal)7;
     CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "causal mode 7");
     mha_attn_desc_init(&d);
+    d.dtype = MHA_DTYPE_F16;
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "dtype F16 is not supported");
+    mha_attn_desc_init(&d);
     d.mask.kind = (mha_mask_kind)9;
     CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "mask kind 9");
     d.mask.kind = MHA_MASK_KEEP;
@@ -143,6 +146,10 @@ static void test_layer_args(void)
     d.num_heads = 2;
     d.kdim = -3;
     CHECK_FAILS(mha_layer_create(&d, &layer), MHA_ERR_INVALID_ARG, "kdim and vdim must be >= 0");
+    d.kdim = 0;
+    d.dtype = MHA_DTYPE_I64;
+    CHECK_FAILS(mha_layer_create(&d, &layer), MHA_ERR_INVALID_ARG, "dtype I64 is not supported");
+    d.dtype = MHA_DTYPE_F32;
     d.kdim = 5;
     CHECK_OK(mha_layer_create(&d, &layer));
     float w[3 * 64];
@@ -325,6 +332,10 @@ static void test_cli_usage(void)
                      out_path, "--window-left", "-2", NULL);
     expect_cli_error("--softcap must be 0 (off) or positive", "sdpa", "--inputs", weights, "--out", out_path,
                      "--softcap", "-1", NULL);
+    expect_cli_error("--dtype must be f32 or bf16, got \"f16\"", "sdpa", "--inputs", weights, "--out", out_path,
+                     "--dtype", "f16", NULL);
+    expect_cli_error("--dtype must be f32 or bf16, got \"int8\"", "forward", "--weights", weights, "--inputs",
+                     weights, "--out", out_path, "--num-heads", "2", "--dtype", "int8", NULL);
     expect_cli_error("embed_dim 768 is not divisible by num_heads 10", "info", "--embed-dim", "768", "--num-heads",
                      "10", NULL);
     expect_cli_error("not a multiple of num_kv_heads 5", "info", "--embed-dim", "768", "--num-heads", "12",

@@ -11,6 +11,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
+#include "convert.h"
 #include "harness.h"
 #include "reference.h"
 
@@ -68,6 +69,7 @@ typedef struct sdpa_case {
     enum mask_kind mask;
     double scale;        /* NAN = default */
     bool strided;        /* q, k, v, out stored as [B, T, H, D] */
+    bool bf16;           /* computed in bfloat16; the baseline is the plain bf16 reference */
 } sdpa_case;
 
 /* Offset of element (b, h, t, c) and the matching view. */
@@ -158,6 +160,7 @@ static void run_sdpa_case(const sdpa_case *c, mha_ctx *ctx1, mha_ctx *ctx3, cons
     x.desc.window_right = c->window_right;
     x.desc.softcap = c->softcap;
     x.desc.enable_gqa = c->Hkv != c->Hq;
+    x.desc.dtype = c->bf16 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
     double *alibi64 = NULL;
     if (c->alibi) {
         x.alibi = random_floats(c->Hq, 0.5, &alibi64);
@@ -188,12 +191,19 @@ static void run_sdpa_case(const sdpa_case *c, mha_ctx *ctx1, mha_ctx *ctx3, cons
     mha_ref_sdpa_f64(&ref, q64, k64, v64, ref_out, ref_lse, NULL);
     float *q32 = to_float(q64, nq), *k32 = to_float(k64, nk), *v32 = to_float(v64, nv);
     float *base_out = malloc((size_t)(no ? no : 1) * sizeof(float)), *base_lse = malloc((size_t)(nl ? nl : 1) * sizeof(float));
-    mha_ref_sdpa_f32(&ref, q32, k32, v32, base_out, base_lse, NULL);
+    if (c->bf16) { /* a bf16 model stores K and V rounded; it rounds scale*q and P itself */
+        for (int64_t i = 0; i < nk; i++) k32[i] = mha__bf16_to_f32(mha__f32_to_bf16(k32[i]));
+        for (int64_t i = 0; i < nv; i++) v32[i] = mha__bf16_to_f32(mha__f32_to_bf16(v32[i]));
+        mha_ref_sdpa_bf16(&ref, q32, k32, v32, base_out, base_lse, NULL);
+    } else {
+        mha_ref_sdpa_f32(&ref, q32, k32, v32, base_out, base_lse, NULL);
+    }
+    double eps = c->bf16 ? BF16_FLOOR_EPS : FLT_EPSILON;
     char what[320];
     snprintf(what, sizeof what, "%s output", label);
-    CHECK_CLOSE(what, gotf, ref_out, base_out, no);
+    CHECK_CLOSE_EPS(what, gotf, ref_out, base_out, no, eps);
     snprintf(what, sizeof what, "%s lse", label);
-    CHECK_CLOSE(what, lse1, ref_lse, base_lse, nl);
+    CHECK_CLOSE_EPS(what, lse1, ref_lse, base_lse, nl, eps);
 
     void *owned[] = {x.q, x.k, x.v, x.mask_add, x.mask_keep, x.alibi, alibi64, keep_dense, add_dense, out1, out3,
                      lse1, lse3, q64, k64, v64, got64, gotf, ref_out, ref_lse, q32, k32, v32, base_out, base_lse};
@@ -217,10 +227,11 @@ static void test_sdpa_sweep(mha_ctx *ctx1, mha_ctx *ctx3)
         c.mask = (enum mask_kind)pick(MASK_KINDS);
         if (pick(5) == 0) c.scale = 0.05 + uniform() * 0.04;
         c.strided = pick(2);
+        c.bf16 = n % 4 == 3;
         char label[200];
         snprintf(label, sizeof label,
-                 "sdpa #%d B%lld Hq%lld Hkv%lld L%lld S%lld D%lld Dv%lld causal%d win(%lld,%lld) cap%g alibi%d mask%d",
-                 n, (long long)c.B, (long long)c.Hq, (long long)c.Hkv, (long long)c.L, (long long)c.S, (long long)c.D,
+                 "sdpa #%d%s B%lld Hq%lld Hkv%lld L%lld S%lld D%lld Dv%lld causal%d win(%lld,%lld) cap%g alibi%d mask%d",
+                 n, c.bf16 ? " bf16" : "", (long long)c.B, (long long)c.Hq, (long long)c.Hkv, (long long)c.L, (long long)c.S, (long long)c.D,
                  (long long)c.Dv, (int)c.causal, (long long)c.window_left, (long long)c.window_right,
                  (double)c.softcap, c.alibi, (int)c.mask);
         run_sdpa_case(&c, ctx1, ctx3, label);

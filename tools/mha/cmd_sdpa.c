@@ -14,6 +14,7 @@ static const char *const CMD = "sdpa";
 
 typedef struct sdpa_opts {
     const char *inputs, *out;
+    const char *dtype;
     bool is_causal, bottom_right, enable_gqa;
     double scale, softcap;
     int64_t window_left, window_right, threads;
@@ -99,6 +100,7 @@ static int run(const sdpa_opts *o, sdpa_inputs *in)
     desc.softcap = (float)o->softcap;
     desc.enable_gqa = o->enable_gqa;
     desc.alibi_slopes = in->alibi.present ? in->alibi.f32 : NULL;
+    desc.dtype = strcmp(o->dtype, "bf16") == 0 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
     const int64_t *qs = in->q.shape;
     int64_t out_shape[4] = {qs[0], qs[1], qs[2], in->v.shape[3]};
     if (in->mask.present) {
@@ -130,7 +132,7 @@ static int run(const sdpa_opts *o, sdpa_inputs *in)
 
 int mha_cmd_sdpa(int argc, char **argv)
 {
-    sdpa_opts o = {.scale = NAN, .window_left = -1, .window_right = -1};
+    sdpa_opts o = {.scale = NAN, .window_left = -1, .window_right = -1, .dtype = "f32"};
     cli_flag flags[] = {
         {"inputs", FLAG_STRING, &o.inputs, "safetensors with query, key, value [, attn_mask, alibi_slopes]", false},
         {"out", FLAG_STRING, &o.out, "safetensors to write output and lse to", false},
@@ -142,6 +144,7 @@ int mha_cmd_sdpa(int argc, char **argv)
         {"window-right", FLAG_INT, &o.window_right, "keys visible right of the diagonal (-1 = all)", false},
         {"softcap", FLAG_DOUBLE, &o.softcap, "cap scores at C via C*tanh(s/C) (0 = off)", false},
         {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
+        {"dtype", FLAG_STRING, &o.dtype, "f32 (default) or bf16: round q, k, v, P to bfloat16", false},
     };
     bool help;
     int rc = cli_parse(CMD, "--inputs X --out Y [flags]", argc, argv, flags, (int)(sizeof flags / sizeof flags[0]),
@@ -149,6 +152,10 @@ int mha_cmd_sdpa(int argc, char **argv)
     if (rc != CLI_OK || help) return rc;
     if (!o.inputs || !o.out) {
         cli_error(CMD, "%s is required (see mha sdpa --help)", !o.inputs ? "--inputs" : "--out");
+        return CLI_USAGE;
+    }
+    if (strcmp(o.dtype, "f32") != 0 && strcmp(o.dtype, "bf16") != 0) {
+        cli_error(CMD, "--dtype must be f32 or bf16, got \"%s\"", o.dtype);
         return CLI_USAGE;
     }
     if (o.is_causal && o.bottom_right) {
