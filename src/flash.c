@@ -225,9 +225,9 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
     const mha_tensor *v = j->v;
     const float *vb = v->data + b * v->stride[0] + (h / p->group) * v->stride[1] + j0 * v->stride[2];
     int64_t ldv = v->stride[2];
+    for (int64_t r = 0; r < rows; r++)
+        if (t->scale[r] != 1.0f) kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
     if (j->bk) {
-        for (int64_t r = 0; r < rows; r++)
-            if (t->scale[r] != 1.0f) kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
         value_products_bf16(j, t, vb, rows, cols);
         return;
     }
@@ -237,8 +237,6 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
         vb = t->vt;
         ldv = p->Dv;
     }
-    for (int64_t r = 0; r < rows; r++)
-        if (t->scale[r] != 1.0f) kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
     for (int64_t r = 0; r < rows; r += kt->mr)
         for (int64_t c = 0; c < p->Dv; c += kt->nr) {
             int64_t m = rows - r < kt->mr ? rows - r : kt->mr, n = p->Dv - c < kt->nr ? p->Dv - c : kt->nr;
