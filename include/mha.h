@@ -203,6 +203,20 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse,
                          const mha_tensor *q, const mha_tensor *k,
                          const mha_tensor *v, const mha_attn_desc *desc);
 
+/* Gradients of mha_attention() (float32 only).  Given the forward call's
+ * inputs and descriptor, its output `out` and `lse` (which this pass needs:
+ * the probabilities are recomputed from them, FlashAttention-2 style, with
+ * O(L + S) memory per thread), and grad_out = dLoss/dout [B, Hq, L, Dv]:
+ *   dq [B, Hq, L, D], dk [B, Hkv, S, D], dv [B, Hkv, S, Dv]   overwritten
+ * With GQA, dk and dv sum over the query heads that share each kv head.
+ * Masks, ALiBi and the window get no gradient.  The same bits for any
+ * thread count.  Errors: MISUSE, INVALID_ARG (as mha_attention, and the
+ * gradients' shapes), UNSUPPORTED (dtype BF16), NOMEM. */
+mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
+                                  const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                                  const mha_tensor *out, const float *lse, const mha_tensor *grad_out,
+                                  const mha_attn_desc *desc);
+
 /* ------------------------------------------------------------------ */
 /* safetensors files                                                   */
 /* ------------------------------------------------------------------ */

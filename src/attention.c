@@ -125,6 +125,44 @@ float mha__real_key_bias(const mha__attn_plan *p, int64_t b, int64_t h, int64_t 
     return bias;
 }
 
+void mha__score_contract(const mha__attn_plan *p, float *st, int64_t lds, int64_t b, int64_t h, int64_t i0,
+                         int64_t rows, int64_t j0, int64_t cols, const int64_t *lo, const int64_t *hi,
+                         float *cap_slope)
+{
+    bool biased = mha__plan_has_bias(p);
+    float cap = p->softcap;
+    /* Key-major order, so each pass is over contiguous memory.  Rows' ranges
+     * grow with the row, so the rows that see a key form one run
+     * [first, last), and both ends only move forward as the key grows. */
+    int64_t first = 0, last = 0;
+    for (int64_t c = 0; c < cols; c++) {
+        int64_t key = j0 + c;
+        float *s = st + c * lds, *slope = cap_slope ? cap_slope + c * lds : NULL;
+        if (key >= p->R) { /* appended keys: no range, no bias, only the cap */
+            for (int64_t r = 0; cap > 0 && r < rows; r++) {
+                float t = tanhf(s[r] / cap);
+                s[r] = cap * t;
+                if (slope) slope[r] = 1.0f - t * t;
+            }
+            continue;
+        }
+        while (first < rows && hi[first] <= key) first++;
+        while (last < rows && lo[last] <= key) last++;
+        for (int64_t r = 0; r < first; r++) s[r] = -INFINITY;
+        for (int64_t r = last > first ? last : first; r < rows; r++) s[r] = -INFINITY;
+        for (int64_t r = first; r < last && (biased || cap > 0); r++) {
+            float x = s[r];
+            if (cap > 0) {
+                float t = tanhf(x / cap);
+                x = cap * t;
+                if (slope) slope[r] = 1.0f - t * t;
+            }
+            if (biased) x += mha__real_key_bias(p, b, h, i0 + r, key);
+            s[r] = x;
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- */
 /* Scratch                                                           */
 /* ---------------------------------------------------------------- */
@@ -150,11 +188,12 @@ char *mha__thread_scratch(mha_ctx *ctx, int64_t floats, int64_t *stride)
 /* Public entry                                                      */
 /* ---------------------------------------------------------------- */
 
-mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_tensor *q,
-                         const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc)
+/* The plan of one mha_attention() problem, after checking q, k, v, out
+ * (out's shape [B, Hq, L, Dv]) and the descriptor; `what_out` names out
+ * in errors. */
+static mha_status plan_from_desc(const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_tensor *out,
+                                 const char *what_out, const mha_attn_desc *desc, mha__attn_plan *plan)
 {
-    if (!ctx || !out || !q || !k || !v || !desc)
-        return mha__fail(MHA_ERR_MISUSE, "mha_attention: NULL argument");
     const int64_t any[4] = {-1, -1, -1, -1};
     mha_status st = mha__check_tensor(q, "query", any);
     if (st != MHA_OK) return st;
@@ -165,7 +204,7 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_te
     const int64_t v_shape[4] = {B, Hkv, S, -1};
     if ((st = mha__check_tensor(v, "value", v_shape)) != MHA_OK) return st;
     const int64_t out_shape[4] = {B, Hq, L, v->shape[3]};
-    if ((st = mha__check_tensor(out, "output", out_shape)) != MHA_OK) return st;
+    if ((st = mha__check_tensor(out, what_out, out_shape)) != MHA_OK) return st;
     if (Hkv != Hq && !desc->enable_gqa)
         return mha__fail(MHA_ERR_INVALID_ARG, "key has %lld heads but query has %lld; set enable_gqa for grouped-query attention",
                          (long long)Hkv, (long long)Hq);
@@ -174,8 +213,7 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_te
     int64_t rows;
     if (!mha__mul(B, Hq, &rows) || !mha__mul(rows, L, &rows))
         return mha__fail(MHA_ERR_INVALID_ARG, "batch x heads x queries overflows");
-    if (rows == 0) return MHA_OK;
-    mha__attn_plan p = {
+    *plan = (mha__attn_plan){
         .B = B, .Hq = Hq, .Hkv = Hkv, .L = L, .S = S, .D = D, .Dv = v->shape[3], .R = S,
         .group = Hq / (Hkv ? Hkv : 1),
         .scale = isnan(desc->scale) ? (float)(1.0 / sqrt((double)D)) : (float)desc->scale,
@@ -186,6 +224,38 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_te
     if (desc->dtype != MHA_DTYPE_F32 && desc->dtype != MHA_DTYPE_BF16)
         return mha__fail(MHA_ERR_INVALID_ARG, "dtype %s is not supported; attention computes in F32 or BF16",
                          mha_dtype_name(desc->dtype));
-    if ((st = mha__attn_plan_check(&p)) != MHA_OK) return st;
+    if (rows == 0) return MHA_OK;
+    return mha__attn_plan_check(plan);
+}
+
+mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_tensor *q,
+                         const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc)
+{
+    if (!ctx || !out || !q || !k || !v || !desc)
+        return mha__fail(MHA_ERR_MISUSE, "mha_attention: NULL argument");
+    mha__attn_plan p;
+    mha_status st = plan_from_desc(q, k, v, out, "output", desc, &p);
+    if (st != MHA_OK || p.B * p.Hq * p.L == 0) return st;
     return mha__attn_forward(ctx, &p, out, lse, NULL, q, k, v);
+}
+
+mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
+                                  const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                                  const mha_tensor *out, const float *lse, const mha_tensor *grad_out,
+                                  const mha_attn_desc *desc)
+{
+    if (!ctx || !dq || !dk || !dv || !q || !k || !v || !out || !lse || !grad_out || !desc)
+        return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward: NULL argument");
+    mha__attn_plan p;
+    mha_status st = plan_from_desc(q, k, v, out, "output", desc, &p);
+    if (st != MHA_OK) return st;
+    if (p.bf16)
+        return mha__fail(MHA_ERR_UNSUPPORTED, "the backward pass computes in F32 only; dtype BF16 is forward-only");
+    if ((st = mha__check_tensor(grad_out, "grad_output", out->shape)) != MHA_OK ||
+        (st = mha__check_tensor(dq, "query.grad", q->shape)) != MHA_OK ||
+        (st = mha__check_tensor(dk, "key.grad", k->shape)) != MHA_OK ||
+        (st = mha__check_tensor(dv, "value.grad", v->shape)) != MHA_OK)
+        return st;
+    mha__row_norm norm = {lse, NULL, NULL};
+    return mha__attn_backward(ctx, &p, dq, dk, dv, q, k, v, out, grad_out, &norm);
 }

@@ -38,6 +38,15 @@ typedef struct mha__row_stats {
     float *max, *sum;
 } mha__row_stats;
 
+/* How a backward pass recovers each row's probabilities from the forward:
+ * from lse (p = exp(s - lse)), or, more accurately for large scores, from
+ * the row max and sum (p = exp(s - max) / sum).  Exactly one of lse and
+ * stats.max is set; each is [B, Hq, L]. */
+typedef struct mha__row_norm {
+    const float *lse;
+    const float *max, *sum;
+} mha__row_norm;
+
 /* Checks a plan's sizes and options (not its tensors); INVALID_ARG names
  * the offending field. */
 mha_status mha__attn_plan_check(const mha__attn_plan *plan);
@@ -54,6 +63,16 @@ mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tenso
 mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *probs, int average,
                            const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k);
 
+/* Gradients of the attention forward (flash-attention 2's recomputation,
+ * without atomics): given its inputs, its output `out` and the row
+ * normalisation it saved, and dout = dL/dout, writes dq, dk, dv
+ * (overwriting; with GQA, dk and dv sum over each group's query heads in
+ * head order).  Keys R .. S-1 get their gradients like any other.  float32
+ * plans only.  NOMEM. */
+mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *dq, mha_tensor *dk,
+                              mha_tensor *dv, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                              const mha_tensor *out, const mha_tensor *dout, const mha__row_norm *norm);
+
 /* The row contract, in one place for every kernel:
  * the real keys [*lo, *hi) that query row i may see under causal masking
  * and the window (empty when *lo >= *hi; both grow with i), ... */
@@ -61,6 +80,14 @@ void mha__row_key_range(const mha__attn_plan *plan, int64_t i, int64_t *lo, int6
 /* ... and the additive bias of real key j for (batch b, head h, row i):
  * ALiBi plus the masks, -inf where a keep-mask forbids the key. */
 float mha__real_key_bias(const mha__attn_plan *plan, int64_t b, int64_t h, int64_t i, int64_t j);
+/* Applies the row contract to a key-major tile of raw scores,
+ * st[c * lds + r] = (scale q_{i0+r}) . k_{j0+c} for (batch b, head h):
+ * softcap, then the bias, and -inf outside row r's range [lo[r], hi[r]).
+ * With softcap and cap_slope non-NULL, also stores d(capped)/d(raw) =
+ * 1 - tanh^2 at the same places (for visible scores). */
+void mha__score_contract(const mha__attn_plan *plan, float *st, int64_t lds, int64_t b, int64_t h, int64_t i0,
+                         int64_t rows, int64_t j0, int64_t cols, const int64_t *lo, const int64_t *hi,
+                         float *cap_slope);
 /* Is mha__real_key_bias ever non-zero (ALiBi or a mask present)? */
 bool mha__plan_has_bias(const mha__attn_plan *plan);
 

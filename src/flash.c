@@ -176,7 +176,6 @@ static void value_products_bf16(const flash_job *j, const tiles *t, const float 
 static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
                        int64_t j0, int64_t cols, bool plain)
 {
-    bool biased = mha__plan_has_bias(j->p);
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
     const mha_tensor *k = j->k;
@@ -190,29 +189,7 @@ static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h,
                 kt->gemm_tile(m, n, p->D, kb + c * k->stride[2], k->stride[2], k->stride[3], t->qt + r, BR,
                               t->st + c * BR + r, BR, 0);
             }
-    if (plain) return;
-    /* Key-major order, so each pass is over contiguous memory.  Rows' ranges
-     * grow with the row, so the rows that see a key form one run
-     * [first, last), and both ends only move forward as the key grows. */
-    int64_t first = 0, last = 0;
-    for (int64_t c = 0; c < cols; c++) {
-        int64_t key = j0 + c;
-        float *s = t->st + c * BR;
-        if (key >= p->R) { /* appended keys: no range, no bias, only the cap */
-            for (int64_t r = 0; p->softcap > 0 && r < rows; r++) s[r] = p->softcap * tanhf(s[r] / p->softcap);
-            continue;
-        }
-        while (first < rows && t->hi[first] <= key) first++;
-        while (last < rows && t->lo[last] <= key) last++;
-        for (int64_t r = 0; r < first; r++) s[r] = -INFINITY;
-        for (int64_t r = last > first ? last : first; r < rows; r++) s[r] = -INFINITY;
-        for (int64_t r = first; r < last && (biased || p->softcap > 0); r++) {
-            float x = s[r];
-            if (p->softcap > 0) x = p->softcap * tanhf(x / p->softcap);
-            if (biased) x += mha__real_key_bias(p, b, h, i0 + r, key);
-            s[r] = x;
-        }
-    }
+    if (!plain) mha__score_contract(p, t->st, BR, b, h, i0, rows, j0, cols, t->lo, t->hi, NULL);
 }
 
 /* O = O * scale + P V for keys [j0, j0+cols); P^T is the A operand, read

@@ -24,6 +24,7 @@ static void *ref_alloc(int64_t n, size_t size)
 #define REAL double
 #define MATH(f) f
 #define NAME mha_ref_sdpa_f64
+#define BWD_NAME mha_ref_sdpa_backward_f64
 #define LAYER_NAME mha_ref_layer_f64
 #define SUFFIX(x) x##_f64
 #include "reference_sdpa.h"
@@ -31,12 +32,14 @@ static void *ref_alloc(int64_t n, size_t size)
 #undef REAL
 #undef MATH
 #undef NAME
+#undef BWD_NAME
 #undef LAYER_NAME
 #undef SUFFIX
 
 #define REAL float
 #define MATH(fn) fn##f
 #define NAME mha_ref_sdpa_f32
+#define BWD_NAME mha_ref_sdpa_backward_f32
 #define LAYER_NAME mha_ref_layer_f32
 #define SUFFIX(x) x##_f32
 #include "reference_sdpa.h"
@@ -44,6 +47,7 @@ static void *ref_alloc(int64_t n, size_t size)
 #undef REAL
 #undef MATH
 #undef NAME
+#undef BWD_NAME
 #undef LAYER_NAME
 #undef SUFFIX
 #undef ROUND
@@ -55,6 +59,7 @@ static float round_bf16(float x) { return mha__bf16_to_f32(mha__f32_to_bf16(x));
 #define REAL float
 #define MATH(fn) fn##f
 #define NAME mha_ref_sdpa_bf16
+#define BWD_NAME mha_ref_sdpa_backward_bf16
 #define LAYER_NAME mha_ref_layer_bf16
 #define SUFFIX(x) x##_bf16
 #include "reference_sdpa.h"
@@ -62,6 +67,7 @@ static float round_bf16(float x) { return mha__bf16_to_f32(mha__f32_to_bf16(x));
 #undef REAL
 #undef MATH
 #undef NAME
+#undef BWD_NAME
 #undef LAYER_NAME
 #undef SUFFIX
 #undef ROUND

@@ -32,6 +32,13 @@ void mha_ref_sdpa_f32(const mha_ref_sdpa *a, const float *q, const float *k, con
 void mha_ref_sdpa_bf16(const mha_ref_sdpa *a, const float *q, const float *k, const float *v,
                        float *out, float *lse, float *probs);
 
+/* Gradients of the same problem for dout [B,Hq,L,Dv]: dq, dk, dv
+ * overwritten (contiguous, shapes as q, k, v). */
+void mha_ref_sdpa_backward_f64(const mha_ref_sdpa *a, const double *q, const double *k, const double *v,
+                               const double *dout, double *dq, double *dk, double *dv);
+void mha_ref_sdpa_backward_f32(const mha_ref_sdpa *a, const float *q, const float *k, const float *v,
+                               const float *dout, float *dq, float *dk, float *dv);
+
 /* nn.MultiheadAttention, batch-first [N, L, E] inputs.  Weights as in the
  * state_dict: w_q [E,E], w_k [E,kdim], w_v [E,vdim], b_in [3E] or NULL,
  * w_out [E,E], b_out [E] or NULL, bias_k/bias_v [E] or NULL.  `add` is a

@@ -6,7 +6,9 @@
  *              the tile;
  *   exp:       relative error over [-103, 88] and exact 0 for -inf;
  *   softmax_step: running max/sum against a direct computation over a
- *              key-major tile, queries fully masked, tails.
+ *              key-major tile, queries fully masked, tails;
+ *   softmax_grad: probabilities and score gradients against double, with
+ *              masked scores and a row with nothing visible (mul 0).
  */
 #include "convert.h"
 #include "harness.h"
@@ -132,6 +134,43 @@ static void test_softmax_step(const mha__kernels *kt)
     CHECK(sum[1] == 0.0f && max[1] == -INFINITY, "%s: masked row has sum %g", kt->name, (double)sum[1]);
 }
 
+/* p = exp(s - shift) * mul and ds = p (dp - delta), key-major, every tail. */
+static void test_softmax_grad(const mha__kernels *kt)
+{
+    enum { ROWS = 21, COLS = 13, LDS = 24 };
+    float s[COLS * LDS], dp[COLS * LDS], s0[COLS * LDS], dp0[COLS * LDS], shift[ROWS], mul[ROWS], delta[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        shift[r] = uniform() * 10.0f + 12.0f;
+        mul[r] = 0.5f + 0.5f * fabsf(uniform());
+        delta[r] = uniform();
+    }
+    for (int i = 0; i < COLS * LDS; i++) {
+        s0[i] = uniform() * 10.0f;
+        dp0[i] = uniform() * 3.0f;
+    }
+    s0[3 * LDS + 4] = -INFINITY;             /* a masked score */
+    shift[7] = 0.0f, mul[7] = 0.0f;           /* a row that saw nothing, as the callers pass it */
+    for (int j = 0; j < COLS; j++) s0[j * LDS + 7] = -INFINITY;
+    int bad = 0;
+    for (int rows = 1; rows <= ROWS; rows += 4) {
+        memcpy(s, s0, sizeof s);
+        memcpy(dp, dp0, sizeof dp);
+        kt->softmax_grad(s, dp, LDS, rows, COLS, shift, mul, delta);
+        for (int j = 0; j < COLS; j++)
+            for (int r = 0; r < LDS; r++) {
+                int at = j * LDS + r;
+                if (r >= rows) { /* outside the tile: untouched */
+                    bad += s[at] != s0[at] || dp[at] != dp0[at];
+                    continue;
+                }
+                double p = exp((double)(s0[at] - shift[r])) * mul[r], ds = p * ((double)dp0[at] - delta[r]);
+                bad += fabs(s[at] - p) > 4 * FLT_EPSILON * p;
+                bad += fabs(dp[at] - ds) > 8 * FLT_EPSILON * (p * (fabs(dp0[at]) + fabs(delta[r])) + 1e-30);
+            }
+    }
+    CHECK(bad == 0, "%s softmax_grad: %d mismatches", kt->name, bad);
+}
+
 /* The bf16 kernels: the tile over every tail, both A layouts (row-major
  * and pairs of rows) and both accumulate modes, writing nothing outside the
  * tile, with sums within float32 rounding of the exact (double) ones; and
@@ -221,6 +260,7 @@ int main(void)
         test_gemm_tile(kt);
         test_exp(kt);
         test_softmax_step(kt);
+        test_softmax_grad(kt);
         tested++;
     }
     CHECK(tested >= 1, "no kernels ran");

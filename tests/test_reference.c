@@ -140,6 +140,63 @@ static void make_mask(const sdpa_case *c, sdpa_data *x, uint8_t **keep_dense, do
                 }
 }
 
+/* mha_attention_backward for a random dO, stored in the case's layout:
+ * the same bits with 1 and 3 threads, and dq, dk, dv within the gradient
+ * tolerance of the float64 reference (baseline: the float32 reference). */
+static void check_sdpa_backward(const sdpa_case *c, const sdpa_data *x, const mha_ref_sdpa *ref, const mha_tensor *out,
+                                const float *lse, mha_ctx *ctx1, mha_ctx *ctx3, const char *label)
+{
+    int64_t n[3] = {c->B * c->Hq * c->L * c->D, c->B * c->Hkv * c->S * c->D, c->B * c->Hkv * c->S * c->Dv};
+    int64_t no = c->B * c->Hq * c->L * c->Dv;
+    double *unused;
+    float *dout = random_floats(no, 1.0, &unused);
+    free(unused);
+    mha_tensor q = view(x->q, c, c->Hq, c->L, c->D), k = view(x->k, c, c->Hkv, c->S, c->D);
+    mha_tensor v = view(x->v, c, c->Hkv, c->S, c->Dv), dov = view(dout, c, c->Hq, c->L, c->Dv);
+    float *grads[2][3];
+    mha_tensor views[2][3];
+    const int64_t heads[3] = {c->Hq, c->Hkv, c->Hkv}, len[3] = {c->L, c->S, c->S}, width[3] = {c->D, c->D, c->Dv};
+    for (int t = 0; t < 2; t++)
+        for (int g = 0; g < 3; g++) {
+            grads[t][g] = malloc((size_t)(n[g] ? n[g] : 1) * sizeof(float));
+            for (int64_t i = 0; i < n[g]; i++) grads[t][g][i] = NAN; /* every element must be written */
+            views[t][g] = view(grads[t][g], c, heads[g], len[g], width[g]);
+        }
+    CHECK_OK(mha_attention_backward(ctx1, &views[0][0], &views[0][1], &views[0][2], &q, &k, &v, out, lse, &dov, &x->desc));
+    CHECK_OK(mha_attention_backward(ctx3, &views[1][0], &views[1][1], &views[1][2], &q, &k, &v, out, lse, &dov, &x->desc));
+    for (int g = 0; g < 3; g++)
+        CHECK(memcmp(grads[0][g], grads[1][g], (size_t)n[g] * sizeof(float)) == 0, "%s: gradient %d differs with 1 and 3 threads",
+              label, g);
+    double *q64 = gather(&q), *k64 = gather(&k), *v64 = gather(&v), *do64 = gather(&dov);
+    double *want[3];
+    float *base[3], *got[3];
+    for (int g = 0; g < 3; g++) {
+        want[g] = malloc((size_t)(n[g] ? n[g] : 1) * sizeof(double));
+        base[g] = malloc((size_t)(n[g] ? n[g] : 1) * sizeof(float));
+        double *got64 = gather(&views[0][g]);
+        got[g] = to_float(got64, n[g]);
+        free(got64);
+    }
+    mha_ref_sdpa_backward_f64(ref, q64, k64, v64, do64, want[0], want[1], want[2]);
+    float *q32 = to_float(q64, n[0]), *k32 = to_float(k64, n[1]), *v32 = to_float(v64, n[2]), *do32 = to_float(do64, no);
+    mha_ref_sdpa_backward_f32(ref, q32, k32, v32, do32, base[0], base[1], base[2]);
+    static const char *const names[3] = {"dq", "dk", "dv"};
+    for (int g = 0; g < 3; g++) {
+        char what[320];
+        snprintf(what, sizeof what, "%s %s", label, names[g]);
+        CHECK_CLOSE_GRAD(what, got[g], want[g], base[g], n[g]);
+    }
+    void *owned[] = {dout, q64, k64, v64, do64, q32, k32, v32, do32};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
+    for (int g = 0; g < 3; g++) {
+        free(want[g]);
+        free(base[g]);
+        free(got[g]);
+        free(grads[0][g]);
+        free(grads[1][g]);
+    }
+}
+
 static void run_sdpa_case(const sdpa_case *c, mha_ctx *ctx1, mha_ctx *ctx3, const char *label)
 {
     int64_t nq = c->B * c->Hq * c->L * c->D, nk = c->B * c->Hkv * c->S * c->D, nv = c->B * c->Hkv * c->S * c->Dv;
@@ -205,6 +262,8 @@ static void run_sdpa_case(const sdpa_case *c, mha_ctx *ctx1, mha_ctx *ctx3, cons
     snprintf(what, sizeof what, "%s lse", label);
     CHECK_CLOSE_EPS(what, lse1, ref_lse, base_lse, nl, eps);
 
+    if (!c->bf16) check_sdpa_backward(c, &x, &ref, &o1, lse1, ctx1, ctx3, label);
+
     void *owned[] = {x.q, x.k, x.v, x.mask_add, x.mask_keep, x.alibi, alibi64, keep_dense, add_dense, out1, out3,
                      lse1, lse3, q64, k64, v64, got64, gotf, ref_out, ref_lse, q32, k32, v32, base_out, base_lse};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
@@ -241,6 +300,59 @@ static void test_sdpa_sweep(mha_ctx *ctx1, mha_ctx *ctx3)
 /* ------------------------------------------------------------------ */
 /* Properties of SDPA                                                  */
 /* ------------------------------------------------------------------ */
+
+/* The oracle's gradients against central differences of the oracle's
+ * forward (loss = sum out * dO), so the float64 reference the library is
+ * held to is itself checked independently, on every option that shapes
+ * the gradient: softcap, ALiBi, additive and keep masks, causal, window,
+ * GQA. */
+static double sdpa_loss(const mha_ref_sdpa *a, const double *q, const double *k, const double *v, const double *dout,
+                        double *out)
+{
+    mha_ref_sdpa_f64(a, q, k, v, out, NULL, NULL);
+    double loss = 0;
+    for (int64_t i = 0; i < a->B * a->Hq * a->L * a->Dv; i++) loss += out[i] * dout[i];
+    return loss;
+}
+
+static void test_reference_gradients_by_differences(void)
+{
+    enum { B = 1, HQ = 4, HKV = 2, L = 5, S = 6, D = 3, DV = 2 };
+    int64_t n[3] = {B * HQ * L * D, B * HKV * S * D, B * HKV * S * DV};
+    double *x[3], *grad[3], dout[B * HQ * L * DV], out[B * HQ * L * DV], add[B * HQ * L * S], alibi[HQ];
+    uint8_t keep[B * HQ * L * S];
+    for (int g = 0; g < 3; g++) {
+        free(random_floats(n[g], 1.5, &x[g]));
+        grad[g] = malloc((size_t)n[g] * sizeof(double));
+    }
+    for (int i = 0; i < B * HQ * L * DV; i++) dout[i] = uniform();
+    for (int i = 0; i < B * HQ * L * S; i++) add[i] = uniform(), keep[i] = pick(5) != 0;
+    for (int h = 0; h < HQ; h++) alibi[h] = 0.25 * (h + 1);
+    for (int variant = 0; variant < 4; variant++) {
+        mha_ref_sdpa a = {.B = B, .Hq = HQ, .Hkv = HKV, .L = L, .S = S, .D = D, .Dv = DV, .scale = 0.7,
+                          .window_left = -1, .window_right = -1};
+        if (variant == 1) a.softcap = 2.0, a.alibi = alibi, a.add = add;
+        if (variant == 2) a.causal = MHA_CAUSAL_BOTTOM_RIGHT, a.keep = keep, a.window_left = 2;
+        if (variant == 3) a.causal = MHA_CAUSAL_TOP_LEFT, a.softcap = 1.0;
+        mha_ref_sdpa_backward_f64(&a, x[0], x[1], x[2], dout, grad[0], grad[1], grad[2]);
+        double worst = 0;
+        for (int g = 0; g < 3; g++)
+            for (int64_t i = 0; i < n[g]; i++) {
+                double keep_x = x[g][i], h = 1e-6;
+                x[g][i] = keep_x + h;
+                double up = sdpa_loss(&a, x[0], x[1], x[2], dout, out);
+                x[g][i] = keep_x - h;
+                double down = sdpa_loss(&a, x[0], x[1], x[2], dout, out);
+                x[g][i] = keep_x;
+                worst = fmax(worst, fabs((up - down) / (2 * h) - grad[g][i]));
+            }
+        CHECK(worst < 1e-7, "reference gradients, variant %d: differ from central differences by %.3g", variant, worst);
+    }
+    for (int g = 0; g < 3; g++) {
+        free(x[g]);
+        free(grad[g]);
+    }
+}
 
 static void test_heads_are_independent(mha_ctx *ctx)
 {
@@ -658,6 +770,7 @@ int main(int argc, char **argv)
     if (getenv("MHA_TEST_SEED")) rng = strtoull(getenv("MHA_TEST_SEED"), NULL, 10);
     test_reference_vs_pytorch(argc > 1 ? argv[1] : "tests/data/golden");
     test_sdpa_sweep(ctx1, ctx3);
+    test_reference_gradients_by_differences();
     test_heads_are_independent(ctx2);
     test_fully_masked_rows(ctx1);
     test_layer_sweep(ctx1, ctx2);

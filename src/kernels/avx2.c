@@ -159,6 +159,22 @@ static void softmax_step_avx2(float *s, int64_t lds, int64_t rows, int64_t cols,
     }
 }
 
+static void softmax_grad_avx2(float *s, float *dp, int64_t lds, int64_t rows, int64_t cols, const float *shift,
+                              const float *mul, const float *delta)
+{
+    for (int64_t i = 0; i < rows; i += 8) { /* 8 queries per vector, as softmax_step */
+        __m256i mk = lane_mask(rows - i);
+        __m256 sh = _mm256_maskload_ps(shift + i, mk), mu = _mm256_maskload_ps(mul + i, mk);
+        __m256 de = _mm256_maskload_ps(delta + i, mk);
+        for (int64_t j = 0; j < cols; j++) {
+            float *sj = s + j * lds + i, *dj = dp + j * lds + i;
+            __m256 p = _mm256_mul_ps(exp256(_mm256_sub_ps(_mm256_maskload_ps(sj, mk), sh)), mu);
+            _mm256_maskstore_ps(sj, mk, p);
+            _mm256_maskstore_ps(dj, mk, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_maskload_ps(dj, mk), de)));
+        }
+    }
+}
+
 static float hsum256(__m256 v)
 {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -208,6 +224,7 @@ const mha__kernels mha__kernels_avx2 = {
     .nr = NR,
     .gemm_tile = gemm_tile_avx2,
     .softmax_step = softmax_step_avx2,
+    .softmax_grad = softmax_grad_avx2,
     .scale = scale_avx2,
     .exp_shift = exp_shift_avx2,
     .peak = peak_avx2,

@@ -136,6 +136,22 @@ static void softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t col
     }
 }
 
+static void softmax_grad_avx512(float *s, float *dp, int64_t lds, int64_t rows, int64_t cols, const float *shift,
+                                const float *mul, const float *delta)
+{
+    for (int64_t i = 0; i < rows; i += 16) { /* 16 queries per vector, as softmax_step */
+        __mmask16 mk = lane_mask(rows - i);
+        __m512 sh = _mm512_maskz_loadu_ps(mk, shift + i), mu = _mm512_maskz_loadu_ps(mk, mul + i);
+        __m512 de = _mm512_maskz_loadu_ps(mk, delta + i);
+        for (int64_t j = 0; j < cols; j++) {
+            float *sj = s + j * lds + i, *dj = dp + j * lds + i;
+            __m512 p = _mm512_mul_ps(exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sj), sh)), mu);
+            _mm512_mask_storeu_ps(sj, mk, p);
+            _mm512_mask_storeu_ps(dj, mk, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, dj), de)));
+        }
+    }
+}
+
 static void scale_avx512(float *x, int64_t n, float alpha)
 {
     __m512 va = _mm512_set1_ps(alpha);
@@ -178,6 +194,7 @@ const mha__kernels mha__kernels_avx512 = {
     .nr = NR,
     .gemm_tile = gemm_tile_avx512,
     .softmax_step = softmax_step_avx512,
+    .softmax_grad = softmax_grad_avx512,
     .scale = scale_avx512,
     .exp_shift = exp_shift_avx512,
     .peak = peak_avx512,

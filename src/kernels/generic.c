@@ -44,6 +44,17 @@ static void softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t co
     }
 }
 
+static void softmax_grad_generic(float *s, float *dp, int64_t lds, int64_t rows, int64_t cols, const float *shift,
+                                 const float *mul, const float *delta)
+{
+    for (int64_t j = 0; j < cols; j++)
+        for (int64_t i = 0; i < rows; i++) {
+            float p = expf(s[j * lds + i] - shift[i]) * mul[i];
+            s[j * lds + i] = p;
+            dp[j * lds + i] = p * (dp[j * lds + i] - delta[i]);
+        }
+}
+
 static void scale_generic(float *x, int64_t n, float alpha)
 {
     for (int64_t i = 0; i < n; i++) x[i] *= alpha;
@@ -111,6 +122,7 @@ const mha__kernels mha__kernels_generic = {
     .nr = GENERIC_NR,
     .gemm_tile = gemm_tile_generic,
     .softmax_step = softmax_step_generic,
+    .softmax_grad = softmax_grad_generic,
     .scale = scale_generic,
     .exp_shift = exp_shift_generic,
     .peak = peak_generic,

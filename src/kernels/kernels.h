@@ -41,6 +41,17 @@ typedef void (*mha__gemm_tile_fn)(int64_t m, int64_t n, int64_t k, const float *
 typedef void (*mha__softmax_step_fn)(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
                                      float *scale);
 
+/* The backward pass's step over the same key-major layout: with s[j][i]
+ * the recomputed score of query i < rows against key j < cols and dp[j][i]
+ * = dO_i . V_j,
+ *   p        = exp(s[j][i] - shift[i]) * mul[i]    (0 where s was -inf)
+ *   s[j][i]  <- p                                   the probability
+ *   dp[j][i] <- p * (dp[j][i] - delta[i])          the score's gradient
+ * where delta[i] = dO_i . O_i, and shift/mul restore the forward's
+ * normalisation: (lse, 1), or (row max, 1 / row sum) when both were kept. */
+typedef void (*mha__softmax_grad_fn)(float *s, float *dp, int64_t lds, int64_t rows, int64_t cols,
+                                     const float *shift, const float *mul, const float *delta);
+
 /* x[i] *= alpha for i < n. */
 typedef void (*mha__scale_fn)(float *x, int64_t n, float alpha);
 
@@ -58,6 +69,7 @@ typedef struct mha__kernels {
     int mr, nr;                     /* gemm_tile's largest m and n */
     mha__gemm_tile_fn gemm_tile;
     mha__softmax_step_fn softmax_step;
+    mha__softmax_grad_fn softmax_grad;
     mha__scale_fn scale;
     mha__exp_shift_fn exp_shift;
     mha__peak_fn peak;

@@ -1,0 +1,322 @@
+/*
+ * flash_bwd.c -- the fused attention backward: FlashAttention-2's
+ * recomputation of the probabilities from the forward's row statistics,
+ * so nothing of size L x S is ever stored.
+ *
+ * With s = scores (after softcap and bias), P = softmax(s) per row,
+ * O = P V, and dO given:
+ *   delta_i = dO_i . O_i                        (once per row, first)
+ *   dV_j    = sum_i P_ij dO_i
+ *   dP_ij   = dO_i . V_j
+ *   dS_ij   = P_ij (dP_ij - delta_i)  [* (1 - tanh^2) under softcap]
+ *   dK_j    = scale sum_i dS_ij q_i
+ *   dQ_i    = scale sum_j dS_ij k_j
+ * dK/dV sum over queries and dQ over keys.  Summing both in one sweep needs
+ * atomics or an L x S buffer, and atomics would make the bits depend on
+ * the thread count, so there are two sweeps over the same tiles:
+ *   pass 1, one item per (batch, kv head, key block): every query block of
+ *     every query head of the group, accumulating dK and dV in registers'
+ *     reach (a tile per thread) in a fixed order;
+ *   pass 2, one item per (batch, head, query block): every key block,
+ *     accumulating dQ.
+ * Both recompute S and dP (7 block products in all against the forward's
+ * 2); every output element has one owner, so the same bits come out for
+ * any thread count.  Tiles are key-major like the forward's: queries lie
+ * in vector lanes, and the score contract (attention.c) is the forward's.
+ */
+#include "attention.h"
+#include "kernels/kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+/* Query rows and keys per tile: multiples of every kernel's mr and nr, small
+ * enough that a pass's eight tiles stay in L2 at d = 128. */
+enum { BQ = 96, BK = 96 };
+
+typedef struct bwd_job {
+    const mha__attn_plan *p;
+    const mha__kernels *kt;
+    const mha_tensor *q, *k, *v, *dout;
+    mha_tensor *dq, *dk, *dv;
+    float *shift, *mul, *delta;  /* per row [B, Hq, L]: p = exp(s - shift) * mul */
+    char *scratch;
+    int64_t scratch_stride;
+    int64_t q_blocks, k_blocks;  /* k_blocks counts the appended keys' block */
+} bwd_job;
+
+/* Per-thread tiles. */
+typedef struct bwd_tiles {
+    float *qt;     /* [D][BQ]   (scale Q)^T, the B operand of the scores */
+    float *qr;     /* [BQ][D]   Q rows, the B operand of dK */
+    float *dot;    /* [Dv][BQ]  dO^T, the B operand of dP */
+    float *dor;    /* [BQ][Dv]  dO rows, the B operand of dV */
+    float *st;     /* [BK][BQ]  scores, then probabilities */
+    float *dpt;    /* [BK][BQ]  dP, then dS */
+    float *slope;  /* [BK][BQ]  softcap's derivative */
+    float *acc_k;  /* [BK][D] dK or [BQ][D] dQ */
+    float *acc_v;  /* [BK][Dv]  dV */
+    float *kr;     /* [BK][D]   key rows gathered, when K's rows are strided */
+    int64_t lo[BQ], hi[BQ];
+} bwd_tiles;
+
+static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+static int64_t bwd_tiles_floats(const mha__attn_plan *p)
+{
+    int64_t D = p->D, Dv = p->Dv;
+    return round16(D * BQ) * 2 + round16(Dv * BQ) * 2 + round16(BK * BQ) * 3 + round16(BK * D) +
+           round16(BQ * D) + round16(BK * Dv) + round16(BK * D);
+}
+
+static float *carve(float **cursor, int64_t n)
+{
+    float *start = *cursor;
+    *cursor += round16(n);
+    return start;
+}
+
+static bwd_tiles bwd_tiles_at(const bwd_job *j, int thread)
+{
+    const mha__attn_plan *p = j->p;
+    float *cur = (float *)(j->scratch + thread * j->scratch_stride);
+    bwd_tiles t;
+    t.qt = carve(&cur, p->D * BQ);
+    t.qr = carve(&cur, BQ * p->D);
+    t.dot = carve(&cur, p->Dv * BQ);
+    t.dor = carve(&cur, BQ * p->Dv);
+    t.st = carve(&cur, BK * BQ);
+    t.dpt = carve(&cur, BK * BQ);
+    t.slope = carve(&cur, BK * BQ);
+    t.acc_k = carve(&cur, (BK > BQ ? BK : BQ) * p->D);
+    t.acc_v = carve(&cur, BK * p->Dv);
+    t.kr = carve(&cur, BK * p->D);
+    return t;
+}
+
+/* C[m x n] (+)= A[m x k] B[k x n] of any size, tile by tile (kernels.h's
+ * operand conventions); each element is one chain over k in order. */
+static void product(const mha__kernels *kt, int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs,
+                    int64_t a_cs, const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+{
+    for (int64_t i = 0; i < m; i += kt->mr)
+        for (int64_t jj = 0; jj < n; jj += kt->nr)
+            kt->gemm_tile(m - i < kt->mr ? m - i : kt->mr, n - jj < kt->nr ? n - jj : kt->nr, k, a + i * a_rs, a_rs,
+                          a_cs, b + jj, ldb, c + i * ldc + jj, ldc, accumulate);
+}
+
+static const float *row_of(const mha_tensor *t, int64_t b, int64_t h, int64_t i)
+{
+    return t->data + b * t->stride[0] + h * t->stride[1] + i * t->stride[2];
+}
+
+/* The rows' normalisation and delta_i = dO_i . O_i.  delta is computed by
+ * the micro-kernel that computes dP_ij = dO_i . V_j, as the same chain of
+ * multiply-adds, so where O_i = V_j (a row that sees one key) dP - delta
+ * is exactly 0, as the softmax's gradient must be. */
+typedef struct rows_job {
+    const bwd_job *j;
+    const mha_tensor *out;
+    const mha__row_norm *norm;
+} rows_job;
+
+static void rows_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const rows_job *rj = arg;
+    const bwd_job *j = rj->j;
+    const mha__attn_plan *p = j->p;
+    for (int64_t row = begin; row < end; row++) {
+        int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
+        const float *o = row_of(rj->out, b, h, i), *d = row_of(j->dout, b, h, i);
+        j->kt->gemm_tile(1, 1, p->Dv, o, 0, rj->out->stride[3], d, j->dout->stride[3], j->delta + row, 1, 0);
+        /* A row that saw no key: every p is 0 (shift 0 keeps exp finite). */
+        if (rj->norm->lse) {
+            float lse = rj->norm->lse[row];
+            bool seen = lse > -INFINITY;
+            j->shift[row] = seen ? lse : 0.0f;
+            j->mul[row] = seen ? 1.0f : 0.0f;
+        } else {
+            float sum = rj->norm->sum[row];
+            j->shift[row] = sum > 0 ? rj->norm->max[row] : 0.0f;
+            j->mul[row] = sum > 0 ? 1.0f / sum : 0.0f;
+        }
+    }
+}
+
+/* Packs the query block's (scale Q)^T and, for pass 1, its Q rows; dO^T
+ * and, for pass 1, dO rows. */
+static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, bool rows_too)
+{
+    const mha__attn_plan *p = j->p;
+    const mha_tensor *q = j->q, *dout = j->dout;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *qi = row_of(q, b, h, i0 + r), *di = row_of(dout, b, h, i0 + r);
+        for (int64_t c = 0; c < p->D; c++) {
+            float x = qi[c * q->stride[3]];
+            t->qt[c * BQ + r] = x * p->scale;
+            if (rows_too) t->qr[r * p->D + c] = x;
+        }
+        for (int64_t c = 0; c < p->Dv; c++) {
+            float x = di[c * dout->stride[3]];
+            t->dot[c * BQ + r] = x;
+            if (rows_too) t->dor[r * p->Dv + c] = x;
+        }
+    }
+}
+
+static void row_ranges(const bwd_job *j, bwd_tiles *t, int64_t i0, int64_t rows)
+{
+    for (int64_t r = 0; r < rows; r++) mha__row_key_range(j->p, i0 + r, &t->lo[r], &t->hi[r]);
+}
+
+/* Does key block [j0, j0+cols) meet any visible range of the packed rows,
+ * and if so, is every key of it visible to every row without bias? */
+static bool block_visible(const bwd_job *j, const bwd_tiles *t, int64_t rows, int64_t j0, int64_t cols, bool *plain)
+{
+    const mha__attn_plan *p = j->p;
+    bool exact = p->softcap == 0 && !mha__plan_has_bias(p);
+    if (j0 >= p->R) { /* appended keys: seen by every row */
+        *plain = p->softcap == 0;
+        return true;
+    }
+    /* Ranges grow with the row: the first row has the smallest hi, the last
+     * the largest lo. */
+    int64_t lo_first = t->lo[0], hi_first = t->hi[0], lo_last = t->lo[rows - 1], hi_last = t->hi[rows - 1];
+    *plain = exact && j0 >= lo_last && j0 + cols <= hi_first;
+    return j0 < hi_last && j0 + cols > lo_first;
+}
+
+/* For key rows k_j0.. and the packed query block: st = P^T, dpt = dS^T. */
+static void score_gradients(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                            int64_t j0, int64_t cols, bool plain)
+{
+    const mha__attn_plan *p = j->p;
+    const mha__kernels *kt = j->kt;
+    const mha_tensor *k = j->k, *v = j->v;
+    int64_t g = h / p->group;
+    const float *kb = row_of(k, b, g, j0), *vb = row_of(v, b, g, j0);
+    product(kt, cols, rows, p->D, kb, k->stride[2], k->stride[3], t->qt, BQ, t->st, BQ, 0);
+    bool capped = p->softcap > 0;
+    if (!plain) mha__score_contract(p, t->st, BQ, b, h, i0, rows, j0, cols, t->lo, t->hi, capped ? t->slope : NULL);
+    product(kt, cols, rows, p->Dv, vb, v->stride[2], v->stride[3], t->dot, BQ, t->dpt, BQ, 0);
+    int64_t row0 = (b * p->Hq + h) * p->L + i0;
+    kt->softmax_grad(t->st, t->dpt, BQ, rows, cols, j->shift + row0, j->mul + row0, j->delta + row0);
+    if (!capped) return;
+    for (int64_t c = 0; c < cols; c++)
+        for (int64_t r = 0; r < rows; r++) /* masked scores have p = 0, so dS = 0 whatever the slope */
+            if (t->st[c * BQ + r] != 0.0f) t->dpt[c * BQ + r] *= t->slope[c * BQ + r];
+}
+
+/* Key block [j0, j0+cols) of item `item`'s numbering. */
+static void key_block(const bwd_job *j, int64_t kb, int64_t *j0, int64_t *cols)
+{
+    const mha__attn_plan *p = j->p;
+    int64_t real_blocks = (p->R + BK - 1) / BK;
+    *j0 = kb < real_blocks ? kb * BK : p->R;
+    *cols = kb < real_blocks ? (p->R - *j0 < BK ? p->R - *j0 : BK) : p->S - p->R;
+}
+
+static void write_scaled(float *dst, const int64_t stride[4], const float *src, int64_t rows, int64_t width,
+                         float scale)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < width; c++) dst[r * stride[2] + c * stride[3]] = src[r * width + c] * scale;
+}
+
+/* Pass 1: dK and dV of one key block. */
+static void key_item(const bwd_job *j, bwd_tiles *t, int64_t item)
+{
+    const mha__attn_plan *p = j->p;
+    const mha__kernels *kt = j->kt;
+    int64_t kb = item % j->k_blocks, bg = item / j->k_blocks, b = bg / p->Hkv, g = bg % p->Hkv, j0, cols;
+    key_block(j, kb, &j0, &cols);
+    memset(t->acc_k, 0, (size_t)(cols * p->D) * sizeof(float));
+    memset(t->acc_v, 0, (size_t)(cols * p->Dv) * sizeof(float));
+    for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
+        for (int64_t qb = 0; qb < j->q_blocks; qb++) {
+            int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ;
+            bool plain;
+            row_ranges(j, t, i0, rows);
+            if (!block_visible(j, t, rows, j0, cols, &plain)) continue;
+            pack_block(j, t, b, h, i0, rows, true);
+            score_gradients(j, t, b, h, i0, rows, j0, cols, plain);
+            product(kt, cols, p->Dv, rows, t->st, BQ, 1, t->dor, p->Dv, t->acc_v, p->Dv, 1);
+            product(kt, cols, p->D, rows, t->dpt, BQ, 1, t->qr, p->D, t->acc_k, p->D, 1);
+        }
+    write_scaled(j->dk->data + b * j->dk->stride[0] + g * j->dk->stride[1] + j0 * j->dk->stride[2], j->dk->stride,
+                 t->acc_k, cols, p->D, p->scale);
+    write_scaled(j->dv->data + b * j->dv->stride[0] + g * j->dv->stride[1] + j0 * j->dv->stride[2], j->dv->stride,
+                 t->acc_v, cols, p->Dv, 1.0f);
+}
+
+/* Pass 2: dQ of one query block. */
+static void query_item(const bwd_job *j, bwd_tiles *t, int64_t item)
+{
+    const mha__attn_plan *p = j->p;
+    const mha__kernels *kt = j->kt;
+    const mha_tensor *k = j->k;
+    int64_t qb = item % j->q_blocks, bh = item / j->q_blocks, b = bh / p->Hq, h = bh % p->Hq;
+    int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ;
+    pack_block(j, t, b, h, i0, rows, false);
+    row_ranges(j, t, i0, rows);
+    memset(t->acc_k, 0, (size_t)(rows * p->D) * sizeof(float));
+    for (int64_t kb = 0; kb < j->k_blocks; kb++) {
+        int64_t j0, cols;
+        bool plain;
+        key_block(j, kb, &j0, &cols);
+        if (!block_visible(j, t, rows, j0, cols, &plain)) continue;
+        score_gradients(j, t, b, h, i0, rows, j0, cols, plain);
+        const float *kr = row_of(k, b, h / p->group, j0);
+        int64_t ldk = k->stride[2];
+        if (k->stride[3] != 1) { /* the B operand needs contiguous rows */
+            for (int64_t c = 0; c < cols; c++)
+                for (int64_t d = 0; d < p->D; d++) t->kr[c * p->D + d] = kr[c * k->stride[2] + d * k->stride[3]];
+            kr = t->kr;
+            ldk = p->D;
+        }
+        product(kt, rows, p->D, cols, t->dpt, 1, BQ, kr, ldk, t->acc_k, p->D, 1);
+    }
+    write_scaled(j->dq->data + b * j->dq->stride[0] + h * j->dq->stride[1] + i0 * j->dq->stride[2], j->dq->stride,
+                 t->acc_k, rows, p->D, p->scale);
+}
+
+static void key_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    const bwd_job *j = arg;
+    bwd_tiles t = bwd_tiles_at(j, thread);
+    for (int64_t item = begin; item < end; item++) key_item(j, &t, item);
+}
+
+static void query_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    const bwd_job *j = arg;
+    bwd_tiles t = bwd_tiles_at(j, thread);
+    for (int64_t item = begin; item < end; item++) query_item(j, &t, item);
+}
+
+mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *dq, mha_tensor *dk,
+                              mha_tensor *dv, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                              const mha_tensor *out, const mha_tensor *dout, const mha__row_norm *norm)
+{
+    int64_t n_rows = p->B * p->Hq * p->L; /* the caller checked it does not overflow */
+    bwd_job j = {
+        .p = p, .kt = mha__kernels_get(), .q = q, .k = k, .v = v, .dout = dout, .dq = dq, .dk = dk, .dv = dv,
+        .q_blocks = (p->L + BQ - 1) / BQ, .k_blocks = (p->R + BK - 1) / BK + (p->S > p->R),
+    };
+    int64_t bytes;
+    if (!mha__mul(n_rows ? n_rows : 1, 3 * (int64_t)sizeof(float), &bytes))
+        return mha__fail(MHA_ERR_NOMEM, "the backward pass's %lld row statistics overflow", (long long)n_rows);
+    float *rows = mha__ctx_scratch(ctx, MHA_SCRATCH_ROWS, bytes);
+    if (!rows) return MHA_ERR_NOMEM;
+    j.shift = rows;
+    j.mul = rows + n_rows;
+    j.delta = rows + 2 * n_rows;
+    j.scratch = mha__thread_scratch(ctx, bwd_tiles_floats(p), &j.scratch_stride);
+    if (!j.scratch) return MHA_ERR_NOMEM;
+    rows_job rj = {&j, out, norm};
+    mha__parallel_for(ctx, n_rows, rows_range, &rj);
+    mha__parallel_for(ctx, p->B * p->Hkv * j.k_blocks, key_range, &j);
+    mha__parallel_for(ctx, p->B * p->Hq * j.q_blocks, query_range, &j);
+    return MHA_OK;
+}
