@@ -15,13 +15,19 @@
  * atomics or an L x S buffer, and atomics would make the bits depend on
  * the thread count, so there are two sweeps over the same tiles:
  *   pass 1, one item per (batch, kv head, key block): every query block of
- *     every query head of the group, accumulating dK and dV in registers'
- *     reach (a tile per thread) in a fixed order;
+ *     every query head of the group, accumulating dK and dV in a tile per
+ *     thread in a fixed order;
  *   pass 2, one item per (batch, head, query block): every key block,
  *     accumulating dQ.
  * Both recompute S and dP (7 block products in all against the forward's
  * 2); every output element has one owner, so the same bits come out for
- * any thread count.  Tiles are key-major like the forward's: queries lie
+ * any thread count.
+ *
+ * Pass 2 runs first and also sums each row's recomputed probabilities.
+ * An lse stored as float32 is off by up to half an ulp of |lse| (4e-6 at
+ * lse = 100), which scales the whole row of exp(s - lse) by the same
+ * factor; dividing by the row sum cancels it, so large logits cost no
+ * accuracy (dQ is divided at the end, pass 1 uses the corrected rows).  Tiles are key-major like the forward's: queries lie
  * in vector lanes, and the score contract (attention.c) is the forward's.
  */
 #include "attention.h"
@@ -58,6 +64,7 @@ typedef struct bwd_tiles {
     float *acc_v;  /* [BK][Dv]  dV */
     float *kr;     /* [BK][D]   key rows gathered, when K's rows are strided */
     int64_t lo[BQ], hi[BQ];
+    float row_sum[BQ];
 } bwd_tiles;
 
 static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -261,12 +268,15 @@ static void query_item(const bwd_job *j, bwd_tiles *t, int64_t item)
     pack_block(j, t, b, h, i0, rows, false);
     row_ranges(j, t, i0, rows);
     memset(t->acc_k, 0, (size_t)(rows * p->D) * sizeof(float));
+    memset(t->row_sum, 0, sizeof t->row_sum);
     for (int64_t kb = 0; kb < j->k_blocks; kb++) {
         int64_t j0, cols;
         bool plain;
         key_block(j, kb, &j0, &cols);
         if (!block_visible(j, t, rows, j0, cols, &plain)) continue;
         score_gradients(j, t, b, h, i0, rows, j0, cols, plain);
+        for (int64_t c = 0; c < cols; c++)
+            for (int64_t r = 0; r < rows; r++) t->row_sum[r] += t->st[c * BQ + r];
         const float *kr = row_of(k, b, h / p->group, j0);
         int64_t ldk = k->stride[2];
         if (k->stride[3] != 1) { /* the B operand needs contiguous rows */
@@ -277,8 +287,14 @@ static void query_item(const bwd_job *j, bwd_tiles *t, int64_t item)
         }
         product(kt, rows, p->D, cols, t->dpt, 1, BQ, kr, ldk, t->acc_k, p->D, 1);
     }
-    write_scaled(j->dq->data + b * j->dq->stride[0] + h * j->dq->stride[1] + i0 * j->dq->stride[2], j->dq->stride,
-                 t->acc_k, rows, p->D, p->scale);
+    float *dq = j->dq->data + b * j->dq->stride[0] + h * j->dq->stride[1] + i0 * j->dq->stride[2];
+    int64_t row0 = (b * p->Hq + h) * p->L + i0;
+    for (int64_t r = 0; r < rows; r++) { /* a row that saw nothing has dS = 0 and sum 0 */
+        float sum = t->row_sum[r];
+        j->mul[row0 + r] = sum > 0 ? j->mul[row0 + r] / sum : 0.0f;
+        write_scaled(dq + r * j->dq->stride[2], j->dq->stride, t->acc_k + r * p->D, 1, p->D,
+                     sum > 0 ? p->scale / sum : 0.0f);
+    }
 }
 
 static void key_range(void *arg, int thread, int64_t begin, int64_t end)
@@ -316,7 +332,7 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
     if (!j.scratch) return MHA_ERR_NOMEM;
     rows_job rj = {&j, out, norm};
     mha__parallel_for(ctx, n_rows, rows_range, &rj);
-    mha__parallel_for(ctx, p->B * p->Hkv * j.k_blocks, key_range, &j);
     mha__parallel_for(ctx, p->B * p->Hq * j.q_blocks, query_range, &j);
+    mha__parallel_for(ctx, p->B * p->Hkv * j.k_blocks, key_range, &j);
     return MHA_OK;
 }

@@ -259,8 +259,12 @@ def sdpa_math(q, k, v, mask=None, causal=None, scale=None, gqa=False, window=(-1
 
 def sdpa_case(name, B, Hq, L, S, D, Dv=None, Hkv=None, mask=None, causal=None, scale=None,
               window=(-1, -1), softcap=0.0, alibi=False, fully_masked=False, input_dtype=torch.float32,
-              scale_inputs=1.0):
-    """mask: None, 'bool_LS', 'bool_B1LS', 'bool_1H1S', 'float_BHLS', 'float_LS'."""
+              scale_inputs=1.0, backward=False):
+    """mask: None, 'bool_LS', 'bool_B1LS', 'bool_1H1S', 'float_BHLS', 'float_LS'.
+
+    backward: a case for `mha sdpa-backward`: a random grad_output, and the
+    gradients of query, key and value from autograd in float64 (expected)
+    and float32 (torch32)."""
     Dv = D if Dv is None else Dv
     Hkv = Hq if Hkv is None else Hkv
     q = round_to(torch.randn(B, Hq, L, D) * scale_inputs, input_dtype)
@@ -281,10 +285,20 @@ def sdpa_case(name, B, Hq, L, S, D, Dv=None, Hkv=None, mask=None, causal=None, s
         slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / Hq) for h in range(Hq)])
         tensors["alibi_slopes"] = slopes
     kw = dict(mask=m, causal=causal, scale=scale, gqa=Hkv != Hq, window=window, softcap=softcap, alibi=slopes)
-    out64, lse64 = sdpa_math(q.double(), k.double(), v.double(), **kw)
-    out32, lse32 = sdpa_math(q, k, v, **kw)
-    tensors.update({"expected.output": out64, "expected.lse": lse64,
-                    "torch32.output": out32, "torch32.lse": lse32})
+    if backward:
+        grad = torch.randn(B, Hq, L, Dv)
+        tensors["grad_output"] = grad
+        for prefix, dtype in (("expected", torch.float64), ("torch32", torch.float32)):
+            leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+            out, _ = sdpa_math(*leaves, **kw)
+            out.backward(grad.to(dtype))
+            for tensor_name, leaf in zip(("query", "key", "value"), leaves):
+                tensors[f"{prefix}.{tensor_name}.grad"] = leaf.grad
+    else:
+        out64, lse64 = sdpa_math(q.double(), k.double(), v.double(), **kw)
+        out32, lse32 = sdpa_math(q, k, v, **kw)
+        tensors.update({"expected.output": out64, "expected.lse": lse64,
+                        "torch32.output": out32, "torch32.lse": lse32})
     args = []
     if causal == "top_left":
         args.append("--is-causal")
@@ -300,7 +314,8 @@ def sdpa_case(name, B, Hq, L, S, D, Dv=None, Hkv=None, mask=None, causal=None, s
         args += ["--window-right", str(window[1])]
     if softcap > 0:
         args += ["--softcap", repr(softcap)]
-    save(os.path.join(OUT, name + ".safetensors"), tensors, {"command": "sdpa", "args": " ".join(args)})
+    save(os.path.join(OUT, name + ".safetensors"), tensors,
+         {"command": "sdpa-backward" if backward else "sdpa", "args": " ".join(args)})
 
 
 def make_demo(path):
@@ -438,6 +453,25 @@ def main():
     sdpa_case("sdpa_large_logits", B=1, Hq=2, L=8, S=8, D=16, scale_inputs=20.0)
 
     random_combinations(30, 30)
+
+    # Gradients of scaled_dot_product_attention: every variant again.
+    sdpa_case("bwd_sdpa_basic", B=2, Hq=3, L=5, S=7, D=8, backward=True)
+    sdpa_case("bwd_sdpa_dv", B=1, Hq=2, L=9, S=4, D=24, Dv=40, backward=True)
+    sdpa_case("bwd_sdpa_causal_tl", B=1, Hq=2, L=12, S=5, D=16, causal="top_left", backward=True)
+    sdpa_case("bwd_sdpa_causal_br", B=2, Hq=2, L=5, S=12, D=16, causal="bottom_right", backward=True)
+    sdpa_case("bwd_sdpa_gqa", B=2, Hq=8, Hkv=2, L=9, S=13, D=16, causal="bottom_right", backward=True)
+    sdpa_case("bwd_sdpa_mqa", B=1, Hq=6, Hkv=1, L=7, S=7, D=12, scale=0.37, backward=True)
+    sdpa_case("bwd_sdpa_window", B=1, Hq=2, L=9, S=21, D=16, window=(4, 2), backward=True)
+    sdpa_case("bwd_sdpa_softcap", B=1, Hq=2, L=8, S=8, D=16, softcap=2.5, scale_inputs=4.0, backward=True)
+    sdpa_case("bwd_sdpa_alibi_causal", B=1, Hq=4, L=10, S=10, D=16, alibi=True, causal="top_left", backward=True)
+    sdpa_case("bwd_sdpa_mask_bool", B=2, Hq=3, L=6, S=9, D=8, mask="bool_B1LS", backward=True)
+    sdpa_case("bwd_sdpa_mask_float", B=2, Hq=2, L=6, S=9, D=8, mask="float_BHLS", backward=True)
+    sdpa_case("bwd_sdpa_fully_masked", B=1, Hq=2, L=5, S=6, D=8, mask="bool_BHLS", fully_masked=True,
+              backward=True)
+    sdpa_case("bwd_sdpa_long", B=1, Hq=1, L=100, S=97, D=24, causal="bottom_right", backward=True)
+    sdpa_case("bwd_sdpa_head128", B=1, Hq=1, L=33, S=47, D=128, backward=True)
+    sdpa_case("bwd_sdpa_one_key", B=1, Hq=1, L=3, S=1, D=8, backward=True)
+    sdpa_case("bwd_sdpa_large_logits", B=1, Hq=2, L=40, S=40, D=16, scale_inputs=6.0, backward=True)
 
     total = sum(os.path.getsize(os.path.join(OUT, f)) for f in os.listdir(OUT))
     print(f"wrote {len(os.listdir(OUT))} cases, {total / 1e6:.2f} MB, to {OUT}")

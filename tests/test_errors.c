@@ -123,6 +123,32 @@ static void test_attention_args(void)
     uint8_t keep[15];
     d.mask = (mha_mask){MHA_MASK_KEEP, keep, {0, 0, INT64_MAX / 2, 1}};
     CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "mask strides");
+
+    /* The backward pass: its own arguments, then everything the forward checks. */
+    float dq[sizeof q / sizeof q[0]], dk[sizeof k / sizeof k[0]], dv[sizeof v / sizeof v[0]], dout[sizeof o / sizeof o[0]];
+    memset(dout, 0, sizeof dout);
+    mha_tensor tdq = mha_tensor_4d(dq, 1, 2, 3, 4), tdk = mha_tensor_4d(dk, 1, 2, 5, 4);
+    mha_tensor tdv = mha_tensor_4d(dv, 1, 2, 5, 6), tdo = mha_tensor_4d(dout, 1, 2, 3, 6);
+    mha_attn_desc_init(&d);
+    CHECK_OK(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d));
+    CHECK_OK(mha_attention_backward(ctx, &tdq, &tdk, &tdv, &tq, &tk, &tv, &to, lse, &tdo, &d));
+    CHECK_FAILS(mha_attention_backward(ctx, &tdq, &tdk, &tdv, &tq, &tk, &tv, &to, NULL, &tdo, &d), MHA_ERR_MISUSE,
+                "NULL");
+    bad = tdo;
+    bad.shape[2] = 2;
+    CHECK_FAILS(mha_attention_backward(ctx, &tdq, &tdk, &tdv, &tq, &tk, &tv, &to, lse, &bad, &d), MHA_ERR_INVALID_ARG,
+                "grad_output has 2 in its third dimension, expected 3");
+    bad = tdk;
+    bad.shape[1] = 1;
+    CHECK_FAILS(mha_attention_backward(ctx, &tdq, &bad, &tdv, &tq, &tk, &tv, &to, lse, &tdo, &d), MHA_ERR_INVALID_ARG,
+                "key.grad has 1 in its second dimension");
+    bad = tk;
+    bad.shape[3] = 3;
+    CHECK_FAILS(mha_attention_backward(ctx, &tdq, &tdk, &tdv, &tq, &bad, &tv, &to, lse, &tdo, &d), MHA_ERR_INVALID_ARG,
+                "key has 3 in its fourth dimension");
+    d.dtype = MHA_DTYPE_BF16;
+    CHECK_FAILS(mha_attention_backward(ctx, &tdq, &tdk, &tdv, &tq, &tk, &tv, &to, lse, &tdo, &d), MHA_ERR_UNSUPPORTED,
+                "F32 only");
     mha_ctx_free(ctx);
 }
 
@@ -269,6 +295,7 @@ static void test_cli_success(void)
     expect_cli_output("commands:", "--help", NULL);
     expect_cli_output("--no-average-attn-weights", "forward", "--help", NULL);
     expect_cli_output("--causal-bottom-right", "sdpa", "--help", NULL);
+    expect_cli_output("query.grad, key.grad, value.grad", "sdpa-backward", "--help", NULL);
     expect_cli_output("head dimension: d_k = embed_dim / num_heads = 768 / 12 = 64", "info", "--embed-dim", "768",
                       "--num-heads", "12", NULL);
     expect_cli_output("one head of width 768 has 2,362,368: the same", "info", "--embed-dim", "768", "--num-heads",
@@ -447,6 +474,16 @@ static void test_cli_files(void)
     write_file(p, "query", MHA_DTYPE_F32, 4, 1 << 20, 1 << 20, 1 << 20, 0, "key", MHA_DTYPE_F32, 4, 1 << 20, 1, 5, 0,
                "value", MHA_DTYPE_F32, 4, 1 << 20, 1, 5, 1, NULL);
     SDPA("more elements than memory can address", NULL);
+
+    const char *sb[] = {"sdpa-backward", "--inputs", p, "--out", out_path};
+#define SDPA_BWD(needle, ...) expect_cli_error(needle, sb[0], sb[1], sb[2], sb[3], sb[4], __VA_ARGS__)
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32,
+               4, 1, 2, 5, 8, NULL);
+    SDPA_BWD("has no tensor named \"grad_output\"", NULL);
+    SDPA_BWD("--dtype must be f32 (gradients are float32 only), got \"bf16\"", "--dtype", "bf16", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32,
+               4, 1, 2, 5, 8, "grad_output", MHA_DTYPE_F32, 4, 1, 2, 3, 7, NULL);
+    SDPA_BWD("grad_output has shape [1, 2, 3, 7]; it must match the output, [1, 2, 3, 8]", NULL);
     unlink(p);
     unlink(corrupt);
 }

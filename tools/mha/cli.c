@@ -262,6 +262,7 @@ static void print_help(void)
            "commands:\n"
            "  forward   torch.nn.MultiheadAttention forward on safetensors inputs\n"
            "  sdpa      scaled dot-product attention on [B, H, L, D] tensors\n"
+           "  sdpa-backward  gradients of sdpa with respect to query, key and value\n"
            "  info      head dimension, parameters, FLOPs, bytes and KV cache of a configuration\n"
            "  show      list a safetensors file's tensors or print one's values\n"
            "  bench     time the library on one shape, or measure the machine's peak\n\n"
@@ -273,7 +274,8 @@ int mha_cli_main(int argc, char **argv)
     static const struct {
         const char *name;
         int (*run)(int, char **);
-    } commands[] = {{"forward", mha_cmd_forward}, {"sdpa", mha_cmd_sdpa}, {"info", mha_cmd_info},
+    } commands[] = {{"forward", mha_cmd_forward}, {"sdpa", mha_cmd_sdpa},
+                      {"sdpa-backward", mha_cmd_sdpa_backward}, {"info", mha_cmd_info},
                       {"show", mha_cmd_show},    {"bench", mha_cmd_bench}};
     if (argc < 2) {
         print_help();

@@ -18,6 +18,7 @@ enum { CLI_OK = 0, CLI_FAIL = 1, CLI_USAGE = 2 };
 int mha_cli_main(int argc, char **argv);
 int mha_cmd_forward(int argc, char **argv);
 int mha_cmd_sdpa(int argc, char **argv);
+int mha_cmd_sdpa_backward(int argc, char **argv);
 int mha_cmd_info(int argc, char **argv);
 int mha_cmd_show(int argc, char **argv);
 int mha_cmd_bench(int argc, char **argv);

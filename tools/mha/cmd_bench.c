@@ -54,9 +54,10 @@ typedef struct bench_case {
     mha_ctx *ctx;
     mha_layer *layer;
     mha_layer_fwd_args args;
-    mha_tensor out, q, k, v;
+    mha_tensor out, q, k, v, dout, dq, dk, dv;
+    float *lse;
     mha_attn_desc desc;
-    float *buffers[6];
+    float *buffers[10];
     double flops;
 } bench_case;
 
@@ -119,12 +120,36 @@ static int setup_sdpa(const bench_opts *o, bench_case *c)
     c->desc.enable_gqa = G != H;
     c->desc.causal = o->causal ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_NONE;
     c->flops = attention_flops(o);
+    if (strcmp(o->op, "sdpa-backward") != 0) return CLI_OK;
+    /* The backward pass needs the forward's output and lse, and a dO. */
+    c->buffers[4] = random_buffer(nq, 1.0f);
+    c->buffers[5] = malloc((size_t)nq * sizeof(float));
+    c->buffers[6] = malloc((size_t)nk * sizeof(float));
+    c->buffers[7] = malloc((size_t)nk * sizeof(float));
+    c->buffers[8] = c->lse = malloc((size_t)(o->batch * H * o->seq) * sizeof(float));
+    for (int i = 4; i < 9; i++)
+        if (!c->buffers[i]) {
+            cli_error(CMD, "out of memory");
+            return CLI_FAIL;
+        }
+    c->dout = mha_tensor_4d(c->buffers[4], o->batch, H, o->seq, D);
+    c->dq = mha_tensor_4d(c->buffers[5], o->batch, H, o->seq, D);
+    c->dk = mha_tensor_4d(c->buffers[6], o->batch, G, o->kv_seq, D);
+    c->dv = mha_tensor_4d(c->buffers[7], o->batch, G, o->kv_seq, D);
+    if (mha_attention(c->ctx, &c->out, c->lse, &c->q, &c->k, &c->v, &c->desc) != MHA_OK) {
+        cli_error(CMD, "%s", mha_last_error());
+        return CLI_FAIL;
+    }
+    c->flops *= 2.5; /* the convention of docs/PERFORMANCE.md: backward = 2.5 forwards */
     return CLI_OK;
 }
 
 static mha_status run_once(const bench_opts *o, bench_case *c)
 {
     if (strcmp(o->op, "forward") == 0) return mha_layer_forward(c->ctx, c->layer, &c->out, NULL, &c->args);
+    if (strcmp(o->op, "sdpa-backward") == 0)
+        return mha_attention_backward(c->ctx, &c->dq, &c->dk, &c->dv, &c->q, &c->k, &c->v, &c->out, c->lse, &c->dout,
+                                      &c->desc);
     return mha_attention(c->ctx, &c->out, NULL, &c->q, &c->k, &c->v, &c->desc);
 }
 
@@ -190,7 +215,7 @@ static int measure(bench_opts *o)
     }
     if (rc == CLI_OK) report(o, &c, ms, (int)o->repeat);
     free(ms);
-    for (int i = 0; i < 6; i++) free(c.buffers[i]);
+    for (int i = 0; i < 10; i++) free(c.buffers[i]);
     mha_layer_free(c.layer);
     mha_ctx_free(c.ctx);
     return rc;
@@ -231,7 +256,8 @@ int mha_cmd_bench(int argc, char **argv)
     bench_opts o = {.op = "forward", .dtype = "f32", .batch = 1, .seq = 512, .embed_dim = 768, .num_heads = 12,
                     .repeat = 10};
     cli_flag flags[] = {
-        {"op", FLAG_STRING, &o.op, "forward (the MHA layer) or sdpa (attention core); default forward", false},
+        {"op", FLAG_STRING, &o.op,
+         "forward (the MHA layer), sdpa (attention core) or sdpa-backward (its gradients); default forward", false},
         {"batch", FLAG_INT, &o.batch, "batch size B (default 1)", false},
         {"seq", FLAG_INT, &o.seq, "query length N (default 512)", false},
         {"kv-seq", FLAG_INT, &o.kv_seq, "key length S for sdpa (default N)", false},
@@ -247,12 +273,12 @@ int mha_cmd_bench(int argc, char **argv)
         {"peak", FLAG_BOOL, &o.peak, "measure the FMA peak on 1 thread and on all", false},
     };
     bool help;
-    int rc = cli_parse(CMD, "[--op forward|sdpa] [--batch B] [--seq N] [--embed-dim E] [--num-heads H] [flags] | --peak",
+    int rc = cli_parse(CMD, "[--op forward|sdpa|sdpa-backward] [--batch B] [--seq N] [--embed-dim E] [--num-heads H] [flags] | --peak",
                        argc, argv, flags, (int)(sizeof flags / sizeof flags[0]), &help);
     if (rc != CLI_OK || help) return rc;
     if (o.peak) return measure_peak(&o);
-    if (strcmp(o.op, "forward") != 0 && strcmp(o.op, "sdpa") != 0) {
-        cli_error(CMD, "--op %s is not available yet; use forward or sdpa", o.op);
+    if (strcmp(o.op, "forward") != 0 && strcmp(o.op, "sdpa") != 0 && strcmp(o.op, "sdpa-backward") != 0) {
+        cli_error(CMD, "--op %s is not available yet; use forward, sdpa or sdpa-backward", o.op);
         return CLI_USAGE;
     }
     if (strcmp(o.dtype, "f32") != 0 && !(strcmp(o.dtype, "bf16") == 0 && strcmp(o.op, "forward") == 0)) {

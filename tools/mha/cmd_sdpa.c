@@ -1,7 +1,9 @@
 /*
  * cmd_sdpa.c -- `mha sdpa`: scaled_dot_product_attention on [B, H, L, D]
  * tensors, with PyTorch's mask convention (bool True = take part) plus
- * bottom-right causal, sliding window, softcap and ALiBi.
+ * bottom-right causal, sliding window, softcap and ALiBi; and
+ * `mha sdpa-backward`: the same inputs plus grad_output, giving
+ * query.grad, key.grad and value.grad.
  */
 #include "cli.h"
 
@@ -10,9 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const CMD = "sdpa";
-
 typedef struct sdpa_opts {
+    const char *cmd;  /* "sdpa" or "sdpa-backward" */
+    bool backward;
     const char *inputs, *out;
     const char *dtype;
     bool is_causal, bottom_right, enable_gqa;
@@ -21,7 +23,7 @@ typedef struct sdpa_opts {
 } sdpa_opts;
 
 typedef struct sdpa_inputs {
-    cli_tensor q, k, v, mask, alibi;
+    cli_tensor q, k, v, mask, alibi, grad;
 } sdpa_inputs;
 
 static void sdpa_inputs_free(sdpa_inputs *in)
@@ -31,9 +33,10 @@ static void sdpa_inputs_free(sdpa_inputs *in)
     cli_tensor_free(&in->v);
     cli_tensor_free(&in->mask);
     cli_tensor_free(&in->alibi);
+    cli_tensor_free(&in->grad);
 }
 
-static int check_rank4(const char *path, const cli_tensor *t, const char *layout)
+static int check_rank4(const char *CMD, const char *path, const cli_tensor *t, const char *layout)
 {
     char got[96];
     if (t->rank == 4) return CLI_OK;
@@ -44,7 +47,7 @@ static int check_rank4(const char *path, const cli_tensor *t, const char *layout
 
 /* Strides that broadcast attn_mask (rank <= 4, aligned right as in
  * PyTorch) to [B, Hq, L, S]. */
-static int mask_strides(const char *path, const cli_tensor *m, const int64_t full[4], int64_t stride[4])
+static int mask_strides(const char *CMD, const char *path, const cli_tensor *m, const int64_t full[4], int64_t stride[4])
 {
     char got[96];
     if (m->rank > 4) {
@@ -67,16 +70,28 @@ static int mask_strides(const char *path, const cli_tensor *m, const int64_t ful
     return CLI_OK;
 }
 
-static int load(mha_st_file *f, const char *path, sdpa_inputs *in)
+static int load(const sdpa_opts *o, mha_st_file *f, const char *path, sdpa_inputs *in)
 {
+    const char *CMD = o->cmd;
     if (cli_load(CMD, f, path, "query", true, false, &in->q) || cli_load(CMD, f, path, "key", true, false, &in->k) ||
         cli_load(CMD, f, path, "value", true, false, &in->v) ||
         cli_load(CMD, f, path, "attn_mask", false, true, &in->mask) ||
         cli_load(CMD, f, path, "alibi_slopes", false, false, &in->alibi))
         return CLI_FAIL;
-    if (check_rank4(path, &in->q, "[B, Hq, L, D]") || check_rank4(path, &in->k, "[B, Hkv, S, D]") ||
-        check_rank4(path, &in->v, "[B, Hkv, S, Dv]"))
+    if (check_rank4(CMD, path, &in->q, "[B, Hq, L, D]") || check_rank4(CMD, path, &in->k, "[B, Hkv, S, D]") ||
+        check_rank4(CMD, path, &in->v, "[B, Hkv, S, Dv]"))
         return CLI_FAIL;
+    if (o->backward) {
+        if (cli_load(CMD, f, path, "grad_output", true, false, &in->grad)) return CLI_FAIL;
+        const int64_t *qs = in->q.shape;
+        int64_t want[4] = {qs[0], qs[1], qs[2], in->v.shape[3]};
+        char got[96], need[96];
+        if (in->grad.rank != 4 || memcmp(in->grad.shape, want, sizeof want) != 0) {
+            cli_error(CMD, "%s: grad_output has shape %s; it must match the output, %s", path,
+                      cli_shape_str(in->grad.shape, in->grad.rank, got, sizeof got), cli_shape_str(want, 4, need, sizeof need));
+            return CLI_FAIL;
+        }
+    }
     if (in->alibi.present && (in->alibi.rank != 1 || in->alibi.shape[0] != in->q.shape[1])) {
         cli_error(CMD, "%s: alibi_slopes must have shape [Hq] = [%lld]", path, (long long)in->q.shape[1]);
         return CLI_FAIL;
@@ -89,23 +104,55 @@ static mha_tensor view4(float *data, const int64_t *shape)
     return mha_tensor_4d(data, shape[0], shape[1], shape[2], shape[3]);
 }
 
+static void desc_from_opts(const sdpa_opts *o, const sdpa_inputs *in, mha_attn_desc *desc)
+{
+    mha_attn_desc_init(desc);
+    if (!isnan(o->scale)) desc->scale = o->scale;
+    desc->causal = o->bottom_right ? MHA_CAUSAL_BOTTOM_RIGHT : o->is_causal ? MHA_CAUSAL_TOP_LEFT : MHA_CAUSAL_NONE;
+    desc->window_left = o->window_left;
+    desc->window_right = o->window_right;
+    desc->softcap = (float)o->softcap;
+    desc->enable_gqa = o->enable_gqa;
+    desc->alibi_slopes = in->alibi.present ? in->alibi.f32 : NULL;
+    desc->dtype = strcmp(o->dtype, "bf16") == 0 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
+}
+
+/* The three gradients, from the forward's output and lse. */
+static int run_backward(const sdpa_opts *o, mha_ctx *ctx, const mha_attn_desc *desc, sdpa_inputs *in, float *out,
+                        float *lse)
+{
+    float *grads[3] = {cli_alloc_floats(o->cmd, "query.grad", in->q.shape, 4), NULL, NULL};
+    if (grads[0]) grads[1] = cli_alloc_floats(o->cmd, "key.grad", in->k.shape, 4);
+    if (grads[1]) grads[2] = cli_alloc_floats(o->cmd, "value.grad", in->v.shape, 4);
+    int rc = grads[2] ? CLI_OK : CLI_FAIL;
+    if (rc == CLI_OK) {
+        mha_tensor q = view4(in->q.f32, in->q.shape), k = view4(in->k.f32, in->k.shape);
+        mha_tensor v = view4(in->v.f32, in->v.shape), y = view4(out, in->grad.shape), dy = view4(in->grad.f32, in->grad.shape);
+        mha_tensor dq = view4(grads[0], in->q.shape), dk = view4(grads[1], in->k.shape), dv = view4(grads[2], in->v.shape);
+        if (mha_attention_backward(ctx, &dq, &dk, &dv, &q, &k, &v, &y, lse, &dy, desc) != MHA_OK) {
+            cli_error(o->cmd, "%s: %s", o->inputs, mha_last_error());
+            rc = CLI_FAIL;
+        }
+    }
+    if (rc == CLI_OK) {
+        cli_output outs[3] = {{"query.grad", 4, in->q.shape, grads[0]}, {"key.grad", 4, in->k.shape, grads[1]},
+                              {"value.grad", 4, in->v.shape, grads[2]}};
+        rc = cli_save(o->cmd, o->out, outs, 3);
+    }
+    for (int g = 0; g < 3; g++) free(grads[g]);
+    return rc;
+}
+
 static int run(const sdpa_opts *o, sdpa_inputs *in)
 {
+    const char *CMD = o->cmd;
     mha_attn_desc desc;
-    mha_attn_desc_init(&desc);
-    if (!isnan(o->scale)) desc.scale = o->scale;
-    desc.causal = o->bottom_right ? MHA_CAUSAL_BOTTOM_RIGHT : o->is_causal ? MHA_CAUSAL_TOP_LEFT : MHA_CAUSAL_NONE;
-    desc.window_left = o->window_left;
-    desc.window_right = o->window_right;
-    desc.softcap = (float)o->softcap;
-    desc.enable_gqa = o->enable_gqa;
-    desc.alibi_slopes = in->alibi.present ? in->alibi.f32 : NULL;
-    desc.dtype = strcmp(o->dtype, "bf16") == 0 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
+    desc_from_opts(o, in, &desc);
     const int64_t *qs = in->q.shape;
     int64_t out_shape[4] = {qs[0], qs[1], qs[2], in->v.shape[3]};
     if (in->mask.present) {
         int64_t full[4] = {qs[0], qs[1], qs[2], in->k.shape[2]}, stride[4];
-        if (mask_strides(o->inputs, &in->mask, full, stride)) return CLI_FAIL;
+        if (mask_strides(CMD, o->inputs, &in->mask, full, stride)) return CLI_FAIL;
         desc.mask = cli_mask(&in->mask, true, stride);
     }
     float *out = cli_alloc_floats(CMD, "output", out_shape, 4);
@@ -120,7 +167,9 @@ static int run(const sdpa_opts *o, sdpa_inputs *in)
             rc = CLI_FAIL;
         }
     }
-    if (rc == CLI_OK) {
+    if (rc == CLI_OK && o->backward) {
+        rc = run_backward(o, ctx, &desc, in, out, lse);
+    } else if (rc == CLI_OK) {
         cli_output outs[2] = {{"output", 4, out_shape, out}, {"lse", 3, qs, lse}};
         rc = cli_save(CMD, o->out, outs, 2);
     }
@@ -130,12 +179,18 @@ static int run(const sdpa_opts *o, sdpa_inputs *in)
     return rc;
 }
 
-int mha_cmd_sdpa(int argc, char **argv)
+static int sdpa_main(int argc, char **argv, bool backward)
 {
-    sdpa_opts o = {.scale = NAN, .window_left = -1, .window_right = -1, .dtype = "f32"};
+    sdpa_opts o = {.cmd = backward ? "sdpa-backward" : "sdpa", .backward = backward, .scale = NAN,
+                   .window_left = -1, .window_right = -1, .dtype = "f32"};
+    const char *CMD = o.cmd;
     cli_flag flags[] = {
-        {"inputs", FLAG_STRING, &o.inputs, "safetensors with query, key, value [, attn_mask, alibi_slopes]", false},
-        {"out", FLAG_STRING, &o.out, "safetensors to write output and lse to", false},
+        {"inputs", FLAG_STRING, &o.inputs,
+         backward ? "safetensors with query, key, value, grad_output [, attn_mask, alibi_slopes]"
+                  : "safetensors with query, key, value [, attn_mask, alibi_slopes]", false},
+        {"out", FLAG_STRING, &o.out,
+         backward ? "safetensors to write query.grad, key.grad, value.grad to" : "safetensors to write output and lse to",
+         false},
         {"is-causal", FLAG_BOOL, &o.is_causal, "causal mask aligned top-left (PyTorch is_causal)", false},
         {"causal-bottom-right", FLAG_BOOL, &o.bottom_right, "causal mask aligned bottom-right (KV cache)", false},
         {"scale", FLAG_DOUBLE, &o.scale, "score scale (default 1/sqrt(D))", false},
@@ -144,18 +199,20 @@ int mha_cmd_sdpa(int argc, char **argv)
         {"window-right", FLAG_INT, &o.window_right, "keys visible right of the diagonal (-1 = all)", false},
         {"softcap", FLAG_DOUBLE, &o.softcap, "cap scores at C via C*tanh(s/C) (0 = off)", false},
         {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
-        {"dtype", FLAG_STRING, &o.dtype, "f32 (default) or bf16: round q, k, v, P to bfloat16", false},
+        {"dtype", FLAG_STRING, &o.dtype,
+         backward ? "f32 (the only one: gradients are computed in float32)" : "f32 (default) or bf16: round q, k, v, P to bfloat16",
+         false},
     };
     bool help;
     int rc = cli_parse(CMD, "--inputs X --out Y [flags]", argc, argv, flags, (int)(sizeof flags / sizeof flags[0]),
                        &help);
     if (rc != CLI_OK || help) return rc;
     if (!o.inputs || !o.out) {
-        cli_error(CMD, "%s is required (see mha sdpa --help)", !o.inputs ? "--inputs" : "--out");
+        cli_error(CMD, "%s is required (see mha %s --help)", !o.inputs ? "--inputs" : "--out", CMD);
         return CLI_USAGE;
     }
-    if (strcmp(o.dtype, "f32") != 0 && strcmp(o.dtype, "bf16") != 0) {
-        cli_error(CMD, "--dtype must be f32 or bf16, got \"%s\"", o.dtype);
+    if (strcmp(o.dtype, "f32") != 0 && (backward || strcmp(o.dtype, "bf16") != 0)) {
+        cli_error(CMD, "--dtype must be %s, got \"%s\"", backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o.dtype);
         return CLI_USAGE;
     }
     if (o.is_causal && o.bottom_right) {
@@ -175,9 +232,13 @@ int mha_cmd_sdpa(int argc, char **argv)
     sdpa_inputs in;
     memset(&in, 0, sizeof in);
     rc = cli_open(CMD, "--inputs", o.inputs, &f);
-    if (rc == CLI_OK) rc = load(f, o.inputs, &in);
+    if (rc == CLI_OK) rc = load(&o, f, o.inputs, &in);
     if (rc == CLI_OK) rc = run(&o, &in);
     sdpa_inputs_free(&in);
     mha_st_close(f);
     return rc;
 }
+
+int mha_cmd_sdpa(int argc, char **argv) { return sdpa_main(argc, argv, false); }
+
+int mha_cmd_sdpa_backward(int argc, char **argv) { return sdpa_main(argc, argv, true); }
