@@ -336,6 +336,8 @@ mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix,
                                       int64_t num_heads, int add_zero_attn, mha_dtype dtype,
                                       mha_layer **out_layer);
 
+typedef struct mha_layer_tape mha_layer_tape;
+
 typedef struct mha_layer_fwd_args {
     mha_tensor query;             /* [N, L, E] rank 3 */
     mha_tensor key;               /* [N, S, kdim] */
@@ -344,6 +346,8 @@ typedef struct mha_layer_fwd_args {
     mha_mask   key_padding_mask;  /* over [N, h, L, S], usually {S, 0, 0, 1} */
     mha_causal causal;            /* over the S real keys; default none */
     int        average_attn_weights;  /* default 1 */
+    mha_layer_tape *tape;         /* NULL (default), or where to record what
+                                     mha_layer_backward needs (training) */
 } mha_layer_fwd_args;
 
 void mha_layer_fwd_args_init(mha_layer_fwd_args *args);
@@ -358,6 +362,83 @@ void mha_layer_fwd_args_init(mha_layer_fwd_args *args);
  * Errors: MISUSE, INVALID_ARG (names the tensor and dimension), NOMEM. */
 mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *layer, mha_tensor *attn_output,
                              mha_tensor *attn_weights, const mha_layer_fwd_args *args);
+
+/* ------------------------------------------------------------------ */
+/* Training: gradients of the layer                                    */
+/* ------------------------------------------------------------------ */
+
+/* A training step:
+ *
+ *     mha_layer_train_init(layer);             once: gradients, plain weights
+ *     mha_layer_tape_create(&tape);            once: reused by every step
+ *     args.tape = tape;
+ *     mha_layer_zero_grad(layer);
+ *     mha_layer_forward(ctx, layer, &y, NULL, &args);     records into tape
+ *     ... loss, dL/dy ...
+ *     mha_layer_backward(ctx, layer, &args, &dy, &dx, NULL, NULL);
+ *     n = mha_layer_params(layer, params, 8);  value, grad, numel by name
+ *     ... the optimizer updates params[i].value from params[i].grad ...
+ *     mha_layer_params_changed(layer);
+ *
+ * Nothing is allocated per step once the shapes stop growing: the tape
+ * keeps its buffers, the context its scratch, the layer its weights.
+ * Training computes in float32; a BF16 layer returns UNSUPPORTED. */
+
+/* Gives the layer float32 gradients (zero) and a plain copy of its weights
+ * the optimizer can update.  Idempotent.  Errors: MISUSE, UNSUPPORTED
+ * (dtype BF16), NOMEM. */
+mha_status mha_layer_train_init(mha_layer *layer);
+
+/* One parameter of a training layer, named as in the PyTorch state_dict.
+ * value and grad are the layer's own arrays of numel floats (shape in
+ * shape[0..rank)); gradients accumulate there across backward calls until
+ * zeroed. */
+typedef struct mha_param {
+    const char *name;
+    float      *value;
+    float      *grad;
+    int64_t     numel;
+    int         rank;
+    int64_t     shape[3];
+} mha_param;
+
+/* Fills params[0 .. min(n, capacity)) in PyTorch's parameters() order
+ * (in_proj_weight or q/k/v_proj_weight, in_proj_bias, bias_k, bias_v,
+ * out_proj.weight, out_proj.bias; those the layer has) and returns n, the
+ * number the layer has (at most 8); -1 with MISUSE when the layer has no
+ * training state. */
+int64_t mha_layer_params(mha_layer *layer, mha_param *params, int64_t capacity);
+
+/* After writing to mha_param values: refreshes the packed copies the
+ * kernels read (in place, no allocation).  Errors: MISUSE. */
+mha_status mha_layer_params_changed(mha_layer *layer);
+
+/* Sets every gradient to 0. */
+void mha_layer_zero_grad(mha_layer *layer);
+
+/* The activations one forward call saves for its backward: Q, K, V, the
+ * head outputs and per-row softmax statistics, O(N (L + S) E) floats, never
+ * the N h L S probabilities.  Buffers grow to the largest call and are
+ * kept.  A tape belongs to one layer at a time and is consumed by
+ * mha_layer_backward (record again before the next backward). */
+mha_status mha_layer_tape_create(mha_layer_tape **tape);
+void       mha_layer_tape_free(mha_layer_tape *tape);
+
+/* Gradients of the forward call recorded in args->tape, which must be
+ * made with the same args (inputs, masks, causal) and this layer:
+ *   grad_attn_output  [N, L, E]   dLoss/d attn_output
+ *   grad_query        [N, L, E]      or NULL  \  ADDED to (+=), so the
+ *   grad_key          [N, S, kdim]   or NULL   } three may be the same
+ *   grad_value        [N, S, vdim]   or NULL  /  tensor (self-attention)
+ * and every parameter gradient += its share (mha_layer_params).  The
+ * probabilities are recomputed from the saved statistics
+ * (FlashAttention-2), with O(L + S) memory per thread; the same bits for
+ * any thread count.  Errors: MISUSE (no tape, tape not recorded by this
+ * layer, no training state), INVALID_ARG (shapes differ from the recorded
+ * call), UNSUPPORTED (BF16), NOMEM. */
+mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *layer, const mha_layer_fwd_args *args,
+                              const mha_tensor *grad_attn_output, mha_tensor *grad_query,
+                              mha_tensor *grad_key, mha_tensor *grad_value);
 
 /* ------------------------------------------------------------------ */
 /* Sizing questions (mha info)                                         */

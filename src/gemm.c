@@ -19,22 +19,49 @@
 
 enum { ROW_BLOCK = 96 };
 
-mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in)
+/* W's element (o, c), or W^T's when `transposed` (then w is [in, out]). */
+static float weight_at(const float *w, bool transposed, int64_t out, int64_t in, int64_t o, int64_t c)
+{
+    if (!w) return 0.0f;
+    return transposed ? w[c * out + o] : w[o * in + c];
+}
+
+static mha_status pack_any(mha__packed *p, const mha__kernels *kt, const float *w, bool transposed, int64_t out,
+                           int64_t in)
 {
     int64_t nr = kt->nr, panels = (out + nr - 1) / nr, n;
     if (!mha__mul(panels * nr, in, &n)) return mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large",
                                                          (long long)out, (long long)in);
-    float *data = mha__alloc(n, sizeof(float));
+    /* Same size as before: refill in place, so a training step that
+     * repacks its weights allocates nothing. */
+    bool reuse = p->data && p->out == out && p->in == in && p->nr == nr;
+    float *data = reuse ? p->data : mha__alloc(n, sizeof(float));
     if (!data) return MHA_ERR_NOMEM;
     for (int64_t panel = 0; panel < panels; panel++)
         for (int64_t c = 0; c < in; c++)
             for (int64_t j = 0; j < nr; j++) {
                 int64_t o = panel * nr + j;
-                data[(panel * in + c) * nr + j] = o < out && w ? w[o * in + c] : 0.0f;
+                data[(panel * in + c) * nr + j] = o < out ? weight_at(w, transposed, out, in, o, c) : 0.0f;
             }
-    mha__free(p->data);
+    if (!reuse) mha__free(p->data);
     *p = (mha__packed){data, out, in, nr};
     return MHA_OK;
+}
+
+mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in)
+{
+    return pack_any(p, kt, w, false, out, in);
+}
+
+mha_status mha__pack_transposed(mha__packed *p, const mha__kernels *kt, const float *w, int64_t rows, int64_t cols)
+{
+    return pack_any(p, kt, w, true, cols, rows);
+}
+
+void mha__unpack(const mha__packed *p, float *w)
+{
+    for (int64_t o = 0; o < p->out; o++)
+        for (int64_t c = 0; c < p->in; c++) w[o * p->in + c] = p->data[((o / p->nr) * p->in + c) * p->nr + o % p->nr];
 }
 
 void mha__packed_free(mha__packed *p)
@@ -51,6 +78,7 @@ typedef struct linear_job {
     const float *b;
     mha__mat y;
     int64_t row_blocks;
+    bool add;  /* y += x W^T instead of y = x W^T + b */
 } linear_job;
 
 /* Element (r, c) of a grouped matrix. */
@@ -77,7 +105,7 @@ static void linear_item(const linear_job *j, int64_t item)
          * chain of multiply-adds over the inputs in order. */
         for (int64_t c0 = 0; c0 < in; c0 += chunk)
             kt->gemm_tile(m, cols, in - c0 < chunk ? in - c0 : chunk, mat_at(&j->x, r, c0), j->x.rs, j->x.cs,
-                          b + c0 * kt->nr, kt->nr, y, j->y.rs, j->b != NULL || c0 > 0);
+                          b + c0 * kt->nr, kt->nr, y, j->y.rs, j->add || j->b != NULL || c0 > 0);
     }
 }
 
@@ -90,9 +118,112 @@ static void linear_range(void *arg, int thread, int64_t begin, int64_t end)
 void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
                  const float *b, const mha__mat *y)
 {
-    linear_job job = {kt, rows, *x, w, b, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK};
+    linear_job job = {kt, rows, *x, w, b, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK, false};
     int64_t panels = (w->out + kt->nr - 1) / kt->nr;
     mha__parallel_for(ctx, job.row_blocks * panels, linear_range, &job);
+}
+
+void mha__linear_add(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
+                     const mha__mat *y)
+{
+    linear_job job = {kt, rows, *x, w, NULL, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK, true};
+    int64_t panels = (w->out + kt->nr - 1) / kt->nr;
+    mha__parallel_for(ctx, job.row_blocks * panels, linear_range, &job);
+}
+
+/* ---------------------------------------------------------------- */
+/* Weight gradients                                                  */
+/* ---------------------------------------------------------------- */
+
+/* dW [out, in] += sum over batches and rows of dy(r, o) x(r, i): items are
+ * blocks of GRAD_OUT output rows x GRAD_IN inputs; rows stream in chunks
+ * of GRAD_ROWS so an item's slices of dy and x stay in L2 while every
+ * tile of the item passes over them.  Each dW element is one chain over
+ * the batches and rows in order, owned by one item: the same bits for any
+ * thread count. */
+enum { GRAD_OUT = 48, GRAD_IN = 128, GRAD_ROWS = 256 };
+
+typedef struct grad_job {
+    const mha__kernels *kt;
+    int64_t N, T, out, in, in_blocks;
+    mha__batched dy, x;
+    float *dw;
+} grad_job;
+
+/* How many of the m columns from c on lie in c's column group. */
+static int64_t group_run(const mha__mat *a, int64_t o, int64_t m)
+{
+    if (!a->group_cols) return m;
+    int64_t left = a->group_cols - o % a->group_cols;
+    return m < left ? m : left;
+}
+
+static void grad_item(const grad_job *j, int64_t item)
+{
+    const mha__kernels *kt = j->kt;
+    int64_t o0 = (item / j->in_blocks) * GRAD_OUT, i0 = (item % j->in_blocks) * GRAD_IN;
+    int64_t o1 = o0 + GRAD_OUT < j->out ? o0 + GRAD_OUT : j->out, i1 = i0 + GRAD_IN < j->in ? i0 + GRAD_IN : j->in;
+    for (int64_t n = 0; n < j->N; n++)
+        for (int64_t r0 = 0; r0 < j->T; r0 += GRAD_ROWS) {
+            int64_t rows = j->T - r0 < GRAD_ROWS ? j->T - r0 : GRAD_ROWS;
+            mha__mat dy = j->dy.m, x = j->x.m;
+            dy.data += n * j->dy.batch_stride;
+            x.data += n * j->x.batch_stride;
+            for (int64_t o = o0; o < o1;) {
+                int64_t m = group_run(&dy, o, o1 - o < kt->mr ? o1 - o : kt->mr);
+                /* A(o, r) = dy(r, o): rows of dW read down dy's columns. */
+                const float *a = mat_at(&dy, r0, o);
+                for (int64_t i = i0; i < i1;) {
+                    int64_t n_cols = group_run(&x, i, i1 - i < kt->nr ? i1 - i : kt->nr);
+                    kt->gemm_tile(m, n_cols, rows, a, dy.cs, dy.rs, mat_at(&x, r0, i), x.rs, j->dw + o * j->in + i,
+                                  j->in, 1);
+                    i += n_cols;
+                }
+                o += m;
+            }
+        }
+}
+
+static void grad_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    for (int64_t item = begin; item < end; item++) grad_item(arg, item);
+}
+
+void mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *dy,
+                      const mha__batched *x, int64_t out, int64_t in, float *dw)
+{
+    grad_job job = {kt, N, T, out, in, (in + GRAD_IN - 1) / GRAD_IN, *dy, *x, dw};
+    mha__parallel_for(ctx, ((out + GRAD_OUT - 1) / GRAD_OUT) * job.in_blocks, grad_range, &job);
+}
+
+typedef struct colsum_job {
+    int64_t N, T, cols;
+    mha__batched y;
+    float *sums;
+} colsum_job;
+
+enum { SUM_COLS = 64 };
+
+static void colsum_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const colsum_job *j = arg;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t c0 = item * SUM_COLS, c1 = c0 + SUM_COLS < j->cols ? c0 + SUM_COLS : j->cols;
+        for (int64_t n = 0; n < j->N; n++) {
+            mha__mat y = j->y.m;
+            y.data += n * j->y.batch_stride;
+            for (int64_t r = 0; r < j->T; r++)
+                for (int64_t c = c0; c < c1; c++) j->sums[c] += *mat_at(&y, r, c);
+        }
+    }
+}
+
+void mha__column_sums(mha_ctx *ctx, int64_t N, int64_t T, const mha__batched *y, int64_t cols, float *sums)
+{
+    colsum_job job = {N, T, cols, *y, sums};
+    mha__parallel_for(ctx, (cols + SUM_COLS - 1) / SUM_COLS, colsum_range, &job);
 }
 
 /* ---------------------------------------------------------------- */

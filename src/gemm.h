@@ -17,9 +17,14 @@ typedef struct mha__packed {
     int64_t out, in, nr;
 } mha__packed;
 
-/* Packs w [out, in] (NULL: zeros); replaces any earlier contents of p.
- * On failure p is unchanged.  NOMEM. */
+/* Packs w [out, in] (NULL: zeros); replaces any earlier contents of p,
+ * in place when the size is unchanged.  On failure p is unchanged.  NOMEM. */
 mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in);
+/* Packs the transpose of w [rows, cols], as if w^T [cols, rows] were given,
+ * so mha__linear computes y = x w (the backward pass's dX = dY W). */
+mha_status mha__pack_transposed(mha__packed *p, const mha__kernels *kt, const float *w, int64_t rows, int64_t cols);
+/* The plain [out, in] matrix back from its pack (exact). */
+void       mha__unpack(const mha__packed *p, float *w);
 void       mha__packed_free(mha__packed *p);
 
 /* A matrix seen through strides, its columns optionally split into groups
@@ -39,6 +44,28 @@ typedef struct mha__mat {
  * over the inputs in order (bias first), whatever the thread count. */
 void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
                  const float *b, const mha__mat *y);
+
+/* y[r, :] += x[r, :] W^T, the same way (y's existing values start each
+ * output's chain). */
+void mha__linear_add(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
+                     const mha__mat *y);
+
+/* N matrices: matrix n is m with data moved by n * batch_stride. */
+typedef struct mha__batched {
+    mha__mat m;
+    int64_t  batch_stride;
+} mha__batched;
+
+/* dW [out, in] row-major += sum over n < N, r < T of dy_n(r, o) x_n(r, i):
+ * a weight's gradient.  x needs cs = 1 and, when grouped, groups a multiple
+ * of the kernels' nr wide (as mha__linear's y).  Each element is one chain
+ * of multiply-adds starting from its old value, rows in order, whatever
+ * the thread count. */
+void mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *dy,
+                      const mha__batched *x, int64_t out, int64_t in, float *dw);
+
+/* sums[c] += sum over n < N, r < T of y_n(r, c), in that order. */
+void mha__column_sums(mha_ctx *ctx, int64_t N, int64_t T, const mha__batched *y, int64_t cols, float *sums);
 
 /* The same for bfloat16 weights: W [out, in] rounded to bf16, in panels of
  * MHA_BF16_NR columns, the input dimension padded to even with zeros and

@@ -14,33 +14,10 @@
  *   attn_output = A W_o^T + b_o      written through the caller's strides
  *   attn_weights, if asked, recomputed from the saved row max and sum.
  */
-#include "attention.h"
-#include "gemm.h"
-#include "internal.h"
+#include "layer.h"
 
 #include <math.h>
 #include <string.h>
-
-enum { LAYER_MAGIC = 0x6d68616c }; /* "mhal": catches use of a freed or foreign pointer */
-
-/* The four matrices: W_q [E, E], W_k [E, kdim], W_v [E, vdim], W_o [E, E]. */
-typedef enum matrix { MAT_Q, MAT_K, MAT_V, MAT_OUT, MAT_COUNT } matrix;
-
-/* The matrices are kept only in packed form (gemm.h), float32 or bf16 as the
- * layer computes: a second, plain copy would cost 4 E^2 floats that nothing
- * reads. */
-struct mha_layer {
-    uint32_t       magic;
-    mha_layer_desc desc;
-    int64_t        head_dim;
-    const mha__kernels *kt;   /* the kernels the packs were made for */
-    bool           bf16;      /* desc.dtype == MHA_DTYPE_BF16 */
-    mha__packed    w[MAT_COUNT];        /* float32 packs (unused in bf16) */
-    mha__packed_bf16 w16[MAT_COUNT];    /* bf16 packs (unused in float32) */
-    float         *b_in;      /* [3E] or NULL */
-    float         *b_out;     /* [E] or NULL */
-    float         *bias_k, *bias_v;  /* [E] or NULL */
-};
 
 void mha_layer_desc_init(mha_layer_desc *desc)
 {
@@ -74,13 +51,24 @@ static mha_status check_desc(const mha_layer_desc *d)
     return MHA_OK;
 }
 
-/* Pack matrix `which` from w [E, in] (NULL: zeros) in the layer's format. */
-static mha_status pack_matrix(mha_layer *l, matrix which, const float *w)
+int64_t mha__layer_in_features(const mha_layer *l, matrix which)
 {
-    int64_t E = l->desc.embed_dim;
-    int64_t in = which == MAT_K ? l->desc.kdim : which == MAT_V ? l->desc.vdim : E;
+    return which == MAT_K ? l->desc.kdim : which == MAT_V ? l->desc.vdim : l->desc.embed_dim;
+}
+
+mha_status mha__layer_pack(mha_layer *l, matrix which, const float *w)
+{
+    int64_t E = l->desc.embed_dim, in = mha__layer_in_features(l, which);
     if (l->bf16) return mha__pack_bf16(&l->w16[which], w, E, in);
-    return mha__pack(&l->w[which], l->kt, w, E, in);
+    mha__layer_train *t = l->train;
+    if (t && w != t->w[which]) { /* training: the plain copy is the source of the packs */
+        if (w) memcpy(t->w[which], w, (size_t)(E * in) * sizeof(float));
+        else memset(t->w[which], 0, (size_t)(E * in) * sizeof(float));
+        w = t->w[which];
+    }
+    mha_status st = mha__pack(&l->w[which], l->kt, w, E, in);
+    if (st == MHA_OK && t) st = mha__pack_transposed(&t->wt[which], l->kt, w, E, in);
+    return st;
 }
 
 mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
@@ -103,9 +91,9 @@ mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
     l->kt = mha__kernels_get();
     /* Weights start as zeros, as the header promises. */
     l->bf16 = d.dtype == MHA_DTYPE_BF16;
-    if ((st = pack_matrix(l, MAT_Q, NULL)) == MHA_OK && (st = pack_matrix(l, MAT_K, NULL)) == MHA_OK &&
-        (st = pack_matrix(l, MAT_V, NULL)) == MHA_OK)
-        st = pack_matrix(l, MAT_OUT, NULL);
+    if ((st = mha__layer_pack(l, MAT_Q, NULL)) == MHA_OK && (st = mha__layer_pack(l, MAT_K, NULL)) == MHA_OK &&
+        (st = mha__layer_pack(l, MAT_V, NULL)) == MHA_OK)
+        st = mha__layer_pack(l, MAT_OUT, NULL);
     bool ok = st == MHA_OK;
     if (ok && d.bias) ok = (l->b_in = mha__calloc(3 * E, sizeof(float))) && (l->b_out = mha__calloc(E, sizeof(float)));
     if (ok && d.add_bias_kv)
@@ -125,6 +113,12 @@ void mha_layer_free(mha_layer *l)
     for (int i = 0; i < MAT_COUNT; i++) {
         mha__packed_free(&l->w[i]);
         mha__packed_bf16_free(&l->w16[i]);
+        if (l->train) mha__packed_free(&l->train->wt[i]);
+    }
+    if (l->train) {
+        mha__free(l->train->plain);
+        mha__free(l->train->grads);
+        mha__free(l->train);
     }
     mha__free(l->b_in);
     mha__free(l->b_out);
@@ -133,7 +127,7 @@ void mha_layer_free(mha_layer *l)
     mha__free(l);
 }
 
-static mha_status check_layer(const mha_layer *l, const char *fn)
+mha_status mha__layer_check(const mha_layer *l, const char *fn)
 {
     if (!l || l->magic != LAYER_MAGIC) return mha__fail(MHA_ERR_MISUSE, "%s: not a live mha_layer", fn);
     return MHA_OK;
@@ -141,7 +135,7 @@ static mha_status check_layer(const mha_layer *l, const char *fn)
 
 const mha_layer_desc *mha_layer_get_desc(const mha_layer *l)
 {
-    return check_layer(l, "mha_layer_get_desc") == MHA_OK ? &l->desc : NULL;
+    return mha__layer_check(l, "mha_layer_get_desc") == MHA_OK ? &l->desc : NULL;
 }
 
 /* ---------------------------------------------------------------- */
@@ -182,13 +176,13 @@ static mha_status apply_weight(mha_layer *l, weight_target what, const float *da
     mha_status st = MHA_OK;
     switch (what) {
     case SET_IN_PROJ: /* [W_q; W_k; W_v] stacked */
-        if ((st = pack_matrix(l, MAT_Q, data)) == MHA_OK && (st = pack_matrix(l, MAT_K, data + E * E)) == MHA_OK)
-            st = pack_matrix(l, MAT_V, data + 2 * E * E);
+        if ((st = mha__layer_pack(l, MAT_Q, data)) == MHA_OK && (st = mha__layer_pack(l, MAT_K, data + E * E)) == MHA_OK)
+            st = mha__layer_pack(l, MAT_V, data + 2 * E * E);
         return st;
-    case SET_Q: return pack_matrix(l, MAT_Q, data);
-    case SET_K: return pack_matrix(l, MAT_K, data);
-    case SET_V: return pack_matrix(l, MAT_V, data);
-    case SET_OUT: return pack_matrix(l, MAT_OUT, data);
+    case SET_Q: return mha__layer_pack(l, MAT_Q, data);
+    case SET_K: return mha__layer_pack(l, MAT_K, data);
+    case SET_V: return mha__layer_pack(l, MAT_V, data);
+    case SET_OUT: return mha__layer_pack(l, MAT_OUT, data);
     case SET_IN_BIAS: memcpy(l->b_in, data, (size_t)numel * sizeof(float)); return MHA_OK;
     case SET_OUT_BIAS: memcpy(l->b_out, data, (size_t)numel * sizeof(float)); return MHA_OK;
     case SET_BIAS_K: memcpy(l->bias_k, data, (size_t)numel * sizeof(float)); return MHA_OK;
@@ -200,7 +194,7 @@ static mha_status apply_weight(mha_layer *l, weight_target what, const float *da
 
 mha_status mha_layer_set_weight(mha_layer *l, const char *name, const float *data, int64_t numel)
 {
-    mha_status st = check_layer(l, "mha_layer_set_weight");
+    mha_status st = mha__layer_check(l, "mha_layer_set_weight");
     if (st != MHA_OK) return st;
     if (!name || !data) return mha__fail(MHA_ERR_MISUSE, "mha_layer_set_weight: NULL argument");
     weight_slot slots[TARGET_COUNT];
@@ -220,16 +214,10 @@ mha_status mha_layer_set_weight(mha_layer *l, const char *name, const float *dat
 /* Projections                                                       */
 /* ---------------------------------------------------------------- */
 
-/* A batch of matrices: batch n is m with data moved by n * batch_stride. */
-typedef struct batched {
-    mha__mat m;
-    int64_t  batch_stride;
-} batched;
-
 /* A [N, T, F] tensor view as a batch of [T, F] matrices. */
-static batched from_view(const mha_tensor *t)
+mha__batched mha__layer_from_view(const mha_tensor *t)
 {
-    return (batched){{t->data, t->stride[1], t->stride[2], 0, 0}, t->stride[0]};
+    return (mha__batched){{t->data, t->stride[1], t->stride[2], 0, 0}, t->stride[0]};
 }
 
 /* Where the layer keeps its activations (Q, K, V, head outputs), T rows
@@ -241,15 +229,15 @@ static bool head_major(const mha_layer *l)
     return l->head_dim % (l->bf16 ? MHA_BF16_NR : l->kt->nr) == 0; /* the GEMM's panel width */
 }
 
-static batched activations(const mha_layer *l, float *base, int64_t T)
+mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t T)
 {
     int64_t E = l->desc.embed_dim, d = l->head_dim;
-    if (head_major(l)) return (batched){{base, d, 1, d, T * d}, E * T};
-    return (batched){{base, E, 1, 0, 0}, T * E};
+    if (head_major(l)) return (mha__batched){{base, d, 1, d, T * d}, E * T};
+    return (mha__batched){{base, E, 1, 0, 0}, T * E};
 }
 
 /* The same activations as the [N, H, T, d] view attention reads. */
-static mha_tensor heads_view(const mha_layer *l, float *base, int64_t N, int64_t T)
+mha_tensor mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int64_t T)
 {
     int64_t H = l->desc.num_heads, d = l->head_dim;
     if (head_major(l)) return mha_tensor_4d(base, N, H, T, d);
@@ -266,14 +254,18 @@ static mha_status linear(mha_ctx *ctx, const mha_layer *l, int64_t rows, const m
     return MHA_OK;
 }
 
+/* Can N batches of T rows be one matrix of N T rows? */
+static bool batches_even(int64_t T, const mha__batched *x, const mha__batched *y)
+{
+    return !x->m.group_cols && !y->m.group_cols && x->batch_stride == T * x->m.rs && y->batch_stride == T * y->m.rs;
+}
+
 /* y[n, t, :] = x[n, t, :] W^T + b for N batches of T rows: one GEMM when
  * the batches lie evenly one after another, else one per batch. */
-static mha_status project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const batched *x, matrix which,
-                          const float *b, const batched *y)
+static mha_status project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x, matrix which,
+                          const float *b, const mha__batched *y)
 {
-    bool even = !x->m.group_cols && !y->m.group_cols && x->batch_stride == T * x->m.rs &&
-                y->batch_stride == T * y->m.rs;
-    if (N == 1 || even) return linear(ctx, l, N * T, &x->m, which, b, &y->m);
+    if (N == 1 || batches_even(T, x, y)) return linear(ctx, l, N * T, &x->m, which, b, &y->m);
     mha_status st = MHA_OK;
     for (int64_t n = 0; n < N && st == MHA_OK; n++) {
         mha__mat xn = x->m, yn = y->m;
@@ -284,11 +276,25 @@ static mha_status project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T
     return st;
 }
 
+void mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
+                               const mha__packed *w, const mha__batched *y, bool add)
+{
+    bool whole = N == 1 || batches_even(T, x, y);
+    for (int64_t n = 0; n < (whole ? 1 : N); n++) {
+        mha__mat xn = x->m, yn = y->m;
+        xn.data += n * x->batch_stride;
+        yn.data += n * y->batch_stride;
+        int64_t rows = whole ? N * T : T;
+        if (add) mha__linear_add(ctx, l->kt, rows, &xn, w, &yn);
+        else mha__linear(ctx, l->kt, rows, &xn, w, NULL, &yn);
+    }
+}
+
 /* Rows S and S+1 of K and V in every head: bias_k/bias_v, then the zero
  * row (the activations hold S1 rows per batch). */
 static void append_extra_keys(const mha_layer *l, float *k, float *v, int64_t N, int64_t S, int64_t S1)
 {
-    mha_tensor kh = heads_view(l, k, N, S1), vh = heads_view(l, v, N, S1);
+    mha_tensor kh = mha__layer_heads_view(l, k, N, S1), vh = mha__layer_heads_view(l, v, N, S1);
     int64_t d = l->head_dim;
     for (int64_t n = 0; n < N; n++)
         for (int64_t h = 0; h < l->desc.num_heads; h++) {
@@ -309,7 +315,7 @@ static void append_extra_keys(const mha_layer *l, float *k, float *v, int64_t N,
 /* Forward                                                           */
 /* ---------------------------------------------------------------- */
 
-static mha_status check_forward(const mha_layer *l, const mha_tensor *attn_output, const mha_tensor *attn_weights,
+mha_status mha__layer_check_forward(const mha_layer *l, const mha_tensor *attn_output, const mha_tensor *attn_weights,
                                 const mha_layer_fwd_args *a)
 {
     const mha_layer_desc *d = &l->desc;
@@ -333,89 +339,152 @@ static mha_status check_forward(const mha_layer *l, const mha_tensor *attn_outpu
     return MHA_OK;
 }
 
-/* The layer's scratch: Q, K, V, the concatenated heads and the row
- * statistics that attn_weights are recomputed from. */
+/* Where a forward call keeps Q, K, V, the concatenated heads and the row
+ * statistics, and where a strided attn_output is staged. */
 typedef struct layer_buffers {
-    float *q, *k, *v, *heads;
+    float *q, *k, *v, *heads, *staging;
     mha__row_stats stats;
 } layer_buffers;
 
-/* Q [N, L, E], K and V [N, S1, E]; the head outputs get a buffer of their
- * own only when `separate_heads`, else they overwrite Q (each flash item
- * packs its queries before it writes the same rows and heads); the row
- * statistics only when attn_weights need them. */
-static mha_status layer_buffers_get(mha_ctx *ctx, int64_t N, int64_t L, int64_t S1, int64_t E, int64_t H,
-                                    bool separate_heads, bool stats, layer_buffers *b)
+/* Floats for Q and the heads (nq each), K and V (nk each) and each row
+ * statistic (nrow); INVALID_ARG if they overflow. */
+static mha_status buffer_sizes(int64_t N, int64_t L, int64_t S1, int64_t E, int64_t H, int64_t *nq, int64_t *nk,
+                               int64_t *nrow, int64_t *all)
 {
-    int64_t nq, nk, nlse, total;
-    if (!mha__mul(N, L, &nq) || !mha__mul(nq, E, &nq) || !mha__mul(N, S1, &nk) || !mha__mul(nk, E, &nk) ||
-        !mha__mul(N, H, &nlse) || !mha__mul(nlse, L, &nlse) || !mha__add(nq, separate_heads ? nq : 0, &total) ||
-        !mha__add(total, nk, &total) || !mha__add(total, nk, &total) || !mha__add(total, stats ? 2 * nlse : 0, &total) ||
-        !mha__mul(total, (int64_t)sizeof(float), &total))
+    if (!mha__mul(N, L, nq) || !mha__mul(*nq, E, nq) || !mha__mul(N, S1, nk) || !mha__mul(*nk, E, nk) ||
+        !mha__mul(N, H, nrow) || !mha__mul(*nrow, L, nrow) || !mha__add(*nq, *nq, all) || !mha__add(*all, *nk, all) ||
+        !mha__add(*all, *nk, all) || !mha__add(*all, *nrow, all) || !mha__add(*all, *nrow, all) ||
+        *all > INT64_MAX / 8)
         return mha__fail(MHA_ERR_INVALID_ARG, "the layer's workspace for %lld x %lld queries and %lld keys overflows",
                          (long long)N, (long long)L, (long long)S1);
-    float *base = mha__ctx_scratch(ctx, MHA_SCRATCH_LAYER, total);
-    if (!base) return MHA_ERR_NOMEM;
+    return MHA_OK;
+}
+
+static void carve_buffers(float *base, int64_t nq, int64_t nk, int64_t nrow, bool separate_heads, bool stats,
+                          layer_buffers *b)
+{
     b->q = base;
     b->k = b->q + nq;
     b->v = b->k + nk;
     b->heads = separate_heads ? b->v + nk : b->q;
     b->stats.max = stats ? b->v + nk + (separate_heads ? nq : 0) : NULL;
-    b->stats.sum = stats ? b->stats.max + nlse : NULL;
+    b->stats.sum = stats ? b->stats.max + nrow : NULL;
+    b->staging = b->q;
+}
+
+/* Without a tape, the context's scratch: the head outputs get a buffer of
+ * their own only when `separate_heads`, else they overwrite Q (each flash
+ * item packs its queries before it writes the same rows and heads); the
+ * row statistics only when attn_weights need them; a strided output is
+ * staged in Q, free by then.  With a tape, everything is kept in the tape
+ * (grown if needed) and the staging area comes from the context. */
+static mha_status layer_buffers_get(mha_ctx *ctx, mha_layer_tape *tape, int64_t N, int64_t L, int64_t S1, int64_t E,
+                                    int64_t H, bool separate_heads, bool stats, bool staged, layer_buffers *b)
+{
+    int64_t nq = 0, nk = 0, nrow = 0, all = 0;
+    mha_status st = buffer_sizes(N, L, S1, E, H, &nq, &nk, &nrow, &all);
+    if (st != MHA_OK) return st;
+    if (!tape) {
+        int64_t used = all - (separate_heads ? 0 : nq) - (stats ? 0 : 2 * nrow);
+        float *base = mha__ctx_scratch(ctx, MHA_SCRATCH_LAYER, used * (int64_t)sizeof(float));
+        if (!base) return MHA_ERR_NOMEM;
+        carve_buffers(base, nq, nk, nrow, separate_heads, stats, b);
+        return MHA_OK;
+    }
+    tape->layer = NULL; /* until this call has recorded */
+    if (all > tape->capacity) {
+        float *grown = mha__alloc(all, sizeof(float));
+        if (!grown) return MHA_ERR_NOMEM;
+        mha__free(tape->base);
+        tape->base = grown;
+        tape->capacity = all;
+    }
+    carve_buffers(tape->base, nq, nk, nrow, true, true, b);
+    if (staged && !(b->staging = mha__ctx_scratch(ctx, MHA_SCRATCH_LAYER, nq * (int64_t)sizeof(float))))
+        return MHA_ERR_NOMEM;
+    return MHA_OK;
+}
+
+mha__attn_plan mha__layer_plan(const mha_layer *l, const mha_layer_fwd_args *a)
+{
+    const mha_layer_desc *d = &l->desc;
+    int64_t S = a->key.shape[1];
+    return (mha__attn_plan){
+        .B = a->query.shape[0], .Hq = d->num_heads, .Hkv = d->num_heads, .L = a->query.shape[1],
+        .S = S + !!d->add_bias_kv + !!d->add_zero_attn, .D = l->head_dim, .Dv = l->head_dim, .R = S, .group = 1,
+        .scale = (float)(1.0 / sqrt((double)l->head_dim)), .causal = a->causal,
+        .window_left = -1, .window_right = -1,
+        .masks = {a->attn_mask, a->key_padding_mask}, .bf16 = l->bf16,
+    };
+}
+
+/* Marks the tape (if any) as holding this call's activations. */
+static mha_status record(mha_layer_tape *tape, const mha_layer *l, int64_t N, int64_t L, int64_t S,
+                         const layer_buffers *b)
+{
+    if (tape)
+        *tape = (mha_layer_tape){TAPE_MAGIC, l, N, L, S, b->q, b->k, b->v, b->heads, b->stats, tape->base, tape->capacity};
+    return MHA_OK;
+}
+
+static mha_status check_tape(const mha_layer *l, const mha_layer_tape *tape)
+{
+    if (!tape) return MHA_OK;
+    if (tape->magic != TAPE_MAGIC) return mha__fail(MHA_ERR_MISUSE, "args.tape is not a live mha_layer_tape");
+    if (!l->train) return mha__fail(MHA_ERR_MISUSE, "recording a tape needs mha_layer_train_init first");
     return MHA_OK;
 }
 
 mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output, mha_tensor *attn_weights,
                              const mha_layer_fwd_args *a)
 {
-    mha_status st = check_layer(l, "mha_layer_forward");
+    mha_status st = mha__layer_check(l, "mha_layer_forward");
     if (st != MHA_OK) return st;
     if (!ctx || !attn_output || !a) return mha__fail(MHA_ERR_MISUSE, "mha_layer_forward: NULL argument");
-    if ((st = check_forward(l, attn_output, attn_weights, a)) != MHA_OK) return st;
+    if ((st = mha__layer_check_forward(l, attn_output, attn_weights, a)) != MHA_OK) return st;
+    if ((st = check_tape(l, a->tape)) != MHA_OK) return st;
     const mha_layer_desc *d = &l->desc;
     int64_t N = a->query.shape[0], L = a->query.shape[1], S = a->key.shape[1];
-    int64_t E = d->embed_dim, H = d->num_heads, hd = l->head_dim;
-    int64_t S1 = S + !!d->add_bias_kv + !!d->add_zero_attn;
-    mha__attn_plan plan = {
-        .B = N, .Hq = H, .Hkv = H, .L = L, .S = S1, .D = hd, .Dv = hd, .R = S, .group = 1,
-        .scale = (float)(1.0 / sqrt((double)hd)), .causal = a->causal,
-        .window_left = -1, .window_right = -1,
-        .masks = {a->attn_mask, a->key_padding_mask}, .bf16 = l->bf16,
-    };
+    int64_t E = d->embed_dim, H = d->num_heads;
+    mha__attn_plan plan = mha__layer_plan(l, a);
+    int64_t S1 = plan.S;
     if ((st = mha__attn_plan_check(&plan)) != MHA_OK) return st;
-    if (N * L == 0) return MHA_OK;
-    /* The weights pass re-reads Q, and a strided output is staged in Q. */
-    bool separate_heads = attn_weights || attn_output->stride[2] != 1;
+    /* The weights pass re-reads Q, and a strided output is staged. */
+    bool strided = attn_output->stride[2] != 1, separate_heads = attn_weights || strided;
+    if (N * L == 0 && !a->tape) return MHA_OK;
     layer_buffers buf = {0};
-    if ((st = layer_buffers_get(ctx, N, L, S1, E, H, separate_heads, attn_weights != NULL, &buf)) != MHA_OK) return st;
+    if ((st = layer_buffers_get(ctx, a->tape, N, L, S1, E, H, separate_heads, attn_weights != NULL, strided, &buf)) !=
+        MHA_OK)
+        return st;
+    if (N * L == 0) return record(a->tape, l, N, L, S, &buf);
 
-    batched x_q = from_view(&a->query), x_k = from_view(&a->key), x_v = from_view(&a->value);
-    batched q = activations(l, buf.q, L), k = activations(l, buf.k, S1), v = activations(l, buf.v, S1);
+    mha__batched x_q = mha__layer_from_view(&a->query), x_k = mha__layer_from_view(&a->key), x_v = mha__layer_from_view(&a->value);
+    mha__batched q = mha__layer_activations(l, buf.q, L), k = mha__layer_activations(l, buf.k, S1), v = mha__layer_activations(l, buf.v, S1);
     if ((st = project(ctx, l, N, L, &x_q, MAT_Q, l->b_in, &q)) != MHA_OK ||
         (st = project(ctx, l, N, S, &x_k, MAT_K, l->b_in ? l->b_in + E : NULL, &k)) != MHA_OK || /* extra rows follow */
         (st = project(ctx, l, N, S, &x_v, MAT_V, l->b_in ? l->b_in + 2 * E : NULL, &v)) != MHA_OK)
         return st;
     append_extra_keys(l, buf.k, buf.v, N, S, S1);
 
-    mha_tensor qh = heads_view(l, buf.q, N, L), kh = heads_view(l, buf.k, N, S1), vh = heads_view(l, buf.v, N, S1);
-    mha_tensor oh = heads_view(l, buf.heads, N, L);
-    if ((st = mha__attn_forward(ctx, &plan, &oh, NULL, attn_weights ? &buf.stats : NULL, &qh, &kh, &vh)) != MHA_OK)
+    mha_tensor qh = mha__layer_heads_view(l, buf.q, N, L), kh = mha__layer_heads_view(l, buf.k, N, S1), vh = mha__layer_heads_view(l, buf.v, N, S1);
+    mha_tensor oh = mha__layer_heads_view(l, buf.heads, N, L);
+    if ((st = mha__attn_forward(ctx, &plan, &oh, NULL, buf.stats.max ? &buf.stats : NULL, &qh, &kh, &vh)) != MHA_OK)
         return st;
     if (attn_weights &&
         (st = mha__attn_probs(ctx, &plan, attn_weights, a->average_attn_weights, &buf.stats, &qh, &kh)) != MHA_OK)
         return st;
-    batched heads = activations(l, buf.heads, L);
-    if (attn_output->stride[2] == 1) {
-        batched y = from_view(attn_output);
-        return project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &y);
+    mha__batched heads = mha__layer_activations(l, buf.heads, L);
+    if (!strided) {
+        mha__batched y = mha__layer_from_view(attn_output);
+        st = project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &y);
+    } else { /* columns not contiguous: project into the staging area, then scatter */
+        mha__batched staged = {{buf.staging, E, 1, 0, 0}, L * E};
+        if ((st = project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &staged)) != MHA_OK) return st;
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t t = 0; t < L; t++)
+                for (int64_t c = 0; c < E; c++)
+                    attn_output->data[n * attn_output->stride[0] + t * attn_output->stride[1] + c * attn_output->stride[2]] =
+                        buf.staging[(n * L + t) * E + c];
     }
-    /* Columns not contiguous: project into Q's buffer (free by now), then scatter. */
-    batched staged = {{buf.q, E, 1, 0, 0}, L * E};
-    if ((st = project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &staged)) != MHA_OK) return st;
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t t = 0; t < L; t++)
-            for (int64_t c = 0; c < E; c++)
-                attn_output->data[n * attn_output->stride[0] + t * attn_output->stride[1] + c * attn_output->stride[2]] =
-                    buf.q[(n * L + t) * E + c];
-    return MHA_OK;
+    return st == MHA_OK ? record(a->tape, l, N, L, S, &buf) : st;
 }

@@ -26,6 +26,7 @@ static void *ref_alloc(int64_t n, size_t size)
 #define NAME mha_ref_sdpa_f64
 #define BWD_NAME mha_ref_sdpa_backward_f64
 #define LAYER_NAME mha_ref_layer_f64
+#define LAYER_BWD_NAME mha_ref_layer_backward_f64
 #define SUFFIX(x) x##_f64
 #include "reference_sdpa.h"
 #include "reference_layer.h"
@@ -34,6 +35,7 @@ static void *ref_alloc(int64_t n, size_t size)
 #undef NAME
 #undef BWD_NAME
 #undef LAYER_NAME
+#undef LAYER_BWD_NAME
 #undef SUFFIX
 
 #define REAL float
@@ -41,6 +43,7 @@ static void *ref_alloc(int64_t n, size_t size)
 #define NAME mha_ref_sdpa_f32
 #define BWD_NAME mha_ref_sdpa_backward_f32
 #define LAYER_NAME mha_ref_layer_f32
+#define LAYER_BWD_NAME mha_ref_layer_backward_f32
 #define SUFFIX(x) x##_f32
 #include "reference_sdpa.h"
 #include "reference_layer.h"
@@ -49,6 +52,7 @@ static void *ref_alloc(int64_t n, size_t size)
 #undef NAME
 #undef BWD_NAME
 #undef LAYER_NAME
+#undef LAYER_BWD_NAME
 #undef SUFFIX
 #undef ROUND
 
@@ -61,6 +65,7 @@ static float round_bf16(float x) { return mha__bf16_to_f32(mha__f32_to_bf16(x));
 #define NAME mha_ref_sdpa_bf16
 #define BWD_NAME mha_ref_sdpa_backward_bf16
 #define LAYER_NAME mha_ref_layer_bf16
+#define LAYER_BWD_NAME mha_ref_layer_backward_bf16
 #define SUFFIX(x) x##_bf16
 #include "reference_sdpa.h"
 #include "reference_layer.h"
@@ -69,6 +74,13 @@ static float round_bf16(float x) { return mha__bf16_to_f32(mha__f32_to_bf16(x));
 #undef NAME
 #undef BWD_NAME
 #undef LAYER_NAME
+#undef LAYER_BWD_NAME
 #undef SUFFIX
 #undef ROUND
 
+
+int64_t mha_ref_layer_grads_size(const mha_ref_layer *a)
+{
+    int64_t E = a->E;
+    return a->N * (a->L * E + a->S * (a->kdim + a->vdim)) + E * (2 * E + a->kdim + a->vdim) + 6 * E;
+}

@@ -61,4 +61,14 @@ void mha_ref_layer_bf16(const mha_ref_layer *a, const float *query, const float 
 void mha_ref_layer_f32(const mha_ref_layer *a, const float *query, const float *key, const float *value,
                        float *out, float *probs);
 
+/* Gradients of the layer for dout [N, L, E], all in one array, in order:
+ * query [N,L,E], key [N,S,kdim], value [N,S,vdim], w_q [E,E], w_k [E,kdim],
+ * w_v [E,vdim], w_out [E,E], b_in [3E], b_out [E], bias_k [E], bias_v [E]
+ * (zero where the layer has no such parameter). */
+int64_t mha_ref_layer_grads_size(const mha_ref_layer *a);
+void mha_ref_layer_backward_f64(const mha_ref_layer *a, const double *query, const double *key, const double *value,
+                                const double *dout, double *grads);
+void mha_ref_layer_backward_f32(const mha_ref_layer *a, const float *query, const float *key, const float *value,
+                                const float *dout, float *grads);
+
 #endif /* MHA_REFERENCE_H */

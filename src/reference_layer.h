@@ -45,40 +45,51 @@ static REAL *SUFFIX(rounded)(const REAL *src, int64_t n)
     return dst;
 }
 
-void LAYER_NAME(const mha_ref_layer *a, const REAL *query, const REAL *key, const REAL *value, REAL *out,
-                REAL *probs)
+/* Everything the forward computes before and during attention. */
+typedef struct SUFFIX(layer_state) {
+    int64_t N, L, S, S1, E, H, d;
+    REAL *query, *key, *value;            /* inputs as the model stores them */
+    REAL *w_q, *w_k, *w_v, *w_out, *b_in, *b_out;
+    REAL *q, *k, *v;                      /* projections, [N, T, E], S1 key rows */
+    REAL *qh, *kh, *vh, *oh, *cat;        /* per head [N, h, T, d]; heads concatenated */
+    double *add;
+    mha_ref_sdpa sd;
+} SUFFIX(layer_state);
+
+static void SUFFIX(layer_prepare)(const mha_ref_layer *a, const REAL *query, const REAL *key, const REAL *value,
+                                  SUFFIX(layer_state) *st, REAL *probs)
 {
     int64_t N = a->N, L = a->L, S = a->S, E = a->E, H = a->H, d = E / H;
     int64_t S1 = S + (a->bias_k != NULL) + (a->add_zero_attn != 0);
+    SUFFIX(layer_state) z = {.N = N, .L = L, .S = S, .S1 = S1, .E = E, .H = H, .d = d};
     /* In a bf16 model the weights and inputs are stored rounded; biases stay. */
-    REAL *query_r = SUFFIX(rounded)(query, N * L * E), *key_r = SUFFIX(rounded)(key, N * S * a->kdim);
-    REAL *value_r = SUFFIX(rounded)(value, N * S * a->vdim);
-    query = query_r, key = key_r, value = value_r;
-    REAL *w_q = SUFFIX(copy)(a->w_q, E * E), *w_k = SUFFIX(copy)(a->w_k, E * a->kdim);
-    REAL *w_v = SUFFIX(copy)(a->w_v, E * a->vdim), *w_out = SUFFIX(copy)(a->w_out, E * E);
-    REAL *b_in = SUFFIX(exact)(a->b_in, 3 * E), *b_out = SUFFIX(exact)(a->b_out, E);
-    REAL *q = ref_alloc(N * L * E, sizeof(REAL)), *k = ref_alloc(N * S1 * E, sizeof(REAL));
-    REAL *v = ref_alloc(N * S1 * E, sizeof(REAL)), *cat = ref_alloc(N * L * E, sizeof(REAL));
-    REAL *qh = ref_alloc(N * H * L * d, sizeof(REAL)), *oh = ref_alloc(N * H * L * d, sizeof(REAL));
-    REAL *kh = ref_alloc(N * H * S1 * d, sizeof(REAL)), *vh = ref_alloc(N * H * S1 * d, sizeof(REAL));
-    double *add = ref_alloc(N * H * L * S1, sizeof(double));
+    z.query = SUFFIX(rounded)(query, N * L * E), z.key = SUFFIX(rounded)(key, N * S * a->kdim);
+    z.value = SUFFIX(rounded)(value, N * S * a->vdim);
+    z.w_q = SUFFIX(copy)(a->w_q, E * E), z.w_k = SUFFIX(copy)(a->w_k, E * a->kdim);
+    z.w_v = SUFFIX(copy)(a->w_v, E * a->vdim), z.w_out = SUFFIX(copy)(a->w_out, E * E);
+    z.b_in = SUFFIX(exact)(a->b_in, 3 * E), z.b_out = SUFFIX(exact)(a->b_out, E);
+    z.q = ref_alloc(N * L * E, sizeof(REAL)), z.k = ref_alloc(N * S1 * E, sizeof(REAL));
+    z.v = ref_alloc(N * S1 * E, sizeof(REAL)), z.cat = ref_alloc(N * L * E, sizeof(REAL));
+    z.qh = ref_alloc(N * H * L * d, sizeof(REAL)), z.oh = ref_alloc(N * H * L * d, sizeof(REAL));
+    z.kh = ref_alloc(N * H * S1 * d, sizeof(REAL)), z.vh = ref_alloc(N * H * S1 * d, sizeof(REAL));
+    z.add = ref_alloc(N * H * L * S1, sizeof(double));
     for (int64_t n = 0; n < N; n++) {
-        SUFFIX(linear)(query + n * L * E, L, E, w_q, b_in, E, q + n * L * E);
-        SUFFIX(linear)(key + n * S * a->kdim, S, a->kdim, w_k, b_in ? b_in + E : NULL, E, k + n * S1 * E);
-        SUFFIX(linear)(value + n * S * a->vdim, S, a->vdim, w_v, b_in ? b_in + 2 * E : NULL, E, v + n * S1 * E);
+        SUFFIX(linear)(z.query + n * L * E, L, E, z.w_q, z.b_in, E, z.q + n * L * E);
+        SUFFIX(linear)(z.key + n * S * a->kdim, S, a->kdim, z.w_k, z.b_in ? z.b_in + E : NULL, E, z.k + n * S1 * E);
+        SUFFIX(linear)(z.value + n * S * a->vdim, S, a->vdim, z.w_v, z.b_in ? z.b_in + 2 * E : NULL, E, z.v + n * S1 * E);
         for (int64_t c = 0; a->bias_k && c < E; c++) { /* bias_k/bias_v row; the zero row stays zero */
-            k[(n * S1 + S) * E + c] = (REAL)a->bias_k[c];
-            v[(n * S1 + S) * E + c] = (REAL)a->bias_v[c];
+            z.k[(n * S1 + S) * E + c] = (REAL)a->bias_k[c];
+            z.v[(n * S1 + S) * E + c] = (REAL)a->bias_v[c];
         }
     }
     /* Split heads: [N, T, h, d] -> [N, h, T, d]. */
     for (int64_t n = 0; n < N; n++)
         for (int64_t h = 0; h < H; h++)
             for (int64_t c = 0; c < d; c++) {
-                for (int64_t t = 0; t < L; t++) qh[((n * H + h) * L + t) * d + c] = ROUND(q[(n * L + t) * E + h * d + c]);
+                for (int64_t t = 0; t < L; t++) z.qh[((n * H + h) * L + t) * d + c] = ROUND(z.q[(n * L + t) * E + h * d + c]);
                 for (int64_t t = 0; t < S1; t++) {
-                    kh[((n * H + h) * S1 + t) * d + c] = ROUND(k[(n * S1 + t) * E + h * d + c]);
-                    vh[((n * H + h) * S1 + t) * d + c] = ROUND(v[(n * S1 + t) * E + h * d + c]);
+                    z.kh[((n * H + h) * S1 + t) * d + c] = ROUND(z.k[(n * S1 + t) * E + h * d + c]);
+                    z.vh[((n * H + h) * S1 + t) * d + c] = ROUND(z.v[(n * S1 + t) * E + h * d + c]);
                 }
             }
     /* The mask over real keys, padded with 0 for the appended ones; causal
@@ -86,17 +97,114 @@ void LAYER_NAME(const mha_ref_layer *a, const REAL *query, const REAL *key, cons
     for (int64_t r = 0; r < N * H * L; r++)
         for (int64_t j = 0; j < S; j++) {
             double m = a->add ? a->add[r * S + j] : 0;
-            add[r * S1 + j] = a->causal && j > r % L ? -INFINITY : m;
+            z.add[r * S1 + j] = a->causal && j > r % L ? -INFINITY : m;
         }
-    mha_ref_sdpa sd = {.B = N, .Hq = H, .Hkv = H, .L = L, .S = S1, .D = d, .Dv = d,
-                       .scale = 1.0 / sqrt((double)d), .window_left = -1, .window_right = -1, .add = add};
-    NAME(&sd, qh, kh, vh, oh, NULL, probs);
+    z.sd = (mha_ref_sdpa){.B = N, .Hq = H, .Hkv = H, .L = L, .S = S1, .D = d, .Dv = d,
+                          .scale = 1.0 / sqrt((double)d), .window_left = -1, .window_right = -1, .add = z.add};
+    NAME(&z.sd, z.qh, z.kh, z.vh, z.oh, NULL, probs);
     for (int64_t n = 0; n < N; n++)
         for (int64_t h = 0; h < H; h++)
             for (int64_t t = 0; t < L; t++)
-                for (int64_t c = 0; c < d; c++) cat[(n * L + t) * E + h * d + c] = ROUND(oh[((n * H + h) * L + t) * d + c]);
-    SUFFIX(linear)(cat, N * L, E, w_out, b_out, E, out);
-    REAL *owned[] = {w_q, w_k, w_v, w_out, b_in, b_out, q, k, v, cat, qh, oh, kh, vh, query_r, key_r, value_r};
+                for (int64_t c = 0; c < d; c++)
+                    z.cat[(n * L + t) * E + h * d + c] = ROUND(z.oh[((n * H + h) * L + t) * d + c]);
+    *st = z;
+}
+
+static void SUFFIX(layer_release)(SUFFIX(layer_state) *z)
+{
+    REAL *owned[] = {z->w_q, z->w_k, z->w_v, z->w_out, z->b_in, z->b_out, z->q, z->k, z->v, z->cat, z->qh, z->oh,
+                     z->kh, z->vh, z->query, z->key, z->value};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
-    free(add);
+    free(z->add);
+}
+
+void LAYER_NAME(const mha_ref_layer *a, const REAL *query, const REAL *key, const REAL *value, REAL *out,
+                REAL *probs)
+{
+    SUFFIX(layer_state) z;
+    SUFFIX(layer_prepare)(a, query, key, value, &z, probs);
+    SUFFIX(linear)(z.cat, z.N * z.L, z.E, z.w_out, z.b_out, z.E, out);
+    SUFFIX(layer_release)(&z);
+}
+
+/* g[o, i] += sum_r dy[r, o] x[r, i] over `rows` rows. */
+static void SUFFIX(weight_grad)(const REAL *dy, const REAL *x, int64_t rows, int64_t out, int64_t in, REAL *g)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t o = 0; o < out; o++)
+            for (int64_t i = 0; i < in; i++) g[o * in + i] += dy[r * out + o] * x[r * in + i];
+}
+
+/* dx[r, i] = sum_o dy[r, o] w[o, i]. */
+static void SUFFIX(input_grad)(const REAL *dy, const REAL *w, int64_t rows, int64_t out, int64_t in, REAL *dx)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < in; i++) {
+            REAL s = 0;
+            for (int64_t o = 0; o < out; o++) s += dy[r * out + o] * w[o * in + i];
+            dx[r * in + i] = s;
+        }
+}
+
+/* The layer's gradients for dout [N, L, E], by the chain rule through the
+ * forward's steps (float32/float64 layers only: no rounding to bf16). */
+void LAYER_BWD_NAME(const mha_ref_layer *a, const REAL *query, const REAL *key, const REAL *value, const REAL *dout,
+                    REAL *grads)
+{
+    SUFFIX(layer_state) z;
+    SUFFIX(layer_prepare)(a, query, key, value, &z, NULL);
+    int64_t N = z.N, L = z.L, S = z.S, S1 = z.S1, E = z.E, H = z.H, d = z.d, kd = a->kdim, vd = a->vdim;
+    REAL *g_query = grads, *g_key = g_query + N * L * E, *g_value = g_key + N * S * kd;
+    REAL *g_wq = g_value + N * S * vd, *g_wk = g_wq + E * E, *g_wv = g_wk + E * kd, *g_wout = g_wv + E * vd;
+    REAL *g_bin = g_wout + E * E, *g_bout = g_bin + 3 * E, *g_bias_k = g_bout + E, *g_bias_v = g_bias_k + E;
+    memset(grads, 0, (size_t)(g_bias_v + E - grads) * sizeof(REAL));
+    /* Output projection. */
+    REAL *dcat = ref_alloc(N * L * E, sizeof(REAL));
+    SUFFIX(weight_grad)(dout, z.cat, N * L, E, E, g_wout);
+    SUFFIX(input_grad)(dout, z.w_out, N * L, E, E, dcat);
+    for (int64_t r = 0; a->b_out && r < N * L; r++)
+        for (int64_t c = 0; c < E; c++) g_bout[c] += dout[r * E + c];
+    /* Attention, per head. */
+    REAL *doh = ref_alloc(N * H * L * d, sizeof(REAL)), *dqh = ref_alloc(N * H * L * d, sizeof(REAL));
+    REAL *dkh = ref_alloc(N * H * S1 * d, sizeof(REAL)), *dvh = ref_alloc(N * H * S1 * d, sizeof(REAL));
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t t = 0; t < L; t++)
+                for (int64_t c = 0; c < d; c++) doh[((n * H + h) * L + t) * d + c] = dcat[(n * L + t) * E + h * d + c];
+    BWD_NAME(&z.sd, z.qh, z.kh, z.vh, doh, dqh, dkh, dvh);
+    /* Merge heads back: dq [N, L, E], dk and dv [N, S1, E]. */
+    REAL *dq = ref_alloc(N * L * E, sizeof(REAL)), *dk = ref_alloc(N * S1 * E, sizeof(REAL));
+    REAL *dv = ref_alloc(N * S1 * E, sizeof(REAL));
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t c = 0; c < d; c++) {
+                for (int64_t t = 0; t < L; t++) dq[(n * L + t) * E + h * d + c] = dqh[((n * H + h) * L + t) * d + c];
+                for (int64_t t = 0; t < S1; t++) {
+                    dk[(n * S1 + t) * E + h * d + c] = dkh[((n * H + h) * S1 + t) * d + c];
+                    dv[(n * S1 + t) * E + h * d + c] = dvh[((n * H + h) * S1 + t) * d + c];
+                }
+            }
+    /* Input projections; the appended bias_k/bias_v row, summed over batches. */
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t c = 0; c < E; c++) {
+            for (int64_t t = 0; a->b_in && t < L; t++) g_bin[c] += dq[(n * L + t) * E + c];
+            for (int64_t t = 0; a->b_in && t < S; t++) {
+                g_bin[E + c] += dk[(n * S1 + t) * E + c];
+                g_bin[2 * E + c] += dv[(n * S1 + t) * E + c];
+            }
+            if (a->bias_k) {
+                g_bias_k[c] += dk[(n * S1 + S) * E + c];
+                g_bias_v[c] += dv[(n * S1 + S) * E + c];
+            }
+        }
+        SUFFIX(weight_grad)(dq + n * L * E, z.query + n * L * E, L, E, E, g_wq);
+        SUFFIX(weight_grad)(dk + n * S1 * E, z.key + n * S * kd, S, E, kd, g_wk);
+        SUFFIX(weight_grad)(dv + n * S1 * E, z.value + n * S * vd, S, E, vd, g_wv);
+        SUFFIX(input_grad)(dq + n * L * E, z.w_q, L, E, E, g_query + n * L * E);
+        SUFFIX(input_grad)(dk + n * S1 * E, z.w_k, S, E, kd, g_key + n * S * kd);
+        SUFFIX(input_grad)(dv + n * S1 * E, z.w_v, S, E, vd, g_value + n * S * vd);
+    }
+    REAL *owned[] = {dcat, doh, dqh, dkh, dvh, dq, dk, dv};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
+    SUFFIX(layer_release)(&z);
 }

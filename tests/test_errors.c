@@ -212,6 +212,61 @@ static void test_layer_args(void)
     CHECK_FAILS(mha_layer_forward(ctx, layer, &out, NULL, &a), MHA_ERR_INVALID_ARG, "attn_output has 2 in its second");
     CHECK_FAILS(mha_layer_forward(ctx, NULL, &out, NULL, &a), MHA_ERR_MISUSE, "not a live mha_layer");
     CHECK_FAILS(mha_layer_forward(NULL, layer, &out, NULL, &a), MHA_ERR_MISUSE, "NULL");
+
+    /* Training: every misuse of the tape and the parameters. */
+    out.shape[1] = 3;
+    mha_layer_tape *tape = NULL, *other_tape = NULL;
+    CHECK_OK(mha_layer_tape_create(&tape));
+    CHECK_OK(mha_layer_tape_create(&other_tape));
+    mha_param params[8];
+    CHECK(mha_layer_params(layer, params, 8) == -1 && strstr(mha_last_error(), "mha_layer_train_init"),
+          "params before train_init: %s", mha_last_error());
+    a.tape = tape;
+    CHECK_FAILS(mha_layer_forward(ctx, layer, &out, NULL, &a), MHA_ERR_MISUSE, "needs mha_layer_train_init first");
+    CHECK_OK(mha_layer_train_init(layer));
+    CHECK_OK(mha_layer_train_init(layer)); /* idempotent */
+    CHECK(mha_layer_params(layer, params, 8) == 6, "q/k/v_proj_weight, in_proj_bias, out_proj weight and bias");
+    CHECK(mha_layer_params(layer, NULL, 0) == 6, "counting needs no array");
+    float dy[2 * 3 * 8], gx[2 * 3 * 8];
+    memset(dy, 0, sizeof dy);
+    mha_tensor tdy = mha_tensor_3d(dy, 2, 3, 8), tgx = mha_tensor_3d(gx, 2, 3, 8);
+    CHECK_FAILS(mha_layer_backward(ctx, layer, &a, &tdy, NULL, NULL, NULL), MHA_ERR_MISUSE, "holds no forward call");
+    CHECK_OK(mha_layer_forward(ctx, layer, &out, NULL, &a));
+    mha_tensor bad_dy = tdy;
+    bad_dy.shape[2] = 7;
+    CHECK_FAILS(mha_layer_backward(ctx, layer, &a, &bad_dy, NULL, NULL, NULL), MHA_ERR_INVALID_ARG,
+                "grad_attn_output has 7 in its third dimension");
+    mha_tensor bad_gx = tgx;
+    bad_gx.shape[1] = 2;
+    CHECK_FAILS(mha_layer_backward(ctx, layer, &a, &tdy, &bad_gx, NULL, NULL), MHA_ERR_INVALID_ARG, "grad_query has 2");
+    mha_layer_fwd_args shorter = a;
+    shorter.query = mha_tensor_3d(x, 2, 2, 8);
+    CHECK_FAILS(mha_layer_backward(ctx, layer, &shorter, &tdy, NULL, NULL, NULL), MHA_ERR_INVALID_ARG,
+                "but the tape recorded N 2, L 3, S 4");
+    a.tape = other_tape;
+    CHECK_FAILS(mha_layer_backward(ctx, layer, &a, &tdy, NULL, NULL, NULL), MHA_ERR_MISUSE, "holds no forward call");
+    a.tape = tape;
+    memset(gx, 0, sizeof gx);
+    CHECK_OK(mha_layer_backward(ctx, layer, &a, &tdy, &tgx, NULL, NULL));
+    CHECK_FAILS(mha_layer_backward(ctx, layer, &a, &tdy, &tgx, NULL, NULL), MHA_ERR_MISUSE, "each backward consumes it");
+    a.tape = (mha_layer_tape *)&d;
+    CHECK_FAILS(mha_layer_forward(ctx, layer, &out, NULL, &a), MHA_ERR_MISUSE, "not a live mha_layer_tape");
+    a.tape = NULL;
+    CHECK_FAILS(mha_layer_backward(ctx, layer, &a, &tdy, NULL, NULL, NULL), MHA_ERR_MISUSE, "not a live tape");
+    CHECK_FAILS(mha_layer_params_changed(NULL), MHA_ERR_MISUSE, "not a live mha_layer");
+    CHECK_FAILS(mha_layer_tape_create(NULL), MHA_ERR_MISUSE, "NULL");
+    mha_layer_tape_free(tape);
+    mha_layer_tape_free(other_tape);
+    mha_layer_tape_free(NULL);
+    mha_layer_desc bd;
+    mha_layer_desc_init(&bd);
+    bd.embed_dim = 8;
+    bd.num_heads = 2;
+    bd.dtype = MHA_DTYPE_BF16;
+    mha_layer *bf16_layer = NULL;
+    CHECK_OK(mha_layer_create(&bd, &bf16_layer));
+    CHECK_FAILS(mha_layer_train_init(bf16_layer), MHA_ERR_UNSUPPORTED, "training computes in F32");
+    mha_layer_free(bf16_layer);
     mha_ctx_free(ctx);
     mha_layer_free(layer);
     mha_layer_free(NULL);

@@ -354,6 +354,52 @@ static void test_reference_gradients_by_differences(void)
     }
 }
 
+/* The same for the layer: every input and parameter of a configuration
+ * with every option (bias, bias_kv, zero_attn, kdim/vdim, additive mask
+ * with -inf entries, causal) against central differences of the
+ * reference's forward. */
+static void test_reference_layer_gradients_by_differences(void)
+{
+    enum { N = 2, L = 3, S = 4, E = 6, H = 2, KD = 5, VD = 3 };
+    double *w[7], *x[3], add[N * H * L * S], dout[N * L * E], out[N * L * E];
+    const int64_t sizes[7] = {E * E, E * KD, E * VD, E * E, 3 * E, E, E}; /* w_q w_k w_v w_out b_in b_out bias_k */
+    for (int i = 0; i < 7; i++) free(random_floats(sizes[i], 0.8, &w[i]));
+    double *bias_v;
+    free(random_floats(E, 0.8, &bias_v));
+    const int64_t in_sizes[3] = {N * L * E, N * S * KD, N * S * VD};
+    for (int i = 0; i < 3; i++) free(random_floats(in_sizes[i], 1.0, &x[i]));
+    for (int i = 0; i < N * H * L * S; i++) add[i] = pick(6) == 0 ? -INFINITY : uniform();
+    for (int i = 0; i < N * L * E; i++) dout[i] = uniform();
+    mha_ref_layer a = {.N = N, .L = L, .S = S, .E = E, .H = H, .kdim = KD, .vdim = VD, .add_zero_attn = 1,
+                       .causal = 1, .w_q = w[0], .w_k = w[1], .w_v = w[2], .w_out = w[3], .b_in = w[4],
+                       .b_out = w[5], .bias_k = w[6], .bias_v = bias_v, .add = add};
+    int64_t n = mha_ref_layer_grads_size(&a);
+    double *grads = malloc((size_t)n * sizeof(double));
+    mha_ref_layer_backward_f64(&a, x[0], x[1], x[2], dout, grads);
+    /* Every differentiable value, in the gradient array's order. */
+    double *values[11] = {x[0], x[1], x[2], w[0], w[1], w[2], w[3], w[4], w[5], w[6], bias_v};
+    const int64_t counts[11] = {in_sizes[0], in_sizes[1], in_sizes[2], sizes[0], sizes[1], sizes[2], sizes[3],
+                                sizes[4], sizes[5], sizes[6], E};
+    double worst = 0;
+    for (int g = 0, at = 0; g < 11; g++)
+        for (int64_t i = 0; i < counts[g]; i++, at++) {
+            double keep = values[g][i], h = 1e-6, up = 0, down = 0;
+            values[g][i] = keep + h;
+            mha_ref_layer_f64(&a, x[0], x[1], x[2], out, NULL);
+            for (int j = 0; j < N * L * E; j++) up += out[j] * dout[j];
+            values[g][i] = keep - h;
+            mha_ref_layer_f64(&a, x[0], x[1], x[2], out, NULL);
+            for (int j = 0; j < N * L * E; j++) down += out[j] * dout[j];
+            values[g][i] = keep;
+            worst = fmax(worst, fabs((up - down) / (2 * h) - grads[at]));
+        }
+    CHECK(worst < 1e-7, "reference layer gradients differ from central differences by %.3g", worst);
+    for (int i = 0; i < 7; i++) free(w[i]);
+    for (int i = 0; i < 3; i++) free(x[i]);
+    free(bias_v);
+    free(grads);
+}
+
 static void test_heads_are_independent(mha_ctx *ctx)
 {
     /* [B, H, L, D] with H = 4 vs four calls on one-head views. */
@@ -453,6 +499,76 @@ typedef struct layer_case {
     bool bias, bias_kv, zero_attn, causal, mask, kpm, batch_first, need_weights, average;
     bool bf16;  /* the layer computes in bfloat16; the baseline is the plain bf16 model */
 } layer_case;
+
+/* Where each of the layer's gradients lies in the reference's array. */
+typedef struct ref_grad_slot {
+    const char *name;
+    int64_t offset, numel;
+} ref_grad_slot;
+
+/* The library's gradients (input gradients and every mha_layer_params
+ * entry) in the reference's layout, from a forward recorded on a tape and
+ * the backward for dy; returns the layout's size. */
+static void layer_grads(mha_ctx *ctx, mha_layer *layer, mha_layer_fwd_args *a, float *dy, const mha_ref_layer *r,
+                        float *got)
+{
+    int64_t N = r->N, L = r->L, S = r->S, E = r->E, kd = r->kdim, vd = r->vdim;
+    int64_t n_total = mha_ref_layer_grads_size(r);
+    memset(got, 0, (size_t)n_total * sizeof(float));
+    float *out = malloc((size_t)(N * L * E) * sizeof(float));
+    mha_tensor y = mha_tensor_3d(out, N, L, E), tdy = mha_tensor_3d(dy, N, L, E);
+    mha_tensor gq = mha_tensor_3d(got, N, L, E), gk = mha_tensor_3d(got + N * L * E, N, S, kd);
+    mha_tensor gv = mha_tensor_3d(got + N * L * E + N * S * kd, N, S, vd);
+    mha_layer_zero_grad(layer);
+    CHECK_OK(mha_layer_forward(ctx, layer, &y, NULL, a));
+    CHECK_OK(mha_layer_backward(ctx, layer, a, &tdy, &gq, &gk, &gv));
+    int64_t base = N * (L * E + S * (kd + vd)), wq = base, wk = wq + E * E, wv = wk + E * kd, wo = wv + E * vd;
+    int64_t bin = wo + E * E, bout = bin + 3 * E, bk = bout + E, bv = bk + E;
+    const ref_grad_slot slots[] = {{"q_proj_weight", wq, E * E}, {"k_proj_weight", wk, E * kd},
+                                   {"v_proj_weight", wv, E * vd}, {"in_proj_weight", wq, 3 * E * E},
+                                   {"out_proj.weight", wo, E * E}, {"in_proj_bias", bin, 3 * E},
+                                   {"out_proj.bias", bout, E}, {"bias_k", bk, E}, {"bias_v", bv, E}};
+    mha_param params[8];
+    int64_t n = mha_layer_params(layer, params, 8);
+    for (int64_t i = 0; i < n; i++)
+        for (size_t s = 0; s < sizeof slots / sizeof slots[0]; s++)
+            if (strcmp(params[i].name, slots[s].name) == 0) {
+                CHECK(params[i].numel == slots[s].numel, "%s has %lld values", params[i].name, (long long)params[i].numel);
+                memcpy(got + slots[s].offset, params[i].grad, (size_t)slots[s].numel * sizeof(float));
+            }
+    free(out);
+}
+
+/* Gradients of a float32 layer case against the float64 reference (the
+ * float32 reference as baseline), and the same bits with 1 and 2 threads. */
+static void check_layer_backward(mha_layer *layer, mha_layer_fwd_args *a, const mha_ref_layer *r, const double *xq,
+                                 const double *xk, const double *xv, mha_ctx *ctx1, mha_ctx *ctx2, const char *label)
+{
+    int64_t n_total = mha_ref_layer_grads_size(r), n_dy = r->N * r->L * r->E;
+    mha_layer_tape *tape = NULL;
+    CHECK_OK(mha_layer_train_init(layer));
+    CHECK_OK(mha_layer_tape_create(&tape));
+    a->tape = tape;
+    double *dy64;
+    float *dy = random_floats(n_dy, 1.0, &dy64);
+    float *got1 = malloc((size_t)n_total * sizeof(float)), *got2 = malloc((size_t)n_total * sizeof(float));
+    layer_grads(ctx1, layer, a, dy, r, got1);
+    layer_grads(ctx2, layer, a, dy, r, got2);
+    CHECK(memcmp(got1, got2, (size_t)n_total * sizeof(float)) == 0, "%s: gradients differ with 1 and 2 threads", label);
+    double *want = malloc((size_t)n_total * sizeof(double));
+    float *base = malloc((size_t)n_total * sizeof(float));
+    mha_ref_layer_backward_f64(r, xq, xk, xv, dy64, want);
+    float *fq = to_float(xq, r->N * r->L * r->E), *fk = to_float(xk, r->N * r->S * r->kdim);
+    float *fv = to_float(xv, r->N * r->S * r->vdim);
+    mha_ref_layer_backward_f32(r, fq, fk, fv, dy, base);
+    char what[320];
+    snprintf(what, sizeof what, "%s gradients", label);
+    CHECK_CLOSE_GRAD(what, got1, want, base, n_total);
+    a->tape = NULL;
+    mha_layer_tape_free(tape);
+    void *owned[] = {dy64, dy, got1, got2, want, base, fq, fk, fv};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
+}
 
 static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, const char *label)
 {
@@ -570,6 +686,7 @@ static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, co
         snprintf(what, sizeof what, "%s attn_weights", label);
         CHECK_CLOSE_EPS(what, w1, ref_p, base_p, nw, eps);
     }
+    if (!c->bf16) check_layer_backward(layer, &a, &r, xq, xk, xv, ctx1, ctx2, label);
     void *owned[] = {wq, wk, wv, wo, bi, bo, bk, bv, xq, xk, xv, fq, fk, fv, fo, fbi, fbo, fbk, fbv, iq, ik, iv,
                      amask, kpm, add, out1, out2, w1, w2, ref, ref_p, base, base_p};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
@@ -771,6 +888,7 @@ int main(int argc, char **argv)
     test_reference_vs_pytorch(argc > 1 ? argv[1] : "tests/data/golden");
     test_sdpa_sweep(ctx1, ctx3);
     test_reference_gradients_by_differences();
+    test_reference_layer_gradients_by_differences();
     test_heads_are_independent(ctx2);
     test_fully_masked_rows(ctx1);
     test_layer_sweep(ctx1, ctx2);
