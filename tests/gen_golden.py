@@ -87,8 +87,13 @@ def forward_case(name, E, H, L, S=None, N=2, batched=True, batch_first=False, cr
                  kdim=None, vdim=None, bias=True, add_bias_kv=False, add_zero_attn=False,
                  attn_mask=None, kpm=None, causal=False, need_weights=False, average=True,
                  prefix="", input_dtype=torch.float32, weight_dtype=torch.float32,
-                 fully_masked_batch=None, scale_inputs=1.0, bf16=False):
-    """attn_mask: None, 'bool2', 'float2', 'bool3', 'float3'; kpm: None, 'bool', 'float'."""
+                 fully_masked_batch=None, scale_inputs=1.0, bf16=False, backward=False):
+    """attn_mask: None, 'bool2', 'float2', 'bool3', 'float3'; kpm: None, 'bool', 'float'.
+
+    backward: a case for `mha backward`: a random grad_attn_output and, from
+    autograd in float64 (expected) and float32 (torch32), the gradient of
+    every input (self-attention: the one query, summed over its three
+    uses) and of every parameter, named <name>.grad."""
     S = L if S is None else S
     m = make_module(E, H, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first)
     if weight_dtype != torch.float32:
@@ -148,13 +153,17 @@ def forward_case(name, E, H, L, S=None, N=2, batched=True, batch_first=False, cr
             total = total + kpf.to(dtype).reshape(n, 1, 1, S)
         return total.reshape(n * H, L, S)
 
-    def run(dtype):
+    def module_and_mask(dtype):
         mm = make_module(E, H, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first)
         mm.load_state_dict(m.state_dict())
         mm = mm.to(dtype)
         mask = merged(dtype) if (am is not None or kp is not None or causal) else None
         if mask is not None and not batched:
             mask = mask.reshape(H, L, S)
+        return mm, mask
+
+    def run(dtype):
+        mm, mask = module_and_mask(dtype)
         with torch.no_grad():
             out, w = mm(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
                         need_weights=need_weights, average_attn_weights=average)
@@ -171,6 +180,22 @@ def forward_case(name, E, H, L, S=None, N=2, batched=True, batch_first=False, cr
                 w[b] = 0
         return out, w
 
+    def run_grad(dtype, grad):
+        mm, mask = module_and_mask(dtype)
+        leaves = {"query": q.to(dtype).requires_grad_()}
+        if cross:
+            leaves["key"] = k.to(dtype).requires_grad_()
+            leaves["value"] = v.to(dtype).requires_grad_()
+        x = leaves["query"]
+        out, _ = mm(x, leaves.get("key", x), leaves.get("value", x), attn_mask=mask, need_weights=False)
+        out.backward(grad.to(dtype))
+        grads = {f"{name_}.grad": t.grad for name_, t in leaves.items()}
+        grads.update({f"{prefix}{name_}.grad": p.grad for name_, p in mm.named_parameters()})
+        return grads
+
+    if backward:
+        grad = torch.randn(q.shape)
+        grads64, grads32 = run_grad(torch.float64, grad), run_grad(torch.float32, grad)
     out64, w64 = run(torch.float64)
     out32, w32 = run(torch.float32)
     if bf16:  # PyTorch computing in bfloat16: the baseline for `mha forward --dtype bf16`
@@ -180,6 +205,16 @@ def forward_case(name, E, H, L, S=None, N=2, batched=True, batch_first=False, cr
     if prefix:
         tensors["decoy.out_proj.weight"] = torch.zeros(3, 3)  # another block in the same file
     tensors.update(inputs)
+    if backward:
+        tensors["grad_attn_output"] = grad
+        for name_ in grads64:
+            tensors["expected." + name_] = grads64[name_]
+            tensors["torch32." + name_] = grads32[name_]
+        args = ["--num-heads", str(H)] + (["--batch-first"] if batch_first else []) + \
+            (["--add-zero-attn"] if add_zero_attn else []) + (["--is-causal"] if causal else []) + \
+            (["--prefix", prefix] if prefix else [])
+        save(os.path.join(OUT, name + ".safetensors"), tensors, {"command": "backward", "args": " ".join(args)})
+        return
     tensors["expected.attn_output"] = out64
     tensors["torch32.attn_output"] = out32
     if need_weights:
@@ -453,6 +488,24 @@ def main():
     sdpa_case("sdpa_large_logits", B=1, Hq=2, L=8, S=8, D=16, scale_inputs=20.0)
 
     random_combinations(30, 30)
+
+    # Gradients of nn.MultiheadAttention: every option the forward has.
+    forward_case("bwd_fwd_basic", E=16, H=2, L=5, backward=True)
+    forward_case("bwd_fwd_batch_first", E=24, H=3, L=7, N=3, batch_first=True, backward=True)
+    forward_case("bwd_fwd_unbatched", E=20, H=2, L=9, batched=False, attn_mask="bool2", backward=True)
+    forward_case("bwd_fwd_cross", E=32, H=4, L=6, S=11, cross=True, batch_first=True, backward=True)
+    forward_case("bwd_fwd_kdim_vdim", E=24, H=2, L=5, S=8, cross=True, kdim=10, vdim=14, backward=True)
+    forward_case("bwd_fwd_no_bias", E=16, H=4, L=4, bias=False, backward=True)
+    forward_case("bwd_fwd_bias_kv_zero_attn", E=12, H=3, L=4, S=6, cross=True, add_bias_kv=True,
+                 add_zero_attn=True, kpm="float", batch_first=True, backward=True)
+    forward_case("bwd_fwd_bias_kv", E=16, H=2, L=5, add_bias_kv=True, attn_mask="bool2", kpm="bool", backward=True)
+    forward_case("bwd_fwd_masks", E=16, H=4, L=6, attn_mask="float3", kpm="bool", backward=True)
+    forward_case("bwd_fwd_causal", E=24, H=3, L=13, causal=True, backward=True)
+    forward_case("bwd_fwd_causal_mask_cross", E=16, H=2, L=5, S=9, cross=True, causal=True, attn_mask="bool2",
+                 backward=True)
+    forward_case("bwd_fwd_head64", E=64, H=1, L=40, N=1, causal=True, backward=True)
+    forward_case("bwd_fwd_prefix", E=16, H=2, L=5, prefix="encoder.layers.0.self_attn.", batch_first=True,
+                 backward=True)
 
     # Gradients of scaled_dot_product_attention: every variant again.
     sdpa_case("bwd_sdpa_basic", B=2, Hq=3, L=5, S=7, D=8, backward=True)

@@ -351,6 +351,7 @@ static void test_cli_success(void)
     expect_cli_output("--no-average-attn-weights", "forward", "--help", NULL);
     expect_cli_output("--causal-bottom-right", "sdpa", "--help", NULL);
     expect_cli_output("query.grad, key.grad, value.grad", "sdpa-backward", "--help", NULL);
+    expect_cli_output("<name>.grad of every input and weight", "backward", "--help", NULL);
     expect_cli_output("head dimension: d_k = embed_dim / num_heads = 768 / 12 = 64", "info", "--embed-dim", "768",
                       "--num-heads", "12", NULL);
     expect_cli_output("one head of width 768 has 2,362,368: the same", "info", "--embed-dim", "768", "--num-heads",
@@ -502,6 +503,17 @@ static void test_cli_files(void)
     FWD("key_padding_mask has shape [5, 2]; it must be [N, S]", NULL);
     write_file(p, "query", MHA_DTYPE_F32, 2, 5, 16, "key_padding_mask", MHA_DTYPE_BOOL, 2, 1, 5, NULL);
     FWD("key_padding_mask has shape [1, 5]; it must be [S]", NULL);
+
+    const char *bw[] = {"backward", "--weights", weights, "--inputs", p, "--out", out_path, "--num-heads", "2"};
+#define BWD(needle, ...) expect_cli_error(needle, bw[0], bw[1], bw[2], bw[3], bw[4], bw[5], bw[6], bw[7], bw[8], __VA_ARGS__)
+    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, NULL);
+    BWD("has no tensor named \"grad_attn_output\"", NULL);
+    BWD("--need-weights and --no-average-attn-weights are forward outputs", "--need-weights", NULL);
+    BWD("--dtype must be f32 (gradients are float32 only), got \"bf16\"", "--dtype", "bf16", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "grad_attn_output", MHA_DTYPE_F32, 3, 5, 2, 15, NULL);
+    BWD("grad_attn_output has shape [5, 2, 15]; it must match attn_output, which has query's shape [5, 2, 16]", NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 12, "grad_attn_output", MHA_DTYPE_F32, 3, 5, 2, 12, NULL);
+    BWD("query has 12 features but the weights' embed_dim is 16", NULL);
 
     const char *sd[] = {"sdpa", "--inputs", p, "--out", out_path};
 #define SDPA(needle, ...) expect_cli_error(needle, sd[0], sd[1], sd[2], sd[3], sd[4], __VA_ARGS__)

@@ -65,7 +65,7 @@ static int run_case(const char *path, mha_st_file *cf, const char *out_path, con
     argv[argc++] = (char *)out_path;
     argv[argc++] = "--threads";
     argv[argc++] = (char *)threads;
-    if (strcmp(command, "forward") == 0) {
+    if (strcmp(command, "forward") == 0 || strcmp(command, "backward") == 0) {
         argv[argc++] = "--weights";
         argv[argc++] = (char *)path;
     }

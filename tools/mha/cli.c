@@ -261,6 +261,7 @@ static void print_help(void)
     printf("usage: mha COMMAND [flags]   (mha COMMAND --help for its flags)\n\n"
            "commands:\n"
            "  forward   torch.nn.MultiheadAttention forward on safetensors inputs\n"
+           "  backward  its gradients: <name>.grad of every input and weight\n"
            "  sdpa      scaled dot-product attention on [B, H, L, D] tensors\n"
            "  sdpa-backward  gradients of sdpa with respect to query, key and value\n"
            "  info      head dimension, parameters, FLOPs, bytes and KV cache of a configuration\n"
@@ -274,7 +275,7 @@ int mha_cli_main(int argc, char **argv)
     static const struct {
         const char *name;
         int (*run)(int, char **);
-    } commands[] = {{"forward", mha_cmd_forward}, {"sdpa", mha_cmd_sdpa},
+    } commands[] = {{"forward", mha_cmd_forward}, {"backward", mha_cmd_backward}, {"sdpa", mha_cmd_sdpa},
                       {"sdpa-backward", mha_cmd_sdpa_backward}, {"info", mha_cmd_info},
                       {"show", mha_cmd_show},    {"bench", mha_cmd_bench}};
     if (argc < 2) {

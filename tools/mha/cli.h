@@ -17,6 +17,7 @@ enum { CLI_OK = 0, CLI_FAIL = 1, CLI_USAGE = 2 };
 /* Entry points: argv[0] is the subcommand's name. */
 int mha_cli_main(int argc, char **argv);
 int mha_cmd_forward(int argc, char **argv);
+int mha_cmd_backward(int argc, char **argv);
 int mha_cmd_sdpa(int argc, char **argv);
 int mha_cmd_sdpa_backward(int argc, char **argv);
 int mha_cmd_info(int argc, char **argv);

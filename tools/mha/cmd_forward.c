@@ -1,7 +1,8 @@
 /*
  * cmd_forward.c -- `mha forward`: torch.nn.MultiheadAttention.forward on
  * tensors from safetensors files, with PyTorch's names, layouts and mask
- * conventions (bool True = masked out).
+ * conventions (bool True = masked out); and `mha backward`: the same call
+ * plus grad_attn_output, giving <name>.grad for every input and weight.
  */
 #include "cli.h"
 
@@ -9,9 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const CMD = "forward";
-
 typedef struct forward_opts {
+    const char *cmd;  /* "forward" or "backward" */
+    bool backward;
     const char *weights, *inputs, *out, *prefix;
     const char *dtype;
     int64_t num_heads, threads;
@@ -25,7 +26,7 @@ typedef struct dims {
 } dims;
 
 typedef struct inputs {
-    cli_tensor query, key, value, attn_mask, key_padding_mask;
+    cli_tensor query, key, value, attn_mask, key_padding_mask, grad;
 } inputs;
 
 static void inputs_free(inputs *in)
@@ -35,10 +36,12 @@ static void inputs_free(inputs *in)
     cli_tensor_free(&in->value);
     cli_tensor_free(&in->attn_mask);
     cli_tensor_free(&in->key_padding_mask);
+    cli_tensor_free(&in->grad);
 }
 
-static int load_inputs(mha_st_file *file, const char *path, inputs *in)
+static int load_inputs(const forward_opts *o, mha_st_file *file, const char *path, inputs *in)
 {
+    const char *CMD = o->cmd;
     if (cli_load(CMD, file, path, "query", true, false, &in->query) ||
         cli_load(CMD, file, path, "key", false, false, &in->key) ||
         cli_load(CMD, file, path, "value", false, false, &in->value) ||
@@ -48,6 +51,15 @@ static int load_inputs(mha_st_file *file, const char *path, inputs *in)
     if (in->key.present != in->value.present) {
         cli_error(CMD, "%s has \"%s\" but no \"%s\"; give both, or neither for self-attention", path,
                   in->key.present ? "key" : "value", in->key.present ? "value" : "key");
+        return CLI_FAIL;
+    }
+    if (!o->backward) return CLI_OK;
+    if (cli_load(CMD, file, path, "grad_attn_output", true, false, &in->grad)) return CLI_FAIL;
+    const cli_tensor *q = &in->query, *g = &in->grad;
+    if (g->rank != q->rank || memcmp(g->shape, q->shape, (size_t)q->rank * sizeof q->shape[0]) != 0) {
+        char got[96], want[96];
+        cli_error(CMD, "%s: grad_attn_output has shape %s; it must match attn_output, which has query's shape %s", path,
+                  cli_shape_str(g->shape, g->rank, got, sizeof got), cli_shape_str(q->shape, q->rank, want, sizeof want));
         return CLI_FAIL;
     }
     return CLI_OK;
@@ -68,6 +80,7 @@ static mha_tensor layer_view(float *data, const cli_tensor *t, const dims *d, bo
 
 static int check_shapes(const forward_opts *o, const inputs *in, const mha_layer_desc *ld, dims *d)
 {
+    const char *CMD = o->cmd;
     char got[96];
     const cli_tensor *q = &in->query;
     const cli_tensor *k = in->key.present ? &in->key : q, *v = in->value.present ? &in->value : q;
@@ -109,6 +122,7 @@ static int check_shapes(const forward_opts *o, const inputs *in, const mha_layer
 /* attn_mask [L, S] or [N*H, L, S]; key_padding_mask [N, S] ([S] unbatched). */
 static int masks(const forward_opts *o, inputs *in, const dims *d, mha_layer_fwd_args *args)
 {
+    const char *CMD = o->cmd;
     char got[96];
     cli_tensor *am = &in->attn_mask, *kpm = &in->key_padding_mask;
     if (am->present) {
@@ -138,8 +152,70 @@ static int masks(const forward_opts *o, inputs *in, const dims *d, mha_layer_fwd
     return CLI_OK;
 }
 
+/* The forward's outputs. */
+static int save_forward(const forward_opts *o, const dims *d, const inputs *in, const float *out, const float *weights)
+{
+    int64_t heads = o->no_average ? d->H : 1;
+    /* Weights drop N when unbatched and the head axis when averaged. */
+    int64_t wshape[4] = {d->N, heads, d->L, d->S1};
+    int skip = !d->batched, wrank = 4 - skip;
+    if (!o->no_average) {
+        wshape[1] = wshape[0];
+        skip++;
+        wrank--;
+    }
+    cli_output outs[2] = {{"attn_output", in->query.rank, in->query.shape, out},
+                          {"attn_output_weights", wrank, wshape + skip, weights}};
+    return cli_save(o->cmd, o->out, outs, o->need_weights ? 2 : 1);
+}
+
+/* The backward pass after a forward recorded on args->tape: input
+ * gradients in the inputs' layouts (self-attention: one, the sum) and one
+ * per weight, named as the weights file names it plus ".grad". */
+static int run_backward(const forward_opts *o, mha_ctx *ctx, mha_layer *layer, const dims *d, inputs *in,
+                        const mha_layer_fwd_args *args)
+{
+    enum { MAX_OUTS = 3 + 8 };
+    const char *CMD = o->cmd;
+    bool cross = in->key.present;
+    cli_tensor *srcs[3] = {&in->query, cross ? &in->key : NULL, cross ? &in->value : NULL};
+    static const char *const input_names[3] = {"query.grad", "key.grad", "value.grad"};
+    float *grads[3] = {NULL, NULL, NULL};
+    mha_tensor views[3];
+    cli_output outs[MAX_OUTS];
+    char names[8][300];
+    int n_outs = 0, rc = CLI_OK;
+    for (int i = 0; i < 3 && rc == CLI_OK; i++) {
+        if (!srcs[i]) continue;
+        int64_t n;
+        if (!cli_product(srcs[i]->shape, srcs[i]->rank, &n) || !(grads[i] = calloc((size_t)(n ? n : 1), sizeof(float)))) {
+            cli_error(CMD, "out of memory allocating %s", input_names[i]);
+            rc = CLI_FAIL;
+            break;
+        }
+        views[i] = layer_view(grads[i], srcs[i], d, o->batch_first);
+        outs[n_outs++] = (cli_output){input_names[i], srcs[i]->rank, srcs[i]->shape, grads[i]};
+    }
+    mha_tensor dy = layer_view(in->grad.f32, &in->grad, d, o->batch_first);
+    mha_tensor *gk = cross ? &views[1] : &views[0], *gv = cross ? &views[2] : &views[0];
+    if (rc == CLI_OK && mha_layer_backward(ctx, layer, args, &dy, &views[0], gk, gv) != MHA_OK) {
+        cli_error(CMD, "%s", mha_last_error());
+        rc = CLI_FAIL;
+    }
+    mha_param params[8];
+    int64_t n_params = rc == CLI_OK ? mha_layer_params(layer, params, 8) : 0;
+    for (int64_t i = 0; i < n_params && n_params <= 8; i++) {
+        snprintf(names[i], sizeof names[i], "%s%s.grad", o->prefix, params[i].name);
+        outs[n_outs++] = (cli_output){names[i], params[i].rank, params[i].shape, params[i].grad};
+    }
+    if (rc == CLI_OK) rc = cli_save(CMD, o->out, outs, n_outs);
+    for (int i = 0; i < 3; i++) free(grads[i]);
+    return rc;
+}
+
 static int run(const forward_opts *o, mha_layer *layer, inputs *in)
 {
+    const char *CMD = o->cmd;
     const mha_layer_desc *ld = mha_layer_get_desc(layer);
     dims d;
     mha_layer_fwd_args args;
@@ -156,7 +232,14 @@ static int run(const forward_opts *o, mha_layer *layer, inputs *in)
     float *out = cli_alloc_floats(CMD, "attn_output", in->query.shape, in->query.rank);
     float *weights = out && o->need_weights ? cli_alloc_floats(CMD, "attn_output_weights", wdims, 4) : NULL;
     mha_ctx *ctx = NULL;
+    mha_layer_tape *tape = NULL;
     int rc = !out || (o->need_weights && !weights) ? CLI_FAIL : cli_ctx(CMD, o->threads, &ctx);
+    if (rc == CLI_OK && o->backward &&
+        (mha_layer_train_init(layer) != MHA_OK || mha_layer_tape_create(&tape) != MHA_OK)) {
+        cli_error(CMD, "%s", mha_last_error());
+        rc = CLI_FAIL;
+    }
+    args.tape = tape;
     if (rc == CLI_OK) {
         mha_tensor y = layer_view(out, &in->query, &d, o->batch_first);
         mha_tensor w = mha_tensor_4d(weights, d.N, heads, d.L, d.S1);
@@ -165,33 +248,27 @@ static int run(const forward_opts *o, mha_layer *layer, inputs *in)
             rc = CLI_FAIL;
         }
     }
-    if (rc == CLI_OK) {
-        /* Weights drop N when unbatched and the head axis when averaged. */
-        int64_t wshape[4] = {d.N, heads, d.L, d.S1};
-        int skip = !d.batched, wrank = 4 - skip;
-        if (!o->no_average) {
-            wshape[1] = wshape[0];
-            skip++;
-            wrank--;
-        }
-        cli_output outs[2] = {{"attn_output", in->query.rank, in->query.shape, out},
-                              {"attn_output_weights", wrank, wshape + skip, weights}};
-        rc = cli_save(CMD, o->out, outs, o->need_weights ? 2 : 1);
-    }
+    if (rc == CLI_OK) rc = o->backward ? run_backward(o, ctx, layer, &d, in, &args) : save_forward(o, &d, in, out, weights);
+    mha_layer_tape_free(tape);
     mha_ctx_free(ctx);
     free(out);
     free(weights);
     return rc;
 }
 
-int mha_cmd_forward(int argc, char **argv)
+static int forward_main(int argc, char **argv, bool backward)
 {
-    forward_opts o = {.prefix = "", .dtype = "f32"};
+    forward_opts o = {.cmd = backward ? "backward" : "forward", .backward = backward, .prefix = "", .dtype = "f32"};
+    const char *CMD = o.cmd;
     cli_flag flags[] = {
         {"weights", FLAG_STRING, &o.weights, "safetensors with the nn.MultiheadAttention state_dict", false},
         {"prefix", FLAG_STRING, &o.prefix, "prefix of the weight names, e.g. \"encoder.layers.0.self_attn.\"", false},
-        {"inputs", FLAG_STRING, &o.inputs, "safetensors with query [, key, value, attn_mask, key_padding_mask]", false},
-        {"out", FLAG_STRING, &o.out, "safetensors to write attn_output [, attn_output_weights] to", false},
+        {"inputs", FLAG_STRING, &o.inputs,
+         backward ? "safetensors with query, grad_attn_output [, key, value, attn_mask, key_padding_mask]"
+                  : "safetensors with query [, key, value, attn_mask, key_padding_mask]", false},
+        {"out", FLAG_STRING, &o.out,
+         backward ? "safetensors to write <name>.grad of every input and weight to"
+                  : "safetensors to write attn_output [, attn_output_weights] to", false},
         {"num-heads", FLAG_INT, &o.num_heads, "number of heads (embed_dim must be divisible by it)", false},
         {"batch-first", FLAG_BOOL, &o.batch_first, "inputs are [N, L, E] instead of [L, N, E]", false},
         {"need-weights", FLAG_BOOL, &o.need_weights, "also write attn_output_weights", false},
@@ -199,7 +276,9 @@ int mha_cmd_forward(int argc, char **argv)
         {"add-zero-attn", FLAG_BOOL, &o.add_zero_attn, "append a zero key and value, as add_zero_attn=True", false},
         {"is-causal", FLAG_BOOL, &o.is_causal, "mask keys after the query (top-left causal)", false},
         {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
-        {"dtype", FLAG_STRING, &o.dtype, "f32 (default) or bf16: compute as a bfloat16 model", false},
+        {"dtype", FLAG_STRING, &o.dtype,
+         backward ? "f32 (the only one: gradients are computed in float32)" : "f32 (default) or bf16: compute as a bfloat16 model",
+         false},
     };
     bool help;
     int rc = cli_parse(CMD, "--weights W --inputs X --out Y --num-heads H [flags]", argc, argv, flags,
@@ -208,11 +287,15 @@ int mha_cmd_forward(int argc, char **argv)
     const char *missing = !o.weights ? "--weights" : !o.inputs ? "--inputs" : !o.out ? "--out"
                         : !flags[4].seen ? "--num-heads" : NULL;
     if (missing) {
-        cli_error(CMD, "%s is required (see mha forward --help)", missing);
+        cli_error(CMD, "%s is required (see mha %s --help)", missing, CMD);
         return CLI_USAGE;
     }
-    if (strcmp(o.dtype, "f32") != 0 && strcmp(o.dtype, "bf16") != 0) {
-        cli_error(CMD, "--dtype must be f32 or bf16, got \"%s\"", o.dtype);
+    if (strcmp(o.dtype, "f32") != 0 && (backward || strcmp(o.dtype, "bf16") != 0)) {
+        cli_error(CMD, "--dtype must be %s, got \"%s\"", backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o.dtype);
+        return CLI_USAGE;
+    }
+    if (backward && (o.need_weights || o.no_average)) {
+        cli_error(CMD, "--need-weights and --no-average-attn-weights are forward outputs; mha backward writes gradients");
         return CLI_USAGE;
     }
     if (o.num_heads < 1) {
@@ -231,7 +314,7 @@ int mha_cmd_forward(int argc, char **argv)
         rc = CLI_FAIL;
     }
     if (rc == CLI_OK) rc = cli_open(CMD, "--inputs", o.inputs, &xf);
-    if (rc == CLI_OK) rc = load_inputs(xf, o.inputs, &in);
+    if (rc == CLI_OK) rc = load_inputs(&o, xf, o.inputs, &in);
     if (rc == CLI_OK) rc = run(&o, layer, &in);
     inputs_free(&in);
     mha_layer_free(layer);
@@ -239,3 +322,7 @@ int mha_cmd_forward(int argc, char **argv)
     mha_st_close(xf);
     return rc;
 }
+
+int mha_cmd_forward(int argc, char **argv) { return forward_main(argc, argv, false); }
+
+int mha_cmd_backward(int argc, char **argv) { return forward_main(argc, argv, true); }
