@@ -39,6 +39,8 @@ bool mha__product(const int64_t *dims, int n, int64_t *out);
 /* 64-byte aligned allocation of count * size bytes, overflow-checked;
  * NULL (with mha_last_error set) on failure.  Zero bytes still gives a
  * unique pointer.  Free with mha__free. */
+/* How many times mha__alloc has been called in this process (tests). */
+int64_t mha__allocations(void);
 void *mha__alloc(int64_t count, size_t size);
 void *mha__calloc(int64_t count, size_t size);
 void  mha__free(void *ptr);

@@ -72,8 +72,14 @@ bool mha__product(const int64_t *dims, int n, int64_t *out)
 
 enum { ALIGNMENT = 64 };
 
+/* Allocations made so far, for tests that check a loop allocates nothing. */
+static _Atomic int64_t allocations;
+
+int64_t mha__allocations(void) { return allocations; }
+
 void *mha__alloc(int64_t count, size_t size)
 {
+    allocations++;
     int64_t bytes;
     if (!mha__mul(count, (int64_t)size, &bytes) || bytes > INT64_MAX - ALIGNMENT) {
         mha__fail(MHA_ERR_NOMEM, "cannot allocate %lld elements of %zu bytes: size overflows",

@@ -1,0 +1,224 @@
+/*
+ * test_train.c -- the training API as a user drives it:
+ *   - the library's own gradients against central differences of its own
+ *     float32 forward, along random directions (inputs and parameters);
+ *   - gradients accumulate across backward calls until zeroed;
+ *   - a training step allocates nothing once shapes stop growing;
+ *   - writing parameters and calling mha_layer_params_changed changes what
+ *     the forward computes;
+ *   - plain SGD on the gradients fits a layer to a teacher layer's outputs
+ *     (the loss falls by more than 10x).
+ */
+#include "harness.h"
+#include "internal.h"
+#include "mha.h"
+
+#include <stdint.h>
+
+static uint64_t rng = 0x853c49e6748fea9bu;
+
+static float uniform(void)
+{
+    rng = rng * 6364136223846793005u + 1442695040888963407u;
+    return (float)((rng >> 40) * 0x1p-24 * 2.0 - 1.0);
+}
+
+static void fill(float *x, int64_t n, float scale)
+{
+    for (int64_t i = 0; i < n; i++) x[i] = uniform() * scale;
+}
+
+enum { N = 2, L = 7, E = 32, H = 4, NX = N * L * E };
+
+/* A self-attention layer with every parameter random, and its parameters. */
+static mha_layer *make_layer(bool bias_kv, mha_param *params, int64_t *n_params)
+{
+    mha_layer_desc d;
+    mha_layer_desc_init(&d);
+    d.embed_dim = E;
+    d.num_heads = H;
+    d.add_bias_kv = bias_kv;
+    mha_layer *layer = NULL;
+    CHECK_OK(mha_layer_create(&d, &layer));
+    CHECK_OK(mha_layer_train_init(layer));
+    *n_params = mha_layer_params(layer, params, 8);
+    for (int64_t i = 0; i < *n_params; i++) fill(params[i].value, params[i].numel, 0.3f);
+    CHECK_OK(mha_layer_params_changed(layer));
+    return layer;
+}
+
+/* loss = sum(attn_output * dy), the scalar whose gradient backward gives
+ * for grad_attn_output = dy. */
+static double loss_of(mha_ctx *ctx, mha_layer *layer, mha_layer_fwd_args *a, const float *dy)
+{
+    float y[NX];
+    mha_tensor ty = mha_tensor_3d(y, N, L, E);
+    mha_layer_tape *tape = a->tape;
+    a->tape = NULL;
+    CHECK_OK(mha_layer_forward(ctx, layer, &ty, NULL, a));
+    a->tape = tape;
+    double loss = 0;
+    for (int i = 0; i < NX; i++) loss += (double)y[i] * dy[i];
+    return loss;
+}
+
+/* One forward with the tape and one backward for dy: parameter gradients
+ * accumulate in the layer, the input gradient into gx (zeroed here). */
+static void step(mha_ctx *ctx, mha_layer *layer, mha_layer_fwd_args *a, float *dy, float *gx)
+{
+    float y[NX];
+    mha_tensor ty = mha_tensor_3d(y, N, L, E), tdy = mha_tensor_3d(dy, N, L, E), tgx = mha_tensor_3d(gx, N, L, E);
+    memset(gx, 0, NX * sizeof(float));
+    CHECK_OK(mha_layer_forward(ctx, layer, &ty, NULL, a));
+    CHECK_OK(mha_layer_backward(ctx, layer, a, &tdy, &tgx, &tgx, &tgx));
+}
+
+/* <grad, v> against (loss(p + h v) - loss(p - h v)) / 2h in float32. The
+ * loss is a cubic-free smooth function at this scale; h = 1e-2 keeps the
+ * float32 rounding of the difference (~1e-7 / h) below 1e-4 relative. */
+static void test_directional_derivatives(mha_ctx *ctx)
+{
+    mha_param params[8];
+    int64_t n_params;
+    mha_layer *layer = make_layer(true, params, &n_params);
+    mha_layer_tape *tape = NULL;
+    CHECK_OK(mha_layer_tape_create(&tape));
+    static float x[NX], dy[NX], gx[NX];
+    fill(x, NX, 1.0f);
+    fill(dy, NX, 1.0f);
+    mha_layer_fwd_args a;
+    mha_layer_fwd_args_init(&a);
+    a.query = a.key = a.value = mha_tensor_3d(x, N, L, E);
+    a.causal = MHA_CAUSAL_TOP_LEFT;
+    a.tape = tape;
+    mha_layer_zero_grad(layer);
+    step(ctx, layer, &a, dy, gx);
+    /* Each parameter, then the input, along its own random direction. */
+    for (int64_t i = 0; i <= n_params; i++) {
+        bool input = i == n_params;
+        float *value = input ? x : params[i].value, *grad = input ? gx : params[i].grad;
+        int64_t n = input ? NX : params[i].numel;
+        float *dir = malloc((size_t)n * sizeof(float)), *saved = malloc((size_t)n * sizeof(float));
+        fill(dir, n, 1.0f);
+        memcpy(saved, value, (size_t)n * sizeof(float));
+        double predicted = 0, h = 1e-2, up, down;
+        for (int64_t j = 0; j < n; j++) predicted += (double)grad[j] * dir[j];
+        for (int64_t j = 0; j < n; j++) value[j] = saved[j] + (float)h * dir[j];
+        CHECK_OK(mha_layer_params_changed(layer));
+        up = loss_of(ctx, layer, &a, dy);
+        for (int64_t j = 0; j < n; j++) value[j] = saved[j] - (float)h * dir[j];
+        CHECK_OK(mha_layer_params_changed(layer));
+        down = loss_of(ctx, layer, &a, dy);
+        memcpy(value, saved, (size_t)n * sizeof(float));
+        CHECK_OK(mha_layer_params_changed(layer));
+        double measured = (up - down) / (2 * h), err = fabs(measured - predicted);
+        if (getenv("MHA_TEST_VERBOSE"))
+            printf("%-16s directional derivative %.7g, gradient %.7g\n", input ? "query" : params[i].name, measured,
+                   predicted);
+        CHECK(err <= 2e-3 * fmax(1.0, fabs(predicted)), "%s: directional derivative %.6g, gradient says %.6g",
+              input ? "query" : params[i].name, measured, predicted);
+        free(dir);
+        free(saved);
+    }
+    mha_layer_tape_free(tape);
+    mha_layer_free(layer);
+}
+
+/* Two backward calls without zeroing give twice one call's gradients;
+ * zero_grad clears them; the steady state allocates nothing. */
+static void test_accumulation_and_allocations(mha_ctx *ctx)
+{
+    mha_param params[8];
+    int64_t n_params;
+    mha_layer *layer = make_layer(false, params, &n_params);
+    mha_layer_tape *tape = NULL;
+    CHECK_OK(mha_layer_tape_create(&tape));
+    static float x[NX], dy[NX], gx[NX];
+    fill(x, NX, 1.0f);
+    fill(dy, NX, 1.0f);
+    mha_layer_fwd_args a;
+    mha_layer_fwd_args_init(&a);
+    a.query = a.key = a.value = mha_tensor_3d(x, N, L, E);
+    a.tape = tape;
+    mha_layer_zero_grad(layer);
+    step(ctx, layer, &a, dy, gx);
+    float *once[8];
+    for (int64_t i = 0; i < n_params; i++) {
+        once[i] = malloc((size_t)params[i].numel * sizeof(float));
+        memcpy(once[i], params[i].grad, (size_t)params[i].numel * sizeof(float));
+    }
+    step(ctx, layer, &a, dy, gx);
+    int bad = 0;
+    for (int64_t i = 0; i < n_params; i++)
+        for (int64_t j = 0; j < params[i].numel; j++)
+            bad += fabsf(params[i].grad[j] - 2 * once[i][j]) > 1e-5f * (1 + fabsf(once[i][j]));
+    CHECK(bad == 0, "%d gradients are not the sum of two calls", bad);
+    mha_layer_zero_grad(layer);
+    for (int64_t i = 0; i < n_params; i++)
+        for (int64_t j = 0; j < params[i].numel; j++) bad += params[i].grad[j] != 0;
+    CHECK(bad == 0, "zero_grad left %d non-zero gradients", bad);
+    int64_t before = mha__allocations();
+    for (int s = 0; s < 3; s++) {
+        mha_layer_zero_grad(layer);
+        step(ctx, layer, &a, dy, gx);
+        for (int64_t i = 0; i < n_params; i++) params[i].value[0] -= 1e-3f * params[i].grad[0];
+        CHECK_OK(mha_layer_params_changed(layer));
+    }
+    CHECK(mha__allocations() == before, "three training steps made %lld allocations",
+          (long long)(mha__allocations() - before));
+    for (int64_t i = 0; i < n_params; i++) free(once[i]);
+    mha_layer_tape_free(tape);
+    mha_layer_free(layer);
+}
+
+/* Plain SGD on 0.5 |y - y_teacher|^2 / n: the student starts from other
+ * random weights; 150 steps must cut the loss by more than 10x. */
+static void test_fits_a_teacher(mha_ctx *ctx)
+{
+    mha_param tp[8], sp[8];
+    int64_t nt, ns;
+    mha_layer *teacher = make_layer(false, tp, &nt), *student = make_layer(false, sp, &ns);
+    mha_layer_tape *tape = NULL;
+    CHECK_OK(mha_layer_tape_create(&tape));
+    static float x[NX], want[NX], y[NX], dy[NX], gx[NX];
+    fill(x, NX, 1.0f);
+    mha_layer_fwd_args a;
+    mha_layer_fwd_args_init(&a);
+    a.query = a.key = a.value = mha_tensor_3d(x, N, L, E);
+    mha_tensor twant = mha_tensor_3d(want, N, L, E), ty = mha_tensor_3d(y, N, L, E), tdy = mha_tensor_3d(dy, N, L, E);
+    CHECK_OK(mha_layer_forward(ctx, teacher, &twant, NULL, &a));
+    a.tape = tape;
+    double first = 0, last = 0;
+    for (int s = 0; s < 150; s++) {
+        mha_layer_zero_grad(student);
+        CHECK_OK(mha_layer_forward(ctx, student, &ty, NULL, &a));
+        double loss = 0;
+        for (int i = 0; i < NX; i++) {
+            dy[i] = (y[i] - want[i]) / NX;
+            loss += 0.5 * (double)(y[i] - want[i]) * (y[i] - want[i]) / NX;
+        }
+        if (s == 0) first = loss;
+        last = loss;
+        CHECK_OK(mha_layer_backward(ctx, student, &a, &tdy, NULL, NULL, NULL));
+        for (int64_t i = 0; i < ns; i++)
+            for (int64_t j = 0; j < sp[i].numel; j++) sp[i].value[j] -= 0.5f * sp[i].grad[j];
+        CHECK_OK(mha_layer_params_changed(student));
+    }
+    if (getenv("MHA_TEST_VERBOSE")) printf("SGD: loss %.4g -> %.4g in 150 steps\n", first, last);
+    CHECK(last < first / 10, "SGD took the loss from %.4g only to %.4g", first, last);
+    (void)gx;
+    mha_layer_tape_free(tape);
+    mha_layer_free(teacher);
+    mha_layer_free(student);
+}
+
+int main(void)
+{
+    mha_ctx *ctx = NULL;
+    CHECK_OK(mha_ctx_create(2, &ctx));
+    test_directional_derivatives(ctx);
+    test_accumulation_and_allocations(ctx);
+    test_fits_a_teacher(ctx);
+    mha_ctx_free(ctx);
+    return harness_finish("test_train");
+}
