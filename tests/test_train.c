@@ -47,6 +47,36 @@ static mha_layer *make_layer(bool bias_kv, mha_param *params, int64_t *n_params)
     return layer;
 }
 
+/* A self-attention training setup: layer, parameters, tape, input x,
+ * upstream gradient dy, and the input's gradient gx. */
+typedef struct fixture {
+    mha_layer *layer;
+    mha_param params[8];
+    int64_t n_params;
+    mha_layer_fwd_args a;
+    float x[NX], dy[NX], gx[NX];
+} fixture;
+
+static void fixture_init(fixture *f, bool bias_kv, mha_causal causal)
+{
+    f->layer = make_layer(bias_kv, f->params, &f->n_params);
+    mha_layer_tape *tape = NULL;
+    CHECK_OK(mha_layer_tape_create(&tape));
+    fill(f->x, NX, 1.0f);
+    fill(f->dy, NX, 1.0f);
+    mha_layer_fwd_args_init(&f->a);
+    f->a.query = f->a.key = f->a.value = mha_tensor_3d(f->x, N, L, E);
+    f->a.causal = causal;
+    f->a.tape = tape;
+    mha_layer_zero_grad(f->layer);
+}
+
+static void fixture_free(fixture *f)
+{
+    mha_layer_tape_free(f->a.tape);
+    mha_layer_free(f->layer);
+}
+
 /* loss = sum(attn_output * dy), the scalar whose gradient backward gives
  * for grad_attn_output = dy. */
 static double loss_of(mha_ctx *ctx, mha_layer *layer, mha_layer_fwd_args *a, const float *dy)
@@ -78,20 +108,13 @@ static void step(mha_ctx *ctx, mha_layer *layer, mha_layer_fwd_args *a, float *d
  * float32 rounding of the difference (~1e-7 / h) below 1e-4 relative. */
 static void test_directional_derivatives(mha_ctx *ctx)
 {
-    mha_param params[8];
-    int64_t n_params;
-    mha_layer *layer = make_layer(true, params, &n_params);
-    mha_layer_tape *tape = NULL;
-    CHECK_OK(mha_layer_tape_create(&tape));
-    static float x[NX], dy[NX], gx[NX];
-    fill(x, NX, 1.0f);
-    fill(dy, NX, 1.0f);
-    mha_layer_fwd_args a;
-    mha_layer_fwd_args_init(&a);
-    a.query = a.key = a.value = mha_tensor_3d(x, N, L, E);
-    a.causal = MHA_CAUSAL_TOP_LEFT;
-    a.tape = tape;
-    mha_layer_zero_grad(layer);
+    static fixture f;
+    fixture_init(&f, true, MHA_CAUSAL_TOP_LEFT);
+    mha_layer *layer = f.layer;
+    mha_param *params = f.params;
+    int64_t n_params = f.n_params;
+    float *x = f.x, *dy = f.dy, *gx = f.gx;
+    mha_layer_fwd_args a = f.a;
     step(ctx, layer, &a, dy, gx);
     /* Each parameter, then the input, along its own random direction. */
     for (int64_t i = 0; i <= n_params; i++) {
@@ -120,27 +143,20 @@ static void test_directional_derivatives(mha_ctx *ctx)
         free(dir);
         free(saved);
     }
-    mha_layer_tape_free(tape);
-    mha_layer_free(layer);
+    fixture_free(&f);
 }
 
 /* Two backward calls without zeroing give twice one call's gradients;
  * zero_grad clears them; the steady state allocates nothing. */
 static void test_accumulation_and_allocations(mha_ctx *ctx)
 {
-    mha_param params[8];
-    int64_t n_params;
-    mha_layer *layer = make_layer(false, params, &n_params);
-    mha_layer_tape *tape = NULL;
-    CHECK_OK(mha_layer_tape_create(&tape));
-    static float x[NX], dy[NX], gx[NX];
-    fill(x, NX, 1.0f);
-    fill(dy, NX, 1.0f);
-    mha_layer_fwd_args a;
-    mha_layer_fwd_args_init(&a);
-    a.query = a.key = a.value = mha_tensor_3d(x, N, L, E);
-    a.tape = tape;
-    mha_layer_zero_grad(layer);
+    static fixture f;
+    fixture_init(&f, false, MHA_CAUSAL_NONE);
+    mha_layer *layer = f.layer;
+    mha_param *params = f.params;
+    int64_t n_params = f.n_params;
+    float *dy = f.dy, *gx = f.gx;
+    mha_layer_fwd_args a = f.a;
     step(ctx, layer, &a, dy, gx);
     float *once[8];
     for (int64_t i = 0; i < n_params; i++) {
@@ -167,8 +183,7 @@ static void test_accumulation_and_allocations(mha_ctx *ctx)
     CHECK(mha__allocations() == before, "three training steps made %lld allocations",
           (long long)(mha__allocations() - before));
     for (int64_t i = 0; i < n_params; i++) free(once[i]);
-    mha_layer_tape_free(tape);
-    mha_layer_free(layer);
+    fixture_free(&f);
 }
 
 /* Plain SGD on 0.5 |y - y_teacher|^2 / n: the student starts from other
