@@ -68,8 +68,11 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor 
  * normalisation it saved, and dout = dL/dout, writes dq, dk, dv
  * (overwriting; with GQA, dk and dv sum over each group's query heads in
  * head order).  Keys R .. S-1 get their gradients like any other.  float32
- * plans only.  dq may be the same memory as out: out is read (for dO.O)
- * before dq is written.  NOMEM. */
+ * plans only.  dq may be the same memory as out, dk as k and dv as v (the
+ * layer saves memory so): out is read (for dO.O) before dq is written, and
+ * each key block's K and V rows are read only by the work item that then
+ * writes that block's dK and dV, after the pass that reads all of them.
+ * NOMEM. */
 mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *dq, mha_tensor *dk,
                               mha_tensor *dv, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
                               const mha_tensor *out, const mha_tensor *dout, const mha__row_norm *norm);

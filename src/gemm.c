@@ -19,15 +19,7 @@
 
 enum { ROW_BLOCK = 96 };
 
-/* W's element (o, c), or W^T's when `transposed` (then w is [in, out]). */
-static float weight_at(const float *w, bool transposed, int64_t out, int64_t in, int64_t o, int64_t c)
-{
-    if (!w) return 0.0f;
-    return transposed ? w[c * out + o] : w[o * in + c];
-}
-
-static mha_status pack_any(mha__packed *p, const mha__kernels *kt, const float *w, bool transposed, int64_t out,
-                           int64_t in)
+mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in)
 {
     int64_t nr = kt->nr, panels = (out + nr - 1) / nr, n;
     if (!mha__mul(panels * nr, in, &n)) return mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large",
@@ -41,21 +33,17 @@ static mha_status pack_any(mha__packed *p, const mha__kernels *kt, const float *
         for (int64_t c = 0; c < in; c++)
             for (int64_t j = 0; j < nr; j++) {
                 int64_t o = panel * nr + j;
-                data[(panel * in + c) * nr + j] = o < out ? weight_at(w, transposed, out, in, o, c) : 0.0f;
+                data[(panel * in + c) * nr + j] = o < out && w ? w[o * in + c] : 0.0f;
             }
     if (!reuse) mha__free(p->data);
-    *p = (mha__packed){data, out, in, nr};
+    *p = (mha__packed){data, out, in, nr, nr, in * nr};
     return MHA_OK;
 }
 
-mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in)
+mha__packed mha__transposed_view(const float *w, int64_t rows, int64_t cols, const mha__kernels *kt)
 {
-    return pack_any(p, kt, w, false, out, in);
-}
-
-mha_status mha__pack_transposed(mha__packed *p, const mha__kernels *kt, const float *w, int64_t rows, int64_t cols)
-{
-    return pack_any(p, kt, w, true, cols, rows);
+    /* y = x (w^T)^T = x w: panel p is columns p nr .. of w's rows, in place. */
+    return (mha__packed){(float *)w, cols, rows, kt->nr, cols, kt->nr};
 }
 
 void mha__unpack(const mha__packed *p, float *w)
@@ -95,7 +83,7 @@ static void linear_item(const linear_job *j, int64_t item)
     int64_t r1 = r0 + ROW_BLOCK < j->rows ? r0 + ROW_BLOCK : j->rows;
     int64_t col0 = panel * kt->nr, cols = j->w->out - col0 < kt->nr ? j->w->out - col0 : kt->nr;
     int64_t in = j->w->in, chunk = j->x.group_cols ? j->x.group_cols : in;
-    const float *b = j->w->data + panel * in * kt->nr;
+    const float *b = j->w->data + panel * j->w->panel_stride;
     for (int64_t r = r0; r < r1; r += kt->mr) {
         int64_t m = r1 - r < kt->mr ? r1 - r : kt->mr;
         float *y = mat_at(&j->y, r, col0);
@@ -105,7 +93,7 @@ static void linear_item(const linear_job *j, int64_t item)
          * chain of multiply-adds over the inputs in order. */
         for (int64_t c0 = 0; c0 < in; c0 += chunk)
             kt->gemm_tile(m, cols, in - c0 < chunk ? in - c0 : chunk, mat_at(&j->x, r, c0), j->x.rs, j->x.cs,
-                          b + c0 * kt->nr, kt->nr, y, j->y.rs, j->add || j->b != NULL || c0 > 0);
+                          b + c0 * j->w->ldb, j->w->ldb, y, j->y.rs, j->add || j->b != NULL || c0 > 0);
     }
 }
 

@@ -9,20 +9,24 @@
 #include "kernels/kernels.h"
 #include "parallel.h"
 
-/* W [out, in] row-major, stored as ceil(out / nr) panels of in x nr floats
- * (W^T, zero-padded to a whole panel), nr from the kernel table it was
- * packed for. */
+/* The B operand of y = x W^T for W [out, in]: ceil(out / nr) panels of nr
+ * output columns, panel p at data + p * panel_stride, its row c (input c)
+ * at + c * ldb.  A pack (mha__pack) stores each panel contiguous (W^T,
+ * zero-padded to a whole panel: ldb = nr); a view (mha__transposed_view)
+ * reads a plain matrix in place. */
 typedef struct mha__packed {
     float  *data;
     int64_t out, in, nr;
+    int64_t ldb, panel_stride;
 } mha__packed;
 
 /* Packs w [out, in] (NULL: zeros); replaces any earlier contents of p,
  * in place when the size is unchanged.  On failure p is unchanged.  NOMEM. */
 mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in);
-/* Packs the transpose of w [rows, cols], as if w^T [cols, rows] were given,
- * so mha__linear computes y = x w (the backward pass's dX = dY W). */
-mha_status mha__pack_transposed(mha__packed *p, const mha__kernels *kt, const float *w, int64_t rows, int64_t cols);
+/* w [rows, cols] row-major seen, without copying, as the B operand of
+ * y = x w: mha__linear with it computes dX = dY W in the backward pass.
+ * Not to be freed. */
+mha__packed mha__transposed_view(const float *w, int64_t rows, int64_t cols, const mha__kernels *kt);
 /* The plain [out, in] matrix back from its pack (exact). */
 void       mha__unpack(const mha__packed *p, float *w);
 void       mha__packed_free(mha__packed *p);

@@ -66,9 +66,7 @@ mha_status mha__layer_pack(mha_layer *l, matrix which, const float *w)
         else memset(t->w[which], 0, (size_t)(E * in) * sizeof(float));
         w = t->w[which];
     }
-    mha_status st = mha__pack(&l->w[which], l->kt, w, E, in);
-    if (st == MHA_OK && t) st = mha__pack_transposed(&t->wt[which], l->kt, w, E, in);
-    return st;
+    return mha__pack(&l->w[which], l->kt, w, E, in);
 }
 
 mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
@@ -113,7 +111,6 @@ void mha_layer_free(mha_layer *l)
     for (int i = 0; i < MAT_COUNT; i++) {
         mha__packed_free(&l->w[i]);
         mha__packed_bf16_free(&l->w16[i]);
-        if (l->train) mha__packed_free(&l->train->wt[i]);
     }
     if (l->train) {
         mha__free(l->train->plain);

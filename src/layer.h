@@ -15,8 +15,8 @@ enum { LAYER_MAGIC = 0x6d68616c }; /* "mhal": catches use of a freed or foreign 
 typedef enum matrix { MAT_Q, MAT_K, MAT_V, MAT_OUT, MAT_COUNT } matrix;
 
 /* What training adds to a layer (mha_layer_train_init): the plain weights
- * the optimizer updates (the packs are made from them), their gradients,
- * and packs of each W^T for the backward pass's dX = dY W. */
+ * the optimizer updates (the packs are made from them; the backward's
+ * dX = dY W reads them in place) and their gradients. */
 typedef struct mha__layer_train {
     float       *plain;               /* W_q, W_k, W_v, W_o back to back: in_proj_weight then out_proj.weight */
     float       *w[MAT_COUNT];        /* into plain */
@@ -24,7 +24,6 @@ typedef struct mha__layer_train {
     float       *g_w[MAT_COUNT];      /* into grads */
     float       *g_b_in, *g_b_out, *g_bias_k, *g_bias_v;  /* into grads, or NULL */
     int64_t      n_grads;             /* floats in grads */
-    mha__packed  wt[MAT_COUNT];       /* W^T packed */
 } mha__layer_train;
 
 /* Matrices are kept packed (gemm.h), float32 or bf16 as the layer
@@ -77,8 +76,8 @@ mha_tensor   mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, i
 void mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
                                const mha__packed *w, const mha__batched *y, bool add);
 
-/* Packs `which` from w (NULL: zeros) for the forward pass, and for
- * training also its transpose and the plain copy.  NOMEM. */
+/* Packs `which` from w (NULL: zeros), and for training keeps w as the
+ * plain copy.  NOMEM. */
 mha_status mha__layer_pack(mha_layer *l, matrix which, const float *w);
 
 /* Rows of matrix `which`'s input: E, kdim or vdim. */

@@ -6,7 +6,9 @@
  * activations as the forward kept them, see layer.h):
  *   b_o  += colsum(dY)          W_o += dY^T O          dO = dY W_o
  *   dQ, dK, dV = attention backward (flash_bwd.c) from Q, K, V, O, the
- *                row statistics and dO; dQ overwrites O (read first)
+ *                row statistics and dO, written over O, K and V (each is
+ *                read before its gradient is written), so the pass needs
+ *                one buffer, dO, beyond the tape
  *   bias_k/bias_v += the appended key row's dK/dV, summed over batches
  *   b_in += colsum(dQ | dK | dV)     W_q += dQ^T X_q   (and K, V)
  *   grad_query += dQ W_q,  grad_key += dK W_k,  grad_value += dV W_v
@@ -34,7 +36,6 @@ static mha_status check_training(const mha_layer *l, const char *fn)
 static void train_free(mha__layer_train *t)
 {
     if (!t) return;
-    for (int m = 0; m < MAT_COUNT; m++) mha__packed_free(&t->wt[m]);
     mha__free(t->plain);
     mha__free(t->grads);
     mha__free(t);
@@ -76,14 +77,7 @@ mha_status mha_layer_train_init(mha_layer *l)
         return MHA_ERR_NOMEM;
     }
     train_layout(l, t);
-    for (int m = 0; m < MAT_COUNT && st == MHA_OK; m++) {
-        mha__unpack(&l->w[m], t->w[m]);
-        st = mha__pack_transposed(&t->wt[m], l->kt, t->w[m], E, mha__layer_in_features(l, (matrix)m));
-    }
-    if (st != MHA_OK) {
-        train_free(t);
-        return st;
-    }
+    for (int m = 0; m < MAT_COUNT; m++) mha__unpack(&l->w[m], t->w[m]);
     l->train = t;
     return MHA_OK;
 }
@@ -213,41 +207,42 @@ static void scatter(const mha__batched *staged, mha_tensor *t)
                 t->data[n * t->stride[0] + r * t->stride[1] + c * t->stride[2]] = staged->m.data[(n * T + r) * F + c];
 }
 
-/* The backward's buffers in the context: dO [N, L, E], dK and dV [N, S', E]
- * (activation layout), and a staging area for strided caller tensors. */
+/* The backward's buffers in the context: dO [N, L, E] (activation
+ * layout), and a staging area for caller tensors with strided columns
+ * (only touched when there are some). */
 typedef struct grad_buffers {
-    float *dout, *dk, *dv, *stage;
+    float *dout, *stage;
 } grad_buffers;
 
-static mha_status grad_buffers_get(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t L, int64_t S, int64_t S1,
-                                   grad_buffers *b)
+static mha_status grad_buffers_get(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t L, int64_t S, grad_buffers *b)
 {
     const mha_layer_desc *d = &l->desc;
-    int64_t E = d->embed_dim, nq, nk, stage, widest = E > d->kdim ? E : d->kdim, total;
+    int64_t E = d->embed_dim, nq, stage, widest = E > d->kdim ? E : d->kdim, total;
     widest = widest > d->vdim ? widest : d->vdim;
-    if (!mha__mul(N * L, E, &nq) || !mha__mul(N * S1, E, &nk) || !mha__mul(N * (L > S ? L : S), widest, &stage) ||
-        !mha__add(nq, 2 * nk, &total) || !mha__add(total, stage, &total) || total > INT64_MAX / 8)
+    if (!mha__mul(N * L, E, &nq) || !mha__mul(N * (L > S ? L : S), widest, &stage) || !mha__add(nq, stage, &total) ||
+        total > INT64_MAX / 8)
         return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace for %lld x %lld queries overflows", (long long)N,
                          (long long)L);
     float *base = mha__ctx_scratch(ctx, MHA_SCRATCH_GRAD, total * (int64_t)sizeof(float));
     if (!base) return MHA_ERR_NOMEM;
-    *b = (grad_buffers){base, base + nq, base + nq + nk, base + nq + 2 * nk};
+    *b = (grad_buffers){base, base + nq};
     return MHA_OK;
 }
 
-/* bias_k / bias_v gradients: row S of every batch's dK / dV, per head. */
-static void appended_key_grads(const mha_layer *l, const mha_layer_tape *tape, int64_t S1, const grad_buffers *g)
+/* bias_k / bias_v gradients: row S of every batch's dK / dV (over the
+ * tape's K and V), per head. */
+static void appended_key_grads(const mha_layer *l, const mha_layer_tape *tape, int64_t S1)
 {
     mha__layer_train *t = l->train;
     if (!t->g_bias_k) return;
-    mha_tensor kh = mha__layer_heads_view(l, g->dk, tape->N, S1); /* dV has the same layout */
+    mha_tensor kh = mha__layer_heads_view(l, tape->k, tape->N, S1); /* V has the same layout */
     int64_t d = l->head_dim;
     for (int64_t n = 0; n < tape->N; n++)
         for (int64_t h = 0; h < l->desc.num_heads; h++)
             for (int64_t c = 0; c < d; c++) {
                 int64_t at = n * kh.stride[0] + h * kh.stride[1] + tape->S * kh.stride[2] + c;
-                t->g_bias_k[h * d + c] += g->dk[at];
-                t->g_bias_v[h * d + c] += g->dv[at];
+                t->g_bias_k[h * d + c] += tape->k[at];
+                t->g_bias_v[h * d + c] += tape->v[at];
             }
 }
 
@@ -265,7 +260,8 @@ static void projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t
     mha__weight_grad(ctx, l->kt, N, T, &dpb, &xb, E, in, t->g_w[m]);
     if (!gx) return;
     mha__batched gb = contiguous(gx, stage);
-    mha__layer_project_packed(ctx, l, N, T, &dpb, &t->wt[m], &gb, true);
+    mha__packed w = mha__transposed_view(t->w[m], E, in, l->kt);
+    mha__layer_project_packed(ctx, l, N, T, &dpb, &w, &gb, true);
     scatter(&gb, gx);
 }
 
@@ -282,7 +278,7 @@ mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *l, const mha_layer_fwd_ar
     if ((st = mha__attn_plan_check(&plan)) != MHA_OK) return st;
     int64_t N = tape->N, L = tape->L, S = tape->S, S1 = plan.S, E = l->desc.embed_dim;
     grad_buffers g = {0};
-    if ((st = grad_buffers_get(ctx, l, N, L, S, S1, &g)) != MHA_OK) return st;
+    if ((st = grad_buffers_get(ctx, l, N, L, S, &g)) != MHA_OK) return st;
     tape->layer = NULL; /* consumed: the head outputs are overwritten below */
 
     /* The output projection. */
@@ -290,21 +286,21 @@ mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *l, const mha_layer_fwd_ar
     mha__batched heads = mha__layer_activations(l, tape->heads, L), dout = mha__layer_activations(l, g.dout, L);
     if (t->g_b_out) mha__column_sums(ctx, N, L, &dy, E, t->g_b_out);
     mha__weight_grad(ctx, l->kt, N, L, &dy, &heads, E, E, t->g_w[MAT_OUT]);
-    mha__layer_project_packed(ctx, l, N, L, &dy, &t->wt[MAT_OUT], &dout, false);
+    mha__packed w_out = mha__transposed_view(t->w[MAT_OUT], E, E, l->kt);
+    mha__layer_project_packed(ctx, l, N, L, &dy, &w_out, &dout, false);
 
-    /* Attention: dQ lands over the head outputs, which it no longer needs. */
+    /* Attention: dQ, dK, dV land over O, K, V. */
     mha_tensor qh = mha__layer_heads_view(l, tape->q, N, L), kh = mha__layer_heads_view(l, tape->k, N, S1);
     mha_tensor vh = mha__layer_heads_view(l, tape->v, N, S1), oh = mha__layer_heads_view(l, tape->heads, N, L);
-    mha_tensor doh = mha__layer_heads_view(l, g.dout, N, L), dkh = mha__layer_heads_view(l, g.dk, N, S1);
-    mha_tensor dvh = mha__layer_heads_view(l, g.dv, N, S1);
+    mha_tensor doh = mha__layer_heads_view(l, g.dout, N, L);
     mha__row_norm norm = {NULL, tape->stats.max, tape->stats.sum};
-    if ((st = mha__attn_backward(ctx, &plan, &oh, &dkh, &dvh, &qh, &kh, &vh, &oh, &doh, &norm)) != MHA_OK) return st;
-    appended_key_grads(l, tape, S1, &g);
+    if ((st = mha__attn_backward(ctx, &plan, &oh, &kh, &vh, &qh, &kh, &vh, &oh, &doh, &norm)) != MHA_OK) return st;
+    appended_key_grads(l, tape, S1);
 
     /* The input projections, in the order Q, K, V, so inputs that are one
      * tensor (self-attention) sum their three gradients in that order. */
     projection_grads(ctx, l, MAT_Q, N, L, tape->heads, L, &a->query, grad_query, g.stage);
-    projection_grads(ctx, l, MAT_K, N, S, g.dk, S1, &a->key, grad_key, g.stage);
-    projection_grads(ctx, l, MAT_V, N, S, g.dv, S1, &a->value, grad_value, g.stage);
+    projection_grads(ctx, l, MAT_K, N, S, tape->k, S1, &a->key, grad_key, g.stage);
+    projection_grads(ctx, l, MAT_V, N, S, tape->v, S1, &a->value, grad_value, g.stage);
     return MHA_OK;
 }

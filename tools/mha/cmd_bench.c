@@ -56,6 +56,7 @@ typedef struct bench_case {
     mha_layer_fwd_args args;
     mha_tensor out, q, k, v, dout, dq, dk, dv;
     float *lse;
+    mha_layer_tape *tape;
     mha_attn_desc desc;
     float *buffers[10];
     double flops;
@@ -97,6 +98,22 @@ static int setup_forward(const bench_opts *o, bench_case *c)
     c->args.causal = o->causal ? MHA_CAUSAL_TOP_LEFT : MHA_CAUSAL_NONE;
     c->out = mha_tensor_3d(c->buffers[2], o->batch, o->seq, E);
     c->flops = 2.0 * (double)o->batch * (double)o->seq * (double)E * (4.0 * (double)E) + attention_flops(o);
+    if (strcmp(o->op, "backward") != 0) return CLI_OK;
+    /* Training: forward on a tape, then backward for a dY into dX. */
+    c->buffers[3] = random_buffer(n_x, 1.0f);
+    c->buffers[4] = malloc((size_t)n_x * sizeof(float));
+    if (!c->buffers[3] || !c->buffers[4]) {
+        cli_error(CMD, "out of memory");
+        return CLI_FAIL;
+    }
+    if (mha_layer_train_init(c->layer) != MHA_OK || mha_layer_tape_create(&c->tape) != MHA_OK) {
+        cli_error(CMD, "%s", mha_last_error());
+        return CLI_FAIL;
+    }
+    c->args.tape = c->tape;
+    c->dout = mha_tensor_3d(c->buffers[3], o->batch, o->seq, E);
+    c->dq = mha_tensor_3d(c->buffers[4], o->batch, o->seq, E);
+    c->flops *= 3.5; /* forward + backward, the backward counted as 2.5 forwards (docs/PERFORMANCE.md) */
     return CLI_OK;
 }
 
@@ -147,6 +164,11 @@ static int setup_sdpa(const bench_opts *o, bench_case *c)
 static mha_status run_once(const bench_opts *o, bench_case *c)
 {
     if (strcmp(o->op, "forward") == 0) return mha_layer_forward(c->ctx, c->layer, &c->out, NULL, &c->args);
+    if (strcmp(o->op, "backward") == 0) {
+        mha_layer_zero_grad(c->layer);
+        mha_status st = mha_layer_forward(c->ctx, c->layer, &c->out, NULL, &c->args);
+        return st != MHA_OK ? st : mha_layer_backward(c->ctx, c->layer, &c->args, &c->dout, &c->dq, &c->dq, &c->dq);
+    }
     if (strcmp(o->op, "sdpa-backward") == 0)
         return mha_attention_backward(c->ctx, &c->dq, &c->dk, &c->dv, &c->q, &c->k, &c->v, &c->out, c->lse, &c->dout,
                                       &c->desc);
@@ -200,7 +222,8 @@ static int measure(bench_opts *o)
     mha_dtype dt = strcmp(o->dtype, "bf16") == 0 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
     if (rc == CLI_OK && o->peak_gflops <= 0 && mha_measure_peak(c.ctx, dt, 0.5, &o->peak_gflops) != MHA_OK)
         rc = CLI_FAIL;
-    if (rc == CLI_OK) rc = strcmp(o->op, "forward") == 0 ? setup_forward(o, &c) : setup_sdpa(o, &c);
+    bool layer = strcmp(o->op, "forward") == 0 || strcmp(o->op, "backward") == 0;
+    if (rc == CLI_OK) rc = layer ? setup_forward(o, &c) : setup_sdpa(o, &c);
     double *ms = malloc((size_t)o->repeat * sizeof(double));
     if (rc == CLI_OK && !ms) rc = CLI_FAIL;
     for (int w = 0; rc == CLI_OK && w < 2; w++) /* warm-up: scratch, caches, page faults */
@@ -216,6 +239,7 @@ static int measure(bench_opts *o)
     if (rc == CLI_OK) report(o, &c, ms, (int)o->repeat);
     free(ms);
     for (int i = 0; i < 10; i++) free(c.buffers[i]);
+    mha_layer_tape_free(c.tape);
     mha_layer_free(c.layer);
     mha_ctx_free(c.ctx);
     return rc;
@@ -257,7 +281,8 @@ int mha_cmd_bench(int argc, char **argv)
                     .repeat = 10};
     cli_flag flags[] = {
         {"op", FLAG_STRING, &o.op,
-         "forward (the MHA layer), sdpa (attention core) or sdpa-backward (its gradients); default forward", false},
+         "forward (the MHA layer), backward (its forward + backward, training), sdpa (attention core) or "
+         "sdpa-backward (its gradients); default forward", false},
         {"batch", FLAG_INT, &o.batch, "batch size B (default 1)", false},
         {"seq", FLAG_INT, &o.seq, "query length N (default 512)", false},
         {"kv-seq", FLAG_INT, &o.kv_seq, "key length S for sdpa (default N)", false},
@@ -273,12 +298,15 @@ int mha_cmd_bench(int argc, char **argv)
         {"peak", FLAG_BOOL, &o.peak, "measure the FMA peak on 1 thread and on all", false},
     };
     bool help;
-    int rc = cli_parse(CMD, "[--op forward|sdpa|sdpa-backward] [--batch B] [--seq N] [--embed-dim E] [--num-heads H] [flags] | --peak",
+    int rc = cli_parse(CMD, "[--op forward|backward|sdpa|sdpa-backward] [--batch B] [--seq N] [--embed-dim E] [--num-heads H] [flags] | --peak",
                        argc, argv, flags, (int)(sizeof flags / sizeof flags[0]), &help);
     if (rc != CLI_OK || help) return rc;
     if (o.peak) return measure_peak(&o);
-    if (strcmp(o.op, "forward") != 0 && strcmp(o.op, "sdpa") != 0 && strcmp(o.op, "sdpa-backward") != 0) {
-        cli_error(CMD, "--op %s is not available yet; use forward, sdpa or sdpa-backward", o.op);
+    static const char *const ops[] = {"forward", "backward", "sdpa", "sdpa-backward"};
+    bool known = false;
+    for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) known = known || strcmp(o.op, ops[i]) == 0;
+    if (!known) {
+        cli_error(CMD, "--op %s is not available; use forward, backward, sdpa or sdpa-backward", o.op);
         return CLI_USAGE;
     }
     if (strcmp(o.dtype, "f32") != 0 && !(strcmp(o.dtype, "bf16") == 0 && strcmp(o.op, "forward") == 0)) {
@@ -287,8 +315,9 @@ int mha_cmd_bench(int argc, char **argv)
     }
     if (!o.kv_seq) o.kv_seq = o.seq;
     if (!o.num_kv_heads) o.num_kv_heads = o.num_heads;
-    if (strcmp(o.op, "forward") == 0 && (o.kv_seq != o.seq || o.num_kv_heads != o.num_heads)) {
-        cli_error(CMD, "--op forward is self-attention: --kv-seq and --num-kv-heads apply to sdpa only");
+    bool layer_op = strcmp(o.op, "forward") == 0 || strcmp(o.op, "backward") == 0;
+    if (layer_op && (o.kv_seq != o.seq || o.num_kv_heads != o.num_heads)) {
+        cli_error(CMD, "--op %s is self-attention: --kv-seq and --num-kv-heads apply to sdpa only", o.op);
         return CLI_USAGE;
     }
     int64_t sizes[] = {o.batch, o.seq, o.kv_seq, o.embed_dim, o.num_heads, o.num_kv_heads, o.repeat};
