@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """libmha against PyTorch, side by side, in one run.
 
-    /usr/bin/python3 bench/compare_torch.py [--threads 2] [--repeat 10] [--quick]
+    /usr/bin/python3 bench/compare_torch.py [--threads 2] [--repeat 10] [--quick] [--training]
 
 For each shape of the fast-kernel issue it times PyTorch 1.13 (Debian's
 python3-torch, same thread count) and then `build/mha bench` on the same
@@ -11,11 +11,15 @@ medians, GFLOP/s, percent of the measured peak and the ratio.
   layer  nn.MultiheadAttention(E, h, batch_first=True).eval() under no_grad
          with need_weights=False (PyTorch's fast path); causal rows pass a
          boolean causal attn_mask, as PyTorch needs.
+  train  (--training: only these) forward + backward of the layer: PyTorch
+         in training mode (dropout 0) with the input requiring grad, the
+         gradients dropped before each step, against `mha bench --op
+         backward` (zero_grad, forward on a tape, backward into dX).
   core   PyTorch 1.13's private F._scaled_dot_product_attention on
          [B*h, N, d] (what nn.MultiheadAttention calls; 1.13 has no public
          SDPA) against `mha bench --op sdpa`.
 FLOPs follow docs/PERFORMANCE.md: projections 8*B*N*E^2, attention
-4*B*N*S*E, halved when causal.
+4*B*N*S*E, halved when causal; forward + backward counts 3.5 forwards.
 """
 import argparse
 import json
@@ -35,6 +39,7 @@ LAYER_SHAPES = [  # name, B, N, causal
     ("S1", 8, 128, False), ("S2", 1, 512, False), ("S3", 1, 2048, False), ("S3 causal", 1, 2048, True),
     ("S4", 1, 8192, False), ("S4 causal", 1, 8192, True),
 ]
+TRAIN_SHAPES = [("S1", 8, 128, False), ("S2", 1, 512, False), ("S3", 1, 2048, False), ("S3 causal", 1, 2048, True)]
 CORE_SHAPES = [  # name, N, heads, kv heads, head dim
     ("core N=512", 512, 12, 12, 64), ("core N=2048", 2048, 12, 12, 64), ("core N=8192", 8192, 12, 12, 64),
     ("GQA 32/8 d=128 N=2048", 2048, 32, 8, 128),
@@ -58,6 +63,21 @@ def torch_layer_ms(B, N, E, H, causal, repeat):
     mask = torch.ones(N, N, dtype=torch.bool).triu(1) if causal else None
     with torch.no_grad():
         return median_ms(lambda: m(x, x, x, attn_mask=mask, need_weights=False), repeat)
+
+
+def torch_train_ms(B, N, E, H, causal, repeat):
+    m = torch.nn.MultiheadAttention(E, H, batch_first=True, dropout=0.0).train()
+    x = torch.randn(B, N, E, requires_grad=True)
+    dy = torch.randn(B, N, E)
+    mask = torch.ones(N, N, dtype=torch.bool).triu(1) if causal else None
+
+    def step():
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        out, _ = m(x, x, x, attn_mask=mask, need_weights=False)
+        out.backward(dy)
+
+    return median_ms(step, repeat)
 
 
 def torch_core_ms(N, H, G, d, repeat):
@@ -91,6 +111,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="skip the N=8192 shapes")
+    ap.add_argument("--training", action="store_true", help="only forward + backward of the layer")
     a = ap.parse_args()
     E, H = 768, 12
     peak_out = subprocess.run([MHA, "bench", "--peak", "--json", "--threads", str(a.threads)], check=True,
@@ -107,7 +128,13 @@ def main():
     print(f"PyTorch's BLAS: {blas_in_use()}")
     print(f"{'shape':<24}{'torch ms':>10}{'mha ms':>10}{'speed-up':>10}{'mha GFLOP/s':>13}{'% peak':>8}"
           f"{'mha MB':>8}")
-    for name, B, N, causal in LAYER_SHAPES:
+    for name, B, N, causal in TRAIN_SHAPES if a.training else []:
+        t = torch_train_ms(B, N, E, H, causal, a.repeat)
+        r = mha_bench(["--op", "backward", "--batch", str(B), "--seq", str(N), "--embed-dim", str(E),
+                       "--num-heads", str(H)] + (["--is-causal"] if causal else []), a.threads, a.repeat, peak)
+        print(f"{'train ' + name:<24}{t:>10.2f}{r['median_ms']:>10.2f}{t / r['median_ms']:>9.2f}x"
+              f"{r['gflops']:>13.1f}{r['percent_of_peak']:>8.1f}{r.get('peak_rss_mb', 0):>8.0f}")
+    for name, B, N, causal in [] if a.training else LAYER_SHAPES:
         if a.quick and N > 4096:
             continue
         t = torch_layer_ms(B, N, E, H, causal, a.repeat)
@@ -115,7 +142,7 @@ def main():
                        "--num-heads", str(H)] + (["--is-causal"] if causal else []), a.threads, a.repeat, peak)
         print(f"{'layer ' + name:<24}{t:>10.2f}{r['median_ms']:>10.2f}{t / r['median_ms']:>9.2f}x"
               f"{r['gflops']:>13.1f}{r['percent_of_peak']:>8.1f}{r.get('peak_rss_mb', 0):>8.0f}")
-    for name, N, Hq, G, d in CORE_SHAPES:
+    for name, N, Hq, G, d in [] if a.training else CORE_SHAPES:
         if a.quick and N > 4096:
             continue
         t = torch_core_ms(N, Hq, G, d, a.repeat)

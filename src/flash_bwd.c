@@ -11,24 +11,26 @@
  *   dS_ij   = P_ij (dP_ij - delta_i)  [* (1 - tanh^2) under softcap]
  *   dK_j    = scale sum_i dS_ij q_i
  *   dQ_i    = scale sum_j dS_ij k_j
- * dK/dV sum over queries and dQ over keys.  Summing both in one sweep needs
- * atomics or an L x S buffer, and atomics would make the bits depend on
- * the thread count, so there are two sweeps over the same tiles:
- *   pass 1, one item per (batch, kv head, key block): every query block of
- *     every query head of the group, accumulating dK and dV in a tile per
- *     thread in a fixed order;
- *   pass 2, one item per (batch, head, query block): every key block,
- *     accumulating dQ.
- * Both recompute S and dP (7 block products in all against the forward's
- * 2); every output element has one owner, so the same bits come out for
- * any thread count.
+ * One sweep computes all three: a work item owns a kv head's key blocks
+ * (all of them, or every G-th when there are few kv heads, G fixed by the
+ * shape), accumulates dK and dV of one key block at a time in a tile, and
+ * adds dS K into its own dQ accumulator (the output itself, or one of G
+ * partial sums); a last pass adds the partials in a fixed order and
+ * scales.  FlashAttention-2 adds into dQ with atomics instead, which makes
+ * the bits depend on the thread count; here every sum has a fixed order,
+ * so the same bits come out for any thread count.  5 block products per
+ * tile pair (S, dP, dV, dK, dQ) against the forward's 2.
  *
- * Pass 2 runs first and also sums each row's recomputed probabilities.
- * An lse stored as float32 is off by up to half an ulp of |lse| (4e-6 at
- * lse = 100), which scales the whole row of exp(s - lse) by the same
- * factor; dividing by the row sum cancels it, so large logits cost no
- * accuracy (dQ is divided at the end, pass 1 uses the corrected rows).  Tiles are key-major like the forward's: queries lie
- * in vector lanes, and the score contract (attention.c) is the forward's.
+ * The probabilities come back as exp(s - shift) * mul per row: (max,
+ * 1 / sum) when the forward kept both (the layer), exact to the forward's
+ * bits.  From an lse alone (mha_attention_backward), a float32 lse is off
+ * by up to half an ulp of |lse| (4e-6 at lse = 100), which scales the
+ * whole row by one factor; a first pass sums each row's recomputed
+ * probabilities (scores only: one block product) and divides by the sum,
+ * cancelling it, so large logits cost no accuracy.
+ *
+ * Tiles are key-major like the forward's: queries lie in vector lanes, and
+ * the score contract (attention.c) is the forward's.
  */
 #include "attention.h"
 #include "kernels/kernels.h"
@@ -36,8 +38,9 @@
 #include <math.h>
 #include <string.h>
 
-/* Query rows and keys per tile: multiples of every kernel's mr and nr, small
- * enough that a pass's eight tiles stay in L2 at d = 128. */
+/* Query rows and keys per tile: multiples of every kernel's mr and nr.
+ * 144 and 192 measured the same as 96 at N = 2048 within this machine's
+ * noise; 96 keeps the tiles small and the items many at short N. */
 enum { BQ = 96, BK = 96 };
 
 typedef struct bwd_job {
@@ -46,9 +49,12 @@ typedef struct bwd_job {
     const mha_tensor *q, *k, *v, *dout;
     mha_tensor *dq, *dk, *dv;
     float *shift, *mul, *delta;  /* per row [B, Hq, L]: p = exp(s - shift) * mul */
+    float *partial;              /* unscaled dQ sums, contiguous [B, Hq, L, D] each, one after another */
+    bool first_is_dq;            /* the first sum is kept in dq itself (its rows are contiguous) */
     char *scratch;
     int64_t scratch_stride;
     int64_t q_blocks, k_blocks;  /* k_blocks counts the appended keys' block */
+    int64_t groups;              /* G: key-block groups per kv head */
 } bwd_job;
 
 /* Per-thread tiles. */
@@ -60,20 +66,26 @@ typedef struct bwd_tiles {
     float *st;     /* [BK][BQ]  scores, then probabilities */
     float *dpt;    /* [BK][BQ]  dP, then dS */
     float *slope;  /* [BK][BQ]  softcap's derivative */
-    float *acc_k;  /* [BK][D] dK or [BQ][D] dQ */
-    float *acc_v;  /* [BK][Dv]  dV */
+    float *acc_k;  /* [item's keys][D]   dK of every key block the item owns */
+    float *acc_v;  /* [item's keys][Dv]  dV likewise */
     float *kr;     /* [BK][D]   key rows gathered, when K's rows are strided */
     int64_t lo[BQ], hi[BQ];
-    float row_sum[BQ];
 } bwd_tiles;
 
 static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
+/* Key rows an item may own: every block of a kv head (room for the
+ * appended keys' block included). */
+static int64_t item_keys(const mha__attn_plan *p)
+{
+    return ((p->R + BK - 1) / BK + 1) * BK;
+}
+
 static int64_t bwd_tiles_floats(const mha__attn_plan *p)
 {
     int64_t D = p->D, Dv = p->Dv;
-    return round16(D * BQ) * 2 + round16(Dv * BQ) * 2 + round16(BK * BQ) * 3 + round16(BK * D) +
-           round16(BQ * D) + round16(BK * Dv) + round16(BK * D);
+    return round16(D * BQ) * 2 + round16(Dv * BQ) * 2 + round16(BK * BQ) * 3 + round16(item_keys(p) * D) +
+           round16(item_keys(p) * Dv) + round16(BK * D);
 }
 
 static float *carve(float **cursor, int64_t n)
@@ -95,8 +107,8 @@ static bwd_tiles bwd_tiles_at(const bwd_job *j, int thread)
     t.st = carve(&cur, BK * BQ);
     t.dpt = carve(&cur, BK * BQ);
     t.slope = carve(&cur, BK * BQ);
-    t.acc_k = carve(&cur, (BK > BQ ? BK : BQ) * p->D);
-    t.acc_v = carve(&cur, BK * p->Dv);
+    t.acc_k = carve(&cur, item_keys(p) * p->D);
+    t.acc_v = carve(&cur, item_keys(p) * p->Dv);
     t.kr = carve(&cur, BK * p->D);
     return t;
 }
@@ -231,84 +243,156 @@ static void write_scaled(float *dst, const int64_t stride[4], const float *src, 
         for (int64_t c = 0; c < width; c++) dst[r * stride[2] + c * stride[3]] = src[r * width + c] * scale;
 }
 
-/* Pass 1: dK and dV of one key block. */
-static void key_item(const bwd_job *j, bwd_tiles *t, int64_t item)
+/* Partial dQ sum `g` at (b, h, row i), and the distance between its rows. */
+static float *partial_row(const bwd_job *j, int64_t g, int64_t b, int64_t h, int64_t i, int64_t *ld)
+{
+    const mha__attn_plan *p = j->p;
+    if (g == 0 && j->first_is_dq) {
+        *ld = j->dq->stride[2];
+        return j->dq->data + b * j->dq->stride[0] + h * j->dq->stride[1] + i * j->dq->stride[2];
+    }
+    *ld = p->D;
+    return j->partial + (g - j->first_is_dq) * p->B * p->Hq * p->L * p->D + ((b * p->Hq + h) * p->L + i) * p->D;
+}
+
+/* Key rows of block j0 as the contiguous B operand of dS K. */
+static const float *key_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int64_t j0, int64_t cols,
+                             int64_t *ldk)
+{
+    const mha_tensor *k = j->k;
+    const float *kr = row_of(k, b, g, j0);
+    *ldk = k->stride[2];
+    if (k->stride[3] == 1) return kr;
+    for (int64_t c = 0; c < cols; c++)
+        for (int64_t d = 0; d < j->p->D; d++) t->kr[c * j->p->D + d] = kr[c * k->stride[2] + d * k->stride[3]];
+    *ldk = j->p->D;
+    return t->kr;
+}
+
+/* Item (b, kv head g, group): the key blocks group, group + G, ... of kv
+ * head g, against every query block of every head of the group.  Each
+ * query block is packed once and its dQ rows (partial sum `group`) stay in
+ * cache while the item's key blocks pass; dK and dV accumulate per key
+ * block in the thread's tiles and are written at the end, after the last
+ * read of K and V (dk, dv may alias k, v: no other item reads these rows).
+ * Every sum runs in a fixed order: dK, dV over (head, query block), dQ over
+ * key blocks. */
+static void sweep_item(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int64_t group)
 {
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
-    int64_t kb = item % j->k_blocks, bg = item / j->k_blocks, b = bg / p->Hkv, g = bg % p->Hkv, j0, cols;
-    key_block(j, kb, &j0, &cols);
-    memset(t->acc_k, 0, (size_t)(cols * p->D) * sizeof(float));
-    memset(t->acc_v, 0, (size_t)(cols * p->Dv) * sizeof(float));
+    int64_t mine = (j->k_blocks - group + j->groups - 1) / j->groups;
+    memset(t->acc_k, 0, (size_t)(mine * BK * p->D) * sizeof(float));
+    memset(t->acc_v, 0, (size_t)(mine * BK * p->Dv) * sizeof(float));
     for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
         for (int64_t qb = 0; qb < j->q_blocks; qb++) {
-            int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ;
-            bool plain;
+            int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ, ldq;
+            float *dq_rows = partial_row(j, group, b, h, i0, &ldq);
+            bool packed = false;
             row_ranges(j, t, i0, rows);
-            if (!block_visible(j, t, rows, j0, cols, &plain)) continue;
-            pack_block(j, t, b, h, i0, rows, true);
-            score_gradients(j, t, b, h, i0, rows, j0, cols, plain);
-            product(kt, cols, p->Dv, rows, t->st, BQ, 1, t->dor, p->Dv, t->acc_v, p->Dv, 1);
-            product(kt, cols, p->D, rows, t->dpt, BQ, 1, t->qr, p->D, t->acc_k, p->D, 1);
+            for (int64_t m = 0; m < mine; m++) {
+                int64_t j0, cols, ldk;
+                bool plain;
+                key_block(j, group + m * j->groups, &j0, &cols);
+                if (!block_visible(j, t, rows, j0, cols, &plain)) continue;
+                if (!packed) pack_block(j, t, b, h, i0, rows, true);
+                packed = true;
+                const float *kr = key_rows(j, t, b, g, j0, cols, &ldk);
+                score_gradients(j, t, b, h, i0, rows, j0, cols, plain);
+                product(kt, cols, p->Dv, rows, t->st, BQ, 1, t->dor, p->Dv, t->acc_v + m * BK * p->Dv, p->Dv, 1);
+                product(kt, cols, p->D, rows, t->dpt, BQ, 1, t->qr, p->D, t->acc_k + m * BK * p->D, p->D, 1);
+                product(kt, rows, p->D, cols, t->dpt, 1, BQ, kr, ldk, dq_rows, ldq, 1);
+            }
         }
-    write_scaled(j->dk->data + b * j->dk->stride[0] + g * j->dk->stride[1] + j0 * j->dk->stride[2], j->dk->stride,
-                 t->acc_k, cols, p->D, p->scale);
-    write_scaled(j->dv->data + b * j->dv->stride[0] + g * j->dv->stride[1] + j0 * j->dv->stride[2], j->dv->stride,
-                 t->acc_v, cols, p->Dv, 1.0f);
-}
-
-/* Pass 2: dQ of one query block. */
-static void query_item(const bwd_job *j, bwd_tiles *t, int64_t item)
-{
-    const mha__attn_plan *p = j->p;
-    const mha__kernels *kt = j->kt;
-    const mha_tensor *k = j->k;
-    int64_t qb = item % j->q_blocks, bh = item / j->q_blocks, b = bh / p->Hq, h = bh % p->Hq;
-    int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ;
-    pack_block(j, t, b, h, i0, rows, false);
-    row_ranges(j, t, i0, rows);
-    memset(t->acc_k, 0, (size_t)(rows * p->D) * sizeof(float));
-    memset(t->row_sum, 0, sizeof t->row_sum);
-    for (int64_t kb = 0; kb < j->k_blocks; kb++) {
+    for (int64_t m = 0; m < mine; m++) {
         int64_t j0, cols;
-        bool plain;
-        key_block(j, kb, &j0, &cols);
-        if (!block_visible(j, t, rows, j0, cols, &plain)) continue;
-        score_gradients(j, t, b, h, i0, rows, j0, cols, plain);
-        for (int64_t c = 0; c < cols; c++)
-            for (int64_t r = 0; r < rows; r++) t->row_sum[r] += t->st[c * BQ + r];
-        const float *kr = row_of(k, b, h / p->group, j0);
-        int64_t ldk = k->stride[2];
-        if (k->stride[3] != 1) { /* the B operand needs contiguous rows */
-            for (int64_t c = 0; c < cols; c++)
-                for (int64_t d = 0; d < p->D; d++) t->kr[c * p->D + d] = kr[c * k->stride[2] + d * k->stride[3]];
-            kr = t->kr;
-            ldk = p->D;
+        key_block(j, group + m * j->groups, &j0, &cols);
+        write_scaled(j->dk->data + b * j->dk->stride[0] + g * j->dk->stride[1] + j0 * j->dk->stride[2], j->dk->stride,
+                     t->acc_k + m * BK * p->D, cols, p->D, p->scale);
+        write_scaled(j->dv->data + b * j->dv->stride[0] + g * j->dv->stride[1] + j0 * j->dv->stride[2], j->dv->stride,
+                     t->acc_v + m * BK * p->Dv, cols, p->Dv, 1.0f);
+    }
+}
+
+static void sweep_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    const bwd_job *j = arg;
+    bwd_tiles t = bwd_tiles_at(j, thread);
+    for (int64_t item = begin; item < end; item++) {
+        int64_t group = item % j->groups, bg = item / j->groups;
+        sweep_item(j, &t, bg / j->p->Hkv, bg % j->p->Hkv, group);
+    }
+}
+
+/* From an lse alone: each row's recomputed probabilities summed over every
+ * key, and the row's mul divided by that sum (item: batch, head, query
+ * block). */
+static void renormalise_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    const bwd_job *j = arg;
+    const mha__attn_plan *p = j->p;
+    bwd_tiles t = bwd_tiles_at(j, thread);
+    for (int64_t item = begin; item < end; item++) {
+        int64_t qb = item % j->q_blocks, bh = item / j->q_blocks, b = bh / p->Hq, h = bh % p->Hq;
+        int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ, row0 = (b * p->Hq + h) * p->L + i0;
+        float sum[BQ] = {0}, zero[BQ] = {0}, one = 1.0f;
+        pack_block(j, &t, b, h, i0, rows, false);
+        row_ranges(j, &t, i0, rows);
+        /* softmax_grad's dS output, p (0 - 0), keeps this tile at 0. */
+        memset(t.dpt, 0, (size_t)(BK * BQ) * sizeof(float));
+        for (int64_t kb = 0; kb < j->k_blocks; kb++) {
+            int64_t j0, cols;
+            bool plain;
+            key_block(j, kb, &j0, &cols);
+            if (!block_visible(j, &t, rows, j0, cols, &plain)) continue;
+            const float *kb_rows = row_of(j->k, b, h / p->group, j0);
+            product(j->kt, cols, rows, p->D, kb_rows, j->k->stride[2], j->k->stride[3], t.qt, BQ, t.st, BQ, 0);
+            if (!plain) mha__score_contract(p, t.st, BQ, b, h, i0, rows, j0, cols, t.lo, t.hi, NULL);
+            j->kt->softmax_grad(t.st, t.dpt, BQ, rows, cols, j->shift + row0, j->mul + row0, zero);
+            product(j->kt, 1, rows, cols, &one, 0, 0, t.st, BQ, sum, BQ, 1); /* sum[r] += ones . P^T column r */
         }
-        product(kt, rows, p->D, cols, t->dpt, 1, BQ, kr, ldk, t->acc_k, p->D, 1);
-    }
-    float *dq = j->dq->data + b * j->dq->stride[0] + h * j->dq->stride[1] + i0 * j->dq->stride[2];
-    int64_t row0 = (b * p->Hq + h) * p->L + i0;
-    for (int64_t r = 0; r < rows; r++) { /* a row that saw nothing has dS = 0 and sum 0 */
-        float sum = t->row_sum[r];
-        j->mul[row0 + r] = sum > 0 ? j->mul[row0 + r] / sum : 0.0f;
-        write_scaled(dq + r * j->dq->stride[2], j->dq->stride, t->acc_k + r * p->D, 1, p->D,
-                     sum > 0 ? p->scale / sum : 0.0f);
+        for (int64_t r = 0; r < rows; r++) j->mul[row0 + r] = sum[r] > 0 ? j->mul[row0 + r] / sum[r] : 0.0f;
     }
 }
 
-static void key_range(void *arg, int thread, int64_t begin, int64_t end)
+/* dq = scale * (partial 0 + partial 1 + ...), in that order, per row. */
+static void finish_range(void *arg, int thread, int64_t begin, int64_t end)
 {
+    (void)thread;
     const bwd_job *j = arg;
-    bwd_tiles t = bwd_tiles_at(j, thread);
-    for (int64_t item = begin; item < end; item++) key_item(j, &t, item);
+    const mha__attn_plan *p = j->p;
+    for (int64_t row = begin; row < end; row++) {
+        int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
+        float *dst = j->dq->data + b * j->dq->stride[0] + h * j->dq->stride[1] + i * j->dq->stride[2];
+        int64_t ld;
+        for (int64_t c = 0; c < p->D; c++) {
+            float sum = partial_row(j, 0, b, h, i, &ld)[c];
+            for (int64_t g = 1; g < j->groups; g++) sum += partial_row(j, g, b, h, i, &ld)[c];
+            dst[c * j->dq->stride[3]] = sum * p->scale;
+        }
+    }
 }
 
-static void query_range(void *arg, int thread, int64_t begin, int64_t end)
+static void zero_range(void *arg, int thread, int64_t begin, int64_t end)
 {
+    (void)thread;
     const bwd_job *j = arg;
-    bwd_tiles t = bwd_tiles_at(j, thread);
-    for (int64_t item = begin; item < end; item++) query_item(j, &t, item);
+    const mha__attn_plan *p = j->p;
+    for (int64_t row = begin; row < end; row++) {
+        int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
+        int64_t ld;
+        for (int64_t g = 0; g < j->groups; g++) memset(partial_row(j, g, b, h, i, &ld), 0, (size_t)p->D * sizeof(float));
+    }
+}
+
+/* G: enough items for 8 threads when there are few (batch, kv head) pairs,
+ * at most 4 and never more than the key blocks; a function of the shape
+ * only, so the bits do not depend on the thread count. */
+static int64_t key_groups(const mha__attn_plan *p, int64_t k_blocks)
+{
+    int64_t pairs = p->B * p->Hkv, g = pairs >= 8 ? 1 : (8 + pairs - 1) / pairs;
+    g = g > 4 ? 4 : g;
+    return g > k_blocks ? (k_blocks > 0 ? k_blocks : 1) : g;
 }
 
 mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *dq, mha_tensor *dk,
@@ -320,19 +404,27 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
         .p = p, .kt = mha__kernels_get(), .q = q, .k = k, .v = v, .dout = dout, .dq = dq, .dk = dk, .dv = dv,
         .q_blocks = (p->L + BQ - 1) / BQ, .k_blocks = (p->R + BK - 1) / BK + (p->S > p->R),
     };
-    int64_t bytes;
-    if (!mha__mul(n_rows ? n_rows : 1, 3 * (int64_t)sizeof(float), &bytes))
-        return mha__fail(MHA_ERR_NOMEM, "the backward pass's %lld row statistics overflow", (long long)n_rows);
+    j.groups = key_groups(p, j.k_blocks);
+    /* dQ accumulates in dq itself when its rows are contiguous, else (and
+     * for groups past the first) in scratch laid out [B, Hq, L, D]. */
+    j.first_is_dq = dq->stride[3] == 1;
+    int64_t n_q, floats, bytes;
+    if (!mha__mul(n_rows, p->D, &n_q) || !mha__mul(n_q, j.groups - j.first_is_dq, &floats) ||
+        !mha__add(floats, 3 * n_rows + 1, &floats) || !mha__mul(floats, (int64_t)sizeof(float), &bytes))
+        return mha__fail(MHA_ERR_NOMEM, "the backward pass's %lld rows overflow", (long long)n_rows);
     float *rows = mha__ctx_scratch(ctx, MHA_SCRATCH_ROWS, bytes);
     if (!rows) return MHA_ERR_NOMEM;
     j.shift = rows;
     j.mul = rows + n_rows;
     j.delta = rows + 2 * n_rows;
+    j.partial = rows + 3 * n_rows;
     j.scratch = mha__thread_scratch(ctx, bwd_tiles_floats(p), &j.scratch_stride);
     if (!j.scratch) return MHA_ERR_NOMEM;
     rows_job rj = {&j, out, norm};
-    mha__parallel_for(ctx, n_rows, rows_range, &rj);
-    mha__parallel_for(ctx, p->B * p->Hq * j.q_blocks, query_range, &j);
-    mha__parallel_for(ctx, p->B * p->Hkv * j.k_blocks, key_range, &j);
+    mha__parallel_for(ctx, n_rows, rows_range, &rj); /* reads out, which dq may overwrite from here on */
+    if (norm->lse) mha__parallel_for(ctx, p->B * p->Hq * j.q_blocks, renormalise_range, &j);
+    mha__parallel_for(ctx, n_rows, zero_range, &j);
+    mha__parallel_for(ctx, p->B * p->Hkv * j.groups, sweep_range, &j);
+    mha__parallel_for(ctx, n_rows, finish_range, &j);
     return MHA_OK;
 }

@@ -162,6 +162,10 @@ static void check_sdpa_backward(const sdpa_case *c, const sdpa_data *x, const mh
             for (int64_t i = 0; i < n[g]; i++) grads[t][g][i] = NAN; /* every element must be written */
             views[t][g] = view(grads[t][g], c, heads[g], len[g], width[g]);
         }
+    if (c->strided) /* dq with strided columns too ([B, H, D, L] in memory): the kernel cannot accumulate in place */
+        for (int t = 0; t < 2; t++)
+            views[t][0] = (mha_tensor){grads[t][0], {c->B, c->Hq, c->L, c->D},
+                                       {c->Hq * c->D * c->L, c->D * c->L, 1, c->L}};
     CHECK_OK(mha_attention_backward(ctx1, &views[0][0], &views[0][1], &views[0][2], &q, &k, &v, out, lse, &dov, &x->desc));
     CHECK_OK(mha_attention_backward(ctx3, &views[1][0], &views[1][1], &views[1][2], &q, &k, &v, out, lse, &dov, &x->desc));
     for (int g = 0; g < 3; g++)
