@@ -287,15 +287,36 @@ mha_status mha_st_writer_save(const mha_st_writer *writer, const char *path);
 /* The multi-head attention layer (torch.nn.MultiheadAttention)        */
 /* ------------------------------------------------------------------ */
 
+/* Rotary position embeddings on Q and K (after their projections and
+ * biases): pairs of dimensions are rotated by pos * theta^(-2i / dim).
+ *   HALF        pairs (i, i + dim/2): Llama, GPT-NeoX ("rotate_half")
+ *   INTERLEAVED pairs (2i, 2i + 1): GPT-J */
+typedef enum mha_rope_kind { MHA_ROPE_NONE = 0, MHA_ROPE_HALF, MHA_ROPE_INTERLEAVED } mha_rope_kind;
+
+typedef struct mha_rope {
+    mha_rope_kind kind;   /* default MHA_ROPE_NONE */
+    double        theta;  /* base; 0 (default) = 10000 */
+    int64_t       dim;    /* rotated dimensions per head, even; 0 = head_dim */
+} mha_rope;
+
 typedef struct mha_layer_desc {
     int64_t embed_dim;     /* E; required */
-    int64_t num_heads;     /* h; E % h == 0 */
+    int64_t num_heads;     /* h query heads */
     int64_t kdim;          /* key features; 0 (default) = E */
     int64_t vdim;          /* value features; 0 (default) = E */
-    int     bias;          /* in_proj_bias and out_proj.bias; default 1 */
+    int     bias;          /* biases of the Q, K, V projections; default 1 */
     int     add_bias_kv;   /* bias_k and bias_v rows; default 0 */
     int     add_zero_attn; /* a zero key/value row; default 0 */
     mha_dtype dtype;       /* MHA_DTYPE_F32 (default) or MHA_DTYPE_BF16 */
+    /* Beyond nn.MultiheadAttention (Llama, GPT-2, Mistral, Gemma blocks): */
+    int64_t num_kv_heads;  /* g key/value heads, h % g == 0 (GQA; MQA: 1); 0 (default) = h */
+    int64_t head_dim;      /* 0 (default) = E / h, which must then divide */
+    int     out_bias;      /* bias of the output projection; -1 (default) = as bias */
+    mha_rope rope;         /* default none */
+    int64_t window_left;   /* sliding window as in mha_attn_desc; default -1 */
+    int64_t window_right;  /* default -1 */
+    float   softcap;       /* default 0 = off */
+    const float *alibi_slopes;  /* [h] or NULL (default); copied */
 } mha_layer_desc;
 
 void mha_layer_desc_init(mha_layer_desc *desc);
@@ -348,6 +369,8 @@ typedef struct mha_layer_fwd_args {
     int        average_attn_weights;  /* default 1 */
     mha_layer_tape *tape;         /* NULL (default), or where to record what
                                      mha_layer_backward needs (training) */
+    int64_t    position;          /* rope: position of query row 0 and key
+                                     row 0; default 0 */
 } mha_layer_fwd_args;
 
 void mha_layer_fwd_args_init(mha_layer_fwd_args *args);

@@ -11,7 +11,8 @@
 
 enum { LAYER_MAGIC = 0x6d68616c }; /* "mhal": catches use of a freed or foreign pointer */
 
-/* The four matrices: W_q [E, E], W_k [E, kdim], W_v [E, vdim], W_o [E, E]. */
+/* The four matrices: W_q [h d, E], W_k [g d, kdim], W_v [g d, vdim],
+ * W_o [E, h d] (nn.MultiheadAttention: h d = g d = E). */
 typedef enum matrix { MAT_Q, MAT_K, MAT_V, MAT_OUT, MAT_COUNT } matrix;
 
 /* What training adds to a layer (mha_layer_train_init): the plain weights
@@ -33,13 +34,15 @@ struct mha_layer {
     uint32_t       magic;
     mha_layer_desc desc;
     int64_t        head_dim;
+    int64_t        qdim, kvdim;  /* h x head_dim, g x head_dim */
     const mha__kernels *kt;   /* the kernels the packs were made for */
     bool           bf16;      /* desc.dtype == MHA_DTYPE_BF16 */
     mha__packed    w[MAT_COUNT];        /* float32 packs (unused in bf16) */
     mha__packed_bf16 w16[MAT_COUNT];    /* bf16 packs (unused in float32) */
-    float         *b_in;      /* [3E] or NULL */
+    float         *b_in;      /* [qdim | kvdim | kvdim]: Q, K, V biases, or NULL */
     float         *b_out;     /* [E] or NULL */
     float         *bias_k, *bias_v;  /* [E] or NULL */
+    float         *alibi;     /* [h] or NULL: the desc's slopes, copied */
     mha__layer_train *train;  /* NULL until mha_layer_train_init */
 };
 
@@ -48,6 +51,7 @@ struct mha_layer_tape {
     uint32_t magic;
     const mha_layer *layer;   /* who recorded; NULL = nothing recorded */
     int64_t N, L, S;          /* the recorded call's sizes */
+    int64_t position;         /* and its rope position */
     float  *q, *k, *v, *heads;  /* activations (mha__layer_activations layout), S' key rows */
     mha__row_stats stats;     /* [N, h, L] */
     float  *base;             /* one allocation behind all of the above */
@@ -68,8 +72,14 @@ mha__batched mha__layer_from_view(const mha_tensor *t);
 /* Where the layer keeps activations of T rows per batch from base: head-
  * major [N][H][T][d] when d is a multiple of the kernels' nr, else
  * row-major [N][T][E]; and the same as the [N, H, T, d] attention view. */
-mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t T);
-mha_tensor   mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int64_t T);
+mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t T, int64_t heads);
+mha_tensor   mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t heads);
+
+/* Rotates x [N, heads, T, d] in place by the layer's rotary embedding, row
+ * t of every batch at position `position + t` (by minus the angle when
+ * `inverse`: the backward pass).  Nothing without rope.  INVALID_ARG
+ * (position out of range), NOMEM. */
+mha_status mha__rope_apply(mha_ctx *ctx, const mha_layer *l, const mha_tensor *x, int64_t position, bool inverse);
 
 /* y = x W^T, or y += x W^T when `add`, over N batches of T rows, with W
  * packed as w (float32 layers). */
@@ -80,7 +90,10 @@ void mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N, int6
  * plain copy.  NOMEM. */
 mha_status mha__layer_pack(mha_layer *l, matrix which, const float *w);
 
-/* Rows of matrix `which`'s input: E, kdim or vdim. */
+/* Matrix `which` is [out, in]: Q [qdim, E], K [kvdim, kdim], V [kvdim, vdim],
+ * O [E, qdim]; its bias starts at b_in + bias_offset (Q, K, V). */
 int64_t mha__layer_in_features(const mha_layer *l, matrix which);
+int64_t mha__layer_out_features(const mha_layer *l, matrix which);
+int64_t mha__layer_bias_offset(const mha_layer *l, matrix which);
 
 #endif /* MHA_LAYER_H */

@@ -43,6 +43,11 @@ static void train_free(mha__layer_train *t)
 
 /* Lays out plain and grads: W_q, W_k, W_v, W_o, then (grads only) the
  * biases in_proj_bias, out_proj.bias, bias_k, bias_v. */
+static int64_t matrix_size(const mha_layer *l, matrix m)
+{
+    return mha__layer_out_features(l, m) * mha__layer_in_features(l, m);
+}
+
 static void train_layout(const mha_layer *l, mha__layer_train *t)
 {
     const mha_layer_desc *d = &l->desc;
@@ -50,11 +55,12 @@ static void train_layout(const mha_layer *l, mha__layer_train *t)
     for (int m = 0; m < MAT_COUNT; m++) {
         t->w[m] = t->plain + at;
         t->g_w[m] = t->grads + at;
-        at += E * mha__layer_in_features(l, (matrix)m);
+        at += matrix_size(l, (matrix)m);
     }
     t->g_b_in = d->bias ? t->grads + at : NULL;
-    t->g_b_out = d->bias ? t->grads + at + 3 * E : NULL;
-    at += d->bias ? 4 * E : 0;
+    at += d->bias ? l->qdim + 2 * l->kvdim : 0;
+    t->g_b_out = d->out_bias ? t->grads + at : NULL;
+    at += d->out_bias ? E : 0;
     t->g_bias_k = d->add_bias_kv ? t->grads + at : NULL;
     t->g_bias_v = d->add_bias_kv ? t->grads + at + E : NULL;
 }
@@ -66,10 +72,11 @@ mha_status mha_layer_train_init(mha_layer *l)
     if (l->bf16) return mha__fail(MHA_ERR_UNSUPPORTED, "mha_layer_train_init: training computes in F32; this layer's dtype is BF16");
     if (l->train) return MHA_OK;
     const mha_layer_desc *d = &l->desc;
-    int64_t E = d->embed_dim, n_plain = E * (2 * E + d->kdim + d->vdim); /* checked when the layer was made */
+    int64_t E = d->embed_dim, n_plain = 0; /* sizes checked when the layer was made */
+    for (int m = 0; m < MAT_COUNT; m++) n_plain += matrix_size(l, (matrix)m);
     mha__layer_train *t = mha__calloc(1, sizeof *t);
     if (!t) return MHA_ERR_NOMEM;
-    t->n_grads = n_plain + (d->bias ? 4 * E : 0) + (d->add_bias_kv ? 2 * E : 0);
+    t->n_grads = n_plain + (d->bias ? l->qdim + 2 * l->kvdim : 0) + (d->out_bias ? E : 0) + (d->add_bias_kv ? 2 * E : 0);
     t->plain = mha__alloc(n_plain, sizeof(float));
     t->grads = mha__calloc((size_t)t->n_grads, sizeof(float));
     if (!t->plain || !t->grads) {
@@ -97,22 +104,32 @@ int64_t mha_layer_params(mha_layer *l, mha_param *params, int64_t capacity)
     }
     const mha_layer_desc *d = &l->desc;
     mha__layer_train *t = l->train;
-    int64_t E = d->embed_dim, n = 0;
+    int64_t E = d->embed_dim, qd = l->qdim, kvd = l->kvdim, n = 0;
     mha_param all[8];
-    if (d->kdim == E && d->vdim == E) {
+    /* nn.MultiheadAttention's names where the layer is one, else Llama's. */
+    bool torch = d->num_kv_heads == d->num_heads && qd == E;
+    if (torch && d->kdim == E && d->vdim == E) {
         all[n++] = param("in_proj_weight", t->w[MAT_Q], t->g_w[MAT_Q], 2, 3 * E, E, 0);
     } else {
-        all[n++] = param("q_proj_weight", t->w[MAT_Q], t->g_w[MAT_Q], 2, E, E, 0);
-        all[n++] = param("k_proj_weight", t->w[MAT_K], t->g_w[MAT_K], 2, E, d->kdim, 0);
-        all[n++] = param("v_proj_weight", t->w[MAT_V], t->g_w[MAT_V], 2, E, d->vdim, 0);
+        all[n++] = param(torch ? "q_proj_weight" : "q_proj.weight", t->w[MAT_Q], t->g_w[MAT_Q], 2, qd, E, 0);
+        all[n++] = param(torch ? "k_proj_weight" : "k_proj.weight", t->w[MAT_K], t->g_w[MAT_K], 2, kvd, d->kdim, 0);
+        all[n++] = param(torch ? "v_proj_weight" : "v_proj.weight", t->w[MAT_V], t->g_w[MAT_V], 2, kvd, d->vdim, 0);
     }
-    if (d->bias) all[n++] = param("in_proj_bias", l->b_in, t->g_b_in, 1, 3 * E, 0, 0);
+    if (d->bias && torch) {
+        all[n++] = param("in_proj_bias", l->b_in, t->g_b_in, 1, 3 * E, 0, 0);
+    } else if (d->bias) {
+        static const char *const names[3] = {"q_proj.bias", "k_proj.bias", "v_proj.bias"};
+        for (int m = MAT_Q; m <= MAT_V; m++) {
+            int64_t at = mha__layer_bias_offset(l, (matrix)m);
+            all[n++] = param(names[m], l->b_in + at, t->g_b_in + at, 1, mha__layer_out_features(l, (matrix)m), 0, 0);
+        }
+    }
     if (d->add_bias_kv) {
         all[n++] = param("bias_k", l->bias_k, t->g_bias_k, 3, 1, 1, E);
         all[n++] = param("bias_v", l->bias_v, t->g_bias_v, 3, 1, 1, E);
     }
-    all[n++] = param("out_proj.weight", t->w[MAT_OUT], t->g_w[MAT_OUT], 2, E, E, 0);
-    if (d->bias) all[n++] = param("out_proj.bias", l->b_out, t->g_b_out, 1, E, 0, 0);
+    all[n++] = param(torch ? "out_proj.weight" : "o_proj.weight", t->w[MAT_OUT], t->g_w[MAT_OUT], 2, E, qd, 0);
+    if (d->out_bias) all[n++] = param(torch ? "out_proj.bias" : "o_proj.bias", l->b_out, t->g_b_out, 1, E, 0, 0);
     for (int64_t i = 0; i < n && i < capacity; i++) params[i] = all[i];
     return n;
 }
@@ -219,7 +236,7 @@ static mha_status grad_buffers_get(mha_ctx *ctx, const mha_layer *l, int64_t N, 
     const mha_layer_desc *d = &l->desc;
     int64_t E = d->embed_dim, nq, stage, widest = E > d->kdim ? E : d->kdim, total;
     widest = widest > d->vdim ? widest : d->vdim;
-    if (!mha__mul(N * L, E, &nq) || !mha__mul(N * (L > S ? L : S), widest, &stage) || !mha__add(nq, stage, &total) ||
+    if (!mha__mul(N * L, l->qdim, &nq) || !mha__mul(N * (L > S ? L : S), widest, &stage) || !mha__add(nq, stage, &total) ||
         total > INT64_MAX / 8)
         return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace for %lld x %lld queries overflows", (long long)N,
                          (long long)L);
@@ -235,7 +252,7 @@ static void appended_key_grads(const mha_layer *l, const mha_layer_tape *tape, i
 {
     mha__layer_train *t = l->train;
     if (!t->g_bias_k) return;
-    mha_tensor kh = mha__layer_heads_view(l, tape->k, tape->N, S1); /* V has the same layout */
+    mha_tensor kh = mha__layer_heads_view(l, tape->k, tape->N, S1, l->desc.num_heads); /* V has the same layout */
     int64_t d = l->head_dim;
     for (int64_t n = 0; n < tape->N; n++)
         for (int64_t h = 0; h < l->desc.num_heads; h++)
@@ -253,14 +270,14 @@ static void projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t
                              const mha_tensor *x, mha_tensor *gx, float *stage)
 {
     mha__layer_train *t = l->train;
-    int64_t E = l->desc.embed_dim, in = mha__layer_in_features(l, m);
-    mha__batched dpb = mha__layer_activations(l, dp, T1);
-    if (t->g_b_in) mha__column_sums(ctx, N, T, &dpb, E, t->g_b_in + m * E);
+    int64_t out = mha__layer_out_features(l, m), in = mha__layer_in_features(l, m);
+    mha__batched dpb = mha__layer_activations(l, dp, T1, m == MAT_Q ? l->desc.num_heads : l->desc.num_kv_heads);
+    if (t->g_b_in) mha__column_sums(ctx, N, T, &dpb, out, t->g_b_in + mha__layer_bias_offset(l, m));
     mha__batched xb = contiguous(x, stage);
-    mha__weight_grad(ctx, l->kt, N, T, &dpb, &xb, E, in, t->g_w[m]);
+    mha__weight_grad(ctx, l->kt, N, T, &dpb, &xb, out, in, t->g_w[m]);
     if (!gx) return;
     mha__batched gb = contiguous(gx, stage);
-    mha__packed w = mha__transposed_view(t->w[m], E, in, l->kt);
+    mha__packed w = mha__transposed_view(t->w[m], out, in, l->kt);
     mha__layer_project_packed(ctx, l, N, T, &dpb, &w, &gb, true);
     scatter(&gb, gx);
 }
@@ -277,24 +294,29 @@ mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *l, const mha_layer_fwd_ar
     mha__attn_plan plan = mha__layer_plan(l, a);
     if ((st = mha__attn_plan_check(&plan)) != MHA_OK) return st;
     int64_t N = tape->N, L = tape->L, S = tape->S, S1 = plan.S, E = l->desc.embed_dim;
+    int64_t H = l->desc.num_heads, G = l->desc.num_kv_heads;
     grad_buffers g = {0};
     if ((st = grad_buffers_get(ctx, l, N, L, S, &g)) != MHA_OK) return st;
     tape->layer = NULL; /* consumed: the head outputs are overwritten below */
 
     /* The output projection. */
     mha__batched dy = contiguous(grad_attn_output, g.stage);
-    mha__batched heads = mha__layer_activations(l, tape->heads, L), dout = mha__layer_activations(l, g.dout, L);
+    mha__batched heads = mha__layer_activations(l, tape->heads, L, H), dout = mha__layer_activations(l, g.dout, L, H);
     if (t->g_b_out) mha__column_sums(ctx, N, L, &dy, E, t->g_b_out);
-    mha__weight_grad(ctx, l->kt, N, L, &dy, &heads, E, E, t->g_w[MAT_OUT]);
-    mha__packed w_out = mha__transposed_view(t->w[MAT_OUT], E, E, l->kt);
+    mha__weight_grad(ctx, l->kt, N, L, &dy, &heads, E, l->qdim, t->g_w[MAT_OUT]);
+    mha__packed w_out = mha__transposed_view(t->w[MAT_OUT], E, l->qdim, l->kt);
     mha__layer_project_packed(ctx, l, N, L, &dy, &w_out, &dout, false);
 
     /* Attention: dQ, dK, dV land over O, K, V. */
-    mha_tensor qh = mha__layer_heads_view(l, tape->q, N, L), kh = mha__layer_heads_view(l, tape->k, N, S1);
-    mha_tensor vh = mha__layer_heads_view(l, tape->v, N, S1), oh = mha__layer_heads_view(l, tape->heads, N, L);
-    mha_tensor doh = mha__layer_heads_view(l, g.dout, N, L);
+    mha_tensor qh = mha__layer_heads_view(l, tape->q, N, L, H), kh = mha__layer_heads_view(l, tape->k, N, S1, G);
+    mha_tensor vh = mha__layer_heads_view(l, tape->v, N, S1, G), oh = mha__layer_heads_view(l, tape->heads, N, L, H);
+    mha_tensor doh = mha__layer_heads_view(l, g.dout, N, L, H);
     mha__row_norm norm = {NULL, tape->stats.max, tape->stats.sum};
     if ((st = mha__attn_backward(ctx, &plan, &oh, &kh, &vh, &qh, &kh, &vh, &oh, &doh, &norm)) != MHA_OK) return st;
+    /* Back through the rotation: the gradients of the unrotated Q and K. */
+    if ((st = mha__rope_apply(ctx, l, &oh, tape->position, true)) != MHA_OK ||
+        (st = mha__rope_apply(ctx, l, &kh, tape->position, true)) != MHA_OK)
+        return st;
     appended_key_grads(l, tape, S1);
 
     /* The input projections, in the order Q, K, V, so inputs that are one

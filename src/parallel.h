@@ -18,7 +18,8 @@ typedef enum mha__scratch_slot {
     MHA_SCRATCH_LAYER,        /* projections of the layer */
     MHA_SCRATCH_BF16,         /* a GEMM's input rounded to bfloat16 */
     MHA_SCRATCH_ROWS,         /* per-row statistics of the backward pass */
-    MHA_SCRATCH_GRAD,         /* the layer backward's dO, dK, dV */
+    MHA_SCRATCH_GRAD,         /* the layer backward's dO and staging */
+    MHA_SCRATCH_ROPE,         /* the rotary table of one call */
     MHA_SCRATCH_COUNT
 } mha__scratch_slot;
 
