@@ -81,6 +81,7 @@ static float round_bf16(float x) { return mha__bf16_to_f32(mha__f32_to_bf16(x));
 
 int64_t mha_ref_layer_grads_size(const mha_ref_layer *a)
 {
-    int64_t E = a->E;
-    return a->N * (a->L * E + a->S * (a->kdim + a->vdim)) + E * (2 * E + a->kdim + a->vdim) + 6 * E;
+    int64_t E = a->E, d = a->hd ? a->hd : E / a->H, qd = a->H * d, kvd = (a->G ? a->G : a->H) * d;
+    return a->N * (a->L * E + a->S * (a->kdim + a->vdim)) + qd * E + kvd * (a->kdim + a->vdim) + E * qd +
+           (qd + 2 * kvd) + 3 * E;
 }

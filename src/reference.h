@@ -49,6 +49,17 @@ typedef struct mha_ref_layer {
     int add_zero_attn, causal;
     const double *w_q, *w_k, *w_v, *b_in, *w_out, *b_out, *bias_k, *bias_v;
     const double *add;
+    /* Beyond nn.MultiheadAttention (0 / NULL: as nn.MultiheadAttention):
+     * G kv heads, head width hd (w_q [H hd, E], w_k/w_v [G hd, in],
+     * w_out [E, H hd], b_in [H hd + 2 G hd]), rotary embedding from
+     * `position`, and the SDPA options. */
+    int64_t G, hd;
+    int rope_kind;             /* mha_rope_kind */
+    double rope_theta;
+    int64_t rope_dim, position;
+    int64_t window_left, window_right;  /* set both to -1 when unused */
+    double softcap;
+    const double *alibi;
 } mha_ref_layer;
 
 void mha_ref_layer_f64(const mha_ref_layer *a, const double *query, const double *key, const double *value,
@@ -62,9 +73,9 @@ void mha_ref_layer_f32(const mha_ref_layer *a, const float *query, const float *
                        float *out, float *probs);
 
 /* Gradients of the layer for dout [N, L, E], all in one array, in order:
- * query [N,L,E], key [N,S,kdim], value [N,S,vdim], w_q [E,E], w_k [E,kdim],
- * w_v [E,vdim], w_out [E,E], b_in [3E], b_out [E], bias_k [E], bias_v [E]
- * (zero where the layer has no such parameter). */
+ * query [N,L,E], key [N,S,kdim], value [N,S,vdim], w_q, w_k, w_v, w_out,
+ * b_in, b_out [E], bias_k [E], bias_v [E] (shapes as in mha_ref_layer;
+ * zero where the layer has no such parameter). */
 int64_t mha_ref_layer_grads_size(const mha_ref_layer *a);
 void mha_ref_layer_backward_f64(const mha_ref_layer *a, const double *query, const double *key, const double *value,
                                 const double *dout, double *grads);

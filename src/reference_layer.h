@@ -47,51 +47,80 @@ static REAL *SUFFIX(rounded)(const REAL *src, int64_t n)
 
 /* Everything the forward computes before and during attention. */
 typedef struct SUFFIX(layer_state) {
-    int64_t N, L, S, S1, E, H, d;
+    int64_t N, L, S, S1, E, H, G, d, qd, kvd;
     REAL *query, *key, *value;            /* inputs as the model stores them */
     REAL *w_q, *w_k, *w_v, *w_out, *b_in, *b_out;
-    REAL *q, *k, *v;                      /* projections, [N, T, E], S1 key rows */
-    REAL *qh, *kh, *vh, *oh, *cat;        /* per head [N, h, T, d]; heads concatenated */
+    REAL *q, *k, *v;                      /* projections, [N, T, h d] / [N, T, g d], S1 key rows */
+    REAL *qh, *kh, *vh, *oh, *cat;        /* per head [N, heads, T, d]; heads concatenated */
     double *add;
     mha_ref_sdpa sd;
 } SUFFIX(layer_state);
 
+/* Rotary embedding of x [N, heads, T, d] in place, row t at position
+ * pos0 + t; by minus the angle when `inverse`. */
+static void SUFFIX(rope)(const mha_ref_layer *a, REAL *x, int64_t N, int64_t heads, int64_t T, int64_t d, bool inverse)
+{
+    if (!a->rope_kind) return;
+    int64_t half = a->rope_dim / 2;
+    for (int64_t r = 0; r < N * heads * T; r++) {
+        REAL *row = x + r * d;
+        for (int64_t i = 0; i < half; i++) {
+            double angle = (double)(a->position + r % T) * pow(a->rope_theta, -2.0 * (double)i / (double)a->rope_dim);
+            REAL c = (REAL)cos(angle), sn = (REAL)(inverse ? -sin(angle) : sin(angle));
+            int64_t i0 = a->rope_kind == MHA_ROPE_INTERLEAVED ? 2 * i : i;
+            int64_t i1 = a->rope_kind == MHA_ROPE_INTERLEAVED ? 2 * i + 1 : i + half;
+            REAL u = row[i0], w = row[i1];
+            row[i0] = u * c - w * sn;
+            row[i1] = w * c + u * sn;
+        }
+    }
+}
+
+/* [N, T, heads d] -> [N, heads, T, d] (ROUNDed), or back when `merge`. */
+static void SUFFIX(split_heads)(REAL *flat, REAL *heads, int64_t N, int64_t T, int64_t H, int64_t d, bool merge)
+{
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t c = 0; c < d; c++) {
+                    REAL *f = flat + (n * T + t) * H * d + h * d + c, *x = heads + ((n * H + h) * T + t) * d + c;
+                    if (merge) *f = *x;
+                    else *x = ROUND(*f);
+                }
+}
+
 static void SUFFIX(layer_prepare)(const mha_ref_layer *a, const REAL *query, const REAL *key, const REAL *value,
                                   SUFFIX(layer_state) *st, REAL *probs)
 {
-    int64_t N = a->N, L = a->L, S = a->S, E = a->E, H = a->H, d = E / H;
-    int64_t S1 = S + (a->bias_k != NULL) + (a->add_zero_attn != 0);
-    SUFFIX(layer_state) z = {.N = N, .L = L, .S = S, .S1 = S1, .E = E, .H = H, .d = d};
+    int64_t N = a->N, L = a->L, S = a->S, E = a->E, H = a->H, G = a->G ? a->G : H, d = a->hd ? a->hd : E / H;
+    int64_t qd = H * d, kvd = G * d, S1 = S + (a->bias_k != NULL) + (a->add_zero_attn != 0);
+    SUFFIX(layer_state) z = {.N = N, .L = L, .S = S, .S1 = S1, .E = E, .H = H, .G = G, .d = d, .qd = qd, .kvd = kvd};
     /* In a bf16 model the weights and inputs are stored rounded; biases stay. */
     z.query = SUFFIX(rounded)(query, N * L * E), z.key = SUFFIX(rounded)(key, N * S * a->kdim);
     z.value = SUFFIX(rounded)(value, N * S * a->vdim);
-    z.w_q = SUFFIX(copy)(a->w_q, E * E), z.w_k = SUFFIX(copy)(a->w_k, E * a->kdim);
-    z.w_v = SUFFIX(copy)(a->w_v, E * a->vdim), z.w_out = SUFFIX(copy)(a->w_out, E * E);
-    z.b_in = SUFFIX(exact)(a->b_in, 3 * E), z.b_out = SUFFIX(exact)(a->b_out, E);
-    z.q = ref_alloc(N * L * E, sizeof(REAL)), z.k = ref_alloc(N * S1 * E, sizeof(REAL));
-    z.v = ref_alloc(N * S1 * E, sizeof(REAL)), z.cat = ref_alloc(N * L * E, sizeof(REAL));
+    z.w_q = SUFFIX(copy)(a->w_q, qd * E), z.w_k = SUFFIX(copy)(a->w_k, kvd * a->kdim);
+    z.w_v = SUFFIX(copy)(a->w_v, kvd * a->vdim), z.w_out = SUFFIX(copy)(a->w_out, E * qd);
+    z.b_in = SUFFIX(exact)(a->b_in, qd + 2 * kvd), z.b_out = SUFFIX(exact)(a->b_out, E);
+    z.q = ref_alloc(N * L * qd, sizeof(REAL)), z.k = ref_alloc(N * S1 * kvd, sizeof(REAL));
+    z.v = ref_alloc(N * S1 * kvd, sizeof(REAL)), z.cat = ref_alloc(N * L * qd, sizeof(REAL));
     z.qh = ref_alloc(N * H * L * d, sizeof(REAL)), z.oh = ref_alloc(N * H * L * d, sizeof(REAL));
-    z.kh = ref_alloc(N * H * S1 * d, sizeof(REAL)), z.vh = ref_alloc(N * H * S1 * d, sizeof(REAL));
+    z.kh = ref_alloc(N * G * S1 * d, sizeof(REAL)), z.vh = ref_alloc(N * G * S1 * d, sizeof(REAL));
     z.add = ref_alloc(N * H * L * S1, sizeof(double));
     for (int64_t n = 0; n < N; n++) {
-        SUFFIX(linear)(z.query + n * L * E, L, E, z.w_q, z.b_in, E, z.q + n * L * E);
-        SUFFIX(linear)(z.key + n * S * a->kdim, S, a->kdim, z.w_k, z.b_in ? z.b_in + E : NULL, E, z.k + n * S1 * E);
-        SUFFIX(linear)(z.value + n * S * a->vdim, S, a->vdim, z.w_v, z.b_in ? z.b_in + 2 * E : NULL, E, z.v + n * S1 * E);
+        SUFFIX(linear)(z.query + n * L * E, L, E, z.w_q, z.b_in, qd, z.q + n * L * qd);
+        SUFFIX(linear)(z.key + n * S * a->kdim, S, a->kdim, z.w_k, z.b_in ? z.b_in + qd : NULL, kvd, z.k + n * S1 * kvd);
+        SUFFIX(linear)(z.value + n * S * a->vdim, S, a->vdim, z.w_v, z.b_in ? z.b_in + qd + kvd : NULL, kvd,
+                       z.v + n * S1 * kvd);
         for (int64_t c = 0; a->bias_k && c < E; c++) { /* bias_k/bias_v row; the zero row stays zero */
             z.k[(n * S1 + S) * E + c] = (REAL)a->bias_k[c];
             z.v[(n * S1 + S) * E + c] = (REAL)a->bias_v[c];
         }
     }
-    /* Split heads: [N, T, h, d] -> [N, h, T, d]. */
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t c = 0; c < d; c++) {
-                for (int64_t t = 0; t < L; t++) z.qh[((n * H + h) * L + t) * d + c] = ROUND(z.q[(n * L + t) * E + h * d + c]);
-                for (int64_t t = 0; t < S1; t++) {
-                    z.kh[((n * H + h) * S1 + t) * d + c] = ROUND(z.k[(n * S1 + t) * E + h * d + c]);
-                    z.vh[((n * H + h) * S1 + t) * d + c] = ROUND(z.v[(n * S1 + t) * E + h * d + c]);
-                }
-            }
+    SUFFIX(split_heads)(z.q, z.qh, N, L, H, d, false);
+    SUFFIX(split_heads)(z.k, z.kh, N, S1, G, d, false);
+    SUFFIX(split_heads)(z.v, z.vh, N, S1, G, d, false);
+    SUFFIX(rope)(a, z.qh, N, H, L, d, false);
+    SUFFIX(rope)(a, z.kh, N, G, S1, d, false);
     /* The mask over real keys, padded with 0 for the appended ones; causal
      * is -inf above the diagonal. */
     for (int64_t r = 0; r < N * H * L; r++)
@@ -99,14 +128,13 @@ static void SUFFIX(layer_prepare)(const mha_ref_layer *a, const REAL *query, con
             double m = a->add ? a->add[r * S + j] : 0;
             z.add[r * S1 + j] = a->causal && j > r % L ? -INFINITY : m;
         }
-    z.sd = (mha_ref_sdpa){.B = N, .Hq = H, .Hkv = H, .L = L, .S = S1, .D = d, .Dv = d,
-                          .scale = 1.0 / sqrt((double)d), .window_left = -1, .window_right = -1, .add = z.add};
+    z.sd = (mha_ref_sdpa){.B = N, .Hq = H, .Hkv = G, .L = L, .S = S1, .D = d, .Dv = d,
+                          .scale = 1.0 / sqrt((double)d), .softcap = a->softcap,
+                          .window_left = a->window_left, .window_right = a->window_right,
+                          .alibi = a->alibi, .add = z.add};
     NAME(&z.sd, z.qh, z.kh, z.vh, z.oh, NULL, probs);
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t t = 0; t < L; t++)
-                for (int64_t c = 0; c < d; c++)
-                    z.cat[(n * L + t) * E + h * d + c] = ROUND(z.oh[((n * H + h) * L + t) * d + c]);
+    SUFFIX(split_heads)(z.cat, z.oh, N, L, H, d, true);
+    for (int64_t i = 0; i < N * L * qd; i++) z.cat[i] = ROUND(z.cat[i]);
     *st = z;
 }
 
@@ -123,7 +151,7 @@ void LAYER_NAME(const mha_ref_layer *a, const REAL *query, const REAL *key, cons
 {
     SUFFIX(layer_state) z;
     SUFFIX(layer_prepare)(a, query, key, value, &z, probs);
-    SUFFIX(linear)(z.cat, z.N * z.L, z.E, z.w_out, z.b_out, z.E, out);
+    SUFFIX(linear)(z.cat, z.N * z.L, z.qd, z.w_out, z.b_out, z.E, out);
     SUFFIX(layer_release)(&z);
 }
 
@@ -153,56 +181,49 @@ void LAYER_BWD_NAME(const mha_ref_layer *a, const REAL *query, const REAL *key, 
 {
     SUFFIX(layer_state) z;
     SUFFIX(layer_prepare)(a, query, key, value, &z, NULL);
-    int64_t N = z.N, L = z.L, S = z.S, S1 = z.S1, E = z.E, H = z.H, d = z.d, kd = a->kdim, vd = a->vdim;
+    int64_t N = z.N, L = z.L, S = z.S, S1 = z.S1, E = z.E, H = z.H, G = z.G, d = z.d, qd = z.qd, kvd = z.kvd;
+    int64_t kd = a->kdim, vd = a->vdim;
     REAL *g_query = grads, *g_key = g_query + N * L * E, *g_value = g_key + N * S * kd;
-    REAL *g_wq = g_value + N * S * vd, *g_wk = g_wq + E * E, *g_wv = g_wk + E * kd, *g_wout = g_wv + E * vd;
-    REAL *g_bin = g_wout + E * E, *g_bout = g_bin + 3 * E, *g_bias_k = g_bout + E, *g_bias_v = g_bias_k + E;
+    REAL *g_wq = g_value + N * S * vd, *g_wk = g_wq + qd * E, *g_wv = g_wk + kvd * kd, *g_wout = g_wv + kvd * vd;
+    REAL *g_bin = g_wout + E * qd, *g_bout = g_bin + qd + 2 * kvd, *g_bias_k = g_bout + E, *g_bias_v = g_bias_k + E;
     memset(grads, 0, (size_t)(g_bias_v + E - grads) * sizeof(REAL));
     /* Output projection. */
-    REAL *dcat = ref_alloc(N * L * E, sizeof(REAL));
-    SUFFIX(weight_grad)(dout, z.cat, N * L, E, E, g_wout);
-    SUFFIX(input_grad)(dout, z.w_out, N * L, E, E, dcat);
+    REAL *dcat = ref_alloc(N * L * qd, sizeof(REAL));
+    SUFFIX(weight_grad)(dout, z.cat, N * L, E, qd, g_wout);
+    SUFFIX(input_grad)(dout, z.w_out, N * L, E, qd, dcat);
     for (int64_t r = 0; a->b_out && r < N * L; r++)
         for (int64_t c = 0; c < E; c++) g_bout[c] += dout[r * E + c];
-    /* Attention, per head. */
+    /* Attention, per head, and back through the rotation. */
     REAL *doh = ref_alloc(N * H * L * d, sizeof(REAL)), *dqh = ref_alloc(N * H * L * d, sizeof(REAL));
-    REAL *dkh = ref_alloc(N * H * S1 * d, sizeof(REAL)), *dvh = ref_alloc(N * H * S1 * d, sizeof(REAL));
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t t = 0; t < L; t++)
-                for (int64_t c = 0; c < d; c++) doh[((n * H + h) * L + t) * d + c] = dcat[(n * L + t) * E + h * d + c];
+    REAL *dkh = ref_alloc(N * G * S1 * d, sizeof(REAL)), *dvh = ref_alloc(N * G * S1 * d, sizeof(REAL));
+    SUFFIX(split_heads)(dcat, doh, N, L, H, d, false);
     BWD_NAME(&z.sd, z.qh, z.kh, z.vh, doh, dqh, dkh, dvh);
-    /* Merge heads back: dq [N, L, E], dk and dv [N, S1, E]. */
-    REAL *dq = ref_alloc(N * L * E, sizeof(REAL)), *dk = ref_alloc(N * S1 * E, sizeof(REAL));
-    REAL *dv = ref_alloc(N * S1 * E, sizeof(REAL));
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t c = 0; c < d; c++) {
-                for (int64_t t = 0; t < L; t++) dq[(n * L + t) * E + h * d + c] = dqh[((n * H + h) * L + t) * d + c];
-                for (int64_t t = 0; t < S1; t++) {
-                    dk[(n * S1 + t) * E + h * d + c] = dkh[((n * H + h) * S1 + t) * d + c];
-                    dv[(n * S1 + t) * E + h * d + c] = dvh[((n * H + h) * S1 + t) * d + c];
-                }
-            }
+    SUFFIX(rope)(a, dqh, N, H, L, d, true);
+    SUFFIX(rope)(a, dkh, N, G, S1, d, true);
+    REAL *dq = ref_alloc(N * L * qd, sizeof(REAL)), *dk = ref_alloc(N * S1 * kvd, sizeof(REAL));
+    REAL *dv = ref_alloc(N * S1 * kvd, sizeof(REAL));
+    SUFFIX(split_heads)(dq, dqh, N, L, H, d, true);
+    SUFFIX(split_heads)(dk, dkh, N, S1, G, d, true);
+    SUFFIX(split_heads)(dv, dvh, N, S1, G, d, true);
     /* Input projections; the appended bias_k/bias_v row, summed over batches. */
     for (int64_t n = 0; n < N; n++) {
-        for (int64_t c = 0; c < E; c++) {
-            for (int64_t t = 0; a->b_in && t < L; t++) g_bin[c] += dq[(n * L + t) * E + c];
-            for (int64_t t = 0; a->b_in && t < S; t++) {
-                g_bin[E + c] += dk[(n * S1 + t) * E + c];
-                g_bin[2 * E + c] += dv[(n * S1 + t) * E + c];
+        for (int64_t t = 0; a->b_in && t < L; t++)
+            for (int64_t c = 0; c < qd; c++) g_bin[c] += dq[(n * L + t) * qd + c];
+        for (int64_t t = 0; a->b_in && t < S; t++)
+            for (int64_t c = 0; c < kvd; c++) {
+                g_bin[qd + c] += dk[(n * S1 + t) * kvd + c];
+                g_bin[qd + kvd + c] += dv[(n * S1 + t) * kvd + c];
             }
-            if (a->bias_k) {
-                g_bias_k[c] += dk[(n * S1 + S) * E + c];
-                g_bias_v[c] += dv[(n * S1 + S) * E + c];
-            }
+        for (int64_t c = 0; a->bias_k && c < E; c++) {
+            g_bias_k[c] += dk[(n * S1 + S) * E + c];
+            g_bias_v[c] += dv[(n * S1 + S) * E + c];
         }
-        SUFFIX(weight_grad)(dq + n * L * E, z.query + n * L * E, L, E, E, g_wq);
-        SUFFIX(weight_grad)(dk + n * S1 * E, z.key + n * S * kd, S, E, kd, g_wk);
-        SUFFIX(weight_grad)(dv + n * S1 * E, z.value + n * S * vd, S, E, vd, g_wv);
-        SUFFIX(input_grad)(dq + n * L * E, z.w_q, L, E, E, g_query + n * L * E);
-        SUFFIX(input_grad)(dk + n * S1 * E, z.w_k, S, E, kd, g_key + n * S * kd);
-        SUFFIX(input_grad)(dv + n * S1 * E, z.w_v, S, E, vd, g_value + n * S * vd);
+        SUFFIX(weight_grad)(dq + n * L * qd, z.query + n * L * E, L, qd, E, g_wq);
+        SUFFIX(weight_grad)(dk + n * S1 * kvd, z.key + n * S * kd, S, kvd, kd, g_wk);
+        SUFFIX(weight_grad)(dv + n * S1 * kvd, z.value + n * S * vd, S, kvd, vd, g_wv);
+        SUFFIX(input_grad)(dq + n * L * qd, z.w_q, L, qd, E, g_query + n * L * E);
+        SUFFIX(input_grad)(dk + n * S1 * kvd, z.w_k, S, kvd, kd, g_key + n * S * kd);
+        SUFFIX(input_grad)(dv + n * S1 * kvd, z.w_v, S, kvd, vd, g_value + n * S * vd);
     }
     REAL *owned[] = {dcat, doh, dqh, dkh, dvh, dq, dk, dv};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);

@@ -358,6 +358,30 @@ static void test_reference_gradients_by_differences(void)
     }
 }
 
+/* The largest difference between grads (in the reference's order, which
+ * is the order of `values`) and central differences of the reference
+ * layer's loss sum(out * dout), each value moved by +-1e-6. */
+static double layer_difference_error(const mha_ref_layer *a, double *const *values, const int64_t *counts, int n_values,
+                                     const double *dout, const double *grads)
+{
+    int64_t n_out = a->N * a->L * a->E;
+    double *out = malloc((size_t)n_out * sizeof(double)), worst = 0;
+    for (int g = 0, at = 0; g < n_values; g++)
+        for (int64_t i = 0; i < counts[g]; i++, at++) {
+            double keep = values[g][i], h = 1e-6, up = 0, down = 0;
+            values[g][i] = keep + h;
+            mha_ref_layer_f64(a, values[0], values[1], values[2], out, NULL);
+            for (int64_t j = 0; j < n_out; j++) up += out[j] * dout[j];
+            values[g][i] = keep - h;
+            mha_ref_layer_f64(a, values[0], values[1], values[2], out, NULL);
+            for (int64_t j = 0; j < n_out; j++) down += out[j] * dout[j];
+            values[g][i] = keep;
+            worst = fmax(worst, fabs((up - down) / (2 * h) - grads[at]));
+        }
+    free(out);
+    return worst;
+}
+
 /* The same for the layer: every input and parameter of a configuration
  * with every option (bias, bias_kv, zero_attn, kdim/vdim, additive mask
  * with -inf entries, causal) against central differences of the
@@ -365,7 +389,7 @@ static void test_reference_gradients_by_differences(void)
 static void test_reference_layer_gradients_by_differences(void)
 {
     enum { N = 2, L = 3, S = 4, E = 6, H = 2, KD = 5, VD = 3 };
-    double *w[7], *x[3], add[N * H * L * S], dout[N * L * E], out[N * L * E];
+    double *w[7], *x[3], add[N * H * L * S], dout[N * L * E];
     const int64_t sizes[7] = {E * E, E * KD, E * VD, E * E, 3 * E, E, E}; /* w_q w_k w_v w_out b_in b_out bias_k */
     for (int i = 0; i < 7; i++) free(random_floats(sizes[i], 0.8, &w[i]));
     double *bias_v;
@@ -375,6 +399,7 @@ static void test_reference_layer_gradients_by_differences(void)
     for (int i = 0; i < N * H * L * S; i++) add[i] = pick(6) == 0 ? -INFINITY : uniform();
     for (int i = 0; i < N * L * E; i++) dout[i] = uniform();
     mha_ref_layer a = {.N = N, .L = L, .S = S, .E = E, .H = H, .kdim = KD, .vdim = VD, .add_zero_attn = 1,
+                       .window_left = -1, .window_right = -1,
                        .causal = 1, .w_q = w[0], .w_k = w[1], .w_v = w[2], .w_out = w[3], .b_in = w[4],
                        .b_out = w[5], .bias_k = w[6], .bias_v = bias_v, .add = add};
     int64_t n = mha_ref_layer_grads_size(&a);
@@ -384,19 +409,7 @@ static void test_reference_layer_gradients_by_differences(void)
     double *values[11] = {x[0], x[1], x[2], w[0], w[1], w[2], w[3], w[4], w[5], w[6], bias_v};
     const int64_t counts[11] = {in_sizes[0], in_sizes[1], in_sizes[2], sizes[0], sizes[1], sizes[2], sizes[3],
                                 sizes[4], sizes[5], sizes[6], E};
-    double worst = 0;
-    for (int g = 0, at = 0; g < 11; g++)
-        for (int64_t i = 0; i < counts[g]; i++, at++) {
-            double keep = values[g][i], h = 1e-6, up = 0, down = 0;
-            values[g][i] = keep + h;
-            mha_ref_layer_f64(&a, x[0], x[1], x[2], out, NULL);
-            for (int j = 0; j < N * L * E; j++) up += out[j] * dout[j];
-            values[g][i] = keep - h;
-            mha_ref_layer_f64(&a, x[0], x[1], x[2], out, NULL);
-            for (int j = 0; j < N * L * E; j++) down += out[j] * dout[j];
-            values[g][i] = keep;
-            worst = fmax(worst, fabs((up - down) / (2 * h) - grads[at]));
-        }
+    double worst = layer_difference_error(&a, values, counts, 11, dout, grads);
     CHECK(worst < 1e-7, "reference layer gradients differ from central differences by %.3g", worst);
     for (int i = 0; i < 7; i++) free(w[i]);
     for (int i = 0; i < 3; i++) free(x[i]);
@@ -502,7 +515,19 @@ typedef struct layer_case {
     int64_t N, L, S, E, H, kdim, vdim;
     bool bias, bias_kv, zero_attn, causal, mask, kpm, batch_first, need_weights, average;
     bool bf16;  /* the layer computes in bfloat16; the baseline is the plain bf16 model */
+    /* Model blocks beyond nn.MultiheadAttention (0: as nn.MultiheadAttention). */
+    int64_t G, hd;               /* kv heads, head width */
+    int out_bias;                /* -1: as bias */
+    mha_rope_kind rope;
+    int64_t rope_dim, position;
+    double theta;
+    int64_t window_left, window_right;
+    float softcap;
+    bool alibi;
 } layer_case;
+
+/* Whether a case sets Q, K, V through in_proj_weight (else Llama names). */
+static bool n_case_uses_packed(const layer_case *c) { return c->G == 0 && c->hd == 0; }
 
 /* Where each of the layer's gradients lies in the reference's array. */
 typedef struct ref_grad_slot {
@@ -526,12 +551,16 @@ static void layer_grads(mha_ctx *ctx, mha_layer *layer, mha_layer_fwd_args *a, f
     mha_layer_zero_grad(layer);
     CHECK_OK(mha_layer_forward(ctx, layer, &y, NULL, a));
     CHECK_OK(mha_layer_backward(ctx, layer, a, &tdy, &gq, &gk, &gv));
-    int64_t base = N * (L * E + S * (kd + vd)), wq = base, wk = wq + E * E, wv = wk + E * kd, wo = wv + E * vd;
-    int64_t bin = wo + E * E, bout = bin + 3 * E, bk = bout + E, bv = bk + E;
-    const ref_grad_slot slots[] = {{"q_proj_weight", wq, E * E}, {"k_proj_weight", wk, E * kd},
-                                   {"v_proj_weight", wv, E * vd}, {"in_proj_weight", wq, 3 * E * E},
-                                   {"out_proj.weight", wo, E * E}, {"in_proj_bias", bin, 3 * E},
-                                   {"out_proj.bias", bout, E}, {"bias_k", bk, E}, {"bias_v", bv, E}};
+    int64_t d = r->hd ? r->hd : E / r->H, qd = r->H * d, kvd = (r->G ? r->G : r->H) * d;
+    int64_t base = N * (L * E + S * (kd + vd)), wq = base, wk = wq + qd * E, wv = wk + kvd * kd, wo = wv + kvd * vd;
+    int64_t bin = wo + E * qd, bout = bin + qd + 2 * kvd, bk = bout + E, bv = bk + E;
+    const ref_grad_slot slots[] = {
+        {"q_proj_weight", wq, qd * E}, {"k_proj_weight", wk, kvd * kd}, {"v_proj_weight", wv, kvd * vd},
+        {"in_proj_weight", wq, (qd + 2 * kvd) * E}, {"out_proj.weight", wo, E * qd}, {"in_proj_bias", bin, qd + 2 * kvd},
+        {"out_proj.bias", bout, E}, {"bias_k", bk, E}, {"bias_v", bv, E},
+        {"q_proj.weight", wq, qd * E}, {"k_proj.weight", wk, kvd * kd}, {"v_proj.weight", wv, kvd * vd},
+        {"o_proj.weight", wo, E * qd}, {"q_proj.bias", bin, qd}, {"k_proj.bias", bin + qd, kvd},
+        {"v_proj.bias", bin + qd + kvd, kvd}, {"o_proj.bias", bout, E}};
     mha_param params[8];
     int64_t n = mha_layer_params(layer, params, 8);
     for (int64_t i = 0; i < n; i++)
@@ -588,31 +617,50 @@ static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, co
     ld.add_bias_kv = c->bias_kv;
     ld.add_zero_attn = c->zero_attn;
     ld.dtype = c->bf16 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
+    ld.num_kv_heads = c->G;
+    ld.head_dim = c->hd;
+    ld.out_bias = c->out_bias;
+    ld.rope = (mha_rope){c->rope, c->theta, c->rope_dim};
+    ld.window_left = c->window_left;
+    ld.window_right = c->window_right;
+    ld.softcap = c->softcap;
+    int64_t G = c->G ? c->G : H, hd = c->hd ? c->hd : E / H, qd = H * hd, kvd = G * hd;
+    bool out_bias = c->out_bias < 0 ? c->bias : c->out_bias;
+    float *slopes = NULL;
+    double *slopes64 = NULL;
+    if (c->alibi) {
+        slopes = random_floats(H, 0.5, &slopes64);
+        for (int64_t h = 0; h < H; h++) slopes64[h] = slopes[h] = fabsf(slopes[h]);
+        ld.alibi_slopes = slopes;
+    }
     mha_layer *layer = NULL;
     CHECK_OK(mha_layer_create(&ld, &layer));
     if (!layer) return;
     double *wq, *wk, *wv, *wo, *bi = NULL, *bo = NULL, *bk = NULL, *bv = NULL, *xq, *xk, *xv;
     double ws = 1.0 / sqrt((double)E);
-    float *fq = random_floats(E * E, ws, &wq), *fk = random_floats(E * c->kdim, ws, &wk);
-    float *fv = random_floats(E * c->vdim, ws, &wv), *fo = random_floats(E * E, ws, &wo);
+    float *fq = random_floats(qd * E, ws, &wq), *fk = random_floats(kvd * c->kdim, ws, &wk);
+    float *fv = random_floats(kvd * c->vdim, ws, &wv), *fo = random_floats(E * qd, 1.0 / sqrt((double)qd), &wo);
     float *fbi = NULL, *fbo = NULL, *fbk = NULL, *fbv = NULL;
-    if (c->kdim == E && c->vdim == E) {
-        float *packed = malloc((size_t)(3 * E * E) * sizeof(float));
-        memcpy(packed, fq, (size_t)(E * E) * sizeof(float));
-        memcpy(packed + E * E, fk, (size_t)(E * E) * sizeof(float));
-        memcpy(packed + 2 * E * E, fv, (size_t)(E * E) * sizeof(float));
-        CHECK_OK(mha_layer_set_weight(layer, "in_proj_weight", packed, 3 * E * E));
+    if (c->kdim == E && c->vdim == E && n_case_uses_packed(c)) {
+        int64_t all = (qd + 2 * kvd) * E;
+        float *packed = malloc((size_t)all * sizeof(float));
+        memcpy(packed, fq, (size_t)(qd * E) * sizeof(float));
+        memcpy(packed + qd * E, fk, (size_t)(kvd * E) * sizeof(float));
+        memcpy(packed + (qd + kvd) * E, fv, (size_t)(kvd * E) * sizeof(float));
+        CHECK_OK(mha_layer_set_weight(layer, "in_proj_weight", packed, all));
         free(packed);
-    } else {
-        CHECK_OK(mha_layer_set_weight(layer, "q_proj_weight", fq, E * E));
-        CHECK_OK(mha_layer_set_weight(layer, "k_proj_weight", fk, E * c->kdim));
-        CHECK_OK(mha_layer_set_weight(layer, "v_proj_weight", fv, E * c->vdim));
+    } else { /* Llama's names work for every configuration */
+        CHECK_OK(mha_layer_set_weight(layer, "q_proj.weight", fq, qd * E));
+        CHECK_OK(mha_layer_set_weight(layer, "k_proj.weight", fk, kvd * c->kdim));
+        CHECK_OK(mha_layer_set_weight(layer, "v_proj.weight", fv, kvd * c->vdim));
     }
-    CHECK_OK(mha_layer_set_weight(layer, "out_proj.weight", fo, E * E));
+    CHECK_OK(mha_layer_set_weight(layer, "out_proj.weight", fo, E * qd));
     if (c->bias) {
-        fbi = random_floats(3 * E, 0.5, &bi);
+        fbi = random_floats(qd + 2 * kvd, 0.5, &bi);
+        CHECK_OK(mha_layer_set_weight(layer, "in_proj_bias", fbi, qd + 2 * kvd));
+    }
+    if (out_bias) {
         fbo = random_floats(E, 0.5, &bo);
-        CHECK_OK(mha_layer_set_weight(layer, "in_proj_bias", fbi, 3 * E));
         CHECK_OK(mha_layer_set_weight(layer, "out_proj.bias", fbo, E));
     }
     if (c->bias_kv) {
@@ -635,6 +683,7 @@ static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, co
     a.value = mha_tensor_3d(iv, N, S, c->vdim);
     a.causal = c->causal ? MHA_CAUSAL_TOP_LEFT : MHA_CAUSAL_NONE;
     a.average_attn_weights = c->average;
+    a.position = c->position;
     if (c->mask || c->kpm) add = calloc((size_t)(N * H * L * S), sizeof(double));
     if (c->mask) { /* float [L, S] */
         double *unused;
@@ -665,7 +714,11 @@ static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, co
 
     mha_ref_layer r = {.N = N, .L = L, .S = S, .E = E, .H = H, .kdim = c->kdim, .vdim = c->vdim,
                        .add_zero_attn = c->zero_attn, .causal = c->causal, .w_q = wq, .w_k = wk, .w_v = wv,
-                       .b_in = bi, .w_out = wo, .b_out = bo, .bias_k = bk, .bias_v = bv, .add = add};
+                       .b_in = bi, .w_out = wo, .b_out = bo, .bias_k = bk, .bias_v = bv, .add = add,
+                       .G = G, .hd = hd, .rope_kind = c->rope, .rope_theta = c->theta ? c->theta : 10000.0,
+                       .rope_dim = c->rope_dim ? c->rope_dim : hd, .position = c->position,
+                       .window_left = c->window_left, .window_right = c->window_right, .softcap = c->softcap,
+                       .alibi = slopes64};
     double *ref = malloc((size_t)(N * L * E) * sizeof(double)), *ref_p = malloc((size_t)nprobs * sizeof(double));
     float *base = malloc((size_t)(N * L * E) * sizeof(float)), *base_p = malloc((size_t)nprobs * sizeof(float));
     mha_ref_layer_f64(&r, xq, xk, xv, ref, ref_p);
@@ -692,7 +745,7 @@ static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, co
     }
     if (!c->bf16) check_layer_backward(layer, &a, &r, xq, xk, xv, ctx1, ctx2, label);
     void *owned[] = {wq, wk, wv, wo, bi, bo, bk, bv, xq, xk, xv, fq, fk, fv, fo, fbi, fbo, fbk, fbv, iq, ik, iv,
-                     amask, kpm, add, out1, out2, w1, w2, ref, ref_p, base, base_p};
+                     amask, kpm, add, out1, out2, w1, w2, ref, ref_p, base, base_p, slopes, slopes64};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     mha_layer_free(layer);
 }
@@ -702,7 +755,7 @@ static void test_layer_sweep(mha_ctx *ctx1, mha_ctx *ctx2)
     static const int64_t seqs[] = {1, 3, 8, 17, 40};
     static const int64_t heads[] = {1, 2, 3, 4, 8};
     for (int n = 0; n < 90; n++) { /* every third one in bf16 */
-        layer_case c;
+        layer_case c = {.out_bias = -1, .window_left = -1, .window_right = -1};
         c.H = heads[pick(5)];
         c.E = c.H * (4 + pick(13));
         c.N = 1 + pick(3);
@@ -731,6 +784,79 @@ static void test_layer_sweep(mha_ctx *ctx1, mha_ctx *ctx2)
 
 /* key_padding_mask [N, S] gives the same bits as the same keep mask
  * passed as a per-head attn_mask [N*H, L, S]. */
+/* Model blocks beyond nn.MultiheadAttention: GQA/MQA, head widths other
+ * than E / h (including 32 and 64, the head-major layout), rotary
+ * embeddings of both kinds (partial too) from a random position, window,
+ * softcap, ALiBi, separate output bias; forward and (float32) gradients. */
+static void test_block_sweep(mha_ctx *ctx1, mha_ctx *ctx2)
+{
+    static const int64_t seqs[] = {1, 3, 8, 17, 40};
+    static const int64_t widths[] = {4, 6, 8, 12, 32, 64};
+    for (int n = 0; n < 60; n++) {
+        layer_case c = {.window_left = -1, .window_right = -1, .batch_first = true, .average = true};
+        c.G = 1 + pick(3);
+        c.H = c.G * (1 + pick(3));
+        c.hd = widths[pick(6)];
+        c.E = 4 + pick(40);
+        c.N = 1 + pick(2);
+        c.L = seqs[pick(5)];
+        bool cross = pick(3) == 0;
+        c.S = cross ? seqs[pick(5)] : c.L;
+        c.kdim = cross && pick(2) ? 3 + pick(20) : c.E;
+        c.vdim = cross && pick(2) ? 3 + pick(20) : c.E;
+        c.bias = pick(2);
+        c.out_bias = pick(3) - 1;
+        c.causal = pick(2);
+        c.kpm = pick(4) == 0;
+        c.need_weights = pick(4) == 0;
+        c.rope = (mha_rope_kind)pick(3);
+        c.rope_dim = pick(3) == 0 ? 2 * (1 + pick(c.hd / 2)) : 0;
+        c.theta = pick(2) ? 10000.0 : 500000.0;
+        c.position = pick(2) ? 0 : pick(5000);
+        if (pick(3) == 0) c.window_left = pick(6);
+        if (pick(5) == 0) c.window_right = pick(3);
+        if (pick(4) == 0) c.softcap = 2.0f + (float)pick(20);
+        c.alibi = pick(4) == 0;
+        c.bf16 = n % 4 == 3;
+        char label[200];
+        snprintf(label, sizeof label, "block #%d%s N%lld L%lld S%lld E%lld H%lld G%lld d%lld rope%d/%lld pos%lld win(%lld,%lld) cap%g alibi%d",
+                 n, c.bf16 ? " bf16" : "", (long long)c.N, (long long)c.L, (long long)c.S, (long long)c.E,
+                 (long long)c.H, (long long)c.G, (long long)c.hd, (int)c.rope, (long long)c.rope_dim,
+                 (long long)c.position, (long long)c.window_left, (long long)c.window_right, (double)c.softcap, c.alibi);
+        run_layer_case(&c, ctx1, ctx2, label);
+    }
+}
+
+/* The reference block's gradients (GQA, rotary from a position, window,
+ * softcap, ALiBi) against central differences of its forward. */
+static void test_reference_block_gradients_by_differences(void)
+{
+    enum { N = 1, L = 5, S = 5, E = 6, H = 4, G = 2, D = 4, QD = H * D, KVD = G * D };
+    double *w[6], *x[3], dout[N * L * E], alibi[H] = {0.3, 0.1, 0.7, 0.2};
+    const int64_t sizes[6] = {QD * E, KVD * E, KVD * E, E * QD, QD + 2 * KVD, E};
+    for (int i = 0; i < 6; i++) free(random_floats(sizes[i], 0.8, &w[i]));
+    const int64_t in_sizes[3] = {N * L * E, N * S * E, N * S * E};
+    for (int i = 0; i < 3; i++) free(random_floats(in_sizes[i], 1.0, &x[i]));
+    for (int i = 0; i < N * L * E; i++) dout[i] = uniform();
+    for (int kind = MHA_ROPE_HALF; kind <= MHA_ROPE_INTERLEAVED; kind++) {
+        mha_ref_layer a = {.N = N, .L = L, .S = S, .E = E, .H = H, .kdim = E, .vdim = E, .causal = 1,
+                           .w_q = w[0], .w_k = w[1], .w_v = w[2], .w_out = w[3], .b_in = w[4], .b_out = w[5],
+                           .G = G, .hd = D, .rope_kind = kind, .rope_theta = 100.0, .rope_dim = D, .position = 7,
+                           .window_left = 3, .window_right = -1, .softcap = 2.0, .alibi = alibi};
+        int64_t n = mha_ref_layer_grads_size(&a);
+        double *grads = malloc((size_t)n * sizeof(double));
+        mha_ref_layer_backward_f64(&a, x[0], x[1], x[2], dout, grads);
+        double *values[9] = {x[0], x[1], x[2], w[0], w[1], w[2], w[3], w[4], w[5]};
+        const int64_t counts[9] = {in_sizes[0], in_sizes[1], in_sizes[2], sizes[0], sizes[1], sizes[2], sizes[3],
+                                   sizes[4], sizes[5]};
+        double worst = layer_difference_error(&a, values, counts, 9, dout, grads);
+        CHECK(worst < 1e-7, "reference block gradients (rope %d) differ from central differences by %.3g", kind, worst);
+        free(grads);
+    }
+    for (int i = 0; i < 6; i++) free(w[i]);
+    for (int i = 0; i < 3; i++) free(x[i]);
+}
+
 static void test_padding_equals_attn_mask(mha_ctx *ctx)
 {
     int64_t N = 2, L = 5, S = 6, E = 12, H = 3;
@@ -896,6 +1022,8 @@ int main(int argc, char **argv)
     test_heads_are_independent(ctx2);
     test_fully_masked_rows(ctx1);
     test_layer_sweep(ctx1, ctx2);
+    test_block_sweep(ctx1, ctx2);
+    test_reference_block_gradients_by_differences();
     test_padding_equals_attn_mask(ctx3);
     mha_ctx_free(ctx1);
     mha_ctx_free(ctx2);
