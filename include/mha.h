@@ -337,12 +337,19 @@ mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer);
 void       mha_layer_free(mha_layer *layer);
 const mha_layer_desc *mha_layer_get_desc(const mha_layer *layer);
 
-/* Set one weight by its nn.MultiheadAttention state_dict name:
- * in_proj_weight [3E, E] (kdim == vdim == E), q_proj_weight [E, E],
- * k_proj_weight [E, kdim], v_proj_weight [E, vdim], in_proj_bias [3E],
- * out_proj.weight [E, E], out_proj.bias [E], bias_k / bias_v [1, 1, E].
+/* Set one weight by its name in the block's PyTorch state_dict, with
+ * qd = h * head_dim and kvd = g * head_dim (both E in nn.MultiheadAttention):
+ *   nn.MultiheadAttention: in_proj_weight [qd + 2 kvd, E] (kdim == vdim ==
+ *     E), q_proj_weight [qd, E], k_proj_weight [kvd, kdim], v_proj_weight
+ *     [kvd, vdim], in_proj_bias [qd + 2 kvd], out_proj.weight [E, qd],
+ *     out_proj.bias [E], bias_k / bias_v [1, 1, E];
+ *   Llama-style: q_proj.weight, k_proj.weight, v_proj.weight, o_proj.weight
+ *     (shapes as above) and q_proj.bias, k_proj.bias, v_proj.bias,
+ *     o_proj.bias;
+ *   GPT-2 (Conv1D, stored [in, out]): c_attn.weight [E, qd + 2 kvd],
+ *     c_attn.bias, c_proj.weight [qd, E], c_proj.bias [E].
  * numel must match.  Errors: NOT_FOUND (name not a weight of this layer),
- * INVALID_ARG (size). */
+ * INVALID_ARG (size), NOMEM. */
 mha_status mha_layer_set_weight(mha_layer *layer, const char *name,
                                 const float *data, int64_t numel);
 
@@ -353,6 +360,22 @@ mha_status mha_layer_set_weight(mha_layer *layer, const char *name,
  * MHA_DTYPE_BF16; stored F32, F64, F16 and BF16 weights load into either).
  * Errors: NOT_FOUND (names the missing tensor), INVALID_ARG (names the
  * tensor with the wrong shape or dtype), IO, NOMEM. */
+/* The naming family of a block's weights (see mha_layer_set_weight). */
+typedef enum mha_weight_names {
+    MHA_NAMES_AUTO = 0,  /* the first of out_proj.weight, o_proj.weight, c_attn.weight present */
+    MHA_NAMES_TORCH,     /* nn.MultiheadAttention */
+    MHA_NAMES_LLAMA,     /* q_proj / k_proj / v_proj / o_proj */
+    MHA_NAMES_GPT2       /* c_attn / c_proj */
+} mha_weight_names;
+
+/* A layer from the block "<prefix>..." in a safetensors file, named by
+ * `names`: the tensors give E, kdim, vdim, the kv heads and head width
+ * (from W_q's and W_k's rows and hints->num_heads), the biases and
+ * bias_k/bias_v; every other field (num_heads, add_zero_attn, dtype, rope,
+ * window, softcap, alibi_slopes) comes from *hints.  Errors as above. */
+mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_names names,
+                          const mha_layer_desc *hints, mha_layer **out_layer);
+
 mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix,
                                       int64_t num_heads, int add_zero_attn, mha_dtype dtype,
                                       mha_layer **out_layer);

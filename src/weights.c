@@ -1,8 +1,13 @@
 /*
- * weights.c -- build a layer from a PyTorch state_dict saved as
- * safetensors.  Uses only the public API: the tensors present decide the
- * configuration (packed or separate projections, biases, bias_k/bias_v),
- * exactly as nn.MultiheadAttention's constructor decides which it creates.
+ * weights.c -- build a layer from an attention block's weights saved as
+ * safetensors, under one of three naming families:
+ *   nn.MultiheadAttention  out_proj.weight, in_proj_weight | q/k/v_proj_weight, ...
+ *   Llama-style            q_proj.weight, k_proj.weight, v_proj.weight, o_proj.weight (+ .bias)
+ *   GPT-2                  c_attn.weight [E, 3E] (Conv1D: [in, out]), c_proj.weight, (+ .bias)
+ * Uses only the public API: the tensors present decide the configuration
+ * (widths, kv heads, head width, biases, bias_k/bias_v), exactly as the
+ * block's constructor decides which tensors it creates; what no tensor
+ * records (heads, rotary, window, ...) comes from the caller.
  */
 #include "internal.h"
 
@@ -30,7 +35,7 @@ static mha_status require_weight(const lookup *lk, const char *name, mha_st_info
     bool present;
     mha_status st = find_weight(lk, name, info, &present);
     if (st == MHA_OK && !present)
-        st = mha__fail(MHA_ERR_NOT_FOUND, "no tensor \"%s%s\" (an nn.MultiheadAttention weight; is --prefix right?)",
+        st = mha__fail(MHA_ERR_NOT_FOUND, "no tensor \"%s%s\" (an attention block weight; is --prefix right?)",
                        lk->prefix, name);
     return st;
 }
@@ -64,8 +69,118 @@ static mha_status load_weight(mha_layer *layer, mha_st_file *file, const mha_st_
     return st;
 }
 
-/* Decide the configuration from the tensors present and check shapes. */
-static mha_status infer_desc(const lookup *lk, mha_layer_desc *d, mha_st_info found[8], const char *names[8], int *n)
+enum { MAX_FOUND = 8 };
+
+/* The tensors to load, found while inferring the configuration. */
+typedef struct found_set {
+    mha_st_info info[MAX_FOUND];
+    const char *names[MAX_FOUND];
+    int n;
+} found_set;
+
+static void add_found(found_set *f, const mha_st_info *info, const char *name)
+{
+    f->info[f->n] = *info;
+    f->names[f->n++] = name;
+}
+
+/* A weight's [rows, cols], or INVALID_ARG naming it. */
+static mha_status matrix_shape(const mha_st_info *info, int64_t *rows, int64_t *cols)
+{
+    if (info->rank != 2 || info->shape[0] < 1 || info->shape[1] < 1)
+        return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" must be a matrix", info->name);
+    *rows = info->shape[0];
+    *cols = info->shape[1];
+    return MHA_OK;
+}
+
+/* Optional bias `name` of n values: *present says whether it is there. */
+static mha_status optional_bias(const lookup *lk, const char *name, int64_t n, found_set *f, bool *present)
+{
+    mha_st_info info;
+    mha_status st = find_weight(lk, name, &info, present);
+    if (st != MHA_OK || !*present) return st;
+    if ((st = expect_shape(&info, 1, (int64_t[]){n})) != MHA_OK) return st;
+    add_found(f, &info, name);
+    return MHA_OK;
+}
+
+/* h d = rows of W_q; d must be a whole number, as must g = (g d) / d. */
+static mha_status head_split(mha_layer_desc *d, int64_t q_rows, int64_t kv_rows, const char *q_name)
+{
+    if (q_rows % d->num_heads)
+        return mha__fail(MHA_ERR_INVALID_ARG, "%s has %lld rows, not a multiple of num_heads %lld", q_name,
+                         (long long)q_rows, (long long)d->num_heads);
+    d->head_dim = q_rows / d->num_heads;
+    if (kv_rows % d->head_dim || d->num_heads % (kv_rows / d->head_dim))
+        return mha__fail(MHA_ERR_INVALID_ARG, "key/value projections have %lld rows: not a whole number of %lld-wide "
+                                              "heads dividing num_heads %lld", (long long)kv_rows,
+                         (long long)d->head_dim, (long long)d->num_heads);
+    d->num_kv_heads = kv_rows / d->head_dim;
+    return MHA_OK;
+}
+
+/* Llama-style: q_proj/k_proj/v_proj/o_proj, biases optional. */
+static mha_status infer_llama(const lookup *lk, mha_layer_desc *d, found_set *f)
+{
+    static const char *const w_names[4] = {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"};
+    int64_t rows[4] = {0}, cols[4] = {0};
+    mha_st_info info;
+    mha_status st = MHA_OK;
+    for (int i = 0; i < 4 && st == MHA_OK; i++)
+        if ((st = require_weight(lk, w_names[i], &info)) == MHA_OK && (st = matrix_shape(&info, &rows[i], &cols[i])) == MHA_OK)
+            add_found(f, &info, w_names[i]);
+    if (st != MHA_OK) return st;
+    d->embed_dim = rows[3];
+    if (cols[0] != d->embed_dim || cols[3] != rows[0] || rows[1] != rows[2])
+        return mha__fail(MHA_ERR_INVALID_ARG, "q_proj.weight [%lld, %lld], k/v_proj.weight [%lld, ...], [%lld, ...] and "
+                                              "o_proj.weight [%lld, %lld] do not fit one attention block",
+                         (long long)rows[0], (long long)cols[0], (long long)rows[1], (long long)rows[2],
+                         (long long)rows[3], (long long)cols[3]);
+    d->kdim = cols[1];
+    d->vdim = cols[2];
+    if ((st = head_split(d, rows[0], rows[1], "q_proj.weight")) != MHA_OK) return st;
+    bool has[3], has_out;
+    static const char *const b_names[3] = {"q_proj.bias", "k_proj.bias", "v_proj.bias"};
+    for (int i = 0; i < 3 && st == MHA_OK; i++) st = optional_bias(lk, b_names[i], rows[i], f, &has[i]);
+    if (st == MHA_OK) st = optional_bias(lk, "o_proj.bias", d->embed_dim, f, &has_out);
+    if (st != MHA_OK) return st;
+    if (has[0] != has[1] || has[0] != has[2])
+        return mha__fail(MHA_ERR_NOT_FOUND, "%sq_proj.bias, k_proj.bias and v_proj.bias must all be present or all absent",
+                         lk->prefix);
+    d->bias = has[0];
+    d->out_bias = has_out;
+    return MHA_OK;
+}
+
+/* GPT-2: c_attn.weight [E, 3 h d] and c_proj.weight [h d, E], Conv1D. */
+static mha_status infer_gpt2(const lookup *lk, mha_layer_desc *d, found_set *f)
+{
+    mha_st_info attn, proj;
+    int64_t ar = 0, ac = 0, pr = 0, pc = 0;
+    mha_status st;
+    if ((st = require_weight(lk, "c_attn.weight", &attn)) != MHA_OK || (st = matrix_shape(&attn, &ar, &ac)) != MHA_OK ||
+        (st = require_weight(lk, "c_proj.weight", &proj)) != MHA_OK || (st = matrix_shape(&proj, &pr, &pc)) != MHA_OK)
+        return st;
+    if (ac % 3 || pr != ac / 3 || pc != ar)
+        return mha__fail(MHA_ERR_INVALID_ARG, "c_attn.weight [%lld, %lld] and c_proj.weight [%lld, %lld] are not "
+                                              "GPT-2's [E, 3 E'] and [E', E]",
+                         (long long)ar, (long long)ac, (long long)pr, (long long)pc);
+    add_found(f, &attn, "c_attn.weight");
+    add_found(f, &proj, "c_proj.weight");
+    d->embed_dim = ar;
+    if ((st = head_split(d, ac / 3, ac / 3, "c_attn.weight")) != MHA_OK) return st;
+    bool has_in, has_out;
+    if ((st = optional_bias(lk, "c_attn.bias", ac, f, &has_in)) != MHA_OK ||
+        (st = optional_bias(lk, "c_proj.bias", ar, f, &has_out)) != MHA_OK)
+        return st;
+    d->bias = has_in;
+    d->out_bias = has_out;
+    return MHA_OK;
+}
+
+/* nn.MultiheadAttention: the tensors present and their shapes. */
+static mha_status infer_torch(const lookup *lk, mha_layer_desc *d, mha_st_info found[8], const char *names[8], int *n)
 {
     mha_st_info out_w;
     mha_status st = require_weight(lk, "out_proj.weight", &out_w);
@@ -105,6 +220,7 @@ static mha_status infer_desc(const lookup *lk, mha_layer_desc *d, mha_st_info fo
                          lk->prefix, has_bias ? "in_proj_bias" : "out_proj.bias", lk->prefix,
                          has_bias ? "out_proj.bias" : "in_proj_bias");
     d->bias = has_bias;
+    d->out_bias = has_bias;
     if (has_bias) {
         if ((st = expect_shape(&info, 1, (int64_t[]){3 * E})) != MHA_OK) return st;
         if ((st = expect_shape(&out_bias, 1, (int64_t[]){E})) != MHA_OK) return st;
@@ -127,28 +243,58 @@ static mha_status infer_desc(const lookup *lk, mha_layer_desc *d, mha_st_info fo
     return MHA_OK;
 }
 
-mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix, int64_t num_heads,
-                                      int add_zero_attn, mha_dtype dtype, mha_layer **out_layer)
+/* The family asked for, or the first whose anchor tensor is present. */
+static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer_desc *d, found_set *f)
 {
-    if (!file || !out_layer) return mha__fail(MHA_ERR_MISUSE, "mha_layer_from_safetensors: NULL argument");
+    mha_st_info info;
+    bool torch, llama, gpt2;
+    mha_status st;
+    if ((st = find_weight(lk, "out_proj.weight", &info, &torch)) != MHA_OK ||
+        (st = find_weight(lk, "o_proj.weight", &info, &llama)) != MHA_OK ||
+        (st = find_weight(lk, "c_attn.weight", &info, &gpt2)) != MHA_OK)
+        return st;
+    if (names == MHA_NAMES_AUTO) names = torch ? MHA_NAMES_TORCH : llama ? MHA_NAMES_LLAMA : gpt2 ? MHA_NAMES_GPT2 : MHA_NAMES_TORCH;
+    switch (names) {
+    case MHA_NAMES_LLAMA: return infer_llama(lk, d, f);
+    case MHA_NAMES_GPT2: return infer_gpt2(lk, d, f);
+    case MHA_NAMES_TORCH: return infer_torch(lk, d, f->info, f->names, &f->n); /* also names what is missing */
+    default: break;
+    }
+    return mha__fail(MHA_ERR_INVALID_ARG, "weight names %d is not an mha_weight_names value", (int)names);
+}
+
+mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_names names, const mha_layer_desc *hints,
+                          mha_layer **out_layer)
+{
+    if (!file || !hints || !out_layer) return mha__fail(MHA_ERR_MISUSE, "mha_layer_load: NULL argument");
     *out_layer = NULL;
+    if (hints->num_heads < 1)
+        return mha__fail(MHA_ERR_INVALID_ARG, "num_heads must be positive, got %lld (files do not store it)",
+                         (long long)hints->num_heads);
     lookup lk = {file, prefix ? prefix : ""};
-    mha_layer_desc d;
-    mha_layer_desc_init(&d);
-    d.num_heads = num_heads;
-    d.add_zero_attn = add_zero_attn;
-    d.dtype = dtype;
-    mha_st_info found[8];
-    const char *names[8];
-    int n = 0;
-    mha_status st = infer_desc(&lk, &d, found, names, &n);
+    mha_layer_desc d = *hints;
+    d.kdim = d.vdim = 0;
+    d.num_kv_heads = d.head_dim = 0;
+    found_set f = {.n = 0};
+    mha_status st = infer_desc(&lk, names, &d, &f);
     mha_layer *layer = NULL;
     if (st == MHA_OK) st = mha_layer_create(&d, &layer);
-    for (int i = 0; st == MHA_OK && i < n; i++) st = load_weight(layer, file, &found[i], names[i]);
+    for (int i = 0; st == MHA_OK && i < f.n; i++) st = load_weight(layer, file, &f.info[i], f.names[i]);
     if (st != MHA_OK) {
         mha_layer_free(layer);
         return st;
     }
     *out_layer = layer;
     return MHA_OK;
+}
+
+mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix, int64_t num_heads,
+                                      int add_zero_attn, mha_dtype dtype, mha_layer **out_layer)
+{
+    mha_layer_desc d;
+    mha_layer_desc_init(&d);
+    d.num_heads = num_heads;
+    d.add_zero_attn = add_zero_attn;
+    d.dtype = dtype;
+    return mha_layer_load(file, prefix, MHA_NAMES_AUTO, &d, out_layer);
 }

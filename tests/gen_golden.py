@@ -353,6 +353,126 @@ def sdpa_case(name, B, Hq, L, S, D, Dv=None, Hkv=None, mask=None, causal=None, s
          {"command": "sdpa-backward" if backward else "sdpa", "args": " ".join(args)})
 
 
+# ---------------------------------------------------------------------------
+# Attention blocks of published models (Llama, Mistral, GPT-2, GPT-J, Gemma-2)
+# ---------------------------------------------------------------------------
+
+def rope_angles(T, position, dim, theta, dtype):
+    """cos and sin [T, dim/2] of (position + t) * theta^(-2i/dim), computed in
+    `dtype` as the models' own code does (HF computes them in float32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype) / dim))
+    freqs = (position + torch.arange(T, dtype=dtype))[:, None] * inv_freq[None, :]
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x, kind, dim, theta, position):
+    """x [B, H, T, d]: Llama/GPT-NeoX rotate_half on the first `dim`
+    dimensions, or GPT-J's rotate_every_two."""
+    cos, sin = rope_angles(x.shape[2], position, dim, theta, x.dtype)
+    rot, rest = x[..., :dim], x[..., dim:]
+    if kind == "half":
+        x1, x2 = rot[..., :dim // 2], rot[..., dim // 2:]
+        rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([rot, rest], dim=-1)
+
+
+def block_math(x, w, H, G, hd, rope=None, rope_dim=None, theta=10000.0, position=0, window=-1, softcap=0.0,
+               alibi=None):
+    """A decoder attention block from its definition, causal, in x's dtype:
+    w holds q, k, v, o as [out, in] matrices and optional biases."""
+    B, T, E = x.shape
+    lin = lambda t, name: t @ w[name].T + (w[name + "_b"] if name + "_b" in w else 0)
+    q = lin(x, "q").reshape(B, T, H, hd).transpose(1, 2)
+    k = lin(x, "k").reshape(B, T, G, hd).transpose(1, 2)
+    v = lin(x, "v").reshape(B, T, G, hd).transpose(1, 2)
+    if rope:
+        q = apply_rope(q, rope, rope_dim or hd, theta, position)
+        k = apply_rope(k, rope, rope_dim or hd, theta, position)
+    k = k.repeat_interleave(H // G, dim=1)  # Llama's repeat_kv
+    v = v.repeat_interleave(H // G, dim=1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(T).reshape(T, 1)
+    j = torch.arange(T).reshape(1, T)
+    if alibi is not None:
+        s = s - alibi.to(x.dtype).reshape(1, H, 1, 1) * (i - j).abs().to(x.dtype)
+    visible = j <= i
+    if window >= 0:
+        visible = visible & (j >= i - window)
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+    out = (p @ v).transpose(1, 2).reshape(B, T, H * hd)
+    return lin(out, "o")
+
+
+def block_case(name, family, E, H, G, hd, T=9, B=2, bias=False, out_bias=False, rope=None, rope_dim=None,
+               theta=10000.0, position=0, window=-1, softcap=0.0, alibi=False, prefix="", backward=False):
+    """A block's weights under `family`'s names (llama: q_proj.weight ...,
+    gpt2: c_attn/c_proj as Conv1D [in, out]), a [B, T, E] input, and the
+    block's output (or, with backward, every gradient) in float64 and
+    float32."""
+    qd, kvd = H * hd, G * hd
+    w = {"q": torch.randn(qd, E) / math.sqrt(E), "k": torch.randn(kvd, E) / math.sqrt(E),
+         "v": torch.randn(kvd, E) / math.sqrt(E), "o": torch.randn(E, qd) / math.sqrt(qd)}
+    if bias:
+        w.update({"q_b": torch.randn(qd) * 0.5, "k_b": torch.randn(kvd) * 0.5, "v_b": torch.randn(kvd) * 0.5})
+    if out_bias:
+        w["o_b"] = torch.randn(E) * 0.5
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)]) if alibi else None
+    x = torch.randn(B, T, E)
+    tensors = {}
+    if family == "llama":
+        for part in "qkvo":
+            tensors[f"{prefix}{part}_proj.weight"] = w[part]
+            if part + "_b" in w:
+                tensors[f"{prefix}{part}_proj.bias"] = w[part + "_b"]
+    else:  # GPT-2: one c_attn for Q, K, V, weights stored [in, out]
+        tensors[prefix + "c_attn.weight"] = torch.cat([w["q"], w["k"], w["v"]]).T.contiguous()
+        if bias:
+            tensors[prefix + "c_attn.bias"] = torch.cat([w["q_b"], w["k_b"], w["v_b"]])
+        tensors[prefix + "c_proj.weight"] = w["o"].T.contiguous()
+        if out_bias:
+            tensors[prefix + "c_proj.bias"] = w["o_b"]
+    tensors["query"] = x
+    if slopes is not None:
+        tensors["alibi_slopes"] = slopes
+    kw = dict(H=H, G=G, hd=hd, rope=rope, rope_dim=rope_dim, theta=theta, position=position, window=window,
+              softcap=softcap, alibi=slopes)
+    if backward:
+        grad = torch.randn(B, T, E)
+        tensors["grad_attn_output"] = grad
+        for prefix_, dtype in (("expected", torch.float64), ("torch32", torch.float32)):
+            wd = {k_: t.to(dtype).requires_grad_() for k_, t in w.items()}
+            xd = x.to(dtype).requires_grad_()
+            block_math(xd, wd, **kw).backward(grad.to(dtype))
+            tensors[f"{prefix_}.query.grad"] = xd.grad
+            for part in "qkvo":  # the library names a non-nn.MultiheadAttention layer's parameters the Llama way
+                tensors[f"{prefix_}.{prefix}{part}_proj.weight.grad"] = wd[part].grad
+                if part + "_b" in wd:
+                    tensors[f"{prefix_}.{prefix}{part}_proj.bias.grad"] = wd[part + "_b"].grad
+    else:
+        tensors["expected.attn_output"] = block_math(x.double(), {k_: t.double() for k_, t in w.items()}, **kw)
+        tensors["torch32.attn_output"] = block_math(x, w, **kw)
+    args = ["--num-heads", str(H), "--batch-first", "--is-causal", "--names", family]
+    if rope:
+        args += ["--rope", rope, "--rope-theta", repr(theta)]
+        if rope_dim:
+            args += ["--rope-dim", str(rope_dim)]
+        if position:
+            args += ["--position", str(position)]
+    if window >= 0:
+        args += ["--window-left", str(window)]
+    if softcap:
+        args += ["--softcap", repr(softcap)]
+    if prefix:
+        args += ["--prefix", prefix]
+    save(os.path.join(OUT, name + ".safetensors"), tensors,
+         {"command": "backward" if backward else "forward", "args": " ".join(args)})
+
+
 def make_demo(path):
     """The README demo's example: a 64-wide, 8-head self-attention block
     over 6 tokens, with PyTorch's own outputs (causal, need_weights) saved
@@ -488,6 +608,23 @@ def main():
     sdpa_case("sdpa_large_logits", B=1, Hq=2, L=8, S=8, D=16, scale_inputs=20.0)
 
     random_combinations(30, 30)
+
+    # Attention blocks of published models, from their definitions.
+    block_case("blk_llama_gqa", "llama", E=32, H=4, G=2, hd=8, rope="half", prefix="model.layers.0.self_attn.")
+    block_case("blk_llama_mqa_pos", "llama", E=24, H=4, G=1, hd=6, rope="half", theta=500000.0, position=4000)
+    block_case("blk_qwen_bias", "llama", E=32, H=4, G=2, hd=16, bias=True, rope="half")
+    block_case("blk_mistral_window", "llama", E=32, H=4, G=1, hd=8, rope="half", window=3, T=12)
+    block_case("blk_gemma_softcap", "llama", E=24, H=2, G=1, hd=16, rope="half", softcap=5.0)
+    block_case("blk_gptj_interleaved", "llama", E=32, H=4, G=4, hd=8, rope="interleaved", rope_dim=4)
+    block_case("blk_neox_partial", "llama", E=32, H=2, G=2, hd=16, rope="half", rope_dim=8, out_bias=True,
+               bias=True)
+    block_case("blk_bloom_alibi", "llama", E=32, H=4, G=4, hd=8, alibi=True, bias=True, out_bias=True)
+    block_case("blk_gpt2", "gpt2", E=32, H=4, G=4, hd=8, bias=True, out_bias=True, prefix="h.0.attn.")
+    block_case("blk_gpt2_head64", "gpt2", E=128, H=2, G=2, hd=64, bias=True, out_bias=True, T=20, B=1)
+    block_case("bwd_blk_llama", "llama", E=32, H=4, G=2, hd=8, rope="half", position=5, bias=True, out_bias=True,
+               backward=True)
+    block_case("bwd_blk_gptj", "llama", E=16, H=2, G=1, hd=8, rope="interleaved", rope_dim=4, window=4,
+               backward=True)
 
     # Gradients of nn.MultiheadAttention: every option the forward has.
     forward_case("bwd_fwd_basic", E=16, H=2, L=5, backward=True)

@@ -478,6 +478,19 @@ static void test_cli_files(void)
     BADW("no tensor \"bias_v\"");
     write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "in_proj_weight", MHA_DTYPE_I32, 2, 48, 16, NULL);
     BADW("\"in_proj_weight\" has dtype I32; weights must be F32, F64, F16 or BF16");
+    /* Llama and GPT-2 blocks whose shapes do not fit. */
+    write_file(w, "q_proj.weight", MHA_DTYPE_F32, 2, 15, 16, "k_proj.weight", MHA_DTYPE_F32, 2, 8, 16, "v_proj.weight",
+               MHA_DTYPE_F32, 2, 8, 16, "o_proj.weight", MHA_DTYPE_F32, 2, 16, 15, NULL);
+    BADW("q_proj.weight has 15 rows, not a multiple of num_heads 2");
+    write_file(w, "q_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "k_proj.weight", MHA_DTYPE_F32, 2, 6, 16, "v_proj.weight",
+               MHA_DTYPE_F32, 2, 6, 16, "o_proj.weight", MHA_DTYPE_F32, 2, 16, 16, NULL);
+    BADW("key/value projections have 6 rows: not a whole number of 8-wide heads");
+    write_file(w, "q_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "k_proj.weight", MHA_DTYPE_F32, 2, 8, 16, "v_proj.weight",
+               MHA_DTYPE_F32, 2, 8, 16, "o_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "q_proj.bias", MHA_DTYPE_F32, 1, 16,
+               NULL);
+    BADW("q_proj.bias, k_proj.bias and v_proj.bias must all be present or all absent");
+    write_file(w, "c_attn.weight", MHA_DTYPE_F32, 2, 16, 47, "c_proj.weight", MHA_DTYPE_F32, 2, 16, 16, NULL);
+    BADW("are not GPT-2's [E, 3 E'] and [E', E]");
     unlink(w);
 
     write_file(p, "key", MHA_DTYPE_F32, 3, 5, 2, 16, NULL);
@@ -509,6 +522,11 @@ static void test_cli_files(void)
 #define BWD(needle, ...) expect_cli_error(needle, bw[0], bw[1], bw[2], bw[3], bw[4], bw[5], bw[6], bw[7], bw[8], __VA_ARGS__)
     write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, NULL);
     BWD("has no tensor named \"grad_attn_output\"", NULL);
+    FWD("--names must be auto, torch, llama or gpt2, got \"bert\"", "--names", "bert", NULL);
+    FWD("--rope must be none, half or interleaved, got \"yes\"", "--rope", "yes", NULL);
+    FWD("no tensor \"q_proj.weight\"", "--names", "llama", NULL);
+    FWD("rope.dim must be even and at most head_dim 8", "--rope", "half", "--rope-dim", "3", NULL);
+    FWD("rope.theta must be > 1", "--rope", "half", "--rope-theta", "0.5", NULL);
     BWD("--need-weights and --no-average-attn-weights are forward outputs", "--need-weights", NULL);
     BWD("--dtype must be f32 (gradients are float32 only), got \"bf16\"", "--dtype", "bf16", NULL);
     write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "grad_attn_output", MHA_DTYPE_F32, 3, 5, 2, 15, NULL);

@@ -256,6 +256,13 @@ float *cli_alloc_floats(const char *cmd, const char *what, const int64_t *dims, 
     return p;
 }
 
+int cli_choice(const char *value, const char *const *choices, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (strcmp(value, choices[i]) == 0) return i;
+    return -1;
+}
+
 static void print_help(void)
 {
     printf("usage: mha COMMAND [flags]   (mha COMMAND --help for its flags)\n\n"

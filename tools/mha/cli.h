@@ -64,6 +64,9 @@ int  cli_load(const char *cmd, mha_st_file *file, const char *path, const char *
               bool allow_bytes, cli_tensor *t);
 void cli_tensor_free(cli_tensor *t);
 
+/* The index of `value` among the n `choices`, or -1. */
+int cli_choice(const char *value, const char *const *choices, int n);
+
 /* "[2, 3, 4]" */
 const char *cli_shape_str(const int64_t *shape, int rank, char *buf, size_t size);
 

@@ -14,8 +14,9 @@ typedef struct forward_opts {
     const char *cmd;  /* "forward" or "backward" */
     bool backward;
     const char *weights, *inputs, *out, *prefix;
-    const char *dtype;
-    int64_t num_heads, threads;
+    const char *dtype, *names, *rope;
+    int64_t num_heads, threads, rope_dim, position, window_left, window_right;
+    double rope_theta, softcap;
     bool batch_first, need_weights, no_average, add_zero_attn, is_causal;
 } forward_opts;
 
@@ -26,7 +27,7 @@ typedef struct dims {
 } dims;
 
 typedef struct inputs {
-    cli_tensor query, key, value, attn_mask, key_padding_mask, grad;
+    cli_tensor query, key, value, attn_mask, key_padding_mask, grad, alibi;
 } inputs;
 
 static void inputs_free(inputs *in)
@@ -37,6 +38,7 @@ static void inputs_free(inputs *in)
     cli_tensor_free(&in->attn_mask);
     cli_tensor_free(&in->key_padding_mask);
     cli_tensor_free(&in->grad);
+    cli_tensor_free(&in->alibi);
 }
 
 static int load_inputs(const forward_opts *o, mha_st_file *file, const char *path, inputs *in)
@@ -46,8 +48,13 @@ static int load_inputs(const forward_opts *o, mha_st_file *file, const char *pat
         cli_load(CMD, file, path, "key", false, false, &in->key) ||
         cli_load(CMD, file, path, "value", false, false, &in->value) ||
         cli_load(CMD, file, path, "attn_mask", false, true, &in->attn_mask) ||
-        cli_load(CMD, file, path, "key_padding_mask", false, true, &in->key_padding_mask))
+        cli_load(CMD, file, path, "key_padding_mask", false, true, &in->key_padding_mask) ||
+        cli_load(CMD, file, path, "alibi_slopes", false, false, &in->alibi))
         return CLI_FAIL;
+    if (in->alibi.present && (in->alibi.rank != 1 || in->alibi.shape[0] != o->num_heads)) {
+        cli_error(CMD, "%s: alibi_slopes must have shape [num_heads] = [%lld]", path, (long long)o->num_heads);
+        return CLI_FAIL;
+    }
     if (in->key.present != in->value.present) {
         cli_error(CMD, "%s has \"%s\" but no \"%s\"; give both, or neither for self-attention", path,
                   in->key.present ? "key" : "value", in->key.present ? "value" : "key");
@@ -227,6 +234,7 @@ static int run(const forward_opts *o, mha_layer *layer, inputs *in)
     args.value = layer_view(v->f32, v, &d, o->batch_first);
     args.causal = o->is_causal ? MHA_CAUSAL_TOP_LEFT : MHA_CAUSAL_NONE;
     args.average_attn_weights = !o->no_average;
+    args.position = o->position;
 
     int64_t heads = o->no_average ? d.H : 1, wdims[4] = {d.N, heads, d.L, d.S1};
     float *out = cli_alloc_floats(CMD, "attn_output", in->query.shape, in->query.rank);
@@ -258,7 +266,8 @@ static int run(const forward_opts *o, mha_layer *layer, inputs *in)
 
 static int forward_main(int argc, char **argv, bool backward)
 {
-    forward_opts o = {.cmd = backward ? "backward" : "forward", .backward = backward, .prefix = "", .dtype = "f32"};
+    forward_opts o = {.cmd = backward ? "backward" : "forward", .backward = backward, .prefix = "", .dtype = "f32",
+                      .names = "auto", .rope = "none", .window_left = -1, .window_right = -1};
     const char *CMD = o.cmd;
     cli_flag flags[] = {
         {"weights", FLAG_STRING, &o.weights, "safetensors with the nn.MultiheadAttention state_dict", false},
@@ -269,7 +278,15 @@ static int forward_main(int argc, char **argv, bool backward)
         {"out", FLAG_STRING, &o.out,
          backward ? "safetensors to write <name>.grad of every input and weight to"
                   : "safetensors to write attn_output [, attn_output_weights] to", false},
-        {"num-heads", FLAG_INT, &o.num_heads, "number of heads (embed_dim must be divisible by it)", false},
+        {"num-heads", FLAG_INT, &o.num_heads, "number of (query) heads; kv heads and head width follow from the weights", false},
+        {"names", FLAG_STRING, &o.names, "weight names: auto (default), torch, llama or gpt2", false},
+        {"rope", FLAG_STRING, &o.rope, "rotary embeddings on Q and K: none (default), half (Llama) or interleaved (GPT-J)", false},
+        {"rope-theta", FLAG_DOUBLE, &o.rope_theta, "rotary base (default 10000)", false},
+        {"rope-dim", FLAG_INT, &o.rope_dim, "rotated dimensions per head (default all)", false},
+        {"position", FLAG_INT, &o.position, "rotary position of the first query and key row (default 0)", false},
+        {"window-left", FLAG_INT, &o.window_left, "keys visible left of the diagonal (-1 = all)", false},
+        {"window-right", FLAG_INT, &o.window_right, "keys visible right of the diagonal (-1 = all)", false},
+        {"softcap", FLAG_DOUBLE, &o.softcap, "cap scores at C via C*tanh(s/C) (0 = off)", false},
         {"batch-first", FLAG_BOOL, &o.batch_first, "inputs are [N, L, E] instead of [L, N, E]", false},
         {"need-weights", FLAG_BOOL, &o.need_weights, "also write attn_output_weights", false},
         {"no-average-attn-weights", FLAG_BOOL, &o.no_average, "per-head weights [N, H, L, S] instead of the mean", false},
@@ -284,8 +301,9 @@ static int forward_main(int argc, char **argv, bool backward)
     int rc = cli_parse(CMD, "--weights W --inputs X --out Y --num-heads H [flags]", argc, argv, flags,
                        (int)(sizeof flags / sizeof flags[0]), &help);
     if (rc != CLI_OK || help) return rc;
-    const char *missing = !o.weights ? "--weights" : !o.inputs ? "--inputs" : !o.out ? "--out"
-                        : !flags[4].seen ? "--num-heads" : NULL;
+    const char *missing = !o.weights ? "--weights" : !o.inputs ? "--inputs" : !o.out ? "--out" : NULL;
+    for (size_t i = 0; !missing && i < sizeof flags / sizeof flags[0]; i++)
+        if (flags[i].dst == &o.num_heads && !flags[i].seen) missing = "--num-heads";
     if (missing) {
         cli_error(CMD, "%s is required (see mha %s --help)", missing, CMD);
         return CLI_USAGE;
@@ -302,19 +320,35 @@ static int forward_main(int argc, char **argv, bool backward)
         cli_error(CMD, "--num-heads must be positive, got %lld", (long long)o.num_heads);
         return CLI_USAGE;
     }
+    static const char *const name_kinds[] = {"auto", "torch", "llama", "gpt2"};
+    static const char *const rope_kinds[] = {"none", "half", "interleaved"};
+    int names = cli_choice(o.names, name_kinds, 4), rope = cli_choice(o.rope, rope_kinds, 3);
+    if (names < 0 || rope < 0) {
+        cli_error(CMD, names < 0 ? "--names must be auto, torch, llama or gpt2, got \"%s\""
+                                 : "--rope must be none, half or interleaved, got \"%s\"", names < 0 ? o.names : o.rope);
+        return CLI_USAGE;
+    }
     mha_st_file *wf = NULL, *xf = NULL;
     mha_layer *layer = NULL;
     inputs in;
     memset(&in, 0, sizeof in);
-    rc = cli_open(CMD, "--weights", o.weights, &wf);
-    mha_dtype dtype = strcmp(o.dtype, "bf16") == 0 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
-    if (rc == CLI_OK &&
-        mha_layer_from_safetensors(wf, o.prefix, o.num_heads, o.add_zero_attn, dtype, &layer) != MHA_OK) {
+    rc = cli_open(CMD, "--inputs", o.inputs, &xf);
+    if (rc == CLI_OK) rc = load_inputs(&o, xf, o.inputs, &in);
+    if (rc == CLI_OK) rc = cli_open(CMD, "--weights", o.weights, &wf);
+    mha_layer_desc hints;
+    mha_layer_desc_init(&hints);
+    hints.num_heads = o.num_heads;
+    hints.add_zero_attn = o.add_zero_attn;
+    hints.dtype = strcmp(o.dtype, "bf16") == 0 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
+    hints.rope = (mha_rope){(mha_rope_kind)rope, o.rope_theta, o.rope_dim};
+    hints.window_left = o.window_left;
+    hints.window_right = o.window_right;
+    hints.softcap = (float)o.softcap;
+    hints.alibi_slopes = in.alibi.present ? in.alibi.f32 : NULL;
+    if (rc == CLI_OK && mha_layer_load(wf, o.prefix, (mha_weight_names)names, &hints, &layer) != MHA_OK) {
         cli_error(CMD, "--weights %s: %s", o.weights, mha_last_error());
         rc = CLI_FAIL;
     }
-    if (rc == CLI_OK) rc = cli_open(CMD, "--inputs", o.inputs, &xf);
-    if (rc == CLI_OK) rc = load_inputs(&o, xf, o.inputs, &in);
     if (rc == CLI_OK) rc = run(&o, layer, &in);
     inputs_free(&in);
     mha_layer_free(layer);
