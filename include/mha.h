@@ -487,6 +487,47 @@ mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *layer, const mha_layer_fw
                               mha_tensor *grad_key, mha_tensor *grad_value);
 
 /* ------------------------------------------------------------------ */
+/* Decoding with a KV cache                                            */
+/* ------------------------------------------------------------------ */
+
+/* The keys (after the rotary embedding) and values of one layer for the
+ * tokens seen so far, for `batch` sequences at once: capacity tokens of
+ * g kv heads x head_dim, stored as float32 or bf16 (half the memory; the
+ * attention still computes in float32).  Sequences in a batch advance
+ * together. */
+typedef struct mha_kv_cache mha_kv_cache;
+
+/* Errors: MISUSE, INVALID_ARG (sizes, dtype not F32/BF16), NOMEM. */
+mha_status mha_kv_cache_create(const mha_layer *layer, int64_t batch, int64_t capacity, mha_dtype dtype,
+                               mha_kv_cache **cache);
+void       mha_kv_cache_free(mha_kv_cache *cache);
+int64_t    mha_kv_cache_length(const mha_kv_cache *cache);    /* tokens held */
+int64_t    mha_kv_cache_capacity(const mha_kv_cache *cache);
+void       mha_kv_cache_reset(mha_kv_cache *cache);           /* length 0 */
+/* Forget every token from `length` on (length <= current length).
+ * INVALID_ARG otherwise. */
+mha_status mha_kv_cache_truncate(mha_kv_cache *cache, int64_t length);
+/* Appends keys k [batch, g, n, head_dim] and values v [same] (any
+ * strides), already projected and rotated.  INVALID_ARG (shapes, or past
+ * the capacity: nothing is appended). */
+mha_status mha_kv_cache_append(mha_kv_cache *cache, const mha_tensor *k, const mha_tensor *v);
+
+/* One decoding step of self-attention: x [batch, n, E] holds the next n
+ * tokens (n >= 1; a whole prompt at once is fine), at positions
+ * length .. length + n - 1.  Their keys (rotated) and values are appended
+ * to the cache, every new row attends to every cached token up to its own
+ * position (bottom-right causal, and the layer's window), and out
+ * [batch, n, E] gets the layer's output: the same as mha_layer_forward
+ * with causal masking over the whole sequence, within the tolerance rule.
+ * A single new row is split over the threads by key range, merged by
+ * log-sum-exp in a fixed order: the same bits for any thread count.
+ * Errors: MISUSE, INVALID_ARG (shapes, cache full, a layer with
+ * add_bias_kv/add_zero_attn or a cache made for another configuration),
+ * NOMEM; on error the cache is unchanged. */
+mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *layer, mha_kv_cache *cache, mha_tensor *out,
+                            const mha_tensor *x);
+
+/* ------------------------------------------------------------------ */
 /* Sizing questions (mha info)                                         */
 /* ------------------------------------------------------------------ */
 

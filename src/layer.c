@@ -382,8 +382,8 @@ static bool batches_even(int64_t T, const mha__batched *x, const mha__batched *y
 
 /* y[n, t, :] = x[n, t, :] W^T + b for N batches of T rows: one GEMM when
  * the batches lie evenly one after another, else one per batch. */
-static mha_status project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x, matrix which,
-                          const float *b, const mha__batched *y)
+mha_status mha__layer_project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
+                              matrix which, const float *b, const mha__batched *y)
 {
     if (N == 1 || batches_even(T, x, y)) return linear(ctx, l, N * T, &x->m, which, b, &y->m);
     mha_status st = MHA_OK;
@@ -590,9 +590,9 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
     const float *b_q = l->b_in ? l->b_in + mha__layer_bias_offset(l, MAT_Q) : NULL;
     const float *b_k = l->b_in ? l->b_in + mha__layer_bias_offset(l, MAT_K) : NULL;
     const float *b_v = l->b_in ? l->b_in + mha__layer_bias_offset(l, MAT_V) : NULL;
-    if ((st = project(ctx, l, N, L, &x_q, MAT_Q, b_q, &q)) != MHA_OK ||
-        (st = project(ctx, l, N, S, &x_k, MAT_K, b_k, &k)) != MHA_OK || /* extra rows follow */
-        (st = project(ctx, l, N, S, &x_v, MAT_V, b_v, &v)) != MHA_OK)
+    if ((st = mha__layer_project(ctx, l, N, L, &x_q, MAT_Q, b_q, &q)) != MHA_OK ||
+        (st = mha__layer_project(ctx, l, N, S, &x_k, MAT_K, b_k, &k)) != MHA_OK || /* extra rows follow */
+        (st = mha__layer_project(ctx, l, N, S, &x_v, MAT_V, b_v, &v)) != MHA_OK)
         return st;
     append_extra_keys(l, buf.k, buf.v, N, S, S1);
 
@@ -609,10 +609,10 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
     mha__batched heads = mha__layer_activations(l, buf.heads, L, H);
     if (!strided) {
         mha__batched y = mha__layer_from_view(attn_output);
-        st = project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &y);
+        st = mha__layer_project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &y);
     } else { /* columns not contiguous: project into the staging area, then scatter */
         mha__batched staged = {{buf.staging, E, 1, 0, 0}, L * E};
-        if ((st = project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &staged)) != MHA_OK) return st;
+        if ((st = mha__layer_project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &staged)) != MHA_OK) return st;
         for (int64_t n = 0; n < N; n++)
             for (int64_t t = 0; t < L; t++)
                 for (int64_t c = 0; c < E; c++)

@@ -81,6 +81,11 @@ mha_tensor   mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, i
  * (position out of range), NOMEM. */
 mha_status mha__rope_apply(mha_ctx *ctx, const mha_layer *l, const mha_tensor *x, int64_t position, bool inverse);
 
+/* y = x W^T + b for matrix `which` over N batches of T rows, in the
+ * layer's dtype.  NOMEM (bf16 scratch). */
+mha_status mha__layer_project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
+                              matrix which, const float *b, const mha__batched *y);
+
 /* y = x W^T, or y += x W^T when `add`, over N batches of T rows, with W
  * packed as w (float32 layers). */
 void mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,

@@ -171,6 +171,44 @@ static void test_softmax_grad(const mha__kernels *kt)
     CHECK(bad == 0, "%s softmax_grad: %d mismatches", kt->name, bad);
 }
 
+/* dot_rows and axpy_rows (float32 or, with bk, bf16 keys and values)
+ * against double over every tail of n and d. */
+static void test_rows(const mha__kernels *kt, const mha__bf16_kernels *bk)
+{
+    enum { N = 13, D = 133, LD = 140 };
+    float kv[N * LD], q[D], s[N + 1], o[D + 1], o0[D + 1], p[N];
+    uint16_t kv16[N * LD];
+    for (int i = 0; i < N * LD; i++) {
+        kv16[i] = mha__f32_to_bf16(uniform());
+        kv[i] = bk ? mha__bf16_to_f32(kv16[i]) : uniform();
+    }
+    for (int i = 0; i < D; i++) q[i] = uniform();
+    for (int i = 0; i < N; i++) p[i] = uniform();
+    int bad = 0;
+    for (int n = 0; n <= N; n += 3)
+        for (int d = 1; d <= D; d += 11) {
+            s[n] = 42.0f;
+            if (bk) bk->dot_rows(kv16, LD, n, q, d, s);
+            else kt->dot_rows(kv, LD, n, q, d, s);
+            bad += s[n] != 42.0f; /* nothing written past n */
+            for (int j = 0; j < n; j++) {
+                double want = 0, mag = 0;
+                for (int c = 0; c < d; c++) want += (double)q[c] * kv[j * LD + c], mag += fabs((double)q[c] * kv[j * LD + c]);
+                bad += fabs(s[j] - want) > (d + 1) * FLT_EPSILON * mag + 1e-30;
+            }
+            for (int c = 0; c <= D; c++) o[c] = o0[c] = uniform();
+            if (bk) bk->axpy_rows(p, kv16, LD, n, d, o);
+            else kt->axpy_rows(p, kv, LD, n, d, o);
+            bad += o[d] != o0[d];
+            for (int c = 0; c < d; c++) {
+                double want = o0[c], mag = fabs(o0[c]);
+                for (int j = 0; j < n; j++) want += (double)p[j] * kv[j * LD + c], mag += fabs((double)p[j] * kv[j * LD + c]);
+                bad += fabs(o[c] - want) > (n + 1) * FLT_EPSILON * mag + 1e-30;
+            }
+        }
+    CHECK(bad == 0, "%s%s dot_rows/axpy_rows: %d mismatches", bk ? "bf16 " : "", bk ? bk->name : kt->name, bad);
+}
+
 /* The bf16 kernels: the tile over every tail, both A layouts (row-major
  * and pairs of rows) and both accumulate modes, writing nothing outside the
  * tile, with sums within float32 rounding of the exact (double) ones; and
@@ -246,7 +284,10 @@ int main(void)
     static const char *const bf16_names[] = {"generic", "avx512_bf16"};
     for (size_t i = 0; i < sizeof bf16_names / sizeof bf16_names[0]; i++) {
         const mha__bf16_kernels *bk = mha__bf16_named(bf16_names[i]);
-        if (bk) test_bf16_kernels(bk);
+        if (bk) {
+            test_bf16_kernels(bk);
+            test_rows(NULL, bk);
+        }
         else printf("test_kernels: bf16 kernels %s not supported here, skipped\n", bf16_names[i]);
     }
     static const char *const names[] = {"generic", "avx2", "avx512"};
@@ -261,6 +302,7 @@ int main(void)
         test_exp(kt);
         test_softmax_step(kt);
         test_softmax_grad(kt);
+        test_rows(kt, NULL);
         tested++;
     }
     CHECK(tested >= 1, "no kernels ran");

@@ -183,6 +183,53 @@ static float hsum256(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* As dot_rows_avx512, 8 lanes, two keys at a time. */
+static void dot_rows_avx2(const float *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s)
+{
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+        const float *k0 = k + j * ldk, *k1 = k0 + ldk;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        for (int64_t c = 0; c < d; c += 8) {
+            __m256i mk = lane_mask(d - c);
+            __m256 qv = _mm256_maskload_ps(q + c, mk);
+            a0 = _mm256_fmadd_ps(_mm256_maskload_ps(k0 + c, mk), qv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_maskload_ps(k1 + c, mk), qv, a1);
+        }
+        s[j] = hsum256(a0);
+        s[j + 1] = hsum256(a1);
+    }
+    for (; j < n; j++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t c = 0; c < d; c += 8) {
+            __m256i mk = lane_mask(d - c);
+            a = _mm256_fmadd_ps(_mm256_maskload_ps(k + j * ldk + c, mk), _mm256_maskload_ps(q + c, mk), a);
+        }
+        s[j] = hsum256(a);
+    }
+}
+
+static void axpy_rows_avx2(const float *p, const float *v, int64_t ldv, int64_t n, int64_t d, float *o)
+{
+    for (int64_t c = 0; c < d; c += 32) {
+        __m256i m0 = lane_mask(d - c), m1 = lane_mask(d - c - 8), m2 = lane_mask(d - c - 16), m3 = lane_mask(d - c - 24);
+        __m256 o0 = _mm256_maskload_ps(o + c, m0), o1 = _mm256_maskload_ps(o + c + 8, m1);
+        __m256 o2 = _mm256_maskload_ps(o + c + 16, m2), o3 = _mm256_maskload_ps(o + c + 24, m3);
+        for (int64_t j = 0; j < n; j++) {
+            const float *vj = v + j * ldv + c;
+            __m256 pj = _mm256_set1_ps(p[j]);
+            o0 = _mm256_fmadd_ps(pj, _mm256_maskload_ps(vj, m0), o0);
+            o1 = _mm256_fmadd_ps(pj, _mm256_maskload_ps(vj + 8, m1), o1);
+            o2 = _mm256_fmadd_ps(pj, _mm256_maskload_ps(vj + 16, m2), o2);
+            o3 = _mm256_fmadd_ps(pj, _mm256_maskload_ps(vj + 24, m3), o3);
+        }
+        _mm256_maskstore_ps(o + c, m0, o0);
+        _mm256_maskstore_ps(o + c + 8, m1, o1);
+        _mm256_maskstore_ps(o + c + 16, m2, o2);
+        _mm256_maskstore_ps(o + c + 24, m3, o3);
+    }
+}
+
 static void scale_avx2(float *x, int64_t n, float alpha)
 {
     __m256 va = _mm256_set1_ps(alpha);
@@ -225,6 +272,8 @@ const mha__kernels mha__kernels_avx2 = {
     .gemm_tile = gemm_tile_avx2,
     .softmax_step = softmax_step_avx2,
     .softmax_grad = softmax_grad_avx2,
+    .dot_rows = dot_rows_avx2,
+    .axpy_rows = axpy_rows_avx2,
     .scale = scale_avx2,
     .exp_shift = exp_shift_avx2,
     .peak = peak_avx2,

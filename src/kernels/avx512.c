@@ -152,6 +152,12 @@ static void softmax_grad_avx512(float *s, float *dp, int64_t lds, int64_t rows, 
     }
 }
 
+#define ROWS_ELEM float
+#define ROWS_LOAD(mk, x) _mm512_maskz_loadu_ps(mk, x)
+#define ROWS_DOT dot_rows_avx512
+#define ROWS_AXPY axpy_rows_avx512
+#include "rows_avx512.h"
+
 static void scale_avx512(float *x, int64_t n, float alpha)
 {
     __m512 va = _mm512_set1_ps(alpha);
@@ -195,6 +201,8 @@ const mha__kernels mha__kernels_avx512 = {
     .gemm_tile = gemm_tile_avx512,
     .softmax_step = softmax_step_avx512,
     .softmax_grad = softmax_grad_avx512,
+    .dot_rows = dot_rows_avx512,
+    .axpy_rows = axpy_rows_avx512,
     .scale = scale_avx512,
     .exp_shift = exp_shift_avx512,
     .peak = peak_avx512,

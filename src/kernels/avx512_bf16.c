@@ -129,10 +129,25 @@ static double peak_bf16_avx512(int64_t iterations)
     return 2.0 * 2.0 * 16.0 * 12.0 * (double)iterations;
 }
 
+/* 16 bf16 values widened to float32: the bits shifted into the high half. */
+static __m512 load_bf16(__mmask16 mk, const uint16_t *x)
+{
+    __m256i h = _mm256_maskz_loadu_epi16(mk, x);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+#define ROWS_ELEM uint16_t
+#define ROWS_LOAD(mk, x) load_bf16(mk, x)
+#define ROWS_DOT dot_rows_bf16_avx512
+#define ROWS_AXPY axpy_rows_bf16_avx512
+#include "rows_avx512.h"
+
 const mha__bf16_kernels mha__bf16_kernels_avx512 = {
     .name = "avx512_bf16",
     .tile = tile_bf16_avx512,
     .round = round_bf16_avx512,
     .pairs = pairs_bf16_avx512,
+    .dot_rows = dot_rows_bf16_avx512,
+    .axpy_rows = axpy_rows_bf16_avx512,
     .peak = peak_bf16_avx512,
 };

@@ -55,6 +55,42 @@ static void softmax_grad_generic(float *s, float *dp, int64_t lds, int64_t rows,
         }
 }
 
+static void dot_rows_generic(const float *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s)
+{
+    for (int64_t j = 0; j < n; j++) {
+        float acc = 0.0f;
+        for (int64_t c = 0; c < d; c++) acc += q[c] * k[j * ldk + c];
+        s[j] = acc;
+    }
+}
+
+static void axpy_rows_generic(const float *p, const float *v, int64_t ldv, int64_t n, int64_t d, float *o)
+{
+    for (int64_t c = 0; c < d; c++) {
+        float acc = o[c];
+        for (int64_t j = 0; j < n; j++) acc += p[j] * v[j * ldv + c];
+        o[c] = acc;
+    }
+}
+
+static void dot_rows_bf16_generic(const uint16_t *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s)
+{
+    for (int64_t j = 0; j < n; j++) {
+        float acc = 0.0f;
+        for (int64_t c = 0; c < d; c++) acc += q[c] * mha__bf16_to_f32(k[j * ldk + c]);
+        s[j] = acc;
+    }
+}
+
+static void axpy_rows_bf16_generic(const float *p, const uint16_t *v, int64_t ldv, int64_t n, int64_t d, float *o)
+{
+    for (int64_t c = 0; c < d; c++) {
+        float acc = o[c];
+        for (int64_t j = 0; j < n; j++) acc += p[j] * mha__bf16_to_f32(v[j * ldv + c]);
+        o[c] = acc;
+    }
+}
+
 static void scale_generic(float *x, int64_t n, float alpha)
 {
     for (int64_t i = 0; i < n; i++) x[i] *= alpha;
@@ -113,6 +149,8 @@ const mha__bf16_kernels mha__bf16_kernels_generic = {
     .tile = tile_bf16_generic,
     .round = round_bf16_generic,
     .pairs = pairs_bf16_generic,
+    .dot_rows = dot_rows_bf16_generic,
+    .axpy_rows = axpy_rows_bf16_generic,
     .peak = NULL, /* converts to float32: the float32 peak applies */
 };
 
@@ -123,6 +161,8 @@ const mha__kernels mha__kernels_generic = {
     .gemm_tile = gemm_tile_generic,
     .softmax_step = softmax_step_generic,
     .softmax_grad = softmax_grad_generic,
+    .dot_rows = dot_rows_generic,
+    .axpy_rows = axpy_rows_generic,
     .scale = scale_generic,
     .exp_shift = exp_shift_generic,
     .peak = peak_generic,

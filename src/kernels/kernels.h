@@ -52,6 +52,14 @@ typedef void (*mha__softmax_step_fn)(float *s, int64_t lds, int64_t rows, int64_
 typedef void (*mha__softmax_grad_fn)(float *s, float *dp, int64_t lds, int64_t rows, int64_t cols,
                                      const float *shift, const float *mul, const float *delta);
 
+/* Decoding, one query row against rows of cached keys and values:
+ *   dot_rows:  s[j] = sum_c q[c] k[j * ldk + c]            for j < n
+ *   axpy_rows: o[c] += sum_j p[j] v[j * ldv + c], j in order, for c < d
+ * Each output is one chain in index order (the same bits for any split
+ * of the work that keeps these calls whole). */
+typedef void (*mha__dot_rows_fn)(const float *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s);
+typedef void (*mha__axpy_rows_fn)(const float *p, const float *v, int64_t ldv, int64_t n, int64_t d, float *o);
+
 /* x[i] *= alpha for i < n. */
 typedef void (*mha__scale_fn)(float *x, int64_t n, float alpha);
 
@@ -70,6 +78,8 @@ typedef struct mha__kernels {
     mha__gemm_tile_fn gemm_tile;
     mha__softmax_step_fn softmax_step;
     mha__softmax_grad_fn softmax_grad;
+    mha__dot_rows_fn dot_rows;
+    mha__axpy_rows_fn axpy_rows;
     mha__scale_fn scale;
     mha__exp_shift_fn exp_shift;
     mha__peak_fn peak;
@@ -95,6 +105,11 @@ typedef void (*mha__bf16_round_fn)(uint16_t *dst, const float *src, int64_t n);
  * i < n: two rows interleaved into the pairs the tile reads. */
 typedef void (*mha__bf16_pairs_fn)(uint16_t *dst, const float *x0, const float *x1, int64_t n);
 
+/* dot_rows and axpy_rows with keys and values stored as bf16 (a bf16 KV
+ * cache); q, s, p and o stay float32, products exact, sums float32. */
+typedef void (*mha__dot_rows_bf16_fn)(const uint16_t *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s);
+typedef void (*mha__axpy_rows_bf16_fn)(const float *p, const uint16_t *v, int64_t ldv, int64_t n, int64_t d, float *o);
+
 enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
 
 typedef struct mha__bf16_kernels {
@@ -102,6 +117,8 @@ typedef struct mha__bf16_kernels {
     mha__gemm_tile_bf16_fn tile;
     mha__bf16_round_fn round;
     mha__bf16_pairs_fn pairs;
+    mha__dot_rows_bf16_fn dot_rows;
+    mha__axpy_rows_bf16_fn axpy_rows;
     mha__peak_fn peak;  /* the bf16 multiply-add peak (NULL: same as float32) */
 } mha__bf16_kernels;
 
