@@ -236,6 +236,12 @@ size_t      mha_dtype_size(mha_dtype dtype);
  * seconds outside (0, 60]). */
 mha_status mha_measure_peak(mha_ctx *ctx, mha_dtype dtype, double seconds, double *gflops);
 
+/* The machine's copy bandwidth with the context's threads: the best of ten
+ * parallel memcpy of `bytes` (64 MB is beyond every cache here), counted
+ * as STREAM counts a copy, 2 x bytes (read + write) per second, in GB/s.
+ * Errors: MISUSE, INVALID_ARG (bytes outside 4 KiB .. 64 GiB), NOMEM. */
+mha_status mha_measure_bandwidth(mha_ctx *ctx, int64_t bytes, double *gbps);
+
 typedef struct mha_st_info {
     const char *name;          /* owned by the file object */
     mha_dtype   dtype;

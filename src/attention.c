@@ -4,6 +4,7 @@
  * computation itself is in flash.c.
  */
 #include "attention.h"
+#include "decode.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -236,6 +237,12 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_te
     mha__attn_plan p;
     mha_status st = plan_from_desc(q, k, v, out, "output", desc, &p);
     if (st != MHA_OK || p.B * p.Hq * p.L == 0) return st;
+    /* A few query rows (decoding): split the keys instead of the rows. */
+    if (p.L < MHA_DECODE_ROWS && !p.bf16 && k->stride[3] == 1 && v->stride[3] == 1 && p.D == p.Dv) {
+        mha__kv_view kv = {k->data, v->data, false, {k->stride[0], k->stride[1], k->stride[2]}};
+        if (k->stride[0] == v->stride[0] && k->stride[1] == v->stride[1] && k->stride[2] == v->stride[2])
+            return mha__decode_attention(ctx, &p, out, lse, q, &kv);
+    }
     return mha__attn_forward(ctx, &p, out, lse, NULL, q, k, v);
 }
 

@@ -7,6 +7,10 @@
 
 #include "attention.h"
 
+/* Below this many query rows, attention splits the keys over the threads
+ * (decode.c) instead of the query rows (flash.c). */
+enum { MHA_DECODE_ROWS = 16 };
+
 /* K and V rows in a cache: element (b, g, j, c) at k + b * stride[0] +
  * g * stride[1] + j * stride[2] + c, float32 or bf16. */
 typedef struct mha__kv_view {

@@ -18,7 +18,7 @@
 
 #include <string.h>
 
-enum { CACHE_MAGIC = 0x6d68616b, /* "mhak" */ FLASH_ROWS = 16 };
+enum { CACHE_MAGIC = 0x6d68616b /* "mhak" */ };
 
 struct mha_kv_cache {
     uint32_t magic;
@@ -199,7 +199,7 @@ mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_ten
         .alibi = l->alibi,
     };
     mha__kv_view view = cache_view(c);
-    if (!c->bf16 && n >= FLASH_ROWS) { /* a prompt: the tiled kernel over the cache in place */
+    if (!c->bf16 && n >= MHA_DECODE_ROWS) { /* a prompt: the tiled kernel over the cache in place */
         mha_tensor kc = {c->k, {N, G, c->length, l->head_dim}, {view.stride[0], view.stride[1], view.stride[2], 1}};
         mha_tensor vc = {c->v, {N, G, c->length, l->head_dim}, {view.stride[0], view.stride[1], view.stride[2], 1}};
         st = mha__attn_forward(ctx, &plan, &oh, NULL, NULL, &qh, &kc, &vc);

@@ -424,7 +424,7 @@ static void test_cli_usage(void)
     expect_cli_error("not a multiple of num_kv_heads 5", "info", "--embed-dim", "768", "--num-heads", "12",
                      "--num-kv-heads", "5", NULL);
     expect_cli_error("--embed-dim is required", "info", "--num-heads", "12", NULL);
-    expect_cli_error("--op decode is not available; use forward, backward, sdpa or sdpa-backward", "bench", "--op", "decode", NULL);
+    expect_cli_error("--op prefill is not available; use forward, backward, sdpa, sdpa-backward or decode", "bench", "--op", "prefill", NULL);
     expect_cli_error("--op backward is self-attention", "bench", "--op", "backward", "--kv-seq", "9", NULL);
     expect_cli_error("--dtype bf16 is not available for --op sdpa", "bench", "--op", "sdpa", "--dtype", "bf16", NULL);
     expect_cli_error("--op forward is self-attention", "bench", "--kv-seq", "7", NULL);

@@ -10,6 +10,22 @@
  * at a time, while the rows stream by.  Tails are masked.
  */
 
+#ifndef MHA_ROWS_REDUCE4
+#define MHA_ROWS_REDUCE4
+/* The four sums of a0 .. a3 at once: pairwise within 128-bit lanes
+ * (unpack and add), then across the four lanes. */
+static __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3)
+{
+    __m512 x01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    __m512 x23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    __m512 lo = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(x01), _mm512_castps_pd(x23)));
+    __m512 hi = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(x01), _mm512_castps_pd(x23)));
+    __m512 z = _mm512_add_ps(lo, hi); /* each 128-bit lane: its share of the four sums */
+    __m256 z8 = _mm256_add_ps(_mm512_castps512_ps256(z), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(z8), _mm256_extractf128_ps(z8, 1));
+}
+#endif
+
 static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s)
 {
     int64_t j = 0;
@@ -24,10 +40,7 @@ static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, const float *q,
             a2 = _mm512_fmadd_ps(ROWS_LOAD(mk, k2 + c), qv, a2);
             a3 = _mm512_fmadd_ps(ROWS_LOAD(mk, k3 + c), qv, a3);
         }
-        s[j] = _mm512_reduce_add_ps(a0);
-        s[j + 1] = _mm512_reduce_add_ps(a1);
-        s[j + 2] = _mm512_reduce_add_ps(a2);
-        s[j + 3] = _mm512_reduce_add_ps(a3);
+        _mm_storeu_ps(s + j, reduce4(a0, a1, a2, a3));
     }
     for (; j < n; j++) {
         __m512 a = _mm512_setzero_ps();

@@ -60,6 +60,8 @@ typedef struct bench_case {
     mha_attn_desc desc;
     float *buffers[10];
     double flops;
+    double bytes;        /* decode: K and V bytes read per call */
+    double copy_gbps;    /* decode: the machine's copy bandwidth, same threads */
 } bench_case;
 
 /* FLOPs of one call (docs/PERFORMANCE.md): projections 2*N*E*(E + 2*kv + E)
@@ -137,6 +139,14 @@ static int setup_sdpa(const bench_opts *o, bench_case *c)
     c->desc.enable_gqa = G != H;
     c->desc.causal = o->causal ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_NONE;
     c->flops = attention_flops(o);
+    if (strcmp(o->op, "decode") == 0) { /* the new rows attend to the whole cache, up to themselves */
+        c->desc.causal = MHA_CAUSAL_BOTTOM_RIGHT;
+        c->bytes = 2.0 * (double)nk * sizeof(float);
+        if (mha_measure_bandwidth(c->ctx, INT64_C(64) << 20, &c->copy_gbps) != MHA_OK) {
+            cli_error(CMD, "%s", mha_last_error());
+            return CLI_FAIL;
+        }
+    }
     if (strcmp(o->op, "sdpa-backward") != 0) return CLI_OK;
     /* The backward pass needs the forward's output and lse, and a dO. */
     c->buffers[4] = random_buffer(nq, 1.0f);
@@ -196,6 +206,21 @@ static void report(const bench_opts *o, const bench_case *c, double *ms, int n)
     qsort(ms, (size_t)n, sizeof *ms, cmp_double);
     double median = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
     double gflops = c->flops / (median * 1e6), pct = o->peak_gflops > 0 ? 100.0 * gflops / o->peak_gflops : 0;
+    double gbps = c->bytes / (median * 1e6);
+    if (c->bytes > 0 && o->json)
+        printf("{\"op\":\"decode\",\"batch\":%lld,\"seq\":%lld,\"kv_seq\":%lld,\"num_heads\":%lld,\"num_kv_heads\":%lld,"
+               "\"head_dim\":%lld,\"threads\":%d,\"isa\":\"%s\",\"median_ms\":%.4f,\"min_ms\":%.4f,\"max_ms\":%.4f,"
+               "\"kv_gbps\":%.2f,\"copy_gbps\":%.2f}\n",
+               (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->num_heads,
+               (long long)o->num_kv_heads, (long long)(o->embed_dim / o->num_heads), mha_ctx_threads(c->ctx), mha_isa(),
+               median, ms[0], ms[n - 1], gbps, c->copy_gbps);
+    if (c->bytes > 0 && !o->json)
+        printf("decode B=%lld new rows %lld, cache %lld, h=%lld kv=%lld d=%lld, %d threads, %s: median %.3f ms (min %.3f, "
+               "max %.3f); K and V read at %.1f GB/s, the machine copies at %.1f GB/s (2 x bytes / s)\n",
+               (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->num_heads,
+               (long long)o->num_kv_heads, (long long)(o->embed_dim / o->num_heads), mha_ctx_threads(c->ctx), mha_isa(),
+               median, ms[0], ms[n - 1], gbps, c->copy_gbps);
+    if (c->bytes > 0) return;
     if (o->json) {
         printf("{\"op\":\"%s\",\"batch\":%lld,\"seq\":%lld,\"kv_seq\":%lld,\"embed_dim\":%lld,\"num_heads\":%lld,"
                "\"num_kv_heads\":%lld,\"causal\":%s,\"threads\":%d,\"isa\":\"%s\",\"dtype\":\"%s\",\"median_ms\":%.4f,"
@@ -281,8 +306,9 @@ int mha_cmd_bench(int argc, char **argv)
                     .repeat = 10};
     cli_flag flags[] = {
         {"op", FLAG_STRING, &o.op,
-         "forward (the MHA layer), backward (its forward + backward, training), sdpa (attention core) or "
-         "sdpa-backward (its gradients); default forward", false},
+         "forward (the MHA layer), backward (its forward + backward, training), sdpa (attention core), "
+         "sdpa-backward (its gradients) or decode (--seq new rows, default 1, against a --kv-seq cache, "
+         "default 4096); default forward", false},
         {"batch", FLAG_INT, &o.batch, "batch size B (default 1)", false},
         {"seq", FLAG_INT, &o.seq, "query length N (default 512)", false},
         {"kv-seq", FLAG_INT, &o.kv_seq, "key length S for sdpa (default N)", false},
@@ -298,20 +324,26 @@ int mha_cmd_bench(int argc, char **argv)
         {"peak", FLAG_BOOL, &o.peak, "measure the FMA peak on 1 thread and on all", false},
     };
     bool help;
-    int rc = cli_parse(CMD, "[--op forward|backward|sdpa|sdpa-backward] [--batch B] [--seq N] [--embed-dim E] [--num-heads H] [flags] | --peak",
+    int rc = cli_parse(CMD, "[--op forward|backward|sdpa|sdpa-backward|decode] [--batch B] [--seq N] [--embed-dim E] [--num-heads H] [flags] | --peak",
                        argc, argv, flags, (int)(sizeof flags / sizeof flags[0]), &help);
     if (rc != CLI_OK || help) return rc;
     if (o.peak) return measure_peak(&o);
-    static const char *const ops[] = {"forward", "backward", "sdpa", "sdpa-backward"};
+    static const char *const ops[] = {"forward", "backward", "sdpa", "sdpa-backward", "decode"};
     bool known = false;
     for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) known = known || strcmp(o.op, ops[i]) == 0;
     if (!known) {
-        cli_error(CMD, "--op %s is not available; use forward, backward, sdpa or sdpa-backward", o.op);
+        cli_error(CMD, "--op %s is not available; use forward, backward, sdpa, sdpa-backward or decode", o.op);
         return CLI_USAGE;
     }
     if (strcmp(o.dtype, "f32") != 0 && !(strcmp(o.dtype, "bf16") == 0 && strcmp(o.op, "forward") == 0)) {
         cli_error(CMD, "--dtype %s is not available for --op %s; use f32 (or bf16 with forward)", o.dtype, o.op);
         return CLI_USAGE;
+    }
+    if (strcmp(o.op, "decode") == 0) { /* one new token against a 4096-token cache unless told */
+        bool seq_seen = false;
+        for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) seq_seen |= flags[i].dst == &o.seq && flags[i].seen;
+        if (!seq_seen) o.seq = 1;
+        if (!o.kv_seq) o.kv_seq = 4096;
     }
     if (!o.kv_seq) o.kv_seq = o.seq;
     if (!o.num_kv_heads) o.num_kv_heads = o.num_heads;
