@@ -352,6 +352,15 @@ static void test_cli_success(void)
     expect_cli_output("--causal-bottom-right", "sdpa", "--help", NULL);
     expect_cli_output("query.grad, key.grad, value.grad", "sdpa-backward", "--help", NULL);
     expect_cli_output("<name>.grad of every input and weight", "backward", "--help", NULL);
+    char blk[600];
+    snprintf(blk, sizeof blk, "%s/blk_llama_gqa.safetensors", golden_dir);
+    expect_cli_output("last step vs one full forward", "decode", "--weights", blk, "--prefix", "model.layers.0.self_attn.",
+                      "--num-heads", "4", "--rope", "half", "--prompt-len", "5", "--steps", "3", "--threads", "2", NULL);
+    expect_cli_error("--cache-dtype must be f32 or bf16, got \"f16\"", "decode", "--weights", blk, "--num-heads", "4",
+                     "--cache-dtype", "f16", NULL);
+    expect_cli_error("at least one token in all", "decode", "--weights", blk, "--num-heads", "4", "--prompt-len", "0",
+                     "--steps", "0", NULL);
+    expect_cli_error("--num-heads is required", "decode", "--weights", blk, NULL);
     expect_cli_output("head dimension: d_k = embed_dim / num_heads = 768 / 12 = 64", "info", "--embed-dim", "768",
                       "--num-heads", "12", NULL);
     expect_cli_output("one head of width 768 has 2,362,368: the same", "info", "--embed-dim", "768", "--num-heads",

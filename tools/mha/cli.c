@@ -1,6 +1,8 @@
 /*
  * cli.c -- shared plumbing of the `mha` subcommands (see cli.h).
  */
+#define _POSIX_C_SOURCE 200809L
+
 #include "cli.h"
 
 #include <errno.h>
@@ -9,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 void cli_error(const char *cmd, const char *fmt, ...)
 {
@@ -256,11 +259,88 @@ float *cli_alloc_floats(const char *cmd, const char *what, const int64_t *dims, 
     return p;
 }
 
+double cli_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+int cli_cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
 int cli_choice(const char *value, const char *const *choices, int n)
 {
     for (int i = 0; i < n; i++)
         if (strcmp(value, choices[i]) == 0) return i;
     return -1;
+}
+
+static const char *const NAME_KINDS[] = {"auto", "torch", "llama", "gpt2"};
+static const char *const ROPE_KINDS[] = {"none", "half", "interleaved"};
+
+void cli_layer_opts_init(cli_layer_opts *o)
+{
+    *o = (cli_layer_opts){.prefix = "", .names = "auto", .rope = "none", .window_left = -1, .window_right = -1};
+}
+
+void cli_layer_flags(cli_layer_opts *o, cli_flag *flags)
+{
+    const cli_flag all[CLI_LAYER_FLAGS] = {
+        {"weights", FLAG_STRING, &o->weights, "safetensors with the block's weights (nn.MultiheadAttention, Llama or GPT-2 names)", false},
+        {"prefix", FLAG_STRING, &o->prefix, "prefix of the weight names, e.g. \"model.layers.0.self_attn.\"", false},
+        {"num-heads", FLAG_INT, &o->num_heads, "number of (query) heads; kv heads and head width follow from the weights", false},
+        {"names", FLAG_STRING, &o->names, "weight names: auto (default), torch, llama or gpt2", false},
+        {"rope", FLAG_STRING, &o->rope, "rotary embeddings on Q and K: none (default), half (Llama) or interleaved (GPT-J)", false},
+        {"rope-theta", FLAG_DOUBLE, &o->rope_theta, "rotary base (default 10000)", false},
+        {"rope-dim", FLAG_INT, &o->rope_dim, "rotated dimensions per head (default all)", false},
+        {"window-left", FLAG_INT, &o->window_left, "keys visible left of the diagonal (-1 = all)", false},
+        {"window-right", FLAG_INT, &o->window_right, "keys visible right of the diagonal (-1 = all)", false},
+        {"softcap", FLAG_DOUBLE, &o->softcap, "cap scores at C via C*tanh(s/C) (0 = off)", false},
+    };
+    memcpy(flags, all, sizeof all);
+}
+
+int cli_layer_check(const char *cmd, const cli_layer_opts *o, const cli_flag *flags)
+{
+    if (!o->weights || !flags[2].seen) {
+        cli_error(cmd, "%s is required (see mha %s --help)", !o->weights ? "--weights" : "--num-heads", cmd);
+        return CLI_USAGE;
+    }
+    if (o->num_heads < 1) {
+        cli_error(cmd, "--num-heads must be positive, got %lld", (long long)o->num_heads);
+        return CLI_USAGE;
+    }
+    if (cli_choice(o->names, NAME_KINDS, 4) < 0) {
+        cli_error(cmd, "--names must be auto, torch, llama or gpt2, got \"%s\"", o->names);
+        return CLI_USAGE;
+    }
+    if (cli_choice(o->rope, ROPE_KINDS, 3) < 0) {
+        cli_error(cmd, "--rope must be none, half or interleaved, got \"%s\"", o->rope);
+        return CLI_USAGE;
+    }
+    return CLI_OK;
+}
+
+int cli_load_layer(const char *cmd, const cli_layer_opts *o, mha_layer_desc *hints, mha_layer **layer)
+{
+    mha_st_file *wf = NULL;
+    int rc = cli_open(cmd, "--weights", o->weights, &wf);
+    hints->num_heads = o->num_heads;
+    hints->rope = (mha_rope){(mha_rope_kind)cli_choice(o->rope, ROPE_KINDS, 3), o->rope_theta, o->rope_dim};
+    hints->window_left = o->window_left;
+    hints->window_right = o->window_right;
+    hints->softcap = (float)o->softcap;
+    if (rc == CLI_OK &&
+        mha_layer_load(wf, o->prefix, (mha_weight_names)cli_choice(o->names, NAME_KINDS, 4), hints, layer) != MHA_OK) {
+        cli_error(cmd, "--weights %s: %s", o->weights, mha_last_error());
+        rc = CLI_FAIL;
+    }
+    mha_st_close(wf);
+    return rc;
 }
 
 static void print_help(void)
@@ -271,6 +351,7 @@ static void print_help(void)
            "  backward  its gradients: <name>.grad of every input and weight\n"
            "  sdpa      scaled dot-product attention on [B, H, L, D] tensors\n"
            "  sdpa-backward  gradients of sdpa with respect to query, key and value\n"
+           "  decode    a prompt, then token-by-token steps with a KV cache, checked against a full forward\n"
            "  info      head dimension, parameters, FLOPs, bytes and KV cache of a configuration\n"
            "  show      list a safetensors file's tensors or print one's values\n"
            "  bench     time the library on one shape, or measure the machine's peak\n\n"
@@ -283,7 +364,7 @@ int mha_cli_main(int argc, char **argv)
         const char *name;
         int (*run)(int, char **);
     } commands[] = {{"forward", mha_cmd_forward}, {"backward", mha_cmd_backward}, {"sdpa", mha_cmd_sdpa},
-                      {"sdpa-backward", mha_cmd_sdpa_backward}, {"info", mha_cmd_info},
+                      {"sdpa-backward", mha_cmd_sdpa_backward}, {"decode", mha_cmd_decode}, {"info", mha_cmd_info},
                       {"show", mha_cmd_show},    {"bench", mha_cmd_bench}};
     if (argc < 2) {
         print_help();

@@ -20,6 +20,7 @@ int mha_cmd_forward(int argc, char **argv);
 int mha_cmd_backward(int argc, char **argv);
 int mha_cmd_sdpa(int argc, char **argv);
 int mha_cmd_sdpa_backward(int argc, char **argv);
+int mha_cmd_decode(int argc, char **argv);
 int mha_cmd_info(int argc, char **argv);
 int mha_cmd_show(int argc, char **argv);
 int mha_cmd_bench(int argc, char **argv);
@@ -94,6 +95,30 @@ bool cli_product(const int64_t *dims, int n, int64_t *out);
 
 /* malloc of the product of dims floats, or NULL after printing why. */
 float *cli_alloc_floats(const char *cmd, const char *what, const int64_t *dims, int n);
+
+/* The flags that describe an attention block's weights and what no
+ * tensor stores (forward, backward, decode share them). */
+typedef struct cli_layer_opts {
+    const char *weights, *prefix, *names, *rope;
+    int64_t     num_heads, rope_dim, window_left, window_right;
+    double      rope_theta, softcap;
+} cli_layer_opts;
+
+enum { CLI_LAYER_FLAGS = 10 };
+
+void cli_layer_opts_init(cli_layer_opts *o);
+/* Fills flags[0 .. CLI_LAYER_FLAGS) with the block's flags, bound to o. */
+void cli_layer_flags(cli_layer_opts *o, cli_flag *flags);
+/* After parsing: CLI_USAGE (printed) for a missing --weights/--num-heads
+ * or a bad choice; flags are the ones cli_layer_flags filled. */
+int cli_layer_check(const char *cmd, const cli_layer_opts *o, const cli_flag *flags);
+/* Opens --weights and loads the block with *hints completed from o
+ * (num_heads, rope, window, softcap); CLI_FAIL printed on error. */
+int cli_load_layer(const char *cmd, const cli_layer_opts *o, mha_layer_desc *hints, mha_layer **layer);
+
+/* Monotonic time in milliseconds, and a qsort comparison of doubles. */
+double cli_now_ms(void);
+int    cli_cmp_double(const void *a, const void *b);
 
 /* Context with --threads (0 = default). */
 int cli_ctx(const char *cmd, int64_t threads, mha_ctx **ctx);

@@ -25,18 +25,6 @@ typedef struct bench_opts {
     double peak_gflops;
 } bench_opts;
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 static float *random_buffer(int64_t n, float scale)
 {
@@ -203,7 +191,7 @@ static double peak_rss_mb(void)
 
 static void report(const bench_opts *o, const bench_case *c, double *ms, int n)
 {
-    qsort(ms, (size_t)n, sizeof *ms, cmp_double);
+    qsort(ms, (size_t)n, sizeof *ms, cli_cmp_double);
     double median = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
     double gflops = c->flops / (median * 1e6), pct = o->peak_gflops > 0 ? 100.0 * gflops / o->peak_gflops : 0;
     double gbps = c->bytes / (median * 1e6);
@@ -257,9 +245,9 @@ static int measure(bench_opts *o)
             rc = CLI_FAIL;
         }
     for (int64_t r = 0; rc == CLI_OK && r < o->repeat; r++) {
-        double t0 = now_ms();
+        double t0 = cli_now_ms();
         run_once(o, &c);
-        ms[r] = now_ms() - t0;
+        ms[r] = cli_now_ms() - t0;
     }
     if (rc == CLI_OK) report(o, &c, ms, (int)o->repeat);
     free(ms);

@@ -13,10 +13,10 @@
 typedef struct forward_opts {
     const char *cmd;  /* "forward" or "backward" */
     bool backward;
-    const char *weights, *inputs, *out, *prefix;
-    const char *dtype, *names, *rope;
-    int64_t num_heads, threads, rope_dim, position, window_left, window_right;
-    double rope_theta, softcap;
+    cli_layer_opts layer;
+    const char *inputs, *out;
+    const char *dtype;
+    int64_t threads, position;
     bool batch_first, need_weights, no_average, add_zero_attn, is_causal;
 } forward_opts;
 
@@ -51,8 +51,8 @@ static int load_inputs(const forward_opts *o, mha_st_file *file, const char *pat
         cli_load(CMD, file, path, "key_padding_mask", false, true, &in->key_padding_mask) ||
         cli_load(CMD, file, path, "alibi_slopes", false, false, &in->alibi))
         return CLI_FAIL;
-    if (in->alibi.present && (in->alibi.rank != 1 || in->alibi.shape[0] != o->num_heads)) {
-        cli_error(CMD, "%s: alibi_slopes must have shape [num_heads] = [%lld]", path, (long long)o->num_heads);
+    if (in->alibi.present && (in->alibi.rank != 1 || in->alibi.shape[0] != o->layer.num_heads)) {
+        cli_error(CMD, "%s: alibi_slopes must have shape [num_heads] = [%lld]", path, (long long)o->layer.num_heads);
         return CLI_FAIL;
     }
     if (in->key.present != in->value.present) {
@@ -212,7 +212,7 @@ static int run_backward(const forward_opts *o, mha_ctx *ctx, mha_layer *layer, c
     mha_param params[8];
     int64_t n_params = rc == CLI_OK ? mha_layer_params(layer, params, 8) : 0;
     for (int64_t i = 0; i < n_params && n_params <= 8; i++) {
-        snprintf(names[i], sizeof names[i], "%s%s.grad", o->prefix, params[i].name);
+        snprintf(names[i], sizeof names[i], "%s%s.grad", o->layer.prefix, params[i].name);
         outs[n_outs++] = (cli_output){names[i], params[i].rank, params[i].shape, params[i].grad};
     }
     if (rc == CLI_OK) rc = cli_save(CMD, o->out, outs, n_outs);
@@ -266,27 +266,19 @@ static int run(const forward_opts *o, mha_layer *layer, inputs *in)
 
 static int forward_main(int argc, char **argv, bool backward)
 {
-    forward_opts o = {.cmd = backward ? "backward" : "forward", .backward = backward, .prefix = "", .dtype = "f32",
-                      .names = "auto", .rope = "none", .window_left = -1, .window_right = -1};
+    forward_opts o = {.cmd = backward ? "backward" : "forward", .backward = backward, .dtype = "f32"};
     const char *CMD = o.cmd;
-    cli_flag flags[] = {
-        {"weights", FLAG_STRING, &o.weights, "safetensors with the nn.MultiheadAttention state_dict", false},
-        {"prefix", FLAG_STRING, &o.prefix, "prefix of the weight names, e.g. \"encoder.layers.0.self_attn.\"", false},
+    cli_layer_opts_init(&o.layer);
+    cli_flag flags[CLI_LAYER_FLAGS + 12];
+    cli_layer_flags(&o.layer, flags);
+    const cli_flag own[] = {
         {"inputs", FLAG_STRING, &o.inputs,
-         backward ? "safetensors with query, grad_attn_output [, key, value, attn_mask, key_padding_mask]"
-                  : "safetensors with query [, key, value, attn_mask, key_padding_mask]", false},
+         backward ? "safetensors with query, grad_attn_output [, key, value, attn_mask, key_padding_mask, alibi_slopes]"
+                  : "safetensors with query [, key, value, attn_mask, key_padding_mask, alibi_slopes]", false},
         {"out", FLAG_STRING, &o.out,
          backward ? "safetensors to write <name>.grad of every input and weight to"
                   : "safetensors to write attn_output [, attn_output_weights] to", false},
-        {"num-heads", FLAG_INT, &o.num_heads, "number of (query) heads; kv heads and head width follow from the weights", false},
-        {"names", FLAG_STRING, &o.names, "weight names: auto (default), torch, llama or gpt2", false},
-        {"rope", FLAG_STRING, &o.rope, "rotary embeddings on Q and K: none (default), half (Llama) or interleaved (GPT-J)", false},
-        {"rope-theta", FLAG_DOUBLE, &o.rope_theta, "rotary base (default 10000)", false},
-        {"rope-dim", FLAG_INT, &o.rope_dim, "rotated dimensions per head (default all)", false},
         {"position", FLAG_INT, &o.position, "rotary position of the first query and key row (default 0)", false},
-        {"window-left", FLAG_INT, &o.window_left, "keys visible left of the diagonal (-1 = all)", false},
-        {"window-right", FLAG_INT, &o.window_right, "keys visible right of the diagonal (-1 = all)", false},
-        {"softcap", FLAG_DOUBLE, &o.softcap, "cap scores at C via C*tanh(s/C) (0 = off)", false},
         {"batch-first", FLAG_BOOL, &o.batch_first, "inputs are [N, L, E] instead of [L, N, E]", false},
         {"need-weights", FLAG_BOOL, &o.need_weights, "also write attn_output_weights", false},
         {"no-average-attn-weights", FLAG_BOOL, &o.no_average, "per-head weights [N, H, L, S] instead of the mean", false},
@@ -297,17 +289,16 @@ static int forward_main(int argc, char **argv, bool backward)
          backward ? "f32 (the only one: gradients are computed in float32)" : "f32 (default) or bf16: compute as a bfloat16 model",
          false},
     };
+    int n_flags = CLI_LAYER_FLAGS + (int)(sizeof own / sizeof own[0]);
+    memcpy(flags + CLI_LAYER_FLAGS, own, sizeof own);
     bool help;
-    int rc = cli_parse(CMD, "--weights W --inputs X --out Y --num-heads H [flags]", argc, argv, flags,
-                       (int)(sizeof flags / sizeof flags[0]), &help);
+    int rc = cli_parse(CMD, "--weights W --inputs X --out Y --num-heads H [flags]", argc, argv, flags, n_flags, &help);
     if (rc != CLI_OK || help) return rc;
-    const char *missing = !o.weights ? "--weights" : !o.inputs ? "--inputs" : !o.out ? "--out" : NULL;
-    for (size_t i = 0; !missing && i < sizeof flags / sizeof flags[0]; i++)
-        if (flags[i].dst == &o.num_heads && !flags[i].seen) missing = "--num-heads";
-    if (missing) {
-        cli_error(CMD, "%s is required (see mha %s --help)", missing, CMD);
+    if (!o.inputs || !o.out) {
+        cli_error(CMD, "%s is required (see mha %s --help)", !o.inputs ? "--inputs" : "--out", CMD);
         return CLI_USAGE;
     }
+    if ((rc = cli_layer_check(CMD, &o.layer, flags)) != CLI_OK) return rc;
     if (strcmp(o.dtype, "f32") != 0 && (backward || strcmp(o.dtype, "bf16") != 0)) {
         cli_error(CMD, "--dtype must be %s, got \"%s\"", backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o.dtype);
         return CLI_USAGE;
@@ -316,43 +307,21 @@ static int forward_main(int argc, char **argv, bool backward)
         cli_error(CMD, "--need-weights and --no-average-attn-weights are forward outputs; mha backward writes gradients");
         return CLI_USAGE;
     }
-    if (o.num_heads < 1) {
-        cli_error(CMD, "--num-heads must be positive, got %lld", (long long)o.num_heads);
-        return CLI_USAGE;
-    }
-    static const char *const name_kinds[] = {"auto", "torch", "llama", "gpt2"};
-    static const char *const rope_kinds[] = {"none", "half", "interleaved"};
-    int names = cli_choice(o.names, name_kinds, 4), rope = cli_choice(o.rope, rope_kinds, 3);
-    if (names < 0 || rope < 0) {
-        cli_error(CMD, names < 0 ? "--names must be auto, torch, llama or gpt2, got \"%s\""
-                                 : "--rope must be none, half or interleaved, got \"%s\"", names < 0 ? o.names : o.rope);
-        return CLI_USAGE;
-    }
-    mha_st_file *wf = NULL, *xf = NULL;
+    mha_st_file *xf = NULL;
     mha_layer *layer = NULL;
     inputs in;
     memset(&in, 0, sizeof in);
     rc = cli_open(CMD, "--inputs", o.inputs, &xf);
     if (rc == CLI_OK) rc = load_inputs(&o, xf, o.inputs, &in);
-    if (rc == CLI_OK) rc = cli_open(CMD, "--weights", o.weights, &wf);
     mha_layer_desc hints;
     mha_layer_desc_init(&hints);
-    hints.num_heads = o.num_heads;
     hints.add_zero_attn = o.add_zero_attn;
     hints.dtype = strcmp(o.dtype, "bf16") == 0 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
-    hints.rope = (mha_rope){(mha_rope_kind)rope, o.rope_theta, o.rope_dim};
-    hints.window_left = o.window_left;
-    hints.window_right = o.window_right;
-    hints.softcap = (float)o.softcap;
     hints.alibi_slopes = in.alibi.present ? in.alibi.f32 : NULL;
-    if (rc == CLI_OK && mha_layer_load(wf, o.prefix, (mha_weight_names)names, &hints, &layer) != MHA_OK) {
-        cli_error(CMD, "--weights %s: %s", o.weights, mha_last_error());
-        rc = CLI_FAIL;
-    }
+    if (rc == CLI_OK) rc = cli_load_layer(CMD, &o.layer, &hints, &layer);
     if (rc == CLI_OK) rc = run(&o, layer, &in);
     inputs_free(&in);
     mha_layer_free(layer);
-    mha_st_close(wf);
     mha_st_close(xf);
     return rc;
 }
