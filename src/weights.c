@@ -145,10 +145,9 @@ static mha_status infer_llama(const lookup *lk, mha_layer_desc *d, found_set *f)
     for (int i = 0; i < 3 && st == MHA_OK; i++) st = optional_bias(lk, b_names[i], rows[i], f, &has[i]);
     if (st == MHA_OK) st = optional_bias(lk, "o_proj.bias", d->embed_dim, f, &has_out);
     if (st != MHA_OK) return st;
-    if (has[0] != has[1] || has[0] != has[2])
-        return mha__fail(MHA_ERR_NOT_FOUND, "%sq_proj.bias, k_proj.bias and v_proj.bias must all be present or all absent",
-                         lk->prefix);
-    d->bias = has[0];
+    /* Some blocks leave out some of these (Whisper has no k_proj.bias): an
+     * absent bias is a zero bias, which the layer starts with. */
+    d->bias = has[0] || has[1] || has[2];
     d->out_bias = has_out;
     return MHA_OK;
 }

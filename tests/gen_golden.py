@@ -419,6 +419,8 @@ def block_case(name, family, E, H, G, hd, T=9, B=2, bias=False, out_bias=False, 
          "v": torch.randn(kvd, E) / math.sqrt(E), "o": torch.randn(E, qd) / math.sqrt(qd)}
     if bias:
         w.update({"q_b": torch.randn(qd) * 0.5, "k_b": torch.randn(kvd) * 0.5, "v_b": torch.randn(kvd) * 0.5})
+    if bias == "no_k":  # Whisper's attention: q and v biases, none on k
+        del w["k_b"]
     if out_bias:
         w["o_b"] = torch.randn(E) * 0.5
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)]) if alibi else None
@@ -430,7 +432,7 @@ def block_case(name, family, E, H, G, hd, T=9, B=2, bias=False, out_bias=False, 
             if part + "_b" in w:
                 tensors[f"{prefix}{part}_proj.bias"] = w[part + "_b"]
     else:  # GPT-2: one c_attn for Q, K, V, weights stored [in, out]
-        tensors[prefix + "c_attn.weight"] = torch.cat([w["q"], w["k"], w["v"]]).T.contiguous()
+        tensors[prefix + "c_attn.weight"] = torch.cat([w["q"], w["k"], w["v"]]).T.contiguous()  # (GPT-2 has all three biases)
         if bias:
             tensors[prefix + "c_attn.bias"] = torch.cat([w["q_b"], w["k_b"], w["v_b"]])
         tensors[prefix + "c_proj.weight"] = w["o"].T.contiguous()
@@ -621,6 +623,7 @@ def main():
     block_case("blk_bloom_alibi", "llama", E=32, H=4, G=4, hd=8, alibi=True, bias=True, out_bias=True)
     block_case("blk_gpt2", "gpt2", E=32, H=4, G=4, hd=8, bias=True, out_bias=True, prefix="h.0.attn.")
     block_case("blk_gpt2_head64", "gpt2", E=128, H=2, G=2, hd=64, bias=True, out_bias=True, T=20, B=1)
+    block_case("blk_whisper_no_k_bias", "llama", E=32, H=4, G=4, hd=8, bias="no_k", out_bias=True)
     block_case("bwd_blk_llama", "llama", E=32, H=4, G=2, hd=8, rope="half", position=5, bias=True, out_bias=True,
                backward=True)
     block_case("bwd_blk_gptj", "llama", E=16, H=2, G=1, hd=8, rope="interleaved", rope_dim=4, window=4,
