@@ -8,6 +8,9 @@
 #include "cli.h"
 #include "harness.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <stdarg.h>
 #include <stdint.h>
 #include <unistd.h>
@@ -461,6 +464,22 @@ static void test_cli_files(void)
                      "--out", out_path, "--num-heads", "2", "--prefix", "blk.", NULL);
     expect_cli_error("cannot write --out", "forward", "--weights", weights, "--inputs", weights, "--out",
                      "/nonexistent/dir/y.safetensors", "--num-heads", "2", NULL);
+    /* An output never replaces an input, even under another name. */
+    char copy[600], alias[600];
+    snprintf(copy, sizeof copy, "%s/copy.safetensors", tmpdir);
+    snprintf(alias, sizeof alias, "%s/alias.safetensors", tmpdir);
+    FILE *src = fopen(weights, "rb"), *dst = fopen(copy, "wb");
+    for (int ch; src && dst && (ch = fgetc(src)) != EOF;) fputc(ch, dst);
+    if (src) fclose(src);
+    if (dst) fclose(dst);
+    CHECK(link(copy, alias) == 0, "hard link for the alias test");
+    expect_cli_error("is the input file", "forward", "--weights", copy, "--inputs", copy, "--out", alias, "--num-heads",
+                     "2", NULL);
+    expect_cli_error("is the input file", "sdpa", "--inputs", copy, "--out", copy, NULL);
+    struct stat after;
+    CHECK(stat(copy, &after) == 0 && after.st_size > 1000, "the input file survived");
+    unlink(alias);
+    unlink(copy);
 
     /* Weights whose names or shapes do not make an nn.MultiheadAttention. */
     char w[600];

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 void cli_error(const char *cmd, const char *fmt, ...)
@@ -234,6 +235,20 @@ int cli_save(const char *cmd, const char *path, const cli_output *outs, int n)
     if (st != MHA_OK) {
         cli_error(cmd, "cannot write --out %s: %s", path, mha_last_error());
         return CLI_FAIL;
+    }
+    return CLI_OK;
+}
+
+int cli_out_distinct(const char *cmd, const char *out, const char *const *inputs, int n)
+{
+    struct stat so;
+    if (stat(out, &so) != 0) return CLI_OK; /* a new file cannot be an input */
+    for (int i = 0; i < n; i++) {
+        struct stat si;
+        if (inputs[i] && stat(inputs[i], &si) == 0 && si.st_dev == so.st_dev && si.st_ino == so.st_ino) {
+            cli_error(cmd, "--out %s is the input file %s; writing it would destroy what is being read", out, inputs[i]);
+            return CLI_USAGE;
+        }
     }
     return CLI_OK;
 }

@@ -89,6 +89,11 @@ typedef struct cli_output {
 } cli_output;
 int cli_save(const char *cmd, const char *path, const cli_output *outs, int n);
 
+/* CLI_USAGE (printed) when `out` names the same existing file as one of
+ * the n input paths (NULL entries skipped): outputs never overwrite an
+ * input. */
+int cli_out_distinct(const char *cmd, const char *out, const char *const *inputs, int n);
+
 /* Product of sizes; false when it overflows (or exceeds what float
  * buffers can address). */
 bool cli_product(const int64_t *dims, int n, int64_t *out);

@@ -299,6 +299,8 @@ static int forward_main(int argc, char **argv, bool backward)
         return CLI_USAGE;
     }
     if ((rc = cli_layer_check(CMD, &o.layer, flags)) != CLI_OK) return rc;
+    const char *read[2] = {o.inputs, o.layer.weights};
+    if ((rc = cli_out_distinct(CMD, o.out, read, 2)) != CLI_OK) return rc;
     if (strcmp(o.dtype, "f32") != 0 && (backward || strcmp(o.dtype, "bf16") != 0)) {
         cli_error(CMD, "--dtype must be %s, got \"%s\"", backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o.dtype);
         return CLI_USAGE;

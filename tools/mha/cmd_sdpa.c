@@ -211,6 +211,8 @@ static int sdpa_main(int argc, char **argv, bool backward)
         cli_error(CMD, "%s is required (see mha %s --help)", !o.inputs ? "--inputs" : "--out", CMD);
         return CLI_USAGE;
     }
+    const char *read[1] = {o.inputs};
+    if ((rc = cli_out_distinct(CMD, o.out, read, 1)) != CLI_OK) return rc;
     if (strcmp(o.dtype, "f32") != 0 && (backward || strcmp(o.dtype, "bf16") != 0)) {
         cli_error(CMD, "--dtype must be %s, got \"%s\"", backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o.dtype);
         return CLI_USAGE;
