@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install what building and testing libmha needs on Debian: a C compiler,
-# make and CMake.  Uses sudo when not root; does nothing when all is there.
+# make and CMake, valgrind, and clang (libFuzzer).  Uses sudo when not root; does nothing when all is there.
 set -euo pipefail
 
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v make >/dev/null 2>&1 || missing+=(make)
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+command -v clang >/dev/null 2>&1 || missing+=(clang)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 sudo=""

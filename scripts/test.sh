@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build libmha with warnings as errors and run the whole test suite twice:
 # a normal optimised build, then under AddressSanitizer (with leak
-# checking) and UndefinedBehaviorSanitizer.  Exits non-zero on any failure.
+# checking) and UndefinedBehaviorSanitizer; then ThreadSanitizer over the
+# suites that run threads, and valgrind's memcheck over the CLI.  Exits
+# non-zero on any failure.  docs/TESTING.md lists every check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -17,3 +19,11 @@ echo "== build with AddressSanitizer + UndefinedBehaviorSanitizer and test"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DMHA_WERROR=ON -DMHA_SANITIZE=address,undefined >/dev/null
 cmake --build build-asan -j"$jobs" >/dev/null
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure)
+
+echo "== build with ThreadSanitizer and run the threaded suites"
+cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMHA_WERROR=ON -DMHA_SANITIZE=thread >/dev/null
+cmake --build build-tsan -j"$jobs" >/dev/null
+(cd build-tsan && TSAN_OPTIONS=halt_on_error=1 ctest --output-on-failure -R '^test_(reference|decode|train|golden)$')
+
+echo "== valgrind memcheck over the CLI"
+scripts/valgrind_cli.sh build/mha
