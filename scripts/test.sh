@@ -2,7 +2,8 @@
 # Build libmha with warnings as errors and run the whole test suite twice:
 # a normal optimised build, then under AddressSanitizer (with leak
 # checking) and UndefinedBehaviorSanitizer; then ThreadSanitizer over the
-# suites that run threads, and valgrind's memcheck over the CLI.  Exits
+# suites that run threads, valgrind's memcheck over the CLI, and
+# allocation-failure injection over every entry point.  Exits
 # non-zero on any failure.  docs/TESTING.md lists every check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,3 +28,9 @@ cmake --build build-tsan -j"$jobs" >/dev/null
 
 echo "== valgrind memcheck over the CLI"
 scripts/valgrind_cli.sh build/mha
+
+echo "== allocation failures at every allocation of every entry point (ASan + LeakSanitizer)"
+cmake -S . -B build-faults -DCMAKE_BUILD_TYPE=Debug -DMHA_WERROR=ON -DMHA_SANITIZE=address,undefined \
+    -DMHA_FAULT_INJECTION=ON >/dev/null
+cmake --build build-faults -j"$jobs" --target test_faults >/dev/null
+(cd build-faults && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -R '^test_faults$')

@@ -41,6 +41,12 @@ bool mha__product(const int64_t *dims, int n, int64_t *out);
  * unique pointer.  Free with mha__free. */
 /* How many times mha__alloc has been called in this process (tests). */
 int64_t mha__allocations(void);
+#ifdef MHA_FAULT_INJECTION
+/* Test builds (-DMHA_FAULT_INJECTION=ON): the nth allocation from now
+ * fails (0: none); is that failure still to come? */
+void mha__inject_alloc_failure(int64_t nth);
+bool mha__alloc_failure_pending(void);
+#endif
 void *mha__alloc(int64_t count, size_t size);
 void *mha__calloc(int64_t count, size_t size);
 void  mha__free(void *ptr);

@@ -92,7 +92,7 @@ static void *worker_main(void *raw)
     worker_arg *w = raw;
     pool *p = &w->ctx->pool;
     int index = w->index;
-    free(w);
+    mha__free(w);
     uint64_t seen = 0;
     for (;;) {
         seen = wait_for_work(p, seen);
@@ -114,7 +114,7 @@ static void pool_stop(pool *p)
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->lock);
     for (int t = 0; t < p->n_workers; t++) pthread_join(p->threads[t], NULL);
-    free(p->threads);
+    mha__free(p->threads);
     pthread_cond_destroy(&p->wake);
     pthread_cond_destroy(&p->done);
     pthread_mutex_destroy(&p->lock);
@@ -130,14 +130,19 @@ static mha_status pool_start(mha_ctx *ctx, int n)
     pthread_cond_init(&p->done, NULL);
     atomic_init(&p->generation, 0);
     atomic_init(&p->pending, 0);
-    p->threads = calloc((size_t)(n > 1 ? n - 1 : 1), sizeof(pthread_t));
-    if (!p->threads) return mha__fail(MHA_ERR_NOMEM, "out of memory for %d threads", n);
+    p->threads = mha__calloc(n > 1 ? n - 1 : 1, sizeof(pthread_t));
+    if (!p->threads) {
+        pthread_cond_destroy(&p->wake);
+        pthread_cond_destroy(&p->done);
+        pthread_mutex_destroy(&p->lock);
+        return mha__fail(MHA_ERR_NOMEM, "out of memory for %d threads", n);
+    }
     for (int t = 1; t < n; t++) {
-        worker_arg *w = malloc(sizeof *w);
+        worker_arg *w = mha__alloc(1, sizeof *w);
         if (!w) break;
         *w = (worker_arg){ctx, t};
         if (pthread_create(&p->threads[p->n_workers], NULL, worker_main, w) != 0) {
-            free(w);
+            mha__free(w);
             break;
         }
         p->n_workers++;

@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdatomic.h>
 #include <string.h>
 
 static const char *const status_names[] = {
@@ -77,9 +78,24 @@ static _Atomic int64_t allocations;
 
 int64_t mha__allocations(void) { return allocations; }
 
+#ifdef MHA_FAULT_INJECTION
+/* > 0: the allocation that brings it to 0 fails (test builds only). */
+static _Atomic int64_t failure_countdown;
+
+void mha__inject_alloc_failure(int64_t nth) { failure_countdown = nth; }
+
+bool mha__alloc_failure_pending(void) { return failure_countdown > 0; }
+#endif
+
 void *mha__alloc(int64_t count, size_t size)
 {
     allocations++;
+#ifdef MHA_FAULT_INJECTION
+    if (failure_countdown > 0 && atomic_fetch_sub(&failure_countdown, 1) == 1) {
+        mha__fail(MHA_ERR_NOMEM, "out of memory (an injected allocation failure)");
+        return NULL;
+    }
+#endif
     int64_t bytes;
     if (!mha__mul(count, (int64_t)size, &bytes) || bytes > INT64_MAX - ALIGNMENT) {
         mha__fail(MHA_ERR_NOMEM, "cannot allocate %lld elements of %zu bytes: size overflows",
