@@ -34,3 +34,22 @@ cmake -S . -B build-faults -DCMAKE_BUILD_TYPE=Debug -DMHA_WERROR=ON -DMHA_SANITI
     -DMHA_FAULT_INJECTION=ON >/dev/null
 cmake --build build-faults -j"$jobs" --target test_faults >/dev/null
 (cd build-faults && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -R '^test_faults$')
+
+echo "== fuzzing: libFuzzer over the safetensors reader and the CLI's inputs (45 s each, ASan + UBSan)"
+CC=clang CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMHA_FUZZ=ON \
+    -DMHA_SANITIZE=address,undefined >/dev/null
+cmake --build build-fuzz -j"$jobs" --target fuzz_safetensors fuzz_cli_inputs >/dev/null
+for target in safetensors cli_inputs; do
+    corpus=$(mktemp -d)
+    seeds=tests/fuzz/corpus_st
+    [ "$target" = cli_inputs ] && seeds=tests/fuzz/corpus_cli
+    cp "$seeds"/* "$corpus"/
+    log=$(mktemp)
+    if ! build-fuzz/tests/fuzz_$target -max_total_time=45 -timeout=10 -rss_limit_mb=2048 "$corpus" >"$log" 2>&1; then
+        tail -40 "$log"
+        echo "fuzz_$target found a fault; the input is in the log above" >&2
+        exit 1
+    fi
+    echo "  fuzz_$target: $(grep -E '^Done' "$log")"
+    rm -rf "$corpus" "$log"
+done
