@@ -24,7 +24,7 @@ cmake --build build-asan -j"$jobs" >/dev/null
 echo "== build with ThreadSanitizer and run the threaded suites"
 cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMHA_WERROR=ON -DMHA_SANITIZE=thread >/dev/null
 cmake --build build-tsan -j"$jobs" >/dev/null
-(cd build-tsan && TSAN_OPTIONS=halt_on_error=1 ctest --output-on-failure -R '^test_(reference|decode|train|golden)$')
+(cd build-tsan && TSAN_OPTIONS=halt_on_error=1 ctest --output-on-failure -R '^test_(reference|decode|train|golden|robust)$')
 
 echo "== valgrind memcheck over the CLI"
 scripts/valgrind_cli.sh build/mha

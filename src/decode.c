@@ -79,7 +79,8 @@ static void row_chunk(const decode_job *j, float *s, float *qs, int64_t b, int64
     bool plain = p->softcap == 0 && !mha__plan_has_bias(p) && j0 >= lo && j0 + cols <= hi;
     if (!plain) mha__score_contract(p, s, 1, b, h, i, 1, j0, cols, &lo, &hi, NULL);
     float m = -INFINITY;
-    for (int64_t k = 0; k < cols; k++) m = s[k] > m ? s[k] : m;
+    for (int64_t k = 0; k < cols; k++) /* a NaN score makes the row NaN, as a plain softmax does */
+        m = isnan(m) ? m : s[k] > m || isnan(s[k]) ? s[k] : m;
     if (m == -INFINITY) return;
     j->kt->exp_shift(s, cols, m);
     float l = 0.0f;
@@ -111,8 +112,11 @@ static void merge_range(void *arg, int thread, int64_t begin, int64_t end)
         int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
         float *dst = j->out->data + b * j->out->stride[0] + h * j->out->stride[1] + i * j->out->stride[2];
         float m = -INFINITY, l = 0.0f;
-        for (int64_t c = 0; c < j->chunks; c++) m = fmaxf(m, partial_at(j, b, h, i, c)[0]);
-        for (int64_t d = 0; d < p->Dv; d++) dst[d * j->out->stride[3]] = 0.0f;
+        for (int64_t c = 0; c < j->chunks; c++) {
+            float mc = partial_at(j, b, h, i, c)[0];
+            m = isnan(m) ? m : mc > m || isnan(mc) ? mc : m;
+        }
+        for (int64_t d = 0; d < p->Dv; d++) dst[d * j->out->stride[3]] = isnan(m) ? NAN : 0.0f;
         if (m > -INFINITY) {
             for (int64_t c = 0; c < j->chunks; c++) {
                 const float *part = partial_at(j, b, h, i, c);
@@ -123,7 +127,7 @@ static void merge_range(void *arg, int thread, int64_t begin, int64_t end)
             }
             for (int64_t d = 0; d < p->Dv; d++) dst[d * j->out->stride[3]] /= l;
         }
-        if (j->lse) j->lse[row] = m > -INFINITY ? m + logf(l) : -INFINITY;
+        if (j->lse) j->lse[row] = m > -INFINITY || isnan(m) ? m + logf(l) : -INFINITY;
     }
 }
 

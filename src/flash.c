@@ -236,13 +236,17 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
     const mha_tensor *out = j->out;
     for (int64_t r = 0; r < rows; r++) {
         float *dst = out->data + b * out->stride[0] + h * out->stride[1] + (i0 + r) * out->stride[2];
-        float l = t->sum[r], inv = l > 0 ? 1.0f / l : 0.0f;
+        /* l is 0 for a row that saw no key (output 0), NaN for a row that
+         * saw a NaN score (output NaN, as a plain softmax gives). */
+        float l = t->sum[r];
+        bool seen = l > 0 || isnan(l);
+        float inv = seen ? 1.0f / l : 0.0f;
         const float *o = t->o + r * p->Dv;
-        for (int64_t c = 0; c < p->Dv; c++) dst[c * out->stride[3]] = l > 0 ? o[c] * inv : 0.0f;
+        for (int64_t c = 0; c < p->Dv; c++) dst[c * out->stride[3]] = seen ? o[c] * inv : 0.0f;
         int64_t at = (b * p->Hq + h) * p->L + i0 + r;
-        if (j->lse) j->lse[at] = l > 0 ? t->max[r] + logf(l) : -INFINITY;
+        if (j->lse) j->lse[at] = seen ? t->max[r] + logf(l) : -INFINITY;
         if (j->stats) {
-            j->stats->max[at] = l > 0 ? t->max[r] : -INFINITY;
+            j->stats->max[at] = seen ? t->max[r] : -INFINITY;
             j->stats->sum[at] = l;
         }
     }

@@ -141,10 +141,16 @@ static void softmax_step_avx2(float *s, int64_t lds, int64_t rows, int64_t cols,
         __m256i mk = lane_mask(rows - i);
         __m256 lanes = _mm256_castsi256_ps(mk);
         __m256 old_max = _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(max + i, mk), lanes), new_max = old_max;
-        for (int64_t j = 0; j < cols; j++)
-            new_max = _mm256_max_ps(new_max, _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(s + j * lds + i, mk), lanes));
+        __m256 nan = _mm256_cmp_ps(old_max, old_max, _CMP_UNORD_Q);
+        for (int64_t j = 0; j < cols; j++) {
+            __m256 x = _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(s + j * lds + i, mk), lanes);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+            new_max = _mm256_max_ps(new_max, x);
+        }
+        /* vmaxps drops NaNs; a NaN score makes the row NaN, as a plain softmax does. */
+        new_max = _mm256_blendv_ps(new_max, _mm256_set1_ps(NAN), nan);
         /* Queries that still see nothing subtract 0, so their -inf scores give 0. */
-        __m256 seen = _mm256_cmp_ps(new_max, neg_inf, _CMP_NEQ_OQ);
+        __m256 seen = _mm256_cmp_ps(new_max, neg_inf, _CMP_NEQ_UQ);
         __m256 shift = _mm256_and_ps(new_max, seen), block_sum = _mm256_setzero_ps();
         for (int64_t j = 0; j < cols; j++) {
             __m256 e = exp256(_mm256_sub_ps(_mm256_maskload_ps(s + j * lds + i, mk), shift));

@@ -118,10 +118,16 @@ static void softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t col
     for (int64_t i = 0; i < rows; i += 16) { /* 16 queries per vector */
         __mmask16 mk = lane_mask(rows - i);
         __m512 old_max = _mm512_mask_loadu_ps(neg_inf, mk, max + i), new_max = old_max;
-        for (int64_t j = 0; j < cols; j++)
-            new_max = _mm512_max_ps(new_max, _mm512_mask_loadu_ps(neg_inf, mk, s + j * lds + i));
+        __mmask16 nan = _mm512_cmp_ps_mask(old_max, old_max, _CMP_UNORD_Q);
+        for (int64_t j = 0; j < cols; j++) {
+            __m512 x = _mm512_mask_loadu_ps(neg_inf, mk, s + j * lds + i);
+            nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+            new_max = _mm512_max_ps(new_max, x);
+        }
+        /* vmaxps drops NaNs; a NaN score makes the row NaN, as a plain softmax does. */
+        new_max = _mm512_mask_mov_ps(new_max, nan, _mm512_set1_ps(NAN));
         /* Queries that still see nothing subtract 0, so their -inf scores give 0. */
-        __mmask16 seen = _mm512_cmp_ps_mask(new_max, neg_inf, _CMP_NEQ_OQ);
+        __mmask16 seen = _mm512_cmp_ps_mask(new_max, neg_inf, _CMP_NEQ_UQ);
         __m512 shift = _mm512_maskz_mov_ps(seen, new_max), block_sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < cols; j++) {
             __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + j * lds + i), shift));

@@ -26,8 +26,8 @@ static void softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t co
 {
     for (int64_t i = 0; i < rows; i++) {
         float new_max = max[i];
-        for (int64_t j = 0; j < cols; j++)
-            if (s[j * lds + i] > new_max) new_max = s[j * lds + i];
+        for (int64_t j = 0; j < cols; j++) /* a NaN score makes the row NaN, as a plain softmax does */
+            if (s[j * lds + i] > new_max || isnan(s[j * lds + i])) new_max = isnan(new_max) ? new_max : s[j * lds + i];
         if (new_max == -INFINITY) { /* nothing visible yet */
             for (int64_t j = 0; j < cols; j++) s[j * lds + i] = 0.0f;
             scale[i] = 1.0f;
