@@ -367,6 +367,7 @@ static void print_help(void)
            "  sdpa      scaled dot-product attention on [B, H, L, D] tensors\n"
            "  sdpa-backward  gradients of sdpa with respect to query, key and value\n"
            "  decode    a prompt, then token-by-token steps with a KV cache, checked against a full forward\n"
+           "  lab       train a small transformer on the library and see what its heads learned\n"
            "  info      head dimension, parameters, FLOPs, bytes and KV cache of a configuration\n"
            "  show      list a safetensors file's tensors or print one's values\n"
            "  bench     time the library on one shape, or measure the machine's peak\n\n"
@@ -379,7 +380,7 @@ int mha_cli_main(int argc, char **argv)
         const char *name;
         int (*run)(int, char **);
     } commands[] = {{"forward", mha_cmd_forward}, {"backward", mha_cmd_backward}, {"sdpa", mha_cmd_sdpa},
-                      {"sdpa-backward", mha_cmd_sdpa_backward}, {"decode", mha_cmd_decode}, {"info", mha_cmd_info},
+                      {"sdpa-backward", mha_cmd_sdpa_backward}, {"decode", mha_cmd_decode}, {"lab", mha_cmd_lab}, {"info", mha_cmd_info},
                       {"show", mha_cmd_show},    {"bench", mha_cmd_bench}};
     if (argc < 2) {
         print_help();

@@ -1,0 +1,25 @@
+/*
+ * data.c -- the lab's training data.
+ */
+#include "lab.h"
+
+static int32_t next_token(uint64_t *s, int64_t vocab)
+{
+    *s ^= *s << 13, *s ^= *s >> 7, *s ^= *s << 17;
+    return (int32_t)((*s >> 11) % (uint64_t)vocab);
+}
+
+void lab_repeated_spans(int32_t *tokens, int64_t B, int64_t T, int64_t vocab, uint64_t *state)
+{
+    for (int64_t b = 0; b < B; b++) {
+        int32_t *seq = tokens + b * T;
+        /* A span of random length p in [T/4, T/2] from a random start, then
+         * repeated: the distance to the earlier copy changes from sequence
+         * to sequence, so copying needs the content (induction), not a
+         * fixed offset a position embedding could learn. */
+        int64_t lo = T / 4 > 1 ? T / 4 : 1, p = lo + next_token(state, T / 2 - lo + 1);
+        int64_t start = next_token(state, T - 2 * p + 1);
+        for (int64_t t = 0; t < T; t++) seq[t] = next_token(state, vocab);
+        for (int64_t t = start + p; t < start + 2 * p; t++) seq[t] = seq[t - p];
+    }
+}

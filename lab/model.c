@@ -1,0 +1,308 @@
+/*
+ * model.c -- the lab's attention-only transformer, trained with the
+ * library's own gradients.
+ *
+ * Forward, for tokens [B, T]:
+ *   x_0     = tok_emb[token] + pos_emb[t]
+ *   x_{l+1} = x_l + MHA_l(x_l)               causal self-attention (libmha)
+ *   logits  = x_L W_U^T,  loss = mean next-token cross-entropy
+ * Backward runs the same steps in reverse: dlogits = softmax - onehot,
+ * dW_U and dx_L from it, then every layer's mha_layer_backward, which adds
+ * its input gradient onto the residual's (dx_l = dx_{l+1} + dMHA/dx_l),
+ * and finally the embeddings' rows.  Only the public API of libmha is
+ * used.
+ */
+#include "lab.h"
+
+#include <math.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* One trainable array with its AdamW moments. */
+typedef struct lab_param {
+    float  *value, *grad;
+    float  *m, *v;
+    int64_t n;
+    bool    decay;  /* weight decay applies (matrices) */
+} lab_param;
+
+enum { MAX_PARAMS = 3 + 8 * 16 };
+
+struct lab_model {
+    lab_config c;
+    float *tok, *pos, *unemb;          /* [V, E], [T, E], [V, E] */
+    float *g_tok, *g_pos, *g_unemb;
+    mha_layer **layers;
+    mha_layer_tape **tapes;
+    lab_param params[MAX_PARAMS];
+    int n_params;
+    int64_t step;
+    int64_t capacity;                  /* sequences the buffers hold */
+    float *xs, *dx, *logits, *y;       /* [layers + 1][B T E], [2][B T E], [B T V], [B T E] */
+};
+
+/* ---- setup -------------------------------------------------------- */
+
+static float gaussian(uint64_t *s)
+{
+    double sum = 0;
+    for (int i = 0; i < 4; i++) { /* sum of 4 uniforms: near normal, variance 1 after scaling */
+        *s ^= *s << 13, *s ^= *s >> 7, *s ^= *s << 17;
+        sum += (double)(*s >> 11) * 0x1p-53 - 0.5;
+    }
+    return (float)(sum * sqrt(3.0));
+}
+
+static void fill_gaussian(float *x, int64_t n, double std, uint64_t *s)
+{
+    for (int64_t i = 0; i < n; i++) x[i] = (float)(std * gaussian(s));
+}
+
+static mha_status add_param(lab_model *m, float *value, float *grad, int64_t n, bool decay)
+{
+    if (m->n_params >= MAX_PARAMS) return MHA_ERR_INVALID_ARG;
+    lab_param *p = &m->params[m->n_params++];
+    *p = (lab_param){value, grad, calloc((size_t)n, sizeof(float)), calloc((size_t)n, sizeof(float)), n, decay};
+    return p->m && p->v ? MHA_OK : MHA_ERR_NOMEM;
+}
+
+static mha_status create_layers(lab_model *m, uint64_t *seed)
+{
+    const lab_config *c = &m->c;
+    for (int64_t l = 0; l < c->layers; l++) {
+        mha_layer_desc d;
+        mha_layer_desc_init(&d);
+        d.embed_dim = c->embed_dim;
+        d.num_heads = c->heads;
+        d.num_kv_heads = c->kv_heads;
+        mha_status st;
+        if ((st = mha_layer_create(&d, &m->layers[l])) != MHA_OK || (st = mha_layer_train_init(m->layers[l])) != MHA_OK ||
+            (st = mha_layer_tape_create(&m->tapes[l])) != MHA_OK)
+            return st;
+        mha_param p[8];
+        int64_t n = mha_layer_params(m->layers[l], p, 8);
+        for (int64_t i = 0; i < n; i++) {
+            bool matrix = p[i].rank == 2;
+            fill_gaussian(p[i].value, p[i].numel, matrix ? 1.0 / sqrt((double)c->embed_dim) : 0.0, seed);
+            if ((st = add_param(m, p[i].value, p[i].grad, p[i].numel, matrix)) != MHA_OK) return st;
+        }
+        if ((st = mha_layer_params_changed(m->layers[l])) != MHA_OK) return st;
+    }
+    return MHA_OK;
+}
+
+mha_status lab_model_create(const lab_config *config, lab_model **out)
+{
+    const lab_config *c = config;
+    *out = NULL;
+    if (c->vocab < 2 || c->context < 2 || c->embed_dim < 1 || c->layers < 1 || c->layers > 16 || c->heads < 1)
+        return MHA_ERR_INVALID_ARG;
+    lab_model *m = calloc(1, sizeof *m);
+    if (!m) return MHA_ERR_NOMEM;
+    m->c = *c;
+    int64_t V = c->vocab, T = c->context, E = c->embed_dim;
+    m->tok = malloc((size_t)(V * E) * sizeof(float));
+    m->pos = malloc((size_t)(T * E) * sizeof(float));
+    m->unemb = malloc((size_t)(V * E) * sizeof(float));
+    m->g_tok = calloc((size_t)(V * E), sizeof(float));
+    m->g_pos = calloc((size_t)(T * E), sizeof(float));
+    m->g_unemb = calloc((size_t)(V * E), sizeof(float));
+    m->layers = calloc((size_t)c->layers, sizeof *m->layers);
+    m->tapes = calloc((size_t)c->layers, sizeof *m->tapes);
+    mha_status st = m->tok && m->pos && m->unemb && m->g_tok && m->g_pos && m->g_unemb && m->layers && m->tapes
+                        ? MHA_OK : MHA_ERR_NOMEM;
+    uint64_t seed = c->seed * 0x9e3779b97f4a7c15u + 0x2545f4914f6cdd1du;
+    if (st == MHA_OK) {
+        fill_gaussian(m->tok, V * E, 1.0, &seed);
+        fill_gaussian(m->pos, T * E, 1.0, &seed);
+        fill_gaussian(m->unemb, V * E, 1.0 / sqrt((double)E), &seed);
+        if ((st = add_param(m, m->tok, m->g_tok, V * E, false)) == MHA_OK &&
+            (st = add_param(m, m->pos, m->g_pos, T * E, false)) == MHA_OK)
+            st = add_param(m, m->unemb, m->g_unemb, V * E, true);
+    }
+    if (st == MHA_OK) st = create_layers(m, &seed);
+    if (st != MHA_OK) {
+        lab_model_free(m);
+        return st;
+    }
+    *out = m;
+    return MHA_OK;
+}
+
+void lab_model_free(lab_model *m)
+{
+    if (!m) return;
+    for (int64_t l = 0; m->layers && l < m->c.layers; l++) {
+        mha_layer_free(m->layers[l]);
+        mha_layer_tape_free(m->tapes[l]);
+    }
+    for (int i = 0; i < m->n_params; i++) free(m->params[i].m), free(m->params[i].v);
+    void *owned[] = {m->tok, m->pos, m->unemb, m->g_tok, m->g_pos, m->g_unemb, m->layers, m->tapes,
+                     m->xs, m->dx, m->logits, m->y};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
+    free(m);
+}
+
+const lab_config *lab_model_config(const lab_model *m) { return &m->c; }
+
+mha_layer *lab_model_layer(lab_model *m, int64_t l) { return m->layers[l]; }
+
+/* ---- forward and backward ----------------------------------------- */
+
+static mha_status ensure_buffers(lab_model *m, int64_t B)
+{
+    if (B <= m->capacity) return MHA_OK;
+    int64_t rows = B * m->c.context, E = m->c.embed_dim;
+    free(m->xs), free(m->dx), free(m->logits), free(m->y);
+    m->xs = malloc((size_t)((m->c.layers + 1) * rows * E) * sizeof(float));
+    m->dx = malloc((size_t)(2 * rows * E) * sizeof(float));
+    m->logits = malloc((size_t)(rows * m->c.vocab) * sizeof(float));
+    m->y = malloc((size_t)(rows * E) * sizeof(float));
+    m->capacity = m->xs && m->dx && m->logits && m->y ? B : 0;
+    return m->capacity ? MHA_OK : MHA_ERR_NOMEM;
+}
+
+/* x_{l+1} = x_l + MHA_l(x_l); the per-head attention into attn if asked. */
+static mha_status layer_forward(mha_ctx *ctx, lab_model *m, int64_t l, int64_t B, bool record, float *attn)
+{
+    int64_t T = m->c.context, E = m->c.embed_dim, n = B * T * E;
+    float *x = m->xs + l * n, *next = x + n;
+    mha_layer_fwd_args a;
+    mha_layer_fwd_args_init(&a);
+    a.query = a.key = a.value = mha_tensor_3d(x, B, T, E);
+    a.causal = MHA_CAUSAL_TOP_LEFT;
+    a.average_attn_weights = 0;
+    a.tape = record ? m->tapes[l] : NULL;
+    mha_tensor y = mha_tensor_3d(m->y, B, T, E), w = mha_tensor_4d(attn, B, m->c.heads, T, T);
+    mha_status st = mha_layer_forward(ctx, m->layers[l], &y, attn ? &w : NULL, &a);
+    for (int64_t i = 0; st == MHA_OK && i < n; i++) next[i] = x[i] + m->y[i];
+    return st;
+}
+
+/* logits = x_L W_U^T, and the mean cross-entropy of the next tokens;
+ * with dlogits, its gradient (softmax - onehot) / count. */
+static double unembed_loss(lab_model *m, const int32_t *tokens, int64_t B, float *dlogits)
+{
+    int64_t T = m->c.context, E = m->c.embed_dim, V = m->c.vocab, rows = B * T;
+    const float *x = m->xs + m->c.layers * rows * E;
+    double loss = 0, count = (double)(B * (T - 1));
+    for (int64_t r = 0; r < rows; r++) {
+        float *lg = m->logits + r * V;
+        for (int64_t v = 0; v < V; v++) {
+            float s = 0;
+            for (int64_t e = 0; e < E; e++) s += x[r * E + e] * m->unemb[v * E + e];
+            lg[v] = s;
+        }
+        if (r % T == T - 1) { /* no next token */
+            if (dlogits) memset(dlogits + r * V, 0, (size_t)V * sizeof(float));
+            continue;
+        }
+        double max = lg[0], sum = 0;
+        for (int64_t v = 1; v < V; v++) max = lg[v] > max ? lg[v] : max;
+        for (int64_t v = 0; v < V; v++) sum += exp(lg[v] - max);
+        int32_t target = tokens[r + 1];
+        loss += max + log(sum) - lg[target];
+        for (int64_t v = 0; dlogits && v < V; v++)
+            dlogits[r * V + v] = (float)((exp(lg[v] - max) / sum - (v == target)) / count);
+    }
+    return loss / count;
+}
+
+static mha_status backward(mha_ctx *ctx, lab_model *m, const int32_t *tokens, int64_t B, const float *dlogits)
+{
+    int64_t T = m->c.context, E = m->c.embed_dim, V = m->c.vocab, rows = B * T, n = rows * E;
+    const float *xL = m->xs + m->c.layers * n;
+    memset(m->g_unemb, 0, (size_t)(V * E) * sizeof(float));
+    memset(m->g_tok, 0, (size_t)(V * E) * sizeof(float));
+    memset(m->g_pos, 0, (size_t)(T * E) * sizeof(float));
+    float *dx = m->dx, *dprev = m->dx + n;
+    memset(dx, 0, (size_t)n * sizeof(float));
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t v = 0; v < V; v++) {
+            float g = dlogits[r * V + v];
+            if (g == 0.0f) continue;
+            for (int64_t e = 0; e < E; e++) {
+                m->g_unemb[v * E + e] += g * xL[r * E + e];
+                dx[r * E + e] += g * m->unemb[v * E + e];
+            }
+        }
+    for (int64_t l = m->c.layers - 1; l >= 0; l--) {
+        mha_layer_zero_grad(m->layers[l]);
+        memcpy(dprev, dx, (size_t)n * sizeof(float)); /* the residual path */
+        mha_layer_fwd_args a;
+        mha_layer_fwd_args_init(&a);
+        a.query = a.key = a.value = mha_tensor_3d(m->xs + l * n, B, T, E);
+        a.causal = MHA_CAUSAL_TOP_LEFT;
+        a.tape = m->tapes[l];
+        mha_tensor dy = mha_tensor_3d(dx, B, T, E), g = mha_tensor_3d(dprev, B, T, E);
+        mha_status st = mha_layer_backward(ctx, m->layers[l], &a, &dy, &g, &g, &g);
+        if (st != MHA_OK) return st;
+        float *t = dx;
+        dx = dprev;
+        dprev = t;
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t e = 0; e < E; e++) {
+            m->g_tok[tokens[r] * E + e] += dx[r * E + e];
+            m->g_pos[(r % T) * E + e] += dx[r * E + e];
+        }
+    return MHA_OK;
+}
+
+mha_status lab_model_loss(mha_ctx *ctx, lab_model *m, const int32_t *tokens, int64_t B, int do_backward, float *attn,
+                          double *loss)
+{
+    int64_t T = m->c.context, E = m->c.embed_dim, V = m->c.vocab;
+    mha_status st = ensure_buffers(m, B);
+    if (st != MHA_OK) return st;
+    for (int64_t r = 0; r < B * T; r++) {
+        if (tokens[r] < 0 || tokens[r] >= V) return MHA_ERR_INVALID_ARG;
+        for (int64_t e = 0; e < E; e++) m->xs[r * E + e] = m->tok[tokens[r] * E + e] + m->pos[(r % T) * E + e];
+    }
+    int64_t maps = B * m->c.heads * T * T;
+    for (int64_t l = 0; l < m->c.layers && st == MHA_OK; l++)
+        st = layer_forward(ctx, m, l, B, do_backward, attn ? attn + l * maps : NULL);
+    if (st != MHA_OK) return st;
+    float *dlogits = do_backward ? malloc((size_t)(B * T * V) * sizeof(float)) : NULL;
+    if (do_backward && !dlogits) return MHA_ERR_NOMEM;
+    *loss = unembed_loss(m, tokens, B, dlogits);
+    if (do_backward) st = backward(ctx, m, tokens, B, dlogits);
+    free(dlogits);
+    return st;
+}
+
+int lab_model_param_count(const lab_model *m) { return m->n_params; }
+
+float *lab_model_param(lab_model *m, int i, float **grad, int64_t *n)
+{
+    if (i < 0 || i >= m->n_params) return NULL;
+    if (grad) *grad = m->params[i].grad;
+    if (n) *n = m->params[i].n;
+    return m->params[i].value;
+}
+
+mha_status lab_model_params_changed(lab_model *m)
+{
+    mha_status st = MHA_OK;
+    for (int64_t l = 0; l < m->c.layers && st == MHA_OK; l++) st = mha_layer_params_changed(m->layers[l]);
+    return st;
+}
+
+mha_status lab_model_adamw(lab_model *m, double lr, double wd)
+{
+    const double b1 = 0.9, b2 = 0.98, eps = 1e-8;
+    m->step++;
+    double c1 = 1 - pow(b1, (double)m->step), c2 = 1 - pow(b2, (double)m->step);
+    for (int i = 0; i < m->n_params; i++) {
+        lab_param *p = &m->params[i];
+        for (int64_t k = 0; k < p->n; k++) {
+            double g = p->grad[k];
+            p->m[k] = (float)(b1 * p->m[k] + (1 - b1) * g);
+            p->v[k] = (float)(b2 * p->v[k] + (1 - b2) * g * g);
+            double update = (p->m[k] / c1) / (sqrt(p->v[k] / c2) + eps);
+            p->value[k] = (float)(p->value[k] - lr * (update + (p->decay ? wd * p->value[k] : 0.0)));
+        }
+    }
+    return lab_model_params_changed(m);
+}
