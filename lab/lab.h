@@ -54,6 +54,22 @@ int        lab_model_param_count(const lab_model *model);
 float     *lab_model_param(lab_model *model, int i, float **grad, int64_t *n);
 mha_status lab_model_params_changed(lab_model *model);
 
+/* Head pruning (Michel et al., 2019): the importance of head h of layer l
+ * is the mean over batches of |dL/dxi|, xi a gate on the head's output
+ * at 1; since the head feeds W_o's columns h d .. (h+1) d - 1, that is
+ * |sum W_o * dW_o| over those columns.  importance[l * heads + h]. */
+mha_status lab_head_importance(mha_ctx *ctx, lab_model *model, const int32_t *tokens, int64_t B, int64_t batches,
+                               double *importance);
+/* Removes the heads whose keep[l * heads + h] is 0 (their W_o columns set
+ * to 0; the rest restored to the trained values). */
+mha_status lab_model_keep_heads(lab_model *model, const uint8_t *keep);
+
+/* Checkpoints: every trainable array, the AdamW moments and the step, as
+ * safetensors (the config in the metadata).  load creates the model. */
+mha_status lab_model_save(const lab_model *model, const char *path);
+mha_status lab_model_load(const char *path, lab_model **model);
+int64_t    lab_model_steps(const lab_model *model);
+
 /* ---- data --------------------------------------------------------- */
 
 /* Repeated random spans: each sequence of T random tokens holds a span of
@@ -81,5 +97,32 @@ void lab_head_scores_compute(const float *a, const int32_t *tokens, int64_t B, i
 /* The role a head's scores single out, or "mixed": thresholds in
  * docs/HEADS.md. */
 const char *lab_head_role(const lab_head_scores *s);
+
+/* ---- the report --------------------------------------------------- */
+
+typedef struct lab_report {
+    lab_config config;
+    const char *summary;                /* the plain-text summary */
+    const double *curve;                /* training loss per step */
+    int64_t curve_len;
+    const lab_head_scores *scores;      /* [layers * heads] */
+    const double *importance;           /* [layers * heads] or NULL */
+    const int32_t *sample;              /* one held-out sequence */
+    int64_t sample_len;
+    const float *maps;                  /* its attention [layers][heads][T][T] */
+    const double *prune_important, *prune_random;  /* loss with k heads removed, k = 0 .. prune_len - 1 */
+    int64_t prune_len;
+    const int64_t *gqa_kv_heads, *gqa_kv_bytes;
+    const double *gqa_loss;
+    int64_t gqa_len;
+} lab_report;
+
+/* The self-contained HTML report (no network: inline style, SVG, script);
+ * 0 or -1. */
+int lab_report_write(const char *path, const lab_report *report);
+
+/* A [rows, cols] map of weights in [0, 1] as an RGB PNG, each cell scale x
+ * scale pixels; 0 or -1. */
+int lab_png_heatmap(const char *path, const float *a, int64_t rows, int64_t cols, int scale);
 
 #endif /* MHA_LAB_H */

@@ -16,6 +16,7 @@
 
 #include <math.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -40,6 +41,7 @@ struct lab_model {
     int64_t step;
     int64_t capacity;                  /* sequences the buffers hold */
     float *xs, *dx, *logits, *y;       /* [layers + 1][B T E], [2][B T E], [B T V], [B T E] */
+    float **saved_wo;                  /* the trained W_o of each layer, once heads are pruned */
 };
 
 /* ---- setup -------------------------------------------------------- */
@@ -138,6 +140,8 @@ void lab_model_free(lab_model *m)
         mha_layer_tape_free(m->tapes[l]);
     }
     for (int i = 0; i < m->n_params; i++) free(m->params[i].m), free(m->params[i].v);
+    for (int64_t l = 0; m->saved_wo && l < m->c.layers; l++) free(m->saved_wo[l]);
+    free(m->saved_wo);
     void *owned[] = {m->tok, m->pos, m->unemb, m->g_tok, m->g_pos, m->g_unemb, m->layers, m->tapes,
                      m->xs, m->dx, m->logits, m->y};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
@@ -305,4 +309,134 @@ mha_status lab_model_adamw(lab_model *m, double lr, double wd)
         }
     }
     return lab_model_params_changed(m);
+}
+
+/* ---- pruning ------------------------------------------------------- */
+
+/* The layer's W_o: value, gradient, and its [E, h d] shape. */
+static float *output_matrix(lab_model *m, int64_t l, float **grad, int64_t *cols)
+{
+    mha_param p[8];
+    int64_t n = mha_layer_params(m->layers[l], p, 8);
+    for (int64_t i = 0; i < n; i++)
+        if (strcmp(p[i].name, "out_proj.weight") == 0 || strcmp(p[i].name, "o_proj.weight") == 0) {
+            if (grad) *grad = p[i].grad;
+            *cols = p[i].shape[1];
+            return p[i].value;
+        }
+    return NULL;
+}
+
+mha_status lab_head_importance(mha_ctx *ctx, lab_model *m, const int32_t *tokens, int64_t B, int64_t batches,
+                               double *importance)
+{
+    int64_t H = m->c.heads, E = m->c.embed_dim;
+    memset(importance, 0, (size_t)(m->c.layers * H) * sizeof *importance);
+    for (int64_t k = 0; k < batches; k++) {
+        double loss;
+        mha_status st = lab_model_loss(ctx, m, tokens + k * B * m->c.context, B, 1, NULL, &loss);
+        if (st != MHA_OK) return st;
+        for (int64_t l = 0; l < m->c.layers; l++) {
+            float *g;
+            int64_t cols;
+            const float *w = output_matrix(m, l, &g, &cols);
+            int64_t d = cols / H;
+            for (int64_t h = 0; h < H; h++) {
+                double dxi = 0;
+                for (int64_t e = 0; e < E; e++)
+                    for (int64_t c = h * d; c < (h + 1) * d; c++) dxi += (double)w[e * cols + c] * g[e * cols + c];
+                importance[l * H + h] += fabs(dxi) / (double)batches;
+            }
+        }
+    }
+    return MHA_OK;
+}
+
+mha_status lab_model_keep_heads(lab_model *m, const uint8_t *keep)
+{
+    int64_t H = m->c.heads, E = m->c.embed_dim;
+    for (int64_t l = 0; l < m->c.layers; l++) {
+        int64_t cols;
+        float *w = output_matrix(m, l, NULL, &cols);
+        if (!m->saved_wo) {
+            m->saved_wo = calloc((size_t)m->c.layers, sizeof *m->saved_wo);
+            if (!m->saved_wo) return MHA_ERR_NOMEM;
+        }
+        if (!m->saved_wo[l]) { /* the trained values, kept from the first pruning on */
+            m->saved_wo[l] = malloc((size_t)(E * cols) * sizeof(float));
+            if (!m->saved_wo[l]) return MHA_ERR_NOMEM;
+            memcpy(m->saved_wo[l], w, (size_t)(E * cols) * sizeof(float));
+        }
+        int64_t d = cols / H;
+        for (int64_t e = 0; e < E; e++)
+            for (int64_t c = 0; c < cols; c++) w[e * cols + c] = keep[l * H + c / d] ? m->saved_wo[l][e * cols + c] : 0.0f;
+    }
+    return lab_model_params_changed(m);
+}
+
+/* ---- checkpoints --------------------------------------------------- */
+
+int64_t lab_model_steps(const lab_model *m) { return m->step; }
+
+mha_status lab_model_save(const lab_model *m, const char *path)
+{
+    mha_st_writer *w = NULL;
+    mha_status st = mha_st_writer_create(&w);
+    char name[96], text[256];
+    for (int i = 0; st == MHA_OK && i < m->n_params; i++) {
+        const lab_param *p = &m->params[i];
+        int64_t shape[1] = {p->n};
+        static const char *const parts[3] = {"value", "adam_m", "adam_v"};
+        const float *data[3] = {p->value, p->m, p->v};
+        for (int k = 0; k < 3 && st == MHA_OK; k++) {
+            snprintf(name, sizeof name, "param.%03d.%s", i, parts[k]);
+            st = mha_st_writer_add(w, name, MHA_DTYPE_F32, 1, shape, data[k]);
+        }
+    }
+    snprintf(text, sizeof text, "%lld %lld %lld %lld %lld %lld %llu %lld", (long long)m->c.vocab,
+             (long long)m->c.context, (long long)m->c.embed_dim, (long long)m->c.layers, (long long)m->c.heads,
+             (long long)m->c.kv_heads, (unsigned long long)m->c.seed, (long long)m->step);
+    if (st == MHA_OK) st = mha_st_writer_set_metadata(w, "lab_config", text);
+    if (st == MHA_OK) st = mha_st_writer_save(w, path);
+    mha_st_writer_free(w);
+    return st;
+}
+
+mha_status lab_model_load(const char *path, lab_model **out)
+{
+    *out = NULL;
+    mha_st_file *f = NULL;
+    mha_status st = mha_st_open(path, &f);
+    if (st != MHA_OK) return st;
+    const char *text = mha_st_metadata(f, "lab_config");
+    lab_config c;
+    long long v[8];
+    unsigned long long seed;
+    if (!text || sscanf(text, "%lld %lld %lld %lld %lld %lld %llu %lld", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &seed,
+                        &v[7]) != 8) {
+        mha_st_close(f);
+        return MHA_ERR_CORRUPT;
+    }
+    c = (lab_config){v[0], v[1], v[2], v[3], v[4], v[5], seed};
+    lab_model *m = NULL;
+    st = lab_model_create(&c, &m);
+    char name[96];
+    for (int i = 0; st == MHA_OK && i < m->n_params; i++) {
+        lab_param *p = &m->params[i];
+        static const char *const parts[3] = {"value", "adam_m", "adam_v"};
+        float *data[3] = {p->value, p->m, p->v};
+        for (int k = 0; k < 3 && st == MHA_OK; k++) {
+            snprintf(name, sizeof name, "param.%03d.%s", i, parts[k]);
+            st = mha_st_read_f32(f, name, data[k], p->n);
+        }
+    }
+    mha_st_close(f);
+    if (st == MHA_OK) st = lab_model_params_changed(m);
+    if (st != MHA_OK) {
+        lab_model_free(m);
+        return st;
+    }
+    m->step = v[7];
+    *out = m;
+    return MHA_OK;
 }

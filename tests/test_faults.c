@@ -12,6 +12,7 @@
  */
 #include "harness.h"
 #include "internal.h"
+#include "lab.h"
 #include "mha.h"
 
 #include <stdint.h>
@@ -240,6 +241,28 @@ static mha_status decoding(float *result)
     return st;
 }
 
+/* Two training steps of the head lab's model (public API only). */
+static mha_status lab_steps(float *result)
+{
+    lab_config c = {.vocab = 10, .context = 8, .embed_dim = 8, .layers = 2, .heads = 2, .kv_heads = 1, .seed = 4};
+    lab_model *m = NULL;
+    mha_ctx *ctx = NULL;
+    int32_t tokens[4 * 8];
+    uint64_t state = 5;
+    double loss = 0;
+    lab_repeated_spans(tokens, 4, 8, 10, &state);
+    mha_status st = lab_model_create(&c, &m);
+    if (st == MHA_OK) st = mha_ctx_create(2, &ctx);
+    for (int k = 0; st == MHA_OK && k < 2; k++) {
+        st = lab_model_loss(ctx, m, tokens, 4, 1, NULL, &loss);
+        if (st == MHA_OK) st = lab_model_adamw(m, 1e-2, 0.01);
+    }
+    if (st == MHA_OK) result[0] = (float)loss;
+    mha_ctx_free(ctx);
+    lab_model_free(m);
+    return st;
+}
+
 static void run(const char *name, scenario_fn fn)
 {
     float want[RESULT] = {0}, got[RESULT];
@@ -286,6 +309,7 @@ int main(int argc, char **argv)
     run("attention fwd+bwd", attention);
     run("training step", training);
     run("decoding", decoding);
+    run("lab steps", lab_steps);
     unlink(out_path);
     return harness_finish("test_faults");
 }
