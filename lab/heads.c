@@ -50,5 +50,6 @@ const char *lab_head_role(const lab_head_scores *s)
     if (s->previous_token >= 0.5) return "previous-token";
     if (s->duplicate >= 0.4) return "duplicate-token";
     if (s->first_token >= 0.5) return "first-token";
+    if (s->distance <= 2.5) return "positional (local)";
     return "mixed";
 }

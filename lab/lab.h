@@ -79,6 +79,19 @@ int64_t    lab_model_steps(const lab_model *model);
  * grow induction heads.  Deterministic in *state. */
 void lab_repeated_spans(int32_t *tokens, int64_t B, int64_t T, int64_t vocab, uint64_t *state);
 
+/* Character-level text: every byte of a file, as a token (bytes >= vocab
+ * become vocab - 1), read once; batches are windows of T characters from
+ * random places.  Any text will do; the default is a document every
+ * Debian system ships (/usr/share/common-licenses/GPL-3). */
+typedef struct lab_text {
+    int32_t *chars;
+    int64_t  n;
+} lab_text;
+
+mha_status lab_text_load(const char *path, int64_t vocab, lab_text *text);
+void       lab_text_free(lab_text *text);
+void       lab_text_windows(const lab_text *text, int32_t *tokens, int64_t B, int64_t T, uint64_t *state);
+
 /* ---- head scores -------------------------------------------------- */
 
 /* Scores of one head from its attention a [B][T][T] (rows sum to 1) over
@@ -115,6 +128,7 @@ typedef struct lab_report {
     const int64_t *gqa_kv_heads, *gqa_kv_bytes;
     const double *gqa_loss;
     int64_t gqa_len;
+    int text;                           /* tokens are characters: show them as such */
 } lab_report;
 
 /* The self-contained HTML report (no network: inline style, SVG, script);

@@ -100,7 +100,7 @@ static const char *STYLE =
     "body{font-family:sans-serif;margin:24px;max-width:1200px;color:#222}h1{font-size:22px}h2{font-size:18px;"
     "margin-top:28px}table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;"
     "text-align:right}th{background:#f0f0f0}.role-induction{background:#d6f5d6}.role-previous-token{background:#d6e6ff}"
-    ".role-duplicate-token{background:#fff0c2}.role-first-token{background:#f5d6f0}.grid{display:flex;flex-wrap:wrap;"
+    ".role-duplicate-token{background:#fff0c2}.role-first-token{background:#f5d6f0}.role-positional{background:#e8e8e8}.grid{display:flex;flex-wrap:wrap;"
     "gap:10px}.map{text-align:center;font-size:12px}canvas{border:1px solid #ccc;image-rendering:pixelated}"
     "pre{background:#f6f6f6;padding:10px}.tok{display:inline-block;min-width:22px;text-align:center;font-size:11px;"
     "border:1px solid #eee;margin:1px}";
@@ -126,9 +126,11 @@ int lab_report_write(const char *path, const lab_report *r)
     for (int64_t i = 0; i < L * H; i++) {
         const lab_head_scores *s = &r->scores[i];
         const char *role = lab_head_role(s);
+        char css[32];
+        snprintf(css, sizeof css, "%.*s", (int)strcspn(role, " "), role); /* "positional (local)" -> "positional" */
         fprintf(f, "<tr class=\"role-%s\"><td>%lld</td><td>%lld</td><td>%.3f</td><td>%.3f</td><td>%.3f</td>"
                    "<td>%.3f</td><td>%.2f</td><td>%.3f</td><td>%.4f</td><td>%s</td></tr>\n",
-                role, (long long)(i / H), (long long)(i % H), s->previous_token, s->induction, s->duplicate,
+                css, (long long)(i / H), (long long)(i % H), s->previous_token, s->induction, s->duplicate,
                 s->first_token, s->distance, s->entropy, r->importance ? r->importance[i] : 0.0, role);
     }
     fprintf(f, "</table>\n<h2>Attention on a sample sequence</h2><p>Row i is where the token at position i looks "
@@ -160,9 +162,11 @@ int lab_report_write(const char *path, const lab_report *r)
         fprintf(f, "</table>\n");
     }
     /* The data the script draws from. */
-    fprintf(f, "<script>\nconst T=%lld,L=%lld,H=%lld;\nconst tokens=[", (long long)T, (long long)L, (long long)H);
+    fprintf(f, "<script>\nconst T=%lld,L=%lld,H=%lld;\nconst ids=[", (long long)T, (long long)L, (long long)H);
     for (int64_t t = 0; t < T; t++) fprintf(f, "%s%d", t ? "," : "", r->sample[t]);
-    fprintf(f, "];\nconst maps=[");
+    fprintf(f, "];\nconst esc=s=>String(s).replace(/[&<>\"']/g,c=>'&#'+c.charCodeAt(0)+';');\n"
+               "const tokens=ids.map(c=>esc(%s));\nconst maps=[",
+            r->text ? "c===32?'\\u2423':c===10?'\\u21b5':c<32||c>126?'?':String.fromCharCode(c)" : "c");
     for (int64_t i = 0; i < L * H * T * T; i++) fprintf(f, "%s%.3f", i ? "," : "", r->maps[i]);
     fprintf(f, "];\n"
                "function at(l,h,i,j){return maps[((l*H+h)*T+i)*T+j];}\n"

@@ -63,7 +63,36 @@ static void test_scores(void)
     CHECK(fabs(s.entropy - want) < 1e-6 && fabs(s.distance - dist) < 1e-6, "uniform rows: entropy %.6f (want %.6f), "
           "distance %.6f (want %.6f)", s.entropy, want, s.distance, dist);
     CHECK(strcmp(lab_head_role(&s), "mixed") == 0, "uniform rows are mixed, not %s", lab_head_role(&s));
+    /* A head spread over the last three positions: positional (local). */
+    memset(a, 0, sizeof(float) * B * T * T);
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < T; i++)
+            for (int j = i - 2 < 0 ? 0 : i - 2; j <= i; j++) a[(b * T + i) * T + j] = 1.0f / (float)(i - (i - 2 < 0 ? 0 : i - 2) + 1);
+    lab_head_scores_compute(a, tokens, B, T, &s);
+    CHECK(strcmp(lab_head_role(&s), "positional (local)") == 0, "a window of three is %s (distance %.2f)",
+          lab_head_role(&s), s.distance);
     free(a);
+}
+
+static void test_text(void)
+{
+    const char *path = "/tmp/mha_test_lab_text.txt";
+    FILE *f = fopen(path, "w");
+    fputs("abcdefghij\xff", f);
+    fclose(f);
+    lab_text text;
+    CHECK_OK(lab_text_load(path, 128, &text));
+    CHECK(text.n == 11 && text.chars[0] == 'a' && text.chars[10] == 127, "11 characters, the non-ASCII byte as 127");
+    int32_t w[2 * 4];
+    uint64_t state = 3;
+    lab_text_windows(&text, w, 2, 4, &state);
+    bool ok = true;
+    for (int b = 0; b < 2; b++)
+        for (int t = 1; t < 4; t++) ok = ok && w[b * 4 + t] == w[b * 4 + t - 1] + 1; /* consecutive characters */
+    CHECK(ok, "windows are runs of the text");
+    lab_text_free(&text);
+    CHECK(lab_text_load("/nonexistent/text", 128, &text) == MHA_ERR_IO, "a missing text file is an IO error");
+    unlink(path);
 }
 
 static void test_data(void)
@@ -179,6 +208,7 @@ int main(void)
     CHECK_OK(mha_ctx_create(2, &ctx));
     test_scores();
     test_data();
+    test_text();
     test_gradients(ctx);
     test_training(ctx);
     test_checkpoint(ctx);

@@ -29,7 +29,8 @@ static const char *const CMD = "lab";
 
 typedef struct lab_opts {
     lab_config model;
-    const char *out;
+    const char *out, *data, *text_path;
+    lab_text text;  /* loaded when data is "text" */
     int64_t steps, batch, threads, gqa_steps;
     double lr, wd;
     bool resume, quiet;
@@ -50,20 +51,27 @@ static void path_in(char *buf, size_t size, const lab_opts *o, const char *name)
     snprintf(buf, size, "%s/%s", o->out, name);
 }
 
+/* B sequences of the chosen data from the stream *state. */
+static void sequences(const lab_opts *o, const lab_config *c, int64_t B, int32_t *tokens, uint64_t *state)
+{
+    if (o->text.chars) lab_text_windows(&o->text, tokens, B, c->context, state);
+    else lab_repeated_spans(tokens, B, c->context, c->vocab, state);
+}
+
 /* The batch of training step `step`: a stream of its own, so a resumed run
  * sees the same data as an uninterrupted one. */
 static void step_batch(const lab_opts *o, const lab_config *c, int64_t step, int32_t *tokens)
 {
     uint64_t state = (c->seed + 1) * 0x9e3779b97f4a7c15u ^ (uint64_t)step * 0xbf58476d1ce4e5b9u;
     state = state ? state : 1;
-    lab_repeated_spans(tokens, o->batch, c->context, c->vocab, &state);
+    sequences(o, c, o->batch, tokens, &state);
 }
 
 /* Held-out sequences: a stream no training step uses. */
-static void held_out(const lab_config *c, int64_t B, int32_t *tokens)
+static void held_out(const lab_opts *o, const lab_config *c, int64_t B, int32_t *tokens)
 {
     uint64_t state = c->seed * 7919u + 0x5851f42d4c957f2du;
-    lab_repeated_spans(tokens, B, c->context, c->vocab, &state);
+    sequences(o, c, B, tokens, &state);
 }
 
 /* A progress bar redrawn in place on a terminal (at most 5 times a
@@ -118,11 +126,12 @@ static int train_steps(const lab_opts *o, mha_ctx *ctx, lab_model *model, double
 }
 
 /* Scores of every head on the held-out batch; attn gets the maps. */
-static int analyze(mha_ctx *ctx, lab_model *model, int32_t *tokens, float *attn, lab_head_scores *scores, double *loss)
+static int analyze(const lab_opts *o, mha_ctx *ctx, lab_model *model, int32_t *tokens, float *attn,
+                   lab_head_scores *scores, double *loss)
 {
     const lab_config *c = lab_model_config(model);
     int64_t T = c->context, H = c->heads, maps = EVAL_B * H * T * T;
-    held_out(c, EVAL_B, tokens);
+    held_out(o, c, EVAL_B, tokens);
     if (lab_model_loss(ctx, model, tokens, EVAL_B, 0, attn, loss) != MHA_OK) {
         cli_error(CMD, "%s", mha_last_error());
         return CLI_FAIL;
@@ -176,7 +185,7 @@ typedef struct pruning {
     double *importance, *by_importance, *by_random;
 } pruning;
 
-static int prune(mha_ctx *ctx, lab_model *model, const int32_t *eval_tokens, pruning *p)
+static int prune(const lab_opts *o, mha_ctx *ctx, lab_model *model, const int32_t *eval_tokens, pruning *p)
 {
     const lab_config *c = lab_model_config(model);
     int64_t n = c->layers * c->heads, T = c->context;
@@ -187,7 +196,7 @@ static int prune(mha_ctx *ctx, lab_model *model, const int32_t *eval_tokens, pru
         return CLI_FAIL;
     }
     uint64_t state = c->seed * 31u + 77u; /* importance on its own held-out sequences */
-    lab_repeated_spans(tokens, PRUNE_BATCHES * EVAL_B, T, c->vocab, &state);
+    sequences(o, c, PRUNE_BATCHES * EVAL_B, tokens, &state);
     int rc = lab_head_importance(ctx, model, tokens, EVAL_B, PRUNE_BATCHES, p->importance) == MHA_OK ? CLI_OK : CLI_FAIL;
     for (int64_t i = 0; i < n; i++) order[i] = i;
     for (int64_t i = 1; i < n; i++) /* least important first */
@@ -256,7 +265,7 @@ static int gqa_table(const lab_opts *o, mha_ctx *ctx, int64_t *kv, int64_t *byte
         int rc = train_steps(&g, ctx, m, NULL);
         int32_t *tokens = malloc((size_t)(EVAL_B * o->model.context) * sizeof *tokens);
         if (rc == CLI_OK && tokens) {
-            held_out(&g.model, EVAL_B, tokens);
+            held_out(o, &g.model, EVAL_B, tokens);
             if (lab_model_loss(ctx, m, tokens, EVAL_B, 0, NULL, &loss[*n]) != MHA_OK) rc = CLI_FAIL;
         }
         free(tokens);
@@ -284,8 +293,8 @@ static int write_report(const lab_opts *o, mha_ctx *ctx, lab_model *model, const
     int64_t kv[4], bytes[4], n_gqa = 0;
     double gqa_loss[4];
     int rc = tokens && attn && sample && scores && buf ? CLI_OK : CLI_FAIL;
-    if (rc == CLI_OK) rc = analyze(ctx, model, tokens, attn, scores, &held);
-    if (rc == CLI_OK) rc = prune(ctx, model, tokens, &p);
+    if (rc == CLI_OK) rc = analyze(o, ctx, model, tokens, attn, scores, &held);
+    if (rc == CLI_OK) rc = prune(o, ctx, model, tokens, &p);
     if (rc == CLI_OK && with_gqa) rc = gqa_table(o, ctx, kv, bytes, gqa_loss, &n_gqa);
     char summary[8192], path[1024];
     int used = 0;
@@ -296,10 +305,11 @@ static int write_report(const lab_opts *o, mha_ctx *ctx, lab_model *model, const
             roles_ind += strcmp(lab_head_role(&scores[i]), "induction") == 0;
         }
         used += snprintf(summary + used, sizeof summary - (size_t)used,
-                         "%lld training steps; held-out loss %.4f (random tokens cost ln %lld = %.3f each).\n"
+                         "%lld training steps on %s; held-out loss %.4f (a uniform guess costs ln %lld = %.3f).\n"
                          "%d previous-token head(s) and %d induction head(s) (thresholds in docs/HEADS.md).\n"
                          "Removing the %lld least important heads: loss %.4f; %lld random heads: %.4f (none removed: %.4f).\n",
-                         (long long)lab_model_steps(model), held, (long long)c->vocab, log((double)c->vocab), roles_prev,
+                         (long long)lab_model_steps(model), o->text.chars ? "character-level text" : "repeated random spans",
+                         held, (long long)c->vocab, log((double)c->vocab), roles_prev,
                          roles_ind, (long long)(n / 2), p.by_importance[n / 2], (long long)(n / 2), p.by_random[n / 2],
                          p.by_importance[0]);
         for (int64_t i = 0; i < n_gqa; i++)
@@ -310,7 +320,7 @@ static int write_report(const lab_opts *o, mha_ctx *ctx, lab_model *model, const
             for (int64_t h = 0; h < c->heads; h++)
                 memcpy(sample + (l * c->heads + h) * T * T, attn + l * maps + h * T * T, (size_t)(T * T) * sizeof(float));
         lab_report r = {*c, summary, curve, curve_len, scores, p.importance, tokens, T, sample, p.by_importance,
-                        p.by_random, n + 1, kv, bytes, gqa_loss, n_gqa};
+                        p.by_random, n + 1, kv, bytes, gqa_loss, n_gqa, o->text.chars != NULL};
         path_in(path, sizeof path, o, "report.html");
         if (lab_report_write(path, &r) != 0) {
             cli_error(CMD, "cannot write %s", path);
@@ -352,7 +362,7 @@ static int load_saved(const lab_opts *o, lab_model **model)
 int mha_cmd_lab(int argc, char **argv)
 {
     lab_opts o = {.model = {.vocab = 64, .context = 32, .embed_dim = 64, .layers = 2, .heads = 4, .seed = 1},
-                  .out = "lab-report", .steps = 1500, .batch = 32, .gqa_steps = 1000, .lr = 3e-3, .wd = 0.01};
+                  .out = "lab-report", .data = "spans", .text_path = "/usr/share/common-licenses/GPL-3", .steps = 1500, .batch = 32, .gqa_steps = 1000, .lr = 3e-3, .wd = 0.01};
     const char *sub = argc >= 2 && argv[1][0] != '-' ? argv[1] : "run";
     static const char *const subs[] = {"run", "train", "analyze", "prune", "report"};
     int which = cli_choice(sub, subs, 5);
@@ -375,6 +385,8 @@ int mha_cmd_lab(int argc, char **argv)
         {"lr", FLAG_DOUBLE, &o.lr, "AdamW learning rate (default 3e-3)", false},
         {"seed", FLAG_INT, &seed, "seed of the weights and the data (default 1)", false},
         {"resume", FLAG_BOOL, &o.resume, "train: continue from --out's checkpoint", false},
+        {"data", FLAG_STRING, &o.data, "spans (repeated random spans, default) or text (characters of --text)", false},
+        {"text", FLAG_STRING, &o.text_path, "text file for --data text (default /usr/share/common-licenses/GPL-3)", false},
         {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
     };
     bool help;
@@ -389,7 +401,22 @@ int mha_cmd_lab(int argc, char **argv)
                        "must be positive, --embed-dim a multiple of --heads and --lr > 0");
         return CLI_USAGE;
     }
-    if ((rc = ensure_dir(o.out)) != CLI_OK) return rc;
+    if (strcmp(o.data, "spans") != 0 && strcmp(o.data, "text") != 0) {
+        cli_error(CMD, "--data must be spans or text, got \"%s\"", o.data);
+        return CLI_USAGE;
+    }
+    bool text = strcmp(o.data, "text") == 0;
+    bool vocab_seen = false;
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) vocab_seen |= flags[i].dst == &o.model.vocab && flags[i].seen;
+    if (text && !vocab_seen) o.model.vocab = 128; /* ASCII */
+    if (text && lab_text_load(o.text_path, o.model.vocab, &o.text) != MHA_OK) {
+        cli_error(CMD, "--text %s: cannot read it (or it is empty)", o.text_path);
+        return CLI_FAIL;
+    }
+    if ((rc = ensure_dir(o.out)) != CLI_OK) {
+        lab_text_free(&o.text);
+        return rc;
+    }
     mha_ctx *ctx = NULL;
     lab_model *model = NULL;
     double *curve = calloc((size_t)o.steps, sizeof *curve);
@@ -402,7 +429,7 @@ int mha_cmd_lab(int argc, char **argv)
         int32_t *tokens = malloc((size_t)(EVAL_B * lab_model_config(model)->context) * sizeof *tokens);
         float *attn = malloc((size_t)(n * EVAL_B * lab_model_config(model)->context * lab_model_config(model)->context) * sizeof *attn);
         double held;
-        rc = scores && tokens && attn ? analyze(ctx, model, tokens, attn, scores, &held) : CLI_FAIL;
+        rc = scores && tokens && attn ? analyze(&o, ctx, model, tokens, attn, scores, &held) : CLI_FAIL;
         if (rc == CLI_OK) {
             printf("held-out loss %.4f\n", held);
             print_heads(lab_model_config(model), scores, NULL, stdout);
@@ -416,5 +443,6 @@ int mha_cmd_lab(int argc, char **argv)
     lab_model_free(model);
     mha_ctx_free(ctx);
     free(curve);
+    lab_text_free(&o.text);
     return rc;
 }
