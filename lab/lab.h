@@ -23,11 +23,17 @@ typedef struct lab_config {
     int64_t heads;       /* per layer */
     int64_t kv_heads;    /* 0 = heads (GQA when fewer) */
     uint64_t seed;       /* initial weights */
+    int     mlp;         /* 0: attention-only blocks; 1: pre-norm blocks with an MLP */
+    int     tied;        /* 1: the unembedding is the token embedding (W_U = tok_emb) */
 } lab_config;
 
-/* x_0 = tok_emb[token] + pos_emb[t]; x_{l+1} = x_l + MHA_l(x_l), causal;
- * logits = x_L W_U^T.  Attention-only, as in the smallest models where
- * induction heads are known to form. */
+/* x_0 = tok_emb[token] + pos_emb[t], then per layer (causal attention):
+ *   attention-only:  x_{l+1} = x_l + MHA_l(x_l)
+ *   with mlp:        x'  = x_l + MHA_l(LN1_l(x_l))
+ *                    x_{l+1} = x' + W2 GELU(W1 LN2_l(x') + b1) + b2   (width 4E)
+ * logits = y W_U^T with y = x_L (attention-only) or LN_f(x_L).  The
+ * attention-only form is the smallest model where induction heads are
+ * known to form; the pre-norm form is GPT-2's block. */
 typedef struct lab_model lab_model;
 
 mha_status lab_model_create(const lab_config *config, lab_model **model);

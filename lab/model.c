@@ -14,6 +14,10 @@
  */
 #include "lab.h"
 
+#ifndef M_PI
+#define M_PI 3.14159265358979323846
+#endif
+
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -42,7 +46,27 @@ struct lab_model {
     int64_t capacity;                  /* sequences the buffers hold */
     float *xs, *dx, *logits, *y;       /* [layers + 1][B T E], [2][B T E], [B T V], [B T E] */
     float **saved_wo;                  /* the trained W_o of each layer, once heads are pruned */
+    /* Pre-norm blocks (config.mlp): per layer ln1 (g, b), ln2 (g, b), W1 [F, E],
+     * b1 [F], W2 [E, F], b2 [E] with F = 4E, then the final norm (g, b). */
+    float *mlp, *g_mlp;                /* values and gradients, layer after layer, final norm last */
+    float *hs, *x1s, *gs, *us, *vs, *stats, *yf;  /* saved for backward; stats: mean, rstd of each norm */
 };
+
+typedef struct block_view {
+    float *ln1_g, *ln1_b, *ln2_g, *ln2_b, *w1, *b1, *w2, *b2;
+} block_view;
+
+static int64_t block_floats(int64_t E) { return 4 * E + 4 * E * E + 4 * E + 4 * E * E + E; }
+
+static block_view block_at(float *base, int64_t l, int64_t E)
+{
+    float *p = base + l * block_floats(E);
+    block_view v = {p, p + E, p + 2 * E, p + 3 * E, p + 4 * E, 0, 0, 0};
+    v.b1 = v.w1 + 4 * E * E;
+    v.w2 = v.b1 + 4 * E;
+    v.b2 = v.w2 + 4 * E * E;
+    return v;
+}
 
 /* ---- setup -------------------------------------------------------- */
 
@@ -94,11 +118,40 @@ static mha_status create_layers(lab_model *m, uint64_t *seed)
     return MHA_OK;
 }
 
+/* Norm gains 1, biases 0, W1 and W2 ~ N(0, 1/fan_in). */
+static mha_status create_mlp(lab_model *m, uint64_t *seed)
+{
+    int64_t E = m->c.embed_dim, per = block_floats(E), n = m->c.layers * per + 2 * E;
+    m->mlp = calloc((size_t)n, sizeof(float));
+    m->g_mlp = calloc((size_t)n, sizeof(float));
+    if (!m->mlp || !m->g_mlp) return MHA_ERR_NOMEM;
+    mha_status st = MHA_OK;
+    for (int64_t l = 0; l <= m->c.layers && st == MHA_OK; l++) {
+        float *v = m->mlp + l * per, *g = m->g_mlp + l * per;
+        if (l == m->c.layers) { /* the final norm */
+            for (int64_t e = 0; e < E; e++) v[e] = 1.0f;
+            st = add_param(m, v, g, 2 * E, false);
+            break;
+        }
+        block_view b = block_at(m->mlp, l, E), gb = block_at(m->g_mlp, l, E);
+        for (int64_t e = 0; e < E; e++) b.ln1_g[e] = b.ln2_g[e] = 1.0f;
+        fill_gaussian(b.w1, 4 * E * E, 1.0 / sqrt((double)E), seed);
+        fill_gaussian(b.w2, 4 * E * E, 1.0 / sqrt(4.0 * (double)E), seed);
+        if ((st = add_param(m, b.ln1_g, gb.ln1_g, 4 * E, false)) == MHA_OK &&
+            (st = add_param(m, b.w1, gb.w1, 4 * E * E, true)) == MHA_OK &&
+            (st = add_param(m, b.b1, gb.b1, 4 * E, false)) == MHA_OK &&
+            (st = add_param(m, b.w2, gb.w2, 4 * E * E, true)) == MHA_OK)
+            st = add_param(m, b.b2, gb.b2, E, false);
+    }
+    return st;
+}
+
 mha_status lab_model_create(const lab_config *config, lab_model **out)
 {
     const lab_config *c = config;
     *out = NULL;
-    if (c->vocab < 2 || c->context < 2 || c->embed_dim < 1 || c->layers < 1 || c->layers > 16 || c->heads < 1)
+    if (c->vocab < 2 || c->context < 2 || c->embed_dim < 1 || c->layers < 1 || c->layers > 16 || c->heads < 1 ||
+        c->mlp < 0 || c->mlp > 1 || c->tied < 0 || c->tied > 1)
         return MHA_ERR_INVALID_ARG;
     lab_model *m = calloc(1, sizeof *m);
     if (!m) return MHA_ERR_NOMEM;
@@ -120,10 +173,11 @@ mha_status lab_model_create(const lab_config *config, lab_model **out)
         fill_gaussian(m->pos, T * E, 1.0, &seed);
         fill_gaussian(m->unemb, V * E, 1.0 / sqrt((double)E), &seed);
         if ((st = add_param(m, m->tok, m->g_tok, V * E, false)) == MHA_OK &&
-            (st = add_param(m, m->pos, m->g_pos, T * E, false)) == MHA_OK)
+            (st = add_param(m, m->pos, m->g_pos, T * E, false)) == MHA_OK && !c->tied)
             st = add_param(m, m->unemb, m->g_unemb, V * E, true);
     }
     if (st == MHA_OK) st = create_layers(m, &seed);
+    if (st == MHA_OK && c->mlp) st = create_mlp(m, &seed);
     if (st != MHA_OK) {
         lab_model_free(m);
         return st;
@@ -143,7 +197,8 @@ void lab_model_free(lab_model *m)
     for (int64_t l = 0; m->saved_wo && l < m->c.layers; l++) free(m->saved_wo[l]);
     free(m->saved_wo);
     void *owned[] = {m->tok, m->pos, m->unemb, m->g_tok, m->g_pos, m->g_unemb, m->layers, m->tapes,
-                     m->xs, m->dx, m->logits, m->y};
+                     m->xs, m->dx, m->logits, m->y, m->mlp, m->g_mlp, m->hs, m->x1s, m->gs, m->us, m->vs,
+                     m->stats, m->yf};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     free(m);
 }
@@ -160,44 +215,198 @@ static mha_status ensure_buffers(lab_model *m, int64_t B)
     int64_t rows = B * m->c.context, E = m->c.embed_dim;
     free(m->xs), free(m->dx), free(m->logits), free(m->y);
     m->xs = malloc((size_t)((m->c.layers + 1) * rows * E) * sizeof(float));
-    m->dx = malloc((size_t)(2 * rows * E) * sizeof(float));
+    m->dx = malloc((size_t)(3 * rows * 4 * E) * sizeof(float));
     m->logits = malloc((size_t)(rows * m->c.vocab) * sizeof(float));
     m->y = malloc((size_t)(rows * E) * sizeof(float));
-    m->capacity = m->xs && m->dx && m->logits && m->y ? B : 0;
+    bool ok = m->xs && m->dx && m->logits && m->y;
+    if (m->c.mlp) {
+        int64_t L = m->c.layers;
+        free(m->hs), free(m->x1s), free(m->gs), free(m->us), free(m->vs), free(m->stats), free(m->yf);
+        m->hs = malloc((size_t)(L * rows * E) * sizeof(float));
+        m->x1s = malloc((size_t)(L * rows * E) * sizeof(float));
+        m->gs = malloc((size_t)(L * rows * E) * sizeof(float));
+        m->us = malloc((size_t)(L * rows * 4 * E) * sizeof(float));
+        m->vs = malloc((size_t)(L * rows * 4 * E) * sizeof(float));
+        m->stats = malloc((size_t)((2 * L + 1) * 2 * rows) * sizeof(float));
+        m->yf = malloc((size_t)(rows * E) * sizeof(float));
+        ok = ok && m->hs && m->x1s && m->gs && m->us && m->vs && m->stats && m->yf;
+    }
+    m->capacity = ok ? B : 0;
     return m->capacity ? MHA_OK : MHA_ERR_NOMEM;
 }
 
-/* x_{l+1} = x_l + MHA_l(x_l); the per-head attention into attn if asked. */
-static mha_status layer_forward(mha_ctx *ctx, lab_model *m, int64_t l, int64_t B, bool record, float *attn)
+/* ---- the pieces of a pre-norm block --------------------------------- */
+
+static void layer_norm(const float *x, const float *g, const float *b, int64_t rows, int64_t E, float *y, float *mean,
+                       float *rstd)
 {
-    int64_t T = m->c.context, E = m->c.embed_dim, n = B * T * E;
-    float *x = m->xs + l * n, *next = x + n;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * E;
+        double mu = 0, var = 0;
+        for (int64_t e = 0; e < E; e++) mu += xr[e];
+        mu /= (double)E;
+        for (int64_t e = 0; e < E; e++) var += (xr[e] - mu) * (xr[e] - mu);
+        double rs = 1.0 / sqrt(var / (double)E + 1e-5);
+        mean[r] = (float)mu, rstd[r] = (float)rs;
+        for (int64_t e = 0; e < E; e++) y[r * E + e] = (float)((xr[e] - mu) * rs) * g[e] + b[e];
+    }
+}
+
+/* dx += the norm's input gradient for dy; dg, db += its parameters'. */
+static void layer_norm_backward(const float *dy, const float *x, const float *g, const float *mean, const float *rstd,
+                                int64_t rows, int64_t E, float *dx, float *dg, float *db)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        double s1 = 0, s2 = 0;
+        for (int64_t e = 0; e < E; e++) {
+            double xh = (x[r * E + e] - mean[r]) * rstd[r], d = dy[r * E + e] * g[e];
+            dg[e] += (float)(dy[r * E + e] * xh);
+            db[e] += dy[r * E + e];
+            s1 += d, s2 += d * xh;
+        }
+        for (int64_t e = 0; e < E; e++) {
+            double xh = (x[r * E + e] - mean[r]) * rstd[r], d = dy[r * E + e] * g[e];
+            dx[r * E + e] += (float)(rstd[r] * (d - s1 / (double)E - xh * s2 / (double)E));
+        }
+    }
+}
+
+/* y[r] = x[r] W^T + b, W [out, in]. */
+static void linear(const float *x, const float *w, const float *b, int64_t rows, int64_t in, int64_t out, float *y)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t o = 0; o < out; o++) {
+            float s = b ? b[o] : 0.0f;
+            for (int64_t i = 0; i < in; i++) s += x[r * in + i] * w[o * in + i];
+            y[r * out + o] = s;
+        }
+}
+
+/* dx = dy W (overwritten), dW += dy^T x, db += column sums of dy. */
+static void linear_backward(const float *dy, const float *x, const float *w, int64_t rows, int64_t in, int64_t out,
+                            float *dx, float *dw, float *db)
+{
+    memset(dx, 0, (size_t)(rows * in) * sizeof(float));
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t o = 0; o < out; o++) {
+            float d = dy[r * out + o];
+            if (db) db[o] += d;
+            for (int64_t i = 0; i < in; i++) {
+                dw[o * in + i] += d * x[r * in + i];
+                dx[r * in + i] += d * w[o * in + i];
+            }
+        }
+}
+
+/* GELU, the tanh form GPT-2 uses, and its derivative. */
+static float gelu(float u)
+{
+    double k = sqrt(2.0 / M_PI), t = tanh(k * (u + 0.044715 * u * u * u));
+    return (float)(0.5 * u * (1 + t));
+}
+
+static float gelu_grad(float u)
+{
+    double k = sqrt(2.0 / M_PI), inner = k * (u + 0.044715 * u * u * u), t = tanh(inner);
+    return (float)(0.5 * (1 + t) + 0.5 * u * (1 - t * t) * k * (1 + 3 * 0.044715 * u * u));
+}
+
+static float *stat_at(const lab_model *m, int64_t norm, int64_t rows) { return m->stats + norm * 2 * rows; }
+
+/* ---- the blocks ---------------------------------------------------- */
+
+/* Attention of layer l over `in` (x_l, or LN1(x_l) in a pre-norm block)
+ * into m->y; the per-head weights into attn if asked. */
+static mha_status attention(mha_ctx *ctx, lab_model *m, int64_t l, int64_t B, const float *in, bool record, float *attn)
+{
+    int64_t T = m->c.context, E = m->c.embed_dim;
     mha_layer_fwd_args a;
     mha_layer_fwd_args_init(&a);
-    a.query = a.key = a.value = mha_tensor_3d(x, B, T, E);
+    a.query = a.key = a.value = mha_tensor_3d((float *)in, B, T, E);
     a.causal = MHA_CAUSAL_TOP_LEFT;
     a.average_attn_weights = 0;
     a.tape = record ? m->tapes[l] : NULL;
     mha_tensor y = mha_tensor_3d(m->y, B, T, E), w = mha_tensor_4d(attn, B, m->c.heads, T, T);
-    mha_status st = mha_layer_forward(ctx, m->layers[l], &y, attn ? &w : NULL, &a);
-    for (int64_t i = 0; st == MHA_OK && i < n; i++) next[i] = x[i] + m->y[i];
+    return mha_layer_forward(ctx, m->layers[l], &y, attn ? &w : NULL, &a);
+}
+
+static mha_status layer_forward(mha_ctx *ctx, lab_model *m, int64_t l, int64_t B, bool record, float *attn)
+{
+    int64_t rows = B * m->c.context, E = m->c.embed_dim, n = rows * E, F = 4 * E;
+    float *x = m->xs + l * n, *next = x + n;
+    if (!m->c.mlp) {
+        mha_status st = attention(ctx, m, l, B, x, record, attn);
+        for (int64_t i = 0; st == MHA_OK && i < n; i++) next[i] = x[i] + m->y[i];
+        return st;
+    }
+    block_view b = block_at(m->mlp, l, E);
+    float *h = m->hs + l * n, *x1 = m->x1s + l * n, *g = m->gs + l * n, *u = m->us + l * rows * F, *v = m->vs + l * rows * F;
+    float *s1 = stat_at(m, 2 * l, rows), *s2 = stat_at(m, 2 * l + 1, rows);
+    layer_norm(x, b.ln1_g, b.ln1_b, rows, E, h, s1, s1 + rows);
+    mha_status st = attention(ctx, m, l, B, h, record, attn);
+    if (st != MHA_OK) return st;
+    for (int64_t i = 0; i < n; i++) x1[i] = x[i] + m->y[i];
+    layer_norm(x1, b.ln2_g, b.ln2_b, rows, E, g, s2, s2 + rows);
+    linear(g, b.w1, b.b1, rows, E, F, u);
+    for (int64_t i = 0; i < rows * F; i++) v[i] = gelu(u[i]);
+    linear(v, b.w2, b.b2, rows, F, E, m->y);
+    for (int64_t i = 0; i < n; i++) next[i] = x1[i] + m->y[i];
+    return MHA_OK;
+}
+
+/* The attention's backward for dy, adding its input gradient into gin. */
+static mha_status attention_backward(mha_ctx *ctx, lab_model *m, int64_t l, int64_t B, const float *in, float *dy,
+                                     float *gin)
+{
+    int64_t T = m->c.context, E = m->c.embed_dim;
+    mha_layer_zero_grad(m->layers[l]);
+    mha_layer_fwd_args a;
+    mha_layer_fwd_args_init(&a);
+    a.query = a.key = a.value = mha_tensor_3d((float *)in, B, T, E);
+    a.causal = MHA_CAUSAL_TOP_LEFT;
+    a.tape = m->tapes[l];
+    mha_tensor tdy = mha_tensor_3d(dy, B, T, E), g = mha_tensor_3d(gin, B, T, E);
+    return mha_layer_backward(ctx, m->layers[l], &a, &tdy, &g, &g, &g);
+}
+
+/* dx: the gradient at x_{l+1} in, at x_l out; work: 2 rows x 4E floats. */
+static mha_status layer_backward(mha_ctx *ctx, lab_model *m, int64_t l, int64_t B, float *dx, float *work)
+{
+    int64_t rows = B * m->c.context, E = m->c.embed_dim, n = rows * E, F = 4 * E;
+    float *x = m->xs + l * n;
+    if (!m->c.mlp) { /* dx_l = dx_{l+1} + dMHA: the layer adds its input gradient onto the residual's */
+        memcpy(work, dx, (size_t)n * sizeof(float));
+        mha_status st = attention_backward(ctx, m, l, B, x, work, dx);
+        return st;
+    }
+    block_view b = block_at(m->mlp, l, E), gb = block_at(m->g_mlp, l, E);
+    float *h = m->hs + l * n, *x1 = m->x1s + l * n, *g = m->gs + l * n, *u = m->us + l * rows * F, *v = m->vs + l * rows * F;
+    float *s1 = stat_at(m, 2 * l, rows), *s2 = stat_at(m, 2 * l + 1, rows);
+    float *dv = work, *dg = work + rows * F; /* dg and dh share the second half */
+    linear_backward(dx, v, b.w2, rows, F, E, dv, gb.w2, gb.b2);       /* dx is dm: the MLP's output gradient */
+    for (int64_t i = 0; i < rows * F; i++) dv[i] *= gelu_grad(u[i]);  /* now du */
+    linear_backward(dv, g, b.w1, rows, E, F, dg, gb.w1, gb.b1);
+    layer_norm_backward(dg, x1, b.ln2_g, s2, s2 + rows, rows, E, dx, gb.ln2_g, gb.ln2_b); /* dx is now dx1 */
+    float *dh = dg;
+    memset(dh, 0, (size_t)n * sizeof(float));
+    mha_status st = attention_backward(ctx, m, l, B, h, dx, dh);
+    if (st == MHA_OK) layer_norm_backward(dh, x, b.ln1_g, s1, s1 + rows, rows, E, dx, gb.ln1_g, gb.ln1_b);
     return st;
 }
 
-/* logits = x_L W_U^T, and the mean cross-entropy of the next tokens;
+/* The unembedding: the token embedding itself when tied. */
+static const float *unembedding(const lab_model *m) { return m->c.tied ? m->tok : m->unemb; }
+
+/* logits = y W_U^T, and the mean cross-entropy of the next tokens;
  * with dlogits, its gradient (softmax - onehot) / count. */
-static double unembed_loss(lab_model *m, const int32_t *tokens, int64_t B, float *dlogits)
+static double unembed_loss(lab_model *m, const float *y, const int32_t *tokens, int64_t B, float *dlogits)
 {
     int64_t T = m->c.context, E = m->c.embed_dim, V = m->c.vocab, rows = B * T;
-    const float *x = m->xs + m->c.layers * rows * E;
+    const float *wu = unembedding(m);
     double loss = 0, count = (double)(B * (T - 1));
+    linear(y, wu, NULL, rows, E, V, m->logits);
     for (int64_t r = 0; r < rows; r++) {
-        float *lg = m->logits + r * V;
-        for (int64_t v = 0; v < V; v++) {
-            float s = 0;
-            for (int64_t e = 0; e < E; e++) s += x[r * E + e] * m->unemb[v * E + e];
-            lg[v] = s;
-        }
+        const float *lg = m->logits + r * V;
         if (r % T == T - 1) { /* no next token */
             if (dlogits) memset(dlogits + r * V, 0, (size_t)V * sizeof(float));
             continue;
@@ -213,38 +422,26 @@ static double unembed_loss(lab_model *m, const int32_t *tokens, int64_t B, float
     return loss / count;
 }
 
-static mha_status backward(mha_ctx *ctx, lab_model *m, const int32_t *tokens, int64_t B, const float *dlogits)
+static mha_status backward(mha_ctx *ctx, lab_model *m, const int32_t *tokens, int64_t B, const float *y,
+                           const float *dlogits)
 {
-    int64_t T = m->c.context, E = m->c.embed_dim, V = m->c.vocab, rows = B * T, n = rows * E;
-    const float *xL = m->xs + m->c.layers * n;
+    int64_t T = m->c.context, E = m->c.embed_dim, V = m->c.vocab, rows = B * T, n = rows * E, L = m->c.layers;
     memset(m->g_unemb, 0, (size_t)(V * E) * sizeof(float));
     memset(m->g_tok, 0, (size_t)(V * E) * sizeof(float));
     memset(m->g_pos, 0, (size_t)(T * E) * sizeof(float));
-    float *dx = m->dx, *dprev = m->dx + n;
-    memset(dx, 0, (size_t)n * sizeof(float));
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t v = 0; v < V; v++) {
-            float g = dlogits[r * V + v];
-            if (g == 0.0f) continue;
-            for (int64_t e = 0; e < E; e++) {
-                m->g_unemb[v * E + e] += g * xL[r * E + e];
-                dx[r * E + e] += g * m->unemb[v * E + e];
-            }
-        }
-    for (int64_t l = m->c.layers - 1; l >= 0; l--) {
-        mha_layer_zero_grad(m->layers[l]);
-        memcpy(dprev, dx, (size_t)n * sizeof(float)); /* the residual path */
-        mha_layer_fwd_args a;
-        mha_layer_fwd_args_init(&a);
-        a.query = a.key = a.value = mha_tensor_3d(m->xs + l * n, B, T, E);
-        a.causal = MHA_CAUSAL_TOP_LEFT;
-        a.tape = m->tapes[l];
-        mha_tensor dy = mha_tensor_3d(dx, B, T, E), g = mha_tensor_3d(dprev, B, T, E);
-        mha_status st = mha_layer_backward(ctx, m->layers[l], &a, &dy, &g, &g, &g);
+    if (m->c.mlp) memset(m->g_mlp, 0, (size_t)(L * block_floats(E) + 2 * E) * sizeof(float));
+    float *dx = m->dx, *work = m->dx + n;
+    linear_backward(dlogits, y, unembedding(m), rows, E, V, dx, m->c.tied ? m->g_tok : m->g_unemb, NULL);
+    if (m->c.mlp) { /* through the final norm */
+        float *dy = work, *gf = m->g_mlp + L * block_floats(E), *vf = m->mlp + L * block_floats(E);
+        float *sf = stat_at(m, 2 * L, rows);
+        memcpy(dy, dx, (size_t)n * sizeof(float));
+        memset(dx, 0, (size_t)n * sizeof(float));
+        layer_norm_backward(dy, m->xs + L * n, vf, sf, sf + rows, rows, E, dx, gf, gf + E);
+    }
+    for (int64_t l = L - 1; l >= 0; l--) {
+        mha_status st = layer_backward(ctx, m, l, B, dx, work);
         if (st != MHA_OK) return st;
-        float *t = dx;
-        dx = dprev;
-        dprev = t;
     }
     for (int64_t r = 0; r < rows; r++)
         for (int64_t e = 0; e < E; e++) {
@@ -257,21 +454,27 @@ static mha_status backward(mha_ctx *ctx, lab_model *m, const int32_t *tokens, in
 mha_status lab_model_loss(mha_ctx *ctx, lab_model *m, const int32_t *tokens, int64_t B, int do_backward, float *attn,
                           double *loss)
 {
-    int64_t T = m->c.context, E = m->c.embed_dim, V = m->c.vocab;
+    int64_t T = m->c.context, E = m->c.embed_dim, V = m->c.vocab, rows = B * T, L = m->c.layers;
     mha_status st = ensure_buffers(m, B);
     if (st != MHA_OK) return st;
-    for (int64_t r = 0; r < B * T; r++) {
+    for (int64_t r = 0; r < rows; r++) {
         if (tokens[r] < 0 || tokens[r] >= V) return MHA_ERR_INVALID_ARG;
         for (int64_t e = 0; e < E; e++) m->xs[r * E + e] = m->tok[tokens[r] * E + e] + m->pos[(r % T) * E + e];
     }
     int64_t maps = B * m->c.heads * T * T;
-    for (int64_t l = 0; l < m->c.layers && st == MHA_OK; l++)
+    for (int64_t l = 0; l < L && st == MHA_OK; l++)
         st = layer_forward(ctx, m, l, B, do_backward, attn ? attn + l * maps : NULL);
     if (st != MHA_OK) return st;
-    float *dlogits = do_backward ? malloc((size_t)(B * T * V) * sizeof(float)) : NULL;
+    const float *y = m->xs + L * rows * E;
+    if (m->c.mlp) { /* the final norm */
+        float *vf = m->mlp + L * block_floats(E), *sf = stat_at(m, 2 * L, rows);
+        layer_norm(y, vf, vf + E, rows, E, m->yf, sf, sf + rows);
+        y = m->yf;
+    }
+    float *dlogits = do_backward ? malloc((size_t)(rows * V) * sizeof(float)) : NULL;
     if (do_backward && !dlogits) return MHA_ERR_NOMEM;
-    *loss = unembed_loss(m, tokens, B, dlogits);
-    if (do_backward) st = backward(ctx, m, tokens, B, dlogits);
+    *loss = unembed_loss(m, y, tokens, B, dlogits);
+    if (do_backward) st = backward(ctx, m, tokens, B, y, dlogits);
     free(dlogits);
     return st;
 }
@@ -393,9 +596,9 @@ mha_status lab_model_save(const lab_model *m, const char *path)
             st = mha_st_writer_add(w, name, MHA_DTYPE_F32, 1, shape, data[k]);
         }
     }
-    snprintf(text, sizeof text, "%lld %lld %lld %lld %lld %lld %llu %lld", (long long)m->c.vocab,
+    snprintf(text, sizeof text, "%lld %lld %lld %lld %lld %lld %llu %lld %d %d", (long long)m->c.vocab,
              (long long)m->c.context, (long long)m->c.embed_dim, (long long)m->c.layers, (long long)m->c.heads,
-             (long long)m->c.kv_heads, (unsigned long long)m->c.seed, (long long)m->step);
+             (long long)m->c.kv_heads, (unsigned long long)m->c.seed, (long long)m->step, m->c.mlp, m->c.tied);
     if (st == MHA_OK) st = mha_st_writer_set_metadata(w, "lab_config", text);
     if (st == MHA_OK) st = mha_st_writer_save(w, path);
     mha_st_writer_free(w);
@@ -412,12 +615,13 @@ mha_status lab_model_load(const char *path, lab_model **out)
     lab_config c;
     long long v[8];
     unsigned long long seed;
-    if (!text || sscanf(text, "%lld %lld %lld %lld %lld %lld %llu %lld", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &seed,
-                        &v[7]) != 8) {
+    int mlp, tied;
+    if (!text || sscanf(text, "%lld %lld %lld %lld %lld %lld %llu %lld %d %d", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+                        &seed, &v[7], &mlp, &tied) != 10) {
         mha_st_close(f);
         return MHA_ERR_CORRUPT;
     }
-    c = (lab_config){v[0], v[1], v[2], v[3], v[4], v[5], seed};
+    c = (lab_config){v[0], v[1], v[2], v[3], v[4], v[5], seed, mlp, tied};
     lab_model *m = NULL;
     st = lab_model_create(&c, &m);
     char name[96];

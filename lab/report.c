@@ -113,10 +113,11 @@ int lab_report_write(const char *path, const lab_report *r)
     int64_t L = c->layers, H = c->heads, T = r->sample_len;
     fprintf(f, "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>libmha head lab</title><style>%s</style>"
                "</head><body>\n", STYLE);
-    fprintf(f, "<h1>What the heads learned</h1><p>An attention-only transformer: %lld layers x %lld heads "
-               "(%lld kv heads), width %lld, context %lld, vocabulary %lld, trained on repeated random spans with "
-               "libmha's own gradients.</p>\n", (long long)L, (long long)H, (long long)(c->kv_heads ? c->kv_heads : H),
-            (long long)c->embed_dim, (long long)c->context, (long long)c->vocab);
+    fprintf(f, "<h1>What the heads learned</h1><p>A%s transformer: %lld layers x %lld heads (%lld kv heads), width "
+               "%lld, context %lld, vocabulary %lld%s, trained on %s with libmha's own gradients.</p>\n",
+            c->mlp ? " pre-norm" : "n attention-only", (long long)L, (long long)H,
+            (long long)(c->kv_heads ? c->kv_heads : H), (long long)c->embed_dim, (long long)c->context,
+            (long long)c->vocab, c->tied ? ", tied unembedding" : "", r->text ? "character-level text" : "repeated random spans");
     fprintf(f, "<h2>Summary</h2><pre>%s</pre>\n", r->summary);
     fprintf(f, "<h2>Training</h2>");
     svg_chart(f, r->curve, NULL, r->curve_len, "training loss", NULL, "step");
@@ -140,7 +141,7 @@ int lab_report_write(const char *path, const lab_report *r)
         fprintf(f, "<h3>Layer %lld</h3><div class=\"grid\">", (long long)l);
         for (int64_t h = 0; h < H; h++)
             fprintf(f, "<div class=\"map\"><canvas id=\"m%lld_%lld\" width=\"%lld\" height=\"%lld\"></canvas><br>head "
-                       "%lld: %s</div>", (long long)l, (long long)h, (long long)(T * 6), (long long)(T * 6),
+                       "%lld: %s</div>", (long long)l, (long long)h, (long long)(T * 9 + 14), (long long)(T * 9 + 14),
                     (long long)h, lab_head_role(&r->scores[l * H + h]));
         fprintf(f, "</div>\n");
     }
@@ -165,16 +166,18 @@ int lab_report_write(const char *path, const lab_report *r)
     fprintf(f, "<script>\nconst T=%lld,L=%lld,H=%lld;\nconst ids=[", (long long)T, (long long)L, (long long)H);
     for (int64_t t = 0; t < T; t++) fprintf(f, "%s%d", t ? "," : "", r->sample[t]);
     fprintf(f, "];\nconst esc=s=>String(s).replace(/[&<>\"']/g,c=>'&#'+c.charCodeAt(0)+';');\n"
-               "const tokens=ids.map(c=>esc(%s));\nconst maps=[",
+               "const labels=ids.map(c=>%s);\nconst tokens=labels.map(esc);\nconst maps=[",
             r->text ? "c===32?'\\u2423':c===10?'\\u21b5':c<32||c>126?'?':String.fromCharCode(c)" : "c");
     for (int64_t i = 0; i < L * H * T * T; i++) fprintf(f, "%s%.3f", i ? "," : "", r->maps[i]);
     fprintf(f, "];\n"
                "function at(l,h,i,j){return maps[((l*H+h)*T+i)*T+j];}\n"
                "function shade(w){const t=Math.sqrt(Math.max(0,Math.min(1,w)));return `rgb(${255-230*t},${255-200*t},${255-90*t})`;}\n"
                "for(let l=0;l<L;l++)for(let h=0;h<H;h++){const cv=document.getElementById(`m${l}_${h}`);const g=cv.getContext('2d');\n"
-               " for(let i=0;i<T;i++)for(let j=0;j<T;j++){g.fillStyle=shade(at(l,h,i,j));g.fillRect(j*6,i*6,6,6);}\n"
-               " cv.addEventListener('mousemove',e=>{const i=Math.floor(e.offsetY/6),j=Math.floor(e.offsetX/6);\n"
-               "  if(i<T&&j<T)cv.title=`from ${i} (token ${tokens[i]}) to ${j} (token ${tokens[j]}): ${at(l,h,i,j).toFixed(3)}`;});}\n"
+               " const C=9,M=14;g.font='8px sans-serif';g.textAlign='center';g.fillStyle='#555';\n"
+               " for(let t=0;t<T;t++){g.fillText(labels[t],M+t*C+C/2,10);g.fillText(labels[t],M/2,M+t*C+C-1);}\n"
+               " for(let i=0;i<T;i++)for(let j=0;j<T;j++){g.fillStyle=shade(at(l,h,i,j));g.fillRect(M+j*C,M+i*C,C,C);}\n"
+               " cv.addEventListener('mousemove',e=>{const i=Math.floor((e.offsetY-M)/C),j=Math.floor((e.offsetX-M)/C);\n"
+               "  if(i>=0&&j>=0&&i<T&&j<T)cv.title=`from ${i} (token ${tokens[i]}) to ${j} (token ${tokens[j]}): ${at(l,h,i,j).toFixed(3)}`;});}\n"
                "document.getElementById('tokens').innerHTML='tokens: '+tokens.map((t,i)=>`<span class=\"tok\" title=\"position ${i}\">${t}</span>`).join('');\n"
                "function showRow(){const i=+document.getElementById('pos').value;document.getElementById('posval').textContent=`position ${i}, token ${tokens[i]}`;\n"
                " let html='';for(let l=0;l<L;l++)for(let h=0;h<H;h++){html+=`<div>layer ${l} head ${h}: `;\n"

@@ -113,9 +113,9 @@ static void test_data(void)
 
 /* <grad, v> against central differences of the loss along a random
  * direction v, for every trainable array (float32: h = 1e-2). */
-static void test_gradients(mha_ctx *ctx)
+static void test_gradients(mha_ctx *ctx, int mlp)
 {
-    lab_config c = {.vocab = 12, .context = 8, .embed_dim = 8, .layers = 2, .heads = 2, .seed = 3};
+    lab_config c = {.vocab = 12, .context = 8, .embed_dim = 8, .layers = 2, .heads = 2, .seed = 3, .mlp = mlp, .tied = mlp};
     lab_model *m = NULL;
     CHECK_OK(lab_model_create(&c, &m));
     int32_t tokens[2 * 8];
@@ -144,8 +144,8 @@ static void test_gradients(mha_ctx *ctx)
         memcpy(value, v0, (size_t)n * sizeof *v0);
         CHECK_OK(lab_model_params_changed(m));
         double measured = (up - down) / (2 * h);
-        CHECK(fabs(measured - predicted) <= 2e-3 * fmax(0.1, fabs(predicted)), "array %d: directional derivative %.6g, "
-              "gradient says %.6g", i, measured, predicted);
+        CHECK(fabs(measured - predicted) <= 2e-3 * fmax(0.1, fabs(predicted)), "mlp %d, array %d: directional "
+              "derivative %.6g, gradient says %.6g", mlp, i, measured, predicted);
         free(g), free(v0), free(dir);
     }
     lab_model_free(m);
@@ -173,7 +173,8 @@ static void test_training(mha_ctx *ctx)
  * after a save and a load gives the same bits as training straight on. */
 static void test_checkpoint(mha_ctx *ctx)
 {
-    lab_config c = {.vocab = 16, .context = 12, .embed_dim = 16, .layers = 2, .heads = 4, .kv_heads = 2, .seed = 8};
+    lab_config c = {.vocab = 16, .context = 12, .embed_dim = 16, .layers = 2, .heads = 4, .kv_heads = 2, .seed = 8,
+                    .mlp = 1};
     lab_model *a = NULL, *b = NULL;
     CHECK_OK(lab_model_create(&c, &a));
     int32_t tokens[8 * 12];
@@ -209,7 +210,8 @@ int main(void)
     test_scores();
     test_data();
     test_text();
-    test_gradients(ctx);
+    test_gradients(ctx, 0);
+    test_gradients(ctx, 1);
     test_training(ctx);
     test_checkpoint(ctx);
     mha_ctx_free(ctx);

@@ -371,7 +371,10 @@ int mha_cmd_lab(int argc, char **argv)
         return CLI_USAGE;
     }
     int64_t seed = 1;
+    bool mlp = false, tied = false;
     cli_flag flags[] = {
+        {"mlp", FLAG_BOOL, &mlp, "pre-norm blocks with an MLP (GPT-2's) instead of attention-only ones", false},
+        {"tied", FLAG_BOOL, &tied, "tie the unembedding to the token embedding", false},
         {"out", FLAG_STRING, &o.out, "directory for the checkpoint and the report (default lab-report)", false},
         {"layers", FLAG_INT, &o.model.layers, "attention layers (default 2)", false},
         {"heads", FLAG_INT, &o.model.heads, "heads per layer (default 4)", false},
@@ -395,6 +398,8 @@ int mha_cmd_lab(int argc, char **argv)
                        (int)(sizeof flags / sizeof flags[0]), &help);
     if (rc != CLI_OK || help) return rc;
     o.model.seed = (uint64_t)seed;
+    o.model.mlp = mlp;
+    o.model.tied = tied;
     if (o.steps < 1 || o.gqa_steps < 1 || o.batch < 1 || o.model.layers < 1 || o.model.layers > 16 || o.model.heads < 1 ||
         o.model.context < 4 || o.model.vocab < 2 || o.model.embed_dim % o.model.heads || !(o.lr > 0)) {
         cli_error(CMD, "--steps, --gqa-steps, --batch, --layers (1..16), --heads, --context (>= 4), --vocab (>= 2) "
