@@ -382,6 +382,12 @@ typedef enum mha_weight_names {
 mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_names names,
                           const mha_layer_desc *hints, mha_layer **out_layer);
 
+/* The family a layer's weights were loaded under (MHA_NAMES_TORCH for a
+ * layer made with mha_layer_create); mha_layer_params names parameters by
+ * it: nn.MultiheadAttention's names for such a layer, Llama's otherwise
+ * (also for GPT-2, whose Conv1D matrices are the transposes). */
+mha_weight_names mha_layer_names(const mha_layer *layer);
+
 mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix,
                                       int64_t num_heads, int add_zero_attn, mha_dtype dtype,
                                       mha_layer **out_layer);

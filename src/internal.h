@@ -36,9 +36,9 @@ static inline bool mha__add(int64_t a, int64_t b, int64_t *out)
 /* Product of n non-negative sizes; false on overflow. */
 bool mha__product(const int64_t *dims, int n, int64_t *out);
 
-/* 64-byte aligned allocation of count * size bytes, overflow-checked;
- * NULL (with mha_last_error set) on failure.  Zero bytes still gives a
- * unique pointer.  Free with mha__free. */
+/* The naming family a loaded layer remembers (weights.c sets it). */
+void mha__layer_set_names(mha_layer *layer, mha_weight_names names);
+
 /* How many times mha__alloc has been called in this process (tests). */
 int64_t mha__allocations(void);
 #ifdef MHA_FAULT_INJECTION
@@ -47,6 +47,9 @@ int64_t mha__allocations(void);
 void mha__inject_alloc_failure(int64_t nth);
 bool mha__alloc_failure_pending(void);
 #endif
+/* 64-byte aligned allocation of count * size bytes, overflow-checked;
+ * NULL (with mha_last_error set) on failure.  Zero bytes still gives a
+ * unique pointer.  Free with mha__free. */
 void *mha__alloc(int64_t count, size_t size);
 void *mha__calloc(int64_t count, size_t size);
 void  mha__free(void *ptr);

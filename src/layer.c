@@ -146,6 +146,7 @@ mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
     l->qdim = d.num_heads * d.head_dim;
     l->kvdim = d.num_kv_heads * d.head_dim;
     l->kt = mha__kernels_get();
+    l->names = MHA_NAMES_TORCH;
     /* Weights start as zeros, as the header promises. */
     l->bf16 = d.dtype == MHA_DTYPE_BF16;
     for (int m = 0; m < MAT_COUNT && st == MHA_OK; m++) st = mha__layer_pack(l, (matrix)m, NULL);
@@ -192,6 +193,13 @@ mha_status mha__layer_check(const mha_layer *l, const char *fn)
     if (!l || l->magic != LAYER_MAGIC) return mha__fail(MHA_ERR_MISUSE, "%s: not a live mha_layer", fn);
     return MHA_OK;
 }
+
+mha_weight_names mha_layer_names(const mha_layer *l)
+{
+    return mha__layer_check(l, "mha_layer_names") == MHA_OK ? l->names : MHA_NAMES_AUTO;
+}
+
+void mha__layer_set_names(mha_layer *l, mha_weight_names names) { l->names = names; }
 
 const mha_layer_desc *mha_layer_get_desc(const mha_layer *l)
 {

@@ -43,6 +43,7 @@ struct mha_layer {
     float         *b_out;     /* [E] or NULL */
     float         *bias_k, *bias_v;  /* [E] or NULL */
     float         *alibi;     /* [h] or NULL: the desc's slopes, copied */
+    mha_weight_names names;   /* the family the weights were loaded under (TORCH when set by hand) */
     mha__layer_train *train;  /* NULL until mha_layer_train_init */
 };
 

@@ -106,8 +106,10 @@ int64_t mha_layer_params(mha_layer *l, mha_param *params, int64_t capacity)
     mha__layer_train *t = l->train;
     int64_t E = d->embed_dim, qd = l->qdim, kvd = l->kvdim, n = 0;
     mha_param all[8];
-    /* nn.MultiheadAttention's names where the layer is one, else Llama's. */
-    bool torch = d->num_kv_heads == d->num_heads && qd == E;
+    /* nn.MultiheadAttention's names where the layer is one and was not
+     * loaded under another family's; else Llama's (a GPT-2 block's
+     * Conv1D layout is the transpose of these: mha backward converts). */
+    bool torch = d->num_kv_heads == d->num_heads && qd == E && l->names == MHA_NAMES_TORCH;
     if (torch && d->kdim == E && d->vdim == E) {
         all[n++] = param("in_proj_weight", t->w[MAT_Q], t->g_w[MAT_Q], 2, 3 * E, E, 0);
     } else {

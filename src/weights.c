@@ -243,7 +243,8 @@ static mha_status infer_torch(const lookup *lk, mha_layer_desc *d, mha_st_info f
 }
 
 /* The family asked for, or the first whose anchor tensor is present. */
-static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer_desc *d, found_set *f)
+static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer_desc *d, found_set *f,
+                             mha_weight_names *chosen)
 {
     mha_st_info info;
     bool torch, llama, gpt2;
@@ -253,6 +254,7 @@ static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer
         (st = find_weight(lk, "c_attn.weight", &info, &gpt2)) != MHA_OK)
         return st;
     if (names == MHA_NAMES_AUTO) names = torch ? MHA_NAMES_TORCH : llama ? MHA_NAMES_LLAMA : gpt2 ? MHA_NAMES_GPT2 : MHA_NAMES_TORCH;
+    *chosen = names;
     switch (names) {
     case MHA_NAMES_LLAMA: return infer_llama(lk, d, f);
     case MHA_NAMES_GPT2: return infer_gpt2(lk, d, f);
@@ -275,9 +277,11 @@ mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_name
     d.kdim = d.vdim = 0;
     d.num_kv_heads = d.head_dim = 0;
     found_set f = {.n = 0};
-    mha_status st = infer_desc(&lk, names, &d, &f);
+    mha_weight_names chosen = MHA_NAMES_TORCH;
+    mha_status st = infer_desc(&lk, names, &d, &f, &chosen);
     mha_layer *layer = NULL;
     if (st == MHA_OK) st = mha_layer_create(&d, &layer);
+    if (st == MHA_OK) mha__layer_set_names(layer, chosen);
     for (int i = 0; st == MHA_OK && i < f.n; i++) st = load_weight(layer, file, &f.info[i], f.names[i]);
     if (st != MHA_OK) {
         mha_layer_free(layer);

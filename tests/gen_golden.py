@@ -408,6 +408,25 @@ def block_math(x, w, H, G, hd, rope=None, rope_dim=None, theta=10000.0, position
     return lin(out, "o")
 
 
+def block_grads(family, prefix, wd):
+    """The weights' gradients under the names and layouts the family saves
+    its weights in (GPT-2: Conv1D, the transposes, Q, K, V in one)."""
+    grads = {}
+    if family == "llama":
+        for part in "qkvo":
+            grads[f"{prefix}{part}_proj.weight.grad"] = wd[part].grad
+            if part + "_b" in wd:
+                grads[f"{prefix}{part}_proj.bias.grad"] = wd[part + "_b"].grad
+        return grads
+    grads[prefix + "c_attn.weight.grad"] = torch.cat([wd[p].grad for p in "qkv"]).T.contiguous()
+    if "q_b" in wd:
+        grads[prefix + "c_attn.bias.grad"] = torch.cat([wd[p + "_b"].grad for p in "qkv"])
+    grads[prefix + "c_proj.weight.grad"] = wd["o"].grad.T.contiguous()
+    if "o_b" in wd:
+        grads[prefix + "c_proj.bias.grad"] = wd["o_b"].grad
+    return grads
+
+
 def block_case(name, family, E, H, G, hd, T=9, B=2, bias=False, out_bias=False, rope=None, rope_dim=None,
                theta=10000.0, position=0, window=-1, softcap=0.0, alibi=False, prefix="", backward=False):
     """A block's weights under `family`'s names (llama: q_proj.weight ...,
@@ -451,10 +470,7 @@ def block_case(name, family, E, H, G, hd, T=9, B=2, bias=False, out_bias=False, 
             xd = x.to(dtype).requires_grad_()
             block_math(xd, wd, **kw).backward(grad.to(dtype))
             tensors[f"{prefix_}.query.grad"] = xd.grad
-            for part in "qkvo":  # the library names a non-nn.MultiheadAttention layer's parameters the Llama way
-                tensors[f"{prefix_}.{prefix}{part}_proj.weight.grad"] = wd[part].grad
-                if part + "_b" in wd:
-                    tensors[f"{prefix_}.{prefix}{part}_proj.bias.grad"] = wd[part + "_b"].grad
+            tensors.update(block_grads(family, prefix_ + "." + prefix, wd))
     else:
         tensors["expected.attn_output"] = block_math(x.double(), {k_: t.double() for k_, t in w.items()}, **kw)
         tensors["torch32.attn_output"] = block_math(x, w, **kw)
@@ -665,6 +681,11 @@ def main():
     sdpa_case("bwd_sdpa_head128", B=1, Hq=1, L=33, S=47, D=128, backward=True)
     sdpa_case("bwd_sdpa_one_key", B=1, Hq=1, L=3, S=1, D=8, backward=True)
     sdpa_case("bwd_sdpa_large_logits", B=1, Hq=2, L=40, S=40, D=16, scale_inputs=6.0, backward=True)
+
+    # GPT-2 blocks' gradients in Conv1D layout (last, so the cases above keep their random draws).
+    block_case("bwd_blk_gpt2", "gpt2", E=32, H=4, G=4, hd=8, bias=True, out_bias=True, prefix="h.3.attn.",
+               backward=True)
+    block_case("bwd_blk_gpt2_narrow", "gpt2", E=24, H=2, G=2, hd=8, T=7, backward=True)
 
     total = sum(os.path.getsize(os.path.join(OUT, f)) for f in os.listdir(OUT))
     print(f"wrote {len(os.listdir(OUT))} cases, {total / 1e6:.2f} MB, to {OUT}")

@@ -7,13 +7,17 @@
  *   - writing parameters and calling mha_layer_params_changed changes what
  *     the forward computes;
  *   - plain SGD on the gradients fits a layer to a teacher layer's outputs
- *     (the loss falls by more than 10x).
+ *     (the loss falls by more than 10x);
+ *   - parameters are named as the layer's weights were: nn.MultiheadAttention
+ *     for a created layer, Llama's for a loaded Llama or GPT-2 block.
  */
+#define _POSIX_C_SOURCE 200809L
 #include "harness.h"
 #include "internal.h"
 #include "mha.h"
 
 #include <stdint.h>
+#include <unistd.h>
 
 static uint64_t rng = 0x853c49e6748fea9bu;
 
@@ -227,6 +231,50 @@ static void test_fits_a_teacher(mha_ctx *ctx)
     mha_layer_free(student);
 }
 
+/* A GPT-2 block (c_attn [E, 3E], c_proj [E, E], both biases) written to a
+ * temporary file and loaded: remembered as GPT-2, parameters Llama-named. */
+static void test_param_names(void)
+{
+    mha_param params[8];
+    int64_t n;
+    mha_layer *created = make_layer(false, params, &n);
+    CHECK(mha_layer_names(created) == MHA_NAMES_TORCH, "a created layer is not named the nn.MultiheadAttention way");
+    CHECK(n == 4 && strcmp(params[0].name, "in_proj_weight") == 0 && strcmp(params[3].name, "out_proj.bias") == 0,
+          "a created layer's parameters are %lld, first \"%s\"", (long long)n, params[0].name);
+    mha_layer_free(created);
+    CHECK(mha_layer_names(NULL) == MHA_NAMES_AUTO, "mha_layer_names(NULL) is not MHA_NAMES_AUTO");
+
+    static float zeros[3 * E * E];
+    char path[] = "/tmp/test_train_gpt2_XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0, "mkstemp failed");
+    close(fd);
+    mha_st_writer *w = NULL;
+    CHECK_OK(mha_st_writer_create(&w));
+    const int64_t attn[2] = {E, 3 * E}, attn_b[1] = {3 * E}, proj[2] = {E, E}, proj_b[1] = {E};
+    CHECK_OK(mha_st_writer_add(w, "h.0.attn.c_attn.weight", MHA_DTYPE_F32, 2, attn, zeros));
+    CHECK_OK(mha_st_writer_add(w, "h.0.attn.c_attn.bias", MHA_DTYPE_F32, 1, attn_b, zeros));
+    CHECK_OK(mha_st_writer_add(w, "h.0.attn.c_proj.weight", MHA_DTYPE_F32, 2, proj, zeros));
+    CHECK_OK(mha_st_writer_add(w, "h.0.attn.c_proj.bias", MHA_DTYPE_F32, 1, proj_b, zeros));
+    CHECK_OK(mha_st_writer_save(w, path));
+    mha_st_writer_free(w);
+    mha_st_file *file = NULL;
+    mha_layer *loaded = NULL;
+    mha_layer_desc hints;
+    mha_layer_desc_init(&hints);
+    hints.num_heads = H;
+    CHECK_OK(mha_st_open(path, &file));
+    CHECK_OK(mha_layer_load(file, "h.0.attn.", MHA_NAMES_AUTO, &hints, &loaded));
+    CHECK(mha_layer_names(loaded) == MHA_NAMES_GPT2, "a GPT-2 block is not remembered as GPT-2");
+    CHECK_OK(mha_layer_train_init(loaded));
+    n = mha_layer_params(loaded, params, 8);
+    CHECK(n == 8 && strcmp(params[0].name, "q_proj.weight") == 0 && strcmp(params[7].name, "o_proj.bias") == 0,
+          "a GPT-2 block's parameters are %lld, first \"%s\"", (long long)n, n > 0 ? params[0].name : "");
+    mha_layer_free(loaded);
+    mha_st_close(file);
+    unlink(path);
+}
+
 int main(void)
 {
     mha_ctx *ctx = NULL;
@@ -234,6 +282,7 @@ int main(void)
     test_directional_derivatives(ctx);
     test_accumulation_and_allocations(ctx);
     test_fits_a_teacher(ctx);
+    test_param_names();
     mha_ctx_free(ctx);
     return harness_finish("test_train");
 }

@@ -176,6 +176,56 @@ static int save_forward(const forward_opts *o, const dims *d, const inputs *in, 
     return cli_save(o->cmd, o->out, outs, o->need_weights ? 2 : 1);
 }
 
+/* A GPT-2 block's gradients in its own Conv1D layout, from
+ * mha_layer_params' Llama-named list.  c_attn.weight [E, 3 E'] is the
+ * transpose of q|k|v stacked and c_proj.weight [E', E] that of o_proj,
+ * so those two are transposed into scratch; the biases q|k|v lie
+ * contiguously in the layer and are written as they are. */
+typedef struct gpt2_grads {
+    char     names[4][300];
+    int64_t  shapes[4][2];
+    float   *scratch;  /* the two transposes; the caller frees it */
+} gpt2_grads;
+
+static void transpose_into(float *dst, int64_t dst_stride, const float *src, int64_t rows, int64_t cols)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) dst[c * dst_stride + r] = src[r * cols + c];
+}
+
+/* Appends the outputs to outs; returns how many, -1 when out of memory. */
+static int gpt2_outputs(const mha_param *params, int64_t n_params, const char *prefix, gpt2_grads *g,
+                        cli_output *outs)
+{
+    const mha_param *q = &params[0], *o = NULL, *q_bias = NULL, *o_bias = NULL;
+    for (int64_t i = 0; i < n_params; i++) {
+        if (strcmp(params[i].name, "o_proj.weight") == 0) o = &params[i];
+        if (strcmp(params[i].name, "q_proj.bias") == 0) q_bias = &params[i];
+        if (strcmp(params[i].name, "o_proj.bias") == 0) o_bias = &params[i];
+    }
+    int64_t inner = q->shape[0], E = q->shape[1];
+    if (!(g->scratch = calloc((size_t)(4 * inner * E), sizeof(float)))) return -1;
+    float *attn_w = g->scratch, *proj_w = g->scratch + 3 * inner * E;
+    for (int m = 0; m < 3; m++) transpose_into(attn_w + m * inner, 3 * inner, params[m].grad, inner, E);
+    transpose_into(proj_w, E, o->grad, E, inner);
+    struct { const char *suffix; int rank; int64_t rows, cols; const float *data; } all[4] = {
+        {"c_attn.weight.grad", 2, E, 3 * inner, attn_w},
+        {"c_attn.bias.grad", 1, 3 * inner, 0, q_bias ? q_bias->grad : NULL},
+        {"c_proj.weight.grad", 2, inner, E, proj_w},
+        {"c_proj.bias.grad", 1, E, 0, o_bias ? o_bias->grad : NULL},
+    };
+    int n = 0;
+    for (int i = 0; i < 4; i++) {
+        if (!all[i].data) continue;
+        snprintf(g->names[n], sizeof g->names[n], "%s%s", prefix, all[i].suffix);
+        g->shapes[n][0] = all[i].rows;
+        g->shapes[n][1] = all[i].cols;
+        outs[n] = (cli_output){g->names[n], all[i].rank, g->shapes[n], all[i].data};
+        n++;
+    }
+    return n;
+}
+
 /* The backward pass after a forward recorded on args->tape: input
  * gradients in the inputs' layouts (self-attention: one, the sum) and one
  * per weight, named as the weights file names it plus ".grad". */
@@ -211,11 +261,22 @@ static int run_backward(const forward_opts *o, mha_ctx *ctx, mha_layer *layer, c
     }
     mha_param params[8];
     int64_t n_params = rc == CLI_OK ? mha_layer_params(layer, params, 8) : 0;
-    for (int64_t i = 0; i < n_params && n_params <= 8; i++) {
-        snprintf(names[i], sizeof names[i], "%s%s.grad", o->layer.prefix, params[i].name);
-        outs[n_outs++] = (cli_output){names[i], params[i].rank, params[i].shape, params[i].grad};
+    gpt2_grads gpt2 = {.scratch = NULL};
+    if (rc == CLI_OK && mha_layer_names(layer) == MHA_NAMES_GPT2) {
+        int added = gpt2_outputs(params, n_params, o->layer.prefix, &gpt2, outs + n_outs);
+        if (added < 0) {
+            cli_error(CMD, "out of memory transposing the Conv1D gradients");
+            rc = CLI_FAIL;
+        }
+        n_outs += added > 0 ? added : 0;
+    } else {
+        for (int64_t i = 0; i < n_params && n_params <= 8; i++) {
+            snprintf(names[i], sizeof names[i], "%s%s.grad", o->layer.prefix, params[i].name);
+            outs[n_outs++] = (cli_output){names[i], params[i].rank, params[i].shape, params[i].grad};
+        }
     }
     if (rc == CLI_OK) rc = cli_save(CMD, o->out, outs, n_outs);
+    free(gpt2.scratch);
     for (int i = 0; i < 3; i++) free(grads[i]);
     return rc;
 }
