@@ -498,6 +498,26 @@ mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *layer, const mha_layer_fw
                               const mha_tensor *grad_attn_output, mha_tensor *grad_query,
                               mha_tensor *grad_key, mha_tensor *grad_value);
 
+/* A dense layer on the projections' GEMM, for the parts of a model around
+ * attention (an MLP, an unembedding): y [rows, out] = x [rows, in] W^T + b
+ * with W [out, in] as nn.Linear stores it and b [out] or NULL.  Matrices
+ * are row-major and contiguous; y must not overlap x or W.  W is packed
+ * into the context's scratch on each call.  Each output is one chain of
+ * multiply-adds over the inputs in order: the same bits for any thread
+ * count.  Errors: MISUSE (NULL argument), INVALID_ARG (a size < 1 or too
+ * large), NOMEM. */
+mha_status mha_linear(mha_ctx *ctx, const float *x, const float *w, const float *b, float *y, int64_t rows,
+                      int64_t in, int64_t out);
+
+/* Its gradients, given dy [rows, out]:
+ *   dx [rows, in]  = dy W        (overwritten; NULL to skip)
+ *   dw [out, in]  += dy^T x      (accumulated, like the layer's)
+ *   db [out]      += the column sums of dy  (NULL to skip)
+ * dx must not overlap the others.  The same bits for any thread count.
+ * Errors as mha_linear's. */
+mha_status mha_linear_backward(mha_ctx *ctx, const float *dy, const float *x, const float *w, float *dx, float *dw,
+                               float *db, int64_t rows, int64_t in, int64_t out);
+
 /* ------------------------------------------------------------------ */
 /* Decoding with a KV cache                                            */
 /* ------------------------------------------------------------------ */

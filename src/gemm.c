@@ -19,24 +19,50 @@
 
 enum { ROW_BLOCK = 96 };
 
-mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in)
+/* Floats in the pack of a [out, in] weight; false when that overflows. */
+static bool packed_floats(int64_t nr, int64_t out, int64_t in, int64_t *n)
 {
-    int64_t nr = kt->nr, panels = (out + nr - 1) / nr, n;
-    if (!mha__mul(panels * nr, in, &n)) return mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large",
-                                                         (long long)out, (long long)in);
-    /* Same size as before: refill in place, so a training step that
-     * repacks its weights allocates nothing. */
-    bool reuse = p->data && p->out == out && p->in == in && p->nr == nr;
-    float *data = reuse ? p->data : mha__alloc(n, sizeof(float));
-    if (!data) return MHA_ERR_NOMEM;
+    int64_t panels = out / nr + (out % nr != 0), cols;
+    if (mha__mul(panels, nr, &cols) && mha__mul(cols, in, n)) return true;
+    mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)out, (long long)in);
+    return false;
+}
+
+/* Fills data with w's panels (w NULL: zeros) and describes them. */
+static mha__packed pack_into(float *data, int64_t nr, const float *w, int64_t out, int64_t in)
+{
+    int64_t panels = (out + nr - 1) / nr;
     for (int64_t panel = 0; panel < panels; panel++)
         for (int64_t c = 0; c < in; c++)
             for (int64_t j = 0; j < nr; j++) {
                 int64_t o = panel * nr + j;
                 data[(panel * in + c) * nr + j] = o < out && w ? w[o * in + c] : 0.0f;
             }
+    return (mha__packed){data, out, in, nr, nr, in * nr};
+}
+
+mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in)
+{
+    int64_t n;
+    if (!packed_floats(kt->nr, out, in, &n)) return MHA_ERR_INVALID_ARG;
+    /* Same size as before: refill in place, so a training step that
+     * repacks its weights allocates nothing. */
+    bool reuse = p->data && p->out == out && p->in == in && p->nr == kt->nr;
+    float *data = reuse ? p->data : mha__alloc(n, sizeof(float));
+    if (!data) return MHA_ERR_NOMEM;
     if (!reuse) mha__free(p->data);
-    *p = (mha__packed){data, out, in, nr, nr, in * nr};
+    *p = pack_into(data, kt->nr, w, out, in);
+    return MHA_OK;
+}
+
+mha_status mha__pack_scratch(mha_ctx *ctx, const mha__kernels *kt, const float *w, int64_t out, int64_t in,
+                             mha__packed *p)
+{
+    int64_t n;
+    if (!packed_floats(kt->nr, out, in, &n)) return MHA_ERR_INVALID_ARG;
+    float *data = mha__ctx_scratch(ctx, MHA_SCRATCH_PACK, n * (int64_t)sizeof(float));
+    if (!data) return MHA_ERR_NOMEM;
+    *p = pack_into(data, kt->nr, w, out, in);
     return MHA_OK;
 }
 

@@ -23,6 +23,10 @@ typedef struct mha__packed {
 /* Packs w [out, in] (NULL: zeros); replaces any earlier contents of p,
  * in place when the size is unchanged.  On failure p is unchanged.  NOMEM. */
 mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in);
+/* The same into the context's MHA_SCRATCH_PACK buffer (valid until the
+ * next pack there): for a weight used once.  INVALID_ARG, NOMEM. */
+mha_status mha__pack_scratch(mha_ctx *ctx, const mha__kernels *kt, const float *w, int64_t out, int64_t in,
+                             mha__packed *p);
 /* w [rows, cols] row-major seen, without copying, as the B operand of
  * y = x w: mha__linear with it computes dX = dY W in the backward pass.
  * Not to be freed. */

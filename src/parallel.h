@@ -21,6 +21,7 @@ typedef enum mha__scratch_slot {
     MHA_SCRATCH_GRAD,         /* the layer backward's dO and staging */
     MHA_SCRATCH_ROPE,         /* the rotary table of one call */
     MHA_SCRATCH_DECODE,       /* split-K partial results of a decode step */
+    MHA_SCRATCH_PACK,         /* mha_linear's weight, packed for the call */
     MHA_SCRATCH_COUNT
 } mha__scratch_slot;
 

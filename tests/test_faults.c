@@ -241,10 +241,28 @@ static mha_status decoding(float *result)
     return st;
 }
 
-/* Two training steps of the head lab's model (public API only). */
-static mha_status lab_steps(float *result)
+/* A dense layer forward and backward (mha_linear). */
+static mha_status dense_layer(float *result)
 {
-    lab_config c = {.vocab = 10, .context = 8, .embed_dim = 8, .layers = 2, .heads = 2, .kv_heads = 1, .seed = 4};
+    enum { ROWS = 5, IN = 7, OUT = 9 };
+    float *x = randoms(ROWS * IN, 1), *w = randoms(OUT * IN, 2), *dy = randoms(ROWS * OUT, 3);
+    float y[ROWS * OUT], dx[ROWS * IN], dw[OUT * IN] = {0};
+    mha_ctx *ctx = NULL;
+    mha_status st = x && w && dy ? mha_ctx_create(2, &ctx) : MHA_ERR_NOMEM;
+    if (st == MHA_OK) st = mha_linear(ctx, x, w, NULL, y, ROWS, IN, OUT);
+    if (st == MHA_OK) st = mha_linear_backward(ctx, dy, x, w, dx, dw, NULL, ROWS, IN, OUT);
+    if (st == MHA_OK) memcpy(result, y, 32 * sizeof(float)), memcpy(result + 32, dw, 32 * sizeof(float));
+    mha_ctx_free(ctx);
+    free(x), free(w), free(dy);
+    return st;
+}
+
+/* Two training steps of the head lab's model (public API only):
+ * attention-only, or GPT-2 blocks with an MLP. */
+static mha_status lab_steps(float *result, bool mlp)
+{
+    lab_config c = {.vocab = 10, .context = 8, .embed_dim = 8, .layers = 2, .heads = 2, .kv_heads = 1, .seed = 4,
+                    .mlp = mlp};
     lab_model *m = NULL;
     mha_ctx *ctx = NULL;
     int32_t tokens[4 * 8];
@@ -262,6 +280,9 @@ static mha_status lab_steps(float *result)
     lab_model_free(m);
     return st;
 }
+
+static mha_status lab_steps_attention(float *result) { return lab_steps(result, false); }
+static mha_status lab_steps_mlp(float *result) { return lab_steps(result, true); }
 
 static void run(const char *name, scenario_fn fn)
 {
@@ -309,7 +330,9 @@ int main(int argc, char **argv)
     run("attention fwd+bwd", attention);
     run("training step", training);
     run("decoding", decoding);
-    run("lab steps", lab_steps);
+    run("dense layer", dense_layer);
+    run("lab steps", lab_steps_attention);
+    run("lab steps (MLP)", lab_steps_mlp);
     unlink(out_path);
     return harness_finish("test_faults");
 }
