@@ -11,7 +11,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
-#include "gemm.h"
+#include "gemm/gemm.h"
 
 #include <cblas.h>
 #include <stdio.h>

@@ -11,7 +11,7 @@
  * (LeakSanitizer, at exit).
  */
 #include "harness.h"
-#include "internal.h"
+#include "core/internal.h"
 #include "lab.h"
 #include "mha.h"
 

@@ -10,7 +10,7 @@
  *   softmax_grad: probabilities and score gradients against double, with
  *              masked scores and a row with nothing visible (mul 0).
  */
-#include "convert.h"
+#include "core/convert.h"
 #include "harness.h"
 #include "kernels/kernels.h"
 

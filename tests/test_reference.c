@@ -11,7 +11,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
-#include "convert.h"
+#include "core/convert.h"
 #include "harness.h"
 #include "reference.h"
 

@@ -13,7 +13,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "harness.h"
-#include "internal.h"
+#include "core/internal.h"
 #include "mha.h"
 
 #include <stdint.h>

@@ -7,8 +7,8 @@
  * re-read the last valid row of A and are not stored; columns past n are
  * masked.
  */
-#include "exp_poly.h"
-#include "kernels.h"
+#include "kernels/exp_poly.h"
+#include "kernels/kernels.h"
 
 #include <immintrin.h>
 #include <math.h>

@@ -8,8 +8,8 @@
  * 14 loads).  Rows past m re-read the last valid row of A and are not stored,
  * so tails never touch memory outside the tile; columns past n are masked.
  */
-#include "exp_poly.h"
-#include "kernels.h"
+#include "kernels/exp_poly.h"
+#include "kernels/kernels.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -162,7 +162,7 @@ static void softmax_grad_avx512(float *s, float *dp, int64_t lds, int64_t rows, 
 #define ROWS_LOAD(mk, x) _mm512_maskz_loadu_ps(mk, x)
 #define ROWS_DOT dot_rows_avx512
 #define ROWS_AXPY axpy_rows_avx512
-#include "rows_avx512.h"
+#include "kernels/rows_avx512.h"
 
 static void scale_avx512(float *x, int64_t n, float alpha)
 {

@@ -9,7 +9,7 @@
  * adds both products into each float32 lane: twice the multiply-adds of
  * vfmadd231ps per instruction.
  */
-#include "kernels.h"
+#include "kernels/kernels.h"
 
 #include <immintrin.h>
 #include <string.h>
@@ -140,7 +140,7 @@ static __m512 load_bf16(__mmask16 mk, const uint16_t *x)
 #define ROWS_LOAD(mk, x) load_bf16(mk, x)
 #define ROWS_DOT dot_rows_bf16_avx512
 #define ROWS_AXPY axpy_rows_bf16_avx512
-#include "rows_avx512.h"
+#include "kernels/rows_avx512.h"
 
 const mha__bf16_kernels mha__bf16_kernels_avx512 = {
     .name = "avx512_bf16",

@@ -9,7 +9,7 @@
  */
 #define _GNU_SOURCE
 
-#include "kernels.h"
+#include "kernels/kernels.h"
 #include "mha.h"
 
 #include <pthread.h>

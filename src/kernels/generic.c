@@ -3,8 +3,8 @@
  * documentation of what the SIMD kernels compute; they must agree with it
  * within the tolerance rule.
  */
-#include "convert.h"
-#include "kernels.h"
+#include "core/convert.h"
+#include "kernels/kernels.h"
 
 #include <math.h>
 

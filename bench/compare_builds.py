@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""compare_builds.py -- did a change cost speed?  Two builds of `mha`, side
+by side in one run.
+
+    bench/compare_builds.py OLD/mha NEW/mha [--rounds R] [--threads T]
+
+For each case (the layer at S1-S4, the attention core at N = 2048 plain and
+causal, the layer's backward at S3, a decode step against 4096 cached
+tokens), the two binaries run alternately, R rounds each, every run a
+`mha bench --json` of several timed calls; a build's figure is the median
+of its rounds' medians.  Alternating spreads the shared machine's noise
+over both builds.  Prints new/old speed (old ms / new ms: above 1 is
+faster) per case; exits 1 when a case falls below --min-ratio.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+CASES = [  # name, mha bench arguments, timed calls per run
+    ("layer S1", ["--batch", "8", "--seq", "128"], 20),
+    ("layer S2", ["--seq", "512"], 20),
+    ("layer S3", ["--seq", "2048"], 5),
+    ("layer S4", ["--seq", "8192"], 2),
+    ("core N=2048", ["--op", "sdpa", "--seq", "2048"], 5),
+    ("core N=2048 causal", ["--op", "sdpa", "--seq", "2048", "--is-causal"], 5),
+    ("backward S3", ["--op", "backward", "--seq", "2048"], 3),
+    ("decode 1 x 4096", ["--op", "decode", "--kv-seq", "4096"], 50),
+]
+
+
+def bench(binary, args, repeat, threads, peak):
+    cmd = [binary, "bench", *args, "--repeat", str(repeat), "--threads", str(threads), "--json",
+           "--peak-gflops", str(peak)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["median_ms"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("old")
+    ap.add_argument("new")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--min-ratio", type=float, default=0.97)
+    ap.add_argument("--only", help="run only the cases whose name contains this")
+    a = ap.parse_args()
+    peak = 1.0  # percentages are not compared here; skip measuring the peak
+    worst = None
+    print(f"{'case':<22}{'old ms':>10}{'new ms':>10}{'new/old speed':>15}   (medians of {a.rounds} alternating rounds)")
+    for name, args, repeat in CASES:
+        if a.only and a.only not in name:
+            continue
+        times = {a.old: [], a.new: []}
+        for r in range(a.rounds):
+            order = (a.old, a.new) if r % 2 == 0 else (a.new, a.old)
+            for binary in order:
+                times[binary].append(bench(binary, args, repeat, a.threads, peak))
+        old, new = statistics.median(times[a.old]), statistics.median(times[a.new])
+        ratio = old / new
+        worst = ratio if worst is None else min(worst, ratio)
+        print(f"{name:<22}{old:>10.3f}{new:>10.3f}{ratio:>14.3f}x", flush=True)
+    if worst is not None and worst < a.min_ratio:
+        print(f"compare_builds: slowest case at {worst:.3f}x, below {a.min_ratio}x")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

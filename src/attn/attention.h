@@ -1,0 +1,98 @@
+/*
+ * attention.h -- the resolved form of one attention problem, shared by the
+ * public mha_attention() and the layer.
+ *
+ * Every option (scale, softcap, ALiBi, masks, causal alignment, window,
+ * GQA, keys appended by the layer) is resolved here once into:
+ *   - per query row i, a range [lo, hi) of the R "real" keys it may see,
+ *   - per score, an additive bias (ALiBi and masks) on real keys,
+ *   - keys R .. S-1 (bias_k/bias_v and zero rows of the layer) that every
+ *     row sees without bias,
+ * so the kernels only follow that one contract.
+ */
+#ifndef MHA_ATTENTION_H
+#define MHA_ATTENTION_H
+
+#include "core/internal.h"
+#include "core/parallel.h"
+
+typedef struct mha__attn_plan {
+    int64_t B, Hq, Hkv, L, S, D, Dv;
+    int64_t R;               /* keys [0, R) are real: masks, causal, window, ALiBi apply */
+    int64_t group;           /* Hq / Hkv: query heads per kv head */
+    float   scale;
+    float   softcap;         /* 0 = off */
+    mha_causal causal;
+    int64_t window_left, window_right;  /* -1 = unbounded */
+    const float *alibi;      /* [Hq] or NULL */
+    mha_mask masks[2];       /* over [B, Hq, L, R]; kind NONE = unused */
+    bool    bf16;            /* Q, K, V and P rounded to bf16 for the products */
+} mha__attn_plan;
+
+/* Per-row softmax statistics a forward pass can save: the maximum score
+ * and the sum of exp(score - max), each [B, Hq, L] contiguous.  lse is
+ * max + log(sum); keeping the two apart lets the probabilities be
+ * recomputed as exp(s - max) / sum, as accurate as a plain softmax even
+ * when scores are large (exp(s - lse) loses |lse| * eps). */
+typedef struct mha__row_stats {
+    float *max, *sum;
+} mha__row_stats;
+
+/* How a backward pass recovers each row's probabilities from the forward:
+ * from lse (p = exp(s - lse)), or, more accurately for large scores, from
+ * the row max and sum (p = exp(s - max) / sum).  Exactly one of lse and
+ * stats.max is set; each is [B, Hq, L]. */
+typedef struct mha__row_norm {
+    const float *lse;
+    const float *max, *sum;
+} mha__row_norm;
+
+/* Checks a plan's sizes and options (not its tensors); INVALID_ARG names
+ * the offending field. */
+mha_status mha__attn_plan_check(const mha__attn_plan *plan);
+
+/* out [B,Hq,L,Dv] from q, k, v viewed as in mha_attention(); shapes
+ * already validated.  lse [B,Hq,L] and stats may be NULL. */
+mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *out, float *lse,
+                             mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v);
+
+/* Softmax probabilities recomputed from the statistics a forward pass
+ * saved: p = exp(score - max) / sum, written to probs [B, Hq, L, S], or
+ * summed over heads and divided by Hq into probs [B, 1, L, S] when
+ * `average`.  O(S) scratch per thread, no L x S buffer. */
+mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *probs, int average,
+                           const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k);
+
+/* Gradients of the attention forward (flash-attention 2's recomputation,
+ * without atomics): given its inputs, its output `out` and the row
+ * normalisation it saved, and dout = dL/dout, writes dq, dk, dv
+ * (overwriting; with GQA, dk and dv sum over each group's query heads in
+ * head order).  Keys R .. S-1 get their gradients like any other.  float32
+ * plans only.  dq may be the same memory as out, dk as k and dv as v (the
+ * layer saves memory so): out is read (for dO.O) before dq is written, and
+ * each key block's K and V rows are read only by the work item that then
+ * writes that block's dK and dV, after the pass that reads all of them.
+ * NOMEM. */
+mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *dq, mha_tensor *dk,
+                              mha_tensor *dv, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                              const mha_tensor *out, const mha_tensor *dout, const mha__row_norm *norm);
+
+/* The row contract, in one place for every kernel:
+ * the real keys [*lo, *hi) that query row i may see under causal masking
+ * and the window (empty when *lo >= *hi; both grow with i), ... */
+void mha__row_key_range(const mha__attn_plan *plan, int64_t i, int64_t *lo, int64_t *hi);
+/* ... and the additive bias of real key j for (batch b, head h, row i):
+ * ALiBi plus the masks, -inf where a keep-mask forbids the key. */
+float mha__real_key_bias(const mha__attn_plan *plan, int64_t b, int64_t h, int64_t i, int64_t j);
+/* Applies the row contract to a key-major tile of raw scores,
+ * st[c * lds + r] = (scale q_{i0+r}) . k_{j0+c} for (batch b, head h):
+ * softcap, then the bias, and -inf outside row r's range [lo[r], hi[r]).
+ * With softcap and cap_slope non-NULL, also stores d(capped)/d(raw) =
+ * 1 - tanh^2 at the same places (for visible scores). */
+void mha__score_contract(const mha__attn_plan *plan, float *st, int64_t lds, int64_t b, int64_t h, int64_t i0,
+                         int64_t rows, int64_t j0, int64_t cols, const int64_t *lo, const int64_t *hi,
+                         float *cap_slope);
+/* Is mha__real_key_bias ever non-zero (ALiBi or a mask present)? */
+bool mha__plan_has_bias(const mha__attn_plan *plan);
+
+#endif /* MHA_ATTENTION_H */

@@ -1,0 +1,123 @@
+/*
+ * contract.c -- the attention plan's checks and the row contract: which
+ * keys a query row sees, and the bias on each score.  Every driver
+ * (flash.c, flash_bwd.c, decode.c) calls down into this file and nothing
+ * here calls them, so the public entry points (sdpa.c) sit above both.
+ */
+#include "attn/attention.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+/* ---------------------------------------------------------------- */
+/* Validation                                                        */
+/* ---------------------------------------------------------------- */
+
+mha_status mha__attn_plan_check(const mha__attn_plan *p)
+{
+    if (p->D < 1) return mha__fail(MHA_ERR_INVALID_ARG, "head dimension must be at least 1, got %lld", (long long)p->D);
+    if (p->Hkv < 1 || p->Hq % p->Hkv != 0)
+        return mha__fail(MHA_ERR_INVALID_ARG, "query heads %lld are not a multiple of key/value heads %lld",
+                         (long long)p->Hq, (long long)p->Hkv);
+    if (!isfinite(p->scale)) return mha__fail(MHA_ERR_INVALID_ARG, "scale must be finite");
+    if (!(p->softcap >= 0) || isinf(p->softcap))
+        return mha__fail(MHA_ERR_INVALID_ARG, "softcap must be finite and >= 0 (0 = off), got %g", (double)p->softcap);
+    if (p->window_left < -1 || p->window_right < -1)
+        return mha__fail(MHA_ERR_INVALID_ARG, "window sizes must be >= -1 (-1 = unbounded), got left %lld right %lld",
+                         (long long)p->window_left, (long long)p->window_right);
+    if (p->causal != MHA_CAUSAL_NONE && p->causal != MHA_CAUSAL_TOP_LEFT && p->causal != MHA_CAUSAL_BOTTOM_RIGHT)
+        return mha__fail(MHA_ERR_INVALID_ARG, "causal mode %d is not an mha_causal value", (int)p->causal);
+    for (int m = 0; m < 2; m++) {
+        const mha_mask *mask = &p->masks[m];
+        if (mask->kind != MHA_MASK_NONE && mask->kind != MHA_MASK_KEEP && mask->kind != MHA_MASK_ADD)
+            return mha__fail(MHA_ERR_INVALID_ARG, "mask kind %d is not an mha_mask_kind value", (int)mask->kind);
+        if (mask->kind == MHA_MASK_NONE) continue;
+        if (!mask->data) return mha__fail(MHA_ERR_MISUSE, "mask data is NULL");
+        const int64_t extent[4] = {p->B, p->Hq, p->L, p->R};
+        int64_t last = 0, reach;
+        for (int d = 0; d < 4; d++)
+            if (mask->stride[d] < 0 || (extent[d] > 0 && (!mha__mul(extent[d] - 1, mask->stride[d], &reach) ||
+                                                          !mha__add(last, reach, &last))))
+                return mha__fail(MHA_ERR_INVALID_ARG, "mask strides are negative or overflow");
+    }
+    return MHA_OK;
+}
+
+/* ---------------------------------------------------------------- */
+/* The row contract                                                  */
+/* ---------------------------------------------------------------- */
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+void mha__row_key_range(const mha__attn_plan *p, int64_t i, int64_t *lo, int64_t *hi)
+{
+    int64_t diag = i + p->R - p->L; /* the key aligned with row i, bottom-right */
+    *lo = 0;
+    *hi = p->R;
+    if (p->causal == MHA_CAUSAL_TOP_LEFT) *hi = min64(*hi, i + 1);
+    if (p->causal == MHA_CAUSAL_BOTTOM_RIGHT) *hi = min64(*hi, diag + 1);
+    if (p->window_left >= 0) *lo = max64(*lo, diag - p->window_left);
+    if (p->window_right >= 0) *hi = min64(*hi, diag + p->window_right + 1);
+}
+
+bool mha__plan_has_bias(const mha__attn_plan *p)
+{
+    return p->alibi || p->masks[0].kind != MHA_MASK_NONE || p->masks[1].kind != MHA_MASK_NONE;
+}
+
+float mha__real_key_bias(const mha__attn_plan *p, int64_t b, int64_t h, int64_t i, int64_t j)
+{
+    float bias = 0.0f;
+    if (p->alibi) bias -= p->alibi[h] * (float)llabs(i + p->R - p->L - j);
+    for (int m = 0; m < 2; m++) {
+        const mha_mask *mask = &p->masks[m];
+        if (mask->kind == MHA_MASK_NONE) continue;
+        int64_t at = b * mask->stride[0] + h * mask->stride[1] + i * mask->stride[2] + j * mask->stride[3];
+        if (mask->kind == MHA_MASK_KEEP) {
+            if (!((const uint8_t *)mask->data)[at]) return -INFINITY;
+        } else {
+            bias += ((const float *)mask->data)[at];
+        }
+    }
+    return bias;
+}
+
+void mha__score_contract(const mha__attn_plan *p, float *st, int64_t lds, int64_t b, int64_t h, int64_t i0,
+                         int64_t rows, int64_t j0, int64_t cols, const int64_t *lo, const int64_t *hi,
+                         float *cap_slope)
+{
+    bool biased = mha__plan_has_bias(p);
+    float cap = p->softcap;
+    /* Key-major order, so each pass is over contiguous memory.  Rows' ranges
+     * grow with the row, so the rows that see a key form one run
+     * [first, last), and both ends only move forward as the key grows. */
+    int64_t first = 0, last = 0;
+    for (int64_t c = 0; c < cols; c++) {
+        int64_t key = j0 + c;
+        float *s = st + c * lds, *slope = cap_slope ? cap_slope + c * lds : NULL;
+        if (key >= p->R) { /* appended keys: no range, no bias, only the cap */
+            for (int64_t r = 0; cap > 0 && r < rows; r++) {
+                float t = tanhf(s[r] / cap);
+                s[r] = cap * t;
+                if (slope) slope[r] = 1.0f - t * t;
+            }
+            continue;
+        }
+        while (first < rows && hi[first] <= key) first++;
+        while (last < rows && lo[last] <= key) last++;
+        for (int64_t r = 0; r < first; r++) s[r] = -INFINITY;
+        for (int64_t r = last > first ? last : first; r < rows; r++) s[r] = -INFINITY;
+        for (int64_t r = first; r < last && (biased || cap > 0); r++) {
+            float x = s[r];
+            if (cap > 0) {
+                float t = tanhf(x / cap);
+                x = cap * t;
+                if (slope) slope[r] = 1.0f - t * t;
+            }
+            if (biased) x += mha__real_key_bias(p, b, h, i0 + r, key);
+            s[r] = x;
+        }
+    }
+}
+

@@ -1,0 +1,152 @@
+/*
+ * decode.c -- attention for a few new query rows against a long KV cache
+ * (token-by-token generation), where the work is reading K and V once.
+ *
+ * The keys are split into chunks of KC, fixed by the shape, never by the
+ * thread count.  A work item (batch, kv head, chunk) takes every query row
+ * of the group's heads against its chunk:
+ *   s = K_chunk (scale q)    (dot_rows)    score contract (attention.c)
+ *   m = max s,  p = exp(s - m),  l = sum p,  O = sum p V_chunk (axpy_rows)
+ * and a merge pass combines the chunks of each row in chunk order:
+ *   M = max m_c,  l = sum l_c e^(m_c - M),  out = sum O_c e^(m_c - M) / l
+ * (the log-sum-exp merge of split-K FlashDecoding), so a single query row
+ * uses every thread and the result has the same bits for any thread count.
+ * K and V are read in place from the cache, float32 or bf16.
+ */
+#include "attn/decode.h"
+
+#include "kernels/kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+enum { KC = 256 }; /* keys per chunk: 256 x 64 floats of K and of V fit in L2 beside each other */
+
+typedef struct decode_job {
+    const mha__attn_plan *p;
+    const mha__kernels *kt;
+    const mha__bf16_kernels *bk;  /* for a bf16 cache */
+    const mha_tensor *q;
+    const mha__kv_view *kv;
+    mha_tensor *out;
+    float *lse;
+    float *partial;               /* [B, Hq, L, chunks][2 + Dv]: m, l, O */
+    int64_t chunks;
+    char *scratch;
+    int64_t scratch_stride;
+} decode_job;
+
+static int64_t partial_width(const mha__attn_plan *p) { return 2 + p->Dv; }
+
+static float *partial_at(const decode_job *j, int64_t b, int64_t h, int64_t i, int64_t c)
+{
+    const mha__attn_plan *p = j->p;
+    return j->partial + (((b * p->Hq + h) * p->L + i) * j->chunks + c) * partial_width(p);
+}
+
+/* Scores of keys [j0, j0 + cols) of kv head g for the scaled query qs. */
+static void chunk_scores(const decode_job *j, int64_t b, int64_t g, int64_t j0, int64_t cols, const float *qs,
+                         float *s)
+{
+    const mha__kv_view *kv = j->kv;
+    int64_t at = b * kv->stride[0] + g * kv->stride[1] + j0 * kv->stride[2];
+    if (kv->bf16) j->bk->dot_rows((const uint16_t *)kv->k + at, kv->stride[2], cols, qs, j->p->D, s);
+    else j->kt->dot_rows((const float *)kv->k + at, kv->stride[2], cols, qs, j->p->D, s);
+}
+
+static void chunk_values(const decode_job *j, int64_t b, int64_t g, int64_t j0, int64_t cols, const float *pr, float *o)
+{
+    const mha__kv_view *kv = j->kv;
+    int64_t at = b * kv->stride[0] + g * kv->stride[1] + j0 * kv->stride[2];
+    if (kv->bf16) j->bk->axpy_rows(pr, (const uint16_t *)kv->v + at, kv->stride[2], cols, j->p->Dv, o);
+    else j->kt->axpy_rows(pr, (const float *)kv->v + at, kv->stride[2], cols, j->p->Dv, o);
+}
+
+/* One query row (b, h, i) against chunk c: its (m, l, O). */
+static void row_chunk(const decode_job *j, float *s, float *qs, int64_t b, int64_t h, int64_t i, int64_t c)
+{
+    const mha__attn_plan *p = j->p;
+    float *part = partial_at(j, b, h, i, c);
+    int64_t j0 = c * KC, cols = p->S - j0 < KC ? p->S - j0 : KC, lo, hi;
+    mha__row_key_range(p, i, &lo, &hi);
+    part[0] = -INFINITY;
+    part[1] = 0.0f;
+    memset(part + 2, 0, (size_t)p->Dv * sizeof(float));
+    if (j0 >= hi || j0 + cols <= lo) return; /* nothing of this chunk is visible */
+    const float *qi = j->q->data + b * j->q->stride[0] + h * j->q->stride[1] + i * j->q->stride[2];
+    for (int64_t d = 0; d < p->D; d++) qs[d] = qi[d * j->q->stride[3]] * p->scale;
+    chunk_scores(j, b, h / p->group, j0, cols, qs, s);
+    bool plain = p->softcap == 0 && !mha__plan_has_bias(p) && j0 >= lo && j0 + cols <= hi;
+    if (!plain) mha__score_contract(p, s, 1, b, h, i, 1, j0, cols, &lo, &hi, NULL);
+    float m = -INFINITY;
+    for (int64_t k = 0; k < cols; k++) /* a NaN score makes the row NaN, as a plain softmax does */
+        m = isnan(m) ? m : s[k] > m || isnan(s[k]) ? s[k] : m;
+    if (m == -INFINITY) return;
+    j->kt->exp_shift(s, cols, m);
+    float l = 0.0f;
+    for (int64_t k = 0; k < cols; k++) l += s[k];
+    chunk_values(j, b, h / p->group, j0, cols, s, part + 2);
+    part[0] = m;
+    part[1] = l;
+}
+
+static void chunk_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    const decode_job *j = arg;
+    const mha__attn_plan *p = j->p;
+    float *s = (float *)(j->scratch + thread * j->scratch_stride), *qs = s + KC;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t c = item % j->chunks, bg = item / j->chunks, b = bg / p->Hkv, g = bg % p->Hkv;
+        for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
+            for (int64_t i = 0; i < p->L; i++) row_chunk(j, s, qs, b, h, i, c);
+    }
+}
+
+/* The chunks of each row combined in chunk order. */
+static void merge_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const decode_job *j = arg;
+    const mha__attn_plan *p = j->p;
+    for (int64_t row = begin; row < end; row++) {
+        int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
+        float *dst = j->out->data + b * j->out->stride[0] + h * j->out->stride[1] + i * j->out->stride[2];
+        float m = -INFINITY, l = 0.0f;
+        for (int64_t c = 0; c < j->chunks; c++) {
+            float mc = partial_at(j, b, h, i, c)[0];
+            m = isnan(m) ? m : mc > m || isnan(mc) ? mc : m;
+        }
+        for (int64_t d = 0; d < p->Dv; d++) dst[d * j->out->stride[3]] = isnan(m) ? NAN : 0.0f;
+        if (m > -INFINITY) {
+            for (int64_t c = 0; c < j->chunks; c++) {
+                const float *part = partial_at(j, b, h, i, c);
+                if (part[1] == 0.0f) continue;
+                float w = expf(part[0] - m);
+                l += part[1] * w;
+                for (int64_t d = 0; d < p->Dv; d++) dst[d * j->out->stride[3]] += part[2 + d] * w;
+            }
+            for (int64_t d = 0; d < p->Dv; d++) dst[d * j->out->stride[3]] /= l;
+        }
+        if (j->lse) j->lse[row] = m > -INFINITY || isnan(m) ? m + logf(l) : -INFINITY;
+    }
+}
+
+mha_status mha__decode_attention(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse,
+                                 const mha_tensor *q, const mha__kv_view *kv)
+{
+    decode_job j = {.p = p, .kt = mha__kernels_get(), .bk = mha__bf16_get(), .q = q, .kv = kv, .out = out, .lse = lse,
+                    .chunks = (p->S + KC - 1) / KC};
+    int64_t rows = p->B * p->Hq * p->L, floats, bytes;
+    if (rows == 0) return MHA_OK;
+    if (!mha__mul(rows, j.chunks > 0 ? j.chunks : 1, &floats) || !mha__mul(floats, partial_width(p), &floats) ||
+        !mha__mul(floats, (int64_t)sizeof(float), &bytes))
+        return mha__fail(MHA_ERR_INVALID_ARG, "decoding %lld rows against %lld keys overflows", (long long)rows,
+                         (long long)p->S);
+    j.partial = mha__ctx_scratch(ctx, MHA_SCRATCH_DECODE, bytes);
+    if (!j.partial) return MHA_ERR_NOMEM;
+    j.scratch = mha__thread_scratch(ctx, KC + p->D + 16, &j.scratch_stride);
+    if (!j.scratch) return MHA_ERR_NOMEM;
+    mha__parallel_for(ctx, p->B * p->Hkv * j.chunks, chunk_range, &j);
+    mha__parallel_for(ctx, rows, merge_range, &j);
+    return MHA_OK;
+}

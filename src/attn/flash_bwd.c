@@ -1,0 +1,430 @@
+/*
+ * flash_bwd.c -- the fused attention backward: FlashAttention-2's
+ * recomputation of the probabilities from the forward's row statistics,
+ * so nothing of size L x S is ever stored.
+ *
+ * With s = scores (after softcap and bias), P = softmax(s) per row,
+ * O = P V, and dO given:
+ *   delta_i = dO_i . O_i                        (once per row, first)
+ *   dV_j    = sum_i P_ij dO_i
+ *   dP_ij   = dO_i . V_j
+ *   dS_ij   = P_ij (dP_ij - delta_i)  [* (1 - tanh^2) under softcap]
+ *   dK_j    = scale sum_i dS_ij q_i
+ *   dQ_i    = scale sum_j dS_ij k_j
+ * One sweep computes all three: a work item owns a kv head's key blocks
+ * (all of them, or every G-th when there are few kv heads, G fixed by the
+ * shape), accumulates dK and dV of one key block at a time in a tile, and
+ * adds dS K into its own dQ accumulator (the output itself, or one of G
+ * partial sums); a last pass adds the partials in a fixed order and
+ * scales.  FlashAttention-2 adds into dQ with atomics instead, which makes
+ * the bits depend on the thread count; here every sum has a fixed order,
+ * so the same bits come out for any thread count.  5 block products per
+ * tile pair (S, dP, dV, dK, dQ) against the forward's 2.
+ *
+ * The probabilities come back as exp(s - shift) * mul per row: (max,
+ * 1 / sum) when the forward kept both (the layer), exact to the forward's
+ * bits.  From an lse alone (mha_attention_backward), a float32 lse is off
+ * by up to half an ulp of |lse| (4e-6 at lse = 100), which scales the
+ * whole row by one factor; a first pass sums each row's recomputed
+ * probabilities (scores only: one block product) and divides by the sum,
+ * cancelling it, so large logits cost no accuracy.
+ *
+ * Tiles are key-major like the forward's: queries lie in vector lanes, and
+ * the score contract (attention.c) is the forward's.
+ */
+#include "attn/attention.h"
+#include "kernels/kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+/* Query rows and keys per tile: multiples of every kernel's mr and nr.
+ * 144 and 192 measured the same as 96 at N = 2048 within this machine's
+ * noise; 96 keeps the tiles small and the items many at short N. */
+enum { BQ = 96, BK = 96 };
+
+typedef struct bwd_job {
+    const mha__attn_plan *p;
+    const mha__kernels *kt;
+    const mha_tensor *q, *k, *v, *dout;
+    mha_tensor *dq, *dk, *dv;
+    float *shift, *mul, *delta;  /* per row [B, Hq, L]: p = exp(s - shift) * mul */
+    float *partial;              /* unscaled dQ sums, contiguous [B, Hq, L, D] each, one after another */
+    bool first_is_dq;            /* the first sum is kept in dq itself (its rows are contiguous) */
+    char *scratch;
+    int64_t scratch_stride;
+    int64_t q_blocks, k_blocks;  /* k_blocks counts the appended keys' block */
+    int64_t groups;              /* G: key-block groups per kv head */
+} bwd_job;
+
+/* Per-thread tiles. */
+typedef struct bwd_tiles {
+    float *qt;     /* [D][BQ]   (scale Q)^T, the B operand of the scores */
+    float *qr;     /* [BQ][D]   Q rows, the B operand of dK */
+    float *dot;    /* [Dv][BQ]  dO^T, the B operand of dP */
+    float *dor;    /* [BQ][Dv]  dO rows, the B operand of dV */
+    float *st;     /* [BK][BQ]  scores, then probabilities */
+    float *dpt;    /* [BK][BQ]  dP, then dS */
+    float *slope;  /* [BK][BQ]  softcap's derivative */
+    float *acc_k;  /* [item's keys][D]   dK of every key block the item owns */
+    float *acc_v;  /* [item's keys][Dv]  dV likewise */
+    float *kr;     /* [BK][D]   key rows gathered, when K's rows are strided */
+    int64_t lo[BQ], hi[BQ];
+} bwd_tiles;
+
+static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+/* Key rows an item may own: every block of a kv head (room for the
+ * appended keys' block included). */
+static int64_t item_keys(const mha__attn_plan *p)
+{
+    return ((p->R + BK - 1) / BK + 1) * BK;
+}
+
+static int64_t bwd_tiles_floats(const mha__attn_plan *p)
+{
+    int64_t D = p->D, Dv = p->Dv;
+    return round16(D * BQ) * 2 + round16(Dv * BQ) * 2 + round16(BK * BQ) * 3 + round16(item_keys(p) * D) +
+           round16(item_keys(p) * Dv) + round16(BK * D);
+}
+
+static float *carve(float **cursor, int64_t n)
+{
+    float *start = *cursor;
+    *cursor += round16(n);
+    return start;
+}
+
+static bwd_tiles bwd_tiles_at(const bwd_job *j, int thread)
+{
+    const mha__attn_plan *p = j->p;
+    float *cur = (float *)(j->scratch + thread * j->scratch_stride);
+    bwd_tiles t;
+    t.qt = carve(&cur, p->D * BQ);
+    t.qr = carve(&cur, BQ * p->D);
+    t.dot = carve(&cur, p->Dv * BQ);
+    t.dor = carve(&cur, BQ * p->Dv);
+    t.st = carve(&cur, BK * BQ);
+    t.dpt = carve(&cur, BK * BQ);
+    t.slope = carve(&cur, BK * BQ);
+    t.acc_k = carve(&cur, item_keys(p) * p->D);
+    t.acc_v = carve(&cur, item_keys(p) * p->Dv);
+    t.kr = carve(&cur, BK * p->D);
+    return t;
+}
+
+/* C[m x n] (+)= A[m x k] B[k x n] of any size, tile by tile (kernels.h's
+ * operand conventions); each element is one chain over k in order. */
+static void product(const mha__kernels *kt, int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs,
+                    int64_t a_cs, const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+{
+    for (int64_t i = 0; i < m; i += kt->mr)
+        for (int64_t jj = 0; jj < n; jj += kt->nr)
+            kt->gemm_tile(m - i < kt->mr ? m - i : kt->mr, n - jj < kt->nr ? n - jj : kt->nr, k, a + i * a_rs, a_rs,
+                          a_cs, b + jj, ldb, c + i * ldc + jj, ldc, accumulate);
+}
+
+static const float *row_of(const mha_tensor *t, int64_t b, int64_t h, int64_t i)
+{
+    return t->data + b * t->stride[0] + h * t->stride[1] + i * t->stride[2];
+}
+
+/* The rows' normalisation and delta_i = dO_i . O_i.  delta is computed by
+ * the micro-kernel that computes dP_ij = dO_i . V_j, as the same chain of
+ * multiply-adds, so where O_i = V_j (a row that sees one key) dP - delta
+ * is exactly 0, as the softmax's gradient must be. */
+typedef struct rows_job {
+    const bwd_job *j;
+    const mha_tensor *out;
+    const mha__row_norm *norm;
+} rows_job;
+
+static void rows_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const rows_job *rj = arg;
+    const bwd_job *j = rj->j;
+    const mha__attn_plan *p = j->p;
+    for (int64_t row = begin; row < end; row++) {
+        int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
+        const float *o = row_of(rj->out, b, h, i), *d = row_of(j->dout, b, h, i);
+        j->kt->gemm_tile(1, 1, p->Dv, o, 0, rj->out->stride[3], d, j->dout->stride[3], j->delta + row, 1, 0);
+        /* A row that saw no key: every p is 0 (shift 0 keeps exp finite). */
+        if (rj->norm->lse) {
+            float lse = rj->norm->lse[row];
+            bool seen = lse > -INFINITY;
+            j->shift[row] = seen ? lse : 0.0f;
+            j->mul[row] = seen ? 1.0f : 0.0f;
+        } else {
+            float sum = rj->norm->sum[row];
+            j->shift[row] = sum > 0 ? rj->norm->max[row] : 0.0f;
+            j->mul[row] = sum > 0 ? 1.0f / sum : 0.0f;
+        }
+    }
+}
+
+/* Packs the query block's (scale Q)^T and, for pass 1, its Q rows; dO^T
+ * and, for pass 1, dO rows. */
+static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, bool rows_too)
+{
+    const mha__attn_plan *p = j->p;
+    const mha_tensor *q = j->q, *dout = j->dout;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *qi = row_of(q, b, h, i0 + r), *di = row_of(dout, b, h, i0 + r);
+        for (int64_t c = 0; c < p->D; c++) {
+            float x = qi[c * q->stride[3]];
+            t->qt[c * BQ + r] = x * p->scale;
+            if (rows_too) t->qr[r * p->D + c] = x;
+        }
+        for (int64_t c = 0; c < p->Dv; c++) {
+            float x = di[c * dout->stride[3]];
+            t->dot[c * BQ + r] = x;
+            if (rows_too) t->dor[r * p->Dv + c] = x;
+        }
+    }
+}
+
+static void row_ranges(const bwd_job *j, bwd_tiles *t, int64_t i0, int64_t rows)
+{
+    for (int64_t r = 0; r < rows; r++) mha__row_key_range(j->p, i0 + r, &t->lo[r], &t->hi[r]);
+}
+
+/* Does key block [j0, j0+cols) meet any visible range of the packed rows,
+ * and if so, is every key of it visible to every row without bias? */
+static bool block_visible(const bwd_job *j, const bwd_tiles *t, int64_t rows, int64_t j0, int64_t cols, bool *plain)
+{
+    const mha__attn_plan *p = j->p;
+    bool exact = p->softcap == 0 && !mha__plan_has_bias(p);
+    if (j0 >= p->R) { /* appended keys: seen by every row */
+        *plain = p->softcap == 0;
+        return true;
+    }
+    /* Ranges grow with the row: the first row has the smallest hi, the last
+     * the largest lo. */
+    int64_t lo_first = t->lo[0], hi_first = t->hi[0], lo_last = t->lo[rows - 1], hi_last = t->hi[rows - 1];
+    *plain = exact && j0 >= lo_last && j0 + cols <= hi_first;
+    return j0 < hi_last && j0 + cols > lo_first;
+}
+
+/* For key rows k_j0.. and the packed query block: st = P^T, dpt = dS^T. */
+static void score_gradients(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                            int64_t j0, int64_t cols, bool plain)
+{
+    const mha__attn_plan *p = j->p;
+    const mha__kernels *kt = j->kt;
+    const mha_tensor *k = j->k, *v = j->v;
+    int64_t g = h / p->group;
+    const float *kb = row_of(k, b, g, j0), *vb = row_of(v, b, g, j0);
+    product(kt, cols, rows, p->D, kb, k->stride[2], k->stride[3], t->qt, BQ, t->st, BQ, 0);
+    bool capped = p->softcap > 0;
+    if (!plain) mha__score_contract(p, t->st, BQ, b, h, i0, rows, j0, cols, t->lo, t->hi, capped ? t->slope : NULL);
+    product(kt, cols, rows, p->Dv, vb, v->stride[2], v->stride[3], t->dot, BQ, t->dpt, BQ, 0);
+    int64_t row0 = (b * p->Hq + h) * p->L + i0;
+    kt->softmax_grad(t->st, t->dpt, BQ, rows, cols, j->shift + row0, j->mul + row0, j->delta + row0);
+    if (!capped) return;
+    for (int64_t c = 0; c < cols; c++)
+        for (int64_t r = 0; r < rows; r++) /* masked scores have p = 0, so dS = 0 whatever the slope */
+            if (t->st[c * BQ + r] != 0.0f) t->dpt[c * BQ + r] *= t->slope[c * BQ + r];
+}
+
+/* Key block [j0, j0+cols) of item `item`'s numbering. */
+static void key_block(const bwd_job *j, int64_t kb, int64_t *j0, int64_t *cols)
+{
+    const mha__attn_plan *p = j->p;
+    int64_t real_blocks = (p->R + BK - 1) / BK;
+    *j0 = kb < real_blocks ? kb * BK : p->R;
+    *cols = kb < real_blocks ? (p->R - *j0 < BK ? p->R - *j0 : BK) : p->S - p->R;
+}
+
+static void write_scaled(float *dst, const int64_t stride[4], const float *src, int64_t rows, int64_t width,
+                         float scale)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < width; c++) dst[r * stride[2] + c * stride[3]] = src[r * width + c] * scale;
+}
+
+/* Partial dQ sum `g` at (b, h, row i), and the distance between its rows. */
+static float *partial_row(const bwd_job *j, int64_t g, int64_t b, int64_t h, int64_t i, int64_t *ld)
+{
+    const mha__attn_plan *p = j->p;
+    if (g == 0 && j->first_is_dq) {
+        *ld = j->dq->stride[2];
+        return j->dq->data + b * j->dq->stride[0] + h * j->dq->stride[1] + i * j->dq->stride[2];
+    }
+    *ld = p->D;
+    return j->partial + (g - j->first_is_dq) * p->B * p->Hq * p->L * p->D + ((b * p->Hq + h) * p->L + i) * p->D;
+}
+
+/* Key rows of block j0 as the contiguous B operand of dS K. */
+static const float *key_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int64_t j0, int64_t cols,
+                             int64_t *ldk)
+{
+    const mha_tensor *k = j->k;
+    const float *kr = row_of(k, b, g, j0);
+    *ldk = k->stride[2];
+    if (k->stride[3] == 1) return kr;
+    for (int64_t c = 0; c < cols; c++)
+        for (int64_t d = 0; d < j->p->D; d++) t->kr[c * j->p->D + d] = kr[c * k->stride[2] + d * k->stride[3]];
+    *ldk = j->p->D;
+    return t->kr;
+}
+
+/* Item (b, kv head g, group): the key blocks group, group + G, ... of kv
+ * head g, against every query block of every head of the group.  Each
+ * query block is packed once and its dQ rows (partial sum `group`) stay in
+ * cache while the item's key blocks pass; dK and dV accumulate per key
+ * block in the thread's tiles and are written at the end, after the last
+ * read of K and V (dk, dv may alias k, v: no other item reads these rows).
+ * Every sum runs in a fixed order: dK, dV over (head, query block), dQ over
+ * key blocks. */
+static void sweep_item(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int64_t group)
+{
+    const mha__attn_plan *p = j->p;
+    const mha__kernels *kt = j->kt;
+    int64_t mine = (j->k_blocks - group + j->groups - 1) / j->groups;
+    memset(t->acc_k, 0, (size_t)(mine * BK * p->D) * sizeof(float));
+    memset(t->acc_v, 0, (size_t)(mine * BK * p->Dv) * sizeof(float));
+    for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
+        for (int64_t qb = 0; qb < j->q_blocks; qb++) {
+            int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ, ldq;
+            float *dq_rows = partial_row(j, group, b, h, i0, &ldq);
+            bool packed = false;
+            row_ranges(j, t, i0, rows);
+            for (int64_t m = 0; m < mine; m++) {
+                int64_t j0, cols, ldk;
+                bool plain;
+                key_block(j, group + m * j->groups, &j0, &cols);
+                if (!block_visible(j, t, rows, j0, cols, &plain)) continue;
+                if (!packed) pack_block(j, t, b, h, i0, rows, true);
+                packed = true;
+                const float *kr = key_rows(j, t, b, g, j0, cols, &ldk);
+                score_gradients(j, t, b, h, i0, rows, j0, cols, plain);
+                product(kt, cols, p->Dv, rows, t->st, BQ, 1, t->dor, p->Dv, t->acc_v + m * BK * p->Dv, p->Dv, 1);
+                product(kt, cols, p->D, rows, t->dpt, BQ, 1, t->qr, p->D, t->acc_k + m * BK * p->D, p->D, 1);
+                product(kt, rows, p->D, cols, t->dpt, 1, BQ, kr, ldk, dq_rows, ldq, 1);
+            }
+        }
+    for (int64_t m = 0; m < mine; m++) {
+        int64_t j0, cols;
+        key_block(j, group + m * j->groups, &j0, &cols);
+        write_scaled(j->dk->data + b * j->dk->stride[0] + g * j->dk->stride[1] + j0 * j->dk->stride[2], j->dk->stride,
+                     t->acc_k + m * BK * p->D, cols, p->D, p->scale);
+        write_scaled(j->dv->data + b * j->dv->stride[0] + g * j->dv->stride[1] + j0 * j->dv->stride[2], j->dv->stride,
+                     t->acc_v + m * BK * p->Dv, cols, p->Dv, 1.0f);
+    }
+}
+
+static void sweep_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    const bwd_job *j = arg;
+    bwd_tiles t = bwd_tiles_at(j, thread);
+    for (int64_t item = begin; item < end; item++) {
+        int64_t group = item % j->groups, bg = item / j->groups;
+        sweep_item(j, &t, bg / j->p->Hkv, bg % j->p->Hkv, group);
+    }
+}
+
+/* From an lse alone: each row's recomputed probabilities summed over every
+ * key, and the row's mul divided by that sum (item: batch, head, query
+ * block). */
+static void renormalise_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    const bwd_job *j = arg;
+    const mha__attn_plan *p = j->p;
+    bwd_tiles t = bwd_tiles_at(j, thread);
+    for (int64_t item = begin; item < end; item++) {
+        int64_t qb = item % j->q_blocks, bh = item / j->q_blocks, b = bh / p->Hq, h = bh % p->Hq;
+        int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ, row0 = (b * p->Hq + h) * p->L + i0;
+        float sum[BQ] = {0}, zero[BQ] = {0}, one = 1.0f;
+        pack_block(j, &t, b, h, i0, rows, false);
+        row_ranges(j, &t, i0, rows);
+        /* softmax_grad's dS output, p (0 - 0), keeps this tile at 0. */
+        memset(t.dpt, 0, (size_t)(BK * BQ) * sizeof(float));
+        for (int64_t kb = 0; kb < j->k_blocks; kb++) {
+            int64_t j0, cols;
+            bool plain;
+            key_block(j, kb, &j0, &cols);
+            if (!block_visible(j, &t, rows, j0, cols, &plain)) continue;
+            const float *kb_rows = row_of(j->k, b, h / p->group, j0);
+            product(j->kt, cols, rows, p->D, kb_rows, j->k->stride[2], j->k->stride[3], t.qt, BQ, t.st, BQ, 0);
+            if (!plain) mha__score_contract(p, t.st, BQ, b, h, i0, rows, j0, cols, t.lo, t.hi, NULL);
+            j->kt->softmax_grad(t.st, t.dpt, BQ, rows, cols, j->shift + row0, j->mul + row0, zero);
+            product(j->kt, 1, rows, cols, &one, 0, 0, t.st, BQ, sum, BQ, 1); /* sum[r] += ones . P^T column r */
+        }
+        for (int64_t r = 0; r < rows; r++) j->mul[row0 + r] = sum[r] > 0 ? j->mul[row0 + r] / sum[r] : 0.0f;
+    }
+}
+
+/* dq = scale * (partial 0 + partial 1 + ...), in that order, per row. */
+static void finish_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const bwd_job *j = arg;
+    const mha__attn_plan *p = j->p;
+    for (int64_t row = begin; row < end; row++) {
+        int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
+        float *dst = j->dq->data + b * j->dq->stride[0] + h * j->dq->stride[1] + i * j->dq->stride[2];
+        int64_t ld;
+        for (int64_t c = 0; c < p->D; c++) {
+            float sum = partial_row(j, 0, b, h, i, &ld)[c];
+            for (int64_t g = 1; g < j->groups; g++) sum += partial_row(j, g, b, h, i, &ld)[c];
+            dst[c * j->dq->stride[3]] = sum * p->scale;
+        }
+    }
+}
+
+static void zero_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const bwd_job *j = arg;
+    const mha__attn_plan *p = j->p;
+    for (int64_t row = begin; row < end; row++) {
+        int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
+        int64_t ld;
+        for (int64_t g = 0; g < j->groups; g++) memset(partial_row(j, g, b, h, i, &ld), 0, (size_t)p->D * sizeof(float));
+    }
+}
+
+/* G: enough items for 8 threads when there are few (batch, kv head) pairs,
+ * at most 4 and never more than the key blocks; a function of the shape
+ * only, so the bits do not depend on the thread count. */
+static int64_t key_groups(const mha__attn_plan *p, int64_t k_blocks)
+{
+    int64_t pairs = p->B * p->Hkv, g = pairs >= 8 ? 1 : (8 + pairs - 1) / pairs;
+    g = g > 4 ? 4 : g;
+    return g > k_blocks ? (k_blocks > 0 ? k_blocks : 1) : g;
+}
+
+mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *dq, mha_tensor *dk,
+                              mha_tensor *dv, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                              const mha_tensor *out, const mha_tensor *dout, const mha__row_norm *norm)
+{
+    int64_t n_rows = p->B * p->Hq * p->L; /* the caller checked it does not overflow */
+    bwd_job j = {
+        .p = p, .kt = mha__kernels_get(), .q = q, .k = k, .v = v, .dout = dout, .dq = dq, .dk = dk, .dv = dv,
+        .q_blocks = (p->L + BQ - 1) / BQ, .k_blocks = (p->R + BK - 1) / BK + (p->S > p->R),
+    };
+    j.groups = key_groups(p, j.k_blocks);
+    /* dQ accumulates in dq itself when its rows are contiguous, else (and
+     * for groups past the first) in scratch laid out [B, Hq, L, D]. */
+    j.first_is_dq = dq->stride[3] == 1;
+    int64_t n_q, floats, bytes;
+    if (!mha__mul(n_rows, p->D, &n_q) || !mha__mul(n_q, j.groups - j.first_is_dq, &floats) ||
+        !mha__add(floats, 3 * n_rows + 1, &floats) || !mha__mul(floats, (int64_t)sizeof(float), &bytes))
+        return mha__fail(MHA_ERR_NOMEM, "the backward pass's %lld rows overflow", (long long)n_rows);
+    float *rows = mha__ctx_scratch(ctx, MHA_SCRATCH_ROWS, bytes);
+    if (!rows) return MHA_ERR_NOMEM;
+    j.shift = rows;
+    j.mul = rows + n_rows;
+    j.delta = rows + 2 * n_rows;
+    j.partial = rows + 3 * n_rows;
+    j.scratch = mha__thread_scratch(ctx, bwd_tiles_floats(p), &j.scratch_stride);
+    if (!j.scratch) return MHA_ERR_NOMEM;
+    rows_job rj = {&j, out, norm};
+    mha__parallel_for(ctx, n_rows, rows_range, &rj); /* reads out, which dq may overwrite from here on */
+    if (norm->lse) mha__parallel_for(ctx, p->B * p->Hq * j.q_blocks, renormalise_range, &j);
+    mha__parallel_for(ctx, n_rows, zero_range, &j);
+    mha__parallel_for(ctx, p->B * p->Hkv * j.groups, sweep_range, &j);
+    mha__parallel_for(ctx, n_rows, finish_range, &j);
+    return MHA_OK;
+}

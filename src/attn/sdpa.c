@@ -1,0 +1,102 @@
+/*
+ * sdpa.c -- the public scaled dot-product attention: mha_attention() and
+ * mha_attention_backward() check their tensors and descriptor, resolve
+ * them into a plan (attention.h), and hand it to the fused forward
+ * (flash.c), the split-K decode path (decode.c) or the fused backward
+ * (flash_bwd.c).
+ */
+#include "attn/attention.h"
+#include "attn/decode.h"
+#include "core/tensor.h"
+
+#include <math.h>
+#include <string.h>
+
+void mha_attn_desc_init(mha_attn_desc *desc)
+{
+    memset(desc, 0, sizeof *desc);
+    desc->scale = NAN;
+    desc->dtype = MHA_DTYPE_F32;
+    desc->causal = MHA_CAUSAL_NONE;
+    desc->window_left = -1;
+    desc->window_right = -1;
+}
+
+
+/* The plan of one mha_attention() problem, after checking q, k, v, out
+ * (out's shape [B, Hq, L, Dv]) and the descriptor; `what_out` names out
+ * in errors. */
+static mha_status plan_from_desc(const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_tensor *out,
+                                 const char *what_out, const mha_attn_desc *desc, mha__attn_plan *plan)
+{
+    const int64_t any[4] = {-1, -1, -1, -1};
+    mha_status st = mha__check_tensor(q, "query", any);
+    if (st != MHA_OK) return st;
+    int64_t B = q->shape[0], Hq = q->shape[1], L = q->shape[2], D = q->shape[3];
+    const int64_t k_shape[4] = {B, -1, -1, D};
+    if ((st = mha__check_tensor(k, "key", k_shape)) != MHA_OK) return st;
+    int64_t Hkv = k->shape[1], S = k->shape[2];
+    const int64_t v_shape[4] = {B, Hkv, S, -1};
+    if ((st = mha__check_tensor(v, "value", v_shape)) != MHA_OK) return st;
+    const int64_t out_shape[4] = {B, Hq, L, v->shape[3]};
+    if ((st = mha__check_tensor(out, what_out, out_shape)) != MHA_OK) return st;
+    if (Hkv != Hq && !desc->enable_gqa)
+        return mha__fail(MHA_ERR_INVALID_ARG, "key has %lld heads but query has %lld; set enable_gqa for grouped-query attention",
+                         (long long)Hkv, (long long)Hq);
+    if (Hkv == 0 && Hq > 0)
+        return mha__fail(MHA_ERR_INVALID_ARG, "key has 0 heads but query has %lld", (long long)Hq);
+    int64_t rows;
+    if (!mha__mul(B, Hq, &rows) || !mha__mul(rows, L, &rows))
+        return mha__fail(MHA_ERR_INVALID_ARG, "batch x heads x queries overflows");
+    *plan = (mha__attn_plan){
+        .B = B, .Hq = Hq, .Hkv = Hkv, .L = L, .S = S, .D = D, .Dv = v->shape[3], .R = S,
+        .group = Hq / (Hkv ? Hkv : 1),
+        .scale = isnan(desc->scale) ? (float)(1.0 / sqrt((double)D)) : (float)desc->scale,
+        .softcap = desc->softcap, .causal = desc->causal,
+        .window_left = desc->window_left, .window_right = desc->window_right,
+        .alibi = desc->alibi_slopes, .masks = {desc->mask}, .bf16 = desc->dtype == MHA_DTYPE_BF16,
+    };
+    if (desc->dtype != MHA_DTYPE_F32 && desc->dtype != MHA_DTYPE_BF16)
+        return mha__fail(MHA_ERR_INVALID_ARG, "dtype %s is not supported; attention computes in F32 or BF16",
+                         mha_dtype_name(desc->dtype));
+    if (rows == 0) return MHA_OK;
+    return mha__attn_plan_check(plan);
+}
+
+mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_tensor *q,
+                         const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc)
+{
+    if (!ctx || !out || !q || !k || !v || !desc)
+        return mha__fail(MHA_ERR_MISUSE, "mha_attention: NULL argument");
+    mha__attn_plan p;
+    mha_status st = plan_from_desc(q, k, v, out, "output", desc, &p);
+    if (st != MHA_OK || p.B * p.Hq * p.L == 0) return st;
+    /* A few query rows (decoding): split the keys instead of the rows. */
+    if (p.L < MHA_DECODE_ROWS && !p.bf16 && k->stride[3] == 1 && v->stride[3] == 1 && p.D == p.Dv) {
+        mha__kv_view kv = {k->data, v->data, false, {k->stride[0], k->stride[1], k->stride[2]}};
+        if (k->stride[0] == v->stride[0] && k->stride[1] == v->stride[1] && k->stride[2] == v->stride[2])
+            return mha__decode_attention(ctx, &p, out, lse, q, &kv);
+    }
+    return mha__attn_forward(ctx, &p, out, lse, NULL, q, k, v);
+}
+
+mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
+                                  const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                                  const mha_tensor *out, const float *lse, const mha_tensor *grad_out,
+                                  const mha_attn_desc *desc)
+{
+    if (!ctx || !dq || !dk || !dv || !q || !k || !v || !out || !lse || !grad_out || !desc)
+        return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward: NULL argument");
+    mha__attn_plan p;
+    mha_status st = plan_from_desc(q, k, v, out, "output", desc, &p);
+    if (st != MHA_OK) return st;
+    if (p.bf16)
+        return mha__fail(MHA_ERR_UNSUPPORTED, "the backward pass computes in F32 only; dtype BF16 is forward-only");
+    if ((st = mha__check_tensor(grad_out, "grad_output", out->shape)) != MHA_OK ||
+        (st = mha__check_tensor(dq, "query.grad", q->shape)) != MHA_OK ||
+        (st = mha__check_tensor(dk, "key.grad", k->shape)) != MHA_OK ||
+        (st = mha__check_tensor(dv, "value.grad", v->shape)) != MHA_OK)
+        return st;
+    mha__row_norm norm = {lse, NULL, NULL};
+    return mha__attn_backward(ctx, &p, dq, dk, dv, q, k, v, out, grad_out, &norm);
+}

@@ -1,0 +1,239 @@
+/*
+ * parallel.c -- execution contexts: a persistent pool of worker threads,
+ * scratch memory, and the fork-join loop.
+ *
+ * A context starts its n - 1 workers once, at creation.  Threads started
+ * per call begin on their parent's CPU and are only spread out by the
+ * scheduler milliseconds later, which halved the speed of 6 ms GEMMs; a
+ * long-lived worker wakes on the CPU it last ran on.  Between calls the
+ * workers spin briefly (a call that follows soon costs no wake-up) and
+ * then sleep on a condition variable.
+ *
+ * Chunks are assigned by thread number, so results never depend on which
+ * thread finishes first.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include "core/parallel.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+enum { MAX_THREADS = 1024, SPIN_ROUNDS = 20000 };
+
+/* The job every worker runs its share of. */
+typedef struct job {
+    mha__range_fn fn;
+    void   *arg;
+    int64_t n_items;
+    int     n_chunks;
+} job;
+
+typedef struct pool {
+    pthread_t      *threads;
+    int             n_workers;          /* threads started */
+    pthread_mutex_t lock;
+    pthread_cond_t  wake, done;
+    job             current;
+    atomic_uint_fast64_t generation;    /* bumped for each job and for shutdown */
+    atomic_int      pending;            /* workers still busy with the job */
+    bool            stop;
+} pool;
+
+struct mha_ctx {
+    int     n_threads;
+    pool    pool;
+    void   *scratch[MHA_SCRATCH_COUNT];
+    int64_t scratch_bytes[MHA_SCRATCH_COUNT];
+};
+
+static int default_threads(void)
+{
+    const char *env = getenv("MHA_NUM_THREADS");
+    if (env && *env) {
+        char *end;
+        long n = strtol(env, &end, 10);
+        if (*end == '\0' && n >= 1 && n <= MAX_THREADS) return (int)n;
+    }
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    return online >= 1 && online <= MAX_THREADS ? (int)online : 1;
+}
+
+static void run_chunk(const job *j, int chunk)
+{
+    if (chunk >= j->n_chunks) return;
+    int64_t begin = j->n_items * chunk / j->n_chunks, end = j->n_items * (chunk + 1) / j->n_chunks;
+    if (begin < end) j->fn(j->arg, chunk, begin, end);
+}
+
+typedef struct worker_arg {
+    mha_ctx *ctx;
+    int      index;  /* 1 .. n_threads - 1; the caller is 0 */
+} worker_arg;
+
+/* Wait for a generation other than `seen`: spin first, then sleep. */
+static uint64_t wait_for_work(pool *p, uint64_t seen)
+{
+    for (int i = 0; i < SPIN_ROUNDS; i++) {
+        uint64_t g = atomic_load_explicit(&p->generation, memory_order_acquire);
+        if (g != seen) return g;
+    }
+    pthread_mutex_lock(&p->lock);
+    uint64_t g;
+    while ((g = atomic_load_explicit(&p->generation, memory_order_acquire)) == seen) pthread_cond_wait(&p->wake, &p->lock);
+    pthread_mutex_unlock(&p->lock);
+    return g;
+}
+
+static void *worker_main(void *raw)
+{
+    worker_arg *w = raw;
+    pool *p = &w->ctx->pool;
+    int index = w->index;
+    mha__free(w);
+    uint64_t seen = 0;
+    for (;;) {
+        seen = wait_for_work(p, seen);
+        if (p->stop) return NULL;
+        run_chunk(&p->current, index);
+        if (atomic_fetch_sub_explicit(&p->pending, 1, memory_order_acq_rel) == 1) {
+            pthread_mutex_lock(&p->lock);
+            pthread_cond_signal(&p->done);
+            pthread_mutex_unlock(&p->lock);
+        }
+    }
+}
+
+static void pool_stop(pool *p)
+{
+    pthread_mutex_lock(&p->lock);
+    p->stop = true;
+    atomic_fetch_add_explicit(&p->generation, 1, memory_order_release);
+    pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->lock);
+    for (int t = 0; t < p->n_workers; t++) pthread_join(p->threads[t], NULL);
+    mha__free(p->threads);
+    pthread_cond_destroy(&p->wake);
+    pthread_cond_destroy(&p->done);
+    pthread_mutex_destroy(&p->lock);
+}
+
+/* Start n - 1 workers.  Fewer may start if the system refuses threads;
+ * the context then runs with as many as it got. */
+static mha_status pool_start(mha_ctx *ctx, int n)
+{
+    pool *p = &ctx->pool;
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->wake, NULL);
+    pthread_cond_init(&p->done, NULL);
+    atomic_init(&p->generation, 0);
+    atomic_init(&p->pending, 0);
+    p->threads = mha__calloc(n > 1 ? n - 1 : 1, sizeof(pthread_t));
+    if (!p->threads) {
+        pthread_cond_destroy(&p->wake);
+        pthread_cond_destroy(&p->done);
+        pthread_mutex_destroy(&p->lock);
+        return mha__fail(MHA_ERR_NOMEM, "out of memory for %d threads", n);
+    }
+    for (int t = 1; t < n; t++) {
+        worker_arg *w = mha__alloc(1, sizeof *w);
+        if (!w) break;
+        *w = (worker_arg){ctx, t};
+        if (pthread_create(&p->threads[p->n_workers], NULL, worker_main, w) != 0) {
+            mha__free(w);
+            break;
+        }
+        p->n_workers++;
+    }
+    ctx->n_threads = p->n_workers + 1;
+    return MHA_OK;
+}
+
+mha_status mha_ctx_create(int n_threads, mha_ctx **out_ctx)
+{
+    if (!out_ctx) return mha__fail(MHA_ERR_MISUSE, "mha_ctx_create: out_ctx is NULL");
+    *out_ctx = NULL;
+    if (n_threads < 0 || n_threads > MAX_THREADS)
+        return mha__fail(MHA_ERR_INVALID_ARG, "thread count %d is outside 0..%d (0 = all CPUs)",
+                         n_threads, MAX_THREADS);
+    mha_ctx *ctx = mha__calloc(1, sizeof *ctx);
+    if (!ctx) return MHA_ERR_NOMEM;
+    mha_status st = pool_start(ctx, n_threads ? n_threads : default_threads());
+    if (st != MHA_OK) {
+        mha__free(ctx);
+        return st;
+    }
+    *out_ctx = ctx;
+    return MHA_OK;
+}
+
+void mha_ctx_free(mha_ctx *ctx)
+{
+    if (!ctx) return;
+    pool_stop(&ctx->pool);
+    for (int s = 0; s < MHA_SCRATCH_COUNT; s++) mha__free(ctx->scratch[s]);
+    mha__free(ctx);
+}
+
+int mha_ctx_threads(const mha_ctx *ctx) { return ctx ? ctx->n_threads : 0; }
+
+void *mha__ctx_scratch(mha_ctx *ctx, mha__scratch_slot slot, int64_t bytes)
+{
+    if (bytes <= ctx->scratch_bytes[slot]) return ctx->scratch[slot];
+    void *grown = mha__alloc(bytes, 1);
+    if (!grown) return NULL;
+    mha__free(ctx->scratch[slot]);
+    ctx->scratch[slot] = grown;
+    ctx->scratch_bytes[slot] = bytes;
+    return grown;
+}
+
+int64_t mha__pad_to_line(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+
+void mha__parallel_for(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *arg)
+{
+    pool *p = &ctx->pool;
+    int n = ctx->n_threads;
+    if (n_items < n) n = (int)n_items;
+    job j = {fn, arg, n_items, n};
+    if (n <= 1 || p->n_workers == 0) {
+        run_chunk(&j, 0);
+        if (n > 1) /* no workers: run their chunks here, same split */
+            for (int c = 1; c < n; c++) run_chunk(&j, c);
+        return;
+    }
+    /* Every worker takes part (those past n_chunks return at once), so
+     * `pending` counts them all. */
+    p->current = j;
+    atomic_store_explicit(&p->pending, p->n_workers, memory_order_relaxed);
+    pthread_mutex_lock(&p->lock);
+    atomic_fetch_add_explicit(&p->generation, 1, memory_order_release);
+    pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->lock);
+    run_chunk(&j, 0);
+    for (int i = 0; i < SPIN_ROUNDS && atomic_load_explicit(&p->pending, memory_order_acquire) > 0; i++) {
+    }
+    pthread_mutex_lock(&p->lock);
+    while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) pthread_cond_wait(&p->done, &p->lock);
+    pthread_mutex_unlock(&p->lock);
+}
+
+
+/* Per-thread scratch of `floats` floats; NULL on failure. */
+char *mha__thread_scratch(mha_ctx *ctx, int64_t floats, int64_t *stride)
+{
+    int64_t bytes;
+    if (!mha__mul(floats, (int64_t)sizeof(float), &bytes) || bytes > INT64_MAX / 2 - 64) {
+        mha__fail(MHA_ERR_NOMEM, "row scratch of %lld floats overflows", (long long)floats);
+        return NULL;
+    }
+    *stride = mha__pad_to_line(bytes);
+    int64_t total;
+    if (!mha__mul(*stride, mha_ctx_threads(ctx), &total)) {
+        mha__fail(MHA_ERR_NOMEM, "row scratch overflows");
+        return NULL;
+    }
+    return mha__ctx_scratch(ctx, MHA_SCRATCH_THREADS, total);
+}

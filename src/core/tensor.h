@@ -1,0 +1,13 @@
+/*
+ * tensor.h -- checking a caller's tensor view before any kernel reads it.
+ */
+#ifndef MHA_TENSOR_H
+#define MHA_TENSOR_H
+
+#include "core/internal.h"
+
+/* Checks that `t` has the given rank-4 shape (-1 = any) and that its
+ * strides address no element past INT64_MAX; INVALID_ARG names `what`. */
+mha_status mha__check_tensor(const mha_tensor *t, const char *what, const int64_t shape[4]);
+
+#endif /* MHA_TENSOR_H */

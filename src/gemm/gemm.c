@@ -1,0 +1,342 @@
+/*
+ * gemm.c -- y = x W^T + b for the projections.
+ *
+ * W is packed once into panels of nr output columns (W^T, in x nr each), so
+ * the micro-kernel reads B as contiguous vectors.  Inputs and outputs may be
+ * split into column groups (one per head: [H][rows][d]), which lets the
+ * layer keep Q, K, V and the head outputs head-major.  The work is a grid of
+ * (block of ROW_BLOCK rows) x (one panel) items; within an item the panel
+ * (in x nr floats, ~100 KB for in = 768) stays in L2 while the rows stream
+ * through it, mr at a time.  Every output tile is computed by one
+ * micro-kernel call over the whole input width, so the result does not
+ * depend on how items are spread over threads.
+ */
+#include "gemm/gemm.h"
+
+#include "core/convert.h"
+
+#include <string.h>
+
+enum { ROW_BLOCK = 96 };
+
+/* Floats in the pack of a [out, in] weight; false when that overflows. */
+static bool packed_floats(int64_t nr, int64_t out, int64_t in, int64_t *n)
+{
+    int64_t panels = out / nr + (out % nr != 0), cols;
+    if (mha__mul(panels, nr, &cols) && mha__mul(cols, in, n)) return true;
+    mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)out, (long long)in);
+    return false;
+}
+
+/* Fills data with w's panels (w NULL: zeros) and describes them. */
+static mha__packed pack_into(float *data, int64_t nr, const float *w, int64_t out, int64_t in)
+{
+    int64_t panels = (out + nr - 1) / nr;
+    for (int64_t panel = 0; panel < panels; panel++)
+        for (int64_t c = 0; c < in; c++)
+            for (int64_t j = 0; j < nr; j++) {
+                int64_t o = panel * nr + j;
+                data[(panel * in + c) * nr + j] = o < out && w ? w[o * in + c] : 0.0f;
+            }
+    return (mha__packed){data, out, in, nr, nr, in * nr};
+}
+
+mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in)
+{
+    int64_t n;
+    if (!packed_floats(kt->nr, out, in, &n)) return MHA_ERR_INVALID_ARG;
+    /* Same size as before: refill in place, so a training step that
+     * repacks its weights allocates nothing. */
+    bool reuse = p->data && p->out == out && p->in == in && p->nr == kt->nr;
+    float *data = reuse ? p->data : mha__alloc(n, sizeof(float));
+    if (!data) return MHA_ERR_NOMEM;
+    if (!reuse) mha__free(p->data);
+    *p = pack_into(data, kt->nr, w, out, in);
+    return MHA_OK;
+}
+
+mha_status mha__pack_scratch(mha_ctx *ctx, const mha__kernels *kt, const float *w, int64_t out, int64_t in,
+                             mha__packed *p)
+{
+    int64_t n;
+    if (!packed_floats(kt->nr, out, in, &n)) return MHA_ERR_INVALID_ARG;
+    float *data = mha__ctx_scratch(ctx, MHA_SCRATCH_PACK, n * (int64_t)sizeof(float));
+    if (!data) return MHA_ERR_NOMEM;
+    *p = pack_into(data, kt->nr, w, out, in);
+    return MHA_OK;
+}
+
+mha__packed mha__transposed_view(const float *w, int64_t rows, int64_t cols, const mha__kernels *kt)
+{
+    /* y = x (w^T)^T = x w: panel p is columns p nr .. of w's rows, in place. */
+    return (mha__packed){(float *)w, cols, rows, kt->nr, cols, kt->nr};
+}
+
+void mha__unpack(const mha__packed *p, float *w)
+{
+    for (int64_t o = 0; o < p->out; o++)
+        for (int64_t c = 0; c < p->in; c++) w[o * p->in + c] = p->data[((o / p->nr) * p->in + c) * p->nr + o % p->nr];
+}
+
+void mha__packed_free(mha__packed *p)
+{
+    mha__free(p->data);
+    p->data = NULL;
+}
+
+typedef struct linear_job {
+    const mha__kernels *kt;
+    int64_t rows;
+    mha__mat x;
+    const mha__packed *w;
+    const float *b;
+    mha__mat y;
+    int64_t row_blocks;
+    bool add;  /* y += x W^T instead of y = x W^T + b */
+} linear_job;
+
+/* Element (r, c) of a grouped matrix. */
+static float *mat_at(const mha__mat *a, int64_t r, int64_t c)
+{
+    int64_t g = a->group_cols ? c / a->group_cols : 0, cc = a->group_cols ? c % a->group_cols : c;
+    return a->data + g * a->group_stride + r * a->rs + cc * a->cs;
+}
+
+static void linear_item(const linear_job *j, int64_t item)
+{
+    const mha__kernels *kt = j->kt;
+    int64_t panel = item / j->row_blocks, r0 = (item % j->row_blocks) * ROW_BLOCK;
+    int64_t r1 = r0 + ROW_BLOCK < j->rows ? r0 + ROW_BLOCK : j->rows;
+    int64_t col0 = panel * kt->nr, cols = j->w->out - col0 < kt->nr ? j->w->out - col0 : kt->nr;
+    int64_t in = j->w->in, chunk = j->x.group_cols ? j->x.group_cols : in;
+    const float *b = j->w->data + panel * j->w->panel_stride;
+    for (int64_t r = r0; r < r1; r += kt->mr) {
+        int64_t m = r1 - r < kt->mr ? r1 - r : kt->mr;
+        float *y = mat_at(&j->y, r, col0);
+        if (j->b)
+            for (int64_t i = 0; i < m; i++) memcpy(y + i * j->y.rs, j->b + col0, (size_t)cols * sizeof(float));
+        /* One call per input group, accumulating: each output is still one
+         * chain of multiply-adds over the inputs in order. */
+        for (int64_t c0 = 0; c0 < in; c0 += chunk)
+            kt->gemm_tile(m, cols, in - c0 < chunk ? in - c0 : chunk, mat_at(&j->x, r, c0), j->x.rs, j->x.cs,
+                          b + c0 * j->w->ldb, j->w->ldb, y, j->y.rs, j->add || j->b != NULL || c0 > 0);
+    }
+}
+
+static void linear_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    for (int64_t item = begin; item < end; item++) linear_item(arg, item);
+}
+
+void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
+                 const float *b, const mha__mat *y)
+{
+    linear_job job = {kt, rows, *x, w, b, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK, false};
+    int64_t panels = (w->out + kt->nr - 1) / kt->nr;
+    mha__parallel_for(ctx, job.row_blocks * panels, linear_range, &job);
+}
+
+void mha__linear_add(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
+                     const mha__mat *y)
+{
+    linear_job job = {kt, rows, *x, w, NULL, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK, true};
+    int64_t panels = (w->out + kt->nr - 1) / kt->nr;
+    mha__parallel_for(ctx, job.row_blocks * panels, linear_range, &job);
+}
+
+/* ---------------------------------------------------------------- */
+/* Weight gradients                                                  */
+/* ---------------------------------------------------------------- */
+
+/* dW [out, in] += sum over batches and rows of dy(r, o) x(r, i): items are
+ * blocks of GRAD_OUT output rows x GRAD_IN inputs; rows stream in chunks
+ * of GRAD_ROWS so an item's slices of dy and x stay in L2 while every
+ * tile of the item passes over them.  Each dW element is one chain over
+ * the batches and rows in order, owned by one item: the same bits for any
+ * thread count. */
+enum { GRAD_OUT = 48, GRAD_IN = 128, GRAD_ROWS = 256 };
+
+typedef struct grad_job {
+    const mha__kernels *kt;
+    int64_t N, T, out, in, in_blocks;
+    mha__batched dy, x;
+    float *dw;
+} grad_job;
+
+/* How many of the m columns from c on lie in c's column group. */
+static int64_t group_run(const mha__mat *a, int64_t o, int64_t m)
+{
+    if (!a->group_cols) return m;
+    int64_t left = a->group_cols - o % a->group_cols;
+    return m < left ? m : left;
+}
+
+static void grad_item(const grad_job *j, int64_t item)
+{
+    const mha__kernels *kt = j->kt;
+    int64_t o0 = (item / j->in_blocks) * GRAD_OUT, i0 = (item % j->in_blocks) * GRAD_IN;
+    int64_t o1 = o0 + GRAD_OUT < j->out ? o0 + GRAD_OUT : j->out, i1 = i0 + GRAD_IN < j->in ? i0 + GRAD_IN : j->in;
+    for (int64_t n = 0; n < j->N; n++)
+        for (int64_t r0 = 0; r0 < j->T; r0 += GRAD_ROWS) {
+            int64_t rows = j->T - r0 < GRAD_ROWS ? j->T - r0 : GRAD_ROWS;
+            mha__mat dy = j->dy.m, x = j->x.m;
+            dy.data += n * j->dy.batch_stride;
+            x.data += n * j->x.batch_stride;
+            for (int64_t o = o0; o < o1;) {
+                int64_t m = group_run(&dy, o, o1 - o < kt->mr ? o1 - o : kt->mr);
+                /* A(o, r) = dy(r, o): rows of dW read down dy's columns. */
+                const float *a = mat_at(&dy, r0, o);
+                for (int64_t i = i0; i < i1;) {
+                    int64_t n_cols = group_run(&x, i, i1 - i < kt->nr ? i1 - i : kt->nr);
+                    kt->gemm_tile(m, n_cols, rows, a, dy.cs, dy.rs, mat_at(&x, r0, i), x.rs, j->dw + o * j->in + i,
+                                  j->in, 1);
+                    i += n_cols;
+                }
+                o += m;
+            }
+        }
+}
+
+static void grad_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    for (int64_t item = begin; item < end; item++) grad_item(arg, item);
+}
+
+void mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *dy,
+                      const mha__batched *x, int64_t out, int64_t in, float *dw)
+{
+    grad_job job = {kt, N, T, out, in, (in + GRAD_IN - 1) / GRAD_IN, *dy, *x, dw};
+    mha__parallel_for(ctx, ((out + GRAD_OUT - 1) / GRAD_OUT) * job.in_blocks, grad_range, &job);
+}
+
+typedef struct colsum_job {
+    int64_t N, T, cols;
+    mha__batched y;
+    float *sums;
+} colsum_job;
+
+enum { SUM_COLS = 64 };
+
+static void colsum_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const colsum_job *j = arg;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t c0 = item * SUM_COLS, c1 = c0 + SUM_COLS < j->cols ? c0 + SUM_COLS : j->cols;
+        for (int64_t n = 0; n < j->N; n++) {
+            mha__mat y = j->y.m;
+            y.data += n * j->y.batch_stride;
+            for (int64_t r = 0; r < j->T; r++)
+                for (int64_t c = c0; c < c1; c++) j->sums[c] += *mat_at(&y, r, c);
+        }
+    }
+}
+
+void mha__column_sums(mha_ctx *ctx, int64_t N, int64_t T, const mha__batched *y, int64_t cols, float *sums)
+{
+    colsum_job job = {N, T, cols, *y, sums};
+    mha__parallel_for(ctx, (cols + SUM_COLS - 1) / SUM_COLS, colsum_range, &job);
+}
+
+/* ---------------------------------------------------------------- */
+/* bfloat16                                                          */
+/* ---------------------------------------------------------------- */
+
+mha_status mha__pack_bf16(mha__packed_bf16 *p, const float *w, int64_t out, int64_t in)
+{
+    int64_t nr = MHA_BF16_NR, panels = (out + nr - 1) / nr, in_even = in + (in & 1), n;
+    if (!mha__mul(panels * nr, in_even, &n))
+        return mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)out, (long long)in);
+    uint16_t *data = mha__alloc(n, sizeof(uint16_t));
+    if (!data) return MHA_ERR_NOMEM;
+    for (int64_t panel = 0; panel < panels; panel++)
+        for (int64_t c = 0; c < in_even; c++)
+            for (int64_t j = 0; j < nr; j++) {
+                int64_t o = panel * nr + j;
+                float v = o < out && c < in && w ? w[o * in + c] : 0.0f;
+                data[panel * in_even * nr + (c / 2) * 2 * nr + 2 * j + c % 2] = mha__f32_to_bf16(v);
+            }
+    mha__free(p->data);
+    *p = (mha__packed_bf16){data, out, in, in_even};
+    return MHA_OK;
+}
+
+void mha__packed_bf16_free(mha__packed_bf16 *p)
+{
+    mha__free(p->data);
+    p->data = NULL;
+}
+
+typedef struct round_job {
+    const mha__bf16_kernels *bk;
+    const mha__mat *x;
+    int64_t in, in_even;
+    uint16_t *xb;
+} round_job;
+
+/* Rows of x rounded to bf16, padded to an even width; each group of
+ * contiguous columns in one vector call. */
+static void round_rows(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const round_job *j = arg;
+    int64_t group = j->x->group_cols ? j->x->group_cols : j->in;
+    for (int64_t r = begin; r < end; r++) {
+        uint16_t *dst = j->xb + r * j->in_even;
+        for (int64_t c0 = 0; c0 < j->in; c0 += group) {
+            int64_t n = j->in - c0 < group ? j->in - c0 : group;
+            if (j->x->cs == 1) {
+                j->bk->round(dst + c0, mat_at(j->x, r, c0), n);
+            } else {
+                for (int64_t c = c0; c < c0 + n; c++) dst[c] = mha__f32_to_bf16(*mat_at(j->x, r, c));
+            }
+        }
+        if (j->in_even > j->in) dst[j->in] = 0;
+    }
+}
+
+typedef struct linear_bf16_job {
+    mha__gemm_tile_bf16_fn tile;
+    int64_t rows;
+    const uint16_t *xb;
+    const mha__packed_bf16 *w;
+    const float *b;
+    mha__mat y;
+    int64_t row_blocks;
+} linear_bf16_job;
+
+static void linear_bf16_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const linear_bf16_job *j = arg;
+    int64_t nr = MHA_BF16_NR, mr = MHA_BF16_MR, in_even = j->w->in_even;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t panel = item / j->row_blocks, r0 = (item % j->row_blocks) * ROW_BLOCK;
+        int64_t r1 = r0 + ROW_BLOCK < j->rows ? r0 + ROW_BLOCK : j->rows;
+        int64_t col0 = panel * nr, cols = j->w->out - col0 < nr ? j->w->out - col0 : nr;
+        const uint16_t *b = j->w->data + panel * in_even * nr;
+        for (int64_t r = r0; r < r1; r += mr) {
+            int64_t m = r1 - r < mr ? r1 - r : mr;
+            float *y = mat_at(&j->y, r, col0);
+            if (j->b)
+                for (int64_t i = 0; i < m; i++) memcpy(y + i * j->y.rs, j->b + col0, (size_t)cols * sizeof(float));
+            j->tile(m, cols, in_even, j->xb + r * in_even, in_even, 2, b, 2 * nr, y, j->y.rs, j->b != NULL);
+        }
+    }
+}
+
+mha_status mha__linear_bf16(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, const mha__mat *x,
+                            const mha__packed_bf16 *w, const float *b, const mha__mat *y)
+{
+    int64_t n;
+    if (!mha__mul(rows, w->in_even, &n)) return mha__fail(MHA_ERR_INVALID_ARG, "bf16 input of %lld rows overflows", (long long)rows);
+    uint16_t *xb = mha__ctx_scratch(ctx, MHA_SCRATCH_BF16, n * (int64_t)sizeof(uint16_t));
+    if (!xb) return MHA_ERR_NOMEM;
+    round_job rj = {bk, x, w->in, w->in_even, xb};
+    mha__parallel_for(ctx, rows, round_rows, &rj);
+    linear_bf16_job job = {bk->tile, rows, xb, w, b, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK};
+    mha__parallel_for(ctx, job.row_blocks * ((w->out + MHA_BF16_NR - 1) / MHA_BF16_NR), linear_bf16_range, &job);
+    return MHA_OK;
+}

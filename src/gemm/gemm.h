@@ -1,0 +1,95 @@
+/*
+ * gemm.h -- the projections' matrix product: y = x W^T + b with W packed
+ * once (when the weight is set) into panels the micro-kernel streams.
+ */
+#ifndef MHA_GEMM_H
+#define MHA_GEMM_H
+
+#include "core/internal.h"
+#include "kernels/kernels.h"
+#include "core/parallel.h"
+
+/* The B operand of y = x W^T for W [out, in]: ceil(out / nr) panels of nr
+ * output columns, panel p at data + p * panel_stride, its row c (input c)
+ * at + c * ldb.  A pack (mha__pack) stores each panel contiguous (W^T,
+ * zero-padded to a whole panel: ldb = nr); a view (mha__transposed_view)
+ * reads a plain matrix in place. */
+typedef struct mha__packed {
+    float  *data;
+    int64_t out, in, nr;
+    int64_t ldb, panel_stride;
+} mha__packed;
+
+/* Packs w [out, in] (NULL: zeros); replaces any earlier contents of p,
+ * in place when the size is unchanged.  On failure p is unchanged.  NOMEM. */
+mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in);
+/* The same into the context's MHA_SCRATCH_PACK buffer (valid until the
+ * next pack there): for a weight used once.  INVALID_ARG, NOMEM. */
+mha_status mha__pack_scratch(mha_ctx *ctx, const mha__kernels *kt, const float *w, int64_t out, int64_t in,
+                             mha__packed *p);
+/* w [rows, cols] row-major seen, without copying, as the B operand of
+ * y = x w: mha__linear with it computes dX = dY W in the backward pass.
+ * Not to be freed. */
+mha__packed mha__transposed_view(const float *w, int64_t rows, int64_t cols, const mha__kernels *kt);
+/* The plain [out, in] matrix back from its pack (exact). */
+void       mha__unpack(const mha__packed *p, float *w);
+void       mha__packed_free(mha__packed *p);
+
+/* A matrix seen through strides, its columns optionally split into groups
+ * of group_cols (0: one group) that lie group_stride floats apart:
+ * element (r, c) is at data + (c / group_cols) * group_stride + r * rs +
+ * (c % group_cols) * cs.  Row-major [rows][cols] is {data, cols, 1, 0, 0};
+ * head-major [H][rows][d] is {data, d, 1, d, rows * d}. */
+typedef struct mha__mat {
+    float  *data;
+    int64_t rs, cs;
+    int64_t group_cols, group_stride;
+} mha__mat;
+
+/* y[r, :] = x[r, :] W^T + b for r < rows; b may be NULL.  y must have
+ * cs = 1 and, if grouped, groups that are a multiple of the kernels' nr
+ * wide (so no panel straddles two groups).  Each output is one FMA chain
+ * over the inputs in order (bias first), whatever the thread count. */
+void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
+                 const float *b, const mha__mat *y);
+
+/* y[r, :] += x[r, :] W^T, the same way (y's existing values start each
+ * output's chain). */
+void mha__linear_add(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
+                     const mha__mat *y);
+
+/* N matrices: matrix n is m with data moved by n * batch_stride. */
+typedef struct mha__batched {
+    mha__mat m;
+    int64_t  batch_stride;
+} mha__batched;
+
+/* dW [out, in] row-major += sum over n < N, r < T of dy_n(r, o) x_n(r, i):
+ * a weight's gradient.  x needs cs = 1 and, when grouped, groups a multiple
+ * of the kernels' nr wide (as mha__linear's y).  Each element is one chain
+ * of multiply-adds starting from its old value, rows in order, whatever
+ * the thread count. */
+void mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *dy,
+                      const mha__batched *x, int64_t out, int64_t in, float *dw);
+
+/* sums[c] += sum over n < N, r < T of y_n(r, c), in that order. */
+void mha__column_sums(mha_ctx *ctx, int64_t N, int64_t T, const mha__batched *y, int64_t cols, float *sums);
+
+/* The same for bfloat16 weights: W [out, in] rounded to bf16, in panels of
+ * MHA_BF16_NR columns, the input dimension padded to even with zeros and
+ * stored in pairs: element (c, j) of panel p at
+ * data + p * in_even * MHA_BF16_NR + (c / 2) * 2 * MHA_BF16_NR + 2 * j + c % 2. */
+typedef struct mha__packed_bf16 {
+    uint16_t *data;
+    int64_t   out, in, in_even;
+} mha__packed_bf16;
+
+mha_status mha__pack_bf16(mha__packed_bf16 *p, const float *w, int64_t out, int64_t in);
+void       mha__packed_bf16_free(mha__packed_bf16 *p);
+
+/* y = x W^T + b with x rounded to bf16 (once, into the context's scratch)
+ * and every product accumulated in float32 by bk's tile.  NOMEM. */
+mha_status mha__linear_bf16(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, const mha__mat *x,
+                            const mha__packed_bf16 *w, const float *b, const mha__mat *y);
+
+#endif /* MHA_GEMM_H */

@@ -1,0 +1,215 @@
+/*
+ * kvcache.c -- the KV cache and the layer's decoding step.
+ *
+ * The cache keeps, per sequence and kv head, `capacity` rows of head_dim
+ * keys and values, [batch][g][capacity][d], so one head's keys are one
+ * contiguous run that decoding streams through.  A step:
+ *   Q, K_new, V_new = projections of the n new rows      (the layer's GEMM)
+ *   rotate Q and K_new at positions length ..             (rope.c)
+ *   append K_new, V_new (rounded if the cache is bf16)
+ *   attention of the new rows over all length + n rows, bottom-right
+ *   causal: flash.c's tiles for a float32 cache and 16 or more rows (a
+ *   prompt), else decode.c's split-K (a token at a time, or a bf16 cache)
+ *   out = heads W_o^T + b_o
+ */
+#include "core/convert.h"
+#include "attn/decode.h"
+#include "layer/layer.h"
+
+#include <string.h>
+
+enum { CACHE_MAGIC = 0x6d68616b /* "mhak" */ };
+
+struct mha_kv_cache {
+    uint32_t magic;
+    int64_t  batch, kv_heads, head_dim, capacity, length;
+    bool     bf16;
+    void    *k, *v;  /* [batch][g][capacity][d] floats or bf16 */
+};
+
+static mha_status check_cache(const mha_kv_cache *c, const char *fn)
+{
+    if (!c || c->magic != CACHE_MAGIC) return mha__fail(MHA_ERR_MISUSE, "%s: not a live mha_kv_cache", fn);
+    return MHA_OK;
+}
+
+mha_status mha_kv_cache_create(const mha_layer *layer, int64_t batch, int64_t capacity, mha_dtype dtype,
+                               mha_kv_cache **cache)
+{
+    if (!cache) return mha__fail(MHA_ERR_MISUSE, "mha_kv_cache_create: NULL argument");
+    *cache = NULL;
+    mha_status st = mha__layer_check(layer, "mha_kv_cache_create");
+    if (st != MHA_OK) return st;
+    if (batch < 1 || capacity < 1)
+        return mha__fail(MHA_ERR_INVALID_ARG, "batch and capacity must be positive, got %lld and %lld",
+                         (long long)batch, (long long)capacity);
+    if (dtype != MHA_DTYPE_F32 && dtype != MHA_DTYPE_BF16)
+        return mha__fail(MHA_ERR_INVALID_ARG, "a KV cache stores F32 or BF16, not %s", mha_dtype_name(dtype));
+    int64_t n, size = dtype == MHA_DTYPE_BF16 ? 2 : 4;
+    if (!mha__product((int64_t[]){batch, layer->desc.num_kv_heads, capacity, layer->head_dim, size}, 5, &n))
+        return mha__fail(MHA_ERR_INVALID_ARG, "a cache of %lld tokens x %lld sequences overflows", (long long)capacity,
+                         (long long)batch);
+    mha_kv_cache *c = mha__calloc(1, sizeof *c);
+    if (!c) return MHA_ERR_NOMEM;
+    *c = (mha_kv_cache){CACHE_MAGIC, batch, layer->desc.num_kv_heads, layer->head_dim, capacity, 0,
+                        dtype == MHA_DTYPE_BF16, mha__alloc(n, 1), mha__alloc(n, 1)};
+    if (!c->k || !c->v) {
+        mha_kv_cache_free(c);
+        return MHA_ERR_NOMEM;
+    }
+    *cache = c;
+    return MHA_OK;
+}
+
+void mha_kv_cache_free(mha_kv_cache *c)
+{
+    if (!c) return;
+    c->magic = 0;
+    mha__free(c->k);
+    mha__free(c->v);
+    mha__free(c);
+}
+
+int64_t mha_kv_cache_length(const mha_kv_cache *c) { return check_cache(c, "mha_kv_cache_length") == MHA_OK ? c->length : -1; }
+
+int64_t mha_kv_cache_capacity(const mha_kv_cache *c)
+{
+    return check_cache(c, "mha_kv_cache_capacity") == MHA_OK ? c->capacity : -1;
+}
+
+void mha_kv_cache_reset(mha_kv_cache *c)
+{
+    if (check_cache(c, "mha_kv_cache_reset") == MHA_OK) c->length = 0;
+}
+
+mha_status mha_kv_cache_truncate(mha_kv_cache *c, int64_t length)
+{
+    mha_status st = check_cache(c, "mha_kv_cache_truncate");
+    if (st != MHA_OK) return st;
+    if (length < 0 || length > c->length)
+        return mha__fail(MHA_ERR_INVALID_ARG, "cannot truncate a cache of %lld tokens to %lld", (long long)c->length,
+                         (long long)length);
+    c->length = length;
+    return MHA_OK;
+}
+
+/* The cache's rows as the decode kernels read them. */
+static mha__kv_view cache_view(const mha_kv_cache *c)
+{
+    int64_t d = c->head_dim;
+    return (mha__kv_view){c->k, c->v, c->bf16, {c->kv_heads * c->capacity * d, c->capacity * d, d}};
+}
+
+/* Rows [length, length + n) of every (sequence, kv head) from x [batch, g, n, d]. */
+static void store_rows(mha_kv_cache *c, void *dst_base, const mha_tensor *x)
+{
+    mha__kv_view view = cache_view(c);
+    int64_t n = x->shape[2], d = c->head_dim;
+    for (int64_t b = 0; b < c->batch; b++)
+        for (int64_t g = 0; g < c->kv_heads; g++)
+            for (int64_t t = 0; t < n; t++) {
+                int64_t at = b * view.stride[0] + g * view.stride[1] + (c->length + t) * view.stride[2];
+                const float *src = x->data + b * x->stride[0] + g * x->stride[1] + t * x->stride[2];
+                for (int64_t e = 0; e < d; e++) {
+                    float value = src[e * x->stride[3]];
+                    if (c->bf16) ((uint16_t *)dst_base)[at + e] = mha__f32_to_bf16(value);
+                    else ((float *)dst_base)[at + e] = value;
+                }
+            }
+}
+
+mha_status mha_kv_cache_append(mha_kv_cache *c, const mha_tensor *k, const mha_tensor *v)
+{
+    mha_status st = check_cache(c, "mha_kv_cache_append");
+    if (st != MHA_OK) return st;
+    if (!k || !v) return mha__fail(MHA_ERR_MISUSE, "mha_kv_cache_append: NULL argument");
+    const int64_t shape[4] = {c->batch, c->kv_heads, -1, c->head_dim};
+    if ((st = mha__check_tensor(k, "keys", shape)) != MHA_OK) return st;
+    const int64_t v_shape[4] = {c->batch, c->kv_heads, k->shape[2], c->head_dim};
+    if ((st = mha__check_tensor(v, "values", v_shape)) != MHA_OK) return st;
+    if (k->shape[2] > c->capacity - c->length)
+        return mha__fail(MHA_ERR_INVALID_ARG, "appending %lld tokens to a cache holding %lld of %lld overflows it",
+                         (long long)k->shape[2], (long long)c->length, (long long)c->capacity);
+    store_rows(c, c->k, k);
+    store_rows(c, c->v, v);
+    c->length += k->shape[2];
+    return MHA_OK;
+}
+
+/* ---------------------------------------------------------------- */
+/* The decoding step                                                 */
+/* ---------------------------------------------------------------- */
+
+static mha_status check_decode(const mha_layer *l, const mha_kv_cache *c, const mha_tensor *out, const mha_tensor *x)
+{
+    mha_status st = mha__layer_check(l, "mha_layer_decode");
+    if (st == MHA_OK) st = check_cache(c, "mha_layer_decode");
+    if (st != MHA_OK) return st;
+    if (!out || !x) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode: NULL argument");
+    const mha_layer_desc *d = &l->desc;
+    if (d->add_bias_kv || d->add_zero_attn)
+        return mha__fail(MHA_ERR_INVALID_ARG, "decoding has no place for add_bias_kv/add_zero_attn rows in the cache");
+    if (d->kdim != d->embed_dim || d->vdim != d->embed_dim)
+        return mha__fail(MHA_ERR_INVALID_ARG, "decoding is self-attention: kdim and vdim must equal embed_dim");
+    if (c->kv_heads != d->num_kv_heads || c->head_dim != l->head_dim)
+        return mha__fail(MHA_ERR_INVALID_ARG, "the cache holds %lld kv heads of %lld, the layer has %lld of %lld",
+                         (long long)c->kv_heads, (long long)c->head_dim, (long long)d->num_kv_heads, (long long)l->head_dim);
+    const int64_t x_shape[4] = {c->batch, -1, d->embed_dim, 1};
+    if ((st = mha__check_tensor(x, "x", x_shape)) != MHA_OK) return st;
+    const int64_t o_shape[4] = {c->batch, x->shape[1], d->embed_dim, 1};
+    if ((st = mha__check_tensor(out, "out", o_shape)) != MHA_OK) return st;
+    if (out->stride[2] != 1) return mha__fail(MHA_ERR_INVALID_ARG, "out's columns must be contiguous (stride 1)");
+    if (x->shape[1] < 1) return mha__fail(MHA_ERR_INVALID_ARG, "x has no tokens");
+    if (x->shape[1] > c->capacity - c->length)
+        return mha__fail(MHA_ERR_INVALID_ARG, "%lld new tokens do not fit: the cache holds %lld of %lld",
+                         (long long)x->shape[1], (long long)c->length, (long long)c->capacity);
+    return MHA_OK;
+}
+
+mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_tensor *out, const mha_tensor *x)
+{
+    if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode: NULL context");
+    mha_status st = check_decode(l, c, out, x);
+    if (st != MHA_OK) return st;
+    const mha_layer_desc *d = &l->desc;
+    int64_t N = c->batch, n = x->shape[1], H = d->num_heads, G = d->num_kv_heads;
+    int64_t nq = N * n * l->qdim, nk = N * n * l->kvdim; /* bounded by x and the cache, both allocated */
+    float *buf = mha__ctx_scratch(ctx, MHA_SCRATCH_LAYER, (2 * nq + 2 * nk) * (int64_t)sizeof(float));
+    if (!buf) return MHA_ERR_NOMEM;
+    float *q = buf, *k = q + nq, *v = k + nk, *heads = v + nk;
+    mha__batched xb = mha__layer_from_view(x);
+    mha__batched qb = mha__layer_activations(l, q, n, H), kb = mha__layer_activations(l, k, n, G);
+    mha__batched vb = mha__layer_activations(l, v, n, G);
+    const float *b_in = l->b_in;
+    if ((st = mha__layer_project(ctx, l, N, n, &xb, MAT_Q, b_in ? b_in + mha__layer_bias_offset(l, MAT_Q) : NULL, &qb)) ||
+        (st = mha__layer_project(ctx, l, N, n, &xb, MAT_K, b_in ? b_in + mha__layer_bias_offset(l, MAT_K) : NULL, &kb)) ||
+        (st = mha__layer_project(ctx, l, N, n, &xb, MAT_V, b_in ? b_in + mha__layer_bias_offset(l, MAT_V) : NULL, &vb)))
+        return st;
+    mha_tensor qh = mha__layer_heads_view(l, q, N, n, H), kh = mha__layer_heads_view(l, k, N, n, G);
+    mha_tensor vh = mha__layer_heads_view(l, v, N, n, G), oh = mha__layer_heads_view(l, heads, N, n, H);
+    if ((st = mha__rope_apply(ctx, l, &qh, c->length, false)) != MHA_OK ||
+        (st = mha__rope_apply(ctx, l, &kh, c->length, false)) != MHA_OK)
+        return st;
+    int64_t before = c->length;
+    if ((st = mha_kv_cache_append(c, &kh, &vh)) != MHA_OK) return st;
+    mha__attn_plan plan = {
+        .B = N, .Hq = H, .Hkv = G, .L = n, .S = c->length, .D = l->head_dim, .Dv = l->head_dim, .R = c->length,
+        .group = H / G, .scale = (float)(1.0 / sqrt((double)l->head_dim)), .softcap = d->softcap,
+        .causal = MHA_CAUSAL_BOTTOM_RIGHT, .window_left = d->window_left, .window_right = d->window_right,
+        .alibi = l->alibi,
+    };
+    mha__kv_view view = cache_view(c);
+    if (!c->bf16 && n >= MHA_DECODE_ROWS) { /* a prompt: the tiled kernel over the cache in place */
+        mha_tensor kc = {c->k, {N, G, c->length, l->head_dim}, {view.stride[0], view.stride[1], view.stride[2], 1}};
+        mha_tensor vc = {c->v, {N, G, c->length, l->head_dim}, {view.stride[0], view.stride[1], view.stride[2], 1}};
+        st = mha__attn_forward(ctx, &plan, &oh, NULL, NULL, &qh, &kc, &vc);
+    } else {
+        st = mha__decode_attention(ctx, &plan, &oh, NULL, &qh, &view);
+    }
+    if (st == MHA_OK) {
+        mha__batched hb = mha__layer_activations(l, heads, n, H), y = mha__layer_from_view(out);
+        st = mha__layer_project(ctx, l, N, n, &hb, MAT_OUT, l->b_out, &y);
+    }
+    if (st != MHA_OK) c->length = before; /* the cache is unchanged on error */
+    return st;
+}

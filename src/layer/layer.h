@@ -1,0 +1,109 @@
+/*
+ * layer.h -- the MHA layer's insides, shared by layer.c (weights and the
+ * forward pass) and layer_train.c (gradients, parameters, the tape).
+ */
+#ifndef MHA_LAYER_H
+#define MHA_LAYER_H
+
+#include "attn/attention.h"
+#include "gemm/gemm.h"
+#include "core/internal.h"
+#include "core/tensor.h"
+
+enum { LAYER_MAGIC = 0x6d68616c }; /* "mhal": catches use of a freed or foreign pointer */
+
+/* The four matrices: W_q [h d, E], W_k [g d, kdim], W_v [g d, vdim],
+ * W_o [E, h d] (nn.MultiheadAttention: h d = g d = E). */
+typedef enum matrix { MAT_Q, MAT_K, MAT_V, MAT_OUT, MAT_COUNT } matrix;
+
+/* What training adds to a layer (mha_layer_train_init): the plain weights
+ * the optimizer updates (the packs are made from them; the backward's
+ * dX = dY W reads them in place) and their gradients. */
+typedef struct mha__layer_train {
+    float       *plain;               /* W_q, W_k, W_v, W_o back to back: in_proj_weight then out_proj.weight */
+    float       *w[MAT_COUNT];        /* into plain */
+    float       *grads;               /* the same layout, then the bias gradients */
+    float       *g_w[MAT_COUNT];      /* into grads */
+    float       *g_b_in, *g_b_out, *g_bias_k, *g_bias_v;  /* into grads, or NULL */
+    int64_t      n_grads;             /* floats in grads */
+} mha__layer_train;
+
+/* Matrices are kept packed (gemm.h), float32 or bf16 as the layer
+ * computes; a plain copy exists only for training, where the optimizer
+ * needs one: for inference it would be 4 E^2 floats nothing reads. */
+struct mha_layer {
+    uint32_t       magic;
+    mha_layer_desc desc;
+    int64_t        head_dim;
+    int64_t        qdim, kvdim;  /* h x head_dim, g x head_dim */
+    const mha__kernels *kt;   /* the kernels the packs were made for */
+    bool           bf16;      /* desc.dtype == MHA_DTYPE_BF16 */
+    mha__packed    w[MAT_COUNT];        /* float32 packs (unused in bf16) */
+    mha__packed_bf16 w16[MAT_COUNT];    /* bf16 packs (unused in float32) */
+    float         *b_in;      /* [qdim | kvdim | kvdim]: Q, K, V biases, or NULL */
+    float         *b_out;     /* [E] or NULL */
+    float         *bias_k, *bias_v;  /* [E] or NULL */
+    float         *alibi;     /* [h] or NULL: the desc's slopes, copied */
+    mha_weight_names names;   /* the family the weights were loaded under (TORCH when set by hand) */
+    mha__layer_train *train;  /* NULL until mha_layer_train_init */
+};
+
+/* What a forward call records for the backward pass (mha_layer_tape). */
+struct mha_layer_tape {
+    uint32_t magic;
+    const mha_layer *layer;   /* who recorded; NULL = nothing recorded */
+    int64_t N, L, S;          /* the recorded call's sizes */
+    int64_t position;         /* and its rope position */
+    float  *q, *k, *v, *heads;  /* activations (mha__layer_activations layout), S' key rows */
+    mha__row_stats stats;     /* [N, h, L] */
+    float  *base;             /* one allocation behind all of the above */
+    int64_t capacity;         /* floats in base */
+};
+
+enum { TAPE_MAGIC = 0x6d686174 }; /* "mhat" */
+
+mha_status mha__layer_check(const mha_layer *l, const char *fn);
+mha_status mha__layer_check_forward(const mha_layer *l, const mha_tensor *attn_output, const mha_tensor *attn_weights,
+                                    const mha_layer_fwd_args *a);
+
+/* The attention problem of a forward call with these args. */
+mha__attn_plan mha__layer_plan(const mha_layer *l, const mha_layer_fwd_args *a);
+
+/* A [N, T, F] tensor view as a batch of [T, F] matrices. */
+mha__batched mha__layer_from_view(const mha_tensor *t);
+/* Where the layer keeps activations of T rows per batch from base: head-
+ * major [N][H][T][d] when d is a multiple of the kernels' nr, else
+ * row-major [N][T][E]; and the same as the [N, H, T, d] attention view. */
+mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t T, int64_t heads);
+mha_tensor   mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t heads);
+
+/* Rotates x [N, heads, T, d] in place by the layer's rotary embedding, row
+ * t of every batch at position `position + t` (by minus the angle when
+ * `inverse`: the backward pass).  Nothing without rope.  INVALID_ARG
+ * (position out of range), NOMEM. */
+mha_status mha__rope_apply(mha_ctx *ctx, const mha_layer *l, const mha_tensor *x, int64_t position, bool inverse);
+
+/* y = x W^T + b for matrix `which` over N batches of T rows, in the
+ * layer's dtype.  NOMEM (bf16 scratch). */
+mha_status mha__layer_project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
+                              matrix which, const float *b, const mha__batched *y);
+
+/* y = x W^T, or y += x W^T when `add`, over N batches of T rows, with W
+ * packed as w (float32 layers). */
+void mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
+                               const mha__packed *w, const mha__batched *y, bool add);
+
+/* Packs `which` from w (NULL: zeros), and for training keeps w as the
+ * plain copy.  NOMEM. */
+mha_status mha__layer_pack(mha_layer *l, matrix which, const float *w);
+
+/* Matrix `which` is [out, in]: Q [qdim, E], K [kvdim, kdim], V [kvdim, vdim],
+ * O [E, qdim]; its bias starts at b_in + bias_offset (Q, K, V). */
+int64_t mha__layer_in_features(const mha_layer *l, matrix which);
+int64_t mha__layer_out_features(const mha_layer *l, matrix which);
+int64_t mha__layer_bias_offset(const mha_layer *l, matrix which);
+
+/* The naming family a loaded layer remembers (weights.c sets it). */
+void mha__layer_set_names(mha_layer *layer, mha_weight_names names);
+
+#endif /* MHA_LAYER_H */

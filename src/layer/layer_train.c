@@ -1,0 +1,330 @@
+/*
+ * layer_train.c -- training the MHA layer: its parameters and gradients,
+ * the tape a forward call records, and the backward pass.
+ *
+ * Backward of one recorded call (dY = dLoss/d attn_output, rows of
+ * activations as the forward kept them, see layer.h):
+ *   b_o  += colsum(dY)          W_o += dY^T O          dO = dY W_o
+ *   dQ, dK, dV = attention backward (flash_bwd.c) from Q, K, V, O, the
+ *                row statistics and dO, written over O, K and V (each is
+ *                read before its gradient is written), so the pass needs
+ *                one buffer, dO, beyond the tape
+ *   bias_k/bias_v += the appended key row's dK/dV, summed over batches
+ *   b_in += colsum(dQ | dK | dV)     W_q += dQ^T X_q   (and K, V)
+ *   grad_query += dQ W_q,  grad_key += dK W_k,  grad_value += dV W_v
+ * Every step is a fixed-order reduction owned by one work item, so the
+ * gradients have the same bits for any thread count.
+ */
+#include "layer/layer.h"
+
+#include <string.h>
+
+static mha_status check_training(const mha_layer *l, const char *fn)
+{
+    mha_status st = mha__layer_check(l, fn);
+    if (st != MHA_OK) return st;
+    if (l->bf16)
+        return mha__fail(MHA_ERR_UNSUPPORTED, "%s: training computes in F32; this layer's dtype is BF16", fn);
+    if (!l->train) return mha__fail(MHA_ERR_MISUSE, "%s: call mha_layer_train_init first", fn);
+    return MHA_OK;
+}
+
+/* ---------------------------------------------------------------- */
+/* Parameters                                                        */
+/* ---------------------------------------------------------------- */
+
+static void train_free(mha__layer_train *t)
+{
+    if (!t) return;
+    mha__free(t->plain);
+    mha__free(t->grads);
+    mha__free(t);
+}
+
+/* Lays out plain and grads: W_q, W_k, W_v, W_o, then (grads only) the
+ * biases in_proj_bias, out_proj.bias, bias_k, bias_v. */
+static int64_t matrix_size(const mha_layer *l, matrix m)
+{
+    return mha__layer_out_features(l, m) * mha__layer_in_features(l, m);
+}
+
+static void train_layout(const mha_layer *l, mha__layer_train *t)
+{
+    const mha_layer_desc *d = &l->desc;
+    int64_t E = d->embed_dim, at = 0;
+    for (int m = 0; m < MAT_COUNT; m++) {
+        t->w[m] = t->plain + at;
+        t->g_w[m] = t->grads + at;
+        at += matrix_size(l, (matrix)m);
+    }
+    t->g_b_in = d->bias ? t->grads + at : NULL;
+    at += d->bias ? l->qdim + 2 * l->kvdim : 0;
+    t->g_b_out = d->out_bias ? t->grads + at : NULL;
+    at += d->out_bias ? E : 0;
+    t->g_bias_k = d->add_bias_kv ? t->grads + at : NULL;
+    t->g_bias_v = d->add_bias_kv ? t->grads + at + E : NULL;
+}
+
+mha_status mha_layer_train_init(mha_layer *l)
+{
+    mha_status st = mha__layer_check(l, "mha_layer_train_init");
+    if (st != MHA_OK) return st;
+    if (l->bf16) return mha__fail(MHA_ERR_UNSUPPORTED, "mha_layer_train_init: training computes in F32; this layer's dtype is BF16");
+    if (l->train) return MHA_OK;
+    const mha_layer_desc *d = &l->desc;
+    int64_t E = d->embed_dim, n_plain = 0; /* sizes checked when the layer was made */
+    for (int m = 0; m < MAT_COUNT; m++) n_plain += matrix_size(l, (matrix)m);
+    mha__layer_train *t = mha__calloc(1, sizeof *t);
+    if (!t) return MHA_ERR_NOMEM;
+    t->n_grads = n_plain + (d->bias ? l->qdim + 2 * l->kvdim : 0) + (d->out_bias ? E : 0) + (d->add_bias_kv ? 2 * E : 0);
+    t->plain = mha__alloc(n_plain, sizeof(float));
+    t->grads = mha__calloc((size_t)t->n_grads, sizeof(float));
+    if (!t->plain || !t->grads) {
+        train_free(t);
+        return MHA_ERR_NOMEM;
+    }
+    train_layout(l, t);
+    for (int m = 0; m < MAT_COUNT; m++) mha__unpack(&l->w[m], t->w[m]);
+    l->train = t;
+    return MHA_OK;
+}
+
+static mha_param param(const char *name, float *value, float *grad, int rank, int64_t d0, int64_t d1, int64_t d2)
+{
+    mha_param p = {name, value, grad, d0 * (rank > 1 ? d1 : 1) * (rank > 2 ? d2 : 1), rank, {d0, d1, d2}};
+    return p;
+}
+
+int64_t mha_layer_params(mha_layer *l, mha_param *params, int64_t capacity)
+{
+    if (check_training(l, "mha_layer_params") != MHA_OK) return -1;
+    if (capacity > 0 && !params) {
+        mha__fail(MHA_ERR_MISUSE, "mha_layer_params: NULL params with capacity %lld", (long long)capacity);
+        return -1;
+    }
+    const mha_layer_desc *d = &l->desc;
+    mha__layer_train *t = l->train;
+    int64_t E = d->embed_dim, qd = l->qdim, kvd = l->kvdim, n = 0;
+    mha_param all[8];
+    /* nn.MultiheadAttention's names where the layer is one and was not
+     * loaded under another family's; else Llama's (a GPT-2 block's
+     * Conv1D layout is the transpose of these: mha backward converts). */
+    bool torch = d->num_kv_heads == d->num_heads && qd == E && l->names == MHA_NAMES_TORCH;
+    if (torch && d->kdim == E && d->vdim == E) {
+        all[n++] = param("in_proj_weight", t->w[MAT_Q], t->g_w[MAT_Q], 2, 3 * E, E, 0);
+    } else {
+        all[n++] = param(torch ? "q_proj_weight" : "q_proj.weight", t->w[MAT_Q], t->g_w[MAT_Q], 2, qd, E, 0);
+        all[n++] = param(torch ? "k_proj_weight" : "k_proj.weight", t->w[MAT_K], t->g_w[MAT_K], 2, kvd, d->kdim, 0);
+        all[n++] = param(torch ? "v_proj_weight" : "v_proj.weight", t->w[MAT_V], t->g_w[MAT_V], 2, kvd, d->vdim, 0);
+    }
+    if (d->bias && torch) {
+        all[n++] = param("in_proj_bias", l->b_in, t->g_b_in, 1, 3 * E, 0, 0);
+    } else if (d->bias) {
+        static const char *const names[3] = {"q_proj.bias", "k_proj.bias", "v_proj.bias"};
+        for (int m = MAT_Q; m <= MAT_V; m++) {
+            int64_t at = mha__layer_bias_offset(l, (matrix)m);
+            all[n++] = param(names[m], l->b_in + at, t->g_b_in + at, 1, mha__layer_out_features(l, (matrix)m), 0, 0);
+        }
+    }
+    if (d->add_bias_kv) {
+        all[n++] = param("bias_k", l->bias_k, t->g_bias_k, 3, 1, 1, E);
+        all[n++] = param("bias_v", l->bias_v, t->g_bias_v, 3, 1, 1, E);
+    }
+    all[n++] = param(torch ? "out_proj.weight" : "o_proj.weight", t->w[MAT_OUT], t->g_w[MAT_OUT], 2, E, qd, 0);
+    if (d->out_bias) all[n++] = param(torch ? "out_proj.bias" : "o_proj.bias", l->b_out, t->g_b_out, 1, E, 0, 0);
+    for (int64_t i = 0; i < n && i < capacity; i++) params[i] = all[i];
+    return n;
+}
+
+mha_status mha_layer_params_changed(mha_layer *l)
+{
+    mha_status st = check_training(l, "mha_layer_params_changed");
+    for (int m = 0; m < MAT_COUNT && st == MHA_OK; m++) st = mha__layer_pack(l, (matrix)m, l->train->w[m]);
+    return st;
+}
+
+void mha_layer_zero_grad(mha_layer *l)
+{
+    if (check_training(l, "mha_layer_zero_grad") != MHA_OK) return;
+    memset(l->train->grads, 0, (size_t)l->train->n_grads * sizeof(float));
+}
+
+/* ---------------------------------------------------------------- */
+/* The tape                                                          */
+/* ---------------------------------------------------------------- */
+
+mha_status mha_layer_tape_create(mha_layer_tape **tape)
+{
+    if (!tape) return mha__fail(MHA_ERR_MISUSE, "mha_layer_tape_create: NULL argument");
+    *tape = mha__calloc(1, sizeof **tape);
+    if (!*tape) return MHA_ERR_NOMEM;
+    (*tape)->magic = TAPE_MAGIC;
+    return MHA_OK;
+}
+
+void mha_layer_tape_free(mha_layer_tape *tape)
+{
+    if (!tape) return;
+    tape->magic = 0;
+    mha__free(tape->base);
+    mha__free(tape);
+}
+
+/* ---------------------------------------------------------------- */
+/* Backward                                                          */
+/* ---------------------------------------------------------------- */
+
+static mha_status check_backward(const mha_layer *l, const mha_layer_fwd_args *a, const mha_tensor *dy,
+                                 const mha_tensor *gq, const mha_tensor *gk, const mha_tensor *gv)
+{
+    mha_status st = check_training(l, "mha_layer_backward");
+    if (st != MHA_OK) return st;
+    if (!a || !dy) return mha__fail(MHA_ERR_MISUSE, "mha_layer_backward: NULL argument");
+    const mha_layer_tape *tape = a->tape;
+    if (!tape || tape->magic != TAPE_MAGIC) return mha__fail(MHA_ERR_MISUSE, "mha_layer_backward: args.tape is not a live tape");
+    if (tape->layer != l)
+        return mha__fail(MHA_ERR_MISUSE, "mha_layer_backward: the tape holds no forward call of this layer (record one "
+                                         "with args.tape; each backward consumes it)");
+    /* The args as the forward checked them (query stands in for the output). */
+    if ((st = mha__layer_check_forward(l, &a->query, NULL, a)) != MHA_OK) return st;
+    int64_t N = a->query.shape[0], L = a->query.shape[1], S = a->key.shape[1];
+    if (N != tape->N || L != tape->L || S != tape->S)
+        return mha__fail(MHA_ERR_INVALID_ARG, "mha_layer_backward: args have N %lld, L %lld, S %lld but the tape "
+                                              "recorded N %lld, L %lld, S %lld", (long long)N, (long long)L,
+                         (long long)S, (long long)tape->N, (long long)tape->L, (long long)tape->S);
+    const int64_t q_shape[4] = {N, L, l->desc.embed_dim, 1}, k_shape[4] = {N, S, l->desc.kdim, 1};
+    const int64_t v_shape[4] = {N, S, l->desc.vdim, 1};
+    if ((st = mha__check_tensor(dy, "grad_attn_output", q_shape)) != MHA_OK ||
+        (gq && (st = mha__check_tensor(gq, "grad_query", q_shape)) != MHA_OK) ||
+        (gk && (st = mha__check_tensor(gk, "grad_key", k_shape)) != MHA_OK) ||
+        (gv && (st = mha__check_tensor(gv, "grad_value", v_shape)) != MHA_OK))
+        return st;
+    return MHA_OK;
+}
+
+/* A caller's [N, T, F] tensor as GEMM rows with contiguous columns: the
+ * view itself, or a copy in `stage` when its columns are strided. */
+static mha__batched contiguous(const mha_tensor *t, float *stage)
+{
+    if (t->stride[2] == 1) return mha__layer_from_view(t);
+    int64_t N = t->shape[0], T = t->shape[1], F = t->shape[2];
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t r = 0; r < T; r++)
+            for (int64_t c = 0; c < F; c++)
+                stage[(n * T + r) * F + c] = t->data[n * t->stride[0] + r * t->stride[1] + c * t->stride[2]];
+    return (mha__batched){{stage, F, 1, 0, 0}, T * F};
+}
+
+/* Writes a staged copy back into the tensor it came from. */
+static void scatter(const mha__batched *staged, mha_tensor *t)
+{
+    if (staged->m.data == t->data) return;
+    int64_t N = t->shape[0], T = t->shape[1], F = t->shape[2];
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t r = 0; r < T; r++)
+            for (int64_t c = 0; c < F; c++)
+                t->data[n * t->stride[0] + r * t->stride[1] + c * t->stride[2]] = staged->m.data[(n * T + r) * F + c];
+}
+
+/* The backward's buffers in the context: dO [N, L, E] (activation
+ * layout), and a staging area for caller tensors with strided columns
+ * (only touched when there are some). */
+typedef struct grad_buffers {
+    float *dout, *stage;
+} grad_buffers;
+
+static mha_status grad_buffers_get(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t L, int64_t S, grad_buffers *b)
+{
+    const mha_layer_desc *d = &l->desc;
+    int64_t E = d->embed_dim, nq, stage, widest = E > d->kdim ? E : d->kdim, total;
+    widest = widest > d->vdim ? widest : d->vdim;
+    if (!mha__mul(N * L, l->qdim, &nq) || !mha__mul(N * (L > S ? L : S), widest, &stage) || !mha__add(nq, stage, &total) ||
+        total > INT64_MAX / 8)
+        return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace for %lld x %lld queries overflows", (long long)N,
+                         (long long)L);
+    float *base = mha__ctx_scratch(ctx, MHA_SCRATCH_GRAD, total * (int64_t)sizeof(float));
+    if (!base) return MHA_ERR_NOMEM;
+    *b = (grad_buffers){base, base + nq};
+    return MHA_OK;
+}
+
+/* bias_k / bias_v gradients: row S of every batch's dK / dV (over the
+ * tape's K and V), per head. */
+static void appended_key_grads(const mha_layer *l, const mha_layer_tape *tape, int64_t S1)
+{
+    mha__layer_train *t = l->train;
+    if (!t->g_bias_k) return;
+    mha_tensor kh = mha__layer_heads_view(l, tape->k, tape->N, S1, l->desc.num_heads); /* V has the same layout */
+    int64_t d = l->head_dim;
+    for (int64_t n = 0; n < tape->N; n++)
+        for (int64_t h = 0; h < l->desc.num_heads; h++)
+            for (int64_t c = 0; c < d; c++) {
+                int64_t at = n * kh.stride[0] + h * kh.stride[1] + tape->S * kh.stride[2] + c;
+                t->g_bias_k[h * d + c] += tape->k[at];
+                t->g_bias_v[h * d + c] += tape->v[at];
+            }
+}
+
+/* One input projection's share: b_in's slice and W's gradient, and the
+ * input's gradient if asked for.  dp: the projected rows' gradient (T rows
+ * per batch, of a buffer with T1 rows per batch). */
+static void projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, float *dp, int64_t T1,
+                             const mha_tensor *x, mha_tensor *gx, float *stage)
+{
+    mha__layer_train *t = l->train;
+    int64_t out = mha__layer_out_features(l, m), in = mha__layer_in_features(l, m);
+    mha__batched dpb = mha__layer_activations(l, dp, T1, m == MAT_Q ? l->desc.num_heads : l->desc.num_kv_heads);
+    if (t->g_b_in) mha__column_sums(ctx, N, T, &dpb, out, t->g_b_in + mha__layer_bias_offset(l, m));
+    mha__batched xb = contiguous(x, stage);
+    mha__weight_grad(ctx, l->kt, N, T, &dpb, &xb, out, in, t->g_w[m]);
+    if (!gx) return;
+    mha__batched gb = contiguous(gx, stage);
+    mha__packed w = mha__transposed_view(t->w[m], out, in, l->kt);
+    mha__layer_project_packed(ctx, l, N, T, &dpb, &w, &gb, true);
+    scatter(&gb, gx);
+}
+
+mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *l, const mha_layer_fwd_args *a,
+                              const mha_tensor *grad_attn_output, mha_tensor *grad_query, mha_tensor *grad_key,
+                              mha_tensor *grad_value)
+{
+    if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_backward: NULL context");
+    mha_status st = check_backward(l, a, grad_attn_output, grad_query, grad_key, grad_value);
+    if (st != MHA_OK) return st;
+    mha_layer_tape *tape = a->tape;
+    mha__layer_train *t = l->train;
+    mha__attn_plan plan = mha__layer_plan(l, a);
+    if ((st = mha__attn_plan_check(&plan)) != MHA_OK) return st;
+    int64_t N = tape->N, L = tape->L, S = tape->S, S1 = plan.S, E = l->desc.embed_dim;
+    int64_t H = l->desc.num_heads, G = l->desc.num_kv_heads;
+    grad_buffers g = {0};
+    if ((st = grad_buffers_get(ctx, l, N, L, S, &g)) != MHA_OK) return st;
+    tape->layer = NULL; /* consumed: the head outputs are overwritten below */
+
+    /* The output projection. */
+    mha__batched dy = contiguous(grad_attn_output, g.stage);
+    mha__batched heads = mha__layer_activations(l, tape->heads, L, H), dout = mha__layer_activations(l, g.dout, L, H);
+    if (t->g_b_out) mha__column_sums(ctx, N, L, &dy, E, t->g_b_out);
+    mha__weight_grad(ctx, l->kt, N, L, &dy, &heads, E, l->qdim, t->g_w[MAT_OUT]);
+    mha__packed w_out = mha__transposed_view(t->w[MAT_OUT], E, l->qdim, l->kt);
+    mha__layer_project_packed(ctx, l, N, L, &dy, &w_out, &dout, false);
+
+    /* Attention: dQ, dK, dV land over O, K, V. */
+    mha_tensor qh = mha__layer_heads_view(l, tape->q, N, L, H), kh = mha__layer_heads_view(l, tape->k, N, S1, G);
+    mha_tensor vh = mha__layer_heads_view(l, tape->v, N, S1, G), oh = mha__layer_heads_view(l, tape->heads, N, L, H);
+    mha_tensor doh = mha__layer_heads_view(l, g.dout, N, L, H);
+    mha__row_norm norm = {NULL, tape->stats.max, tape->stats.sum};
+    if ((st = mha__attn_backward(ctx, &plan, &oh, &kh, &vh, &qh, &kh, &vh, &oh, &doh, &norm)) != MHA_OK) return st;
+    /* Back through the rotation: the gradients of the unrotated Q and K. */
+    if ((st = mha__rope_apply(ctx, l, &oh, tape->position, true)) != MHA_OK ||
+        (st = mha__rope_apply(ctx, l, &kh, tape->position, true)) != MHA_OK)
+        return st;
+    appended_key_grads(l, tape, S1);
+
+    /* The input projections, in the order Q, K, V, so inputs that are one
+     * tensor (self-attention) sum their three gradients in that order. */
+    projection_grads(ctx, l, MAT_Q, N, L, tape->heads, L, &a->query, grad_query, g.stage);
+    projection_grads(ctx, l, MAT_K, N, S, tape->k, S1, &a->key, grad_key, g.stage);
+    projection_grads(ctx, l, MAT_V, N, S, tape->v, S1, &a->value, grad_value, g.stage);
+    return MHA_OK;
+}

@@ -1,0 +1,303 @@
+/*
+ * weights.c -- build a layer from an attention block's weights saved as
+ * safetensors, under one of three naming families:
+ *   nn.MultiheadAttention  out_proj.weight, in_proj_weight | q/k/v_proj_weight, ...
+ *   Llama-style            q_proj.weight, k_proj.weight, v_proj.weight, o_proj.weight (+ .bias)
+ *   GPT-2                  c_attn.weight [E, 3E] (Conv1D: [in, out]), c_proj.weight, (+ .bias)
+ * Uses only the public API: the tensors present decide the configuration
+ * (widths, kv heads, head width, biases, bias_k/bias_v), exactly as the
+ * block's constructor decides which tensors it creates; what no tensor
+ * records (heads, rotary, window, ...) comes from the caller.
+ */
+#include "layer/layer.h"
+
+#include <stdio.h>
+#include <string.h>
+
+typedef struct lookup {
+    mha_st_file *file;
+    const char  *prefix;
+} lookup;
+
+/* Finds "<prefix><name>"; *present is false when absent. */
+static mha_status find_weight(const lookup *lk, const char *name, mha_st_info *info, bool *present)
+{
+    char full[512];
+    if ((size_t)snprintf(full, sizeof full, "%s%s", lk->prefix, name) >= sizeof full)
+        return mha__fail(MHA_ERR_INVALID_ARG, "prefix \"%s\" is too long", lk->prefix);
+    mha_status st = mha_st_find(lk->file, full, info);
+    *present = st == MHA_OK;
+    return st == MHA_ERR_NOT_FOUND ? MHA_OK : st;
+}
+
+static mha_status require_weight(const lookup *lk, const char *name, mha_st_info *info)
+{
+    bool present;
+    mha_status st = find_weight(lk, name, info, &present);
+    if (st == MHA_OK && !present)
+        st = mha__fail(MHA_ERR_NOT_FOUND, "no tensor \"%s%s\" (an attention block weight; is --prefix right?)",
+                       lk->prefix, name);
+    return st;
+}
+
+/* info must have exactly the given shape. */
+static mha_status expect_shape(const mha_st_info *info, int rank, const int64_t *shape)
+{
+    bool ok = info->rank == rank;
+    for (int d = 0; ok && d < rank; d++) ok = info->shape[d] == shape[d];
+    if (ok) return MHA_OK;
+    char want[96] = "", got[96] = "";
+    for (int d = 0; d < rank; d++)
+        snprintf(want + strlen(want), sizeof want - strlen(want), "%s%lld", d ? ", " : "", (long long)shape[d]);
+    for (int d = 0; d < info->rank; d++)
+        snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? ", " : "", (long long)info->shape[d]);
+    return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" has shape [%s], expected [%s]", info->name, got, want);
+}
+
+/* Read the tensor described by info into the layer weight `name`. */
+static mha_status load_weight(mha_layer *layer, mha_st_file *file, const mha_st_info *info, const char *name)
+{
+    if (info->dtype != MHA_DTYPE_F32 && info->dtype != MHA_DTYPE_F64 && info->dtype != MHA_DTYPE_F16 &&
+        info->dtype != MHA_DTYPE_BF16)
+        return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" has dtype %s; weights must be F32, F64, F16 or BF16",
+                         info->name, mha_dtype_name(info->dtype));
+    float *tmp = mha__alloc(info->numel, sizeof(float));
+    if (!tmp) return MHA_ERR_NOMEM;
+    mha_status st = mha_st_read_f32(file, info->name, tmp, info->numel);
+    if (st == MHA_OK) st = mha_layer_set_weight(layer, name, tmp, info->numel);
+    mha__free(tmp);
+    return st;
+}
+
+enum { MAX_FOUND = 8 };
+
+/* The tensors to load, found while inferring the configuration. */
+typedef struct found_set {
+    mha_st_info info[MAX_FOUND];
+    const char *names[MAX_FOUND];
+    int n;
+} found_set;
+
+static void add_found(found_set *f, const mha_st_info *info, const char *name)
+{
+    f->info[f->n] = *info;
+    f->names[f->n++] = name;
+}
+
+/* A weight's [rows, cols], or INVALID_ARG naming it. */
+static mha_status matrix_shape(const mha_st_info *info, int64_t *rows, int64_t *cols)
+{
+    if (info->rank != 2 || info->shape[0] < 1 || info->shape[1] < 1)
+        return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" must be a matrix", info->name);
+    *rows = info->shape[0];
+    *cols = info->shape[1];
+    return MHA_OK;
+}
+
+/* Optional bias `name` of n values: *present says whether it is there. */
+static mha_status optional_bias(const lookup *lk, const char *name, int64_t n, found_set *f, bool *present)
+{
+    mha_st_info info;
+    mha_status st = find_weight(lk, name, &info, present);
+    if (st != MHA_OK || !*present) return st;
+    if ((st = expect_shape(&info, 1, (int64_t[]){n})) != MHA_OK) return st;
+    add_found(f, &info, name);
+    return MHA_OK;
+}
+
+/* h d = rows of W_q; d must be a whole number, as must g = (g d) / d. */
+static mha_status head_split(mha_layer_desc *d, int64_t q_rows, int64_t kv_rows, const char *q_name)
+{
+    if (q_rows % d->num_heads)
+        return mha__fail(MHA_ERR_INVALID_ARG, "%s has %lld rows, not a multiple of num_heads %lld", q_name,
+                         (long long)q_rows, (long long)d->num_heads);
+    d->head_dim = q_rows / d->num_heads;
+    if (kv_rows % d->head_dim || d->num_heads % (kv_rows / d->head_dim))
+        return mha__fail(MHA_ERR_INVALID_ARG, "key/value projections have %lld rows: not a whole number of %lld-wide "
+                                              "heads dividing num_heads %lld", (long long)kv_rows,
+                         (long long)d->head_dim, (long long)d->num_heads);
+    d->num_kv_heads = kv_rows / d->head_dim;
+    return MHA_OK;
+}
+
+/* Llama-style: q_proj/k_proj/v_proj/o_proj, biases optional. */
+static mha_status infer_llama(const lookup *lk, mha_layer_desc *d, found_set *f)
+{
+    static const char *const w_names[4] = {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"};
+    int64_t rows[4] = {0}, cols[4] = {0};
+    mha_st_info info;
+    mha_status st = MHA_OK;
+    for (int i = 0; i < 4 && st == MHA_OK; i++)
+        if ((st = require_weight(lk, w_names[i], &info)) == MHA_OK && (st = matrix_shape(&info, &rows[i], &cols[i])) == MHA_OK)
+            add_found(f, &info, w_names[i]);
+    if (st != MHA_OK) return st;
+    d->embed_dim = rows[3];
+    if (cols[0] != d->embed_dim || cols[3] != rows[0] || rows[1] != rows[2])
+        return mha__fail(MHA_ERR_INVALID_ARG, "q_proj.weight [%lld, %lld], k/v_proj.weight [%lld, ...], [%lld, ...] and "
+                                              "o_proj.weight [%lld, %lld] do not fit one attention block",
+                         (long long)rows[0], (long long)cols[0], (long long)rows[1], (long long)rows[2],
+                         (long long)rows[3], (long long)cols[3]);
+    d->kdim = cols[1];
+    d->vdim = cols[2];
+    if ((st = head_split(d, rows[0], rows[1], "q_proj.weight")) != MHA_OK) return st;
+    bool has[3], has_out;
+    static const char *const b_names[3] = {"q_proj.bias", "k_proj.bias", "v_proj.bias"};
+    for (int i = 0; i < 3 && st == MHA_OK; i++) st = optional_bias(lk, b_names[i], rows[i], f, &has[i]);
+    if (st == MHA_OK) st = optional_bias(lk, "o_proj.bias", d->embed_dim, f, &has_out);
+    if (st != MHA_OK) return st;
+    /* Some blocks leave out some of these (Whisper has no k_proj.bias): an
+     * absent bias is a zero bias, which the layer starts with. */
+    d->bias = has[0] || has[1] || has[2];
+    d->out_bias = has_out;
+    return MHA_OK;
+}
+
+/* GPT-2: c_attn.weight [E, 3 h d] and c_proj.weight [h d, E], Conv1D. */
+static mha_status infer_gpt2(const lookup *lk, mha_layer_desc *d, found_set *f)
+{
+    mha_st_info attn, proj;
+    int64_t ar = 0, ac = 0, pr = 0, pc = 0;
+    mha_status st;
+    if ((st = require_weight(lk, "c_attn.weight", &attn)) != MHA_OK || (st = matrix_shape(&attn, &ar, &ac)) != MHA_OK ||
+        (st = require_weight(lk, "c_proj.weight", &proj)) != MHA_OK || (st = matrix_shape(&proj, &pr, &pc)) != MHA_OK)
+        return st;
+    if (ac % 3 || pr != ac / 3 || pc != ar)
+        return mha__fail(MHA_ERR_INVALID_ARG, "c_attn.weight [%lld, %lld] and c_proj.weight [%lld, %lld] are not "
+                                              "GPT-2's [E, 3 E'] and [E', E]",
+                         (long long)ar, (long long)ac, (long long)pr, (long long)pc);
+    add_found(f, &attn, "c_attn.weight");
+    add_found(f, &proj, "c_proj.weight");
+    d->embed_dim = ar;
+    if ((st = head_split(d, ac / 3, ac / 3, "c_attn.weight")) != MHA_OK) return st;
+    bool has_in, has_out;
+    if ((st = optional_bias(lk, "c_attn.bias", ac, f, &has_in)) != MHA_OK ||
+        (st = optional_bias(lk, "c_proj.bias", ar, f, &has_out)) != MHA_OK)
+        return st;
+    d->bias = has_in;
+    d->out_bias = has_out;
+    return MHA_OK;
+}
+
+/* nn.MultiheadAttention: the tensors present and their shapes. */
+static mha_status infer_torch(const lookup *lk, mha_layer_desc *d, mha_st_info found[8], const char *names[8], int *n)
+{
+    mha_st_info out_w;
+    mha_status st = require_weight(lk, "out_proj.weight", &out_w);
+    if (st != MHA_OK) return st;
+    if (out_w.rank != 2 || out_w.shape[0] != out_w.shape[1] || out_w.shape[0] < 1)
+        return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" must be a square [E, E] matrix", out_w.name);
+    int64_t E = d->embed_dim = out_w.shape[0];
+    found[0] = out_w;
+    names[0] = "out_proj.weight";
+    *n = 1;
+
+    bool packed, has_bias, has_out_bias, has_bias_k;
+    mha_st_info info;
+    if ((st = find_weight(lk, "in_proj_weight", &info, &packed)) != MHA_OK) return st;
+    if (packed) {
+        if ((st = expect_shape(&info, 2, (int64_t[]){3 * E, E})) != MHA_OK) return st;
+        found[*n] = info;
+        names[(*n)++] = "in_proj_weight";
+    } else {
+        static const char *const sep[3] = {"q_proj_weight", "k_proj_weight", "v_proj_weight"};
+        for (int i = 0; i < 3; i++) {
+            if ((st = require_weight(lk, sep[i], &info)) != MHA_OK) return st;
+            if (info.rank != 2 || info.shape[0] != E || info.shape[1] < 1)
+                return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" must be [%lld, in_features]", info.name, (long long)E);
+            if (i == 0 && (st = expect_shape(&info, 2, (int64_t[]){E, E})) != MHA_OK) return st;
+            if (i == 1) d->kdim = info.shape[1];
+            if (i == 2) d->vdim = info.shape[1];
+            found[*n] = info;
+            names[(*n)++] = sep[i];
+        }
+    }
+    mha_st_info out_bias;
+    if ((st = find_weight(lk, "in_proj_bias", &info, &has_bias)) != MHA_OK) return st;
+    if ((st = find_weight(lk, "out_proj.bias", &out_bias, &has_out_bias)) != MHA_OK) return st;
+    if (has_bias != has_out_bias)
+        return mha__fail(MHA_ERR_NOT_FOUND, "\"%s%s\" is present but \"%s%s\" is not; nn.MultiheadAttention has both or neither",
+                         lk->prefix, has_bias ? "in_proj_bias" : "out_proj.bias", lk->prefix,
+                         has_bias ? "out_proj.bias" : "in_proj_bias");
+    d->bias = has_bias;
+    d->out_bias = has_bias;
+    if (has_bias) {
+        if ((st = expect_shape(&info, 1, (int64_t[]){3 * E})) != MHA_OK) return st;
+        if ((st = expect_shape(&out_bias, 1, (int64_t[]){E})) != MHA_OK) return st;
+        found[*n] = info;
+        names[(*n)++] = "in_proj_bias";
+        found[*n] = out_bias;
+        names[(*n)++] = "out_proj.bias";
+    }
+    if ((st = find_weight(lk, "bias_k", &info, &has_bias_k)) != MHA_OK) return st;
+    d->add_bias_kv = has_bias_k;
+    if (has_bias_k) {
+        if ((st = expect_shape(&info, 3, (int64_t[]){1, 1, E})) != MHA_OK) return st;
+        found[*n] = info;
+        names[(*n)++] = "bias_k";
+        if ((st = require_weight(lk, "bias_v", &info)) != MHA_OK) return st;
+        if ((st = expect_shape(&info, 3, (int64_t[]){1, 1, E})) != MHA_OK) return st;
+        found[*n] = info;
+        names[(*n)++] = "bias_v";
+    }
+    return MHA_OK;
+}
+
+/* The family asked for, or the first whose anchor tensor is present. */
+static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer_desc *d, found_set *f,
+                             mha_weight_names *chosen)
+{
+    mha_st_info info;
+    bool torch, llama, gpt2;
+    mha_status st;
+    if ((st = find_weight(lk, "out_proj.weight", &info, &torch)) != MHA_OK ||
+        (st = find_weight(lk, "o_proj.weight", &info, &llama)) != MHA_OK ||
+        (st = find_weight(lk, "c_attn.weight", &info, &gpt2)) != MHA_OK)
+        return st;
+    if (names == MHA_NAMES_AUTO) names = torch ? MHA_NAMES_TORCH : llama ? MHA_NAMES_LLAMA : gpt2 ? MHA_NAMES_GPT2 : MHA_NAMES_TORCH;
+    *chosen = names;
+    switch (names) {
+    case MHA_NAMES_LLAMA: return infer_llama(lk, d, f);
+    case MHA_NAMES_GPT2: return infer_gpt2(lk, d, f);
+    case MHA_NAMES_TORCH: return infer_torch(lk, d, f->info, f->names, &f->n); /* also names what is missing */
+    default: break;
+    }
+    return mha__fail(MHA_ERR_INVALID_ARG, "weight names %d is not an mha_weight_names value", (int)names);
+}
+
+mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_names names, const mha_layer_desc *hints,
+                          mha_layer **out_layer)
+{
+    if (!file || !hints || !out_layer) return mha__fail(MHA_ERR_MISUSE, "mha_layer_load: NULL argument");
+    *out_layer = NULL;
+    if (hints->num_heads < 1)
+        return mha__fail(MHA_ERR_INVALID_ARG, "num_heads must be positive, got %lld (files do not store it)",
+                         (long long)hints->num_heads);
+    lookup lk = {file, prefix ? prefix : ""};
+    mha_layer_desc d = *hints;
+    d.kdim = d.vdim = 0;
+    d.num_kv_heads = d.head_dim = 0;
+    found_set f = {.n = 0};
+    mha_weight_names chosen = MHA_NAMES_TORCH;
+    mha_status st = infer_desc(&lk, names, &d, &f, &chosen);
+    mha_layer *layer = NULL;
+    if (st == MHA_OK) st = mha_layer_create(&d, &layer);
+    if (st == MHA_OK) mha__layer_set_names(layer, chosen);
+    for (int i = 0; st == MHA_OK && i < f.n; i++) st = load_weight(layer, file, &f.info[i], f.names[i]);
+    if (st != MHA_OK) {
+        mha_layer_free(layer);
+        return st;
+    }
+    *out_layer = layer;
+    return MHA_OK;
+}
+
+mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix, int64_t num_heads,
+                                      int add_zero_attn, mha_dtype dtype, mha_layer **out_layer)
+{
+    mha_layer_desc d;
+    mha_layer_desc_init(&d);
+    d.num_heads = num_heads;
+    d.add_zero_attn = add_zero_attn;
+    d.dtype = dtype;
+    return mha_layer_load(file, prefix, MHA_NAMES_AUTO, &d, out_layer);
+}
