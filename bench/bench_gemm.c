@@ -43,9 +43,12 @@ static float *filled(int64_t n)
 int main(int argc, char **argv)
 {
     int threads = argc > 1 ? atoi(argv[1]) : 2, repeat = argc > 2 ? atoi(argv[2]) : 10;
-    static const struct { const char *name; int64_t rows, in, out; } shapes[] = {
-        {"S1 Q/K/V/O  (B=8 N=128)", 1024, 768, 768},   {"S1 fused QKV", 1024, 768, 2304},
-        {"S2 Q/K/V/O  (N=512)", 512, 768, 768},        {"S3 Q/K/V/O  (N=2048)", 2048, 768, 768},
+    static const struct {
+        const char *name;
+        int64_t rows, in, out;
+    } shapes[] = {
+        {"S1 Q/K/V/O  (B=8 N=128)", 1024, 768, 768}, {"S1 fused QKV", 1024, 768, 2304},
+        {"S2 Q/K/V/O  (N=512)", 512, 768, 768},      {"S3 Q/K/V/O  (N=2048)", 2048, 768, 768},
         {"S4 Q/K/V/O  (N=8192)", 8192, 768, 768},
     };
     mha_ctx *ctx;
@@ -73,8 +76,8 @@ int main(int argc, char **argv)
                 double t0 = now_ms();
                 for (int64_t i = 0; i < M; i++) /* bias first, as PyTorch's addmm */
                     for (int64_t j = 0; j < N; j++) y[i * N + j] = b[j];
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)K, 1.0f, x, (int)K, w,
-                            (int)K, 1.0f, y, (int)N);
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)K, 1.0f, x, (int)K, w, (int)K,
+                            1.0f, y, (int)N);
                 if (r >= 0) t_blas[block * (repeat / 2) + r] = now_ms() - t0;
             }
             struct timespec pause = {0, 300 * 1000 * 1000}; /* let OpenBLAS's threads go to sleep */

@@ -56,9 +56,9 @@
 extern "C" {
 #endif
 
-#define MHA_VERSION_MAJOR 0
-#define MHA_VERSION_MINOR 1
-#define MHA_VERSION_PATCH 0
+#define MHA_VERSION_MAJOR  0
+#define MHA_VERSION_MINOR  1
+#define MHA_VERSION_PATCH  0
 #define MHA_VERSION_STRING "0.1.0"
 
 /* ------------------------------------------------------------------ */
@@ -67,14 +67,14 @@ extern "C" {
 
 typedef enum mha_status {
     MHA_OK = 0,
-    MHA_ERR_INVALID_ARG,  /* an argument is out of range or inconsistent */
-    MHA_ERR_MISUSE,       /* NULL handle or call in the wrong order */
-    MHA_ERR_NOMEM,        /* an allocation failed */
-    MHA_ERR_IO,           /* a file could not be read or written */
-    MHA_ERR_CORRUPT,      /* a safetensors file is malformed */
-    MHA_ERR_UNSUPPORTED,  /* valid request this build cannot serve */
-    MHA_ERR_NOT_FOUND,    /* a named tensor is absent */
-    MHA_ERR_INTERNAL      /* a bug in libmha; please report it */
+    MHA_ERR_INVALID_ARG, /* an argument is out of range or inconsistent */
+    MHA_ERR_MISUSE,      /* NULL handle or call in the wrong order */
+    MHA_ERR_NOMEM,       /* an allocation failed */
+    MHA_ERR_IO,          /* a file could not be read or written */
+    MHA_ERR_CORRUPT,     /* a safetensors file is malformed */
+    MHA_ERR_UNSUPPORTED, /* valid request this build cannot serve */
+    MHA_ERR_NOT_FOUND,   /* a named tensor is absent */
+    MHA_ERR_INTERNAL     /* a bug in libmha; please report it */
 } mha_status;
 
 /* Name of a status ("invalid argument", ...); static storage, never NULL. */
@@ -102,7 +102,7 @@ const char *mha_isa(void);
  * functions say which rank they expect.  Strides are in elements and may
  * be any non-negative values (0 repeats). */
 typedef struct mha_tensor {
-    float  *data;
+    float *data;
     int64_t shape[4];
     int64_t stride[4];
 } mha_tensor;
@@ -113,22 +113,22 @@ mha_tensor mha_tensor_4d(float *data, int64_t d0, int64_t d1, int64_t d2, int64_
 
 typedef enum mha_mask_kind {
     MHA_MASK_NONE = 0,
-    MHA_MASK_KEEP,  /* uint8_t; non-zero = the key may be attended */
-    MHA_MASK_ADD    /* float; added to the score (-INFINITY masks out) */
+    MHA_MASK_KEEP, /* uint8_t; non-zero = the key may be attended */
+    MHA_MASK_ADD   /* float; added to the score (-INFINITY masks out) */
 } mha_mask_kind;
 
 /* A mask over [batch, heads, query, key].  stride[] is in elements; use 0
  * to broadcast a dimension (e.g. [L, S] -> {0, 0, S, 1}). */
 typedef struct mha_mask {
     mha_mask_kind kind;
-    const void   *data;
-    int64_t       stride[4];
+    const void *data;
+    int64_t stride[4];
 } mha_mask;
 
 typedef enum mha_causal {
     MHA_CAUSAL_NONE = 0,
-    MHA_CAUSAL_TOP_LEFT,     /* key j <= query i (PyTorch is_causal) */
-    MHA_CAUSAL_BOTTOM_RIGHT  /* key j <= i + S - L (flash-attn, KV cache) */
+    MHA_CAUSAL_TOP_LEFT,    /* key j <= query i (PyTorch is_causal) */
+    MHA_CAUSAL_BOTTOM_RIGHT /* key j <= i + S - L (flash-attn, KV cache) */
 } mha_causal;
 
 /* Element types: of safetensors data, and of computation (F32, BF16). */
@@ -153,9 +153,8 @@ typedef enum mha_dtype {
  * Errors: INVALID_ARG (n_threads < 0 or > 1024), NOMEM. */
 typedef struct mha_ctx mha_ctx;
 mha_status mha_ctx_create(int n_threads, mha_ctx **out_ctx);
-void       mha_ctx_free(mha_ctx *ctx);
-int        mha_ctx_threads(const mha_ctx *ctx);
-
+void mha_ctx_free(mha_ctx *ctx);
+int mha_ctx_threads(const mha_ctx *ctx);
 
 /* ------------------------------------------------------------------ */
 /* Scaled dot-product attention                                        */
@@ -172,18 +171,18 @@ int        mha_ctx_threads(const mha_ctx *ctx);
  * The window is flash-attn's: i + S - L - window_left <= j <=
  * i + S - L + window_right, -1 meaning unbounded on that side. */
 typedef struct mha_attn_desc {
-    double        scale;         /* NAN (default): 1/sqrt(D) */
-    mha_causal    causal;        /* default MHA_CAUSAL_NONE */
-    int64_t       window_left;   /* default -1 */
-    int64_t       window_right;  /* default -1 */
-    float         softcap;       /* default 0 = off */
-    const float  *alibi_slopes;  /* [Hq] or NULL */
-    mha_mask      mask;          /* over [B, Hq, L, S]; default none */
-    int           enable_gqa;    /* allow Hkv to divide Hq; default 0 */
-    mha_dtype     dtype;         /* MHA_DTYPE_F32 (default), or MHA_DTYPE_BF16:
-                                    scale*q, k, v and the probabilities are
-                                    rounded to bf16 where they enter the two
-                                    products, which accumulate in float32 */
+    double scale;              /* NAN (default): 1/sqrt(D) */
+    mha_causal causal;         /* default MHA_CAUSAL_NONE */
+    int64_t window_left;       /* default -1 */
+    int64_t window_right;      /* default -1 */
+    float softcap;             /* default 0 = off */
+    const float *alibi_slopes; /* [Hq] or NULL */
+    mha_mask mask;             /* over [B, Hq, L, S]; default none */
+    int enable_gqa;            /* allow Hkv to divide Hq; default 0 */
+    mha_dtype dtype;           /* MHA_DTYPE_F32 (default), or MHA_DTYPE_BF16:
+                                  scale*q, k, v and the probabilities are
+                                  rounded to bf16 where they enter the two
+                                  products, which accumulate in float32 */
 } mha_attn_desc;
 
 void mha_attn_desc_init(mha_attn_desc *desc);
@@ -199,8 +198,7 @@ void mha_attn_desc_init(mha_attn_desc *desc);
  *   v    [B, Hkv, S, Dv]
  * out must not overlap the inputs.  Errors: MISUSE (NULL pointers),
  * INVALID_ARG (shapes, strides, window, softcap, scale), NOMEM. */
-mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse,
-                         const mha_tensor *q, const mha_tensor *k,
+mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_tensor *q, const mha_tensor *k,
                          const mha_tensor *v, const mha_attn_desc *desc);
 
 /* Gradients of mha_attention() (float32 only).  Given the forward call's
@@ -212,21 +210,19 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse,
  * Masks, ALiBi and the window get no gradient.  The same bits for any
  * thread count.  Errors: MISUSE, INVALID_ARG (as mha_attention, and the
  * gradients' shapes), UNSUPPORTED (dtype BF16), NOMEM. */
-mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
-                                  const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
-                                  const mha_tensor *out, const float *lse, const mha_tensor *grad_out,
-                                  const mha_attn_desc *desc);
+mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv, const mha_tensor *q,
+                                  const mha_tensor *k, const mha_tensor *v, const mha_tensor *out, const float *lse,
+                                  const mha_tensor *grad_out, const mha_attn_desc *desc);
 
 /* ------------------------------------------------------------------ */
 /* safetensors files                                                   */
 /* ------------------------------------------------------------------ */
 
-
 #define MHA_ST_MAX_RANK 8
 
 /* "F32", "BF16", ... as written in safetensors headers. */
 const char *mha_dtype_name(mha_dtype dtype);
-size_t      mha_dtype_size(mha_dtype dtype);
+size_t mha_dtype_size(mha_dtype dtype);
 
 /* Measure this machine's multiply-add peak for `dtype` (MHA_DTYPE_F32, or
  * MHA_DTYPE_BF16: the bf16 dot-product instructions where the kernels use
@@ -243,11 +239,11 @@ mha_status mha_measure_peak(mha_ctx *ctx, mha_dtype dtype, double seconds, doubl
 mha_status mha_measure_bandwidth(mha_ctx *ctx, int64_t bytes, double *gbps);
 
 typedef struct mha_st_info {
-    const char *name;          /* owned by the file object */
-    mha_dtype   dtype;
-    int         rank;
-    int64_t     shape[MHA_ST_MAX_RANK];
-    int64_t     numel;
+    const char *name; /* owned by the file object */
+    mha_dtype dtype;
+    int rank;
+    int64_t shape[MHA_ST_MAX_RANK];
+    int64_t numel;
 } mha_st_info;
 
 /* A parsed and fully validated safetensors file.  Opening checks the
@@ -259,13 +255,13 @@ typedef struct mha_st_file mha_st_file;
 mha_status mha_st_open(const char *path, mha_st_file **out_file);
 /* Same, over a caller buffer that must outlive the file object. */
 mha_status mha_st_open_memory(const void *buf, size_t len, mha_st_file **out_file);
-void       mha_st_close(mha_st_file *file);
+void mha_st_close(mha_st_file *file);
 
-int64_t     mha_st_count(const mha_st_file *file);
+int64_t mha_st_count(const mha_st_file *file);
 /* Tensor by index (0 .. count-1, in file order) or by name; NOT_FOUND
  * when absent. */
-mha_status  mha_st_info_at(const mha_st_file *file, int64_t index, mha_st_info *info);
-mha_status  mha_st_find(const mha_st_file *file, const char *name, mha_st_info *info);
+mha_status mha_st_info_at(const mha_st_file *file, int64_t index, mha_st_info *info);
+mha_status mha_st_find(const mha_st_file *file, const char *name, mha_st_info *info);
 /* Value of a __metadata__ key, or NULL. */
 const char *mha_st_metadata(const mha_st_file *file, const char *key);
 
@@ -283,9 +279,9 @@ mha_status mha_st_read_raw(mha_st_file *file, const char *name, void *dst, size_
  * NOMEM, IO. */
 typedef struct mha_st_writer mha_st_writer;
 mha_status mha_st_writer_create(mha_st_writer **out_writer);
-void       mha_st_writer_free(mha_st_writer *writer);
-mha_status mha_st_writer_add(mha_st_writer *writer, const char *name, mha_dtype dtype,
-                             int rank, const int64_t *shape, const void *data);
+void mha_st_writer_free(mha_st_writer *writer);
+mha_status mha_st_writer_add(mha_st_writer *writer, const char *name, mha_dtype dtype, int rank, const int64_t *shape,
+                             const void *data);
 mha_status mha_st_writer_set_metadata(mha_st_writer *writer, const char *key, const char *value);
 mha_status mha_st_writer_save(const mha_st_writer *writer, const char *path);
 
@@ -300,29 +296,29 @@ mha_status mha_st_writer_save(const mha_st_writer *writer, const char *path);
 typedef enum mha_rope_kind { MHA_ROPE_NONE = 0, MHA_ROPE_HALF, MHA_ROPE_INTERLEAVED } mha_rope_kind;
 
 typedef struct mha_rope {
-    mha_rope_kind kind;   /* default MHA_ROPE_NONE */
-    double        theta;  /* base; 0 (default) = 10000 */
-    int64_t       dim;    /* rotated dimensions per head, even; 0 = head_dim */
+    mha_rope_kind kind; /* default MHA_ROPE_NONE */
+    double theta;       /* base; 0 (default) = 10000 */
+    int64_t dim;        /* rotated dimensions per head, even; 0 = head_dim */
 } mha_rope;
 
 typedef struct mha_layer_desc {
-    int64_t embed_dim;     /* E; required */
-    int64_t num_heads;     /* h query heads */
-    int64_t kdim;          /* key features; 0 (default) = E */
-    int64_t vdim;          /* value features; 0 (default) = E */
-    int     bias;          /* biases of the Q, K, V projections; default 1 */
-    int     add_bias_kv;   /* bias_k and bias_v rows; default 0 */
-    int     add_zero_attn; /* a zero key/value row; default 0 */
-    mha_dtype dtype;       /* MHA_DTYPE_F32 (default) or MHA_DTYPE_BF16 */
+    int64_t embed_dim; /* E; required */
+    int64_t num_heads; /* h query heads */
+    int64_t kdim;      /* key features; 0 (default) = E */
+    int64_t vdim;      /* value features; 0 (default) = E */
+    int bias;          /* biases of the Q, K, V projections; default 1 */
+    int add_bias_kv;   /* bias_k and bias_v rows; default 0 */
+    int add_zero_attn; /* a zero key/value row; default 0 */
+    mha_dtype dtype;   /* MHA_DTYPE_F32 (default) or MHA_DTYPE_BF16 */
     /* Beyond nn.MultiheadAttention (Llama, GPT-2, Mistral, Gemma blocks): */
-    int64_t num_kv_heads;  /* g key/value heads, h % g == 0 (GQA; MQA: 1); 0 (default) = h */
-    int64_t head_dim;      /* 0 (default) = E / h, which must then divide */
-    int     out_bias;      /* bias of the output projection; -1 (default) = as bias */
-    mha_rope rope;         /* default none */
-    int64_t window_left;   /* sliding window as in mha_attn_desc; default -1 */
-    int64_t window_right;  /* default -1 */
-    float   softcap;       /* default 0 = off */
-    const float *alibi_slopes;  /* [h] or NULL (default); copied */
+    int64_t num_kv_heads;      /* g key/value heads, h % g == 0 (GQA; MQA: 1); 0 (default) = h */
+    int64_t head_dim;          /* 0 (default) = E / h, which must then divide */
+    int out_bias;              /* bias of the output projection; -1 (default) = as bias */
+    mha_rope rope;             /* default none */
+    int64_t window_left;       /* sliding window as in mha_attn_desc; default -1 */
+    int64_t window_right;      /* default -1 */
+    float softcap;             /* default 0 = off */
+    const float *alibi_slopes; /* [h] or NULL (default); copied */
 } mha_layer_desc;
 
 void mha_layer_desc_init(mha_layer_desc *desc);
@@ -340,7 +336,7 @@ void mha_layer_desc_init(mha_layer_desc *desc);
  * Errors: INVALID_ARG (names the field, e.g. E not divisible by h), NOMEM. */
 typedef struct mha_layer mha_layer;
 mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer);
-void       mha_layer_free(mha_layer *layer);
+void mha_layer_free(mha_layer *layer);
 const mha_layer_desc *mha_layer_get_desc(const mha_layer *layer);
 
 /* Set one weight by its name in the block's PyTorch state_dict, with
@@ -356,8 +352,7 @@ const mha_layer_desc *mha_layer_get_desc(const mha_layer *layer);
  *     c_attn.bias, c_proj.weight [qd, E], c_proj.bias [E].
  * numel must match.  Errors: NOT_FOUND (name not a weight of this layer),
  * INVALID_ARG (size), NOMEM. */
-mha_status mha_layer_set_weight(mha_layer *layer, const char *name,
-                                const float *data, int64_t numel);
+mha_status mha_layer_set_weight(mha_layer *layer, const char *name, const float *data, int64_t numel);
 
 /* Create a layer from the state_dict tensors "<prefix><name>" in a
  * safetensors file: E, kdim, vdim, bias and add_bias_kv are read from the
@@ -368,10 +363,10 @@ mha_status mha_layer_set_weight(mha_layer *layer, const char *name,
  * tensor with the wrong shape or dtype), IO, NOMEM. */
 /* The naming family of a block's weights (see mha_layer_set_weight). */
 typedef enum mha_weight_names {
-    MHA_NAMES_AUTO = 0,  /* the first of out_proj.weight, o_proj.weight, c_attn.weight present */
-    MHA_NAMES_TORCH,     /* nn.MultiheadAttention */
-    MHA_NAMES_LLAMA,     /* q_proj / k_proj / v_proj / o_proj */
-    MHA_NAMES_GPT2       /* c_attn / c_proj */
+    MHA_NAMES_AUTO = 0, /* the first of out_proj.weight, o_proj.weight, c_attn.weight present */
+    MHA_NAMES_TORCH,    /* nn.MultiheadAttention */
+    MHA_NAMES_LLAMA,    /* q_proj / k_proj / v_proj / o_proj */
+    MHA_NAMES_GPT2      /* c_attn / c_proj */
 } mha_weight_names;
 
 /* A layer from the block "<prefix>..." in a safetensors file, named by
@@ -379,8 +374,8 @@ typedef enum mha_weight_names {
  * (from W_q's and W_k's rows and hints->num_heads), the biases and
  * bias_k/bias_v; every other field (num_heads, add_zero_attn, dtype, rope,
  * window, softcap, alibi_slopes) comes from *hints.  Errors as above. */
-mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_names names,
-                          const mha_layer_desc *hints, mha_layer **out_layer);
+mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_names names, const mha_layer_desc *hints,
+                          mha_layer **out_layer);
 
 /* The family a layer's weights were loaded under (MHA_NAMES_TORCH for a
  * layer made with mha_layer_create); mha_layer_params names parameters by
@@ -388,24 +383,23 @@ mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_name
  * (also for GPT-2, whose Conv1D matrices are the transposes). */
 mha_weight_names mha_layer_names(const mha_layer *layer);
 
-mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix,
-                                      int64_t num_heads, int add_zero_attn, mha_dtype dtype,
-                                      mha_layer **out_layer);
+mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix, int64_t num_heads, int add_zero_attn,
+                                      mha_dtype dtype, mha_layer **out_layer);
 
 typedef struct mha_layer_tape mha_layer_tape;
 
 typedef struct mha_layer_fwd_args {
-    mha_tensor query;             /* [N, L, E] rank 3 */
-    mha_tensor key;               /* [N, S, kdim] */
-    mha_tensor value;             /* [N, S, vdim] */
-    mha_mask   attn_mask;         /* over [N, h, L, S] */
-    mha_mask   key_padding_mask;  /* over [N, h, L, S], usually {S, 0, 0, 1} */
-    mha_causal causal;            /* over the S real keys; default none */
-    int        average_attn_weights;  /* default 1 */
-    mha_layer_tape *tape;         /* NULL (default), or where to record what
-                                     mha_layer_backward needs (training) */
-    int64_t    position;          /* rope: position of query row 0 and key
-                                     row 0; default 0 */
+    mha_tensor query;          /* [N, L, E] rank 3 */
+    mha_tensor key;            /* [N, S, kdim] */
+    mha_tensor value;          /* [N, S, vdim] */
+    mha_mask attn_mask;        /* over [N, h, L, S] */
+    mha_mask key_padding_mask; /* over [N, h, L, S], usually {S, 0, 0, 1} */
+    mha_causal causal;         /* over the S real keys; default none */
+    int average_attn_weights;  /* default 1 */
+    mha_layer_tape *tape;      /* NULL (default), or where to record what
+                                  mha_layer_backward needs (training) */
+    int64_t position;          /* rope: position of query row 0 and key
+                                  row 0; default 0 */
 } mha_layer_fwd_args;
 
 void mha_layer_fwd_args_init(mha_layer_fwd_args *args);
@@ -418,8 +412,8 @@ void mha_layer_fwd_args_init(mha_layer_fwd_args *args);
  * Masks and causal apply to the S real keys; the bias_k/bias_v and zero
  * rows are appended after them and never masked, as in PyTorch.
  * Errors: MISUSE, INVALID_ARG (names the tensor and dimension), NOMEM. */
-mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *layer, mha_tensor *attn_output,
-                             mha_tensor *attn_weights, const mha_layer_fwd_args *args);
+mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *layer, mha_tensor *attn_output, mha_tensor *attn_weights,
+                             const mha_layer_fwd_args *args);
 
 /* ------------------------------------------------------------------ */
 /* Training: gradients of the layer                                    */
@@ -453,11 +447,11 @@ mha_status mha_layer_train_init(mha_layer *layer);
  * zeroed. */
 typedef struct mha_param {
     const char *name;
-    float      *value;
-    float      *grad;
-    int64_t     numel;
-    int         rank;
-    int64_t     shape[3];
+    float *value;
+    float *grad;
+    int64_t numel;
+    int rank;
+    int64_t shape[3];
 } mha_param;
 
 /* Fills params[0 .. min(n, capacity)) in PyTorch's parameters() order
@@ -480,7 +474,7 @@ void mha_layer_zero_grad(mha_layer *layer);
  * kept.  A tape belongs to one layer at a time and is consumed by
  * mha_layer_backward (record again before the next backward). */
 mha_status mha_layer_tape_create(mha_layer_tape **tape);
-void       mha_layer_tape_free(mha_layer_tape *tape);
+void mha_layer_tape_free(mha_layer_tape *tape);
 
 /* Gradients of the forward call recorded in args->tape, which must be
  * made with the same args (inputs, masks, causal) and this layer:
@@ -495,8 +489,8 @@ void       mha_layer_tape_free(mha_layer_tape *tape);
  * layer, no training state), INVALID_ARG (shapes differ from the recorded
  * call), UNSUPPORTED (BF16), NOMEM. */
 mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *layer, const mha_layer_fwd_args *args,
-                              const mha_tensor *grad_attn_output, mha_tensor *grad_query,
-                              mha_tensor *grad_key, mha_tensor *grad_value);
+                              const mha_tensor *grad_attn_output, mha_tensor *grad_query, mha_tensor *grad_key,
+                              mha_tensor *grad_value);
 
 /* A dense layer on the projections' GEMM, for the parts of a model around
  * attention (an MLP, an unembedding): y [rows, out] = x [rows, in] W^T + b
@@ -506,8 +500,8 @@ mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *layer, const mha_layer_fw
  * multiply-adds over the inputs in order: the same bits for any thread
  * count.  Errors: MISUSE (NULL argument), INVALID_ARG (a size < 1 or too
  * large), NOMEM. */
-mha_status mha_linear(mha_ctx *ctx, const float *x, const float *w, const float *b, float *y, int64_t rows,
-                      int64_t in, int64_t out);
+mha_status mha_linear(mha_ctx *ctx, const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t in,
+                      int64_t out);
 
 /* Its gradients, given dy [rows, out]:
  *   dx [rows, in]  = dy W        (overwritten; NULL to skip)
@@ -532,10 +526,10 @@ typedef struct mha_kv_cache mha_kv_cache;
 /* Errors: MISUSE, INVALID_ARG (sizes, dtype not F32/BF16), NOMEM. */
 mha_status mha_kv_cache_create(const mha_layer *layer, int64_t batch, int64_t capacity, mha_dtype dtype,
                                mha_kv_cache **cache);
-void       mha_kv_cache_free(mha_kv_cache *cache);
-int64_t    mha_kv_cache_length(const mha_kv_cache *cache);    /* tokens held */
-int64_t    mha_kv_cache_capacity(const mha_kv_cache *cache);
-void       mha_kv_cache_reset(mha_kv_cache *cache);           /* length 0 */
+void mha_kv_cache_free(mha_kv_cache *cache);
+int64_t mha_kv_cache_length(const mha_kv_cache *cache); /* tokens held */
+int64_t mha_kv_cache_capacity(const mha_kv_cache *cache);
+void mha_kv_cache_reset(mha_kv_cache *cache); /* length 0 */
 /* Forget every token from `length` on (length <= current length).
  * INVALID_ARG otherwise. */
 mha_status mha_kv_cache_truncate(mha_kv_cache *cache, int64_t length);
@@ -556,31 +550,29 @@ mha_status mha_kv_cache_append(mha_kv_cache *cache, const mha_tensor *k, const m
  * Errors: MISUSE, INVALID_ARG (shapes, cache full, a layer with
  * add_bias_kv/add_zero_attn or a cache made for another configuration),
  * NOMEM; on error the cache is unchanged. */
-mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *layer, mha_kv_cache *cache, mha_tensor *out,
-                            const mha_tensor *x);
+mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *layer, mha_kv_cache *cache, mha_tensor *out, const mha_tensor *x);
 
 /* ------------------------------------------------------------------ */
 /* Sizing questions (mha info)                                         */
 /* ------------------------------------------------------------------ */
 
 typedef struct mha_info {
-    int64_t head_dim;              /* E / h */
-    int64_t kv_dim;                /* num_kv_heads * head_dim */
-    int64_t params;                /* with biases */
-    int64_t params_single_head;    /* one head of width E */
-    double  flops_projections;     /* one forward, batch 1, seq N */
-    double  flops_attention;
-    double  bytes_weights;         /* float32 */
-    double  bytes_activations;     /* float32 inputs, intermediates, output */
-    int64_t kv_cache_bytes_per_token;      /* float32, this config */
-    int64_t kv_cache_bytes_per_token_mha;  /* float32, without GQA */
+    int64_t head_dim;           /* E / h */
+    int64_t kv_dim;             /* num_kv_heads * head_dim */
+    int64_t params;             /* with biases */
+    int64_t params_single_head; /* one head of width E */
+    double flops_projections;   /* one forward, batch 1, seq N */
+    double flops_attention;
+    double bytes_weights;                 /* float32 */
+    double bytes_activations;             /* float32 inputs, intermediates, output */
+    int64_t kv_cache_bytes_per_token;     /* float32, this config */
+    int64_t kv_cache_bytes_per_token_mha; /* float32, without GQA */
 } mha_info;
 
 /* Fill *info for self-attention with E, h heads, g kv heads (0 = h) at
  * sequence length seq.  Errors: INVALID_ARG with the reason, e.g. when E
  * is not divisible by h or h not by g. */
-mha_status mha_info_compute(int64_t embed_dim, int64_t num_heads, int64_t num_kv_heads,
-                            int64_t seq, mha_info *info);
+mha_status mha_info_compute(int64_t embed_dim, int64_t num_heads, int64_t num_kv_heads, int64_t seq, mha_info *info);
 
 #ifdef __cplusplus
 }

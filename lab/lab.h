@@ -16,15 +16,15 @@
 /* ---- the model ---------------------------------------------------- */
 
 typedef struct lab_config {
-    int64_t vocab;       /* tokens 0 .. vocab-1 */
-    int64_t context;     /* T: positions */
-    int64_t embed_dim;   /* E */
+    int64_t vocab;     /* tokens 0 .. vocab-1 */
+    int64_t context;   /* T: positions */
+    int64_t embed_dim; /* E */
     int64_t layers;
-    int64_t heads;       /* per layer */
-    int64_t kv_heads;    /* 0 = heads (GQA when fewer) */
-    uint64_t seed;       /* initial weights */
-    int     mlp;         /* 0: attention-only blocks; 1: pre-norm blocks with an MLP */
-    int     tied;        /* 1: the unembedding is the token embedding (W_U = tok_emb) */
+    int64_t heads;    /* per layer */
+    int64_t kv_heads; /* 0 = heads (GQA when fewer) */
+    uint64_t seed;    /* initial weights */
+    int mlp;          /* 0: attention-only blocks; 1: pre-norm blocks with an MLP */
+    int tied;         /* 1: the unembedding is the token embedding (W_U = tok_emb) */
 } lab_config;
 
 /* x_0 = tok_emb[token] + pos_emb[t], then per layer (causal attention):
@@ -37,7 +37,7 @@ typedef struct lab_config {
 typedef struct lab_model lab_model;
 
 mha_status lab_model_create(const lab_config *config, lab_model **model);
-void       lab_model_free(lab_model *model);
+void lab_model_free(lab_model *model);
 const lab_config *lab_model_config(const lab_model *model);
 mha_layer *lab_model_layer(lab_model *model, int64_t l);
 
@@ -45,8 +45,8 @@ mha_layer *lab_model_layer(lab_model *model, int64_t l);
  * token; the last position has none).  With `backward`, also adds the
  * gradients of every parameter (zeroed first).  attn, if not NULL, gets
  * each layer's per-head attention [layers][B][H][T][T]. */
-mha_status lab_model_loss(mha_ctx *ctx, lab_model *model, const int32_t *tokens, int64_t B, int backward,
-                          float *attn, double *loss);
+mha_status lab_model_loss(mha_ctx *ctx, lab_model *model, const int32_t *tokens, int64_t B, int backward, float *attn,
+                          double *loss);
 
 /* One AdamW step (lr, betas 0.9 / 0.98, eps 1e-8, decoupled weight decay
  * `wd` on the matrices, none on embeddings of positions) from the
@@ -56,8 +56,8 @@ mha_status lab_model_adamw(lab_model *model, double lr, double wd);
 /* The trainable arrays (embeddings, unembedding, every layer's
  * parameters), for checks and checkpoints: array i's values, its gradient
  * and its size; after writing values, lab_model_params_changed(). */
-int        lab_model_param_count(const lab_model *model);
-float     *lab_model_param(lab_model *model, int i, float **grad, int64_t *n);
+int lab_model_param_count(const lab_model *model);
+float *lab_model_param(lab_model *model, int i, float **grad, int64_t *n);
 mha_status lab_model_params_changed(lab_model *model);
 
 /* Head pruning (Michel et al., 2019): the importance of head h of layer l
@@ -74,7 +74,7 @@ mha_status lab_model_keep_heads(lab_model *model, const uint8_t *keep);
  * safetensors (the config in the metadata).  load creates the model. */
 mha_status lab_model_save(const lab_model *model, const char *path);
 mha_status lab_model_load(const char *path, lab_model **model);
-int64_t    lab_model_steps(const lab_model *model);
+int64_t lab_model_steps(const lab_model *model);
 
 /* ---- data --------------------------------------------------------- */
 
@@ -91,24 +91,24 @@ void lab_repeated_spans(int32_t *tokens, int64_t B, int64_t T, int64_t vocab, ui
  * Debian system ships (/usr/share/common-licenses/GPL-3). */
 typedef struct lab_text {
     int32_t *chars;
-    int64_t  n;
+    int64_t n;
 } lab_text;
 
 mha_status lab_text_load(const char *path, int64_t vocab, lab_text *text);
-void       lab_text_free(lab_text *text);
-void       lab_text_windows(const lab_text *text, int32_t *tokens, int64_t B, int64_t T, uint64_t *state);
+void lab_text_free(lab_text *text);
+void lab_text_windows(const lab_text *text, int32_t *tokens, int64_t B, int64_t T, uint64_t *state);
 
 /* ---- head scores -------------------------------------------------- */
 
 /* Scores of one head from its attention a [B][T][T] (rows sum to 1) over
  * the sequences tokens [B][T]; formulas in docs/HEADS.md. */
 typedef struct lab_head_scores {
-    double previous_token;  /* mean attention from i to i - 1 */
-    double induction;       /* from a repeated token to the token after its earlier copy */
-    double duplicate;       /* from a repeated token to its earlier copy */
-    double first_token;     /* mean attention to position 0 (the sink) */
-    double distance;        /* mean |i - j| weighted by attention */
-    double entropy;         /* mean entropy of a row, in nats */
+    double previous_token; /* mean attention from i to i - 1 */
+    double induction;      /* from a repeated token to the token after its earlier copy */
+    double duplicate;      /* from a repeated token to its earlier copy */
+    double first_token;    /* mean attention to position 0 (the sink) */
+    double distance;       /* mean |i - j| weighted by attention */
+    double entropy;        /* mean entropy of a row, in nats */
 } lab_head_scores;
 
 void lab_head_scores_compute(const float *a, const int32_t *tokens, int64_t B, int64_t T, lab_head_scores *s);
@@ -121,20 +121,20 @@ const char *lab_head_role(const lab_head_scores *s);
 
 typedef struct lab_report {
     lab_config config;
-    const char *summary;                /* the plain-text summary */
-    const double *curve;                /* training loss per step */
+    const char *summary; /* the plain-text summary */
+    const double *curve; /* training loss per step */
     int64_t curve_len;
-    const lab_head_scores *scores;      /* [layers * heads] */
-    const double *importance;           /* [layers * heads] or NULL */
-    const int32_t *sample;              /* one held-out sequence */
+    const lab_head_scores *scores; /* [layers * heads] */
+    const double *importance;      /* [layers * heads] or NULL */
+    const int32_t *sample;         /* one held-out sequence */
     int64_t sample_len;
-    const float *maps;                  /* its attention [layers][heads][T][T] */
-    const double *prune_important, *prune_random;  /* loss with k heads removed, k = 0 .. prune_len - 1 */
+    const float *maps;                            /* its attention [layers][heads][T][T] */
+    const double *prune_important, *prune_random; /* loss with k heads removed, k = 0 .. prune_len - 1 */
     int64_t prune_len;
     const int64_t *gqa_kv_heads, *gqa_kv_bytes;
     const double *gqa_loss;
     int64_t gqa_len;
-    int text;                           /* tokens are characters: show them as such */
+    int text; /* tokens are characters: show them as such */
 } lab_report;
 
 /* The self-contained HTML report (no network: inline style, SVG, script);

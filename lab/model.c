@@ -26,30 +26,30 @@
 
 /* One trainable array with its AdamW moments. */
 typedef struct lab_param {
-    float  *value, *grad;
-    float  *m, *v;
+    float *value, *grad;
+    float *m, *v;
     int64_t n;
-    bool    decay;  /* weight decay applies (matrices) */
+    bool decay; /* weight decay applies (matrices) */
 } lab_param;
 
 enum { MAX_PARAMS = 3 + 8 * 16 };
 
 struct lab_model {
     lab_config c;
-    float *tok, *pos, *unemb;          /* [V, E], [T, E], [V, E] */
+    float *tok, *pos, *unemb; /* [V, E], [T, E], [V, E] */
     float *g_tok, *g_pos, *g_unemb;
     mha_layer **layers;
     mha_layer_tape **tapes;
     lab_param params[MAX_PARAMS];
     int n_params;
     int64_t step;
-    int64_t capacity;                  /* sequences the buffers hold */
-    float *xs, *dx, *logits, *y;       /* [layers + 1][B T E], [2][B T E], [B T V], [B T E] */
-    float **saved_wo;                  /* the trained W_o of each layer, once heads are pruned */
+    int64_t capacity;            /* sequences the buffers hold */
+    float *xs, *dx, *logits, *y; /* [layers + 1][B T E], [2][B T E], [B T V], [B T E] */
+    float **saved_wo;            /* the trained W_o of each layer, once heads are pruned */
     /* Pre-norm blocks (config.mlp): per layer ln1 (g, b), ln2 (g, b), W1 [F, E],
      * b1 [F], W2 [E, F], b2 [E] with F = 4E, then the final norm (g, b). */
-    float *mlp, *g_mlp;                /* values and gradients, layer after layer, final norm last */
-    float *hs, *x1s, *gs, *us, *vs, *stats, *yf;  /* saved for backward; stats: mean, rstd of each norm */
+    float *mlp, *g_mlp;                          /* values and gradients, layer after layer, final norm last */
+    float *hs, *x1s, *gs, *us, *vs, *stats, *yf; /* saved for backward; stats: mean, rstd of each norm */
 };
 
 typedef struct block_view {
@@ -103,8 +103,8 @@ static mha_status create_layers(lab_model *m, uint64_t *seed)
         d.num_heads = c->heads;
         d.num_kv_heads = c->kv_heads;
         mha_status st;
-        if ((st = mha_layer_create(&d, &m->layers[l])) != MHA_OK || (st = mha_layer_train_init(m->layers[l])) != MHA_OK ||
-            (st = mha_layer_tape_create(&m->tapes[l])) != MHA_OK)
+        if ((st = mha_layer_create(&d, &m->layers[l])) != MHA_OK ||
+            (st = mha_layer_train_init(m->layers[l])) != MHA_OK || (st = mha_layer_tape_create(&m->tapes[l])) != MHA_OK)
             return st;
         mha_param p[8];
         int64_t n = mha_layer_params(m->layers[l], p, 8);
@@ -166,7 +166,8 @@ mha_status lab_model_create(const lab_config *config, lab_model **out)
     m->layers = calloc((size_t)c->layers, sizeof *m->layers);
     m->tapes = calloc((size_t)c->layers, sizeof *m->tapes);
     mha_status st = m->tok && m->pos && m->unemb && m->g_tok && m->g_pos && m->g_unemb && m->layers && m->tapes
-                        ? MHA_OK : MHA_ERR_NOMEM;
+                        ? MHA_OK
+                        : MHA_ERR_NOMEM;
     uint64_t seed = c->seed * 0x9e3779b97f4a7c15u + 0x2545f4914f6cdd1du;
     if (st == MHA_OK) {
         fill_gaussian(m->tok, V * E, 1.0, &seed);
@@ -196,9 +197,9 @@ void lab_model_free(lab_model *m)
     for (int i = 0; i < m->n_params; i++) free(m->params[i].m), free(m->params[i].v);
     for (int64_t l = 0; m->saved_wo && l < m->c.layers; l++) free(m->saved_wo[l]);
     free(m->saved_wo);
-    void *owned[] = {m->tok, m->pos, m->unemb, m->g_tok, m->g_pos, m->g_unemb, m->layers, m->tapes,
-                     m->xs, m->dx, m->logits, m->y, m->mlp, m->g_mlp, m->hs, m->x1s, m->gs, m->us, m->vs,
-                     m->stats, m->yf};
+    void *owned[] = {m->tok,   m->pos, m->unemb, m->g_tok,  m->g_pos, m->g_unemb, m->layers,
+                     m->tapes, m->xs,  m->dx,    m->logits, m->y,     m->mlp,     m->g_mlp,
+                     m->hs,    m->x1s, m->gs,    m->us,     m->vs,    m->stats,   m->yf};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     free(m);
 }
@@ -276,10 +277,7 @@ static void layer_norm_backward(const float *dy, const float *x, const float *g,
  * times faster than libm's double tanh, which dominated an MLP step. */
 static const float GELU_K = 0.7978845608f; /* sqrt(2 / pi) */
 
-static float gelu_tanh(float u)
-{
-    return 1.0f - 2.0f / (expf(2.0f * GELU_K * (u + 0.044715f * u * u * u)) + 1.0f);
-}
+static float gelu_tanh(float u) { return 1.0f - 2.0f / (expf(2.0f * GELU_K * (u + 0.044715f * u * u * u)) + 1.0f); }
 
 static float gelu(float u) { return 0.5f * u * (1.0f + gelu_tanh(u)); }
 
@@ -318,7 +316,8 @@ static mha_status layer_forward(mha_ctx *ctx, lab_model *m, int64_t l, int64_t B
         return st;
     }
     block_view b = block_at(m->mlp, l, E);
-    float *h = m->hs + l * n, *x1 = m->x1s + l * n, *g = m->gs + l * n, *u = m->us + l * rows * F, *v = m->vs + l * rows * F;
+    float *h = m->hs + l * n, *x1 = m->x1s + l * n, *g = m->gs + l * n, *u = m->us + l * rows * F,
+          *v = m->vs + l * rows * F;
     float *s1 = stat_at(m, 2 * l, rows), *s2 = stat_at(m, 2 * l + 1, rows);
     layer_norm(x, b.ln1_g, b.ln1_b, rows, E, h, s1, s1 + rows);
     mha_status st = attention(ctx, m, l, B, h, record, attn);
@@ -358,7 +357,8 @@ static mha_status layer_backward(mha_ctx *ctx, lab_model *m, int64_t l, int64_t 
         return st;
     }
     block_view b = block_at(m->mlp, l, E), gb = block_at(m->g_mlp, l, E);
-    float *h = m->hs + l * n, *x1 = m->x1s + l * n, *g = m->gs + l * n, *u = m->us + l * rows * F, *v = m->vs + l * rows * F;
+    float *h = m->hs + l * n, *x1 = m->x1s + l * n, *g = m->gs + l * n, *u = m->us + l * rows * F,
+          *v = m->vs + l * rows * F;
     float *s1 = stat_at(m, 2 * l, rows), *s2 = stat_at(m, 2 * l + 1, rows);
     float *dv = work, *dg = work + rows * F; /* dg and dh share the second half */
     /* dx is dm, the MLP's output gradient */
@@ -413,8 +413,8 @@ static mha_status backward(mha_ctx *ctx, lab_model *m, const int32_t *tokens, in
     memset(m->g_pos, 0, (size_t)(T * E) * sizeof(float));
     if (m->c.mlp) memset(m->g_mlp, 0, (size_t)(L * block_floats(E) + 2 * E) * sizeof(float));
     float *dx = m->dx, *work = m->dx + n;
-    mha_status st = mha_linear_backward(ctx, dlogits, y, unembedding(m), dx, m->c.tied ? m->g_tok : m->g_unemb,
-                                        NULL, rows, E, V);
+    mha_status st =
+        mha_linear_backward(ctx, dlogits, y, unembedding(m), dx, m->c.tied ? m->g_tok : m->g_unemb, NULL, rows, E, V);
     if (st != MHA_OK) return st;
     if (m->c.mlp) { /* through the final norm */
         float *dy = work, *gf = m->g_mlp + L * block_floats(E), *vf = m->mlp + L * block_floats(E);
@@ -554,7 +554,8 @@ mha_status lab_model_keep_heads(lab_model *m, const uint8_t *keep)
         }
         int64_t d = cols / H;
         for (int64_t e = 0; e < E; e++)
-            for (int64_t c = 0; c < cols; c++) w[e * cols + c] = keep[l * H + c / d] ? m->saved_wo[l][e * cols + c] : 0.0f;
+            for (int64_t c = 0; c < cols; c++)
+                w[e * cols + c] = keep[l * H + c / d] ? m->saved_wo[l][e * cols + c] : 0.0f;
     }
     return lab_model_params_changed(m);
 }

@@ -27,32 +27,31 @@
 static int harness_failures;
 static int harness_checks;
 
-#define CHECK(cond, ...)                                                        \
-    do {                                                                        \
-        harness_checks++;                                                       \
-        if (!(cond)) {                                                          \
-            harness_failures++;                                                 \
+#define CHECK(cond, ...)                                                             \
+    do {                                                                             \
+        harness_checks++;                                                            \
+        if (!(cond)) {                                                               \
+            harness_failures++;                                                      \
             fprintf(stderr, "%s:%d: check failed: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                       \
-            fputc('\n', stderr);                                                \
-        }                                                                       \
+            fprintf(stderr, __VA_ARGS__);                                            \
+            fputc('\n', stderr);                                                     \
+        }                                                                            \
     } while (0)
 
 /* A call that must succeed; prints the library's sentence if not. */
-#define CHECK_OK(call)                                                          \
-    do {                                                                        \
-        mha_status st_ = (call);                                                \
+#define CHECK_OK(call)                                                                      \
+    do {                                                                                    \
+        mha_status st_ = (call);                                                            \
         CHECK(st_ == MHA_OK, "%s -> %s: %s", #call, mha_status_str(st_), mha_last_error()); \
     } while (0)
 
 /* A call that must fail with `status` and a message containing `needle`. */
-#define CHECK_FAILS(call, status, needle)                                       \
-    do {                                                                        \
-        mha_status st_ = (call);                                                \
-        CHECK(st_ == (status), "%s -> %s (%s), expected %s", #call, mha_status_str(st_), \
-              mha_last_error(), mha_status_str(status));                        \
-        CHECK(strstr(mha_last_error(), (needle)) != NULL, "message \"%s\" lacks \"%s\"", \
-              mha_last_error(), (needle));                                      \
+#define CHECK_FAILS(call, status, needle)                                                                             \
+    do {                                                                                                              \
+        mha_status st_ = (call);                                                                                      \
+        CHECK(st_ == (status), "%s -> %s (%s), expected %s", #call, mha_status_str(st_), mha_last_error(),            \
+              mha_status_str(status));                                                                                \
+        CHECK(strstr(mha_last_error(), (needle)) != NULL, "message \"%s\" lacks \"%s\"", mha_last_error(), (needle)); \
     } while (0)
 
 /* Ends main(): the summary line ctest logs and a non-zero exit on failure. */
@@ -64,7 +63,7 @@ static inline int harness_finish(const char *name)
 
 typedef struct tolerance_report {
     double err, base_err, limit;
-    long long worst;   /* index of the largest error, -1 if none */
+    long long worst; /* index of the largest error, -1 if none */
     bool ok;
 } tolerance_report;
 
@@ -119,16 +118,15 @@ static inline tolerance_report tolerance_check(const float *got, const double *r
 }
 
 /* CHECK the rule; on failure print where and by how much. */
-#define CHECK_CLOSE(what, got, ref, base, n) CHECK_CLOSE_EPS(what, got, ref, base, n, FLT_EPSILON)
+#define CHECK_CLOSE(what, got, ref, base, n)          CHECK_CLOSE_EPS(what, got, ref, base, n, FLT_EPSILON)
 #define CHECK_CLOSE_EPS(what, got, ref, base, n, eps) CHECK_CLOSE_RULE(what, got, ref, base, n, eps, 2.0)
-#define CHECK_CLOSE_GRAD(what, got, ref, base, n) CHECK_CLOSE_RULE(what, got, ref, base, n, FLT_EPSILON, GRAD_FACTOR)
-#define CHECK_CLOSE_RULE(what, got, ref, base, n, eps, factor)                  \
-    do {                                                                        \
-        tolerance_report tr_ = tolerance_check_rule((got), (ref), (base), (n), (eps), (factor)); \
-        CHECK(tr_.ok, "%s: max error %.3g > limit %.3g (float32 baseline %.3g) at %lld: got %.9g want %.9g", \
-              (what), tr_.err, tr_.limit, tr_.base_err, tr_.worst,              \
-              tr_.worst >= 0 ? (double)(got)[tr_.worst] : 0.0,                  \
-              tr_.worst >= 0 ? (ref)[tr_.worst] : 0.0);                          \
+#define CHECK_CLOSE_GRAD(what, got, ref, base, n)     CHECK_CLOSE_RULE(what, got, ref, base, n, FLT_EPSILON, GRAD_FACTOR)
+#define CHECK_CLOSE_RULE(what, got, ref, base, n, eps, factor)                                                       \
+    do {                                                                                                             \
+        tolerance_report tr_ = tolerance_check_rule((got), (ref), (base), (n), (eps), (factor));                     \
+        CHECK(tr_.ok, "%s: max error %.3g > limit %.3g (float32 baseline %.3g) at %lld: got %.9g want %.9g", (what), \
+              tr_.err, tr_.limit, tr_.base_err, tr_.worst, tr_.worst >= 0 ? (double)(got)[tr_.worst] : 0.0,          \
+              tr_.worst >= 0 ? (ref)[tr_.worst] : 0.0);                                                              \
     } while (0)
 
 #endif /* MHA_TEST_HARNESS_H */

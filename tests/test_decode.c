@@ -59,8 +59,8 @@ static void decode_all(mha_ctx *ctx, mha_layer *layer, const block *b, mha_dtype
         mha_tensor yt = {out + t * E, {b->N, n, E, 1}, {b->T * E, E, 1, 0}};
         CHECK_OK(mha_layer_decode(ctx, layer, cache, &yt, &xt));
         t += n;
-        CHECK(mha_kv_cache_length(cache) == t, "cache length %lld after %lld tokens", (long long)mha_kv_cache_length(cache),
-              (long long)t);
+        CHECK(mha_kv_cache_length(cache) == t, "cache length %lld after %lld tokens",
+              (long long)mha_kv_cache_length(cache), (long long)t);
     }
     mha_kv_cache_free(cache);
 }
@@ -101,11 +101,28 @@ static void run_block(const block *b, mha_ctx *ctx1, mha_ctx *ctx3, const char *
     CHECK(memcmp(out1, out3, (size_t)(N * T * E) * sizeof(float)) == 0, "%s: 1 and 3 threads differ", label);
     decode_all(ctx1, layer, b, MHA_DTYPE_BF16, x, out16);
 
-    mha_ref_layer r = {.N = N, .L = T, .S = T, .E = E, .H = H, .kdim = E, .vdim = E, .causal = 1, .w_q = w64[0],
-                       .w_k = w64[1], .w_v = w64[2], .w_out = w64[3], .b_in = b->bias ? w64[4] : NULL, .G = G, .hd = d,
-                       .rope_kind = b->rope.kind, .rope_theta = b->rope.theta ? b->rope.theta : 10000.0,
-                       .rope_dim = b->rope.dim ? b->rope.dim : d, .window_left = b->window, .window_right = -1,
-                       .softcap = b->softcap, .alibi = slopes64};
+    mha_ref_layer r = {.N = N,
+                       .L = T,
+                       .S = T,
+                       .E = E,
+                       .H = H,
+                       .kdim = E,
+                       .vdim = E,
+                       .causal = 1,
+                       .w_q = w64[0],
+                       .w_k = w64[1],
+                       .w_v = w64[2],
+                       .w_out = w64[3],
+                       .b_in = b->bias ? w64[4] : NULL,
+                       .G = G,
+                       .hd = d,
+                       .rope_kind = b->rope.kind,
+                       .rope_theta = b->rope.theta ? b->rope.theta : 10000.0,
+                       .rope_dim = b->rope.dim ? b->rope.dim : d,
+                       .window_left = b->window,
+                       .window_right = -1,
+                       .softcap = b->softcap,
+                       .alibi = slopes64};
     double *want = malloc((size_t)(N * T * E) * sizeof(double));
     float *base = malloc((size_t)(N * T * E) * sizeof(float));
     mha_ref_layer_f64(&r, x64, x64, x64, want, NULL);
@@ -144,9 +161,10 @@ static void test_blocks(mha_ctx *ctx1, mha_ctx *ctx3)
         b.alibi = pick(4) == 0;
         b.bias = pick(2);
         char label[200];
-        snprintf(label, sizeof label, "decode #%d N%lld T%lld prompt%lld E%lld H%lld G%lld d%lld rope%d win%lld cap%g alibi%d",
-                 n, (long long)b.N, (long long)b.T, (long long)b.prompt, (long long)b.E, (long long)b.H,
-                 (long long)b.G, (long long)b.hd, (int)b.rope.kind, (long long)b.window, (double)b.softcap, b.alibi);
+        snprintf(label, sizeof label,
+                 "decode #%d N%lld T%lld prompt%lld E%lld H%lld G%lld d%lld rope%d win%lld cap%g alibi%d", n,
+                 (long long)b.N, (long long)b.T, (long long)b.prompt, (long long)b.E, (long long)b.H, (long long)b.G,
+                 (long long)b.hd, (int)b.rope.kind, (long long)b.window, (double)b.softcap, b.alibi);
         run_block(&b, ctx1, ctx3, label);
     }
 }
@@ -170,7 +188,8 @@ static void test_cache_api(mha_ctx *ctx)
     float x[5 * 16] = {0}, y[5 * 16];
     mha_tensor x3 = mha_tensor_3d(x, 1, 3, 16), y3 = mha_tensor_3d(y, 1, 3, 16);
     CHECK_OK(mha_layer_decode(ctx, layer, c, &y3, &x3));
-    CHECK_FAILS(mha_layer_decode(ctx, layer, c, &y3, &x3), MHA_ERR_INVALID_ARG, "3 new tokens do not fit: the cache holds 3 of 4");
+    CHECK_FAILS(mha_layer_decode(ctx, layer, c, &y3, &x3), MHA_ERR_INVALID_ARG,
+                "3 new tokens do not fit: the cache holds 3 of 4");
     CHECK(mha_kv_cache_length(c) == 3, "a failed step leaves the cache as it was");
     CHECK_FAILS(mha_kv_cache_truncate(c, 4), MHA_ERR_INVALID_ARG, "cannot truncate a cache of 3 tokens to 4");
     CHECK_OK(mha_kv_cache_truncate(c, 1));
@@ -189,7 +208,8 @@ static void test_cache_api(mha_ctx *ctx)
     other.num_kv_heads = 4;
     mha_layer *layer4 = NULL;
     CHECK_OK(mha_layer_create(&other, &layer4));
-    CHECK_FAILS(mha_layer_decode(ctx, layer4, c, &y3, &x3), MHA_ERR_INVALID_ARG, "the cache holds 2 kv heads of 4, the layer has 4 of 4");
+    CHECK_FAILS(mha_layer_decode(ctx, layer4, c, &y3, &x3), MHA_ERR_INVALID_ARG,
+                "the cache holds 2 kv heads of 4, the layer has 4 of 4");
     mha_layer_free(layer4);
     mha_kv_cache_free(c);
     mha_kv_cache_free(NULL);

@@ -106,7 +106,8 @@ static void test_attention_args(void)
     CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "window sizes must be >= -1");
     mha_attn_desc_init(&d);
     d.softcap = -1;
-    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "softcap must be finite and >= 0");
+    CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG,
+                "softcap must be finite and >= 0");
     d.softcap = NAN;
     CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "softcap");
     mha_attn_desc_init(&d);
@@ -128,7 +129,8 @@ static void test_attention_args(void)
     CHECK_FAILS(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "mask strides");
 
     /* The backward pass: its own arguments, then everything the forward checks. */
-    float dq[sizeof q / sizeof q[0]], dk[sizeof k / sizeof k[0]], dv[sizeof v / sizeof v[0]], dout[sizeof o / sizeof o[0]];
+    float dq[sizeof q / sizeof q[0]], dk[sizeof k / sizeof k[0]], dv[sizeof v / sizeof v[0]],
+        dout[sizeof o / sizeof o[0]];
     memset(dout, 0, sizeof dout);
     mha_tensor tdq = mha_tensor_4d(dq, 1, 2, 3, 4), tdk = mha_tensor_4d(dk, 1, 2, 5, 4);
     mha_tensor tdv = mha_tensor_4d(dv, 1, 2, 5, 6), tdo = mha_tensor_4d(dout, 1, 2, 3, 6);
@@ -206,11 +208,13 @@ static void test_layer_args(void)
     CHECK_FAILS(mha_layer_forward(ctx, layer, &out, NULL, &a), MHA_ERR_INVALID_ARG, "value has 3 in its second");
     a.value = mha_tensor_3d(x, 2, 4, 8);
     a.key = mha_tensor_3d(key, 2, 4, 4);
-    CHECK_FAILS(mha_layer_forward(ctx, layer, &out, NULL, &a), MHA_ERR_INVALID_ARG, "key has 4 in its third dimension, expected 5");
+    CHECK_FAILS(mha_layer_forward(ctx, layer, &out, NULL, &a), MHA_ERR_INVALID_ARG,
+                "key has 4 in its third dimension, expected 5");
     a.key = mha_tensor_3d(key, 2, 4, 5);
     CHECK_OK(mha_layer_forward(ctx, layer, &out, &weights, &a));
     weights.shape[3] = 5;
-    CHECK_FAILS(mha_layer_forward(ctx, layer, &out, &weights, &a), MHA_ERR_INVALID_ARG, "attn_weights has 5 in its fourth");
+    CHECK_FAILS(mha_layer_forward(ctx, layer, &out, &weights, &a), MHA_ERR_INVALID_ARG,
+                "attn_weights has 5 in its fourth");
     out.shape[1] = 2;
     CHECK_FAILS(mha_layer_forward(ctx, layer, &out, NULL, &a), MHA_ERR_INVALID_ARG, "attn_output has 2 in its second");
     CHECK_FAILS(mha_layer_forward(ctx, NULL, &out, NULL, &a), MHA_ERR_MISUSE, "not a live mha_layer");
@@ -251,7 +255,8 @@ static void test_layer_args(void)
     a.tape = tape;
     memset(gx, 0, sizeof gx);
     CHECK_OK(mha_layer_backward(ctx, layer, &a, &tdy, &tgx, NULL, NULL));
-    CHECK_FAILS(mha_layer_backward(ctx, layer, &a, &tdy, &tgx, NULL, NULL), MHA_ERR_MISUSE, "each backward consumes it");
+    CHECK_FAILS(mha_layer_backward(ctx, layer, &a, &tdy, &tgx, NULL, NULL), MHA_ERR_MISUSE,
+                "each backward consumes it");
     a.tape = (mha_layer_tape *)&d;
     CHECK_FAILS(mha_layer_forward(ctx, layer, &out, NULL, &a), MHA_ERR_MISUSE, "not a live mha_layer_tape");
     a.tape = NULL;
@@ -357,8 +362,9 @@ static void test_cli_success(void)
     expect_cli_output("<name>.grad of every input and weight", "backward", "--help", NULL);
     char blk[600];
     snprintf(blk, sizeof blk, "%s/blk_llama_gqa.safetensors", golden_dir);
-    expect_cli_output("last step vs one full forward", "decode", "--weights", blk, "--prefix", "model.layers.0.self_attn.",
-                      "--num-heads", "4", "--rope", "half", "--prompt-len", "5", "--steps", "3", "--threads", "2", NULL);
+    expect_cli_output("last step vs one full forward", "decode", "--weights", blk, "--prefix",
+                      "model.layers.0.self_attn.", "--num-heads", "4", "--rope", "half", "--prompt-len", "5", "--steps",
+                      "3", "--threads", "2", NULL);
     expect_cli_error("--cache-dtype must be f32 or bf16, got \"f16\"", "decode", "--weights", blk, "--num-heads", "4",
                      "--cache-dtype", "f16", NULL);
     expect_cli_error("at least one token in all", "decode", "--weights", blk, "--num-heads", "4", "--prompt-len", "0",
@@ -368,18 +374,18 @@ static void test_cli_success(void)
                       "--num-heads", "12", NULL);
     expect_cli_output("one head of width 768 has 2,362,368: the same", "info", "--embed-dim", "768", "--num-heads",
                       "12", NULL);
-    expect_cli_output("GQA     4 kv heads:     2048 bytes  (3x smaller)  <- this configuration", "info", "--embed-dim", "768",
-                      "--num-heads", "12", "--num-kv-heads", "4", NULL);
-    expect_cli_output("attention        0.5369 GFLOP", "info", "--embed-dim", "512", "--num-heads", "8", "--seq",
-                      "512", NULL);
+    expect_cli_output("GQA     4 kv heads:     2048 bytes  (3x smaller)  <- this configuration", "info", "--embed-dim",
+                      "768", "--num-heads", "12", "--num-kv-heads", "4", NULL);
+    expect_cli_output("attention        0.5369 GFLOP", "info", "--embed-dim", "512", "--num-heads", "8", "--seq", "512",
+                      NULL);
     expect_cli_output("in_proj_weight                   F32   [48, 16]", "show", demo, NULL);
     expect_cli_output("out_proj.bias F32 [16]", "show", demo, "--tensor", "out_proj.bias", "--max", "2", NULL);
     /* Benchmarks run on tiny shapes here only to check their plumbing. */
-    expect_cli_output("\"op\":\"forward\",\"batch\":2,\"seq\":8", "bench", "--batch", "2", "--seq", "8",
-                      "--embed-dim", "16", "--num-heads", "2", "--repeat", "2", "--peak-gflops", "1", "--json", NULL);
-    expect_cli_output("\"num_kv_heads\":1,\"causal\":true", "bench", "--op", "sdpa", "--seq", "8", "--embed-dim",
-                      "16", "--num-heads", "2", "--num-kv-heads", "1", "--is-causal", "--repeat", "1",
-                      "--peak-gflops", "1", "--json", NULL);
+    expect_cli_output("\"op\":\"forward\",\"batch\":2,\"seq\":8", "bench", "--batch", "2", "--seq", "8", "--embed-dim",
+                      "16", "--num-heads", "2", "--repeat", "2", "--peak-gflops", "1", "--json", NULL);
+    expect_cli_output("\"num_kv_heads\":1,\"causal\":true", "bench", "--op", "sdpa", "--seq", "8", "--embed-dim", "16",
+                      "--num-heads", "2", "--num-kv-heads", "1", "--is-causal", "--repeat", "1", "--peak-gflops", "1",
+                      "--json", NULL);
 }
 
 /* Write a safetensors file of F32 (or given dtype) tensors; varargs are
@@ -409,8 +415,10 @@ static void test_cli_usage(void)
     char weights[600];
     snprintf(weights, sizeof weights, "%s/fwd_basic.safetensors", golden_dir);
     expect_cli_error("unknown command \"bogus\"", "bogus", NULL);
-    expect_cli_error("--weights is required", "forward", "--inputs", weights, "--out", out_path, "--num-heads", "2", NULL);
-    expect_cli_error("--num-heads is required", "forward", "--weights", weights, "--inputs", weights, "--out", out_path, NULL);
+    expect_cli_error("--weights is required", "forward", "--inputs", weights, "--out", out_path, "--num-heads", "2",
+                     NULL);
+    expect_cli_error("--num-heads is required", "forward", "--weights", weights, "--inputs", weights, "--out", out_path,
+                     NULL);
     expect_cli_error("unknown flag --frobnicate", "forward", "--frobnicate", NULL);
     expect_cli_error("--num-heads needs an integer, got \"two\"", "forward", "--num-heads", "two", NULL);
     expect_cli_error("--num-heads needs a value", "forward", "--num-heads", NULL);
@@ -420,7 +428,8 @@ static void test_cli_usage(void)
                      "--out", out_path, "--num-heads", "0", NULL);
     expect_cli_error("--threads must be in 0..1024", "forward", "--weights", weights, "--inputs", weights, "--out",
                      out_path, "--num-heads", "2", "--threads", "-3", NULL);
-    expect_cli_error("--scale needs a finite number", "sdpa", "--inputs", weights, "--out", out_path, "--scale", "nan", NULL);
+    expect_cli_error("--scale needs a finite number", "sdpa", "--inputs", weights, "--out", out_path, "--scale", "nan",
+                     NULL);
     expect_cli_error("exclude each other", "sdpa", "--inputs", weights, "--out", out_path, "--is-causal",
                      "--causal-bottom-right", NULL);
     expect_cli_error("--window-left must be -1 (unbounded) or more, got -2", "sdpa", "--inputs", weights, "--out",
@@ -429,14 +438,15 @@ static void test_cli_usage(void)
                      "--softcap", "-1", NULL);
     expect_cli_error("--dtype must be f32 or bf16, got \"f16\"", "sdpa", "--inputs", weights, "--out", out_path,
                      "--dtype", "f16", NULL);
-    expect_cli_error("--dtype must be f32 or bf16, got \"int8\"", "forward", "--weights", weights, "--inputs",
-                     weights, "--out", out_path, "--num-heads", "2", "--dtype", "int8", NULL);
+    expect_cli_error("--dtype must be f32 or bf16, got \"int8\"", "forward", "--weights", weights, "--inputs", weights,
+                     "--out", out_path, "--num-heads", "2", "--dtype", "int8", NULL);
     expect_cli_error("embed_dim 768 is not divisible by num_heads 10", "info", "--embed-dim", "768", "--num-heads",
                      "10", NULL);
     expect_cli_error("not a multiple of num_kv_heads 5", "info", "--embed-dim", "768", "--num-heads", "12",
                      "--num-kv-heads", "5", NULL);
     expect_cli_error("--embed-dim is required", "info", "--num-heads", "12", NULL);
-    expect_cli_error("--op prefill is not available; use forward, backward, sdpa, sdpa-backward or decode", "bench", "--op", "prefill", NULL);
+    expect_cli_error("--op prefill is not available; use forward, backward, sdpa, sdpa-backward or decode", "bench",
+                     "--op", "prefill", NULL);
     expect_cli_error("--op backward is self-attention", "bench", "--op", "backward", "--kv-seq", "9", NULL);
     expect_cli_error("--dtype bf16 is not available for --op sdpa", "bench", "--op", "sdpa", "--dtype", "bf16", NULL);
     expect_cli_error("--op forward is self-attention", "bench", "--kv-seq", "7", NULL);
@@ -453,15 +463,16 @@ static void test_cli_files(void)
     fwrite("\x10\0\0\0\0\0\0\0{\"a\":", 1, 13, f);
     fclose(f);
     const char *fwd[] = {"forward", "--weights", weights, "--inputs", p, "--out", out_path, "--num-heads", "2"};
-#define FWD(needle, ...) expect_cli_error(needle, fwd[0], fwd[1], fwd[2], fwd[3], fwd[4], fwd[5], fwd[6], fwd[7], fwd[8], __VA_ARGS__)
+#define FWD(needle, ...) \
+    expect_cli_error(needle, fwd[0], fwd[1], fwd[2], fwd[3], fwd[4], fwd[5], fwd[6], fwd[7], fwd[8], __VA_ARGS__)
     expect_cli_error("cannot open", "forward", "--weights", "/nonexistent/w.safetensors", "--inputs", weights, "--out",
                      out_path, "--num-heads", "2", NULL);
     expect_cli_error("corrupt.safetensors: header length 16 runs past the end", "forward", "--weights", corrupt,
                      "--inputs", weights, "--out", out_path, "--num-heads", "2", NULL);
     expect_cli_error("embed_dim 16 is not divisible by num_heads 3", "forward", "--weights", weights, "--inputs",
                      weights, "--out", out_path, "--num-heads", "3", NULL);
-    expect_cli_error("no tensor \"blk.out_proj.weight\"", "forward", "--weights", weights, "--inputs", weights,
-                     "--out", out_path, "--num-heads", "2", "--prefix", "blk.", NULL);
+    expect_cli_error("no tensor \"blk.out_proj.weight\"", "forward", "--weights", weights, "--inputs", weights, "--out",
+                     out_path, "--num-heads", "2", "--prefix", "blk.", NULL);
     expect_cli_error("cannot write --out", "forward", "--weights", weights, "--inputs", weights, "--out",
                      "/nonexistent/dir/y.safetensors", "--num-heads", "2", NULL);
     /* An output never replaces an input, even under another name. */
@@ -485,7 +496,9 @@ static void test_cli_files(void)
     char w[600];
     snprintf(w, sizeof w, "%s/w.safetensors", tmpdir);
     const char *bad_w[] = {"forward", "--weights", w, "--inputs", weights, "--out", out_path, "--num-heads", "2"};
-#define BADW(needle) expect_cli_error(needle, bad_w[0], bad_w[1], bad_w[2], bad_w[3], bad_w[4], bad_w[5], bad_w[6], bad_w[7], bad_w[8], NULL)
+#define BADW(needle)                                                                                                   \
+    expect_cli_error(needle, bad_w[0], bad_w[1], bad_w[2], bad_w[3], bad_w[4], bad_w[5], bad_w[6], bad_w[7], bad_w[8], \
+                     NULL)
     write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 15, NULL);
     BADW("\"out_proj.weight\" must be a square [E, E] matrix");
     write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "in_proj_weight", MHA_DTYPE_F32, 2, 47, 16, NULL);
@@ -501,8 +514,8 @@ static void test_cli_files(void)
     write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "in_proj_weight", MHA_DTYPE_F32, 2, 48, 16,
                "in_proj_bias", MHA_DTYPE_F32, 1, 47, "out_proj.bias", MHA_DTYPE_F32, 1, 16, NULL);
     BADW("\"in_proj_bias\" has shape [47], expected [48]");
-    write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "in_proj_weight", MHA_DTYPE_F32, 2, 48, 16,
-               "bias_k", MHA_DTYPE_F32, 3, 1, 1, 16, NULL);
+    write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "in_proj_weight", MHA_DTYPE_F32, 2, 48, 16, "bias_k",
+               MHA_DTYPE_F32, 3, 1, 1, 16, NULL);
     BADW("no tensor \"bias_v\"");
     write_file(w, "out_proj.weight", MHA_DTYPE_F32, 2, 16, 16, "in_proj_weight", MHA_DTYPE_I32, 2, 48, 16, NULL);
     BADW("\"in_proj_weight\" has dtype I32; weights must be F32, F64, F16 or BF16");
@@ -531,11 +544,11 @@ static void test_cli_files(void)
     FWD("query has shape [1, 5, 2, 16]", NULL);
     write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 12, NULL);
     FWD("query has 12 features but the weights' embed_dim is 16", NULL);
-    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "key", MHA_DTYPE_F32, 3, 7, 3, 16, "value", MHA_DTYPE_F32, 3,
-               7, 3, 16, NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "key", MHA_DTYPE_F32, 3, 7, 3, 16, "value", MHA_DTYPE_F32, 3, 7,
+               3, 16, NULL);
     FWD("key has shape [7, 3, 16]", NULL);
-    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "key", MHA_DTYPE_F32, 3, 7, 2, 16, "value", MHA_DTYPE_F32, 3,
-               6, 2, 16, NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "key", MHA_DTYPE_F32, 3, 7, 2, 16, "value", MHA_DTYPE_F32, 3, 6,
+               2, 16, NULL);
     FWD("value has shape [6, 2, 16]", NULL);
     write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, "attn_mask", MHA_DTYPE_BOOL, 2, 5, 4, NULL);
     FWD("attn_mask has shape [5, 4]; it must be [L, S] = [5, 5] or [N*num_heads, L, S] = [4, 5, 5]", NULL);
@@ -547,7 +560,8 @@ static void test_cli_files(void)
     FWD("key_padding_mask has shape [1, 5]; it must be [S]", NULL);
 
     const char *bw[] = {"backward", "--weights", weights, "--inputs", p, "--out", out_path, "--num-heads", "2"};
-#define BWD(needle, ...) expect_cli_error(needle, bw[0], bw[1], bw[2], bw[3], bw[4], bw[5], bw[6], bw[7], bw[8], __VA_ARGS__)
+#define BWD(needle, ...) \
+    expect_cli_error(needle, bw[0], bw[1], bw[2], bw[3], bw[4], bw[5], bw[6], bw[7], bw[8], __VA_ARGS__)
     write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, NULL);
     BWD("has no tensor named \"grad_attn_output\"", NULL);
     FWD("--names must be auto, torch, llama or gpt2, got \"bert\"", "--names", "bert", NULL);
@@ -564,25 +578,25 @@ static void test_cli_files(void)
 
     const char *sd[] = {"sdpa", "--inputs", p, "--out", out_path};
 #define SDPA(needle, ...) expect_cli_error(needle, sd[0], sd[1], sd[2], sd[3], sd[4], __VA_ARGS__)
-    write_file(p, "query", MHA_DTYPE_F32, 3, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "value", MHA_DTYPE_F32,
-               4, 1, 2, 3, 8, NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 3, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "value", MHA_DTYPE_F32, 4, 1,
+               2, 3, 8, NULL);
     SDPA("query has shape [2, 3, 8]; it must be [B, Hq, L, D]", NULL);
     write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "value", MHA_DTYPE_F32, 4, 1, 2, 3, 8, NULL);
     SDPA("has no tensor named \"key\"", NULL);
-    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 4, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32,
-               4, 1, 2, 5, 8, NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 4, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32, 4,
+               1, 2, 5, 8, NULL);
     SDPA("key has 2 heads but query has 4; set enable_gqa", NULL);
-    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 7, "value", MHA_DTYPE_F32,
-               4, 1, 2, 5, 8, NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 7, "value", MHA_DTYPE_F32, 4,
+               1, 2, 5, 8, NULL);
     SDPA("key has 7 in its fourth dimension, expected 8", NULL);
-    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32,
-               4, 1, 2, 5, 8, "attn_mask", MHA_DTYPE_BOOL, 2, 3, 4, NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32, 4,
+               1, 2, 5, 8, "attn_mask", MHA_DTYPE_BOOL, 2, 3, 4, NULL);
     SDPA("attn_mask of shape [3, 4] does not broadcast to [B, H, L, S] = [1, 2, 3, 5]", NULL);
-    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32,
-               4, 1, 2, 5, 8, "alibi_slopes", MHA_DTYPE_F32, 1, 3, NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32, 4,
+               1, 2, 5, 8, "alibi_slopes", MHA_DTYPE_F32, 1, 3, NULL);
     SDPA("alibi_slopes must have shape [Hq] = [2]", NULL);
-    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32,
-               4, 1, 2, 5, 8, "attn_mask", MHA_DTYPE_BOOL, 5, 1, 1, 1, 3, 5, NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32, 4,
+               1, 2, 5, 8, "attn_mask", MHA_DTYPE_BOOL, 5, 1, 1, 1, 3, 5, NULL);
     SDPA("attn_mask has 5 dimensions", NULL);
     /* Sizes from a file that would overflow an allocation are refused. */
     write_file(p, "query", MHA_DTYPE_F32, 4, 1 << 20, 1 << 20, 1 << 20, 0, "key", MHA_DTYPE_F32, 4, 1 << 20, 1, 5, 0,
@@ -591,12 +605,12 @@ static void test_cli_files(void)
 
     const char *sb[] = {"sdpa-backward", "--inputs", p, "--out", out_path};
 #define SDPA_BWD(needle, ...) expect_cli_error(needle, sb[0], sb[1], sb[2], sb[3], sb[4], __VA_ARGS__)
-    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32,
-               4, 1, 2, 5, 8, NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32, 4,
+               1, 2, 5, 8, NULL);
     SDPA_BWD("has no tensor named \"grad_output\"", NULL);
     SDPA_BWD("--dtype must be f32 (gradients are float32 only), got \"bf16\"", "--dtype", "bf16", NULL);
-    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32,
-               4, 1, 2, 5, 8, "grad_output", MHA_DTYPE_F32, 4, 1, 2, 3, 7, NULL);
+    write_file(p, "query", MHA_DTYPE_F32, 4, 1, 2, 3, 8, "key", MHA_DTYPE_F32, 4, 1, 2, 5, 8, "value", MHA_DTYPE_F32, 4,
+               1, 2, 5, 8, "grad_output", MHA_DTYPE_F32, 4, 1, 2, 3, 7, NULL);
     SDPA_BWD("grad_output has shape [1, 2, 3, 7]; it must match the output, [1, 2, 3, 8]", NULL);
     unlink(p);
     unlink(corrupt);

@@ -139,9 +139,11 @@ static mha_status attention(float *result)
     float *q = randoms(B * HQ * L * D, 4), *k = randoms(B * HKV * S * D, 5), *v = randoms(B * HKV * S * D, 6);
     float *dout = randoms(B * HQ * L * D, 7);
     float o[B * HQ * L * D], lse[B * HQ * L], dq[B * HQ * L * D], dk[B * HKV * S * D], dv[B * HKV * S * D];
-    mha_tensor tq = mha_tensor_4d(q, B, HQ, L, D), tk = mha_tensor_4d(k, B, HKV, S, D), tv = mha_tensor_4d(v, B, HKV, S, D);
+    mha_tensor tq = mha_tensor_4d(q, B, HQ, L, D), tk = mha_tensor_4d(k, B, HKV, S, D),
+               tv = mha_tensor_4d(v, B, HKV, S, D);
     mha_tensor to = mha_tensor_4d(o, B, HQ, L, D), tdo = mha_tensor_4d(dout, B, HQ, L, D);
-    mha_tensor tdq = mha_tensor_4d(dq, B, HQ, L, D), tdk = mha_tensor_4d(dk, B, HKV, S, D), tdv = mha_tensor_4d(dv, B, HKV, S, D);
+    mha_tensor tdq = mha_tensor_4d(dq, B, HQ, L, D), tdk = mha_tensor_4d(dk, B, HKV, S, D),
+               tdv = mha_tensor_4d(dv, B, HKV, S, D);
     mha_attn_desc desc;
     mha_attn_desc_init(&desc);
     desc.enable_gqa = 1;
@@ -261,8 +263,8 @@ static mha_status dense_layer(float *result)
  * attention-only, or GPT-2 blocks with an MLP. */
 static mha_status lab_steps(float *result, bool mlp)
 {
-    lab_config c = {.vocab = 10, .context = 8, .embed_dim = 8, .layers = 2, .heads = 2, .kv_heads = 1, .seed = 4,
-                    .mlp = mlp};
+    lab_config c = {
+        .vocab = 10, .context = 8, .embed_dim = 8, .layers = 2, .heads = 2, .kv_heads = 1, .seed = 4, .mlp = mlp};
     lab_model *m = NULL;
     mha_ctx *ctx = NULL;
     int32_t tokens[4 * 8];

@@ -73,8 +73,7 @@ static int run_case(const char *path, mha_st_file *cf, const char *out_path, con
         argv[argc++] = "--dtype";
         argv[argc++] = "bf16";
     }
-    for (char *tok = strtok(arg_copy, " "); tok && argc < MAX_ARGS - 1; tok = strtok(NULL, " "))
-        argv[argc++] = tok;
+    for (char *tok = strtok(arg_copy, " "); tok && argc < MAX_ARGS - 1; tok = strtok(NULL, " ")) argv[argc++] = tok;
     argv[argc] = NULL;
     return mha_cli_main(argc, argv);
 }

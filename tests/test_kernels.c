@@ -30,7 +30,8 @@ static void test_gemm_tile(const mha__kernels *kt)
     static const int64_t ks[] = {0, 1, 3, 17, 64, 200};
     int64_t lda = K_MAX + 5, ldb = kt->nr + 7, ldc = kt->nr + 9;
     float *a = malloc(sizeof(float) * (size_t)(kt->mr * lda * 2)), *b = malloc(sizeof(float) * (size_t)(K_MAX * ldb));
-    float *c = malloc(sizeof(float) * (size_t)((kt->mr + GUARD) * ldc)), *c0 = malloc(sizeof(float) * (size_t)((kt->mr + GUARD) * ldc));
+    float *c = malloc(sizeof(float) * (size_t)((kt->mr + GUARD) * ldc)),
+          *c0 = malloc(sizeof(float) * (size_t)((kt->mr + GUARD) * ldc));
     for (int64_t i = 0; i < kt->mr * lda * 2; i++) a[i] = uniform();
     for (int64_t i = 0; i < K_MAX * ldb; i++) b[i] = uniform();
     int bad = 0;
@@ -105,8 +106,8 @@ static void test_softmax_step(const mha__kernels *kt)
         sum[r] = 0;
         for (int j = 0; j < 2 * COLS; j++) row[r][j] = uniform() * 20.0f;
     }
-    for (int j = 0; j < 2 * COLS; j++) row[1][j] = -INFINITY;        /* fully masked row */
-    for (int j = 0; j < COLS; j++) row[2][j] = -INFINITY;            /* first block masked */
+    for (int j = 0; j < 2 * COLS; j++) row[1][j] = -INFINITY; /* fully masked row */
+    for (int j = 0; j < COLS; j++) row[2][j] = -INFINITY;     /* first block masked */
     row[3][5] = -INFINITY;
     int bad = 0;
     for (int blk = 0; blk < 2; blk++) {
@@ -148,8 +149,8 @@ static void test_softmax_grad(const mha__kernels *kt)
         s0[i] = uniform() * 10.0f;
         dp0[i] = uniform() * 3.0f;
     }
-    s0[3 * LDS + 4] = -INFINITY;             /* a masked score */
-    shift[7] = 0.0f, mul[7] = 0.0f;           /* a row that saw nothing, as the callers pass it */
+    s0[3 * LDS + 4] = -INFINITY;    /* a masked score */
+    shift[7] = 0.0f, mul[7] = 0.0f; /* a row that saw nothing, as the callers pass it */
     for (int j = 0; j < COLS; j++) s0[j * LDS + 7] = -INFINITY;
     int bad = 0;
     for (int rows = 1; rows <= ROWS; rows += 4) {
@@ -193,7 +194,8 @@ static void test_rows(const mha__kernels *kt, const mha__bf16_kernels *bk)
             bad += s[n] != 42.0f; /* nothing written past n */
             for (int j = 0; j < n; j++) {
                 double want = 0, mag = 0;
-                for (int c = 0; c < d; c++) want += (double)q[c] * kv[j * LD + c], mag += fabs((double)q[c] * kv[j * LD + c]);
+                for (int c = 0; c < d; c++)
+                    want += (double)q[c] * kv[j * LD + c], mag += fabs((double)q[c] * kv[j * LD + c]);
                 bad += fabs(s[j] - want) > (d + 1) * FLT_EPSILON * mag + 1e-30;
             }
             for (int c = 0; c <= D; c++) o[c] = o0[c] = uniform();
@@ -202,7 +204,8 @@ static void test_rows(const mha__kernels *kt, const mha__bf16_kernels *bk)
             bad += o[d] != o0[d];
             for (int c = 0; c < d; c++) {
                 double want = o0[c], mag = fabs(o0[c]);
-                for (int j = 0; j < n; j++) want += (double)p[j] * kv[j * LD + c], mag += fabs((double)p[j] * kv[j * LD + c]);
+                for (int j = 0; j < n; j++)
+                    want += (double)p[j] * kv[j * LD + c], mag += fabs((double)p[j] * kv[j * LD + c]);
                 bad += fabs(o[c] - want) > (n + 1) * FLT_EPSILON * mag + 1e-30;
             }
         }
@@ -287,8 +290,7 @@ int main(void)
         if (bk) {
             test_bf16_kernels(bk);
             test_rows(NULL, bk);
-        }
-        else printf("test_kernels: bf16 kernels %s not supported here, skipped\n", bf16_names[i]);
+        } else printf("test_kernels: bf16 kernels %s not supported here, skipped\n", bf16_names[i]);
     }
     static const char *const names[] = {"generic", "avx2", "avx512"};
     int tested = 0;

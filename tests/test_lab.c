@@ -30,7 +30,8 @@ static void fill_pattern(float *a, const int32_t *tokens, int kind)
             if (kind == 1 || kind == 2) { /* after the earlier copy, or the copy */
                 const int32_t *seq = tokens + b * T;
                 int j = -1;
-                for (int k = i - 1; k >= 0 && j < 0; k--) if (seq[k] == seq[i]) j = k;
+                for (int k = i - 1; k >= 0 && j < 0; k--)
+                    if (seq[k] == seq[i]) j = k;
                 target = j >= 0 && j + 1 < i ? (kind == 1 ? j + 1 : j) : i;
             }
             if (kind == 4) {
@@ -60,14 +61,17 @@ static void test_scores(void)
     lab_head_scores_compute(a, tokens, B, T, &s);
     double want = 0, dist = 0;
     for (int i = 0; i < T; i++) want += log(i + 1.0) / T, dist += i / 2.0 / T;
-    CHECK(fabs(s.entropy - want) < 1e-6 && fabs(s.distance - dist) < 1e-6, "uniform rows: entropy %.6f (want %.6f), "
-          "distance %.6f (want %.6f)", s.entropy, want, s.distance, dist);
+    CHECK(fabs(s.entropy - want) < 1e-6 && fabs(s.distance - dist) < 1e-6,
+          "uniform rows: entropy %.6f (want %.6f), "
+          "distance %.6f (want %.6f)",
+          s.entropy, want, s.distance, dist);
     CHECK(strcmp(lab_head_role(&s), "mixed") == 0, "uniform rows are mixed, not %s", lab_head_role(&s));
     /* A head spread over the last three positions: positional (local). */
     memset(a, 0, sizeof(float) * B * T * T);
     for (int b = 0; b < B; b++)
         for (int i = 0; i < T; i++)
-            for (int j = i - 2 < 0 ? 0 : i - 2; j <= i; j++) a[(b * T + i) * T + j] = 1.0f / (float)(i - (i - 2 < 0 ? 0 : i - 2) + 1);
+            for (int j = i - 2 < 0 ? 0 : i - 2; j <= i; j++)
+                a[(b * T + i) * T + j] = 1.0f / (float)(i - (i - 2 < 0 ? 0 : i - 2) + 1);
     lab_head_scores_compute(a, tokens, B, T, &s);
     CHECK(strcmp(lab_head_role(&s), "positional (local)") == 0, "a window of three is %s (distance %.2f)",
           lab_head_role(&s), s.distance);
@@ -115,7 +119,8 @@ static void test_data(void)
  * direction v, for every trainable array (float32: h = 1e-2). */
 static void test_gradients(mha_ctx *ctx, int mlp)
 {
-    lab_config c = {.vocab = 12, .context = 8, .embed_dim = 8, .layers = 2, .heads = 2, .seed = 3, .mlp = mlp, .tied = mlp};
+    lab_config c = {
+        .vocab = 12, .context = 8, .embed_dim = 8, .layers = 2, .heads = 2, .seed = 3, .mlp = mlp, .tied = mlp};
     lab_model *m = NULL;
     CHECK_OK(lab_model_create(&c, &m));
     int32_t tokens[2 * 8];
@@ -127,7 +132,8 @@ static void test_gradients(mha_ctx *ctx, int mlp)
         float *grad, *value;
         int64_t n;
         value = lab_model_param(m, i, &grad, &n);
-        float *g = malloc((size_t)n * sizeof *g), *v0 = malloc((size_t)n * sizeof *v0), *dir = malloc((size_t)n * sizeof *dir);
+        float *g = malloc((size_t)n * sizeof *g), *v0 = malloc((size_t)n * sizeof *v0),
+              *dir = malloc((size_t)n * sizeof *dir);
         memcpy(g, grad, (size_t)n * sizeof *g);
         memcpy(v0, value, (size_t)n * sizeof *v0);
         double predicted = 0, h = 1e-2;
@@ -144,8 +150,10 @@ static void test_gradients(mha_ctx *ctx, int mlp)
         memcpy(value, v0, (size_t)n * sizeof *v0);
         CHECK_OK(lab_model_params_changed(m));
         double measured = (up - down) / (2 * h);
-        CHECK(fabs(measured - predicted) <= 2e-3 * fmax(0.1, fabs(predicted)), "mlp %d, array %d: directional "
-              "derivative %.6g, gradient says %.6g", mlp, i, measured, predicted);
+        CHECK(fabs(measured - predicted) <= 2e-3 * fmax(0.1, fabs(predicted)),
+              "mlp %d, array %d: directional "
+              "derivative %.6g, gradient says %.6g",
+              mlp, i, measured, predicted);
         free(g), free(v0), free(dir);
     }
     lab_model_free(m);
@@ -173,8 +181,8 @@ static void test_training(mha_ctx *ctx)
  * after a save and a load gives the same bits as training straight on. */
 static void test_checkpoint(mha_ctx *ctx)
 {
-    lab_config c = {.vocab = 16, .context = 12, .embed_dim = 16, .layers = 2, .heads = 4, .kv_heads = 2, .seed = 8,
-                    .mlp = 1};
+    lab_config c = {
+        .vocab = 16, .context = 12, .embed_dim = 16, .layers = 2, .heads = 4, .kv_heads = 2, .seed = 8, .mlp = 1};
     lab_model *a = NULL, *b = NULL;
     CHECK_OK(lab_model_create(&c, &a));
     int32_t tokens[8 * 12];

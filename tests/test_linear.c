@@ -68,10 +68,7 @@ static results alloc_results(int64_t rows, int64_t in, int64_t out)
                      malloc((size_t)(out * in) * sizeof(float)), malloc((size_t)out * sizeof(float))};
 }
 
-static void free_results(results *r)
-{
-    free(r->y), free(r->dx), free(r->dw), free(r->db);
-}
+static void free_results(results *r) { free(r->y), free(r->dx), free(r->dw), free(r->db); }
 
 static void check_shape(mha_ctx *ctx1, mha_ctx *ctx3, int64_t rows, int64_t in, int64_t out, bool bias)
 {
@@ -122,7 +119,7 @@ static void check_shape(mha_ctx *ctx1, mha_ctx *ctx3, int64_t rows, int64_t in, 
 
 static void test_shapes(mha_ctx *ctx1, mha_ctx *ctx3)
 {
-    static const int64_t shapes[][3] = {{1, 1, 1},   {1, 64, 256}, {7, 13, 33},   {12, 32, 32},
+    static const int64_t shapes[][3] = {{1, 1, 1},   {1, 64, 256},   {7, 13, 33},     {12, 32, 32},
                                         {97, 64, 5}, {130, 100, 70}, {1024, 64, 256}, {300, 256, 64}};
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
         for (int bias = 0; bias < 2; bias++) check_shape(ctx1, ctx3, shapes[i][0], shapes[i][1], shapes[i][2], bias);

@@ -67,9 +67,9 @@ typedef struct sdpa_case {
     float softcap;
     bool alibi;
     enum mask_kind mask;
-    double scale;        /* NAN = default */
-    bool strided;        /* q, k, v, out stored as [B, T, H, D] */
-    bool bf16;           /* computed in bfloat16; the baseline is the plain bf16 reference */
+    double scale; /* NAN = default */
+    bool strided; /* q, k, v, out stored as [B, T, H, D] */
+    bool bf16;    /* computed in bfloat16; the baseline is the plain bf16 reference */
 } sdpa_case;
 
 /* Offset of element (b, h, t, c) and the matching view. */
@@ -101,7 +101,7 @@ typedef struct sdpa_data {
     float *q, *k, *v, *mask_add, *alibi;
     uint8_t *mask_keep;
     mha_attn_desc desc;
-    mha_ref_sdpa ref;            /* dense masks, double */
+    mha_ref_sdpa ref; /* dense masks, double */
     double *keep_dense_unused;
 } sdpa_data;
 
@@ -113,9 +113,10 @@ static void make_mask(const sdpa_case *c, sdpa_data *x, uint8_t **keep_dense, do
     if (c->mask == MASK_NONE) return;
     bool keep = c->mask == MASK_KEEP_DENSE || c->mask == MASK_KEEP_LS;
     int64_t stored = c->mask == MASK_KEEP_LS ? L * S : c->mask == MASK_ADD_B11S ? B * S : dense;
-    const int64_t strides[MASK_KINDS][4] = {
-        [MASK_KEEP_DENSE] = {H * L * S, L * S, S, 1}, [MASK_ADD_DENSE] = {H * L * S, L * S, S, 1},
-        [MASK_KEEP_LS] = {0, 0, S, 1}, [MASK_ADD_B11S] = {S, 0, 0, 1}};
+    const int64_t strides[MASK_KINDS][4] = {[MASK_KEEP_DENSE] = {H * L * S, L * S, S, 1},
+                                            [MASK_ADD_DENSE] = {H * L * S, L * S, S, 1},
+                                            [MASK_KEEP_LS] = {0, 0, S, 1},
+                                            [MASK_ADD_B11S] = {S, 0, 0, 1}};
     x->desc.mask.kind = keep ? MHA_MASK_KEEP : MHA_MASK_ADD;
     memcpy(x->desc.mask.stride, strides[c->mask], sizeof x->desc.mask.stride);
     if (keep) {
@@ -164,13 +165,15 @@ static void check_sdpa_backward(const sdpa_case *c, const sdpa_data *x, const mh
         }
     if (c->strided) /* dq with strided columns too ([B, H, D, L] in memory): the kernel cannot accumulate in place */
         for (int t = 0; t < 2; t++)
-            views[t][0] = (mha_tensor){grads[t][0], {c->B, c->Hq, c->L, c->D},
-                                       {c->Hq * c->D * c->L, c->D * c->L, 1, c->L}};
-    CHECK_OK(mha_attention_backward(ctx1, &views[0][0], &views[0][1], &views[0][2], &q, &k, &v, out, lse, &dov, &x->desc));
-    CHECK_OK(mha_attention_backward(ctx3, &views[1][0], &views[1][1], &views[1][2], &q, &k, &v, out, lse, &dov, &x->desc));
+            views[t][0] =
+                (mha_tensor){grads[t][0], {c->B, c->Hq, c->L, c->D}, {c->Hq * c->D * c->L, c->D * c->L, 1, c->L}};
+    CHECK_OK(
+        mha_attention_backward(ctx1, &views[0][0], &views[0][1], &views[0][2], &q, &k, &v, out, lse, &dov, &x->desc));
+    CHECK_OK(
+        mha_attention_backward(ctx3, &views[1][0], &views[1][1], &views[1][2], &q, &k, &v, out, lse, &dov, &x->desc));
     for (int g = 0; g < 3; g++)
-        CHECK(memcmp(grads[0][g], grads[1][g], (size_t)n[g] * sizeof(float)) == 0, "%s: gradient %d differs with 1 and 3 threads",
-              label, g);
+        CHECK(memcmp(grads[0][g], grads[1][g], (size_t)n[g] * sizeof(float)) == 0,
+              "%s: gradient %d differs with 1 and 3 threads", label, g);
     double *q64 = gather(&q), *k64 = gather(&k), *v64 = gather(&v), *do64 = gather(&dov);
     double *want[3];
     float *base[3], *got[3];
@@ -182,7 +185,8 @@ static void check_sdpa_backward(const sdpa_case *c, const sdpa_data *x, const mh
         free(got64);
     }
     mha_ref_sdpa_backward_f64(ref, q64, k64, v64, do64, want[0], want[1], want[2]);
-    float *q32 = to_float(q64, n[0]), *k32 = to_float(k64, n[1]), *v32 = to_float(v64, n[2]), *do32 = to_float(do64, no);
+    float *q32 = to_float(q64, n[0]), *k32 = to_float(k64, n[1]), *v32 = to_float(v64, n[2]),
+          *do32 = to_float(do64, no);
     mha_ref_sdpa_backward_f32(ref, q32, k32, v32, do32, base[0], base[1], base[2]);
     static const char *const names[3] = {"dq", "dk", "dv"};
     for (int g = 0; g < 3; g++) {
@@ -244,14 +248,27 @@ static void run_sdpa_case(const sdpa_case *c, mha_ctx *ctx1, mha_ctx *ctx3, cons
 
     double *q64 = gather(&q), *k64 = gather(&k), *v64 = gather(&v), *got64 = gather(&o1);
     float *gotf = to_float(got64, no);
-    mha_ref_sdpa ref = {.B = c->B, .Hq = c->Hq, .Hkv = c->Hkv, .L = c->L, .S = c->S, .D = c->D, .Dv = c->Dv,
-                        .scale = isnan(c->scale) ? 1.0 / sqrt((double)c->D) : c->scale, .softcap = c->softcap,
-                        .causal = c->causal, .window_left = c->window_left, .window_right = c->window_right,
-                        .alibi = alibi64, .keep = keep_dense, .add = add_dense};
-    double *ref_out = malloc((size_t)(no ? no : 1) * sizeof(double)), *ref_lse = malloc((size_t)(nl ? nl : 1) * sizeof(double));
+    mha_ref_sdpa ref = {.B = c->B,
+                        .Hq = c->Hq,
+                        .Hkv = c->Hkv,
+                        .L = c->L,
+                        .S = c->S,
+                        .D = c->D,
+                        .Dv = c->Dv,
+                        .scale = isnan(c->scale) ? 1.0 / sqrt((double)c->D) : c->scale,
+                        .softcap = c->softcap,
+                        .causal = c->causal,
+                        .window_left = c->window_left,
+                        .window_right = c->window_right,
+                        .alibi = alibi64,
+                        .keep = keep_dense,
+                        .add = add_dense};
+    double *ref_out = malloc((size_t)(no ? no : 1) * sizeof(double)),
+           *ref_lse = malloc((size_t)(nl ? nl : 1) * sizeof(double));
     mha_ref_sdpa_f64(&ref, q64, k64, v64, ref_out, ref_lse, NULL);
     float *q32 = to_float(q64, nq), *k32 = to_float(k64, nk), *v32 = to_float(v64, nv);
-    float *base_out = malloc((size_t)(no ? no : 1) * sizeof(float)), *base_lse = malloc((size_t)(nl ? nl : 1) * sizeof(float));
+    float *base_out = malloc((size_t)(no ? no : 1) * sizeof(float)),
+          *base_lse = malloc((size_t)(nl ? nl : 1) * sizeof(float));
     if (c->bf16) { /* a bf16 model stores K and V rounded; it rounds scale*q and P itself */
         for (int64_t i = 0; i < nk; i++) k32[i] = mha__bf16_to_f32(mha__f32_to_bf16(k32[i]));
         for (int64_t i = 0; i < nv; i++) v32[i] = mha__bf16_to_f32(mha__f32_to_bf16(v32[i]));
@@ -268,8 +285,9 @@ static void run_sdpa_case(const sdpa_case *c, mha_ctx *ctx1, mha_ctx *ctx3, cons
 
     if (!c->bf16) check_sdpa_backward(c, &x, &ref, &o1, lse1, ctx1, ctx3, label);
 
-    void *owned[] = {x.q, x.k, x.v, x.mask_add, x.mask_keep, x.alibi, alibi64, keep_dense, add_dense, out1, out3,
-                     lse1, lse3, q64, k64, v64, got64, gotf, ref_out, ref_lse, q32, k32, v32, base_out, base_lse};
+    void *owned[] = {x.q,     x.k,     x.v,  x.mask_add, x.mask_keep, x.alibi,  alibi64, keep_dense, add_dense,
+                     out1,    out3,    lse1, lse3,       q64,         k64,      v64,     got64,      gotf,
+                     ref_out, ref_lse, q32,  k32,        v32,         base_out, base_lse};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
 }
 
@@ -278,8 +296,14 @@ static void test_sdpa_sweep(mha_ctx *ctx1, mha_ctx *ctx3)
     static const int64_t seqs[] = {1, 2, 7, 16, 33, 70};
     static const int64_t dims[] = {8, 13, 40, 64, 128};
     for (int n = 0; n < 160; n++) {
-        sdpa_case c = {.B = 1 + pick(2), .Hkv = 1 + pick(3), .L = seqs[pick(6)], .S = seqs[pick(6)],
-                       .D = dims[pick(5)], .window_left = -1, .window_right = -1, .scale = NAN};
+        sdpa_case c = {.B = 1 + pick(2),
+                       .Hkv = 1 + pick(3),
+                       .L = seqs[pick(6)],
+                       .S = seqs[pick(6)],
+                       .D = dims[pick(5)],
+                       .window_left = -1,
+                       .window_right = -1,
+                       .scale = NAN};
         c.Hq = c.Hkv * (pick(2) ? 1 : 1 + pick(3));
         c.Dv = pick(3) ? c.D : dims[pick(5)];
         c.causal = (mha_causal)pick(3);
@@ -292,11 +316,12 @@ static void test_sdpa_sweep(mha_ctx *ctx1, mha_ctx *ctx3)
         c.strided = pick(2);
         c.bf16 = n % 4 == 3;
         char label[200];
-        snprintf(label, sizeof label,
-                 "sdpa #%d%s B%lld Hq%lld Hkv%lld L%lld S%lld D%lld Dv%lld causal%d win(%lld,%lld) cap%g alibi%d mask%d",
-                 n, c.bf16 ? " bf16" : "", (long long)c.B, (long long)c.Hq, (long long)c.Hkv, (long long)c.L, (long long)c.S, (long long)c.D,
-                 (long long)c.Dv, (int)c.causal, (long long)c.window_left, (long long)c.window_right,
-                 (double)c.softcap, c.alibi, (int)c.mask);
+        snprintf(
+            label, sizeof label,
+            "sdpa #%d%s B%lld Hq%lld Hkv%lld L%lld S%lld D%lld Dv%lld causal%d win(%lld,%lld) cap%g alibi%d mask%d", n,
+            c.bf16 ? " bf16" : "", (long long)c.B, (long long)c.Hq, (long long)c.Hkv, (long long)c.L, (long long)c.S,
+            (long long)c.D, (long long)c.Dv, (int)c.causal, (long long)c.window_left, (long long)c.window_right,
+            (double)c.softcap, c.alibi, (int)c.mask);
         run_sdpa_case(&c, ctx1, ctx3, label);
     }
 }
@@ -333,8 +358,16 @@ static void test_reference_gradients_by_differences(void)
     for (int i = 0; i < B * HQ * L * S; i++) add[i] = uniform(), keep[i] = pick(5) != 0;
     for (int h = 0; h < HQ; h++) alibi[h] = 0.25 * (h + 1);
     for (int variant = 0; variant < 4; variant++) {
-        mha_ref_sdpa a = {.B = B, .Hq = HQ, .Hkv = HKV, .L = L, .S = S, .D = D, .Dv = DV, .scale = 0.7,
-                          .window_left = -1, .window_right = -1};
+        mha_ref_sdpa a = {.B = B,
+                          .Hq = HQ,
+                          .Hkv = HKV,
+                          .L = L,
+                          .S = S,
+                          .D = D,
+                          .Dv = DV,
+                          .scale = 0.7,
+                          .window_left = -1,
+                          .window_right = -1};
         if (variant == 1) a.softcap = 2.0, a.alibi = alibi, a.add = add;
         if (variant == 2) a.causal = MHA_CAUSAL_BOTTOM_RIGHT, a.keep = keep, a.window_left = 2;
         if (variant == 3) a.causal = MHA_CAUSAL_TOP_LEFT, a.softcap = 1.0;
@@ -398,17 +431,33 @@ static void test_reference_layer_gradients_by_differences(void)
     for (int i = 0; i < 3; i++) free(random_floats(in_sizes[i], 1.0, &x[i]));
     for (int i = 0; i < N * H * L * S; i++) add[i] = pick(6) == 0 ? -INFINITY : uniform();
     for (int i = 0; i < N * L * E; i++) dout[i] = uniform();
-    mha_ref_layer a = {.N = N, .L = L, .S = S, .E = E, .H = H, .kdim = KD, .vdim = VD, .add_zero_attn = 1,
-                       .window_left = -1, .window_right = -1,
-                       .causal = 1, .w_q = w[0], .w_k = w[1], .w_v = w[2], .w_out = w[3], .b_in = w[4],
-                       .b_out = w[5], .bias_k = w[6], .bias_v = bias_v, .add = add};
+    mha_ref_layer a = {.N = N,
+                       .L = L,
+                       .S = S,
+                       .E = E,
+                       .H = H,
+                       .kdim = KD,
+                       .vdim = VD,
+                       .add_zero_attn = 1,
+                       .window_left = -1,
+                       .window_right = -1,
+                       .causal = 1,
+                       .w_q = w[0],
+                       .w_k = w[1],
+                       .w_v = w[2],
+                       .w_out = w[3],
+                       .b_in = w[4],
+                       .b_out = w[5],
+                       .bias_k = w[6],
+                       .bias_v = bias_v,
+                       .add = add};
     int64_t n = mha_ref_layer_grads_size(&a);
     double *grads = malloc((size_t)n * sizeof(double));
     mha_ref_layer_backward_f64(&a, x[0], x[1], x[2], dout, grads);
     /* Every differentiable value, in the gradient array's order. */
     double *values[11] = {x[0], x[1], x[2], w[0], w[1], w[2], w[3], w[4], w[5], w[6], bias_v};
-    const int64_t counts[11] = {in_sizes[0], in_sizes[1], in_sizes[2], sizes[0], sizes[1], sizes[2], sizes[3],
-                                sizes[4], sizes[5], sizes[6], E};
+    const int64_t counts[11] = {in_sizes[0], in_sizes[1], in_sizes[2], sizes[0], sizes[1], sizes[2],
+                                sizes[3],    sizes[4],    sizes[5],    sizes[6], E};
     double worst = layer_difference_error(&a, values, counts, 11, dout, grads);
     CHECK(worst < 1e-7, "reference layer gradients differ from central differences by %.3g", worst);
     for (int i = 0; i < 7; i++) free(w[i]);
@@ -428,7 +477,8 @@ static void test_heads_are_independent(mha_ctx *ctx)
     free(unused);
     float *v = random_floats(B * H * S * D, 1, &unused);
     free(unused);
-    float *all = malloc((size_t)(B * H * L * D) * sizeof(float)), *one = malloc((size_t)(B * H * L * D) * sizeof(float));
+    float *all = malloc((size_t)(B * H * L * D) * sizeof(float)),
+          *one = malloc((size_t)(B * H * L * D) * sizeof(float));
     mha_attn_desc desc;
     mha_attn_desc_init(&desc);
     desc.causal = MHA_CAUSAL_BOTTOM_RIGHT;
@@ -495,13 +545,16 @@ static void test_fully_masked_rows(mha_ctx *ctx)
         mha_attn_desc_init(&desc);
         if (kind == 0) desc.mask = (mha_mask){MHA_MASK_KEEP, keep, {0, 0, S, 1}};
         if (kind == 1) desc.mask = (mha_mask){MHA_MASK_ADD, add, {0, 0, S, 1}};
-        if (kind == 2) desc.window_left = desc.window_right = 0, tk.shape[2] = tv.shape[2] = 1, desc.causal = MHA_CAUSAL_BOTTOM_RIGHT;
+        if (kind == 2)
+            desc.window_left = desc.window_right = 0, tk.shape[2] = tv.shape[2] = 1,
+            desc.causal = MHA_CAUSAL_BOTTOM_RIGHT;
         for (int i = 0; i < 24; i++) out[i] = NAN;
         CHECK_OK(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &desc));
         bool zero = true, finite = true;
         for (int c = 0; c < D; c++) zero = zero && out[c] == 0.0f && !signbit(out[c]);
         for (int i = 0; i < 24; i++) finite = finite && isfinite(out[i]);
-        CHECK(kind == 2 || (zero && isinf(lse[0]) && lse[0] < 0), "kind %d: masked row gives %g, lse %g", kind, (double)out[0], (double)lse[0]);
+        CHECK(kind == 2 || (zero && isinf(lse[0]) && lse[0] < 0), "kind %d: masked row gives %g, lse %g", kind,
+              (double)out[0], (double)lse[0]);
         CHECK(kind != 2 || (isinf(lse[0]) && isinf(lse[1]) && isfinite(lse[2])), "bottom-right rows before the keys");
         CHECK(finite, "kind %d: NaN or inf in the output", kind);
     }
@@ -514,10 +567,10 @@ static void test_fully_masked_rows(mha_ctx *ctx)
 typedef struct layer_case {
     int64_t N, L, S, E, H, kdim, vdim;
     bool bias, bias_kv, zero_attn, causal, mask, kpm, batch_first, need_weights, average;
-    bool bf16;  /* the layer computes in bfloat16; the baseline is the plain bf16 model */
+    bool bf16; /* the layer computes in bfloat16; the baseline is the plain bf16 model */
     /* Model blocks beyond nn.MultiheadAttention (0: as nn.MultiheadAttention). */
-    int64_t G, hd;               /* kv heads, head width */
-    int out_bias;                /* -1: as bias */
+    int64_t G, hd; /* kv heads, head width */
+    int out_bias;  /* -1: as bias */
     mha_rope_kind rope;
     int64_t rope_dim, position;
     double theta;
@@ -554,19 +607,30 @@ static void layer_grads(mha_ctx *ctx, mha_layer *layer, mha_layer_fwd_args *a, f
     int64_t d = r->hd ? r->hd : E / r->H, qd = r->H * d, kvd = (r->G ? r->G : r->H) * d;
     int64_t base = N * (L * E + S * (kd + vd)), wq = base, wk = wq + qd * E, wv = wk + kvd * kd, wo = wv + kvd * vd;
     int64_t bin = wo + E * qd, bout = bin + qd + 2 * kvd, bk = bout + E, bv = bk + E;
-    const ref_grad_slot slots[] = {
-        {"q_proj_weight", wq, qd * E}, {"k_proj_weight", wk, kvd * kd}, {"v_proj_weight", wv, kvd * vd},
-        {"in_proj_weight", wq, (qd + 2 * kvd) * E}, {"out_proj.weight", wo, E * qd}, {"in_proj_bias", bin, qd + 2 * kvd},
-        {"out_proj.bias", bout, E}, {"bias_k", bk, E}, {"bias_v", bv, E},
-        {"q_proj.weight", wq, qd * E}, {"k_proj.weight", wk, kvd * kd}, {"v_proj.weight", wv, kvd * vd},
-        {"o_proj.weight", wo, E * qd}, {"q_proj.bias", bin, qd}, {"k_proj.bias", bin + qd, kvd},
-        {"v_proj.bias", bin + qd + kvd, kvd}, {"o_proj.bias", bout, E}};
+    const ref_grad_slot slots[] = {{"q_proj_weight", wq, qd * E},
+                                   {"k_proj_weight", wk, kvd * kd},
+                                   {"v_proj_weight", wv, kvd * vd},
+                                   {"in_proj_weight", wq, (qd + 2 * kvd) * E},
+                                   {"out_proj.weight", wo, E * qd},
+                                   {"in_proj_bias", bin, qd + 2 * kvd},
+                                   {"out_proj.bias", bout, E},
+                                   {"bias_k", bk, E},
+                                   {"bias_v", bv, E},
+                                   {"q_proj.weight", wq, qd * E},
+                                   {"k_proj.weight", wk, kvd * kd},
+                                   {"v_proj.weight", wv, kvd * vd},
+                                   {"o_proj.weight", wo, E * qd},
+                                   {"q_proj.bias", bin, qd},
+                                   {"k_proj.bias", bin + qd, kvd},
+                                   {"v_proj.bias", bin + qd + kvd, kvd},
+                                   {"o_proj.bias", bout, E}};
     mha_param params[8];
     int64_t n = mha_layer_params(layer, params, 8);
     for (int64_t i = 0; i < n; i++)
         for (size_t s = 0; s < sizeof slots / sizeof slots[0]; s++)
             if (strcmp(params[i].name, slots[s].name) == 0) {
-                CHECK(params[i].numel == slots[s].numel, "%s has %lld values", params[i].name, (long long)params[i].numel);
+                CHECK(params[i].numel == slots[s].numel, "%s has %lld values", params[i].name,
+                      (long long)params[i].numel);
                 memcpy(got + slots[s].offset, params[i].grad, (size_t)slots[s].numel * sizeof(float));
             }
     free(out);
@@ -712,12 +776,33 @@ static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, co
               (!c->need_weights || memcmp(w1, w2, (size_t)nw * sizeof(float)) == 0),
           "%s: 1 and 2 threads differ", label);
 
-    mha_ref_layer r = {.N = N, .L = L, .S = S, .E = E, .H = H, .kdim = c->kdim, .vdim = c->vdim,
-                       .add_zero_attn = c->zero_attn, .causal = c->causal, .w_q = wq, .w_k = wk, .w_v = wv,
-                       .b_in = bi, .w_out = wo, .b_out = bo, .bias_k = bk, .bias_v = bv, .add = add,
-                       .G = G, .hd = hd, .rope_kind = c->rope, .rope_theta = c->theta ? c->theta : 10000.0,
-                       .rope_dim = c->rope_dim ? c->rope_dim : hd, .position = c->position,
-                       .window_left = c->window_left, .window_right = c->window_right, .softcap = c->softcap,
+    mha_ref_layer r = {.N = N,
+                       .L = L,
+                       .S = S,
+                       .E = E,
+                       .H = H,
+                       .kdim = c->kdim,
+                       .vdim = c->vdim,
+                       .add_zero_attn = c->zero_attn,
+                       .causal = c->causal,
+                       .w_q = wq,
+                       .w_k = wk,
+                       .w_v = wv,
+                       .b_in = bi,
+                       .w_out = wo,
+                       .b_out = bo,
+                       .bias_k = bk,
+                       .bias_v = bv,
+                       .add = add,
+                       .G = G,
+                       .hd = hd,
+                       .rope_kind = c->rope,
+                       .rope_theta = c->theta ? c->theta : 10000.0,
+                       .rope_dim = c->rope_dim ? c->rope_dim : hd,
+                       .position = c->position,
+                       .window_left = c->window_left,
+                       .window_right = c->window_right,
+                       .softcap = c->softcap,
                        .alibi = slopes64};
     double *ref = malloc((size_t)(N * L * E) * sizeof(double)), *ref_p = malloc((size_t)nprobs * sizeof(double));
     float *base = malloc((size_t)(N * L * E) * sizeof(float)), *base_p = malloc((size_t)nprobs * sizeof(float));
@@ -744,8 +829,9 @@ static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, co
         CHECK_CLOSE_EPS(what, w1, ref_p, base_p, nw, eps);
     }
     if (!c->bf16) check_layer_backward(layer, &a, &r, xq, xk, xv, ctx1, ctx2, label);
-    void *owned[] = {wq, wk, wv, wo, bi, bo, bk, bv, xq, xk, xv, fq, fk, fv, fo, fbi, fbo, fbk, fbv, iq, ik, iv,
-                     amask, kpm, add, out1, out2, w1, w2, ref, ref_p, base, base_p, slopes, slopes64};
+    void *owned[] = {wq,  wk,   wv,   wo,  bi,  bo,  bk,    bv,   xq,     xk,     xv,      fq,
+                     fk,  fv,   fo,   fbi, fbo, fbk, fbv,   iq,   ik,     iv,     amask,   kpm,
+                     add, out1, out2, w1,  w2,  ref, ref_p, base, base_p, slopes, slopes64};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     mha_layer_free(layer);
 }
@@ -819,10 +905,12 @@ static void test_block_sweep(mha_ctx *ctx1, mha_ctx *ctx2)
         c.alibi = pick(4) == 0;
         c.bf16 = n % 4 == 3;
         char label[200];
-        snprintf(label, sizeof label, "block #%d%s N%lld L%lld S%lld E%lld H%lld G%lld d%lld rope%d/%lld pos%lld win(%lld,%lld) cap%g alibi%d",
-                 n, c.bf16 ? " bf16" : "", (long long)c.N, (long long)c.L, (long long)c.S, (long long)c.E,
-                 (long long)c.H, (long long)c.G, (long long)c.hd, (int)c.rope, (long long)c.rope_dim,
-                 (long long)c.position, (long long)c.window_left, (long long)c.window_right, (double)c.softcap, c.alibi);
+        snprintf(
+            label, sizeof label,
+            "block #%d%s N%lld L%lld S%lld E%lld H%lld G%lld d%lld rope%d/%lld pos%lld win(%lld,%lld) cap%g alibi%d", n,
+            c.bf16 ? " bf16" : "", (long long)c.N, (long long)c.L, (long long)c.S, (long long)c.E, (long long)c.H,
+            (long long)c.G, (long long)c.hd, (int)c.rope, (long long)c.rope_dim, (long long)c.position,
+            (long long)c.window_left, (long long)c.window_right, (double)c.softcap, c.alibi);
         run_layer_case(&c, ctx1, ctx2, label);
     }
 }
@@ -839,16 +927,36 @@ static void test_reference_block_gradients_by_differences(void)
     for (int i = 0; i < 3; i++) free(random_floats(in_sizes[i], 1.0, &x[i]));
     for (int i = 0; i < N * L * E; i++) dout[i] = uniform();
     for (int kind = MHA_ROPE_HALF; kind <= MHA_ROPE_INTERLEAVED; kind++) {
-        mha_ref_layer a = {.N = N, .L = L, .S = S, .E = E, .H = H, .kdim = E, .vdim = E, .causal = 1,
-                           .w_q = w[0], .w_k = w[1], .w_v = w[2], .w_out = w[3], .b_in = w[4], .b_out = w[5],
-                           .G = G, .hd = D, .rope_kind = kind, .rope_theta = 100.0, .rope_dim = D, .position = 7,
-                           .window_left = 3, .window_right = -1, .softcap = 2.0, .alibi = alibi};
+        mha_ref_layer a = {.N = N,
+                           .L = L,
+                           .S = S,
+                           .E = E,
+                           .H = H,
+                           .kdim = E,
+                           .vdim = E,
+                           .causal = 1,
+                           .w_q = w[0],
+                           .w_k = w[1],
+                           .w_v = w[2],
+                           .w_out = w[3],
+                           .b_in = w[4],
+                           .b_out = w[5],
+                           .G = G,
+                           .hd = D,
+                           .rope_kind = kind,
+                           .rope_theta = 100.0,
+                           .rope_dim = D,
+                           .position = 7,
+                           .window_left = 3,
+                           .window_right = -1,
+                           .softcap = 2.0,
+                           .alibi = alibi};
         int64_t n = mha_ref_layer_grads_size(&a);
         double *grads = malloc((size_t)n * sizeof(double));
         mha_ref_layer_backward_f64(&a, x[0], x[1], x[2], dout, grads);
         double *values[9] = {x[0], x[1], x[2], w[0], w[1], w[2], w[3], w[4], w[5]};
-        const int64_t counts[9] = {in_sizes[0], in_sizes[1], in_sizes[2], sizes[0], sizes[1], sizes[2], sizes[3],
-                                   sizes[4], sizes[5]};
+        const int64_t counts[9] = {in_sizes[0], in_sizes[1], in_sizes[2], sizes[0], sizes[1],
+                                   sizes[2],    sizes[3],    sizes[4],    sizes[5]};
         double worst = layer_difference_error(&a, values, counts, 9, dout, grads);
         CHECK(worst < 1e-7, "reference block gradients (rope %d) differ from central differences by %.3g", kind, worst);
         free(grads);
@@ -942,14 +1050,22 @@ static void reference_vs_pytorch(const char *path)
     mha_st_find(f, "query", &qi);
     mha_st_find(f, "key", &ki);
     mha_st_find(f, "value", &vi);
-    mha_ref_sdpa r = {.B = qi.shape[0], .Hq = qi.shape[1], .Hkv = ki.shape[1], .L = qi.shape[2], .S = ki.shape[2],
-                      .D = qi.shape[3], .Dv = vi.shape[3], .window_left = -1, .window_right = -1};
+    mha_ref_sdpa r = {.B = qi.shape[0],
+                      .Hq = qi.shape[1],
+                      .Hkv = ki.shape[1],
+                      .L = qi.shape[2],
+                      .S = ki.shape[2],
+                      .D = qi.shape[3],
+                      .Dv = vi.shape[3],
+                      .window_left = -1,
+                      .window_right = -1};
     r.scale = arg_value(args, "--scale") ? atof(arg_value(args, "--scale")) : 1.0 / sqrt((double)r.D);
     r.softcap = arg_value(args, "--softcap") ? atof(arg_value(args, "--softcap")) : 0;
     if (arg_value(args, "--window-left")) r.window_left = atoll(arg_value(args, "--window-left"));
     if (arg_value(args, "--window-right")) r.window_right = atoll(arg_value(args, "--window-right"));
-    r.causal = strstr(args, "--is-causal") ? MHA_CAUSAL_TOP_LEFT
-             : strstr(args, "--causal-bottom-right") ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_NONE;
+    r.causal = strstr(args, "--is-causal")             ? MHA_CAUSAL_TOP_LEFT
+               : strstr(args, "--causal-bottom-right") ? MHA_CAUSAL_BOTTOM_RIGHT
+                                                       : MHA_CAUSAL_NONE;
     double *q = read_double(f, "query", NULL), *k = read_double(f, "key", NULL), *v = read_double(f, "value", NULL);
     double *alibi = read_double(f, "alibi_slopes", NULL), *mask = read_double(f, "attn_mask", NULL);
     int64_t dense = r.B * r.Hq * r.L * r.S, no, nl;

@@ -78,8 +78,16 @@ static void check_large_logits(mha_ctx *ctx, double logit)
     unsigned before = fp_state();
     CHECK_OK(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &desc));
     CHECK(fp_state() == before, "MXCSR changed across mha_attention: %x -> %x", before, fp_state());
-    mha_ref_sdpa r = {.B = B, .Hq = H, .Hkv = H, .L = L, .S = S, .D = D, .Dv = D, .scale = 1.0 / sqrt((double)D),
-                      .window_left = -1, .window_right = -1};
+    mha_ref_sdpa r = {.B = B,
+                      .Hq = H,
+                      .Hkv = H,
+                      .L = L,
+                      .S = S,
+                      .D = D,
+                      .Dv = D,
+                      .scale = 1.0 / sqrt((double)D),
+                      .window_left = -1,
+                      .window_right = -1};
     mha_ref_sdpa_f64(&r, q64, k64, v64, want, NULL, NULL);
     mha_ref_sdpa_f32(&r, q, k, v, base, NULL, NULL);
     int bad = 0;
@@ -113,8 +121,19 @@ static void check_scaled_layer(mha_ctx *ctx)
     a.query = a.key = a.value = mha_tensor_3d(x, N, L, E);
     mha_tensor ty = mha_tensor_3d(y, N, L, E);
     CHECK_OK(mha_layer_forward(ctx, layer, &ty, NULL, &a));
-    mha_ref_layer r = {.N = N, .L = L, .S = L, .E = E, .H = H, .kdim = E, .vdim = E, .w_q = w64, .w_k = w64 + E * E,
-                       .w_v = w64 + 2 * E * E, .w_out = w64 + 3 * E * E, .window_left = -1, .window_right = -1};
+    mha_ref_layer r = {.N = N,
+                       .L = L,
+                       .S = L,
+                       .E = E,
+                       .H = H,
+                       .kdim = E,
+                       .vdim = E,
+                       .w_q = w64,
+                       .w_k = w64 + E * E,
+                       .w_v = w64 + 2 * E * E,
+                       .w_out = w64 + 3 * E * E,
+                       .window_left = -1,
+                       .window_right = -1};
     mha_ref_layer_f64(&r, x64, x64, x64, want, NULL);
     mha_ref_layer_f32(&r, x, x, x, base, NULL);
     CHECK_CLOSE("layer, inputs x 1e3", y, want, base, N * L * E);
@@ -136,7 +155,8 @@ static void check_nan_inf(mha_ctx *ctx, int L) /* L < 16: the decoding path; els
         if (kind == 0) q[3 * D + 2] = NAN;
         if (kind == 1) k[J * D + 1] = NAN;
         if (kind == 2) v[J * D + 4] = INFINITY;
-        mha_tensor tq = mha_tensor_4d(q, 1, 1, L, D), tk = mha_tensor_4d(k, 1, 1, L, D), tv = mha_tensor_4d(v, 1, 1, L, D);
+        mha_tensor tq = mha_tensor_4d(q, 1, 1, L, D), tk = mha_tensor_4d(k, 1, 1, L, D),
+                   tv = mha_tensor_4d(v, 1, 1, L, D);
         mha_tensor to = mha_tensor_4d(out, 1, 1, L, D);
         mha_attn_desc desc;
         mha_attn_desc_init(&desc);
@@ -208,7 +228,8 @@ static bool compute_bits(int threads, bits *out)
     a.query = a.key = a.value = mha_tensor_3d(x, N, L, E);
     a.causal = MHA_CAUSAL_TOP_LEFT;
     a.tape = tape;
-    mha_tensor ty = mha_tensor_3d(out->y, N, L, E), tdy = mha_tensor_3d(dy, N, L, E), tgx = mha_tensor_3d(out->gx, N, L, E);
+    mha_tensor ty = mha_tensor_3d(out->y, N, L, E), tdy = mha_tensor_3d(dy, N, L, E),
+               tgx = mha_tensor_3d(out->gx, N, L, E);
     memset(out->gx, 0, sizeof out->gx);
     if (ok) mha_layer_zero_grad(layer);
     ok = ok && mha_layer_forward(ctx, layer, &ty, NULL, &a) == MHA_OK &&

@@ -91,16 +91,19 @@ static void test_malformed(void)
                    "needs 12 bytes but data_offsets span 8");
     expect_corrupt("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,4]}}", 8, 0, "end before they begin");
     expect_corrupt("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
-                   "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", 12, 0, "overlaps");
+                   "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}",
+                   12, 0, "overlaps");
     expect_corrupt("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
-                   "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}", 12, 0, "previous tensor ends");
+                   "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}",
+                   12, 0, "previous tensor ends");
     expect_corrupt("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8, 0, "data begins at 4");
     expect_corrupt("{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", 8, 0,
                    "cover 16 bytes of data but the file holds 8");
     expect_corrupt("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 6, 0,
                    "cover 4 bytes of data but the file holds 6");
     expect_corrupt("{\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
-                   "\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]}}", 2, 0, "\"a\" appears twice");
+                   "\"a\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]}}",
+                   2, 0, "\"a\" appears twice");
     expect_corrupt("{\"__metadata__\":{\"k\":1}}", 0, 0, "expected a string");
     expect_corrupt("{\"__metadata__\":[]}", 0, 0, "must be an object");
     expect_corrupt("{\"__metadata__\":{},\"__metadata__\":{}}", 0, 0, "__metadata__ appears twice");
@@ -118,10 +121,11 @@ static void test_valid_images(void)
     free(buf);
     /* JSON order need not be offset order; unknown fields are skipped;
      * escapes decode to UTF-8; scalars have rank 0. */
-    buf = image("{\"z\\u00e9\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[4,8],\"extra\":{\"x\":[1,-2.5e3,null]}},"
-                "\"__metadata__\":{\"format\":\"pt\"},"
-                "\"a\":{\"dtype\":\"U8\",\"shape\":[2,2],\"data_offsets\":[0,4]}}",
-                8, 0, &len);
+    buf =
+        image("{\"z\\u00e9\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[4,8],\"extra\":{\"x\":[1,-2.5e3,null]}},"
+              "\"__metadata__\":{\"format\":\"pt\"},"
+              "\"a\":{\"dtype\":\"U8\",\"shape\":[2,2],\"data_offsets\":[0,4]}}",
+              8, 0, &len);
     CHECK_OK(mha_st_open_memory(buf, len, &f));
     mha_st_info info;
     CHECK(mha_st_count(f) == 2, "two tensors expected");

@@ -18,15 +18,15 @@
 
 typedef struct mha__attn_plan {
     int64_t B, Hq, Hkv, L, S, D, Dv;
-    int64_t R;               /* keys [0, R) are real: masks, causal, window, ALiBi apply */
-    int64_t group;           /* Hq / Hkv: query heads per kv head */
-    float   scale;
-    float   softcap;         /* 0 = off */
+    int64_t R;     /* keys [0, R) are real: masks, causal, window, ALiBi apply */
+    int64_t group; /* Hq / Hkv: query heads per kv head */
+    float scale;
+    float softcap; /* 0 = off */
     mha_causal causal;
-    int64_t window_left, window_right;  /* -1 = unbounded */
-    const float *alibi;      /* [Hq] or NULL */
-    mha_mask masks[2];       /* over [B, Hq, L, R]; kind NONE = unused */
-    bool    bf16;            /* Q, K, V and P rounded to bf16 for the products */
+    int64_t window_left, window_right; /* -1 = unbounded */
+    const float *alibi;                /* [Hq] or NULL */
+    mha_mask masks[2];                 /* over [B, Hq, L, R]; kind NONE = unused */
+    bool bf16;                         /* Q, K, V and P rounded to bf16 for the products */
 } mha__attn_plan;
 
 /* Per-row softmax statistics a forward pass can save: the maximum score
@@ -73,9 +73,9 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor 
  * each key block's K and V rows are read only by the work item that then
  * writes that block's dK and dV, after the pass that reads all of them.
  * NOMEM. */
-mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *dq, mha_tensor *dk,
-                              mha_tensor *dv, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
-                              const mha_tensor *out, const mha_tensor *dout, const mha__row_norm *norm);
+mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
+                              const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_tensor *out,
+                              const mha_tensor *dout, const mha__row_norm *norm);
 
 /* The row contract, in one place for every kernel:
  * the real keys [*lo, *hi) that query row i may see under causal masking

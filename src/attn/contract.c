@@ -36,8 +36,8 @@ mha_status mha__attn_plan_check(const mha__attn_plan *p)
         const int64_t extent[4] = {p->B, p->Hq, p->L, p->R};
         int64_t last = 0, reach;
         for (int d = 0; d < 4; d++)
-            if (mask->stride[d] < 0 || (extent[d] > 0 && (!mha__mul(extent[d] - 1, mask->stride[d], &reach) ||
-                                                          !mha__add(last, reach, &last))))
+            if (mask->stride[d] < 0 ||
+                (extent[d] > 0 && (!mha__mul(extent[d] - 1, mask->stride[d], &reach) || !mha__add(last, reach, &last))))
                 return mha__fail(MHA_ERR_INVALID_ARG, "mask strides are negative or overflow");
     }
     return MHA_OK;
@@ -84,8 +84,7 @@ float mha__real_key_bias(const mha__attn_plan *p, int64_t b, int64_t h, int64_t 
 }
 
 void mha__score_contract(const mha__attn_plan *p, float *st, int64_t lds, int64_t b, int64_t h, int64_t i0,
-                         int64_t rows, int64_t j0, int64_t cols, const int64_t *lo, const int64_t *hi,
-                         float *cap_slope)
+                         int64_t rows, int64_t j0, int64_t cols, const int64_t *lo, const int64_t *hi, float *cap_slope)
 {
     bool biased = mha__plan_has_bias(p);
     float cap = p->softcap;
@@ -120,4 +119,3 @@ void mha__score_contract(const mha__attn_plan *p, float *st, int64_t lds, int64_
         }
     }
 }
-

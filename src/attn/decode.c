@@ -25,12 +25,12 @@ enum { KC = 256 }; /* keys per chunk: 256 x 64 floats of K and of V fit in L2 be
 typedef struct decode_job {
     const mha__attn_plan *p;
     const mha__kernels *kt;
-    const mha__bf16_kernels *bk;  /* for a bf16 cache */
+    const mha__bf16_kernels *bk; /* for a bf16 cache */
     const mha_tensor *q;
     const mha__kv_view *kv;
     mha_tensor *out;
     float *lse;
-    float *partial;               /* [B, Hq, L, chunks][2 + Dv]: m, l, O */
+    float *partial; /* [B, Hq, L, chunks][2 + Dv]: m, l, O */
     int64_t chunks;
     char *scratch;
     int64_t scratch_stride;
@@ -45,8 +45,7 @@ static float *partial_at(const decode_job *j, int64_t b, int64_t h, int64_t i, i
 }
 
 /* Scores of keys [j0, j0 + cols) of kv head g for the scaled query qs. */
-static void chunk_scores(const decode_job *j, int64_t b, int64_t g, int64_t j0, int64_t cols, const float *qs,
-                         float *s)
+static void chunk_scores(const decode_job *j, int64_t b, int64_t g, int64_t j0, int64_t cols, const float *qs, float *s)
 {
     const mha__kv_view *kv = j->kv;
     int64_t at = b * kv->stride[0] + g * kv->stride[1] + j0 * kv->stride[2];
@@ -134,7 +133,13 @@ static void merge_range(void *arg, int thread, int64_t begin, int64_t end)
 mha_status mha__decode_attention(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse,
                                  const mha_tensor *q, const mha__kv_view *kv)
 {
-    decode_job j = {.p = p, .kt = mha__kernels_get(), .bk = mha__bf16_get(), .q = q, .kv = kv, .out = out, .lse = lse,
+    decode_job j = {.p = p,
+                    .kt = mha__kernels_get(),
+                    .bk = mha__bf16_get(),
+                    .q = q,
+                    .kv = kv,
+                    .out = out,
+                    .lse = lse,
                     .chunks = (p->S + KC - 1) / KC};
     int64_t rows = p->B * p->Hq * p->L, floats, bytes;
     if (rows == 0) return MHA_OK;

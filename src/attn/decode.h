@@ -15,8 +15,8 @@ enum { MHA_DECODE_ROWS = 16 };
  * g * stride[1] + j * stride[2] + c, float32 or bf16. */
 typedef struct mha__kv_view {
     const void *k, *v;
-    bool        bf16;
-    int64_t     stride[3];
+    bool bf16;
+    int64_t stride[3];
 } mha__kv_view;
 
 /* out [B, Hq, L, Dv] (and lse [B, Hq, L] if not NULL) for q [B, Hq, L, D]

@@ -40,8 +40,8 @@ static int64_t rows_per_item(const mha__attn_plan *p)
 typedef struct flash_job {
     const mha__attn_plan *p;
     const mha__kernels *kt;
-    const mha__bf16_kernels *bk;  /* non-NULL: the products run in bf16 */
-    int64_t br;                /* query rows per item */
+    const mha__bf16_kernels *bk; /* non-NULL: the products run in bf16 */
+    int64_t br;                  /* query rows per item */
     mha_tensor *out;
     float *lse;
     mha__row_stats *stats;
@@ -52,14 +52,14 @@ typedef struct flash_job {
 
 /* Per-thread tiles, carved from one scratch slice. */
 typedef struct tiles {
-    float *qt;      /* [D][BR]   the item's queries, transposed (packed once per item) */
-    float *vt;      /* [BC][Dv]  the value tile, when V's rows are not contiguous */
-    float *st;      /* [BC][BR]  scores, then probabilities, key-major */
-    float *o;       /* [BR][Dv]  unnormalised output */
-    float *max, *sum, *scale;  /* [BR] */
-    uint16_t *k16;  /* bf16 only: [BC][D even]  the key tile, rounded */
-    uint16_t *p16;  /* bf16 only: [BC / 2][BR][2] probabilities in pairs of keys, rounded */
-    int64_t lo[BR], hi[BR];    /* each row's visible real keys (mha__row_key_range) */
+    float *qt;                /* [D][BR]   the item's queries, transposed (packed once per item) */
+    float *vt;                /* [BC][Dv]  the value tile, when V's rows are not contiguous */
+    float *st;                /* [BC][BR]  scores, then probabilities, key-major */
+    float *o;                 /* [BR][Dv]  unnormalised output */
+    float *max, *sum, *scale; /* [BR] */
+    uint16_t *k16;            /* bf16 only: [BC][D even]  the key tile, rounded */
+    uint16_t *p16;            /* bf16 only: [BC / 2][BR][2] probabilities in pairs of keys, rounded */
+    int64_t lo[BR], hi[BR];   /* each row's visible real keys (mha__row_key_range) */
 } tiles;
 
 /* In bf16, qt holds (scale Q)^T and vt the value tile in pairs of rows,
@@ -109,7 +109,8 @@ static void pack_queries(const flash_job *j, int64_t b, int64_t h, int64_t i0, i
         uint16_t *qt16 = (uint16_t *)qt;
         for (int64_t r = 0; r < rows; r++) {
             for (int64_t c = 0; c < D; c++)
-                qt16[(c / 2) * 2 * BR + 2 * r + c % 2] = mha__f32_to_bf16(qb[r * q->stride[2] + c * q->stride[3]] * scale);
+                qt16[(c / 2) * 2 * BR + 2 * r + c % 2] =
+                    mha__f32_to_bf16(qb[r * q->stride[2] + c * q->stride[3]] * scale);
             if (D & 1) qt16[(D / 2) * 2 * BR + 2 * r + 1] = 0;
         }
         return;
@@ -128,13 +129,15 @@ static void score_products_bf16(const flash_job *j, const tiles *t, const float 
         if (k->stride[3] == 1) {
             j->bk->round(t->k16 + c * De, kb + c * k->stride[2], D);
         } else {
-            for (int64_t d = 0; d < D; d++) t->k16[c * De + d] = mha__f32_to_bf16(kb[c * k->stride[2] + d * k->stride[3]]);
+            for (int64_t d = 0; d < D; d++)
+                t->k16[c * De + d] = mha__f32_to_bf16(kb[c * k->stride[2] + d * k->stride[3]]);
         }
         if (D & 1) t->k16[c * De + D] = 0;
     }
     for (int64_t c = 0; c < cols; c += MHA_BF16_MR)
         for (int64_t r = 0; r < rows; r += MHA_BF16_NR) {
-            int64_t m = cols - c < MHA_BF16_MR ? cols - c : MHA_BF16_MR, n = rows - r < MHA_BF16_NR ? rows - r : MHA_BF16_NR;
+            int64_t m = cols - c < MHA_BF16_MR ? cols - c : MHA_BF16_MR,
+                    n = rows - r < MHA_BF16_NR ? rows - r : MHA_BF16_NR;
             j->bk->tile(m, n, De, t->k16 + c * De, De, 2, (const uint16_t *)t->qt + 2 * r, 2 * BR, t->st + c * BR + r,
                         BR, 0);
         }
@@ -153,7 +156,8 @@ static void value_products_bf16(const flash_job *j, const tiles *t, const float 
         const float *second = c + 1 < cols ? t->st + (c + 1) * BR : NULL;
         bk->pairs(p16 + (c / 2) * 2 * BR, t->st + c * BR, second, rows);
         if (v->stride[3] == 1) {
-            bk->pairs(v16 + (c / 2) * 2 * Dv, vb + c * v->stride[2], c + 1 < cols ? vb + (c + 1) * v->stride[2] : NULL, Dv);
+            bk->pairs(v16 + (c / 2) * 2 * Dv, vb + c * v->stride[2], c + 1 < cols ? vb + (c + 1) * v->stride[2] : NULL,
+                      Dv);
             continue;
         }
         for (int64_t d = 0; d < Dv; d++) {
@@ -164,7 +168,8 @@ static void value_products_bf16(const flash_job *j, const tiles *t, const float 
     }
     for (int64_t r = 0; r < rows; r += MHA_BF16_MR)
         for (int64_t c = 0; c < Dv; c += MHA_BF16_NR) {
-            int64_t m = rows - r < MHA_BF16_MR ? rows - r : MHA_BF16_MR, n = Dv - c < MHA_BF16_NR ? Dv - c : MHA_BF16_NR;
+            int64_t m = rows - r < MHA_BF16_MR ? rows - r : MHA_BF16_MR,
+                    n = Dv - c < MHA_BF16_NR ? Dv - c : MHA_BF16_NR;
             bk->tile(m, n, ce, p16 + 2 * r, 2, 2 * BR, v16 + 2 * c, 2 * Dv, t->o + r * Dv + c, Dv, 1);
         }
 }
@@ -173,15 +178,14 @@ static void value_products_bf16(const flash_job *j, const tiles *t, const float 
  * S^T = K (scale Q)^T, with K's rows read in place as the broadcast
  * operand; then the row contract, unless `plain` says every key of the
  * tile is visible to every row with no bias. */
-static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                       int64_t j0, int64_t cols, bool plain)
+static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                       int64_t cols, bool plain)
 {
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
     const mha_tensor *k = j->k;
     const float *kb = k->data + b * k->stride[0] + (h / p->group) * k->stride[1] + j0 * k->stride[2];
-    if (j->bk)
-        score_products_bf16(j, t, kb, rows, cols);
+    if (j->bk) score_products_bf16(j, t, kb, rows, cols);
     else
         for (int64_t c = 0; c < cols; c += kt->mr)
             for (int64_t r = 0; r < rows; r += kt->nr) {
@@ -222,8 +226,8 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
 }
 
 /* One key tile [j0, j0+cols) for the item's rows. */
-static void key_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                     int64_t j0, int64_t cols, bool plain)
+static void key_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                     int64_t cols, bool plain)
 {
     score_tile(j, t, b, h, i0, rows, j0, cols, plain);
     j->kt->softmax_step(t->st, BR, rows, cols, t->max, t->sum, t->scale);
@@ -308,8 +312,8 @@ typedef struct probs_job {
 } probs_job;
 
 /* probs[b, h or 0, i0 .. i0+rows, j0 .. j0+cols] = P (or += for averaging). */
-static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                        int64_t j0, int64_t cols)
+static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                        int64_t cols)
 {
     const mha__attn_plan *p = pj->f.p;
     const mha_tensor *pr = pj->probs;
@@ -367,21 +371,22 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *pr
                            const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k)
 {
     int64_t br = rows_per_item(p);
-    probs_job pj = {{p, mha__kernels_get(), p->bf16 ? mha__bf16_get() : NULL, br, NULL, NULL,
-                     (mha__row_stats *)stats, q, k, NULL, NULL, 0, (p->L + br - 1) / br},
-                    probs, average};
+    probs_job pj = {{p, mha__kernels_get(), p->bf16 ? mha__bf16_get() : NULL, br, NULL, NULL, (mha__row_stats *)stats,
+                     q, k, NULL, NULL, 0, (p->L + br - 1) / br},
+                    probs,
+                    average};
     pj.f.scratch = mha__thread_scratch(ctx, tiles_floats(p), &pj.f.scratch_stride);
     if (!pj.f.scratch) return MHA_ERR_NOMEM;
     mha__parallel_for(ctx, p->B * pj.f.q_blocks, probs_range, &pj);
     return MHA_OK;
 }
 
-mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse,
-                             mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v)
+mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse, mha__row_stats *stats,
+                             const mha_tensor *q, const mha_tensor *k, const mha_tensor *v)
 {
     int64_t br = rows_per_item(p);
-    flash_job job = {p, mha__kernels_get(), p->bf16 ? mha__bf16_get() : NULL, br, out, lse, stats, q, k, v,
-                     NULL, 0, (p->L + br - 1) / br};
+    flash_job job = {p, mha__kernels_get(),  p->bf16 ? mha__bf16_get() : NULL, br, out, lse, stats, q, k, v, NULL,
+                     0, (p->L + br - 1) / br};
     job.scratch = mha__thread_scratch(ctx, tiles_floats(p), &job.scratch_stride);
     if (!job.scratch) return MHA_ERR_NOMEM;
     mha__parallel_for(ctx, p->B * p->Hq * job.q_blocks, flash_range, &job);

@@ -48,27 +48,27 @@ typedef struct bwd_job {
     const mha__kernels *kt;
     const mha_tensor *q, *k, *v, *dout;
     mha_tensor *dq, *dk, *dv;
-    float *shift, *mul, *delta;  /* per row [B, Hq, L]: p = exp(s - shift) * mul */
-    float *partial;              /* unscaled dQ sums, contiguous [B, Hq, L, D] each, one after another */
-    bool first_is_dq;            /* the first sum is kept in dq itself (its rows are contiguous) */
+    float *shift, *mul, *delta; /* per row [B, Hq, L]: p = exp(s - shift) * mul */
+    float *partial;             /* unscaled dQ sums, contiguous [B, Hq, L, D] each, one after another */
+    bool first_is_dq;           /* the first sum is kept in dq itself (its rows are contiguous) */
     char *scratch;
     int64_t scratch_stride;
-    int64_t q_blocks, k_blocks;  /* k_blocks counts the appended keys' block */
-    int64_t groups;              /* G: key-block groups per kv head */
+    int64_t q_blocks, k_blocks; /* k_blocks counts the appended keys' block */
+    int64_t groups;             /* G: key-block groups per kv head */
 } bwd_job;
 
 /* Per-thread tiles. */
 typedef struct bwd_tiles {
-    float *qt;     /* [D][BQ]   (scale Q)^T, the B operand of the scores */
-    float *qr;     /* [BQ][D]   Q rows, the B operand of dK */
-    float *dot;    /* [Dv][BQ]  dO^T, the B operand of dP */
-    float *dor;    /* [BQ][Dv]  dO rows, the B operand of dV */
-    float *st;     /* [BK][BQ]  scores, then probabilities */
-    float *dpt;    /* [BK][BQ]  dP, then dS */
-    float *slope;  /* [BK][BQ]  softcap's derivative */
-    float *acc_k;  /* [item's keys][D]   dK of every key block the item owns */
-    float *acc_v;  /* [item's keys][Dv]  dV likewise */
-    float *kr;     /* [BK][D]   key rows gathered, when K's rows are strided */
+    float *qt;    /* [D][BQ]   (scale Q)^T, the B operand of the scores */
+    float *qr;    /* [BQ][D]   Q rows, the B operand of dK */
+    float *dot;   /* [Dv][BQ]  dO^T, the B operand of dP */
+    float *dor;   /* [BQ][Dv]  dO rows, the B operand of dV */
+    float *st;    /* [BK][BQ]  scores, then probabilities */
+    float *dpt;   /* [BK][BQ]  dP, then dS */
+    float *slope; /* [BK][BQ]  softcap's derivative */
+    float *acc_k; /* [item's keys][D]   dK of every key block the item owns */
+    float *acc_v; /* [item's keys][Dv]  dV likewise */
+    float *kr;    /* [BK][D]   key rows gathered, when K's rows are strided */
     int64_t lo[BQ], hi[BQ];
 } bwd_tiles;
 
@@ -76,10 +76,7 @@ static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 /* Key rows an item may own: every block of a kv head (room for the
  * appended keys' block included). */
-static int64_t item_keys(const mha__attn_plan *p)
-{
-    return ((p->R + BK - 1) / BK + 1) * BK;
-}
+static int64_t item_keys(const mha__attn_plan *p) { return ((p->R + BK - 1) / BK + 1) * BK; }
 
 static int64_t bwd_tiles_floats(const mha__attn_plan *p)
 {
@@ -115,8 +112,8 @@ static bwd_tiles bwd_tiles_at(const bwd_job *j, int thread)
 
 /* C[m x n] (+)= A[m x k] B[k x n] of any size, tile by tile (kernels.h's
  * operand conventions); each element is one chain over k in order. */
-static void product(const mha__kernels *kt, int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs,
-                    int64_t a_cs, const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+static void product(const mha__kernels *kt, int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs,
+                    const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
     for (int64_t i = 0; i < m; i += kt->mr)
         for (int64_t jj = 0; jj < n; jj += kt->nr)
@@ -207,8 +204,8 @@ static bool block_visible(const bwd_job *j, const bwd_tiles *t, int64_t rows, in
 }
 
 /* For key rows k_j0.. and the packed query block: st = P^T, dpt = dS^T. */
-static void score_gradients(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                            int64_t j0, int64_t cols, bool plain)
+static void score_gradients(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                            int64_t cols, bool plain)
 {
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
@@ -381,7 +378,8 @@ static void zero_range(void *arg, int thread, int64_t begin, int64_t end)
     for (int64_t row = begin; row < end; row++) {
         int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
         int64_t ld;
-        for (int64_t g = 0; g < j->groups; g++) memset(partial_row(j, g, b, h, i, &ld), 0, (size_t)p->D * sizeof(float));
+        for (int64_t g = 0; g < j->groups; g++)
+            memset(partial_row(j, g, b, h, i, &ld), 0, (size_t)p->D * sizeof(float));
     }
 }
 
@@ -395,14 +393,23 @@ static int64_t key_groups(const mha__attn_plan *p, int64_t k_blocks)
     return g > k_blocks ? (k_blocks > 0 ? k_blocks : 1) : g;
 }
 
-mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *dq, mha_tensor *dk,
-                              mha_tensor *dv, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
-                              const mha_tensor *out, const mha_tensor *dout, const mha__row_norm *norm)
+mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
+                              const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_tensor *out,
+                              const mha_tensor *dout, const mha__row_norm *norm)
 {
     int64_t n_rows = p->B * p->Hq * p->L; /* the caller checked it does not overflow */
     bwd_job j = {
-        .p = p, .kt = mha__kernels_get(), .q = q, .k = k, .v = v, .dout = dout, .dq = dq, .dk = dk, .dv = dv,
-        .q_blocks = (p->L + BQ - 1) / BQ, .k_blocks = (p->R + BK - 1) / BK + (p->S > p->R),
+        .p = p,
+        .kt = mha__kernels_get(),
+        .q = q,
+        .k = k,
+        .v = v,
+        .dout = dout,
+        .dq = dq,
+        .dk = dk,
+        .dv = dv,
+        .q_blocks = (p->L + BQ - 1) / BQ,
+        .k_blocks = (p->R + BK - 1) / BK + (p->S > p->R),
     };
     j.groups = key_groups(p, j.k_blocks);
     /* dQ accumulates in dq itself when its rows are contiguous, else (and

@@ -22,7 +22,6 @@ void mha_attn_desc_init(mha_attn_desc *desc)
     desc->window_right = -1;
 }
 
-
 /* The plan of one mha_attention() problem, after checking q, k, v, out
  * (out's shape [B, Hq, L, Dv]) and the descriptor; `what_out` names out
  * in errors. */
@@ -41,20 +40,31 @@ static mha_status plan_from_desc(const mha_tensor *q, const mha_tensor *k, const
     const int64_t out_shape[4] = {B, Hq, L, v->shape[3]};
     if ((st = mha__check_tensor(out, what_out, out_shape)) != MHA_OK) return st;
     if (Hkv != Hq && !desc->enable_gqa)
-        return mha__fail(MHA_ERR_INVALID_ARG, "key has %lld heads but query has %lld; set enable_gqa for grouped-query attention",
+        return mha__fail(MHA_ERR_INVALID_ARG,
+                         "key has %lld heads but query has %lld; set enable_gqa for grouped-query attention",
                          (long long)Hkv, (long long)Hq);
-    if (Hkv == 0 && Hq > 0)
-        return mha__fail(MHA_ERR_INVALID_ARG, "key has 0 heads but query has %lld", (long long)Hq);
+    if (Hkv == 0 && Hq > 0) return mha__fail(MHA_ERR_INVALID_ARG, "key has 0 heads but query has %lld", (long long)Hq);
     int64_t rows;
     if (!mha__mul(B, Hq, &rows) || !mha__mul(rows, L, &rows))
         return mha__fail(MHA_ERR_INVALID_ARG, "batch x heads x queries overflows");
     *plan = (mha__attn_plan){
-        .B = B, .Hq = Hq, .Hkv = Hkv, .L = L, .S = S, .D = D, .Dv = v->shape[3], .R = S,
+        .B = B,
+        .Hq = Hq,
+        .Hkv = Hkv,
+        .L = L,
+        .S = S,
+        .D = D,
+        .Dv = v->shape[3],
+        .R = S,
         .group = Hq / (Hkv ? Hkv : 1),
         .scale = isnan(desc->scale) ? (float)(1.0 / sqrt((double)D)) : (float)desc->scale,
-        .softcap = desc->softcap, .causal = desc->causal,
-        .window_left = desc->window_left, .window_right = desc->window_right,
-        .alibi = desc->alibi_slopes, .masks = {desc->mask}, .bf16 = desc->dtype == MHA_DTYPE_BF16,
+        .softcap = desc->softcap,
+        .causal = desc->causal,
+        .window_left = desc->window_left,
+        .window_right = desc->window_right,
+        .alibi = desc->alibi_slopes,
+        .masks = {desc->mask},
+        .bf16 = desc->dtype == MHA_DTYPE_BF16,
     };
     if (desc->dtype != MHA_DTYPE_F32 && desc->dtype != MHA_DTYPE_BF16)
         return mha__fail(MHA_ERR_INVALID_ARG, "dtype %s is not supported; attention computes in F32 or BF16",
@@ -63,11 +73,10 @@ static mha_status plan_from_desc(const mha_tensor *q, const mha_tensor *k, const
     return mha__attn_plan_check(plan);
 }
 
-mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_tensor *q,
-                         const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc)
+mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_tensor *q, const mha_tensor *k,
+                         const mha_tensor *v, const mha_attn_desc *desc)
 {
-    if (!ctx || !out || !q || !k || !v || !desc)
-        return mha__fail(MHA_ERR_MISUSE, "mha_attention: NULL argument");
+    if (!ctx || !out || !q || !k || !v || !desc) return mha__fail(MHA_ERR_MISUSE, "mha_attention: NULL argument");
     mha__attn_plan p;
     mha_status st = plan_from_desc(q, k, v, out, "output", desc, &p);
     if (st != MHA_OK || p.B * p.Hq * p.L == 0) return st;
@@ -80,10 +89,9 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_te
     return mha__attn_forward(ctx, &p, out, lse, NULL, q, k, v);
 }
 
-mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
-                                  const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
-                                  const mha_tensor *out, const float *lse, const mha_tensor *grad_out,
-                                  const mha_attn_desc *desc)
+mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv, const mha_tensor *q,
+                                  const mha_tensor *k, const mha_tensor *v, const mha_tensor *out, const float *lse,
+                                  const mha_tensor *grad_out, const mha_attn_desc *desc)
 {
     if (!ctx || !dq || !dk || !dv || !q || !k || !v || !out || !lse || !grad_out || !desc)
         return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward: NULL argument");

@@ -13,12 +13,10 @@
 
 /* Record a sentence for mha_last_error() and return `status`, so a failing
  * check reads as one line:  return mha__fail(MHA_ERR_INVALID_ARG, "...", x); */
-mha_status mha__fail(mha_status status, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
+mha_status mha__fail(mha_status status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Like mha__fail, but prefixes the current message: "while X: <old>". */
-mha_status mha__wrap(mha_status status, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
+mha_status mha__wrap(mha_status status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Checked arithmetic on sizes: false on overflow or a negative operand. */
 static inline bool mha__mul(int64_t a, int64_t b, int64_t *out)
@@ -49,7 +47,7 @@ bool mha__alloc_failure_pending(void);
  * unique pointer.  Free with mha__free. */
 void *mha__alloc(int64_t count, size_t size);
 void *mha__calloc(int64_t count, size_t size);
-void  mha__free(void *ptr);
+void mha__free(void *ptr);
 
 /* strdup through the allocator. */
 char *mha__strdup(const char *s);

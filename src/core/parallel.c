@@ -26,26 +26,26 @@ enum { MAX_THREADS = 1024, SPIN_ROUNDS = 20000 };
 /* The job every worker runs its share of. */
 typedef struct job {
     mha__range_fn fn;
-    void   *arg;
+    void *arg;
     int64_t n_items;
-    int     n_chunks;
+    int n_chunks;
 } job;
 
 typedef struct pool {
-    pthread_t      *threads;
-    int             n_workers;          /* threads started */
+    pthread_t *threads;
+    int n_workers; /* threads started */
     pthread_mutex_t lock;
-    pthread_cond_t  wake, done;
-    job             current;
-    atomic_uint_fast64_t generation;    /* bumped for each job and for shutdown */
-    atomic_int      pending;            /* workers still busy with the job */
-    bool            stop;
+    pthread_cond_t wake, done;
+    job current;
+    atomic_uint_fast64_t generation; /* bumped for each job and for shutdown */
+    atomic_int pending;              /* workers still busy with the job */
+    bool stop;
 } pool;
 
 struct mha_ctx {
-    int     n_threads;
-    pool    pool;
-    void   *scratch[MHA_SCRATCH_COUNT];
+    int n_threads;
+    pool pool;
+    void *scratch[MHA_SCRATCH_COUNT];
     int64_t scratch_bytes[MHA_SCRATCH_COUNT];
 };
 
@@ -70,7 +70,7 @@ static void run_chunk(const job *j, int chunk)
 
 typedef struct worker_arg {
     mha_ctx *ctx;
-    int      index;  /* 1 .. n_threads - 1; the caller is 0 */
+    int index; /* 1 .. n_threads - 1; the caller is 0 */
 } worker_arg;
 
 /* Wait for a generation other than `seen`: spin first, then sleep. */
@@ -82,7 +82,8 @@ static uint64_t wait_for_work(pool *p, uint64_t seen)
     }
     pthread_mutex_lock(&p->lock);
     uint64_t g;
-    while ((g = atomic_load_explicit(&p->generation, memory_order_acquire)) == seen) pthread_cond_wait(&p->wake, &p->lock);
+    while ((g = atomic_load_explicit(&p->generation, memory_order_acquire)) == seen)
+        pthread_cond_wait(&p->wake, &p->lock);
     pthread_mutex_unlock(&p->lock);
     return g;
 }
@@ -156,8 +157,8 @@ mha_status mha_ctx_create(int n_threads, mha_ctx **out_ctx)
     if (!out_ctx) return mha__fail(MHA_ERR_MISUSE, "mha_ctx_create: out_ctx is NULL");
     *out_ctx = NULL;
     if (n_threads < 0 || n_threads > MAX_THREADS)
-        return mha__fail(MHA_ERR_INVALID_ARG, "thread count %d is outside 0..%d (0 = all CPUs)",
-                         n_threads, MAX_THREADS);
+        return mha__fail(MHA_ERR_INVALID_ARG, "thread count %d is outside 0..%d (0 = all CPUs)", n_threads,
+                         MAX_THREADS);
     mha_ctx *ctx = mha__calloc(1, sizeof *ctx);
     if (!ctx) return MHA_ERR_NOMEM;
     mha_status st = pool_start(ctx, n_threads ? n_threads : default_threads());
@@ -213,13 +214,11 @@ void mha__parallel_for(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *ar
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->lock);
     run_chunk(&j, 0);
-    for (int i = 0; i < SPIN_ROUNDS && atomic_load_explicit(&p->pending, memory_order_acquire) > 0; i++) {
-    }
+    for (int i = 0; i < SPIN_ROUNDS && atomic_load_explicit(&p->pending, memory_order_acquire) > 0; i++) {}
     pthread_mutex_lock(&p->lock);
     while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) pthread_cond_wait(&p->done, &p->lock);
     pthread_mutex_unlock(&p->lock);
 }
-
 
 /* Per-thread scratch of `floats` floats; NULL on failure. */
 char *mha__thread_scratch(mha_ctx *ctx, int64_t floats, int64_t *stride)

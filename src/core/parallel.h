@@ -14,14 +14,14 @@
 /* Scratch buffers a context keeps between calls; each grows on demand at
  * call setup, never inside a compute loop. */
 typedef enum mha__scratch_slot {
-    MHA_SCRATCH_THREADS = 0,  /* per-thread rows of the attention kernels */
-    MHA_SCRATCH_LAYER,        /* projections of the layer */
-    MHA_SCRATCH_BF16,         /* a GEMM's input rounded to bfloat16 */
-    MHA_SCRATCH_ROWS,         /* per-row statistics of the backward pass */
-    MHA_SCRATCH_GRAD,         /* the layer backward's dO and staging */
-    MHA_SCRATCH_ROPE,         /* the rotary table of one call */
-    MHA_SCRATCH_DECODE,       /* split-K partial results of a decode step */
-    MHA_SCRATCH_PACK,         /* mha_linear's weight, packed for the call */
+    MHA_SCRATCH_THREADS = 0, /* per-thread rows of the attention kernels */
+    MHA_SCRATCH_LAYER,       /* projections of the layer */
+    MHA_SCRATCH_BF16,        /* a GEMM's input rounded to bfloat16 */
+    MHA_SCRATCH_ROWS,        /* per-row statistics of the backward pass */
+    MHA_SCRATCH_GRAD,        /* the layer backward's dO and staging */
+    MHA_SCRATCH_ROPE,        /* the rotary table of one call */
+    MHA_SCRATCH_DECODE,      /* split-K partial results of a decode step */
+    MHA_SCRATCH_PACK,        /* mha_linear's weight, packed for the call */
     MHA_SCRATCH_COUNT
 } mha__scratch_slot;
 

@@ -11,21 +11,20 @@
 #include <string.h>
 
 static const char *const status_names[] = {
-    [MHA_OK]              = "ok",
+    [MHA_OK] = "ok",
     [MHA_ERR_INVALID_ARG] = "invalid argument",
-    [MHA_ERR_MISUSE]      = "library misuse",
-    [MHA_ERR_NOMEM]       = "out of memory",
-    [MHA_ERR_IO]          = "input/output error",
-    [MHA_ERR_CORRUPT]     = "malformed file",
+    [MHA_ERR_MISUSE] = "library misuse",
+    [MHA_ERR_NOMEM] = "out of memory",
+    [MHA_ERR_IO] = "input/output error",
+    [MHA_ERR_CORRUPT] = "malformed file",
     [MHA_ERR_UNSUPPORTED] = "unsupported",
-    [MHA_ERR_NOT_FOUND]   = "not found",
-    [MHA_ERR_INTERNAL]    = "internal error",
+    [MHA_ERR_NOT_FOUND] = "not found",
+    [MHA_ERR_INTERNAL] = "internal error",
 };
 
 const char *mha_status_str(mha_status status)
 {
-    if ((unsigned)status >= sizeof status_names / sizeof status_names[0])
-        return "unknown status";
+    if ((unsigned)status >= sizeof status_names / sizeof status_names[0]) return "unknown status";
     return status_names[status];
 }
 
@@ -98,16 +97,14 @@ void *mha__alloc(int64_t count, size_t size)
 #endif
     int64_t bytes;
     if (!mha__mul(count, (int64_t)size, &bytes) || bytes > INT64_MAX - ALIGNMENT) {
-        mha__fail(MHA_ERR_NOMEM, "cannot allocate %lld elements of %zu bytes: size overflows",
-                  (long long)count, size);
+        mha__fail(MHA_ERR_NOMEM, "cannot allocate %lld elements of %zu bytes: size overflows", (long long)count, size);
         return NULL;
     }
     /* aligned_alloc wants a multiple of the alignment and a non-zero size. */
     size_t rounded = ((size_t)bytes + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
     if (rounded == 0) rounded = ALIGNMENT;
     void *p = aligned_alloc(ALIGNMENT, rounded);
-    if (!p)
-        mha__fail(MHA_ERR_NOMEM, "out of memory allocating %lld bytes", (long long)bytes);
+    if (!p) mha__fail(MHA_ERR_NOMEM, "out of memory allocating %lld bytes", (long long)bytes);
     return p;
 }
 

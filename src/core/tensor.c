@@ -23,14 +23,13 @@ mha_status mha__check_tensor(const mha_tensor *t, const char *what, const int64_
     int64_t last = 0;
     for (int d = 0; d < 4; d++) {
         if (t->shape[d] < 0 || t->stride[d] < 0)
-            return mha__fail(MHA_ERR_INVALID_ARG, "%s has a negative size or stride in its %s dimension",
-                             what, dim_names[d]);
+            return mha__fail(MHA_ERR_INVALID_ARG, "%s has a negative size or stride in its %s dimension", what,
+                             dim_names[d]);
         if (shape[d] >= 0 && t->shape[d] != shape[d])
             return mha__fail(MHA_ERR_INVALID_ARG, "%s has %lld in its %s dimension, expected %lld", what,
                              (long long)t->shape[d], dim_names[d], (long long)shape[d]);
         int64_t reach;
-        if (t->shape[d] > 0 &&
-            (!mha__mul(t->shape[d] - 1, t->stride[d], &reach) || !mha__add(last, reach, &last)))
+        if (t->shape[d] > 0 && (!mha__mul(t->shape[d] - 1, t->stride[d], &reach) || !mha__add(last, reach, &last)))
             return mha__fail(MHA_ERR_INVALID_ARG, "%s: shape times strides overflows 64 bits", what);
     }
     return MHA_OK;

@@ -92,7 +92,7 @@ typedef struct linear_job {
     const float *b;
     mha__mat y;
     int64_t row_blocks;
-    bool add;  /* y += x W^T instead of y = x W^T + b */
+    bool add; /* y += x W^T instead of y = x W^T + b */
 } linear_job;
 
 /* Element (r, c) of a grouped matrix. */
@@ -331,7 +331,8 @@ mha_status mha__linear_bf16(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t r
                             const mha__packed_bf16 *w, const float *b, const mha__mat *y)
 {
     int64_t n;
-    if (!mha__mul(rows, w->in_even, &n)) return mha__fail(MHA_ERR_INVALID_ARG, "bf16 input of %lld rows overflows", (long long)rows);
+    if (!mha__mul(rows, w->in_even, &n))
+        return mha__fail(MHA_ERR_INVALID_ARG, "bf16 input of %lld rows overflows", (long long)rows);
     uint16_t *xb = mha__ctx_scratch(ctx, MHA_SCRATCH_BF16, n * (int64_t)sizeof(uint16_t));
     if (!xb) return MHA_ERR_NOMEM;
     round_job rj = {bk, x, w->in, w->in_even, xb};

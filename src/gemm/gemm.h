@@ -15,7 +15,7 @@
  * zero-padded to a whole panel: ldb = nr); a view (mha__transposed_view)
  * reads a plain matrix in place. */
 typedef struct mha__packed {
-    float  *data;
+    float *data;
     int64_t out, in, nr;
     int64_t ldb, panel_stride;
 } mha__packed;
@@ -32,8 +32,8 @@ mha_status mha__pack_scratch(mha_ctx *ctx, const mha__kernels *kt, const float *
  * Not to be freed. */
 mha__packed mha__transposed_view(const float *w, int64_t rows, int64_t cols, const mha__kernels *kt);
 /* The plain [out, in] matrix back from its pack (exact). */
-void       mha__unpack(const mha__packed *p, float *w);
-void       mha__packed_free(mha__packed *p);
+void mha__unpack(const mha__packed *p, float *w);
+void mha__packed_free(mha__packed *p);
 
 /* A matrix seen through strides, its columns optionally split into groups
  * of group_cols (0: one group) that lie group_stride floats apart:
@@ -41,7 +41,7 @@ void       mha__packed_free(mha__packed *p);
  * (c % group_cols) * cs.  Row-major [rows][cols] is {data, cols, 1, 0, 0};
  * head-major [H][rows][d] is {data, d, 1, d, rows * d}. */
 typedef struct mha__mat {
-    float  *data;
+    float *data;
     int64_t rs, cs;
     int64_t group_cols, group_stride;
 } mha__mat;
@@ -61,7 +61,7 @@ void mha__linear_add(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const m
 /* N matrices: matrix n is m with data moved by n * batch_stride. */
 typedef struct mha__batched {
     mha__mat m;
-    int64_t  batch_stride;
+    int64_t batch_stride;
 } mha__batched;
 
 /* dW [out, in] row-major += sum over n < N, r < T of dy_n(r, o) x_n(r, i):
@@ -81,11 +81,11 @@ void mha__column_sums(mha_ctx *ctx, int64_t N, int64_t T, const mha__batched *y,
  * data + p * in_even * MHA_BF16_NR + (c / 2) * 2 * MHA_BF16_NR + 2 * j + c % 2. */
 typedef struct mha__packed_bf16 {
     uint16_t *data;
-    int64_t   out, in, in_even;
+    int64_t out, in, in_even;
 } mha__packed_bf16;
 
 mha_status mha__pack_bf16(mha__packed_bf16 *p, const float *w, int64_t out, int64_t in);
-void       mha__packed_bf16_free(mha__packed_bf16 *p);
+void mha__packed_bf16_free(mha__packed_bf16 *p);
 
 /* y = x W^T + b with x rounded to bf16 (once, into the context's scratch)
  * and every product accumulated in float32 by bk's tile.  NOMEM. */

@@ -22,19 +22,16 @@ static mha_status check_sizes(const char *fn, int64_t rows, int64_t in, int64_t 
                          (long long)rows, (long long)in, (long long)out);
     if (!mha__mul(rows, in, &n) || !mha__mul(rows, out, &n) || !mha__mul(out, in, &n) ||
         !mha__mul(n, (int64_t)sizeof(float), &n))
-        return mha__fail(MHA_ERR_INVALID_ARG, "%s: %lld x %lld x %lld is too large", fn, (long long)rows,
-                         (long long)in, (long long)out);
+        return mha__fail(MHA_ERR_INVALID_ARG, "%s: %lld x %lld x %lld is too large", fn, (long long)rows, (long long)in,
+                         (long long)out);
     return MHA_OK;
 }
 
 /* A row-major [rows, cols] matrix as the GEMM's operand. */
-static mha__mat plain(const float *data, int64_t cols)
-{
-    return (mha__mat){(float *)data, cols, 1, 0, 0};
-}
+static mha__mat plain(const float *data, int64_t cols) { return (mha__mat){(float *)data, cols, 1, 0, 0}; }
 
-mha_status mha_linear(mha_ctx *ctx, const float *x, const float *w, const float *b, float *y, int64_t rows,
-                      int64_t in, int64_t out)
+mha_status mha_linear(mha_ctx *ctx, const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t in,
+                      int64_t out)
 {
     if (!ctx || !x || !w || !y) return mha__fail(MHA_ERR_MISUSE, "mha_linear: NULL argument");
     mha_status st = check_sizes("mha_linear", rows, in, out);

@@ -29,12 +29,12 @@ enum { MAX_HEADER_BYTES = 100 * 1000 * 1000 };
 /* ---------------------------------------------------------------- */
 
 typedef struct entry {
-    char       *name;
-    mha_dtype   dtype;
-    int         rank;
-    int64_t     shape[MHA_ST_MAX_RANK];
-    int64_t     numel;
-    int64_t     begin, end;   /* within the data section */
+    char *name;
+    mha_dtype dtype;
+    int rank;
+    int64_t shape[MHA_ST_MAX_RANK];
+    int64_t numel;
+    int64_t begin, end; /* within the data section */
 } entry;
 
 typedef struct meta_pair {
@@ -44,18 +44,18 @@ typedef struct meta_pair {
 /* __metadata__ pairs, as read or as to be written. */
 typedef struct meta_list {
     meta_pair *pairs;
-    int64_t    count, capacity;
+    int64_t count, capacity;
 } meta_list;
 
 struct mha_st_file {
-    FILE       *fp;           /* NULL when reading from memory */
+    FILE *fp; /* NULL when reading from memory */
     const unsigned char *mem;
-    int64_t     data_start;   /* 8 + N */
-    int64_t     data_len;
-    entry      *entries;      /* sorted by begin offset once validated */
-    int64_t     count, capacity;
-    entry     **by_name;      /* sorted by name, for lookups */
-    meta_list   meta;
+    int64_t data_start; /* 8 + N */
+    int64_t data_len;
+    entry *entries; /* sorted by begin offset once validated */
+    int64_t count, capacity;
+    entry **by_name; /* sorted by name, for lookups */
+    meta_list meta;
 };
 
 /* Grow *array of *capacity elements so it can hold one more. */
@@ -77,8 +77,7 @@ static mha_status on_tensor(void *user, mha__json_tensor *t)
     mha_st_file *f = user;
     int dtype = mha__dtype_from_name(t->dtype);
     if (dtype < 0) {
-        mha_status st = mha__fail(MHA_ERR_CORRUPT, "tensor \"%s\" has unknown dtype \"%s\"",
-                                  t->name, t->dtype);
+        mha_status st = mha__fail(MHA_ERR_CORRUPT, "tensor \"%s\" has unknown dtype \"%s\"", t->name, t->dtype);
         mha__free(t->name);
         return st;
     }
@@ -146,8 +145,8 @@ static mha_status validate_entries(mha_st_file *f)
             !mha__mul(e->numel, (int64_t)mha_dtype_size(e->dtype), &bytes))
             return mha__fail(MHA_ERR_CORRUPT, "tensor \"%s\": shape product overflows 64 bits", e->name);
         if (e->end < e->begin)
-            return mha__fail(MHA_ERR_CORRUPT, "tensor \"%s\": data_offsets [%lld, %lld] end before they begin",
-                             e->name, (long long)e->begin, (long long)e->end);
+            return mha__fail(MHA_ERR_CORRUPT, "tensor \"%s\": data_offsets [%lld, %lld] end before they begin", e->name,
+                             (long long)e->begin, (long long)e->end);
         if (e->end - e->begin != bytes)
             return mha__fail(MHA_ERR_CORRUPT,
                              "tensor \"%s\": %s with %lld elements needs %lld bytes but data_offsets span %lld",
@@ -159,10 +158,10 @@ static mha_status validate_entries(mha_st_file *f)
     for (int64_t i = 0; i < f->count; i++) {
         entry *e = &f->entries[i];
         if (e->begin != expected)
-            return mha__fail(MHA_ERR_CORRUPT, "tensor \"%s\": data begins at %lld but %s at %lld",
-                             e->name, (long long)e->begin,
-                             e->begin < expected ? "it overlaps the previous tensor, which ends" : "the previous tensor ends",
-                             (long long)expected);
+            return mha__fail(
+                MHA_ERR_CORRUPT, "tensor \"%s\": data begins at %lld but %s at %lld", e->name, (long long)e->begin,
+                e->begin < expected ? "it overlaps the previous tensor, which ends" : "the previous tensor ends",
+                (long long)expected);
         expected = e->end;
     }
     if (expected != f->data_len)
@@ -186,8 +185,8 @@ static mha_status read_at(mha_st_file *f, int64_t pos, void *dst, size_t len)
         return MHA_OK;
     }
     if (fseeko(f->fp, (off_t)pos, SEEK_SET) != 0 || fread(dst, 1, len, f->fp) != len)
-        return mha__fail(MHA_ERR_IO, "read of %zu bytes at offset %lld failed: %s", len,
-                         (long long)pos, ferror(f->fp) ? strerror(errno) : "file shrank");
+        return mha__fail(MHA_ERR_IO, "read of %zu bytes at offset %lld failed: %s", len, (long long)pos,
+                         ferror(f->fp) ? strerror(errno) : "file shrank");
     return MHA_OK;
 }
 
@@ -203,13 +202,12 @@ static mha_status parse(mha_st_file *f, int64_t file_size)
     uint64_t n = 0;
     for (int i = 7; i >= 0; i--) n = n << 8 | prefix[i];
     if (n > MAX_HEADER_BYTES)
-        return mha__fail(MHA_ERR_CORRUPT, "header length %llu exceeds the 100 MB limit",
-                         (unsigned long long)n);
+        return mha__fail(MHA_ERR_CORRUPT, "header length %llu exceeds the 100 MB limit", (unsigned long long)n);
     if ((int64_t)n > file_size - 8)
         return mha__fail(MHA_ERR_CORRUPT, "header length %llu runs past the end of the %lld-byte file",
                          (unsigned long long)n, (long long)file_size);
-    if (n < 2) return mha__fail(MHA_ERR_CORRUPT, "header length %llu is too short for a JSON object",
-                                (unsigned long long)n);
+    if (n < 2)
+        return mha__fail(MHA_ERR_CORRUPT, "header length %llu is too short for a JSON object", (unsigned long long)n);
     f->data_start = 8 + (int64_t)n;
     f->data_len = file_size - f->data_start;
     char *text = mha__alloc((int64_t)n, 1);
@@ -343,8 +341,8 @@ mha_status mha_st_read_raw(mha_st_file *f, const char *name, void *dst, size_t c
     if (st != MHA_OK) return st;
     size_t bytes = (size_t)(e->end - e->begin);
     if (capacity < bytes)
-        return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" has %zu bytes, more than the %zu given",
-                         name, bytes, capacity);
+        return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" has %zu bytes, more than the %zu given", name, bytes,
+                         capacity);
     return read_at(f, f->data_start + e->begin, dst, bytes);
 }
 
@@ -354,8 +352,8 @@ mha_status mha_st_read_f32(mha_st_file *f, const char *name, float *dst, int64_t
     mha_status st = find_for_read(f, name, &e);
     if (st != MHA_OK) return st;
     if (capacity < e->numel)
-        return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" has %lld elements, more than the %lld given",
-                         name, (long long)e->numel, (long long)capacity);
+        return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" has %lld elements, more than the %lld given", name,
+                         (long long)e->numel, (long long)capacity);
     size_t size = mha_dtype_size(e->dtype);
     if (f->mem) {
         mha__convert_to_f32(e->dtype, f->mem + f->data_start + e->begin, dst, e->numel);
@@ -379,10 +377,10 @@ mha_status mha_st_read_f32(mha_st_file *f, const char *name, float *dst, int64_t
 /* ---------------------------------------------------------------- */
 
 struct mha_st_writer {
-    entry     *entries;
-    void     **data;
-    int64_t    count, capacity, data_capacity;
-    meta_list  meta;
+    entry *entries;
+    void **data;
+    int64_t count, capacity, data_capacity;
+    meta_list meta;
 };
 
 mha_status mha_st_writer_create(mha_st_writer **out_writer)
@@ -405,8 +403,8 @@ void mha_st_writer_free(mha_st_writer *w)
     mha__free(w);
 }
 
-mha_status mha_st_writer_add(mha_st_writer *w, const char *name, mha_dtype dtype, int rank,
-                             const int64_t *shape, const void *data)
+mha_status mha_st_writer_add(mha_st_writer *w, const char *name, mha_dtype dtype, int rank, const int64_t *shape,
+                             const void *data)
 {
     if (!w || !name || (rank > 0 && !shape)) return mha__fail(MHA_ERR_MISUSE, "mha_st_writer_add: NULL argument");
     if (!name[0]) return mha__fail(MHA_ERR_INVALID_ARG, "a tensor name must not be empty");
@@ -449,9 +447,9 @@ mha_status mha_st_writer_set_metadata(mha_st_writer *w, const char *key, const c
 
 /* A growable text buffer for the header. */
 typedef struct text {
-    char   *buf;
+    char *buf;
     int64_t len, cap;
-    bool    failed;
+    bool failed;
 } text;
 
 static void put(text *t, const char *s, size_t n)
@@ -542,8 +540,7 @@ static void build_header(const mha_st_writer *w, text *t)
 
 static mha_status write_all(FILE *fp, const void *data, size_t n, const char *path)
 {
-    if (n && fwrite(data, 1, n, fp) != n)
-        return mha__fail(MHA_ERR_IO, "cannot write %s: %s", path, strerror(errno));
+    if (n && fwrite(data, 1, n, fp) != n) return mha__fail(MHA_ERR_IO, "cannot write %s: %s", path, strerror(errno));
     return MHA_OK;
 }
 
@@ -590,8 +587,7 @@ mha_status mha_st_writer_save(const mha_st_writer *w, const char *path)
         }
     } else {
         st = write_contents(w, &header, fp, path);
-        if (fclose(fp) != 0 && st == MHA_OK)
-            st = mha__fail(MHA_ERR_IO, "cannot write %s: %s", path, strerror(errno));
+        if (fclose(fp) != 0 && st == MHA_OK) st = mha__fail(MHA_ERR_IO, "cannot write %s: %s", path, strerror(errno));
         if (st == MHA_OK && rename(tmp, path) != 0)
             st = mha__fail(MHA_ERR_IO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
         if (st != MHA_OK) unlink(tmp);

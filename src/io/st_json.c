@@ -25,14 +25,12 @@ typedef struct cursor {
 
 static mha_status fault(const cursor *c, const char *what)
 {
-    return mha__fail(MHA_ERR_CORRUPT, "invalid JSON header at byte %lld: %s",
-                     (long long)(c->p - c->begin), what);
+    return mha__fail(MHA_ERR_CORRUPT, "invalid JSON header at byte %lld: %s", (long long)(c->p - c->begin), what);
 }
 
 static void skip_space(cursor *c)
 {
-    while (c->p < c->end && (*c->p == ' ' || *c->p == '\t' || *c->p == '\n' || *c->p == '\r'))
-        c->p++;
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\t' || *c->p == '\n' || *c->p == '\r')) c->p++;
 }
 
 static bool take(cursor *c, char ch)
@@ -99,11 +97,9 @@ static mha_status read_unicode_escape(cursor *c, uint32_t *cp)
     if (*cp >= 0xdc00 && *cp <= 0xdfff) return fault(c, "unpaired low surrogate");
     if (*cp >= 0xd800 && *cp <= 0xdbff) {
         uint32_t low;
-        if (c->end - c->p < 2 || c->p[0] != '\\' || c->p[1] != 'u')
-            return fault(c, "unpaired high surrogate");
+        if (c->end - c->p < 2 || c->p[0] != '\\' || c->p[1] != 'u') return fault(c, "unpaired high surrogate");
         c->p += 2;
-        if (!read_hex4(c, &low) || low < 0xdc00 || low > 0xdfff)
-            return fault(c, "bad low surrogate");
+        if (!read_hex4(c, &low) || low < 0xdc00 || low > 0xdfff) return fault(c, "bad low surrogate");
         *cp = 0x10000 + ((*cp - 0xd800) << 10) + (low - 0xdc00);
     }
     return MHA_OK;
@@ -172,8 +168,7 @@ static mha_status read_size(cursor *c, int64_t *out)
         return fault(c, "integer with a leading zero");
     int64_t v = 0;
     while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
-        if (!mha__mul(v, 10, &v) || !mha__add(v, *c->p - '0', &v))
-            return fault(c, "integer too large for 64 bits");
+        if (!mha__mul(v, 10, &v) || !mha__add(v, *c->p - '0', &v)) return fault(c, "integer too large for 64 bits");
         c->p++;
     }
     if (c->p < c->end && (*c->p == '.' || *c->p == 'e' || *c->p == 'E'))
@@ -189,8 +184,7 @@ static mha_status skip_number(cursor *c)
     const char *start = c->p;
     if (c->p < c->end && *c->p == '-') c->p++;
     const char *digits = c->p;
-    while (c->p < c->end && ((*c->p >= '0' && *c->p <= '9') || strchr(".eE+-", *c->p)))
-        c->p++;
+    while (c->p < c->end && ((*c->p >= '0' && *c->p <= '9') || strchr(".eE+-", *c->p))) c->p++;
     if (c->p == digits || c->p == start) return fault(c, "expected a value");
     return MHA_OK;
 }

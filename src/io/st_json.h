@@ -8,11 +8,11 @@
 #include "core/internal.h"
 
 typedef struct mha__json_tensor {
-    char   *name;                      /* owned by the receiver */
-    char    dtype[8];                  /* as written; "?" if too long */
-    int     rank;
+    char *name;    /* owned by the receiver */
+    char dtype[8]; /* as written; "?" if too long */
+    int rank;
     int64_t shape[MHA_ST_MAX_RANK];
-    int64_t offsets[2];                /* begin, end within the data */
+    int64_t offsets[2]; /* begin, end within the data */
 } mha__json_tensor;
 
 typedef struct mha__json_callbacks {

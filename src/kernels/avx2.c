@@ -23,58 +23,58 @@ static __m256i lane_mask(int64_t n)
 }
 
 /* One row of the tile: broadcast A(i, p), two FMAs. */
-#define ROW_FMA(i)                                                  \
-    do {                                                            \
-        __m256 a_ = _mm256_broadcast_ss(&r##i[p * a_cs]);           \
-        c##i##0 = _mm256_fmadd_ps(a_, b0, c##i##0);                 \
-        c##i##1 = _mm256_fmadd_ps(a_, b1, c##i##1);                 \
+#define ROW_FMA(i)                                        \
+    do {                                                  \
+        __m256 a_ = _mm256_broadcast_ss(&r##i[p * a_cs]); \
+        c##i##0 = _mm256_fmadd_ps(a_, b0, c##i##0);       \
+        c##i##1 = _mm256_fmadd_ps(a_, b1, c##i##1);       \
     } while (0)
 
-#define FULL_STORE(i)                                               \
-    do {                                                            \
-        if (i < m) {                                                \
-            float *ci = c + i * ldc;                                \
-            if (accumulate) {                                       \
-                c##i##0 = _mm256_add_ps(c##i##0, _mm256_loadu_ps(ci)); \
+#define FULL_STORE(i)                                                      \
+    do {                                                                   \
+        if (i < m) {                                                       \
+            float *ci = c + i * ldc;                                       \
+            if (accumulate) {                                              \
+                c##i##0 = _mm256_add_ps(c##i##0, _mm256_loadu_ps(ci));     \
                 c##i##1 = _mm256_add_ps(c##i##1, _mm256_loadu_ps(ci + 8)); \
-            }                                                       \
-            _mm256_storeu_ps(ci, c##i##0);                          \
-            _mm256_storeu_ps(ci + 8, c##i##1);                      \
-        }                                                           \
+            }                                                              \
+            _mm256_storeu_ps(ci, c##i##0);                                 \
+            _mm256_storeu_ps(ci + 8, c##i##1);                             \
+        }                                                                  \
     } while (0)
 
-#define ROW_STORE(i)                                                \
-    do {                                                            \
-        if (i < m) {                                                \
-            float *ci = c + i * ldc;                                \
-            if (accumulate) {                                       \
-                c##i##0 = _mm256_add_ps(c##i##0, _mm256_maskload_ps(ci, m0)); \
+#define ROW_STORE(i)                                                              \
+    do {                                                                          \
+        if (i < m) {                                                              \
+            float *ci = c + i * ldc;                                              \
+            if (accumulate) {                                                     \
+                c##i##0 = _mm256_add_ps(c##i##0, _mm256_maskload_ps(ci, m0));     \
                 c##i##1 = _mm256_add_ps(c##i##1, _mm256_maskload_ps(ci + 8, m1)); \
-            }                                                       \
-            _mm256_maskstore_ps(ci, m0, c##i##0);                   \
-            _mm256_maskstore_ps(ci + 8, m1, c##i##1);               \
-        }                                                           \
+            }                                                                     \
+            _mm256_maskstore_ps(ci, m0, c##i##0);                                 \
+            _mm256_maskstore_ps(ci + 8, m1, c##i##1);                             \
+        }                                                                         \
     } while (0)
 
 /* The k loop over rows r0..r5, with B loaded by LOAD_B(offset). */
-#define TILE_LOOP(LOAD_B)                                           \
-    for (int64_t p = 0; p < k; p++) {                               \
-        __m256 b0 = LOAD_B(0), b1 = LOAD_B(8);                      \
-        ROW_FMA(0);                                                 \
-        ROW_FMA(1);                                                 \
-        ROW_FMA(2);                                                 \
-        ROW_FMA(3);                                                 \
-        ROW_FMA(4);                                                 \
-        ROW_FMA(5);                                                 \
+#define TILE_LOOP(LOAD_B)                      \
+    for (int64_t p = 0; p < k; p++) {          \
+        __m256 b0 = LOAD_B(0), b1 = LOAD_B(8); \
+        ROW_FMA(0);                            \
+        ROW_FMA(1);                            \
+        ROW_FMA(2);                            \
+        ROW_FMA(3);                            \
+        ROW_FMA(4);                            \
+        ROW_FMA(5);                            \
     }
-#define LOAD_FULL(off) _mm256_loadu_ps(b + p * ldb + (off))
+#define LOAD_FULL(off)   _mm256_loadu_ps(b + p * ldb + (off))
 #define LOAD_MASKED(off) _mm256_maskload_ps(b + p * ldb + (off), (off) ? m1 : m0)
 
 /* Named accumulators, not an array: compilers spill arrays of vectors.
  * Full-width tiles use plain loads: vmaskmovps is slow on some CPUs (AMD
  * microcodes the masked store), so masks are kept for the tails. */
-static void gemm_tile_avx2(int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs,
-                           const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+static void gemm_tile_avx2(int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
+                           int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
     const float *r0 = a, *r1 = a + (1 < m ? 1 : m - 1) * a_rs, *r2 = a + (2 < m ? 2 : m - 1) * a_rs;
     const float *r3 = a + (3 < m ? 3 : m - 1) * a_rs, *r4 = a + (4 < m ? 4 : m - 1) * a_rs;
@@ -133,8 +133,7 @@ static __m256 exp256(__m256 x)
     return _mm256_blendv_ps(result, x_in, nan);
 }
 
-static void softmax_step_avx2(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
-                              float *scale)
+static void softmax_step_avx2(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum, float *scale)
 {
     const __m256 neg_inf = _mm256_set1_ps(-INFINITY), one = _mm256_set1_ps(1.0f);
     for (int64_t i = 0; i < rows; i += 8) { /* 8 queries per vector */
@@ -218,7 +217,8 @@ static void dot_rows_avx2(const float *k, int64_t ldk, int64_t n, const float *q
 static void axpy_rows_avx2(const float *p, const float *v, int64_t ldv, int64_t n, int64_t d, float *o)
 {
     for (int64_t c = 0; c < d; c += 32) {
-        __m256i m0 = lane_mask(d - c), m1 = lane_mask(d - c - 8), m2 = lane_mask(d - c - 16), m3 = lane_mask(d - c - 24);
+        __m256i m0 = lane_mask(d - c), m1 = lane_mask(d - c - 8), m2 = lane_mask(d - c - 16),
+                m3 = lane_mask(d - c - 24);
         __m256 o0 = _mm256_maskload_ps(o + c, m0), o1 = _mm256_maskload_ps(o + c + 8, m1);
         __m256 o2 = _mm256_maskload_ps(o + c + 16, m2), o3 = _mm256_maskload_ps(o + c + 24, m3);
         for (int64_t j = 0; j < n; j++) {

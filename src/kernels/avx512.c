@@ -22,24 +22,24 @@ static __mmask16 lane_mask(int64_t n)
 }
 
 /* One row of the tile: broadcast A(i, p), two FMAs. */
-#define ROW_FMA(i)                                                  \
-    do {                                                            \
-        __m512 a_ = _mm512_set1_ps(r##i[p * a_cs]);                 \
-        c##i##0 = _mm512_fmadd_ps(a_, b0, c##i##0);                 \
-        c##i##1 = _mm512_fmadd_ps(a_, b1, c##i##1);                 \
+#define ROW_FMA(i)                                  \
+    do {                                            \
+        __m512 a_ = _mm512_set1_ps(r##i[p * a_cs]); \
+        c##i##0 = _mm512_fmadd_ps(a_, b0, c##i##0); \
+        c##i##1 = _mm512_fmadd_ps(a_, b1, c##i##1); \
     } while (0)
 
-#define ROW_STORE(i)                                                \
-    do {                                                            \
-        if (i < m) {                                                \
-            float *ci = c + i * ldc;                                \
-            if (accumulate) {                                       \
-                c##i##0 = _mm512_add_ps(c##i##0, _mm512_maskz_loadu_ps(m0, ci)); \
+#define ROW_STORE(i)                                                                  \
+    do {                                                                              \
+        if (i < m) {                                                                  \
+            float *ci = c + i * ldc;                                                  \
+            if (accumulate) {                                                         \
+                c##i##0 = _mm512_add_ps(c##i##0, _mm512_maskz_loadu_ps(m0, ci));      \
                 c##i##1 = _mm512_add_ps(c##i##1, _mm512_maskz_loadu_ps(m1, ci + 16)); \
-            }                                                       \
-            _mm512_mask_storeu_ps(ci, m0, c##i##0);                 \
-            _mm512_mask_storeu_ps(ci + 16, m1, c##i##1);            \
-        }                                                           \
+            }                                                                         \
+            _mm512_mask_storeu_ps(ci, m0, c##i##0);                                   \
+            _mm512_mask_storeu_ps(ci + 16, m1, c##i##1);                              \
+        }                                                                             \
     } while (0)
 
 /* Named accumulators, not an array: compilers spill arrays of vectors.
@@ -48,8 +48,18 @@ static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, in
                              const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
 #define ROW_PTR(i) const float *r##i = a + (i < m ? i : m - 1) * a_rs
-    ROW_PTR(0); ROW_PTR(1); ROW_PTR(2); ROW_PTR(3); ROW_PTR(4); ROW_PTR(5);
-    ROW_PTR(6); ROW_PTR(7); ROW_PTR(8); ROW_PTR(9); ROW_PTR(10); ROW_PTR(11);
+    ROW_PTR(0);
+    ROW_PTR(1);
+    ROW_PTR(2);
+    ROW_PTR(3);
+    ROW_PTR(4);
+    ROW_PTR(5);
+    ROW_PTR(6);
+    ROW_PTR(7);
+    ROW_PTR(8);
+    ROW_PTR(9);
+    ROW_PTR(10);
+    ROW_PTR(11);
 #undef ROW_PTR
     __mmask16 m0 = lane_mask(n), m1 = lane_mask(n - 16);
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
@@ -111,8 +121,7 @@ static __m512 exp512(__m512 x)
     return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(alive, _mm512_scalef_ps(p, n)), nan, x_in);
 }
 
-static void softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
-                                float *scale)
+static void softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum, float *scale)
 {
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY), one = _mm512_set1_ps(1.0f);
     for (int64_t i = 0; i < rows; i += 16) { /* 16 queries per vector */
@@ -158,10 +167,10 @@ static void softmax_grad_avx512(float *s, float *dp, int64_t lds, int64_t rows, 
     }
 }
 
-#define ROWS_ELEM float
+#define ROWS_ELEM        float
 #define ROWS_LOAD(mk, x) _mm512_maskz_loadu_ps(mk, x)
-#define ROWS_DOT dot_rows_avx512
-#define ROWS_AXPY axpy_rows_avx512
+#define ROWS_DOT         dot_rows_avx512
+#define ROWS_AXPY        axpy_rows_avx512
 #include "kernels/rows_avx512.h"
 
 static void scale_avx512(float *x, int64_t n, float alpha)

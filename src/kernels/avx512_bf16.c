@@ -26,32 +26,42 @@ static __m512i pair_at(const uint16_t *a)
     return _mm512_set1_epi32(pair);
 }
 
-#define ROW_DOT(i)                                                                  \
-    do {                                                                            \
-        __m512bh a_ = (__m512bh)pair_at(r##i + (p / 2) * a_ps);                     \
-        c##i##0 = _mm512_dpbf16_ps(c##i##0, a_, b0);                                \
-        c##i##1 = _mm512_dpbf16_ps(c##i##1, a_, b1);                                \
+#define ROW_DOT(i)                                              \
+    do {                                                        \
+        __m512bh a_ = (__m512bh)pair_at(r##i + (p / 2) * a_ps); \
+        c##i##0 = _mm512_dpbf16_ps(c##i##0, a_, b0);            \
+        c##i##1 = _mm512_dpbf16_ps(c##i##1, a_, b1);            \
     } while (0)
 
-#define ROW_STORE(i)                                                                \
-    do {                                                                            \
-        if (i < m) {                                                                \
-            float *ci = c + i * ldc;                                                \
-            if (accumulate) {                                                       \
-                c##i##0 = _mm512_add_ps(c##i##0, _mm512_maskz_loadu_ps(m0, ci));     \
+#define ROW_STORE(i)                                                                  \
+    do {                                                                              \
+        if (i < m) {                                                                  \
+            float *ci = c + i * ldc;                                                  \
+            if (accumulate) {                                                         \
+                c##i##0 = _mm512_add_ps(c##i##0, _mm512_maskz_loadu_ps(m0, ci));      \
                 c##i##1 = _mm512_add_ps(c##i##1, _mm512_maskz_loadu_ps(m1, ci + 16)); \
-            }                                                                       \
-            _mm512_mask_storeu_ps(ci, m0, c##i##0);                                 \
-            _mm512_mask_storeu_ps(ci + 16, m1, c##i##1);                            \
-        }                                                                           \
+            }                                                                         \
+            _mm512_mask_storeu_ps(ci, m0, c##i##0);                                   \
+            _mm512_mask_storeu_ps(ci + 16, m1, c##i##1);                              \
+        }                                                                             \
     } while (0)
 
 static void tile_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
                              const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
 #define ROW_PTR(i) const uint16_t *r##i = a + (i < m ? i : m - 1) * a_rs
-    ROW_PTR(0); ROW_PTR(1); ROW_PTR(2); ROW_PTR(3); ROW_PTR(4); ROW_PTR(5);
-    ROW_PTR(6); ROW_PTR(7); ROW_PTR(8); ROW_PTR(9); ROW_PTR(10); ROW_PTR(11);
+    ROW_PTR(0);
+    ROW_PTR(1);
+    ROW_PTR(2);
+    ROW_PTR(3);
+    ROW_PTR(4);
+    ROW_PTR(5);
+    ROW_PTR(6);
+    ROW_PTR(7);
+    ROW_PTR(8);
+    ROW_PTR(9);
+    ROW_PTR(10);
+    ROW_PTR(11);
 #undef ROW_PTR
     __mmask16 m0 = lane_mask(n), m1 = lane_mask(n - 16);
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
@@ -136,10 +146,10 @@ static __m512 load_bf16(__mmask16 mk, const uint16_t *x)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-#define ROWS_ELEM uint16_t
+#define ROWS_ELEM        uint16_t
 #define ROWS_LOAD(mk, x) load_bf16(mk, x)
-#define ROWS_DOT dot_rows_bf16_avx512
-#define ROWS_AXPY axpy_rows_bf16_avx512
+#define ROWS_DOT         dot_rows_bf16_avx512
+#define ROWS_AXPY        axpy_rows_bf16_avx512
 #include "kernels/rows_avx512.h"
 
 const mha__bf16_kernels mha__bf16_kernels_avx512 = {

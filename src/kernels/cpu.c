@@ -39,8 +39,8 @@ static cpu_features detect(void)
     bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
     if (!osxsave || !avx) return f;
     uint64_t xcr0 = xgetbv0();
-    bool ymm_state = (xcr0 & 0x6) == 0x6;       /* SSE and AVX state */
-    bool zmm_state = (xcr0 & 0xe6) == 0xe6;     /* plus opmask, ZMM_Hi256, Hi16_ZMM */
+    bool ymm_state = (xcr0 & 0x6) == 0x6;   /* SSE and AVX state */
+    bool zmm_state = (xcr0 & 0xe6) == 0xe6; /* plus opmask, ZMM_Hi256, Hi16_ZMM */
     if (!ymm_state || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
     bool avx2 = b & (1u << 5);
     bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31)); /* F DQ BW VL */

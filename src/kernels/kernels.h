@@ -49,8 +49,8 @@ typedef void (*mha__softmax_step_fn)(float *s, int64_t lds, int64_t rows, int64_
  *   dp[j][i] <- p * (dp[j][i] - delta[i])          the score's gradient
  * where delta[i] = dO_i . O_i, and shift/mul restore the forward's
  * normalisation: (lse, 1), or (row max, 1 / row sum) when both were kept. */
-typedef void (*mha__softmax_grad_fn)(float *s, float *dp, int64_t lds, int64_t rows, int64_t cols,
-                                     const float *shift, const float *mul, const float *delta);
+typedef void (*mha__softmax_grad_fn)(float *s, float *dp, int64_t lds, int64_t rows, int64_t cols, const float *shift,
+                                     const float *mul, const float *delta);
 
 /* Decoding, one query row against rows of cached keys and values:
  *   dot_rows:  s[j] = sum_c q[c] k[j * ldk + c]            for j < n
@@ -73,8 +73,8 @@ typedef void (*mha__exp_shift_fn)(float *x, int64_t n, float shift);
 typedef double (*mha__peak_fn)(int64_t iterations);
 
 typedef struct mha__kernels {
-    const char *name;               /* "generic", "avx2", "avx512" */
-    int mr, nr;                     /* gemm_tile's largest m and n */
+    const char *name; /* "generic", "avx2", "avx512" */
+    int mr, nr;       /* gemm_tile's largest m and n */
     mha__gemm_tile_fn gemm_tile;
     mha__softmax_step_fn softmax_step;
     mha__softmax_grad_fn softmax_grad;
@@ -94,9 +94,8 @@ typedef struct mha__kernels {
  * Each product of two bf16 values is exact in float32; the sums round as
  * float32 in p order, pairwise (p, p+1) as the AVX512-BF16 dot product
  * instruction does, which also treats denormal inputs and results as 0. */
-typedef void (*mha__gemm_tile_bf16_fn)(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
-                                       int64_t a_ps, const uint16_t *b, int64_t ldb, float *c, int64_t ldc,
-                                       int accumulate);
+typedef void (*mha__gemm_tile_bf16_fn)(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
+                                       const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
 
 /* dst[i] = bf16(src[i]), round to nearest even, for i < n. */
 typedef void (*mha__bf16_round_fn)(uint16_t *dst, const float *src, int64_t n);
@@ -113,13 +112,13 @@ typedef void (*mha__axpy_rows_bf16_fn)(const float *p, const uint16_t *v, int64_
 enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
 
 typedef struct mha__bf16_kernels {
-    const char *name;  /* "generic" or "avx512_bf16" */
+    const char *name; /* "generic" or "avx512_bf16" */
     mha__gemm_tile_bf16_fn tile;
     mha__bf16_round_fn round;
     mha__bf16_pairs_fn pairs;
     mha__dot_rows_bf16_fn dot_rows;
     mha__axpy_rows_bf16_fn axpy_rows;
-    mha__peak_fn peak;  /* the bf16 multiply-add peak (NULL: same as float32) */
+    mha__peak_fn peak; /* the bf16 multiply-add peak (NULL: same as float32) */
 } mha__bf16_kernels;
 
 extern const mha__bf16_kernels mha__bf16_kernels_generic;

@@ -50,7 +50,8 @@ mha_status mha_measure_peak(mha_ctx *ctx, mha_dtype dtype, double seconds, doubl
     if (!(seconds > 0 && seconds <= 60))
         return mha__fail(MHA_ERR_INVALID_ARG, "seconds must be in (0, 60], got %g", seconds);
     if (dtype != MHA_DTYPE_F32 && dtype != MHA_DTYPE_BF16)
-        return mha__fail(MHA_ERR_INVALID_ARG, "dtype %s has no peak to measure; use F32 or BF16", mha_dtype_name(dtype));
+        return mha__fail(MHA_ERR_INVALID_ARG, "dtype %s has no peak to measure; use F32 or BF16",
+                         mha_dtype_name(dtype));
     peak_job *j = mha__alloc(1, sizeof *j); /* per call: calls from several threads do not share it */
     if (!j) return MHA_ERR_NOMEM;
     const mha__bf16_kernels *bk = mha__bf16_get();

@@ -21,7 +21,8 @@ static __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3)
     __m512 lo = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(x01), _mm512_castps_pd(x23)));
     __m512 hi = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(x01), _mm512_castps_pd(x23)));
     __m512 z = _mm512_add_ps(lo, hi); /* each 128-bit lane: its share of the four sums */
-    __m256 z8 = _mm256_add_ps(_mm512_castps512_ps256(z), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
+    __m256 z8 =
+        _mm256_add_ps(_mm512_castps512_ps256(z), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
     return _mm_add_ps(_mm256_castps256_ps128(z8), _mm256_extractf128_ps(z8, 1));
 }
 #endif
@@ -55,7 +56,8 @@ static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, const float *q,
 static void ROWS_AXPY(const float *p, const ROWS_ELEM *v, int64_t ldv, int64_t n, int64_t d, float *o)
 {
     for (int64_t c = 0; c < d; c += 64) {
-        __mmask16 m0 = lane_mask(d - c), m1 = lane_mask(d - c - 16), m2 = lane_mask(d - c - 32), m3 = lane_mask(d - c - 48);
+        __mmask16 m0 = lane_mask(d - c), m1 = lane_mask(d - c - 16), m2 = lane_mask(d - c - 32),
+                  m3 = lane_mask(d - c - 48);
         __m512 o0 = _mm512_maskz_loadu_ps(m0, o + c), o1 = _mm512_maskz_loadu_ps(m1, o + c + 16);
         __m512 o2 = _mm512_maskz_loadu_ps(m2, o + c + 32), o3 = _mm512_maskz_loadu_ps(m3, o + c + 48);
         for (int64_t j = 0; j < n; j++) {

@@ -22,9 +22,9 @@ enum { CACHE_MAGIC = 0x6d68616b /* "mhak" */ };
 
 struct mha_kv_cache {
     uint32_t magic;
-    int64_t  batch, kv_heads, head_dim, capacity, length;
-    bool     bf16;
-    void    *k, *v;  /* [batch][g][capacity][d] floats or bf16 */
+    int64_t batch, kv_heads, head_dim, capacity, length;
+    bool bf16;
+    void *k, *v; /* [batch][g][capacity][d] floats or bf16 */
 };
 
 static mha_status check_cache(const mha_kv_cache *c, const char *fn)
@@ -51,8 +51,9 @@ mha_status mha_kv_cache_create(const mha_layer *layer, int64_t batch, int64_t ca
                          (long long)batch);
     mha_kv_cache *c = mha__calloc(1, sizeof *c);
     if (!c) return MHA_ERR_NOMEM;
-    *c = (mha_kv_cache){CACHE_MAGIC, batch, layer->desc.num_kv_heads, layer->head_dim, capacity, 0,
-                        dtype == MHA_DTYPE_BF16, mha__alloc(n, 1), mha__alloc(n, 1)};
+    *c = (mha_kv_cache){CACHE_MAGIC,     batch, layer->desc.num_kv_heads, layer->head_dim,
+                        capacity,        0,     dtype == MHA_DTYPE_BF16,  mha__alloc(n, 1),
+                        mha__alloc(n, 1)};
     if (!c->k || !c->v) {
         mha_kv_cache_free(c);
         return MHA_ERR_NOMEM;
@@ -70,7 +71,10 @@ void mha_kv_cache_free(mha_kv_cache *c)
     mha__free(c);
 }
 
-int64_t mha_kv_cache_length(const mha_kv_cache *c) { return check_cache(c, "mha_kv_cache_length") == MHA_OK ? c->length : -1; }
+int64_t mha_kv_cache_length(const mha_kv_cache *c)
+{
+    return check_cache(c, "mha_kv_cache_length") == MHA_OK ? c->length : -1;
+}
 
 int64_t mha_kv_cache_capacity(const mha_kv_cache *c)
 {
@@ -153,7 +157,8 @@ static mha_status check_decode(const mha_layer *l, const mha_kv_cache *c, const 
         return mha__fail(MHA_ERR_INVALID_ARG, "decoding is self-attention: kdim and vdim must equal embed_dim");
     if (c->kv_heads != d->num_kv_heads || c->head_dim != l->head_dim)
         return mha__fail(MHA_ERR_INVALID_ARG, "the cache holds %lld kv heads of %lld, the layer has %lld of %lld",
-                         (long long)c->kv_heads, (long long)c->head_dim, (long long)d->num_kv_heads, (long long)l->head_dim);
+                         (long long)c->kv_heads, (long long)c->head_dim, (long long)d->num_kv_heads,
+                         (long long)l->head_dim);
     const int64_t x_shape[4] = {c->batch, -1, d->embed_dim, 1};
     if ((st = mha__check_tensor(x, "x", x_shape)) != MHA_OK) return st;
     const int64_t o_shape[4] = {c->batch, x->shape[1], d->embed_dim, 1};
@@ -181,8 +186,10 @@ mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_ten
     mha__batched qb = mha__layer_activations(l, q, n, H), kb = mha__layer_activations(l, k, n, G);
     mha__batched vb = mha__layer_activations(l, v, n, G);
     const float *b_in = l->b_in;
-    if ((st = mha__layer_project(ctx, l, N, n, &xb, MAT_Q, b_in ? b_in + mha__layer_bias_offset(l, MAT_Q) : NULL, &qb)) ||
-        (st = mha__layer_project(ctx, l, N, n, &xb, MAT_K, b_in ? b_in + mha__layer_bias_offset(l, MAT_K) : NULL, &kb)) ||
+    if ((st = mha__layer_project(ctx, l, N, n, &xb, MAT_Q, b_in ? b_in + mha__layer_bias_offset(l, MAT_Q) : NULL,
+                                 &qb)) ||
+        (st = mha__layer_project(ctx, l, N, n, &xb, MAT_K, b_in ? b_in + mha__layer_bias_offset(l, MAT_K) : NULL,
+                                 &kb)) ||
         (st = mha__layer_project(ctx, l, N, n, &xb, MAT_V, b_in ? b_in + mha__layer_bias_offset(l, MAT_V) : NULL, &vb)))
         return st;
     mha_tensor qh = mha__layer_heads_view(l, q, N, n, H), kh = mha__layer_heads_view(l, k, N, n, G);
@@ -193,9 +200,20 @@ mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_ten
     int64_t before = c->length;
     if ((st = mha_kv_cache_append(c, &kh, &vh)) != MHA_OK) return st;
     mha__attn_plan plan = {
-        .B = N, .Hq = H, .Hkv = G, .L = n, .S = c->length, .D = l->head_dim, .Dv = l->head_dim, .R = c->length,
-        .group = H / G, .scale = (float)(1.0 / sqrt((double)l->head_dim)), .softcap = d->softcap,
-        .causal = MHA_CAUSAL_BOTTOM_RIGHT, .window_left = d->window_left, .window_right = d->window_right,
+        .B = N,
+        .Hq = H,
+        .Hkv = G,
+        .L = n,
+        .S = c->length,
+        .D = l->head_dim,
+        .Dv = l->head_dim,
+        .R = c->length,
+        .group = H / G,
+        .scale = (float)(1.0 / sqrt((double)l->head_dim)),
+        .softcap = d->softcap,
+        .causal = MHA_CAUSAL_BOTTOM_RIGHT,
+        .window_left = d->window_left,
+        .window_right = d->window_right,
         .alibi = l->alibi,
     };
     mha__kv_view view = cache_view(c);

@@ -44,20 +44,27 @@ static mha_status check_rope(const mha_layer_desc *d, int64_t head_dim)
     if (!(r->theta >= 0) || isinf(r->theta) || (r->theta > 0 && r->theta <= 1))
         return mha__fail(MHA_ERR_INVALID_ARG, "rope.theta must be > 1 (0 = 10000), got %g", r->theta);
     if (r->dim < 0 || r->dim > head_dim || r->dim % 2 || (r->dim == 0 && head_dim % 2))
-        return mha__fail(MHA_ERR_INVALID_ARG, "rope.dim must be even and at most head_dim %lld (0 = head_dim), got %lld",
+        return mha__fail(MHA_ERR_INVALID_ARG,
+                         "rope.dim must be even and at most head_dim %lld (0 = head_dim), got %lld",
                          (long long)head_dim, (long long)r->dim);
     if (d->add_bias_kv || d->add_zero_attn)
-        return mha__fail(MHA_ERR_INVALID_ARG, "rope has no position for the bias_k/zero rows; it excludes add_bias_kv and add_zero_attn");
+        return mha__fail(MHA_ERR_INVALID_ARG,
+                         "rope has no position for the bias_k/zero rows; it excludes add_bias_kv and add_zero_attn");
     return MHA_OK;
 }
 
 static mha_status check_desc(const mha_layer_desc *d)
 {
-    if (d->embed_dim < 1) return mha__fail(MHA_ERR_INVALID_ARG, "embed_dim must be positive, got %lld", (long long)d->embed_dim);
-    if (d->num_heads < 1) return mha__fail(MHA_ERR_INVALID_ARG, "num_heads must be positive, got %lld", (long long)d->num_heads);
-    if (d->head_dim < 0) return mha__fail(MHA_ERR_INVALID_ARG, "head_dim must be >= 0 (0 = embed_dim / num_heads), got %lld", (long long)d->head_dim);
+    if (d->embed_dim < 1)
+        return mha__fail(MHA_ERR_INVALID_ARG, "embed_dim must be positive, got %lld", (long long)d->embed_dim);
+    if (d->num_heads < 1)
+        return mha__fail(MHA_ERR_INVALID_ARG, "num_heads must be positive, got %lld", (long long)d->num_heads);
+    if (d->head_dim < 0)
+        return mha__fail(MHA_ERR_INVALID_ARG, "head_dim must be >= 0 (0 = embed_dim / num_heads), got %lld",
+                         (long long)d->head_dim);
     if (!d->head_dim && d->embed_dim % d->num_heads)
-        return mha__fail(MHA_ERR_INVALID_ARG, "embed_dim %lld is not divisible by num_heads %lld, so the heads cannot have equal width",
+        return mha__fail(MHA_ERR_INVALID_ARG,
+                         "embed_dim %lld is not divisible by num_heads %lld, so the heads cannot have equal width",
                          (long long)d->embed_dim, (long long)d->num_heads);
     int64_t g = d->num_kv_heads ? d->num_kv_heads : d->num_heads;
     if (g < 1 || d->num_heads % g)
@@ -75,12 +82,14 @@ static mha_status check_desc(const mha_layer_desc *d)
     for (int i = 0; i < 4; i++) {
         int64_t sq;
         if (!mha__mul(sizes[i], sizes[i] > d->embed_dim ? sizes[i] : d->embed_dim, &sq) || sq > INT64_MAX / 64)
-            return mha__fail(MHA_ERR_INVALID_ARG, "embed_dim %lld, head sizes or kdim/vdim are too large", (long long)d->embed_dim);
+            return mha__fail(MHA_ERR_INVALID_ARG, "embed_dim %lld, head sizes or kdim/vdim are too large",
+                             (long long)d->embed_dim);
     }
     if ((d->add_bias_kv || d->add_zero_attn) && (g != d->num_heads || qdim != d->embed_dim))
         return mha__fail(MHA_ERR_INVALID_ARG, "add_bias_kv and add_zero_attn are nn.MultiheadAttention's: they need "
                                               "num_kv_heads == num_heads and num_heads x head_dim == embed_dim");
-    if (d->out_bias < -1 || d->out_bias > 1) return mha__fail(MHA_ERR_INVALID_ARG, "out_bias must be -1, 0 or 1, got %d", d->out_bias);
+    if (d->out_bias < -1 || d->out_bias > 1)
+        return mha__fail(MHA_ERR_INVALID_ARG, "out_bias must be -1, 0 or 1, got %d", d->out_bias);
     if (d->window_left < -1 || d->window_right < -1)
         return mha__fail(MHA_ERR_INVALID_ARG, "window sizes must be >= -1 (-1 = unbounded), got left %lld right %lld",
                          (long long)d->window_left, (long long)d->window_right);
@@ -215,19 +224,27 @@ const mha_layer_desc *mha_layer_get_desc(const mha_layer *l)
  * (q_proj.weight ... o_proj.bias) and GPT-2's (c_attn / c_proj, Conv1D
  * weights stored [in, out], so transposed here). */
 typedef enum weight_target {
-    SET_QKV,       /* Q, K, V stacked by rows, [out, in] */
-    SET_QKV_T,     /* the same stacked by columns, [in, out] (GPT-2 c_attn) */
-    SET_Q, SET_K, SET_V, SET_OUT,
-    SET_OUT_T,     /* W_o as [in, out] (GPT-2 c_proj) */
-    SET_QKV_BIAS, SET_Q_BIAS, SET_K_BIAS, SET_V_BIAS, SET_OUT_BIAS,
-    SET_BIAS_K, SET_BIAS_V
+    SET_QKV,   /* Q, K, V stacked by rows, [out, in] */
+    SET_QKV_T, /* the same stacked by columns, [in, out] (GPT-2 c_attn) */
+    SET_Q,
+    SET_K,
+    SET_V,
+    SET_OUT,
+    SET_OUT_T, /* W_o as [in, out] (GPT-2 c_proj) */
+    SET_QKV_BIAS,
+    SET_Q_BIAS,
+    SET_K_BIAS,
+    SET_V_BIAS,
+    SET_OUT_BIAS,
+    SET_BIAS_K,
+    SET_BIAS_V
 } weight_target;
 
 typedef struct weight_slot {
-    const char   *name;
+    const char *name;
     weight_target target;
-    int64_t       numel;
-    bool          present;  /* does this configuration have it? */
+    int64_t numel;
+    bool present; /* does this configuration have it? */
 } weight_slot;
 
 enum { MAX_SLOTS = 22 };
@@ -422,7 +439,8 @@ void mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N, int6
  * row (the activations hold S1 rows per batch). */
 static void append_extra_keys(const mha_layer *l, float *k, float *v, int64_t N, int64_t S, int64_t S1)
 {
-    mha_tensor kh = mha__layer_heads_view(l, k, N, S1, l->desc.num_heads), vh = mha__layer_heads_view(l, v, N, S1, l->desc.num_heads);
+    mha_tensor kh = mha__layer_heads_view(l, k, N, S1, l->desc.num_heads),
+               vh = mha__layer_heads_view(l, v, N, S1, l->desc.num_heads);
     int64_t d = l->head_dim;
     for (int64_t n = 0; n < N; n++)
         for (int64_t h = 0; h < l->desc.num_heads; h++) {
@@ -444,7 +462,7 @@ static void append_extra_keys(const mha_layer *l, float *k, float *v, int64_t N,
 /* ---------------------------------------------------------------- */
 
 mha_status mha__layer_check_forward(const mha_layer *l, const mha_tensor *attn_output, const mha_tensor *attn_weights,
-                                const mha_layer_fwd_args *a)
+                                    const mha_layer_fwd_args *a)
 {
     const mha_layer_desc *d = &l->desc;
     const int64_t q_shape[4] = {-1, -1, d->embed_dim, 1};
@@ -481,8 +499,7 @@ static mha_status buffer_sizes(int64_t N, int64_t L, int64_t S1, int64_t qdim, i
 {
     if (!mha__mul(N, L, nq) || !mha__mul(*nq, qdim, nq) || !mha__mul(N, S1, nk) || !mha__mul(*nk, kvdim, nk) ||
         !mha__mul(N, H, nrow) || !mha__mul(*nrow, L, nrow) || !mha__add(*nq, *nq, all) || !mha__add(*all, *nk, all) ||
-        !mha__add(*all, *nk, all) || !mha__add(*all, *nrow, all) || !mha__add(*all, *nrow, all) ||
-        *all > INT64_MAX / 8)
+        !mha__add(*all, *nk, all) || !mha__add(*all, *nrow, all) || !mha__add(*all, *nrow, all) || *all > INT64_MAX / 8)
         return mha__fail(MHA_ERR_INVALID_ARG, "the layer's workspace for %lld x %lld queries and %lld keys overflows",
                          (long long)N, (long long)L, (long long)S1);
     return MHA_OK;
@@ -543,21 +560,33 @@ mha__attn_plan mha__layer_plan(const mha_layer *l, const mha_layer_fwd_args *a)
     const mha_layer_desc *d = &l->desc;
     int64_t S = a->key.shape[1];
     return (mha__attn_plan){
-        .B = a->query.shape[0], .Hq = d->num_heads, .Hkv = d->num_kv_heads, .L = a->query.shape[1],
-        .S = S + !!d->add_bias_kv + !!d->add_zero_attn, .D = l->head_dim, .Dv = l->head_dim, .R = S,
-        .group = d->num_heads / d->num_kv_heads, .scale = (float)(1.0 / sqrt((double)l->head_dim)),
-        .softcap = d->softcap, .causal = a->causal, .window_left = d->window_left, .window_right = d->window_right,
-        .alibi = l->alibi, .masks = {a->attn_mask, a->key_padding_mask}, .bf16 = l->bf16,
+        .B = a->query.shape[0],
+        .Hq = d->num_heads,
+        .Hkv = d->num_kv_heads,
+        .L = a->query.shape[1],
+        .S = S + !!d->add_bias_kv + !!d->add_zero_attn,
+        .D = l->head_dim,
+        .Dv = l->head_dim,
+        .R = S,
+        .group = d->num_heads / d->num_kv_heads,
+        .scale = (float)(1.0 / sqrt((double)l->head_dim)),
+        .softcap = d->softcap,
+        .causal = a->causal,
+        .window_left = d->window_left,
+        .window_right = d->window_right,
+        .alibi = l->alibi,
+        .masks = {a->attn_mask, a->key_padding_mask},
+        .bf16 = l->bf16,
     };
 }
 
 /* Marks the tape (if any) as holding this call's activations. */
-static mha_status record(mha_layer_tape *tape, const mha_layer *l, const mha_layer_fwd_args *a,
-                         const layer_buffers *b)
+static mha_status record(mha_layer_tape *tape, const mha_layer *l, const mha_layer_fwd_args *a, const layer_buffers *b)
 {
     if (tape)
-        *tape = (mha_layer_tape){TAPE_MAGIC, l, a->query.shape[0], a->query.shape[1], a->key.shape[1], a->position,
-                                 b->q, b->k, b->v, b->heads, b->stats, tape->base, tape->capacity};
+        *tape = (mha_layer_tape){
+            TAPE_MAGIC, l,    a->query.shape[0], a->query.shape[1], a->key.shape[1], a->position,   b->q,
+            b->k,       b->v, b->heads,          b->stats,          tape->base,      tape->capacity};
     return MHA_OK;
 }
 
@@ -592,7 +621,8 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
         return st;
     if (N * L == 0) return record(a->tape, l, a, &buf);
 
-    mha__batched x_q = mha__layer_from_view(&a->query), x_k = mha__layer_from_view(&a->key), x_v = mha__layer_from_view(&a->value);
+    mha__batched x_q = mha__layer_from_view(&a->query), x_k = mha__layer_from_view(&a->key),
+                 x_v = mha__layer_from_view(&a->value);
     mha__batched q = mha__layer_activations(l, buf.q, L, H), k = mha__layer_activations(l, buf.k, S1, G);
     mha__batched v = mha__layer_activations(l, buf.v, S1, G);
     const float *b_q = l->b_in ? l->b_in + mha__layer_bias_offset(l, MAT_Q) : NULL;
@@ -624,7 +654,8 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
         for (int64_t n = 0; n < N; n++)
             for (int64_t t = 0; t < L; t++)
                 for (int64_t c = 0; c < E; c++)
-                    attn_output->data[n * attn_output->stride[0] + t * attn_output->stride[1] + c * attn_output->stride[2]] =
+                    attn_output
+                        ->data[n * attn_output->stride[0] + t * attn_output->stride[1] + c * attn_output->stride[2]] =
                         buf.staging[(n * L + t) * E + c];
     }
     return st == MHA_OK ? record(a->tape, l, a, &buf) : st;

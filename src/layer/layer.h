@@ -20,32 +20,32 @@ typedef enum matrix { MAT_Q, MAT_K, MAT_V, MAT_OUT, MAT_COUNT } matrix;
  * the optimizer updates (the packs are made from them; the backward's
  * dX = dY W reads them in place) and their gradients. */
 typedef struct mha__layer_train {
-    float       *plain;               /* W_q, W_k, W_v, W_o back to back: in_proj_weight then out_proj.weight */
-    float       *w[MAT_COUNT];        /* into plain */
-    float       *grads;               /* the same layout, then the bias gradients */
-    float       *g_w[MAT_COUNT];      /* into grads */
-    float       *g_b_in, *g_b_out, *g_bias_k, *g_bias_v;  /* into grads, or NULL */
-    int64_t      n_grads;             /* floats in grads */
+    float *plain;          /* W_q, W_k, W_v, W_o back to back: in_proj_weight then out_proj.weight */
+    float *w[MAT_COUNT];   /* into plain */
+    float *grads;          /* the same layout, then the bias gradients */
+    float *g_w[MAT_COUNT]; /* into grads */
+    float *g_b_in, *g_b_out, *g_bias_k, *g_bias_v; /* into grads, or NULL */
+    int64_t n_grads;                               /* floats in grads */
 } mha__layer_train;
 
 /* Matrices are kept packed (gemm.h), float32 or bf16 as the layer
  * computes; a plain copy exists only for training, where the optimizer
  * needs one: for inference it would be 4 E^2 floats nothing reads. */
 struct mha_layer {
-    uint32_t       magic;
+    uint32_t magic;
     mha_layer_desc desc;
-    int64_t        head_dim;
-    int64_t        qdim, kvdim;  /* h x head_dim, g x head_dim */
-    const mha__kernels *kt;   /* the kernels the packs were made for */
-    bool           bf16;      /* desc.dtype == MHA_DTYPE_BF16 */
-    mha__packed    w[MAT_COUNT];        /* float32 packs (unused in bf16) */
-    mha__packed_bf16 w16[MAT_COUNT];    /* bf16 packs (unused in float32) */
-    float         *b_in;      /* [qdim | kvdim | kvdim]: Q, K, V biases, or NULL */
-    float         *b_out;     /* [E] or NULL */
-    float         *bias_k, *bias_v;  /* [E] or NULL */
-    float         *alibi;     /* [h] or NULL: the desc's slopes, copied */
-    mha_weight_names names;   /* the family the weights were loaded under (TORCH when set by hand) */
-    mha__layer_train *train;  /* NULL until mha_layer_train_init */
+    int64_t head_dim;
+    int64_t qdim, kvdim;             /* h x head_dim, g x head_dim */
+    const mha__kernels *kt;          /* the kernels the packs were made for */
+    bool bf16;                       /* desc.dtype == MHA_DTYPE_BF16 */
+    mha__packed w[MAT_COUNT];        /* float32 packs (unused in bf16) */
+    mha__packed_bf16 w16[MAT_COUNT]; /* bf16 packs (unused in float32) */
+    float *b_in;                     /* [qdim | kvdim | kvdim]: Q, K, V biases, or NULL */
+    float *b_out;                    /* [E] or NULL */
+    float *bias_k, *bias_v;          /* [E] or NULL */
+    float *alibi;                    /* [h] or NULL: the desc's slopes, copied */
+    mha_weight_names names;          /* the family the weights were loaded under (TORCH when set by hand) */
+    mha__layer_train *train;         /* NULL until mha_layer_train_init */
 };
 
 /* What a forward call records for the backward pass (mha_layer_tape). */
@@ -54,9 +54,9 @@ struct mha_layer_tape {
     const mha_layer *layer;   /* who recorded; NULL = nothing recorded */
     int64_t N, L, S;          /* the recorded call's sizes */
     int64_t position;         /* and its rope position */
-    float  *q, *k, *v, *heads;  /* activations (mha__layer_activations layout), S' key rows */
+    float *q, *k, *v, *heads; /* activations (mha__layer_activations layout), S' key rows */
     mha__row_stats stats;     /* [N, h, L] */
-    float  *base;             /* one allocation behind all of the above */
+    float *base;              /* one allocation behind all of the above */
     int64_t capacity;         /* floats in base */
 };
 
@@ -75,7 +75,7 @@ mha__batched mha__layer_from_view(const mha_tensor *t);
  * major [N][H][T][d] when d is a multiple of the kernels' nr, else
  * row-major [N][T][E]; and the same as the [N, H, T, d] attention view. */
 mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t T, int64_t heads);
-mha_tensor   mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t heads);
+mha_tensor mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t heads);
 
 /* Rotates x [N, heads, T, d] in place by the layer's rotary embedding, row
  * t of every batch at position `position + t` (by minus the angle when

@@ -23,8 +23,7 @@ static mha_status check_training(const mha_layer *l, const char *fn)
 {
     mha_status st = mha__layer_check(l, fn);
     if (st != MHA_OK) return st;
-    if (l->bf16)
-        return mha__fail(MHA_ERR_UNSUPPORTED, "%s: training computes in F32; this layer's dtype is BF16", fn);
+    if (l->bf16) return mha__fail(MHA_ERR_UNSUPPORTED, "%s: training computes in F32; this layer's dtype is BF16", fn);
     if (!l->train) return mha__fail(MHA_ERR_MISUSE, "%s: call mha_layer_train_init first", fn);
     return MHA_OK;
 }
@@ -69,14 +68,17 @@ mha_status mha_layer_train_init(mha_layer *l)
 {
     mha_status st = mha__layer_check(l, "mha_layer_train_init");
     if (st != MHA_OK) return st;
-    if (l->bf16) return mha__fail(MHA_ERR_UNSUPPORTED, "mha_layer_train_init: training computes in F32; this layer's dtype is BF16");
+    if (l->bf16)
+        return mha__fail(MHA_ERR_UNSUPPORTED,
+                         "mha_layer_train_init: training computes in F32; this layer's dtype is BF16");
     if (l->train) return MHA_OK;
     const mha_layer_desc *d = &l->desc;
     int64_t E = d->embed_dim, n_plain = 0; /* sizes checked when the layer was made */
     for (int m = 0; m < MAT_COUNT; m++) n_plain += matrix_size(l, (matrix)m);
     mha__layer_train *t = mha__calloc(1, sizeof *t);
     if (!t) return MHA_ERR_NOMEM;
-    t->n_grads = n_plain + (d->bias ? l->qdim + 2 * l->kvdim : 0) + (d->out_bias ? E : 0) + (d->add_bias_kv ? 2 * E : 0);
+    t->n_grads =
+        n_plain + (d->bias ? l->qdim + 2 * l->kvdim : 0) + (d->out_bias ? E : 0) + (d->add_bias_kv ? 2 * E : 0);
     t->plain = mha__alloc(n_plain, sizeof(float));
     t->grads = mha__calloc((size_t)t->n_grads, sizeof(float));
     if (!t->plain || !t->grads) {
@@ -181,7 +183,8 @@ static mha_status check_backward(const mha_layer *l, const mha_layer_fwd_args *a
     if (st != MHA_OK) return st;
     if (!a || !dy) return mha__fail(MHA_ERR_MISUSE, "mha_layer_backward: NULL argument");
     const mha_layer_tape *tape = a->tape;
-    if (!tape || tape->magic != TAPE_MAGIC) return mha__fail(MHA_ERR_MISUSE, "mha_layer_backward: args.tape is not a live tape");
+    if (!tape || tape->magic != TAPE_MAGIC)
+        return mha__fail(MHA_ERR_MISUSE, "mha_layer_backward: args.tape is not a live tape");
     if (tape->layer != l)
         return mha__fail(MHA_ERR_MISUSE, "mha_layer_backward: the tape holds no forward call of this layer (record one "
                                          "with args.tape; each backward consumes it)");
@@ -189,9 +192,11 @@ static mha_status check_backward(const mha_layer *l, const mha_layer_fwd_args *a
     if ((st = mha__layer_check_forward(l, &a->query, NULL, a)) != MHA_OK) return st;
     int64_t N = a->query.shape[0], L = a->query.shape[1], S = a->key.shape[1];
     if (N != tape->N || L != tape->L || S != tape->S)
-        return mha__fail(MHA_ERR_INVALID_ARG, "mha_layer_backward: args have N %lld, L %lld, S %lld but the tape "
-                                              "recorded N %lld, L %lld, S %lld", (long long)N, (long long)L,
-                         (long long)S, (long long)tape->N, (long long)tape->L, (long long)tape->S);
+        return mha__fail(MHA_ERR_INVALID_ARG,
+                         "mha_layer_backward: args have N %lld, L %lld, S %lld but the tape "
+                         "recorded N %lld, L %lld, S %lld",
+                         (long long)N, (long long)L, (long long)S, (long long)tape->N, (long long)tape->L,
+                         (long long)tape->S);
     const int64_t q_shape[4] = {N, L, l->desc.embed_dim, 1}, k_shape[4] = {N, S, l->desc.kdim, 1};
     const int64_t v_shape[4] = {N, S, l->desc.vdim, 1};
     if ((st = mha__check_tensor(dy, "grad_attn_output", q_shape)) != MHA_OK ||
@@ -238,8 +243,8 @@ static mha_status grad_buffers_get(mha_ctx *ctx, const mha_layer *l, int64_t N, 
     const mha_layer_desc *d = &l->desc;
     int64_t E = d->embed_dim, nq, stage, widest = E > d->kdim ? E : d->kdim, total;
     widest = widest > d->vdim ? widest : d->vdim;
-    if (!mha__mul(N * L, l->qdim, &nq) || !mha__mul(N * (L > S ? L : S), widest, &stage) || !mha__add(nq, stage, &total) ||
-        total > INT64_MAX / 8)
+    if (!mha__mul(N * L, l->qdim, &nq) || !mha__mul(N * (L > S ? L : S), widest, &stage) ||
+        !mha__add(nq, stage, &total) || total > INT64_MAX / 8)
         return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace for %lld x %lld queries overflows", (long long)N,
                          (long long)L);
     float *base = mha__ctx_scratch(ctx, MHA_SCRATCH_GRAD, total * (int64_t)sizeof(float));

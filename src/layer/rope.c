@@ -19,7 +19,7 @@ typedef struct rope_job {
     const mha_tensor *x;
     const mha_rope *rope;
     int64_t position, pairs;
-    float *cos_sin;  /* [T][pairs][2] */
+    float *cos_sin; /* [T][pairs][2] */
     bool inverse;
 } rope_job;
 

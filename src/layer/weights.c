@@ -16,7 +16,7 @@
 
 typedef struct lookup {
     mha_st_file *file;
-    const char  *prefix;
+    const char *prefix;
 } lookup;
 
 /* Finds "<prefix><name>"; *present is false when absent. */
@@ -113,9 +113,10 @@ static mha_status head_split(mha_layer_desc *d, int64_t q_rows, int64_t kv_rows,
                          (long long)q_rows, (long long)d->num_heads);
     d->head_dim = q_rows / d->num_heads;
     if (kv_rows % d->head_dim || d->num_heads % (kv_rows / d->head_dim))
-        return mha__fail(MHA_ERR_INVALID_ARG, "key/value projections have %lld rows: not a whole number of %lld-wide "
-                                              "heads dividing num_heads %lld", (long long)kv_rows,
-                         (long long)d->head_dim, (long long)d->num_heads);
+        return mha__fail(MHA_ERR_INVALID_ARG,
+                         "key/value projections have %lld rows: not a whole number of %lld-wide "
+                         "heads dividing num_heads %lld",
+                         (long long)kv_rows, (long long)d->head_dim, (long long)d->num_heads);
     d->num_kv_heads = kv_rows / d->head_dim;
     return MHA_OK;
 }
@@ -128,13 +129,15 @@ static mha_status infer_llama(const lookup *lk, mha_layer_desc *d, found_set *f)
     mha_st_info info;
     mha_status st = MHA_OK;
     for (int i = 0; i < 4 && st == MHA_OK; i++)
-        if ((st = require_weight(lk, w_names[i], &info)) == MHA_OK && (st = matrix_shape(&info, &rows[i], &cols[i])) == MHA_OK)
+        if ((st = require_weight(lk, w_names[i], &info)) == MHA_OK &&
+            (st = matrix_shape(&info, &rows[i], &cols[i])) == MHA_OK)
             add_found(f, &info, w_names[i]);
     if (st != MHA_OK) return st;
     d->embed_dim = rows[3];
     if (cols[0] != d->embed_dim || cols[3] != rows[0] || rows[1] != rows[2])
-        return mha__fail(MHA_ERR_INVALID_ARG, "q_proj.weight [%lld, %lld], k/v_proj.weight [%lld, ...], [%lld, ...] and "
-                                              "o_proj.weight [%lld, %lld] do not fit one attention block",
+        return mha__fail(MHA_ERR_INVALID_ARG,
+                         "q_proj.weight [%lld, %lld], k/v_proj.weight [%lld, ...], [%lld, ...] and "
+                         "o_proj.weight [%lld, %lld] do not fit one attention block",
                          (long long)rows[0], (long long)cols[0], (long long)rows[1], (long long)rows[2],
                          (long long)rows[3], (long long)cols[3]);
     d->kdim = cols[1];
@@ -162,8 +165,9 @@ static mha_status infer_gpt2(const lookup *lk, mha_layer_desc *d, found_set *f)
         (st = require_weight(lk, "c_proj.weight", &proj)) != MHA_OK || (st = matrix_shape(&proj, &pr, &pc)) != MHA_OK)
         return st;
     if (ac % 3 || pr != ac / 3 || pc != ar)
-        return mha__fail(MHA_ERR_INVALID_ARG, "c_attn.weight [%lld, %lld] and c_proj.weight [%lld, %lld] are not "
-                                              "GPT-2's [E, 3 E'] and [E', E]",
+        return mha__fail(MHA_ERR_INVALID_ARG,
+                         "c_attn.weight [%lld, %lld] and c_proj.weight [%lld, %lld] are not "
+                         "GPT-2's [E, 3 E'] and [E', E]",
                          (long long)ar, (long long)ac, (long long)pr, (long long)pc);
     add_found(f, &attn, "c_attn.weight");
     add_found(f, &proj, "c_proj.weight");
@@ -203,7 +207,8 @@ static mha_status infer_torch(const lookup *lk, mha_layer_desc *d, mha_st_info f
         for (int i = 0; i < 3; i++) {
             if ((st = require_weight(lk, sep[i], &info)) != MHA_OK) return st;
             if (info.rank != 2 || info.shape[0] != E || info.shape[1] < 1)
-                return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" must be [%lld, in_features]", info.name, (long long)E);
+                return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" must be [%lld, in_features]", info.name,
+                                 (long long)E);
             if (i == 0 && (st = expect_shape(&info, 2, (int64_t[]){E, E})) != MHA_OK) return st;
             if (i == 1) d->kdim = info.shape[1];
             if (i == 2) d->vdim = info.shape[1];
@@ -215,7 +220,8 @@ static mha_status infer_torch(const lookup *lk, mha_layer_desc *d, mha_st_info f
     if ((st = find_weight(lk, "in_proj_bias", &info, &has_bias)) != MHA_OK) return st;
     if ((st = find_weight(lk, "out_proj.bias", &out_bias, &has_out_bias)) != MHA_OK) return st;
     if (has_bias != has_out_bias)
-        return mha__fail(MHA_ERR_NOT_FOUND, "\"%s%s\" is present but \"%s%s\" is not; nn.MultiheadAttention has both or neither",
+        return mha__fail(MHA_ERR_NOT_FOUND,
+                         "\"%s%s\" is present but \"%s%s\" is not; nn.MultiheadAttention has both or neither",
                          lk->prefix, has_bias ? "in_proj_bias" : "out_proj.bias", lk->prefix,
                          has_bias ? "out_proj.bias" : "in_proj_bias");
     d->bias = has_bias;
@@ -253,7 +259,8 @@ static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer
         (st = find_weight(lk, "o_proj.weight", &info, &llama)) != MHA_OK ||
         (st = find_weight(lk, "c_attn.weight", &info, &gpt2)) != MHA_OK)
         return st;
-    if (names == MHA_NAMES_AUTO) names = torch ? MHA_NAMES_TORCH : llama ? MHA_NAMES_LLAMA : gpt2 ? MHA_NAMES_GPT2 : MHA_NAMES_TORCH;
+    if (names == MHA_NAMES_AUTO)
+        names = torch ? MHA_NAMES_TORCH : llama ? MHA_NAMES_LLAMA : gpt2 ? MHA_NAMES_GPT2 : MHA_NAMES_TORCH;
     *chosen = names;
     switch (names) {
     case MHA_NAMES_LLAMA: return infer_llama(lk, d, f);
@@ -291,8 +298,8 @@ mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_name
     return MHA_OK;
 }
 
-mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix, int64_t num_heads,
-                                      int add_zero_attn, mha_dtype dtype, mha_layer **out_layer)
+mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix, int64_t num_heads, int add_zero_attn,
+                                      mha_dtype dtype, mha_layer **out_layer)
 {
     mha_layer_desc d;
     mha_layer_desc_init(&d);

@@ -39,13 +39,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     close(fd);
     snprintf(out, sizeof out, "%s.out", in);
-    const char *weights = getenv("MHA_FUZZ_WEIGHTS") ? getenv("MHA_FUZZ_WEIGHTS") : "tests/data/golden/fwd_basic.safetensors";
+    const char *weights =
+        getenv("MHA_FUZZ_WEIGHTS") ? getenv("MHA_FUZZ_WEIGHTS") : "tests/data/golden/fwd_basic.safetensors";
     char *sdpa[] = {"mha", "sdpa", "--inputs", in, "--out", out, "--threads", "1", "--is-causal"};
     char *bwd[] = {"mha", "sdpa-backward", "--inputs", in, "--out", out, "--threads", "1", "--enable-gqa"};
-    char *fwd[] = {"mha", "forward", "--weights", (char *)weights, "--inputs", in, "--out", out, "--num-heads", "2",
-                   "--threads", "1", "--need-weights"};
-    char *wts[] = {"mha", "forward", "--weights", in, "--inputs", (char *)weights, "--out", out, "--num-heads", "2",
-                   "--threads", "1"};
+    char *fwd[] = {"mha", "forward",   "--weights", (char *)weights, "--inputs", in, "--out", out, "--num-heads",
+                   "2",   "--threads", "1",         "--need-weights"};
+    char *wts[] = {"mha",   "forward", "--weights",   in,  "--inputs",  (char *)weights,
+                   "--out", out,       "--num-heads", "2", "--threads", "1"};
     run(sdpa, 9);
     run(bwd, 9);
     run(fwd, 12);

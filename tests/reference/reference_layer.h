@@ -8,8 +8,7 @@
  */
 
 /* y[r, :] = x[r, :] W^T + b over `rows` rows. */
-static void SUFFIX(linear)(const REAL *x, int64_t rows, int64_t in, const REAL *w, const REAL *b, int64_t out,
-                           REAL *y)
+static void SUFFIX(linear)(const REAL *x, int64_t rows, int64_t in, const REAL *w, const REAL *b, int64_t out, REAL *y)
 {
     for (int64_t r = 0; r < rows; r++)
         for (int64_t o = 0; o < out; o++) {
@@ -48,10 +47,10 @@ static REAL *SUFFIX(rounded)(const REAL *src, int64_t n)
 /* Everything the forward computes before and during attention. */
 typedef struct SUFFIX(layer_state) {
     int64_t N, L, S, S1, E, H, G, d, qd, kvd;
-    REAL *query, *key, *value;            /* inputs as the model stores them */
+    REAL *query, *key, *value; /* inputs as the model stores them */
     REAL *w_q, *w_k, *w_v, *w_out, *b_in, *b_out;
-    REAL *q, *k, *v;                      /* projections, [N, T, h d] / [N, T, g d], S1 key rows */
-    REAL *qh, *kh, *vh, *oh, *cat;        /* per head [N, heads, T, d]; heads concatenated */
+    REAL *q, *k, *v;               /* projections, [N, T, h d] / [N, T, g d], S1 key rows */
+    REAL *qh, *kh, *vh, *oh, *cat; /* per head [N, heads, T, d]; heads concatenated */
     double *add;
     mha_ref_sdpa sd;
 } SUFFIX(layer_state);
@@ -90,7 +89,7 @@ static void SUFFIX(split_heads)(REAL *flat, REAL *heads, int64_t N, int64_t T, i
 }
 
 static void SUFFIX(layer_prepare)(const mha_ref_layer *a, const REAL *query, const REAL *key, const REAL *value,
-                                  SUFFIX(layer_state) *st, REAL *probs)
+                                  SUFFIX(layer_state) * st, REAL *probs)
 {
     int64_t N = a->N, L = a->L, S = a->S, E = a->E, H = a->H, G = a->G ? a->G : H, d = a->hd ? a->hd : E / H;
     int64_t qd = H * d, kvd = G * d, S1 = S + (a->bias_k != NULL) + (a->add_zero_attn != 0);
@@ -108,9 +107,10 @@ static void SUFFIX(layer_prepare)(const mha_ref_layer *a, const REAL *query, con
     z.add = ref_alloc(N * H * L * S1, sizeof(double));
     for (int64_t n = 0; n < N; n++) {
         SUFFIX(linear)(z.query + n * L * E, L, E, z.w_q, z.b_in, qd, z.q + n * L * qd);
-        SUFFIX(linear)(z.key + n * S * a->kdim, S, a->kdim, z.w_k, z.b_in ? z.b_in + qd : NULL, kvd, z.k + n * S1 * kvd);
-        SUFFIX(linear)(z.value + n * S * a->vdim, S, a->vdim, z.w_v, z.b_in ? z.b_in + qd + kvd : NULL, kvd,
-                       z.v + n * S1 * kvd);
+        SUFFIX(linear)
+        (z.key + n * S * a->kdim, S, a->kdim, z.w_k, z.b_in ? z.b_in + qd : NULL, kvd, z.k + n * S1 * kvd);
+        SUFFIX(linear)
+        (z.value + n * S * a->vdim, S, a->vdim, z.w_v, z.b_in ? z.b_in + qd + kvd : NULL, kvd, z.v + n * S1 * kvd);
         for (int64_t c = 0; a->bias_k && c < E; c++) { /* bias_k/bias_v row; the zero row stays zero */
             z.k[(n * S1 + S) * E + c] = (REAL)a->bias_k[c];
             z.v[(n * S1 + S) * E + c] = (REAL)a->bias_v[c];
@@ -128,26 +128,34 @@ static void SUFFIX(layer_prepare)(const mha_ref_layer *a, const REAL *query, con
             double m = a->add ? a->add[r * S + j] : 0;
             z.add[r * S1 + j] = a->causal && j > r % L ? -INFINITY : m;
         }
-    z.sd = (mha_ref_sdpa){.B = N, .Hq = H, .Hkv = G, .L = L, .S = S1, .D = d, .Dv = d,
-                          .scale = 1.0 / sqrt((double)d), .softcap = a->softcap,
-                          .window_left = a->window_left, .window_right = a->window_right,
-                          .alibi = a->alibi, .add = z.add};
+    z.sd = (mha_ref_sdpa){.B = N,
+                          .Hq = H,
+                          .Hkv = G,
+                          .L = L,
+                          .S = S1,
+                          .D = d,
+                          .Dv = d,
+                          .scale = 1.0 / sqrt((double)d),
+                          .softcap = a->softcap,
+                          .window_left = a->window_left,
+                          .window_right = a->window_right,
+                          .alibi = a->alibi,
+                          .add = z.add};
     NAME(&z.sd, z.qh, z.kh, z.vh, z.oh, NULL, probs);
     SUFFIX(split_heads)(z.cat, z.oh, N, L, H, d, true);
     for (int64_t i = 0; i < N * L * qd; i++) z.cat[i] = ROUND(z.cat[i]);
     *st = z;
 }
 
-static void SUFFIX(layer_release)(SUFFIX(layer_state) *z)
+static void SUFFIX(layer_release)(SUFFIX(layer_state) * z)
 {
-    REAL *owned[] = {z->w_q, z->w_k, z->w_v, z->w_out, z->b_in, z->b_out, z->q, z->k, z->v, z->cat, z->qh, z->oh,
-                     z->kh, z->vh, z->query, z->key, z->value};
+    REAL *owned[] = {z->w_q, z->w_k, z->w_v, z->w_out, z->b_in, z->b_out, z->q,   z->k,    z->v,
+                     z->cat, z->qh,  z->oh,  z->kh,    z->vh,   z->query, z->key, z->value};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     free(z->add);
 }
 
-void LAYER_NAME(const mha_ref_layer *a, const REAL *query, const REAL *key, const REAL *value, REAL *out,
-                REAL *probs)
+void LAYER_NAME(const mha_ref_layer *a, const REAL *query, const REAL *key, const REAL *value, REAL *out, REAL *probs)
 {
     SUFFIX(layer_state) z;
     SUFFIX(layer_prepare)(a, query, key, value, &z, probs);

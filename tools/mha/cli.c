@@ -41,9 +41,7 @@ static int set_value(const char *cmd, cli_flag *f, const char *value)
     char *end;
     errno = 0;
     switch (f->kind) {
-    case FLAG_STRING:
-        *(const char **)f->dst = value;
-        return CLI_OK;
+    case FLAG_STRING: *(const char **)f->dst = value; return CLI_OK;
     case FLAG_INT: {
         long long v = strtoll(value, &end, 10);
         if (!*value || *end || errno == ERANGE) {
@@ -62,8 +60,7 @@ static int set_value(const char *cmd, cli_flag *f, const char *value)
         *(double *)f->dst = v;
         return CLI_OK;
     }
-    case FLAG_BOOL:
-        break;
+    case FLAG_BOOL: break;
     }
     return CLI_USAGE;
 }
@@ -155,8 +152,8 @@ static bool is_float_dtype(mha_dtype d)
     return d == MHA_DTYPE_F64 || d == MHA_DTYPE_F32 || d == MHA_DTYPE_F16 || d == MHA_DTYPE_BF16;
 }
 
-int cli_load(const char *cmd, mha_st_file *file, const char *path, const char *name, bool required,
-             bool allow_bytes, cli_tensor *t)
+int cli_load(const char *cmd, mha_st_file *file, const char *path, const char *name, bool required, bool allow_bytes,
+             cli_tensor *t)
 {
     memset(t, 0, sizeof *t);
     t->name = name;
@@ -174,7 +171,8 @@ int cli_load(const char *cmd, mha_st_file *file, const char *path, const char *n
     bool bytes = info.dtype == MHA_DTYPE_BOOL || info.dtype == MHA_DTYPE_U8;
     if (!is_float_dtype(info.dtype) && !(allow_bytes && bytes)) {
         cli_error(cmd, "%s: tensor \"%s\" has dtype %s; it must be %s", path, name, mha_dtype_name(info.dtype),
-                  allow_bytes ? "BOOL, U8 or a float dtype (F64, F32, F16, BF16)" : "a float dtype (F64, F32, F16, BF16)");
+                  allow_bytes ? "BOOL, U8 or a float dtype (F64, F32, F16, BF16)"
+                              : "a float dtype (F64, F32, F16, BF16)");
         return CLI_FAIL;
     }
     t->present = true;
@@ -246,7 +244,8 @@ int cli_out_distinct(const char *cmd, const char *out, const char *const *inputs
     for (int i = 0; i < n; i++) {
         struct stat si;
         if (inputs[i] && stat(inputs[i], &si) == 0 && si.st_dev == so.st_dev && si.st_ino == so.st_ino) {
-            cli_error(cmd, "--out %s is the input file %s; writing it would destroy what is being read", out, inputs[i]);
+            cli_error(cmd, "--out %s is the input file %s; writing it would destroy what is being read", out,
+                      inputs[i]);
             return CLI_USAGE;
         }
     }
@@ -305,11 +304,14 @@ void cli_layer_opts_init(cli_layer_opts *o)
 void cli_layer_flags(cli_layer_opts *o, cli_flag *flags)
 {
     const cli_flag all[CLI_LAYER_FLAGS] = {
-        {"weights", FLAG_STRING, &o->weights, "safetensors with the block's weights (nn.MultiheadAttention, Llama or GPT-2 names)", false},
+        {"weights", FLAG_STRING, &o->weights,
+         "safetensors with the block's weights (nn.MultiheadAttention, Llama or GPT-2 names)", false},
         {"prefix", FLAG_STRING, &o->prefix, "prefix of the weight names, e.g. \"model.layers.0.self_attn.\"", false},
-        {"num-heads", FLAG_INT, &o->num_heads, "number of (query) heads; kv heads and head width follow from the weights", false},
+        {"num-heads", FLAG_INT, &o->num_heads,
+         "number of (query) heads; kv heads and head width follow from the weights", false},
         {"names", FLAG_STRING, &o->names, "weight names: auto (default), torch, llama or gpt2", false},
-        {"rope", FLAG_STRING, &o->rope, "rotary embeddings on Q and K: none (default), half (Llama) or interleaved (GPT-J)", false},
+        {"rope", FLAG_STRING, &o->rope,
+         "rotary embeddings on Q and K: none (default), half (Llama) or interleaved (GPT-J)", false},
         {"rope-theta", FLAG_DOUBLE, &o->rope_theta, "rotary base (default 10000)", false},
         {"rope-dim", FLAG_INT, &o->rope_dim, "rotated dimensions per head (default all)", false},
         {"window-left", FLAG_INT, &o->window_left, "keys visible left of the diagonal (-1 = all)", false},
@@ -379,9 +381,11 @@ int mha_cli_main(int argc, char **argv)
     static const struct {
         const char *name;
         int (*run)(int, char **);
-    } commands[] = {{"forward", mha_cmd_forward}, {"backward", mha_cmd_backward}, {"sdpa", mha_cmd_sdpa},
-                      {"sdpa-backward", mha_cmd_sdpa_backward}, {"decode", mha_cmd_decode}, {"lab", mha_cmd_lab}, {"info", mha_cmd_info},
-                      {"show", mha_cmd_show},    {"bench", mha_cmd_bench}};
+    } commands[] = {{"forward", mha_cmd_forward}, {"backward", mha_cmd_backward},
+                    {"sdpa", mha_cmd_sdpa},       {"sdpa-backward", mha_cmd_sdpa_backward},
+                    {"decode", mha_cmd_decode},   {"lab", mha_cmd_lab},
+                    {"info", mha_cmd_info},       {"show", mha_cmd_show},
+                    {"bench", mha_cmd_bench}};
     if (argc < 2) {
         print_help();
         return CLI_USAGE;

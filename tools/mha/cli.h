@@ -32,11 +32,11 @@ void cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(prin
 typedef enum cli_flag_kind { FLAG_BOOL, FLAG_STRING, FLAG_INT, FLAG_DOUBLE } cli_flag_kind;
 
 typedef struct cli_flag {
-    const char   *name;     /* without the leading "--" */
+    const char *name; /* without the leading "--" */
     cli_flag_kind kind;
-    void         *dst;      /* bool, const char *, int64_t or double */
-    const char   *help;
-    bool          seen;     /* set by cli_parse */
+    void *dst; /* bool, const char *, int64_t or double */
+    const char *help;
+    bool seen; /* set by cli_parse */
 } cli_flag;
 
 /* Parses --name value, --name=value and --help.  Returns CLI_OK, or
@@ -49,21 +49,21 @@ int cli_parse(const char *cmd, const char *synopsis, int argc, char **argv, cli_
  * (f32); BOOL and U8 load as bytes (u8). */
 typedef struct cli_tensor {
     const char *name;
-    bool        present;
-    mha_dtype   dtype;
-    int         rank;
-    int64_t     shape[MHA_ST_MAX_RANK];
-    int64_t     numel;
-    float      *f32;
-    uint8_t    *u8;
+    bool present;
+    mha_dtype dtype;
+    int rank;
+    int64_t shape[MHA_ST_MAX_RANK];
+    int64_t numel;
+    float *f32;
+    uint8_t *u8;
 } cli_tensor;
 
 /* Load `name` from `file` (opened from `path`).  An absent optional tensor
  * gives present = false; an absent required one is an error.  Masks
  * (allow_bytes) may be BOOL or U8; all other tensors must have a float
  * dtype.  Returns CLI_OK or CLI_FAIL after printing the error. */
-int  cli_load(const char *cmd, mha_st_file *file, const char *path, const char *name, bool required,
-              bool allow_bytes, cli_tensor *t);
+int cli_load(const char *cmd, mha_st_file *file, const char *path, const char *name, bool required, bool allow_bytes,
+             cli_tensor *t);
 void cli_tensor_free(cli_tensor *t);
 
 /* The index of `value` among the n `choices`, or -1. */
@@ -83,10 +83,10 @@ mha_mask cli_mask(cli_tensor *t, bool true_means_keep, const int64_t stride[4]);
 
 /* Output tensors, written atomically as float32 to `path`. */
 typedef struct cli_output {
-    const char   *name;
-    int           rank;
+    const char *name;
+    int rank;
     const int64_t *shape;
-    const float  *data;
+    const float *data;
 } cli_output;
 int cli_save(const char *cmd, const char *path, const cli_output *outs, int n);
 
@@ -106,8 +106,8 @@ float *cli_alloc_floats(const char *cmd, const char *what, const int64_t *dims, 
  * tensor stores (forward, backward, decode share them). */
 typedef struct cli_layer_opts {
     const char *weights, *prefix, *names, *rope;
-    int64_t     num_heads, rope_dim, window_left, window_right;
-    double      rope_theta, softcap;
+    int64_t num_heads, rope_dim, window_left, window_right;
+    double rope_theta, softcap;
 } cli_layer_opts;
 
 enum { CLI_LAYER_FLAGS = 10 };
@@ -124,7 +124,7 @@ int cli_load_layer(const char *cmd, const cli_layer_opts *o, mha_layer_desc *hin
 
 /* Monotonic time in milliseconds, and a qsort comparison of doubles. */
 double cli_now_ms(void);
-int    cli_cmp_double(const void *a, const void *b);
+int cli_cmp_double(const void *a, const void *b);
 
 /* Context with --threads (0 = default). */
 int cli_ctx(const char *cmd, int64_t threads, mha_ctx **ctx);

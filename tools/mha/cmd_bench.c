@@ -25,7 +25,6 @@ typedef struct bench_opts {
     double peak_gflops;
 } bench_opts;
 
-
 static float *random_buffer(int64_t n, float scale)
 {
     float *p = malloc((size_t)(n ? n : 1) * sizeof(float));
@@ -48,8 +47,8 @@ typedef struct bench_case {
     mha_attn_desc desc;
     float *buffers[10];
     double flops;
-    double bytes;        /* decode: K and V bytes read per call */
-    double copy_gbps;    /* decode: the machine's copy bandwidth, same threads */
+    double bytes;     /* decode: K and V bytes read per call */
+    double copy_gbps; /* decode: the machine's copy bandwidth, same threads */
 } bench_case;
 
 /* FLOPs of one call (docs/PERFORMANCE.md): projections 2*N*E*(E + 2*kv + E)
@@ -196,18 +195,20 @@ static void report(const bench_opts *o, const bench_case *c, double *ms, int n)
     double gflops = c->flops / (median * 1e6), pct = o->peak_gflops > 0 ? 100.0 * gflops / o->peak_gflops : 0;
     double gbps = c->bytes / (median * 1e6);
     if (c->bytes > 0 && o->json)
-        printf("{\"op\":\"decode\",\"batch\":%lld,\"seq\":%lld,\"kv_seq\":%lld,\"num_heads\":%lld,\"num_kv_heads\":%lld,"
-               "\"head_dim\":%lld,\"threads\":%d,\"isa\":\"%s\",\"median_ms\":%.4f,\"min_ms\":%.4f,\"max_ms\":%.4f,"
-               "\"kv_gbps\":%.2f,\"copy_gbps\":%.2f}\n",
-               (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->num_heads,
-               (long long)o->num_kv_heads, (long long)(o->embed_dim / o->num_heads), mha_ctx_threads(c->ctx), mha_isa(),
-               median, ms[0], ms[n - 1], gbps, c->copy_gbps);
+        printf(
+            "{\"op\":\"decode\",\"batch\":%lld,\"seq\":%lld,\"kv_seq\":%lld,\"num_heads\":%lld,\"num_kv_heads\":%lld,"
+            "\"head_dim\":%lld,\"threads\":%d,\"isa\":\"%s\",\"median_ms\":%.4f,\"min_ms\":%.4f,\"max_ms\":%.4f,"
+            "\"kv_gbps\":%.2f,\"copy_gbps\":%.2f}\n",
+            (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->num_heads,
+            (long long)o->num_kv_heads, (long long)(o->embed_dim / o->num_heads), mha_ctx_threads(c->ctx), mha_isa(),
+            median, ms[0], ms[n - 1], gbps, c->copy_gbps);
     if (c->bytes > 0 && !o->json)
-        printf("decode B=%lld new rows %lld, cache %lld, h=%lld kv=%lld d=%lld, %d threads, %s: median %.3f ms (min %.3f, "
-               "max %.3f); K and V read at %.1f GB/s, the machine copies at %.1f GB/s (2 x bytes / s)\n",
-               (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->num_heads,
-               (long long)o->num_kv_heads, (long long)(o->embed_dim / o->num_heads), mha_ctx_threads(c->ctx), mha_isa(),
-               median, ms[0], ms[n - 1], gbps, c->copy_gbps);
+        printf(
+            "decode B=%lld new rows %lld, cache %lld, h=%lld kv=%lld d=%lld, %d threads, %s: median %.3f ms (min %.3f, "
+            "max %.3f); K and V read at %.1f GB/s, the machine copies at %.1f GB/s (2 x bytes / s)\n",
+            (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->num_heads,
+            (long long)o->num_kv_heads, (long long)(o->embed_dim / o->num_heads), mha_ctx_threads(c->ctx), mha_isa(),
+            median, ms[0], ms[n - 1], gbps, c->copy_gbps);
     if (c->bytes > 0) return;
     if (o->json) {
         printf("{\"op\":\"%s\",\"batch\":%lld,\"seq\":%lld,\"kv_seq\":%lld,\"embed_dim\":%lld,\"num_heads\":%lld,"
@@ -264,8 +265,10 @@ static int measure_peak(const bench_opts *o)
     mha_ctx *all = NULL, *one = NULL;
     int rc = cli_ctx(CMD, o->threads, &all);
     if (rc == CLI_OK) rc = cli_ctx(CMD, 1, &one);
-    static const struct { mha_dtype dtype; const char *name, *label; } kinds[] = {
-        {MHA_DTYPE_F32, "f32", "float32 FMA"}, {MHA_DTYPE_BF16, "bf16", "bfloat16 dot-product"}};
+    static const struct {
+        mha_dtype dtype;
+        const char *name, *label;
+    } kinds[] = {{MHA_DTYPE_F32, "f32", "float32 FMA"}, {MHA_DTYPE_BF16, "bf16", "bfloat16 dot-product"}};
     for (size_t k = 0; rc == CLI_OK && k < sizeof kinds / sizeof kinds[0]; k++) {
         double g1 = 0, gn = 0;
         if (mha_measure_peak(one, kinds[k].dtype, 1.0, &g1) != MHA_OK ||
@@ -290,13 +293,14 @@ static int measure_peak(const bench_opts *o)
 
 int mha_cmd_bench(int argc, char **argv)
 {
-    bench_opts o = {.op = "forward", .dtype = "f32", .batch = 1, .seq = 512, .embed_dim = 768, .num_heads = 12,
-                    .repeat = 10};
+    bench_opts o = {
+        .op = "forward", .dtype = "f32", .batch = 1, .seq = 512, .embed_dim = 768, .num_heads = 12, .repeat = 10};
     cli_flag flags[] = {
         {"op", FLAG_STRING, &o.op,
          "forward (the MHA layer), backward (its forward + backward, training), sdpa (attention core), "
          "sdpa-backward (its gradients) or decode (--seq new rows, default 1, against a --kv-seq cache, "
-         "default 4096); default forward", false},
+         "default 4096); default forward",
+         false},
         {"batch", FLAG_INT, &o.batch, "batch size B (default 1)", false},
         {"seq", FLAG_INT, &o.seq, "query length N (default 512)", false},
         {"kv-seq", FLAG_INT, &o.kv_seq, "key length S for sdpa (default N)", false},
@@ -312,7 +316,9 @@ int mha_cmd_bench(int argc, char **argv)
         {"peak", FLAG_BOOL, &o.peak, "measure the FMA peak on 1 thread and on all", false},
     };
     bool help;
-    int rc = cli_parse(CMD, "[--op forward|backward|sdpa|sdpa-backward|decode] [--batch B] [--seq N] [--embed-dim E] [--num-heads H] [flags] | --peak",
+    int rc = cli_parse(CMD,
+                       "[--op forward|backward|sdpa|sdpa-backward|decode] [--batch B] [--seq N] [--embed-dim E] "
+                       "[--num-heads H] [flags] | --peak",
                        argc, argv, flags, (int)(sizeof flags / sizeof flags[0]), &help);
     if (rc != CLI_OK || help) return rc;
     if (o.peak) return measure_peak(&o);

@@ -21,7 +21,6 @@ typedef struct decode_opts {
     int64_t prompt_len, steps, batch, threads, seed;
 } decode_opts;
 
-
 /* The tokens: `query` from --inputs ([N, T, E] or [T, E], T = prompt +
  * steps), else seeded uniform values in [-1, 1). */
 static float *tokens(const decode_opts *o, int64_t E, int64_t *N)
@@ -125,8 +124,8 @@ static int run(const decode_opts *o, mha_layer *layer)
         qsort(step_ms, (size_t)o->steps, sizeof *step_ms, cli_cmp_double);
         double median = o->steps ? step_ms[o->steps / 2] : 0;
         printf("mha decode: E=%lld, %lld heads, %lld kv heads of %lld, batch %lld, %s cache, %d threads\n",
-               (long long)E, (long long)d->num_heads, (long long)d->num_kv_heads,
-               (long long)(d->head_dim), (long long)N, o->cache_dtype, mha_ctx_threads(ctx));
+               (long long)E, (long long)d->num_heads, (long long)d->num_kv_heads, (long long)(d->head_dim),
+               (long long)N, o->cache_dtype, mha_ctx_threads(ctx));
         printf("  prompt of %lld tokens: %.3f ms\n", (long long)o->prompt_len, prompt_ms);
         if (o->steps)
             printf("  %lld single-token steps: median %.3f ms per token (min %.3f, max %.3f)\n", (long long)o->steps,
@@ -155,7 +154,8 @@ int mha_cmd_decode(int argc, char **argv)
     const cli_flag own[] = {
         {"prompt-len", FLAG_INT, &o.prompt_len, "tokens decoded in one first step (default 16)", false},
         {"steps", FLAG_INT, &o.steps, "single-token steps after the prompt (default 16)", false},
-        {"inputs", FLAG_STRING, &o.inputs, "safetensors with query [N, prompt + steps, E] (default: random tokens)", false},
+        {"inputs", FLAG_STRING, &o.inputs, "safetensors with query [N, prompt + steps, E] (default: random tokens)",
+         false},
         {"batch", FLAG_INT, &o.batch, "sequences decoded together, random tokens (default 1)", false},
         {"seed", FLAG_INT, &o.seed, "seed of the random tokens (default 0)", false},
         {"cache-dtype", FLAG_STRING, &o.cache_dtype, "f32 (default) or bf16 storage of K and V", false},

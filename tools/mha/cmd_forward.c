@@ -11,7 +11,7 @@
 #include <string.h>
 
 typedef struct forward_opts {
-    const char *cmd;  /* "forward" or "backward" */
+    const char *cmd; /* "forward" or "backward" */
     bool backward;
     cli_layer_opts layer;
     const char *inputs, *out;
@@ -22,7 +22,7 @@ typedef struct forward_opts {
 
 /* Sizes of the call, read off query and key. */
 typedef struct dims {
-    bool    batched;
+    bool batched;
     int64_t N, L, S, E, H, S1;
 } dims;
 
@@ -66,7 +66,8 @@ static int load_inputs(const forward_opts *o, mha_st_file *file, const char *pat
     if (g->rank != q->rank || memcmp(g->shape, q->shape, (size_t)q->rank * sizeof q->shape[0]) != 0) {
         char got[96], want[96];
         cli_error(CMD, "%s: grad_attn_output has shape %s; it must match attn_output, which has query's shape %s", path,
-                  cli_shape_str(g->shape, g->rank, got, sizeof got), cli_shape_str(q->shape, q->rank, want, sizeof want));
+                  cli_shape_str(g->shape, g->rank, got, sizeof got),
+                  cli_shape_str(q->shape, q->rank, want, sizeof want));
         return CLI_FAIL;
     }
     return CLI_OK;
@@ -114,7 +115,8 @@ static int check_shapes(const forward_opts *o, const inputs *in, const mha_layer
         bool ok = t->rank == q->rank && t->shape[t->rank - 1] == feat[i] &&
                   (!d->batched || t->shape[batch_dim] == d->N) && t->shape[seq_dim] == k->shape[seq_dim];
         if (!ok) {
-            cli_error(CMD, "%s: %s has shape %s; expected %s %lld features (the weights' %s), the query's batch "
+            cli_error(CMD,
+                      "%s: %s has shape %s; expected %s %lld features (the weights' %s), the query's batch "
                       "and layout, and as many rows as key",
                       o->inputs, t->name, cli_shape_str(t->shape, t->rank, got, sizeof got), t->name,
                       (long long)feat[i], i ? "vdim" : "kdim");
@@ -136,10 +138,11 @@ static int masks(const forward_opts *o, inputs *in, const dims *d, mha_layer_fwd
         bool shared = am->rank == 2 && am->shape[0] == d->L && am->shape[1] == d->S;
         bool per_head = am->rank == 3 && am->shape[0] == d->N * d->H && am->shape[1] == d->L && am->shape[2] == d->S;
         if (!shared && !per_head) {
-            cli_error(CMD, "%s: attn_mask has shape %s; it must be [L, S] = [%lld, %lld] or [N*num_heads, L, S] = "
+            cli_error(CMD,
+                      "%s: attn_mask has shape %s; it must be [L, S] = [%lld, %lld] or [N*num_heads, L, S] = "
                       "[%lld, %lld, %lld]",
-                      o->inputs, cli_shape_str(am->shape, am->rank, got, sizeof got), (long long)d->L,
-                      (long long)d->S, (long long)(d->N * d->H), (long long)d->L, (long long)d->S);
+                      o->inputs, cli_shape_str(am->shape, am->rank, got, sizeof got), (long long)d->L, (long long)d->S,
+                      (long long)(d->N * d->H), (long long)d->L, (long long)d->S);
             return CLI_FAIL;
         }
         int64_t st[4] = {shared ? 0 : d->H * d->L * d->S, shared ? 0 : d->L * d->S, d->S, 1};
@@ -182,9 +185,9 @@ static int save_forward(const forward_opts *o, const dims *d, const inputs *in, 
  * so those two are transposed into scratch; the biases q|k|v lie
  * contiguously in the layer and are written as they are. */
 typedef struct gpt2_grads {
-    char     names[4][300];
-    int64_t  shapes[4][2];
-    float   *scratch;  /* the two transposes; the caller frees it */
+    char names[4][300];
+    int64_t shapes[4][2];
+    float *scratch; /* the two transposes; the caller frees it */
 } gpt2_grads;
 
 static void transpose_into(float *dst, int64_t dst_stride, const float *src, int64_t rows, int64_t cols)
@@ -194,8 +197,7 @@ static void transpose_into(float *dst, int64_t dst_stride, const float *src, int
 }
 
 /* Appends the outputs to outs; returns how many, -1 when out of memory. */
-static int gpt2_outputs(const mha_param *params, int64_t n_params, const char *prefix, gpt2_grads *g,
-                        cli_output *outs)
+static int gpt2_outputs(const mha_param *params, int64_t n_params, const char *prefix, gpt2_grads *g, cli_output *outs)
 {
     const mha_param *q = &params[0], *o = NULL, *q_bias = NULL, *o_bias = NULL;
     for (int64_t i = 0; i < n_params; i++) {
@@ -208,7 +210,12 @@ static int gpt2_outputs(const mha_param *params, int64_t n_params, const char *p
     float *attn_w = g->scratch, *proj_w = g->scratch + 3 * inner * E;
     for (int m = 0; m < 3; m++) transpose_into(attn_w + m * inner, 3 * inner, params[m].grad, inner, E);
     transpose_into(proj_w, E, o->grad, E, inner);
-    struct { const char *suffix; int rank; int64_t rows, cols; const float *data; } all[4] = {
+    struct {
+        const char *suffix;
+        int rank;
+        int64_t rows, cols;
+        const float *data;
+    } all[4] = {
         {"c_attn.weight.grad", 2, E, 3 * inner, attn_w},
         {"c_attn.bias.grad", 1, 3 * inner, 0, q_bias ? q_bias->grad : NULL},
         {"c_proj.weight.grad", 2, inner, E, proj_w},
@@ -245,7 +252,8 @@ static int run_backward(const forward_opts *o, mha_ctx *ctx, mha_layer *layer, c
     for (int i = 0; i < 3 && rc == CLI_OK; i++) {
         if (!srcs[i]) continue;
         int64_t n;
-        if (!cli_product(srcs[i]->shape, srcs[i]->rank, &n) || !(grads[i] = calloc((size_t)(n ? n : 1), sizeof(float)))) {
+        if (!cli_product(srcs[i]->shape, srcs[i]->rank, &n) ||
+            !(grads[i] = calloc((size_t)(n ? n : 1), sizeof(float)))) {
             cli_error(CMD, "out of memory allocating %s", input_names[i]);
             rc = CLI_FAIL;
             break;
@@ -317,7 +325,8 @@ static int run(const forward_opts *o, mha_layer *layer, inputs *in)
             rc = CLI_FAIL;
         }
     }
-    if (rc == CLI_OK) rc = o->backward ? run_backward(o, ctx, layer, &d, in, &args) : save_forward(o, &d, in, out, weights);
+    if (rc == CLI_OK)
+        rc = o->backward ? run_backward(o, ctx, layer, &d, in, &args) : save_forward(o, &d, in, out, weights);
     mha_layer_tape_free(tape);
     mha_ctx_free(ctx);
     free(out);
@@ -335,19 +344,23 @@ static int forward_main(int argc, char **argv, bool backward)
     const cli_flag own[] = {
         {"inputs", FLAG_STRING, &o.inputs,
          backward ? "safetensors with query, grad_attn_output [, key, value, attn_mask, key_padding_mask, alibi_slopes]"
-                  : "safetensors with query [, key, value, attn_mask, key_padding_mask, alibi_slopes]", false},
+                  : "safetensors with query [, key, value, attn_mask, key_padding_mask, alibi_slopes]",
+         false},
         {"out", FLAG_STRING, &o.out,
          backward ? "safetensors to write <name>.grad of every input and weight to"
-                  : "safetensors to write attn_output [, attn_output_weights] to", false},
+                  : "safetensors to write attn_output [, attn_output_weights] to",
+         false},
         {"position", FLAG_INT, &o.position, "rotary position of the first query and key row (default 0)", false},
         {"batch-first", FLAG_BOOL, &o.batch_first, "inputs are [N, L, E] instead of [L, N, E]", false},
         {"need-weights", FLAG_BOOL, &o.need_weights, "also write attn_output_weights", false},
-        {"no-average-attn-weights", FLAG_BOOL, &o.no_average, "per-head weights [N, H, L, S] instead of the mean", false},
+        {"no-average-attn-weights", FLAG_BOOL, &o.no_average, "per-head weights [N, H, L, S] instead of the mean",
+         false},
         {"add-zero-attn", FLAG_BOOL, &o.add_zero_attn, "append a zero key and value, as add_zero_attn=True", false},
         {"is-causal", FLAG_BOOL, &o.is_causal, "mask keys after the query (top-left causal)", false},
         {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
         {"dtype", FLAG_STRING, &o.dtype,
-         backward ? "f32 (the only one: gradients are computed in float32)" : "f32 (default) or bf16: compute as a bfloat16 model",
+         backward ? "f32 (the only one: gradients are computed in float32)"
+                  : "f32 (default) or bf16: compute as a bfloat16 model",
          false},
     };
     int n_flags = CLI_LAYER_FLAGS + (int)(sizeof own / sizeof own[0]);
@@ -363,11 +376,13 @@ static int forward_main(int argc, char **argv, bool backward)
     const char *read[2] = {o.inputs, o.layer.weights};
     if ((rc = cli_out_distinct(CMD, o.out, read, 2)) != CLI_OK) return rc;
     if (strcmp(o.dtype, "f32") != 0 && (backward || strcmp(o.dtype, "bf16") != 0)) {
-        cli_error(CMD, "--dtype must be %s, got \"%s\"", backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o.dtype);
+        cli_error(CMD, "--dtype must be %s, got \"%s\"", backward ? "f32 (gradients are float32 only)" : "f32 or bf16",
+                  o.dtype);
         return CLI_USAGE;
     }
     if (backward && (o.need_weights || o.no_average)) {
-        cli_error(CMD, "--need-weights and --no-average-attn-weights are forward outputs; mha backward writes gradients");
+        cli_error(CMD,
+                  "--need-weights and --no-average-attn-weights are forward outputs; mha backward writes gradients");
         return CLI_USAGE;
     }
     mha_st_file *xf = NULL;

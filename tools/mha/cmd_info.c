@@ -47,7 +47,9 @@ static void print_kv_table(int64_t E, int64_t h, int64_t chosen)
         const char *kind = g == h ? "MHA" : g == 1 ? "MQA" : "GQA";
         printf("  %s  %4lld kv heads: %8lld bytes", kind, (long long)g, (long long)info.kv_cache_bytes_per_token);
         if (g == h) printf("  (the baseline)");
-        else printf("  (%.3gx smaller)", (double)info.kv_cache_bytes_per_token_mha / (double)info.kv_cache_bytes_per_token);
+        else
+            printf("  (%.3gx smaller)",
+                   (double)info.kv_cache_bytes_per_token_mha / (double)info.kv_cache_bytes_per_token);
         printf("%s\n", g == chosen ? "  <- this configuration" : "");
     }
 }
@@ -56,8 +58,10 @@ static void print_info(int64_t E, int64_t h, int64_t g, int64_t seq, const mha_i
 {
     char a[40], b[40];
     printf("configuration: embed_dim %lld, %lld heads, %lld key/value heads (%s)\n", (long long)E, (long long)h,
-           (long long)(g ? g : h), !g || g == h ? "multi-head attention" : g == 1 ? "multi-query attention"
-                                                                                  : "grouped-query attention");
+           (long long)(g ? g : h),
+           !g || g == h ? "multi-head attention"
+           : g == 1     ? "multi-query attention"
+                        : "grouped-query attention");
     printf("head dimension: d_k = embed_dim / num_heads = %lld / %lld = %lld\n", (long long)E, (long long)h,
            (long long)in->head_dim);
     printf("parameters: %s (W_q, W_o %lld x %lld; W_k, W_v %lld x %lld; 2 x %lld + 2 x %lld biases)\n",
@@ -69,8 +73,7 @@ static void print_info(int64_t E, int64_t h, int64_t g, int64_t seq, const mha_i
                : "grouping K/V heads is what saves parameters; splitting into heads saves none");
     printf("one forward at seq %lld (batch 1, self-attention, float32):\n", (long long)seq);
     printf("  projections  %10.4g GFLOP\n", in->flops_projections / 1e9);
-    printf("  attention    %10.4g GFLOP  (Q K^T and P V; about half with a causal mask)\n",
-           in->flops_attention / 1e9);
+    printf("  attention    %10.4g GFLOP  (Q K^T and P V; about half with a causal mask)\n", in->flops_attention / 1e9);
     printf("  total        %10.4g GFLOP\n", (in->flops_projections + in->flops_attention) / 1e9);
     printf("  memory       %10.4g MB weights + %.4g MB activations (each written and read once)\n",
            in->bytes_weights / 1e6, in->bytes_activations / 1e6);
@@ -104,8 +107,7 @@ int mha_cmd_info(int argc, char **argv)
         if (E >= 1 && h >= 1 && E % h)
             cli_error(CMD, "%s; head counts that divide %lld: %s", mha_last_error(), (long long)E,
                       divisors(E, list, sizeof list));
-        else
-            cli_error(CMD, "%s", mha_last_error());
+        else cli_error(CMD, "%s", mha_last_error());
         return CLI_FAIL;
     }
     print_info(E, h, g, seq, &info);

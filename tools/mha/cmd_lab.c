@@ -30,7 +30,7 @@ static const char *const CMD = "lab";
 typedef struct lab_opts {
     lab_config model;
     const char *out, *data, *text_path;
-    lab_text text;  /* loaded when data is "text" */
+    lab_text text; /* loaded when data is "text" */
     int64_t steps, batch, threads, gqa_steps;
     double lr, wd;
     bool resume, quiet;
@@ -197,7 +197,8 @@ static int prune(const lab_opts *o, mha_ctx *ctx, lab_model *model, const int32_
     }
     uint64_t state = c->seed * 31u + 77u; /* importance on its own held-out sequences */
     sequences(o, c, PRUNE_BATCHES * EVAL_B, tokens, &state);
-    int rc = lab_head_importance(ctx, model, tokens, EVAL_B, PRUNE_BATCHES, p->importance) == MHA_OK ? CLI_OK : CLI_FAIL;
+    int rc =
+        lab_head_importance(ctx, model, tokens, EVAL_B, PRUNE_BATCHES, p->importance) == MHA_OK ? CLI_OK : CLI_FAIL;
     for (int64_t i = 0; i < n; i++) order[i] = i;
     for (int64_t i = 1; i < n; i++) /* least important first */
         for (int64_t j = i; j > 0 && p->importance[order[j]] < p->importance[order[j - 1]]; j--) {
@@ -243,7 +244,8 @@ static int do_train(const lab_opts *o, mha_ctx *ctx, lab_model **model, double *
         cli_error(CMD, "cannot save %s: %s", ckpt, mha_last_error());
         return CLI_FAIL;
     }
-    if (rc != CLI_OK && interrupted) fprintf(stderr, "mha lab: checkpoint saved to %s (continue with --resume)\n", ckpt);
+    if (rc != CLI_OK && interrupted)
+        fprintf(stderr, "mha lab: checkpoint saved to %s (continue with --resume)\n", ckpt);
     return rc;
 }
 
@@ -286,7 +288,8 @@ static int write_report(const lab_opts *o, mha_ctx *ctx, lab_model *model, const
     const lab_config *c = lab_model_config(model);
     int64_t n = c->layers * c->heads, T = c->context, maps = EVAL_B * c->heads * T * T;
     int32_t *tokens = malloc((size_t)(EVAL_B * T) * sizeof *tokens);
-    float *attn = malloc((size_t)(c->layers * maps) * sizeof *attn), *sample = malloc((size_t)(n * T * T) * sizeof *sample);
+    float *attn = malloc((size_t)(c->layers * maps) * sizeof *attn),
+          *sample = malloc((size_t)(n * T * T) * sizeof *sample);
     lab_head_scores *scores = calloc((size_t)n, sizeof *scores);
     double *buf = calloc((size_t)(3 * n + 2), sizeof *buf), held = 0;
     pruning p = {buf, buf + n, buf + 2 * n + 1};
@@ -304,23 +307,39 @@ static int write_report(const lab_opts *o, mha_ctx *ctx, lab_model *model, const
             roles_prev += strcmp(lab_head_role(&scores[i]), "previous-token") == 0;
             roles_ind += strcmp(lab_head_role(&scores[i]), "induction") == 0;
         }
-        used += snprintf(summary + used, sizeof summary - (size_t)used,
-                         "%lld training steps on %s; held-out loss %.4f (a uniform guess costs ln %lld = %.3f).\n"
-                         "%d previous-token head(s) and %d induction head(s) (thresholds in docs/HEADS.md).\n"
-                         "Removing the %lld least important heads: loss %.4f; %lld random heads: %.4f (none removed: %.4f).\n",
-                         (long long)lab_model_steps(model), o->text.chars ? "character-level text" : "repeated random spans",
-                         held, (long long)c->vocab, log((double)c->vocab), roles_prev,
-                         roles_ind, (long long)(n / 2), p.by_importance[n / 2], (long long)(n / 2), p.by_random[n / 2],
-                         p.by_importance[0]);
+        used += snprintf(
+            summary + used, sizeof summary - (size_t)used,
+            "%lld training steps on %s; held-out loss %.4f (a uniform guess costs ln %lld = %.3f).\n"
+            "%d previous-token head(s) and %d induction head(s) (thresholds in docs/HEADS.md).\n"
+            "Removing the %lld least important heads: loss %.4f; %lld random heads: %.4f (none removed: %.4f).\n",
+            (long long)lab_model_steps(model), o->text.chars ? "character-level text" : "repeated random spans", held,
+            (long long)c->vocab, log((double)c->vocab), roles_prev, roles_ind, (long long)(n / 2),
+            p.by_importance[n / 2], (long long)(n / 2), p.by_random[n / 2], p.by_importance[0]);
         for (int64_t i = 0; i < n_gqa; i++)
             used += snprintf(summary + used, sizeof summary - (size_t)used,
-                             "GQA: %lld kv heads, held-out loss %.4f, KV cache %lld bytes per token.\n", (long long)kv[i],
-                             gqa_loss[i], (long long)bytes[i]);
+                             "GQA: %lld kv heads, held-out loss %.4f, KV cache %lld bytes per token.\n",
+                             (long long)kv[i], gqa_loss[i], (long long)bytes[i]);
         for (int64_t l = 0; l < c->layers; l++) /* the first held-out sequence's maps */
             for (int64_t h = 0; h < c->heads; h++)
-                memcpy(sample + (l * c->heads + h) * T * T, attn + l * maps + h * T * T, (size_t)(T * T) * sizeof(float));
-        lab_report r = {*c, summary, curve, curve_len, scores, p.importance, tokens, T, sample, p.by_importance,
-                        p.by_random, n + 1, kv, bytes, gqa_loss, n_gqa, o->text.chars != NULL};
+                memcpy(sample + (l * c->heads + h) * T * T, attn + l * maps + h * T * T,
+                       (size_t)(T * T) * sizeof(float));
+        lab_report r = {*c,
+                        summary,
+                        curve,
+                        curve_len,
+                        scores,
+                        p.importance,
+                        tokens,
+                        T,
+                        sample,
+                        p.by_importance,
+                        p.by_random,
+                        n + 1,
+                        kv,
+                        bytes,
+                        gqa_loss,
+                        n_gqa,
+                        o->text.chars != NULL};
         path_in(path, sizeof path, o, "report.html");
         if (lab_report_write(path, &r) != 0) {
             cli_error(CMD, "cannot write %s", path);
@@ -362,7 +381,14 @@ static int load_saved(const lab_opts *o, lab_model **model)
 int mha_cmd_lab(int argc, char **argv)
 {
     lab_opts o = {.model = {.vocab = 64, .context = 32, .embed_dim = 64, .layers = 2, .heads = 4, .seed = 1},
-                  .out = "lab-report", .data = "spans", .text_path = "/usr/share/common-licenses/GPL-3", .steps = 1500, .batch = 32, .gqa_steps = 1000, .lr = 3e-3, .wd = 0.01};
+                  .out = "lab-report",
+                  .data = "spans",
+                  .text_path = "/usr/share/common-licenses/GPL-3",
+                  .steps = 1500,
+                  .batch = 32,
+                  .gqa_steps = 1000,
+                  .lr = 3e-3,
+                  .wd = 0.01};
     const char *sub = argc >= 2 && argv[1][0] != '-' ? argv[1] : "run";
     static const char *const subs[] = {"run", "train", "analyze", "prune", "report"};
     int which = cli_choice(sub, subs, 5);
@@ -389,7 +415,8 @@ int mha_cmd_lab(int argc, char **argv)
         {"seed", FLAG_INT, &seed, "seed of the weights and the data (default 1)", false},
         {"resume", FLAG_BOOL, &o.resume, "train: continue from --out's checkpoint", false},
         {"data", FLAG_STRING, &o.data, "spans (repeated random spans, default) or text (characters of --text)", false},
-        {"text", FLAG_STRING, &o.text_path, "text file for --data text (default /usr/share/common-licenses/GPL-3)", false},
+        {"text", FLAG_STRING, &o.text_path, "text file for --data text (default /usr/share/common-licenses/GPL-3)",
+         false},
         {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
     };
     bool help;
@@ -400,8 +427,9 @@ int mha_cmd_lab(int argc, char **argv)
     o.model.seed = (uint64_t)seed;
     o.model.mlp = mlp;
     o.model.tied = tied;
-    if (o.steps < 1 || o.gqa_steps < 1 || o.batch < 1 || o.model.layers < 1 || o.model.layers > 16 || o.model.heads < 1 ||
-        o.model.context < 4 || o.model.vocab < 2 || o.model.embed_dim % o.model.heads || !(o.lr > 0)) {
+    if (o.steps < 1 || o.gqa_steps < 1 || o.batch < 1 || o.model.layers < 1 || o.model.layers > 16 ||
+        o.model.heads < 1 || o.model.context < 4 || o.model.vocab < 2 || o.model.embed_dim % o.model.heads ||
+        !(o.lr > 0)) {
         cli_error(CMD, "--steps, --gqa-steps, --batch, --layers (1..16), --heads, --context (>= 4), --vocab (>= 2) "
                        "must be positive, --embed-dim a multiple of --heads and --lr > 0");
         return CLI_USAGE;
@@ -412,7 +440,8 @@ int mha_cmd_lab(int argc, char **argv)
     }
     bool text = strcmp(o.data, "text") == 0;
     bool vocab_seen = false;
-    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) vocab_seen |= flags[i].dst == &o.model.vocab && flags[i].seen;
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
+        vocab_seen |= flags[i].dst == &o.model.vocab && flags[i].seen;
     if (text && !vocab_seen) o.model.vocab = 128; /* ASCII */
     if (text && lab_text_load(o.text_path, o.model.vocab, &o.text) != MHA_OK) {
         cli_error(CMD, "--text %s: cannot read it (or it is empty)", o.text_path);
@@ -432,7 +461,8 @@ int mha_cmd_lab(int argc, char **argv)
         int64_t n = model ? lab_model_config(model)->layers * lab_model_config(model)->heads : 0;
         lab_head_scores *scores = calloc((size_t)n, sizeof *scores);
         int32_t *tokens = malloc((size_t)(EVAL_B * lab_model_config(model)->context) * sizeof *tokens);
-        float *attn = malloc((size_t)(n * EVAL_B * lab_model_config(model)->context * lab_model_config(model)->context) * sizeof *attn);
+        float *attn = malloc(
+            (size_t)(n * EVAL_B * lab_model_config(model)->context * lab_model_config(model)->context) * sizeof *attn);
         double held;
         rc = scores && tokens && attn ? analyze(&o, ctx, model, tokens, attn, scores, &held) : CLI_FAIL;
         if (rc == CLI_OK) {

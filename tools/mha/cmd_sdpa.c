@@ -13,7 +13,7 @@
 #include <string.h>
 
 typedef struct sdpa_opts {
-    const char *cmd;  /* "sdpa" or "sdpa-backward" */
+    const char *cmd; /* "sdpa" or "sdpa-backward" */
     bool backward;
     const char *inputs, *out;
     const char *dtype;
@@ -40,14 +40,15 @@ static int check_rank4(const char *CMD, const char *path, const cli_tensor *t, c
 {
     char got[96];
     if (t->rank == 4) return CLI_OK;
-    cli_error(CMD, "%s: %s has shape %s; it must be %s", path, t->name, cli_shape_str(t->shape, t->rank, got, sizeof got),
-              layout);
+    cli_error(CMD, "%s: %s has shape %s; it must be %s", path, t->name,
+              cli_shape_str(t->shape, t->rank, got, sizeof got), layout);
     return CLI_FAIL;
 }
 
 /* Strides that broadcast attn_mask (rank <= 4, aligned right as in
  * PyTorch) to [B, Hq, L, S]. */
-static int mask_strides(const char *CMD, const char *path, const cli_tensor *m, const int64_t full[4], int64_t stride[4])
+static int mask_strides(const char *CMD, const char *path, const cli_tensor *m, const int64_t full[4],
+                        int64_t stride[4])
 {
     char got[96];
     if (m->rank > 4) {
@@ -88,7 +89,8 @@ static int load(const sdpa_opts *o, mha_st_file *f, const char *path, sdpa_input
         char got[96], need[96];
         if (in->grad.rank != 4 || memcmp(in->grad.shape, want, sizeof want) != 0) {
             cli_error(CMD, "%s: grad_output has shape %s; it must match the output, %s", path,
-                      cli_shape_str(in->grad.shape, in->grad.rank, got, sizeof got), cli_shape_str(want, 4, need, sizeof need));
+                      cli_shape_str(in->grad.shape, in->grad.rank, got, sizeof got),
+                      cli_shape_str(want, 4, need, sizeof need));
             return CLI_FAIL;
         }
     }
@@ -127,15 +129,18 @@ static int run_backward(const sdpa_opts *o, mha_ctx *ctx, const mha_attn_desc *d
     int rc = grads[2] ? CLI_OK : CLI_FAIL;
     if (rc == CLI_OK) {
         mha_tensor q = view4(in->q.f32, in->q.shape), k = view4(in->k.f32, in->k.shape);
-        mha_tensor v = view4(in->v.f32, in->v.shape), y = view4(out, in->grad.shape), dy = view4(in->grad.f32, in->grad.shape);
-        mha_tensor dq = view4(grads[0], in->q.shape), dk = view4(grads[1], in->k.shape), dv = view4(grads[2], in->v.shape);
+        mha_tensor v = view4(in->v.f32, in->v.shape), y = view4(out, in->grad.shape),
+                   dy = view4(in->grad.f32, in->grad.shape);
+        mha_tensor dq = view4(grads[0], in->q.shape), dk = view4(grads[1], in->k.shape),
+                   dv = view4(grads[2], in->v.shape);
         if (mha_attention_backward(ctx, &dq, &dk, &dv, &q, &k, &v, &y, lse, &dy, desc) != MHA_OK) {
             cli_error(o->cmd, "%s: %s", o->inputs, mha_last_error());
             rc = CLI_FAIL;
         }
     }
     if (rc == CLI_OK) {
-        cli_output outs[3] = {{"query.grad", 4, in->q.shape, grads[0]}, {"key.grad", 4, in->k.shape, grads[1]},
+        cli_output outs[3] = {{"query.grad", 4, in->q.shape, grads[0]},
+                              {"key.grad", 4, in->k.shape, grads[1]},
                               {"value.grad", 4, in->v.shape, grads[2]}};
         rc = cli_save(o->cmd, o->out, outs, 3);
     }
@@ -181,15 +186,21 @@ static int run(const sdpa_opts *o, sdpa_inputs *in)
 
 static int sdpa_main(int argc, char **argv, bool backward)
 {
-    sdpa_opts o = {.cmd = backward ? "sdpa-backward" : "sdpa", .backward = backward, .scale = NAN,
-                   .window_left = -1, .window_right = -1, .dtype = "f32"};
+    sdpa_opts o = {.cmd = backward ? "sdpa-backward" : "sdpa",
+                   .backward = backward,
+                   .scale = NAN,
+                   .window_left = -1,
+                   .window_right = -1,
+                   .dtype = "f32"};
     const char *CMD = o.cmd;
     cli_flag flags[] = {
         {"inputs", FLAG_STRING, &o.inputs,
          backward ? "safetensors with query, key, value, grad_output [, attn_mask, alibi_slopes]"
-                  : "safetensors with query, key, value [, attn_mask, alibi_slopes]", false},
+                  : "safetensors with query, key, value [, attn_mask, alibi_slopes]",
+         false},
         {"out", FLAG_STRING, &o.out,
-         backward ? "safetensors to write query.grad, key.grad, value.grad to" : "safetensors to write output and lse to",
+         backward ? "safetensors to write query.grad, key.grad, value.grad to"
+                  : "safetensors to write output and lse to",
          false},
         {"is-causal", FLAG_BOOL, &o.is_causal, "causal mask aligned top-left (PyTorch is_causal)", false},
         {"causal-bottom-right", FLAG_BOOL, &o.bottom_right, "causal mask aligned bottom-right (KV cache)", false},
@@ -200,12 +211,13 @@ static int sdpa_main(int argc, char **argv, bool backward)
         {"softcap", FLAG_DOUBLE, &o.softcap, "cap scores at C via C*tanh(s/C) (0 = off)", false},
         {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
         {"dtype", FLAG_STRING, &o.dtype,
-         backward ? "f32 (the only one: gradients are computed in float32)" : "f32 (default) or bf16: round q, k, v, P to bfloat16",
+         backward ? "f32 (the only one: gradients are computed in float32)"
+                  : "f32 (default) or bf16: round q, k, v, P to bfloat16",
          false},
     };
     bool help;
-    int rc = cli_parse(CMD, "--inputs X --out Y [flags]", argc, argv, flags, (int)(sizeof flags / sizeof flags[0]),
-                       &help);
+    int rc =
+        cli_parse(CMD, "--inputs X --out Y [flags]", argc, argv, flags, (int)(sizeof flags / sizeof flags[0]), &help);
     if (rc != CLI_OK || help) return rc;
     if (!o.inputs || !o.out) {
         cli_error(CMD, "%s is required (see mha %s --help)", !o.inputs ? "--inputs" : "--out", CMD);
@@ -214,7 +226,8 @@ static int sdpa_main(int argc, char **argv, bool backward)
     const char *read[1] = {o.inputs};
     if ((rc = cli_out_distinct(CMD, o.out, read, 1)) != CLI_OK) return rc;
     if (strcmp(o.dtype, "f32") != 0 && (backward || strcmp(o.dtype, "bf16") != 0)) {
-        cli_error(CMD, "--dtype must be %s, got \"%s\"", backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o.dtype);
+        cli_error(CMD, "--dtype must be %s, got \"%s\"", backward ? "f32 (gradients are float32 only)" : "f32 or bf16",
+                  o.dtype);
         return CLI_USAGE;
     }
     if (o.is_causal && o.bottom_right) {
