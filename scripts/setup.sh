@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install what building and testing libmha needs on Debian: a C compiler,
-# make and CMake, valgrind, clang (libFuzzer), zlib, python3 (the layering
-# check) and chromium (the lab's report test).  Uses sudo when not root;
-# does nothing when all is there.
+# make and CMake, valgrind, clang (libFuzzer), clang-format, zlib, python3
+# (the layering check) and chromium (the lab's report test).  Uses sudo
+# when not root; does nothing when all is there.
 set -euo pipefail
 
 missing=()
@@ -11,6 +11,7 @@ command -v make >/dev/null 2>&1 || missing+=(make)
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 command -v clang >/dev/null 2>&1 || missing+=(clang)
+command -v clang-format >/dev/null 2>&1 || missing+=(clang-format)
 [ -f /usr/include/zlib.h ] || missing+=(zlib1g-dev)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)    # scripts/check_layers.py
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # renders the lab's report in the tests

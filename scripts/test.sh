@@ -11,6 +11,10 @@ scripts/setup.sh
 
 jobs=$(nproc 2>/dev/null || echo 2)
 
+echo "== formatting (.clang-format) and layering (docs/ARCHITECTURE.md)"
+scripts/check_format.sh
+python3 scripts/check_layers.py
+
 echo "== build (release, -Werror) and test"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMHA_WERROR=ON >/dev/null
 cmake --build build -j"$jobs" >/dev/null
