@@ -77,6 +77,13 @@ typedef enum mha_status {
     MHA_ERR_INTERNAL     /* a bug in libmha; please report it */
 } mha_status;
 
+/* Sizes that overflow.  A size computed from a call's arguments (a
+ * tensor's reach, elements, bytes, a workspace) that does not fit in 64
+ * bits is MHA_ERR_INVALID_ARG in every function, and is found before
+ * anything is allocated or computed; MHA_ERR_NOMEM always means that an
+ * allocation of a size that exists failed.  A size from a file's header
+ * that overflows makes the file MHA_ERR_CORRUPT. */
+
 /* Name of a status ("invalid argument", ...); static storage, never NULL. */
 const char *mha_status_str(mha_status status);
 
@@ -156,6 +163,17 @@ mha_status mha_ctx_create(int n_threads, mha_ctx **out_ctx);
 void mha_ctx_free(mha_ctx *ctx);
 int mha_ctx_threads(const mha_ctx *ctx);
 
+/* Workspace.  A compute call plans the scratch memory it needs before it
+ * computes and takes it from its context's one workspace buffer, which
+ * grows to the largest call so far (that call's only allocation) and is
+ * kept until mha_ctx_free.  mha_ctx_reserve grows it ahead of time, so
+ * that later calls needing no more allocate nothing; the
+ * *_workspace_size functions below say what a call would take, and
+ * mha_ctx_workspace_bytes what the context holds.
+ * Errors: MISUSE (ctx NULL), INVALID_ARG (bytes < 0), NOMEM. */
+mha_status mha_ctx_reserve(mha_ctx *ctx, int64_t bytes);
+int64_t mha_ctx_workspace_bytes(const mha_ctx *ctx);
+
 /* ------------------------------------------------------------------ */
 /* Scaled dot-product attention                                        */
 /* ------------------------------------------------------------------ */
@@ -201,6 +219,13 @@ void mha_attn_desc_init(mha_attn_desc *desc);
 mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_tensor *q, const mha_tensor *k,
                          const mha_tensor *v, const mha_attn_desc *desc);
 
+/* The workspace bytes mha_attention() would take from ctx for these
+ * arguments (out, q, k, v are only checked, never read).  Errors as
+ * mha_attention's, without NOMEM. */
+mha_status mha_attention_workspace_size(const mha_ctx *ctx, const mha_tensor *out, const mha_tensor *q,
+                                        const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc,
+                                        int64_t *bytes);
+
 /* Gradients of mha_attention() (float32 only).  Given the forward call's
  * inputs and descriptor, its output `out` and `lse` (which this pass needs:
  * the probabilities are recomputed from them, FlashAttention-2 style, with
@@ -213,6 +238,13 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_te
 mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv, const mha_tensor *q,
                                   const mha_tensor *k, const mha_tensor *v, const mha_tensor *out, const float *lse,
                                   const mha_tensor *grad_out, const mha_attn_desc *desc);
+
+/* The workspace bytes mha_attention_backward() would take (it does not
+ * need lse to say).  Errors as mha_attention_backward's, without NOMEM. */
+mha_status mha_attention_backward_workspace_size(const mha_ctx *ctx, const mha_tensor *dq, const mha_tensor *dk,
+                                                 const mha_tensor *dv, const mha_tensor *q, const mha_tensor *k,
+                                                 const mha_tensor *v, const mha_tensor *out, const mha_tensor *grad_out,
+                                                 const mha_attn_desc *desc, int64_t *bytes);
 
 /* ------------------------------------------------------------------ */
 /* safetensors files                                                   */
@@ -415,6 +447,12 @@ void mha_layer_fwd_args_init(mha_layer_fwd_args *args);
 mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *layer, mha_tensor *attn_output, mha_tensor *attn_weights,
                              const mha_layer_fwd_args *args);
 
+/* The workspace bytes mha_layer_forward() would take from ctx for these
+ * arguments (nothing is read).  Errors as mha_layer_forward's, without
+ * NOMEM. */
+mha_status mha_layer_workspace_size(const mha_ctx *ctx, const mha_layer *layer, const mha_tensor *attn_output,
+                                    const mha_tensor *attn_weights, const mha_layer_fwd_args *args, int64_t *bytes);
+
 /* ------------------------------------------------------------------ */
 /* Training: gradients of the layer                                    */
 /* ------------------------------------------------------------------ */
@@ -433,7 +471,7 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *layer, mha_tensor *attn_ou
  *     mha_layer_params_changed(layer);
  *
  * Nothing is allocated per step once the shapes stop growing: the tape
- * keeps its buffers, the context its scratch, the layer its weights.
+ * keeps its buffers, the context its workspace, the layer its weights.
  * Training computes in float32; a BF16 layer returns UNSUPPORTED. */
 
 /* Gives the layer float32 gradients (zero) and a plain copy of its weights
@@ -492,16 +530,25 @@ mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *layer, const mha_layer_fw
                               const mha_tensor *grad_attn_output, mha_tensor *grad_query, mha_tensor *grad_key,
                               mha_tensor *grad_value);
 
+/* The workspace bytes mha_layer_backward() would take.  Errors as its,
+ * without NOMEM. */
+mha_status mha_layer_backward_workspace_size(const mha_ctx *ctx, const mha_layer *layer, const mha_layer_fwd_args *args,
+                                             const mha_tensor *grad_attn_output, const mha_tensor *grad_query,
+                                             const mha_tensor *grad_key, const mha_tensor *grad_value, int64_t *bytes);
+
 /* A dense layer on the projections' GEMM, for the parts of a model around
  * attention (an MLP, an unembedding): y [rows, out] = x [rows, in] W^T + b
  * with W [out, in] as nn.Linear stores it and b [out] or NULL.  Matrices
  * are row-major and contiguous; y must not overlap x or W.  W is packed
- * into the context's scratch on each call.  Each output is one chain of
+ * into the context's workspace on each call.  Each output is one chain of
  * multiply-adds over the inputs in order: the same bits for any thread
  * count.  Errors: MISUSE (NULL argument), INVALID_ARG (a size < 1 or too
  * large), NOMEM. */
 mha_status mha_linear(mha_ctx *ctx, const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t in,
                       int64_t out);
+/* The workspace bytes mha_linear() takes (its packed weight); the
+ * backward takes none.  Errors: MISUSE, INVALID_ARG as mha_linear's. */
+mha_status mha_linear_workspace_size(int64_t rows, int64_t in, int64_t out, int64_t *bytes);
 
 /* Its gradients, given dy [rows, out]:
  *   dx [rows, in]  = dy W        (overwritten; NULL to skip)
@@ -551,6 +598,11 @@ mha_status mha_kv_cache_append(mha_kv_cache *cache, const mha_tensor *k, const m
  * add_bias_kv/add_zero_attn or a cache made for another configuration),
  * NOMEM; on error the cache is unchanged. */
 mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *layer, mha_kv_cache *cache, mha_tensor *out, const mha_tensor *x);
+
+/* The workspace bytes mha_layer_decode() would take for x against the
+ * cache as it is now.  Errors as its, without NOMEM. */
+mha_status mha_layer_decode_workspace_size(const mha_ctx *ctx, const mha_layer *layer, const mha_kv_cache *cache,
+                                           const mha_tensor *out, const mha_tensor *x, int64_t *bytes);
 
 /* ------------------------------------------------------------------ */
 /* Sizing questions (mha info)                                         */

@@ -15,11 +15,17 @@
 
 #include "core/internal.h"
 #include "core/parallel.h"
+#include "kernels/kernels.h"
+
+/* Which driver runs a forward problem: flash.c's tiles over blocks of
+ * query rows, or decode.c's split over chunks of keys (a few query rows,
+ * or K and V stored as bf16).  Chosen by mha__attn_plan_resolve alone. */
+typedef enum mha__attn_path { MHA__PATH_TILED, MHA__PATH_SPLIT_K } mha__attn_path;
 
 typedef struct mha__attn_plan {
+    /* The problem: filled by the caller. */
     int64_t B, Hq, Hkv, L, S, D, Dv;
-    int64_t R;     /* keys [0, R) are real: masks, causal, window, ALiBi apply */
-    int64_t group; /* Hq / Hkv: query heads per kv head */
+    int64_t R; /* keys [0, R) are real: masks, causal, window, ALiBi apply */
     float scale;
     float softcap; /* 0 = off */
     mha_causal causal;
@@ -27,7 +33,33 @@ typedef struct mha__attn_plan {
     const float *alibi;                /* [Hq] or NULL */
     mha_mask masks[2];                 /* over [B, Hq, L, R]; kind NONE = unused */
     bool bf16;                         /* Q, K, V and P rounded to bf16 for the products */
+    /* Resolved by mha__attn_plan_resolve. */
+    int64_t group;               /* Hq / Hkv: query heads per kv head */
+    const mha__kernels *kt;      /* this CPU's float32 kernels */
+    const mha__bf16_kernels *bk; /* its bf16 kernels, when the products or the K/V rows are bf16; else NULL */
+    mha__attn_path path;         /* the forward's driver */
+    int64_t workspace;           /* bytes the forward takes from the context */
 } mha__attn_plan;
+
+/* K and V as a forward reads them: float32 tensors [B, Hkv, S, D] and
+ * [B, Hkv, S, Dv]; and, when both store rows contiguously with the same
+ * strides (always so in a KV cache), the same rows as `rows`: element
+ * (b, g, j, c) at k + b * stride[0] + g * stride[1] + j * stride[2] + c,
+ * float32 or bf16.  A bf16 cache has only the rows (k.data NULL). */
+typedef struct mha__kv_view {
+    const void *k, *v; /* NULL: no row view */
+    bool bf16;
+    int64_t stride[3];
+} mha__kv_view;
+
+typedef struct mha__kv {
+    mha_tensor k, v;
+    mha__kv_view rows;
+} mha__kv;
+
+/* The K and V of mha_attention(): the tensors, and their row view when
+ * their layout has one. */
+mha__kv mha__kv_from_tensors(const mha_tensor *k, const mha_tensor *v);
 
 /* Per-row softmax statistics a forward pass can save: the maximum score
  * and the sum of exp(score - max), each [B, Hq, L] contiguous.  lse is
@@ -51,10 +83,43 @@ typedef struct mha__row_norm {
  * the offending field. */
 mha_status mha__attn_plan_check(const mha__attn_plan *plan);
 
-/* out [B,Hq,L,Dv] from q, k, v viewed as in mha_attention(); shapes
- * already validated.  lse [B,Hq,L] and stats may be NULL. */
+/* What the choice of driver depends on besides the problem itself. */
+typedef struct mha__attn_needs {
+    bool kv_rows; /* K and V have a row view (mha__kv.rows is set) */
+    bool kv_bf16; /* ... stored as bf16 (a cache) */
+    bool stats;   /* the caller wants the row statistics */
+} mha__attn_needs;
+
+mha__attn_needs mha__attn_needs_of(const mha__kv *kv, bool stats);
+
+/* Completes a plan whose problem fields are filled, to run on ctx: checks
+ * it, picks the kernels, the forward's driver (the one place that
+ * chooses: split-K for a bf16 cache, or for fewer than MHA_DECODE_ROWS
+ * query rows when no row statistics are wanted and the rows allow it;
+ * else tiles) and sizes its workspace.  INVALID_ARG. */
+mha_status mha__attn_plan_resolve(mha__attn_plan *plan, const mha_ctx *ctx, mha__attn_needs needs);
+
+/* Below this many query rows, a forward splits the keys over the threads
+ * (decode.c) instead of the query rows (flash.c). */
+enum { MHA_DECODE_ROWS = 16 };
+
+/* out [B, Hq, L, Dv] (and lse [B, Hq, L], stats, if not NULL; stats only
+ * with want_stats) from q [B, Hq, L, D] and kv, by the plan's driver;
+ * shapes already validated.  Takes plan->workspace bytes of workspace. */
+mha_status mha__attn_run(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *out, float *lse, mha__row_stats *stats,
+                         const mha_tensor *q, const mha__kv *kv);
+
+/* The tiled forward (flash.c) and its workspace. */
 mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *out, float *lse,
                              mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v);
+bool mha__attn_forward_workspace(const mha__attn_plan *plan, const mha_ctx *ctx, int64_t *bytes);
+
+/* The split-K forward (decode.c) and its workspace: the plan's options
+ * (causal, window, softcap, ALiBi, masks) apply as in mha__attn_forward;
+ * it must have no appended keys (R == S) and D == Dv. */
+mha_status mha__decode_attention(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *out, float *lse,
+                                 const mha_tensor *q, const mha__kv_view *kv);
+bool mha__decode_workspace(const mha__attn_plan *plan, const mha_ctx *ctx, int64_t *bytes);
 
 /* Softmax probabilities recomputed from the statistics a forward pass
  * saved: p = exp(score - max) / sum, written to probs [B, Hq, L, S], or
@@ -62,6 +127,7 @@ mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tenso
  * `average`.  O(S) scratch per thread, no L x S buffer. */
 mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *probs, int average,
                            const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k);
+/* Its workspace: the same as the tiled forward's. */
 
 /* Gradients of the attention forward (flash-attention 2's recomputation,
  * without atomics): given its inputs, its output `out` and the row
@@ -76,6 +142,9 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor 
 mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
                               const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_tensor *out,
                               const mha_tensor *dout, const mha__row_norm *norm);
+/* Its workspace, given whether dq's rows are contiguous (dQ then
+ * accumulates in place). */
+bool mha__attn_backward_workspace(const mha__attn_plan *plan, const mha_ctx *ctx, bool dq_contiguous, int64_t *bytes);
 
 /* The row contract, in one place for every kernel:
  * the real keys [*lo, *hi) that query row i may see under causal masking

@@ -5,7 +5,7 @@
  * The keys are split into chunks of KC, fixed by the shape, never by the
  * thread count.  A work item (batch, kv head, chunk) takes every query row
  * of the group's heads against its chunk:
- *   s = K_chunk (scale q)    (dot_rows)    score contract (attention.c)
+ *   s = K_chunk (scale q)    (dot_rows)    score contract (contract.c)
  *   m = max s,  p = exp(s - m),  l = sum p,  O = sum p V_chunk (axpy_rows)
  * and a merge pass combines the chunks of each row in chunk order:
  *   M = max m_c,  l = sum l_c e^(m_c - M),  out = sum O_c e^(m_c - M) / l
@@ -13,9 +13,7 @@
  * uses every thread and the result has the same bits for any thread count.
  * K and V are read in place from the cache, float32 or bf16.
  */
-#include "attn/decode.h"
-
-#include "kernels/kernels.h"
+#include "attn/attention.h"
 
 #include <math.h>
 #include <string.h>
@@ -130,28 +128,43 @@ static void merge_range(void *arg, int thread, int64_t begin, int64_t end)
     }
 }
 
+/* The partial results: [B, Hq, L, chunks][2 + Dv] floats. */
+static bool partial_floats(const mha__attn_plan *p, int64_t chunks, int64_t *floats)
+{
+    return mha__mul(p->B * p->Hq * p->L, chunks > 0 ? chunks : 1, floats) && /* B Hq L: checked by the plan */
+           mha__mul(*floats, partial_width(p), floats) && *floats <= INT64_MAX / (int64_t)sizeof(float);
+}
+
+static int64_t chunk_count(const mha__attn_plan *p) { return (p->S + KC - 1) / KC; }
+
+/* Per thread: a chunk's scores and the scaled query row. */
+static int64_t thread_floats(const mha__attn_plan *p) { return KC + p->D + 16; }
+
+bool mha__decode_workspace(const mha__attn_plan *p, const mha_ctx *ctx, int64_t *bytes)
+{
+    int64_t floats;
+    if (!partial_floats(p, chunk_count(p), &floats)) {
+        mha__fail(MHA_ERR_INVALID_ARG, "decoding %lld rows against %lld keys overflows",
+                  (long long)(p->B * p->Hq * p->L), (long long)p->S);
+        return false;
+    }
+    return mha__ws_add(bytes, floats * (int64_t)sizeof(float), "the split-K partials") &&
+           mha__ws_add_per_thread(bytes, ctx, thread_floats(p), "the split-K rows");
+}
+
 mha_status mha__decode_attention(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse,
                                  const mha_tensor *q, const mha__kv_view *kv)
 {
-    decode_job j = {.p = p,
-                    .kt = mha__kernels_get(),
-                    .bk = mha__bf16_get(),
-                    .q = q,
-                    .kv = kv,
-                    .out = out,
-                    .lse = lse,
-                    .chunks = (p->S + KC - 1) / KC};
-    int64_t rows = p->B * p->Hq * p->L, floats, bytes;
+    decode_job j = {
+        .p = p, .kt = p->kt, .bk = p->bk, .q = q, .kv = kv, .out = out, .lse = lse, .chunks = chunk_count(p)};
+    int64_t rows = p->B * p->Hq * p->L, floats, top = mha__ws_top(ctx);
     if (rows == 0) return MHA_OK;
-    if (!mha__mul(rows, j.chunks > 0 ? j.chunks : 1, &floats) || !mha__mul(floats, partial_width(p), &floats) ||
-        !mha__mul(floats, (int64_t)sizeof(float), &bytes))
-        return mha__fail(MHA_ERR_INVALID_ARG, "decoding %lld rows against %lld keys overflows", (long long)rows,
-                         (long long)p->S);
-    j.partial = mha__ctx_scratch(ctx, MHA_SCRATCH_DECODE, bytes);
-    if (!j.partial) return MHA_ERR_NOMEM;
-    j.scratch = mha__thread_scratch(ctx, KC + p->D + 16, &j.scratch_stride);
-    if (!j.scratch) return MHA_ERR_NOMEM;
+    if (!partial_floats(p, j.chunks, &floats)) return MHA_ERR_INTERNAL; /* the plan checked it */
+    j.partial = mha__ws_take(ctx, floats * (int64_t)sizeof(float));
+    j.scratch = j.partial ? mha__ws_take_per_thread(ctx, thread_floats(p), &j.scratch_stride) : NULL;
+    if (!j.scratch) return MHA_ERR_INTERNAL;
     mha__parallel_for(ctx, p->B * p->Hkv * j.chunks, chunk_range, &j);
     mha__parallel_for(ctx, rows, merge_range, &j);
+    mha__ws_release(ctx, top);
     return MHA_OK;
 }

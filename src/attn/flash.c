@@ -8,7 +8,7 @@
  *   m = -inf, l = 0, O = 0
  *   for each key tile that some row of the item may see:
  *     S = K (scale Q)^T, key-major     (micro-kernel: K rows x packed Q^T)
- *     S = softcap, biases, masks        (the row contract of attention.c)
+ *     S = softcap, biases, masks        (the row contract of contract.c)
  *     m', P = exp(S - m'), l = l e^(m - m') + rowsum(P)   (softmax_step)
  *     O = O e^(m - m') + P V           (micro-kernel, accumulating)
  *   out = O / l, lse = m + log l   (0 and -inf for a row that saw nothing)
@@ -367,28 +367,34 @@ static void probs_range(void *arg, int thread, int64_t begin, int64_t end)
     for (int64_t item = begin; item < end; item++) probs_item(pj, &t, item);
 }
 
+bool mha__attn_forward_workspace(const mha__attn_plan *p, const mha_ctx *ctx, int64_t *bytes)
+{
+    return mha__ws_add_per_thread(bytes, ctx, tiles_floats(p), "the attention tiles");
+}
+
 mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *probs, int average,
                            const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k)
 {
-    int64_t br = rows_per_item(p);
-    probs_job pj = {{p, mha__kernels_get(), p->bf16 ? mha__bf16_get() : NULL, br, NULL, NULL, (mha__row_stats *)stats,
-                     q, k, NULL, NULL, 0, (p->L + br - 1) / br},
+    int64_t br = rows_per_item(p), top = mha__ws_top(ctx);
+    probs_job pj = {{p, p->kt, p->bf16 ? p->bk : NULL, br, NULL, NULL, (mha__row_stats *)stats, q, k, NULL, NULL, 0,
+                     (p->L + br - 1) / br},
                     probs,
                     average};
-    pj.f.scratch = mha__thread_scratch(ctx, tiles_floats(p), &pj.f.scratch_stride);
-    if (!pj.f.scratch) return MHA_ERR_NOMEM;
+    pj.f.scratch = mha__ws_take_per_thread(ctx, tiles_floats(p), &pj.f.scratch_stride);
+    if (!pj.f.scratch) return MHA_ERR_INTERNAL;
     mha__parallel_for(ctx, p->B * pj.f.q_blocks, probs_range, &pj);
+    mha__ws_release(ctx, top);
     return MHA_OK;
 }
 
 mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse, mha__row_stats *stats,
                              const mha_tensor *q, const mha_tensor *k, const mha_tensor *v)
 {
-    int64_t br = rows_per_item(p);
-    flash_job job = {p, mha__kernels_get(),  p->bf16 ? mha__bf16_get() : NULL, br, out, lse, stats, q, k, v, NULL,
-                     0, (p->L + br - 1) / br};
-    job.scratch = mha__thread_scratch(ctx, tiles_floats(p), &job.scratch_stride);
-    if (!job.scratch) return MHA_ERR_NOMEM;
+    int64_t br = rows_per_item(p), top = mha__ws_top(ctx);
+    flash_job job = {p, p->kt, p->bf16 ? p->bk : NULL, br, out, lse, stats, q, k, v, NULL, 0, (p->L + br - 1) / br};
+    job.scratch = mha__ws_take_per_thread(ctx, tiles_floats(p), &job.scratch_stride);
+    if (!job.scratch) return MHA_ERR_INTERNAL;
     mha__parallel_for(ctx, p->B * p->Hq * job.q_blocks, flash_range, &job);
+    mha__ws_release(ctx, top);
     return MHA_OK;
 }

@@ -393,14 +393,40 @@ static int64_t key_groups(const mha__attn_plan *p, int64_t k_blocks)
     return g > k_blocks ? (k_blocks > 0 ? k_blocks : 1) : g;
 }
 
+/* dQ partial sums: in dq itself when its rows are contiguous, so the
+ * first key group needs no buffer; [B, Hq, L, D] for each other group. */
+static int64_t partial_groups(int64_t groups, bool dq_contiguous) { return groups - dq_contiguous; }
+
+/* The row statistics (shift, mul, delta: 3 per row, and one spare) and
+ * the dQ partials, in floats; false when that overflows. */
+static bool row_floats(const mha__attn_plan *p, int64_t partials, int64_t *floats)
+{
+    int64_t n_rows = p->B * p->Hq * p->L, n_q; /* B Hq L: checked by the plan */
+    return mha__mul(n_rows, p->D, &n_q) && mha__mul(n_q, partials, floats) &&
+           mha__add(*floats, 3 * n_rows + 1, floats) && *floats <= INT64_MAX / (int64_t)sizeof(float);
+}
+
+static int64_t key_block_count(const mha__attn_plan *p) { return (p->R + BK - 1) / BK + (p->S > p->R); }
+
+bool mha__attn_backward_workspace(const mha__attn_plan *p, const mha_ctx *ctx, bool dq_contiguous, int64_t *bytes)
+{
+    int64_t floats;
+    if (!row_floats(p, partial_groups(key_groups(p, key_block_count(p)), dq_contiguous), &floats)) {
+        mha__fail(MHA_ERR_INVALID_ARG, "the backward pass's %lld rows overflow", (long long)(p->B * p->Hq * p->L));
+        return false;
+    }
+    return mha__ws_add(bytes, floats * (int64_t)sizeof(float), "the backward's rows") &&
+           mha__ws_add_per_thread(bytes, ctx, bwd_tiles_floats(p), "the backward's tiles");
+}
+
 mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
                               const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_tensor *out,
                               const mha_tensor *dout, const mha__row_norm *norm)
 {
-    int64_t n_rows = p->B * p->Hq * p->L; /* the caller checked it does not overflow */
+    int64_t n_rows = p->B * p->Hq * p->L, floats, top = mha__ws_top(ctx);
     bwd_job j = {
         .p = p,
-        .kt = mha__kernels_get(),
+        .kt = p->kt,
         .q = q,
         .k = k,
         .v = v,
@@ -409,29 +435,24 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
         .dk = dk,
         .dv = dv,
         .q_blocks = (p->L + BQ - 1) / BQ,
-        .k_blocks = (p->R + BK - 1) / BK + (p->S > p->R),
+        .k_blocks = key_block_count(p),
     };
     j.groups = key_groups(p, j.k_blocks);
-    /* dQ accumulates in dq itself when its rows are contiguous, else (and
-     * for groups past the first) in scratch laid out [B, Hq, L, D]. */
     j.first_is_dq = dq->stride[3] == 1;
-    int64_t n_q, floats, bytes;
-    if (!mha__mul(n_rows, p->D, &n_q) || !mha__mul(n_q, j.groups - j.first_is_dq, &floats) ||
-        !mha__add(floats, 3 * n_rows + 1, &floats) || !mha__mul(floats, (int64_t)sizeof(float), &bytes))
-        return mha__fail(MHA_ERR_NOMEM, "the backward pass's %lld rows overflow", (long long)n_rows);
-    float *rows = mha__ctx_scratch(ctx, MHA_SCRATCH_ROWS, bytes);
-    if (!rows) return MHA_ERR_NOMEM;
+    if (!row_floats(p, partial_groups(j.groups, j.first_is_dq), &floats)) return MHA_ERR_INTERNAL; /* planned */
+    float *rows = mha__ws_take(ctx, floats * (int64_t)sizeof(float));
+    j.scratch = rows ? mha__ws_take_per_thread(ctx, bwd_tiles_floats(p), &j.scratch_stride) : NULL;
+    if (!j.scratch) return MHA_ERR_INTERNAL;
     j.shift = rows;
     j.mul = rows + n_rows;
     j.delta = rows + 2 * n_rows;
     j.partial = rows + 3 * n_rows;
-    j.scratch = mha__thread_scratch(ctx, bwd_tiles_floats(p), &j.scratch_stride);
-    if (!j.scratch) return MHA_ERR_NOMEM;
     rows_job rj = {&j, out, norm};
     mha__parallel_for(ctx, n_rows, rows_range, &rj); /* reads out, which dq may overwrite from here on */
     if (norm->lse) mha__parallel_for(ctx, p->B * p->Hq * j.q_blocks, renormalise_range, &j);
     mha__parallel_for(ctx, n_rows, zero_range, &j);
     mha__parallel_for(ctx, p->B * p->Hkv * j.groups, sweep_range, &j);
     mha__parallel_for(ctx, n_rows, finish_range, &j);
+    mha__ws_release(ctx, top);
     return MHA_OK;
 }

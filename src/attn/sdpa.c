@@ -6,7 +6,6 @@
  * (flash_bwd.c).
  */
 #include "attn/attention.h"
-#include "attn/decode.h"
 #include "core/tensor.h"
 
 #include <math.h>
@@ -22,11 +21,10 @@ void mha_attn_desc_init(mha_attn_desc *desc)
     desc->window_right = -1;
 }
 
-/* The plan of one mha_attention() problem, after checking q, k, v, out
- * (out's shape [B, Hq, L, Dv]) and the descriptor; `what_out` names out
- * in errors. */
-static mha_status plan_from_desc(const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_tensor *out,
-                                 const char *what_out, const mha_attn_desc *desc, mha__attn_plan *plan)
+/* The problem of one mha_attention() call, after checking q, k, v, out
+ * (out's shape [B, Hq, L, Dv]) and the descriptor. */
+static mha_status problem_from_desc(const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                                    const mha_tensor *out, const mha_attn_desc *desc, mha__attn_plan *plan)
 {
     const int64_t any[4] = {-1, -1, -1, -1};
     mha_status st = mha__check_tensor(q, "query", any);
@@ -38,15 +36,12 @@ static mha_status plan_from_desc(const mha_tensor *q, const mha_tensor *k, const
     const int64_t v_shape[4] = {B, Hkv, S, -1};
     if ((st = mha__check_tensor(v, "value", v_shape)) != MHA_OK) return st;
     const int64_t out_shape[4] = {B, Hq, L, v->shape[3]};
-    if ((st = mha__check_tensor(out, what_out, out_shape)) != MHA_OK) return st;
+    if ((st = mha__check_tensor(out, "output", out_shape)) != MHA_OK) return st;
     if (Hkv != Hq && !desc->enable_gqa)
         return mha__fail(MHA_ERR_INVALID_ARG,
                          "key has %lld heads but query has %lld; set enable_gqa for grouped-query attention",
                          (long long)Hkv, (long long)Hq);
     if (Hkv == 0 && Hq > 0) return mha__fail(MHA_ERR_INVALID_ARG, "key has 0 heads but query has %lld", (long long)Hq);
-    int64_t rows;
-    if (!mha__mul(B, Hq, &rows) || !mha__mul(rows, L, &rows))
-        return mha__fail(MHA_ERR_INVALID_ARG, "batch x heads x queries overflows");
     *plan = (mha__attn_plan){
         .B = B,
         .Hq = Hq,
@@ -56,7 +51,6 @@ static mha_status plan_from_desc(const mha_tensor *q, const mha_tensor *k, const
         .D = D,
         .Dv = v->shape[3],
         .R = S,
-        .group = Hq / (Hkv ? Hkv : 1),
         .scale = isnan(desc->scale) ? (float)(1.0 / sqrt((double)D)) : (float)desc->scale,
         .softcap = desc->softcap,
         .causal = desc->causal,
@@ -69,8 +63,30 @@ static mha_status plan_from_desc(const mha_tensor *q, const mha_tensor *k, const
     if (desc->dtype != MHA_DTYPE_F32 && desc->dtype != MHA_DTYPE_BF16)
         return mha__fail(MHA_ERR_INVALID_ARG, "dtype %s is not supported; attention computes in F32 or BF16",
                          mha_dtype_name(desc->dtype));
-    if (rows == 0) return MHA_OK;
-    return mha__attn_plan_check(plan);
+    return MHA_OK;
+}
+
+/* The forward's plan, checked and resolved. */
+static mha_status forward_plan(const mha_ctx *ctx, const mha_tensor *out, const mha_tensor *q, const mha_tensor *k,
+                               const mha_tensor *v, const mha_attn_desc *desc, mha__attn_plan *p, mha__kv *kv)
+{
+    mha_status st = problem_from_desc(q, k, v, out, desc, p);
+    if (st != MHA_OK) return st;
+    *kv = mha__kv_from_tensors(k, v);
+    return mha__attn_plan_resolve(p, ctx, mha__attn_needs_of(kv, false));
+}
+
+mha_status mha_attention_workspace_size(const mha_ctx *ctx, const mha_tensor *out, const mha_tensor *q,
+                                        const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc,
+                                        int64_t *bytes)
+{
+    if (!ctx || !out || !q || !k || !v || !desc || !bytes)
+        return mha__fail(MHA_ERR_MISUSE, "mha_attention_workspace_size: NULL argument");
+    mha__attn_plan p;
+    mha__kv kv;
+    mha_status st = forward_plan(ctx, out, q, k, v, desc, &p, &kv);
+    *bytes = st == MHA_OK ? p.workspace : 0;
+    return st;
 }
 
 mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_tensor *q, const mha_tensor *k,
@@ -78,15 +94,48 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_te
 {
     if (!ctx || !out || !q || !k || !v || !desc) return mha__fail(MHA_ERR_MISUSE, "mha_attention: NULL argument");
     mha__attn_plan p;
-    mha_status st = plan_from_desc(q, k, v, out, "output", desc, &p);
-    if (st != MHA_OK || p.B * p.Hq * p.L == 0) return st;
-    /* A few query rows (decoding): split the keys instead of the rows. */
-    if (p.L < MHA_DECODE_ROWS && !p.bf16 && k->stride[3] == 1 && v->stride[3] == 1 && p.D == p.Dv) {
-        mha__kv_view kv = {k->data, v->data, false, {k->stride[0], k->stride[1], k->stride[2]}};
-        if (k->stride[0] == v->stride[0] && k->stride[1] == v->stride[1] && k->stride[2] == v->stride[2])
-            return mha__decode_attention(ctx, &p, out, lse, q, &kv);
-    }
-    return mha__attn_forward(ctx, &p, out, lse, NULL, q, k, v);
+    mha__kv kv;
+    mha_status st = forward_plan(ctx, out, q, k, v, desc, &p, &kv);
+    if (st == MHA_OK) st = mha__ws_reserve(ctx, p.workspace);
+    if (st != MHA_OK) return st;
+    int64_t top = mha__ws_top(ctx);
+    st = mha__attn_run(ctx, &p, out, lse, NULL, q, &kv);
+    mha__ws_release(ctx, top);
+    return st;
+}
+
+/* The backward's plan and workspace, after checking its tensors. */
+static mha_status backward_plan(const mha_ctx *ctx, const mha_tensor *dq, const mha_tensor *dk, const mha_tensor *dv,
+                                const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_tensor *out,
+                                const mha_tensor *grad_out, const mha_attn_desc *desc, mha__attn_plan *p,
+                                int64_t *bytes)
+{
+    mha_status st = problem_from_desc(q, k, v, out, desc, p);
+    if (st != MHA_OK) return st;
+    if (p->bf16)
+        return mha__fail(MHA_ERR_UNSUPPORTED, "the backward pass computes in F32 only; dtype BF16 is forward-only");
+    if ((st = mha__check_tensor(grad_out, "grad_output", out->shape)) != MHA_OK ||
+        (st = mha__check_tensor(dq, "query.grad", q->shape)) != MHA_OK ||
+        (st = mha__check_tensor(dk, "key.grad", k->shape)) != MHA_OK ||
+        (st = mha__check_tensor(dv, "value.grad", v->shape)) != MHA_OK)
+        return st;
+    mha__kv kv = mha__kv_from_tensors(k, v);
+    if ((st = mha__attn_plan_resolve(p, ctx, mha__attn_needs_of(&kv, true))) != MHA_OK) return st;
+    *bytes = 0;
+    return mha__attn_backward_workspace(p, ctx, dq->stride[3] == 1, bytes) ? MHA_OK : MHA_ERR_INVALID_ARG;
+}
+
+mha_status mha_attention_backward_workspace_size(const mha_ctx *ctx, const mha_tensor *dq, const mha_tensor *dk,
+                                                 const mha_tensor *dv, const mha_tensor *q, const mha_tensor *k,
+                                                 const mha_tensor *v, const mha_tensor *out, const mha_tensor *grad_out,
+                                                 const mha_attn_desc *desc, int64_t *bytes)
+{
+    if (!ctx || !dq || !dk || !dv || !q || !k || !v || !out || !grad_out || !desc || !bytes)
+        return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward_workspace_size: NULL argument");
+    mha__attn_plan p;
+    mha_status st = backward_plan(ctx, dq, dk, dv, q, k, v, out, grad_out, desc, &p, bytes);
+    if (st != MHA_OK) *bytes = 0;
+    return st;
 }
 
 mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv, const mha_tensor *q,
@@ -96,15 +145,13 @@ mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, 
     if (!ctx || !dq || !dk || !dv || !q || !k || !v || !out || !lse || !grad_out || !desc)
         return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward: NULL argument");
     mha__attn_plan p;
-    mha_status st = plan_from_desc(q, k, v, out, "output", desc, &p);
+    int64_t bytes;
+    mha_status st = backward_plan(ctx, dq, dk, dv, q, k, v, out, grad_out, desc, &p, &bytes);
+    if (st == MHA_OK) st = mha__ws_reserve(ctx, bytes);
     if (st != MHA_OK) return st;
-    if (p.bf16)
-        return mha__fail(MHA_ERR_UNSUPPORTED, "the backward pass computes in F32 only; dtype BF16 is forward-only");
-    if ((st = mha__check_tensor(grad_out, "grad_output", out->shape)) != MHA_OK ||
-        (st = mha__check_tensor(dq, "query.grad", q->shape)) != MHA_OK ||
-        (st = mha__check_tensor(dk, "key.grad", k->shape)) != MHA_OK ||
-        (st = mha__check_tensor(dv, "value.grad", v->shape)) != MHA_OK)
-        return st;
+    int64_t top = mha__ws_top(ctx);
     mha__row_norm norm = {lse, NULL, NULL};
-    return mha__attn_backward(ctx, &p, dq, dk, dv, q, k, v, out, grad_out, &norm);
+    st = mha__attn_backward(ctx, &p, dq, dk, dv, q, k, v, out, grad_out, &norm);
+    mha__ws_release(ctx, top);
+    return st;
 }

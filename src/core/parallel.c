@@ -1,6 +1,6 @@
 /*
  * parallel.c -- execution contexts: a persistent pool of worker threads,
- * scratch memory, and the fork-join loop.
+ * the workspace, and the fork-join loop.
  *
  * A context starts its n - 1 workers once, at creation.  Threads started
  * per call begin on their parent's CPU and are only spread out by the
@@ -45,8 +45,8 @@ typedef struct pool {
 struct mha_ctx {
     int n_threads;
     pool pool;
-    void *scratch[MHA_SCRATCH_COUNT];
-    int64_t scratch_bytes[MHA_SCRATCH_COUNT];
+    char *ws; /* the workspace: ws_cap bytes, of which [0, ws_top) are taken */
+    int64_t ws_cap, ws_top;
 };
 
 static int default_threads(void)
@@ -174,22 +174,11 @@ void mha_ctx_free(mha_ctx *ctx)
 {
     if (!ctx) return;
     pool_stop(&ctx->pool);
-    for (int s = 0; s < MHA_SCRATCH_COUNT; s++) mha__free(ctx->scratch[s]);
+    mha__free(ctx->ws);
     mha__free(ctx);
 }
 
 int mha_ctx_threads(const mha_ctx *ctx) { return ctx ? ctx->n_threads : 0; }
-
-void *mha__ctx_scratch(mha_ctx *ctx, mha__scratch_slot slot, int64_t bytes)
-{
-    if (bytes <= ctx->scratch_bytes[slot]) return ctx->scratch[slot];
-    void *grown = mha__alloc(bytes, 1);
-    if (!grown) return NULL;
-    mha__free(ctx->scratch[slot]);
-    ctx->scratch[slot] = grown;
-    ctx->scratch_bytes[slot] = bytes;
-    return grown;
-}
 
 int64_t mha__pad_to_line(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
@@ -220,19 +209,75 @@ void mha__parallel_for(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *ar
     pthread_mutex_unlock(&p->lock);
 }
 
-/* Per-thread scratch of `floats` floats; NULL on failure. */
-char *mha__thread_scratch(mha_ctx *ctx, int64_t floats, int64_t *stride)
+/* ---------------------------------------------------------------- */
+/* Workspace                                                         */
+/* ---------------------------------------------------------------- */
+
+bool mha__ws_add(int64_t *total, int64_t bytes, const char *what)
+{
+    if (bytes >= 0 && bytes <= INT64_MAX - 63 && mha__add(*total, mha__pad_to_line(bytes), total)) return true;
+    mha__fail(MHA_ERR_INVALID_ARG, "the workspace for %s overflows 64 bits", what);
+    return false;
+}
+
+/* A slice per thread, each `floats` floats rounded up to a line. */
+static bool per_thread_bytes(int threads, int64_t floats, int64_t *stride, int64_t *bytes)
+{
+    return mha__mul(floats, (int64_t)sizeof(float), stride) && *stride <= INT64_MAX - 63 &&
+           mha__mul(*stride = mha__pad_to_line(*stride), threads, bytes);
+}
+
+bool mha__ws_add_per_thread(int64_t *total, const mha_ctx *ctx, int64_t floats, const char *what)
+{
+    int64_t stride, bytes;
+    if (per_thread_bytes(ctx->n_threads, floats, &stride, &bytes)) return mha__ws_add(total, bytes, what);
+    mha__fail(MHA_ERR_INVALID_ARG, "the workspace for %s overflows 64 bits", what);
+    return false;
+}
+
+mha_status mha__ws_reserve(mha_ctx *ctx, int64_t bytes)
+{
+    if (bytes <= ctx->ws_cap - ctx->ws_top) return MHA_OK;
+    if (ctx->ws_top > 0)
+        return mha__fail(MHA_ERR_INTERNAL, "a nested call needs %lld workspace bytes the plan did not reserve",
+                         (long long)bytes);
+    char *grown = mha__alloc(bytes, 1);
+    if (!grown) return MHA_ERR_NOMEM;
+    mha__free(ctx->ws);
+    ctx->ws = grown;
+    ctx->ws_cap = bytes;
+    return MHA_OK;
+}
+
+void *mha__ws_take(mha_ctx *ctx, int64_t bytes)
+{
+    int64_t size = bytes >= 0 && bytes <= INT64_MAX - 63 ? mha__pad_to_line(bytes) : -1;
+    if (size < 0 || size > ctx->ws_cap - ctx->ws_top) {
+        mha__fail(MHA_ERR_INTERNAL, "taking %lld workspace bytes beyond the %lld the plan reserved", (long long)bytes,
+                  (long long)ctx->ws_cap);
+        return NULL;
+    }
+    char *at = ctx->ws + ctx->ws_top;
+    ctx->ws_top += size;
+    return at;
+}
+
+char *mha__ws_take_per_thread(mha_ctx *ctx, int64_t floats, int64_t *stride)
 {
     int64_t bytes;
-    if (!mha__mul(floats, (int64_t)sizeof(float), &bytes) || bytes > INT64_MAX / 2 - 64) {
-        mha__fail(MHA_ERR_NOMEM, "row scratch of %lld floats overflows", (long long)floats);
-        return NULL;
-    }
-    *stride = mha__pad_to_line(bytes);
-    int64_t total;
-    if (!mha__mul(*stride, mha_ctx_threads(ctx), &total)) {
-        mha__fail(MHA_ERR_NOMEM, "row scratch overflows");
-        return NULL;
-    }
-    return mha__ctx_scratch(ctx, MHA_SCRATCH_THREADS, total);
+    if (!per_thread_bytes(ctx->n_threads, floats, stride, &bytes)) bytes = -1;
+    return mha__ws_take(ctx, bytes);
 }
+
+int64_t mha__ws_top(const mha_ctx *ctx) { return ctx->ws_top; }
+
+mha_status mha_ctx_reserve(mha_ctx *ctx, int64_t bytes)
+{
+    if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_ctx_reserve: ctx is NULL");
+    if (bytes < 0) return mha__fail(MHA_ERR_INVALID_ARG, "cannot reserve %lld bytes", (long long)bytes);
+    return mha__ws_reserve(ctx, bytes);
+}
+
+int64_t mha_ctx_workspace_bytes(const mha_ctx *ctx) { return ctx ? ctx->ws_cap : 0; }
+
+void mha__ws_release(mha_ctx *ctx, int64_t top) { ctx->ws_top = top; }

@@ -1,5 +1,5 @@
 /*
- * parallel.h -- the execution context: thread count, scratch buffers and a
+ * parallel.h -- the execution context: thread count, the workspace and a
  * fork-join loop over independent work items.
  *
  * Work items are split into contiguous chunks, one per thread, and every
@@ -11,23 +11,39 @@
 
 #include "core/internal.h"
 
-/* Scratch buffers a context keeps between calls; each grows on demand at
- * call setup, never inside a compute loop. */
-typedef enum mha__scratch_slot {
-    MHA_SCRATCH_THREADS = 0, /* per-thread rows of the attention kernels */
-    MHA_SCRATCH_LAYER,       /* projections of the layer */
-    MHA_SCRATCH_BF16,        /* a GEMM's input rounded to bfloat16 */
-    MHA_SCRATCH_ROWS,        /* per-row statistics of the backward pass */
-    MHA_SCRATCH_GRAD,        /* the layer backward's dO and staging */
-    MHA_SCRATCH_ROPE,        /* the rotary table of one call */
-    MHA_SCRATCH_DECODE,      /* split-K partial results of a decode step */
-    MHA_SCRATCH_PACK,        /* mha_linear's weight, packed for the call */
-    MHA_SCRATCH_COUNT
-} mha__scratch_slot;
+/* ---------------------------------------------------------------- */
+/* Workspace: plan, then compute                                      */
+/* ---------------------------------------------------------------- */
 
-/* A buffer of at least `bytes` in `slot`, 64-byte aligned, or NULL (with
- * mha_last_error set).  Valid until the next call for the same slot. */
-void *mha__ctx_scratch(mha_ctx *ctx, mha__scratch_slot slot, int64_t bytes);
+/* An operation's scratch memory is one buffer in its context.  Before it
+ * computes, a public entry point adds up what it and everything it calls
+ * will take, each part sized by the same function that later takes it
+ * (the plan), and reserves that once: the only allocation, so the only
+ * NOMEM, and never inside a compute loop.  Compute then takes pieces in
+ * nested scopes, each given back when its function returns
+ * (mha__ws_top / mha__ws_release).  A take beyond the reservation is a
+ * planning bug (INTERNAL), never a reallocation that would move a buffer
+ * still in use. */
+
+/* Adds `bytes`, rounded up to a cache line, to *total; false (with
+ * INVALID_ARG's message naming `what`) when the sum overflows. */
+bool mha__ws_add(int64_t *total, int64_t bytes, const char *what);
+/* The bytes of `floats` floats per thread for every thread of ctx. */
+bool mha__ws_add_per_thread(int64_t *total, const mha_ctx *ctx, int64_t floats, const char *what);
+
+/* Makes room for `bytes` more from the current top.  Outside any
+ * operation the buffer grows (NOMEM); inside one (a nested public call)
+ * the room must be there already (INTERNAL). */
+mha_status mha__ws_reserve(mha_ctx *ctx, int64_t bytes);
+/* The next `bytes` of the reservation, 64-byte aligned; NULL (INTERNAL)
+ * when the plan did not reserve them. */
+void *mha__ws_take(mha_ctx *ctx, int64_t bytes);
+/* `floats` floats for every thread, each slice 64-byte aligned and
+ * *stride bytes apart; NULL as mha__ws_take. */
+char *mha__ws_take_per_thread(mha_ctx *ctx, int64_t floats, int64_t *stride);
+/* Where the next take starts, and giving back everything taken since. */
+int64_t mha__ws_top(const mha_ctx *ctx);
+void mha__ws_release(mha_ctx *ctx, int64_t top);
 
 /* Calls fn(arg, thread, begin, end) on contiguous chunks covering
  * [0, n_items), one chunk per thread (fewer when there are fewer items);
@@ -36,11 +52,7 @@ void *mha__ctx_scratch(mha_ctx *ctx, mha__scratch_slot slot, int64_t bytes);
 typedef void (*mha__range_fn)(void *arg, int thread, int64_t begin, int64_t end);
 void mha__parallel_for(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *arg);
 
-/* Bytes of per-thread scratch rounded up so threads never share a line. */
+/* Bytes rounded up to whole cache lines, so threads never share one. */
 int64_t mha__pad_to_line(int64_t bytes);
-
-/* Per-thread scratch of `floats` floats for every thread of ctx, each
- * slice 64-byte aligned, *stride bytes apart; NULL on failure. */
-char *mha__thread_scratch(mha_ctx *ctx, int64_t floats, int64_t *stride);
 
 #endif /* MHA_PARALLEL_H */

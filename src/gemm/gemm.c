@@ -55,13 +55,19 @@ mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int
     return MHA_OK;
 }
 
-mha_status mha__pack_scratch(mha_ctx *ctx, const mha__kernels *kt, const float *w, int64_t out, int64_t in,
-                             mha__packed *p)
+bool mha__pack_workspace(const mha__kernels *kt, int64_t out, int64_t in, int64_t *bytes)
 {
     int64_t n;
-    if (!packed_floats(kt->nr, out, in, &n)) return MHA_ERR_INVALID_ARG;
-    float *data = mha__ctx_scratch(ctx, MHA_SCRATCH_PACK, n * (int64_t)sizeof(float));
-    if (!data) return MHA_ERR_NOMEM;
+    return packed_floats(kt->nr, out, in, &n) && n <= INT64_MAX / (int64_t)sizeof(float) &&
+           mha__ws_add(bytes, n * (int64_t)sizeof(float), "a packed weight");
+}
+
+mha_status mha__pack_workspace_take(mha_ctx *ctx, const mha__kernels *kt, const float *w, int64_t out, int64_t in,
+                                    mha__packed *p)
+{
+    int64_t n;
+    float *data = packed_floats(kt->nr, out, in, &n) ? mha__ws_take(ctx, n * (int64_t)sizeof(float)) : NULL;
+    if (!data) return MHA_ERR_INTERNAL; /* the plan sized it */
     *p = pack_into(data, kt->nr, w, out, in);
     return MHA_OK;
 }
@@ -327,17 +333,25 @@ static void linear_bf16_range(void *arg, int thread, int64_t begin, int64_t end)
     }
 }
 
+bool mha__linear_bf16_workspace(int64_t rows, int64_t in, int64_t *bytes)
+{
+    int64_t n;
+    if (mha__mul(rows, in + (in & 1), &n) && n <= INT64_MAX / (int64_t)sizeof(uint16_t))
+        return mha__ws_add(bytes, n * (int64_t)sizeof(uint16_t), "a bf16 product's input");
+    mha__fail(MHA_ERR_INVALID_ARG, "bf16 input of %lld rows overflows", (long long)rows);
+    return false;
+}
+
 mha_status mha__linear_bf16(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, const mha__mat *x,
                             const mha__packed_bf16 *w, const float *b, const mha__mat *y)
 {
-    int64_t n;
-    if (!mha__mul(rows, w->in_even, &n))
-        return mha__fail(MHA_ERR_INVALID_ARG, "bf16 input of %lld rows overflows", (long long)rows);
-    uint16_t *xb = mha__ctx_scratch(ctx, MHA_SCRATCH_BF16, n * (int64_t)sizeof(uint16_t));
-    if (!xb) return MHA_ERR_NOMEM;
+    int64_t top = mha__ws_top(ctx);
+    uint16_t *xb = mha__ws_take(ctx, rows * w->in_even * (int64_t)sizeof(uint16_t)); /* sized by the plan */
+    if (!xb) return MHA_ERR_INTERNAL;
     round_job rj = {bk, x, w->in, w->in_even, xb};
     mha__parallel_for(ctx, rows, round_rows, &rj);
     linear_bf16_job job = {bk->tile, rows, xb, w, b, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK};
     mha__parallel_for(ctx, job.row_blocks * ((w->out + MHA_BF16_NR - 1) / MHA_BF16_NR), linear_bf16_range, &job);
+    mha__ws_release(ctx, top);
     return MHA_OK;
 }

@@ -23,10 +23,12 @@ typedef struct mha__packed {
 /* Packs w [out, in] (NULL: zeros); replaces any earlier contents of p,
  * in place when the size is unchanged.  On failure p is unchanged.  NOMEM. */
 mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in);
-/* The same into the context's MHA_SCRATCH_PACK buffer (valid until the
- * next pack there): for a weight used once.  INVALID_ARG, NOMEM. */
-mha_status mha__pack_scratch(mha_ctx *ctx, const mha__kernels *kt, const float *w, int64_t out, int64_t in,
-                             mha__packed *p);
+/* The same into the workspace, for a weight used once: the bytes to plan
+ * for (false, INVALID_ARG, when they overflow), and the take.  INTERNAL
+ * when the plan did not reserve them. */
+bool mha__pack_workspace(const mha__kernels *kt, int64_t out, int64_t in, int64_t *bytes);
+mha_status mha__pack_workspace_take(mha_ctx *ctx, const mha__kernels *kt, const float *w, int64_t out, int64_t in,
+                                    mha__packed *p);
 /* w [rows, cols] row-major seen, without copying, as the B operand of
  * y = x w: mha__linear with it computes dX = dY W in the backward pass.
  * Not to be freed. */
@@ -87,8 +89,10 @@ typedef struct mha__packed_bf16 {
 mha_status mha__pack_bf16(mha__packed_bf16 *p, const float *w, int64_t out, int64_t in);
 void mha__packed_bf16_free(mha__packed_bf16 *p);
 
-/* y = x W^T + b with x rounded to bf16 (once, into the context's scratch)
- * and every product accumulated in float32 by bk's tile.  NOMEM. */
+/* y = x W^T + b with x rounded to bf16 (once, into the workspace: plan
+ * for it with mha__linear_bf16_workspace, rows of `in` inputs) and every
+ * product accumulated in float32 by bk's tile.  INTERNAL if unplanned. */
+bool mha__linear_bf16_workspace(int64_t rows, int64_t in, int64_t *bytes);
 mha_status mha__linear_bf16(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, const mha__mat *x,
                             const mha__packed_bf16 *w, const float *b, const mha__mat *y);
 

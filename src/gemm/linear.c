@@ -3,7 +3,7 @@
  * offered for plain row-major matrices, so models built on the library
  * (the head lab's MLP and unembedding) need no GEMM of their own.
  *
- *   forward   y  = x W^T + b    W packed into the context's scratch
+ *   forward   y  = x W^T + b    W packed into the context's workspace
  *   backward  dx = dy W         W read in place as the transposed operand
  *             dW += dy^T x      mha__weight_grad
  *             db += sum_r dy    mha__column_sums
@@ -30,17 +30,29 @@ static mha_status check_sizes(const char *fn, int64_t rows, int64_t in, int64_t 
 /* A row-major [rows, cols] matrix as the GEMM's operand. */
 static mha__mat plain(const float *data, int64_t cols) { return (mha__mat){(float *)data, cols, 1, 0, 0}; }
 
+mha_status mha_linear_workspace_size(int64_t rows, int64_t in, int64_t out, int64_t *bytes)
+{
+    if (!bytes) return mha__fail(MHA_ERR_MISUSE, "mha_linear_workspace_size: NULL argument");
+    *bytes = 0;
+    mha_status st = check_sizes("mha_linear", rows, in, out);
+    if (st == MHA_OK && !mha__pack_workspace(mha__kernels_get(), out, in, bytes)) st = MHA_ERR_INVALID_ARG;
+    return st;
+}
+
 mha_status mha_linear(mha_ctx *ctx, const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t in,
                       int64_t out)
 {
     if (!ctx || !x || !w || !y) return mha__fail(MHA_ERR_MISUSE, "mha_linear: NULL argument");
-    mha_status st = check_sizes("mha_linear", rows, in, out);
+    int64_t bytes, top = mha__ws_top(ctx);
+    mha_status st = mha_linear_workspace_size(rows, in, out, &bytes);
+    if (st == MHA_OK) st = mha__ws_reserve(ctx, bytes);
     const mha__kernels *kt = mha__kernels_get();
     mha__packed packed;
-    if (st == MHA_OK) st = mha__pack_scratch(ctx, kt, w, out, in, &packed);
+    if (st == MHA_OK) st = mha__pack_workspace_take(ctx, kt, w, out, in, &packed);
     if (st != MHA_OK) return st;
     mha__mat xm = plain(x, in), ym = plain(y, out);
     mha__linear(ctx, kt, rows, &xm, &packed, b, &ym);
+    mha__ws_release(ctx, top);
     return MHA_OK;
 }
 

@@ -13,7 +13,6 @@
  *   out = heads W_o^T + b_o
  */
 #include "core/convert.h"
-#include "attn/decode.h"
 #include "layer/layer.h"
 
 #include <string.h>
@@ -171,21 +170,78 @@ static mha_status check_decode(const mha_layer *l, const mha_kv_cache *c, const 
     return MHA_OK;
 }
 
-mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_tensor *out, const mha_tensor *x)
+/* The plan of one decoding step of n new rows. */
+typedef struct decode_plan {
+    mha__attn_plan attn;
+    int64_t nq, nk;    /* floats: Q and the heads, K and V */
+    int64_t workspace; /* bytes */
+} decode_plan;
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Attention of the n new rows over all length + n cached rows,
+ * bottom-right causal. */
+static mha__attn_plan step_problem(const mha_layer *l, const mha_kv_cache *c, int64_t n)
 {
-    if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode: NULL context");
-    mha_status st = check_decode(l, c, out, x);
-    if (st != MHA_OK) return st;
     const mha_layer_desc *d = &l->desc;
-    int64_t N = c->batch, n = x->shape[1], H = d->num_heads, G = d->num_kv_heads;
-    int64_t nq = N * n * l->qdim, nk = N * n * l->kvdim; /* bounded by x and the cache, both allocated */
-    float *buf = mha__ctx_scratch(ctx, MHA_SCRATCH_LAYER, (2 * nq + 2 * nk) * (int64_t)sizeof(float));
-    if (!buf) return MHA_ERR_NOMEM;
-    float *q = buf, *k = q + nq, *v = k + nk, *heads = v + nk;
+    int64_t S = c->length + n;
+    return (mha__attn_plan){.B = c->batch,
+                            .Hq = d->num_heads,
+                            .Hkv = d->num_kv_heads,
+                            .L = n,
+                            .S = S,
+                            .D = l->head_dim,
+                            .Dv = l->head_dim,
+                            .R = S,
+                            .scale = (float)(1.0 / sqrt((double)l->head_dim)),
+                            .softcap = d->softcap,
+                            .causal = MHA_CAUSAL_BOTTOM_RIGHT,
+                            .window_left = d->window_left,
+                            .window_right = d->window_right,
+                            .alibi = l->alibi};
+}
+
+static mha_status plan_decode(const mha_ctx *ctx, const mha_layer *l, const mha_kv_cache *c, int64_t n, decode_plan *p)
+{
+    int64_t N = c->batch, gemm = 0, rope = 0, own = 0;
+    p->attn = step_problem(l, c, n);
+    p->nq = N * n * l->qdim; /* bounded by x and the cache, both allocated */
+    p->nk = N * n * l->kvdim;
+    mha_status st = mha__attn_plan_resolve(&p->attn, ctx, (mha__attn_needs){true, c->bf16, false});
+    if (st != MHA_OK) return st;
+    bool ok = mha__rope_workspace(l, n, &rope) &&
+              mha__ws_add(&own, (2 * p->nq + 2 * p->nk) * (int64_t)sizeof(float), "the decoding step's rows");
+    for (int m = 0; ok && l->bf16 && m < MAT_COUNT; m++) {
+        int64_t one = 0;
+        ok = mha__linear_bf16_workspace(N * n, mha__layer_in_features(l, (matrix)m), &one);
+        gemm = max64(gemm, one);
+    }
+    if (!ok || !mha__add(own, max64(p->attn.workspace, max64(rope, gemm)), &p->workspace))
+        return mha__fail(MHA_ERR_INVALID_ARG, "the decoding step's workspace overflows");
+    return MHA_OK;
+}
+
+mha_status mha_layer_decode_workspace_size(const mha_ctx *ctx, const mha_layer *l, const mha_kv_cache *c,
+                                           const mha_tensor *out, const mha_tensor *x, int64_t *bytes)
+{
+    if (!ctx || !bytes) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode_workspace_size: NULL argument");
+    *bytes = 0;
+    mha_status st = check_decode(l, c, out, x);
+    decode_plan p;
+    if (st == MHA_OK && (st = plan_decode(ctx, l, c, x->shape[1], &p)) == MHA_OK) *bytes = p.workspace;
+    return st;
+}
+
+/* The new rows' Q, K, V: projected and rotated at their positions. */
+static mha_status project_step(mha_ctx *ctx, const mha_layer *l, const mha_kv_cache *c, const mha_tensor *x, float *q,
+                               float *k, float *v)
+{
+    int64_t N = c->batch, n = x->shape[1], H = l->desc.num_heads, G = l->desc.num_kv_heads;
     mha__batched xb = mha__layer_from_view(x);
     mha__batched qb = mha__layer_activations(l, q, n, H), kb = mha__layer_activations(l, k, n, G);
     mha__batched vb = mha__layer_activations(l, v, n, G);
     const float *b_in = l->b_in;
+    mha_status st;
     if ((st = mha__layer_project(ctx, l, N, n, &xb, MAT_Q, b_in ? b_in + mha__layer_bias_offset(l, MAT_Q) : NULL,
                                  &qb)) ||
         (st = mha__layer_project(ctx, l, N, n, &xb, MAT_K, b_in ? b_in + mha__layer_bias_offset(l, MAT_K) : NULL,
@@ -193,41 +249,56 @@ mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_ten
         (st = mha__layer_project(ctx, l, N, n, &xb, MAT_V, b_in ? b_in + mha__layer_bias_offset(l, MAT_V) : NULL, &vb)))
         return st;
     mha_tensor qh = mha__layer_heads_view(l, q, N, n, H), kh = mha__layer_heads_view(l, k, N, n, G);
-    mha_tensor vh = mha__layer_heads_view(l, v, N, n, G), oh = mha__layer_heads_view(l, heads, N, n, H);
-    if ((st = mha__rope_apply(ctx, l, &qh, c->length, false)) != MHA_OK ||
-        (st = mha__rope_apply(ctx, l, &kh, c->length, false)) != MHA_OK)
-        return st;
-    int64_t before = c->length;
+    if ((st = mha__rope_apply(ctx, l, &qh, c->length, false)) != MHA_OK) return st;
+    return mha__rope_apply(ctx, l, &kh, c->length, false);
+}
+
+/* The cache's K and V as the attention reads them: the rows in place,
+ * and for a float32 cache the same as tensors. */
+static mha__kv cache_kv(const mha_kv_cache *c, int64_t S)
+{
+    mha__kv_view rows = cache_view(c);
+    mha__kv kv = {.rows = rows};
+    if (!c->bf16) {
+        int64_t shape[4] = {c->batch, c->kv_heads, S, c->head_dim};
+        kv.k = (mha_tensor){(float *)c->k,
+                            {shape[0], shape[1], shape[2], shape[3]},
+                            {rows.stride[0], rows.stride[1], rows.stride[2], 1}};
+        kv.v = kv.k;
+        kv.v.data = (float *)c->v;
+    }
+    return kv;
+}
+
+static mha_status run_decode(mha_ctx *ctx, const mha_layer *l, const decode_plan *p, mha_kv_cache *c, mha_tensor *out,
+                             const mha_tensor *x)
+{
+    int64_t N = c->batch, n = x->shape[1], H = l->desc.num_heads, G = l->desc.num_kv_heads;
+    float *q = mha__ws_take(ctx, (2 * p->nq + 2 * p->nk) * (int64_t)sizeof(float));
+    if (!q) return MHA_ERR_INTERNAL;
+    float *k = q + p->nq, *v = k + p->nk, *heads = v + p->nk;
+    mha_status st = project_step(ctx, l, c, x, q, k, v);
+    if (st != MHA_OK) return st;
+    mha_tensor kh = mha__layer_heads_view(l, k, N, n, G), vh = mha__layer_heads_view(l, v, N, n, G);
     if ((st = mha_kv_cache_append(c, &kh, &vh)) != MHA_OK) return st;
-    mha__attn_plan plan = {
-        .B = N,
-        .Hq = H,
-        .Hkv = G,
-        .L = n,
-        .S = c->length,
-        .D = l->head_dim,
-        .Dv = l->head_dim,
-        .R = c->length,
-        .group = H / G,
-        .scale = (float)(1.0 / sqrt((double)l->head_dim)),
-        .softcap = d->softcap,
-        .causal = MHA_CAUSAL_BOTTOM_RIGHT,
-        .window_left = d->window_left,
-        .window_right = d->window_right,
-        .alibi = l->alibi,
-    };
-    mha__kv_view view = cache_view(c);
-    if (!c->bf16 && n >= MHA_DECODE_ROWS) { /* a prompt: the tiled kernel over the cache in place */
-        mha_tensor kc = {c->k, {N, G, c->length, l->head_dim}, {view.stride[0], view.stride[1], view.stride[2], 1}};
-        mha_tensor vc = {c->v, {N, G, c->length, l->head_dim}, {view.stride[0], view.stride[1], view.stride[2], 1}};
-        st = mha__attn_forward(ctx, &plan, &oh, NULL, NULL, &qh, &kc, &vc);
-    } else {
-        st = mha__decode_attention(ctx, &plan, &oh, NULL, &qh, &view);
-    }
-    if (st == MHA_OK) {
-        mha__batched hb = mha__layer_activations(l, heads, n, H), y = mha__layer_from_view(out);
-        st = mha__layer_project(ctx, l, N, n, &hb, MAT_OUT, l->b_out, &y);
-    }
+    mha_tensor qh = mha__layer_heads_view(l, q, N, n, H), oh = mha__layer_heads_view(l, heads, N, n, H);
+    mha__kv kv = cache_kv(c, c->length);
+    if ((st = mha__attn_run(ctx, &p->attn, &oh, NULL, NULL, &qh, &kv)) != MHA_OK) return st;
+    mha__batched hb = mha__layer_activations(l, heads, n, H), y = mha__layer_from_view(out);
+    return mha__layer_project(ctx, l, N, n, &hb, MAT_OUT, l->b_out, &y);
+}
+
+mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_tensor *out, const mha_tensor *x)
+{
+    if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode: NULL context");
+    mha_status st = check_decode(l, c, out, x);
+    decode_plan p;
+    if (st == MHA_OK) st = plan_decode(ctx, l, c, x->shape[1], &p);
+    if (st == MHA_OK) st = mha__ws_reserve(ctx, p.workspace);
+    if (st != MHA_OK) return st;
+    int64_t top = mha__ws_top(ctx), before = c->length;
+    st = run_decode(ctx, l, &p, c, out, x);
+    mha__ws_release(ctx, top);
     if (st != MHA_OK) c->length = before; /* the cache is unchanged on error */
     return st;
 }

@@ -5,7 +5,7 @@
  * Data flow of one forward call (N batches, L queries, S keys, h heads of
  * width d = E / h); the projections are GEMMs against weights packed when
  * they are set (gemm.c), the attention is flash.c's fused kernel:
- *   Q = query W_q^T + b_q            L rows   (layer scratch, head-major
+ *   Q = query W_q^T + b_q            L rows   (workspace or tape, head-major
  *   K = key   W_k^T + b_k            S' rows   [N][h][T][d] when d allows,
  *   V = value W_v^T + b_v            S' rows   see activations())
  *                                    S' = S (+1 bias_k) (+1 zero row)
@@ -485,6 +485,89 @@ mha_status mha__layer_check_forward(const mha_layer *l, const mha_tensor *attn_o
     return MHA_OK;
 }
 
+/* The plan of one forward call: the attention problem, where Q, K, V,
+ * the heads and the row statistics live, and what the call takes from
+ * the workspace.  Without a tape, Q, K, V (and the heads and statistics
+ * when needed) are workspace; with one, they are the tape's, and only a
+ * staging area for a strided output is workspace. */
+typedef struct fwd_plan {
+    mha__attn_plan attn;
+    int64_t N, L, S, S1;         /* S1: S and the appended key rows */
+    bool separate_heads;         /* else the heads overwrite Q */
+    bool stats;                  /* row max and sum are kept */
+    bool weights;                /* attn_weights are asked for */
+    bool staged;                 /* the output's columns are strided */
+    int64_t nq, nk, nrow, n_out; /* floats: Q (and heads), K (and V), each statistic, the output */
+    int64_t buffers;             /* floats of Q, K, V, heads, statistics: workspace or tape */
+    int64_t staging_at;          /* offset of the staging area in the workspace, or -1: Q's buffer */
+    int64_t workspace;           /* bytes */
+} fwd_plan;
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Floats of each buffer; INVALID_ARG if they overflow. */
+static mha_status plan_buffers(const mha_layer *l, bool tape, fwd_plan *f)
+{
+    int64_t all;
+    if (!mha__mul(f->N, f->L, &f->nq) || !mha__mul(f->nq, l->qdim, &f->nq) || !mha__mul(f->N, f->S1, &f->nk) ||
+        !mha__mul(f->nk, l->kvdim, &f->nk) || !mha__mul(f->N * f->L, l->desc.num_heads, &f->nrow) ||
+        !mha__mul(f->N * f->L, l->desc.embed_dim, &f->n_out) || !mha__add(f->nq, f->nk, &all) ||
+        !mha__add(all, f->nk, &all) || !mha__add(all, f->separate_heads ? f->nq : 0, &all) ||
+        !mha__add(all, f->stats ? 2 * f->nrow : 0, &all) || !mha__add(all, f->n_out, &all) || all > INT64_MAX / 8)
+        return mha__fail(MHA_ERR_INVALID_ARG, "the layer's workspace for %lld x %lld queries and %lld keys overflows",
+                         (long long)f->N, (long long)f->L, (long long)f->S1);
+    f->buffers = all - f->n_out;
+    /* A strided output is staged in Q's buffer, free once the heads have
+     * their own, when it is large enough; else in an area of its own. */
+    f->staging_at = f->staged && (tape || f->n_out > f->nq) ? (tape ? 0 : f->buffers) : -1;
+    return MHA_OK;
+}
+
+/* The largest workspace of the calls the forward makes one after another:
+ * the rotary tables, the bf16 products' rounded inputs, the attention and
+ * the attn_weights pass. */
+static bool plan_calls(const mha_ctx *ctx, const mha_layer *l, const fwd_plan *f, int64_t *bytes)
+{
+    int64_t rope = 0, rope_k = 0, gemm[MAT_COUNT] = {0}, probs = 0;
+    bool ok = mha__rope_workspace(l, f->L, &rope) && mha__rope_workspace(l, f->S1, &rope_k);
+    for (int m = 0; ok && l->bf16 && m < MAT_COUNT; m++) {
+        int64_t rows = f->N * (m == MAT_K || m == MAT_V ? f->S : f->L);
+        ok = mha__linear_bf16_workspace(rows, mha__layer_in_features(l, (matrix)m), &gemm[m]);
+    }
+    if (ok && f->weights) ok = mha__attn_forward_workspace(&f->attn, ctx, &probs);
+    *bytes = max64(max64(rope, rope_k), max64(max64(gemm[0], gemm[1]), max64(gemm[2], gemm[3])));
+    *bytes = max64(*bytes, max64(f->attn.workspace, probs));
+    return ok;
+}
+
+static mha_status plan_forward(const mha_ctx *ctx, const mha_layer *l, const mha_tensor *attn_output,
+                               const mha_tensor *attn_weights, const mha_layer_fwd_args *a, fwd_plan *f)
+{
+    bool tape = a->tape != NULL;
+    *f = (fwd_plan){.attn = mha__layer_plan(l, a),
+                    .N = a->query.shape[0],
+                    .L = a->query.shape[1],
+                    .S = a->key.shape[1],
+                    .stats = tape || attn_weights,
+                    .weights = attn_weights != NULL,
+                    .staged = attn_output->stride[2] != 1};
+    f->S1 = f->attn.S;
+    /* The weights pass re-reads Q, and a strided output is staged. */
+    f->separate_heads = tape || attn_weights || f->staged;
+    mha_status st = mha__attn_plan_check(&f->attn);
+    if (st == MHA_OK) st = plan_buffers(l, tape, f);
+    mha__attn_needs needs = {true, false, f->stats}; /* the activations always have a row view */
+    if (st == MHA_OK) st = mha__attn_plan_resolve(&f->attn, ctx, needs);
+    int64_t calls = 0, own = 0;
+    if (st == MHA_OK && !plan_calls(ctx, l, f, &calls)) st = MHA_ERR_INVALID_ARG;
+    if (st != MHA_OK) return st;
+    int64_t staging = f->staging_at >= 0 ? f->n_out : 0, floats = (tape ? 0 : f->buffers) + staging;
+    if (!mha__ws_add(&own, floats * (int64_t)sizeof(float), "the layer's activations") ||
+        !mha__add(own, calls, &f->workspace))
+        return mha__fail(MHA_ERR_INVALID_ARG, "the layer's workspace overflows");
+    return MHA_OK;
+}
+
 /* Where a forward call keeps Q, K, V, the concatenated heads and the row
  * statistics, and where a strided attn_output is staged. */
 typedef struct layer_buffers {
@@ -492,66 +575,36 @@ typedef struct layer_buffers {
     mha__row_stats stats;
 } layer_buffers;
 
-/* Floats for Q and the heads (nq each), K and V (nk each) and each row
- * statistic (nrow); INVALID_ARG if they overflow. */
-static mha_status buffer_sizes(int64_t N, int64_t L, int64_t S1, int64_t qdim, int64_t kvdim, int64_t H, int64_t *nq,
-                               int64_t *nk, int64_t *nrow, int64_t *all)
+static layer_buffers carve_buffers(const fwd_plan *f, float *base, float *staging)
 {
-    if (!mha__mul(N, L, nq) || !mha__mul(*nq, qdim, nq) || !mha__mul(N, S1, nk) || !mha__mul(*nk, kvdim, nk) ||
-        !mha__mul(N, H, nrow) || !mha__mul(*nrow, L, nrow) || !mha__add(*nq, *nq, all) || !mha__add(*all, *nk, all) ||
-        !mha__add(*all, *nk, all) || !mha__add(*all, *nrow, all) || !mha__add(*all, *nrow, all) || *all > INT64_MAX / 8)
-        return mha__fail(MHA_ERR_INVALID_ARG, "the layer's workspace for %lld x %lld queries and %lld keys overflows",
-                         (long long)N, (long long)L, (long long)S1);
-    return MHA_OK;
+    layer_buffers b = {.q = base};
+    b.k = b.q + f->nq;
+    b.v = b.k + f->nk;
+    b.heads = f->separate_heads ? b.v + f->nk : b.q;
+    b.stats.max = f->stats ? b.v + f->nk + (f->separate_heads ? f->nq : 0) : NULL;
+    b.stats.sum = f->stats ? b.stats.max + f->nrow : NULL;
+    b.staging = staging ? staging : b.q;
+    return b;
 }
 
-static void carve_buffers(float *base, int64_t nq, int64_t nk, int64_t nrow, bool separate_heads, bool stats,
-                          layer_buffers *b)
+/* The buffers of a planned call: taken from the workspace, or the tape's
+ * (grown if needed: the tape's only allocation). */
+static mha_status buffers_get(mha_ctx *ctx, const fwd_plan *f, mha_layer_tape *tape, layer_buffers *b)
 {
-    b->q = base;
-    b->k = b->q + nq;
-    b->v = b->k + nk;
-    b->heads = separate_heads ? b->v + nk : b->q;
-    b->stats.max = stats ? b->v + nk + (separate_heads ? nq : 0) : NULL;
-    b->stats.sum = stats ? b->stats.max + nrow : NULL;
-    b->staging = b->q;
-}
-
-/* Without a tape, the context's scratch: the head outputs get a buffer of
- * their own only when `separate_heads`, else they overwrite Q (each flash
- * item packs its queries before it writes the same rows and heads); the
- * row statistics only when attn_weights need them; a strided output is
- * staged in Q, free by then.  With a tape, everything is kept in the tape
- * (grown if needed) and the staging area comes from the context. */
-static mha_status layer_buffers_get(mha_ctx *ctx, const mha_layer *l, mha_layer_tape *tape, int64_t N, int64_t L,
-                                    int64_t S1, bool separate_heads, bool stats, bool staged, layer_buffers *b)
-{
-    int64_t nq = 0, nk = 0, nrow = 0, all = 0, n_out = N * L * l->desc.embed_dim;
-    mha_status st = buffer_sizes(N, L, S1, l->qdim, l->kvdim, l->desc.num_heads, &nq, &nk, &nrow, &all);
-    if (st != MHA_OK) return st;
-    /* Without a tape a strided output is staged in Q's buffer, which holds
-     * N L qdim floats: enough when qdim >= E, else the heads get their own. */
-    if (!tape && staged && n_out > nq) separate_heads = true;
-    if (!tape) {
-        int64_t used = all - (separate_heads ? 0 : nq) - (stats ? 0 : 2 * nrow);
-        if (staged && n_out > nq) used += n_out - nq;
-        float *base = mha__ctx_scratch(ctx, MHA_SCRATCH_LAYER, used * (int64_t)sizeof(float));
-        if (!base) return MHA_ERR_NOMEM;
-        carve_buffers(base, nq, nk, nrow, separate_heads, stats, b);
-        if (staged && n_out > nq) b->staging = base + used - n_out; /* after everything else */
-        return MHA_OK;
+    if (tape) {
+        tape->layer = NULL; /* until this call has recorded */
+        if (f->buffers > tape->capacity) {
+            float *grown = mha__alloc(f->buffers, sizeof(float));
+            if (!grown) return MHA_ERR_NOMEM;
+            mha__free(tape->base);
+            tape->base = grown;
+            tape->capacity = f->buffers;
+        }
     }
-    tape->layer = NULL; /* until this call has recorded */
-    if (all > tape->capacity) {
-        float *grown = mha__alloc(all, sizeof(float));
-        if (!grown) return MHA_ERR_NOMEM;
-        mha__free(tape->base);
-        tape->base = grown;
-        tape->capacity = all;
-    }
-    carve_buffers(tape->base, nq, nk, nrow, true, true, b);
-    if (staged && !(b->staging = mha__ctx_scratch(ctx, MHA_SCRATCH_LAYER, n_out * (int64_t)sizeof(float))))
-        return MHA_ERR_NOMEM;
+    int64_t own = (tape ? 0 : f->buffers) + (f->staging_at >= 0 ? f->n_out : 0);
+    float *ws = own ? mha__ws_take(ctx, own * (int64_t)sizeof(float)) : NULL;
+    if (own && !ws) return MHA_ERR_INTERNAL;
+    *b = carve_buffers(f, tape ? tape->base : ws, f->staging_at >= 0 ? ws + f->staging_at : NULL);
     return MHA_OK;
 }
 
@@ -568,7 +621,6 @@ mha__attn_plan mha__layer_plan(const mha_layer *l, const mha_layer_fwd_args *a)
         .D = l->head_dim,
         .Dv = l->head_dim,
         .R = S,
-        .group = d->num_heads / d->num_kv_heads,
         .scale = (float)(1.0 / sqrt((double)l->head_dim)),
         .softcap = d->softcap,
         .causal = a->causal,
@@ -581,13 +633,12 @@ mha__attn_plan mha__layer_plan(const mha_layer *l, const mha_layer_fwd_args *a)
 }
 
 /* Marks the tape (if any) as holding this call's activations. */
-static mha_status record(mha_layer_tape *tape, const mha_layer *l, const mha_layer_fwd_args *a, const layer_buffers *b)
+static void record(mha_layer_tape *tape, const mha_layer *l, const mha_layer_fwd_args *a, const layer_buffers *b)
 {
     if (tape)
         *tape = (mha_layer_tape){
             TAPE_MAGIC, l,    a->query.shape[0], a->query.shape[1], a->key.shape[1], a->position,   b->q,
             b->k,       b->v, b->heads,          b->stats,          tape->base,      tape->capacity};
-    return MHA_OK;
 }
 
 static mha_status check_tape(const mha_layer *l, const mha_layer_tape *tape)
@@ -598,65 +649,108 @@ static mha_status check_tape(const mha_layer *l, const mha_layer_tape *tape)
     return MHA_OK;
 }
 
-mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output, mha_tensor *attn_weights,
-                             const mha_layer_fwd_args *a)
+/* Everything a forward call checks and plans before it computes. */
+static mha_status forward_plan(const mha_ctx *ctx, const mha_layer *l, const mha_tensor *attn_output,
+                               const mha_tensor *attn_weights, const mha_layer_fwd_args *a, fwd_plan *f)
 {
     mha_status st = mha__layer_check(l, "mha_layer_forward");
     if (st != MHA_OK) return st;
     if (!ctx || !attn_output || !a) return mha__fail(MHA_ERR_MISUSE, "mha_layer_forward: NULL argument");
     if ((st = mha__layer_check_forward(l, attn_output, attn_weights, a)) != MHA_OK) return st;
     if ((st = check_tape(l, a->tape)) != MHA_OK) return st;
-    const mha_layer_desc *d = &l->desc;
-    int64_t N = a->query.shape[0], L = a->query.shape[1], S = a->key.shape[1];
-    int64_t E = d->embed_dim, H = d->num_heads, G = d->num_kv_heads;
-    mha__attn_plan plan = mha__layer_plan(l, a);
-    int64_t S1 = plan.S;
-    if ((st = mha__attn_plan_check(&plan)) != MHA_OK) return st;
-    /* The weights pass re-reads Q, and a strided output is staged. */
-    bool strided = attn_output->stride[2] != 1, separate_heads = attn_weights || strided;
-    if (N * L == 0 && !a->tape) return MHA_OK;
-    layer_buffers buf = {0};
-    if ((st = layer_buffers_get(ctx, l, a->tape, N, L, S1, separate_heads, attn_weights != NULL, strided, &buf)) !=
-        MHA_OK)
-        return st;
-    if (N * L == 0) return record(a->tape, l, a, &buf);
+    return plan_forward(ctx, l, attn_output, attn_weights, a, f);
+}
 
-    mha__batched x_q = mha__layer_from_view(&a->query), x_k = mha__layer_from_view(&a->key),
-                 x_v = mha__layer_from_view(&a->value);
-    mha__batched q = mha__layer_activations(l, buf.q, L, H), k = mha__layer_activations(l, buf.k, S1, G);
-    mha__batched v = mha__layer_activations(l, buf.v, S1, G);
+mha_status mha_layer_workspace_size(const mha_ctx *ctx, const mha_layer *l, const mha_tensor *attn_output,
+                                    const mha_tensor *attn_weights, const mha_layer_fwd_args *a, int64_t *bytes)
+{
+    if (!bytes) return mha__fail(MHA_ERR_MISUSE, "mha_layer_workspace_size: NULL argument");
+    fwd_plan f;
+    mha_status st = forward_plan(ctx, l, attn_output, attn_weights, a, &f);
+    *bytes = st == MHA_OK ? f.workspace : 0;
+    return st;
+}
+
+/* Q, K, V from the inputs: projected, the appended key rows, rotated. */
+static mha_status project_inputs(mha_ctx *ctx, const mha_layer *l, const fwd_plan *f, const mha_layer_fwd_args *a,
+                                 const layer_buffers *buf)
+{
+    int64_t N = f->N, L = f->L, S = f->S, S1 = f->S1, H = l->desc.num_heads, G = l->desc.num_kv_heads;
+    mha__batched x_q = mha__layer_from_view(&a->query), x_k = mha__layer_from_view(&a->key);
+    mha__batched x_v = mha__layer_from_view(&a->value), q = mha__layer_activations(l, buf->q, L, H);
+    mha__batched k = mha__layer_activations(l, buf->k, S1, G), v = mha__layer_activations(l, buf->v, S1, G);
     const float *b_q = l->b_in ? l->b_in + mha__layer_bias_offset(l, MAT_Q) : NULL;
     const float *b_k = l->b_in ? l->b_in + mha__layer_bias_offset(l, MAT_K) : NULL;
     const float *b_v = l->b_in ? l->b_in + mha__layer_bias_offset(l, MAT_V) : NULL;
+    mha_status st;
     if ((st = mha__layer_project(ctx, l, N, L, &x_q, MAT_Q, b_q, &q)) != MHA_OK ||
         (st = mha__layer_project(ctx, l, N, S, &x_k, MAT_K, b_k, &k)) != MHA_OK || /* extra rows follow */
         (st = mha__layer_project(ctx, l, N, S, &x_v, MAT_V, b_v, &v)) != MHA_OK)
         return st;
-    append_extra_keys(l, buf.k, buf.v, N, S, S1);
+    append_extra_keys(l, buf->k, buf->v, N, S, S1);
+    mha_tensor qh = mha__layer_heads_view(l, buf->q, N, L, H), kh = mha__layer_heads_view(l, buf->k, N, S1, G);
+    if ((st = mha__rope_apply(ctx, l, &qh, a->position, false)) != MHA_OK) return st;
+    return mha__rope_apply(ctx, l, &kh, a->position, false);
+}
 
-    mha_tensor qh = mha__layer_heads_view(l, buf.q, N, L, H), kh = mha__layer_heads_view(l, buf.k, N, S1, G);
-    mha_tensor vh = mha__layer_heads_view(l, buf.v, N, S1, G), oh = mha__layer_heads_view(l, buf.heads, N, L, H);
-    if ((st = mha__rope_apply(ctx, l, &qh, a->position, false)) != MHA_OK ||
-        (st = mha__rope_apply(ctx, l, &kh, a->position, false)) != MHA_OK)
-        return st;
-    if ((st = mha__attn_forward(ctx, &plan, &oh, NULL, buf.stats.max ? &buf.stats : NULL, &qh, &kh, &vh)) != MHA_OK)
-        return st;
-    if (attn_weights &&
-        (st = mha__attn_probs(ctx, &plan, attn_weights, a->average_attn_weights, &buf.stats, &qh, &kh)) != MHA_OK)
-        return st;
-    mha__batched heads = mha__layer_activations(l, buf.heads, L, H);
-    if (!strided) {
+/* attn_output = heads W_o^T + b_o, through a staging area when its
+ * columns are strided. */
+static mha_status project_output(mha_ctx *ctx, const mha_layer *l, const fwd_plan *f, const layer_buffers *buf,
+                                 mha_tensor *attn_output)
+{
+    int64_t N = f->N, L = f->L, E = l->desc.embed_dim;
+    mha__batched heads = mha__layer_activations(l, buf->heads, L, l->desc.num_heads);
+    if (!f->staged) {
         mha__batched y = mha__layer_from_view(attn_output);
-        st = mha__layer_project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &y);
-    } else { /* columns not contiguous: project into the staging area, then scatter */
-        mha__batched staged = {{buf.staging, E, 1, 0, 0}, L * E};
-        if ((st = mha__layer_project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &staged)) != MHA_OK) return st;
-        for (int64_t n = 0; n < N; n++)
-            for (int64_t t = 0; t < L; t++)
-                for (int64_t c = 0; c < E; c++)
-                    attn_output
-                        ->data[n * attn_output->stride[0] + t * attn_output->stride[1] + c * attn_output->stride[2]] =
-                        buf.staging[(n * L + t) * E + c];
+        return mha__layer_project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &y);
     }
-    return st == MHA_OK ? record(a->tape, l, a, &buf) : st;
+    mha__batched staged = {{buf->staging, E, 1, 0, 0}, L * E};
+    mha_status st = mha__layer_project(ctx, l, N, L, &heads, MAT_OUT, l->b_out, &staged);
+    if (st != MHA_OK) return st;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t t = 0; t < L; t++)
+            for (int64_t c = 0; c < E; c++)
+                attn_output
+                    ->data[n * attn_output->stride[0] + t * attn_output->stride[1] + c * attn_output->stride[2]] =
+                    buf->staging[(n * L + t) * E + c];
+    return MHA_OK;
+}
+
+static mha_status run_forward(mha_ctx *ctx, const mha_layer *l, const fwd_plan *f, mha_tensor *attn_output,
+                              mha_tensor *attn_weights, const mha_layer_fwd_args *a)
+{
+    layer_buffers buf;
+    mha_status st = buffers_get(ctx, f, a->tape, &buf);
+    if (st != MHA_OK || f->N * f->L == 0) {
+        if (st == MHA_OK) record(a->tape, l, a, &buf);
+        return st;
+    }
+    if ((st = project_inputs(ctx, l, f, a, &buf)) != MHA_OK) return st;
+    int64_t H = l->desc.num_heads, G = l->desc.num_kv_heads;
+    mha_tensor qh = mha__layer_heads_view(l, buf.q, f->N, f->L, H),
+               kh = mha__layer_heads_view(l, buf.k, f->N, f->S1, G);
+    mha_tensor vh = mha__layer_heads_view(l, buf.v, f->N, f->S1, G);
+    mha_tensor oh = mha__layer_heads_view(l, buf.heads, f->N, f->L, H);
+    mha__kv kv = mha__kv_from_tensors(&kh, &vh);
+    if ((st = mha__attn_run(ctx, &f->attn, &oh, NULL, f->stats ? &buf.stats : NULL, &qh, &kv)) != MHA_OK) return st;
+    if (attn_weights &&
+        (st = mha__attn_probs(ctx, &f->attn, attn_weights, a->average_attn_weights, &buf.stats, &qh, &kh)) != MHA_OK)
+        return st;
+    if ((st = project_output(ctx, l, f, &buf, attn_output)) != MHA_OK) return st;
+    record(a->tape, l, a, &buf);
+    return MHA_OK;
+}
+
+mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output, mha_tensor *attn_weights,
+                             const mha_layer_fwd_args *a)
+{
+    fwd_plan f;
+    mha_status st = forward_plan(ctx, l, attn_output, attn_weights, a, &f);
+    if (st != MHA_OK) return st;
+    if (f.N * f.L == 0 && !a->tape) return MHA_OK;
+    if ((st = mha__ws_reserve(ctx, f.workspace)) != MHA_OK) return st;
+    int64_t top = mha__ws_top(ctx);
+    st = run_forward(ctx, l, &f, attn_output, attn_weights, a);
+    mha__ws_release(ctx, top);
+    return st;
 }

@@ -66,7 +66,8 @@ mha_status mha__layer_check(const mha_layer *l, const char *fn);
 mha_status mha__layer_check_forward(const mha_layer *l, const mha_tensor *attn_output, const mha_tensor *attn_weights,
                                     const mha_layer_fwd_args *a);
 
-/* The attention problem of a forward call with these args. */
+/* The attention problem of a forward call with these args (its problem
+ * fields: mha__attn_plan_resolve completes it). */
 mha__attn_plan mha__layer_plan(const mha_layer *l, const mha_layer_fwd_args *a);
 
 /* A [N, T, F] tensor view as a batch of [T, F] matrices. */
@@ -82,9 +83,13 @@ mha_tensor mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int
  * `inverse`: the backward pass).  Nothing without rope.  INVALID_ARG
  * (position out of range), NOMEM. */
 mha_status mha__rope_apply(mha_ctx *ctx, const mha_layer *l, const mha_tensor *x, int64_t position, bool inverse);
+/* Its workspace for T rows (none without rope); false, INVALID_ARG, when
+ * that overflows. */
+bool mha__rope_workspace(const mha_layer *l, int64_t T, int64_t *bytes);
 
 /* y = x W^T + b for matrix `which` over N batches of T rows, in the
- * layer's dtype.  NOMEM (bf16 scratch). */
+ * layer's dtype (bf16: the plan reserved mha__linear_bf16_workspace).
+ * INTERNAL when it did not. */
 mha_status mha__layer_project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
                               matrix which, const float *b, const mha__batched *y);
 

@@ -231,25 +231,50 @@ static void scatter(const mha__batched *staged, mha_tensor *t)
                 t->data[n * t->stride[0] + r * t->stride[1] + c * t->stride[2]] = staged->m.data[(n * T + r) * F + c];
 }
 
-/* The backward's buffers in the context: dO [N, L, E] (activation
+/* The backward's buffers in the workspace: dO [N, L, E] (activation
  * layout), and a staging area for caller tensors with strided columns
  * (only touched when there are some). */
 typedef struct grad_buffers {
     float *dout, *stage;
 } grad_buffers;
 
-static mha_status grad_buffers_get(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t L, int64_t S, grad_buffers *b)
+/* The plan of one backward call: the attention problem of the recorded
+ * forward, the buffers' floats, and the workspace in bytes. */
+typedef struct bwd_plan {
+    mha__attn_plan attn;
+    int64_t nq, stage;
+    int64_t workspace;
+} bwd_plan;
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+static mha_status plan_backward(const mha_ctx *ctx, const mha_layer *l, const mha_layer_fwd_args *a, bwd_plan *p)
 {
     const mha_layer_desc *d = &l->desc;
-    int64_t E = d->embed_dim, nq, stage, widest = E > d->kdim ? E : d->kdim, total;
-    widest = widest > d->vdim ? widest : d->vdim;
-    if (!mha__mul(N * L, l->qdim, &nq) || !mha__mul(N * (L > S ? L : S), widest, &stage) ||
-        !mha__add(nq, stage, &total) || total > INT64_MAX / 8)
+    const mha_layer_tape *tape = a->tape;
+    int64_t N = tape->N, L = tape->L, S = tape->S, widest = max64(d->embed_dim, max64(d->kdim, d->vdim)), total;
+    p->attn = mha__layer_plan(l, a);
+    mha_status st = mha__attn_plan_check(&p->attn);
+    if (st == MHA_OK) st = mha__attn_plan_resolve(&p->attn, ctx, (mha__attn_needs){true, false, true});
+    if (st != MHA_OK) return st;
+    if (!mha__mul(N * L, l->qdim, &p->nq) || !mha__mul(N * max64(L, S), widest, &p->stage) ||
+        !mha__add(p->nq, p->stage, &total) || total > INT64_MAX / 8)
         return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace for %lld x %lld queries overflows", (long long)N,
                          (long long)L);
-    float *base = mha__ctx_scratch(ctx, MHA_SCRATCH_GRAD, total * (int64_t)sizeof(float));
-    if (!base) return MHA_ERR_NOMEM;
-    *b = (grad_buffers){base, base + nq};
+    int64_t attn = 0, rope_q = 0, rope_k = 0, own = 0;
+    bool ok = mha__attn_backward_workspace(&p->attn, ctx, true, &attn) && /* dQ lands over the heads: contiguous */
+              mha__rope_workspace(l, L, &rope_q) && mha__rope_workspace(l, p->attn.S, &rope_k) &&
+              mha__ws_add(&own, total * (int64_t)sizeof(float), "the backward's buffers");
+    if (!ok || !mha__add(own, max64(attn, max64(rope_q, rope_k)), &p->workspace))
+        return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace overflows");
+    return MHA_OK;
+}
+
+static mha_status grad_buffers_get(mha_ctx *ctx, const bwd_plan *p, grad_buffers *b)
+{
+    float *base = mha__ws_take(ctx, (p->nq + p->stage) * (int64_t)sizeof(float));
+    if (!base) return MHA_ERR_INTERNAL;
+    *b = (grad_buffers){base, base + p->nq};
     return MHA_OK;
 }
 
@@ -289,21 +314,17 @@ static void projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t
     scatter(&gb, gx);
 }
 
-mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *l, const mha_layer_fwd_args *a,
-                              const mha_tensor *grad_attn_output, mha_tensor *grad_query, mha_tensor *grad_key,
-                              mha_tensor *grad_value)
+static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, const mha_layer_fwd_args *a,
+                               const mha_tensor *grad_attn_output, mha_tensor *grad_query, mha_tensor *grad_key,
+                               mha_tensor *grad_value)
 {
-    if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_backward: NULL context");
-    mha_status st = check_backward(l, a, grad_attn_output, grad_query, grad_key, grad_value);
-    if (st != MHA_OK) return st;
     mha_layer_tape *tape = a->tape;
     mha__layer_train *t = l->train;
-    mha__attn_plan plan = mha__layer_plan(l, a);
-    if ((st = mha__attn_plan_check(&plan)) != MHA_OK) return st;
-    int64_t N = tape->N, L = tape->L, S = tape->S, S1 = plan.S, E = l->desc.embed_dim;
+    int64_t N = tape->N, L = tape->L, S = tape->S, S1 = p->attn.S, E = l->desc.embed_dim;
     int64_t H = l->desc.num_heads, G = l->desc.num_kv_heads;
     grad_buffers g = {0};
-    if ((st = grad_buffers_get(ctx, l, N, L, S, &g)) != MHA_OK) return st;
+    mha_status st = grad_buffers_get(ctx, p, &g);
+    if (st != MHA_OK) return st;
     tape->layer = NULL; /* consumed: the head outputs are overwritten below */
 
     /* The output projection. */
@@ -319,7 +340,7 @@ mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *l, const mha_layer_fwd_ar
     mha_tensor vh = mha__layer_heads_view(l, tape->v, N, S1, G), oh = mha__layer_heads_view(l, tape->heads, N, L, H);
     mha_tensor doh = mha__layer_heads_view(l, g.dout, N, L, H);
     mha__row_norm norm = {NULL, tape->stats.max, tape->stats.sum};
-    if ((st = mha__attn_backward(ctx, &plan, &oh, &kh, &vh, &qh, &kh, &vh, &oh, &doh, &norm)) != MHA_OK) return st;
+    if ((st = mha__attn_backward(ctx, &p->attn, &oh, &kh, &vh, &qh, &kh, &vh, &oh, &doh, &norm)) != MHA_OK) return st;
     /* Back through the rotation: the gradients of the unrotated Q and K. */
     if ((st = mha__rope_apply(ctx, l, &oh, tape->position, true)) != MHA_OK ||
         (st = mha__rope_apply(ctx, l, &kh, tape->position, true)) != MHA_OK)
@@ -332,4 +353,32 @@ mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *l, const mha_layer_fwd_ar
     projection_grads(ctx, l, MAT_K, N, S, tape->k, S1, &a->key, grad_key, g.stage);
     projection_grads(ctx, l, MAT_V, N, S, tape->v, S1, &a->value, grad_value, g.stage);
     return MHA_OK;
+}
+
+mha_status mha_layer_backward_workspace_size(const mha_ctx *ctx, const mha_layer *l, const mha_layer_fwd_args *a,
+                                             const mha_tensor *grad_attn_output, const mha_tensor *grad_query,
+                                             const mha_tensor *grad_key, const mha_tensor *grad_value, int64_t *bytes)
+{
+    if (!ctx || !bytes) return mha__fail(MHA_ERR_MISUSE, "mha_layer_backward_workspace_size: NULL argument");
+    *bytes = 0;
+    mha_status st = check_backward(l, a, grad_attn_output, grad_query, grad_key, grad_value);
+    bwd_plan p;
+    if (st == MHA_OK && (st = plan_backward(ctx, l, a, &p)) == MHA_OK) *bytes = p.workspace;
+    return st;
+}
+
+mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *l, const mha_layer_fwd_args *a,
+                              const mha_tensor *grad_attn_output, mha_tensor *grad_query, mha_tensor *grad_key,
+                              mha_tensor *grad_value)
+{
+    if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_backward: NULL context");
+    mha_status st = check_backward(l, a, grad_attn_output, grad_query, grad_key, grad_value);
+    bwd_plan p;
+    if (st == MHA_OK) st = plan_backward(ctx, l, a, &p);
+    if (st == MHA_OK) st = mha__ws_reserve(ctx, p.workspace);
+    if (st != MHA_OK) return st;
+    int64_t top = mha__ws_top(ctx);
+    st = run_backward(ctx, l, &p, a, grad_attn_output, grad_query, grad_key, grad_value);
+    mha__ws_release(ctx, top);
+    return st;
 }

@@ -57,19 +57,33 @@ static void rotate_range(void *arg, int thread, int64_t begin, int64_t end)
         }
 }
 
+/* The table of T positions: a cos and a sin per rotated pair. */
+static bool table_bytes(const mha_rope *rope, int64_t T, int64_t *bytes)
+{
+    return mha__mul(T, rope->dim * (int64_t)sizeof(float), bytes);
+}
+
+bool mha__rope_workspace(const mha_layer *l, int64_t T, int64_t *bytes)
+{
+    int64_t table;
+    if (l->desc.rope.kind == MHA_ROPE_NONE) return true;
+    if (table_bytes(&l->desc.rope, T, &table)) return mha__ws_add(bytes, table, "the rope table");
+    mha__fail(MHA_ERR_INVALID_ARG, "the rope table for %lld rows overflows", (long long)T);
+    return false;
+}
+
 mha_status mha__rope_apply(mha_ctx *ctx, const mha_layer *l, const mha_tensor *x, int64_t position, bool inverse)
 {
     const mha_rope *rope = &l->desc.rope;
-    int64_t T = x->shape[2], bytes;
+    int64_t T = x->shape[2], bytes, top = mha__ws_top(ctx);
     if (rope->kind == MHA_ROPE_NONE || x->shape[0] * x->shape[1] * T == 0) return MHA_OK;
     if (position < 0 || position > INT64_MAX / 2 - T)
         return mha__fail(MHA_ERR_INVALID_ARG, "position %lld is out of range", (long long)position);
-    if (!mha__mul(T, rope->dim * (int64_t)sizeof(float), &bytes))
-        return mha__fail(MHA_ERR_INVALID_ARG, "the rope table for %lld rows overflows", (long long)T);
-    float *table = mha__ctx_scratch(ctx, MHA_SCRATCH_ROPE, bytes);
-    if (!table) return MHA_ERR_NOMEM;
+    float *table = table_bytes(rope, T, &bytes) ? mha__ws_take(ctx, bytes) : NULL;
+    if (!table) return MHA_ERR_INTERNAL; /* the plan sized it */
     rope_job j = {x, rope, position, rope->dim / 2, table, inverse};
     mha__parallel_for(ctx, T, table_range, &j);
     mha__parallel_for(ctx, x->shape[0] * x->shape[1], rotate_range, &j);
+    mha__ws_release(ctx, top);
     return MHA_OK;
 }

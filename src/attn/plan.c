@@ -1,0 +1,65 @@
+/*
+ * plan.c -- completing an attention plan and running its forward.
+ *
+ * Every attention forward (mha_attention, the layer, the KV cache's
+ * decoding step) fills a plan's problem fields, then comes here: the
+ * kernels, the driver and the workspace are decided once, in this file,
+ * and the drivers only follow the plan.
+ */
+#include "attn/attention.h"
+
+mha__kv mha__kv_from_tensors(const mha_tensor *k, const mha_tensor *v)
+{
+    mha__kv kv = {*k, *v, {NULL, NULL, false, {0, 0, 0}}};
+    bool rows_contiguous = k->stride[3] == 1 && v->stride[3] == 1;
+    bool same_strides = k->stride[0] == v->stride[0] && k->stride[1] == v->stride[1] && k->stride[2] == v->stride[2];
+    if (rows_contiguous && same_strides)
+        kv.rows = (mha__kv_view){k->data, v->data, false, {k->stride[0], k->stride[1], k->stride[2]}};
+    return kv;
+}
+
+/* The one choice between the drivers.  Split-K reads K and V once with
+ * every thread on it, which is what a few query rows need; the tiles
+ * reuse each K and V tile across many rows.  Only split-K reads a bf16
+ * cache; only the tiles produce row statistics, appended keys, Dv != D
+ * and bf16 products, or read K and V without a row view. */
+static mha__attn_path choose_path(const mha__attn_plan *p, mha__attn_needs needs)
+{
+    if (!needs.kv_rows) return MHA__PATH_TILED;
+    if (needs.kv_bf16) return MHA__PATH_SPLIT_K;
+    bool few_rows = p->L < MHA_DECODE_ROWS;
+    return few_rows && !needs.stats && !p->bf16 && p->D == p->Dv && p->R == p->S ? MHA__PATH_SPLIT_K : MHA__PATH_TILED;
+}
+
+mha__attn_needs mha__attn_needs_of(const mha__kv *kv, bool stats)
+{
+    return (mha__attn_needs){kv->rows.k != NULL, kv->rows.bf16, stats};
+}
+
+mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__attn_needs needs)
+{
+    int64_t rows;
+    if (!mha__mul(p->B, p->Hq, &rows) || !mha__mul(rows, p->L, &rows))
+        return mha__fail(MHA_ERR_INVALID_ARG, "batch x heads x queries overflows");
+    p->group = p->Hq / (p->Hkv ? p->Hkv : 1);
+    p->kt = mha__kernels_get();
+    p->bk = p->bf16 || needs.kv_bf16 ? mha__bf16_get() : NULL;
+    p->path = choose_path(p, needs);
+    if (needs.kv_bf16 && (needs.stats || p->D != p->Dv || p->R != p->S || p->bf16))
+        return mha__fail(MHA_ERR_INTERNAL, "a bf16 cache reaches split-K only, which cannot serve this plan");
+    p->workspace = 0;
+    if (rows == 0) return MHA_OK;
+    mha_status st = mha__attn_plan_check(p);
+    if (st != MHA_OK) return st;
+    bool ok = p->path == MHA__PATH_SPLIT_K ? mha__decode_workspace(p, ctx, &p->workspace)
+                                           : mha__attn_forward_workspace(p, ctx, &p->workspace);
+    return ok ? MHA_OK : MHA_ERR_INVALID_ARG;
+}
+
+mha_status mha__attn_run(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse, mha__row_stats *stats,
+                         const mha_tensor *q, const mha__kv *kv)
+{
+    if (p->B * p->Hq * p->L == 0) return MHA_OK;
+    if (p->path == MHA__PATH_SPLIT_K) return mha__decode_attention(ctx, p, out, lse, q, &kv->rows);
+    return mha__attn_forward(ctx, p, out, lse, stats, q, &kv->k, &kv->v);
+}
