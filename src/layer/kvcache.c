@@ -209,13 +209,8 @@ static mha_status plan_decode(const mha_ctx *ctx, const mha_layer *l, const mha_
     p->nk = N * n * l->kvdim;
     mha_status st = mha__attn_plan_resolve(&p->attn, ctx, (mha__attn_needs){true, c->bf16, false});
     if (st != MHA_OK) return st;
-    bool ok = mha__rope_workspace(l, n, &rope) &&
+    bool ok = mha__layer_rotate_workspace(l, n, n, &rope) && mha__layer_project_workspace(l, N, n, n, &gemm) &&
               mha__ws_add(&own, (2 * p->nq + 2 * p->nk) * (int64_t)sizeof(float), "the decoding step's rows");
-    for (int m = 0; ok && l->bf16 && m < MAT_COUNT; m++) {
-        int64_t one = 0;
-        ok = mha__linear_bf16_workspace(N * n, mha__layer_in_features(l, (matrix)m), &one);
-        gemm = max64(gemm, one);
-    }
     if (!ok || !mha__add(own, max64(p->attn.workspace, max64(rope, gemm)), &p->workspace))
         return mha__fail(MHA_ERR_INVALID_ARG, "the decoding step's workspace overflows");
     return MHA_OK;
@@ -230,27 +225,6 @@ mha_status mha_layer_decode_workspace_size(const mha_ctx *ctx, const mha_layer *
     decode_plan p;
     if (st == MHA_OK && (st = plan_decode(ctx, l, c, x->shape[1], &p)) == MHA_OK) *bytes = p.workspace;
     return st;
-}
-
-/* The new rows' Q, K, V: projected and rotated at their positions. */
-static mha_status project_step(mha_ctx *ctx, const mha_layer *l, const mha_kv_cache *c, const mha_tensor *x, float *q,
-                               float *k, float *v)
-{
-    int64_t N = c->batch, n = x->shape[1], H = l->desc.num_heads, G = l->desc.num_kv_heads;
-    mha__batched xb = mha__layer_from_view(x);
-    mha__batched qb = mha__layer_activations(l, q, n, H), kb = mha__layer_activations(l, k, n, G);
-    mha__batched vb = mha__layer_activations(l, v, n, G);
-    const float *b_in = l->b_in;
-    mha_status st;
-    if ((st = mha__layer_project(ctx, l, N, n, &xb, MAT_Q, b_in ? b_in + mha__layer_bias_offset(l, MAT_Q) : NULL,
-                                 &qb)) ||
-        (st = mha__layer_project(ctx, l, N, n, &xb, MAT_K, b_in ? b_in + mha__layer_bias_offset(l, MAT_K) : NULL,
-                                 &kb)) ||
-        (st = mha__layer_project(ctx, l, N, n, &xb, MAT_V, b_in ? b_in + mha__layer_bias_offset(l, MAT_V) : NULL, &vb)))
-        return st;
-    mha_tensor qh = mha__layer_heads_view(l, q, N, n, H), kh = mha__layer_heads_view(l, k, N, n, G);
-    if ((st = mha__rope_apply(ctx, l, &qh, c->length, false)) != MHA_OK) return st;
-    return mha__rope_apply(ctx, l, &kh, c->length, false);
 }
 
 /* The cache's K and V as the attention reads them: the rows in place,
@@ -277,15 +251,17 @@ static mha_status run_decode(mha_ctx *ctx, const mha_layer *l, const decode_plan
     float *q = mha__ws_take(ctx, (2 * p->nq + 2 * p->nk) * (int64_t)sizeof(float));
     if (!q) return MHA_ERR_INTERNAL;
     float *k = q + p->nq, *v = k + p->nk, *heads = v + p->nk;
-    mha_status st = project_step(ctx, l, c, x, q, k, v);
-    if (st != MHA_OK) return st;
-    mha_tensor kh = mha__layer_heads_view(l, k, N, n, G), vh = mha__layer_heads_view(l, v, N, n, G);
-    if ((st = mha_kv_cache_append(c, &kh, &vh)) != MHA_OK) return st;
-    mha_tensor qh = mha__layer_heads_view(l, q, N, n, H), oh = mha__layer_heads_view(l, heads, N, n, H);
+    mha__layer_rows rows = {N, n, n, n};
+    mha__batched xb = mha__layer_from_view(x);
+    mha_status st = mha__layer_project_qkv(ctx, l, &rows, &xb, &xb, &xb, q, k, v);
+    mha_tensor qh = mha__layer_heads_view(l, q, N, n, H), kh = mha__layer_heads_view(l, k, N, n, G);
+    mha_tensor vh = mha__layer_heads_view(l, v, N, n, G), oh = mha__layer_heads_view(l, heads, N, n, H);
+    if (st == MHA_OK) st = mha__layer_rotate(ctx, l, &qh, &kh, c->length, false);
+    if (st == MHA_OK) st = mha_kv_cache_append(c, &kh, &vh); /* K after rotation, as the cache keeps it */
     mha__kv kv = cache_kv(c, c->length);
-    if ((st = mha__attn_run(ctx, &p->attn, &oh, NULL, NULL, &qh, &kv)) != MHA_OK) return st;
-    mha__batched hb = mha__layer_activations(l, heads, n, H), y = mha__layer_from_view(out);
-    return mha__layer_project(ctx, l, N, n, &hb, MAT_OUT, l->b_out, &y);
+    if (st == MHA_OK) st = mha__attn_run(ctx, &p->attn, &oh, NULL, NULL, &qh, &kv);
+    if (st == MHA_OK) st = mha__layer_project_output(ctx, l, N, n, heads, out, NULL);
+    return st;
 }
 
 mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_tensor *out, const mha_tensor *x)

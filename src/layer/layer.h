@@ -70,6 +70,32 @@ mha_status mha__layer_check_forward(const mha_layer *l, const mha_tensor *attn_o
  * fields: mha__attn_plan_resolve completes it). */
 mha__attn_plan mha__layer_plan(const mha_layer *l, const mha_layer_fwd_args *a);
 
+/* ---- The pipeline's stages (pipeline.c) ---- */
+
+/* The rows a call projects: N batches of Lq query rows and Lk key/value
+ * rows, the K and V buffers holding Tk >= Lk rows per batch (appended
+ * keys follow). */
+typedef struct mha__layer_rows {
+    int64_t N, Lq, Lk, Tk;
+} mha__layer_rows;
+
+/* Q, K, V = x W^T + b into the activation buffers q, k, v.  INTERNAL
+ * (bf16: the plan reserved mha__layer_project_workspace). */
+mha_status mha__layer_project_qkv(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
+                                  const mha__batched *x_k, const mha__batched *x_v, float *q, float *k, float *v);
+/* The workspace of the four projections of N Lq query rows and N Lk
+ * key rows (bf16 only: the rounded inputs). */
+bool mha__layer_project_workspace(const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk, int64_t *bytes);
+/* Q [N, h, Lq, d] and K [N, g, Tk, d] rotated at `position` (by minus the
+ * angle when `inverse`); nothing without rope.  And its workspace. */
+mha_status mha__layer_rotate(mha_ctx *ctx, const mha_layer *l, const mha_tensor *q, const mha_tensor *k,
+                             int64_t position, bool inverse);
+bool mha__layer_rotate_workspace(const mha_layer *l, int64_t Lq, int64_t Tk, int64_t *bytes);
+/* y [N, L, E] = heads W_o^T + b_o through y's strides; with strided
+ * columns through `staging` (N L E floats). */
+mha_status mha__layer_project_output(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t L, float *heads,
+                                     mha_tensor *y, float *staging);
+
 /* A [N, T, F] tensor view as a batch of [T, F] matrices. */
 mha__batched mha__layer_from_view(const mha_tensor *t);
 /* Where the layer keeps activations of T rows per batch from base: head-

@@ -261,11 +261,11 @@ static mha_status plan_backward(const mha_ctx *ctx, const mha_layer *l, const mh
         !mha__add(p->nq, p->stage, &total) || total > INT64_MAX / 8)
         return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace for %lld x %lld queries overflows", (long long)N,
                          (long long)L);
-    int64_t attn = 0, rope_q = 0, rope_k = 0, own = 0;
+    int64_t attn = 0, rotate = 0, own = 0;
     bool ok = mha__attn_backward_workspace(&p->attn, ctx, true, &attn) && /* dQ lands over the heads: contiguous */
-              mha__rope_workspace(l, L, &rope_q) && mha__rope_workspace(l, p->attn.S, &rope_k) &&
+              mha__layer_rotate_workspace(l, L, p->attn.S, &rotate) &&
               mha__ws_add(&own, total * (int64_t)sizeof(float), "the backward's buffers");
-    if (!ok || !mha__add(own, max64(attn, max64(rope_q, rope_k)), &p->workspace))
+    if (!ok || !mha__add(own, max64(attn, rotate), &p->workspace))
         return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace overflows");
     return MHA_OK;
 }
@@ -342,9 +342,7 @@ static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, co
     mha__row_norm norm = {NULL, tape->stats.max, tape->stats.sum};
     if ((st = mha__attn_backward(ctx, &p->attn, &oh, &kh, &vh, &qh, &kh, &vh, &oh, &doh, &norm)) != MHA_OK) return st;
     /* Back through the rotation: the gradients of the unrotated Q and K. */
-    if ((st = mha__rope_apply(ctx, l, &oh, tape->position, true)) != MHA_OK ||
-        (st = mha__rope_apply(ctx, l, &kh, tape->position, true)) != MHA_OK)
-        return st;
+    if ((st = mha__layer_rotate(ctx, l, &oh, &kh, tape->position, true)) != MHA_OK) return st;
     appended_key_grads(l, tape, S1);
 
     /* The input projections, in the order Q, K, V, so inputs that are one

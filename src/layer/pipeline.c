@@ -1,0 +1,165 @@
+/*
+ * pipeline.c -- the layer's stages, one place for each, shared by the
+ * forward pass (forward.c), the decoding step (kvcache.c) and the
+ * backward pass (layer_train.c):
+ *
+ *   project   Q = x_q W_q^T + b_q, K = x_k W_k^T + b_k, V = x_v W_v^T + b_v
+ *             into the layer's activation layout        mha__layer_project_qkv
+ *   rotate    Q and K by the rotary embedding at their positions (the
+ *             backward: by minus the angle)              mha__layer_rotate
+ *   attend    the planned attention                      mha__attn_run (attn/)
+ *   output    y = heads W_o^T + b_o through y's strides  mha__layer_project_output
+ *
+ * The forward runs them in order over its buffers; a decoding step runs
+ * the same stages over the new rows, appending K and V to the cache
+ * between rotate and attend; the backward runs the output stage's and the
+ * attention's gradients, then rotate inverse, then the projections'.
+ */
+#include "layer/layer.h"
+
+#include <string.h>
+
+/* A [N, T, F] tensor view as a batch of [T, F] matrices. */
+mha__batched mha__layer_from_view(const mha_tensor *t)
+{
+    return (mha__batched){{t->data, t->stride[1], t->stride[2], 0, 0}, t->stride[0]};
+}
+
+/* Where the layer keeps its activations (Q, K, V, head outputs), T rows
+ * per batch: head-major [N][H][T][d] when d is a multiple of the kernels'
+ * nr, so each GEMM panel lies inside one head and attention reads a head's
+ * rows contiguously; otherwise row-major [N][T][E]. */
+static bool head_major(const mha_layer *l)
+{
+    return l->head_dim % (l->bf16 ? MHA_BF16_NR : l->kt->nr) == 0; /* the GEMM's panel width */
+}
+
+mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t T, int64_t heads)
+{
+    int64_t d = l->head_dim, width = heads * d;
+    if (head_major(l)) return (mha__batched){{base, d, 1, d, T * d}, width * T};
+    return (mha__batched){{base, width, 1, 0, 0}, T * width};
+}
+
+/* The same activations as the [N, H, T, d] view attention reads. */
+mha_tensor mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t H)
+{
+    int64_t d = l->head_dim;
+    if (head_major(l)) return mha_tensor_4d(base, N, H, T, d);
+    mha_tensor t = {base, {N, H, T, d}, {T * H * d, d, H * d, 1}};
+    return t;
+}
+
+/* One GEMM of the layer, in its dtype. */
+static mha_status linear(mha_ctx *ctx, const mha_layer *l, int64_t rows, const mha__mat *x, matrix which,
+                         const float *b, const mha__mat *y)
+{
+    if (l->bf16) return mha__linear_bf16(ctx, mha__bf16_get(), rows, x, &l->w16[which], b, y);
+    mha__linear(ctx, l->kt, rows, x, &l->w[which], b, y);
+    return MHA_OK;
+}
+
+/* Can N batches of T rows be one matrix of N T rows? */
+static bool batches_even(int64_t T, const mha__batched *x, const mha__batched *y)
+{
+    return !x->m.group_cols && !y->m.group_cols && x->batch_stride == T * x->m.rs && y->batch_stride == T * y->m.rs;
+}
+
+/* y[n, t, :] = x[n, t, :] W^T + b for N batches of T rows: one GEMM when
+ * the batches lie evenly one after another, else one per batch. */
+mha_status mha__layer_project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
+                              matrix which, const float *b, const mha__batched *y)
+{
+    if (N == 1 || batches_even(T, x, y)) return linear(ctx, l, N * T, &x->m, which, b, &y->m);
+    mha_status st = MHA_OK;
+    for (int64_t n = 0; n < N && st == MHA_OK; n++) {
+        mha__mat xn = x->m, yn = y->m;
+        xn.data += n * x->batch_stride;
+        yn.data += n * y->batch_stride;
+        st = linear(ctx, l, T, &xn, which, b, &yn);
+    }
+    return st;
+}
+
+void mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
+                               const mha__packed *w, const mha__batched *y, bool add)
+{
+    bool whole = N == 1 || batches_even(T, x, y);
+    for (int64_t n = 0; n < (whole ? 1 : N); n++) {
+        mha__mat xn = x->m, yn = y->m;
+        xn.data += n * x->batch_stride;
+        yn.data += n * y->batch_stride;
+        int64_t rows = whole ? N * T : T;
+        if (add) mha__linear_add(ctx, l->kt, rows, &xn, w, &yn);
+        else mha__linear(ctx, l->kt, rows, &xn, w, NULL, &yn);
+    }
+}
+
+mha_status mha__layer_project_qkv(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
+                                  const mha__batched *x_k, const mha__batched *x_v, float *q, float *k, float *v)
+{
+    int64_t H = l->desc.num_heads, G = l->desc.num_kv_heads;
+    mha__batched qb = mha__layer_activations(l, q, r->Lq, H), kb = mha__layer_activations(l, k, r->Tk, G);
+    mha__batched vb = mha__layer_activations(l, v, r->Tk, G);
+    const float *b = l->b_in;
+    mha_status st;
+    if ((st = mha__layer_project(ctx, l, r->N, r->Lq, x_q, MAT_Q, b ? b + mha__layer_bias_offset(l, MAT_Q) : NULL,
+                                 &qb)) != MHA_OK ||
+        (st = mha__layer_project(ctx, l, r->N, r->Lk, x_k, MAT_K, b ? b + mha__layer_bias_offset(l, MAT_K) : NULL,
+                                 &kb)) != MHA_OK)
+        return st;
+    return mha__layer_project(ctx, l, r->N, r->Lk, x_v, MAT_V, b ? b + mha__layer_bias_offset(l, MAT_V) : NULL, &vb);
+}
+
+mha_status mha__layer_rotate(mha_ctx *ctx, const mha_layer *l, const mha_tensor *q, const mha_tensor *k,
+                             int64_t position, bool inverse)
+{
+    mha_status st = mha__rope_apply(ctx, l, q, position, inverse);
+    return st != MHA_OK ? st : mha__rope_apply(ctx, l, k, position, inverse);
+}
+
+bool mha__layer_rotate_workspace(const mha_layer *l, int64_t Lq, int64_t Tk, int64_t *bytes)
+{
+    int64_t q = 0, k = 0;
+    if (!mha__rope_workspace(l, Lq, &q) || !mha__rope_workspace(l, Tk, &k)) return false;
+    *bytes = q > k ? q : k; /* one after the other */
+    return true;
+}
+
+/* The output's columns are strided: project into `staging` (N L E
+ * floats), then scatter. */
+static mha_status project_staged(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t L, const mha__batched *heads,
+                                 mha_tensor *y, float *staging)
+{
+    int64_t E = l->desc.embed_dim;
+    mha__batched staged = {{staging, E, 1, 0, 0}, L * E};
+    mha_status st = mha__layer_project(ctx, l, N, L, heads, MAT_OUT, l->b_out, &staged);
+    if (st != MHA_OK) return st;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t t = 0; t < L; t++)
+            for (int64_t c = 0; c < E; c++)
+                y->data[n * y->stride[0] + t * y->stride[1] + c * y->stride[2]] = staging[(n * L + t) * E + c];
+    return MHA_OK;
+}
+
+mha_status mha__layer_project_output(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t L, float *heads,
+                                     mha_tensor *y, float *staging)
+{
+    mha__batched hb = mha__layer_activations(l, heads, L, l->desc.num_heads);
+    if (y->stride[2] != 1) return project_staged(ctx, l, N, L, &hb, y, staging);
+    mha__batched yb = mha__layer_from_view(y);
+    return mha__layer_project(ctx, l, N, L, &hb, MAT_OUT, l->b_out, &yb);
+}
+
+bool mha__layer_project_workspace(const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk, int64_t *bytes)
+{
+    int64_t most = 0;
+    for (int m = 0; l->bf16 && m < MAT_COUNT; m++) {
+        int64_t one = 0;
+        int64_t rows = N * (m == MAT_K || m == MAT_V ? Lk : Lq);
+        if (!mha__linear_bf16_workspace(rows, mha__layer_in_features(l, (matrix)m), &one)) return false;
+        most = one > most ? one : most;
+    }
+    *bytes = most; /* the four products run one after another */
+    return true;
+}
