@@ -415,6 +415,25 @@ mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_name
  * (also for GPT-2, whose Conv1D matrices are the transposes). */
 mha_weight_names mha_layer_names(const mha_layer *layer);
 
+/* The names of the layer's weight tensors in its family (see
+ * mha_layer_set_weight), in PyTorch's parameters() order: fills
+ * names[0 .. min(n, capacity)) (static strings) and returns n, at most 12;
+ * -1 with MISUSE for a bad layer. */
+int64_t mha_layer_weight_names(const mha_layer *layer, const char **names, int64_t capacity);
+
+/* Copies the weight, or its gradient, called `name` (in any family, as
+ * mha_layer_set_weight takes it) into dst in that tensor's own layout:
+ * GPT-2's Conv1D tensors transposed, Q|K|V stacked.  Needs the training
+ * state (mha_layer_train_init), which holds the plain weights.  Errors:
+ * MISUSE (no training state, NULL), NOT_FOUND (not a weight of this
+ * layer), INVALID_ARG (numel is not the tensor's). */
+mha_status mha_layer_get_weight(const mha_layer *layer, const char *name, float *dst, int64_t numel);
+/* The rank, shape and element count of the weight called `name`, as
+ * stored in a file of its family.  Errors: MISUSE, NOT_FOUND. */
+mha_status mha_layer_weight_shape(const mha_layer *layer, const char *name, int *rank, int64_t shape[3],
+                                  int64_t *numel);
+mha_status mha_layer_get_grad(const mha_layer *layer, const char *name, float *dst, int64_t numel);
+
 mha_status mha_layer_from_safetensors(mha_st_file *file, const char *prefix, int64_t num_heads, int add_zero_attn,
                                       mha_dtype dtype, mha_layer **out_layer);
 

@@ -70,6 +70,55 @@ mha_status mha__layer_check_forward(const mha_layer *l, const mha_tensor *attn_o
  * fields: mha__attn_plan_resolve completes it). */
 mha__attn_plan mha__layer_plan(const mha_layer *l, const mha_layer_fwd_args *a);
 
+/* ---- Weight names (names.c) ---- */
+
+/* The parts of a layer a named tensor can set. */
+typedef enum mha__part {
+    MHA__PART_QKV, /* W_q, W_k, W_v stacked by rows */
+    MHA__PART_Q,
+    MHA__PART_K,
+    MHA__PART_V,
+    MHA__PART_OUT,
+    MHA__PART_QKV_BIAS,
+    MHA__PART_Q_BIAS,
+    MHA__PART_K_BIAS,
+    MHA__PART_V_BIAS,
+    MHA__PART_OUT_BIAS,
+    MHA__PART_BIAS_K,
+    MHA__PART_BIAS_V,
+    MHA__PART_COUNT
+} mha__part;
+
+enum { MHA__FAMILIES = MHA_NAMES_GPT2 + 1 };
+
+/* One tensor of a family as this layer has it: its shape as stored
+ * (Conv1D: the transpose of the layer's [out, in]). */
+typedef struct mha__named {
+    const char *name;
+    mha__part part;
+    bool conv1d;
+    int64_t numel;
+    int rank;
+    int64_t shape[3];
+} mha__named;
+
+/* The family a layer's tensors are named in: the one it was loaded under,
+ * except that a layer made by hand (TORCH) whose shape nn.MultiheadAttention
+ * cannot have (GQA, head_dim x heads != E) is named Llama-style. */
+mha_weight_names mha__layer_family(const mha_layer *l);
+/* The family's name of a part, or NULL if the family has none. */
+const char *mha__name_of(mha_weight_names family, mha__part part);
+/* Does the layer have `part` under `family`?  Then *t describes it. */
+bool mha__named_tensor(const mha_layer *l, mha_weight_names family, mha__part part, mha__named *t);
+/* The family's tensors this layer has, in PyTorch's parameters() order
+ * (at most MHA__PART_COUNT); returns how many. */
+int mha__named_list(const mha_layer *l, mha_weight_names family, mha__named *list);
+/* The tensor called `name` in any family, if this layer has it. */
+bool mha__named_find(const mha_layer *l, const char *name, mha__named *t);
+/* Where a training layer keeps a (non-Conv1D) tensor's values and
+ * gradients, in the tensor's layout: Q, K, V stacked are contiguous. */
+void mha__named_storage(const mha_layer *l, const mha__named *t, float **value, float **grad);
+
 /* ---- The pipeline's stages (pipeline.c) ---- */
 
 /* The rows a call projects: N batches of Lq query rows and Lk key/value

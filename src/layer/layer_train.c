@@ -91,12 +91,6 @@ mha_status mha_layer_train_init(mha_layer *l)
     return MHA_OK;
 }
 
-static mha_param param(const char *name, float *value, float *grad, int rank, int64_t d0, int64_t d1, int64_t d2)
-{
-    mha_param p = {name, value, grad, d0 * (rank > 1 ? d1 : 1) * (rank > 2 ? d2 : 1), rank, {d0, d1, d2}};
-    return p;
-}
-
 int64_t mha_layer_params(mha_layer *l, mha_param *params, int64_t capacity)
 {
     if (check_training(l, "mha_layer_params") != MHA_OK) return -1;
@@ -104,37 +98,17 @@ int64_t mha_layer_params(mha_layer *l, mha_param *params, int64_t capacity)
         mha__fail(MHA_ERR_MISUSE, "mha_layer_params: NULL params with capacity %lld", (long long)capacity);
         return -1;
     }
-    const mha_layer_desc *d = &l->desc;
-    mha__layer_train *t = l->train;
-    int64_t E = d->embed_dim, qd = l->qdim, kvd = l->kvdim, n = 0;
-    mha_param all[8];
-    /* nn.MultiheadAttention's names where the layer is one and was not
-     * loaded under another family's; else Llama's (a GPT-2 block's
-     * Conv1D layout is the transpose of these: mha backward converts). */
-    bool torch = d->num_kv_heads == d->num_heads && qd == E && l->names == MHA_NAMES_TORCH;
-    if (torch && d->kdim == E && d->vdim == E) {
-        all[n++] = param("in_proj_weight", t->w[MAT_Q], t->g_w[MAT_Q], 2, 3 * E, E, 0);
-    } else {
-        all[n++] = param(torch ? "q_proj_weight" : "q_proj.weight", t->w[MAT_Q], t->g_w[MAT_Q], 2, qd, E, 0);
-        all[n++] = param(torch ? "k_proj_weight" : "k_proj.weight", t->w[MAT_K], t->g_w[MAT_K], 2, kvd, d->kdim, 0);
-        all[n++] = param(torch ? "v_proj_weight" : "v_proj.weight", t->w[MAT_V], t->g_w[MAT_V], 2, kvd, d->vdim, 0);
+    /* The layer's family, except GPT-2's, whose Conv1D tensors are the
+     * transposes of what the layer stores: Llama's names have its layout
+     * (mha_layer_get_grad gives GPT-2's). */
+    mha_weight_names family = mha__layer_family(l);
+    mha__named list[MHA__PART_COUNT];
+    int n = mha__named_list(l, family == MHA_NAMES_GPT2 ? MHA_NAMES_LLAMA : family, list);
+    for (int i = 0; i < n && i < capacity; i++) {
+        const mha__named *t = &list[i];
+        params[i] = (mha_param){t->name, NULL, NULL, t->numel, t->rank, {t->shape[0], t->shape[1], t->shape[2]}};
+        mha__named_storage(l, t, &params[i].value, &params[i].grad);
     }
-    if (d->bias && torch) {
-        all[n++] = param("in_proj_bias", l->b_in, t->g_b_in, 1, 3 * E, 0, 0);
-    } else if (d->bias) {
-        static const char *const names[3] = {"q_proj.bias", "k_proj.bias", "v_proj.bias"};
-        for (int m = MAT_Q; m <= MAT_V; m++) {
-            int64_t at = mha__layer_bias_offset(l, (matrix)m);
-            all[n++] = param(names[m], l->b_in + at, t->g_b_in + at, 1, mha__layer_out_features(l, (matrix)m), 0, 0);
-        }
-    }
-    if (d->add_bias_kv) {
-        all[n++] = param("bias_k", l->bias_k, t->g_bias_k, 3, 1, 1, E);
-        all[n++] = param("bias_v", l->bias_v, t->g_bias_v, 3, 1, 1, E);
-    }
-    all[n++] = param(torch ? "out_proj.weight" : "o_proj.weight", t->w[MAT_OUT], t->g_w[MAT_OUT], 2, E, qd, 0);
-    if (d->out_bias) all[n++] = param(torch ? "out_proj.bias" : "o_proj.bias", l->b_out, t->g_b_out, 1, E, 0, 0);
-    for (int64_t i = 0; i < n && i < capacity; i++) params[i] = all[i];
     return n;
 }
 

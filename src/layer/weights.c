@@ -1,18 +1,20 @@
 /*
  * weights.c -- build a layer from an attention block's weights saved as
- * safetensors, under one of three naming families:
- *   nn.MultiheadAttention  out_proj.weight, in_proj_weight | q/k/v_proj_weight, ...
- *   Llama-style            q_proj.weight, k_proj.weight, v_proj.weight, o_proj.weight (+ .bias)
- *   GPT-2                  c_attn.weight [E, 3E] (Conv1D: [in, out]), c_proj.weight, (+ .bias)
- * Uses only the public API: the tensors present decide the configuration
- * (widths, kv heads, head width, biases, bias_k/bias_v), exactly as the
- * block's constructor decides which tensors it creates; what no tensor
- * records (heads, rotary, window, ...) comes from the caller.
+ * safetensors, under one of the naming families of names.c.  The tensors
+ * present decide the configuration (widths, kv heads, head width, biases,
+ * bias_k/bias_v), exactly as the block's constructor decides which
+ * tensors it creates; what no tensor records (heads, rotary, window, ...)
+ * comes from the caller.  The weights are then set by name.
  */
 #include "layer/layer.h"
 
 #include <stdio.h>
 #include <string.h>
+
+/* A family's name of a part (names.c's table). */
+#define TORCH(part) mha__name_of(MHA_NAMES_TORCH, MHA__PART_##part)
+#define LLAMA(part) mha__name_of(MHA_NAMES_LLAMA, MHA__PART_##part)
+#define GPT2(part)  mha__name_of(MHA_NAMES_GPT2, MHA__PART_##part)
 
 typedef struct lookup {
     mha_st_file *file;
@@ -121,10 +123,10 @@ static mha_status head_split(mha_layer_desc *d, int64_t q_rows, int64_t kv_rows,
     return MHA_OK;
 }
 
-/* Llama-style: q_proj/k_proj/v_proj/o_proj, biases optional. */
+/* Llama-style: Q, K, V and O apart, biases optional. */
 static mha_status infer_llama(const lookup *lk, mha_layer_desc *d, found_set *f)
 {
-    static const char *const w_names[4] = {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"};
+    const char *const w_names[4] = {LLAMA(Q), LLAMA(K), LLAMA(V), LLAMA(OUT)};
     int64_t rows[4] = {0}, cols[4] = {0};
     mha_st_info info;
     mha_status st = MHA_OK;
@@ -136,17 +138,17 @@ static mha_status infer_llama(const lookup *lk, mha_layer_desc *d, found_set *f)
     d->embed_dim = rows[3];
     if (cols[0] != d->embed_dim || cols[3] != rows[0] || rows[1] != rows[2])
         return mha__fail(MHA_ERR_INVALID_ARG,
-                         "q_proj.weight [%lld, %lld], k/v_proj.weight [%lld, ...], [%lld, ...] and "
-                         "o_proj.weight [%lld, %lld] do not fit one attention block",
-                         (long long)rows[0], (long long)cols[0], (long long)rows[1], (long long)rows[2],
-                         (long long)rows[3], (long long)cols[3]);
+                         "%s [%lld, %lld], %s and %s [%lld, ...], [%lld, ...] and %s [%lld, %lld] do not "
+                         "fit one attention block",
+                         w_names[0], (long long)rows[0], (long long)cols[0], w_names[1], w_names[2], (long long)rows[1],
+                         (long long)rows[2], w_names[3], (long long)rows[3], (long long)cols[3]);
     d->kdim = cols[1];
     d->vdim = cols[2];
-    if ((st = head_split(d, rows[0], rows[1], "q_proj.weight")) != MHA_OK) return st;
+    if ((st = head_split(d, rows[0], rows[1], LLAMA(Q))) != MHA_OK) return st;
     bool has[3], has_out;
-    static const char *const b_names[3] = {"q_proj.bias", "k_proj.bias", "v_proj.bias"};
+    const char *const b_names[3] = {LLAMA(Q_BIAS), LLAMA(K_BIAS), LLAMA(V_BIAS)};
     for (int i = 0; i < 3 && st == MHA_OK; i++) st = optional_bias(lk, b_names[i], rows[i], f, &has[i]);
-    if (st == MHA_OK) st = optional_bias(lk, "o_proj.bias", d->embed_dim, f, &has_out);
+    if (st == MHA_OK) st = optional_bias(lk, LLAMA(OUT_BIAS), d->embed_dim, f, &has_out);
     if (st != MHA_OK) return st;
     /* Some blocks leave out some of these (Whisper has no k_proj.bias): an
      * absent bias is a zero bias, which the layer starts with. */
@@ -155,97 +157,113 @@ static mha_status infer_llama(const lookup *lk, mha_layer_desc *d, found_set *f)
     return MHA_OK;
 }
 
-/* GPT-2: c_attn.weight [E, 3 h d] and c_proj.weight [h d, E], Conv1D. */
+/* GPT-2: Q|K|V stacked [E, 3 h d] and O [h d, E], both Conv1D. */
 static mha_status infer_gpt2(const lookup *lk, mha_layer_desc *d, found_set *f)
 {
     mha_st_info attn, proj;
     int64_t ar = 0, ac = 0, pr = 0, pc = 0;
     mha_status st;
-    if ((st = require_weight(lk, "c_attn.weight", &attn)) != MHA_OK || (st = matrix_shape(&attn, &ar, &ac)) != MHA_OK ||
-        (st = require_weight(lk, "c_proj.weight", &proj)) != MHA_OK || (st = matrix_shape(&proj, &pr, &pc)) != MHA_OK)
+    if ((st = require_weight(lk, GPT2(QKV), &attn)) != MHA_OK || (st = matrix_shape(&attn, &ar, &ac)) != MHA_OK ||
+        (st = require_weight(lk, GPT2(OUT), &proj)) != MHA_OK || (st = matrix_shape(&proj, &pr, &pc)) != MHA_OK)
         return st;
     if (ac % 3 || pr != ac / 3 || pc != ar)
         return mha__fail(MHA_ERR_INVALID_ARG,
-                         "c_attn.weight [%lld, %lld] and c_proj.weight [%lld, %lld] are not "
-                         "GPT-2's [E, 3 E'] and [E', E]",
-                         (long long)ar, (long long)ac, (long long)pr, (long long)pc);
-    add_found(f, &attn, "c_attn.weight");
-    add_found(f, &proj, "c_proj.weight");
+                         "%s [%lld, %lld] and %s [%lld, %lld] are not GPT-2's [E, 3 E'] and [E', E]", GPT2(QKV),
+                         (long long)ar, (long long)ac, GPT2(OUT), (long long)pr, (long long)pc);
+    add_found(f, &attn, GPT2(QKV));
+    add_found(f, &proj, GPT2(OUT));
     d->embed_dim = ar;
-    if ((st = head_split(d, ac / 3, ac / 3, "c_attn.weight")) != MHA_OK) return st;
+    if ((st = head_split(d, ac / 3, ac / 3, GPT2(QKV))) != MHA_OK) return st;
     bool has_in, has_out;
-    if ((st = optional_bias(lk, "c_attn.bias", ac, f, &has_in)) != MHA_OK ||
-        (st = optional_bias(lk, "c_proj.bias", ar, f, &has_out)) != MHA_OK)
+    if ((st = optional_bias(lk, GPT2(QKV_BIAS), ac, f, &has_in)) != MHA_OK ||
+        (st = optional_bias(lk, GPT2(OUT_BIAS), ar, f, &has_out)) != MHA_OK)
         return st;
     d->bias = has_in;
     d->out_bias = has_out;
     return MHA_OK;
 }
 
-/* nn.MultiheadAttention: the tensors present and their shapes. */
-static mha_status infer_torch(const lookup *lk, mha_layer_desc *d, mha_st_info found[8], const char *names[8], int *n)
+/* nn.MultiheadAttention's input projections: Q|K|V stacked [3E, E], or
+ * apart with kdim and vdim read from K's and V's widths. */
+static mha_status torch_inputs(const lookup *lk, mha_layer_desc *d, found_set *f)
+{
+    int64_t E = d->embed_dim;
+    bool packed;
+    mha_st_info info;
+    mha_status st = find_weight(lk, TORCH(QKV), &info, &packed);
+    if (st != MHA_OK) return st;
+    if (packed) {
+        if ((st = expect_shape(&info, 2, (int64_t[]){3 * E, E})) == MHA_OK) add_found(f, &info, TORCH(QKV));
+        return st;
+    }
+    const char *const apart[3] = {TORCH(Q), TORCH(K), TORCH(V)};
+    for (int i = 0; i < 3; i++) {
+        if ((st = require_weight(lk, apart[i], &info)) != MHA_OK) return st;
+        if (info.rank != 2 || info.shape[0] != E || info.shape[1] < 1)
+            return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" must be [%lld, in_features]", info.name, (long long)E);
+        if (i == 0 && (st = expect_shape(&info, 2, (int64_t[]){E, E})) != MHA_OK) return st;
+        if (i == 1) d->kdim = info.shape[1];
+        if (i == 2) d->vdim = info.shape[1];
+        add_found(f, &info, apart[i]);
+    }
+    return MHA_OK;
+}
+
+/* Its biases: both (in and out) or neither. */
+static mha_status torch_biases(const lookup *lk, mha_layer_desc *d, found_set *f)
+{
+    int64_t E = d->embed_dim;
+    bool has_in, has_out;
+    mha_st_info in, out;
+    mha_status st;
+    if ((st = find_weight(lk, TORCH(QKV_BIAS), &in, &has_in)) != MHA_OK ||
+        (st = find_weight(lk, TORCH(OUT_BIAS), &out, &has_out)) != MHA_OK)
+        return st;
+    if (has_in != has_out)
+        return mha__fail(MHA_ERR_NOT_FOUND,
+                         "\"%s%s\" is present but \"%s%s\" is not; nn.MultiheadAttention has both or neither",
+                         lk->prefix, has_in ? TORCH(QKV_BIAS) : TORCH(OUT_BIAS), lk->prefix,
+                         has_in ? TORCH(OUT_BIAS) : TORCH(QKV_BIAS));
+    d->bias = d->out_bias = has_in;
+    if (!has_in) return MHA_OK;
+    if ((st = expect_shape(&in, 1, (int64_t[]){3 * E})) != MHA_OK ||
+        (st = expect_shape(&out, 1, (int64_t[]){E})) != MHA_OK)
+        return st;
+    add_found(f, &in, TORCH(QKV_BIAS));
+    add_found(f, &out, TORCH(OUT_BIAS));
+    return MHA_OK;
+}
+
+/* bias_k and bias_v [1, 1, E] (add_bias_kv): both or neither. */
+static mha_status torch_bias_kv(const lookup *lk, mha_layer_desc *d, found_set *f)
+{
+    const int64_t shape[3] = {1, 1, d->embed_dim};
+    bool has_k;
+    mha_st_info info;
+    mha_status st = find_weight(lk, TORCH(BIAS_K), &info, &has_k);
+    d->add_bias_kv = has_k;
+    if (st != MHA_OK || !has_k) return st;
+    if ((st = expect_shape(&info, 3, shape)) != MHA_OK) return st;
+    add_found(f, &info, TORCH(BIAS_K));
+    if ((st = require_weight(lk, TORCH(BIAS_V), &info)) != MHA_OK || (st = expect_shape(&info, 3, shape)) != MHA_OK)
+        return st;
+    add_found(f, &info, TORCH(BIAS_V));
+    return MHA_OK;
+}
+
+/* nn.MultiheadAttention: the tensors present and their shapes; out_proj
+ * first, so a missing one is named for this family. */
+static mha_status infer_torch(const lookup *lk, mha_layer_desc *d, found_set *f)
 {
     mha_st_info out_w;
-    mha_status st = require_weight(lk, "out_proj.weight", &out_w);
+    mha_status st = require_weight(lk, TORCH(OUT), &out_w);
     if (st != MHA_OK) return st;
     if (out_w.rank != 2 || out_w.shape[0] != out_w.shape[1] || out_w.shape[0] < 1)
         return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" must be a square [E, E] matrix", out_w.name);
-    int64_t E = d->embed_dim = out_w.shape[0];
-    found[0] = out_w;
-    names[0] = "out_proj.weight";
-    *n = 1;
-
-    bool packed, has_bias, has_out_bias, has_bias_k;
-    mha_st_info info;
-    if ((st = find_weight(lk, "in_proj_weight", &info, &packed)) != MHA_OK) return st;
-    if (packed) {
-        if ((st = expect_shape(&info, 2, (int64_t[]){3 * E, E})) != MHA_OK) return st;
-        found[*n] = info;
-        names[(*n)++] = "in_proj_weight";
-    } else {
-        static const char *const sep[3] = {"q_proj_weight", "k_proj_weight", "v_proj_weight"};
-        for (int i = 0; i < 3; i++) {
-            if ((st = require_weight(lk, sep[i], &info)) != MHA_OK) return st;
-            if (info.rank != 2 || info.shape[0] != E || info.shape[1] < 1)
-                return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" must be [%lld, in_features]", info.name,
-                                 (long long)E);
-            if (i == 0 && (st = expect_shape(&info, 2, (int64_t[]){E, E})) != MHA_OK) return st;
-            if (i == 1) d->kdim = info.shape[1];
-            if (i == 2) d->vdim = info.shape[1];
-            found[*n] = info;
-            names[(*n)++] = sep[i];
-        }
-    }
-    mha_st_info out_bias;
-    if ((st = find_weight(lk, "in_proj_bias", &info, &has_bias)) != MHA_OK) return st;
-    if ((st = find_weight(lk, "out_proj.bias", &out_bias, &has_out_bias)) != MHA_OK) return st;
-    if (has_bias != has_out_bias)
-        return mha__fail(MHA_ERR_NOT_FOUND,
-                         "\"%s%s\" is present but \"%s%s\" is not; nn.MultiheadAttention has both or neither",
-                         lk->prefix, has_bias ? "in_proj_bias" : "out_proj.bias", lk->prefix,
-                         has_bias ? "out_proj.bias" : "in_proj_bias");
-    d->bias = has_bias;
-    d->out_bias = has_bias;
-    if (has_bias) {
-        if ((st = expect_shape(&info, 1, (int64_t[]){3 * E})) != MHA_OK) return st;
-        if ((st = expect_shape(&out_bias, 1, (int64_t[]){E})) != MHA_OK) return st;
-        found[*n] = info;
-        names[(*n)++] = "in_proj_bias";
-        found[*n] = out_bias;
-        names[(*n)++] = "out_proj.bias";
-    }
-    if ((st = find_weight(lk, "bias_k", &info, &has_bias_k)) != MHA_OK) return st;
-    d->add_bias_kv = has_bias_k;
-    if (has_bias_k) {
-        if ((st = expect_shape(&info, 3, (int64_t[]){1, 1, E})) != MHA_OK) return st;
-        found[*n] = info;
-        names[(*n)++] = "bias_k";
-        if ((st = require_weight(lk, "bias_v", &info)) != MHA_OK) return st;
-        if ((st = expect_shape(&info, 3, (int64_t[]){1, 1, E})) != MHA_OK) return st;
-        found[*n] = info;
-        names[(*n)++] = "bias_v";
-    }
-    return MHA_OK;
+    d->embed_dim = out_w.shape[0];
+    add_found(f, &out_w, TORCH(OUT));
+    if ((st = torch_inputs(lk, d, f)) != MHA_OK || (st = torch_biases(lk, d, f)) != MHA_OK) return st;
+    return torch_bias_kv(lk, d, f);
 }
 
 /* The family asked for, or the first whose anchor tensor is present. */
@@ -255,9 +273,9 @@ static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer
     mha_st_info info;
     bool torch, llama, gpt2;
     mha_status st;
-    if ((st = find_weight(lk, "out_proj.weight", &info, &torch)) != MHA_OK ||
-        (st = find_weight(lk, "o_proj.weight", &info, &llama)) != MHA_OK ||
-        (st = find_weight(lk, "c_attn.weight", &info, &gpt2)) != MHA_OK)
+    if ((st = find_weight(lk, TORCH(OUT), &info, &torch)) != MHA_OK ||
+        (st = find_weight(lk, LLAMA(OUT), &info, &llama)) != MHA_OK ||
+        (st = find_weight(lk, GPT2(QKV), &info, &gpt2)) != MHA_OK)
         return st;
     if (names == MHA_NAMES_AUTO)
         names = torch ? MHA_NAMES_TORCH : llama ? MHA_NAMES_LLAMA : gpt2 ? MHA_NAMES_GPT2 : MHA_NAMES_TORCH;
@@ -265,7 +283,7 @@ static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer
     switch (names) {
     case MHA_NAMES_LLAMA: return infer_llama(lk, d, f);
     case MHA_NAMES_GPT2: return infer_gpt2(lk, d, f);
-    case MHA_NAMES_TORCH: return infer_torch(lk, d, f->info, f->names, &f->n); /* also names what is missing */
+    case MHA_NAMES_TORCH: return infer_torch(lk, d, f); /* also names what is missing */
     default: break;
     }
     return mha__fail(MHA_ERR_INVALID_ARG, "weight names %d is not an mha_weight_names value", (int)names);

@@ -179,112 +179,80 @@ static int save_forward(const forward_opts *o, const dims *d, const inputs *in, 
     return cli_save(o->cmd, o->out, outs, o->need_weights ? 2 : 1);
 }
 
-/* A GPT-2 block's gradients in its own Conv1D layout, from
- * mha_layer_params' Llama-named list.  c_attn.weight [E, 3 E'] is the
- * transpose of q|k|v stacked and c_proj.weight [E', E] that of o_proj,
- * so those two are transposed into scratch; the biases q|k|v lie
- * contiguously in the layer and are written as they are. */
-typedef struct gpt2_grads {
-    char names[4][300];
-    int64_t shapes[4][2];
-    float *scratch; /* the two transposes; the caller frees it */
-} gpt2_grads;
+/* The weights' gradients, in the weights file's own names and layout
+ * (mha_layer_get_grad: GPT-2's Conv1D tensors come transposed). */
+typedef struct weight_grads {
+    int n;
+    char names[12][300];
+    int64_t shapes[12][3];
+    float *data[12];
+} weight_grads;
 
-static void transpose_into(float *dst, int64_t dst_stride, const float *src, int64_t rows, int64_t cols)
+/* Appends "<prefix><name>.grad" for every weight to outs; returns how
+ * many, -1 on failure (reported).  g's data is the caller's to free. */
+static int weight_grad_outputs(const char *CMD, const mha_layer *layer, const char *prefix, weight_grads *g,
+                               cli_output *outs)
 {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < cols; c++) dst[c * dst_stride + r] = src[r * cols + c];
+    const char *weights[12];
+    int64_t n = mha_layer_weight_names(layer, weights, 12);
+    for (g->n = 0; g->n < n; g->n++) {
+        int i = g->n, rank = 0;
+        int64_t numel = 0;
+        if (mha_layer_weight_shape(layer, weights[i], &rank, g->shapes[i], &numel) != MHA_OK ||
+            !(g->data[i] = malloc((size_t)numel * sizeof(float))) ||
+            mha_layer_get_grad(layer, weights[i], g->data[i], numel) != MHA_OK) {
+            cli_error(CMD, "%s", g->data[i] ? mha_last_error() : "out of memory for the weight gradients");
+            g->n += g->data[i] != NULL;
+            return -1;
+        }
+        snprintf(g->names[i], sizeof g->names[i], "%s%s.grad", prefix, weights[i]);
+        outs[i] = (cli_output){g->names[i], rank, g->shapes[i], g->data[i]};
+    }
+    return g->n;
 }
 
-/* Appends the outputs to outs; returns how many, -1 when out of memory. */
-static int gpt2_outputs(const mha_param *params, int64_t n_params, const char *prefix, gpt2_grads *g, cli_output *outs)
+/* Buffers for the inputs' gradients, in their layouts (self-attention:
+ * one, the sum), as outputs and as the views the backward writes. */
+static int input_grad_outputs(const forward_opts *o, const dims *d, inputs *in, float *grads[3], mha_tensor views[3],
+                              cli_output *outs)
 {
-    const mha_param *q = &params[0], *o = NULL, *q_bias = NULL, *o_bias = NULL;
-    for (int64_t i = 0; i < n_params; i++) {
-        if (strcmp(params[i].name, "o_proj.weight") == 0) o = &params[i];
-        if (strcmp(params[i].name, "q_proj.bias") == 0) q_bias = &params[i];
-        if (strcmp(params[i].name, "o_proj.bias") == 0) o_bias = &params[i];
-    }
-    int64_t inner = q->shape[0], E = q->shape[1];
-    if (!(g->scratch = calloc((size_t)(4 * inner * E), sizeof(float)))) return -1;
-    float *attn_w = g->scratch, *proj_w = g->scratch + 3 * inner * E;
-    for (int m = 0; m < 3; m++) transpose_into(attn_w + m * inner, 3 * inner, params[m].grad, inner, E);
-    transpose_into(proj_w, E, o->grad, E, inner);
-    struct {
-        const char *suffix;
-        int rank;
-        int64_t rows, cols;
-        const float *data;
-    } all[4] = {
-        {"c_attn.weight.grad", 2, E, 3 * inner, attn_w},
-        {"c_attn.bias.grad", 1, 3 * inner, 0, q_bias ? q_bias->grad : NULL},
-        {"c_proj.weight.grad", 2, inner, E, proj_w},
-        {"c_proj.bias.grad", 1, E, 0, o_bias ? o_bias->grad : NULL},
-    };
+    static const char *const input_names[3] = {"query.grad", "key.grad", "value.grad"};
+    bool cross = in->key.present;
+    cli_tensor *srcs[3] = {&in->query, cross ? &in->key : NULL, cross ? &in->value : NULL};
     int n = 0;
-    for (int i = 0; i < 4; i++) {
-        if (!all[i].data) continue;
-        snprintf(g->names[n], sizeof g->names[n], "%s%s", prefix, all[i].suffix);
-        g->shapes[n][0] = all[i].rows;
-        g->shapes[n][1] = all[i].cols;
-        outs[n] = (cli_output){g->names[n], all[i].rank, g->shapes[n], all[i].data};
-        n++;
+    for (int i = 0; i < 3; i++) {
+        if (!srcs[i]) continue;
+        int64_t count;
+        if (!cli_product(srcs[i]->shape, srcs[i]->rank, &count) ||
+            !(grads[i] = calloc((size_t)(count ? count : 1), sizeof(float)))) {
+            cli_error(o->cmd, "out of memory allocating %s", input_names[i]);
+            return -1;
+        }
+        views[i] = layer_view(grads[i], srcs[i], d, o->batch_first);
+        outs[n++] = (cli_output){input_names[i], srcs[i]->rank, srcs[i]->shape, grads[i]};
     }
     return n;
 }
 
 /* The backward pass after a forward recorded on args->tape: input
- * gradients in the inputs' layouts (self-attention: one, the sum) and one
- * per weight, named as the weights file names it plus ".grad". */
+ * gradients and one per weight, named as the weights file names it plus
+ * ".grad". */
 static int run_backward(const forward_opts *o, mha_ctx *ctx, mha_layer *layer, const dims *d, inputs *in,
                         const mha_layer_fwd_args *args)
 {
-    enum { MAX_OUTS = 3 + 8 };
-    const char *CMD = o->cmd;
-    bool cross = in->key.present;
-    cli_tensor *srcs[3] = {&in->query, cross ? &in->key : NULL, cross ? &in->value : NULL};
-    static const char *const input_names[3] = {"query.grad", "key.grad", "value.grad"};
     float *grads[3] = {NULL, NULL, NULL};
     mha_tensor views[3];
-    cli_output outs[MAX_OUTS];
-    char names[8][300];
-    int n_outs = 0, rc = CLI_OK;
-    for (int i = 0; i < 3 && rc == CLI_OK; i++) {
-        if (!srcs[i]) continue;
-        int64_t n;
-        if (!cli_product(srcs[i]->shape, srcs[i]->rank, &n) ||
-            !(grads[i] = calloc((size_t)(n ? n : 1), sizeof(float)))) {
-            cli_error(CMD, "out of memory allocating %s", input_names[i]);
-            rc = CLI_FAIL;
-            break;
-        }
-        views[i] = layer_view(grads[i], srcs[i], d, o->batch_first);
-        outs[n_outs++] = (cli_output){input_names[i], srcs[i]->rank, srcs[i]->shape, grads[i]};
-    }
+    cli_output outs[3 + 12];
+    weight_grads wg = {.n = 0};
+    int n_in = input_grad_outputs(o, d, in, grads, views, outs), n_w = -1;
+    bool cross = in->key.present;
     mha_tensor dy = layer_view(in->grad.f32, &in->grad, d, o->batch_first);
     mha_tensor *gk = cross ? &views[1] : &views[0], *gv = cross ? &views[2] : &views[0];
-    if (rc == CLI_OK && mha_layer_backward(ctx, layer, args, &dy, &views[0], gk, gv) != MHA_OK) {
-        cli_error(CMD, "%s", mha_last_error());
-        rc = CLI_FAIL;
-    }
-    mha_param params[8];
-    int64_t n_params = rc == CLI_OK ? mha_layer_params(layer, params, 8) : 0;
-    gpt2_grads gpt2 = {.scratch = NULL};
-    if (rc == CLI_OK && mha_layer_names(layer) == MHA_NAMES_GPT2) {
-        int added = gpt2_outputs(params, n_params, o->layer.prefix, &gpt2, outs + n_outs);
-        if (added < 0) {
-            cli_error(CMD, "out of memory transposing the Conv1D gradients");
-            rc = CLI_FAIL;
-        }
-        n_outs += added > 0 ? added : 0;
-    } else {
-        for (int64_t i = 0; i < n_params && n_params <= 8; i++) {
-            snprintf(names[i], sizeof names[i], "%s%s.grad", o->layer.prefix, params[i].name);
-            outs[n_outs++] = (cli_output){names[i], params[i].rank, params[i].shape, params[i].grad};
-        }
-    }
-    if (rc == CLI_OK) rc = cli_save(CMD, o->out, outs, n_outs);
-    free(gpt2.scratch);
+    if (n_in >= 0 && mha_layer_backward(ctx, layer, args, &dy, &views[0], gk, gv) != MHA_OK)
+        cli_error(o->cmd, "%s", mha_last_error());
+    else if (n_in >= 0) n_w = weight_grad_outputs(o->cmd, layer, o->layer.prefix, &wg, outs + n_in);
+    int rc = n_w >= 0 ? cli_save(o->cmd, o->out, outs, n_in + n_w) : CLI_FAIL;
+    for (int i = 0; i < wg.n; i++) free(wg.data[i]);
     for (int i = 0; i < 3; i++) free(grads[i]);
     return rc;
 }
