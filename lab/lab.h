@@ -11,7 +11,9 @@
 
 #include "mha.h"
 
+#include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
 /* ---- the model ---------------------------------------------------- */
 
@@ -116,6 +118,64 @@ void lab_head_scores_compute(const float *a, const int32_t *tokens, int64_t B, i
 /* The role a head's scores single out, or "mixed": thresholds in
  * docs/HEADS.md. */
 const char *lab_head_role(const lab_head_scores *s);
+
+/* ---- experiments (experiments.c): what `mha lab` runs -------------- */
+
+/* A run's settings: the model, its data and the optimiser's. */
+typedef struct lab_run {
+    lab_config model;
+    const lab_text *text; /* NULL: repeated random spans */
+    int64_t steps, batch; /* train up to `steps` steps of `batch` sequences */
+    double lr, wd;        /* AdamW */
+} lab_run;
+
+/* Held-out sequences per evaluation, and batches of them for importance. */
+enum { LAB_EVAL_B = 32, LAB_PRUNE_BATCHES = 4 };
+
+/* B sequences of the run's data from the stream *state, and the held-out
+ * ones (a stream no training step uses). */
+void lab_sequences(const lab_run *run, const lab_config *c, int64_t B, int32_t *tokens, uint64_t *state);
+void lab_held_out(const lab_run *run, const lab_config *c, int64_t B, int32_t *tokens);
+
+/* Called after each training step; non-zero stops the training. */
+typedef int (*lab_step_fn)(void *arg, int64_t step, int64_t total, double loss);
+
+/* Trains the model from its own step count up to run->steps, each step on
+ * a batch of its own stream (so a resumed run sees the same data);
+ * curve[step - 1] gets each step's loss when not NULL.  *stopped says
+ * whether on_step stopped it. */
+mha_status lab_train(mha_ctx *ctx, lab_model *model, const lab_run *run, double *curve, lab_step_fn on_step, void *arg,
+                     bool *stopped);
+
+/* The scores of every head on LAB_EVAL_B held-out sequences: tokens gets
+ * them [LAB_EVAL_B, T], attn the maps [layers][LAB_EVAL_B][heads][T][T],
+ * scores [layers * heads], loss the held-out loss. */
+mha_status lab_analyze(mha_ctx *ctx, lab_model *model, const lab_run *run, int32_t *tokens, float *attn,
+                       lab_head_scores *scores, double *loss);
+
+/* Pruning: each head's importance (on held-out batches of their own), and
+ * the loss on eval_tokens with k = 0 .. n heads removed, least important
+ * first and in a seeded random order ([n + 1] each). */
+typedef struct lab_pruning {
+    double *importance, *by_importance, *by_random;
+} lab_pruning;
+mha_status lab_prune(mha_ctx *ctx, lab_model *model, const lab_run *run, const int32_t *eval_tokens, lab_pruning *p);
+
+/* Grouped-query attention: the kv-head counts to compare (h, h/2, h/4, 1,
+ * each once), the KV cache bytes per token with kv heads, and the held-out
+ * loss of the run's model trained afresh with them. */
+typedef struct lab_gqa {
+    int64_t n, kv[4], bytes[4];
+    double loss[4];
+} lab_gqa;
+int lab_gqa_candidates(int64_t heads, int64_t kv[4]);
+int64_t lab_kv_bytes(const lab_config *c, int64_t kv_heads);
+mha_status lab_gqa_loss(mha_ctx *ctx, const lab_run *run, int64_t kv_heads, double *loss);
+
+/* The plain-text summary of a run (snprintf's return), and the head table. */
+int lab_summary(char *out, size_t size, const lab_model *model, const lab_run *run, double held,
+                const lab_head_scores *scores, const lab_pruning *p, const lab_gqa *gqa);
+void lab_print_heads(const lab_config *c, const lab_head_scores *scores, const double *importance, FILE *f);
 
 /* ---- the report --------------------------------------------------- */
 
