@@ -110,12 +110,11 @@ static const char *STYLE =
     "pre{background:#f6f6f6;padding:10px}.tok{display:inline-block;min-width:22px;text-align:center;font-size:11px;"
     "border:1px solid #eee;margin:1px}";
 
-int lab_report_write(const char *path, const lab_report *r)
+/* The page's head, the model described, the summary and the loss curve. */
+static void write_intro(FILE *f, const lab_report *r)
 {
-    FILE *f = fopen(path, "w");
-    if (!f) return -1;
     const lab_config *c = &r->config;
-    int64_t L = c->layers, H = c->heads, T = r->sample_len;
+    int64_t L = c->layers, H = c->heads;
     fprintf(f,
             "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>libmha head lab</title><style>%s</style>"
             "</head><body>\n",
@@ -130,6 +129,12 @@ int lab_report_write(const char *path, const lab_report *r)
     fprintf(f, "<h2>Summary</h2><pre>%s</pre>\n", r->summary);
     fprintf(f, "<h2>Training</h2>");
     svg_chart(f, r->curve, NULL, r->curve_len, "training loss", NULL, "step");
+}
+
+/* The table of every head's scores and role. */
+static void write_table(FILE *f, const lab_report *r)
+{
+    int64_t L = r->config.layers, H = r->config.heads;
     fprintf(f, "<h2>Every head</h2><table><tr><th>layer</th><th>head</th><th>previous-token</th><th>induction</th>"
                "<th>duplicate</th><th>first-token</th><th>distance</th><th>entropy</th><th>importance</th>"
                "<th>role</th></tr>\n");
@@ -144,7 +149,14 @@ int lab_report_write(const char *path, const lab_report *r)
                 css, (long long)(i / H), (long long)(i % H), s->previous_token, s->induction, s->duplicate,
                 s->first_token, s->distance, s->entropy, r->importance ? r->importance[i] : 0.0, role);
     }
-    fprintf(f, "</table>\n<h2>Attention on a sample sequence</h2><p>Row i is where the token at position i looks "
+    fprintf(f, "</table>\n");
+}
+
+/* A canvas per head for the sample's maps, and the position picker. */
+static void write_maps(FILE *f, const lab_report *r)
+{
+    int64_t L = r->config.layers, H = r->config.heads, T = r->sample_len;
+    fprintf(f, "<h2>Attention on a sample sequence</h2><p>Row i is where the token at position i looks "
                "(darker: more weight). Hover a map for the tokens; pick a position below to see where every head "
                "looks from it.</p><div id=\"tokens\"></div>\n");
     for (int64_t l = 0; l < L; l++) {
@@ -161,6 +173,11 @@ int lab_report_write(const char *path, const lab_report *r)
             "<h3>From one position</h3><label>position <input id=\"pos\" type=\"range\" min=\"0\" max=\"%lld\" "
             "value=\"%lld\"></label> <span id=\"posval\"></span><div id=\"rows\"></div>\n",
             (long long)(T - 1), (long long)(T - 1));
+}
+
+/* The pruning curves and the GQA table, where the run has them. */
+static void write_pruning(FILE *f, const lab_report *r)
+{
     if (r->prune_len) {
         fprintf(f, "<h2>Pruning</h2><p>Held-out loss as heads are removed, least important first (by the gradient "
                    "of the loss with respect to a gate on each head, Michel et al. 2019) and in a random order.</p>");
@@ -175,6 +192,12 @@ int lab_report_write(const char *path, const lab_report *r)
                     r->gqa_loss[i], (long long)r->gqa_kv_bytes[i]);
         fprintf(f, "</table>\n");
     }
+}
+
+/* The script that draws the maps from the data it carries. */
+static void write_script(FILE *f, const lab_report *r)
+{
+    int64_t L = r->config.layers, H = r->config.heads, T = r->sample_len;
     /* The data the script draws from. */
     fprintf(f, "<script>\nconst T=%lld,L=%lld,H=%lld;\nconst ids=[", (long long)T, (long long)L, (long long)H);
     for (int64_t t = 0; t < T; t++) fprintf(f, "%s%d", t ? "," : "", r->sample[t]);
@@ -209,5 +232,16 @@ int lab_report_write(const char *path, const lab_report *r)
             "const "
             "done=document.createElement('div');done.id='rendered';done.hidden=true;document.body.appendChild(done);\n"
             "</script></body></html>\n");
+}
+
+int lab_report_write(const char *path, const lab_report *r)
+{
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    write_intro(f, r);
+    write_table(f, r);
+    write_maps(f, r);
+    write_pruning(f, r);
+    write_script(f, r);
     return fclose(f) == 0 ? 0 : -1;
 }

@@ -11,9 +11,10 @@ scripts/setup.sh
 
 jobs=$(nproc 2>/dev/null || echo 2)
 
-echo "== formatting (.clang-format) and layering (docs/ARCHITECTURE.md)"
+echo "== formatting (.clang-format), layering and function length (docs/ARCHITECTURE.md)"
 scripts/check_format.sh
 python3 scripts/check_layers.py
+python3 scripts/check_functions.py
 
 echo "== build (release, -Werror) and test"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMHA_WERROR=ON >/dev/null

@@ -2,11 +2,13 @@
 # The layering check must pass on this tree and fail on trees that break
 # each of its rules: an include from a lower layer to a higher one, a call
 # up into a higher layer, a cycle of calls inside one folder, a file of
-# src/ in no layer, intrinsics outside src/kernels/.
+# src/ in no layer, intrinsics outside src/kernels/.  The function-length
+# check likewise: this tree passes, a 61-line function fails.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 check="$here/scripts/check_layers.py"
 python3 "$check" "$here"
+python3 "$here/scripts/check_functions.py" "$here"
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -58,6 +60,19 @@ expect fail "a file of src/ in no layer folder"
 base_tree
 printf '#include <immintrin.h>\n' >>"$tmp/t/src/attn/a.c"
 expect fail "intrinsics outside src/kernels/"
+
+base_tree
+{
+    printf 'int mha__long(void)\n{\n    int x = 0;\n'
+    for i in $(seq 1 58); do printf '    x += %d;\n' "$i"; done
+    printf '    return x;\n}\n'
+} >"$tmp/t/src/attn/long.c"
+if python3 "$here/scripts/check_functions.py" "$tmp/t" >/dev/null; then
+    failed=$((failed + 1))
+    echo "FAIL: a 62-line function passed the function-length check"
+else
+    passed=$((passed + 1))
+fi
 
 echo "test_check_layers: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -291,6 +291,23 @@ static int measure_peak(const bench_opts *o)
     return rc;
 }
 
+/* --op and --dtype name something the benchmark can run. */
+static int check_op(const bench_opts *o)
+{
+    static const char *const ops[] = {"forward", "backward", "sdpa", "sdpa-backward", "decode"};
+    bool known = false;
+    for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) known = known || strcmp(o->op, ops[i]) == 0;
+    if (!known) {
+        cli_error(CMD, "--op %s is not available; use forward, backward, sdpa, sdpa-backward or decode", o->op);
+        return CLI_USAGE;
+    }
+    if (strcmp(o->dtype, "f32") != 0 && !(strcmp(o->dtype, "bf16") == 0 && strcmp(o->op, "forward") == 0)) {
+        cli_error(CMD, "--dtype %s is not available for --op %s; use f32 (or bf16 with forward)", o->dtype, o->op);
+        return CLI_USAGE;
+    }
+    return CLI_OK;
+}
+
 int mha_cmd_bench(int argc, char **argv)
 {
     bench_opts o = {
@@ -322,17 +339,7 @@ int mha_cmd_bench(int argc, char **argv)
                        argc, argv, flags, (int)(sizeof flags / sizeof flags[0]), &help);
     if (rc != CLI_OK || help) return rc;
     if (o.peak) return measure_peak(&o);
-    static const char *const ops[] = {"forward", "backward", "sdpa", "sdpa-backward", "decode"};
-    bool known = false;
-    for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) known = known || strcmp(o.op, ops[i]) == 0;
-    if (!known) {
-        cli_error(CMD, "--op %s is not available; use forward, backward, sdpa, sdpa-backward or decode", o.op);
-        return CLI_USAGE;
-    }
-    if (strcmp(o.dtype, "f32") != 0 && !(strcmp(o.dtype, "bf16") == 0 && strcmp(o.op, "forward") == 0)) {
-        cli_error(CMD, "--dtype %s is not available for --op %s; use f32 (or bf16 with forward)", o.dtype, o.op);
-        return CLI_USAGE;
-    }
+    if ((rc = check_op(&o)) != CLI_OK) return rc;
     if (strcmp(o.op, "decode") == 0) { /* one new token against a 4096-token cache unless told */
         bool seq_seen = false;
         for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) seq_seen |= flags[i].dst == &o.seq && flags[i].seen;

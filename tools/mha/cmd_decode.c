@@ -82,6 +82,50 @@ static int run_steps(const decode_opts *o, mha_ctx *ctx, mha_layer *layer, mha_k
     return CLI_OK;
 }
 
+/* The same sequences x [N, T, E] in one causal forward pass, no cache. */
+static int full_forward(mha_ctx *ctx, mha_layer *layer, float *x, float *full, int64_t N, int64_t T, int64_t E)
+{
+    mha_layer_fwd_args a;
+    mha_layer_fwd_args_init(&a);
+    a.query = a.key = a.value = mha_tensor_3d(x, N, T, E);
+    a.causal = MHA_CAUSAL_TOP_LEFT;
+    mha_tensor y = mha_tensor_3d(full, N, T, E);
+    if (mha_layer_forward(ctx, layer, &y, NULL, &a) == MHA_OK) return CLI_OK;
+    cli_error(CMD, "%s", mha_last_error());
+    return CLI_FAIL;
+}
+
+/* Prints the timings and how the last step compares with the full
+ * forward; CLI_FAIL when they differ beyond the cache dtype's rounding. */
+static int report(const decode_opts *o, mha_ctx *ctx, const mha_layer_desc *d, const mha_kv_cache *cache,
+                  const float *out, const float *full, int64_t N, int64_t T, double prompt_ms, double *step_ms)
+{
+    int64_t E = d->embed_dim;
+    bool bf16 = strcmp(o->cache_dtype, "bf16") == 0;
+    double diff = 0, mag = 0;
+    for (int64_t b = 0; b < N; b++)
+        for (int64_t c = 0; c < E; c++) {
+            int64_t at = (b * T + T - 1) * E + c;
+            diff = fmax(diff, fabs((double)out[at] - full[at]));
+            mag = fmax(mag, fabs((double)full[at]));
+        }
+    double limit = (bf16 ? 2e-2 : 1e-5) * fmax(1.0, mag); /* bf16 storage rounds K and V to 8 significant bits */
+    qsort(step_ms, (size_t)o->steps, sizeof *step_ms, cli_cmp_double);
+    double median = o->steps ? step_ms[o->steps / 2] : 0;
+    printf("mha decode: E=%lld, %lld heads, %lld kv heads of %lld, batch %lld, %s cache, %d threads\n", (long long)E,
+           (long long)d->num_heads, (long long)d->num_kv_heads, (long long)(d->head_dim), (long long)N, o->cache_dtype,
+           mha_ctx_threads(ctx));
+    printf("  prompt of %lld tokens: %.3f ms\n", (long long)o->prompt_len, prompt_ms);
+    if (o->steps)
+        printf("  %lld single-token steps: median %.3f ms per token (min %.3f, max %.3f)\n", (long long)o->steps,
+               median, step_ms[0], step_ms[o->steps - 1]);
+    printf("  KV cache: %lld tokens, %lld bytes per token\n", (long long)mha_kv_cache_length(cache),
+           (long long)(2 * d->num_kv_heads * d->head_dim * (bf16 ? 2 : 4)));
+    printf("  last step vs one full forward: max |difference| %.3g (max |output| %.3g, limit %.3g): %s\n", diff, mag,
+           limit, diff <= limit ? "agree" : "DIFFER");
+    return diff <= limit ? CLI_OK : CLI_FAIL;
+}
+
 static int run(const decode_opts *o, mha_layer *layer)
 {
     const mha_layer_desc *d = mha_layer_get_desc(layer);
@@ -100,42 +144,8 @@ static int run(const decode_opts *o, mha_layer *layer)
     }
     double prompt_ms = 0;
     if (rc == CLI_OK) rc = run_steps(o, ctx, layer, cache, x, N, E, out, &prompt_ms, step_ms);
-    if (rc == CLI_OK) { /* the same sequence in one causal forward pass, no cache */
-        mha_layer_fwd_args a;
-        mha_layer_fwd_args_init(&a);
-        a.query = a.key = a.value = mha_tensor_3d(x, N, T, E);
-        a.causal = MHA_CAUSAL_TOP_LEFT;
-        mha_tensor y = mha_tensor_3d(full, N, T, E);
-        if (mha_layer_forward(ctx, layer, &y, NULL, &a) != MHA_OK) {
-            cli_error(CMD, "%s", mha_last_error());
-            rc = CLI_FAIL;
-        }
-    }
-    if (rc == CLI_OK) {
-        double diff = 0, mag = 0;
-        for (int64_t b = 0; b < N; b++)
-            for (int64_t c = 0; c < E; c++) {
-                int64_t at = (b * T + T - 1) * E + c;
-                diff = fmax(diff, fabs((double)out[at] - full[at]));
-                mag = fmax(mag, fabs((double)full[at]));
-            }
-        /* bf16 storage rounds K and V to 8 significant bits. */
-        double limit = (dtype == MHA_DTYPE_BF16 ? 2e-2 : 1e-5) * fmax(1.0, mag);
-        qsort(step_ms, (size_t)o->steps, sizeof *step_ms, cli_cmp_double);
-        double median = o->steps ? step_ms[o->steps / 2] : 0;
-        printf("mha decode: E=%lld, %lld heads, %lld kv heads of %lld, batch %lld, %s cache, %d threads\n",
-               (long long)E, (long long)d->num_heads, (long long)d->num_kv_heads, (long long)(d->head_dim),
-               (long long)N, o->cache_dtype, mha_ctx_threads(ctx));
-        printf("  prompt of %lld tokens: %.3f ms\n", (long long)o->prompt_len, prompt_ms);
-        if (o->steps)
-            printf("  %lld single-token steps: median %.3f ms per token (min %.3f, max %.3f)\n", (long long)o->steps,
-                   median, step_ms[0], step_ms[o->steps - 1]);
-        printf("  KV cache: %lld tokens, %lld bytes per token\n", (long long)mha_kv_cache_length(cache),
-               (long long)(2 * d->num_kv_heads * d->head_dim * (dtype == MHA_DTYPE_BF16 ? 2 : 4)));
-        printf("  last step vs one full forward: max |difference| %.3g (max |output| %.3g, limit %.3g): %s\n", diff,
-               mag, limit, diff <= limit ? "agree" : "DIFFER");
-        if (!(diff <= limit)) rc = CLI_FAIL;
-    }
+    if (rc == CLI_OK) rc = full_forward(ctx, layer, x, full, N, T, E);
+    if (rc == CLI_OK) rc = report(o, ctx, d, cache, out, full, N, T, prompt_ms, step_ms);
     mha_kv_cache_free(cache);
     mha_ctx_free(ctx);
     free(x);

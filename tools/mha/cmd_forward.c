@@ -302,6 +302,31 @@ static int run(const forward_opts *o, mha_layer *layer, inputs *in)
     return rc;
 }
 
+/* The flags' rules, each named when broken. */
+static int check_opts(const forward_opts *o, const cli_flag *flags)
+{
+    const char *CMD = o->cmd;
+    if (!o->inputs || !o->out) {
+        cli_error(CMD, "%s is required (see mha %s --help)", !o->inputs ? "--inputs" : "--out", CMD);
+        return CLI_USAGE;
+    }
+    int rc = cli_layer_check(CMD, &o->layer, flags);
+    const char *read[2] = {o->inputs, o->layer.weights};
+    if (rc == CLI_OK) rc = cli_out_distinct(CMD, o->out, read, 2);
+    if (rc != CLI_OK) return rc;
+    if (strcmp(o->dtype, "f32") != 0 && (o->backward || strcmp(o->dtype, "bf16") != 0)) {
+        cli_error(CMD, "--dtype must be %s, got \"%s\"",
+                  o->backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o->dtype);
+        return CLI_USAGE;
+    }
+    if (o->backward && (o->need_weights || o->no_average)) {
+        cli_error(CMD,
+                  "--need-weights and --no-average-attn-weights are forward outputs; mha backward writes gradients");
+        return CLI_USAGE;
+    }
+    return CLI_OK;
+}
+
 static int forward_main(int argc, char **argv, bool backward)
 {
     forward_opts o = {.cmd = backward ? "backward" : "forward", .backward = backward, .dtype = "f32"};
@@ -336,23 +361,7 @@ static int forward_main(int argc, char **argv, bool backward)
     bool help;
     int rc = cli_parse(CMD, "--weights W --inputs X --out Y --num-heads H [flags]", argc, argv, flags, n_flags, &help);
     if (rc != CLI_OK || help) return rc;
-    if (!o.inputs || !o.out) {
-        cli_error(CMD, "%s is required (see mha %s --help)", !o.inputs ? "--inputs" : "--out", CMD);
-        return CLI_USAGE;
-    }
-    if ((rc = cli_layer_check(CMD, &o.layer, flags)) != CLI_OK) return rc;
-    const char *read[2] = {o.inputs, o.layer.weights};
-    if ((rc = cli_out_distinct(CMD, o.out, read, 2)) != CLI_OK) return rc;
-    if (strcmp(o.dtype, "f32") != 0 && (backward || strcmp(o.dtype, "bf16") != 0)) {
-        cli_error(CMD, "--dtype must be %s, got \"%s\"", backward ? "f32 (gradients are float32 only)" : "f32 or bf16",
-                  o.dtype);
-        return CLI_USAGE;
-    }
-    if (backward && (o.need_weights || o.no_average)) {
-        cli_error(CMD,
-                  "--need-weights and --no-average-attn-weights are forward outputs; mha backward writes gradients");
-        return CLI_USAGE;
-    }
+    if ((rc = check_opts(&o, flags)) != CLI_OK) return rc;
     mha_st_file *xf = NULL;
     mha_layer *layer = NULL;
     inputs in;

@@ -184,6 +184,38 @@ static int run(const sdpa_opts *o, sdpa_inputs *in)
     return rc;
 }
 
+/* The flags' rules, each named when broken. */
+static int check_opts(const sdpa_opts *o)
+{
+    const char *CMD = o->cmd;
+    if (!o->inputs || !o->out) {
+        cli_error(CMD, "%s is required (see mha %s --help)", !o->inputs ? "--inputs" : "--out", CMD);
+        return CLI_USAGE;
+    }
+    const char *read[1] = {o->inputs};
+    int rc = cli_out_distinct(CMD, o->out, read, 1);
+    if (rc != CLI_OK) return rc;
+    if (strcmp(o->dtype, "f32") != 0 && (o->backward || strcmp(o->dtype, "bf16") != 0)) {
+        cli_error(CMD, "--dtype must be %s, got \"%s\"",
+                  o->backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o->dtype);
+        return CLI_USAGE;
+    }
+    if (o->is_causal && o->bottom_right) {
+        cli_error(CMD, "--is-causal and --causal-bottom-right exclude each other; choose one alignment");
+        return CLI_USAGE;
+    }
+    if (o->window_left < -1 || o->window_right < -1) {
+        cli_error(CMD, "--window-%s must be -1 (unbounded) or more, got %lld", o->window_left < -1 ? "left" : "right",
+                  (long long)(o->window_left < -1 ? o->window_left : o->window_right));
+        return CLI_USAGE;
+    }
+    if (o->softcap < 0) {
+        cli_error(CMD, "--softcap must be 0 (off) or positive, got %g", o->softcap);
+        return CLI_USAGE;
+    }
+    return CLI_OK;
+}
+
 static int sdpa_main(int argc, char **argv, bool backward)
 {
     sdpa_opts o = {.cmd = backward ? "sdpa-backward" : "sdpa",
@@ -219,30 +251,7 @@ static int sdpa_main(int argc, char **argv, bool backward)
     int rc =
         cli_parse(CMD, "--inputs X --out Y [flags]", argc, argv, flags, (int)(sizeof flags / sizeof flags[0]), &help);
     if (rc != CLI_OK || help) return rc;
-    if (!o.inputs || !o.out) {
-        cli_error(CMD, "%s is required (see mha %s --help)", !o.inputs ? "--inputs" : "--out", CMD);
-        return CLI_USAGE;
-    }
-    const char *read[1] = {o.inputs};
-    if ((rc = cli_out_distinct(CMD, o.out, read, 1)) != CLI_OK) return rc;
-    if (strcmp(o.dtype, "f32") != 0 && (backward || strcmp(o.dtype, "bf16") != 0)) {
-        cli_error(CMD, "--dtype must be %s, got \"%s\"", backward ? "f32 (gradients are float32 only)" : "f32 or bf16",
-                  o.dtype);
-        return CLI_USAGE;
-    }
-    if (o.is_causal && o.bottom_right) {
-        cli_error(CMD, "--is-causal and --causal-bottom-right exclude each other; choose one alignment");
-        return CLI_USAGE;
-    }
-    if (o.window_left < -1 || o.window_right < -1) {
-        cli_error(CMD, "--window-%s must be -1 (unbounded) or more, got %lld", o.window_left < -1 ? "left" : "right",
-                  (long long)(o.window_left < -1 ? o.window_left : o.window_right));
-        return CLI_USAGE;
-    }
-    if (o.softcap < 0) {
-        cli_error(CMD, "--softcap must be 0 (off) or positive, got %g", o.softcap);
-        return CLI_USAGE;
-    }
+    if ((rc = check_opts(&o)) != CLI_OK) return rc;
     mha_st_file *f = NULL;
     sdpa_inputs in;
     memset(&in, 0, sizeof in);
