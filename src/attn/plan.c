@@ -42,8 +42,9 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__at
     if (!mha__mul(p->B, p->Hq, &rows) || !mha__mul(rows, p->L, &rows))
         return mha__fail(MHA_ERR_INVALID_ARG, "batch x heads x queries overflows");
     p->group = p->Hq / (p->Hkv ? p->Hkv : 1);
-    p->kt = mha__kernels_get();
-    p->bk = p->bf16 || needs.kv_bf16 ? mha__bf16_get() : NULL;
+    const mha__isa_kernels *isa = mha__isa_get(); /* this CPU's kernels, for each dtype */
+    p->kt = isa->f32;
+    p->bk = p->bf16 || needs.kv_bf16 ? isa->bf16 : NULL;
     p->path = choose_path(p, needs);
     if (needs.kv_bf16 && (needs.stats || p->D != p->Dv || p->R != p->S || p->bf16))
         return mha__fail(MHA_ERR_INTERNAL, "a bf16 cache reaches split-K only, which cannot serve this plan");

@@ -57,9 +57,21 @@ typedef struct cpu_features {
 static cpu_features detect(void) { return (cpu_features){false, false, false}; }
 #endif
 
-/* Best first. */
+/* Each instruction set with its kernels for each dtype the library
+ * computes in, best first.  bf16 uses the AVX512-BF16 dot products only
+ * with the avx512 float32 kernels (so MHA_ISA caps both) and where the CPU
+ * has them; the portable bf16 kernels everywhere else. */
+typedef struct isa_entry {
+    const mha__kernels *f32;
+    const mha__bf16_kernels *bf16_native; /* NULL: the portable ones */
+} isa_entry;
+
 #if defined(__x86_64__) || defined(__i386__)
-static const mha__kernels *const candidates[] = {&mha__kernels_avx512, &mha__kernels_avx2, &mha__kernels_generic};
+static const isa_entry candidates[] = {
+    {&mha__kernels_avx512, &mha__bf16_kernels_avx512},
+    {&mha__kernels_avx2, NULL},
+    {&mha__kernels_generic, NULL},
+};
 
 static bool runs_here(const mha__kernels *k, cpu_features f)
 {
@@ -67,8 +79,10 @@ static bool runs_here(const mha__kernels *k, cpu_features f)
     if (k == &mha__kernels_avx2) return f.avx2_fma;
     return true;
 }
+
+static bool bf16_native_here(cpu_features f) { return f.avx512_bf16; }
 #else
-static const mha__kernels *const candidates[] = {&mha__kernels_generic};
+static const isa_entry candidates[] = {{&mha__kernels_generic, NULL}};
 
 static bool runs_here(const mha__kernels *k, cpu_features f)
 {
@@ -76,46 +90,57 @@ static bool runs_here(const mha__kernels *k, cpu_features f)
     (void)f;
     return true;
 }
+
+static bool bf16_native_here(cpu_features f)
+{
+    (void)f;
+    return false;
+}
 #endif
+
+enum { N_CANDIDATES = sizeof candidates / sizeof candidates[0] };
 
 const mha__kernels *mha__kernels_named(const char *name)
 {
     cpu_features f = detect();
-    for (size_t i = 0; i < sizeof candidates / sizeof candidates[0]; i++)
-        if (name && strcmp(candidates[i]->name, name) == 0) return runs_here(candidates[i], f) ? candidates[i] : NULL;
+    for (size_t i = 0; i < N_CANDIDATES; i++)
+        if (name && strcmp(candidates[i].f32->name, name) == 0)
+            return runs_here(candidates[i].f32, f) ? candidates[i].f32 : NULL;
     return NULL;
 }
 
-static const mha__kernels *chosen;
+static mha__isa_kernels chosen;
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
 
-/* The best table at or below the MHA_ISA cap. */
+/* The best instruction set at or below the MHA_ISA cap, with its kernels
+ * for every dtype. */
 static void choose(void)
 {
     cpu_features f = detect();
     const char *cap = getenv("MHA_ISA");
-    size_t first = 0, n = sizeof candidates / sizeof candidates[0];
-    for (size_t i = 0; cap && i < n; i++)
-        if (strcmp(candidates[i]->name, cap) == 0) first = i;
-    for (size_t i = first; i < n; i++)
-        if (runs_here(candidates[i], f)) {
-            chosen = candidates[i];
-            return;
-        }
-    chosen = &mha__kernels_generic;
+    size_t first = 0;
+    for (size_t i = 0; cap && i < N_CANDIDATES; i++)
+        if (strcmp(candidates[i].f32->name, cap) == 0) first = i;
+    size_t at = N_CANDIDATES - 1; /* generic runs everywhere */
+    for (size_t i = N_CANDIDATES; i-- > first;)
+        if (runs_here(candidates[i].f32, f)) at = i;
+    const mha__bf16_kernels *native = candidates[at].bf16_native;
+    chosen =
+        (mha__isa_kernels){candidates[at].f32, native && bf16_native_here(f) ? native : &mha__bf16_kernels_generic};
 }
 
-const mha__kernels *mha__kernels_get(void)
+const mha__isa_kernels *mha__isa_get(void)
 {
     pthread_once(&chosen_once, choose);
-    return chosen;
+    return &chosen;
 }
+
+const mha__kernels *mha__kernels_get(void) { return mha__isa_get()->f32; }
+
+const mha__bf16_kernels *mha__bf16_get(void) { return mha__isa_get()->bf16; }
 
 const char *mha_isa(void) { return mha__kernels_get()->name; }
 
-/* bf16: the native dot-product kernels where the CPU has AVX512-BF16 and
- * the float32 choice is avx512 (so MHA_ISA caps both), else the portable
- * ones. */
 const mha__bf16_kernels *mha__bf16_named(const char *name)
 {
     if (name && strcmp(name, "generic") == 0) return &mha__bf16_kernels_generic;
@@ -123,19 +148,4 @@ const mha__bf16_kernels *mha__bf16_named(const char *name)
     if (name && strcmp(name, "avx512_bf16") == 0 && detect().avx512_bf16) return &mha__bf16_kernels_avx512;
 #endif
     return NULL;
-}
-
-static const mha__bf16_kernels *chosen_bf16;
-static pthread_once_t chosen_bf16_once = PTHREAD_ONCE_INIT;
-
-static void choose_bf16(void)
-{
-    const mha__bf16_kernels *native = mha__bf16_named("avx512_bf16");
-    chosen_bf16 = native && strcmp(mha__kernels_get()->name, "avx512") == 0 ? native : &mha__bf16_kernels_generic;
-}
-
-const mha__bf16_kernels *mha__bf16_get(void)
-{
-    pthread_once(&chosen_bf16_once, choose_bf16);
-    return chosen_bf16;
 }

@@ -126,16 +126,24 @@ extern const mha__bf16_kernels mha__bf16_kernels_generic;
 extern const mha__bf16_kernels mha__bf16_kernels_avx512;
 #endif
 
-/* The bf16 kernels for this CPU: "avx512_bf16" when the CPU and OS support
- * AVX512-BF16 and the float32 choice is avx512 (so MHA_ISA caps both), else
- * "generic"; or the named ones (NULL if they cannot run here). */
-const mha__bf16_kernels *mha__bf16_get(void);
-const mha__bf16_kernels *mha__bf16_named(const char *name);
+/* One instruction set's kernels for each dtype the library computes in. */
+typedef struct mha__isa_kernels {
+    const mha__kernels *f32;
+    const mha__bf16_kernels *bf16;
+} mha__isa_kernels;
 
-/* The table for this CPU, chosen once (thread-safe): the best ISA the CPU
- * and the OS support, or the one named by MHA_ISA=generic|avx2|avx512 if the
- * CPU can run it.  Never NULL. */
+/* The kernels for this CPU, chosen once (thread-safe) from one table of
+ * instruction sets: the best ISA the CPU and the OS support, or the one
+ * named by MHA_ISA=generic|avx2|avx512 if the CPU can run it; its bf16
+ * kernels are "avx512_bf16" when that ISA is avx512 and the CPU has
+ * AVX512-BF16, else "generic".  Never NULL.  A plan (or a layer, for its
+ * weights) takes them once; kernels_get and bf16_get are its parts. */
+const mha__isa_kernels *mha__isa_get(void);
 const mha__kernels *mha__kernels_get(void);
+const mha__bf16_kernels *mha__bf16_get(void);
+
+/* The named bf16 kernels, or NULL if they cannot run here (tests). */
+const mha__bf16_kernels *mha__bf16_named(const char *name);
 
 /* A specific table, or NULL if this CPU/OS cannot run it or the name is
  * unknown.  For tests and benchmarks that compare paths. */

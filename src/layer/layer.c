@@ -144,7 +144,9 @@ mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
     l->head_dim = d.head_dim;
     l->qdim = d.num_heads * d.head_dim;
     l->kvdim = d.num_kv_heads * d.head_dim;
-    l->kt = mha__kernels_get();
+    const mha__isa_kernels *isa = mha__isa_get(); /* chosen once, kept with the packs */
+    l->kt = isa->f32;
+    l->bk = isa->bf16;
     l->names = MHA_NAMES_TORCH;
     /* Weights start as zeros, as the header promises. */
     l->bf16 = d.dtype == MHA_DTYPE_BF16;

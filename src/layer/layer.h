@@ -37,6 +37,7 @@ struct mha_layer {
     int64_t head_dim;
     int64_t qdim, kvdim;             /* h x head_dim, g x head_dim */
     const mha__kernels *kt;          /* the kernels the packs were made for */
+    const mha__bf16_kernels *bk;     /* and the bf16 ones, for a bf16 layer */
     bool bf16;                       /* desc.dtype == MHA_DTYPE_BF16 */
     mha__packed w[MAT_COUNT];        /* float32 packs (unused in bf16) */
     mha__packed_bf16 w16[MAT_COUNT]; /* bf16 packs (unused in float32) */

@@ -54,7 +54,7 @@ mha_tensor mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int
 static mha_status linear(mha_ctx *ctx, const mha_layer *l, int64_t rows, const mha__mat *x, matrix which,
                          const float *b, const mha__mat *y)
 {
-    if (l->bf16) return mha__linear_bf16(ctx, mha__bf16_get(), rows, x, &l->w16[which], b, y);
+    if (l->bf16) return mha__linear_bf16(ctx, l->bk, rows, x, &l->w16[which], b, y);
     mha__linear(ctx, l->kt, rows, x, &l->w[which], b, y);
     return MHA_OK;
 }
