@@ -96,4 +96,29 @@ bool mha__linear_bf16_workspace(int64_t rows, int64_t in, int64_t *bytes);
 mha_status mha__linear_bf16(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, const mha__mat *x,
                             const mha__packed_bf16 *w, const float *b, const mha__mat *y);
 
+/* A weight packed for the GEMM in the dtype it computes in (weight.c):
+ * the one type a layer keeps per matrix.  Zero-initialised: empty. */
+typedef struct mha__weight {
+    const mha__isa_kernels *kernels; /* the kernels it was packed for */
+    bool bf16;
+    mha__packed f32;      /* float32 panels, or */
+    mha__packed_bf16 b16; /* bf16 pairs */
+} mha__weight;
+
+/* Packs src [out, in] (NULL: zeros) for k's kernels in dtype (F32 or
+ * BF16), in place when the size is unchanged.  NOMEM. */
+mha_status mha__weight_pack(mha__weight *w, const mha__isa_kernels *k, mha_dtype dtype, const float *src, int64_t out,
+                            int64_t in);
+void mha__weight_free(mha__weight *w);
+/* The output columns of one panel: a head-major activation layout must
+ * be a multiple of it wide. */
+int64_t mha__weight_panel(const mha__weight *w);
+/* y = x W^T + b over rows rows, and the workspace it takes (bf16: the
+ * rounded input of `in` columns). */
+mha_status mha__weight_linear(mha_ctx *ctx, const mha__weight *w, int64_t rows, const mha__mat *x, const float *b,
+                              const mha__mat *y);
+bool mha__weight_linear_workspace(const mha__weight *w, int64_t rows, int64_t in, int64_t *bytes);
+/* The plain [out, in] matrix back (float32 weights only: UNSUPPORTED). */
+mha_status mha__weight_unpack(const mha__weight *w, float *dst);
+
 #endif /* MHA_GEMM_H */

@@ -111,14 +111,13 @@ int64_t mha__layer_bias_offset(const mha_layer *l, matrix which)
 mha_status mha__layer_pack(mha_layer *l, matrix which, const float *w)
 {
     int64_t out = mha__layer_out_features(l, which), in = mha__layer_in_features(l, which);
-    if (l->bf16) return mha__pack_bf16(&l->w16[which], w, out, in);
     mha__layer_train *t = l->train;
     if (t && w != t->w[which]) { /* training: the plain copy is the source of the packs */
         if (w) memcpy(t->w[which], w, (size_t)(out * in) * sizeof(float));
         else memset(t->w[which], 0, (size_t)(out * in) * sizeof(float));
         w = t->w[which];
     }
-    return mha__pack(&l->w[which], l->kt, w, out, in);
+    return mha__weight_pack(&l->w[which], l->isa, l->desc.dtype, w, out, in);
 }
 
 mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
@@ -144,9 +143,7 @@ mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
     l->head_dim = d.head_dim;
     l->qdim = d.num_heads * d.head_dim;
     l->kvdim = d.num_kv_heads * d.head_dim;
-    const mha__isa_kernels *isa = mha__isa_get(); /* chosen once, kept with the packs */
-    l->kt = isa->f32;
-    l->bk = isa->bf16;
+    l->isa = mha__isa_get();
     l->names = MHA_NAMES_TORCH;
     /* Weights start as zeros, as the header promises. */
     l->bf16 = d.dtype == MHA_DTYPE_BF16;
@@ -173,8 +170,7 @@ void mha_layer_free(mha_layer *l)
     if (!l) return;
     l->magic = 0;
     for (int i = 0; i < MAT_COUNT; i++) {
-        mha__packed_free(&l->w[i]);
-        mha__packed_bf16_free(&l->w16[i]);
+        mha__weight_free(&l->w[i]);
     }
     if (l->train) {
         mha__free(l->train->plain);

@@ -35,18 +35,16 @@ struct mha_layer {
     uint32_t magic;
     mha_layer_desc desc;
     int64_t head_dim;
-    int64_t qdim, kvdim;             /* h x head_dim, g x head_dim */
-    const mha__kernels *kt;          /* the kernels the packs were made for */
-    const mha__bf16_kernels *bk;     /* and the bf16 ones, for a bf16 layer */
-    bool bf16;                       /* desc.dtype == MHA_DTYPE_BF16 */
-    mha__packed w[MAT_COUNT];        /* float32 packs (unused in bf16) */
-    mha__packed_bf16 w16[MAT_COUNT]; /* bf16 packs (unused in float32) */
-    float *b_in;                     /* [qdim | kvdim | kvdim]: Q, K, V biases, or NULL */
-    float *b_out;                    /* [E] or NULL */
-    float *bias_k, *bias_v;          /* [E] or NULL */
-    float *alibi;                    /* [h] or NULL: the desc's slopes, copied */
-    mha_weight_names names;          /* the family the weights were loaded under (TORCH when set by hand) */
-    mha__layer_train *train;         /* NULL until mha_layer_train_init */
+    int64_t qdim, kvdim;         /* h x head_dim, g x head_dim */
+    const mha__isa_kernels *isa; /* the kernels the packs were made for, chosen once */
+    bool bf16;                   /* desc.dtype == MHA_DTYPE_BF16 */
+    mha__weight w[MAT_COUNT];    /* packed for the GEMM, in desc.dtype */
+    float *b_in;                 /* [qdim | kvdim | kvdim]: Q, K, V biases, or NULL */
+    float *b_out;                /* [E] or NULL */
+    float *bias_k, *bias_v;      /* [E] or NULL */
+    float *alibi;                /* [h] or NULL: the desc's slopes, copied */
+    mha_weight_names names;      /* the family the weights were loaded under (TORCH when set by hand) */
+    mha__layer_train *train;     /* NULL until mha_layer_train_init */
 };
 
 /* What a forward call records for the backward pass (mha_layer_tape). */

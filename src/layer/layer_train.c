@@ -86,7 +86,7 @@ mha_status mha_layer_train_init(mha_layer *l)
         return MHA_ERR_NOMEM;
     }
     train_layout(l, t);
-    for (int m = 0; m < MAT_COUNT; m++) mha__unpack(&l->w[m], t->w[m]);
+    for (int m = 0; m < MAT_COUNT; m++) mha__weight_unpack(&l->w[m], t->w[m]); /* float32: checked above */
     l->train = t;
     return MHA_OK;
 }
@@ -280,10 +280,10 @@ static void projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t
     mha__batched dpb = mha__layer_activations(l, dp, T1, m == MAT_Q ? l->desc.num_heads : l->desc.num_kv_heads);
     if (t->g_b_in) mha__column_sums(ctx, N, T, &dpb, out, t->g_b_in + mha__layer_bias_offset(l, m));
     mha__batched xb = contiguous(x, stage);
-    mha__weight_grad(ctx, l->kt, N, T, &dpb, &xb, out, in, t->g_w[m]);
+    mha__weight_grad(ctx, l->isa->f32, N, T, &dpb, &xb, out, in, t->g_w[m]);
     if (!gx) return;
     mha__batched gb = contiguous(gx, stage);
-    mha__packed w = mha__transposed_view(t->w[m], out, in, l->kt);
+    mha__packed w = mha__transposed_view(t->w[m], out, in, l->isa->f32);
     mha__layer_project_packed(ctx, l, N, T, &dpb, &w, &gb, true);
     scatter(&gb, gx);
 }
@@ -305,8 +305,8 @@ static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, co
     mha__batched dy = contiguous(grad_attn_output, g.stage);
     mha__batched heads = mha__layer_activations(l, tape->heads, L, H), dout = mha__layer_activations(l, g.dout, L, H);
     if (t->g_b_out) mha__column_sums(ctx, N, L, &dy, E, t->g_b_out);
-    mha__weight_grad(ctx, l->kt, N, L, &dy, &heads, E, l->qdim, t->g_w[MAT_OUT]);
-    mha__packed w_out = mha__transposed_view(t->w[MAT_OUT], E, l->qdim, l->kt);
+    mha__weight_grad(ctx, l->isa->f32, N, L, &dy, &heads, E, l->qdim, t->g_w[MAT_OUT]);
+    mha__packed w_out = mha__transposed_view(t->w[MAT_OUT], E, l->qdim, l->isa->f32);
     mha__layer_project_packed(ctx, l, N, L, &dy, &w_out, &dout, false);
 
     /* Attention: dQ, dK, dV land over O, K, V. */

@@ -31,7 +31,7 @@ mha__batched mha__layer_from_view(const mha_tensor *t)
  * rows contiguously; otherwise row-major [N][T][E]. */
 static bool head_major(const mha_layer *l)
 {
-    return l->head_dim % (l->bf16 ? MHA_BF16_NR : l->kt->nr) == 0; /* the GEMM's panel width */
+    return l->head_dim % mha__weight_panel(&l->w[MAT_Q]) == 0; /* every matrix has the same panel width */
 }
 
 mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t T, int64_t heads)
@@ -54,9 +54,7 @@ mha_tensor mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int
 static mha_status linear(mha_ctx *ctx, const mha_layer *l, int64_t rows, const mha__mat *x, matrix which,
                          const float *b, const mha__mat *y)
 {
-    if (l->bf16) return mha__linear_bf16(ctx, l->bk, rows, x, &l->w16[which], b, y);
-    mha__linear(ctx, l->kt, rows, x, &l->w[which], b, y);
-    return MHA_OK;
+    return mha__weight_linear(ctx, &l->w[which], rows, x, b, y);
 }
 
 /* Can N batches of T rows be one matrix of N T rows? */
@@ -90,8 +88,8 @@ void mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N, int6
         xn.data += n * x->batch_stride;
         yn.data += n * y->batch_stride;
         int64_t rows = whole ? N * T : T;
-        if (add) mha__linear_add(ctx, l->kt, rows, &xn, w, &yn);
-        else mha__linear(ctx, l->kt, rows, &xn, w, NULL, &yn);
+        if (add) mha__linear_add(ctx, l->isa->f32, rows, &xn, w, &yn);
+        else mha__linear(ctx, l->isa->f32, rows, &xn, w, NULL, &yn);
     }
 }
 
@@ -154,10 +152,10 @@ mha_status mha__layer_project_output(mha_ctx *ctx, const mha_layer *l, int64_t N
 bool mha__layer_project_workspace(const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk, int64_t *bytes)
 {
     int64_t most = 0;
-    for (int m = 0; l->bf16 && m < MAT_COUNT; m++) {
+    for (int m = 0; m < MAT_COUNT; m++) {
         int64_t one = 0;
         int64_t rows = N * (m == MAT_K || m == MAT_V ? Lk : Lq);
-        if (!mha__linear_bf16_workspace(rows, mha__layer_in_features(l, (matrix)m), &one)) return false;
+        if (!mha__weight_linear_workspace(&l->w[m], rows, mha__layer_in_features(l, (matrix)m), &one)) return false;
         most = one > most ? one : most;
     }
     *bytes = most; /* the four products run one after another */

@@ -1,0 +1,43 @@
+/*
+ * weight.c -- a weight packed for the GEMM in the dtype it computes in,
+ * behind one type: a layer keeps one mha__weight per matrix and never
+ * asks which packing is inside.
+ */
+#include "gemm/gemm.h"
+
+mha_status mha__weight_pack(mha__weight *w, const mha__isa_kernels *k, mha_dtype dtype, const float *src, int64_t out,
+                            int64_t in)
+{
+    w->kernels = k;
+    w->bf16 = dtype == MHA_DTYPE_BF16;
+    if (w->bf16) return mha__pack_bf16(&w->b16, src, out, in);
+    return mha__pack(&w->f32, k->f32, src, out, in);
+}
+
+void mha__weight_free(mha__weight *w)
+{
+    mha__packed_free(&w->f32);
+    mha__packed_bf16_free(&w->b16);
+}
+
+int64_t mha__weight_panel(const mha__weight *w) { return w->bf16 ? MHA_BF16_NR : w->kernels->f32->nr; }
+
+bool mha__weight_linear_workspace(const mha__weight *w, int64_t rows, int64_t in, int64_t *bytes)
+{
+    return !w->bf16 || mha__linear_bf16_workspace(rows, in, bytes);
+}
+
+mha_status mha__weight_linear(mha_ctx *ctx, const mha__weight *w, int64_t rows, const mha__mat *x, const float *b,
+                              const mha__mat *y)
+{
+    if (w->bf16) return mha__linear_bf16(ctx, w->kernels->bf16, rows, x, &w->b16, b, y);
+    mha__linear(ctx, w->kernels->f32, rows, x, &w->f32, b, y);
+    return MHA_OK;
+}
+
+mha_status mha__weight_unpack(const mha__weight *w, float *dst)
+{
+    if (w->bf16) return mha__fail(MHA_ERR_UNSUPPORTED, "a bf16 weight keeps only its rounded pack");
+    mha__unpack(&w->f32, dst);
+    return MHA_OK;
+}
