@@ -34,11 +34,13 @@ typedef struct mha__attn_plan {
     mha_mask masks[2];                 /* over [B, Hq, L, R]; kind NONE = unused */
     bool bf16;                         /* Q, K, V and P rounded to bf16 for the products */
     /* Resolved by mha__attn_plan_resolve. */
-    int64_t group;               /* Hq / Hkv: query heads per kv head */
-    const mha__kernels *kt;      /* this CPU's float32 kernels */
-    const mha__bf16_kernels *bk; /* its bf16 kernels, when the products or the K/V rows are bf16; else NULL */
-    mha__attn_path path;         /* the forward's driver */
-    int64_t workspace;           /* bytes the forward takes from the context */
+    int64_t group;                        /* Hq / Hkv: query heads per kv head */
+    const mha__kernels *kt;               /* this CPU's float32 kernels */
+    const mha__bf16_kernels *bk;          /* its bf16 kernels, when the products or the K/V rows are bf16; else NULL */
+    mha__attn_path path;                  /* the forward's driver */
+    const struct mha__products *products; /* the tiles' block products in its dtype (products.h) */
+    const struct mha__kv_rows *kv_rows;   /* split-K's row operations in the K/V rows' dtype */
+    int64_t workspace;                    /* bytes the forward takes from the context */
 } mha__attn_plan;
 
 /* K and V as a forward reads them: float32 tensors [B, Hkv, S, D] and

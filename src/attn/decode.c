@@ -13,7 +13,7 @@
  * uses every thread and the result has the same bits for any thread count.
  * K and V are read in place from the cache, float32 or bf16.
  */
-#include "attn/attention.h"
+#include "attn/products.h"
 
 #include <math.h>
 #include <string.h>
@@ -23,7 +23,6 @@ enum { KC = 256 }; /* keys per chunk: 256 x 64 floats of K and of V fit in L2 be
 typedef struct decode_job {
     const mha__attn_plan *p;
     const mha__kernels *kt;
-    const mha__bf16_kernels *bk; /* for a bf16 cache */
     const mha_tensor *q;
     const mha__kv_view *kv;
     mha_tensor *out;
@@ -47,16 +46,14 @@ static void chunk_scores(const decode_job *j, int64_t b, int64_t g, int64_t j0, 
 {
     const mha__kv_view *kv = j->kv;
     int64_t at = b * kv->stride[0] + g * kv->stride[1] + j0 * kv->stride[2];
-    if (kv->bf16) j->bk->dot_rows((const uint16_t *)kv->k + at, kv->stride[2], cols, qs, j->p->D, s);
-    else j->kt->dot_rows((const float *)kv->k + at, kv->stride[2], cols, qs, j->p->D, s);
+    j->p->kv_rows->dot(j->p, kv->k, at, kv->stride[2], cols, qs, s);
 }
 
 static void chunk_values(const decode_job *j, int64_t b, int64_t g, int64_t j0, int64_t cols, const float *pr, float *o)
 {
     const mha__kv_view *kv = j->kv;
     int64_t at = b * kv->stride[0] + g * kv->stride[1] + j0 * kv->stride[2];
-    if (kv->bf16) j->bk->axpy_rows(pr, (const uint16_t *)kv->v + at, kv->stride[2], cols, j->p->Dv, o);
-    else j->kt->axpy_rows(pr, (const float *)kv->v + at, kv->stride[2], cols, j->p->Dv, o);
+    j->p->kv_rows->axpy(j->p, pr, kv->v, at, kv->stride[2], cols, o);
 }
 
 /* One query row (b, h, i) against chunk c: its (m, l, O). */
@@ -155,8 +152,7 @@ bool mha__decode_workspace(const mha__attn_plan *p, const mha_ctx *ctx, int64_t 
 mha_status mha__decode_attention(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse,
                                  const mha_tensor *q, const mha__kv_view *kv)
 {
-    decode_job j = {
-        .p = p, .kt = p->kt, .bk = p->bk, .q = q, .kv = kv, .out = out, .lse = lse, .chunks = chunk_count(p)};
+    decode_job j = {.p = p, .kt = p->kt, .q = q, .kv = kv, .out = out, .lse = lse, .chunks = chunk_count(p)};
     int64_t rows = p->B * p->Hq * p->L, floats, top = mha__ws_top(ctx);
     if (rows == 0) return MHA_OK;
     if (!partial_floats(p, j.chunks, &floats)) return MHA_ERR_INTERNAL; /* the plan checked it */

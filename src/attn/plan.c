@@ -6,7 +6,7 @@
  * kernels, the driver and the workspace are decided once, in this file,
  * and the drivers only follow the plan.
  */
-#include "attn/attention.h"
+#include "attn/products.h"
 
 mha__kv mha__kv_from_tensors(const mha_tensor *k, const mha_tensor *v)
 {
@@ -46,6 +46,8 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__at
     p->kt = isa->f32;
     p->bk = p->bf16 || needs.kv_bf16 ? isa->bf16 : NULL;
     p->path = choose_path(p, needs);
+    p->products = p->bf16 ? &mha__products_bf16 : &mha__products_f32;
+    p->kv_rows = needs.kv_bf16 ? &mha__kv_rows_bf16 : &mha__kv_rows_f32;
     if (needs.kv_bf16 && (needs.stats || p->D != p->Dv || p->R != p->S || p->bf16))
         return mha__fail(MHA_ERR_INTERNAL, "a bf16 cache reaches split-K only, which cannot serve this plan");
     p->workspace = 0;

@@ -1,0 +1,184 @@
+/*
+ * products.c -- the forward's three block operations, once per dtype,
+ * and the split-K driver's two row operations, once per cache dtype:
+ *
+ *   float32  the micro-kernel's tile reads K's rows in place as the
+ *            broadcast operand and P^T through its strides;
+ *   bf16     K, V and P are rounded into the pair layouts the bf16 tile
+ *            reads (kernels.h), (scale Q)^T is packed in pairs once per
+ *            item; odd dimensions are padded with 0.  Softmax work stays
+ *            float32 either way.
+ */
+#include "attn/products.h"
+#include "core/convert.h"
+
+static int64_t even(int64_t n) { return n + (n & 1); }
+
+int64_t mha__tiles_floats(const mha__attn_plan *p)
+{
+    return p->D * MHA__BR + MHA__BC * p->Dv + MHA__BC * MHA__BR + MHA__BR * p->Dv + 3 * MHA__BR +
+           (MHA__BC * even(p->D) + MHA__BR * MHA__BC) / 2 + 7 * 16; /* +16 per array: alignment slack */
+}
+
+static float *carve(float **cursor, int64_t n)
+{
+    float *start = *cursor;
+    *cursor += (n + 15) / 16 * 16;
+    return start;
+}
+
+mha__tiles mha__tiles_carve(const mha__attn_plan *p, float *cur)
+{
+    mha__tiles t;
+    t.qt = carve(&cur, p->D * MHA__BR);
+    t.vt = carve(&cur, MHA__BC * p->Dv);
+    t.st = carve(&cur, MHA__BC * MHA__BR);
+    t.o = carve(&cur, MHA__BR * p->Dv);
+    t.max = carve(&cur, MHA__BR);
+    t.sum = carve(&cur, MHA__BR);
+    t.scale = carve(&cur, MHA__BR);
+    t.k16 = (uint16_t *)carve(&cur, MHA__BC * even(p->D) / 2);
+    t.p16 = (uint16_t *)carve(&cur, MHA__BR * MHA__BC / 2);
+    return t;
+}
+
+/* ---------------------------------------------------------------- */
+/* float32                                                           */
+/* ---------------------------------------------------------------- */
+
+/* Scaling the queries once, as nn.MultiheadAttention does, saves a pass
+ * over every score tile. */
+static void pack_queries_f32(const mha__attn_plan *p, mha__strided q, int64_t rows, const mha__tiles *t)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < p->D; c++) t->qt[c * MHA__BR + r] = q.data[r * q.rs + c * q.cs] * p->scale;
+}
+
+static void scores_f32(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, const mha__tiles *t)
+{
+    const mha__kernels *kt = p->kt;
+    for (int64_t c = 0; c < cols; c += kt->mr)
+        for (int64_t r = 0; r < rows; r += kt->nr) {
+            int64_t m = cols - c < kt->mr ? cols - c : kt->mr, n = rows - r < kt->nr ? rows - r : kt->nr;
+            kt->gemm_tile(m, n, p->D, k.data + c * k.rs, k.rs, k.cs, t->qt + r, MHA__BR, t->st + c * MHA__BR + r,
+                          MHA__BR, 0);
+        }
+}
+
+static void values_f32(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, const mha__tiles *t)
+{
+    const mha__kernels *kt = p->kt;
+    const float *vb = v.data;
+    int64_t ldv = v.rs;
+    if (v.cs != 1) { /* gather the tile so its rows are contiguous */
+        for (int64_t jj = 0; jj < cols; jj++)
+            for (int64_t c = 0; c < p->Dv; c++) t->vt[jj * p->Dv + c] = v.data[jj * v.rs + c * v.cs];
+        vb = t->vt;
+        ldv = p->Dv;
+    }
+    for (int64_t r = 0; r < rows; r += kt->mr)
+        for (int64_t c = 0; c < p->Dv; c += kt->nr) {
+            int64_t m = rows - r < kt->mr ? rows - r : kt->mr, n = p->Dv - c < kt->nr ? p->Dv - c : kt->nr;
+            kt->gemm_tile(m, n, cols, t->st + r, 1, MHA__BR, vb + c, ldv, t->o + r * p->Dv + c, p->Dv, 1);
+        }
+}
+
+const mha__products mha__products_f32 = {pack_queries_f32, scores_f32, values_f32};
+
+/* ---------------------------------------------------------------- */
+/* bf16                                                              */
+/* ---------------------------------------------------------------- */
+
+/* Pairs of dimensions: element (c, r) at (c / 2) * 2 BR + 2 r + c % 2. */
+static void pack_queries_bf16(const mha__attn_plan *p, mha__strided q, int64_t rows, const mha__tiles *t)
+{
+    uint16_t *qt16 = (uint16_t *)t->qt;
+    int64_t D = p->D;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c = 0; c < D; c++)
+            qt16[(c / 2) * 2 * MHA__BR + 2 * r + c % 2] = mha__f32_to_bf16(q.data[r * q.rs + c * q.cs] * p->scale);
+        if (D & 1) qt16[(D / 2) * 2 * MHA__BR + 2 * r + 1] = 0;
+    }
+}
+
+/* The key rows rounded and padded to an even width, times (scale Q)^T. */
+static void scores_bf16(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, const mha__tiles *t)
+{
+    int64_t D = p->D, De = even(D);
+    for (int64_t c = 0; c < cols; c++) {
+        if (k.cs == 1) {
+            p->bk->round(t->k16 + c * De, k.data + c * k.rs, D);
+        } else {
+            for (int64_t d = 0; d < D; d++) t->k16[c * De + d] = mha__f32_to_bf16(k.data[c * k.rs + d * k.cs]);
+        }
+        if (D & 1) t->k16[c * De + D] = 0;
+    }
+    for (int64_t c = 0; c < cols; c += MHA_BF16_MR)
+        for (int64_t r = 0; r < rows; r += MHA_BF16_NR) {
+            int64_t m = cols - c < MHA_BF16_MR ? cols - c : MHA_BF16_MR,
+                    n = rows - r < MHA_BF16_NR ? rows - r : MHA_BF16_NR;
+            p->bk->tile(m, n, De, t->k16 + c * De, De, 2, (const uint16_t *)t->qt + 2 * r, 2 * MHA__BR,
+                        t->st + c * MHA__BR + r, MHA__BR, 0);
+        }
+}
+
+/* Pairs of key rows of P (key-major, as softmax_step left it) and of V
+ * interleaved and rounded, padded to an even number of keys; P's pairs
+ * are then the A operand (a_rs = 2, a_ps = 2 BR). */
+static void values_bf16(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, const mha__tiles *t)
+{
+    const mha__bf16_kernels *bk = p->bk;
+    int64_t Dv = p->Dv, ce = even(cols);
+    uint16_t *v16 = (uint16_t *)t->vt, *p16 = t->p16;
+    for (int64_t c = 0; c < cols; c += 2) {
+        const float *second = c + 1 < cols ? t->st + (c + 1) * MHA__BR : NULL;
+        bk->pairs(p16 + (c / 2) * 2 * MHA__BR, t->st + c * MHA__BR, second, rows);
+        if (v.cs == 1) {
+            bk->pairs(v16 + (c / 2) * 2 * Dv, v.data + c * v.rs, c + 1 < cols ? v.data + (c + 1) * v.rs : NULL, Dv);
+            continue;
+        }
+        for (int64_t d = 0; d < Dv; d++) {
+            v16[(c / 2) * 2 * Dv + 2 * d] = mha__f32_to_bf16(v.data[c * v.rs + d * v.cs]);
+            v16[(c / 2) * 2 * Dv + 2 * d + 1] = c + 1 < cols ? mha__f32_to_bf16(v.data[(c + 1) * v.rs + d * v.cs]) : 0;
+        }
+    }
+    for (int64_t r = 0; r < rows; r += MHA_BF16_MR)
+        for (int64_t c = 0; c < Dv; c += MHA_BF16_NR) {
+            int64_t m = rows - r < MHA_BF16_MR ? rows - r : MHA_BF16_MR,
+                    n = Dv - c < MHA_BF16_NR ? Dv - c : MHA_BF16_NR;
+            bk->tile(m, n, ce, p16 + 2 * r, 2, 2 * MHA__BR, v16 + 2 * c, 2 * Dv, t->o + r * Dv + c, Dv, 1);
+        }
+}
+
+const mha__products mha__products_bf16 = {pack_queries_bf16, scores_bf16, values_bf16};
+
+/* ---------------------------------------------------------------- */
+/* Cached rows for split-K, float32 or bf16                          */
+/* ---------------------------------------------------------------- */
+
+static void dot_f32(const mha__attn_plan *p, const void *k, int64_t at, int64_t ld, int64_t n, const float *q, float *s)
+{
+    p->kt->dot_rows((const float *)k + at, ld, n, q, p->D, s);
+}
+
+static void axpy_f32(const mha__attn_plan *p, const float *pr, const void *v, int64_t at, int64_t ld, int64_t n,
+                     float *o)
+{
+    p->kt->axpy_rows(pr, (const float *)v + at, ld, n, p->Dv, o);
+}
+
+const mha__kv_rows mha__kv_rows_f32 = {dot_f32, axpy_f32};
+
+static void dot_bf16(const mha__attn_plan *p, const void *k, int64_t at, int64_t ld, int64_t n, const float *q,
+                     float *s)
+{
+    p->bk->dot_rows((const uint16_t *)k + at, ld, n, q, p->D, s);
+}
+
+static void axpy_bf16(const mha__attn_plan *p, const float *pr, const void *v, int64_t at, int64_t ld, int64_t n,
+                      float *o)
+{
+    p->bk->axpy_rows(pr, (const uint16_t *)v + at, ld, n, p->Dv, o);
+}
+
+const mha__kv_rows mha__kv_rows_bf16 = {dot_bf16, axpy_bf16};

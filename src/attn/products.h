@@ -1,0 +1,64 @@
+/*
+ * products.h -- the forward's block products in the dtype a plan computes
+ * in, and the tiles they work on.  flash.c walks the tiles and calls
+ * these through the plan (mha__attn_plan.products), so no dtype appears
+ * in the driver: products.c has one table for float32 and one for bf16.
+ */
+#ifndef MHA_PRODUCTS_H
+#define MHA_PRODUCTS_H
+
+#include "attn/attention.h"
+
+/* Query rows per item (at most MHA__BR) and keys per tile: multiples of
+ * every kernel's mr (12, 6, 4), so full tiles have no tails.  MHA__BR is
+ * also the leading dimension of the transposed tiles. */
+enum { MHA__BR = 192, MHA__BC = 192 };
+
+/* Per-thread tiles, carved from one workspace slice. */
+typedef struct mha__tiles {
+    float *qt;                        /* [D][BR]   the item's queries, (scale Q)^T (packed once per item) */
+    float *vt;                        /* [BC][Dv]  the value tile, when V's rows are not contiguous */
+    float *st;                        /* [BC][BR]  scores, then probabilities, key-major */
+    float *o;                         /* [BR][Dv]  unnormalised output */
+    float *max, *sum, *scale;         /* [BR] */
+    uint16_t *k16;                    /* bf16 only: [BC][D even]  the key tile, rounded */
+    uint16_t *p16;                    /* bf16 only: [BC / 2][BR][2] probabilities in pairs of keys, rounded */
+    int64_t lo[MHA__BR], hi[MHA__BR]; /* each row's visible real keys (mha__row_key_range) */
+} mha__tiles;
+
+/* Floats of one thread's tiles for a plan. */
+int64_t mha__tiles_floats(const mha__attn_plan *p);
+/* The tiles carved from a slice of mha__tiles_floats floats. */
+mha__tiles mha__tiles_carve(const mha__attn_plan *p, float *slice);
+
+/* A matrix read through two strides: element (r, c) at data[r * rs + c * cs]. */
+typedef struct mha__strided {
+    const float *data;
+    int64_t rs, cs;
+} mha__strided;
+
+typedef struct mha__products {
+    /* t->qt = (scale Q)^T for the `rows` query rows q. */
+    void (*pack_queries)(const mha__attn_plan *p, mha__strided q, int64_t rows, const mha__tiles *t);
+    /* t->st = S^T = K (scale Q)^T for keys [0, cols) at k, key-major. */
+    void (*scores)(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, const mha__tiles *t);
+    /* t->o += P V for keys [0, cols) at v, P key-major in t->st. */
+    void (*values)(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, const mha__tiles *t);
+} mha__products;
+
+extern const mha__products mha__products_f32;
+extern const mha__products mha__products_bf16;
+
+/* The split-K driver's two row operations on cached K and V rows stored
+ * in the cache's dtype, element `at` onward, rows ld elements apart:
+ *   dot:  s[j] = q . k_j for j < n (q already scaled)
+ *   axpy: o += sum_j p[j] v_j, j in order */
+typedef struct mha__kv_rows {
+    void (*dot)(const mha__attn_plan *p, const void *k, int64_t at, int64_t ld, int64_t n, const float *q, float *s);
+    void (*axpy)(const mha__attn_plan *p, const float *pr, const void *v, int64_t at, int64_t ld, int64_t n, float *o);
+} mha__kv_rows;
+
+extern const mha__kv_rows mha__kv_rows_f32;
+extern const mha__kv_rows mha__kv_rows_bf16;
+
+#endif /* MHA_PRODUCTS_H */
