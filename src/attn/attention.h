@@ -38,6 +38,7 @@ typedef struct mha__attn_plan {
     const mha__kernels *kt;               /* this CPU's float32 kernels */
     const mha__bf16_kernels *bk;          /* its bf16 kernels, when the products or the K/V rows are bf16; else NULL */
     mha__attn_path path;                  /* the forward's driver */
+    int64_t block_rows;                   /* the tiles' query rows per work item (at most MHA__BR, products.h) */
     const struct mha__products *products; /* the tiles' block products in its dtype (products.h) */
     const struct mha__kv_rows *kv_rows;   /* split-K's row operations in the K/V rows' dtype */
     int64_t workspace;                    /* bytes the forward takes from the context */

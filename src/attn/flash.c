@@ -21,20 +21,11 @@
 #include <math.h>
 #include <string.h>
 
-/* Query rows per item (at most BR; see rows_per_item) and keys per tile
+/* Query rows per item (at most BR; the plan's block_rows) and keys per tile
  * (products.h). */
 enum { BR = MHA__BR, BC = MHA__BC };
 
 typedef mha__tiles tiles;
-
-/* 96 rows per item while one head's K and V fit in about twice the L2
- * cache; beyond that, 192 rows share each pass over K and V (measured at
- * N = 2048 and 8192, d = 64: docs/PERFORMANCE.md). */
-static int64_t rows_per_item(const mha__attn_plan *p)
-{
-    double kv_bytes = (double)p->S * (double)(p->D + p->Dv) * sizeof(float);
-    return kv_bytes > 2.5e6 ? BR : BR / 2;
-}
 
 typedef struct flash_job {
     const mha__attn_plan *p;
@@ -240,7 +231,7 @@ bool mha__attn_forward_workspace(const mha__attn_plan *p, const mha_ctx *ctx, in
 mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *probs, int average,
                            const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k)
 {
-    int64_t br = rows_per_item(p), top = mha__ws_top(ctx);
+    int64_t br = p->block_rows, top = mha__ws_top(ctx);
     probs_job pj = {
         {p, p->kt, br, NULL, NULL, (mha__row_stats *)stats, q, k, NULL, NULL, 0, (p->L + br - 1) / br}, probs, average};
     pj.f.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &pj.f.scratch_stride);
@@ -253,7 +244,7 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *pr
 mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse, mha__row_stats *stats,
                              const mha_tensor *q, const mha_tensor *k, const mha_tensor *v)
 {
-    int64_t br = rows_per_item(p), top = mha__ws_top(ctx);
+    int64_t br = p->block_rows, top = mha__ws_top(ctx);
     flash_job job = {p, p->kt, br, out, lse, stats, q, k, v, NULL, 0, (p->L + br - 1) / br};
     job.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &job.scratch_stride);
     if (!job.scratch) return MHA_ERR_INTERNAL;

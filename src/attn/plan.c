@@ -31,6 +31,15 @@ static mha__attn_path choose_path(const mha__attn_plan *p, mha__attn_needs needs
     return few_rows && !needs.stats && !p->bf16 && p->D == p->Dv && p->R == p->S ? MHA__PATH_SPLIT_K : MHA__PATH_TILED;
 }
 
+/* 96 query rows per work item while one head's K and V fit in about
+ * twice the L2 cache; beyond that, 192 rows share each pass over K and V
+ * (measured at N = 2048 and 8192, d = 64: docs/PERFORMANCE.md). */
+static int64_t block_rows(const mha__attn_plan *p)
+{
+    double kv_bytes = (double)p->S * (double)(p->D + p->Dv) * sizeof(float);
+    return kv_bytes > 2.5e6 ? MHA__BR : MHA__BR / 2;
+}
+
 mha__attn_needs mha__attn_needs_of(const mha__kv *kv, bool stats)
 {
     return (mha__attn_needs){kv->rows.k != NULL, kv->rows.bf16, stats};
@@ -46,6 +55,7 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__at
     p->kt = isa->f32;
     p->bk = p->bf16 || needs.kv_bf16 ? isa->bf16 : NULL;
     p->path = choose_path(p, needs);
+    p->block_rows = block_rows(p);
     p->products = p->bf16 ? &mha__products_bf16 : &mha__products_f32;
     p->kv_rows = needs.kv_bf16 ? &mha__kv_rows_bf16 : &mha__kv_rows_f32;
     if (needs.kv_bf16 && (needs.stats || p->D != p->Dv || p->R != p->S || p->bf16))
