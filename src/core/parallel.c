@@ -213,9 +213,25 @@ void mha__parallel_for(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *ar
 /* Workspace                                                         */
 /* ---------------------------------------------------------------- */
 
+/* What a take of `bytes` occupies: whole cache lines, and after a region
+ * of a page or more, half a page more, so that the next region starts at
+ * another offset within a 4 KiB page.  Loads from one buffer and stores
+ * to the next (the layer's activations and the attention tiles) then do
+ * not alias on the low address bits, as they did when the two came from
+ * separate allocations.  Measured at N = 512 against the same build
+ * without it (bench/compare_builds.py, 25 rounds): 1.020x and 1.006x,
+ * within this machine's noise.  -1 if it overflows. */
+static int64_t take_size(int64_t bytes)
+{
+    if (bytes < 0 || bytes > INT64_MAX - 4096) return -1;
+    int64_t size = mha__pad_to_line(bytes);
+    return size >= 4096 ? size + 2048 : size;
+}
+
 bool mha__ws_add(int64_t *total, int64_t bytes, const char *what)
 {
-    if (bytes >= 0 && bytes <= INT64_MAX - 63 && mha__add(*total, mha__pad_to_line(bytes), total)) return true;
+    int64_t size = take_size(bytes);
+    if (size >= 0 && mha__add(*total, size, total)) return true;
     mha__fail(MHA_ERR_INVALID_ARG, "the workspace for %s overflows 64 bits", what);
     return false;
 }
@@ -251,7 +267,7 @@ mha_status mha__ws_reserve(mha_ctx *ctx, int64_t bytes)
 
 void *mha__ws_take(mha_ctx *ctx, int64_t bytes)
 {
-    int64_t size = bytes >= 0 && bytes <= INT64_MAX - 63 ? mha__pad_to_line(bytes) : -1;
+    int64_t size = take_size(bytes);
     if (size < 0 || size > ctx->ws_cap - ctx->ws_top) {
         mha__fail(MHA_ERR_INTERNAL, "taking %lld workspace bytes beyond the %lld the plan reserved", (long long)bytes,
                   (long long)ctx->ws_cap);
