@@ -3,7 +3,8 @@
  * family sets which part of the layer, in what layout.  Setting a weight
  * by name, loading a block from a file (weights.c), the training
  * parameter list (layer_train.c) and exporting weights and gradients in a
- * file's layout all read it; nothing else spells a weight's name.
+ * file's layout all read it; nothing else in the library spells a
+ * weight's name (callers use them as PyTorch's state_dict does).
  *
  *   family                  Q|K|V stacked    Q, K, V            O                 biases          extra
  *   nn.MultiheadAttention   in_proj_weight   q/k/v_proj_weight  out_proj.weight   in_proj_bias,   bias_k, bias_v
