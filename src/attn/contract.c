@@ -47,18 +47,15 @@ mha_status mha__attn_plan_check(const mha__attn_plan *p)
 /* The row contract                                                  */
 /* ---------------------------------------------------------------- */
 
-static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
 void mha__row_key_range(const mha__attn_plan *p, int64_t i, int64_t *lo, int64_t *hi)
 {
     int64_t diag = i + p->R - p->L; /* the key aligned with row i, bottom-right */
     *lo = 0;
     *hi = p->R;
-    if (p->causal == MHA_CAUSAL_TOP_LEFT) *hi = min64(*hi, i + 1);
-    if (p->causal == MHA_CAUSAL_BOTTOM_RIGHT) *hi = min64(*hi, diag + 1);
-    if (p->window_left >= 0) *lo = max64(*lo, diag - p->window_left);
-    if (p->window_right >= 0) *hi = min64(*hi, diag + p->window_right + 1);
+    if (p->causal == MHA_CAUSAL_TOP_LEFT) *hi = mha__min64(*hi, i + 1);
+    if (p->causal == MHA_CAUSAL_BOTTOM_RIGHT) *hi = mha__min64(*hi, diag + 1);
+    if (p->window_left >= 0) *lo = mha__max64(*lo, diag - p->window_left);
+    if (p->window_right >= 0) *hi = mha__min64(*hi, diag + p->window_right + 1);
 }
 
 bool mha__plan_has_bias(const mha__attn_plan *p)

@@ -31,6 +31,9 @@ static inline bool mha__add(int64_t a, int64_t b, int64_t *out)
     return !__builtin_add_overflow(a, b, out);
 }
 
+static inline int64_t mha__max64(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t mha__min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
 /* Product of n non-negative sizes; false on overflow. */
 bool mha__product(const int64_t *dims, int n, int64_t *out);
 

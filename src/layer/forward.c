@@ -83,8 +83,6 @@ typedef struct fwd_plan {
     int64_t workspace;           /* bytes */
 } fwd_plan;
 
-static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
 /* Floats of each buffer; INVALID_ARG if they overflow. */
 static mha_status plan_buffers(const mha_layer *l, bool tape, fwd_plan *f)
 {
@@ -112,7 +110,7 @@ static bool plan_calls(const mha_ctx *ctx, const mha_layer *l, const fwd_plan *f
     bool ok = mha__layer_project_workspace(l, f->N, f->L, f->S, &project) &&
               mha__layer_rotate_workspace(l, f->L, f->S1, &rotate);
     if (ok && f->weights) ok = mha__attn_forward_workspace(&f->attn, ctx, &probs);
-    *bytes = max64(max64(project, rotate), max64(f->attn.workspace, probs));
+    *bytes = mha__max64(mha__max64(project, rotate), mha__max64(f->attn.workspace, probs));
     return ok;
 }
 

@@ -177,8 +177,6 @@ typedef struct decode_plan {
     int64_t workspace; /* bytes */
 } decode_plan;
 
-static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
 /* Attention of the n new rows over all length + n cached rows,
  * bottom-right causal. */
 static mha__attn_plan step_problem(const mha_layer *l, const mha_kv_cache *c, int64_t n)
@@ -211,7 +209,7 @@ static mha_status plan_decode(const mha_ctx *ctx, const mha_layer *l, const mha_
     if (st != MHA_OK) return st;
     bool ok = mha__layer_rotate_workspace(l, n, n, &rope) && mha__layer_project_workspace(l, N, n, n, &gemm) &&
               mha__ws_add(&own, (2 * p->nq + 2 * p->nk) * (int64_t)sizeof(float), "the decoding step's rows");
-    if (!ok || !mha__add(own, max64(p->attn.workspace, max64(rope, gemm)), &p->workspace))
+    if (!ok || !mha__add(own, mha__max64(p->attn.workspace, mha__max64(rope, gemm)), &p->workspace))
         return mha__fail(MHA_ERR_INVALID_ARG, "the decoding step's workspace overflows");
     return MHA_OK;
 }

@@ -220,18 +220,17 @@ typedef struct bwd_plan {
     int64_t workspace;
 } bwd_plan;
 
-static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
 static mha_status plan_backward(const mha_ctx *ctx, const mha_layer *l, const mha_layer_fwd_args *a, bwd_plan *p)
 {
     const mha_layer_desc *d = &l->desc;
     const mha_layer_tape *tape = a->tape;
-    int64_t N = tape->N, L = tape->L, S = tape->S, widest = max64(d->embed_dim, max64(d->kdim, d->vdim)), total;
+    int64_t N = tape->N, L = tape->L, S = tape->S, widest = mha__max64(d->embed_dim, mha__max64(d->kdim, d->vdim)),
+            total;
     p->attn = mha__layer_plan(l, a);
     mha_status st = mha__attn_plan_check(&p->attn);
     if (st == MHA_OK) st = mha__attn_plan_resolve(&p->attn, ctx, (mha__attn_needs){true, false, true});
     if (st != MHA_OK) return st;
-    if (!mha__mul(N * L, l->qdim, &p->nq) || !mha__mul(N * max64(L, S), widest, &p->stage) ||
+    if (!mha__mul(N * L, l->qdim, &p->nq) || !mha__mul(N * mha__max64(L, S), widest, &p->stage) ||
         !mha__add(p->nq, p->stage, &total) || total > INT64_MAX / 8)
         return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace for %lld x %lld queries overflows", (long long)N,
                          (long long)L);
@@ -239,7 +238,7 @@ static mha_status plan_backward(const mha_ctx *ctx, const mha_layer *l, const mh
     bool ok = mha__attn_backward_workspace(&p->attn, ctx, true, &attn) && /* dQ lands over the heads: contiguous */
               mha__layer_rotate_workspace(l, L, p->attn.S, &rotate) &&
               mha__ws_add(&own, total * (int64_t)sizeof(float), "the backward's buffers");
-    if (!ok || !mha__add(own, max64(attn, rotate), &p->workspace))
+    if (!ok || !mha__add(own, mha__max64(attn, rotate), &p->workspace))
         return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace overflows");
     return MHA_OK;
 }

@@ -120,7 +120,7 @@ bool mha__layer_rotate_workspace(const mha_layer *l, int64_t Lq, int64_t Tk, int
 {
     int64_t q = 0, k = 0;
     if (!mha__rope_workspace(l, Lq, &q) || !mha__rope_workspace(l, Tk, &k)) return false;
-    *bytes = q > k ? q : k; /* one after the other */
+    *bytes = mha__max64(q, k); /* one after the other */
     return true;
 }
 
@@ -156,7 +156,7 @@ bool mha__layer_project_workspace(const mha_layer *l, int64_t N, int64_t Lq, int
         int64_t one = 0;
         int64_t rows = N * (m == MAT_K || m == MAT_V ? Lk : Lq);
         if (!mha__weight_linear_workspace(&l->w[m], rows, mha__layer_in_features(l, (matrix)m), &one)) return false;
-        most = one > most ? one : most;
+        most = mha__max64(most, one);
     }
     *bytes = most; /* the four products run one after another */
     return true;
