@@ -120,18 +120,24 @@ static void shuffle(int64_t *order, int64_t n, uint64_t seed)
     }
 }
 
+mha_status lab_importance(mha_ctx *ctx, lab_model *model, const lab_run *r, double *importance)
+{
+    const lab_config *c = lab_model_config(model);
+    int32_t *tokens = malloc((size_t)(LAB_PRUNE_BATCHES * LAB_EVAL_B * c->context) * sizeof *tokens);
+    if (!tokens) return MHA_ERR_NOMEM;
+    uint64_t state = c->seed * 31u + 77u; /* held-out sequences of their own */
+    lab_sequences(r, c, LAB_PRUNE_BATCHES * LAB_EVAL_B, tokens, &state);
+    mha_status st = lab_head_importance(ctx, model, tokens, LAB_EVAL_B, LAB_PRUNE_BATCHES, importance);
+    free(tokens);
+    return st;
+}
+
 mha_status lab_prune(mha_ctx *ctx, lab_model *model, const lab_run *r, const int32_t *eval_tokens, lab_pruning *p)
 {
     const lab_config *c = lab_model_config(model);
-    int64_t n = c->layers * c->heads, T = c->context;
-    int32_t *tokens = malloc((size_t)(LAB_PRUNE_BATCHES * LAB_EVAL_B * T) * sizeof *tokens);
+    int64_t n = c->layers * c->heads;
     int64_t *order = n > 0 ? calloc((size_t)n, sizeof *order) : NULL;
-    mha_status st = tokens && order ? MHA_OK : MHA_ERR_NOMEM;
-    uint64_t state = c->seed * 31u + 77u; /* importance on its own held-out sequences */
-    if (st == MHA_OK) {
-        lab_sequences(r, c, LAB_PRUNE_BATCHES * LAB_EVAL_B, tokens, &state);
-        st = lab_head_importance(ctx, model, tokens, LAB_EVAL_B, LAB_PRUNE_BATCHES, p->importance);
-    }
+    mha_status st = order ? lab_importance(ctx, model, r, p->importance) : MHA_ERR_NOMEM;
     if (st == MHA_OK) {
         order_by_importance(p->importance, n, order);
         st = prune_curve(ctx, model, eval_tokens, order, p->by_importance);
@@ -140,7 +146,6 @@ mha_status lab_prune(mha_ctx *ctx, lab_model *model, const lab_run *r, const int
         shuffle(order, n, c->seed);
         st = prune_curve(ctx, model, eval_tokens, order, p->by_random);
     }
-    free(tokens);
     free(order);
     return st;
 }
@@ -159,14 +164,19 @@ int64_t lab_kv_bytes(const lab_config *c, int64_t kv_heads)
     return 2 * kv_heads * (c->embed_dim / c->heads) * (int64_t)sizeof(float) * c->layers;
 }
 
-mha_status lab_gqa_loss(mha_ctx *ctx, const lab_run *r, int64_t kv_heads, double *loss)
+mha_status lab_gqa_loss(mha_ctx *ctx, const lab_run *r, int64_t kv_heads, lab_step_fn on_step, void *arg, double *loss)
 {
     lab_run g = *r;
     g.model.kv_heads = kv_heads;
     lab_model *m = NULL;
     mha_status st = lab_model_create(&g.model, &m);
-    bool stopped;
-    if (st == MHA_OK) st = lab_train(ctx, m, &g, NULL, NULL, NULL, &stopped);
+    bool stopped = false;
+    if (st == MHA_OK) st = lab_train(ctx, m, &g, NULL, on_step, arg, &stopped);
+    if (st == MHA_OK && stopped) { /* on_step said stop: no loss to give */
+        *loss = NAN;
+        lab_model_free(m);
+        return MHA_OK;
+    }
     int32_t *tokens = st == MHA_OK ? malloc((size_t)(LAB_EVAL_B * g.model.context) * sizeof *tokens) : NULL;
     if (st == MHA_OK && !tokens) st = MHA_ERR_NOMEM;
     if (st == MHA_OK) {
@@ -198,8 +208,8 @@ int lab_summary(char *out, size_t size, const lab_model *model, const lab_run *r
                     p->by_importance[n / 2], (long long)(n / 2), p->by_random[n / 2], p->by_importance[0]);
     for (int64_t i = 0; gqa && i < gqa->n && used >= 0 && (size_t)used < size; i++)
         used += snprintf(out + used, size - (size_t)used,
-                         "GQA: %lld kv heads, held-out loss %.4f, KV cache %lld bytes per token.\n",
-                         (long long)gqa->kv[i], gqa->loss[i], (long long)gqa->bytes[i]);
+                         "GQA: %lld kv head%s, held-out loss %.4f, KV cache %lld bytes per token.\n",
+                         (long long)gqa->kv[i], gqa->kv[i] == 1 ? "" : "s", gqa->loss[i], (long long)gqa->bytes[i]);
     return used;
 }
 

@@ -153,6 +153,10 @@ mha_status lab_train(mha_ctx *ctx, lab_model *model, const lab_run *run, double 
 mha_status lab_analyze(mha_ctx *ctx, lab_model *model, const lab_run *run, int32_t *tokens, float *attn,
                        lab_head_scores *scores, double *loss);
 
+/* Each head's importance (lab_head_importance) on LAB_PRUNE_BATCHES
+ * held-out batches of their own, [layers * heads]. */
+mha_status lab_importance(mha_ctx *ctx, lab_model *model, const lab_run *run, double *importance);
+
 /* Pruning: each head's importance (on held-out batches of their own), and
  * the loss on eval_tokens with k = 0 .. n heads removed, least important
  * first and in a seeded random order ([n + 1] each). */
@@ -163,14 +167,16 @@ mha_status lab_prune(mha_ctx *ctx, lab_model *model, const lab_run *run, const i
 
 /* Grouped-query attention: the kv-head counts to compare (h, h/2, h/4, 1,
  * each once), the KV cache bytes per token with kv heads, and the held-out
- * loss of the run's model trained afresh with them. */
+ * loss of the run's model trained afresh with them (on_step as in
+ * lab_train; NaN when it stopped the training). */
 typedef struct lab_gqa {
     int64_t n, kv[4], bytes[4];
     double loss[4];
 } lab_gqa;
 int lab_gqa_candidates(int64_t heads, int64_t kv[4]);
 int64_t lab_kv_bytes(const lab_config *c, int64_t kv_heads);
-mha_status lab_gqa_loss(mha_ctx *ctx, const lab_run *run, int64_t kv_heads, double *loss);
+mha_status lab_gqa_loss(mha_ctx *ctx, const lab_run *run, int64_t kv_heads, lab_step_fn on_step, void *arg,
+                        double *loss);
 
 /* The plain-text summary of a run (snprintf's return), and the head table. */
 int lab_summary(char *out, size_t size, const lab_model *model, const lab_run *run, double held,

@@ -211,6 +211,35 @@ static void test_checkpoint(mha_ctx *ctx)
     unlink("/tmp/mha_test_lab.safetensors");
 }
 
+/* The GQA comparison reuses the main model's loss for its own kv-head
+ * count: retraining it gives the same bits, with kv_heads 0 or = heads.
+ * And every head of a trained model has a non-zero importance. */
+static void test_gqa_and_importance(mha_ctx *ctx)
+{
+    lab_run run = {.model = {.vocab = 16, .context = 12, .embed_dim = 16, .layers = 2, .heads = 2, .seed = 3},
+                   .steps = 30,
+                   .batch = 8,
+                   .lr = 3e-3,
+                   .wd = 0.01};
+    lab_model *m = NULL;
+    bool stopped = true;
+    CHECK_OK(lab_model_create(&run.model, &m));
+    CHECK_OK(lab_train(ctx, m, &run, NULL, NULL, NULL, &stopped));
+    CHECK(!stopped, "nothing stopped the training");
+    int32_t tokens[LAB_EVAL_B * 12];
+    float *attn = malloc(sizeof(float) * 2 * LAB_EVAL_B * 2 * 12 * 12);
+    lab_head_scores scores[4];
+    double held = 0, again = 1, importance[4];
+    CHECK_OK(lab_analyze(ctx, m, &run, tokens, attn, scores, &held));
+    CHECK_OK(lab_model_loss(ctx, m, tokens, LAB_EVAL_B, 0, NULL, &held)); /* as lab_gqa_loss: no maps */
+    CHECK_OK(lab_gqa_loss(ctx, &run, 2, NULL, NULL, &again));
+    CHECK(held == again, "GQA with the main model's 2 kv heads: loss %.17g, the main model's %.17g", again, held);
+    CHECK_OK(lab_importance(ctx, m, &run, importance));
+    for (int i = 0; i < 4; i++) CHECK(importance[i] > 0, "head %d has importance %g", i, importance[i]);
+    free(attn);
+    lab_model_free(m);
+}
+
 int main(void)
 {
     mha_ctx *ctx = NULL;
@@ -222,6 +251,7 @@ int main(void)
     test_gradients(ctx, 1);
     test_training(ctx);
     test_checkpoint(ctx);
+    test_gqa_and_importance(ctx);
     mha_ctx_free(ctx);
     return harness_finish("test_lab");
 }

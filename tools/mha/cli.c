@@ -36,6 +36,20 @@ static void print_usage(const char *cmd, const char *synopsis, const cli_flag *f
     printf("  %-26s %s\n", "--help", "show this help");
 }
 
+const cli_range CLI_COUNT = {1, 16777216, "positive (at most 16777216)"};
+const cli_range CLI_LENGTH = {0, 16777216, "in 0..16777216"};
+const cli_range CLI_THREADS = {0, 1024, "in 0..1024 (0 = all CPUs)"};
+const cli_range CLI_WINDOW = {-1, 1099511627776.0, "-1 (unbounded) or more"};
+const cli_range CLI_CAP = {0, INFINITY, "0 (off) or positive"};
+
+/* The value read for f is in its range, or the error says which rule. */
+static int check_range(const char *cmd, const cli_flag *f, double v, const char *value)
+{
+    if (!f->range || (v >= f->range->lo && v <= f->range->hi)) return CLI_OK;
+    cli_error(cmd, "--%s must be %s, got %s", f->name, f->range->rule, value);
+    return CLI_USAGE;
+}
+
 static int set_value(const char *cmd, cli_flag *f, const char *value)
 {
     char *end;
@@ -49,7 +63,7 @@ static int set_value(const char *cmd, cli_flag *f, const char *value)
             return CLI_USAGE;
         }
         *(int64_t *)f->dst = v;
-        return CLI_OK;
+        return check_range(cmd, f, (double)v, value);
     }
     case FLAG_DOUBLE: {
         double v = strtod(value, &end);
@@ -58,7 +72,7 @@ static int set_value(const char *cmd, cli_flag *f, const char *value)
             return CLI_USAGE;
         }
         *(double *)f->dst = v;
-        return CLI_OK;
+        return check_range(cmd, f, v, value);
     }
     case FLAG_BOOL: break;
     }
@@ -136,10 +150,6 @@ int cli_open(const char *cmd, const char *what, const char *path, mha_st_file **
 
 int cli_ctx(const char *cmd, int64_t threads, mha_ctx **ctx)
 {
-    if (threads < 0 || threads > 1024) {
-        cli_error(cmd, "--threads must be in 0..1024 (0 = all CPUs), got %lld", (long long)threads);
-        return CLI_USAGE;
-    }
     if (mha_ctx_create((int)threads, ctx) != MHA_OK) {
         cli_error(cmd, "%s", mha_last_error());
         return CLI_FAIL;
@@ -301,22 +311,27 @@ void cli_layer_opts_init(cli_layer_opts *o)
     *o = (cli_layer_opts){.prefix = "", .names = "auto", .rope = "none", .window_left = -1, .window_right = -1};
 }
 
+static const cli_range ROPE_THETA = {1 + 0x1p-52, INFINITY, "greater than 1"};
+static const cli_range ROPE_DIM = {2, 16777216, "an even count of 2 or more (default: the whole head)"};
+
 void cli_layer_flags(cli_layer_opts *o, cli_flag *flags)
 {
     const cli_flag all[CLI_LAYER_FLAGS] = {
         {"weights", FLAG_STRING, &o->weights,
-         "safetensors with the block's weights (nn.MultiheadAttention, Llama or GPT-2 names)", false},
-        {"prefix", FLAG_STRING, &o->prefix, "prefix of the weight names, e.g. \"model.layers.0.self_attn.\"", false},
+         "safetensors with the block's weights (nn.MultiheadAttention, Llama or GPT-2 names)", false, NULL},
+        {"prefix", FLAG_STRING, &o->prefix, "prefix of the weight names, e.g. \"model.layers.0.self_attn.\"", false,
+         NULL},
         {"num-heads", FLAG_INT, &o->num_heads,
-         "number of (query) heads; kv heads and head width follow from the weights", false},
-        {"names", FLAG_STRING, &o->names, "weight names: auto (default), torch, llama or gpt2", false},
+         "number of (query) heads; kv heads and head width follow from the weights", false, &CLI_COUNT},
+        {"names", FLAG_STRING, &o->names, "weight names: auto (default), torch, llama or gpt2", false, NULL},
         {"rope", FLAG_STRING, &o->rope,
-         "rotary embeddings on Q and K: none (default), half (Llama) or interleaved (GPT-J)", false},
-        {"rope-theta", FLAG_DOUBLE, &o->rope_theta, "rotary base (default 10000)", false},
-        {"rope-dim", FLAG_INT, &o->rope_dim, "rotated dimensions per head (default all)", false},
-        {"window-left", FLAG_INT, &o->window_left, "keys visible left of the diagonal (-1 = all)", false},
-        {"window-right", FLAG_INT, &o->window_right, "keys visible right of the diagonal (-1 = all)", false},
-        {"softcap", FLAG_DOUBLE, &o->softcap, "cap scores at C via C*tanh(s/C) (0 = off)", false},
+         "rotary embeddings on Q and K: none (default), half (Llama) or interleaved (GPT-J)", false, NULL},
+        {"rope-theta", FLAG_DOUBLE, &o->rope_theta, "rotary base (default 10000)", false, &ROPE_THETA},
+        {"rope-dim", FLAG_INT, &o->rope_dim, "rotated dimensions per head, even (default all)", false, &ROPE_DIM},
+        {"window-left", FLAG_INT, &o->window_left, "keys visible left of the diagonal (-1 = all)", false, &CLI_WINDOW},
+        {"window-right", FLAG_INT, &o->window_right, "keys visible right of the diagonal (-1 = all)", false,
+         &CLI_WINDOW},
+        {"softcap", FLAG_DOUBLE, &o->softcap, "cap scores at C via C*tanh(s/C) (0 = off)", false, &CLI_CAP},
     };
     memcpy(flags, all, sizeof all);
 }
@@ -327,8 +342,8 @@ int cli_layer_check(const char *cmd, const cli_layer_opts *o, const cli_flag *fl
         cli_error(cmd, "%s is required (see mha %s --help)", !o->weights ? "--weights" : "--num-heads", cmd);
         return CLI_USAGE;
     }
-    if (o->num_heads < 1) {
-        cli_error(cmd, "--num-heads must be positive, got %lld", (long long)o->num_heads);
+    if (o->rope_dim % 2 != 0) {
+        cli_error(cmd, "--rope-dim must be %s, got %lld", ROPE_DIM.rule, (long long)o->rope_dim);
         return CLI_USAGE;
     }
     if (cli_choice(o->names, NAME_KINDS, 4) < 0) {

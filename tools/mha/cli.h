@@ -31,15 +31,32 @@ void cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(prin
 
 typedef enum cli_flag_kind { FLAG_BOOL, FLAG_STRING, FLAG_INT, FLAG_DOUBLE } cli_flag_kind;
 
+/* The values a number flag accepts, lo..hi inclusive, and the rule as
+ * the error message words it ("--softcap must be <rule>, got -1"). */
+typedef struct cli_range {
+    double lo, hi;
+    const char *rule;
+} cli_range;
+
+/* Ranges several commands share. */
+extern const cli_range CLI_COUNT;   /* sizes: 1 .. 2^24 */
+extern const cli_range CLI_LENGTH;  /* token counts that may be 0: 0 .. 2^24 */
+extern const cli_range CLI_THREADS; /* 0 .. 1024, 0 = all CPUs */
+extern const cli_range CLI_WINDOW;  /* -1 (unbounded) .. 2^40 */
+extern const cli_range CLI_CAP;     /* 0 (off) or positive */
+
 typedef struct cli_flag {
     const char *name; /* without the leading "--" */
     cli_flag_kind kind;
     void *dst; /* bool, const char *, int64_t or double */
     const char *help;
-    bool seen; /* set by cli_parse */
+    bool seen;              /* set by cli_parse */
+    const cli_range *range; /* number flags: the values accepted (NULL: any) */
 } cli_flag;
 
-/* Parses --name value, --name=value and --help.  Returns CLI_OK, or
+/* Parses --name value, --name=value and --help, checking each number
+ * against its flag's range as it is read (so every bad value is a usage
+ * error naming its flag, before any file is opened).  Returns CLI_OK, or
  * CLI_USAGE after printing the problem; *help_shown is set when --help
  * printed the usage (the caller then exits 0). */
 int cli_parse(const char *cmd, const char *synopsis, int argc, char **argv, cli_flag *flags, int n_flags,

@@ -155,6 +155,8 @@ static int run(const decode_opts *o, mha_layer *layer)
     return rc;
 }
 
+static const cli_range BATCH = {1, 4096, "in 1..4096"};
+
 int mha_cmd_decode(int argc, char **argv)
 {
     decode_opts o = {.cache_dtype = "f32", .prompt_len = 16, .steps = 16, .batch = 1};
@@ -162,14 +164,14 @@ int mha_cmd_decode(int argc, char **argv)
     cli_flag flags[CLI_LAYER_FLAGS + 7];
     cli_layer_flags(&o.layer, flags);
     const cli_flag own[] = {
-        {"prompt-len", FLAG_INT, &o.prompt_len, "tokens decoded in one first step (default 16)", false},
-        {"steps", FLAG_INT, &o.steps, "single-token steps after the prompt (default 16)", false},
+        {"prompt-len", FLAG_INT, &o.prompt_len, "tokens decoded in one first step (default 16)", false, &CLI_LENGTH},
+        {"steps", FLAG_INT, &o.steps, "single-token steps after the prompt (default 16)", false, &CLI_LENGTH},
         {"inputs", FLAG_STRING, &o.inputs, "safetensors with query [N, prompt + steps, E] (default: random tokens)",
-         false},
-        {"batch", FLAG_INT, &o.batch, "sequences decoded together, random tokens (default 1)", false},
-        {"seed", FLAG_INT, &o.seed, "seed of the random tokens (default 0)", false},
-        {"cache-dtype", FLAG_STRING, &o.cache_dtype, "f32 (default) or bf16 storage of K and V", false},
-        {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
+         false, NULL},
+        {"batch", FLAG_INT, &o.batch, "sequences decoded together, random tokens (default 1)", false, &BATCH},
+        {"seed", FLAG_INT, &o.seed, "seed of the random tokens (default 0)", false, NULL},
+        {"cache-dtype", FLAG_STRING, &o.cache_dtype, "f32 (default) or bf16 storage of K and V", false, NULL},
+        {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false, &CLI_THREADS},
     };
     memcpy(flags + CLI_LAYER_FLAGS, own, sizeof own);
     bool help;
@@ -177,13 +179,8 @@ int mha_cmd_decode(int argc, char **argv)
                        CLI_LAYER_FLAGS + (int)(sizeof own / sizeof own[0]), &help);
     if (rc != CLI_OK || help) return rc;
     if ((rc = cli_layer_check(CMD, &o.layer, flags)) != CLI_OK) return rc;
-    if (o.prompt_len < 0 || o.steps < 0 || o.prompt_len + o.steps < 1 || o.prompt_len > (INT64_C(1) << 24) ||
-        o.steps > (INT64_C(1) << 24)) {
-        cli_error(CMD, "--prompt-len and --steps must be >= 0 with at least one token in all (and at most 2^24 each)");
-        return CLI_USAGE;
-    }
-    if (o.batch < 1 || o.batch > 4096) {
-        cli_error(CMD, "--batch must be in 1..4096, got %lld", (long long)o.batch);
+    if (o.prompt_len + o.steps < 1) {
+        cli_error(CMD, "--prompt-len 0 and --steps 0: decode needs at least one token in all");
         return CLI_USAGE;
     }
     if (strcmp(o.cache_dtype, "f32") != 0 && strcmp(o.cache_dtype, "bf16") != 0) {

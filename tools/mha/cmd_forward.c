@@ -327,6 +327,8 @@ static int check_opts(const forward_opts *o, const cli_flag *flags)
     return CLI_OK;
 }
 
+static const cli_range POSITION = {0, 1099511627776.0, "0 or more"};
+
 static int forward_main(int argc, char **argv, bool backward)
 {
     forward_opts o = {.cmd = backward ? "backward" : "forward", .backward = backward, .dtype = "f32"};
@@ -338,23 +340,25 @@ static int forward_main(int argc, char **argv, bool backward)
         {"inputs", FLAG_STRING, &o.inputs,
          backward ? "safetensors with query, grad_attn_output [, key, value, attn_mask, key_padding_mask, alibi_slopes]"
                   : "safetensors with query [, key, value, attn_mask, key_padding_mask, alibi_slopes]",
-         false},
+         false, NULL},
         {"out", FLAG_STRING, &o.out,
          backward ? "safetensors to write <name>.grad of every input and weight to"
                   : "safetensors to write attn_output [, attn_output_weights] to",
-         false},
-        {"position", FLAG_INT, &o.position, "rotary position of the first query and key row (default 0)", false},
-        {"batch-first", FLAG_BOOL, &o.batch_first, "inputs are [N, L, E] instead of [L, N, E]", false},
-        {"need-weights", FLAG_BOOL, &o.need_weights, "also write attn_output_weights", false},
+         false, NULL},
+        {"position", FLAG_INT, &o.position, "rotary position of the first query and key row (default 0)", false,
+         &POSITION},
+        {"batch-first", FLAG_BOOL, &o.batch_first, "inputs are [N, L, E] instead of [L, N, E]", false, NULL},
+        {"need-weights", FLAG_BOOL, &o.need_weights, "also write attn_output_weights", false, NULL},
         {"no-average-attn-weights", FLAG_BOOL, &o.no_average, "per-head weights [N, H, L, S] instead of the mean",
-         false},
-        {"add-zero-attn", FLAG_BOOL, &o.add_zero_attn, "append a zero key and value, as add_zero_attn=True", false},
-        {"is-causal", FLAG_BOOL, &o.is_causal, "mask keys after the query (top-left causal)", false},
-        {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
+         false, NULL},
+        {"add-zero-attn", FLAG_BOOL, &o.add_zero_attn, "append a zero key and value, as add_zero_attn=True", false,
+         NULL},
+        {"is-causal", FLAG_BOOL, &o.is_causal, "mask keys after the query (top-left causal)", false, NULL},
+        {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false, &CLI_THREADS},
         {"dtype", FLAG_STRING, &o.dtype,
          backward ? "f32 (the only one: gradients are computed in float32)"
                   : "f32 (default) or bf16: compute as a bfloat16 model",
-         false},
+         false, NULL},
     };
     int n_flags = CLI_LAYER_FLAGS + (int)(sizeof own / sizeof own[0]);
     memcpy(flags + CLI_LAYER_FLAGS, own, sizeof own);

@@ -84,10 +84,10 @@ int mha_cmd_info(int argc, char **argv)
 {
     int64_t E = 0, h = 0, g = 0, seq = 1024;
     cli_flag flags[] = {
-        {"embed-dim", FLAG_INT, &E, "model width E (d_model)", false},
-        {"num-heads", FLAG_INT, &h, "number of query heads h", false},
-        {"num-kv-heads", FLAG_INT, &g, "key/value heads for GQA/MQA (default: h)", false},
-        {"seq", FLAG_INT, &seq, "sequence length for FLOPs and bytes (default 1024)", false},
+        {"embed-dim", FLAG_INT, &E, "model width E (d_model)", false, &CLI_COUNT},
+        {"num-heads", FLAG_INT, &h, "number of query heads h", false, &CLI_COUNT},
+        {"num-kv-heads", FLAG_INT, &g, "key/value heads for GQA/MQA (default: h)", false, &CLI_COUNT},
+        {"seq", FLAG_INT, &seq, "sequence length for FLOPs and bytes (default 1024)", false, &CLI_COUNT},
     };
     bool help;
     int rc = cli_parse(CMD, "--embed-dim E --num-heads H [--num-kv-heads G] [--seq N]", argc, argv, flags,
@@ -95,10 +95,6 @@ int mha_cmd_info(int argc, char **argv)
     if (rc != CLI_OK || help) return rc;
     if (!flags[0].seen || !flags[1].seen) {
         cli_error(CMD, "%s is required (see mha info --help)", !flags[0].seen ? "--embed-dim" : "--num-heads");
-        return CLI_USAGE;
-    }
-    if (flags[2].seen && g < 1) {
-        cli_error(CMD, "--num-kv-heads must be positive, got %lld", (long long)g);
         return CLI_USAGE;
     }
     mha_info info;

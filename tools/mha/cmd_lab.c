@@ -55,6 +55,7 @@ static void path_in(char *buf, size_t size, const lab_opts *o, const char *name)
 /* ---------------------------------------------------------------- */
 
 typedef struct progress {
+    const char *label; /* what is being trained */
     double t0, last_draw;
 } progress;
 
@@ -78,8 +79,8 @@ static int on_step(void *arg, int64_t step, int64_t total, double loss)
     char bar[64];
     for (int i = 0; i < width; i++) bar[i] = i < filled ? '#' : '.';
     bar[width] = '\0';
-    fprintf(stderr, "%s[%s] step %lld/%lld  loss %.4f  %.0f s, eta %.0f s %s", tty ? "\r" : "", bar, (long long)step,
-            (long long)total, loss, elapsed, eta, tty && !last ? "" : "\n");
+    fprintf(stderr, "%s%-16s [%s] step %lld/%lld  loss %.4f  %.0f s, eta %.0f s %s", tty ? "\r" : "", p->label, bar,
+            (long long)step, (long long)total, loss, elapsed, eta, tty && !last ? "" : "\n");
     return 0;
 }
 
@@ -95,7 +96,7 @@ static int do_train(const lab_opts *o, mha_ctx *ctx, lab_model **model, double *
         return CLI_FAIL;
     }
     if (o->resume) fprintf(stderr, "mha lab: resuming at step %lld\n", (long long)lab_model_steps(*model));
-    progress p = {cli_now_ms(), 0};
+    progress p = {"training", cli_now_ms(), 0};
     bool stopped = false;
     signal(SIGINT, on_sigint);
     st = lab_train(ctx, *model, &o->run, curve, on_step, &p, &stopped);
@@ -106,22 +107,43 @@ static int do_train(const lab_opts *o, mha_ctx *ctx, lab_model **model, double *
         return CLI_FAIL;
     }
     if (stopped) fprintf(stderr, "mha lab: checkpoint saved to %s (continue with --resume)\n", ckpt);
+    else if (st == MHA_OK)
+        fprintf(stderr, "mha lab: trained to step %lld; model and optimiser state saved to %s\n",
+                (long long)lab_model_steps(*model), ckpt);
     return st == MHA_OK && !stopped ? CLI_OK : CLI_FAIL;
 }
 
-/* Trains the run's model afresh with each kv-head count. */
-static int gqa_table(const lab_opts *o, mha_ctx *ctx, lab_gqa *g)
+/* The run's model with each kv-head count, trained afresh as the main
+ * model was (the same steps, seed and data), so the losses compare like
+ * with like.  The count the main model has is the main model itself
+ * (lab_gqa_loss would retrain it to the same bits, tests/test_lab.c): it is
+ * evaluated, not retrained, on the held-out `tokens` as lab_gqa_loss does. */
+static int gqa_table(const lab_opts *o, mha_ctx *ctx, lab_model *model, const int32_t *tokens, lab_gqa *g)
 {
     lab_run run = o->run;
     run.steps = o->gqa_steps;
+    const lab_config *c = lab_model_config(model);
+    int64_t own_kv = c->kv_heads ? c->kv_heads : c->heads;
+    bool same_steps = lab_model_steps(model) == run.steps;
     g->n = lab_gqa_candidates(run.model.heads, g->kv);
     for (int64_t i = 0; i < g->n; i++) {
-        if (lab_gqa_loss(ctx, &run, g->kv[i], &g->loss[i]) != MHA_OK) {
-            cli_error(CMD, "GQA with %lld kv heads: %s", (long long)g->kv[i], mha_last_error());
+        char label[48];
+        snprintf(label, sizeof label, "GQA %lld kv head%s", (long long)g->kv[i], g->kv[i] == 1 ? "" : "s");
+        g->bytes[i] = lab_kv_bytes(&run.model, g->kv[i]);
+        if (g->kv[i] == own_kv && same_steps) {
+            if (lab_model_loss(ctx, model, tokens, LAB_EVAL_B, 0, NULL, &g->loss[i]) != MHA_OK) {
+                cli_error(CMD, "%s: %s", label, mha_last_error());
+                return CLI_FAIL;
+            }
+            fprintf(stderr, "%-16s the main model: held-out loss %.4f\n", label, g->loss[i]);
+            continue;
+        }
+        progress p = {label, cli_now_ms(), 0};
+        if (lab_gqa_loss(ctx, &run, g->kv[i], on_step, &p, &g->loss[i]) != MHA_OK) {
+            cli_error(CMD, "%s: %s", label, mha_last_error());
             return CLI_FAIL;
         }
-        g->bytes[i] = lab_kv_bytes(&run.model, g->kv[i]);
-        fprintf(stderr, "mha lab: GQA with %lld kv heads: held-out loss %.4f\n", (long long)g->kv[i], g->loss[i]);
+        if (interrupted) return CLI_FAIL; /* on_step said so; the checkpoint is saved */
     }
     return CLI_OK;
 }
@@ -222,7 +244,7 @@ static int write_report(const lab_opts *o, mha_ctx *ctx, lab_model *model, const
         cli_error(CMD, "pruning: %s", mha_last_error());
         rc = CLI_FAIL;
     }
-    if (rc == CLI_OK && with_gqa) rc = gqa_table(o, ctx, &r.gqa);
+    if (rc == CLI_OK && with_gqa) rc = gqa_table(o, ctx, model, r.tokens, &r.gqa);
     char summary[8192];
     if (rc == CLI_OK) {
         lab_summary(summary, sizeof summary, model, &o->run, r.held, r.scores, &r.pruning, &r.gqa);
@@ -250,15 +272,20 @@ static int write_report(const lab_opts *o, mha_ctx *ctx, lab_model *model, const
     return rc;
 }
 
-/* `mha lab analyze`: the held-out loss and the head table. */
+/* `mha lab analyze`: the held-out loss and the head table, importance
+ * included. */
 static int print_analysis(const lab_opts *o, mha_ctx *ctx, lab_model *model)
 {
     results r;
     if (results_alloc(lab_model_config(model), &r) != CLI_OK) return CLI_FAIL;
     int rc = analyze(o, ctx, model, &r);
+    if (rc == CLI_OK && lab_importance(ctx, model, &o->run, r.pruning.importance) != MHA_OK) {
+        cli_error(CMD, "importance: %s", mha_last_error());
+        rc = CLI_FAIL;
+    }
     if (rc == CLI_OK) {
         printf("held-out loss %.4f\n", r.held);
-        lab_print_heads(lab_model_config(model), r.scores, NULL, stdout);
+        lab_print_heads(lab_model_config(model), r.scores, r.pruning.importance, stdout);
     }
     results_free(&r);
     return rc;
@@ -284,16 +311,38 @@ static int ensure_dir(const char *dir)
     return CLI_FAIL;
 }
 
+/* The flags' ranges: a value outside one is named as it is read. */
+static const cli_range LAYERS = {1, 16, "in 1..16"}, CONTEXT = {4, 4096, "in 4..4096"},
+                       VOCAB = {2, 1 << 20, "in 2..1048576"}, KV_HEADS = {0, 1 << 20, "0 (= --heads) or more"},
+                       STEPS = {1, 1e8, "in 1..100000000"}, LR = {1e-9, 1, "in (0, 1]"};
+
+/* The rules that tie flags together, and the learning rate's. */
+static int check_relations(const lab_opts *o)
+{
+    const lab_config *m = &o->run.model;
+    if (m->embed_dim % m->heads != 0) {
+        cli_error(CMD, "--heads %lld does not divide --embed-dim %lld: each head gets embed-dim / heads columns",
+                  (long long)m->heads, (long long)m->embed_dim);
+        return CLI_USAGE;
+    }
+    if (m->kv_heads > m->heads) {
+        cli_error(CMD, "--kv-heads %lld is more than --heads %lld: kv heads are shared by query heads, never more",
+                  (long long)m->kv_heads, (long long)m->heads);
+        return CLI_USAGE;
+    }
+    if (m->kv_heads > 0 && m->heads % m->kv_heads != 0) {
+        cli_error(CMD, "--kv-heads %lld does not divide --heads %lld: each kv head serves a whole group of heads",
+                  (long long)m->kv_heads, (long long)m->heads);
+        return CLI_USAGE;
+    }
+    return CLI_OK;
+}
+
 /* The flags' rules, and the text for --data text. */
 static int check_opts(lab_opts *o, bool vocab_seen)
 {
-    const lab_config *m = &o->run.model;
-    if (o->run.steps < 1 || o->gqa_steps < 1 || o->run.batch < 1 || m->layers < 1 || m->layers > 16 || m->heads < 1 ||
-        m->context < 4 || m->vocab < 2 || m->embed_dim % m->heads || !(o->run.lr > 0)) {
-        cli_error(CMD, "--steps, --gqa-steps, --batch, --layers (1..16), --heads, --context (>= 4), --vocab (>= 2) "
-                       "must be positive, --embed-dim a multiple of --heads and --lr > 0");
-        return CLI_USAGE;
-    }
+    int rc = check_relations(o);
+    if (rc != CLI_OK) return rc;
     if (strcmp(o->data, "spans") != 0 && strcmp(o->data, "text") != 0) {
         cli_error(CMD, "--data must be spans or text, got \"%s\"", o->data);
         return CLI_USAGE;
@@ -314,30 +363,33 @@ static int parse(int argc, char **argv, lab_opts *o, bool *help)
     bool mlp = false, tied = false;
     lab_config *m = &o->run.model;
     cli_flag flags[] = {
-        {"mlp", FLAG_BOOL, &mlp, "pre-norm blocks with an MLP (GPT-2's) instead of attention-only ones", false},
-        {"tied", FLAG_BOOL, &tied, "tie the unembedding to the token embedding", false},
-        {"out", FLAG_STRING, &o->out, "directory for the checkpoint and the report (default lab-report)", false},
-        {"layers", FLAG_INT, &m->layers, "attention layers (default 2)", false},
-        {"heads", FLAG_INT, &m->heads, "heads per layer (default 4)", false},
-        {"kv-heads", FLAG_INT, &m->kv_heads, "key/value heads per layer (default: heads)", false},
-        {"embed-dim", FLAG_INT, &m->embed_dim, "model width (default 64)", false},
-        {"context", FLAG_INT, &m->context, "tokens per sequence (default 32)", false},
-        {"vocab", FLAG_INT, &m->vocab, "vocabulary size (default 64)", false},
-        {"steps", FLAG_INT, &o->run.steps, "training steps (default 1500)", false},
-        {"gqa-steps", FLAG_INT, &o->gqa_steps, "steps of each model in the GQA comparison (default 1000)", false},
-        {"batch", FLAG_INT, &o->run.batch, "sequences per step (default 32)", false},
-        {"lr", FLAG_DOUBLE, &o->run.lr, "AdamW learning rate (default 3e-3)", false},
-        {"seed", FLAG_INT, &seed, "seed of the weights and the data (default 1)", false},
-        {"resume", FLAG_BOOL, &o->resume, "train: continue from --out's checkpoint", false},
-        {"data", FLAG_STRING, &o->data, "spans (repeated random spans, default) or text (characters of --text)", false},
+        {"mlp", FLAG_BOOL, &mlp, "pre-norm blocks with an MLP (GPT-2's) instead of attention-only ones", false, NULL},
+        {"tied", FLAG_BOOL, &tied, "tie the unembedding to the token embedding", false, NULL},
+        {"out", FLAG_STRING, &o->out, "directory for the checkpoint and the report (default lab-report)", false, NULL},
+        {"layers", FLAG_INT, &m->layers, "attention layers (default 2)", false, &LAYERS},
+        {"heads", FLAG_INT, &m->heads, "heads per layer (default 4)", false, &CLI_COUNT},
+        {"kv-heads", FLAG_INT, &m->kv_heads, "key/value heads per layer (default: heads)", false, &KV_HEADS},
+        {"embed-dim", FLAG_INT, &m->embed_dim, "model width (default 64)", false, &CLI_COUNT},
+        {"context", FLAG_INT, &m->context, "tokens per sequence (default 32)", false, &CONTEXT},
+        {"vocab", FLAG_INT, &m->vocab, "vocabulary size (default 64)", false, &VOCAB},
+        {"steps", FLAG_INT, &o->run.steps, "training steps (default 1500)", false, &STEPS},
+        {"gqa-steps", FLAG_INT, &o->gqa_steps, "steps of each model in the GQA comparison (default: --steps)", false,
+         &STEPS},
+        {"batch", FLAG_INT, &o->run.batch, "sequences per step (default 32)", false, &CLI_COUNT},
+        {"lr", FLAG_DOUBLE, &o->run.lr, "AdamW learning rate (default 3e-3)", false, &LR},
+        {"seed", FLAG_INT, &seed, "seed of the weights and the data (default 1)", false, NULL},
+        {"resume", FLAG_BOOL, &o->resume, "train: continue from --out's checkpoint", false, NULL},
+        {"data", FLAG_STRING, &o->data, "spans (repeated random spans, default) or text (characters of --text)", false,
+         NULL},
         {"text", FLAG_STRING, &o->text_path, "text file for --data text (default /usr/share/common-licenses/GPL-3)",
-         false},
-        {"threads", FLAG_INT, &o->threads, "worker threads (default: all CPUs)", false},
+         false, NULL},
+        {"threads", FLAG_INT, &o->threads, "worker threads (default: all CPUs)", false, &CLI_THREADS},
     };
     int rc = cli_parse(CMD, "[run|train|analyze|prune|report] [flags]", argc, argv, flags,
                        (int)(sizeof flags / sizeof flags[0]), help);
     if (rc != CLI_OK || *help) return rc;
     m->seed = (uint64_t)seed;
+    if (!o->gqa_steps) o->gqa_steps = o->run.steps;
     m->mlp = mlp;
     m->tied = tied;
     bool vocab_seen = false;
@@ -351,6 +403,9 @@ static int run_sub(const lab_opts *o, int which, mha_ctx *ctx, double *curve)
 {
     lab_model *model = NULL;
     int rc = which == SUB_RUN || which == SUB_TRAIN ? do_train(o, ctx, &model, curve) : load_saved(o, &model);
+    if (rc == CLI_OK && which == SUB_TRAIN)
+        printf("trained: %s/checkpoint.safetensors (see it with mha lab analyze|prune|report --out %s)\n", o->out,
+               o->out);
     if (rc == CLI_OK && which == SUB_ANALYZE) rc = print_analysis(o, ctx, model);
     if (rc == CLI_OK && (which == SUB_RUN || which == SUB_PRUNE || which == SUB_REPORT)) {
         int64_t steps = lab_model_steps(model), done = steps < o->run.steps ? steps : o->run.steps;
@@ -370,7 +425,7 @@ int mha_cmd_lab(int argc, char **argv)
                   .out = "lab-report",
                   .data = "spans",
                   .text_path = "/usr/share/common-licenses/GPL-3",
-                  .gqa_steps = 1000};
+                  .gqa_steps = 0};
     const char *sub = argc >= 2 && argv[1][0] != '-' ? argv[1] : "run";
     static const char *const subs[] = {"run", "train", "analyze", "prune", "report"};
     int which = cli_choice(sub, subs, 5);

@@ -204,15 +204,6 @@ static int check_opts(const sdpa_opts *o)
         cli_error(CMD, "--is-causal and --causal-bottom-right exclude each other; choose one alignment");
         return CLI_USAGE;
     }
-    if (o->window_left < -1 || o->window_right < -1) {
-        cli_error(CMD, "--window-%s must be -1 (unbounded) or more, got %lld", o->window_left < -1 ? "left" : "right",
-                  (long long)(o->window_left < -1 ? o->window_left : o->window_right));
-        return CLI_USAGE;
-    }
-    if (o->softcap < 0) {
-        cli_error(CMD, "--softcap must be 0 (off) or positive, got %g", o->softcap);
-        return CLI_USAGE;
-    }
     return CLI_OK;
 }
 
@@ -229,23 +220,24 @@ static int sdpa_main(int argc, char **argv, bool backward)
         {"inputs", FLAG_STRING, &o.inputs,
          backward ? "safetensors with query, key, value, grad_output [, attn_mask, alibi_slopes]"
                   : "safetensors with query, key, value [, attn_mask, alibi_slopes]",
-         false},
+         false, NULL},
         {"out", FLAG_STRING, &o.out,
          backward ? "safetensors to write query.grad, key.grad, value.grad to"
                   : "safetensors to write output and lse to",
-         false},
-        {"is-causal", FLAG_BOOL, &o.is_causal, "causal mask aligned top-left (PyTorch is_causal)", false},
-        {"causal-bottom-right", FLAG_BOOL, &o.bottom_right, "causal mask aligned bottom-right (KV cache)", false},
-        {"scale", FLAG_DOUBLE, &o.scale, "score scale (default 1/sqrt(D))", false},
-        {"enable-gqa", FLAG_BOOL, &o.enable_gqa, "let Hq be a multiple of Hkv (grouped-query)", false},
-        {"window-left", FLAG_INT, &o.window_left, "keys visible left of the diagonal (-1 = all)", false},
-        {"window-right", FLAG_INT, &o.window_right, "keys visible right of the diagonal (-1 = all)", false},
-        {"softcap", FLAG_DOUBLE, &o.softcap, "cap scores at C via C*tanh(s/C) (0 = off)", false},
-        {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false},
+         false, NULL},
+        {"is-causal", FLAG_BOOL, &o.is_causal, "causal mask aligned top-left (PyTorch is_causal)", false, NULL},
+        {"causal-bottom-right", FLAG_BOOL, &o.bottom_right, "causal mask aligned bottom-right (KV cache)", false, NULL},
+        {"scale", FLAG_DOUBLE, &o.scale, "score scale (default 1/sqrt(D))", false, NULL},
+        {"enable-gqa", FLAG_BOOL, &o.enable_gqa, "let Hq be a multiple of Hkv (grouped-query)", false, NULL},
+        {"window-left", FLAG_INT, &o.window_left, "keys visible left of the diagonal (-1 = all)", false, &CLI_WINDOW},
+        {"window-right", FLAG_INT, &o.window_right, "keys visible right of the diagonal (-1 = all)", false,
+         &CLI_WINDOW},
+        {"softcap", FLAG_DOUBLE, &o.softcap, "cap scores at C via C*tanh(s/C) (0 = off)", false, &CLI_CAP},
+        {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false, &CLI_THREADS},
         {"dtype", FLAG_STRING, &o.dtype,
          backward ? "f32 (the only one: gradients are computed in float32)"
                   : "f32 (default) or bf16: round q, k, v, P to bfloat16",
-         false},
+         false, NULL},
     };
     bool help;
     int rc =

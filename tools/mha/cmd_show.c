@@ -43,8 +43,8 @@ int mha_cmd_show(int argc, char **argv)
     const char *tensor = NULL;
     int64_t max = 8;
     cli_flag flags[] = {
-        {"tensor", FLAG_STRING, &tensor, "print this tensor's values", false},
-        {"max", FLAG_INT, &max, "print at most this many rows and columns (default 8)", false},
+        {"tensor", FLAG_STRING, &tensor, "print this tensor's values", false, NULL},
+        {"max", FLAG_INT, &max, "print at most this many rows and columns (default 8)", false, &CLI_COUNT},
     };
     if (argc < 2 || argv[1][0] == '-') {
         bool help;
@@ -57,10 +57,6 @@ int mha_cmd_show(int argc, char **argv)
     bool help;
     int rc = cli_parse(CMD, "FILE [--tensor NAME] [--max N]", argc - 1, argv + 1, flags, 2, &help);
     if (rc != CLI_OK || help) return rc;
-    if (max < 1) {
-        cli_error(CMD, "--max must be positive, got %lld", (long long)max);
-        return CLI_USAGE;
-    }
     mha_st_file *f = NULL;
     if (cli_open(CMD, "the", path, &f) != CLI_OK) return CLI_FAIL;
     if (!tensor) {
