@@ -27,6 +27,21 @@ void lab_repeated_spans(int32_t *tokens, int64_t B, int64_t T, int64_t vocab, ui
     }
 }
 
+void lab_find_repeat(const int32_t *seq, int64_t T, int64_t *start, int64_t *len)
+{
+    *start = *len = -1;
+    for (int64_t p = T / 2; p >= 2; p--) { /* longest first */
+        int64_t run = 0;                   /* matches seq[t] == seq[t - p] ending at t */
+        for (int64_t t = p; t < T; t++) {
+            run = seq[t] == seq[t - p] ? run + 1 : 0;
+            if (run == p) {
+                *start = t - p + 1, *len = p;
+                return;
+            }
+        }
+    }
+}
+
 mha_status lab_text_load(const char *path, int64_t vocab, lab_text *text)
 {
     text->chars = NULL;

@@ -96,6 +96,13 @@ typedef struct lab_text {
     int64_t n;
 } lab_text;
 
+/* The longest repeat in one sequence: the largest p >= 2 with
+ * seq[s + p .. s + 2p) == seq[s .. s + p) for some s; *start = s + p (where
+ * the copy begins) and *len = p, or both -1 when there is none.  For the
+ * repeated-span data, the span that was planted (or a longer one that
+ * happens to contain it). */
+void lab_find_repeat(const int32_t *seq, int64_t T, int64_t *start, int64_t *len);
+
 mha_status lab_text_load(const char *path, int64_t vocab, lab_text *text);
 void lab_text_free(lab_text *text);
 void lab_text_windows(const lab_text *text, int32_t *tokens, int64_t B, int64_t T, uint64_t *state);
@@ -200,15 +207,25 @@ typedef struct lab_report {
     const int64_t *gqa_kv_heads, *gqa_kv_bytes;
     const double *gqa_loss;
     int64_t gqa_len;
-    int text; /* tokens are characters: show them as such */
+    int64_t steps, gqa_steps;         /* the main model's training steps; each GQA model's */
+    int64_t repeat_start, repeat_len; /* the sample's repeat (lab_find_repeat), or -1 */
+    int text;                         /* tokens are characters: show them as such */
 } lab_report;
 
 /* The self-contained HTML report (no network: inline style, SVG, script);
  * 0 or -1. */
 int lab_report_write(const char *path, const lab_report *report);
 
-/* A [rows, cols] map of weights in [0, 1] as an RGB PNG, each cell scale x
- * scale pixels; 0 or -1. */
-int lab_png_heatmap(const char *path, const float *a, int64_t rows, int64_t cols, int scale);
+/* One head's map as a PNG that explains itself (picture.c): the title,
+ * axes with ticks and titles, the colour scale, and dashed lines where the
+ * repeat starts.  Each cell is cell x cell pixels; 0 or -1. */
+typedef struct lab_map_picture {
+    const float *map; /* [rows, cols] weights in [0, 1] */
+    int64_t rows, cols;
+    const char *title;    /* e.g. "layer 0, head 3: previous-token" */
+    int64_t repeat_start; /* position where the repeated span starts; -1: none */
+} lab_map_picture;
+
+int lab_map_png(const char *path, const lab_map_picture *picture, int64_t cell);
 
 #endif /* MHA_LAB_H */

@@ -208,10 +208,13 @@ static int write_files(const lab_opts *o, const lab_report *rep, const results *
     int rc = lab_report_write(path, rep) == 0 ? CLI_OK : CLI_FAIL;
     if (rc != CLI_OK) cli_error(CMD, "cannot write %s", path);
     for (int64_t i = 0; rc == CLI_OK && i < n; i++) {
-        char name[64];
+        char name[64], title[96];
         snprintf(name, sizeof name, "layer%lld_head%lld.png", (long long)(i / c->heads), (long long)(i % c->heads));
+        snprintf(title, sizeof title, "layer %lld, head %lld: %s", (long long)(i / c->heads), (long long)(i % c->heads),
+                 lab_head_role(&r->scores[i]));
         path_in(path, sizeof path, o, name);
-        if (lab_png_heatmap(path, r->sample + i * T * T, T, T, 8) != 0) {
+        lab_map_picture pic = {r->sample + i * T * T, T, T, title, rep->repeat_start};
+        if (lab_map_png(path, &pic, T <= 48 ? 8 : T <= 128 ? 3 : 1) != 0) {
             cli_error(CMD, "cannot write %s", path);
             rc = CLI_FAIL;
         }
@@ -249,23 +252,29 @@ static int write_report(const lab_opts *o, mha_ctx *ctx, lab_model *model, const
     if (rc == CLI_OK) {
         lab_summary(summary, sizeof summary, model, &o->run, r.held, r.scores, &r.pruning, &r.gqa);
         first_sample(c, &r);
-        lab_report rep = {*c,
-                          summary,
-                          curve,
-                          curve_len,
-                          r.scores,
-                          r.pruning.importance,
-                          r.tokens,
-                          c->context,
-                          r.sample,
-                          r.pruning.by_importance,
-                          r.pruning.by_random,
-                          n + 1,
-                          r.gqa.kv,
-                          r.gqa.bytes,
-                          r.gqa.loss,
-                          r.gqa.n,
-                          o->run.text != NULL};
+        int64_t repeat_start = -1, repeat_len = -1;
+        if (!o->run.text) lab_find_repeat(r.tokens, c->context, &repeat_start, &repeat_len);
+        lab_report rep = {.config = *c,
+                          .summary = summary,
+                          .curve = curve,
+                          .curve_len = curve_len,
+                          .scores = r.scores,
+                          .importance = r.pruning.importance,
+                          .sample = r.tokens,
+                          .sample_len = c->context,
+                          .maps = r.sample,
+                          .prune_important = r.pruning.by_importance,
+                          .prune_random = r.pruning.by_random,
+                          .prune_len = n + 1,
+                          .gqa_kv_heads = r.gqa.kv,
+                          .gqa_kv_bytes = r.gqa.bytes,
+                          .gqa_loss = r.gqa.loss,
+                          .gqa_len = r.gqa.n,
+                          .steps = lab_model_steps(model),
+                          .gqa_steps = o->gqa_steps,
+                          .repeat_start = repeat_start,
+                          .repeat_len = repeat_len,
+                          .text = o->run.text != NULL};
         rc = write_files(o, &rep, &r);
     }
     results_free(&r);
