@@ -364,7 +364,11 @@ void mha_layer_desc_init(mha_layer_desc *desc);
  * (mha_isa() "avx512" and the CPU flag), else a portable bf16 kernel.
  * Accuracy: docs/NUMERICS.md.
  *
- * A layer owns packed copies of its weights, zero until set.
+ * A layer owns packed copies of its weights.  Biases start at 0, as
+ * PyTorch initialises them; the matrices (and bias_k/bias_v) have no
+ * default: mha_layer_forward, _backward and _decode return MISUSE naming
+ * the first one never set (by mha_layer_set_weight, mha_layer_load, or
+ * mha_layer_params followed by mha_layer_params_changed).
  * Errors: INVALID_ARG (names the field, e.g. E not divisible by h), NOMEM. */
 typedef struct mha_layer mha_layer;
 mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer);

@@ -54,6 +54,27 @@ static int harness_checks;
         CHECK(strstr(mha_last_error(), (needle)) != NULL, "message \"%s\" lacks \"%s\"", mha_last_error(), (needle)); \
     } while (0)
 
+/* Sets every weight of the layer (by its own names) to `value`: for tests
+ * whose point is not the weights; a layer refuses to compute until its
+ * matrices are set. */
+static inline mha_status harness_fill_weights(mha_layer *layer, float value)
+{
+    const char *names[16];
+    int64_t n = mha_layer_weight_names(layer, names, 16);
+    mha_status st = n < 0 ? MHA_ERR_MISUSE : MHA_OK;
+    for (int64_t i = 0; i < n && st == MHA_OK; i++) {
+        int rank;
+        int64_t shape[3], numel;
+        st = mha_layer_weight_shape(layer, names[i], &rank, shape, &numel);
+        float *w = st == MHA_OK ? malloc((size_t)numel * sizeof(float)) : NULL;
+        if (st == MHA_OK && !w) st = MHA_ERR_NOMEM;
+        for (int64_t j = 0; st == MHA_OK && j < numel; j++) w[j] = value;
+        if (st == MHA_OK) st = mha_layer_set_weight(layer, names[i], w, numel);
+        free(w);
+    }
+    return st;
+}
+
 /* Ends main(): the summary line ctest logs and a non-zero exit on failure. */
 static inline int harness_finish(const char *name)
 {

@@ -178,6 +178,7 @@ static void test_cache_api(mha_ctx *ctx)
     ld.num_kv_heads = 2;
     mha_layer *layer = NULL;
     CHECK_OK(mha_layer_create(&ld, &layer));
+    CHECK_OK(harness_fill_weights(layer, 0.01f));
     mha_kv_cache *c = NULL;
     CHECK_FAILS(mha_kv_cache_create(layer, 1, 0, MHA_DTYPE_F32, &c), MHA_ERR_INVALID_ARG, "capacity must be positive");
     CHECK_FAILS(mha_kv_cache_create(layer, 1, 4, MHA_DTYPE_F16, &c), MHA_ERR_INVALID_ARG, "F32 or BF16, not F16");
@@ -208,6 +209,7 @@ static void test_cache_api(mha_ctx *ctx)
     other.num_kv_heads = 4;
     mha_layer *layer4 = NULL;
     CHECK_OK(mha_layer_create(&other, &layer4));
+    CHECK_OK(harness_fill_weights(layer4, 0.01f));
     CHECK_FAILS(mha_layer_decode(ctx, layer4, c, &y3, &x3), MHA_ERR_INVALID_ARG,
                 "the cache holds 2 kv heads of 4, the layer has 4 of 4");
     mha_layer_free(layer4);

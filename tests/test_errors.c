@@ -211,6 +211,14 @@ static void test_layer_args(void)
     CHECK_FAILS(mha_layer_forward(ctx, layer, &out, NULL, &a), MHA_ERR_INVALID_ARG,
                 "key has 4 in its third dimension, expected 5");
     a.key = mha_tensor_3d(key, 2, 4, 5);
+    /* A layer computes only once its matrices are set: biases default to
+     * 0 as PyTorch initialises them, matrices have no default. */
+    CHECK_FAILS(mha_layer_forward(ctx, layer, &out, &weights, &a), MHA_ERR_MISUSE,
+                "weight \"q_proj_weight\" was never set");
+    CHECK_OK(mha_layer_set_weight(layer, "q_proj_weight", w, 64));
+    CHECK_FAILS(mha_layer_forward(ctx, layer, &out, &weights, &a), MHA_ERR_MISUSE,
+                "weight \"v_proj_weight\" was never set");
+    CHECK_OK(harness_fill_weights(layer, 0.0f));
     CHECK_OK(mha_layer_forward(ctx, layer, &out, &weights, &a));
     weights.shape[3] = 5;
     CHECK_FAILS(mha_layer_forward(ctx, layer, &out, &weights, &a), MHA_ERR_INVALID_ARG,

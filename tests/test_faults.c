@@ -113,6 +113,7 @@ static mha_status torch_layer(float *result, mha_dtype dtype)
     if (st == MHA_OK) st = mha_layer_set_weight(layer, "in_proj_weight", w, 3 * E * E);
     if (st == MHA_OK) st = mha_layer_set_weight(layer, "out_proj.weight", w, E * E);
     if (st == MHA_OK) st = mha_layer_set_weight(layer, "bias_k", w, E);
+    if (st == MHA_OK) st = mha_layer_set_weight(layer, "bias_v", w + E, E);
     if (st == MHA_OK) st = mha_ctx_create(3, &ctx);
     if (st == MHA_OK) {
         mha_layer_fwd_args a;

@@ -315,7 +315,9 @@ static void check_out_of_memory(void)
         mha_layer_desc_init(&d);
         d.embed_dim = E;
         d.num_heads = 4;
-        if (mha_ctx_create(2, &ctx) != MHA_OK || mha_layer_create(&d, &layer) != MHA_OK) _exit(3);
+        if (mha_ctx_create(2, &ctx) != MHA_OK || mha_layer_create(&d, &layer) != MHA_OK ||
+            harness_fill_weights(layer, 0.01f) != MHA_OK)
+            _exit(3);
         mha_layer_fwd_args a;
         mha_layer_fwd_args_init(&a);
         a.query = a.key = a.value = (mha_tensor){row, {1, T, E, 1}, {0, 0, 1, 0}};

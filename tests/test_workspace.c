@@ -276,6 +276,7 @@ static void layer_setup(const layer_case *c, layer_arg *a)
     d.add_bias_kv = c->bias_kv;
     if (c->rope) d.rope.kind = MHA_ROPE_HALF;
     CHECK_OK(mha_layer_create(&d, &a->layer));
+    CHECK_OK(harness_fill_weights(a->layer, 0.01f));
     if (c->train) CHECK_OK(mha_layer_train_init(a->layer));
     float *x = a->buffers[0] = random_floats(c->N * c->S * c->E, 11);
     mha_layer_fwd_args_init(&a->args);
@@ -359,6 +360,7 @@ static void test_layer_overflow(void)
     d.num_heads = 4;
     mha_layer *layer = NULL;
     CHECK_OK(mha_layer_create(&d, &layer));
+    CHECK_OK(harness_fill_weights(layer, 0.01f));
     mha_ctx *ctx = NULL;
     CHECK_OK(mha_ctx_create(1, &ctx));
     static float x[64];

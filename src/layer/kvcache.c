@@ -266,6 +266,7 @@ mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_ten
 {
     if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode: NULL context");
     mha_status st = check_decode(l, c, out, x);
+    if (st == MHA_OK) st = mha__layer_check_weights(l, "mha_layer_decode");
     decode_plan p;
     if (st == MHA_OK) st = plan_decode(ctx, l, c, x->shape[1], &p);
     if (st == MHA_OK) st = mha__ws_reserve(ctx, p.workspace);

@@ -140,12 +140,15 @@ mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
     if (!l) return MHA_ERR_NOMEM;
     l->magic = LAYER_MAGIC;
     l->desc = d;
+    l->unset = (1u << MAT_COUNT) - 1;
+    if (d.add_bias_kv) l->unset |= UNSET_BIAS_K | UNSET_BIAS_V;
     l->head_dim = d.head_dim;
     l->qdim = d.num_heads * d.head_dim;
     l->kvdim = d.num_kv_heads * d.head_dim;
     l->isa = mha__isa_get();
     l->names = MHA_NAMES_TORCH;
-    /* Weights start as zeros, as the header promises. */
+    /* Weights start as zeros; the compute calls refuse until the
+     * matrices are set (l->unset). */
     l->bf16 = d.dtype == MHA_DTYPE_BF16;
     for (int m = 0; m < MAT_COUNT && st == MHA_OK; m++) st = mha__layer_pack(l, (matrix)m, NULL);
     bool ok = st == MHA_OK;

@@ -44,6 +44,9 @@ struct mha_layer {
     float *bias_k, *bias_v;      /* [E] or NULL */
     float *alibi;                /* [h] or NULL: the desc's slopes, copied */
     mha_weight_names names;      /* the family the weights were loaded under (TORCH when set by hand) */
+    unsigned unset;              /* the required weights never given: bit m for matrix m, then
+                                    UNSET_BIAS_K, UNSET_BIAS_V (biases default to 0, as PyTorch
+                                    initialises them; matrices and bias_k/bias_v have no default) */
     mha__layer_train *train;     /* NULL until mha_layer_train_init */
 };
 
@@ -60,6 +63,7 @@ struct mha_layer_tape {
 };
 
 enum { TAPE_MAGIC = 0x6d686174 }; /* "mhat" */
+enum { UNSET_BIAS_K = 1u << MAT_COUNT, UNSET_BIAS_V = 2u << MAT_COUNT };
 
 mha_status mha__layer_check(const mha_layer *l, const char *fn);
 mha_status mha__layer_check_forward(const mha_layer *l, const mha_tensor *attn_output, const mha_tensor *attn_weights,
@@ -105,6 +109,9 @@ typedef struct mha__named {
  * except that a layer made by hand (TORCH) whose shape nn.MultiheadAttention
  * cannot have (GQA, head_dim x heads != E) is named Llama-style. */
 mha_weight_names mha__layer_family(const mha_layer *l);
+/* MISUSE naming the first required weight never set (in the layer's
+ * family), for a compute call `fn`; MHA_OK when all were. */
+mha_status mha__layer_check_weights(const mha_layer *l, const char *fn);
 /* The family's name of a part, or NULL if the family has none. */
 const char *mha__name_of(mha_weight_names family, mha__part part);
 /* Does the layer have `part` under `family`?  Then *t describes it. */

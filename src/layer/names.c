@@ -226,6 +226,29 @@ static mha_status set_matrices(mha_layer *l, const mha__named *t, const float *d
     return st;
 }
 
+/* The `unset` bits a part covers. */
+static unsigned part_bits(mha__part part)
+{
+    matrix first;
+    int count = part_matrices(part, &first);
+    if (count) return ((1u << count) - 1) << first;
+    return part == MHA__PART_BIAS_K ? UNSET_BIAS_K : part == MHA__PART_BIAS_V ? UNSET_BIAS_V : 0;
+}
+
+mha_status mha__layer_check_weights(const mha_layer *l, const char *fn)
+{
+    if (!l->unset) return MHA_OK;
+    mha__named list[MHA__PART_COUNT];
+    int n = mha__named_list(l, mha__layer_family(l), list);
+    for (int i = 0; i < n; i++)
+        if (part_bits(list[i].part) & l->unset)
+            return mha__fail(MHA_ERR_MISUSE,
+                             "%s: weight \"%s\" was never set (mha_layer_set_weight, mha_layer_load, or "
+                             "mha_layer_params then mha_layer_params_changed); only biases default to 0",
+                             fn, list[i].name);
+    return mha__fail(MHA_ERR_INTERNAL, "%s: a weight was never set", fn); /* every part has a name */
+}
+
 mha_status mha_layer_set_weight(mha_layer *l, const char *name, const float *data, int64_t numel)
 {
     mha_status st = mha__layer_check(l, "mha_layer_set_weight");
@@ -238,9 +261,10 @@ mha_status mha_layer_set_weight(mha_layer *l, const char *name, const float *dat
         return mha__fail(MHA_ERR_INVALID_ARG, "%s needs %lld values, got %lld", name, (long long)t.numel,
                          (long long)numel);
     matrix first;
-    if (part_matrices(t.part, &first)) return set_matrices(l, &t, data);
-    memcpy(part_bias(l, t.part, false), data, (size_t)numel * sizeof(float));
-    return MHA_OK;
+    if (part_matrices(t.part, &first)) st = set_matrices(l, &t, data);
+    else memcpy(part_bias(l, t.part, false), data, (size_t)numel * sizeof(float));
+    if (st == MHA_OK) l->unset &= ~part_bits(t.part);
+    return st;
 }
 
 mha_weight_names mha__layer_family(const mha_layer *l)
