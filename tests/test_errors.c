@@ -560,6 +560,12 @@ static void test_cli_files(void)
     const char *fwd[] = {"forward", "--weights", weights, "--inputs", p, "--out", out_path, "--num-heads", "2"};
 #define FWD(needle, ...) \
     expect_cli_error(needle, fwd[0], fwd[1], fwd[2], fwd[3], fwd[4], fwd[5], fwd[6], fwd[7], fwd[8], __VA_ARGS__)
+    char text_file[600];
+    snprintf(text_file, sizeof text_file, "%s/notes.txt", tmpdir);
+    f = fopen(text_file, "w");
+    fputs("These are notes, not tensors: a text file passed by mistake.\n", f);
+    fclose(f);
+    expect_cli_error("notes.txt: not a safetensors file (no JSON header): header length", "show", text_file, NULL);
     expect_cli_error("cannot open", "forward", "--weights", "/nonexistent/w.safetensors", "--inputs", weights, "--out",
                      out_path, "--num-heads", "2", NULL);
     expect_cli_error("corrupt.safetensors: header length 16 runs past the end", "forward", "--weights", corrupt,
@@ -708,6 +714,7 @@ static void test_cli_files(void)
     SDPA_BWD("grad_output has shape [1, 2, 3, 7]; it must match the output, [1, 2, 3, 8]", NULL);
     unlink(p);
     unlink(corrupt);
+    unlink(text_file);
 }
 
 int main(int argc, char **argv)

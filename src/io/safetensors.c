@@ -193,18 +193,24 @@ static mha_status read_at(mha_st_file *f, int64_t pos, void *dst, size_t len)
 /* Header length prefix, then header text, then the entries. */
 static mha_status parse(mha_st_file *f, int64_t file_size)
 {
-    unsigned char prefix[8];
+    unsigned char prefix[9];
     if (file_size < 8)
-        return mha__fail(MHA_ERR_CORRUPT, "file is %lld bytes, shorter than the 8-byte header length",
+        return mha__fail(MHA_ERR_CORRUPT, "not a safetensors file: %lld bytes, shorter than the 8-byte header length",
                          (long long)file_size);
-    mha_status st = read_at(f, 0, prefix, 8);
+    mha_status st = read_at(f, 0, prefix, file_size > 8 ? 9 : 8);
     if (st != MHA_OK) return st;
     uint64_t n = 0;
     for (int i = 7; i >= 0; i--) n = n << 8 | prefix[i];
+    /* A safetensors file's JSON header opens with '{' right after the
+     * length: when the length is impossible and no '{' follows, say first
+     * that this is some other kind of file.  (A plausible length goes on
+     * to the JSON parser, which names what is wrong with the header.) */
+    const char *other = file_size > 8 && prefix[8] == '{' ? "" : "not a safetensors file (no JSON header): ";
     if (n > MAX_HEADER_BYTES)
-        return mha__fail(MHA_ERR_CORRUPT, "header length %llu exceeds the 100 MB limit", (unsigned long long)n);
+        return mha__fail(MHA_ERR_CORRUPT, "%sheader length %llu exceeds the 100 MB limit", other,
+                         (unsigned long long)n);
     if ((int64_t)n > file_size - 8)
-        return mha__fail(MHA_ERR_CORRUPT, "header length %llu runs past the end of the %lld-byte file",
+        return mha__fail(MHA_ERR_CORRUPT, "%sheader length %llu runs past the end of the %lld-byte file", other,
                          (unsigned long long)n, (long long)file_size);
     if (n < 2)
         return mha__fail(MHA_ERR_CORRUPT, "header length %llu is too short for a JSON object", (unsigned long long)n);
