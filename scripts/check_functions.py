@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-SCANNED = ("src", "lab", "tools")
+SCANNED = ("src", "lab", "tools", "examples")
 
 
 def functions(text):
