@@ -2,7 +2,8 @@
 """check_functions.py -- no function of the library, the lab or the CLI
 runs past 60 lines, so each one can be read at a glance.
 
-Counts every function body in the .c files under src/, lab/ and tools/
+Counts every function body in the .c files under src/, lab/, tools/ and
+examples/
 (as .clang-format writes them: the opening brace of a function alone at
 the start of a line, the closing one likewise) from its brace to its
 closing brace, and fails (exit 1, one line per function) past the limit.

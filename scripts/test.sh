@@ -3,44 +3,62 @@
 # a normal optimised build, then under AddressSanitizer (with leak
 # checking) and UndefinedBehaviorSanitizer; then ThreadSanitizer over the
 # suites that run threads, valgrind's memcheck over the CLI, and
-# allocation-failure injection over every entry point.  Exits
-# non-zero on any failure.  docs/TESTING.md lists every check.
+# allocation-failure injection over every entry point, and libFuzzer.
+# Ends with one line per stage and a closing count; exits non-zero on any
+# failure, naming the stage.  docs/TESTING.md lists every check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 
 jobs=$(nproc 2>/dev/null || echo 2)
+start=$SECONDS
+passed=()
+current="setup"
+log=$(mktemp)
+trap 'rc=$?; rm -f "$log"; [ $rc -eq 0 ] || echo "test.sh: FAILED in stage \"$current\" (exit $rc) after ${#passed[@]} stage(s) passed" >&2' EXIT
 
-echo "== formatting (.clang-format), layering and function length (docs/ARCHITECTURE.md)"
+stage() { current=$1; echo "== $1"; }
+passed() { passed+=("$current: $1"); }
+# ctest's own count, from its last line: "100% tests passed, 0 tests failed out of N".
+ctest_count() { grep -o 'out of [0-9]*' "$log" | tail -1 | sed 's/out of /all /; s/$/ tests passed/'; }
+
+stage "formatting, layering and function length"
 scripts/check_format.sh
 python3 scripts/check_layers.py
 python3 scripts/check_functions.py
+passed "3 checks passed"
 
-echo "== build (release, -Werror) and test"
+stage "release build (-Werror) and ctest"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMHA_WERROR=ON >/dev/null
 cmake --build build -j"$jobs" >/dev/null
-(cd build && ctest --output-on-failure)
+(cd build && ctest --output-on-failure) | tee "$log"
+passed "$(ctest_count)"
 
-echo "== build with AddressSanitizer + UndefinedBehaviorSanitizer and test"
+stage "AddressSanitizer + UndefinedBehaviorSanitizer build and ctest"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DMHA_WERROR=ON -DMHA_SANITIZE=address,undefined >/dev/null
 cmake --build build-asan -j"$jobs" >/dev/null
-(cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure)
+(cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure) | tee "$log"
+passed "$(ctest_count)"
 
-echo "== build with ThreadSanitizer and run the threaded suites"
+stage "ThreadSanitizer over the threaded suites"
 cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMHA_WERROR=ON -DMHA_SANITIZE=thread >/dev/null
 cmake --build build-tsan -j"$jobs" >/dev/null
-(cd build-tsan && TSAN_OPTIONS=halt_on_error=1 ctest --output-on-failure -R '^test_(reference|decode|train|golden|robust)$')
+(cd build-tsan && TSAN_OPTIONS=halt_on_error=1 ctest --output-on-failure -R '^test_(reference|decode|train|golden|robust)$') |
+    tee "$log"
+passed "$(ctest_count)"
 
-echo "== valgrind memcheck over the CLI"
-scripts/valgrind_cli.sh build/mha
+stage "valgrind memcheck over the CLI"
+scripts/valgrind_cli.sh build/mha | tee "$log"
+passed "$(grep -c '  ok: ' "$log") commands clean"
 
-echo "== allocation failures at every allocation of every entry point (ASan + LeakSanitizer)"
+stage "allocation failures at every allocation of every entry point (ASan + LeakSanitizer)"
 cmake -S . -B build-faults -DCMAKE_BUILD_TYPE=Debug -DMHA_WERROR=ON -DMHA_SANITIZE=address,undefined \
     -DMHA_FAULT_INJECTION=ON >/dev/null
 cmake --build build-faults -j"$jobs" --target test_faults >/dev/null
-(cd build-faults && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -R '^test_faults$')
+(cd build-faults && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -R '^test_faults$') | tee "$log"
+passed "$(ctest_count)"
 
-echo "== fuzzing: libFuzzer over the safetensors reader and the CLI's inputs (45 s each, ASan + UBSan)"
+stage "fuzzing: libFuzzer over the safetensors reader and the CLI's inputs (45 s each, ASan + UBSan)"
 CC=clang CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMHA_FUZZ=ON \
     -DMHA_SANITIZE=address,undefined >/dev/null
 cmake --build build-fuzz -j"$jobs" --target fuzz_safetensors fuzz_cli_inputs >/dev/null
@@ -49,12 +67,16 @@ for target in safetensors cli_inputs; do
     seeds=tests/fuzz/corpus_st
     [ "$target" = cli_inputs ] && seeds=tests/fuzz/corpus_cli
     cp "$seeds"/* "$corpus"/
-    log=$(mktemp)
     if ! build-fuzz/tests/fuzz_$target -max_total_time=45 -timeout=10 -rss_limit_mb=2048 "$corpus" >"$log" 2>&1; then
         tail -40 "$log"
         echo "fuzz_$target found a fault; the input is in the log above" >&2
         exit 1
     fi
     echo "  fuzz_$target: $(grep -E '^Done' "$log")"
-    rm -rf "$corpus" "$log"
+    rm -rf "$corpus"
 done
+passed "2 targets, no fault"
+
+echo "== summary"
+for line in "${passed[@]}"; do echo "  passed: $line"; done
+echo "test.sh: ${#passed[@]} of ${#passed[@]} stages passed, 0 failed, in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s"
