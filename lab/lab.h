@@ -228,4 +228,9 @@ typedef struct lab_map_picture {
 
 int lab_map_png(const char *path, const lab_map_picture *picture, int64_t cell);
 
+/* The colour of attention weight w in [0, 1], from white to dark blue on a
+ * square-root scale so small weights stay visible: the PNGs' and the
+ * report's (whose script computes the same in JavaScript). */
+void lab_weight_colour(float w, unsigned char rgb[3]);
+
 #endif /* MHA_LAB_H */

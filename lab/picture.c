@@ -30,10 +30,7 @@ static void fill(raster *r, int64_t x, int64_t y, int64_t w, int64_t h, const un
         for (int64_t i = x < 0 ? 0 : x; i < x + w && i < r->w; i++) memcpy(r->rgb + 3 * (j * r->w + i), c, 3);
 }
 
-/* The colour of attention weight w in [0, 1]: white to dark blue, on a
- * square-root scale so small weights stay visible (report.c's script
- * shades the same way). */
-static void shade(float w, unsigned char *rgb)
+void lab_weight_colour(float w, unsigned char rgb[3])
 {
     float t = w < 0 ? 0 : w > 1 ? 1 : sqrtf(w);
     rgb[0] = (unsigned char)(255 - 230 * t), rgb[1] = (unsigned char)(255 - 200 * t),
@@ -198,7 +195,7 @@ static void draw_scale(raster *r, const lab_map_picture *p, int64_t cell)
     for (int64_t j = 0; j < h; j++) {
         double t = 1 - (double)j / (double)(h - 1);
         unsigned char c[3];
-        shade((float)(t * t), c);
+        lab_weight_colour((float)(t * t), c);
         fill(r, x, y + j, BAR, 1, c);
     }
     static const double ticks[] = {0, 0.05, 0.25, 0.5, 1};
@@ -223,7 +220,7 @@ int lab_map_png(const char *path, const lab_map_picture *p, int64_t cell)
     for (int64_t i = 0; i < p->rows; i++)
         for (int64_t j = 0; j < p->cols; j++) {
             unsigned char c[3];
-            shade(p->map[i * p->cols + j], c);
+            lab_weight_colour(p->map[i * p->cols + j], c);
             fill(&r, LEFT + j * cell, TOP + i * cell, cell, cell, c);
         }
     fill(&r, LEFT - 1, TOP - 1, p->cols * cell + 2, 1, GREY),

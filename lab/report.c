@@ -212,8 +212,9 @@ static void write_colour_scale(FILE *f)
                "aria-label=\"colour scale\"><defs><linearGradient id=\"cs\">");
     for (int k = 0; k <= 10; k++) {
         double t = k / 10.0; /* position on the bar = sqrt(weight) */
-        fprintf(f, "<stop offset=\"%g\" stop-color=\"rgb(%d,%d,%d)\"/>", t, (int)(255 - 230 * t), (int)(255 - 200 * t),
-                (int)(255 - 90 * t));
+        unsigned char c[3];
+        lab_weight_colour((float)(t * t), c);
+        fprintf(f, "<stop offset=\"%g\" stop-color=\"rgb(%d,%d,%d)\"/>", t, c[0], c[1], c[2]);
     }
     fprintf(f, "</linearGradient></defs><rect x=\"10\" y=\"4\" width=\"300\" height=\"14\" fill=\"url(#cs)\" "
                "stroke=\"#aaa\"/>");
@@ -320,7 +321,8 @@ static void write_data(FILE *f, const lab_report *r)
  * the repeat's dashed lines; and the token strip and position picker. */
 static const char *SCRIPT =
     "function at(l,h,i,j){return maps[((l*H+h)*T+i)*T+j];}\n"
-    "function shade(w){const t=Math.sqrt(Math.max(0,Math.min(1,w)));"
+    "function shade(w){" /* lab_weight_colour's, in the browser */
+    "const t=Math.sqrt(Math.max(0,Math.min(1,w)));"
     "return `rgb(${255-230*t},${255-200*t},${255-90*t})`;}\n"
     "const C=T<=40?12:Math.max(3,Math.floor(480/T)),EVERY=Math.max(1,Math.ceil(11/C)),M=62;\n"
     "function drawMap(l,h){const cv=document.getElementById(`m${l}_${h}`),g=cv.getContext('2d');\n"

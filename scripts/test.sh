@@ -20,7 +20,7 @@ trap 'rc=$?; rm -f "$log"; [ $rc -eq 0 ] || echo "test.sh: FAILED in stage \"$cu
 stage() { current=$1; echo "== $1"; }
 passed() { passed+=("$current: $1"); }
 # ctest's own count, from its last line: "100% tests passed, 0 tests failed out of N".
-ctest_count() { grep -o 'out of [0-9]*' "$log" | tail -1 | sed 's/out of /all /; s/$/ tests passed/'; }
+ctest_count() { grep -o 'out of [0-9]*' "$log" | tail -1 | sed 's/out of \(.*\)/\1 of \1 ctest tests passed/'; }
 
 stage "formatting, layering and function length"
 scripts/check_format.sh

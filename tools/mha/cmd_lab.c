@@ -242,6 +242,8 @@ static int write_report(const lab_opts *o, mha_ctx *ctx, lab_model *model, const
     int64_t n = c->layers * c->heads;
     results r;
     if (results_alloc(c, &r) != CLI_OK) return CLI_FAIL;
+    fprintf(stderr, "mha lab: scoring the heads on %d held-out sequences, then pruning (%lld heads, 2 orders)\n",
+            LAB_EVAL_B, (long long)n);
     int rc = analyze(o, ctx, model, &r);
     if (rc == CLI_OK && lab_prune(ctx, model, &o->run, r.tokens, &r.pruning) != MHA_OK) {
         cli_error(CMD, "pruning: %s", mha_last_error());
