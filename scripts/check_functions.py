@@ -2,9 +2,8 @@
 """check_functions.py -- no function of the library, the lab or the CLI
 runs past 60 lines, so each one can be read at a glance.
 
-Counts every function body in the .c files under src/, lab/, tools/ and
-examples/
-(as .clang-format writes them: the opening brace of a function alone at
+Counts every function body in the .c files under src/, lab/, tools/,
+examples/ and python/ (as .clang-format writes them: the opening brace of a function alone at
 the start of a line, the closing one likewise) from its brace to its
 closing brace, and fails (exit 1, one line per function) past the limit.
 
@@ -14,7 +13,7 @@ import os
 import re
 import sys
 
-SCANNED = ("src", "lab", "tools", "examples")
+SCANNED = ("src", "lab", "tools", "examples", "python")
 
 
 def functions(text):

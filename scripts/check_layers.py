@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """check_layers.py -- keep libmha's dependencies pointing down.
 
-Reads every C source and header of the library (src/), the lab (lab/) and
-the CLI (tools/), and builds two graphs over their files:
+Reads every C source and header of the library (src/), the lab (lab/),
+the CLI (tools/), the Python extension (python/) and the examples, and
+builds two graphs over their files:
   - includes: file -> the project header it #includes;
   - calls:    file -> the .c file that defines an mha_/mha__ function it
               calls (definitions found by their bodies, so a prototype in
@@ -12,7 +13,7 @@ It fails (exit 1, one line per problem) when
   - a file includes a header, or calls a function, of a folder its own
     folder may not use (the LAYERS table below: each folder names the
     folders below it that it may use; include/mha.h is open to all, and
-    lab/ and tools/ may call what it declares);
+    the folders outside src/ may call what it declares);
   - either graph has a cycle between files;
   - SIMD intrinsics appear outside src/kernels/.
 
@@ -33,8 +34,10 @@ LAYERS = {
     "src/layer": ["src/core", "src/kernels", "src/io", "src/gemm", "src/attn"],
     "lab": [],  # the public API only
     "tools/mha": ["lab"],
+    "python/mha": [],  # the Python extension: the public API only
+    "examples": [],  # as another project uses the library
 }
-SCANNED = ("src", "lab", "tools")
+SCANNED = ("src", "lab", "tools", "python", "examples")
 INTRINSICS = re.compile(r"#\s*include\s*<(immintrin|x86intrin|[a-z]mmintrin)\.h>|\b__m(128|256|512)\w*\b")
 
 

@@ -3,8 +3,9 @@
 # nothing when all is there.
 #   scripts/setup.sh        building and testing: a C compiler, make and
 #                           CMake, zlib, valgrind, clang (libFuzzer),
-#                           clang-format, python3 (the layering check) and
-#                           chromium (the lab's report test)
+#                           clang-format, python3 with venv and headers
+#                           (the layering check, the Python package),
+#                           pkg-config and chromium (the lab's report test)
 #   scripts/setup.sh --lab  running the head lab: the compiler, make,
 #                           CMake and zlib only
 set -euo pipefail
@@ -19,6 +20,9 @@ if [ "${1:-}" != --lab ]; then
     command -v clang >/dev/null 2>&1 || missing+=(clang)
     command -v clang-format >/dev/null 2>&1 || missing+=(clang-format)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)   # scripts/check_layers.py
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv) # the Python package's tests
+    python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        >/dev/null 2>&1 || missing+=(python3-dev)
     command -v chromium >/dev/null 2>&1 || missing+=(chromium) # renders the lab's report in the tests
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config) # builds the examples as users do
 fi

@@ -77,6 +77,15 @@ for target in safetensors cli_inputs; do
 done
 passed "2 targets, no fault"
 
+stage "Python package: pip install . into a new venv, then pytest"
+venv=$(mktemp -d)
+python3 -m venv "$venv"
+"$venv/bin/pip" install -q "numpy==1.26.4" "pytest==8.3.4"
+"$venv/bin/pip" install -q --config-settings=cmake.define.MHA_WERROR=ON .
+(cd python/tests && "$venv/bin/python" -m pytest -q -p no:cacheprovider) | tee "$log"
+rm -rf "$venv"
+passed "pytest: $(grep -o '[0-9]* passed' "$log" | tail -1)"
+
 echo "== summary"
 for line in "${passed[@]}"; do echo "  passed: $line"; done
 echo "test.sh: ${#passed[@]} of ${#passed[@]} stages passed, 0 failed, in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s"

@@ -1,0 +1,75 @@
+"""How the package takes arrays: the one rule every function follows.
+
+- A float32 numpy array is read in place, whatever its layout, as long as
+  its strides are not negative: libmha takes strided tensors, so a
+  transposed or sliced view costs no copy.
+- Any other array of real floating-point numbers (float64, float16, a
+  view with negative strides, a list of floats) is converted once, to a
+  C-contiguous float32 copy.
+- Anything else (integers, booleans where numbers are expected, complex
+  numbers, objects) is refused with a TypeError naming the argument.
+- Masks: bool arrays (True = the key takes part, as in PyTorch) are read
+  in place; float masks (added to the scores) follow the rule above.
+- Outputs are new C-contiguous float32 arrays.
+"""
+
+import numpy as np
+
+MAX_RANK = 4  # the library's tensors have up to four dimensions
+
+
+def floats(x, name):
+    """x as a float32 array libmha can read, in place when the rule allows."""
+    if isinstance(x, np.ndarray) and x.dtype == np.float32 and all(s >= 0 for s in x.strides):
+        return x
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name} must hold real floating-point numbers (float32 is read in place), "
+                        f"got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def mask(m, name, shape):
+    """A bool or float mask broadcast to `shape` (zero strides, no copy)."""
+    arr = np.asarray(m)
+    if arr.dtype == np.bool_:
+        pass
+    elif arr.dtype.kind == "f":
+        arr = floats(arr, name)
+    else:
+        raise TypeError(f"{name} must be bool (True = take part) or float (added to the scores), got {arr.dtype}")
+    try:
+        return np.broadcast_to(arr, shape)
+    except ValueError:
+        raise ValueError(f"{name} has shape {tuple(arr.shape)}, which does not broadcast to "
+                         f"{tuple(shape)} (batch..., L, S)") from None
+
+
+def as4d(x, lead):
+    """x [*lead, a, b, c] or fewer leading dimensions as [prod(lead), a, b, c]
+    (a view when the strides allow, else one copy)."""
+    if x.ndim <= MAX_RANK:
+        return x.reshape((1,) * (MAX_RANK - x.ndim) + x.shape) if x.ndim < MAX_RANK else x
+    return x.reshape((int(np.prod(lead)),) + x.shape[-3:])
+
+
+def first_nonfinite(arrays):
+    """The name and index of the first NaN or Inf among (name, array) pairs,
+    or None."""
+    for name, a in arrays:
+        if a is None:
+            continue
+        bad = np.argwhere(~np.isfinite(a))
+        if len(bad):
+            return name, tuple(int(i) for i in bad[0]), a[tuple(bad[0])]
+    return None
+
+
+def threads(num_threads):
+    """num_threads for libmha: None is 0 (MHA_NUM_THREADS, else all CPUs)."""
+    if num_threads is None:
+        return 0
+    n = int(num_threads)
+    if n < 0 or n > 1024:
+        raise ValueError(f"num_threads must be in 0..1024 (0 = all CPUs), got {num_threads}")
+    return n

@@ -1,0 +1,140 @@
+"""Scaled dot-product attention on numpy arrays, as
+torch.nn.functional.scaled_dot_product_attention computes it, and its
+backward, on libmha's fused kernels.
+
+Shapes: query [..., Hq, L, D], key [..., Hkv, S, D], value [..., Hkv, S, Dv]
+(fewer dimensions are fine: [L, D] or [H, L, D]); the leading dimensions
+of the three must be equal; Hkv = Hq unless enable_gqa, where Hkv divides
+Hq.  Arrays follow the package's rule (mha/_arrays.py): float32 is read in
+place.
+"""
+
+import math
+
+import numpy as np
+
+from . import _arrays, _core
+
+_CAUSAL = {None: 0, "top_left": 1, "bottom_right": 2}
+
+
+def _causal(is_causal, causal):
+    if causal not in _CAUSAL:
+        raise ValueError(f'causal must be "top_left" or "bottom_right", got {causal!r}')
+    if is_causal and causal not in (None, "top_left"):
+        raise ValueError('is_causal=True is top-left causal; it contradicts causal="bottom_right"')
+    return _CAUSAL["top_left" if is_causal else causal]
+
+
+def _window(window):
+    if window is None:
+        return -1, -1
+    try:
+        left, right = (-1 if w is None else int(w) for w in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be (left, right), each -1 or None for unbounded, got {window!r}") from None
+    return left, right
+
+
+class _Problem:
+    """The arguments of one call, checked and shaped for the library."""
+
+    def __init__(self, query, key, value, attn_mask, is_causal, scale, enable_gqa, causal, window, softcap,
+                 alibi_slopes, num_threads):
+        q, k, v = (_arrays.floats(a, n) for a, n in ((query, "query"), (key, "key"), (value, "value")))
+        if not (q.ndim >= 2 and k.ndim == q.ndim and v.ndim == q.ndim):
+            raise ValueError(f"query, key and value must have the same number of dimensions (at least 2: L, D); "
+                             f"got shapes {q.shape}, {k.shape}, {v.shape}")
+        if q.shape[:-3] != k.shape[:-3] or k.shape[:-3] != v.shape[:-3]:
+            raise ValueError(f"query, key and value must share their batch dimensions; got shapes {q.shape}, "
+                             f"{k.shape}, {v.shape}")
+        if attn_mask is not None and is_causal:
+            raise ValueError("attn_mask and is_causal=True exclude each other, as in PyTorch: put the causal mask "
+                             "into attn_mask, or use causal=")
+        self.shape = q.shape
+        self.lead = q.shape[:-3]
+        self.q, self.k, self.v = (_arrays.as4d(a, self.lead) for a in (q, k, v))
+        L, S = q.shape[-2], k.shape[-2]
+        self.mask = None
+        if attn_mask is not None:
+            full = _arrays.mask(attn_mask, "attn_mask", q.shape[:-2] + (L, S))
+            self.mask = _arrays.as4d(full, self.lead)
+        self.scale = math.nan if scale is None else float(scale)
+        self.causal = _causal(is_causal, causal)
+        self.window = _window(window)
+        self.softcap = 0.0 if softcap is None else float(softcap)
+        self.alibi = None if alibi_slopes is None else _arrays.floats(alibi_slopes, "alibi_slopes").reshape(-1)
+        self.gqa = bool(enable_gqa)
+        self.threads = _arrays.threads(num_threads)
+
+    def options(self):
+        return (self.mask, self.scale, self.causal, self.window[0], self.window[1], self.softcap, self.alibi,
+                self.gqa)
+
+    def raise_nonfinite(self, what, extra=()):
+        found = _arrays.first_nonfinite([("query", self.q), ("key", self.k), ("value", self.v), *extra])
+        if found:
+            name, index, value = found
+            raise ValueError(f"{name} holds {value} at index {index} (of its 4-D view); the {what} would not be "
+                             f"finite")
+        raise ValueError(f"the {what} is not finite although every input is: values too large for float32?")
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
+                                 causal=None, window=None, softcap=None, alibi_slopes=None, return_lse=False,
+                                 num_threads=None, compute_dtype="float32"):
+    """softmax(query key^T * scale + mask) value, as PyTorch 2.x computes it.
+
+    attn_mask: bool (True = take part) or float (added), broadcast to
+    [..., L, S]. is_causal: top-left causal, as PyTorch. Beyond PyTorch:
+    causal="bottom_right" (aligned to the last key, as with a KV cache),
+    window=(left, right) keys visible around the diagonal (-1: unbounded),
+    softcap (scores capped by C tanh(s / C)), alibi_slopes [Hq],
+    compute_dtype="bfloat16" (q, k, v and the probabilities rounded to bf16
+    where they enter the products). return_lse also returns the
+    log-sum-exp of each row [..., Hq, L]. A row whose keys are all masked
+    gives 0 and lse -inf (PyTorch: NaN). NaN or Inf reaching the output
+    raises ValueError naming the input that holds it.
+    """
+    if compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f'compute_dtype must be "float32" or "bfloat16", got {compute_dtype!r}')
+    p = _Problem(query, key, value, attn_mask, is_causal, scale, enable_gqa, causal, window, softcap, alibi_slopes,
+                 num_threads)
+    B, H, L, _ = p.q.shape
+    out = np.empty((B, H, L, p.v.shape[-1]), dtype=np.float32)
+    lse = np.empty((B, H, L), dtype=np.float32)
+    if not _core.attention(out, lse, p.q, p.k, p.v, *p.options(), compute_dtype == "bfloat16", p.threads):
+        p.raise_nonfinite("output")
+    out = out.reshape(p.shape[:-1] + (p.v.shape[-1],))
+    return (out, lse.reshape(p.shape[:-1])) if return_lse else out
+
+
+def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_mask=None, is_causal=False,
+                                          scale=None, enable_gqa=False, *, output=None, lse=None, causal=None,
+                                          window=None, softcap=None, alibi_slopes=None, num_threads=None):
+    """The gradients (dquery, dkey, dvalue) of scaled_dot_product_attention
+    with respect to its three inputs, given dLoss/doutput; the same options
+    as the forward.  output and lse (from return_lse=True) save recomputing
+    the forward; without them it runs first.  Float32 only.
+    """
+    p = _Problem(query, key, value, attn_mask, is_causal, scale, enable_gqa, causal, window, softcap, alibi_slopes,
+                 num_threads)
+    B, H, L, _ = p.q.shape
+    if output is None or lse is None:
+        out4 = np.empty((B, H, L, p.v.shape[-1]), dtype=np.float32)
+        lse4 = np.empty((B, H, L), dtype=np.float32)
+        if not _core.attention(out4, lse4, p.q, p.k, p.v, *p.options(), False, p.threads):
+            p.raise_nonfinite("output")
+    else:
+        out4 = _arrays.as4d(_arrays.floats(output, "output"), p.lead)
+        lse4 = _arrays.floats(lse, "lse").reshape(B, H, L)
+    go = _arrays.floats(grad_output, "grad_output")
+    if go.shape != p.shape[:-1] + (p.v.shape[-1],):
+        raise ValueError(f"grad_output has shape {go.shape}; the output's is {p.shape[:-1] + (p.v.shape[-1],)}")
+    go = _arrays.as4d(go, p.lead)
+    dq = np.empty(p.q.shape, dtype=np.float32)
+    dk = np.empty(p.k.shape, dtype=np.float32)
+    dv = np.empty(p.v.shape, dtype=np.float32)
+    if not _core.attention_backward(dq, dk, dv, p.q, p.k, p.v, out4, lse4, go, *p.options(), p.threads):
+        p.raise_nonfinite("gradient", [("grad_output", go)])
+    return (dq.reshape(np.shape(query)), dk.reshape(np.shape(key)), dv.reshape(np.shape(value)))

@@ -1,0 +1,216 @@
+"""mha.scaled_dot_product_attention and its backward on numpy arrays:
+random cases over every option against a float64 oracle under the
+project's tolerance rule; the array rule (float32 in place, others
+converted once, the rest refused); errors; the GIL released and many
+threads at once."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import mha
+from reference import attention, attention_grads, within_rule
+
+RNG = np.random.default_rng(1234)
+
+
+def randn(*shape, scale=1.0):
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def case(i):
+    """Random case i: shapes and every option the API has."""
+    r = np.random.default_rng(i)
+    B, Hkv = int(r.integers(1, 3)), int(r.integers(1, 3))
+    rep = int(r.choice([1, 2, 3])) if i % 3 == 0 else 1
+    L, S = int(r.integers(1, 40)), int(r.integers(1, 40))
+    D, Dv = int(r.choice([8, 16, 64])), int(r.choice([8, 16, 64]))
+    c = dict(q=randn(B, Hkv * rep, L, D), k=randn(B, Hkv, S, D), v=randn(B, Hkv, S, Dv), opts={}, ref={})
+    kind = i % 7
+    if kind == 1:
+        c["opts"]["is_causal"] = True
+        c["ref"]["causal"] = "top_left"
+    elif kind == 2:
+        c["opts"]["causal"] = c["ref"]["causal"] = "bottom_right"
+    elif kind == 3:
+        m = r.random((L, S)) > 0.3
+        c["opts"]["attn_mask"] = c["ref"]["mask"] = m
+    elif kind == 4:
+        m = r.standard_normal((B, 1, L, S)).astype(np.float32)
+        c["opts"]["attn_mask"] = c["ref"]["mask"] = m
+    elif kind == 5:
+        w = (int(r.integers(0, 6)), int(r.integers(-1, 4)))
+        c["opts"]["window"] = c["ref"]["window"] = w
+        c["opts"]["softcap"] = c["ref"]["softcap"] = 5.0
+    elif kind == 6:
+        a = np.abs(r.standard_normal(Hkv * rep)).astype(np.float32)
+        c["opts"]["alibi_slopes"] = c["ref"]["alibi"] = a
+        c["opts"]["scale"] = c["ref"]["scale"] = 0.3
+    if rep > 1:
+        c["opts"]["enable_gqa"] = True
+    return c
+
+
+@pytest.mark.parametrize("i", range(70))
+def test_forward_against_float64(i):
+    c = case(i)
+    out, lse = mha.scaled_dot_product_attention(c["q"], c["k"], c["v"], return_lse=True, **c["opts"])
+    ref64, _ = attention(c["q"], c["k"], c["v"], np.float64, **c["ref"])
+    plain32, _ = attention(c["q"], c["k"], c["v"], np.float32, **c["ref"])
+    ok, err, limit = within_rule(out, ref64, plain32, 2)
+    assert ok, f"error {err:.3g} > limit {limit:.3g}"
+    assert lse.shape == out.shape[:-1]
+
+
+@pytest.mark.parametrize("i", range(0, 70, 2))
+def test_backward_against_float64(i):
+    c = case(i)
+    dout = randn(*c["q"].shape[:-1], c["v"].shape[-1])
+    grads = mha.scaled_dot_product_attention_backward(dout, c["q"], c["k"], c["v"], **c["opts"])
+    ref64 = attention_grads(c["q"], c["k"], c["v"], dout, np.float64, **c["ref"])
+    plain32 = attention_grads(c["q"], c["k"], c["v"], dout, np.float32, **c["ref"])
+    for name, g, r64, r32 in zip("qkv", grads, ref64, plain32):
+        ok, err, limit = within_rule(g, r64, r32, 3)
+        assert ok, f"d{name}: error {err:.3g} > limit {limit:.3g}"
+
+
+def test_large_logits():
+    q, k, v = randn(1, 2, 33, 64, scale=20), randn(1, 2, 47, 64, scale=20), randn(1, 2, 47, 64)
+    out = mha.scaled_dot_product_attention(q, k, v)
+    ok, err, limit = within_rule(out, attention(q, k, v, np.float64)[0], attention(q, k, v, np.float32)[0], 2)
+    assert ok, f"error {err:.3g} > limit {limit:.3g}"
+
+
+def test_shapes_2d_3d_and_5d():
+    q, k, v = randn(2, 3, 4, 5, 8), randn(2, 3, 4, 6, 8), randn(2, 3, 4, 6, 8)
+    out5 = mha.scaled_dot_product_attention(q, k, v)
+    out4 = mha.scaled_dot_product_attention(q.reshape(6, 4, 5, 8), k.reshape(6, 4, 6, 8), v.reshape(6, 4, 6, 8))
+    assert out5.shape == (2, 3, 4, 5, 8) and np.array_equal(out5.reshape(6, 4, 5, 8), out4)
+    assert mha.scaled_dot_product_attention(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0]).shape == (5, 8)
+    assert mha.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0]).shape == (4, 5, 8)
+
+
+def test_fully_masked_row_is_zero_not_nan():
+    q, k, v = randn(1, 1, 3, 8), randn(1, 1, 4, 8), randn(1, 1, 4, 8)
+    mask = np.ones((3, 4), dtype=bool)
+    mask[1] = False
+    out, lse = mha.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True)
+    assert np.all(out[0, 0, 1] == 0) and lse[0, 0, 1] == -np.inf and np.all(np.isfinite(out))
+
+
+def test_float32_is_read_in_place():
+    """The library reads the caller's memory: a float32 input is not copied,
+    even as a transposed view ([B, L, H, D] memory seen as [B, H, L, D])."""
+    q = randn(2, 6, 3, 8).transpose(0, 2, 1, 3)  # strided view, not contiguous
+    k, v = randn(2, 3, 6, 8), randn(2, 3, 6, 8)
+    before = mha.functional._arrays.floats(q, "query")
+    assert before is q  # the rule hands the array itself to the library
+    out = mha.scaled_dot_product_attention(q, k, v)
+    assert np.array_equal(out, mha.scaled_dot_product_attention(np.ascontiguousarray(q), k, v))
+
+
+def test_other_floats_are_converted_once():
+    q64, k16 = RNG.standard_normal((1, 2, 4, 8)), RNG.standard_normal((1, 2, 4, 8)).astype(np.float16)
+    v = randn(1, 2, 4, 8)
+    out = mha.scaled_dot_product_attention(q64, k16, v[..., ::-1])  # negative strides: converted
+    ref = mha.scaled_dot_product_attention(q64.astype(np.float32), k16.astype(np.float32),
+                                           np.ascontiguousarray(v[..., ::-1]))
+    assert out.dtype == np.float32 and np.array_equal(out, ref)
+
+
+@pytest.mark.parametrize("bad, exc, words", [
+    (dict(query=np.ones((1, 1, 2, 4), dtype=np.int32)), TypeError, "query must hold real floating-point"),
+    (dict(key=np.ones((1, 1, 2, 4), dtype=np.complex64)), TypeError, "key must hold real floating-point"),
+    (dict(value=np.ones((1, 1, 3, 4), dtype=np.float32)), ValueError, "value"),
+    (dict(key=np.ones((1, 1, 2, 5), dtype=np.float32)), ValueError, "key"),
+    (dict(query=np.ones((2, 4), dtype=np.float32)), ValueError, "same number of dimensions"),
+    (dict(attn_mask=np.ones((3, 3), dtype=bool)), ValueError, "attn_mask has shape (3, 3)"),
+    (dict(attn_mask=np.ones((2, 2), dtype=np.int64)), TypeError, "attn_mask must be bool"),
+    (dict(attn_mask=np.ones((2, 2), dtype=bool), is_causal=True), ValueError, "exclude each other"),
+    (dict(causal="diagonal"), ValueError, "causal must be"),
+    (dict(window=(-5, 0)), ValueError, "window"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(num_threads=-1), ValueError, "num_threads"),
+    (dict(compute_dtype="float16"), ValueError, "compute_dtype"),
+])
+def test_bad_arguments(bad, exc, words):
+    args = dict(query=np.ones((1, 1, 2, 4), dtype=np.float32), key=np.ones((1, 1, 2, 4), dtype=np.float32),
+                value=np.ones((1, 1, 2, 4), dtype=np.float32))
+    args.update(bad)
+    with pytest.raises(exc, match=None) as info:
+        mha.scaled_dot_product_attention(**args)
+    assert words in str(info.value), str(info.value)
+
+
+def test_nan_names_the_input():
+    q, k, v = randn(1, 2, 4, 8), randn(1, 2, 5, 8), randn(1, 2, 5, 8)
+    v[0, 1, 3, 2] = np.nan
+    with pytest.raises(ValueError, match=r"value holds nan at index \(0, 1, 3, 2\)"):
+        mha.scaled_dot_product_attention(q, k, v)
+    k[0, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="key holds inf"):
+        mha.scaled_dot_product_attention(q, k, v)
+
+
+def test_bfloat16_compute():
+    q, k, v = randn(1, 2, 16, 64), randn(1, 2, 16, 64), randn(1, 2, 16, 64)
+    out = mha.scaled_dot_product_attention(q, k, v, compute_dtype="bfloat16")
+    ref = attention(q, k, v, np.float64)[0]
+    assert np.max(np.abs(out - ref)) < 0.05  # bf16 has 8 bits of mantissa
+
+
+def test_threads_at_once():
+    """Eight Python threads call at once, on 1 and 2 library threads: each
+    gets the same bits as a call alone."""
+    q, k, v = randn(4, 8, 256, 64), randn(4, 8, 256, 64), randn(4, 8, 256, 64)
+    alone = mha.scaled_dot_product_attention(q, k, v, num_threads=1)
+    results, errors = [None] * 8, []
+
+    def work(i):
+        try:
+            results[i] = mha.scaled_dot_product_attention(q, k, v, num_threads=1 + i % 2)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(np.array_equal(r, alone) for r in results), "same bits on every thread count and thread"
+
+
+def test_the_gil_is_released():
+    """While one thread is inside a long libmha call, this one keeps running
+    Python: it counts at more than a third of its solo rate for the call's
+    duration.  Holding the GIL would allow at most one switch interval
+    (5 ms) of counting before the call began."""
+    q, k, v = randn(8, 8, 768, 64), randn(8, 8, 768, 64), randn(8, 8, 768, 64)
+
+    def count_for(seconds):
+        n, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            n += 1
+        return n
+
+    rate = count_for(0.05) / 0.05
+    started, span = threading.Event(), {}
+
+    def call():
+        started.set()
+        t0 = time.perf_counter()
+        mha.scaled_dot_product_attention(q, k, v, num_threads=1)
+        span["t"] = time.perf_counter() - t0
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    started.wait()
+    n = 0
+    while worker.is_alive():
+        n += 1
+    worker.join()
+    assert span["t"] > 0.05, f"the call took {span['t']:.3f} s, too short to tell"
+    assert n > rate * span["t"] / 3, f"counted {n} in {span['t']:.3f} s at a solo rate of {rate:.0f}/s"
