@@ -34,7 +34,7 @@ static mha_status find_weight(const lookup *lk, const char *name, mha_st_info *i
 
 static mha_status require_weight(const lookup *lk, const char *name, mha_st_info *info)
 {
-    bool present;
+    bool present = false; /* set by find_weight when it succeeds */
     mha_status st = find_weight(lk, name, info, &present);
     if (st == MHA_OK && !present)
         st = mha__fail(MHA_ERR_NOT_FOUND, "no tensor \"%s%s\" (an attention block weight; is --prefix right?)",
@@ -174,7 +174,7 @@ static mha_status infer_gpt2(const lookup *lk, mha_layer_desc *d, found_set *f)
     add_found(f, &proj, GPT2(OUT));
     d->embed_dim = ar;
     if ((st = head_split(d, ac / 3, ac / 3, GPT2(QKV))) != MHA_OK) return st;
-    bool has_in, has_out;
+    bool has_in = false, has_out = false;
     if ((st = optional_bias(lk, GPT2(QKV_BIAS), ac, f, &has_in)) != MHA_OK ||
         (st = optional_bias(lk, GPT2(OUT_BIAS), ar, f, &has_out)) != MHA_OK)
         return st;
@@ -188,7 +188,7 @@ static mha_status infer_gpt2(const lookup *lk, mha_layer_desc *d, found_set *f)
 static mha_status torch_inputs(const lookup *lk, mha_layer_desc *d, found_set *f)
 {
     int64_t E = d->embed_dim;
-    bool packed;
+    bool packed = false;
     mha_st_info info;
     mha_status st = find_weight(lk, TORCH(QKV), &info, &packed);
     if (st != MHA_OK) return st;
@@ -213,7 +213,7 @@ static mha_status torch_inputs(const lookup *lk, mha_layer_desc *d, found_set *f
 static mha_status torch_biases(const lookup *lk, mha_layer_desc *d, found_set *f)
 {
     int64_t E = d->embed_dim;
-    bool has_in, has_out;
+    bool has_in = false, has_out = false;
     mha_st_info in, out;
     mha_status st;
     if ((st = find_weight(lk, TORCH(QKV_BIAS), &in, &has_in)) != MHA_OK ||
@@ -238,7 +238,7 @@ static mha_status torch_biases(const lookup *lk, mha_layer_desc *d, found_set *f
 static mha_status torch_bias_kv(const lookup *lk, mha_layer_desc *d, found_set *f)
 {
     const int64_t shape[3] = {1, 1, d->embed_dim};
-    bool has_k;
+    bool has_k = false;
     mha_st_info info;
     mha_status st = find_weight(lk, TORCH(BIAS_K), &info, &has_k);
     d->add_bias_kv = has_k;
@@ -271,7 +271,7 @@ static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer
                              mha_weight_names *chosen)
 {
     mha_st_info info;
-    bool torch, llama, gpt2;
+    bool torch = false, llama = false, gpt2 = false;
     mha_status st;
     if ((st = find_weight(lk, TORCH(OUT), &info, &torch)) != MHA_OK ||
         (st = find_weight(lk, LLAMA(OUT), &info, &llama)) != MHA_OK ||
