@@ -14,6 +14,9 @@ object used wrongly), each with libmha's sentence.
 
 from ._core import MhaError, isa, version
 from .functional import scaled_dot_product_attention, scaled_dot_product_attention_backward
+from .io import info, load_safetensors, save_safetensors
+from .layer import KVCache, MultiheadAttention
 
 __version__ = version
-__all__ = ["MhaError", "isa", "scaled_dot_product_attention", "scaled_dot_product_attention_backward"]
+__all__ = ["KVCache", "MhaError", "MultiheadAttention", "info", "isa", "load_safetensors", "save_safetensors",
+           "scaled_dot_product_attention", "scaled_dot_product_attention_backward"]

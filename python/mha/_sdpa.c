@@ -1,0 +1,101 @@
+/*
+ * _sdpa.c -- scaled dot-product attention and its backward on buffers
+ * (mha/functional.py shapes the arguments).
+ */
+#include "_core.h"
+
+/* One call's tensors and descriptor. */
+enum { Q, K, V, OUT, LSE, GO, DQ, DK, DV, N_TENSORS };
+typedef struct sdpa_call {
+    mha_tensor t[N_TENSORS];
+    mha_attn_desc desc;
+} sdpa_call;
+
+static mha_status forward_job(mha_ctx *ctx, void *arg)
+{
+    sdpa_call *c = arg;
+    return mha_attention(ctx, &c->t[OUT], c->t[LSE].data, &c->t[Q], &c->t[K], &c->t[V], &c->desc);
+}
+
+static mha_status backward_job(mha_ctx *ctx, void *arg)
+{
+    sdpa_call *c = arg;
+    return mha_attention_backward(ctx, &c->t[DQ], &c->t[DK], &c->t[DV], &c->t[Q], &c->t[K], &c->t[V], &c->t[OUT],
+                                  c->t[LSE].data, &c->t[GO], &c->desc);
+}
+
+/* The descriptor from the Python side's positional values. */
+static bool desc_of(mha_py_held *h, PyObject *mask, double scale, int causal, long long wl, long long wr,
+                    double softcap, PyObject *alibi, int enable_gqa, int bf16, mha_attn_desc *d)
+{
+    mha_attn_desc_init(d);
+    d->scale = scale;
+    d->causal = (mha_causal)causal;
+    d->window_left = wl;
+    d->window_right = wr;
+    d->softcap = (float)softcap;
+    d->enable_gqa = enable_gqa;
+    d->dtype = bf16 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
+    if (!mha_py_mask(h, mask, "attn_mask", &d->mask)) return false;
+    if (alibi != Py_None) {
+        mha_tensor t;
+        if (!mha_py_tensor(h, alibi, "alibi_slopes", 0, &t)) return false;
+        d->alibi_slopes = t.data;
+    }
+    return true;
+}
+
+/* attention(out, lse, q, k, v, mask, scale, causal, window_left,
+ *           window_right, softcap, alibi, enable_gqa, bf16, threads)
+ * -> True when every output value is finite. */
+static PyObject *py_attention(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *out, *lse, *q, *k, *v, *mask, *alibi;
+    double scale, softcap;
+    int causal, gqa, bf16, threads;
+    long long wl, wr;
+    if (!PyArg_ParseTuple(args, "OOOOOOdiLLdOppi", &out, &lse, &q, &k, &v, &mask, &scale, &causal, &wl, &wr, &softcap,
+                          &alibi, &gqa, &bf16, &threads))
+        return NULL;
+    mha_py_held h = {.n = 0};
+    sdpa_call c;
+    bool ok = mha_py_tensor(&h, out, "out", 1, &c.t[OUT]) && mha_py_tensor(&h, lse, "lse", 1, &c.t[LSE]) &&
+              mha_py_tensor(&h, q, "query", 0, &c.t[Q]) && mha_py_tensor(&h, k, "key", 0, &c.t[K]) &&
+              mha_py_tensor(&h, v, "value", 0, &c.t[V]) &&
+              desc_of(&h, mask, scale, causal, wl, wr, softcap, alibi, gqa, bf16, &c.desc);
+    mha_tensor *outputs[1] = {&c.t[OUT]};
+    return mha_py_run(&h, ok, threads, forward_job, &c, outputs, 1);
+}
+
+/* attention_backward(dq, dk, dv, q, k, v, out, lse, grad_out, mask, scale,
+ *                    causal, window_left, window_right, softcap, alibi,
+ *                    enable_gqa, threads) -> True when the gradients are
+ * finite. */
+static PyObject *py_attention_backward(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *dq, *dk, *dv, *q, *k, *v, *out, *lse, *go, *mask, *alibi;
+    double scale, softcap;
+    int causal, gqa, threads;
+    long long wl, wr;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOdiLLdOpi", &dq, &dk, &dv, &q, &k, &v, &out, &lse, &go, &mask, &scale,
+                          &causal, &wl, &wr, &softcap, &alibi, &gqa, &threads))
+        return NULL;
+    mha_py_held h = {.n = 0};
+    sdpa_call c;
+    bool ok = mha_py_tensor(&h, dq, "dq", 1, &c.t[DQ]) && mha_py_tensor(&h, dk, "dk", 1, &c.t[DK]) &&
+              mha_py_tensor(&h, dv, "dv", 1, &c.t[DV]) && mha_py_tensor(&h, q, "query", 0, &c.t[Q]) &&
+              mha_py_tensor(&h, k, "key", 0, &c.t[K]) && mha_py_tensor(&h, v, "value", 0, &c.t[V]) &&
+              mha_py_tensor(&h, out, "out", 0, &c.t[OUT]) && mha_py_tensor(&h, lse, "lse", 0, &c.t[LSE]) &&
+              mha_py_tensor(&h, go, "grad_out", 0, &c.t[GO]) &&
+              desc_of(&h, mask, scale, causal, wl, wr, softcap, alibi, gqa, 0, &c.desc);
+    mha_tensor *outputs[3] = {&c.t[DQ], &c.t[DK], &c.t[DV]};
+    return mha_py_run(&h, ok, threads, backward_job, &c, outputs, 3);
+}
+
+PyMethodDef mha_py_sdpa_methods[] = {
+    {"attention", py_attention, METH_VARARGS, "mha_attention on buffers (see mha/functional.py)"},
+    {"attention_backward", py_attention_backward, METH_VARARGS, "mha_attention_backward on buffers"},
+    {NULL, NULL, 0, NULL},
+};

@@ -1,0 +1,286 @@
+"""torch.nn.MultiheadAttention on numpy arrays, on libmha's layer: the
+same constructor arguments, state_dict names (PyTorch's, Llama's or
+GPT-2's), shapes and masks, its gradients, and decoding with a KV cache.
+"""
+
+import threading
+
+import numpy as np
+
+from . import _arrays, _core
+
+_ROPE = {None: 0, "none": 0, "half": 1, "interleaved": 2}
+
+
+class MultiheadAttention:
+    """nn.MultiheadAttention(embed_dim, num_heads, ...) on libmha.
+
+    Beyond PyTorch's arguments: num_kv_heads (grouped-query attention),
+    head_dim, out_bias, rope ("half" as Llama, "interleaved" as GPT-J),
+    rope_theta, rope_dim, window=(left, right), softcap, alibi_slopes,
+    compute_dtype="bfloat16" (a bfloat16 model; inference only) and
+    num_threads.  Weights start unset: load_state_dict gives them (a call
+    before that raises mha.MhaError naming the weight).  Set
+    `training = True` to record each forward for backward().
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, *, num_kv_heads=None, head_dim=None, out_bias=None,
+                 rope=None, rope_theta=None, rope_dim=None, window=None, softcap=None, alibi_slopes=None,
+                 compute_dtype="float32", num_threads=None):
+        if dropout:
+            raise ValueError("dropout is not supported: libmha computes attention exactly (use dropout=0.0)")
+        if rope not in _ROPE:
+            raise ValueError(f'rope must be None, "half" or "interleaved", got {rope!r}')
+        if compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f'compute_dtype must be "float32" or "bfloat16", got {compute_dtype!r}')
+        left, right = (-1, -1) if window is None else (int(w) for w in window)
+        slopes = None if alibi_slopes is None else _arrays.floats(alibi_slopes, "alibi_slopes").reshape(-1)
+        self.embed_dim, self.num_heads, self.batch_first = int(embed_dim), int(num_heads), bool(batch_first)
+        self.kdim, self.vdim = int(kdim or embed_dim), int(vdim or embed_dim)
+        self._extra_keys = int(bool(add_bias_kv)) + int(bool(add_zero_attn))  # appended after the S keys
+        self._layer = _core.layer_create(self.embed_dim, self.num_heads, self.kdim, self.vdim, bool(bias),
+                                         bool(add_bias_kv), bool(add_zero_attn), int(num_kv_heads or 0),
+                                         int(head_dim or 0), -1 if out_bias is None else int(bool(out_bias)),
+                                         _ROPE[rope], float(rope_theta or 0.0), int(rope_dim or 0), left, right,
+                                         float(softcap or 0.0), slopes, compute_dtype == "bfloat16")
+        self.threads = _arrays.threads(num_threads)
+        self.training = False
+        self._lock = threading.Lock()  # a layer serves one call at a time
+        self._tape = None
+        self._recorded = None
+
+    # ---- weights ----------------------------------------------------
+
+    def weight_shapes(self):
+        """{name: shape} of the layer's weights, in parameters() order."""
+        return dict(_core.layer_weights(self._layer))
+
+    def load_state_dict(self, state_dict, strict=True, prefix=""):
+        """Sets every weight named (after `prefix`) in any family:
+        nn.MultiheadAttention's (in_proj_weight, ...), Llama's
+        (q_proj.weight, ...) or GPT-2's (c_attn.weight, ...).  With strict,
+        a name that is not one of the layer's raises KeyError (as PyTorch);
+        without, it is skipped.  Biases left out stay 0, as PyTorch
+        initialises them; matrices left out are refused at the first call."""
+        with self._lock:
+            for key, value in state_dict.items():
+                if not key.startswith(prefix) or (not strict and np.asarray(value).dtype.kind != "f"):
+                    continue  # not strict: a mask or other non-weight in the same dict
+                arr = np.ascontiguousarray(_arrays.floats(value, key), dtype=np.float32)
+                try:
+                    _core.layer_weight(self._layer, key[len(prefix):], arr, 0)
+                except KeyError:
+                    if strict:
+                        raise
+
+    def state_dict(self):
+        """{name: array} of every weight, in the layer's naming family."""
+        return {name: self._get(name, shape, 1) for name, shape in self.weight_shapes().items()}
+
+    def grads(self):
+        """{name: array} of every weight's gradient, accumulated over the
+        backward() calls since zero_grad()."""
+        return {name: self._get(name, shape, 2) for name, shape in self.weight_shapes().items()}
+
+    def zero_grad(self):
+        with self._lock:
+            _core.layer_train(self._layer, True)
+
+    def _get(self, name, shape, mode):
+        out = np.empty(shape, dtype=np.float32)
+        with self._lock:
+            _core.layer_train(self._layer, False)
+            _core.layer_weight(self._layer, name, out, mode)
+        return out
+
+    # ---- forward and backward ------------------------------------------
+
+    def _as_nle(self, x, name, width):
+        """An input as the library's [N, L, features] view (no copy for float32)."""
+        x = _arrays.floats(x, name)
+        if x.ndim == 2:
+            x = x[None]
+        elif x.ndim != 3:
+            raise ValueError(f"{name} must be [L, N, E], [N, L, E] with batch_first, or unbatched [L, E]; "
+                             f"got shape {x.shape}")
+        elif not self.batch_first:
+            x = x.transpose(1, 0, 2)
+        if x.shape[-1] != width:
+            raise ValueError(f"{name} has {x.shape[-1]} features; the layer expects {width}")
+        return x
+
+    def _out_nle(self, unbatched, N, L, width):
+        """A new output in the caller's layout, and its [N, L, width] view."""
+        if unbatched:
+            out = np.empty((L, width), dtype=np.float32)
+            return out, out[None]
+        out = np.empty((N, L, width) if self.batch_first else (L, N, width), dtype=np.float32)
+        return out, (out if self.batch_first else out.transpose(1, 0, 2))
+
+    def _masks(self, attn_mask, key_padding_mask, N, L, S):
+        """PyTorch's masks (bool True = masked out, or float added) as the
+        library's over [N, h, L, S] (bool: True = may attend)."""
+        h = self.num_heads
+
+        def convert(m, name):
+            m = np.asarray(m)
+            if m.dtype == np.bool_:
+                return ~m
+            if m.dtype.kind != "f":
+                raise TypeError(f"{name} must be bool (True = masked out) or float (added), got {m.dtype}")
+            return _arrays.floats(m, name)
+
+        am = kpm = None
+        if attn_mask is not None:
+            m = convert(attn_mask, "attn_mask")
+            if m.ndim == 3 and m.shape == (N * h, L, S):
+                am = m.reshape(N, h, L, S)
+            elif m.ndim == 3 and N == 1 and m.shape == (h, L, S):
+                am = m[None]
+            elif m.shape == (L, S):
+                am = np.broadcast_to(m, (N, h, L, S))
+            else:
+                raise ValueError(f"attn_mask has shape {m.shape}; it must be (L, S) = ({L}, {S}) or "
+                                 f"(N*num_heads, L, S) = ({N * h}, {L}, {S})")
+        if key_padding_mask is not None:
+            m = convert(key_padding_mask, "key_padding_mask")
+            if m.shape not in ((N, S), (S,) if N == 1 else ()):
+                raise ValueError(f"key_padding_mask has shape {m.shape}; it must be (N, S) = ({N}, {S})")
+            kpm = np.broadcast_to(m.reshape(N, 1, 1, S), (N, h, L, S))
+        return am, kpm
+
+    def _args(self, query, key, value, key_padding_mask, attn_mask, is_causal):
+        unbatched = np.ndim(query) == 2
+        q = self._as_nle(query, "query", self.embed_dim)
+        k = q if key is query else self._as_nle(key, "key", self.kdim)
+        v = k if value is key else self._as_nle(value, "value", self.vdim)
+        N, L, S = q.shape[0], q.shape[1], k.shape[1]
+        am, kpm = self._masks(attn_mask, key_padding_mask, N, L, S)
+        return unbatched, q, k, v, am, kpm, 1 if is_causal else 0
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        """(attn_output, attn_output_weights) as nn.MultiheadAttention
+        returns them; weights None unless need_weights.  is_causal applies
+        the top-left causal mask (with or without attn_mask)."""
+        unbatched, q, k, v, am, kpm, causal = self._args(query, key, value, key_padding_mask, attn_mask, is_causal)
+        N, L = q.shape[0], q.shape[1]
+        out, out_nle = self._out_nle(unbatched, N, L, self.embed_dim)
+        weights = None
+        if need_weights:
+            S = k.shape[1] + self._extra_keys
+            weights = np.empty((N, 1 if average_attn_weights else self.num_heads, L, S), dtype=np.float32)
+        with self._lock:
+            tape = None
+            if self.training:
+                _core.layer_train(self._layer, False)
+                self._tape = self._tape or _core.tape_create()
+                tape = self._tape
+            finite = _core.layer_forward(self._layer, out_nle, weights, q, k, v, am, kpm, causal,
+                                         bool(average_attn_weights), tape, 0, self.threads)
+            self._recorded = (unbatched, q, k, v, am, kpm, causal, bool(average_attn_weights)) if tape else None
+        if not finite:
+            _raise_nonfinite("attn_output", [("query", q), ("key", k), ("value", v)])
+        if weights is not None:
+            weights = weights[:, 0] if average_attn_weights else weights
+            weights = weights[0] if unbatched else weights
+        return out, weights
+
+    __call__ = forward
+
+    def backward(self, grad_output):
+        """Gradients of the last forward (with training = True): returns
+        (grad_query, grad_key, grad_value) in the inputs' layout (for
+        self-attention, where one array was query, key and value, all three
+        are the same array, the sum over its three uses) and adds the
+        weights' gradients into grads()."""
+        with self._lock:
+            if self._recorded is None:
+                raise _core.MhaError("backward() needs a forward() recorded with training = True since the last "
+                                     "backward()")
+            unbatched, q, k, v, am, kpm, causal, average = self._recorded
+            self._recorded = None
+            N, L = q.shape[0], q.shape[1]
+            go = self._as_nle(grad_output, "grad_output", self.embed_dim)
+            if go.shape != (N, L, self.embed_dim):
+                raise ValueError(f"grad_output has shape {np.shape(grad_output)}; the output's is "
+                                 f"{(L, N, self.embed_dim) if not self.batch_first else (N, L, self.embed_dim)}")
+            grads, views = [], []
+            for x, width in ((q, self.embed_dim), (k, self.kdim), (v, self.vdim)):
+                same = next((i for i, y in enumerate((q, k, v)[:len(grads)]) if y is x), None)
+                if same is not None:
+                    grads.append(grads[same]), views.append(views[same])
+                    continue
+                g, g_nle = self._out_nle(unbatched, N, x.shape[1], width)
+                g[...] = 0  # the library adds into them
+                grads.append(g), views.append(g_nle)
+            finite = _core.layer_backward(self._layer, q, k, v, am, kpm, causal, average, self._tape, 0, go,
+                                          views[0], views[1], views[2], self.threads)
+        if not finite:
+            _raise_nonfinite("gradient", [("grad_output", go)])
+        return tuple(grads)
+
+    # ---- decoding ---------------------------------------------------------
+
+    def decode(self, x, cache):
+        """One decoding step: x [N, n, E] (or [n, E] for one sequence) holds
+        the next n tokens of self-attention; their keys and values join the
+        cache and out (same shape) attends over everything cached up to
+        each token (causal)."""
+        x = _arrays.floats(x, "x")
+        single = x.ndim == 2
+        x3 = x[None] if single else x
+        if x3.ndim != 3 or x3.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be [N, n, {self.embed_dim}] or [n, {self.embed_dim}], got {x.shape}")
+        out = np.empty(x3.shape, dtype=np.float32)
+        with self._lock:
+            finite = _core.layer_decode(self._layer, cache._handle(), out, x3, self.threads)
+        if not finite:
+            _raise_nonfinite("output", [("x", x3)])
+        return out[0] if single else out
+
+
+class KVCache:
+    """The keys and values a MultiheadAttention has seen while decoding:
+    `capacity` tokens of `batch` sequences, stored as float32 or bfloat16
+    (half the memory).  close() frees it at once (or use `with`); any use
+    after that raises mha.MhaError."""
+
+    def __init__(self, layer, batch=1, capacity=4096, dtype="float32"):
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f'dtype must be "float32" or "bfloat16", got {dtype!r}')
+        self._cache = _core.kv_cache(layer._layer, int(batch), int(capacity), dtype == "bfloat16")
+
+    def _handle(self):
+        return self._cache
+
+    def __len__(self):
+        return _core.kv_cache_op(self._cache, 0, 0)
+
+    @property
+    def capacity(self):
+        return _core.kv_cache_op(self._cache, 1, 0)
+
+    def reset(self):
+        _core.kv_cache_op(self._cache, 2, 0)
+
+    def truncate(self, length):
+        _core.kv_cache_op(self._cache, 3, int(length))
+
+    def close(self):
+        _core.kv_cache_op(self._cache, 4, 0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _raise_nonfinite(what, named):
+    found = _arrays.first_nonfinite(named)
+    if found:
+        name, index, value = found
+        raise ValueError(f"{name} holds {value} at index {index}; the {what} would not be finite")
+    raise ValueError(f"the {what} is not finite although every input is: values (or weights) too large?")

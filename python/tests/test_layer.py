@@ -1,0 +1,133 @@
+"""mha.MultiheadAttention beyond the golden files: weights by any
+family's names, decoding with a KVCache against one causal forward,
+safetensors round trips, info, the layer used from several threads, and
+every bad input a clear exception."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import mha
+
+RNG = np.random.default_rng(7)
+
+
+def llama_layer(E=64, heads=8, kv=2):
+    layer = mha.MultiheadAttention(E, heads, bias=False, batch_first=True, num_kv_heads=kv, rope="half")
+    weights = {name: (RNG.standard_normal(shape) / np.sqrt(E)).astype(np.float32)
+               for name, shape in layer.weight_shapes().items()}
+    layer.load_state_dict(weights)
+    return layer, weights
+
+
+def test_state_dict_round_trip_and_names():
+    layer, weights = llama_layer()
+    assert list(weights) == ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]
+    got = layer.state_dict()
+    assert all(np.array_equal(got[k], weights[k]) for k in weights)
+
+
+def test_decode_equals_one_causal_forward():
+    layer, _ = llama_layer()
+    x = RNG.standard_normal((2, 12, 64)).astype(np.float32)
+    full, _ = layer(x, x, x, need_weights=False, is_causal=True)
+    with mha.KVCache(layer, batch=2, capacity=16) as cache:
+        parts = [layer.decode(x[:, :5], cache)] + [layer.decode(x[:, t:t + 1], cache) for t in range(5, 12)]
+        assert len(cache) == 12 and cache.capacity == 16
+    assert np.max(np.abs(np.concatenate(parts, axis=1) - full)) < 1e-5
+
+
+def test_closed_cache_and_full_cache():
+    layer, _ = llama_layer()
+    cache = mha.KVCache(layer, capacity=4)
+    x = RNG.standard_normal((1, 3, 64)).astype(np.float32)
+    layer.decode(x, cache)
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.decode(x, cache)
+    cache.truncate(1)
+    assert len(cache) == 1
+    cache.close()
+    cache.close()  # twice is harmless
+    with pytest.raises(mha.MhaError, match="the KV cache is closed"):
+        layer.decode(x, cache)
+    with pytest.raises(mha.MhaError, match="closed"):
+        len(cache)
+
+
+def test_unset_weights_are_named():
+    layer = mha.MultiheadAttention(16, 2)
+    x = np.zeros((3, 1, 16), dtype=np.float32)
+    with pytest.raises(mha.MhaError, match='weight "in_proj_weight" was never set'):
+        layer(x, x, x)
+
+
+def test_bad_inputs():
+    layer = mha.MultiheadAttention(16, 2)
+    layer.load_state_dict({"in_proj_weight": np.ones((48, 16)), "out_proj.weight": np.ones((16, 16))})
+    x = np.zeros((3, 2, 16), dtype=np.float32)
+    with pytest.raises(ValueError, match="query has 8 features; the layer expects 16"):
+        layer(x[..., :8], x, x)
+    with pytest.raises(ValueError, match=r"attn_mask has shape \(2, 2\)"):
+        layer(x, x, x, attn_mask=np.zeros((2, 2), dtype=bool))
+    with pytest.raises(ValueError, match=r"key_padding_mask has shape \(3, 3\)"):
+        layer(x, x, x, key_padding_mask=np.zeros((3, 3), dtype=bool))
+    with pytest.raises(TypeError, match="attn_mask must be bool"):
+        layer(x, x, x, attn_mask=np.zeros((3, 3), dtype=np.int32))
+    with pytest.raises(KeyError, match="not a weight"):
+        layer.load_state_dict({"nonsense": np.ones(3)})
+    with pytest.raises(ValueError, match="needs 256 values"):
+        layer.load_state_dict({"out_proj.weight": np.ones((4, 4))})
+    with pytest.raises(mha.MhaError, match="training = True"):
+        layer.backward(x)
+    bad = x.copy()
+    bad[1, 0, 3] = np.nan
+    with pytest.raises(ValueError, match=r"query holds nan at index \(0, 1, 3\)"):
+        layer(bad, bad, bad)
+    with pytest.raises(ValueError, match="dropout"):
+        mha.MultiheadAttention(16, 2, dropout=0.1)
+    with pytest.raises(ValueError, match="num_heads"):
+        mha.MultiheadAttention(16, 3)
+
+
+def test_one_layer_from_many_threads():
+    layer, _ = llama_layer()
+    x = RNG.standard_normal((2, 20, 64)).astype(np.float32)
+    alone, _ = layer(x, x, x, need_weights=False)
+    results = [None] * 6
+
+    def work(i):
+        results[i] = layer(x, x, x, need_weights=False)[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(r, alone) for r in results)
+
+
+def test_safetensors_round_trip(tmp_path):
+    tensors = {"a": RNG.standard_normal((2, 3)).astype(np.float32), "b": np.arange(5, dtype=np.int64),
+               "c": np.array([True, False]), "d": RNG.standard_normal(4).astype(np.float16),
+               "e": RNG.standard_normal((1, 2)), "empty": np.zeros((0, 3), dtype=np.float32)}
+    path = tmp_path / "t.safetensors"
+    mha.save_safetensors(path, tensors, {"note": "round trip"})
+    back = mha.load_safetensors(path)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and np.array_equal(back[k], v), k
+    with pytest.raises(TypeError, match="no safetensors equivalent"):
+        mha.save_safetensors(path, {"x": np.zeros(2, dtype=np.complex64)})
+    (tmp_path / "notes.txt").write_text("not tensors\n")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        mha.load_safetensors(tmp_path / "notes.txt")
+    with pytest.raises(OSError):
+        mha.load_safetensors(tmp_path / "missing.safetensors")
+
+
+def test_info():
+    i = mha.info(768, 12, num_kv_heads=4)
+    assert i["head_dim"] == 64 and i["kv_cache_bytes_per_token"] == 2048
+    assert i["kv_cache_bytes_per_token_mha"] == 6144
+    with pytest.raises(ValueError, match="not divisible"):
+        mha.info(768, 10)
