@@ -20,9 +20,11 @@ if [ "${1:-}" != --lab ]; then
     command -v clang >/dev/null 2>&1 || missing+=(clang)
     command -v clang-format >/dev/null 2>&1 || missing+=(clang-format)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)   # scripts/check_layers.py
-    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv) # the Python package's tests
-    python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    # The Python package's tests run on Debian's Python, with its numpy and PyTorch 1.13.
+    /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+    /usr/bin/python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
         >/dev/null 2>&1 || missing+=(python3-dev)
+    /usr/bin/python3 -c 'import numpy, torch' >/dev/null 2>&1 || missing+=(python3-numpy python3-torch)
     command -v chromium >/dev/null 2>&1 || missing+=(chromium) # renders the lab's report in the tests
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config) # builds the examples as users do
 fi

@@ -47,7 +47,6 @@ class MultiheadAttention:
         self.threads = _arrays.threads(num_threads)
         self.training = False
         self._lock = threading.Lock()  # a layer serves one call at a time
-        self._tape = None
         self._recorded = None
 
     # ---- weights ----------------------------------------------------
@@ -164,6 +163,15 @@ class MultiheadAttention:
         """(attn_output, attn_output_weights) as nn.MultiheadAttention
         returns them; weights None unless need_weights.  is_causal applies
         the top-left causal mask (with or without attn_mask)."""
+        out, weights, record = self._run(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                         average_attn_weights, is_causal, self.training)
+        self._recorded = record
+        return out, weights
+
+    def _run(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
+             record):
+        """forward, and with `record` what backward needs: a tape of its own
+        and the arguments (so several recorded calls can be in flight)."""
         unbatched, q, k, v, am, kpm, causal = self._args(query, key, value, key_padding_mask, attn_mask, is_causal)
         N, L = q.shape[0], q.shape[1]
         out, out_nle = self._out_nle(unbatched, N, L, self.embed_dim)
@@ -171,21 +179,19 @@ class MultiheadAttention:
         if need_weights:
             S = k.shape[1] + self._extra_keys
             weights = np.empty((N, 1 if average_attn_weights else self.num_heads, L, S), dtype=np.float32)
+        tape = _core.tape_create() if record else None
         with self._lock:
-            tape = None
-            if self.training:
+            if record:
                 _core.layer_train(self._layer, False)
-                self._tape = self._tape or _core.tape_create()
-                tape = self._tape
             finite = _core.layer_forward(self._layer, out_nle, weights, q, k, v, am, kpm, causal,
                                          bool(average_attn_weights), tape, 0, self.threads)
-            self._recorded = (unbatched, q, k, v, am, kpm, causal, bool(average_attn_weights)) if tape else None
         if not finite:
             _raise_nonfinite("attn_output", [("query", q), ("key", k), ("value", v)])
         if weights is not None:
             weights = weights[:, 0] if average_attn_weights else weights
             weights = weights[0] if unbatched else weights
-        return out, weights
+        saved = (tape, unbatched, q, k, v, am, kpm, causal, bool(average_attn_weights)) if record else None
+        return out, weights, saved
 
     __call__ = forward
 
@@ -195,12 +201,16 @@ class MultiheadAttention:
         self-attention, where one array was query, key and value, all three
         are the same array, the sum over its three uses) and adds the
         weights' gradients into grads()."""
+        if self._recorded is None:
+            raise _core.MhaError("backward() needs a forward() recorded with training = True since the last "
+                                 "backward()")
+        record, self._recorded = self._recorded, None
+        return self._backward(record, grad_output)
+
+    def _backward(self, record, grad_output):
+        """The gradients of a recorded call (see backward)."""
+        tape, unbatched, q, k, v, am, kpm, causal, average = record
         with self._lock:
-            if self._recorded is None:
-                raise _core.MhaError("backward() needs a forward() recorded with training = True since the last "
-                                     "backward()")
-            unbatched, q, k, v, am, kpm, causal, average = self._recorded
-            self._recorded = None
             N, L = q.shape[0], q.shape[1]
             go = self._as_nle(grad_output, "grad_output", self.embed_dim)
             if go.shape != (N, L, self.embed_dim):
@@ -215,7 +225,7 @@ class MultiheadAttention:
                 g, g_nle = self._out_nle(unbatched, N, x.shape[1], width)
                 g[...] = 0  # the library adds into them
                 grads.append(g), views.append(g_nle)
-            finite = _core.layer_backward(self._layer, q, k, v, am, kpm, causal, average, self._tape, 0, go,
+            finite = _core.layer_backward(self._layer, q, k, v, am, kpm, causal, average, tape, 0, go,
                                           views[0], views[1], views[2], self.threads)
         if not finite:
             _raise_nonfinite("gradient", [("grad_output", go)])

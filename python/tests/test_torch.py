@@ -1,0 +1,228 @@
+"""mha.torch against PyTorch's own modules: random cases over every option
+of nn.MultiheadAttention (masks, padding, causal, cross-attention,
+kdim/vdim, batch_first, unbatched, add_bias_kv, add_zero_attn, no bias)
+and of scaled_dot_product_attention (GQA, both causal alignments, window,
+softcap, masks, bfloat16): outputs, attention weights and every gradient,
+inputs' and parameters', within the tolerance rule against PyTorch in
+float64 (baseline: PyTorch in float32).  Skipped when torch is absent."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import mha.torch as mt  # noqa: E402  (after the skip)
+from reference import within_rule  # noqa: E402
+
+
+def rule(ours, ref64, ref32, factor, what):
+    ok, err, limit = within_rule(ours.detach().double().numpy(), ref64.detach().numpy(),
+                                 ref32.detach().double().numpy(), factor)
+    assert ok, f"{what}: error {err:.3g} > limit {limit:.3g}"
+
+
+def mha_case(i):
+    r = np.random.default_rng(100 + i)
+    E, H = int(r.choice([8, 16, 24])), int(r.choice([1, 2, 4]))
+    o = dict(batch_first=bool(r.integers(2)), bias=bool(r.integers(4)), add_bias_kv=i % 5 == 1,
+             add_zero_attn=i % 7 == 2)
+    cross = i % 3 == 0
+    if i % 4 == 3:
+        o["kdim"], o["vdim"] = int(r.choice([5, 12])), int(r.choice([7, 12]))
+        cross = True
+    N, L = int(r.integers(1, 4)), int(r.integers(1, 9))
+    S = int(r.integers(1, 9)) if cross else L
+    unbatched = i % 6 == 4
+    call = dict(need_weights=bool(r.integers(2)), average_attn_weights=bool(r.integers(2)))
+    masked = np.zeros((L, S), dtype=bool)
+    kind = i % 5
+    if kind == 1:  # causal (PyTorch 1.13: as a mask; ours: is_causal)
+        masked = np.triu(np.ones((L, S), dtype=bool), 1)
+        call["is_causal"] = True
+    elif kind == 2:
+        masked = r.random((L, S)) < 0.3
+    if kind in (2, 3):
+        masked[:, 0] = False  # a row with no key would be NaN in PyTorch
+        call["attn_mask"] = masked if kind == 2 else r.standard_normal((L, S)).astype(np.float32)
+    if i % 4 == 1 and not unbatched:
+        pad = r.random((N, S)) < 0.3
+        pad[:, 0] = False
+        call["key_padding_mask"] = pad
+    return dict(E=E, H=H, o=o, N=N, L=L, S=S, cross=cross, unbatched=unbatched, call=call, seed=i,
+                causal_mask=masked if kind == 1 else None)
+
+
+def inputs(c, dtype):
+    g = torch.Generator().manual_seed(c["seed"])
+    kdim, vdim = c["o"].get("kdim", c["E"]), c["o"].get("vdim", c["E"])
+
+    def make(n, width):
+        shape = (n, width) if c["unbatched"] else ((c["N"], n, width) if c["o"]["batch_first"] else (n, c["N"], width))
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+
+    q = make(c["L"], c["E"])
+    if not c["cross"]:
+        return q, q, q
+    return q, make(c["S"], kdim), make(c["S"], vdim)
+
+
+def run(module, c, dtype, ours):
+    q, k, v = inputs(c, dtype)
+    call = dict(c["call"])
+    for key in ("attn_mask", "key_padding_mask"):
+        if key in call:
+            m = torch.from_numpy(call[key])
+            call[key] = m.to(dtype) if m.dtype != torch.bool else m
+    if not ours and call.pop("is_causal", False):
+        call["attn_mask"] = torch.from_numpy(c["causal_mask"])
+    out, w = module(q, k, v, **call)
+    g = torch.Generator().manual_seed(1000 + c["seed"])
+    (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)).sum().backward()
+    grads = [t.grad for t in ((q,) if not c["cross"] else (q, k, v))]
+    return out, w, grads, [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("i", range(48))
+def test_multihead_attention_against_pytorch(i):
+    c = mha_case(i)
+    torch.manual_seed(c["seed"])
+    ref = torch.nn.MultiheadAttention(c["E"], c["H"], **c["o"])
+    if ref.in_proj_bias is not None:  # PyTorch starts biases at 0; give them values to test
+        with torch.no_grad():
+            ref.in_proj_bias.normal_()
+            ref.out_proj.bias.normal_()
+    ours = mt.MultiheadAttention.from_torch(ref)
+    r64 = run(copy.deepcopy(ref).double(), c, torch.float64, False)  # copies: each run's own gradients
+    r32 = run(copy.deepcopy(ref), c, torch.float32, False)
+    got = run(ours, c, torch.float32, True)
+    rule(got[0], r64[0], r32[0], 2, "attn_output")
+    if c["call"]["need_weights"]:
+        rule(got[1], r64[1], r32[1], 2, "attn_output_weights")
+    for n, (a, b, d) in enumerate(zip(got[2], r64[2], r32[2])):
+        rule(a, b, d, 3, f"input {n} grad")
+    names = [n for n, _ in ours.named_parameters()]
+    for n, a, b, d in zip(names, got[3], r64[3], r32[3]):
+        rule(a, b, d, 3, f"{n}.grad")
+
+
+def test_state_dict_both_ways():
+    ref = torch.nn.MultiheadAttention(16, 4, add_bias_kv=True, kdim=8, vdim=12)
+    ours = mt.MultiheadAttention(16, 4, add_bias_kv=True, kdim=8, vdim=12)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    back = torch.nn.MultiheadAttention(16, 4, add_bias_kv=True, kdim=8, vdim=12)
+    back.load_state_dict(ours.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ref.state_dict().values()))
+
+
+def test_training_follows_optimizer_steps():
+    """An optimizer changes the parameters in place; the next forward uses
+    the new values (the layer re-reads them when their version changes)."""
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    ours = mt.MultiheadAttention.from_torch(ref)
+    x = torch.randn(4, 6, 16)
+    for module in (ref, ours):
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        for _ in range(5):
+            opt.zero_grad()
+            module(x, x, x)[0].square().mean().backward()
+            opt.step()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ref.parameters(), ours.parameters()))
+
+
+def sdpa_reference(q, k, v, mask=None, causal=None, scale=None, window=None, softcap=None, gqa=False):
+    L, S = q.shape[-2], k.shape[-2]
+    if gqa:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    s = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    keep = torch.ones(L, S, dtype=torch.bool)
+    if causal:
+        keep &= j <= i + (S - L if causal == "bottom_right" else 0)
+    if window:
+        keep &= (j >= i + S - L - window[0]) & (j <= i + S - L + window[1])
+    s = s.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("i", range(24))
+def test_sdpa_against_pytorch(i):
+    r = np.random.default_rng(500 + i)
+    B, Hkv, rep = int(r.integers(1, 3)), int(r.integers(1, 3)), int(r.choice([1, 2])) if i % 3 == 0 else 1
+    L, S, D = int(r.integers(1, 20)), int(r.integers(1, 20)), int(r.choice([8, 32]))
+    o, ref_o = {}, {}
+    kind = i % 6
+    if kind == 1:
+        o["is_causal"], ref_o["causal"] = True, "top_left"
+        L = min(L, S)
+    elif kind == 2:
+        o["causal"] = ref_o["causal"] = "bottom_right"
+        S = max(L, S)
+    elif kind == 3:
+        o["window"] = ref_o["window"] = (3, 2)
+        o["softcap"] = ref_o["softcap"] = 4.0
+        S = L
+    elif kind == 4:
+        m = torch.from_numpy(r.random((L, S)) > 0.3)
+        m[:, 0] = True
+        o["attn_mask"] = ref_o["mask"] = m
+    if rep > 1:
+        o["enable_gqa"], ref_o["gqa"] = True, True
+    g = torch.Generator().manual_seed(i)
+    shapes = [(B, Hkv * rep, L, D), (B, Hkv, S, D), (B, Hkv, S, D)]
+    base = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    dout = torch.randn(B, Hkv * rep, L, D, generator=g, dtype=torch.float64)
+    results = []
+    for dtype, fn in ((torch.float64, sdpa_reference), (torch.float32, sdpa_reference),
+                      (torch.float32, mt.scaled_dot_product_attention)):
+        t = [x.detach().to(dtype).clone().requires_grad_(True) for x in base]
+        out = fn(*t, **(o if fn is mt.scaled_dot_product_attention else ref_o))
+        (out * dout.to(dtype)).sum().backward()
+        results.append([out] + [x.grad for x in t])
+    ref64, ref32, got = results
+    for n, (a, b, c) in enumerate(zip(got, ref64, ref32)):
+        rule(a, b, c, 2 if n == 0 else 3, ["output", "dq", "dk", "dv"][n])
+
+
+def test_sdpa_bfloat16():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 16, 64, generator=g).to(torch.bfloat16).requires_grad_(True) for _ in range(3))
+    out = mt.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == torch.bfloat16
+    ref = sdpa_reference(*(x.double() for x in (q, k, v)), causal="top_left")
+    assert (out.double() - ref).abs().max() < 0.05
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(query=torch.ones(1, 1, 2, 4, dtype=torch.float64)), "query has dtype float64"),
+    (dict(key=torch.ones(1, 1, 2, 4, dtype=torch.float16)), "key has dtype float16"),
+    (dict(value=[1.0]), "value must be a torch.Tensor"),
+    (dict(dropout_p=0.1), "dropout_p must be 0"),
+    (dict(attn_mask=torch.ones(2, 2, requires_grad=True)), "attn_mask requires grad"),
+    (dict(attn_mask=torch.ones(2, 2, dtype=torch.int32)), "attn_mask has dtype int32"),
+])
+def test_sdpa_refuses_clearly(bad, words):
+    args = dict(query=torch.ones(1, 1, 2, 4), key=torch.ones(1, 1, 2, 4), value=torch.ones(1, 1, 2, 4))
+    args.update(bad)
+    with pytest.raises((TypeError, ValueError)) as info:
+        mt.scaled_dot_product_attention(**args)
+    assert words in str(info.value)
+
+
+def test_module_refuses_clearly():
+    m = mt.MultiheadAttention(8, 2)
+    with pytest.raises(TypeError, match="query has dtype float64"):
+        m(torch.ones(3, 8, dtype=torch.float64), torch.ones(3, 8), torch.ones(3, 8))
+    with pytest.raises(ValueError, match="dropout must be 0"):
+        mt.MultiheadAttention(8, 2, dropout=0.1)
+    with pytest.raises(TypeError, match="float32 on the CPU"):
+        mt.MultiheadAttention(8, 2, dtype=torch.float64)
