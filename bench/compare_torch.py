@@ -2,6 +2,19 @@
 """libmha against PyTorch, side by side, in one run.
 
     /usr/bin/python3 bench/compare_torch.py [--threads 2] [--repeat 10] [--quick] [--training]
+    python bench/compare_torch.py --python [--threads 2] [--rounds 3] [--quick]
+
+--python (needs the Python package, `pip install .`, and any PyTorch, 2.x
+for its public SDPA) compares in one process, through the same torch
+tensors: mha.torch.scaled_dot_product_attention against
+torch.nn.functional.scaled_dot_product_attention on [B, 12, N, 64], and
+mha.torch.MultiheadAttention (from_torch of the same module) against
+torch.nn.MultiheadAttention(768, 12, batch_first=True), forward (no_grad,
+need_weights=False) and forward + backward (the input and every parameter
+requiring grad), S1-S4 and causal.  Rounds alternate PyTorch and libmha;
+each prints the median over rounds of per-round medians, and the ratio.
+
+Without --python:
 
 For each shape of the fast-kernel issue it times PyTorch 1.13 (Debian's
 python3-torch, same thread count) and then `build/mha bench` on the same
@@ -106,20 +119,97 @@ def blas_in_use():
     return ", ".join(sorted(os.path.realpath(p) for p in libs)) or "unknown"
 
 
+PY_SHAPES = [("S1", 8, 128, False), ("S2", 1, 512, False), ("S3", 1, 2048, False), ("S3 causal", 1, 2048, True),
+             ("S4", 1, 8192, False), ("S4 causal", 1, 8192, True)]
+
+
+def py_cases(B, N, causal, E=768, H=12):
+    """The four timed calls of one shape, each as (torch fn, mha fn)."""
+    import mha.torch as mt
+    F = torch.nn.functional
+    d = E // H
+    q, k, v = (torch.randn(B, H, N, d) for _ in range(3))
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    dout = torch.randn(B, H, N, d)
+
+    def sdpa_train(fn):
+        def step():
+            for t in (qg, kg, vg):
+                t.grad = None
+            fn(qg, kg, vg, is_causal=causal).backward(dout)
+        return step
+
+    ref = torch.nn.MultiheadAttention(E, H, batch_first=True)
+    ours = mt.MultiheadAttention.from_torch(ref)
+    x = torch.randn(B, N, E)
+    xg = x.clone().requires_grad_(True)
+    dy = torch.randn(B, N, E)
+    mask = torch.ones(N, N, dtype=torch.bool).triu(1) if causal else None
+
+    def layer(m):
+        def call():
+            with torch.no_grad():
+                m(x, x, x, attn_mask=mask, need_weights=False, is_causal=causal)
+        return call
+
+    def layer_train(m):
+        def step():
+            m.zero_grad(set_to_none=True)
+            xg.grad = None
+            m(xg, xg, xg, attn_mask=mask, need_weights=False, is_causal=causal)[0].backward(dy)
+        return step
+
+    def sdpa(fn):
+        def call():
+            with torch.no_grad():
+                fn(q, k, v, is_causal=causal)
+        return call
+
+    return [("sdpa fwd", sdpa(F.scaled_dot_product_attention), sdpa(mt.scaled_dot_product_attention)),
+            ("sdpa fwd+bwd", sdpa_train(F.scaled_dot_product_attention), sdpa_train(mt.scaled_dot_product_attention)),
+            ("layer fwd", layer(ref), layer(ours)), ("layer fwd+bwd", layer_train(ref), layer_train(ours))]
+
+
+def py_main(a):
+    import mha
+    if not hasattr(torch.nn.functional, "scaled_dot_product_attention"):
+        sys.exit(f"--python compares against PyTorch 2.x's public SDPA; this is torch {torch.__version__}")
+    torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__} ({torch.__config__.parallel_info().splitlines()[0]}), mha {mha.__version__} "
+          f"({mha.isa()}), {a.threads} threads, {a.rounds} alternating rounds of {a.repeat} calls")
+    print(f"{'shape':<26}{'torch ms':>10}{'mha ms':>10}{'speed-up':>10}")
+    for name, B, N, causal in PY_SHAPES:
+        if a.quick and N > 4096:
+            continue
+        for what, t_fn, m_fn in py_cases(B, N, causal):
+            t_runs, m_runs = [], []
+            for _ in range(a.rounds):
+                t_runs.append(median_ms(t_fn, a.repeat))
+                m_runs.append(median_ms(m_fn, a.repeat))
+            t, m = statistics.median(t_runs), statistics.median(m_runs)
+            print(f"{what + ' ' + name:<26}{t:>10.2f}{m:>10.2f}{t / m:>9.2f}x", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--python", action="store_true", help="in-process: mha.torch against PyTorch's own")
+    ap.add_argument("--rounds", type=int, default=3, help="--python: alternating rounds per row")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="skip the N=8192 shapes")
     ap.add_argument("--training", action="store_true", help="only forward + backward of the layer")
     a = ap.parse_args()
+    global torch
+    if a.python:
+        import torch as imported
+        torch = imported
+        return py_main(a)
     E, H = 768, 12
     peak_out = subprocess.run([MHA, "bench", "--peak", "--json", "--threads", str(a.threads)], check=True,
                               capture_output=True, text=True).stdout.strip().splitlines()
     peaks = [json.loads(line) for line in peak_out]
     f32_peak = [p for p in peaks if p["dtype"] == "f32" and p["threads"] == a.threads][0]
     peak = f32_peak["gflops"]
-    global torch
     import torch as imported
     torch = imported
     torch.set_num_threads(a.threads)

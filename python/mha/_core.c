@@ -15,6 +15,7 @@
  */
 #include "_core.h"
 
+#include <math.h>
 #include <string.h>
 
 /* ---- errors --------------------------------------------------------- */
@@ -155,6 +156,13 @@ bool mha_py_nonfinite(const float *p, int64_t n)
     return bad != 0;
 }
 
+bool mha_py_bad_lse(const float *p, int64_t n)
+{
+    unsigned bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= !(p[i] < INFINITY); /* true for NaN and +Inf */
+    return bad != 0;
+}
+
 PyObject *mha_py_run(mha_py_held *h, bool ok, int threads, mha_py_job job, void *arg, mha_tensor *const *outputs,
                      int n_outputs)
 {
@@ -164,8 +172,8 @@ PyObject *mha_py_run(mha_py_held *h, bool ok, int threads, mha_py_job job, void 
         return NULL;
     }
     PyThreadState *gil = PyEval_SaveThread(); /* compute without the GIL */
-    mha_status st = job(ctx, arg);
     bool finite = true;
+    mha_status st = job(ctx, arg, &finite);
     for (int i = 0; i < n_outputs && st == MHA_OK; i++)
         finite = finite && (!outputs[i] || !mha_py_nonfinite(outputs[i]->data, mha_py_numel(outputs[i])));
     PyEval_RestoreThread(gil);

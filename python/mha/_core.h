@@ -46,9 +46,10 @@ bool mha_py_mask(mha_py_held *h, PyObject *obj, const char *what, mha_mask *m);
 /* One library call: job(ctx, arg) runs on a context from the pool with
  * the GIL released; then the outputs are checked for NaN and Inf, the
  * buffers released, and the status becomes True (finite), False (not) or
- * NULL with the exception.  With ok false (an argument failed to convert,
+ * NULL with the exception.  A job may clear *finite itself after checks of
+ * its own.  With ok false (an argument failed to convert,
  * its exception set) nothing runs. */
-typedef mha_status (*mha_py_job)(mha_ctx *ctx, void *arg);
+typedef mha_status (*mha_py_job)(mha_ctx *ctx, void *arg, bool *finite);
 PyObject *mha_py_run(mha_py_held *h, bool ok, int threads, mha_py_job job, void *arg, mha_tensor *const *outputs,
                      int n_outputs);
 
@@ -58,6 +59,8 @@ PyObject *mha_py_shape(int rank, const int64_t *shape);
 int64_t mha_py_numel(const mha_tensor *t);
 /* Does a contiguous output of n floats hold NaN or Inf?  (One pass.) */
 bool mha_py_nonfinite(const float *p, int64_t n);
+/* Does a log-sum-exp hold NaN or +Inf?  (-Inf is a fully masked row.) */
+bool mha_py_bad_lse(const float *p, int64_t n);
 
 /* Each file's functions, added to the module by _core.c. */
 extern PyMethodDef mha_py_sdpa_methods[], mha_py_layer_methods[], mha_py_io_methods[];

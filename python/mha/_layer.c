@@ -172,22 +172,25 @@ typedef struct layer_call {
     bool want_weights;
 } layer_call;
 
-static mha_status forward_job(mha_ctx *ctx, void *arg)
+static mha_status forward_job(mha_ctx *ctx, void *arg, bool *finite)
 {
+    (void)finite;
     layer_call *c = arg;
     return mha_layer_forward(ctx, c->layer, &c->out, c->want_weights ? &c->weights : NULL, &c->args);
 }
 
-static mha_status backward_job(mha_ctx *ctx, void *arg)
+static mha_status backward_job(mha_ctx *ctx, void *arg, bool *finite)
 {
+    (void)finite;
     layer_call *c = arg;
     mha_tensor *g[3];
     for (int i = 0; i < 3; i++) g[i] = c->grads[i].data ? &c->grads[i] : NULL;
     return mha_layer_backward(ctx, c->layer, &c->args, &c->out, g[0], g[1], g[2]);
 }
 
-static mha_status decode_job(mha_ctx *ctx, void *arg)
+static mha_status decode_job(mha_ctx *ctx, void *arg, bool *finite)
 {
+    (void)finite;
     layer_call *c = arg;
     return mha_layer_decode(ctx, c->layer, c->cache, &c->out, &c->x);
 }

@@ -11,14 +11,21 @@ typedef struct sdpa_call {
     mha_attn_desc desc;
 } sdpa_call;
 
-static mha_status forward_job(mha_ctx *ctx, void *arg)
+/* NaN or Inf in the query, key, a mask or the slopes reaches a score, and
+ * so the row's log-sum-exp: checking lse (one float a row) finds it at no
+ * cost.  NaN in the value reaches only the output: with check_all the
+ * output is read once more too. */
+static mha_status forward_job(mha_ctx *ctx, void *arg, bool *finite)
 {
     sdpa_call *c = arg;
-    return mha_attention(ctx, &c->t[OUT], c->t[LSE].data, &c->t[Q], &c->t[K], &c->t[V], &c->desc);
+    mha_status st = mha_attention(ctx, &c->t[OUT], c->t[LSE].data, &c->t[Q], &c->t[K], &c->t[V], &c->desc);
+    if (st == MHA_OK && mha_py_bad_lse(c->t[LSE].data, mha_py_numel(&c->t[LSE]))) *finite = false;
+    return st;
 }
 
-static mha_status backward_job(mha_ctx *ctx, void *arg)
+static mha_status backward_job(mha_ctx *ctx, void *arg, bool *finite)
 {
+    (void)finite;
     sdpa_call *c = arg;
     return mha_attention_backward(ctx, &c->t[DQ], &c->t[DK], &c->t[DV], &c->t[Q], &c->t[K], &c->t[V], &c->t[OUT],
                                   c->t[LSE].data, &c->t[GO], &c->desc);
@@ -46,17 +53,18 @@ static bool desc_of(mha_py_held *h, PyObject *mask, double scale, int causal, lo
 }
 
 /* attention(out, lse, q, k, v, mask, scale, causal, window_left,
- *           window_right, softcap, alibi, enable_gqa, bf16, threads)
- * -> True when every output value is finite. */
+ *           window_right, softcap, alibi, enable_gqa, bf16, threads,
+ *           check_all) -> False when lse (or, with check_all, the output)
+ * holds NaN or Inf. */
 static PyObject *py_attention(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *out, *lse, *q, *k, *v, *mask, *alibi;
     double scale, softcap;
-    int causal, gqa, bf16, threads;
+    int causal, gqa, bf16, threads, check_all;
     long long wl, wr;
-    if (!PyArg_ParseTuple(args, "OOOOOOdiLLdOppi", &out, &lse, &q, &k, &v, &mask, &scale, &causal, &wl, &wr, &softcap,
-                          &alibi, &gqa, &bf16, &threads))
+    if (!PyArg_ParseTuple(args, "OOOOOOdiLLdOppip", &out, &lse, &q, &k, &v, &mask, &scale, &causal, &wl, &wr, &softcap,
+                          &alibi, &gqa, &bf16, &threads, &check_all))
         return NULL;
     mha_py_held h = {.n = 0};
     sdpa_call c;
@@ -65,7 +73,7 @@ static PyObject *py_attention(PyObject *self, PyObject *args)
               mha_py_tensor(&h, v, "value", 0, &c.t[V]) &&
               desc_of(&h, mask, scale, causal, wl, wr, softcap, alibi, gqa, bf16, &c.desc);
     mha_tensor *outputs[1] = {&c.t[OUT]};
-    return mha_py_run(&h, ok, threads, forward_job, &c, outputs, 1);
+    return mha_py_run(&h, ok, threads, forward_job, &c, outputs, check_all ? 1 : 0);
 }
 
 /* attention_backward(dq, dk, dv, q, k, v, out, lse, grad_out, mask, scale,

@@ -72,7 +72,10 @@ class _Problem:
                 self.gqa)
 
     def raise_nonfinite(self, what, extra=()):
-        found = _arrays.first_nonfinite([("query", self.q), ("key", self.k), ("value", self.v), *extra])
+        named = [("query", self.q), ("key", self.k), ("value", self.v), ("alibi_slopes", self.alibi), *extra]
+        if self.mask is not None and self.mask.dtype != np.bool_:
+            named.append(("attn_mask", self.mask))
+        found = _arrays.first_nonfinite(named)
         if found:
             name, index, value = found
             raise ValueError(f"{name} holds {value} at index {index} (of its 4-D view); the {what} would not be "
@@ -82,7 +85,7 @@ class _Problem:
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
                                  causal=None, window=None, softcap=None, alibi_slopes=None, return_lse=False,
-                                 num_threads=None, compute_dtype="float32"):
+                                 num_threads=None, compute_dtype="float32", check_finite="scores"):
     """softmax(query key^T * scale + mask) value, as PyTorch 2.x computes it.
 
     attn_mask: bool (True = take part) or float (added), broadcast to
@@ -93,17 +96,27 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     compute_dtype="bfloat16" (q, k, v and the probabilities rounded to bf16
     where they enter the products). return_lse also returns the
     log-sum-exp of each row [..., Hq, L]. A row whose keys are all masked
-    gives 0 and lse -inf (PyTorch: NaN). NaN or Inf reaching the output
-    raises ValueError naming the input that holds it.
+    gives 0 and lse -inf (PyTorch: NaN).
+
+    check_finite: "scores" (default) raises ValueError, naming the input
+    that holds it, when NaN or Inf in the query, key, mask or slopes
+    reached a score; it reads only the log-sum-exps, at no measurable cost.
+    "all" also reads the output once, to catch NaN or Inf in the value
+    (about 5% of an S1 call, B=8 N=128 h=12 d=64, on 2 cores). None checks
+    nothing: NaN propagates as in PyTorch.
     """
     if compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f'compute_dtype must be "float32" or "bfloat16", got {compute_dtype!r}')
+    if check_finite not in ("scores", "all", None):
+        raise ValueError(f'check_finite must be "scores", "all" or None, got {check_finite!r}')
     p = _Problem(query, key, value, attn_mask, is_causal, scale, enable_gqa, causal, window, softcap, alibi_slopes,
                  num_threads)
     B, H, L, _ = p.q.shape
     out = np.empty((B, H, L, p.v.shape[-1]), dtype=np.float32)
     lse = np.empty((B, H, L), dtype=np.float32)
-    if not _core.attention(out, lse, p.q, p.k, p.v, *p.options(), compute_dtype == "bfloat16", p.threads):
+    finite = _core.attention(out, lse, p.q, p.k, p.v, *p.options(), compute_dtype == "bfloat16", p.threads,
+                             check_finite == "all")
+    if check_finite and not finite:
         p.raise_nonfinite("output")
     out = out.reshape(p.shape[:-1] + (p.v.shape[-1],))
     return (out, lse.reshape(p.shape[:-1])) if return_lse else out
@@ -123,7 +136,7 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_m
     if output is None or lse is None:
         out4 = np.empty((B, H, L, p.v.shape[-1]), dtype=np.float32)
         lse4 = np.empty((B, H, L), dtype=np.float32)
-        if not _core.attention(out4, lse4, p.q, p.k, p.v, *p.options(), False, p.threads):
+        if not _core.attention(out4, lse4, p.q, p.k, p.v, *p.options(), False, p.threads, False):
             p.raise_nonfinite("output")
     else:
         out4 = _arrays.as4d(_arrays.floats(output, "output"), p.lead)

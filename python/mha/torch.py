@@ -216,6 +216,8 @@ class MultiheadAttention(torch.nn.Module):
                 average_attn_weights=True, is_causal=False):
         for t, name in ((query, "query"), (key, "key"), (value, "value")):
             _check_tensor(t, name, (torch.float32,))
+        if is_causal and attn_mask is not None and key_padding_mask is None and not need_weights:
+            attn_mask = None  # PyTorch's rule: is_causal is a hint that attn_mask is the causal mask
         masks = []
         for m, name in ((key_padding_mask, "key_padding_mask"), (attn_mask, "attn_mask")):
             if m is not None:

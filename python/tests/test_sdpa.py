@@ -145,13 +145,27 @@ def test_bad_arguments(bad, exc, words):
 
 
 def test_nan_names_the_input():
+    """By default NaN or Inf reaching a score (query, key, a float mask)
+    raises, found through the log-sum-exps; check_finite="all" also reads
+    the output, for NaN in the value; None lets NaN through as PyTorch."""
     q, k, v = randn(1, 2, 4, 8), randn(1, 2, 5, 8), randn(1, 2, 5, 8)
     v[0, 1, 3, 2] = np.nan
+    out = mha.scaled_dot_product_attention(q, k, v)  # the value is not read twice by default
+    assert np.isnan(out[0, 1, :, 2]).all() and np.isfinite(out[0, 0]).all()
     with pytest.raises(ValueError, match=r"value holds nan at index \(0, 1, 3, 2\)"):
+        mha.scaled_dot_product_attention(q, k, v, check_finite="all")
+    v[0, 1, 3, 2] = 0
+    k[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="key holds nan"):
         mha.scaled_dot_product_attention(q, k, v)
-    k[0, 0, 0, 0] = np.inf
-    with pytest.raises(ValueError, match="key holds inf"):
+    q[0, 1, 2, 5] = np.nan
+    with pytest.raises(ValueError, match=r"query holds nan at index \(0, 1, 2, 5\)"):
         mha.scaled_dot_product_attention(q, k, v)
+    assert np.isnan(mha.scaled_dot_product_attention(q, k, v, check_finite=None)).any()
+    mask = np.zeros((4, 5), dtype=np.float32)
+    mask[2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"attn_mask holds nan"):
+        mha.scaled_dot_product_attention(randn(1, 2, 4, 8), randn(1, 2, 5, 8), randn(1, 2, 5, 8), attn_mask=mask)
 
 
 def test_bfloat16_compute():
