@@ -179,7 +179,7 @@ def py_main(a):
           f"({mha.isa()}), {a.threads} threads, {a.rounds} alternating rounds of {a.repeat} calls")
     print(f"{'shape':<26}{'torch ms':>10}{'mha ms':>10}{'speed-up':>10}")
     for name, B, N, causal in PY_SHAPES:
-        if a.quick and N > 4096:
+        if (a.quick and N > 4096) or (a.large and N <= 4096):
             continue
         for what, t_fn, m_fn in py_cases(B, N, causal):
             t_runs, m_runs = [], []
@@ -194,6 +194,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--python", action="store_true", help="in-process: mha.torch against PyTorch's own")
     ap.add_argument("--rounds", type=int, default=3, help="--python: alternating rounds per row")
+    ap.add_argument("--large", action="store_true", help="only the N=8192 shapes")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="skip the N=8192 shapes")
