@@ -111,6 +111,24 @@ def test_float32_is_read_in_place():
     assert np.array_equal(out, mha.scaled_dot_product_attention(np.ascontiguousarray(q), k, v))
 
 
+def test_no_copy_of_float32_inputs():
+    """What a call allocates, traced: for float32 inputs (contiguous or a
+    strided view) only the output and lse; a float64 input adds exactly one
+    float32 copy of itself."""
+    import tracemalloc
+    B, H, L, D = 2, 4, 256, 64
+    q = randn(B, L, H, D).transpose(0, 2, 1, 3)  # strided
+    k, v = randn(B, H, L, D), randn(B, H, L, D)
+    outputs = B * H * L * D * 4 + B * H * L * 4
+    mha.scaled_dot_product_attention(q, k, v)  # warm up
+    for inputs, extra in (((q, k, v), 0), ((q.astype(np.float64), k, v), B * H * L * D * 4)):
+        tracemalloc.start()
+        mha.scaled_dot_product_attention(*inputs)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert outputs + extra <= peak < outputs + extra + 64 * 1024, (peak, outputs, extra)
+
+
 def test_other_floats_are_converted_once():
     q64, k16 = RNG.standard_normal((1, 2, 4, 8)), RNG.standard_normal((1, 2, 4, 8)).astype(np.float16)
     v = randn(1, 2, 4, 8)
