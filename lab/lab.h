@@ -233,4 +233,9 @@ int lab_map_png(const char *path, const lab_map_picture *picture, int64_t cell);
  * report's (whose script computes the same in JavaScript). */
 void lab_weight_colour(float w, unsigned char rgb[3]);
 
+/* The weights the colour scale marks (PNGs and report alike), placed at
+ * sqrt(weight) along it. */
+enum { LAB_SCALE_TICKS = 5 };
+extern const double lab_scale_ticks[LAB_SCALE_TICKS];
+
 #endif /* MHA_LAB_H */

@@ -101,9 +101,7 @@ static mha_status create_layers(lab_model *m, uint64_t *seed)
         mha_layer_desc_init(&d);
         d.embed_dim = c->embed_dim;
         d.num_heads = c->heads;
-        /* kv heads = heads is plain MHA: the same layer as kv_heads 0, so a
-         * model trains to the same bits whichever way it was asked for. */
-        d.num_kv_heads = c->kv_heads == c->heads ? 0 : c->kv_heads;
+        d.num_kv_heads = c->kv_heads;
         mha_status st;
         if ((st = mha_layer_create(&d, &m->layers[l])) != MHA_OK ||
             (st = mha_layer_train_init(m->layers[l])) != MHA_OK || (st = mha_layer_tape_create(&m->tapes[l])) != MHA_OK)

@@ -30,6 +30,8 @@ static void fill(raster *r, int64_t x, int64_t y, int64_t w, int64_t h, const un
         for (int64_t i = x < 0 ? 0 : x; i < x + w && i < r->w; i++) memcpy(r->rgb + 3 * (j * r->w + i), c, 3);
 }
 
+const double lab_scale_ticks[LAB_SCALE_TICKS] = {0, 0.05, 0.25, 0.5, 1};
+
 void lab_weight_colour(float w, unsigned char rgb[3])
 {
     float t = w < 0 ? 0 : w > 1 ? 1 : sqrtf(w);
@@ -198,11 +200,10 @@ static void draw_scale(raster *r, const lab_map_picture *p, int64_t cell)
         lab_weight_colour((float)(t * t), c);
         fill(r, x, y + j, BAR, 1, c);
     }
-    static const double ticks[] = {0, 0.05, 0.25, 0.5, 1};
-    for (size_t i = 0; i < sizeof ticks / sizeof ticks[0]; i++) {
+    for (int i = 0; i < LAB_SCALE_TICKS; i++) {
         char num[16];
-        snprintf(num, sizeof num, "%g", ticks[i]);
-        int64_t ty = y + (int64_t)llround((1 - sqrt(ticks[i])) * (double)(h - 1));
+        snprintf(num, sizeof num, "%g", lab_scale_ticks[i]);
+        int64_t ty = y + (int64_t)llround((1 - sqrt(lab_scale_ticks[i])) * (double)(h - 1));
         fill(r, x + BAR, ty, 3, 1, INK);
         text(r, x + BAR + 5, ty - GLYPH_H / 2, 1, 0, num);
     }

@@ -218,13 +218,12 @@ static void write_colour_scale(FILE *f)
     }
     fprintf(f, "</linearGradient></defs><rect x=\"10\" y=\"4\" width=\"300\" height=\"14\" fill=\"url(#cs)\" "
                "stroke=\"#aaa\"/>");
-    static const double ticks[] = {0, 0.05, 0.25, 0.5, 1};
-    for (size_t i = 0; i < sizeof ticks / sizeof ticks[0]; i++) {
-        double x = 10 + 300 * sqrt(ticks[i]);
+    for (int i = 0; i < LAB_SCALE_TICKS; i++) {
+        double x = 10 + 300 * sqrt(lab_scale_ticks[i]);
         fprintf(f,
                 "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"18\" y2=\"23\" stroke=\"#555\"/><text x=\"%.1f\" y=\"36\" "
                 "text-anchor=\"middle\">%g</text>",
-                x, x, x, ticks[i]);
+                x, x, x, lab_scale_ticks[i]);
     }
     fprintf(f, "<text x=\"318\" y=\"15\">weight</text></svg>\n");
 }
