@@ -53,16 +53,18 @@ def as4d(x, lead):
     return x.reshape((int(np.prod(lead)),) + x.shape[-3:])
 
 
-def first_nonfinite(arrays):
-    """The name and index of the first NaN or Inf among (name, array) pairs,
-    or None."""
-    for name, a in arrays:
+def raise_nonfinite(what, named, view="", cause="values too large for float32?"):
+    """After libmha found NaN or Inf in `what`: ValueError naming the first
+    of the (name, array) inputs that holds one, and where (`view` says in
+    what shape the index is), else saying that every input was finite."""
+    for name, a in named:
         if a is None:
             continue
         bad = np.argwhere(~np.isfinite(a))
         if len(bad):
-            return name, tuple(int(i) for i in bad[0]), a[tuple(bad[0])]
-    return None
+            index = tuple(int(i) for i in bad[0])
+            raise ValueError(f"{name} holds {a[index]} at index {index}{view}; the {what} would not be finite")
+    raise ValueError(f"the {what} is not finite although every input is: {cause}")
 
 
 def threads(num_threads):

@@ -75,12 +75,7 @@ class _Problem:
         named = [("query", self.q), ("key", self.k), ("value", self.v), ("alibi_slopes", self.alibi), *extra]
         if self.mask is not None and self.mask.dtype != np.bool_:
             named.append(("attn_mask", self.mask))
-        found = _arrays.first_nonfinite(named)
-        if found:
-            name, index, value = found
-            raise ValueError(f"{name} holds {value} at index {index} (of its 4-D view); the {what} would not be "
-                             f"finite")
-        raise ValueError(f"the {what} is not finite although every input is: values too large for float32?")
+        _arrays.raise_nonfinite(what, named, view=" (of its 4-D view)")
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,

@@ -10,6 +10,7 @@ import numpy as np
 from . import _arrays, _core
 
 _ROPE = {None: 0, "none": 0, "half": 1, "interleaved": 2}
+_CAUSE = "values (or weights) too large?"  # when every input is finite but a result is not
 
 
 class MultiheadAttention:
@@ -186,7 +187,7 @@ class MultiheadAttention:
             finite = _core.layer_forward(self._layer, out_nle, weights, q, k, v, am, kpm, causal,
                                          bool(average_attn_weights), tape, 0, self.threads)
         if not finite:
-            _raise_nonfinite("attn_output", [("query", q), ("key", k), ("value", v)])
+            _arrays.raise_nonfinite("attn_output", [("query", q), ("key", k), ("value", v)], cause=_CAUSE)
         if weights is not None:
             weights = weights[:, 0] if average_attn_weights else weights
             weights = weights[0] if unbatched else weights
@@ -228,7 +229,7 @@ class MultiheadAttention:
             finite = _core.layer_backward(self._layer, q, k, v, am, kpm, causal, average, tape, 0, go,
                                           views[0], views[1], views[2], self.threads)
         if not finite:
-            _raise_nonfinite("gradient", [("grad_output", go)])
+            _arrays.raise_nonfinite("gradient", [("grad_output", go)], cause=_CAUSE)
         return tuple(grads)
 
     # ---- decoding ---------------------------------------------------------
@@ -247,7 +248,7 @@ class MultiheadAttention:
         with self._lock:
             finite = _core.layer_decode(self._layer, cache._handle(), out, x3, self.threads)
         if not finite:
-            _raise_nonfinite("output", [("x", x3)])
+            _arrays.raise_nonfinite("output", [("x", x3)], cause=_CAUSE)
         return out[0] if single else out
 
 
@@ -287,10 +288,3 @@ class KVCache:
     def __exit__(self, *exc):
         self.close()
 
-
-def _raise_nonfinite(what, named):
-    found = _arrays.first_nonfinite(named)
-    if found:
-        name, index, value = found
-        raise ValueError(f"{name} holds {value} at index {index}; the {what} would not be finite")
-    raise ValueError(f"the {what} is not finite although every input is: values (or weights) too large?")
