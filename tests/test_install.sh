@@ -30,7 +30,9 @@ run_examples() { # DIR HOW
         args=()
         [ "$example" = layer_forward ] && args=("$src/examples/demo.safetensors")
         "$1/$example" "${args[@]}" >"$tmp/out.txt" 2>&1 || { cat "$tmp/out.txt" >&2; fail "$example ($2) failed"; }
-        ldd "$1/$example" | grep -q "libmha.so.0 => $prefix/lib/" || fail "$example ($2) does not load the installed library"
+        # ldd's whole output first: grep -q stopping early would make ldd die of SIGPIPE under pipefail
+        libs=$(ldd "$1/$example")
+        grep -q "libmha.so.0 => $prefix/lib/" <<<"$libs" || fail "$example ($2) does not load the installed library"
     done
 }
 
