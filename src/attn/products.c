@@ -76,8 +76,10 @@ static void values_f32(const mha__attn_plan *p, mha__strided v, int64_t rows, in
         vb = t->vt;
         ldv = p->Dv;
     }
-    for (int64_t r = 0; r < rows; r += kt->mr)
-        for (int64_t c = 0; c < p->Dv; c += kt->nr) {
+    /* Column panels outer: one panel of V (cols x nr) stays in L1 while
+     * every row strip of P passes over it. */
+    for (int64_t c = 0; c < p->Dv; c += kt->nr)
+        for (int64_t r = 0; r < rows; r += kt->mr) {
             int64_t m = rows - r < kt->mr ? rows - r : kt->mr, n = p->Dv - c < kt->nr ? p->Dv - c : kt->nr;
             kt->gemm_tile(m, n, cols, t->st + r, 1, MHA__BR, vb + c, ldv, t->o + r * p->Dv + c, p->Dv, 1);
         }

@@ -10,15 +10,18 @@
 #ifndef MHA_EXP_POLY_H
 #define MHA_EXP_POLY_H
 
-#define MHA_EXP_LOG2E     1.44269504088896341f
-#define MHA_EXP_LN2_HI    0.693359375f
-#define MHA_EXP_LN2_LO    (-2.12194440e-4f)
-#define MHA_EXP_C0        1.9875691500e-4f
-#define MHA_EXP_C1        1.3981999507e-3f
-#define MHA_EXP_C2        8.3334519073e-3f
-#define MHA_EXP_C3        4.1665795894e-2f
-#define MHA_EXP_C4        1.6666665459e-1f
-#define MHA_EXP_C5        5.0000001201e-1f
-#define MHA_EXP_MAX_INPUT 88.72f /* exp overflows float above this */
+#define MHA_EXP_LOG2E  1.44269504088896341f
+#define MHA_EXP_LN2_HI 0.693359375f
+#define MHA_EXP_LN2_LO (-2.12194440e-4f)
+#define MHA_EXP_C0     1.9875691500e-4f
+#define MHA_EXP_C1     1.3981999507e-3f
+#define MHA_EXP_C2     8.3334519073e-3f
+#define MHA_EXP_C3     4.1665795894e-2f
+#define MHA_EXP_C4     1.6666665459e-1f
+#define MHA_EXP_C5     5.0000001201e-1f
+/* The clamp above: exp(88.37) = 2.4e38 keeps 2^n a normal float (n <= 127)
+ * and exp saturates there.  Every caller passes a score minus its row's
+ * maximum, <= 0, so the clamp never bites in use. */
+#define MHA_EXP_MAX_INPUT 88.37f
 
 #endif /* MHA_EXP_POLY_H */
