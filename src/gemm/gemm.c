@@ -72,10 +72,45 @@ mha_status mha__pack_workspace_take(mha_ctx *ctx, const mha__kernels *kt, const 
     return MHA_OK;
 }
 
-mha__packed mha__transposed_view(const float *w, int64_t rows, int64_t cols, const mha__kernels *kt)
+/* Packing w [rows, cols] as the B operand of y = x w: panel p holds
+ * columns p nr .. p nr + nr - 1 of every row, zero-padded.  Reading w's
+ * rows in place instead (ldb = cols) cost half the speed: rows 3 KB apart
+ * fall into a few L1 and L2 sets and evict each other. */
+typedef struct transpose_job {
+    float *data;
+    const float *w;
+    int64_t rows, cols, nr;
+} transpose_job;
+
+static void transpose_range(void *arg, int thread, int64_t begin, int64_t end)
 {
-    /* y = x (w^T)^T = x w: panel p is columns p nr .. of w's rows, in place. */
-    return (mha__packed){(float *)w, cols, rows, kt->nr, cols, kt->nr};
+    (void)thread;
+    const transpose_job *j = arg;
+    for (int64_t panel = begin; panel < end; panel++) {
+        int64_t c0 = panel * j->nr, n = j->cols - c0 < j->nr ? j->cols - c0 : j->nr;
+        for (int64_t r = 0; r < j->rows; r++) {
+            float *dst = j->data + (panel * j->rows + r) * j->nr;
+            memcpy(dst, j->w + r * j->cols + c0, (size_t)n * sizeof(float));
+            memset(dst + n, 0, (size_t)(j->nr - n) * sizeof(float));
+        }
+    }
+}
+
+bool mha__pack_transposed_workspace(const mha__kernels *kt, int64_t rows, int64_t cols, int64_t *bytes)
+{
+    return mha__pack_workspace(kt, cols, rows, bytes);
+}
+
+mha_status mha__pack_transposed_workspace_take(mha_ctx *ctx, const mha__kernels *kt, const float *w, int64_t rows,
+                                               int64_t cols, mha__packed *p)
+{
+    int64_t n;
+    float *data = packed_floats(kt->nr, cols, rows, &n) ? mha__ws_take(ctx, n * (int64_t)sizeof(float)) : NULL;
+    if (!data) return MHA_ERR_INTERNAL; /* the plan sized it */
+    transpose_job job = {data, w, rows, cols, kt->nr};
+    mha__parallel_for(ctx, (cols + kt->nr - 1) / kt->nr, transpose_range, &job);
+    *p = (mha__packed){data, cols, rows, kt->nr, kt->nr, rows * kt->nr};
+    return MHA_OK;
 }
 
 void mha__unpack(const mha__packed *p, float *w)
@@ -155,66 +190,131 @@ void mha__linear_add(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const m
 /* Weight gradients                                                  */
 /* ---------------------------------------------------------------- */
 
-/* dW [out, in] += sum over batches and rows of dy(r, o) x(r, i): items are
- * blocks of GRAD_OUT output rows x GRAD_IN inputs; rows stream in chunks
- * of GRAD_ROWS so an item's slices of dy and x stay in L2 while every
- * tile of the item passes over them.  Each dW element is one chain over
- * the batches and rows in order, owned by one item: the same bits for any
- * thread count. */
+/* dW [out, in] += sum over batches and rows of dy(r, o) x(r, i), a chunk
+ * of GRAD_ROWS rows at a time (never crossing a batch).  Each chunk is
+ * packed first: dy's columns into panels of mr ([rows][mr] each, the A
+ * operand read down its columns), x's into panels of nr ([rows][nr], the
+ * B operand), both zero-padded; then items of GRAD_OUT x GRAD_IN of dW run
+ * every tile over the chunk's rows.  Packed, both operands stream from
+ * contiguous memory: read in place, their rows lie a whole activation row
+ * apart (3 KB at E = 768), map to a few cache sets and evict each other,
+ * which ran the product at half speed.  Each dW element is one chain per
+ * chunk added to it, chunks in order, owned by one item: the same bits
+ * for any thread count. */
 enum { GRAD_OUT = 48, GRAD_IN = 128, GRAD_ROWS = 256 };
 
-typedef struct grad_job {
+typedef struct grad_chunk {
     const mha__kernels *kt;
-    int64_t N, T, out, in, in_blocks;
-    mha__batched dy, x;
+    int64_t out, in, rows; /* this chunk's rows */
+    int64_t out_panels, in_panels;
+    mha__mat dy, x; /* moved to the chunk's first row */
+    float *a, *b;   /* the packs: [out_panels][rows][mr], [in_panels][rows][nr] */
     float *dw;
-} grad_job;
+    int64_t in_blocks;
+} grad_chunk;
 
-/* How many of the m columns from c on lie in c's column group. */
-static int64_t group_run(const mha__mat *a, int64_t o, int64_t m)
-{
-    if (!a->group_cols) return m;
-    int64_t left = a->group_cols - o % a->group_cols;
-    return m < left ? m : left;
-}
+/* The widest panel of any kernel table (avx512's nr). */
+enum { MAX_PANEL = 32 };
 
-static void grad_item(const grad_job *j, int64_t item)
+/* Columns c0 .. c0+n-1 of m (n <= width <= MAX_PANEL), rows 0 .. rows-1,
+ * into dst[r * width + c], zeros past n: one copy per row when the
+ * columns lie side by side, else column by column (a panel may straddle
+ * two column groups; each column's start is found once). */
+static void pack_columns(const mha__mat *m, int64_t c0, int64_t n, int64_t rows, int64_t width, float *dst)
 {
-    const mha__kernels *kt = j->kt;
-    int64_t o0 = (item / j->in_blocks) * GRAD_OUT, i0 = (item % j->in_blocks) * GRAD_IN;
-    int64_t o1 = o0 + GRAD_OUT < j->out ? o0 + GRAD_OUT : j->out, i1 = i0 + GRAD_IN < j->in ? i0 + GRAD_IN : j->in;
-    for (int64_t n = 0; n < j->N; n++)
-        for (int64_t r0 = 0; r0 < j->T; r0 += GRAD_ROWS) {
-            int64_t rows = j->T - r0 < GRAD_ROWS ? j->T - r0 : GRAD_ROWS;
-            mha__mat dy = j->dy.m, x = j->x.m;
-            dy.data += n * j->dy.batch_stride;
-            x.data += n * j->x.batch_stride;
-            for (int64_t o = o0; o < o1;) {
-                int64_t m = group_run(&dy, o, o1 - o < kt->mr ? o1 - o : kt->mr);
-                /* A(o, r) = dy(r, o): rows of dW read down dy's columns. */
-                const float *a = mat_at(&dy, r0, o);
-                for (int64_t i = i0; i < i1;) {
-                    int64_t n_cols = group_run(&x, i, i1 - i < kt->nr ? i1 - i : kt->nr);
-                    kt->gemm_tile(m, n_cols, rows, a, dy.cs, dy.rs, mat_at(&x, r0, i), x.rs, j->dw + o * j->in + i,
-                                  j->in, 1);
-                    i += n_cols;
-                }
-                o += m;
-            }
+    const float *col[MAX_PANEL];
+    for (int64_t c = 0; c < n; c++) col[c] = mat_at(m, 0, c0 + c);
+    bool side_by_side = m->cs == 1 && col[n - 1] == col[0] + n - 1;
+    for (int64_t r = 0; r < rows; r++) {
+        float *d = dst + r * width;
+        if (side_by_side) { /* fixed-size copies inline; a memcpy call per 24 bytes cost 5% */
+            const float *s = col[0] + r * m->rs;
+            int64_t c = 0;
+            for (; c + 4 <= n; c += 4) memcpy(d + c, s + c, 4 * sizeof(float));
+            for (; c < n; c++) d[c] = s[c];
+        } else {
+            for (int64_t c = 0; c < n; c++) d[c] = col[c][r * m->rs];
         }
+        for (int64_t c = n; c < width; c++) d[c] = 0.0f;
+    }
 }
 
-static void grad_range(void *arg, int thread, int64_t begin, int64_t end)
+static void grad_pack_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
-    for (int64_t item = begin; item < end; item++) grad_item(arg, item);
+    const grad_chunk *j = arg;
+    int64_t mr = j->kt->mr, nr = j->kt->nr;
+    for (int64_t panel = begin; panel < end; panel++) {
+        if (panel < j->out_panels) {
+            int64_t o = panel * mr;
+            pack_columns(&j->dy, o, j->out - o < mr ? j->out - o : mr, j->rows, mr, j->a + panel * j->rows * mr);
+        } else {
+            int64_t p = panel - j->out_panels, i = p * nr;
+            pack_columns(&j->x, i, j->in - i < nr ? j->in - i : nr, j->rows, nr, j->b + p * j->rows * nr);
+        }
+    }
 }
 
-void mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *dy,
-                      const mha__batched *x, int64_t out, int64_t in, float *dw)
+static void grad_tile_range(void *arg, int thread, int64_t begin, int64_t end)
 {
-    grad_job job = {kt, N, T, out, in, (in + GRAD_IN - 1) / GRAD_IN, *dy, *x, dw};
-    mha__parallel_for(ctx, ((out + GRAD_OUT - 1) / GRAD_OUT) * job.in_blocks, grad_range, &job);
+    (void)thread;
+    const grad_chunk *j = arg;
+    const mha__kernels *kt = j->kt;
+    int64_t mr = kt->mr, nr = kt->nr, rows = j->rows;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t o0 = (item / j->in_blocks) * GRAD_OUT, i0 = (item % j->in_blocks) * GRAD_IN;
+        int64_t o1 = o0 + GRAD_OUT < j->out ? o0 + GRAD_OUT : j->out, i1 = i0 + GRAD_IN < j->in ? i0 + GRAD_IN : j->in;
+        for (int64_t o = o0; o < o1; o += mr)
+            for (int64_t i = i0; i < i1; i += nr)
+                kt->gemm_tile(o1 - o < mr ? o1 - o : mr, i1 - i < nr ? i1 - i : nr, rows, j->a + (o / mr) * rows * mr,
+                              1, mr, j->b + (i / nr) * rows * nr, nr, j->dw + o * j->in + i, j->in, 1);
+    }
+}
+
+static int64_t grad_pack_floats(const mha__kernels *kt, int64_t out, int64_t in)
+{
+    return GRAD_ROWS * ((out + kt->mr - 1) / kt->mr * kt->mr + (in + kt->nr - 1) / kt->nr * kt->nr);
+}
+
+bool mha__weight_grad_workspace(const mha__kernels *kt, int64_t out, int64_t in, int64_t *bytes)
+{
+    if (out > INT64_MAX / 64 / GRAD_ROWS || in > INT64_MAX / 64 / GRAD_ROWS) {
+        mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)out, (long long)in);
+        return false;
+    }
+    return mha__ws_add(bytes, grad_pack_floats(kt, out, in) * (int64_t)sizeof(float), "a weight gradient's packs");
+}
+
+mha_status mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *dy,
+                            const mha__batched *x, int64_t out, int64_t in, float *dw)
+{
+    int64_t top = mha__ws_top(ctx), out_panels = (out + kt->mr - 1) / kt->mr;
+    float *a = mha__ws_take(ctx, grad_pack_floats(kt, out, in) * (int64_t)sizeof(float));
+    if (!a) return MHA_ERR_INTERNAL; /* the plan sized it */
+    grad_chunk j = {kt,         out,
+                    in,         0,
+                    out_panels, (in + kt->nr - 1) / kt->nr,
+                    dy->m,      x->m,
+                    a,          a + GRAD_ROWS * out_panels * kt->mr,
+                    dw,         (in + GRAD_IN - 1) / GRAD_IN};
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t r0 = 0; r0 < T; r0 += GRAD_ROWS) {
+            j.rows = T - r0 < GRAD_ROWS ? T - r0 : GRAD_ROWS;
+            j.dy.data = dy->m.data + n * dy->batch_stride + r0 * dy->m.rs;
+            j.x.data = x->m.data + n * x->batch_stride + r0 * x->m.rs;
+            mha__parallel_for(ctx, j.out_panels + j.in_panels, grad_pack_range, &j);
+            mha__parallel_for(ctx, ((out + GRAD_OUT - 1) / GRAD_OUT) * j.in_blocks, grad_tile_range, &j);
+        }
+    mha__ws_release(ctx, top);
+    return MHA_OK;
+}
+
+/* How many of the m columns from c on lie in c's column group. */
+static int64_t group_run(const mha__mat *a, int64_t c, int64_t m)
+{
+    if (!a->group_cols) return m;
+    int64_t left = a->group_cols - c % a->group_cols;
+    return m < left ? m : left;
 }
 
 typedef struct colsum_job {
@@ -234,8 +334,13 @@ static void colsum_range(void *arg, int thread, int64_t begin, int64_t end)
         for (int64_t n = 0; n < j->N; n++) {
             mha__mat y = j->y.m;
             y.data += n * j->y.batch_stride;
-            for (int64_t r = 0; r < j->T; r++)
-                for (int64_t c = c0; c < c1; c++) j->sums[c] += *mat_at(&y, r, c);
+            for (int64_t c = c0; c < c1;) { /* a run of columns in one group at a time */
+                int64_t run = group_run(&y, c, c1 - c);
+                const float *at = mat_at(&y, 0, c);
+                for (int64_t r = 0; r < j->T; r++)
+                    for (int64_t i = 0; i < run; i++) j->sums[c + i] += at[r * y.rs + i * y.cs];
+                c += run;
+            }
         }
     }
 }

@@ -29,10 +29,12 @@ mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int
 bool mha__pack_workspace(const mha__kernels *kt, int64_t out, int64_t in, int64_t *bytes);
 mha_status mha__pack_workspace_take(mha_ctx *ctx, const mha__kernels *kt, const float *w, int64_t out, int64_t in,
                                     mha__packed *p);
-/* w [rows, cols] row-major seen, without copying, as the B operand of
+/* w [rows, cols] row-major packed into the workspace as the B operand of
  * y = x w: mha__linear with it computes dX = dY W in the backward pass.
- * Not to be freed. */
-mha__packed mha__transposed_view(const float *w, int64_t rows, int64_t cols, const mha__kernels *kt);
+ * The bytes to plan for, and the take (INTERNAL when not reserved). */
+bool mha__pack_transposed_workspace(const mha__kernels *kt, int64_t rows, int64_t cols, int64_t *bytes);
+mha_status mha__pack_transposed_workspace_take(mha_ctx *ctx, const mha__kernels *kt, const float *w, int64_t rows,
+                                               int64_t cols, mha__packed *p);
 /* The plain [out, in] matrix back from its pack (exact). */
 void mha__unpack(const mha__packed *p, float *w);
 void mha__packed_free(mha__packed *p);
@@ -67,12 +69,13 @@ typedef struct mha__batched {
 } mha__batched;
 
 /* dW [out, in] row-major += sum over n < N, r < T of dy_n(r, o) x_n(r, i):
- * a weight's gradient.  x needs cs = 1 and, when grouped, groups a multiple
- * of the kernels' nr wide (as mha__linear's y).  Each element is one chain
- * of multiply-adds starting from its old value, rows in order, whatever
- * the thread count. */
-void mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *dy,
-                      const mha__batched *x, int64_t out, int64_t in, float *dw);
+ * a weight's gradient.  Each element gets one chain of multiply-adds per
+ * chunk of rows, added to it in order, whatever the thread count.  Packs
+ * the chunks in the workspace: the bytes to plan for (false, INVALID_ARG,
+ * when they overflow); INTERNAL when they were not reserved. */
+bool mha__weight_grad_workspace(const mha__kernels *kt, int64_t out, int64_t in, int64_t *bytes);
+mha_status mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *dy,
+                            const mha__batched *x, int64_t out, int64_t in, float *dw);
 
 /* sums[c] += sum over n < N, r < T of y_n(r, c), in that order. */
 void mha__column_sums(mha_ctx *ctx, int64_t N, int64_t T, const mha__batched *y, int64_t cols, float *sums);

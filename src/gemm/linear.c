@@ -4,8 +4,8 @@
  * (the head lab's MLP and unembedding) need no GEMM of their own.
  *
  *   forward   y  = x W^T + b    W packed into the context's workspace
- *   backward  dx = dy W         W read in place as the transposed operand
- *             dW += dy^T x      mha__weight_grad
+ *   backward  dx = dy W         W packed transposed into the workspace
+ *             dW += dy^T x      mha__weight_grad (its packs in the workspace)
  *             db += sum_r dy    mha__column_sums
  *
  * Every output element is one chain of multiply-adds in a fixed order, so
@@ -63,13 +63,20 @@ mha_status mha_linear_backward(mha_ctx *ctx, const float *dy, const float *x, co
     mha_status st = check_sizes("mha_linear_backward", rows, in, out);
     if (st != MHA_OK) return st;
     const mha__kernels *kt = mha__kernels_get();
+    /* The two steps use the workspace one after the other. */
+    int64_t pack = 0, grad = 0, top = mha__ws_top(ctx);
+    if (!mha__pack_transposed_workspace(kt, out, in, &pack) || !mha__weight_grad_workspace(kt, out, in, &grad))
+        return MHA_ERR_INVALID_ARG;
+    if ((st = mha__ws_reserve(ctx, mha__max64(pack, grad))) != MHA_OK) return st;
     mha__batched dyb = {plain(dy, out), 0}, xb = {plain(x, in), 0};
     if (dx) {
-        mha__packed w_view = mha__transposed_view(w, out, in, kt);
+        mha__packed wt;
+        if ((st = mha__pack_transposed_workspace_take(ctx, kt, w, out, in, &wt)) != MHA_OK) return st;
         mha__mat dxm = plain(dx, in);
-        mha__linear(ctx, kt, rows, &dyb.m, &w_view, NULL, &dxm);
+        mha__linear(ctx, kt, rows, &dyb.m, &wt, NULL, &dxm);
+        mha__ws_release(ctx, top);
     }
-    mha__weight_grad(ctx, kt, 1, rows, &dyb, &xb, out, in, dw);
+    if ((st = mha__weight_grad(ctx, kt, 1, rows, &dyb, &xb, out, in, dw)) != MHA_OK) return st;
     if (db) mha__column_sums(ctx, 1, rows, &dyb, out, db);
     return MHA_OK;
 }

@@ -221,6 +221,20 @@ typedef struct bwd_plan {
     int64_t workspace;
 } bwd_plan;
 
+/* Raises *bytes to what any projection's gradients take: its weight
+ * gradient's packs, then (reusing them) its packed transposed weight. */
+static bool projections_workspace(const mha_layer *l, int64_t *bytes)
+{
+    for (matrix m = MAT_Q; m < MAT_COUNT; m++) {
+        int64_t out = mha__layer_out_features(l, m), in = mha__layer_in_features(l, m), grad = 0, pack = 0;
+        if (!mha__weight_grad_workspace(l->isa->f32, out, in, &grad) ||
+            !mha__pack_transposed_workspace(l->isa->f32, out, in, &pack))
+            return false;
+        *bytes = mha__max64(*bytes, mha__max64(grad, pack));
+    }
+    return true;
+}
+
 static mha_status plan_backward(const mha_ctx *ctx, const mha_layer *l, const mha_layer_fwd_args *a, bwd_plan *p)
 {
     const mha_layer_desc *d = &l->desc;
@@ -235,11 +249,12 @@ static mha_status plan_backward(const mha_ctx *ctx, const mha_layer *l, const mh
         !mha__add(p->nq, p->stage, &total) || total > INT64_MAX / 8)
         return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace for %lld x %lld queries overflows", (long long)N,
                          (long long)L);
-    int64_t attn = 0, rotate = 0, own = 0;
+    /* The attention, the rotation and the projections take theirs in turn. */
+    int64_t attn = 0, rotate = 0, proj = 0, own = 0;
     bool ok = mha__attn_backward_workspace(&p->attn, ctx, true, &attn) && /* dQ lands over the heads: contiguous */
-              mha__layer_rotate_workspace(l, L, p->attn.S, &rotate) &&
+              mha__layer_rotate_workspace(l, L, p->attn.S, &rotate) && projections_workspace(l, &proj) &&
               mha__ws_add(&own, total * (int64_t)sizeof(float), "the backward's buffers");
-    if (!ok || !mha__add(own, mha__max64(attn, rotate), &p->workspace))
+    if (!ok || !mha__add(own, mha__max64(attn, mha__max64(rotate, proj)), &p->workspace))
         return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace overflows");
     return MHA_OK;
 }
@@ -272,20 +287,23 @@ static void appended_key_grads(const mha_layer *l, const mha_layer_tape *tape, i
 /* One input projection's share: b_in's slice and W's gradient, and the
  * input's gradient if asked for.  dp: the projected rows' gradient (T rows
  * per batch, of a buffer with T1 rows per batch). */
-static void projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, float *dp, int64_t T1,
-                             const mha_tensor *x, mha_tensor *gx, float *stage)
+static mha_status projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, float *dp,
+                                   int64_t T1, const mha_tensor *x, mha_tensor *gx, float *stage)
 {
     mha__layer_train *t = l->train;
-    int64_t out = mha__layer_out_features(l, m), in = mha__layer_in_features(l, m);
+    int64_t out = mha__layer_out_features(l, m), in = mha__layer_in_features(l, m), top = mha__ws_top(ctx);
     mha__batched dpb = mha__layer_activations(l, dp, T1, m == MAT_Q ? l->desc.num_heads : l->desc.num_kv_heads);
     if (t->g_b_in) mha__column_sums(ctx, N, T, &dpb, out, t->g_b_in + mha__layer_bias_offset(l, m));
     mha__batched xb = contiguous(x, stage);
-    mha__weight_grad(ctx, l->isa->f32, N, T, &dpb, &xb, out, in, t->g_w[m]);
-    if (!gx) return;
+    mha_status st = mha__weight_grad(ctx, l->isa->f32, N, T, &dpb, &xb, out, in, t->g_w[m]);
+    if (st != MHA_OK || !gx) return st;
     mha__batched gb = contiguous(gx, stage);
-    mha__packed w = mha__transposed_view(t->w[m], out, in, l->isa->f32);
+    mha__packed w;
+    if ((st = mha__pack_transposed_workspace_take(ctx, l->isa->f32, t->w[m], out, in, &w)) != MHA_OK) return st;
     mha__layer_project_packed(ctx, l, N, T, &dpb, &w, &gb, true);
+    mha__ws_release(ctx, top);
     scatter(&gb, gx);
+    return MHA_OK;
 }
 
 static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, const mha_layer_fwd_args *a,
@@ -305,9 +323,13 @@ static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, co
     mha__batched dy = contiguous(grad_attn_output, g.stage);
     mha__batched heads = mha__layer_activations(l, tape->heads, L, H), dout = mha__layer_activations(l, g.dout, L, H);
     if (t->g_b_out) mha__column_sums(ctx, N, L, &dy, E, t->g_b_out);
-    mha__weight_grad(ctx, l->isa->f32, N, L, &dy, &heads, E, l->qdim, t->g_w[MAT_OUT]);
-    mha__packed w_out = mha__transposed_view(t->w[MAT_OUT], E, l->qdim, l->isa->f32);
+    int64_t top = mha__ws_top(ctx);
+    mha__packed w_out;
+    if ((st = mha__weight_grad(ctx, l->isa->f32, N, L, &dy, &heads, E, l->qdim, t->g_w[MAT_OUT])) != MHA_OK ||
+        (st = mha__pack_transposed_workspace_take(ctx, l->isa->f32, t->w[MAT_OUT], E, l->qdim, &w_out)) != MHA_OK)
+        return st;
     mha__layer_project_packed(ctx, l, N, L, &dy, &w_out, &dout, false);
+    mha__ws_release(ctx, top);
 
     /* Attention: dQ, dK, dV land over O, K, V. */
     mha_tensor qh = mha__layer_heads_view(l, tape->q, N, L, H), kh = mha__layer_heads_view(l, tape->k, N, S1, G);
@@ -321,10 +343,10 @@ static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, co
 
     /* The input projections, in the order Q, K, V, so inputs that are one
      * tensor (self-attention) sum their three gradients in that order. */
-    projection_grads(ctx, l, MAT_Q, N, L, tape->heads, L, &a->query, grad_query, g.stage);
-    projection_grads(ctx, l, MAT_K, N, S, tape->k, S1, &a->key, grad_key, g.stage);
-    projection_grads(ctx, l, MAT_V, N, S, tape->v, S1, &a->value, grad_value, g.stage);
-    return MHA_OK;
+    if ((st = projection_grads(ctx, l, MAT_Q, N, L, tape->heads, L, &a->query, grad_query, g.stage)) != MHA_OK ||
+        (st = projection_grads(ctx, l, MAT_K, N, S, tape->k, S1, &a->key, grad_key, g.stage)) != MHA_OK)
+        return st;
+    return projection_grads(ctx, l, MAT_V, N, S, tape->v, S1, &a->value, grad_value, g.stage);
 }
 
 mha_status mha_layer_backward_workspace_size(const mha_ctx *ctx, const mha_layer *l, const mha_layer_fwd_args *a,
