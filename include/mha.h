@@ -569,8 +569,8 @@ mha_status mha_layer_backward_workspace_size(const mha_ctx *ctx, const mha_layer
  * large), NOMEM. */
 mha_status mha_linear(mha_ctx *ctx, const float *x, const float *w, const float *b, float *y, int64_t rows, int64_t in,
                       int64_t out);
-/* The workspace bytes mha_linear() takes (its packed weight); the
- * backward takes none.  Errors: MISUSE, INVALID_ARG as mha_linear's. */
+/* The workspace bytes mha_linear() takes (its packed weight).  Errors:
+ * MISUSE, INVALID_ARG as mha_linear's. */
 mha_status mha_linear_workspace_size(int64_t rows, int64_t in, int64_t out, int64_t *bytes);
 
 /* Its gradients, given dy [rows, out]:
@@ -581,6 +581,10 @@ mha_status mha_linear_workspace_size(int64_t rows, int64_t in, int64_t out, int6
  * Errors as mha_linear's. */
 mha_status mha_linear_backward(mha_ctx *ctx, const float *dy, const float *x, const float *w, float *dx, float *dw,
                                float *db, int64_t rows, int64_t in, int64_t out);
+/* The workspace bytes mha_linear_backward() takes (W^T packed for dx, and
+ * dy and x packed a chunk of rows at a time for dw).  Errors as
+ * mha_linear_workspace_size's. */
+mha_status mha_linear_backward_workspace_size(int64_t rows, int64_t in, int64_t out, int64_t *bytes);
 
 /* ------------------------------------------------------------------ */
 /* Decoding with a KV cache                                            */

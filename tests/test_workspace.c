@@ -431,6 +431,34 @@ static void test_linear(void)
     mha_ctx_free(ctx);
 }
 
+/* The backward packs W^T and chunks of dy and x: planned, and nothing more. */
+static void test_linear_backward(void)
+{
+    enum { ROWS = 300, IN = 70, OUT = 50 }; /* 300 rows: two chunks of the weight gradient */
+    int64_t bytes = -1;
+    CHECK_OK(mha_linear_backward_workspace_size(ROWS, IN, OUT, &bytes));
+    CHECK(bytes > 0, "mha_linear_backward plans no workspace");
+    CHECK_FAILS(mha_linear_backward_workspace_size(INT64_C(1) << 40, INT64_C(1) << 30, 8, &bytes), MHA_ERR_INVALID_ARG,
+                "too large");
+    CHECK_OK(mha_linear_backward_workspace_size(ROWS, IN, OUT, &bytes));
+    mha_ctx *ctx = NULL;
+    CHECK_OK(mha_ctx_create(2, &ctx));
+    CHECK_OK(mha_ctx_reserve(ctx, bytes));
+    float *dy = random_floats(ROWS * OUT, 44), *x = random_floats(ROWS * IN, 45), *w = random_floats(OUT * IN, 46);
+    float *dx = random_floats(ROWS * IN, 47), *dw = random_floats(OUT * IN, 48), *db = random_floats(OUT, 49);
+    int64_t before = mha__allocations();
+    CHECK_OK(mha_linear_backward(ctx, dy, x, w, dx, dw, db, ROWS, IN, OUT));
+    CHECK(mha__allocations() == before, "mha_linear_backward allocated after reserving its planned size");
+    CHECK(mha_ctx_workspace_bytes(ctx) == bytes, "mha_linear_backward grew the workspace past its plan");
+    free(dy);
+    free(x);
+    free(w);
+    free(dx);
+    free(dw);
+    free(db);
+    mha_ctx_free(ctx);
+}
+
 static void test_reserve_errors(void)
 {
     mha_ctx *ctx = NULL;
@@ -454,6 +482,7 @@ int main(void)
     test_layer_overflow();
     test_strided_output();
     test_linear();
+    test_linear_backward();
     test_reserve_errors();
     return harness_finish("test_workspace");
 }

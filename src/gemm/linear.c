@@ -56,18 +56,30 @@ mha_status mha_linear(mha_ctx *ctx, const float *x, const float *w, const float 
     return MHA_OK;
 }
 
+mha_status mha_linear_backward_workspace_size(int64_t rows, int64_t in, int64_t out, int64_t *bytes)
+{
+    if (!bytes) return mha__fail(MHA_ERR_MISUSE, "mha_linear_backward_workspace_size: NULL argument");
+    *bytes = 0;
+    mha_status st = check_sizes("mha_linear_backward", rows, in, out);
+    if (st != MHA_OK) return st;
+    /* The two steps use the workspace one after the other. */
+    const mha__kernels *kt = mha__kernels_get();
+    int64_t pack = 0, grad = 0;
+    if (!mha__pack_transposed_workspace(kt, out, in, &pack) || !mha__weight_grad_workspace(kt, out, in, &grad))
+        return MHA_ERR_INVALID_ARG;
+    *bytes = mha__max64(pack, grad);
+    return MHA_OK;
+}
+
 mha_status mha_linear_backward(mha_ctx *ctx, const float *dy, const float *x, const float *w, float *dx, float *dw,
                                float *db, int64_t rows, int64_t in, int64_t out)
 {
     if (!ctx || !dy || !x || !w || !dw) return mha__fail(MHA_ERR_MISUSE, "mha_linear_backward: NULL argument");
-    mha_status st = check_sizes("mha_linear_backward", rows, in, out);
+    int64_t bytes, top = mha__ws_top(ctx);
+    mha_status st = mha_linear_backward_workspace_size(rows, in, out, &bytes);
+    if (st == MHA_OK) st = mha__ws_reserve(ctx, bytes);
     if (st != MHA_OK) return st;
     const mha__kernels *kt = mha__kernels_get();
-    /* The two steps use the workspace one after the other. */
-    int64_t pack = 0, grad = 0, top = mha__ws_top(ctx);
-    if (!mha__pack_transposed_workspace(kt, out, in, &pack) || !mha__weight_grad_workspace(kt, out, in, &grad))
-        return MHA_ERR_INVALID_ARG;
-    if ((st = mha__ws_reserve(ctx, mha__max64(pack, grad))) != MHA_OK) return st;
     mha__batched dyb = {plain(dy, out), 0}, xb = {plain(x, in), 0};
     if (dx) {
         mha__packed wt;
