@@ -246,6 +246,41 @@ mha_status mha_attention_backward_workspace_size(const mha_ctx *ctx, const mha_t
                                                  const mha_tensor *v, const mha_tensor *out, const mha_tensor *grad_out,
                                                  const mha_attn_desc *desc, int64_t *bytes);
 
+/* The softmax's row statistics of a forward call, for a backward that
+ * recomputes every probability to the forward's bits:
+ *   max  [B, Hq, L]  contiguous; each row's largest score (-inf for a row
+ *                    that sees no key)
+ *   sum  [B, Hq, L]  contiguous; the sum over its keys of exp(score - max)
+ *                    (0 for such a row)
+ * lse is max + log(sum) rounded to float32, off by up to half an ulp of
+ * |lse| (4e-6 at lse = 100), an error in every probability of its row;
+ * mha_attention_backward removes it with an extra pass over the scores (a
+ * fifth of its time), which these make unnecessary. */
+typedef struct mha_attn_stats {
+    float *max;
+    float *sum;
+} mha_attn_stats;
+
+/* mha_attention() writing the row statistics instead of lse (always by
+ * the tiled driver, which keeps them: for fewer than 16 query rows the
+ * output may differ from mha_attention's in the last bits).  Errors as
+ * mha_attention's (MISUSE for a NULL stats, max or sum). */
+mha_status mha_attention_with_stats(mha_ctx *ctx, mha_tensor *out, const mha_attn_stats *stats, const mha_tensor *q,
+                                    const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc);
+/* Its workspace bytes, as mha_attention_workspace_size. */
+mha_status mha_attention_with_stats_workspace_size(const mha_ctx *ctx, const mha_tensor *out, const mha_tensor *q,
+                                                   const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc,
+                                                   int64_t *bytes);
+
+/* mha_attention_backward() from the row statistics of
+ * mha_attention_with_stats() instead of lse: no pass to renormalise the
+ * probabilities.  Workspace: mha_attention_backward_workspace_size's.
+ * Errors as mha_attention_backward's. */
+mha_status mha_attention_backward_with_stats(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
+                                             const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                                             const mha_tensor *out, const mha_attn_stats *stats,
+                                             const mha_tensor *grad_out, const mha_attn_desc *desc);
+
 /* ------------------------------------------------------------------ */
 /* safetensors files                                                   */
 /* ------------------------------------------------------------------ */

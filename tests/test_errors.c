@@ -154,6 +154,20 @@ static void test_attention_args(void)
     d.dtype = MHA_DTYPE_BF16;
     CHECK_FAILS(mha_attention_backward(ctx, &tdq, &tdk, &tdv, &tq, &tk, &tv, &to, lse, &tdo, &d), MHA_ERR_UNSUPPORTED,
                 "F32 only");
+
+    /* The pair that keeps the row statistics: the same checks, and a NULL
+     * statistic is misuse. */
+    float row_max[6], row_sum[6];
+    mha_attn_stats stats = {row_max, row_sum}, no_sum = {row_max, NULL};
+    mha_attn_desc_init(&d);
+    CHECK_OK(mha_attention_with_stats(ctx, &to, &stats, &tq, &tk, &tv, &d));
+    CHECK_OK(mha_attention_backward_with_stats(ctx, &tdq, &tdk, &tdv, &tq, &tk, &tv, &to, &stats, &tdo, &d));
+    CHECK_FAILS(mha_attention_with_stats(ctx, &to, &no_sum, &tq, &tk, &tv, &d), MHA_ERR_MISUSE,
+                "mha_attention_with_stats: NULL argument");
+    CHECK_FAILS(mha_attention_backward_with_stats(ctx, &tdq, &tdk, &tdv, &tq, &tk, &tv, &to, NULL, &tdo, &d),
+                MHA_ERR_MISUSE, "mha_attention_backward_with_stats: NULL argument");
+    CHECK_FAILS(mha_attention_with_stats(ctx, &to, &stats, &tq, &bad, &tv, &d), MHA_ERR_INVALID_ARG,
+                "key has 3 in its fourth dimension");
     mha_ctx_free(ctx);
 }
 

@@ -141,11 +141,22 @@ static void make_mask(const sdpa_case *c, sdpa_data *x, uint8_t **keep_dense, do
                 }
 }
 
-/* mha_attention_backward for a random dO, stored in the case's layout:
- * the same bits with 1 and 3 threads, and dq, dk, dv within the gradient
- * tolerance of the float64 reference (baseline: the float32 reference). */
+/* The backward from lse, or from the row statistics when stats is set. */
+static mha_status backward(mha_ctx *ctx, mha_tensor g[3], const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                           const mha_tensor *out, const float *lse, const mha_attn_stats *stats, const mha_tensor *dout,
+                           const mha_attn_desc *desc)
+{
+    if (stats) return mha_attention_backward_with_stats(ctx, &g[0], &g[1], &g[2], q, k, v, out, stats, dout, desc);
+    return mha_attention_backward(ctx, &g[0], &g[1], &g[2], q, k, v, out, lse, dout, desc);
+}
+
+/* mha_attention_backward (or, with stats, ..._with_stats) for a random
+ * dO, stored in the case's layout: the same bits with 1 and 3 threads,
+ * and dq, dk, dv within the gradient tolerance of the float64 reference
+ * (baseline: the float32 reference). */
 static void check_sdpa_backward(const sdpa_case *c, const sdpa_data *x, const mha_ref_sdpa *ref, const mha_tensor *out,
-                                const float *lse, mha_ctx *ctx1, mha_ctx *ctx3, const char *label)
+                                const float *lse, const mha_attn_stats *stats, mha_ctx *ctx1, mha_ctx *ctx3,
+                                const char *label)
 {
     int64_t n[3] = {c->B * c->Hq * c->L * c->D, c->B * c->Hkv * c->S * c->D, c->B * c->Hkv * c->S * c->Dv};
     int64_t no = c->B * c->Hq * c->L * c->Dv;
@@ -167,10 +178,8 @@ static void check_sdpa_backward(const sdpa_case *c, const sdpa_data *x, const mh
         for (int t = 0; t < 2; t++)
             views[t][0] =
                 (mha_tensor){grads[t][0], {c->B, c->Hq, c->L, c->D}, {c->Hq * c->D * c->L, c->D * c->L, 1, c->L}};
-    CHECK_OK(
-        mha_attention_backward(ctx1, &views[0][0], &views[0][1], &views[0][2], &q, &k, &v, out, lse, &dov, &x->desc));
-    CHECK_OK(
-        mha_attention_backward(ctx3, &views[1][0], &views[1][1], &views[1][2], &q, &k, &v, out, lse, &dov, &x->desc));
+    CHECK_OK(backward(ctx1, views[0], &q, &k, &v, out, lse, stats, &dov, &x->desc));
+    CHECK_OK(backward(ctx3, views[1], &q, &k, &v, out, lse, stats, &dov, &x->desc));
     for (int g = 0; g < 3; g++)
         CHECK(memcmp(grads[0][g], grads[1][g], (size_t)n[g] * sizeof(float)) == 0,
               "%s: gradient %d differs with 1 and 3 threads", label, g);
@@ -202,6 +211,51 @@ static void check_sdpa_backward(const sdpa_case *c, const sdpa_data *x, const mh
         free(got[g]);
         free(grads[0][g]);
         free(grads[1][g]);
+    }
+}
+
+/* mha_attention_with_stats: the same bits with 1 and 3 threads, the
+ * output within the tolerance, max + log(sum) = lse (to float32
+ * rounding), and the backward from the statistics within the tolerance. */
+static void check_sdpa_stats(const sdpa_case *c, const sdpa_data *x, const mha_ref_sdpa *ref, const double *ref_out,
+                             const float *base_out, const float *lse, mha_ctx *ctx1, mha_ctx *ctx3, const char *label)
+{
+    int64_t no = c->B * c->Hq * c->L * c->Dv, nl = c->B * c->Hq * c->L;
+    float *out[2], *max[2], *sum[2];
+    mha_tensor q = view(x->q, c, c->Hq, c->L, c->D), k = view(x->k, c, c->Hkv, c->S, c->D);
+    mha_tensor v = view(x->v, c, c->Hkv, c->S, c->Dv), o[2];
+    for (int t = 0; t < 2; t++) {
+        out[t] = malloc((size_t)(no ? no : 1) * sizeof(float));
+        max[t] = malloc((size_t)(nl ? nl : 1) * sizeof(float));
+        sum[t] = malloc((size_t)(nl ? nl : 1) * sizeof(float));
+        o[t] = view(out[t], c, c->Hq, c->L, c->Dv);
+        mha_attn_stats stats = {max[t], sum[t]};
+        CHECK_OK(mha_attention_with_stats(t ? ctx3 : ctx1, &o[t], &stats, &q, &k, &v, &x->desc));
+    }
+    CHECK(memcmp(out[0], out[1], (size_t)no * sizeof(float)) == 0 &&
+              memcmp(max[0], max[1], (size_t)nl * sizeof(float)) == 0 &&
+              memcmp(sum[0], sum[1], (size_t)nl * sizeof(float)) == 0,
+          "%s: statistics differ with 1 and 3 threads", label);
+    double *got64 = gather(&o[0]);
+    float *got = to_float(got64, no);
+    char what[320];
+    snprintf(what, sizeof what, "%s output (with stats)", label);
+    CHECK_CLOSE_EPS(what, got, ref_out, base_out, no, FLT_EPSILON);
+    int64_t off = 0;
+    for (int64_t r = 0; r < nl; r++) {
+        double from_stats = sum[0][r] > 0 ? max[0][r] + log(sum[0][r]) : -INFINITY;
+        off += isinf(lse[r]) ? from_stats != lse[r] : fabs(from_stats - lse[r]) > 4 * FLT_EPSILON * (fabs(lse[r]) + 1);
+    }
+    CHECK(off == 0, "%s: max + log(sum) differs from lse in %lld rows", label, (long long)off);
+    mha_attn_stats stats = {max[0], sum[0]};
+    snprintf(what, sizeof what, "%s (from stats)", label);
+    check_sdpa_backward(c, x, ref, &o[0], NULL, &stats, ctx1, ctx3, what);
+    free(got64);
+    free(got);
+    for (int t = 0; t < 2; t++) {
+        free(out[t]);
+        free(max[t]);
+        free(sum[t]);
     }
 }
 
@@ -283,7 +337,10 @@ static void run_sdpa_case(const sdpa_case *c, mha_ctx *ctx1, mha_ctx *ctx3, cons
     snprintf(what, sizeof what, "%s lse", label);
     CHECK_CLOSE_EPS(what, lse1, ref_lse, base_lse, nl, eps);
 
-    if (!c->bf16) check_sdpa_backward(c, &x, &ref, &o1, lse1, ctx1, ctx3, label);
+    if (!c->bf16) {
+        check_sdpa_backward(c, &x, &ref, &o1, lse1, NULL, ctx1, ctx3, label);
+        check_sdpa_stats(c, &x, &ref, ref_out, base_out, lse1, ctx1, ctx3, label);
+    }
 
     void *owned[] = {x.q,     x.k,     x.v,  x.mask_add, x.mask_keep, x.alibi,  alibi64, keep_dense, add_dense,
                      out1,    out3,    lse1, lse3,       q64,         k64,      v64,     got64,      gotf,

@@ -70,7 +70,7 @@ static void check_call(const call *c)
 
 typedef struct sdpa_arg {
     mha_tensor q, k, v, out, dq, dk, dv, dout;
-    float *lse;
+    float *lse, *sum; /* lse, or the row maximum, with sum */
     mha_attn_desc desc;
 } sdpa_arg;
 
@@ -86,6 +86,7 @@ static sdpa_arg sdpa_make(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t
     a.dk = mha_tensor_4d(random_floats(B * Hkv * S * D, 7), B, Hkv, S, D);
     a.dv = mha_tensor_4d(random_floats(B * Hkv * S * Dv, 8), B, Hkv, S, Dv);
     a.lse = random_floats(B * Hq * L, 9);
+    a.sum = random_floats(B * Hq * L, 10);
     mha_attn_desc_init(&a.desc);
     a.desc.enable_gqa = Hq != Hkv;
     return a;
@@ -94,7 +95,7 @@ static sdpa_arg sdpa_make(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t
 static void sdpa_free(sdpa_arg *a)
 {
     float *all[] = {a->q.data,  a->k.data,  a->v.data,  a->out.data, a->dout.data,
-                    a->dq.data, a->dk.data, a->dv.data, a->lse};
+                    a->dq.data, a->dk.data, a->dv.data, a->lse,      a->sum};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
 }
 
@@ -110,6 +111,19 @@ static mha_status sdpa_run(mha_ctx *ctx, void *p)
     return mha_attention(ctx, &a->out, a->lse, &a->q, &a->k, &a->v, &a->desc);
 }
 
+static mha_status sdpa_stats_size(const mha_ctx *ctx, void *p, int64_t *bytes)
+{
+    sdpa_arg *a = p;
+    return mha_attention_with_stats_workspace_size(ctx, &a->out, &a->q, &a->k, &a->v, &a->desc, bytes);
+}
+
+static mha_status sdpa_stats_run(mha_ctx *ctx, void *p)
+{
+    sdpa_arg *a = p;
+    mha_attn_stats stats = {a->lse, a->sum};
+    return mha_attention_with_stats(ctx, &a->out, &stats, &a->q, &a->k, &a->v, &a->desc);
+}
+
 static mha_status sdpa_bwd_size(const mha_ctx *ctx, void *p, int64_t *bytes)
 {
     sdpa_arg *a = p;
@@ -122,6 +136,14 @@ static mha_status sdpa_bwd_run(mha_ctx *ctx, void *p)
     sdpa_arg *a = p;
     return mha_attention_backward(ctx, &a->dq, &a->dk, &a->dv, &a->q, &a->k, &a->v, &a->out, a->lse, &a->dout,
                                   &a->desc);
+}
+
+static mha_status sdpa_bwd_stats_run(mha_ctx *ctx, void *p)
+{
+    sdpa_arg *a = p;
+    mha_attn_stats stats = {a->lse, a->sum};
+    return mha_attention_backward_with_stats(ctx, &a->dq, &a->dk, &a->dv, &a->q, &a->k, &a->v, &a->out, &stats,
+                                             &a->dout, &a->desc);
 }
 
 static void test_sdpa(void)
@@ -143,9 +165,13 @@ static void test_sdpa(void)
             a.desc.dtype = variant == 2 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
             call fwd = {"mha_attention", sdpa_size, sdpa_run, &a};
             check_call(&fwd);
+            call fwd_stats = {"mha_attention_with_stats", sdpa_stats_size, sdpa_stats_run, &a};
+            check_call(&fwd_stats);
             if (variant == 2) continue; /* the backward is float32 only */
             call bwd = {"mha_attention_backward", sdpa_bwd_size, sdpa_bwd_run, &a};
             check_call(&bwd);
+            call bwd_stats = {"mha_attention_backward_with_stats", sdpa_bwd_size, sdpa_bwd_stats_run, &a};
+            check_call(&bwd_stats);
         }
         sdpa_free(&a);
     }

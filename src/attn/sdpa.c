@@ -66,14 +66,16 @@ static mha_status problem_from_desc(const mha_tensor *q, const mha_tensor *k, co
     return MHA_OK;
 }
 
-/* The forward's plan, checked and resolved. */
+/* The forward's plan, checked and resolved; `stats`: the caller wants the
+ * row statistics (which only the tiled driver keeps). */
 static mha_status forward_plan(const mha_ctx *ctx, const mha_tensor *out, const mha_tensor *q, const mha_tensor *k,
-                               const mha_tensor *v, const mha_attn_desc *desc, mha__attn_plan *p, mha__kv *kv)
+                               const mha_tensor *v, const mha_attn_desc *desc, bool stats, mha__attn_plan *p,
+                               mha__kv *kv)
 {
     mha_status st = problem_from_desc(q, k, v, out, desc, p);
     if (st != MHA_OK) return st;
     *kv = mha__kv_from_tensors(k, v);
-    return mha__attn_plan_resolve(p, ctx, mha__attn_needs_of(kv, false));
+    return mha__attn_plan_resolve(p, ctx, mha__attn_needs_of(kv, stats));
 }
 
 mha_status mha_attention_workspace_size(const mha_ctx *ctx, const mha_tensor *out, const mha_tensor *q,
@@ -84,8 +86,36 @@ mha_status mha_attention_workspace_size(const mha_ctx *ctx, const mha_tensor *ou
         return mha__fail(MHA_ERR_MISUSE, "mha_attention_workspace_size: NULL argument");
     mha__attn_plan p;
     mha__kv kv;
-    mha_status st = forward_plan(ctx, out, q, k, v, desc, &p, &kv);
+    mha_status st = forward_plan(ctx, out, q, k, v, desc, false, &p, &kv);
     *bytes = st == MHA_OK ? p.workspace : 0;
+    return st;
+}
+
+mha_status mha_attention_with_stats_workspace_size(const mha_ctx *ctx, const mha_tensor *out, const mha_tensor *q,
+                                                   const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc,
+                                                   int64_t *bytes)
+{
+    if (!ctx || !out || !q || !k || !v || !desc || !bytes)
+        return mha__fail(MHA_ERR_MISUSE, "mha_attention_with_stats_workspace_size: NULL argument");
+    mha__attn_plan p;
+    mha__kv kv;
+    mha_status st = forward_plan(ctx, out, q, k, v, desc, true, &p, &kv);
+    *bytes = st == MHA_OK ? p.workspace : 0;
+    return st;
+}
+
+/* Either forward: lse, or the row statistics (stats not NULL). */
+static mha_status attention(mha_ctx *ctx, mha_tensor *out, float *lse, mha__row_stats *stats, const mha_tensor *q,
+                            const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc)
+{
+    mha__attn_plan p;
+    mha__kv kv;
+    mha_status st = forward_plan(ctx, out, q, k, v, desc, stats != NULL, &p, &kv);
+    if (st == MHA_OK) st = mha__ws_reserve(ctx, p.workspace);
+    if (st != MHA_OK) return st;
+    int64_t top = mha__ws_top(ctx);
+    st = mha__attn_run(ctx, &p, out, lse, stats, q, &kv);
+    mha__ws_release(ctx, top);
     return st;
 }
 
@@ -93,15 +123,16 @@ mha_status mha_attention(mha_ctx *ctx, mha_tensor *out, float *lse, const mha_te
                          const mha_tensor *v, const mha_attn_desc *desc)
 {
     if (!ctx || !out || !q || !k || !v || !desc) return mha__fail(MHA_ERR_MISUSE, "mha_attention: NULL argument");
-    mha__attn_plan p;
-    mha__kv kv;
-    mha_status st = forward_plan(ctx, out, q, k, v, desc, &p, &kv);
-    if (st == MHA_OK) st = mha__ws_reserve(ctx, p.workspace);
-    if (st != MHA_OK) return st;
-    int64_t top = mha__ws_top(ctx);
-    st = mha__attn_run(ctx, &p, out, lse, NULL, q, &kv);
-    mha__ws_release(ctx, top);
-    return st;
+    return attention(ctx, out, lse, NULL, q, k, v, desc);
+}
+
+mha_status mha_attention_with_stats(mha_ctx *ctx, mha_tensor *out, const mha_attn_stats *stats, const mha_tensor *q,
+                                    const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc)
+{
+    if (!ctx || !out || !stats || !stats->max || !stats->sum || !q || !k || !v || !desc)
+        return mha__fail(MHA_ERR_MISUSE, "mha_attention_with_stats: NULL argument");
+    mha__row_stats rows = {stats->max, stats->sum};
+    return attention(ctx, out, NULL, &rows, q, k, v, desc);
 }
 
 /* The backward's plan and workspace, after checking its tensors. */
@@ -138,20 +169,40 @@ mha_status mha_attention_backward_workspace_size(const mha_ctx *ctx, const mha_t
     return st;
 }
 
-mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv, const mha_tensor *q,
-                                  const mha_tensor *k, const mha_tensor *v, const mha_tensor *out, const float *lse,
-                                  const mha_tensor *grad_out, const mha_attn_desc *desc)
+/* Either backward: from lse, or from the row statistics. */
+static mha_status attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv, const mha_tensor *q,
+                                     const mha_tensor *k, const mha_tensor *v, const mha_tensor *out,
+                                     const mha__row_norm *norm, const mha_tensor *grad_out, const mha_attn_desc *desc)
 {
-    if (!ctx || !dq || !dk || !dv || !q || !k || !v || !out || !lse || !grad_out || !desc)
-        return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward: NULL argument");
     mha__attn_plan p;
     int64_t bytes;
     mha_status st = backward_plan(ctx, dq, dk, dv, q, k, v, out, grad_out, desc, &p, &bytes);
     if (st == MHA_OK) st = mha__ws_reserve(ctx, bytes);
     if (st != MHA_OK) return st;
     int64_t top = mha__ws_top(ctx);
-    mha__row_norm norm = {lse, NULL, NULL};
-    st = mha__attn_backward(ctx, &p, dq, dk, dv, q, k, v, out, grad_out, &norm);
+    st = mha__attn_backward(ctx, &p, dq, dk, dv, q, k, v, out, grad_out, norm);
     mha__ws_release(ctx, top);
     return st;
+}
+
+mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv, const mha_tensor *q,
+                                  const mha_tensor *k, const mha_tensor *v, const mha_tensor *out, const float *lse,
+                                  const mha_tensor *grad_out, const mha_attn_desc *desc)
+{
+    if (!ctx || !dq || !dk || !dv || !q || !k || !v || !out || !lse || !grad_out || !desc)
+        return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward: NULL argument");
+    mha__row_norm norm = {lse, NULL, NULL};
+    return attention_backward(ctx, dq, dk, dv, q, k, v, out, &norm, grad_out, desc);
+}
+
+mha_status mha_attention_backward_with_stats(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
+                                             const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                                             const mha_tensor *out, const mha_attn_stats *stats,
+                                             const mha_tensor *grad_out, const mha_attn_desc *desc)
+{
+    if (!ctx || !dq || !dk || !dv || !q || !k || !v || !out || !stats || !stats->max || !stats->sum || !grad_out ||
+        !desc)
+        return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward_with_stats: NULL argument");
+    mha__row_norm norm = {NULL, stats->max, stats->sum};
+    return attention_backward(ctx, dq, dk, dv, q, k, v, out, &norm, grad_out, desc);
 }

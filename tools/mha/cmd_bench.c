@@ -42,7 +42,7 @@ typedef struct bench_case {
     mha_layer *layer;
     mha_layer_fwd_args args;
     mha_tensor out, q, k, v, dout, dq, dk, dv;
-    float *lse;
+    mha_attn_stats stats; /* sdpa-backward: the forward's row statistics */
     mha_layer_tape *tape;
     mha_attn_desc desc;
     float *buffers[10];
@@ -135,13 +135,15 @@ static int setup_sdpa(const bench_opts *o, bench_case *c)
         }
     }
     if (strcmp(o->op, "sdpa-backward") != 0) return CLI_OK;
-    /* The backward pass needs the forward's output and lse, and a dO. */
+    /* The backward pass needs the forward's output and row statistics (the
+     * fast and exact pair; from lse alone it renormalises first), and a dO. */
     c->buffers[4] = random_buffer(nq, 1.0f);
     c->buffers[5] = malloc((size_t)nq * sizeof(float));
     c->buffers[6] = malloc((size_t)nk * sizeof(float));
     c->buffers[7] = malloc((size_t)nk * sizeof(float));
-    c->buffers[8] = c->lse = malloc((size_t)(o->batch * H * o->seq) * sizeof(float));
-    for (int i = 4; i < 9; i++)
+    c->buffers[8] = c->stats.max = malloc((size_t)(o->batch * H * o->seq) * sizeof(float));
+    c->buffers[9] = c->stats.sum = malloc((size_t)(o->batch * H * o->seq) * sizeof(float));
+    for (int i = 4; i < 10; i++)
         if (!c->buffers[i]) {
             cli_error(CMD, "out of memory");
             return CLI_FAIL;
@@ -150,7 +152,7 @@ static int setup_sdpa(const bench_opts *o, bench_case *c)
     c->dq = mha_tensor_4d(c->buffers[5], o->batch, H, o->seq, D);
     c->dk = mha_tensor_4d(c->buffers[6], o->batch, G, o->kv_seq, D);
     c->dv = mha_tensor_4d(c->buffers[7], o->batch, G, o->kv_seq, D);
-    if (mha_attention(c->ctx, &c->out, c->lse, &c->q, &c->k, &c->v, &c->desc) != MHA_OK) {
+    if (mha_attention_with_stats(c->ctx, &c->out, &c->stats, &c->q, &c->k, &c->v, &c->desc) != MHA_OK) {
         cli_error(CMD, "%s", mha_last_error());
         return CLI_FAIL;
     }
@@ -167,8 +169,8 @@ static mha_status run_once(const bench_opts *o, bench_case *c)
         return st != MHA_OK ? st : mha_layer_backward(c->ctx, c->layer, &c->args, &c->dout, &c->dq, &c->dq, &c->dq);
     }
     if (strcmp(o->op, "sdpa-backward") == 0)
-        return mha_attention_backward(c->ctx, &c->dq, &c->dk, &c->dv, &c->q, &c->k, &c->v, &c->out, c->lse, &c->dout,
-                                      &c->desc);
+        return mha_attention_backward_with_stats(c->ctx, &c->dq, &c->dk, &c->dv, &c->q, &c->k, &c->v, &c->out,
+                                                 &c->stats, &c->dout, &c->desc);
     return mha_attention(c->ctx, &c->out, NULL, &c->q, &c->k, &c->v, &c->desc);
 }
 
@@ -317,7 +319,8 @@ int mha_cmd_bench(int argc, char **argv)
     cli_flag flags[] = {
         {"op", FLAG_STRING, &o.op,
          "forward (the MHA layer), backward (its forward + backward, training), sdpa (attention core), "
-         "sdpa-backward (its gradients) or decode (--seq new rows, default 1, against a --kv-seq cache, "
+         "sdpa-backward (its gradients, from the forward's row statistics) or decode (--seq new rows, default 1, "
+         "against a --kv-seq cache, "
          "default 4096); default forward",
          false, NULL},
         {"batch", FLAG_INT, &o.batch, "batch size B (default 1)", false, &CLI_COUNT},

@@ -119,9 +119,9 @@ static void desc_from_opts(const sdpa_opts *o, const sdpa_inputs *in, mha_attn_d
     desc->dtype = strcmp(o->dtype, "bf16") == 0 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
 }
 
-/* The three gradients, from the forward's output and lse. */
+/* The three gradients, from the forward's output and row statistics. */
 static int run_backward(const sdpa_opts *o, mha_ctx *ctx, const mha_attn_desc *desc, sdpa_inputs *in, float *out,
-                        float *lse)
+                        const mha_attn_stats *stats)
 {
     float *grads[3] = {cli_alloc_floats(o->cmd, "query.grad", in->q.shape, 4), NULL, NULL};
     if (grads[0]) grads[1] = cli_alloc_floats(o->cmd, "key.grad", in->k.shape, 4);
@@ -133,7 +133,7 @@ static int run_backward(const sdpa_opts *o, mha_ctx *ctx, const mha_attn_desc *d
                    dy = view4(in->grad.f32, in->grad.shape);
         mha_tensor dq = view4(grads[0], in->q.shape), dk = view4(grads[1], in->k.shape),
                    dv = view4(grads[2], in->v.shape);
-        if (mha_attention_backward(ctx, &dq, &dk, &dv, &q, &k, &v, &y, lse, &dy, desc) != MHA_OK) {
+        if (mha_attention_backward_with_stats(ctx, &dq, &dk, &dv, &q, &k, &v, &y, stats, &dy, desc) != MHA_OK) {
             cli_error(o->cmd, "%s: %s", o->inputs, mha_last_error());
             rc = CLI_FAIL;
         }
@@ -160,20 +160,27 @@ static int run(const sdpa_opts *o, sdpa_inputs *in)
         if (mask_strides(CMD, o->inputs, &in->mask, full, stride)) return CLI_FAIL;
         desc.mask = cli_mask(&in->mask, true, stride);
     }
+    /* The forward alone writes lse; for the backward it keeps the row
+     * maximum (in lse's buffer) and sum, from which the probabilities come
+     * back exactly (mha.h, mha_attn_stats). */
     float *out = cli_alloc_floats(CMD, "output", out_shape, 4);
     float *lse = out ? cli_alloc_floats(CMD, "lse", qs, 3) : NULL;
+    float *sum = lse && o->backward ? cli_alloc_floats(CMD, "row sums", qs, 3) : NULL;
+    mha_attn_stats stats = {lse, sum};
     mha_ctx *ctx = NULL;
-    int rc = out && lse ? cli_ctx(CMD, o->threads, &ctx) : CLI_FAIL;
+    int rc = out && lse && (sum || !o->backward) ? cli_ctx(CMD, o->threads, &ctx) : CLI_FAIL;
     if (rc == CLI_OK) {
         mha_tensor q = view4(in->q.f32, in->q.shape), k = view4(in->k.f32, in->k.shape);
         mha_tensor v = view4(in->v.f32, in->v.shape), y = view4(out, out_shape);
-        if (mha_attention(ctx, &y, lse, &q, &k, &v, &desc) != MHA_OK) {
+        mha_status st = o->backward ? mha_attention_with_stats(ctx, &y, &stats, &q, &k, &v, &desc)
+                                    : mha_attention(ctx, &y, lse, &q, &k, &v, &desc);
+        if (st != MHA_OK) {
             cli_error(CMD, "%s: %s", o->inputs, mha_last_error());
             rc = CLI_FAIL;
         }
     }
     if (rc == CLI_OK && o->backward) {
-        rc = run_backward(o, ctx, &desc, in, out, lse);
+        rc = run_backward(o, ctx, &desc, in, out, &stats);
     } else if (rc == CLI_OK) {
         cli_output outs[2] = {{"output", 4, out_shape, out}, {"lse", 3, qs, lse}};
         rc = cli_save(CMD, o->out, outs, 2);
@@ -181,6 +188,7 @@ static int run(const sdpa_opts *o, sdpa_inputs *in)
     mha_ctx_free(ctx);
     free(out);
     free(lse);
+    free(sum);
     return rc;
 }
 
