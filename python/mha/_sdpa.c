@@ -4,22 +4,29 @@
  */
 #include "_core.h"
 
-/* One call's tensors and descriptor. */
-enum { Q, K, V, OUT, LSE, GO, DQ, DK, DV, N_TENSORS };
+/* One call's tensors and descriptor.  LSE holds lse, or, with `stats`,
+ * each row's maximum score, and SUM the sum of exp(score - max)
+ * (mha_attn_stats: the backward needs no renormalising pass). */
+enum { Q, K, V, OUT, LSE, SUM, GO, DQ, DK, DV, N_TENSORS };
 typedef struct sdpa_call {
     mha_tensor t[N_TENSORS];
+    bool stats;
     mha_attn_desc desc;
 } sdpa_call;
 
 /* NaN or Inf in the query, key, a mask or the slopes reaches a score, and
- * so the row's log-sum-exp: checking lse (one float a row) finds it at no
- * cost.  NaN in the value reaches only the output: with check_all the
- * output is read once more too. */
+ * so the row's log-sum-exp (or its sum, NaN, and its max, +Inf): checking
+ * one float a row finds it at no cost.  NaN in the value reaches only the
+ * output: with check_all the output is read once more too. */
 static mha_status forward_job(mha_ctx *ctx, void *arg, bool *finite)
 {
     sdpa_call *c = arg;
-    mha_status st = mha_attention(ctx, &c->t[OUT], c->t[LSE].data, &c->t[Q], &c->t[K], &c->t[V], &c->desc);
-    if (st == MHA_OK && mha_py_bad_lse(c->t[LSE].data, mha_py_numel(&c->t[LSE]))) *finite = false;
+    mha_attn_stats stats = {c->t[LSE].data, c->t[SUM].data};
+    int64_t rows = mha_py_numel(&c->t[LSE]);
+    mha_status st = c->stats ? mha_attention_with_stats(ctx, &c->t[OUT], &stats, &c->t[Q], &c->t[K], &c->t[V], &c->desc)
+                             : mha_attention(ctx, &c->t[OUT], c->t[LSE].data, &c->t[Q], &c->t[K], &c->t[V], &c->desc);
+    if (st == MHA_OK && (mha_py_bad_lse(c->t[LSE].data, rows) || (c->stats && mha_py_bad_lse(stats.sum, rows))))
+        *finite = false;
     return st;
 }
 
@@ -27,8 +34,20 @@ static mha_status backward_job(mha_ctx *ctx, void *arg, bool *finite)
 {
     (void)finite;
     sdpa_call *c = arg;
+    mha_attn_stats stats = {c->t[LSE].data, c->t[SUM].data};
+    if (c->stats)
+        return mha_attention_backward_with_stats(ctx, &c->t[DQ], &c->t[DK], &c->t[DV], &c->t[Q], &c->t[K], &c->t[V],
+                                                 &c->t[OUT], &stats, &c->t[GO], &c->desc);
     return mha_attention_backward(ctx, &c->t[DQ], &c->t[DK], &c->t[DV], &c->t[Q], &c->t[K], &c->t[V], &c->t[OUT],
                                   c->t[LSE].data, &c->t[GO], &c->desc);
+}
+
+/* The row sums, when the call keeps statistics (sum is not None). */
+static bool stats_of(mha_py_held *h, PyObject *sum, int writable, sdpa_call *c)
+{
+    c->stats = sum != Py_None;
+    c->t[SUM].data = NULL;
+    return !c->stats || mha_py_tensor(h, sum, "row sums", writable, &c->t[SUM]);
 }
 
 /* The descriptor from the Python side's positional values. */
@@ -52,42 +71,43 @@ static bool desc_of(mha_py_held *h, PyObject *mask, double scale, int causal, lo
     return true;
 }
 
-/* attention(out, lse, q, k, v, mask, scale, causal, window_left,
+/* attention(out, lse, sum, q, k, v, mask, scale, causal, window_left,
  *           window_right, softcap, alibi, enable_gqa, bf16, threads,
  *           check_all) -> False when lse (or, with check_all, the output)
- * holds NaN or Inf. */
+ * holds NaN or Inf.  With sum not None, lse receives the row maxima and
+ * sum the row sums (mha_attention_with_stats). */
 static PyObject *py_attention(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *out, *lse, *q, *k, *v, *mask, *alibi;
+    PyObject *out, *lse, *sum, *q, *k, *v, *mask, *alibi;
     double scale, softcap;
     int causal, gqa, bf16, threads, check_all;
     long long wl, wr;
-    if (!PyArg_ParseTuple(args, "OOOOOOdiLLdOppip", &out, &lse, &q, &k, &v, &mask, &scale, &causal, &wl, &wr, &softcap,
-                          &alibi, &gqa, &bf16, &threads, &check_all))
+    if (!PyArg_ParseTuple(args, "OOOOOOOdiLLdOppip", &out, &lse, &sum, &q, &k, &v, &mask, &scale, &causal, &wl, &wr,
+                          &softcap, &alibi, &gqa, &bf16, &threads, &check_all))
         return NULL;
     mha_py_held h = {.n = 0};
     sdpa_call c;
     bool ok = mha_py_tensor(&h, out, "out", 1, &c.t[OUT]) && mha_py_tensor(&h, lse, "lse", 1, &c.t[LSE]) &&
-              mha_py_tensor(&h, q, "query", 0, &c.t[Q]) && mha_py_tensor(&h, k, "key", 0, &c.t[K]) &&
-              mha_py_tensor(&h, v, "value", 0, &c.t[V]) &&
+              stats_of(&h, sum, 1, &c) && mha_py_tensor(&h, q, "query", 0, &c.t[Q]) &&
+              mha_py_tensor(&h, k, "key", 0, &c.t[K]) && mha_py_tensor(&h, v, "value", 0, &c.t[V]) &&
               desc_of(&h, mask, scale, causal, wl, wr, softcap, alibi, gqa, bf16, &c.desc);
     mha_tensor *outputs[1] = {&c.t[OUT]};
     return mha_py_run(&h, ok, threads, forward_job, &c, outputs, check_all ? 1 : 0);
 }
 
-/* attention_backward(dq, dk, dv, q, k, v, out, lse, grad_out, mask, scale,
- *                    causal, window_left, window_right, softcap, alibi,
- *                    enable_gqa, threads) -> True when the gradients are
- * finite. */
+/* attention_backward(dq, dk, dv, q, k, v, out, lse, sum, grad_out, mask,
+ *                    scale, causal, window_left, window_right, softcap,
+ *                    alibi, enable_gqa, threads) -> True when the gradients
+ * are finite.  With sum not None, lse holds the row maxima. */
 static PyObject *py_attention_backward(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *dq, *dk, *dv, *q, *k, *v, *out, *lse, *go, *mask, *alibi;
+    PyObject *dq, *dk, *dv, *q, *k, *v, *out, *lse, *sum, *go, *mask, *alibi;
     double scale, softcap;
     int causal, gqa, threads;
     long long wl, wr;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOdiLLdOpi", &dq, &dk, &dv, &q, &k, &v, &out, &lse, &go, &mask, &scale,
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOdiLLdOpi", &dq, &dk, &dv, &q, &k, &v, &out, &lse, &sum, &go, &mask, &scale,
                           &causal, &wl, &wr, &softcap, &alibi, &gqa, &threads))
         return NULL;
     mha_py_held h = {.n = 0};
@@ -96,7 +116,7 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *args)
               mha_py_tensor(&h, dv, "dv", 1, &c.t[DV]) && mha_py_tensor(&h, q, "query", 0, &c.t[Q]) &&
               mha_py_tensor(&h, k, "key", 0, &c.t[K]) && mha_py_tensor(&h, v, "value", 0, &c.t[V]) &&
               mha_py_tensor(&h, out, "out", 0, &c.t[OUT]) && mha_py_tensor(&h, lse, "lse", 0, &c.t[LSE]) &&
-              mha_py_tensor(&h, go, "grad_out", 0, &c.t[GO]) &&
+              stats_of(&h, sum, 0, &c) && mha_py_tensor(&h, go, "grad_out", 0, &c.t[GO]) &&
               desc_of(&h, mask, scale, causal, wl, wr, softcap, alibi, gqa, 0, &c.desc);
     mha_tensor *outputs[3] = {&c.t[DQ], &c.t[DK], &c.t[DV]};
     return mha_py_run(&h, ok, threads, backward_job, &c, outputs, 3);

@@ -48,24 +48,27 @@ class _SDPA(torch.autograd.Function):
         q, k, v = _np(query), _np(key), _np(value)
         mask = None if attn_mask is None else _np(attn_mask)
         slopes = None if alibi_slopes is None else _np(alibi_slopes)
-        out, lse = _functional.scaled_dot_product_attention(q, k, v, mask, alibi_slopes=slopes, return_lse=True,
-                                                            compute_dtype="bfloat16" if bf16 else "float32",
-                                                            **options)
+        # The row statistics only when a gradient will be asked for: keeping
+        # them takes the tiled driver, slower than split-K for a few rows.
+        keep = any(ctx.needs_input_grad[:3])
+        out = _functional.scaled_dot_product_attention(q, k, v, mask, alibi_slopes=slopes, return_stats=keep,
+                                                       compute_dtype="bfloat16" if bf16 else "float32", **options)
+        out, stats = out if keep else (out, None)
         ctx.save_for_backward(query, key, value)
-        ctx.saved = (mask, slopes, options, out, lse, bf16)
+        ctx.saved = (mask, slopes, options, out, stats, bf16)
         result = torch.from_numpy(out)
         return result.to(torch.bfloat16) if bf16 else result
 
     @staticmethod
     def backward(ctx, grad_output):
         query, key, value = ctx.saved_tensors
-        mask, slopes, options, out, lse, bf16 = ctx.saved
+        mask, slopes, options, out, stats, bf16 = ctx.saved
         go = _np(grad_output.contiguous())
         q, k, v = _np(query), _np(key), _np(value)
         if bf16:  # the forward's output was computed in bf16 arithmetic; the backward recomputes in float32
-            out = lse = None
+            out = stats = None
         dq, dk, dv = _functional.scaled_dot_product_attention_backward(go, q, k, v, mask, alibi_slopes=slopes,
-                                                                       output=out, lse=lse, **options)
+                                                                       output=out, stats=stats, **options)
         dtype = torch.bfloat16 if bf16 else torch.float32
         grads = [torch.from_numpy(g).to(dtype) for g in (dq, dk, dv)]
         return grads[0], grads[1], grads[2], None, None, None

@@ -76,6 +76,51 @@ def test_backward_against_float64(i):
         assert ok, f"d{name}: error {err:.3g} > limit {limit:.3g}"
 
 
+@pytest.mark.parametrize("i", range(1, 70, 6))
+def test_backward_from_lse_and_from_stats(i):
+    """Both saved forms: lse (renormalised first) and the row statistics."""
+    c = case(i)
+    dout = randn(*c["q"].shape[:-1], c["v"].shape[-1])
+    out, lse, stats = mha.scaled_dot_product_attention(c["q"], c["k"], c["v"], return_lse=True, return_stats=True,
+                                                       **c["opts"])
+    ref64 = attention_grads(c["q"], c["k"], c["v"], dout, np.float64, **c["ref"])
+    plain32 = attention_grads(c["q"], c["k"], c["v"], dout, np.float32, **c["ref"])
+    for saved in (dict(lse=lse), dict(stats=stats)):
+        grads = mha.scaled_dot_product_attention_backward(dout, c["q"], c["k"], c["v"], output=out, **saved,
+                                                          **c["opts"])
+        for name, g, r64, r32 in zip("qkv", grads, ref64, plain32):
+            ok, err, limit = within_rule(g, r64, r32, 3)
+            assert ok, f"{list(saved)[0]}: d{name}: error {err:.3g} > limit {limit:.3g}"
+
+
+def test_return_stats():
+    q, k, v = randn(2, 3, 20, 16, scale=4), randn(2, 3, 25, 16, scale=4), randn(2, 3, 25, 16)
+    mask = np.ones((20, 25), dtype=bool)
+    mask[4] = False  # a row that sees nothing
+    out, lse = mha.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True)
+    out2, (row_max, row_sum) = mha.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_stats=True)
+    assert np.array_equal(out, out2)  # 20 rows: both run the tiled driver
+    assert row_max.shape == row_sum.shape == lse.shape
+    assert np.all(row_max[:, :, 4] == -np.inf) and np.all(row_sum[:, :, 4] == 0)
+    seen = row_sum > 0
+    assert np.all(row_sum[seen] >= 1)  # the maximum's own term is 1
+    from_stats = row_max[seen].astype(np.float64) + np.log(row_sum[seen].astype(np.float64))
+    assert np.allclose(from_stats, lse[seen], rtol=4e-7, atol=4e-7)
+    *_, lse3, stats3 = mha.scaled_dot_product_attention(q, k, v, attn_mask=mask, return_lse=True, return_stats=True)
+    assert np.allclose(lse3, lse, rtol=4e-7, atol=4e-7) and np.array_equal(stats3[0], row_max)
+
+
+@pytest.mark.parametrize("stats, exc, words", [
+    ([1, 2], TypeError, "(row_max, row_sum) pair"),
+    ((np.zeros(5, np.float32), np.zeros(5, np.float32)), ValueError, "row_max) has 5 values"),
+])
+def test_bad_stats(stats, exc, words):
+    q, k, v = randn(1, 2, 4, 8), randn(1, 2, 5, 8), randn(1, 2, 5, 8)
+    out = mha.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)")):
+        mha.scaled_dot_product_attention_backward(out, q, k, v, output=out, stats=stats)
+
+
 def test_large_logits():
     q, k, v = randn(1, 2, 33, 64, scale=20), randn(1, 2, 47, 64, scale=20), randn(1, 2, 47, 64)
     out = mha.scaled_dot_product_attention(q, k, v)
