@@ -284,7 +284,7 @@ static void test_bf16_kernels(const mha__bf16_kernels *bk)
 
 int main(void)
 {
-    static const char *const bf16_names[] = {"generic", "avx512_bf16"};
+    static const char *const bf16_names[] = {"generic", "avx2", "avx512_bf16"};
     for (size_t i = 0; i < sizeof bf16_names / sizeof bf16_names[0]; i++) {
         const mha__bf16_kernels *bk = mha__bf16_named(bf16_names[i]);
         if (bk) {

@@ -208,93 +208,53 @@ static float hsum256(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* The four sums of a0 .. a3 at once (two rounds of hadd, then the two
- * 128-bit halves). */
-static __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
-{
-    __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-}
-
-/* 8 floats of a row at x: plain when all 8 lie before the row's end d,
- * masked for its tail (AMD microcodes the masked forms). */
+/* 8 floats of a row at x + c: plain when all 8 lie before the row's end
+ * d, masked for its tail (AMD microcodes the masked forms). */
 static inline __m256 row_load(const float *x, int64_t c, int64_t d)
 {
     return c + 8 <= d ? _mm256_loadu_ps(x + c) : _mm256_maskload_ps(x + c, lane_mask(d - c));
 }
 
-/* As dot_rows_avx512: four keys at a time, each an FMA chain over 8-wide
- * slices of d, then reduced together. */
-static void dot_rows_avx2(const float *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s)
+/* 8 bf16 values of a row at x + c as float32 (exact: the bits shifted
+ * into the high half); past the row's end d, zeros. */
+static inline __m256 bf16_row_load(const uint16_t *x, int64_t c, int64_t d)
 {
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const float *k0 = k + j * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t c = 0; c < d; c += 8) {
-            __m256 qv = row_load(q, c, d);
-            a0 = _mm256_fmadd_ps(row_load(k0, c, d), qv, a0);
-            a1 = _mm256_fmadd_ps(row_load(k1, c, d), qv, a1);
-            a2 = _mm256_fmadd_ps(row_load(k2, c, d), qv, a2);
-            a3 = _mm256_fmadd_ps(row_load(k3, c, d), qv, a3);
-        }
-        _mm_storeu_ps(s + j, reduce4(a0, a1, a2, a3));
+    __m128i raw;
+    if (c + 8 <= d) {
+        raw = _mm_loadu_si128((const __m128i *)(x + c));
+    } else {
+        uint16_t tail[8] = {0};
+        for (int64_t i = 0; c + i < d; i++) tail[i] = x[c + i];
+        raw = _mm_loadu_si128((const __m128i *)tail);
     }
-    for (; j < n; j++) { /* reduced as in the groups of four: a key's score never depends on where it falls */
-        __m256 a = _mm256_setzero_ps(), zero = a;
-        for (int64_t c = 0; c < d; c += 8) a = _mm256_fmadd_ps(row_load(k + j * ldk, c, d), row_load(q, c, d), a);
-        s[j] = _mm_cvtss_f32(reduce4(a, zero, zero, zero));
-    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-/* o[c .. c+63] += sum_j p[j] v_j[c ..]: 8 named accumulators (8 FMA
- * chains keep both pipes busy; an array of vectors would be spilled). */
-static void axpy64(const float *p, const float *v, int64_t ldv, int64_t n, float *o)
-{
-    __m256 o0 = _mm256_loadu_ps(o), o1 = _mm256_loadu_ps(o + 8), o2 = _mm256_loadu_ps(o + 16);
-    __m256 o3 = _mm256_loadu_ps(o + 24), o4 = _mm256_loadu_ps(o + 32), o5 = _mm256_loadu_ps(o + 40);
-    __m256 o6 = _mm256_loadu_ps(o + 48), o7 = _mm256_loadu_ps(o + 56);
-    for (int64_t j = 0; j < n; j++) {
-        const float *vj = v + j * ldv;
-        __m256 pj = _mm256_set1_ps(p[j]);
-        o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj), o0);
-        o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8), o1);
-        o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 16), o2);
-        o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 24), o3);
-        o4 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 32), o4);
-        o5 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 40), o5);
-        o6 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 48), o6);
-        o7 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 56), o7);
-    }
-    _mm256_storeu_ps(o, o0);
-    _mm256_storeu_ps(o + 8, o1);
-    _mm256_storeu_ps(o + 16, o2);
-    _mm256_storeu_ps(o + 24, o3);
-    _mm256_storeu_ps(o + 32, o4);
-    _mm256_storeu_ps(o + 40, o5);
-    _mm256_storeu_ps(o + 48, o6);
-    _mm256_storeu_ps(o + 56, o7);
-}
+/* Decoding's row kernels, once for float32 rows and once for bf16 rows
+ * (a bf16 KV cache). */
+#define ROWS_ELEM          float
+#define ROWS_LOAD(x, c, d) row_load((x), (c), (d))
+#define ROWS_DOT           dot_rows_avx2
+#define ROWS_AXPY64        axpy64_avx2
+#define ROWS_AXPY          axpy_rows_avx2
+#include "kernels/rows_avx2.h"
 
-/* The last w < 64 columns, 8 at a time, the final slice masked. */
-static void axpy_tail(const float *p, const float *v, int64_t ldv, int64_t n, int64_t w, float *o)
-{
-    for (int64_t c = 0; c < w; c += 8) {
-        __m256i mk = lane_mask(w - c);
-        __m256 acc = _mm256_maskload_ps(o + c, mk);
-        for (int64_t j = 0; j < n; j++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_maskload_ps(v + j * ldv + c, mk), acc);
-        _mm256_maskstore_ps(o + c, mk, acc);
-    }
-}
+#define ROWS_ELEM          uint16_t
+#define ROWS_LOAD(x, c, d) bf16_row_load((x), (c), (d))
+#define ROWS_DOT           dot_rows_bf16_avx2
+#define ROWS_AXPY64        axpy64_bf16_avx2
+#define ROWS_AXPY          axpy_rows_bf16_avx2
+#include "kernels/rows_avx2.h"
 
-/* Each output is one chain over j in order, whichever path computes it. */
-static void axpy_rows_avx2(const float *p, const float *v, int64_t ldv, int64_t n, int64_t d, float *o)
-{
-    int64_t c = 0;
-    for (; c + 64 <= d; c += 64) axpy64(p, v + c, ldv, n, o + c);
-    if (c < d) axpy_tail(p, v + c, ldv, n, d - c, o + c);
-}
+const mha__bf16_kernels mha__bf16_kernels_avx2 = {
+    .name = "avx2",
+    .tile = mha__bf16_tile_generic,
+    .round = mha__bf16_round_generic,
+    .pairs = mha__bf16_pairs_generic,
+    .dot_rows = dot_rows_bf16_avx2,
+    .axpy_rows = axpy_rows_bf16_avx2,
+    .peak = NULL, /* converts to float32: the float32 peak applies */
+};
 
 /* Whole vectors plain, the tail masked (see LOAD8). */
 static void scale_avx2(float *x, int64_t n, float alpha)

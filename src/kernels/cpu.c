@@ -60,7 +60,8 @@ static cpu_features detect(void) { return (cpu_features){false, false, false}; }
 /* Each instruction set with its kernels for each dtype the library
  * computes in, best first.  bf16 uses the AVX512-BF16 dot products only
  * with the avx512 float32 kernels (so MHA_ISA caps both) and where the CPU
- * has them; the portable bf16 kernels everywhere else. */
+ * has them; with avx2, AVX2 cache rows beside the portable tile; the
+ * portable bf16 kernels everywhere else. */
 typedef struct isa_entry {
     const mha__kernels *f32;
     const mha__bf16_kernels *bf16_native; /* NULL: the portable ones */
@@ -69,7 +70,7 @@ typedef struct isa_entry {
 #if defined(__x86_64__) || defined(__i386__)
 static const isa_entry candidates[] = {
     {&mha__kernels_avx512, &mha__bf16_kernels_avx512},
-    {&mha__kernels_avx2, NULL},
+    {&mha__kernels_avx2, &mha__bf16_kernels_avx2},
     {&mha__kernels_generic, NULL},
 };
 
@@ -80,7 +81,10 @@ static bool runs_here(const mha__kernels *k, cpu_features f)
     return true;
 }
 
-static bool bf16_native_here(cpu_features f) { return f.avx512_bf16; }
+static bool bf16_native_here(const mha__bf16_kernels *k, cpu_features f)
+{
+    return k == &mha__bf16_kernels_avx512 ? f.avx512_bf16 : f.avx2_fma;
+}
 #else
 static const isa_entry candidates[] = {{&mha__kernels_generic, NULL}};
 
@@ -91,8 +95,9 @@ static bool runs_here(const mha__kernels *k, cpu_features f)
     return true;
 }
 
-static bool bf16_native_here(cpu_features f)
+static bool bf16_native_here(const mha__bf16_kernels *k, cpu_features f)
 {
+    (void)k;
     (void)f;
     return false;
 }
@@ -125,8 +130,8 @@ static void choose(void)
     for (size_t i = N_CANDIDATES; i-- > first;)
         if (runs_here(candidates[i].f32, f)) at = i;
     const mha__bf16_kernels *native = candidates[at].bf16_native;
-    chosen =
-        (mha__isa_kernels){candidates[at].f32, native && bf16_native_here(f) ? native : &mha__bf16_kernels_generic};
+    chosen = (mha__isa_kernels){candidates[at].f32,
+                                native && bf16_native_here(native, f) ? native : &mha__bf16_kernels_generic};
 }
 
 const mha__isa_kernels *mha__isa_get(void)
@@ -146,6 +151,7 @@ const mha__bf16_kernels *mha__bf16_named(const char *name)
     if (name && strcmp(name, "generic") == 0) return &mha__bf16_kernels_generic;
 #if defined(__x86_64__) || defined(__i386__)
     if (name && strcmp(name, "avx512_bf16") == 0 && detect().avx512_bf16) return &mha__bf16_kernels_avx512;
+    if (name && strcmp(name, "avx2") == 0 && detect().avx2_fma) return &mha__bf16_kernels_avx2;
 #endif
     return NULL;
 }

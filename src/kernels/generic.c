@@ -115,8 +115,8 @@ static double peak_generic(int64_t iterations)
     return 2.0 * 8.0 * (double)iterations;
 }
 
-static void tile_bf16_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
-                              const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+void mha__bf16_tile_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
+                            const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = 0; j < n; j++) {
@@ -131,12 +131,12 @@ static void tile_bf16_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a
         }
 }
 
-static void round_bf16_generic(uint16_t *dst, const float *src, int64_t n)
+void mha__bf16_round_generic(uint16_t *dst, const float *src, int64_t n)
 {
     for (int64_t i = 0; i < n; i++) dst[i] = mha__f32_to_bf16(src[i]);
 }
 
-static void pairs_bf16_generic(uint16_t *dst, const float *x0, const float *x1, int64_t n)
+void mha__bf16_pairs_generic(uint16_t *dst, const float *x0, const float *x1, int64_t n)
 {
     for (int64_t i = 0; i < n; i++) {
         dst[2 * i] = mha__f32_to_bf16(x0[i]);
@@ -146,9 +146,9 @@ static void pairs_bf16_generic(uint16_t *dst, const float *x0, const float *x1, 
 
 const mha__bf16_kernels mha__bf16_kernels_generic = {
     .name = "generic",
-    .tile = tile_bf16_generic,
-    .round = round_bf16_generic,
-    .pairs = pairs_bf16_generic,
+    .tile = mha__bf16_tile_generic,
+    .round = mha__bf16_round_generic,
+    .pairs = mha__bf16_pairs_generic,
     .dot_rows = dot_rows_bf16_generic,
     .axpy_rows = axpy_rows_bf16_generic,
     .peak = NULL, /* converts to float32: the float32 peak applies */

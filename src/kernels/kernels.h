@@ -112,7 +112,7 @@ typedef void (*mha__axpy_rows_bf16_fn)(const float *p, const uint16_t *v, int64_
 enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
 
 typedef struct mha__bf16_kernels {
-    const char *name; /* "generic" or "avx512_bf16" */
+    const char *name; /* "generic", "avx2" or "avx512_bf16" */
     mha__gemm_tile_bf16_fn tile;
     mha__bf16_round_fn round;
     mha__bf16_pairs_fn pairs;
@@ -124,7 +124,18 @@ typedef struct mha__bf16_kernels {
 extern const mha__bf16_kernels mha__bf16_kernels_generic;
 #if defined(__x86_64__) || defined(__i386__)
 extern const mha__bf16_kernels mha__bf16_kernels_avx512;
+/* AVX2 without native bf16 dot products: its own cache rows (dot_rows,
+ * axpy_rows: a bf16 KV cache decodes at the speed of its bytes), the
+ * portable tile, round and pairs below. */
+extern const mha__bf16_kernels mha__bf16_kernels_avx2;
 #endif
+
+/* generic.c's bf16 tile, rounding and pairing, for tables that have no
+ * faster ones. */
+void mha__bf16_tile_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
+                            const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
+void mha__bf16_round_generic(uint16_t *dst, const float *src, int64_t n);
+void mha__bf16_pairs_generic(uint16_t *dst, const float *x0, const float *x1, int64_t n);
 
 /* One instruction set's kernels for each dtype the library computes in. */
 typedef struct mha__isa_kernels {
@@ -136,7 +147,7 @@ typedef struct mha__isa_kernels {
  * instruction sets: the best ISA the CPU and the OS support, or the one
  * named by MHA_ISA=generic|avx2|avx512 if the CPU can run it; its bf16
  * kernels are "avx512_bf16" when that ISA is avx512 and the CPU has
- * AVX512-BF16, else "generic".  Never NULL.  A plan (or a layer, for its
+ * AVX512-BF16, "avx2" when it is avx2, else "generic".  Never NULL.  A plan (or a layer, for its
  * weights) takes them once; kernels_get and bf16_get are its parts. */
 const mha__isa_kernels *mha__isa_get(void);
 const mha__kernels *mha__kernels_get(void);

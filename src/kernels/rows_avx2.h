@@ -1,0 +1,96 @@
+/*
+ * rows_avx2.h -- the decoding kernels dot_rows and axpy_rows (kernels.h)
+ * for AVX2, written once and included by avx2.c for float32 rows and for
+ * bf16 rows, which defines
+ *   ROWS_ELEM                the stored element type
+ *   ROWS_LOAD(x, c, d)       8 elements of a row at x + c as float32,
+ *                            zeros past its end d
+ *   ROWS_DOT, ROWS_AXPY64, ROWS_AXPY   the functions' names
+ * and row_load (8 floats, as ROWS_LOAD) and lane_mask.  Four keys at a
+ * time, each an FMA chain over 8-wide slices of d, reduced together (a
+ * lone key the same way, so its score never depends on where it falls);
+ * values accumulate in eight named registers, 64 columns at a time, while
+ * the rows stream by.  Masks only on a row's tail: AMD microcodes them.
+ */
+
+#ifndef MHA_ROWS_AVX2_REDUCE4
+#define MHA_ROWS_AVX2_REDUCE4
+/* The four sums of a0 .. a3 at once (two rounds of hadd, then the two
+ * 128-bit halves). */
+static __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
+{
+    __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+}
+#endif
+
+static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s)
+{
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const ROWS_ELEM *k0 = k + j * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = 0; c < d; c += 8) {
+            __m256 qv = row_load(q, c, d);
+            a0 = _mm256_fmadd_ps(ROWS_LOAD(k0, c, d), qv, a0);
+            a1 = _mm256_fmadd_ps(ROWS_LOAD(k1, c, d), qv, a1);
+            a2 = _mm256_fmadd_ps(ROWS_LOAD(k2, c, d), qv, a2);
+            a3 = _mm256_fmadd_ps(ROWS_LOAD(k3, c, d), qv, a3);
+        }
+        _mm_storeu_ps(s + j, reduce4(a0, a1, a2, a3));
+    }
+    for (; j < n; j++) {
+        __m256 a = _mm256_setzero_ps(), zero = a;
+        for (int64_t c = 0; c < d; c += 8) a = _mm256_fmadd_ps(ROWS_LOAD(k + j * ldk, c, d), row_load(q, c, d), a);
+        s[j] = _mm_cvtss_f32(reduce4(a, zero, zero, zero));
+    }
+}
+
+/* o[0 .. 63] += sum_j p[j] v_j[0 .. 63]: 8 named accumulators (8 FMA
+ * chains keep both pipes busy; an array of vectors would be spilled). */
+static void ROWS_AXPY64(const float *p, const ROWS_ELEM *v, int64_t ldv, int64_t n, float *o)
+{
+    __m256 o0 = _mm256_loadu_ps(o), o1 = _mm256_loadu_ps(o + 8), o2 = _mm256_loadu_ps(o + 16);
+    __m256 o3 = _mm256_loadu_ps(o + 24), o4 = _mm256_loadu_ps(o + 32), o5 = _mm256_loadu_ps(o + 40);
+    __m256 o6 = _mm256_loadu_ps(o + 48), o7 = _mm256_loadu_ps(o + 56);
+    for (int64_t j = 0; j < n; j++) {
+        const ROWS_ELEM *vj = v + j * ldv;
+        __m256 pj = _mm256_set1_ps(p[j]);
+        o0 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 0, 64), o0);
+        o1 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 8, 64), o1);
+        o2 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 16, 64), o2);
+        o3 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 24, 64), o3);
+        o4 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 32, 64), o4);
+        o5 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 40, 64), o5);
+        o6 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 48, 64), o6);
+        o7 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 56, 64), o7);
+    }
+    _mm256_storeu_ps(o, o0);
+    _mm256_storeu_ps(o + 8, o1);
+    _mm256_storeu_ps(o + 16, o2);
+    _mm256_storeu_ps(o + 24, o3);
+    _mm256_storeu_ps(o + 32, o4);
+    _mm256_storeu_ps(o + 40, o5);
+    _mm256_storeu_ps(o + 48, o6);
+    _mm256_storeu_ps(o + 56, o7);
+}
+
+/* Each output is one chain over j in order, whichever path computes it:
+ * whole 64-column blocks, then the last columns 8 at a time. */
+static void ROWS_AXPY(const float *p, const ROWS_ELEM *v, int64_t ldv, int64_t n, int64_t d, float *o)
+{
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64) ROWS_AXPY64(p, v + c, ldv, n, o + c);
+    for (; c < d; c += 8) {
+        __m256 acc = row_load(o, c, d);
+        for (int64_t j = 0; j < n; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), ROWS_LOAD(v + j * ldv, c, d), acc);
+        if (c + 8 <= d) _mm256_storeu_ps(o + c, acc);
+        else _mm256_maskstore_ps(o + c, lane_mask(d - c), acc);
+    }
+}
+
+#undef ROWS_ELEM
+#undef ROWS_LOAD
+#undef ROWS_DOT
+#undef ROWS_AXPY64
+#undef ROWS_AXPY
