@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import mha.torch as mt  # noqa: E402  (after the skip)
 from reference import within_rule  # noqa: E402
+from torch_reference import sdpa_reference  # noqa: E402
 
 
 def rule(ours, ref64, ref32, factor, what):
@@ -130,26 +131,6 @@ def test_training_follows_optimizer_steps():
             module(x, x, x)[0].square().mean().backward()
             opt.step()
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ref.parameters(), ours.parameters()))
-
-
-def sdpa_reference(q, k, v, mask=None, causal=None, scale=None, window=None, softcap=None, gqa=False):
-    L, S = q.shape[-2], k.shape[-2]
-    if gqa:
-        rep = q.shape[-3] // k.shape[-3]
-        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
-    s = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
-    keep = torch.ones(L, S, dtype=torch.bool)
-    if causal:
-        keep &= j <= i + (S - L if causal == "bottom_right" else 0)
-    if window:
-        keep &= (j >= i + S - L - window[0]) & (j <= i + S - L + window[1])
-    s = s.masked_fill(~keep, float("-inf"))
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
-    return torch.softmax(s, -1) @ v
 
 
 @pytest.mark.parametrize("i", range(24))
