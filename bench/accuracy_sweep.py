@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mha  # noqa: E402
 import mha.torch as mt  # noqa: E402
 from reference import within_rule  # noqa: E402
-from torch_reference import sdpa_reference  # noqa: E402
+from torch_reference import outputs_and_grads, sdpa_reference  # noqa: E402
 
 
 def draw(i):
@@ -75,14 +75,9 @@ def misses(i):
     g = torch.Generator().manual_seed(i)
     base = [torch.randn(s, generator=g, dtype=torch.float64) * (mag if n < 2 else 1.0) for n, s in enumerate(shapes)]
     dout = torch.randn(*shapes[0][:-1], shapes[2][-1], generator=g, dtype=torch.float64)
-    results = []
-    for dtype, fn, opts in ((torch.float64, sdpa_reference, ref), (torch.float32, sdpa_reference, ref),
-                            (torch.float32, mt.scaled_dot_product_attention, o)):
-        t = [x.detach().to(dtype).clone().requires_grad_(True) for x in base]
-        out = fn(*t, **opts)
-        (out * dout.to(dtype)).sum().backward()
-        results.append([out.detach()] + [x.grad for x in t])
-    ref64, plain32, got = results
+    ref64 = outputs_and_grads(sdpa_reference, base, dout, torch.float64, **ref)
+    plain32 = outputs_and_grads(sdpa_reference, base, dout, torch.float32, **ref)
+    got = outputs_and_grads(mt.scaled_dot_product_attention, base, dout, torch.float32, **o)
     bad = []
     for name, a, b, c in zip(("output", "dq", "dk", "dv"), got, ref64, plain32):
         ok, err, limit = within_rule(a.double().numpy(), b.numpy(), c.double().numpy(), 2 if name == "output" else 3)

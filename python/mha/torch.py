@@ -51,9 +51,9 @@ class _SDPA(torch.autograd.Function):
         # The row statistics only when a gradient will be asked for: keeping
         # them takes the tiled driver, slower than split-K for a few rows.
         keep = any(ctx.needs_input_grad[:3])
-        out = _functional.scaled_dot_product_attention(q, k, v, mask, alibi_slopes=slopes, return_stats=keep,
-                                                       compute_dtype="bfloat16" if bf16 else "float32", **options)
-        out, stats = out if keep else (out, None)
+        result = _functional.scaled_dot_product_attention(q, k, v, mask, alibi_slopes=slopes, return_stats=keep,
+                                                          compute_dtype="bfloat16" if bf16 else "float32", **options)
+        out, stats = result if keep else (result, None)
         ctx.save_for_backward(query, key, value)
         ctx.saved = (mask, slopes, options, out, stats, bf16)
         result = torch.from_numpy(out)

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import mha.torch as mt  # noqa: E402  (after the skip)
 from reference import within_rule  # noqa: E402
-from torch_reference import sdpa_reference  # noqa: E402
+from torch_reference import outputs_and_grads, sdpa_reference  # noqa: E402
 
 
 def rule(ours, ref64, ref32, factor, what):
@@ -160,14 +160,9 @@ def test_sdpa_against_pytorch(i):
     shapes = [(B, Hkv * rep, L, D), (B, Hkv, S, D), (B, Hkv, S, D)]
     base = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
     dout = torch.randn(B, Hkv * rep, L, D, generator=g, dtype=torch.float64)
-    results = []
-    for dtype, fn in ((torch.float64, sdpa_reference), (torch.float32, sdpa_reference),
-                      (torch.float32, mt.scaled_dot_product_attention)):
-        t = [x.detach().to(dtype).clone().requires_grad_(True) for x in base]
-        out = fn(*t, **(o if fn is mt.scaled_dot_product_attention else ref_o))
-        (out * dout.to(dtype)).sum().backward()
-        results.append([out] + [x.grad for x in t])
-    ref64, ref32, got = results
+    ref64 = outputs_and_grads(sdpa_reference, base, dout, torch.float64, **ref_o)
+    ref32 = outputs_and_grads(sdpa_reference, base, dout, torch.float32, **ref_o)
+    got = outputs_and_grads(mt.scaled_dot_product_attention, base, dout, torch.float32, **o)
     for n, (a, b, c) in enumerate(zip(got, ref64, ref32)):
         rule(a, b, c, 2 if n == 0 else 3, ["output", "dq", "dk", "dv"][n])
 

@@ -23,3 +23,12 @@ def sdpa_reference(q, k, v, mask=None, causal=None, scale=None, window=None, sof
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
     return torch.softmax(s, -1) @ v
+
+
+def outputs_and_grads(fn, inputs, dout, dtype, **options):
+    """[output, grad of each input] of fn(*inputs, **options) in dtype, the
+    gradients those of sum(output * dout), each input a fresh leaf."""
+    t = [x.detach().to(dtype).clone().requires_grad_(True) for x in inputs]
+    out = fn(*t, **options)
+    (out * dout.to(dtype)).sum().backward()
+    return [out.detach()] + [x.grad for x in t]

@@ -78,30 +78,31 @@ static mha_status forward_plan(const mha_ctx *ctx, const mha_tensor *out, const 
     return mha__attn_plan_resolve(p, ctx, mha__attn_needs_of(kv, stats));
 }
 
+/* Either forward's workspace (fn names the caller in the error). */
+static mha_status forward_workspace(const char *fn, const mha_ctx *ctx, const mha_tensor *out, const mha_tensor *q,
+                                    const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc, bool stats,
+                                    int64_t *bytes)
+{
+    if (!ctx || !out || !q || !k || !v || !desc || !bytes) return mha__fail(MHA_ERR_MISUSE, "%s: NULL argument", fn);
+    mha__attn_plan p;
+    mha__kv kv;
+    mha_status st = forward_plan(ctx, out, q, k, v, desc, stats, &p, &kv);
+    *bytes = st == MHA_OK ? p.workspace : 0;
+    return st;
+}
+
 mha_status mha_attention_workspace_size(const mha_ctx *ctx, const mha_tensor *out, const mha_tensor *q,
                                         const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc,
                                         int64_t *bytes)
 {
-    if (!ctx || !out || !q || !k || !v || !desc || !bytes)
-        return mha__fail(MHA_ERR_MISUSE, "mha_attention_workspace_size: NULL argument");
-    mha__attn_plan p;
-    mha__kv kv;
-    mha_status st = forward_plan(ctx, out, q, k, v, desc, false, &p, &kv);
-    *bytes = st == MHA_OK ? p.workspace : 0;
-    return st;
+    return forward_workspace("mha_attention_workspace_size", ctx, out, q, k, v, desc, false, bytes);
 }
 
 mha_status mha_attention_with_stats_workspace_size(const mha_ctx *ctx, const mha_tensor *out, const mha_tensor *q,
                                                    const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc,
                                                    int64_t *bytes)
 {
-    if (!ctx || !out || !q || !k || !v || !desc || !bytes)
-        return mha__fail(MHA_ERR_MISUSE, "mha_attention_with_stats_workspace_size: NULL argument");
-    mha__attn_plan p;
-    mha__kv kv;
-    mha_status st = forward_plan(ctx, out, q, k, v, desc, true, &p, &kv);
-    *bytes = st == MHA_OK ? p.workspace : 0;
-    return st;
+    return forward_workspace("mha_attention_with_stats_workspace_size", ctx, out, q, k, v, desc, true, bytes);
 }
 
 /* Either forward: lse, or the row statistics (stats not NULL). */

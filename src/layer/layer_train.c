@@ -284,26 +284,46 @@ static void appended_key_grads(const mha_layer *l, const mha_layer_tape *tape, i
             }
 }
 
+/* Matrix m's weight gradient, from its outputs' gradient dy and its input x. */
+static mha_status weight_grad(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, const mha__batched *dy,
+                              const mha__batched *x)
+{
+    return mha__weight_grad(ctx, l->isa->f32, N, T, dy, x, mha__layer_out_features(l, m), mha__layer_in_features(l, m),
+                            l->train->g_w[m]);
+}
+
+/* Matrix m's input gradient dx = dy W, with W^T packed into the workspace
+ * for the call: written into gx, or added to it with `add`. */
+static mha_status input_grad(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, const mha__batched *dy,
+                             const mha__batched *gx, bool add)
+{
+    int64_t top = mha__ws_top(ctx);
+    mha__packed w;
+    mha_status st = mha__pack_transposed_workspace_take(ctx, l->isa->f32, l->train->w[m], mha__layer_out_features(l, m),
+                                                        mha__layer_in_features(l, m), &w);
+    if (st != MHA_OK) return st;
+    mha__layer_project_packed(ctx, l, N, T, dy, &w, gx, add);
+    mha__ws_release(ctx, top);
+    return MHA_OK;
+}
+
 /* One input projection's share: b_in's slice and W's gradient, and the
  * input's gradient if asked for.  dp: the projected rows' gradient (T rows
- * per batch, of a buffer with T1 rows per batch). */
+ * per batch, of a buffer with T1 rows per batch).  x and gx may share the
+ * staging area: gx is staged only after the weight gradient has read x. */
 static mha_status projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, float *dp,
                                    int64_t T1, const mha_tensor *x, mha_tensor *gx, float *stage)
 {
     mha__layer_train *t = l->train;
-    int64_t out = mha__layer_out_features(l, m), in = mha__layer_in_features(l, m), top = mha__ws_top(ctx);
     mha__batched dpb = mha__layer_activations(l, dp, T1, m == MAT_Q ? l->desc.num_heads : l->desc.num_kv_heads);
-    if (t->g_b_in) mha__column_sums(ctx, N, T, &dpb, out, t->g_b_in + mha__layer_bias_offset(l, m));
+    if (t->g_b_in)
+        mha__column_sums(ctx, N, T, &dpb, mha__layer_out_features(l, m), t->g_b_in + mha__layer_bias_offset(l, m));
     mha__batched xb = contiguous(x, stage);
-    mha_status st = mha__weight_grad(ctx, l->isa->f32, N, T, &dpb, &xb, out, in, t->g_w[m]);
+    mha_status st = weight_grad(ctx, l, m, N, T, &dpb, &xb);
     if (st != MHA_OK || !gx) return st;
     mha__batched gb = contiguous(gx, stage);
-    mha__packed w;
-    if ((st = mha__pack_transposed_workspace_take(ctx, l->isa->f32, t->w[m], out, in, &w)) != MHA_OK) return st;
-    mha__layer_project_packed(ctx, l, N, T, &dpb, &w, &gb, true);
-    mha__ws_release(ctx, top);
-    scatter(&gb, gx);
-    return MHA_OK;
+    if ((st = input_grad(ctx, l, m, N, T, &dpb, &gb, true)) == MHA_OK) scatter(&gb, gx);
+    return st;
 }
 
 static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, const mha_layer_fwd_args *a,
@@ -323,13 +343,9 @@ static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, co
     mha__batched dy = contiguous(grad_attn_output, g.stage);
     mha__batched heads = mha__layer_activations(l, tape->heads, L, H), dout = mha__layer_activations(l, g.dout, L, H);
     if (t->g_b_out) mha__column_sums(ctx, N, L, &dy, E, t->g_b_out);
-    int64_t top = mha__ws_top(ctx);
-    mha__packed w_out;
-    if ((st = mha__weight_grad(ctx, l->isa->f32, N, L, &dy, &heads, E, l->qdim, t->g_w[MAT_OUT])) != MHA_OK ||
-        (st = mha__pack_transposed_workspace_take(ctx, l->isa->f32, t->w[MAT_OUT], E, l->qdim, &w_out)) != MHA_OK)
+    if ((st = weight_grad(ctx, l, MAT_OUT, N, L, &dy, &heads)) != MHA_OK ||
+        (st = input_grad(ctx, l, MAT_OUT, N, L, &dy, &dout, false)) != MHA_OK)
         return st;
-    mha__layer_project_packed(ctx, l, N, L, &dy, &w_out, &dout, false);
-    mha__ws_release(ctx, top);
 
     /* Attention: dQ, dK, dV land over O, K, V. */
     mha_tensor qh = mha__layer_heads_view(l, tape->q, N, L, H), kh = mha__layer_heads_view(l, tape->k, N, S1, G);
