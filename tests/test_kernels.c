@@ -172,44 +172,83 @@ static void test_softmax_grad(const mha__kernels *kt)
     CHECK(bad == 0, "%s softmax_grad: %d mismatches", kt->name, bad);
 }
 
-/* dot_rows and axpy_rows (float32 or, with bk, bf16 keys and values)
- * against double over every tail of n and d. */
-static void test_rows(const mha__kernels *kt, const mha__bf16_kernels *bk)
+/* The rows test_rows reads: float32, bf16 or int8 with a scale per row;
+ * kv holds their values as float32 (exact for bf16, and within a rounding
+ * of scale * integer for int8). */
+enum { ROWS_N = 13, ROWS_D = 133, ROWS_LD = 140 };
+typedef struct rows_case {
+    const mha__kernels *kt;      /* float32 or int8 rows (with i8) */
+    const mha__bf16_kernels *bk; /* bf16 rows */
+    bool i8;
+    float kv[ROWS_N * ROWS_LD], scale[ROWS_N];
+    uint16_t kv16[ROWS_N * ROWS_LD];
+    int8_t kv8[ROWS_N * ROWS_LD];
+} rows_case;
+
+static void fill_rows(rows_case *r)
 {
-    enum { N = 13, D = 133, LD = 140 };
-    float kv[N * LD], q[D], s[N + 1], o[D + 1], o0[D + 1], p[N];
-    uint16_t kv16[N * LD];
-    for (int i = 0; i < N * LD; i++) {
-        kv16[i] = mha__f32_to_bf16(uniform());
-        kv[i] = bk ? mha__bf16_to_f32(kv16[i]) : uniform();
+    for (int j = 0; j < ROWS_N; j++) r->scale[j] = j == 2 ? 0.0f : (float)fabs(uniform()) * 0.05f;
+    for (int i = 0; i < ROWS_N * ROWS_LD; i++) {
+        r->kv16[i] = mha__f32_to_bf16(uniform());
+        r->kv8[i] = (int8_t)(uniform() * 127.0);
+        r->kv[i] = r->bk ? mha__bf16_to_f32(r->kv16[i]) : r->i8 ? r->scale[i / ROWS_LD] * r->kv8[i] : uniform();
     }
+}
+
+static void rows_dot(const rows_case *r, int n, const float *q, int d, float *s)
+{
+    if (r->bk) r->bk->dot_rows(r->kv16, ROWS_LD, n, q, d, s);
+    else if (r->i8) r->kt->dot_rows_i8(r->kv8, ROWS_LD, n, r->scale, q, d, s);
+    else r->kt->dot_rows(r->kv, ROWS_LD, n, q, d, s);
+}
+
+static void rows_axpy(const rows_case *r, const float *p, int n, int d, float *o)
+{
+    if (r->bk) r->bk->axpy_rows(p, r->kv16, ROWS_LD, n, d, o);
+    else if (r->i8) r->kt->axpy_rows_i8(p, r->scale, r->kv8, ROWS_LD, n, d, o);
+    else r->kt->axpy_rows(p, r->kv, ROWS_LD, n, d, o);
+}
+
+/* dot_rows and axpy_rows (float32, bf16 with bk, or int8 with i8 keys and
+ * values) against double over every tail of n and d; int8 rows may be off
+ * by one more rounding (the scale's). */
+static void test_rows(const mha__kernels *kt, const mha__bf16_kernels *bk, bool i8)
+{
+    enum { N = ROWS_N, D = ROWS_D, LD = ROWS_LD };
+    static rows_case r;
+    r.kt = kt, r.bk = bk, r.i8 = i8;
+    fill_rows(&r);
+    const float *kv = r.kv;
+    float q[D], s[N + 1], o[D + 1], o0[D + 1], p[N];
     for (int i = 0; i < D; i++) q[i] = uniform();
     for (int i = 0; i < N; i++) p[i] = uniform();
     int bad = 0;
     for (int n = 0; n <= N; n += 3)
         for (int d = 1; d <= D; d += 11) {
             s[n] = 42.0f;
-            if (bk) bk->dot_rows(kv16, LD, n, q, d, s);
-            else kt->dot_rows(kv, LD, n, q, d, s);
+            rows_dot(&r, n, q, d, s);
             bad += s[n] != 42.0f; /* nothing written past n */
             for (int j = 0; j < n; j++) {
                 double want = 0, mag = 0;
                 for (int c = 0; c < d; c++)
                     want += (double)q[c] * kv[j * LD + c], mag += fabs((double)q[c] * kv[j * LD + c]);
-                bad += fabs(s[j] - want) > (d + 1) * FLT_EPSILON * mag + 1e-30;
+                bad += fabs(s[j] - want) > (d + (i8 ? 3 : 1)) * FLT_EPSILON * mag + 1e-30;
             }
             for (int c = 0; c <= D; c++) o[c] = o0[c] = uniform();
-            if (bk) bk->axpy_rows(p, kv16, LD, n, d, o);
-            else kt->axpy_rows(p, kv, LD, n, d, o);
+            rows_axpy(&r, p, n, d, o);
             bad += o[d] != o0[d];
             for (int c = 0; c < d; c++) {
                 double want = o0[c], mag = fabs(o0[c]);
                 for (int j = 0; j < n; j++)
                     want += (double)p[j] * kv[j * LD + c], mag += fabs((double)p[j] * kv[j * LD + c]);
-                bad += fabs(o[c] - want) > (n + 1) * FLT_EPSILON * mag + 1e-30;
+                bad += fabs(o[c] - want) > (n + (i8 ? 3 : 1)) * FLT_EPSILON * mag + 1e-30;
             }
         }
-    CHECK(bad == 0, "%s%s dot_rows/axpy_rows: %d mismatches", bk ? "bf16 " : "", bk ? bk->name : kt->name, bad);
+    CHECK(bad == 0, "%s%s dot_rows/axpy_rows: %d mismatches",
+          bk   ? "bf16 "
+          : i8 ? "int8 "
+               : "",
+          bk ? bk->name : kt->name, bad);
 }
 
 /* The bf16 kernels: the tile over every tail, both A layouts (row-major
@@ -289,7 +328,7 @@ int main(void)
         const mha__bf16_kernels *bk = mha__bf16_named(bf16_names[i]);
         if (bk) {
             test_bf16_kernels(bk);
-            test_rows(NULL, bk);
+            test_rows(NULL, bk, false);
         } else printf("test_kernels: bf16 kernels %s not supported here, skipped\n", bf16_names[i]);
     }
     static const char *const names[] = {"generic", "avx2", "avx512"};
@@ -304,7 +343,8 @@ int main(void)
         test_exp(kt);
         test_softmax_step(kt);
         test_softmax_grad(kt);
-        test_rows(kt, NULL);
+        test_rows(kt, NULL, false);
+        test_rows(kt, NULL, true);
         tested++;
     }
     CHECK(tested >= 1, "no kernels ran");

@@ -12,6 +12,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <string.h>
 
 enum { MR = 6, NR = 16 };
 
@@ -246,6 +247,42 @@ static inline __m256 bf16_row_load(const uint16_t *x, int64_t c, int64_t d)
 #define ROWS_AXPY          axpy_rows_bf16_avx2
 #include "kernels/rows_avx2.h"
 
+/* 8 int8 values of a row at x + c as float32 (exact); past the row's
+ * end d, zeros. */
+static inline __m256 i8_row_load(const int8_t *x, int64_t c, int64_t d)
+{
+    __m128i raw;
+    if (c + 8 <= d) {
+        raw = _mm_loadl_epi64((const __m128i *)(x + c));
+    } else {
+        int8_t tail[16] = {0};
+        memcpy(tail, x + c, (size_t)(d - c));
+        raw = _mm_loadu_si128((const __m128i *)tail);
+    }
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+}
+
+/* And once for int8 rows with a scale each (an int8 KV cache). */
+#define ROWS_ELEM          int8_t
+#define ROWS_LOAD(x, c, d) i8_row_load((x), (c), (d))
+#define ROWS_DOT           dot_rows_i8_avx2
+#define ROWS_AXPY64        axpy64_i8_avx2
+#define ROWS_AXPY          axpy_rows_i8_avx2
+#define ROWS_SCALED
+#include "kernels/rows_avx2.h"
+
+void mha__dot_rows_i8_avx2(const int8_t *k, int64_t ldk, int64_t n, const float *scale, const float *q, int64_t d,
+                           float *s)
+{
+    dot_rows_i8_avx2(k, ldk, n, scale, q, d, s);
+}
+
+void mha__axpy_rows_i8_avx2(const float *p, const float *scale, const int8_t *v, int64_t ldv, int64_t n, int64_t d,
+                            float *o)
+{
+    axpy_rows_i8_avx2(p, scale, v, ldv, n, d, o);
+}
+
 const mha__bf16_kernels mha__bf16_kernels_avx2 = {
     .name = "avx2",
     .tile = mha__bf16_tile_generic,
@@ -301,6 +338,8 @@ const mha__kernels mha__kernels_avx2 = {
     .softmax_grad = softmax_grad_avx2,
     .dot_rows = dot_rows_avx2,
     .axpy_rows = axpy_rows_avx2,
+    .dot_rows_i8 = mha__dot_rows_i8_avx2,
+    .axpy_rows_i8 = mha__axpy_rows_i8_avx2,
     .scale = scale_avx2,
     .exp_shift = exp_shift_avx2,
     .peak = peak_avx2,

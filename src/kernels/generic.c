@@ -91,6 +91,26 @@ static void axpy_rows_bf16_generic(const float *p, const uint16_t *v, int64_t ld
     }
 }
 
+static void dot_rows_i8_generic(const int8_t *k, int64_t ldk, int64_t n, const float *scale, const float *q, int64_t d,
+                                float *s)
+{
+    for (int64_t j = 0; j < n; j++) {
+        float acc = 0.0f;
+        for (int64_t c = 0; c < d; c++) acc += q[c] * (float)k[j * ldk + c];
+        s[j] = scale[j] * acc;
+    }
+}
+
+static void axpy_rows_i8_generic(const float *p, const float *scale, const int8_t *v, int64_t ldv, int64_t n, int64_t d,
+                                 float *o)
+{
+    for (int64_t c = 0; c < d; c++) {
+        float acc = o[c];
+        for (int64_t j = 0; j < n; j++) acc += p[j] * scale[j] * (float)v[j * ldv + c];
+        o[c] = acc;
+    }
+}
+
 static void scale_generic(float *x, int64_t n, float alpha)
 {
     for (int64_t i = 0; i < n; i++) x[i] *= alpha;
@@ -163,6 +183,8 @@ const mha__kernels mha__kernels_generic = {
     .softmax_grad = softmax_grad_generic,
     .dot_rows = dot_rows_generic,
     .axpy_rows = axpy_rows_generic,
+    .dot_rows_i8 = dot_rows_i8_generic,
+    .axpy_rows_i8 = axpy_rows_i8_generic,
     .scale = scale_generic,
     .exp_shift = exp_shift_generic,
     .peak = peak_generic,

@@ -60,6 +60,18 @@ typedef void (*mha__softmax_grad_fn)(float *s, float *dp, int64_t lds, int64_t r
 typedef void (*mha__dot_rows_fn)(const float *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s);
 typedef void (*mha__axpy_rows_fn)(const float *p, const float *v, int64_t ldv, int64_t n, int64_t d, float *o);
 
+/* The same two over an int8 cache, each row stored as integers with one
+ * float scale (the row's value is scale[j] * k[j * ldk + c]), dequantised
+ * in registers, never copied out:
+ *   dot_rows_i8:  s[j] = scale[j] * sum_c q[c] k[j * ldk + c]
+ *   axpy_rows_i8: o[c] += sum_j (p[j] scale[j]) v[j * ldv + c], j in order
+ * Each product q[c] * k is exact but for one rounding (an int8 is exact
+ * in float32); sums as in dot_rows and axpy_rows. */
+typedef void (*mha__dot_rows_i8_fn)(const int8_t *k, int64_t ldk, int64_t n, const float *scale, const float *q,
+                                    int64_t d, float *s);
+typedef void (*mha__axpy_rows_i8_fn)(const float *p, const float *scale, const int8_t *v, int64_t ldv, int64_t n,
+                                     int64_t d, float *o);
+
 /* x[i] *= alpha for i < n. */
 typedef void (*mha__scale_fn)(float *x, int64_t n, float alpha);
 
@@ -80,6 +92,8 @@ typedef struct mha__kernels {
     mha__softmax_grad_fn softmax_grad;
     mha__dot_rows_fn dot_rows;
     mha__axpy_rows_fn axpy_rows;
+    mha__dot_rows_i8_fn dot_rows_i8;
+    mha__axpy_rows_i8_fn axpy_rows_i8;
     mha__scale_fn scale;
     mha__exp_shift_fn exp_shift;
     mha__peak_fn peak;
@@ -164,5 +178,14 @@ const mha__kernels *mha__kernels_named(const char *name);
 extern const mha__kernels mha__kernels_generic;
 extern const mha__kernels mha__kernels_avx2;
 extern const mha__kernels mha__kernels_avx512;
+
+#if defined(__x86_64__) || defined(__i386__)
+/* avx2.c's int8 cache rows, which the avx512 table shares: decoding from
+ * an int8 cache is bound by memory, not by the vector width. */
+void mha__dot_rows_i8_avx2(const int8_t *k, int64_t ldk, int64_t n, const float *scale, const float *q, int64_t d,
+                           float *s);
+void mha__axpy_rows_i8_avx2(const float *p, const float *scale, const int8_t *v, int64_t ldv, int64_t n, int64_t d,
+                            float *o);
+#endif
 
 #endif /* MHA_KERNELS_H */

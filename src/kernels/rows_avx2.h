@@ -6,6 +6,10 @@
  *   ROWS_LOAD(x, c, d)       8 elements of a row at x + c as float32,
  *                            zeros past its end d
  *   ROWS_DOT, ROWS_AXPY64, ROWS_AXPY   the functions' names
+ *   ROWS_SCALED              (optional) rows carry a float scale each, as
+ *                            the int8 kernels' contract has it: the
+ *                            functions take `scale` after n (dot) or p
+ *                            (axpy), and apply it to each score and weight
  * and row_load (8 floats, as ROWS_LOAD) and lane_mask.  Four keys at a
  * time, each an FMA chain over 8-wide slices of d, reduced together (a
  * lone key the same way, so its score never depends on where it falls);
@@ -24,38 +28,60 @@ static __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
 }
 #endif
 
-static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s)
+#ifdef ROWS_SCALED
+#define ROWS_SCALE_PARAM  const float *scale,
+#define ROWS_SCALE_ARG    scale,
+#define ROWS_SCALE4(r, j) _mm_mul_ps((r), _mm_loadu_ps(scale + (j)))
+#define ROWS_SCALE1(x, j) ((x)*scale[j])
+#define ROWS_WEIGHT(p, j) ((p)[j] * scale[j])
+#else
+#define ROWS_SCALE_PARAM
+#define ROWS_SCALE_ARG
+#define ROWS_SCALE4(r, j) (r)
+#define ROWS_SCALE1(x, j) (x)
+#define ROWS_WEIGHT(p, j) ((p)[j])
+#endif
+
+static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARAM const float *q, int64_t d, float *s)
 {
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
         const ROWS_ELEM *k0 = k + j * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t c = 0; c < d; c += 8) {
+        int64_t c = 0;
+        for (; c + 8 <= d; c += 8) { /* whole vectors: the loads' tail branches fold away */
             __m256 qv = row_load(q, c, d);
             a0 = _mm256_fmadd_ps(ROWS_LOAD(k0, c, d), qv, a0);
             a1 = _mm256_fmadd_ps(ROWS_LOAD(k1, c, d), qv, a1);
             a2 = _mm256_fmadd_ps(ROWS_LOAD(k2, c, d), qv, a2);
             a3 = _mm256_fmadd_ps(ROWS_LOAD(k3, c, d), qv, a3);
         }
-        _mm_storeu_ps(s + j, reduce4(a0, a1, a2, a3));
+        if (c < d) {
+            __m256 qv = row_load(q, c, d);
+            a0 = _mm256_fmadd_ps(ROWS_LOAD(k0, c, d), qv, a0);
+            a1 = _mm256_fmadd_ps(ROWS_LOAD(k1, c, d), qv, a1);
+            a2 = _mm256_fmadd_ps(ROWS_LOAD(k2, c, d), qv, a2);
+            a3 = _mm256_fmadd_ps(ROWS_LOAD(k3, c, d), qv, a3);
+        }
+        _mm_storeu_ps(s + j, ROWS_SCALE4(reduce4(a0, a1, a2, a3), j));
     }
     for (; j < n; j++) {
         __m256 a = _mm256_setzero_ps(), zero = a;
         for (int64_t c = 0; c < d; c += 8) a = _mm256_fmadd_ps(ROWS_LOAD(k + j * ldk, c, d), row_load(q, c, d), a);
-        s[j] = _mm_cvtss_f32(reduce4(a, zero, zero, zero));
+        s[j] = ROWS_SCALE1(_mm_cvtss_f32(reduce4(a, zero, zero, zero)), j);
     }
 }
 
 /* o[0 .. 63] += sum_j p[j] v_j[0 .. 63]: 8 named accumulators (8 FMA
  * chains keep both pipes busy; an array of vectors would be spilled). */
-static void ROWS_AXPY64(const float *p, const ROWS_ELEM *v, int64_t ldv, int64_t n, float *o)
+static void ROWS_AXPY64(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64_t ldv, int64_t n, float *o)
 {
     __m256 o0 = _mm256_loadu_ps(o), o1 = _mm256_loadu_ps(o + 8), o2 = _mm256_loadu_ps(o + 16);
     __m256 o3 = _mm256_loadu_ps(o + 24), o4 = _mm256_loadu_ps(o + 32), o5 = _mm256_loadu_ps(o + 40);
     __m256 o6 = _mm256_loadu_ps(o + 48), o7 = _mm256_loadu_ps(o + 56);
     for (int64_t j = 0; j < n; j++) {
         const ROWS_ELEM *vj = v + j * ldv;
-        __m256 pj = _mm256_set1_ps(p[j]);
+        __m256 pj = _mm256_set1_ps(ROWS_WEIGHT(p, j));
         o0 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 0, 64), o0);
         o1 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 8, 64), o1);
         o2 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 16, 64), o2);
@@ -77,13 +103,14 @@ static void ROWS_AXPY64(const float *p, const ROWS_ELEM *v, int64_t ldv, int64_t
 
 /* Each output is one chain over j in order, whichever path computes it:
  * whole 64-column blocks, then the last columns 8 at a time. */
-static void ROWS_AXPY(const float *p, const ROWS_ELEM *v, int64_t ldv, int64_t n, int64_t d, float *o)
+static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64_t ldv, int64_t n, int64_t d, float *o)
 {
     int64_t c = 0;
-    for (; c + 64 <= d; c += 64) ROWS_AXPY64(p, v + c, ldv, n, o + c);
+    for (; c + 64 <= d; c += 64) ROWS_AXPY64(p, ROWS_SCALE_ARG v + c, ldv, n, o + c);
     for (; c < d; c += 8) {
         __m256 acc = row_load(o, c, d);
-        for (int64_t j = 0; j < n; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), ROWS_LOAD(v + j * ldv, c, d), acc);
+        for (int64_t j = 0; j < n; j++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(ROWS_WEIGHT(p, j)), ROWS_LOAD(v + j * ldv, c, d), acc);
         if (c + 8 <= d) _mm256_storeu_ps(o + c, acc);
         else _mm256_maskstore_ps(o + c, lane_mask(d - c), acc);
     }
@@ -94,3 +121,9 @@ static void ROWS_AXPY(const float *p, const ROWS_ELEM *v, int64_t ldv, int64_t n
 #undef ROWS_DOT
 #undef ROWS_AXPY64
 #undef ROWS_AXPY
+#undef ROWS_SCALED
+#undef ROWS_SCALE_PARAM
+#undef ROWS_SCALE_ARG
+#undef ROWS_SCALE4
+#undef ROWS_SCALE1
+#undef ROWS_WEIGHT
