@@ -138,7 +138,8 @@ typedef enum mha_causal {
     MHA_CAUSAL_BOTTOM_RIGHT /* key j <= i + S - L (flash-attn, KV cache) */
 } mha_causal;
 
-/* Element types: of safetensors data, and of computation (F32, BF16). */
+/* Element types: of safetensors data, of computation (F32, BF16) and of
+ * KV cache storage (F32, BF16, I8). */
 typedef enum mha_dtype {
     MHA_DTYPE_F64 = 0,
     MHA_DTYPE_F32,
@@ -148,6 +149,7 @@ typedef enum mha_dtype {
     MHA_DTYPE_U8,
     MHA_DTYPE_I32,
     MHA_DTYPE_I64,
+    MHA_DTYPE_I8,
     MHA_DTYPE_COUNT
 } mha_dtype;
 
@@ -627,12 +629,20 @@ mha_status mha_linear_backward_workspace_size(int64_t rows, int64_t in, int64_t 
 
 /* The keys (after the rotary embedding) and values of one layer for the
  * tokens seen so far, for `batch` sequences at once: capacity tokens of
- * g kv heads x head_dim, stored as float32 or bf16 (half the memory; the
- * attention still computes in float32).  Sequences in a batch advance
- * together. */
+ * g kv heads x head_dim, stored as
+ *   F32   exactly;
+ *   BF16  rounded to bfloat16 (half the memory);
+ *   I8    quantised when appended, symmetric per token and kv head: each
+ *         row of head_dim keys (or values) is integers in [-127, 127]
+ *         times one float scale, max |row| / 127, so each element is off by
+ *         at most max |row| / 254 (a row with an infinity or NaN reads as
+ *         NaN).  A bit over a quarter of the memory (4 bytes of scale per
+ *         head_dim bytes); docs/NUMERICS.md bounds the output's error.
+ * The attention always computes in float32, dequantising in registers.
+ * Sequences in a batch advance together. */
 typedef struct mha_kv_cache mha_kv_cache;
 
-/* Errors: MISUSE, INVALID_ARG (sizes, dtype not F32/BF16), NOMEM. */
+/* Errors: MISUSE, INVALID_ARG (sizes, dtype not F32/BF16/I8), NOMEM. */
 mha_status mha_kv_cache_create(const mha_layer *layer, int64_t batch, int64_t capacity, mha_dtype dtype,
                                mha_kv_cache **cache);
 void mha_kv_cache_free(mha_kv_cache *cache);
@@ -646,6 +656,21 @@ mha_status mha_kv_cache_truncate(mha_kv_cache *cache, int64_t length);
  * strides), already projected and rotated.  INVALID_ARG (shapes, or past
  * the capacity: nothing is appended). */
 mha_status mha_kv_cache_append(mha_kv_cache *cache, const mha_tensor *k, const mha_tensor *v);
+/* Tokens start .. start + n - 1 as float32 (widened or dequantised) into
+ * k and v [batch, g, n, head_dim] (any strides; either may be NULL).
+ * INVALID_ARG (shapes, tokens the cache does not hold). */
+mha_status mha_kv_cache_read(const mha_kv_cache *cache, int64_t start, mha_tensor *k, mha_tensor *v);
+
+/* Scaled dot-product attention of q [batch, Hq, L, head_dim] over every
+ * token the cache holds, into out [same shape], with the descriptor's
+ * options as mha_attention() takes them (scale, causal -- bottom-right
+ * when q holds the last L tokens --, window, softcap, ALiBi, mask over
+ * [batch, Hq, L, length], enable_gqa for Hq != g; dtype F32): for models
+ * whose projections are not a mha_layer's.  K and V are read in place in
+ * the cache's dtype.  The same bits for any thread count.  Errors: MISUSE,
+ * INVALID_ARG (shapes, options), NOMEM. */
+mha_status mha_kv_cache_attention(mha_ctx *ctx, const mha_kv_cache *cache, mha_tensor *out, const mha_tensor *q,
+                                  const mha_attn_desc *desc);
 
 /* One decoding step of self-attention: x [batch, n, E] holds the next n
  * tokens (n >= 1; a whole prompt at once is fine), at positions

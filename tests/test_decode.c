@@ -6,9 +6,14 @@
  * chunk of a few tokens, then one token at a time; every decoded row is
  * held to the tolerance rule against the float64 reference layer run over
  * the whole sequence with causal masking (float32 reference as baseline),
- * and each step is bit-identical with 1 and 3 threads.  A bf16 cache is
- * checked against the float32 cache's results (its own error is the
- * rounding of K and V to 8 bits of mantissa).  Then the cache API's
+ * and each step is bit-identical with 1 and 3 threads.  bf16 and int8
+ * caches are checked against the float32 cache's results (their own error
+ * is the rounding of K and V; seen here: at most 0.16% and 0.5% of the
+ * largest output, held to 2%).  The int8 cache on its own, through
+ * append, read and mha_kv_cache_attention: every value read back within
+ * max |row| / 254, the attention within the tolerance rule of float64
+ * attention over the values the cache holds, and within the error bound
+ * of docs/NUMERICS.md of the float32 cache's.  Then the cache API's
  * errors, truncate and reset.
  */
 #include "harness.h"
@@ -95,11 +100,12 @@ static void run_block(const block *b, mha_ctx *ctx1, mha_ctx *ctx3, const char *
     if (b->bias) CHECK_OK(mha_layer_set_weight(layer, "in_proj_bias", w[4], sizes[4]));
     float *x = randoms(N * T * E, 1.0, &x64);
     float *out1 = calloc((size_t)(N * T * E), sizeof(float)), *out3 = calloc((size_t)(N * T * E), sizeof(float));
-    float *out16 = calloc((size_t)(N * T * E), sizeof(float));
+    float *out16 = calloc((size_t)(N * T * E), sizeof(float)), *out8 = calloc((size_t)(N * T * E), sizeof(float));
     decode_all(ctx1, layer, b, MHA_DTYPE_F32, x, out1);
     decode_all(ctx3, layer, b, MHA_DTYPE_F32, x, out3);
     CHECK(memcmp(out1, out3, (size_t)(N * T * E) * sizeof(float)) == 0, "%s: 1 and 3 threads differ", label);
     decode_all(ctx1, layer, b, MHA_DTYPE_BF16, x, out16);
+    decode_all(ctx1, layer, b, MHA_DTYPE_I8, x, out8);
 
     mha_ref_layer r = {.N = N,
                        .L = T,
@@ -130,15 +136,18 @@ static void run_block(const block *b, mha_ctx *ctx1, mha_ctx *ctx3, const char *
     char what[300];
     snprintf(what, sizeof what, "%s decoded", label);
     CHECK_CLOSE(what, out1, want, base, N * T * E);
-    double worst = 0, mag = 0;
+    double worst = 0, worst8 = 0, mag = 0;
     for (int64_t i = 0; i < N * T * E; i++) {
         worst = fmax(worst, fabs((double)out16[i] - out1[i]));
+        worst8 = fmax(worst8, fabs((double)out8[i] - out1[i]));
         mag = fmax(mag, fabs((double)out1[i]));
     }
     CHECK(worst <= 2e-2 * fmax(1.0, mag), "%s: bf16 cache differs from the float32 cache by %.3g (max |out| %.3g)",
           label, worst, mag);
+    CHECK(worst8 <= 2e-2 * fmax(1.0, mag), "%s: int8 cache differs from the float32 cache by %.3g (max |out| %.3g)",
+          label, worst8, mag);
     for (int i = 0; i < 5; i++) free(w[i]), free(w64[i]);
-    void *owned[] = {x, x64, out1, out3, out16, want, base, slopes, slopes64};
+    void *owned[] = {x, x64, out1, out3, out16, out8, want, base, slopes, slopes64};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     mha_layer_free(layer);
 }
@@ -169,6 +178,215 @@ static void test_blocks(mha_ctx *ctx1, mha_ctx *ctx3)
     }
 }
 
+/* ---------------------------------------------------------------- */
+/* The int8 cache through mha_kv_cache_append/read/attention          */
+/* ---------------------------------------------------------------- */
+
+typedef struct i8_case {
+    int64_t N, Hq, G, S, L, d;
+    mha_causal causal;
+    float softcap;
+    int64_t window;
+} i8_case;
+
+/* Random rows of very different sizes: a few `big` times the rest, a few
+ * 1e-3 times, some all zero, so the per-row scales matter.  (Keys stay
+ * within 10x so that the scores do too: accuracy at large logits is
+ * tested on its own, not through the cache's rounding.) */
+static float *cache_rows(int64_t rows, int64_t d, float big)
+{
+    double *unused;
+    float *x = randoms(rows * d, 1.0, &unused);
+    free(unused);
+    for (int64_t r = 0; r < rows; r++) {
+        int kind = (int)pick(10);
+        float size = kind == 0 ? big : kind == 1 ? 1e-3f : kind == 2 ? 0.0f : 1.0f;
+        for (int64_t e = 0; e < d; e++) x[r * d + e] *= size;
+    }
+    return x;
+}
+
+/* Each row read back within max |row| / 254 of what was appended (and
+ * the float32 rounding of scale * integer);
+ * returns the largest such bound over the rows (the worst element error
+ * allowed). */
+static double check_dequantized(const char *what, const float *x, const float *back, int64_t rows, int64_t d,
+                                double *row_bound)
+{
+    double worst_bound = 0;
+    int bad = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        double amax = 0;
+        for (int64_t e = 0; e < d; e++) amax = fmax(amax, fabs((double)x[r * d + e]));
+        row_bound[r] = amax / 254.0 + amax * FLT_EPSILON;
+        worst_bound = fmax(worst_bound, row_bound[r]);
+        for (int64_t e = 0; e < d; e++) bad += fabs((double)back[r * d + e] - x[r * d + e]) > row_bound[r];
+    }
+    CHECK(bad == 0, "%s: %d values read back off by more than max |row| / 254", what, bad);
+    return worst_bound;
+}
+
+/* The bound on |out_int8 - out_f32| of docs/NUMERICS.md for one query
+ * row: scores move by at most delta = scale |q|_1 max_j err_k_j (softcap
+ * only shrinks moves), so each probability by a factor within e^(+-2 delta)
+ * and the output by (e^(2 delta) - 1) / 2 times the range of V's column,
+ * plus V's own error. */
+static double output_bound(const i8_case *t, const float *q, double k_err, double v_err, double v_range)
+{
+    double l1 = 0;
+    for (int64_t c = 0; c < t->d; c++) l1 += fabs((double)q[c]);
+    double delta = l1 / sqrt((double)t->d) * k_err;
+    return (exp(2 * delta) - 1) / 2 * v_range + v_err;
+}
+
+static mha_attn_desc i8_desc(const i8_case *t)
+{
+    mha_attn_desc desc;
+    mha_attn_desc_init(&desc);
+    desc.causal = t->causal;
+    desc.softcap = t->softcap;
+    desc.window_left = t->window;
+    desc.enable_gqa = t->Hq != t->G;
+    return desc;
+}
+
+static void run_i8_case(const i8_case *t, mha_ctx *ctx1, mha_ctx *ctx3, mha_layer *layer, const char *label)
+{
+    int64_t N = t->N, G = t->G, S = t->S, d = t->d, kv_rows = N * G * S, nq = N * t->Hq * t->L * d;
+    float *k = cache_rows(kv_rows, d, 10.0f), *v = cache_rows(kv_rows, d, 100.0f),
+          *kb = malloc(sizeof(float) * kv_rows * d);
+    float *vb = malloc(sizeof(float) * kv_rows * d), *o8 = malloc(sizeof(float) * nq),
+          *o8t = malloc(sizeof(float) * nq);
+    float *o32 = malloc(sizeof(float) * nq), *base = malloc(sizeof(float) * nq);
+    double *q64, *kb64 = malloc(sizeof(double) * kv_rows * d), *vb64 = malloc(sizeof(double) * kv_rows * d);
+    double *want = malloc(sizeof(double) * nq), *k_bound = malloc(sizeof(double) * kv_rows);
+    double *v_bound = malloc(sizeof(double) * kv_rows);
+    float *q = randoms(nq, 1.0, &q64);
+    mha_kv_cache *c8 = NULL, *c32 = NULL;
+    CHECK_OK(mha_kv_cache_create(layer, N, S + 3, MHA_DTYPE_I8, &c8));
+    CHECK_OK(mha_kv_cache_create(layer, N, S, MHA_DTYPE_F32, &c32));
+    int64_t first = S / 3; /* two appends: rows land after the first ones */
+    mha_tensor k1 = {k, {N, G, first, d}, {G * S * d, S * d, d, 1}}, v1 = k1;
+    v1.data = v;
+    mha_tensor k2 = k1, v2 = v1;
+    k2.data += first * d, v2.data += first * d, k2.shape[2] = v2.shape[2] = S - first;
+    CHECK_OK(mha_kv_cache_append(c8, &k1, &v1));
+    CHECK_OK(mha_kv_cache_append(c8, &k2, &v2));
+    CHECK_OK(mha_kv_cache_append(c32, &k1, &v1));
+    CHECK_OK(mha_kv_cache_append(c32, &k2, &v2));
+    mha_tensor kr = mha_tensor_4d(kb, N, G, S, d), vr = mha_tensor_4d(vb, N, G, S, d);
+    CHECK_OK(mha_kv_cache_read(c8, 0, &kr, &vr));
+    char what[300];
+    snprintf(what, sizeof what, "%s keys", label);
+    double k_err = check_dequantized(what, k, kb, kv_rows, d, k_bound);
+    snprintf(what, sizeof what, "%s values", label);
+    double v_err = check_dequantized(what, v, vb, kv_rows, d, v_bound);
+
+    mha_attn_desc desc = i8_desc(t);
+    mha_tensor qt = mha_tensor_4d(q, N, t->Hq, t->L, d), out8 = mha_tensor_4d(o8, N, t->Hq, t->L, d);
+    mha_tensor out8t = mha_tensor_4d(o8t, N, t->Hq, t->L, d), out32 = mha_tensor_4d(o32, N, t->Hq, t->L, d);
+    CHECK_OK(mha_kv_cache_attention(ctx1, c8, &out8, &qt, &desc));
+    CHECK_OK(mha_kv_cache_attention(ctx3, c8, &out8t, &qt, &desc));
+    CHECK(memcmp(o8, o8t, sizeof(float) * nq) == 0, "%s: 1 and 3 threads differ", label);
+    CHECK_OK(mha_kv_cache_attention(ctx1, c32, &out32, &qt, &desc));
+
+    /* Against float64 attention over the values the int8 cache holds. */
+    for (int64_t i = 0; i < kv_rows * d; i++) kb64[i] = kb[i], vb64[i] = vb[i];
+    mha_ref_sdpa r = {N,          t->Hq,     G,         t->L, S,    d,    d,   1.0 / sqrt((double)d),
+                      t->softcap, t->causal, t->window, -1,   NULL, NULL, NULL};
+    mha_ref_sdpa_f64(&r, q64, kb64, vb64, want, NULL, NULL);
+    mha_ref_sdpa_f32(&r, q, kb, vb, base, NULL, NULL);
+    snprintf(what, sizeof what, "%s over the dequantised cache", label);
+    CHECK_CLOSE(what, o8, want, base, nq);
+
+    /* Against the float32 cache, by the bound. */
+    double v_range = 0;
+    for (int64_t i = 0; i < kv_rows * d; i++) v_range = fmax(v_range, 2 * fabs((double)v[i]));
+    int bad = 0;
+    for (int64_t row = 0; row < N * t->Hq * t->L; row++) {
+        double limit = output_bound(t, q + row * d, k_err, v_err, v_range) + 1e-5 * (1 + v_range);
+        for (int64_t c = 0; c < d; c++) bad += !(fabs((double)o8[row * d + c] - o32[row * d + c]) <= limit);
+    }
+    CHECK(bad == 0, "%s: %d outputs off the float32 cache's by more than the bound", label, bad);
+    mha_kv_cache_free(c8);
+    mha_kv_cache_free(c32);
+    void *owned[] = {k, v, kb, vb, o8, o8t, o32, base, q, q64, kb64, vb64, want, k_bound, v_bound};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
+}
+
+static void test_int8_cache(mha_ctx *ctx1, mha_ctx *ctx3)
+{
+    static const int64_t widths[] = {8, 24, 64, 128};
+    for (int n = 0; n < 24; n++) {
+        i8_case t = {.window = -1};
+        t.G = 1 + pick(3);
+        t.Hq = t.G * (1 + pick(3));
+        t.d = widths[pick(4)];
+        t.N = 1 + pick(2);
+        t.S = 1 + pick(n % 4 == 0 ? 1500 : 300); /* several 256-key chunks sometimes */
+        t.L = 1 + pick(t.S < 20 ? t.S : 20);
+        t.causal = pick(2) ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_NONE;
+        if (pick(4) == 0) t.softcap = 5.0f;
+        if (pick(4) == 0) t.window = pick(40);
+        mha_layer_desc ld;
+        mha_layer_desc_init(&ld);
+        ld.num_heads = t.Hq;
+        ld.num_kv_heads = t.G;
+        ld.embed_dim = t.Hq * t.d;
+        mha_layer *layer = NULL;
+        CHECK_OK(mha_layer_create(&ld, &layer));
+        char label[200];
+        snprintf(label, sizeof label, "int8 cache #%d N%lld Hq%lld G%lld S%lld L%lld d%lld causal%d cap%g win%lld", n,
+                 (long long)t.N, (long long)t.Hq, (long long)t.G, (long long)t.S, (long long)t.L, (long long)t.d,
+                 (int)t.causal, (double)t.softcap, (long long)t.window);
+        run_i8_case(&t, ctx1, ctx3, layer, label);
+        mha_layer_free(layer);
+    }
+}
+
+/* mha_kv_cache_read and mha_kv_cache_attention on bad input, and an
+ * int8 row with an infinity: NaN where it is seen, nowhere else. */
+static void test_read_and_attention_errors(mha_ctx *ctx, mha_layer *layer)
+{
+    mha_kv_cache *c = NULL;
+    CHECK_OK(mha_kv_cache_create(layer, 1, 4, MHA_DTYPE_I8, &c)); /* 2 kv heads of 4 */
+    float k[2 * 2 * 4], v[2 * 2 * 4], q[4 * 2 * 4], o[4 * 2 * 4], back[2 * 3 * 4];
+    for (int i = 0; i < 16; i++) k[i] = v[i] = 0.25f * (float)(i % 5) - 0.5f;
+    for (int i = 0; i < 32; i++) q[i] = 0.1f * (float)(i % 7);
+    k[8] = INFINITY; /* token 0 of kv head 1 */
+    mha_tensor kt = mha_tensor_4d(k, 1, 2, 2, 4), vt = mha_tensor_4d(v, 1, 2, 2, 4);
+    CHECK_OK(mha_kv_cache_append(c, &kt, &vt));
+    mha_tensor r3 = mha_tensor_4d(back, 1, 2, 3, 4);
+    CHECK_FAILS(mha_kv_cache_read(c, 0, &r3, NULL), MHA_ERR_INVALID_ARG,
+                "cannot read tokens 0 .. 3 of a cache holding 2");
+    CHECK_FAILS(mha_kv_cache_read(c, -1, NULL, NULL), MHA_ERR_MISUSE, "no tensor to read into");
+    mha_tensor r2 = mha_tensor_4d(back, 1, 2, 2, 4);
+    CHECK_OK(mha_kv_cache_read(c, 0, NULL, &r2));
+    bool near = true, ends = back[4] == v[4] && back[5] == v[5]; /* max |row| itself is exact: 127 x scale */
+    for (int i = 0; i < 16; i++) near = near && fabsf(back[i] - v[i]) <= 0.5f / 254.0f + 1e-7f;
+    CHECK(near && ends, "values read back within max |row| / 254, the largest exactly");
+    mha_attn_desc desc;
+    mha_attn_desc_init(&desc);
+    mha_tensor qt = mha_tensor_4d(q, 1, 4, 2, 4), ot = mha_tensor_4d(o, 1, 4, 2, 4);
+    CHECK_FAILS(mha_kv_cache_attention(ctx, c, &ot, &qt, &desc), MHA_ERR_INVALID_ARG, "set enable_gqa");
+    desc.enable_gqa = true;
+    desc.dtype = MHA_DTYPE_BF16;
+    CHECK_FAILS(mha_kv_cache_attention(ctx, c, &ot, &qt, &desc), MHA_ERR_INVALID_ARG, "computes in F32, not BF16");
+    desc.dtype = MHA_DTYPE_F32;
+    mha_tensor q3 = mha_tensor_4d(q, 1, 4, 2, 3);
+    CHECK_FAILS(mha_kv_cache_attention(ctx, c, &ot, &q3, &desc), MHA_ERR_INVALID_ARG, "query has 3 in its fourth");
+    CHECK_FAILS(mha_kv_cache_attention(ctx, NULL, &ot, &qt, &desc), MHA_ERR_MISUSE, "not a live mha_kv_cache");
+    CHECK_OK(mha_kv_cache_attention(ctx, c, &ot, &qt, &desc));
+    int nan_rows = 0, finite_rows = 0;
+    for (int row = 0; row < 8; row++) { /* query heads 0, 1 read kv head 0; 2, 3 kv head 1 */
+        bool nan = isnan(o[row * 4]);
+        nan_rows += nan && row >= 4, finite_rows += !nan && row < 4;
+    }
+    CHECK(nan_rows == 4 && finite_rows == 4, "the infinite key's head is NaN (%d of 4), the other finite (%d of 4)",
+          nan_rows, finite_rows);
+    mha_kv_cache_free(c);
+}
+
 static void test_cache_api(mha_ctx *ctx)
 {
     mha_layer_desc ld;
@@ -181,7 +399,7 @@ static void test_cache_api(mha_ctx *ctx)
     CHECK_OK(harness_fill_weights(layer, 0.01f));
     mha_kv_cache *c = NULL;
     CHECK_FAILS(mha_kv_cache_create(layer, 1, 0, MHA_DTYPE_F32, &c), MHA_ERR_INVALID_ARG, "capacity must be positive");
-    CHECK_FAILS(mha_kv_cache_create(layer, 1, 4, MHA_DTYPE_F16, &c), MHA_ERR_INVALID_ARG, "F32 or BF16, not F16");
+    CHECK_FAILS(mha_kv_cache_create(layer, 1, 4, MHA_DTYPE_F16, &c), MHA_ERR_INVALID_ARG, "F32, BF16 or I8, not F16");
     CHECK_FAILS(mha_kv_cache_create(layer, INT64_C(1) << 40, INT64_C(1) << 40, MHA_DTYPE_F32, &c), MHA_ERR_INVALID_ARG,
                 "overflows");
     CHECK_OK(mha_kv_cache_create(layer, 1, 4, MHA_DTYPE_F32, &c));
@@ -215,6 +433,7 @@ static void test_cache_api(mha_ctx *ctx)
     mha_layer_free(layer4);
     mha_kv_cache_free(c);
     mha_kv_cache_free(NULL);
+    test_read_and_attention_errors(ctx, layer);
     mha_layer_free(layer);
 }
 
@@ -224,6 +443,7 @@ int main(void)
     CHECK_OK(mha_ctx_create(1, &ctx1));
     CHECK_OK(mha_ctx_create(3, &ctx3));
     test_blocks(ctx1, ctx3);
+    test_int8_cache(ctx1, ctx3);
     test_cache_api(ctx1);
     mha_ctx_free(ctx1);
     mha_ctx_free(ctx3);

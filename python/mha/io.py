@@ -7,7 +7,7 @@ from . import _core
 
 # safetensors dtype <-> numpy dtype; BF16 (which numpy lacks) loads as float32.
 _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BOOL": np.bool_, "U8": np.uint8,
-          "I32": np.int32, "I64": np.int64}
+          "I8": np.int8, "I32": np.int32, "I64": np.int64}
 _NAME = {np.dtype(v): k for k, v in _NUMPY.items()}
 
 
@@ -26,7 +26,7 @@ def load_safetensors(path):
 
 
 def save_safetensors(path, tensors, metadata=None):
-    """Writes {name: array} (float64/32/16, bool, uint8, int32, int64) and
+    """Writes {name: array} (float64/32/16, bool, uint8, int8, int32, int64) and
     {key: str} metadata to a safetensors file; the file appears whole or
     not at all."""
     items = []

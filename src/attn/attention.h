@@ -19,7 +19,7 @@
 
 /* Which driver runs a forward problem: flash.c's tiles over blocks of
  * query rows, or decode.c's split over chunks of keys (a few query rows,
- * or K and V stored as bf16).  Chosen by mha__attn_plan_resolve alone. */
+ * or K and V stored as bf16 or int8).  Chosen by mha__attn_plan_resolve alone. */
 typedef enum mha__attn_path { MHA__PATH_TILED, MHA__PATH_SPLIT_K } mha__attn_path;
 
 typedef struct mha__attn_plan {
@@ -48,11 +48,16 @@ typedef struct mha__attn_plan {
  * [B, Hkv, S, Dv]; and, when both store rows contiguously with the same
  * strides (always so in a KV cache), the same rows as `rows`: element
  * (b, g, j, c) at k + b * stride[0] + g * stride[1] + j * stride[2] + c,
- * float32 or bf16.  A bf16 cache has only the rows (k.data NULL). */
+ * in `dtype`: F32, BF16, or I8 with a float scale per row (the row's
+ * value is scale * the integers), row (b, g, j)'s at k_scale + b *
+ * scale_stride[0] + g * scale_stride[1] + j.  A BF16 or I8 cache has only
+ * the rows (k.data NULL). */
 typedef struct mha__kv_view {
     const void *k, *v; /* NULL: no row view */
-    bool bf16;
+    mha_dtype dtype;
+    const float *k_scale, *v_scale; /* I8 only */
     int64_t stride[3];
+    int64_t scale_stride[2];
 } mha__kv_view;
 
 typedef struct mha__kv {
@@ -82,22 +87,34 @@ typedef struct mha__row_norm {
     const float *max, *sum;
 } mha__row_norm;
 
+/* The sizes of one attention problem: batch, query and kv heads, query
+ * rows, keys, query/key and value widths. */
+typedef struct mha__attn_dims {
+    int64_t B, Hq, Hkv, L, S, D, Dv;
+} mha__attn_dims;
+
+/* A plan's problem fields from a public descriptor (scale, softcap,
+ * causal, window, ALiBi, mask, dtype) and the sizes; INVALID_ARG for a
+ * dtype attention does not compute in.  The tensors are the caller's to
+ * check. */
+mha_status mha__attn_problem(const mha_attn_desc *desc, mha__attn_dims dims, mha__attn_plan *plan);
+
 /* Checks a plan's sizes and options (not its tensors); INVALID_ARG names
  * the offending field. */
 mha_status mha__attn_plan_check(const mha__attn_plan *plan);
 
 /* What the choice of driver depends on besides the problem itself. */
 typedef struct mha__attn_needs {
-    bool kv_rows; /* K and V have a row view (mha__kv.rows is set) */
-    bool kv_bf16; /* ... stored as bf16 (a cache) */
-    bool stats;   /* the caller wants the row statistics */
+    bool kv_rows;       /* K and V have a row view (mha__kv.rows is set) */
+    mha_dtype kv_dtype; /* ... stored as F32, or BF16 or I8 (a cache) */
+    bool stats;         /* the caller wants the row statistics */
 } mha__attn_needs;
 
 mha__attn_needs mha__attn_needs_of(const mha__kv *kv, bool stats);
 
 /* Completes a plan whose problem fields are filled, to run on ctx: checks
  * it, picks the kernels, the forward's driver (the one place that
- * chooses: split-K for a bf16 cache, or for fewer than MHA_DECODE_ROWS
+ * chooses: split-K for a bf16 or int8 cache, or for fewer than MHA_DECODE_ROWS
  * query rows when no row statistics are wanted and the rows allow it;
  * else tiles) and sizes its workspace.  INVALID_ARG. */
 mha_status mha__attn_plan_resolve(mha__attn_plan *plan, const mha_ctx *ctx, mha__attn_needs needs);

@@ -11,7 +11,8 @@
  *   M = max m_c,  l = sum l_c e^(m_c - M),  out = sum O_c e^(m_c - M) / l
  * (the log-sum-exp merge of split-K FlashDecoding), so a single query row
  * uses every thread and the result has the same bits for any thread count.
- * K and V are read in place from the cache, float32 or bf16.
+ * K and V are read in place from the cache, float32, bf16 or int8 (each
+ * row dequantised in registers by its scale).
  */
 #include "attn/products.h"
 
@@ -41,19 +42,25 @@ static float *partial_at(const decode_job *j, int64_t b, int64_t h, int64_t i, i
     return j->partial + (((b * p->Hq + h) * p->L + i) * j->chunks + c) * partial_width(p);
 }
 
+/* The scales of rows j0 .. of kv head g (int8 rows), or NULL. */
+static const float *row_scales(const mha__kv_view *kv, const float *scales, int64_t b, int64_t g, int64_t j0)
+{
+    return scales ? scales + b * kv->scale_stride[0] + g * kv->scale_stride[1] + j0 : NULL;
+}
+
 /* Scores of keys [j0, j0 + cols) of kv head g for the scaled query qs. */
 static void chunk_scores(const decode_job *j, int64_t b, int64_t g, int64_t j0, int64_t cols, const float *qs, float *s)
 {
     const mha__kv_view *kv = j->kv;
     int64_t at = b * kv->stride[0] + g * kv->stride[1] + j0 * kv->stride[2];
-    j->p->kv_rows->dot(j->p, kv->k, at, kv->stride[2], cols, qs, s);
+    j->p->kv_rows->dot(j->p, kv->k, row_scales(kv, kv->k_scale, b, g, j0), at, kv->stride[2], cols, qs, s);
 }
 
 static void chunk_values(const decode_job *j, int64_t b, int64_t g, int64_t j0, int64_t cols, const float *pr, float *o)
 {
     const mha__kv_view *kv = j->kv;
     int64_t at = b * kv->stride[0] + g * kv->stride[1] + j0 * kv->stride[2];
-    j->p->kv_rows->axpy(j->p, pr, kv->v, at, kv->stride[2], cols, o);
+    j->p->kv_rows->axpy(j->p, pr, kv->v, row_scales(kv, kv->v_scale, b, g, j0), at, kv->stride[2], cols, o);
 }
 
 /* One query row (b, h, i) against chunk c: its (m, l, O). */

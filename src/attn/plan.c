@@ -10,23 +10,24 @@
 
 mha__kv mha__kv_from_tensors(const mha_tensor *k, const mha_tensor *v)
 {
-    mha__kv kv = {*k, *v, {NULL, NULL, false, {0, 0, 0}}};
+    mha__kv kv = {.k = *k, .v = *v, .rows = {.dtype = MHA_DTYPE_F32}};
     bool rows_contiguous = k->stride[3] == 1 && v->stride[3] == 1;
     bool same_strides = k->stride[0] == v->stride[0] && k->stride[1] == v->stride[1] && k->stride[2] == v->stride[2];
     if (rows_contiguous && same_strides)
-        kv.rows = (mha__kv_view){k->data, v->data, false, {k->stride[0], k->stride[1], k->stride[2]}};
+        kv.rows = (mha__kv_view){
+            .k = k->data, .v = v->data, .dtype = MHA_DTYPE_F32, .stride = {k->stride[0], k->stride[1], k->stride[2]}};
     return kv;
 }
 
 /* The one choice between the drivers.  Split-K reads K and V once with
  * every thread on it, which is what a few query rows need; the tiles
  * reuse each K and V tile across many rows.  Only split-K reads a bf16
- * cache; only the tiles produce row statistics, appended keys, Dv != D
+ * or int8 cache; only the tiles produce row statistics, appended keys, Dv != D
  * and bf16 products, or read K and V without a row view. */
 static mha__attn_path choose_path(const mha__attn_plan *p, mha__attn_needs needs)
 {
     if (!needs.kv_rows) return MHA__PATH_TILED;
-    if (needs.kv_bf16) return MHA__PATH_SPLIT_K;
+    if (needs.kv_dtype != MHA_DTYPE_F32) return MHA__PATH_SPLIT_K;
     bool few_rows = p->L < MHA_DECODE_ROWS;
     return few_rows && !needs.stats && !p->bf16 && p->D == p->Dv && p->R == p->S ? MHA__PATH_SPLIT_K : MHA__PATH_TILED;
 }
@@ -42,7 +43,7 @@ static int64_t block_rows(const mha__attn_plan *p)
 
 mha__attn_needs mha__attn_needs_of(const mha__kv *kv, bool stats)
 {
-    return (mha__attn_needs){kv->rows.k != NULL, kv->rows.bf16, stats};
+    return (mha__attn_needs){.kv_rows = kv->rows.k != NULL, .kv_dtype = kv->rows.dtype, .stats = stats};
 }
 
 mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__attn_needs needs)
@@ -53,13 +54,14 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__at
     p->group = p->Hq / (p->Hkv ? p->Hkv : 1);
     const mha__isa_kernels *isa = mha__isa_get(); /* this CPU's kernels, for each dtype */
     p->kt = isa->f32;
-    p->bk = p->bf16 || needs.kv_bf16 ? isa->bf16 : NULL;
+    p->bk = p->bf16 || needs.kv_dtype == MHA_DTYPE_BF16 ? isa->bf16 : NULL;
     p->path = choose_path(p, needs);
     p->block_rows = block_rows(p);
     p->products = p->bf16 ? &mha__products_bf16 : &mha__products_f32;
-    p->kv_rows = needs.kv_bf16 ? &mha__kv_rows_bf16 : &mha__kv_rows_f32;
-    if (needs.kv_bf16 && (needs.stats || p->D != p->Dv || p->R != p->S || p->bf16))
-        return mha__fail(MHA_ERR_INTERNAL, "a bf16 cache reaches split-K only, which cannot serve this plan");
+    p->kv_rows = mha__kv_rows_of(needs.kv_dtype);
+    if (needs.kv_dtype != MHA_DTYPE_F32 && (needs.stats || p->D != p->Dv || p->R != p->S || p->bf16))
+        return mha__fail(MHA_ERR_INTERNAL, "a %s cache reaches split-K only, which cannot serve this plan",
+                         mha_dtype_name(needs.kv_dtype));
     p->workspace = 0;
     if (rows == 0) return MHA_OK;
     mha_status st = mha__attn_plan_check(p);

@@ -158,29 +158,48 @@ const mha__products mha__products_bf16 = {pack_queries_bf16, scores_bf16, values
 /* Cached rows for split-K, float32 or bf16                          */
 /* ---------------------------------------------------------------- */
 
-static void dot_f32(const mha__attn_plan *p, const void *k, int64_t at, int64_t ld, int64_t n, const float *q, float *s)
+static void dot_f32(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n,
+                    const float *q, float *s)
 {
+    (void)scale;
     p->kt->dot_rows((const float *)k + at, ld, n, q, p->D, s);
 }
 
-static void axpy_f32(const mha__attn_plan *p, const float *pr, const void *v, int64_t at, int64_t ld, int64_t n,
-                     float *o)
+static void axpy_f32(const mha__attn_plan *p, const float *pr, const void *v, const float *scale, int64_t at,
+                     int64_t ld, int64_t n, float *o)
 {
+    (void)scale;
     p->kt->axpy_rows(pr, (const float *)v + at, ld, n, p->Dv, o);
 }
 
-const mha__kv_rows mha__kv_rows_f32 = {dot_f32, axpy_f32};
-
-static void dot_bf16(const mha__attn_plan *p, const void *k, int64_t at, int64_t ld, int64_t n, const float *q,
-                     float *s)
+static void dot_bf16(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n,
+                     const float *q, float *s)
 {
+    (void)scale;
     p->bk->dot_rows((const uint16_t *)k + at, ld, n, q, p->D, s);
 }
 
-static void axpy_bf16(const mha__attn_plan *p, const float *pr, const void *v, int64_t at, int64_t ld, int64_t n,
-                      float *o)
+static void axpy_bf16(const mha__attn_plan *p, const float *pr, const void *v, const float *scale, int64_t at,
+                      int64_t ld, int64_t n, float *o)
 {
+    (void)scale;
     p->bk->axpy_rows(pr, (const uint16_t *)v + at, ld, n, p->Dv, o);
 }
 
-const mha__kv_rows mha__kv_rows_bf16 = {dot_bf16, axpy_bf16};
+static void dot_i8(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n,
+                   const float *q, float *s)
+{
+    p->kt->dot_rows_i8((const int8_t *)k + at, ld, n, scale, q, p->D, s);
+}
+
+static void axpy_i8(const mha__attn_plan *p, const float *pr, const void *v, const float *scale, int64_t at, int64_t ld,
+                    int64_t n, float *o)
+{
+    p->kt->axpy_rows_i8(pr, scale, (const int8_t *)v + at, ld, n, p->Dv, o);
+}
+
+const mha__kv_rows *mha__kv_rows_of(mha_dtype dtype)
+{
+    static const mha__kv_rows f32 = {dot_f32, axpy_f32}, bf16 = {dot_bf16, axpy_bf16}, i8 = {dot_i8, axpy_i8};
+    return dtype == MHA_DTYPE_BF16 ? &bf16 : dtype == MHA_DTYPE_I8 ? &i8 : &f32;
+}

@@ -50,15 +50,18 @@ extern const mha__products mha__products_f32;
 extern const mha__products mha__products_bf16;
 
 /* The split-K driver's two row operations on cached K and V rows stored
- * in the cache's dtype, element `at` onward, rows ld elements apart:
+ * in the cache's dtype, element `at` onward, rows ld elements apart, with
+ * the rows' scales from `scale` on (int8 rows; NULL for the others):
  *   dot:  s[j] = q . k_j for j < n (q already scaled)
  *   axpy: o += sum_j p[j] v_j, j in order */
 typedef struct mha__kv_rows {
-    void (*dot)(const mha__attn_plan *p, const void *k, int64_t at, int64_t ld, int64_t n, const float *q, float *s);
-    void (*axpy)(const mha__attn_plan *p, const float *pr, const void *v, int64_t at, int64_t ld, int64_t n, float *o);
+    void (*dot)(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n,
+                const float *q, float *s);
+    void (*axpy)(const mha__attn_plan *p, const float *pr, const void *v, const float *scale, int64_t at, int64_t ld,
+                 int64_t n, float *o);
 } mha__kv_rows;
 
-extern const mha__kv_rows mha__kv_rows_f32;
-extern const mha__kv_rows mha__kv_rows_bf16;
+/* The row operations for K and V stored as F32, BF16 or I8. */
+const mha__kv_rows *mha__kv_rows_of(mha_dtype dtype);
 
 #endif /* MHA_PRODUCTS_H */

@@ -42,14 +42,20 @@ static mha_status problem_from_desc(const mha_tensor *q, const mha_tensor *k, co
                          "key has %lld heads but query has %lld; set enable_gqa for grouped-query attention",
                          (long long)Hkv, (long long)Hq);
     if (Hkv == 0 && Hq > 0) return mha__fail(MHA_ERR_INVALID_ARG, "key has 0 heads but query has %lld", (long long)Hq);
+    return mha__attn_problem(desc, (mha__attn_dims){B, Hq, Hkv, L, S, D, v->shape[3]}, plan);
+}
+
+mha_status mha__attn_problem(const mha_attn_desc *desc, mha__attn_dims dims, mha__attn_plan *plan)
+{
+    int64_t D = dims.D, S = dims.S;
     *plan = (mha__attn_plan){
-        .B = B,
-        .Hq = Hq,
-        .Hkv = Hkv,
-        .L = L,
+        .B = dims.B,
+        .Hq = dims.Hq,
+        .Hkv = dims.Hkv,
+        .L = dims.L,
         .S = S,
         .D = D,
-        .Dv = v->shape[3],
+        .Dv = dims.Dv,
         .R = S,
         .scale = isnan(desc->scale) ? (float)(1.0 / sqrt((double)D)) : (float)desc->scale,
         .softcap = desc->softcap,

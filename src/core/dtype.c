@@ -12,7 +12,7 @@ static const struct {
 } dtype_table[MHA_DTYPE_COUNT] = {
     [MHA_DTYPE_F64] = {"F64", 8},   [MHA_DTYPE_F32] = {"F32", 4},   [MHA_DTYPE_F16] = {"F16", 2},
     [MHA_DTYPE_BF16] = {"BF16", 2}, [MHA_DTYPE_BOOL] = {"BOOL", 1}, [MHA_DTYPE_U8] = {"U8", 1},
-    [MHA_DTYPE_I32] = {"I32", 4},   [MHA_DTYPE_I64] = {"I64", 8},
+    [MHA_DTYPE_I32] = {"I32", 4},   [MHA_DTYPE_I64] = {"I64", 8},   [MHA_DTYPE_I8] = {"I8", 1},
 };
 
 const char *mha_dtype_name(mha_dtype dtype)
@@ -56,6 +56,7 @@ void mha__convert_to_f32(mha_dtype dtype, const void *src, float *dst, int64_t n
         }
         case MHA_DTYPE_BOOL: dst[i] = *s ? 1.0f : 0.0f; break;
         case MHA_DTYPE_U8: dst[i] = (float)*s; break;
+        case MHA_DTYPE_I8: dst[i] = (float)(int8_t)*s; break;
         case MHA_DTYPE_I32: {
             int32_t v;
             memcpy(&v, s, 4);

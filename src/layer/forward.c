@@ -130,7 +130,8 @@ static mha_status plan_forward(const mha_ctx *ctx, const mha_layer *l, const mha
     f->separate_heads = tape || attn_weights || f->staged;
     mha_status st = mha__attn_plan_check(&f->attn);
     if (st == MHA_OK) st = plan_buffers(l, tape, f);
-    mha__attn_needs needs = {true, false, f->stats}; /* the activations always have a row view */
+    mha__attn_needs needs = {
+        .kv_rows = true, .kv_dtype = MHA_DTYPE_F32, .stats = f->stats}; /* the activations always have a row view */
     if (st == MHA_OK) st = mha__attn_plan_resolve(&f->attn, ctx, needs);
     int64_t calls = 0, own = 0;
     if (st == MHA_OK && !plan_calls(ctx, l, f, &calls)) st = MHA_ERR_INVALID_ARG;

@@ -6,15 +6,24 @@
  * contiguous run that decoding streams through.  A step:
  *   Q, K_new, V_new = projections of the n new rows      (the layer's GEMM)
  *   rotate Q and K_new at positions length ..             (rope.c)
- *   append K_new, V_new (rounded if the cache is bf16)
+ *   append K_new, V_new (rounded if the cache is bf16, quantised if int8)
  *   attention of the new rows over all length + n rows, bottom-right
  *   causal: flash.c's tiles for a float32 cache and 16 or more rows (a
- *   prompt), else decode.c's split-K (a token at a time, or a bf16 cache)
+ *   prompt), else decode.c's split-K (a token at a time, or a bf16 or
+ *   int8 cache)
+ *
+ * An int8 cache stores each row (one token of one kv head, K or V apart)
+ * as head_dim integers q in [-127, 127] and one float scale = max |x| /
+ * 127, x ~ scale * q: symmetric, so 0 stays exactly 0, and per row, so one
+ * large token does not cost the others their precision.  Each element is
+ * off by at most scale / 2 = max |x| / 254 (docs/NUMERICS.md bounds what
+ * that does to the attention).
  *   out = heads W_o^T + b_o
  */
 #include "core/convert.h"
 #include "layer/layer.h"
 
+#include <math.h>
 #include <string.h>
 
 enum { CACHE_MAGIC = 0x6d68616b /* "mhak" */ };
@@ -22,8 +31,9 @@ enum { CACHE_MAGIC = 0x6d68616b /* "mhak" */ };
 struct mha_kv_cache {
     uint32_t magic;
     int64_t batch, kv_heads, head_dim, capacity, length;
-    bool bf16;
-    void *k, *v; /* [batch][g][capacity][d] floats or bf16 */
+    mha_dtype dtype;          /* F32, BF16 or I8 */
+    void *k, *v;              /* [batch][g][capacity][d] elements of dtype */
+    float *k_scale, *v_scale; /* I8: [batch][g][capacity], one per row; else NULL */
 };
 
 static mha_status check_cache(const mha_kv_cache *c, const char *fn)
@@ -42,18 +52,29 @@ mha_status mha_kv_cache_create(const mha_layer *layer, int64_t batch, int64_t ca
     if (batch < 1 || capacity < 1)
         return mha__fail(MHA_ERR_INVALID_ARG, "batch and capacity must be positive, got %lld and %lld",
                          (long long)batch, (long long)capacity);
-    if (dtype != MHA_DTYPE_F32 && dtype != MHA_DTYPE_BF16)
-        return mha__fail(MHA_ERR_INVALID_ARG, "a KV cache stores F32 or BF16, not %s", mha_dtype_name(dtype));
-    int64_t n, size = dtype == MHA_DTYPE_BF16 ? 2 : 4;
-    if (!mha__product((int64_t[]){batch, layer->desc.num_kv_heads, capacity, layer->head_dim, size}, 5, &n))
+    if (dtype != MHA_DTYPE_F32 && dtype != MHA_DTYPE_BF16 && dtype != MHA_DTYPE_I8)
+        return mha__fail(MHA_ERR_INVALID_ARG, "a KV cache stores F32, BF16 or I8, not %s", mha_dtype_name(dtype));
+    int64_t n, rows, g = layer->desc.num_kv_heads;
+    if (!mha__product((int64_t[]){batch, g, capacity, layer->head_dim, (int64_t)mha_dtype_size(dtype)}, 5, &n) ||
+        !mha__product((int64_t[]){batch, g, capacity, (int64_t)sizeof(float)}, 4, &rows))
         return mha__fail(MHA_ERR_INVALID_ARG, "a cache of %lld tokens x %lld sequences overflows", (long long)capacity,
                          (long long)batch);
     mha_kv_cache *c = mha__calloc(1, sizeof *c);
     if (!c) return MHA_ERR_NOMEM;
-    *c = (mha_kv_cache){CACHE_MAGIC,     batch, layer->desc.num_kv_heads, layer->head_dim,
-                        capacity,        0,     dtype == MHA_DTYPE_BF16,  mha__alloc(n, 1),
-                        mha__alloc(n, 1)};
-    if (!c->k || !c->v) {
+    *c = (mha_kv_cache){.magic = CACHE_MAGIC,
+                        .batch = batch,
+                        .kv_heads = g,
+                        .head_dim = layer->head_dim,
+                        .capacity = capacity,
+                        .dtype = dtype,
+                        .k = mha__alloc(n, 1),
+                        .v = mha__alloc(n, 1)};
+    bool scaled = dtype == MHA_DTYPE_I8;
+    if (scaled) {
+        c->k_scale = mha__alloc(rows, 1);
+        c->v_scale = mha__alloc(rows, 1);
+    }
+    if (!c->k || !c->v || (scaled && (!c->k_scale || !c->v_scale))) {
         mha_kv_cache_free(c);
         return MHA_ERR_NOMEM;
     }
@@ -67,6 +88,8 @@ void mha_kv_cache_free(mha_kv_cache *c)
     c->magic = 0;
     mha__free(c->k);
     mha__free(c->v);
+    mha__free(c->k_scale);
+    mha__free(c->v_scale);
     mha__free(c);
 }
 
@@ -100,24 +123,65 @@ mha_status mha_kv_cache_truncate(mha_kv_cache *c, int64_t length)
 static mha__kv_view cache_view(const mha_kv_cache *c)
 {
     int64_t d = c->head_dim;
-    return (mha__kv_view){c->k, c->v, c->bf16, {c->kv_heads * c->capacity * d, c->capacity * d, d}};
+    return (mha__kv_view){.k = c->k,
+                          .v = c->v,
+                          .dtype = c->dtype,
+                          .k_scale = c->k_scale,
+                          .v_scale = c->v_scale,
+                          .stride = {c->kv_heads * c->capacity * d, c->capacity * d, d},
+                          .scale_stride = {c->kv_heads * c->capacity, c->capacity}};
+}
+
+/* One row of d values (stride apart) as int8 at dst; returns its scale.
+ * A row holding an infinity or NaN gets scale NaN (its scores and
+ * weights become NaN, as they would from the float values). */
+static float quantize_row(const float *src, int64_t stride, int64_t d, int8_t *dst)
+{
+    float amax = 0.0f;
+    for (int64_t e = 0; e < d; e++) {
+        float a = fabsf(src[e * stride]);
+        amax = isnan(a) || a > amax ? a : amax; /* a NaN sticks */
+    }
+    float scale = isfinite(amax) ? amax / 127.0f : NAN;
+    if (!(scale > 0.0f)) { /* all zeros (or too small to scale), or not finite: zeros */
+        for (int64_t e = 0; e < d; e++) dst[e] = 0;
+        return scale;
+    }
+    for (int64_t e = 0; e < d; e++) {
+        float q = nearbyintf(src[e * stride] / scale); /* |q| <= 127 but for rounding at the top */
+        dst[e] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
+    }
+    return scale;
+}
+
+/* Row (b, g, t) of x [batch, g, n, d] stored at element `at` of base,
+ * with its scale at `scale` (int8 only). */
+static void store_row(const mha_kv_cache *c, void *base, float *scale, int64_t at, const float *src, int64_t stride)
+{
+    int64_t d = c->head_dim;
+    if (c->dtype == MHA_DTYPE_I8) {
+        *scale = quantize_row(src, stride, d, (int8_t *)base + at);
+        return;
+    }
+    for (int64_t e = 0; e < d; e++) {
+        float value = src[e * stride];
+        if (c->dtype == MHA_DTYPE_BF16) ((uint16_t *)base)[at + e] = mha__f32_to_bf16(value);
+        else ((float *)base)[at + e] = value;
+    }
 }
 
 /* Rows [length, length + n) of every (sequence, kv head) from x [batch, g, n, d]. */
-static void store_rows(mha_kv_cache *c, void *dst_base, const mha_tensor *x)
+static void store_rows(mha_kv_cache *c, void *dst_base, float *scales, const mha_tensor *x)
 {
     mha__kv_view view = cache_view(c);
-    int64_t n = x->shape[2], d = c->head_dim;
+    int64_t n = x->shape[2];
     for (int64_t b = 0; b < c->batch; b++)
         for (int64_t g = 0; g < c->kv_heads; g++)
-            for (int64_t t = 0; t < n; t++) {
-                int64_t at = b * view.stride[0] + g * view.stride[1] + (c->length + t) * view.stride[2];
+            for (int64_t t = 0, j = c->length; t < n; t++, j++) {
+                int64_t at = b * view.stride[0] + g * view.stride[1] + j * view.stride[2];
+                float *scale = scales ? scales + b * view.scale_stride[0] + g * view.scale_stride[1] + j : NULL;
                 const float *src = x->data + b * x->stride[0] + g * x->stride[1] + t * x->stride[2];
-                for (int64_t e = 0; e < d; e++) {
-                    float value = src[e * x->stride[3]];
-                    if (c->bf16) ((uint16_t *)dst_base)[at + e] = mha__f32_to_bf16(value);
-                    else ((float *)dst_base)[at + e] = value;
-                }
+                store_row(c, dst_base, scale, at, src, x->stride[3]);
             }
 }
 
@@ -133,9 +197,48 @@ mha_status mha_kv_cache_append(mha_kv_cache *c, const mha_tensor *k, const mha_t
     if (k->shape[2] > c->capacity - c->length)
         return mha__fail(MHA_ERR_INVALID_ARG, "appending %lld tokens to a cache holding %lld of %lld overflows it",
                          (long long)k->shape[2], (long long)c->length, (long long)c->capacity);
-    store_rows(c, c->k, k);
-    store_rows(c, c->v, v);
+    store_rows(c, c->k, c->k_scale, k);
+    store_rows(c, c->v, c->v_scale, v);
     c->length += k->shape[2];
+    return MHA_OK;
+}
+
+/* Element (b, g, j, e) of one cache tensor as float32. */
+static float cached_value(const mha_kv_cache *c, const void *base, const float *scales, int64_t b, int64_t g, int64_t j,
+                          int64_t e)
+{
+    mha__kv_view view = cache_view(c);
+    int64_t at = b * view.stride[0] + g * view.stride[1] + j * view.stride[2] + e;
+    if (c->dtype == MHA_DTYPE_BF16) return mha__bf16_to_f32(((const uint16_t *)base)[at]);
+    if (c->dtype == MHA_DTYPE_F32) return ((const float *)base)[at];
+    return scales[b * view.scale_stride[0] + g * view.scale_stride[1] + j] * (float)((const int8_t *)base)[at];
+}
+
+static void read_rows(const mha_kv_cache *c, const void *base, const float *scales, int64_t start, mha_tensor *x)
+{
+    for (int64_t b = 0; b < c->batch; b++)
+        for (int64_t g = 0; g < c->kv_heads; g++)
+            for (int64_t t = 0; t < x->shape[2]; t++)
+                for (int64_t e = 0; e < c->head_dim; e++)
+                    x->data[b * x->stride[0] + g * x->stride[1] + t * x->stride[2] + e * x->stride[3]] =
+                        cached_value(c, base, scales, b, g, start + t, e);
+}
+
+mha_status mha_kv_cache_read(const mha_kv_cache *c, int64_t start, mha_tensor *k, mha_tensor *v)
+{
+    mha_status st = check_cache(c, "mha_kv_cache_read");
+    if (st != MHA_OK) return st;
+    if (!k && !v) return mha__fail(MHA_ERR_MISUSE, "mha_kv_cache_read: no tensor to read into");
+    int64_t n = (k ? k : v)->shape[2];
+    const int64_t shape[4] = {c->batch, c->kv_heads, -1, c->head_dim};
+    if (k && (st = mha__check_tensor(k, "keys", shape)) != MHA_OK) return st;
+    const int64_t v_shape[4] = {c->batch, c->kv_heads, n, c->head_dim};
+    if (v && (st = mha__check_tensor(v, "values", v_shape)) != MHA_OK) return st;
+    if (start < 0 || n > c->length - start)
+        return mha__fail(MHA_ERR_INVALID_ARG, "cannot read tokens %lld .. %lld of a cache holding %lld",
+                         (long long)start, (long long)(start + n), (long long)c->length);
+    if (k) read_rows(c, c->k, c->k_scale, start, k);
+    if (v) read_rows(c, c->v, c->v_scale, start, v);
     return MHA_OK;
 }
 
@@ -205,7 +308,7 @@ static mha_status plan_decode(const mha_ctx *ctx, const mha_layer *l, const mha_
     p->attn = step_problem(l, c, n);
     p->nq = N * n * l->qdim; /* bounded by x and the cache, both allocated */
     p->nk = N * n * l->kvdim;
-    mha_status st = mha__attn_plan_resolve(&p->attn, ctx, (mha__attn_needs){true, c->bf16, false});
+    mha_status st = mha__attn_plan_resolve(&p->attn, ctx, (mha__attn_needs){.kv_rows = true, .kv_dtype = c->dtype});
     if (st != MHA_OK) return st;
     bool ok = mha__layer_rotate_workspace(l, n, n, &rope) && mha__layer_project_workspace(l, N, n, n, &gemm) &&
               mha__ws_add(&own, (2 * p->nq + 2 * p->nk) * (int64_t)sizeof(float), "the decoding step's rows");
@@ -231,7 +334,7 @@ static mha__kv cache_kv(const mha_kv_cache *c, int64_t S)
 {
     mha__kv_view rows = cache_view(c);
     mha__kv kv = {.rows = rows};
-    if (!c->bf16) {
+    if (c->dtype == MHA_DTYPE_F32) {
         int64_t shape[4] = {c->batch, c->kv_heads, S, c->head_dim};
         kv.k = (mha_tensor){(float *)c->k,
                             {shape[0], shape[1], shape[2], shape[3]},
@@ -275,5 +378,47 @@ mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_ten
     st = run_decode(ctx, l, &p, c, out, x);
     mha__ws_release(ctx, top);
     if (st != MHA_OK) c->length = before; /* the cache is unchanged on error */
+    return st;
+}
+
+/* ---------------------------------------------------------------- */
+/* Attention over the cache, for callers with their own projections  */
+/* ---------------------------------------------------------------- */
+
+/* The plan of q [batch, Hq, L, head_dim] against the cache's rows, after
+ * checking the tensors and the descriptor. */
+static mha_status cached_plan(const mha_ctx *ctx, const mha_kv_cache *c, const mha_tensor *out, const mha_tensor *q,
+                              const mha_attn_desc *desc, mha__attn_plan *p)
+{
+    mha_status st = check_cache(c, "mha_kv_cache_attention");
+    if (st != MHA_OK) return st;
+    const int64_t q_shape[4] = {c->batch, -1, -1, c->head_dim};
+    if ((st = mha__check_tensor(q, "query", q_shape)) != MHA_OK) return st;
+    int64_t Hq = q->shape[1], L = q->shape[2];
+    if ((st = mha__check_tensor(out, "output", q->shape)) != MHA_OK) return st;
+    if (Hq != c->kv_heads && !desc->enable_gqa)
+        return mha__fail(MHA_ERR_INVALID_ARG,
+                         "the cache has %lld kv heads but query has %lld; set enable_gqa for grouped-query attention",
+                         (long long)c->kv_heads, (long long)Hq);
+    if (desc->dtype != MHA_DTYPE_F32)
+        return mha__fail(MHA_ERR_INVALID_ARG, "attention over a cache computes in F32, not %s",
+                         mha_dtype_name(desc->dtype));
+    mha__attn_dims dims = {c->batch, Hq, c->kv_heads, L, c->length, c->head_dim, c->head_dim};
+    if ((st = mha__attn_problem(desc, dims, p)) != MHA_OK) return st;
+    return mha__attn_plan_resolve(p, ctx, (mha__attn_needs){.kv_rows = true, .kv_dtype = c->dtype});
+}
+
+mha_status mha_kv_cache_attention(mha_ctx *ctx, const mha_kv_cache *c, mha_tensor *out, const mha_tensor *q,
+                                  const mha_attn_desc *desc)
+{
+    if (!ctx || !out || !q || !desc) return mha__fail(MHA_ERR_MISUSE, "mha_kv_cache_attention: NULL argument");
+    mha__attn_plan p;
+    mha_status st = cached_plan(ctx, c, out, q, desc, &p);
+    if (st == MHA_OK) st = mha__ws_reserve(ctx, p.workspace);
+    if (st != MHA_OK) return st;
+    int64_t top = mha__ws_top(ctx);
+    mha__kv kv = cache_kv(c, c->length);
+    st = mha__attn_run(ctx, &p, out, NULL, NULL, q, &kv);
+    mha__ws_release(ctx, top);
     return st;
 }

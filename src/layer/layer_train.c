@@ -243,7 +243,9 @@ static mha_status plan_backward(const mha_ctx *ctx, const mha_layer *l, const mh
             total;
     p->attn = mha__layer_plan(l, a);
     mha_status st = mha__attn_plan_check(&p->attn);
-    if (st == MHA_OK) st = mha__attn_plan_resolve(&p->attn, ctx, (mha__attn_needs){true, false, true});
+    if (st == MHA_OK)
+        st = mha__attn_plan_resolve(&p->attn, ctx,
+                                    (mha__attn_needs){.kv_rows = true, .kv_dtype = MHA_DTYPE_F32, .stats = true});
     if (st != MHA_OK) return st;
     if (!mha__mul(N * L, l->qdim, &p->nq) || !mha__mul(N * mha__max64(L, S), widest, &p->stage) ||
         !mha__add(p->nq, p->stage, &total) || total > INT64_MAX / 8)
