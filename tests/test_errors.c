@@ -387,8 +387,11 @@ static void test_cli_success(void)
     expect_cli_output("last step vs one full forward", "decode", "--weights", blk, "--prefix",
                       "model.layers.0.self_attn.", "--num-heads", "4", "--rope", "half", "--prompt-len", "5", "--steps",
                       "3", "--threads", "2", NULL);
-    expect_cli_error("--cache-dtype must be f32 or bf16, got \"f16\"", "decode", "--weights", blk, "--num-heads", "4",
-                     "--cache-dtype", "f16", NULL);
+    expect_cli_error("--cache-dtype must be f32, bf16 or int8, got \"f16\"", "decode", "--weights", blk, "--num-heads",
+                     "4", "--cache-dtype", "f16", NULL);
+    expect_cli_output("int8 cache, 2 threads", "decode", "--weights", blk, "--prefix", "model.layers.0.self_attn.",
+                      "--num-heads", "4", "--rope", "half", "--prompt-len", "5", "--steps", "3", "--threads", "2",
+                      "--cache-dtype", "int8", NULL);
     expect_cli_error("at least one token in all", "decode", "--weights", blk, "--num-heads", "4", "--prompt-len", "0",
                      "--steps", "0", NULL);
     expect_cli_error("--num-heads is required", "decode", "--weights", blk, NULL);
@@ -408,6 +411,9 @@ static void test_cli_success(void)
     expect_cli_output("\"num_kv_heads\":1,\"causal\":true", "bench", "--op", "sdpa", "--seq", "8", "--embed-dim", "16",
                       "--num-heads", "2", "--num-kv-heads", "1", "--is-causal", "--repeat", "1", "--peak-gflops", "1",
                       "--json", NULL);
+    expect_cli_output("\"cache_dtype\":\"int8\"", "bench", "--op", "decode", "--kv-seq", "300", "--embed-dim", "16",
+                      "--num-heads", "2", "--num-kv-heads", "1", "--cache-dtype", "int8", "--repeat", "1", "--json",
+                      NULL);
 }
 
 /* Write a safetensors file of F32 (or given dtype) tensors; varargs are
@@ -471,6 +477,10 @@ static void test_cli_usage(void)
                      "--op", "prefill", NULL);
     expect_cli_error("--op backward is self-attention", "bench", "--op", "backward", "--kv-seq", "9", NULL);
     expect_cli_error("--dtype bf16 is not available for --op sdpa", "bench", "--op", "sdpa", "--dtype", "bf16", NULL);
+    expect_cli_error("--cache-dtype applies to --op decode only", "bench", "--op", "sdpa", "--cache-dtype", "int8",
+                     NULL);
+    expect_cli_error("--cache-dtype must be f32, bf16 or int8, got \"i8\"", "bench", "--op", "decode", "--cache-dtype",
+                     "i8", NULL);
     expect_cli_error("--op forward is self-attention", "bench", "--kv-seq", "7", NULL);
     expect_cli_error("must be divisible by num_heads", "bench", "--embed-dim", "10", "--num-heads", "3", NULL);
 }

@@ -157,6 +157,24 @@ int cli_ctx(const char *cmd, int64_t threads, mha_ctx **ctx)
     return CLI_OK;
 }
 
+int cli_cache_dtype(const char *cmd, const char *name, mha_dtype *dtype)
+{
+    static const char *const names[] = {"f32", "bf16", "int8"};
+    static const mha_dtype dtypes[] = {MHA_DTYPE_F32, MHA_DTYPE_BF16, MHA_DTYPE_I8};
+    int at = cli_choice(name, names, 3);
+    if (at < 0) {
+        cli_error(cmd, "--cache-dtype must be f32, bf16 or int8, got \"%s\"", name);
+        return CLI_USAGE;
+    }
+    *dtype = dtypes[at];
+    return CLI_OK;
+}
+
+int64_t cli_cache_row_bytes(mha_dtype dtype, int64_t head_dim)
+{
+    return head_dim * (int64_t)mha_dtype_size(dtype) + (dtype == MHA_DTYPE_I8 ? (int64_t)sizeof(float) : 0);
+}
+
 static bool is_float_dtype(mha_dtype d)
 {
     return d == MHA_DTYPE_F64 || d == MHA_DTYPE_F32 || d == MHA_DTYPE_F16 || d == MHA_DTYPE_BF16;

@@ -146,4 +146,12 @@ int cli_cmp_double(const void *a, const void *b);
 /* Context with --threads (0 = default). */
 int cli_ctx(const char *cmd, int64_t threads, mha_ctx **ctx);
 
+/* --cache-dtype: the KV cache's storage named f32, bf16 or int8, into
+ * *dtype; CLI_USAGE with a message otherwise. */
+#define CLI_CACHE_DTYPE_HELP "f32 (default), bf16 or int8 (per token and head, one scale each) storage of K and V"
+int cli_cache_dtype(const char *cmd, const char *name, mha_dtype *dtype);
+/* Bytes one cached row of head_dim keys (or values) takes in dtype, its
+ * scale included. */
+int64_t cli_cache_row_bytes(mha_dtype dtype, int64_t head_dim);
+
 #endif /* MHA_CLI_H */

@@ -19,7 +19,8 @@
 static const char *const CMD = "bench";
 
 typedef struct bench_opts {
-    const char *op, *dtype;
+    const char *op, *dtype, *cache_dtype;
+    mha_dtype cache; /* decode: the KV cache's storage, from cache_dtype */
     int64_t batch, seq, kv_seq, embed_dim, num_heads, num_kv_heads, threads, repeat;
     bool causal, json, peak;
     double peak_gflops;
@@ -44,6 +45,7 @@ typedef struct bench_case {
     mha_tensor out, q, k, v, dout, dq, dk, dv;
     mha_attn_stats stats; /* sdpa-backward: the forward's row statistics */
     mha_layer_tape *tape;
+    mha_kv_cache *cache; /* decode: K and V, appended once */
     mha_attn_desc desc;
     float *buffers[10];
     double flops;
@@ -106,6 +108,27 @@ static int setup_forward(const bench_opts *o, bench_case *c)
     return CLI_OK;
 }
 
+/* Decoding: the new rows attend to a KV cache of --cache-dtype holding
+ * the random K and V (appended once, quantised if int8), up to
+ * themselves; the copy bandwidth measured beside it. */
+static int setup_decode(const bench_opts *o, bench_case *c)
+{
+    mha_layer_desc d; /* the cache's shape: kv heads and head width */
+    mha_layer_desc_init(&d);
+    d.embed_dim = o->embed_dim;
+    d.num_heads = o->num_heads;
+    d.num_kv_heads = o->num_kv_heads;
+    c->desc.causal = MHA_CAUSAL_BOTTOM_RIGHT;
+    int64_t rows = o->batch * o->num_kv_heads * o->kv_seq;
+    c->bytes = 2.0 * (double)rows * (double)cli_cache_row_bytes(o->cache, o->embed_dim / o->num_heads);
+    bool ok = mha_layer_create(&d, &c->layer) == MHA_OK &&
+              mha_kv_cache_create(c->layer, o->batch, o->kv_seq, o->cache, &c->cache) == MHA_OK &&
+              mha_kv_cache_append(c->cache, &c->k, &c->v) == MHA_OK &&
+              mha_measure_bandwidth(c->ctx, INT64_C(64) << 20, &c->copy_gbps) == MHA_OK;
+    if (!ok) cli_error(CMD, "%s", mha_last_error());
+    return ok ? CLI_OK : CLI_FAIL;
+}
+
 static int setup_sdpa(const bench_opts *o, bench_case *c)
 {
     int64_t H = o->num_heads, G = o->num_kv_heads, D = o->embed_dim / H;
@@ -126,14 +149,7 @@ static int setup_sdpa(const bench_opts *o, bench_case *c)
     c->desc.enable_gqa = G != H;
     c->desc.causal = o->causal ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_NONE;
     c->flops = attention_flops(o);
-    if (strcmp(o->op, "decode") == 0) { /* the new rows attend to the whole cache, up to themselves */
-        c->desc.causal = MHA_CAUSAL_BOTTOM_RIGHT;
-        c->bytes = 2.0 * (double)nk * sizeof(float);
-        if (mha_measure_bandwidth(c->ctx, INT64_C(64) << 20, &c->copy_gbps) != MHA_OK) {
-            cli_error(CMD, "%s", mha_last_error());
-            return CLI_FAIL;
-        }
-    }
+    if (strcmp(o->op, "decode") == 0) return setup_decode(o, c);
     if (strcmp(o->op, "sdpa-backward") != 0) return CLI_OK;
     /* The backward pass needs the forward's output and row statistics (the
      * fast and exact pair; from lse alone it renormalises first), and a dO. */
@@ -168,6 +184,7 @@ static mha_status run_once(const bench_opts *o, bench_case *c)
         mha_status st = mha_layer_forward(c->ctx, c->layer, &c->out, NULL, &c->args);
         return st != MHA_OK ? st : mha_layer_backward(c->ctx, c->layer, &c->args, &c->dout, &c->dq, &c->dq, &c->dq);
     }
+    if (strcmp(o->op, "decode") == 0) return mha_kv_cache_attention(c->ctx, c->cache, &c->out, &c->q, &c->desc);
     if (strcmp(o->op, "sdpa-backward") == 0)
         return mha_attention_backward_with_stats(c->ctx, &c->dq, &c->dk, &c->dv, &c->q, &c->k, &c->v, &c->out,
                                                  &c->stats, &c->dout, &c->desc);
@@ -199,18 +216,18 @@ static void report(const bench_opts *o, const bench_case *c, double *ms, int n)
     if (c->bytes > 0 && o->json)
         printf(
             "{\"op\":\"decode\",\"batch\":%lld,\"seq\":%lld,\"kv_seq\":%lld,\"num_heads\":%lld,\"num_kv_heads\":%lld,"
-            "\"head_dim\":%lld,\"threads\":%d,\"isa\":\"%s\",\"median_ms\":%.4f,\"min_ms\":%.4f,\"max_ms\":%.4f,"
-            "\"kv_gbps\":%.2f,\"copy_gbps\":%.2f}\n",
+            "\"head_dim\":%lld,\"cache_dtype\":\"%s\",\"threads\":%d,\"isa\":\"%s\",\"median_ms\":%.4f,"
+            "\"min_ms\":%.4f,\"max_ms\":%.4f,\"kv_bytes\":%.0f,\"kv_gbps\":%.2f,\"copy_gbps\":%.2f}\n",
             (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->num_heads,
-            (long long)o->num_kv_heads, (long long)(o->embed_dim / o->num_heads), mha_ctx_threads(c->ctx), mha_isa(),
-            median, ms[0], ms[n - 1], gbps, c->copy_gbps);
+            (long long)o->num_kv_heads, (long long)(o->embed_dim / o->num_heads), o->cache_dtype,
+            mha_ctx_threads(c->ctx), mha_isa(), median, ms[0], ms[n - 1], c->bytes, gbps, c->copy_gbps);
     if (c->bytes > 0 && !o->json)
         printf(
-            "decode B=%lld new rows %lld, cache %lld, h=%lld kv=%lld d=%lld, %d threads, %s: median %.3f ms (min %.3f, "
-            "max %.3f); K and V read at %.1f GB/s, the machine copies at %.1f GB/s (2 x bytes / s)\n",
-            (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->num_heads,
+            "decode B=%lld new rows %lld, %s cache %lld, h=%lld kv=%lld d=%lld, %d threads, %s: median %.3f ms (min "
+            "%.3f, max %.3f); K and V (%.1f MB) read at %.1f GB/s, the machine copies at %.1f GB/s (2 x bytes / s)\n",
+            (long long)o->batch, (long long)o->seq, o->cache_dtype, (long long)o->kv_seq, (long long)o->num_heads,
             (long long)o->num_kv_heads, (long long)(o->embed_dim / o->num_heads), mha_ctx_threads(c->ctx), mha_isa(),
-            median, ms[0], ms[n - 1], gbps, c->copy_gbps);
+            median, ms[0], ms[n - 1], c->bytes / 1e6, gbps, c->copy_gbps);
     if (c->bytes > 0) return;
     if (o->json) {
         printf("{\"op\":\"%s\",\"batch\":%lld,\"seq\":%lld,\"kv_seq\":%lld,\"embed_dim\":%lld,\"num_heads\":%lld,"
@@ -256,6 +273,7 @@ static int measure(bench_opts *o)
     free(ms);
     for (int i = 0; i < 10; i++) free(c.buffers[i]);
     mha_layer_tape_free(c.tape);
+    mha_kv_cache_free(c.cache);
     mha_layer_free(c.layer);
     mha_ctx_free(c.ctx);
     return rc;
@@ -294,7 +312,7 @@ static int measure_peak(const bench_opts *o)
 }
 
 /* --op and --dtype name something the benchmark can run. */
-static int check_op(const bench_opts *o)
+static int check_op(bench_opts *o)
 {
     static const char *const ops[] = {"forward", "backward", "sdpa", "sdpa-backward", "decode"};
     bool known = false;
@@ -307,15 +325,25 @@ static int check_op(const bench_opts *o)
         cli_error(CMD, "--dtype %s is not available for --op %s; use f32 (or bf16 with forward)", o->dtype, o->op);
         return CLI_USAGE;
     }
-    return CLI_OK;
+    if (strcmp(o->cache_dtype, "f32") != 0 && strcmp(o->op, "decode") != 0) {
+        cli_error(CMD, "--cache-dtype applies to --op decode only");
+        return CLI_USAGE;
+    }
+    return cli_cache_dtype(CMD, o->cache_dtype, &o->cache);
 }
 
 static const cli_range GFLOPS = {1e-3, 1e9, "a positive GFLOP/s figure"};
 
 int mha_cmd_bench(int argc, char **argv)
 {
-    bench_opts o = {
-        .op = "forward", .dtype = "f32", .batch = 1, .seq = 512, .embed_dim = 768, .num_heads = 12, .repeat = 10};
+    bench_opts o = {.op = "forward",
+                    .dtype = "f32",
+                    .cache_dtype = "f32",
+                    .batch = 1,
+                    .seq = 512,
+                    .embed_dim = 768,
+                    .num_heads = 12,
+                    .repeat = 10};
     cli_flag flags[] = {
         {"op", FLAG_STRING, &o.op,
          "forward (the MHA layer), backward (its forward + backward, training), sdpa (attention core), "
@@ -331,6 +359,7 @@ int mha_cmd_bench(int argc, char **argv)
         {"num-kv-heads", FLAG_INT, &o.num_kv_heads, "key/value heads for sdpa (default h)", false, &CLI_COUNT},
         {"is-causal", FLAG_BOOL, &o.causal, "causal masking", false, NULL},
         {"dtype", FLAG_STRING, &o.dtype, "f32 or bf16 (the layer computing in bfloat16; forward only)", false, NULL},
+        {"cache-dtype", FLAG_STRING, &o.cache_dtype, "decode: " CLI_CACHE_DTYPE_HELP, false, NULL},
         {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false, &CLI_THREADS},
         {"repeat", FLAG_INT, &o.repeat, "timed calls (default 10)", false, &CLI_COUNT},
         {"peak-gflops", FLAG_DOUBLE, &o.peak_gflops, "use this peak instead of measuring it", false, &GFLOPS},

@@ -38,7 +38,8 @@ static const char *grouped(int64_t v, char *buf, size_t size)
 static void print_kv_table(int64_t E, int64_t h, int64_t chosen)
 {
     mha_info info;
-    printf("KV cache per token and layer (K and V, float32; bf16 is half):\n");
+    printf("KV cache per token and layer (K and V, float32; bf16 takes 1/2, int8 (head_dim + 4) / (4 head_dim) with "
+           "its scales):\n");
     for (int64_t g = h; g >= 1; g--) {
         /* MHA, MQA, the chosen count, and GQA groups of a power of two. */
         bool pow2_group = (h / g & (h / g - 1)) == 0;
