@@ -240,18 +240,21 @@ static PyObject *py_layer_backward(PyObject *self, PyObject *args)
     return mha_py_run(&h, ok, threads, backward_job, &c, outputs, 3);
 }
 
-/* kv_cache(layer, batch, capacity, bf16) -> capsule */
+/* kv_cache(layer, batch, capacity, dtype name "F32" | "BF16" | "I8") -> capsule */
 static PyObject *py_kv_cache(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *cap;
     long long batch, capacity;
-    int bf16;
-    if (!PyArg_ParseTuple(args, "OLLp", &cap, &batch, &capacity, &bf16)) return NULL;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "OLLs", &cap, &batch, &capacity, &name)) return NULL;
     mha_layer *l = object_of(cap, LAYER);
     if (!l) return NULL;
+    mha_dtype dtype = MHA_DTYPE_COUNT; /* an unknown name: the library names the error */
+    for (int d = 0; d < MHA_DTYPE_COUNT; d++)
+        if (strcmp(mha_dtype_name((mha_dtype)d), name) == 0) dtype = (mha_dtype)d;
     mha_kv_cache *c = NULL;
-    mha_status st = mha_kv_cache_create(l, batch, capacity, bf16 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32, &c);
+    mha_status st = mha_kv_cache_create(l, batch, capacity, dtype, &c);
     if (st != MHA_OK) return mha_py_raise(st);
     PyObject *res = PyCapsule_New(c, CACHE, free_cache);
     if (!res) mha_kv_cache_free(c);
@@ -285,6 +288,25 @@ static PyObject *py_kv_cache_op(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* kv_cache_read(cache, start, k, v): tokens start .. as float32 into k and
+ * v [batch, g, n, head_dim]. */
+static PyObject *py_kv_cache_read(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *cap, *k, *v;
+    long long start;
+    if (!PyArg_ParseTuple(args, "OLOO", &cap, &start, &k, &v)) return NULL;
+    mha_kv_cache *c = object_of(cap, CACHE);
+    mha_py_held h = {.n = 0};
+    mha_tensor kt, vt;
+    bool ok = c && mha_py_tensor(&h, k, "k", 1, &kt) && mha_py_tensor(&h, v, "v", 1, &vt);
+    mha_status st = ok ? mha_kv_cache_read(c, start, &kt, &vt) : MHA_OK;
+    mha_py_release(&h);
+    if (!ok) return NULL;
+    if (st != MHA_OK) return mha_py_raise(st);
+    Py_RETURN_NONE;
+}
+
 /* layer_decode(layer, cache, out, x, threads) -> finite */
 static PyObject *py_layer_decode(PyObject *self, PyObject *args)
 {
@@ -310,6 +332,7 @@ PyMethodDef mha_py_layer_methods[] = {
     {"layer_backward", py_layer_backward, METH_VARARGS, "mha_layer_backward on buffers"},
     {"kv_cache", py_kv_cache, METH_VARARGS, "mha_kv_cache_create"},
     {"kv_cache_op", py_kv_cache_op, METH_VARARGS, "length, capacity, reset, truncate, close"},
+    {"kv_cache_read", py_kv_cache_read, METH_VARARGS, "mha_kv_cache_read"},
     {"layer_decode", py_layer_decode, METH_VARARGS, "mha_layer_decode on buffers"},
     {NULL, NULL, 0, NULL},
 };

@@ -39,6 +39,8 @@ class MultiheadAttention:
         slopes = None if alibi_slopes is None else _arrays.floats(alibi_slopes, "alibi_slopes").reshape(-1)
         self.embed_dim, self.num_heads, self.batch_first = int(embed_dim), int(num_heads), bool(batch_first)
         self.kdim, self.vdim = int(kdim or embed_dim), int(vdim or embed_dim)
+        self.num_kv_heads = int(num_kv_heads or num_heads)
+        self.head_dim = int(head_dim or self.embed_dim // max(self.num_heads, 1))
         self._extra_keys = int(bool(add_bias_kv)) + int(bool(add_zero_attn))  # appended after the S keys
         self._layer = _core.layer_create(self.embed_dim, self.num_heads, self.kdim, self.vdim, bool(bias),
                                          bool(add_bias_kv), bool(add_zero_attn), int(num_kv_heads or 0),
@@ -252,16 +254,25 @@ class MultiheadAttention:
         return out[0] if single else out
 
 
+_CACHE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "int8": "I8"}
+
+
 class KVCache:
     """The keys and values a MultiheadAttention has seen while decoding:
-    `capacity` tokens of `batch` sequences, stored as float32 or bfloat16
-    (half the memory).  close() frees it at once (or use `with`); any use
-    after that raises mha.MhaError."""
+    `capacity` tokens of `batch` sequences, stored as float32, bfloat16
+    (half the memory) or int8 (a bit over a quarter: each token's row of
+    keys or values per kv head is integers in [-127, 127] times one float
+    scale, max |row| / 127, so each element is off by at most
+    max |row| / 254).  The attention computes in float32 either way.
+    close() frees it at once (or use `with`); any use after that raises
+    mha.MhaError."""
 
     def __init__(self, layer, batch=1, capacity=4096, dtype="float32"):
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f'dtype must be "float32" or "bfloat16", got {dtype!r}')
-        self._cache = _core.kv_cache(layer._layer, int(batch), int(capacity), dtype == "bfloat16")
+        if dtype not in _CACHE_DTYPES:
+            raise ValueError(f'dtype must be "float32", "bfloat16" or "int8", got {dtype!r}')
+        self.dtype, self.batch = dtype, int(batch)
+        self._rows = (layer.num_kv_heads, layer.head_dim)
+        self._cache = _core.kv_cache(layer._layer, self.batch, int(capacity), _CACHE_DTYPES[dtype])
 
     def _handle(self):
         return self._cache
@@ -278,6 +289,16 @@ class KVCache:
 
     def truncate(self, length):
         _core.kv_cache_op(self._cache, 3, int(length))
+
+    def read(self, start=0, stop=None):
+        """(keys, values) of tokens start .. stop - 1 (default: all held) as
+        float32 arrays [batch, kv_heads, n, head_dim]: what the attention
+        reads, after the cache's rounding or quantisation."""
+        stop = len(self) if stop is None else int(stop)
+        shape = (self.batch, *self._rows[:1], max(stop - int(start), 0), self._rows[1])
+        k, v = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+        _core.kv_cache_read(self._cache, int(start), k, v)
+        return k, v
 
     def close(self):
         _core.kv_cache_op(self._cache, 4, 0)

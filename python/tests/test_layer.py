@@ -38,6 +38,36 @@ def test_decode_equals_one_causal_forward():
     assert np.max(np.abs(np.concatenate(parts, axis=1) - full)) < 1e-5
 
 
+def test_int8_and_bfloat16_caches_against_float32():
+    layer, _ = llama_layer()
+    x = RNG.standard_normal((2, 40, 64)).astype(np.float32)
+    outs, rows = {}, {}
+    for dtype in ("float32", "bfloat16", "int8"):
+        with mha.KVCache(layer, batch=2, capacity=40, dtype=dtype) as cache:
+            assert cache.dtype == dtype
+            outs[dtype] = np.concatenate([layer.decode(x[:, :30], cache)] +
+                                         [layer.decode(x[:, t:t + 1], cache) for t in range(30, 40)], axis=1)
+            rows[dtype] = cache.read()
+            assert rows[dtype][0].shape == (2, layer.num_kv_heads, 40, layer.head_dim)
+            assert cache.read(38)[1].shape[2] == 2
+    k32, v32 = rows["float32"]
+    for got, want in zip(rows["int8"], (k32, v32)):  # each row within max |row| / 254
+        bound = np.abs(want).max(axis=-1, keepdims=True) * (1 / 254 + 1.2e-7)
+        assert np.all(np.abs(got - want) <= bound)
+    scale = max(1.0, np.abs(outs["float32"]).max())
+    assert np.abs(outs["int8"] - outs["float32"]).max() <= 2e-2 * scale
+    assert np.abs(outs["bfloat16"] - outs["float32"]).max() <= 2e-2 * scale
+
+
+def test_cache_dtype_and_read_errors():
+    layer, _ = llama_layer()
+    with pytest.raises(ValueError, match='"int8"'):
+        mha.KVCache(layer, dtype="float16")
+    with mha.KVCache(layer, capacity=4, dtype="int8") as cache:
+        with pytest.raises(ValueError, match="cannot read tokens 0 .. 2 of a cache holding 0"):
+            cache.read(0, 2)
+
+
 def test_closed_cache_and_full_cache():
     layer, _ = llama_layer()
     cache = mha.KVCache(layer, capacity=4)
