@@ -95,6 +95,32 @@ static void test_exp(const mha__kernels *kt)
     free(y);
 }
 
+/* abs_max over every tail of rows, with NaN and infinite scores: the
+ * largest magnitude per row, NaN passed over, nothing written past rows. */
+static void test_abs_max(const mha__kernels *kt)
+{
+    enum { ROWS = 21, COLS = 9, LDS = 24 };
+    float s[COLS * LDS], top[ROWS + 1];
+    int bad = 0;
+    for (int i = 0; i < COLS * LDS; i++) s[i] = uniform() * 100.0f;
+    s[3 * LDS + 5] = NAN;
+    s[4 * LDS + 6] = -INFINITY;
+    for (int rows = 1; rows <= ROWS; rows++) {
+        for (int r = 0; r <= ROWS; r++) top[r] = r == 0 ? 500.0f : 0.5f; /* row 0 keeps its larger start */
+        kt->abs_max(s, LDS, rows, COLS, top);
+        for (int r = 0; r < rows; r++) {
+            float want = r == 0 ? 500.0f : 0.5f;
+            for (int c = 0; c < COLS; c++) {
+                float a = fabsf(s[c * LDS + r]);
+                want = a > want ? a : want;
+            }
+            bad += top[r] != want;
+        }
+        if (rows < ROWS) bad += top[rows] != 0.5f; /* nothing written past rows */
+    }
+    CHECK(bad == 0, "%s abs_max: %d mismatches", kt->name, bad);
+}
+
 /* Two steps of softmax_step over a row split in two blocks must give the
  * statistics of the whole row. */
 static void test_softmax_step(const mha__kernels *kt)
@@ -343,6 +369,7 @@ int main(void)
         test_exp(kt);
         test_softmax_step(kt);
         test_softmax_grad(kt);
+        test_abs_max(kt);
         test_rows(kt, NULL, false);
         test_rows(kt, NULL, true);
         tested++;

@@ -303,6 +303,26 @@ static void scale_avx2(float *x, int64_t n, float alpha)
     if (i < n) _mm256_maskstore_ps(x + i, mk, _mm256_mul_ps(_mm256_maskload_ps(x + i, mk), va));
 }
 
+/* 8 rows per vector; max_ps returns its second operand when either is
+ * NaN, so a NaN score leaves the running maximum as it was. */
+void mha__abs_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= rows; i += 8) {
+        __m256 acc = _mm256_loadu_ps(top + i);
+        for (int64_t j = 0; j < cols; j++)
+            acc = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(s + j * lds + i)), acc);
+        _mm256_storeu_ps(top + i, acc);
+    }
+    if (i == rows) return;
+    __m256i mk = lane_mask(rows - i);
+    __m256 acc = _mm256_maskload_ps(top + i, mk);
+    for (int64_t j = 0; j < cols; j++)
+        acc = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_maskload_ps(s + j * lds + i, mk)), acc);
+    _mm256_maskstore_ps(top + i, mk, acc);
+}
+
 static void exp_shift_avx2(float *x, int64_t n, float shift)
 {
     __m256 vs = _mm256_set1_ps(shift);
@@ -342,5 +362,6 @@ const mha__kernels mha__kernels_avx2 = {
     .axpy_rows_i8 = mha__axpy_rows_i8_avx2,
     .scale = scale_avx2,
     .exp_shift = exp_shift_avx2,
+    .abs_max = mha__abs_max_avx2,
     .peak = peak_avx2,
 };

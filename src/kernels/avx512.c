@@ -222,5 +222,6 @@ const mha__kernels mha__kernels_avx512 = {
     .axpy_rows_i8 = mha__axpy_rows_i8_avx2,
     .scale = scale_avx512,
     .exp_shift = exp_shift_avx512,
+    .abs_max = mha__abs_max_avx2,
     .peak = peak_avx512,
 };

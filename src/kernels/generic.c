@@ -111,6 +111,15 @@ static void axpy_rows_i8_generic(const float *p, const float *scale, const int8_
     }
 }
 
+static void abs_max_generic(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top)
+{
+    for (int64_t j = 0; j < cols; j++)
+        for (int64_t i = 0; i < rows; i++) {
+            float a = fabsf(s[j * lds + i]);
+            top[i] = a > top[i] ? a : top[i];
+        }
+}
+
 static void scale_generic(float *x, int64_t n, float alpha)
 {
     for (int64_t i = 0; i < n; i++) x[i] *= alpha;
@@ -187,5 +196,6 @@ const mha__kernels mha__kernels_generic = {
     .axpy_rows_i8 = axpy_rows_i8_generic,
     .scale = scale_generic,
     .exp_shift = exp_shift_generic,
+    .abs_max = abs_max_generic,
     .peak = peak_generic,
 };

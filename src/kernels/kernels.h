@@ -79,6 +79,12 @@ typedef void (*mha__scale_fn)(float *x, int64_t n, float alpha);
  * exp as softmax_step. */
 typedef void (*mha__exp_shift_fn)(float *x, int64_t n, float shift);
 
+/* top[i] = max(top[i], max_j |s[j * lds + i]|) for i < rows, j < cols,
+ * over a key-major tile as softmax_step's (queries in lanes); NaN scores
+ * are passed over.  Which rows' raw scores are large enough to need
+ * refining (attention.h). */
+typedef void (*mha__abs_max_fn)(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top);
+
 /* Runs `iterations` rounds of independent multiply-adds on registers (no
  * memory traffic) and returns the floating-point operations done: the
  * measure of this ISA's peak. */
@@ -96,6 +102,7 @@ typedef struct mha__kernels {
     mha__axpy_rows_i8_fn axpy_rows_i8;
     mha__scale_fn scale;
     mha__exp_shift_fn exp_shift;
+    mha__abs_max_fn abs_max;
     mha__peak_fn peak;
 } mha__kernels;
 
@@ -186,6 +193,9 @@ void mha__dot_rows_i8_avx2(const int8_t *k, int64_t ldk, int64_t n, const float 
                            float *s);
 void mha__axpy_rows_i8_avx2(const float *p, const float *scale, const int8_t *v, int64_t ldv, int64_t n, int64_t d,
                             float *o);
+/* avx2.c's abs_max, which the avx512 table shares: a pass over the tile
+ * well under 1% of its products. */
+void mha__abs_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top);
 #endif
 
 #endif /* MHA_KERNELS_H */
