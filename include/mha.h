@@ -249,11 +249,14 @@ mha_status mha_attention_backward_workspace_size(const mha_ctx *ctx, const mha_t
                                                  const mha_attn_desc *desc, int64_t *bytes);
 
 /* The softmax's row statistics of a forward call, for a backward that
- * recomputes every probability to the forward's bits:
- *   max  [B, Hq, L]  contiguous; each row's largest score (-inf for a row
- *                    that sees no key)
- *   sum  [B, Hq, L]  contiguous; the sum over its keys of exp(score - max)
- *                    (0 for such a row)
+ * recomputes every probability as the forward did:
+ *   max  [B, Hq, L]  contiguous; each row's largest score, rounded to
+ *                    float32 (-inf for a row that sees no key)
+ *   sum  [B, Hq, L]  contiguous; the sum over its keys of exp(score - max),
+ *                    with the exact score where logits are large
+ *                    (docs/NUMERICS.md), so the largest term is 1 but
+ *                    for the rounding of max (0 for a row that sees no
+ *                    key)
  * lse is max + log(sum) rounded to float32, off by up to half an ulp of
  * |lse| (4e-6 at lse = 100), an error in every probability of its row;
  * mha_attention_backward removes it with an extra pass over the scores (a

@@ -70,6 +70,7 @@ typedef struct sdpa_case {
     double scale; /* NAN = default */
     bool strided; /* q, k, v, out stored as [B, T, H, D] */
     bool bf16;    /* computed in bfloat16; the baseline is the plain bf16 reference */
+    double size;  /* q and k in [-2 size, 2 size): 1, or up to 20 for logits in the thousands */
 } sdpa_case;
 
 /* Offset of element (b, h, t, c) and the matching view. */
@@ -266,9 +267,10 @@ static void run_sdpa_case(const sdpa_case *c, mha_ctx *ctx1, mha_ctx *ctx3, cons
     sdpa_data x;
     memset(&x, 0, sizeof x);
     double *unused;
-    x.q = random_floats(nq, 2.0, &unused);
+    double size = c->size > 0 ? c->size : 1.0;
+    x.q = random_floats(nq, 2.0 * size, &unused);
     free(unused);
-    x.k = random_floats(nk, 2.0, &unused);
+    x.k = random_floats(nk, 2.0 * size, &unused);
     free(unused);
     x.v = random_floats(nv, 1.0, &unused);
     free(unused);
@@ -379,6 +381,55 @@ static void test_sdpa_sweep(mha_ctx *ctx1, mha_ctx *ctx3)
             c.bf16 ? " bf16" : "", (long long)c.B, (long long)c.Hq, (long long)c.Hkv, (long long)c.L, (long long)c.S,
             (long long)c.D, (long long)c.Dv, (int)c.causal, (long long)c.window_left, (long long)c.window_right,
             (double)c.softcap, c.alibi, (int)c.mask);
+        run_sdpa_case(&c, ctx1, ctx3, label);
+    }
+}
+
+/* Large logits: q and k 5 to 20 times the sweep's, head widths to 128,
+ * so scores reach the thousands, with the options that met them badly
+ * before the scores were refined and delta taken from P and dP
+ * (attention.h, flash_bwd.c): causal of both alignments, a window with
+ * softcap, masks, a small custom scale with bottom-right causal, GQA,
+ * Dv != D, ALiBi.  Forward, lse, both backward passes, all held to the
+ * rule. */
+static void test_large_logit_sweep(mha_ctx *ctx1, mha_ctx *ctx3)
+{
+    static const int64_t dims[] = {16, 64, 128}, sizes[] = {5, 10, 20};
+    for (int n = 0; n < 90; n++) {
+        sdpa_case c = {.B = 1 + pick(2),
+                       .Hkv = 1 + pick(2),
+                       .L = 1 + pick(70),
+                       .S = 1 + pick(70),
+                       .D = dims[pick(3)],
+                       .window_left = -1,
+                       .window_right = -1,
+                       .scale = NAN,
+                       .size = (double)sizes[pick(3)]};
+        c.Hq = c.Hkv * (n % 4 == 0 ? 1 + pick(4) : 1);
+        c.Dv = n % 3 ? c.D : dims[pick(3)];
+        switch (n % 6) {
+        case 1: c.causal = MHA_CAUSAL_TOP_LEFT; break;
+        case 2: c.causal = MHA_CAUSAL_BOTTOM_RIGHT; break;
+        case 3:
+            c.window_left = pick(8), c.window_right = pick(8);
+            c.softcap = (float)(5 + 25 * pick(3));
+            c.causal = pick(2) ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_NONE;
+            break;
+        case 4: c.mask = (enum mask_kind)(1 + pick(MASK_KINDS - 1)); break;
+        case 5:
+            c.scale = (double[]){0.01, 0.05, 0.3}[pick(3)];
+            c.causal = MHA_CAUSAL_BOTTOM_RIGHT;
+            break;
+        default: c.alibi = pick(2); break;
+        }
+        c.strided = pick(2);
+        char label[200];
+        snprintf(label, sizeof label,
+                 "large logits #%d x%g B%lld Hq%lld Hkv%lld L%lld S%lld D%lld Dv%lld causal%d win(%lld,%lld) cap%g "
+                 "alibi%d mask%d scale%g",
+                 n, c.size, (long long)c.B, (long long)c.Hq, (long long)c.Hkv, (long long)c.L, (long long)c.S,
+                 (long long)c.D, (long long)c.Dv, (int)c.causal, (long long)c.window_left, (long long)c.window_right,
+                 (double)c.softcap, c.alibi, (int)c.mask, c.scale);
         run_sdpa_case(&c, ctx1, ctx3, label);
     }
 }
@@ -634,6 +685,7 @@ typedef struct layer_case {
     int64_t window_left, window_right;
     float softcap;
     bool alibi;
+    double size; /* query and key inputs in [-size, size): 1 (0 means 1), or 10 for large logits */
 } layer_case;
 
 /* Whether a case sets Q, K, V through in_proj_weight (else Llama names). */
@@ -792,7 +844,8 @@ static void run_layer_case(const layer_case *c, mha_ctx *ctx1, mha_ctx *ctx2, co
     }
     /* Inputs batch-first for the reference; the library may read them as
      * [T, N, F] through strides. */
-    float *iq = random_floats(N * L * E, 1, &xq), *ik = random_floats(N * S * c->kdim, 1, &xk);
+    double size = c->size > 0 ? c->size : 1.0;
+    float *iq = random_floats(N * L * E, size, &xq), *ik = random_floats(N * S * c->kdim, size, &xk);
     float *iv = random_floats(N * S * c->vdim, 1, &xv);
     float *amask = NULL;
     uint8_t *kpm = NULL;
@@ -931,6 +984,36 @@ static void test_layer_sweep(mha_ctx *ctx1, mha_ctx *ctx2)
  * than E / h (including 32 and 64, the head-major layout), rotary
  * embeddings of both kinds (partial too) from a random position, window,
  * softcap, ALiBi, separate output bias; forward and (float32) gradients. */
+/* The layer with query and key inputs 10 times larger: logits in the
+ * hundreds through the projections, forward and gradients held to the
+ * rule, causal or masked or windowed with softcap, GQA blocks too. */
+static void test_large_logit_layers(mha_ctx *ctx1, mha_ctx *ctx2)
+{
+    static const int64_t seqs[] = {1, 3, 8, 17, 40};
+    for (int n = 0; n < 24; n++) {
+        layer_case c = {.out_bias = -1, .window_left = -1, .window_right = -1, .size = 10.0, .batch_first = true};
+        c.H = 1 + pick(4);
+        c.E = c.H * (8 + pick(25));
+        c.N = 1 + pick(2);
+        c.L = seqs[pick(5)];
+        c.S = n % 2 ? seqs[pick(5)] : c.L;
+        c.kdim = c.vdim = c.E;
+        c.bias = pick(2);
+        c.causal = n % 3 == 0;
+        c.mask = n % 3 == 1;
+        c.kpm = pick(3) == 0;
+        if (n % 4 == 3) { /* a model block: GQA, a window with softcap */
+            c.G = 1, c.hd = c.E / c.H, c.window_left = pick(6), c.softcap = 30.0f, c.S = c.L;
+            c.causal = true;
+        }
+        char label[160];
+        snprintf(label, sizeof label, "large-logit layer #%d N%lld L%lld S%lld E%lld H%lld G%lld causal%d mask%d", n,
+                 (long long)c.N, (long long)c.L, (long long)c.S, (long long)c.E, (long long)c.H, (long long)c.G,
+                 c.causal, c.mask);
+        run_layer_case(&c, ctx1, ctx2, label);
+    }
+}
+
 static void test_block_sweep(mha_ctx *ctx1, mha_ctx *ctx2)
 {
     static const int64_t seqs[] = {1, 3, 8, 17, 40};
@@ -1190,11 +1273,13 @@ int main(int argc, char **argv)
     if (getenv("MHA_TEST_SEED")) rng = strtoull(getenv("MHA_TEST_SEED"), NULL, 10);
     test_reference_vs_pytorch(argc > 1 ? argv[1] : "tests/data/golden");
     test_sdpa_sweep(ctx1, ctx3);
+    test_large_logit_sweep(ctx1, ctx3);
     test_reference_gradients_by_differences();
     test_reference_layer_gradients_by_differences();
     test_heads_are_independent(ctx2);
     test_fully_masked_rows(ctx1);
     test_layer_sweep(ctx1, ctx2);
+    test_large_logit_layers(ctx1, ctx2);
     test_block_sweep(ctx1, ctx2);
     test_reference_block_gradients_by_differences();
     test_padding_equals_attn_mask(ctx3);

@@ -99,6 +99,76 @@ typedef struct mha__attn_dims {
  * check. */
 mha_status mha__attn_problem(const mha_attn_desc *desc, mha__attn_dims dims, mha__attn_plan *plan);
 
+/* A matrix read through two strides: element (r, c) at data[r * rs + c * cs]. */
+typedef struct mha__strided {
+    const float *data;
+    int64_t rs, cs;
+} mha__strided;
+
+/* Scores where float32 is not enough.
+ *
+ * A probability is exp(s - m) / l: its relative error is the error of the
+ * difference s - m.  A score rounded to float32 is off by up to half an
+ * ulp of |s|, 3e-5 at |s| = 500, and any float32 computation of it at
+ * least that, so with logits in the hundreds that error dominates the
+ * output's, and ours and a float32 reference's are alike in size: nothing
+ * then keeps ours within the tolerance rule's factor of the reference's.
+ * Where a row's raw scores (the dot products, before softcap and bias:
+ * their terms set the float32 error) pass MHA_REFINE_ABOVE in magnitude
+ * within a tile, the tile's scores that matter (those within
+ * MHA_REFINE_NEAR of the row's largest; beyond it, exp < 4e-11) are
+ * recomputed from the unscaled rows in float64, the contract (softcap,
+ * bias) applied in float64 too, and stored as x = s - anchor, rounded
+ * once: near the anchor, x is small and so is its rounding.  The anchor is
+ * a float the softmax treats as the row's maximum: the forward's running
+ * maximum, raised to the exact maximum of each tile; the backward's and
+ * the weights' saved maximum (or lse).  Each pass decides per tile (the
+ * forward's tiles of 192 keys, the backward's of 96): a score refined in
+ * one and not the other is one whose tile has no large raw score, so its
+ * float32 error is small either way.  bf16 plans are left alone (their
+ * rounding is far larger).  Below the threshold a score's rounding is no
+ * larger than the float32 reference's. */
+#define MHA_REFINE_ABOVE 16.0f
+#define MHA_REFINE_NEAR  24.0f
+enum { MHA_REFINE_MAX_COLS = 256, MHA_REFINE_MAX_ROWS = 192 }; /* the largest tile or chunk */
+
+/* Where the float64 scores of a tile come from: query rows i0 + r at q
+ * (unscaled, float32) and key rows j0 + c at k, stored as float32, or as
+ * a cache's bf16 or int8 rows (k_cs 1; int8 with a scale per row). */
+typedef struct mha__score_source {
+    const float *q;
+    int64_t q_rs, q_cs;
+    const void *k;
+    int64_t k_rs, k_cs;
+    mha_dtype k_dtype;
+    const float *k_scale;
+    int64_t b, h, i0, j0;
+} mha__score_source;
+
+/* The source of query rows i0.. of head h against keys j0.. of its kv
+ * head, batch b, from float32 tensors q [B, Hq, L, D] and k [B, Hkv, S, D]. */
+mha__score_source mha__tensor_scores(const mha__attn_plan *p, const mha_tensor *q, const mha_tensor *k, int64_t b,
+                                     int64_t h, int64_t i0, int64_t j0);
+
+/* large[r] = whether row r of key-major tile st (st[c * lds + r], the raw
+ * float32 scores, before the contract) has one above MHA_REFINE_ABOVE in
+ * magnitude (never for a bf16 plan); true if any row has. */
+bool mha__large_rows(const mha__attn_plan *p, const float *st, int64_t lds, int64_t rows, int64_t cols, bool *large);
+/* Is a maximum (or anchor) m large: are the scores near it? */
+bool mha__refines(const mha__attn_plan *p, float m);
+/* The same for one row of n <= MHA_REFINE_MAX_COLS contiguous scores. */
+bool mha__large_scores(const mha__attn_plan *p, const float *s, int64_t n);
+
+/* Row r of key-major tile st (c < cols <= MHA_REFINE_MAX_COLS: now the
+ * float32 scores after the contract) rewritten as x = s - anchor, its
+ * scores near the row's largest refined if `refine` (and then the cap's
+ * slope too, if slope is not NULL).  With `fixed` the anchor is given;
+ * else it becomes max(anchor, the row's maximum, exact where refined and
+ * rounded), so the largest x is about 0.  Returns the anchor used (-inf,
+ * and the row left at -inf, if nothing is visible). */
+float mha__shift_row(const mha__attn_plan *p, const mha__score_source *src, int64_t r, float *st, int64_t lds,
+                     int64_t cols, float anchor, bool fixed, bool refine, float *slope);
+
 /* Checks a plan's sizes and options (not its tensors); INVALID_ARG names
  * the offending field. */
 mha_status mha__attn_plan_check(const mha__attn_plan *plan);

@@ -5,6 +5,7 @@
  * here calls them, so the public entry points (sdpa.c) sit above both.
  */
 #include "attn/attention.h"
+#include "core/convert.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -115,4 +116,102 @@ void mha__score_contract(const mha__attn_plan *p, float *st, int64_t lds, int64_
             s[r] = x;
         }
     }
+}
+
+/* ---------------------------------------------------------------- */
+/* Refined scores                                                    */
+/* ---------------------------------------------------------------- */
+
+bool mha__large_rows(const mha__attn_plan *p, const float *st, int64_t lds, int64_t rows, int64_t cols, bool *large)
+{
+    float top[MHA_REFINE_MAX_ROWS] = {0};
+    if (!p->bf16) p->kt->abs_max(st, lds, rows, cols, top);
+    bool any = false;
+    for (int64_t r = 0; r < rows; r++) {
+        large[r] = !p->bf16 && top[r] > MHA_REFINE_ABOVE;
+        any = any || large[r];
+    }
+    return any;
+}
+
+mha__score_source mha__tensor_scores(const mha__attn_plan *p, const mha_tensor *q, const mha_tensor *k, int64_t b,
+                                     int64_t h, int64_t i0, int64_t j0)
+{
+    int64_t g = h / p->group;
+    return (mha__score_source){.q = q->data + b * q->stride[0] + h * q->stride[1] + i0 * q->stride[2],
+                               .q_rs = q->stride[2],
+                               .q_cs = q->stride[3],
+                               .k = k->data + b * k->stride[0] + g * k->stride[1] + j0 * k->stride[2],
+                               .k_rs = k->stride[2],
+                               .k_cs = k->stride[3],
+                               .k_dtype = MHA_DTYPE_F32,
+                               .b = b,
+                               .h = h,
+                               .i0 = i0,
+                               .j0 = j0};
+}
+
+static double key_element(const mha__score_source *src, int64_t c, int64_t d)
+{
+    int64_t at = c * src->k_rs + d * src->k_cs;
+    if (src->k_dtype == MHA_DTYPE_BF16) return mha__bf16_to_f32(((const uint16_t *)src->k)[at]);
+    if (src->k_dtype == MHA_DTYPE_I8) return (double)src->k_scale[c] * ((const int8_t *)src->k)[at];
+    return ((const float *)src->k)[at];
+}
+
+/* The score of query row r and key c in float64, after the contract: the
+ * softcap (its slope in *slope) and the bias of a real key. */
+static double exact_score(const mha__attn_plan *p, const mha__score_source *src, int64_t r, int64_t c, double *slope)
+{
+    const float *q = src->q + r * src->q_rs;
+    double s = 0;
+    for (int64_t d = 0; d < p->D; d++) s += (double)q[d * src->q_cs] * key_element(src, c, d);
+    s *= p->scale;
+    *slope = 1.0;
+    if (p->softcap > 0) {
+        double t = tanh(s / p->softcap);
+        s = p->softcap * t;
+        *slope = 1.0 - t * t;
+    }
+    int64_t key = src->j0 + c;
+    if (key < p->R && mha__plan_has_bias(p)) s += mha__real_key_bias(p, src->b, src->h, src->i0 + r, key);
+    return s;
+}
+
+bool mha__refines(const mha__attn_plan *p, float m) { return !p->bf16 && isfinite(m) && fabsf(m) > MHA_REFINE_ABOVE; }
+
+bool mha__large_scores(const mha__attn_plan *p, const float *s, int64_t n)
+{
+    float top[MHA_REFINE_MAX_COLS] = {0};
+    if (p->bf16) return false;
+    p->kt->abs_max(s, 0, n, 1, top); /* one key of n "rows": top[i] = |s[i]| */
+    for (int64_t i = 0; i < n; i++)
+        if (top[i] > MHA_REFINE_ABOVE) return true;
+    return false;
+}
+
+float mha__shift_row(const mha__attn_plan *p, const mha__score_source *src, int64_t r, float *st, int64_t lds,
+                     int64_t cols, float anchor, bool fixed, bool refine, float *slope)
+{
+    double exact[MHA_REFINE_MAX_COLS], top = -INFINITY, cap_slope;
+    float m32 = -INFINITY;
+    for (int64_t c = 0; c < cols; c++) m32 = st[c * lds + r] > m32 ? st[c * lds + r] : m32;
+    for (int64_t c = 0; c < cols; c++) { /* NAN: keep the float32 score */
+        float s32 = st[c * lds + r];
+        exact[c] = NAN;
+        if (!refine || !(s32 > m32 - MHA_REFINE_NEAR)) continue; /* far, masked (-inf) or NaN */
+        exact[c] = exact_score(p, src, r, c, &cap_slope);
+        if (slope) slope[c * lds + r] = (float)cap_slope;
+        top = exact[c] > top ? exact[c] : top;
+    }
+    if (!fixed) {
+        float m = top > -INFINITY ? (float)top : m32;
+        anchor = m > anchor ? m : anchor;
+    }
+    if (anchor == -INFINITY) return anchor; /* nothing visible: every score is -inf already */
+    for (int64_t c = 0; c < cols; c++) {
+        float *x = &st[c * lds + r];
+        *x = isnan(exact[c]) ? *x - anchor : (float)(exact[c] - (double)anchor);
+    }
+    return anchor;
 }

@@ -20,6 +20,7 @@
 #include <string.h>
 
 enum { KC = 256 }; /* keys per chunk: 256 x 64 floats of K and of V fit in L2 beside each other */
+_Static_assert((int)KC <= (int)MHA_REFINE_MAX_COLS, "a chunk's scores must fit mha__shift_row");
 
 typedef struct decode_job {
     const mha__attn_plan *p;
@@ -63,6 +64,26 @@ static void chunk_values(const decode_job *j, int64_t b, int64_t g, int64_t j0, 
     j->p->kv_rows->axpy(j->p, pr, kv->v, row_scales(kv, kv->v_scale, b, g, j0), at, kv->stride[2], cols, o);
 }
 
+/* Where the float64 scores of query row qi against keys j0.. come from. */
+static mha__score_source chunk_source(const decode_job *j, const float *qi, int64_t b, int64_t h, int64_t i, int64_t j0)
+{
+    const mha__kv_view *kv = j->kv;
+    int64_t g = h / j->p->group;
+    size_t size = mha_dtype_size(kv->dtype);
+    return (mha__score_source){.q = qi,
+                               .q_cs = j->q->stride[3],
+                               .k = (const char *)kv->k +
+                                    (b * kv->stride[0] + g * kv->stride[1] + j0 * kv->stride[2]) * (int64_t)size,
+                               .k_rs = kv->stride[2],
+                               .k_cs = 1,
+                               .k_dtype = kv->dtype,
+                               .k_scale = row_scales(kv, kv->k_scale, b, g, j0),
+                               .b = b,
+                               .h = h,
+                               .i0 = i,
+                               .j0 = j0};
+}
+
 /* One query row (b, h, i) against chunk c: its (m, l, O). */
 static void row_chunk(const decode_job *j, float *s, float *qs, int64_t b, int64_t h, int64_t i, int64_t c)
 {
@@ -77,13 +98,24 @@ static void row_chunk(const decode_job *j, float *s, float *qs, int64_t b, int64
     const float *qi = j->q->data + b * j->q->stride[0] + h * j->q->stride[1] + i * j->q->stride[2];
     for (int64_t d = 0; d < p->D; d++) qs[d] = qi[d * j->q->stride[3]] * p->scale;
     chunk_scores(j, b, h / p->group, j0, cols, qs, s);
-    bool plain = p->softcap == 0 && !mha__plan_has_bias(p) && j0 >= lo && j0 + cols <= hi;
-    if (!plain) mha__score_contract(p, s, 1, b, h, i, 1, j0, cols, &lo, &hi, NULL);
+    bool plain = p->softcap == 0 && !mha__plan_has_bias(p) && j0 >= lo && j0 + cols <= hi, large = false;
+    if (!plain) { /* the raw scores' size, before the contract changes them */
+        large = mha__large_scores(p, s, cols);
+        mha__score_contract(p, s, 1, b, h, i, 1, j0, cols, &lo, &hi, NULL);
+    }
     float m = -INFINITY;
     for (int64_t k = 0; k < cols; k++) /* a NaN score makes the row NaN, as a plain softmax does */
         m = isnan(m) ? m : s[k] > m || isnan(s[k]) ? s[k] : m;
     if (m == -INFINITY) return;
-    j->kt->exp_shift(s, cols, m);
+    /* Plain, the maximum tells: the scores near it are large exactly when it is. */
+    large = large || (!p->bf16 && fabsf(m) > MHA_REFINE_ABOVE);
+    if (large && !isnan(m)) { /* relative to the chunk's exact maximum (attention.h: refined scores) */
+        mha__score_source src = chunk_source(j, qi, b, h, i, j0);
+        m = mha__shift_row(p, &src, 0, s, 1, cols, -INFINITY, false, true, NULL);
+        j->kt->exp_shift(s, cols, 0.0f);
+    } else {
+        j->kt->exp_shift(s, cols, m);
+    }
     float l = 0.0f;
     for (int64_t k = 0; k < cols; k++) l += s[k];
     chunk_values(j, b, h / p->group, j0, cols, s, part + 2);

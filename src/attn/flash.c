@@ -24,6 +24,8 @@
 /* Query rows per item (at most BR; the plan's block_rows) and keys per tile
  * (products.h). */
 enum { BR = MHA__BR, BC = MHA__BC };
+_Static_assert((int)BC <= (int)MHA_REFINE_MAX_COLS && (int)BR <= (int)MHA_REFINE_MAX_ROWS,
+               "a tile's scores must fit mha__large_rows and mha__shift_row");
 
 typedef mha__tiles tiles;
 
@@ -53,11 +55,19 @@ static void pack_queries(const flash_job *j, int64_t b, int64_t h, int64_t i0, i
     j->p->products->pack_queries(j->p, qs, rows, t);
 }
 
+/* Where the float64 scores of rows i0.. against keys j0.. come from. */
+static mha__score_source score_source(const flash_job *j, int64_t b, int64_t h, int64_t i0, int64_t j0)
+{
+    return mha__tensor_scores(j->p, j->q, j->k, b, h, i0, j0);
+}
+
 /* Scores of keys [j0, j0+cols) against the item's rows, key-major:
  * S^T = K (scale Q)^T in the plan's dtype; then the row contract, unless
  * `plain` says every key of the tile is visible to every row with no
- * bias. */
-static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+ * bias.  t->large[r]: row r's raw scores need refining; known here only
+ * where the contract changes them (elsewhere the row's maximum tells,
+ * see key_tile). */
+static void score_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                        int64_t cols, bool plain)
 {
     const mha__attn_plan *p = j->p;
@@ -65,7 +75,21 @@ static void score_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h,
     mha__strided ks = {k->data + b * k->stride[0] + (h / p->group) * k->stride[1] + j0 * k->stride[2], k->stride[2],
                        k->stride[3]};
     p->products->scores(p, ks, rows, cols, t);
+    if (plain) memset(t->large, 0, (size_t)rows * sizeof(bool));
+    else mha__large_rows(p, t->st, BR, rows, cols, t->large);
     if (!plain) mha__score_contract(p, t->st, BR, b, h, i0, rows, j0, cols, t->lo, t->hi, NULL);
+}
+
+/* Marks the rows whose maximum (running, or saved) m[r] is large: their
+ * scores near it are large too.  True if any row is marked now. */
+static bool mark_large(const mha__attn_plan *p, bool *large, const float *m, int64_t rows)
+{
+    bool any = false;
+    for (int64_t r = 0; r < rows; r++) {
+        large[r] = large[r] || mha__refines(p, m[r]);
+        any = any || large[r];
+    }
+    return any;
 }
 
 /* O = O * scale + P V for keys [j0, j0+cols), in the plan's dtype. */
@@ -81,12 +105,54 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
     p->products->values(p, vs, rows, cols, t);
 }
 
-/* One key tile [j0, j0+cols) for the item's rows. */
-static void key_tile(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+/* softmax_step (kernels.h) for a tile where some row's raw scores are
+ * large (attention.h: refined scores): each row's scores relative to its
+ * new anchor, refined where large, then p = exp(x), in C; the anchor is
+ * the row's running maximum. */
+static void refined_softmax_step(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                                 int64_t j0, int64_t cols)
+{
+    mha__score_source src = score_source(j, b, h, i0, j0);
+    for (int64_t r = 0; r < rows; r++) {
+        float old = t->max[r], l = 0.0f;
+        float anchor = mha__shift_row(j->p, &src, r, t->st, BR, cols, old, false, t->large[r], NULL);
+        for (int64_t c = 0; c < cols; c++) {
+            float *x = &t->st[c * BR + r];
+            *x = expf(*x);
+            l += *x;
+        }
+        t->scale[r] = old == -INFINITY || anchor == -INFINITY ? 1.0f : expf(old - anchor);
+        t->sum[r] = t->sum[r] * t->scale[r] + l;
+        t->max[r] = anchor;
+    }
+}
+
+/* One key tile [j0, j0+cols) for the item's rows: the vector softmax
+ * step, or the refined one where a row's scores are large: its raw
+ * scores, or its maximum before this tile or after it (then the tile's
+ * scores are computed again). */
+static void key_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                      int64_t cols, bool plain)
 {
+    const mha__attn_plan *p = j->p;
     score_tile(j, t, b, h, i0, rows, j0, cols, plain);
-    j->kt->softmax_step(t->st, BR, rows, cols, t->max, t->sum, t->scale);
+    if (!mark_large(p, t->large, t->max, rows)) {
+        float max[BR], sum[BR];
+        memcpy(max, t->max, (size_t)rows * sizeof(float));
+        memcpy(sum, t->sum, (size_t)rows * sizeof(float));
+        j->kt->softmax_step(t->st, BR, rows, cols, t->max, t->sum, t->scale);
+        if (!mark_large(p, t->large, t->max, rows)) {
+            accumulate_values(j, t, b, h, rows, j0, cols);
+            return;
+        }
+        memcpy(t->max, max, (size_t)rows * sizeof(float));
+        memcpy(t->sum, sum, (size_t)rows * sizeof(float));
+        bool marked[BR];
+        memcpy(marked, t->large, (size_t)rows * sizeof(bool));
+        score_tile(j, t, b, h, i0, rows, j0, cols, plain);
+        for (int64_t r = 0; r < rows; r++) t->large[r] = t->large[r] || marked[r];
+    }
+    refined_softmax_step(j, t, b, h, i0, rows, j0, cols);
     accumulate_values(j, t, b, h, rows, j0, cols);
 }
 
@@ -174,10 +240,15 @@ static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t 
     const mha__attn_plan *p = pj->f.p;
     const mha_tensor *pr = pj->probs;
     bool add = pj->average && h > 0;
+    mha__score_source src = score_source(&pj->f, b, h, i0, j0);
     for (int64_t r = 0; r < rows; r++) {
         int64_t at = (b * p->Hq + h) * p->L + i0 + r;
         float max = pj->f.stats->max[at], sum = pj->f.stats->sum[at];
         float s[BC];
+        if (t->large[r] || mha__refines(p, max)) { /* as the forward refined them: x = s - max */
+            mha__shift_row(p, &src, r, t->st, BR, cols, max, true, true, NULL);
+            max = 0.0f;
+        }
         for (int64_t c = 0; c < cols; c++) s[c] = t->st[c * BR + r]; /* back to query-major */
         if (sum > 0) {
             pj->f.kt->exp_shift(s, cols, max);

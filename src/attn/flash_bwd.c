@@ -42,6 +42,8 @@
  * 144 and 192 measured the same as 96 at N = 2048 within this machine's
  * noise; 96 keeps the tiles small and the items many at short N. */
 enum { BQ = 96, BK = 96 };
+_Static_assert((int)BK <= (int)MHA_REFINE_MAX_COLS && (int)BQ <= (int)MHA_REFINE_MAX_ROWS,
+               "a block's scores must fit mha__large_rows and mha__shift_row");
 
 typedef struct bwd_job {
     const mha__attn_plan *p;
@@ -55,6 +57,7 @@ typedef struct bwd_job {
     int64_t scratch_stride;
     int64_t q_blocks, k_blocks; /* k_blocks counts the appended keys' block */
     int64_t groups;             /* G: key-block groups per kv head */
+    bool from_lse;              /* the forward kept an lse, not (max, sum) */
 } bwd_job;
 
 /* Per-thread tiles. */
@@ -70,6 +73,8 @@ typedef struct bwd_tiles {
     float *acc_v; /* [item's keys][Dv]  dV likewise */
     float *kr;    /* [BK][D]   key rows gathered, when K's rows are strided */
     int64_t lo[BQ], hi[BQ];
+    float zero[BQ]; /* the shift of refined scores, already shifted */
+    bool large[BQ]; /* the row's raw scores in the block need refining (attention.h) */
 } bwd_tiles;
 
 static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -107,6 +112,7 @@ static bwd_tiles bwd_tiles_at(const bwd_job *j, int thread)
     t.acc_k = carve(&cur, item_keys(p) * p->D);
     t.acc_v = carve(&cur, item_keys(p) * p->Dv);
     t.kr = carve(&cur, BK * p->D);
+    memset(t.zero, 0, sizeof t.zero);
     return t;
 }
 
@@ -203,9 +209,24 @@ static bool block_visible(const bwd_job *j, const bwd_tiles *t, int64_t rows, in
     return j0 < hi_last && j0 + cols > lo_first;
 }
 
-/* For key rows k_j0.. and the packed query block: st = P^T, dpt = dS^T. */
-static void score_gradients(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                            int64_t cols, bool plain)
+/* Where some row's raw scores are large (attention.h: refined scores),
+ * the block's scores become x = s - shift row by row, refined in those
+ * rows (with the cap's slope); the probabilities are then exp(x) (a zero
+ * shift). */
+static void refine_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                         int64_t cols, const float *shift)
+{
+    const mha__attn_plan *p = j->p;
+    mha__score_source src = mha__tensor_scores(p, j->q, j->k, b, h, i0, j0);
+    for (int64_t r = 0; r < rows; r++)
+        mha__shift_row(p, &src, r, t->st, BQ, cols, shift[r], true, t->large[r], p->softcap > 0 ? t->slope : NULL);
+}
+
+/* For key rows k_j0.. and the packed query block: st = P^T and dpt =
+ * (P o (dP - delta))^T, with delta for the block's rows (and, under
+ * softcap, the cap's slope in t->slope). */
+static void block_probabilities(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                                int64_t j0, int64_t cols, bool plain, const float *delta)
 {
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
@@ -213,12 +234,33 @@ static void score_gradients(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h
     int64_t g = h / p->group;
     const float *kb = row_of(k, b, g, j0), *vb = row_of(v, b, g, j0);
     product(kt, cols, rows, p->D, kb, k->stride[2], k->stride[3], t->qt, BQ, t->st, BQ, 0);
-    bool capped = p->softcap > 0;
-    if (!plain) mha__score_contract(p, t->st, BQ, b, h, i0, rows, j0, cols, t->lo, t->hi, capped ? t->slope : NULL);
+    bool capped = p->softcap > 0, large = false;
+    if (!plain) { /* the raw scores' size, before the contract changes them; else the row's maximum tells */
+        large = mha__large_rows(p, t->st, BQ, rows, cols, t->large);
+        mha__score_contract(p, t->st, BQ, b, h, i0, rows, j0, cols, t->lo, t->hi, capped ? t->slope : NULL);
+    } else {
+        memset(t->large, 0, (size_t)rows * sizeof(bool));
+    }
     product(kt, cols, rows, p->Dv, vb, v->stride[2], v->stride[3], t->dot, BQ, t->dpt, BQ, 0);
-    int64_t row0 = (b * p->Hq + h) * p->L + i0;
-    kt->softmax_grad(t->st, t->dpt, BQ, rows, cols, j->shift + row0, j->mul + row0, j->delta + row0);
-    if (!capped) return;
+    const float *shift = j->shift + (b * p->Hq + h) * p->L + i0;
+    for (int64_t r = 0; r < rows; r++) { /* the forward's maximum: near it, scores are as large */
+        t->large[r] = t->large[r] || mha__refines(p, shift[r]);
+        large = large || t->large[r];
+    }
+    if (large) {
+        refine_block(j, t, b, h, i0, rows, j0, cols, shift);
+        shift = t->zero;
+    }
+    kt->softmax_grad(t->st, t->dpt, BQ, rows, cols, shift, j->mul + (b * p->Hq + h) * p->L + i0, delta);
+}
+
+/* For key rows k_j0.. and the packed query block: st = P^T, dpt = dS^T. */
+static void score_gradients(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                            int64_t cols, bool plain)
+{
+    const mha__attn_plan *p = j->p;
+    block_probabilities(j, t, b, h, i0, rows, j0, cols, plain, j->delta + (b * p->Hq + h) * p->L + i0);
+    if (p->softcap == 0) return;
     for (int64_t c = 0; c < cols; c++)
         for (int64_t r = 0; r < rows; r++) /* masked scores have p = 0, so dS = 0 whatever the slope */
             if (t->st[c * BQ + r] != 0.0f) t->dpt[c * BQ + r] *= t->slope[c * BQ + r];
@@ -321,10 +363,32 @@ static void sweep_range(void *arg, int thread, int64_t begin, int64_t end)
     }
 }
 
-/* From an lse alone: each row's recomputed probabilities summed over every
- * key, and the row's mul divided by that sum (item: batch, head, query
- * block). */
-static void renormalise_range(void *arg, int thread, int64_t begin, int64_t end)
+/* The rows of a query block that the softmax's gradient would cancel
+ * badly from delta = dO . O: those whose largest probability passes 1/2.
+ * There dP_ij - delta_i is a small difference of two large dot products
+ * whose float32 errors are independent, and the difference's error grows
+ * as 1 / (1 - p_max): with logits in the tens, a hundred times PyTorch's,
+ * which takes delta as sum_j P_ij dP_ij from the same dP, so that dP's
+ * error cancels with weight p_max.  From the forward's (max, sum), p_max
+ * is exactly mul = 1 / sum; from an lse alone it is not known, and every
+ * row takes the exact sum (its pass is there anyway, see below). */
+static bool block_peaked(const bwd_job *j, int64_t row0, int64_t rows)
+{
+    if (j->from_lse) return true;
+    for (int64_t r = 0; r < rows; r++)
+        if (j->mul[row0 + r] > 0.5f) return true;
+    return false;
+}
+
+/* Item (batch, head, query block): each row's sum_j p_ij and sum_j p_ij
+ * dP_ij over every key, in float64 and in key order, from the same p and
+ * dP as the sweep's.  From an lse alone (from_lse), the row's mul is then
+ * divided by its sum: a float32 lse is off by up to half an ulp of |lse|,
+ * which scales the row by one factor that this cancels.  Then delta =
+ * sum_j p_ij dP_ij / sum_j p_ij: normalised by the very sum of the p the
+ * sweep uses, a row that sees one key (p = 1 +- an ulp) gets delta =
+ * dP exactly and dS = 0, as the softmax's gradient must be. */
+static void exact_rows_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     const bwd_job *j = arg;
     const mha__attn_plan *p = j->p;
@@ -332,23 +396,27 @@ static void renormalise_range(void *arg, int thread, int64_t begin, int64_t end)
     for (int64_t item = begin; item < end; item++) {
         int64_t qb = item % j->q_blocks, bh = item / j->q_blocks, b = bh / p->Hq, h = bh % p->Hq;
         int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ, row0 = (b * p->Hq + h) * p->L + i0;
-        float sum[BQ] = {0}, zero[BQ] = {0}, one = 1.0f;
+        if (!block_peaked(j, row0, rows)) continue;
+        double sum[BQ] = {0}, weighted[BQ] = {0};
+        float zero[BQ] = {0};
         pack_block(j, &t, b, h, i0, rows, false);
         row_ranges(j, &t, i0, rows);
-        /* softmax_grad's dS output, p (0 - 0), keeps this tile at 0. */
-        memset(t.dpt, 0, (size_t)(BK * BQ) * sizeof(float));
         for (int64_t kb = 0; kb < j->k_blocks; kb++) {
             int64_t j0, cols;
             bool plain;
             key_block(j, kb, &j0, &cols);
             if (!block_visible(j, &t, rows, j0, cols, &plain)) continue;
-            const float *kb_rows = row_of(j->k, b, h / p->group, j0);
-            product(j->kt, cols, rows, p->D, kb_rows, j->k->stride[2], j->k->stride[3], t.qt, BQ, t.st, BQ, 0);
-            if (!plain) mha__score_contract(p, t.st, BQ, b, h, i0, rows, j0, cols, t.lo, t.hi, NULL);
-            j->kt->softmax_grad(t.st, t.dpt, BQ, rows, cols, j->shift + row0, j->mul + row0, zero);
-            product(j->kt, 1, rows, cols, &one, 0, 0, t.st, BQ, sum, BQ, 1); /* sum[r] += ones . P^T column r */
+            block_probabilities(j, &t, b, h, i0, rows, j0, cols, plain, zero); /* dpt = P o dP */
+            for (int64_t c = 0; c < cols; c++)
+                for (int64_t r = 0; r < rows; r++) {
+                    sum[r] += t.st[c * BQ + r];
+                    weighted[r] += t.dpt[c * BQ + r];
+                }
         }
-        for (int64_t r = 0; r < rows; r++) j->mul[row0 + r] = sum[r] > 0 ? j->mul[row0 + r] / sum[r] : 0.0f;
+        for (int64_t r = 0; r < rows; r++) {
+            if (j->from_lse) j->mul[row0 + r] = sum[r] > 0 ? (float)(j->mul[row0 + r] / sum[r]) : 0.0f;
+            j->delta[row0 + r] = sum[r] > 0 ? (float)(weighted[r] / sum[r]) : 0.0f;
+        }
     }
 }
 
@@ -438,6 +506,7 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
         .k_blocks = key_block_count(p),
     };
     j.groups = key_groups(p, j.k_blocks);
+    j.from_lse = norm->lse != NULL;
     j.first_is_dq = dq->stride[3] == 1;
     if (!row_floats(p, partial_groups(j.groups, j.first_is_dq), &floats)) return MHA_ERR_INTERNAL; /* planned */
     float *rows = mha__ws_take(ctx, floats * (int64_t)sizeof(float));
@@ -449,7 +518,7 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
     j.partial = rows + 3 * n_rows;
     rows_job rj = {&j, out, norm};
     mha__parallel_for(ctx, n_rows, rows_range, &rj); /* reads out, which dq may overwrite from here on */
-    if (norm->lse) mha__parallel_for(ctx, p->B * p->Hq * j.q_blocks, renormalise_range, &j);
+    mha__parallel_for(ctx, p->B * p->Hq * j.q_blocks, exact_rows_range, &j);
     mha__parallel_for(ctx, n_rows, zero_range, &j);
     mha__parallel_for(ctx, p->B * p->Hkv * j.groups, sweep_range, &j);
     mha__parallel_for(ctx, n_rows, finish_range, &j);

@@ -24,18 +24,13 @@ typedef struct mha__tiles {
     uint16_t *k16;                    /* bf16 only: [BC][D even]  the key tile, rounded */
     uint16_t *p16;                    /* bf16 only: [BC / 2][BR][2] probabilities in pairs of keys, rounded */
     int64_t lo[MHA__BR], hi[MHA__BR]; /* each row's visible real keys (mha__row_key_range) */
+    bool large[MHA__BR];              /* the row's raw scores in the tile need refining (attention.h) */
 } mha__tiles;
 
 /* Floats of one thread's tiles for a plan. */
 int64_t mha__tiles_floats(const mha__attn_plan *p);
 /* The tiles carved from a slice of mha__tiles_floats floats. */
 mha__tiles mha__tiles_carve(const mha__attn_plan *p, float *slice);
-
-/* A matrix read through two strides: element (r, c) at data[r * rs + c * cs]. */
-typedef struct mha__strided {
-    const float *data;
-    int64_t rs, cs;
-} mha__strided;
 
 typedef struct mha__products {
     /* t->qt = (scale Q)^T for the `rows` query rows q. */
