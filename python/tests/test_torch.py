@@ -167,6 +167,16 @@ def test_sdpa_against_pytorch(i):
         rule(a, b, c, 2 if n == 0 else 3, ["output", "dq", "dk", "dv"][n])
 
 
+@pytest.mark.parametrize("first", range(0, 240, 40))
+def test_sdpa_large_logits(first):
+    """Forward and gradients within the rule where logits reach the
+    thousands (python/tests/large_logits.py; bench/accuracy_sweep.py runs
+    more of the same cases)."""
+    from large_logits import misses
+    bad = [(i, misses(i)[0]) for i in range(first, first + 40)]
+    assert not [b for b in bad if b[1]], [b for b in bad if b[1]]
+
+
 def test_sdpa_bfloat16():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 16, 64, generator=g).to(torch.bfloat16).requires_grad_(True) for _ in range(3))
