@@ -121,6 +121,22 @@ static void test_abs_max(const mha__kernels *kt)
     CHECK(bad == 0, "%s abs_max: %d mismatches", kt->name, bad);
 }
 
+/* dot_f64 over every tail of n, terms of mixed sign and size: within
+ * float64's rounding (n ulps of the sum of magnitudes) of long double. */
+static void test_dot_f64(const mha__kernels *kt)
+{
+    enum { N = 133 };
+    float a[N], b[N];
+    for (int i = 0; i < N; i++) a[i] = uniform() * 1000.0f, b[i] = uniform() * (i % 3 ? 1.0f : 1e-3f);
+    int bad = 0;
+    for (int n = 0; n <= N; n++) {
+        long double want = 0, mag = 0;
+        for (int i = 0; i < n; i++) want += (long double)a[i] * b[i], mag += fabsl((long double)a[i] * b[i]);
+        bad += fabsl(kt->dot_f64(a, b, n) - want) > (n + 1) * DBL_EPSILON * mag;
+    }
+    CHECK(bad == 0, "%s dot_f64: %d mismatches", kt->name, bad);
+}
+
 /* Two steps of softmax_step over a row split in two blocks must give the
  * statistics of the whole row. */
 static void test_softmax_step(const mha__kernels *kt)
@@ -370,6 +386,7 @@ int main(void)
         test_softmax_step(kt);
         test_softmax_grad(kt);
         test_abs_max(kt);
+        test_dot_f64(kt);
         test_rows(kt, NULL, false);
         test_rows(kt, NULL, true);
         tested++;

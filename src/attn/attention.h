@@ -116,7 +116,7 @@ typedef struct mha__strided {
  * Where a row's raw scores (the dot products, before softcap and bias:
  * their terms set the float32 error) pass MHA_REFINE_ABOVE in magnitude
  * within a tile, the tile's scores that matter (those within
- * MHA_REFINE_NEAR of the row's largest; beyond it, exp < 4e-11) are
+ * MHA_REFINE_NEAR of the row's largest; beyond it, exp < 2e-9) are
  * recomputed from the unscaled rows in float64, the contract (softcap,
  * bias) applied in float64 too, and stored as x = s - anchor, rounded
  * once: near the anchor, x is small and so is its rounding.  The anchor is
@@ -129,7 +129,7 @@ typedef struct mha__strided {
  * rounding is far larger).  Below the threshold a score's rounding is no
  * larger than the float32 reference's. */
 #define MHA_REFINE_ABOVE 16.0f
-#define MHA_REFINE_NEAR  24.0f
+#define MHA_REFINE_NEAR  20.0f
 enum { MHA_REFINE_MAX_COLS = 256, MHA_REFINE_MAX_ROWS = 192 }; /* the largest tile or chunk */
 
 /* Where the float64 scores of a tile come from: query rows i0 + r at q
@@ -159,15 +159,16 @@ bool mha__refines(const mha__attn_plan *p, float m);
 /* The same for one row of n <= MHA_REFINE_MAX_COLS contiguous scores. */
 bool mha__large_scores(const mha__attn_plan *p, const float *s, int64_t n);
 
-/* Row r of key-major tile st (c < cols <= MHA_REFINE_MAX_COLS: now the
- * float32 scores after the contract) rewritten as x = s - anchor, its
- * scores near the row's largest refined if `refine` (and then the cap's
- * slope too, if slope is not NULL).  With `fixed` the anchor is given;
- * else it becomes max(anchor, the row's maximum, exact where refined and
- * rounded), so the largest x is about 0.  Returns the anchor used (-inf,
- * and the row left at -inf, if nothing is visible). */
-float mha__shift_row(const mha__attn_plan *p, const mha__score_source *src, int64_t r, float *st, int64_t lds,
-                     int64_t cols, float anchor, bool fixed, bool refine, float *slope);
+/* Key-major tile st (st[c * lds + r], rows <= MHA_REFINE_MAX_ROWS, cols
+ * <= MHA_REFINE_MAX_COLS: now the float32 scores after the contract)
+ * rewritten as x = s - anchor[r], the scores of rows with refine[r] that
+ * lie near the row's largest computed in float64 (and then the cap's
+ * slope too, if slope is not NULL).  With `fixed` the anchors are given;
+ * else each becomes max(anchor[r], the row's maximum, from its exact
+ * score where refined, rounded), so the largest x is about 0.  A row
+ * whose anchor is -inf sees nothing and stays at -inf. */
+void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, float *st, int64_t lds, int64_t rows,
+                     int64_t cols, float *anchor, bool fixed, const bool *refine, float *slope);
 
 /* Checks a plan's sizes and options (not its tensors); INVALID_ARG names
  * the offending field. */

@@ -165,7 +165,10 @@ static double exact_score(const mha__attn_plan *p, const mha__score_source *src,
 {
     const float *q = src->q + r * src->q_rs;
     double s = 0;
-    for (int64_t d = 0; d < p->D; d++) s += (double)q[d * src->q_cs] * key_element(src, c, d);
+    if (src->k_dtype == MHA_DTYPE_F32 && src->q_cs == 1 && src->k_cs == 1)
+        s = p->kt->dot_f64(q, (const float *)src->k + c * src->k_rs, p->D);
+    else
+        for (int64_t d = 0; d < p->D; d++) s += (double)q[d * src->q_cs] * key_element(src, c, d);
     s *= p->scale;
     *slope = 1.0;
     if (p->softcap > 0) {
@@ -190,28 +193,35 @@ bool mha__large_scores(const mha__attn_plan *p, const float *s, int64_t n)
     return false;
 }
 
-float mha__shift_row(const mha__attn_plan *p, const mha__score_source *src, int64_t r, float *st, int64_t lds,
-                     int64_t cols, float anchor, bool fixed, bool refine, float *slope)
+/* Each row's largest float32 score and its key (-1: none above -inf). */
+static void row_maxima(const float *st, int64_t lds, int64_t rows, int64_t cols, float *m32, int64_t *at)
 {
-    double exact[MHA_REFINE_MAX_COLS], top = -INFINITY, cap_slope;
-    float m32 = -INFINITY;
-    for (int64_t c = 0; c < cols; c++) m32 = st[c * lds + r] > m32 ? st[c * lds + r] : m32;
-    for (int64_t c = 0; c < cols; c++) { /* NAN: keep the float32 score */
-        float s32 = st[c * lds + r];
-        exact[c] = NAN;
-        if (!refine || !(s32 > m32 - MHA_REFINE_NEAR)) continue; /* far, masked (-inf) or NaN */
-        exact[c] = exact_score(p, src, r, c, &cap_slope);
-        if (slope) slope[c * lds + r] = (float)cap_slope;
-        top = exact[c] > top ? exact[c] : top;
+    for (int64_t r = 0; r < rows; r++) m32[r] = -INFINITY, at[r] = -1;
+    for (int64_t c = 0; c < cols; c++)
+        for (int64_t r = 0; r < rows; r++)
+            if (st[c * lds + r] > m32[r]) m32[r] = st[c * lds + r], at[r] = c;
+}
+
+void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, float *st, int64_t lds, int64_t rows,
+                     int64_t cols, float *anchor, bool fixed, const bool *refine, float *slope)
+{
+    float m32[MHA_REFINE_MAX_ROWS];
+    int64_t at[MHA_REFINE_MAX_ROWS];
+    double cap_slope;
+    row_maxima(st, lds, rows, cols, m32, at);
+    for (int64_t r = 0; r < rows && !fixed; r++) { /* near the exact maximum: its own x is about 0 */
+        float m = refine[r] && at[r] >= 0 ? (float)exact_score(p, src, r, at[r], &cap_slope) : m32[r];
+        anchor[r] = m > anchor[r] ? m : anchor[r];
     }
-    if (!fixed) {
-        float m = top > -INFINITY ? (float)top : m32;
-        anchor = m > anchor ? m : anchor;
-    }
-    if (anchor == -INFINITY) return anchor; /* nothing visible: every score is -inf already */
-    for (int64_t c = 0; c < cols; c++) {
-        float *x = &st[c * lds + r];
-        *x = isnan(exact[c]) ? *x - anchor : (float)(exact[c] - (double)anchor);
-    }
-    return anchor;
+    for (int64_t c = 0; c < cols; c++)
+        for (int64_t r = 0; r < rows; r++) {
+            float *x = &st[c * lds + r];
+            if (anchor[r] == -INFINITY) continue;                 /* nothing visible: every score is -inf already */
+            if (!refine[r] || !(*x > m32[r] - MHA_REFINE_NEAR)) { /* far, masked (-inf) or NaN */
+                *x -= anchor[r];
+                continue;
+            }
+            *x = (float)(exact_score(p, src, r, c, &cap_slope) - (double)anchor[r]);
+            if (slope) slope[c * lds + r] = (float)cap_slope;
+        }
 }

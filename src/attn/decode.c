@@ -20,7 +20,7 @@
 #include <string.h>
 
 enum { KC = 256 }; /* keys per chunk: 256 x 64 floats of K and of V fit in L2 beside each other */
-_Static_assert((int)KC <= (int)MHA_REFINE_MAX_COLS, "a chunk's scores must fit mha__shift_row");
+_Static_assert((int)KC <= (int)MHA_REFINE_MAX_COLS, "a chunk's scores must fit mha__shift_tile");
 
 typedef struct decode_job {
     const mha__attn_plan *p;
@@ -111,7 +111,9 @@ static void row_chunk(const decode_job *j, float *s, float *qs, int64_t b, int64
     large = large || (!p->bf16 && fabsf(m) > MHA_REFINE_ABOVE);
     if (large && !isnan(m)) { /* relative to the chunk's exact maximum (attention.h: refined scores) */
         mha__score_source src = chunk_source(j, qi, b, h, i, j0);
-        m = mha__shift_row(p, &src, 0, s, 1, cols, -INFINITY, false, true, NULL);
+        bool refine = true;
+        m = -INFINITY;
+        mha__shift_tile(p, &src, s, 1, 1, cols, &m, false, &refine, NULL);
         j->kt->exp_shift(s, cols, 0.0f);
     } else {
         j->kt->exp_shift(s, cols, m);

@@ -25,7 +25,7 @@
  * (products.h). */
 enum { BR = MHA__BR, BC = MHA__BC };
 _Static_assert((int)BC <= (int)MHA_REFINE_MAX_COLS && (int)BR <= (int)MHA_REFINE_MAX_ROWS,
-               "a tile's scores must fit mha__large_rows and mha__shift_row");
+               "a tile's scores must fit mha__large_rows and mha__shift_tile");
 
 typedef mha__tiles tiles;
 
@@ -113,18 +113,17 @@ static void refined_softmax_step(const flash_job *j, const tiles *t, int64_t b, 
                                  int64_t j0, int64_t cols)
 {
     mha__score_source src = score_source(j, b, h, i0, j0);
-    for (int64_t r = 0; r < rows; r++) {
-        float old = t->max[r], l = 0.0f;
-        float anchor = mha__shift_row(j->p, &src, r, t->st, BR, cols, old, false, t->large[r], NULL);
-        for (int64_t c = 0; c < cols; c++) {
-            float *x = &t->st[c * BR + r];
-            *x = expf(*x);
-            l += *x;
-        }
-        t->scale[r] = old == -INFINITY || anchor == -INFINITY ? 1.0f : expf(old - anchor);
-        t->sum[r] = t->sum[r] * t->scale[r] + l;
-        t->max[r] = anchor;
+    float l[BR] = {0}, old[BR];
+    memcpy(old, t->max, (size_t)rows * sizeof(float));
+    mha__shift_tile(j->p, &src, t->st, BR, rows, cols, t->max, false, t->large, NULL);
+    for (int64_t r = 0; r < rows; r++)
+        t->scale[r] = old[r] == -INFINITY || t->max[r] == -INFINITY ? 1.0f : expf(old[r] - t->max[r]);
+    for (int64_t c = 0; c < cols; c++) { /* p = exp(x), a key's rows at a time */
+        float *x = t->st + c * BR;
+        j->kt->exp_shift(x, rows, 0.0f);
+        for (int64_t r = 0; r < rows; r++) l[r] += x[r];
     }
+    for (int64_t r = 0; r < rows; r++) t->sum[r] = t->sum[r] * t->scale[r] + l[r];
 }
 
 /* One key tile [j0, j0+cols) for the item's rows: the vector softmax
@@ -239,20 +238,25 @@ static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t 
 {
     const mha__attn_plan *p = pj->f.p;
     const mha_tensor *pr = pj->probs;
-    bool add = pj->average && h > 0;
-    mha__score_source src = score_source(&pj->f, b, h, i0, j0);
+    bool add = pj->average && h > 0, large[BR], shifted = false;
+    const float *max = pj->f.stats->max + (b * p->Hq + h) * p->L + i0,
+                *sum = pj->f.stats->sum + (max - pj->f.stats->max);
+    float anchor[BR];
     for (int64_t r = 0; r < rows; r++) {
-        int64_t at = (b * p->Hq + h) * p->L + i0 + r;
-        float max = pj->f.stats->max[at], sum = pj->f.stats->sum[at];
+        large[r] = t->large[r] || mha__refines(p, max[r]);
+        shifted = shifted || large[r];
+        anchor[r] = sum[r] > 0 ? max[r] : -INFINITY;
+    }
+    if (shifted) { /* as the forward refined them: x = s - max */
+        mha__score_source src = score_source(&pj->f, b, h, i0, j0);
+        mha__shift_tile(p, &src, t->st, BR, rows, cols, anchor, true, large, NULL);
+    }
+    for (int64_t r = 0; r < rows; r++) {
         float s[BC];
-        if (t->large[r] || mha__refines(p, max)) { /* as the forward refined them: x = s - max */
-            mha__shift_row(p, &src, r, t->st, BR, cols, max, true, true, NULL);
-            max = 0.0f;
-        }
         for (int64_t c = 0; c < cols; c++) s[c] = t->st[c * BR + r]; /* back to query-major */
-        if (sum > 0) {
-            pj->f.kt->exp_shift(s, cols, max);
-            pj->f.kt->scale(s, cols, 1.0f / sum);
+        if (sum[r] > 0) {
+            pj->f.kt->exp_shift(s, cols, shifted ? 0.0f : max[r]);
+            pj->f.kt->scale(s, cols, 1.0f / sum[r]);
         } else {
             memset(s, 0, (size_t)cols * sizeof(float));
         }

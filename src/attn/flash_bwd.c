@@ -43,7 +43,7 @@
  * noise; 96 keeps the tiles small and the items many at short N. */
 enum { BQ = 96, BK = 96 };
 _Static_assert((int)BK <= (int)MHA_REFINE_MAX_COLS && (int)BQ <= (int)MHA_REFINE_MAX_ROWS,
-               "a block's scores must fit mha__large_rows and mha__shift_row");
+               "a block's scores must fit mha__large_rows and mha__shift_tile");
 
 typedef struct bwd_job {
     const mha__attn_plan *p;
@@ -218,8 +218,9 @@ static void refine_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, i
 {
     const mha__attn_plan *p = j->p;
     mha__score_source src = mha__tensor_scores(p, j->q, j->k, b, h, i0, j0);
-    for (int64_t r = 0; r < rows; r++)
-        mha__shift_row(p, &src, r, t->st, BQ, cols, shift[r], true, t->large[r], p->softcap > 0 ? t->slope : NULL);
+    float anchor[BQ];
+    memcpy(anchor, shift, (size_t)rows * sizeof(float));
+    mha__shift_tile(p, &src, t->st, BQ, rows, cols, anchor, true, t->large, p->softcap > 0 ? t->slope : NULL);
 }
 
 /* For key rows k_j0.. and the packed query block: st = P^T and dpt =

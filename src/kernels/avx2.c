@@ -323,6 +323,25 @@ void mha__abs_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, 
     _mm256_maskstore_ps(top + i, mk, acc);
 }
 
+/* Two chains of 4 doubles over 8 floats at a time, the tail scalar. */
+double mha__dot_f64_avx2(const float *a, const float *b, int64_t n)
+{
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 x = _mm256_loadu_ps(a + c), y = _mm256_loadu_ps(b + c);
+        s0 =
+            _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_castps256_ps128(y)), s0);
+        s1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)),
+                             s1);
+    }
+    __m256d s = _mm256_add_pd(s0, s1);
+    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    double acc = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+    for (; c < n; c++) acc += (double)a[c] * (double)b[c];
+    return acc;
+}
+
 static void exp_shift_avx2(float *x, int64_t n, float shift)
 {
     __m256 vs = _mm256_set1_ps(shift);
@@ -363,5 +382,6 @@ const mha__kernels mha__kernels_avx2 = {
     .scale = scale_avx2,
     .exp_shift = exp_shift_avx2,
     .abs_max = mha__abs_max_avx2,
+    .dot_f64 = mha__dot_f64_avx2,
     .peak = peak_avx2,
 };

@@ -120,6 +120,13 @@ static void abs_max_generic(const float *s, int64_t lds, int64_t rows, int64_t c
         }
 }
 
+static double dot_f64_generic(const float *a, const float *b, int64_t n)
+{
+    double acc = 0;
+    for (int64_t c = 0; c < n; c++) acc += (double)a[c] * (double)b[c];
+    return acc;
+}
+
 static void scale_generic(float *x, int64_t n, float alpha)
 {
     for (int64_t i = 0; i < n; i++) x[i] *= alpha;
@@ -197,5 +204,6 @@ const mha__kernels mha__kernels_generic = {
     .scale = scale_generic,
     .exp_shift = exp_shift_generic,
     .abs_max = abs_max_generic,
+    .dot_f64 = dot_f64_generic,
     .peak = peak_generic,
 };

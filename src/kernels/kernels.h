@@ -85,6 +85,11 @@ typedef void (*mha__exp_shift_fn)(float *x, int64_t n, float shift);
  * refining (attention.h). */
 typedef void (*mha__abs_max_fn)(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top);
 
+/* sum_c a[c] b[c] for c < n in float64: each product exact, the sum
+ * off by about n ulps of float64 (the order is the kernel's own).  A
+ * score where float32 is not enough (attention.h). */
+typedef double (*mha__dot_f64_fn)(const float *a, const float *b, int64_t n);
+
 /* Runs `iterations` rounds of independent multiply-adds on registers (no
  * memory traffic) and returns the floating-point operations done: the
  * measure of this ISA's peak. */
@@ -103,6 +108,7 @@ typedef struct mha__kernels {
     mha__scale_fn scale;
     mha__exp_shift_fn exp_shift;
     mha__abs_max_fn abs_max;
+    mha__dot_f64_fn dot_f64;
     mha__peak_fn peak;
 } mha__kernels;
 
@@ -196,6 +202,7 @@ void mha__axpy_rows_i8_avx2(const float *p, const float *scale, const int8_t *v,
 /* avx2.c's abs_max, which the avx512 table shares: a pass over the tile
  * well under 1% of its products. */
 void mha__abs_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top);
+double mha__dot_f64_avx2(const float *a, const float *b, int64_t n);
 #endif
 
 #endif /* MHA_KERNELS_H */
