@@ -18,8 +18,8 @@
 #include "kernels/kernels.h"
 
 /* Which driver runs a forward problem: flash.c's tiles over blocks of
- * query rows, or decode.c's split over chunks of keys (a few query rows,
- * or K and V stored as bf16 or int8).  Chosen by mha__attn_plan_resolve alone. */
+ * query rows, or decode.c's split over chunks of keys (a few query
+ * rows).  Chosen by mha__attn_plan_resolve alone. */
 typedef enum mha__attn_path { MHA__PATH_TILED, MHA__PATH_SPLIT_K } mha__attn_path;
 
 typedef struct mha__attn_plan {
@@ -185,7 +185,7 @@ mha__attn_needs mha__attn_needs_of(const mha__kv *kv, bool stats);
 
 /* Completes a plan whose problem fields are filled, to run on ctx: checks
  * it, picks the kernels, the forward's driver (the one place that
- * chooses: split-K for a bf16 or int8 cache, or for fewer than MHA_DECODE_ROWS
+ * chooses: split-K for fewer than MHA_DECODE_ROWS
  * query rows when no row statistics are wanted and the rows allow it;
  * else tiles) and sizes its workspace.  INVALID_ARG. */
 mha_status mha__attn_plan_resolve(mha__attn_plan *plan, const mha_ctx *ctx, mha__attn_needs needs);
@@ -202,7 +202,7 @@ mha_status mha__attn_run(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *o
 
 /* The tiled forward (flash.c) and its workspace. */
 mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *out, float *lse,
-                             mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k, const mha_tensor *v);
+                             mha__row_stats *stats, const mha_tensor *q, const mha__kv *kv);
 bool mha__attn_forward_workspace(const mha__attn_plan *plan, const mha_ctx *ctx, int64_t *bytes);
 
 /* The split-K forward (decode.c) and its workspace: the plan's options

@@ -36,7 +36,8 @@ typedef struct flash_job {
     mha_tensor *out;
     float *lse;
     mha__row_stats *stats;
-    const mha_tensor *q, *k, *v;
+    const mha_tensor *q;
+    const mha__kv *kv; /* float32 tensors, or a bf16/int8 cache's rows (kv->k.data NULL) */
     char *scratch;
     int64_t scratch_stride, q_blocks;
 } flash_job;
@@ -55,10 +56,38 @@ static void pack_queries(const flash_job *j, int64_t b, int64_t h, int64_t i0, i
     j->p->products->pack_queries(j->p, qs, rows, t);
 }
 
-/* Where the float64 scores of rows i0.. against keys j0.. come from. */
-static mha__score_source score_source(const flash_job *j, int64_t b, int64_t h, int64_t i0, int64_t j0)
+/* Keys (or values) j0 .. j0+cols of head h's kv head as float32 rows:
+ * in place from a float32 tensor, else widened or dequantised from a
+ * cache's rows into t->kq (t->vt): the values the cache holds. */
+static mha__strided tile_rows(const flash_job *j, const tiles *t, bool values, int64_t b, int64_t h, int64_t j0,
+                              int64_t cols)
 {
-    return mha__tensor_scores(j->p, j->q, j->k, b, h, i0, j0);
+    const mha_tensor *x = values ? &j->kv->v : &j->kv->k;
+    int64_t g = h / j->p->group, width = values ? j->p->Dv : j->p->D;
+    if (x->data)
+        return (mha__strided){x->data + b * x->stride[0] + g * x->stride[1] + j0 * x->stride[2], x->stride[2],
+                              x->stride[3]};
+    float *dst = values ? t->vt : t->kq;
+    mha__kv_rows_widen(&j->kv->rows, values, b, g, j0, cols, width, dst);
+    return (mha__strided){dst, width, 1};
+}
+
+/* Where the float64 scores of rows i0.. against the key rows ks (keys
+ * j0..) come from. */
+static mha__score_source score_source(const flash_job *j, int64_t b, int64_t h, int64_t i0, int64_t j0, mha__strided ks)
+{
+    const mha_tensor *q = j->q;
+    return (mha__score_source){.q = q->data + b * q->stride[0] + h * q->stride[1] + i0 * q->stride[2],
+                               .q_rs = q->stride[2],
+                               .q_cs = q->stride[3],
+                               .k = ks.data,
+                               .k_rs = ks.rs,
+                               .k_cs = ks.cs,
+                               .k_dtype = MHA_DTYPE_F32,
+                               .b = b,
+                               .h = h,
+                               .i0 = i0,
+                               .j0 = j0};
 }
 
 /* Scores of keys [j0, j0+cols) against the item's rows, key-major:
@@ -68,12 +97,9 @@ static mha__score_source score_source(const flash_job *j, int64_t b, int64_t h, 
  * where the contract changes them (elsewhere the row's maximum tells,
  * see key_tile). */
 static void score_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                       int64_t cols, bool plain)
+                       int64_t cols, bool plain, mha__strided ks)
 {
     const mha__attn_plan *p = j->p;
-    const mha_tensor *k = j->k;
-    mha__strided ks = {k->data + b * k->stride[0] + (h / p->group) * k->stride[1] + j0 * k->stride[2], k->stride[2],
-                       k->stride[3]};
     p->products->scores(p, ks, rows, cols, t);
     if (plain) memset(t->large, 0, (size_t)rows * sizeof(bool));
     else mha__large_rows(p, t->st, BR, rows, cols, t->large);
@@ -97,12 +123,9 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
                               int64_t cols)
 {
     const mha__attn_plan *p = j->p;
-    const mha_tensor *v = j->v;
     for (int64_t r = 0; r < rows; r++)
         if (t->scale[r] != 1.0f) j->kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
-    mha__strided vs = {v->data + b * v->stride[0] + (h / p->group) * v->stride[1] + j0 * v->stride[2], v->stride[2],
-                       v->stride[3]};
-    p->products->values(p, vs, rows, cols, t);
+    p->products->values(p, tile_rows(j, t, true, b, h, j0, cols), rows, cols, t);
 }
 
 /* softmax_step (kernels.h) for a tile where some row's raw scores are
@@ -110,9 +133,9 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
  * new anchor, refined where large, then p = exp(x), in C; the anchor is
  * the row's running maximum. */
 static void refined_softmax_step(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                                 int64_t j0, int64_t cols)
+                                 int64_t j0, int64_t cols, mha__strided ks)
 {
-    mha__score_source src = score_source(j, b, h, i0, j0);
+    mha__score_source src = score_source(j, b, h, i0, j0, ks);
     float l[BR] = {0}, old[BR];
     memcpy(old, t->max, (size_t)rows * sizeof(float));
     mha__shift_tile(j->p, &src, t->st, BR, rows, cols, t->max, false, t->large, NULL);
@@ -134,7 +157,8 @@ static void key_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t
                      int64_t cols, bool plain)
 {
     const mha__attn_plan *p = j->p;
-    score_tile(j, t, b, h, i0, rows, j0, cols, plain);
+    mha__strided ks = tile_rows(j, t, false, b, h, j0, cols);
+    score_tile(j, t, b, h, i0, rows, j0, cols, plain, ks);
     if (!mark_large(p, t->large, t->max, rows)) {
         float max[BR], sum[BR];
         memcpy(max, t->max, (size_t)rows * sizeof(float));
@@ -148,10 +172,10 @@ static void key_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t
         memcpy(t->sum, sum, (size_t)rows * sizeof(float));
         bool marked[BR];
         memcpy(marked, t->large, (size_t)rows * sizeof(bool));
-        score_tile(j, t, b, h, i0, rows, j0, cols, plain);
+        score_tile(j, t, b, h, i0, rows, j0, cols, plain, ks);
         for (int64_t r = 0; r < rows; r++) t->large[r] = t->large[r] || marked[r];
     }
-    refined_softmax_step(j, t, b, h, i0, rows, j0, cols);
+    refined_softmax_step(j, t, b, h, i0, rows, j0, cols, ks);
     accumulate_values(j, t, b, h, rows, j0, cols);
 }
 
@@ -234,7 +258,7 @@ typedef struct probs_job {
 
 /* probs[b, h or 0, i0 .. i0+rows, j0 .. j0+cols] = P (or += for averaging). */
 static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                        int64_t cols)
+                        int64_t cols, mha__strided ks)
 {
     const mha__attn_plan *p = pj->f.p;
     const mha_tensor *pr = pj->probs;
@@ -248,7 +272,7 @@ static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t 
         anchor[r] = sum[r] > 0 ? max[r] : -INFINITY;
     }
     if (shifted) { /* as the forward refined them: x = s - max */
-        mha__score_source src = score_source(&pj->f, b, h, i0, j0);
+        mha__score_source src = score_source(&pj->f, b, h, i0, j0, ks);
         mha__shift_tile(p, &src, t->st, BR, rows, cols, anchor, true, large, NULL);
     }
     for (int64_t r = 0; r < rows; r++) {
@@ -277,8 +301,9 @@ static void probs_item(const probs_job *pj, tiles *t, int64_t item)
         pack_queries(j, b, h, i0, rows, t);
         for (int64_t j0 = 0; j0 < p->S; j0 += BC) {
             int64_t cols = p->S - j0 < BC ? p->S - j0 : BC;
-            score_tile(j, t, b, h, i0, rows, j0, cols, false);
-            store_probs(pj, t, b, h, i0, rows, j0, cols);
+            mha__strided ks = tile_rows(j, t, false, b, h, j0, cols);
+            score_tile(j, t, b, h, i0, rows, j0, cols, false, ks);
+            store_probs(pj, t, b, h, i0, rows, j0, cols, ks);
         }
     }
     if (!pj->average) return;
@@ -307,8 +332,9 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *pr
                            const mha__row_stats *stats, const mha_tensor *q, const mha_tensor *k)
 {
     int64_t br = p->block_rows, top = mha__ws_top(ctx);
+    mha__kv kv = {.k = *k, .v = *k, .rows = {.dtype = MHA_DTYPE_F32}}; /* the keys only: no values are read */
     probs_job pj = {
-        {p, p->kt, br, NULL, NULL, (mha__row_stats *)stats, q, k, NULL, NULL, 0, (p->L + br - 1) / br}, probs, average};
+        {p, p->kt, br, NULL, NULL, (mha__row_stats *)stats, q, &kv, NULL, 0, (p->L + br - 1) / br}, probs, average};
     pj.f.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &pj.f.scratch_stride);
     if (!pj.f.scratch) return MHA_ERR_INTERNAL;
     mha__parallel_for(ctx, p->B * pj.f.q_blocks, probs_range, &pj);
@@ -317,10 +343,10 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *pr
 }
 
 mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse, mha__row_stats *stats,
-                             const mha_tensor *q, const mha_tensor *k, const mha_tensor *v)
+                             const mha_tensor *q, const mha__kv *kv)
 {
     int64_t br = p->block_rows, top = mha__ws_top(ctx);
-    flash_job job = {p, p->kt, br, out, lse, stats, q, k, v, NULL, 0, (p->L + br - 1) / br};
+    flash_job job = {p, p->kt, br, out, lse, stats, q, kv, NULL, 0, (p->L + br - 1) / br};
     job.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &job.scratch_stride);
     if (!job.scratch) return MHA_ERR_INTERNAL;
     mha__parallel_for(ctx, p->B * p->Hq * job.q_blocks, flash_range, &job);

@@ -21,13 +21,13 @@ mha__kv mha__kv_from_tensors(const mha_tensor *k, const mha_tensor *v)
 
 /* The one choice between the drivers.  Split-K reads K and V once with
  * every thread on it, which is what a few query rows need; the tiles
- * reuse each K and V tile across many rows.  Only split-K reads a bf16
- * or int8 cache; only the tiles produce row statistics, appended keys, Dv != D
- * and bf16 products, or read K and V without a row view. */
+ * reuse each K and V tile across many rows (a bf16 or int8 cache's tile
+ * widened to float32 once per block of query rows: a prompt).  Only the
+ * tiles produce row statistics, appended keys, Dv != D and bf16 products,
+ * or read K and V without a row view. */
 static mha__attn_path choose_path(const mha__attn_plan *p, mha__attn_needs needs)
 {
     if (!needs.kv_rows) return MHA__PATH_TILED;
-    if (needs.kv_dtype != MHA_DTYPE_F32) return MHA__PATH_SPLIT_K;
     bool few_rows = p->L < MHA_DECODE_ROWS;
     return few_rows && !needs.stats && !p->bf16 && p->D == p->Dv && p->R == p->S ? MHA__PATH_SPLIT_K : MHA__PATH_TILED;
 }
@@ -59,9 +59,6 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__at
     p->block_rows = block_rows(p);
     p->products = p->bf16 ? &mha__products_bf16 : &mha__products_f32;
     p->kv_rows = mha__kv_rows_of(needs.kv_dtype);
-    if (needs.kv_dtype != MHA_DTYPE_F32 && (needs.stats || p->D != p->Dv || p->R != p->S || p->bf16))
-        return mha__fail(MHA_ERR_INTERNAL, "a %s cache reaches split-K only, which cannot serve this plan",
-                         mha_dtype_name(needs.kv_dtype));
     p->workspace = 0;
     if (rows == 0) return MHA_OK;
     mha_status st = mha__attn_plan_check(p);
@@ -76,5 +73,5 @@ mha_status mha__attn_run(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out,
 {
     if (p->B * p->Hq * p->L == 0) return MHA_OK;
     if (p->path == MHA__PATH_SPLIT_K) return mha__decode_attention(ctx, p, out, lse, q, &kv->rows);
-    return mha__attn_forward(ctx, p, out, lse, stats, q, &kv->k, &kv->v);
+    return mha__attn_forward(ctx, p, out, lse, stats, q, kv);
 }

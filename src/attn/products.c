@@ -16,8 +16,8 @@ static int64_t even(int64_t n) { return n + (n & 1); }
 
 int64_t mha__tiles_floats(const mha__attn_plan *p)
 {
-    return p->D * MHA__BR + MHA__BC * p->Dv + MHA__BC * MHA__BR + MHA__BR * p->Dv + 3 * MHA__BR +
-           (MHA__BC * even(p->D) + MHA__BR * MHA__BC) / 2 + 7 * 16; /* +16 per array: alignment slack */
+    return p->D * MHA__BR + MHA__BC * p->Dv + MHA__BC * p->D + MHA__BC * MHA__BR + MHA__BR * p->Dv + 3 * MHA__BR +
+           (MHA__BC * even(p->D) + MHA__BR * MHA__BC) / 2 + 8 * 16; /* +16 per array: alignment slack */
 }
 
 static float *carve(float **cursor, int64_t n)
@@ -32,6 +32,7 @@ mha__tiles mha__tiles_carve(const mha__attn_plan *p, float *cur)
     mha__tiles t;
     t.qt = carve(&cur, p->D * MHA__BR);
     t.vt = carve(&cur, MHA__BC * p->Dv);
+    t.kq = carve(&cur, MHA__BC * p->D);
     t.st = carve(&cur, MHA__BC * MHA__BR);
     t.o = carve(&cur, MHA__BR * p->Dv);
     t.max = carve(&cur, MHA__BR);
@@ -196,6 +197,24 @@ static void axpy_i8(const mha__attn_plan *p, const float *pr, const void *v, con
                     int64_t n, float *o)
 {
     p->kt->axpy_rows_i8(pr, scale, (const int8_t *)v + at, ld, n, p->Dv, o);
+}
+
+void mha__kv_rows_widen(const mha__kv_view *kv, bool values, int64_t b, int64_t g, int64_t j0, int64_t n, int64_t width,
+                        float *dst)
+{
+    const void *base = values ? kv->v : kv->k;
+    const float *scales = values ? kv->v_scale : kv->k_scale;
+    for (int64_t j = 0; j < n; j++) {
+        int64_t at = b * kv->stride[0] + g * kv->stride[1] + (j0 + j) * kv->stride[2];
+        float *row = dst + j * width;
+        if (kv->dtype == MHA_DTYPE_BF16)
+            for (int64_t c = 0; c < width; c++) row[c] = mha__bf16_to_f32(((const uint16_t *)base)[at + c]);
+        else if (kv->dtype == MHA_DTYPE_I8) {
+            float scale = scales[b * kv->scale_stride[0] + g * kv->scale_stride[1] + j0 + j];
+            for (int64_t c = 0; c < width; c++) row[c] = scale * (float)((const int8_t *)base)[at + c];
+        } else
+            for (int64_t c = 0; c < width; c++) row[c] = ((const float *)base)[at + c];
+    }
 }
 
 const mha__kv_rows *mha__kv_rows_of(mha_dtype dtype)

@@ -17,7 +17,8 @@ enum { MHA__BR = 192, MHA__BC = 192 };
 /* Per-thread tiles, carved from one workspace slice. */
 typedef struct mha__tiles {
     float *qt;                        /* [D][BR]   the item's queries, (scale Q)^T (packed once per item) */
-    float *vt;                        /* [BC][Dv]  the value tile, when V's rows are not contiguous */
+    float *vt;                        /* [BC][Dv]  the value tile, when V's rows are not contiguous or not float32 */
+    float *kq;                        /* [BC][D]   the key tile, when K's rows are a bf16 or int8 cache's */
     float *st;                        /* [BC][BR]  scores, then probabilities, key-major */
     float *o;                         /* [BR][Dv]  unnormalised output */
     float *max, *sum, *scale;         /* [BR] */
@@ -58,5 +59,12 @@ typedef struct mha__kv_rows {
 
 /* The row operations for K and V stored as F32, BF16 or I8. */
 const mha__kv_rows *mha__kv_rows_of(mha_dtype dtype);
+
+/* Rows j0 .. j0+n of kv head g, batch b, of the view's K (values = false)
+ * or V as float32 into dst[j * width + c]: widened from bf16, or
+ * dequantised from int8 with each row's scale (the values the cache
+ * holds), for the tiles to read a cache that is not float32. */
+void mha__kv_rows_widen(const mha__kv_view *kv, bool values, int64_t b, int64_t g, int64_t j0, int64_t n, int64_t width,
+                        float *dst);
 
 #endif /* MHA_PRODUCTS_H */

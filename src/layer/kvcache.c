@@ -8,9 +8,9 @@
  *   rotate Q and K_new at positions length ..             (rope.c)
  *   append K_new, V_new (rounded if the cache is bf16, quantised if int8)
  *   attention of the new rows over all length + n rows, bottom-right
- *   causal: flash.c's tiles for a float32 cache and 16 or more rows (a
- *   prompt), else decode.c's split-K (a token at a time, or a bf16 or
- *   int8 cache)
+ *   causal: flash.c's tiles for 16 or more rows (a prompt; a bf16 or
+ *   int8 cache's key and value tiles widened to float32 as they are
+ *   read), else decode.c's split-K (a token at a time)
  *
  * An int8 cache stores each row (one token of one kv head, K or V apart)
  * as head_dim integers q in [-127, 127] and one float scale = max |x| /
