@@ -205,19 +205,23 @@ static void row_maxima(const float *st, int64_t lds, int64_t rows, int64_t cols,
 void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, float *st, int64_t lds, int64_t rows,
                      int64_t cols, float *anchor, bool fixed, const bool *refine, float *slope)
 {
-    float m32[MHA_REFINE_MAX_ROWS];
+    float m32[MHA_REFINE_MAX_ROWS], near[MHA_REFINE_MAX_ROWS];
     int64_t at[MHA_REFINE_MAX_ROWS];
     double cap_slope;
     row_maxima(st, lds, rows, cols, m32, at);
-    for (int64_t r = 0; r < rows && !fixed; r++) { /* near the exact maximum: its own x is about 0 */
+    for (int64_t r = 0; r < rows; r++) {
+        /* Near the row's largest so far (the anchor given, or the running
+         * maximum and this tile's): farther, exp < 2e-9 whatever the tile. */
+        near[r] = (fixed || anchor[r] > m32[r] ? anchor[r] : m32[r]) - MHA_REFINE_NEAR;
+        if (fixed) continue;
         float m = refine[r] && at[r] >= 0 ? (float)exact_score(p, src, r, at[r], &cap_slope) : m32[r];
-        anchor[r] = m > anchor[r] ? m : anchor[r];
+        anchor[r] = m > anchor[r] ? m : anchor[r]; /* near the exact maximum: its own x is about 0 */
     }
     for (int64_t c = 0; c < cols; c++)
         for (int64_t r = 0; r < rows; r++) {
             float *x = &st[c * lds + r];
-            if (anchor[r] == -INFINITY) continue;                 /* nothing visible: every score is -inf already */
-            if (!refine[r] || !(*x > m32[r] - MHA_REFINE_NEAR)) { /* far, masked (-inf) or NaN */
+            if (anchor[r] == -INFINITY) continue; /* nothing visible: every score is -inf already */
+            if (!refine[r] || !(*x > near[r])) {  /* far, masked (-inf) or NaN */
                 *x -= anchor[r];
                 continue;
             }
