@@ -260,9 +260,9 @@ mha_status mha_attention_backward_workspace_size(const mha_ctx *ctx, const mha_t
  * lse is max + log(sum) rounded to float32, off by up to half an ulp of
  * |lse| (4e-6 at lse = 100), an error in every probability of its row;
  * mha_attention_backward removes it with an extra pass over the scores
- * and dP (which also takes delta = sum P dP, exact where rows are peaked:
- * two more block products to its five), which these make unnecessary
- * unless a row's largest probability passes 1/2. */
+ * (one more block product to its five; where a row's largest probability
+ * passes 1/2, a second pass over scores and dP takes delta = sum P dP
+ * exactly), which these make unnecessary but for that second pass. */
 typedef struct mha_attn_stats {
     float *max;
     float *sum;

@@ -225,9 +225,10 @@ static void refine_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, i
 
 /* For key rows k_j0.. and the packed query block: st = P^T and dpt =
  * (P o (dP - delta))^T, with delta for the block's rows (and, under
- * softcap, the cap's slope in t->slope). */
+ * softcap, the cap's slope in t->slope).  Without `dp` the dP product is
+ * skipped and dpt must hold zeros (it then stays 0 with a zero delta). */
 static void block_probabilities(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                                int64_t j0, int64_t cols, bool plain, const float *delta)
+                                int64_t j0, int64_t cols, bool plain, bool dp, const float *delta)
 {
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
@@ -242,7 +243,7 @@ static void block_probabilities(const bwd_job *j, bwd_tiles *t, int64_t b, int64
     } else {
         memset(t->large, 0, (size_t)rows * sizeof(bool));
     }
-    product(kt, cols, rows, p->Dv, vb, v->stride[2], v->stride[3], t->dot, BQ, t->dpt, BQ, 0);
+    if (dp) product(kt, cols, rows, p->Dv, vb, v->stride[2], v->stride[3], t->dot, BQ, t->dpt, BQ, 0);
     const float *shift = j->shift + (b * p->Hq + h) * p->L + i0;
     for (int64_t r = 0; r < rows; r++) { /* the forward's maximum: near it, scores are as large */
         t->large[r] = t->large[r] || mha__refines(p, shift[r]);
@@ -260,7 +261,7 @@ static void score_gradients(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h
                             int64_t cols, bool plain)
 {
     const mha__attn_plan *p = j->p;
-    block_probabilities(j, t, b, h, i0, rows, j0, cols, plain, j->delta + (b * p->Hq + h) * p->L + i0);
+    block_probabilities(j, t, b, h, i0, rows, j0, cols, plain, true, j->delta + (b * p->Hq + h) * p->L + i0);
     if (p->softcap == 0) return;
     for (int64_t c = 0; c < cols; c++)
         for (int64_t r = 0; r < rows; r++) /* masked scores have p = 0, so dS = 0 whatever the slope */
@@ -371,53 +372,76 @@ static void sweep_range(void *arg, int thread, int64_t begin, int64_t end)
  * as 1 / (1 - p_max): with logits in the tens, a hundred times PyTorch's,
  * which takes delta as sum_j P_ij dP_ij from the same dP, so that dP's
  * error cancels with weight p_max.  From the forward's (max, sum), p_max
- * is exactly mul = 1 / sum; from an lse alone it is not known, and every
- * row takes the exact sum (its pass is there anyway, see below). */
+ * is mul = 1 / sum; from an lse alone it is known only after the pass
+ * that renormalises (below). */
 static bool block_peaked(const bwd_job *j, int64_t row0, int64_t rows)
 {
-    if (j->from_lse) return true;
     for (int64_t r = 0; r < rows; r++)
         if (j->mul[row0 + r] > 0.5f) return true;
     return false;
 }
 
-/* Item (batch, head, query block): each row's sum_j p_ij and sum_j p_ij
- * dP_ij over every key, in float64 and in key order, from the same p and
- * dP as the sweep's.  From an lse alone (from_lse), the row's mul is then
- * divided by its sum: a float32 lse is off by up to half an ulp of |lse|,
- * which scales the row by one factor that this cancels.  Then delta =
- * sum_j p_ij dP_ij / sum_j p_ij: normalised by the very sum of the p the
- * sweep uses, a row that sees one key (p = 1 +- an ulp) gets delta =
- * dP exactly and dS = 0, as the softmax's gradient must be. */
+/* Sums over every key of a query block's rows, in float64 and key order,
+ * from the same p (and dP) as the sweep's: sum[r] of p, top[r] the
+ * largest p, and with `weighted` wsum[r] of p dP. */
+typedef struct row_sums {
+    double sum[BQ], wsum[BQ];
+    float top[BQ];
+} row_sums;
+
+static void sum_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, bool weighted,
+                     row_sums *s)
+{
+    float zero[BQ] = {0};
+    memset(s, 0, sizeof *s);
+    if (!weighted) memset(t->dpt, 0, (size_t)(BK * BQ) * sizeof(float)); /* stays 0: no dP, zero delta */
+    for (int64_t kb = 0; kb < j->k_blocks; kb++) {
+        int64_t j0, cols;
+        bool plain;
+        key_block(j, kb, &j0, &cols);
+        if (!block_visible(j, t, rows, j0, cols, &plain)) continue;
+        block_probabilities(j, t, b, h, i0, rows, j0, cols, plain, weighted, zero); /* dpt = P o dP */
+        for (int64_t c = 0; c < cols; c++)
+            for (int64_t r = 0; r < rows; r++) {
+                float pr = t->st[c * BQ + r];
+                s->sum[r] += pr;
+                s->wsum[r] += t->dpt[c * BQ + r];
+                s->top[r] = pr > s->top[r] ? pr : s->top[r];
+            }
+    }
+}
+
+/* Item (batch, head, query block).  From an lse alone (from_lse), each
+ * row's mul is first divided by its recomputed sum of p: a float32 lse is
+ * off by up to half an ulp of |lse|, which scales the row by one factor
+ * that this cancels.  Then, where the block is peaked (block_peaked; from
+ * an lse, known only now), delta = sum_j p_ij dP_ij / sum_j p_ij:
+ * normalised by the very sum of the p the sweep uses, a row that sees one
+ * key (p = 1 +- an ulp) gets delta = dP exactly and dS = 0, as the
+ * softmax's gradient must be. */
 static void exact_rows_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     const bwd_job *j = arg;
     const mha__attn_plan *p = j->p;
     bwd_tiles t = bwd_tiles_at(j, thread);
+    row_sums s;
     for (int64_t item = begin; item < end; item++) {
         int64_t qb = item % j->q_blocks, bh = item / j->q_blocks, b = bh / p->Hq, h = bh % p->Hq;
         int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ, row0 = (b * p->Hq + h) * p->L + i0;
-        if (!block_peaked(j, row0, rows)) continue;
-        double sum[BQ] = {0}, weighted[BQ] = {0};
-        float zero[BQ] = {0};
+        bool peaked = !j->from_lse && block_peaked(j, row0, rows);
+        if (!j->from_lse && !peaked) continue;
         pack_block(j, &t, b, h, i0, rows, false);
         row_ranges(j, &t, i0, rows);
-        for (int64_t kb = 0; kb < j->k_blocks; kb++) {
-            int64_t j0, cols;
-            bool plain;
-            key_block(j, kb, &j0, &cols);
-            if (!block_visible(j, &t, rows, j0, cols, &plain)) continue;
-            block_probabilities(j, &t, b, h, i0, rows, j0, cols, plain, zero); /* dpt = P o dP */
-            for (int64_t c = 0; c < cols; c++)
-                for (int64_t r = 0; r < rows; r++) {
-                    sum[r] += t.st[c * BQ + r];
-                    weighted[r] += t.dpt[c * BQ + r];
-                }
+        if (j->from_lse) {
+            sum_rows(j, &t, b, h, i0, rows, false, &s);
+            for (int64_t r = 0; r < rows; r++) {
+                j->mul[row0 + r] = s.sum[r] > 0 ? (float)(j->mul[row0 + r] / s.sum[r]) : 0.0f;
+                peaked = peaked || (s.sum[r] > 0 && s.top[r] > 0.5 * s.sum[r]);
+            }
+            if (!peaked) continue;
         }
-        for (int64_t r = 0; r < rows; r++) {
-            if (j->from_lse) j->mul[row0 + r] = sum[r] > 0 ? (float)(j->mul[row0 + r] / sum[r]) : 0.0f;
-            j->delta[row0 + r] = sum[r] > 0 ? (float)(weighted[r] / sum[r]) : 0.0f;
-        }
+        sum_rows(j, &t, b, h, i0, rows, true, &s);
+        for (int64_t r = 0; r < rows; r++) j->delta[row0 + r] = s.sum[r] > 0 ? (float)(s.wsum[r] / s.sum[r]) : 0.0f;
     }
 }
 
