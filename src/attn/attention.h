@@ -65,6 +65,14 @@ typedef struct mha__kv {
     mha__kv_view rows;
 } mha__kv;
 
+/* Rows j0 .. j0+n of kv head g, batch b, of the view's K (values = false)
+ * or V, `width` elements each, as float32 into dst[j * ld + c * inc]:
+ * copied, widened from bf16, or dequantised from int8 with each row's
+ * scale (the values the cache holds).  For the tiles to read a cache that
+ * is not float32, and for mha_kv_cache_read. */
+void mha__kv_rows_widen(const mha__kv_view *kv, bool values, int64_t b, int64_t g, int64_t j0, int64_t n, int64_t width,
+                        float *dst, int64_t ld, int64_t inc);
+
 /* The K and V of mha_attention(): the tensors, and their row view when
  * their layout has one. */
 mha__kv mha__kv_from_tensors(const mha_tensor *k, const mha_tensor *v);
@@ -145,10 +153,9 @@ typedef struct mha__score_source {
     int64_t b, h, i0, j0;
 } mha__score_source;
 
-/* The source of query rows i0.. of head h against keys j0.. of its kv
- * head, batch b, from float32 tensors q [B, Hq, L, D] and k [B, Hkv, S, D]. */
-mha__score_source mha__tensor_scores(const mha__attn_plan *p, const mha_tensor *q, const mha_tensor *k, int64_t b,
-                                     int64_t h, int64_t i0, int64_t j0);
+/* The source of query rows i0.. of head h, batch b, of a float32 tensor
+ * q [B, Hq, L, D], against float32 key rows k (keys j0..). */
+mha__score_source mha__score_rows(const mha_tensor *q, int64_t b, int64_t h, int64_t i0, int64_t j0, mha__strided k);
 
 /* large[r] = whether row r of key-major tile st (st[c * lds + r], the raw
  * float32 scores, before the contract) has one above MHA_REFINE_ABOVE in

@@ -134,16 +134,14 @@ bool mha__large_rows(const mha__attn_plan *p, const float *st, int64_t lds, int6
     return any;
 }
 
-mha__score_source mha__tensor_scores(const mha__attn_plan *p, const mha_tensor *q, const mha_tensor *k, int64_t b,
-                                     int64_t h, int64_t i0, int64_t j0)
+mha__score_source mha__score_rows(const mha_tensor *q, int64_t b, int64_t h, int64_t i0, int64_t j0, mha__strided k)
 {
-    int64_t g = h / p->group;
     return (mha__score_source){.q = q->data + b * q->stride[0] + h * q->stride[1] + i0 * q->stride[2],
                                .q_rs = q->stride[2],
                                .q_cs = q->stride[3],
-                               .k = k->data + b * k->stride[0] + g * k->stride[1] + j0 * k->stride[2],
-                               .k_rs = k->stride[2],
-                               .k_cs = k->stride[3],
+                               .k = k.data,
+                               .k_rs = k.rs,
+                               .k_cs = k.cs,
                                .k_dtype = MHA_DTYPE_F32,
                                .b = b,
                                .h = h,

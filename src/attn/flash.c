@@ -68,26 +68,8 @@ static mha__strided tile_rows(const flash_job *j, const tiles *t, bool values, i
         return (mha__strided){x->data + b * x->stride[0] + g * x->stride[1] + j0 * x->stride[2], x->stride[2],
                               x->stride[3]};
     float *dst = values ? t->vt : t->kq;
-    mha__kv_rows_widen(&j->kv->rows, values, b, g, j0, cols, width, dst);
+    mha__kv_rows_widen(&j->kv->rows, values, b, g, j0, cols, width, dst, width, 1);
     return (mha__strided){dst, width, 1};
-}
-
-/* Where the float64 scores of rows i0.. against the key rows ks (keys
- * j0..) come from. */
-static mha__score_source score_source(const flash_job *j, int64_t b, int64_t h, int64_t i0, int64_t j0, mha__strided ks)
-{
-    const mha_tensor *q = j->q;
-    return (mha__score_source){.q = q->data + b * q->stride[0] + h * q->stride[1] + i0 * q->stride[2],
-                               .q_rs = q->stride[2],
-                               .q_cs = q->stride[3],
-                               .k = ks.data,
-                               .k_rs = ks.rs,
-                               .k_cs = ks.cs,
-                               .k_dtype = MHA_DTYPE_F32,
-                               .b = b,
-                               .h = h,
-                               .i0 = i0,
-                               .j0 = j0};
 }
 
 /* Scores of keys [j0, j0+cols) against the item's rows, key-major:
@@ -135,7 +117,7 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
 static void refined_softmax_step(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
                                  int64_t j0, int64_t cols, mha__strided ks)
 {
-    mha__score_source src = score_source(j, b, h, i0, j0, ks);
+    mha__score_source src = mha__score_rows(j->q, b, h, i0, j0, ks);
     float l[BR] = {0}, old[BR];
     memcpy(old, t->max, (size_t)rows * sizeof(float));
     mha__shift_tile(j->p, &src, t->st, BR, rows, cols, t->max, false, t->large, NULL);
@@ -272,7 +254,7 @@ static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t 
         anchor[r] = sum[r] > 0 ? max[r] : -INFINITY;
     }
     if (shifted) { /* as the forward refined them: x = s - max */
-        mha__score_source src = score_source(&pj->f, b, h, i0, j0, ks);
+        mha__score_source src = mha__score_rows(pj->f.q, b, h, i0, j0, ks);
         mha__shift_tile(p, &src, t->st, BR, rows, cols, anchor, true, large, NULL);
     }
     for (int64_t r = 0; r < rows; r++) {

@@ -217,7 +217,9 @@ static void refine_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, i
                          int64_t cols, const float *shift)
 {
     const mha__attn_plan *p = j->p;
-    mha__score_source src = mha__tensor_scores(p, j->q, j->k, b, h, i0, j0);
+    const mha_tensor *k = j->k;
+    mha__strided ks = {row_of(k, b, h / p->group, j0), k->stride[2], k->stride[3]};
+    mha__score_source src = mha__score_rows(j->q, b, h, i0, j0, ks);
     float anchor[BQ];
     memcpy(anchor, shift, (size_t)rows * sizeof(float));
     mha__shift_tile(p, &src, t->st, BQ, rows, cols, anchor, true, t->large, p->softcap > 0 ? t->slope : NULL);

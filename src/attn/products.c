@@ -200,20 +200,20 @@ static void axpy_i8(const mha__attn_plan *p, const float *pr, const void *v, con
 }
 
 void mha__kv_rows_widen(const mha__kv_view *kv, bool values, int64_t b, int64_t g, int64_t j0, int64_t n, int64_t width,
-                        float *dst)
+                        float *dst, int64_t ld, int64_t inc)
 {
     const void *base = values ? kv->v : kv->k;
     const float *scales = values ? kv->v_scale : kv->k_scale;
     for (int64_t j = 0; j < n; j++) {
         int64_t at = b * kv->stride[0] + g * kv->stride[1] + (j0 + j) * kv->stride[2];
-        float *row = dst + j * width;
+        float *row = dst + j * ld;
         if (kv->dtype == MHA_DTYPE_BF16)
-            for (int64_t c = 0; c < width; c++) row[c] = mha__bf16_to_f32(((const uint16_t *)base)[at + c]);
+            for (int64_t c = 0; c < width; c++) row[c * inc] = mha__bf16_to_f32(((const uint16_t *)base)[at + c]);
         else if (kv->dtype == MHA_DTYPE_I8) {
             float scale = scales[b * kv->scale_stride[0] + g * kv->scale_stride[1] + j0 + j];
-            for (int64_t c = 0; c < width; c++) row[c] = scale * (float)((const int8_t *)base)[at + c];
+            for (int64_t c = 0; c < width; c++) row[c * inc] = scale * (float)((const int8_t *)base)[at + c];
         } else
-            for (int64_t c = 0; c < width; c++) row[c] = ((const float *)base)[at + c];
+            for (int64_t c = 0; c < width; c++) row[c * inc] = ((const float *)base)[at + c];
     }
 }
 

@@ -60,11 +60,4 @@ typedef struct mha__kv_rows {
 /* The row operations for K and V stored as F32, BF16 or I8. */
 const mha__kv_rows *mha__kv_rows_of(mha_dtype dtype);
 
-/* Rows j0 .. j0+n of kv head g, batch b, of the view's K (values = false)
- * or V as float32 into dst[j * width + c]: widened from bf16, or
- * dequantised from int8 with each row's scale (the values the cache
- * holds), for the tiles to read a cache that is not float32. */
-void mha__kv_rows_widen(const mha__kv_view *kv, bool values, int64_t b, int64_t g, int64_t j0, int64_t n, int64_t width,
-                        float *dst);
-
 #endif /* MHA_PRODUCTS_H */

@@ -203,25 +203,14 @@ mha_status mha_kv_cache_append(mha_kv_cache *c, const mha_tensor *k, const mha_t
     return MHA_OK;
 }
 
-/* Element (b, g, j, e) of one cache tensor as float32. */
-static float cached_value(const mha_kv_cache *c, const void *base, const float *scales, int64_t b, int64_t g, int64_t j,
-                          int64_t e)
+/* Tokens start .. of every (sequence, kv head), keys or values, into x. */
+static void read_rows(const mha_kv_cache *c, bool values, int64_t start, mha_tensor *x)
 {
     mha__kv_view view = cache_view(c);
-    int64_t at = b * view.stride[0] + g * view.stride[1] + j * view.stride[2] + e;
-    if (c->dtype == MHA_DTYPE_BF16) return mha__bf16_to_f32(((const uint16_t *)base)[at]);
-    if (c->dtype == MHA_DTYPE_F32) return ((const float *)base)[at];
-    return scales[b * view.scale_stride[0] + g * view.scale_stride[1] + j] * (float)((const int8_t *)base)[at];
-}
-
-static void read_rows(const mha_kv_cache *c, const void *base, const float *scales, int64_t start, mha_tensor *x)
-{
     for (int64_t b = 0; b < c->batch; b++)
         for (int64_t g = 0; g < c->kv_heads; g++)
-            for (int64_t t = 0; t < x->shape[2]; t++)
-                for (int64_t e = 0; e < c->head_dim; e++)
-                    x->data[b * x->stride[0] + g * x->stride[1] + t * x->stride[2] + e * x->stride[3]] =
-                        cached_value(c, base, scales, b, g, start + t, e);
+            mha__kv_rows_widen(&view, values, b, g, start, x->shape[2], c->head_dim,
+                               x->data + b * x->stride[0] + g * x->stride[1], x->stride[2], x->stride[3]);
 }
 
 mha_status mha_kv_cache_read(const mha_kv_cache *c, int64_t start, mha_tensor *k, mha_tensor *v)
@@ -237,8 +226,8 @@ mha_status mha_kv_cache_read(const mha_kv_cache *c, int64_t start, mha_tensor *k
     if (start < 0 || n > c->length - start)
         return mha__fail(MHA_ERR_INVALID_ARG, "cannot read tokens %lld .. %lld of a cache holding %lld",
                          (long long)start, (long long)(start + n), (long long)c->length);
-    if (k) read_rows(c, c->k, c->k_scale, start, k);
-    if (v) read_rows(c, c->v, c->v_scale, start, v);
+    if (k) read_rows(c, false, start, k);
+    if (v) read_rows(c, true, start, v);
     return MHA_OK;
 }
 
