@@ -148,6 +148,8 @@ static void test_softmax_step(const mha__kernels *kt)
         sum[r] = 0;
         for (int j = 0; j < 2 * COLS; j++) row[r][j] = uniform() * 20.0f;
     }
+    for (int j = 0; j < 2 * COLS; j++) /* differences down to -90, past where exp underflows */
+        row[4][j] = j == 7 ? 0.0f : -80.0f - 10.0f * (float)j / (2 * COLS);
     for (int j = 0; j < 2 * COLS; j++) row[1][j] = -INFINITY; /* fully masked row */
     for (int j = 0; j < COLS; j++) row[2][j] = -INFINITY;     /* first block masked */
     row[3][5] = -INFINITY;
