@@ -17,7 +17,8 @@ enum { MHA__BR = 192, MHA__BC = 192 };
 /* Per-thread tiles, carved from one workspace slice. */
 typedef struct mha__tiles {
     float *qt;                        /* [D][BR]   the item's queries, (scale Q)^T (packed once per item) */
-    float *vt;                        /* [BC][Dv]  the value tile, when V's rows are not contiguous or not float32 */
+    float *vt;                        /* [BC][Dv]  the value tile, when V's rows are a bf16 or int8 cache's */
+    float *vp;                        /* [Dv / nr][BC][nr]  the value tile in the micro-kernel's column panels */
     float *kq;                        /* [BC][D]   the key tile, when K's rows are a bf16 or int8 cache's */
     float *st;                        /* [BC][BR]  scores, then probabilities, key-major */
     float *o;                         /* [BR][Dv]  unnormalised output */
