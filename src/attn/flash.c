@@ -23,7 +23,7 @@
 
 /* Query rows per item (at most BR; the plan's block_rows) and keys per tile
  * (products.h). */
-enum { BR = MHA__BR, BC = MHA__BC };
+enum { BR = MHA__BR, BC = MHA__BC, LDS = MHA__LDS };
 _Static_assert((int)BC <= (int)MHA_REFINE_MAX_COLS && (int)BR <= (int)MHA_REFINE_MAX_ROWS,
                "a tile's scores must fit mha__large_rows and mha__shift_tile");
 
@@ -84,8 +84,8 @@ static void score_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64
     const mha__attn_plan *p = j->p;
     p->products->scores(p, ks, rows, cols, t);
     if (plain) memset(t->large, 0, (size_t)rows * sizeof(bool));
-    else mha__large_rows(p, t->st, BR, rows, cols, t->large);
-    if (!plain) mha__score_contract(p, t->st, BR, b, h, i0, rows, j0, cols, t->lo, t->hi, NULL);
+    else mha__large_rows(p, t->st, LDS, rows, cols, t->large);
+    if (!plain) mha__score_contract(p, t->st, LDS, b, h, i0, rows, j0, cols, t->lo, t->hi, NULL);
 }
 
 /* Marks the rows whose maximum (running, or saved) m[r] is large: their
@@ -120,11 +120,11 @@ static void refined_softmax_step(const flash_job *j, const tiles *t, int64_t b, 
     mha__score_source src = mha__score_rows(j->q, b, h, i0, j0, ks);
     float l[BR] = {0}, old[BR];
     memcpy(old, t->max, (size_t)rows * sizeof(float));
-    mha__shift_tile(j->p, &src, t->st, BR, rows, cols, t->max, false, t->large, NULL);
+    mha__shift_tile(j->p, &src, t->st, LDS, rows, cols, t->max, false, t->large, NULL);
     for (int64_t r = 0; r < rows; r++)
         t->scale[r] = old[r] == -INFINITY || t->max[r] == -INFINITY ? 1.0f : expf(old[r] - t->max[r]);
     for (int64_t c = 0; c < cols; c++) { /* p = exp(x), a key's rows at a time */
-        float *x = t->st + c * BR;
+        float *x = t->st + c * LDS;
         j->kt->exp_shift(x, rows, 0.0f);
         for (int64_t r = 0; r < rows; r++) l[r] += x[r];
     }
@@ -145,7 +145,7 @@ static void key_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t
         float max[BR], sum[BR];
         memcpy(max, t->max, (size_t)rows * sizeof(float));
         memcpy(sum, t->sum, (size_t)rows * sizeof(float));
-        j->kt->softmax_step(t->st, BR, rows, cols, t->max, t->sum, t->scale);
+        j->kt->softmax_step(t->st, LDS, rows, cols, t->max, t->sum, t->scale);
         if (!mark_large(p, t->large, t->max, rows)) {
             accumulate_values(j, t, b, h, rows, j0, cols);
             return;
@@ -255,11 +255,11 @@ static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t 
     }
     if (shifted) { /* as the forward refined them: x = s - max */
         mha__score_source src = mha__score_rows(pj->f.q, b, h, i0, j0, ks);
-        mha__shift_tile(p, &src, t->st, BR, rows, cols, anchor, true, large, NULL);
+        mha__shift_tile(p, &src, t->st, LDS, rows, cols, anchor, true, large, NULL);
     }
     for (int64_t r = 0; r < rows; r++) {
         float s[BC];
-        for (int64_t c = 0; c < cols; c++) s[c] = t->st[c * BR + r]; /* back to query-major */
+        for (int64_t c = 0; c < cols; c++) s[c] = t->st[c * LDS + r]; /* back to query-major */
         if (sum[r] > 0) {
             pj->f.kt->exp_shift(s, cols, shifted ? 0.0f : max[r]);
             pj->f.kt->scale(s, cols, 1.0f / sum[r]);

@@ -16,7 +16,7 @@ static int64_t even(int64_t n) { return n + (n & 1); }
 
 int64_t mha__tiles_floats(const mha__attn_plan *p)
 {
-    return p->D * MHA__BR + 2 * MHA__BC * p->Dv + MHA__BC * p->D + MHA__BC * MHA__BR + MHA__BR * p->Dv + 3 * MHA__BR +
+    return p->D * MHA__BR + 2 * MHA__BC * p->Dv + MHA__BC * p->D + MHA__BC * MHA__LDS + MHA__BR * p->Dv + 3 * MHA__BR +
            (MHA__BC * even(p->D) + MHA__BR * MHA__BC) / 2 + 9 * 16; /* +16 per array: alignment slack */
 }
 
@@ -34,7 +34,7 @@ mha__tiles mha__tiles_carve(const mha__attn_plan *p, float *cur)
     t.vt = carve(&cur, MHA__BC * p->Dv);
     t.vp = carve(&cur, MHA__BC * p->Dv);
     t.kq = carve(&cur, MHA__BC * p->D);
-    t.st = carve(&cur, MHA__BC * MHA__BR);
+    t.st = carve(&cur, MHA__BC * MHA__LDS);
     t.o = carve(&cur, MHA__BR * p->Dv);
     t.max = carve(&cur, MHA__BR);
     t.sum = carve(&cur, MHA__BR);
@@ -59,11 +59,11 @@ static void pack_queries_f32(const mha__attn_plan *p, mha__strided q, int64_t ro
 static void scores_f32(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, const mha__tiles *t)
 {
     const mha__kernels *kt = p->kt;
-    for (int64_t c = 0; c < cols; c += kt->mr)
-        for (int64_t r = 0; r < rows; r += kt->nr) {
+    for (int64_t r = 0; r < rows; r += kt->nr)
+        for (int64_t c = 0; c < cols; c += kt->mr) {
             int64_t m = cols - c < kt->mr ? cols - c : kt->mr, n = rows - r < kt->nr ? rows - r : kt->nr;
-            kt->gemm_tile(m, n, p->D, k.data + c * k.rs, k.rs, k.cs, t->qt + r, MHA__BR, t->st + c * MHA__BR + r,
-                          MHA__BR, 0);
+            kt->gemm_tile(m, n, p->D, k.data + c * k.rs, k.rs, k.cs, t->qt + r, MHA__BR, t->st + c * MHA__LDS + r,
+                          MHA__LDS, 0);
         }
 }
 
@@ -99,7 +99,7 @@ static void values_f32(const mha__attn_plan *p, mha__strided v, int64_t rows, in
         const float *panel = t->vp + c * cols;
         for (int64_t r = 0; r < rows; r += kt->mr) {
             int64_t m = rows - r < kt->mr ? rows - r : kt->mr;
-            kt->gemm_tile(m, n, cols, t->st + r, 1, MHA__BR, panel, n, t->o + r * p->Dv + c, p->Dv, 1);
+            kt->gemm_tile(m, n, cols, t->st + r, 1, MHA__LDS, panel, n, t->o + r * p->Dv + c, p->Dv, 1);
         }
     }
 }
@@ -139,7 +139,7 @@ static void scores_bf16(const mha__attn_plan *p, mha__strided k, int64_t rows, i
             int64_t m = cols - c < MHA_BF16_MR ? cols - c : MHA_BF16_MR,
                     n = rows - r < MHA_BF16_NR ? rows - r : MHA_BF16_NR;
             p->bk->tile(m, n, De, t->k16 + c * De, De, 2, (const uint16_t *)t->qt + 2 * r, 2 * MHA__BR,
-                        t->st + c * MHA__BR + r, MHA__BR, 0);
+                        t->st + c * MHA__LDS + r, MHA__LDS, 0);
         }
 }
 
@@ -152,8 +152,8 @@ static void values_bf16(const mha__attn_plan *p, mha__strided v, int64_t rows, i
     int64_t Dv = p->Dv, ce = even(cols);
     uint16_t *v16 = (uint16_t *)t->vt, *p16 = t->p16;
     for (int64_t c = 0; c < cols; c += 2) {
-        const float *second = c + 1 < cols ? t->st + (c + 1) * MHA__BR : NULL;
-        bk->pairs(p16 + (c / 2) * 2 * MHA__BR, t->st + c * MHA__BR, second, rows);
+        const float *second = c + 1 < cols ? t->st + (c + 1) * MHA__LDS : NULL;
+        bk->pairs(p16 + (c / 2) * 2 * MHA__BR, t->st + c * MHA__LDS, second, rows);
         if (v.cs == 1) {
             bk->pairs(v16 + (c / 2) * 2 * Dv, v.data + c * v.rs, c + 1 < cols ? v.data + (c + 1) * v.rs : NULL, Dv);
             continue;
