@@ -13,8 +13,11 @@
  *   - A strided output of a layer whose heads are narrower than the model
  *     (staged in an area of its own) equals the contiguous output.
  *   - mha_ctx_reserve's errors.
+ *   - The fork-join loops hand out every item exactly once, to a valid
+ *     thread number, for any item and thread count.
  */
 #include "core/internal.h"
+#include "core/parallel.h"
 #include "harness.h"
 #include "mha.h"
 
@@ -499,8 +502,49 @@ static void test_reserve_errors(void)
     mha_ctx_free(ctx);
 }
 
+/* Each item counts its visits; runs and thread numbers must be sane. */
+typedef struct visits {
+    int *count;
+    int64_t items;
+    int threads, bad;
+} visits;
+
+static void count_visits(void *arg, int thread, int64_t begin, int64_t end)
+{
+    visits *v = arg;
+    if (thread < 0 || thread >= v->threads || begin < 0 || begin >= end || end > v->items)
+        v->bad = 1; /* a flag: any writer sets 1 */
+    for (int64_t i = begin; i < end; i++) v->count[i]++;
+}
+
+static void test_parallel_loops(void)
+{
+    const int threads[] = {1, 2, 3, 7};
+    const int64_t items[] = {0, 1, 2, 5, 6, 7, 100, 1001};
+    for (size_t t = 0; t < sizeof threads / sizeof *threads; t++) {
+        mha_ctx *ctx = NULL;
+        CHECK_OK(mha_ctx_create(threads[t], &ctx));
+        if (!ctx) continue;
+        for (size_t n = 0; n < sizeof items / sizeof *items; n++)
+            for (int shared = 0; shared < 2; shared++) {
+                int64_t count = items[n];
+                visits v = {calloc((size_t)count + 1, sizeof(int)), count, mha_ctx_threads(ctx), 0};
+                if (shared) mha__parallel_items(ctx, count, count_visits, &v);
+                else mha__parallel_for(ctx, count, count_visits, &v);
+                int wrong = 0;
+                for (int64_t i = 0; i < count; i++) wrong += v.count[i] != 1;
+                CHECK(wrong == 0 && !v.bad, "%s, %d threads, %lld items: %d items not run exactly once%s",
+                      shared ? "parallel_items" : "parallel_for", threads[t], (long long)count, wrong,
+                      v.bad ? ", or a bad range" : "");
+                free(v.count);
+            }
+        mha_ctx_free(ctx);
+    }
+}
+
 int main(void)
 {
+    test_parallel_loops();
     test_sdpa();
     test_sdpa_overflow();
     test_layer();

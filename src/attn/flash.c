@@ -14,7 +14,8 @@
  *   out = O / l, lse = m + log l   (0 and -inf for a row that saw nothing)
  * Key tiles outside every row's causal/window range are skipped, so a
  * causal problem costs about half of a dense one.  Work items are
- * independent, hence the same bits for any thread count.
+ * independent, hence the same bits for any thread count, and are handed
+ * out as threads come free (mha__parallel_items).
  */
 #include "attn/products.h"
 
@@ -319,7 +320,7 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *pr
         {p, p->kt, br, NULL, NULL, (mha__row_stats *)stats, q, &kv, NULL, 0, (p->L + br - 1) / br}, probs, average};
     pj.f.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &pj.f.scratch_stride);
     if (!pj.f.scratch) return MHA_ERR_INTERNAL;
-    mha__parallel_for(ctx, p->B * pj.f.q_blocks, probs_range, &pj);
+    mha__parallel_items(ctx, p->B * pj.f.q_blocks, probs_range, &pj);
     mha__ws_release(ctx, top);
     return MHA_OK;
 }
@@ -331,7 +332,7 @@ mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *
     flash_job job = {p, p->kt, br, out, lse, stats, q, kv, NULL, 0, (p->L + br - 1) / br};
     job.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &job.scratch_stride);
     if (!job.scratch) return MHA_ERR_INTERNAL;
-    mha__parallel_for(ctx, p->B * p->Hq * job.q_blocks, flash_range, &job);
+    mha__parallel_items(ctx, p->B * p->Hq * job.q_blocks, flash_range, &job);
     mha__ws_release(ctx, top);
     return MHA_OK;
 }

@@ -545,9 +545,9 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
     j.partial = rows + 3 * n_rows;
     rows_job rj = {&j, out, norm};
     mha__parallel_for(ctx, n_rows, rows_range, &rj); /* reads out, which dq may overwrite from here on */
-    mha__parallel_for(ctx, p->B * p->Hq * j.q_blocks, exact_rows_range, &j);
+    mha__parallel_items(ctx, p->B * p->Hq * j.q_blocks, exact_rows_range, &j);
     mha__parallel_for(ctx, n_rows, zero_range, &j);
-    mha__parallel_for(ctx, p->B * p->Hkv * j.groups, sweep_range, &j);
+    mha__parallel_items(ctx, p->B * p->Hkv * j.groups, sweep_range, &j);
     mha__parallel_for(ctx, n_rows, finish_range, &j);
     mha__ws_release(ctx, top);
     return MHA_OK;

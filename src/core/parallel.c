@@ -10,7 +10,10 @@
  * then sleep on a condition variable.
  *
  * Chunks are assigned by thread number, so results never depend on which
- * thread finishes first.
+ * thread finishes first.  Work made of independent items can instead be
+ * shared out as it goes (mha__parallel_items): each thread claims the next
+ * item from a counter, so a thread whose CPU is busy with other work
+ * leaves its items to the others instead of holding up the call.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -23,12 +26,14 @@
 
 enum { MAX_THREADS = 1024, SPIN_ROUNDS = 20000 };
 
-/* The job every worker runs its share of. */
+/* The job every worker runs its share of: chunk number `thread` of
+ * n_chunks, or, when `claimed` is set, runs of items claimed from it. */
 typedef struct job {
     mha__range_fn fn;
     void *arg;
     int64_t n_items;
     int n_chunks;
+    atomic_int_fast64_t *claimed; /* items handed out so far */
 } job;
 
 typedef struct pool {
@@ -61,9 +66,32 @@ static int default_threads(void)
     return online >= 1 && online <= MAX_THREADS ? (int)online : 1;
 }
 
+/* The next run of a shared-out job's items, [*begin, *end): a
+ * (2 x threads)th of those left, at least one -- long runs while much is
+ * left keep a thread's items together (a GEMM's panels stay in its cache),
+ * short ones at the end even out the finish.  False when none is left. */
+static bool claim(const job *j, int64_t *begin, int64_t *end)
+{
+    int64_t at = atomic_load_explicit(j->claimed, memory_order_relaxed), run;
+    do {
+        if (at >= j->n_items) return false;
+        run = (j->n_items - at) / (2 * j->n_chunks);
+        run = run > 1 ? run : 1;
+    } while (
+        !atomic_compare_exchange_weak_explicit(j->claimed, &at, at + run, memory_order_relaxed, memory_order_relaxed));
+    *begin = at;
+    *end = at + run;
+    return true;
+}
+
 static void run_chunk(const job *j, int chunk)
 {
     if (chunk >= j->n_chunks) return;
+    if (j->claimed) {
+        int64_t begin, end;
+        while (claim(j, &begin, &end)) j->fn(j->arg, chunk, begin, end);
+        return;
+    }
     int64_t begin = j->n_items * chunk / j->n_chunks, end = j->n_items * (chunk + 1) / j->n_chunks;
     if (begin < end) j->fn(j->arg, chunk, begin, end);
 }
@@ -182,12 +210,11 @@ int mha_ctx_threads(const mha_ctx *ctx) { return ctx ? ctx->n_threads : 0; }
 
 int64_t mha__pad_to_line(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
-void mha__parallel_for(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *arg)
+/* Runs job j (its n_chunks chunks, or its items) on the pool. */
+static void run_job(mha_ctx *ctx, job j)
 {
     pool *p = &ctx->pool;
-    int n = ctx->n_threads;
-    if (n_items < n) n = (int)n_items;
-    job j = {fn, arg, n_items, n};
+    int n = j.n_chunks;
     if (n <= 1 || p->n_workers == 0) {
         run_chunk(&j, 0);
         if (n > 1) /* no workers: run their chunks here, same split */
@@ -207,6 +234,22 @@ void mha__parallel_for(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *ar
     pthread_mutex_lock(&p->lock);
     while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) pthread_cond_wait(&p->done, &p->lock);
     pthread_mutex_unlock(&p->lock);
+}
+
+void mha__parallel_for(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *arg)
+{
+    int n = ctx->n_threads;
+    if (n_items < n) n = (int)n_items;
+    run_job(ctx, (job){fn, arg, n_items, n, NULL});
+}
+
+void mha__parallel_items(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *arg)
+{
+    int n = ctx->n_threads;
+    if (n_items < n) n = (int)n_items;
+    atomic_int_fast64_t claimed;
+    atomic_init(&claimed, 0);
+    run_job(ctx, (job){fn, arg, n_items, n, &claimed});
 }
 
 /* ---------------------------------------------------------------- */

@@ -51,6 +51,12 @@ void mha__ws_release(mha_ctx *ctx, int64_t top);
  * all chunks are done. */
 typedef void (*mha__range_fn)(void *arg, int thread, int64_t begin, int64_t end);
 void mha__parallel_for(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *arg);
+/* The same for items that are independent -- an item's result depends
+ * neither on the thread that runs it nor on the other items in its chunk
+ * -- handed out in shrinking runs as threads come free, so that a thread
+ * slowed by other load on its CPU does not hold up the call.  The results
+ * are the same bits however the items fall. */
+void mha__parallel_items(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *arg);
 
 /* Bytes rounded up to whole cache lines, so threads never share one. */
 int64_t mha__pad_to_line(int64_t bytes);

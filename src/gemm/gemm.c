@@ -192,7 +192,7 @@ static void linear_run(mha_ctx *ctx, linear_job *job)
     splits = splits > job->panels ? job->panels : splits;
     job->panels_per_item = (job->panels + splits - 1) / splits;
     int64_t ranges = (job->panels + job->panels_per_item - 1) / job->panels_per_item;
-    mha__parallel_for(ctx, job->row_blocks * ranges, linear_range, job);
+    mha__parallel_items(ctx, job->row_blocks * ranges, linear_range, job);
 }
 
 void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
