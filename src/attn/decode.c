@@ -200,7 +200,7 @@ mha_status mha__decode_attention(mha_ctx *ctx, const mha__attn_plan *p, mha_tens
     j.partial = mha__ws_take(ctx, floats * (int64_t)sizeof(float));
     j.scratch = j.partial ? mha__ws_take_per_thread(ctx, thread_floats(p), &j.scratch_stride) : NULL;
     if (!j.scratch) return MHA_ERR_INTERNAL;
-    mha__parallel_for(ctx, p->B * p->Hkv * j.chunks, chunk_range, &j);
+    mha__parallel_items(ctx, p->B * p->Hkv * j.chunks, chunk_range, &j);
     mha__parallel_for(ctx, rows, merge_range, &j);
     mha__ws_release(ctx, top);
     return MHA_OK;
