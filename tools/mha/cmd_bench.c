@@ -3,7 +3,8 @@
  * machine's peak.  Validates nothing itself (the tests do); it warms up,
  * then reports the median, minimum and maximum of --repeat timed calls,
  * GFLOP/s by the formula of docs/PERFORMANCE.md and the percentage of the
- * peak measured in the same process.
+ * peak measured in the same process (before and after the timed calls,
+ * the larger).
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -253,8 +254,8 @@ static int measure(bench_opts *o)
     memset(&c, 0, sizeof c);
     int rc = cli_ctx(CMD, o->threads, &c.ctx);
     mha_dtype dt = strcmp(o->dtype, "bf16") == 0 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
-    if (rc == CLI_OK && o->peak_gflops <= 0 && mha_measure_peak(c.ctx, dt, 0.5, &o->peak_gflops) != MHA_OK)
-        rc = CLI_FAIL;
+    bool measured_peak = o->peak_gflops <= 0;
+    if (rc == CLI_OK && measured_peak && mha_measure_peak(c.ctx, dt, 0.5, &o->peak_gflops) != MHA_OK) rc = CLI_FAIL;
     bool layer = strcmp(o->op, "forward") == 0 || strcmp(o->op, "backward") == 0;
     if (rc == CLI_OK) rc = layer ? setup_forward(o, &c) : setup_sdpa(o, &c);
     double *ms = malloc((size_t)o->repeat * sizeof(double));
@@ -269,6 +270,12 @@ static int measure(bench_opts *o)
         run_once(o, &c);
         ms[r] = cli_now_ms() - t0;
     }
+    /* The peak again after the timed calls, the larger kept: on a shared
+     * machine a neighbour busy during the first measurement halved the
+     * peak and made a run look 96% efficient. */
+    double again = 0;
+    if (rc == CLI_OK && measured_peak && mha_measure_peak(c.ctx, dt, 0.5, &again) == MHA_OK && again > o->peak_gflops)
+        o->peak_gflops = again;
     if (rc == CLI_OK) report(o, &c, ms, (int)o->repeat);
     free(ms);
     for (int i = 0; i < 10; i++) free(c.buffers[i]);
