@@ -16,8 +16,9 @@ static int64_t even(int64_t n) { return n + (n & 1); }
 
 int64_t mha__tiles_floats(const mha__attn_plan *p)
 {
+    /* The 11 arrays of mha__tiles_carve, and 16 floats of alignment slack for each. */
     return p->D * MHA__BR + 2 * MHA__BC * p->Dv + MHA__BC * p->D + MHA__BC * MHA__LDS + MHA__BR * p->Dv + 3 * MHA__BR +
-           (MHA__BC * even(p->D) + MHA__BR * MHA__BC) / 2 + 9 * 16; /* +16 per array: alignment slack */
+           (MHA__BC * even(p->D) + MHA__BR * MHA__BC) / 2 + 11 * 16;
 }
 
 static float *carve(float **cursor, int64_t n)
@@ -88,11 +89,11 @@ static void values_f32(const mha__attn_plan *p, mha__strided v, int64_t rows, in
     const mha__kernels *kt = p->kt;
     /* Column panels outer: one panel of V (cols x nr) stays in L1 while
      * every row strip of P passes over it -- packed.  In place, V's rows
-     * (256 bytes apart at Dv = 64) fall into a quarter of L1's sets, as do
-     * P's columns (BR floats apart), and the two evict each other: the
-     * panel came from L2 again for every strip.  Packed, its rows spread
-     * over all sets: 33% fewer L1 misses (cachegrind), the core 4-5%
-     * faster (docs/PERFORMANCE.md). */
+     * (256 bytes apart at Dv = 64) fall into a quarter of L1's sets, as
+     * P's columns did before the score tile was padded (MHA__LDS), and
+     * the two evicted each other: the panel came from L2 again for every
+     * strip.  Packed, its rows spread over all sets: 33% fewer L1 misses
+     * (cachegrind), the core 4-5% faster (docs/PERFORMANCE.md). */
     pack_values(p, v, cols, kt->nr, t);
     for (int64_t c = 0; c < p->Dv; c += kt->nr) {
         int64_t n = p->Dv - c < kt->nr ? p->Dv - c : kt->nr;
