@@ -32,6 +32,10 @@ LAYERS = {
     "src/gemm": ["src/core", "src/kernels"],
     "src/attn": ["src/core", "src/kernels"],
     "src/layer": ["src/core", "src/kernels", "src/io", "src/gemm", "src/attn"],
+    # libmha_mpi, the top layer: it calls the public API (defined in the
+    # layers below) and includes only core's errors and allocator; no layer
+    # below it knows MPI.
+    "src/mpi": ["src/core", "src/kernels", "src/io", "src/gemm", "src/attn", "src/layer"],
     "lab": [],  # the public API only
     "tools/mha": ["lab"],
     "python/mha": [],  # the Python extension: the public API only

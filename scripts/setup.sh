@@ -5,7 +5,8 @@
 #                           CMake, zlib, valgrind, clang (libFuzzer),
 #                           clang-format, python3 with venv and headers
 #                           (the layering check, the Python package),
-#                           pkg-config and chromium (the lab's report test)
+#                           pkg-config and chromium (the lab's report test),
+#                           Open MPI (libmha_mpi and its tests under mpirun)
 #   scripts/setup.sh --lab  running the head lab: the compiler, make,
 #                           CMake and zlib only
 set -euo pipefail
@@ -27,6 +28,8 @@ if [ "${1:-}" != --lab ]; then
     /usr/bin/python3 -c 'import numpy, torch' >/dev/null 2>&1 || missing+=(python3-numpy python3-torch)
     command -v chromium >/dev/null 2>&1 || missing+=(chromium) # renders the lab's report in the tests
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config) # builds the examples as users do
+    command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev)   # libmha_mpi
+    command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)     # its tests, -np 1 to 4
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 

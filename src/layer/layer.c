@@ -75,9 +75,11 @@ static mha_status check_desc(const mha_layer_desc *d)
             return mha__fail(MHA_ERR_INVALID_ARG, "embed_dim %lld, head sizes or kdim/vdim are too large",
                              (long long)d->embed_dim);
     }
-    if ((d->add_bias_kv || d->add_zero_attn) && (g != d->num_heads || qdim != d->embed_dim))
+    /* bias_k/bias_v hold one row per kv head (kv_dim floats: E in
+     * nn.MultiheadAttention, less in a shard of its heads, mha_mpi.h). */
+    if ((d->add_bias_kv || d->add_zero_attn) && g != d->num_heads)
         return mha__fail(MHA_ERR_INVALID_ARG, "add_bias_kv and add_zero_attn are nn.MultiheadAttention's: they need "
-                                              "num_kv_heads == num_heads and num_heads x head_dim == embed_dim");
+                                              "num_kv_heads == num_heads");
     if (d->out_bias < -1 || d->out_bias > 1)
         return mha__fail(MHA_ERR_INVALID_ARG, "out_bias must be -1, 0 or 1, got %d", d->out_bias);
     if (d->window_left < -1 || d->window_right < -1)
@@ -155,7 +157,7 @@ mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
     if (ok && d.bias) ok = (l->b_in = mha__calloc(l->qdim + 2 * l->kvdim, sizeof(float))) != NULL;
     if (ok && d.out_bias) ok = (l->b_out = mha__calloc(E, sizeof(float))) != NULL;
     if (ok && d.add_bias_kv)
-        ok = (l->bias_k = mha__calloc(E, sizeof(float))) && (l->bias_v = mha__calloc(E, sizeof(float)));
+        ok = (l->bias_k = mha__calloc(l->kvdim, sizeof(float))) && (l->bias_v = mha__calloc(l->kvdim, sizeof(float)));
     if (ok && desc->alibi_slopes && (ok = (l->alibi = mha__alloc(d.num_heads, sizeof(float))) != NULL)) {
         memcpy(l->alibi, desc->alibi_slopes, (size_t)d.num_heads * sizeof(float));
         l->desc.alibi_slopes = l->alibi;

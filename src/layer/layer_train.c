@@ -61,7 +61,7 @@ static void train_layout(const mha_layer *l, mha__layer_train *t)
     t->g_b_out = d->out_bias ? t->grads + at : NULL;
     at += d->out_bias ? E : 0;
     t->g_bias_k = d->add_bias_kv ? t->grads + at : NULL;
-    t->g_bias_v = d->add_bias_kv ? t->grads + at + E : NULL;
+    t->g_bias_v = d->add_bias_kv ? t->grads + at + l->kvdim : NULL;
 }
 
 mha_status mha_layer_train_init(mha_layer *l)
@@ -78,7 +78,7 @@ mha_status mha_layer_train_init(mha_layer *l)
     mha__layer_train *t = mha__calloc(1, sizeof *t);
     if (!t) return MHA_ERR_NOMEM;
     t->n_grads =
-        n_plain + (d->bias ? l->qdim + 2 * l->kvdim : 0) + (d->out_bias ? E : 0) + (d->add_bias_kv ? 2 * E : 0);
+        n_plain + (d->bias ? l->qdim + 2 * l->kvdim : 0) + (d->out_bias ? E : 0) + (d->add_bias_kv ? 2 * l->kvdim : 0);
     t->plain = mha__alloc(n_plain, sizeof(float));
     t->grads = mha__calloc((size_t)t->n_grads, sizeof(float));
     if (!t->plain || !t->grads) {

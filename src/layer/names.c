@@ -105,7 +105,7 @@ static int part_shape(const mha_layer *l, mha__part part, int64_t shape[3])
     case MHA__PART_K_BIAS:
     case MHA__PART_V_BIAS: shape[0] = kvd; return 1;
     case MHA__PART_OUT_BIAS: shape[0] = E; return 1;
-    default: shape[0] = shape[1] = 1, shape[2] = E; return 3; /* bias_k, bias_v */
+    default: shape[0] = shape[1] = 1, shape[2] = kvd; return 3; /* bias_k, bias_v */
     }
 }
 

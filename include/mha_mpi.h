@@ -1,0 +1,101 @@
+/*
+ * mha_mpi.h -- libmha over MPI (libmha_mpi): attention split across the
+ * ranks of a communicator, exact against the single-process library.
+ *
+ * libmha itself never touches MPI; this library is built beside it when
+ * CMake finds MPI, and computes through libmha's public API on each rank.
+ *
+ * Every function here is collective over the layer's communicator: all
+ * ranks call it, in the same order, with arguments that describe the same
+ * computation (shapes, masks' kinds, flags).  They all return the same
+ * status: when one rank fails (a bad argument, an allocation, a
+ * disagreement with rank 0's shapes), every rank returns that error and
+ * mha_last_error() says which rank and why ("rank 2 of 4: ..."), with
+ * nothing written to the outputs.  Arguments are compared between ranks
+ * before any compute.  MPI's own failures go to the communicator's error
+ * handler (MPI_ERRORS_ARE_FATAL unless the caller sets another).
+ *
+ * Results: the same bits from run to run for a given rank count (sums
+ * across ranks are taken in rank order, never in whatever order MPI's
+ * collectives choose), and within the tolerance rule of the
+ * single-process library (docs/NUMERICS.md).  docs/SCALING.md describes
+ * the modes and their costs.
+ */
+#ifndef MHA_MPI_H
+#define MHA_MPI_H
+
+#include <mpi.h>
+
+#include "mha.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------ */
+/* Head-parallel layer (tensor parallelism over the heads)             */
+/* ------------------------------------------------------------------ */
+
+/* A multi-head attention layer whose heads are split over the ranks of
+ * comm.  Rank r holds the key/value heads [g r / P, g (r + 1) / P) (whole
+ * GQA groups: g kv heads over P ranks, so uneven counts split as evenly as
+ * they can) and the query heads that read them; its share of W_Q, W_K,
+ * W_V (rows) and W_O (columns), their biases and bias_k/bias_v; rank 0
+ * alone adds the output projection's bias.  Each rank computes its heads
+ * and its part of the output projection; one sum across the ranks forms
+ * the output.  Needs g >= P (a layer with fewer kv heads than ranks is
+ * refused: INVALID_ARG naming both counts).
+ *
+ * desc is the whole layer's, as for mha_layer_create; comm is duplicated
+ * (the caller may free its own).  Errors: as mha_layer_create's, and
+ * INVALID_ARG (more ranks than kv heads), on every rank. */
+typedef struct mha_mpi_layer mha_mpi_layer;
+mha_status mha_mpi_layer_create(MPI_Comm comm, const mha_layer_desc *desc, mha_mpi_layer **out_layer);
+void mha_mpi_layer_free(mha_mpi_layer *layer); /* collective: frees the communicator */
+
+/* The heads this rank holds: query heads [*first_head, + *num_heads) and
+ * kv heads [*first_kv_head, + *num_kv_heads).  Not collective. */
+void mha_mpi_layer_heads(const mha_mpi_layer *layer, int64_t *first_head, int64_t *num_heads, int64_t *first_kv_head,
+                         int64_t *num_kv_heads);
+
+/* The rank's own layer (its heads; E inputs and outputs), for what is per
+ * rank: mha_layer_train_init, mha_layer_params (its shards of the
+ * parameters and their gradients), mha_layer_params_changed,
+ * mha_layer_zero_grad and a tape for mha_layer_fwd_args.  Not collective. */
+mha_layer *mha_mpi_layer_local(mha_mpi_layer *layer);
+
+/* Sets a weight from the whole tensor (every rank passes all of it, in
+ * any naming family mha_layer_set_weight takes); each rank keeps its
+ * shard.  Errors: as mha_layer_set_weight's. */
+mha_status mha_mpi_layer_set_weight(mha_mpi_layer *layer, const char *name, const float *data, int64_t numel);
+
+/* The whole weight, or its gradient (training state needed, as for
+ * mha_layer_get_grad), gathered from every rank's shard into dst on
+ * every rank.  Errors: as mha_layer_get_weight's. */
+mha_status mha_mpi_layer_get_weight(const mha_mpi_layer *layer, const char *name, float *dst, int64_t numel);
+mha_status mha_mpi_layer_get_grad(const mha_mpi_layer *layer, const char *name, float *dst, int64_t numel);
+
+/* mha_layer_forward over the ranks: every rank passes the whole input and
+ * receives the whole output (and attention weights when asked: per head
+ * [N, h, L, S'] or averaged [N, 1, L, S']).  Masks over [N, h, L, S] are
+ * the whole layer's; each rank reads its heads' part.  A tape in args
+ * records this rank's share for mha_mpi_layer_backward.  Errors: as
+ * mha_layer_forward's, NOMEM. */
+mha_status mha_mpi_layer_forward(mha_ctx *ctx, mha_mpi_layer *layer, mha_tensor *attn_output, mha_tensor *attn_weights,
+                                 const mha_layer_fwd_args *args);
+
+/* mha_layer_backward over the ranks: the input gradients are summed
+ * across the ranks (one sum per distinct tensor: one for self-attention,
+ * where the three are the same) and ADDED to grad_query/key/value on
+ * every rank, as the single-process call does; each rank's parameter
+ * gradients accumulate its shard (gather them with
+ * mha_mpi_layer_get_grad).  Errors: as mha_layer_backward's, NOMEM. */
+mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *layer, const mha_layer_fwd_args *args,
+                                  const mha_tensor *grad_attn_output, mha_tensor *grad_query, mha_tensor *grad_key,
+                                  mha_tensor *grad_value);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MHA_MPI_H */

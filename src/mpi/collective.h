@@ -1,0 +1,45 @@
+/*
+ * collective.h -- the collectives libmha_mpi's modes are built from:
+ * agreeing on a status, checking that ranks describe the same call, and a
+ * sum across ranks whose bits depend only on the rank count.
+ */
+#ifndef MHA_MPI_COLLECTIVE_H
+#define MHA_MPI_COLLECTIVE_H
+
+#include <mpi.h>
+#include <stdint.h>
+
+#include "mha.h"
+
+/* Every rank passes its own status; every rank returns the status of the
+ * lowest-numbered rank that failed (MHA_OK when none did), with that
+ * rank's sentence in mha_last_error(): "rank r of P: <sentence>". */
+mha_status mha__mpi_agree(MPI_Comm comm, mha_status local);
+
+/* One field of a call's description, compared between ranks. */
+typedef struct mha__mpi_field {
+    const char *name;
+    int64_t value;
+} mha__mpi_field;
+
+/* Checks that every rank's n fields equal rank 0's (n and the names the
+ * same everywhere); on the first that differs every rank fails with
+ * INVALID_ARG naming the rank, the field and both values.  Agrees on
+ * `local` first, so a rank that already failed is reported instead. */
+mha_status mha__mpi_same(MPI_Comm comm, mha_status local, const mha__mpi_field *fields, int n);
+
+/* x[0 .. n) = the sum over ranks of every rank's x, on every rank, each
+ * element added in rank order (((x_0 + x_1) + x_2) ...): the same bits
+ * from run to run, whatever algorithms MPI picks.  Each rank sums one
+ * slice of n / P elements (a reduce-scatter by all-to-all), then the
+ * slices are shared (all-gather): 2 (P - 1) / P n floats sent a rank.
+ * Not agreed: call it where every rank is known to have succeeded.
+ * Errors: NOMEM (then every rank fails: the scratch is agreed on first). */
+mha_status mha__mpi_sum(MPI_Comm comm, float *x, int64_t n);
+
+/* Gathers every rank's block into all[]: rank r's count[r] floats land at
+ * all + offset[r] (the blocks in rank order, as MPI_Allgatherv, in pieces
+ * of at most INT_MAX). */
+void mha__mpi_gather(MPI_Comm comm, const float *mine, float *all, const int64_t *count, const int64_t *offset);
+
+#endif /* MHA_MPI_COLLECTIVE_H */
