@@ -94,6 +94,41 @@ mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *layer, const mha_
                                   const mha_tensor *grad_attn_output, mha_tensor *grad_query, mha_tensor *grad_key,
                                   mha_tensor *grad_value);
 
+/* ------------------------------------------------------------------ */
+/* Sequence-parallel attention                                         */
+/* ------------------------------------------------------------------ */
+
+/* mha_attention() of a sequence split over the ranks of comm: each rank
+ * holds one contiguous block of the query rows and one of the keys, the
+ * blocks in rank order (any sizes, empty ones too):
+ *   q    [B, Hq, L_r, D]     rows L_0 + .. + L_(r-1) onwards of the whole Q
+ *   k    [B, Hkv, S_r, D]    likewise of K, and v [B, Hkv, S_r, Dv] of V
+ *   out  [B, Hq, L_r, Dv]    the same rows of the whole output, written
+ *   lse  [B, Hq, L_r]        contiguous, or NULL
+ * desc is the whole problem's: causal alignment, window and ALiBi by
+ * positions in the whole sequence (L = sum L_r queries, S = sum S_r keys),
+ * the mask over the whole [B, Hq, L, S] (every rank passes all of it).
+ *
+ * Ulysses (DeepSpeed-Ulysses' all-to-all): one all-to-all per tensor
+ * gives each rank whole sequences of its heads (whole kv groups: Hkv >=
+ * P, else INVALID_ARG), mha_attention runs on them, one all-to-all brings
+ * out (and lse) back to the blocks.  Each head is computed exactly as
+ * mha_attention computes it in one process: the same bits.  Moves 2 (P -
+ * 1) / P of the rank's q, k, v and out; holds whole sequences of its
+ * heads (about its block's size again, four times).  Errors: as
+ * mha_attention's, UNSUPPORTED (an all-to-all past INT_MAX floats), NOMEM. */
+mha_status mha_mpi_attention_ulysses(mha_ctx *ctx, MPI_Comm comm, mha_tensor *out, float *lse, const mha_tensor *q,
+                                     const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc);
+
+/* Its gradients, as mha_attention_backward() of the whole sequence: every
+ * tensor in the blocks above (lse from the forward call, required); dq,
+ * dk, dv overwritten.  The same bits as one process.  Errors: as
+ * mha_attention_backward's, UNSUPPORTED, NOMEM. */
+mha_status mha_mpi_attention_ulysses_backward(mha_ctx *ctx, MPI_Comm comm, mha_tensor *dq, mha_tensor *dk,
+                                              mha_tensor *dv, const mha_tensor *q, const mha_tensor *k,
+                                              const mha_tensor *v, const mha_tensor *out, const float *lse,
+                                              const mha_tensor *grad_out, const mha_attn_desc *desc);
+
 #ifdef __cplusplus
 }
 #endif

@@ -90,6 +90,15 @@ mha_status mha__mpi_sum(MPI_Comm comm, float *x, int64_t n)
     return st;
 }
 
+void mha__mpi_heads_of(int64_t h, int64_t g, int size, int r, int64_t *first_head, int64_t *num_heads,
+                       int64_t *first_kv, int64_t *num_kv)
+{
+    *first_kv = g * r / size;
+    *num_kv = g * (r + 1) / size - *first_kv;
+    *first_head = *first_kv * (h / g);
+    *num_heads = *num_kv * (h / g);
+}
+
 void mha__mpi_gather(MPI_Comm comm, const float *mine, float *all, const int64_t *count, const int64_t *offset)
 {
     int rank, size;

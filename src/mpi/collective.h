@@ -37,6 +37,12 @@ mha_status mha__mpi_same(MPI_Comm comm, mha_status local, const mha__mpi_field *
  * Errors: NOMEM (then every rank fails: the scratch is agreed on first). */
 mha_status mha__mpi_sum(MPI_Comm comm, float *x, int64_t n);
 
+/* The heads rank r of P holds when h query heads reading g kv heads are
+ * split by whole kv groups: kv heads [g r / P, g (r + 1) / P) (as even
+ * as whole groups allow) and the query heads that read them. */
+void mha__mpi_heads_of(int64_t h, int64_t g, int size, int r, int64_t *first_head, int64_t *num_heads,
+                       int64_t *first_kv, int64_t *num_kv);
+
 /* Gathers every rank's block into all[]: rank r's count[r] floats land at
  * all + offset[r] (the blocks in rank order, as MPI_Allgatherv, in pieces
  * of at most INT_MAX). */

@@ -30,17 +30,6 @@ struct mha_mpi_layer {
 /* Which heads a rank holds                                            */
 /* ------------------------------------------------------------------ */
 
-/* Rank r's kv heads: [g r / P, g (r + 1) / P); its query heads the ones
- * reading them (h / g per kv head). */
-static void heads_of(int64_t h, int64_t g, int size, int r, int64_t *first_head, int64_t *num_heads, int64_t *first_kv,
-                     int64_t *num_kv)
-{
-    *first_kv = g * r / size;
-    *num_kv = g * (r + 1) / size - *first_kv;
-    *first_head = *first_kv * (h / g);
-    *num_heads = *num_kv * (h / g);
-}
-
 /* The whole layer's head sizes, or an error naming the field. */
 static mha_status whole_layer(const mha_layer_desc *d, int size, int64_t *head_dim, int64_t *kv_heads)
 {
@@ -80,7 +69,8 @@ mha_status mha_mpi_layer_create(MPI_Comm comm, const mha_layer_desc *desc, mha_m
         L->E = desc->embed_dim;
         L->heads = desc->num_heads;
         L->out_bias = desc->out_bias < 0 ? desc->bias != 0 : desc->out_bias != 0;
-        heads_of(L->heads, L->kv_heads, L->size, L->rank, &L->first_head, &L->num_heads, &L->first_kv, &L->num_kv);
+        mha__mpi_heads_of(L->heads, L->kv_heads, L->size, L->rank, &L->first_head, &L->num_heads, &L->first_kv,
+                          &L->num_kv);
         mine = *desc;
         mine.num_heads = L->num_heads;
         mine.num_kv_heads = L->num_kv;
@@ -165,7 +155,7 @@ static mha_status cut_for(const mha_mpi_layer *L, const char *name, int64_t nume
         if (strcmp(cut_table[i].name, name) == 0) kind = (int)cut_table[i].kind;
     if (kind < 0) return mha__fail(MHA_ERR_NOT_FOUND, "\"%s\" is not a weight of a multi-head attention layer", name);
     int64_t d = L->head_dim, qd = L->heads * d, kvd = L->kv_heads * d, h0, hn, g0, gn;
-    heads_of(L->heads, L->kv_heads, L->size, r, &h0, &hn, &g0, &gn);
+    mha__mpi_heads_of(L->heads, L->kv_heads, L->size, r, &h0, &hn, &g0, &gn);
     memset(c, 0, sizeof *c);
     c->by_cols = kind == CUT_QKV_COLS || kind == CUT_Q_COLS || kind == CUT_KV_COLS;
     c->rank0 = kind == CUT_RANK0;
@@ -386,7 +376,7 @@ static mha_status share_weights(const mha_mpi_layer *L, float *mine, const mha_t
     int64_t count[L->size], offset[L->size], total = 0;
     for (int r = 0; r < L->size; r++) {
         int64_t h0, hn, g0, gn;
-        heads_of(L->heads, L->kv_heads, L->size, r, &h0, &hn, &g0, &gn);
+        mha__mpi_heads_of(L->heads, L->kv_heads, L->size, r, &h0, &hn, &g0, &gn);
         count[r] = N * hn * rows;
         offset[r] = total;
         total += count[r];
@@ -397,7 +387,7 @@ static mha_status share_weights(const mha_mpi_layer *L, float *mine, const mha_t
         mha__mpi_gather(L->comm, mine, all, count, offset);
         for (int r = 0; r < L->size; r++) { /* rank r's block is [N, its heads, L, S'] */
             int64_t h0, hn, g0, gn;
-            heads_of(L->heads, L->kv_heads, L->size, r, &h0, &hn, &g0, &gn);
+            mha__mpi_heads_of(L->heads, L->kv_heads, L->size, r, &h0, &hn, &g0, &gn);
             mha_tensor part = *w;
             part.data += h0 * w->stride[1];
             part.shape[1] = hn;

@@ -1,0 +1,252 @@
+/*
+ * test_mpi_sequence.c -- sequence-parallel attention (mha_mpi.h) under
+ * mpirun -np 1 .. 4: each rank passes its block of rows of one whole
+ * problem (views into it, uneven blocks), and its block of the output,
+ * lse and gradients must be the single-process call's bits; failures on
+ * one rank, or ranks that disagree, fail every rank with the rank named.
+ */
+#include "harness.h"
+#include "mha_mpi.h"
+
+#include <stdint.h>
+
+static int rank, size;
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static float uniform(float scale)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (float)((double)(rng_state >> 11) / 9007199254740992.0 * 2.0 - 1.0) * scale;
+}
+
+static float *random_floats(int64_t n, float scale)
+{
+    float *x = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    for (int64_t i = 0; i < n; i++) x[i] = uniform(scale);
+    return x;
+}
+
+typedef struct seq_case {
+    const char *label;
+    int64_t B, H, G, L, S, D, Dv;
+    mha_causal causal;
+    int64_t window_left, window_right;
+    float softcap, size;
+    bool alibi, add_mask, keep_mask;
+    double scale; /* 0: the default */
+} seq_case;
+
+/* Rank r's block of n rows: uneven on purpose (rank 0 gets the fewest). */
+static void block_of(int64_t n, int r, int64_t *at, int64_t *rows)
+{
+    int64_t weight = (int64_t)size * (size + 1) / 2;
+    *at = n * ((int64_t)r * (r + 1) / 2) / weight;
+    *rows = n * ((int64_t)(r + 1) * (r + 2) / 2) / weight - *at;
+}
+
+/* The view of rows [at, at + rows) of a whole [B, heads, n, w] tensor. */
+static mha_tensor rows_view(float *whole, int64_t B, int64_t heads, int64_t n, int64_t w, int64_t at, int64_t rows)
+{
+    mha_tensor t = mha_tensor_4d(whole, B, heads, n, w);
+    t.data += at * w;
+    t.shape[2] = rows;
+    return t;
+}
+
+/* Whether a block (contiguous [B, heads, rows, w]) holds rows [at, + rows)
+ * of the whole tensor, bit for bit. */
+static bool same_rows(const float *block, const float *whole, int64_t B, int64_t heads, int64_t n, int64_t w,
+                      int64_t at, int64_t rows)
+{
+    for (int64_t bh = 0; bh < B * heads; bh++)
+        if (memcmp(block + bh * rows * w, whole + (bh * n + at) * w, (size_t)(rows * w) * sizeof(float)) != 0)
+            return false;
+    return true;
+}
+
+typedef struct problem {
+    const seq_case *c;
+    float *q, *k, *v, *out, *lse, *dout, *dq, *dk, *dv, *add, *slopes;
+    uint8_t *keep;
+    mha_attn_desc desc;
+} problem;
+
+static void problem_init(problem *p, const seq_case *c, mha_ctx *ctx)
+{
+    memset(p, 0, sizeof *p);
+    p->c = c;
+    float in = c->size > 0 ? c->size : 1.0f;
+    p->q = random_floats(c->B * c->H * c->L * c->D, in);
+    p->k = random_floats(c->B * c->G * c->S * c->D, in);
+    p->v = random_floats(c->B * c->G * c->S * c->Dv, 1.0f);
+    p->dout = random_floats(c->B * c->H * c->L * c->Dv, 1.0f);
+    p->out = malloc((size_t)(c->B * c->H * c->L * c->Dv) * sizeof(float));
+    p->lse = malloc((size_t)(c->B * c->H * c->L) * sizeof(float));
+    p->dq = malloc((size_t)(c->B * c->H * c->L * c->D) * sizeof(float));
+    p->dk = malloc((size_t)(c->B * c->G * c->S * c->D) * sizeof(float));
+    p->dv = malloc((size_t)(c->B * c->G * c->S * c->Dv) * sizeof(float));
+    mha_attn_desc_init(&p->desc);
+    p->desc.causal = c->causal, p->desc.window_left = c->window_left, p->desc.window_right = c->window_right;
+    p->desc.softcap = c->softcap, p->desc.enable_gqa = c->G != c->H;
+    if (c->scale != 0) p->desc.scale = c->scale;
+    if (c->alibi) {
+        p->slopes = random_floats(c->H, 0.5f);
+        for (int64_t h = 0; h < c->H; h++) p->slopes[h] = fabsf(p->slopes[h]);
+        p->desc.alibi_slopes = p->slopes;
+    }
+    if (c->add_mask) { /* per head: each rank must read its heads' part */
+        p->add = random_floats(c->B * c->H * c->L * c->S, 2.0f);
+        p->desc.mask = (mha_mask){MHA_MASK_ADD, p->add, {c->H * c->L * c->S, c->L * c->S, c->S, 1}};
+    }
+    if (c->keep_mask) { /* [L, S], broadcast over batch and heads; row 1 fully masked */
+        p->keep = malloc((size_t)(c->L * c->S));
+        for (int64_t i = 0; i < c->L * c->S; i++) p->keep[i] = i / c->S != 1 && (i * 7) % 5 != 0;
+        p->desc.mask = (mha_mask){MHA_MASK_KEEP, p->keep, {0, 0, c->S, 1}};
+    }
+    /* The single-process results every rank's blocks must reproduce. */
+    mha_tensor q = mha_tensor_4d(p->q, c->B, c->H, c->L, c->D), k = mha_tensor_4d(p->k, c->B, c->G, c->S, c->D);
+    mha_tensor v = mha_tensor_4d(p->v, c->B, c->G, c->S, c->Dv), o = mha_tensor_4d(p->out, c->B, c->H, c->L, c->Dv);
+    mha_tensor g = mha_tensor_4d(p->dout, c->B, c->H, c->L, c->Dv);
+    mha_tensor dq = mha_tensor_4d(p->dq, c->B, c->H, c->L, c->D), dk = mha_tensor_4d(p->dk, c->B, c->G, c->S, c->D);
+    mha_tensor dv = mha_tensor_4d(p->dv, c->B, c->G, c->S, c->Dv);
+    CHECK_OK(mha_attention(ctx, &o, p->lse, &q, &k, &v, &p->desc));
+    CHECK_OK(mha_attention_backward(ctx, &dq, &dk, &dv, &q, &k, &v, &o, p->lse, &g, &p->desc));
+}
+
+static void problem_free(problem *p)
+{
+    void *owned[] = {p->q, p->k, p->v, p->out, p->lse, p->dout, p->dq, p->dk, p->dv, p->add, p->slopes, p->keep};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
+}
+
+/* This rank's blocks of one problem. */
+typedef struct blocks {
+    int64_t l0, lr, s0, sr;
+    mha_tensor q, k, v, out, dout, dq, dk, dv;
+    float *mem, *lse;
+} blocks;
+
+static void blocks_init(blocks *b, problem *p)
+{
+    const seq_case *c = p->c;
+    block_of(c->L, rank, &b->l0, &b->lr);
+    /* Keys split the other way round (rank 0 the most), still in rank
+     * order along the sequence. */
+    block_of(c->S, size - 1 - rank, &b->s0, &b->sr);
+    b->s0 = 0;
+    for (int r = 0; r < rank; r++) {
+        int64_t at, rows;
+        block_of(c->S, size - 1 - r, &at, &rows);
+        b->s0 += rows;
+    }
+    b->q = rows_view(p->q, c->B, c->H, c->L, c->D, b->l0, b->lr);
+    b->k = rows_view(p->k, c->B, c->G, c->S, c->D, b->s0, b->sr);
+    b->v = rows_view(p->v, c->B, c->G, c->S, c->Dv, b->s0, b->sr);
+    b->dout = rows_view(p->dout, c->B, c->H, c->L, c->Dv, b->l0, b->lr);
+    int64_t n_out = c->B * c->H * b->lr * c->Dv, n_dq = c->B * c->H * b->lr * c->D;
+    int64_t n_dk = c->B * c->G * b->sr * c->D, n_dv = c->B * c->G * b->sr * c->Dv;
+    b->mem = malloc((size_t)(n_out + n_dq + n_dk + n_dv + 1) * sizeof(float));
+    b->lse = malloc((size_t)(c->B * c->H * b->lr + 1) * sizeof(float));
+    b->out = mha_tensor_4d(b->mem, c->B, c->H, b->lr, c->Dv);
+    b->dq = mha_tensor_4d(b->mem + n_out, c->B, c->H, b->lr, c->D);
+    b->dk = mha_tensor_4d(b->mem + n_out + n_dq, c->B, c->G, b->sr, c->D);
+    b->dv = mha_tensor_4d(b->mem + n_out + n_dq + n_dk, c->B, c->G, b->sr, c->Dv);
+}
+
+static void check_ulysses(mha_ctx *ctx, problem *p)
+{
+    const seq_case *c = p->c;
+    blocks b;
+    blocks_init(&b, p);
+    CHECK_OK(mha_mpi_attention_ulysses(ctx, MPI_COMM_WORLD, &b.out, b.lse, &b.q, &b.k, &b.v, &p->desc));
+    CHECK(same_rows(b.mem, p->out, c->B, c->H, c->L, c->Dv, b.l0, b.lr), "%s on %d ranks: output differs", c->label,
+          size);
+    CHECK(same_rows(b.lse, p->lse, c->B, c->H, c->L, 1, b.l0, b.lr), "%s on %d ranks: lse differs", c->label, size);
+    CHECK_OK(mha_mpi_attention_ulysses_backward(ctx, MPI_COMM_WORLD, &b.dq, &b.dk, &b.dv, &b.q, &b.k, &b.v, &b.out,
+                                                b.lse, &b.dout, &p->desc));
+    CHECK(same_rows(b.dq.data, p->dq, c->B, c->H, c->L, c->D, b.l0, b.lr), "%s on %d ranks: dq differs", c->label,
+          size);
+    CHECK(same_rows(b.dk.data, p->dk, c->B, c->G, c->S, c->D, b.s0, b.sr), "%s on %d ranks: dk differs", c->label,
+          size);
+    CHECK(same_rows(b.dv.data, p->dv, c->B, c->G, c->S, c->Dv, b.s0, b.sr), "%s on %d ranks: dv differs", c->label,
+          size);
+    free(b.mem);
+    free(b.lse);
+}
+
+static const seq_case cases[] = {
+    {"plain", 2, 4, 4, 37, 37, 16, 16, MHA_CAUSAL_NONE, -1, -1, 0, 0, false, false, false, 0},
+    {"causal, top-left", 1, 4, 4, 50, 50, 32, 32, MHA_CAUSAL_TOP_LEFT, -1, -1, 0, 0, false, false, false, 0},
+    {"causal, bottom-right, more keys", 2, 4, 4, 21, 45, 16, 24, MHA_CAUSAL_BOTTOM_RIGHT, -1, -1, 0, 0, false, false,
+     false, 0},
+    {"window, softcap, ALiBi, scale", 1, 6, 6, 40, 40, 16, 16, MHA_CAUSAL_NONE, 5, 3, 4.0f, 0, true, false, false, 0.3},
+    {"GQA 8/4, per-head additive mask", 2, 8, 4, 23, 29, 16, 8, MHA_CAUSAL_NONE, -1, -1, 0, 0, false, true, false, 0},
+    {"keep mask with a fully masked row", 1, 4, 4, 19, 19, 8, 8, MHA_CAUSAL_NONE, -1, -1, 0, 0, false, false, true, 0},
+    {"large logits", 1, 4, 4, 33, 33, 64, 64, MHA_CAUSAL_TOP_LEFT, -1, -1, 0, 15.0f, false, false, false, 0},
+};
+
+/* Errors reach every rank, name the rank, and write nothing. */
+static void test_failures(mha_ctx *ctx)
+{
+    seq_case c = cases[0];
+    c.G = 1, c.H = 4; /* MQA: one kv head */
+    problem p;
+    problem_init(&p, &c, ctx);
+    blocks b;
+    blocks_init(&b, &p);
+    if (size > 1)
+        CHECK_FAILS(mha_mpi_attention_ulysses(ctx, MPI_COMM_WORLD, &b.out, NULL, &b.q, &b.k, &b.v, &p.desc),
+                    MHA_ERR_INVALID_ARG, "cannot be split");
+    free(b.mem), free(b.lse);
+    problem_free(&p);
+
+    problem_init(&p, &cases[0], ctx);
+    blocks_init(&b, &p);
+    for (int64_t i = 0; i < b.out.shape[0] * b.out.shape[1] * b.out.shape[2] * b.out.shape[3]; i++) b.mem[i] = 7.0f;
+    char who[32];
+    snprintf(who, sizeof who, "rank %d of %d", size - 1, size);
+    mha_attn_desc d = p.desc;
+    if (rank == size - 1) d.causal = MHA_CAUSAL_TOP_LEFT;
+    if (size > 1)
+        CHECK_FAILS(mha_mpi_attention_ulysses(ctx, MPI_COMM_WORLD, &b.out, NULL, &b.q, &b.k, &b.v, &d),
+                    MHA_ERR_INVALID_ARG, "causal");
+    mha_tensor bad = b.q;
+    if (rank == size - 1) bad.shape[3] = 3; /* q's width no longer k's: a local error */
+    CHECK_FAILS(mha_mpi_attention_ulysses(ctx, MPI_COMM_WORLD, &b.out, NULL, &bad, &b.k, &b.v, &p.desc),
+                MHA_ERR_INVALID_ARG, who);
+    bool untouched = true;
+    for (int64_t i = 0; i < b.out.shape[0] * b.out.shape[1] * b.out.shape[2] * b.out.shape[3]; i++)
+        untouched = untouched && b.mem[i] == 7.0f;
+    CHECK(untouched, "a failed call wrote its output");
+    CHECK_FAILS(mha_mpi_attention_ulysses_backward(ctx, MPI_COMM_WORLD, &b.dq, &b.dk, &b.dv, &b.q, &b.k, &b.v, &b.out,
+                                                   rank == size - 1 ? NULL : b.lse, &b.dout, &p.desc),
+                MHA_ERR_MISUSE, who);
+    free(b.mem), free(b.lse);
+    problem_free(&p);
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    mha_ctx *ctx = NULL;
+    CHECK_OK(mha_ctx_create(1, &ctx));
+    for (size_t i = 0; ctx && i < sizeof cases / sizeof cases[0]; i++) {
+        problem p;
+        problem_init(&p, &cases[i], ctx);
+        check_ulysses(ctx, &p);
+        problem_free(&p);
+    }
+    if (ctx) test_failures(ctx);
+    mha_ctx_free(ctx);
+    int mine = harness_failures, all = 0;
+    MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    char name[64];
+    snprintf(name, sizeof name, "test_mpi_sequence rank %d of %d", rank, size);
+    int rc = harness_finish(name);
+    MPI_Finalize();
+    return rc || all;
+}
