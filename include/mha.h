@@ -203,6 +203,16 @@ typedef struct mha_attn_desc {
                                   scale*q, k, v and the probabilities are
                                   rounded to bf16 where they enter the two
                                   products, which accumulate in float32 */
+    /* Where this call's rows sit in a longer sequence, for attention
+     * computed a block of queries and keys at a time (sequence
+     * parallelism, mha_mpi.h): query row i is row query_offset + i of
+     * query_total, key j is key key_offset + j of key_total, and causal
+     * masking, the window and ALiBi follow those positions (i and j in
+     * the score's description above become them, L and S the totals;
+     * the mask stays this call's [B, Hq, L, S]).  Defaults 0; a total of
+     * 0 means this call's own L or S. */
+    int64_t query_offset, key_offset;
+    int64_t query_total, key_total;
 } mha_attn_desc;
 
 void mha_attn_desc_init(mha_attn_desc *desc);
@@ -287,6 +297,34 @@ mha_status mha_attention_backward_with_stats(mha_ctx *ctx, mha_tensor *dq, mha_t
                                              const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
                                              const mha_tensor *out, const mha_attn_stats *stats,
                                              const mha_tensor *grad_out, const mha_attn_desc *desc);
+
+/* The backward of one block of keys of longer rows (sequence
+ * parallelism, mha_mpi.h): as mha_attention_backward_with_stats, with
+ * stats the whole rows' max and sum, and delta [B, Hq, L] each whole
+ * row's delta_i = sum_j P_ij dP_ij (mha_attention_backward_row_sums says
+ * how); nothing is renormalised over this call's keys and no output is
+ * read.  dq, dk, dv get this block's share (overwritten); summed over the
+ * blocks they are the gradients.  Errors as mha_attention_backward's
+ * (MISUSE for a NULL stats, max, sum or delta). */
+mha_status mha_attention_backward_block(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
+                                        const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                                        const mha_attn_stats *stats, const float *delta, const mha_tensor *grad_out,
+                                        const mha_attn_desc *desc);
+
+/* For a backward split over blocks of keys (sequence parallelism): over
+ * this call's keys only, each row's
+ *   p_sum [B, Hq, L]  sum_j P_ij
+ *   p_dp  [B, Hq, L]  sum_j P_ij dP_ij,  dP_ij = grad_out_i . v_j
+ * in float64 (overwritten), with P_ij = exp(s_ij - max_i) / sum_i from
+ * stats, the whole row's (an lse as max with sum 1 will do).  Summed over
+ * the blocks, delta = p_dp / p_sum and the p_sum total are what
+ * mha_attention_backward_block takes as delta and (times sum) as
+ * stats->sum: the softmax's gradient exactly as one call over all keys
+ * takes it where a row's probability peaks.  Errors as
+ * mha_attention_backward's (MISUSE for a NULL stats, max or sum). */
+mha_status mha_attention_backward_row_sums(mha_ctx *ctx, double *p_sum, double *p_dp, const mha_tensor *q,
+                                           const mha_tensor *k, const mha_tensor *v, const mha_tensor *grad_out,
+                                           const mha_attn_stats *stats, const mha_attn_desc *desc);
 
 /* ------------------------------------------------------------------ */
 /* safetensors files                                                   */

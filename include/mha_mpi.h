@@ -129,6 +129,43 @@ mha_status mha_mpi_attention_ulysses_backward(mha_ctx *ctx, MPI_Comm comm, mha_t
                                               const mha_tensor *v, const mha_tensor *out, const float *lse,
                                               const mha_tensor *grad_out, const mha_attn_desc *desc);
 
+/* How a sequence is laid out over the ranks for ring attention:
+ *   BLOCKS  each rank one contiguous block, in rank order, any sizes (as
+ *           Ulysses takes them);
+ *   ZIGZAG  the sequence in 2P chunks (chunk c = rows [n c / 2P,
+ *           n (c + 1) / 2P)); rank r holds chunks r and 2P - 1 - r, in that
+ *           order: under causal masking every rank then has the same
+ *           work, where BLOCKS leaves the last rank the most. */
+typedef enum mha_mpi_layout { MHA_MPI_BLOCKS = 0, MHA_MPI_ZIGZAG } mha_mpi_layout;
+
+/* The rows of an n-row sequence that rank r of P holds, as up to two runs
+ * [start[i], start[i] + rows[i]) (the second empty for BLOCKS, where this
+ * gives even blocks).  Not collective. */
+void mha_mpi_layout_rows(mha_mpi_layout layout, int64_t n, int size, int rank, int64_t start[2], int64_t rows[2]);
+
+/* Ring attention: the arguments of mha_mpi_attention_ulysses, the rows
+ * laid out by `layout` (queries and keys alike).  Each rank keeps its
+ * queries; the blocks of keys and values go round the ring (the next one
+ * received while the current one is computed) and the partial results
+ * merge by their row statistics in arrival order.  No limit on heads (MQA
+ * too); per rank, two blocks of K and V in flight.  Within the tolerance
+ * rule of one process, the same bits for a given rank count and layout.
+ * Errors: as mha_attention's, INVALID_ARG (a rank's rows are not its
+ * ZIGZAG chunks), UNSUPPORTED (a block past INT_MAX floats), NOMEM. */
+mha_status mha_mpi_attention_ring(mha_ctx *ctx, MPI_Comm comm, mha_mpi_layout layout, mha_tensor *out, float *lse,
+                                  const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                                  const mha_attn_desc *desc);
+
+/* Its gradients (lse from the forward call, required; dq, dk, dv
+ * overwritten): twice round the ring, first for each row's exact delta =
+ * sum P dP (mha_attention_backward_row_sums), then for the gradients
+ * (mha_attention_backward_block), dK and dV travelling with their block
+ * back to its owner.  Errors: as mha_mpi_attention_ring's. */
+mha_status mha_mpi_attention_ring_backward(mha_ctx *ctx, MPI_Comm comm, mha_mpi_layout layout, mha_tensor *dq,
+                                           mha_tensor *dk, mha_tensor *dv, const mha_tensor *q, const mha_tensor *k,
+                                           const mha_tensor *v, const mha_tensor *out, const float *lse,
+                                           const mha_tensor *grad_out, const mha_attn_desc *desc);
+
 #ifdef __cplusplus
 }
 #endif

@@ -168,6 +168,23 @@ static void test_attention_args(void)
                 MHA_ERR_MISUSE, "mha_attention_backward_with_stats: NULL argument");
     CHECK_FAILS(mha_attention_with_stats(ctx, &to, &stats, &tq, &bad, &tv, &d), MHA_ERR_INVALID_ARG,
                 "key has 3 in its fourth dimension");
+
+    /* Blocks of a longer sequence: the block backward and its row sums,
+     * and positions that do not fit. */
+    double p_sum[6], p_dp[6];
+    float delta[6] = {0};
+    CHECK_OK(mha_attention_backward_row_sums(ctx, p_sum, p_dp, &tq, &tk, &tv, &tdo, &stats, &d));
+    CHECK_OK(mha_attention_backward_block(ctx, &tdq, &tdk, &tdv, &tq, &tk, &tv, &stats, delta, &tdo, &d));
+    CHECK_FAILS(mha_attention_backward_block(ctx, &tdq, &tdk, &tdv, &tq, &tk, &tv, &stats, NULL, &tdo, &d),
+                MHA_ERR_MISUSE, "mha_attention_backward_block: NULL argument");
+    CHECK_FAILS(mha_attention_backward_row_sums(ctx, NULL, p_dp, &tq, &tk, &tv, &tdo, &stats, &d), MHA_ERR_MISUSE,
+                "mha_attention_backward_row_sums: NULL argument");
+    CHECK_FAILS(mha_attention_backward_row_sums(ctx, p_sum, p_dp, &tq, &bad, &tv, &tdo, &stats, &d),
+                MHA_ERR_INVALID_ARG, "key has 3 in its fourth dimension");
+    d.query_offset = 2, d.query_total = 4;
+    CHECK_FAILS(mha_attention(ctx, &to, NULL, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "positions: query rows 2 +");
+    d.query_offset = 0, d.query_total = 0, d.key_offset = -1;
+    CHECK_FAILS(mha_attention(ctx, &to, NULL, &tq, &tk, &tv, &d), MHA_ERR_INVALID_ARG, "offsets >= 0");
     mha_ctx_free(ctx);
 }
 

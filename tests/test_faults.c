@@ -155,6 +155,16 @@ static mha_status attention(float *result)
     mha_status st = mha_ctx_create(2, &ctx);
     if (st == MHA_OK) st = mha_attention(ctx, &to, lse, &tq, &tk, &tv, &desc);
     if (st == MHA_OK) st = mha_attention_backward(ctx, &tdq, &tdk, &tdv, &tq, &tk, &tv, &to, lse, &tdo, &desc);
+    /* The same as a block of a longer sequence (its row sums, its share). */
+    double p_sum[B * HQ * L], p_dp[B * HQ * L];
+    float ones[B * HQ * L], delta[B * HQ * L];
+    for (int i = 0; i < B * HQ * L; i++) ones[i] = 1.0f;
+    mha_attn_stats stats = {lse, ones};
+    desc.query_offset = 3, desc.query_total = L + 3;
+    if (st == MHA_OK) st = mha_attention_backward_row_sums(ctx, p_sum, p_dp, &tq, &tk, &tv, &tdo, &stats, &desc);
+    for (int i = 0; st == MHA_OK && i < B * HQ * L; i++) delta[i] = p_sum[i] > 0 ? (float)(p_dp[i] / p_sum[i]) : 0.0f;
+    if (st == MHA_OK)
+        st = mha_attention_backward_block(ctx, &tdq, &tdk, &tdv, &tq, &tk, &tv, &stats, delta, &tdo, &desc);
     if (st == MHA_OK) {
         memcpy(result, o, 32 * sizeof(float));
         memcpy(result + 32, dk, 32 * sizeof(float));

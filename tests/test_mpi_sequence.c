@@ -7,6 +7,7 @@
  */
 #include "harness.h"
 #include "mha_mpi.h"
+#include "reference.h"
 
 #include <stdint.h>
 
@@ -128,6 +129,20 @@ typedef struct blocks {
     float *mem, *lse;
 } blocks;
 
+/* This rank's block of the queries (keys: true, of the keys) as blocks_init
+ * lays them out: one run. */
+static void blocks_of_rank(int64_t n, bool keys, int64_t start[2], int64_t rows[2])
+{
+    start[0] = 0;
+    for (int r = 0; r < rank; r++) {
+        int64_t at, len;
+        block_of(n, keys ? size - 1 - r : r, &at, &len);
+        start[0] += len;
+    }
+    block_of(n, keys ? size - 1 - rank : rank, &start[1], &rows[0]);
+    start[1] = start[0] + rows[0], rows[1] = 0;
+}
+
 static void blocks_init(blocks *b, problem *p)
 {
     const seq_case *c = p->c;
@@ -176,6 +191,158 @@ static void check_ulysses(mha_ctx *ctx, problem *p)
     free(b.lse);
 }
 
+/* ------------------------------------------------------------------ */
+/* Ring attention: within the tolerance rule of the float64 reference   */
+/* ------------------------------------------------------------------ */
+
+/* This rank's rows under a layout: for BLOCKS the uneven blocks above. */
+static void runs_of(mha_mpi_layout layout, int64_t n, bool keys, int64_t start[2], int64_t rows[2])
+{
+    if (layout == MHA_MPI_ZIGZAG) return mha_mpi_layout_rows(layout, n, size, rank, start, rows);
+    blocks_of_rank(n, keys, start, rows);
+}
+
+/* Copies rows `runs` of a whole [B, heads, n, w] tensor to a contiguous
+ * [B, heads, rows, w] one (to_local) or back. */
+static void move_rows(float *whole, float *local, int64_t BH, int64_t n, int64_t w, const int64_t start[2],
+                      const int64_t rows[2], bool to_local)
+{
+    int64_t total = rows[0] + rows[1];
+    for (int64_t bh = 0; bh < BH; bh++)
+        for (int r = 0, at = 0; r < 2; at += (int)rows[r], r++) {
+            float *wp = whole + (bh * n + start[r]) * w, *lp = local + (bh * total + at) * w;
+            size_t bytes = (size_t)(rows[r] * w) * sizeof(float);
+            if (to_local) memcpy(lp, wp, bytes);
+            else memcpy(wp, lp, bytes);
+        }
+}
+
+static double *to_double(const float *x, int64_t n)
+{
+    double *d = malloc((size_t)(n > 0 ? n : 1) * sizeof(double));
+    for (int64_t i = 0; i < n; i++) d[i] = x[i];
+    return d;
+}
+
+/* The reference's description of a problem, with dense masks. */
+static mha_ref_sdpa reference_of(const problem *p, double **add, uint8_t **keep, double **slopes)
+{
+    const seq_case *c = p->c;
+    int64_t n = c->B * c->H * c->L * c->S;
+    *add = NULL, *keep = NULL, *slopes = NULL;
+    if (c->add_mask) *add = to_double(p->add, n);
+    if (c->keep_mask) {
+        *keep = malloc((size_t)(n > 0 ? n : 1));
+        for (int64_t i = 0; i < n; i++) (*keep)[i] = p->keep[i % (c->L * c->S)];
+    }
+    if (c->alibi) *slopes = to_double(p->slopes, c->H);
+    mha_attn_desc d = p->desc;
+    return (mha_ref_sdpa){c->B,
+                          c->H,
+                          c->G,
+                          c->L,
+                          c->S,
+                          c->D,
+                          c->Dv,
+                          isnan(d.scale) ? 1.0 / sqrt((double)c->D) : d.scale,
+                          c->softcap,
+                          c->causal,
+                          c->window_left,
+                          c->window_right,
+                          *slopes,
+                          *keep,
+                          *add};
+}
+
+/* The whole results of one ring run, from every rank's rows. */
+typedef struct ring_result {
+    float *out, *lse, *dq, *dk, *dv;
+} ring_result;
+
+static void run_ring(mha_ctx *ctx, const problem *p, mha_mpi_layout layout, ring_result *r)
+{
+    const seq_case *c = p->c;
+    int64_t qs[2], qr[2], ks[2], kr[2];
+    runs_of(layout, c->L, false, qs, qr);
+    runs_of(layout, c->S, true, ks, kr);
+    int64_t lr = qr[0] + qr[1], sr = kr[0] + kr[1], BH = c->B * c->H, BG = c->B * c->G;
+    float *q = malloc((size_t)(BH * lr * c->D + 1) * sizeof(float)),
+          *g = malloc((size_t)(BH * lr * c->Dv + 1) * sizeof(float));
+    float *k = malloc((size_t)(BG * sr * c->D + 1) * sizeof(float)),
+          *v = malloc((size_t)(BG * sr * c->Dv + 1) * sizeof(float));
+    float *o = malloc((size_t)(BH * lr * c->Dv + 1) * sizeof(float)),
+          *l = malloc((size_t)(BH * lr + 1) * sizeof(float));
+    float *dq = malloc((size_t)(BH * lr * c->D + 1) * sizeof(float)),
+          *dk = malloc((size_t)(BG * sr * c->D + 1) * sizeof(float));
+    float *dv = malloc((size_t)(BG * sr * c->Dv + 1) * sizeof(float));
+    move_rows(p->q, q, BH, c->L, c->D, qs, qr, true);
+    move_rows(p->dout, g, BH, c->L, c->Dv, qs, qr, true);
+    move_rows(p->k, k, BG, c->S, c->D, ks, kr, true);
+    move_rows(p->v, v, BG, c->S, c->Dv, ks, kr, true);
+    mha_tensor tq = mha_tensor_4d(q, c->B, c->H, lr, c->D), tk = mha_tensor_4d(k, c->B, c->G, sr, c->D);
+    mha_tensor tv = mha_tensor_4d(v, c->B, c->G, sr, c->Dv), to = mha_tensor_4d(o, c->B, c->H, lr, c->Dv);
+    mha_tensor tg = mha_tensor_4d(g, c->B, c->H, lr, c->Dv), tdq = mha_tensor_4d(dq, c->B, c->H, lr, c->D);
+    mha_tensor tdk = mha_tensor_4d(dk, c->B, c->G, sr, c->D), tdv = mha_tensor_4d(dv, c->B, c->G, sr, c->Dv);
+    CHECK_OK(mha_mpi_attention_ring(ctx, MPI_COMM_WORLD, layout, &to, l, &tq, &tk, &tv, &p->desc));
+    CHECK_OK(mha_mpi_attention_ring_backward(ctx, MPI_COMM_WORLD, layout, &tdq, &tdk, &tdv, &tq, &tk, &tv, &to, l, &tg,
+                                             &p->desc));
+    /* Every rank's rows into whole tensors (zeros elsewhere), summed: exact. */
+    int64_t n[5] = {BH * c->L * c->Dv, BH * c->L, BH * c->L * c->D, BG * c->S * c->D, BG * c->S * c->Dv};
+    float **all[5] = {&r->out, &r->lse, &r->dq, &r->dk, &r->dv};
+    for (int i = 0; i < 5; i++) *all[i] = calloc((size_t)n[i], sizeof(float));
+    move_rows(r->out, o, BH, c->L, c->Dv, qs, qr, false);
+    move_rows(r->lse, l, BH, c->L, 1, qs, qr, false);
+    move_rows(r->dq, dq, BH, c->L, c->D, qs, qr, false);
+    move_rows(r->dk, dk, BG, c->S, c->D, ks, kr, false);
+    move_rows(r->dv, dv, BG, c->S, c->Dv, ks, kr, false);
+    for (int i = 0; i < 5; i++) MPI_Allreduce(MPI_IN_PLACE, *all[i], (int)n[i], MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+    void *owned[] = {q, g, k, v, o, l, dq, dk, dv};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
+}
+
+static void ring_result_free(ring_result *r) { free(r->out), free(r->lse), free(r->dq), free(r->dk), free(r->dv); }
+
+static void check_ring(mha_ctx *ctx, problem *p, mha_mpi_layout layout)
+{
+    const seq_case *c = p->c;
+    ring_result r, again;
+    run_ring(ctx, p, layout, &r);
+    run_ring(ctx, p, layout, &again);
+    int64_t BH = c->B * c->H, BG = c->B * c->G, n_out = BH * c->L * c->Dv, n_q = BH * c->L * c->D;
+    int64_t n_k = BG * c->S * c->D, n_v = BG * c->S * c->Dv;
+    const char *name = layout == MHA_MPI_ZIGZAG ? "zigzag" : "blocks";
+    CHECK(memcmp(r.out, again.out, (size_t)n_out * sizeof(float)) == 0 &&
+              memcmp(r.dk, again.dk, (size_t)n_k * sizeof(float)) == 0,
+          "%s, ring %s on %d ranks: two runs differ", c->label, name, size);
+    double *add, *slopes, *q64 = to_double(p->q, n_q), *k64 = to_double(p->k, n_k), *v64 = to_double(p->v, n_v);
+    double *g64 = to_double(p->dout, n_out);
+    uint8_t *keep;
+    mha_ref_sdpa ref = reference_of(p, &add, &keep, &slopes);
+    double *want = malloc((size_t)(n_out + BH * c->L + n_q + n_k + n_v) * sizeof(double));
+    float *base = malloc((size_t)(n_out + BH * c->L + n_q + n_k + n_v) * sizeof(float));
+    double *w_lse = want + n_out, *w_dq = w_lse + BH * c->L, *w_dk = w_dq + n_q, *w_dv = w_dk + n_k;
+    float *b_lse = base + n_out, *b_dq = b_lse + BH * c->L, *b_dk = b_dq + n_q, *b_dv = b_dk + n_k;
+    mha_ref_sdpa_f64(&ref, q64, k64, v64, want, w_lse, NULL);
+    mha_ref_sdpa_f32(&ref, p->q, p->k, p->v, base, b_lse, NULL);
+    mha_ref_sdpa_backward_f64(&ref, q64, k64, v64, g64, w_dq, w_dk, w_dv);
+    mha_ref_sdpa_backward_f32(&ref, p->q, p->k, p->v, p->dout, b_dq, b_dk, b_dv);
+    char what[200];
+    snprintf(what, sizeof what, "%s, ring %s on %d ranks: output", c->label, name, size);
+    CHECK_CLOSE(what, r.out, want, base, n_out);
+    snprintf(what, sizeof what, "%s, ring %s on %d ranks: lse", c->label, name, size);
+    CHECK_CLOSE(what, r.lse, w_lse, b_lse, BH * c->L);
+    snprintf(what, sizeof what, "%s, ring %s on %d ranks: dq", c->label, name, size);
+    CHECK_CLOSE_GRAD(what, r.dq, w_dq, b_dq, n_q);
+    snprintf(what, sizeof what, "%s, ring %s on %d ranks: dk", c->label, name, size);
+    CHECK_CLOSE_GRAD(what, r.dk, w_dk, b_dk, n_k);
+    snprintf(what, sizeof what, "%s, ring %s on %d ranks: dv", c->label, name, size);
+    CHECK_CLOSE_GRAD(what, r.dv, w_dv, b_dv, n_v);
+    void *owned[] = {add, keep, slopes, q64, k64, v64, g64, want, base};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
+    ring_result_free(&r);
+    ring_result_free(&again);
+}
+
 static const seq_case cases[] = {
     {"plain", 2, 4, 4, 37, 37, 16, 16, MHA_CAUSAL_NONE, -1, -1, 0, 0, false, false, false, 0},
     {"causal, top-left", 1, 4, 4, 50, 50, 32, 32, MHA_CAUSAL_TOP_LEFT, -1, -1, 0, 0, false, false, false, 0},
@@ -185,6 +352,7 @@ static const seq_case cases[] = {
     {"GQA 8/4, per-head additive mask", 2, 8, 4, 23, 29, 16, 8, MHA_CAUSAL_NONE, -1, -1, 0, 0, false, true, false, 0},
     {"keep mask with a fully masked row", 1, 4, 4, 19, 19, 8, 8, MHA_CAUSAL_NONE, -1, -1, 0, 0, false, false, true, 0},
     {"large logits", 1, 4, 4, 33, 33, 64, 64, MHA_CAUSAL_TOP_LEFT, -1, -1, 0, 15.0f, false, false, false, 0},
+    {"MQA (one kv head), causal", 2, 4, 1, 30, 30, 16, 16, MHA_CAUSAL_TOP_LEFT, -1, -1, 0, 0, false, false, false, 0},
 };
 
 /* Errors reach every rank, name the rank, and write nothing. */
@@ -237,7 +405,9 @@ int main(int argc, char **argv)
     for (size_t i = 0; ctx && i < sizeof cases / sizeof cases[0]; i++) {
         problem p;
         problem_init(&p, &cases[i], ctx);
-        check_ulysses(ctx, &p);
+        if (cases[i].G >= size) check_ulysses(ctx, &p); /* whole kv heads per rank */
+        check_ring(ctx, &p, MHA_MPI_BLOCKS);
+        check_ring(ctx, &p, MHA_MPI_ZIGZAG);
         problem_free(&p);
     }
     if (ctx) test_failures(ctx);

@@ -1262,6 +1262,136 @@ static void test_reference_vs_pytorch(const char *dir)
     if (d) closedir(d);
 }
 
+/* ------------------------------------------------------------------ */
+/* Attention a block at a time (positions, row sums, block backward)   */
+/* ------------------------------------------------------------------ */
+
+/* One problem split into 2 x 2 blocks of queries and keys, each block
+ * told where it sits (mha_attn_desc's positions). */
+enum { BT_H = 2, BT_L = 30, BT_S = 44, BT_D = 16, BT_QS = 13, BT_KS = 21 };
+enum { BT_NO = BT_H * BT_L * BT_D, BT_NK = BT_H * BT_S * BT_D, BT_NR = BT_H * BT_L };
+
+typedef struct blocks_test {
+    float *q, *k, *v, *g;
+    mha_attn_desc d;
+    float out[BT_NO], m[BT_NR], s[BT_NR], lse[BT_NR], sum[BT_NR], delta[BT_NR];
+    double p_sum[BT_NR], p_dp[BT_NR];
+    float dq[BT_NO], dk[BT_NK], dv[BT_NK];
+    /* one block's */
+    float po[BT_NO], pm[BT_NR], ps[BT_NR], b_lse[BT_NR], b_one[BT_NR], b_sum[BT_NR], b_delta[BT_NR];
+    float tq[BT_NO], tk[BT_NK], tv[BT_NK];
+    double t_sum[BT_NR], t_dp[BT_NR];
+} blocks_test;
+
+static const int64_t bt_q_at[2] = {0, BT_QS}, bt_q_n[2] = {BT_QS, BT_L - BT_QS};
+static const int64_t bt_k_at[2] = {0, BT_KS}, bt_k_n[2] = {BT_KS, BT_S - BT_KS};
+
+/* Rows [r0, r0 + n) of a contiguous [1, BT_H, T, BT_D] tensor. */
+static mha_tensor bt_rows(float *data, int64_t T, int64_t r0, int64_t n)
+{
+    mha_tensor t = mha_tensor_4d(data, 1, BT_H, T, BT_D);
+    t.data += r0 * BT_D;
+    t.shape[2] = n;
+    return t;
+}
+
+/* Block (a, b)'s forward, merged into the rows by their statistics. */
+static void bt_forward(mha_ctx *ctx, blocks_test *t, int a, int b)
+{
+    mha_tensor q = bt_rows(t->q, BT_L, bt_q_at[a], bt_q_n[a]), k = bt_rows(t->k, BT_S, bt_k_at[b], bt_k_n[b]);
+    mha_tensor v = bt_rows(t->v, BT_S, bt_k_at[b], bt_k_n[b]), o = mha_tensor_4d(t->po, 1, BT_H, bt_q_n[a], BT_D);
+    mha_attn_stats st = {t->pm, t->ps};
+    CHECK_OK(mha_attention_with_stats(ctx, &o, &st, &q, &k, &v, &t->d));
+    for (int64_t h = 0; h < BT_H; h++)
+        for (int64_t i = 0; i < bt_q_n[a]; i++) {
+            int64_t run = h * BT_L + bt_q_at[a] + i, pr = h * bt_q_n[a] + i;
+            if (!(t->ps[pr] > 0)) continue;
+            float top = t->m[run] > t->pm[pr] ? t->m[run] : t->pm[pr];
+            float wa = t->s[run] > 0 ? t->s[run] * expf(t->m[run] - top) : 0, wb = t->ps[pr] * expf(t->pm[pr] - top);
+            for (int c = 0; c < BT_D; c++)
+                t->out[run * BT_D + c] = (t->out[run * BT_D + c] * wa + t->po[pr * BT_D + c] * wb) / (wa + wb);
+            t->m[run] = top, t->s[run] = wa + wb;
+        }
+}
+
+/* Block (a, b)'s row sums (pass 1) or gradients (pass 2), accumulated. */
+static void bt_backward(mha_ctx *ctx, blocks_test *t, int a, int b, int pass)
+{
+    int64_t rows = bt_q_n[a], keys = bt_k_n[b];
+    mha_tensor q = bt_rows(t->q, BT_L, bt_q_at[a], rows), k = bt_rows(t->k, BT_S, bt_k_at[b], keys);
+    mha_tensor v = bt_rows(t->v, BT_S, bt_k_at[b], keys), g = bt_rows(t->g, BT_L, bt_q_at[a], rows);
+    for (int64_t h = 0; h < BT_H; h++) /* the block's rows of the whole rows' statistics, contiguous */
+        for (int64_t i = 0; i < rows; i++) {
+            int64_t run = h * BT_L + bt_q_at[a] + i, pr = h * rows + i;
+            t->b_lse[pr] = t->lse[run], t->b_one[pr] = 1, t->b_sum[pr] = t->sum[run], t->b_delta[pr] = t->delta[run];
+        }
+    if (pass == 1) {
+        mha_attn_stats st = {t->b_lse, t->b_one};
+        CHECK_OK(mha_attention_backward_row_sums(ctx, t->t_sum, t->t_dp, &q, &k, &v, &g, &st, &t->d));
+        for (int64_t h = 0; h < BT_H; h++)
+            for (int64_t i = 0; i < rows; i++) {
+                t->p_sum[h * BT_L + bt_q_at[a] + i] += t->t_sum[h * rows + i];
+                t->p_dp[h * BT_L + bt_q_at[a] + i] += t->t_dp[h * rows + i];
+            }
+        return;
+    }
+    mha_attn_stats st = {t->b_lse, t->b_sum};
+    mha_tensor gq = mha_tensor_4d(t->tq, 1, BT_H, rows, BT_D), gk = mha_tensor_4d(t->tk, 1, BT_H, keys, BT_D);
+    mha_tensor gv = mha_tensor_4d(t->tv, 1, BT_H, keys, BT_D);
+    CHECK_OK(mha_attention_backward_block(ctx, &gq, &gk, &gv, &q, &k, &v, &st, t->b_delta, &g, &t->d));
+    for (int64_t h = 0; h < BT_H; h++) {
+        for (int64_t i = 0; i < rows * BT_D; i++)
+            t->dq[(h * BT_L + bt_q_at[a]) * BT_D + i] += t->tq[h * rows * BT_D + i];
+        for (int64_t i = 0; i < keys * BT_D; i++) {
+            t->dk[(h * BT_S + bt_k_at[b]) * BT_D + i] += t->tk[h * keys * BT_D + i];
+            t->dv[(h * BT_S + bt_k_at[b]) * BT_D + i] += t->tv[h * keys * BT_D + i];
+        }
+    }
+}
+
+/* The blocks against the float64 reference of the whole: output, lse and
+ * gradients (causal bottom-right, a window, softcap and ALiBi all follow
+ * the positions). */
+static void test_blocks_of_a_sequence(mha_ctx *ctx)
+{
+    blocks_test *t = calloc(1, sizeof *t);
+    double *q64, *k64, *v64, *g64, *slopes64;
+    t->q = random_floats(BT_NO, 2.0, &q64), t->k = random_floats(BT_NK, 2.0, &k64);
+    t->v = random_floats(BT_NK, 1.0, &v64), t->g = random_floats(BT_NO, 1.0, &g64);
+    float *slopes = random_floats(BT_H, 0.3, &slopes64);
+    for (int h = 0; h < BT_H; h++) slopes[h] = fabsf(slopes[h]), slopes64[h] = slopes[h];
+    mha_attn_desc_init(&t->d);
+    t->d.causal = MHA_CAUSAL_BOTTOM_RIGHT, t->d.window_left = 9, t->d.softcap = 6.0f, t->d.alibi_slopes = slopes;
+    t->d.scale = 0.25, t->d.query_total = BT_L, t->d.key_total = BT_S;
+    for (int i = 0; i < BT_NR; i++) t->m[i] = -INFINITY;
+    for (int pass = 0; pass < 3; pass++) {
+        for (int a = 0; a < 2; a++)
+            for (int b = 0; b < 2; b++) {
+                t->d.query_offset = bt_q_at[a], t->d.key_offset = bt_k_at[b];
+                if (pass == 0) bt_forward(ctx, t, a, b);
+                else bt_backward(ctx, t, a, b, pass);
+            }
+        for (int i = 0; i < BT_NR && pass == 0; i++) t->lse[i] = t->s[i] > 0 ? t->m[i] + logf(t->s[i]) : -INFINITY;
+        for (int i = 0; i < BT_NR && pass == 1; i++)
+            t->sum[i] = (float)t->p_sum[i], t->delta[i] = t->p_sum[i] > 0 ? (float)(t->p_dp[i] / t->p_sum[i]) : 0;
+    }
+    mha_ref_sdpa ref = {1, BT_H, BT_H,     BT_L, BT_S, BT_D, BT_D, 0.25, 6.0, MHA_CAUSAL_BOTTOM_RIGHT,
+                        9, -1,   slopes64, NULL, NULL};
+    double *want = malloc((BT_NO + 2 * BT_NK + BT_NR) * sizeof(double));
+    float *base = malloc((BT_NO + 2 * BT_NK + BT_NR) * sizeof(float));
+    mha_ref_sdpa_f64(&ref, q64, k64, v64, want, want + BT_NO, NULL);
+    mha_ref_sdpa_f32(&ref, t->q, t->k, t->v, base, base + BT_NO, NULL);
+    CHECK_CLOSE("blocks: output", t->out, want, base, BT_NO);
+    CHECK_CLOSE("blocks: lse", t->lse, want + BT_NO, base + BT_NO, BT_NR);
+    mha_ref_sdpa_backward_f64(&ref, q64, k64, v64, g64, want, want + BT_NO, want + BT_NO + BT_NK);
+    mha_ref_sdpa_backward_f32(&ref, t->q, t->k, t->v, t->g, base, base + BT_NO, base + BT_NO + BT_NK);
+    CHECK_CLOSE_GRAD("blocks: dq", t->dq, want, base, BT_NO);
+    CHECK_CLOSE_GRAD("blocks: dk", t->dk, want + BT_NO, base + BT_NO, BT_NK);
+    CHECK_CLOSE_GRAD("blocks: dv", t->dv, want + BT_NO + BT_NK, base + BT_NO + BT_NK, BT_NK);
+    void *owned[] = {t->q, t->k, t->v, t->g, slopes, q64, k64, v64, g64, slopes64, want, base, t};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
+}
+
 int main(int argc, char **argv)
 {
     mha_ctx *ctx1 = NULL, *ctx2 = NULL, *ctx3 = NULL;
@@ -1283,6 +1413,7 @@ int main(int argc, char **argv)
     test_block_sweep(ctx1, ctx2);
     test_reference_block_gradients_by_differences();
     test_padding_equals_attn_mask(ctx3);
+    test_blocks_of_a_sequence(ctx2);
     mha_ctx_free(ctx1);
     mha_ctx_free(ctx2);
     mha_ctx_free(ctx3);

@@ -32,7 +32,9 @@ typedef struct mha__attn_plan {
     int64_t window_left, window_right; /* -1 = unbounded */
     const float *alibi;                /* [Hq] or NULL */
     mha_mask masks[2];                 /* over [B, Hq, L, R]; kind NONE = unused */
-    bool bf16;                         /* Q, K, V and P rounded to bf16 for the products */
+    /* Positions in a longer sequence (mha_attn_desc's): 0 = this call's own. */
+    int64_t query_offset, key_offset, query_total, key_total;
+    bool bf16; /* Q, K, V and P rounded to bf16 for the products */
     /* Resolved by mha__attn_plan_resolve. */
     int64_t group;                        /* Hq / Hkv: query heads per kv head */
     const mha__kernels *kt;               /* this CPU's float32 kernels */
@@ -93,6 +95,9 @@ typedef struct mha__row_stats {
 typedef struct mha__row_norm {
     const float *lse;
     const float *max, *sum;
+    const float *delta; /* NULL, or each row's sum_j P_ij dP_ij over all its
+                           keys, of which the call sees a block (then no
+                           row is renormalised over the call's keys) */
 } mha__row_norm;
 
 /* The sizes of one attention problem: batch, query and kv heads, query
@@ -243,6 +248,13 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tens
 /* Its workspace, given whether dq's rows are contiguous (dQ then
  * accumulates in place). */
 bool mha__attn_backward_workspace(const mha__attn_plan *plan, const mha_ctx *ctx, bool dq_contiguous, int64_t *bytes);
+
+/* Over the plan's keys, each row's sum of p and of p dP (float64, key
+ * order), p from norm's max and sum (mha_attention_backward_row_sums).
+ * Workspace: mha__attn_backward_workspace's. */
+void mha__attn_row_sums(mha_ctx *ctx, const mha__attn_plan *plan, const mha_tensor *q, const mha_tensor *k,
+                        const mha_tensor *v, const mha_tensor *dout, const mha__row_norm *norm, double *p_sum,
+                        double *p_dp);
 
 /* The row contract, in one place for every kernel:
  * the real keys [*lo, *hi) that query row i may see under causal masking

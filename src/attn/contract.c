@@ -26,6 +26,14 @@ mha_status mha__attn_plan_check(const mha__attn_plan *p)
     if (p->window_left < -1 || p->window_right < -1)
         return mha__fail(MHA_ERR_INVALID_ARG, "window sizes must be >= -1 (-1 = unbounded), got left %lld right %lld",
                          (long long)p->window_left, (long long)p->window_right);
+    if (p->query_offset < 0 || p->key_offset < 0 || p->query_total < 0 || p->key_total < 0 ||
+        (p->query_total && p->query_offset > p->query_total - p->L) ||
+        (p->key_total && p->key_offset > p->key_total - p->R))
+        return mha__fail(MHA_ERR_INVALID_ARG,
+                         "positions: query rows %lld + %lld must fit in query_total %lld and keys %lld + %lld in "
+                         "key_total %lld (offsets >= 0; a total of 0 is this call's own)",
+                         (long long)p->query_offset, (long long)p->L, (long long)p->query_total,
+                         (long long)p->key_offset, (long long)p->R, (long long)p->key_total);
     if (p->causal != MHA_CAUSAL_NONE && p->causal != MHA_CAUSAL_TOP_LEFT && p->causal != MHA_CAUSAL_BOTTOM_RIGHT)
         return mha__fail(MHA_ERR_INVALID_ARG, "causal mode %d is not an mha_causal value", (int)p->causal);
     for (int m = 0; m < 2; m++) {
@@ -48,12 +56,24 @@ mha_status mha__attn_plan_check(const mha__attn_plan *p)
 /* The row contract                                                  */
 /* ---------------------------------------------------------------- */
 
+/* Row i's position minus key j's is i - j + this: 0 for one sequence,
+ * else the offsets of the call's rows in the longer one. */
+static int64_t top_left_shift(const mha__attn_plan *p) { return p->query_offset - p->key_offset; }
+
+/* The same, bottom-right aligned (the last query with the last key):
+ * the key aligned with row i is i + this. */
+static int64_t bottom_right_shift(const mha__attn_plan *p)
+{
+    int64_t L = p->query_total ? p->query_total : p->L, S = p->key_total ? p->key_total : p->R;
+    return top_left_shift(p) + S - L;
+}
+
 void mha__row_key_range(const mha__attn_plan *p, int64_t i, int64_t *lo, int64_t *hi)
 {
-    int64_t diag = i + p->R - p->L; /* the key aligned with row i, bottom-right */
+    int64_t diag = i + bottom_right_shift(p); /* the key aligned with row i, bottom-right */
     *lo = 0;
     *hi = p->R;
-    if (p->causal == MHA_CAUSAL_TOP_LEFT) *hi = mha__min64(*hi, i + 1);
+    if (p->causal == MHA_CAUSAL_TOP_LEFT) *hi = mha__min64(*hi, i + top_left_shift(p) + 1);
     if (p->causal == MHA_CAUSAL_BOTTOM_RIGHT) *hi = mha__min64(*hi, diag + 1);
     if (p->window_left >= 0) *lo = mha__max64(*lo, diag - p->window_left);
     if (p->window_right >= 0) *hi = mha__min64(*hi, diag + p->window_right + 1);
@@ -67,7 +87,7 @@ bool mha__plan_has_bias(const mha__attn_plan *p)
 float mha__real_key_bias(const mha__attn_plan *p, int64_t b, int64_t h, int64_t i, int64_t j)
 {
     float bias = 0.0f;
-    if (p->alibi) bias -= p->alibi[h] * (float)llabs(i + p->R - p->L - j);
+    if (p->alibi) bias -= p->alibi[h] * (float)llabs(i + bottom_right_shift(p) - j);
     for (int m = 0; m < 2; m++) {
         const mha_mask *mask = &p->masks[m];
         if (mask->kind == MHA_MASK_NONE) continue;

@@ -138,7 +138,7 @@ static const float *row_of(const mha_tensor *t, int64_t b, int64_t h, int64_t i)
  * is exactly 0, as the softmax's gradient must be. */
 typedef struct rows_job {
     const bwd_job *j;
-    const mha_tensor *out;
+    const mha_tensor *out; /* NULL: shift and mul only (mha__attn_row_sums) */
     const mha__row_norm *norm;
 } rows_job;
 
@@ -150,8 +150,12 @@ static void rows_range(void *arg, int thread, int64_t begin, int64_t end)
     const mha__attn_plan *p = j->p;
     for (int64_t row = begin; row < end; row++) {
         int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
-        const float *o = row_of(rj->out, b, h, i), *d = row_of(j->dout, b, h, i);
-        j->kt->gemm_tile(1, 1, p->Dv, o, 0, rj->out->stride[3], d, j->dout->stride[3], j->delta + row, 1, 0);
+        if (rj->norm->delta) { /* the whole row's, given */
+            j->delta[row] = rj->norm->delta[row];
+        } else if (rj->out) {
+            const float *o = row_of(rj->out, b, h, i), *d = row_of(j->dout, b, h, i);
+            j->kt->gemm_tile(1, 1, p->Dv, o, 0, rj->out->stride[3], d, j->dout->stride[3], j->delta + row, 1, 0);
+        }
         /* A row that saw no key: every p is 0 (shift 0 keeps exp finite). */
         if (rj->norm->lse) {
             float lse = rj->norm->lse[row];
@@ -413,6 +417,18 @@ static void sum_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64
     }
 }
 
+/* Item (batch, head, query block) of the row passes: its batch, head,
+ * first row and rows, and that row's index in [B, Hq, L]. */
+static void query_item(const bwd_job *j, int64_t item, int64_t *b, int64_t *h, int64_t *i0, int64_t *rows,
+                       int64_t *row0)
+{
+    const mha__attn_plan *p = j->p;
+    int64_t bh = item / j->q_blocks;
+    *b = bh / p->Hq, *h = bh % p->Hq, *i0 = item % j->q_blocks * BQ;
+    *rows = p->L - *i0 < BQ ? p->L - *i0 : BQ;
+    *row0 = bh * p->L + *i0;
+}
+
 /* Item (batch, head, query block).  From an lse alone (from_lse), each
  * row's mul is first divided by its recomputed sum of p: a float32 lse is
  * off by up to half an ulp of |lse|, which scales the row by one factor
@@ -424,12 +440,11 @@ static void sum_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64
 static void exact_rows_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     const bwd_job *j = arg;
-    const mha__attn_plan *p = j->p;
     bwd_tiles t = bwd_tiles_at(j, thread);
     row_sums s;
     for (int64_t item = begin; item < end; item++) {
-        int64_t qb = item % j->q_blocks, bh = item / j->q_blocks, b = bh / p->Hq, h = bh % p->Hq;
-        int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ, row0 = (b * p->Hq + h) * p->L + i0;
+        int64_t b, h, i0, rows, row0;
+        query_item(j, item, &b, &h, &i0, &rows, &row0);
         bool peaked = !j->from_lse && block_peaked(j, row0, rows);
         if (!j->from_lse && !peaked) continue;
         pack_block(j, &t, b, h, i0, rows, false);
@@ -545,10 +560,56 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
     j.partial = rows + 3 * n_rows;
     rows_job rj = {&j, out, norm};
     mha__parallel_for(ctx, n_rows, rows_range, &rj); /* reads out, which dq may overwrite from here on */
-    mha__parallel_items(ctx, p->B * p->Hq * j.q_blocks, exact_rows_range, &j);
+    if (!norm->delta) mha__parallel_items(ctx, p->B * p->Hq * j.q_blocks, exact_rows_range, &j);
     mha__parallel_for(ctx, n_rows, zero_range, &j);
     mha__parallel_items(ctx, p->B * p->Hkv * j.groups, sweep_range, &j);
     mha__parallel_for(ctx, n_rows, finish_range, &j);
     mha__ws_release(ctx, top);
     return MHA_OK;
+}
+
+/* Row sums, item (batch, head, query block). */
+typedef struct sums_job {
+    bwd_job j;
+    double *p_sum, *p_dp;
+} sums_job;
+
+static void row_sums_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    const sums_job *sj = arg;
+    const bwd_job *j = &sj->j;
+    bwd_tiles t = bwd_tiles_at(j, thread);
+    row_sums s;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t b, h, i0, rows, row0;
+        query_item(j, item, &b, &h, &i0, &rows, &row0);
+        pack_block(j, &t, b, h, i0, rows, false);
+        row_ranges(j, &t, i0, rows);
+        sum_rows(j, &t, b, h, i0, rows, true, &s);
+        for (int64_t r = 0; r < rows; r++) sj->p_sum[row0 + r] = s.sum[r], sj->p_dp[row0 + r] = s.wsum[r];
+    }
+}
+
+void mha__attn_row_sums(mha_ctx *ctx, const mha__attn_plan *p, const mha_tensor *q, const mha_tensor *k,
+                        const mha_tensor *v, const mha_tensor *dout, const mha__row_norm *norm, double *p_sum,
+                        double *p_dp)
+{
+    int64_t n_rows = p->B * p->Hq * p->L, top = mha__ws_top(ctx);
+    sums_job sj = {.j = {.p = p,
+                         .kt = p->kt,
+                         .q = q,
+                         .k = k,
+                         .v = v,
+                         .dout = dout,
+                         .q_blocks = (p->L + BQ - 1) / BQ,
+                         .k_blocks = key_block_count(p)},
+                   .p_sum = p_sum,
+                   .p_dp = p_dp};
+    float *rows = mha__ws_take(ctx, (3 * n_rows + 1) * (int64_t)sizeof(float)); /* planned by the caller */
+    sj.j.scratch = mha__ws_take_per_thread(ctx, bwd_tiles_floats(p), &sj.j.scratch_stride);
+    sj.j.shift = rows, sj.j.mul = rows + n_rows, sj.j.delta = rows + 2 * n_rows;
+    rows_job rj = {&sj.j, NULL, norm};
+    mha__parallel_for(ctx, n_rows, rows_range, &rj); /* shift and mul; no out, no delta */
+    mha__parallel_items(ctx, p->B * p->Hq * sj.j.q_blocks, row_sums_range, &sj);
+    mha__ws_release(ctx, top);
 }

@@ -64,6 +64,10 @@ mha_status mha__attn_problem(const mha_attn_desc *desc, mha__attn_dims dims, mha
         .window_right = desc->window_right,
         .alibi = desc->alibi_slopes,
         .masks = {desc->mask},
+        .query_offset = desc->query_offset,
+        .key_offset = desc->key_offset,
+        .query_total = desc->query_total,
+        .key_total = desc->key_total,
         .bf16 = desc->dtype == MHA_DTYPE_BF16,
     };
     if (desc->dtype != MHA_DTYPE_F32 && desc->dtype != MHA_DTYPE_BF16)
@@ -198,7 +202,7 @@ mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, 
 {
     if (!ctx || !dq || !dk || !dv || !q || !k || !v || !out || !lse || !grad_out || !desc)
         return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward: NULL argument");
-    mha__row_norm norm = {lse, NULL, NULL};
+    mha__row_norm norm = {lse, NULL, NULL, NULL};
     return attention_backward(ctx, dq, dk, dv, q, k, v, out, &norm, grad_out, desc);
 }
 
@@ -210,6 +214,41 @@ mha_status mha_attention_backward_with_stats(mha_ctx *ctx, mha_tensor *dq, mha_t
     if (!ctx || !dq || !dk || !dv || !q || !k || !v || !out || !stats || !stats->max || !stats->sum || !grad_out ||
         !desc)
         return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward_with_stats: NULL argument");
-    mha__row_norm norm = {NULL, stats->max, stats->sum};
+    mha__row_norm norm = {NULL, stats->max, stats->sum, NULL};
     return attention_backward(ctx, dq, dk, dv, q, k, v, out, &norm, grad_out, desc);
+}
+
+mha_status mha_attention_backward_block(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
+                                        const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                                        const mha_attn_stats *stats, const float *delta, const mha_tensor *grad_out,
+                                        const mha_attn_desc *desc)
+{
+    if (!ctx || !dq || !dk || !dv || !q || !k || !v || !stats || !stats->max || !stats->sum || !delta || !grad_out ||
+        !desc)
+        return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward_block: NULL argument");
+    mha__row_norm norm = {NULL, stats->max, stats->sum, delta};
+    /* grad_out stands in for the output, whose shape it has: with delta
+     * given, the output is never read. */
+    return attention_backward(ctx, dq, dk, dv, q, k, v, grad_out, &norm, grad_out, desc);
+}
+
+mha_status mha_attention_backward_row_sums(mha_ctx *ctx, double *p_sum, double *p_dp, const mha_tensor *q,
+                                           const mha_tensor *k, const mha_tensor *v, const mha_tensor *grad_out,
+                                           const mha_attn_stats *stats, const mha_attn_desc *desc)
+{
+    if (!ctx || !p_sum || !p_dp || !q || !k || !v || !grad_out || !stats || !stats->max || !stats->sum || !desc)
+        return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward_row_sums: NULL argument");
+    mha__attn_plan p;
+    int64_t bytes = 0;
+    mha_status st = problem_from_desc(q, k, v, grad_out, desc, &p); /* grad_out has out's shape */
+    if (st == MHA_OK && p.bf16)
+        st = mha__fail(MHA_ERR_UNSUPPORTED, "the backward pass computes in F32 only; dtype BF16 is forward-only");
+    mha__kv kv = mha__kv_from_tensors(k, v);
+    if (st == MHA_OK) st = mha__attn_plan_resolve(&p, ctx, mha__attn_needs_of(&kv, true));
+    if (st == MHA_OK && !mha__attn_backward_workspace(&p, ctx, true, &bytes)) st = MHA_ERR_INVALID_ARG;
+    if (st == MHA_OK) st = mha__ws_reserve(ctx, bytes);
+    if (st != MHA_OK) return st;
+    mha__row_norm norm = {NULL, stats->max, stats->sum, NULL};
+    mha__attn_row_sums(ctx, &p, q, k, v, grad_out, &norm, p_sum, p_dp);
+    return MHA_OK;
 }

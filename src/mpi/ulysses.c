@@ -19,6 +19,7 @@
 #include "core/internal.h"
 #include "mha_mpi.h"
 #include "mpi/collective.h"
+#include "mpi/sequence.h"
 
 /* Who holds what: per rank, its block of query rows and of keys (in rank
  * order along the sequence) and its heads (whole kv groups). */
@@ -37,32 +38,6 @@ typedef struct split {
  * sequences of some heads, or back. */
 typedef enum direction { TO_HEADS, TO_ROWS } direction;
 
-/* A view of heads [h0, h0 + hn) and rows [r0, r0 + rn) of t. */
-static mha_tensor piece(const mha_tensor *t, int64_t h0, int64_t hn, int64_t r0, int64_t rn)
-{
-    mha_tensor p = *t;
-    p.data += h0 * t->stride[1] + r0 * t->stride[2];
-    p.shape[1] = hn;
-    p.shape[2] = rn;
-    return p;
-}
-
-static int64_t piece_size(const mha_tensor *p) { return p->shape[0] * p->shape[1] * p->shape[2] * p->shape[3]; }
-
-/* Copies a view to a contiguous block (out = true) or back. */
-static void copy_piece(const mha_tensor *p, float *block, bool out)
-{
-    for (int64_t a = 0; a < p->shape[0]; a++)
-        for (int64_t b = 0; b < p->shape[1]; b++)
-            for (int64_t c = 0; c < p->shape[2]; c++) {
-                float *row = p->data + a * p->stride[0] + b * p->stride[1] + c * p->stride[2];
-                for (int64_t e = 0; e < p->shape[3]; e++, block++) {
-                    if (out) *block = row[e * p->stride[3]];
-                    else row[e * p->stride[3]] = *block;
-                }
-            }
-}
-
 /* The piece of `t` that goes to (or comes from) rank `peer`: TO_HEADS
  * sends the peer's heads of this rank's rows and receives this rank's
  * heads of the peer's rows; TO_ROWS the other way round. */
@@ -71,8 +46,8 @@ static mha_tensor peer_piece(const split *s, const mha_tensor *t, direction dir,
     const int64_t *first = kv ? s->g_first : s->h_first, *num = kv ? s->g_num : s->h_num;
     const int64_t *at = kv ? s->kv_at : s->q_at, *rows = kv ? s->kv_rows : s->q_rows;
     bool heads_of_peer = (dir == TO_HEADS) == sending; /* else the peer's rows */
-    if (heads_of_peer) return piece(t, first[peer], num[peer], 0, t->shape[2]);
-    return piece(t, 0, t->shape[1], at[peer], rows[peer]);
+    if (heads_of_peer) return mha__mpi_piece(t, first[peer], num[peer], 0, t->shape[2]);
+    return mha__mpi_piece(t, 0, t->shape[1], at[peer], rows[peer]);
 }
 
 /* The floats one exchange of `t` (this rank's side, `dir`) moves through
@@ -82,7 +57,7 @@ static int64_t exchange_size(const split *s, const mha_tensor *src, const mha_te
     int64_t n = 0;
     for (int r = 0; r < s->size; r++) {
         mha_tensor out = peer_piece(s, src, dir, true, kv, r), in = peer_piece(s, dst, dir, false, kv, r);
-        n += piece_size(&out) + piece_size(&in);
+        n += mha__mpi_numel(&out) + mha__mpi_numel(&in);
     }
     return n;
 }
@@ -95,19 +70,19 @@ static void exchange(const split *s, const mha_tensor *src, mha_tensor *dst, dir
     int64_t at = 0;
     for (int r = 0; r < P; r++) {
         mha_tensor out = peer_piece(s, src, dir, true, kv, r);
-        copy_piece(&out, s->buffer + at, true);
-        send_at[r] = (int)at, send_count[r] = (int)piece_size(&out), at += piece_size(&out);
+        mha__mpi_copy_piece(&out, s->buffer + at, true);
+        send_at[r] = (int)at, send_count[r] = (int)mha__mpi_numel(&out), at += mha__mpi_numel(&out);
     }
     float *in = s->buffer + at;
     at = 0;
     for (int r = 0; r < P; r++) {
         mha_tensor from = peer_piece(s, dst, dir, false, kv, r);
-        recv_at[r] = (int)at, recv_count[r] = (int)piece_size(&from), at += piece_size(&from);
+        recv_at[r] = (int)at, recv_count[r] = (int)mha__mpi_numel(&from), at += mha__mpi_numel(&from);
     }
     MPI_Alltoallv(s->buffer, send_count, send_at, MPI_FLOAT, in, recv_count, recv_at, MPI_FLOAT, s->comm);
     for (int r = 0; r < P; r++) {
         mha_tensor from = peer_piece(s, dst, dir, false, kv, r);
-        copy_piece(&from, in + recv_at[r], false);
+        mha__mpi_copy_piece(&from, in + recv_at[r], false);
     }
 }
 
@@ -120,55 +95,6 @@ static void split_free(split *s)
     mha__free(s->q_at);
     mha__free(s->counts);
     mha__free(s->buffer);
-}
-
-/* The fields every rank must agree on: the heads, widths and options. */
-static int describe(const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *d, bool lse,
-                    mha__mpi_field *f)
-{
-    int64_t scale_bits, softcap_bits = 0, mask_bits = 0;
-    double scale = d->scale;
-    memcpy(&scale_bits, &scale, sizeof scale_bits);
-    memcpy(&softcap_bits, &d->softcap, sizeof d->softcap);
-    for (int i = 0; i < 4; i++) mask_bits |= (int64_t)(d->mask.stride[i] == 0) << i;
-    const mha__mpi_field fields[] = {
-        {"q.shape[0] (batch)", q->shape[0]},
-        {"q.shape[1] (heads)", q->shape[1]},
-        {"q.shape[3] (head width)", q->shape[3]},
-        {"k.shape[1] (kv heads)", k->shape[1]},
-        {"v.shape[3] (value width)", v->shape[3]},
-        {"scale", scale_bits},
-        {"causal", d->causal},
-        {"window_left", d->window_left},
-        {"window_right", d->window_right},
-        {"softcap", softcap_bits},
-        {"alibi_slopes given", d->alibi_slopes != NULL},
-        {"mask kind", d->mask.kind},
-        {"mask broadcast dimensions", mask_bits},
-        {"enable_gqa", d->enable_gqa},
-        {"dtype", d->dtype},
-        {"lse given", lse},
-    };
-    memcpy(f, fields, sizeof fields);
-    return (int)(sizeof fields / sizeof fields[0]);
-}
-
-/* This rank's own arguments, before any rank compares: shapes that fit
- * together locally. */
-static mha_status check_local(const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_tensor *out,
-                              const mha_attn_desc *d)
-{
-    if (!q || !k || !v || !out || !d || !q->data || !k->data || !v->data || !out->data)
-        return mha__fail(MHA_ERR_MISUSE, "NULL tensor or descriptor");
-    if (k->shape[0] != q->shape[0] || v->shape[0] != q->shape[0] || v->shape[1] != k->shape[1] ||
-        v->shape[2] != k->shape[2] || k->shape[3] != q->shape[3])
-        return mha__fail(MHA_ERR_INVALID_ARG, "q, k and v do not fit together: batch, kv heads, keys or width");
-    const int64_t want[4] = {q->shape[0], q->shape[1], q->shape[2], v->shape[3]};
-    for (int i = 0; i < 4; i++)
-        if (out->shape[i] != want[i])
-            return mha__fail(MHA_ERR_INVALID_ARG, "out.shape[%d] is %lld, expected %lld", i, (long long)out->shape[i],
-                             (long long)want[i]);
-    return MHA_OK;
 }
 
 /* Gathers every rank's rows and splits the heads; INVALID_ARG (agreed)
@@ -227,7 +153,7 @@ static mha_tensor whole(const split *s, bool kv, bool keys, int64_t width, float
 {
     int64_t heads = kv ? s->g_num[s->rank] : s->h_num[s->rank];
     mha_tensor t = mha_tensor_4d(*at, s->B, heads, keys ? s->S : s->L, width);
-    *at += piece_size(&t);
+    *at += mha__mpi_numel(&t);
     return t;
 }
 
@@ -270,7 +196,7 @@ static mha_status begin(split *s, MPI_Comm comm, mha_status local, const mha_ten
                         const mha_tensor *v, const mha_attn_desc *desc, bool lse)
 {
     mha__mpi_field f[24];
-    int n = local == MHA_OK ? describe(q, k, v, desc, lse, f) : 0;
+    int n = local == MHA_OK ? mha__mpi_seq_describe(q, k, v, desc, lse, f) : 0;
     mha_status st = mha__mpi_same(comm, local, f, n);
     if (st == MHA_OK) st = split_init(s, comm, q, k);
     return st;
@@ -280,7 +206,7 @@ mha_status mha_mpi_attention_ulysses(mha_ctx *ctx, MPI_Comm comm, mha_tensor *ou
                                      const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc)
 {
     split s = {0};
-    mha_status st = ctx ? check_local(q, k, v, out, desc) : mha__fail(MHA_ERR_MISUSE, "NULL context");
+    mha_status st = ctx ? mha__mpi_seq_check(q, k, v, out, desc) : mha__fail(MHA_ERR_MISUSE, "NULL context");
     if ((st = begin(&s, comm, st, q, k, v, desc, lse != NULL)) != MHA_OK) {
         split_free(&s);
         return st;
@@ -313,31 +239,14 @@ mha_status mha_mpi_attention_ulysses(mha_ctx *ctx, MPI_Comm comm, mha_tensor *ou
     return st;
 }
 
-/* The backward's own arguments beside the forward's. */
-static mha_status check_backward(const mha_tensor *dq, const mha_tensor *dk, const mha_tensor *dv, const mha_tensor *q,
-                                 const mha_tensor *k, const mha_tensor *v, const mha_tensor *out, const float *lse,
-                                 const mha_tensor *grad_out)
-{
-    if (!dq || !dk || !dv || !lse || !grad_out || !dq->data || !dk->data || !dv->data || !grad_out->data)
-        return mha__fail(MHA_ERR_MISUSE, "NULL gradient, lse or grad_out");
-    const mha_tensor *got[4] = {dq, dk, dv, grad_out}, *like[4] = {q, k, v, out};
-    const char *names[4] = {"dq", "dk", "dv", "grad_out"};
-    for (int t = 0; t < 4; t++)
-        for (int i = 0; i < 4; i++)
-            if (got[t]->shape[i] != like[t]->shape[i])
-                return mha__fail(MHA_ERR_INVALID_ARG, "%s.shape[%d] is %lld, expected %lld", names[t], i,
-                                 (long long)got[t]->shape[i], (long long)like[t]->shape[i]);
-    return MHA_OK;
-}
-
 mha_status mha_mpi_attention_ulysses_backward(mha_ctx *ctx, MPI_Comm comm, mha_tensor *dq, mha_tensor *dk,
                                               mha_tensor *dv, const mha_tensor *q, const mha_tensor *k,
                                               const mha_tensor *v, const mha_tensor *out, const float *lse,
                                               const mha_tensor *grad_out, const mha_attn_desc *desc)
 {
     split s = {0};
-    mha_status st = ctx ? check_local(q, k, v, out, desc) : mha__fail(MHA_ERR_MISUSE, "NULL context");
-    if (st == MHA_OK) st = check_backward(dq, dk, dv, q, k, v, out, lse, grad_out);
+    mha_status st = ctx ? mha__mpi_seq_check(q, k, v, out, desc) : mha__fail(MHA_ERR_MISUSE, "NULL context");
+    if (st == MHA_OK) st = mha__mpi_seq_check_backward(dq, dk, dv, q, k, v, out, lse, grad_out);
     if ((st = begin(&s, comm, st, q, k, v, desc, true)) != MHA_OK) {
         split_free(&s);
         return st;

@@ -1,0 +1,110 @@
+/*
+ * sequence.c -- what the sequence-parallel modes share (sequence.h).
+ */
+#include "mpi/sequence.h"
+
+#include <string.h>
+
+#include "core/internal.h"
+
+/* A view of heads [h0, h0 + hn) and rows [r0, r0 + rn) of t. */
+mha_tensor mha__mpi_piece(const mha_tensor *t, int64_t h0, int64_t hn, int64_t r0, int64_t rn)
+{
+    mha_tensor p = *t;
+    p.data += h0 * t->stride[1] + r0 * t->stride[2];
+    p.shape[1] = hn;
+    p.shape[2] = rn;
+    return p;
+}
+
+int64_t mha__mpi_numel(const mha_tensor *p) { return p->shape[0] * p->shape[1] * p->shape[2] * p->shape[3]; }
+
+/* Copies a view to a contiguous block (out = true) or back. */
+void mha__mpi_copy_piece(const mha_tensor *p, float *block, bool out)
+{
+    for (int64_t a = 0; a < p->shape[0]; a++)
+        for (int64_t b = 0; b < p->shape[1]; b++)
+            for (int64_t c = 0; c < p->shape[2]; c++) {
+                float *row = p->data + a * p->stride[0] + b * p->stride[1] + c * p->stride[2];
+                for (int64_t e = 0; e < p->shape[3]; e++, block++) {
+                    if (out) *block = row[e * p->stride[3]];
+                    else row[e * p->stride[3]] = *block;
+                }
+            }
+}
+
+void mha__mpi_add_piece(const mha_tensor *p, const float *block)
+{
+    for (int64_t a = 0; a < p->shape[0]; a++)
+        for (int64_t b = 0; b < p->shape[1]; b++)
+            for (int64_t c = 0; c < p->shape[2]; c++) {
+                float *row = p->data + a * p->stride[0] + b * p->stride[1] + c * p->stride[2];
+                for (int64_t e = 0; e < p->shape[3]; e++, block++) row[e * p->stride[3]] += *block;
+            }
+}
+
+/* The fields every rank must agree on: the heads, widths and options. */
+int mha__mpi_seq_describe(const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *d,
+                          bool lse, mha__mpi_field *f)
+{
+    int64_t scale_bits, softcap_bits = 0, mask_bits = 0;
+    double scale = d->scale;
+    memcpy(&scale_bits, &scale, sizeof scale_bits);
+    memcpy(&softcap_bits, &d->softcap, sizeof d->softcap);
+    for (int i = 0; i < 4; i++) mask_bits |= (int64_t)(d->mask.stride[i] == 0) << i;
+    const mha__mpi_field fields[] = {
+        {"q.shape[0] (batch)", q->shape[0]},
+        {"q.shape[1] (heads)", q->shape[1]},
+        {"q.shape[3] (head width)", q->shape[3]},
+        {"k.shape[1] (kv heads)", k->shape[1]},
+        {"v.shape[3] (value width)", v->shape[3]},
+        {"scale", scale_bits},
+        {"causal", d->causal},
+        {"window_left", d->window_left},
+        {"window_right", d->window_right},
+        {"softcap", softcap_bits},
+        {"alibi_slopes given", d->alibi_slopes != NULL},
+        {"mask kind", d->mask.kind},
+        {"mask broadcast dimensions", mask_bits},
+        {"enable_gqa", d->enable_gqa},
+        {"dtype", d->dtype},
+        {"lse given", lse},
+    };
+    memcpy(f, fields, sizeof fields);
+    return (int)(sizeof fields / sizeof fields[0]);
+}
+
+/* This rank's own arguments, before any rank compares: shapes that fit
+ * together locally. */
+mha_status mha__mpi_seq_check(const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_tensor *out,
+                              const mha_attn_desc *d)
+{
+    if (!q || !k || !v || !out || !d || !q->data || !k->data || !v->data || !out->data)
+        return mha__fail(MHA_ERR_MISUSE, "NULL tensor or descriptor");
+    if (k->shape[0] != q->shape[0] || v->shape[0] != q->shape[0] || v->shape[1] != k->shape[1] ||
+        v->shape[2] != k->shape[2] || k->shape[3] != q->shape[3])
+        return mha__fail(MHA_ERR_INVALID_ARG, "q, k and v do not fit together: batch, kv heads, keys or width");
+    const int64_t want[4] = {q->shape[0], q->shape[1], q->shape[2], v->shape[3]};
+    for (int i = 0; i < 4; i++)
+        if (out->shape[i] != want[i])
+            return mha__fail(MHA_ERR_INVALID_ARG, "out.shape[%d] is %lld, expected %lld", i, (long long)out->shape[i],
+                             (long long)want[i]);
+    return MHA_OK;
+}
+
+/* The backward's own arguments beside the forward's. */
+mha_status mha__mpi_seq_check_backward(const mha_tensor *dq, const mha_tensor *dk, const mha_tensor *dv,
+                                       const mha_tensor *q, const mha_tensor *k, const mha_tensor *v,
+                                       const mha_tensor *out, const float *lse, const mha_tensor *grad_out)
+{
+    if (!dq || !dk || !dv || !lse || !grad_out || !dq->data || !dk->data || !dv->data || !grad_out->data)
+        return mha__fail(MHA_ERR_MISUSE, "NULL gradient, lse or grad_out");
+    const mha_tensor *got[4] = {dq, dk, dv, grad_out}, *like[4] = {q, k, v, out};
+    const char *names[4] = {"dq", "dk", "dv", "grad_out"};
+    for (int t = 0; t < 4; t++)
+        for (int i = 0; i < 4; i++)
+            if (got[t]->shape[i] != like[t]->shape[i])
+                return mha__fail(MHA_ERR_INVALID_ARG, "%s.shape[%d] is %lld, expected %lld", names[t], i,
+                                 (long long)got[t]->shape[i], (long long)like[t]->shape[i]);
+    return MHA_OK;
+}
