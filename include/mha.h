@@ -714,6 +714,12 @@ mha_status mha_kv_cache_read(const mha_kv_cache *cache, int64_t start, mha_tenso
  * INVALID_ARG (shapes, options), NOMEM. */
 mha_status mha_kv_cache_attention(mha_ctx *ctx, const mha_kv_cache *cache, mha_tensor *out, const mha_tensor *q,
                                   const mha_attn_desc *desc);
+/* The same, writing each row's lse [batch, Hq, L] (contiguous; -inf for a
+ * row that sees no key) as mha_attention does: with the descriptor's
+ * positions, a cache can hold one block of a longer sequence (a shard,
+ * mha_mpi.h) whose partial results merge by lse. */
+mha_status mha_kv_cache_attention_lse(mha_ctx *ctx, const mha_kv_cache *cache, mha_tensor *out, float *lse,
+                                      const mha_tensor *q, const mha_attn_desc *desc);
 
 /* One decoding step of self-attention: x [batch, n, E] holds the next n
  * tokens (n >= 1; a whole prompt at once is fine), at positions

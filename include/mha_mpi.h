@@ -166,6 +166,26 @@ mha_status mha_mpi_attention_ring_backward(mha_ctx *ctx, MPI_Comm comm, mha_mpi_
                                            const mha_tensor *v, const mha_tensor *out, const float *lse,
                                            const mha_tensor *grad_out, const mha_attn_desc *desc);
 
+/* ------------------------------------------------------------------ */
+/* Decoding over a KV cache split by sequence                          */
+/* ------------------------------------------------------------------ */
+
+/* mha_kv_cache_attention over a cache split across the ranks: rank r's
+ * `shard` holds one contiguous block of the tokens, the blocks in rank
+ * order (rank 0 the first tokens; any lengths, empty ones too: append
+ * each new token to the last rank's shard, or start a new block on the
+ * next rank when it is full).  q [batch, Hq, L, head_dim], the same on
+ * every rank, holds the newest L tokens' queries; desc is
+ * mha_kv_cache_attention's over the whole cache (causal bottom-right
+ * places the queries at its end) with key_offset and key_total left 0:
+ * the shards' positions set them.  Each rank attends over its shard, the
+ * partial results merge by lse in rank order, and every rank gets out
+ * [same as q] and lse [batch, Hq, L] (or NULL).  Within the tolerance
+ * rule of one cache, the same bits for a given rank count and shard
+ * lengths.  Errors: as mha_kv_cache_attention's, NOMEM. */
+mha_status mha_mpi_kv_cache_attention(mha_ctx *ctx, MPI_Comm comm, const mha_kv_cache *shard, mha_tensor *out,
+                                      float *lse, const mha_tensor *q, const mha_attn_desc *desc);
+
 #ifdef __cplusplus
 }
 #endif

@@ -294,10 +294,19 @@ static void run_i8_case(const i8_case *t, mha_ctx *ctx1, mha_ctx *ctx3, mha_laye
     for (int64_t i = 0; i < kv_rows * d; i++) kb64[i] = kb[i], vb64[i] = vb[i];
     mha_ref_sdpa r = {N,          t->Hq,     G,         t->L, S,    d,    d,   1.0 / sqrt((double)d),
                       t->softcap, t->causal, t->window, -1,   NULL, NULL, NULL};
-    mha_ref_sdpa_f64(&r, q64, kb64, vb64, want, NULL, NULL);
-    mha_ref_sdpa_f32(&r, q, kb, vb, base, NULL, NULL);
+    int64_t n_rows = N * t->Hq * t->L;
+    double *want_lse = malloc((size_t)n_rows * sizeof(double));
+    float *lse = malloc((size_t)n_rows * sizeof(float)), *base_lse = malloc((size_t)n_rows * sizeof(float));
+    mha_ref_sdpa_f64(&r, q64, kb64, vb64, want, want_lse, NULL);
+    mha_ref_sdpa_f32(&r, q, kb, vb, base, base_lse, NULL);
     snprintf(what, sizeof what, "%s over the dequantised cache", label);
     CHECK_CLOSE(what, o8, want, base, nq);
+    /* The same with each row's lse (what merges the shards of a split cache). */
+    CHECK_OK(mha_kv_cache_attention_lse(ctx3, c8, &out8t, lse, &qt, &desc));
+    CHECK(memcmp(o8, o8t, sizeof(float) * nq) == 0, "%s: the output differs when lse is asked for", label);
+    snprintf(what, sizeof what, "%s: lse over the dequantised cache", label);
+    CHECK_CLOSE(what, lse, want_lse, base_lse, n_rows);
+    free(want_lse), free(lse), free(base_lse);
 
     /* Against the float32 cache, by the bound. */
     double v_range = 0;

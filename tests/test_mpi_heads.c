@@ -6,30 +6,18 @@
  * rank, or ranks that disagree, fail every rank with the rank named and
  * nothing written.
  */
-#include "harness.h"
 #include "mha_mpi.h"
+#include "mpi_harness.h"
 #include "reference.h"
 
 #include <stdint.h>
-
-static int rank, size;
-
-/* The same numbers on every rank: a fixed generator. */
-static uint64_t rng_state = 88172645463325252ull;
-static double uniform(void)
-{
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (double)(rng_state >> 11) / 9007199254740992.0 * 2.0 - 1.0;
-}
 
 /* n floats in [-scale, scale), and the same as doubles in *as_double. */
 static float *random_floats(int64_t n, double scale, double **as_double)
 {
     float *f = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
     *as_double = malloc((size_t)(n > 0 ? n : 1) * sizeof(double));
-    for (int64_t i = 0; i < n; i++) (*as_double)[i] = f[i] = (float)(uniform() * scale);
+    for (int64_t i = 0; i < n; i++) (*as_double)[i] = f[i] = (float)(mpi_uniform() * scale);
     return f;
 }
 
@@ -89,7 +77,7 @@ static void fixture_init(fixture *f, const heads_case *c)
         for (int64_t j = 0; j < c->N * c->S; j++) f->keep[j] = j % c->S != 2 || j < c->S; /* key 2 of batch 1 */
         for (int64_t i = 0; i < n_add; i++) {
             int64_t n = i / (c->H * c->L * c->S), s = i % c->S;
-            f->add[i] = c->mask ? (float)(uniform() * 2.0) : 0.0f;
+            f->add[i] = c->mask ? (float)(mpi_uniform() * 2.0) : 0.0f;
             f->add64[i] = f->add[i];
             if (c->kpm && !f->keep[n * c->S + s]) f->add64[i] = -INFINITY;
         }
@@ -483,9 +471,7 @@ static void test_failures(mha_ctx *ctx)
 
 int main(int argc, char **argv)
 {
-    MPI_Init(&argc, &argv);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    mpi_begin(&argc, &argv);
     mha_ctx *ctx = NULL;
     CHECK_OK(mha_ctx_create(1, &ctx));
     for (size_t i = 0; ctx && i < sizeof cases / sizeof cases[0]; i++) {
@@ -504,11 +490,5 @@ int main(int argc, char **argv)
     if (ctx) test_failures(ctx);
     mha_ctx_free(ctx);
     /* Every rank's verdict, so that the job fails when any rank does. */
-    int mine = harness_failures, all = 0;
-    MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-    char name[64];
-    snprintf(name, sizeof name, "test_mpi_heads rank %d of %d", rank, size);
-    int rc = harness_finish(name);
-    MPI_Finalize();
-    return rc || all;
+    return mpi_finish("test_mpi_heads");
 }

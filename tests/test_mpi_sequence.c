@@ -5,22 +5,13 @@
  * lse and gradients must be the single-process call's bits; failures on
  * one rank, or ranks that disagree, fail every rank with the rank named.
  */
-#include "harness.h"
 #include "mha_mpi.h"
+#include "mpi_harness.h"
 #include "reference.h"
 
 #include <stdint.h>
 
-static int rank, size;
-
-static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-static float uniform(float scale)
-{
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (float)((double)(rng_state >> 11) / 9007199254740992.0 * 2.0 - 1.0) * scale;
-}
+static float uniform(float scale) { return (float)mpi_uniform() * scale; }
 
 static float *random_floats(int64_t n, float scale)
 {
@@ -397,9 +388,7 @@ static void test_failures(mha_ctx *ctx)
 
 int main(int argc, char **argv)
 {
-    MPI_Init(&argc, &argv);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    mpi_begin(&argc, &argv);
     mha_ctx *ctx = NULL;
     CHECK_OK(mha_ctx_create(1, &ctx));
     for (size_t i = 0; ctx && i < sizeof cases / sizeof cases[0]; i++) {
@@ -412,11 +401,5 @@ int main(int argc, char **argv)
     }
     if (ctx) test_failures(ctx);
     mha_ctx_free(ctx);
-    int mine = harness_failures, all = 0;
-    MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-    char name[64];
-    snprintf(name, sizeof name, "test_mpi_sequence rank %d of %d", rank, size);
-    int rc = harness_finish(name);
-    MPI_Finalize();
-    return rc || all;
+    return mpi_finish("test_mpi_sequence");
 }

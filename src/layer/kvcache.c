@@ -397,8 +397,8 @@ static mha_status cached_plan(const mha_ctx *ctx, const mha_kv_cache *c, const m
     return mha__attn_plan_resolve(p, ctx, (mha__attn_needs){.kv_rows = true, .kv_dtype = c->dtype});
 }
 
-mha_status mha_kv_cache_attention(mha_ctx *ctx, const mha_kv_cache *c, mha_tensor *out, const mha_tensor *q,
-                                  const mha_attn_desc *desc)
+mha_status mha_kv_cache_attention_lse(mha_ctx *ctx, const mha_kv_cache *c, mha_tensor *out, float *lse,
+                                      const mha_tensor *q, const mha_attn_desc *desc)
 {
     if (!ctx || !out || !q || !desc) return mha__fail(MHA_ERR_MISUSE, "mha_kv_cache_attention: NULL argument");
     mha__attn_plan p;
@@ -407,7 +407,13 @@ mha_status mha_kv_cache_attention(mha_ctx *ctx, const mha_kv_cache *c, mha_tenso
     if (st != MHA_OK) return st;
     int64_t top = mha__ws_top(ctx);
     mha__kv kv = cache_kv(c, c->length);
-    st = mha__attn_run(ctx, &p, out, NULL, NULL, q, &kv);
+    st = mha__attn_run(ctx, &p, out, lse, NULL, q, &kv);
     mha__ws_release(ctx, top);
     return st;
+}
+
+mha_status mha_kv_cache_attention(mha_ctx *ctx, const mha_kv_cache *c, mha_tensor *out, const mha_tensor *q,
+                                  const mha_attn_desc *desc)
+{
+    return mha_kv_cache_attention_lse(ctx, c, out, NULL, q, desc);
 }
