@@ -32,6 +32,13 @@
 extern "C" {
 #endif
 
+/* Seconds this process has spent in libmha_mpi's data transfers (the
+ * all-to-alls, sums and gathers, and the ring's waits for blocks the
+ * compute did not hide) since the previous call; a call's other time is
+ * compute and the small agreements.  Not collective; libmha_mpi is
+ * called from one thread per process. */
+double mha_mpi_transfer_seconds(void);
+
 /* ------------------------------------------------------------------ */
 /* Head-parallel layer (tensor parallelism over the heads)             */
 /* ------------------------------------------------------------------ */

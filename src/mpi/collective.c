@@ -44,6 +44,21 @@ mha_status mha__mpi_same(MPI_Comm comm, mha_status local, const mha__mpi_field *
     return mha__mpi_agree(comm, MHA_OK);
 }
 
+/* Seconds spent in data transfers since mha_mpi_transfer_seconds last
+ * read them (one process calls libmha_mpi from one thread). */
+static double transfer_seconds;
+
+double mha__mpi_clock(void) { return MPI_Wtime(); }
+
+void mha__mpi_waited(double since) { transfer_seconds += MPI_Wtime() - since; }
+
+double mha_mpi_transfer_seconds(void)
+{
+    double s = transfer_seconds;
+    transfer_seconds = 0;
+    return s;
+}
+
 /* Element i of slab [0, n) belongs to rank r when slice_start(n, P, r) <=
  * i < slice_start(n, P, r + 1). */
 static int64_t slice_start(int64_t n, int size, int r) { return n * r / size; }
@@ -64,7 +79,9 @@ static void sum_slab(MPI_Comm comm, float *x, int64_t n, float *scratch)
         recv_at[r] = (int)(r * mine);
     }
     /* Rank r receives every rank's copy of its slice, in rank order... */
+    double t = mha__mpi_clock();
     MPI_Alltoallv(x, send_count, send_at, MPI_FLOAT, scratch, recv_count, recv_at, MPI_FLOAT, comm);
+    mha__mpi_waited(t);
     /* ...adds them in that order... */
     for (int64_t i = 0; i < mine; i++) {
         float acc = scratch[i];
@@ -72,7 +89,9 @@ static void sum_slab(MPI_Comm comm, float *x, int64_t n, float *scratch)
         x[lo + i] = acc;
     }
     /* ...and every rank gets every slice. */
+    t = mha__mpi_clock();
     MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, x, send_count, send_at, MPI_FLOAT, comm);
+    mha__mpi_waited(t);
 }
 
 mha_status mha__mpi_sum(MPI_Comm comm, float *x, int64_t n)
@@ -106,9 +125,11 @@ void mha__mpi_gather(MPI_Comm comm, const float *mine, float *all, const int64_t
     MPI_Comm_size(comm, &size);
     if (all + offset[rank] != mine) memcpy(all + offset[rank], mine, (size_t)count[rank] * sizeof(float));
     const int64_t piece = INT64_C(1) << 30;
+    double t = mha__mpi_clock();
     for (int r = 0; r < size; r++)
         for (int64_t at = 0; at < count[r]; at += piece) {
             int64_t len = count[r] - at < piece ? count[r] - at : piece;
             MPI_Bcast(all + offset[r] + at, (int)len, MPI_FLOAT, r, comm);
         }
+    mha__mpi_waited(t);
 }

@@ -43,6 +43,11 @@ mha_status mha__mpi_sum(MPI_Comm comm, float *x, int64_t n);
 void mha__mpi_heads_of(int64_t h, int64_t g, int size, int r, int64_t *first_head, int64_t *num_heads,
                        int64_t *first_kv, int64_t *num_kv);
 
+/* The transfer clock behind mha_mpi_transfer_seconds: each data-moving
+ * MPI call is bracketed as  t = mha__mpi_clock(); MPI_...; mha__mpi_waited(t); */
+double mha__mpi_clock(void);
+void mha__mpi_waited(double since);
+
 /* Gathers every rank's block into all[]: rank r's count[r] floats land at
  * all + offset[r] (the blocks in rank order, as MPI_Allgatherv, in pieces
  * of at most INT_MAX). */

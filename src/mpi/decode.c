@@ -125,7 +125,9 @@ mha_status mha_mpi_kv_cache_attention(mha_ctx *ctx, MPI_Comm comm, const mha_kv_
          : part > INT32_MAX ? mha__fail(MHA_ERR_UNSUPPORTED, "%lld floats of partial results per rank", (long long)part)
                             : shard_attention(ctx, shard, start, total, q, desc, all + rank * part);
     if ((st = mha__mpi_agree(comm, st)) == MHA_OK) {
+        double t = mha__mpi_clock();
         MPI_Allgather(MPI_IN_PLACE, 0, MPI_FLOAT, all, (int)part, MPI_FLOAT, comm);
+        mha__mpi_waited(t);
         merge_ranks(all, size, rows, q->shape[3], merged, merged + rows * q->shape[3]);
         write_result(q, merged, out, lse);
     }

@@ -254,7 +254,9 @@ static mha_status go_round(const ring *g, float *buf[2], bool grads, ring_step_f
         if (grads) { /* dK and dV follow their block once it is computed; the last step sends them home */
             shift(g, cur.dk.data, cur.grad_floats, nxt.dk.data, nxt.grad_floats, 2, req + 2);
         }
+        double waited = mha__mpi_clock(); /* only what the compute did not hide */
         MPI_Waitall(4, req, MPI_STATUSES_IGNORE);
+        mha__mpi_waited(waited);
     }
     return st;
 }

@@ -79,7 +79,9 @@ static void exchange(const split *s, const mha_tensor *src, mha_tensor *dst, dir
         mha_tensor from = peer_piece(s, dst, dir, false, kv, r);
         recv_at[r] = (int)at, recv_count[r] = (int)mha__mpi_numel(&from), at += mha__mpi_numel(&from);
     }
+    double t = mha__mpi_clock();
     MPI_Alltoallv(s->buffer, send_count, send_at, MPI_FLOAT, in, recv_count, recv_at, MPI_FLOAT, s->comm);
+    mha__mpi_waited(t);
     for (int r = 0; r < P; r++) {
         mha_tensor from = peer_piece(s, dst, dir, false, kv, r);
         mha__mpi_copy_piece(&from, in + recv_at[r], false);

@@ -26,6 +26,16 @@ int mha_cmd_info(int argc, char **argv);
 int mha_cmd_show(int argc, char **argv);
 int mha_cmd_bench(int argc, char **argv);
 
+/* `mha bench --parallel MODE` under mpirun (bench_parallel.c, built where
+ * MPI is): the shape and mode of one benchmark. */
+typedef struct cli_bench_shape {
+    const char *op, *parallel; /* heads (forward, backward), ring or ulysses (sdpa, sdpa-backward; ring: decode) */
+    mha_dtype cache;           /* decode: the shards' storage */
+    int64_t batch, seq, kv_seq, embed_dim, num_heads, num_kv_heads, threads, repeat;
+    bool causal, backward, json;
+} cli_bench_shape;
+int cli_bench_parallel(const cli_bench_shape *shape);
+
 /* Print "mha <cmd>: <message>" on stderr. */
 void cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

@@ -20,7 +20,7 @@
 static const char *const CMD = "bench";
 
 typedef struct bench_opts {
-    const char *op, *dtype, *cache_dtype;
+    const char *op, *dtype, *cache_dtype, *parallel;
     mha_dtype cache; /* decode: the KV cache's storage, from cache_dtype */
     int64_t batch, seq, kv_seq, embed_dim, num_heads, num_kv_heads, threads, repeat;
     bool causal, json, peak;
@@ -339,7 +339,72 @@ static int check_op(bench_opts *o)
     return cli_cache_dtype(CMD, o->cache_dtype, &o->cache);
 }
 
+/* --parallel: the mode fits --op, and this mha was built with MPI. */
+static int measure_parallel(const bench_opts *o)
+{
+    static const char *const modes[] = {"heads", "ring", "ulysses"};
+    int mode = cli_choice(o->parallel, modes, 3);
+    bool layer = strcmp(o->op, "forward") == 0 || strcmp(o->op, "backward") == 0;
+    bool decode = strcmp(o->op, "decode") == 0;
+    if (mode < 0 || (mode == 0) != layer || (decode && mode != 1)) {
+        cli_error(CMD,
+                  "--parallel %s does not run --op %s: heads runs forward and backward, ulysses sdpa and "
+                  "sdpa-backward, ring those and decode",
+                  o->parallel, o->op);
+        return CLI_USAGE;
+    }
+    if (strcmp(o->dtype, "f32") != 0 || (!decode && o->kv_seq != o->seq)) {
+        cli_error(CMD, "--parallel computes in f32, with as many keys as queries but for decode");
+        return CLI_USAGE;
+    }
+#ifdef MHA_CLI_MPI
+    cli_bench_shape s = {o->op,
+                         o->parallel,
+                         o->cache,
+                         o->batch,
+                         o->seq,
+                         o->kv_seq,
+                         o->embed_dim,
+                         o->num_heads,
+                         o->num_kv_heads,
+                         o->threads,
+                         o->repeat,
+                         o->causal,
+                         strcmp(o->op, "backward") == 0 || strcmp(o->op, "sdpa-backward") == 0,
+                         o->json};
+    return cli_bench_parallel(&s);
+#else
+    cli_error(CMD, "--parallel needs MPI: this mha was built without it (apt-get install libopenmpi-dev, then "
+                   "configure again)");
+    return CLI_FAIL;
+#endif
+}
+
 static const cli_range GFLOPS = {1e-3, 1e9, "a positive GFLOP/s figure"};
+
+/* The defaults that depend on --op, and a shape the ops can run. */
+static int settle_shape(bench_opts *o, const cli_flag *flags, int n_flags)
+{
+    if (strcmp(o->op, "decode") == 0) { /* one new token against a 4096-token cache unless told */
+        bool seq_seen = false;
+        for (size_t i = 0; i < (size_t)n_flags; i++) seq_seen |= flags[i].dst == &o->seq && flags[i].seen;
+        if (!seq_seen) o->seq = 1;
+        if (!o->kv_seq) o->kv_seq = 4096;
+    }
+    if (!o->kv_seq) o->kv_seq = o->seq;
+    if (!o->num_kv_heads) o->num_kv_heads = o->num_heads;
+    bool layer_op = strcmp(o->op, "forward") == 0 || strcmp(o->op, "backward") == 0;
+    if (layer_op && (o->kv_seq != o->seq || o->num_kv_heads != o->num_heads)) {
+        cli_error(CMD, "--op %s is self-attention: --kv-seq and --num-kv-heads apply to sdpa only", o->op);
+        return CLI_USAGE;
+    }
+    if (o->embed_dim % o->num_heads || o->num_heads % o->num_kv_heads) {
+        cli_error(CMD, "embed_dim %lld must be divisible by num_heads %lld, and that by num_kv_heads %lld",
+                  (long long)o->embed_dim, (long long)o->num_heads, (long long)o->num_kv_heads);
+        return CLI_USAGE;
+    }
+    return CLI_OK;
+}
 
 int mha_cmd_bench(int argc, char **argv)
 {
@@ -372,6 +437,10 @@ int mha_cmd_bench(int argc, char **argv)
         {"peak-gflops", FLAG_DOUBLE, &o.peak_gflops, "use this peak instead of measuring it", false, &GFLOPS},
         {"json", FLAG_BOOL, &o.json, "one JSON object per line", false, NULL},
         {"peak", FLAG_BOOL, &o.peak, "measure the FMA peak on 1 thread and on all", false, NULL},
+        {"parallel", FLAG_STRING, &o.parallel,
+         "under mpirun: heads (forward, backward), ring or ulysses (sdpa, sdpa-backward; ring also decode, the "
+         "cache split by sequence) over the ranks (docs/SCALING.md)",
+         false, NULL},
     };
     bool help;
     int rc = cli_parse(CMD,
@@ -381,23 +450,6 @@ int mha_cmd_bench(int argc, char **argv)
     if (rc != CLI_OK || help) return rc;
     if (o.peak) return measure_peak(&o);
     if ((rc = check_op(&o)) != CLI_OK) return rc;
-    if (strcmp(o.op, "decode") == 0) { /* one new token against a 4096-token cache unless told */
-        bool seq_seen = false;
-        for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) seq_seen |= flags[i].dst == &o.seq && flags[i].seen;
-        if (!seq_seen) o.seq = 1;
-        if (!o.kv_seq) o.kv_seq = 4096;
-    }
-    if (!o.kv_seq) o.kv_seq = o.seq;
-    if (!o.num_kv_heads) o.num_kv_heads = o.num_heads;
-    bool layer_op = strcmp(o.op, "forward") == 0 || strcmp(o.op, "backward") == 0;
-    if (layer_op && (o.kv_seq != o.seq || o.num_kv_heads != o.num_heads)) {
-        cli_error(CMD, "--op %s is self-attention: --kv-seq and --num-kv-heads apply to sdpa only", o.op);
-        return CLI_USAGE;
-    }
-    if (o.embed_dim % o.num_heads || o.num_heads % o.num_kv_heads) {
-        cli_error(CMD, "embed_dim %lld must be divisible by num_heads %lld, and that by num_kv_heads %lld",
-                  (long long)o.embed_dim, (long long)o.num_heads, (long long)o.num_kv_heads);
-        return CLI_USAGE;
-    }
-    return measure(&o);
+    if ((rc = settle_shape(&o, flags, (int)(sizeof flags / sizeof flags[0]))) != CLI_OK) return rc;
+    return o.parallel ? measure_parallel(&o) : measure(&o);
 }
