@@ -22,6 +22,7 @@
  * scores below the diagonal as any other.
  */
 #include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
 #include "core/internal.h"
@@ -39,9 +40,10 @@ typedef struct ring {
     MPI_Comm comm;
     int rank, size;
     int64_t B, H, G, D, Dv, L, S;
-    segment *q, *kv;  /* [2 size]: every rank's two segments (the second may be empty) */
-    int64_t *kv_rows; /* [size]: every rank's keys */
-    int64_t kv_most;  /* the most keys any rank holds */
+    segment *q, *kv;       /* [2 size]: every rank's two segments (the second may be empty) */
+    int64_t *kv_rows;      /* [size]: every rank's keys */
+    int64_t kv_most;       /* the most keys any rank holds */
+    MPI_Request *inflight; /* the transfers under way (4), for progress() */
 } ring;
 
 void mha_mpi_layout_rows(mha_mpi_layout layout, int64_t n, int size, int rank, int64_t start[2], int64_t rows[2])
@@ -119,6 +121,35 @@ static mha_attn_desc pair_desc(const ring *g, const mha_attn_desc *d, const segm
             (const char *)d->mask.data + (size_t)(a->at * d->mask.stride[2] + b->at * d->mask.stride[3]) * elem;
     }
     return mine;
+}
+
+/* Whether no query of segment a can see any key of segment b: causal
+ * masking or the window hides the whole pair, which then contributes
+ * nothing and needs no call. */
+static bool pair_hidden(const ring *g, const mha_attn_desc *d, const segment *a, const segment *b)
+{
+    int64_t first_q = a->at, last_q = a->at + a->rows - 1, first_k = b->at, last_k = b->at + b->rows - 1;
+    int64_t diag = g->S - g->L; /* bottom-right: query i aligns with key i + diag */
+    if (d->causal == MHA_CAUSAL_TOP_LEFT && last_q < first_k) return true;
+    if (d->causal == MHA_CAUSAL_BOTTOM_RIGHT && last_q + diag < first_k) return true;
+    if (d->window_left >= 0 && first_q + diag - d->window_left > last_k) return true;
+    return d->window_right >= 0 && last_q + diag + d->window_right < first_k;
+}
+
+/* Lets MPI move the blocks in flight while the compute goes on: with one
+ * thread a rank, a large message advances only inside MPI calls, so the
+ * pairs' loop calls in between them. */
+static void progress(const ring *g)
+{
+    int done;
+    if (g->inflight) MPI_Testall(4, g->inflight, &done, MPI_STATUSES_IGNORE);
+}
+
+/* Skip pair (a, b): empty, or hidden; first a turn for the transfers. */
+static bool pair_skipped(const ring *g, const mha_attn_desc *d, const segment *a, const segment *b)
+{
+    progress(g);
+    return !a->rows || !b->rows || pair_hidden(g, d, a, b);
 }
 
 /* ------------------------------------------------------------------ */
@@ -201,7 +232,7 @@ static mha_status forward_step(mha_ctx *ctx, const ring *g, merge *mg, const mha
     for (int a = 0; a < 2; a++)
         for (int b = 0; b < 2; b++) {
             const segment *sa = &g->q[2 * g->rank + a], *sb = &g->kv[2 * owner + b];
-            if (!sa->rows || !sb->rows) continue;
+            if (pair_skipped(g, d, sa, sb)) continue;
             mha_tensor qv = mha__mpi_piece(q, 0, g->H, sa->local, sa->rows);
             mha_tensor kv = mha__mpi_piece(&blk->k, 0, g->G, sb->local, sb->rows);
             mha_tensor vv = mha__mpi_piece(&blk->v, 0, g->G, sb->local, sb->rows);
@@ -242,7 +273,7 @@ static int64_t segment_most(const ring *g)
  * while the next one arrives. */
 typedef mha_status (*ring_step_fn)(void *arg, const kv_block *blk, int owner);
 
-static mha_status go_round(const ring *g, float *buf[2], bool grads, ring_step_fn step, void *arg)
+static mha_status go_round(ring *g, float *buf[2], bool grads, ring_step_fn step, void *arg)
 {
     mha_status st = MHA_OK;
     for (int t = 0; t < g->size; t++) {
@@ -250,10 +281,12 @@ static mha_status go_round(const ring *g, float *buf[2], bool grads, ring_step_f
         kv_block cur = block_at(g, buf[t % 2], owner, grads), nxt = block_at(g, buf[(t + 1) % 2], next, grads);
         MPI_Request req[4] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL, MPI_REQUEST_NULL};
         if (t + 1 < g->size) shift(g, cur.k.data, cur.kv_floats, nxt.k.data, nxt.kv_floats, 1, req);
+        g->inflight = req;
         if (st == MHA_OK) st = step(arg, &cur, owner); /* a failed rank still passes the blocks on */
         if (grads) { /* dK and dV follow their block once it is computed; the last step sends them home */
             shift(g, cur.dk.data, cur.grad_floats, nxt.dk.data, nxt.grad_floats, 2, req + 2);
         }
+        g->inflight = NULL;
         double waited = mha__mpi_clock(); /* only what the compute did not hide */
         MPI_Waitall(4, req, MPI_STATUSES_IGNORE);
         mha__mpi_waited(waited);
@@ -364,7 +397,7 @@ static mha_status sums_block(void *arg, const kv_block *blk, int owner)
     for (int a = 0; a < 2; a++)
         for (int b = 0; b < 2; b++) {
             pair p = pair_of(ba, blk, owner, a, b);
-            if (!p.a->rows || !p.b->rows) continue;
+            if (pair_skipped(ba->g, ba->d, p.a, p.b)) continue;
             mha_attn_stats stats = {ba->seg[a].lse, ba->ones};
             mha_status st =
                 mha_attention_backward_row_sums(ba->ctx, ba->t_sum, ba->t_dp, &p.q, &p.k, &p.v, &p.g, &stats, &p.d);
@@ -384,7 +417,7 @@ static mha_status grads_block(void *arg, const kv_block *blk, int owner)
     for (int a = 0; a < 2; a++)
         for (int b = 0; b < 2; b++) {
             pair p = pair_of(ba, blk, owner, a, b);
-            if (!p.a->rows || !p.b->rows) continue;
+            if (pair_skipped(ba->g, ba->d, p.a, p.b)) continue;
             mha_tensor tq = mha_tensor_4d(ba->tq, g->B, g->H, p.a->rows, g->D);
             mha_tensor tk = mha_tensor_4d(ba->tk, g->B, g->G, p.b->rows, g->D);
             mha_tensor tv = mha_tensor_4d(ba->tv, g->B, g->G, p.b->rows, g->Dv);
