@@ -344,6 +344,8 @@ static const seq_case cases[] = {
     {"keep mask with a fully masked row", 1, 4, 4, 19, 19, 8, 8, MHA_CAUSAL_NONE, -1, -1, 0, 0, false, false, true, 0},
     {"large logits", 1, 4, 4, 33, 33, 64, 64, MHA_CAUSAL_TOP_LEFT, -1, -1, 0, 15.0f, false, false, false, 0},
     {"MQA (one kv head), causal", 2, 4, 1, 30, 30, 16, 16, MHA_CAUSAL_TOP_LEFT, -1, -1, 0, 0, false, false, false, 0},
+    /* more query rows a rank than the ring's forward takes in one call */
+    {"long, causal", 1, 2, 2, 2600, 2600, 8, 8, MHA_CAUSAL_TOP_LEFT, -1, -1, 0, 0, false, false, false, 0},
 };
 
 /* Errors reach every rank, name the rank, and write nothing. */

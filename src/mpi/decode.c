@@ -14,28 +14,22 @@
 #include "core/internal.h"
 #include "mha_mpi.h"
 #include "mpi/collective.h"
+#include "mpi/sequence.h"
 
-/* out and lse from every rank's partial ones, all[r] = (out_r, lse_r). */
-static void merge_ranks(const float *all, int size, int64_t rows, int64_t width, float *out, float *lse)
+/* out and lse from every rank's partial ones, all[r] = (out_r, lse_r), merged
+ * in rank order; m, s and one [rows] floats of scratch. */
+static void merge_ranks(const float *all, int size, int64_t rows, int64_t width, float *out, float *lse, float *m,
+                        float *s, float *one)
 {
     int64_t part = rows * (width + 1); /* a rank's out, then its lse */
-    for (int64_t i = 0; i < rows; i++) {
-        float top = -INFINITY, total = 0.0f;
-        for (int r = 0; r < size; r++) {
-            float l = all[r * part + rows * width + i];
-            top = l > top ? l : top;
-        }
-        float *o = out + i * width;
-        memset(o, 0, (size_t)width * sizeof(float));
-        for (int r = 0; r < size && top > -INFINITY; r++) {
-            float w = expf(all[r * part + rows * width + i] - top);
-            const float *o_r = all + r * part + i * width;
-            for (int64_t c = 0; c < width; c++) o[c] += w * o_r[c];
-            total += w;
-        }
-        for (int64_t c = 0; c < width && total > 0; c++) o[c] /= total;
-        if (lse) lse[i] = total > 0 ? top + logf(total) : -INFINITY;
+    memset(out, 0, (size_t)(rows * width) * sizeof(float));
+    for (int64_t i = 0; i < rows; i++) m[i] = -INFINITY, s[i] = 0.0f;
+    for (int r = 0; r < size; r++) {
+        const float *l = all + r * part + rows * width;
+        for (int64_t i = 0; i < rows; i++) one[i] = l[i] > -INFINITY ? 1.0f : 0.0f; /* an lse is a max with sum 1 */
+        mha__mpi_merge_rows(out, m, s, all + r * part, l, one, rows, width);
     }
+    for (int64_t i = 0; i < rows; i++) lse[i] = s[i] > 0 ? m[i] + logf(s[i]) : -INFINITY;
 }
 
 /* This rank's partial result over its block of `total` tokens starting
@@ -120,7 +114,7 @@ mha_status mha_mpi_kv_cache_attention(mha_ctx *ctx, MPI_Comm comm, const mha_kv_
         (st = shard_position(comm, shard, &start, &total)) != MHA_OK)
         return st;
     int64_t rows = q->shape[0] * q->shape[1] * q->shape[2], part = rows * (q->shape[3] + 1);
-    float *all = mha__alloc(part * (size + 1), sizeof(float)), *merged = all ? all + part * size : NULL;
+    float *all = mha__alloc(part * (size + 1) + 3 * rows, sizeof(float)), *merged = all ? all + part * size : NULL;
     st = !all               ? MHA_ERR_NOMEM
          : part > INT32_MAX ? mha__fail(MHA_ERR_UNSUPPORTED, "%lld floats of partial results per rank", (long long)part)
                             : shard_attention(ctx, shard, start, total, q, desc, all + rank * part);
@@ -128,7 +122,9 @@ mha_status mha_mpi_kv_cache_attention(mha_ctx *ctx, MPI_Comm comm, const mha_kv_
         double t = mha__mpi_clock();
         MPI_Allgather(MPI_IN_PLACE, 0, MPI_FLOAT, all, (int)part, MPI_FLOAT, comm);
         mha__mpi_waited(t);
-        merge_ranks(all, size, rows, q->shape[3], merged, merged + rows * q->shape[3]);
+        float *scratch = merged + part;
+        merge_ranks(all, size, rows, q->shape[3], merged, merged + rows * q->shape[3], scratch, scratch + rows,
+                    scratch + 2 * rows);
         write_result(q, merged, out, lse);
     }
     mha__free(all);

@@ -211,37 +211,48 @@ typedef struct merge {
 
 static void merge_pair(const ring *g, merge *mg, const segment *a)
 {
-    for (int64_t bh = 0; bh < g->B * g->H; bh++)
-        for (int64_t i = 0; i < a->rows; i++) {
-            int64_t run = bh * mg->rows + a->local + i, pair = bh * a->rows + i;
-            float m = mg->pm[pair], s = mg->ps[pair];
-            if (!(s > 0)) continue; /* the pair's keys are all masked for this row */
-            float M = mg->m[run], S = mg->s[run], top = M > m ? M : m;
-            float wa = S > 0 ? S * expf(M - top) : 0.0f, wb = s * expf(m - top), total = wa + wb;
-            float *o = mg->o + run * g->Dv;
-            const float *po = mg->po + pair * g->Dv;
-            for (int64_t c = 0; c < g->Dv; c++) o[c] = (o[c] * wa + po[c] * wb) / total;
-            mg->m[run] = top, mg->s[run] = total;
-        }
+    for (int64_t bh = 0; bh < g->B * g->H; bh++) {
+        int64_t run = bh * mg->rows + a->local, pair = bh * a->rows;
+        mha__mpi_merge_rows(mg->o + run * g->Dv, mg->m + run, mg->s + run, mg->po + pair * g->Dv, mg->pm + pair,
+                            mg->ps + pair, a->rows, g->Dv);
+    }
 }
 
-/* Every pair of this rank's query segments with the block of `owner`. */
+/* One pair's forward (a piece of a query segment with a key segment),
+ * merged into the rows; nothing when the pair is hidden. */
+static mha_status forward_pair(mha_ctx *ctx, const ring *g, merge *mg, const mha_tensor *q, const kv_block *blk,
+                               const segment *sa, const segment *sb, const mha_attn_desc *d)
+{
+    if (pair_skipped(g, d, sa, sb)) return MHA_OK;
+    mha_tensor qv = mha__mpi_piece(q, 0, g->H, sa->local, sa->rows);
+    mha_tensor kv = mha__mpi_piece(&blk->k, 0, g->G, sb->local, sb->rows);
+    mha_tensor vv = mha__mpi_piece(&blk->v, 0, g->G, sb->local, sb->rows);
+    mha_tensor ov = mha_tensor_4d(mg->po, g->B, g->H, sa->rows, g->Dv);
+    mha_attn_stats stats = {mg->pm, mg->ps};
+    mha_attn_desc pd = pair_desc(g, d, sa, sb);
+    mha_status st = mha_attention_with_stats(ctx, &ov, &stats, &qv, &kv, &vv, &pd);
+    if (st == MHA_OK) merge_pair(g, mg, sa);
+    return st;
+}
+
+/* Query rows a forward call takes at most: a step's queries go in pieces
+ * so that MPI gets a turn (progress) between them to move the next block. */
+enum { RING_ROWS = 1024 };
+
+/* Every pair of this rank's query segments (in pieces) with the block of
+ * `owner`. */
 static mha_status forward_step(mha_ctx *ctx, const ring *g, merge *mg, const mha_tensor *q, const kv_block *blk,
                                int owner, const mha_attn_desc *d)
 {
     for (int a = 0; a < 2; a++)
         for (int b = 0; b < 2; b++) {
-            const segment *sa = &g->q[2 * g->rank + a], *sb = &g->kv[2 * owner + b];
-            if (pair_skipped(g, d, sa, sb)) continue;
-            mha_tensor qv = mha__mpi_piece(q, 0, g->H, sa->local, sa->rows);
-            mha_tensor kv = mha__mpi_piece(&blk->k, 0, g->G, sb->local, sb->rows);
-            mha_tensor vv = mha__mpi_piece(&blk->v, 0, g->G, sb->local, sb->rows);
-            mha_tensor ov = mha_tensor_4d(mg->po, g->B, g->H, sa->rows, g->Dv);
-            mha_attn_stats stats = {mg->pm, mg->ps};
-            mha_attn_desc pd = pair_desc(g, d, sa, sb);
-            mha_status st = mha_attention_with_stats(ctx, &ov, &stats, &qv, &kv, &vv, &pd);
-            if (st != MHA_OK) return st;
-            merge_pair(g, mg, sa);
+            const segment *whole = &g->q[2 * g->rank + a], *sb = &g->kv[2 * owner + b];
+            for (int64_t off = 0; off < whole->rows; off += RING_ROWS) {
+                int64_t n = whole->rows - off < RING_ROWS ? whole->rows - off : RING_ROWS;
+                segment piece = {whole->at + off, n, whole->local + off};
+                mha_status st = forward_pair(ctx, g, mg, q, blk, &piece, sb, d);
+                if (st != MHA_OK) return st;
+            }
         }
     return MHA_OK;
 }
@@ -326,7 +337,8 @@ mha_status mha_mpi_attention_ring(mha_ctx *ctx, MPI_Comm comm, mha_mpi_layout la
         ring_free(&g);
         return st;
     }
-    int64_t cap = 0, rows = q->shape[2], n_rows = g.B * g.H * rows, n_pair = g.B * g.H * segment_most(&g);
+    int64_t cap = 0, rows = q->shape[2], n_rows = g.B * g.H * rows,
+            n_pair = g.B * g.H * (segment_most(&g) < RING_ROWS ? segment_most(&g) : RING_ROWS);
     st = block_capacity(&g, false, &cap);
     float *mem = st == MHA_OK ? mha__alloc(2 * cap + n_rows * (g.Dv + 2) + n_pair * (g.Dv + 2), sizeof(float)) : NULL;
     if (st == MHA_OK && !mem) st = MHA_ERR_NOMEM;

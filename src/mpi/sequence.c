@@ -3,6 +3,7 @@
  */
 #include "mpi/sequence.h"
 
+#include <math.h>
 #include <string.h>
 
 #include "core/internal.h"
@@ -31,6 +32,20 @@ void mha__mpi_copy_piece(const mha_tensor *p, float *block, bool out)
                     else row[e * p->stride[3]] = *block;
                 }
             }
+}
+
+void mha__mpi_merge_rows(float *o, float *m, float *s, const float *po, const float *pm, const float *ps, int64_t n,
+                         int64_t width)
+{
+    for (int64_t i = 0; i < n; i++) {
+        if (!(ps[i] > 0)) continue;
+        float top = m[i] > pm[i] ? m[i] : pm[i];
+        float wa = s[i] > 0 ? s[i] * expf(m[i] - top) : 0.0f, wb = ps[i] * expf(pm[i] - top), total = wa + wb;
+        float *oi = o + i * width;
+        const float *pi = po + i * width;
+        for (int64_t c = 0; c < width; c++) oi[c] = (oi[c] * wa + pi[c] * wb) / total;
+        m[i] = top, s[i] = total;
+    }
 }
 
 void mha__mpi_add_piece(const mha_tensor *p, const float *block)

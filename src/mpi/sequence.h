@@ -18,6 +18,14 @@ int64_t mha__mpi_numel(const mha_tensor *t);
 /* Copies a view to a contiguous block (out = true) or back. */
 void mha__mpi_copy_piece(const mha_tensor *p, float *block, bool out);
 
+/* Merges a part of each of n rows' softmax into what is merged so far:
+ * the outputs o and po [n, width] are normalised, m and pm the rows'
+ * largest scores, s and ps their sums of e^(score - max) (a part with
+ * ps = 0 saw no key of its row and changes nothing; start with m = -inf,
+ * s = 0).  docs/NUMERICS.md gives the formula and its roundings. */
+void mha__mpi_merge_rows(float *o, float *m, float *s, const float *po, const float *pm, const float *ps, int64_t n,
+                         int64_t width);
+
 /* p += block (p's shape, contiguous). */
 void mha__mpi_add_piece(const mha_tensor *p, const float *block);
 
