@@ -381,6 +381,11 @@ const char *mha_st_metadata(const mha_st_file *file, const char *key);
  * U8, I32 or I64) into dst, which holds `capacity` floats.
  * Errors: NOT_FOUND, INVALID_ARG (capacity too small), IO. */
 mha_status mha_st_read_f32(mha_st_file *file, const char *name, float *dst, int64_t capacity);
+/* Elements [first, first + count) of a tensor, in its row-major order,
+ * converted to float32 into dst (count floats): a part of a large tensor
+ * without the rest (one rank's shard, mha_mpi.h).  Errors: NOT_FOUND,
+ * INVALID_ARG (the range outside the tensor), IO. */
+mha_status mha_st_read_f32_range(mha_st_file *file, const char *name, int64_t first, int64_t count, float *dst);
 /* Copy a tensor's raw little-endian bytes into dst (capacity bytes). */
 mha_status mha_st_read_raw(mha_st_file *file, const char *name, void *dst, size_t capacity);
 

@@ -76,6 +76,13 @@ mha_layer *mha_mpi_layer_local(mha_mpi_layer *layer);
  * shard.  Errors: as mha_layer_set_weight's. */
 mha_status mha_mpi_layer_set_weight(mha_mpi_layer *layer, const char *name, const float *data, int64_t numel);
 
+/* The same from a safetensors file, each rank reading only its shard of
+ * the tensor called `tensor` (its rows or columns, converted from any
+ * float dtype): for layers whose whole weights one rank should not hold.
+ * `name` is the weight's name as mha_mpi_layer_set_weight takes it.
+ * Errors: as mha_layer_set_weight's, NOT_FOUND (no such tensor), IO. */
+mha_status mha_mpi_layer_read_weight(mha_mpi_layer *layer, mha_st_file *file, const char *tensor, const char *name);
+
 /* The whole weight, or its gradient (training state needed, as for
  * mha_layer_get_grad), gathered from every rank's shard into dst on
  * every rank.  Errors: as mha_layer_get_weight's. */

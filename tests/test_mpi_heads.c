@@ -7,6 +7,7 @@
  * nothing written.
  */
 #include "mha_mpi.h"
+#include <unistd.h>
 #include "mpi_harness.h"
 #include "reference.h"
 
@@ -141,47 +142,54 @@ static float *stacked(const fixture *f, const float *q, const float *k, const fl
     return s;
 }
 
-/* Sets every weight through the case's naming family. */
-static void set_weights(mha_mpi_layer *layer, const fixture *f)
+/* Where set_weights puts each whole weight. */
+typedef void (*put_fn)(void *to, const char *name, const float *data, int64_t numel);
+
+static void put_in_layer(void *to, const char *name, const float *data, int64_t numel)
+{
+    CHECK_OK(mha_mpi_layer_set_weight(to, name, data, numel));
+}
+
+/* Every weight through the case's naming family. */
+static void set_weights(put_fn put, void *to, const fixture *f)
 {
     const heads_case *c = f->c;
     int64_t E = c->E, qd = f->qd, kvd = f->kvd, all = qd + 2 * kvd;
     if (c->family == NAMES_PACKED) {
         float *w = stacked(f, f->w[WQ], f->w[WK], f->w[WV], E);
-        CHECK_OK(mha_mpi_layer_set_weight(layer, "in_proj_weight", w, all * E));
+        put(to, "in_proj_weight", w, all * E);
         free(w);
     } else if (c->family == NAMES_GPT2) {
         float *w = stacked(f, f->w[WQ], f->w[WK], f->w[WV], E), *t = transposed(w, all, E);
         float *o = transposed(f->w[WO], E, qd);
-        CHECK_OK(mha_mpi_layer_set_weight(layer, "c_attn.weight", t, all * E));
-        CHECK_OK(mha_mpi_layer_set_weight(layer, "c_proj.weight", o, qd * E));
+        put(to, "c_attn.weight", t, all * E);
+        put(to, "c_proj.weight", o, qd * E);
         free(w), free(t), free(o);
     } else {
         bool llama = c->family == NAMES_LLAMA;
-        CHECK_OK(mha_mpi_layer_set_weight(layer, llama ? "q_proj.weight" : "q_proj_weight", f->w[WQ], qd * E));
-        CHECK_OK(mha_mpi_layer_set_weight(layer, llama ? "k_proj.weight" : "k_proj_weight", f->w[WK], kvd * c->kdim));
-        CHECK_OK(mha_mpi_layer_set_weight(layer, llama ? "v_proj.weight" : "v_proj_weight", f->w[WV], kvd * c->vdim));
+        put(to, llama ? "q_proj.weight" : "q_proj_weight", f->w[WQ], qd * E);
+        put(to, llama ? "k_proj.weight" : "k_proj_weight", f->w[WK], kvd * c->kdim);
+        put(to, llama ? "v_proj.weight" : "v_proj_weight", f->w[WV], kvd * c->vdim);
     }
     if (c->family != NAMES_GPT2)
-        CHECK_OK(mha_mpi_layer_set_weight(layer, c->family == NAMES_LLAMA ? "o_proj.weight" : "out_proj.weight",
-                                          f->w[WO], E * qd));
+        put(to, c->family == NAMES_LLAMA ? "o_proj.weight" : "out_proj.weight", f->w[WO], E * qd);
     if (c->bias && c->family == NAMES_LLAMA) {
-        CHECK_OK(mha_mpi_layer_set_weight(layer, "q_proj.bias", f->w[BIN], qd));
-        CHECK_OK(mha_mpi_layer_set_weight(layer, "k_proj.bias", f->w[BIN] + qd, kvd));
-        CHECK_OK(mha_mpi_layer_set_weight(layer, "v_proj.bias", f->w[BIN] + qd + kvd, kvd));
-        CHECK_OK(mha_mpi_layer_set_weight(layer, "o_proj.bias", f->w[BOUT], E));
+        put(to, "q_proj.bias", f->w[BIN], qd);
+        put(to, "k_proj.bias", f->w[BIN] + qd, kvd);
+        put(to, "v_proj.bias", f->w[BIN] + qd + kvd, kvd);
+        put(to, "o_proj.bias", f->w[BOUT], E);
     } else if (c->bias) {
         bool gpt2 = c->family == NAMES_GPT2;
-        CHECK_OK(mha_mpi_layer_set_weight(layer, gpt2 ? "c_attn.bias" : "in_proj_bias", f->w[BIN], all));
-        CHECK_OK(mha_mpi_layer_set_weight(layer, gpt2 ? "c_proj.bias" : "out_proj.bias", f->w[BOUT], E));
+        put(to, gpt2 ? "c_attn.bias" : "in_proj_bias", f->w[BIN], all);
+        put(to, gpt2 ? "c_proj.bias" : "out_proj.bias", f->w[BOUT], E);
     }
     if (c->bias_kv) {
-        CHECK_OK(mha_mpi_layer_set_weight(layer, "bias_k", f->w[BK], kvd));
-        CHECK_OK(mha_mpi_layer_set_weight(layer, "bias_v", f->w[BV], kvd));
+        put(to, "bias_k", f->w[BK], kvd);
+        put(to, "bias_v", f->w[BV], kvd);
     }
 }
 
-static mha_mpi_layer *make_layer(const fixture *f)
+static mha_mpi_layer *make_layer(const fixture *f, bool weights)
 {
     const heads_case *c = f->c;
     mha_layer_desc d;
@@ -193,8 +201,61 @@ static mha_mpi_layer *make_layer(const fixture *f)
     d.alibi_slopes = f->slopes;
     mha_mpi_layer *layer = NULL;
     CHECK_OK(mha_mpi_layer_create(MPI_COMM_WORLD, &d, &layer));
-    if (layer) set_weights(layer, f);
+    if (layer && weights) set_weights(put_in_layer, layer, f);
     return layer;
+}
+
+/* Into a file (each rank its own), as tensor "w.<name>". */
+static void put_in_file(void *to, const char *name, const float *data, int64_t numel)
+{
+    char tensor[64];
+    snprintf(tensor, sizeof tensor, "w.%s", name);
+    CHECK_OK(mha_st_writer_add(to, tensor, MHA_DTYPE_F32, 1, &numel, data));
+}
+
+/* Back from the file: each rank reads only its shard. */
+typedef struct file_layer {
+    mha_mpi_layer *layer;
+    mha_st_file *file;
+} file_layer;
+
+static void put_from_file(void *to, const char *name, const float *data, int64_t numel)
+{
+    (void)data, (void)numel;
+    file_layer *fl = to;
+    char tensor[64];
+    snprintf(tensor, sizeof tensor, "w.%s", name);
+    CHECK_OK(mha_mpi_layer_read_weight(fl->layer, fl->file, tensor, name));
+}
+
+static mha_layer_fwd_args make_args(fixture *f);
+
+/* A layer whose ranks read their shards from a file computes the bits of
+ * one given the whole weights. */
+static void check_read_weight(mha_ctx *ctx, mha_mpi_layer *given, fixture *f)
+{
+    const heads_case *c = f->c;
+    char path[96];
+    snprintf(path, sizeof path, "/tmp/test_mpi_heads_%ld_%d.safetensors", (long)getpid(), rank);
+    mha_st_writer *w = NULL;
+    CHECK_OK(mha_st_writer_create(&w));
+    set_weights(put_in_file, w, f);
+    CHECK_OK(mha_st_writer_save(w, path));
+    mha_st_writer_free(w);
+    file_layer fl = {make_layer(f, false), NULL};
+    CHECK_OK(mha_st_open(path, &fl.file));
+    if (fl.layer && fl.file) set_weights(put_from_file, &fl, f);
+    int64_t n = c->N * c->L * c->E;
+    float *a = malloc((size_t)n * sizeof(float)), *b = malloc((size_t)n * sizeof(float));
+    mha_tensor ya = mha_tensor_3d(a, c->N, c->L, c->E), yb = mha_tensor_3d(b, c->N, c->L, c->E);
+    mha_layer_fwd_args args = make_args(f);
+    CHECK_OK(mha_mpi_layer_forward(ctx, given, &ya, NULL, &args));
+    CHECK_OK(mha_mpi_layer_forward(ctx, fl.layer, &yb, NULL, &args));
+    CHECK(memcmp(a, b, (size_t)n * sizeof(float)) == 0, "%s: weights read by shard give other bits", c->label);
+    free(a), free(b);
+    mha_st_close(fl.file);
+    mha_mpi_layer_free(fl.layer);
+    remove(path);
 }
 
 static mha_layer_fwd_args make_args(fixture *f)
@@ -439,7 +500,7 @@ static void test_failures(mha_ctx *ctx)
     heads_case c = cases[0];
     fixture f;
     fixture_init(&f, &c);
-    layer = make_layer(&f);
+    layer = make_layer(&f, true);
     if (!layer) return fixture_free(&f);
     float wrong[7] = {0};
     CHECK_FAILS(mha_mpi_layer_set_weight(layer, "in_proj_weight", rank == size - 1 ? wrong : f.w[WQ],
@@ -479,9 +540,10 @@ int main(int argc, char **argv)
         if (G < size) continue; /* more ranks than kv heads: refused, tested below */
         fixture f;
         fixture_init(&f, &cases[i]);
-        mha_mpi_layer *layer = make_layer(&f);
+        mha_mpi_layer *layer = make_layer(&f, true);
         if (layer) {
             check_forward(ctx, layer, &f);
+            check_read_weight(ctx, layer, &f);
             check_backward(ctx, layer, &f);
         }
         mha_mpi_layer_free(layer);

@@ -236,6 +236,15 @@ static void test_round_trip(const char *dir)
     CHECK(v[0] == -7.0f && v[1] == 2147483648.0f, "I32 conversion");
     CHECK_OK(mha_st_read_f32(f, "i64", v, 5));
     CHECK(v[0] == -3.0f && v[1] == 0x1p40f, "I64 conversion");
+    /* A range of a tensor, converted: the middle of the f16 one. */
+    float part[3] = {7, 7, 7};
+    CHECK_OK(mha_st_read_f32_range(f, "f16", 1, 2, part));
+    CHECK(part[0] == 0x1p-24f && isinf(part[1]) && part[1] < 0 && part[2] == 7, "F16 range: %g %g %g", (double)part[0],
+          (double)part[1], (double)part[2]);
+    CHECK_OK(mha_st_read_f32_range(f, "f32", 3, 0, part));
+    CHECK_FAILS(mha_st_read_f32_range(f, "f16", 4, 2, part), MHA_ERR_INVALID_ARG, "elements 4 + 2 are outside");
+    CHECK_FAILS(mha_st_read_f32_range(f, "f16", -1, 1, part), MHA_ERR_INVALID_ARG, "outside tensor");
+    CHECK_FAILS(mha_st_read_f32_range(f, "nope", 0, 1, part), MHA_ERR_NOT_FOUND, "no tensor named");
     mha_st_info info;
     CHECK_OK(mha_st_find(f, "scalar", &info));
     CHECK(info.rank == 0 && info.numel == 1, "rank-0 tensor");

@@ -352,6 +352,28 @@ mha_status mha_st_read_raw(mha_st_file *f, const char *name, void *dst, size_t c
     return read_at(f, f->data_start + e->begin, dst, bytes);
 }
 
+/* Elements [first, first + count) of a tensor as float32 into dst. */
+static mha_status read_span_f32(mha_st_file *f, const entry *e, int64_t first, int64_t count, float *dst)
+{
+    size_t size = mha_dtype_size(e->dtype);
+    int64_t at = f->data_start + e->begin + first * (int64_t)size;
+    if (f->mem) {
+        mha__convert_to_f32(e->dtype, f->mem + at, dst, count);
+        return MHA_OK;
+    }
+    if (e->dtype == MHA_DTYPE_F32) return read_at(f, at, dst, (size_t)count * 4);
+    /* Other dtypes go through a bounded bounce buffer. */
+    unsigned char chunk[16384];
+    int64_t per_chunk = (int64_t)(sizeof chunk / size);
+    for (int64_t done = 0; done < count; done += per_chunk) {
+        int64_t n = count - done < per_chunk ? count - done : per_chunk;
+        mha_status st = read_at(f, at + done * (int64_t)size, chunk, (size_t)n * size);
+        if (st != MHA_OK) return st;
+        mha__convert_to_f32(e->dtype, chunk, dst + done, n);
+    }
+    return MHA_OK;
+}
+
 mha_status mha_st_read_f32(mha_st_file *f, const char *name, float *dst, int64_t capacity)
 {
     const entry *e;
@@ -360,22 +382,19 @@ mha_status mha_st_read_f32(mha_st_file *f, const char *name, float *dst, int64_t
     if (capacity < e->numel)
         return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" has %lld elements, more than the %lld given", name,
                          (long long)e->numel, (long long)capacity);
-    size_t size = mha_dtype_size(e->dtype);
-    if (f->mem) {
-        mha__convert_to_f32(e->dtype, f->mem + f->data_start + e->begin, dst, e->numel);
-        return MHA_OK;
-    }
-    if (e->dtype == MHA_DTYPE_F32) return read_at(f, f->data_start + e->begin, dst, (size_t)e->numel * 4);
-    /* Other dtypes go through a bounded bounce buffer. */
-    unsigned char chunk[16384];
-    int64_t per_chunk = (int64_t)(sizeof chunk / size);
-    for (int64_t done = 0; done < e->numel; done += per_chunk) {
-        int64_t n = e->numel - done < per_chunk ? e->numel - done : per_chunk;
-        st = read_at(f, f->data_start + e->begin + done * (int64_t)size, chunk, (size_t)n * size);
-        if (st != MHA_OK) return st;
-        mha__convert_to_f32(e->dtype, chunk, dst + done, n);
-    }
-    return MHA_OK;
+    return read_span_f32(f, e, 0, e->numel, dst);
+}
+
+mha_status mha_st_read_f32_range(mha_st_file *f, const char *name, int64_t first, int64_t count, float *dst)
+{
+    const entry *e;
+    mha_status st = find_for_read(f, name, &e);
+    if (st != MHA_OK) return st;
+    if (!dst) return mha__fail(MHA_ERR_MISUSE, "mha_st_read_f32_range: NULL argument");
+    if (first < 0 || count < 0 || first > e->numel - count)
+        return mha__fail(MHA_ERR_INVALID_ARG, "elements %lld + %lld are outside tensor \"%s\" of %lld",
+                         (long long)first, (long long)count, name, (long long)e->numel);
+    return read_span_f32(f, e, first, count, dst);
 }
 
 /* ---------------------------------------------------------------- */

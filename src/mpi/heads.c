@@ -217,25 +217,70 @@ static void move_shard(const cut *c, float *whole, float *shard, bool to_shard)
         }
 }
 
-mha_status mha_mpi_layer_set_weight(mha_mpi_layer *L, const char *name, const float *data, int64_t numel)
+/* Where a weight comes from: the whole tensor in memory, or a tensor of
+ * a file of which only this rank's shard is read. */
+typedef struct weight_source {
+    const float *whole;
+    mha_st_file *file;
+    const char *tensor;
+} weight_source;
+
+/* This rank's shard of the weight, from its source. */
+static mha_status take_shard(const cut *c, const weight_source *src, float *shard)
 {
-    if (!L) return mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_set_weight: NULL layer");
+    if (src->whole) {
+        move_shard(c, (float *)src->whole, shard, true); /* reads the whole only */
+        return MHA_OK;
+    }
+    mha_status st = MHA_OK;
+    float *s = shard;
+    for (int64_t row = 0; row < (c->by_cols ? c->rows : 1); row++) /* rows cut: each part one range */
+        for (int p = 0; p < c->parts && st == MHA_OK; p++) {
+            int64_t first = c->by_cols ? row * c->cols + c->start[p] : c->start[p] * c->cols;
+            int64_t count = c->by_cols ? c->len[p] : c->len[p] * c->cols;
+            st = mha_st_read_f32_range(src->file, src->tensor, first, count, s);
+            s += count;
+        }
+    return st;
+}
+
+/* Sets weight `name` (numel floats whole) from its source, every rank its
+ * shard; no rank changes its layer unless every rank can. */
+static mha_status set_shard(mha_mpi_layer *L, const char *name, int64_t numel, const weight_source *src)
+{
     cut c;
     float *shard = NULL;
-    mha_status st = !name || !data ? mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_set_weight: NULL argument")
-                                   : cut_for(L, name, numel, L->rank, &c);
+    mha_status st = cut_for(L, name, numel, L->rank, &c);
     if (st == MHA_OK && c.rank0 && !L->out_bias)
         st = mha__fail(MHA_ERR_NOT_FOUND, "\"%s\": this layer has no output bias", name);
     if (st == MHA_OK && c.parts) {
         shard = mha__alloc(shard_size(&c), sizeof(float));
-        st = shard ? MHA_OK : MHA_ERR_NOMEM;
+        st = shard ? take_shard(&c, src, shard) : MHA_ERR_NOMEM;
     }
-    if (st == MHA_OK && c.parts) move_shard(&c, (float *)data, shard, true); /* reads data only */
-    /* No rank changes its layer unless every rank can. */
     if ((st = mha__mpi_agree(L->comm, st)) == MHA_OK && c.parts)
         st = mha_layer_set_weight(L->local, name, shard, shard_size(&c));
     mha__free(shard);
     return mha__mpi_agree(L->comm, st);
+}
+
+mha_status mha_mpi_layer_set_weight(mha_mpi_layer *L, const char *name, const float *data, int64_t numel)
+{
+    if (!L) return mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_set_weight: NULL layer");
+    if (!name || !data) /* still collective: every rank learns of it */
+        return mha__mpi_agree(L->comm, mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_set_weight: NULL argument"));
+    weight_source src = {data, NULL, NULL};
+    return set_shard(L, name, numel, &src);
+}
+
+mha_status mha_mpi_layer_read_weight(mha_mpi_layer *L, mha_st_file *file, const char *tensor, const char *name)
+{
+    if (!L) return mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_read_weight: NULL layer");
+    mha_st_info info;
+    mha_status st = !file || !tensor || !name ? mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_read_weight: NULL argument")
+                                              : mha_st_find(file, tensor, &info);
+    if (st != MHA_OK) return mha__mpi_agree(L->comm, st);
+    weight_source src = {NULL, file, tensor};
+    return set_shard(L, name, info.numel, &src);
 }
 
 /* Gathers the whole tensor from every rank's shard, read by `get` (the
