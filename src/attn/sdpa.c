@@ -239,13 +239,11 @@ mha_status mha_attention_backward_row_sums(mha_ctx *ctx, double *p_sum, double *
     if (!ctx || !p_sum || !p_dp || !q || !k || !v || !grad_out || !stats || !stats->max || !stats->sum || !desc)
         return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward_row_sums: NULL argument");
     mha__attn_plan p;
-    int64_t bytes = 0;
-    mha_status st = problem_from_desc(q, k, v, grad_out, desc, &p); /* grad_out has out's shape */
-    if (st == MHA_OK && p.bf16)
-        st = mha__fail(MHA_ERR_UNSUPPORTED, "the backward pass computes in F32 only; dtype BF16 is forward-only");
-    mha__kv kv = mha__kv_from_tensors(k, v);
-    if (st == MHA_OK) st = mha__attn_plan_resolve(&p, ctx, mha__attn_needs_of(&kv, true));
-    if (st == MHA_OK && !mha__attn_backward_workspace(&p, ctx, true, &bytes)) st = MHA_ERR_INVALID_ARG;
+    int64_t bytes;
+    /* The backward's plan, q, k and v standing in for their gradients and
+     * grad_out for the output (the same shapes; none is written or read
+     * as such): its workspace covers the row passes'. */
+    mha_status st = backward_plan(ctx, q, k, v, q, k, v, grad_out, grad_out, desc, &p, &bytes);
     if (st == MHA_OK) st = mha__ws_reserve(ctx, bytes);
     if (st != MHA_OK) return st;
     mha__row_norm norm = {NULL, stats->max, stats->sum, NULL};
