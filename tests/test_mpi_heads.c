@@ -522,9 +522,22 @@ static void test_failures(mha_ctx *ctx)
     mha_status st = mha_mpi_layer_forward(ctx, layer, &y, NULL, &a);
     CHECK(st != MHA_OK && strstr(mha_last_error(), who), "a local failure gave %s: %s", mha_status_str(st),
           mha_last_error());
+    /* The caller's outputs are checked before anything is written through
+     * them: attention weights for 2 of the 6 heads, a strided output
+     * reaching past its end, a gradient shaped unlike its input. */
+    a = make_args(&f);
+    float w_small[2 * 9 * 9 * 2];
+    mha_tensor w = mha_tensor_4d(w_small, c.N, 2, c.L, c.S);
+    CHECK_FAILS(mha_mpi_layer_forward(ctx, layer, &y, &w, &a), MHA_ERR_INVALID_ARG,
+                "attn_weights has 2 in its second dimension");
+    mha_tensor y_bad = y;
+    y_bad.stride[0] = -1;
+    CHECK_FAILS(mha_mpi_layer_forward(ctx, layer, &y_bad, NULL, &a), MHA_ERR_INVALID_ARG, "attn_output");
+    mha_tensor g_bad = mha_tensor_3d(out, c.N, c.L - 1, c.E);
+    CHECK_FAILS(mha_mpi_layer_backward(ctx, layer, &a, &y, NULL, &g_bad, NULL), MHA_ERR_INVALID_ARG, "grad_key");
     bool untouched = true;
     for (int64_t i = 0; i < n_out; i++) untouched = untouched && out[i] == 1234.5f;
-    CHECK(untouched, "a failed forward wrote its output");
+    CHECK(untouched, "a failed forward or backward wrote its output");
     free(out);
     mha_mpi_layer_free(layer);
     fixture_free(&f);

@@ -381,6 +381,12 @@ static void test_failures(mha_ctx *ctx)
     for (int64_t i = 0; i < b.out.shape[0] * b.out.shape[1] * b.out.shape[2] * b.out.shape[3]; i++)
         untouched = untouched && b.mem[i] == 7.0f;
     CHECK(untouched, "a failed call wrote its output");
+    mha_tensor far = b.out; /* an output whose strides reach outside it */
+    far.stride[1] = -1;
+    CHECK_FAILS(mha_mpi_attention_ulysses(ctx, MPI_COMM_WORLD, &far, NULL, &b.q, &b.k, &b.v, &p.desc),
+                MHA_ERR_INVALID_ARG, "output");
+    CHECK_FAILS(mha_mpi_attention_ring(ctx, MPI_COMM_WORLD, MHA_MPI_BLOCKS, &far, NULL, &b.q, &b.k, &b.v, &p.desc),
+                MHA_ERR_INVALID_ARG, "output");
     CHECK_FAILS(mha_mpi_attention_ulysses_backward(ctx, MPI_COMM_WORLD, &b.dq, &b.dk, &b.dv, &b.q, &b.k, &b.v, &b.out,
                                                    rank == size - 1 ? NULL : b.lse, &b.dout, &p.desc),
                 MHA_ERR_MISUSE, who);

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "core/tensor.h"
 #include "mha_mpi.h"
 #include "mpi/collective.h"
 #include "mpi/sequence.h"
@@ -58,11 +59,9 @@ static mha_status check_args(mha_ctx *ctx, const mha_kv_cache *shard, const mha_
     if (desc->key_offset || desc->key_total)
         return mha__fail(MHA_ERR_INVALID_ARG,
                          "the keys' positions are the shards' own: leave key_offset and key_total 0");
-    for (int i = 0; i < 4; i++)
-        if (out->shape[i] != q->shape[i])
-            return mha__fail(MHA_ERR_INVALID_ARG, "out.shape[%d] is %lld, q's is %lld", i, (long long)out->shape[i],
-                             (long long)q->shape[i]);
-    return MHA_OK;
+    const int64_t any[4] = {-1, -1, -1, -1};
+    mha_status st = mha__check_tensor(q, "query", any);
+    return st == MHA_OK ? mha__check_tensor(out, "output", q->shape) : st;
 }
 
 /* Where this rank's block starts, and the whole cache's tokens. */
@@ -80,17 +79,6 @@ static mha_status shard_position(MPI_Comm comm, const mha_kv_cache *shard, int64
     }
     mha__free(lengths);
     return st;
-}
-
-/* The merged rows into out (its strides) and lse. */
-static void write_result(const mha_tensor *q, const float *merged, mha_tensor *out, float *lse)
-{
-    int64_t H = q->shape[1], L = q->shape[2], D = q->shape[3], rows = q->shape[0] * H * L;
-    for (int64_t i = 0; i < rows; i++) {
-        float *o = out->data + i / (H * L) * out->stride[0] + i / L % H * out->stride[1] + i % L * out->stride[2];
-        for (int64_t c = 0; c < D; c++) o[c * out->stride[3]] = merged[i * D + c];
-    }
-    if (lse) memcpy(lse, merged + rows * D, (size_t)rows * sizeof(float));
 }
 
 mha_status mha_mpi_kv_cache_attention(mha_ctx *ctx, MPI_Comm comm, const mha_kv_cache *shard, mha_tensor *out,
@@ -125,7 +113,8 @@ mha_status mha_mpi_kv_cache_attention(mha_ctx *ctx, MPI_Comm comm, const mha_kv_
         float *scratch = merged + part;
         merge_ranks(all, size, rows, q->shape[3], merged, merged + rows * q->shape[3], scratch, scratch + rows,
                     scratch + 2 * rows);
-        write_result(q, merged, out, lse);
+        mha__mpi_copy_piece(out, merged, false); /* through out's strides */
+        if (lse) memcpy(lse, merged + rows * q->shape[3], (size_t)rows * sizeof(float));
     }
     mha__free(all);
     return st;

@@ -14,8 +14,10 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "core/tensor.h"
 #include "mha_mpi.h"
 #include "mpi/collective.h"
+#include "mpi/sequence.h"
 
 struct mha_mpi_layer {
     MPI_Comm comm;
@@ -332,24 +334,19 @@ mha_status mha_mpi_layer_get_grad(const mha_mpi_layer *L, const char *name, floa
 /* Forward and backward                                                */
 /* ------------------------------------------------------------------ */
 
-/* dst = src (or dst += src), src contiguous in dst's shape (rank 3 or 4). */
-static void store(const mha_tensor *dst, const float *src, bool add)
+/* The caller's output tensors, before anything is written through
+ * their strides: attn_output [N, L, E], attn_weights [N, 1 or h, L, S'];
+ * every other shape the rank's own layer checks. */
+static mha_status check_outputs(const mha_mpi_layer *L, const mha_layer_fwd_args *a, const mha_tensor *out,
+                                const mha_tensor *w)
 {
-    int64_t n3 = dst->shape[3] > 0 ? dst->shape[3] : 1;
-    for (int64_t a = 0; a < dst->shape[0]; a++)
-        for (int64_t b = 0; b < dst->shape[1]; b++)
-            for (int64_t c = 0; c < dst->shape[2]; c++) {
-                float *row = dst->data + a * dst->stride[0] + b * dst->stride[1] + c * dst->stride[2];
-                for (int64_t e = 0; e < n3; e++, src++) {
-                    if (add) row[e * dst->stride[3]] += *src;
-                    else row[e * dst->stride[3]] = *src;
-                }
-            }
-}
-
-static int64_t numel_of(const mha_tensor *t)
-{
-    return t->shape[0] * t->shape[1] * t->shape[2] * (t->shape[3] > 0 ? t->shape[3] : 1);
+    const mha_layer_desc *d = mha_layer_get_desc(L->local);
+    const int64_t out_shape[4] = {a->query.shape[0], a->query.shape[1], L->E, 1};
+    mha_status st = mha__check_tensor(out, "attn_output", out_shape);
+    if (st != MHA_OK || !w) return st;
+    int64_t keys = a->key.shape[1] + !!d->add_bias_kv + !!d->add_zero_attn;
+    const int64_t w_shape[4] = {a->query.shape[0], w->shape[1] == 1 ? 1 : L->heads, a->query.shape[1], keys};
+    return mha__check_tensor(w, "attn_weights", w_shape);
 }
 
 /* A mask over the whole layer's heads, moved to this rank's first head. */
@@ -415,7 +412,7 @@ static mha_status share_weights(const mha_mpi_layer *L, float *mine, const mha_t
         int64_t n = N * rows;
         for (int64_t i = 0; i < n; i++) mine[i] *= (float)L->num_heads / (float)L->heads;
         mha_status st = mha__mpi_sum(L->comm, mine, n);
-        if (st == MHA_OK) store(w, mine, false);
+        if (st == MHA_OK) mha__mpi_copy_piece(w, mine, false);
         return st;
     }
     int64_t count[L->size], offset[L->size], total = 0;
@@ -433,10 +430,8 @@ static mha_status share_weights(const mha_mpi_layer *L, float *mine, const mha_t
         for (int r = 0; r < L->size; r++) { /* rank r's block is [N, its heads, L, S'] */
             int64_t h0, hn, g0, gn;
             mha__mpi_heads_of(L->heads, L->kv_heads, L->size, r, &h0, &hn, &g0, &gn);
-            mha_tensor part = *w;
-            part.data += h0 * w->stride[1];
-            part.shape[1] = hn;
-            store(&part, all + offset[r], false);
+            mha_tensor part = mha__mpi_piece(w, h0, hn, 0, w->shape[2]);
+            mha__mpi_copy_piece(&part, all + offset[r], false);
         }
     }
     mha__free(all);
@@ -451,16 +446,17 @@ mha_status mha_mpi_layer_forward(mha_ctx *ctx, mha_mpi_layer *L, mha_tensor *att
     mha_status st = MHA_OK;
     int n = 0;
     if (!ctx || !attn_output || !args) st = mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_forward: NULL argument");
-    else n = describe_forward(args, attn_output, attn_weights, fields);
+    else if ((st = check_outputs(L, args, attn_output, attn_weights)) == MHA_OK)
+        n = describe_forward(args, attn_output, attn_weights, fields);
     if ((st = mha__mpi_same(L->comm, st, fields, n)) != MHA_OK) return st;
 
     /* This rank's output and weights, contiguous, before the sums. */
-    int64_t n_out = numel_of(attn_output), n_w = 0;
+    int64_t n_out = mha__mpi_numel(attn_output), n_w = 0;
     mha_tensor w_mine = {0};
     if (attn_weights) {
         w_mine = mha_tensor_4d(NULL, attn_weights->shape[0], attn_weights->shape[1] == 1 ? 1 : L->num_heads,
                                attn_weights->shape[2], attn_weights->shape[3]);
-        n_w = numel_of(&w_mine);
+        n_w = mha__mpi_numel(&w_mine);
     }
     float *y = mha__alloc(n_out + n_w, sizeof(float));
     st = y ? MHA_OK : MHA_ERR_NOMEM;
@@ -474,7 +470,7 @@ mha_status mha_mpi_layer_forward(mha_ctx *ctx, mha_mpi_layer *L, mha_tensor *att
     st = mha__mpi_agree(L->comm, st);
     if (st == MHA_OK) st = mha__mpi_sum(L->comm, y, n_out);
     if (st == MHA_OK && attn_weights) st = share_weights(L, w_mine.data, attn_weights);
-    if (st == MHA_OK) store(attn_output, y, false); /* written only once all went well */
+    if (st == MHA_OK) mha__mpi_copy_piece(attn_output, y, false); /* written only once all went well */
     mha__free(y);
     return st;
 }
@@ -500,9 +496,12 @@ mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *L, const mha_laye
     for (int i = 1; i < 3; i++)
         for (int j = 0; j < i; j++)
             if (alias[i] == i && same_tensor(user[i], user[j])) alias[i] = j;
-    if (!ctx || !args || !grad_attn_output) {
-        st = mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_backward: NULL argument");
-    } else {
+    const mha_tensor *inputs[3] = {args ? &args->query : NULL, args ? &args->key : NULL, args ? &args->value : NULL};
+    const char *const grad_names[3] = {"grad_query", "grad_key", "grad_value"};
+    if (!ctx || !args || !grad_attn_output) st = mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_backward: NULL argument");
+    for (int i = 0; i < 3 && st == MHA_OK; i++) /* each like its input, before it is added to */
+        if (user[i]) st = mha__check_tensor(user[i], grad_names[i], inputs[i]->shape);
+    if (st == MHA_OK) {
         n = describe_forward(args, grad_attn_output, NULL, fields);
         for (int i = 0; i < 3; i++) {
             const char *const names[3][2] = {{"grad_query given", "grad_query shared with"},
@@ -517,7 +516,7 @@ mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *L, const mha_laye
     /* This rank's share of each distinct input gradient, from zero. */
     int64_t at[3] = {0, 0, 0}, total = 0;
     for (int i = 0; i < 3; i++)
-        if (user[i] && alias[i] == i) at[i] = total, total += numel_of(user[i]);
+        if (user[i] && alias[i] == i) at[i] = total, total += mha__mpi_numel(user[i]);
     float *g = mha__calloc(total > 0 ? total : 1, sizeof(float));
     st = g ? MHA_OK : MHA_ERR_NOMEM;
     mha_tensor mine[3];
@@ -533,7 +532,7 @@ mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *L, const mha_laye
     st = mha__mpi_agree(L->comm, st);
     if (st == MHA_OK) st = mha__mpi_sum(L->comm, g, total);
     for (int i = 0; i < 3 && st == MHA_OK; i++)
-        if (user[i] && alias[i] == i) store(user[i], g + at[i], true);
+        if (user[i] && alias[i] == i) mha__mpi_add_piece(user[i], g + at[i]);
     mha__free(g);
     return st;
 }

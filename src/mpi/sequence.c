@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "core/tensor.h"
 
 /* A view of heads [h0, h0 + hn) and rows [r0, r0 + rn) of t. */
 mha_tensor mha__mpi_piece(const mha_tensor *t, int64_t h0, int64_t hn, int64_t r0, int64_t rn)
@@ -96,15 +97,15 @@ mha_status mha__mpi_seq_check(const mha_tensor *q, const mha_tensor *k, const mh
 {
     if (!q || !k || !v || !out || !d || !q->data || !k->data || !v->data || !out->data)
         return mha__fail(MHA_ERR_MISUSE, "NULL tensor or descriptor");
-    if (k->shape[0] != q->shape[0] || v->shape[0] != q->shape[0] || v->shape[1] != k->shape[1] ||
-        v->shape[2] != k->shape[2] || k->shape[3] != q->shape[3])
-        return mha__fail(MHA_ERR_INVALID_ARG, "q, k and v do not fit together: batch, kv heads, keys or width");
-    const int64_t want[4] = {q->shape[0], q->shape[1], q->shape[2], v->shape[3]};
-    for (int i = 0; i < 4; i++)
-        if (out->shape[i] != want[i])
-            return mha__fail(MHA_ERR_INVALID_ARG, "out.shape[%d] is %lld, expected %lld", i, (long long)out->shape[i],
-                             (long long)want[i]);
-    return MHA_OK;
+    /* The shapes that fit together, and strides that stay in bounds:
+     * this rank's blocks are copied through them before any libmha call. */
+    const int64_t any[4] = {-1, -1, -1, -1}, k_shape[4] = {q->shape[0], -1, -1, q->shape[3]};
+    mha_status st = mha__check_tensor(q, "query", any);
+    if (st == MHA_OK) st = mha__check_tensor(k, "key", k_shape);
+    const int64_t v_shape[4] = {q->shape[0], k->shape[1], k->shape[2], -1};
+    if (st == MHA_OK) st = mha__check_tensor(v, "value", v_shape);
+    const int64_t out_shape[4] = {q->shape[0], q->shape[1], q->shape[2], v->shape[3]};
+    return st == MHA_OK ? mha__check_tensor(out, "output", out_shape) : st;
 }
 
 /* The backward's own arguments beside the forward's. */
@@ -115,11 +116,8 @@ mha_status mha__mpi_seq_check_backward(const mha_tensor *dq, const mha_tensor *d
     if (!dq || !dk || !dv || !lse || !grad_out || !dq->data || !dk->data || !dv->data || !grad_out->data)
         return mha__fail(MHA_ERR_MISUSE, "NULL gradient, lse or grad_out");
     const mha_tensor *got[4] = {dq, dk, dv, grad_out}, *like[4] = {q, k, v, out};
-    const char *names[4] = {"dq", "dk", "dv", "grad_out"};
-    for (int t = 0; t < 4; t++)
-        for (int i = 0; i < 4; i++)
-            if (got[t]->shape[i] != like[t]->shape[i])
-                return mha__fail(MHA_ERR_INVALID_ARG, "%s.shape[%d] is %lld, expected %lld", names[t], i,
-                                 (long long)got[t]->shape[i], (long long)like[t]->shape[i]);
-    return MHA_OK;
+    const char *names[4] = {"query.grad", "key.grad", "value.grad", "grad_output"};
+    mha_status st = MHA_OK;
+    for (int t = 0; t < 4 && st == MHA_OK; t++) st = mha__check_tensor(got[t], names[t], like[t]->shape);
+    return st;
 }

@@ -1,7 +1,9 @@
 /*
- * sequence.h -- what the sequence-parallel modes (ulysses.c, ring.c)
- * share: the checks of a call's arguments, the fields ranks compare, and
- * pieces of 4-D tensors copied to and from contiguous blocks.
+ * sequence.h -- what the modes share: pieces of 4-D tensors (a rank-3
+ * view is one with shape[3] = 1) copied to, from and added to contiguous
+ * blocks, and partial softmaxes merged (every mode); the checks of a
+ * sequence-parallel call's arguments and the fields ranks compare
+ * (ulysses.c, ring.c).
  */
 #ifndef MHA_MPI_SEQUENCE_H
 #define MHA_MPI_SEQUENCE_H
