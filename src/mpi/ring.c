@@ -41,7 +41,6 @@ typedef struct ring {
     int rank, size;
     int64_t B, H, G, D, Dv, L, S;
     segment *q, *kv;       /* [2 size]: every rank's two segments (the second may be empty) */
-    int64_t *kv_rows;      /* [size]: every rank's keys */
     int64_t kv_most;       /* the most keys any rank holds */
     MPI_Request *inflight; /* the transfers under way (4), for progress() */
 } ring;
@@ -60,8 +59,27 @@ void mha_mpi_layout_rows(mha_mpi_layout layout, int64_t n, int size, int rank, i
 
 static void ring_free(ring *g) { mha__free(g->q); }
 
-/* Every rank's segments from the rows each holds: BLOCKS in rank order,
- * ZIGZAG by mha_mpi_layout_rows (each rank's rows must be its chunks'). */
+/* Rank r's keys: its two key segments. */
+static int64_t keys_of(const ring *g, int r) { return g->kv[2 * r].rows + g->kv[2 * r + 1].rows; }
+
+/* Rank r's segments of an n-row sequence: under BLOCKS one run of the
+ * `held` rows from `at`; under ZIGZAG its two chunks, which must be what
+ * it holds. */
+static mha_status segments_of(mha_mpi_layout layout, int64_t n, int size, int r, int64_t at, int64_t held,
+                              const char *what, segment s[2])
+{
+    s[0] = (segment){at, held, 0}, s[1] = (segment){at + held, 0, held};
+    if (layout != MHA_MPI_ZIGZAG) return MHA_OK;
+    int64_t start[2], rows[2];
+    mha_mpi_layout_rows(layout, n, size, r, start, rows);
+    s[0] = (segment){start[0], rows[0], 0}, s[1] = (segment){start[1], rows[1], rows[0]};
+    if (held == rows[0] + rows[1]) return MHA_OK;
+    return mha__fail(MHA_ERR_INVALID_ARG, "zigzag: rank %d holds %lld %s, its chunks have %lld", r, (long long)held,
+                     what, (long long)(rows[0] + rows[1]));
+}
+
+/* Every rank's segments from the rows each holds (gathered), in rank
+ * order; the same on every rank. */
 static mha_status ring_init(ring *g, MPI_Comm comm, mha_mpi_layout layout, const mha_tensor *q, const mha_tensor *k,
                             const mha_tensor *v)
 {
@@ -71,40 +89,24 @@ static mha_status ring_init(ring *g, MPI_Comm comm, mha_mpi_layout layout, const
     MPI_Comm_size(comm, &g->size);
     int P = g->size;
     g->B = q->shape[0], g->H = q->shape[1], g->G = k->shape[1], g->D = q->shape[3], g->Dv = v->shape[3];
-    g->q = mha__alloc(5 * (int64_t)P, sizeof(segment));
-    mha_status st = g->q ? MHA_OK : MHA_ERR_NOMEM;
+    g->q = mha__alloc(4 * (int64_t)P, sizeof(segment));
+    int64_t *held = mha__alloc(2 * (int64_t)P, sizeof(int64_t)); /* [q rows, keys] per rank */
+    mha_status st = g->q && held ? MHA_OK : MHA_ERR_NOMEM;
     if (st == MHA_OK && layout != MHA_MPI_BLOCKS && layout != MHA_MPI_ZIGZAG)
         st = mha__fail(MHA_ERR_INVALID_ARG, "layout %d is not an mha_mpi_layout", (int)layout);
-    if ((st = mha__mpi_agree(comm, st)) != MHA_OK) return st;
-    g->kv = g->q + 2 * P;
-    g->kv_rows = (int64_t *)(g->kv + 2 * P);
-    int64_t mine[2] = {q->shape[2], k->shape[2]};
-    MPI_Allgather(mine, 2, MPI_INT64_T, g->kv_rows, 2, MPI_INT64_T, comm); /* [q rows, kv rows] per rank, for now */
-    for (int r = 0; r < P; r++) g->L += g->kv_rows[2 * r], g->S += g->kv_rows[2 * r + 1];
-    int64_t q_at = 0, kv_at = 0;
-    for (int r = 0; r < P; r++) {
-        int64_t qr = g->kv_rows[2 * r], kr = g->kv_rows[2 * r + 1], start[2], rows[2];
-        segment *qs = g->q + 2 * r, *ks = g->kv + 2 * r;
-        qs[0] = (segment){q_at, qr, 0}, qs[1] = (segment){q_at + qr, 0, qr};
-        ks[0] = (segment){kv_at, kr, 0}, ks[1] = (segment){kv_at + kr, 0, kr};
-        q_at += qr, kv_at += kr;
-        if (layout != MHA_MPI_ZIGZAG) continue;
-        mha_mpi_layout_rows(layout, g->L, P, r, start, rows);
-        qs[0] = (segment){start[0], rows[0], 0}, qs[1] = (segment){start[1], rows[1], rows[0]};
-        if (qr != rows[0] + rows[1] && st == MHA_OK)
-            st = mha__fail(MHA_ERR_INVALID_ARG, "zigzag: rank %d holds %lld query rows, its chunks have %lld", r,
-                           (long long)qr, (long long)(rows[0] + rows[1]));
-        mha_mpi_layout_rows(layout, g->S, P, r, start, rows);
-        ks[0] = (segment){start[0], rows[0], 0}, ks[1] = (segment){start[1], rows[1], rows[0]};
-        if (kr != rows[0] + rows[1] && st == MHA_OK)
-            st = mha__fail(MHA_ERR_INVALID_ARG, "zigzag: rank %d holds %lld keys, its chunks have %lld", r,
-                           (long long)kr, (long long)(rows[0] + rows[1]));
+    if ((st = mha__mpi_agree(comm, st)) == MHA_OK) {
+        g->kv = g->q + 2 * P;
+        int64_t mine[2] = {q->shape[2], k->shape[2]}, q_at = 0, kv_at = 0;
+        MPI_Allgather(mine, 2, MPI_INT64_T, held, 2, MPI_INT64_T, comm);
+        for (int r = 0; r < P; r++) g->L += held[2 * r], g->S += held[2 * r + 1];
+        for (int r = 0; r < P && st == MHA_OK; r++) {
+            st = segments_of(layout, g->L, P, r, q_at, held[2 * r], "query rows", g->q + 2 * r);
+            if (st == MHA_OK) st = segments_of(layout, g->S, P, r, kv_at, held[2 * r + 1], "keys", g->kv + 2 * r);
+            q_at += held[2 * r], kv_at += held[2 * r + 1];
+            g->kv_most = keys_of(g, r) > g->kv_most ? keys_of(g, r) : g->kv_most;
+        }
     }
-    for (int r = 0; r < P; r++) { /* now the keys alone */
-        int64_t kr = g->kv_rows[2 * r + 1];
-        g->kv_rows[r] = kr;
-        g->kv_most = kr > g->kv_most ? kr : g->kv_most;
-    }
+    mha__free(held);
     return st; /* the same on every rank: computed from gathered sizes */
 }
 
@@ -165,7 +167,7 @@ typedef struct kv_block {
 
 static kv_block block_at(const ring *g, float *buf, int owner, bool grads)
 {
-    int64_t rows = g->kv_rows[owner];
+    int64_t rows = keys_of(g, owner);
     kv_block b = {0};
     b.k = mha_tensor_4d(buf, g->B, g->G, rows, g->D);
     b.v = mha_tensor_4d(buf + mha__mpi_numel(&b.k), g->B, g->G, rows, g->Dv);
