@@ -745,6 +745,32 @@ mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *layer, mha_kv_cache *cache,
 mha_status mha_layer_decode_workspace_size(const mha_ctx *ctx, const mha_layer *layer, const mha_kv_cache *cache,
                                            const mha_tensor *out, const mha_tensor *x, int64_t *bytes);
 
+/* The decoding step in its stages, for callers that keep the keys and
+ * values elsewhere (a cache split over processes, mha_mpi.h).  Together
+ *   mha_layer_decode_qkv          q, k, v of the new rows, rotated
+ *   (append k, v to the cache; attend q over it with the step's desc)
+ *   mha_layer_decode_output       out from the heads
+ * compute what mha_layer_decode computes, bit for bit when the attention
+ * is mha_kv_cache_attention over one cache.  The same bits for any
+ * thread count.
+ *
+ * The step's attention: the layer's scale, softcap, window and ALiBi,
+ * causal bottom-right, enable_gqa when h != g; dtype F32.  Errors:
+ * MISUSE, INVALID_ARG (a layer mha_layer_decode refuses). */
+mha_status mha_layer_decode_desc(const mha_layer *layer, mha_attn_desc *desc);
+
+/* q [batch, h, n, head_dim], k and v [batch, g, n, head_dim] (any
+ * strides) of the n rows x [batch, n, E], at positions position ..
+ * position + n - 1 (the rotary embedding's).  Errors: MISUSE (NULL, a
+ * weight never set), INVALID_ARG (shapes, position), NOMEM. */
+mha_status mha_layer_decode_qkv(mha_ctx *ctx, const mha_layer *layer, int64_t position, const mha_tensor *x,
+                                mha_tensor *q, mha_tensor *k, mha_tensor *v);
+
+/* out [batch, n, E] (columns contiguous) = the heads [batch, h, n,
+ * head_dim] (any strides), concatenated, times W_o^T, plus its bias.
+ * Errors: as mha_layer_decode_qkv's. */
+mha_status mha_layer_decode_output(mha_ctx *ctx, const mha_layer *layer, mha_tensor *out, const mha_tensor *heads);
+
 /* ------------------------------------------------------------------ */
 /* Sizing questions (mha info)                                         */
 /* ------------------------------------------------------------------ */

@@ -70,6 +70,45 @@ static void decode_all(mha_ctx *ctx, mha_layer *layer, const block *b, mha_dtype
     mha_kv_cache_free(cache);
 }
 
+/* One step as its stages (mha_layer_decode_qkv, append, attention over
+ * the cache with mha_layer_decode_desc, mha_layer_decode_output) into y
+ * [N, n, E]; q, k, v and the heads through strided views ([N, n, heads,
+ * d] memory) to exercise the stages' strides. */
+static void step_in_stages(mha_ctx *ctx, mha_layer *layer, const block *b, mha_kv_cache *cache, mha_tensor *y,
+                           const mha_tensor *x)
+{
+    int64_t N = b->N, n = x->shape[1], d = b->hd;
+    float *mem = malloc((size_t)(N * n * (2 * b->H + 2 * b->G) * d) * sizeof(float));
+    float *qm = mem, *km = qm + N * n * b->H * d, *vm = km + N * n * b->G * d, *hm = vm + N * n * b->G * d;
+    mha_tensor q = {qm, {N, b->H, n, d}, {n * b->H * d, d, b->H * d, 1}};
+    mha_tensor k = {km, {N, b->G, n, d}, {n * b->G * d, d, b->G * d, 1}}, v = k, heads = q;
+    v.data = vm, heads.data = hm;
+    mha_attn_desc desc;
+    CHECK_OK(mha_layer_decode_desc(layer, &desc));
+    CHECK_OK(mha_layer_decode_qkv(ctx, layer, mha_kv_cache_length(cache), x, &q, &k, &v));
+    CHECK_OK(mha_kv_cache_append(cache, &k, &v));
+    CHECK_OK(mha_kv_cache_attention(ctx, cache, &heads, &q, &desc));
+    CHECK_OK(mha_layer_decode_output(ctx, layer, y, &heads));
+    free(mem);
+}
+
+/* decode_all, a step at a time through step_in_stages. */
+static void decode_in_stages(mha_ctx *ctx, mha_layer *layer, const block *b, mha_dtype dtype, const float *x,
+                             float *out)
+{
+    mha_kv_cache *cache = NULL;
+    CHECK_OK(mha_kv_cache_create(layer, b->N, b->T, dtype, &cache));
+    for (int64_t t = 0, E = b->E; cache && t < b->T;) {
+        int64_t n = t == 0 ? b->prompt : t == b->prompt ? 3 : 1;
+        n = n > b->T - t ? b->T - t : n;
+        mha_tensor xt = {(float *)x + t * E, {b->N, n, E, 1}, {b->T * E, E, 1, 0}};
+        mha_tensor yt = {out + t * E, {b->N, n, E, 1}, {b->T * E, E, 1, 0}};
+        step_in_stages(ctx, layer, b, cache, &yt, &xt);
+        t += n;
+    }
+    mha_kv_cache_free(cache);
+}
+
 static void run_block(const block *b, mha_ctx *ctx1, mha_ctx *ctx3, const char *label)
 {
     int64_t E = b->E, H = b->H, G = b->G, d = b->hd, qd = H * d, kvd = G * d, N = b->N, T = b->T;
@@ -106,6 +145,12 @@ static void run_block(const block *b, mha_ctx *ctx1, mha_ctx *ctx3, const char *
     CHECK(memcmp(out1, out3, (size_t)(N * T * E) * sizeof(float)) == 0, "%s: 1 and 3 threads differ", label);
     decode_all(ctx1, layer, b, MHA_DTYPE_BF16, x, out16);
     decode_all(ctx1, layer, b, MHA_DTYPE_I8, x, out8);
+    float *staged = calloc((size_t)(N * T * E), sizeof(float));
+    decode_in_stages(ctx3, layer, b, MHA_DTYPE_F32, x, staged);
+    CHECK(memcmp(out1, staged, (size_t)(N * T * E) * sizeof(float)) == 0, "%s: the step in stages differs", label);
+    decode_in_stages(ctx1, layer, b, MHA_DTYPE_I8, x, staged);
+    CHECK(memcmp(out8, staged, (size_t)(N * T * E) * sizeof(float)) == 0, "%s: int8 step in stages differs", label);
+    free(staged);
 
     mha_ref_layer r = {.N = N,
                        .L = T,
@@ -396,6 +441,45 @@ static void test_read_and_attention_errors(mha_ctx *ctx, mha_layer *layer)
     mha_kv_cache_free(c);
 }
 
+/* The step's stages on bad input (layer of E 16, 4 heads, 2 kv heads). */
+static void test_stage_errors(mha_ctx *ctx, mha_layer *layer)
+{
+    float x[2 * 16] = {0}, q[4 * 2 * 4], k[2 * 2 * 4], v[2 * 2 * 4], y[2 * 16];
+    mha_tensor xt = mha_tensor_3d(x, 1, 2, 16), qt = mha_tensor_4d(q, 1, 4, 2, 4), kt = mha_tensor_4d(k, 1, 2, 2, 4);
+    mha_tensor vt = mha_tensor_4d(v, 1, 2, 2, 4), yt = mha_tensor_3d(y, 1, 2, 16);
+    CHECK_FAILS(mha_layer_decode_qkv(ctx, layer, -1, &xt, &qt, &kt, &vt), MHA_ERR_INVALID_ARG, "position -1");
+    CHECK_FAILS(mha_layer_decode_qkv(ctx, layer, 0, &xt, &kt, &kt, &vt), MHA_ERR_INVALID_ARG, "q has 2 in its second");
+    CHECK_FAILS(mha_layer_decode_qkv(ctx, layer, 0, &xt, &qt, &qt, &vt), MHA_ERR_INVALID_ARG, "k has 4 in its second");
+    CHECK_FAILS(mha_layer_decode_qkv(NULL, layer, 0, &xt, &qt, &kt, &vt), MHA_ERR_MISUSE, "NULL context");
+    CHECK_FAILS(mha_layer_decode_qkv(ctx, layer, 0, &xt, &qt, &kt, NULL), MHA_ERR_MISUSE, "NULL argument");
+    mha_tensor x15 = mha_tensor_3d(x, 1, 2, 15);
+    CHECK_FAILS(mha_layer_decode_qkv(ctx, layer, 0, &x15, &qt, &kt, &vt), MHA_ERR_INVALID_ARG, "x has 15 in its");
+    CHECK_FAILS(mha_layer_decode_output(ctx, layer, &yt, &kt), MHA_ERR_INVALID_ARG, "heads has 2 in its second");
+    mha_tensor y1 = mha_tensor_3d(y, 1, 1, 16);
+    CHECK_FAILS(mha_layer_decode_output(ctx, layer, &y1, &qt), MHA_ERR_INVALID_ARG, "out has 1 in its second");
+    mha_tensor y_strided = {y, {1, 2, 8, 1}, {32, 16, 2, 0}};
+    mha_tensor q8 = mha_tensor_4d(q, 1, 4, 2, 2);
+    CHECK_FAILS(mha_layer_decode_output(ctx, layer, &y_strided, &q8), MHA_ERR_INVALID_ARG, "heads has 2 in its fourth");
+    CHECK_OK(mha_layer_decode_qkv(ctx, layer, 3, &xt, &qt, &kt, &vt));
+    CHECK_OK(mha_layer_decode_output(ctx, layer, &yt, &qt));
+    mha_attn_desc desc;
+    CHECK_FAILS(mha_layer_decode_desc(layer, NULL), MHA_ERR_MISUSE, "NULL argument");
+    CHECK_OK(mha_layer_decode_desc(layer, &desc));
+    CHECK(desc.causal == MHA_CAUSAL_BOTTOM_RIGHT && desc.enable_gqa && isnan(desc.scale), "the step's descriptor");
+    mha_layer_desc ld;
+    mha_layer_desc_init(&ld);
+    ld.embed_dim = 16, ld.num_heads = 4, ld.add_bias_kv = 1;
+    mha_layer *kv_bias = NULL, *unset = NULL;
+    CHECK_OK(mha_layer_create(&ld, &kv_bias));
+    CHECK_FAILS(mha_layer_decode_desc(kv_bias, &desc), MHA_ERR_INVALID_ARG, "no place for add_bias_kv");
+    ld.add_bias_kv = 0, ld.num_kv_heads = 2;
+    CHECK_OK(mha_layer_create(&ld, &unset));
+    CHECK_FAILS(mha_layer_decode_qkv(ctx, unset, 0, &xt, &qt, &kt, &vt), MHA_ERR_MISUSE, "never set");
+    CHECK_FAILS(mha_layer_decode_output(ctx, unset, &yt, &qt), MHA_ERR_MISUSE, "never set");
+    mha_layer_free(kv_bias);
+    mha_layer_free(unset);
+}
+
 static void test_cache_api(mha_ctx *ctx)
 {
     mha_layer_desc ld;
@@ -443,6 +527,7 @@ static void test_cache_api(mha_ctx *ctx)
     mha_kv_cache_free(c);
     mha_kv_cache_free(NULL);
     test_read_and_attention_errors(ctx, layer);
+    test_stage_errors(ctx, layer);
     mha_layer_free(layer);
 }
 

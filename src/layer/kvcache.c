@@ -235,17 +235,27 @@ mha_status mha_kv_cache_read(const mha_kv_cache *c, int64_t start, mha_tensor *k
 /* The decoding step                                                 */
 /* ---------------------------------------------------------------- */
 
-static mha_status check_decode(const mha_layer *l, const mha_kv_cache *c, const mha_tensor *out, const mha_tensor *x)
+/* A layer a decoding step can run: self-attention with nothing beside
+ * the tokens' own keys. */
+static mha_status check_step_layer(const mha_layer *l, const char *fn)
 {
-    mha_status st = mha__layer_check(l, "mha_layer_decode");
-    if (st == MHA_OK) st = check_cache(c, "mha_layer_decode");
+    mha_status st = mha__layer_check(l, fn);
     if (st != MHA_OK) return st;
-    if (!out || !x) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode: NULL argument");
     const mha_layer_desc *d = &l->desc;
     if (d->add_bias_kv || d->add_zero_attn)
         return mha__fail(MHA_ERR_INVALID_ARG, "decoding has no place for add_bias_kv/add_zero_attn rows in the cache");
     if (d->kdim != d->embed_dim || d->vdim != d->embed_dim)
         return mha__fail(MHA_ERR_INVALID_ARG, "decoding is self-attention: kdim and vdim must equal embed_dim");
+    return MHA_OK;
+}
+
+static mha_status check_decode(const mha_layer *l, const mha_kv_cache *c, const mha_tensor *out, const mha_tensor *x)
+{
+    mha_status st = check_step_layer(l, "mha_layer_decode");
+    if (st == MHA_OK) st = check_cache(c, "mha_layer_decode");
+    if (st != MHA_OK) return st;
+    if (!out || !x) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode: NULL argument");
+    const mha_layer_desc *d = &l->desc;
     if (c->kv_heads != d->num_kv_heads || c->head_dim != l->head_dim)
         return mha__fail(MHA_ERR_INVALID_ARG, "the cache holds %lld kv heads of %lld, the layer has %lld of %lld",
                          (long long)c->kv_heads, (long long)c->head_dim, (long long)d->num_kv_heads,
@@ -269,39 +279,43 @@ typedef struct decode_plan {
     int64_t workspace; /* bytes */
 } decode_plan;
 
-/* Attention of the n new rows over all length + n cached rows,
- * bottom-right causal. */
-static mha__attn_plan step_problem(const mha_layer *l, const mha_kv_cache *c, int64_t n)
+/* The attention a step runs (every decoding path's one statement of it):
+ * the layer's scale, softcap, window and ALiBi, bottom-right causal. */
+static void step_desc(const mha_layer *l, mha_attn_desc *desc)
 {
-    const mha_layer_desc *d = &l->desc;
-    int64_t S = c->length + n;
-    return (mha__attn_plan){.B = c->batch,
-                            .Hq = d->num_heads,
-                            .Hkv = d->num_kv_heads,
-                            .L = n,
-                            .S = S,
-                            .D = l->head_dim,
-                            .Dv = l->head_dim,
-                            .R = S,
-                            .scale = (float)(1.0 / sqrt((double)l->head_dim)),
-                            .softcap = d->softcap,
-                            .causal = MHA_CAUSAL_BOTTOM_RIGHT,
-                            .window_left = d->window_left,
-                            .window_right = d->window_right,
-                            .alibi = l->alibi};
+    mha_attn_desc_init(desc);
+    desc->causal = MHA_CAUSAL_BOTTOM_RIGHT;
+    desc->window_left = l->desc.window_left;
+    desc->window_right = l->desc.window_right;
+    desc->softcap = l->desc.softcap;
+    desc->alibi_slopes = l->alibi;
+    desc->enable_gqa = l->desc.num_kv_heads != l->desc.num_heads;
+}
+
+/* The workspace of the step's projections and rotation of n new rows,
+ * beside `own` bytes of its own buffers. */
+static bool stage_workspace(const mha_layer *l, int64_t N, int64_t n, int64_t own, int64_t *bytes)
+{
+    int64_t gemm = 0, rope = 0;
+    return mha__layer_rotate_workspace(l, n, n, &rope) && mha__layer_project_workspace(l, N, n, n, &gemm) &&
+           mha__add(own, mha__max64(rope, gemm), bytes);
 }
 
 static mha_status plan_decode(const mha_ctx *ctx, const mha_layer *l, const mha_kv_cache *c, int64_t n, decode_plan *p)
 {
-    int64_t N = c->batch, gemm = 0, rope = 0, own = 0;
-    p->attn = step_problem(l, c, n);
+    int64_t N = c->batch, hd = l->head_dim, own = 0, stages = 0;
+    mha_attn_desc desc;
+    step_desc(l, &desc); /* attention of the n new rows over all length + n rows */
+    mha__attn_dims dims = {N, l->desc.num_heads, l->desc.num_kv_heads, n, c->length + n, hd, hd};
+    mha_status st = mha__attn_problem(&desc, dims, &p->attn);
+    if (st == MHA_OK)
+        st = mha__attn_plan_resolve(&p->attn, ctx, (mha__attn_needs){.kv_rows = true, .kv_dtype = c->dtype});
+    if (st != MHA_OK) return st;
     p->nq = N * n * l->qdim; /* bounded by x and the cache, both allocated */
     p->nk = N * n * l->kvdim;
-    mha_status st = mha__attn_plan_resolve(&p->attn, ctx, (mha__attn_needs){.kv_rows = true, .kv_dtype = c->dtype});
-    if (st != MHA_OK) return st;
-    bool ok = mha__layer_rotate_workspace(l, n, n, &rope) && mha__layer_project_workspace(l, N, n, n, &gemm) &&
-              mha__ws_add(&own, (2 * p->nq + 2 * p->nk) * (int64_t)sizeof(float), "the decoding step's rows");
-    if (!ok || !mha__add(own, mha__max64(p->attn.workspace, mha__max64(rope, gemm)), &p->workspace))
+    bool ok = mha__ws_add(&own, (2 * p->nq + 2 * p->nk) * (int64_t)sizeof(float), "the decoding step's rows") &&
+              stage_workspace(l, N, n, 0, &stages);
+    if (!ok || !mha__add(own, mha__max64(p->attn.workspace, stages), &p->workspace))
         return mha__fail(MHA_ERR_INVALID_ARG, "the decoding step's workspace overflows");
     return MHA_OK;
 }
@@ -334,6 +348,20 @@ static mha__kv cache_kv(const mha_kv_cache *c, int64_t S)
     return kv;
 }
 
+/* The step's first stages: Q, K, V of the new rows x [N, n, E] into the
+ * layer's activation buffers, Q and K rotated at positions position ... */
+static mha_status project_new_rows(mha_ctx *ctx, const mha_layer *l, const mha_tensor *x, int64_t position, float *q,
+                                   float *k, float *v)
+{
+    int64_t N = x->shape[0], n = x->shape[1];
+    mha__layer_rows rows = {N, n, n, n};
+    mha__batched xb = mha__layer_from_view(x);
+    mha_status st = mha__layer_project_qkv(ctx, l, &rows, &xb, &xb, &xb, q, k, v);
+    mha_tensor qh = mha__layer_heads_view(l, q, N, n, l->desc.num_heads);
+    mha_tensor kh = mha__layer_heads_view(l, k, N, n, l->desc.num_kv_heads);
+    return st == MHA_OK ? mha__layer_rotate(ctx, l, &qh, &kh, position, false) : st;
+}
+
 static mha_status run_decode(mha_ctx *ctx, const mha_layer *l, const decode_plan *p, mha_kv_cache *c, mha_tensor *out,
                              const mha_tensor *x)
 {
@@ -341,12 +369,9 @@ static mha_status run_decode(mha_ctx *ctx, const mha_layer *l, const decode_plan
     float *q = mha__ws_take(ctx, (2 * p->nq + 2 * p->nk) * (int64_t)sizeof(float));
     if (!q) return MHA_ERR_INTERNAL;
     float *k = q + p->nq, *v = k + p->nk, *heads = v + p->nk;
-    mha__layer_rows rows = {N, n, n, n};
-    mha__batched xb = mha__layer_from_view(x);
-    mha_status st = mha__layer_project_qkv(ctx, l, &rows, &xb, &xb, &xb, q, k, v);
     mha_tensor qh = mha__layer_heads_view(l, q, N, n, H), kh = mha__layer_heads_view(l, k, N, n, G);
     mha_tensor vh = mha__layer_heads_view(l, v, N, n, G), oh = mha__layer_heads_view(l, heads, N, n, H);
-    if (st == MHA_OK) st = mha__layer_rotate(ctx, l, &qh, &kh, c->length, false);
+    mha_status st = project_new_rows(ctx, l, x, c->length, q, k, v);
     if (st == MHA_OK) st = mha_kv_cache_append(c, &kh, &vh); /* K after rotation, as the cache keeps it */
     mha__kv kv = cache_kv(c, c->length);
     if (st == MHA_OK) st = mha__attn_run(ctx, &p->attn, &oh, NULL, NULL, &qh, &kv);
@@ -367,6 +392,105 @@ mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_ten
     st = run_decode(ctx, l, &p, c, out, x);
     mha__ws_release(ctx, top);
     if (st != MHA_OK) c->length = before; /* the cache is unchanged on error */
+    return st;
+}
+
+/* ---------------------------------------------------------------- */
+/* The step's stages, for callers that keep the keys elsewhere         */
+/* ---------------------------------------------------------------- */
+
+mha_status mha_layer_decode_desc(const mha_layer *l, mha_attn_desc *desc)
+{
+    mha_status st = check_step_layer(l, "mha_layer_decode_desc");
+    if (st == MHA_OK && !desc) st = mha__fail(MHA_ERR_MISUSE, "mha_layer_decode_desc: NULL argument");
+    if (st == MHA_OK) step_desc(l, desc);
+    return st;
+}
+
+/* dst = src, two [A, B, C, D] views of any strides. */
+static void copy_4d(const mha_tensor *src, mha_tensor *dst)
+{
+    for (int64_t a = 0; a < src->shape[0]; a++)
+        for (int64_t b = 0; b < src->shape[1]; b++)
+            for (int64_t c = 0; c < src->shape[2]; c++)
+                for (int64_t d = 0; d < src->shape[3]; d++)
+                    dst->data[a * dst->stride[0] + b * dst->stride[1] + c * dst->stride[2] + d * dst->stride[3]] =
+                        src->data[a * src->stride[0] + b * src->stride[1] + c * src->stride[2] + d * src->stride[3]];
+}
+
+/* x [N, n, E] and the three outputs' shapes, for mha_layer_decode_qkv. */
+static mha_status check_qkv(const mha_layer *l, const mha_tensor *x, const mha_tensor *q, const mha_tensor *k,
+                            const mha_tensor *v, int64_t position)
+{
+    mha_status st = check_step_layer(l, "mha_layer_decode_qkv");
+    if (st == MHA_OK) st = mha__layer_check_weights(l, "mha_layer_decode_qkv");
+    if (st != MHA_OK) return st;
+    if (!x || !q || !k || !v) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode_qkv: NULL argument");
+    const int64_t x_shape[4] = {-1, -1, l->desc.embed_dim, 1};
+    if ((st = mha__check_tensor(x, "x", x_shape)) != MHA_OK) return st;
+    if (x->shape[0] < 1 || x->shape[1] < 1) return mha__fail(MHA_ERR_INVALID_ARG, "x has no rows");
+    if (position < 0) return mha__fail(MHA_ERR_INVALID_ARG, "position %lld is negative", (long long)position);
+    int64_t N = x->shape[0], n = x->shape[1], d = l->head_dim;
+    const int64_t q_shape[4] = {N, l->desc.num_heads, n, d}, kv_shape[4] = {N, l->desc.num_kv_heads, n, d};
+    if ((st = mha__check_tensor(q, "q", q_shape)) != MHA_OK || (st = mha__check_tensor(k, "k", kv_shape)) != MHA_OK)
+        return st;
+    return mha__check_tensor(v, "v", kv_shape);
+}
+
+mha_status mha_layer_decode_qkv(mha_ctx *ctx, const mha_layer *l, int64_t position, const mha_tensor *x, mha_tensor *q,
+                                mha_tensor *k, mha_tensor *v)
+{
+    if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode_qkv: NULL context");
+    mha_status st = check_qkv(l, x, q, k, v, position);
+    if (st != MHA_OK) return st;
+    int64_t N = x->shape[0], n = x->shape[1], nq = N * n * l->qdim, nk = N * n * l->kvdim, bytes = 0, own = 0;
+    if (!mha__ws_add(&own, (nq + 2 * nk) * (int64_t)sizeof(float), "the new rows") ||
+        !stage_workspace(l, N, n, own, &bytes))
+        return mha__fail(MHA_ERR_INVALID_ARG, "the decoding step's workspace overflows");
+    if ((st = mha__ws_reserve(ctx, bytes)) != MHA_OK) return st;
+    int64_t top = mha__ws_top(ctx);
+    float *qb = mha__ws_take(ctx, own), *kb = qb + nq, *vb = kb + nk;
+    st = project_new_rows(ctx, l, x, position, qb, kb, vb);
+    if (st == MHA_OK) { /* only now through the caller's strides */
+        mha_tensor qh = mha__layer_heads_view(l, qb, N, n, l->desc.num_heads);
+        mha_tensor kh = mha__layer_heads_view(l, kb, N, n, l->desc.num_kv_heads);
+        mha_tensor vh = mha__layer_heads_view(l, vb, N, n, l->desc.num_kv_heads);
+        copy_4d(&qh, q), copy_4d(&kh, k), copy_4d(&vh, v);
+    }
+    mha__ws_release(ctx, top);
+    return st;
+}
+
+static mha_status check_output(const mha_layer *l, const mha_tensor *out, const mha_tensor *heads)
+{
+    mha_status st = check_step_layer(l, "mha_layer_decode_output");
+    if (st == MHA_OK) st = mha__layer_check_weights(l, "mha_layer_decode_output");
+    if (st != MHA_OK) return st;
+    if (!out || !heads) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode_output: NULL argument");
+    const int64_t h_shape[4] = {-1, l->desc.num_heads, -1, l->head_dim};
+    if ((st = mha__check_tensor(heads, "heads", h_shape)) != MHA_OK) return st;
+    if (heads->shape[0] < 1 || heads->shape[2] < 1) return mha__fail(MHA_ERR_INVALID_ARG, "heads has no rows");
+    const int64_t o_shape[4] = {heads->shape[0], heads->shape[2], l->desc.embed_dim, 1};
+    if ((st = mha__check_tensor(out, "out", o_shape)) != MHA_OK) return st;
+    if (out->stride[2] != 1) return mha__fail(MHA_ERR_INVALID_ARG, "out's columns must be contiguous (stride 1)");
+    return MHA_OK;
+}
+
+mha_status mha_layer_decode_output(mha_ctx *ctx, const mha_layer *l, mha_tensor *out, const mha_tensor *heads)
+{
+    if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode_output: NULL context");
+    mha_status st = check_output(l, out, heads);
+    if (st != MHA_OK) return st;
+    int64_t N = heads->shape[0], n = heads->shape[2], nq = N * n * l->qdim, bytes = 0, own = 0;
+    if (!mha__ws_add(&own, nq * (int64_t)sizeof(float), "the heads") || !stage_workspace(l, N, n, own, &bytes))
+        return mha__fail(MHA_ERR_INVALID_ARG, "the decoding step's workspace overflows");
+    if ((st = mha__ws_reserve(ctx, bytes)) != MHA_OK) return st;
+    int64_t top = mha__ws_top(ctx);
+    float *hb = mha__ws_take(ctx, own);
+    mha_tensor mine = mha__layer_heads_view(l, hb, N, n, l->desc.num_heads);
+    copy_4d(heads, &mine); /* into the layout the output projection reads */
+    st = mha__layer_project_output(ctx, l, N, n, hb, out, NULL);
+    mha__ws_release(ctx, top);
     return st;
 }
 
