@@ -108,6 +108,16 @@ mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *layer, const mha_
                                   const mha_tensor *grad_attn_output, mha_tensor *grad_query, mha_tensor *grad_key,
                                   mha_tensor *grad_value);
 
+/* mha_layer_decode over the ranks (tensor-parallel decoding): `cache` is
+ * this rank's, made by mha_kv_cache_create(mha_mpi_layer_local(layer),
+ * ...), so it holds the keys and values of the rank's kv heads only
+ * (1/P of the whole cache).  Every rank passes the same x [batch, n, E]
+ * and gets the whole out; one ordered sum forms it.  The caches stay in
+ * step: on an error on any rank, every rank's cache is as the call found
+ * it.  Errors: as mha_layer_decode's, NOMEM. */
+mha_status mha_mpi_layer_decode(mha_ctx *ctx, mha_mpi_layer *layer, mha_kv_cache *cache, mha_tensor *out,
+                                const mha_tensor *x);
+
 /* ------------------------------------------------------------------ */
 /* Sequence-parallel attention                                         */
 /* ------------------------------------------------------------------ */
@@ -199,6 +209,23 @@ mha_status mha_mpi_attention_ring_backward(mha_ctx *ctx, MPI_Comm comm, mha_mpi_
  * lengths.  Errors: as mha_kv_cache_attention's, NOMEM. */
 mha_status mha_mpi_kv_cache_attention(mha_ctx *ctx, MPI_Comm comm, const mha_kv_cache *shard, mha_tensor *out,
                                       float *lse, const mha_tensor *q, const mha_attn_desc *desc);
+
+/* mha_layer_decode over a cache split by sequence: every rank holds the
+ * whole layer (the same weights: they are small beside a long cache) and
+ * its shard, made by mha_kv_cache_create(layer, batch, its capacity,
+ * ...), and passes the same x [batch, n, E].  Each rank projects the new
+ * rows (mha_layer_decode_qkv, at the position the shards' lengths add up
+ * to); their keys and values go after the last rank that holds any
+ * tokens, filling its shard, then the next ranks' (so a rank's block
+ * follows the previous rank's); the new rows attend over every shard
+ * (mha_mpi_kv_cache_attention, with the layer's mha_layer_decode_desc)
+ * and every rank gets the whole out [batch, n, E].  Within the tolerance
+ * rule of mha_layer_decode over one cache; the same bits for a given
+ * rank count and shard capacities.  On an error every shard is as the
+ * call found it.  Errors: as mha_layer_decode's (INVALID_ARG: the new
+ * tokens do not fit in the shards' room), NOMEM. */
+mha_status mha_mpi_kv_cache_decode(mha_ctx *ctx, MPI_Comm comm, const mha_layer *layer, mha_kv_cache *shard,
+                                   mha_tensor *out, const mha_tensor *x);
 
 #ifdef __cplusplus
 }

@@ -444,13 +444,13 @@ mha_status mha_layer_decode_qkv(mha_ctx *ctx, const mha_layer *l, int64_t positi
     mha_status st = check_qkv(l, x, q, k, v, position);
     if (st != MHA_OK) return st;
     int64_t N = x->shape[0], n = x->shape[1], nq = N * n * l->qdim, nk = N * n * l->kvdim, bytes = 0, own = 0;
-    if (!mha__ws_add(&own, (nq + 2 * nk) * (int64_t)sizeof(float), "the new rows") ||
-        !stage_workspace(l, N, n, own, &bytes))
+    int64_t rows = (nq + 2 * nk) * (int64_t)sizeof(float);
+    if (!mha__ws_add(&own, rows, "the new rows") || !stage_workspace(l, N, n, own, &bytes))
         return mha__fail(MHA_ERR_INVALID_ARG, "the decoding step's workspace overflows");
     if ((st = mha__ws_reserve(ctx, bytes)) != MHA_OK) return st;
     int64_t top = mha__ws_top(ctx);
-    float *qb = mha__ws_take(ctx, own), *kb = qb + nq, *vb = kb + nk;
-    st = project_new_rows(ctx, l, x, position, qb, kb, vb);
+    float *qb = mha__ws_take(ctx, rows), *kb = qb + nq, *vb = kb + nk;
+    st = qb ? project_new_rows(ctx, l, x, position, qb, kb, vb) : MHA_ERR_INTERNAL;
     if (st == MHA_OK) { /* only now through the caller's strides */
         mha_tensor qh = mha__layer_heads_view(l, qb, N, n, l->desc.num_heads);
         mha_tensor kh = mha__layer_heads_view(l, kb, N, n, l->desc.num_kv_heads);
@@ -486,10 +486,10 @@ mha_status mha_layer_decode_output(mha_ctx *ctx, const mha_layer *l, mha_tensor 
         return mha__fail(MHA_ERR_INVALID_ARG, "the decoding step's workspace overflows");
     if ((st = mha__ws_reserve(ctx, bytes)) != MHA_OK) return st;
     int64_t top = mha__ws_top(ctx);
-    float *hb = mha__ws_take(ctx, own);
+    float *hb = mha__ws_take(ctx, nq * (int64_t)sizeof(float));
     mha_tensor mine = mha__layer_heads_view(l, hb, N, n, l->desc.num_heads);
-    copy_4d(heads, &mine); /* into the layout the output projection reads */
-    st = mha__layer_project_output(ctx, l, N, n, hb, out, NULL);
+    if (hb) copy_4d(heads, &mine); /* into the layout the output projection reads */
+    st = hb ? mha__layer_project_output(ctx, l, N, n, hb, out, NULL) : MHA_ERR_INTERNAL;
     mha__ws_release(ctx, top);
     return st;
 }

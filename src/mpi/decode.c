@@ -119,3 +119,135 @@ mha_status mha_mpi_kv_cache_attention(mha_ctx *ctx, MPI_Comm comm, const mha_kv_
     mha__free(all);
     return st;
 }
+
+/* ------------------------------------------------------------------ */
+/* The layer's decoding step over the split cache                      */
+/* ------------------------------------------------------------------ */
+
+/* Where the n new tokens go: after the last rank that holds any, filling
+ * it, then the next ranks in order, so the blocks stay contiguous and in
+ * rank order.  *position = the tokens held so far; rank `rank` takes the
+ * new tokens [*first, *first + *count).  INVALID_ARG when they do not fit. */
+static mha_status place_tokens(const int64_t *held, int size, int rank, int64_t n, int64_t *position, int64_t *first,
+                               int64_t *count)
+{
+    int last = 0; /* held[2 r] tokens of capacity held[2 r + 1] on rank r */
+    int64_t room = 0;
+    *position = *first = *count = 0;
+    for (int r = 0; r < size; r++) {
+        *position += held[2 * r];
+        if (held[2 * r] > 0) last = r;
+    }
+    for (int r = last; r < size; r++) { /* room = the new tokens given out so far */
+        int64_t take = held[2 * r + 1] - held[2 * r];
+        take = take < n - room ? take : n - room;
+        if (r == rank) *first = room, *count = take;
+        room += take;
+    }
+    if (room < n)
+        return mha__fail(MHA_ERR_INVALID_ARG,
+                         "%lld new tokens do not fit: the shards from rank %d on have room for %lld", (long long)n,
+                         last, (long long)room);
+    return MHA_OK;
+}
+
+/* The step's own arguments on this rank; *desc the step's attention. */
+static mha_status check_step(mha_ctx *ctx, const mha_layer *layer, const mha_kv_cache *shard, const mha_tensor *out,
+                             const mha_tensor *x, mha_attn_desc *desc)
+{
+    if (!ctx || !layer || !shard || !out || !x || !x->data || !out->data)
+        return mha__fail(MHA_ERR_MISUSE, "mha_mpi_kv_cache_decode: NULL argument");
+    mha_status st = mha_layer_decode_desc(layer, desc);
+    const int64_t E = mha_layer_get_desc(layer)->embed_dim, x_shape[4] = {-1, -1, E, 1};
+    if (st == MHA_OK) st = mha__check_tensor(x, "x", x_shape);
+    if (st != MHA_OK) return st;
+    if (x->shape[0] < 1 || x->shape[1] < 1) return mha__fail(MHA_ERR_INVALID_ARG, "x has no tokens");
+    const int64_t out_shape[4] = {x->shape[0], x->shape[1], E, 1};
+    return mha__check_tensor(out, "out", out_shape);
+}
+
+/* The fields of a step every rank must agree on. */
+static int describe_step(const mha_layer *layer, const mha_tensor *x, mha__mpi_field *f)
+{
+    const mha_layer_desc *d = mha_layer_get_desc(layer);
+    int64_t theta;
+    memcpy(&theta, &d->rope.theta, sizeof theta);
+    const mha__mpi_field fields[] = {
+        {"x.shape[0] (batch)", x->shape[0]}, {"x.shape[1] (new tokens)", x->shape[1]},
+        {"embed_dim", d->embed_dim},         {"num_heads", d->num_heads},
+        {"num_kv_heads", d->num_kv_heads},   {"head_dim", d->head_dim},
+        {"rope kind", d->rope.kind},         {"rope theta (bits)", theta},
+        {"rope dim", d->rope.dim},           {"window_left", d->window_left},
+        {"window_right", d->window_right},   {"softcap (x 1e6)", (int64_t)(d->softcap * 1e6f)},
+        {"ALiBi", d->alibi_slopes != NULL},  {"dtype", d->dtype},
+    };
+    memcpy(f, fields, sizeof fields);
+    return (int)(sizeof fields / sizeof fields[0]);
+}
+
+/* Every rank's (length, capacity), and from them this rank's share of the
+ * new tokens (place_tokens). */
+static mha_status share_of_step(MPI_Comm comm, const mha_kv_cache *shard, int64_t n, int64_t *position, int64_t *first,
+                                int64_t *count)
+{
+    int rank, size;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &size);
+    int64_t mine[2] = {mha_kv_cache_length(shard), mha_kv_cache_capacity(shard)};
+    int64_t *held = mha__alloc(2 * (int64_t)size, sizeof(int64_t));
+    mha_status st = mha__mpi_agree(comm, held ? MHA_OK : MHA_ERR_NOMEM);
+    if (st == MHA_OK) {
+        MPI_Allgather(mine, 2, MPI_INT64_T, held, 2, MPI_INT64_T, comm);
+        st = place_tokens(held, size, rank, n, position, first, count); /* the same on every rank */
+    }
+    mha__free(held);
+    return st;
+}
+
+/* q, k, v of the new rows on every rank; this rank's share of k and v
+ * appended to its shard.  buf holds q, k, v, then the heads. */
+static mha_status project_and_append(mha_ctx *ctx, const mha_layer *layer, mha_kv_cache *shard, const mha_tensor *x,
+                                     int64_t position, int64_t first, int64_t count, mha_tensor *q, float *buf)
+{
+    const mha_layer_desc *d = mha_layer_get_desc(layer);
+    int64_t N = x->shape[0], n = x->shape[1], hd = d->head_dim, G = d->num_kv_heads;
+    int64_t nk = N * G * n * hd;
+    *q = mha_tensor_4d(buf, N, d->num_heads, n, hd);
+    mha_tensor k = mha_tensor_4d(buf + mha__mpi_numel(q), N, G, n, hd), v = k;
+    v.data += nk;
+    mha_status st = mha_layer_decode_qkv(ctx, layer, position, x, q, &k, &v);
+    if (st != MHA_OK || count == 0) return st;
+    mha_tensor k_mine = mha__mpi_piece(&k, 0, G, first, count), v_mine = mha__mpi_piece(&v, 0, G, first, count);
+    return mha_kv_cache_append(shard, &k_mine, &v_mine);
+}
+
+mha_status mha_mpi_kv_cache_decode(mha_ctx *ctx, MPI_Comm comm, const mha_layer *layer, mha_kv_cache *shard,
+                                   mha_tensor *out, const mha_tensor *x)
+{
+    mha_attn_desc desc;
+    mha__mpi_field f[16];
+    mha_status st = check_step(ctx, layer, shard, out, x, &desc);
+    int n_fields = st == MHA_OK ? describe_step(layer, x, f) : 0;
+    int64_t position = 0, first = 0, count = 0;
+    if ((st = mha__mpi_same(comm, st, f, n_fields)) != MHA_OK ||
+        (st = share_of_step(comm, shard, x->shape[1], &position, &first, &count)) != MHA_OK)
+        return st;
+    const mha_layer_desc *d = mha_layer_get_desc(layer);
+    int64_t N = x->shape[0], n = x->shape[1], before = mha_kv_cache_length(shard);
+    int64_t nq = N * d->num_heads * n * d->head_dim, nk = N * d->num_kv_heads * n * d->head_dim;
+    float *buf = mha__alloc(2 * nq + 2 * nk + N * n * d->embed_dim, sizeof(float));
+    mha_tensor q, heads, y;
+    st = buf ? project_and_append(ctx, layer, shard, x, position, first, count, &q, buf) : MHA_ERR_NOMEM;
+    if ((st = mha__mpi_agree(comm, st)) == MHA_OK) {
+        heads = mha_tensor_4d(buf + nq + 2 * nk, N, d->num_heads, n, d->head_dim);
+        st = mha_mpi_kv_cache_attention(ctx, comm, shard, &heads, NULL, &q, &desc); /* agreed inside */
+    }
+    if (st == MHA_OK) {
+        y = mha_tensor_3d(heads.data + nq, N, n, d->embed_dim);
+        st = mha__mpi_agree(comm, mha_layer_decode_output(ctx, layer, &y, &heads));
+    }
+    if (st == MHA_OK) mha__mpi_copy_piece(out, y.data, false); /* written only once all went well */
+    else (void)mha_kv_cache_truncate(shard, before);           /* on every rank, as the error */
+    mha__free(buf);
+    return st;
+}

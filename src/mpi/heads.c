@@ -536,3 +536,36 @@ mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *L, const mha_laye
     mha__free(g);
     return st;
 }
+
+/* ------------------------------------------------------------------ */
+/* Decoding                                                            */
+/* ------------------------------------------------------------------ */
+
+mha_status mha_mpi_layer_decode(mha_ctx *ctx, mha_mpi_layer *L, mha_kv_cache *cache, mha_tensor *out,
+                                const mha_tensor *x)
+{
+    if (!L) return mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_decode: NULL layer");
+    mha_status st = MHA_OK;
+    int n = 0;
+    mha__mpi_field f[4];
+    if (!ctx || !cache || !out || !x || !x->data) st = mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_decode: NULL argument");
+    else if ((st = mha__check_tensor(out, "out", (const int64_t[4]){x->shape[0], x->shape[1], L->E, 1})) == MHA_OK) {
+        const mha__mpi_field fields[] = {{"x.shape[0] (batch)", x->shape[0]},
+                                         {"x.shape[1] (new tokens)", x->shape[1]},
+                                         {"cache length", mha_kv_cache_length(cache)},
+                                         {"cache capacity", mha_kv_cache_capacity(cache)}};
+        memcpy(f, fields, sizeof fields);
+        n = 4;
+    }
+    if ((st = mha__mpi_same(L->comm, st, f, n)) != MHA_OK) return st;
+    int64_t before = mha_kv_cache_length(cache), n_out = x->shape[0] * x->shape[1] * L->E;
+    float *y = mha__alloc(n_out, sizeof(float));
+    mha_tensor y_mine = mha_tensor_3d(y, x->shape[0], x->shape[1], L->E);
+    st = y ? mha_layer_decode(ctx, L->local, cache, &y_mine, x) : MHA_ERR_NOMEM; /* this rank's heads */
+    st = mha__mpi_agree(L->comm, st);
+    if (st == MHA_OK) st = mha__mpi_sum(L->comm, y, n_out);
+    if (st == MHA_OK) mha__mpi_copy_piece(out, y, false);
+    else (void)mha_kv_cache_truncate(cache, before); /* as the step found it, on every rank */
+    mha__free(y);
+    return st;
+}
