@@ -498,6 +498,24 @@ typedef enum mha_weight_names {
 mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_names names, const mha_layer_desc *hints,
                           mha_layer **out_layer);
 
+/* What mha_layer_load would build, planned without reading a weight:
+ * the description (hints completed from the file), the naming family,
+ * and the tensors it would read: weights[i] as the file stores it (its
+ * name, with the prefix, is the file's) and weight_names[i] as
+ * mha_layer_set_weight names it (static).  For loaders that read each
+ * weight themselves, in shards (mha_mpi_layer_load).  Errors: as
+ * mha_layer_load's, without NOMEM. */
+enum { MHA_LOAD_MAX_WEIGHTS = 8 };
+typedef struct mha_layer_load_plan {
+    mha_layer_desc desc;
+    mha_weight_names names;
+    int n_weights;
+    mha_st_info weights[MHA_LOAD_MAX_WEIGHTS];
+    const char *weight_names[MHA_LOAD_MAX_WEIGHTS];
+} mha_layer_load_plan;
+mha_status mha_layer_plan_load(mha_st_file *file, const char *prefix, mha_weight_names names,
+                               const mha_layer_desc *hints, mha_layer_load_plan *plan);
+
 /* The family a layer's weights were loaded under (MHA_NAMES_TORCH for a
  * layer made with mha_layer_create); mha_layer_params names parameters by
  * it: nn.MultiheadAttention's names for such a layer, Llama's otherwise

@@ -83,6 +83,13 @@ mha_status mha_mpi_layer_set_weight(mha_mpi_layer *layer, const char *name, cons
  * Errors: as mha_layer_set_weight's, NOT_FOUND (no such tensor), IO. */
 mha_status mha_mpi_layer_read_weight(mha_mpi_layer *layer, mha_st_file *file, const char *tensor, const char *name);
 
+/* A head-parallel layer from a block's weights in a safetensors file,
+ * planned by mha_layer_plan_load (every rank its own plan of the same
+ * file): each rank reads only its shard of each weight.  Errors: as
+ * mha_mpi_layer_create's and mha_mpi_layer_read_weight's. */
+mha_status mha_mpi_layer_load(MPI_Comm comm, mha_st_file *file, const mha_layer_load_plan *plan,
+                              mha_mpi_layer **out_layer);
+
 /* The whole weight, or its gradient (training state needed, as for
  * mha_layer_get_grad), gathered from every rank's shard into dst on
  * every rank.  Errors: as mha_layer_get_weight's. */

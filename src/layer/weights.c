@@ -56,13 +56,19 @@ static mha_status expect_shape(const mha_st_info *info, int rank, const int64_t 
     return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" has shape [%s], expected [%s]", info->name, got, want);
 }
 
+/* A weight's stored dtype: one that loads as float32. */
+static mha_status check_dtype(const mha_st_info *info)
+{
+    if (info->dtype == MHA_DTYPE_F32 || info->dtype == MHA_DTYPE_F64 || info->dtype == MHA_DTYPE_F16 ||
+        info->dtype == MHA_DTYPE_BF16)
+        return MHA_OK;
+    return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" has dtype %s; weights must be F32, F64, F16 or BF16",
+                     info->name, mha_dtype_name(info->dtype));
+}
+
 /* Read the tensor described by info into the layer weight `name`. */
 static mha_status load_weight(mha_layer *layer, mha_st_file *file, const mha_st_info *info, const char *name)
 {
-    if (info->dtype != MHA_DTYPE_F32 && info->dtype != MHA_DTYPE_F64 && info->dtype != MHA_DTYPE_F16 &&
-        info->dtype != MHA_DTYPE_BF16)
-        return mha__fail(MHA_ERR_INVALID_ARG, "tensor \"%s\" has dtype %s; weights must be F32, F64, F16 or BF16",
-                         info->name, mha_dtype_name(info->dtype));
     float *tmp = mha__alloc(info->numel, sizeof(float));
     if (!tmp) return MHA_ERR_NOMEM;
     mha_status st = mha_st_read_f32(file, info->name, tmp, info->numel);
@@ -71,19 +77,13 @@ static mha_status load_weight(mha_layer *layer, mha_st_file *file, const mha_st_
     return st;
 }
 
-enum { MAX_FOUND = 8 };
-
 /* The tensors to load, found while inferring the configuration. */
-typedef struct found_set {
-    mha_st_info info[MAX_FOUND];
-    const char *names[MAX_FOUND];
-    int n;
-} found_set;
+typedef mha_layer_load_plan found_set;
 
 static void add_found(found_set *f, const mha_st_info *info, const char *name)
 {
-    f->info[f->n] = *info;
-    f->names[f->n++] = name;
+    f->weights[f->n_weights] = *info;
+    f->weight_names[f->n_weights++] = name;
 }
 
 /* A weight's [rows, cols], or INVALID_ARG naming it. */
@@ -289,25 +289,36 @@ static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer
     return mha__fail(MHA_ERR_INVALID_ARG, "weight names %d is not an mha_weight_names value", (int)names);
 }
 
+mha_status mha_layer_plan_load(mha_st_file *file, const char *prefix, mha_weight_names names,
+                               const mha_layer_desc *hints, mha_layer_load_plan *plan)
+{
+    if (!file || !hints || !plan) return mha__fail(MHA_ERR_MISUSE, "mha_layer_plan_load: NULL argument");
+    memset(plan, 0, sizeof *plan);
+    if (hints->num_heads < 1)
+        return mha__fail(MHA_ERR_INVALID_ARG, "num_heads must be positive, got %lld (files do not store it)",
+                         (long long)hints->num_heads);
+    lookup lk = {file, prefix ? prefix : ""};
+    plan->desc = *hints;
+    plan->desc.kdim = plan->desc.vdim = 0;
+    plan->desc.num_kv_heads = plan->desc.head_dim = 0;
+    plan->names = MHA_NAMES_TORCH;
+    mha_status st = infer_desc(&lk, names, &plan->desc, plan, &plan->names);
+    for (int i = 0; st == MHA_OK && i < plan->n_weights; i++) st = check_dtype(&plan->weights[i]);
+    return st;
+}
+
 mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_names names, const mha_layer_desc *hints,
                           mha_layer **out_layer)
 {
     if (!file || !hints || !out_layer) return mha__fail(MHA_ERR_MISUSE, "mha_layer_load: NULL argument");
     *out_layer = NULL;
-    if (hints->num_heads < 1)
-        return mha__fail(MHA_ERR_INVALID_ARG, "num_heads must be positive, got %lld (files do not store it)",
-                         (long long)hints->num_heads);
-    lookup lk = {file, prefix ? prefix : ""};
-    mha_layer_desc d = *hints;
-    d.kdim = d.vdim = 0;
-    d.num_kv_heads = d.head_dim = 0;
-    found_set f = {.n = 0};
-    mha_weight_names chosen = MHA_NAMES_TORCH;
-    mha_status st = infer_desc(&lk, names, &d, &f, &chosen);
+    found_set f;
+    mha_status st = mha_layer_plan_load(file, prefix, names, hints, &f);
     mha_layer *layer = NULL;
-    if (st == MHA_OK) st = mha_layer_create(&d, &layer);
-    if (st == MHA_OK) mha__layer_set_names(layer, chosen);
-    for (int i = 0; st == MHA_OK && i < f.n; i++) st = load_weight(layer, file, &f.info[i], f.names[i]);
+    if (st == MHA_OK) st = mha_layer_create(&f.desc, &layer);
+    if (st == MHA_OK) mha__layer_set_names(layer, f.names);
+    for (int i = 0; st == MHA_OK && i < f.n_weights; i++)
+        st = load_weight(layer, file, &f.weights[i], f.weight_names[i]);
     if (st != MHA_OK) {
         mha_layer_free(layer);
         return st;

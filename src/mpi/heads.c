@@ -54,13 +54,43 @@ static mha_status whole_layer(const mha_layer_desc *d, int size, int64_t *head_d
     return MHA_OK;
 }
 
+/* The fields of a layer's description every rank must agree on. */
+static int describe_layer(const mha_layer_desc *d, mha__mpi_field *f)
+{
+    int64_t theta;
+    memcpy(&theta, &d->rope.theta, sizeof theta);
+    const mha__mpi_field fields[] = {
+        {"embed_dim", d->embed_dim},
+        {"num_heads", d->num_heads},
+        {"num_kv_heads", d->num_kv_heads},
+        {"head_dim", d->head_dim},
+        {"kdim", d->kdim},
+        {"vdim", d->vdim},
+        {"bias", d->bias},
+        {"out_bias", d->out_bias},
+        {"add_bias_kv", d->add_bias_kv},
+        {"add_zero_attn", d->add_zero_attn},
+        {"dtype", d->dtype},
+        {"rope kind", d->rope.kind},
+        {"rope theta (bits)", theta},
+        {"rope dim", d->rope.dim},
+        {"window_left", d->window_left},
+        {"window_right", d->window_right},
+        {"ALiBi", !!d->alibi_slopes},
+        {"softcap (x 1e6)", (int64_t)(d->softcap * 1e6f)},
+    };
+    memcpy(f, fields, sizeof fields);
+    return (int)(sizeof fields / sizeof fields[0]);
+}
+
 mha_status mha_mpi_layer_create(MPI_Comm comm, const mha_layer_desc *desc, mha_mpi_layer **out_layer)
 {
     if (!desc || !out_layer) return mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_create: NULL argument");
     *out_layer = NULL;
     mha_mpi_layer *L = mha__calloc(1, sizeof *L);
-    mha_status st = L ? MHA_OK : MHA_ERR_NOMEM;
-    if (L) {
+    mha__mpi_field f[24];
+    mha_status same = mha__mpi_same(comm, L ? MHA_OK : MHA_ERR_NOMEM, f, L ? describe_layer(desc, f) : 0), st = same;
+    if (st == MHA_OK) {
         L->comm = MPI_COMM_NULL;
         MPI_Comm_rank(comm, &L->rank);
         MPI_Comm_size(comm, &L->size);
@@ -81,7 +111,7 @@ mha_status mha_mpi_layer_create(MPI_Comm comm, const mha_layer_desc *desc, mha_m
         mine.alibi_slopes = desc->alibi_slopes ? desc->alibi_slopes + L->first_head : NULL;
         st = mha_layer_create(&mine, &L->local);
     }
-    if (L) st = mha__mpi_agree(comm, st);
+    if (same == MHA_OK) st = mha__mpi_agree(comm, st); /* a failure before it is agreed already */
     if (st == MHA_OK) MPI_Comm_dup(comm, &L->comm);
     if (st != MHA_OK) {
         if (L) mha_layer_free(L->local);
@@ -283,6 +313,20 @@ mha_status mha_mpi_layer_read_weight(mha_mpi_layer *L, mha_st_file *file, const 
     if (st != MHA_OK) return mha__mpi_agree(L->comm, st);
     weight_source src = {NULL, file, tensor};
     return set_shard(L, name, info.numel, &src);
+}
+
+mha_status mha_mpi_layer_load(MPI_Comm comm, mha_st_file *file, const mha_layer_load_plan *plan,
+                              mha_mpi_layer **out_layer)
+{
+    if (!plan || !out_layer) return mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_load: NULL argument");
+    mha_status st = mha_mpi_layer_create(comm, &plan->desc, out_layer);
+    for (int i = 0; st == MHA_OK && i < plan->n_weights; i++) /* the same tensors everywhere: the desc agreed */
+        st = mha_mpi_layer_read_weight(*out_layer, file, plan->weights[i].name, plan->weight_names[i]);
+    if (st != MHA_OK) {
+        mha_mpi_layer_free(*out_layer);
+        *out_layer = NULL;
+    }
+    return st;
 }
 
 /* Gathers the whole tensor from every rank's shard, read by `get` (the
