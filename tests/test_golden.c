@@ -6,17 +6,31 @@
  * in-process, then hold every output tensor to the tolerance rule against
  * the float64 result, with PyTorch's float32 result as the baseline.  The
  * same case is run again with 1 and 3 threads: the bits must not change.
+ *
+ * Built as test_golden_mpi (MHA_TEST_PARALLEL) and run under mpirun, every
+ * layer case runs with --parallel heads and every sdpa case with
+ * --parallel ring and ulysses: each rank reads its shards, rank 0 writes,
+ * and the outputs are held to the same rule, with the same bits on a
+ * second run.  A case with fewer kv heads than ranks must be refused
+ * (heads and Ulysses give each rank whole kv heads), naming why.
  */
 #define _POSIX_C_SOURCE 200809L
 
 #include "cli.h"
+#ifdef MHA_TEST_PARALLEL
+#include "mpi_harness.h"
+#else
 #include "harness.h"
+#endif
 
 #include <dirent.h>
 #include <stdint.h>
 #include <unistd.h>
 
 enum { MAX_ARGS = 32 };
+
+/* --parallel's mode for this run (NULL: one process). */
+static const char *parallel_mode = NULL;
 
 typedef struct buffer {
     float *data;
@@ -73,6 +87,10 @@ static int run_case(const char *path, mha_st_file *cf, const char *out_path, con
         argv[argc++] = "--dtype";
         argv[argc++] = "bf16";
     }
+    if (parallel_mode) {
+        argv[argc++] = "--parallel";
+        argv[argc++] = (char *)parallel_mode;
+    }
     for (char *tok = strtok(arg_copy, " "); tok && argc < MAX_ARGS - 1; tok = strtok(NULL, " ")) argv[argc++] = tok;
     argv[argc] = NULL;
     return mha_cli_main(argc, argv);
@@ -124,6 +142,16 @@ static int compare_outputs(const char *case_name, mha_st_file *cf, mha_st_file *
     return compared;
 }
 
+/* Whether this process writes outputs (rank 0 under mpirun). */
+static bool rank_writes(void)
+{
+#ifdef MHA_TEST_PARALLEL
+    return rank == 0;
+#else
+    return true;
+#endif
+}
+
 static bool same_file(const char *a, const char *b)
 {
     FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
@@ -138,6 +166,40 @@ static bool same_file(const char *a, const char *b)
     return same;
 }
 
+#ifdef MHA_TEST_PARALLEL
+/* Cases run, and refused for too few kv heads. */
+static int parallel_runs = 0, parallel_refused = 0;
+
+/* The case under each --parallel mode its command takes. */
+static void test_case_parallel(const char *path, const char *file, mha_st_file *cf, const char *out1, const char *out2)
+{
+    const char *command = mha_st_metadata(cf, "command");
+    bool layer = strcmp(command, "forward") == 0 || strcmp(command, "backward") == 0;
+    bool sdpa = strcmp(command, "sdpa") == 0 || strcmp(command, "sdpa-backward") == 0;
+    const char *const modes[2] = {layer ? "heads" : sdpa ? "ring" : NULL, sdpa ? "ulysses" : NULL};
+    for (int m = 0; m < 2 && modes[m]; m++) {
+        parallel_mode = modes[m];
+        int rc = run_case(path, cf, out1, "1", false);
+        if (rc != 0) {
+            CHECK(strstr(mha_last_error(), "cannot be split over") != NULL, "%s --parallel %s: mha exited %d (%s)",
+                  file, parallel_mode, rc, mha_last_error());
+            parallel_refused++;
+            continue;
+        }
+        parallel_runs++;
+        mha_st_file *of = NULL;
+        char what[300];
+        snprintf(what, sizeof what, "%s --parallel %s on %d ranks", file, parallel_mode, size);
+        if (rank == 0) CHECK_OK(mha_st_open(out1, &of));
+        if (of) CHECK(compare_outputs(what, cf, of, false) > 0, "%s: nothing compared", what);
+        mha_st_close(of);
+        rc = run_case(path, cf, out2, "1", false);
+        if (rank == 0) CHECK(rc == 0 && same_file(out1, out2), "%s: a second run gives other bits", what);
+    }
+    parallel_mode = NULL;
+}
+#endif
+
 static void test_case(const char *dir, const char *file, const char *tmpdir)
 {
     char path[1024], out1[1024], out3[1024];
@@ -147,8 +209,13 @@ static void test_case(const char *dir, const char *file, const char *tmpdir)
     mha_st_file *cf = NULL, *of = NULL;
     CHECK_OK(mha_st_open(path, &cf));
     if (!cf) return;
+#ifdef MHA_TEST_PARALLEL
+    test_case_parallel(path, file, cf, out1, out3);
+    int runs = 0;
+#else
     const char *bf16_meta = mha_st_metadata(cf, "bf16");
     int runs = bf16_meta && strcmp(bf16_meta, "yes") == 0 ? 2 : 1;
+#endif
     for (int bf16 = 0; bf16 < runs; bf16++) {
         int rc = run_case(path, cf, out1, "1", bf16);
         CHECK(rc == 0, "%s: mha exited %d", file, rc);
@@ -161,15 +228,20 @@ static void test_case(const char *dir, const char *file, const char *tmpdir)
         CHECK(rc == 0 && same_file(out1, out3), "%s: 3 threads give different bits than 1", file);
     }
     mha_st_close(cf);
-    unlink(out1);
-    unlink(out3);
+    if (rank_writes()) unlink(out1), unlink(out3);
 }
 
 int main(int argc, char **argv)
 {
     const char *dir = argc > 1 ? argv[1] : "tests/data/golden";
     char tmpdir[] = "/tmp/mha_golden_XXXXXX";
+#ifdef MHA_TEST_PARALLEL
+    mpi_begin(&argc, &argv);
+    if (rank == 0 && !mkdtemp(tmpdir)) MPI_Abort(MPI_COMM_WORLD, 1);
+    MPI_Bcast(tmpdir, (int)sizeof tmpdir, MPI_CHAR, 0, MPI_COMM_WORLD); /* rank 0 writes, there */
+#else
     if (!mkdtemp(tmpdir)) return 1;
+#endif
     DIR *d = opendir(dir);
     CHECK(d != NULL, "cannot open %s", dir);
     int cases = 0;
@@ -180,7 +252,14 @@ int main(int argc, char **argv)
         cases++;
     }
     if (d) closedir(d);
-    rmdir(tmpdir);
     CHECK(cases >= 120, "found only %d golden cases in %s", cases, dir);
+#ifdef MHA_TEST_PARALLEL
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (rank == 0) rmdir(tmpdir);
+    CHECK(parallel_runs >= 60, "only %d parallel runs (%d refused)", parallel_runs, parallel_refused);
+    return mpi_finish("test_golden_mpi");
+#else
+    rmdir(tmpdir);
     return harness_finish("test_golden");
+#endif
 }

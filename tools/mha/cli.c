@@ -18,6 +18,7 @@ void cli_error(const char *cmd, const char *fmt, ...)
 {
     va_list ap;
     fprintf(stderr, "mha %s: ", cmd);
+    if (cli_ranks() > 1) fprintf(stderr, "rank %d of %d: ", cli_rank(), cli_ranks());
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
@@ -180,8 +181,8 @@ static bool is_float_dtype(mha_dtype d)
     return d == MHA_DTYPE_F64 || d == MHA_DTYPE_F32 || d == MHA_DTYPE_F16 || d == MHA_DTYPE_BF16;
 }
 
-int cli_load(const char *cmd, mha_st_file *file, const char *path, const char *name, bool required, bool allow_bytes,
-             cli_tensor *t)
+int cli_probe(const char *cmd, mha_st_file *file, const char *path, const char *name, bool required, bool allow_bytes,
+              cli_tensor *t)
 {
     memset(t, 0, sizeof *t);
     t->name = name;
@@ -208,7 +209,17 @@ int cli_load(const char *cmd, mha_st_file *file, const char *path, const char *n
     t->rank = info.rank;
     memcpy(t->shape, info.shape, sizeof t->shape);
     t->numel = info.numel;
-    size_t n = (size_t)(info.numel ? info.numel : 1);
+    return CLI_OK;
+}
+
+int cli_load(const char *cmd, mha_st_file *file, const char *path, const char *name, bool required, bool allow_bytes,
+             cli_tensor *t)
+{
+    int rc = cli_probe(cmd, file, path, name, required, allow_bytes, t);
+    if (rc != CLI_OK || !t->present) return rc;
+    bool bytes = t->dtype == MHA_DTYPE_BOOL || t->dtype == MHA_DTYPE_U8;
+    size_t n = (size_t)(t->numel ? t->numel : 1);
+    mha_status st;
     if (bytes) {
         t->u8 = malloc(n);
         st = t->u8 ? mha_st_read_raw(file, name, t->u8, n) : MHA_ERR_NOMEM;
@@ -375,22 +386,90 @@ int cli_layer_check(const char *cmd, const cli_layer_opts *o, const cli_flag *fl
     return CLI_OK;
 }
 
-int cli_load_layer(const char *cmd, const cli_layer_opts *o, mha_layer_desc *hints, mha_layer **layer)
+void cli_layer_hints(const cli_layer_opts *o, mha_layer_desc *hints, mha_weight_names *names)
 {
-    mha_st_file *wf = NULL;
-    int rc = cli_open(cmd, "--weights", o->weights, &wf);
     hints->num_heads = o->num_heads;
     hints->rope = (mha_rope){(mha_rope_kind)cli_choice(o->rope, ROPE_KINDS, 3), o->rope_theta, o->rope_dim};
     hints->window_left = o->window_left;
     hints->window_right = o->window_right;
     hints->softcap = (float)o->softcap;
-    if (rc == CLI_OK &&
-        mha_layer_load(wf, o->prefix, (mha_weight_names)cli_choice(o->names, NAME_KINDS, 4), hints, layer) != MHA_OK) {
+    *names = (mha_weight_names)cli_choice(o->names, NAME_KINDS, 4);
+}
+
+int cli_load_layer(const char *cmd, const cli_layer_opts *o, mha_layer_desc *hints, mha_layer **layer)
+{
+    mha_st_file *wf = NULL;
+    int rc = cli_open(cmd, "--weights", o->weights, &wf);
+    mha_weight_names names;
+    cli_layer_hints(o, hints, &names);
+    if (rc == CLI_OK && mha_layer_load(wf, o->prefix, names, hints, layer) != MHA_OK) {
         cli_error(cmd, "--weights %s: %s", o->weights, mha_last_error());
         rc = CLI_FAIL;
     }
     mha_st_close(wf);
     return rc;
+}
+
+/* ---------------------------------------------------------------- */
+/* The one-process engine                                             */
+/* ---------------------------------------------------------------- */
+
+static mha_status single_forward(mha_ctx *ctx, void *layer, mha_tensor *y, mha_tensor *w, const mha_layer_fwd_args *a)
+{
+    return mha_layer_forward(ctx, layer, y, w, a);
+}
+
+static mha_status single_backward(mha_ctx *ctx, void *layer, const mha_layer_fwd_args *a, const mha_tensor *dy,
+                                  mha_tensor *dq, mha_tensor *dk, mha_tensor *dv)
+{
+    return mha_layer_backward(ctx, layer, a, dy, dq, dk, dv);
+}
+
+static mha_status single_get_grad(const void *layer, const char *name, float *dst, int64_t numel)
+{
+    return mha_layer_get_grad(layer, name, dst, numel);
+}
+
+static mha_status single_decode(mha_ctx *ctx, void *layer, mha_kv_cache *cache, mha_tensor *y, const mha_tensor *x)
+{
+    return mha_layer_decode(ctx, layer, cache, y, x);
+}
+
+static void single_free(void *layer) { mha_layer_free(layer); }
+
+int cli_engine_single(const char *cmd, const cli_layer_opts *o, mha_layer_desc *hints, cli_engine *e)
+{
+    memset(e, 0, sizeof *e);
+    mha_layer *layer = NULL;
+    int rc = cli_load_layer(cmd, o, hints, &layer);
+    if (rc != CLI_OK) return rc;
+    *e = (cli_engine){.layer = layer,
+                      .local = layer,
+                      .desc = *mha_layer_get_desc(layer),
+                      .writes = true,
+                      .forward = single_forward,
+                      .backward = single_backward,
+                      .get_grad = single_get_grad,
+                      .decode = single_decode,
+                      .free = single_free};
+    const char *names[12];
+    int64_t n = mha_layer_weight_names(layer, names, 12);
+    for (e->n_weights = 0; e->n_weights < n; e->n_weights++) {
+        cli_weight *w = &e->weights[e->n_weights];
+        w->name = names[e->n_weights];
+        if (mha_layer_weight_shape(layer, w->name, &w->rank, w->shape, &w->numel) != MHA_OK) {
+            cli_error(cmd, "%s", mha_last_error());
+            cli_engine_free(e);
+            return CLI_FAIL;
+        }
+    }
+    return CLI_OK;
+}
+
+void cli_engine_free(cli_engine *e)
+{
+    if (e->free) e->free(e->layer);
+    memset(e, 0, sizeof *e);
 }
 
 static void print_help(void)

@@ -92,6 +92,10 @@ typedef struct cli_tensor {
 int cli_load(const char *cmd, mha_st_file *file, const char *path, const char *name, bool required, bool allow_bytes,
              cli_tensor *t);
 void cli_tensor_free(cli_tensor *t);
+/* cli_load's checks and t's description, without reading the data (t->f32
+ * and t->u8 stay NULL): for readers of a part of the tensor. */
+int cli_probe(const char *cmd, mha_st_file *file, const char *path, const char *name, bool required, bool allow_bytes,
+              cli_tensor *t);
 
 /* The index of `value` among the n `choices`, or -1. */
 int cli_choice(const char *value, const char *const *choices, int n);
@@ -145,9 +149,98 @@ void cli_layer_flags(cli_layer_opts *o, cli_flag *flags);
 /* After parsing: CLI_USAGE (printed) for a missing --weights/--num-heads
  * or a bad choice; flags are the ones cli_layer_flags filled. */
 int cli_layer_check(const char *cmd, const cli_layer_opts *o, const cli_flag *flags);
+/* *hints completed from o (num_heads, rope, window, softcap) and the
+ * naming family --names chose. */
+void cli_layer_hints(const cli_layer_opts *o, mha_layer_desc *hints, mha_weight_names *names);
 /* Opens --weights and loads the block with *hints completed from o
  * (num_heads, rope, window, softcap); CLI_FAIL printed on error. */
 int cli_load_layer(const char *cmd, const cli_layer_opts *o, mha_layer_desc *hints, mha_layer **layer);
+
+/* What computes a layer command (forward, backward, decode): this
+ * process's whole layer, or under mpirun with --parallel heads this
+ * rank's share of the heads (parallel.c).  The commands run either
+ * through it alike. */
+typedef struct cli_weight {
+    const char *name; /* as the file names it, after the prefix */
+    int rank;
+    int64_t shape[3]; /* as the file stores it */
+    int64_t numel;
+} cli_weight;
+
+typedef struct cli_engine {
+    void *layer;
+    mha_layer *local;    /* the layer this process holds: for mha_layer_train_init and KV caches */
+    mha_layer_desc desc; /* the whole layer's (kdim, vdim, head_dim, num_kv_heads completed) */
+    int n_weights;
+    cli_weight weights[12];
+    bool writes; /* this process writes the command's outputs (rank 0) */
+    mha_status (*forward)(mha_ctx *ctx, void *layer, mha_tensor *y, mha_tensor *w, const mha_layer_fwd_args *a);
+    mha_status (*backward)(mha_ctx *ctx, void *layer, const mha_layer_fwd_args *a, const mha_tensor *dy, mha_tensor *dq,
+                           mha_tensor *dk, mha_tensor *dv);
+    mha_status (*get_grad)(const void *layer, const char *name, float *dst, int64_t numel);
+    mha_status (*decode)(mha_ctx *ctx, void *layer, mha_kv_cache *cache, mha_tensor *y, const mha_tensor *x);
+    int64_t (*cache_capacity)(int64_t tokens); /* this process's cache for a sequence of `tokens` */
+    void (*free)(void *layer);
+} cli_engine;
+
+/* The whole layer from --weights, in this process (cli_load_layer). */
+int cli_engine_single(const char *cmd, const cli_layer_opts *o, mha_layer_desc *hints, cli_engine *e);
+/* The engine the session runs, with more than one rank: --parallel heads,
+ * the heads over the ranks (each reads only its shards of --weights);
+ * --parallel ring, the whole layer on every rank decoding over a KV
+ * cache split by sequence (an even block of the tokens a rank).  Else
+ * cli_engine_single.  Collective. */
+int cli_engine_load(const char *cmd, const cli_layer_opts *o, mha_layer_desc *hints, cli_engine *e);
+void cli_engine_free(cli_engine *e);
+
+/* --parallel (parallel.c): cli_parallel_begin checks the mode against
+ * the command's (NULL-terminated `modes`), initialises MPI where this mha
+ * was built with it (CLI_USAGE with the reason otherwise) and sets
+ * *ranks; with one rank the command runs as without --parallel.  From
+ * then on errors name the rank ("mha forward: rank 1 of 2: ...") and
+ * every rank takes part in each step:
+ *   cli_agree(rc)       the worst status of all ranks, on every rank
+ *                       (before each collective step, so a rank that
+ *                       failed alone never leaves the others waiting);
+ *   cli_lib_error       a collective call's error (it names its rank
+ *                       already): printed once, by rank 0;
+ *   cli_parallel_end    the agreed status, and MPI finalised.
+ * Outside a session cli_agree returns rc and cli_lib_error prints. */
+int cli_parallel_begin(const char *cmd, const char *mode, const char *const *modes, int *ranks);
+int cli_parallel_end(int rc);
+int cli_agree(int rc);
+void cli_lib_error(const char *cmd, const char *context);
+/* This process's rank and the session's size (0 and 1 outside one). */
+int cli_rank(void);
+int cli_ranks(void);
+
+/* `mha sdpa` and `mha sdpa-backward` (cmd_sdpa.c): the flags, and the
+ * inputs read whole (cli_sdpa_load with whole) or, for q, k, v and
+ * grad_output, only described, for readers of one part of each
+ * (--parallel ring|ulysses, parallel_sdpa.c); masks and ALiBi slopes are
+ * always read whole.  cli_sdpa_desc: the descriptor of the flags and
+ * the inputs (mask strides checked against [B, Hq, L, S]). */
+typedef struct cli_sdpa_opts {
+    const char *cmd; /* "sdpa" or "sdpa-backward" */
+    bool backward;
+    const char *inputs, *out;
+    const char *dtype, *parallel;
+    bool is_causal, bottom_right, enable_gqa;
+    double scale, softcap;
+    int64_t window_left, window_right, threads;
+} cli_sdpa_opts;
+
+typedef struct cli_sdpa_inputs {
+    cli_tensor q, k, v, mask, alibi, grad;
+} cli_sdpa_inputs;
+
+int cli_sdpa_load(const cli_sdpa_opts *o, mha_st_file *f, cli_sdpa_inputs *in, bool whole);
+int cli_sdpa_desc(const cli_sdpa_opts *o, cli_sdpa_inputs *in, mha_attn_desc *desc);
+void cli_sdpa_inputs_free(cli_sdpa_inputs *in);
+#ifdef MHA_CLI_MPI
+/* The command over the ranks of a session of more than one. */
+int cli_sdpa_parallel(const cli_sdpa_opts *o);
+#endif
 
 /* Monotonic time in milliseconds, and a qsort comparison of doubles. */
 double cli_now_ms(void);

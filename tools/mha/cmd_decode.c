@@ -17,7 +17,7 @@ static const char *const CMD = "decode";
 
 typedef struct decode_opts {
     cli_layer_opts layer;
-    const char *inputs, *cache_dtype;
+    const char *inputs, *cache_dtype, *parallel;
     mha_dtype dtype; /* the cache's, from cache_dtype */
     int64_t prompt_len, steps, batch, threads, seed;
 } decode_opts;
@@ -61,7 +61,7 @@ static float *tokens(const decode_opts *o, int64_t E, int64_t *N)
 }
 
 /* Prompt, then single steps; last_row gets the last step's output. */
-static int run_steps(const decode_opts *o, mha_ctx *ctx, mha_layer *layer, mha_kv_cache *cache, const float *x,
+static int run_steps(const decode_opts *o, mha_ctx *ctx, const cli_engine *e, mha_kv_cache *cache, const float *x,
                      int64_t N, int64_t E, float *out, double *prompt_ms, double *step_ms)
 {
     int64_t T = o->prompt_len + o->steps, t = 0;
@@ -71,8 +71,8 @@ static int run_steps(const decode_opts *o, mha_ctx *ctx, mha_layer *layer, mha_k
         mha_tensor xt = {(float *)x + t * E, {N, n, E, 1}, {T * E, E, 1, 0}};
         mha_tensor yt = {out + t * E, {N, n, E, 1}, {T * E, E, 1, 0}};
         double t0 = cli_now_ms();
-        if (mha_layer_decode(ctx, layer, cache, &yt, &xt) != MHA_OK) {
-            cli_error(CMD, "%s", mha_last_error());
+        if (e->decode(ctx, e->layer, cache, &yt, &xt) != MHA_OK) {
+            cli_lib_error(CMD, NULL);
             return CLI_FAIL;
         }
         double ms = cli_now_ms() - t0;
@@ -84,15 +84,15 @@ static int run_steps(const decode_opts *o, mha_ctx *ctx, mha_layer *layer, mha_k
 }
 
 /* The same sequences x [N, T, E] in one causal forward pass, no cache. */
-static int full_forward(mha_ctx *ctx, mha_layer *layer, float *x, float *full, int64_t N, int64_t T, int64_t E)
+static int full_forward(mha_ctx *ctx, const cli_engine *e, float *x, float *full, int64_t N, int64_t T, int64_t E)
 {
     mha_layer_fwd_args a;
     mha_layer_fwd_args_init(&a);
     a.query = a.key = a.value = mha_tensor_3d(x, N, T, E);
     a.causal = MHA_CAUSAL_TOP_LEFT;
     mha_tensor y = mha_tensor_3d(full, N, T, E);
-    if (mha_layer_forward(ctx, layer, &y, NULL, &a) == MHA_OK) return CLI_OK;
-    cli_error(CMD, "%s", mha_last_error());
+    if (e->forward(ctx, e->layer, &y, NULL, &a) == MHA_OK) return CLI_OK;
+    cli_lib_error(CMD, NULL);
     return CLI_FAIL;
 }
 
@@ -115,6 +115,8 @@ static int report(const decode_opts *o, mha_ctx *ctx, const mha_layer_desc *d, c
     double limit = (o->dtype == MHA_DTYPE_F32 ? 1e-5 : 2e-2) * fmax(1.0, mag);
     qsort(step_ms, (size_t)o->steps, sizeof *step_ms, cli_cmp_double);
     double median = o->steps ? step_ms[o->steps / 2] : 0;
+    if (cli_rank() != 0) return diff <= limit ? CLI_OK : CLI_FAIL; /* rank 0 prints */
+    if (o->parallel) printf("mha decode: --parallel %s over %d ranks\n", o->parallel, cli_ranks());
     printf("mha decode: E=%lld, %lld heads, %lld kv heads of %lld, batch %lld, %s cache, %d threads\n", (long long)E,
            (long long)d->num_heads, (long long)d->num_kv_heads, (long long)(d->head_dim), (long long)N, o->cache_dtype,
            mha_ctx_threads(ctx));
@@ -129,9 +131,9 @@ static int report(const decode_opts *o, mha_ctx *ctx, const mha_layer_desc *d, c
     return diff <= limit ? CLI_OK : CLI_FAIL;
 }
 
-static int run(const decode_opts *o, mha_layer *layer)
+static int run(const decode_opts *o, const cli_engine *e)
 {
-    const mha_layer_desc *d = mha_layer_get_desc(layer);
+    const mha_layer_desc *d = &e->desc;
     int64_t E = d->embed_dim, N = 0, T = o->prompt_len + o->steps;
     float *x = tokens(o, E, &N);
     float *out = x ? cli_alloc_floats(CMD, "the decoded outputs", (int64_t[]){N, T, E}, 3) : NULL;
@@ -140,13 +142,14 @@ static int run(const decode_opts *o, mha_layer *layer)
     mha_ctx *ctx = NULL;
     mha_kv_cache *cache = NULL;
     int rc = step_ms ? cli_ctx(CMD, o->threads, &ctx) : CLI_FAIL;
-    if (rc == CLI_OK && mha_kv_cache_create(layer, N, T, o->dtype, &cache) != MHA_OK) {
+    int64_t capacity = e->cache_capacity ? e->cache_capacity(T) : T;
+    if (rc == CLI_OK && mha_kv_cache_create(e->local, N, capacity, o->dtype, &cache) != MHA_OK) {
         cli_error(CMD, "%s", mha_last_error());
         rc = CLI_FAIL;
     }
     double prompt_ms = 0;
-    if (rc == CLI_OK) rc = run_steps(o, ctx, layer, cache, x, N, E, out, &prompt_ms, step_ms);
-    if (rc == CLI_OK) rc = full_forward(ctx, layer, x, full, N, T, E);
+    if ((rc = cli_agree(rc)) == CLI_OK) rc = run_steps(o, ctx, e, cache, x, N, E, out, &prompt_ms, step_ms);
+    if (rc == CLI_OK) rc = full_forward(ctx, e, x, full, N, T, E);
     if (rc == CLI_OK) rc = report(o, ctx, d, cache, out, full, N, T, prompt_ms, step_ms);
     mha_kv_cache_free(cache);
     mha_ctx_free(ctx);
@@ -163,7 +166,7 @@ int mha_cmd_decode(int argc, char **argv)
 {
     decode_opts o = {.cache_dtype = "f32", .prompt_len = 16, .steps = 16, .batch = 1};
     cli_layer_opts_init(&o.layer);
-    cli_flag flags[CLI_LAYER_FLAGS + 7];
+    cli_flag flags[CLI_LAYER_FLAGS + 8];
     cli_layer_flags(&o.layer, flags);
     const cli_flag own[] = {
         {"prompt-len", FLAG_INT, &o.prompt_len, "tokens decoded in one first step (default 16)", false, &CLI_LENGTH},
@@ -174,6 +177,9 @@ int mha_cmd_decode(int argc, char **argv)
         {"seed", FLAG_INT, &o.seed, "seed of the random tokens (default 0)", false, NULL},
         {"cache-dtype", FLAG_STRING, &o.cache_dtype, CLI_CACHE_DTYPE_HELP, false, NULL},
         {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false, &CLI_THREADS},
+        {"parallel", FLAG_STRING, &o.parallel,
+         "under mpirun -np P: ring (the KV cache split by sequence) or heads (each rank its heads and their cache)",
+         false, NULL},
     };
     memcpy(flags + CLI_LAYER_FLAGS, own, sizeof own);
     bool help;
@@ -186,11 +192,14 @@ int mha_cmd_decode(int argc, char **argv)
         return CLI_USAGE;
     }
     if ((rc = cli_cache_dtype(CMD, o.cache_dtype, &o.dtype)) != CLI_OK) return rc;
+    static const char *const modes[] = {"ring", "heads", NULL};
+    int ranks = 1;
+    if (o.parallel && (rc = cli_parallel_begin(CMD, o.parallel, modes, &ranks)) != CLI_OK) return rc;
     mha_layer_desc hints;
     mha_layer_desc_init(&hints);
-    mha_layer *layer = NULL;
-    rc = cli_load_layer(CMD, &o.layer, &hints, &layer);
-    if (rc == CLI_OK) rc = run(&o, layer);
-    mha_layer_free(layer);
-    return rc;
+    cli_engine engine;
+    rc = cli_engine_load(CMD, &o.layer, &hints, &engine);
+    if (rc == CLI_OK) rc = run(&o, &engine);
+    cli_engine_free(&engine);
+    return o.parallel ? cli_parallel_end(rc) : rc;
 }

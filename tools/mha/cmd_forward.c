@@ -15,7 +15,7 @@ typedef struct forward_opts {
     bool backward;
     cli_layer_opts layer;
     const char *inputs, *out;
-    const char *dtype;
+    const char *dtype, *parallel;
     int64_t threads, position;
     bool batch_first, need_weights, no_average, add_zero_attn, is_causal;
 } forward_opts;
@@ -184,29 +184,30 @@ static int save_forward(const forward_opts *o, const dims *d, const inputs *in, 
 typedef struct weight_grads {
     int n;
     char names[12][300];
-    int64_t shapes[12][3];
     float *data[12];
 } weight_grads;
 
 /* Appends "<prefix><name>.grad" for every weight to outs; returns how
  * many, -1 on failure (reported).  g's data is the caller's to free. */
-static int weight_grad_outputs(const char *CMD, const mha_layer *layer, const char *prefix, weight_grads *g,
+static int weight_grad_outputs(const char *CMD, const cli_engine *e, const char *prefix, weight_grads *g,
                                cli_output *outs)
 {
-    const char *weights[12];
-    int64_t n = mha_layer_weight_names(layer, weights, 12);
-    for (g->n = 0; g->n < n; g->n++) {
-        int i = g->n, rank = 0;
-        int64_t numel = 0;
-        if (mha_layer_weight_shape(layer, weights[i], &rank, g->shapes[i], &numel) != MHA_OK ||
-            !(g->data[i] = malloc((size_t)numel * sizeof(float))) ||
-            mha_layer_get_grad(layer, weights[i], g->data[i], numel) != MHA_OK) {
-            cli_error(CMD, "%s", g->data[i] ? mha_last_error() : "out of memory for the weight gradients");
-            g->n += g->data[i] != NULL;
+    for (g->n = 0; g->n < e->n_weights; g->n++) {
+        int i = g->n;
+        const cli_weight *w = &e->weights[i];
+        bool ok = (g->data[i] = malloc((size_t)w->numel * sizeof(float))) != NULL;
+        if (!ok) cli_error(CMD, "out of memory for the weight gradients");
+        if (cli_agree(ok ? CLI_OK : CLI_FAIL) != CLI_OK) {
+            g->n += ok;
             return -1;
         }
-        snprintf(g->names[i], sizeof g->names[i], "%s%s.grad", prefix, weights[i]);
-        outs[i] = (cli_output){g->names[i], rank, g->shapes[i], g->data[i]};
+        if (e->get_grad(e->layer, w->name, g->data[i], w->numel) != MHA_OK) {
+            cli_lib_error(CMD, NULL);
+            g->n++;
+            return -1;
+        }
+        snprintf(g->names[i], sizeof g->names[i], "%s%s.grad", prefix, w->name);
+        outs[i] = (cli_output){g->names[i], w->rank, w->shape, g->data[i]};
     }
     return g->n;
 }
@@ -237,7 +238,7 @@ static int input_grad_outputs(const forward_opts *o, const dims *d, inputs *in, 
 /* The backward pass after a forward recorded on args->tape: input
  * gradients and one per weight, named as the weights file names it plus
  * ".grad". */
-static int run_backward(const forward_opts *o, mha_ctx *ctx, mha_layer *layer, const dims *d, inputs *in,
+static int run_backward(const forward_opts *o, mha_ctx *ctx, const cli_engine *e, const dims *d, inputs *in,
                         const mha_layer_fwd_args *args)
 {
     float *grads[3] = {NULL, NULL, NULL};
@@ -245,26 +246,27 @@ static int run_backward(const forward_opts *o, mha_ctx *ctx, mha_layer *layer, c
     cli_output outs[3 + 12];
     weight_grads wg = {.n = 0};
     int n_in = input_grad_outputs(o, d, in, grads, views, outs), n_w = -1;
+    if (cli_agree(n_in >= 0 ? CLI_OK : CLI_FAIL) != CLI_OK) n_in = -1;
     bool cross = in->key.present;
     mha_tensor dy = layer_view(in->grad.f32, &in->grad, d, o->batch_first);
     mha_tensor *gk = cross ? &views[1] : &views[0], *gv = cross ? &views[2] : &views[0];
-    if (n_in >= 0 && mha_layer_backward(ctx, layer, args, &dy, &views[0], gk, gv) != MHA_OK)
-        cli_error(o->cmd, "%s", mha_last_error());
-    else if (n_in >= 0) n_w = weight_grad_outputs(o->cmd, layer, o->layer.prefix, &wg, outs + n_in);
-    int rc = n_w >= 0 ? cli_save(o->cmd, o->out, outs, n_in + n_w) : CLI_FAIL;
+    if (n_in >= 0 && e->backward(ctx, e->layer, args, &dy, &views[0], gk, gv) != MHA_OK) cli_lib_error(o->cmd, NULL);
+    else if (n_in >= 0) n_w = weight_grad_outputs(o->cmd, e, o->layer.prefix, &wg, outs + n_in);
+    int rc = n_w < 0 ? CLI_FAIL : e->writes ? cli_save(o->cmd, o->out, outs, n_in + n_w) : CLI_OK;
     for (int i = 0; i < wg.n; i++) free(wg.data[i]);
     for (int i = 0; i < 3; i++) free(grads[i]);
     return rc;
 }
 
-static int run(const forward_opts *o, mha_layer *layer, inputs *in)
+static int run(const forward_opts *o, const cli_engine *e, inputs *in)
 {
     const char *CMD = o->cmd;
-    const mha_layer_desc *ld = mha_layer_get_desc(layer);
-    dims d;
+    const mha_layer_desc *ld = &e->desc;
+    dims d = {0};
     mha_layer_fwd_args args;
     mha_layer_fwd_args_init(&args);
-    if (check_shapes(o, in, ld, &d) || masks(o, in, &d, &args)) return CLI_FAIL;
+    if (cli_agree(check_shapes(o, in, ld, &d) || masks(o, in, &d, &args) ? CLI_FAIL : CLI_OK) != CLI_OK)
+        return CLI_FAIL; /* on every rank */
     cli_tensor *k = in->key.present ? &in->key : &in->query, *v = in->value.present ? &in->value : &in->query;
     args.query = layer_view(in->query.f32, &in->query, &d, o->batch_first);
     args.key = layer_view(k->f32, k, &d, o->batch_first);
@@ -280,21 +282,21 @@ static int run(const forward_opts *o, mha_layer *layer, inputs *in)
     mha_layer_tape *tape = NULL;
     int rc = !out || (o->need_weights && !weights) ? CLI_FAIL : cli_ctx(CMD, o->threads, &ctx);
     if (rc == CLI_OK && o->backward &&
-        (mha_layer_train_init(layer) != MHA_OK || mha_layer_tape_create(&tape) != MHA_OK)) {
+        (mha_layer_train_init(e->local) != MHA_OK || mha_layer_tape_create(&tape) != MHA_OK)) {
         cli_error(CMD, "%s", mha_last_error());
         rc = CLI_FAIL;
     }
     args.tape = tape;
-    if (rc == CLI_OK) {
+    if ((rc = cli_agree(rc)) == CLI_OK) {
         mha_tensor y = layer_view(out, &in->query, &d, o->batch_first);
         mha_tensor w = mha_tensor_4d(weights, d.N, heads, d.L, d.S1);
-        if (mha_layer_forward(ctx, layer, &y, weights ? &w : NULL, &args) != MHA_OK) {
-            cli_error(CMD, "%s", mha_last_error());
+        if (e->forward(ctx, e->layer, &y, weights ? &w : NULL, &args) != MHA_OK) {
+            cli_lib_error(CMD, NULL);
             rc = CLI_FAIL;
         }
     }
-    if (rc == CLI_OK)
-        rc = o->backward ? run_backward(o, ctx, layer, &d, in, &args) : save_forward(o, &d, in, out, weights);
+    if (rc == CLI_OK && o->backward) rc = run_backward(o, ctx, e, &d, in, &args);
+    else if (rc == CLI_OK && e->writes) rc = save_forward(o, &d, in, out, weights);
     mha_layer_tape_free(tape);
     mha_ctx_free(ctx);
     free(out);
@@ -319,6 +321,10 @@ static int check_opts(const forward_opts *o, const cli_flag *flags)
                   o->backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o->dtype);
         return CLI_USAGE;
     }
+    if (o->parallel && strcmp(o->dtype, "f32") != 0) {
+        cli_error(CMD, "--parallel computes in f32; --dtype %s runs in one process", o->dtype);
+        return CLI_USAGE;
+    }
     if (o->backward && (o->need_weights || o->no_average)) {
         cli_error(CMD,
                   "--need-weights and --no-average-attn-weights are forward outputs; mha backward writes gradients");
@@ -334,7 +340,7 @@ static int forward_main(int argc, char **argv, bool backward)
     forward_opts o = {.cmd = backward ? "backward" : "forward", .backward = backward, .dtype = "f32"};
     const char *CMD = o.cmd;
     cli_layer_opts_init(&o.layer);
-    cli_flag flags[CLI_LAYER_FLAGS + 12];
+    cli_flag flags[CLI_LAYER_FLAGS + 13];
     cli_layer_flags(&o.layer, flags);
     const cli_flag own[] = {
         {"inputs", FLAG_STRING, &o.inputs,
@@ -359,6 +365,8 @@ static int forward_main(int argc, char **argv, bool backward)
          backward ? "f32 (the only one: gradients are computed in float32)"
                   : "f32 (default) or bf16: compute as a bfloat16 model",
          false, NULL},
+        {"parallel", FLAG_STRING, &o.parallel,
+         "heads: under mpirun -np P, the heads split over the ranks (each reads its shard of --weights)", false, NULL},
     };
     int n_flags = CLI_LAYER_FLAGS + (int)(sizeof own / sizeof own[0]);
     memcpy(flags + CLI_LAYER_FLAGS, own, sizeof own);
@@ -366,8 +374,12 @@ static int forward_main(int argc, char **argv, bool backward)
     int rc = cli_parse(CMD, "--weights W --inputs X --out Y --num-heads H [flags]", argc, argv, flags, n_flags, &help);
     if (rc != CLI_OK || help) return rc;
     if ((rc = check_opts(&o, flags)) != CLI_OK) return rc;
+    static const char *const modes[] = {"heads", NULL};
+    int ranks = 1;
+    if (o.parallel && (rc = cli_parallel_begin(CMD, o.parallel, modes, &ranks)) != CLI_OK) return rc;
+    (void)ranks; /* one rank: the engine is the whole layer's */
     mha_st_file *xf = NULL;
-    mha_layer *layer = NULL;
+    cli_engine engine = {0};
     inputs in;
     memset(&in, 0, sizeof in);
     rc = cli_open(CMD, "--inputs", o.inputs, &xf);
@@ -377,12 +389,12 @@ static int forward_main(int argc, char **argv, bool backward)
     hints.add_zero_attn = o.add_zero_attn;
     hints.dtype = strcmp(o.dtype, "bf16") == 0 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
     hints.alibi_slopes = in.alibi.present ? in.alibi.f32 : NULL;
-    if (rc == CLI_OK) rc = cli_load_layer(CMD, &o.layer, &hints, &layer);
-    if (rc == CLI_OK) rc = run(&o, layer, &in);
+    if ((rc = cli_agree(rc)) == CLI_OK) rc = cli_engine_load(CMD, &o.layer, &hints, &engine);
+    if (rc == CLI_OK) rc = run(&o, &engine, &in);
     inputs_free(&in);
-    mha_layer_free(layer);
+    cli_engine_free(&engine);
     mha_st_close(xf);
-    return rc;
+    return o.parallel ? cli_parallel_end(rc) : rc;
 }
 
 int mha_cmd_forward(int argc, char **argv) { return forward_main(argc, argv, false); }

@@ -12,21 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct sdpa_opts {
-    const char *cmd; /* "sdpa" or "sdpa-backward" */
-    bool backward;
-    const char *inputs, *out;
-    const char *dtype;
-    bool is_causal, bottom_right, enable_gqa;
-    double scale, softcap;
-    int64_t window_left, window_right, threads;
-} sdpa_opts;
-
-typedef struct sdpa_inputs {
-    cli_tensor q, k, v, mask, alibi, grad;
-} sdpa_inputs;
-
-static void sdpa_inputs_free(sdpa_inputs *in)
+void cli_sdpa_inputs_free(cli_sdpa_inputs *in)
 {
     cli_tensor_free(&in->q);
     cli_tensor_free(&in->k);
@@ -71,11 +57,13 @@ static int mask_strides(const char *CMD, const char *path, const cli_tensor *m, 
     return CLI_OK;
 }
 
-static int load(const sdpa_opts *o, mha_st_file *f, const char *path, sdpa_inputs *in)
+int cli_sdpa_load(const cli_sdpa_opts *o, mha_st_file *f, cli_sdpa_inputs *in, bool whole)
 {
-    const char *CMD = o->cmd;
-    if (cli_load(CMD, f, path, "query", true, false, &in->q) || cli_load(CMD, f, path, "key", true, false, &in->k) ||
-        cli_load(CMD, f, path, "value", true, false, &in->v) ||
+    const char *CMD = o->cmd, *path = o->inputs;
+    int (*take)(const char *, mha_st_file *, const char *, const char *, bool, bool, cli_tensor *) =
+        whole ? cli_load : cli_probe; /* q, k, v and grad_output: whole, or their shapes */
+    if (take(CMD, f, path, "query", true, false, &in->q) || take(CMD, f, path, "key", true, false, &in->k) ||
+        take(CMD, f, path, "value", true, false, &in->v) ||
         cli_load(CMD, f, path, "attn_mask", false, true, &in->mask) ||
         cli_load(CMD, f, path, "alibi_slopes", false, false, &in->alibi))
         return CLI_FAIL;
@@ -83,7 +71,7 @@ static int load(const sdpa_opts *o, mha_st_file *f, const char *path, sdpa_input
         check_rank4(CMD, path, &in->v, "[B, Hkv, S, Dv]"))
         return CLI_FAIL;
     if (o->backward) {
-        if (cli_load(CMD, f, path, "grad_output", true, false, &in->grad)) return CLI_FAIL;
+        if (take(CMD, f, path, "grad_output", true, false, &in->grad)) return CLI_FAIL;
         const int64_t *qs = in->q.shape;
         int64_t want[4] = {qs[0], qs[1], qs[2], in->v.shape[3]};
         char got[96], need[96];
@@ -106,7 +94,8 @@ static mha_tensor view4(float *data, const int64_t *shape)
     return mha_tensor_4d(data, shape[0], shape[1], shape[2], shape[3]);
 }
 
-static void desc_from_opts(const sdpa_opts *o, const sdpa_inputs *in, mha_attn_desc *desc)
+/* The descriptor of the flags and the inputs' ALiBi slopes. */
+static void desc_from_opts(const cli_sdpa_opts *o, const cli_sdpa_inputs *in, mha_attn_desc *desc)
 {
     mha_attn_desc_init(desc);
     if (!isnan(o->scale)) desc->scale = o->scale;
@@ -120,8 +109,8 @@ static void desc_from_opts(const sdpa_opts *o, const sdpa_inputs *in, mha_attn_d
 }
 
 /* The three gradients, from the forward's output and row statistics. */
-static int run_backward(const sdpa_opts *o, mha_ctx *ctx, const mha_attn_desc *desc, sdpa_inputs *in, float *out,
-                        const mha_attn_stats *stats)
+static int run_backward(const cli_sdpa_opts *o, mha_ctx *ctx, const mha_attn_desc *desc, cli_sdpa_inputs *in,
+                        float *out, const mha_attn_stats *stats)
 {
     float *grads[3] = {cli_alloc_floats(o->cmd, "query.grad", in->q.shape, 4), NULL, NULL};
     if (grads[0]) grads[1] = cli_alloc_floats(o->cmd, "key.grad", in->k.shape, 4);
@@ -148,18 +137,25 @@ static int run_backward(const sdpa_opts *o, mha_ctx *ctx, const mha_attn_desc *d
     return rc;
 }
 
-static int run(const sdpa_opts *o, sdpa_inputs *in)
+int cli_sdpa_desc(const cli_sdpa_opts *o, cli_sdpa_inputs *in, mha_attn_desc *desc)
+{
+    desc_from_opts(o, in, desc);
+    const int64_t *qs = in->q.shape;
+    if (in->mask.present) {
+        int64_t full[4] = {qs[0], qs[1], qs[2], in->k.shape[2]}, stride[4];
+        if (mask_strides(o->cmd, o->inputs, &in->mask, full, stride)) return CLI_FAIL;
+        desc->mask = cli_mask(&in->mask, true, stride);
+    }
+    return CLI_OK;
+}
+
+static int run(const cli_sdpa_opts *o, cli_sdpa_inputs *in)
 {
     const char *CMD = o->cmd;
     mha_attn_desc desc;
-    desc_from_opts(o, in, &desc);
     const int64_t *qs = in->q.shape;
     int64_t out_shape[4] = {qs[0], qs[1], qs[2], in->v.shape[3]};
-    if (in->mask.present) {
-        int64_t full[4] = {qs[0], qs[1], qs[2], in->k.shape[2]}, stride[4];
-        if (mask_strides(CMD, o->inputs, &in->mask, full, stride)) return CLI_FAIL;
-        desc.mask = cli_mask(&in->mask, true, stride);
-    }
+    if (cli_sdpa_desc(o, in, &desc)) return CLI_FAIL;
     /* The forward alone writes lse; for the backward it keeps the row
      * maximum (in lse's buffer) and sum, from which the probabilities come
      * back exactly (mha.h, mha_attn_stats). */
@@ -193,7 +189,7 @@ static int run(const sdpa_opts *o, sdpa_inputs *in)
 }
 
 /* The flags' rules, each named when broken. */
-static int check_opts(const sdpa_opts *o)
+static int check_opts(const cli_sdpa_opts *o)
 {
     const char *CMD = o->cmd;
     if (!o->inputs || !o->out) {
@@ -208,6 +204,10 @@ static int check_opts(const sdpa_opts *o)
                   o->backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o->dtype);
         return CLI_USAGE;
     }
+    if (o->parallel && strcmp(o->dtype, "f32") != 0) {
+        cli_error(CMD, "--parallel computes in f32; --dtype %s runs in one process", o->dtype);
+        return CLI_USAGE;
+    }
     if (o->is_causal && o->bottom_right) {
         cli_error(CMD, "--is-causal and --causal-bottom-right exclude each other; choose one alignment");
         return CLI_USAGE;
@@ -217,12 +217,12 @@ static int check_opts(const sdpa_opts *o)
 
 static int sdpa_main(int argc, char **argv, bool backward)
 {
-    sdpa_opts o = {.cmd = backward ? "sdpa-backward" : "sdpa",
-                   .backward = backward,
-                   .scale = NAN,
-                   .window_left = -1,
-                   .window_right = -1,
-                   .dtype = "f32"};
+    cli_sdpa_opts o = {.cmd = backward ? "sdpa-backward" : "sdpa",
+                       .backward = backward,
+                       .scale = NAN,
+                       .window_left = -1,
+                       .window_right = -1,
+                       .dtype = "f32"};
     const char *CMD = o.cmd;
     cli_flag flags[] = {
         {"inputs", FLAG_STRING, &o.inputs,
@@ -246,21 +246,29 @@ static int sdpa_main(int argc, char **argv, bool backward)
          backward ? "f32 (the only one: gradients are computed in float32)"
                   : "f32 (default) or bf16: round q, k, v, P to bfloat16",
          false, NULL},
+        {"parallel", FLAG_STRING, &o.parallel,
+         "ring or ulysses: under mpirun -np P, the sequence split over the ranks (each reads its rows)", false, NULL},
     };
     bool help;
     int rc =
         cli_parse(CMD, "--inputs X --out Y [flags]", argc, argv, flags, (int)(sizeof flags / sizeof flags[0]), &help);
     if (rc != CLI_OK || help) return rc;
     if ((rc = check_opts(&o)) != CLI_OK) return rc;
+    static const char *const modes[] = {"ring", "ulysses", NULL};
+    int ranks = 1;
+    if (o.parallel && (rc = cli_parallel_begin(CMD, o.parallel, modes, &ranks)) != CLI_OK) return rc;
+#ifdef MHA_CLI_MPI
+    if (ranks > 1) return cli_parallel_end(cli_sdpa_parallel(&o));
+#endif
     mha_st_file *f = NULL;
-    sdpa_inputs in;
+    cli_sdpa_inputs in;
     memset(&in, 0, sizeof in);
     rc = cli_open(CMD, "--inputs", o.inputs, &f);
-    if (rc == CLI_OK) rc = load(&o, f, o.inputs, &in);
+    if (rc == CLI_OK) rc = cli_sdpa_load(&o, f, &in, true);
     if (rc == CLI_OK) rc = run(&o, &in);
-    sdpa_inputs_free(&in);
+    cli_sdpa_inputs_free(&in);
     mha_st_close(f);
-    return rc;
+    return o.parallel ? cli_parallel_end(rc) : rc;
 }
 
 int mha_cmd_sdpa(int argc, char **argv) { return sdpa_main(argc, argv, false); }
