@@ -499,7 +499,9 @@ mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_name
                           mha_layer **out_layer);
 
 /* What mha_layer_load would build, planned without reading a weight:
- * the description (hints completed from the file), the naming family,
+ * the description (hints completed from the file, then as
+ * mha_layer_create completes it: kdim, vdim, num_kv_heads, head_dim,
+ * out_bias and rope's defaults set; an invalid one refused), the naming family,
  * and the tensors it would read: weights[i] as the file stores it (its
  * name, with the prefix, is the file's) and weight_names[i] as
  * mha_layer_set_weight names it (static).  For loaders that read each

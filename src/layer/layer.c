@@ -122,21 +122,30 @@ mha_status mha__layer_pack(mha_layer *l, matrix which, const float *w)
     return mha__weight_pack(&l->w[which], l->isa, l->desc.dtype, w, out, in);
 }
 
+mha_status mha__layer_complete_desc(const mha_layer_desc *desc, mha_layer_desc *out)
+{
+    mha_status st = check_desc(desc);
+    if (st != MHA_OK) return st;
+    mha_layer_desc d = *desc;
+    if (!d.kdim) d.kdim = d.embed_dim;
+    if (!d.vdim) d.vdim = d.embed_dim;
+    if (!d.num_kv_heads) d.num_kv_heads = d.num_heads;
+    if (!d.head_dim) d.head_dim = d.embed_dim / d.num_heads;
+    if (d.out_bias < 0) d.out_bias = d.bias;
+    if (d.rope.kind != MHA_ROPE_NONE && !d.rope.theta) d.rope.theta = 10000.0;
+    if (d.rope.kind != MHA_ROPE_NONE && !d.rope.dim) d.rope.dim = d.head_dim;
+    *out = d;
+    return MHA_OK;
+}
+
 mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
 {
     if (!desc || !out_layer) return mha__fail(MHA_ERR_MISUSE, "mha_layer_create: NULL argument");
     *out_layer = NULL;
-    mha_status st = check_desc(desc);
+    mha_layer_desc d;
+    mha_status st = mha__layer_complete_desc(desc, &d);
     if (st != MHA_OK) return st;
-    mha_layer_desc d = *desc;
     int64_t E = d.embed_dim;
-    if (!d.kdim) d.kdim = E;
-    if (!d.vdim) d.vdim = E;
-    if (!d.num_kv_heads) d.num_kv_heads = d.num_heads;
-    if (!d.head_dim) d.head_dim = E / d.num_heads;
-    if (d.out_bias < 0) d.out_bias = d.bias;
-    if (d.rope.kind != MHA_ROPE_NONE && !d.rope.theta) d.rope.theta = 10000.0;
-    if (d.rope.kind != MHA_ROPE_NONE && !d.rope.dim) d.rope.dim = d.head_dim;
     d.alibi_slopes = NULL; /* the layer's own copy below */
     mha_layer *l = mha__calloc(1, sizeof *l);
     if (!l) return MHA_ERR_NOMEM;

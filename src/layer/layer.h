@@ -66,6 +66,10 @@ enum { TAPE_MAGIC = 0x6d686174 }; /* "mhat" */
 enum { UNSET_BIAS_K = 1u << MAT_COUNT, UNSET_BIAS_V = 2u << MAT_COUNT };
 
 mha_status mha__layer_check(const mha_layer *l, const char *fn);
+/* A description checked and completed as a layer keeps it (kdim, vdim,
+ * kv heads, head width, output bias, rope's defaults filled in).
+ * INVALID_ARG naming the field. */
+mha_status mha__layer_complete_desc(const mha_layer_desc *desc, mha_layer_desc *out);
 mha_status mha__layer_check_forward(const mha_layer *l, const mha_tensor *attn_output, const mha_tensor *attn_weights,
                                     const mha_layer_fwd_args *a);
 

@@ -77,10 +77,8 @@ static mha_status load_weight(mha_layer *layer, mha_st_file *file, const mha_st_
     return st;
 }
 
-/* The tensors to load, found while inferring the configuration. */
-typedef mha_layer_load_plan found_set;
-
-static void add_found(found_set *f, const mha_st_info *info, const char *name)
+/* A tensor to load, found while inferring the configuration. */
+static void add_found(mha_layer_load_plan *f, const mha_st_info *info, const char *name)
 {
     f->weights[f->n_weights] = *info;
     f->weight_names[f->n_weights++] = name;
@@ -97,7 +95,7 @@ static mha_status matrix_shape(const mha_st_info *info, int64_t *rows, int64_t *
 }
 
 /* Optional bias `name` of n values: *present says whether it is there. */
-static mha_status optional_bias(const lookup *lk, const char *name, int64_t n, found_set *f, bool *present)
+static mha_status optional_bias(const lookup *lk, const char *name, int64_t n, mha_layer_load_plan *f, bool *present)
 {
     mha_st_info info;
     mha_status st = find_weight(lk, name, &info, present);
@@ -124,7 +122,7 @@ static mha_status head_split(mha_layer_desc *d, int64_t q_rows, int64_t kv_rows,
 }
 
 /* Llama-style: Q, K, V and O apart, biases optional. */
-static mha_status infer_llama(const lookup *lk, mha_layer_desc *d, found_set *f)
+static mha_status infer_llama(const lookup *lk, mha_layer_desc *d, mha_layer_load_plan *f)
 {
     const char *const w_names[4] = {LLAMA(Q), LLAMA(K), LLAMA(V), LLAMA(OUT)};
     int64_t rows[4] = {0}, cols[4] = {0};
@@ -158,7 +156,7 @@ static mha_status infer_llama(const lookup *lk, mha_layer_desc *d, found_set *f)
 }
 
 /* GPT-2: Q|K|V stacked [E, 3 h d] and O [h d, E], both Conv1D. */
-static mha_status infer_gpt2(const lookup *lk, mha_layer_desc *d, found_set *f)
+static mha_status infer_gpt2(const lookup *lk, mha_layer_desc *d, mha_layer_load_plan *f)
 {
     mha_st_info attn, proj;
     int64_t ar = 0, ac = 0, pr = 0, pc = 0;
@@ -185,7 +183,7 @@ static mha_status infer_gpt2(const lookup *lk, mha_layer_desc *d, found_set *f)
 
 /* nn.MultiheadAttention's input projections: Q|K|V stacked [3E, E], or
  * apart with kdim and vdim read from K's and V's widths. */
-static mha_status torch_inputs(const lookup *lk, mha_layer_desc *d, found_set *f)
+static mha_status torch_inputs(const lookup *lk, mha_layer_desc *d, mha_layer_load_plan *f)
 {
     int64_t E = d->embed_dim;
     bool packed = false;
@@ -210,7 +208,7 @@ static mha_status torch_inputs(const lookup *lk, mha_layer_desc *d, found_set *f
 }
 
 /* Its biases: both (in and out) or neither. */
-static mha_status torch_biases(const lookup *lk, mha_layer_desc *d, found_set *f)
+static mha_status torch_biases(const lookup *lk, mha_layer_desc *d, mha_layer_load_plan *f)
 {
     int64_t E = d->embed_dim;
     bool has_in = false, has_out = false;
@@ -235,7 +233,7 @@ static mha_status torch_biases(const lookup *lk, mha_layer_desc *d, found_set *f
 }
 
 /* bias_k and bias_v [1, 1, E] (add_bias_kv): both or neither. */
-static mha_status torch_bias_kv(const lookup *lk, mha_layer_desc *d, found_set *f)
+static mha_status torch_bias_kv(const lookup *lk, mha_layer_desc *d, mha_layer_load_plan *f)
 {
     const int64_t shape[3] = {1, 1, d->embed_dim};
     bool has_k = false;
@@ -253,7 +251,7 @@ static mha_status torch_bias_kv(const lookup *lk, mha_layer_desc *d, found_set *
 
 /* nn.MultiheadAttention: the tensors present and their shapes; out_proj
  * first, so a missing one is named for this family. */
-static mha_status infer_torch(const lookup *lk, mha_layer_desc *d, found_set *f)
+static mha_status infer_torch(const lookup *lk, mha_layer_desc *d, mha_layer_load_plan *f)
 {
     mha_st_info out_w;
     mha_status st = require_weight(lk, TORCH(OUT), &out_w);
@@ -267,7 +265,7 @@ static mha_status infer_torch(const lookup *lk, mha_layer_desc *d, found_set *f)
 }
 
 /* The family asked for, or the first whose anchor tensor is present. */
-static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer_desc *d, found_set *f,
+static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer_desc *d, mha_layer_load_plan *f,
                              mha_weight_names *chosen)
 {
     mha_st_info info;
@@ -304,7 +302,7 @@ mha_status mha_layer_plan_load(mha_st_file *file, const char *prefix, mha_weight
     plan->names = MHA_NAMES_TORCH;
     mha_status st = infer_desc(&lk, names, &plan->desc, plan, &plan->names);
     for (int i = 0; st == MHA_OK && i < plan->n_weights; i++) st = check_dtype(&plan->weights[i]);
-    return st;
+    return st == MHA_OK ? mha__layer_complete_desc(&plan->desc, &plan->desc) : st;
 }
 
 mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_names names, const mha_layer_desc *hints,
@@ -312,7 +310,7 @@ mha_status mha_layer_load(mha_st_file *file, const char *prefix, mha_weight_name
 {
     if (!file || !hints || !out_layer) return mha__fail(MHA_ERR_MISUSE, "mha_layer_load: NULL argument");
     *out_layer = NULL;
-    found_set f;
+    mha_layer_load_plan f;
     mha_status st = mha_layer_plan_load(file, prefix, names, hints, &f);
     mha_layer *layer = NULL;
     if (st == MHA_OK) st = mha_layer_create(&f.desc, &layer);

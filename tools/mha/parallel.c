@@ -120,17 +120,6 @@ static mha_status heads_decode(mha_ctx *ctx, void *layer, mha_kv_cache *cache, m
 
 static void heads_free(void *layer) { mha_mpi_layer_free(layer); }
 
-/* The whole layer's description, as mha_layer_create completes it. */
-static mha_layer_desc completed(const mha_layer_desc *d)
-{
-    mha_layer_desc c = *d;
-    c.kdim = c.kdim ? c.kdim : c.embed_dim;
-    c.vdim = c.vdim ? c.vdim : c.embed_dim;
-    c.head_dim = c.head_dim ? c.head_dim : c.embed_dim / c.num_heads;
-    c.num_kv_heads = c.num_kv_heads ? c.num_kv_heads : c.num_heads;
-    return c;
-}
-
 static int engine_heads(const char *cmd, const cli_layer_opts *o, mha_layer_desc *hints, cli_engine *e)
 {
     mha_st_file *wf = NULL;
@@ -151,7 +140,7 @@ static int engine_heads(const char *cmd, const cli_layer_opts *o, mha_layer_desc
     if (rc != CLI_OK) return rc;
     *e = (cli_engine){.layer = layer,
                       .local = mha_mpi_layer_local(layer),
-                      .desc = completed(&plan.desc),
+                      .desc = plan.desc,
                       .n_weights = plan.n_weights,
                       .writes = session_rank == 0,
                       .forward = heads_forward,
