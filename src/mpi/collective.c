@@ -133,3 +133,32 @@ void mha__mpi_gather(MPI_Comm comm, const float *mine, float *all, const int64_t
         }
     mha__mpi_waited(t);
 }
+
+/* The fields of a layer's description every rank must agree on. */
+int mha__mpi_describe_layer(const mha_layer_desc *d, mha__mpi_field *f)
+{
+    int64_t theta;
+    memcpy(&theta, &d->rope.theta, sizeof theta);
+    const mha__mpi_field fields[] = {
+        {"embed_dim", d->embed_dim},
+        {"num_heads", d->num_heads},
+        {"num_kv_heads", d->num_kv_heads},
+        {"head_dim", d->head_dim},
+        {"kdim", d->kdim},
+        {"vdim", d->vdim},
+        {"bias", d->bias},
+        {"out_bias", d->out_bias},
+        {"add_bias_kv", d->add_bias_kv},
+        {"add_zero_attn", d->add_zero_attn},
+        {"dtype", d->dtype},
+        {"rope kind", d->rope.kind},
+        {"rope theta (bits)", theta},
+        {"rope dim", d->rope.dim},
+        {"window_left", d->window_left},
+        {"window_right", d->window_right},
+        {"ALiBi", !!d->alibi_slopes},
+        {"softcap (x 1e6)", (int64_t)(d->softcap * 1e6f)},
+    };
+    memcpy(f, fields, sizeof fields);
+    return (int)(sizeof fields / sizeof fields[0]);
+}

@@ -37,6 +37,10 @@ mha_status mha__mpi_same(MPI_Comm comm, mha_status local, const mha__mpi_field *
  * Errors: NOMEM (then every rank fails: the scratch is agreed on first). */
 mha_status mha__mpi_sum(MPI_Comm comm, float *x, int64_t n);
 
+/* The fields of a layer's description every rank must agree on (at most
+ * 24); returns how many. */
+int mha__mpi_describe_layer(const mha_layer_desc *d, mha__mpi_field *f);
+
 /* The heads rank r of P holds when h query heads reading g kv heads are
  * split by whole kv groups: kv heads [g r / P, g (r + 1) / P) (as even
  * as whole groups allow) and the query heads that read them. */

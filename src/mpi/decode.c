@@ -166,23 +166,13 @@ static mha_status check_step(mha_ctx *ctx, const mha_layer *layer, const mha_kv_
     return mha__check_tensor(out, "out", out_shape);
 }
 
-/* The fields of a step every rank must agree on. */
+/* The fields of a step every rank must agree on: x's shape and the
+ * layer's description. */
 static int describe_step(const mha_layer *layer, const mha_tensor *x, mha__mpi_field *f)
 {
-    const mha_layer_desc *d = mha_layer_get_desc(layer);
-    int64_t theta;
-    memcpy(&theta, &d->rope.theta, sizeof theta);
-    const mha__mpi_field fields[] = {
-        {"x.shape[0] (batch)", x->shape[0]}, {"x.shape[1] (new tokens)", x->shape[1]},
-        {"embed_dim", d->embed_dim},         {"num_heads", d->num_heads},
-        {"num_kv_heads", d->num_kv_heads},   {"head_dim", d->head_dim},
-        {"rope kind", d->rope.kind},         {"rope theta (bits)", theta},
-        {"rope dim", d->rope.dim},           {"window_left", d->window_left},
-        {"window_right", d->window_right},   {"softcap (x 1e6)", (int64_t)(d->softcap * 1e6f)},
-        {"ALiBi", d->alibi_slopes != NULL},  {"dtype", d->dtype},
-    };
-    memcpy(f, fields, sizeof fields);
-    return (int)(sizeof fields / sizeof fields[0]);
+    f[0] = (mha__mpi_field){"x.shape[0] (batch)", x->shape[0]};
+    f[1] = (mha__mpi_field){"x.shape[1] (new tokens)", x->shape[1]};
+    return 2 + mha__mpi_describe_layer(mha_layer_get_desc(layer), f + 2);
 }
 
 /* Every rank's (length, capacity), and from them this rank's share of the
@@ -225,7 +215,7 @@ mha_status mha_mpi_kv_cache_decode(mha_ctx *ctx, MPI_Comm comm, const mha_layer 
                                    mha_tensor *out, const mha_tensor *x)
 {
     mha_attn_desc desc;
-    mha__mpi_field f[16];
+    mha__mpi_field f[26];
     mha_status st = check_step(ctx, layer, shard, out, x, &desc);
     int n_fields = st == MHA_OK ? describe_step(layer, x, f) : 0;
     int64_t position = 0, first = 0, count = 0;

@@ -54,42 +54,14 @@ static mha_status whole_layer(const mha_layer_desc *d, int size, int64_t *head_d
     return MHA_OK;
 }
 
-/* The fields of a layer's description every rank must agree on. */
-static int describe_layer(const mha_layer_desc *d, mha__mpi_field *f)
-{
-    int64_t theta;
-    memcpy(&theta, &d->rope.theta, sizeof theta);
-    const mha__mpi_field fields[] = {
-        {"embed_dim", d->embed_dim},
-        {"num_heads", d->num_heads},
-        {"num_kv_heads", d->num_kv_heads},
-        {"head_dim", d->head_dim},
-        {"kdim", d->kdim},
-        {"vdim", d->vdim},
-        {"bias", d->bias},
-        {"out_bias", d->out_bias},
-        {"add_bias_kv", d->add_bias_kv},
-        {"add_zero_attn", d->add_zero_attn},
-        {"dtype", d->dtype},
-        {"rope kind", d->rope.kind},
-        {"rope theta (bits)", theta},
-        {"rope dim", d->rope.dim},
-        {"window_left", d->window_left},
-        {"window_right", d->window_right},
-        {"ALiBi", !!d->alibi_slopes},
-        {"softcap (x 1e6)", (int64_t)(d->softcap * 1e6f)},
-    };
-    memcpy(f, fields, sizeof fields);
-    return (int)(sizeof fields / sizeof fields[0]);
-}
-
 mha_status mha_mpi_layer_create(MPI_Comm comm, const mha_layer_desc *desc, mha_mpi_layer **out_layer)
 {
     if (!desc || !out_layer) return mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_create: NULL argument");
     *out_layer = NULL;
     mha_mpi_layer *L = mha__calloc(1, sizeof *L);
     mha__mpi_field f[24];
-    mha_status same = mha__mpi_same(comm, L ? MHA_OK : MHA_ERR_NOMEM, f, L ? describe_layer(desc, f) : 0), st = same;
+    mha_status same = mha__mpi_same(comm, L ? MHA_OK : MHA_ERR_NOMEM, f, L ? mha__mpi_describe_layer(desc, f) : 0),
+               st = same;
     if (st == MHA_OK) {
         L->comm = MPI_COMM_NULL;
         MPI_Comm_rank(comm, &L->rank);
