@@ -81,12 +81,37 @@ static mha_status shard_position(MPI_Comm comm, const mha_kv_cache *shard, int64
     return st;
 }
 
-mha_status mha_mpi_kv_cache_attention(mha_ctx *ctx, MPI_Comm comm, const mha_kv_cache *shard, mha_tensor *out,
-                                      float *lse, const mha_tensor *q, const mha_attn_desc *desc)
+/* The attention over the shards once the call is agreed on and this
+ * rank's block is known to start at token `start` of `total`. */
+static mha_status attend_shards(mha_ctx *ctx, MPI_Comm comm, const mha_kv_cache *shard, int64_t start, int64_t total,
+                                mha_tensor *out, float *lse, const mha_tensor *q, const mha_attn_desc *desc)
 {
     int rank, size;
     MPI_Comm_rank(comm, &rank);
     MPI_Comm_size(comm, &size);
+    int64_t rows = q->shape[0] * q->shape[1] * q->shape[2], part = rows * (q->shape[3] + 1);
+    float *all = mha__alloc(part * (size + 1) + 3 * rows, sizeof(float)), *merged = all ? all + part * size : NULL;
+    mha_status st = !all ? MHA_ERR_NOMEM
+                    : part > INT32_MAX
+                        ? mha__fail(MHA_ERR_UNSUPPORTED, "%lld floats of partial results per rank", (long long)part)
+                        : shard_attention(ctx, shard, start, total, q, desc, all + rank * part);
+    if ((st = mha__mpi_agree(comm, st)) == MHA_OK) {
+        double t = mha__mpi_clock();
+        MPI_Allgather(MPI_IN_PLACE, 0, MPI_FLOAT, all, (int)part, MPI_FLOAT, comm);
+        mha__mpi_waited(t);
+        float *scratch = merged + part;
+        merge_ranks(all, size, rows, q->shape[3], merged, merged + rows * q->shape[3], scratch, scratch + rows,
+                    scratch + 2 * rows);
+        mha__mpi_copy_piece(out, merged, false); /* through out's strides */
+        if (lse) memcpy(lse, merged + rows * q->shape[3], (size_t)rows * sizeof(float));
+    }
+    mha__free(all);
+    return st;
+}
+
+mha_status mha_mpi_kv_cache_attention(mha_ctx *ctx, MPI_Comm comm, const mha_kv_cache *shard, mha_tensor *out,
+                                      float *lse, const mha_tensor *q, const mha_attn_desc *desc)
+{
     mha_status st = check_args(ctx, shard, out, q, desc);
     bool ok = st == MHA_OK;
     mha__mpi_field f[] = {{"q.shape[0] (batch)", ok ? q->shape[0] : 0},
@@ -101,23 +126,7 @@ mha_status mha_mpi_kv_cache_attention(mha_ctx *ctx, MPI_Comm comm, const mha_kv_
     if ((st = mha__mpi_same(comm, st, f, (int)(sizeof f / sizeof f[0]))) != MHA_OK ||
         (st = shard_position(comm, shard, &start, &total)) != MHA_OK)
         return st;
-    int64_t rows = q->shape[0] * q->shape[1] * q->shape[2], part = rows * (q->shape[3] + 1);
-    float *all = mha__alloc(part * (size + 1) + 3 * rows, sizeof(float)), *merged = all ? all + part * size : NULL;
-    st = !all               ? MHA_ERR_NOMEM
-         : part > INT32_MAX ? mha__fail(MHA_ERR_UNSUPPORTED, "%lld floats of partial results per rank", (long long)part)
-                            : shard_attention(ctx, shard, start, total, q, desc, all + rank * part);
-    if ((st = mha__mpi_agree(comm, st)) == MHA_OK) {
-        double t = mha__mpi_clock();
-        MPI_Allgather(MPI_IN_PLACE, 0, MPI_FLOAT, all, (int)part, MPI_FLOAT, comm);
-        mha__mpi_waited(t);
-        float *scratch = merged + part;
-        merge_ranks(all, size, rows, q->shape[3], merged, merged + rows * q->shape[3], scratch, scratch + rows,
-                    scratch + 2 * rows);
-        mha__mpi_copy_piece(out, merged, false); /* through out's strides */
-        if (lse) memcpy(lse, merged + rows * q->shape[3], (size_t)rows * sizeof(float));
-    }
-    mha__free(all);
-    return st;
+    return attend_shards(ctx, comm, shard, start, total, out, lse, q, desc);
 }
 
 /* ------------------------------------------------------------------ */
@@ -176,9 +185,10 @@ static int describe_step(const mha_layer *layer, const mha_tensor *x, mha__mpi_f
 }
 
 /* Every rank's (length, capacity), and from them this rank's share of the
- * new tokens (place_tokens). */
+ * new tokens (place_tokens) and where its block starts once they are in:
+ * after the tokens of the ranks before it, old and new. */
 static mha_status share_of_step(MPI_Comm comm, const mha_kv_cache *shard, int64_t n, int64_t *position, int64_t *first,
-                                int64_t *count)
+                                int64_t *count, int64_t *start)
 {
     int rank, size;
     MPI_Comm_rank(comm, &rank);
@@ -189,6 +199,8 @@ static mha_status share_of_step(MPI_Comm comm, const mha_kv_cache *shard, int64_
     if (st == MHA_OK) {
         MPI_Allgather(mine, 2, MPI_INT64_T, held, 2, MPI_INT64_T, comm);
         st = place_tokens(held, size, rank, n, position, first, count); /* the same on every rank */
+        *start = *first;                                                /* the new tokens before this rank */
+        for (int r = 0; r < rank; r++) *start += held[2 * r];
     }
     mha__free(held);
     return st;
@@ -218,9 +230,9 @@ mha_status mha_mpi_kv_cache_decode(mha_ctx *ctx, MPI_Comm comm, const mha_layer 
     mha__mpi_field f[26];
     mha_status st = check_step(ctx, layer, shard, out, x, &desc);
     int n_fields = st == MHA_OK ? describe_step(layer, x, f) : 0;
-    int64_t position = 0, first = 0, count = 0;
+    int64_t position = 0, first = 0, count = 0, start = 0;
     if ((st = mha__mpi_same(comm, st, f, n_fields)) != MHA_OK ||
-        (st = share_of_step(comm, shard, x->shape[1], &position, &first, &count)) != MHA_OK)
+        (st = share_of_step(comm, shard, x->shape[1], &position, &first, &count, &start)) != MHA_OK)
         return st;
     const mha_layer_desc *d = mha_layer_get_desc(layer);
     int64_t N = x->shape[0], n = x->shape[1], before = mha_kv_cache_length(shard);
@@ -230,7 +242,7 @@ mha_status mha_mpi_kv_cache_decode(mha_ctx *ctx, MPI_Comm comm, const mha_layer 
     st = buf ? project_and_append(ctx, layer, shard, x, position, first, count, &q, buf) : MHA_ERR_NOMEM;
     if ((st = mha__mpi_agree(comm, st)) == MHA_OK) {
         heads = mha_tensor_4d(buf + nq + 2 * nk, N, d->num_heads, n, d->head_dim);
-        st = mha_mpi_kv_cache_attention(ctx, comm, shard, &heads, NULL, &q, &desc); /* agreed inside */
+        st = attend_shards(ctx, comm, shard, start, position + n, &heads, NULL, &q, &desc); /* agreed inside */
     }
     if (st == MHA_OK) {
         y = mha_tensor_3d(heads.data + nq, N, n, d->embed_dim);
