@@ -14,15 +14,38 @@
 #include <sys/stat.h>
 #include <time.h>
 
+/* "mha <cmd>: [rank r of P: ]<message>" on stderr. */
+static void report(const char *cmd, bool name_rank, const char *fmt, va_list ap)
+{
+    fprintf(stderr, "mha %s: ", cmd);
+    if (name_rank && cli_ranks() > 1) fprintf(stderr, "rank %d of %d: ", cli_rank(), cli_ranks());
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+}
+
 void cli_error(const char *cmd, const char *fmt, ...)
 {
     va_list ap;
-    fprintf(stderr, "mha %s: ", cmd);
-    if (cli_ranks() > 1) fprintf(stderr, "rank %d of %d: ", cli_rank(), cli_ranks());
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    report(cmd, true, fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
+}
+
+/* The library's sentence names its rank already; under mpirun every rank
+ * has the same one, so rank 0 alone prints it. */
+static void lib_error(const char *cmd, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    report(cmd, false, fmt, ap);
+    va_end(ap);
+}
+
+void cli_lib_error(const char *cmd, const char *context)
+{
+    if (cli_rank() != 0) return;
+    if (context) lib_error(cmd, "%s: %s", context, mha_last_error());
+    else lib_error(cmd, "%s", mha_last_error());
 }
 
 static void print_usage(const char *cmd, const char *synopsis, const cli_flag *flags, int n)

@@ -195,8 +195,8 @@ void cli_engine_free(cli_engine *e);
 
 /* --parallel (parallel.c): cli_parallel_begin checks the mode against
  * the command's (NULL-terminated `modes`), initialises MPI where this mha
- * was built with it (CLI_USAGE with the reason otherwise) and sets
- * *ranks; with one rank the command runs as without --parallel.  From
+ * was built with it (CLI_USAGE with the reason otherwise); with one rank
+ * (cli_ranks) the command runs as without --parallel.  From
  * then on errors name the rank ("mha forward: rank 1 of 2: ...") and
  * every rank takes part in each step:
  *   cli_agree(rc)       the worst status of all ranks, on every rank
@@ -206,7 +206,7 @@ void cli_engine_free(cli_engine *e);
  *                       already): printed once, by rank 0;
  *   cli_parallel_end    the agreed status, and MPI finalised.
  * Outside a session cli_agree returns rc and cli_lib_error prints. */
-int cli_parallel_begin(const char *cmd, const char *mode, const char *const *modes, int *ranks);
+int cli_parallel_begin(const char *cmd, const char *mode, const char *const *modes);
 int cli_parallel_end(int rc);
 int cli_agree(int rc);
 void cli_lib_error(const char *cmd, const char *context);

@@ -193,8 +193,7 @@ int mha_cmd_decode(int argc, char **argv)
     }
     if ((rc = cli_cache_dtype(CMD, o.cache_dtype, &o.dtype)) != CLI_OK) return rc;
     static const char *const modes[] = {"ring", "heads", NULL};
-    int ranks = 1;
-    if (o.parallel && (rc = cli_parallel_begin(CMD, o.parallel, modes, &ranks)) != CLI_OK) return rc;
+    if (o.parallel && (rc = cli_parallel_begin(CMD, o.parallel, modes)) != CLI_OK) return rc;
     mha_layer_desc hints;
     mha_layer_desc_init(&hints);
     cli_engine engine;

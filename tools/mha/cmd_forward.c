@@ -375,9 +375,7 @@ static int forward_main(int argc, char **argv, bool backward)
     if (rc != CLI_OK || help) return rc;
     if ((rc = check_opts(&o, flags)) != CLI_OK) return rc;
     static const char *const modes[] = {"heads", NULL};
-    int ranks = 1;
-    if (o.parallel && (rc = cli_parallel_begin(CMD, o.parallel, modes, &ranks)) != CLI_OK) return rc;
-    (void)ranks; /* one rank: the engine is the whole layer's */
+    if (o.parallel && (rc = cli_parallel_begin(CMD, o.parallel, modes)) != CLI_OK) return rc;
     mha_st_file *xf = NULL;
     cli_engine engine = {0};
     inputs in;

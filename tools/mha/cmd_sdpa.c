@@ -255,10 +255,9 @@ static int sdpa_main(int argc, char **argv, bool backward)
     if (rc != CLI_OK || help) return rc;
     if ((rc = check_opts(&o)) != CLI_OK) return rc;
     static const char *const modes[] = {"ring", "ulysses", NULL};
-    int ranks = 1;
-    if (o.parallel && (rc = cli_parallel_begin(CMD, o.parallel, modes, &ranks)) != CLI_OK) return rc;
+    if (o.parallel && (rc = cli_parallel_begin(CMD, o.parallel, modes)) != CLI_OK) return rc;
 #ifdef MHA_CLI_MPI
-    if (ranks > 1) return cli_parallel_end(cli_sdpa_parallel(&o));
+    if (cli_ranks() > 1) return cli_parallel_end(cli_sdpa_parallel(&o));
 #endif
     mha_st_file *f = NULL;
     cli_sdpa_inputs in;

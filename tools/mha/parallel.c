@@ -29,7 +29,7 @@ int cli_rank(void) { return session_rank; }
 
 int cli_ranks(void) { return session_ranks; }
 
-int cli_parallel_begin(const char *cmd, const char *mode, const char *const *modes, int *ranks)
+int cli_parallel_begin(const char *cmd, const char *mode, const char *const *modes)
 {
     int i = 0;
     while (modes[i] && strcmp(modes[i], mode) != 0) i++;
@@ -49,10 +49,8 @@ int cli_parallel_begin(const char *cmd, const char *mode, const char *const *mod
     MPI_Comm_rank(MPI_COMM_WORLD, &session_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &session_ranks);
     session_open = true;
-    *ranks = session_ranks;
     return CLI_OK;
 #else
-    (void)ranks;
     cli_error(cmd, "--parallel needs MPI: this mha was built without it (apt-get install libopenmpi-dev "
                    "openmpi-bin, then rebuild)");
     return CLI_USAGE;
@@ -80,16 +78,6 @@ int cli_parallel_end(int rc)
     session_open = started_mpi = false;
     session_rank = 0, session_ranks = 1;
     return rc;
-}
-
-void cli_lib_error(const char *cmd, const char *context)
-{
-    if (session_ranks > 1 && session_rank != 0) return; /* the same sentence is on every rank */
-    int ranks = session_ranks;
-    session_ranks = 1; /* it names its rank already */
-    if (context) cli_error(cmd, "%s: %s", context, mha_last_error());
-    else cli_error(cmd, "%s", mha_last_error());
-    session_ranks = ranks;
 }
 
 #ifdef MHA_CLI_MPI

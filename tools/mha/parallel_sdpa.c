@@ -66,26 +66,28 @@ static mha_status read_part(const seq_job *j, mha_st_file *f, part *p)
 }
 
 /* Gathers every rank's rows of p into `whole` on rank 0 (in the file's
- * order).  Collective; UNSUPPORTED past INT_MAX floats a rank. */
+ * order).  Collective; fails past INT_MAX floats in all. */
 static int gather_part(const seq_job *j, const part *p, float *whole)
 {
-    int64_t numel = part_numel(p);
-    int count = (int)numel, *counts = NULL, *offsets = NULL;
+    int *counts = NULL, *offsets = NULL;
     float *all = NULL;
-    bool ok = numel <= INT_MAX;
-    if (j->rank == 0) {
+    int64_t total = p->shape[0] * p->shape[1] * p->shape[2] * p->shape[3];
+    bool ok = total <= INT_MAX; /* so every count and offset fits an int */
+    if (j->rank == 0 && ok) {
         counts = calloc((size_t)j->size, sizeof(int)), offsets = calloc((size_t)j->size, sizeof(int));
-        int64_t total = p->shape[0] * p->shape[1] * p->shape[2] * p->shape[3];
-        all = total <= INT_MAX ? malloc((size_t)(total ? total : 1) * sizeof(float)) : NULL;
-        ok = ok && counts && offsets && all;
+        all = malloc((size_t)(total ? total : 1) * sizeof(float));
+        ok = counts && offsets && all;
     }
     if (!ok) cli_error(j->o->cmd, "cannot gather %s: out of memory or past INT_MAX floats", p->name);
     int rc = cli_agree(ok ? CLI_OK : CLI_FAIL);
-    if (rc == CLI_OK) {
-        MPI_Gather(&count, 1, MPI_INT, counts, 1, MPI_INT, 0, MPI_COMM_WORLD);
-        for (int r = 1; j->rank == 0 && r < j->size; r++) offsets[r] = offsets[r - 1] + counts[r - 1];
-        MPI_Gatherv(p->data, count, MPI_FLOAT, all, counts, offsets, MPI_FLOAT, 0, MPI_COMM_WORLD);
+    for (int r = 0; rc == CLI_OK && j->rank == 0 && r < j->size; r++) { /* rank r's rows, from the layout */
+        int64_t start[2], rows[2];
+        mha_mpi_layout_rows(j->layout, p->shape[2], j->size, r, start, rows);
+        counts[r] = (int)(p->shape[0] * p->shape[1] * (rows[0] + rows[1]) * p->shape[3]);
+        offsets[r] = r ? offsets[r - 1] + counts[r - 1] : 0;
     }
+    if (rc == CLI_OK)
+        MPI_Gatherv(p->data, (int)part_numel(p), MPI_FLOAT, all, counts, offsets, MPI_FLOAT, 0, MPI_COMM_WORLD);
     int64_t T = p->shape[2], W = p->shape[3];
     for (int r = 0; rc == CLI_OK && j->rank == 0 && r < j->size; r++) { /* rank r's runs back in place */
         int64_t start[2], rows[2];
