@@ -34,3 +34,14 @@ mha_status mha__check_tensor(const mha_tensor *t, const char *what, const int64_
     }
     return MHA_OK;
 }
+
+void mha__tensor_copy(const mha_tensor *src, const mha_tensor *dst)
+{
+    for (int64_t a = 0; a < src->shape[0]; a++)
+        for (int64_t b = 0; b < src->shape[1]; b++)
+            for (int64_t c = 0; c < src->shape[2]; c++) {
+                const float *from = src->data + a * src->stride[0] + b * src->stride[1] + c * src->stride[2];
+                float *to = dst->data + a * dst->stride[0] + b * dst->stride[1] + c * dst->stride[2];
+                for (int64_t e = 0; e < src->shape[3]; e++) to[e * dst->stride[3]] = from[e * src->stride[3]];
+            }
+}

@@ -10,4 +10,7 @@
  * strides address no element past INT64_MAX; INVALID_ARG names `what`. */
 mha_status mha__check_tensor(const mha_tensor *t, const char *what, const int64_t shape[4]);
 
+/* dst = src: two views of the same shape, any strides, not overlapping. */
+void mha__tensor_copy(const mha_tensor *src, const mha_tensor *dst);
+
 #endif /* MHA_TENSOR_H */

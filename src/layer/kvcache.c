@@ -407,17 +407,6 @@ mha_status mha_layer_decode_desc(const mha_layer *l, mha_attn_desc *desc)
     return st;
 }
 
-/* dst = src, two [A, B, C, D] views of any strides. */
-static void copy_4d(const mha_tensor *src, mha_tensor *dst)
-{
-    for (int64_t a = 0; a < src->shape[0]; a++)
-        for (int64_t b = 0; b < src->shape[1]; b++)
-            for (int64_t c = 0; c < src->shape[2]; c++)
-                for (int64_t d = 0; d < src->shape[3]; d++)
-                    dst->data[a * dst->stride[0] + b * dst->stride[1] + c * dst->stride[2] + d * dst->stride[3]] =
-                        src->data[a * src->stride[0] + b * src->stride[1] + c * src->stride[2] + d * src->stride[3]];
-}
-
 /* x [N, n, E] and the three outputs' shapes, for mha_layer_decode_qkv. */
 static mha_status check_qkv(const mha_layer *l, const mha_tensor *x, const mha_tensor *q, const mha_tensor *k,
                             const mha_tensor *v, int64_t position)
@@ -455,7 +444,7 @@ mha_status mha_layer_decode_qkv(mha_ctx *ctx, const mha_layer *l, int64_t positi
         mha_tensor qh = mha__layer_heads_view(l, qb, N, n, l->desc.num_heads);
         mha_tensor kh = mha__layer_heads_view(l, kb, N, n, l->desc.num_kv_heads);
         mha_tensor vh = mha__layer_heads_view(l, vb, N, n, l->desc.num_kv_heads);
-        copy_4d(&qh, q), copy_4d(&kh, k), copy_4d(&vh, v);
+        mha__tensor_copy(&qh, q), mha__tensor_copy(&kh, k), mha__tensor_copy(&vh, v);
     }
     mha__ws_release(ctx, top);
     return st;
@@ -488,7 +477,7 @@ mha_status mha_layer_decode_output(mha_ctx *ctx, const mha_layer *l, mha_tensor 
     int64_t top = mha__ws_top(ctx);
     float *hb = mha__ws_take(ctx, nq * (int64_t)sizeof(float));
     mha_tensor mine = mha__layer_heads_view(l, hb, N, n, l->desc.num_heads);
-    if (hb) copy_4d(heads, &mine); /* into the layout the output projection reads */
+    if (hb) mha__tensor_copy(heads, &mine); /* into the layout the output projection reads */
     st = hb ? mha__layer_project_output(ctx, l, N, n, hb, out, NULL) : MHA_ERR_INTERNAL;
     mha__ws_release(ctx, top);
     return st;

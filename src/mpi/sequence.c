@@ -24,15 +24,9 @@ int64_t mha__mpi_numel(const mha_tensor *p) { return p->shape[0] * p->shape[1] *
 /* Copies a view to a contiguous block (out = true) or back. */
 void mha__mpi_copy_piece(const mha_tensor *p, float *block, bool out)
 {
-    for (int64_t a = 0; a < p->shape[0]; a++)
-        for (int64_t b = 0; b < p->shape[1]; b++)
-            for (int64_t c = 0; c < p->shape[2]; c++) {
-                float *row = p->data + a * p->stride[0] + b * p->stride[1] + c * p->stride[2];
-                for (int64_t e = 0; e < p->shape[3]; e++, block++) {
-                    if (out) *block = row[e * p->stride[3]];
-                    else row[e * p->stride[3]] = *block;
-                }
-            }
+    mha_tensor b = mha_tensor_4d(block, p->shape[0], p->shape[1], p->shape[2], p->shape[3]);
+    if (out) mha__tensor_copy(p, &b);
+    else mha__tensor_copy(&b, p);
 }
 
 void mha__mpi_merge_rows(float *o, float *m, float *s, const float *po, const float *pm, const float *ps, int64_t n,
