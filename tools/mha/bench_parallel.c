@@ -214,12 +214,8 @@ static void report(const par_case *c, double *ms, double *xfer, int n)
 
 int cli_bench_parallel(const cli_bench_shape *o)
 {
-    int started = 0;
-    MPI_Initialized(&started);
-    if (!started) MPI_Init(NULL, NULL);
     par_case c = {.o = o};
-    MPI_Comm_rank(MPI_COMM_WORLD, &c.rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &c.size);
+    c.rank = cli_rank(), c.size = cli_ranks();
     double *ms = malloc((size_t)o->repeat * 2 * sizeof(double)), *xfer = ms ? ms + o->repeat : NULL;
     mha_status st = ms ? setup(&c) : MHA_ERR_NOMEM;
     for (int w = 0; st == MHA_OK && w < 2; w++) st = run_once(&c); /* warm-up */
@@ -233,9 +229,8 @@ int cli_bench_parallel(const cli_bench_shape *o)
         ms[r] = most[0], xfer[r] = most[1];
     }
     if (st == MHA_OK) report(&c, ms, xfer, (int)o->repeat);
-    else if (c.rank == 0) cli_error(CMD, "%s", mha_last_error());
+    else cli_lib_error(CMD, NULL);
     free(ms);
     case_free(&c);
-    if (!started) MPI_Finalize();
     return st == MHA_OK ? CLI_OK : CLI_FAIL;
 }

@@ -27,7 +27,8 @@ int mha_cmd_show(int argc, char **argv);
 int mha_cmd_bench(int argc, char **argv);
 
 /* `mha bench --parallel MODE` under mpirun (bench_parallel.c, built where
- * MPI is): the shape and mode of one benchmark. */
+ * MPI is), in a session cli_parallel_begin began: the shape and mode of
+ * one benchmark. */
 typedef struct cli_bench_shape {
     const char *op, *parallel; /* heads (forward, backward), ring or ulysses (sdpa, sdpa-backward; ring: decode) */
     mha_dtype cache;           /* decode: the shards' storage */

@@ -342,7 +342,7 @@ static int check_op(bench_opts *o)
 /* --parallel: the mode fits --op, and this mha was built with MPI. */
 static int measure_parallel(const bench_opts *o)
 {
-    static const char *const modes[] = {"heads", "ring", "ulysses"};
+    static const char *const modes[] = {"heads", "ring", "ulysses", NULL};
     int mode = cli_choice(o->parallel, modes, 3);
     bool layer = strcmp(o->op, "forward") == 0 || strcmp(o->op, "backward") == 0;
     bool decode = strcmp(o->op, "decode") == 0;
@@ -357,6 +357,8 @@ static int measure_parallel(const bench_opts *o)
         cli_error(CMD, "--parallel computes in f32, with as many keys as queries but for decode");
         return CLI_USAGE;
     }
+    int rc = cli_parallel_begin(CMD, o->parallel, modes); /* built without MPI: says so */
+    if (rc != CLI_OK) return rc;
 #ifdef MHA_CLI_MPI
     cli_bench_shape s = {o->op,
                          o->parallel,
@@ -372,12 +374,9 @@ static int measure_parallel(const bench_opts *o)
                          o->causal,
                          strcmp(o->op, "backward") == 0 || strcmp(o->op, "sdpa-backward") == 0,
                          o->json};
-    return cli_bench_parallel(&s);
-#else
-    cli_error(CMD, "--parallel needs MPI: this mha was built without it (apt-get install libopenmpi-dev, then "
-                   "configure again)");
-    return CLI_FAIL;
+    rc = cli_bench_parallel(&s);
 #endif
+    return cli_parallel_end(rc);
 }
 
 static const cli_range GFLOPS = {1e-3, 1e9, "a positive GFLOP/s figure"};

@@ -17,9 +17,10 @@
 #endif
 
 /* The session: this process's rank and the number of ranks (1 outside
- * one); whether MPI was started here. */
+ * one, where every step is this process's alone); whether MPI was
+ * started here. */
 static int session_rank = 0, session_ranks = 1;
-static bool session_open = false, started_mpi = false;
+static bool started_mpi = false;
 
 #ifdef MHA_CLI_MPI
 static const char *session_mode = ""; /* --parallel's */
@@ -48,7 +49,6 @@ int cli_parallel_begin(const char *cmd, const char *mode, const char *const *mod
     started_mpi = !running;
     MPI_Comm_rank(MPI_COMM_WORLD, &session_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &session_ranks);
-    session_open = true;
     return CLI_OK;
 #else
     cli_error(cmd, "--parallel needs MPI: this mha was built without it (apt-get install libopenmpi-dev "
@@ -60,7 +60,7 @@ int cli_parallel_begin(const char *cmd, const char *mode, const char *const *mod
 int cli_agree(int rc)
 {
 #ifdef MHA_CLI_MPI
-    if (session_open && session_ranks > 1) {
+    if (session_ranks > 1) {
         int worst = rc;
         MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
         return worst;
@@ -75,7 +75,7 @@ int cli_parallel_end(int rc)
 #ifdef MHA_CLI_MPI
     if (started_mpi) MPI_Finalize();
 #endif
-    session_open = started_mpi = false;
+    started_mpi = false;
     session_rank = 0, session_ranks = 1;
     return rc;
 }
@@ -164,8 +164,8 @@ int cli_engine_load(const char *cmd, const cli_layer_opts *o, mha_layer_desc *hi
 {
     memset(e, 0, sizeof *e);
 #ifdef MHA_CLI_MPI
-    if (session_open && session_ranks > 1 && strcmp(session_mode, "heads") == 0) return engine_heads(cmd, o, hints, e);
-    if (session_open && session_ranks > 1) { /* ring: every rank the whole layer */
+    if (session_ranks > 1 && strcmp(session_mode, "heads") == 0) return engine_heads(cmd, o, hints, e);
+    if (session_ranks > 1) { /* ring: every rank the whole layer */
         int rc = cli_agree(cli_engine_single(cmd, o, hints, e));
         e->decode = ring_decode, e->cache_capacity = ring_capacity, e->writes = session_rank == 0;
         return rc;
