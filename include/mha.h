@@ -95,10 +95,11 @@ const char *mha_last_error(void);
  * check that header and library match. */
 const char *mha_version(void);
 
-/* The instruction set of the kernels in use: "avx512", "avx2" or
- * "generic", the best this CPU and OS support.  The environment variable
- * MHA_ISA=generic|avx2|avx512, read once, caps the choice (for tests and
- * benchmarks).  Static storage. */
+/* The instruction set of the kernels in use: "amx" (the avx512 kernels,
+ * with AMX tiles for bfloat16 products), "avx512", "avx2" or "generic", the
+ * best this CPU and OS support.  The environment variable
+ * MHA_ISA=generic|avx2|avx512|amx, read once, caps the choice (for tests
+ * and benchmarks).  Static storage. */
 const char *mha_isa(void);
 
 /* ------------------------------------------------------------------ */
@@ -445,8 +446,10 @@ void mha_layer_desc_init(mha_layer_desc *desc);
  * unnormalised attention probabilities and the head outputs are rounded to
  * bf16 where they enter a matrix product; every product accumulates in
  * float32, softmax statistics stay float32, and inputs and outputs are
- * float32 buffers as always.  It uses AVX512-BF16 where the CPU has it
- * (mha_isa() "avx512" and the CPU flag), else a portable bf16 kernel.
+ * float32 buffers as always.  Its matrix products run on AMX tiles where
+ * the CPU has them (mha_isa() "amx"), else on AVX512-BF16 where the CPU
+ * has it (mha_isa() "avx512" and the CPU flag), else on a portable bf16
+ * kernel.
  * Accuracy: docs/NUMERICS.md.
  *
  * A layer owns packed copies of its weights.  Biases start at 0, as

@@ -295,31 +295,60 @@ static void test_rows(const mha__kernels *kt, const mha__bf16_kernels *bk, bool 
           bk ? bk->name : kt->name, bad);
 }
 
-/* The bf16 kernels: the tile over every tail, both A layouts (row-major
- * and pairs of rows) and both accumulate modes, writing nothing outside the
- * tile, with sums within float32 rounding of the exact (double) ones; and
- * the conversions against the scalar rounding. */
+/* P's turn into rows: every element rounded as the scalar rounding does,
+ * over sizes around the 16 x 16 blocks, nothing written outside rows x cols
+ * of dst. */
+static void test_bf16_transpose(const mha__bf16_kernels *bk)
+{
+    enum { MAX = 40, LDS = MAX + 3, LDD = MAX + 5 };
+    static const int64_t sizes[] = {1, 3, 15, 16, 17, 32, 40};
+    enum { N_SIZES = sizeof sizes / sizeof sizes[0] };
+    float src[MAX * LDS];
+    uint16_t dst[(MAX + 1) * LDD];
+    for (int i = 0; i < MAX * LDS; i++) src[i] = uniform() * 100.0f;
+    int bad = 0;
+    for (int ri = 0; ri < N_SIZES; ri++)
+        for (int ci = 0; ci < N_SIZES; ci++) {
+            int64_t rows = sizes[ri], cols = sizes[ci];
+            memset(dst, 0xab, sizeof dst);
+            bk->transpose(dst, LDD, src, LDS, rows, cols);
+            for (int64_t r = 0; r <= MAX; r++)
+                for (int64_t c = 0; c < LDD; c++) {
+                    uint16_t want = r < rows && c < cols ? mha__f32_to_bf16(src[c * LDS + r]) : 0xabab;
+                    bad += dst[r * LDD + c] != want;
+                }
+        }
+    CHECK(bad == 0, "%s bf16 transpose: %d wrong or out-of-range values", bk->name, bad);
+}
+
+/* The bf16 kernels: the product over sizes around every tile edge (the
+ * register tiles' 12 x 32, AMX's 16 x 16 and 32 x 32, k steps of 32), both
+ * A layouts (row-major and pairs of rows) and both accumulate modes,
+ * writing nothing outside C's m x n, with sums within float32 rounding of
+ * the exact (double) ones; and the conversions against the scalar
+ * rounding. */
 static void test_bf16_kernels(const mha__bf16_kernels *bk)
 {
-    enum { K_MAX = 200, MR = MHA_BF16_MR, NR = MHA_BF16_NR, GUARD = 3 };
-    static const int64_t ks[] = {0, 2, 6, 64, 200};
-    int64_t lda = K_MAX + 6, ldb = 2 * NR + 10, ldc = NR + 9;
-    uint16_t *a = malloc(sizeof(uint16_t) * MR * lda * 2), *b = malloc(sizeof(uint16_t) * (K_MAX / 2) * ldb);
-    float *c = malloc(sizeof(float) * (MR + GUARD) * ldc), *c0 = malloc(sizeof(float) * (MR + GUARD) * ldc);
-    for (int64_t i = 0; i < MR * lda * 2; i++) a[i] = mha__f32_to_bf16(uniform());
+    enum { K_MAX = 200, M_MAX = 50, N_MAX = 50, GUARD = 3 };
+    static const int64_t ks[] = {0, 2, 6, 32, 64, 98, 200}, sizes[] = {1, 5, 12, 13, 16, 17, 32, 33, 50};
+    enum { N_SIZES = sizeof sizes / sizeof sizes[0] };
+    int64_t lda = K_MAX + 6, ldb = 2 * N_MAX + 10, ldc = N_MAX + 9;
+    uint16_t *a = malloc(sizeof(uint16_t) * M_MAX * lda * 2), *b = malloc(sizeof(uint16_t) * (K_MAX / 2) * ldb);
+    float *c = malloc(sizeof(float) * (M_MAX + GUARD) * ldc), *c0 = malloc(sizeof(float) * (M_MAX + GUARD) * ldc);
+    for (int64_t i = 0; i < M_MAX * lda * 2; i++) a[i] = mha__f32_to_bf16(uniform());
     for (int64_t i = 0; i < (K_MAX / 2) * ldb; i++) b[i] = mha__f32_to_bf16(uniform());
     int bad = 0;
     for (int layout = 0; layout < 2; layout++)
         for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++)
-            for (int64_t m = 1; m <= MR; m++)
-                for (int64_t n = 1; n <= NR; n++)
+            for (int mi = 0; mi < N_SIZES; mi++)
+                for (int ni = 0; ni < N_SIZES; ni++)
                     for (int acc = 0; acc < 2; acc++) {
-                        int64_t k = ks[ki];
-                        /* layout 0: rows of k values; 1: pairs of rows, [k / 2][MR][2]. */
-                        int64_t a_rs = layout ? 2 : lda, a_ps = layout ? 2 * MR : 2;
-                        for (int64_t i = 0; i < (MR + GUARD) * ldc; i++) c[i] = c0[i] = uniform();
-                        bk->tile(m, n, k, a, a_rs, a_ps, b, ldb, c, ldc, acc);
-                        for (int64_t i = 0; i < MR + GUARD; i++)
+                        int64_t k = ks[ki], m = sizes[mi], n = sizes[ni];
+                        /* layout 0: rows of k values; 1: pairs of rows, [k / 2][M_MAX][2]. */
+                        int64_t a_rs = layout ? 2 : lda, a_ps = layout ? 2 * M_MAX : 2;
+                        for (int64_t i = 0; i < (M_MAX + GUARD) * ldc; i++) c[i] = c0[i] = uniform();
+                        bk->gemm(m, n, k, a, a_rs, a_ps, b, ldb, c, ldc, acc);
+                        for (int64_t i = 0; i < M_MAX + GUARD; i++)
                             for (int64_t j = 0; j < ldc; j++) {
                                 float got = c[i * ldc + j];
                                 if (i >= m || j >= n) {
@@ -336,7 +365,8 @@ static void test_bf16_kernels(const mha__bf16_kernels *bk)
                                 bad += fabs(got - want) > (double)(k + 2) * FLT_EPSILON * mag + 1e-30;
                             }
                     }
-    CHECK(bad == 0, "%s bf16 tile: %d wrong or out-of-tile values", bk->name, bad);
+    CHECK(bad == 0, "%s bf16 product: %d wrong or out-of-block values", bk->name, bad);
+    test_bf16_transpose(bk);
     /* Conversions, with tails, against the scalar round-to-nearest-even. */
     enum { N = 37 };
     float x0[N], x1[N];
@@ -367,7 +397,7 @@ static void test_bf16_kernels(const mha__bf16_kernels *bk)
 
 int main(void)
 {
-    static const char *const bf16_names[] = {"generic", "avx2", "avx512_bf16"};
+    static const char *const bf16_names[] = {"generic", "avx2", "avx512_bf16", "amx"};
     for (size_t i = 0; i < sizeof bf16_names / sizeof bf16_names[0]; i++) {
         const mha__bf16_kernels *bk = mha__bf16_named(bf16_names[i]);
         if (bk) {

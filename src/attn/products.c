@@ -135,26 +135,22 @@ static void scores_bf16(const mha__attn_plan *p, mha__strided k, int64_t rows, i
         }
         if (D & 1) t->k16[c * De + D] = 0;
     }
-    for (int64_t c = 0; c < cols; c += MHA_BF16_MR)
-        for (int64_t r = 0; r < rows; r += MHA_BF16_NR) {
-            int64_t m = cols - c < MHA_BF16_MR ? cols - c : MHA_BF16_MR,
-                    n = rows - r < MHA_BF16_NR ? rows - r : MHA_BF16_NR;
-            p->bk->tile(m, n, De, t->k16 + c * De, De, 2, (const uint16_t *)t->qt + 2 * r, 2 * MHA__BR,
-                        t->st + c * MHA__LDS + r, MHA__LDS, 0);
-        }
+    p->bk->gemm(cols, rows, De, t->k16, De, 2, (const uint16_t *)t->qt, 2 * MHA__BR, t->st, MHA__LDS, 0);
 }
 
-/* Pairs of key rows of P (key-major, as softmax_step left it) and of V
- * interleaved and rounded, padded to an even number of keys; P's pairs
- * are then the A operand (a_rs = 2, a_ps = 2 BR). */
+/* P (key-major, as softmax_step left it) turned into a row of keys per
+ * query and rounded: the A operand in rows (a_ps = 2), as AMX loads it
+ * whole.  Pairs of V's rows interleaved and rounded: the B operand.  Both
+ * padded to an even number of keys. */
 static void values_bf16(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, const mha__tiles *t)
 {
     const mha__bf16_kernels *bk = p->bk;
     int64_t Dv = p->Dv, ce = even(cols);
     uint16_t *v16 = (uint16_t *)t->vt, *p16 = t->p16;
+    bk->transpose(p16, ce, t->st, MHA__LDS, rows, cols);
+    if (cols & 1)
+        for (int64_t r = 0; r < rows; r++) p16[r * ce + cols] = 0;
     for (int64_t c = 0; c < cols; c += 2) {
-        const float *second = c + 1 < cols ? t->st + (c + 1) * MHA__LDS : NULL;
-        bk->pairs(p16 + (c / 2) * 2 * MHA__BR, t->st + c * MHA__LDS, second, rows);
         if (v.cs == 1) {
             bk->pairs(v16 + (c / 2) * 2 * Dv, v.data + c * v.rs, c + 1 < cols ? v.data + (c + 1) * v.rs : NULL, Dv);
             continue;
@@ -164,12 +160,7 @@ static void values_bf16(const mha__attn_plan *p, mha__strided v, int64_t rows, i
             v16[(c / 2) * 2 * Dv + 2 * d + 1] = c + 1 < cols ? mha__f32_to_bf16(v.data[(c + 1) * v.rs + d * v.cs]) : 0;
         }
     }
-    for (int64_t r = 0; r < rows; r += MHA_BF16_MR)
-        for (int64_t c = 0; c < Dv; c += MHA_BF16_NR) {
-            int64_t m = rows - r < MHA_BF16_MR ? rows - r : MHA_BF16_MR,
-                    n = Dv - c < MHA_BF16_NR ? Dv - c : MHA_BF16_NR;
-            bk->tile(m, n, ce, p16 + 2 * r, 2, 2 * MHA__BR, v16 + 2 * c, 2 * Dv, t->o + r * Dv + c, Dv, 1);
-        }
+    bk->gemm(rows, Dv, ce, p16, ce, 2, v16, 2 * Dv, t->o, Dv, 1);
 }
 
 const mha__products mha__products_bf16 = {pack_queries_bf16, scores_bf16, values_bf16};

@@ -12,11 +12,13 @@
 /* Query rows per item (at most MHA__BR) and keys per tile: multiples of
  * every kernel's mr (12, 6, 4), so full tiles have no tails.  MHA__BR is
  * also the leading dimension of (scale Q)^T.  The score tile's is MHA__LDS,
- * 8 floats more: 768 bytes apart, a strip of P V's A operand (one column
- * per key) fell into a quarter of L1's sets and missed on every strip;
- * 800 bytes apart it spreads over all of them (3x fewer L1 misses in P V,
- * cachegrind). */
-enum { MHA__BR = 192, MHA__BC = 192, MHA__LDS = MHA__BR + 8 };
+ * 16 floats more: 768 bytes apart, a strip of P V's A operand (one column
+ * per key) fell into a quarter of L1's sets and missed on every strip; 832
+ * bytes apart (13 cache lines, an odd count) it spreads over all of them
+ * (3x fewer L1 misses in P V, cachegrind, measured at 800 bytes) and every
+ * row starts a cache line, as AMX's tile stores need to run at full speed
+ * (a 16 x 16 float tile stored 800 bytes apart ran at 0.64x). */
+enum { MHA__BR = 192, MHA__BC = 192, MHA__LDS = MHA__BR + 16 };
 
 /* Per-thread tiles, carved from one workspace slice. */
 typedef struct mha__tiles {
@@ -28,7 +30,7 @@ typedef struct mha__tiles {
     float *o;                         /* [BR][Dv]  unnormalised output */
     float *max, *sum, *scale;         /* [BR] */
     uint16_t *k16;                    /* bf16 only: [BC][D even]  the key tile, rounded */
-    uint16_t *p16;                    /* bf16 only: [BC / 2][BR][2] probabilities in pairs of keys, rounded */
+    uint16_t *p16;                    /* bf16 only: [BR][BC even]  probabilities, a row of keys per query, rounded */
     int64_t lo[MHA__BR], hi[MHA__BR]; /* each row's visible real keys (mha__row_key_range) */
     bool large[MHA__BR];              /* the row's raw scores in the tile need refining (attention.h) */
 } mha__tiles;

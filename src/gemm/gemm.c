@@ -434,7 +434,7 @@ static void round_rows(void *arg, int thread, int64_t begin, int64_t end)
 }
 
 typedef struct linear_bf16_job {
-    mha__gemm_tile_bf16_fn tile;
+    mha__gemm_bf16_fn gemm;
     int64_t rows;
     const uint16_t *xb;
     const mha__packed_bf16 *w;
@@ -447,19 +447,16 @@ static void linear_bf16_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const linear_bf16_job *j = arg;
-    int64_t nr = MHA_BF16_NR, mr = MHA_BF16_MR, in_even = j->w->in_even;
+    int64_t nr = MHA_BF16_NR, in_even = j->w->in_even;
     for (int64_t item = begin; item < end; item++) {
         int64_t panel = item / j->row_blocks, r0 = (item % j->row_blocks) * ROW_BLOCK;
         int64_t r1 = r0 + ROW_BLOCK < j->rows ? r0 + ROW_BLOCK : j->rows;
         int64_t col0 = panel * nr, cols = j->w->out - col0 < nr ? j->w->out - col0 : nr;
         const uint16_t *b = j->w->data + panel * in_even * nr;
-        for (int64_t r = r0; r < r1; r += mr) {
-            int64_t m = r1 - r < mr ? r1 - r : mr;
-            float *y = mat_at(&j->y, r, col0);
-            if (j->b)
-                for (int64_t i = 0; i < m; i++) memcpy(y + i * j->y.rs, j->b + col0, (size_t)cols * sizeof(float));
-            j->tile(m, cols, in_even, j->xb + r * in_even, in_even, 2, b, 2 * nr, y, j->y.rs, j->b != NULL);
-        }
+        float *y = mat_at(&j->y, r0, col0);
+        if (j->b)
+            for (int64_t i = 0; i < r1 - r0; i++) memcpy(y + i * j->y.rs, j->b + col0, (size_t)cols * sizeof(float));
+        j->gemm(r1 - r0, cols, in_even, j->xb + r0 * in_even, in_even, 2, b, 2 * nr, y, j->y.rs, j->b != NULL);
     }
 }
 
@@ -480,7 +477,7 @@ mha_status mha__linear_bf16(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t r
     if (!xb) return MHA_ERR_INTERNAL;
     round_job rj = {bk, x, w->in, w->in_even, xb};
     mha__parallel_for(ctx, rows, round_rows, &rj);
-    linear_bf16_job job = {bk->tile, rows, xb, w, b, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK};
+    linear_bf16_job job = {bk->gemm, rows, xb, w, b, *y, (rows + ROW_BLOCK - 1) / ROW_BLOCK};
     mha__parallel_for(ctx, job.row_blocks * ((w->out + MHA_BF16_NR - 1) / MHA_BF16_NR), linear_bf16_range, &job);
     mha__ws_release(ctx, top);
     return MHA_OK;

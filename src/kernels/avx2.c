@@ -302,9 +302,10 @@ void mha__axpy_rows_i8_avx2(const float *p, const float *scale, const int8_t *v,
 
 const mha__bf16_kernels mha__bf16_kernels_avx2 = {
     .name = "avx2",
-    .tile = mha__bf16_tile_generic,
+    .gemm = mha__bf16_gemm_generic,
     .round = mha__bf16_round_generic,
     .pairs = mha__bf16_pairs_generic,
+    .transpose = mha__bf16_transpose_generic,
     .dot_rows = dot_rows_bf16_avx2,
     .axpy_rows = axpy_rows_bf16_avx2,
     .peak = NULL, /* converts to float32: the float32 peak applies */

@@ -121,6 +121,59 @@ static void pairs_bf16_avx512(uint16_t *dst, const float *x0, const float *x1, i
     }
 }
 
+static void gemm_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
+                             const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+{
+    mha__bf16_gemm_tiled(tile_bf16_avx512, m, n, k, a, a_rs, a_ps, b, ldb, c, ldc, accumulate);
+}
+
+/* x[j][i] <- x[i][j] for 16 rows of 16 floats: pairs of rows interleaved,
+ * then fours, then the 128-bit lanes moved as a 4 x 4 transpose. */
+static void transpose16(__m512 x[16])
+{
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(x[i], x[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(x[i], x[i + 1]);
+    }
+    /* u[4g + e], lane L: rows 4g .. 4g+3 of column 4L + e. */
+    for (int g = 0; g < 16; g += 4) {
+        u[g] = _mm512_shuffle_ps(t[g], t[g + 2], 0x44);
+        u[g + 1] = _mm512_shuffle_ps(t[g], t[g + 2], 0xee);
+        u[g + 2] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+        u[g + 3] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0xee);
+    }
+    /* Column 4L + e, lane g, is u[4g + e]'s lane L. */
+    for (int e = 0; e < 4; e++) {
+        __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44), v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xee);
+        __m512 v2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44),
+               v3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xee);
+        x[e] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+        x[4 + e] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
+        x[8 + e] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+        x[12 + e] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
+    }
+}
+
+/* Blocks of 16 x 16: 16 rows of src (keys) loaded, transposed in
+ * registers, rounded, stored as 16 rows of dst (queries). */
+static void transpose_bf16_avx512(uint16_t *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols)
+{
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        __mmask16 row_mask = lane_mask(rows - r0);
+        for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+            int64_t nc = cols - c0 < 16 ? cols - c0 : 16, nr = rows - r0 < 16 ? rows - r0 : 16;
+            __m512 x[16];
+            for (int64_t c = 0; c < 16; c++)
+                x[c] = c < nc ? _mm512_maskz_loadu_ps(row_mask, src + (c0 + c) * lds + r0) : _mm512_setzero_ps();
+            transpose16(x);
+            __mmask16 col_mask = lane_mask(nc);
+            for (int64_t r = 0; r < nr; r++)
+                _mm256_mask_storeu_epi16(dst + (r0 + r) * ldd + c0, col_mask, (__m256i)_mm512_cvtneps_pbh(x[r]));
+        }
+    }
+}
+
 /* 12 independent vdpbf16ps chains; each instruction is 16 lanes x 2
  * multiply-adds. */
 static double peak_bf16_avx512(int64_t iterations)
@@ -154,10 +207,24 @@ static __m512 load_bf16(__mmask16 mk, const uint16_t *x)
 
 const mha__bf16_kernels mha__bf16_kernels_avx512 = {
     .name = "avx512_bf16",
-    .tile = tile_bf16_avx512,
+    .gemm = gemm_bf16_avx512,
     .round = round_bf16_avx512,
     .pairs = pairs_bf16_avx512,
+    .transpose = transpose_bf16_avx512,
     .dot_rows = dot_rows_bf16_avx512,
     .axpy_rows = axpy_rows_bf16_avx512,
     .peak = peak_bf16_avx512,
+};
+
+/* Every CPU with AMX-BF16 has AVX512-BF16: the tiles take the products,
+ * this file's kernels the rest. */
+const mha__bf16_kernels mha__bf16_kernels_amx = {
+    .name = "amx",
+    .gemm = mha__bf16_gemm_amx,
+    .round = round_bf16_avx512,
+    .pairs = pairs_bf16_avx512,
+    .transpose = transpose_bf16_avx512,
+    .dot_rows = dot_rows_bf16_avx512,
+    .axpy_rows = axpy_rows_bf16_avx512,
+    .peak = mha__bf16_peak_amx,
 };

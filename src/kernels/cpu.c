@@ -3,9 +3,10 @@
  *
  * A feature counts only when the CPU has it (CPUID) and the OS saves its
  * registers across context switches (XGETBV): AVX needs XMM and YMM state,
- * AVX-512 also the opmask and both halves of the ZMM state.  MHA_ISA caps
- * the choice (generic < avx2 < avx512) so tests and benchmarks can run
- * every path this machine has.
+ * AVX-512 also the opmask and both halves of the ZMM state, AMX the tile
+ * configuration and data (and Linux's permission, asked for once).  MHA_ISA
+ * caps the choice (generic < avx2 < avx512 < amx) so tests and benchmarks
+ * can run every path this machine has.
  */
 #define _GNU_SOURCE
 
@@ -19,6 +20,8 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 static uint64_t xgetbv0(void)
 {
@@ -28,53 +31,72 @@ static uint64_t xgetbv0(void)
 }
 
 typedef struct cpu_features {
-    bool avx2_fma, avx512, avx512_bf16;
+    bool avx2_fma, avx512, avx512_bf16, amx_bf16;
 } cpu_features;
+
+/* Linux hands out the AMX tile data state (8 KB per thread) only to a
+ * process that asks for it; the request is for the whole process and may
+ * be repeated.  Without it the first tile instruction faults. */
+static bool amx_permitted(void)
+{
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return false;
+#endif
+}
 
 static cpu_features detect(void)
 {
-    cpu_features f = {false, false, false};
+    cpu_features f = {false, false, false, false};
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
     bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
     if (!osxsave || !avx) return f;
     uint64_t xcr0 = xgetbv0();
-    bool ymm_state = (xcr0 & 0x6) == 0x6;   /* SSE and AVX state */
-    bool zmm_state = (xcr0 & 0xe6) == 0xe6; /* plus opmask, ZMM_Hi256, Hi16_ZMM */
+    bool ymm_state = (xcr0 & 0x6) == 0x6;          /* SSE and AVX state */
+    bool zmm_state = (xcr0 & 0xe6) == 0xe6;        /* plus opmask, ZMM_Hi256, Hi16_ZMM */
+    bool tile_state = (xcr0 & 0x60000) == 0x60000; /* XTILECFG and XTILEDATA */
     if (!ymm_state || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
     bool avx2 = b & (1u << 5);
     bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31)); /* F DQ BW VL */
+    bool amx = (d & (1u << 22)) && (d & (1u << 24));                                            /* BF16, TILE */
     f.avx2_fma = avx2 && fma;
     f.avx512 = f.avx2_fma && avx512 && zmm_state;
     if (f.avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
+    f.amx_bf16 = f.avx512_bf16 && amx && tile_state && amx_permitted();
     return f;
 }
 #else
 typedef struct cpu_features {
-    bool avx2_fma, avx512, avx512_bf16;
+    bool avx2_fma, avx512, avx512_bf16, amx_bf16;
 } cpu_features;
 
-static cpu_features detect(void) { return (cpu_features){false, false, false}; }
+static cpu_features detect(void) { return (cpu_features){false, false, false, false}; }
 #endif
 
 /* Each instruction set with its kernels for each dtype the library
- * computes in, best first.  bf16 uses the AVX512-BF16 dot products only
- * with the avx512 float32 kernels (so MHA_ISA caps both) and where the CPU
- * has them; with avx2, AVX2 cache rows beside the portable tile; the
- * portable bf16 kernels everywhere else. */
+ * computes in, best first.  "amx" is avx512 for float32 with AMX tiles for
+ * the bf16 products; bf16 uses the AVX512-BF16 dot products only with the
+ * avx512 float32 kernels (so MHA_ISA caps both) and where the CPU has them;
+ * with avx2, AVX2 cache rows beside the portable tile; the portable bf16
+ * kernels everywhere else. */
 typedef struct isa_entry {
+    const char *name; /* MHA_ISA's values, mha_isa()'s answers */
     const mha__kernels *f32;
     const mha__bf16_kernels *bf16_native; /* NULL: the portable ones */
 } isa_entry;
 
 #if defined(__x86_64__) || defined(__i386__)
 static const isa_entry candidates[] = {
-    {&mha__kernels_avx512, &mha__bf16_kernels_avx512},
-    {&mha__kernels_avx2, &mha__bf16_kernels_avx2},
-    {&mha__kernels_generic, NULL},
+    {"amx", &mha__kernels_avx512, &mha__bf16_kernels_amx},
+    {"avx512", &mha__kernels_avx512, &mha__bf16_kernels_avx512},
+    {"avx2", &mha__kernels_avx2, &mha__bf16_kernels_avx2},
+    {"generic", &mha__kernels_generic, NULL},
 };
 
-static bool runs_here(const mha__kernels *k, cpu_features f)
+static bool f32_here(const mha__kernels *k, cpu_features f)
 {
     if (k == &mha__kernels_avx512) return f.avx512;
     if (k == &mha__kernels_avx2) return f.avx2_fma;
@@ -83,12 +105,22 @@ static bool runs_here(const mha__kernels *k, cpu_features f)
 
 static bool bf16_native_here(const mha__bf16_kernels *k, cpu_features f)
 {
+    if (k == &mha__bf16_kernels_amx) return f.amx_bf16;
     return k == &mha__bf16_kernels_avx512 ? f.avx512_bf16 : f.avx2_fma;
 }
-#else
-static const isa_entry candidates[] = {{&mha__kernels_generic, NULL}};
 
-static bool runs_here(const mha__kernels *k, cpu_features f)
+/* An entry that only adds a bf16 path (amx) needs that path; the others
+ * need their float32 kernels, their bf16 kernels falling back to the
+ * portable ones. */
+static bool runs_here(const isa_entry *e, cpu_features f)
+{
+    if (!f32_here(e->f32, f)) return false;
+    return e->bf16_native != &mha__bf16_kernels_amx || bf16_native_here(e->bf16_native, f);
+}
+#else
+static const isa_entry candidates[] = {{"generic", &mha__kernels_generic, NULL}};
+
+static bool f32_here(const mha__kernels *k, cpu_features f)
 {
     (void)k;
     (void)f;
@@ -101,6 +133,8 @@ static bool bf16_native_here(const mha__bf16_kernels *k, cpu_features f)
     (void)f;
     return false;
 }
+
+static bool runs_here(const isa_entry *e, cpu_features f) { return f32_here(e->f32, f); }
 #endif
 
 enum { N_CANDIDATES = sizeof candidates / sizeof candidates[0] };
@@ -110,11 +144,12 @@ const mha__kernels *mha__kernels_named(const char *name)
     cpu_features f = detect();
     for (size_t i = 0; i < N_CANDIDATES; i++)
         if (name && strcmp(candidates[i].f32->name, name) == 0)
-            return runs_here(candidates[i].f32, f) ? candidates[i].f32 : NULL;
+            return f32_here(candidates[i].f32, f) ? candidates[i].f32 : NULL;
     return NULL;
 }
 
 static mha__isa_kernels chosen;
+static const char *chosen_name;
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
 
 /* The best instruction set at or below the MHA_ISA cap, with its kernels
@@ -125,13 +160,14 @@ static void choose(void)
     const char *cap = getenv("MHA_ISA");
     size_t first = 0;
     for (size_t i = 0; cap && i < N_CANDIDATES; i++)
-        if (strcmp(candidates[i].f32->name, cap) == 0) first = i;
+        if (strcmp(candidates[i].name, cap) == 0) first = i;
     size_t at = N_CANDIDATES - 1; /* generic runs everywhere */
     for (size_t i = N_CANDIDATES; i-- > first;)
-        if (runs_here(candidates[i].f32, f)) at = i;
+        if (runs_here(&candidates[i], f)) at = i;
     const mha__bf16_kernels *native = candidates[at].bf16_native;
     chosen = (mha__isa_kernels){candidates[at].f32,
                                 native && bf16_native_here(native, f) ? native : &mha__bf16_kernels_generic};
+    chosen_name = candidates[at].name;
 }
 
 const mha__isa_kernels *mha__isa_get(void)
@@ -144,12 +180,17 @@ const mha__kernels *mha__kernels_get(void) { return mha__isa_get()->f32; }
 
 const mha__bf16_kernels *mha__bf16_get(void) { return mha__isa_get()->bf16; }
 
-const char *mha_isa(void) { return mha__kernels_get()->name; }
+const char *mha_isa(void)
+{
+    mha__isa_get();
+    return chosen_name;
+}
 
 const mha__bf16_kernels *mha__bf16_named(const char *name)
 {
     if (name && strcmp(name, "generic") == 0) return &mha__bf16_kernels_generic;
 #if defined(__x86_64__) || defined(__i386__)
+    if (name && strcmp(name, "amx") == 0 && detect().amx_bf16) return &mha__bf16_kernels_amx;
     if (name && strcmp(name, "avx512_bf16") == 0 && detect().avx512_bf16) return &mha__bf16_kernels_avx512;
     if (name && strcmp(name, "avx2") == 0 && detect().avx2_fma) return &mha__bf16_kernels_avx2;
 #endif

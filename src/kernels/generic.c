@@ -151,7 +151,18 @@ static double peak_generic(int64_t iterations)
     return 2.0 * 8.0 * (double)iterations;
 }
 
-void mha__bf16_tile_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
+void mha__bf16_gemm_tiled(mha__gemm_tile_bf16_fn tile, int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
+                          int64_t a_ps, const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+{
+    for (int64_t i = 0; i < m; i += MHA_BF16_MR)
+        for (int64_t j = 0; j < n; j += MHA_BF16_NR) {
+            int64_t mt = m - i < MHA_BF16_MR ? m - i : MHA_BF16_MR, nt = n - j < MHA_BF16_NR ? n - j : MHA_BF16_NR;
+            tile(mt, nt, k, a + i * a_rs, a_rs, a_ps, b + 2 * j, ldb, c + i * ldc + j, ldc, accumulate);
+        }
+}
+
+/* Any m and n: the plain loops need no tiling. */
+void mha__bf16_gemm_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
                             const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
     for (int64_t i = 0; i < m; i++)
@@ -180,11 +191,18 @@ void mha__bf16_pairs_generic(uint16_t *dst, const float *x0, const float *x1, in
     }
 }
 
+void mha__bf16_transpose_generic(uint16_t *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) dst[r * ldd + c] = mha__f32_to_bf16(src[c * lds + r]);
+}
+
 const mha__bf16_kernels mha__bf16_kernels_generic = {
     .name = "generic",
-    .tile = mha__bf16_tile_generic,
+    .gemm = mha__bf16_gemm_generic,
     .round = mha__bf16_round_generic,
     .pairs = mha__bf16_pairs_generic,
+    .transpose = mha__bf16_transpose_generic,
     .dot_rows = dot_rows_bf16_generic,
     .axpy_rows = axpy_rows_bf16_generic,
     .peak = NULL, /* converts to float32: the float32 peak applies */

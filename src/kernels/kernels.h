@@ -115,14 +115,19 @@ typedef struct mha__kernels {
 /* The same product in bfloat16 (raw uint16_t bits) with float32
  * accumulation, for the bf16 paths:
  *   A element (i, p) at a[i * a_rs + (p / 2) * a_ps + p % 2]: values come
- *     in pairs along k (row-major rows have a_ps = 2); k even
+ *     in pairs along k (row-major rows have a_ps = 2, the fast layout for
+ *     AMX, which loads whole tiles of them); k even
  *   B in pairs of rows: element (p, j) at b[(p / 2) * ldb + 2 * j + p % 2]
- *   C float32, as in gemm_tile; m <= MHA_BF16_MR, n <= MHA_BF16_NR.
+ *   C float32, as in gemm_tile; accumulate = 1 adds to C.
  * Each product of two bf16 values is exact in float32; the sums round as
- * float32 in p order, pairwise (p, p+1) as the AVX512-BF16 dot product
- * instruction does, which also treats denormal inputs and results as 0. */
+ * float32 in p order, pairwise (p, p+1) as the AVX512-BF16 and AMX dot
+ * product instructions do, which also treat denormal inputs and results
+ * as 0.  A tile takes m <= MHA_BF16_MR, n <= MHA_BF16_NR; a table's gemm
+ * takes any m and n (a tile ISA's gemm is mha__bf16_gemm_tiled over its
+ * tile), and each C element's chain is the same whatever m and n are. */
 typedef void (*mha__gemm_tile_bf16_fn)(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
                                        const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
+typedef mha__gemm_tile_bf16_fn mha__gemm_bf16_fn;
 
 /* dst[i] = bf16(src[i]), round to nearest even, for i < n. */
 typedef void (*mha__bf16_round_fn)(uint16_t *dst, const float *src, int64_t n);
@@ -130,6 +135,12 @@ typedef void (*mha__bf16_round_fn)(uint16_t *dst, const float *src, int64_t n);
 /* dst[2i] = bf16(x0[i]), dst[2i + 1] = bf16(x1[i]) (0 when x1 is NULL), for
  * i < n: two rows interleaved into the pairs the tile reads. */
 typedef void (*mha__bf16_pairs_fn)(uint16_t *dst, const float *x0, const float *x1, int64_t n);
+
+/* dst[r * ldd + c] = bf16(src[c * lds + r]) for r < rows, c < cols: a
+ * key-major tile of probabilities (queries in lanes, as softmax_step
+ * leaves it) rounded into rows of keys, the A operand of P V (a_ps = 2). */
+typedef void (*mha__bf16_transpose_fn)(uint16_t *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows,
+                                       int64_t cols);
 
 /* dot_rows and axpy_rows with keys and values stored as bf16 (a bf16 KV
  * cache); q, s, p and o stay float32, products exact, sums float32. */
@@ -139,10 +150,11 @@ typedef void (*mha__axpy_rows_bf16_fn)(const float *p, const uint16_t *v, int64_
 enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
 
 typedef struct mha__bf16_kernels {
-    const char *name; /* "generic", "avx2" or "avx512_bf16" */
-    mha__gemm_tile_bf16_fn tile;
+    const char *name; /* "generic", "avx2", "avx512_bf16" or "amx" */
+    mha__gemm_bf16_fn gemm;
     mha__bf16_round_fn round;
     mha__bf16_pairs_fn pairs;
+    mha__bf16_transpose_fn transpose;
     mha__dot_rows_bf16_fn dot_rows;
     mha__axpy_rows_bf16_fn axpy_rows;
     mha__peak_fn peak; /* the bf16 multiply-add peak (NULL: same as float32) */
@@ -151,18 +163,29 @@ typedef struct mha__bf16_kernels {
 extern const mha__bf16_kernels mha__bf16_kernels_generic;
 #if defined(__x86_64__) || defined(__i386__)
 extern const mha__bf16_kernels mha__bf16_kernels_avx512;
+/* AMX tiles for the products (amx_bf16.c), AVX512-BF16 for the rest. */
+extern const mha__bf16_kernels mha__bf16_kernels_amx;
+void mha__bf16_gemm_amx(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
+                        const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
+double mha__bf16_peak_amx(int64_t iterations);
 /* AVX2 without native bf16 dot products: its own cache rows (dot_rows,
  * axpy_rows: a bf16 KV cache decodes at the speed of its bytes), the
  * portable tile, round and pairs below. */
 extern const mha__bf16_kernels mha__bf16_kernels_avx2;
 #endif
 
-/* generic.c's bf16 tile, rounding and pairing, for tables that have no
- * faster ones. */
-void mha__bf16_tile_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
+/* A whole product as tiles of MHA_BF16_MR x MHA_BF16_NR, for the ISAs
+ * whose kernel is a register tile. */
+void mha__bf16_gemm_tiled(mha__gemm_tile_bf16_fn tile, int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
+                          int64_t a_ps, const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
+
+/* generic.c's bf16 product, rounding, pairing and transposing, for tables
+ * that have no faster ones. */
+void mha__bf16_gemm_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
                             const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
 void mha__bf16_round_generic(uint16_t *dst, const float *src, int64_t n);
 void mha__bf16_pairs_generic(uint16_t *dst, const float *x0, const float *x1, int64_t n);
+void mha__bf16_transpose_generic(uint16_t *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols);
 
 /* One instruction set's kernels for each dtype the library computes in. */
 typedef struct mha__isa_kernels {

@@ -1,0 +1,257 @@
+/*
+ * amx_bf16.c -- bf16 matrix products on AMX tiles (TDPBF16PS).
+ * Compiled with -mamx-tile -mamx-bf16 -mavx512f -mavx512bw -mavx512vl;
+ * called only when cpu.c has seen the CPU support AMX-BF16 and the kernel
+ * has granted this process the tile data state (arch_prctl).
+ *
+ * One configuration for every call: eight tiles of 16 rows x 64 bytes.
+ * Tiles 0-3 accumulate a 32 x 32 block of C (four 16 x 16 float32 tiles),
+ * tiles 4-5 hold 32 rows of A by 32 values of k, tiles 6-7 hold 16 pairs of
+ * k by 32 columns of B: the product's layouts (kernels.h) are the tiles'
+ * own, so whole tiles load straight from the operands.  One TDPBF16PS is
+ * 16 x 16 x 32 multiply-adds, 16 times vdpbf16ps.
+ *
+ * Tails (fewer than 16 rows or columns, fewer than 32 values of k left, or
+ * A stored in pairs of rows) go through small zero-padded copies; C tiles
+ * that do not fill 16 x 16 are staged the same way.  The padding is zeros
+ * on both sides of every product, so it adds +0 and no NaN.  The
+ * configuration is loaded at the start of each call and released at the
+ * end, so no tile state outlives a call (other AMX users in the process, a
+ * thread pool's idle threads).
+ */
+#include "kernels/kernels.h"
+
+#include <immintrin.h>
+#include <stdbool.h>
+#include <string.h>
+
+enum { TILE_ROWS = 16, TILE_BYTES = 64, TILE_K = 32 /* bf16 values of k per tile */ };
+
+/* The layout LDTILECFG reads (palette 1). */
+typedef struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* A static object, not one built on the stack: the compiler sees the
+ * intrinsic read only the pointer-sized start of it and may drop stores to
+ * the rest. */
+static const tile_config config = {
+    .palette = 1,
+    .colsb = {TILE_BYTES, TILE_BYTES, TILE_BYTES, TILE_BYTES, TILE_BYTES, TILE_BYTES, TILE_BYTES, TILE_BYTES},
+    .rows = {TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS},
+};
+
+static void configure(void) { _tile_loadconfig(&config); }
+
+/* Where a tile loads from: the operand itself, or a padded copy. */
+typedef struct tile_src {
+    const void *at;
+    int64_t stride; /* bytes between rows */
+} tile_src;
+
+static int64_t at_most(int64_t x, int64_t cap) { return x < cap ? x : cap; }
+
+/* A's rows i .. i+15, values kk .. kk+31 of k, as 16 rows of 16 pairs. */
+static tile_src a_tile(const uint16_t *a, int64_t a_rs, int64_t a_ps, int64_t m, int64_t k, int64_t i, int64_t kk,
+                       uint32_t pad[TILE_ROWS][TILE_K / 2])
+{
+    int64_t rows = at_most(m - i, TILE_ROWS), pairs = at_most(k - kk, TILE_K) / 2;
+    if (a_ps == 2 && rows == TILE_ROWS && pairs == TILE_K / 2)
+        return (tile_src){a + i * a_rs + kk, a_rs * (int64_t)sizeof(uint16_t)};
+    memset(pad, 0, sizeof(uint32_t) * TILE_ROWS * (TILE_K / 2));
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t p = 0; p < pairs; p++) memcpy(&pad[r][p], a + (i + r) * a_rs + (kk / 2 + p) * a_ps, 4);
+    return (tile_src){pad, TILE_BYTES};
+}
+
+/* B's pairs of k rows kk/2 .. kk/2+15, columns j .. j+15: 16 rows of 16
+ * pairs, as B is stored. */
+static tile_src b_tile(const uint16_t *b, int64_t ldb, int64_t n, int64_t k, int64_t j, int64_t kk,
+                       uint32_t pad[TILE_ROWS][TILE_ROWS])
+{
+    int64_t cols = at_most(n - j, TILE_ROWS), pairs = at_most(k - kk, TILE_K) / 2;
+    const uint16_t *at = b + (kk / 2) * ldb + 2 * j;
+    if (cols == TILE_ROWS && pairs == TILE_ROWS) return (tile_src){at, ldb * (int64_t)sizeof(uint16_t)};
+    memset(pad, 0, sizeof(uint32_t) * TILE_ROWS * TILE_ROWS);
+    for (int64_t p = 0; p < pairs; p++) memcpy(pad[p], at + p * ldb, (size_t)cols * 4);
+    return (tile_src){pad, TILE_BYTES};
+}
+
+/* The 16 x 16 block of C at (i, j): itself when whole, else a copy of its
+ * m x n corner (zeros elsewhere) in stage. */
+typedef struct c_block {
+    float *at;
+    int64_t ldc, rows, cols;
+    float (*stage)[TILE_ROWS];
+} c_block;
+
+static tile_src c_src(const c_block *cb)
+{
+    if (cb->rows == TILE_ROWS && cb->cols == TILE_ROWS) return (tile_src){cb->at, cb->ldc * (int64_t)sizeof(float)};
+    memset(cb->stage, 0, sizeof(float) * TILE_ROWS * TILE_ROWS);
+    for (int64_t r = 0; r < cb->rows; r++) memcpy(cb->stage[r], cb->at + r * cb->ldc, (size_t)cb->cols * sizeof(float));
+    return (tile_src){cb->stage, TILE_BYTES};
+}
+
+/* After a staged tile was stored to stage: its corner back into C. */
+static void c_finish(const c_block *cb)
+{
+    if (cb->rows == TILE_ROWS && cb->cols == TILE_ROWS) return;
+    for (int64_t r = 0; r < cb->rows; r++) memcpy(cb->at + r * cb->ldc, cb->stage[r], (size_t)cb->cols * sizeof(float));
+}
+
+/* The padded copies of one 32 x 32 block's operands. */
+typedef struct block_pads {
+    uint32_t a[2][TILE_ROWS][TILE_K / 2];
+    uint32_t b[2][TILE_ROWS][TILE_ROWS];
+    float c[4][TILE_ROWS][TILE_ROWS];
+} block_pads;
+
+typedef struct operands {
+    int64_t m, n, k;
+    const uint16_t *a;
+    int64_t a_rs, a_ps;
+    const uint16_t *b;
+    int64_t ldb;
+    float *c;
+    int64_t ldc;
+    int accumulate;
+} operands;
+
+static c_block c_at(const operands *o, int64_t i, int64_t j, float (*stage)[TILE_ROWS])
+{
+    return (c_block){o->c + i * o->ldc + j, o->ldc, at_most(o->m - i, TILE_ROWS), at_most(o->n - j, TILE_ROWS), stage};
+}
+
+/* C's tile t starts from C itself (accumulate) or from zero. */
+#define C_START(t, cb)                        \
+    do {                                      \
+        if (o->accumulate) {                  \
+            tile_src s_ = c_src(&(cb));       \
+            _tile_loadd(t, s_.at, s_.stride); \
+        } else {                              \
+            _tile_zero(t);                    \
+        }                                     \
+    } while (0)
+
+#define C_END(t, cb)                                                                   \
+    do {                                                                               \
+        int whole_ = (cb).rows == TILE_ROWS && (cb).cols == TILE_ROWS;                 \
+        _tile_stored(t, whole_ ? (void *)(cb).at : (void *)(cb).stage,                 \
+                     whole_ ? (cb).ldc *(int64_t)sizeof(float) : (int64_t)TILE_BYTES); \
+        c_finish(&(cb));                                                               \
+    } while (0)
+
+/* The whole 32 x 32 block at (i, j) when all its operands load straight
+ * from memory: the loop has nothing in it but the tiles. */
+static void block_whole(const operands *o, int64_t i, int64_t j)
+{
+    const uint16_t *a0 = o->a + i * o->a_rs, *a1 = a0 + TILE_ROWS * o->a_rs, *b0 = o->b + 2 * j,
+                   *b1 = b0 + 2 * TILE_ROWS;
+    int64_t sa = o->a_rs * (int64_t)sizeof(uint16_t), sb = o->ldb * (int64_t)sizeof(uint16_t);
+    float *c00 = o->c + i * o->ldc + j, *c10 = c00 + TILE_ROWS * o->ldc;
+    int64_t sc = o->ldc * (int64_t)sizeof(float);
+    if (o->accumulate) {
+        _tile_loadd(0, c00, sc);
+        _tile_loadd(1, c00 + TILE_ROWS, sc);
+        _tile_loadd(2, c10, sc);
+        _tile_loadd(3, c10 + TILE_ROWS, sc);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (int64_t kk = 0; kk < o->k; kk += TILE_K) {
+        _tile_loadd(4, a0 + kk, sa);
+        _tile_loadd(6, b0 + (kk / 2) * o->ldb, sb);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(7, b1 + (kk / 2) * o->ldb, sb);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(5, a1 + kk, sa);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c00, sc);
+    _tile_stored(1, c00 + TILE_ROWS, sc);
+    _tile_stored(2, c10, sc);
+    _tile_stored(3, c10 + TILE_ROWS, sc);
+}
+
+/* C's block of up to 32 x 32 at (i, j), k in order, one tile step of 32
+ * values at a time; the second row or column half only where it exists. */
+static void block(const operands *o, int64_t i, int64_t j, block_pads *pads)
+{
+    int two_rows = o->m - i > TILE_ROWS, two_cols = o->n - j > TILE_ROWS;
+    c_block c00 = c_at(o, i, j, pads->c[0]), c01 = c_at(o, i, j + TILE_ROWS, pads->c[1]);
+    c_block c10 = c_at(o, i + TILE_ROWS, j, pads->c[2]), c11 = c_at(o, i + TILE_ROWS, j + TILE_ROWS, pads->c[3]);
+    C_START(0, c00);
+    if (two_cols) C_START(1, c01);
+    if (two_rows) C_START(2, c10);
+    if (two_rows && two_cols) C_START(3, c11);
+    for (int64_t kk = 0; kk < o->k; kk += TILE_K) {
+        tile_src a0 = a_tile(o->a, o->a_rs, o->a_ps, o->m, o->k, i, kk, pads->a[0]);
+        tile_src b0 = b_tile(o->b, o->ldb, o->n, o->k, j, kk, pads->b[0]);
+        _tile_loadd(4, a0.at, a0.stride);
+        _tile_loadd(6, b0.at, b0.stride);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_cols) {
+            tile_src b1 = b_tile(o->b, o->ldb, o->n, o->k, j + TILE_ROWS, kk, pads->b[1]);
+            _tile_loadd(7, b1.at, b1.stride);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        if (two_rows) {
+            tile_src a1 = a_tile(o->a, o->a_rs, o->a_ps, o->m, o->k, i + TILE_ROWS, kk, pads->a[1]);
+            _tile_loadd(5, a1.at, a1.stride);
+            _tile_dpbf16ps(2, 5, 6);
+            if (two_cols) _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    C_END(0, c00);
+    if (two_cols) C_END(1, c01);
+    if (two_rows) C_END(2, c10);
+    if (two_rows && two_cols) C_END(3, c11);
+}
+
+void mha__bf16_gemm_amx(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
+                        const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+{
+    if (m <= 0 || n <= 0) return;
+    operands o = {m, n, k, a, a_rs, a_ps, b, ldb, c, ldc, accumulate};
+    block_pads pads;
+    bool whole_k = a_ps == 2 && k % TILE_K == 0;
+    configure();
+    for (int64_t i = 0; i < m; i += 2 * TILE_ROWS)
+        for (int64_t j = 0; j < n; j += 2 * TILE_ROWS) {
+            if (whole_k && m - i >= 2 * TILE_ROWS && n - j >= 2 * TILE_ROWS) block_whole(&o, i, j);
+            else block(&o, i, j, &pads);
+        }
+    _tile_release();
+}
+
+/* Four independent accumulator tiles fed by two A and two B tiles of
+ * zeros (no overflow, no denormals): each TDPBF16PS is 16 x 16 x 32
+ * multiply-adds. */
+double mha__bf16_peak_amx(int64_t iterations)
+{
+    static const uint8_t zeros[TILE_ROWS * TILE_BYTES];
+    configure();
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(4, zeros, TILE_BYTES);
+    _tile_loadd(5, zeros, TILE_BYTES);
+    _tile_loadd(6, zeros, TILE_BYTES);
+    _tile_loadd(7, zeros, TILE_BYTES);
+    for (int64_t it = 0; it < iterations; it++) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_release();
+    return 2.0 * TILE_ROWS * TILE_ROWS * TILE_K * 4.0 * (double)iterations;
+}
