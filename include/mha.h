@@ -473,7 +473,12 @@ const mha_layer_desc *mha_layer_get_desc(const mha_layer *layer);
  *     (shapes as above) and q_proj.bias, k_proj.bias, v_proj.bias,
  *     o_proj.bias;
  *   GPT-2 (Conv1D, stored [in, out]): c_attn.weight [E, qd + 2 kvd],
- *     c_attn.bias, c_proj.weight [qd, E], c_proj.bias [E].
+ *     c_attn.bias, c_proj.weight [qd, E], c_proj.bias [E];
+ *   BERT (Hugging Face's BertSelfAttention and BertSelfOutput):
+ *     attention.self.query.weight, attention.self.key.weight,
+ *     attention.self.value.weight, attention.output.dense.weight (shapes as
+ *     Llama's) and their .bias.  The block's residual and LayerNorm
+ *     (attention.output.LayerNorm) are not part of the layer.
  * numel must match.  Errors: NOT_FOUND (name not a weight of this layer),
  * INVALID_ARG (size), NOMEM. */
 mha_status mha_layer_set_weight(mha_layer *layer, const char *name, const float *data, int64_t numel);
@@ -487,10 +492,12 @@ mha_status mha_layer_set_weight(mha_layer *layer, const char *name, const float 
  * tensor with the wrong shape or dtype), IO, NOMEM. */
 /* The naming family of a block's weights (see mha_layer_set_weight). */
 typedef enum mha_weight_names {
-    MHA_NAMES_AUTO = 0, /* the first of out_proj.weight, o_proj.weight, c_attn.weight present */
+    MHA_NAMES_AUTO = 0, /* the first of out_proj.weight, o_proj.weight, c_attn.weight,
+                           attention.output.dense.weight present */
     MHA_NAMES_TORCH,    /* nn.MultiheadAttention */
     MHA_NAMES_LLAMA,    /* q_proj / k_proj / v_proj / o_proj */
-    MHA_NAMES_GPT2      /* c_attn / c_proj */
+    MHA_NAMES_GPT2,     /* c_attn / c_proj */
+    MHA_NAMES_BERT      /* attention.self.query / key / value, attention.output.dense */
 } mha_weight_names;
 
 /* A layer from the block "<prefix>..." in a safetensors file, named by

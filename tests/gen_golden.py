@@ -379,10 +379,19 @@ def apply_rope(x, kind, dim, theta, position):
     return torch.cat([rot, rest], dim=-1)
 
 
+# Q, K, V and O apart: each family's module names.
+SEPARATE_NAMES = {
+    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"},
+    "bert": {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+             "o": "attention.output.dense"},
+}
+
+
 def block_math(x, w, H, G, hd, rope=None, rope_dim=None, theta=10000.0, position=0, window=-1, softcap=0.0,
-               alibi=None):
-    """A decoder attention block from its definition, causal, in x's dtype:
-    w holds q, k, v, o as [out, in] matrices and optional biases."""
+               alibi=None, causal=True, pad=None):
+    """An attention block from its definition, causal (a decoder's) or not
+    (an encoder's), in x's dtype: w holds q, k, v, o as [out, in] matrices
+    and optional biases; pad [B, T], True where a key is padding."""
     B, T, E = x.shape
     lin = lambda t, name: t @ w[name].T + (w[name + "_b"] if name + "_b" in w else 0)
     q = lin(x, "q").reshape(B, T, H, hd).transpose(1, 2)
@@ -400,7 +409,9 @@ def block_math(x, w, H, G, hd, rope=None, rope_dim=None, theta=10000.0, position
     j = torch.arange(T).reshape(1, T)
     if alibi is not None:
         s = s - alibi.to(x.dtype).reshape(1, H, 1, 1) * (i - j).abs().to(x.dtype)
-    visible = j <= i
+    visible = j <= i if causal else torch.ones(T, T, dtype=torch.bool)
+    if pad is not None:
+        visible = visible & ~pad.reshape(B, 1, 1, T)
     if window >= 0:
         visible = visible & (j >= i - window)
     p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
@@ -412,11 +423,11 @@ def block_grads(family, prefix, wd):
     """The weights' gradients under the names and layouts the family saves
     its weights in (GPT-2: Conv1D, the transposes, Q, K, V in one)."""
     grads = {}
-    if family == "llama":
+    if family in ("llama", "bert"):
         for part in "qkvo":
-            grads[f"{prefix}{part}_proj.weight.grad"] = wd[part].grad
+            grads[prefix + SEPARATE_NAMES[family][part] + ".weight.grad"] = wd[part].grad
             if part + "_b" in wd:
-                grads[f"{prefix}{part}_proj.bias.grad"] = wd[part + "_b"].grad
+                grads[prefix + SEPARATE_NAMES[family][part] + ".bias.grad"] = wd[part + "_b"].grad
         return grads
     grads[prefix + "c_attn.weight.grad"] = torch.cat([wd[p].grad for p in "qkv"]).T.contiguous()
     if "q_b" in wd:
@@ -428,11 +439,14 @@ def block_grads(family, prefix, wd):
 
 
 def block_case(name, family, E, H, G, hd, T=9, B=2, bias=False, out_bias=False, rope=None, rope_dim=None,
-               theta=10000.0, position=0, window=-1, softcap=0.0, alibi=False, prefix="", backward=False):
+               theta=10000.0, position=0, window=-1, softcap=0.0, alibi=False, prefix="", backward=False,
+               causal=True, pad_last=0):
     """A block's weights under `family`'s names (llama: q_proj.weight ...,
-    gpt2: c_attn/c_proj as Conv1D [in, out]), a [B, T, E] input, and the
-    block's output (or, with backward, every gradient) in float64 and
-    float32."""
+    bert: attention.self.query.weight ..., gpt2: c_attn/c_proj as Conv1D
+    [in, out]), a [B, T, E] input, and the block's output (or, with
+    backward, every gradient) in float64 and float32.  pad_last > 0: the
+    last batch element's last pad_last keys are padding (key_padding_mask),
+    as an encoder's batch of sentences of unequal length has."""
     qd, kvd = H * hd, G * hd
     w = {"q": torch.randn(qd, E) / math.sqrt(E), "k": torch.randn(kvd, E) / math.sqrt(E),
          "v": torch.randn(kvd, E) / math.sqrt(E), "o": torch.randn(E, qd) / math.sqrt(qd)}
@@ -445,11 +459,11 @@ def block_case(name, family, E, H, G, hd, T=9, B=2, bias=False, out_bias=False, 
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)]) if alibi else None
     x = torch.randn(B, T, E)
     tensors = {}
-    if family == "llama":
+    if family in ("llama", "bert"):
         for part in "qkvo":
-            tensors[f"{prefix}{part}_proj.weight"] = w[part]
+            tensors[prefix + SEPARATE_NAMES[family][part] + ".weight"] = w[part]
             if part + "_b" in w:
-                tensors[f"{prefix}{part}_proj.bias"] = w[part + "_b"]
+                tensors[prefix + SEPARATE_NAMES[family][part] + ".bias"] = w[part + "_b"]
     else:  # GPT-2: one c_attn for Q, K, V, weights stored [in, out]
         tensors[prefix + "c_attn.weight"] = torch.cat([w["q"], w["k"], w["v"]]).T.contiguous()  # (GPT-2 has all three biases)
         if bias:
@@ -460,8 +474,13 @@ def block_case(name, family, E, H, G, hd, T=9, B=2, bias=False, out_bias=False, 
     tensors["query"] = x
     if slopes is not None:
         tensors["alibi_slopes"] = slopes
+    pad = None
+    if pad_last:
+        pad = torch.zeros(B, T, dtype=torch.bool)
+        pad[B - 1, T - pad_last:] = True
+        tensors["key_padding_mask"] = pad
     kw = dict(H=H, G=G, hd=hd, rope=rope, rope_dim=rope_dim, theta=theta, position=position, window=window,
-              softcap=softcap, alibi=slopes)
+              softcap=softcap, alibi=slopes, causal=causal, pad=pad)
     if backward:
         grad = torch.randn(B, T, E)
         tensors["grad_attn_output"] = grad
@@ -474,7 +493,7 @@ def block_case(name, family, E, H, G, hd, T=9, B=2, bias=False, out_bias=False, 
     else:
         tensors["expected.attn_output"] = block_math(x.double(), {k_: t.double() for k_, t in w.items()}, **kw)
         tensors["torch32.attn_output"] = block_math(x, w, **kw)
-    args = ["--num-heads", str(H), "--batch-first", "--is-causal", "--names", family]
+    args = ["--num-heads", str(H), "--batch-first"] + (["--is-causal"] if causal else []) + ["--names", family]
     if rope:
         args += ["--rope", rope, "--rope-theta", repr(theta)]
         if rope_dim:
@@ -686,6 +705,11 @@ def main():
     block_case("bwd_blk_gpt2", "gpt2", E=32, H=4, G=4, hd=8, bias=True, out_bias=True, prefix="h.3.attn.",
                backward=True)
     block_case("bwd_blk_gpt2_narrow", "gpt2", E=24, H=2, G=2, hd=8, T=7, backward=True)
+    # A BERT encoder's self-attention: not causal, a padded sentence in the batch (last: the draws above stay).
+    block_case("blk_bert_padded", "bert", E=32, H=4, G=4, hd=8, T=11, B=3, bias=True, out_bias=True,
+               prefix="encoder.layer.0.", causal=False, pad_last=4)
+    block_case("bwd_blk_bert_padded", "bert", E=24, H=3, G=3, hd=8, T=9, B=2, bias=True, out_bias=True,
+               prefix="encoder.layer.5.", causal=False, pad_last=3, backward=True)
 
     total = sum(os.path.getsize(os.path.join(OUT, f)) for f in os.listdir(OUT))
     print(f"wrote {len(os.listdir(OUT))} cases, {total / 1e6:.2f} MB, to {OUT}")

@@ -708,7 +708,8 @@ static void test_cli_files(void)
     expect_cli_error(needle, bw[0], bw[1], bw[2], bw[3], bw[4], bw[5], bw[6], bw[7], bw[8], __VA_ARGS__)
     write_file(p, "query", MHA_DTYPE_F32, 3, 5, 2, 16, NULL);
     BWD("has no tensor named \"grad_attn_output\"", NULL);
-    FWD("--names must be auto, torch, llama or gpt2, got \"bert\"", "--names", "bert", NULL);
+    FWD("--names must be auto, torch, llama, gpt2 or bert, got \"t5\"", "--names", "t5", NULL);
+    FWD("no tensor \"attention.self.query.weight\"", "--names", "bert", NULL);
     FWD("--rope must be none, half or interleaved, got \"yes\"", "--rope", "yes", NULL);
     FWD("no tensor \"q_proj.weight\"", "--names", "llama", NULL);
     FWD("rope.dim must be even and at most head_dim 8", "--rope", "half", "--rope-dim", "10", NULL);

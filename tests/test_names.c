@@ -173,11 +173,48 @@ static void test_errors(void)
     mha_layer_free(l);
 }
 
-int main(void)
+/* BERT's names: the same parts as Llama's, found in a file without being
+ * asked for (MHA_NAMES_AUTO), listed under BERT's names. */
+static void test_bert(const char *golden)
 {
+    enum { E = 16 };
+    mha_layer *l = make(E, 4, 4, 0, 1, 0);
+    float *w = ramp(E * E, 0.01f), back[E * E];
+    CHECK_OK(mha_layer_set_weight(l, "attention.self.key.weight", w, E * E));
+    CHECK_OK(mha_layer_get_weight(l, "k_proj.weight", back, E * E));
+    CHECK(memcmp(back, w, sizeof back) == 0, "attention.self.key.weight does not set W_k");
+    mha_layer_free(l);
+    free(w);
+
+    char path[1024];
+    snprintf(path, sizeof path, "%s/blk_bert_padded.safetensors", golden);
+    mha_st_file *f = NULL;
+    CHECK_OK(mha_st_open(path, &f));
+    mha_layer_desc hints;
+    mha_layer_desc_init(&hints);
+    hints.num_heads = 4;
+    CHECK_OK(mha_layer_load(f, "encoder.layer.0.", MHA_NAMES_AUTO, &hints, &l));
+    CHECK(mha_layer_names(l) == MHA_NAMES_BERT, "a BERT block is not recognised as BERT");
+    char got[512];
+    listed(l, got, sizeof got);
+    CHECK(strcmp(got, "attention.self.query.weight attention.self.key.weight attention.self.value.weight "
+                      "attention.self.query.bias attention.self.key.bias attention.self.value.bias "
+                      "attention.output.dense.weight attention.output.dense.bias") == 0,
+          "BERT names \"%s\"", got);
+    mha_layer_free(l);
+    mha_st_close(f);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: test_names GOLDEN_DIR\n");
+        return 2;
+    }
     test_lists();
     test_layouts();
     test_grads();
     test_errors();
+    test_bert(argv[1]);
     return harness_finish("test_names");
 }

@@ -1,6 +1,6 @@
 """torch.nn.MultiheadAttention on numpy arrays, on libmha's layer: the
-same constructor arguments, state_dict names (PyTorch's, Llama's or
-GPT-2's), shapes and masks, its gradients, and decoding with a KV cache.
+same constructor arguments, state_dict names (PyTorch's, Llama's,
+GPT-2's or BERT's), shapes and masks, its gradients, and decoding with a KV cache.
 """
 
 import threading
@@ -61,7 +61,8 @@ class MultiheadAttention:
     def load_state_dict(self, state_dict, strict=True, prefix=""):
         """Sets every weight named (after `prefix`) in any family:
         nn.MultiheadAttention's (in_proj_weight, ...), Llama's
-        (q_proj.weight, ...) or GPT-2's (c_attn.weight, ...).  With strict,
+        (q_proj.weight, ...), GPT-2's (c_attn.weight, ...) or BERT's
+        (attention.self.query.weight, ...).  With strict,
         a name that is not one of the layer's raises KeyError (as PyTorch);
         without, it is skipped.  Biases left out stay 0, as PyTorch
         initialises them; matrices left out are refused at the first call."""

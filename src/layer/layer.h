@@ -96,7 +96,7 @@ typedef enum mha__part {
     MHA__PART_COUNT
 } mha__part;
 
-enum { MHA__FAMILIES = MHA_NAMES_GPT2 + 1 };
+enum { MHA__FAMILIES = MHA_NAMES_BERT + 1 };
 
 /* One tensor of a family as this layer has it: its shape as stored
  * (Conv1D: the transpose of the layer's [out, in]). */
@@ -116,6 +116,9 @@ mha_weight_names mha__layer_family(const mha_layer *l);
 /* MISUSE naming the first required weight never set (in the layer's
  * family), for a compute call `fn`; MHA_OK when all were. */
 mha_status mha__layer_check_weights(const mha_layer *l, const char *fn);
+/* The part a name sets in any family, and whether it is stored as a
+ * Conv1D transpose; false for a name no family has. */
+bool mha__part_of_name(const char *name, mha__part *part, bool *conv1d);
 /* The family's name of a part, or NULL if the family has none. */
 const char *mha__name_of(mha_weight_names family, mha__part part);
 /* Does the layer have `part` under `family`?  Then *t describes it. */

@@ -13,6 +13,9 @@
  *                                                                                 o_proj.bias
  *   GPT-2 (Conv1D)          c_attn.weight T  -                  c_proj.weight T   c_attn.bias,
  *                                                                                 c_proj.bias
+ *   BERT                    -                attention.self.    attention.output. attention.self.
+ *                                            query/key/value    dense.weight      query/key/value.bias,
+ *                                            .weight                              attention.output.dense.bias
  *
  * T: stored [in, out], the transpose of the layer's [out, in].
  */
@@ -53,6 +56,17 @@ static const struct {
             [MHA__PART_OUT] = {"c_proj.weight", true},
             [MHA__PART_QKV_BIAS] = {"c_attn.bias", false},
             [MHA__PART_OUT_BIAS] = {"c_proj.bias", false},
+        },
+    [MHA_NAMES_BERT] =
+        {
+            [MHA__PART_Q] = {"attention.self.query.weight", false},
+            [MHA__PART_K] = {"attention.self.key.weight", false},
+            [MHA__PART_V] = {"attention.self.value.weight", false},
+            [MHA__PART_OUT] = {"attention.output.dense.weight", false},
+            [MHA__PART_Q_BIAS] = {"attention.self.query.bias", false},
+            [MHA__PART_K_BIAS] = {"attention.self.key.bias", false},
+            [MHA__PART_V_BIAS] = {"attention.self.value.bias", false},
+            [MHA__PART_OUT_BIAS] = {"attention.output.dense.bias", false},
         },
 };
 
@@ -130,6 +144,20 @@ int mha__named_list(const mha_layer *l, mha_weight_names family, mha__named *lis
     for (size_t i = 0; i < sizeof ORDER / sizeof ORDER[0]; i++)
         if (mha__named_tensor(l, family, ORDER[i], &list[n])) n++;
     return n;
+}
+
+bool mha__part_of_name(const char *name, mha__part *part, bool *conv1d)
+{
+    for (int family = MHA_NAMES_TORCH; family < MHA__FAMILIES; family++)
+        for (int p = 0; p < MHA__PART_COUNT; p++) {
+            const char *n = TABLE[family][p].name;
+            if (n && strcmp(n, name) == 0) {
+                *part = (mha__part)p;
+                *conv1d = TABLE[family][p].conv1d;
+                return true;
+            }
+        }
+    return false;
 }
 
 bool mha__named_find(const mha_layer *l, const char *name, mha__named *t)

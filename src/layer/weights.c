@@ -14,6 +14,7 @@
 /* A family's name of a part (names.c's table). */
 #define TORCH(part) mha__name_of(MHA_NAMES_TORCH, MHA__PART_##part)
 #define LLAMA(part) mha__name_of(MHA_NAMES_LLAMA, MHA__PART_##part)
+#define BERT(part)  mha__name_of(MHA_NAMES_BERT, MHA__PART_##part)
 #define GPT2(part)  mha__name_of(MHA_NAMES_GPT2, MHA__PART_##part)
 
 typedef struct lookup {
@@ -121,10 +122,11 @@ static mha_status head_split(mha_layer_desc *d, int64_t q_rows, int64_t kv_rows,
     return MHA_OK;
 }
 
-/* Llama-style: Q, K, V and O apart, biases optional. */
-static mha_status infer_llama(const lookup *lk, mha_layer_desc *d, mha_layer_load_plan *f)
+/* Q, K, V and O apart, biases optional: Llama's names, or BERT's. */
+static mha_status infer_apart(const lookup *lk, mha_weight_names family, mha_layer_desc *d, mha_layer_load_plan *f)
 {
-    const char *const w_names[4] = {LLAMA(Q), LLAMA(K), LLAMA(V), LLAMA(OUT)};
+#define NAME(part) mha__name_of(family, MHA__PART_##part)
+    const char *const w_names[4] = {NAME(Q), NAME(K), NAME(V), NAME(OUT)};
     int64_t rows[4] = {0}, cols[4] = {0};
     mha_st_info info;
     mha_status st = MHA_OK;
@@ -142,11 +144,12 @@ static mha_status infer_llama(const lookup *lk, mha_layer_desc *d, mha_layer_loa
                          (long long)rows[2], w_names[3], (long long)rows[3], (long long)cols[3]);
     d->kdim = cols[1];
     d->vdim = cols[2];
-    if ((st = head_split(d, rows[0], rows[1], LLAMA(Q))) != MHA_OK) return st;
+    if ((st = head_split(d, rows[0], rows[1], NAME(Q))) != MHA_OK) return st;
     bool has[3], has_out;
-    const char *const b_names[3] = {LLAMA(Q_BIAS), LLAMA(K_BIAS), LLAMA(V_BIAS)};
+    const char *const b_names[3] = {NAME(Q_BIAS), NAME(K_BIAS), NAME(V_BIAS)};
     for (int i = 0; i < 3 && st == MHA_OK; i++) st = optional_bias(lk, b_names[i], rows[i], f, &has[i]);
-    if (st == MHA_OK) st = optional_bias(lk, LLAMA(OUT_BIAS), d->embed_dim, f, &has_out);
+    if (st == MHA_OK) st = optional_bias(lk, NAME(OUT_BIAS), d->embed_dim, f, &has_out);
+#undef NAME
     if (st != MHA_OK) return st;
     /* Some blocks leave out some of these (Whisper has no k_proj.bias): an
      * absent bias is a zero bias, which the layer starts with. */
@@ -269,17 +272,23 @@ static mha_status infer_desc(const lookup *lk, mha_weight_names names, mha_layer
                              mha_weight_names *chosen)
 {
     mha_st_info info;
-    bool torch = false, llama = false, gpt2 = false;
+    bool torch = false, llama = false, gpt2 = false, bert = false;
     mha_status st;
     if ((st = find_weight(lk, TORCH(OUT), &info, &torch)) != MHA_OK ||
         (st = find_weight(lk, LLAMA(OUT), &info, &llama)) != MHA_OK ||
-        (st = find_weight(lk, GPT2(QKV), &info, &gpt2)) != MHA_OK)
+        (st = find_weight(lk, GPT2(QKV), &info, &gpt2)) != MHA_OK ||
+        (st = find_weight(lk, BERT(OUT), &info, &bert)) != MHA_OK)
         return st;
     if (names == MHA_NAMES_AUTO)
-        names = torch ? MHA_NAMES_TORCH : llama ? MHA_NAMES_LLAMA : gpt2 ? MHA_NAMES_GPT2 : MHA_NAMES_TORCH;
+        names = torch   ? MHA_NAMES_TORCH
+                : llama ? MHA_NAMES_LLAMA
+                : gpt2  ? MHA_NAMES_GPT2
+                : bert  ? MHA_NAMES_BERT
+                        : MHA_NAMES_TORCH;
     *chosen = names;
     switch (names) {
-    case MHA_NAMES_LLAMA: return infer_llama(lk, d, f);
+    case MHA_NAMES_LLAMA:
+    case MHA_NAMES_BERT: return infer_apart(lk, names, d, f);
     case MHA_NAMES_GPT2: return infer_gpt2(lk, d, f);
     case MHA_NAMES_TORCH: return infer_torch(lk, d, f); /* also names what is missing */
     default: break;

@@ -15,6 +15,7 @@
 
 #include "core/internal.h"
 #include "core/tensor.h"
+#include "layer/layer.h"
 #include "mha_mpi.h"
 #include "mpi/collective.h"
 #include "mpi/sequence.h"
@@ -127,18 +128,28 @@ typedef enum cut_kind {
     CUT_RANK0 /* the output bias: rank 0's whole */
 } cut_kind;
 
-static const struct {
-    const char *name;
-    cut_kind kind;
-} cut_table[] = {
-    {"in_proj_weight", CUT_QKV_ROWS}, {"in_proj_bias", CUT_QKV_ROWS}, {"q_proj_weight", CUT_Q_ROWS},
-    {"k_proj_weight", CUT_KV_ROWS},   {"v_proj_weight", CUT_KV_ROWS}, {"out_proj.weight", CUT_Q_COLS},
-    {"out_proj.bias", CUT_RANK0},     {"bias_k", CUT_KV_COLS},        {"bias_v", CUT_KV_COLS},
-    {"q_proj.weight", CUT_Q_ROWS},    {"k_proj.weight", CUT_KV_ROWS}, {"v_proj.weight", CUT_KV_ROWS},
-    {"q_proj.bias", CUT_Q_ROWS},      {"k_proj.bias", CUT_KV_ROWS},   {"v_proj.bias", CUT_KV_ROWS},
-    {"o_proj.weight", CUT_Q_COLS},    {"o_proj.bias", CUT_RANK0},     {"c_attn.weight", CUT_QKV_COLS},
-    {"c_attn.bias", CUT_QKV_COLS},    {"c_proj.weight", CUT_Q_ROWS},  {"c_proj.bias", CUT_RANK0},
-};
+/* How a part of the layer (names.c's table says which part a name sets)
+ * divides among ranks: a Conv1D tensor is stored transposed, so its rows
+ * are the layer's columns. */
+static int cut_of(const char *name)
+{
+    mha__part part;
+    bool conv1d;
+    if (!mha__part_of_name(name, &part, &conv1d)) return -1;
+    switch (part) {
+    case MHA__PART_QKV: return conv1d ? CUT_QKV_COLS : CUT_QKV_ROWS;
+    case MHA__PART_QKV_BIAS: return CUT_QKV_ROWS; /* one row or one column: the same pieces */
+    case MHA__PART_Q:
+    case MHA__PART_Q_BIAS: return CUT_Q_ROWS;
+    case MHA__PART_K:
+    case MHA__PART_V:
+    case MHA__PART_K_BIAS:
+    case MHA__PART_V_BIAS: return CUT_KV_ROWS;
+    case MHA__PART_OUT: return conv1d ? CUT_Q_ROWS : CUT_Q_COLS;
+    case MHA__PART_OUT_BIAS: return CUT_RANK0;
+    default: return CUT_KV_COLS; /* bias_k, bias_v: [1, 1, kvd] */
+    }
+}
 
 /* A weight seen as a row-major [rows, cols] matrix, and the parts of it
  * (row ranges or column ranges) one rank holds, in the order its own
@@ -154,9 +165,7 @@ typedef struct cut {
  * no layer has, INVALID_ARG when numel does not fit the layer. */
 static mha_status cut_for(const mha_mpi_layer *L, const char *name, int64_t numel, int r, cut *c)
 {
-    int kind = -1;
-    for (size_t i = 0; i < sizeof cut_table / sizeof cut_table[0]; i++)
-        if (strcmp(cut_table[i].name, name) == 0) kind = (int)cut_table[i].kind;
+    int kind = cut_of(name);
     if (kind < 0) return mha__fail(MHA_ERR_NOT_FOUND, "\"%s\" is not a weight of a multi-head attention layer", name);
     int64_t d = L->head_dim, qd = L->heads * d, kvd = L->kv_heads * d, h0, hn, g0, gn;
     mha__mpi_heads_of(L->heads, L->kv_heads, L->size, r, &h0, &hn, &g0, &gn);

@@ -355,7 +355,8 @@ int cli_choice(const char *value, const char *const *choices, int n)
     return -1;
 }
 
-static const char *const NAME_KINDS[] = {"auto", "torch", "llama", "gpt2"};
+static const char *const NAME_KINDS[] = {"auto", "torch", "llama", "gpt2", "bert"};
+enum { N_NAME_KINDS = sizeof NAME_KINDS / sizeof NAME_KINDS[0] };
 static const char *const ROPE_KINDS[] = {"none", "half", "interleaved"};
 
 void cli_layer_opts_init(cli_layer_opts *o)
@@ -370,12 +371,12 @@ void cli_layer_flags(cli_layer_opts *o, cli_flag *flags)
 {
     const cli_flag all[CLI_LAYER_FLAGS] = {
         {"weights", FLAG_STRING, &o->weights,
-         "safetensors with the block's weights (nn.MultiheadAttention, Llama or GPT-2 names)", false, NULL},
+         "safetensors with the block's weights (nn.MultiheadAttention, Llama, GPT-2 or BERT names)", false, NULL},
         {"prefix", FLAG_STRING, &o->prefix, "prefix of the weight names, e.g. \"model.layers.0.self_attn.\"", false,
          NULL},
         {"num-heads", FLAG_INT, &o->num_heads,
          "number of (query) heads; kv heads and head width follow from the weights", false, &CLI_COUNT},
-        {"names", FLAG_STRING, &o->names, "weight names: auto (default), torch, llama or gpt2", false, NULL},
+        {"names", FLAG_STRING, &o->names, "weight names: auto (default), torch, llama, gpt2 or bert", false, NULL},
         {"rope", FLAG_STRING, &o->rope,
          "rotary embeddings on Q and K: none (default), half (Llama) or interleaved (GPT-J)", false, NULL},
         {"rope-theta", FLAG_DOUBLE, &o->rope_theta, "rotary base (default 10000)", false, &ROPE_THETA},
@@ -398,8 +399,8 @@ int cli_layer_check(const char *cmd, const cli_layer_opts *o, const cli_flag *fl
         cli_error(cmd, "--rope-dim must be %s, got %lld", ROPE_DIM.rule, (long long)o->rope_dim);
         return CLI_USAGE;
     }
-    if (cli_choice(o->names, NAME_KINDS, 4) < 0) {
-        cli_error(cmd, "--names must be auto, torch, llama or gpt2, got \"%s\"", o->names);
+    if (cli_choice(o->names, NAME_KINDS, N_NAME_KINDS) < 0) {
+        cli_error(cmd, "--names must be auto, torch, llama, gpt2 or bert, got \"%s\"", o->names);
         return CLI_USAGE;
     }
     if (cli_choice(o->rope, ROPE_KINDS, 3) < 0) {
@@ -416,7 +417,7 @@ void cli_layer_hints(const cli_layer_opts *o, mha_layer_desc *hints, mha_weight_
     hints->window_left = o->window_left;
     hints->window_right = o->window_right;
     hints->softcap = (float)o->softcap;
-    *names = (mha_weight_names)cli_choice(o->names, NAME_KINDS, 4);
+    *names = (mha_weight_names)cli_choice(o->names, NAME_KINDS, N_NAME_KINDS);
 }
 
 int cli_load_layer(const char *cmd, const cli_layer_opts *o, mha_layer_desc *hints, mha_layer **layer)
