@@ -78,6 +78,20 @@ mha_status lab_model_save(const lab_model *model, const char *path);
 mha_status lab_model_load(const char *path, lab_model **model);
 int64_t lab_model_steps(const lab_model *model);
 
+/* ---- errors and shared pieces ----------------------------------------- */
+
+/* The lab's failures carry a sentence, as the library's do: lab_fail
+ * keeps it (per thread) and returns status; lab_fail_mha prefixes the
+ * library's own sentence with what the lab was doing. */
+mha_status lab_fail(mha_status status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+mha_status lab_fail_mha(mha_status status, const char *what);
+const char *lab_last_error(void);
+
+/* y = (x - mean) / sqrt(var + eps) * g + b over rows of E; the statistics
+ * into mean and rstd when they are not NULL. */
+void lab_layer_norm(const float *x, const float *g, const float *b, int64_t rows, int64_t E, double eps, float *y,
+                    float *mean, float *rstd);
+
 /* ---- data --------------------------------------------------------- */
 
 /* Repeated random spans: each sequence of T random tokens holds a span of
@@ -189,6 +203,55 @@ mha_status lab_gqa_loss(mha_ctx *ctx, const lab_run *run, int64_t kv_heads, lab_
 int lab_summary(char *out, size_t size, const lab_model *model, const lab_run *run, double held,
                 const lab_head_scores *scores, const lab_pruning *p, const lab_gqa *gqa);
 void lab_print_heads(const lab_config *c, const lab_head_scores *scores, const double *importance, FILE *f);
+
+/* ---- a pretrained encoder (wordpiece.c, encoder.c) ------------------- */
+
+/* A BERT vocabulary (vocab.txt: one token per line, its id the line). */
+typedef struct lab_vocab lab_vocab;
+mha_status lab_vocab_load(const char *path, lab_vocab **vocab);
+void lab_vocab_free(lab_vocab *vocab);
+int64_t lab_vocab_size(const lab_vocab *vocab);
+int32_t lab_vocab_id(const lab_vocab *vocab, const char *token); /* -1 if absent */
+const char *lab_vocab_token(const lab_vocab *vocab, int32_t id);
+
+/* BERT's uncased tokenizer: [CLS], the WordPiece pieces of text's words,
+ * [SEP], at most capacity tokens (a longer text is cut before [SEP], as the
+ * reference truncates).  word_of[i] is the word token i comes from (-1 for
+ * [CLS] and [SEP]); word_text, if not NULL, gets each word as the model
+ * sees it (lower case, no accents; at most capacity words); *words their
+ * count.  Returns the token count, or -1 if capacity < 2. */
+enum { LAB_WORD_BYTES = 48 };
+int64_t lab_tokenize(const lab_vocab *vocab, const char *text, int64_t capacity, int32_t *ids, int32_t *word_of,
+                     char (*word_text)[LAB_WORD_BYTES], int64_t *words);
+
+typedef struct lab_encoder_config {
+    int64_t vocab, max_positions, embed_dim, heads, layers, ffn;
+    double eps; /* the layer norms' */
+} lab_encoder_config;
+
+/* A BERT-style encoder from a folder with model.safetensors (Hugging
+ * Face's BertModel names) and config.json (the head count, the layer norm
+ * epsilon): its attention blocks are libmha layers. */
+typedef struct lab_encoder lab_encoder;
+mha_status lab_encoder_load(const char *dir, lab_encoder **encoder);
+void lab_encoder_free(lab_encoder *encoder);
+const lab_encoder_config *lab_encoder_config_of(const lab_encoder *encoder);
+
+/* The last hidden states [B, T, E] (hidden, if not NULL) of B sentences
+ * of token ids [B, T], sentence b's tokens being the first lengths[b] (the
+ * rest padding, masked as keys); each block's attention [layers][B][heads]
+ * [T][T] into attn if not NULL. */
+mha_status lab_encoder_forward(mha_ctx *ctx, lab_encoder *encoder, const int32_t *ids, const int64_t *lengths,
+                               int64_t B, int64_t T, float *hidden, float *attn);
+
+/* Sentence embeddings [B, E]: the mean of each sentence's real tokens'
+ * states, normalised to length 1. */
+void lab_encoder_pool(const float *hidden, const int64_t *lengths, int64_t B, int64_t T, int64_t E, float *embeddings);
+
+/* Keeps the heads whose keep[l * heads + h] is non-zero and removes the
+ * rest (their columns of the output projection zeroed; the others as
+ * trained). */
+mha_status lab_encoder_keep_heads(lab_encoder *encoder, const uint8_t *keep);
 
 /* ---- the report --------------------------------------------------- */
 

@@ -238,19 +238,11 @@ static mha_status ensure_buffers(lab_model *m, int64_t B)
 
 /* ---- the pieces of a pre-norm block --------------------------------- */
 
+/* GPT-2's layer norm epsilon. */
 static void layer_norm(const float *x, const float *g, const float *b, int64_t rows, int64_t E, float *y, float *mean,
                        float *rstd)
 {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * E;
-        double mu = 0, var = 0;
-        for (int64_t e = 0; e < E; e++) mu += xr[e];
-        mu /= (double)E;
-        for (int64_t e = 0; e < E; e++) var += (xr[e] - mu) * (xr[e] - mu);
-        double rs = 1.0 / sqrt(var / (double)E + 1e-5);
-        mean[r] = (float)mu, rstd[r] = (float)rs;
-        for (int64_t e = 0; e < E; e++) y[r * E + e] = (float)((xr[e] - mu) * rs) * g[e] + b[e];
-    }
+    lab_layer_norm(x, g, b, rows, E, 1e-5, y, mean, rstd);
 }
 
 /* dx += the norm's input gradient for dy; dg, db += its parameters'. */

@@ -9,6 +9,8 @@
 #                           Open MPI (libmha_mpi and its tests under mpirun)
 #   scripts/setup.sh --lab  running the head lab: the compiler, make,
 #                           CMake and zlib only
+# Both also fetch the pretrained model the lab studies into models/
+# (scripts/get_model.sh).
 set -euo pipefail
 
 missing=()
@@ -31,10 +33,12 @@ if [ "${1:-}" != --lab ]; then
     command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev)   # libmha_mpi
     command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)     # its tests, -np 1 to 4
 fi
-[ ${#missing[@]} -eq 0 ] && exit 0
-
-sudo=""
-if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-echo "setup: installing ${missing[*]} with apt-get (a minute or more on a fresh machine)"
-$sudo apt-get update -q
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    echo "setup: installing ${missing[*]} with apt-get (a minute or more on a fresh machine)"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The pretrained model of `mha lab model` and its tests (once; 83 MB).
+"$(dirname "$0")/get_model.sh"
