@@ -33,7 +33,8 @@ struct lab_encoder {
     lab_encoder_config c;
     float *word, *position, *type0, *ln_g, *ln_b;
     enc_block *blocks;
-    float *x, *a, *x1, *u; /* scratch for the largest batch so far */
+    uint8_t *kept;     /* [L * H]: the heads as lab_encoder_keep_heads last left them */
+    float *a, *x1, *u; /* scratch for the largest batch so far */
     uint8_t *keep_keys;
     int64_t capacity; /* B * T the scratch holds */
 };
@@ -186,6 +187,8 @@ static mha_status load_from(const char *dir, mha_st_file *f, lab_encoder *e)
     if (st == MHA_OK) st = read_sizes(f, &e->c);
     if (st == MHA_OK) st = read_embeddings(f, e);
     if (st == MHA_OK && !(e->blocks = calloc((size_t)e->c.layers, sizeof *e->blocks))) st = MHA_ERR_NOMEM;
+    if (st == MHA_OK && !(e->kept = malloc((size_t)(e->c.layers * e->c.heads)))) st = MHA_ERR_NOMEM;
+    if (st == MHA_OK) memset(e->kept, 1, (size_t)(e->c.layers * e->c.heads));
     for (int64_t l = 0; st == MHA_OK && l < e->c.layers; l++) st = read_block(f, &e->c, l, &e->blocks[l]);
     return st;
 }
@@ -219,8 +222,9 @@ void lab_encoder_free(lab_encoder *e)
         free(b->ln2_g), free(b->ln2_b), free(b->w_out);
     }
     free(e->blocks);
+    free(e->kept);
     free(e->word), free(e->position), free(e->type0), free(e->ln_g), free(e->ln_b);
-    free(e->x), free(e->a), free(e->x1), free(e->u), free(e->keep_keys);
+    free(e->a), free(e->x1), free(e->u), free(e->keep_keys);
     free(e);
 }
 
@@ -232,54 +236,54 @@ static mha_status reserve(lab_encoder *e, int64_t rows)
 {
     if (rows <= e->capacity) return MHA_OK;
     int64_t E = e->c.embed_dim;
-    free(e->x), free(e->a), free(e->x1), free(e->u), free(e->keep_keys);
-    e->x = malloc((size_t)(rows * E) * sizeof(float));
+    free(e->a), free(e->x1), free(e->u), free(e->keep_keys);
     e->a = malloc((size_t)(rows * E) * sizeof(float));
     e->x1 = malloc((size_t)(rows * E) * sizeof(float));
     e->u = malloc((size_t)(rows * e->c.ffn) * sizeof(float));
     e->keep_keys = malloc((size_t)rows);
-    bool ok = e->x && e->a && e->x1 && e->u && e->keep_keys;
+    bool ok = e->a && e->x1 && e->u && e->keep_keys;
     e->capacity = ok ? rows : 0;
     return ok ? MHA_OK : MHA_ERR_NOMEM;
 }
 
 static float gelu_erf(float u) { return 0.5f * u * (1.0f + erff(u * 0.70710678118654752f)); }
 
-static void embed(const lab_encoder *e, const int32_t *ids, int64_t rows, int64_t T)
+/* x = LN(word + position + token type 0). */
+static void embed(const lab_encoder *e, const int32_t *ids, int64_t rows, int64_t T, float *x)
 {
     int64_t E = e->c.embed_dim;
     for (int64_t r = 0; r < rows; r++) {
         const float *w = e->word + (int64_t)ids[r] * E, *p = e->position + (r % T) * E;
         for (int64_t i = 0; i < E; i++) e->a[r * E + i] = w[i] + p[i] + e->type0[i];
     }
-    lab_layer_norm(e->a, e->ln_g, e->ln_b, rows, E, e->c.eps, e->x, NULL, NULL);
+    lab_layer_norm(e->a, e->ln_g, e->ln_b, rows, E, e->c.eps, x, NULL, NULL);
 }
 
-/* One block over x (in place); its heads' attention into attn if asked. */
-static mha_status block_forward(mha_ctx *ctx, lab_encoder *e, const enc_block *b, int64_t B, int64_t T, float *attn)
+/* One block from x to out; its heads' attention into attn if asked. */
+static mha_status block_forward(mha_ctx *ctx, lab_encoder *e, const enc_block *b, int64_t B, int64_t T, const float *x,
+                                float *out, float *attn)
 {
     int64_t E = e->c.embed_dim, F = e->c.ffn, rows = B * T, n = rows * E;
     mha_layer_fwd_args args;
     mha_layer_fwd_args_init(&args);
-    args.query = args.key = args.value = mha_tensor_3d(e->x, B, T, E);
+    args.query = args.key = args.value = mha_tensor_3d((float *)x, B, T, E);
     args.key_padding_mask = (mha_mask){MHA_MASK_KEEP, e->keep_keys, {T, 0, 0, 1}};
     args.average_attn_weights = 0;
     mha_tensor y = mha_tensor_3d(e->a, B, T, E), w = mha_tensor_4d(attn, B, e->c.heads, T, T);
     mha_status st = mha_layer_forward(ctx, b->attn, &y, attn ? &w : NULL, &args);
     if (st != MHA_OK) return lab_fail_mha(st, "an encoder block's attention");
-    for (int64_t i = 0; i < n; i++) e->a[i] += e->x[i];
+    for (int64_t i = 0; i < n; i++) e->a[i] += x[i];
     lab_layer_norm(e->a, b->ln1_g, b->ln1_b, rows, E, e->c.eps, e->x1, NULL, NULL);
     if ((st = mha_linear(ctx, e->x1, b->w1, b->b1, e->u, rows, E, F)) != MHA_OK)
         return lab_fail_mha(st, "intermediate.dense");
     for (int64_t i = 0; i < rows * F; i++) e->u[i] = gelu_erf(e->u[i]);
     if ((st = mha_linear(ctx, e->u, b->w2, b->b2, e->a, rows, F, E)) != MHA_OK) return lab_fail_mha(st, "output.dense");
     for (int64_t i = 0; i < n; i++) e->a[i] += e->x1[i];
-    lab_layer_norm(e->a, b->ln2_g, b->ln2_b, rows, E, e->c.eps, e->x, NULL, NULL);
+    lab_layer_norm(e->a, b->ln2_g, b->ln2_b, rows, E, e->c.eps, out, NULL, NULL);
     return MHA_OK;
 }
 
-mha_status lab_encoder_forward(mha_ctx *ctx, lab_encoder *e, const int32_t *ids, const int64_t *lengths, int64_t B,
-                               int64_t T, float *hidden, float *attn)
+static mha_status check_batch(const lab_encoder *e, const int32_t *ids, const int64_t *lengths, int64_t B, int64_t T)
 {
     if (B < 1 || T < 1 || T > e->c.max_positions)
         return lab_fail(MHA_ERR_INVALID_ARG, "a batch of %lld x %lld tokens; the model takes 1 to %lld positions",
@@ -292,15 +296,49 @@ mha_status lab_encoder_forward(mha_ctx *ctx, lab_encoder *e, const int32_t *ids,
         if (ids[r] < 0 || ids[r] >= e->c.vocab)
             return lab_fail(MHA_ERR_INVALID_ARG, "token id %d is outside the vocabulary of %lld", (int)ids[r],
                             (long long)e->c.vocab);
-    mha_status st = reserve(e, B * T);
-    if (st != MHA_OK) return lab_fail(st, "no memory for a batch of %lld x %lld", (long long)B, (long long)T);
+    return MHA_OK;
+}
+
+/* Blocks first .. L-1 from states[first] (each block's input, then the
+ * last output, [L + 1][B * T * E]); the embeddings first when first < 0. */
+static mha_status run_blocks(mha_ctx *ctx, lab_encoder *e, const int32_t *ids, const int64_t *lengths, int64_t B,
+                             int64_t T, int64_t first, float *states, float *attn)
+{
+    mha_status st = check_batch(e, ids, lengths, B, T);
+    if (st == MHA_OK && (st = reserve(e, B * T)) != MHA_OK)
+        return lab_fail(st, "no memory for a batch of %lld x %lld", (long long)B, (long long)T);
+    if (st != MHA_OK) return st;
     for (int64_t r = 0; r < B * T; r++) e->keep_keys[r] = r % T < lengths[r / T];
-    embed(e, ids, B * T, T);
-    int64_t per_layer = B * e->c.heads * T * T;
-    for (int64_t l = 0; l < e->c.layers && st == MHA_OK; l++)
-        st = block_forward(ctx, e, &e->blocks[l], B, T, attn ? attn + l * per_layer : NULL);
-    if (st == MHA_OK && hidden) memcpy(hidden, e->x, (size_t)(B * T * e->c.embed_dim) * sizeof(float));
+    int64_t n = B * T * e->c.embed_dim, per_layer = B * e->c.heads * T * T;
+    if (first < 0) {
+        embed(e, ids, B * T, T, states);
+        first = 0;
+    }
+    for (int64_t l = first; l < e->c.layers && st == MHA_OK; l++)
+        st = block_forward(ctx, e, &e->blocks[l], B, T, states + l * n, states + (l + 1) * n,
+                           attn ? attn + l * per_layer : NULL);
     return st;
+}
+
+mha_status lab_encoder_forward(mha_ctx *ctx, lab_encoder *e, const int32_t *ids, const int64_t *lengths, int64_t B,
+                               int64_t T, float *hidden, float *attn)
+{
+    int64_t n = B * T * e->c.embed_dim;
+    float *states = B > 0 && T > 0 ? malloc((size_t)((e->c.layers + 1) * n) * sizeof(float)) : NULL;
+    if (!states && B > 0 && T > 0) return MHA_ERR_NOMEM;
+    mha_status st = run_blocks(ctx, e, ids, lengths, B, T, -1, states, attn);
+    if (st == MHA_OK && hidden) memcpy(hidden, states + e->c.layers * n, (size_t)n * sizeof(float));
+    free(states);
+    return st;
+}
+
+mha_status lab_encoder_forward_from(mha_ctx *ctx, lab_encoder *e, const int32_t *ids, const int64_t *lengths, int64_t B,
+                                    int64_t T, int64_t first, float *states)
+{
+    if (first < -1 || first >= e->c.layers)
+        return lab_fail(MHA_ERR_INVALID_ARG, "block %lld: the model has %lld", (long long)first,
+                        (long long)e->c.layers);
+    return run_blocks(ctx, e, ids, lengths, B, T, first, states, NULL);
 }
 
 void lab_encoder_pool(const float *hidden, const int64_t *lengths, int64_t B, int64_t T, int64_t E, float *out)
@@ -318,6 +356,7 @@ void lab_encoder_pool(const float *hidden, const int64_t *lengths, int64_t B, in
     }
 }
 
+/* Only the blocks whose heads change get a new output projection. */
 mha_status lab_encoder_keep_heads(lab_encoder *e, const uint8_t *keep)
 {
     int64_t E = e->c.embed_dim, H = e->c.heads, d = E / H;
@@ -325,10 +364,14 @@ mha_status lab_encoder_keep_heads(lab_encoder *e, const uint8_t *keep)
     if (!w) return MHA_ERR_NOMEM;
     mha_status st = MHA_OK;
     for (int64_t l = 0; l < e->c.layers && st == MHA_OK; l++) {
+        bool same = true;
+        for (int64_t h = 0; h < H; h++) same = same && !keep[l * H + h] == !e->kept[l * H + h];
+        if (same) continue;
         /* W_O [E, E]: head h feeds columns h d .. (h+1) d - 1. */
         for (int64_t r = 0; r < E; r++)
             for (int64_t c = 0; c < E; c++) w[r * E + c] = keep[l * H + c / d] ? e->blocks[l].w_out[r * E + c] : 0.0f;
         st = mha_layer_set_weight(e->blocks[l].attn, "attention.output.dense.weight", w, E * E);
+        for (int64_t h = 0; h < H && st == MHA_OK; h++) e->kept[l * H + h] = keep[l * H + h] != 0;
     }
     free(w);
     return st == MHA_OK ? MHA_OK : lab_fail_mha(st, "pruning heads");

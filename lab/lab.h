@@ -244,6 +244,14 @@ const lab_encoder_config *lab_encoder_config_of(const lab_encoder *encoder);
 mha_status lab_encoder_forward(mha_ctx *ctx, lab_encoder *encoder, const int32_t *ids, const int64_t *lengths,
                                int64_t B, int64_t T, float *hidden, float *attn);
 
+/* The same, keeping every block's input: states [L + 1][B * T * E] holds
+ * block l's input at l and the last hidden states at L.  Recomputes blocks
+ * first .. L-1 from states[first], which the caller keeps from an earlier
+ * call (what pruning a head of block `first` leaves unchanged); first = -1
+ * starts from the embeddings. */
+mha_status lab_encoder_forward_from(mha_ctx *ctx, lab_encoder *encoder, const int32_t *ids, const int64_t *lengths,
+                                    int64_t B, int64_t T, int64_t first, float *states);
+
 /* Sentence embeddings [B, E]: the mean of each sentence's real tokens'
  * states, normalised to length 1. */
 void lab_encoder_pool(const float *hidden, const int64_t *lengths, int64_t B, int64_t T, int64_t E, float *embeddings);
@@ -252,6 +260,153 @@ void lab_encoder_pool(const float *hidden, const int64_t *lengths, int64_t B, in
  * rest (their columns of the output projection zeroed; the others as
  * trained). */
 mha_status lab_encoder_keep_heads(lab_encoder *encoder, const uint8_t *keep);
+
+/* ---- the pretrained model's heads on real text (corpus.c, text_heads.c,
+ *      text_prune.c) --------------------------------------------------- */
+
+enum {
+    LAB_MAX_TOKENS = 64,   /* per sentence of the corpus */
+    LAB_MAX_PAIRS = 16,    /* labelled pairs per sentence */
+    LAB_PAIR_KINDS = 5,    /* det, subj, obj, pobj, coref */
+    LAB_RELATIONS = 6,     /* the directions scored (lab_relation_name) */
+    LAB_MAX_OFFSET = 8,    /* the position-only baseline's offsets, -8 .. 8 */
+    LAB_RANDOM_ORDERS = 3, /* random pruning orders averaged */
+};
+#define LAB_QUALITY_LOSS 0.01 /* "can go": quality stays within 1% */
+
+/* A sentence as the model sees it: token ids ([CLS] .. [SEP]), each
+ * token's word, the words. */
+typedef struct lab_sentence {
+    const char *text;
+    int64_t length, n_words;
+    int32_t ids[LAB_MAX_TOKENS], word_of[LAB_MAX_TOKENS];
+    char words[LAB_MAX_TOKENS][LAB_WORD_BYTES];
+} lab_sentence;
+
+/* A labelled pair of words of one sentence: kind 0 .. LAB_PAIR_KINDS-1. */
+typedef struct lab_pair {
+    int kind;
+    int64_t sentence, from, to;
+} lab_pair;
+
+/* The sentences written for this project and their pairs (corpus.c). */
+typedef struct lab_corpus {
+    lab_sentence *sentences;
+    int64_t n;
+    lab_pair *pairs;
+    int64_t n_pairs;
+} lab_corpus;
+
+int64_t lab_corpus_size(void);
+const char *lab_corpus_text(int64_t i);
+const char *lab_pair_kind_name(int kind);
+mha_status lab_corpus_load(const lab_vocab *vocab, lab_corpus *corpus);
+void lab_corpus_free(lab_corpus *corpus);
+/* One sentence and its pairs ("kind from>to; ..." as corpus.c writes
+ * them, or NULL): at most capacity pairs into out. */
+mha_status lab_sentence_make(const lab_vocab *vocab, const char *text, const char *pairs, int64_t index,
+                             lab_sentence *sentence, lab_pair *out, int64_t capacity, int64_t *n_pairs);
+
+/* The corpus as one padded batch (token ids [B, T], lengths [B]). */
+typedef struct lab_batch {
+    int32_t *ids;
+    int64_t *lengths;
+    int64_t B, T;
+} lab_batch;
+mha_status lab_batch_make(const lab_corpus *corpus, lab_batch *batch);
+void lab_batch_free(lab_batch *batch);
+
+/* Attention of a batch as lab_encoder_forward writes it: [L][B][H][T][T]. */
+typedef struct lab_attention {
+    const float *attn;
+    int64_t L, B, H, T;
+} lab_attention;
+
+/* One head's scores on real text, means over every real token's row
+ * (formulas in docs/HEADS.md). */
+typedef struct lab_text_scores {
+    double previous, next, self; /* attention to i - 1, i + 1, i */
+    double cls, sep, punct;      /* to [CLS], to [SEP], to punctuation */
+    double same_word;            /* a word's piece to its other pieces */
+    double entropy, distance;    /* entropy / log(length); mean |i - j| */
+} lab_text_scores;
+
+void lab_text_scores_head(const lab_attention *attn, const lab_sentence *sentences, int64_t l, int64_t h,
+                          lab_text_scores *scores);
+/* The role the scores single out (thresholds in docs/HEADS.md). */
+const char *lab_text_role(const lab_text_scores *scores);
+
+/* Relation r's name ("determiner -> noun", ...); each head's accuracy
+ * [LAB_RELATIONS][L * H]: how often the word it attends to most from a
+ * pair's first word is the pair's second; the best fixed offset's accuracy
+ * (the position-only baseline); the relation's pair count. */
+const char *lab_relation_name(int r);
+void lab_relation_accuracy(const lab_attention *attn, const lab_corpus *corpus, double *accuracy);
+void lab_relation_baseline(const lab_corpus *corpus, int r, double *accuracy, int *offset);
+int64_t lab_relation_pairs(const lab_corpus *corpus, int r);
+
+/* The cosine similarity of every pair i < j of n unit embeddings [n, E]
+ * (pair (i, j) in row order), and the Pearson correlation of two series:
+ * the pieces of pruning's quality. */
+void lab_similarities(const float *embeddings, int64_t n, int64_t E, double *sim);
+double lab_pearson(const double *a, const double *b, int64_t n);
+
+/* Pruning (text_prune.c): importance [L * H] (quality lost with the head
+ * alone removed), the quality with k = 0 .. L * H heads removed least
+ * important first and in random orders (mean of LAB_RANDOM_ORDERS)
+ * [L * H + 1], the importance order [L * H], and how many heads go before
+ * quality falls below 1 - LAB_QUALITY_LOSS.  The encoder is left whole. */
+typedef struct lab_text_pruning {
+    double *importance, *by_importance, *by_random;
+    int64_t *order;
+    int64_t removable;
+    /* Called after each model measured (NULL: not called). */
+    void (*progress)(void *arg, int64_t done, int64_t total);
+    void *progress_arg;
+} lab_text_pruning;
+mha_status lab_text_prune(mha_ctx *ctx, lab_encoder *encoder, const lab_batch *batch, lab_text_pruning *pruning);
+
+/* The pretrained model's report (report_text.c): what a run found. */
+typedef struct lab_text_report {
+    const char *model_name; /* the model and the package it came from */
+    lab_encoder_config config;
+    const lab_vocab *vocab;
+    const lab_corpus *corpus;
+    const lab_attention *attn;       /* the corpus's batch */
+    const lab_text_scores *scores;   /* [L * H] */
+    const double *relation_accuracy; /* [LAB_RELATIONS][L * H] */
+    double baseline[LAB_RELATIONS];
+    int baseline_offset[LAB_RELATIONS];
+    const lab_text_pruning *pruning;
+    const int64_t *samples; /* sentences whose maps are drawn */
+    int64_t n_samples;
+    const char *summary;
+} lab_text_report;
+
+/* The self-contained HTML report; 0 or -1.  The plain-text summary
+ * (snprintf's return). */
+int lab_text_report_write(const char *path, const lab_text_report *report);
+int lab_text_summary(char *out, size_t size, const lab_text_report *report);
+
+/* ---- the reports' pieces (chart.c) --------------------------------- */
+
+/* A line chart of one or two series as inline SVG (class "chart", 640 x
+ * 300, axes, ticks, titles, a legend above the plot); point i is at
+ * x0 + i. */
+typedef struct lab_chart {
+    const double *y[2]; /* y[1] may be NULL */
+    const char *name[2];
+    int64_t n;
+    double x0;
+    const char *xtitle, *ytitle, *label; /* label: what the chart shows, for screen readers */
+} lab_chart;
+void lab_svg_chart(FILE *f, const lab_chart *chart);
+
+/* The maps' colour scale, weight 0 .. 1 with ticks, as inline SVG. */
+void lab_colour_scale_svg(FILE *f);
+
+/* The reports' CSS. */
+extern const char *const lab_report_style;
 
 /* ---- the report --------------------------------------------------- */
 

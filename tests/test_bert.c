@@ -225,6 +225,143 @@ static void test_errors(mha_ctx *ctx, lab_encoder *e, const char *model_dir)
           "a length past the batch's width");
 }
 
+/* ---- the analyses, on hand-built attention ---------------------------- */
+
+/* Row i of head h's map for sentence b, in a [1][B][H][T][T] tensor. */
+static float *row_of(float *attn, int64_t B, int64_t H, int64_t T, int64_t b, int64_t h, int64_t i)
+{
+    (void)B;
+    return attn + ((b * H + h) * T + i) * T;
+}
+
+/* Head 0 looks at the previous token; head 1 from a determiner's tokens to
+ * its noun's (elsewhere at [CLS]); head 2 at [SEP]; head 3 evenly. */
+static void build_patterns(const lab_corpus *c, int64_t T, float *attn)
+{
+    int64_t B = c->n, H = 4;
+    for (int64_t b = 0; b < B; b++) {
+        const lab_sentence *s = &c->sentences[b];
+        int64_t n = s->length;
+        for (int64_t i = 0; i < n; i++) {
+            row_of(attn, B, H, T, b, 0, i)[i > 0 ? i - 1 : 0] = 1;
+            row_of(attn, B, H, T, b, 2, i)[n - 1] = 1;
+            for (int64_t j = 0; j < n; j++) row_of(attn, B, H, T, b, 3, i)[j] = 1.0f / (float)n;
+            int64_t target = -1;
+            for (int64_t p = 0; p < c->n_pairs; p++)
+                if (c->pairs[p].kind == 0 && c->pairs[p].sentence == b && c->pairs[p].from == s->word_of[i])
+                    target = c->pairs[p].to;
+            int64_t pieces = 0;
+            for (int64_t j = 0; j < n; j++) pieces += target >= 0 && s->word_of[j] == target;
+            for (int64_t j = 0; j < n; j++)
+                if (target >= 0 && s->word_of[j] == target) row_of(attn, B, H, T, b, 1, i)[j] = 1.0f / (float)pieces;
+            if (target < 0) row_of(attn, B, H, T, b, 1, i)[0] = 1;
+        }
+    }
+}
+
+static void test_text_heads(const lab_vocab *v)
+{
+    static const char *const text[2][2] = {
+        {"The dog chased the cat.", "det the>dog; det the#2>cat; subj dog>chased; obj chased>cat"},
+        {"A small robot explored the surface of the planet.",
+         "det a>robot; det the>surface; det the#2>planet; subj robot>explored; obj explored>surface; pobj of>planet"},
+    };
+    lab_sentence sentences[2];
+    lab_pair pairs[2 * LAB_MAX_PAIRS];
+    int64_t n_pairs = 0, got, T = 0, rows = 0;
+    for (int b = 0; b < 2; b++) {
+        CHECK_OK(lab_sentence_make(v, text[b][0], text[b][1], b, &sentences[b], pairs + n_pairs, LAB_MAX_PAIRS, &got));
+        n_pairs += got;
+        T = sentences[b].length > T ? sentences[b].length : T;
+        rows += sentences[b].length;
+    }
+    lab_corpus c = {sentences, 2, pairs, n_pairs};
+    float *attn = calloc((size_t)(2 * 4 * T * T), sizeof(float));
+    build_patterns(&c, T, attn);
+    lab_attention a = {attn, 1, 2, 4, T};
+    lab_text_scores s[4];
+    for (int h = 0; h < 4; h++) lab_text_scores_head(&a, sentences, 0, h, &s[h]);
+    CHECK(fabs(s[0].previous - (double)(rows - 2) / (double)rows) < 1e-12 &&
+              !strcmp(lab_text_role(&s[0]), "previous token"),
+          "previous-token head: %.4f, %s", s[0].previous, lab_text_role(&s[0]));
+    CHECK(s[2].sep == 1 && !strcmp(lab_text_role(&s[2]), "[SEP] sink"), "[SEP] head: %.4f", s[2].sep);
+    CHECK(fabs(s[3].entropy - 1) < 1e-6 && !strcmp(lab_text_role(&s[3]), "broad"), "even head: entropy %.4f",
+          s[3].entropy);
+    double acc[LAB_RELATIONS * 4];
+    lab_relation_accuracy(&a, &c, acc);
+    CHECK(acc[0 * 4 + 1] == 1.0, "the determiner head's accuracy %.3f", acc[1]);
+    CHECK(acc[0 * 4 + 0] == 0.0 && acc[3 * 4 + 0] == 0.0, "the previous-token head finds nouns or objects");
+    double base;
+    int offset;
+    lab_relation_baseline(&c, 0, &base, &offset); /* the > dog, the > cat, the > surface, the > planet, a > robot */
+    CHECK(fabs(base - 0.8) < 1e-12 && offset == 1, "determiner baseline %.3f at %+d, want 0.8 at +1", base, offset);
+    CHECK(lab_relation_pairs(&c, 0) == 5 && lab_relation_pairs(&c, 2) == 2, "pairs counted wrong");
+    free(attn);
+    /* Labels that do not fit the sentence are named. */
+    CHECK(lab_sentence_make(v, text[0][0], "det the>giraffe", 0, &sentences[0], pairs, 4, &got) ==
+                  MHA_ERR_INVALID_ARG &&
+              strstr(lab_last_error(), "giraffe"),
+          "an unknown word: %s", lab_last_error());
+    CHECK(lab_sentence_make(v, text[0][0], "verb the>dog", 0, &sentences[0], pairs, 4, &got) == MHA_ERR_INVALID_ARG &&
+              strstr(lab_last_error(), "verb"),
+          "an unknown kind: %s", lab_last_error());
+    lab_corpus all;
+    CHECK_OK(lab_corpus_load(v, &all));
+    CHECK(all.n == lab_corpus_size() && all.n_pairs > 150, "the corpus: %lld sentences, %lld pairs", (long long)all.n,
+          (long long)all.n_pairs);
+    lab_corpus_free(&all);
+}
+
+/* Pruning's curve, computed block by block, equals whole forwards; the
+ * encoder is whole afterwards. */
+static void test_pruning(mha_ctx *ctx, lab_encoder *e, const lab_vocab *v)
+{
+    lab_corpus all;
+    CHECK_OK(lab_corpus_load(v, &all));
+    all.n = 5;
+    lab_batch b;
+    CHECK_OK(lab_batch_make(&all, &b));
+    const lab_encoder_config *c = lab_encoder_config_of(e);
+    int64_t n = c->layers * c->heads, E = c->embed_dim, pairs = b.B * (b.B - 1) / 2, k = 17;
+    lab_text_pruning p = {malloc(8 * (size_t)n),
+                          malloc(8 * (size_t)(n + 1)),
+                          malloc(8 * (size_t)(n + 1)),
+                          malloc(8 * (size_t)n),
+                          0,
+                          NULL,
+                          NULL};
+    float *hidden = malloc((size_t)(b.B * b.T * E) * sizeof(float)), *before = malloc((size_t)(b.B * b.T * E) * 4);
+    float *emb = malloc((size_t)(b.B * E) * sizeof(float));
+    double *ref = malloc((size_t)pairs * sizeof(double)), *sim = malloc((size_t)pairs * sizeof(double));
+    CHECK_OK(lab_encoder_forward(ctx, e, b.ids, b.lengths, b.B, b.T, before, NULL));
+    CHECK_OK(lab_text_prune(ctx, e, &b, &p));
+    CHECK_OK(lab_encoder_forward(ctx, e, b.ids, b.lengths, b.B, b.T, hidden, NULL));
+    CHECK(memcmp(hidden, before, (size_t)(b.B * b.T * E) * 4) == 0, "pruning left the encoder changed");
+    lab_encoder_pool(before, b.lengths, b.B, b.T, E, emb);
+    lab_similarities(emb, b.B, E, ref);
+    uint8_t *keep = malloc((size_t)n);
+    memset(keep, 1, (size_t)n);
+    for (int64_t i = 0; i < k; i++) keep[p.order[i]] = 0;
+    CHECK_OK(lab_encoder_keep_heads(e, keep));
+    CHECK_OK(lab_encoder_forward(ctx, e, b.ids, b.lengths, b.B, b.T, hidden, NULL));
+    lab_encoder_pool(hidden, b.lengths, b.B, b.T, E, emb);
+    lab_similarities(emb, b.B, E, sim);
+    CHECK(lab_pearson(ref, sim, pairs) == p.by_importance[k],
+          "quality with %lld heads removed: %.17g by whole "
+          "forwards, %.17g block by block",
+          (long long)k, lab_pearson(ref, sim, pairs), p.by_importance[k]);
+    CHECK(p.by_importance[0] == 1 && fabs(p.by_importance[n] - p.by_random[n]) < 1e-12, "the curves' ends");
+    bool sorted = true;
+    for (int64_t i = 1; i < n; i++) sorted = sorted && p.importance[p.order[i - 1]] <= p.importance[p.order[i]];
+    CHECK(sorted && p.removable >= 0 && p.removable <= n, "the importance order");
+    memset(keep, 1, (size_t)n);
+    CHECK_OK(lab_encoder_keep_heads(e, keep));
+    free(keep), free(hidden), free(before), free(emb), free(ref), free(sim);
+    free(p.importance), free(p.by_importance), free(p.by_random), free(p.order);
+    lab_batch_free(&b);
+    lab_corpus_free(&all);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -242,6 +379,7 @@ int main(int argc, char **argv)
     lab_vocab *v = NULL;
     CHECK_OK(lab_vocab_load(vocab_path, &v));
     test_tokenizer(v, &r);
+    test_text_heads(v);
     lab_encoder *e = NULL;
     if (lab_encoder_load(argv[1], &e) != MHA_OK) {
         fprintf(stderr, "test_bert: %s\n", lab_last_error());
@@ -252,6 +390,7 @@ int main(int argc, char **argv)
     test_batch(ctx, e, &r);
     test_attention(ctx, e, &r);
     test_threads(e, &r);
+    test_pruning(ctx, e, v);
     test_errors(ctx, e, argv[1]);
     mha_ctx_free(ctx);
     lab_encoder_free(e);

@@ -589,6 +589,9 @@ static void test_cli_flag_values(void)
     expect_cli_error("--heads 3 does not divide --embed-dim 64", "lab", "--heads", "3", NULL);
     expect_cli_error("--kv-heads 3 does not divide --heads 4", "lab", "--kv-heads", "3", NULL);
     expect_cli_error("--kv-heads 8 is more than --heads 4", "lab", "--kv-heads", "8", NULL);
+    /* The pretrained model's lab: a model that is not there, too few sentences. */
+    expect_cli_error("/nonexistent/vocab.txt", "lab", "model", "--model", "/nonexistent", NULL);
+    expect_cli_error("--sentences must be at least 3", "lab", "model", "--sentences", "2", NULL);
 }
 
 static void test_cli_files(void)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The lab's report renders and reads at a laptop's width and a phone's: a
-# short `mha lab` run writes report.html, a PNG per head and summary.txt;
+# The lab's reports render and read at a laptop's width and a phone's: a
+# short `mha lab` run writes report.html, a PNG per head and summary.txt,
+# and a short `mha lab model` run model.html and model-summary.txt;
 # headless Chromium (Debian's chromium) loads the page with no network at
 # 1280 and at 390 px, with tests/report_check.js injected after the page's
 # own script: every chart, map and table row is there and drawn, nothing
@@ -35,9 +36,9 @@ grep -q "http" "$out/report.html" && { echo "test_report: the report refers to t
 # GQA table (1 + 3 rows).
 counts='"charts": 3, "maps": 8, "rows": 13'
 
-# check PAGE WIDTH: prints the page's problems at that width ("none").
+# check PAGE WIDTH [COUNTS]: prints the page's problems at that width ("none").
 check() {
-    python3 - "$1" "$out/checked.html" "$here/report_check.js" "{$counts, \"width\": $2}" <<'PY'
+    python3 - "$1" "$out/checked.html" "$here/report_check.js" "{${3:-$counts}, \"width\": $2}" <<'PY'
 import sys
 page, dst, js, expect = sys.argv[1:5]
 html = open(page).read()
@@ -77,4 +78,21 @@ timeout 120 "$browser" --headless --disable-gpu --no-sandbox --user-data-dir="$o
 size=$(stat -c %s "$out/shot.png")
 [ "$size" -gt 20000 ] || { echo "test_report: screenshot of $size bytes" >&2; exit 1; }
 [ -n "${MHA_REPORT_SHOT:-}" ] && cp "$out/shot.png" "$MHA_REPORT_SHOT"
-echo "test_report: report checked at 1280 and 390 px in $(basename "$browser"); a missing chart or map fails the check"
+
+# The pretrained model's report (`mha lab model`, on 4 of the sentences to
+# stay quick): the colour scale and the pruning chart; 72 maps of the one
+# sample sentence kept; the layer x head grid (1 + 6 rows) and the relation
+# table (1 + 6 rows).
+"$mha" lab model --out "$out/model" --sentences 4 --threads 2 >"$out/model-stdout.txt" 2>/dev/null
+for f in model.html model-summary.txt; do
+    [ -s "$out/model/$f" ] || { echo "test_report: model/$f missing" >&2; exit 1; }
+done
+grep -q "determiner -> noun" "$out/model/model-summary.txt"
+grep -q "http" "$out/model/model.html" && { echo "test_report: the model report refers to the network" >&2; exit 1; }
+model_counts='"charts": 2, "maps": 72, "rows": 14'
+for width in 1280 390; do
+    verdict=$(check "$out/model/model.html" "$width" "$model_counts")
+    [ "$verdict" = none ] || { echo "test_report: the model report at $width px: $verdict" >&2; exit 1; }
+done
+echo "test_report: the lab's and the pretrained model's reports checked at 1280 and 390 px in $(basename "$browser");" \
+    "a missing chart or map fails the check"

@@ -22,6 +22,7 @@ int mha_cmd_sdpa(int argc, char **argv);
 int mha_cmd_sdpa_backward(int argc, char **argv);
 int mha_cmd_decode(int argc, char **argv);
 int mha_cmd_lab(int argc, char **argv);
+int mha_cmd_lab_model(int argc, char **argv);
 int mha_cmd_info(int argc, char **argv);
 int mha_cmd_show(int argc, char **argv);
 int mha_cmd_bench(int argc, char **argv);

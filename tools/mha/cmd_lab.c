@@ -11,6 +11,8 @@
  *   mha lab prune   the pruning curves of a saved model
  *   mha lab report  the report (HTML, PNG heatmaps, summary) of a saved
  *                   model, with the GQA comparison trained on the spot
+ *   mha lab model   the same questions of a pretrained model
+ *                   (cmd_lab_model.c)
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -438,10 +440,11 @@ int mha_cmd_lab(int argc, char **argv)
                   .text_path = "/usr/share/common-licenses/GPL-3",
                   .gqa_steps = 0};
     const char *sub = argc >= 2 && argv[1][0] != '-' ? argv[1] : "run";
+    if (strcmp(sub, "model") == 0) return mha_cmd_lab_model(argc - 1, argv + 1);
     static const char *const subs[] = {"run", "train", "analyze", "prune", "report"};
     int which = cli_choice(sub, subs, 5);
     if (which < 0) {
-        cli_error(CMD, "unknown subcommand \"%s\": run, train, analyze, prune or report", sub);
+        cli_error(CMD, "unknown subcommand \"%s\": run, train, analyze, prune, report or model", sub);
         return CLI_USAGE;
     }
     bool help = false;
