@@ -36,6 +36,7 @@ typedef struct model_run {
     lab_corpus corpus;
     lab_batch batch;
     float *attn;
+    lab_attention attention; /* attn's shape */
     lab_text_scores *scores;
     double *relations;
     lab_text_pruning pruning;
@@ -101,12 +102,11 @@ static int score(model_run *r, mha_ctx *ctx)
     if (!r->attn || !r->scores || !r->relations) return fail("memory");
     if (lab_encoder_forward(ctx, r->enc, r->batch.ids, r->batch.lengths, B, T, NULL, r->attn) != MHA_OK)
         return fail("the model");
-    static lab_attention a;
-    a = (lab_attention){r->attn, L, B, H, T};
-    for (int64_t lh = 0; lh < L * H; lh++)
-        lab_text_scores_head(&a, r->corpus.sentences, lh / H, lh % H, &r->scores[lh]);
-    lab_relation_accuracy(&a, &r->corpus, r->relations);
-    r->report.attn = &a;
+    r->attention = (lab_attention){r->attn, L, B, H, T};
+    const lab_attention *a = &r->attention;
+    for (int64_t lh = 0; lh < L * H; lh++) lab_text_scores_head(a, r->corpus.sentences, lh / H, lh % H, &r->scores[lh]);
+    lab_relation_accuracy(a, &r->corpus, r->relations);
+    r->report.attn = a;
     for (int rel = 0; rel < LAB_RELATIONS; rel++)
         lab_relation_baseline(&r->corpus, rel, &r->report.baseline[rel], &r->report.baseline_offset[rel]);
     fprintf(stderr, "lab model: %lld heads scored on %lld sentences at %.1f s\n", (long long)(L * H), (long long)B,
