@@ -5,6 +5,9 @@ split text as BERT's tokenizer does, from Python's unicodedata.
     python3 scripts/gen_unicode_tables.py          write the header
     python3 scripts/gen_unicode_tables.py --check  exit 1 if it is not current
 
+The header is written as clang-format leaves it, so the tree's format
+check passes.
+
 - FOLD_*: lower case, then NFD without its marks (the reference lower-cases
   first), for Latin-1 Supplement through Cyrillic (U+00C0..U+04FF) and
   Latin Extended Additional and Greek Extended (U+1E00..U+1FFF); every one
@@ -14,6 +17,7 @@ split text as BERT's tokenizer does, from Python's unicodedata.
   All over the Basic Multilingual Plane, as inclusive ranges.
 """
 import os
+import subprocess
 import sys
 import unicodedata
 
@@ -72,8 +76,15 @@ def render():
     return "".join(parts)
 
 
+def formatted(text):
+    """The header as clang-format leaves it (the tree is checked with it)."""
+    run = subprocess.run(["clang-format", "--assume-filename=" + OUT], input=text, capture_output=True, text=True,
+                         check=True)
+    return run.stdout
+
+
 def main():
-    text = render()
+    text = formatted(render())
     if "--check" in sys.argv:
         current = open(OUT, encoding="utf-8").read() if os.path.exists(OUT) else ""
         if current != text:
