@@ -58,14 +58,15 @@ cmake --build build-faults -j"$jobs" --target test_faults >/dev/null
 (cd build-faults && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -R '^test_faults$') | tee "$log"
 passed "$(ctest_count)"
 
-stage "fuzzing: libFuzzer over the safetensors reader and the CLI's inputs (45 s each, ASan + UBSan)"
+stage "fuzzing: libFuzzer over the safetensors reader, the CLI's inputs and the lab's tokenizer (45 s each, ASan + UBSan)"
 CC=clang CXX=clang++ cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMHA_FUZZ=ON \
     -DMHA_SANITIZE=address,undefined >/dev/null
-cmake --build build-fuzz -j"$jobs" --target fuzz_safetensors fuzz_cli_inputs >/dev/null
-for target in safetensors cli_inputs; do
+cmake --build build-fuzz -j"$jobs" --target fuzz_safetensors fuzz_cli_inputs fuzz_tokenizer >/dev/null
+for target in safetensors cli_inputs tokenizer; do
     corpus=$(mktemp -d)
     seeds=tests/fuzz/corpus_st
     [ "$target" = cli_inputs ] && seeds=tests/fuzz/corpus_cli
+    [ "$target" = tokenizer ] && seeds=tests/fuzz/corpus_tok
     cp "$seeds"/* "$corpus"/
     if ! build-fuzz/tests/fuzz_$target -max_total_time=45 -timeout=10 -rss_limit_mb=2048 "$corpus" >"$log" 2>&1; then
         tail -40 "$log"
@@ -75,7 +76,7 @@ for target in safetensors cli_inputs; do
     echo "  fuzz_$target: $(grep -E '^Done' "$log")"
     rm -rf "$corpus"
 done
-passed "2 targets, no fault"
+passed "3 targets, no fault"
 
 stage "Python package: pip install . into a new venv, then pytest (numpy API, golden files, PyTorch 1.13)"
 venv=$(mktemp -d)
