@@ -36,7 +36,9 @@ typedef struct cpu_features {
 
 /* Linux hands out the AMX tile data state (8 KB per thread) only to a
  * process that asks for it; the request is for the whole process and may
- * be repeated.  Without it the first tile instruction faults. */
+ * be repeated.  Without it the first tile instruction faults.  Asked only
+ * when the AMX kernels are about to be chosen: a process capped below them
+ * (MHA_ISA) keeps the smaller signal frames. */
 static bool amx_permitted(void)
 {
 #if defined(__linux__) && defined(SYS_arch_prctl)
@@ -65,7 +67,7 @@ static cpu_features detect(void)
     f.avx2_fma = avx2 && fma;
     f.avx512 = f.avx2_fma && avx512 && zmm_state;
     if (f.avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
-    f.amx_bf16 = f.avx512_bf16 && amx && tile_state && amx_permitted();
+    f.amx_bf16 = f.avx512_bf16 && amx && tile_state; /* the permission: amx_usable */
     return f;
 }
 #else
@@ -103,9 +105,12 @@ static bool f32_here(const mha__kernels *k, cpu_features f)
     return true;
 }
 
+/* The CPU and OS can run AMX, and Linux lets this process. */
+static bool amx_usable(cpu_features f) { return f.amx_bf16 && amx_permitted(); }
+
 static bool bf16_native_here(const mha__bf16_kernels *k, cpu_features f)
 {
-    if (k == &mha__bf16_kernels_amx) return f.amx_bf16;
+    if (k == &mha__bf16_kernels_amx) return amx_usable(f);
     return k == &mha__bf16_kernels_avx512 ? f.avx512_bf16 : f.avx2_fma;
 }
 
@@ -190,7 +195,7 @@ const mha__bf16_kernels *mha__bf16_named(const char *name)
 {
     if (name && strcmp(name, "generic") == 0) return &mha__bf16_kernels_generic;
 #if defined(__x86_64__) || defined(__i386__)
-    if (name && strcmp(name, "amx") == 0 && detect().amx_bf16) return &mha__bf16_kernels_amx;
+    if (name && strcmp(name, "amx") == 0 && amx_usable(detect())) return &mha__bf16_kernels_amx;
     if (name && strcmp(name, "avx512_bf16") == 0 && detect().avx512_bf16) return &mha__bf16_kernels_avx512;
     if (name && strcmp(name, "avx2") == 0 && detect().avx2_fma) return &mha__bf16_kernels_avx2;
 #endif
