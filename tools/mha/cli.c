@@ -335,6 +335,13 @@ float *cli_alloc_floats(const char *cmd, const char *what, const int64_t *dims, 
     return p;
 }
 
+int cli_out_dir(const char *cmd, const char *dir)
+{
+    if (mkdir(dir, 0777) == 0 || errno == EEXIST) return CLI_OK;
+    cli_error(cmd, "cannot create --out %s: %s", dir, strerror(errno));
+    return CLI_FAIL;
+}
+
 double cli_now_ms(void)
 {
     struct timespec ts;

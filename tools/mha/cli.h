@@ -244,6 +244,9 @@ void cli_sdpa_inputs_free(cli_sdpa_inputs *in);
 int cli_sdpa_parallel(const cli_sdpa_opts *o);
 #endif
 
+/* --out DIR made if it is not there (CLI_FAIL naming it if it cannot be). */
+int cli_out_dir(const char *cmd, const char *dir);
+
 /* Monotonic time in milliseconds, and a qsort comparison of doubles. */
 double cli_now_ms(void);
 int cli_cmp_double(const void *a, const void *b);

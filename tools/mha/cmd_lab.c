@@ -19,12 +19,10 @@
 #include "cli.h"
 #include "lab.h"
 
-#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 static const char *const CMD = "lab";
@@ -317,13 +315,6 @@ static int load_saved(const lab_opts *o, lab_model **model)
     return CLI_FAIL;
 }
 
-static int ensure_dir(const char *dir)
-{
-    if (mkdir(dir, 0777) == 0 || errno == EEXIST) return CLI_OK;
-    cli_error(CMD, "cannot create --out %s: %s", dir, strerror(errno));
-    return CLI_FAIL;
-}
-
 /* The flags' ranges: a value outside one is named as it is read. */
 static const cli_range LAYERS = {1, 16, "in 1..16"}, CONTEXT = {4, 4096, "in 4..4096"},
                        VOCAB = {2, 1 << 20, "in 2..1048576"}, KV_HEADS = {0, 1 << 20, "0 (= --heads) or more"},
@@ -450,7 +441,7 @@ int mha_cmd_lab(int argc, char **argv)
     bool help = false;
     int skip = argc >= 2 && argv[1][0] != '-';
     int rc = parse(argc - skip, argv + skip, &o, &help);
-    if (rc == CLI_OK && !help) rc = ensure_dir(o.out);
+    if (rc == CLI_OK && !help) rc = cli_out_dir(CMD, o.out);
     if (rc != CLI_OK || help) {
         lab_text_free(&o.text);
         return rc;

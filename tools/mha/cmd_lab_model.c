@@ -15,8 +15,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 static const char *const CMD = "lab model";
@@ -41,16 +39,12 @@ typedef struct model_run {
     double *relations;
     lab_text_pruning pruning;
     lab_text_report report;
-    double started;
+    double started; /* ms */
     int tty;
 } model_run;
 
-static double now(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
+/* Seconds since the command started. */
+static double elapsed(const model_run *r) { return (cli_now_ms() - r->started) / 1e3; }
 
 static void run_free(model_run *r)
 {
@@ -87,7 +81,7 @@ static int load(model_run *r)
     if (lab_batch_make(&r->corpus, &r->batch) != MHA_OK) return fail("the sentences");
     const lab_encoder_config *c = lab_encoder_config_of(r->enc);
     fprintf(stderr, "lab model: %s, %lld layers x %lld heads, loaded in %.1f s\n", r->model_dir, (long long)c->layers,
-            (long long)c->heads, now() - r->started);
+            (long long)c->heads, elapsed(r));
     return CLI_OK;
 }
 
@@ -110,7 +104,7 @@ static int score(model_run *r, mha_ctx *ctx)
     for (int rel = 0; rel < LAB_RELATIONS; rel++)
         lab_relation_baseline(&r->corpus, rel, &r->report.baseline[rel], &r->report.baseline_offset[rel]);
     fprintf(stderr, "lab model: %lld heads scored on %lld sentences at %.1f s\n", (long long)(L * H), (long long)B,
-            now() - r->started);
+            elapsed(r));
     return CLI_OK;
 }
 
@@ -140,7 +134,7 @@ static int prune(model_run *r, mha_ctx *ctx)
     if (!p->importance || !p->by_importance || !p->by_random || !p->order) return fail("memory");
     p->progress = on_progress, p->progress_arg = r;
     if (lab_text_prune(ctx, r->enc, &r->batch, p) != MHA_OK) return fail("pruning");
-    fprintf(stderr, "lab model: pruned at %.1f s\n", now() - r->started);
+    fprintf(stderr, "lab model: pruned at %.1f s\n", elapsed(r));
     return CLI_OK;
 }
 
@@ -166,7 +160,7 @@ static int write_outputs(model_run *r)
         return CLI_FAIL;
     }
     fputs(summary, stdout);
-    printf("report: %s (%.0f s in all)\n", html, now() - r->started);
+    printf("report: %s (%.0f s in all)\n", html, elapsed(r));
     return CLI_OK;
 }
 
@@ -174,7 +168,7 @@ static const cli_range SENTENCES = {3, 1000, "at least 3 (pruning compares pairs
 
 int mha_cmd_lab_model(int argc, char **argv)
 {
-    model_run r = {.model_dir = "models/all-MiniLM-L6-v2", .out = "lab-report", .started = now()};
+    model_run r = {.model_dir = "models/all-MiniLM-L6-v2", .out = "lab-report", .started = cli_now_ms()};
     cli_flag flags[] = {
         {"model", FLAG_STRING, &r.model_dir,
          "folder with model.safetensors, config.json and vocab.txt (default "
@@ -189,10 +183,7 @@ int mha_cmd_lab_model(int argc, char **argv)
     bool help = false;
     int rc = cli_parse(CMD, "[flags]", argc, argv, flags, (int)(sizeof flags / sizeof flags[0]), &help);
     if (rc != CLI_OK || help) return rc;
-    if (mkdir(r.out, 0777) != 0 && errno != EEXIST) {
-        cli_error(CMD, "cannot create %s: %s", r.out, strerror(errno));
-        return CLI_FAIL;
-    }
+    if ((rc = cli_out_dir(CMD, r.out)) != CLI_OK) return rc;
     r.tty = isatty(fileno(stderr));
     mha_ctx *ctx = NULL;
     rc = cli_ctx(CMD, r.threads, &ctx);
