@@ -15,6 +15,10 @@
  * before any compute.  MPI's own failures go to the communicator's error
  * handler (MPI_ERRORS_ARE_FATAL unless the caller sets another).
  *
+ * Memory: the blocks in flight and the exchange buffers (tens of MB at
+ * long sequences) are kept in the mha_ctx passed in from call to call, so
+ * a repeated call allocates nothing new; mha_ctx_free releases them.
+ *
  * Results: the same bits from run to run for a given rank count (sums
  * across ranks are taken in rank order, never in whatever order MPI's
  * collectives choose), and within the tolerance rule of the

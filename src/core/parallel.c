@@ -52,6 +52,8 @@ struct mha_ctx {
     pool pool;
     char *ws; /* the workspace: ws_cap bytes, of which [0, ws_top) are taken */
     int64_t ws_cap, ws_top;
+    void *kept[MHA__KEPT_SLOTS]; /* mha__kept's buffers, kept_bytes[i] each */
+    int64_t kept_bytes[MHA__KEPT_SLOTS];
 };
 
 static int default_threads(void)
@@ -203,6 +205,7 @@ void mha_ctx_free(mha_ctx *ctx)
     if (!ctx) return;
     pool_stop(&ctx->pool);
     mha__free(ctx->ws);
+    for (int i = 0; i < MHA__KEPT_SLOTS; i++) mha__free(ctx->kept[i]);
     mha__free(ctx);
 }
 
@@ -340,3 +343,14 @@ mha_status mha_ctx_reserve(mha_ctx *ctx, int64_t bytes)
 int64_t mha_ctx_workspace_bytes(const mha_ctx *ctx) { return ctx ? ctx->ws_cap : 0; }
 
 void mha__ws_release(mha_ctx *ctx, int64_t top) { ctx->ws_top = top; }
+
+void *mha__kept(mha_ctx *ctx, int slot, int64_t bytes)
+{
+    if (bytes < 1) bytes = 1; /* a buffer even for nothing, as mha__alloc gives: NULL means NOMEM */
+    if (bytes <= ctx->kept_bytes[slot]) return ctx->kept[slot];
+    mha__free(ctx->kept[slot]); /* first, so the old and new never need room together */
+    ctx->kept_bytes[slot] = 0;
+    ctx->kept[slot] = mha__alloc(bytes, 1);
+    if (ctx->kept[slot]) ctx->kept_bytes[slot] = bytes;
+    return ctx->kept[slot];
+}

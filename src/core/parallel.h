@@ -45,6 +45,18 @@ char *mha__ws_take_per_thread(mha_ctx *ctx, int64_t floats, int64_t *stride);
 int64_t mha__ws_top(const mha_ctx *ctx);
 void mha__ws_release(mha_ctx *ctx, int64_t top);
 
+/* Memory kept from call to call for a library built on the core
+ * (libmha_mpi), beside the workspace: its blocks in flight and exchange
+ * buffers are tens of MB, the same each call, and the nested core calls
+ * plan the workspace for themselves.  Freshly allocated, such a buffer
+ * page-faults on every call (about 50 ms of system time a rank at N = 8192
+ * in ring attention, docs/SCALING.md); kept, once.  Slot `slot` (below
+ * MHA__KEPT_SLOTS) grows to `bytes` when smaller, its contents not kept;
+ * NULL (NOMEM) when that fails.  One user a slot at a time; freed with the
+ * context. */
+enum { MHA__KEPT_SLOTS = 2 };
+void *mha__kept(mha_ctx *ctx, int slot, int64_t bytes);
+
 /* Calls fn(arg, thread, begin, end) on contiguous chunks covering
  * [0, n_items), one chunk per thread (fewer when there are fewer items);
  * thread numbers are 0 .. n-1 and index per-thread scratch.  Returns when

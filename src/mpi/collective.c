@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "core/parallel.h"
 
 mha_status mha__mpi_agree(MPI_Comm comm, mha_status local)
 {
@@ -94,18 +95,17 @@ static void sum_slab(MPI_Comm comm, float *x, int64_t n, float *scratch)
     mha__mpi_waited(t);
 }
 
-mha_status mha__mpi_sum(MPI_Comm comm, float *x, int64_t n)
+mha_status mha__mpi_sum(mha_ctx *ctx, MPI_Comm comm, float *x, int64_t n)
 {
     int size;
     MPI_Comm_size(comm, &size);
     if (size == 1 || n <= 0) return MHA_OK;
     int64_t slab = (int64_t)size << 28; /* every count and offset fits an int */
     int64_t most = n < slab ? n : slab;
-    float *scratch = mha__alloc(most + size, sizeof(float));
+    float *scratch = mha__kept(ctx, 1, (most + size) * (int64_t)sizeof(float));
     mha_status st = mha__mpi_agree(comm, scratch ? MHA_OK : mha__fail(MHA_ERR_NOMEM, "the sum's scratch"));
     if (st == MHA_OK)
         for (int64_t at = 0; at < n; at += slab) sum_slab(comm, x + at, n - at < slab ? n - at : slab, scratch);
-    mha__free(scratch);
     return st;
 }
 

@@ -34,8 +34,10 @@ mha_status mha__mpi_same(MPI_Comm comm, mha_status local, const mha__mpi_field *
  * slice of n / P elements (a reduce-scatter by all-to-all), then the
  * slices are shared (all-gather): 2 (P - 1) / P n floats sent a rank.
  * Not agreed: call it where every rank is known to have succeeded.
+ * Its scratch is ctx's kept slot 1 (mha__kept), so the caller may hold
+ * slot 0.
  * Errors: NOMEM (then every rank fails: the scratch is agreed on first). */
-mha_status mha__mpi_sum(MPI_Comm comm, float *x, int64_t n);
+mha_status mha__mpi_sum(mha_ctx *ctx, MPI_Comm comm, float *x, int64_t n);
 
 /* The fields of a layer's description every rank must agree on (at most
  * 24); returns how many. */

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "core/parallel.h"
 #include "core/tensor.h"
 #include "layer/layer.h"
 #include "mha_mpi.h"
@@ -430,13 +431,13 @@ static int describe_forward(const mha_layer_fwd_args *a, const mha_tensor *out, 
 
 /* This rank's attention weights into the whole [N, h, L, S'] or averaged
  * [N, 1, L, S'] tensor, from mine ([N, own heads or 1, L, S']). */
-static mha_status share_weights(const mha_mpi_layer *L, float *mine, const mha_tensor *w)
+static mha_status share_weights(mha_ctx *ctx, const mha_mpi_layer *L, float *mine, const mha_tensor *w)
 {
     int64_t N = w->shape[0], rows = w->shape[2] * w->shape[3];
     if (w->shape[1] == 1 && L->heads > 1) { /* averaged: mean of own heads x own/all, summed */
         int64_t n = N * rows;
         for (int64_t i = 0; i < n; i++) mine[i] *= (float)L->num_heads / (float)L->heads;
-        mha_status st = mha__mpi_sum(L->comm, mine, n);
+        mha_status st = mha__mpi_sum(ctx, L->comm, mine, n);
         if (st == MHA_OK) mha__mpi_copy_piece(w, mine, false);
         return st;
     }
@@ -483,7 +484,7 @@ mha_status mha_mpi_layer_forward(mha_ctx *ctx, mha_mpi_layer *L, mha_tensor *att
                                attn_weights->shape[2], attn_weights->shape[3]);
         n_w = mha__mpi_numel(&w_mine);
     }
-    float *y = mha__alloc(n_out + n_w, sizeof(float));
+    float *y = mha__kept(ctx, 0, (n_out + n_w) * (int64_t)sizeof(float));
     st = y ? MHA_OK : MHA_ERR_NOMEM;
     mha_tensor y_mine = *attn_output;
     if (st == MHA_OK) {
@@ -493,10 +494,9 @@ mha_status mha_mpi_layer_forward(mha_ctx *ctx, mha_mpi_layer *L, mha_tensor *att
         st = mha_layer_forward(ctx, L->local, &y_mine, attn_weights ? &w_mine : NULL, &mine);
     }
     st = mha__mpi_agree(L->comm, st);
-    if (st == MHA_OK) st = mha__mpi_sum(L->comm, y, n_out);
-    if (st == MHA_OK && attn_weights) st = share_weights(L, w_mine.data, attn_weights);
+    if (st == MHA_OK) st = mha__mpi_sum(ctx, L->comm, y, n_out);
+    if (st == MHA_OK && attn_weights) st = share_weights(ctx, L, w_mine.data, attn_weights);
     if (st == MHA_OK) mha__mpi_copy_piece(attn_output, y, false); /* written only once all went well */
-    mha__free(y);
     return st;
 }
 
@@ -555,7 +555,7 @@ mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *L, const mha_laye
         st = mha_layer_backward(ctx, L->local, &a, grad_attn_output, gq, gk, gv);
     }
     st = mha__mpi_agree(L->comm, st);
-    if (st == MHA_OK) st = mha__mpi_sum(L->comm, g, total);
+    if (st == MHA_OK) st = mha__mpi_sum(ctx, L->comm, g, total);
     for (int i = 0; i < 3 && st == MHA_OK; i++)
         if (user[i] && alias[i] == i) mha__mpi_add_piece(user[i], g + at[i]);
     mha__free(g);
@@ -584,13 +584,12 @@ mha_status mha_mpi_layer_decode(mha_ctx *ctx, mha_mpi_layer *L, mha_kv_cache *ca
     }
     if ((st = mha__mpi_same(L->comm, st, f, n)) != MHA_OK) return st;
     int64_t before = mha_kv_cache_length(cache), n_out = x->shape[0] * x->shape[1] * L->E;
-    float *y = mha__alloc(n_out, sizeof(float));
+    float *y = mha__kept(ctx, 0, n_out * (int64_t)sizeof(float));
     mha_tensor y_mine = mha_tensor_3d(y, x->shape[0], x->shape[1], L->E);
     st = y ? mha_layer_decode(ctx, L->local, cache, &y_mine, x) : MHA_ERR_NOMEM; /* this rank's heads */
     st = mha__mpi_agree(L->comm, st);
-    if (st == MHA_OK) st = mha__mpi_sum(L->comm, y, n_out);
+    if (st == MHA_OK) st = mha__mpi_sum(ctx, L->comm, y, n_out);
     if (st == MHA_OK) mha__mpi_copy_piece(out, y, false);
     else (void)mha_kv_cache_truncate(cache, before); /* as the step found it, on every rank */
-    mha__free(y);
     return st;
 }

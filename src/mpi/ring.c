@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "core/parallel.h"
 #include "mha_mpi.h"
 #include "mpi/collective.h"
 #include "mpi/sequence.h"
@@ -342,7 +343,8 @@ mha_status mha_mpi_attention_ring(mha_ctx *ctx, MPI_Comm comm, mha_mpi_layout la
     int64_t cap = 0, rows = q->shape[2], n_rows = g.B * g.H * rows,
             n_pair = g.B * g.H * (segment_most(&g) < RING_ROWS ? segment_most(&g) : RING_ROWS);
     st = block_capacity(&g, false, &cap);
-    float *mem = st == MHA_OK ? mha__alloc(2 * cap + n_rows * (g.Dv + 2) + n_pair * (g.Dv + 2), sizeof(float)) : NULL;
+    int64_t floats = 2 * cap + n_rows * (g.Dv + 2) + n_pair * (g.Dv + 2);
+    float *mem = st == MHA_OK ? mha__kept(ctx, 0, floats * (int64_t)sizeof(float)) : NULL;
     if (st == MHA_OK && !mem) st = MHA_ERR_NOMEM;
     if ((st = mha__mpi_agree(comm, st)) == MHA_OK) {
         float *buf[2] = {mem, mem + cap};
@@ -358,7 +360,6 @@ mha_status mha_mpi_attention_ring(mha_ctx *ctx, MPI_Comm comm, mha_mpi_layout la
         st = mha__mpi_agree(comm, go_round(&g, buf, false, forward_block, &fa));
         if (st == MHA_OK) forward_finish(&g, &mg, out, lse);
     }
-    mha__free(mem);
     ring_free(&g);
     return st;
 }
@@ -471,22 +472,22 @@ static void segment_rows(const ring *g, backward_arg *ba, const float *lse, int6
 }
 
 /* The backward's memory: the travelling blocks, dQ, the segments' rows
- * and one pair's results, carved from two allocations. */
+ * and one pair's results, carved from ctx's two kept buffers. */
 typedef struct backward_mem {
     float *f;
     double *d;
     float *buf[2];
 } backward_mem;
 
-static mha_status backward_alloc(const ring *g, backward_arg *ba, backward_mem *m, int64_t rows)
+static mha_status backward_alloc(mha_ctx *ctx, const ring *g, backward_arg *ba, backward_mem *m, int64_t rows)
 {
     int64_t cap, most = segment_most(g), bh = g->B * g->H;
     mha_status st = block_capacity(g, true, &cap);
     if (st != MHA_OK) return st;
     int64_t floats =
         2 * cap + bh * rows * g->D + 3 * bh * rows + bh * most * (1 + g->D) + g->B * g->G * g->kv_most * (g->D + g->Dv);
-    m->f = mha__alloc(floats, sizeof(float));
-    m->d = mha__alloc(2 * bh * rows + 2 * bh * most, sizeof(double));
+    m->f = mha__kept(ctx, 0, floats * (int64_t)sizeof(float));
+    m->d = mha__kept(ctx, 1, (2 * bh * rows + 2 * bh * most) * (int64_t)sizeof(double));
     if (!m->f || !m->d) return MHA_ERR_NOMEM;
     float *f = m->f;
     double *d = m->d;
@@ -529,7 +530,7 @@ mha_status mha_mpi_attention_ring_backward(mha_ctx *ctx, MPI_Comm comm, mha_mpi_
     }
     backward_arg ba = {.ctx = ctx, .g = &g, .q = q, .grad_out = grad_out, .d = desc};
     backward_mem m = {0};
-    st = mha__mpi_agree(comm, backward_alloc(&g, &ba, &m, q->shape[2]));
+    st = mha__mpi_agree(comm, backward_alloc(ctx, &g, &ba, &m, q->shape[2]));
     if (st == MHA_OK) {
         segment_rows(&g, &ba, lse, q->shape[2], false);
         own_block(&g, m.buf[0], k, v, false);
@@ -547,8 +548,6 @@ mha_status mha_mpi_attention_ring_backward(mha_ctx *ctx, MPI_Comm comm, mha_mpi_
         mha__mpi_copy_piece(dk, home.dk.data, false);
         mha__mpi_copy_piece(dv, home.dv.data, false);
     }
-    mha__free(m.f);
-    mha__free(m.d);
     ring_free(&g);
     return st;
 }

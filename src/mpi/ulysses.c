@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "core/parallel.h"
 #include "mha_mpi.h"
 #include "mpi/collective.h"
 #include "mpi/sequence.h"
@@ -30,7 +31,7 @@ typedef struct split {
     int64_t *q_at, *q_rows, *kv_at, *kv_rows;   /* [size] each */
     int64_t *h_first, *h_num, *g_first, *g_num; /* [size] each */
     int *counts;                                /* [4 size]: an all-to-all's counts and offsets, as MPI takes them */
-    float *buffer;                              /* the all-to-alls' send and receive blocks */
+    float *buffer;                              /* the all-to-alls' send and receive blocks (ctx's kept slot 1) */
     int64_t buffer_floats;
 } split;
 
@@ -96,7 +97,6 @@ static void split_free(split *s)
 {
     mha__free(s->q_at);
     mha__free(s->counts);
-    mha__free(s->buffer);
 }
 
 /* Gathers every rank's rows and splits the heads; INVALID_ARG (agreed)
@@ -171,8 +171,8 @@ typedef struct move {
     bool kv; /* split by kv heads (K, V and their gradients) */
 } move;
 
-/* Allocates the buffer for the largest of n exchanges, agreed. */
-static mha_status buffer_for(split *s, const move *m, int n)
+/* The buffer for the largest of n exchanges, agreed. */
+static mha_status buffer_for(mha_ctx *ctx, split *s, const move *m, int n)
 {
     int64_t most = 0;
     for (int i = 0; i < n; i++) {
@@ -183,7 +183,7 @@ static mha_status buffer_for(split *s, const move *m, int n)
     if (most > INT_MAX)
         st = mha__fail(MHA_ERR_UNSUPPORTED, "one all-to-all would move %lld floats, more than MPI counts in an int",
                        (long long)most);
-    else if (!(s->buffer = mha__alloc(most > 0 ? most : 1, sizeof(float)))) st = MHA_ERR_NOMEM;
+    else if (!(s->buffer = mha__kept(ctx, 1, (most > 0 ? most : 1) * (int64_t)sizeof(float)))) st = MHA_ERR_NOMEM;
     return mha__mpi_agree(s->comm, st);
 }
 
@@ -216,7 +216,8 @@ mha_status mha_mpi_attention_ulysses(mha_ctx *ctx, MPI_Comm comm, mha_tensor *ou
     int64_t D = q->shape[3], Dv = v->shape[3];
     mha_tensor lse_rows = mha_tensor_4d(lse, s.B, s.H, q->shape[2], 1);
     int64_t hn = s.h_num[s.rank], gn = s.g_num[s.rank];
-    float *work = mha__alloc(s.B * (hn * s.L * (D + 2 * Dv + 1) + gn * s.S * (D + Dv)), sizeof(float)), *at = work;
+    int64_t floats = s.B * (hn * s.L * (D + 2 * Dv + 1) + gn * s.S * (D + Dv));
+    float *work = mha__kept(ctx, 0, floats * (int64_t)sizeof(float)), *at = work; /* kept: see mha__kept */
     st = mha__mpi_agree(comm, work ? MHA_OK : MHA_ERR_NOMEM);
     if (st == MHA_OK) {
         mha_tensor qh = whole(&s, false, false, D, &at), kh = whole(&s, true, true, D, &at);
@@ -228,7 +229,7 @@ mha_status mha_mpi_attention_ulysses(mha_ctx *ctx, MPI_Comm comm, mha_tensor *ou
                               {&oh, out, TO_ROWS, false},
                               {&lh, &lse_rows, TO_ROWS, false}}; /* the last only with lse */
         int n_back = lse ? 2 : 1;
-        st = buffer_for(&s, moves, 3 + n_back);
+        st = buffer_for(ctx, &s, moves, 3 + n_back);
         if (st == MHA_OK) {
             run_moves(&s, moves, 3);
             mha_attn_desc mine = heads_desc(&s, desc);
@@ -236,7 +237,6 @@ mha_status mha_mpi_attention_ulysses(mha_ctx *ctx, MPI_Comm comm, mha_tensor *ou
         }
         if (st == MHA_OK) run_moves(&s, moves + 3, n_back);
     }
-    mha__free(work);
     split_free(&s);
     return st;
 }
@@ -255,7 +255,8 @@ mha_status mha_mpi_attention_ulysses_backward(mha_ctx *ctx, MPI_Comm comm, mha_t
     }
     int64_t D = q->shape[3], Dv = v->shape[3], hn = s.h_num[s.rank], gn = s.g_num[s.rank];
     mha_tensor lse_rows = mha_tensor_4d((float *)lse, s.B, s.H, q->shape[2], 1);
-    float *work = mha__alloc(s.B * (hn * s.L * (2 * D + 2 * Dv + 1) + 2 * gn * s.S * (D + Dv)), sizeof(float));
+    int64_t floats = s.B * (hn * s.L * (2 * D + 2 * Dv + 1) + 2 * gn * s.S * (D + Dv));
+    float *work = mha__kept(ctx, 0, floats * (int64_t)sizeof(float));
     float *at = work;
     st = mha__mpi_agree(comm, work ? MHA_OK : MHA_ERR_NOMEM);
     if (st == MHA_OK) {
@@ -268,7 +269,7 @@ mha_status mha_mpi_attention_ulysses_backward(mha_ctx *ctx, MPI_Comm comm, mha_t
             {q, &qh, TO_HEADS, false},   {k, &kh, TO_HEADS, true},         {v, &vh, TO_HEADS, true},
             {out, &oh, TO_HEADS, false}, {grad_out, &gh, TO_HEADS, false}, {&lse_rows, &lh, TO_HEADS, false},
             {&dqh, dq, TO_ROWS, false},  {&dkh, dk, TO_ROWS, true},        {&dvh, dv, TO_ROWS, true}};
-        st = buffer_for(&s, moves, 9);
+        st = buffer_for(ctx, &s, moves, 9);
         if (st == MHA_OK) {
             run_moves(&s, moves, 6);
             mha_attn_desc mine = heads_desc(&s, desc);
@@ -277,7 +278,6 @@ mha_status mha_mpi_attention_ulysses_backward(mha_ctx *ctx, MPI_Comm comm, mha_t
         }
         if (st == MHA_OK) run_moves(&s, moves + 6, 3);
     }
-    mha__free(work);
     split_free(&s);
     return st;
 }
