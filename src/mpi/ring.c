@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "attn/products.h" /* MHA__BR, the tiles' query rows */
 #include "core/parallel.h"
 #include "mha_mpi.h"
 #include "mpi/collective.h"
@@ -239,8 +240,11 @@ static mha_status forward_pair(mha_ctx *ctx, const ring *g, merge *mg, const mha
 }
 
 /* Query rows a forward call takes at most: a step's queries go in pieces
- * so that MPI gets a turn (progress) between them to move the next block. */
-enum { RING_ROWS = 1024 };
+ * so that MPI gets a turn (progress) between them to move the next block.
+ * A multiple of the tiles' query rows (96 or 192, plan.c), so that only a
+ * segment's last piece ends in a partial tile: with 1024 every piece did
+ * (a 64-row tile costs a whole pass over the keys for a third of the work). */
+enum { RING_ROWS = 6 * MHA__BR };
 
 /* Every pair of this rank's query segments (in pieces) with the block of
  * `owner`. */
