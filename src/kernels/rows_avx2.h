@@ -10,9 +10,10 @@
  *                            the int8 kernels' contract has it: the
  *                            functions take `scale` after n (dot) or p
  *                            (axpy), and apply it to each score and weight
- * and row_load (8 floats, as ROWS_LOAD) and lane_mask.  Four keys at a
- * time, each an FMA chain over 8-wide slices of d, reduced together (a
- * lone key the same way, so its score never depends on where it falls);
+ * and row_load (8 floats, as ROWS_LOAD) and lane_mask.  Eight keys at a
+ * time (then four, then one), each an FMA chain over 8-wide slices of d,
+ * reduced four together (a lone key the same way, so its score never
+ * depends on where it falls);
  * values accumulate in eight named registers, 64 columns at a time, while
  * the rows stream by.  Masks only on a row's tail: AMD microcodes them.
  */
@@ -42,28 +43,47 @@ static __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
 #define ROWS_WEIGHT(p, j) ((p)[j])
 #endif
 
+/* One 8-wide slice c of q against keys k0 .. k0 + 3 ldk: an FMA into each
+ * key's chain. */
+#define ROWS_DOT_SLICE4(k0, c, a0, a1, a2, a3)                          \
+    do {                                                                \
+        __m256 qv_ = row_load(q, c, d);                                 \
+        a0 = _mm256_fmadd_ps(ROWS_LOAD((k0), c, d), qv_, a0);           \
+        a1 = _mm256_fmadd_ps(ROWS_LOAD((k0) + ldk, c, d), qv_, a1);     \
+        a2 = _mm256_fmadd_ps(ROWS_LOAD((k0) + 2 * ldk, c, d), qv_, a2); \
+        a3 = _mm256_fmadd_ps(ROWS_LOAD((k0) + 3 * ldk, c, d), qv_, a3); \
+    } while (0)
+
 static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARAM const float *q, int64_t d, float *s)
 {
     int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const ROWS_ELEM *k0 = k + j * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    /* Eight keys share each slice of q: its load and the loop's overhead
+     * are paid once per eight FMAs, not four.  Int8 rows on Zen 3 (one
+     * thread, a 256-key chunk in L1): 0.63 -> 0.50 ns per 8 values, where
+     * the widening alone (vpmovsxbd + vcvtdq2ps) takes 0.41. */
+    for (; j + 8 <= n; j += 8) {
+        const ROWS_ELEM *k0 = k + j * ldk;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         int64_t c = 0;
         for (; c + 8 <= d; c += 8) { /* whole vectors: the loads' tail branches fold away */
-            __m256 qv = row_load(q, c, d);
-            a0 = _mm256_fmadd_ps(ROWS_LOAD(k0, c, d), qv, a0);
-            a1 = _mm256_fmadd_ps(ROWS_LOAD(k1, c, d), qv, a1);
-            a2 = _mm256_fmadd_ps(ROWS_LOAD(k2, c, d), qv, a2);
-            a3 = _mm256_fmadd_ps(ROWS_LOAD(k3, c, d), qv, a3);
+            ROWS_DOT_SLICE4(k0, c, a0, a1, a2, a3);
+            ROWS_DOT_SLICE4(k0 + 4 * ldk, c, a4, a5, a6, a7); /* the compiler loads q's slice once */
         }
         if (c < d) {
-            __m256 qv = row_load(q, c, d);
-            a0 = _mm256_fmadd_ps(ROWS_LOAD(k0, c, d), qv, a0);
-            a1 = _mm256_fmadd_ps(ROWS_LOAD(k1, c, d), qv, a1);
-            a2 = _mm256_fmadd_ps(ROWS_LOAD(k2, c, d), qv, a2);
-            a3 = _mm256_fmadd_ps(ROWS_LOAD(k3, c, d), qv, a3);
+            ROWS_DOT_SLICE4(k0, c, a0, a1, a2, a3);
+            ROWS_DOT_SLICE4(k0 + 4 * ldk, c, a4, a5, a6, a7);
         }
         _mm_storeu_ps(s + j, ROWS_SCALE4(reduce4(a0, a1, a2, a3), j));
+        _mm_storeu_ps(s + j + 4, ROWS_SCALE4(reduce4(a4, a5, a6, a7), j + 4));
+    }
+    if (j + 4 <= n) {
+        const ROWS_ELEM *k0 = k + j * ldk;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t c = 0;
+        for (; c + 8 <= d; c += 8) ROWS_DOT_SLICE4(k0, c, a0, a1, a2, a3);
+        if (c < d) ROWS_DOT_SLICE4(k0, c, a0, a1, a2, a3);
+        _mm_storeu_ps(s + j, ROWS_SCALE4(reduce4(a0, a1, a2, a3), j));
+        j += 4;
     }
     for (; j < n; j++) {
         __m256 a = _mm256_setzero_ps(), zero = a;
@@ -116,6 +136,7 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
     }
 }
 
+#undef ROWS_DOT_SLICE4
 #undef ROWS_ELEM
 #undef ROWS_LOAD
 #undef ROWS_DOT
