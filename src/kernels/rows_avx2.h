@@ -11,9 +11,9 @@
  *                            functions take `scale` after n (dot) or p
  *                            (axpy), and apply it to each score and weight
  * and row_load (8 floats, as ROWS_LOAD) and lane_mask.  Eight keys at a
- * time (then four, then one), each an FMA chain over 8-wide slices of d,
- * reduced four together (a lone key the same way, so its score never
- * depends on where it falls);
+ * time (the last n mod 8 one by one), each an FMA chain over 8-wide
+ * slices of d, reduced four together (a lone key the same way, so its
+ * score never depends on where it falls);
  * values accumulate in eight named registers, 64 columns at a time, while
  * the rows stream by.  Masks only on a row's tail: AMD microcodes them.
  */
@@ -44,7 +44,7 @@ static __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
 #endif
 
 /* One 8-wide slice c of q against keys k0 .. k0 + 3 ldk: an FMA into each
- * key's chain. */
+ * key's chain (q, d and ldk are ROWS_DOT's). */
 #define ROWS_DOT_SLICE4(k0, c, a0, a1, a2, a3)                          \
     do {                                                                \
         __m256 qv_ = row_load(q, c, d);                                 \
@@ -75,15 +75,6 @@ static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARA
         }
         _mm_storeu_ps(s + j, ROWS_SCALE4(reduce4(a0, a1, a2, a3), j));
         _mm_storeu_ps(s + j + 4, ROWS_SCALE4(reduce4(a4, a5, a6, a7), j + 4));
-    }
-    if (j + 4 <= n) {
-        const ROWS_ELEM *k0 = k + j * ldk;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        int64_t c = 0;
-        for (; c + 8 <= d; c += 8) ROWS_DOT_SLICE4(k0, c, a0, a1, a2, a3);
-        if (c < d) ROWS_DOT_SLICE4(k0, c, a0, a1, a2, a3);
-        _mm_storeu_ps(s + j, ROWS_SCALE4(reduce4(a0, a1, a2, a3), j));
-        j += 4;
     }
     for (; j < n; j++) {
         __m256 a = _mm256_setzero_ps(), zero = a;
