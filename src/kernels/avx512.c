@@ -30,63 +30,90 @@ static __mmask16 lane_mask(int64_t n)
         c##i##1 = _mm512_fmadd_ps(a_, b1, c##i##1); \
     } while (0)
 
-/* The k loop, A(i, p) read as A_AT(i); NEXT_P advances A's pointers. */
-#define K_LOOP(A_AT, NEXT_P)                                     \
-    for (int64_t p = 0; p < k; p++) {                            \
-        __m512 b0 = _mm512_maskz_loadu_ps(m0, b + p * ldb);      \
-        __m512 b1 = _mm512_maskz_loadu_ps(m1, b + p * ldb + 16); \
-        ROW_FMA(0, A_AT(0));                                     \
-        ROW_FMA(1, A_AT(1));                                     \
-        ROW_FMA(2, A_AT(2));                                     \
-        ROW_FMA(3, A_AT(3));                                     \
-        ROW_FMA(4, A_AT(4));                                     \
-        ROW_FMA(5, A_AT(5));                                     \
-        ROW_FMA(6, A_AT(6));                                     \
-        ROW_FMA(7, A_AT(7));                                     \
-        ROW_FMA(8, A_AT(8));                                     \
-        ROW_FMA(9, A_AT(9));                                     \
-        ROW_FMA(10, A_AT(10));                                   \
-        ROW_FMA(11, A_AT(11));                                   \
-        NEXT_P;                                                  \
+/* B's row p: plain loads for a full tile, masked ones for a tail. */
+#define LOAD_B(off) \
+    (full ? _mm512_loadu_ps(b + p * ldb + (off)) : _mm512_maskz_loadu_ps((off) ? m1 : m0, b + p * ldb + (off)))
+
+/* The k loop, A(i, p) read as A_AT(i); NEXT_P advances A's pointer. */
+#define K_LOOP(A_AT, NEXT_P)                    \
+    for (int64_t p = 0; p < k; p++) {           \
+        __m512 b0 = LOAD_B(0), b1 = LOAD_B(16); \
+        ROW_FMA(0, A_AT(0));                    \
+        ROW_FMA(1, A_AT(1));                    \
+        ROW_FMA(2, A_AT(2));                    \
+        ROW_FMA(3, A_AT(3));                    \
+        ROW_FMA(4, A_AT(4));                    \
+        ROW_FMA(5, A_AT(5));                    \
+        ROW_FMA(6, A_AT(6));                    \
+        ROW_FMA(7, A_AT(7));                    \
+        ROW_FMA(8, A_AT(8));                    \
+        ROW_FMA(9, A_AT(9));                    \
+        ROW_FMA(10, A_AT(10));                  \
+        ROW_FMA(11, A_AT(11));                  \
+        NEXT_P;                                 \
     }
 
-#define ROW_STORE(i)                                                                  \
-    do {                                                                              \
-        if (i < m) {                                                                  \
-            float *ci = c + i * ldc;                                                  \
-            if (accumulate) {                                                         \
-                c##i##0 = _mm512_add_ps(c##i##0, _mm512_maskz_loadu_ps(m0, ci));      \
-                c##i##1 = _mm512_add_ps(c##i##1, _mm512_maskz_loadu_ps(m1, ci + 16)); \
-            }                                                                         \
-            _mm512_mask_storeu_ps(ci, m0, c##i##0);                                   \
-            _mm512_mask_storeu_ps(ci + 16, m1, c##i##1);                              \
-        }                                                                             \
+#define LOAD_C(off, mk) (full ? _mm512_loadu_ps(ci + (off)) : _mm512_maskz_loadu_ps(mk, ci + (off)))
+
+#define ROW_STORE(i)                                              \
+    do {                                                          \
+        if (i < m) {                                              \
+            float *ci = c + i * ldc;                              \
+            if (accumulate) {                                     \
+                c##i##0 = _mm512_add_ps(c##i##0, LOAD_C(0, m0));  \
+                c##i##1 = _mm512_add_ps(c##i##1, LOAD_C(16, m1)); \
+            }                                                     \
+            if (full) {                                           \
+                _mm512_storeu_ps(ci, c##i##0);                    \
+                _mm512_storeu_ps(ci + 16, c##i##1);               \
+            } else {                                              \
+                _mm512_mask_storeu_ps(ci, m0, c##i##0);           \
+                _mm512_mask_storeu_ps(ci + 16, m1, c##i##1);      \
+            }                                                     \
+        }                                                         \
     } while (0)
 
-/* A tile whose rows are adjacent (a_rs = 1: packed panels, or the score
- * tile's columns in P V) reads all twelve from one pointer at fixed
- * offsets.  Any other A takes a pointer per row, each clamped to the last
- * valid row (never read past A): twelve of them leave the loop short of
- * general registers, and the compiler shuttles the rest through vector
- * registers on the FMA ports.  The P V tile (12 x 32, k = 192, from L1)
- * ran at 94 GFLOP/s that way and 118-122 with one pointer, on one thread
- * of Sapphire Rapids (peak 127-138). */
+/* How the tile reads A, from the cheapest to the general form:
+ *   PANEL    rows adjacent (a_rs = 1: packed panels, or the score tile's
+ *            columns in P V): all twelve from one pointer at fixed offsets;
+ *   ROWS     a whole tile with columns adjacent (a_cs = 1: K's rows in
+ *            the scores): one pointer plus twelve fixed row offsets held
+ *            in registers;
+ *   CLAMPED  anything else: a pointer per row, each clamped to the last
+ *            valid row, so a tail never reads past A.  Twelve pointers
+ *            leave the loop short of general registers, and the compiler
+ *            shuttles the rest through vector registers on the FMA ports.
+ * On one thread of Sapphire Rapids, a 192 x 192 score tile from K's rows
+ * in place ran at 140 GFLOP/s CLAMPED and 153-156 ROWS; the P V tile
+ * shape (12 x 32, k = 192) at 94 CLAMPED and 118-122 PANEL when that form
+ * came in, and masked loads of B for full tiles cost a further 4-7% (the
+ * peak: 201 GFLOP/s; docs/PERFORMANCE.md). */
+enum a_form { PANEL, ROWS, CLAMPED };
 #define PANEL_A(i)   ap[i]
 #define PANEL_NEXT   (ap += a_cs)
+#define ROWS_A(i)    ap[(i)*a_rs]
+#define ROWS_NEXT    (ap += 1)
 #define CLAMPED_A(i) r[i][p * a_cs]
 
-/* Named accumulators, not an array: compilers spill arrays of vectors.
+/* The tile, inlined into gemm_tile_avx512 once per case it tells apart so
+ * that constant arguments (m, the form, full = whether n = NR) fold away.
+ * Named accumulators, not an array: compilers spill arrays of vectors.
  * 24 accumulators + 2 B vectors + 1 broadcast of the 32 zmm registers. */
-static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs,
-                             const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+static inline __attribute__((always_inline)) void tile_body(int64_t m, int64_t n, int64_t k, const float *a,
+                                                            int64_t a_rs, int64_t a_cs, const float *b, int64_t ldb,
+                                                            float *c, int64_t ldc, int accumulate, int full,
+                                                            enum a_form form)
 {
     __mmask16 m0 = lane_mask(n), m1 = lane_mask(n - 16);
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
     __m512 c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
     __m512 c80 = c00, c81 = c00, c90 = c00, c91 = c00, c100 = c00, c101 = c00, c110 = c00, c111 = c00;
-    if (m == MR && a_rs == 1) {
+    if (form == PANEL) {
         const float *ap = a;
         K_LOOP(PANEL_A, PANEL_NEXT);
+    } else if (form == ROWS) {
+        const float *ap = a;
+        K_LOOP(ROWS_A, ROWS_NEXT);
     } else {
         const float *r[MR];
         for (int i = 0; i < MR; i++) r[i] = a + (i < m ? i : m - 1) * a_rs;
@@ -104,6 +131,19 @@ static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, in
     ROW_STORE(9);
     ROW_STORE(10);
     ROW_STORE(11);
+}
+
+static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs,
+                             const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+{
+    if (m == MR && a_rs == 1) {
+        if (n == NR) tile_body(MR, NR, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, 1, PANEL);
+        else tile_body(MR, n, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, 0, PANEL);
+    } else if (m == MR && n == NR && a_cs == 1) {
+        tile_body(MR, NR, k, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, ROWS);
+    } else {
+        tile_body(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, 0, CLAMPED);
+    }
 }
 
 /* exp(x) for 16 lanes, about 1 ulp: x = n ln2 + r with |r| <= ln2/2, a
