@@ -101,14 +101,17 @@ static bool mark_large(const mha__attn_plan *p, bool *large, const float *m, int
     return any;
 }
 
-/* O = O * scale + P V for keys [j0, j0+cols), in the plan's dtype. */
+/* O = O * scale + P V for keys [j0, j0+cols), in the plan's dtype.  A
+ * whole tile of V read in place may come from the value-tile cache
+ * (products.h); appended keys start off the tile grid. */
 static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t rows, int64_t j0,
                               int64_t cols)
 {
     const mha__attn_plan *p = j->p;
     for (int64_t r = 0; r < rows; r++)
         if (t->scale[r] != 1.0f) j->kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
-    p->products->values(p, tile_rows(j, t, true, b, h, j0, cols), rows, cols, t);
+    int64_t tile = j->kv->v.data && j0 % BC == 0 ? j0 / BC : -1;
+    p->products->values(p, tile_rows(j, t, true, b, h, j0, cols), rows, cols, tile, t);
 }
 
 /* softmax_step (kernels.h) for a tile where some row's raw scores are
@@ -332,6 +335,10 @@ mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *
     flash_job job = {p, p->kt, br, out, lse, stats, q, kv, NULL, 0, (p->L + br - 1) / br};
     job.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &job.scratch_stride);
     if (!job.scratch) return MHA_ERR_INTERNAL;
+    for (int thread = 0; thread < mha_ctx_threads(ctx); thread++) {
+        tiles t = tiles_at(&job, thread);
+        mha__tiles_forget_values(&t);
+    }
     mha__parallel_items(ctx, p->B * p->Hq * job.q_blocks, flash_range, &job);
     mha__ws_release(ctx, top);
     return MHA_OK;

@@ -14,11 +14,26 @@
 
 static int64_t even(int64_t n) { return n + (n & 1); }
 
+/* Slots of the value-tile cache: one per key tile of a kv head, when
+ * they fit (products.h). */
+static int64_t value_slots(const mha__attn_plan *p)
+{
+    int64_t tiles = (p->S + MHA__BC - 1) / MHA__BC;
+    return !p->bf16 && tiles * MHA__BC * p->Dv <= MHA__VCACHE_FLOATS ? tiles : 0;
+}
+
+/* Floats that hold n pointers and n int64_t. */
+static int64_t tag_floats(int64_t n)
+{
+    return n * (int64_t)((sizeof(const float *) + sizeof(int64_t) + sizeof(float) - 1) / sizeof(float));
+}
+
 int64_t mha__tiles_floats(const mha__attn_plan *p)
 {
-    /* The 11 arrays of mha__tiles_carve, and 16 floats of alignment slack for each. */
+    /* The 13 arrays of mha__tiles_carve, and 16 floats of alignment slack for each. */
+    int64_t slots = value_slots(p);
     return p->D * MHA__BR + 2 * MHA__BC * p->Dv + MHA__BC * p->D + MHA__BC * MHA__LDS + MHA__BR * p->Dv + 3 * MHA__BR +
-           (MHA__BC * even(p->D) + MHA__BR * MHA__BC) / 2 + 11 * 16;
+           (MHA__BC * even(p->D) + MHA__BR * MHA__BC) / 2 + slots * MHA__BC * p->Dv + tag_floats(slots) + 13 * 16;
 }
 
 static float *carve(float **cursor, int64_t n)
@@ -42,7 +57,16 @@ mha__tiles mha__tiles_carve(const mha__attn_plan *p, float *cur)
     t.scale = carve(&cur, MHA__BR);
     t.k16 = (uint16_t *)carve(&cur, MHA__BC * even(p->D) / 2);
     t.p16 = (uint16_t *)carve(&cur, MHA__BR * MHA__BC / 2);
+    t.vslots = value_slots(p);
+    t.vcache = carve(&cur, t.vslots * MHA__BC * p->Dv);
+    t.vtag = (const float **)(void *)carve(&cur, tag_floats(t.vslots));
+    t.vcols = (int64_t *)(void *)(t.vtag + t.vslots);
     return t;
+}
+
+void mha__tiles_forget_values(const mha__tiles *t)
+{
+    for (int64_t s = 0; s < t->vslots; s++) t->vtag[s] = NULL;
 }
 
 /* ---------------------------------------------------------------- */
@@ -69,22 +93,41 @@ static void scores_f32(const mha__attn_plan *p, mha__strided k, int64_t rows, in
 }
 
 /* The value tile in column panels of nr (the last one narrower):
- * columns [c, c + w) of row j at t->vp + c * cols + j * w.  Row by row,
+ * columns [c, c + w) of row j at vp + c * cols + j * w.  Row by row,
  * so V is read in order, as the prefetcher likes it. */
-static void pack_values(const mha__attn_plan *p, mha__strided v, int64_t cols, int64_t nr, const mha__tiles *t)
+static void pack_values(const mha__attn_plan *p, mha__strided v, int64_t cols, int64_t nr, float *vp)
 {
     for (int64_t j = 0; j < cols; j++)
         for (int64_t c = 0; c < p->Dv; c += nr) {
             int64_t w = p->Dv - c < nr ? p->Dv - c : nr, x = 0;
             const float *src = v.data + j * v.rs + c * v.cs;
-            float *dst = t->vp + c * cols + j * w;
+            float *dst = vp + c * cols + j * w;
             if (v.cs == 1) /* fixed-size copies compile to moves; a libc call per row cost 5% */
                 for (; x + 8 <= w; x += 8) memcpy(dst + x, src + x, 8 * sizeof(float));
             for (; x < w; x++) dst[x] = src[x * v.cs];
         }
 }
 
-static void values_f32(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, const mha__tiles *t)
+/* Key tile `tile`'s values packed: from the thread's cache, packed into
+ * it first if the slot holds other rows; t->vp when not cached. */
+static const float *value_panels(const mha__attn_plan *p, mha__strided v, int64_t cols, int64_t tile,
+                                 const mha__tiles *t)
+{
+    if (tile < 0 || tile >= t->vslots) {
+        pack_values(p, v, cols, p->kt->nr, t->vp);
+        return t->vp;
+    }
+    float *slot = t->vcache + tile * MHA__BC * p->Dv;
+    if (t->vtag[tile] != v.data || t->vcols[tile] != cols) {
+        pack_values(p, v, cols, p->kt->nr, slot);
+        t->vtag[tile] = v.data;
+        t->vcols[tile] = cols;
+    }
+    return slot;
+}
+
+static void values_f32(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, int64_t tile,
+                       const mha__tiles *t)
 {
     const mha__kernels *kt = p->kt;
     /* Column panels outer: one panel of V (cols x nr) stays in L1 while
@@ -94,10 +137,10 @@ static void values_f32(const mha__attn_plan *p, mha__strided v, int64_t rows, in
      * the two evicted each other: the panel came from L2 again for every
      * strip.  Packed, its rows spread over all sets: 33% fewer L1 misses
      * (cachegrind), the core 4-5% faster (docs/PERFORMANCE.md). */
-    pack_values(p, v, cols, kt->nr, t);
+    const float *vp = value_panels(p, v, cols, tile, t);
     for (int64_t c = 0; c < p->Dv; c += kt->nr) {
         int64_t n = p->Dv - c < kt->nr ? p->Dv - c : kt->nr;
-        const float *panel = t->vp + c * cols;
+        const float *panel = vp + c * cols;
         for (int64_t r = 0; r < rows; r += kt->mr) {
             int64_t m = rows - r < kt->mr ? rows - r : kt->mr;
             kt->gemm_tile(m, n, cols, t->st + r, 1, MHA__LDS, panel, n, t->o + r * p->Dv + c, p->Dv, 1);
@@ -142,8 +185,10 @@ static void scores_bf16(const mha__attn_plan *p, mha__strided k, int64_t rows, i
  * query and rounded: the A operand in rows (a_ps = 2), as AMX loads it
  * whole.  Pairs of V's rows interleaved and rounded: the B operand.  Both
  * padded to an even number of keys. */
-static void values_bf16(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, const mha__tiles *t)
+static void values_bf16(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, int64_t tile,
+                        const mha__tiles *t)
 {
+    (void)tile; /* the pairs are rounded per tile: no cache (products.h) */
     const mha__bf16_kernels *bk = p->bk;
     int64_t Dv = p->Dv, ce = even(cols);
     uint16_t *v16 = (uint16_t *)t->vt, *p16 = t->p16;
