@@ -43,7 +43,7 @@ typedef struct mha__tiles {
  * on packed in slot j, and its next items on that head (its other query
  * blocks, and with GQA the group's other heads) use it again instead of
  * packing it again: packing took 6% of the core at N = 2048 on Sapphire
- * Rapids, and twice that share in ring attention's 2048-key blocks.  Only
+ * Rapids, and 7.6% of a ring rank's time with 2048-key blocks.  Only
  * for float32 values read in place, and only while the head's packed
  * values fit in MHA__VCACHE_FLOATS (N = 16384 at Dv = 64); the tiles of a
  * longer head are packed as they come. */
