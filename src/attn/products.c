@@ -15,11 +15,12 @@
 static int64_t even(int64_t n) { return n + (n & 1); }
 
 /* Slots of the value-tile cache: one per key tile of a kv head, when
- * they fit (products.h). */
+ * they fit in twice the L2 (products.h). */
 static int64_t value_slots(const mha__attn_plan *p)
 {
-    int64_t tiles = (p->S + MHA__BC - 1) / MHA__BC;
-    return !p->bf16 && tiles * MHA__BC * p->Dv <= MHA__VCACHE_FLOATS ? tiles : 0;
+    int64_t tiles = (p->S + MHA__BC - 1) / MHA__BC, l2 = mha__l2_bytes();
+    int64_t most = 2 * (l2 > 0 ? l2 : MHA__VCACHE_UNKNOWN_L2) / (int64_t)sizeof(float);
+    return !p->bf16 && tiles <= most / (MHA__BC * p->Dv) ? tiles : 0;
 }
 
 /* Floats that hold n pointers and n int64_t. */

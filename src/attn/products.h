@@ -45,9 +45,13 @@ typedef struct mha__tiles {
  * packing it again: packing took 6% of the core at N = 2048 on Sapphire
  * Rapids, and 7.6% of a ring rank's time with 2048-key blocks.  Only
  * for float32 values read in place, and only while the head's packed
- * values fit in MHA__VCACHE_FLOATS (N = 16384 at Dv = 64); the tiles of a
- * longer head are packed as they come. */
-enum { MHA__VCACHE_FLOATS = 1 << 20 };
+ * values take at most twice the core's L2 (1 MB when it is unknown); the
+ * tiles of a longer head are packed as they come, since a cached tile
+ * that has left L2 costs more to read than packing it again from V.
+ * Measured: with 512 KB of L2 (Zen 3) 0.54 MB of packed values gained 5%
+ * and 2.1 MB lost 3.5%; with 2 MB (Sapphire Rapids) both gained, 7% and
+ * 3-5% (docs/PERFORMANCE.md). */
+enum { MHA__VCACHE_UNKNOWN_L2 = 1 << 19 };
 
 /* Floats of one thread's tiles for a plan. */
 int64_t mha__tiles_floats(const mha__attn_plan *p);

@@ -155,6 +155,7 @@ const mha__kernels *mha__kernels_named(const char *name)
 
 static mha__isa_kernels chosen;
 static const char *chosen_name;
+static int64_t chosen_l2; /* bytes, 0: unknown */
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
 
 /* The best instruction set at or below the MHA_ISA cap, with its kernels
@@ -173,6 +174,10 @@ static void choose(void)
     chosen = (mha__isa_kernels){candidates[at].f32,
                                 native && bf16_native_here(native, f) ? native : &mha__bf16_kernels_generic};
     chosen_name = candidates[at].name;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE); /* glibc reads it from CPUID */
+    chosen_l2 = l2 > 0 ? l2 : 0;
+#endif
 }
 
 const mha__isa_kernels *mha__isa_get(void)
@@ -184,6 +189,12 @@ const mha__isa_kernels *mha__isa_get(void)
 const mha__kernels *mha__kernels_get(void) { return mha__isa_get()->f32; }
 
 const mha__bf16_kernels *mha__bf16_get(void) { return mha__isa_get()->bf16; }
+
+int64_t mha__l2_bytes(void)
+{
+    mha__isa_get();
+    return chosen_l2;
+}
 
 const char *mha_isa(void)
 {
