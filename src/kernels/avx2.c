@@ -118,7 +118,7 @@ static inline __m256 exp256_clamped(__m256 x)
     __m256 n = _mm256_sub_ps(t, shifter); /* round(x log2 e), exactly */
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(MHA_EXP_LN2_HI), x);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(MHA_EXP_LN2_LO), r);
-    /* The polynomial by Estrin's scheme, not Horner's: three FMAs deep
+    /* The polynomial by Estrin's scheme, not Horner's: four FMAs deep
      * instead of six, for one more instruction.  The loop over a tile's
      * keys is bound by how many of these chains the out-of-order window
      * holds, not by the FMA pipes: on Zen 3 the softmax step went from

@@ -155,7 +155,7 @@ static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, in
  * argument instead made the step 1.7x slower on a 24-key tile whose rows
  * began far below their maxima).  For x <= MAX_INPUT; NaN stays NaN.
  * With Horner's polynomial and vrndscaleps (a chain six FMAs deep where
- * this one is three) the softmax step took 0.34-0.35 ns a score, now
+ * this one is four) the softmax step took 0.34-0.35 ns a score, now
  * 0.29-0.30 (one thread of Sapphire Rapids, 192-row tiles). */
 static inline __m512 exp512_alive(__m512 x, __mmask16 alive)
 {
