@@ -103,32 +103,21 @@ static void gemm_tile_avx2(int64_t m, int64_t n, int64_t k, const float *a, int6
     else tile_body(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, 0);
 }
 
-/* exp(x) for 8 lanes, the method of exp512 in avx512.c: x = n ln2 + r,
- * a polynomial for exp(r), times 2^n built in the exponent bits.  n comes
- * from the shifter: adding 1.5 * 2^23 (+ 127, the exponent's bias) rounds
- * x log2(e) to an integer held in the low mantissa bits, which one shift
- * moves into the exponent field.  For x in [-88.0, MAX_INPUT] or NaN:
- * n + 127 stays in [0, 254] (at n + 127 = 0 the field gives 2^n = +0.0).
- * vminps and vmaxps return their second operand when either is NaN, so
- * the callers' clamps pass a NaN through and it comes out NaN. */
+#define EXP_VEC    __m256
+#define EXP_OP(op) _mm256_##op
+#include "kernels/exp_estrin.h"
+
+/* exp(x) for 8 lanes, exp_estrin.h's polynomial times 2^n built in the
+ * exponent bits: with 127 (the exponent's bias) in the shifter, t's low
+ * mantissa bits hold n + 127, which one shift moves into the exponent
+ * field.  For x in [-88.0, MAX_INPUT] or NaN: n + 127 stays in [0, 254]
+ * (at n + 127 = 0 the field gives 2^n = +0.0).  vminps and vmaxps return
+ * their second operand when either is NaN, so the callers' clamps pass a
+ * NaN through and it comes out NaN. */
 static inline __m256 exp256_clamped(__m256 x)
 {
-    const __m256 shifter = _mm256_set1_ps(0x1.8p23f + 127.0f);
-    __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(MHA_EXP_LOG2E), shifter);
-    __m256 n = _mm256_sub_ps(t, shifter); /* round(x log2 e), exactly */
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(MHA_EXP_LN2_HI), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(MHA_EXP_LN2_LO), r);
-    /* The polynomial by Estrin's scheme, not Horner's: four FMAs deep
-     * instead of six, for one more instruction.  The loop over a tile's
-     * keys is bound by how many of these chains the out-of-order window
-     * holds, not by the FMA pipes: on Zen 3 the softmax step went from
-     * 0.67-0.70 to 0.51-0.53 ns a score (tile bench, 192 x 192 tiles). */
-    __m256 r2 = _mm256_mul_ps(r, r), r4 = _mm256_mul_ps(r2, r2);
-    __m256 c54 = _mm256_fmadd_ps(_mm256_set1_ps(MHA_EXP_C4), r, _mm256_set1_ps(MHA_EXP_C5));
-    __m256 c32 = _mm256_fmadd_ps(_mm256_set1_ps(MHA_EXP_C2), r, _mm256_set1_ps(MHA_EXP_C3));
-    __m256 c10 = _mm256_fmadd_ps(_mm256_set1_ps(MHA_EXP_C0), r, _mm256_set1_ps(MHA_EXP_C1));
-    __m256 p = _mm256_fmadd_ps(c10, r4, _mm256_fmadd_ps(c32, r2, c54));
-    p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256 t, n, p = exp_reduced(x, _mm256_set1_ps(0x1.8p23f + 127.0f), &t, &n);
+    (void)n;
     __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)); /* (n + 127) << 23 */
     return _mm256_mul_ps(p, two_n);
 }

@@ -146,29 +146,19 @@ static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, in
     }
 }
 
-/* exp(x) for 16 lanes, the approximation of exp256_clamped in avx2.c:
- * n = round(x log2 e) by the shifter (adding 1.5 * 2^23 rounds to an
- * integer), r = x - n ln2, Estrin's polynomial for exp(r), and 2^n
- * applied by vscalefps, which takes n as a float.  Lanes outside `alive`
- * give 0: the scaling is masked, so no lane rounds to a subnormal, which
- * costs a microcode assist on Intel (clamping -inf to an underflowing
- * argument instead made the step 1.7x slower on a 24-key tile whose rows
- * began far below their maxima).  For x <= MAX_INPUT; NaN stays NaN.
- * With Horner's polynomial and vrndscaleps (a chain six FMAs deep where
- * this one is four) the softmax step took 0.34-0.35 ns a score, now
- * 0.29-0.30 (one thread of Sapphire Rapids, 192-row tiles). */
+#define EXP_VEC    __m512
+#define EXP_OP(op) _mm512_##op
+#include "kernels/exp_estrin.h"
+
+/* exp(x) for 16 lanes: exp_estrin.h's polynomial scaled by 2^n with
+ * vscalefps, which takes n as a float.  Lanes outside `alive` give 0: the
+ * scaling is masked, so no lane rounds to a subnormal, which costs a
+ * microcode assist on Intel (clamping -inf to an underflowing argument
+ * instead made the step 1.7x slower on a 24-key tile whose rows began far
+ * below their maxima).  For x <= MAX_INPUT; NaN stays NaN. */
 static inline __m512 exp512_alive(__m512 x, __mmask16 alive)
 {
-    const __m512 shifter = _mm512_set1_ps(0x1.8p23f);
-    __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(MHA_EXP_LOG2E), shifter), shifter);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(MHA_EXP_LN2_HI), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(MHA_EXP_LN2_LO), r);
-    __m512 r2 = _mm512_mul_ps(r, r), r4 = _mm512_mul_ps(r2, r2);
-    __m512 c54 = _mm512_fmadd_ps(_mm512_set1_ps(MHA_EXP_C4), r, _mm512_set1_ps(MHA_EXP_C5));
-    __m512 c32 = _mm512_fmadd_ps(_mm512_set1_ps(MHA_EXP_C2), r, _mm512_set1_ps(MHA_EXP_C3));
-    __m512 c10 = _mm512_fmadd_ps(_mm512_set1_ps(MHA_EXP_C0), r, _mm512_set1_ps(MHA_EXP_C1));
-    __m512 p = _mm512_fmadd_ps(c10, r4, _mm512_fmadd_ps(c32, r2, c54));
-    p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512 t, n, p = exp_reduced(x, _mm512_set1_ps(0x1.8p23f), &t, &n);
     return _mm512_maskz_scalef_ps(alive, p, n);
 }
 
