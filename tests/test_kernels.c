@@ -137,6 +137,56 @@ static void test_dot_f64(const mha__kernels *kt)
     CHECK(bad == 0, "%s dot_f64: %d mismatches", kt->name, bad);
 }
 
+/* Do a and b agree: both NaN, or equal to 4 FLT_EPSILON of b (infinities
+ * exactly)? */
+static bool agrees(float a, float b)
+{
+    if (isnan(a) || isnan(b)) return isnan(a) && isnan(b);
+    if (isinf(a) || isinf(b)) return a == b;
+    return fabsf(a - b) <= 4 * FLT_EPSILON * (fabsf(b) + 1e-30f);
+}
+
+/* NaN and +inf scores, in either of two blocks, alone or together, in
+ * masked rows and the tail lane: every output as the generic kernel
+ * gives it (kernels.h) -- a NaN score, or +inf (whose exp(inf - inf) is
+ * NaN), makes the row's sum NaN from that block on. */
+static void test_softmax_step_special(const mha__kernels *kt)
+{
+    enum { ROWS = 21, COLS = 10, LDS = 24 };
+    const mha__kernels *ref = mha__kernels_named("generic");
+    float row[ROWS][2 * COLS], s[2][COLS * LDS], max[2][ROWS], sum[2][ROWS], scale[2][ROWS];
+    for (int r = 0; r < ROWS; r++)
+        for (int j = 0; j < 2 * COLS; j++) row[r][j] = uniform() * 20.0f;
+    row[0][3] = NAN;                                          /* NaN, first block */
+    row[1][COLS + 4] = NAN;                                   /* NaN, second block */
+    for (int j = 0; j < 2 * COLS; j++) row[2][j] = -INFINITY; /* masked, then a NaN */
+    row[2][COLS + 1] = NAN;
+    row[3][2] = INFINITY;                    /* +inf */
+    row[4][1] = INFINITY, row[4][6] = NAN;   /* both, one block */
+    row[5][COLS + 2] = INFINITY;             /* +inf, second block */
+    row[6][COLS - 1] = NAN, row[7][0] = NAN; /* two NaN rows in one vector */
+    row[ROWS - 1][COLS + 9] = NAN;           /* the tail lane */
+    int bad = 0;
+    for (int k = 0; k < 2; k++)
+        for (int r = 0; r < ROWS; r++) max[k][r] = -INFINITY, sum[k][r] = 0;
+    for (int blk = 0; blk < 2; blk++) {
+        for (int k = 0; k < 2; k++) {
+            for (int r = 0; r < ROWS; r++)
+                for (int j = 0; j < COLS; j++) s[k][j * LDS + r] = row[r][blk * COLS + j];
+            (k ? kt : ref)->softmax_step(s[k], LDS, ROWS, COLS, max[k], sum[k], scale[k]);
+        }
+        for (int r = 0; r < ROWS; r++) {
+            bad += !agrees(max[1][r], max[0][r]) + !agrees(sum[1][r], sum[0][r]) + !agrees(scale[1][r], scale[0][r]);
+            for (int j = 0; j < COLS; j++) bad += !agrees(s[1][j * LDS + r], s[0][j * LDS + r]);
+        }
+    }
+    CHECK(bad == 0, "%s softmax_step with NaN and +inf scores: %d mismatches against generic", kt->name, bad);
+    int nan_rows = 0;
+    for (int r = 0; r < ROWS; r++) nan_rows += isnan(sum[1][r]);
+    CHECK(nan_rows == 9 && isnan(sum[1][2]) && isnan(sum[1][ROWS - 1]) && max[1][3] == INFINITY,
+          "%s softmax_step: %d rows with NaN sums, not the 9 with NaN or +inf scores", kt->name, nan_rows);
+}
+
 /* Two steps of softmax_step over a row split in two blocks must give the
  * statistics of the whole row. */
 static void test_softmax_step(const mha__kernels *kt)
@@ -416,6 +466,7 @@ int main(void)
         test_gemm_tile(kt);
         test_exp(kt);
         test_softmax_step(kt);
+        test_softmax_step_special(kt);
         test_softmax_grad(kt);
         test_abs_max(kt);
         test_dot_f64(kt);

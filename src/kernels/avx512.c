@@ -184,14 +184,11 @@ static void softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t col
     for (int64_t i = 0; i < rows; i += 16) { /* 16 queries per vector */
         __mmask16 mk = lane_mask(rows - i);
         __m512 old_max = _mm512_mask_loadu_ps(neg_inf, mk, max + i), new_max = old_max;
-        __mmask16 nan = _mm512_cmp_ps_mask(old_max, old_max, _CMP_UNORD_Q);
-        for (int64_t j = 0; j < cols; j++) {
-            __m512 x = _mm512_mask_loadu_ps(neg_inf, mk, s + j * lds + i);
-            nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-            new_max = _mm512_max_ps(new_max, x);
-        }
-        /* vmaxps drops NaNs; a NaN score makes the row NaN, as a plain softmax does. */
-        new_max = _mm512_mask_mov_ps(new_max, nan, _mm512_set1_ps(NAN));
+        /* vmaxps(x, m) returns m when either is NaN: the maximum passes
+         * over NaN scores, whose exp then makes the row's sum NaN
+         * (kernels.h), as in avx2.c and generic.c. */
+        for (int64_t j = 0; j < cols; j++)
+            new_max = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mk, s + j * lds + i), new_max);
         /* Queries that still see nothing subtract 0, so their -inf scores give 0. */
         __mmask16 seen = _mm512_cmp_ps_mask(new_max, neg_inf, _CMP_NEQ_UQ);
         __m512 shift = _mm512_maskz_mov_ps(seen, new_max), block_sum = _mm512_setzero_ps();

@@ -26,19 +26,16 @@ static void softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t co
 {
     for (int64_t i = 0; i < rows; i++) {
         float new_max = max[i];
-        for (int64_t j = 0; j < cols; j++) /* a NaN score makes the row NaN, as a plain softmax does */
-            if (s[j * lds + i] > new_max || isnan(s[j * lds + i])) new_max = isnan(new_max) ? new_max : s[j * lds + i];
-        if (new_max == -INFINITY) { /* nothing visible yet */
-            for (int64_t j = 0; j < cols; j++) s[j * lds + i] = 0.0f;
-            scale[i] = 1.0f;
-            continue;
-        }
-        float block_sum = 0.0f;
+        for (int64_t j = 0; j < cols; j++) /* a NaN score fails the test: passed over */
+            if (s[j * lds + i] > new_max) new_max = s[j * lds + i];
+        /* A query that still sees nothing subtracts 0: its -inf scores
+         * give 0, a NaN gives NaN. */
+        float shift = new_max == -INFINITY ? 0.0f : new_max, block_sum = 0.0f;
         for (int64_t j = 0; j < cols; j++) {
-            s[j * lds + i] = expf(s[j * lds + i] - new_max);
+            s[j * lds + i] = expf(s[j * lds + i] - shift);
             block_sum += s[j * lds + i];
         }
-        scale[i] = expf(max[i] - new_max);
+        scale[i] = new_max == -INFINITY ? 1.0f : expf(max[i] - new_max);
         sum[i] = sum[i] * scale[i] + block_sum;
         max[i] = new_max;
     }

@@ -37,7 +37,9 @@ typedef void (*mha__gemm_tile_fn)(int64_t m, int64_t n, int64_t k, const float *
  *   max[i]   = new_max
  * The caller then rescales output row i by scale[i] and adds P V.  The
  * layout puts queries in vector lanes, so no step needs a horizontal
- * reduction. */
+ * reduction.  A NaN score does not enter the maximum (vmaxps passes over
+ * it); its exp is NaN, so the row's sum is NaN from that step on, and
+ * with it the row's output and lse, as a plain softmax gives. */
 typedef void (*mha__softmax_step_fn)(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
                                      float *scale);
 
