@@ -277,18 +277,6 @@ static inline __m256 i8_row_load(const int8_t *x, int64_t c, int64_t d)
 #define ROWS_SCALED
 #include "kernels/rows_avx2.h"
 
-void mha__dot_rows_i8_avx2(const int8_t *k, int64_t ldk, int64_t n, const float *scale, const float *q, int64_t d,
-                           float *s)
-{
-    dot_rows_i8_avx2(k, ldk, n, scale, q, d, s);
-}
-
-void mha__axpy_rows_i8_avx2(const float *p, const float *scale, const int8_t *v, int64_t ldv, int64_t n, int64_t d,
-                            float *o)
-{
-    axpy_rows_i8_avx2(p, scale, v, ldv, n, d, o);
-}
-
 const mha__bf16_kernels mha__bf16_kernels_avx2 = {
     .name = "avx2",
     .gemm = mha__bf16_gemm_generic,
@@ -384,8 +372,8 @@ const mha__kernels mha__kernels_avx2 = {
     .softmax_grad = softmax_grad_avx2,
     .dot_rows = dot_rows_avx2,
     .axpy_rows = axpy_rows_avx2,
-    .dot_rows_i8 = mha__dot_rows_i8_avx2,
-    .axpy_rows_i8 = mha__axpy_rows_i8_avx2,
+    .dot_rows_i8 = dot_rows_i8_avx2,
+    .axpy_rows_i8 = axpy_rows_i8_avx2,
     .scale = scale_avx2,
     .exp_shift = exp_shift_avx2,
     .abs_max = mha__abs_max_avx2,

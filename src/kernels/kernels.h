@@ -221,12 +221,6 @@ extern const mha__kernels mha__kernels_avx2;
 extern const mha__kernels mha__kernels_avx512;
 
 #if defined(__x86_64__) || defined(__i386__)
-/* avx2.c's int8 cache rows, which the avx512 table shares: decoding from
- * an int8 cache is bound by memory, not by the vector width. */
-void mha__dot_rows_i8_avx2(const int8_t *k, int64_t ldk, int64_t n, const float *scale, const float *q, int64_t d,
-                           float *s);
-void mha__axpy_rows_i8_avx2(const float *p, const float *scale, const int8_t *v, int64_t ldv, int64_t n, int64_t d,
-                            float *o);
 /* avx2.c's abs_max, which the avx512 table shares: a pass over the tile
  * well under 1% of its products. */
 void mha__abs_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top);

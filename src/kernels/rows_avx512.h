@@ -1,13 +1,18 @@
 /*
  * rows_avx512.h -- the decoding kernels dot_rows and axpy_rows (kernels.h)
- * for AVX-512, written once and included by avx512.c (float32 rows) and
- * avx512_bf16.c (bf16 rows), which define
+ * for AVX-512, written once and included by avx512.c (float32 and int8
+ * rows) and avx512_bf16.c (bf16 rows), which define
  *   ROWS_ELEM           the stored element type
  *   ROWS_LOAD(mk, x)    16 elements at x (lanes in mk) as float32
  *   ROWS_DOT, ROWS_AXPY the functions' names
- * and a lane_mask(n).  Four keys at a time, each an FMA chain over 16-wide
- * slices of d, then reduced; values accumulate in registers, 64 columns
- * at a time, while the rows stream by.  Tails are masked.
+ *   ROWS_SCALED         (optional) rows carry a float scale each, as the
+ *                       int8 kernels' contract has it: the functions take
+ *                       `scale` after n (dot) or p (axpy), and apply it to
+ *                       each score and weight
+ * and a lane_mask(n).  Eight keys at a time, each an FMA chain over
+ * 16-wide slices of d, then reduced four together; values accumulate in
+ * registers, 64 columns at a time, while the rows stream by.  Tails are
+ * masked.
  */
 
 #ifndef MHA_ROWS_REDUCE4
@@ -27,55 +32,104 @@ static __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3)
 }
 #endif
 
-static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s)
+#ifdef ROWS_SCALED
+#define ROWS_SCALE_PARAM  const float *scale,
+#define ROWS_SCALE4(r, j) _mm_mul_ps((r), _mm_loadu_ps(scale + (j)))
+#define ROWS_SCALE1(x, j) ((x)*scale[j])
+#define ROWS_WEIGHT(p, j) ((p)[j] * scale[j])
+#else
+#define ROWS_SCALE_PARAM
+#define ROWS_SCALE4(r, j) (r)
+#define ROWS_SCALE1(x, j) (x)
+#define ROWS_WEIGHT(p, j) ((p)[j])
+#endif
+
+/* One 16-wide slice c of q (lanes in mk) against keys k0 .. k0 + 3 ldk:
+ * an FMA into each key's chain (q and ldk are ROWS_DOT's). */
+#define ROWS_DOT_SLICE4(k0, c, mk, a0, a1, a2, a3)                            \
+    do {                                                                      \
+        __m512 qv_ = _mm512_maskz_loadu_ps((mk), q + (c));                    \
+        a0 = _mm512_fmadd_ps(ROWS_LOAD((mk), (k0) + (c)), qv_, a0);           \
+        a1 = _mm512_fmadd_ps(ROWS_LOAD((mk), (k0) + ldk + (c)), qv_, a1);     \
+        a2 = _mm512_fmadd_ps(ROWS_LOAD((mk), (k0) + 2 * ldk + (c)), qv_, a2); \
+        a3 = _mm512_fmadd_ps(ROWS_LOAD((mk), (k0) + 3 * ldk + (c)), qv_, a3); \
+    } while (0)
+
+/* Eight keys at a time share each slice of q, whole slices with plain
+ * loads (a constant full mask folds away) and the row's tail masked; a
+ * lone key is reduced as one of four, so its score never depends on
+ * where it falls.  Int8 rows, one thread, a 256-key chunk in L1 (Sapphire
+ * Rapids): 5.3 -> 3.3-4.2 ns a key of 64 values against four keys at a
+ * time with every slice's mask computed and applied. */
+static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARAM const float *q, int64_t d, float *s)
 {
+    const __mmask16 full = 0xffff, tail = lane_mask(d % 16);
     int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const ROWS_ELEM *k0 = k + j * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t c = 0; c < d; c += 16) {
-            __mmask16 mk = lane_mask(d - c);
-            __m512 qv = _mm512_maskz_loadu_ps(mk, q + c);
-            a0 = _mm512_fmadd_ps(ROWS_LOAD(mk, k0 + c), qv, a0);
-            a1 = _mm512_fmadd_ps(ROWS_LOAD(mk, k1 + c), qv, a1);
-            a2 = _mm512_fmadd_ps(ROWS_LOAD(mk, k2 + c), qv, a2);
-            a3 = _mm512_fmadd_ps(ROWS_LOAD(mk, k3 + c), qv, a3);
+    for (; j + 8 <= n; j += 8) {
+        const ROWS_ELEM *k0 = k + j * ldk, *k4 = k0 + 4 * ldk;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        int64_t c = 0;
+        for (; c + 16 <= d; c += 16) {
+            ROWS_DOT_SLICE4(k0, c, full, a0, a1, a2, a3);
+            ROWS_DOT_SLICE4(k4, c, full, a4, a5, a6, a7); /* the compiler loads q's slice once */
         }
-        _mm_storeu_ps(s + j, reduce4(a0, a1, a2, a3));
+        if (c < d) {
+            ROWS_DOT_SLICE4(k0, c, tail, a0, a1, a2, a3);
+            ROWS_DOT_SLICE4(k4, c, tail, a4, a5, a6, a7);
+        }
+        _mm_storeu_ps(s + j, ROWS_SCALE4(reduce4(a0, a1, a2, a3), j));
+        _mm_storeu_ps(s + j + 4, ROWS_SCALE4(reduce4(a4, a5, a6, a7), j + 4));
     }
     for (; j < n; j++) {
-        __m512 a = _mm512_setzero_ps();
+        __m512 a = _mm512_setzero_ps(), zero = a;
         for (int64_t c = 0; c < d; c += 16) {
-            __mmask16 mk = lane_mask(d - c);
+            __mmask16 mk = c + 16 <= d ? full : tail;
             a = _mm512_fmadd_ps(ROWS_LOAD(mk, k + j * ldk + c), _mm512_maskz_loadu_ps(mk, q + c), a);
         }
-        s[j] = _mm512_reduce_add_ps(a);
+        s[j] = ROWS_SCALE1(_mm_cvtss_f32(reduce4(a, zero, zero, zero)), j);
     }
 }
 
-static void ROWS_AXPY(const float *p, const ROWS_ELEM *v, int64_t ldv, int64_t n, int64_t d, float *o)
+/* o[c .. c + 63] += sum_j w_j v_j[c .. c + 63] for the lanes in masks
+ * m0 .. m3 (ROWS_AXPY's variables), four FMA chains while the rows
+ * stream by. */
+#define ROWS_AXPY_BLOCK(m0, m1, m2, m3)                                                                \
+    do {                                                                                               \
+        __m512 o0 = _mm512_maskz_loadu_ps(m0, o + c), o1 = _mm512_maskz_loadu_ps(m1, o + c + 16);      \
+        __m512 o2 = _mm512_maskz_loadu_ps(m2, o + c + 32), o3 = _mm512_maskz_loadu_ps(m3, o + c + 48); \
+        for (int64_t j = 0; j < n; j++) {                                                              \
+            const ROWS_ELEM *vj = v + j * ldv + c;                                                     \
+            __m512 pj = _mm512_set1_ps(ROWS_WEIGHT(p, j));                                             \
+            o0 = _mm512_fmadd_ps(pj, ROWS_LOAD(m0, vj), o0);                                           \
+            o1 = _mm512_fmadd_ps(pj, ROWS_LOAD(m1, vj + 16), o1);                                      \
+            o2 = _mm512_fmadd_ps(pj, ROWS_LOAD(m2, vj + 32), o2);                                      \
+            o3 = _mm512_fmadd_ps(pj, ROWS_LOAD(m3, vj + 48), o3);                                      \
+        }                                                                                              \
+        _mm512_mask_storeu_ps(o + c, m0, o0);                                                          \
+        _mm512_mask_storeu_ps(o + c + 16, m1, o1);                                                     \
+        _mm512_mask_storeu_ps(o + c + 32, m2, o2);                                                     \
+        _mm512_mask_storeu_ps(o + c + 48, m3, o3);                                                     \
+    } while (0)
+
+/* Whole 64-column blocks with constant full masks, so the loads are plain
+ * (and int8's fold into the widening); the last block masked.  Each
+ * output is one chain over j in order either way. */
+static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64_t ldv, int64_t n, int64_t d, float *o)
 {
-    for (int64_t c = 0; c < d; c += 64) {
-        __mmask16 m0 = lane_mask(d - c), m1 = lane_mask(d - c - 16), m2 = lane_mask(d - c - 32),
-                  m3 = lane_mask(d - c - 48);
-        __m512 o0 = _mm512_maskz_loadu_ps(m0, o + c), o1 = _mm512_maskz_loadu_ps(m1, o + c + 16);
-        __m512 o2 = _mm512_maskz_loadu_ps(m2, o + c + 32), o3 = _mm512_maskz_loadu_ps(m3, o + c + 48);
-        for (int64_t j = 0; j < n; j++) {
-            const ROWS_ELEM *vj = v + j * ldv + c;
-            __m512 pj = _mm512_set1_ps(p[j]);
-            o0 = _mm512_fmadd_ps(pj, ROWS_LOAD(m0, vj), o0);
-            o1 = _mm512_fmadd_ps(pj, ROWS_LOAD(m1, vj + 16), o1);
-            o2 = _mm512_fmadd_ps(pj, ROWS_LOAD(m2, vj + 32), o2);
-            o3 = _mm512_fmadd_ps(pj, ROWS_LOAD(m3, vj + 48), o3);
-        }
-        _mm512_mask_storeu_ps(o + c, m0, o0);
-        _mm512_mask_storeu_ps(o + c + 16, m1, o1);
-        _mm512_mask_storeu_ps(o + c + 32, m2, o2);
-        _mm512_mask_storeu_ps(o + c + 48, m3, o3);
-    }
+    const __mmask16 full = 0xffff;
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64) ROWS_AXPY_BLOCK(full, full, full, full);
+    if (c < d) ROWS_AXPY_BLOCK(lane_mask(d - c), lane_mask(d - c - 16), lane_mask(d - c - 32), lane_mask(d - c - 48));
 }
 
+#undef ROWS_DOT_SLICE4
+#undef ROWS_AXPY_BLOCK
 #undef ROWS_ELEM
 #undef ROWS_LOAD
 #undef ROWS_DOT
 #undef ROWS_AXPY
+#undef ROWS_SCALED
+#undef ROWS_SCALE_PARAM
+#undef ROWS_SCALE4
+#undef ROWS_SCALE1
+#undef ROWS_WEIGHT
