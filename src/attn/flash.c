@@ -139,10 +139,24 @@ static void refined_softmax_step(const flash_job *j, const tiles *t, int64_t b, 
  * step, or the refined one where a row's scores are large: its raw
  * scores, or its maximum before this tile or after it (then the tile's
  * scores are computed again). */
+/* How many of the tile's keys, from its first, hold every key each row
+ * sees (products.h): up to the row's range's end for real keys under a
+ * contract, the whole tile otherwise.  Above a causal diagonal the
+ * products then skip what is masked: the diagonal tile is half of it. */
+static void tile_reach(const flash_job *j, tiles *t, int64_t rows, int64_t j0, int64_t cols, bool plain)
+{
+    bool ranged = !plain && j0 + cols <= j->p->R; /* appended keys are seen by all */
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t n = ranged ? t->hi[r] - j0 : cols;
+        t->reach[r] = n < 0 ? 0 : n > cols ? cols : n;
+    }
+}
+
 static void key_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                      int64_t cols, bool plain)
 {
     const mha__attn_plan *p = j->p;
+    tile_reach(j, t, rows, j0, cols, plain);
     mha__strided ks = tile_rows(j, t, false, b, h, j0, cols);
     score_tile(j, t, b, h, i0, rows, j0, cols, plain, ks);
     if (!mark_large(p, t->large, t->max, rows)) {
@@ -288,6 +302,7 @@ static void probs_item(const probs_job *pj, tiles *t, int64_t item)
         for (int64_t j0 = 0; j0 < p->S; j0 += BC) {
             int64_t cols = p->S - j0 < BC ? p->S - j0 : BC;
             mha__strided ks = tile_rows(j, t, false, b, h, j0, cols);
+            tile_reach(j, t, rows, j0, cols, false);
             score_tile(j, t, b, h, i0, rows, j0, cols, false, ks);
             store_probs(pj, t, b, h, i0, rows, j0, cols, ks);
         }

@@ -82,15 +82,30 @@ static void pack_queries_f32(const mha__attn_plan *p, mha__strided q, int64_t ro
         for (int64_t c = 0; c < p->D; c++) t->qt[c * MHA__BR + r] = q.data[r * q.rs + c * q.cs] * p->scale;
 }
 
+/* The most keys any of rows [r, r + n) sees in the current key tile. */
+static int64_t strip_reach(const mha__tiles *t, int64_t r, int64_t n)
+{
+    int64_t most = 0;
+    for (int64_t x = r; x < r + n; x++) most = t->reach[x] > most ? t->reach[x] : most;
+    return most;
+}
+
+/* Blocks of keys that no row of a strip sees (above a causal diagonal)
+ * are not computed but zeroed: the contract masks them, and the check
+ * for large scores then passes over them as it should. */
 static void scores_f32(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, const mha__tiles *t)
 {
     const mha__kernels *kt = p->kt;
-    for (int64_t r = 0; r < rows; r += kt->nr)
+    for (int64_t r = 0; r < rows; r += kt->nr) {
+        int64_t n = rows - r < kt->nr ? rows - r : kt->nr, seen = strip_reach(t, r, n);
         for (int64_t c = 0; c < cols; c += kt->mr) {
-            int64_t m = cols - c < kt->mr ? cols - c : kt->mr, n = rows - r < kt->nr ? rows - r : kt->nr;
-            kt->gemm_tile(m, n, p->D, k.data + c * k.rs, k.rs, k.cs, t->qt + r, MHA__BR, t->st + c * MHA__LDS + r,
-                          MHA__LDS, 0);
+            int64_t m = cols - c < kt->mr ? cols - c : kt->mr;
+            float *s = t->st + c * MHA__LDS + r;
+            if (c < seen) kt->gemm_tile(m, n, p->D, k.data + c * k.rs, k.rs, k.cs, t->qt + r, MHA__BR, s, MHA__LDS, 0);
+            else
+                for (int64_t x = 0; x < m; x++) memset(s + x * MHA__LDS, 0, (size_t)n * sizeof(float));
         }
+    }
 }
 
 /* The value tile in column panels of nr (the last one narrower):
@@ -143,8 +158,11 @@ static void values_f32(const mha__attn_plan *p, mha__strided v, int64_t rows, in
         int64_t n = p->Dv - c < kt->nr ? p->Dv - c : kt->nr;
         const float *panel = vp + c * cols;
         for (int64_t r = 0; r < rows; r += kt->mr) {
-            int64_t m = rows - r < kt->mr ? rows - r : kt->mr;
-            kt->gemm_tile(m, n, cols, t->st + r, 1, MHA__LDS, panel, n, t->o + r * p->Dv + c, p->Dv, 1);
+            /* The strip's probabilities past its reach are 0: adding
+             * their products would leave each output's bits as they are
+             * (V finite), so the keys stop there. */
+            int64_t m = rows - r < kt->mr ? rows - r : kt->mr, keys = strip_reach(t, r, m);
+            if (keys > 0) kt->gemm_tile(m, n, keys, t->st + r, 1, MHA__LDS, panel, n, t->o + r * p->Dv + c, p->Dv, 1);
         }
     }
 }

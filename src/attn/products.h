@@ -36,6 +36,7 @@ typedef struct mha__tiles {
     int64_t *vcols;                   /* [vslots]  and how many (a causal item's last tile is partial) */
     int64_t vslots;                   /* 0: no cache */
     int64_t lo[MHA__BR], hi[MHA__BR]; /* each row's visible real keys (mha__row_key_range) */
+    int64_t reach[MHA__BR];           /* the current key tile's first reach[r] keys hold every key row r sees */
     bool large[MHA__BR];              /* the row's raw scores in the tile need refining (attention.h) */
 } mha__tiles;
 
@@ -64,9 +65,12 @@ void mha__tiles_forget_values(const mha__tiles *t);
 typedef struct mha__products {
     /* t->qt = (scale Q)^T for the `rows` query rows q. */
     void (*pack_queries)(const mha__attn_plan *p, mha__strided q, int64_t rows, const mha__tiles *t);
-    /* t->st = S^T = K (scale Q)^T for keys [0, cols) at k, key-major. */
+    /* t->st = S^T = K (scale Q)^T for keys [0, cols) at k, key-major;
+     * scores past every row's t->reach in a block of the micro-kernel's
+     * may be left 0 instead (the contract masks them). */
     void (*scores)(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, const mha__tiles *t);
-    /* t->o += P V for keys [0, cols) at v, P key-major in t->st; `tile`:
+    /* t->o += P V for keys [0, cols) at v, P key-major in t->st, each
+     * row's probabilities past t->reach being 0 (so not read); `tile`:
      * which key tile of its kv head v is (keys tile BC onward, read in
      * place), or -1 (any other rows: never cached). */
     void (*values)(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, int64_t tile,
