@@ -6,6 +6,8 @@
  *   ROWS_LOAD(x, c, d)       8 elements of a row at x + c as float32,
  *                            zeros past its end d
  *   ROWS_DOT, ROWS_AXPY64, ROWS_AXPY   the functions' names
+ *   ROWS_PREFETCH_KEYS       (optional) prefetch each row this many keys
+ *                            ahead (rows_prefetch.h)
  *   ROWS_SCALED              (optional) rows carry a float scale each, as
  *                            the int8 kernels' contract has it: the
  *                            functions take `scale` after n (dot) or p
@@ -28,6 +30,8 @@ static __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
     return _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
 }
 #endif
+
+#include "kernels/rows_prefetch.h"
 
 #ifdef ROWS_SCALED
 #define ROWS_SCALE_PARAM  const float *scale,
@@ -63,6 +67,7 @@ static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARA
      * the widening alone (vpmovsxbd + vcvtdq2ps) takes 0.41. */
     for (; j + 8 <= n; j += 8) {
         const ROWS_ELEM *k0 = k + j * ldk;
+        for (int r = 0; r < 8; r++) ROWS_PREFETCH(k0 + r * ldk, ldk, d);
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         int64_t c = 0;
         for (; c + 8 <= d; c += 8) { /* whole vectors: the loads' tail branches fold away */
@@ -92,6 +97,7 @@ static void ROWS_AXPY64(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int
     __m256 o6 = _mm256_loadu_ps(o + 48), o7 = _mm256_loadu_ps(o + 56);
     for (int64_t j = 0; j < n; j++) {
         const ROWS_ELEM *vj = v + j * ldv;
+        ROWS_PREFETCH(vj, ldv, 64);
         __m256 pj = _mm256_set1_ps(ROWS_WEIGHT(p, j));
         o0 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 0, 64), o0);
         o1 = _mm256_fmadd_ps(pj, ROWS_LOAD(vj, 8, 64), o1);
@@ -128,6 +134,8 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
 }
 
 #undef ROWS_DOT_SLICE4
+#undef ROWS_PREFETCH_KEYS
+#undef ROWS_PREFETCH
 #undef ROWS_ELEM
 #undef ROWS_LOAD
 #undef ROWS_DOT

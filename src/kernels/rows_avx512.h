@@ -6,6 +6,7 @@
  *   ROWS_LOAD(mk, x)    16 elements at x (lanes in mk) as float32
  *   ROWS_DOT, ROWS_AXPY the functions' names
  *   ROWS_PREFETCH_KEYS  (optional) prefetch each row this many keys ahead
+ *                       (rows_prefetch.h)
  *   ROWS_SCALED         (optional) rows carry a float scale each, as the
  *                       int8 kernels' contract has it: the functions take
  *                       `scale` after n (dot) or p (axpy), and apply it to
@@ -33,20 +34,7 @@ static __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3)
 }
 #endif
 
-/* Every cache line of the row ROWS_PREFETCH_KEYS rows past x (d
- * elements; ld is its caller's row stride), into L1.  A prefetch past the
- * cache's end is harmless (prefetches never fault); the address is
- * formed as an integer so no pointer runs past its array. */
-#ifdef ROWS_PREFETCH_KEYS
-#define ROWS_PREFETCH(x, ld)                                                                         \
-    do {                                                                                             \
-        uintptr_t at_ = (uintptr_t)(x) + (uintptr_t)(ROWS_PREFETCH_KEYS * (ld)) * sizeof(ROWS_ELEM); \
-        for (int64_t b_ = 0; b_ < d * (int64_t)sizeof(ROWS_ELEM); b_ += 64)                          \
-            _mm_prefetch((const char *)(at_ + (uintptr_t)b_), _MM_HINT_T0);                          \
-    } while (0)
-#else
-#define ROWS_PREFETCH(x, ld) ((void)0)
-#endif
+#include "kernels/rows_prefetch.h"
 
 #ifdef ROWS_SCALED
 #define ROWS_SCALE_PARAM  const float *scale,
@@ -83,7 +71,7 @@ static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARA
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
         const ROWS_ELEM *k0 = k + j * ldk, *k4 = k0 + 4 * ldk;
-        for (int r = 0; r < 8; r++) ROWS_PREFETCH(k0 + r * ldk, ldk);
+        for (int r = 0; r < 8; r++) ROWS_PREFETCH(k0 + r * ldk, ldk, d);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         int64_t c = 0;
         for (; c + 16 <= d; c += 16) {
@@ -116,7 +104,7 @@ static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARA
         __m512 o2 = _mm512_maskz_loadu_ps(m2, o + c + 32), o3 = _mm512_maskz_loadu_ps(m3, o + c + 48); \
         for (int64_t j = 0; j < n; j++) {                                                              \
             const ROWS_ELEM *vj = v + j * ldv + c;                                                     \
-            if (c == 0) ROWS_PREFETCH(vj, ldv);                                                        \
+            if (c == 0) ROWS_PREFETCH(vj, ldv, d);                                                     \
             __m512 pj = _mm512_set1_ps(ROWS_WEIGHT(p, j));                                             \
             o0 = _mm512_fmadd_ps(pj, ROWS_LOAD(m0, vj), o0);                                           \
             o1 = _mm512_fmadd_ps(pj, ROWS_LOAD(m1, vj + 16), o1);                                      \
