@@ -135,10 +135,6 @@ static void refined_softmax_step(const flash_job *j, const tiles *t, int64_t b, 
     for (int64_t r = 0; r < rows; r++) t->sum[r] = t->sum[r] * t->scale[r] + l[r];
 }
 
-/* One key tile [j0, j0+cols) for the item's rows: the vector softmax
- * step, or the refined one where a row's scores are large: its raw
- * scores, or its maximum before this tile or after it (then the tile's
- * scores are computed again). */
 /* How many of the tile's keys, from its first, hold every key each row
  * sees (products.h): up to the row's range's end for real keys under a
  * contract, the whole tile otherwise.  Above a causal diagonal the
@@ -152,6 +148,10 @@ static void tile_reach(const flash_job *j, tiles *t, int64_t rows, int64_t j0, i
     }
 }
 
+/* One key tile [j0, j0+cols) for the item's rows: the vector softmax
+ * step, or the refined one where a row's scores are large: its raw
+ * scores, or its maximum before this tile or after it (then the tile's
+ * scores are computed again). */
 static void key_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                      int64_t cols, bool plain)
 {

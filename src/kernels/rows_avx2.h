@@ -7,11 +7,12 @@
  *                            zeros past its end d
  *   ROWS_DOT, ROWS_AXPY64, ROWS_AXPY   the functions' names
  *   ROWS_PREFETCH_KEYS       (optional) prefetch each row this many keys
- *                            ahead (rows_prefetch.h)
+ *                            ahead (rows_options.h)
  *   ROWS_SCALED              (optional) rows carry a float scale each, as
  *                            the int8 kernels' contract has it: the
  *                            functions take `scale` after n (dot) or p
  *                            (axpy), and apply it to each score and weight
+ *                            (rows_options.h)
  * and row_load (8 floats, as ROWS_LOAD) and lane_mask.  Eight keys at a
  * time (the last n mod 8 one by one), each an FMA chain over 8-wide
  * slices of d, reduced four together (a lone key the same way, so its
@@ -31,21 +32,7 @@ static __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
 }
 #endif
 
-#include "kernels/rows_prefetch.h"
-
-#ifdef ROWS_SCALED
-#define ROWS_SCALE_PARAM  const float *scale,
-#define ROWS_SCALE_ARG    scale,
-#define ROWS_SCALE4(r, j) _mm_mul_ps((r), _mm_loadu_ps(scale + (j)))
-#define ROWS_SCALE1(x, j) ((x)*scale[j])
-#define ROWS_WEIGHT(p, j) ((p)[j] * scale[j])
-#else
-#define ROWS_SCALE_PARAM
-#define ROWS_SCALE_ARG
-#define ROWS_SCALE4(r, j) (r)
-#define ROWS_SCALE1(x, j) (x)
-#define ROWS_WEIGHT(p, j) ((p)[j])
-#endif
+#include "kernels/rows_options.h"
 
 /* One 8-wide slice c of q against keys k0 .. k0 + 3 ldk: an FMA into each
  * key's chain (q, d and ldk are ROWS_DOT's). */

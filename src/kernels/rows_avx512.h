@@ -6,11 +6,11 @@
  *   ROWS_LOAD(mk, x)    16 elements at x (lanes in mk) as float32
  *   ROWS_DOT, ROWS_AXPY the functions' names
  *   ROWS_PREFETCH_KEYS  (optional) prefetch each row this many keys ahead
- *                       (rows_prefetch.h)
+ *                       (rows_options.h)
  *   ROWS_SCALED         (optional) rows carry a float scale each, as the
  *                       int8 kernels' contract has it: the functions take
  *                       `scale` after n (dot) or p (axpy), and apply it to
- *                       each score and weight
+ *                       each score and weight (rows_options.h)
  * and a lane_mask(n).  Eight keys at a time, each an FMA chain over
  * 16-wide slices of d, then reduced four together; values accumulate in
  * registers, 64 columns at a time, while the rows stream by.  Tails are
@@ -34,19 +34,7 @@ static __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3)
 }
 #endif
 
-#include "kernels/rows_prefetch.h"
-
-#ifdef ROWS_SCALED
-#define ROWS_SCALE_PARAM  const float *scale,
-#define ROWS_SCALE4(r, j) _mm_mul_ps((r), _mm_loadu_ps(scale + (j)))
-#define ROWS_SCALE1(x, j) ((x)*scale[j])
-#define ROWS_WEIGHT(p, j) ((p)[j] * scale[j])
-#else
-#define ROWS_SCALE_PARAM
-#define ROWS_SCALE4(r, j) (r)
-#define ROWS_SCALE1(x, j) (x)
-#define ROWS_WEIGHT(p, j) ((p)[j])
-#endif
+#include "kernels/rows_options.h"
 
 /* One 16-wide slice c of q (lanes in mk) against keys k0 .. k0 + 3 ldk:
  * an FMA into each key's chain (q and ldk are ROWS_DOT's). */
@@ -138,6 +126,7 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
 #undef ROWS_PREFETCH_KEYS
 #undef ROWS_PREFETCH
 #undef ROWS_SCALE_PARAM
+#undef ROWS_SCALE_ARG
 #undef ROWS_SCALE4
 #undef ROWS_SCALE1
 #undef ROWS_WEIGHT

@@ -1,0 +1,44 @@
+/*
+ * rows_options.h -- the two optional features of the decoding row
+ * templates (rows_avx2.h, rows_avx512.h), written once and included by
+ * each template at every instance, since instances differ:
+ *
+ *   ROWS_SCALED: rows carry a float scale each, as the int8 kernels'
+ *   contract has it.  ROWS_SCALE_PARAM / ROWS_SCALE_ARG add `scale` to a
+ *   function's parameters / a call's arguments; ROWS_SCALE4(r, j) scales
+ *   the four scores r of keys j .., ROWS_SCALE1(x, j) the score of key j,
+ *   ROWS_WEIGHT(p, j) is key j's weight in the values' sum.  Without it
+ *   they are the unscaled forms.
+ *
+ *   ROWS_PREFETCH_KEYS: ROWS_PREFETCH(x, ld, n) brings every cache line of
+ *   the n elements (of ROWS_ELEM) of the row ROWS_PREFETCH_KEYS rows of ld
+ *   elements past x into L1; without it, nothing.  A prefetch past the
+ *   cache's end is harmless (prefetches never fault); the address is
+ *   formed as an integer so that no pointer runs past its array.
+ *
+ * The templates #undef all of these at their end.
+ */
+#ifdef ROWS_SCALED
+#define ROWS_SCALE_PARAM  const float *scale,
+#define ROWS_SCALE_ARG    scale,
+#define ROWS_SCALE4(r, j) _mm_mul_ps((r), _mm_loadu_ps(scale + (j)))
+#define ROWS_SCALE1(x, j) ((x)*scale[j])
+#define ROWS_WEIGHT(p, j) ((p)[j] * scale[j])
+#else
+#define ROWS_SCALE_PARAM
+#define ROWS_SCALE_ARG
+#define ROWS_SCALE4(r, j) (r)
+#define ROWS_SCALE1(x, j) (x)
+#define ROWS_WEIGHT(p, j) ((p)[j])
+#endif
+
+#ifdef ROWS_PREFETCH_KEYS
+#define ROWS_PREFETCH(x, ld, n)                                                                      \
+    do {                                                                                             \
+        uintptr_t at_ = (uintptr_t)(x) + (uintptr_t)(ROWS_PREFETCH_KEYS * (ld)) * sizeof(ROWS_ELEM); \
+        for (int64_t b_ = 0; b_ < (n) * (int64_t)sizeof(ROWS_ELEM); b_ += 64)                        \
+            _mm_prefetch((const char *)(at_ + (uintptr_t)b_), _MM_HINT_T0);                          \
+    } while (0)
+#else
+#define ROWS_PREFETCH(x, ld, n) ((void)0)
+#endif
