@@ -9,6 +9,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* ---------------------------------------------------------------- */
 /* Validation                                                        */
@@ -101,6 +102,19 @@ float mha__real_key_bias(const mha__attn_plan *p, int64_t b, int64_t h, int64_t 
     return bias;
 }
 
+/* s[r] = -inf for r in [from, to), sixteen at a time: a causal diagonal
+ * tile's masked half, one store per score, took 1.3% of the causal core
+ * (perf, N = 2048); fixed-size copies compile to vector stores. */
+static void mask_rows(float *s, int64_t from, int64_t to)
+{
+    static const float masked[16] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY,
+                                     -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY,
+                                     -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int64_t r = from;
+    for (; r + 16 <= to; r += 16) memcpy(s + r, masked, sizeof masked);
+    for (; r < to; r++) s[r] = -INFINITY;
+}
+
 void mha__score_contract(const mha__attn_plan *p, float *st, int64_t lds, int64_t b, int64_t h, int64_t i0,
                          int64_t rows, int64_t j0, int64_t cols, const int64_t *lo, const int64_t *hi, float *cap_slope)
 {
@@ -123,8 +137,8 @@ void mha__score_contract(const mha__attn_plan *p, float *st, int64_t lds, int64_
         }
         while (first < rows && hi[first] <= key) first++;
         while (last < rows && lo[last] <= key) last++;
-        for (int64_t r = 0; r < first; r++) s[r] = -INFINITY;
-        for (int64_t r = last > first ? last : first; r < rows; r++) s[r] = -INFINITY;
+        mask_rows(s, 0, first);
+        mask_rows(s, last > first ? last : first, rows);
         for (int64_t r = first; r < last && (biased || cap > 0); r++) {
             float x = s[r];
             if (cap > 0) {
