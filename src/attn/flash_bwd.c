@@ -13,7 +13,8 @@
  *   dQ_i    = scale sum_j dS_ij k_j
  * One sweep computes all three: a work item owns a kv head's key blocks
  * (all of them, or every G-th when there are few kv heads, G fixed by the
- * shape), accumulates dK and dV of one key block at a time in a tile, and
+ * shape), accumulates dK and dV of one key block at a time in a tile
+ * (passes of as many key blocks as stay in L2 over the query blocks), and
  * adds dS K into its own dQ accumulator (the output itself, or one of G
  * partial sums); a last pass adds the partials in a fixed order and
  * scales.  FlashAttention-2 adds into dQ with atomics instead, which makes
@@ -57,15 +58,16 @@ typedef struct bwd_job {
     int64_t scratch_stride;
     int64_t q_blocks, k_blocks; /* k_blocks counts the appended keys' block */
     int64_t groups;             /* G: key-block groups per kv head */
+    int64_t pass_blocks;        /* key blocks a sweep takes per pass over the query blocks */
     bool from_lse;              /* the forward kept an lse, not (max, sum) */
 } bwd_job;
 
 /* Per-thread tiles. */
 typedef struct bwd_tiles {
     float *qt;    /* [D][BQ]   (scale Q)^T, the B operand of the scores */
-    float *qr;    /* [BQ][D]   Q rows, the B operand of dK */
+    float *qr;    /* [BQ][D]   Q rows, the B operand of dK, when Q's are strided */
     float *dot;   /* [Dv][BQ]  dO^T, the B operand of dP */
-    float *dor;   /* [BQ][Dv]  dO rows, the B operand of dV */
+    float *dor;   /* [BQ][Dv]  dO rows, the B operand of dV, when dO's are strided */
     float *st;    /* [BK][BQ]  scores, then probabilities */
     float *dpt;   /* [BK][BQ]  dP, then dS */
     float *slope; /* [BK][BQ]  softcap's derivative */
@@ -77,11 +79,28 @@ typedef struct bwd_tiles {
     bool large[BQ]; /* the row's raw scores in the block need refining (attention.h) */
 } bwd_tiles;
 
+/* The L2 assumed when the machine does not say (pass_blocks). */
+enum { PASS_UNKNOWN_L2 = 1 << 19 };
+
 static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 /* Key rows an item may own: every block of a kv head (room for the
  * appended keys' block included). */
 static int64_t item_keys(const mha__attn_plan *p) { return ((p->R + BK - 1) / BK + 1) * BK; }
+
+/* Key blocks a sweep pass takes: as many as keep their K and V rows and
+ * dK, dV sums (BK (2 D + 2 Dv) floats a block) within half of L2, so they
+ * stay there while the query blocks go by; each pass packs the query
+ * blocks again.  In one pass over all of them (4.2 MB at N = 4096, d = 64)
+ * they came from L3 for every query block: the backward at N = 4096 and
+ * 8192 ran 1.10-1.14x faster in passes, at N = 2048 the same (Zen 4, 1 MB
+ * of L2; docs/PERFORMANCE.md). */
+static int64_t pass_blocks(const mha__attn_plan *p)
+{
+    int64_t l2 = mha__l2_bytes(), per_block = BK * 2 * (p->D + p->Dv) * (int64_t)sizeof(float);
+    int64_t n = (l2 > 0 ? l2 : PASS_UNKNOWN_L2) / 2 / per_block;
+    return n > 1 ? n : 1;
+}
 
 static int64_t bwd_tiles_floats(const mha__attn_plan *p)
 {
@@ -176,19 +195,29 @@ static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int
 {
     const mha__attn_plan *p = j->p;
     const mha_tensor *q = j->q, *dout = j->dout;
+    bool q_rows = rows_too && q->stride[3] != 1, do_rows = rows_too && dout->stride[3] != 1; /* else read in place */
     for (int64_t r = 0; r < rows; r++) {
         const float *qi = row_of(q, b, h, i0 + r), *di = row_of(dout, b, h, i0 + r);
         for (int64_t c = 0; c < p->D; c++) {
             float x = qi[c * q->stride[3]];
             t->qt[c * BQ + r] = x * p->scale;
-            if (rows_too) t->qr[r * p->D + c] = x;
+            if (q_rows) t->qr[r * p->D + c] = x;
         }
         for (int64_t c = 0; c < p->Dv; c++) {
             float x = di[c * dout->stride[3]];
             t->dot[c * BQ + r] = x;
-            if (rows_too) t->dor[r * p->Dv + c] = x;
+            if (do_rows) t->dor[r * p->Dv + c] = x;
         }
     }
+}
+
+/* Rows i0.. of x (Q or dO) for (b, h) as a B operand of row length n: in
+ * place when their elements are contiguous, else the copy pack_block made. */
+static const float *block_rows(const mha_tensor *x, int64_t b, int64_t h, int64_t i0, int64_t n, float *packed,
+                               int64_t *ld)
+{
+    *ld = x->stride[3] == 1 ? x->stride[2] : n;
+    return x->stride[3] == 1 ? row_of(x, b, h, i0) : packed;
 }
 
 static void row_ranges(const bwd_job *j, bwd_tiles *t, int64_t i0, int64_t rows)
@@ -316,28 +345,24 @@ static const float *key_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t 
     return t->kr;
 }
 
-/* Item (b, kv head g, group): the key blocks group, group + G, ... of kv
- * head g, against every query block of every head of the group.  Each
- * query block is packed once and its dQ rows (partial sum `group`) stay in
- * cache while the item's key blocks pass; dK and dV accumulate per key
- * block in the thread's tiles and are written at the end, after the last
- * read of K and V (dk, dv may alias k, v: no other item reads these rows).
- * Every sum runs in a fixed order: dK, dV over (head, query block), dQ over
- * key blocks. */
-static void sweep_item(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int64_t group)
+/* One pass of a sweep: the item's key blocks m0 .. m1-1 (of its `mine`)
+ * against every query block of every head of kv head g's group.  Each
+ * query block is packed once a pass, and its dQ rows (partial sum
+ * `group`) stay in cache while the pass's key blocks go by; those blocks'
+ * K and V rows and dK, dV sums stay in L2 across the query blocks. */
+static void sweep_pass(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int64_t group, int64_t m0, int64_t m1)
 {
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
-    int64_t mine = (j->k_blocks - group + j->groups - 1) / j->groups;
-    memset(t->acc_k, 0, (size_t)(mine * BK * p->D) * sizeof(float));
-    memset(t->acc_v, 0, (size_t)(mine * BK * p->Dv) * sizeof(float));
     for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
         for (int64_t qb = 0; qb < j->q_blocks; qb++) {
-            int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ, ldq;
+            int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ, ldq, ldqr, lddo;
             float *dq_rows = partial_row(j, group, b, h, i0, &ldq);
+            const float *qr = block_rows(j->q, b, h, i0, p->D, t->qr, &ldqr);
+            const float *dor = block_rows(j->dout, b, h, i0, p->Dv, t->dor, &lddo);
             bool packed = false;
             row_ranges(j, t, i0, rows);
-            for (int64_t m = 0; m < mine; m++) {
+            for (int64_t m = m0; m < m1; m++) {
                 int64_t j0, cols, ldk;
                 bool plain;
                 key_block(j, group + m * j->groups, &j0, &cols);
@@ -346,11 +371,28 @@ static void sweep_item(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int
                 packed = true;
                 const float *kr = key_rows(j, t, b, g, j0, cols, &ldk);
                 score_gradients(j, t, b, h, i0, rows, j0, cols, plain);
-                product(kt, cols, p->Dv, rows, t->st, BQ, 1, t->dor, p->Dv, t->acc_v + m * BK * p->Dv, p->Dv, 1);
-                product(kt, cols, p->D, rows, t->dpt, BQ, 1, t->qr, p->D, t->acc_k + m * BK * p->D, p->D, 1);
+                product(kt, cols, p->Dv, rows, t->st, BQ, 1, dor, lddo, t->acc_v + m * BK * p->Dv, p->Dv, 1);
+                product(kt, cols, p->D, rows, t->dpt, BQ, 1, qr, ldqr, t->acc_k + m * BK * p->D, p->D, 1);
                 product(kt, rows, p->D, cols, t->dpt, 1, BQ, kr, ldk, dq_rows, ldq, 1);
             }
         }
+}
+
+/* Item (b, kv head g, group): the key blocks group, group + G, ... of kv
+ * head g, against every query block of every head of the group, in
+ * passes of j->pass_blocks key blocks.  dK and dV accumulate per key
+ * block in the thread's tiles and are written at the end, after the last
+ * read of K and V (dk, dv may alias k, v: no other item reads these rows).
+ * Every sum runs in a fixed order whatever the passes: dK, dV over (head,
+ * query block), dQ over key blocks. */
+static void sweep_item(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int64_t group)
+{
+    const mha__attn_plan *p = j->p;
+    int64_t mine = (j->k_blocks - group + j->groups - 1) / j->groups;
+    memset(t->acc_k, 0, (size_t)(mine * BK * p->D) * sizeof(float));
+    memset(t->acc_v, 0, (size_t)(mine * BK * p->Dv) * sizeof(float));
+    for (int64_t m0 = 0; m0 < mine; m0 += j->pass_blocks)
+        sweep_pass(j, t, b, g, group, m0, m0 + j->pass_blocks < mine ? m0 + j->pass_blocks : mine);
     for (int64_t m = 0; m < mine; m++) {
         int64_t j0, cols;
         key_block(j, group + m * j->groups, &j0, &cols);
@@ -548,6 +590,7 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
         .k_blocks = key_block_count(p),
     };
     j.groups = key_groups(p, j.k_blocks);
+    j.pass_blocks = pass_blocks(p);
     j.from_lse = norm->lse != NULL;
     j.first_is_dq = dq->stride[3] == 1;
     if (!row_floats(p, partial_groups(j.groups, j.first_is_dq), &floats)) return MHA_ERR_INTERNAL; /* planned */
