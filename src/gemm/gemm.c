@@ -241,16 +241,16 @@ typedef struct grad_chunk {
 /* The widest panel of any kernel table (avx512's nr). */
 enum { MAX_PANEL = 32 };
 
-/* Columns c0 .. c0+n-1 of m (n <= width <= MAX_PANEL), rows 0 .. rows-1,
+/* Columns c0 .. c0+n-1 of m (n <= width <= MAX_PANEL), rows r0 .. r1-1,
  * into dst[r * width + c], zeros past n: one copy per row when the
  * columns lie side by side, else column by column (a panel may straddle
  * two column groups; each column's start is found once). */
-static void pack_columns(const mha__mat *m, int64_t c0, int64_t n, int64_t rows, int64_t width, float *dst)
+static void pack_columns(const mha__mat *m, int64_t c0, int64_t n, int64_t r0, int64_t r1, int64_t width, float *dst)
 {
     const float *col[MAX_PANEL];
     for (int64_t c = 0; c < n; c++) col[c] = mat_at(m, 0, c0 + c);
     bool side_by_side = m->cs == 1 && col[n - 1] == col[0] + n - 1;
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = r0; r < r1; r++) {
         float *d = dst + r * width;
         if (side_by_side) { /* fixed-size copies inline; a memcpy call per 24 bytes cost 5% */
             const float *s = col[0] + r * m->rs;
@@ -264,19 +264,24 @@ static void pack_columns(const mha__mat *m, int64_t c0, int64_t n, int64_t rows,
     }
 }
 
+/* Rows per packing item: every panel of dy and x takes the item's rows,
+ * so each activation row is read once, in order.  Panel by panel, each
+ * panel read its 128 bytes of every row, rows 3 KB apart. */
+enum { PACK_ROWS = 16 };
+
 static void grad_pack_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const grad_chunk *j = arg;
     int64_t mr = j->kt->mr, nr = j->kt->nr;
-    for (int64_t panel = begin; panel < end; panel++) {
-        if (panel < j->out_panels) {
-            int64_t o = panel * mr;
-            pack_columns(&j->dy, o, j->out - o < mr ? j->out - o : mr, j->rows, mr, j->a + panel * j->rows * mr);
-        } else {
-            int64_t p = panel - j->out_panels, i = p * nr;
-            pack_columns(&j->x, i, j->in - i < nr ? j->in - i : nr, j->rows, nr, j->b + p * j->rows * nr);
-        }
+    int64_t r0 = begin * PACK_ROWS, r1 = end * PACK_ROWS < j->rows ? end * PACK_ROWS : j->rows;
+    for (int64_t panel = 0; panel < j->out_panels; panel++) {
+        int64_t o = panel * mr;
+        pack_columns(&j->dy, o, j->out - o < mr ? j->out - o : mr, r0, r1, mr, j->a + panel * j->rows * mr);
+    }
+    for (int64_t p = 0; p < j->in_panels; p++) {
+        int64_t i = p * nr;
+        pack_columns(&j->x, i, j->in - i < nr ? j->in - i : nr, r0, r1, nr, j->b + p * j->rows * nr);
     }
 }
 
@@ -327,7 +332,7 @@ mha_status mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int
             j.rows = T - r0 < GRAD_ROWS ? T - r0 : GRAD_ROWS;
             j.dy.data = dy->m.data + n * dy->batch_stride + r0 * dy->m.rs;
             j.x.data = x->m.data + n * x->batch_stride + r0 * x->m.rs;
-            mha__parallel_for(ctx, j.out_panels + j.in_panels, grad_pack_range, &j);
+            mha__parallel_for(ctx, (j.rows + PACK_ROWS - 1) / PACK_ROWS, grad_pack_range, &j);
             mha__parallel_for(ctx, ((out + GRAD_OUT - 1) / GRAD_OUT) * j.in_blocks, grad_tile_range, &j);
         }
     mha__ws_release(ctx, top);
