@@ -189,9 +189,12 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
          * saw a NaN score (output NaN, as a plain softmax gives). */
         float l = t->sum[r];
         bool seen = l > 0 || isnan(l);
-        float inv = seen ? 1.0f / l : 0.0f;
-        const float *o = t->o + r * p->Dv;
-        for (int64_t c = 0; c < p->Dv; c++) dst[c * out->stride[3]] = seen ? o[c] * inv : 0.0f;
+        float *o = t->o + r * p->Dv;
+        if (seen) j->kt->scale(o, p->Dv, 1.0f / l); /* in the tile, then copied: one vector pass */
+        else memset(o, 0, (size_t)p->Dv * sizeof(float));
+        if (out->stride[3] == 1) memcpy(dst, o, (size_t)p->Dv * sizeof(float));
+        else
+            for (int64_t c = 0; c < p->Dv; c++) dst[c * out->stride[3]] = o[c];
         int64_t at = (b * p->Hq + h) * p->L + i0 + r;
         if (j->lse) j->lse[at] = seen ? t->max[r] + logf(l) : -INFINITY;
         if (j->stats) {
