@@ -15,11 +15,12 @@
 static int64_t even(int64_t n) { return n + (n & 1); }
 
 /* Slots of the value-tile cache: one per key tile of a kv head, when
- * they fit in twice the L2 (products.h). */
+ * they fit in the bytes products.h allows for this L2. */
 static int64_t value_slots(const mha__attn_plan *p)
 {
     int64_t tiles = (p->S + MHA__BC - 1) / MHA__BC, l2 = mha__l2_bytes();
-    int64_t most = 2 * (l2 > 0 ? l2 : MHA__VCACHE_UNKNOWN_L2) / (int64_t)sizeof(float);
+    l2 = l2 > 0 ? l2 : MHA__VCACHE_UNKNOWN_L2;
+    int64_t most = (l2 >= MHA__VCACHE_LARGE_L2 ? 8 : 2) * l2 / (int64_t)sizeof(float);
     return !p->bf16 && tiles <= most / (MHA__BC * p->Dv) ? tiles : 0;
 }
 
