@@ -79,9 +79,6 @@ typedef struct bwd_tiles {
     bool large[BQ]; /* the row's raw scores in the block need refining (attention.h) */
 } bwd_tiles;
 
-/* The L2 assumed when the machine does not say (pass_blocks). */
-enum { PASS_UNKNOWN_L2 = 1 << 19 };
-
 static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
 /* Key rows an item may own: every block of a kv head (room for the
@@ -98,7 +95,7 @@ static int64_t item_keys(const mha__attn_plan *p) { return ((p->R + BK - 1) / BK
 static int64_t pass_blocks(const mha__attn_plan *p)
 {
     int64_t l2 = mha__l2_bytes(), per_block = BK * 2 * (p->D + p->Dv) * (int64_t)sizeof(float);
-    int64_t n = (l2 > 0 ? l2 : PASS_UNKNOWN_L2) / 2 / per_block;
+    int64_t n = l2 / 2 / per_block;
     return n > 1 ? n : 1;
 }
 

@@ -19,7 +19,6 @@ static int64_t even(int64_t n) { return n + (n & 1); }
 static int64_t value_slots(const mha__attn_plan *p)
 {
     int64_t tiles = (p->S + MHA__BC - 1) / MHA__BC, l2 = mha__l2_bytes();
-    l2 = l2 > 0 ? l2 : MHA__VCACHE_UNKNOWN_L2;
     int64_t most = (l2 >= MHA__VCACHE_LARGE_L2 ? 8 : 2) * l2 / (int64_t)sizeof(float);
     return !p->bf16 && tiles <= most / (MHA__BC * p->Dv) ? tiles : 0;
 }

@@ -155,7 +155,10 @@ const mha__kernels *mha__kernels_named(const char *name)
 
 static mha__isa_kernels chosen;
 static const char *chosen_name;
-static int64_t chosen_l2; /* bytes, 0: unknown */
+/* The L2 assumed where the system does not say: the smallest of the CPUs
+ * measured (Zen 3), so blocking sized by it errs towards staying in cache. */
+enum { UNKNOWN_L2 = 1 << 19 };
+static int64_t chosen_l2; /* bytes */
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
 
 /* The best instruction set at or below the MHA_ISA cap, with its kernels
@@ -176,7 +179,7 @@ static void choose(void)
     chosen_name = candidates[at].name;
 #if defined(_SC_LEVEL2_CACHE_SIZE)
     long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE); /* glibc reads it from CPUID */
-    chosen_l2 = l2 > 0 ? l2 : 0;
+    chosen_l2 = l2 > 0 ? l2 : UNKNOWN_L2;
 #endif
 }
 

@@ -203,8 +203,8 @@ typedef struct mha__isa_kernels {
  * weights) takes them once; kernels_get and bf16_get are its parts. */
 const mha__isa_kernels *mha__isa_get(void);
 const mha__kernels *mha__kernels_get(void);
-/* One core's L2 cache in bytes (0: unknown), for blocking choices: they
- * may change speed, never results. */
+/* One core's L2 cache in bytes (512 KB where the system does not say),
+ * for blocking choices: they may change speed, never results. */
 int64_t mha__l2_bytes(void);
 const mha__bf16_kernels *mha__bf16_get(void);
 
