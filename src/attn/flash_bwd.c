@@ -186,35 +186,31 @@ static void rows_range(void *arg, int thread, int64_t begin, int64_t end)
     }
 }
 
-/* Packs the query block's (scale Q)^T and, for pass 1, its Q rows; dO^T
- * and, for pass 1, dO rows. */
-static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, bool rows_too)
+/* Packs the query block's (scale Q)^T and dO^T. */
+static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
     const mha_tensor *q = j->q, *dout = j->dout;
-    bool q_rows = rows_too && q->stride[3] != 1, do_rows = rows_too && dout->stride[3] != 1; /* else read in place */
     for (int64_t r = 0; r < rows; r++) {
         const float *qi = row_of(q, b, h, i0 + r), *di = row_of(dout, b, h, i0 + r);
-        for (int64_t c = 0; c < p->D; c++) {
-            float x = qi[c * q->stride[3]];
-            t->qt[c * BQ + r] = x * p->scale;
-            if (q_rows) t->qr[r * p->D + c] = x;
-        }
-        for (int64_t c = 0; c < p->Dv; c++) {
-            float x = di[c * dout->stride[3]];
-            t->dot[c * BQ + r] = x;
-            if (do_rows) t->dor[r * p->Dv + c] = x;
-        }
+        for (int64_t c = 0; c < p->D; c++) t->qt[c * BQ + r] = qi[c * q->stride[3]] * p->scale;
+        for (int64_t c = 0; c < p->Dv; c++) t->dot[c * BQ + r] = di[c * dout->stride[3]];
     }
 }
 
-/* Rows i0.. of x (Q or dO) for (b, h) as a B operand of row length n: in
- * place when their elements are contiguous, else the copy pack_block made. */
-static const float *block_rows(const mha_tensor *x, int64_t b, int64_t h, int64_t i0, int64_t n, float *packed,
-                               int64_t *ld)
+/* Rows i0 .. i0+n of x (K, Q or dO) for (b, head h), `width` elements
+ * each, as a B operand: in place when their elements are contiguous, else
+ * gathered into `gathered` ([n][width]). */
+static const float *operand_rows(const mha_tensor *x, int64_t b, int64_t h, int64_t i0, int64_t n, int64_t width,
+                                 float *gathered, int64_t *ld)
 {
-    *ld = x->stride[3] == 1 ? x->stride[2] : n;
-    return x->stride[3] == 1 ? row_of(x, b, h, i0) : packed;
+    const float *x0 = row_of(x, b, h, i0);
+    *ld = x->stride[2];
+    if (x->stride[3] == 1) return x0;
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t c = 0; c < width; c++) gathered[r * width + c] = x0[r * x->stride[2] + c * x->stride[3]];
+    *ld = width;
+    return gathered;
 }
 
 static void row_ranges(const bwd_job *j, bwd_tiles *t, int64_t i0, int64_t rows)
@@ -328,20 +324,6 @@ static float *partial_row(const bwd_job *j, int64_t g, int64_t b, int64_t h, int
     return j->partial + (g - j->first_is_dq) * p->B * p->Hq * p->L * p->D + ((b * p->Hq + h) * p->L + i) * p->D;
 }
 
-/* Key rows of block j0 as the contiguous B operand of dS K. */
-static const float *key_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int64_t j0, int64_t cols,
-                             int64_t *ldk)
-{
-    const mha_tensor *k = j->k;
-    const float *kr = row_of(k, b, g, j0);
-    *ldk = k->stride[2];
-    if (k->stride[3] == 1) return kr;
-    for (int64_t c = 0; c < cols; c++)
-        for (int64_t d = 0; d < j->p->D; d++) t->kr[c * j->p->D + d] = kr[c * k->stride[2] + d * k->stride[3]];
-    *ldk = j->p->D;
-    return t->kr;
-}
-
 /* One pass of a sweep: the item's key blocks m0 .. m1-1 (of its `mine`)
  * against every query block of every head of kv head g's group.  Each
  * query block is packed once a pass, and its dQ rows (partial sum
@@ -353,10 +335,9 @@ static void sweep_pass(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int
     const mha__kernels *kt = j->kt;
     for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
         for (int64_t qb = 0; qb < j->q_blocks; qb++) {
-            int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ, ldq, ldqr, lddo;
+            int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ, ldq, ldqr = 0, lddo = 0;
             float *dq_rows = partial_row(j, group, b, h, i0, &ldq);
-            const float *qr = block_rows(j->q, b, h, i0, p->D, t->qr, &ldqr);
-            const float *dor = block_rows(j->dout, b, h, i0, p->Dv, t->dor, &lddo);
+            const float *qr = NULL, *dor = NULL;
             bool packed = false;
             row_ranges(j, t, i0, rows);
             for (int64_t m = m0; m < m1; m++) {
@@ -364,9 +345,13 @@ static void sweep_pass(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int
                 bool plain;
                 key_block(j, group + m * j->groups, &j0, &cols);
                 if (!block_visible(j, t, rows, j0, cols, &plain)) continue;
-                if (!packed) pack_block(j, t, b, h, i0, rows, true);
-                packed = true;
-                const float *kr = key_rows(j, t, b, g, j0, cols, &ldk);
+                if (!packed) {
+                    pack_block(j, t, b, h, i0, rows);
+                    qr = operand_rows(j->q, b, h, i0, rows, p->D, t->qr, &ldqr);
+                    dor = operand_rows(j->dout, b, h, i0, rows, p->Dv, t->dor, &lddo);
+                    packed = true;
+                }
+                const float *kr = operand_rows(j->k, b, g, j0, cols, p->D, t->kr, &ldk);
                 score_gradients(j, t, b, h, i0, rows, j0, cols, plain);
                 product(kt, cols, p->Dv, rows, t->st, BQ, 1, dor, lddo, t->acc_v + m * BK * p->Dv, p->Dv, 1);
                 product(kt, cols, p->D, rows, t->dpt, BQ, 1, qr, ldqr, t->acc_k + m * BK * p->D, p->D, 1);
@@ -486,7 +471,7 @@ static void exact_rows_range(void *arg, int thread, int64_t begin, int64_t end)
         query_item(j, item, &b, &h, &i0, &rows, &row0);
         bool peaked = !j->from_lse && block_peaked(j, row0, rows);
         if (!j->from_lse && !peaked) continue;
-        pack_block(j, &t, b, h, i0, rows, false);
+        pack_block(j, &t, b, h, i0, rows);
         row_ranges(j, &t, i0, rows);
         if (j->from_lse) {
             sum_rows(j, &t, b, h, i0, rows, false, &s);
@@ -623,7 +608,7 @@ static void row_sums_range(void *arg, int thread, int64_t begin, int64_t end)
     for (int64_t item = begin; item < end; item++) {
         int64_t b, h, i0, rows, row0;
         query_item(j, item, &b, &h, &i0, &rows, &row0);
-        pack_block(j, &t, b, h, i0, rows, false);
+        pack_block(j, &t, b, h, i0, rows);
         row_ranges(j, &t, i0, rows);
         sum_rows(j, &t, b, h, i0, rows, true, &s);
         for (int64_t r = 0; r < rows; r++) sj->p_sum[row0 + r] = s.sum[r], sj->p_dp[row0 + r] = s.wsum[r];
