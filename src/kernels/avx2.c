@@ -239,6 +239,7 @@ static inline __m256 bf16_row_load(const uint16_t *x, int64_t c, int64_t d)
 
 /* Decoding's row kernels, once for float32 rows and once for bf16 rows
  * (a bf16 KV cache). */
+#define ROWS_KEYWISE
 #define ROWS_ELEM          float
 #define ROWS_LOAD(x, c, d) row_load((x), (c), (d))
 #define ROWS_DOT           dot_rows_avx2

@@ -221,6 +221,7 @@ static void softmax_grad_avx512(float *s, float *dp, int64_t lds, int64_t rows, 
     }
 }
 
+#define ROWS_KEYWISE
 #define ROWS_ELEM        float
 #define ROWS_LOAD(mk, x) _mm512_maskz_loadu_ps(mk, x)
 #define ROWS_DOT         dot_rows_avx512

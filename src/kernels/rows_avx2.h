@@ -13,6 +13,8 @@
  *                            functions take `scale` after n (dot) or p
  *                            (axpy), and apply it to each score and weight
  *                            (rows_options.h)
+ *   ROWS_KEYWISE             (optional) the dot reads blocks of 32 columns
+ *                            key by key (rows_avx512.h says when that pays)
  * and row_load (8 floats, as ROWS_LOAD) and lane_mask.  Eight keys at a
  * time (the last n mod 8 one by one), each an FMA chain over 8-wide
  * slices of d, reduced four together (a lone key the same way, so its
@@ -45,25 +47,54 @@ static __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
         a3 = _mm256_fmadd_ps(ROWS_LOAD((k0) + 3 * ldk, c, d), qv_, a3); \
     } while (0)
 
+/* Columns [c, c + 32) of the key row kr into its chain a, in address
+ * order, against q's slices q0 .. q3 (ROWS_DOT's); the empty asm keeps
+ * the compiler from interleaving the keys slice by slice, as in
+ * rows_avx512.h.  The loads see a 32-column row, so they are whole. */
+#define ROWS_DOT_KEY32(a, kr, c)                                   \
+    do {                                                           \
+        a = _mm256_fmadd_ps(ROWS_LOAD((kr) + (c), 0, 32), q0, a);  \
+        a = _mm256_fmadd_ps(ROWS_LOAD((kr) + (c), 8, 32), q1, a);  \
+        a = _mm256_fmadd_ps(ROWS_LOAD((kr) + (c), 16, 32), q2, a); \
+        a = _mm256_fmadd_ps(ROWS_LOAD((kr) + (c), 24, 32), q3, a); \
+        __asm__ volatile("" ::: "memory");                         \
+    } while (0)
+
 static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARAM const float *q, int64_t d, float *s)
 {
     int64_t j = 0;
-    /* Eight keys share each slice of q: its load and the loop's overhead
-     * are paid once per eight FMAs, not four.  Int8 rows on Zen 3 (one
-     * thread, a 256-key chunk in L1): 0.63 -> 0.50 ns per 8 values, where
-     * the widening alone (vpmovsxbd + vcvtdq2ps) takes 0.41. */
+    /* Eight keys share q: its loads and the loop's overhead are paid once
+     * per eight keys.  Int8 rows on Zen 3 (one thread, a 256-key chunk in
+     * L1): 0.63 -> 0.50 ns per 8 values, where the widening alone
+     * (vpmovsxbd + vcvtdq2ps) takes 0.41.  With ROWS_KEYWISE, blocks of 32
+     * columns are read key by key, each row's lines in address order
+     * (rows_avx512.h); every chain runs over d in order either way. */
     for (; j + 8 <= n; j += 8) {
-        const ROWS_ELEM *k0 = k + j * ldk;
+        const ROWS_ELEM *k0 = k + j * ldk, *k4 = k0 + 4 * ldk;
         for (int r = 0; r < 8; r++) ROWS_PREFETCH(k0 + r * ldk, ldk, d);
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         int64_t c = 0;
+#ifdef ROWS_KEYWISE
+        for (; c + 32 <= d; c += 32) {
+            __m256 q0 = _mm256_loadu_ps(q + c), q1 = _mm256_loadu_ps(q + c + 8);
+            __m256 q2 = _mm256_loadu_ps(q + c + 16), q3 = _mm256_loadu_ps(q + c + 24);
+            ROWS_DOT_KEY32(a0, k0, c);
+            ROWS_DOT_KEY32(a1, k0 + ldk, c);
+            ROWS_DOT_KEY32(a2, k0 + 2 * ldk, c);
+            ROWS_DOT_KEY32(a3, k0 + 3 * ldk, c);
+            ROWS_DOT_KEY32(a4, k4, c);
+            ROWS_DOT_KEY32(a5, k4 + ldk, c);
+            ROWS_DOT_KEY32(a6, k4 + 2 * ldk, c);
+            ROWS_DOT_KEY32(a7, k4 + 3 * ldk, c);
+        }
+#endif
         for (; c + 8 <= d; c += 8) { /* whole vectors: the loads' tail branches fold away */
             ROWS_DOT_SLICE4(k0, c, a0, a1, a2, a3);
-            ROWS_DOT_SLICE4(k0 + 4 * ldk, c, a4, a5, a6, a7); /* the compiler loads q's slice once */
+            ROWS_DOT_SLICE4(k4, c, a4, a5, a6, a7); /* the compiler loads q's slice once */
         }
         if (c < d) {
             ROWS_DOT_SLICE4(k0, c, a0, a1, a2, a3);
-            ROWS_DOT_SLICE4(k0 + 4 * ldk, c, a4, a5, a6, a7);
+            ROWS_DOT_SLICE4(k4, c, a4, a5, a6, a7);
         }
         _mm_storeu_ps(s + j, ROWS_SCALE4(reduce4(a0, a1, a2, a3), j));
         _mm_storeu_ps(s + j + 4, ROWS_SCALE4(reduce4(a4, a5, a6, a7), j + 4));
@@ -121,6 +152,7 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
 }
 
 #undef ROWS_DOT_SLICE4
+#undef ROWS_DOT_KEY32
 #undef ROWS_PREFETCH_KEYS
 #undef ROWS_PREFETCH
 #undef ROWS_ELEM
@@ -129,6 +161,7 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
 #undef ROWS_AXPY64
 #undef ROWS_AXPY
 #undef ROWS_SCALED
+#undef ROWS_KEYWISE
 #undef ROWS_SCALE_PARAM
 #undef ROWS_SCALE_ARG
 #undef ROWS_SCALE4

@@ -11,6 +11,8 @@
  *                       int8 kernels' contract has it: the functions take
  *                       `scale` after n (dot) or p (axpy), and apply it to
  *                       each score and weight (rows_options.h)
+ *   ROWS_KEYWISE        (optional) the dot reads blocks of 64 columns key
+ *                       by key (ROWS_DOT says when that pays)
  * and a lane_mask(n).  Eight keys at a time, each an FMA chain over
  * 16-wide slices of d, then reduced four together; values accumulate in
  * registers, 64 columns at a time, while the rows stream by.  Tails are
@@ -47,12 +49,36 @@ static __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3)
         a3 = _mm512_fmadd_ps(ROWS_LOAD((mk), (k0) + 3 * ldk + (c)), qv_, a3); \
     } while (0)
 
-/* Eight keys at a time share each slice of q, whole slices with plain
- * loads (a constant full mask folds away) and the row's tail masked; a
- * lone key is reduced as one of four, so its score never depends on
- * where it falls.  Int8 rows, one thread, a 256-key chunk in L1 (Sapphire
- * Rapids): 5.3 -> 3.3-4.2 ns a key of 64 values against four keys at a
- * time with every slice's mask computed and applied. */
+/* Columns [c, c + 64) of the key row kr into its chain a, the four
+ * slices in address order, against q's slices q0 .. q3 (ROWS_DOT's).
+ * The empty asm with a memory clobber ends the key: no load moves across
+ * it, so the compiler cannot interleave the eight keys' chains slice by
+ * slice (gcc's scheduler did, to hide the FMAs' latency, which the
+ * out-of-order core hides anyway). */
+#define ROWS_DOT_KEY64(a, kr, c)                                      \
+    do {                                                              \
+        a = _mm512_fmadd_ps(ROWS_LOAD(full, (kr) + (c)), q0, a);      \
+        a = _mm512_fmadd_ps(ROWS_LOAD(full, (kr) + (c) + 16), q1, a); \
+        a = _mm512_fmadd_ps(ROWS_LOAD(full, (kr) + (c) + 32), q2, a); \
+        a = _mm512_fmadd_ps(ROWS_LOAD(full, (kr) + (c) + 48), q3, a); \
+        __asm__ volatile("" ::: "memory");                            \
+    } while (0)
+
+/* Eight keys at a time share q, whole slices with plain loads (a
+ * constant full mask folds away) and the row's tail masked; a lone key
+ * is reduced as one of four, so its score never depends on where it
+ * falls.  With ROWS_KEYWISE each block of 64 columns is read key by key,
+ * a row's lines in address order, with q's four slices in registers.
+ * Float32 rows take it: a row of 64 is four cache lines, and taken slice
+ * by slice across the eight keys the loads strode 256 bytes back and
+ * forth; over a cache in L3 the dot took twice the time of the value sum
+ * over as many bytes, 1.4x after, and the decoding step ran 1.4x as fast
+ * (docs/PERFORMANCE.md).  Int8 rows (a line each) lost 3% that way, the
+ * widening better interleaved slice by slice; bf16 rows were even.  Int8
+ * rows, one thread, a 256-key chunk in L1 (Sapphire Rapids): 5.3 -> 3.3-4.2
+ * ns a key of 64 values against four keys at a time with every slice's
+ * mask computed and applied.  Every chain runs over d in order, as
+ * before. */
 static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARAM const float *q, int64_t d, float *s)
 {
     const __mmask16 full = 0xffff, tail = lane_mask(d % 16);
@@ -62,6 +88,20 @@ static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARA
         for (int r = 0; r < 8; r++) ROWS_PREFETCH(k0 + r * ldk, ldk, d);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         int64_t c = 0;
+#ifdef ROWS_KEYWISE
+        for (; c + 64 <= d; c += 64) {
+            __m512 q0 = _mm512_loadu_ps(q + c), q1 = _mm512_loadu_ps(q + c + 16);
+            __m512 q2 = _mm512_loadu_ps(q + c + 32), q3 = _mm512_loadu_ps(q + c + 48);
+            ROWS_DOT_KEY64(a0, k0, c);
+            ROWS_DOT_KEY64(a1, k0 + ldk, c);
+            ROWS_DOT_KEY64(a2, k0 + 2 * ldk, c);
+            ROWS_DOT_KEY64(a3, k0 + 3 * ldk, c);
+            ROWS_DOT_KEY64(a4, k4, c);
+            ROWS_DOT_KEY64(a5, k4 + ldk, c);
+            ROWS_DOT_KEY64(a6, k4 + 2 * ldk, c);
+            ROWS_DOT_KEY64(a7, k4 + 3 * ldk, c);
+        }
+#endif
         for (; c + 16 <= d; c += 16) {
             ROWS_DOT_SLICE4(k0, c, full, a0, a1, a2, a3);
             ROWS_DOT_SLICE4(k4, c, full, a4, a5, a6, a7); /* the compiler loads q's slice once */
@@ -117,12 +157,14 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
 }
 
 #undef ROWS_DOT_SLICE4
+#undef ROWS_DOT_KEY64
 #undef ROWS_AXPY_BLOCK
 #undef ROWS_ELEM
 #undef ROWS_LOAD
 #undef ROWS_DOT
 #undef ROWS_AXPY
 #undef ROWS_SCALED
+#undef ROWS_KEYWISE
 #undef ROWS_PREFETCH_KEYS
 #undef ROWS_PREFETCH
 #undef ROWS_SCALE_PARAM
