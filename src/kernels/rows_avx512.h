@@ -67,18 +67,19 @@ static __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3)
 /* Eight keys at a time share q, whole slices with plain loads (a
  * constant full mask folds away) and the row's tail masked; a lone key
  * is reduced as one of four, so its score never depends on where it
- * falls.  With ROWS_KEYWISE each block of 64 columns is read key by key,
- * a row's lines in address order, with q's four slices in registers.
- * Float32 rows take it: a row of 64 is four cache lines, and taken slice
- * by slice across the eight keys the loads strode 256 bytes back and
- * forth; over a cache in L3 the dot took twice the time of the value sum
- * over as many bytes, 1.4x after, and the decoding step ran 1.4x as fast
- * (docs/PERFORMANCE.md).  Int8 rows (a line each) lost 3% that way, the
- * widening better interleaved slice by slice; bf16 rows were even.  Int8
- * rows, one thread, a 256-key chunk in L1 (Sapphire Rapids): 5.3 -> 3.3-4.2
- * ns a key of 64 values against four keys at a time with every slice's
- * mask computed and applied.  Every chain runs over d in order, as
- * before. */
+ * falls.  Int8 rows, one thread, a 256-key chunk in L1 (Sapphire
+ * Rapids): 5.3 -> 3.3-4.2 ns a key of 64 values against four keys at a
+ * time with every slice's mask computed and applied.
+ *
+ * With ROWS_KEYWISE each block of 64 columns is read key by key, a row's
+ * lines in address order, with q's four slices in registers.  Float32
+ * rows take it: a row of 64 is four cache lines, and taken slice by slice
+ * across the eight keys the loads strode 256 bytes back and forth; with
+ * the cache in L3 the dot took twice the time of the value sum over as
+ * many bytes (1.4x after), and the decoding step ran 1.3x as fast on two
+ * threads, 1.9x on one (docs/PERFORMANCE.md).  Int8 rows, a line each,
+ * lost 3% that way (their widening interleaves better slice by slice);
+ * bf16 rows were even.  Every chain runs over d in order either way. */
 static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARAM const float *q, int64_t d, float *s)
 {
     const __mmask16 full = 0xffff, tail = lane_mask(d % 16);
