@@ -14,7 +14,8 @@
  *                            (axpy), and apply it to each score and weight
  *                            (rows_options.h)
  *   ROWS_KEYWISE             (optional) the dot reads blocks of 32 columns
- *                            key by key (rows_avx512.h says when that pays)
+ *                            key by key (rows_avx512.h says when that pays;
+ *                            rows_options.h)
  * and row_load (8 floats, as ROWS_LOAD) and lane_mask.  Eight keys at a
  * time (the last n mod 8 one by one), each an FMA chain over 8-wide
  * slices of d, reduced four together (a lone key the same way, so its
@@ -78,14 +79,7 @@ static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARA
         for (; c + 32 <= d; c += 32) {
             __m256 q0 = _mm256_loadu_ps(q + c), q1 = _mm256_loadu_ps(q + c + 8);
             __m256 q2 = _mm256_loadu_ps(q + c + 16), q3 = _mm256_loadu_ps(q + c + 24);
-            ROWS_DOT_KEY32(a0, k0, c);
-            ROWS_DOT_KEY32(a1, k0 + ldk, c);
-            ROWS_DOT_KEY32(a2, k0 + 2 * ldk, c);
-            ROWS_DOT_KEY32(a3, k0 + 3 * ldk, c);
-            ROWS_DOT_KEY32(a4, k4, c);
-            ROWS_DOT_KEY32(a5, k4 + ldk, c);
-            ROWS_DOT_KEY32(a6, k4 + 2 * ldk, c);
-            ROWS_DOT_KEY32(a7, k4 + 3 * ldk, c);
+            ROWS_EACH_KEY(ROWS_DOT_KEY32, c);
         }
 #endif
         for (; c + 8 <= d; c += 8) { /* whole vectors: the loads' tail branches fold away */
@@ -162,6 +156,7 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
 #undef ROWS_AXPY
 #undef ROWS_SCALED
 #undef ROWS_KEYWISE
+#undef ROWS_EACH_KEY
 #undef ROWS_SCALE_PARAM
 #undef ROWS_SCALE_ARG
 #undef ROWS_SCALE4

@@ -12,7 +12,7 @@
  *                       `scale` after n (dot) or p (axpy), and apply it to
  *                       each score and weight (rows_options.h)
  *   ROWS_KEYWISE        (optional) the dot reads blocks of 64 columns key
- *                       by key (ROWS_DOT says when that pays)
+ *                       by key (ROWS_DOT says when that pays; rows_options.h)
  * and a lane_mask(n).  Eight keys at a time, each an FMA chain over
  * 16-wide slices of d, then reduced four together; values accumulate in
  * registers, 64 columns at a time, while the rows stream by.  Tails are
@@ -93,14 +93,7 @@ static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARA
         for (; c + 64 <= d; c += 64) {
             __m512 q0 = _mm512_loadu_ps(q + c), q1 = _mm512_loadu_ps(q + c + 16);
             __m512 q2 = _mm512_loadu_ps(q + c + 32), q3 = _mm512_loadu_ps(q + c + 48);
-            ROWS_DOT_KEY64(a0, k0, c);
-            ROWS_DOT_KEY64(a1, k0 + ldk, c);
-            ROWS_DOT_KEY64(a2, k0 + 2 * ldk, c);
-            ROWS_DOT_KEY64(a3, k0 + 3 * ldk, c);
-            ROWS_DOT_KEY64(a4, k4, c);
-            ROWS_DOT_KEY64(a5, k4 + ldk, c);
-            ROWS_DOT_KEY64(a6, k4 + 2 * ldk, c);
-            ROWS_DOT_KEY64(a7, k4 + 3 * ldk, c);
+            ROWS_EACH_KEY(ROWS_DOT_KEY64, c);
         }
 #endif
         for (; c + 16 <= d; c += 16) {
@@ -166,6 +159,7 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
 #undef ROWS_AXPY
 #undef ROWS_SCALED
 #undef ROWS_KEYWISE
+#undef ROWS_EACH_KEY
 #undef ROWS_PREFETCH_KEYS
 #undef ROWS_PREFETCH
 #undef ROWS_SCALE_PARAM

@@ -1,5 +1,5 @@
 /*
- * rows_options.h -- the two optional features of the decoding row
+ * rows_options.h -- the optional features of the decoding row
  * templates (rows_avx2.h, rows_avx512.h), written once and included by
  * each template at every instance, since instances differ:
  *
@@ -15,6 +15,12 @@
  *   elements past x into L1; without it, nothing.  A prefetch past the
  *   cache's end is harmless (prefetches never fault); the address is
  *   formed as an integer so that no pointer runs past its array.
+ *
+ *   ROWS_KEYWISE: the dot reads blocks of columns key by key, each row's
+ *   lines in address order (rows_avx512.h says when that pays).
+ *   ROWS_EACH_KEY(KEY, c) applies the template's per-key step KEY(a, kr,
+ *   c) to the eight keys in order: chains a0 .. a7, rows k0 .. k0 + 3 ldk
+ *   and k4 .. k4 + 3 ldk (ROWS_DOT's names).
  *
  * The templates #undef all of these at their end.
  */
@@ -42,3 +48,15 @@
 #else
 #define ROWS_PREFETCH(x, ld, n) ((void)0)
 #endif
+
+#define ROWS_EACH_KEY(KEY, c)     \
+    do {                          \
+        KEY(a0, k0, c);           \
+        KEY(a1, k0 + ldk, c);     \
+        KEY(a2, k0 + 2 * ldk, c); \
+        KEY(a3, k0 + 3 * ldk, c); \
+        KEY(a4, k4, c);           \
+        KEY(a5, k4 + ldk, c);     \
+        KEY(a6, k4 + 2 * ldk, c); \
+        KEY(a7, k4 + 3 * ldk, c); \
+    } while (0)
