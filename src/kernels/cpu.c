@@ -177,9 +177,10 @@ static void choose(void)
     chosen = (mha__isa_kernels){candidates[at].f32,
                                 native && bf16_native_here(native, f) ? native : &mha__bf16_kernels_generic};
     chosen_name = candidates[at].name;
+    chosen_l2 = UNKNOWN_L2;
 #if defined(_SC_LEVEL2_CACHE_SIZE)
     long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE); /* glibc reads it from CPUID */
-    chosen_l2 = l2 > 0 ? l2 : UNKNOWN_L2;
+    if (l2 > 0) chosen_l2 = l2;
 #endif
 }
 
