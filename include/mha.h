@@ -351,6 +351,13 @@ mha_status mha_measure_peak(mha_ctx *ctx, mha_dtype dtype, double seconds, doubl
  * Errors: MISUSE, INVALID_ARG (bytes outside 4 KiB .. 64 GiB), NOMEM. */
 mha_status mha_measure_bandwidth(mha_ctx *ctx, int64_t bytes, double *gbps);
 
+/* One parallel memcpy of `bytes` from src to dst (not overlapping) with
+ * the context's threads, timed, counted as mha_measure_bandwidth counts:
+ * for a benchmark that times copies between its own calls, so that both
+ * see the same neighbours on a shared machine.  Errors: MISUSE,
+ * INVALID_ARG (bytes outside 4 KiB .. 64 GiB). */
+mha_status mha_time_copy(mha_ctx *ctx, void *dst, const void *src, int64_t bytes, double *gbps);
+
 typedef struct mha_st_info {
     const char *name; /* owned by the file object */
     mha_dtype dtype;

@@ -56,6 +56,23 @@ static void test_ctx_and_info(void)
     CHECK_FAILS(mha_measure_peak(one, MHA_DTYPE_F32, 0, &gflops), MHA_ERR_INVALID_ARG, "seconds must be in (0, 60]");
     CHECK_FAILS(mha_measure_peak(one, MHA_DTYPE_I32, 1, &gflops), MHA_ERR_INVALID_ARG, "dtype I32 has no peak");
     CHECK_FAILS(mha_measure_peak(NULL, MHA_DTYPE_F32, 1, &gflops), MHA_ERR_MISUSE, "NULL");
+    CHECK_FAILS(mha_measure_bandwidth(one, 100, &gflops), MHA_ERR_INVALID_ARG, "bytes must be in 4 KiB");
+    CHECK_FAILS(mha_measure_bandwidth(NULL, 1 << 20, &gflops), MHA_ERR_MISUSE, "NULL");
+    /* A timed copy copies: every byte lands, in parts split over threads. */
+    enum { COPY = 100003 };
+    char *src = malloc(COPY), *dst = calloc(COPY, 1);
+    for (int i = 0; i < COPY; i++) src[i] = (char)(i * 7 + 3);
+    mha_ctx *two = NULL;
+    CHECK_OK(mha_ctx_create(2, &two));
+    double gbps = 0;
+    CHECK_OK(mha_time_copy(two, dst, src, COPY, &gbps));
+    CHECK(memcmp(src, dst, COPY) == 0 && gbps > 0, "mha_time_copy: copy differs or rate %g", gbps);
+    CHECK_FAILS(mha_time_copy(two, dst, src, 4095, &gbps), MHA_ERR_INVALID_ARG, "bytes must be in 4 KiB");
+    CHECK_FAILS(mha_time_copy(two, NULL, src, COPY, &gbps), MHA_ERR_MISUSE, "NULL");
+    CHECK_FAILS(mha_time_copy(NULL, dst, src, COPY, &gbps), MHA_ERR_MISUSE, "NULL");
+    mha_ctx_free(two);
+    free(src);
+    free(dst);
     mha_ctx_free(one);
     const char *isa = mha_isa();
     CHECK(strcmp(isa, "generic") == 0 || strcmp(isa, "avx2") == 0 || strcmp(isa, "avx512") == 0 ||
@@ -433,6 +450,12 @@ static void test_cli_success(void)
     expect_cli_output("\"cache_dtype\":\"int8\"", "bench", "--op", "decode", "--kv-seq", "300", "--embed-dim", "16",
                       "--num-heads", "2", "--num-kv-heads", "1", "--cache-dtype", "int8", "--repeat", "1", "--json",
                       NULL);
+    expect_cli_output("\"copy_timing\":\"before\"", "bench", "--op", "decode", "--kv-seq", "300", "--embed-dim", "16",
+                      "--num-heads", "2", "--repeat", "1", "--json", NULL);
+    expect_cli_output("\"copy_timing\":\"between\"", "bench", "--op", "decode", "--kv-seq", "300", "--embed-dim", "16",
+                      "--num-heads", "2", "--repeat", "3", "--copy-timing", "between", "--json", NULL);
+    expect_cli_output("the median of copies timed between the calls", "bench", "--op", "decode", "--kv-seq", "300",
+                      "--embed-dim", "16", "--num-heads", "2", "--repeat", "2", "--copy-timing", "between", NULL);
 }
 
 /* Write a safetensors file of F32 (or given dtype) tensors; varargs are
@@ -496,6 +519,10 @@ static void test_cli_usage(void)
                      "--op", "prefill", NULL);
     expect_cli_error("--op backward is self-attention", "bench", "--op", "backward", "--kv-seq", "9", NULL);
     expect_cli_error("--dtype bf16 is not available for --op sdpa", "bench", "--op", "sdpa", "--dtype", "bf16", NULL);
+    expect_cli_error("--copy-timing must be auto, before or between, got \"during\"", "bench", "--op", "decode",
+                     "--copy-timing", "during", NULL);
+    expect_cli_error("--copy-timing applies to --op decode only", "bench", "--op", "sdpa", "--copy-timing", "before",
+                     NULL);
     expect_cli_error("--cache-dtype applies to --op decode only", "bench", "--op", "sdpa", "--cache-dtype", "int8",
                      NULL);
     expect_cli_error("--cache-dtype must be f32, bf16 or int8, got \"i8\"", "bench", "--op", "decode", "--cache-dtype",

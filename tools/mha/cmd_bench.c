@@ -16,11 +16,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static const char *const CMD = "bench";
 
 typedef struct bench_opts {
-    const char *op, *dtype, *cache_dtype, *parallel;
+    const char *op, *dtype, *cache_dtype, *parallel, *copy_timing;
     mha_dtype cache; /* decode: the KV cache's storage, from cache_dtype */
     int64_t batch, seq, kv_seq, embed_dim, num_heads, num_kv_heads, threads, repeat;
     bool causal, json, peak;
@@ -52,6 +53,11 @@ typedef struct bench_case {
     double flops;
     double bytes;     /* decode: K and V bytes read per call */
     double copy_gbps; /* decode: the machine's copy bandwidth, same threads */
+    /* decode with K and V beyond the last-level cache: copies of
+     * copy_bytes timed before each call, their rates in copy_rates */
+    char *copy_src, *copy_dst;
+    int64_t copy_bytes;
+    double *copy_rates;
 } bench_case;
 
 /* FLOPs of one call (docs/PERFORMANCE.md): projections 2*N*E*(E + 2*kv + E)
@@ -109,9 +115,54 @@ static int setup_forward(const bench_opts *o, bench_case *c)
     return CLI_OK;
 }
 
+/* The last-level cache's bytes as the system states them; 32 MB where
+ * it does not. */
+static int64_t last_level_cache_bytes(void)
+{
+    long bytes = 0;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return bytes > 0 ? bytes : INT64_C(32) << 20;
+}
+
+/* The copy bandwidth a decoding step is held against (--copy-timing).
+ * "before": the best of ten copies of 64 MB before the calls, the default
+ * where K and V fit in the last-level cache (a copy between the calls
+ * would push them out).  "between", the default beyond it: one copy (of
+ * 64 MB or the cache's size, whichever is larger) before each timed call,
+ * and the median reported, as the step's is.  A best case held against a
+ * median, taken at another moment, sets the bar where the step never is
+ * on a shared machine: five alternating runs of each (int8 cache of
+ * 524288 tokens, 2 threads, Zen 4) copied at 33.7-40.0 GB/s best of ten,
+ * 29.4-34.9 GB/s by the median between the calls, while the step read at
+ * the same 32 GB/s in both. */
+static bool setup_copies(const bench_opts *o, bench_case *c)
+{
+    int64_t llc = last_level_cache_bytes();
+    bool between =
+        strcmp(o->copy_timing, "auto") == 0 ? c->bytes > (double)llc : strcmp(o->copy_timing, "between") == 0;
+    if (!between) {
+        if (mha_measure_bandwidth(c->ctx, INT64_C(64) << 20, &c->copy_gbps) == MHA_OK) return true;
+        cli_error(CMD, "%s", mha_last_error());
+        return false;
+    }
+    c->copy_bytes = llc > (INT64_C(64) << 20) ? llc : INT64_C(64) << 20;
+    c->copy_src = malloc((size_t)c->copy_bytes);
+    c->copy_dst = malloc((size_t)c->copy_bytes);
+    c->copy_rates = malloc((size_t)o->repeat * sizeof(double));
+    if (!c->copy_src || !c->copy_dst || !c->copy_rates) {
+        cli_error(CMD, "out of memory");
+        return false;
+    }
+    memset(c->copy_src, 1, (size_t)c->copy_bytes);
+    memset(c->copy_dst, 2, (size_t)c->copy_bytes); /* every page faulted in before timing */
+    return true;
+}
+
 /* Decoding: the new rows attend to a KV cache of --cache-dtype holding
  * the random K and V (appended once, quantised if int8), up to
- * themselves; the copy bandwidth measured beside it. */
+ * themselves; the copy bandwidth measured beside it (setup_copies). */
 static int setup_decode(const bench_opts *o, bench_case *c)
 {
     mha_layer_desc d; /* the cache's shape: kv heads and head width */
@@ -124,10 +175,9 @@ static int setup_decode(const bench_opts *o, bench_case *c)
     c->bytes = 2.0 * (double)rows * (double)cli_cache_row_bytes(o->cache, o->embed_dim / o->num_heads);
     bool ok = mha_layer_create(&d, &c->layer) == MHA_OK &&
               mha_kv_cache_create(c->layer, o->batch, o->kv_seq, o->cache, &c->cache) == MHA_OK &&
-              mha_kv_cache_append(c->cache, &c->k, &c->v) == MHA_OK &&
-              mha_measure_bandwidth(c->ctx, INT64_C(64) << 20, &c->copy_gbps) == MHA_OK;
+              mha_kv_cache_append(c->cache, &c->k, &c->v) == MHA_OK;
     if (!ok) cli_error(CMD, "%s", mha_last_error());
-    return ok ? CLI_OK : CLI_FAIL;
+    return ok && setup_copies(o, c) ? CLI_OK : CLI_FAIL;
 }
 
 static int setup_sdpa(const bench_opts *o, bench_case *c)
@@ -208,27 +258,37 @@ static double peak_rss_mb(void)
     return getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss / 1024.0 : 0.0;
 }
 
-static void report(const bench_opts *o, const bench_case *c, double *ms, int n)
+/* The median of x[0 .. n), sorting x. */
+static double sorted_median(double *x, int n)
 {
-    qsort(ms, (size_t)n, sizeof *ms, cli_cmp_double);
-    double median = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
+    qsort(x, (size_t)n, sizeof *x, cli_cmp_double);
+    return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
+}
+
+static void report(const bench_opts *o, bench_case *c, double *ms, int n)
+{
+    double median = sorted_median(ms, n);
+    if (c->copy_rates) c->copy_gbps = sorted_median(c->copy_rates, n);
+    const char *copy_timing = c->copy_rates ? "between" : "before";
     double gflops = c->flops / (median * 1e6), pct = o->peak_gflops > 0 ? 100.0 * gflops / o->peak_gflops : 0;
     double gbps = c->bytes / (median * 1e6);
     if (c->bytes > 0 && o->json)
         printf(
             "{\"op\":\"decode\",\"batch\":%lld,\"seq\":%lld,\"kv_seq\":%lld,\"num_heads\":%lld,\"num_kv_heads\":%lld,"
             "\"head_dim\":%lld,\"cache_dtype\":\"%s\",\"threads\":%d,\"isa\":\"%s\",\"median_ms\":%.4f,"
-            "\"min_ms\":%.4f,\"max_ms\":%.4f,\"kv_bytes\":%.0f,\"kv_gbps\":%.2f,\"copy_gbps\":%.2f}\n",
+            "\"min_ms\":%.4f,\"max_ms\":%.4f,\"kv_bytes\":%.0f,\"kv_gbps\":%.2f,\"copy_gbps\":%.2f,"
+            "\"copy_timing\":\"%s\"}\n",
             (long long)o->batch, (long long)o->seq, (long long)o->kv_seq, (long long)o->num_heads,
             (long long)o->num_kv_heads, (long long)(o->embed_dim / o->num_heads), o->cache_dtype,
-            mha_ctx_threads(c->ctx), mha_isa(), median, ms[0], ms[n - 1], c->bytes, gbps, c->copy_gbps);
+            mha_ctx_threads(c->ctx), mha_isa(), median, ms[0], ms[n - 1], c->bytes, gbps, c->copy_gbps, copy_timing);
     if (c->bytes > 0 && !o->json)
-        printf(
-            "decode B=%lld new rows %lld, %s cache %lld, h=%lld kv=%lld d=%lld, %d threads, %s: median %.3f ms (min "
-            "%.3f, max %.3f); K and V (%.1f MB) read at %.1f GB/s, the machine copies at %.1f GB/s (2 x bytes / s)\n",
-            (long long)o->batch, (long long)o->seq, o->cache_dtype, (long long)o->kv_seq, (long long)o->num_heads,
-            (long long)o->num_kv_heads, (long long)(o->embed_dim / o->num_heads), mha_ctx_threads(c->ctx), mha_isa(),
-            median, ms[0], ms[n - 1], c->bytes / 1e6, gbps, c->copy_gbps);
+        printf("decode B=%lld new rows %lld, %s cache %lld, h=%lld kv=%lld d=%lld, %d threads, %s: median %.3f ms (min "
+               "%.3f, max %.3f); K and V (%.1f MB) read at %.1f GB/s, the machine copies at %.1f GB/s (2 x bytes / s; "
+               "%s)\n",
+               (long long)o->batch, (long long)o->seq, o->cache_dtype, (long long)o->kv_seq, (long long)o->num_heads,
+               (long long)o->num_kv_heads, (long long)(o->embed_dim / o->num_heads), mha_ctx_threads(c->ctx), mha_isa(),
+               median, ms[0], ms[n - 1], c->bytes / 1e6, gbps, c->copy_gbps,
+               c->copy_rates ? "the median of copies timed between the calls" : "the best of ten before the calls");
     if (c->bytes > 0) return;
     if (o->json) {
         printf("{\"op\":\"%s\",\"batch\":%lld,\"seq\":%lld,\"kv_seq\":%lld,\"embed_dim\":%lld,\"num_heads\":%lld,"
@@ -266,6 +326,7 @@ static int measure(bench_opts *o)
             rc = CLI_FAIL;
         }
     for (int64_t r = 0; rc == CLI_OK && r < o->repeat; r++) {
+        if (c.copy_rates) mha_time_copy(c.ctx, c.copy_dst, c.copy_src, c.copy_bytes, &c.copy_rates[r]);
         double t0 = cli_now_ms();
         run_once(o, &c);
         ms[r] = cli_now_ms() - t0;
@@ -279,6 +340,9 @@ static int measure(bench_opts *o)
     if (rc == CLI_OK) report(o, &c, ms, (int)o->repeat);
     free(ms);
     for (int i = 0; i < 10; i++) free(c.buffers[i]);
+    free(c.copy_src);
+    free(c.copy_dst);
+    free(c.copy_rates);
     mha_layer_tape_free(c.tape);
     mha_kv_cache_free(c.cache);
     mha_layer_free(c.layer);
@@ -334,6 +398,15 @@ static int check_op(bench_opts *o)
     }
     if (strcmp(o->cache_dtype, "f32") != 0 && strcmp(o->op, "decode") != 0) {
         cli_error(CMD, "--cache-dtype applies to --op decode only");
+        return CLI_USAGE;
+    }
+    if (strcmp(o->copy_timing, "auto") != 0 && strcmp(o->op, "decode") != 0) {
+        cli_error(CMD, "--copy-timing applies to --op decode only");
+        return CLI_USAGE;
+    }
+    if (strcmp(o->copy_timing, "auto") != 0 && strcmp(o->copy_timing, "before") != 0 &&
+        strcmp(o->copy_timing, "between") != 0) {
+        cli_error(CMD, "--copy-timing must be auto, before or between, got \"%s\"", o->copy_timing);
         return CLI_USAGE;
     }
     return cli_cache_dtype(CMD, o->cache_dtype, &o->cache);
@@ -410,6 +483,7 @@ int mha_cmd_bench(int argc, char **argv)
     bench_opts o = {.op = "forward",
                     .dtype = "f32",
                     .cache_dtype = "f32",
+                    .copy_timing = "auto",
                     .batch = 1,
                     .seq = 512,
                     .embed_dim = 768,
@@ -431,6 +505,11 @@ int mha_cmd_bench(int argc, char **argv)
         {"is-causal", FLAG_BOOL, &o.causal, "causal masking", false, NULL},
         {"dtype", FLAG_STRING, &o.dtype, "f32 or bf16 (the layer computing in bfloat16; forward only)", false, NULL},
         {"cache-dtype", FLAG_STRING, &o.cache_dtype, "decode: " CLI_CACHE_DTYPE_HELP, false, NULL},
+        {"copy-timing", FLAG_STRING, &o.copy_timing,
+         "decode: when to time the copy the step's bytes per second are held against: before (the best of ten "
+         "before the calls), between (one before each call, the median) or auto (default: between when K and V "
+         "exceed the last-level cache)",
+         false, NULL},
         {"threads", FLAG_INT, &o.threads, "worker threads (default: all CPUs)", false, &CLI_THREADS},
         {"repeat", FLAG_INT, &o.repeat, "timed calls (default 10)", false, &CLI_COUNT},
         {"peak-gflops", FLAG_DOUBLE, &o.peak_gflops, "use this peak instead of measuring it", false, &GFLOPS},
