@@ -76,11 +76,7 @@ static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARA
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         int64_t c = 0;
 #ifdef ROWS_KEYWISE
-        for (; c + 32 <= d; c += 32) {
-            __m256 q0 = _mm256_loadu_ps(q + c), q1 = _mm256_loadu_ps(q + c + 8);
-            __m256 q2 = _mm256_loadu_ps(q + c + 16), q3 = _mm256_loadu_ps(q + c + 24);
-            ROWS_EACH_KEY(ROWS_DOT_KEY32, c);
-        }
+        ROWS_KEY_BLOCKS(__m256, _mm256_loadu_ps, 8, ROWS_DOT_KEY32);
 #endif
         for (; c + 8 <= d; c += 8) { /* whole vectors: the loads' tail branches fold away */
             ROWS_DOT_SLICE4(k0, c, a0, a1, a2, a3);
@@ -156,7 +152,7 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
 #undef ROWS_AXPY
 #undef ROWS_SCALED
 #undef ROWS_KEYWISE
-#undef ROWS_EACH_KEY
+#undef ROWS_KEY_BLOCKS
 #undef ROWS_SCALE_PARAM
 #undef ROWS_SCALE_ARG
 #undef ROWS_SCALE4

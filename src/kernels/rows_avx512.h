@@ -91,11 +91,7 @@ static void ROWS_DOT(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARA
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         int64_t c = 0;
 #ifdef ROWS_KEYWISE
-        for (; c + 64 <= d; c += 64) {
-            __m512 q0 = _mm512_loadu_ps(q + c), q1 = _mm512_loadu_ps(q + c + 16);
-            __m512 q2 = _mm512_loadu_ps(q + c + 32), q3 = _mm512_loadu_ps(q + c + 48);
-            ROWS_EACH_KEY(ROWS_DOT_KEY64, c);
-        }
+        ROWS_KEY_BLOCKS(__m512, _mm512_loadu_ps, 16, ROWS_DOT_KEY64);
 #endif
         for (; c + 16 <= d; c += 16) {
             ROWS_DOT_SLICE4(k0, c, full, a0, a1, a2, a3);
@@ -160,7 +156,7 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
 #undef ROWS_AXPY
 #undef ROWS_SCALED
 #undef ROWS_KEYWISE
-#undef ROWS_EACH_KEY
+#undef ROWS_KEY_BLOCKS
 #undef ROWS_PREFETCH_KEYS
 #undef ROWS_PREFETCH
 #undef ROWS_SCALE_PARAM

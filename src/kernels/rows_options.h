@@ -18,9 +18,12 @@
  *
  *   ROWS_KEYWISE: the dot reads blocks of columns key by key, each row's
  *   lines in address order (rows_avx512.h says when that pays).
- *   ROWS_EACH_KEY(KEY, c) applies the template's per-key step KEY(a, kr,
- *   c) to the eight keys in order: chains a0 .. a7, rows k0 .. k0 + 3 ldk
- *   and k4 .. k4 + 3 ldk (ROWS_DOT's names).
+ *   ROWS_KEY_BLOCKS(VEC, LOADU, W, KEY) is that loop, for vectors VEC of
+ *   W floats loaded by LOADU: while four vectors of columns remain from
+ *   c, q's four slices go to registers q0 .. q3 and the template's
+ *   per-key step KEY(a, kr, c) runs over the eight keys in order, chains
+ *   a0 .. a7, rows k0 .. k0 + 3 ldk and k4 .. k4 + 3 ldk (ROWS_DOT's
+ *   names).
  *
  * The templates #undef all of these at their end.
  */
@@ -49,14 +52,16 @@
 #define ROWS_PREFETCH(x, ld, n) ((void)0)
 #endif
 
-#define ROWS_EACH_KEY(KEY, c)     \
-    do {                          \
-        KEY(a0, k0, c);           \
-        KEY(a1, k0 + ldk, c);     \
-        KEY(a2, k0 + 2 * ldk, c); \
-        KEY(a3, k0 + 3 * ldk, c); \
-        KEY(a4, k4, c);           \
-        KEY(a5, k4 + ldk, c);     \
-        KEY(a6, k4 + 2 * ldk, c); \
-        KEY(a7, k4 + 3 * ldk, c); \
-    } while (0)
+#define ROWS_KEY_BLOCKS(VEC, LOADU, W, KEY)                           \
+    for (; c + 4 * (W) <= d; c += 4 * (W)) {                          \
+        VEC q0 = LOADU(q + c), q1 = LOADU(q + c + (W));               \
+        VEC q2 = LOADU(q + c + 2 * (W)), q3 = LOADU(q + c + 3 * (W)); \
+        KEY(a0, k0, c);                                               \
+        KEY(a1, k0 + ldk, c);                                         \
+        KEY(a2, k0 + 2 * ldk, c);                                     \
+        KEY(a3, k0 + 3 * ldk, c);                                     \
+        KEY(a4, k4, c);                                               \
+        KEY(a5, k4 + ldk, c);                                         \
+        KEY(a6, k4 + 2 * ldk, c);                                     \
+        KEY(a7, k4 + 3 * ldk, c);                                     \
+    }
