@@ -50,10 +50,11 @@ typedef struct mha__tiles {
  * (mha__l2_bytes assumes 512 KB when unknown), eight times when it is
  * 1 MB or more; the tiles of a longer head are packed as they come.  A
  * cached tile that has left L2 comes back from L3, and whether that
- * beats packing it again from V differed by machine.  Measured: with 512 KB of L2 (Zen 3) 0.54 MB of
- * packed values gained 5% and 2.1 MB lost 3.5%; with 2 MB (Sapphire
- * Rapids) both gained, 7% and 3-5%; with 1 MB (Zen 4) 2.1 MB gained
- * 2.5-3.4%, 4.2 MB 5.8% and 8.4 MB 4.4% (docs/PERFORMANCE.md). */
+ * beats packing it again from V differed by machine.  Measured: with
+ * 512 KB of L2 (Zen 3) 0.54 MB of packed values gained 5% and 2.1 MB
+ * lost 3.5%; with 2 MB (Sapphire Rapids) both gained, 7% and 3-5%;
+ * with 1 MB (Zen 4) 2.1 MB gained 2.5-3.4%, 4.2 MB 5.8% and 8.4 MB
+ * 4.4% (docs/PERFORMANCE.md). */
 enum { MHA__VCACHE_LARGE_L2 = 1 << 20 };
 
 /* Floats of one thread's tiles for a plan. */

@@ -90,6 +90,14 @@ static void copy_range(void *arg, int thread, int64_t begin, int64_t end)
     }
 }
 
+/* The copies' size bound (mha.h), in one place: MHA_OK or the error. */
+static mha_status check_copy_bytes(int64_t bytes)
+{
+    if (bytes < 4096 || bytes > (INT64_C(1) << 36))
+        return mha__fail(MHA_ERR_INVALID_ARG, "bytes must be in 4 KiB .. 64 GiB, got %lld", (long long)bytes);
+    return MHA_OK;
+}
+
 /* The copy split into parts, several per thread, so that a slow thread
  * does not hold up the rest. */
 enum { COPY_PARTS = 64 };
@@ -97,8 +105,8 @@ enum { COPY_PARTS = 64 };
 mha_status mha_time_copy(mha_ctx *ctx, void *dst, const void *src, int64_t bytes, double *gbps)
 {
     if (!ctx || !dst || !src || !gbps) return mha__fail(MHA_ERR_MISUSE, "mha_time_copy: NULL argument");
-    if (bytes < 4096 || bytes > (INT64_C(1) << 36))
-        return mha__fail(MHA_ERR_INVALID_ARG, "bytes must be in 4 KiB .. 64 GiB, got %lld", (long long)bytes);
+    mha_status st = check_copy_bytes(bytes);
+    if (st != MHA_OK) return st;
     copy_job j = {src, dst, bytes, COPY_PARTS};
     double t0 = now_seconds();
     mha__parallel_for(ctx, j.parts, copy_range, &j);
@@ -110,8 +118,8 @@ mha_status mha_time_copy(mha_ctx *ctx, void *dst, const void *src, int64_t bytes
 mha_status mha_measure_bandwidth(mha_ctx *ctx, int64_t bytes, double *gbps)
 {
     if (!ctx || !gbps) return mha__fail(MHA_ERR_MISUSE, "mha_measure_bandwidth: NULL argument");
-    if (bytes < 4096 || bytes > (INT64_C(1) << 36))
-        return mha__fail(MHA_ERR_INVALID_ARG, "bytes must be in 4 KiB .. 64 GiB, got %lld", (long long)bytes);
+    mha_status st = check_copy_bytes(bytes);
+    if (st != MHA_OK) return st;
     char *src = mha__alloc(bytes, 1), *dst = mha__alloc(bytes, 1);
     if (!src || !dst) {
         mha__free(src);
