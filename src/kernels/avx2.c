@@ -270,11 +270,12 @@ static inline __m256 i8_row_load(const int8_t *x, int64_t c, int64_t d)
 }
 
 /* And once for int8 rows with a scale each (an int8 KV cache), each row
- * prefetched 64 keys ahead as avx512.c's are: MHA_ISA=avx2 mha bench --op
- * decode --cache-dtype int8, E=512, h=8, 2 threads, Zen 5, 6 alternating
- * rounds: 131072 keys 6.21 -> 4.04 ms, 524288 keys 21.9 -> 18.0 ms, 4096
- * keys (in L3) 0.112 / 0.111 ms. */
-#define ROWS_PREFETCH_KEYS 64
+ * prefetched as avx512.c's are (rows_options.h).  With one L1 prefetch 64
+ * keys ahead against none, MHA_ISA=avx2 mha bench --op decode
+ * --cache-dtype int8, E=512, h=8, 2 threads, Zen 5, 6 alternating rounds:
+ * 131072 keys 6.21 -> 4.04 ms, 524288 keys 21.9 -> 18.0 ms, 4096 keys (in
+ * L3) 0.112 / 0.111 ms. */
+#define ROWS_PREFETCHED
 #define ROWS_ELEM          int8_t
 #define ROWS_LOAD(x, c, d) i8_row_load((x), (c), (d))
 #define ROWS_DOT           dot_rows_i8_avx2

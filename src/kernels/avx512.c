@@ -237,18 +237,19 @@ static inline __m512 load_i8(__mmask16 mk, const int8_t *x)
 
 /* And once for int8 rows with a scale each (an int8 KV cache), whose
  * reads run from memory: a row of 64 values is one cache line, so one
- * prefetch a key, 64 keys ahead, overlaps the next lines' latency with
- * this key's widening.  mha bench --op decode --cache-dtype int8, E=512,
- * h=8, 2 threads, AMD EPYC, 6 alternating rounds: 524288 keys 18.5 ->
- * 15.4 ms, 131072 keys 4.24 -> 3.74 ms; 4096 keys (in L3) 0.063 either
+ * prefetch a key into L2 and one into L1 (rows_options.h) overlap the
+ * next lines' latency with this key's widening.  mha bench --op decode
+ * --cache-dtype int8, E=512, h=8, 2 threads, AMD EPYC, 6 alternating
+ * rounds, one L1 prefetch 64 keys ahead against none: 524288 keys 18.5
+ * -> 15.4 ms, 131072 keys 4.24 -> 3.74 ms; 4096 keys (in L3) 0.063 either
  * way.  Float32 rows are four lines a key and their prefetches cost more
  * than they hide while the cache sits in L3 (4096 keys 0.116 -> 0.138
  * ms), so only int8 takes them. */
-#define ROWS_PREFETCH_KEYS 64
-#define ROWS_ELEM          int8_t
-#define ROWS_LOAD(mk, x)   load_i8(mk, x)
-#define ROWS_DOT           dot_rows_i8_avx512
-#define ROWS_AXPY          axpy_rows_i8_avx512
+#define ROWS_PREFETCHED
+#define ROWS_ELEM        int8_t
+#define ROWS_LOAD(mk, x) load_i8(mk, x)
+#define ROWS_DOT         dot_rows_i8_avx512
+#define ROWS_AXPY        axpy_rows_i8_avx512
 #define ROWS_SCALED
 #include "kernels/rows_avx512.h"
 

@@ -6,8 +6,8 @@
  *   ROWS_LOAD(x, c, d)       8 elements of a row at x + c as float32,
  *                            zeros past its end d
  *   ROWS_DOT, ROWS_AXPY64, ROWS_AXPY   the functions' names
- *   ROWS_PREFETCH_KEYS       (optional) prefetch each row this many keys
- *                            ahead (rows_options.h)
+ *   ROWS_PREFETCHED          (optional) prefetch each row ahead of its
+ *                            use (rows_options.h)
  *   ROWS_SCALED              (optional) rows carry a float scale each, as
  *                            the int8 kernels' contract has it: the
  *                            functions take `scale` after n (dot) or p
@@ -143,8 +143,10 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
 
 #undef ROWS_DOT_SLICE4
 #undef ROWS_DOT_KEY32
-#undef ROWS_PREFETCH_KEYS
+#undef ROWS_PREFETCHED
 #undef ROWS_PREFETCH
+#undef ROWS_L1_KEYS
+#undef ROWS_L2_KEYS
 #undef ROWS_ELEM
 #undef ROWS_LOAD
 #undef ROWS_DOT

@@ -5,7 +5,7 @@
  *   ROWS_ELEM           the stored element type
  *   ROWS_LOAD(mk, x)    16 elements at x (lanes in mk) as float32
  *   ROWS_DOT, ROWS_AXPY the functions' names
- *   ROWS_PREFETCH_KEYS  (optional) prefetch each row this many keys ahead
+ *   ROWS_PREFETCHED     (optional) prefetch each row ahead of its use
  *                       (rows_options.h)
  *   ROWS_SCALED         (optional) rows carry a float scale each, as the
  *                       int8 kernels' contract has it: the functions take
@@ -157,8 +157,10 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
 #undef ROWS_SCALED
 #undef ROWS_KEYWISE
 #undef ROWS_KEY_BLOCKS
-#undef ROWS_PREFETCH_KEYS
+#undef ROWS_PREFETCHED
 #undef ROWS_PREFETCH
+#undef ROWS_L1_KEYS
+#undef ROWS_L2_KEYS
 #undef ROWS_SCALE_PARAM
 #undef ROWS_SCALE_ARG
 #undef ROWS_SCALE4
