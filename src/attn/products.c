@@ -78,8 +78,12 @@ void mha__tiles_forget_values(const mha__tiles *t)
  * over every score tile. */
 static void pack_queries_f32(const mha__attn_plan *p, mha__strided q, int64_t rows, const mha__tiles *t)
 {
+    if (q.cs == 1) {
+        p->kt->transpose_scaled(t->qt, MHA__BR, q.data, q.rs, rows, p->D, p->scale);
+        return;
+    }
     for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < p->D; c++) t->qt[c * MHA__BR + r] = q.data[r * q.rs + c * q.cs] * p->scale;
+        for (int64_t c = 0; c < p->D; c++) t->qt[c * MHA__BR + r] = p->scale * q.data[r * q.rs + c * q.cs];
 }
 
 /* The most keys any of rows [r, r + n) sees in the current key tile. */

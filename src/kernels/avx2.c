@@ -381,6 +381,7 @@ const mha__kernels mha__kernels_avx2 = {
     .axpy_rows = axpy_rows_avx2,
     .dot_rows_i8 = dot_rows_i8_avx2,
     .axpy_rows_i8 = axpy_rows_i8_avx2,
+    .transpose_scaled = mha__transpose_scaled_generic,
     .scale = scale_avx2,
     .exp_shift = exp_shift_avx2,
     .abs_max = mha__abs_max_avx2,

@@ -10,6 +10,7 @@
  */
 #include "kernels/exp_poly.h"
 #include "kernels/kernels.h"
+#include "kernels/transpose16.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -253,6 +254,32 @@ static inline __m512 load_i8(__mmask16 mk, const int8_t *x)
 #define ROWS_SCALED
 #include "kernels/rows_avx512.h"
 
+/* Blocks of 16 rows x 16 columns: each row's 16 floats loaded, the block
+ * transposed in registers, scaled, stored as 16 columns.  Rows past the
+ * last load as zeros and columns past it are not stored.  The scalar
+ * transpose, strided stores into every line of the 48 KB tile, was 1.5%
+ * of the attention core at N = 2048 and 3.8% at N = 512 (one thread,
+ * Sapphire Rapids). */
+static void transpose_scaled_avx512(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
+                                    float alpha)
+{
+    const __m512 va = _mm512_set1_ps(alpha);
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        int64_t nr = rows - r0 < 16 ? rows - r0 : 16;
+        __mmask16 row_mask = lane_mask(nr);
+        for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+            int64_t nc = cols - c0 < 16 ? cols - c0 : 16;
+            __mmask16 col_mask = lane_mask(nc);
+            __m512 x[16];
+            for (int64_t r = 0; r < 16; r++)
+                x[r] = r < nr ? _mm512_maskz_loadu_ps(col_mask, src + (r0 + r) * lds + c0) : _mm512_setzero_ps();
+            transpose16(x);
+            for (int64_t c = 0; c < nc; c++)
+                _mm512_mask_storeu_ps(dst + (c0 + c) * ldd + r0, row_mask, _mm512_mul_ps(x[c], va));
+        }
+    }
+}
+
 static void scale_avx512(float *x, int64_t n, float alpha)
 {
     __m512 va = _mm512_set1_ps(alpha);
@@ -300,6 +327,7 @@ const mha__kernels mha__kernels_avx512 = {
     .axpy_rows = axpy_rows_avx512,
     .dot_rows_i8 = dot_rows_i8_avx512,
     .axpy_rows_i8 = axpy_rows_i8_avx512,
+    .transpose_scaled = transpose_scaled_avx512,
     .scale = scale_avx512,
     .exp_shift = exp_shift_avx512,
     .abs_max = mha__abs_max_avx2,

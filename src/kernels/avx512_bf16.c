@@ -10,6 +10,7 @@
  * vfmadd231ps per instruction.
  */
 #include "kernels/kernels.h"
+#include "kernels/transpose16.h"
 
 #include <immintrin.h>
 #include <string.h>
@@ -125,34 +126,6 @@ static void gemm_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t *a,
                              const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
     mha__bf16_gemm_tiled(tile_bf16_avx512, m, n, k, a, a_rs, a_ps, b, ldb, c, ldc, accumulate);
-}
-
-/* x[j][i] <- x[i][j] for 16 rows of 16 floats: pairs of rows interleaved,
- * then fours, then the 128-bit lanes moved as a 4 x 4 transpose. */
-static void transpose16(__m512 x[16])
-{
-    __m512 t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(x[i], x[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(x[i], x[i + 1]);
-    }
-    /* u[4g + e], lane L: rows 4g .. 4g+3 of column 4L + e. */
-    for (int g = 0; g < 16; g += 4) {
-        u[g] = _mm512_shuffle_ps(t[g], t[g + 2], 0x44);
-        u[g + 1] = _mm512_shuffle_ps(t[g], t[g + 2], 0xee);
-        u[g + 2] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0x44);
-        u[g + 3] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0xee);
-    }
-    /* Column 4L + e, lane g, is u[4g + e]'s lane L. */
-    for (int e = 0; e < 4; e++) {
-        __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44), v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xee);
-        __m512 v2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44),
-               v3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xee);
-        x[e] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-        x[4 + e] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
-        x[8 + e] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-        x[12 + e] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
-    }
 }
 
 /* Blocks of 16 x 16: 16 rows of src (keys) loaded, transposed in

@@ -74,6 +74,13 @@ typedef void (*mha__dot_rows_i8_fn)(const int8_t *k, int64_t ldk, int64_t n, con
 typedef void (*mha__axpy_rows_i8_fn)(const float *p, const float *scale, const int8_t *v, int64_t ldv, int64_t n,
                                      int64_t d, float *o);
 
+/* dst[c * ldd + r] = alpha * src[r * lds + c] for r < rows, c < cols:
+ * rows of queries scaled and turned into columns (queries in lanes), the
+ * B operand of the score tile.  One multiply an element: the same bits in
+ * every kernel. */
+typedef void (*mha__transpose_scaled_fn)(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows,
+                                         int64_t cols, float alpha);
+
 /* x[i] *= alpha for i < n. */
 typedef void (*mha__scale_fn)(float *x, int64_t n, float alpha);
 
@@ -107,6 +114,7 @@ typedef struct mha__kernels {
     mha__axpy_rows_fn axpy_rows;
     mha__dot_rows_i8_fn dot_rows_i8;
     mha__axpy_rows_i8_fn axpy_rows_i8;
+    mha__transpose_scaled_fn transpose_scaled;
     mha__scale_fn scale;
     mha__exp_shift_fn exp_shift;
     mha__abs_max_fn abs_max;
@@ -217,6 +225,9 @@ const mha__kernels *mha__kernels_named(const char *name);
 
 /* Each ISA file defines its table; cpu.c chooses among them. */
 extern const mha__kernels mha__kernels_generic;
+/* generic.c's transpose_scaled, which the avx2 table shares. */
+void mha__transpose_scaled_generic(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
+                                   float alpha);
 extern const mha__kernels mha__kernels_avx2;
 extern const mha__kernels mha__kernels_avx512;
 
