@@ -155,17 +155,26 @@ static inline __attribute__((always_inline)) void softmax_step8(float *s, int64_
                                                                 float *sum, float *scale, __m256i mk, int full)
 {
     const __m256 neg_inf = _mm256_set1_ps(-INFINITY), one = _mm256_set1_ps(1.0f);
-    __m256 old_max = LOAD8(max), new_max = old_max;
+    __m256 old_max = LOAD8(max), new_max = old_max, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
     /* vmaxps(x, m) returns m when x is NaN: the maximum skips NaN scores,
      * and a NaN score still makes its row NaN, as a plain softmax does:
      * its exp is NaN, so the row's sum is NaN from here on, and so are its
      * output (P V and the division by the sum) and its lse.  Lanes past
-     * the rows are computed on whatever maskload gave (0) and not stored. */
-    for (int64_t j = 0; j < cols; j++) new_max = _mm256_max_ps(LOAD8(s + j * lds), new_max);
+     * the rows are computed on whatever maskload gave (0) and not stored.
+     * Four running maxima, as avx512.c's column_max keeps. */
+    int64_t j = 0;
+    for (; j + 4 <= cols; j += 4) {
+        new_max = _mm256_max_ps(LOAD8(s + j * lds), new_max);
+        m1 = _mm256_max_ps(LOAD8(s + (j + 1) * lds), m1);
+        m2 = _mm256_max_ps(LOAD8(s + (j + 2) * lds), m2);
+        m3 = _mm256_max_ps(LOAD8(s + (j + 3) * lds), m3);
+    }
+    for (; j < cols; j++) new_max = _mm256_max_ps(LOAD8(s + j * lds), new_max);
+    new_max = _mm256_max_ps(_mm256_max_ps(new_max, m1), _mm256_max_ps(m2, m3));
     /* Queries that still see nothing subtract 0, so their -inf scores give 0. */
     __m256 seen = _mm256_cmp_ps(new_max, neg_inf, _CMP_NEQ_UQ);
     __m256 shift = _mm256_and_ps(new_max, seen), block_sum = _mm256_setzero_ps();
-    for (int64_t j = 0; j < cols; j++) {
+    for (j = 0; j < cols; j++) {
         __m256 e = exp256_nonpositive(_mm256_sub_ps(LOAD8(s + j * lds), shift));
         STORE8(s + j * lds, e);
         block_sum = _mm256_add_ps(block_sum, e);

@@ -179,17 +179,34 @@ static inline __m512 exp512(__m512 x)
  * row's maximum (or a larger shift): x <= 0, -inf or NaN, so no clamp. */
 static inline __m512 exp512_nonpositive(__m512 x) { return exp512_alive(x, exp512_normal(x)); }
 
+/* max(init, s[j * lds] for j < cols), lanes in mk (the others -inf).
+ * vmaxps(x, m) returns m when either is NaN: the maximum passes over NaN
+ * scores, whose exp then makes the row's sum NaN (kernels.h), as in
+ * avx2.c and generic.c.  Four running maxima, not one: a single chain
+ * waited a vmaxps latency a key, a quarter of the softmax step on
+ * Sapphire Rapids.  A maximum is exact in any order. */
+static inline __m512 column_max(const float *s, int64_t lds, int64_t cols, __mmask16 mk, __m512 init)
+{
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+    __m512 m0 = init, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    int64_t j = 0;
+    for (; j + 4 <= cols; j += 4) {
+        m0 = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mk, s + j * lds), m0);
+        m1 = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mk, s + (j + 1) * lds), m1);
+        m2 = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mk, s + (j + 2) * lds), m2);
+        m3 = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mk, s + (j + 3) * lds), m3);
+    }
+    for (; j < cols; j++) m0 = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mk, s + j * lds), m0);
+    return _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
+}
+
 static void softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum, float *scale)
 {
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY), one = _mm512_set1_ps(1.0f);
     for (int64_t i = 0; i < rows; i += 16) { /* 16 queries per vector */
         __mmask16 mk = lane_mask(rows - i);
-        __m512 old_max = _mm512_mask_loadu_ps(neg_inf, mk, max + i), new_max = old_max;
-        /* vmaxps(x, m) returns m when either is NaN: the maximum passes
-         * over NaN scores, whose exp then makes the row's sum NaN
-         * (kernels.h), as in avx2.c and generic.c. */
-        for (int64_t j = 0; j < cols; j++)
-            new_max = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mk, s + j * lds + i), new_max);
+        __m512 old_max = _mm512_mask_loadu_ps(neg_inf, mk, max + i);
+        __m512 new_max = column_max(s + i, lds, cols, mk, old_max);
         /* Queries that still see nothing subtract 0, so their -inf scores give 0. */
         __mmask16 seen = _mm512_cmp_ps_mask(new_max, neg_inf, _CMP_NEQ_UQ);
         __m512 shift = _mm512_maskz_mov_ps(seen, new_max), block_sum = _mm512_setzero_ps();
