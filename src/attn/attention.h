@@ -118,6 +118,13 @@ typedef struct mha__strided {
     int64_t rs, cs;
 } mha__strided;
 
+/* dst[c * ldd + r] = alpha * x(r, c) for r < rows, c < cols: rows of
+ * queries (or of output gradients) turned into the columns a score tile's
+ * B operand reads; the kernels' transpose_scaled when x's columns are
+ * adjacent.  One multiply an element either way: the same bits. */
+void mha__pack_columns(const mha__kernels *kt, float *dst, int64_t ldd, mha__strided x, int64_t rows, int64_t cols,
+                       float alpha);
+
 /* Scores where float32 is not enough.
  *
  * A probability is exp(s - m) / l: its relative error is the error of the

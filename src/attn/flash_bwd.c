@@ -186,26 +186,18 @@ static void rows_range(void *arg, int thread, int64_t begin, int64_t end)
     }
 }
 
-/* x's rows i0 .. i0 + rows of (b, head h), `width` elements each, times
- * alpha, as the columns of dst ([width][BQ]). */
-static void pack_columns(const mha__attn_plan *p, const mha_tensor *x, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                         int64_t width, float alpha, float *dst)
+/* Rows i0 .. of x for (b, head h), `width` elements each. */
+static mha__strided rows_at(const mha_tensor *x, int64_t b, int64_t h, int64_t i0)
 {
-    const float *x0 = row_of(x, b, h, i0);
-    if (x->stride[3] == 1) {
-        p->kt->transpose_scaled(dst, BQ, x0, x->stride[2], rows, width, alpha);
-        return;
-    }
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < width; c++) dst[c * BQ + r] = alpha * x0[r * x->stride[2] + c * x->stride[3]];
+    return (mha__strided){row_of(x, b, h, i0), x->stride[2], x->stride[3]};
 }
 
 /* Packs the query block's (scale Q)^T and dO^T (times 1: exact). */
 static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
-    pack_columns(p, j->q, b, h, i0, rows, p->D, p->scale, t->qt);
-    pack_columns(p, j->dout, b, h, i0, rows, p->Dv, 1.0f, t->dot);
+    mha__pack_columns(j->kt, t->qt, BQ, rows_at(j->q, b, h, i0), rows, p->D, p->scale);
+    mha__pack_columns(j->kt, t->dot, BQ, rows_at(j->dout, b, h, i0), rows, p->Dv, 1.0f);
 }
 
 /* Rows i0 .. i0+n of x (K, Q or dO) for (b, head h), `width` elements

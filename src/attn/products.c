@@ -74,16 +74,22 @@ void mha__tiles_forget_values(const mha__tiles *t)
 /* float32                                                           */
 /* ---------------------------------------------------------------- */
 
+void mha__pack_columns(const mha__kernels *kt, float *dst, int64_t ldd, mha__strided x, int64_t rows, int64_t cols,
+                       float alpha)
+{
+    if (x.cs == 1) {
+        kt->transpose_scaled(dst, ldd, x.data, x.rs, rows, cols, alpha);
+        return;
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) dst[c * ldd + r] = alpha * x.data[r * x.rs + c * x.cs];
+}
+
 /* Scaling the queries once, as nn.MultiheadAttention does, saves a pass
  * over every score tile. */
 static void pack_queries_f32(const mha__attn_plan *p, mha__strided q, int64_t rows, const mha__tiles *t)
 {
-    if (q.cs == 1) {
-        p->kt->transpose_scaled(t->qt, MHA__BR, q.data, q.rs, rows, p->D, p->scale);
-        return;
-    }
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < p->D; c++) t->qt[c * MHA__BR + r] = p->scale * q.data[r * q.rs + c * q.cs];
+    mha__pack_columns(p->kt, t->qt, MHA__BR, q, rows, p->D, p->scale);
 }
 
 /* The most keys any of rows [r, r + n) sees in the current key tile. */

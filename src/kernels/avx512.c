@@ -288,9 +288,7 @@ static void transpose_scaled_avx512(float *dst, int64_t ldd, const float *src, i
             int64_t nc = cols - c0 < 16 ? cols - c0 : 16;
             __mmask16 col_mask = lane_mask(nc);
             __m512 x[16];
-            for (int64_t r = 0; r < 16; r++)
-                x[r] = r < nr ? _mm512_maskz_loadu_ps(col_mask, src + (r0 + r) * lds + c0) : _mm512_setzero_ps();
-            transpose16(x);
+            load_transposed16(x, src + r0 * lds + c0, lds, nr, col_mask);
             for (int64_t c = 0; c < nc; c++)
                 _mm512_mask_storeu_ps(dst + (c0 + c) * ldd + r0, row_mask, _mm512_mul_ps(x[c], va));
         }

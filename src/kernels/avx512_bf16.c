@@ -137,9 +137,7 @@ static void transpose_bf16_avx512(uint16_t *dst, int64_t ldd, const float *src, 
         for (int64_t c0 = 0; c0 < cols; c0 += 16) {
             int64_t nc = cols - c0 < 16 ? cols - c0 : 16, nr = rows - r0 < 16 ? rows - r0 : 16;
             __m512 x[16];
-            for (int64_t c = 0; c < 16; c++)
-                x[c] = c < nc ? _mm512_maskz_loadu_ps(row_mask, src + (c0 + c) * lds + r0) : _mm512_setzero_ps();
-            transpose16(x);
+            load_transposed16(x, src + c0 * lds + r0, lds, nc, row_mask);
             __mmask16 col_mask = lane_mask(nc);
             for (int64_t r = 0; r < nr; r++)
                 _mm256_mask_storeu_epi16(dst + (r0 + r) * ldd + c0, col_mask, (__m256i)_mm512_cvtneps_pbh(x[r]));

@@ -37,4 +37,13 @@ static inline void transpose16(__m512 x[16])
     }
 }
 
+/* The first n rows of src (rows lds floats apart, the lanes in `lanes`
+ * of each, the others 0; rows past n all 0) loaded and transposed: x[j]
+ * then holds column j of those rows, a row a lane. */
+static inline void load_transposed16(__m512 x[16], const float *src, int64_t lds, int64_t n, __mmask16 lanes)
+{
+    for (int64_t i = 0; i < 16; i++) x[i] = i < n ? _mm512_maskz_loadu_ps(lanes, src + i * lds) : _mm512_setzero_ps();
+    transpose16(x);
+}
+
 #endif
