@@ -3,7 +3,7 @@
  * against double precision, over shapes that hit each tail:
  *   gemm_tile: m in 1..mr, n in 1..nr, k in {0, 1, 3, 17, 64, 200}, both
  *              A layouts, overwrite and accumulate, never writing outside
- *              the tile;
+ *              the tile; gemm_tile_grouped the same, over 1-12 groups;
  *   exp:       relative error over [-103, 88] and exact 0 for -inf;
  *   softmax_step: running max/sum against a direct computation over a
  *              key-major tile, queries fully masked, tails;
@@ -24,16 +24,69 @@ static float uniform(void)
     return (float)((rng >> 40) * 0x1p-24 * 2.0 - 1.0);
 }
 
+/* An operand of a product under test, element (r, c) read by `at`. */
+typedef struct operand {
+    double (*at)(const struct operand *x, int64_t r, int64_t c);
+    const void *data;
+    int64_t rs, cs, gk, gs; /* as each `at` reads them */
+} operand;
+
+/* float32, in groups of gk columns lying gs apart (gk > k: no groups):
+ * (r, c) at data[(c / gk) * gs + r * rs + (c % gk) * cs]. */
+static double f32_at(const operand *x, int64_t r, int64_t c)
+{
+    return ((const float *)x->data)[(c / x->gk) * x->gs + r * x->rs + (c % x->gk) * x->cs];
+}
+
+/* bfloat16 in pairs along c: (r, c) at data[r * rs + (c / 2) * cs + c % 2]. */
+static double bf16_at(const operand *x, int64_t r, int64_t c)
+{
+    return mha__bf16_to_f32(((const uint16_t *)x->data)[r * x->rs + (c / 2) * x->cs + c % 2]);
+}
+
+enum { GUARD = 3 }; /* rows of C checked past the product's */
+
+/* Values of C (ldc wide, rows + GUARD rows; c0 before the call) that a
+ * product C (+)= A B over m x n, k, got wrong against double, or wrote
+ * outside its m x n.  B is read as (p, j) = b->at(b, j, p). */
+static int product_errors(const operand *a, const operand *b, const float *c, const float *c0, int64_t ldc,
+                          int64_t rows, int64_t m, int64_t n, int64_t k, int acc)
+{
+    int bad = 0;
+    for (int64_t i = 0; i < rows + GUARD; i++)
+        for (int64_t j = 0; j < ldc; j++) {
+            float got = c[i * ldc + j];
+            if (i >= m || j >= n) {
+                bad += got != c0[i * ldc + j];
+                continue;
+            }
+            double want = acc ? c0[i * ldc + j] : 0.0, mag = fabs(want);
+            for (int64_t p = 0; p < k; p++) {
+                double t = a->at(a, i, p) * b->at(b, j, p);
+                want += t;
+                mag += fabs(t);
+            }
+            /* A float32 sum of k + 1 terms: k+2 roundings at most. */
+            bad += fabs(got - want) > (double)(k + 2) * FLT_EPSILON * mag + 1e-30;
+        }
+    return bad;
+}
+
+static float *filled(int64_t n)
+{
+    float *x = malloc(sizeof(float) * (size_t)n);
+    for (int64_t i = 0; i < n; i++) x[i] = uniform();
+    return x;
+}
+
 static void test_gemm_tile(const mha__kernels *kt)
 {
-    enum { K_MAX = 200, GUARD = 3 };
+    enum { K_MAX = 200 };
     static const int64_t ks[] = {0, 1, 3, 17, 64, 200};
     int64_t lda = K_MAX + 5, ldb = kt->nr + 7, ldc = kt->nr + 9;
-    float *a = malloc(sizeof(float) * (size_t)(kt->mr * lda * 2)), *b = malloc(sizeof(float) * (size_t)(K_MAX * ldb));
-    float *c = malloc(sizeof(float) * (size_t)((kt->mr + GUARD) * ldc)),
-          *c0 = malloc(sizeof(float) * (size_t)((kt->mr + GUARD) * ldc));
-    for (int64_t i = 0; i < kt->mr * lda * 2; i++) a[i] = uniform();
-    for (int64_t i = 0; i < K_MAX * ldb; i++) b[i] = uniform();
+    float *a = filled(kt->mr * lda * 2), *b = filled(K_MAX * ldb), *c = filled((kt->mr + GUARD) * ldc);
+    float *c0 = filled((kt->mr + GUARD) * ldc);
+    operand B = {f32_at, b, 1, ldb, K_MAX + 1, 0};
     int bad = 0;
     for (int layout = 0; layout < 2; layout++)
         for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++)
@@ -42,27 +95,40 @@ static void test_gemm_tile(const mha__kernels *kt)
                     for (int acc = 0; acc < 2; acc++) {
                         int64_t k = ks[ki];
                         /* layout 0: row-major A; 1: column panels (a_rs 1, a_cs mr). */
-                        int64_t a_rs = layout ? 1 : lda, a_cs = layout ? kt->mr : 1;
+                        operand A = {f32_at, a, layout ? 1 : lda, layout ? kt->mr : 1, K_MAX + 1, 0};
                         for (int64_t i = 0; i < (kt->mr + GUARD) * ldc; i++) c[i] = c0[i] = uniform();
-                        kt->gemm_tile(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, acc);
-                        for (int64_t i = 0; i < kt->mr + GUARD; i++)
-                            for (int64_t j = 0; j < ldc; j++) {
-                                float got = c[i * ldc + j];
-                                if (i >= m || j >= n) {
-                                    bad += got != c0[i * ldc + j];
-                                    continue;
-                                }
-                                double want = acc ? c0[i * ldc + j] : 0.0, mag = fabs(want);
-                                for (int64_t p = 0; p < k; p++) {
-                                    double t = (double)a[i * a_rs + p * a_cs] * b[p * ldb + j];
-                                    want += t;
-                                    mag += fabs(t);
-                                }
-                                /* A float32 sum of k + 1 terms: k+2 roundings at most. */
-                                bad += fabs(got - want) > (double)(k + 2) * FLT_EPSILON * mag + 1e-30;
-                            }
+                        kt->gemm_tile(m, n, k, a, A.rs, A.cs, b, ldb, c, ldc, acc);
+                        bad += product_errors(&A, &B, c, c0, ldc, kt->mr, m, n, k, acc);
                     }
     CHECK(bad == 0, "%s gemm_tile: %d wrong or out-of-tile values", kt->name, bad);
+    free(a);
+    free(b);
+    free(c);
+    free(c0);
+}
+
+/* gemm_tile_grouped: A's columns in groups of gk lying a_gs apart (an odd
+ * stride, so a group read from the wrong place shows). */
+static void test_gemm_tile_grouped(const mha__kernels *kt)
+{
+    enum { GROUPS_MAX = 12, GK_MAX = 64, K_MAX = 256 };
+    static const int64_t shapes[][2] = {{1, 7}, {2, 1}, {3, 17}, {4, 64}, {12, 5}}; /* groups, gk: k <= K_MAX */
+    int64_t lda = GK_MAX + 3, a_gs = kt->mr * lda + 11, ldb = kt->nr + 7, ldc = kt->nr + 9;
+    float *a = filled(GROUPS_MAX * a_gs), *b = filled(K_MAX * ldb), *c = filled((kt->mr + GUARD) * ldc);
+    float *c0 = filled((kt->mr + GUARD) * ldc);
+    operand B = {f32_at, b, 1, ldb, K_MAX + 1, 0};
+    int bad = 0;
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+        for (int64_t m = 1; m <= kt->mr; m++)
+            for (int64_t n = 1; n <= kt->nr; n++)
+                for (int acc = 0; acc < 2; acc++) {
+                    int64_t groups = shapes[si][0], gk = shapes[si][1];
+                    operand A = {f32_at, a, lda, 1, gk, a_gs};
+                    for (int64_t i = 0; i < (kt->mr + GUARD) * ldc; i++) c[i] = c0[i] = uniform();
+                    kt->gemm_tile_grouped(m, n, groups, gk, a, lda, a_gs, b, ldb, c, ldc, acc);
+                    bad += product_errors(&A, &B, c, c0, ldc, kt->mr, m, n, groups * gk, acc);
+                }
+    CHECK(bad == 0, "%s gemm_tile_grouped: %d wrong or out-of-tile values", kt->name, bad);
     free(a);
     free(b);
     free(c);
@@ -404,7 +470,7 @@ static void test_bf16_transpose(const mha__bf16_kernels *bk)
  * rounding. */
 static void test_bf16_kernels(const mha__bf16_kernels *bk)
 {
-    enum { K_MAX = 200, M_MAX = 50, N_MAX = 50, GUARD = 3 };
+    enum { K_MAX = 200, M_MAX = 50, N_MAX = 50 };
     static const int64_t ks[] = {0, 2, 6, 32, 64, 98, 200}, sizes[] = {1, 5, 12, 13, 16, 17, 32, 33, 50};
     enum { N_SIZES = sizeof sizes / sizeof sizes[0] };
     int64_t lda = K_MAX + 6, ldb = 2 * N_MAX + 10, ldc = N_MAX + 9;
@@ -412,6 +478,7 @@ static void test_bf16_kernels(const mha__bf16_kernels *bk)
     float *c = malloc(sizeof(float) * (M_MAX + GUARD) * ldc), *c0 = malloc(sizeof(float) * (M_MAX + GUARD) * ldc);
     for (int64_t i = 0; i < M_MAX * lda * 2; i++) a[i] = mha__f32_to_bf16(uniform());
     for (int64_t i = 0; i < (K_MAX / 2) * ldb; i++) b[i] = mha__f32_to_bf16(uniform());
+    operand B = {bf16_at, b, 2, ldb, 0, 0}; /* (p, j) at b[(p / 2) * ldb + 2 j + p % 2] */
     int bad = 0;
     for (int layout = 0; layout < 2; layout++)
         for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++)
@@ -423,22 +490,8 @@ static void test_bf16_kernels(const mha__bf16_kernels *bk)
                         int64_t a_rs = layout ? 2 : lda, a_ps = layout ? 2 * M_MAX : 2;
                         for (int64_t i = 0; i < (M_MAX + GUARD) * ldc; i++) c[i] = c0[i] = uniform();
                         bk->gemm(m, n, k, a, a_rs, a_ps, b, ldb, c, ldc, acc);
-                        for (int64_t i = 0; i < M_MAX + GUARD; i++)
-                            for (int64_t j = 0; j < ldc; j++) {
-                                float got = c[i * ldc + j];
-                                if (i >= m || j >= n) {
-                                    bad += got != c0[i * ldc + j];
-                                    continue;
-                                }
-                                double want = acc ? c0[i * ldc + j] : 0.0, mag = fabs(want);
-                                for (int64_t p = 0; p < k; p++) {
-                                    double t = (double)mha__bf16_to_f32(a[i * a_rs + (p / 2) * a_ps + p % 2]) *
-                                               mha__bf16_to_f32(b[(p / 2) * ldb + 2 * j + p % 2]);
-                                    want += t;
-                                    mag += fabs(t);
-                                }
-                                bad += fabs(got - want) > (double)(k + 2) * FLT_EPSILON * mag + 1e-30;
-                            }
+                        operand A = {bf16_at, a, a_rs, a_ps, 0, 0};
+                        bad += product_errors(&A, &B, c, c0, ldc, M_MAX, m, n, k, acc);
                     }
     CHECK(bad == 0, "%s bf16 product: %d wrong or out-of-block values", bk->name, bad);
     test_bf16_transpose(bk);
@@ -489,6 +542,7 @@ int main(void)
             continue;
         }
         test_gemm_tile(kt);
+        test_gemm_tile_grouped(kt);
         test_exp(kt);
         test_softmax_step(kt);
         test_softmax_step_special(kt);

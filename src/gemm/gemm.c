@@ -8,9 +8,9 @@
  * (block of ROW_BLOCK rows) x (range of panels) items; within an item the
  * block's rows (96 x in floats, ~300 KB for in = 768) stay in L2 while the
  * item's panels pass over them, mr rows at a time.  Every output tile is
- * computed by one micro-kernel call per input group over that group's
- * width, groups in order, so the result does not depend on how items are
- * spread over threads.
+ * computed by one micro-kernel call per pass over x's columns (all of
+ * them, or a few heads' groups: PASS_COLS), passes in order, so the result
+ * does not depend on how items are spread over threads.
  */
 #include "gemm/gemm.h"
 
@@ -166,32 +166,56 @@ static void bias_rows(const linear_job *j, int64_t r0, int64_t r1, int64_t c0, i
         }
 }
 
-/* Item (row block, range of panels).  With x split into column groups
- * (the heads, [H][rows][d]), each output accumulates one chain per group,
- * groups in order; the group loop is outermost so that a group's rows of
- * the block (96 x d floats) stay in cache while every panel of the item
- * passes over them.  Groups lie rows x d floats apart (512 KB at N = 2048,
- * d = 64), the same cache sets for every group: taken panel by panel, the
- * block's rows were fetched again for each panel, which ran these
- * products at a third of the speed of ungrouped ones.  The order of the
- * additions into each output is the same either way. */
+/* With x in column groups, the columns one pass of tile calls covers:
+ * PASS_COLS of them (four heads of 64), in one chain per output (the
+ * tile stays in registers across the pass's groups; a call per group
+ * took the tile to memory and back every d steps, 8-10% of the time).
+ * Not every group at once: the groups lie rows x d floats apart, a
+ * multiple of L2's way size, so all of them fall in the same L2 sets,
+ * and twelve heads' rows of the block filled twelve of the sixteen ways,
+ * leaving too few for the item's panels of W: the rows were fetched
+ * again from L3 for every panel.  Four heads leave room. */
+enum { PASS_COLS = 256 };
+
+static int64_t pass_cols(const linear_job *j)
+{
+    int64_t g = j->x.group_cols;
+    if (!g) return j->w->in;
+    bool whole_groups = j->x.cs == 1 && j->w->in % g == 0; /* as gemm_tile_grouped reads them */
+    return !whole_groups || g >= PASS_COLS ? g : PASS_COLS / g * g;
+}
+
+/* Rows r .. r + m - 1 of y, columns col0 .. col0 + cols - 1, from panel
+ * p of W, over x's columns c0 .. c0 + k - 1 (one pass). */
+static void linear_tile(const linear_job *j, int64_t r, int64_t m, int64_t p, int64_t c0, int64_t k)
+{
+    const mha__kernels *kt = j->kt;
+    int64_t col0 = p * kt->nr, cols = j->w->out - col0 < kt->nr ? j->w->out - col0 : kt->nr;
+    const float *b = j->w->data + p * j->w->panel_stride + c0 * j->w->ldb;
+    float *y = mat_at(&j->y, r, col0);
+    int accumulate = j->add || j->b != NULL || c0 > 0;
+    if (j->x.group_cols && k > j->x.group_cols)
+        kt->gemm_tile_grouped(m, cols, k / j->x.group_cols, j->x.group_cols, mat_at(&j->x, r, c0), j->x.rs,
+                              j->x.group_stride, b, j->w->ldb, y, j->y.rs, accumulate);
+    else kt->gemm_tile(m, cols, k, mat_at(&j->x, r, c0), j->x.rs, j->x.cs, b, j->w->ldb, y, j->y.rs, accumulate);
+}
+
+/* Item (row block, range of panels): every panel of the item passes over
+ * the block's rows (96 x in floats, or a pass's groups of them), which
+ * stay in L2.  Each output adds one chain per pass, passes in order, so
+ * the result does not depend on how items are spread over threads. */
 static void linear_item(const linear_job *j, int64_t item)
 {
     const mha__kernels *kt = j->kt;
     int64_t rb = item % j->row_blocks, p0 = item / j->row_blocks * j->panels_per_item;
     int64_t p1 = p0 + j->panels_per_item < j->panels ? p0 + j->panels_per_item : j->panels;
     int64_t r0 = rb * ROW_BLOCK, r1 = r0 + ROW_BLOCK < j->rows ? r0 + ROW_BLOCK : j->rows;
-    int64_t in = j->w->in, chunk = j->x.group_cols ? j->x.group_cols : in;
+    int64_t in = j->w->in, span = pass_cols(j);
     if (j->b) bias_rows(j, r0, r1, p0 * kt->nr, p1 * kt->nr < j->w->out ? p1 * kt->nr : j->w->out);
-    for (int64_t c0 = 0; c0 < in; c0 += chunk)
-        for (int64_t p = p0; p < p1; p++) {
-            int64_t col0 = p * kt->nr, cols = j->w->out - col0 < kt->nr ? j->w->out - col0 : kt->nr;
-            const float *b = j->w->data + p * j->w->panel_stride + c0 * j->w->ldb;
+    for (int64_t c0 = 0; c0 < in; c0 += span)
+        for (int64_t p = p0; p < p1; p++)
             for (int64_t r = r0; r < r1; r += kt->mr)
-                kt->gemm_tile(r1 - r < kt->mr ? r1 - r : kt->mr, cols, in - c0 < chunk ? in - c0 : chunk,
-                              mat_at(&j->x, r, c0), j->x.rs, j->x.cs, b, j->w->ldb, mat_at(&j->y, r, col0), j->y.rs,
-                              j->add || j->b != NULL || c0 > 0);
-        }
+                linear_tile(j, r, r1 - r < kt->mr ? r1 - r : kt->mr, p, c0, in - c0 < span ? in - c0 : span);
 }
 
 static void linear_range(void *arg, int thread, int64_t begin, int64_t end)

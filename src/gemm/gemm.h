@@ -52,8 +52,9 @@ typedef struct mha__mat {
 
 /* y[r, :] = x[r, :] W^T + b for r < rows; b may be NULL.  y must have
  * cs = 1 and, if grouped, groups that are a multiple of the kernels' nr
- * wide (so no panel straddles two groups).  Each output is one FMA chain
- * over the inputs in order (bias first), whatever the thread count. */
+ * wide (so no panel straddles two groups).  Each output is the bias plus
+ * one FMA chain per pass over the inputs (all of them, or a few of x's
+ * column groups: gemm.c), passes in order, whatever the thread count. */
 void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
                  const float *b, const mha__mat *y);
 

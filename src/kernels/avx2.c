@@ -66,7 +66,8 @@ static __m256i lane_mask(int64_t n)
  * accumulators, not an array: compilers spill arrays of vectors. */
 static inline __attribute__((always_inline)) void tile_body(int64_t m, int64_t n, int64_t k, const float *a,
                                                             int64_t a_rs, int64_t a_cs, const float *b, int64_t ldb,
-                                                            float *c, int64_t ldc, int accumulate, int full)
+                                                            float *c, int64_t ldc, int accumulate, int full,
+                                                            int64_t groups, int64_t a_gs)
 {
     const float *r0 = a, *r1 = a + (1 < m ? 1 : m - 1) * a_rs, *r2 = a + (2 < m ? 2 : m - 1) * a_rs;
     const float *r3 = a + (3 < m ? 3 : m - 1) * a_rs, *r4 = a + (4 < m ? 4 : m - 1) * a_rs;
@@ -74,14 +75,18 @@ static inline __attribute__((always_inline)) void tile_body(int64_t m, int64_t n
     __m256i m0 = lane_mask(n), m1 = lane_mask(n - 8);
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    for (int64_t p = 0; p < k; p++) {
-        __m256 b0 = LOAD_B(0), b1 = LOAD_B(8);
-        ROW_FMA(0);
-        ROW_FMA(1);
-        ROW_FMA(2);
-        ROW_FMA(3);
-        ROW_FMA(4);
-        ROW_FMA(5);
+    for (int64_t g = 0; g < groups; g++) { /* k steps a group */
+        for (int64_t p = 0; p < k; p++) {
+            __m256 b0 = LOAD_B(0), b1 = LOAD_B(8);
+            ROW_FMA(0);
+            ROW_FMA(1);
+            ROW_FMA(2);
+            ROW_FMA(3);
+            ROW_FMA(4);
+            ROW_FMA(5);
+        }
+        r0 += a_gs, r1 += a_gs, r2 += a_gs, r3 += a_gs, r4 += a_gs, r5 += a_gs;
+        b += k * ldb;
     }
     ROW_STORE(0);
     ROW_STORE(1);
@@ -97,10 +102,18 @@ static inline __attribute__((always_inline)) void tile_body(int64_t m, int64_t n
 static void gemm_tile_avx2(int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
                            int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
-    if (n == NR && m == MR && a_cs == 1) tile_body(MR, NR, k, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1);
-    else if (n == NR && m == MR && a_rs == 1) tile_body(MR, NR, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, 1);
-    else if (n == NR) tile_body(m, NR, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, 1);
-    else tile_body(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, 0);
+    if (n == NR && m == MR && a_cs == 1) tile_body(MR, NR, k, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, 1, 0);
+    else if (n == NR && m == MR && a_rs == 1) tile_body(MR, NR, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, 1, 1, 0);
+    else if (n == NR) tile_body(m, NR, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, 1, 1, 0);
+    else tile_body(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, 0, 1, 0);
+}
+
+static void gemm_tile_grouped_avx2(int64_t m, int64_t n, int64_t groups, int64_t gk, const float *a, int64_t a_rs,
+                                   int64_t a_gs, const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+{
+    if (n == NR && m == MR) tile_body(MR, NR, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, groups, a_gs);
+    else if (n == NR) tile_body(m, NR, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, groups, a_gs);
+    else tile_body(m, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 0, groups, a_gs);
 }
 
 #define EXP_VEC    __m256
@@ -384,6 +397,7 @@ const mha__kernels mha__kernels_avx2 = {
     .mr = MR,
     .nr = NR,
     .gemm_tile = gemm_tile_avx2,
+    .gemm_tile_grouped = gemm_tile_grouped_avx2,
     .softmax_step = softmax_step_avx2,
     .softmax_grad = softmax_grad_avx2,
     .dot_rows = dot_rows_avx2,

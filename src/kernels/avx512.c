@@ -106,22 +106,24 @@ enum a_form { PANEL, ROWS, CLAMPED };
 static inline __attribute__((always_inline)) void tile_body(int64_t m, int64_t n, int64_t k, const float *a,
                                                             int64_t a_rs, int64_t a_cs, const float *b, int64_t ldb,
                                                             float *c, int64_t ldc, int accumulate, int full,
-                                                            enum a_form form)
+                                                            enum a_form form, int64_t groups, int64_t a_gs)
 {
     __mmask16 m0 = lane_mask(n), m1 = lane_mask(n - 16);
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
     __m512 c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
     __m512 c80 = c00, c81 = c00, c90 = c00, c91 = c00, c100 = c00, c101 = c00, c110 = c00, c111 = c00;
-    if (form == PANEL) {
-        const float *ap = a;
-        K_LOOP(PANEL_A, PANEL_NEXT);
-    } else if (form == ROWS) {
-        const float *ap = a, *ap6 = a + 6 * a_rs;
-        K_LOOP(ROWS_A, ROWS_NEXT);
-    } else {
-        const float *r[MR];
-        for (int i = 0; i < MR; i++) r[i] = a + (i < m ? i : m - 1) * a_rs;
-        K_LOOP(CLAMPED_A, (void)0);
+    for (int64_t g = 0; g < groups; g++, a += a_gs, b += k * ldb) { /* k steps a group */
+        if (form == PANEL) {
+            const float *ap = a;
+            K_LOOP(PANEL_A, PANEL_NEXT);
+        } else if (form == ROWS) {
+            const float *ap = a, *ap6 = a + 6 * a_rs;
+            K_LOOP(ROWS_A, ROWS_NEXT);
+        } else {
+            const float *r[MR];
+            for (int i = 0; i < MR; i++) r[i] = a + (i < m ? i : m - 1) * a_rs;
+            K_LOOP(CLAMPED_A, (void)0);
+        }
     }
     ROW_STORE(0);
     ROW_STORE(1);
@@ -141,13 +143,20 @@ static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, in
                              const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
     if (m == MR && a_rs == 1) {
-        if (n == NR) tile_body(MR, NR, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, 1, PANEL);
-        else tile_body(MR, n, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, 0, PANEL);
+        if (n == NR) tile_body(MR, NR, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, 1, PANEL, 1, 0);
+        else tile_body(MR, n, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, 0, PANEL, 1, 0);
     } else if (m == MR && n == NR && a_cs == 1) {
-        tile_body(MR, NR, k, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, ROWS);
+        tile_body(MR, NR, k, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, ROWS, 1, 0);
     } else {
-        tile_body(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, 0, CLAMPED);
+        tile_body(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, 0, CLAMPED, 1, 0);
     }
+}
+
+static void gemm_tile_grouped_avx512(int64_t m, int64_t n, int64_t groups, int64_t gk, const float *a, int64_t a_rs,
+                                     int64_t a_gs, const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+{
+    if (m == MR && n == NR) tile_body(MR, NR, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, ROWS, groups, a_gs);
+    else tile_body(m, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 0, CLAMPED, groups, a_gs);
 }
 
 #define EXP_VEC    __m512
@@ -339,6 +348,7 @@ const mha__kernels mha__kernels_avx512 = {
     .mr = MR,
     .nr = NR,
     .gemm_tile = gemm_tile_avx512,
+    .gemm_tile_grouped = gemm_tile_grouped_avx512,
     .softmax_step = softmax_step_avx512,
     .softmax_grad = softmax_grad_avx512,
     .dot_rows = dot_rows_avx512,

@@ -21,6 +21,18 @@ static void gemm_tile_generic(int64_t m, int64_t n, int64_t k, const float *a, i
         }
 }
 
+static void gemm_tile_grouped_generic(int64_t m, int64_t n, int64_t groups, int64_t gk, const float *a, int64_t a_rs,
+                                      int64_t a_gs, const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+{
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            float acc = accumulate ? c[i * ldc + j] : 0.0f;
+            for (int64_t g = 0; g < groups; g++)
+                for (int64_t p = 0; p < gk; p++) acc += a[g * a_gs + i * a_rs + p] * b[(g * gk + p) * ldb + j];
+            c[i * ldc + j] = acc;
+        }
+}
+
 static void softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
                                  float *scale)
 {
@@ -217,6 +229,7 @@ const mha__kernels mha__kernels_generic = {
     .mr = GENERIC_MR,
     .nr = GENERIC_NR,
     .gemm_tile = gemm_tile_generic,
+    .gemm_tile_grouped = gemm_tile_grouped_generic,
     .softmax_step = softmax_step_generic,
     .softmax_grad = softmax_grad_generic,
     .dot_rows = dot_rows_generic,

@@ -27,6 +27,18 @@
 typedef void (*mha__gemm_tile_fn)(int64_t m, int64_t n, int64_t k, const float *a, int64_t a_rs, int64_t a_cs,
                                   const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
 
+/* gemm_tile over an A whose columns come in groups, as head-major
+ * activations hold them ([H][rows][d]: the output projection's input, the
+ * backward's dQ, dK, dV): with k = groups * gk,
+ *   A element (i, p) is a[(p / gk) * a_gs + i * a_rs + p % gk]
+ * and everything else as in gemm_tile.  Each C element is still one chain
+ * over all k in increasing order: called a group at a time instead, the
+ * tile went to memory and back after every gk = d steps, which ran the
+ * output projection 8-10% slower than on a row-major input. */
+typedef void (*mha__gemm_tile_grouped_fn)(int64_t m, int64_t n, int64_t groups, int64_t gk, const float *a,
+                                          int64_t a_rs, int64_t a_gs, const float *b, int64_t ldb, float *c,
+                                          int64_t ldc, int accumulate);
+
 /* One online-softmax step over a tile of scores stored key-major:
  * s[j * lds + i] is the score of query i < rows against key j < cols.
  * For each query i, with max[i], sum[i] its running statistics:
@@ -108,6 +120,7 @@ typedef struct mha__kernels {
     const char *name; /* "generic", "avx2", "avx512" */
     int mr, nr;       /* gemm_tile's largest m and n */
     mha__gemm_tile_fn gemm_tile;
+    mha__gemm_tile_grouped_fn gemm_tile_grouped;
     mha__softmax_step_fn softmax_step;
     mha__softmax_grad_fn softmax_grad;
     mha__dot_rows_fn dot_rows;
