@@ -5,7 +5,7 @@
  * Data flow of one call (N batches, L queries, S keys, h heads of width
  * d); the projections are GEMMs against weights packed when they are set:
  *   Q = query W_q^T + b_q            L rows   (workspace or tape, head-major
- *   K = key   W_k^T + b_k            S' rows   [N][h][T][d] when d allows,
+ *   K = key   W_k^T + b_k            S' rows   [h][N][T][d] when d allows,
  *   V = value W_v^T + b_v            S' rows   see mha__layer_activations)
  *                                    S' = S (+1 bias_k) (+1 zero row)
  *   Q, K rotated (rope)

@@ -160,10 +160,10 @@ mha_status mha__layer_project_output(mha_ctx *ctx, const mha_layer *l, int64_t N
 
 /* A [N, T, F] tensor view as a batch of [T, F] matrices. */
 mha__batched mha__layer_from_view(const mha_tensor *t);
-/* Where the layer keeps activations of T rows per batch from base: head-
- * major [N][H][T][d] when d is a multiple of the kernels' nr, else
+/* Where the layer keeps activations of N batches of T rows from base:
+ * head-major [H][N][T][d] when d is a multiple of the kernels' nr, else
  * row-major [N][T][E]; and the same as the [N, H, T, d] attention view. */
-mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t T, int64_t heads);
+mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t heads);
 mha_tensor mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t heads);
 
 /* Rotates x [N, heads, T, d] in place by the layer's rotary embedding, row

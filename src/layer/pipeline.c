@@ -26,18 +26,22 @@ mha__batched mha__layer_from_view(const mha_tensor *t)
 }
 
 /* Where the layer keeps its activations (Q, K, V, head outputs), T rows
- * per batch: head-major [N][H][T][d] when d is a multiple of the kernels'
+ * per batch: head-major [H][N][T][d] when d is a multiple of the kernels'
  * nr, so each GEMM panel lies inside one head and attention reads a head's
- * rows contiguously; otherwise row-major [N][T][E]. */
+ * rows contiguously; otherwise row-major [N][T][E].  Heads outermost, not
+ * batches ([N][H][T][d] before): a head's rows of every batch then follow
+ * one another, so a projection over N batches of T rows is one GEMM of
+ * N T rows, where it was N GEMMs of T (at B = 8, T = 128: a 32-row tail
+ * tile in every 128 rows, eight times the calls). */
 static bool head_major(const mha_layer *l)
 {
     return l->head_dim % mha__weight_panel(&l->w[MAT_Q]) == 0; /* every matrix has the same panel width */
 }
 
-mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t T, int64_t heads)
+mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t heads)
 {
     int64_t d = l->head_dim, width = heads * d;
-    if (head_major(l)) return (mha__batched){{base, d, 1, d, T * d}, width * T};
+    if (head_major(l)) return (mha__batched){{base, d, 1, d, N * T * d}, T * d};
     return (mha__batched){{base, width, 1, 0, 0}, T * width};
 }
 
@@ -45,8 +49,8 @@ mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t T, 
 mha_tensor mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t H)
 {
     int64_t d = l->head_dim;
-    if (head_major(l)) return mha_tensor_4d(base, N, H, T, d);
     mha_tensor t = {base, {N, H, T, d}, {T * H * d, d, H * d, 1}};
+    if (head_major(l)) t.stride[0] = T * d, t.stride[1] = N * T * d, t.stride[2] = d;
     return t;
 }
 
@@ -57,10 +61,11 @@ static mha_status linear(mha_ctx *ctx, const mha_layer *l, int64_t rows, const m
     return mha__weight_linear(ctx, &l->w[which], rows, x, b, y);
 }
 
-/* Can N batches of T rows be one matrix of N T rows? */
+/* Can N batches of T rows be one matrix of N T rows?  When each batch's
+ * rows follow the previous batch's, in every column group. */
 static bool batches_even(int64_t T, const mha__batched *x, const mha__batched *y)
 {
-    return !x->m.group_cols && !y->m.group_cols && x->batch_stride == T * x->m.rs && y->batch_stride == T * y->m.rs;
+    return x->batch_stride == T * x->m.rs && y->batch_stride == T * y->m.rs;
 }
 
 /* y[n, t, :] = x[n, t, :] W^T + b for N batches of T rows: one GEMM when
@@ -97,8 +102,8 @@ mha_status mha__layer_project_qkv(mha_ctx *ctx, const mha_layer *l, const mha__l
                                   const mha__batched *x_k, const mha__batched *x_v, float *q, float *k, float *v)
 {
     int64_t H = l->desc.num_heads, G = l->desc.num_kv_heads;
-    mha__batched qb = mha__layer_activations(l, q, r->Lq, H), kb = mha__layer_activations(l, k, r->Tk, G);
-    mha__batched vb = mha__layer_activations(l, v, r->Tk, G);
+    mha__batched qb = mha__layer_activations(l, q, r->N, r->Lq, H), kb = mha__layer_activations(l, k, r->N, r->Tk, G);
+    mha__batched vb = mha__layer_activations(l, v, r->N, r->Tk, G);
     const float *b = l->b_in;
     mha_status st;
     if ((st = mha__layer_project(ctx, l, r->N, r->Lq, x_q, MAT_Q, b ? b + mha__layer_bias_offset(l, MAT_Q) : NULL,
@@ -143,7 +148,7 @@ static mha_status project_staged(mha_ctx *ctx, const mha_layer *l, int64_t N, in
 mha_status mha__layer_project_output(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t L, float *heads,
                                      mha_tensor *y, float *staging)
 {
-    mha__batched hb = mha__layer_activations(l, heads, L, l->desc.num_heads);
+    mha__batched hb = mha__layer_activations(l, heads, N, L, l->desc.num_heads);
     if (y->stride[2] != 1) return project_staged(ctx, l, N, L, &hb, y, staging);
     mha__batched yb = mha__layer_from_view(y);
     return mha__layer_project(ctx, l, N, L, &hb, MAT_OUT, l->b_out, &yb);
