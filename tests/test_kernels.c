@@ -4,6 +4,7 @@
  *   gemm_tile: m in 1..mr, n in 1..nr, k in {0, 1, 3, 17, 64, 200}, both
  *              A layouts, overwrite and accumulate, never writing outside
  *              the tile; gemm_tile_grouped the same, over 1-12 groups;
+ *   pair_dots: the same bits as gemm_tile's 1 x 1 product, row by row;
  *   exp:       relative error over [-103, 88] and exact 0 for -inf;
  *   softmax_step: running max/sum against a direct computation over a
  *              key-major tile, queries fully masked, tails;
@@ -133,6 +134,34 @@ static void test_gemm_tile_grouped(const mha__kernels *kt)
     free(b);
     free(c);
     free(c0);
+}
+
+/* pair_dots: each row's dot the same bits as gemm_tile computes it as a
+ * 1 x 1 product (the backward's dP - delta is then exactly 0 where a row
+ * sees one key), for 1-11 rows (the four-row groups and the rest), both
+ * contiguous and strided elements. */
+static void test_pair_dots(const mha__kernels *kt)
+{
+    enum { ROWS = 11, K_MAX = 100 };
+    static const int64_t ks[] = {0, 1, 5, 64, 100};
+    float *a = filled(ROWS * 2 * K_MAX + 7), *b = filled(ROWS * 2 * K_MAX + 5), out[ROWS + 1];
+    int bad = 0;
+    for (int64_t cs = 1; cs <= 2; cs++)
+        for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++)
+            for (int64_t rows = 1; rows <= ROWS; rows++) {
+                int64_t k = ks[ki], a_rs = cs * K_MAX + 7, b_rs = cs * K_MAX + 3;
+                out[rows] = 12345.0f;
+                kt->pair_dots(rows, k, a, a_rs, cs, b, b_rs, cs, out);
+                for (int64_t i = 0; i < rows; i++) {
+                    float want;
+                    kt->gemm_tile(1, 1, k, a + i * a_rs, 0, cs, b + i * b_rs, cs, &want, 1, 0);
+                    bad += memcmp(&want, &out[i], sizeof want) != 0;
+                }
+                bad += out[rows] != 12345.0f;
+            }
+    CHECK(bad == 0, "%s pair_dots: %d values unlike gemm_tile's or written past the rows", kt->name, bad);
+    free(a);
+    free(b);
 }
 
 static void test_exp(const mha__kernels *kt)
@@ -543,6 +572,7 @@ int main(void)
         }
         test_gemm_tile(kt);
         test_gemm_tile_grouped(kt);
+        test_pair_dots(kt);
         test_exp(kt);
         test_softmax_step(kt);
         test_softmax_step_special(kt);

@@ -148,30 +148,44 @@ static const float *row_of(const mha_tensor *t, int64_t b, int64_t h, int64_t i)
     return t->data + b * t->stride[0] + h * t->stride[1] + i * t->stride[2];
 }
 
-/* The rows' normalisation and delta_i = dO_i . O_i.  delta is computed by
- * the micro-kernel that computes dP_ij = dO_i . V_j, as the same chain of
- * multiply-adds, so where O_i = V_j (a row that sees one key) dP - delta
- * is exactly 0, as the softmax's gradient must be. */
+/* The rows' normalisation and delta_i = dO_i . O_i.  delta is computed
+ * (pair_dots) as the same chain of multiply-adds as gemm_tile computes
+ * dP_ij = dO_i . V_j, so where O_i = V_j (a row that sees one key) dP -
+ * delta is exactly 0, as the softmax's gradient must be. */
 typedef struct rows_job {
     const bwd_job *j;
     const mha_tensor *out; /* NULL: shift and mul only (mha__attn_row_sums) */
     const mha__row_norm *norm;
 } rows_job;
 
+/* Rows i0 .. of x for (b, head h), `width` elements each. */
+static mha__strided rows_at(const mha_tensor *x, int64_t b, int64_t h, int64_t i0)
+{
+    return (mha__strided){row_of(x, b, h, i0), x->stride[2], x->stride[3]};
+}
+
+/* delta of rows begin .. end - 1, a run of one (batch, head) at a time. */
+static void row_deltas(const rows_job *rj, int64_t begin, int64_t end)
+{
+    const bwd_job *j = rj->j;
+    const mha__attn_plan *p = j->p;
+    for (int64_t row = begin, run; row < end; row += run) {
+        int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
+        run = end - row < p->L - i ? end - row : p->L - i;
+        mha__strided o = rows_at(rj->out, b, h, i), d = rows_at(j->dout, b, h, i);
+        j->kt->pair_dots(run, p->Dv, o.data, o.rs, o.cs, d.data, d.rs, d.cs, j->delta + row);
+    }
+}
+
 static void rows_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const rows_job *rj = arg;
     const bwd_job *j = rj->j;
-    const mha__attn_plan *p = j->p;
+    if (rj->norm->delta) /* the whole rows', given */
+        memcpy(j->delta + begin, rj->norm->delta + begin, (size_t)(end - begin) * sizeof(float));
+    else if (rj->out) row_deltas(rj, begin, end);
     for (int64_t row = begin; row < end; row++) {
-        int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
-        if (rj->norm->delta) { /* the whole row's, given */
-            j->delta[row] = rj->norm->delta[row];
-        } else if (rj->out) {
-            const float *o = row_of(rj->out, b, h, i), *d = row_of(j->dout, b, h, i);
-            j->kt->gemm_tile(1, 1, p->Dv, o, 0, rj->out->stride[3], d, j->dout->stride[3], j->delta + row, 1, 0);
-        }
         /* A row that saw no key: every p is 0 (shift 0 keeps exp finite). */
         if (rj->norm->lse) {
             float lse = rj->norm->lse[row];
@@ -184,12 +198,6 @@ static void rows_range(void *arg, int thread, int64_t begin, int64_t end)
             j->mul[row] = sum > 0 ? 1.0f / sum : 0.0f;
         }
     }
-}
-
-/* Rows i0 .. of x for (b, head h), `width` elements each. */
-static mha__strided rows_at(const mha_tensor *x, int64_t b, int64_t h, int64_t i0)
-{
-    return (mha__strided){row_of(x, b, h, i0), x->stride[2], x->stride[3]};
 }
 
 /* Packs the query block's (scale Q)^T and dO^T (times 1: exact). */

@@ -33,6 +33,17 @@ static void gemm_tile_grouped_generic(int64_t m, int64_t n, int64_t groups, int6
         }
 }
 
+/* As gemm_tile_generic computes one element. */
+static void pair_dots_generic(int64_t rows, int64_t k, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
+                              int64_t b_rs, int64_t b_cs, float *out)
+{
+    for (int64_t i = 0; i < rows; i++) {
+        float acc = 0.0f;
+        for (int64_t p = 0; p < k; p++) acc += a[i * a_rs + p * a_cs] * b[i * b_rs + p * b_cs];
+        out[i] = acc;
+    }
+}
+
 static void softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
                                  float *scale)
 {
@@ -230,6 +241,7 @@ const mha__kernels mha__kernels_generic = {
     .nr = GENERIC_NR,
     .gemm_tile = gemm_tile_generic,
     .gemm_tile_grouped = gemm_tile_grouped_generic,
+    .pair_dots = pair_dots_generic,
     .softmax_step = softmax_step_generic,
     .softmax_grad = softmax_grad_generic,
     .dot_rows = dot_rows_generic,

@@ -86,6 +86,14 @@ typedef void (*mha__dot_rows_i8_fn)(const int8_t *k, int64_t ldk, int64_t n, con
 typedef void (*mha__axpy_rows_i8_fn)(const float *p, const float *scale, const int8_t *v, int64_t ldv, int64_t n,
                                      int64_t d, float *o);
 
+/* out[i] = sum_p a[i * a_rs + p * a_cs] b[i * b_rs + p * b_cs] for i < rows,
+ * p < k: each one chain of multiply-adds from 0 in p order, the arithmetic
+ * of one gemm_tile element.  The backward's delta_i = dO_i . O_i, which
+ * must equal dP_ij = dO_i . V_j to the bit where O_i = V_j (a row that
+ * sees one key), so that dP - delta is exactly 0 there. */
+typedef void (*mha__pair_dots_fn)(int64_t rows, int64_t k, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
+                                  int64_t b_rs, int64_t b_cs, float *out);
+
 /* dst[c * ldd + r] = alpha * src[r * lds + c] for r < rows, c < cols:
  * rows of queries scaled and turned into columns (queries in lanes), the
  * B operand of the score tile.  One multiply an element: the same bits in
@@ -127,6 +135,7 @@ typedef struct mha__kernels {
     mha__axpy_rows_fn axpy_rows;
     mha__dot_rows_i8_fn dot_rows_i8;
     mha__axpy_rows_i8_fn axpy_rows_i8;
+    mha__pair_dots_fn pair_dots;
     mha__transpose_scaled_fn transpose_scaled;
     mha__scale_fn scale;
     mha__exp_shift_fn exp_shift;
@@ -249,6 +258,8 @@ extern const mha__kernels mha__kernels_avx512;
  * well under 1% of its products. */
 void mha__abs_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top);
 double mha__dot_f64_avx2(const float *a, const float *b, int64_t n);
+void mha__pair_dots_avx2(int64_t rows, int64_t k, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
+                         int64_t b_rs, int64_t b_cs, float *out);
 #endif
 
 #endif /* MHA_KERNELS_H */
