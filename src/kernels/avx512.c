@@ -112,6 +112,14 @@ static inline __attribute__((always_inline)) void tile_body(int64_t m, int64_t n
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
     __m512 c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
     __m512 c80 = c00, c81 = c00, c90 = c00, c91 = c00, c100 = c00, c101 = c00, c110 = c00, c111 = c00;
+    /* The tile adds into C only after its k steps; fetching C's lines now
+     * hides their misses behind those steps (the layer's input gradients
+     * add into rows that are in neither L1 nor L2). */
+    if (accumulate)
+        for (int64_t i = 0; i < m; i++) {
+            _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
+            _mm_prefetch((const char *)(c + i * ldc + 16), _MM_HINT_T0);
+        }
     for (int64_t g = 0; g < groups; g++, a += a_gs, b += k * ldb) { /* k steps a group */
         if (form == PANEL) {
             const float *ap = a;
