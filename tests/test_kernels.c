@@ -144,7 +144,7 @@ static void test_pair_dots(const mha__kernels *kt)
 {
     enum { ROWS = 11, K_MAX = 100 };
     static const int64_t ks[] = {0, 1, 5, 64, 100};
-    float *a = filled(ROWS * 2 * K_MAX + 7), *b = filled(ROWS * 2 * K_MAX + 5), out[ROWS + 1];
+    float *a = filled(ROWS * (2 * K_MAX + 7)), *b = filled(ROWS * (2 * K_MAX + 3)), out[ROWS + 1];
     int bad = 0;
     for (int64_t cs = 1; cs <= 2; cs++)
         for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++)
