@@ -358,15 +358,6 @@ bool mha__weight_grad_workspace(const mha__kernels *kt, int64_t out, int64_t in,
     return mha__ws_add(bytes, grad_pack_floats(kt, out, in) * (int64_t)sizeof(float), "a weight gradient's packs");
 }
 
-/* Does each batch's rows follow the previous batch's (in every column
- * group)?  Then N batches of T rows are one run of N T rows: at S1's T =
- * 128, a chunk of GRAD_ROWS spans two batches, and dW is read and written
- * half as often (for each chunk it passes through L3: 2.3 MB at E = 768). */
-static bool rows_follow(int64_t N, int64_t T, const mha__batched *m)
-{
-    return N == 1 || m->batch_stride == T * m->m.rs;
-}
-
 mha_status mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *dy,
                             const mha__batched *x, int64_t out, int64_t in, float *dw)
 {
@@ -379,7 +370,11 @@ mha_status mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int
                     dy->m,      x->m,
                     a,          a + GRAD_ROWS * out_panels * kt->mr,
                     dw,         (in + GRAD_IN - 1) / GRAD_IN};
-    if (rows_follow(N, T, dy) && rows_follow(N, T, x)) T *= N, N = 1; /* chunks may cross batches */
+    /* Batches whose rows follow one another are one run of rows: at S1's
+     * T = 128 a chunk of GRAD_ROWS then spans two batches, and dW is read
+     * and written half as often (each chunk passes it through L3: 2.3 MB
+     * at E = 768). */
+    if (mha__batch_rows_follow(T, dy) && mha__batch_rows_follow(T, x)) T *= N, N = 1;
     for (int64_t n = 0; n < N; n++)
         for (int64_t r0 = 0; r0 < T; r0 += GRAD_ROWS) {
             j.rows = T - r0 < GRAD_ROWS ? T - r0 : GRAD_ROWS;

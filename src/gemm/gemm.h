@@ -69,6 +69,10 @@ typedef struct mha__batched {
     int64_t batch_stride;
 } mha__batched;
 
+/* Do the batches' rows (T a batch) follow one another, in every column
+ * group?  Then N batches are one matrix of N T rows. */
+static inline bool mha__batch_rows_follow(int64_t T, const mha__batched *b) { return b->batch_stride == T * b->m.rs; }
+
 /* dW [out, in] row-major += sum over n < N, r < T of dy_n(r, o) x_n(r, i):
  * a weight's gradient.  Each element gets one chain of multiply-adds per
  * chunk of rows, added to it in order, whatever the thread count.  Packs

@@ -61,11 +61,10 @@ static mha_status linear(mha_ctx *ctx, const mha_layer *l, int64_t rows, const m
     return mha__weight_linear(ctx, &l->w[which], rows, x, b, y);
 }
 
-/* Can N batches of T rows be one matrix of N T rows?  When each batch's
- * rows follow the previous batch's, in every column group. */
+/* Can N batches of T rows be one matrix of N T rows? */
 static bool batches_even(int64_t T, const mha__batched *x, const mha__batched *y)
 {
-    return x->batch_stride == T * x->m.rs && y->batch_stride == T * y->m.rs;
+    return mha__batch_rows_follow(T, x) && mha__batch_rows_follow(T, y);
 }
 
 /* y[n, t, :] = x[n, t, :] W^T + b for N batches of T rows: one GEMM when
