@@ -147,8 +147,8 @@ static double dot_f64_generic(const float *a, const float *b, int64_t n)
     return acc;
 }
 
-void mha__transpose_scaled_generic(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
-                                   float alpha)
+static void transpose_scaled_generic(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
+                                     float alpha)
 {
     for (int64_t r = 0; r < rows; r++)
         for (int64_t c = 0; c < cols; c++) dst[c * ldd + r] = alpha * src[r * lds + c];
@@ -248,7 +248,7 @@ const mha__kernels mha__kernels_generic = {
     .axpy_rows = axpy_rows_generic,
     .dot_rows_i8 = dot_rows_i8_generic,
     .axpy_rows_i8 = axpy_rows_i8_generic,
-    .transpose_scaled = mha__transpose_scaled_generic,
+    .transpose_scaled = transpose_scaled_generic,
     .scale = scale_generic,
     .exp_shift = exp_shift_generic,
     .abs_max = abs_max_generic,

@@ -247,9 +247,6 @@ const mha__kernels *mha__kernels_named(const char *name);
 
 /* Each ISA file defines its table; cpu.c chooses among them. */
 extern const mha__kernels mha__kernels_generic;
-/* generic.c's transpose_scaled, which the avx2 table shares. */
-void mha__transpose_scaled_generic(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
-                                   float alpha);
 extern const mha__kernels mha__kernels_avx2;
 extern const mha__kernels mha__kernels_avx512;
 
