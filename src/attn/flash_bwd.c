@@ -158,7 +158,7 @@ typedef struct rows_job {
     const mha__row_norm *norm;
 } rows_job;
 
-/* Rows i0 .. of x for (b, head h), `width` elements each. */
+/* Rows i0 .. of x for (b, head h), as a strided matrix. */
 static mha__strided rows_at(const mha_tensor *x, int64_t b, int64_t h, int64_t i0)
 {
     return (mha__strided){row_of(x, b, h, i0), x->stride[2], x->stride[3]};

@@ -317,7 +317,6 @@ const mha__bf16_kernels mha__bf16_kernels_avx2 = {
     .peak = NULL, /* converts to float32: the float32 peak applies */
 };
 
-/* Whole vectors plain, the tail masked (see LOAD8). */
 /* x[j][i] <- x[i][j] for 8 rows of 8 floats: pairs of rows interleaved,
  * then fours, then the 128-bit halves exchanged. */
 static inline void transpose8(__m256 x[8])
@@ -368,6 +367,7 @@ static void transpose_scaled_avx2(float *dst, int64_t ldd, const float *src, int
     }
 }
 
+/* Whole vectors plain, the tail masked (see LOAD8). */
 static void scale_avx2(float *x, int64_t n, float alpha)
 {
     __m256 va = _mm256_set1_ps(alpha);
