@@ -137,32 +137,16 @@ typedef struct linear_job {
     bool add; /* y += x W^T instead of y = x W^T + b */
 } linear_job;
 
-/* Element (r, c) of a grouped matrix. */
-static float *mat_at(const mha__mat *a, int64_t r, int64_t c)
-{
-    int64_t g = a->group_cols ? c / a->group_cols : 0, cc = a->group_cols ? c % a->group_cols : c;
-    return a->data + g * a->group_stride + r * a->rs + cc * a->cs;
-}
-
-/* How many of the m columns from c on lie in c's column group. */
-static int64_t group_run(const mha__mat *a, int64_t c, int64_t m)
-{
-    if (!a->group_cols) return m;
-    int64_t left = a->group_cols - c % a->group_cols;
-    return m < left ? m : left;
-}
-
-/* y's rows r0 .. r1-1, columns c0 .. c1-1, set to the bias before the
- * products add into them: one copy per row and column group (an item's
- * panels are adjacent columns), where a copy per row and panel (128
- * bytes each, some 98 000 calls in a layer forward at S1) took 1.7% of
- * that forward. */
-static void bias_rows(const linear_job *j, int64_t r0, int64_t r1, int64_t c0, int64_t c1)
+/* One copy per row and column group (an item's panels are adjacent
+ * columns), where a copy per row and panel (128 bytes each, some 98 000
+ * calls in a layer forward at S1) took 1.7% of that forward. */
+void mha__fill_rows(const mha__mat *y, const float *b, int64_t r0, int64_t r1, int64_t c0, int64_t c1)
 {
     for (int64_t r = r0; r < r1; r++)
         for (int64_t c = c0, run; c < c1; c += run) {
-            run = group_run(&j->y, c, c1 - c);
-            memcpy(mat_at(&j->y, r, c), j->b + c, (size_t)run * sizeof(float));
+            run = mha__group_run(y, c, c1 - c);
+            if (b) memcpy(mha__mat_at(y, r, c), b + c, (size_t)run * sizeof(float));
+            else memset(mha__mat_at(y, r, c), 0, (size_t)run * sizeof(float));
         }
 }
 
@@ -192,12 +176,12 @@ static void linear_tile(const linear_job *j, int64_t r, int64_t m, int64_t p, in
     const mha__kernels *kt = j->kt;
     int64_t col0 = p * kt->nr, cols = j->w->out - col0 < kt->nr ? j->w->out - col0 : kt->nr;
     const float *b = j->w->data + p * j->w->panel_stride + c0 * j->w->ldb;
-    float *y = mat_at(&j->y, r, col0);
+    float *y = mha__mat_at(&j->y, r, col0);
     int accumulate = j->add || j->b != NULL || c0 > 0;
     if (j->x.group_cols && k > j->x.group_cols)
-        kt->gemm_tile_grouped(m, cols, k / j->x.group_cols, j->x.group_cols, mat_at(&j->x, r, c0), j->x.rs,
+        kt->gemm_tile_grouped(m, cols, k / j->x.group_cols, j->x.group_cols, mha__mat_at(&j->x, r, c0), j->x.rs,
                               j->x.group_stride, b, j->w->ldb, y, j->y.rs, accumulate);
-    else kt->gemm_tile(m, cols, k, mat_at(&j->x, r, c0), j->x.rs, j->x.cs, b, j->w->ldb, y, j->y.rs, accumulate);
+    else kt->gemm_tile(m, cols, k, mha__mat_at(&j->x, r, c0), j->x.rs, j->x.cs, b, j->w->ldb, y, j->y.rs, accumulate);
 }
 
 /* Item (row block, range of panels): every panel of the item passes over
@@ -211,7 +195,7 @@ static void linear_item(const linear_job *j, int64_t item)
     int64_t p1 = p0 + j->panels_per_item < j->panels ? p0 + j->panels_per_item : j->panels;
     int64_t r0 = rb * ROW_BLOCK, r1 = r0 + ROW_BLOCK < j->rows ? r0 + ROW_BLOCK : j->rows;
     int64_t in = j->w->in, span = pass_cols(j);
-    if (j->b) bias_rows(j, r0, r1, p0 * kt->nr, p1 * kt->nr < j->w->out ? p1 * kt->nr : j->w->out);
+    if (j->b) mha__fill_rows(&j->y, j->b, r0, r1, p0 * kt->nr, p1 * kt->nr < j->w->out ? p1 * kt->nr : j->w->out);
     for (int64_t c0 = 0; c0 < in; c0 += span)
         for (int64_t p = p0; p < p1; p++)
             for (int64_t r = r0; r < r1; r += kt->mr)
@@ -291,7 +275,7 @@ enum { MAX_PANEL = 32 };
 static void pack_columns(const mha__mat *m, int64_t c0, int64_t n, int64_t r0, int64_t r1, int64_t width, float *dst)
 {
     const float *col[MAX_PANEL];
-    for (int64_t c = 0; c < n; c++) col[c] = mat_at(m, 0, c0 + c);
+    for (int64_t c = 0; c < n; c++) col[c] = mha__mat_at(m, 0, c0 + c);
     bool side_by_side = m->cs == 1 && col[n - 1] == col[0] + n - 1;
     for (int64_t r = r0; r < r1; r++) {
         float *d = dst + r * width;
@@ -405,8 +389,8 @@ static void colsum_range(void *arg, int thread, int64_t begin, int64_t end)
             mha__mat y = j->y.m;
             y.data += n * j->y.batch_stride;
             for (int64_t c = c0; c < c1;) { /* a run of columns in one group at a time */
-                int64_t run = group_run(&y, c, c1 - c);
-                const float *at = mat_at(&y, 0, c);
+                int64_t run = mha__group_run(&y, c, c1 - c);
+                const float *at = mha__mat_at(&y, 0, c);
                 for (int64_t r = 0; r < j->T; r++)
                     for (int64_t i = 0; i < run; i++) j->sums[c + i] += at[r * y.rs + i * y.cs];
                 c += run;
@@ -469,9 +453,9 @@ static void round_rows(void *arg, int thread, int64_t begin, int64_t end)
         for (int64_t c0 = 0; c0 < j->in; c0 += group) {
             int64_t n = j->in - c0 < group ? j->in - c0 : group;
             if (j->x->cs == 1) {
-                j->bk->round(dst + c0, mat_at(j->x, r, c0), n);
+                j->bk->round(dst + c0, mha__mat_at(j->x, r, c0), n);
             } else {
-                for (int64_t c = c0; c < c0 + n; c++) dst[c] = mha__f32_to_bf16(*mat_at(j->x, r, c));
+                for (int64_t c = c0; c < c0 + n; c++) dst[c] = mha__f32_to_bf16(*mha__mat_at(j->x, r, c));
             }
         }
         if (j->in_even > j->in) dst[j->in] = 0;
@@ -498,7 +482,7 @@ static void linear_bf16_range(void *arg, int thread, int64_t begin, int64_t end)
         int64_t r1 = r0 + ROW_BLOCK < j->rows ? r0 + ROW_BLOCK : j->rows;
         int64_t col0 = panel * nr, cols = j->w->out - col0 < nr ? j->w->out - col0 : nr;
         const uint16_t *b = j->w->data + panel * in_even * nr;
-        float *y = mat_at(&j->y, r0, col0);
+        float *y = mha__mat_at(&j->y, r0, col0);
         if (j->b)
             for (int64_t i = 0; i < r1 - r0; i++) memcpy(y + i * j->y.rs, j->b + col0, (size_t)cols * sizeof(float));
         j->gemm(r1 - r0, cols, in_even, j->xb + r0 * in_even, in_even, 2, b, 2 * nr, y, j->y.rs, j->b != NULL);

@@ -50,6 +50,25 @@ typedef struct mha__mat {
     int64_t group_cols, group_stride;
 } mha__mat;
 
+/* Element (r, c) of a grouped matrix. */
+static inline float *mha__mat_at(const mha__mat *a, int64_t r, int64_t c)
+{
+    int64_t g = a->group_cols ? c / a->group_cols : 0, cc = a->group_cols ? c % a->group_cols : c;
+    return a->data + g * a->group_stride + r * a->rs + cc * a->cs;
+}
+
+/* How many of the m columns from c on lie in c's column group. */
+static inline int64_t mha__group_run(const mha__mat *a, int64_t c, int64_t m)
+{
+    if (!a->group_cols) return m;
+    int64_t left = a->group_cols - c % a->group_cols;
+    return m < left ? m : left;
+}
+
+/* y's rows r0 .. r1-1, columns c0 .. c1-1 (y.cs = 1) set to b[c0 .. c1-1],
+ * or to 0 when b is NULL: one copy per row and column group. */
+void mha__fill_rows(const mha__mat *y, const float *b, int64_t r0, int64_t r1, int64_t c0, int64_t c1);
+
 /* y[r, :] = x[r, :] W^T + b for r < rows; b may be NULL.  y must have
  * cs = 1 and, if grouped, groups that are a multiple of the kernels' nr
  * wide (so no panel straddles two groups).  Each output is the bias plus
@@ -104,13 +123,36 @@ bool mha__linear_bf16_workspace(int64_t rows, int64_t in, int64_t *bytes);
 mha_status mha__linear_bf16(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, const mha__mat *x,
                             const mha__packed_bf16 *w, const float *b, const mha__mat *y);
 
+/* W [out, in] split for the float32 split products (split.c, kernels.h):
+ * column tile t (outputs 16 t .. 16 t + 15) at data + t * 3 * ceil(in /
+ * 32) * MHA_SPLIT_TILE, zero-padded to whole 32-column panels and blocks
+ * of k.  data is NULL when W has a value that is not finite. */
+typedef struct mha__packed_split {
+    uint16_t *data;
+    int64_t out, in;
+} mha__packed_split;
+
+/* Splits w (NULL: zeros) with bk's split3, in place when the size is
+ * unchanged.  NOMEM, or INVALID_ARG when the size overflows. */
+mha_status mha__pack_split(mha__packed_split *p, const mha__bf16_kernels *bk, const float *w, int64_t out, int64_t in);
+void mha__packed_split_free(mha__packed_split *p);
+
+/* y = x W^T + b by bk's split products (bk->gemm_split set; y as for
+ * mha__linear), x split a chunk of rows at a time into the workspace:
+ * the bytes to plan for, and the product.  False, y unspecified, when x
+ * has a value that is not finite: the caller then runs mha__linear. */
+bool mha__linear_split_workspace(int64_t rows, int64_t in, int64_t *bytes);
+bool mha__linear_split(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, const mha__mat *x,
+                       const mha__packed_split *w, const float *b, const mha__mat *y);
+
 /* A weight packed for the GEMM in the dtype it computes in (weight.c):
  * the one type a layer keeps per matrix.  Zero-initialised: empty. */
 typedef struct mha__weight {
     const mha__isa_kernels *kernels; /* the kernels it was packed for */
     bool bf16;
-    mha__packed f32;      /* float32 panels, or */
-    mha__packed_bf16 b16; /* bf16 pairs */
+    mha__packed f32;         /* float32 panels, and where the ISA has split products, */
+    mha__packed_split split; /* its three bf16 parts; or */
+    mha__packed_bf16 b16;    /* bf16 pairs */
 } mha__weight;
 
 /* Packs src [out, in] (NULL: zeros) for k's kernels in dtype (F32 or

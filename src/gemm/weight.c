@@ -5,18 +5,28 @@
  */
 #include "gemm/gemm.h"
 
+/* Float32 weights go through the split products where the ISA has them
+ * and its float32 panels are as wide as theirs (so a head-major layout
+ * that suits one suits the other). */
+static bool split_products(const mha__isa_kernels *k) { return k->bf16 && k->bf16->gemm_split && k->f32->nr == 32; }
+
 mha_status mha__weight_pack(mha__weight *w, const mha__isa_kernels *k, mha_dtype dtype, const float *src, int64_t out,
                             int64_t in)
 {
     w->kernels = k;
     w->bf16 = dtype == MHA_DTYPE_BF16;
     if (w->bf16) return mha__pack_bf16(&w->b16, src, out, in);
-    return mha__pack(&w->f32, k->f32, src, out, in);
+    mha_status st = mha__pack(&w->f32, k->f32, src, out, in);
+    if (st != MHA_OK || !split_products(k)) return st;
+    st = mha__pack_split(&w->split, k->bf16, src, out, in);
+    if (st != MHA_OK) mha__packed_split_free(&w->split); /* never a stale split beside new panels */
+    return st;
 }
 
 void mha__weight_free(mha__weight *w)
 {
     mha__packed_free(&w->f32);
+    mha__packed_split_free(&w->split);
     mha__packed_bf16_free(&w->b16);
 }
 
@@ -24,13 +34,15 @@ int64_t mha__weight_panel(const mha__weight *w) { return w->bf16 ? MHA_BF16_NR :
 
 bool mha__weight_linear_workspace(const mha__weight *w, int64_t rows, int64_t in, int64_t *bytes)
 {
-    return !w->bf16 || mha__linear_bf16_workspace(rows, in, bytes);
+    if (w->bf16) return mha__linear_bf16_workspace(rows, in, bytes);
+    return !w->split.data || mha__linear_split_workspace(rows, in, bytes);
 }
 
 mha_status mha__weight_linear(mha_ctx *ctx, const mha__weight *w, int64_t rows, const mha__mat *x, const float *b,
                               const mha__mat *y)
 {
     if (w->bf16) return mha__linear_bf16(ctx, w->kernels->bf16, rows, x, &w->b16, b, y);
+    if (w->split.data && mha__linear_split(ctx, w->kernels->bf16, rows, x, &w->split, b, y)) return MHA_OK;
     mha__linear(ctx, w->kernels->f32, rows, x, &w->f32, b, y);
     return MHA_OK;
 }

@@ -255,3 +255,115 @@ double mha__bf16_peak_amx(int64_t iterations)
     _tile_release();
     return 2.0 * TILE_ROWS * TILE_ROWS * TILE_K * 4.0 * (double)iterations;
 }
+
+/* ---------------------------------------------------------------- */
+/* Float32 products from split bf16 parts (kernels.h)                */
+/* ---------------------------------------------------------------- */
+
+/* x rounded to bf16, nearest even, as float32 bits with the low half 0;
+ * x finite.  Where that rounding overflows (|x| within half a bf16 step
+ * of FLT_MAX) the truncation instead, which cannot. */
+static __m512i bf16_bits(__m512i x)
+{
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    __m512i up = _mm512_add_epi32(x, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    __m512i high = _mm512_set1_epi32((int)0xffff0000u), exponent = _mm512_set1_epi32(0x7f800000);
+    __mmask16 overflow = _mm512_cmpeq_epi32_mask(_mm512_and_si512(up, exponent), exponent);
+    return _mm512_and_si512(_mm512_mask_blend_epi32(overflow, up, x), high);
+}
+
+static void store_halves(uint16_t *dst, __mmask16 mk, __m512i bits)
+{
+    _mm256_mask_storeu_epi16(dst, mk, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+
+bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo)
+{
+    __m512i exponent = _mm512_set1_epi32(0x7f800000);
+    bool finite = true;
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mk = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 x = _mm512_maskz_loadu_ps(mk, src + i);
+        __m512i xb = _mm512_castps_si512(x);
+        finite &= _mm512_mask_cmpeq_epi32_mask(mk, _mm512_and_si512(xb, exponent), exponent) == 0;
+        /* Each residual is exact in float32: x - h keeps at most 16 of
+         * x's significant bits, r - m at most 8, so lo is r - m itself. */
+        __m512i h = bf16_bits(xb);
+        __m512 r = _mm512_sub_ps(x, _mm512_castsi512_ps(h));
+        __m512i m = bf16_bits(_mm512_castps_si512(r));
+        __m512i l = bf16_bits(_mm512_castps_si512(_mm512_sub_ps(r, _mm512_castsi512_ps(m))));
+        store_halves(hi + i, mk, h);
+        store_halves(mid + i, mk, m);
+        store_halves(lo + i, mk, l);
+    }
+    return finite;
+}
+
+/* Part q of block b of a tile run (one row tile of A or column tile of B). */
+#define SPLIT_PART(t, b, q) ((const void *)((t) + ((b)*3 + (q)) * MHA_SPLIT_TILE))
+
+/* One 32 x 32 block of C: tiles 0-3 accumulate it (loaded from C, so the
+ * call adds to it), 4-5 hold two row tiles' part of A, 6-7 two column
+ * tiles' part of B.  Per block of k the six products are ordered so that
+ * each part is loaded once a row or column tile but B's hi (twice):
+ * A hi against lo, mid, hi of B, then A mid against hi and mid, then A lo
+ * against hi: eight loads of two tiles for 24 TDPBF16PS. */
+static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1, const uint16_t *b0,
+                        const uint16_t *b1, float *c, int64_t ldc)
+{
+    int64_t stride = ldc * (int64_t)sizeof(float);
+    _tile_loadd(0, c, stride);
+    _tile_loadd(1, c + 16, stride);
+    _tile_loadd(2, c + 16 * ldc, stride);
+    _tile_loadd(3, c + 16 * ldc + 16, stride);
+#define SPLIT_A(q)                                        \
+    do {                                                  \
+        _tile_loadd(4, SPLIT_PART(a0, b, q), TILE_BYTES); \
+        _tile_loadd(5, SPLIT_PART(a1, b, q), TILE_BYTES); \
+    } while (0)
+#define SPLIT_B(q)                                        \
+    do {                                                  \
+        _tile_loadd(6, SPLIT_PART(b0, b, q), TILE_BYTES); \
+        _tile_loadd(7, SPLIT_PART(b1, b, q), TILE_BYTES); \
+    } while (0)
+#define SPLIT_DP()               \
+    do {                         \
+        _tile_dpbf16ps(0, 4, 6); \
+        _tile_dpbf16ps(1, 4, 7); \
+        _tile_dpbf16ps(2, 5, 6); \
+        _tile_dpbf16ps(3, 5, 7); \
+    } while (0)
+    for (int64_t b = 0; b < k_blocks; b++) {
+        SPLIT_A(0);
+        SPLIT_B(2);
+        SPLIT_DP(); /* hi lo */
+        SPLIT_B(1);
+        SPLIT_DP(); /* hi mid */
+        SPLIT_B(0);
+        SPLIT_DP(); /* hi hi */
+        SPLIT_A(1);
+        SPLIT_DP(); /* mid hi */
+        SPLIT_B(1);
+        SPLIT_DP(); /* mid mid */
+        SPLIT_A(2);
+        SPLIT_B(0);
+        SPLIT_DP(); /* lo hi */
+    }
+#undef SPLIT_A
+#undef SPLIT_B
+#undef SPLIT_DP
+    _tile_stored(0, c, stride);
+    _tile_stored(1, c + 16, stride);
+    _tile_stored(2, c + 16 * ldc, stride);
+    _tile_stored(3, c + 16 * ldc + 16, stride);
+}
+
+void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, const uint16_t *b, float *c,
+                         int64_t ldc)
+{
+    int64_t run = 3 * k_blocks * MHA_SPLIT_TILE; /* one row or column tile */
+    configure();
+    for (int64_t p = 0; p < row_pairs; p++)
+        split_block(k_blocks, a + 2 * p * run, a + (2 * p + 1) * run, b, b + run, c + 32 * p * ldc, ldc);
+    _tile_release();
+}

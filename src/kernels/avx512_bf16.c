@@ -198,4 +198,6 @@ const mha__bf16_kernels mha__bf16_kernels_amx = {
     .dot_rows = dot_rows_bf16_avx512,
     .axpy_rows = axpy_rows_bf16_avx512,
     .peak = mha__bf16_peak_amx,
+    .split3 = mha__split3_amx,
+    .gemm_split = mha__gemm_split_amx,
 };

@@ -11,6 +11,7 @@
 #ifndef MHA_KERNELS_H
 #define MHA_KERNELS_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 /* C[m x n] (+)= A[m x k] * B[k x n], the register-tiled core of every
@@ -181,6 +182,36 @@ typedef void (*mha__axpy_rows_bf16_fn)(const float *p, const uint16_t *v, int64_
 
 enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
 
+/* Float32 products from bf16 parts ("split" products, AMX only).  Every
+ * finite float32 x is exactly hi + mid + lo, three bf16 values with
+ * |mid| <= 2^-8 |x| and |lo| <= 2^-16 |x|; of the nine products of two
+ * such sums, the six down to the 2^-16 level (hi hi, hi mid, mid hi,
+ * hi lo, lo hi, mid mid) leave out at most about 2^-23 |a b| in all, so a
+ * dot product of split operands is as accurate as float32's own, at the
+ * bf16 units' rate (docs/NUMERICS.md).
+ *
+ * split3 writes the parts of src[0 .. n-1] (n <= 32) to hi, mid and lo
+ * and returns false if any src value is not finite (an infinity's parts
+ * would turn inf * w into inf - inf; the caller then takes the float32
+ * path).  hi rounds to nearest even, or truncates where that rounding
+ * would overflow to infinity.
+ *
+ * The split product's operands are whole tiles (amx_bf16.c), each 16 rows
+ * of 32 bf16 values of k, one tile per part, parts in the order hi, mid,
+ * lo, MHA_SPLIT_TILE values apart; a row tile of A (16 rows) or a column
+ * tile of B (16 columns) is k_blocks blocks of 32 values of k, so
+ * MHA_SPLIT_TILE * 3 * k_blocks values long:
+ *   A  row i, value c of block b, part q: tile[(b * 3 + q) * MHA_SPLIT_TILE + i * 32 + c]
+ *   B  column j, the same value:       tile[(b * 3 + q) * MHA_SPLIT_TILE + (c / 2) * 32 + 2 * j + c % 2]
+ * gemm_split adds to C (row-major, ldc floats a row) the product of
+ * 2 * row_pairs row tiles of A, one after another, with two column tiles
+ * of B: C rows 0 .. 32 row_pairs - 1, columns 0 .. 31.  Each C element is
+ * one float32 chain in a fixed order, whatever the caller's blocking. */
+enum { MHA_SPLIT_TILE = 512, MHA_SPLIT_K = 32 };
+typedef bool (*mha__split3_fn)(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
+typedef void (*mha__gemm_split_fn)(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, const uint16_t *b, float *c,
+                                   int64_t ldc);
+
 typedef struct mha__bf16_kernels {
     const char *name; /* "generic", "avx2", "avx512_bf16" or "amx" */
     mha__gemm_bf16_fn gemm;
@@ -190,6 +221,9 @@ typedef struct mha__bf16_kernels {
     mha__dot_rows_bf16_fn dot_rows;
     mha__axpy_rows_bf16_fn axpy_rows;
     mha__peak_fn peak; /* the bf16 multiply-add peak (NULL: same as float32) */
+    /* Float32 projections from split products (NULL: none on this ISA). */
+    mha__split3_fn split3;
+    mha__gemm_split_fn gemm_split;
 } mha__bf16_kernels;
 
 extern const mha__bf16_kernels mha__bf16_kernels_generic;
@@ -200,6 +234,9 @@ extern const mha__bf16_kernels mha__bf16_kernels_amx;
 void mha__bf16_gemm_amx(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
                         const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
 double mha__bf16_peak_amx(int64_t iterations);
+bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
+void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, const uint16_t *b, float *c,
+                         int64_t ldc);
 /* AVX2 without native bf16 dot products: its own cache rows (dot_rows,
  * axpy_rows: a bf16 KV cache decodes at the speed of its bytes), the
  * portable tile, round and pairs below. */
