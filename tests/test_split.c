@@ -6,12 +6,15 @@
  *            2^-126 below), |mid| <= 2^-8 |x|, |lo| <= 2^-16 |x|, over
  *            magnitudes from the smallest normal to FLT_MAX; any infinity
  *            or NaN reported;
- *   product: y = x W^T + b against double over shapes that hit every tail
- *            (rows, outputs and inputs not multiples of 16 or 32, more
- *            rows than one chunk), grouped x and y, with and without bias,
- *            within float32's error bound; the same bits on 1 and 3
- *            threads; false (the caller's fallback) for an input that is
- *            not finite.
+ *   product: y = x W^T (+ b, or added to y) against double over shapes
+ *            that hit every tail (rows, outputs and inputs not multiples
+ *            of 16 or 32, more rows than one chunk), grouped x and y, W
+ *            split once or from W^T into the workspace, within float32's
+ *            error bound; the same bits on 1 and 3 threads; with an
+ *            infinity in x, the same classes of outputs (finite, inf,
+ *            NaN) as the FMA GEMM's;
+ *   weight gradients: dW += dY^T X the same ways, over batches, chunks of
+ *            rows and head-major dY.
  */
 #include "core/convert.h"
 #include "gemm/gemm.h"
@@ -58,44 +61,111 @@ static void test_split3(const mha__bf16_kernels *bk)
     }
 }
 
-/* Runs y = x W^T + b (grouped: head-major x and y of 64-column groups)
- * and returns how many outputs miss float32's bound against double. */
-static int product_misses(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, int64_t in, int64_t out, bool bias,
-                          bool grouped, float **y_out)
+enum variant { PLAIN, BIAS, GROUPED, ADD, TRANSPOSED, VARIANTS };
+
+typedef struct problem {
+    int64_t rows, in, out;
+    enum variant v;
+    float *x, *w, *b, *y0; /* y0: y before the call (ADD) */
+    mha__mat xm, ym;
+} problem;
+
+static float *random_floats(int64_t n, float scale)
 {
-    float *x = malloc(sizeof(float) * (size_t)(rows * in)), *w = malloc(sizeof(float) * (size_t)(out * in));
-    float *b = malloc(sizeof(float) * (size_t)out), *y = malloc(sizeof(float) * (size_t)(rows * out));
-    for (int64_t i = 0; i < rows * in; i++) x[i] = uniform() * 4.0f;
-    for (int64_t i = 0; i < out * in; i++) w[i] = uniform() * 0.25f;
-    for (int64_t i = 0; i < out; i++) b[i] = uniform();
-    mha__mat xm = {x, in, 1, 0, 0}, ym = {y, out, 1, 0, 0};
-    if (grouped) xm = (mha__mat){x, 64, 1, 64, rows * 64}, ym = (mha__mat){y, 64, 1, 64, rows * 64};
-    mha__packed_split p = {0};
-    int64_t bytes = 0, misses = 0;
-    CHECK(mha__pack_split(&p, bk, w, out, in) == MHA_OK && p.data, "split pack %lld x %lld", (long long)out,
-          (long long)in);
-    CHECK(mha__linear_split_workspace(rows, in, &bytes) && mha__ws_reserve(ctx, bytes) == MHA_OK, "workspace");
-    CHECK(mha__linear_split(ctx, bk, rows, &xm, &p, bias ? b : NULL, &ym), "split product refused finite input");
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t o = 0; o < out; o++) {
-            double want = bias ? b[o] : 0.0, mag = fabs(want);
-            for (int64_t c = 0; c < in; c++) {
-                double t = (double)*mha__mat_at(&xm, r, c) * w[o * in + c];
-                want += t, mag += fabs(t);
-            }
-            /* float32's bound for a sum of in + 1 terms, as test_kernels
-             * holds the FMA tiles to. */
-            misses += fabs(*mha__mat_at(&ym, r, o) - want) > (double)(in + 2) * FLT_EPSILON * mag + 1e-30;
-        }
-    x[(rows / 2) * in + in / 3] = INFINITY; /* row rows / 2, column in / 3 in either layout */
-    CHECK(!mha__linear_split(ctx, bk, rows, &xm, &p, NULL, &ym), "split product took an infinity");
-    mha__packed_split_free(&p);
-    free(x), free(w), free(b);
-    *y_out = y;
-    return (int)misses;
+    float *v = malloc(sizeof(float) * (size_t)n);
+    for (int64_t i = 0; i < n; i++) v[i] = uniform() * scale;
+    return v;
 }
 
-static void test_products(mha_ctx *ctx1, mha_ctx *ctx3, const mha__bf16_kernels *bk)
+/* Outputs of y off float32's bound against double (each output the sum of
+ * in + 1 terms, as test_kernels holds the FMA tiles to), or, where x has
+ * an infinity, of a different class than the FMA GEMM's `fma` gives. */
+static int misses(const problem *p, const float *fma)
+{
+    int bad = 0;
+    for (int64_t r = 0; r < p->rows; r++)
+        for (int64_t o = 0; o < p->out; o++) {
+            double want = p->v == BIAS ? p->b[o] : p->v == ADD ? p->y0[r * p->out + o] : 0.0, mag = fabs(want);
+            for (int64_t c = 0; c < p->in; c++) {
+                double t = (double)*mha__mat_at(&p->xm, r, c) * p->w[o * p->in + c];
+                want += t, mag += fabs(t);
+            }
+            float got = *mha__mat_at(&p->ym, r, o);
+            if (fma) {
+                float f = fma[r * p->out + o];
+                bad += isfinite(f) ? got != got || fabs(got - want) > (double)(p->in + 2) * FLT_EPSILON * mag + 1e-30
+                                   : (isnan(f) != isnan(got)) || (isinf(f) && got != f);
+            } else {
+                bad += !(fabs(got - want) <= (double)(p->in + 2) * FLT_EPSILON * mag + 1e-30);
+            }
+        }
+    return bad;
+}
+
+/* y through the split products as variant v asks: W split once
+ * (mha__pack_split) or, TRANSPOSED, from W^T into the workspace. */
+static void run_split(mha_ctx *ctx, const mha__isa_kernels *k, problem *p)
+{
+    int64_t bytes = 0, rows = p->rows, in = p->in, out = p->out;
+    mha__packed fma = {0};
+    mha__packed_split sp = {0};
+    float *wt = malloc(sizeof(float) * (size_t)(in * out));
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t c = 0; c < in; c++) wt[c * out + o] = p->w[o * in + c];
+    CHECK(mha__pack(&fma, k->f32, p->w, out, in) == MHA_OK, "float32 pack");
+    CHECK(mha__linear_split_workspace(rows, in, &bytes) && mha__pack_split_transposed_workspace(in, out, &bytes) &&
+              mha__ws_reserve(ctx, bytes) == MHA_OK,
+          "workspace");
+    int64_t top = mha__ws_top(ctx);
+    if (p->v == TRANSPOSED)
+        CHECK(mha__pack_split_transposed_workspace_take(ctx, k->bf16, wt, in, out, &sp) == MHA_OK && sp.data,
+              "transposed split");
+    else CHECK(mha__pack_split(&sp, k->bf16, p->w, out, in) == MHA_OK && sp.data, "split pack");
+    memcpy(p->ym.data, p->y0, sizeof(float) * (size_t)(rows * out));
+    CHECK(mha__linear_split(ctx, k, rows, &p->xm, &sp, &fma, p->v == BIAS ? p->b : NULL, &p->ym, p->v == ADD) == MHA_OK,
+          "split product");
+    if (p->v != TRANSPOSED) mha__packed_split_free(&sp);
+    mha__ws_release(ctx, top);
+    mha__packed_free(&fma);
+    free(wt);
+}
+
+static problem problem_make(int64_t rows, int64_t in, int64_t out, enum variant v)
+{
+    problem p = {.rows = rows, .in = in, .out = out, .v = v};
+    p.x = random_floats(rows * in, 4.0f), p.w = random_floats(out * in, 0.25f);
+    p.b = random_floats(out, 1.0f), p.y0 = random_floats(rows * out, 1.0f);
+    float *y = malloc(sizeof(float) * (size_t)(rows * out));
+    p.xm = (mha__mat){p.x, in, 1, 0, 0}, p.ym = (mha__mat){y, out, 1, 0, 0};
+    if (v == GROUPED) p.xm = (mha__mat){p.x, 64, 1, 64, rows * 64}, p.ym = (mha__mat){y, 64, 1, 64, rows * 64};
+    return p;
+}
+
+static void problem_free(problem *p) { free(p->x), free(p->w), free(p->b), free(p->y0), free(p->ym.data); }
+
+/* With an infinity in x: the rows of its chunk go through the FMA GEMM,
+ * so the outputs' classes (finite, inf, NaN) are IEEE's. */
+static void check_infinity(mha_ctx *ctx, const mha__isa_kernels *k, problem *p)
+{
+    p->x[(p->rows / 2) * p->in + p->in / 3] = INFINITY; /* row rows / 2 in either layout */
+    run_split(ctx, k, p);
+    float *fma = malloc(sizeof(float) * (size_t)(p->rows * p->out));
+    mha__packed packed = {0};
+    mha__mat ym = p->ym;
+    ym.data = fma;
+    memcpy(fma, p->y0, sizeof(float) * (size_t)(p->rows * p->out));
+    CHECK(mha__pack(&packed, k->f32, p->w, p->out, p->in) == MHA_OK, "float32 pack");
+    if (p->v == ADD) mha__linear_add(ctx, k->f32, p->rows, &p->xm, &packed, &ym);
+    else mha__linear(ctx, k->f32, p->rows, &p->xm, &packed, p->v == BIAS ? p->b : NULL, &ym);
+    float *plain = malloc(sizeof(float) * (size_t)(p->rows * p->out));
+    for (int64_t r = 0; r < p->rows; r++)
+        for (int64_t o = 0; o < p->out; o++) plain[r * p->out + o] = *mha__mat_at(&ym, r, o);
+    CHECK(misses(p, plain) == 0, "split product with an infinity: outputs unlike IEEE's");
+    mha__packed_free(&packed);
+    free(fma), free(plain);
+}
+
+static void test_products(mha_ctx *ctx1, mha_ctx *ctx3, const mha__isa_kernels *k)
 {
     /* One or three inputs: each output a single product or three, where
      * float32's bound is tight enough to catch any of the six parts'
@@ -103,35 +173,100 @@ static void test_products(mha_ctx *ctx1, mha_ctx *ctx3, const mha__bf16_kernels 
     static const int64_t shapes[][3] = {{1, 1, 1},    {64, 1, 64},   {40, 3, 48},    {5, 31, 17},    {16, 32, 32},
                                         {33, 64, 40}, {100, 70, 96}, {97, 768, 130}, {800, 100, 64}, {1601, 65, 33}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-        for (int variant = 0; variant < 3; variant++) {
+        for (enum variant v = PLAIN; v < VARIANTS; v++) {
             int64_t rows = shapes[s][0], in = shapes[s][1], out = shapes[s][2];
-            bool grouped = variant == 2;
-            if (grouped && (in % 64 || out % 64)) continue;
-            float *y1, *y3;
+            if (v == GROUPED && (in % 64 || out % 64)) continue;
+            problem p = problem_make(rows, in, out, v);
+            run_split(ctx1, k, &p);
+            int bad = misses(&p, NULL);
+            float *y1 = malloc(sizeof(float) * (size_t)(rows * out));
+            memcpy(y1, p.ym.data, sizeof(float) * (size_t)(rows * out));
+            run_split(ctx3, k, &p);
+            CHECK(bad == 0, "split product %lld x %lld -> %lld (variant %d): %d outputs off", (long long)rows,
+                  (long long)in, (long long)out, (int)v, bad);
+            CHECK(memcmp(y1, p.ym.data, sizeof(float) * (size_t)(rows * out)) == 0,
+                  "split product %lld x %lld -> %lld (variant %d): bits differ between 1 and 3 threads",
+                  (long long)rows, (long long)in, (long long)out, (int)v);
+            check_infinity(ctx3, k, &p);
+            free(y1);
+            problem_free(&p);
+        }
+}
+
+/* dW = dw0 + dY^T X over N batches of T rows (dY head-major in 64-column
+ * groups when grouped) by the split products: off float32's bound, or
+ * with an infinity in dY, of another class than the FMA path's. */
+static int grad_misses(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, int64_t out, int64_t in,
+                       bool grouped, bool infinity, float **dw_out)
+{
+    int64_t rows = N * T, bytes = 0;
+    float *dy = random_floats(rows * out, 2.0f), *x = random_floats(rows * in, 2.0f),
+          *dw0 = random_floats(out * in, 1.0f);
+    float *dw = malloc(sizeof(float) * (size_t)(out * in)), *plain = malloc(sizeof(float) * (size_t)(out * in));
+    mha__batched dyb = {{dy, out, 1, 0, 0}, T * out}, xb = {{x, in, 1, 0, 0}, T * in};
+    if (grouped) dyb = (mha__batched){{dy, 64, 1, 64, rows * 64}, T * 64};
+    if (infinity) dy[(rows / 2) * 64 % (rows * out)] = INFINITY;
+    CHECK(mha__weight_grad_workspace(k->f32, out, in, &bytes) && mha__weight_grad_split_workspace(out, in, &bytes) &&
+              mha__ws_reserve(ctx, bytes) == MHA_OK,
+          "workspace");
+    memcpy(dw, dw0, sizeof(float) * (size_t)(out * in));
+    memcpy(plain, dw0, sizeof(float) * (size_t)(out * in));
+    CHECK(mha__weight_grad_split(ctx, k, N, T, &dyb, &xb, out, in, dw) == MHA_OK, "split weight gradient");
+    CHECK(mha__weight_grad(ctx, k->f32, N, T, &dyb, &xb, out, in, plain) == MHA_OK, "float32 weight gradient");
+    int bad = 0;
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t i = 0; i < in; i++) {
+            double want = dw0[o * in + i], mag = fabs(want);
+            for (int64_t r = 0; r < rows; r++) {
+                double t = (double)*mha__mat_at(&dyb.m, r, o) * x[r * in + i];
+                want += t, mag += fabs(t);
+            }
+            float got = dw[o * in + i], f = plain[o * in + i];
+            bad += isfinite(f) ? !(fabs(got - want) <= (double)(rows + 2) * FLT_EPSILON * mag + 1e-30)
+                               : (isnan(f) != isnan(got)) || (isinf(f) && got != f);
+        }
+    free(dy), free(x), free(dw0), free(plain);
+    *dw_out = dw;
+    return bad;
+}
+
+static void test_weight_grads(mha_ctx *ctx1, mha_ctx *ctx3, const mha__isa_kernels *k)
+{
+    /* N, T, out, in: a single product, tails of every kind, more rows
+     * than a chunk of 256, and batches that are not one run of rows. */
+    static const int64_t shapes[][4] = {{1, 1, 1, 1},     {1, 3, 16, 16},    {2, 128, 64, 96},
+                                        {1, 300, 40, 33}, {3, 171, 130, 70}, {2, 100, 128, 64}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int mode = 0; mode < 3; mode++) { /* plain, grouped dY, an infinity */
+            int64_t N = shapes[s][0], T = shapes[s][1], out = shapes[s][2], in = shapes[s][3];
+            if (mode == 1 && out % 64) continue;
+            float *dw1, *dw3;
             uint64_t seed = rng;
-            int misses = product_misses(ctx1, bk, rows, in, out, variant != 0, grouped, &y1);
+            int bad = grad_misses(ctx1, k, N, T, out, in, mode == 1, mode == 2, &dw1);
             rng = seed;
-            misses += product_misses(ctx3, bk, rows, in, out, variant != 0, grouped, &y3);
-            CHECK(misses == 0, "split product %lld x %lld -> %lld (variant %d): %d outputs off", (long long)rows,
-                  (long long)in, (long long)out, variant, misses);
-            CHECK(memcmp(y1, y3, sizeof(float) * (size_t)(rows * out)) == 0,
-                  "split product %lld x %lld -> %lld: bits differ between 1 and 3 threads", (long long)rows,
-                  (long long)in, (long long)out);
-            free(y1), free(y3);
+            bad += grad_misses(ctx3, k, N, T, out, in, mode == 1, mode == 2, &dw3);
+            CHECK(bad == 0, "split weight gradient N %lld T %lld %lld x %lld (mode %d): %d off", (long long)N,
+                  (long long)T, (long long)out, (long long)in, mode, bad);
+            CHECK(mode == 2 || memcmp(dw1, dw3, sizeof(float) * (size_t)(out * in)) == 0,
+                  "split weight gradient %lld x %lld: bits differ between 1 and 3 threads", (long long)out,
+                  (long long)in);
+            free(dw1), free(dw3);
         }
 }
 
 int main(void)
 {
     const mha__bf16_kernels *bk = mha__bf16_named("amx");
-    if (!bk || !bk->gemm_split) {
+    mha__isa_kernels k = {mha__kernels_named("avx512"), bk};
+    if (!bk || !k.f32 || !mha__split_products(&k)) {
         printf("test_split: no split products on this CPU, skipped\n");
         return harness_finish("test_split");
     }
     mha_ctx *ctx1 = NULL, *ctx3 = NULL;
     CHECK(mha_ctx_create(1, &ctx1) == MHA_OK && mha_ctx_create(3, &ctx3) == MHA_OK, "contexts");
     test_split3(bk);
-    test_products(ctx1, ctx3, bk);
+    test_products(ctx1, ctx3, &k);
+    test_weight_grads(ctx1, ctx3, &k);
     mha_ctx_free(ctx1);
     mha_ctx_free(ctx3);
     return harness_finish("test_split");

@@ -137,13 +137,40 @@ typedef struct mha__packed_split {
 mha_status mha__pack_split(mha__packed_split *p, const mha__bf16_kernels *bk, const float *w, int64_t out, int64_t in);
 void mha__packed_split_free(mha__packed_split *p);
 
-/* y = x W^T + b by bk's split products (bk->gemm_split set; y as for
- * mha__linear), x split a chunk of rows at a time into the workspace:
- * the bytes to plan for, and the product.  False, y unspecified, when x
- * has a value that is not finite: the caller then runs mha__linear. */
+/* Whether k's float32 projections can run on split products: its bf16
+ * table has them and its float32 panels are as wide as theirs (so a
+ * head-major layout that suits one suits the other). */
+bool mha__split_products(const mha__isa_kernels *k);
+
+/* w [rows, cols] row-major split into the workspace as the B operand of
+ * y = x w (dX = dY W in the backward pass): the bytes to plan for, and
+ * the take (INTERNAL when not reserved); p->data NULL when w has a value
+ * that is not finite. */
+bool mha__pack_split_transposed_workspace(int64_t rows, int64_t cols, int64_t *bytes);
+mha_status mha__pack_split_transposed_workspace_take(mha_ctx *ctx, const mha__bf16_kernels *bk, const float *w,
+                                                     int64_t rows, int64_t cols, mha__packed_split *p);
+
+/* y = x W^T + b, or y += x W^T with `add`, by k's split products (y as
+ * for mha__linear), x split a chunk of rows at a time into the
+ * workspace: the bytes to plan for, and the product.  A chunk with a
+ * value that is not finite runs on the FMA GEMM with fma (W's float32
+ * panels), so infinities and NaN propagate as IEEE products do.
+ * INTERNAL if the workspace was not planned. */
 bool mha__linear_split_workspace(int64_t rows, int64_t in, int64_t *bytes);
-bool mha__linear_split(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, const mha__mat *x,
-                       const mha__packed_split *w, const float *b, const mha__mat *y);
+mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x,
+                             const mha__packed_split *w, const mha__packed *fma, const float *b, const mha__mat *y,
+                             bool add);
+
+/* mha__weight_grad by k's split products: dY^T and X split a chunk of
+ * 256 rows at a time into the workspace, each dW element one chain a
+ * chunk, chunks in order, whatever the thread count.  A chunk with a
+ * value that is not finite, or operands whose columns do not come 16 side
+ * by side, go through mha__weight_grad, whose workspace the plan adds to
+ * this one's (false, INVALID_ARG, when the bytes overflow).  INTERNAL
+ * when not reserved. */
+bool mha__weight_grad_split_workspace(int64_t out, int64_t in, int64_t *bytes);
+mha_status mha__weight_grad_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, const mha__batched *dy,
+                                  const mha__batched *x, int64_t out, int64_t in, float *dw);
 
 /* A weight packed for the GEMM in the dtype it computes in (weight.c):
  * the one type a layer keeps per matrix.  Zero-initialised: empty. */

@@ -46,6 +46,26 @@ static bool split_block_row(const mha__bf16_kernels *bk, const float *src, int64
     return finite;
 }
 
+/* The three part tiles at `tiles` from `live` <= 32 rows of src (lds
+ * floats apart, n <= 16 values each), two rows a tile row as pairs (zeros
+ * past them): B's layout for k along src's rows; transposed, A's for the
+ * rows of src^T.  False if a value is not finite. */
+static bool pair_rows_tile(const mha__bf16_kernels *bk, const float *src, int64_t lds, int64_t live, int64_t n,
+                           uint16_t *tiles)
+{
+    bool finite = true;
+    for (int64_t pr = 0; pr < 16; pr++) {
+        uint16_t *row = tiles + pr * 32;
+        int64_t filled = 2 * pr < live ? 2 * n : 0;
+        if (filled)
+            finite &= bk->split3_pairs(src + 2 * pr * lds, 2 * pr + 1 < live ? src + (2 * pr + 1) * lds : NULL, n, row,
+                                       row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
+        for (int q = 0; q < 3; q++)
+            memset(row + q * MHA_SPLIT_TILE + filled, 0, (size_t)(32 - filled) * sizeof(uint16_t));
+    }
+    return finite;
+}
+
 /* ---------------------------------------------------------------- */
 /* W, split once                                                     */
 /* ---------------------------------------------------------------- */
@@ -59,22 +79,16 @@ mha_status mha__pack_split(mha__packed_split *p, const mha__bf16_kernels *bk, co
     uint16_t *data = reuse ? p->data : mha__alloc(n, sizeof(uint16_t));
     if (!data) return MHA_ERR_NOMEM;
     if (!reuse) mha__free(p->data);
-    memset(data, 0, (size_t)n * sizeof(uint16_t));
+    memset(data, 0, (size_t)n * sizeof(uint16_t)); /* the padding rows */
     bool finite = true;
-    uint16_t row[3 * MHA_SPLIT_TILE]; /* one block of an output's row, laid out as A's */
-    for (int64_t o = 0; o < out && w; o++) {
-        uint16_t *tile = data + (o / 16) * run;
-        int64_t j = o % 16;
+    for (int64_t o0 = 0; o0 < out && w; o0 += 16) /* a column tile: 16 rows of w split along k, then transposed */
         for (int64_t b = 0; b * MHA_SPLIT_K < in; b++) {
-            int64_t c0 = b * MHA_SPLIT_K, cols = in - c0 < MHA_SPLIT_K ? in - c0 : MHA_SPLIT_K;
-            finite &= split_block_row(bk, w + o * in + c0, cols, row, 0);
-            for (int q = 0; q < 3; q++) { /* into B's pairs: values c, c + 1 of column j, one copy */
-                uint16_t *part = tile + (b * 3 + q) * MHA_SPLIT_TILE + 2 * j;
-                const uint16_t *from = row + q * MHA_SPLIT_TILE;
-                for (int64_t c = 0; c < cols; c += 2) memcpy(part + (c / 2) * 32, from + c, 2 * sizeof(uint16_t));
-            }
+            uint16_t *tiles = data + (o0 / 16) * run + b * 3 * MHA_SPLIT_TILE;
+            int64_t c0 = b * MHA_SPLIT_K, cols = mha__min64(in - c0, MHA_SPLIT_K);
+            for (int64_t j = 0; j < mha__min64(16, out - o0); j++)
+                finite &= split_block_row(bk, w + (o0 + j) * in + c0, cols, tiles + j * MHA_SPLIT_K, 0);
+            bk->split_transpose(tiles);
         }
-    }
     if (!finite) { /* the FMA path then: keep nothing split */
         mha__free(data);
         data = NULL;
@@ -87,6 +101,73 @@ void mha__packed_split_free(mha__packed_split *p)
 {
     mha__free(p->data);
     *p = (mha__packed_split){0};
+}
+
+bool mha__split_products(const mha__isa_kernels *k) { return k->bf16 && k->bf16->gemm_split && k->f32->nr == PANEL; }
+
+/* ---------------------------------------------------------------- */
+/* W^T, split into the workspace for dX = dY W                       */
+/* ---------------------------------------------------------------- */
+
+static int64_t transposed_values(int64_t rows, int64_t cols, bool *fits)
+{
+    int64_t n;
+    *fits = mha__mul(2 * ((cols + PANEL - 1) / PANEL), tile_run(rows), &n) && n <= INT64_MAX / 2;
+    return *fits ? n : 0;
+}
+
+bool mha__pack_split_transposed_workspace(int64_t rows, int64_t cols, int64_t *bytes)
+{
+    bool fits;
+    int64_t n = transposed_values(rows, cols, &fits);
+    if (!fits) {
+        mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)rows, (long long)cols);
+        return false;
+    }
+    return mha__ws_add(bytes, n * (int64_t)sizeof(uint16_t), "a split transposed weight") &&
+           mha__ws_add(bytes, 2 * ((cols + PANEL - 1) / PANEL), "a split weight's flags");
+}
+
+typedef struct transposed_job {
+    const mha__bf16_kernels *bk;
+    const float *w;
+    int64_t rows, cols; /* w's: rows are k, columns the outputs */
+    uint16_t *data;
+    uint8_t *finite; /* one flag a column tile */
+} transposed_job;
+
+/* Column tile t, block by block of w's rows. */
+static void transposed_tiles(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const transposed_job *j = arg;
+    int64_t run = tile_run(j->rows);
+    for (int64_t t = begin; t < end; t++) {
+        int64_t c0 = 16 * t, n = mha__max64(0, mha__min64(16, j->cols - c0));
+        bool finite = true;
+        for (int64_t b = 0; b < k_blocks(j->rows); b++) {
+            int64_t k0 = b * MHA_SPLIT_K, live = n ? mha__min64(MHA_SPLIT_K, j->rows - k0) : 0;
+            finite &= pair_rows_tile(j->bk, j->w + k0 * j->cols + c0, j->cols, live, n,
+                                     j->data + t * run + b * 3 * MHA_SPLIT_TILE);
+        }
+        j->finite[t] = finite;
+    }
+}
+
+mha_status mha__pack_split_transposed_workspace_take(mha_ctx *ctx, const mha__bf16_kernels *bk, const float *w,
+                                                     int64_t rows, int64_t cols, mha__packed_split *p)
+{
+    bool fits;
+    int64_t tiles = 2 * ((cols + PANEL - 1) / PANEL);
+    transposed_job j = {bk, w, rows, cols, NULL, NULL};
+    j.data = mha__ws_take(ctx, transposed_values(rows, cols, &fits) * (int64_t)sizeof(uint16_t));
+    j.finite = mha__ws_take(ctx, tiles);
+    if (!fits || !j.data || !j.finite) return MHA_ERR_INTERNAL; /* the plan sized it */
+    mha__parallel_for(ctx, tiles, transposed_tiles, &j);
+    bool finite = true;
+    for (int64_t t = 0; t < tiles; t++) finite &= j.finite[t];
+    *p = (mha__packed_split){finite ? j.data : NULL, cols, rows};
+    return MHA_OK;
 }
 
 /* ---------------------------------------------------------------- */
@@ -104,6 +185,7 @@ bool mha__linear_split_workspace(int64_t rows, int64_t in, int64_t *bytes)
 
 typedef struct split_job {
     const mha__bf16_kernels *bk;
+    bool add;
     const mha__mat *x;
     const mha__packed_split *w;
     const float *b;
@@ -140,24 +222,32 @@ static void split_rows(void *arg, int thread, int64_t begin, int64_t end)
     }
 }
 
-/* Rows r .. r + 32 pairs - 1 of the chunk, panel p: in place when the
- * block lies whole inside y, else through a staged copy. */
+/* C += `pairs` pairs of A's row tiles (each run values long) times a
+ * panel of B, for C's first `rows` rows and `cols` <= 32 columns at c
+ * (ldc floats a row): in place for the pairs that lie whole inside C,
+ * through a staged copy for a tail of rows or columns. */
+static void add_panel(const mha__bf16_kernels *bk, int64_t kb, const uint16_t *a, const uint16_t *b, int64_t pairs,
+                      int64_t rows, int64_t cols, float *c, int64_t ldc)
+{
+    int64_t run = 3 * kb * MHA_SPLIT_TILE, whole = cols == PANEL ? mha__min64(rows / PAIR_ROWS, pairs) : 0;
+    if (whole) bk->gemm_split(whole, kb, a, b, c, ldc);
+    for (int64_t q = whole; q < pairs && q * PAIR_ROWS < rows; q++) {
+        float stage[PAIR_ROWS * PANEL] = {0};
+        int64_t n = mha__min64(rows - q * PAIR_ROWS, PAIR_ROWS);
+        float *cq = c + q * PAIR_ROWS * ldc;
+        for (int64_t i = 0; i < n; i++) memcpy(stage + i * PANEL, cq + i * ldc, (size_t)cols * sizeof(float));
+        bk->gemm_split(1, kb, a + 2 * q * run, b, stage, PANEL);
+        for (int64_t i = 0; i < n; i++) memcpy(cq + i * ldc, stage + i * PANEL, (size_t)cols * sizeof(float));
+    }
+}
+
+/* Rows r .. r + 32 pairs - 1 of the chunk, panel p (its rows lie ldc =
+ * y.rs apart: a panel never straddles two column groups). */
 static void split_panel(const split_job *j, int64_t r, int64_t pairs, int64_t p)
 {
-    int64_t run = tile_run(j->w->in), kb = k_blocks(j->w->in), col0 = p * PANEL;
-    const uint16_t *a = j->a + (r / 16) * run, *b = j->w->data + 2 * p * run;
-    int64_t cols = mha__min64(j->w->out - col0, PANEL), whole = cols == PANEL ? (j->rows - r) / PAIR_ROWS : 0;
-    whole = mha__min64(whole, pairs);
-    if (whole) j->bk->gemm_split(whole, kb, a, b, mha__mat_at(j->y, j->r0 + r, col0), j->y->rs);
-    for (int64_t q = whole; q < pairs; q++) { /* a tail of rows or columns */
-        float stage[PAIR_ROWS * PANEL] = {0};
-        int64_t rq = r + q * PAIR_ROWS, n = mha__min64(j->rows - rq, PAIR_ROWS);
-        for (int64_t i = 0; i < n; i++)
-            memcpy(stage + i * PANEL, mha__mat_at(j->y, j->r0 + rq + i, col0), (size_t)cols * sizeof(float));
-        j->bk->gemm_split(1, kb, a + 2 * q * run, b, stage, PANEL);
-        for (int64_t i = 0; i < n; i++)
-            memcpy(mha__mat_at(j->y, j->r0 + rq + i, col0), stage + i * PANEL, (size_t)cols * sizeof(float));
-    }
+    int64_t run = tile_run(j->w->in), col0 = p * PANEL;
+    add_panel(j->bk, k_blocks(j->w->in), j->a + (r / 16) * run, j->w->data + 2 * p * run, pairs, j->rows - r,
+              mha__min64(j->w->out - col0, PANEL), mha__mat_at(j->y, j->r0 + r, col0), j->y->rs);
 }
 
 static void split_items(void *arg, int thread, int64_t begin, int64_t end)
@@ -168,25 +258,41 @@ static void split_items(void *arg, int thread, int64_t begin, int64_t end)
         int64_t rb = item % j->row_blocks, p0 = item / j->row_blocks * j->panels_per_item;
         int64_t p1 = mha__min64(p0 + j->panels_per_item, j->panels);
         int64_t r = rb * ROW_BLOCK, n = mha__min64(j->rows - r, ROW_BLOCK);
-        mha__fill_rows(j->y, j->b, j->r0 + r, j->r0 + r + n, p0 * PANEL, mha__min64(p1 * PANEL, j->w->out));
+        if (!j->add)
+            mha__fill_rows(j->y, j->b, j->r0 + r, j->r0 + r + n, p0 * PANEL, mha__min64(p1 * PANEL, j->w->out));
         for (int64_t p = p0; p < p1; p++) split_panel(j, r, row_pairs(n), p);
     }
 }
 
-bool mha__linear_split(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, const mha__mat *x,
-                       const mha__packed_split *w, const float *b, const mha__mat *y)
+/* The chunk's rows through the FMA GEMM: one of them is not finite. */
+static void chunk_by_fma(mha_ctx *ctx, const mha__kernels *kt, const split_job *j, const mha__packed *fma)
+{
+    mha__mat x = *j->x, y = *j->y;
+    x.data += j->r0 * x.rs;
+    y.data += j->r0 * y.rs;
+    if (j->add) mha__linear_add(ctx, kt, j->rows, &x, fma, &y);
+    else mha__linear(ctx, kt, j->rows, &x, fma, j->b, &y);
+}
+
+mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x,
+                             const mha__packed_split *w, const mha__packed *fma, const float *b, const mha__mat *y,
+                             bool add)
 {
     int64_t top = mha__ws_top(ctx), chunk = mha__min64(rows, SPLIT_ROWS);
-    split_job j = {bk, x, w, b, y, 0, 0, NULL, NULL, 0, (w->out + PANEL - 1) / PANEL, 0};
+    split_job j = {k->bf16, add, x, w, b, y, 0, 0, NULL, NULL, 0, (w->out + PANEL - 1) / PANEL, 0};
     j.a = mha__ws_take(ctx, 2 * row_pairs(chunk) * tile_run(w->in) * (int64_t)sizeof(uint16_t));
     j.finite = mha__ws_take(ctx, row_pairs(chunk));
-    bool done = j.a && j.finite; /* sized by the plan */
-    for (int64_t r0 = 0; r0 < rows && done; r0 += SPLIT_ROWS) {
+    if (!j.a || !j.finite) return MHA_ERR_INTERNAL; /* sized by the plan */
+    for (int64_t r0 = 0; r0 < rows; r0 += SPLIT_ROWS) {
         j.r0 = r0;
         j.rows = mha__min64(rows - r0, SPLIT_ROWS);
         mha__parallel_for(ctx, row_pairs(j.rows), split_rows, &j);
-        for (int64_t q = 0; q < row_pairs(j.rows); q++) done &= j.finite[q];
-        if (!done) break; /* the chunks before are done; the caller redoes all */
+        bool finite = true;
+        for (int64_t q = 0; q < row_pairs(j.rows); q++) finite &= j.finite[q];
+        if (!finite) {
+            chunk_by_fma(ctx, k->f32, &j, fma);
+            continue;
+        }
         j.row_blocks = (j.rows + ROW_BLOCK - 1) / ROW_BLOCK;
         int64_t splits = mha__min64((LINEAR_ITEMS + j.row_blocks - 1) / j.row_blocks, j.panels);
         j.panels_per_item = (j.panels + splits - 1) / splits;
@@ -194,5 +300,112 @@ bool mha__linear_split(mha_ctx *ctx, const mha__bf16_kernels *bk, int64_t rows, 
         mha__parallel_items(ctx, j.row_blocks * ranges, split_items, &j);
     }
     mha__ws_release(ctx, top);
-    return done;
+    return MHA_OK;
+}
+
+/* ---------------------------------------------------------------- */
+/* Weight gradients: dW += dY^T X, a chunk of rows at a time          */
+/* ---------------------------------------------------------------- */
+
+enum { GRAD_BLOCKS = 8 }; /* blocks of k (rows) a chunk: 256 rows */
+
+static int64_t grad_tiles(int64_t out, int64_t in) { return 2 * row_pairs(out) + 2 * ((in + PANEL - 1) / PANEL); }
+
+bool mha__weight_grad_split_workspace(int64_t out, int64_t in, int64_t *bytes)
+{
+    int64_t n;
+    if (!mha__mul(grad_tiles(out, in), 3 * GRAD_BLOCKS * MHA_SPLIT_TILE, &n) || n > INT64_MAX / 2) {
+        mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)out, (long long)in);
+        return false;
+    }
+    return mha__ws_add(bytes, n * (int64_t)sizeof(uint16_t), "a split weight gradient's chunk") &&
+           mha__ws_add(bytes, grad_tiles(out, in), "a split weight gradient's flags");
+}
+
+typedef struct grad_job {
+    const mha__bf16_kernels *bk;
+    mha__mat dy, x; /* moved to the chunk's first row */
+    int64_t rows, out, in;
+    uint16_t *a, *b; /* dY^T's row tiles, X's column tiles */
+    uint8_t *finite; /* one flag a tile: A's, then B's */
+    float *dw;
+} grad_job;
+
+/* Tile t of the chunk: A's row tiles (16 outputs: pairs of dY's rows,
+ * transposed) first, then B's column tiles (16 inputs: pairs of X's rows). */
+static void grad_tiles_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const grad_job *j = arg;
+    int64_t a_tiles = 2 * row_pairs(j->out), run = 3 * GRAD_BLOCKS * MHA_SPLIT_TILE;
+    for (int64_t t = begin; t < end; t++) {
+        bool is_a = t < a_tiles, finite = true;
+        const mha__mat *m = is_a ? &j->dy : &j->x;
+        int64_t c0 = 16 * (is_a ? t : t - a_tiles), n = mha__max64(0, mha__min64(16, (is_a ? j->out : j->in) - c0));
+        uint16_t *tiles = is_a ? j->a + t * run : j->b + (t - a_tiles) * run;
+        for (int64_t b = 0; b < GRAD_BLOCKS; b++) {
+            int64_t r0 = b * MHA_SPLIT_K, live = n ? mha__max64(0, mha__min64(MHA_SPLIT_K, j->rows - r0)) : 0;
+            const float *src = live ? mha__mat_at(m, r0, c0) : NULL;
+            finite &= pair_rows_tile(j->bk, src, m->rs, live, n, tiles + b * 3 * MHA_SPLIT_TILE);
+            if (is_a) j->bk->split_transpose(tiles + b * 3 * MHA_SPLIT_TILE);
+        }
+        j->finite[t] = finite;
+    }
+}
+
+/* Panel p of dW's columns (inputs), all of its rows (outputs). */
+static void grad_panels(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const grad_job *j = arg;
+    int64_t run = 3 * GRAD_BLOCKS * MHA_SPLIT_TILE;
+    for (int64_t p = begin; p < end; p++)
+        add_panel(j->bk, GRAD_BLOCKS, j->a, j->b + 2 * p * run, row_pairs(j->out), j->out,
+                  mha__min64(j->in - p * PANEL, PANEL), j->dw + p * PANEL, j->in);
+}
+
+/* Can the chunk's tiles read 16 columns of m from one pointer? */
+static bool sixteen_side_by_side(const mha__mat *m)
+{
+    return m->cs == 1 && (!m->group_cols || m->group_cols % 16 == 0);
+}
+
+/* One chunk of rows: split, then the products, or the FMA path for a
+ * chunk with a value that is not finite. */
+static mha_status grad_chunk(mha_ctx *ctx, const mha__isa_kernels *k, grad_job *j)
+{
+    int64_t tiles = grad_tiles(j->out, j->in), panels = (j->in + PANEL - 1) / PANEL;
+    mha__parallel_for(ctx, tiles, grad_tiles_range, j);
+    bool finite = true;
+    for (int64_t t = 0; t < tiles; t++) finite &= j->finite[t];
+    if (finite) {
+        mha__parallel_for(ctx, panels, grad_panels, j);
+        return MHA_OK;
+    }
+    mha__batched dy = {j->dy, j->rows * j->dy.rs}, x = {j->x, j->rows * j->x.rs};
+    return mha__weight_grad(ctx, k->f32, 1, j->rows, &dy, &x, j->out, j->in, j->dw);
+}
+
+mha_status mha__weight_grad_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, const mha__batched *dy,
+                                  const mha__batched *x, int64_t out, int64_t in, float *dw)
+{
+    if (!sixteen_side_by_side(&dy->m) || !sixteen_side_by_side(&x->m))
+        return mha__weight_grad(ctx, k->f32, N, T, dy, x, out, in, dw);
+    int64_t top = mha__ws_top(ctx), tiles = grad_tiles(out, in), run = 3 * GRAD_BLOCKS * MHA_SPLIT_TILE;
+    grad_job j = {k->bf16, dy->m, x->m, 0, out, in, NULL, NULL, NULL, dw};
+    j.a = mha__ws_take(ctx, tiles * run * (int64_t)sizeof(uint16_t));
+    j.finite = mha__ws_take(ctx, tiles);
+    if (!j.a || !j.finite) return MHA_ERR_INTERNAL; /* the plan sized it */
+    j.b = j.a + 2 * row_pairs(out) * run;
+    if (mha__batch_rows_follow(T, dy) && mha__batch_rows_follow(T, x)) T *= N, N = 1; /* as mha__weight_grad */
+    mha_status st = MHA_OK;
+    for (int64_t n = 0; n < N && st == MHA_OK; n++)
+        for (int64_t r0 = 0; r0 < T && st == MHA_OK; r0 += GRAD_BLOCKS * MHA_SPLIT_K) {
+            j.rows = mha__min64(T - r0, GRAD_BLOCKS * MHA_SPLIT_K);
+            j.dy.data = dy->m.data + n * dy->batch_stride + r0 * dy->m.rs;
+            j.x.data = x->m.data + n * x->batch_stride + r0 * x->m.rs;
+            st = grad_chunk(ctx, k, &j);
+        }
+    mha__ws_release(ctx, top);
+    return st;
 }

@@ -5,11 +5,6 @@
  */
 #include "gemm/gemm.h"
 
-/* Float32 weights go through the split products where the ISA has them
- * and its float32 panels are as wide as theirs (so a head-major layout
- * that suits one suits the other). */
-static bool split_products(const mha__isa_kernels *k) { return k->bf16 && k->bf16->gemm_split && k->f32->nr == 32; }
-
 mha_status mha__weight_pack(mha__weight *w, const mha__isa_kernels *k, mha_dtype dtype, const float *src, int64_t out,
                             int64_t in)
 {
@@ -17,7 +12,7 @@ mha_status mha__weight_pack(mha__weight *w, const mha__isa_kernels *k, mha_dtype
     w->bf16 = dtype == MHA_DTYPE_BF16;
     if (w->bf16) return mha__pack_bf16(&w->b16, src, out, in);
     mha_status st = mha__pack(&w->f32, k->f32, src, out, in);
-    if (st != MHA_OK || !split_products(k)) return st;
+    if (st != MHA_OK || !mha__split_products(k)) return st;
     st = mha__pack_split(&w->split, k->bf16, src, out, in);
     if (st != MHA_OK) mha__packed_split_free(&w->split); /* never a stale split beside new panels */
     return st;
@@ -42,7 +37,7 @@ mha_status mha__weight_linear(mha_ctx *ctx, const mha__weight *w, int64_t rows, 
                               const mha__mat *y)
 {
     if (w->bf16) return mha__linear_bf16(ctx, w->kernels->bf16, rows, x, &w->b16, b, y);
-    if (w->split.data && mha__linear_split(ctx, w->kernels->bf16, rows, x, &w->split, b, y)) return MHA_OK;
+    if (w->split.data) return mha__linear_split(ctx, w->kernels, rows, x, &w->split, &w->f32, b, y, false);
     mha__linear(ctx, w->kernels->f32, rows, x, &w->f32, b, y);
     return MHA_OK;
 }

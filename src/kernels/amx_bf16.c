@@ -20,6 +20,7 @@
  * thread pool's idle threads).
  */
 #include "kernels/kernels.h"
+#include "kernels/transpose16.h"
 
 #include <immintrin.h>
 #include <stdbool.h>
@@ -277,26 +278,72 @@ static void store_halves(uint16_t *dst, __mmask16 mk, __m512i bits)
     _mm256_mask_storeu_epi16(dst, mk, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
 
-bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo)
+/* The three parts of 16 lanes of x (finite lanes only matter). */
+typedef struct parts {
+    __m512i hi, mid, lo;
+} parts;
+
+static inline __attribute__((always_inline)) parts split_lanes(__m512 x)
+{
+    parts p;
+    p.hi = bf16_bits(_mm512_castps_si512(x));
+    __m512 r = _mm512_sub_ps(x, _mm512_castsi512_ps(p.hi));
+    p.mid = bf16_bits(_mm512_castps_si512(r));
+    p.lo = bf16_bits(_mm512_castps_si512(_mm512_sub_ps(r, _mm512_castsi512_ps(p.mid))));
+    return p;
+}
+
+static __mmask16 finite_lanes(__m512 x)
 {
     __m512i exponent = _mm512_set1_epi32(0x7f800000);
+    return _mm512_cmpneq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(x), exponent), exponent);
+}
+
+/* Pairs of bf16 parts, a's in the low half of each 32-bit lane. */
+static void store_pairs(uint16_t *dst, __mmask16 mk, __m512i a, __m512i b)
+{
+    _mm512_mask_storeu_epi32(dst, mk, _mm512_or_si512(_mm512_srli_epi32(a, 16), b));
+}
+
+bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo)
+{
     bool finite = true;
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 mk = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
         __m512 x = _mm512_maskz_loadu_ps(mk, src + i);
-        __m512i xb = _mm512_castps_si512(x);
-        finite &= _mm512_mask_cmpeq_epi32_mask(mk, _mm512_and_si512(xb, exponent), exponent) == 0;
-        /* Each residual is exact in float32: x - h keeps at most 16 of
-         * x's significant bits, r - m at most 8, so lo is r - m itself. */
-        __m512i h = bf16_bits(xb);
-        __m512 r = _mm512_sub_ps(x, _mm512_castsi512_ps(h));
-        __m512i m = bf16_bits(_mm512_castps_si512(r));
-        __m512i l = bf16_bits(_mm512_castps_si512(_mm512_sub_ps(r, _mm512_castsi512_ps(m))));
-        store_halves(hi + i, mk, h);
-        store_halves(mid + i, mk, m);
-        store_halves(lo + i, mk, l);
+        finite &= (finite_lanes(x) & mk) == mk;
+        parts p = split_lanes(x);
+        store_halves(hi + i, mk, p.hi);
+        store_halves(mid + i, mk, p.mid);
+        store_halves(lo + i, mk, p.lo);
     }
     return finite;
+}
+
+bool mha__split3_pairs_amx(const float *x0, const float *x1, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo)
+{
+    bool finite = true;
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mk = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 a = _mm512_maskz_loadu_ps(mk, x0 + i), b = x1 ? _mm512_maskz_loadu_ps(mk, x1 + i) : _mm512_setzero_ps();
+        finite &= (finite_lanes(a) & finite_lanes(b) & mk) == mk;
+        parts pa = split_lanes(a), pb = split_lanes(b);
+        store_pairs(hi + 2 * i, mk, pa.hi, pb.hi);
+        store_pairs(mid + 2 * i, mk, pa.mid, pb.mid);
+        store_pairs(lo + 2 * i, mk, pa.lo, pb.lo);
+    }
+    return finite;
+}
+
+void mha__split_transpose_amx(uint16_t *tiles)
+{
+    for (int q = 0; q < 3; q++) {
+        float *tile = (float *)(void *)(tiles + q * MHA_SPLIT_TILE); /* 16 x 16 pairs, moved as 32-bit lanes */
+        __m512 x[16];
+        for (int i = 0; i < 16; i++) x[i] = _mm512_loadu_ps(tile + 16 * i);
+        transpose16(x);
+        for (int i = 0; i < 16; i++) _mm512_storeu_ps(tile + 16 * i, x[i]);
+    }
 }
 
 /* Part q of block b of a tile run (one row tile of A or column tile of B). */

@@ -222,13 +222,19 @@ typedef struct bwd_plan {
 } bwd_plan;
 
 /* Raises *bytes to what any projection's gradients take: its weight
- * gradient's packs, then (reusing them) its packed transposed weight. */
-static bool projections_workspace(const mha_layer *l, int64_t *bytes)
+ * gradient's packs, then (reusing them) its packed transposed weight, and
+ * where the split products run, that weight split and the split rows of
+ * up to `rows` rows of dy. */
+static bool projections_workspace(const mha_layer *l, int64_t rows, int64_t *bytes)
 {
+    bool split = mha__split_products(l->isa);
     for (matrix m = MAT_Q; m < MAT_COUNT; m++) {
         int64_t out = mha__layer_out_features(l, m), in = mha__layer_in_features(l, m), grad = 0, pack = 0;
         if (!mha__weight_grad_workspace(l->isa->f32, out, in, &grad) ||
-            !mha__pack_transposed_workspace(l->isa->f32, out, in, &pack))
+            (split && !mha__weight_grad_split_workspace(out, in, &grad)) ||
+            !mha__pack_transposed_workspace(l->isa->f32, out, in, &pack) ||
+            (split &&
+             (!mha__pack_split_transposed_workspace(out, in, &pack) || !mha__linear_split_workspace(rows, out, &pack))))
             return false;
         *bytes = mha__max64(*bytes, mha__max64(grad, pack));
     }
@@ -254,7 +260,8 @@ static mha_status plan_backward(const mha_ctx *ctx, const mha_layer *l, const mh
     /* The attention, the rotation and the projections take theirs in turn. */
     int64_t attn = 0, rotate = 0, proj = 0, own = 0;
     bool ok = mha__attn_backward_workspace(&p->attn, ctx, true, &attn) && /* dQ lands over the heads: contiguous */
-              mha__layer_rotate_workspace(l, L, p->attn.S, &rotate) && projections_workspace(l, &proj) &&
+              mha__layer_rotate_workspace(l, L, p->attn.S, &rotate) &&
+              projections_workspace(l, N * mha__max64(L, S), &proj) &&
               mha__ws_add(&own, total * (int64_t)sizeof(float), "the backward's buffers");
     if (!ok || !mha__add(own, mha__max64(attn, mha__max64(rotate, proj)), &p->workspace))
         return mha__fail(MHA_ERR_INVALID_ARG, "the backward workspace overflows");
@@ -290,23 +297,26 @@ static void appended_key_grads(const mha_layer *l, const mha_layer_tape *tape, i
 static mha_status weight_grad(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, const mha__batched *dy,
                               const mha__batched *x)
 {
-    return mha__weight_grad(ctx, l->isa->f32, N, T, dy, x, mha__layer_out_features(l, m), mha__layer_in_features(l, m),
-                            l->train->g_w[m]);
+    int64_t out = mha__layer_out_features(l, m), in = mha__layer_in_features(l, m);
+    if (mha__split_products(l->isa)) return mha__weight_grad_split(ctx, l->isa, N, T, dy, x, out, in, l->train->g_w[m]);
+    return mha__weight_grad(ctx, l->isa->f32, N, T, dy, x, out, in, l->train->g_w[m]);
 }
 
 /* Matrix m's input gradient dx = dy W, with W^T packed into the workspace
- * for the call: written into gx, or added to it with `add`. */
+ * for the call (and split, where the split products run): written into
+ * gx, or added to it with `add`. */
 static mha_status input_grad(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, const mha__batched *dy,
                              const mha__batched *gx, bool add)
 {
-    int64_t top = mha__ws_top(ctx);
+    int64_t top = mha__ws_top(ctx), out = mha__layer_out_features(l, m), in = mha__layer_in_features(l, m);
     mha__packed w;
-    mha_status st = mha__pack_transposed_workspace_take(ctx, l->isa->f32, l->train->w[m], mha__layer_out_features(l, m),
-                                                        mha__layer_in_features(l, m), &w);
-    if (st != MHA_OK) return st;
-    mha__layer_project_packed(ctx, l, N, T, dy, &w, gx, add);
+    mha__packed_split split = {0};
+    mha_status st = mha__pack_transposed_workspace_take(ctx, l->isa->f32, l->train->w[m], out, in, &w);
+    if (st == MHA_OK && mha__split_products(l->isa))
+        st = mha__pack_split_transposed_workspace_take(ctx, l->isa->bf16, l->train->w[m], out, in, &split);
+    if (st == MHA_OK) st = mha__layer_project_packed(ctx, l, N, T, dy, &w, split.data ? &split : NULL, gx, add);
     mha__ws_release(ctx, top);
-    return MHA_OK;
+    return st;
 }
 
 /* One input projection's share: b_in's slice and W's gradient, and the

@@ -83,18 +83,22 @@ mha_status mha__layer_project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64
     return st;
 }
 
-void mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
-                               const mha__packed *w, const mha__batched *y, bool add)
+mha_status mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
+                                     const mha__packed *w, const mha__packed_split *split, const mha__batched *y,
+                                     bool add)
 {
     bool whole = N == 1 || batches_even(T, x, y);
-    for (int64_t n = 0; n < (whole ? 1 : N); n++) {
+    mha_status st = MHA_OK;
+    for (int64_t n = 0; n < (whole ? 1 : N) && st == MHA_OK; n++) {
         mha__mat xn = x->m, yn = y->m;
         xn.data += n * x->batch_stride;
         yn.data += n * y->batch_stride;
         int64_t rows = whole ? N * T : T;
-        if (add) mha__linear_add(ctx, l->isa->f32, rows, &xn, w, &yn);
+        if (split) st = mha__linear_split(ctx, l->isa, rows, &xn, split, w, NULL, &yn, add);
+        else if (add) mha__linear_add(ctx, l->isa->f32, rows, &xn, w, &yn);
         else mha__linear(ctx, l->isa->f32, rows, &xn, w, NULL, &yn);
     }
+    return st;
 }
 
 mha_status mha__layer_project_qkv(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
