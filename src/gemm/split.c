@@ -51,26 +51,6 @@ static bool split_block_row(const mha__bf16_kernels *bk, const float *src, int64
     return finite;
 }
 
-/* The three part tiles at `tiles` from `live` <= 32 rows of src (lds
- * floats apart, n <= 16 values each), two rows a tile row as pairs (zeros
- * past them): B's layout for k along src's rows; transposed, A's for the
- * rows of src^T.  False if a value is not finite. */
-static bool pair_rows_tile(const mha__bf16_kernels *bk, const float *src, int64_t lds, int64_t live, int64_t n,
-                           uint16_t *tiles)
-{
-    bool finite = true;
-    for (int64_t pr = 0; pr < 16; pr++) {
-        uint16_t *row = tiles + pr * 32;
-        int64_t filled = 2 * pr < live ? 2 * n : 0;
-        if (filled)
-            finite &= bk->split3_pairs(src + 2 * pr * lds, 2 * pr + 1 < live ? src + (2 * pr + 1) * lds : NULL, n, row,
-                                       row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
-        for (int q = 0; q < 3; q++)
-            memset(row + q * MHA_SPLIT_TILE + filled, 0, (size_t)(32 - filled) * sizeof(uint16_t));
-    }
-    return finite;
-}
-
 /* ---------------------------------------------------------------- */
 /* W, split once                                                     */
 /* ---------------------------------------------------------------- */
@@ -90,8 +70,7 @@ mha_status mha__pack_split(mha__packed_split *p, const mha__bf16_kernels *bk, co
         for (int64_t b = 0; b * MHA_SPLIT_K < in; b++) {
             uint16_t *tiles = data + (o0 / 16) * run + b * 3 * MHA_SPLIT_TILE;
             int64_t c0 = b * MHA_SPLIT_K, cols = mha__min64(in - c0, MHA_SPLIT_K);
-            for (int64_t j = 0; j < mha__min64(16, out - o0); j++)
-                finite &= split_block_row(bk, w + (o0 + j) * in + c0, cols, tiles + j * MHA_SPLIT_K, 0);
+            finite &= bk->split_rows_tile(w + o0 * in + c0, in, mha__min64(16, out - o0), cols, tiles);
             bk->split_transpose(tiles);
         }
     if (!finite) { /* the FMA path then: keep nothing split */
@@ -152,8 +131,8 @@ static void transposed_tiles(void *arg, int thread, int64_t begin, int64_t end)
         bool finite = true;
         for (int64_t b = 0; b < k_blocks(j->rows); b++) {
             int64_t k0 = b * MHA_SPLIT_K, live = n ? mha__min64(MHA_SPLIT_K, j->rows - k0) : 0;
-            finite &= pair_rows_tile(j->bk, j->w + k0 * j->cols + c0, j->cols, live, n,
-                                     j->data + t * run + b * 3 * MHA_SPLIT_TILE);
+            finite &= j->bk->split_pairs_tile(j->w + k0 * j->cols + c0, j->cols, live, n,
+                                              j->data + t * run + b * 3 * MHA_SPLIT_TILE);
         }
         j->finite[t] = finite;
     }
@@ -356,7 +335,7 @@ static void grad_tiles_range(void *arg, int thread, int64_t begin, int64_t end)
         for (int64_t b = 0; b < GRAD_BLOCKS; b++) {
             int64_t r0 = b * MHA_SPLIT_K, live = n ? mha__max64(0, mha__min64(MHA_SPLIT_K, j->rows - r0)) : 0;
             const float *src = live ? mha__mat_at(m, r0, c0) : NULL;
-            finite &= pair_rows_tile(j->bk, src, m->rs, live, n, tiles + b * 3 * MHA_SPLIT_TILE);
+            finite &= j->bk->split_pairs_tile(src, m->rs, live, n, tiles + b * 3 * MHA_SPLIT_TILE);
             if (is_a) j->bk->split_transpose(tiles + b * 3 * MHA_SPLIT_TILE);
         }
         j->finite[t] = finite;

@@ -335,6 +335,34 @@ bool mha__split3_pairs_amx(const float *x0, const float *x1, int64_t n, uint16_t
     return finite;
 }
 
+bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
+{
+    bool finite = true;
+    for (int64_t i = 0; i < 16; i++) {
+        uint16_t *row = tiles + i * MHA_SPLIT_K;
+        int64_t filled = i < live ? n : 0;
+        if (filled) finite &= mha__split3_amx(src + i * lds, n, row, row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
+        for (int q = 0; q < 3; q++)
+            memset(row + q * MHA_SPLIT_TILE + filled, 0, (size_t)(MHA_SPLIT_K - filled) * sizeof(uint16_t));
+    }
+    return finite;
+}
+
+bool mha__split_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
+{
+    bool finite = true;
+    for (int64_t pr = 0; pr < 16; pr++) {
+        uint16_t *row = tiles + pr * MHA_SPLIT_K;
+        int64_t filled = 2 * pr < live ? 2 * n : 0;
+        if (filled)
+            finite &= mha__split3_pairs_amx(src + 2 * pr * lds, 2 * pr + 1 < live ? src + (2 * pr + 1) * lds : NULL, n,
+                                            row, row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
+        for (int q = 0; q < 3; q++)
+            memset(row + q * MHA_SPLIT_TILE + filled, 0, (size_t)(MHA_SPLIT_K - filled) * sizeof(uint16_t));
+    }
+    return finite;
+}
+
 void mha__split_transpose_amx(uint16_t *tiles)
 {
     for (int q = 0; q < 3; q++) {

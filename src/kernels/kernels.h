@@ -206,7 +206,15 @@ enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
  * gemm_split adds to C (row-major, ldc floats a row) the product of
  * 2 * row_pairs row tiles of A, one after another, with two column tiles
  * of B: C rows 0 .. 32 row_pairs - 1, columns 0 .. 31.  Each C element is
- * one float32 chain in a fixed order, whatever the caller's blocking. */
+ * one float32 chain in a fixed order from zero, added to C once, whatever
+ * the caller's blocking.
+ *
+ * split_rows_tile fills the three part tiles at `tiles` (MHA_SPLIT_TILE
+ * values apart) from live <= 16 rows of src, lds floats apart, n <= 32
+ * values each, one tile row a row (A's layout for k along src's rows);
+ * split_pairs_tile from live <= 32 rows of src, n <= 16 values each, two
+ * rows a tile row as pairs (B's layout for k down src's columns).  Zeros
+ * past them; false if a value is not finite. */
 enum { MHA_SPLIT_TILE = 512, MHA_SPLIT_K = 32 };
 typedef bool (*mha__split3_fn)(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
 /* split3 of two rows into pairs, as B's tiles hold them: part q of x0[j]
@@ -220,6 +228,7 @@ typedef bool (*mha__split3_pairs_fn)(const float *x0, const float *x1, int64_t n
 typedef void (*mha__split_transpose_fn)(uint16_t *tiles);
 typedef void (*mha__gemm_split_fn)(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, const uint16_t *b, float *c,
                                    int64_t ldc);
+typedef bool (*mha__split_tile_fn)(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 
 typedef struct mha__bf16_kernels {
     const char *name; /* "generic", "avx2", "avx512_bf16" or "amx" */
@@ -234,6 +243,7 @@ typedef struct mha__bf16_kernels {
     mha__split3_fn split3;
     mha__split3_pairs_fn split3_pairs;
     mha__split_transpose_fn split_transpose;
+    mha__split_tile_fn split_rows_tile, split_pairs_tile;
     mha__gemm_split_fn gemm_split;
 } mha__bf16_kernels;
 
@@ -250,6 +260,8 @@ bool mha__split3_pairs_amx(const float *x0, const float *x1, int64_t n, uint16_t
 void mha__split_transpose_amx(uint16_t *tiles);
 void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, const uint16_t *b, float *c,
                          int64_t ldc);
+bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
+bool mha__split_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 /* AVX2 without native bf16 dot products: its own cache rows (dot_rows,
  * axpy_rows: a bf16 KV cache decodes at the speed of its bytes), the
  * portable tile, round and pairs below. */
