@@ -7,14 +7,18 @@
  * against the FMA units' 32 float32 ones, so six products a float32 one
  * still leave them ahead.
  *
- * W is split once, when the weight is packed, into column tiles.  x is
- * split a chunk of SPLIT_ROWS rows at a time into the workspace (row
- * tiles, padded to pairs with zero rows), then items of (ROW_BLOCK rows,
- * a range of 32-column panels) run the kernel, which adds into y: y is
- * first set to the bias (or 0).  Each output is the bias plus one chain
- * in a fixed order, whatever the thread count.  A chunk with a value
- * that is not finite goes through the float32 FMA path instead, so
- * infinities and NaN propagate as IEEE products do.
+ * The forward's W is split once, when the weight is packed, into column
+ * tiles; the backward's W^T for dX = dY W is split into the workspace each
+ * call (pairs of W's rows, no transpose).  x is split a chunk of
+ * SPLIT_ROWS rows at a time into the workspace (row tiles, padded to
+ * pairs with zero rows), then items of (ROW_BLOCK rows, a range of
+ * 32-column panels) run the kernel, which adds into y: y is first set to
+ * the bias (or 0) unless the call adds.  The weight gradient dW += dY^T X
+ * splits both operands 256 rows at a time (dY's pairs of rows transposed
+ * into A's tiles).  Each output is one chain a chunk in a fixed order,
+ * whatever the thread count.  A chunk with a value that is not finite,
+ * and products of fewer than MIN_ROWS rows, go through the float32 FMA
+ * path instead, so infinities and NaN propagate as IEEE products do.
  */
 #include "gemm/gemm.h"
 
