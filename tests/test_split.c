@@ -5,7 +5,8 @@
  *   split3:  hi + mid + lo == x exactly down to |x| = 2^-110 (within
  *            2^-126 below), |mid| <= 2^-8 |x|, |lo| <= 2^-16 |x|, over
  *            magnitudes from the smallest normal to FLT_MAX; any infinity
- *            or NaN reported;
+ *            or NaN reported; the tile fillers put every value's parts
+ *            where kernels.h's layouts say, whole tiles and partial;
  *   product: y = x W^T (+ b, or added to y) against double over shapes
  *            that hit every tail (rows, outputs and inputs not multiples
  *            of 16 or 32, more rows than one chunk), grouped x and y, W
@@ -59,6 +60,40 @@ static void test_split3(const mha__bf16_kernels *bk)
         x[17] = special[s];
         CHECK(!bk->split3(x, N, hi, mid, lo), "%s split3 missed a value that is not finite (%d)", bk->name, s);
     }
+}
+
+/* hi + mid + lo of value `at` in three part tiles, as double. */
+static double tile_value(const uint16_t *tiles, int64_t at)
+{
+    return bf16_value(tiles[at]) + bf16_value(tiles[at + MHA_SPLIT_TILE]) + bf16_value(tiles[at + 2 * MHA_SPLIT_TILE]);
+}
+
+/* The tile fillers against the layouts kernels.h gives, whole tiles (their
+ * fast paths) and partial ones: every value back exactly where it belongs,
+ * zeros everywhere else. */
+static void test_tile_fillers(const mha__bf16_kernels *bk)
+{
+    enum { LDS = 40 };
+    float src[32 * LDS];
+    uint16_t tiles[3 * MHA_SPLIT_TILE];
+    for (int i = 0; i < 32 * LDS; i++) src[i] = uniform() * 8.0f;
+    static const int64_t rows_cases[][2] = {{16, 32}, {9, 13}, {16, 7}, {1, 32}};
+    static const int64_t pair_cases[][2] = {{32, 16}, {17, 5}, {1, 16}, {32, 3}};
+    int bad = 0;
+    for (int c = 0; c < 4; c++) {
+        int64_t live = rows_cases[c][0], n = rows_cases[c][1];
+        bad += !bk->split_rows_tile(src, LDS, live, n, tiles);
+        for (int64_t i = 0; i < 16; i++) /* A: row i, value k at i * 32 + k */
+            for (int64_t k = 0; k < 32; k++)
+                bad += tile_value(tiles, i * 32 + k) != (i < live && k < n ? (double)src[i * LDS + k] : 0.0);
+        live = pair_cases[c][0], n = pair_cases[c][1];
+        bad += !bk->split_pairs_tile(src, LDS, live, n, tiles);
+        for (int64_t k = 0; k < 32; k++) /* B: value k of column j at (k / 2) * 32 + 2 j + k % 2 */
+            for (int64_t j = 0; j < 16; j++)
+                bad += tile_value(tiles, (k / 2) * 32 + 2 * j + k % 2) !=
+                       (k < live && j < n ? (double)src[k * LDS + j] : 0.0);
+    }
+    CHECK(bad == 0, "%s tile fillers: %d values misplaced or wrong", bk->name, bad);
 }
 
 enum variant { PLAIN, BIAS, GROUPED, ADD, TRANSPOSED, VARIANTS };
@@ -265,6 +300,7 @@ int main(void)
     mha_ctx *ctx1 = NULL, *ctx3 = NULL;
     CHECK(mha_ctx_create(1, &ctx1) == MHA_OK && mha_ctx_create(3, &ctx3) == MHA_OK, "contexts");
     test_split3(bk);
+    test_tile_fillers(bk);
     test_products(ctx1, ctx3, &k);
     test_weight_grads(ctx1, ctx3, &k);
     mha_ctx_free(ctx1);
