@@ -320,7 +320,9 @@ bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, u
     return finite;
 }
 
-bool mha__split3_pairs_amx(const float *x0, const float *x1, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo)
+/* split3 of two rows into pairs, as B's tiles hold them: part q of x0[j]
+ * at dst_q[2 j], of x1[j] at dst_q[2 j + 1] (x1 NULL: 0), for j < n. */
+static bool split3_pairs(const float *x0, const float *x1, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo)
 {
     bool finite = true;
     for (int64_t i = 0; i < n; i += 16) {
@@ -390,8 +392,8 @@ bool mha__split_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int6
         uint16_t *row = tiles + pr * MHA_SPLIT_K;
         int64_t filled = 2 * pr < live ? 2 * n : 0;
         if (filled)
-            finite &= mha__split3_pairs_amx(src + 2 * pr * lds, 2 * pr + 1 < live ? src + (2 * pr + 1) * lds : NULL, n,
-                                            row, row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
+            finite &= split3_pairs(src + 2 * pr * lds, 2 * pr + 1 < live ? src + (2 * pr + 1) * lds : NULL, n, row,
+                                   row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
         for (int q = 0; q < 3; q++)
             memset(row + q * MHA_SPLIT_TILE + filled, 0, (size_t)(MHA_SPLIT_K - filled) * sizeof(uint16_t));
     }

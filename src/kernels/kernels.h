@@ -217,14 +217,10 @@ enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
  * past them; false if a value is not finite. */
 enum { MHA_SPLIT_TILE = 512, MHA_SPLIT_K = 32 };
 typedef bool (*mha__split3_fn)(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
-/* split3 of two rows into pairs, as B's tiles hold them: part q of x0[j]
- * at dst_q[2 j], of x1[j] at dst_q[2 j + 1] (x1 NULL: 0), for j < n. */
-typedef bool (*mha__split3_pairs_fn)(const float *x0, const float *x1, int64_t n, uint16_t *hi, uint16_t *mid,
-                                     uint16_t *lo);
 /* Each of three part tiles (MHA_SPLIT_TILE values apart) transposed as
  * 16 x 16 pairs: pair j of row i moves to pair i of row j.  Rows of
  * pairs along k (split3 of a row) become B's tile, pairs of rows
- * (split3_pairs) become A's. */
+ * (split_pairs_tile) become A's. */
 typedef void (*mha__split_transpose_fn)(uint16_t *tiles);
 typedef void (*mha__gemm_split_fn)(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, const uint16_t *b, float *c,
                                    int64_t ldc);
@@ -241,7 +237,6 @@ typedef struct mha__bf16_kernels {
     mha__peak_fn peak; /* the bf16 multiply-add peak (NULL: same as float32) */
     /* Float32 projections from split products (NULL: none on this ISA). */
     mha__split3_fn split3;
-    mha__split3_pairs_fn split3_pairs;
     mha__split_transpose_fn split_transpose;
     mha__split_tile_fn split_rows_tile, split_pairs_tile;
     mha__gemm_split_fn gemm_split;
@@ -256,7 +251,6 @@ void mha__bf16_gemm_amx(int64_t m, int64_t n, int64_t k, const uint16_t *a, int6
                         const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
 double mha__bf16_peak_amx(int64_t iterations);
 bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
-bool mha__split3_pairs_amx(const float *x0, const float *x1, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
 void mha__split_transpose_amx(uint16_t *tiles);
 void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, const uint16_t *b, float *c,
                          int64_t ldc);
