@@ -37,7 +37,7 @@ static void test_split3(const mha__bf16_kernels *bk)
 {
     enum { N = 29 }; /* a tail past one vector */
     float x[N];
-    uint16_t hi[N], mid[N], lo[N];
+    uint16_t hi[MHA_SPLIT_K], mid[MHA_SPLIT_K], lo[MHA_SPLIT_K]; /* split3 writes a whole tile row */
     int bad = 0;
     for (int e = -126; e <= 127; e += 3)
         for (int rep = 0; rep < 4; rep++) {

@@ -49,10 +49,8 @@ static int64_t row_pairs(int64_t rows) { return (rows + PAIR_ROWS - 1) / PAIR_RO
  * row).  False if a value is not finite. */
 static bool split_block_row(const mha__bf16_kernels *bk, const float *src, int64_t n, uint16_t *run, int64_t b)
 {
-    uint16_t *hi = run + (b * 3) * MHA_SPLIT_TILE, *mid = hi + MHA_SPLIT_TILE, *lo = mid + MHA_SPLIT_TILE;
-    bool finite = bk->split3(src, n, hi, mid, lo);
-    for (int64_t c = n; c < MHA_SPLIT_K; c++) hi[c] = mid[c] = lo[c] = 0;
-    return finite;
+    uint16_t *hi = run + (b * 3) * MHA_SPLIT_TILE;
+    return bk->split3(src, n, hi, hi + MHA_SPLIT_TILE, hi + 2 * MHA_SPLIT_TILE);
 }
 
 /* ---------------------------------------------------------------- */

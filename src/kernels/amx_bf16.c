@@ -273,9 +273,9 @@ static __m512i bf16_bits(__m512i x)
     return _mm512_and_si512(_mm512_mask_blend_epi32(overflow, up, x), high);
 }
 
-static void store_halves(uint16_t *dst, __mmask16 mk, __m512i bits)
+static void store_halves(uint16_t *dst, __m512i bits)
 {
-    _mm256_mask_storeu_epi16(dst, mk, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+    _mm256_storeu_si256((__m256i *)(void *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
 
 /* The three parts of 16 lanes of x (finite lanes only matter). */
@@ -300,41 +300,44 @@ static __mmask16 finite_lanes(__m512 x)
 }
 
 /* Pairs of bf16 parts, a's in the low half of each 32-bit lane. */
-static void store_pairs(uint16_t *dst, __mmask16 mk, __m512i a, __m512i b)
+static void store_pairs(uint16_t *dst, __m512i a, __m512i b)
 {
-    _mm512_mask_storeu_epi32(dst, mk, _mm512_or_si512(_mm512_srli_epi32(a, 16), b));
+    _mm512_storeu_si512(dst, _mm512_or_si512(_mm512_srli_epi32(a, 16), b));
+}
+
+/* Lanes below n of 16 (all for n >= 16, none for n <= 0). */
+static __mmask16 first_lanes(int64_t n)
+{
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
 bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo)
 {
     bool finite = true;
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 mk = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    for (int64_t i = 0; i < MHA_SPLIT_K; i += 16) { /* lanes past n load as 0, whose parts are 0 */
+        __mmask16 mk = first_lanes(n - i);
         __m512 x = _mm512_maskz_loadu_ps(mk, src + i);
         finite &= (finite_lanes(x) & mk) == mk;
         parts p = split_lanes(x);
-        store_halves(hi + i, mk, p.hi);
-        store_halves(mid + i, mk, p.mid);
-        store_halves(lo + i, mk, p.lo);
+        store_halves(hi + i, p.hi);
+        store_halves(mid + i, p.mid);
+        store_halves(lo + i, p.lo);
     }
     return finite;
 }
 
-/* split3 of two rows into pairs, as B's tiles hold them: part q of x0[j]
- * at dst_q[2 j], of x1[j] at dst_q[2 j + 1] (x1 NULL: 0), for j < n. */
+/* split3 of two rows into a tile row of pairs, as B's tiles hold them:
+ * part q of x0[j] at dst_q[2 j], of x1[j] at dst_q[2 j + 1] (x1 NULL: 0),
+ * for j < n <= 16, zeros past them. */
 static bool split3_pairs(const float *x0, const float *x1, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo)
 {
-    bool finite = true;
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 mk = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-        __m512 a = _mm512_maskz_loadu_ps(mk, x0 + i), b = x1 ? _mm512_maskz_loadu_ps(mk, x1 + i) : _mm512_setzero_ps();
-        finite &= (finite_lanes(a) & finite_lanes(b) & mk) == mk;
-        parts pa = split_lanes(a), pb = split_lanes(b);
-        store_pairs(hi + 2 * i, mk, pa.hi, pb.hi);
-        store_pairs(mid + 2 * i, mk, pa.mid, pb.mid);
-        store_pairs(lo + 2 * i, mk, pa.lo, pb.lo);
-    }
-    return finite;
+    __mmask16 mk = first_lanes(n);
+    __m512 a = _mm512_maskz_loadu_ps(mk, x0), b = x1 ? _mm512_maskz_loadu_ps(mk, x1) : _mm512_setzero_ps();
+    parts pa = split_lanes(a), pb = split_lanes(b);
+    store_pairs(hi, pa.hi, pb.hi);
+    store_pairs(mid, pa.mid, pb.mid);
+    store_pairs(lo, pa.lo, pb.lo);
+    return (finite_lanes(a) & finite_lanes(b) & mk) == mk;
 }
 
 /* Whole tiles (every row live, every value there) skip the masks, the
@@ -348,9 +351,9 @@ static bool split_rows_whole(const float *src, int64_t lds, uint16_t *tiles)
             finite &= finite_lanes(x);
             parts p = split_lanes(x);
             uint16_t *row = tiles + i * MHA_SPLIT_K + h;
-            store_halves(row, 0xffff, p.hi);
-            store_halves(row + MHA_SPLIT_TILE, 0xffff, p.mid);
-            store_halves(row + 2 * MHA_SPLIT_TILE, 0xffff, p.lo);
+            store_halves(row, p.hi);
+            store_halves(row + MHA_SPLIT_TILE, p.mid);
+            store_halves(row + 2 * MHA_SPLIT_TILE, p.lo);
         }
     return finite == 0xffff;
 }
@@ -363,11 +366,17 @@ static bool split_pairs_whole(const float *src, int64_t lds, uint16_t *tiles)
         finite &= finite_lanes(a) & finite_lanes(b);
         parts pa = split_lanes(a), pb = split_lanes(b);
         uint16_t *row = tiles + pr * MHA_SPLIT_K;
-        store_pairs(row, 0xffff, pa.hi, pb.hi);
-        store_pairs(row + MHA_SPLIT_TILE, 0xffff, pa.mid, pb.mid);
-        store_pairs(row + 2 * MHA_SPLIT_TILE, 0xffff, pa.lo, pb.lo);
+        store_pairs(row, pa.hi, pb.hi);
+        store_pairs(row + MHA_SPLIT_TILE, pa.mid, pb.mid);
+        store_pairs(row + 2 * MHA_SPLIT_TILE, pa.lo, pb.lo);
     }
     return finite == 0xffff;
+}
+
+/* A tile row of zeros in each of the three parts: rows past the live ones. */
+static void zero_row(uint16_t *row)
+{
+    for (int q = 0; q < 3; q++) memset(row + q * MHA_SPLIT_TILE, 0, MHA_SPLIT_K * sizeof(uint16_t));
 }
 
 bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
@@ -376,10 +385,8 @@ bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64
     bool finite = true;
     for (int64_t i = 0; i < 16; i++) {
         uint16_t *row = tiles + i * MHA_SPLIT_K;
-        int64_t filled = i < live ? n : 0;
-        if (filled) finite &= mha__split3_amx(src + i * lds, n, row, row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
-        for (int q = 0; q < 3; q++)
-            memset(row + q * MHA_SPLIT_TILE + filled, 0, (size_t)(MHA_SPLIT_K - filled) * sizeof(uint16_t));
+        if (i < live) finite &= mha__split3_amx(src + i * lds, n, row, row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
+        else zero_row(row);
     }
     return finite;
 }
@@ -390,12 +397,10 @@ bool mha__split_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int6
     bool finite = true;
     for (int64_t pr = 0; pr < 16; pr++) {
         uint16_t *row = tiles + pr * MHA_SPLIT_K;
-        int64_t filled = 2 * pr < live ? 2 * n : 0;
-        if (filled)
+        if (2 * pr < live)
             finite &= split3_pairs(src + 2 * pr * lds, 2 * pr + 1 < live ? src + (2 * pr + 1) * lds : NULL, n, row,
                                    row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
-        for (int q = 0; q < 3; q++)
-            memset(row + q * MHA_SPLIT_TILE + filled, 0, (size_t)(MHA_SPLIT_K - filled) * sizeof(uint16_t));
+        else zero_row(row);
     }
     return finite;
 }

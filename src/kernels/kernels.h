@@ -190,8 +190,9 @@ enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
  * dot product of split operands is as accurate as float32's own, at the
  * bf16 units' rate (docs/NUMERICS.md).
  *
- * split3 writes the parts of src[0 .. n-1] (n <= 32) to hi, mid and lo
- * and returns false if any src value is not finite (an infinity's parts
+ * split3 writes the parts of src[0 .. n-1] (n <= 32) to hi, mid and lo,
+ * zeros up to 32 values (a whole tile row each), and returns false if any
+ * src value is not finite (an infinity's parts
  * would turn inf * w into inf - inf; the caller then takes the float32
  * path).  hi rounds to nearest even, or truncates where that rounding
  * would overflow to infinity.
