@@ -68,8 +68,8 @@ static double tile_value(const uint16_t *tiles, int64_t at)
     return bf16_value(tiles[at]) + bf16_value(tiles[at + MHA_SPLIT_TILE]) + bf16_value(tiles[at + 2 * MHA_SPLIT_TILE]);
 }
 
-/* The tile fillers against the layouts kernels.h gives, whole tiles (their
- * fast paths) and partial ones: every value back exactly where it belongs,
+/* The tile fillers against the layouts kernels.h gives, whole tiles and
+ * partial ones: every value back exactly where it belongs,
  * zeros everywhere else. */
 static void test_tile_fillers(const mha__bf16_kernels *bk)
 {

@@ -340,39 +340,6 @@ static bool split3_pairs(const float *x0, const float *x1, int64_t n, uint16_t *
     return (finite_lanes(a) & finite_lanes(b) & mk) == mk;
 }
 
-/* Whole tiles (every row live, every value there) skip the masks, the
- * calls and the zero fills of the general loops below them. */
-static bool split_rows_whole(const float *src, int64_t lds, uint16_t *tiles)
-{
-    __mmask16 finite = 0xffff;
-    for (int64_t i = 0; i < 16; i++)
-        for (int64_t h = 0; h < MHA_SPLIT_K; h += 16) {
-            __m512 x = _mm512_loadu_ps(src + i * lds + h);
-            finite &= finite_lanes(x);
-            parts p = split_lanes(x);
-            uint16_t *row = tiles + i * MHA_SPLIT_K + h;
-            store_halves(row, p.hi);
-            store_halves(row + MHA_SPLIT_TILE, p.mid);
-            store_halves(row + 2 * MHA_SPLIT_TILE, p.lo);
-        }
-    return finite == 0xffff;
-}
-
-static bool split_pairs_whole(const float *src, int64_t lds, uint16_t *tiles)
-{
-    __mmask16 finite = 0xffff;
-    for (int64_t pr = 0; pr < 16; pr++) {
-        __m512 a = _mm512_loadu_ps(src + 2 * pr * lds), b = _mm512_loadu_ps(src + (2 * pr + 1) * lds);
-        finite &= finite_lanes(a) & finite_lanes(b);
-        parts pa = split_lanes(a), pb = split_lanes(b);
-        uint16_t *row = tiles + pr * MHA_SPLIT_K;
-        store_pairs(row, pa.hi, pb.hi);
-        store_pairs(row + MHA_SPLIT_TILE, pa.mid, pb.mid);
-        store_pairs(row + 2 * MHA_SPLIT_TILE, pa.lo, pb.lo);
-    }
-    return finite == 0xffff;
-}
-
 /* A tile row of zeros in each of the three parts: rows past the live ones. */
 static void zero_row(uint16_t *row)
 {
@@ -381,7 +348,6 @@ static void zero_row(uint16_t *row)
 
 bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
 {
-    if (live == 16 && n == MHA_SPLIT_K) return split_rows_whole(src, lds, tiles);
     bool finite = true;
     for (int64_t i = 0; i < 16; i++) {
         uint16_t *row = tiles + i * MHA_SPLIT_K;
@@ -393,7 +359,6 @@ bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64
 
 bool mha__split_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
 {
-    if (live == MHA_SPLIT_K && n == 16) return split_pairs_whole(src, lds, tiles);
     bool finite = true;
     for (int64_t pr = 0; pr < 16; pr++) {
         uint16_t *row = tiles + pr * MHA_SPLIT_K;
