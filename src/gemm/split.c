@@ -66,13 +66,15 @@ mha_status mha__pack_split(mha__packed_split *p, const mha__bf16_kernels *bk, co
     uint16_t *data = reuse ? p->data : mha__alloc(n, sizeof(uint16_t));
     if (!data) return MHA_ERR_NOMEM;
     if (!reuse) mha__free(p->data);
-    memset(data, 0, (size_t)n * sizeof(uint16_t)); /* the padding rows */
     bool finite = true;
-    for (int64_t o0 = 0; o0 < out && w; o0 += 16) /* a column tile: 16 rows of w split along k, then transposed */
-        for (int64_t b = 0; b * MHA_SPLIT_K < in; b++) {
+    /* A column tile: 16 rows of w split along k, then transposed; the
+     * fillers write the zeros past w (and all of a padding tile) too. */
+    for (int64_t o0 = 0; o0 < 2 * panels * 16; o0 += 16)
+        for (int64_t b = 0; b < k_blocks(in); b++) {
             uint16_t *tiles = data + (o0 / 16) * run + b * 3 * MHA_SPLIT_TILE;
-            int64_t c0 = b * MHA_SPLIT_K, cols = mha__min64(in - c0, MHA_SPLIT_K);
-            finite &= bk->split_rows_tile(w + o0 * in + c0, in, mha__min64(16, out - o0), cols, tiles);
+            int64_t c0 = b * MHA_SPLIT_K, live = w ? mha__max64(0, mha__min64(16, out - o0)) : 0;
+            finite &=
+                bk->split_rows_tile(live ? w + o0 * in + c0 : NULL, in, live, mha__min64(in - c0, MHA_SPLIT_K), tiles);
             bk->split_transpose(tiles);
         }
     if (!finite) { /* the FMA path then: keep nothing split */
