@@ -112,9 +112,18 @@ static float *random_floats(int64_t n, float scale)
     return v;
 }
 
-/* Outputs of y off float32's bound against double (each output the sum of
- * in + 1 terms, as test_kernels holds the FMA tiles to), or, where x has
- * an infinity, of a different class than the FMA GEMM's `fma` gives. */
+/* Whether one output misses: a sum of `terms` products (plus what it
+ * started from) against double `want` within float32's bound, as
+ * test_kernels holds the FMA tiles to; or, where the FMA path's output
+ * `ieee` (NULL: not compared) is not finite, of another class than it. */
+static bool output_misses(float got, double want, double mag, int64_t terms, const float *ieee)
+{
+    if (ieee && !isfinite(*ieee)) return isnan(*ieee) != isnan(got) || (isinf(*ieee) && got != *ieee);
+    return !(fabs(got - want) <= (double)(terms + 2) * FLT_EPSILON * mag + 1e-30);
+}
+
+/* Outputs of y that miss (output_misses; `fma`: the FMA GEMM's y, where x
+ * has an infinity). */
 static int misses(const problem *p, const float *fma)
 {
     int bad = 0;
@@ -125,14 +134,7 @@ static int misses(const problem *p, const float *fma)
                 double t = (double)*mha__mat_at(&p->xm, r, c) * p->w[o * p->in + c];
                 want += t, mag += fabs(t);
             }
-            float got = *mha__mat_at(&p->ym, r, o);
-            if (fma) {
-                float f = fma[r * p->out + o];
-                bad += isfinite(f) ? got != got || fabs(got - want) > (double)(p->in + 2) * FLT_EPSILON * mag + 1e-30
-                                   : (isnan(f) != isnan(got)) || (isinf(f) && got != f);
-            } else {
-                bad += !(fabs(got - want) <= (double)(p->in + 2) * FLT_EPSILON * mag + 1e-30);
-            }
+            bad += output_misses(*mha__mat_at(&p->ym, r, o), want, mag, p->in, fma ? fma + r * p->out + o : NULL);
         }
     return bad;
 }
@@ -256,9 +258,7 @@ static int grad_misses(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64
                 double t = (double)*mha__mat_at(&dyb.m, r, o) * x[r * in + i];
                 want += t, mag += fabs(t);
             }
-            float got = dw[o * in + i], f = plain[o * in + i];
-            bad += isfinite(f) ? !(fabs(got - want) <= (double)(rows + 2) * FLT_EPSILON * mag + 1e-30)
-                               : (isnan(f) != isnan(got)) || (isinf(f) && got != f);
+            bad += output_misses(dw[o * in + i], want, mag, rows, plain + o * in + i);
         }
     free(dy), free(x), free(dw0), free(plain);
     *dw_out = dw;

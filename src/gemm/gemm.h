@@ -156,8 +156,8 @@ mha_status mha__pack_split_transposed_workspace_take(mha_ctx *ctx, const mha__bf
  * value that is not finite runs on the FMA GEMM with fma (W's float32
  * panels), so infinities and NaN propagate as IEEE products do; so do
  * fewer than 16 rows (a decoding step's), where the tiles' padding to 32
- * rows costs more than they gain.
- * INTERNAL if the workspace was not planned. */
+ * rows costs more than they gain.  INTERNAL if the workspace was not
+ * planned. */
 bool mha__linear_split_workspace(int64_t rows, int64_t in, int64_t *bytes);
 mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x,
                              const mha__packed_split *w, const mha__packed *fma, const float *b, const mha__mat *y,
@@ -167,9 +167,9 @@ mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t ro
  * 256 rows at a time into the workspace, each dW element one chain a
  * chunk, chunks in order, whatever the thread count.  A chunk with a
  * value that is not finite, fewer than 16 rows in all, or operands whose
- * columns do not come 16 side by side, go through mha__weight_grad, whose workspace the plan adds to
- * this one's (false, INVALID_ARG, when the bytes overflow).  INTERNAL
- * when not reserved. */
+ * columns do not come 16 side by side, go through mha__weight_grad, whose
+ * workspace the plan adds to this one's (false, INVALID_ARG, when the
+ * bytes overflow).  INTERNAL when not reserved. */
 bool mha__weight_grad_split_workspace(int64_t out, int64_t in, int64_t *bytes);
 mha_status mha__weight_grad_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, const mha__batched *dy,
                                   const mha__batched *x, int64_t out, int64_t in, float *dw);
