@@ -14,6 +14,8 @@
  *            error bound; the same bits on 1 and 3 threads; with an
  *            infinity in x, the same classes of outputs (finite, inf,
  *            NaN) as the FMA GEMM's;
+ *   shared input: three weights of one x (Q, K, V) with x split once, the
+ *            same bits as a product each;
  *   weight gradients: dW += dY^T X the same ways, over batches, chunks of
  *            rows and head-major dY.
  */
@@ -230,6 +232,63 @@ static void test_products(mha_ctx *ctx1, mha_ctx *ctx3, const mha__isa_kernels *
         }
 }
 
+/* Three weights of one input (self-attention's Q, K, V) through
+ * mha__weights_linear_shared, x split once: the same bits as three
+ * mha__weight_linear calls, over fewer rows than the tiles take, a chunk
+ * and a tail, narrower K and V (grouped-query), head-major outputs, and
+ * an infinity in the second chunk (its rows by the FMA GEMM for all
+ * three); shared on 3 threads against separate on 1. */
+static void test_shared_input(mha_ctx *ctx1, mha_ctx *ctx3, const mha__isa_kernels *k)
+{
+    static const int64_t shapes[][5] = {/* rows, in, out of Q, K, V */
+                                        {5, 70, 64, 64, 64},
+                                        {40, 100, 96, 32, 32},
+                                        {800, 64, 64, 128, 64},
+                                        {1601, 33, 17, 40, 33}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int mode = 0; mode < 3; mode++) { /* plain, head-major y, an infinity in x */
+            int64_t rows = shapes[s][0], in = shapes[s][1], bytes = 0, total = 0;
+            bool grouped = mode == 1 && shapes[s][2] % 64 == 0 && shapes[s][3] % 64 == 0 && shapes[s][4] % 64 == 0;
+            if (mode == 1 && !grouped) continue;
+            float *x = random_floats(rows * in, 4.0f), *w[3], *b[3], *shared[3], *separate[3];
+            if (mode == 2) x[(rows * 3 / 4) * in + in / 2] = INFINITY;
+            mha__mat xm = {x, in, 1, 0, 0}, ys[3], yp[3];
+            mha__weight packed[3] = {{0}};
+            for (int i = 0; i < 3; i++) {
+                int64_t out = shapes[s][2 + i];
+                w[i] = random_floats(out * in, 0.25f), b[i] = random_floats(out, 1.0f);
+                shared[i] = random_floats(rows * out, 1.0f), separate[i] = random_floats(rows * out, 1.0f);
+                ys[i] = (mha__mat){shared[i], out, 1, 0, 0}, yp[i] = (mha__mat){separate[i], out, 1, 0, 0};
+                if (grouped)
+                    ys[i] = (mha__mat){shared[i], 64, 1, 64, rows * 64},
+                    yp[i] = (mha__mat){separate[i], 64, 1, 64, rows * 64};
+                CHECK(mha__weight_pack(&packed[i], k, MHA_DTYPE_F32, w[i], out, in) == MHA_OK && packed[i].split.data,
+                      "split weight");
+                total += out;
+            }
+            CHECK(mha__weight_linear_workspace(&packed[0], rows, in, &bytes) &&
+                      mha__ws_reserve(ctx1, bytes) == MHA_OK && mha__ws_reserve(ctx3, bytes) == MHA_OK,
+                  "workspace");
+            const mha__weight *wp[3] = {&packed[0], &packed[1], &packed[2]};
+            const float *bp[3] = {b[0], b[1], b[2]};
+            const mha__mat *yps[3] = {&ys[0], &ys[1], &ys[2]};
+            CHECK(mha__weights_linear_shared(ctx3, 3, wp, rows, &xm, bp, yps) == MHA_OK, "shared product");
+            for (int i = 0; i < 3; i++)
+                CHECK(mha__weight_linear(ctx1, &packed[i], rows, &xm, b[i], &yp[i]) == MHA_OK, "one product");
+            int64_t differ = 0;
+            for (int i = 0; i < 3; i++)
+                differ += memcmp(shared[i], separate[i], sizeof(float) * (size_t)(rows * shapes[s][2 + i])) != 0;
+            CHECK(differ == 0,
+                  "shared input %lld x %lld -> %lld columns (mode %d): %lld of 3 outputs differ from one product each",
+                  (long long)rows, (long long)in, (long long)total, mode, (long long)differ);
+            for (int i = 0; i < 3; i++) {
+                mha__weight_free(&packed[i]);
+                free(w[i]), free(b[i]), free(shared[i]), free(separate[i]);
+            }
+            free(x);
+        }
+}
+
 /* dW = dw0 + dY^T X over N batches of T rows (dY head-major in 64-column
  * groups when grouped) by the split products: off float32's bound, or
  * with an infinity in dY, of another class than the FMA path's. */
@@ -302,6 +361,7 @@ int main(void)
     test_split3(bk);
     test_tile_fillers(bk);
     test_products(ctx1, ctx3, &k);
+    test_shared_input(ctx1, ctx3, &k);
     test_weight_grads(ctx1, ctx3, &k);
     mha_ctx_free(ctx1);
     mha_ctx_free(ctx3);

@@ -163,6 +163,20 @@ mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t ro
                              const mha__packed_split *w, const mha__packed *fma, const float *b, const mha__mat *y,
                              bool add);
 
+/* The same for up to MHA_SPLIT_OUTPUTS products of one x (self-attention's
+ * Q, K and V), whose weights all have x's `in` columns: x is split once a
+ * chunk for all of them, and their items share the threads.  The
+ * workspace is mha__linear_split_workspace's. */
+enum { MHA_SPLIT_OUTPUTS = 3 };
+typedef struct mha__split_output {
+    const mha__packed_split *w;
+    const mha__packed *fma;
+    const float *b;
+    const mha__mat *y;
+} mha__split_output;
+mha_status mha__linear_split_shared(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x, int count,
+                                    const mha__split_output *outs, bool add);
+
 /* mha__weight_grad by k's split products: dY^T and X split a chunk of
  * 256 rows at a time into the workspace, each dW element one chain a
  * chunk, chunks in order, whatever the thread count.  A chunk with a
@@ -197,6 +211,11 @@ int64_t mha__weight_panel(const mha__weight *w);
 mha_status mha__weight_linear(mha_ctx *ctx, const mha__weight *w, int64_t rows, const mha__mat *x, const float *b,
                               const mha__mat *y);
 bool mha__weight_linear_workspace(const mha__weight *w, int64_t rows, int64_t in, int64_t *bytes);
+/* y[i] = x W[i]^T + b[i] for `count` weights of one input (self-attention's
+ * Q, K and V), in their order: x split once for all of them where each has
+ * split products (the workspace then is any one's), else one product each. */
+mha_status mha__weights_linear_shared(mha_ctx *ctx, int count, const mha__weight *const *w, int64_t rows,
+                                      const mha__mat *x, const float *const *b, const mha__mat *const *y);
 /* The plain [out, in] matrix back (float32 weights only: UNSUPPORTED). */
 mha_status mha__weight_unpack(const mha__weight *w, float *dst);
 

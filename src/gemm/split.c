@@ -175,21 +175,26 @@ typedef struct split_job {
     const mha__bf16_kernels *bk;
     bool add;
     const mha__mat *x;
-    const mha__packed_split *w;
-    const float *b;
-    const mha__mat *y;
+    int64_t in;
+    const mha__split_output *outs;
+    int count;
     int64_t r0, rows; /* the chunk */
     uint16_t *a;      /* its row tiles */
     uint8_t *finite;  /* one flag a pair of row tiles */
-    int64_t row_blocks, panels, panels_per_item;
+    int64_t row_blocks;
+    /* Output o's items are first_item[o] .. first_item[o + 1] - 1, each
+     * (a block of rows, a range of panels_per_item[o] panels). */
+    int64_t panels_per_item[MHA_SPLIT_OUTPUTS], first_item[MHA_SPLIT_OUTPUTS + 1];
 } split_job;
+
+static int64_t panels_of(const mha__split_output *o) { return (o->w->out + PANEL - 1) / PANEL; }
 
 /* Row pair `pair` of the chunk into its two row tiles. */
 static void split_rows(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const split_job *j = arg;
-    int64_t in = j->w->in, run = tile_run(in);
+    int64_t in = j->in, run = tile_run(in);
     float gathered[MHA_SPLIT_K];
     for (int64_t pair = begin; pair < end; pair++) {
         bool finite = true;
@@ -229,51 +234,72 @@ static void add_panel(const mha__bf16_kernels *bk, int64_t kb, const uint16_t *a
     }
 }
 
-/* Rows r .. r + 32 pairs - 1 of the chunk, panel p (its rows lie ldc =
- * y.rs apart: a panel never straddles two column groups). */
-static void split_panel(const split_job *j, int64_t r, int64_t pairs, int64_t p)
+/* Rows r .. r + 32 pairs - 1 of the chunk, panel p of output o (its rows
+ * lie ldc = y.rs apart: a panel never straddles two column groups). */
+static void split_panel(const split_job *j, const mha__split_output *o, int64_t r, int64_t pairs, int64_t p)
 {
-    int64_t run = tile_run(j->w->in), col0 = p * PANEL;
-    add_panel(j->bk, k_blocks(j->w->in), j->a + (r / 16) * run, j->w->data + 2 * p * run, pairs, j->rows - r,
-              mha__min64(j->w->out - col0, PANEL), mha__mat_at(j->y, j->r0 + r, col0), j->y->rs);
+    int64_t run = tile_run(j->in), col0 = p * PANEL;
+    add_panel(j->bk, k_blocks(j->in), j->a + (r / 16) * run, o->w->data + 2 * p * run, pairs, j->rows - r,
+              mha__min64(o->w->out - col0, PANEL), mha__mat_at(o->y, j->r0 + r, col0), o->y->rs);
 }
 
 static void split_items(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const split_job *j = arg;
+    int which = 0;
     for (int64_t item = begin; item < end; item++) {
-        int64_t rb = item % j->row_blocks, p0 = item / j->row_blocks * j->panels_per_item;
-        int64_t p1 = mha__min64(p0 + j->panels_per_item, j->panels);
+        while (item >= j->first_item[which + 1]) which++;
+        const mha__split_output *o = &j->outs[which];
+        int64_t local = item - j->first_item[which], rb = local % j->row_blocks;
+        int64_t p0 = local / j->row_blocks * j->panels_per_item[which];
+        int64_t p1 = mha__min64(p0 + j->panels_per_item[which], panels_of(o));
         int64_t r = rb * ROW_BLOCK, n = mha__min64(j->rows - r, ROW_BLOCK);
         if (!j->add)
-            mha__fill_rows(j->y, j->b, j->r0 + r, j->r0 + r + n, p0 * PANEL, mha__min64(p1 * PANEL, j->w->out));
-        for (int64_t p = p0; p < p1; p++) split_panel(j, r, row_pairs(n), p);
+            mha__fill_rows(o->y, o->b, j->r0 + r, j->r0 + r + n, p0 * PANEL, mha__min64(p1 * PANEL, o->w->out));
+        for (int64_t p = p0; p < p1; p++) split_panel(j, o, r, row_pairs(n), p);
     }
 }
 
-/* The chunk's rows through the FMA GEMM: one of them is not finite. */
-static void chunk_by_fma(mha_ctx *ctx, const mha__kernels *kt, const split_job *j, const mha__packed *fma)
+/* The chunk's rows through the FMA GEMM, into output o (fewer than
+ * MIN_ROWS rows, or one of them is not finite). */
+static void chunk_by_fma(mha_ctx *ctx, const mha__kernels *kt, const split_job *j, const mha__split_output *o)
 {
-    mha__mat x = *j->x, y = *j->y;
+    mha__mat x = *j->x, y = *o->y;
     x.data += j->r0 * x.rs;
     y.data += j->r0 * y.rs;
-    if (j->add) mha__linear_add(ctx, kt, j->rows, &x, fma, &y);
-    else mha__linear(ctx, kt, j->rows, &x, fma, j->b, &y);
+    if (j->add) mha__linear_add(ctx, kt, j->rows, &x, o->fma, &y);
+    else mha__linear(ctx, kt, j->rows, &x, o->fma, o->b, &y);
 }
 
-mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x,
-                             const mha__packed_split *w, const mha__packed *fma, const float *b, const mha__mat *y,
-                             bool add)
+/* The items of the chunk's products: for each output, as many ranges of
+ * panels as make about LINEAR_ITEMS items with the chunk's row blocks. */
+static int64_t plan_items(split_job *j)
 {
+    j->row_blocks = (j->rows + ROW_BLOCK - 1) / ROW_BLOCK;
+    j->first_item[0] = 0;
+    for (int o = 0; o < j->count; o++) {
+        int64_t panels = panels_of(&j->outs[o]);
+        int64_t splits = mha__min64((LINEAR_ITEMS + j->row_blocks - 1) / j->row_blocks, panels);
+        j->panels_per_item[o] = (panels + splits - 1) / splits;
+        int64_t ranges = (panels + j->panels_per_item[o] - 1) / j->panels_per_item[o];
+        j->first_item[o + 1] = j->first_item[o] + j->row_blocks * ranges;
+    }
+    return j->first_item[j->count];
+}
+
+mha_status mha__linear_split_shared(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x, int count,
+                                    const mha__split_output *outs, bool add)
+{
+    if (count < 1 || count > MHA_SPLIT_OUTPUTS) return MHA_ERR_INTERNAL;
+    split_job j = {.bk = k->bf16, .add = add, .x = x, .in = outs[0].w->in, .outs = outs, .count = count};
     if (rows < MIN_ROWS) {
-        split_job all = {.add = add, .x = x, .b = b, .y = y, .rows = rows};
-        chunk_by_fma(ctx, k->f32, &all, fma);
+        j.rows = rows;
+        for (int o = 0; o < count; o++) chunk_by_fma(ctx, k->f32, &j, &outs[o]);
         return MHA_OK;
     }
     int64_t top = mha__ws_top(ctx), chunk = mha__min64(rows, SPLIT_ROWS);
-    split_job j = {k->bf16, add, x, w, b, y, 0, 0, NULL, NULL, 0, (w->out + PANEL - 1) / PANEL, 0};
-    j.a = mha__ws_take(ctx, 2 * row_pairs(chunk) * tile_run(w->in) * (int64_t)sizeof(uint16_t));
+    j.a = mha__ws_take(ctx, 2 * row_pairs(chunk) * tile_run(j.in) * (int64_t)sizeof(uint16_t));
     j.finite = mha__ws_take(ctx, row_pairs(chunk));
     if (!j.a || !j.finite) return MHA_ERR_INTERNAL; /* sized by the plan */
     for (int64_t r0 = 0; r0 < rows; r0 += SPLIT_ROWS) {
@@ -282,18 +308,20 @@ mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t ro
         mha__parallel_for(ctx, row_pairs(j.rows), split_rows, &j);
         bool finite = true;
         for (int64_t q = 0; q < row_pairs(j.rows); q++) finite &= j.finite[q];
-        if (!finite) {
-            chunk_by_fma(ctx, k->f32, &j, fma);
-            continue;
-        }
-        j.row_blocks = (j.rows + ROW_BLOCK - 1) / ROW_BLOCK;
-        int64_t splits = mha__min64((LINEAR_ITEMS + j.row_blocks - 1) / j.row_blocks, j.panels);
-        j.panels_per_item = (j.panels + splits - 1) / splits;
-        int64_t ranges = (j.panels + j.panels_per_item - 1) / j.panels_per_item;
-        mha__parallel_items(ctx, j.row_blocks * ranges, split_items, &j);
+        if (finite) mha__parallel_items(ctx, plan_items(&j), split_items, &j);
+        else
+            for (int o = 0; o < count; o++) chunk_by_fma(ctx, k->f32, &j, &outs[o]);
     }
     mha__ws_release(ctx, top);
     return MHA_OK;
+}
+
+mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x,
+                             const mha__packed_split *w, const mha__packed *fma, const float *b, const mha__mat *y,
+                             bool add)
+{
+    mha__split_output one = {w, fma, b, y};
+    return mha__linear_split_shared(ctx, k, rows, x, 1, &one, add);
 }
 
 /* ---------------------------------------------------------------- */

@@ -42,6 +42,21 @@ mha_status mha__weight_linear(mha_ctx *ctx, const mha__weight *w, int64_t rows, 
     return MHA_OK;
 }
 
+mha_status mha__weights_linear_shared(mha_ctx *ctx, int count, const mha__weight *const *w, int64_t rows,
+                                      const mha__mat *x, const float *const *b, const mha__mat *const *y)
+{
+    mha__split_output outs[MHA_SPLIT_OUTPUTS];
+    bool shared = count <= MHA_SPLIT_OUTPUTS;
+    for (int i = 0; i < count && shared; i++) {
+        shared = !w[i]->bf16 && w[i]->split.data && w[i]->kernels == w[0]->kernels && w[i]->split.in == w[0]->split.in;
+        outs[i] = (mha__split_output){&w[i]->split, &w[i]->f32, b[i], y[i]};
+    }
+    if (shared) return mha__linear_split_shared(ctx, w[0]->kernels, rows, x, count, outs, false);
+    mha_status st = MHA_OK;
+    for (int i = 0; i < count && st == MHA_OK; i++) st = mha__weight_linear(ctx, w[i], rows, x, b[i], y[i]);
+    return st;
+}
+
 mha_status mha__weight_unpack(const mha__weight *w, float *dst)
 {
     if (w->bf16) return mha__fail(MHA_ERR_UNSUPPORTED, "a bf16 weight keeps only its rounded pack");

@@ -101,6 +101,30 @@ mha_status mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N
     return st;
 }
 
+static bool same_view(const mha__batched *a, const mha__batched *b)
+{
+    return a->m.data == b->m.data && a->m.rs == b->m.rs && a->m.cs == b->m.cs && a->m.group_cols == b->m.group_cols &&
+           a->m.group_stride == b->m.group_stride && a->batch_stride == b->batch_stride;
+}
+
+/* Self-attention's Q, K and V as one product of x, split once for all
+ * three: false (nothing done) unless x is all three inputs and each
+ * projection is one GEMM of N T rows. */
+static bool project_shared(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x,
+                           const mha__batched *const y[3], mha_status *st)
+{
+    int64_t T = r->Lq;
+    if (r->Lk != T) return false;
+    for (int i = 0; i < 3; i++)
+        if (r->N != 1 && !batches_even(T, x, y[i])) return false;
+    const mha__weight *w[3] = {&l->w[MAT_Q], &l->w[MAT_K], &l->w[MAT_V]};
+    const float *b[3] = {NULL, NULL, NULL};
+    const mha__mat *ym[3] = {&y[0]->m, &y[1]->m, &y[2]->m};
+    for (int i = 0; i < 3 && l->b_in; i++) b[i] = l->b_in + mha__layer_bias_offset(l, (matrix)(MAT_Q + i));
+    *st = mha__weights_linear_shared(ctx, 3, w, r->N * T, &x->m, b, ym);
+    return true;
+}
+
 mha_status mha__layer_project_qkv(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
                                   const mha__batched *x_k, const mha__batched *x_v, float *q, float *k, float *v)
 {
@@ -109,6 +133,8 @@ mha_status mha__layer_project_qkv(mha_ctx *ctx, const mha_layer *l, const mha__l
     mha__batched vb = mha__layer_activations(l, v, r->N, r->Tk, G);
     const float *b = l->b_in;
     mha_status st;
+    const mha__batched *outs[3] = {&qb, &kb, &vb};
+    if (same_view(x_q, x_k) && same_view(x_q, x_v) && project_shared(ctx, l, r, x_q, outs, &st)) return st;
     if ((st = mha__layer_project(ctx, l, r->N, r->Lq, x_q, MAT_Q, b ? b + mha__layer_bias_offset(l, MAT_Q) : NULL,
                                  &qb)) != MHA_OK ||
         (st = mha__layer_project(ctx, l, r->N, r->Lk, x_k, MAT_K, b ? b + mha__layer_bias_offset(l, MAT_K) : NULL,
