@@ -41,6 +41,7 @@ typedef struct call {
     mha_status (*size)(const mha_ctx *ctx, void *arg, int64_t *bytes);
     mha_status (*run)(mha_ctx *ctx, void *arg);
     void *arg;
+    void (*prepare)(void *arg); /* before each run, outside what is counted (NULL: nothing) */
 } call;
 
 static void check_call(const call *c)
@@ -51,12 +52,14 @@ static void check_call(const call *c)
         CHECK_OK(mha_ctx_create(threads[t], &fresh));
         CHECK_OK(mha_ctx_create(threads[t], &reserved));
         int64_t bytes = -1;
+        if (c->prepare) c->prepare(c->arg);
         CHECK_OK(c->size(fresh, c->arg, &bytes));
         CHECK(bytes >= 0, "%s: size %lld", c->name, (long long)bytes);
         CHECK_OK(c->run(fresh, c->arg));
         CHECK(mha_ctx_workspace_bytes(fresh) == bytes, "%s (%d threads): a fresh context grew to %lld, planned %lld",
               c->name, threads[t], (long long)mha_ctx_workspace_bytes(fresh), (long long)bytes);
         CHECK_OK(mha_ctx_reserve(reserved, bytes));
+        if (c->prepare) c->prepare(c->arg);
         int64_t before = mha__allocations();
         CHECK_OK(c->run(reserved, c->arg));
         CHECK(mha__allocations() == before, "%s (%d threads): %lld allocations after reserving the planned size",
@@ -166,14 +169,14 @@ static void test_sdpa(void)
             a.desc.enable_gqa = s[1] != s[2];
             a.desc.causal = variant == 1 ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_NONE;
             a.desc.dtype = variant == 2 ? MHA_DTYPE_BF16 : MHA_DTYPE_F32;
-            call fwd = {"mha_attention", sdpa_size, sdpa_run, &a};
+            call fwd = {"mha_attention", sdpa_size, sdpa_run, &a, NULL};
             check_call(&fwd);
-            call fwd_stats = {"mha_attention_with_stats", sdpa_stats_size, sdpa_stats_run, &a};
+            call fwd_stats = {"mha_attention_with_stats", sdpa_stats_size, sdpa_stats_run, &a, NULL};
             check_call(&fwd_stats);
             if (variant == 2) continue; /* the backward is float32 only */
-            call bwd = {"mha_attention_backward", sdpa_bwd_size, sdpa_bwd_run, &a};
+            call bwd = {"mha_attention_backward", sdpa_bwd_size, sdpa_bwd_run, &a, NULL};
             check_call(&bwd);
-            call bwd_stats = {"mha_attention_backward_with_stats", sdpa_bwd_size, sdpa_bwd_stats_run, &a};
+            call bwd_stats = {"mha_attention_backward_with_stats", sdpa_bwd_size, sdpa_bwd_stats_run, &a, NULL};
             check_call(&bwd_stats);
         }
         sdpa_free(&a);
@@ -245,29 +248,27 @@ static mha_status layer_run(mha_ctx *ctx, void *p)
     return mha_layer_forward(ctx, a->layer, &a->out, a->want_weights ? &a->weights : NULL, &a->args);
 }
 
-/* What a recording forward and then the backward take: the larger of the
- * two.  The backward's query needs a recorded forward: it records one. */
-static mha_status layer_bwd_size(const mha_ctx *ctx, void *p, int64_t *bytes)
+/* Records the forward the backward needs, on a context of its own (a
+ * backward consumes it), so what is measured is the backward's alone. */
+static void record_forward(void *p)
 {
     layer_arg *a = p;
-    int64_t forward = 0;
-    mha_status st = mha_layer_workspace_size(ctx, a->layer, &a->out, NULL, &a->args, &forward);
     mha_ctx *recorder = NULL;
     CHECK_OK(mha_ctx_create(1, &recorder));
     CHECK_OK(mha_layer_forward(recorder, a->layer, &a->out, NULL, &a->args));
     mha_ctx_free(recorder);
-    if (st == MHA_OK)
-        st = mha_layer_backward_workspace_size(ctx, a->layer, &a->args, &a->out, &a->gx, NULL, NULL, bytes);
-    if (forward > *bytes) *bytes = forward;
-    return st;
 }
 
-/* A forward that records, then the backward. */
+static mha_status layer_bwd_size(const mha_ctx *ctx, void *p, int64_t *bytes)
+{
+    layer_arg *a = p;
+    return mha_layer_backward_workspace_size(ctx, a->layer, &a->args, &a->out, &a->gx, NULL, NULL, bytes);
+}
+
 static mha_status layer_bwd_run(mha_ctx *ctx, void *p)
 {
     layer_arg *a = p;
-    mha_status st = mha_layer_forward(ctx, a->layer, &a->out, NULL, &a->args);
-    return st != MHA_OK ? st : mha_layer_backward(ctx, a->layer, &a->args, &a->out, &a->gx, NULL, NULL);
+    return mha_layer_backward(ctx, a->layer, &a->args, &a->out, &a->gx, NULL, NULL);
 }
 
 static mha_status decode_size(const mha_ctx *ctx, void *p, int64_t *bytes)
@@ -331,6 +332,8 @@ static void test_layer(void)
 {
     const layer_case cases[] = {
         {"plain", 64, 4, 4, 0, 2, 40, 40, MHA_DTYPE_F32, false, false, false, false, true},
+        {"wider (AMX: x split once for Q, K, V)", 256, 4, 4, 0, 3, 100, 100, MHA_DTYPE_F32, false, false, false, false,
+         true},
         {"few rows (split-K)", 64, 4, 2, 0, 1, 3, 90, MHA_DTYPE_F32, true, false, false, false, true},
         {"attn_weights, bias_kv", 32, 2, 2, 0, 2, 20, 20, MHA_DTYPE_F32, false, true, true, false, true},
         {"strided output, narrow heads", 48, 2, 2, 8, 2, 30, 30, MHA_DTYPE_F32, false, false, false, true, true},
@@ -340,14 +343,14 @@ static void test_layer(void)
         const layer_case *c = &cases[i];
         layer_arg a;
         layer_setup(c, &a);
-        call fwd = {c->name, layer_size, layer_run, &a};
+        call fwd = {c->name, layer_size, layer_run, &a, NULL};
         check_call(&fwd);
         if (c->train) {
             mha_layer_tape *tape = NULL;
             CHECK_OK(mha_layer_tape_create(&tape));
             a.args.tape = tape;
             a.want_weights = false;
-            call bwd = {"training step", layer_bwd_size, layer_bwd_run, &a};
+            call bwd = {"backward", layer_bwd_size, layer_bwd_run, &a, record_forward};
             check_call(&bwd);
             a.args.tape = NULL;
             mha_layer_tape_free(tape);
@@ -375,7 +378,8 @@ static void test_decode(void)
             mha_ctx_free(ctx);
             a.step_x = mha_tensor_3d(prompt, 2, steps[s], 64);
             a.step_out = mha_tensor_3d(out, 2, steps[s], 64);
-            call step = {dtypes[t] == MHA_DTYPE_BF16 ? "decode, bf16 cache" : "decode", decode_size, decode_run, &a};
+            call step = {dtypes[t] == MHA_DTYPE_BF16 ? "decode, bf16 cache" : "decode", decode_size, decode_run, &a,
+                         NULL};
             check_call(&step);
             layer_free(&a);
         }
