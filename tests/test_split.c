@@ -17,7 +17,8 @@
  *   shared input: three weights of one x (Q, K, V) with x split once, the
  *            same bits as a product each;
  *   weight gradients: dW += dY^T X the same ways, over batches, chunks of
- *            rows and head-major dY.
+ *            rows and head-major dY; three of one X (W_q, W_k, W_v)
+ *            with X split once, the same bits as a call each.
  */
 #include "core/convert.h"
 #include "gemm/gemm.h"
@@ -348,6 +349,59 @@ static void test_weight_grads(mha_ctx *ctx1, mha_ctx *ctx3, const mha__isa_kerne
         }
 }
 
+/* Three weight gradients of one X (self-attention's W_q, W_k, W_v) by
+ * mha__weight_grads_split, X split once: the same bits as a call each,
+ * over a chunk and a tail, narrower K and V, batches that are not one
+ * run of rows (dY with a spare row a batch, as bias_k leaves), and an
+ * infinity in one dY (that output alone by the FMA path); shared on 3
+ * threads against separate on 1, each context reserved with exactly its
+ * plan. */
+static void test_shared_grads(mha_ctx *ctx1, mha_ctx *ctx3, const mha__isa_kernels *k)
+{
+    static const int64_t shapes[][5] = {/* N, T, out of Q, K, V; in = 48 */
+                                        {1, 300, 64, 32, 32},
+                                        {2, 100, 40, 40, 40},
+                                        {3, 17, 16, 48, 33}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int mode = 0; mode < 3; mode++) { /* plain, a spare dY row a batch, an infinity in dY_k */
+            int64_t N = shapes[s][0], T = shapes[s][1], in = 48, T1 = T + (mode == 1), bytes = 0;
+            float *x = random_floats(N * T * in, 2.0f), *dy[3], *shared[3], *separate[3];
+            mha__batched xb = {{x, in, 1, 0, 0}, T * in}, dyb[3];
+            mha__grad_output outs[3];
+            for (int i = 0; i < 3; i++) {
+                int64_t out = shapes[s][2 + i];
+                dy[i] = random_floats(N * T1 * out, 2.0f);
+                shared[i] = random_floats(out * in, 1.0f);
+                separate[i] = malloc(sizeof(float) * (size_t)(out * in));
+                memcpy(separate[i], shared[i], sizeof(float) * (size_t)(out * in));
+                dyb[i] = (mha__batched){{dy[i], out, 1, 0, 0}, T1 * out};
+                outs[i] = (mha__grad_output){&dyb[i], out, shared[i]};
+            }
+            if (mode == 2) dy[1][T / 2 * shapes[s][3]] = INFINITY;
+            CHECK(mha__weight_grads_split_workspace(3, outs, in, &bytes) && mha__ws_reserve(ctx3, bytes) == MHA_OK,
+                  "workspace");
+            int64_t reserved = mha_ctx_workspace_bytes(ctx3);
+            CHECK(mha__weight_grads_split(ctx3, k, N, T, 3, outs, &xb, in) == MHA_OK, "shared weight gradients");
+            CHECK(mha_ctx_workspace_bytes(ctx3) == reserved, "shared weight gradients: the workspace grew");
+            for (int i = 0; i < 3; i++) {
+                int64_t one = 0;
+                CHECK(mha__weight_grad_workspace(k->f32, outs[i].out, in, &one) &&
+                          mha__weight_grad_split_workspace(outs[i].out, in, &one) &&
+                          mha__ws_reserve(ctx1, one) == MHA_OK,
+                      "workspace");
+                CHECK(mha__weight_grad_split(ctx1, k, N, T, &dyb[i], &xb, outs[i].out, in, separate[i]) == MHA_OK,
+                      "one weight gradient");
+            }
+            int differ = 0;
+            for (int i = 0; i < 3; i++)
+                differ += memcmp(shared[i], separate[i], sizeof(float) * (size_t)(outs[i].out * in)) != 0;
+            CHECK(differ == 0, "shared weight gradients N %lld T %lld (mode %d): %d of 3 differ from a call each",
+                  (long long)N, (long long)T, mode, differ);
+            for (int i = 0; i < 3; i++) free(dy[i]), free(shared[i]), free(separate[i]);
+            free(x);
+        }
+}
+
 int main(void)
 {
     const mha__bf16_kernels *bk = mha__bf16_named("amx");
@@ -363,6 +417,7 @@ int main(void)
     test_products(ctx1, ctx3, &k);
     test_shared_input(ctx1, ctx3, &k);
     test_weight_grads(ctx1, ctx3, &k);
+    test_shared_grads(ctx1, ctx3, &k);
     mha_ctx_free(ctx1);
     mha_ctx_free(ctx3);
     return harness_finish("test_split");

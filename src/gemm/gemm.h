@@ -187,6 +187,19 @@ mha_status mha__linear_split_shared(mha_ctx *ctx, const mha__isa_kernels *k, int
 bool mha__weight_grad_split_workspace(int64_t out, int64_t in, int64_t *bytes);
 mha_status mha__weight_grad_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, const mha__batched *dy,
                                   const mha__batched *x, int64_t out, int64_t in, float *dw);
+/* The same for up to MHA_SPLIT_OUTPUTS weights of one input x
+ * (self-attention's W_q, W_k, W_v): dW_o += dY_o^T X, X split once a
+ * chunk for all of them and their panels on the threads together; each
+ * dW_o the same bits as its own call.  The workspace is the sum of their
+ * dY^T tiles and X's once (mha__weight_grads_split_workspace). */
+typedef struct mha__grad_output {
+    const mha__batched *dy;
+    int64_t out;
+    float *dw;
+} mha__grad_output;
+bool mha__weight_grads_split_workspace(int count, const mha__grad_output *outs, int64_t in, int64_t *bytes);
+mha_status mha__weight_grads_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, int count,
+                                   const mha__grad_output *outs, const mha__batched *x, int64_t in);
 
 /* A weight packed for the GEMM in the dtype it computes in (weight.c):
  * the one type a layer keeps per matrix.  Zero-initialised: empty. */

@@ -330,40 +330,63 @@ mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t ro
 
 enum { GRAD_BLOCKS = 8 }; /* blocks of k (rows) a chunk: 256 rows */
 
-static int64_t grad_tiles(int64_t out, int64_t in) { return 2 * row_pairs(out) + 2 * ((in + PANEL - 1) / PANEL); }
+static int64_t grad_run(void) { return 3 * GRAD_BLOCKS * MHA_SPLIT_TILE; }
+static int64_t x_tiles(int64_t in) { return 2 * ((in + PANEL - 1) / PANEL); }
+
+/* Tiles of a chunk: each output's dY^T (pairs of 16-output row tiles),
+ * then X's column tiles once. */
+static bool grad_tile_count(int count, const mha__grad_output *outs, int64_t in, int64_t *tiles)
+{
+    *tiles = x_tiles(in);
+    for (int o = 0; o < count; o++) *tiles += 2 * row_pairs(outs[o].out);
+    return *tiles <= INT64_MAX / grad_run() / 2;
+}
+
+bool mha__weight_grads_split_workspace(int count, const mha__grad_output *outs, int64_t in, int64_t *bytes)
+{
+    int64_t tiles;
+    if (!grad_tile_count(count, outs, in, &tiles)) {
+        mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)outs[0].out, (long long)in);
+        return false;
+    }
+    return mha__ws_add(bytes, tiles * grad_run() * (int64_t)sizeof(uint16_t), "a split weight gradient's chunk") &&
+           mha__ws_add(bytes, tiles + count, "a split weight gradient's flags");
+}
 
 bool mha__weight_grad_split_workspace(int64_t out, int64_t in, int64_t *bytes)
 {
-    int64_t n;
-    if (!mha__mul(grad_tiles(out, in), 3 * GRAD_BLOCKS * MHA_SPLIT_TILE, &n) || n > INT64_MAX / 2) {
-        mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)out, (long long)in);
-        return false;
-    }
-    return mha__ws_add(bytes, n * (int64_t)sizeof(uint16_t), "a split weight gradient's chunk") &&
-           mha__ws_add(bytes, grad_tiles(out, in), "a split weight gradient's flags");
+    mha__grad_output one = {.out = out};
+    return mha__weight_grads_split_workspace(1, &one, in, bytes);
 }
 
 typedef struct grad_job {
     const mha__bf16_kernels *bk;
-    mha__mat dy, x; /* moved to the chunk's first row */
-    int64_t rows, out, in;
-    uint16_t *a, *b; /* dY^T's row tiles, X's column tiles */
-    uint8_t *finite; /* one flag a tile: A's, then B's */
-    float *dw;
+    const mha__grad_output *outs;
+    int count;
+    mha__mat dy[MHA_SPLIT_OUTPUTS], x; /* moved to the chunk's first row */
+    int64_t rows, in;
+    /* Output o's row tiles are tiles first_tile[o] .. first_tile[o + 1] - 1
+     * of `tiles`; X's column tiles follow, from first_tile[count]. */
+    uint16_t *tiles;
+    int64_t first_tile[MHA_SPLIT_OUTPUTS + 1];
+    uint8_t *finite; /* one flag a tile, then one an output */
 } grad_job;
 
-/* Tile t of the chunk: A's row tiles (16 outputs: pairs of dY's rows,
- * transposed) first, then B's column tiles (16 inputs: pairs of X's rows). */
+/* Tile t of the chunk: a row tile of some output's dY^T (16 outputs:
+ * pairs of dY's rows, transposed), or a column tile of X (16 inputs:
+ * pairs of X's rows). */
 static void grad_tiles_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const grad_job *j = arg;
-    int64_t a_tiles = 2 * row_pairs(j->out), run = 3 * GRAD_BLOCKS * MHA_SPLIT_TILE;
     for (int64_t t = begin; t < end; t++) {
-        bool is_a = t < a_tiles, finite = true;
-        const mha__mat *m = is_a ? &j->dy : &j->x;
-        int64_t c0 = 16 * (is_a ? t : t - a_tiles), n = mha__max64(0, mha__min64(16, (is_a ? j->out : j->in) - c0));
-        uint16_t *tiles = is_a ? j->a + t * run : j->b + (t - a_tiles) * run;
+        int o = 0;
+        while (o < j->count && t >= j->first_tile[o + 1]) o++;
+        bool is_a = o < j->count, finite = true;
+        const mha__mat *m = is_a ? &j->dy[o] : &j->x;
+        int64_t c0 = 16 * (t - j->first_tile[o]), cols = is_a ? j->outs[o].out : j->in;
+        int64_t n = mha__max64(0, mha__min64(16, cols - c0));
+        uint16_t *tiles = j->tiles + t * grad_run();
         for (int64_t b = 0; b < GRAD_BLOCKS; b++) {
             int64_t r0 = b * MHA_SPLIT_K, live = n ? mha__max64(0, mha__min64(MHA_SPLIT_K, j->rows - r0)) : 0;
             const float *src = live ? mha__mat_at(m, r0, c0) : NULL;
@@ -374,15 +397,29 @@ static void grad_tiles_range(void *arg, int thread, int64_t begin, int64_t end)
     }
 }
 
-/* Panel p of dW's columns (inputs), all of its rows (outputs). */
+/* Whether output o's chunk is finite (set by grad_chunk): its flag
+ * follows the tiles' flags. */
+static uint8_t *output_finite(const grad_job *j, int o)
+{
+    return &j->finite[j->first_tile[j->count] + x_tiles(j->in) + o];
+}
+
+/* Item: output item / panels, panel item % panels of its dW's columns
+ * (inputs), all of its rows (outputs); nothing for an output whose chunk
+ * has a value that is not finite. */
 static void grad_panels(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const grad_job *j = arg;
-    int64_t run = 3 * GRAD_BLOCKS * MHA_SPLIT_TILE;
-    for (int64_t p = begin; p < end; p++)
-        add_panel(j->bk, GRAD_BLOCKS, j->a, j->b + 2 * p * run, row_pairs(j->out), j->out,
-                  mha__min64(j->in - p * PANEL, PANEL), j->dw + p * PANEL, j->in);
+    int64_t panels = x_tiles(j->in) / 2;
+    const uint16_t *b = j->tiles + j->first_tile[j->count] * grad_run();
+    for (int64_t item = begin; item < end; item++) {
+        int64_t o = item / panels, p = item % panels;
+        if (!*output_finite(j, (int)o)) continue;
+        const mha__grad_output *g = &j->outs[o];
+        add_panel(j->bk, GRAD_BLOCKS, j->tiles + j->first_tile[o] * grad_run(), b + 2 * p * grad_run(),
+                  row_pairs(g->out), g->out, mha__min64(j->in - p * PANEL, PANEL), g->dw + p * PANEL, j->in);
+    }
 }
 
 /* Can the chunk's tiles read 16 columns of m from one pointer? */
@@ -391,42 +428,80 @@ static bool sixteen_side_by_side(const mha__mat *m)
     return m->cs == 1 && (!m->group_cols || m->group_cols % 16 == 0);
 }
 
-/* One chunk of rows: split, then the products, or the FMA path for a
- * chunk with a value that is not finite. */
+/* Whether the tiles first .. end - 1 of the chunk are all finite. */
+static bool tiles_finite(const grad_job *j, int64_t first, int64_t end)
+{
+    bool finite = true;
+    for (int64_t t = first; t < end; t++) finite &= j->finite[t];
+    return finite;
+}
+
+/* One chunk of rows: split, then the products; an output whose dY^T or
+ * X has a value that is not finite takes the FMA path for the chunk. */
 static mha_status grad_chunk(mha_ctx *ctx, const mha__isa_kernels *k, grad_job *j)
 {
-    int64_t tiles = grad_tiles(j->out, j->in), panels = (j->in + PANEL - 1) / PANEL;
+    int64_t x0 = j->first_tile[j->count], tiles = x0 + x_tiles(j->in);
     mha__parallel_for(ctx, tiles, grad_tiles_range, j);
-    bool finite = true;
-    for (int64_t t = 0; t < tiles; t++) finite &= j->finite[t];
-    if (finite) {
-        mha__parallel_for(ctx, panels, grad_panels, j);
-        return MHA_OK;
+    bool x_finite = tiles_finite(j, x0, tiles);
+    for (int o = 0; o < j->count; o++)
+        *output_finite(j, o) = x_finite && tiles_finite(j, j->first_tile[o], j->first_tile[o + 1]);
+    mha__parallel_for(ctx, j->count * (x_tiles(j->in) / 2), grad_panels, j);
+    mha_status st = MHA_OK;
+    for (int o = 0; o < j->count && st == MHA_OK; o++) {
+        if (*output_finite(j, o)) continue;
+        mha__batched dy = {j->dy[o], j->rows * j->dy[o].rs}, x = {j->x, j->rows * j->x.rs};
+        st = mha__weight_grad(ctx, k->f32, 1, j->rows, &dy, &x, j->outs[o].out, j->in, j->outs[o].dw);
     }
-    mha__batched dy = {j->dy, j->rows * j->dy.rs}, x = {j->x, j->rows * j->x.rs};
-    return mha__weight_grad(ctx, k->f32, 1, j->rows, &dy, &x, j->out, j->in, j->dw);
+    return st;
+}
+
+/* Each output on its own through the FMA path's mha__weight_grad. */
+static mha_status grads_by_fma(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, int count,
+                               const mha__grad_output *outs, const mha__batched *x, int64_t in)
+{
+    mha_status st = MHA_OK;
+    for (int o = 0; o < count && st == MHA_OK; o++)
+        st = mha__weight_grad(ctx, k->f32, N, T, outs[o].dy, x, outs[o].out, in, outs[o].dw);
+    return st;
+}
+
+mha_status mha__weight_grads_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, int count,
+                                   const mha__grad_output *outs, const mha__batched *x, int64_t in)
+{
+    if (count < 1 || count > MHA_SPLIT_OUTPUTS) return MHA_ERR_INTERNAL;
+    bool tiles_fit = N * T >= MIN_ROWS && sixteen_side_by_side(&x->m), follow = mha__batch_rows_follow(T, x);
+    for (int o = 0; o < count; o++) {
+        tiles_fit &= sixteen_side_by_side(&outs[o].dy->m);
+        follow &= mha__batch_rows_follow(T, outs[o].dy);
+    }
+    if (!tiles_fit) return grads_by_fma(ctx, k, N, T, count, outs, x, in);
+    grad_job j = {.bk = k->bf16, .outs = outs, .count = count, .in = in};
+    int64_t top = mha__ws_top(ctx), tiles;
+    grad_tile_count(count, outs, in, &tiles); /* the plan checked it */
+    for (int o = 0; o < count; o++) j.first_tile[o + 1] = j.first_tile[o] + 2 * row_pairs(outs[o].out);
+    j.tiles = mha__ws_take(ctx, tiles * grad_run() * (int64_t)sizeof(uint16_t));
+    j.finite = mha__ws_take(ctx, tiles + count);
+    if (!j.tiles || !j.finite) return MHA_ERR_INTERNAL; /* the plan sized it */
+    if (follow) T *= N, N = 1;                          /* as mha__weight_grad */
+    mha_status st = MHA_OK;
+    for (int64_t n = 0; n < N && st == MHA_OK; n++)
+        for (int64_t r0 = 0; r0 < T && st == MHA_OK; r0 += GRAD_BLOCKS * MHA_SPLIT_K) {
+            j.rows = mha__min64(T - r0, GRAD_BLOCKS * MHA_SPLIT_K);
+            for (int o = 0; o < count; o++) {
+                j.dy[o] = outs[o].dy->m;
+                j.dy[o].data += n * outs[o].dy->batch_stride + r0 * j.dy[o].rs;
+            }
+            j.x = x->m;
+            j.x.data += n * x->batch_stride + r0 * x->m.rs;
+            st = grad_chunk(ctx, k, &j);
+        }
+    mha__ws_release(ctx, top);
+    return st;
 }
 
 mha_status mha__weight_grad_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, const mha__batched *dy,
                                   const mha__batched *x, int64_t out, int64_t in, float *dw)
 {
-    if (N * T < MIN_ROWS || !sixteen_side_by_side(&dy->m) || !sixteen_side_by_side(&x->m))
-        return mha__weight_grad(ctx, k->f32, N, T, dy, x, out, in, dw);
-    int64_t top = mha__ws_top(ctx), tiles = grad_tiles(out, in), run = 3 * GRAD_BLOCKS * MHA_SPLIT_TILE;
-    grad_job j = {k->bf16, dy->m, x->m, 0, out, in, NULL, NULL, NULL, dw};
-    j.a = mha__ws_take(ctx, tiles * run * (int64_t)sizeof(uint16_t));
-    j.finite = mha__ws_take(ctx, tiles);
-    if (!j.a || !j.finite) return MHA_ERR_INTERNAL; /* the plan sized it */
-    j.b = j.a + 2 * row_pairs(out) * run;
-    if (mha__batch_rows_follow(T, dy) && mha__batch_rows_follow(T, x)) T *= N, N = 1; /* as mha__weight_grad */
-    mha_status st = MHA_OK;
-    for (int64_t n = 0; n < N && st == MHA_OK; n++)
-        for (int64_t r0 = 0; r0 < T && st == MHA_OK; r0 += GRAD_BLOCKS * MHA_SPLIT_K) {
-            j.rows = mha__min64(T - r0, GRAD_BLOCKS * MHA_SPLIT_K);
-            j.dy.data = dy->m.data + n * dy->batch_stride + r0 * dy->m.rs;
-            j.x.data = x->m.data + n * x->batch_stride + r0 * x->m.rs;
-            st = grad_chunk(ctx, k, &j);
-        }
-    mha__ws_release(ctx, top);
-    return st;
+    mha__grad_output one = {dy, out, dw};
+    return mha__weight_grads_split(ctx, k, N, T, 1, &one, x, in);
 }

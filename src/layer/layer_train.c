@@ -238,6 +238,13 @@ static bool projections_workspace(const mha_layer *l, int64_t rows, int64_t *byt
             return false;
         *bytes = mha__max64(*bytes, mha__max64(grad, pack));
     }
+    int64_t E = l->desc.embed_dim; /* self-attention's shared X: every input E wide */
+    if (!split || mha__layer_in_features(l, MAT_K) != E || mha__layer_in_features(l, MAT_V) != E) return true;
+    int64_t shared = 0;
+    mha__grad_output outs[3];
+    for (matrix m = MAT_Q; m <= MAT_V; m++) outs[m] = (mha__grad_output){.out = mha__layer_out_features(l, m)};
+    if (!mha__weight_grads_split_workspace(3, outs, E, &shared)) return false;
+    *bytes = mha__max64(*bytes, shared);
     return true;
 }
 
@@ -319,22 +326,70 @@ static mha_status input_grad(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t
     return st;
 }
 
-/* One input projection's share: b_in's slice and W's gradient, and the
- * input's gradient if asked for.  dp: the projected rows' gradient (T rows
- * per batch, of a buffer with T1 rows per batch).  x and gx may share the
+/* One input projection's share: b_in's slice and, unless `weight_done`
+ * (the shared weight gradients took it), W's gradient; and the input's
+ * gradient if asked for.  dp: the projected rows' gradient (T rows per
+ * batch, of a buffer with T1 rows per batch).  x and gx may share the
  * staging area: gx is staged only after the weight gradient has read x. */
 static mha_status projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, float *dp,
-                                   int64_t T1, const mha_tensor *x, mha_tensor *gx, float *stage)
+                                   int64_t T1, const mha_tensor *x, mha_tensor *gx, float *stage, bool weight_done)
 {
     mha__layer_train *t = l->train;
     mha__batched dpb = mha__layer_activations(l, dp, N, T1, m == MAT_Q ? l->desc.num_heads : l->desc.num_kv_heads);
     if (t->g_b_in)
         mha__column_sums(ctx, N, T, &dpb, mha__layer_out_features(l, m), t->g_b_in + mha__layer_bias_offset(l, m));
-    mha__batched xb = contiguous(x, stage);
-    mha_status st = weight_grad(ctx, l, m, N, T, &dpb, &xb);
+    mha_status st = MHA_OK;
+    if (!weight_done) {
+        mha__batched xb = contiguous(x, stage);
+        st = weight_grad(ctx, l, m, N, T, &dpb, &xb);
+    }
     if (st != MHA_OK || !gx) return st;
     mha__batched gb = contiguous(gx, stage);
     if ((st = input_grad(ctx, l, m, N, T, &dpb, &gb, true)) == MHA_OK) scatter(&gb, gx);
+    return st;
+}
+
+static bool same_tensor(const mha_tensor *a, const mha_tensor *b)
+{
+    return a->data == b->data && !memcmp(a->shape, b->shape, sizeof a->shape) &&
+           !memcmp(a->stride, b->stride, sizeof a->stride);
+}
+
+/* Self-attention's W_q, W_k, W_v gradients in one split product of their
+ * shared input X (split once a chunk): false, nothing done, unless the
+ * query, key and value are one tensor and the split products run. */
+static bool shared_weight_grads(mha_ctx *ctx, const mha_layer *l, const mha_layer_fwd_args *a, int64_t S1,
+                                float *const dp[3], float *stage, mha_status *st)
+{
+    const mha_layer_tape *tape = a->tape;
+    if (!mha__split_products(l->isa) || tape->L != tape->S || !same_tensor(&a->query, &a->key) ||
+        !same_tensor(&a->query, &a->value))
+        return false;
+    mha__batched dpb[3], xb = contiguous(&a->query, stage);
+    mha__grad_output outs[3];
+    for (matrix m = MAT_Q; m <= MAT_V; m++) {
+        int64_t heads = m == MAT_Q ? l->desc.num_heads : l->desc.num_kv_heads;
+        dpb[m] = mha__layer_activations(l, dp[m], tape->N, m == MAT_Q ? tape->L : S1, heads);
+        outs[m] = (mha__grad_output){&dpb[m], mha__layer_out_features(l, m), l->train->g_w[m]};
+    }
+    *st = mha__weight_grads_split(ctx, l->isa, tape->N, tape->L, 3, outs, &xb, l->desc.embed_dim);
+    return true;
+}
+
+/* The input projections' gradients, in the order Q, K, V, so inputs that
+ * are one tensor (self-attention) sum their three gradients in that order. */
+static mha_status input_projections_grads(mha_ctx *ctx, const mha_layer *l, const mha_layer_fwd_args *a, int64_t S1,
+                                          mha_tensor *const gx[3], float *stage)
+{
+    const mha_layer_tape *tape = a->tape;
+    float *const dp[3] = {tape->heads, tape->k, tape->v};
+    const mha_tensor *x[3] = {&a->query, &a->key, &a->value};
+    mha_status st = MHA_OK;
+    bool weight_done = shared_weight_grads(ctx, l, a, S1, dp, stage, &st);
+    for (matrix m = MAT_Q; m <= MAT_V && st == MHA_OK; m++) {
+        int64_t T = m == MAT_Q ? tape->L : tape->S, T1 = m == MAT_Q ? tape->L : S1;
+        st = projection_grads(ctx, l, m, tape->N, T, dp[m], T1, x[m], gx[m], stage, weight_done);
+    }
     return st;
 }
 
@@ -344,7 +399,7 @@ static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, co
 {
     mha_layer_tape *tape = a->tape;
     mha__layer_train *t = l->train;
-    int64_t N = tape->N, L = tape->L, S = tape->S, S1 = p->attn.S, E = l->desc.embed_dim;
+    int64_t N = tape->N, L = tape->L, S1 = p->attn.S, E = l->desc.embed_dim;
     int64_t H = l->desc.num_heads, G = l->desc.num_kv_heads;
     grad_buffers g = {0};
     mha_status st = grad_buffers_get(ctx, p, &g);
@@ -370,12 +425,8 @@ static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, co
     if ((st = mha__layer_rotate(ctx, l, &oh, &kh, tape->position, true)) != MHA_OK) return st;
     appended_key_grads(l, tape, S1);
 
-    /* The input projections, in the order Q, K, V, so inputs that are one
-     * tensor (self-attention) sum their three gradients in that order. */
-    if ((st = projection_grads(ctx, l, MAT_Q, N, L, tape->heads, L, &a->query, grad_query, g.stage)) != MHA_OK ||
-        (st = projection_grads(ctx, l, MAT_K, N, S, tape->k, S1, &a->key, grad_key, g.stage)) != MHA_OK)
-        return st;
-    return projection_grads(ctx, l, MAT_V, N, S, tape->v, S1, &a->value, grad_value, g.stage);
+    mha_tensor *const gx[3] = {grad_query, grad_key, grad_value};
+    return input_projections_grads(ctx, l, a, S1, gx, g.stage);
 }
 
 mha_status mha_layer_backward_workspace_size(const mha_ctx *ctx, const mha_layer *l, const mha_layer_fwd_args *a,
