@@ -13,7 +13,8 @@
  *            split once or from W^T into the workspace, within float32's
  *            error bound; the same bits on 1 and 3 threads; with an
  *            infinity in x, the same classes of outputs (finite, inf,
- *            NaN) as the FMA GEMM's;
+ *            NaN) as the FMA GEMM's (from W^T, with its float32 panels
+ *            packed on demand, as the backward's dX);
  *   shared input: three weights of one x (Q, K, V) with x split once, the
  *            same bits as a product each;
  *   weight gradients: dW += dY^T X the same ways, over batches, chunks of
@@ -154,7 +155,7 @@ static void run_split(mha_ctx *ctx, const mha__isa_kernels *k, problem *p)
         for (int64_t c = 0; c < in; c++) wt[c * out + o] = p->w[o * in + c];
     CHECK(mha__pack(&fma, k->f32, p->w, out, in) == MHA_OK, "float32 pack");
     CHECK(mha__linear_split_workspace(rows, in, &bytes) && mha__pack_split_transposed_workspace(in, out, &bytes) &&
-              mha__ws_reserve(ctx, bytes) == MHA_OK,
+              mha__pack_transposed_workspace(k->f32, in, out, &bytes) && mha__ws_reserve(ctx, bytes) == MHA_OK,
           "workspace");
     int64_t top = mha__ws_top(ctx);
     if (p->v == TRANSPOSED)
@@ -162,8 +163,11 @@ static void run_split(mha_ctx *ctx, const mha__isa_kernels *k, problem *p)
               "transposed split");
     else CHECK(mha__pack_split(&sp, k->bf16, p->w, out, in) == MHA_OK && sp.data, "split pack");
     memcpy(p->ym.data, p->y0, sizeof(float) * (size_t)(rows * out));
-    CHECK(mha__linear_split(ctx, k, rows, &p->xm, &sp, &fma, p->v == BIAS ? p->b : NULL, &p->ym, p->v == ADD) == MHA_OK,
-          "split product");
+    /* W^T's float32 panels, as the backward's, packed only if a chunk needs them. */
+    mha__fma_on_demand on_demand = {k->f32, wt, in, out, {0}};
+    mha__split_output one = {&sp, p->v == TRANSPOSED ? NULL : &fma, p->v == BIAS ? p->b : NULL, &p->ym, &on_demand};
+    CHECK(mha__linear_split_shared(ctx, k, rows, &p->xm, 1, &one, p->v == ADD) == MHA_OK, "split product");
+    CHECK(!on_demand.packed.data, "panels packed on demand outlive the product");
     if (p->v != TRANSPOSED) mha__packed_split_free(&sp);
     mha__ws_release(ctx, top);
     mha__packed_free(&fma);

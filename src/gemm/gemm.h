@@ -168,11 +168,27 @@ mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t ro
  * chunk for all of them, and their items share the threads.  The
  * workspace is mha__linear_split_workspace's. */
 enum { MHA_SPLIT_OUTPUTS = 3 };
+
+/* W's float32 panels packed from w [rows, cols] (row-major, W^T: the
+ * backward's dX = dY W) into the workspace only when a chunk first needs
+ * the FMA GEMM: the split products never read them otherwise.  The plan
+ * reserves mha__pack_transposed_workspace beside the product's; `packed`
+ * lives until the product returns. */
+typedef struct mha__fma_on_demand {
+    const mha__kernels *kt;
+    const float *w;
+    int64_t rows, cols;
+    mha__packed packed; /* data NULL until packed */
+} mha__fma_on_demand;
+
+/* One output: W split, and W's float32 panels for the chunks the FMA GEMM
+ * takes (fma, or when NULL, on_demand's). */
 typedef struct mha__split_output {
     const mha__packed_split *w;
     const mha__packed *fma;
     const float *b;
     const mha__mat *y;
+    mha__fma_on_demand *on_demand;
 } mha__split_output;
 mha_status mha__linear_split_shared(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x, int count,
                                     const mha__split_output *outs, bool add);

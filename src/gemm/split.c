@@ -261,15 +261,39 @@ static void split_items(void *arg, int thread, int64_t begin, int64_t end)
     }
 }
 
+/* Output o's float32 panels, packed first if they are made on demand. */
+static mha_status fma_weight(mha_ctx *ctx, const mha__split_output *o, const mha__packed **w)
+{
+    *w = o->fma;
+    if (*w) return MHA_OK;
+    mha__fma_on_demand *d = o->on_demand;
+    mha_status st = MHA_OK;
+    if (!d->packed.data) st = mha__pack_transposed_workspace_take(ctx, d->kt, d->w, d->rows, d->cols, &d->packed);
+    *w = &d->packed;
+    return st;
+}
+
 /* The chunk's rows through the FMA GEMM, into output o (fewer than
  * MIN_ROWS rows, or one of them is not finite). */
-static void chunk_by_fma(mha_ctx *ctx, const mha__kernels *kt, const split_job *j, const mha__split_output *o)
+static mha_status chunk_by_fma(mha_ctx *ctx, const mha__kernels *kt, const split_job *j, const mha__split_output *o)
 {
+    const mha__packed *w;
+    mha_status st = fma_weight(ctx, o, &w);
+    if (st != MHA_OK) return st;
     mha__mat x = *j->x, y = *o->y;
     x.data += j->r0 * x.rs;
     y.data += j->r0 * y.rs;
-    if (j->add) mha__linear_add(ctx, kt, j->rows, &x, o->fma, &y);
-    else mha__linear(ctx, kt, j->rows, &x, o->fma, o->b, &y);
+    if (j->add) mha__linear_add(ctx, kt, j->rows, &x, w, &y);
+    else mha__linear(ctx, kt, j->rows, &x, w, o->b, &y);
+    return MHA_OK;
+}
+
+/* Every output of the chunk through the FMA GEMM. */
+static mha_status chunk_all_by_fma(mha_ctx *ctx, const mha__kernels *kt, const split_job *j)
+{
+    mha_status st = MHA_OK;
+    for (int o = 0; o < j->count && st == MHA_OK; o++) st = chunk_by_fma(ctx, kt, j, &j->outs[o]);
+    return st;
 }
 
 /* The items of the chunk's products: for each output, as many ranges of
@@ -288,39 +312,47 @@ static int64_t plan_items(split_job *j)
     return j->first_item[j->count];
 }
 
+/* The workspace back, with any panels packed on demand in it: a later
+ * call packs its own. */
+static mha_status release(mha_ctx *ctx, int64_t top, int count, const mha__split_output *outs, mha_status st)
+{
+    for (int o = 0; o < count; o++)
+        if (outs[o].on_demand) outs[o].on_demand->packed = (mha__packed){0};
+    mha__ws_release(ctx, top);
+    return st;
+}
+
 mha_status mha__linear_split_shared(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x, int count,
                                     const mha__split_output *outs, bool add)
 {
     if (count < 1 || count > MHA_SPLIT_OUTPUTS) return MHA_ERR_INTERNAL;
     split_job j = {.bk = k->bf16, .add = add, .x = x, .in = outs[0].w->in, .outs = outs, .count = count};
+    int64_t top = mha__ws_top(ctx), chunk = mha__min64(rows, SPLIT_ROWS);
+    mha_status st = MHA_OK;
     if (rows < MIN_ROWS) {
         j.rows = rows;
-        for (int o = 0; o < count; o++) chunk_by_fma(ctx, k->f32, &j, &outs[o]);
-        return MHA_OK;
+        return release(ctx, top, count, outs, chunk_all_by_fma(ctx, k->f32, &j));
     }
-    int64_t top = mha__ws_top(ctx), chunk = mha__min64(rows, SPLIT_ROWS);
     j.a = mha__ws_take(ctx, 2 * row_pairs(chunk) * tile_run(j.in) * (int64_t)sizeof(uint16_t));
     j.finite = mha__ws_take(ctx, row_pairs(chunk));
     if (!j.a || !j.finite) return MHA_ERR_INTERNAL; /* sized by the plan */
-    for (int64_t r0 = 0; r0 < rows; r0 += SPLIT_ROWS) {
+    for (int64_t r0 = 0; r0 < rows && st == MHA_OK; r0 += SPLIT_ROWS) {
         j.r0 = r0;
         j.rows = mha__min64(rows - r0, SPLIT_ROWS);
         mha__parallel_for(ctx, row_pairs(j.rows), split_rows, &j);
         bool finite = true;
         for (int64_t q = 0; q < row_pairs(j.rows); q++) finite &= j.finite[q];
         if (finite) mha__parallel_items(ctx, plan_items(&j), split_items, &j);
-        else
-            for (int o = 0; o < count; o++) chunk_by_fma(ctx, k->f32, &j, &outs[o]);
+        else st = chunk_all_by_fma(ctx, k->f32, &j);
     }
-    mha__ws_release(ctx, top);
-    return MHA_OK;
+    return release(ctx, top, count, outs, st);
 }
 
 mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x,
                              const mha__packed_split *w, const mha__packed *fma, const float *b, const mha__mat *y,
                              bool add)
 {
-    mha__split_output one = {w, fma, b, y};
+    mha__split_output one = {w, fma, b, y, NULL};
     return mha__linear_split_shared(ctx, k, rows, x, 1, &one, add);
 }
 

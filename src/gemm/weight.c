@@ -49,7 +49,7 @@ mha_status mha__weights_linear_shared(mha_ctx *ctx, int count, const mha__weight
     bool shared = count <= MHA_SPLIT_OUTPUTS;
     for (int i = 0; i < count && shared; i++) {
         shared = !w[i]->bf16 && w[i]->split.data && w[i]->kernels == w[0]->kernels && w[i]->split.in == w[0]->split.in;
-        outs[i] = (mha__split_output){&w[i]->split, &w[i]->f32, b[i], y[i]};
+        outs[i] = (mha__split_output){&w[i]->split, &w[i]->f32, b[i], y[i], NULL};
     }
     if (shared) return mha__linear_split_shared(ctx, w[0]->kernels, rows, x, count, outs, false);
     mha_status st = MHA_OK;

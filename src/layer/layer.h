@@ -182,12 +182,13 @@ mha_status mha__layer_project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64
                               matrix which, const float *b, const mha__batched *y);
 
 /* y = x W^T, or y += x W^T when `add`, over N batches of T rows, with W
- * packed as w (float32 layers), and split as `split` when not NULL (the
- * split products then, w for rows that are not finite).  INTERNAL when
- * the split products' workspace was not planned. */
+ * packed as w (float32 layers), or split as `split` when not NULL: the
+ * split products then, and for rows that are not finite w, or when w is
+ * NULL, the panels `on_demand` packs when first needed.  INTERNAL when
+ * the workspace was not planned. */
 mha_status mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
-                                     const mha__packed *w, const mha__packed_split *split, const mha__batched *y,
-                                     bool add);
+                                     const mha__packed *w, const mha__packed_split *split,
+                                     mha__fma_on_demand *on_demand, const mha__batched *y, bool add);
 
 /* Packs `which` from w (NULL: zeros), and for training keeps w as the
  * plain copy.  NOMEM. */

@@ -309,19 +309,26 @@ static mha_status weight_grad(mha_ctx *ctx, const mha_layer *l, matrix m, int64_
     return mha__weight_grad(ctx, l->isa->f32, N, T, dy, x, out, in, l->train->g_w[m]);
 }
 
-/* Matrix m's input gradient dx = dy W, with W^T packed into the workspace
- * for the call (and split, where the split products run): written into
+/* Matrix m's input gradient dx = dy W, with W^T split into the workspace
+ * for the call where the split products run, else packed (the split
+ * products pack it too, but only for a chunk of dy that is not finite: it
+ * cost 2% of a training step at S2 when packed every call): written into
  * gx, or added to it with `add`. */
 static mha_status input_grad(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, const mha__batched *dy,
                              const mha__batched *gx, bool add)
 {
     int64_t top = mha__ws_top(ctx), out = mha__layer_out_features(l, m), in = mha__layer_in_features(l, m);
-    mha__packed w;
+    const float *w = l->train->w[m];
+    mha__packed packed = {0};
     mha__packed_split split = {0};
-    mha_status st = mha__pack_transposed_workspace_take(ctx, l->isa->f32, l->train->w[m], out, in, &w);
-    if (st == MHA_OK && mha__split_products(l->isa))
-        st = mha__pack_split_transposed_workspace_take(ctx, l->isa->bf16, l->train->w[m], out, in, &split);
-    if (st == MHA_OK) st = mha__layer_project_packed(ctx, l, N, T, dy, &w, split.data ? &split : NULL, gx, add);
+    mha__fma_on_demand on_demand = {l->isa->f32, w, out, in, {0}};
+    mha_status st = MHA_OK;
+    if (mha__split_products(l->isa))
+        st = mha__pack_split_transposed_workspace_take(ctx, l->isa->bf16, w, out, in, &split);
+    if (st == MHA_OK && !split.data) st = mha__pack_transposed_workspace_take(ctx, l->isa->f32, w, out, in, &packed);
+    if (st == MHA_OK)
+        st = mha__layer_project_packed(ctx, l, N, T, dy, split.data ? NULL : &packed, split.data ? &split : NULL,
+                                       &on_demand, gx, add);
     mha__ws_release(ctx, top);
     return st;
 }

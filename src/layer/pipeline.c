@@ -84,8 +84,8 @@ mha_status mha__layer_project(mha_ctx *ctx, const mha_layer *l, int64_t N, int64
 }
 
 mha_status mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t T, const mha__batched *x,
-                                     const mha__packed *w, const mha__packed_split *split, const mha__batched *y,
-                                     bool add)
+                                     const mha__packed *w, const mha__packed_split *split,
+                                     mha__fma_on_demand *on_demand, const mha__batched *y, bool add)
 {
     bool whole = N == 1 || batches_even(T, x, y);
     mha_status st = MHA_OK;
@@ -94,7 +94,8 @@ mha_status mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N
         xn.data += n * x->batch_stride;
         yn.data += n * y->batch_stride;
         int64_t rows = whole ? N * T : T;
-        if (split) st = mha__linear_split(ctx, l->isa, rows, &xn, split, w, NULL, &yn, add);
+        mha__split_output out = {split, w, NULL, &yn, on_demand};
+        if (split) st = mha__linear_split_shared(ctx, l->isa, rows, &xn, 1, &out, add);
         else if (add) mha__linear_add(ctx, l->isa->f32, rows, &xn, w, &yn);
         else mha__linear(ctx, l->isa->f32, rows, &xn, w, NULL, &yn);
     }
