@@ -18,7 +18,10 @@
  * into A's tiles).  Each output is one chain a chunk in a fixed order,
  * whatever the thread count.  A chunk with a value that is not finite,
  * and products of fewer than MIN_ROWS rows, go through the float32 FMA
- * path instead, so infinities and NaN propagate as IEEE products do.
+ * path instead, so infinities and NaN propagate as IEEE products do (the
+ * backward's W^T panels for it packed only then).  Products that read one
+ * input (self-attention's Q, K and V, and their weight gradients' X)
+ * split it once a chunk and share the threads' items.
  */
 #include "gemm/gemm.h"
 
