@@ -47,6 +47,18 @@ static int64_t tile_run(int64_t in) { return 3 * k_blocks(in) * MHA_SPLIT_TILE; 
 
 static int64_t row_pairs(int64_t rows) { return (rows + PAIR_ROWS - 1) / PAIR_ROWS; }
 
+/* 32-column panels of `cols` columns, and their 16-column tiles. */
+static int64_t panels(int64_t cols) { return (cols + PANEL - 1) / PANEL; }
+static int64_t column_tiles(int64_t cols) { return 2 * panels(cols); }
+
+/* Whether every one of n flags (one per tile, pair or output) is set. */
+static bool all_set(const uint8_t *flags, int64_t n)
+{
+    bool all = true;
+    for (int64_t i = 0; i < n; i++) all &= flags[i];
+    return all;
+}
+
 /* Splits n <= 32 values of src (zeros past n) into block b of a row
  * tile's run, as row 0 of its three part tiles (callers move run to the
  * row).  False if a value is not finite. */
@@ -62,8 +74,8 @@ static bool split_block_row(const mha__bf16_kernels *bk, const float *src, int64
 
 mha_status mha__pack_split(mha__packed_split *p, const mha__bf16_kernels *bk, const float *w, int64_t out, int64_t in)
 {
-    int64_t panels = (out + PANEL - 1) / PANEL, run = tile_run(in), n;
-    if (!mha__mul(2 * panels, run, &n))
+    int64_t run = tile_run(in), n;
+    if (!mha__mul(column_tiles(out), run, &n))
         return mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)out, (long long)in);
     bool reuse = p->data && p->out == out && p->in == in;
     uint16_t *data = reuse ? p->data : mha__alloc(n, sizeof(uint16_t));
@@ -72,7 +84,7 @@ mha_status mha__pack_split(mha__packed_split *p, const mha__bf16_kernels *bk, co
     bool finite = true;
     /* A column tile: 16 rows of w split along k, then transposed; the
      * fillers write the zeros past w (and all of a padding tile) too. */
-    for (int64_t o0 = 0; o0 < 2 * panels * 16; o0 += 16)
+    for (int64_t o0 = 0; o0 < column_tiles(out) * 16; o0 += 16)
         for (int64_t b = 0; b < k_blocks(in); b++) {
             uint16_t *tiles = data + (o0 / 16) * run + b * 3 * MHA_SPLIT_TILE;
             int64_t c0 = b * MHA_SPLIT_K, live = w ? mha__max64(0, mha__min64(16, out - o0)) : 0;
@@ -103,7 +115,7 @@ bool mha__split_products(const mha__isa_kernels *k) { return k->bf16 && k->bf16-
 static int64_t transposed_values(int64_t rows, int64_t cols, bool *fits)
 {
     int64_t n;
-    *fits = mha__mul(2 * ((cols + PANEL - 1) / PANEL), tile_run(rows), &n) && n <= INT64_MAX / 2;
+    *fits = mha__mul(column_tiles(cols), tile_run(rows), &n) && n <= INT64_MAX / 2;
     return *fits ? n : 0;
 }
 
@@ -116,7 +128,7 @@ bool mha__pack_split_transposed_workspace(int64_t rows, int64_t cols, int64_t *b
         return false;
     }
     return mha__ws_add(bytes, n * (int64_t)sizeof(uint16_t), "a split transposed weight") &&
-           mha__ws_add(bytes, 2 * ((cols + PANEL - 1) / PANEL), "a split weight's flags");
+           mha__ws_add(bytes, column_tiles(cols), "a split weight's flags");
 }
 
 typedef struct transposed_job {
@@ -149,15 +161,13 @@ mha_status mha__pack_split_transposed_workspace_take(mha_ctx *ctx, const mha__bf
                                                      int64_t rows, int64_t cols, mha__packed_split *p)
 {
     bool fits;
-    int64_t tiles = 2 * ((cols + PANEL - 1) / PANEL);
+    int64_t tiles = column_tiles(cols);
     transposed_job j = {bk, w, rows, cols, NULL, NULL};
     j.data = mha__ws_take(ctx, transposed_values(rows, cols, &fits) * (int64_t)sizeof(uint16_t));
     j.finite = mha__ws_take(ctx, tiles);
     if (!fits || !j.data || !j.finite) return MHA_ERR_INTERNAL; /* the plan sized it */
     mha__parallel_for(ctx, tiles, transposed_tiles, &j);
-    bool finite = true;
-    for (int64_t t = 0; t < tiles; t++) finite &= j.finite[t];
-    *p = (mha__packed_split){finite ? j.data : NULL, cols, rows};
+    *p = (mha__packed_split){all_set(j.finite, tiles) ? j.data : NULL, cols, rows};
     return MHA_OK;
 }
 
@@ -189,8 +199,6 @@ typedef struct split_job {
      * (a block of rows, a range of panels_per_item[o] panels). */
     int64_t panels_per_item[MHA_SPLIT_OUTPUTS], first_item[MHA_SPLIT_OUTPUTS + 1];
 } split_job;
-
-static int64_t panels_of(const mha__split_output *o) { return (o->w->out + PANEL - 1) / PANEL; }
 
 /* Row pair `pair` of the chunk into its two row tiles. */
 static void split_rows(void *arg, int thread, int64_t begin, int64_t end)
@@ -256,7 +264,7 @@ static void split_items(void *arg, int thread, int64_t begin, int64_t end)
         const mha__split_output *o = &j->outs[which];
         int64_t local = item - j->first_item[which], rb = local % j->row_blocks;
         int64_t p0 = local / j->row_blocks * j->panels_per_item[which];
-        int64_t p1 = mha__min64(p0 + j->panels_per_item[which], panels_of(o));
+        int64_t p1 = mha__min64(p0 + j->panels_per_item[which], panels(o->w->out));
         int64_t r = rb * ROW_BLOCK, n = mha__min64(j->rows - r, ROW_BLOCK);
         if (!j->add)
             mha__fill_rows(o->y, o->b, j->r0 + r, j->r0 + r + n, p0 * PANEL, mha__min64(p1 * PANEL, o->w->out));
@@ -306,10 +314,10 @@ static int64_t plan_items(split_job *j)
     j->row_blocks = (j->rows + ROW_BLOCK - 1) / ROW_BLOCK;
     j->first_item[0] = 0;
     for (int o = 0; o < j->count; o++) {
-        int64_t panels = panels_of(&j->outs[o]);
-        int64_t splits = mha__min64((LINEAR_ITEMS + j->row_blocks - 1) / j->row_blocks, panels);
-        j->panels_per_item[o] = (panels + splits - 1) / splits;
-        int64_t ranges = (panels + j->panels_per_item[o] - 1) / j->panels_per_item[o];
+        int64_t n = panels(j->outs[o].w->out);
+        int64_t splits = mha__min64((LINEAR_ITEMS + j->row_blocks - 1) / j->row_blocks, n);
+        j->panels_per_item[o] = (n + splits - 1) / splits;
+        int64_t ranges = (n + j->panels_per_item[o] - 1) / j->panels_per_item[o];
         j->first_item[o + 1] = j->first_item[o] + j->row_blocks * ranges;
     }
     return j->first_item[j->count];
@@ -343,9 +351,7 @@ mha_status mha__linear_split_shared(mha_ctx *ctx, const mha__isa_kernels *k, int
         j.r0 = r0;
         j.rows = mha__min64(rows - r0, SPLIT_ROWS);
         mha__parallel_for(ctx, row_pairs(j.rows), split_rows, &j);
-        bool finite = true;
-        for (int64_t q = 0; q < row_pairs(j.rows); q++) finite &= j.finite[q];
-        if (finite) mha__parallel_items(ctx, plan_items(&j), split_items, &j);
+        if (all_set(j.finite, row_pairs(j.rows))) mha__parallel_items(ctx, plan_items(&j), split_items, &j);
         else st = chunk_all_by_fma(ctx, k->f32, &j);
     }
     return release(ctx, top, count, outs, st);
@@ -366,13 +372,12 @@ mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t ro
 enum { GRAD_BLOCKS = 8 }; /* blocks of k (rows) a chunk: 256 rows */
 
 static int64_t grad_run(void) { return 3 * GRAD_BLOCKS * MHA_SPLIT_TILE; }
-static int64_t x_tiles(int64_t in) { return 2 * ((in + PANEL - 1) / PANEL); }
 
 /* Tiles of a chunk: each output's dY^T (pairs of 16-output row tiles),
  * then X's column tiles once. */
 static bool grad_tile_count(int count, const mha__grad_output *outs, int64_t in, int64_t *tiles)
 {
-    *tiles = x_tiles(in);
+    *tiles = column_tiles(in);
     for (int o = 0; o < count; o++) *tiles += 2 * row_pairs(outs[o].out);
     return *tiles <= INT64_MAX / grad_run() / 2;
 }
@@ -436,7 +441,7 @@ static void grad_tiles_range(void *arg, int thread, int64_t begin, int64_t end)
  * follows the tiles' flags. */
 static uint8_t *output_finite(const grad_job *j, int o)
 {
-    return &j->finite[j->first_tile[j->count] + x_tiles(j->in) + o];
+    return &j->finite[j->first_tile[j->count] + column_tiles(j->in) + o];
 }
 
 /* Item: output item / panels, panel item % panels of its dW's columns
@@ -446,10 +451,10 @@ static void grad_panels(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const grad_job *j = arg;
-    int64_t panels = x_tiles(j->in) / 2;
+    int64_t n = panels(j->in);
     const uint16_t *b = j->tiles + j->first_tile[j->count] * grad_run();
     for (int64_t item = begin; item < end; item++) {
-        int64_t o = item / panels, p = item % panels;
+        int64_t o = item / n, p = item % n;
         if (!*output_finite(j, (int)o)) continue;
         const mha__grad_output *g = &j->outs[o];
         add_panel(j->bk, GRAD_BLOCKS, j->tiles + j->first_tile[o] * grad_run(), b + 2 * p * grad_run(),
@@ -463,24 +468,17 @@ static bool sixteen_side_by_side(const mha__mat *m)
     return m->cs == 1 && (!m->group_cols || m->group_cols % 16 == 0);
 }
 
-/* Whether the tiles first .. end - 1 of the chunk are all finite. */
-static bool tiles_finite(const grad_job *j, int64_t first, int64_t end)
-{
-    bool finite = true;
-    for (int64_t t = first; t < end; t++) finite &= j->finite[t];
-    return finite;
-}
-
 /* One chunk of rows: split, then the products; an output whose dY^T or
  * X has a value that is not finite takes the FMA path for the chunk. */
 static mha_status grad_chunk(mha_ctx *ctx, const mha__isa_kernels *k, grad_job *j)
 {
-    int64_t x0 = j->first_tile[j->count], tiles = x0 + x_tiles(j->in);
+    int64_t x0 = j->first_tile[j->count], tiles = x0 + column_tiles(j->in);
     mha__parallel_for(ctx, tiles, grad_tiles_range, j);
-    bool x_finite = tiles_finite(j, x0, tiles);
+    bool x_finite = all_set(j->finite + x0, tiles - x0);
     for (int o = 0; o < j->count; o++)
-        *output_finite(j, o) = x_finite && tiles_finite(j, j->first_tile[o], j->first_tile[o + 1]);
-    mha__parallel_for(ctx, j->count * (x_tiles(j->in) / 2), grad_panels, j);
+        *output_finite(j, o) =
+            x_finite && all_set(j->finite + j->first_tile[o], j->first_tile[o + 1] - j->first_tile[o]);
+    mha__parallel_for(ctx, j->count * panels(j->in), grad_panels, j);
     mha_status st = MHA_OK;
     for (int o = 0; o < j->count && st == MHA_OK; o++) {
         if (*output_finite(j, o)) continue;
