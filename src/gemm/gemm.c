@@ -502,8 +502,7 @@ static void linear_bf16_range(void *arg, int thread, int64_t begin, int64_t end)
         int64_t col0 = panel * nr, cols = j->w->out - col0 < nr ? j->w->out - col0 : nr;
         const uint16_t *b = j->w->data + panel * in_even * nr;
         float *y = mha__mat_at(&j->y, r0, col0);
-        if (j->b)
-            for (int64_t i = 0; i < r1 - r0; i++) memcpy(y + i * j->y.rs, j->b + col0, (size_t)cols * sizeof(float));
+        if (j->b) mha__fill_rows(&j->y, j->b, r0, r1, col0, col0 + cols);
         j->gemm(r1 - r0, cols, in_even, j->xb + r0 * in_even, in_even, 2, b, 2 * nr, y, j->y.rs, j->b != NULL);
     }
 }

@@ -163,11 +163,7 @@ mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t ro
                              const mha__packed_split *w, const mha__packed *fma, const float *b, const mha__mat *y,
                              bool add);
 
-/* The same for up to MHA_SPLIT_OUTPUTS products of one x (self-attention's
- * Q, K and V), whose weights all have x's `in` columns: x is split once a
- * chunk for all of them, and their items share the threads.  The
- * workspace is mha__linear_split_workspace's. */
-enum { MHA_SPLIT_OUTPUTS = 3 };
+enum { MHA_SPLIT_OUTPUTS = 3 }; /* the most products of one input a call runs */
 
 /* W's float32 panels packed from w [rows, cols] (row-major, W^T: the
  * backward's dX = dY W) into the workspace only when a chunk first needs
@@ -190,6 +186,11 @@ typedef struct mha__split_output {
     const mha__mat *y;
     mha__fma_on_demand *on_demand;
 } mha__split_output;
+
+/* mha__linear_split for up to MHA_SPLIT_OUTPUTS products of one x
+ * (self-attention's Q, K and V), whose weights all have x's `in` columns:
+ * x is split once a chunk for all of them, and their items share the
+ * threads.  The workspace is mha__linear_split_workspace's. */
 mha_status mha__linear_split_shared(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x, int count,
                                     const mha__split_output *outs, bool add);
 
