@@ -139,22 +139,23 @@ typedef struct transposed_job {
     uint8_t *finite; /* one flag a column tile */
 } transposed_job;
 
-/* Column tile t, block by block of w's rows. */
+/* Column tiles begin .. end - 1, a block of w's rows at a time across
+ * all of them: each row's columns are then read side by side.  Tile by
+ * tile, every read was a new line 4 bytes x cols apart, and the split
+ * waited on memory for three quarters of its time. */
 static void transposed_tiles(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const transposed_job *j = arg;
     int64_t run = tile_run(j->rows);
-    for (int64_t t = begin; t < end; t++) {
-        int64_t c0 = 16 * t, n = mha__max64(0, mha__min64(16, j->cols - c0));
-        bool finite = true;
-        for (int64_t b = 0; b < k_blocks(j->rows); b++) {
+    for (int64_t t = begin; t < end; t++) j->finite[t] = true;
+    for (int64_t b = 0; b < k_blocks(j->rows); b++)
+        for (int64_t t = begin; t < end; t++) {
+            int64_t c0 = 16 * t, n = mha__max64(0, mha__min64(16, j->cols - c0));
             int64_t k0 = b * MHA_SPLIT_K, live = n ? mha__min64(MHA_SPLIT_K, j->rows - k0) : 0;
-            finite &= j->bk->split_pairs_tile(j->w + k0 * j->cols + c0, j->cols, live, n,
-                                              j->data + t * run + b * 3 * MHA_SPLIT_TILE);
+            j->finite[t] &= j->bk->split_pairs_tile(j->w + k0 * j->cols + c0, j->cols, live, n,
+                                                    j->data + t * run + b * 3 * MHA_SPLIT_TILE);
         }
-        j->finite[t] = finite;
-    }
 }
 
 mha_status mha__pack_split_transposed_workspace_take(mha_ctx *ctx, const mha__bf16_kernels *bk, const float *w,
@@ -412,28 +413,28 @@ typedef struct grad_job {
     uint8_t *finite; /* one flag a tile, then one an output */
 } grad_job;
 
-/* Tile t of the chunk: a row tile of some output's dY^T (16 outputs:
- * pairs of dY's rows, transposed), or a column tile of X (16 inputs:
- * pairs of X's rows). */
+/* Tiles begin .. end - 1 of the chunk, a block of rows at a time across
+ * all of them (as transposed_tiles, so that each row's columns are read
+ * side by side).  Tile t is a row tile of some output's dY^T (16
+ * outputs: pairs of dY's rows, transposed), or a column tile of X (16
+ * inputs: pairs of X's rows). */
 static void grad_tiles_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const grad_job *j = arg;
-    for (int64_t t = begin; t < end; t++) {
-        int o = 0;
-        while (o < j->count && t >= j->first_tile[o + 1]) o++;
-        bool is_a = o < j->count, finite = true;
-        const mha__mat *m = is_a ? &j->dy[o] : &j->x;
-        int64_t c0 = 16 * (t - j->first_tile[o]), cols = is_a ? j->outs[o].out : j->in;
-        int64_t n = mha__max64(0, mha__min64(16, cols - c0));
-        uint16_t *tiles = j->tiles + t * grad_run();
-        for (int64_t b = 0; b < GRAD_BLOCKS; b++) {
-            int64_t r0 = b * MHA_SPLIT_K, live = n ? mha__max64(0, mha__min64(MHA_SPLIT_K, j->rows - r0)) : 0;
-            const float *src = live ? mha__mat_at(m, r0, c0) : NULL;
-            finite &= j->bk->split_pairs_tile(src, m->rs, live, n, tiles + b * 3 * MHA_SPLIT_TILE);
-            if (is_a) j->bk->split_transpose(tiles + b * 3 * MHA_SPLIT_TILE);
+    for (int64_t t = begin; t < end; t++) j->finite[t] = true;
+    for (int64_t b = 0; b < GRAD_BLOCKS; b++) {
+        int64_t r0 = b * MHA_SPLIT_K, rows = mha__max64(0, mha__min64(MHA_SPLIT_K, j->rows - r0));
+        for (int64_t t = begin, o = 0; t < end; t++) {
+            while (o < j->count && t >= j->first_tile[o + 1]) o++;
+            bool is_a = o < j->count;
+            const mha__mat *m = is_a ? &j->dy[o] : &j->x;
+            int64_t c0 = 16 * (t - j->first_tile[o]), cols = is_a ? j->outs[o].out : j->in;
+            int64_t n = mha__max64(0, mha__min64(16, cols - c0)), live = n ? rows : 0;
+            uint16_t *tiles = j->tiles + t * grad_run() + b * 3 * MHA_SPLIT_TILE;
+            j->finite[t] &= j->bk->split_pairs_tile(live ? mha__mat_at(m, r0, c0) : NULL, m->rs, live, n, tiles);
+            if (is_a) j->bk->split_transpose(tiles);
         }
-        j->finite[t] = finite;
     }
 }
 

@@ -357,11 +357,22 @@ bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64
     return finite;
 }
 
+/* The row MHA_SPLIT_K rows below x (the same columns of the next block,
+ * which its caller splits after this block's other tiles) on to L2. */
+static void prefetch_next_block(const float *x, int64_t lds)
+{
+    _mm_prefetch((const char *)((uintptr_t)x + (uintptr_t)(MHA_SPLIT_K * lds) * sizeof(float)), _MM_HINT_T1);
+}
+
 bool mha__split_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
 {
     bool finite = true;
     for (int64_t pr = 0; pr < 16; pr++) {
         uint16_t *row = tiles + pr * MHA_SPLIT_K;
+        if (2 * pr + 1 < live) {
+            prefetch_next_block(src + 2 * pr * lds, lds);
+            prefetch_next_block(src + (2 * pr + 1) * lds, lds);
+        }
         if (2 * pr < live)
             finite &= split3_pairs(src + 2 * pr * lds, 2 * pr + 1 < live ? src + (2 * pr + 1) * lds : NULL, n, row,
                                    row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
