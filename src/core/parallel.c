@@ -43,7 +43,7 @@ enum { MAX_THREADS = 1024 };
  * Timed, not counted, since a round's length differs between CPUs. */
 enum { SPIN_NS = 200 * 1000, YIELD_AFTER_NS = 5 * 1000, SPIN_CHECK = 256 };
 
-static int64_t now_ns(void)
+int64_t mha__now_ns(void)
 {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -55,7 +55,7 @@ static int64_t now_ns(void)
 static bool may_spin(int64_t start, int64_t i)
 {
     if (i % SPIN_CHECK != 0) return true;
-    int64_t spun = now_ns() - start;
+    int64_t spun = mha__now_ns() - start;
     if (spun >= YIELD_AFTER_NS) sched_yield();
     return spun < SPIN_NS;
 }
@@ -140,7 +140,7 @@ typedef struct worker_arg {
 /* Wait for a generation other than `seen`: spin first, then sleep. */
 static uint64_t wait_for_work(pool *p, uint64_t seen)
 {
-    int64_t start = now_ns();
+    int64_t start = mha__now_ns();
     for (int64_t i = 1; may_spin(start, i); i++) {
         uint64_t g = atomic_load_explicit(&p->generation, memory_order_acquire);
         if (g != seen) return g;
@@ -268,7 +268,7 @@ static void run_job(mha_ctx *ctx, job j)
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->lock);
     run_chunk(&j, 0);
-    int64_t start = now_ns();
+    int64_t start = mha__now_ns();
     for (int64_t i = 1; may_spin(start, i) && atomic_load_explicit(&p->pending, memory_order_acquire) > 0; i++) {}
     pthread_mutex_lock(&p->lock);
     while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) pthread_cond_wait(&p->done, &p->lock);

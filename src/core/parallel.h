@@ -73,4 +73,7 @@ void mha__parallel_items(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *
 /* Bytes rounded up to whole cache lines, so threads never share one. */
 int64_t mha__pad_to_line(int64_t bytes);
 
+/* CLOCK_MONOTONIC in nanoseconds: the pool's spin and the timed peak and copy. */
+int64_t mha__now_ns(void);
+
 #endif /* MHA_PARALLEL_H */

@@ -2,20 +2,12 @@
  * peak.c -- the machine's measured float32 multiply-add peak, the yardstick
  * of every "percent of peak" the benchmarks report.
  */
-#define _POSIX_C_SOURCE 200809L
-
 #include "kernels/kernels.h"
 #include "core/parallel.h"
 
 #include <string.h>
-#include <time.h>
 
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+static double now_seconds(void) { return 1e-9 * (double)mha__now_ns(); }
 
 typedef struct peak_job {
     mha__peak_fn peak;
