@@ -625,9 +625,10 @@ mha_status mha_layer_workspace_size(const mha_ctx *ctx, const mha_layer *layer, 
 mha_status mha_layer_train_init(mha_layer *layer);
 
 /* One parameter of a training layer, named as in the PyTorch state_dict.
- * value and grad are the layer's own arrays of numel floats (shape in
- * shape[0..rank)); gradients accumulate there across backward calls until
- * zeroed. */
+ * value and grad are arrays of numel floats (shape in shape[0..rank)):
+ * the layer's own, grad in the caller's storage after
+ * mha_layer_set_grad_storage; gradients accumulate there across backward
+ * calls until zeroed. */
 typedef struct mha_param {
     const char *name;
     float *value;
@@ -650,6 +651,22 @@ mha_status mha_layer_params_changed(mha_layer *layer);
 
 /* Sets every gradient to 0. */
 void mha_layer_zero_grad(mha_layer *layer);
+
+/* The floats of the layer's gradient storage: every parameter's gradient,
+ * back to back.  Errors: MISUSE (no training state, NULL). */
+mha_status mha_layer_grad_storage_size(const mha_layer *layer, int64_t *count);
+
+/* Moves the gradients into storage the caller owns: `count` floats
+ * (mha_layer_grad_storage_size), any alignment, kept alive and not
+ * otherwise written while the layer uses it.  For a framework that hands
+ * each step's gradients on as new arrays (PyTorch's autograd does): a new
+ * storage a step, and the gradients are never copied out.  From then on
+ * the storage's contents are the gradients: the backward adds into them
+ * as they are (zero them first, mha_layer_zero_grad), and
+ * mha_layer_params' grad pointers point into it (read them again).  NULL
+ * gives the layer storage of its own again, zeroed.  Errors: MISUSE (no
+ * training state), INVALID_ARG (count is not the layer's), NOMEM. */
+mha_status mha_layer_set_grad_storage(mha_layer *layer, float *storage, int64_t count);
 
 /* The activations one forward call saves for its backward: Q, K, V, the
  * head outputs and per-row softmax statistics, O(N (L + S) E) floats, never

@@ -3,6 +3,7 @@
  *   - the library's own gradients against central differences of its own
  *     float32 forward, along random directions (inputs and parameters);
  *   - gradients accumulate across backward calls until zeroed;
+ *   - gradients in storage the caller owns (mha_layer_set_grad_storage);
  *   - a training step allocates nothing once shapes stop growing;
  *   - writing parameters and calling mha_layer_params_changed changes what
  *     the forward computes;
@@ -190,6 +191,62 @@ static void test_accumulation_and_allocations(mha_ctx *ctx)
     fixture_free(&f);
 }
 
+/* Gradients in storage the caller owns: the same bits as in the layer's
+ * own, mha_layer_params pointing into it, accumulation and zeroing there,
+ * and back to the layer's own (zeroed) with NULL; the layer never frees
+ * or writes the caller's storage after letting it go. */
+static void test_caller_storage(mha_ctx *ctx)
+{
+    static fixture f;
+    fixture_init(&f, true, MHA_CAUSAL_NONE);
+    int64_t count = 0, total = 0;
+    CHECK_OK(mha_layer_grad_storage_size(f.layer, &count));
+    for (int64_t i = 0; i < f.n_params; i++) total += f.params[i].numel;
+    CHECK(count == total, "storage of %lld floats for parameters of %lld", (long long)count, (long long)total);
+    step(ctx, f.layer, &f.a, f.dy, f.gx);
+    float *own = malloc((size_t)count * sizeof(float)), *mine = malloc((size_t)(count + 1) * sizeof(float));
+    float *storage = mine + 1; /* not 64-byte aligned, as a caller's array may be */
+    for (int64_t i = 0, at = 0; i < f.n_params; at += f.params[i].numel, i++)
+        memcpy(own + at, f.params[i].grad, (size_t)f.params[i].numel * sizeof(float));
+    CHECK(mha_layer_set_grad_storage(f.layer, storage, count - 1) == MHA_ERR_INVALID_ARG &&
+              strstr(mha_last_error(), "storage has"),
+          "a storage of the wrong size is refused: %s", mha_last_error());
+    CHECK_OK(mha_layer_set_grad_storage(f.layer, storage, count));
+    mha_param params[8];
+    CHECK(mha_layer_params(f.layer, params, 8) == f.n_params, "the same parameters");
+    int outside = 0;
+    for (int64_t i = 0; i < f.n_params; i++)
+        outside += params[i].grad < storage || params[i].grad + params[i].numel > storage + count;
+    CHECK(outside == 0, "%d parameters' gradients lie outside the caller's storage", outside);
+    mha_layer_zero_grad(f.layer);
+    step(ctx, f.layer, &f.a, f.dy, f.gx);
+    int differ = 0;
+    for (int64_t i = 0, at = 0; i < f.n_params; at += params[i].numel, i++)
+        differ += memcmp(own + at, params[i].grad, (size_t)params[i].numel * sizeof(float)) != 0;
+    CHECK(differ == 0, "%d gradients in the caller's storage differ from the layer's own", differ);
+    step(ctx, f.layer, &f.a, f.dy, f.gx);
+    int bad = 0;
+    for (int64_t i = 0, at = 0; i < f.n_params; at += params[i].numel, i++)
+        for (int64_t j = 0; j < params[i].numel; j++)
+            bad += fabsf(params[i].grad[j] - 2 * own[at + j]) > 1e-5f * (1 + fabsf(own[at + j]));
+    CHECK(bad == 0, "%d gradients in the caller's storage are not the sum of two calls", bad);
+    float first = storage[0];
+    CHECK_OK(mha_layer_set_grad_storage(f.layer, NULL, 0));
+    CHECK(mha_layer_params(f.layer, params, 8) == f.n_params, "the same parameters");
+    bad = 0;
+    for (int64_t i = 0; i < f.n_params; i++)
+        for (int64_t j = 0; j < params[i].numel; j++) bad += params[i].grad[j] != 0;
+    CHECK(bad == 0, "the layer's own storage again holds %d non-zero gradients", bad);
+    step(ctx, f.layer, &f.a, f.dy, f.gx);
+    CHECK(storage[0] == first, "a backward after NULL wrote the caller's storage");
+    CHECK(memcmp(own, params[0].grad, (size_t)params[0].numel * sizeof(float)) == 0,
+          "the layer's own storage again gives the same gradients");
+    CHECK_OK(mha_layer_set_grad_storage(f.layer, storage, count));
+    fixture_free(&f); /* frees the layer with the caller's storage in use: not the layer's to free */
+    free(mine);
+    free(own);
+}
+
 /* Plain SGD on 0.5 |y - y_teacher|^2 / n: the student starts from other
  * random weights; 150 steps must cut the loss by more than 10x. */
 static void test_fits_a_teacher(mha_ctx *ctx)
@@ -281,6 +338,7 @@ int main(void)
     CHECK_OK(mha_ctx_create(2, &ctx));
     test_directional_derivatives(ctx);
     test_accumulation_and_allocations(ctx);
+    test_caller_storage(ctx);
     test_fits_a_teacher(ctx);
     test_param_names();
     mha_ctx_free(ctx);

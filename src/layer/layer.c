@@ -179,6 +179,14 @@ mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
     return MHA_OK;
 }
 
+void mha__layer_train_free(mha__layer_train *t)
+{
+    if (!t) return;
+    mha__free(t->plain);
+    if (t->own_grads) mha__free(t->grads);
+    mha__free(t);
+}
+
 void mha_layer_free(mha_layer *l)
 {
     if (!l) return;
@@ -186,11 +194,7 @@ void mha_layer_free(mha_layer *l)
     for (int i = 0; i < MAT_COUNT; i++) {
         mha__weight_free(&l->w[i]);
     }
-    if (l->train) {
-        mha__free(l->train->plain);
-        mha__free(l->train->grads);
-        mha__free(l->train);
-    }
+    mha__layer_train_free(l->train);
     mha__free(l->b_in);
     mha__free(l->b_out);
     mha__free(l->bias_k);

@@ -23,10 +23,14 @@ typedef struct mha__layer_train {
     float *plain;          /* W_q, W_k, W_v, W_o back to back: in_proj_weight then out_proj.weight */
     float *w[MAT_COUNT];   /* into plain */
     float *grads;          /* the same layout, then the bias gradients */
+    bool own_grads;        /* grads is the layer's (else the caller's storage) */
     float *g_w[MAT_COUNT]; /* into grads */
     float *g_b_in, *g_b_out, *g_bias_k, *g_bias_v; /* into grads, or NULL */
     int64_t n_grads;                               /* floats in grads */
 } mha__layer_train;
+
+/* Frees a layer's training state (NULL: nothing). */
+void mha__layer_train_free(mha__layer_train *t);
 
 /* Matrices are kept packed (gemm.h), float32 or bf16 as the layer
  * computes; a plain copy exists only for training, where the optimizer

@@ -32,14 +32,6 @@ static mha_status check_training(const mha_layer *l, const char *fn)
 /* Parameters                                                        */
 /* ---------------------------------------------------------------- */
 
-static void train_free(mha__layer_train *t)
-{
-    if (!t) return;
-    mha__free(t->plain);
-    mha__free(t->grads);
-    mha__free(t);
-}
-
 /* Lays out plain and grads: W_q, W_k, W_v, W_o, then (grads only) the
  * biases in_proj_bias, out_proj.bias, bias_k, bias_v. */
 static int64_t matrix_size(const mha_layer *l, matrix m)
@@ -81,8 +73,9 @@ mha_status mha_layer_train_init(mha_layer *l)
         n_plain + (d->bias ? l->qdim + 2 * l->kvdim : 0) + (d->out_bias ? E : 0) + (d->add_bias_kv ? 2 * l->kvdim : 0);
     t->plain = mha__alloc(n_plain, sizeof(float));
     t->grads = mha__calloc((size_t)t->n_grads, sizeof(float));
+    t->own_grads = true;
     if (!t->plain || !t->grads) {
-        train_free(t);
+        mha__layer_train_free(t);
         return MHA_ERR_NOMEM;
     }
     train_layout(l, t);
@@ -124,6 +117,34 @@ void mha_layer_zero_grad(mha_layer *l)
 {
     if (check_training(l, "mha_layer_zero_grad") != MHA_OK) return;
     memset(l->train->grads, 0, (size_t)l->train->n_grads * sizeof(float));
+}
+
+mha_status mha_layer_grad_storage_size(const mha_layer *l, int64_t *count)
+{
+    mha_status st = check_training(l, "mha_layer_grad_storage_size");
+    if (st != MHA_OK) return st;
+    if (!count) return mha__fail(MHA_ERR_MISUSE, "mha_layer_grad_storage_size: NULL count");
+    *count = l->train->n_grads;
+    return MHA_OK;
+}
+
+mha_status mha_layer_set_grad_storage(mha_layer *l, float *storage, int64_t count)
+{
+    mha_status st = check_training(l, "mha_layer_set_grad_storage");
+    if (st != MHA_OK) return st;
+    mha__layer_train *t = l->train;
+    if (storage && count != t->n_grads)
+        return mha__fail(MHA_ERR_INVALID_ARG,
+                         "mha_layer_set_grad_storage: storage has %lld floats; the layer's gradients take %lld",
+                         (long long)count, (long long)t->n_grads);
+    if (storage && storage == t->grads) return MHA_OK; /* already where the gradients are */
+    float *grads = storage ? storage : mha__calloc((size_t)t->n_grads, sizeof(float));
+    if (!grads) return MHA_ERR_NOMEM;
+    if (t->own_grads) mha__free(t->grads);
+    t->grads = grads;
+    t->own_grads = !storage;
+    train_layout(l, t);
+    return MHA_OK;
 }
 
 /* ---------------------------------------------------------------- */
