@@ -137,6 +137,55 @@ static PyObject *py_layer_train(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* layer_grad_count(layer): the floats of its gradient storage (with the
+ * training state, made once). */
+static PyObject *py_layer_grad_count(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *cap;
+    if (!PyArg_ParseTuple(args, "O", &cap)) return NULL;
+    mha_layer *l = object_of(cap, LAYER);
+    if (!l) return NULL;
+    int64_t count = 0;
+    mha_status st = mha_layer_train_init(l);
+    if (st == MHA_OK) st = mha_layer_grad_storage_size(l, &count);
+    if (st != MHA_OK) return mha_py_raise(st);
+    return PyLong_FromLongLong(count);
+}
+
+/* layer_grad_storage(layer, buffer) -> [(name, offset, shape), ...]: the
+ * gradients moved into buffer (contiguous float32, layer_grad_count
+ * values; the caller keeps it alive while the layer uses it), and where
+ * each parameter's gradient is in it, in parameters() order. */
+static PyObject *py_layer_grad_storage(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *cap, *buf;
+    if (!PyArg_ParseTuple(args, "OO", &cap, &buf)) return NULL;
+    mha_layer *l = object_of(cap, LAYER);
+    mha_py_held h = {.n = 0};
+    mha_tensor t;
+    if (!l || !mha_py_tensor(&h, buf, "gradient storage", 1, &t)) return mha_py_release(&h), NULL;
+    if (h.views[0].ndim != 1 || t.stride[3] != 1) {
+        mha_py_release(&h);
+        return PyErr_Format(PyExc_ValueError, "gradient storage: a contiguous 1-D float32 array was expected");
+    }
+    mha_status st = mha_layer_set_grad_storage(l, t.data, mha_py_numel(&t));
+    mha_py_release(&h);
+    if (st != MHA_OK) return mha_py_raise(st);
+    mha_param params[8];
+    int64_t n = mha_layer_params(l, params, 8);
+    PyObject *list = PyList_New(0);
+    for (int64_t i = 0; list && i < n; i++) {
+        PyObject *dims = mha_py_shape(params[i].rank, params[i].shape);
+        PyObject *item =
+            dims ? Py_BuildValue("(sLN)", params[i].name, (long long)(params[i].grad - t.data), dims) : NULL;
+        if (!item || PyList_Append(list, item) < 0) Py_CLEAR(list);
+        Py_XDECREF(item);
+    }
+    return list;
+}
+
 static PyObject *py_tape_create(PyObject *self, PyObject *noargs)
 {
     (void)self, (void)noargs;
@@ -327,6 +376,8 @@ PyMethodDef mha_py_layer_methods[] = {
     {"layer_weights", py_layer_weights, METH_VARARGS, "the layer's weight names and shapes"},
     {"layer_weight", py_layer_weight, METH_VARARGS, "set or get a weight, or get its gradient"},
     {"layer_train", py_layer_train, METH_VARARGS, "training state, and zero the gradients"},
+    {"layer_grad_count", py_layer_grad_count, METH_VARARGS, "floats of the gradient storage"},
+    {"layer_grad_storage", py_layer_grad_storage, METH_VARARGS, "move the gradients into a caller's array"},
     {"tape_create", py_tape_create, METH_NOARGS, "mha_layer_tape_create"},
     {"layer_forward", py_layer_forward, METH_VARARGS, "mha_layer_forward on buffers"},
     {"layer_backward", py_layer_backward, METH_VARARGS, "mha_layer_backward on buffers"},

@@ -3,6 +3,7 @@ same constructor arguments, state_dict names (PyTorch's, Llama's,
 GPT-2's or BERT's), shapes and masks, its gradients, and decoding with a KV cache.
 """
 
+import sys
 import threading
 
 import numpy as np
@@ -11,6 +12,7 @@ from . import _arrays, _core
 
 _ROPE = {None: 0, "none": 0, "half": 1, "interleaved": 2}
 _CAUSE = "values (or weights) too large?"  # when every input is finite but a result is not
+_SPARE_TAPES = 2  # tapes a layer keeps for its next forwards: one step's, and one in flight
 
 
 class MultiheadAttention:
@@ -51,6 +53,8 @@ class MultiheadAttention:
         self.training = False
         self._lock = threading.Lock()  # a layer serves one call at a time
         self._recorded = None
+        self._grad_count = self._grad_storage = self._grad_layout = None  # see _grads_in_free_storage
+        self._spare_tapes = []  # see _take_tape
 
     # ---- weights ----------------------------------------------------
 
@@ -89,6 +93,26 @@ class MultiheadAttention:
     def zero_grad(self):
         with self._lock:
             _core.layer_train(self._layer, True)
+
+    def _grads_in_free_storage(self):
+        """Moves the weights' gradients into an array no gradient handed
+        out still uses, zeroed, and returns {name: view of it} (the
+        training state's names: PyTorch's for this family, Llama's for the
+        others).  The torch path hands these views to autograd as a step's
+        gradients, so they are never copied out.  The array is the last
+        one again when nothing refers to it any more (its views let go:
+        the usual step, after zero_grad(set_to_none=True)), which saves
+        allocating and faulting in 4 E^2 floats a step; else a new one."""
+        with self._lock:
+            if self._grad_storage is None or sys.getrefcount(self._grad_storage) > 2:  # the attribute, the argument
+                if self._grad_count is None:
+                    self._grad_count = _core.layer_grad_count(self._layer)
+                storage = np.empty(self._grad_count, dtype=np.float32)
+                self._grad_layout = _core.layer_grad_storage(self._layer, storage)
+                self._grad_storage = storage  # after the move: the old array is not let go while still in use
+            storage = self._grad_storage
+            _core.layer_train(self._layer, True)
+        return {name: storage[at:at + int(np.prod(shape))].reshape(shape) for name, at, shape in self._grad_layout}
 
     def _get(self, name, shape, mode):
         out = np.empty(shape, dtype=np.float32)
@@ -172,6 +196,13 @@ class MultiheadAttention:
         self._recorded = record
         return out, weights
 
+    def _take_tape(self):
+        """A tape to record a forward into: a spare one, whose buffers
+        already have the size of the last call (a new tape's would be
+        allocated and faulted in again), or a new one."""
+        with self._lock:
+            return self._spare_tapes.pop() if self._spare_tapes else _core.tape_create()
+
     def _run(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
              record):
         """forward, and with `record` what backward needs: a tape of its own
@@ -183,7 +214,7 @@ class MultiheadAttention:
         if need_weights:
             S = k.shape[1] + self._extra_keys
             weights = np.empty((N, 1 if average_attn_weights else self.num_heads, L, S), dtype=np.float32)
-        tape = _core.tape_create() if record else None
+        tape = self._take_tape() if record else None
         with self._lock:
             if record:
                 _core.layer_train(self._layer, False)
@@ -231,6 +262,8 @@ class MultiheadAttention:
                 grads.append(g), views.append(g_nle)
             finite = _core.layer_backward(self._layer, q, k, v, am, kpm, causal, average, tape, 0, go,
                                           views[0], views[1], views[2], self.threads)
+            if len(self._spare_tapes) < _SPARE_TAPES:
+                self._spare_tapes.append(tape)  # consumed by the backward: free to record again
         if not finite:
             _arrays.raise_nonfinite("gradient", [("grad_output", go)], cause=_CAUSE)
         return tuple(grads)

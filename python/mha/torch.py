@@ -109,7 +109,7 @@ class _MHA(torch.autograd.Function):
         k = q if key is query else _np(key)  # the same array for self-attention: one gradient for all its uses
         v = k if value is key else _np(value)
         out, weights, saved = layer._run(q, k, v, kpm, need_weights, attn_mask, average, is_causal, record)
-        ctx.module, ctx.saved = module, saved
+        ctx.module, ctx.saved, ctx.consumed = module, saved, False
         ctx.same = (key is query, value is key)
         result = torch.from_numpy(out)
         w = torch.from_numpy(weights) if weights is not None else None
@@ -121,12 +121,14 @@ class _MHA(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_weights):
         module, saved = ctx.module, ctx.saved
         if saved is None:
-            raise RuntimeError("this forward ran without recording (no input or parameter required grad)")
+            raise RuntimeError("backward through this MultiheadAttention call a second time (libmha's backward "
+                               "consumes what the forward saved; retain_graph cannot keep it)" if ctx.consumed else
+                               "this forward ran without recording (no input or parameter required grad)")
+        ctx.saved, ctx.consumed = None, True  # its tape goes back to the layer for another forward
         layer = module._layer
-        with module._backward_lock:  # the weights' gradients: zeroed, computed and read as one step
-            layer.zero_grad()
+        with module._backward_lock:  # the weights' gradients: zeroed in an array of their own, then computed
+            grads = layer._grads_in_free_storage()
             gq, gk, gv = layer._backward(saved, _np(grad_output.contiguous()))
-            grads = layer.grads()
         key_same, value_same = ctx.same
         gx = [torch.from_numpy(gq), None if key_same else torch.from_numpy(gk),
               None if value_same else torch.from_numpy(gv)]

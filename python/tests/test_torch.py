@@ -133,6 +133,60 @@ def test_training_follows_optimizer_steps():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ref.parameters(), ours.parameters()))
 
 
+def _step_grads(module, x, dy):
+    module(x, x, x, need_weights=False)[0].backward(dy)
+    return [p.grad for p in module.parameters()]
+
+
+def test_gradients_handed_out_stay_put():
+    """Each backward's weight gradients are new arrays the layer computed
+    into (never copied out): a gradient kept from one step keeps its
+    values through the next steps, and steps without zeroing add up."""
+    torch.manual_seed(1)
+    ours = mt.MultiheadAttention(16, 2, add_bias_kv=True)
+    x, dy = torch.randn(5, 3, 16), torch.randn(5, 3, 16)
+    first = _step_grads(ours, x, dy)
+    kept = [g.clone() for g in first]
+    ours.zero_grad(set_to_none=True)
+    again = _step_grads(ours, x, dy)
+    assert all(torch.equal(a, b) for a, b in zip(first, kept)), "a later backward wrote a gradient handed out"
+    assert all(torch.equal(a, b) for a, b in zip(again, kept)), "the same step gave other gradients"
+    summed = _step_grads(ours, x, dy)  # no zeroing: autograd adds the new arrays into .grad
+    assert all(torch.equal(a, b) for a, b in zip(again, summed)), "autograd adds into the gradients it holds"
+    assert all(torch.allclose(a, 2 * b, rtol=1e-6, atol=1e-6) for a, b in zip(summed, kept))
+    del first, again, summed
+    ours.zero_grad(set_to_none=True)
+    storages = set()
+    for _ in range(3):  # nothing keeps a step's gradients: each step computes into the same array
+        ours.zero_grad(set_to_none=True)
+        assert all(torch.equal(a, b) for a, b in zip(_step_grads(ours, x, dy), kept))
+        storages.add(id(ours._layer._grad_storage))
+    assert len(storages) == 1
+
+
+def test_calls_in_flight_and_backward_once():
+    """Two recorded calls in flight, their backwards in reverse order, give
+    each call's own gradients (the layer reuses tapes only once consumed);
+    a second backward through one call is refused by name."""
+    torch.manual_seed(2)
+    ours = mt.MultiheadAttention(16, 4)
+    x1, x2 = torch.randn(6, 2, 16, requires_grad=True), torch.randn(6, 2, 16, requires_grad=True)
+    alone = []
+    for x in (x1, x2):
+        ours.zero_grad(set_to_none=True)
+        ours(x, x, x, need_weights=False)[0].sum().backward()
+        alone.append(x.grad.clone())
+        x.grad = None
+    y1 = ours(x1, x1, x1, need_weights=False)[0]
+    y2 = ours(x2, x2, x2, need_weights=False)[0]
+    y2.sum().backward(retain_graph=True)
+    y1.sum().backward()
+    ours(x1, x1, x1, need_weights=False)  # records into a tape a backward handed back
+    assert torch.equal(x1.grad, alone[0]) and torch.equal(x2.grad, alone[1])
+    with pytest.raises(RuntimeError, match="a second time"):
+        y2.sum().backward()
+
+
 @pytest.mark.parametrize("i", range(24))
 def test_sdpa_against_pytorch(i):
     r = np.random.default_rng(500 + i)
