@@ -53,7 +53,8 @@ class MultiheadAttention:
         self.training = False
         self._lock = threading.Lock()  # a layer serves one call at a time
         self._recorded = None
-        self._grad_count = self._grad_storage = self._grad_layout = None  # see _grads_in_free_storage
+        # The torch path's gradient storage (see _grads_in_free_storage).
+        self._grad_count = self._grad_storage = self._grad_layout = self._grad_unused_refs = None
         self._spare_tapes = []  # see _take_tape
 
     # ---- weights ----------------------------------------------------
@@ -104,15 +105,22 @@ class MultiheadAttention:
         the usual step, after zero_grad(set_to_none=True)), which saves
         allocating and faulting in 4 E^2 floats a step; else a new one."""
         with self._lock:
-            if self._grad_storage is None or sys.getrefcount(self._grad_storage) > 2:  # the attribute, the argument
+            if self._grad_storage is None or self._grad_storage_refs() > self._grad_unused_refs:
                 if self._grad_count is None:
                     self._grad_count = _core.layer_grad_count(self._layer)
-                storage = np.empty(self._grad_count, dtype=np.float32)
-                self._grad_layout = _core.layer_grad_storage(self._layer, storage)
-                self._grad_storage = storage  # after the move: the old array is not let go while still in use
+                fresh = np.empty(self._grad_count, dtype=np.float32)
+                self._grad_layout = _core.layer_grad_storage(self._layer, fresh)
+                self._grad_storage = fresh  # after the move: the old array is not let go while still in use
+                del fresh
+                self._grad_unused_refs = self._grad_storage_refs()  # the count with no view: the interpreter's own
             storage = self._grad_storage
             _core.layer_train(self._layer, True)
         return {name: storage[at:at + int(np.prod(shape))].reshape(shape) for name, at, shape in self._grad_layout}
+
+    def _grad_storage_refs(self):
+        """References to the gradient storage, counted the same way each
+        time: every view of it holds one."""
+        return sys.getrefcount(self._grad_storage)
 
     def _get(self, name, shape, mode):
         out = np.empty(shape, dtype=np.float32)
