@@ -190,6 +190,7 @@ static mha_status training(float *result)
     float *x = randoms(N * L * E, 8), *dy = randoms(N * L * E, 9), y[N * L * E], gx[N * L * E] = {0};
     mha_status st = mha_layer_create(&d, &layer);
     if (st == MHA_OK) st = mha_layer_train_init(layer);
+    if (st == MHA_OK) st = mha_layer_set_grad_storage(layer, NULL, 0); /* new storage of its own: may fail */
     mha_param params[8];
     int64_t n = st == MHA_OK ? mha_layer_params(layer, params, 8) : 0;
     for (int64_t i = 0; i < n; i++) {
