@@ -19,7 +19,9 @@
  *            same bits as a product each;
  *   weight gradients: dW += dY^T X the same ways, over batches, chunks of
  *            rows and head-major dY; three of one X (W_q, W_k, W_v)
- *            with X split once, the same bits as a call each.
+ *            with X split once, the same bits as a call each;
+ *   attention's pieces (products_split.c): the probabilities' filler, and
+ *            the product stored, added and added transposed into C.
  */
 #include "core/convert.h"
 #include "gemm/gemm.h"
@@ -66,6 +68,13 @@ static void test_split3(const mha__bf16_kernels *bk)
     }
 }
 
+static float *random_floats(int64_t n, float scale)
+{
+    float *v = malloc(sizeof(float) * (size_t)n);
+    for (int64_t i = 0; i < n; i++) v[i] = uniform() * scale;
+    return v;
+}
+
 /* hi + mid + lo of value `at` in three part tiles, as double. */
 static double tile_value(const uint16_t *tiles, int64_t at)
 {
@@ -100,6 +109,84 @@ static void test_tile_fillers(const mha__bf16_kernels *bk)
     CHECK(bad == 0, "%s tile fillers: %d values misplaced or wrong", bk->name, bad);
 }
 
+/* The probabilities' filler (the attention's P, values in [0, 1]): B's
+ * layout, as split_pairs_tile's, each value within 2^-24 of itself (the
+ * lo part truncated) down to 2^-110, 2^-126 below; zeros past the live
+ * rows and the n columns. */
+static void test_unit_pairs(const mha__bf16_kernels *bk)
+{
+    enum { LDS = 24 };
+    float src[32 * LDS];
+    uint16_t tiles[3 * MHA_SPLIT_TILE];
+    static const int64_t cases[][2] = {{32, 16}, {17, 5}, {1, 16}, {32, 3}, {0, 16}};
+    int bad = 0;
+    for (int c = 0; c < 5; c++) {
+        for (int i = 0; i < 32 * LDS; i++) {
+            float u = fabsf(uniform());
+            src[i] = i % 7 == 0 ? ldexpf(u, -(int)(i % 140)) : i % 11 == 0 ? 1.0f : i % 13 == 0 ? 0.0f : u;
+        }
+        src[3] = nextafterf(1.0f, 0.0f);
+        int64_t live = cases[c][0], n = cases[c][1];
+        bk->split_unit_pairs_tile(src, LDS, live, n, tiles);
+        for (int64_t k = 0; k < 32; k++)
+            for (int64_t j = 0; j < 16; j++) {
+                double got = tile_value(tiles, (k / 2) * 32 + 2 * j + k % 2);
+                double want = k < live && j < n ? (double)src[k * LDS + j] : 0.0;
+                bad += !(fabs(got - want) <= (want >= 0x1p-110 ? 0x1p-24 * want : 0x1p-126));
+            }
+    }
+    CHECK(bad == 0, "%s probabilities' filler: %d values misplaced or wrong", bk->name, bad);
+}
+
+/* gemm_split's three ways with C, on 2 row pairs of A read a_run values
+ * apart (one block of k more than the product uses) and a pair of B's
+ * column tiles: the store and the sum from zero the same bits, within
+ * float32's bound of the parts' exact product; the transposed sum the
+ * same bits as the plain one, transposed. */
+static void test_gemm_modes(const mha__bf16_kernels *bk)
+{
+    enum { KB = 3, PAIRS = 2, ROWS = 32 * PAIRS, LDC = 80 };
+    int64_t run = 3 * KB * MHA_SPLIT_TILE, a_run = run + 3 * MHA_SPLIT_TILE;
+    uint16_t *a = calloc((size_t)(2 * PAIRS * a_run), sizeof(uint16_t)), *b = calloc((size_t)(2 * run), 2);
+    float *x = random_floats(ROWS * 32 * KB, 2.0f), *w = random_floats(32 * KB * 32, 2.0f);
+    for (int64_t t = 0; t < 2 * PAIRS; t++) /* A row tile t: rows 16 t .., columns k of x */
+        for (int64_t kb = 0; kb <= KB; kb++)
+            bk->split_rows_tile(x + t * 16 * 32 * KB + (kb % KB) * 32, 32 * KB, 16, 32,
+                                a + t * a_run + kb * 3 * MHA_SPLIT_TILE);
+    for (int64_t t = 0; t < 2; t++) /* B column tile t: columns 16 t .. of w (k rows) */
+        for (int64_t kb = 0; kb < KB; kb++)
+            bk->split_pairs_tile(w + kb * 32 * 32 + t * 16, 32, 32, 16, b + t * run + kb * 3 * MHA_SPLIT_TILE);
+    float *stored = malloc(sizeof(float) * ROWS * LDC), *added = malloc(sizeof(float) * ROWS * LDC);
+    float *c0 = random_floats(ROWS * LDC, 1.0f), *turned = malloc(sizeof(float) * 32 * LDC * 2);
+    for (int64_t i = 0; i < ROWS * LDC; i++) stored[i] = NAN, added[i] = c0[i];
+    for (int64_t i = 0; i < 32; i++) /* C^T for the transposed sum: turned[j][i] = c0[i][j] */
+        for (int64_t j = 0; j < ROWS; j++) turned[i * 2 * LDC + j] = c0[j * LDC + i];
+    bk->gemm_split(PAIRS, KB, a, a_run, b, stored, LDC, MHA_SPLIT_STORE);
+    bk->gemm_split(PAIRS, KB, a, a_run, b, added, LDC, MHA_SPLIT_ADD);
+    bk->gemm_split(PAIRS, KB, a, a_run, b, turned, 2 * LDC, MHA_SPLIT_ADD_TRANSPOSED);
+    bk->split_release();
+    int bad = 0;
+    for (int64_t i = 0; i < ROWS; i++)
+        for (int64_t j = 0; j < 32; j++) {
+            double want = 0, mag = 0;
+            for (int64_t k = 0; k < 32 * KB; k++) {
+                double xa = tile_value(a + (i / 16) * a_run + (k / 32) * 3 * MHA_SPLIT_TILE, (i % 16) * 32 + k % 32);
+                double wb = tile_value(b + (j / 16) * run + (k / 32) * 3 * MHA_SPLIT_TILE,
+                                       ((k % 32) / 2) * 32 + 2 * (j % 16) + k % 2);
+                want += xa * wb, mag += fabs(xa * wb);
+            }
+            float s = stored[i * LDC + j], sum = added[i * LDC + j] - c0[i * LDC + j];
+            bad += !(fabs(s - want) <= (32 * KB + 2) * FLT_EPSILON * mag);
+            bad += memcmp(&added[i * LDC + j], &(float){c0[i * LDC + j] + s}, sizeof(float)) != 0 && !isnan(sum);
+            bad += memcmp(&turned[j * 2 * LDC + i], &added[i * LDC + j], sizeof(float)) != 0;
+        }
+    for (int64_t i = 0; i < ROWS; i++) /* columns past 32 untouched */
+        for (int64_t j = 32; j < LDC; j++) bad += !isnan(stored[i * LDC + j]) || added[i * LDC + j] != c0[i * LDC + j];
+    CHECK(bad == 0, "%s gemm_split's store, sum and transposed sum: %d outputs wrong", bk->name, bad);
+    void *owned[] = {a, b, x, w, stored, added, c0, turned};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
+}
+
 enum variant { PLAIN, BIAS, GROUPED, ADD, TRANSPOSED, VARIANTS };
 
 typedef struct problem {
@@ -108,13 +195,6 @@ typedef struct problem {
     float *x, *w, *b, *y0; /* y0: y before the call (ADD) */
     mha__mat xm, ym;
 } problem;
-
-static float *random_floats(int64_t n, float scale)
-{
-    float *v = malloc(sizeof(float) * (size_t)n);
-    for (int64_t i = 0; i < n; i++) v[i] = uniform() * scale;
-    return v;
-}
 
 /* Whether one output misses: a sum of `terms` products (plus what it
  * started from) against double `want` within float32's bound, as
@@ -418,6 +498,8 @@ int main(void)
     CHECK(mha_ctx_create(1, &ctx1) == MHA_OK && mha_ctx_create(3, &ctx3) == MHA_OK, "contexts");
     test_split3(bk);
     test_tile_fillers(bk);
+    test_unit_pairs(bk);
+    test_gemm_modes(bk);
     test_products(ctx1, ctx3, &k);
     test_shared_input(ctx1, ctx3, &k);
     test_weight_grads(ctx1, ctx3, &k);

@@ -235,13 +235,13 @@ static void add_panel(const mha__bf16_kernels *bk, int64_t kb, const uint16_t *a
                       int64_t rows, int64_t cols, float *c, int64_t ldc)
 {
     int64_t run = 3 * kb * MHA_SPLIT_TILE, whole = cols == PANEL ? mha__min64(rows / PAIR_ROWS, pairs) : 0;
-    if (whole) bk->gemm_split(whole, kb, a, b, c, ldc);
+    if (whole) bk->gemm_split(whole, kb, a, run, b, c, ldc, MHA_SPLIT_ADD);
     for (int64_t q = whole; q < pairs && q * PAIR_ROWS < rows; q++) {
         float stage[PAIR_ROWS * PANEL] = {0};
         int64_t n = mha__min64(rows - q * PAIR_ROWS, PAIR_ROWS);
         float *cq = c + q * PAIR_ROWS * ldc;
         for (int64_t i = 0; i < n; i++) memcpy(stage + i * PANEL, cq + i * ldc, (size_t)cols * sizeof(float));
-        bk->gemm_split(1, kb, a + 2 * q * run, b, stage, PANEL);
+        bk->gemm_split(1, kb, a + 2 * q * run, run, b, stage, PANEL, MHA_SPLIT_ADD);
         for (int64_t i = 0; i < n; i++) memcpy(cq + i * ldc, stage + i * PANEL, (size_t)cols * sizeof(float));
     }
 }
@@ -271,6 +271,7 @@ static void split_items(void *arg, int thread, int64_t begin, int64_t end)
             mha__fill_rows(o->y, o->b, j->r0 + r, j->r0 + r + n, p0 * PANEL, mha__min64(p1 * PANEL, o->w->out));
         for (int64_t p = p0; p < p1; p++) split_panel(j, o, r, row_pairs(n), p);
     }
+    j->bk->split_release();
 }
 
 /* Output o's float32 panels, packed first if they are made on demand. */
@@ -461,6 +462,7 @@ static void grad_panels(void *arg, int thread, int64_t begin, int64_t end)
         add_panel(j->bk, GRAD_BLOCKS, j->tiles + j->first_tile[o] * grad_run(), b + 2 * p * grad_run(),
                   row_pairs(g->out), g->out, mha__min64(j->in - p * PANEL, PANEL), g->dw + p * PANEL, j->in);
     }
+    j->bk->split_release();
 }
 
 /* Can the chunk's tiles read 16 columns of m from one pointer? */

@@ -44,7 +44,25 @@ static const tile_config config = {
     .rows = {TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS},
 };
 
-static void configure(void) { _tile_loadconfig(&config); }
+/* Whether this thread's tiles hold the configuration: split products
+ * keep it from one call to the next (LDTILECFG and TILERELEASE a call cost
+ * 5% of the attention core at N = 512) until their caller releases it. */
+static _Thread_local bool configured;
+
+static void configure(void)
+{
+    if (configured) return;
+    _tile_loadconfig(&config);
+    configured = true;
+}
+
+static void release(void)
+{
+    _tile_release();
+    configured = false;
+}
+
+void mha__split_release_amx(void) { release(); }
 
 /* Where a tile loads from: the operand itself, or a padded copy. */
 typedef struct tile_src {
@@ -229,7 +247,7 @@ void mha__bf16_gemm_amx(int64_t m, int64_t n, int64_t k, const uint16_t *a, int6
             if (whole_k && m - i >= 2 * TILE_ROWS && n - j >= 2 * TILE_ROWS) block_whole(&o, i, j);
             else block(&o, i, j, &pads);
         }
-    _tile_release();
+    release();
 }
 
 /* Four independent accumulator tiles fed by two A and two B tiles of
@@ -253,7 +271,7 @@ double mha__bf16_peak_amx(int64_t iterations)
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_release();
+    release();
     return 2.0 * TILE_ROWS * TILE_ROWS * TILE_K * 4.0 * (double)iterations;
 }
 
@@ -338,6 +356,40 @@ static bool split3_pairs(const float *x0, const float *x1, int64_t n, uint16_t *
     store_pairs(mid, pa.mid, pb.mid);
     store_pairs(lo, pa.lo, pb.lo);
     return (finite_lanes(a) & finite_lanes(b) & mk) == mk;
+}
+
+/* x's high half rounded to nearest (ties away from zero) as float32 bits
+ * with the low half 0, for |x| <= 1: no carry can reach infinity. */
+static __m512i bf16_bits_unit(__m512i x)
+{
+    return _mm512_and_si512(_mm512_add_epi32(x, _mm512_set1_epi32(0x8000)), _mm512_set1_epi32((int)0xffff0000u));
+}
+
+/* The parts of 16 probabilities: hi and mid rounded to nearest, lo the
+ * rest truncated (off by at most 2^-8 |lo|, 2^-24 |x|: float32's own). */
+static inline __attribute__((always_inline)) parts split_unit_lanes(__m512 x)
+{
+    parts p;
+    p.hi = bf16_bits_unit(_mm512_castps_si512(x));
+    __m512 r = _mm512_sub_ps(x, _mm512_castsi512_ps(p.hi));
+    p.mid = bf16_bits_unit(_mm512_castps_si512(r));
+    p.lo = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(r, _mm512_castsi512_ps(p.mid))),
+                            _mm512_set1_epi32((int)0xffff0000u));
+    return p;
+}
+
+void mha__split_unit_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
+{
+    __mmask16 mk = first_lanes(n);
+    for (int64_t pr = 0; pr < 16; pr++) {
+        uint16_t *row = tiles + pr * MHA_SPLIT_K;
+        __m512 a = 2 * pr < live ? _mm512_maskz_loadu_ps(mk, src + 2 * pr * lds) : _mm512_setzero_ps();
+        __m512 b = 2 * pr + 1 < live ? _mm512_maskz_loadu_ps(mk, src + (2 * pr + 1) * lds) : _mm512_setzero_ps();
+        parts pa = split_unit_lanes(a), pb = split_unit_lanes(b);
+        store_pairs(row, pa.hi, pb.hi);
+        store_pairs(row + MHA_SPLIT_TILE, pa.mid, pb.mid);
+        store_pairs(row + 2 * MHA_SPLIT_TILE, pa.lo, pb.lo);
+    }
 }
 
 /* A tile row of zeros in each of the three parts: rows past the live ones. */
@@ -448,7 +500,7 @@ void mha__split_transpose_amx(uint16_t *tiles)
  * against hi: eight loads of two tiles for 24 TDPBF16PS.  The last step
  * loads the next block's first parts as its registers come free. */
 static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1, const uint16_t *b0,
-                        const uint16_t *b1, float *c, int64_t ldc)
+                        const uint16_t *b1, float *c, int64_t ldc, int accumulate)
 {
     enum { HI, MID, LO };
     _tile_zero(0);
@@ -469,16 +521,35 @@ static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1
             PRODUCTS_A(LOAD_A(4, b + 1, HI), LOAD_B(6, b + 1, LO), LOAD_5_7(b + 1, HI, LO));
         else PRODUCTS_A((void)0, (void)0, (void)0);
     }
+    if (accumulate == MHA_SPLIT_STORE) { /* C = the product: the tiles straight to C */
+        _tile_stored(0, c, ldc * (int64_t)sizeof(float));
+        _tile_stored(1, c + 16, ldc * (int64_t)sizeof(float));
+        _tile_stored(2, c + 16 * ldc, ldc * (int64_t)sizeof(float));
+        _tile_stored(3, c + 16 * ldc + 16, ldc * (int64_t)sizeof(float));
+        return;
+    }
     float sum[32][32];
     _tile_stored(0, &sum[0][0], 32 * sizeof(float));
     _tile_stored(1, &sum[0][16], 32 * sizeof(float));
     _tile_stored(2, &sum[16][0], 32 * sizeof(float));
     _tile_stored(3, &sum[16][16], 32 * sizeof(float));
-    for (int i = 0; i < 32; i++)
-        for (int h = 0; h < 32; h += 16) {
-            float *ci = c + i * ldc + h;
-            _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), _mm512_loadu_ps(&sum[i][h])));
+    if (accumulate == MHA_SPLIT_ADD_TRANSPOSED) /* 16 x 16 quarters transposed in place, the off-diagonal two swapped */
+        for (int q = 0; q < 4; q++) {
+            int i0 = 16 * (q / 2), h0 = 16 * (q % 2);
+            __m512 x[16];
+            for (int i = 0; i < 16; i++) x[i] = _mm512_loadu_ps(&sum[i0 + i][h0]);
+            transpose16(x);
+            for (int i = 0; i < 16; i++) {
+                float *ci = c + (h0 + i) * ldc + i0;
+                _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), x[i]));
+            }
         }
+    else
+        for (int i = 0; i < 32; i++)
+            for (int h = 0; h < 32; h += 16) {
+                float *ci = c + i * ldc + h;
+                _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), _mm512_loadu_ps(&sum[i][h])));
+            }
 }
 #undef PRODUCTS_A
 #undef PRODUCTS_B
@@ -486,12 +557,12 @@ static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1
 #undef LOAD_A
 #undef LOAD_B
 
-void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, const uint16_t *b, float *c,
-                         int64_t ldc)
+void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run, const uint16_t *b,
+                         float *c, int64_t ldc, int accumulate)
 {
-    int64_t run = 3 * k_blocks * MHA_SPLIT_TILE; /* one row or column tile */
+    int64_t run = 3 * k_blocks * MHA_SPLIT_TILE; /* one column tile of B */
     configure();
+    int64_t step = accumulate == MHA_SPLIT_ADD_TRANSPOSED ? 32 : 32 * ldc; /* C's offset a pair of A's row tiles */
     for (int64_t p = 0; p < row_pairs; p++)
-        split_block(k_blocks, a + 2 * p * run, a + (2 * p + 1) * run, b, b + run, c + 32 * p * ldc, ldc);
-    _tile_release();
+        split_block(k_blocks, a + 2 * p * a_run, a + (2 * p + 1) * a_run, b, b + run, c + p * step, ldc, accumulate);
 }

@@ -202,5 +202,7 @@ const mha__bf16_kernels mha__bf16_kernels_amx = {
     .split_transpose = mha__split_transpose_amx,
     .split_rows_tile = mha__split_rows_tile_amx,
     .split_pairs_tile = mha__split_pairs_tile_amx,
+    .split_unit_pairs_tile = mha__split_unit_pairs_tile_amx,
     .gemm_split = mha__gemm_split_amx,
+    .split_release = mha__split_release_amx,
 };

@@ -204,27 +204,35 @@ enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
  * MHA_SPLIT_TILE * 3 * k_blocks values long:
  *   A  row i, value c of block b, part q: tile[(b * 3 + q) * MHA_SPLIT_TILE + i * 32 + c]
  *   B  column j, the same value:       tile[(b * 3 + q) * MHA_SPLIT_TILE + (c / 2) * 32 + 2 * j + c % 2]
- * gemm_split adds to C (row-major, ldc floats a row) the product of
- * 2 * row_pairs row tiles of A, one after another, with two column tiles
- * of B: C rows 0 .. 32 row_pairs - 1, columns 0 .. 31.  Each C element is
- * one float32 chain in a fixed order from zero, added to C once, whatever
- * the caller's blocking.
+ * gemm_split adds to C (row-major, ldc floats a row; `accumulate`
+ * MHA_SPLIT_ADD), or stores in C (MHA_SPLIT_STORE), the product X of
+ * 2 * row_pairs row tiles of A, a_run values apart (3 * k_blocks *
+ * MHA_SPLIT_TILE, or more: the first k_blocks blocks of longer tiles),
+ * with two column tiles of B, one after the other: C rows 0 .. 32 row_pairs - 1, columns 0 .. 31; or adds X^T to C
+ * (MHA_SPLIT_ADD_TRANSPOSED: C rows 0 .. 31, columns 0 .. 32 row_pairs -
+ * 1).  Each C element is one float32 chain in a fixed order from zero,
+ * added to C once (or stored), whatever the caller's blocking.  The
+ * tiles stay configured from one gemm_split to the next on a thread until
+ * split_release, which a caller makes when its run of calls ends.
  *
  * split_rows_tile fills the three part tiles at `tiles` (MHA_SPLIT_TILE
  * values apart) from live <= 16 rows of src, lds floats apart, n <= 32
  * values each, one tile row a row (A's layout for k along src's rows);
  * split_pairs_tile from live <= 32 rows of src, n <= 16 values each, two
  * rows a tile row as pairs (B's layout for k down src's columns).  Zeros
- * past them; false if a value is not finite. */
+ * past them; false if a value is not finite.  split_unit_pairs_tile is
+ * split_pairs_tile for values in [0, 1] (probabilities), unchecked: its
+ * lo part truncated, off by at most 2^-24 of the value. */
 enum { MHA_SPLIT_TILE = 512, MHA_SPLIT_K = 32 };
+enum { MHA_SPLIT_STORE, MHA_SPLIT_ADD, MHA_SPLIT_ADD_TRANSPOSED };
 typedef bool (*mha__split3_fn)(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
 /* Each of three part tiles (MHA_SPLIT_TILE values apart) transposed as
  * 16 x 16 pairs: pair j of row i moves to pair i of row j.  Rows of
  * pairs along k (split3 of a row) become B's tile, pairs of rows
  * (split_pairs_tile) become A's. */
 typedef void (*mha__split_transpose_fn)(uint16_t *tiles);
-typedef void (*mha__gemm_split_fn)(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, const uint16_t *b, float *c,
-                                   int64_t ldc);
+typedef void (*mha__gemm_split_fn)(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run,
+                                   const uint16_t *b, float *c, int64_t ldc, int accumulate);
 typedef bool (*mha__split_tile_fn)(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 
 typedef struct mha__bf16_kernels {
@@ -240,7 +248,9 @@ typedef struct mha__bf16_kernels {
     mha__split3_fn split3;
     mha__split_transpose_fn split_transpose;
     mha__split_tile_fn split_rows_tile, split_pairs_tile;
+    void (*split_unit_pairs_tile)(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
     mha__gemm_split_fn gemm_split;
+    void (*split_release)(void);
 } mha__bf16_kernels;
 
 extern const mha__bf16_kernels mha__bf16_kernels_generic;
@@ -253,10 +263,12 @@ void mha__bf16_gemm_amx(int64_t m, int64_t n, int64_t k, const uint16_t *a, int6
 double mha__bf16_peak_amx(int64_t iterations);
 bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
 void mha__split_transpose_amx(uint16_t *tiles);
-void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, const uint16_t *b, float *c,
-                         int64_t ldc);
+void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run, const uint16_t *b,
+                         float *c, int64_t ldc, int accumulate);
 bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 bool mha__split_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
+void mha__split_unit_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
+void mha__split_release_amx(void);
 /* AVX2 without native bf16 dot products: its own cache rows (dot_rows,
  * axpy_rows: a bf16 KV cache decodes at the speed of its bytes), the
  * portable tile, round and pairs below. */
