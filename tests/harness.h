@@ -15,6 +15,7 @@
 #ifndef MHA_TEST_HARNESS_H
 #define MHA_TEST_HARNESS_H
 
+#include "attn/products.h"
 #include "mha.h"
 
 #include <float.h>
@@ -76,6 +77,15 @@ static inline mha_status harness_fill_weights(mha_layer *layer, float value)
 }
 
 /* Ends main(): the summary line ctest logs and a non-zero exit on failure. */
+/* MHA_TEST_SPLIT_ALL set (ctest's *_split runs): every float32 attention
+ * problem whose shape allows it takes the split products (products_split.c),
+ * not only those of 512 keys and rows or more, so that the suites' small
+ * cases check that path too.  Nothing changes on a CPU without them. */
+static inline void harness_split_all(void)
+{
+    if (getenv("MHA_TEST_SPLIT_ALL")) mha__split_attention_min_rows(0);
+}
+
 static inline int harness_finish(const char *name)
 {
     printf("%s: %d passed, %d failed\n", name, harness_checks - harness_failures, harness_failures);

@@ -536,6 +536,7 @@ static void test_cache_api(mha_ctx *ctx)
 
 int main(void)
 {
+    harness_split_all();
     mha_ctx *ctx1 = NULL, *ctx3 = NULL;
     CHECK_OK(mha_ctx_create(1, &ctx1));
     CHECK_OK(mha_ctx_create(3, &ctx3));

@@ -233,6 +233,7 @@ static void test_case(const char *dir, const char *file, const char *tmpdir)
 
 int main(int argc, char **argv)
 {
+    harness_split_all();
     const char *dir = argc > 1 ? argv[1] : "tests/data/golden";
     char tmpdir[] = "/tmp/mha_golden_XXXXXX";
 #ifdef MHA_TEST_PARALLEL

@@ -385,6 +385,40 @@ static void test_sdpa_sweep(mha_ctx *ctx1, mha_ctx *ctx3)
     }
 }
 
+/* Sequences of several key tiles and query blocks, some of 512 and more,
+ * where the forward takes the split products on AMX (products_split.c):
+ * its caches of split key and value tiles reused across query blocks and
+ * GQA's heads, the causal reach of a tile pair, lengths and widths that
+ * are no multiple of 32.  Dv is a multiple of 32, as those products need;
+ * D need not be. */
+static void test_long_sweep(mha_ctx *ctx1, mha_ctx *ctx3)
+{
+    static const int64_t lengths[] = {200, 333, 520, 613}, dims[] = {40, 64, 128}, dvs[] = {32, 64, 96};
+    for (int n = 0; n < 8; n++) {
+        sdpa_case c = {.B = 1,
+                       .Hkv = 1,
+                       .L = lengths[n % 4],
+                       .S = lengths[pick(4)] + pick(3),
+                       .D = dims[pick(3)],
+                       .Dv = dvs[pick(3)],
+                       .window_left = -1,
+                       .window_right = -1,
+                       .scale = NAN,
+                       .size = n % 3 == 2 ? 10.0 : 1.0};
+        c.Hq = n % 4 == 1 ? 2 : 1;
+        c.causal = (mha_causal)(n % 3);
+        if (n == 5) c.window_left = 37, c.window_right = 5, c.softcap = 20.0f;
+        if (n == 6) c.mask = MASK_ADD_DENSE, c.alibi = true;
+        c.strided = n % 2;
+        char label[200];
+        snprintf(label, sizeof label, "long #%d x%g Hq%lld L%lld S%lld D%lld Dv%lld causal%d win(%lld,%lld) cap%g", n,
+                 c.size > 0 ? c.size : 1.0, (long long)c.Hq, (long long)c.L, (long long)c.S, (long long)c.D,
+                 (long long)c.Dv, (int)c.causal, (long long)c.window_left, (long long)c.window_right,
+                 (double)c.softcap);
+        run_sdpa_case(&c, ctx1, ctx3, label);
+    }
+}
+
 /* Large logits: q and k 5 to 20 times the sweep's, head widths to 128,
  * so scores reach the thousands, with the options that met them badly
  * before the scores were refined and delta taken from P and dP
@@ -1394,6 +1428,7 @@ static void test_blocks_of_a_sequence(mha_ctx *ctx)
 
 int main(int argc, char **argv)
 {
+    harness_split_all();
     mha_ctx *ctx1 = NULL, *ctx2 = NULL, *ctx3 = NULL;
     CHECK_OK(mha_ctx_create(1, &ctx1));
     CHECK_OK(mha_ctx_create(2, &ctx2));
@@ -1404,6 +1439,7 @@ int main(int argc, char **argv)
     test_reference_vs_pytorch(argc > 1 ? argv[1] : "tests/data/golden");
     test_sdpa_sweep(ctx1, ctx3);
     test_large_logit_sweep(ctx1, ctx3);
+    test_long_sweep(ctx1, ctx3);
     test_reference_gradients_by_differences();
     test_reference_layer_gradients_by_differences();
     test_heads_are_independent(ctx2);

@@ -335,6 +335,7 @@ static void check_out_of_memory(void)
 
 int main(void)
 {
+    harness_split_all();
     mha_ctx *ctx = NULL;
     CHECK_OK(mha_ctx_create(2, &ctx));
     check_large_logits(ctx, 1e2);

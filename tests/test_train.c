@@ -334,6 +334,7 @@ static void test_param_names(void)
 
 int main(void)
 {
+    harness_split_all();
     mha_ctx *ctx = NULL;
     CHECK_OK(mha_ctx_create(2, &ctx));
     test_directional_derivatives(ctx);

@@ -42,6 +42,7 @@ typedef struct mha__attn_plan {
     mha__attn_path path;                  /* the forward's driver */
     int64_t block_rows;                   /* the tiles' query rows per work item (at most MHA__BR, products.h) */
     const struct mha__products *products; /* the tiles' block products in its dtype (products.h) */
+    bool split;                           /* they are float32 from split bf16 products (products_split.c) */
     const struct mha__kv_rows *kv_rows;   /* split-K's row operations in the K/V rows' dtype */
     int64_t workspace;                    /* bytes the forward takes from the context */
 } mha__attn_plan;

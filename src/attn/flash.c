@@ -73,6 +73,14 @@ static mha__strided tile_rows(const flash_job *j, const tiles *t, bool values, i
     return (mha__strided){dst, width, 1};
 }
 
+/* Which key tile of its kv head keys j0 onward are, for the products'
+ * caches (products.h): a whole tile of K and V read in place; -1 for
+ * appended keys (off the tile grid) and a cache's rows. */
+static int64_t key_tile_index(const flash_job *j, int64_t j0)
+{
+    return j->kv->k.data && j->kv->v.data && j0 % BC == 0 ? j0 / BC : -1;
+}
+
 /* Scores of keys [j0, j0+cols) against the item's rows, key-major:
  * S^T = K (scale Q)^T in the plan's dtype; then the row contract, unless
  * `plain` says every key of the tile is visible to every row with no
@@ -83,7 +91,7 @@ static void score_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64
                        int64_t cols, bool plain, mha__strided ks)
 {
     const mha__attn_plan *p = j->p;
-    p->products->scores(p, ks, rows, cols, t);
+    p->products->scores(p, ks, rows, cols, key_tile_index(j, j0), t);
     if (plain) memset(t->large, 0, (size_t)rows * sizeof(bool));
     else mha__large_rows(p, t->st, LDS, rows, cols, t->large);
     if (!plain) mha__score_contract(p, t->st, LDS, b, h, i0, rows, j0, cols, t->lo, t->hi, NULL);
@@ -103,15 +111,14 @@ static bool mark_large(const mha__attn_plan *p, bool *large, const float *m, int
 
 /* O = O * scale + P V for keys [j0, j0+cols), in the plan's dtype.  A
  * whole tile of V read in place may come from the value-tile cache
- * (products.h); appended keys start off the tile grid. */
+ * (products.h). */
 static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t rows, int64_t j0,
                               int64_t cols)
 {
     const mha__attn_plan *p = j->p;
     for (int64_t r = 0; r < rows; r++)
         if (t->scale[r] != 1.0f) j->kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
-    int64_t tile = j->kv->v.data && j0 % BC == 0 ? j0 / BC : -1;
-    p->products->values(p, tile_rows(j, t, true, b, h, j0, cols), rows, cols, tile, t);
+    p->products->values(p, tile_rows(j, t, true, b, h, j0, cols), rows, cols, key_tile_index(j, j0), t);
 }
 
 /* softmax_step (kernels.h) for a tile where some row's raw scores are
@@ -243,6 +250,7 @@ static void flash_range(void *arg, int thread, int64_t begin, int64_t end)
     const flash_job *j = arg;
     tiles t = tiles_at(j, thread);
     for (int64_t item = begin; item < end; item++) flash_item(j, &t, item);
+    if (j->p->products->release) j->p->products->release(j->p);
 }
 
 /* ---------------------------------------------------------------- */
@@ -325,6 +333,17 @@ static void probs_range(void *arg, int thread, int64_t begin, int64_t end)
     const probs_job *pj = arg;
     tiles t = tiles_at(&pj->f, thread);
     for (int64_t item = begin; item < end; item++) probs_item(pj, &t, item);
+    if (pj->f.p->products->release) pj->f.p->products->release(pj->f.p);
+}
+
+/* The tiles' caches emptied before a call's first item: the slices may
+ * hold another call's tiles, from rows at the same addresses. */
+static void forget_values(const flash_job *j, const mha_ctx *ctx)
+{
+    for (int thread = 0; thread < mha_ctx_threads(ctx); thread++) {
+        tiles t = tiles_at(j, thread);
+        mha__tiles_forget_values(&t);
+    }
 }
 
 bool mha__attn_forward_workspace(const mha__attn_plan *p, const mha_ctx *ctx, int64_t *bytes)
@@ -341,6 +360,7 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *pr
         {p, p->kt, br, NULL, NULL, (mha__row_stats *)stats, q, &kv, NULL, 0, (p->L + br - 1) / br}, probs, average};
     pj.f.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &pj.f.scratch_stride);
     if (!pj.f.scratch) return MHA_ERR_INTERNAL;
+    forget_values(&pj.f, ctx);
     mha__parallel_items(ctx, p->B * pj.f.q_blocks, probs_range, &pj);
     mha__ws_release(ctx, top);
     return MHA_OK;
@@ -353,10 +373,7 @@ mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *
     flash_job job = {p, p->kt, br, out, lse, stats, q, kv, NULL, 0, (p->L + br - 1) / br};
     job.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &job.scratch_stride);
     if (!job.scratch) return MHA_ERR_INTERNAL;
-    for (int thread = 0; thread < mha_ctx_threads(ctx); thread++) {
-        tiles t = tiles_at(&job, thread);
-        mha__tiles_forget_values(&t);
-    }
+    forget_values(&job, ctx);
     mha__parallel_items(ctx, p->B * p->Hq * job.q_blocks, flash_range, &job);
     mha__ws_release(ctx, top);
     return MHA_OK;

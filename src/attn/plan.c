@@ -54,10 +54,12 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__at
     p->group = p->Hq / (p->Hkv ? p->Hkv : 1);
     const mha__isa_kernels *isa = mha__isa_get(); /* this CPU's kernels, for each dtype */
     p->kt = isa->f32;
-    p->bk = p->bf16 || needs.kv_dtype == MHA_DTYPE_BF16 ? isa->bf16 : NULL;
+    bool split = mha__split_attention(p, isa);
+    p->bk = p->bf16 || split || needs.kv_dtype == MHA_DTYPE_BF16 ? isa->bf16 : NULL;
     p->path = choose_path(p, needs);
     p->block_rows = block_rows(p);
-    p->products = p->bf16 ? &mha__products_bf16 : &mha__products_f32;
+    p->products = p->bf16 ? &mha__products_bf16 : split ? &mha__products_f32_split : &mha__products_f32;
+    p->split = split;
     p->kv_rows = mha__kv_rows_of(needs.kv_dtype);
     p->workspace = 0;
     if (rows == 0) return MHA_OK;

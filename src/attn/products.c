@@ -15,12 +15,14 @@
 static int64_t even(int64_t n) { return n + (n & 1); }
 
 /* Slots of the value-tile cache: one per key tile of a kv head, when
- * they fit in the bytes products.h allows for this L2. */
+ * they fit in the bytes products.h allows for this L2.  None for the
+ * split products, which keep their own (their float32 fallback packs
+ * each tile as it comes). */
 static int64_t value_slots(const mha__attn_plan *p)
 {
     int64_t tiles = (p->S + MHA__BC - 1) / MHA__BC, l2 = mha__l2_bytes();
     int64_t most = (l2 >= MHA__VCACHE_LARGE_L2 ? 8 : 2) * l2 / (int64_t)sizeof(float);
-    return !p->bf16 && tiles <= most / (MHA__BC * p->Dv) ? tiles : 0;
+    return !p->bf16 && !p->split && tiles <= most / (MHA__BC * p->Dv) ? tiles : 0;
 }
 
 /* Floats that hold n pointers and n int64_t. */
@@ -29,12 +31,36 @@ static int64_t tag_floats(int64_t n)
     return n * (int64_t)((sizeof(const float *) + sizeof(int64_t) + sizeof(float) - 1) / sizeof(float));
 }
 
+int64_t mha__split_blocks(int64_t n) { return (n + MHA_SPLIT_K - 1) / MHA_SPLIT_K; }
+
+int64_t mha__split_run(int64_t k_blocks) { return 3 * k_blocks * MHA_SPLIT_TILE; }
+
+mha__split_sizes mha__split_sizes_of(const mha__attn_plan *p)
+{
+    if (!p->split) return (mha__split_sizes){0};
+    mha__split_sizes z;
+    z.q = MHA__BR / 16 * mha__split_run(mha__split_blocks(p->D));
+    z.p = 2 * mha__split_run(MHA__BC / MHA_SPLIT_K);
+    z.k = MHA__BC / 16 * mha__split_run(mha__split_blocks(p->D));
+    z.v = p->Dv / 16 * mha__split_run(MHA__BC / MHA_SPLIT_K);
+    /* The same bound as the value-tile cache's (products.h), in bytes. */
+    int64_t tiles = (p->S + MHA__BC - 1) / MHA__BC, l2 = mha__l2_bytes();
+    int64_t most = (l2 >= MHA__VCACHE_LARGE_L2 ? 8 : 2) * l2, slot = (z.k + z.v) * (int64_t)sizeof(uint16_t);
+    z.slots = tiles <= most / slot ? tiles : 0;
+    return z;
+}
+
+/* Floats that hold n split tags. */
+static int64_t split_tag_floats(int64_t n) { return n * (int64_t)((sizeof(mha__split_tag) + 3) / 4); }
+
 int64_t mha__tiles_floats(const mha__attn_plan *p)
 {
-    /* The 13 arrays of mha__tiles_carve, and 16 floats of alignment slack for each. */
+    /* The 18 arrays of mha__tiles_carve, and 16 floats of alignment slack for each. */
     int64_t slots = value_slots(p);
+    mha__split_sizes z = mha__split_sizes_of(p);
     return p->D * MHA__BR + 2 * MHA__BC * p->Dv + MHA__BC * p->D + MHA__BC * MHA__LDS + MHA__BR * p->Dv + 3 * MHA__BR +
-           (MHA__BC * even(p->D) + MHA__BR * MHA__BC) / 2 + slots * MHA__BC * p->Dv + tag_floats(slots) + 13 * 16;
+           (MHA__BC * even(p->D) + MHA__BR * MHA__BC) / 2 + slots * MHA__BC * p->Dv + tag_floats(slots) +
+           (z.q + z.p + (z.slots + 1) * (z.k + z.v)) / 2 + 2 * split_tag_floats(z.slots) + 1 + 18 * 16;
 }
 
 static float *carve(float **cursor, int64_t n)
@@ -62,12 +88,23 @@ mha__tiles mha__tiles_carve(const mha__attn_plan *p, float *cur)
     t.vcache = carve(&cur, t.vslots * MHA__BC * p->Dv);
     t.vtag = (const float **)(void *)carve(&cur, tag_floats(t.vslots));
     t.vcols = (int64_t *)(void *)(t.vtag + t.vslots);
+    mha__split_sizes z = mha__split_sizes_of(p); /* even counts: whole floats */
+    t.qs = (uint16_t *)carve(&cur, z.q / 2);
+    t.ps = (uint16_t *)carve(&cur, z.p / 2);
+    t.ks = (uint16_t *)carve(&cur, z.k / 2);
+    t.vs = (uint16_t *)carve(&cur, z.v / 2);
+    t.sslots = z.slots;
+    t.split_cache = (uint16_t *)carve(&cur, z.slots * (z.k + z.v) / 2);
+    t.ktag = (mha__split_tag *)(void *)carve(&cur, split_tag_floats(t.sslots));
+    t.vtag2 = (mha__split_tag *)(void *)carve(&cur, split_tag_floats(t.sslots));
+    t.qs_finite = (bool *)(void *)carve(&cur, 1);
     return t;
 }
 
 void mha__tiles_forget_values(const mha__tiles *t)
 {
     for (int64_t s = 0; s < t->vslots; s++) t->vtag[s] = NULL;
+    for (int64_t s = 0; s < t->sslots; s++) t->ktag[s].rows = t->vtag2[s].rows = NULL;
 }
 
 /* ---------------------------------------------------------------- */
@@ -92,8 +129,7 @@ static void pack_queries_f32(const mha__attn_plan *p, mha__strided q, int64_t ro
     mha__pack_columns(p->kt, t->qt, MHA__BR, q, rows, p->D, p->scale);
 }
 
-/* The most keys any of rows [r, r + n) sees in the current key tile. */
-static int64_t strip_reach(const mha__tiles *t, int64_t r, int64_t n)
+int64_t mha__strip_reach(const mha__tiles *t, int64_t r, int64_t n)
 {
     int64_t most = 0;
     for (int64_t x = r; x < r + n; x++) most = t->reach[x] > most ? t->reach[x] : most;
@@ -103,11 +139,13 @@ static int64_t strip_reach(const mha__tiles *t, int64_t r, int64_t n)
 /* Blocks of keys that no row of a strip sees (above a causal diagonal)
  * are not computed but zeroed: the contract masks them, and the check
  * for large scores then passes over them as it should. */
-static void scores_f32(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, const mha__tiles *t)
+static void scores_f32(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, int64_t tile,
+                       const mha__tiles *t)
 {
+    (void)tile;
     const mha__kernels *kt = p->kt;
     for (int64_t r = 0; r < rows; r += kt->nr) {
-        int64_t n = rows - r < kt->nr ? rows - r : kt->nr, seen = strip_reach(t, r, n);
+        int64_t n = rows - r < kt->nr ? rows - r : kt->nr, seen = mha__strip_reach(t, r, n);
         for (int64_t c = 0; c < cols; c += kt->mr) {
             int64_t m = cols - c < kt->mr ? cols - c : kt->mr;
             float *s = t->st + c * MHA__LDS + r;
@@ -171,13 +209,13 @@ static void values_f32(const mha__attn_plan *p, mha__strided v, int64_t rows, in
             /* The strip's probabilities past its reach are 0: adding
              * their products would leave each output's bits as they are
              * (V finite), so the keys stop there. */
-            int64_t m = rows - r < kt->mr ? rows - r : kt->mr, keys = strip_reach(t, r, m);
+            int64_t m = rows - r < kt->mr ? rows - r : kt->mr, keys = mha__strip_reach(t, r, m);
             if (keys > 0) kt->gemm_tile(m, n, keys, t->st + r, 1, MHA__LDS, panel, n, t->o + r * p->Dv + c, p->Dv, 1);
         }
     }
 }
 
-const mha__products mha__products_f32 = {pack_queries_f32, scores_f32, values_f32};
+const mha__products mha__products_f32 = {pack_queries_f32, scores_f32, values_f32, NULL};
 
 /* ---------------------------------------------------------------- */
 /* bf16                                                              */
@@ -196,8 +234,10 @@ static void pack_queries_bf16(const mha__attn_plan *p, mha__strided q, int64_t r
 }
 
 /* The key rows rounded and padded to an even width, times (scale Q)^T. */
-static void scores_bf16(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, const mha__tiles *t)
+static void scores_bf16(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, int64_t tile,
+                        const mha__tiles *t)
 {
+    (void)tile;
     int64_t D = p->D, De = even(D);
     for (int64_t c = 0; c < cols; c++) {
         if (k.cs == 1) {
@@ -237,7 +277,7 @@ static void values_bf16(const mha__attn_plan *p, mha__strided v, int64_t rows, i
     bk->gemm(rows, Dv, ce, p16, ce, 2, v16, 2 * Dv, t->o, Dv, 1);
 }
 
-const mha__products mha__products_bf16 = {pack_queries_bf16, scores_bf16, values_bf16};
+const mha__products mha__products_bf16 = {pack_queries_bf16, scores_bf16, values_bf16, NULL};
 
 /* ---------------------------------------------------------------- */
 /* Cached rows for split-K, float32 or bf16                          */

@@ -20,21 +20,37 @@
  * (a 16 x 16 float tile stored 800 bytes apart ran at 0.64x). */
 enum { MHA__BR = 192, MHA__BC = 192, MHA__LDS = MHA__BR + 16 };
 
+/* One split key or value tile (products_split.c): the rows it was split
+ * from (NULL: none yet), how many, and whether all were finite. */
+typedef struct mha__split_tag {
+    const float *rows;
+    int64_t cols;
+    bool finite;
+} mha__split_tag;
+
 /* Per-thread tiles, carved from one workspace slice. */
 typedef struct mha__tiles {
-    float *qt;                        /* [D][BR]   the item's queries, (scale Q)^T (packed once per item) */
-    float *vt;                        /* [BC][Dv]  the value tile, when V's rows are a bf16 or int8 cache's */
-    float *vp;                        /* [Dv / nr][BC][nr]  the value tile in the micro-kernel's column panels */
-    float *kq;                        /* [BC][D]   the key tile, when K's rows are a bf16 or int8 cache's */
-    float *st;                        /* [BC][LDS] scores, then probabilities, key-major */
-    float *o;                         /* [BR][Dv]  unnormalised output */
-    float *max, *sum, *scale;         /* [BR] */
-    uint16_t *k16;                    /* bf16 only: [BC][D even]  the key tile, rounded */
-    uint16_t *p16;                    /* bf16 only: [BR][BC even]  probabilities, a row of keys per query, rounded */
-    float *vcache;                    /* float32 only: [vslots][Dv / nr][BC][nr]  packed value tiles, see below */
-    const float **vtag;               /* [vslots]  the V rows each slot was packed from (NULL: none yet) */
-    int64_t *vcols;                   /* [vslots]  and how many (a causal item's last tile is partial) */
-    int64_t vslots;                   /* 0: no cache */
+    float *qt;                /* [D][BR]   the item's queries, (scale Q)^T (packed once per item) */
+    float *vt;                /* [BC][Dv]  the value tile, when V's rows are a bf16 or int8 cache's */
+    float *vp;                /* [Dv / nr][BC][nr]  the value tile in the micro-kernel's column panels */
+    float *kq;                /* [BC][D]   the key tile, when K's rows are a bf16 or int8 cache's */
+    float *st;                /* [BC][LDS] scores, then probabilities, key-major */
+    float *o;                 /* [BR][Dv]  unnormalised output */
+    float *max, *sum, *scale; /* [BR] */
+    uint16_t *k16;            /* bf16 only: [BC][D even]  the key tile, rounded */
+    uint16_t *p16;            /* bf16 only: [BR][BC even]  probabilities, a row of keys per query, rounded */
+    float *vcache;            /* float32 only: [vslots][Dv / nr][BC][nr]  packed value tiles, see below */
+    const float **vtag;       /* [vslots]  the V rows each slot was packed from (NULL: none yet) */
+    int64_t *vcols;           /* [vslots]  and how many (a causal item's last tile is partial) */
+    int64_t vslots;           /* 0: no cache */
+    /* float32 from split products only (products_split.c): */
+    uint16_t *qs;          /* (scale Q)^T split, B's column tiles of 16 queries */
+    uint16_t *ps;          /* P split, A's row tiles of 16 queries */
+    uint16_t *ks, *vs;     /* a key and a value tile split, when not cached */
+    uint16_t *split_cache; /* [sslots]: key tile j split, then value tile j */
+    mha__split_tag *ktag, *vtag2;
+    int64_t sslots;                   /* 0: no cache */
+    bool *qs_finite;                  /* (scale Q)^T's values all finite */
     int64_t lo[MHA__BR], hi[MHA__BR]; /* each row's visible real keys (mha__row_key_range) */
     int64_t reach[MHA__BR];           /* the current key tile's first reach[r] keys hold every key row r sees */
     bool large[MHA__BR];              /* the row's raw scores in the tile need refining (attention.h) */
@@ -57,6 +73,9 @@ typedef struct mha__tiles {
  * 4.4% (docs/PERFORMANCE.md). */
 enum { MHA__VCACHE_LARGE_L2 = 1 << 20 };
 
+/* The most keys any of rows [r, r + n) sees in the current key tile. */
+int64_t mha__strip_reach(const mha__tiles *t, int64_t r, int64_t n);
+
 /* Floats of one thread's tiles for a plan. */
 int64_t mha__tiles_floats(const mha__attn_plan *p);
 /* The tiles carved from a slice of mha__tiles_floats floats. */
@@ -70,18 +89,42 @@ typedef struct mha__products {
     void (*pack_queries)(const mha__attn_plan *p, mha__strided q, int64_t rows, const mha__tiles *t);
     /* t->st = S^T = K (scale Q)^T for keys [0, cols) at k, key-major;
      * scores past every row's t->reach in a block of the micro-kernel's
-     * may be left 0 instead (the contract masks them). */
-    void (*scores)(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, const mha__tiles *t);
+     * may be left 0 instead (the contract masks them).  `tile` as for
+     * values, below. */
+    void (*scores)(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, int64_t tile,
+                   const mha__tiles *t);
     /* t->o += P V for keys [0, cols) at v, P key-major in t->st, each
      * row's probabilities past t->reach being 0 (so not read); `tile`:
      * which key tile of its kv head v is (keys tile BC onward, read in
      * place), or -1 (any other rows: never cached). */
     void (*values)(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, int64_t tile,
                    const mha__tiles *t);
+    /* A thread's run of items is done: gives back what the products hold
+     * across calls (AMX's tile state); NULL: nothing. */
+    void (*release)(const mha__attn_plan *p);
 } mha__products;
 
 extern const mha__products mha__products_f32;
 extern const mha__products mha__products_bf16;
+/* float32 from split bf16 products on AMX (products_split.c); plans
+ * where mha__split_attention holds. */
+extern const mha__products mha__products_f32_split;
+bool mha__split_attention(const mha__attn_plan *p, const mha__isa_kernels *isa);
+/* For tests: the keys and query rows a problem needs for the split
+ * products (default 512; negative: the default again).  Set it before
+ * plans are made and while no call runs. */
+void mha__split_attention_min_rows(int64_t rows);
+/* The split products' tiles, in uint16_t values: (scale Q)^T, P, a key
+ * tile and a value tile (a cache slot holds one of each); and the slots
+ * of the thread's cache.  All 0 for other plans. */
+typedef struct mha__split_sizes {
+    int64_t q, p, k, v, slots;
+} mha__split_sizes;
+mha__split_sizes mha__split_sizes_of(const mha__attn_plan *p);
+/* Blocks of MHA_SPLIT_K that hold n values of k; values of one row or
+ * column tile's three parts over k_blocks blocks (kernels.h). */
+int64_t mha__split_blocks(int64_t n);
+int64_t mha__split_run(int64_t k_blocks);
 
 /* The split-K driver's two row operations on cached K and V rows stored
  * in the cache's dtype, element `at` onward, rows ld elements apart, with

@@ -1,0 +1,195 @@
+/*
+ * products_split.c -- the forward's block products in float32 from split
+ * bf16 products on AMX (kernels.h): each operand split into three bf16
+ * parts, the six products that float32 accuracy needs accumulated in
+ * float32 by the tiles, as the projections do (gemm/split.c).
+ *
+ *   scores  S^T = K (scale Q)^T: K's tile split into A's row tiles of 16
+ *           keys, (scale Q)^T into B's column tiles of 16 queries once
+ *           per item, the products stored straight into the score tile;
+ *   values  O += P V, computed as O^T += V^T P^T and added to O
+ *           transposed (kernels.h): V's tile split into A's row tiles of
+ *           V^T (16 of its columns), P into B's column tiles of 16
+ *           queries straight from the key-major score tile, where 32 keys
+ *           are already pairs down a query's column: no transpose of P.
+ *
+ * Against the float32 table at N = 2048, d = 64 (Sapphire Rapids, two
+ * threads): the core 1.07-1.13x, the layer 1.11x; at N = 8192 the core
+ * 1.22x (docs/PERFORMANCE.md).  The six products on the tiles take about
+ * 60% of the float32 FMA products' time; splitting P every tile costs
+ * back 10% of the core.
+ *
+ * A thread keeps the key and value tiles of the kv head it works on split
+ * (its cache, as the float32 table keeps V's packed panels, products.h):
+ * its next items on that head use them again.  A tile, query block or P
+ * with a value that is not finite goes through the float32 table instead,
+ * so infinities and NaN propagate as IEEE products do.
+ */
+#include "attn/products.h"
+
+#include <math.h>
+#include <string.h>
+
+enum { SPLIT_ROWS = 16, PAIR = 32 }; /* rows of a tile; rows (or keys) of a tile pair */
+enum { MIN_ROWS = 512 };             /* keys, and query rows (see mha__split_attention) */
+
+/* Not const: the tests lower it to run small problems through the split
+ * products (mha__split_attention_min_rows). */
+static int64_t min_rows = MIN_ROWS;
+
+static int64_t blocks_of(int64_t n) { return mha__split_blocks(n); }
+static int64_t run_of(int64_t k_blocks) { return mha__split_run(k_blocks); }
+
+bool mha__split_attention(const mha__attn_plan *p, const mha__isa_kernels *isa)
+{
+    /* Splitting costs a pass over (scale Q)^T per item, over K and V per
+     * kv head and thread: under 512 keys, or 512 query rows, it cost more
+     * than the products gained (two threads, d = 64: 13% slower with 128
+     * keys and rows, 5% with 256, 10% with 192 rows against 4096 keys; 3%
+     * faster at 512, 10% at 2048, 22% at 8192; docs/PERFORMANCE.md).  Not
+     * the rows per kv head: GQA keeps the bits of MHA with K and V
+     * repeated.  P V adds 32 columns of O at a time: Dv a multiple of 32
+     * keeps them in their row. */
+    return !p->bf16 && isa->bf16 && isa->bf16->gemm_split && p->Dv % PAIR == 0 && p->S >= min_rows && p->L >= min_rows;
+}
+
+void mha__split_attention_min_rows(int64_t rows) { min_rows = rows < 0 ? MIN_ROWS : rows; }
+
+/* (scale Q)^T as the float32 table packs it, then split: 32 of its rows
+ * (dimensions) at a time are pairs of k down a column tile's 16 queries. */
+static void pack_queries_split(const mha__attn_plan *p, mha__strided q, int64_t rows, const mha__tiles *t)
+{
+    mha__products_f32.pack_queries(p, q, rows, t);
+    const mha__bf16_kernels *bk = p->bk;
+    int64_t kb = blocks_of(p->D), run = run_of(kb);
+    bool finite = true;
+    for (int64_t r = 0; r < rows; r += SPLIT_ROWS) {
+        int64_t n = rows - r < SPLIT_ROWS ? rows - r : SPLIT_ROWS;
+        for (int64_t b = 0; b < kb; b++) {
+            int64_t d0 = b * MHA_SPLIT_K, live = p->D - d0 < MHA_SPLIT_K ? p->D - d0 : MHA_SPLIT_K;
+            finite &= bk->split_pairs_tile(t->qt + d0 * MHA__BR + r, MHA__BR, live, n,
+                                           t->qs + (r / SPLIT_ROWS) * run + b * 3 * MHA_SPLIT_TILE);
+        }
+    }
+    /* A pair of column tiles past the item's rows reads zeros, and P V
+     * adds to O's rows in 32s: those past the item's are zeroed too, so
+     * that nothing uninitialised is read. */
+    int64_t tiles = (rows + SPLIT_ROWS - 1) / SPLIT_ROWS, padded = (rows + PAIR - 1) / PAIR * PAIR;
+    if (tiles & 1) memset(t->qs + tiles * run, 0, (size_t)run * sizeof(uint16_t));
+    memset(t->o + rows * p->Dv, 0, (size_t)((padded - rows) * p->Dv) * sizeof(float));
+    *t->qs_finite = finite;
+}
+
+/* Key tile `tile`'s rows split into A's row tiles (16 keys, 32 of the
+ * D dimensions a block), from the thread's cache or into it; ks when not
+ * cached.  NULL if a value is not finite. */
+static const uint16_t *split_keys(const mha__attn_plan *p, mha__strided k, int64_t cols, int64_t tile,
+                                  const mha__tiles *t)
+{
+    mha__split_sizes z = mha__split_sizes_of(p);
+    bool cached = tile >= 0 && tile < t->sslots;
+    uint16_t *dst = cached ? t->split_cache + tile * (z.k + z.v) : t->ks;
+    mha__split_tag *tag = cached ? &t->ktag[tile] : NULL;
+    if (tag && tag->rows == k.data && tag->cols == cols) return tag->finite ? dst : NULL;
+    int64_t kb = blocks_of(p->D), run = run_of(kb), tiles = (cols + PAIR - 1) / PAIR * 2;
+    bool finite = true;
+    for (int64_t c = 0; c < tiles * SPLIT_ROWS; c += SPLIT_ROWS) {
+        int64_t live = cols - c < SPLIT_ROWS ? (cols - c > 0 ? cols - c : 0) : SPLIT_ROWS;
+        for (int64_t b = 0; b < kb; b++) {
+            int64_t d0 = b * MHA_SPLIT_K, n = p->D - d0 < MHA_SPLIT_K ? p->D - d0 : MHA_SPLIT_K;
+            finite &= p->bk->split_rows_tile(live ? k.data + c * k.rs + d0 : NULL, k.rs, live, n,
+                                             dst + (c / SPLIT_ROWS) * run + b * 3 * MHA_SPLIT_TILE);
+        }
+    }
+    if (tag) *tag = (mha__split_tag){k.data, cols, finite};
+    return finite ? dst : NULL;
+}
+
+/* Pairs of 16-query column tiles, outer; the key row pairs up to the
+ * furthest key a pair's rows see, stored straight into the score tile;
+ * the rest 0, as the float32 table leaves blocks no row sees. */
+static void scores_split(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, int64_t tile,
+                         const mha__tiles *t)
+{
+    const uint16_t *a = k.cs == 1 && *t->qs_finite ? split_keys(p, k, cols, tile, t) : NULL;
+    if (!a) {
+        mha__products_f32.scores(p, k, rows, cols, tile, t);
+        return;
+    }
+    int64_t kb = blocks_of(p->D), run = run_of(kb), pairs = (cols + PAIR - 1) / PAIR;
+    for (int64_t r = 0; r < rows; r += PAIR) {
+        int64_t n = rows - r < PAIR ? rows - r : PAIR;
+        int64_t seen = (mha__strip_reach(t, r, n) + PAIR - 1) / PAIR;
+        float *s = t->st + r;
+        if (seen) p->bk->gemm_split(seen, kb, a, run, t->qs + (r / SPLIT_ROWS) * run, s, MHA__LDS, MHA_SPLIT_STORE);
+        for (int64_t c = seen * PAIR; c < pairs * PAIR; c++) memset(s + c * MHA__LDS, 0, PAIR * sizeof(float));
+    }
+}
+
+/* Value tile `tile`'s rows split into A's row tiles of V^T (16 of the Dv
+ * columns, 32 keys a block), cached as split_keys does: pairs of keys
+ * down 16 columns, transposed into rows of pairs. */
+static const uint16_t *split_values(const mha__attn_plan *p, mha__strided v, int64_t cols, int64_t tile,
+                                    const mha__tiles *t)
+{
+    mha__split_sizes z = mha__split_sizes_of(p);
+    bool cached = tile >= 0 && tile < t->sslots;
+    uint16_t *dst = cached ? t->split_cache + tile * (z.k + z.v) + z.k : t->vs;
+    mha__split_tag *tag = cached ? &t->vtag2[tile] : NULL;
+    if (tag && tag->rows == v.data && tag->cols == cols) return tag->finite ? dst : NULL;
+    int64_t kb = blocks_of(cols), run = run_of(kb);
+    bool finite = true;
+    for (int64_t d = 0; d < p->Dv; d += SPLIT_ROWS)
+        for (int64_t b = 0; b < kb; b++) {
+            int64_t j0 = b * MHA_SPLIT_K, live = cols - j0 < MHA_SPLIT_K ? cols - j0 : MHA_SPLIT_K;
+            uint16_t *at = dst + (d / SPLIT_ROWS) * run + b * 3 * MHA_SPLIT_TILE;
+            finite &= p->bk->split_pairs_tile(v.data + j0 * v.rs + d, v.rs, live, SPLIT_ROWS, at);
+            p->bk->split_transpose(at);
+        }
+    if (tag) *tag = (mha__split_tag){v.data, cols, finite};
+    return finite ? dst : NULL;
+}
+
+/* Whether every row's probabilities so far are numbers: a NaN among them
+ * makes its row's running sum NaN (a probability cannot be infinite). */
+static bool probabilities_finite(const mha__tiles *t, int64_t rows)
+{
+    bool finite = true;
+    for (int64_t r = 0; r < rows; r++) finite &= !isnan(t->sum[r]);
+    return finite;
+}
+
+/* O += P V as O^T += V^T P^T, added to O transposed: V^T's row tiles
+ * against a pair of P^T's column tiles (32 queries: 32 keys of the
+ * key-major score tile a block, as pairs down their columns, no
+ * transpose). */
+static void values_split(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, int64_t tile,
+                         const mha__tiles *t)
+{
+    const uint16_t *a = v.cs == 1 && probabilities_finite(t, rows) ? split_values(p, v, cols, tile, t) : NULL;
+    if (!a) {
+        mha__products_f32.values(p, v, rows, cols, tile, t);
+        return;
+    }
+    int64_t a_run = run_of(blocks_of(cols));
+    for (int64_t r = 0; r < rows; r += PAIR) {
+        /* The panel's probabilities past its reach are 0: the keys stop
+         * at the block that holds its last (as the float32 table's). */
+        int64_t n = rows - r < PAIR ? rows - r : PAIR, keys = mha__strip_reach(t, r, n);
+        int64_t kb = blocks_of(keys), run = run_of(kb);
+        if (kb == 0) continue;
+        for (int64_t h = 0; h < 2; h++) {
+            int64_t r0 = r + h * SPLIT_ROWS, m = rows - r0 < SPLIT_ROWS ? (rows - r0 > 0 ? rows - r0 : 0) : SPLIT_ROWS;
+            for (int64_t b = 0; b < kb; b++) {
+                int64_t j0 = b * MHA_SPLIT_K, live = keys - j0 < MHA_SPLIT_K ? keys - j0 : MHA_SPLIT_K;
+                p->bk->split_unit_pairs_tile(t->st + j0 * MHA__LDS + r0, MHA__LDS, m ? live : 0, m,
+                                             t->ps + h * run + b * 3 * MHA_SPLIT_TILE);
+            }
+        }
+        p->bk->gemm_split(p->Dv / PAIR, kb, a, a_run, t->ps, t->o + r * p->Dv, p->Dv, MHA_SPLIT_ADD_TRANSPOSED);
+    }
+}
+
+static void release_split(const mha__attn_plan *p) { p->bk->split_release(); }
+
+const mha__products mha__products_f32_split = {pack_queries_split, scores_split, values_split, release_split};
