@@ -53,58 +53,69 @@ mha__split_sizes mha__split_sizes_of(const mha__attn_plan *p)
 /* Floats that hold n split tags. */
 static int64_t split_tag_floats(int64_t n) { return n * (int64_t)((sizeof(mha__split_tag) + 3) / 4); }
 
-int64_t mha__tiles_floats(const mha__attn_plan *p)
-{
-    /* The 18 arrays of mha__tiles_carve, and 16 floats of alignment slack for each. */
-    int64_t slots = value_slots(p);
-    mha__split_sizes z = mha__split_sizes_of(p);
-    return p->D * MHA__BR + 2 * MHA__BC * p->Dv + MHA__BC * p->D + MHA__BC * MHA__LDS + MHA__BR * p->Dv + 3 * MHA__BR +
-           (MHA__BC * even(p->D) + MHA__BR * MHA__BC) / 2 + slots * MHA__BC * p->Dv + tag_floats(slots) +
-           (z.q + z.p + (z.slots + 1) * (z.k + z.v)) / 2 + 2 * split_tag_floats(z.slots) + 1 + 18 * 16;
-}
+/* Carving a slice into the tiles: each array 16 floats aligned from
+ * the slice's start.  With no slice (base NULL) it only counts, so the
+ * size a plan asks for and the carving are one piece of code. */
+typedef struct carver {
+    float *base;
+    int64_t at; /* floats carved so far */
+} carver;
 
-static float *carve(float **cursor, int64_t n)
+static void *carve(carver *c, int64_t n)
 {
-    float *start = *cursor;
-    *cursor += (n + 15) / 16 * 16;
+    float *start = c->base ? c->base + c->at : NULL;
+    c->at += (n + 15) / 16 * 16;
     return start;
 }
 
-mha__tiles mha__tiles_carve(const mha__attn_plan *p, float *cur)
+static mha__tiles carve_tiles(const mha__attn_plan *p, carver *c)
 {
     mha__tiles t;
-    t.qt = carve(&cur, p->D * MHA__BR);
-    t.vt = carve(&cur, MHA__BC * p->Dv);
-    t.vp = carve(&cur, MHA__BC * p->Dv);
-    t.kq = carve(&cur, MHA__BC * p->D);
-    t.st = carve(&cur, MHA__BC * MHA__LDS);
-    t.o = carve(&cur, MHA__BR * p->Dv);
-    t.max = carve(&cur, MHA__BR);
-    t.sum = carve(&cur, MHA__BR);
-    t.scale = carve(&cur, MHA__BR);
-    t.k16 = (uint16_t *)carve(&cur, MHA__BC * even(p->D) / 2);
-    t.p16 = (uint16_t *)carve(&cur, MHA__BR * MHA__BC / 2);
+    t.qt = carve(c, p->D * MHA__BR);
+    t.vt = carve(c, MHA__BC * p->Dv);
+    t.vp = carve(c, MHA__BC * p->Dv);
+    t.kq = carve(c, MHA__BC * p->D);
+    t.st = carve(c, MHA__BC * MHA__LDS);
+    t.o = carve(c, MHA__BR * p->Dv);
+    t.max = carve(c, MHA__BR);
+    t.sum = carve(c, MHA__BR);
+    t.scale = carve(c, MHA__BR);
+    t.k16 = carve(c, MHA__BC * even(p->D) / 2);
+    t.p16 = carve(c, MHA__BR * MHA__BC / 2);
     t.vslots = value_slots(p);
-    t.vcache = carve(&cur, t.vslots * MHA__BC * p->Dv);
-    t.vtag = (const float **)(void *)carve(&cur, tag_floats(t.vslots));
-    t.vcols = (int64_t *)(void *)(t.vtag + t.vslots);
+    t.vcache = carve(c, t.vslots * MHA__BC * p->Dv);
+    t.vtag = carve(c, tag_floats(t.vslots));
+    t.vcols = t.vtag ? (int64_t *)(void *)(t.vtag + t.vslots) : NULL;
     mha__split_sizes z = mha__split_sizes_of(p); /* even counts: whole floats */
-    t.qs = (uint16_t *)carve(&cur, z.q / 2);
-    t.ps = (uint16_t *)carve(&cur, z.p / 2);
-    t.ks = (uint16_t *)carve(&cur, z.k / 2);
-    t.vs = (uint16_t *)carve(&cur, z.v / 2);
+    t.qs = carve(c, z.q / 2);
+    t.ps = carve(c, z.p / 2);
+    t.ks = carve(c, z.k / 2);
+    t.vs = carve(c, z.v / 2);
     t.sslots = z.slots;
-    t.split_cache = (uint16_t *)carve(&cur, z.slots * (z.k + z.v) / 2);
-    t.ktag = (mha__split_tag *)(void *)carve(&cur, split_tag_floats(t.sslots));
-    t.vtag2 = (mha__split_tag *)(void *)carve(&cur, split_tag_floats(t.sslots));
-    t.qs_finite = (bool *)(void *)carve(&cur, 1);
+    t.split_cache = carve(c, z.slots * (z.k + z.v) / 2);
+    t.split_ktag = carve(c, split_tag_floats(t.sslots));
+    t.split_vtag = carve(c, split_tag_floats(t.sslots));
+    t.qs_finite = carve(c, 1);
     return t;
+}
+
+int64_t mha__tiles_floats(const mha__attn_plan *p)
+{
+    carver c = {NULL, 0};
+    carve_tiles(p, &c);
+    return c.at;
+}
+
+mha__tiles mha__tiles_carve(const mha__attn_plan *p, float *slice)
+{
+    carver c = {slice, 0};
+    return carve_tiles(p, &c);
 }
 
 void mha__tiles_forget_values(const mha__tiles *t)
 {
     for (int64_t s = 0; s < t->vslots; s++) t->vtag[s] = NULL;
-    for (int64_t s = 0; s < t->sslots; s++) t->ktag[s].rows = t->vtag2[s].rows = NULL;
+    for (int64_t s = 0; s < t->sslots; s++) t->split_ktag[s].rows = t->split_vtag[s].rows = NULL;
 }
 
 /* ---------------------------------------------------------------- */

@@ -39,18 +39,19 @@ typedef struct mha__tiles {
     float *max, *sum, *scale; /* [BR] */
     uint16_t *k16;            /* bf16 only: [BC][D even]  the key tile, rounded */
     uint16_t *p16;            /* bf16 only: [BR][BC even]  probabilities, a row of keys per query, rounded */
-    float *vcache;            /* float32 only: [vslots][Dv / nr][BC][nr]  packed value tiles, see below */
+    float *vcache;            /* float32 table only: [vslots][Dv / nr][BC][nr]  packed value tiles, see below */
     const float **vtag;       /* [vslots]  the V rows each slot was packed from (NULL: none yet) */
     int64_t *vcols;           /* [vslots]  and how many (a causal item's last tile is partial) */
     int64_t vslots;           /* 0: no cache */
-    /* float32 from split products only (products_split.c): */
-    uint16_t *qs;          /* (scale Q)^T split, B's column tiles of 16 queries */
-    uint16_t *ps;          /* P split, A's row tiles of 16 queries */
-    uint16_t *ks, *vs;     /* a key and a value tile split, when not cached */
-    uint16_t *split_cache; /* [sslots]: key tile j split, then value tile j */
-    mha__split_tag *ktag, *vtag2;
-    int64_t sslots;                   /* 0: no cache */
-    bool *qs_finite;                  /* (scale Q)^T's values all finite */
+    /* The split products only (products_split.c): */
+    uint16_t *qs;               /* (scale Q)^T: B's column tiles of 16 queries */
+    uint16_t *ps;               /* P^T of 32 queries: B's two column tiles */
+    uint16_t *ks, *vs;          /* a key tile (A's row tiles of 16 keys) and a value tile (of V^T), when not cached */
+    uint16_t *split_cache;      /* [sslots]: key tile j split, then value tile j */
+    mha__split_tag *split_ktag; /* [sslots]  what each slot's key tile was split from */
+    mha__split_tag *split_vtag; /* [sslots]  and its value tile */
+    int64_t sslots;             /* 0: no cache */
+    bool *qs_finite;            /* (scale Q)^T's values all finite */
     int64_t lo[MHA__BR], hi[MHA__BR]; /* each row's visible real keys (mha__row_key_range) */
     int64_t reach[MHA__BR];           /* the current key tile's first reach[r] keys hold every key row r sees */
     bool large[MHA__BR];              /* the row's raw scores in the tile need refining (attention.h) */

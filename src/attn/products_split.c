@@ -89,7 +89,7 @@ static const uint16_t *split_keys(const mha__attn_plan *p, mha__strided k, int64
     mha__split_sizes z = mha__split_sizes_of(p);
     bool cached = tile >= 0 && tile < t->sslots;
     uint16_t *dst = cached ? t->split_cache + tile * (z.k + z.v) : t->ks;
-    mha__split_tag *tag = cached ? &t->ktag[tile] : NULL;
+    mha__split_tag *tag = cached ? &t->split_ktag[tile] : NULL;
     if (tag && tag->rows == k.data && tag->cols == cols) return tag->finite ? dst : NULL;
     int64_t kb = blocks_of(p->D), run = run_of(kb), tiles = (cols + PAIR - 1) / PAIR * 2;
     bool finite = true;
@@ -135,7 +135,7 @@ static const uint16_t *split_values(const mha__attn_plan *p, mha__strided v, int
     mha__split_sizes z = mha__split_sizes_of(p);
     bool cached = tile >= 0 && tile < t->sslots;
     uint16_t *dst = cached ? t->split_cache + tile * (z.k + z.v) + z.k : t->vs;
-    mha__split_tag *tag = cached ? &t->vtag2[tile] : NULL;
+    mha__split_tag *tag = cached ? &t->split_vtag[tile] : NULL;
     if (tag && tag->rows == v.data && tag->cols == cols) return tag->finite ? dst : NULL;
     int64_t kb = blocks_of(cols), run = run_of(kb);
     bool finite = true;
