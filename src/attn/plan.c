@@ -54,7 +54,7 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__at
     p->group = p->Hq / (p->Hkv ? p->Hkv : 1);
     const mha__isa_kernels *isa = mha__isa_get(); /* this CPU's kernels, for each dtype */
     p->kt = isa->f32;
-    bool split = mha__split_attention(p, isa);
+    bool split = mha__split_attention(p, isa, needs.kv_dtype);
     p->bk = p->bf16 || split || needs.kv_dtype == MHA_DTYPE_BF16 ? isa->bf16 : NULL;
     p->path = choose_path(p, needs);
     p->block_rows = block_rows(p);

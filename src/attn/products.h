@@ -107,10 +107,12 @@ typedef struct mha__products {
 
 extern const mha__products mha__products_f32;
 extern const mha__products mha__products_bf16;
-/* float32 from split bf16 products on AMX (products_split.c); plans
- * where mha__split_attention holds. */
+/* float32 from split bf16 products on AMX (products_split.c), for the
+ * plans where mha__split_attention holds: the CPU has them, K and V
+ * (stored as kv_dtype) are float32 read in place, Dv is a multiple of
+ * 32, and there are 512 keys and 512 query rows or more. */
 extern const mha__products mha__products_f32_split;
-bool mha__split_attention(const mha__attn_plan *p, const mha__isa_kernels *isa);
+bool mha__split_attention(const mha__attn_plan *p, const mha__isa_kernels *isa, mha_dtype kv_dtype);
 /* For tests: the keys and query rows a problem needs for the split
  * products (default 512; negative: the default again).  Set it before
  * plans are made and while no call runs. */

@@ -40,7 +40,7 @@ static int64_t min_rows = MIN_ROWS;
 static int64_t blocks_of(int64_t n) { return mha__split_blocks(n); }
 static int64_t run_of(int64_t k_blocks) { return mha__split_run(k_blocks); }
 
-bool mha__split_attention(const mha__attn_plan *p, const mha__isa_kernels *isa)
+bool mha__split_attention(const mha__attn_plan *p, const mha__isa_kernels *isa, mha_dtype kv_dtype)
 {
     /* Splitting costs a pass over (scale Q)^T per item, over K and V per
      * kv head and thread: under 512 keys, or 512 query rows, it cost more
@@ -48,9 +48,13 @@ bool mha__split_attention(const mha__attn_plan *p, const mha__isa_kernels *isa)
      * keys and rows, 5% with 256, 10% with 192 rows against 4096 keys; 3%
      * faster at 512, 10% at 2048, 22% at 8192; docs/PERFORMANCE.md).  Not
      * the rows per kv head: GQA keeps the bits of MHA with K and V
-     * repeated.  P V adds 32 columns of O at a time: Dv a multiple of 32
-     * keeps them in their row. */
-    return !p->bf16 && isa->bf16 && isa->bf16->gemm_split && p->Dv % PAIR == 0 && p->S >= min_rows && p->L >= min_rows;
+     * repeated.  K and V float32, read in place: a bf16 or int8 cache's
+     * tiles are widened for every item, and would be split for every item
+     * too, the case that made the scores alone 0.90x (docs/PERFORMANCE.md,
+     * twentieth session).  P V adds 32 columns of O at a time: Dv a
+     * multiple of 32 keeps them in their row. */
+    return !p->bf16 && isa->bf16 && isa->bf16->gemm_split && kv_dtype == MHA_DTYPE_F32 && p->Dv % PAIR == 0 &&
+           p->S >= min_rows && p->L >= min_rows;
 }
 
 void mha__split_attention_min_rows(int64_t rows) { min_rows = rows < 0 ? MIN_ROWS : rows; }
