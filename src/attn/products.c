@@ -14,15 +14,21 @@
 
 static int64_t even(int64_t n) { return n + (n & 1); }
 
-/* Slots of the value-tile cache: one per key tile of a kv head, when
- * they fit in the bytes products.h allows for this L2.  None for the
- * split products, which keep their own (their float32 fallback packs
- * each tile as it comes). */
-static int64_t value_slots(const mha__attn_plan *p)
+/* Slots of a thread's cache of a kv head's key tiles, slot_bytes each:
+ * one per key tile, when they fit in the bytes products.h allows for this
+ * L2; else none. */
+static int64_t cache_slots(const mha__attn_plan *p, int64_t slot_bytes)
 {
     int64_t tiles = (p->S + MHA__BC - 1) / MHA__BC, l2 = mha__l2_bytes();
-    int64_t most = (l2 >= MHA__VCACHE_LARGE_L2 ? 8 : 2) * l2 / (int64_t)sizeof(float);
-    return !p->bf16 && !p->split && tiles <= most / (MHA__BC * p->Dv) ? tiles : 0;
+    int64_t most = (l2 >= MHA__VCACHE_LARGE_L2 ? 8 : 2) * l2;
+    return tiles <= most / slot_bytes ? tiles : 0;
+}
+
+/* Slots of the value-tile cache.  None for the split products, which
+ * keep their own (their float32 fallback packs each tile as it comes). */
+static int64_t value_slots(const mha__attn_plan *p)
+{
+    return p->bf16 || p->split ? 0 : cache_slots(p, MHA__BC * p->Dv * (int64_t)sizeof(float));
 }
 
 /* Floats that hold n pointers and n int64_t. */
@@ -43,10 +49,7 @@ mha__split_sizes mha__split_sizes_of(const mha__attn_plan *p)
     z.p = 2 * mha__split_run(MHA__BC / MHA_SPLIT_K);
     z.k = MHA__BC / 16 * mha__split_run(mha__split_blocks(p->D));
     z.v = p->Dv / 16 * mha__split_run(MHA__BC / MHA_SPLIT_K);
-    /* The same bound as the value-tile cache's (products.h), in bytes. */
-    int64_t tiles = (p->S + MHA__BC - 1) / MHA__BC, l2 = mha__l2_bytes();
-    int64_t most = (l2 >= MHA__VCACHE_LARGE_L2 ? 8 : 2) * l2, slot = (z.k + z.v) * (int64_t)sizeof(uint16_t);
-    z.slots = tiles <= most / slot ? tiles : 0;
+    z.slots = cache_slots(p, (z.k + z.v) * (int64_t)sizeof(uint16_t));
     return z;
 }
 

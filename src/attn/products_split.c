@@ -84,17 +84,37 @@ static void pack_queries_split(const mha__attn_plan *p, mha__strided q, int64_t 
     *t->qs_finite = finite;
 }
 
+/* Where key tile `tile` (values: its value tile) goes split: its slot
+ * of the thread's cache with the slot's tag, or ks (vs) and no tag when
+ * the tile is not cached. */
+typedef struct split_place {
+    uint16_t *dst;
+    mha__split_tag *tag;
+} split_place;
+
+static split_place place_of(const mha__attn_plan *p, int64_t tile, bool values, const mha__tiles *t)
+{
+    if (tile < 0 || tile >= t->sslots) return (split_place){values ? t->vs : t->ks, NULL};
+    mha__split_sizes z = mha__split_sizes_of(p);
+    uint16_t *slot = t->split_cache + tile * (z.k + z.v);
+    return values ? (split_place){slot + z.k, &t->split_vtag[tile]} : (split_place){slot, &t->split_ktag[tile]};
+}
+
+/* Whether a place already holds the split of `cols` rows from `rows`. */
+static bool holds(const split_place *at, const float *rows, int64_t cols)
+{
+    return at->tag && at->tag->rows == rows && at->tag->cols == cols;
+}
+
 /* Key tile `tile`'s rows split into A's row tiles (16 keys, 32 of the
  * D dimensions a block), from the thread's cache or into it; ks when not
  * cached.  NULL if a value is not finite. */
 static const uint16_t *split_keys(const mha__attn_plan *p, mha__strided k, int64_t cols, int64_t tile,
                                   const mha__tiles *t)
 {
-    mha__split_sizes z = mha__split_sizes_of(p);
-    bool cached = tile >= 0 && tile < t->sslots;
-    uint16_t *dst = cached ? t->split_cache + tile * (z.k + z.v) : t->ks;
-    mha__split_tag *tag = cached ? &t->split_ktag[tile] : NULL;
-    if (tag && tag->rows == k.data && tag->cols == cols) return tag->finite ? dst : NULL;
+    split_place at = place_of(p, tile, false, t);
+    uint16_t *dst = at.dst;
+    if (holds(&at, k.data, cols)) return at.tag->finite ? dst : NULL;
     int64_t kb = blocks_of(p->D), run = run_of(kb), tiles = (cols + PAIR - 1) / PAIR * 2;
     bool finite = true;
     for (int64_t c = 0; c < tiles * SPLIT_ROWS; c += SPLIT_ROWS) {
@@ -105,7 +125,7 @@ static const uint16_t *split_keys(const mha__attn_plan *p, mha__strided k, int64
                                              dst + (c / SPLIT_ROWS) * run + b * 3 * MHA_SPLIT_TILE);
         }
     }
-    if (tag) *tag = (mha__split_tag){k.data, cols, finite};
+    if (at.tag) *at.tag = (mha__split_tag){k.data, cols, finite};
     return finite ? dst : NULL;
 }
 
@@ -136,21 +156,19 @@ static void scores_split(const mha__attn_plan *p, mha__strided k, int64_t rows, 
 static const uint16_t *split_values(const mha__attn_plan *p, mha__strided v, int64_t cols, int64_t tile,
                                     const mha__tiles *t)
 {
-    mha__split_sizes z = mha__split_sizes_of(p);
-    bool cached = tile >= 0 && tile < t->sslots;
-    uint16_t *dst = cached ? t->split_cache + tile * (z.k + z.v) + z.k : t->vs;
-    mha__split_tag *tag = cached ? &t->split_vtag[tile] : NULL;
-    if (tag && tag->rows == v.data && tag->cols == cols) return tag->finite ? dst : NULL;
+    split_place at = place_of(p, tile, true, t);
+    uint16_t *dst = at.dst;
+    if (holds(&at, v.data, cols)) return at.tag->finite ? dst : NULL;
     int64_t kb = blocks_of(cols), run = run_of(kb);
     bool finite = true;
     for (int64_t d = 0; d < p->Dv; d += SPLIT_ROWS)
         for (int64_t b = 0; b < kb; b++) {
             int64_t j0 = b * MHA_SPLIT_K, live = cols - j0 < MHA_SPLIT_K ? cols - j0 : MHA_SPLIT_K;
-            uint16_t *at = dst + (d / SPLIT_ROWS) * run + b * 3 * MHA_SPLIT_TILE;
-            finite &= p->bk->split_pairs_tile(v.data + j0 * v.rs + d, v.rs, live, SPLIT_ROWS, at);
-            p->bk->split_transpose(at);
+            uint16_t *tiles = dst + (d / SPLIT_ROWS) * run + b * 3 * MHA_SPLIT_TILE;
+            finite &= p->bk->split_pairs_tile(v.data + j0 * v.rs + d, v.rs, live, SPLIT_ROWS, tiles);
+            p->bk->split_transpose(tiles);
         }
-    if (tag) *tag = (mha__split_tag){v.data, cols, finite};
+    if (at.tag) *at.tag = (mha__split_tag){v.data, cols, finite};
     return finite ? dst : NULL;
 }
 

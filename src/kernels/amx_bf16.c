@@ -323,6 +323,15 @@ static void store_pairs(uint16_t *dst, __m512i a, __m512i b)
     _mm512_storeu_si512(dst, _mm512_or_si512(_mm512_srli_epi32(a, 16), b));
 }
 
+/* The parts of two rows' lanes into a tile row of pairs in each of the
+ * three part tiles (MHA_SPLIT_TILE values apart). */
+static void store_part_pairs(uint16_t *row, parts a, parts b)
+{
+    store_pairs(row, a.hi, b.hi);
+    store_pairs(row + MHA_SPLIT_TILE, a.mid, b.mid);
+    store_pairs(row + 2 * MHA_SPLIT_TILE, a.lo, b.lo);
+}
+
 /* Lanes below n of 16 (all for n >= 16, none for n <= 0). */
 static __mmask16 first_lanes(int64_t n)
 {
@@ -345,16 +354,13 @@ bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, u
 }
 
 /* split3 of two rows into a tile row of pairs, as B's tiles hold them:
- * part q of x0[j] at dst_q[2 j], of x1[j] at dst_q[2 j + 1] (x1 NULL: 0),
+ * part q of x0[j] at row_q[2 j], of x1[j] at row_q[2 j + 1] (x1 NULL: 0),
  * for j < n <= 16, zeros past them. */
-static bool split3_pairs(const float *x0, const float *x1, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo)
+static bool split3_pairs(const float *x0, const float *x1, int64_t n, uint16_t *row)
 {
     __mmask16 mk = first_lanes(n);
     __m512 a = _mm512_maskz_loadu_ps(mk, x0), b = x1 ? _mm512_maskz_loadu_ps(mk, x1) : _mm512_setzero_ps();
-    parts pa = split_lanes(a), pb = split_lanes(b);
-    store_pairs(hi, pa.hi, pb.hi);
-    store_pairs(mid, pa.mid, pb.mid);
-    store_pairs(lo, pa.lo, pb.lo);
+    store_part_pairs(row, split_lanes(a), split_lanes(b));
     return (finite_lanes(a) & finite_lanes(b) & mk) == mk;
 }
 
@@ -385,10 +391,7 @@ void mha__split_unit_pairs_tile_amx(const float *src, int64_t lds, int64_t live,
         uint16_t *row = tiles + pr * MHA_SPLIT_K;
         __m512 a = 2 * pr < live ? _mm512_maskz_loadu_ps(mk, src + 2 * pr * lds) : _mm512_setzero_ps();
         __m512 b = 2 * pr + 1 < live ? _mm512_maskz_loadu_ps(mk, src + (2 * pr + 1) * lds) : _mm512_setzero_ps();
-        parts pa = split_unit_lanes(a), pb = split_unit_lanes(b);
-        store_pairs(row, pa.hi, pb.hi);
-        store_pairs(row + MHA_SPLIT_TILE, pa.mid, pb.mid);
-        store_pairs(row + 2 * MHA_SPLIT_TILE, pa.lo, pb.lo);
+        store_part_pairs(row, split_unit_lanes(a), split_unit_lanes(b));
     }
 }
 
@@ -426,8 +429,7 @@ bool mha__split_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int6
             prefetch_next_block(src + (2 * pr + 1) * lds, lds);
         }
         if (2 * pr < live)
-            finite &= split3_pairs(src + 2 * pr * lds, 2 * pr + 1 < live ? src + (2 * pr + 1) * lds : NULL, n, row,
-                                   row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
+            finite &= split3_pairs(src + 2 * pr * lds, 2 * pr + 1 < live ? src + (2 * pr + 1) * lds : NULL, n, row);
         else zero_row(row);
     }
     return finite;
