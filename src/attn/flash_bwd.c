@@ -34,6 +34,7 @@
  * the score contract (attention.c) is the forward's.
  */
 #include "attn/attention.h"
+#include "attn/products.h"
 #include "kernels/kernels.h"
 
 #include <math.h>
@@ -74,6 +75,12 @@ typedef struct bwd_tiles {
     float *acc_k; /* [item's keys][D]   dK of every key block the item owns */
     float *acc_v; /* [item's keys][Dv]  dV likewise */
     float *kr;    /* [BK][D]   key rows gathered, when K's rows are strided */
+    /* The split scores and dP only (split products, below): */
+    uint16_t *qs;    /* (scale Q)^T: B's column tiles of 16 queries */
+    uint16_t *dos;   /* dO^T likewise */
+    uint16_t *kvs;   /* [pass blocks]: a key block's K rows as A's row tiles of 16 keys, then its V rows */
+    bool *kv_finite; /* [pass blocks][2]: the block's K, and V, values all finite */
+    bool qs_finite, dos_finite;
     int64_t lo[BQ], hi[BQ];
     float zero[BQ]; /* the shift of refined scores, already shifted */
     bool large[BQ]; /* the row's raw scores in the block need refining (attention.h) */
@@ -85,13 +92,35 @@ static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
  * appended keys' block included). */
 static int64_t item_keys(const mha__attn_plan *p) { return ((p->R + BK - 1) / BK + 1) * BK; }
 
+enum { SPLIT_ROWS = 16, PAIR = 32 }; /* rows of a split tile; of a pair of them */
+
+/* The split products' sizes, in uint16_t values (0 where the plan's
+ * forward does not use them: the backward's scores then come from the
+ * same products as the forward's, see split_scores): one query block's
+ * (scale Q)^T and dO^T as B's column tiles, and one key block's K and V
+ * rows as A's row tiles. */
+typedef struct bwd_split_sizes {
+    int64_t q, dout, kv;
+} bwd_split_sizes;
+
+static bwd_split_sizes bwd_split_sizes_of(const mha__attn_plan *p)
+{
+    if (!p->split) return (bwd_split_sizes){0};
+    int64_t run_k = mha__split_run(mha__split_blocks(p->D)), run_v = mha__split_run(mha__split_blocks(p->Dv));
+    return (bwd_split_sizes){BQ / SPLIT_ROWS * run_k, BQ / SPLIT_ROWS * run_v, BK / SPLIT_ROWS * (run_k + run_v)};
+}
+
 /* Key blocks a sweep pass takes: as many as keep their K and V rows and
  * dK, dV sums (BK (2 D + 2 Dv) floats a block) within half of L2, so they
  * stay there while the query blocks go by; each pass packs the query
  * blocks again.  In one pass over all of them (4.2 MB at N = 4096, d = 64)
  * they came from L3 for every query block: the backward at N = 4096 and
  * 8192 ran 1.10-1.14x faster in passes, at N = 2048 the same (Zen 4, 1 MB
- * of L2; docs/PERFORMANCE.md). */
+ * of L2; docs/PERFORMANCE.md).  Split K and V, where the scores are split,
+ * are not counted: 0.75x the float32 rows' bytes again, they fit in the
+ * other half of Sapphire Rapids' 2 MB, and counting them (more passes,
+ * each packing and splitting the query blocks again) measured 4% slower
+ * at N = 2048. */
 static int64_t pass_blocks(const mha__attn_plan *p)
 {
     int64_t l2 = mha__l2_bytes(), per_block = BK * 2 * (p->D + p->Dv) * (int64_t)sizeof(float);
@@ -99,37 +128,56 @@ static int64_t pass_blocks(const mha__attn_plan *p)
     return n > 1 ? n : 1;
 }
 
-static int64_t bwd_tiles_floats(const mha__attn_plan *p)
+/* Carving a slice into the tiles: each array 16 floats aligned from the
+ * slice's start.  With no slice (base NULL) it only counts, so the size
+ * a plan asks for and the carving are one piece of code. */
+typedef struct carver {
+    float *base;
+    int64_t used;
+} carver;
+
+static float *carve(carver *c, int64_t n)
 {
-    int64_t D = p->D, Dv = p->Dv;
-    return round16(D * BQ) * 2 + round16(Dv * BQ) * 2 + round16(BK * BQ) * 3 + round16(item_keys(p) * D) +
-           round16(item_keys(p) * Dv) + round16(BK * D);
+    float *at = c->base ? c->base + c->used : NULL;
+    c->used += round16(n);
+    return at;
 }
 
-static float *carve(float **cursor, int64_t n)
+static bwd_tiles carve_tiles(const mha__attn_plan *p, carver *c)
 {
-    float *start = *cursor;
-    *cursor += round16(n);
-    return start;
+    bwd_tiles t;
+    t.qt = carve(c, p->D * BQ);
+    t.qr = carve(c, BQ * p->D);
+    t.dot = carve(c, p->Dv * BQ);
+    t.dor = carve(c, BQ * p->Dv);
+    t.st = carve(c, BK * BQ);
+    t.dpt = carve(c, BK * BQ);
+    t.slope = carve(c, BK * BQ);
+    t.acc_k = carve(c, item_keys(p) * p->D);
+    t.acc_v = carve(c, item_keys(p) * p->Dv);
+    t.kr = carve(c, BK * p->D);
+    bwd_split_sizes z = bwd_split_sizes_of(p); /* even counts: whole floats */
+    int64_t slots = z.kv ? pass_blocks(p) : 0;
+    t.qs = (uint16_t *)carve(c, z.q / 2);
+    t.dos = (uint16_t *)carve(c, z.dout / 2);
+    t.kvs = (uint16_t *)carve(c, slots * z.kv / 2);
+    t.kv_finite = (bool *)carve(c, (2 * slots + 3) / 4);
+    t.qs_finite = t.dos_finite = false;
+    memset(t.zero, 0, sizeof t.zero);
+    return t;
+}
+
+static int64_t bwd_tiles_floats(const mha__attn_plan *p)
+{
+    carver c = {NULL, 0};
+    carve_tiles(p, &c);
+    return c.used;
 }
 
 static bwd_tiles bwd_tiles_at(const bwd_job *j, int thread)
 {
-    const mha__attn_plan *p = j->p;
-    float *cur = (float *)(j->scratch + thread * j->scratch_stride);
-    bwd_tiles t;
-    t.qt = carve(&cur, p->D * BQ);
-    t.qr = carve(&cur, BQ * p->D);
-    t.dot = carve(&cur, p->Dv * BQ);
-    t.dor = carve(&cur, BQ * p->Dv);
-    t.st = carve(&cur, BK * BQ);
-    t.dpt = carve(&cur, BK * BQ);
-    t.slope = carve(&cur, BK * BQ);
-    t.acc_k = carve(&cur, item_keys(p) * p->D);
-    t.acc_v = carve(&cur, item_keys(p) * p->Dv);
-    t.kr = carve(&cur, BK * p->D);
-    memset(t.zero, 0, sizeof t.zero);
-    return t;
+    carver c = {(float *)(j->scratch + thread * j->scratch_stride), 0};
+    return carve_tiles(j->p, &c);
 }
 
 /* C[m x n] (+)= A[m x k] B[k x n] of any size, tile by tile (kernels.h's
@@ -200,12 +248,77 @@ static void rows_range(void *arg, int thread, int64_t begin, int64_t end)
     }
 }
 
+/* ---------------------------------------------------------------- */
+/* The scores and dP from split products (kernels.h), for the plans    */
+/* whose forward takes them (products_split.c)                        */
+/* ---------------------------------------------------------------- */
+
+/* The same chains as the forward's scores, so the backward's scores are
+ * the forward's bits and its probabilities the forward's.  dV, dK and dQ
+ * stay on the float32 tiles: their operands are P and dS, which would
+ * need splitting for every block pair, three times (pairs along the
+ * queries for dV and dK, along the keys for dQ), and that costs about
+ * what the tiles would save (docs/PERFORMANCE.md). */
+
+/* Slot `slot`'s K row tiles, or its V row tiles. */
+static uint16_t *slot_tiles(const bwd_job *j, const bwd_tiles *t, int64_t slot, bool values)
+{
+    const mha__attn_plan *p = j->p;
+    int64_t k_part = BK / SPLIT_ROWS * mha__split_run(mha__split_blocks(p->D));
+    return t->kvs + slot * bwd_split_sizes_of(p).kv + (values ? k_part : 0);
+}
+
+/* Key block [j0, j0+cols) of kv head g, K's rows and V's, split into
+ * slot `slot`, each marked finite or not; rows whose values are not
+ * contiguous are marked not finite, so the float32 products take them. */
+static void split_key_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int64_t j0, int64_t cols,
+                            int64_t slot)
+{
+    const mha__attn_plan *p = j->p;
+    const mha_tensor *k = j->k, *v = j->v;
+    t->kv_finite[2 * slot] =
+        k->stride[3] == 1 && mha__split_tiles(p->bk, false, row_of(k, b, g, j0), k->stride[2], BK / SPLIT_ROWS, cols,
+                                              p->D, slot_tiles(j, t, slot, false));
+    t->kv_finite[2 * slot + 1] =
+        v->stride[3] == 1 && mha__split_tiles(p->bk, false, row_of(v, b, g, j0), v->stride[2], BK / SPLIT_ROWS, cols,
+                                              p->Dv, slot_tiles(j, t, slot, true));
+}
+
+/* dst ([BK][BQ]) = S^T = K (scale Q)^T, or with `values` dP^T = V dO^T,
+ * for key block `slot` and the packed query block, from the split
+ * products; rows and columns up to the next 32 hold zeros' products.
+ * False, nothing written, where the split operands are not all finite
+ * or there are none (slot < 0): the float32 products then take them. */
+static bool split_scores(const bwd_job *j, const bwd_tiles *t, int64_t slot, bool values, int64_t rows, int64_t cols,
+                         float *dst)
+{
+    const mha__attn_plan *p = j->p;
+    if (slot < 0 || !t->kv_finite[2 * slot + values] || !(values ? t->dos_finite : t->qs_finite)) return false;
+    int64_t kb = mha__split_blocks(values ? p->Dv : p->D), run = mha__split_run(kb);
+    const uint16_t *a = slot_tiles(j, t, slot, values), *columns = values ? t->dos : t->qs;
+    for (int64_t r = 0; r < rows; r += PAIR)
+        p->bk->gemm_split((cols + PAIR - 1) / PAIR, kb, a, run, columns + r / SPLIT_ROWS * run, dst + r, BQ,
+                          MHA_SPLIT_STORE);
+    return true;
+}
+
+/* The tiles' configuration released at the end of a thread's run of
+ * items (kernels.h). */
+static void release_split(const bwd_job *j)
+{
+    if (j->p->split) j->p->bk->split_release();
+}
+
 /* Packs the query block's (scale Q)^T and dO^T (times 1: exact). */
 static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
     mha__pack_columns(j->kt, t->qt, BQ, rows_at(j->q, b, h, i0), rows, p->D, p->scale);
     mha__pack_columns(j->kt, t->dot, BQ, rows_at(j->dout, b, h, i0), rows, p->Dv, 1.0f);
+    if (!p->split) return;
+    /* All BQ / 16 column tiles, zeros past the rows: every pair is whole. */
+    t->qs_finite = mha__split_tiles(p->bk, true, t->qt, BQ, BQ / SPLIT_ROWS, rows, p->D, t->qs);
+    t->dos_finite = mha__split_tiles(p->bk, true, t->dot, BQ, BQ / SPLIT_ROWS, rows, p->Dv, t->dos);
 }
 
 /* Rows i0 .. i0+n of x (K, Q or dO) for (b, head h), `width` elements
@@ -264,16 +377,19 @@ static void refine_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, i
 /* For key rows k_j0.. and the packed query block: st = P^T and dpt =
  * (P o (dP - delta))^T, with delta for the block's rows (and, under
  * softcap, the cap's slope in t->slope).  Without `dp` the dP product is
- * skipped and dpt must hold zeros (it then stays 0 with a zero delta). */
+ * skipped and dpt must hold zeros (it then stays 0 with a zero delta).
+ * The scores and dP come from the split products where the key block
+ * is split in slot `slot` (-1: none). */
 static void block_probabilities(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                                int64_t j0, int64_t cols, bool plain, bool dp, const float *delta)
+                                int64_t j0, int64_t cols, int64_t slot, bool plain, bool dp, const float *delta)
 {
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
     const mha_tensor *k = j->k, *v = j->v;
     int64_t g = h / p->group;
     const float *kb = row_of(k, b, g, j0), *vb = row_of(v, b, g, j0);
-    product(kt, cols, rows, p->D, kb, k->stride[2], k->stride[3], t->qt, BQ, t->st, BQ, 0);
+    if (!split_scores(j, t, slot, false, rows, cols, t->st))
+        product(kt, cols, rows, p->D, kb, k->stride[2], k->stride[3], t->qt, BQ, t->st, BQ, 0);
     bool capped = p->softcap > 0, large = false;
     if (!plain) { /* the raw scores' size, before the contract changes them; else the row's maximum tells */
         large = mha__large_rows(p, t->st, BQ, rows, cols, t->large);
@@ -281,7 +397,8 @@ static void block_probabilities(const bwd_job *j, bwd_tiles *t, int64_t b, int64
     } else {
         memset(t->large, 0, (size_t)rows * sizeof(bool));
     }
-    if (dp) product(kt, cols, rows, p->Dv, vb, v->stride[2], v->stride[3], t->dot, BQ, t->dpt, BQ, 0);
+    if (dp && !split_scores(j, t, slot, true, rows, cols, t->dpt))
+        product(kt, cols, rows, p->Dv, vb, v->stride[2], v->stride[3], t->dot, BQ, t->dpt, BQ, 0);
     const float *shift = j->shift + (b * p->Hq + h) * p->L + i0;
     for (int64_t r = 0; r < rows; r++) { /* the forward's maximum: near it, scores are as large */
         t->large[r] = t->large[r] || mha__refines(p, shift[r]);
@@ -296,10 +413,10 @@ static void block_probabilities(const bwd_job *j, bwd_tiles *t, int64_t b, int64
 
 /* For key rows k_j0.. and the packed query block: st = P^T, dpt = dS^T. */
 static void score_gradients(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                            int64_t cols, bool plain)
+                            int64_t cols, int64_t slot, bool plain)
 {
     const mha__attn_plan *p = j->p;
-    block_probabilities(j, t, b, h, i0, rows, j0, cols, plain, true, j->delta + (b * p->Hq + h) * p->L + i0);
+    block_probabilities(j, t, b, h, i0, rows, j0, cols, slot, plain, true, j->delta + (b * p->Hq + h) * p->L + i0);
     if (p->softcap == 0) return;
     for (int64_t c = 0; c < cols; c++)
         for (int64_t r = 0; r < rows; r++) /* masked scores have p = 0, so dS = 0 whatever the slope */
@@ -338,11 +455,17 @@ static float *partial_row(const bwd_job *j, int64_t g, int64_t b, int64_t h, int
  * against every query block of every head of kv head g's group.  Each
  * query block is packed once a pass, and its dQ rows (partial sum
  * `group`) stay in cache while the pass's key blocks go by; those blocks'
- * K and V rows and dK, dV sums stay in L2 across the query blocks. */
+ * K and V rows (split once a pass, where the scores are) and dK, dV sums
+ * stay in L2 across the query blocks. */
 static void sweep_pass(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int64_t group, int64_t m0, int64_t m1)
 {
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
+    for (int64_t m = m0; m < m1 && p->split; m++) {
+        int64_t j0, cols;
+        key_block(j, group + m * j->groups, &j0, &cols);
+        split_key_block(j, t, b, g, j0, cols, m - m0);
+    }
     for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
         for (int64_t qb = 0; qb < j->q_blocks; qb++) {
             int64_t i0 = qb * BQ, rows = p->L - i0 < BQ ? p->L - i0 : BQ, ldq, ldqr = 0, lddo = 0;
@@ -362,7 +485,7 @@ static void sweep_pass(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int
                     packed = true;
                 }
                 const float *kr = operand_rows(j->k, b, g, j0, cols, p->D, t->kr, &ldk);
-                score_gradients(j, t, b, h, i0, rows, j0, cols, plain);
+                score_gradients(j, t, b, h, i0, rows, j0, cols, p->split ? m - m0 : -1, plain);
                 product(kt, cols, p->Dv, rows, t->st, BQ, 1, dor, lddo, t->acc_v + m * BK * p->Dv, p->Dv, 1);
                 product(kt, cols, p->D, rows, t->dpt, BQ, 1, qr, ldqr, t->acc_k + m * BK * p->D, p->D, 1);
                 product(kt, rows, p->D, cols, t->dpt, 1, BQ, kr, ldk, dq_rows, ldq, 1);
@@ -403,6 +526,7 @@ static void sweep_range(void *arg, int thread, int64_t begin, int64_t end)
         int64_t group = item % j->groups, bg = item / j->groups;
         sweep_item(j, &t, bg / j->p->Hkv, bg % j->p->Hkv, group);
     }
+    release_split(j);
 }
 
 /* The rows of a query block that the softmax's gradient would cancel
@@ -440,7 +564,9 @@ static void sum_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64
         bool plain;
         key_block(j, kb, &j0, &cols);
         if (!block_visible(j, t, rows, j0, cols, &plain)) continue;
-        block_probabilities(j, t, b, h, i0, rows, j0, cols, plain, weighted, zero); /* dpt = P o dP */
+        if (j->p->split) split_key_block(j, t, b, h / j->p->group, j0, cols, 0);
+        block_probabilities(j, t, b, h, i0, rows, j0, cols, j->p->split ? 0 : -1, plain, weighted,
+                            zero); /* dpt = P o dP */
         for (int64_t c = 0; c < cols; c++)
             for (int64_t r = 0; r < rows; r++) {
                 float pr = t->st[c * BQ + r];
@@ -494,6 +620,7 @@ static void exact_rows_range(void *arg, int thread, int64_t begin, int64_t end)
         sum_rows(j, &t, b, h, i0, rows, true, &s);
         for (int64_t r = 0; r < rows; r++) j->delta[row0 + r] = s.sum[r] > 0 ? (float)(s.wsum[r] / s.sum[r]) : 0.0f;
     }
+    release_split(j);
 }
 
 /* dq = scale * (partial 0 + partial 1 + ...), in that order, per row. */
@@ -623,6 +750,7 @@ static void row_sums_range(void *arg, int thread, int64_t begin, int64_t end)
         sum_rows(j, &t, b, h, i0, rows, true, &s);
         for (int64_t r = 0; r < rows; r++) sj->p_sum[row0 + r] = s.sum[r], sj->p_dp[row0 + r] = s.wsum[r];
     }
+    release_split(j);
 }
 
 void mha__attn_row_sums(mha_ctx *ctx, const mha__attn_plan *p, const mha_tensor *q, const mha_tensor *k,

@@ -41,6 +41,23 @@ int64_t mha__split_blocks(int64_t n) { return (n + MHA_SPLIT_K - 1) / MHA_SPLIT_
 
 int64_t mha__split_run(int64_t k_blocks) { return 3 * k_blocks * MHA_SPLIT_TILE; }
 
+bool mha__split_tiles(const mha__bf16_kernels *bk, bool pairs, const float *x, int64_t ld, int64_t tiles, int64_t count,
+                      int64_t width, uint16_t *dst)
+{
+    int64_t kb = mha__split_blocks(width), run = mha__split_run(kb);
+    bool finite = true;
+    for (int64_t i = 0; i < tiles; i++) {
+        int64_t at = i * 16, lanes = count - at < 16 ? (count - at > 0 ? count - at : 0) : 16;
+        for (int64_t b = 0; b < kb; b++) {
+            int64_t d0 = b * MHA_SPLIT_K, k = width - d0 < MHA_SPLIT_K ? width - d0 : MHA_SPLIT_K;
+            uint16_t *tile = dst + i * run + b * 3 * MHA_SPLIT_TILE;
+            finite &= pairs ? bk->split_pairs_tile(x + d0 * ld + at, ld, k, lanes, tile)
+                            : bk->split_rows_tile(lanes ? x + at * ld + d0 : NULL, ld, lanes, k, tile);
+        }
+    }
+    return finite;
+}
+
 mha__split_sizes mha__split_sizes_of(const mha__attn_plan *p)
 {
     if (!p->split) return (mha__split_sizes){0};

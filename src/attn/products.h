@@ -128,6 +128,14 @@ mha__split_sizes mha__split_sizes_of(const mha__attn_plan *p);
  * column tile's three parts over k_blocks blocks (kernels.h). */
 int64_t mha__split_blocks(int64_t n);
 int64_t mha__split_run(int64_t k_blocks);
+/* x split into `tiles` tiles of 16 (kernels.h), zeros past its first
+ * `count` columns or rows: with `pairs`, B's column tiles of 16 of its
+ * columns, k (`width` of it) down its rows (split_pairs_tile); else A's
+ * row tiles of 16 of its rows, k along them (split_rows_tile).  Rows ld
+ * floats apart; a tile's blocks of k are mha__split_run apart.  False if
+ * a value is not finite. */
+bool mha__split_tiles(const mha__bf16_kernels *bk, bool pairs, const float *x, int64_t ld, int64_t tiles, int64_t count,
+                      int64_t width, uint16_t *dst);
 
 /* The split-K driver's two row operations on cached K and V rows stored
  * in the cache's dtype, element `at` onward, rows ld elements apart, with

@@ -64,24 +64,12 @@ void mha__split_attention_min_rows(int64_t rows) { min_rows = rows < 0 ? MIN_ROW
 static void pack_queries_split(const mha__attn_plan *p, mha__strided q, int64_t rows, const mha__tiles *t)
 {
     mha__products_f32.pack_queries(p, q, rows, t);
-    const mha__bf16_kernels *bk = p->bk;
-    int64_t kb = blocks_of(p->D), run = run_of(kb);
-    bool finite = true;
-    for (int64_t r = 0; r < rows; r += SPLIT_ROWS) {
-        int64_t n = rows - r < SPLIT_ROWS ? rows - r : SPLIT_ROWS;
-        for (int64_t b = 0; b < kb; b++) {
-            int64_t d0 = b * MHA_SPLIT_K, live = p->D - d0 < MHA_SPLIT_K ? p->D - d0 : MHA_SPLIT_K;
-            finite &= bk->split_pairs_tile(t->qt + d0 * MHA__BR + r, MHA__BR, live, n,
-                                           t->qs + (r / SPLIT_ROWS) * run + b * 3 * MHA_SPLIT_TILE);
-        }
-    }
-    /* A pair of column tiles past the item's rows reads zeros, and P V
-     * adds to O's rows in 32s: those past the item's are zeroed too, so
-     * that nothing uninitialised is read. */
-    int64_t tiles = (rows + SPLIT_ROWS - 1) / SPLIT_ROWS, padded = (rows + PAIR - 1) / PAIR * PAIR;
-    if (tiles & 1) memset(t->qs + tiles * run, 0, (size_t)run * sizeof(uint16_t));
+    /* Whole pairs of column tiles, zeros past the item's rows; P V adds
+     * to O's rows in 32s: those past the item's are zeroed too, so that
+     * nothing uninitialised is read. */
+    int64_t padded = (rows + PAIR - 1) / PAIR * PAIR;
+    *t->qs_finite = mha__split_tiles(p->bk, true, t->qt, MHA__BR, padded / SPLIT_ROWS, rows, p->D, t->qs);
     memset(t->o + rows * p->Dv, 0, (size_t)((padded - rows) * p->Dv) * sizeof(float));
-    *t->qs_finite = finite;
 }
 
 /* Where key tile `tile` (values: its value tile) goes split: its slot
@@ -115,16 +103,7 @@ static const uint16_t *split_keys(const mha__attn_plan *p, mha__strided k, int64
     split_place at = place_of(p, tile, false, t);
     uint16_t *dst = at.dst;
     if (holds(&at, k.data, cols)) return at.tag->finite ? dst : NULL;
-    int64_t kb = blocks_of(p->D), run = run_of(kb), tiles = (cols + PAIR - 1) / PAIR * 2;
-    bool finite = true;
-    for (int64_t c = 0; c < tiles * SPLIT_ROWS; c += SPLIT_ROWS) {
-        int64_t live = cols - c < SPLIT_ROWS ? (cols - c > 0 ? cols - c : 0) : SPLIT_ROWS;
-        for (int64_t b = 0; b < kb; b++) {
-            int64_t d0 = b * MHA_SPLIT_K, n = p->D - d0 < MHA_SPLIT_K ? p->D - d0 : MHA_SPLIT_K;
-            finite &= p->bk->split_rows_tile(live ? k.data + c * k.rs + d0 : NULL, k.rs, live, n,
-                                             dst + (c / SPLIT_ROWS) * run + b * 3 * MHA_SPLIT_TILE);
-        }
-    }
+    bool finite = mha__split_tiles(p->bk, false, k.data, k.rs, (cols + PAIR - 1) / PAIR * 2, cols, p->D, dst);
     if (at.tag) *at.tag = (mha__split_tag){k.data, cols, finite};
     return finite ? dst : NULL;
 }
