@@ -702,6 +702,45 @@ static void test_fully_masked_rows(mha_ctx *ctx)
     }
 }
 
+/* A row that sees one key has p = 1 whatever its score, so the softmax's
+ * gradient sends nothing back to its scores: dS = 0 exactly, hence 0 in
+ * dQ's row (and, where every row sees only its own key, in all of dQ and
+ * dK).  512 rows and keys of width 32: on AMX machines the split products
+ * (products_split.c, flash_bwd.c), whose dP is not delta's chain, take
+ * them; from lse and from the row statistics. */
+static void test_one_key_rows(mha_ctx *ctx)
+{
+    enum { N = 512, D = 32 };
+    double *unused;
+    float *q = random_floats(N * D, 2.0, &unused), *k, *v, *dout, out[N * D], lse[N], max[N], sum[N];
+    free(unused);
+    k = random_floats(N * D, 2.0, &unused), free(unused);
+    v = random_floats(N * D, 1.0, &unused), free(unused);
+    dout = random_floats(N * D, 1.0, &unused), free(unused);
+    float *grads = malloc(3 * N * D * sizeof(float));
+    mha_tensor tq = mha_tensor_4d(q, 1, 1, N, D), tk = mha_tensor_4d(k, 1, 1, N, D), tv = mha_tensor_4d(v, 1, 1, N, D);
+    mha_tensor to = mha_tensor_4d(out, 1, 1, N, D), tdo = mha_tensor_4d(dout, 1, 1, N, D);
+    mha_tensor g[3] = {mha_tensor_4d(grads, 1, 1, N, D), mha_tensor_4d(grads + N * D, 1, 1, N, D),
+                       mha_tensor_4d(grads + 2 * N * D, 1, 1, N, D)};
+    mha_attn_stats stats = {max, sum};
+    for (int diagonal = 0; diagonal < 2; diagonal++)
+        for (int from_stats = 0; from_stats < 2; from_stats++) {
+            mha_attn_desc desc;
+            mha_attn_desc_init(&desc);
+            desc.causal = MHA_CAUSAL_TOP_LEFT;  /* row 0 sees key 0 only */
+            if (diagonal) desc.window_left = 0; /* every row its own key only */
+            if (from_stats) CHECK_OK(mha_attention_with_stats(ctx, &to, &stats, &tq, &tk, &tv, &desc));
+            else CHECK_OK(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &desc));
+            CHECK_OK(backward(ctx, g, &tq, &tk, &tv, &to, lse, from_stats ? &stats : NULL, &tdo, &desc));
+            int64_t rows = diagonal ? N : 1, nonzero = 0;
+            for (int64_t i = 0; i < rows * D; i++) nonzero += grads[i] != 0.0f;
+            for (int64_t i = 0; diagonal && i < N * D; i++) nonzero += grads[N * D + i] != 0.0f;
+            CHECK(nonzero == 0, "one-key rows (%s, from %s): %lld gradients of their scores not exactly 0",
+                  diagonal ? "every row" : "row 0", from_stats ? "stats" : "lse", (long long)nonzero);
+        }
+    free(q), free(k), free(v), free(dout), free(grads);
+}
+
 /* ------------------------------------------------------------------ */
 /* The layer against the reference                                     */
 /* ------------------------------------------------------------------ */
@@ -1444,6 +1483,7 @@ int main(int argc, char **argv)
     test_reference_layer_gradients_by_differences();
     test_heads_are_independent(ctx2);
     test_fully_masked_rows(ctx1);
+    test_one_key_rows(ctx3);
     test_layer_sweep(ctx1, ctx2);
     test_large_logit_layers(ctx1, ctx2);
     test_block_sweep(ctx1, ctx2);

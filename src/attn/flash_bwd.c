@@ -199,7 +199,9 @@ static const float *row_of(const mha_tensor *t, int64_t b, int64_t h, int64_t i)
 /* The rows' normalisation and delta_i = dO_i . O_i.  delta is computed
  * (pair_dots) as the same chain of multiply-adds as gemm_tile computes
  * dP_ij = dO_i . V_j, so where O_i = V_j (a row that sees one key) dP -
- * delta is exactly 0, as the softmax's gradient must be. */
+ * delta is exactly 0, as the softmax's gradient must be.  Where dP comes
+ * from the split products instead, such a row (p = 1, so mul = 1) is one
+ * exact_rows_range recomputes from the sweep's own dP: delta = dP there. */
 typedef struct rows_job {
     const bwd_job *j;
     const mha_tensor *out; /* NULL: shift and mul only (mha__attn_row_sums) */
