@@ -17,6 +17,8 @@
 #include "core/parallel.h"
 #include "kernels/kernels.h"
 
+#include <math.h>
+
 /* Which driver runs a forward problem: flash.c's tiles over blocks of
  * query rows, or decode.c's split over chunks of keys (a few query
  * rows).  Chosen by mha__attn_plan_resolve alone. */
@@ -174,8 +176,13 @@ mha__score_source mha__score_rows(const mha_tensor *q, int64_t b, int64_t h, int
  * float32 scores, before the contract) has one above MHA_REFINE_ABOVE in
  * magnitude (never for a bf16 plan); true if any row has. */
 bool mha__large_rows(const mha__attn_plan *p, const float *st, int64_t lds, int64_t rows, int64_t cols, bool *large);
-/* Is a maximum (or anchor) m large: are the scores near it? */
-bool mha__refines(const mha__attn_plan *p, float m);
+/* Is a maximum (or anchor) m large: are the scores near it?  Inline: the
+ * forward asks it of every row twice a key tile, and the call alone was
+ * 1.1% of the core's samples (Sapphire Rapids, N = 2048). */
+static inline bool mha__refines(const mha__attn_plan *p, float m)
+{
+    return !p->bf16 && isfinite(m) && fabsf(m) > MHA_REFINE_ABOVE;
+}
 /* The same for one row of n <= MHA_REFINE_MAX_COLS contiguous scores. */
 bool mha__large_scores(const mha__attn_plan *p, const float *s, int64_t n);
 

@@ -213,8 +213,6 @@ static double exact_score(const mha__attn_plan *p, const mha__score_source *src,
     return s;
 }
 
-bool mha__refines(const mha__attn_plan *p, float m) { return !p->bf16 && isfinite(m) && fabsf(m) > MHA_REFINE_ABOVE; }
-
 bool mha__large_scores(const mha__attn_plan *p, const float *s, int64_t n)
 {
     float top[MHA_REFINE_MAX_COLS] = {0};
