@@ -270,20 +270,21 @@ static uint16_t *slot_tiles(const bwd_job *j, const bwd_tiles *t, int64_t slot, 
     return t->kvs + slot * bwd_split_sizes_of(p).kv + (values ? k_part : 0);
 }
 
-/* Key block [j0, j0+cols) of kv head g, K's rows and V's, split into
- * slot `slot`, each marked finite or not; rows whose values are not
- * contiguous are marked not finite, so the float32 products take them. */
+/* Key block [j0, j0+cols) of kv head g, K's rows and (with `values`)
+ * V's, split into slot `slot`, each marked finite or not; rows whose
+ * values are not contiguous, and V's when not split, are marked not
+ * finite, so the float32 products take them. */
 static void split_key_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int64_t j0, int64_t cols,
-                            int64_t slot)
+                            int64_t slot, bool values)
 {
     const mha__attn_plan *p = j->p;
     const mha_tensor *k = j->k, *v = j->v;
     t->kv_finite[2 * slot] =
         k->stride[3] == 1 && mha__split_tiles(p->bk, false, row_of(k, b, g, j0), k->stride[2], BK / SPLIT_ROWS, cols,
                                               p->D, slot_tiles(j, t, slot, false));
-    t->kv_finite[2 * slot + 1] =
-        v->stride[3] == 1 && mha__split_tiles(p->bk, false, row_of(v, b, g, j0), v->stride[2], BK / SPLIT_ROWS, cols,
-                                              p->Dv, slot_tiles(j, t, slot, true));
+    t->kv_finite[2 * slot + 1] = values && v->stride[3] == 1 &&
+                                 mha__split_tiles(p->bk, false, row_of(v, b, g, j0), v->stride[2], BK / SPLIT_ROWS,
+                                                  cols, p->Dv, slot_tiles(j, t, slot, true));
 }
 
 /* dst ([BK][BQ]) = S^T = K (scale Q)^T, or with `values` dP^T = V dO^T,
@@ -466,7 +467,7 @@ static void sweep_pass(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int
     for (int64_t m = m0; m < m1 && p->split; m++) {
         int64_t j0, cols;
         key_block(j, group + m * j->groups, &j0, &cols);
-        split_key_block(j, t, b, g, j0, cols, m - m0);
+        split_key_block(j, t, b, g, j0, cols, m - m0, true);
     }
     for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
         for (int64_t qb = 0; qb < j->q_blocks; qb++) {
@@ -566,7 +567,7 @@ static void sum_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64
         bool plain;
         key_block(j, kb, &j0, &cols);
         if (!block_visible(j, t, rows, j0, cols, &plain)) continue;
-        if (j->p->split) split_key_block(j, t, b, h / j->p->group, j0, cols, 0);
+        if (j->p->split) split_key_block(j, t, b, h / j->p->group, j0, cols, 0, weighted); /* V only for dP */
         block_probabilities(j, t, b, h, i0, rows, j0, cols, j->p->split ? 0 : -1, plain, weighted,
                             zero); /* dpt = P o dP */
         for (int64_t c = 0; c < cols; c++)
