@@ -136,6 +136,46 @@ static void test_gemm_tile_grouped(const mha__kernels *kt)
     free(c0);
 }
 
+/* key_sums: each row's float64 sums one chain in key order, the same
+ * bits as a plain loop, for 1-20 rows (the eight-row blocks and the
+ * rest), with and without w, from running sums not 0; top passes over a
+ * NaN score (the sum takes it); nothing written past the rows. */
+static void test_key_sums(const mha__kernels *kt)
+{
+    enum { ROWS = 20, COLS = 37, LDS = 24 };
+    float *s = filled(COLS * LDS), *w = filled(COLS * LDS);
+    s[5 * LDS + 3] = NAN;
+    int bad = 0;
+    for (int weighted = 0; weighted < 2; weighted++)
+        for (int64_t rows = 1; rows <= ROWS; rows++)
+            for (int64_t cols = 0; cols <= COLS; cols += 6) {
+                double sum[ROWS + 1], wsum[ROWS + 1], want_sum[ROWS], want_wsum[ROWS];
+                float top[ROWS + 1], want_top[ROWS];
+                for (int64_t i = 0; i <= rows; i++) {
+                    sum[i] = wsum[i] = 0.25 * (double)i - 1.0;
+                    top[i] = 0.01f * (float)i;
+                }
+                for (int64_t i = 0; i < rows; i++) {
+                    want_sum[i] = sum[i], want_wsum[i] = wsum[i], want_top[i] = top[i];
+                    for (int64_t c = 0; c < cols; c++) {
+                        float p = s[c * LDS + i];
+                        want_sum[i] += p;
+                        if (weighted) want_wsum[i] += w[c * LDS + i];
+                        want_top[i] = p > want_top[i] ? p : want_top[i];
+                    }
+                }
+                double guard = sum[rows];
+                kt->key_sums(s, weighted ? w : NULL, LDS, rows, cols, sum, wsum, top);
+                bad += memcmp(sum, want_sum, (size_t)rows * sizeof(double)) != 0;
+                bad += memcmp(wsum, want_wsum, (size_t)rows * sizeof(double)) != 0;
+                bad += memcmp(top, want_top, (size_t)rows * sizeof(float)) != 0;
+                bad += memcmp(&sum[rows], &guard, sizeof guard) != 0 || top[rows] != 0.01f * (float)rows;
+            }
+    CHECK(bad == 0, "%s key_sums: %d tiles unlike the plain loop's bits or written past the rows", kt->name, bad);
+    free(s);
+    free(w);
+}
+
 /* pair_dots: each row's dot the same bits as gemm_tile computes it as a
  * 1 x 1 product (the backward's dP - delta is then exactly 0 where a row
  * sees one key), for 1-11 rows (the four-row groups and the rest), both
@@ -578,6 +618,7 @@ int main(void)
         test_softmax_step_special(kt);
         test_softmax_grad(kt);
         test_abs_max(kt);
+        test_key_sums(kt);
         test_transpose_scaled(kt);
         test_dot_f64(kt);
         test_rows(kt, NULL, false);

@@ -570,13 +570,7 @@ static void sum_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64
         if (j->p->split) split_key_block(j, t, b, h / j->p->group, j0, cols, 0, weighted); /* V only for dP */
         block_probabilities(j, t, b, h, i0, rows, j0, cols, j->p->split ? 0 : -1, plain, weighted,
                             zero); /* dpt = P o dP */
-        for (int64_t c = 0; c < cols; c++)
-            for (int64_t r = 0; r < rows; r++) {
-                float pr = t->st[c * BQ + r];
-                s->sum[r] += pr;
-                s->wsum[r] += t->dpt[c * BQ + r];
-                s->top[r] = pr > s->top[r] ? pr : s->top[r];
-            }
+        j->kt->key_sums(t->st, weighted ? t->dpt : NULL, BQ, rows, cols, s->sum, s->wsum, s->top);
     }
 }
 

@@ -397,6 +397,45 @@ void mha__abs_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, 
     _mm256_maskstore_ps(top + i, mk, acc);
 }
 
+/* Eight rows of the sums at once, in registers across the keys: two
+ * float64 vectors of four rows each for sum (and wsum), one float32
+ * vector for top (max_ps keeps its second operand, the running top,
+ * where the score is NaN).  Scalar in a compiled loop over doubles, it
+ * was 14.5% of a backward from lse (Sapphire Rapids, N = 2048). */
+static void key_sums8(const float *s, const float *w, int64_t lds, int64_t cols, double *sum, double *wsum, float *top)
+{
+    __m256d s0 = _mm256_loadu_pd(sum), s1 = _mm256_loadu_pd(sum + 4), w0 = _mm256_setzero_pd(), w1 = w0;
+    __m256 t = _mm256_loadu_ps(top);
+    if (w) w0 = _mm256_loadu_pd(wsum), w1 = _mm256_loadu_pd(wsum + 4);
+    for (int64_t c = 0; c < cols; c++) {
+        __m256 p = _mm256_loadu_ps(s + c * lds);
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
+        t = _mm256_max_ps(p, t);
+        if (!w) continue;
+        __m256 q = _mm256_loadu_ps(w + c * lds);
+        w0 = _mm256_add_pd(w0, _mm256_cvtps_pd(_mm256_castps256_ps128(q)));
+        w1 = _mm256_add_pd(w1, _mm256_cvtps_pd(_mm256_extractf128_ps(q, 1)));
+    }
+    _mm256_storeu_pd(sum, s0), _mm256_storeu_pd(sum + 4, s1);
+    _mm256_storeu_ps(top, t);
+    if (w) _mm256_storeu_pd(wsum, w0), _mm256_storeu_pd(wsum + 4, w1);
+}
+
+void mha__key_sums_avx2(const float *s, const float *w, int64_t lds, int64_t rows, int64_t cols, double *sum,
+                        double *wsum, float *top)
+{
+    int64_t i = 0;
+    for (; i + 8 <= rows; i += 8) key_sums8(s + i, w ? w + i : NULL, lds, cols, sum + i, wsum + i, top + i);
+    for (; i < rows; i++) /* the last rows one chain each, as the vectors' lanes */
+        for (int64_t c = 0; c < cols; c++) {
+            float p = s[c * lds + i];
+            sum[i] += p;
+            if (w) wsum[i] += w[c * lds + i];
+            top[i] = p > top[i] ? p : top[i];
+        }
+}
+
 /* Row i's chain: one fmaf a step (one vfmadd here), as a vector lane of
  * gemm_tile computes it. */
 #define PAIR_FMA(i) c##i = fmaf(a[(i)*a_rs + p * a_cs], b[(i)*b_rs + p * b_cs], c##i)
@@ -487,6 +526,7 @@ const mha__kernels mha__kernels_avx2 = {
     .scale = scale_avx2,
     .exp_shift = exp_shift_avx2,
     .abs_max = mha__abs_max_avx2,
+    .key_sums = mha__key_sums_avx2,
     .dot_f64 = mha__dot_f64_avx2,
     .pair_dots = mha__pair_dots_avx2,
     .peak = peak_avx2,

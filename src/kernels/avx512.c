@@ -367,6 +367,7 @@ const mha__kernels mha__kernels_avx512 = {
     .scale = scale_avx512,
     .exp_shift = exp_shift_avx512,
     .abs_max = mha__abs_max_avx2,
+    .key_sums = mha__key_sums_avx2,
     .dot_f64 = mha__dot_f64_avx2,
     .pair_dots = mha__pair_dots_avx2,
     .peak = peak_avx512,

@@ -140,6 +140,18 @@ static void abs_max_generic(const float *s, int64_t lds, int64_t rows, int64_t c
         }
 }
 
+static void key_sums_generic(const float *s, const float *w, int64_t lds, int64_t rows, int64_t cols, double *sum,
+                             double *wsum, float *top)
+{
+    for (int64_t c = 0; c < cols; c++)
+        for (int64_t i = 0; i < rows; i++) {
+            float p = s[c * lds + i];
+            sum[i] += p;
+            if (w) wsum[i] += w[c * lds + i];
+            top[i] = p > top[i] ? p : top[i];
+        }
+}
+
 static double dot_f64_generic(const float *a, const float *b, int64_t n)
 {
     double acc = 0;
@@ -252,6 +264,7 @@ const mha__kernels mha__kernels_generic = {
     .scale = scale_generic,
     .exp_shift = exp_shift_generic,
     .abs_max = abs_max_generic,
+    .key_sums = key_sums_generic,
     .dot_f64 = dot_f64_generic,
     .peak = peak_generic,
 };

@@ -115,6 +115,15 @@ typedef void (*mha__exp_shift_fn)(float *x, int64_t n, float shift);
  * refining (attention.h). */
 typedef void (*mha__abs_max_fn)(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top);
 
+/* For rows i < rows of a key-major tile as softmax_step's (queries in
+ * lanes), over keys c < cols in order: sum[i] += s[c * lds + i] and, with
+ * w (else NULL), wsum[i] += w[c * lds + i], both in float64; top[i] =
+ * max(top[i], s[c * lds + i]), passing over NaN.  Each sum one float64
+ * chain in key order: the same bits in every kernel.  The backward's row
+ * sums of p and p dP (flash_bwd.c). */
+typedef void (*mha__key_sums_fn)(const float *s, const float *w, int64_t lds, int64_t rows, int64_t cols, double *sum,
+                                 double *wsum, float *top);
+
 /* sum_c a[c] b[c] for c < n in float64: each product exact, the sum
  * off by about n ulps of float64 (the order is the kernel's own).  A
  * score where float32 is not enough (attention.h). */
@@ -141,6 +150,7 @@ typedef struct mha__kernels {
     mha__scale_fn scale;
     mha__exp_shift_fn exp_shift;
     mha__abs_max_fn abs_max;
+    mha__key_sums_fn key_sums;
     mha__dot_f64_fn dot_f64;
     mha__peak_fn peak;
 } mha__kernels;
@@ -323,6 +333,8 @@ extern const mha__kernels mha__kernels_avx512;
 /* avx2.c's abs_max, which the avx512 table shares: a pass over the tile
  * well under 1% of its products. */
 void mha__abs_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top);
+void mha__key_sums_avx2(const float *s, const float *w, int64_t lds, int64_t rows, int64_t cols, double *sum,
+                        double *wsum, float *top);
 double mha__dot_f64_avx2(const float *a, const float *b, int64_t n);
 void mha__pair_dots_avx2(int64_t rows, int64_t k, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
                          int64_t b_rs, int64_t b_cs, float *out);
