@@ -741,6 +741,83 @@ static void test_one_key_rows(mha_ctx *ctx)
     free(q), free(k), free(v), free(dout), free(grads);
 }
 
+/* Rows whose second key has p ~ 1e-5 at logits in the hundreds: dP -
+ * delta is then 1e-5 of dP, and delta rounded to float32 alone puts an
+ * ulp of dP -- a percent -- into dS, by a rounding that one ulp of the
+ * saved sum can flip (docs/NUMERICS.md).  dq and dk to 1e-4 of their
+ * largest against float64, from lse and from the statistics with the
+ * saved sums moved by up to 3 ulps either way. */
+static void two_key_reference(const float *q, const float *k, const float *v, const float *dout, int64_t L, int64_t D,
+                              double scale, double *dq, double *dk)
+{
+    memset(dk, 0, (size_t)(2 * D) * sizeof(double));
+    for (int64_t i = 0; i < L; i++) {
+        double s[2], dp[2] = {0, 0};
+        for (int j = 0; j < 2; j++) {
+            s[j] = 0;
+            for (int64_t c = 0; c < D; c++) s[j] += (double)q[i * D + c] * k[j * D + c] * scale;
+            for (int64_t c = 0; c < D; c++) dp[j] += (double)dout[i * D + c] * v[j * D + c];
+        }
+        double p1 = 1.0 / (1.0 + exp(s[0] - s[1])), p0 = 1.0 - p1, ds0 = p0 * p1 * (dp[0] - dp[1]);
+        for (int64_t c = 0; c < D; c++) {
+            dq[i * D + c] = scale * ds0 * ((double)k[c] - k[D + c]);
+            dk[c] += scale * ds0 * q[i * D + c], dk[D + c] -= scale * ds0 * q[i * D + c];
+        }
+    }
+}
+
+static double largest_error(const float *got, const double *want, int64_t n, double *largest)
+{
+    double err = 0;
+    *largest = 0;
+    for (int64_t i = 0; i < n; i++) {
+        err = fmax(err, fabs(got[i] - want[i]));
+        *largest = fmax(*largest, fabs(want[i]));
+    }
+    return err;
+}
+
+static void test_two_key_rows(mha_ctx *ctx)
+{
+    enum { L = 16, S = 2, D = 16 };
+    double *copy, d[D], norm2 = 0, scale = 0.25, dq_ref[L * D], dk_ref[S * D];
+    float *q = random_floats(L * D, 20.0, &copy), *k, *v, *dout, out[L * D], lse[L], max[L], sum[L], moved[L];
+    free(copy);
+    k = random_floats(S * D, 20.0, &copy), free(copy);
+    v = random_floats(S * D, 1.0, &copy), free(copy);
+    dout = random_floats(L * D, 1.0, &copy), free(copy);
+    for (int64_t c = 0; c < D; c++) d[c] = (double)k[c] - k[D + c], norm2 += d[c] * d[c];
+    for (int64_t i = 0; i < L; i++) { /* the first key ahead of the second by 9 .. 12 */
+        double qd = 0, gap = 9.0 + 3.0 * (double)i / L;
+        for (int64_t c = 0; c < D; c++) qd += q[i * D + c] * d[c];
+        for (int64_t c = 0; c < D; c++) q[i * D + c] += (float)((gap / scale - qd) / norm2 * d[c]);
+    }
+    two_key_reference(q, k, v, dout, L, D, scale, dq_ref, dk_ref);
+    float grads[(L + 2 * S) * D];
+    mha_tensor tq = mha_tensor_4d(q, 1, 1, L, D), tk = mha_tensor_4d(k, 1, 1, S, D), tv = mha_tensor_4d(v, 1, 1, S, D);
+    mha_tensor to = mha_tensor_4d(out, 1, 1, L, D), tdo = mha_tensor_4d(dout, 1, 1, L, D);
+    mha_tensor g[3] = {mha_tensor_4d(grads, 1, 1, L, D), mha_tensor_4d(grads + L * D, 1, 1, S, D),
+                       mha_tensor_4d(grads + (L + S) * D, 1, 1, S, D)};
+    mha_attn_desc desc;
+    mha_attn_desc_init(&desc);
+    mha_attn_stats stats = {max, sum}, shifted = {max, moved};
+    CHECK_OK(mha_attention_with_stats(ctx, &to, &stats, &tq, &tk, &tv, &desc));
+    for (int ulps = -4; ulps <= 3; ulps++) { /* -4: from lse */
+        for (int64_t i = 0; i < L; i++) {
+            moved[i] = sum[i];
+            for (int u = 0; u < abs(ulps); u++) moved[i] = nextafterf(moved[i], ulps > 0 ? INFINITY : 0.0f);
+            lse[i] = max[i] + logf(sum[i]);
+        }
+        CHECK_OK(backward(ctx, g, &tq, &tk, &tv, &to, lse, ulps > -4 ? &shifted : NULL, &tdo, &desc));
+        double dq_max, dk_max, dq_err = largest_error(grads, dq_ref, L * D, &dq_max);
+        double dk_err = largest_error(grads + L * D, dk_ref, S * D, &dk_max);
+        CHECK(dq_err <= 1e-4 * dq_max && dk_err <= 1e-4 * dk_max,
+              "two-key rows (%s, sums moved %d ulps): dq off by %.3g of its largest, dk by %.3g",
+              ulps > -4 ? "stats" : "lse", ulps > -4 ? ulps : 0, dq_err / dq_max, dk_err / dk_max);
+    }
+    free(q), free(k), free(v), free(dout);
+}
+
 /* ------------------------------------------------------------------ */
 /* The layer against the reference                                     */
 /* ------------------------------------------------------------------ */
@@ -1484,6 +1561,7 @@ int main(int argc, char **argv)
     test_heads_are_independent(ctx2);
     test_fully_masked_rows(ctx1);
     test_one_key_rows(ctx3);
+    test_two_key_rows(ctx3);
     test_layer_sweep(ctx1, ctx2);
     test_large_logit_layers(ctx1, ctx2);
     test_block_sweep(ctx1, ctx2);

@@ -53,6 +53,7 @@ typedef struct bwd_job {
     const mha_tensor *q, *k, *v, *dout;
     mha_tensor *dq, *dk, *dv;
     float *shift, *mul, *delta; /* per row [B, Hq, L]: p = exp(s - shift) * mul */
+    float *delta_lo;            /* per row: delta's part below float32 (exact_rows_range), else 0 */
     float *partial;             /* unscaled dQ sums, contiguous [B, Hq, L, D] each, one after another */
     bool first_is_dq;           /* the first sum is kept in dq itself (its rows are contiguous) */
     char *scratch;
@@ -235,6 +236,7 @@ static void rows_range(void *arg, int thread, int64_t begin, int64_t end)
     if (rj->norm->delta) /* the whole rows', given */
         memcpy(j->delta + begin, rj->norm->delta + begin, (size_t)(end - begin) * sizeof(float));
     else if (rj->out) row_deltas(rj, begin, end);
+    if (j->delta_lo) memset(j->delta_lo + begin, 0, (size_t)(end - begin) * sizeof(float));
     for (int64_t row = begin; row < end; row++) {
         /* A row that saw no key: every p is 0 (shift 0 keeps exp finite). */
         if (rj->norm->lse) {
@@ -414,12 +416,28 @@ static void block_probabilities(const bwd_job *j, bwd_tiles *t, int64_t b, int64
     kt->softmax_grad(t->st, t->dpt, BQ, rows, cols, shift, j->mul + (b * p->Hq + h) * p->L + i0, delta);
 }
 
+/* dS -= p delta_lo for rows whose delta has a part below float32: with
+ * dP - delta exact near delta (Sterbenz), dS = p ((dP - hi) - lo) is
+ * good to a few ulps of dS itself, where delta rounded to float32 alone
+ * is good to an ulp of dP -- a percent of dS in a row whose second key
+ * has p ~ 1e-5. */
+static void subtract_delta_lo(bwd_tiles *t, const float *lo, int64_t rows, int64_t cols)
+{
+    bool any = false;
+    for (int64_t r = 0; r < rows; r++) any = any || lo[r] != 0.0f;
+    if (!any) return;
+    for (int64_t c = 0; c < cols; c++)
+        for (int64_t r = 0; r < rows; r++) t->dpt[c * BQ + r] -= t->st[c * BQ + r] * lo[r];
+}
+
 /* For key rows k_j0.. and the packed query block: st = P^T, dpt = dS^T. */
 static void score_gradients(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                             int64_t cols, int64_t slot, bool plain)
 {
     const mha__attn_plan *p = j->p;
-    block_probabilities(j, t, b, h, i0, rows, j0, cols, slot, plain, true, j->delta + (b * p->Hq + h) * p->L + i0);
+    int64_t row0 = (b * p->Hq + h) * p->L + i0;
+    block_probabilities(j, t, b, h, i0, rows, j0, cols, slot, plain, true, j->delta + row0);
+    subtract_delta_lo(t, j->delta_lo + row0, rows, cols);
     if (p->softcap == 0) return;
     for (int64_t c = 0; c < cols; c++)
         for (int64_t r = 0; r < rows; r++) /* masked scores have p = 0, so dS = 0 whatever the slope */
@@ -550,15 +568,18 @@ static bool block_peaked(const bwd_job *j, int64_t row0, int64_t rows)
 
 /* Sums over every key of a query block's rows, in float64 and key order,
  * from the same p (and dP) as the sweep's: sum[r] of p, top[r] the
- * largest p, and with `weighted` wsum[r] of p dP. */
+ * largest p, and given ref (else NULL) wsum[r] of p (dP - ref[r]).  A
+ * ref near the row's delta keeps the float32 products p (dP - ref) small
+ * and their rounding with them: dP - ref is exact near it (Sterbenz). */
 typedef struct row_sums {
     double sum[BQ], wsum[BQ];
     float top[BQ];
 } row_sums;
 
-static void sum_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, bool weighted,
+static void sum_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, const float *ref,
                      row_sums *s)
 {
+    bool weighted = ref != NULL;
     float zero[BQ] = {0};
     memset(s, 0, sizeof *s);
     if (!weighted) memset(t->dpt, 0, (size_t)(BK * BQ) * sizeof(float)); /* stays 0: no dP, zero delta */
@@ -569,7 +590,7 @@ static void sum_rows(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64
         if (!block_visible(j, t, rows, j0, cols, &plain)) continue;
         if (j->p->split) split_key_block(j, t, b, h / j->p->group, j0, cols, 0, weighted); /* V only for dP */
         block_probabilities(j, t, b, h, i0, rows, j0, cols, j->p->split ? 0 : -1, plain, weighted,
-                            zero); /* dpt = P o dP */
+                            weighted ? ref : zero); /* dpt = P o (dP - ref) */
         j->kt->key_sums(t->st, weighted ? t->dpt : NULL, BQ, rows, cols, s->sum, s->wsum, s->top);
     }
 }
@@ -593,7 +614,9 @@ static void query_item(const bwd_job *j, int64_t item, int64_t *b, int64_t *h, i
  * an lse, known only now), delta = sum_j p_ij dP_ij / sum_j p_ij:
  * normalised by the very sum of the p the sweep uses, a row that sees one
  * key (p = 1 +- an ulp) gets delta = dP exactly and dS = 0, as the
- * softmax's gradient must be. */
+ * softmax's gradient must be.  The sums are taken relative to dO . O
+ * (sum_rows' ref), and delta kept as float32 hi + lo (subtract_delta_lo):
+ * where dP - delta is 1e-5 of dP, an ulp of dP is a percent of dS. */
 static void exact_rows_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     const bwd_job *j = arg;
@@ -607,15 +630,21 @@ static void exact_rows_range(void *arg, int thread, int64_t begin, int64_t end)
         pack_block(j, &t, b, h, i0, rows);
         row_ranges(j, &t, i0, rows);
         if (j->from_lse) {
-            sum_rows(j, &t, b, h, i0, rows, false, &s);
+            sum_rows(j, &t, b, h, i0, rows, NULL, &s);
             for (int64_t r = 0; r < rows; r++) {
                 j->mul[row0 + r] = s.sum[r] > 0 ? (float)(j->mul[row0 + r] / s.sum[r]) : 0.0f;
                 peaked = peaked || (s.sum[r] > 0 && s.top[r] > 0.5 * s.sum[r]);
             }
             if (!peaked) continue;
         }
-        sum_rows(j, &t, b, h, i0, rows, true, &s);
-        for (int64_t r = 0; r < rows; r++) j->delta[row0 + r] = s.sum[r] > 0 ? (float)(s.wsum[r] / s.sum[r]) : 0.0f;
+        float ref[BQ];
+        memcpy(ref, j->delta + row0, (size_t)rows * sizeof(float));
+        sum_rows(j, &t, b, h, i0, rows, ref, &s);
+        for (int64_t r = 0; r < rows; r++) {
+            double delta = s.sum[r] > 0 ? ref[r] + s.wsum[r] / s.sum[r] : 0.0;
+            j->delta[row0 + r] = (float)delta;
+            j->delta_lo[row0 + r] = isfinite(delta) ? (float)(delta - (double)j->delta[row0 + r]) : 0.0f;
+        }
     }
     release_split(j);
 }
@@ -665,13 +694,13 @@ static int64_t key_groups(const mha__attn_plan *p, int64_t k_blocks)
  * first key group needs no buffer; [B, Hq, L, D] for each other group. */
 static int64_t partial_groups(int64_t groups, bool dq_contiguous) { return groups - dq_contiguous; }
 
-/* The row statistics (shift, mul, delta: 3 per row, and one spare) and
+/* The row statistics (shift, mul, delta, delta_lo: 4 per row, and one spare) and
  * the dQ partials, in floats; false when that overflows. */
 static bool row_floats(const mha__attn_plan *p, int64_t partials, int64_t *floats)
 {
     int64_t n_rows = p->B * p->Hq * p->L, n_q; /* B Hq L: checked by the plan */
     return mha__mul(n_rows, p->D, &n_q) && mha__mul(n_q, partials, floats) &&
-           mha__add(*floats, 3 * n_rows + 1, floats) && *floats <= INT64_MAX / (int64_t)sizeof(float);
+           mha__add(*floats, 4 * n_rows + 1, floats) && *floats <= INT64_MAX / (int64_t)sizeof(float);
 }
 
 static int64_t key_block_count(const mha__attn_plan *p) { return (p->R + BK - 1) / BK + (p->S > p->R); }
@@ -716,7 +745,8 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
     j.shift = rows;
     j.mul = rows + n_rows;
     j.delta = rows + 2 * n_rows;
-    j.partial = rows + 3 * n_rows;
+    j.delta_lo = rows + 3 * n_rows;
+    j.partial = rows + 4 * n_rows;
     rows_job rj = {&j, out, norm};
     mha__parallel_for(ctx, n_rows, rows_range, &rj); /* reads out, which dq may overwrite from here on */
     if (!norm->delta) mha__parallel_items(ctx, p->B * p->Hq * j.q_blocks, exact_rows_range, &j);
@@ -744,7 +774,7 @@ static void row_sums_range(void *arg, int thread, int64_t begin, int64_t end)
         query_item(j, item, &b, &h, &i0, &rows, &row0);
         pack_block(j, &t, b, h, i0, rows);
         row_ranges(j, &t, i0, rows);
-        sum_rows(j, &t, b, h, i0, rows, true, &s);
+        sum_rows(j, &t, b, h, i0, rows, t.zero, &s);
         for (int64_t r = 0; r < rows; r++) sj->p_sum[row0 + r] = s.sum[r], sj->p_dp[row0 + r] = s.wsum[r];
     }
     release_split(j);
