@@ -347,8 +347,19 @@ static void test_softmax_step_special(const mha__kernels *kt)
           "%s softmax_step: %d rows with NaN sums, not the 9 with NaN or +inf scores", kt->name, nan_rows);
 }
 
+/* 2^(s log2 e - a) as kernels.h states softmax_step's probabilities, in
+ * double from y as the kernel rounds it (one FMA); 0 below 2^-126. */
+static double step_probability(float s, float anchor)
+{
+    double y = (double)fmaf(s, MHA_EXP_LOG2E, -anchor);
+    return y < MHA_EXP2_MIN_INPUT ? 0.0 : exp2(y);
+}
+
 /* Two steps of softmax_step over a row split in two blocks must give the
- * statistics of the whole row. */
+ * statistics of the whole row: its maximum, probabilities against the
+ * anchor of the maximum so far, a power-of-two scale between the blocks'
+ * anchors, and a sum that is exp(s - m) summed times the row's factor
+ * 2^offset (kernels.h). */
 static void test_softmax_step(const mha__kernels *kt)
 {
     enum { ROWS = 21, COLS = 37, LDS = 24 }; /* 21 queries: a tail in every vector width */
@@ -363,7 +374,10 @@ static void test_softmax_step(const mha__kernels *kt)
     for (int j = 0; j < 2 * COLS; j++) row[1][j] = -INFINITY; /* fully masked row */
     for (int j = 0; j < COLS; j++) row[2][j] = -INFINITY;     /* first block masked */
     row[3][5] = -INFINITY;
+    for (int j = 0; j < 2 * COLS; j++) row[5][j] = 300.0f + uniform(); /* large logits */
+    row[5][COLS + 3] = 303.0f;                                         /* the anchor moves */
     int bad = 0;
+    float first_anchor[ROWS];
     for (int blk = 0; blk < 2; blk++) {
         for (int r = 0; r < ROWS; r++) /* key-major: s[key * LDS + query] */
             for (int j = 0; j < COLS; j++) s[j * LDS + r] = row[r][blk * COLS + j];
@@ -372,21 +386,53 @@ static void test_softmax_step(const mha__kernels *kt)
             double m = -INFINITY;
             for (int j = 0; j < (blk + 1) * COLS; j++) m = fmax(m, row[r][j]);
             bad += max[r] != (float)m && !(isinf(m) && max[r] == -INFINITY);
+            float anchor = isinf(m) ? 0.0f : mha__softmax_anchor((float)m);
             for (int j = 0; j < COLS; j++) {
-                /* exp of the float difference: the subtraction's rounding is not the kernel's. */
-                double want = isinf(m) ? 0.0 : exp((double)(row[r][blk * COLS + j] - (float)m));
+                double want = isinf(m) ? 0.0 : step_probability(row[r][blk * COLS + j], anchor);
                 bad += fabs(s[j * LDS + r] - want) > 4 * FLT_EPSILON * (want + 1e-30);
             }
+            if (blk == 1 && !isinf(m)) /* an exact power of two, 1 while the anchor stays */
+                bad += first_anchor[r] == -INFINITY ? scale[r] != 0.0f : scale[r] != exp2f(first_anchor[r] - anchor);
+            if (blk == 0) first_anchor[r] = isinf(m) ? -INFINITY : anchor;
         }
     }
+    CHECK(scale[5] == 0.5f || scale[5] == 0.25f || scale[5] == 0.125f,
+          "%s softmax_step: the large row's scale %g, not the anchor's move", kt->name, (double)scale[5]);
     for (int r = 0; r < ROWS; r++) {
         double m = -INFINITY, want = 0;
         for (int j = 0; j < 2 * COLS; j++) m = fmax(m, row[r][j]);
-        for (int j = 0; j < 2 * COLS && !isinf(m); j++) want += exp((double)(row[r][j] - (float)m));
+        for (int j = 0; j < 2 * COLS && !isinf(m); j++) want += exp((double)row[r][j] - m);
+        if (!isinf(m)) want *= exp2((double)m * MHA_EXP_LOG2E - mha__softmax_anchor((float)m));
         bad += fabs(sum[r] - want) > 16 * FLT_EPSILON * want;
     }
     CHECK(bad == 0, "%s softmax_step: %d mismatches", kt->name, bad);
     CHECK(sum[1] == 0.0f && max[1] == -INFINITY, "%s: masked row has sum %g", kt->name, (double)sum[1]);
+}
+
+/* softmax_step's 2^y over y from -130.25 to 0, 4096 steps that land
+ * on every part of [0, 1) for the fraction: within 4 FLT_EPSILON of exp2
+ * in double, 0 below 2^-126, and exactly 1 at 0. */
+static void test_softmax_exp2(const mha__kernels *kt)
+{
+    enum { N = 4096 };
+    float s[N], max[N], sum[N], scale[N];
+    int bad = 0;
+    for (int i = 0; i < N; i++) {
+        max[i] = 0.0f; /* anchor 0: y = s log2 e */
+        sum[i] = 0.0f;
+        s[i] = -130.25f * (float)(N - 1 - i) / (N - 1) * MHA_EXP_LN2;
+    }
+    float y[N];
+    for (int i = 0; i < N; i++) y[i] = fmaf(s[i], MHA_EXP_LOG2E, 0.0f);
+    kt->softmax_step(s, N, N, 1, max, sum, scale); /* one key, N queries */
+    for (int i = 0; i < N; i++) {
+        double want = y[i] < MHA_EXP2_MIN_INPUT ? 0.0 : exp2((double)y[i]);
+        bad += fabs(s[i] - want) > 4 * FLT_EPSILON * want;
+    }
+    float x = 0.0f, m = 0.0f, l = 0.0f, sc; /* y = 0: exactly 1, so a score at an integer anchor is 1 */
+    kt->softmax_step(&x, 1, 1, 1, &m, &l, &sc);
+    bad += x != 1.0f || sc != 1.0f;
+    CHECK(bad == 0, "%s softmax_step's 2^y: %d values off", kt->name, bad);
 }
 
 /* p = exp(s - shift) * mul and ds = p (dp - delta), key-major, every tail. */
@@ -615,6 +661,7 @@ int main(void)
         test_pair_dots(kt);
         test_exp(kt);
         test_softmax_step(kt);
+        test_softmax_exp2(kt);
         test_softmax_step_special(kt);
         test_softmax_grad(kt);
         test_abs_max(kt);

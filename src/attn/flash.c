@@ -9,9 +9,12 @@
  *   for each key tile that some row of the item may see:
  *     S = K (scale Q)^T, key-major     (micro-kernel: K rows x packed Q^T)
  *     S = softcap, biases, masks        (the row contract of contract.c)
- *     m', P = exp(S - m'), l = l e^(m - m') + rowsum(P)   (softmax_step)
- *     O = O e^(m - m') + P V           (micro-kernel, accumulating)
- *   out = O / l, lse = m + log l   (0 and -inf for a row that saw nothing)
+ *     m', P = exp(S - m') c(m'), l = l s + rowsum(P)      (softmax_step)
+ *     O = O s + P V, s = e^(m - m') c(m') / c(m)  (micro-kernel, accumulating)
+ *   out = O / l, lse = m + log(l / c(m))  (0 and -inf for a row that saw nothing)
+ * where c(m), in (1/2, 1], is the factor softmax_step's base-2
+ * exponentials carry (kernels.h), which makes s a power of two; it
+ * cancels in O / l.
  * Key tiles outside every row's causal/window range are skipped, so a
  * causal problem costs about half of a dense one.  Work items are
  * independent, hence the same bits for any thread count, and are handed
@@ -121,23 +124,43 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
     p->products->values(p, tile_rows(j, t, true, b, h, j0, cols), rows, cols, key_tile_index(j, j0), t);
 }
 
+/* The factor softmax_step's probabilities carry for rows whose maxima are
+ * max (kernels.h), as the step computes it: the step itself, run over a
+ * one-key tile holding each row's maximum.  So a row's largest score
+ * gets exactly factor[r] from the step, and dividing l by it leaves the
+ * largest term 1 -- what the backward's exp(s - lse) needs of a peaked
+ * row, where an lse off by an ulp puts the ulp into dS.  Rows that see
+ * nothing get 0. */
+static void step_factors(const flash_job *j, const float *max, int64_t rows, float *factor)
+{
+    float m[BR], sum[BR] = {0}, scale[BR];
+    memcpy(m, max, (size_t)rows * sizeof(float));
+    memcpy(factor, max, (size_t)rows * sizeof(float));
+    j->kt->softmax_step(factor, BR, rows, 1, m, sum, scale);
+}
+
 /* softmax_step (kernels.h) for a tile where some row's raw scores are
  * large (attention.h: refined scores): each row's scores relative to its
- * new anchor, refined where large, then p = exp(x), in C; the anchor is
- * the row's running maximum. */
+ * new maximum m, refined where large, then p = exp(x) times the factor
+ * softmax_step's probabilities carry, so that this tile's and the vector
+ * step's tiles of a row add up alike; scale as the vector step's, a
+ * power of two. */
 static void refined_softmax_step(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
                                  int64_t j0, int64_t cols, mha__strided ks)
 {
     mha__score_source src = mha__score_rows(j->q, b, h, i0, j0, ks);
-    float l[BR] = {0}, old[BR];
+    float l[BR] = {0}, old[BR], factor[BR];
     memcpy(old, t->max, (size_t)rows * sizeof(float));
     mha__shift_tile(j->p, &src, t->st, LDS, rows, cols, t->max, false, t->large, NULL);
+    step_factors(j, t->max, rows, factor);
     for (int64_t r = 0; r < rows; r++)
-        t->scale[r] = old[r] == -INFINITY || t->max[r] == -INFINITY ? 1.0f : expf(old[r] - t->max[r]);
-    for (int64_t c = 0; c < cols; c++) { /* p = exp(x), a key's rows at a time */
+        t->scale[r] = old[r] == -INFINITY || t->max[r] == -INFINITY
+                          ? 1.0f
+                          : exp2f(mha__softmax_anchor(old[r]) - mha__softmax_anchor(t->max[r]));
+    for (int64_t c = 0; c < cols; c++) { /* p = exp(x) factor, a key's rows at a time */
         float *x = t->st + c * LDS;
         j->kt->exp_shift(x, rows, 0.0f);
-        for (int64_t r = 0; r < rows; r++) l[r] += x[r];
+        for (int64_t r = 0; r < rows; r++) l[r] += x[r] *= factor[r];
     }
     for (int64_t r = 0; r < rows; r++) t->sum[r] = t->sum[r] * t->scale[r] + l[r];
 }
@@ -190,6 +213,8 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
 {
     const mha__attn_plan *p = j->p;
     const mha_tensor *out = j->out;
+    float factor[BR];
+    step_factors(j, t->max, rows, factor);
     for (int64_t r = 0; r < rows; r++) {
         float *dst = out->data + b * out->stride[0] + h * out->stride[1] + (i0 + r) * out->stride[2];
         /* l is 0 for a row that saw no key (output 0), NaN for a row that
@@ -202,11 +227,14 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
         if (out->stride[3] == 1) memcpy(dst, o, (size_t)p->Dv * sizeof(float));
         else
             for (int64_t c = 0; c < p->Dv; c++) dst[c * out->stride[3]] = o[c];
+        /* l carries softmax_step's factor (step_factors); the lse and
+         * the saved sum are the row's own, without it. */
         int64_t at = (b * p->Hq + h) * p->L + i0 + r;
-        if (j->lse) j->lse[at] = seen ? t->max[r] + logf(l) : -INFINITY;
+        float own = seen ? l / factor[r] : l;
+        if (j->lse) j->lse[at] = seen ? t->max[r] + logf(own) : -INFINITY;
         if (j->stats) {
             j->stats->max[at] = seen ? t->max[r] : -INFINITY;
-            j->stats->sum[at] = l;
+            j->stats->sum[at] = own;
         }
     }
 }

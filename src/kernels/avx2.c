@@ -146,14 +146,23 @@ static inline __m256 exp256(__m256 x)
     return _mm256_and_ps(exp256_clamped(x), alive);
 }
 
-/* exp(x) for the softmax step, whose arguments are a score minus its
- * row's maximum: x <= 0, -inf or NaN, so no upper clamp; and clamped
- * below at -88, where 2^n is +0.0, -inf and everything below -88 come out
- * exactly 0 with no compare and mask (between -88 and -87.33: the
- * subnormal, or 0).  Three instructions fewer than exp256: 12-15% less
- * time a score in the step (tile bench, both forms alternating in one
- * process). */
-static inline __m256 exp256_nonpositive(__m256 x) { return exp256_clamped(_mm256_max_ps(_mm256_set1_ps(-88.0f), x)); }
+/* 2^y for 8 lanes of y <= 1, -inf or NaN (softmax_step's): r = y -
+ * floor(y) in [0, 1], and 2^floor(y) built in the exponent bits as
+ * exp256_clamped builds 2^n.  y is clamped below at -127, where the field
+ * gives +0.0: every 2^y below 2^-126 comes out 0, -inf included, as
+ * avx512.c's mask gives.  vmaxps returns its second operand when either
+ * is NaN, so a NaN passes the clamp and comes out NaN. */
+static inline __m256 exp2_256(__m256 y)
+{
+    y = _mm256_max_ps(_mm256_set1_ps(MHA_EXP2_MIN_INPUT - 1.0f), y);
+    __m256 n = _mm256_floor_ps(y);
+    __m256 t = _mm256_add_ps(n, _mm256_set1_ps(0x1.8p23f + 127.0f)); /* low bits: n + 127 in [0, 128] */
+    __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+    return _mm256_mul_ps(exp2_fraction(_mm256_sub_ps(y, n)), two_n);
+}
+
+/* mha__softmax_anchor for 8 lanes. */
+static inline __m256 anchor256(__m256 m) { return _mm256_ceil_ps(_mm256_mul_ps(m, _mm256_set1_ps(MHA_EXP_LOG2E))); }
 
 /* Loads and stores of the 8 queries at column i: plain when all 8 are
  * rows (every vector but a tile's last), masked otherwise -- AMD
@@ -184,15 +193,16 @@ static inline __attribute__((always_inline)) void softmax_step8(float *s, int64_
     }
     for (; j < cols; j++) new_max = _mm256_max_ps(LOAD8(s + j * lds), new_max);
     new_max = _mm256_max_ps(_mm256_max_ps(new_max, m1), _mm256_max_ps(m2, m3));
-    /* Queries that still see nothing subtract 0, so their -inf scores give 0. */
+    /* Queries that still see nothing take anchor 0, so their -inf scores give 0. */
     __m256 seen = _mm256_cmp_ps(new_max, neg_inf, _CMP_NEQ_UQ);
-    __m256 shift = _mm256_and_ps(new_max, seen), block_sum = _mm256_setzero_ps();
+    __m256 anchor = _mm256_and_ps(anchor256(new_max), seen), block_sum = _mm256_setzero_ps();
+    const __m256 log2e = _mm256_set1_ps(MHA_EXP_LOG2E);
     for (j = 0; j < cols; j++) {
-        __m256 e = exp256_nonpositive(_mm256_sub_ps(LOAD8(s + j * lds), shift));
+        __m256 e = exp2_256(_mm256_fmsub_ps(LOAD8(s + j * lds), log2e, anchor));
         STORE8(s + j * lds, e);
         block_sum = _mm256_add_ps(block_sum, e);
     }
-    __m256 sc = _mm256_blendv_ps(one, exp256_nonpositive(_mm256_sub_ps(old_max, shift)), seen);
+    __m256 sc = _mm256_blendv_ps(one, exp2_256(_mm256_sub_ps(anchor256(old_max), anchor)), seen);
     __m256 new_sum = _mm256_fmadd_ps(LOAD8(sum), sc, block_sum);
     STORE8(scale, sc);
     STORE8(sum, new_sum);

@@ -220,22 +220,42 @@ static inline __m512 column_max(const float *s, int64_t lds, int64_t cols, __mma
     return _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
 }
 
+/* 2^y for 16 lanes of y <= 1, -inf or NaN (softmax_step's): vreduceps
+ * takes the fraction r = y - floor(y) in one instruction, vscalefps
+ * applies 2^floor(y), itself flooring y.  Lanes below 2^-126 give 0
+ * (masked, as in exp512_alive); NaN stays NaN. */
+static inline __m512 exp2_512(__m512 y)
+{
+    __mmask16 alive = _mm512_cmp_ps_mask(y, _mm512_set1_ps(MHA_EXP2_MIN_INPUT), _CMP_NLT_UQ);
+    __m512 r = _mm512_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    return _mm512_maskz_scalef_ps(alive, exp2_fraction(r), y);
+}
+
+/* mha__softmax_anchor for 16 lanes. */
+static inline __m512 anchor512(__m512 m)
+{
+    return _mm512_roundscale_ps(_mm512_mul_ps(m, _mm512_set1_ps(MHA_EXP_LOG2E)),
+                                _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+}
+
 static void softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum, float *scale)
 {
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY), one = _mm512_set1_ps(1.0f);
+    const __m512 log2e = _mm512_set1_ps(MHA_EXP_LOG2E);
     for (int64_t i = 0; i < rows; i += 16) { /* 16 queries per vector */
         __mmask16 mk = lane_mask(rows - i);
         __m512 old_max = _mm512_mask_loadu_ps(neg_inf, mk, max + i);
         __m512 new_max = column_max(s + i, lds, cols, mk, old_max);
-        /* Queries that still see nothing subtract 0, so their -inf scores give 0. */
+        /* Queries that still see nothing take anchor 0, so their -inf scores give 0. */
         __mmask16 seen = _mm512_cmp_ps_mask(new_max, neg_inf, _CMP_NEQ_UQ);
-        __m512 shift = _mm512_maskz_mov_ps(seen, new_max), block_sum = _mm512_setzero_ps();
+        __m512 anchor = _mm512_maskz_mov_ps(seen, anchor512(new_max)), block_sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < cols; j++) {
-            __m512 e = exp512_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + j * lds + i), shift));
+            __m512 y = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, s + j * lds + i), log2e, anchor);
+            __m512 e = exp2_512(y);
             _mm512_mask_storeu_ps(s + j * lds + i, mk, e);
             block_sum = _mm512_add_ps(block_sum, e);
         }
-        __m512 sc = _mm512_mask_blend_ps(seen, one, exp512_nonpositive(_mm512_sub_ps(old_max, shift)));
+        __m512 sc = _mm512_mask_blend_ps(seen, one, exp2_512(_mm512_sub_ps(anchor512(old_max), anchor)));
         __m512 new_sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, sum + i), sc, block_sum);
         _mm512_mask_storeu_ps(scale + i, mk, sc);
         _mm512_mask_storeu_ps(sum + i, mk, new_sum);

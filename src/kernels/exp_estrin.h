@@ -16,6 +16,9 @@
  * the out-of-order window holds, not by the FMA pipes: the step went from
  * 0.67-0.70 to 0.51-0.53 ns a score on Zen 3 (AVX2) and from 0.34-0.35 to
  * 0.29-0.30 on Sapphire Rapids (AVX-512; docs/PERFORMANCE.md).
+ *
+ * exp2_fraction is 2^r on [0, 1] for the softmax step's 2^y, the caller
+ * taking r = y - floor(y) and applying 2^floor(y).
  */
 #include "kernels/exp_poly.h"
 
@@ -32,4 +35,18 @@ static inline EXP_VEC exp_reduced(EXP_VEC x, EXP_VEC shifter, EXP_VEC *t, EXP_VE
     EXP_VEC c10 = EXP_OP(fmadd_ps)(EXP_OP(set1_ps)(MHA_EXP_C0), r, EXP_OP(set1_ps)(MHA_EXP_C1));
     EXP_VEC p = EXP_OP(fmadd_ps)(c10, r4, EXP_OP(fmadd_ps)(c32, r2, c54));
     return EXP_OP(fmadd_ps)(p, r2, EXP_OP(add_ps)(r, EXP_OP(set1_ps)(1.0f)));
+}
+
+/* 2^r for r in [0, 1] (exp_poly.h's B1..B6): the polynomial after its 1
+ * by Estrin's scheme, then one FMA adds the 1, so the result rounds once
+ * at its own scale (three roundings there, 1 + B1 r first, made it 1.43
+ * FLT_EPSILON instead of 0.96). */
+static inline EXP_VEC exp2_fraction(EXP_VEC r)
+{
+    EXP_VEC r2 = EXP_OP(mul_ps)(r, r), r4 = EXP_OP(mul_ps)(r2, r2);
+    EXP_VEC q12 = EXP_OP(fmadd_ps)(EXP_OP(set1_ps)(MHA_EXP2_B2), r, EXP_OP(set1_ps)(MHA_EXP2_B1));
+    EXP_VEC q34 = EXP_OP(fmadd_ps)(EXP_OP(set1_ps)(MHA_EXP2_B4), r, EXP_OP(set1_ps)(MHA_EXP2_B3));
+    EXP_VEC q56 = EXP_OP(fmadd_ps)(EXP_OP(set1_ps)(MHA_EXP2_B6), r, EXP_OP(set1_ps)(MHA_EXP2_B5));
+    EXP_VEC q = EXP_OP(fmadd_ps)(q56, r4, EXP_OP(fmadd_ps)(q34, r2, q12));
+    return EXP_OP(fmadd_ps)(q, r, EXP_OP(set1_ps)(1.0f));
 }

@@ -44,6 +44,9 @@ static void pair_dots_generic(int64_t rows, int64_t k, const float *a, int64_t a
     }
 }
 
+/* 2^y, 0 below 2^-126 as the vector kernels give it (exp_poly.h). */
+static float exp2_flushed(float y) { return y < MHA_EXP2_MIN_INPUT ? 0.0f : exp2f(y); }
+
 static void softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
                                  float *scale)
 {
@@ -51,14 +54,14 @@ static void softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t co
         float new_max = max[i];
         for (int64_t j = 0; j < cols; j++) /* a NaN score fails the test: passed over */
             if (s[j * lds + i] > new_max) new_max = s[j * lds + i];
-        /* A query that still sees nothing subtracts 0: its -inf scores
-         * give 0, a NaN gives NaN. */
-        float shift = new_max == -INFINITY ? 0.0f : new_max, block_sum = 0.0f;
+        /* A query that still sees nothing takes anchor 0: its -inf
+         * scores give 0, a NaN gives NaN. */
+        float anchor = new_max == -INFINITY ? 0.0f : mha__softmax_anchor(new_max), block_sum = 0.0f;
         for (int64_t j = 0; j < cols; j++) {
-            s[j * lds + i] = expf(s[j * lds + i] - shift);
+            s[j * lds + i] = exp2_flushed(fmaf(s[j * lds + i], MHA_EXP_LOG2E, -anchor));
             block_sum += s[j * lds + i];
         }
-        scale[i] = new_max == -INFINITY ? 1.0f : expf(max[i] - new_max);
+        scale[i] = new_max == -INFINITY ? 1.0f : exp2_flushed(mha__softmax_anchor(max[i]) - anchor);
         sum[i] = sum[i] * scale[i] + block_sum;
         max[i] = new_max;
     }

@@ -11,6 +11,9 @@
 #ifndef MHA_KERNELS_H
 #define MHA_KERNELS_H
 
+#include "kernels/exp_poly.h"
+
+#include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -42,19 +45,40 @@ typedef void (*mha__gemm_tile_grouped_fn)(int64_t m, int64_t n, int64_t groups, 
 
 /* One online-softmax step over a tile of scores stored key-major:
  * s[j * lds + i] is the score of query i < rows against key j < cols.
- * For each query i, with max[i], sum[i] its running statistics:
+ * The exponentials are taken in base 2 against an anchor: for a row whose
+ * maximum is m, a = mha__softmax_anchor(m) = ceil(m log2 e), an integer,
+ * and a score s becomes
+ *   p = 2^(s log2 e - a)   (y = s log2 e - a by one FMA, rounded once)
+ *     = exp(s - m) 2^(m log2 e - a),
+ * exp(s - m) times a factor of the row in (1/2, 1], the same for all its
+ * keys: the step's own value for a score equal to m.  It cancels in
+ * O / l; the lse and a natural sum divide it out (flash.c).  For each query i, with
+ * max[i], sum[i] its running statistics:
  *   new_max  = max(max[i], max_j s[j][i])
- *   s[j][i] <- exp(s[j][i] - new_max)         (0 where s was -inf)
- *   scale[i] = exp(max[i] - new_max)          (1 while nothing is visible)
+ *   s[j][i] <- 2^(s[j][i] log2 e - a(new_max))  (0 where s was -inf or
+ *                                                 2^y below 2^-126)
+ *   scale[i] = 2^(a(max[i]) - a(new_max))    (1 while nothing is visible)
  *   sum[i]   = sum[i] * scale[i] + sum_j s[j][i]
  *   max[i]   = new_max
+ * Why base 2 and an integer anchor: y's reduction to [0, 1) is one
+ * instruction where exp's is four (exp_poly.h), and the product inside
+ * the FMA is exact, so y is rounded once, as s - m was.  (log2 e rounded
+ * to float is 1.3e-8 too small in relative terms: a probability relative
+ * to the row's largest comes out exp(-1.3e-8 (s - m)) too large, under
+ * 1.2e-6 down to the 2^-126 cut; the row's common part cancels in O / l
+ * and in the lse.)  scale is an exact power of two, and exactly 1 -- O
+ * keeps its bits -- until the maximum passes the next integer in base 2.
  * The caller then rescales output row i by scale[i] and adds P V.  The
  * layout puts queries in vector lanes, so no step needs a horizontal
  * reduction.  A NaN score does not enter the maximum (vmaxps passes over
- * it); its exp is NaN, so the row's sum is NaN from that step on, and
- * with it the row's output and lse, as a plain softmax gives. */
+ * it); its exponential is NaN, so the row's sum is NaN from that step on,
+ * and with it the row's output and lse, as a plain softmax gives. */
 typedef void (*mha__softmax_step_fn)(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
                                      float *scale);
+
+/* softmax_step's anchor for a row whose maximum is m: ceil(m log2 e), the
+ * product rounded to float first (every kernel computes it so). */
+static inline float mha__softmax_anchor(float m) { return ceilf(m * MHA_EXP_LOG2E); }
 
 /* The backward pass's step over the same key-major layout: with s[j][i]
  * the recomputed score of query i < rows against key j < cols and dp[j][i]
