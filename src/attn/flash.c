@@ -124,17 +124,20 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
     p->products->values(p, tile_rows(j, t, true, b, h, j0, cols), rows, cols, key_tile_index(j, j0), t);
 }
 
-/* The factor softmax_step's probabilities carry for rows whose maxima are
- * max (kernels.h), as the step computes it: the step itself, run over a
- * one-key tile holding each row's maximum.  So a row's largest score
- * gets exactly factor[r] from the step, and dividing l by it leaves the
- * largest term 1 -- what the backward's exp(s - lse) needs of a peaked
- * row, where an lse off by an ulp puts the ulp into dS.  Rows that see
- * nothing get 0. */
-static void step_factors(const flash_job *j, const float *max, int64_t rows, float *factor)
+/* For rows whose running maxima went from old to max (old <= max): the
+ * factor softmax_step's probabilities carry (kernels.h) and the rescale
+ * of O and l, as the step computes them: the step itself, run from the
+ * old maxima over a one-key tile holding the new.  So a row's largest
+ * score gets exactly factor[r] from the step, and dividing l by it
+ * leaves the largest term 1 -- what the backward's exp(s - lse) needs of
+ * a peaked row, where an lse off by an ulp puts the ulp into dS.  Rows
+ * that see nothing get factor 0 and scale 1; rows seeing their first key
+ * get scale 0, rescaling an O and l that are still 0. */
+static void step_factors(const flash_job *j, const float *old, const float *max, int64_t rows, float *factor,
+                         float *scale)
 {
-    float m[BR], sum[BR] = {0}, scale[BR];
-    memcpy(m, max, (size_t)rows * sizeof(float));
+    float m[BR], sum[BR] = {0};
+    memcpy(m, old, (size_t)rows * sizeof(float));
     memcpy(factor, max, (size_t)rows * sizeof(float));
     j->kt->softmax_step(factor, BR, rows, 1, m, sum, scale);
 }
@@ -152,11 +155,7 @@ static void refined_softmax_step(const flash_job *j, const tiles *t, int64_t b, 
     float l[BR] = {0}, old[BR], factor[BR];
     memcpy(old, t->max, (size_t)rows * sizeof(float));
     mha__shift_tile(j->p, &src, t->st, LDS, rows, cols, t->max, false, t->large, NULL);
-    step_factors(j, t->max, rows, factor);
-    for (int64_t r = 0; r < rows; r++)
-        t->scale[r] = old[r] == -INFINITY || t->max[r] == -INFINITY
-                          ? 1.0f
-                          : exp2f(mha__softmax_anchor(old[r]) - mha__softmax_anchor(t->max[r]));
+    step_factors(j, old, t->max, rows, factor, t->scale);
     for (int64_t c = 0; c < cols; c++) { /* p = exp(x) factor, a key's rows at a time */
         float *x = t->st + c * LDS;
         j->kt->exp_shift(x, rows, 0.0f);
@@ -213,8 +212,8 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
 {
     const mha__attn_plan *p = j->p;
     const mha_tensor *out = j->out;
-    float factor[BR];
-    step_factors(j, t->max, rows, factor);
+    float factor[BR], unchanged[BR];
+    step_factors(j, t->max, t->max, rows, factor, unchanged);
     for (int64_t r = 0; r < rows; r++) {
         float *dst = out->data + b * out->stride[0] + h * out->stride[1] + (i0 + r) * out->stride[2];
         /* l is 0 for a row that saw no key (output 0), NaN for a row that

@@ -637,8 +637,7 @@ static void exact_rows_range(void *arg, int thread, int64_t begin, int64_t end)
             }
             if (!peaked) continue;
         }
-        float ref[BQ];
-        memcpy(ref, j->delta + row0, (size_t)rows * sizeof(float));
+        float *ref = j->delta + row0; /* dO . O, each row's replaced after its own use */
         sum_rows(j, &t, b, h, i0, rows, ref, &s);
         for (int64_t r = 0; r < rows; r++) {
             double delta = s.sum[r] > 0 ? ref[r] + s.wsum[r] / s.sum[r] : 0.0;

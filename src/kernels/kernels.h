@@ -52,8 +52,8 @@ typedef void (*mha__gemm_tile_grouped_fn)(int64_t m, int64_t n, int64_t groups, 
  *     = exp(s - m) 2^(m log2 e - a),
  * exp(s - m) times a factor of the row in (1/2, 1], the same for all its
  * keys: the step's own value for a score equal to m.  It cancels in
- * O / l; the lse and a natural sum divide it out (flash.c).  For each query i, with
- * max[i], sum[i] its running statistics:
+ * O / l; the lse and a natural sum divide it out (flash.c).  For each
+ * query i, with max[i], sum[i] its running statistics:
  *   new_max  = max(max[i], max_j s[j][i])
  *   s[j][i] <- 2^(s[j][i] log2 e - a(new_max))  (0 where s was -inf or
  *                                                 2^y below 2^-126)
