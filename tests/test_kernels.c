@@ -333,7 +333,7 @@ static void test_softmax_step_special(const mha__kernels *kt)
         for (int k = 0; k < 2; k++) {
             for (int r = 0; r < ROWS; r++)
                 for (int j = 0; j < COLS; j++) s[k][j * LDS + r] = row[r][blk * COLS + j];
-            (k ? kt : ref)->softmax_step(s[k], LDS, ROWS, COLS, max[k], sum[k], scale[k]);
+            (k ? kt : ref)->softmax_step(s[k], LDS, ROWS, COLS, max[k], sum[k], scale[k], INFINITY);
         }
         for (int r = 0; r < ROWS; r++) {
             bad += !agrees(max[1][r], max[0][r]) + !agrees(sum[1][r], sum[0][r]) + !agrees(scale[1][r], scale[0][r]);
@@ -345,6 +345,31 @@ static void test_softmax_step_special(const mha__kernels *kt)
     for (int r = 0; r < ROWS; r++) nan_rows += isnan(sum[1][r]);
     CHECK(nan_rows == 9 && isnan(sum[1][2]) && isnan(sum[1][ROWS - 1]) && max[1][3] == INFINITY,
           "%s softmax_step: %d rows with NaN sums, not the 9 with NaN or +inf scores", kt->name, nan_rows);
+}
+
+/* softmax_step's answer to "is some score beyond `above` in magnitude":
+ * for one score of 17 or -17 (else all within 15) at each row, the tail
+ * lanes too, and at a key past the fourth (the unrolled loop's tail);
+ * never for NaN or a bound of +inf. */
+static void test_softmax_step_large(const mha__kernels *kt)
+{
+    enum { ROWS = 21, COLS = 7, LDS = 24 };
+    float base[COLS * LDS], s[COLS * LDS], max[ROWS], sum[ROWS], scale[ROWS];
+    for (int i = 0; i < COLS * LDS; i++) base[i] = uniform() * 15.0f;
+    int bad = 0;
+    for (int r = 0; r < ROWS; r++)
+        for (int v = 0; v < 4; v++) {
+            float value = v == 0 ? 17.0f : v == 1 ? -17.0f : v == 2 ? NAN : 12.0f;
+            memcpy(s, base, sizeof s);
+            s[(r % 2 ? COLS - 1 : r % COLS) * LDS + r] = value;
+            for (int i = 0; i < ROWS; i++) max[i] = -INFINITY, sum[i] = 0;
+            bool large = kt->softmax_step(s, LDS, ROWS, COLS, max, sum, scale, 16.0f);
+            bad += large != (v < 2);
+            memcpy(s, base, sizeof s);
+            s[r] = value; /* key 0 */
+            bad += kt->softmax_step(s, LDS, ROWS, COLS, max, sum, scale, INFINITY);
+        }
+    CHECK(bad == 0, "%s softmax_step: %d wrong answers to whether a score is large", kt->name, bad);
 }
 
 /* 2^(s log2 e - a) as kernels.h states softmax_step's probabilities, in
@@ -381,7 +406,7 @@ static void test_softmax_step(const mha__kernels *kt)
     for (int blk = 0; blk < 2; blk++) {
         for (int r = 0; r < ROWS; r++) /* key-major: s[key * LDS + query] */
             for (int j = 0; j < COLS; j++) s[j * LDS + r] = row[r][blk * COLS + j];
-        kt->softmax_step(s, LDS, ROWS, COLS, max, sum, scale);
+        kt->softmax_step(s, LDS, ROWS, COLS, max, sum, scale, INFINITY);
         for (int r = 0; r < ROWS; r++) {
             double m = -INFINITY;
             for (int j = 0; j < (blk + 1) * COLS; j++) m = fmax(m, row[r][j]);
@@ -424,13 +449,13 @@ static void test_softmax_exp2(const mha__kernels *kt)
     }
     float y[N];
     for (int i = 0; i < N; i++) y[i] = fmaf(s[i], MHA_EXP_LOG2E, 0.0f);
-    kt->softmax_step(s, N, N, 1, max, sum, scale); /* one key, N queries */
+    kt->softmax_step(s, N, N, 1, max, sum, scale, INFINITY); /* one key, N queries */
     for (int i = 0; i < N; i++) {
         double want = y[i] < MHA_EXP2_MIN_INPUT ? 0.0 : exp2((double)y[i]);
         bad += fabs(s[i] - want) > 4 * FLT_EPSILON * want;
     }
     float x = 0.0f, m = 0.0f, l = 0.0f, sc; /* y = 0: exactly 1, so a score at an integer anchor is 1 */
-    kt->softmax_step(&x, 1, 1, 1, &m, &l, &sc);
+    kt->softmax_step(&x, 1, 1, 1, &m, &l, &sc, INFINITY);
     bad += x != 1.0f || sc != 1.0f;
     CHECK(bad == 0, "%s softmax_step's 2^y: %d values off", kt->name, bad);
 }
@@ -665,6 +690,7 @@ int main(void)
         test_softmax_step_special(kt);
         test_softmax_grad(kt);
         test_abs_max(kt);
+        test_softmax_step_large(kt);
         test_key_sums(kt);
         test_transpose_scaled(kt);
         test_dot_f64(kt);

@@ -818,6 +818,62 @@ static void test_two_key_rows(mha_ctx *ctx)
     free(q), free(k), free(v), free(dout);
 }
 
+/* score(q, k) = scale q . k in float64. */
+static double score64(const float *q, const float *k, int64_t D, double scale)
+{
+    double s = 0;
+    for (int64_t c = 0; c < D; c++) s += (double)q[c] * k[c];
+    return s * scale;
+}
+
+/* A row that puts all its weight on one key whose score, 15 and a bit,
+ * sums terms of +-1 (partial sums near 10: several ulps of float32
+ * error), with every other key of its block at -15.5 (weight e^-30, so
+ * its float32 sum is exactly 1) and a score of -40 in the next block.
+ * The forward once refined the whole tile of 192 keys for the -40 and
+ * the backward, in blocks of 96, only the -40's block: its p of the
+ * peaked key then came from a score several ulps away from the one the
+ * forward's statistics held, and dV carried the difference whole
+ * (attention.h: refined scores).  Decided alike, p is exactly 1 and dV
+ * that key's dO. */
+static void test_refined_alike(mha_ctx *ctx)
+{
+    enum { S = 192, D = 128, PEAK = 1, LOW = 150 };
+    double *copy, scale = 0.01, qq = 0, qw = 0;
+    float *q = random_floats(D, 10.0, &copy), *w, *k = calloc(S * D, sizeof *k), *v, *dout, out[D], max[1], sum[1];
+    free(copy);
+    w = random_floats(D, 10.0, &copy), free(copy);
+    v = random_floats(S * D, 1.0, &copy), free(copy);
+    dout = random_floats(D, 1.0, &copy), free(copy);
+    for (int64_t c = 0; c < D; c++) qq += (double)q[c] * q[c], qw += (double)q[c] * w[c];
+    for (int64_t j = 0; j < S; j++) {
+        double at = j == PEAK ? 15.3 : j == LOW ? -40.0 : -15.5;
+        for (int64_t c = 0; c < D; c++) /* the peak: plus w without its part along q, terms of +-1 */
+            k[j * D + c] = (float)(at / (scale * qq) * q[c] + (j == PEAK ? w[c] - qw / qq * q[c] : 0.0));
+    }
+    float grads[(1 + 2 * S) * D], *dv = grads + (1 + S) * D;
+    mha_tensor tq = mha_tensor_4d(q, 1, 1, 1, D), tk = mha_tensor_4d(k, 1, 1, S, D), tv = mha_tensor_4d(v, 1, 1, S, D);
+    mha_tensor to = mha_tensor_4d(out, 1, 1, 1, D), tdo = mha_tensor_4d(dout, 1, 1, 1, D);
+    mha_tensor g[3] = {mha_tensor_4d(grads, 1, 1, 1, D), mha_tensor_4d(grads + D, 1, 1, S, D),
+                       mha_tensor_4d(grads + (1 + S) * D, 1, 1, S, D)};
+    mha_attn_desc desc;
+    mha_attn_desc_init(&desc);
+    desc.scale = scale;
+    desc.window_left = S - 1 - PEAK; /* keys PEAK.. seen: the tiles are not plain */
+    mha_attn_stats stats = {max, sum};
+    CHECK_OK(mha_attention_with_stats(ctx, &to, &stats, &tq, &tk, &tv, &desc));
+    CHECK_OK(backward(ctx, g, &tq, &tk, &tv, &to, NULL, &stats, &tdo, &desc));
+    double err = 0, largest = 0;
+    for (int64_t j = PEAK; j < S; j++) { /* p = 1 at the peak, below 1e-13 elsewhere */
+        double p = exp(score64(q, k + j * D, D, scale) - score64(q, k + PEAK * D, D, scale));
+        for (int64_t c = 0; c < D; c++) err = fmax(err, fabs(dv[j * D + c] - p * dout[c]));
+    }
+    for (int64_t c = 0; c < D; c++) largest = fmax(largest, fabs(dout[c]));
+    CHECK(err <= 1e-7 * largest, "a peaked row refined alike: dv off by %.3g of dout's largest (max %.9g, exact %.9g)",
+          err / largest, max[0], score64(q, k + PEAK * D, D, scale));
+    free(q), free(w), free(k), free(v), free(dout);
+}
+
 /* ------------------------------------------------------------------ */
 /* The layer against the reference                                     */
 /* ------------------------------------------------------------------ */
@@ -1562,6 +1618,7 @@ int main(int argc, char **argv)
     test_fully_masked_rows(ctx1);
     test_one_key_rows(ctx3);
     test_two_key_rows(ctx3);
+    test_refined_alike(ctx3);
     test_layer_sweep(ctx1, ctx2);
     test_large_logit_layers(ctx1, ctx2);
     test_block_sweep(ctx1, ctx2);

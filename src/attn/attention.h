@@ -136,24 +136,52 @@ void mha__pack_columns(const mha__kernels *kt, float *dst, int64_t ldd, mha__str
  * least that, so with logits in the hundreds that error dominates the
  * output's, and ours and a float32 reference's are alike in size: nothing
  * then keeps ours within the tolerance rule's factor of the reference's.
- * Where a row's raw scores (the dot products, before softcap and bias:
- * their terms set the float32 error) pass MHA_REFINE_ABOVE in magnitude
- * within a tile, the tile's scores that matter (those within
- * MHA_REFINE_NEAR of the row's largest; beyond it, exp < 2e-9) are
- * recomputed from the unscaled rows in float64, the contract (softcap,
- * bias) applied in float64 too, and stored as x = s - anchor, rounded
- * once: near the anchor, x is small and so is its rounding.  The anchor is
- * a float the softmax treats as the row's maximum: the forward's running
- * maximum, raised to the exact maximum of each tile; the backward's and
- * the weights' saved maximum (or lse).  Each pass decides per tile (the
- * forward's tiles of 192 keys, the backward's of 96): a score refined in
- * one and not the other is one whose tile has no large raw score, so its
- * float32 error is small either way.  bf16 plans are left alone (their
- * rounding is far larger).  Below the threshold a score's rounding is no
- * larger than the float32 reference's. */
+ * Which scores are refined is decided per row and per block of
+ * MHA_REFINE_KEYS keys (keys 0 to 95, 96 to 191, ...): where a visible score of the block passes MHA_REFINE_ABOVE in
+ * magnitude, raw (the dot product, before softcap and bias: its terms set
+ * the float32 error) or, with a bias, after the contract, the block's
+ * scores that matter (those within MHA_REFINE_NEAR of the row's largest;
+ * beyond it, exp < 2e-9) are recomputed from the unscaled rows in
+ * float64, the contract (softcap, bias) applied in float64 too, and
+ * stored as x = s - anchor, rounded once: near the anchor, x is small and
+ * so is its rounding.  The anchor is a float the softmax treats as the
+ * row's maximum: the forward's running maximum, raised to the exact
+ * maximum of each tile; the backward's and the weights' saved maximum
+ * (or lse).
+ * Every pass decides alike, from scores it computes to the same bits:
+ * the backward's probabilities exp(s - lse) are normalised only if its s
+ * are the very values the forward's lse summed.  A score refined in one
+ * pass and left at float32 in the other is off by its float32 error,
+ * several ulps of a score of 15 with large terms, and in a row where it
+ * takes most of the weight that error goes whole into dV and dS, where a
+ * float32 reference's softmax, normalised from its own scores, cancels
+ * it: the forward (tiles of 192 keys, two blocks) and the backward
+ * (blocks of 96) once decided per tile, counting keys a row does not see
+ * and the row's running or saved maximum, and disagreed.  bf16 plans are
+ * left alone (their rounding is far larger).  Below the threshold a
+ * score's rounding is no larger than the float32 reference's. */
 #define MHA_REFINE_ABOVE 16.0f
 #define MHA_REFINE_NEAR  20.0f
 enum { MHA_REFINE_MAX_COLS = 256, MHA_REFINE_MAX_ROWS = 192 }; /* the largest tile or chunk */
+/* Blocks of keys: a tile of MHA_REFINE_MAX_COLS keys from anywhere meets
+ * at most MHA_REFINE_BLOCKS of them. */
+enum { MHA_REFINE_KEYS = 96, MHA_REFINE_BLOCKS = (MHA_REFINE_MAX_COLS + MHA_REFINE_KEYS - 2) / MHA_REFINE_KEYS + 1 };
+
+/* Which scores of a tile (rows <= MHA_REFINE_MAX_ROWS, cols <=
+ * MHA_REFINE_MAX_COLS) are refined: large[k][r] for row r's keys in the
+ * tile's k-th block, any if one is; the tile's first key is key `first`
+ * of its block. */
+typedef struct mha__refine {
+    bool large[MHA_REFINE_BLOCKS][MHA_REFINE_MAX_ROWS];
+    int64_t first;
+    bool any;
+} mha__refine;
+
+/* The flags of the tile's column c, one per row. */
+static inline const bool *mha__refine_column(const mha__refine *f, int64_t c)
+{
+    return f->large[(f->first + c) / MHA_REFINE_KEYS];
+}
 
 /* Where the float64 scores of a tile come from: query rows i0 + r at q
  * (unscaled, float32) and key rows j0 + c at k, stored as float32, or as
@@ -172,30 +200,28 @@ typedef struct mha__score_source {
  * q [B, Hq, L, D], against float32 key rows k (keys j0..). */
 mha__score_source mha__score_rows(const mha_tensor *q, int64_t b, int64_t h, int64_t i0, int64_t j0, mha__strided k);
 
-/* large[r] = whether row r of key-major tile st (st[c * lds + r], the raw
- * float32 scores, before the contract) has one above MHA_REFINE_ABOVE in
- * magnitude (never for a bf16 plan); true if any row has. */
-bool mha__large_rows(const mha__attn_plan *p, const float *st, int64_t lds, int64_t rows, int64_t cols, bool *large);
-/* Is a maximum (or anchor) m large: are the scores near it?  Inline: the
- * forward asks it of every row twice a key tile, and the call alone was
- * 1.1% of the core's samples (Sapphire Rapids, N = 2048). */
-static inline bool mha__refines(const mha__attn_plan *p, float m)
-{
-    return !p->bf16 && isfinite(m) && fabsf(m) > MHA_REFINE_ABOVE;
-}
-/* The same for one row of n <= MHA_REFINE_MAX_COLS contiguous scores. */
-bool mha__large_scores(const mha__attn_plan *p, const float *s, int64_t n);
+/* f from key-major tile st (st[c * lds + r]) of raw float32 scores,
+ * before the contract, for keys j0.. : a block's flag set where a visible
+ * score passes MHA_REFINE_ABOVE in magnitude (never for a bf16 plan).
+ * Keys outside row r's range [lo[r], hi[r]) are set to 0 first (the
+ * contract masks them); lo and hi NULL: every key is visible. */
+void mha__refine_raw(const mha__attn_plan *p, float *st, int64_t lds, int64_t rows, int64_t cols, int64_t j0,
+                     const int64_t *lo, const int64_t *hi, mha__refine *f);
+/* For a plan with a bias, after the contract: also the blocks where a
+ * visible (finite) score passes MHA_REFINE_ABOVE in magnitude. */
+void mha__refine_contracted(const mha__attn_plan *p, const float *st, int64_t lds, int64_t rows, int64_t cols,
+                            mha__refine *f);
 
 /* Key-major tile st (st[c * lds + r], rows <= MHA_REFINE_MAX_ROWS, cols
  * <= MHA_REFINE_MAX_COLS: now the float32 scores after the contract)
- * rewritten as x = s - anchor[r], the scores of rows with refine[r] that
+ * rewritten as x = s - anchor[r], the scores that `refine` marks and that
  * lie near the row's largest computed in float64 (and then the cap's
  * slope too, if slope is not NULL).  With `fixed` the anchors are given;
  * else each becomes max(anchor[r], the row's maximum, from its exact
  * score where refined, rounded), so the largest x is about 0.  A row
  * whose anchor is -inf sees nothing and stays at -inf. */
 void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, float *st, int64_t lds, int64_t rows,
-                     int64_t cols, float *anchor, bool fixed, const bool *refine, float *slope);
+                     int64_t cols, float *anchor, bool fixed, const mha__refine *refine, float *slope);
 
 /* Checks a plan's sizes and options (not its tensors); INVALID_ARG names
  * the offending field. */

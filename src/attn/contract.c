@@ -156,16 +156,68 @@ void mha__score_contract(const mha__attn_plan *p, float *st, int64_t lds, int64_
 /* Refined scores                                                    */
 /* ---------------------------------------------------------------- */
 
-bool mha__large_rows(const mha__attn_plan *p, const float *st, int64_t lds, int64_t rows, int64_t cols, bool *large)
+/* Row r's keys outside [lo[r], hi[r]) of the tile set to 0. */
+static void zero_unseen(float *st, int64_t lds, int64_t rows, int64_t cols, int64_t j0, const int64_t *lo,
+                        const int64_t *hi)
 {
-    float top[MHA_REFINE_MAX_ROWS] = {0};
-    if (!p->bf16) p->kt->abs_max(st, lds, rows, cols, top);
-    bool any = false;
     for (int64_t r = 0; r < rows; r++) {
-        large[r] = !p->bf16 && top[r] > MHA_REFINE_ABOVE;
-        any = any || large[r];
+        int64_t first = lo[r] - j0, end = hi[r] - j0;
+        for (int64_t c = 0; c < cols && c < first; c++) st[c * lds + r] = 0.0f;
+        for (int64_t c = end > 0 ? end : 0; c < cols; c++) st[c * lds + r] = 0.0f;
     }
-    return any;
+}
+
+/* The largest |s[c]| of n contiguous scores, NaN passed over: the tile
+ * kernel over them as 16 rows of keys (its lanes), then a short loop. */
+static float contiguous_top(const mha__attn_plan *p, const float *s, int64_t n)
+{
+    enum { W = 16 };
+    float top[W] = {0}, m = 0.0f;
+    p->kt->abs_max(s, W, W, n / W, top);
+    for (int64_t c = n / W * W; c < n; c++) m = fabsf(s[c]) > m ? fabsf(s[c]) : m;
+    for (int r = 0; r < W; r++) m = top[r] > m ? top[r] : m;
+    return m;
+}
+
+void mha__refine_raw(const mha__attn_plan *p, float *st, int64_t lds, int64_t rows, int64_t cols, int64_t j0,
+                     const int64_t *lo, const int64_t *hi, mha__refine *f)
+{
+    f->any = false;
+    f->first = j0 % MHA_REFINE_KEYS;
+    int64_t blocks = (f->first + cols + MHA_REFINE_KEYS - 1) / MHA_REFINE_KEYS;
+    for (int64_t k = 0; k < blocks; k++) memset(f->large[k], 0, (size_t)rows * sizeof(bool));
+    if (p->bf16) return;
+    if (lo) zero_unseen(st, lds, rows, cols, j0, lo, hi);
+    bool lanes = rows == 1 && lds == 1;                                     /* one row's contiguous scores (decode) */
+    if (lanes && !(contiguous_top(p, st, cols) > MHA_REFINE_ABOVE)) return; /* usually: one pass for all blocks */
+    for (int64_t k = 0; k < blocks; k++) {                                  /* the tile's columns [c0, c0 + n) */
+        int64_t c0 = k == 0 ? 0 : k * MHA_REFINE_KEYS - f->first, end = (k + 1) * MHA_REFINE_KEYS - f->first;
+        int64_t n = (end < cols ? end : cols) - c0;
+        float top[MHA_REFINE_MAX_ROWS];
+        if (lanes) {
+            top[0] = contiguous_top(p, st + c0, n);
+        } else {
+            memset(top, 0, (size_t)rows * sizeof(float));
+            p->kt->abs_max(st + c0 * lds, lds, rows, n, top);
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            f->large[k][r] = top[r] > MHA_REFINE_ABOVE;
+            f->any = f->any || f->large[k][r];
+        }
+    }
+}
+
+void mha__refine_contracted(const mha__attn_plan *p, const float *st, int64_t lds, int64_t rows, int64_t cols,
+                            mha__refine *f)
+{
+    if (p->bf16 || !mha__plan_has_bias(p)) return; /* a softcap only shrinks the raw scores */
+    for (int64_t c = 0; c < cols; c++) {
+        bool *large = f->large[(f->first + c) / MHA_REFINE_KEYS];
+        for (int64_t r = 0; r < rows; r++) {
+            float s = st[c * lds + r];
+            if (s > -INFINITY && fabsf(s) > MHA_REFINE_ABOVE) large[r] = f->any = true;
+        }
+    }
 }
 
 mha__score_source mha__score_rows(const mha_tensor *q, int64_t b, int64_t h, int64_t i0, int64_t j0, mha__strided k)
@@ -213,16 +265,6 @@ static double exact_score(const mha__attn_plan *p, const mha__score_source *src,
     return s;
 }
 
-bool mha__large_scores(const mha__attn_plan *p, const float *s, int64_t n)
-{
-    float top[MHA_REFINE_MAX_COLS] = {0};
-    if (p->bf16) return false;
-    p->kt->abs_max(s, 0, n, 1, top); /* one key of n "rows": top[i] = |s[i]| */
-    for (int64_t i = 0; i < n; i++)
-        if (top[i] > MHA_REFINE_ABOVE) return true;
-    return false;
-}
-
 /* Each row's largest float32 score and its key (-1: none above -inf). */
 static void row_maxima(const float *st, int64_t lds, int64_t rows, int64_t cols, float *m32, int64_t *at)
 {
@@ -233,7 +275,7 @@ static void row_maxima(const float *st, int64_t lds, int64_t rows, int64_t cols,
 }
 
 void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, float *st, int64_t lds, int64_t rows,
-                     int64_t cols, float *anchor, bool fixed, const bool *refine, float *slope)
+                     int64_t cols, float *anchor, bool fixed, const mha__refine *refine, float *slope)
 {
     float m32[MHA_REFINE_MAX_ROWS], near[MHA_REFINE_MAX_ROWS];
     int64_t at[MHA_REFINE_MAX_ROWS];
@@ -244,18 +286,21 @@ void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, floa
          * maximum and this tile's): farther, exp < 2e-9 whatever the tile. */
         near[r] = (fixed || anchor[r] > m32[r] ? anchor[r] : m32[r]) - MHA_REFINE_NEAR;
         if (fixed) continue;
-        float m = refine[r] && at[r] >= 0 ? (float)exact_score(p, src, r, at[r], &cap_slope) : m32[r];
+        bool exact = at[r] >= 0 && mha__refine_column(refine, at[r])[r];
+        float m = exact ? (float)exact_score(p, src, r, at[r], &cap_slope) : m32[r];
         anchor[r] = m > anchor[r] ? m : anchor[r]; /* near the exact maximum: its own x is about 0 */
     }
-    for (int64_t c = 0; c < cols; c++)
+    for (int64_t c = 0; c < cols; c++) {
+        const bool *marked = mha__refine_column(refine, c);
         for (int64_t r = 0; r < rows; r++) {
             float *x = &st[c * lds + r];
             if (anchor[r] == -INFINITY) continue; /* nothing visible: every score is -inf already */
-            if (!refine[r] || !(*x > near[r])) {  /* far, masked (-inf) or NaN */
+            if (!marked[r] || !(*x > near[r])) {  /* far, masked (-inf) or NaN */
                 *x -= anchor[r];
                 continue;
             }
             *x = (float)(exact_score(p, src, r, c, &cap_slope) - (double)anchor[r]);
             if (slope) slope[c * lds + r] = (float)cap_slope;
         }
+    }
 }

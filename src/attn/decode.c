@@ -20,7 +20,7 @@
 #include <string.h>
 
 enum { KC = 256 }; /* keys per chunk: 256 x 64 floats of K and of V fit in L2 beside each other */
-_Static_assert((int)KC <= (int)MHA_REFINE_MAX_COLS, "a chunk's scores must fit mha__shift_tile");
+_Static_assert((int)KC <= (int)MHA_REFINE_MAX_COLS, "a chunk's scores must fit mha__refine and mha__shift_tile");
 
 typedef struct decode_job {
     const mha__attn_plan *p;
@@ -133,18 +133,17 @@ static void row_chunk(const decode_job *j, float *s, float *qs, int64_t b, int64
     const float *qi = j->q->data + b * j->q->stride[0] + h * j->q->stride[1] + i * j->q->stride[2];
     for (int64_t d = 0; d < p->D; d++) qs[d] = qi[d * j->q->stride[3]] * p->scale;
     chunk_scores(j, b, h / p->group, j0, cols, qs, s);
-    bool plain = p->softcap == 0 && !mha__plan_has_bias(p) && j0 >= lo && j0 + cols <= hi, large = false;
-    if (!plain) { /* the raw scores' size, before the contract changes them */
-        large = mha__large_scores(p, s, cols);
+    bool plain = p->softcap == 0 && !mha__plan_has_bias(p) && j0 >= lo && j0 + cols <= hi;
+    mha__refine refine;
+    mha__refine_raw(p, s, 1, 1, cols, j0, plain ? NULL : &lo, plain ? NULL : &hi, &refine);
+    if (!plain) {
         mha__score_contract(p, s, 1, b, h, i, 1, j0, cols, &lo, &hi, NULL);
+        mha__refine_contracted(p, s, 1, 1, cols, &refine);
     }
     float m = chunk_max(s, cols);
     if (m == -INFINITY) return;
-    /* Plain, the maximum tells: the scores near it are large exactly when it is. */
-    large = large || (!p->bf16 && fabsf(m) > MHA_REFINE_ABOVE);
-    if (large && !isnan(m)) { /* relative to the chunk's exact maximum (attention.h: refined scores) */
+    if (refine.any && !isnan(m)) { /* relative to the chunk's exact maximum (attention.h: refined scores) */
         mha__score_source src = chunk_source(j, qi, b, h, i, j0);
-        bool refine = true;
         m = -INFINITY;
         mha__shift_tile(p, &src, s, 1, 1, cols, &m, false, &refine, NULL);
         j->kt->exp_shift(s, cols, 0.0f);

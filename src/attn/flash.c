@@ -29,7 +29,7 @@
  * (products.h). */
 enum { BR = MHA__BR, BC = MHA__BC, LDS = MHA__LDS };
 _Static_assert((int)BC <= (int)MHA_REFINE_MAX_COLS && (int)BR <= (int)MHA_REFINE_MAX_ROWS,
-               "a tile's scores must fit mha__large_rows and mha__shift_tile");
+               "a tile's scores must fit mha__refine and mha__shift_tile");
 
 typedef mha__tiles tiles;
 
@@ -87,29 +87,21 @@ static int64_t key_tile_index(const flash_job *j, int64_t j0)
 /* Scores of keys [j0, j0+cols) against the item's rows, key-major:
  * S^T = K (scale Q)^T in the plan's dtype; then the row contract, unless
  * `plain` says every key of the tile is visible to every row with no
- * bias.  t->large[r]: row r's raw scores need refining; known here only
- * where the contract changes them (elsewhere the row's maximum tells,
- * see key_tile). */
+ * bias.  t->refine: which of them to refine (attention.h), decided as
+ * the backward and the weights decide; for a plain tile only if
+ * `decide`, else none (softmax_step then tells whether any would be). */
 static void score_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                       int64_t cols, bool plain, mha__strided ks)
+                       int64_t cols, bool plain, bool decide, mha__strided ks)
 {
     const mha__attn_plan *p = j->p;
     p->products->scores(p, ks, rows, cols, key_tile_index(j, j0), t);
-    if (plain) memset(t->large, 0, (size_t)rows * sizeof(bool));
-    else mha__large_rows(p, t->st, LDS, rows, cols, t->large);
-    if (!plain) mha__score_contract(p, t->st, LDS, b, h, i0, rows, j0, cols, t->lo, t->hi, NULL);
-}
-
-/* Marks the rows whose maximum (running, or saved) m[r] is large: their
- * scores near it are large too.  True if any row is marked now. */
-static bool mark_large(const mha__attn_plan *p, bool *large, const float *m, int64_t rows)
-{
-    bool any = false;
-    for (int64_t r = 0; r < rows; r++) {
-        large[r] = large[r] || mha__refines(p, m[r]);
-        any = any || large[r];
-    }
-    return any;
+    bool ranged = !plain && j0 < p->R; /* appended keys are seen by all */
+    t->refine.any = false;
+    if (decide || !plain)
+        mha__refine_raw(p, t->st, LDS, rows, cols, j0, ranged ? t->lo : NULL, ranged ? t->hi : NULL, &t->refine);
+    if (plain) return;
+    mha__score_contract(p, t->st, LDS, b, h, i0, rows, j0, cols, t->lo, t->hi, NULL);
+    mha__refine_contracted(p, t->st, LDS, rows, cols, &t->refine);
 }
 
 /* O = O * scale + P V for keys [j0, j0+cols), in the plan's dtype.  A
@@ -139,12 +131,12 @@ static void step_factors(const flash_job *j, const float *old, const float *max,
     float m[BR], sum[BR] = {0};
     memcpy(m, old, (size_t)rows * sizeof(float));
     memcpy(factor, max, (size_t)rows * sizeof(float));
-    j->kt->softmax_step(factor, BR, rows, 1, m, sum, scale);
+    j->kt->softmax_step(factor, BR, rows, 1, m, sum, scale, INFINITY);
 }
 
-/* softmax_step (kernels.h) for a tile where some row's raw scores are
- * large (attention.h: refined scores): each row's scores relative to its
- * new maximum m, refined where large, then p = exp(x) times the factor
+/* softmax_step (kernels.h) for a tile where some scores are large
+ * (attention.h: refined scores): each row's scores relative to its new
+ * maximum m, refined where marked, then p = exp(x) times the factor
  * softmax_step's probabilities carry, so that this tile's and the vector
  * step's tiles of a row add up alike; scale as the vector step's, a
  * power of two. */
@@ -154,7 +146,7 @@ static void refined_softmax_step(const flash_job *j, const tiles *t, int64_t b, 
     mha__score_source src = mha__score_rows(j->q, b, h, i0, j0, ks);
     float l[BR] = {0}, old[BR], factor[BR];
     memcpy(old, t->max, (size_t)rows * sizeof(float));
-    mha__shift_tile(j->p, &src, t->st, LDS, rows, cols, t->max, false, t->large, NULL);
+    mha__shift_tile(j->p, &src, t->st, LDS, rows, cols, t->max, false, &t->refine, NULL);
     step_factors(j, old, t->max, rows, factor, t->scale);
     for (int64_t c = 0; c < cols; c++) { /* p = exp(x) factor, a key's rows at a time */
         float *x = t->st + c * LDS;
@@ -178,31 +170,27 @@ static void tile_reach(const flash_job *j, tiles *t, int64_t rows, int64_t j0, i
 }
 
 /* One key tile [j0, j0+cols) for the item's rows: the vector softmax
- * step, or the refined one where a row's scores are large: its raw
- * scores, or its maximum before this tile or after it (then the tile's
- * scores are computed again). */
+ * step, or the refined one where some of the tile's scores are large.
+ * A plain tile learns that from the vector step itself, and then goes
+ * back to its statistics before the step and computes its scores again. */
 static void key_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                      int64_t cols, bool plain)
 {
     const mha__attn_plan *p = j->p;
     tile_reach(j, t, rows, j0, cols, plain);
     mha__strided ks = tile_rows(j, t, false, b, h, j0, cols);
-    score_tile(j, t, b, h, i0, rows, j0, cols, plain, ks);
-    if (!mark_large(p, t->large, t->max, rows)) {
-        float max[BR], sum[BR];
+    score_tile(j, t, b, h, i0, rows, j0, cols, plain, false, ks);
+    if (!t->refine.any) {
+        float max[BR], sum[BR], above = plain && !p->bf16 ? MHA_REFINE_ABOVE : INFINITY;
         memcpy(max, t->max, (size_t)rows * sizeof(float));
         memcpy(sum, t->sum, (size_t)rows * sizeof(float));
-        j->kt->softmax_step(t->st, LDS, rows, cols, t->max, t->sum, t->scale);
-        if (!mark_large(p, t->large, t->max, rows)) {
+        if (!j->kt->softmax_step(t->st, LDS, rows, cols, t->max, t->sum, t->scale, above)) {
             accumulate_values(j, t, b, h, rows, j0, cols);
             return;
         }
         memcpy(t->max, max, (size_t)rows * sizeof(float));
         memcpy(t->sum, sum, (size_t)rows * sizeof(float));
-        bool marked[BR];
-        memcpy(marked, t->large, (size_t)rows * sizeof(bool));
-        score_tile(j, t, b, h, i0, rows, j0, cols, plain, ks);
-        for (int64_t r = 0; r < rows; r++) t->large[r] = t->large[r] || marked[r];
+        score_tile(j, t, b, h, i0, rows, j0, cols, plain, true, ks);
     }
     refined_softmax_step(j, t, b, h, i0, rows, j0, cols, ks);
     accumulate_values(j, t, b, h, rows, j0, cols);
@@ -300,18 +288,14 @@ static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t 
 {
     const mha__attn_plan *p = pj->f.p;
     const mha_tensor *pr = pj->probs;
-    bool add = pj->average && h > 0, large[BR], shifted = false;
+    bool add = pj->average && h > 0, shifted = t->refine.any;
     const float *max = pj->f.stats->max + (b * p->Hq + h) * p->L + i0,
                 *sum = pj->f.stats->sum + (max - pj->f.stats->max);
     float anchor[BR];
-    for (int64_t r = 0; r < rows; r++) {
-        large[r] = t->large[r] || mha__refines(p, max[r]);
-        shifted = shifted || large[r];
-        anchor[r] = sum[r] > 0 ? max[r] : -INFINITY;
-    }
+    for (int64_t r = 0; r < rows; r++) anchor[r] = sum[r] > 0 ? max[r] : -INFINITY;
     if (shifted) { /* as the forward refined them: x = s - max */
         mha__score_source src = mha__score_rows(pj->f.q, b, h, i0, j0, ks);
-        mha__shift_tile(p, &src, t->st, LDS, rows, cols, anchor, true, large, NULL);
+        mha__shift_tile(p, &src, t->st, LDS, rows, cols, anchor, true, &t->refine, NULL);
     }
     for (int64_t r = 0; r < rows; r++) {
         float s[BC];
@@ -337,11 +321,12 @@ static void probs_item(const probs_job *pj, tiles *t, int64_t item)
     row_ranges(j, t, i0, rows);
     for (int64_t h = 0; h < p->Hq; h++) {
         pack_queries(j, b, h, i0, rows, t);
-        for (int64_t j0 = 0; j0 < p->S; j0 += BC) {
-            int64_t cols = p->S - j0 < BC ? p->S - j0 : BC;
+        for (int64_t j0 = 0, cols; j0 < p->S; j0 += cols) { /* the forward's tiles: real keys, then appended */
+            int64_t end = j0 < p->R ? p->R : p->S;
+            cols = end - j0 < BC ? end - j0 : BC;
             mha__strided ks = tile_rows(j, t, false, b, h, j0, cols);
             tile_reach(j, t, rows, j0, cols, false);
-            score_tile(j, t, b, h, i0, rows, j0, cols, false, ks);
+            score_tile(j, t, b, h, i0, rows, j0, cols, false, true, ks);
             store_probs(pj, t, b, h, i0, rows, j0, cols, ks);
         }
     }

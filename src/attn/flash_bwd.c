@@ -45,7 +45,7 @@
  * noise; 96 keeps the tiles small and the items many at short N. */
 enum { BQ = 96, BK = 96 };
 _Static_assert((int)BK <= (int)MHA_REFINE_MAX_COLS && (int)BQ <= (int)MHA_REFINE_MAX_ROWS,
-               "a block's scores must fit mha__large_rows and mha__shift_tile");
+               "a block's scores must fit mha__refine and mha__shift_tile");
 
 typedef struct bwd_job {
     const mha__attn_plan *p;
@@ -83,8 +83,8 @@ typedef struct bwd_tiles {
     bool *kv_finite; /* [pass blocks][2]: the block's K, and V, values all finite */
     bool qs_finite, dos_finite;
     int64_t lo[BQ], hi[BQ];
-    float zero[BQ]; /* the shift of refined scores, already shifted */
-    bool large[BQ]; /* the row's raw scores in the block need refining (attention.h) */
+    float zero[BQ];     /* the shift of refined scores, already shifted */
+    mha__refine refine; /* which of the block's scores to refine (attention.h) */
 } bwd_tiles;
 
 static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -363,9 +363,9 @@ static bool block_visible(const bwd_job *j, const bwd_tiles *t, int64_t rows, in
     return j0 < hi_last && j0 + cols > lo_first;
 }
 
-/* Where some row's raw scores are large (attention.h: refined scores),
- * the block's scores become x = s - shift row by row, refined in those
- * rows (with the cap's slope); the probabilities are then exp(x) (a zero
+/* Where some of the block's scores are large (attention.h: refined
+ * scores), they become x = s - shift row by row, refined where marked
+ * (with the cap's slope); the probabilities are then exp(x) (a zero
  * shift). */
 static void refine_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                          int64_t cols, const float *shift)
@@ -376,7 +376,7 @@ static void refine_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, i
     mha__score_source src = mha__score_rows(j->q, b, h, i0, j0, ks);
     float anchor[BQ];
     memcpy(anchor, shift, (size_t)rows * sizeof(float));
-    mha__shift_tile(p, &src, t->st, BQ, rows, cols, anchor, true, t->large, p->softcap > 0 ? t->slope : NULL);
+    mha__shift_tile(p, &src, t->st, BQ, rows, cols, anchor, true, &t->refine, p->softcap > 0 ? t->slope : NULL);
 }
 
 /* For key rows k_j0.. and the packed query block: st = P^T and dpt =
@@ -395,21 +395,16 @@ static void block_probabilities(const bwd_job *j, bwd_tiles *t, int64_t b, int64
     const float *kb = row_of(k, b, g, j0), *vb = row_of(v, b, g, j0);
     if (!split_scores(j, t, slot, false, rows, cols, t->st))
         product(kt, cols, rows, p->D, kb, k->stride[2], k->stride[3], t->qt, BQ, t->st, BQ, 0);
-    bool capped = p->softcap > 0, large = false;
-    if (!plain) { /* the raw scores' size, before the contract changes them; else the row's maximum tells */
-        large = mha__large_rows(p, t->st, BQ, rows, cols, t->large);
+    bool capped = p->softcap > 0, ranged = !plain && j0 < p->R; /* appended keys are seen by all */
+    mha__refine_raw(p, t->st, BQ, rows, cols, j0, ranged ? t->lo : NULL, ranged ? t->hi : NULL, &t->refine);
+    if (!plain) {
         mha__score_contract(p, t->st, BQ, b, h, i0, rows, j0, cols, t->lo, t->hi, capped ? t->slope : NULL);
-    } else {
-        memset(t->large, 0, (size_t)rows * sizeof(bool));
+        mha__refine_contracted(p, t->st, BQ, rows, cols, &t->refine);
     }
     if (dp && !split_scores(j, t, slot, true, rows, cols, t->dpt))
         product(kt, cols, rows, p->Dv, vb, v->stride[2], v->stride[3], t->dot, BQ, t->dpt, BQ, 0);
     const float *shift = j->shift + (b * p->Hq + h) * p->L + i0;
-    for (int64_t r = 0; r < rows; r++) { /* the forward's maximum: near it, scores are as large */
-        t->large[r] = t->large[r] || mha__refines(p, shift[r]);
-        large = large || t->large[r];
-    }
-    if (large) {
+    if (t->refine.any) {
         refine_block(j, t, b, h, i0, rows, j0, cols, shift);
         shift = t->zero;
     }

@@ -54,7 +54,7 @@ typedef struct mha__tiles {
     bool *qs_finite;            /* (scale Q)^T's values all finite */
     int64_t lo[MHA__BR], hi[MHA__BR]; /* each row's visible real keys (mha__row_key_range) */
     int64_t reach[MHA__BR];           /* the current key tile's first reach[r] keys hold every key row r sees */
-    bool large[MHA__BR];              /* the row's raw scores in the tile need refining (attention.h) */
+    mha__refine refine;               /* which of the tile's scores to refine (attention.h) */
 } mha__tiles;
 
 /* The value-tile cache: a thread keeps key tile j of the kv head it works

@@ -173,26 +173,36 @@ static inline __m256 anchor256(__m256 m) { return _mm256_ceil_ps(_mm256_mul_ps(m
 
 /* softmax_step for the queries i .. i+7 (those of mk); inlined twice, with
  * full = 1 and 0, so the test on `full` disappears. */
-static inline __attribute__((always_inline)) void softmax_step8(float *s, int64_t lds, int64_t cols, float *max,
-                                                                float *sum, float *scale, __m256i mk, int full)
+static inline __attribute__((always_inline)) bool softmax_step8(float *s, int64_t lds, int64_t cols, float *max,
+                                                                float *sum, float *scale, float above, __m256i mk,
+                                                                int full)
 {
-    const __m256 neg_inf = _mm256_set1_ps(-INFINITY), one = _mm256_set1_ps(1.0f);
-    __m256 old_max = LOAD8(max), new_max = old_max, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    const __m256 neg_inf = _mm256_set1_ps(-INFINITY), pos_inf = _mm256_set1_ps(INFINITY), one = _mm256_set1_ps(1.0f);
+    __m256 old_max = LOAD8(max), m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    __m256 n0 = pos_inf, n1 = pos_inf, n2 = pos_inf, n3 = pos_inf;
     /* vmaxps(x, m) returns m when x is NaN: the maximum skips NaN scores,
      * and a NaN score still makes its row NaN, as a plain softmax does:
      * its exp is NaN, so the row's sum is NaN from here on, and so are its
      * output (P V and the division by the sum) and its lse.  Lanes past
      * the rows are computed on whatever maskload gave (0) and not stored.
-     * Four running maxima, as avx512.c's column_max keeps. */
+     * Four running maxima and minima, as avx512.c's column_max keeps. */
     int64_t j = 0;
     for (; j + 4 <= cols; j += 4) {
-        new_max = _mm256_max_ps(LOAD8(s + j * lds), new_max);
-        m1 = _mm256_max_ps(LOAD8(s + (j + 1) * lds), m1);
-        m2 = _mm256_max_ps(LOAD8(s + (j + 2) * lds), m2);
-        m3 = _mm256_max_ps(LOAD8(s + (j + 3) * lds), m3);
+        __m256 x0 = LOAD8(s + j * lds), x1 = LOAD8(s + (j + 1) * lds), x2 = LOAD8(s + (j + 2) * lds);
+        __m256 x3 = LOAD8(s + (j + 3) * lds);
+        m0 = _mm256_max_ps(x0, m0), m1 = _mm256_max_ps(x1, m1), m2 = _mm256_max_ps(x2, m2), m3 = _mm256_max_ps(x3, m3);
+        n0 = _mm256_min_ps(x0, n0), n1 = _mm256_min_ps(x1, n1), n2 = _mm256_min_ps(x2, n2), n3 = _mm256_min_ps(x3, n3);
     }
-    for (; j < cols; j++) new_max = _mm256_max_ps(LOAD8(s + j * lds), new_max);
-    new_max = _mm256_max_ps(_mm256_max_ps(new_max, m1), _mm256_max_ps(m2, m3));
+    for (; j < cols; j++) {
+        __m256 x = LOAD8(s + j * lds);
+        m0 = _mm256_max_ps(x, m0), n0 = _mm256_min_ps(x, n0);
+    }
+    __m256 tile_max = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
+    __m256 tile_min = _mm256_min_ps(_mm256_min_ps(n0, n1), _mm256_min_ps(n2, n3));
+    __m256 new_max = _mm256_max_ps(tile_max, old_max);
+    /* Lanes past the rows saw 0 (maskload): never above. */
+    __m256 large = _mm256_or_ps(_mm256_cmp_ps(tile_max, _mm256_set1_ps(above), _CMP_GT_OQ),
+                                _mm256_cmp_ps(tile_min, _mm256_set1_ps(-above), _CMP_LT_OQ));
     /* Queries that still see nothing take anchor 0, so their -inf scores give 0. */
     __m256 seen = _mm256_cmp_ps(new_max, neg_inf, _CMP_NEQ_UQ);
     __m256 anchor = _mm256_and_ps(anchor256(new_max), seen), block_sum = _mm256_setzero_ps();
@@ -207,14 +217,18 @@ static inline __attribute__((always_inline)) void softmax_step8(float *s, int64_
     STORE8(scale, sc);
     STORE8(sum, new_sum);
     STORE8(max, new_max);
+    return _mm256_movemask_ps(large) != 0;
 }
 
-static void softmax_step_avx2(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum, float *scale)
+static bool softmax_step_avx2(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum, float *scale,
+                              float above)
 {
+    bool large = false;
     int64_t i = 0;
     for (; i + 8 <= rows; i += 8) /* 8 queries per vector */
-        softmax_step8(s + i, lds, cols, max + i, sum + i, scale + i, lane_mask(8), 1);
-    if (i < rows) softmax_step8(s + i, lds, cols, max + i, sum + i, scale + i, lane_mask(rows - i), 0);
+        large |= softmax_step8(s + i, lds, cols, max + i, sum + i, scale + i, above, lane_mask(8), 1);
+    if (i < rows) large |= softmax_step8(s + i, lds, cols, max + i, sum + i, scale + i, above, lane_mask(rows - i), 0);
+    return large;
 }
 
 static inline __attribute__((always_inline)) void softmax_grad8(float *s, float *dp, int64_t lds, int64_t cols,
@@ -389,22 +403,30 @@ static void scale_avx2(float *x, int64_t n, float alpha)
 
 /* 8 rows per vector; max_ps returns its second operand when either is
  * NaN, so a NaN score leaves the running maximum as it was. */
-void mha__abs_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top)
+/* Eight rows' top of |s| over the keys, four keys at a time into
+ * separate maxima (as abs_max_avx512: one chain waits on each max);
+ * inlined with full = 1 and 0, as softmax_step8. */
+static inline __attribute__((always_inline)) void abs_max8(const float *s, int64_t lds, int64_t cols, float *top,
+                                                           __m256i mk, int full)
 {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    int64_t i = 0;
-    for (; i + 8 <= rows; i += 8) {
-        __m256 acc = _mm256_loadu_ps(top + i);
-        for (int64_t j = 0; j < cols; j++)
-            acc = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(s + j * lds + i)), acc);
-        _mm256_storeu_ps(top + i, acc);
+    __m256 m0 = LOAD8(top), m1 = _mm256_setzero_ps(), m2 = m1, m3 = m1;
+    int64_t j = 0;
+    for (; j + 4 <= cols; j += 4) {
+        m0 = _mm256_max_ps(_mm256_andnot_ps(sign, LOAD8(s + j * lds)), m0);
+        m1 = _mm256_max_ps(_mm256_andnot_ps(sign, LOAD8(s + (j + 1) * lds)), m1);
+        m2 = _mm256_max_ps(_mm256_andnot_ps(sign, LOAD8(s + (j + 2) * lds)), m2);
+        m3 = _mm256_max_ps(_mm256_andnot_ps(sign, LOAD8(s + (j + 3) * lds)), m3);
     }
-    if (i == rows) return;
-    __m256i mk = lane_mask(rows - i);
-    __m256 acc = _mm256_maskload_ps(top + i, mk);
-    for (int64_t j = 0; j < cols; j++)
-        acc = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_maskload_ps(s + j * lds + i, mk)), acc);
-    _mm256_maskstore_ps(top + i, mk, acc);
+    for (; j < cols; j++) m0 = _mm256_max_ps(_mm256_andnot_ps(sign, LOAD8(s + j * lds)), m0);
+    STORE8(top, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+}
+
+static void abs_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top)
+{
+    int64_t i = 0;
+    for (; i + 8 <= rows; i += 8) abs_max8(s + i, lds, cols, top + i, lane_mask(8), 1);
+    if (i < rows) abs_max8(s + i, lds, cols, top + i, lane_mask(rows - i), 0);
 }
 
 /* Eight rows of the sums at once, in registers across the keys: two
@@ -535,7 +557,7 @@ const mha__kernels mha__kernels_avx2 = {
     .transpose_scaled = transpose_scaled_avx2,
     .scale = scale_avx2,
     .exp_shift = exp_shift_avx2,
-    .abs_max = mha__abs_max_avx2,
+    .abs_max = abs_max_avx2,
     .key_sums = mha__key_sums_avx2,
     .dot_f64 = mha__dot_f64_avx2,
     .pair_dots = mha__pair_dots_avx2,

@@ -199,25 +199,57 @@ static inline __m512 exp512(__m512 x)
  * row's maximum (or a larger shift): x <= 0, -inf or NaN, so no clamp. */
 static inline __m512 exp512_nonpositive(__m512 x) { return exp512_alive(x, exp512_normal(x)); }
 
-/* max(init, s[j * lds] for j < cols), lanes in mk (the others -inf).
- * vmaxps(x, m) returns m when either is NaN: the maximum passes over NaN
+/* max(s[j * lds] for j < cols), and its min in *min, lanes in mk (the
+ * others -inf in both).  vmaxps(x, m) and vminps(x, m) return m when
+ * either is NaN: the maximum and minimum pass over NaN
  * scores, whose exp then makes the row's sum NaN (kernels.h), as in
  * avx2.c and generic.c.  Four running maxima, not one: a single chain
  * waited a vmaxps latency a key, a quarter of the softmax step on
  * Sapphire Rapids.  A maximum is exact in any order. */
-static inline __m512 column_max(const float *s, int64_t lds, int64_t cols, __mmask16 mk, __m512 init)
+static inline __m512 column_max(const float *s, int64_t lds, int64_t cols, __mmask16 mk, __m512 *min)
 {
-    const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
-    __m512 m0 = init, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY), pos_inf = _mm512_set1_ps(INFINITY);
+    __m512 m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf, n0 = pos_inf, n1 = pos_inf, n2 = pos_inf,
+           n3 = pos_inf;
     int64_t j = 0;
     for (; j + 4 <= cols; j += 4) {
-        m0 = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mk, s + j * lds), m0);
-        m1 = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mk, s + (j + 1) * lds), m1);
-        m2 = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mk, s + (j + 2) * lds), m2);
-        m3 = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mk, s + (j + 3) * lds), m3);
+        __m512 x0 = _mm512_mask_loadu_ps(neg_inf, mk, s + j * lds);
+        __m512 x1 = _mm512_mask_loadu_ps(neg_inf, mk, s + (j + 1) * lds);
+        __m512 x2 = _mm512_mask_loadu_ps(neg_inf, mk, s + (j + 2) * lds);
+        __m512 x3 = _mm512_mask_loadu_ps(neg_inf, mk, s + (j + 3) * lds);
+        m0 = _mm512_max_ps(x0, m0), m1 = _mm512_max_ps(x1, m1), m2 = _mm512_max_ps(x2, m2), m3 = _mm512_max_ps(x3, m3);
+        n0 = _mm512_min_ps(x0, n0), n1 = _mm512_min_ps(x1, n1), n2 = _mm512_min_ps(x2, n2), n3 = _mm512_min_ps(x3, n3);
     }
-    for (; j < cols; j++) m0 = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mk, s + j * lds), m0);
+    for (; j < cols; j++) {
+        __m512 x = _mm512_mask_loadu_ps(neg_inf, mk, s + j * lds);
+        m0 = _mm512_max_ps(x, m0), n0 = _mm512_min_ps(x, n0);
+    }
+    *min = _mm512_min_ps(_mm512_min_ps(n0, n1), _mm512_min_ps(n2, n3));
     return _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
+}
+
+/* top[i] = max(top[i], max_j |s[j][i]|), four keys at a time into
+ * separate maxima: a single chain (avx2.c's, which this table shared)
+ * waits a vmaxps latency a key, and scanning every tile so cost the core
+ * 3% at N = 2048.  vmaxps keeps its second operand, the running maximum,
+ * where |s| is NaN. */
+static void abs_max_avx512(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top)
+{
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (int64_t i = 0; i < rows; i += 16) {
+        __mmask16 mk = lane_mask(rows - i);
+        const float *si = s + i;
+        __m512 m0 = _mm512_maskz_loadu_ps(mk, top + i), m1 = _mm512_setzero_ps(), m2 = m1, m3 = m1;
+        int64_t j = 0;
+        for (; j + 4 <= cols; j += 4) {
+            m0 = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(mk, si + j * lds)), m0);
+            m1 = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(mk, si + (j + 1) * lds)), m1);
+            m2 = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(mk, si + (j + 2) * lds)), m2);
+            m3 = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(mk, si + (j + 3) * lds)), m3);
+        }
+        for (; j < cols; j++) m0 = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(mk, si + j * lds)), m0);
+        _mm512_mask_storeu_ps(top + i, mk, _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+    }
 }
 
 /* 2^y for 16 lanes of y <= 1, -inf or NaN (softmax_step's): vreduceps
@@ -238,14 +270,18 @@ static inline __m512 anchor512(__m512 m)
                                 _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
 }
 
-static void softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum, float *scale)
+static bool softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum, float *scale,
+                                float above)
 {
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY), one = _mm512_set1_ps(1.0f);
-    const __m512 log2e = _mm512_set1_ps(MHA_EXP_LOG2E);
+    const __m512 log2e = _mm512_set1_ps(MHA_EXP_LOG2E), top = _mm512_set1_ps(above), bottom = _mm512_set1_ps(-above);
+    __mmask16 large = 0;
     for (int64_t i = 0; i < rows; i += 16) { /* 16 queries per vector */
         __mmask16 mk = lane_mask(rows - i);
-        __m512 old_max = _mm512_mask_loadu_ps(neg_inf, mk, max + i);
-        __m512 new_max = column_max(s + i, lds, cols, mk, old_max);
+        __m512 old_max = _mm512_mask_loadu_ps(neg_inf, mk, max + i), tile_min;
+        __m512 tile_max = column_max(s + i, lds, cols, mk, &tile_min), new_max = _mm512_max_ps(tile_max, old_max);
+        large |= _mm512_mask_cmp_ps_mask(mk, tile_max, top, _CMP_GT_OQ) |
+                 _mm512_mask_cmp_ps_mask(mk, tile_min, bottom, _CMP_LT_OQ);
         /* Queries that still see nothing take anchor 0, so their -inf scores give 0. */
         __mmask16 seen = _mm512_cmp_ps_mask(new_max, neg_inf, _CMP_NEQ_UQ);
         __m512 anchor = _mm512_maskz_mov_ps(seen, anchor512(new_max)), block_sum = _mm512_setzero_ps();
@@ -261,6 +297,7 @@ static void softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t col
         _mm512_mask_storeu_ps(sum + i, mk, new_sum);
         _mm512_mask_storeu_ps(max + i, mk, new_max);
     }
+    return large != 0;
 }
 
 static void softmax_grad_avx512(float *s, float *dp, int64_t lds, int64_t rows, int64_t cols, const float *shift,
@@ -386,7 +423,7 @@ const mha__kernels mha__kernels_avx512 = {
     .transpose_scaled = transpose_scaled_avx512,
     .scale = scale_avx512,
     .exp_shift = exp_shift_avx512,
-    .abs_max = mha__abs_max_avx2,
+    .abs_max = abs_max_avx512,
     .key_sums = mha__key_sums_avx2,
     .dot_f64 = mha__dot_f64_avx2,
     .pair_dots = mha__pair_dots_avx2,

@@ -47,13 +47,18 @@ static void pair_dots_generic(int64_t rows, int64_t k, const float *a, int64_t a
 /* 2^y, 0 below 2^-126 as the vector kernels give it (exp_poly.h). */
 static float exp2_flushed(float y) { return y < MHA_EXP2_MIN_INPUT ? 0.0f : exp2f(y); }
 
-static void softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
-                                 float *scale)
+static bool softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
+                                 float *scale, float above)
 {
+    bool large = false;
     for (int64_t i = 0; i < rows; i++) {
-        float new_max = max[i];
-        for (int64_t j = 0; j < cols; j++) /* a NaN score fails the test: passed over */
-            if (s[j * lds + i] > new_max) new_max = s[j * lds + i];
+        float top = -INFINITY, bottom = INFINITY;
+        for (int64_t j = 0; j < cols; j++) { /* a NaN score fails both tests: passed over */
+            if (s[j * lds + i] > top) top = s[j * lds + i];
+            if (s[j * lds + i] < bottom) bottom = s[j * lds + i];
+        }
+        large = large || top > above || bottom < -above;
+        float new_max = top > max[i] ? top : max[i];
         /* A query that still sees nothing takes anchor 0: its -inf
          * scores give 0, a NaN gives NaN. */
         float anchor = new_max == -INFINITY ? 0.0f : mha__softmax_anchor(new_max), block_sum = 0.0f;
@@ -65,6 +70,7 @@ static void softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t co
         sum[i] = sum[i] * scale[i] + block_sum;
         max[i] = new_max;
     }
+    return large;
 }
 
 static void softmax_grad_generic(float *s, float *dp, int64_t lds, int64_t rows, int64_t cols, const float *shift,

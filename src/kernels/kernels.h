@@ -72,9 +72,14 @@ typedef void (*mha__gemm_tile_grouped_fn)(int64_t m, int64_t n, int64_t groups, 
  * layout puts queries in vector lanes, so no step needs a horizontal
  * reduction.  A NaN score does not enter the maximum (vmaxps passes over
  * it); its exponential is NaN, so the row's sum is NaN from that step on,
- * and with it the row's output and lse, as a plain softmax gives. */
-typedef void (*mha__softmax_step_fn)(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
-                                     float *scale);
+ * and with it the row's output and lse, as a plain softmax gives.
+ * Returns whether some score of the tile passes `above` in magnitude
+ * (NaN passed over, -inf passing any bound): the forward's test for
+ * refining a tile whose scores are its raw ones, none masked
+ * (attention.h), taken in the maximum's pass over the tile, where a pass
+ * of its own (abs_max) cost 1% of the core. */
+typedef bool (*mha__softmax_step_fn)(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
+                                     float *scale, float above);
 
 /* softmax_step's anchor for a row whose maximum is m: ceil(m log2 e), the
  * product rounded to float first (every kernel computes it so). */
@@ -354,9 +359,7 @@ extern const mha__kernels mha__kernels_avx2;
 extern const mha__kernels mha__kernels_avx512;
 
 #if defined(__x86_64__) || defined(__i386__)
-/* avx2.c's abs_max, which the avx512 table shares: a pass over the tile
- * well under 1% of its products. */
-void mha__abs_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top);
+/* avx2.c's kernels that the avx512 table shares. */
 void mha__key_sums_avx2(const float *s, const float *w, int64_t lds, int64_t rows, int64_t cols, double *sum,
                         double *wsum, float *top);
 double mha__dot_f64_avx2(const float *a, const float *b, int64_t n);
