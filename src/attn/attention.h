@@ -137,29 +137,30 @@ void mha__pack_columns(const mha__kernels *kt, float *dst, int64_t ldd, mha__str
  * output's, and ours and a float32 reference's are alike in size: nothing
  * then keeps ours within the tolerance rule's factor of the reference's.
  * Which scores are refined is decided per row and per block of
- * MHA_REFINE_KEYS keys (keys 0 to 95, 96 to 191, ...): where a visible score of the block passes MHA_REFINE_ABOVE in
- * magnitude, raw (the dot product, before softcap and bias: its terms set
- * the float32 error) or, with a bias, after the contract, the block's
- * scores that matter (those within MHA_REFINE_NEAR of the row's largest;
- * beyond it, exp < 2e-9) are recomputed from the unscaled rows in
- * float64, the contract (softcap, bias) applied in float64 too, and
- * stored as x = s - anchor, rounded once: near the anchor, x is small and
- * so is its rounding.  The anchor is a float the softmax treats as the
- * row's maximum: the forward's running maximum, raised to the exact
- * maximum of each tile; the backward's and the weights' saved maximum
- * (or lse).
- * Every pass decides alike, from scores it computes to the same bits:
- * the backward's probabilities exp(s - lse) are normalised only if its s
- * are the very values the forward's lse summed.  A score refined in one
- * pass and left at float32 in the other is off by its float32 error,
- * several ulps of a score of 15 with large terms, and in a row where it
- * takes most of the weight that error goes whole into dV and dS, where a
- * float32 reference's softmax, normalised from its own scores, cancels
- * it: the forward (tiles of 192 keys, two blocks) and the backward
- * (blocks of 96) once decided per tile, counting keys a row does not see
- * and the row's running or saved maximum, and disagreed.  bf16 plans are
- * left alone (their rounding is far larger).  Below the threshold a
- * score's rounding is no larger than the float32 reference's. */
+ * MHA_REFINE_KEYS keys (keys 0 to 95, 96 to 191, ...): where a score the
+ * row sees in the block passes MHA_REFINE_ABOVE in magnitude, raw (the
+ * dot product before softcap and bias: its terms set the float32 error)
+ * or, with a bias, after the contract, the block's scores that matter
+ * (within MHA_REFINE_NEAR of the row's largest; beyond, exp < 2e-9) are
+ * recomputed from the unscaled rows in float64, the contract applied in
+ * float64 too, and stored as x = s - anchor, rounded once: near the
+ * anchor x is small, and so is its rounding.  The anchor is a float the
+ * softmax treats as the row's maximum: the forward's running maximum,
+ * raised to the exact maximum of each tile; the backward's and the
+ * weights' saved maximum (or lse).  bf16 plans are left alone (their
+ * rounding is far larger).  Below the threshold a score's rounding is no
+ * larger than the float32 reference's.
+ *
+ * Every pass decides alike, from scores it computes to the same bits,
+ * whatever its tiles: the backward's exp(s - lse) sums to 1 only if its
+ * s are the values the forward's lse summed.  A score refined in one pass
+ * and not in the other differs by its float32 error (several ulps of a
+ * score of 15 whose terms are large), and where that key holds most of
+ * a row's weight the difference goes whole into dV and dS, while a
+ * float32 reference, normalised from its own scores, cancels it.  The
+ * passes once decided per tile (192 keys forward, 96 backward), counting
+ * keys a row does not see and the running or saved maximum, and
+ * disagreed. */
 #define MHA_REFINE_ABOVE 16.0f
 #define MHA_REFINE_NEAR  20.0f
 enum { MHA_REFINE_MAX_COLS = 256, MHA_REFINE_MAX_ROWS = 192 }; /* the largest tile or chunk */
