@@ -204,8 +204,9 @@ mha__score_source mha__score_rows(const mha_tensor *q, int64_t b, int64_t h, int
 /* f from key-major tile st (st[c * lds + r]) of raw float32 scores,
  * before the contract, for keys j0.. : a block's flag set where a visible
  * score passes MHA_REFINE_ABOVE in magnitude (never for a bf16 plan).
- * Keys outside row r's range [lo[r], hi[r]) are set to 0 first (the
- * contract masks them); lo and hi NULL: every key is visible. */
+ * Real keys outside row r's range [lo[r], hi[r]) are set to 0 first
+ * (the contract masks them); appended keys (j0 >= R: a tile holds one
+ * kind) and lo, hi NULL: every key is visible. */
 void mha__refine_raw(const mha__attn_plan *p, float *st, int64_t lds, int64_t rows, int64_t cols, int64_t j0,
                      const int64_t *lo, const int64_t *hi, mha__refine *f);
 /* For a plan with a bias, after the contract: also the blocks where a

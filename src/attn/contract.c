@@ -187,7 +187,7 @@ void mha__refine_raw(const mha__attn_plan *p, float *st, int64_t lds, int64_t ro
     int64_t blocks = (f->first + cols + MHA_REFINE_KEYS - 1) / MHA_REFINE_KEYS;
     for (int64_t k = 0; k < blocks; k++) memset(f->large[k], 0, (size_t)rows * sizeof(bool));
     if (p->bf16) return;
-    if (lo) zero_unseen(st, lds, rows, cols, j0, lo, hi);
+    if (lo && j0 < p->R) zero_unseen(st, lds, rows, cols, j0, lo, hi);      /* appended keys: seen by all */
     bool lanes = rows == 1 && lds == 1;                                     /* one row's contiguous scores (decode) */
     if (lanes && !(contiguous_top(p, st, cols) > MHA_REFINE_ABOVE)) return; /* usually: one pass for all blocks */
     for (int64_t k = 0; k < blocks; k++) {                                  /* the tile's columns [c0, c0 + n) */

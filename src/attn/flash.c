@@ -95,10 +95,9 @@ static void score_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64
 {
     const mha__attn_plan *p = j->p;
     p->products->scores(p, ks, rows, cols, key_tile_index(j, j0), t);
-    bool ranged = !plain && j0 < p->R; /* appended keys are seen by all */
     t->refine.any = false;
     if (decide || !plain)
-        mha__refine_raw(p, t->st, LDS, rows, cols, j0, ranged ? t->lo : NULL, ranged ? t->hi : NULL, &t->refine);
+        mha__refine_raw(p, t->st, LDS, rows, cols, j0, plain ? NULL : t->lo, plain ? NULL : t->hi, &t->refine);
     if (plain) return;
     mha__score_contract(p, t->st, LDS, b, h, i0, rows, j0, cols, t->lo, t->hi, NULL);
     mha__refine_contracted(p, t->st, LDS, rows, cols, &t->refine);

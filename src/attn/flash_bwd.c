@@ -395,8 +395,8 @@ static void block_probabilities(const bwd_job *j, bwd_tiles *t, int64_t b, int64
     const float *kb = row_of(k, b, g, j0), *vb = row_of(v, b, g, j0);
     if (!split_scores(j, t, slot, false, rows, cols, t->st))
         product(kt, cols, rows, p->D, kb, k->stride[2], k->stride[3], t->qt, BQ, t->st, BQ, 0);
-    bool capped = p->softcap > 0, ranged = !plain && j0 < p->R; /* appended keys are seen by all */
-    mha__refine_raw(p, t->st, BQ, rows, cols, j0, ranged ? t->lo : NULL, ranged ? t->hi : NULL, &t->refine);
+    bool capped = p->softcap > 0;
+    mha__refine_raw(p, t->st, BQ, rows, cols, j0, plain ? NULL : t->lo, plain ? NULL : t->hi, &t->refine);
     if (!plain) {
         mha__score_contract(p, t->st, BQ, b, h, i0, rows, j0, cols, t->lo, t->hi, capped ? t->slope : NULL);
         mha__refine_contracted(p, t->st, BQ, rows, cols, &t->refine);
