@@ -401,6 +401,82 @@ static void test_int8_cache(mha_ctx *ctx1, mha_ctx *ctx3)
     }
 }
 
+/* Attention over the cache against attention over the rows it holds,
+ * read back as tensors: the same bits, in the tiles (20 query rows) and
+ * in split-K decoding (one row).  The cache keeps
+ * its keys' largest norm, which decides which rows are refined whole
+ * (attention.h: refined scores); the tensors' attention finds it from
+ * the rows.  (Split-K over an int8 cache scales each row's dot product,
+ * not its elements: other bits.)  A key row 20 times the others' size makes every row wide
+ * while it is held; after truncating it away, and after a reset, the
+ * kept norm must be the remaining rows' again, or the two would refine
+ * different rows and differ. */
+static void check_cache_as_tensors(mha_ctx *ctx, mha_kv_cache *c, mha_dtype dtype, int64_t G, int64_t d, const float *q,
+                                   int64_t Hq, const char *label)
+{
+    int64_t S = mha_kv_cache_length(c), L = 20;
+    float *k = malloc(sizeof(float) * G * S * d), *v = malloc(sizeof(float) * G * S * d);
+    float *o_cache = malloc(sizeof(float) * Hq * L * d), *o_rows = malloc(sizeof(float) * Hq * L * d);
+    mha_tensor kt = mha_tensor_4d(k, 1, G, S, d), vt = mha_tensor_4d(v, 1, G, S, d);
+    CHECK_OK(mha_kv_cache_read(c, 0, &kt, &vt));
+    mha_attn_desc desc;
+    mha_attn_desc_init(&desc);
+    desc.enable_gqa = Hq != G;
+    bool split_k = dtype != MHA_DTYPE_I8;                              /* int8 rows scale the sums, not the elements */
+    for (int64_t rows = L; rows >= (split_k ? 1 : L); rows -= L - 1) { /* the tiles; split-K */
+        mha_tensor qt = {(float *)q, {1, Hq, rows, d}, {L * d * Hq, L * d, d, 1}};
+        mha_tensor oc = {o_cache, {1, Hq, rows, d}, {L * d * Hq, L * d, d, 1}}, orows = oc;
+        orows.data = o_rows;
+        CHECK_OK(mha_kv_cache_attention(ctx, c, &oc, &qt, &desc));
+        CHECK_OK(mha_attention(ctx, &orows, NULL, &qt, &kt, &vt, &desc));
+        bool same = true;
+        for (int64_t h = 0; h < Hq; h++)
+            same = same && memcmp(o_cache + h * L * d, o_rows + h * L * d, sizeof(float) * rows * d) == 0;
+        CHECK(same, "%s, %lld keys, %lld query rows: the cache's attention differs from its rows'", label, (long long)S,
+              (long long)rows);
+    }
+    free(k), free(v), free(o_cache), free(o_rows);
+}
+
+static void test_cache_keeps_norms(mha_ctx *ctx)
+{
+    enum { G = 1, HQ = 2, D = 64, S = 300 };
+    static const mha_dtype dtypes[] = {MHA_DTYPE_F32, MHA_DTYPE_BF16, MHA_DTYPE_I8};
+    mha_layer_desc ld;
+    mha_layer_desc_init(&ld);
+    ld.embed_dim = HQ * D;
+    ld.num_heads = HQ;
+    ld.num_kv_heads = G;
+    mha_layer *layer = NULL;
+    CHECK_OK(mha_layer_create(&ld, &layer));
+    double *copy;
+    float *q = randoms(HQ * 20 * D, 2.0, &copy), *k, *v, *big;
+    free(copy);
+    k = randoms(G * S * D, 2.0, &copy), free(copy);
+    v = randoms(G * S * D, 1.0, &copy), free(copy);
+    big = randoms(G * D, 40.0, &copy), free(copy);
+    mha_tensor kt = mha_tensor_4d(k, 1, G, S, D), vt = mha_tensor_4d(v, 1, G, S, D);
+    mha_tensor kb = mha_tensor_4d(big, 1, G, 1, D), vb = mha_tensor_4d(v, 1, G, 1, D);
+    for (int n = 0; n < 3; n++) {
+        mha_kv_cache *c = NULL;
+        char label[80];
+        snprintf(label, sizeof label, "%s cache", mha_dtype_name(dtypes[n]));
+        CHECK_OK(mha_kv_cache_create(layer, 1, S + 1, dtypes[n], &c));
+        CHECK_OK(mha_kv_cache_append(c, &kt, &vt));
+        check_cache_as_tensors(ctx, c, dtypes[n], G, D, q, HQ, label);
+        CHECK_OK(mha_kv_cache_append(c, &kb, &vb));
+        check_cache_as_tensors(ctx, c, dtypes[n], G, D, q, HQ, label);
+        CHECK_OK(mha_kv_cache_truncate(c, S));
+        check_cache_as_tensors(ctx, c, dtypes[n], G, D, q, HQ, label);
+        mha_kv_cache_reset(c);
+        CHECK_OK(mha_kv_cache_append(c, &kt, &vt));
+        check_cache_as_tensors(ctx, c, dtypes[n], G, D, q, HQ, label);
+        mha_kv_cache_free(c);
+    }
+    free(q), free(k), free(v), free(big);
+    mha_layer_free(layer);
+}
+
 /* mha_kv_cache_read and mha_kv_cache_attention on bad input, and an
  * int8 row with an infinity: NaN where it is seen, nowhere else. */
 static void test_read_and_attention_errors(mha_ctx *ctx, mha_layer *layer)
@@ -542,6 +618,7 @@ int main(void)
     CHECK_OK(mha_ctx_create(3, &ctx3));
     test_blocks(ctx1, ctx3);
     test_int8_cache(ctx1, ctx3);
+    test_cache_keeps_norms(ctx3);
     test_cache_api(ctx1);
     mha_ctx_free(ctx1);
     mha_ctx_free(ctx3);

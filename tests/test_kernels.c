@@ -297,6 +297,35 @@ static void test_dot_f64(const mha__kernels *kt)
     CHECK(bad == 0, "%s dot_f64: %d mismatches", kt->name, bad);
 }
 
+/* norm2 over every tail of n, seven rows at once (the vector kernels
+ * take them four at a time), values of every size: the bits of
+ * kernels.h's order written out here (each square exact, so no kernel's
+ * vector sums may differ), and within float64's rounding of long double. */
+static void test_norm2(const mha__kernels *kt)
+{
+    enum { N = 133, ROWS = 7, LD = 5 };
+    float x[N + ROWS * LD];
+    for (int i = 0; i < N + ROWS * LD; i++) x[i] = uniform() * (i % 5 ? 30.0f : 1e-3f);
+    int bad = 0;
+    for (int n = 0; n <= N; n++) {
+        double got[ROWS];
+        kt->norm2(x, LD, ROWS, n, got);
+        for (int r = 0; r < ROWS; r++) {
+            const float *row = x + r * LD;
+            double lane[8] = {0}, sum = 0;
+            long double exact = 0;
+            int c = 0;
+            for (; c + 8 <= n; c += 8)
+                for (int l = 0; l < 8; l++) lane[l] += (double)row[c + l] * row[c + l];
+            for (; c < n; c++) sum += (double)row[c] * row[c];
+            for (int l = 0; l < 8; l++) sum += lane[l];
+            for (int i = 0; i < n; i++) exact += (long double)row[i] * row[i];
+            bad += memcmp(&got[r], &sum, sizeof sum) != 0 || fabsl(got[r] - exact) > (n + 1) * DBL_EPSILON * exact;
+        }
+    }
+    CHECK(bad == 0, "%s norm2: %d mismatches", kt->name, bad);
+}
+
 /* Do a and b agree: both NaN, or equal to 4 FLT_EPSILON of b (infinities
  * exactly)? */
 static bool agrees(float a, float b)
@@ -694,6 +723,7 @@ int main(void)
         test_key_sums(kt);
         test_transpose_scaled(kt);
         test_dot_f64(kt);
+        test_norm2(kt);
         test_rows(kt, NULL, false);
         test_rows(kt, NULL, true);
         tested++;

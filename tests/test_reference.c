@@ -781,11 +781,11 @@ static void test_two_key_rows(mha_ctx *ctx)
 {
     enum { L = 16, S = 2, D = 16 };
     double *copy, d[D], norm2 = 0, scale = 0.25, dq_ref[L * D], dk_ref[S * D];
-    float *q = random_floats(L * D, 20.0, &copy), *k, *v, *dout, out[L * D], lse[L], max[L], sum[L], moved[L];
+    float *q = random_floats(L * D, 32.0, &copy), *k, *v, *dout, out[L * D], lse[L], max[L], sum[L], moved[L];
     free(copy);
-    k = random_floats(S * D, 20.0, &copy), free(copy);
+    k = random_floats(S * D, 32.0, &copy), free(copy);
     v = random_floats(S * D, 1.0, &copy), free(copy);
-    dout = random_floats(L * D, 1.0, &copy), free(copy);
+    dout = random_floats(L * D, 32.0, &copy), free(copy);
     for (int64_t c = 0; c < D; c++) d[c] = (double)k[c] - k[D + c], norm2 += d[c] * d[c];
     for (int64_t i = 0; i < L; i++) { /* the first key ahead of the second by 9 .. 12 */
         double qd = 0, gap = 9.0 + 3.0 * (double)i / L;
@@ -872,6 +872,45 @@ static void test_refined_alike(mha_ctx *ctx)
     CHECK(err <= 1e-7 * largest, "a peaked row refined alike: dv off by %.3g of dout's largest (max %.9g, exact %.9g)",
           err / largest, max[0], score64(q, k + PEAK * D, D, scale));
     free(q), free(w), free(k), free(v), free(dout);
+}
+
+/* Rows whose scores are mostly under MHA_REFINE_ABOVE but whose
+ * products' terms are large: inputs in [-32, 32) at d = 128 with scale
+ * 0.002 (scale |q| max |k| near 90, over MHA_REFINE_TERMS), so scores of
+ * a few units are sums of terms near 0.7, and a float32 dot product errs
+ * by several ulps of its partial sums.  Two keys with values e0 and e1
+ * put each key's probability in the output, which with the row refined
+ * whole (attention.h: refined scores) is good to 8e-8 on the three
+ * kernel sets; without, it was off by the scores' error, 4.8 to 6.4e-7.
+ * Through the tiles (64 rows at once) and split-K decoding (one row at a
+ * time). */
+static void test_wide_rows(mha_ctx *ctx)
+{
+    enum { L = 64, S = 2, D = 128 };
+    double *copy, scale = 0.002, worst[2] = {0, 0};
+    float *q = random_floats(L * D, 32.0, &copy), *k, v[S * D] = {0}, out[L * D];
+    free(copy);
+    k = random_floats(S * D, 32.0, &copy), free(copy);
+    v[0] = v[D + 1] = 1.0f;
+    mha_tensor tk = mha_tensor_4d(k, 1, 1, S, D), tv = mha_tensor_4d(v, 1, 1, S, D);
+    mha_attn_desc desc;
+    mha_attn_desc_init(&desc);
+    desc.scale = scale;
+    for (int path = 0; path < 2; path++) { /* 0: the tiles; 1: split-K, a row at a time */
+        for (int64_t i0 = 0; i0 < L; i0 += path ? 1 : L) {
+            int64_t rows = path ? 1 : L;
+            mha_tensor tq = mha_tensor_4d(q + i0 * D, 1, 1, rows, D), to = mha_tensor_4d(out + i0 * D, 1, 1, rows, D);
+            CHECK_OK(mha_attention(ctx, &to, NULL, &tq, &tk, &tv, &desc));
+        }
+        for (int64_t i = 0; i < L; i++) {
+            double s0 = score64(q + i * D, k, D, scale), s1 = score64(q + i * D, k + D, D, scale);
+            double p0 = 1.0 / (1.0 + exp(s1 - s0));
+            worst[path] = fmax(worst[path], fmax(fabs(out[i * D] - p0), fabs(out[i * D + 1] - (1.0 - p0))));
+        }
+    }
+    CHECK(worst[0] <= 2e-7 && worst[1] <= 2e-7,
+          "rows with large terms refined whole: p off by %.3g (tiles), %.3g (split-K)", worst[0], worst[1]);
+    free(q), free(k);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1619,6 +1658,7 @@ int main(int argc, char **argv)
     test_one_key_rows(ctx3);
     test_two_key_rows(ctx3);
     test_refined_alike(ctx3);
+    test_wide_rows(ctx3);
     test_layer_sweep(ctx1, ctx2);
     test_large_logit_layers(ctx1, ctx2);
     test_block_sweep(ctx1, ctx2);

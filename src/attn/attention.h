@@ -63,6 +63,9 @@ typedef struct mha__kv_view {
     const float *k_scale, *v_scale; /* I8 only */
     int64_t stride[3];
     int64_t scale_stride[2];
+    /* A cache's largest squared key norm of each (b, g), at b * Hkv + g
+     * (mha__keys_norm2_max); NULL: computed from float32 rows. */
+    const double *k_norm2_max;
 } mha__kv_view;
 
 typedef struct mha__kv {
@@ -160,9 +163,26 @@ void mha__pack_columns(const mha__kernels *kt, float *dst, int64_t ldd, mha__str
  * float32 reference, normalised from its own scores, cancels it.  The
  * passes once decided per tile (192 keys forward, 96 backward), counting
  * keys a row does not see and the running or saved maximum, and
- * disagreed. */
+ * disagreed.
+ *
+ * A score's size is not all: a float32 dot product errs by about an ulp
+ * of its terms' size, not of its result's, and where scale |q| |k| is
+ * large (inputs x5 at d = 128 with a window and softcap: scores under 16
+ * from terms near 2) a score under the threshold is off as much as a
+ * rounded score of 30.  So a row whose largest possible score, scale
+ * |q_i| max_j |k_j| (by Cauchy-Schwarz a bound on the sum of each of its
+ * dot products' terms' sizes), passes MHA_REFINE_TERMS is "wide": all its
+ * blocks are refined.  max_j runs over every key of the kv head, seen or
+ * not, and the norms are float64 sums in one order (mha__norms2): every
+ * pass, whatever its tiles, and a cache that keeps the maximum as rows
+ * arrive, get the same bits.  At 64 it costs nothing where logits are
+ * moderate (q, k x2 at d = 64: bound 44, logits to 24, every score near
+ * its row's maximum); 32 would also cover a score of 3 whose terms reach
+ * 0.25 (bound 38), but refined scores cost too much yet to send those
+ * rows whole through float64 (docs/NUMERICS.md). */
 #define MHA_REFINE_ABOVE 16.0f
 #define MHA_REFINE_NEAR  20.0f
+#define MHA_REFINE_TERMS 64.0
 enum { MHA_REFINE_MAX_COLS = 256, MHA_REFINE_MAX_ROWS = 192 }; /* the largest tile or chunk */
 /* Blocks of keys: a tile of MHA_REFINE_MAX_COLS keys from anywhere meets
  * at most MHA_REFINE_BLOCKS of them. */
@@ -201,14 +221,32 @@ typedef struct mha__score_source {
  * q [B, Hq, L, D], against float32 key rows k (keys j0..). */
 mha__score_source mha__score_rows(const mha_tensor *q, int64_t b, int64_t h, int64_t i0, int64_t j0, mha__strided k);
 
+/* out[r] = sum_c x[r * rs + c * cs]^2 for r < rows, c < n, in float64 in
+ * kernels.h's norm2 order: the same bits whatever the strides, the kernel
+ * set or the caller. */
+void mha__norms2(const mha__kernels *kt, const float *x, int64_t rs, int64_t cs, int64_t rows, int64_t n, double *out);
+
+/* The largest squared norm of kv head g's keys [0, S) in batch b: kept by
+ * a cache (rows->k_norm2_max), else from the float32 tensor k or the
+ * float32 rows (either may be NULL); +inf (every row wide) if neither. */
+double mha__keys_norm2_max(const mha__attn_plan *p, const mha__kv_view *rows, const mha_tensor *k, int64_t b,
+                           int64_t g);
+
+/* wide[r] for query rows i0.. of head h (unscaled float32 rows of q)
+ * against keys whose largest squared norm is k_norm2_max: whether the row
+ * is refined whole (above); true if any is. */
+bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                    double k_norm2_max, bool *wide); /* rows <= MHA_REFINE_MAX_ROWS */
+
 /* f from key-major tile st (st[c * lds + r]) of raw float32 scores,
  * before the contract, for keys j0.. : a block's flag set where a visible
- * score passes MHA_REFINE_ABOVE in magnitude (never for a bf16 plan).
- * Real keys outside row r's range [lo[r], hi[r]) are set to 0 first
- * (the contract masks them); appended keys (j0 >= R: a tile holds one
- * kind) and lo, hi NULL: every key is visible. */
+ * score passes MHA_REFINE_ABOVE in magnitude, or for every block of a
+ * wide row (wide NULL: none is), never for a bf16 plan.  Real keys
+ * outside row r's range [lo[r], hi[r]) are set to 0 first (the contract
+ * masks them); appended keys (j0 >= R: a tile holds one kind) and lo, hi
+ * NULL: every key is visible. */
 void mha__refine_raw(const mha__attn_plan *p, float *st, int64_t lds, int64_t rows, int64_t cols, int64_t j0,
-                     const int64_t *lo, const int64_t *hi, mha__refine *f);
+                     const int64_t *lo, const int64_t *hi, const bool *wide, mha__refine *f);
 /* For a plan with a bias, after the contract: also the blocks where a
  * visible (finite) score passes MHA_REFINE_ABOVE in magnitude. */
 void mha__refine_contracted(const mha__attn_plan *p, const float *st, int64_t lds, int64_t rows, int64_t cols,

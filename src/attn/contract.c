@@ -179,18 +179,70 @@ static float contiguous_top(const mha__attn_plan *p, const float *s, int64_t n)
     return m;
 }
 
+void mha__norms2(const mha__kernels *kt, const float *x, int64_t rs, int64_t cs, int64_t rows, int64_t n, double *out)
+{
+    if (cs == 1) kt->norm2(x, rs, rows, n, out);
+    else mha__norm2_strided(x, rs, cs, rows, n, out);
+}
+
+/* The largest norm of n rows as mha__norms2 finds them; 0 for none, NaN
+ * if a row holds a NaN. */
+static double rows_norm2_max(const mha__kernels *kt, const float *x, int64_t rs, int64_t cs, int64_t n, int64_t d)
+{
+    enum { CHUNK = 64 };
+    double norm2[CHUNK], top = 0;
+    for (int64_t j0 = 0; j0 < n && !isnan(top); j0 += CHUNK) {
+        int64_t m = n - j0 < CHUNK ? n - j0 : CHUNK;
+        mha__norms2(kt, x + j0 * rs, rs, cs, m, d, norm2);
+        for (int64_t j = 0; j < m; j++) top = norm2[j] > top || isnan(norm2[j]) ? norm2[j] : top;
+    }
+    return top;
+}
+
+double mha__keys_norm2_max(const mha__attn_plan *p, const mha__kv_view *rows, const mha_tensor *k, int64_t b, int64_t g)
+{
+    if (rows && rows->k_norm2_max) return rows->k_norm2_max[b * p->Hkv + g];
+    if (k && k->data)
+        return rows_norm2_max(p->kt, k->data + b * k->stride[0] + g * k->stride[1], k->stride[2], k->stride[3], p->S,
+                              p->D);
+    if (rows && rows->k && rows->dtype == MHA_DTYPE_F32)
+        return rows_norm2_max(p->kt, (const float *)rows->k + b * rows->stride[0] + g * rows->stride[1],
+                              rows->stride[2], 1, p->S, p->D);
+    return INFINITY;
+}
+
+bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                    double k_norm2_max, bool *wide)
+{
+    /* scale^2 |q|^2 max |k|^2 > T^2, in float64: no overflow, and the
+     * same comparison in every pass.  NaN: not wide (the row is NaN). */
+    double bound = (double)p->scale * p->scale * k_norm2_max, limit = MHA_REFINE_TERMS * MHA_REFINE_TERMS;
+    double norm2[MHA_REFINE_MAX_ROWS];
+    bool any = false;
+    if (!p->bf16)
+        mha__norms2(p->kt, q->data + b * q->stride[0] + h * q->stride[1] + i0 * q->stride[2], q->stride[2],
+                    q->stride[3], rows, p->D, norm2);
+    for (int64_t r = 0; r < rows; r++) {
+        wide[r] = !p->bf16 && norm2[r] * bound > limit;
+        any = any || wide[r];
+    }
+    return any;
+}
+
 void mha__refine_raw(const mha__attn_plan *p, float *st, int64_t lds, int64_t rows, int64_t cols, int64_t j0,
-                     const int64_t *lo, const int64_t *hi, mha__refine *f)
+                     const int64_t *lo, const int64_t *hi, const bool *wide, mha__refine *f)
 {
     f->any = false;
     f->first = j0 % MHA_REFINE_KEYS;
     int64_t blocks = (f->first + cols + MHA_REFINE_KEYS - 1) / MHA_REFINE_KEYS;
     for (int64_t k = 0; k < blocks; k++) memset(f->large[k], 0, (size_t)rows * sizeof(bool));
     if (p->bf16) return;
-    if (lo && j0 < p->R) zero_unseen(st, lds, rows, cols, j0, lo, hi);      /* appended keys: seen by all */
-    bool lanes = rows == 1 && lds == 1;                                     /* one row's contiguous scores (decode) */
-    if (lanes && !(contiguous_top(p, st, cols) > MHA_REFINE_ABOVE)) return; /* usually: one pass for all blocks */
-    for (int64_t k = 0; k < blocks; k++) {                                  /* the tile's columns [c0, c0 + n) */
+    if (lo && j0 < p->R) zero_unseen(st, lds, rows, cols, j0, lo, hi); /* appended keys: seen by all */
+    for (int64_t r = 0; wide && r < rows; r++)
+        for (int64_t k = 0; wide[r] && k < blocks; k++) f->large[k][r] = f->any = true;
+    bool lanes = rows == 1 && lds == 1; /* one row's contiguous scores (decode) */
+    if (lanes && (f->any || !(contiguous_top(p, st, cols) > MHA_REFINE_ABOVE))) return; /* one pass for all blocks */
+    for (int64_t k = 0; k < blocks; k++) { /* the tile's columns [c0, c0 + n) */
         int64_t c0 = k == 0 ? 0 : k * MHA_REFINE_KEYS - f->first, end = (k + 1) * MHA_REFINE_KEYS - f->first;
         int64_t n = (end < cols ? end : cols) - c0;
         float top[MHA_REFINE_MAX_ROWS];
@@ -201,7 +253,7 @@ void mha__refine_raw(const mha__attn_plan *p, float *st, int64_t lds, int64_t ro
             p->kt->abs_max(st + c0 * lds, lds, rows, n, top);
         }
         for (int64_t r = 0; r < rows; r++) {
-            f->large[k][r] = top[r] > MHA_REFINE_ABOVE;
+            f->large[k][r] = f->large[k][r] || top[r] > MHA_REFINE_ABOVE;
             f->any = f->any || f->large[k][r];
         }
     }

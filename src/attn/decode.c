@@ -21,6 +21,7 @@
 
 enum { KC = 256 }; /* keys per chunk: 256 x 64 floats of K and of V fit in L2 beside each other */
 _Static_assert((int)KC <= (int)MHA_REFINE_MAX_COLS, "a chunk's scores must fit mha__refine and mha__shift_tile");
+_Static_assert((int)MHA_DECODE_ROWS <= (int)MHA_REFINE_MAX_ROWS, "a head's query rows must fit mha__wide_rows");
 
 typedef struct decode_job {
     const mha__attn_plan *p;
@@ -30,6 +31,7 @@ typedef struct decode_job {
     mha_tensor *out;
     float *lse;
     float *partial; /* [B, Hq, L, chunks][2 + Dv]: m, l, O */
+    bool *wide;     /* [B, Hq, L]: the rows refined whole (attention.h; wide_range) */
     int64_t chunks;
     char *scratch;
     int64_t scratch_stride;
@@ -135,7 +137,8 @@ static void row_chunk(const decode_job *j, float *s, float *qs, int64_t b, int64
     chunk_scores(j, b, h / p->group, j0, cols, qs, s);
     bool plain = p->softcap == 0 && !mha__plan_has_bias(p) && j0 >= lo && j0 + cols <= hi;
     mha__refine refine;
-    mha__refine_raw(p, s, 1, 1, cols, j0, plain ? NULL : &lo, plain ? NULL : &hi, &refine);
+    mha__refine_raw(p, s, 1, 1, cols, j0, plain ? NULL : &lo, plain ? NULL : &hi, &j->wide[(b * p->Hq + h) * p->L + i],
+                    &refine);
     if (!plain) {
         mha__score_contract(p, s, 1, b, h, i, 1, j0, cols, &lo, &hi, NULL);
         mha__refine_contracted(p, s, 1, 1, cols, &refine);
@@ -165,6 +168,22 @@ static void chunk_range(void *arg, int thread, int64_t begin, int64_t end)
         int64_t c = item % j->chunks, bg = item / j->chunks, b = bg / p->Hkv, g = bg % p->Hkv;
         for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
             for (int64_t i = 0; i < p->L; i++) row_chunk(j, s, qs, b, h, i, c);
+    }
+}
+
+/* Which rows of each kv head's group are wide (attention.h: refined
+ * scores), from the keys' largest norm: a cache keeps it, tensors' rows
+ * are read for it once, before the chunks. */
+static void wide_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const decode_job *j = arg;
+    const mha__attn_plan *p = j->p;
+    for (int64_t bg = begin; bg < end; bg++) {
+        int64_t b = bg / p->Hkv, g = bg % p->Hkv;
+        double k_norm2_max = mha__keys_norm2_max(p, j->kv, NULL, b, g);
+        for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
+            mha__wide_rows(p, j->q, b, h, 0, p->L, k_norm2_max, j->wide + (b * p->Hq + h) * p->L);
     }
 }
 
@@ -218,6 +237,7 @@ bool mha__decode_workspace(const mha__attn_plan *p, const mha_ctx *ctx, int64_t 
         return false;
     }
     return mha__ws_add(bytes, floats * (int64_t)sizeof(float), "the split-K partials") &&
+           mha__ws_add(bytes, p->B * p->Hq * p->L * (int64_t)sizeof(bool), "the wide rows") &&
            mha__ws_add_per_thread(bytes, ctx, thread_floats(p), "the split-K rows");
 }
 
@@ -229,8 +249,10 @@ mha_status mha__decode_attention(mha_ctx *ctx, const mha__attn_plan *p, mha_tens
     if (rows == 0) return MHA_OK;
     if (!partial_floats(p, j.chunks, &floats)) return MHA_ERR_INTERNAL; /* the plan checked it */
     j.partial = mha__ws_take(ctx, floats * (int64_t)sizeof(float));
-    j.scratch = j.partial ? mha__ws_take_per_thread(ctx, thread_floats(p), &j.scratch_stride) : NULL;
+    j.wide = j.partial ? mha__ws_take(ctx, rows * (int64_t)sizeof(bool)) : NULL;
+    j.scratch = j.wide ? mha__ws_take_per_thread(ctx, thread_floats(p), &j.scratch_stride) : NULL;
     if (!j.scratch) return MHA_ERR_INTERNAL;
+    mha__parallel_items(ctx, p->B * p->Hkv, wide_range, &j);
     mha__parallel_items(ctx, p->B * p->Hkv * j.chunks, chunk_range, &j);
     mha__parallel_for(ctx, rows, merge_range, &j);
     mha__ws_release(ctx, top);

@@ -96,8 +96,8 @@ static void score_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64
     const mha__attn_plan *p = j->p;
     p->products->scores(p, ks, rows, cols, key_tile_index(j, j0), t);
     t->refine.any = false;
-    if (decide || !plain)
-        mha__refine_raw(p, t->st, LDS, rows, cols, j0, plain ? NULL : t->lo, plain ? NULL : t->hi, &t->refine);
+    if (decide || !plain || t->wide_any)
+        mha__refine_raw(p, t->st, LDS, rows, cols, j0, plain ? NULL : t->lo, plain ? NULL : t->hi, t->wide, &t->refine);
     if (plain) return;
     mha__score_contract(p, t->st, LDS, b, h, i0, rows, j0, cols, t->lo, t->hi, NULL);
     mha__refine_contracted(p, t->st, LDS, rows, cols, &t->refine);
@@ -225,6 +225,20 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
     }
 }
 
+/* Which of the item's rows are wide (attention.h: refined scores), from
+ * the largest key norm of their kv head, found once per (b, kv head) a
+ * thread meets: a pass over K, as much as one query row's scores. */
+static void wide_rows(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
+{
+    const mha__attn_plan *p = j->p;
+    int64_t g = h / p->group;
+    if (t->norms_of != b * p->Hkv + g) {
+        t->k_norm2_max = mha__keys_norm2_max(p, &j->kv->rows, &j->kv->k, b, g);
+        t->norms_of = b * p->Hkv + g;
+    }
+    t->wide_any = mha__wide_rows(p, j->q, b, h, i0, rows, t->k_norm2_max, t->wide);
+}
+
 /* Each row's visible real keys, for the row contract in score_tile. */
 static void row_ranges(const flash_job *j, tiles *t, int64_t i0, int64_t rows)
 {
@@ -246,6 +260,7 @@ static void flash_item(const flash_job *j, tiles *t, int64_t item)
     }
     memset(t->o, 0, (size_t)(rows * p->Dv) * sizeof(float));
     pack_queries(j, b, h, i0, rows, t);
+    wide_rows(j, t, b, h, i0, rows);
     bool biased = p->softcap > 0 || mha__plan_has_bias(p); /* any score needs more than the GEMM */
     int64_t start = lo_first > 0 ? lo_first / BC * BC : 0, stop = hi_last < p->R ? hi_last : p->R;
     for (int64_t j0 = start; j0 < stop; j0 += BC) {
@@ -320,6 +335,7 @@ static void probs_item(const probs_job *pj, tiles *t, int64_t item)
     row_ranges(j, t, i0, rows);
     for (int64_t h = 0; h < p->Hq; h++) {
         pack_queries(j, b, h, i0, rows, t);
+        wide_rows(j, t, b, h, i0, rows);
         for (int64_t j0 = 0, cols; j0 < p->S; j0 += cols) { /* the forward's tiles: real keys, then appended */
             int64_t end = j0 < p->R ? p->R : p->S;
             cols = end - j0 < BC ? end - j0 : BC;

@@ -85,6 +85,9 @@ typedef struct bwd_tiles {
     int64_t lo[BQ], hi[BQ];
     float zero[BQ];     /* the shift of refined scores, already shifted */
     mha__refine refine; /* which of the block's scores to refine (attention.h) */
+    bool wide[BQ];      /* the query block's rows refined whole (attention.h) */
+    int64_t norms_of;   /* the (b * Hkv + g) whose largest key norm is k_norm2_max; -1: none yet */
+    double k_norm2_max;
 } bwd_tiles;
 
 static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -147,6 +150,7 @@ static float *carve(carver *c, int64_t n)
 static bwd_tiles carve_tiles(const mha__attn_plan *p, carver *c)
 {
     bwd_tiles t;
+    t.norms_of = -1;
     t.qt = carve(c, p->D * BQ);
     t.qr = carve(c, BQ * p->D);
     t.dot = carve(c, p->Dv * BQ);
@@ -314,10 +318,18 @@ static void release_split(const bwd_job *j)
     if (j->p->split) j->p->bk->split_release();
 }
 
-/* Packs the query block's (scale Q)^T and dO^T (times 1: exact). */
+/* Packs the query block's (scale Q)^T and dO^T (times 1: exact), and
+ * finds its wide rows as the forward does (attention.h: refined scores;
+ * the largest key norm once per (b, kv head) a thread meets). */
 static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
+    int64_t g = h / p->group;
+    if (t->norms_of != b * p->Hkv + g) {
+        t->k_norm2_max = mha__keys_norm2_max(p, NULL, j->k, b, g);
+        t->norms_of = b * p->Hkv + g;
+    }
+    mha__wide_rows(p, j->q, b, h, i0, rows, t->k_norm2_max, t->wide);
     mha__pack_columns(j->kt, t->qt, BQ, rows_at(j->q, b, h, i0), rows, p->D, p->scale);
     mha__pack_columns(j->kt, t->dot, BQ, rows_at(j->dout, b, h, i0), rows, p->Dv, 1.0f);
     if (!p->split) return;
@@ -396,7 +408,7 @@ static void block_probabilities(const bwd_job *j, bwd_tiles *t, int64_t b, int64
     if (!split_scores(j, t, slot, false, rows, cols, t->st))
         product(kt, cols, rows, p->D, kb, k->stride[2], k->stride[3], t->qt, BQ, t->st, BQ, 0);
     bool capped = p->softcap > 0;
-    mha__refine_raw(p, t->st, BQ, rows, cols, j0, plain ? NULL : t->lo, plain ? NULL : t->hi, &t->refine);
+    mha__refine_raw(p, t->st, BQ, rows, cols, j0, plain ? NULL : t->lo, plain ? NULL : t->hi, t->wide, &t->refine);
     if (!plain) {
         mha__score_contract(p, t->st, BQ, b, h, i0, rows, j0, cols, t->lo, t->hi, capped ? t->slope : NULL);
         mha__refine_contracted(p, t->st, BQ, rows, cols, &t->refine);

@@ -55,6 +55,9 @@ typedef struct mha__tiles {
     int64_t lo[MHA__BR], hi[MHA__BR]; /* each row's visible real keys (mha__row_key_range) */
     int64_t reach[MHA__BR];           /* the current key tile's first reach[r] keys hold every key row r sees */
     mha__refine refine;               /* which of the tile's scores to refine (attention.h) */
+    bool wide[MHA__BR], wide_any;     /* the item's rows refined whole (attention.h), and whether any is */
+    int64_t norms_of;                 /* the (b * Hkv + g) whose largest key norm is k_norm2_max; -1: none yet */
+    double k_norm2_max;
 } mha__tiles;
 
 /* The value-tile cache: a thread keeps key tile j of the kv head it works

@@ -516,6 +516,52 @@ double mha__dot_f64_avx2(const float *a, const float *b, int64_t n)
     return acc;
 }
 
+/* Row x's lanes 0-3 and 4-7 of kernels.h's order, then its tail and sum. */
+static double norm2_finish(const float *x, int64_t c, int64_t n, __m256d lo, __m256d hi)
+{
+    double lane[8], sum = 0;
+    _mm256_storeu_pd(lane, lo);
+    _mm256_storeu_pd(lane + 4, hi);
+    for (; c < n; c++) sum += (double)x[c] * x[c];
+    for (int l = 0; l < 8; l++) sum += lane[l];
+    return sum;
+}
+
+#define NORM2_STEP(i)                                                  \
+    do {                                                               \
+        __m256d a = _mm256_cvtps_pd(_mm_loadu_ps(x + (i)*ld + c));     \
+        __m256d b = _mm256_cvtps_pd(_mm_loadu_ps(x + (i)*ld + c + 4)); \
+        lo##i = _mm256_fmadd_pd(a, a, lo##i);                          \
+        hi##i = _mm256_fmadd_pd(b, b, hi##i);                          \
+    } while (0)
+
+/* Four rows at a time: each row's eight lanes are one chain of n / 8
+ * multiply-adds, which alone would wait out the latency every step. */
+void mha__norm2_avx2(const float *x, int64_t ld, int64_t rows, int64_t n, double *out)
+{
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4, x += 4 * ld) {
+        __m256d lo0 = _mm256_setzero_pd(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
+        int64_t c = 0;
+        for (; c + 8 <= n; c += 8) {
+            NORM2_STEP(0);
+            NORM2_STEP(1);
+            NORM2_STEP(2);
+            NORM2_STEP(3);
+        }
+        out[r] = norm2_finish(x, c, n, lo0, hi0);
+        out[r + 1] = norm2_finish(x + ld, c, n, lo1, hi1);
+        out[r + 2] = norm2_finish(x + 2 * ld, c, n, lo2, hi2);
+        out[r + 3] = norm2_finish(x + 3 * ld, c, n, lo3, hi3);
+    }
+    for (; r < rows; r++, x += ld) {
+        __m256d lo0 = _mm256_setzero_pd(), hi0 = lo0;
+        int64_t c = 0;
+        for (; c + 8 <= n; c += 8) NORM2_STEP(0);
+        out[r] = norm2_finish(x, c, n, lo0, hi0);
+    }
+}
+
 static void exp_shift_avx2(float *x, int64_t n, float shift)
 {
     __m256 vs = _mm256_set1_ps(shift);
@@ -560,6 +606,7 @@ const mha__kernels mha__kernels_avx2 = {
     .abs_max = abs_max_avx2,
     .key_sums = mha__key_sums_avx2,
     .dot_f64 = mha__dot_f64_avx2,
+    .norm2 = mha__norm2_avx2,
     .pair_dots = mha__pair_dots_avx2,
     .peak = peak_avx2,
 };

@@ -426,6 +426,7 @@ const mha__kernels mha__kernels_avx512 = {
     .abs_max = abs_max_avx512,
     .key_sums = mha__key_sums_avx2,
     .dot_f64 = mha__dot_f64_avx2,
+    .norm2 = mha__norm2_avx2,
     .pair_dots = mha__pair_dots_avx2,
     .peak = peak_avx512,
 };

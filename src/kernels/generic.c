@@ -168,6 +168,24 @@ static double dot_f64_generic(const float *a, const float *b, int64_t n)
     return acc;
 }
 
+void mha__norm2_strided(const float *x, int64_t rs, int64_t cs, int64_t rows, int64_t n, double *out)
+{
+    for (int64_t r = 0; r < rows; r++, x += rs) {
+        double lane[8] = {0}, sum = 0;
+        int64_t c = 0;
+        for (; c + 8 <= n; c += 8)
+            for (int l = 0; l < 8; l++) lane[l] += (double)x[(c + l) * cs] * x[(c + l) * cs];
+        for (; c < n; c++) sum += (double)x[c * cs] * x[c * cs];
+        for (int l = 0; l < 8; l++) sum += lane[l];
+        out[r] = sum;
+    }
+}
+
+static void norm2_generic(const float *x, int64_t ld, int64_t rows, int64_t n, double *out)
+{
+    mha__norm2_strided(x, ld, 1, rows, n, out);
+}
+
 static void transpose_scaled_generic(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
                                      float alpha)
 {
@@ -275,5 +293,6 @@ const mha__kernels mha__kernels_generic = {
     .abs_max = abs_max_generic,
     .key_sums = key_sums_generic,
     .dot_f64 = dot_f64_generic,
+    .norm2 = norm2_generic,
     .peak = peak_generic,
 };

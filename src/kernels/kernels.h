@@ -158,6 +158,19 @@ typedef void (*mha__key_sums_fn)(const float *s, const float *w, int64_t lds, in
  * score where float32 is not enough (attention.h). */
 typedef double (*mha__dot_f64_fn)(const float *a, const float *b, int64_t n);
 
+/* out[r] = sum_c x[r * ld + c]^2 for r < rows, c < n, in float64 and in
+ * one order: lane c % 8 of eight partial sums takes c in turn (c < n / 8
+ * * 8), the tail is summed from 0, then lanes 0 to 7 are added to it.
+ * Each square is exact in float64 (a multiply-add rounds as a multiply
+ * and an add do), so every kernel gives the same bits.  Rows' norms for
+ * the refinement's decision (attention.h), which every pass must take
+ * alike. */
+typedef void (*mha__norm2_fn)(const float *x, int64_t ld, int64_t rows, int64_t n, double *out);
+
+/* The same order over rows rs apart whose elements are cs apart: the
+ * generic kernel's norm2, and the one for strided rows. */
+void mha__norm2_strided(const float *x, int64_t rs, int64_t cs, int64_t rows, int64_t n, double *out);
+
 /* Runs `iterations` rounds of independent multiply-adds on registers (no
  * memory traffic) and returns the floating-point operations done: the
  * measure of this ISA's peak. */
@@ -181,6 +194,7 @@ typedef struct mha__kernels {
     mha__abs_max_fn abs_max;
     mha__key_sums_fn key_sums;
     mha__dot_f64_fn dot_f64;
+    mha__norm2_fn norm2;
     mha__peak_fn peak;
 } mha__kernels;
 
@@ -363,6 +377,7 @@ extern const mha__kernels mha__kernels_avx512;
 void mha__key_sums_avx2(const float *s, const float *w, int64_t lds, int64_t rows, int64_t cols, double *sum,
                         double *wsum, float *top);
 double mha__dot_f64_avx2(const float *a, const float *b, int64_t n);
+void mha__norm2_avx2(const float *x, int64_t ld, int64_t rows, int64_t n, double *out);
 void mha__pair_dots_avx2(int64_t rows, int64_t k, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
                          int64_t b_rs, int64_t b_cs, float *out);
 #endif

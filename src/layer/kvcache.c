@@ -34,6 +34,11 @@ struct mha_kv_cache {
     mha_dtype dtype;          /* F32, BF16 or I8 */
     void *k, *v;              /* [batch][g][capacity][d] elements of dtype */
     float *k_scale, *v_scale; /* I8: [batch][g][capacity], one per row; else NULL */
+    /* Each key row's squared norm as held (mha__norm2), [batch][g][capacity],
+     * and the largest of rows [0, length) of each (b, g), [batch][g]: the
+     * attention's wide rows (attention.h) without a pass over the keys. */
+    double *k_norm2, *k_norm2_max;
+    float *key_row; /* [d]: a key row widened for its norm (appends allocate nothing) */
 };
 
 static mha_status check_cache(const mha_kv_cache *c, const char *fn)
@@ -56,7 +61,8 @@ mha_status mha_kv_cache_create(const mha_layer *layer, int64_t batch, int64_t ca
         return mha__fail(MHA_ERR_INVALID_ARG, "a KV cache stores F32, BF16 or I8, not %s", mha_dtype_name(dtype));
     int64_t n, rows, g = layer->desc.num_kv_heads;
     if (!mha__product((int64_t[]){batch, g, capacity, layer->head_dim, (int64_t)mha_dtype_size(dtype)}, 5, &n) ||
-        !mha__product((int64_t[]){batch, g, capacity, (int64_t)sizeof(float)}, 4, &rows))
+        !mha__product((int64_t[]){batch, g, capacity, (int64_t)sizeof(double)}, 4, &rows) ||
+        !mha__product((int64_t[]){batch, g, capacity}, 3, &rows))
         return mha__fail(MHA_ERR_INVALID_ARG, "a cache of %lld tokens x %lld sequences overflows", (long long)capacity,
                          (long long)batch);
     mha_kv_cache *c = mha__calloc(1, sizeof *c);
@@ -68,13 +74,16 @@ mha_status mha_kv_cache_create(const mha_layer *layer, int64_t batch, int64_t ca
                         .capacity = capacity,
                         .dtype = dtype,
                         .k = mha__alloc(n, 1),
-                        .v = mha__alloc(n, 1)};
+                        .v = mha__alloc(n, 1),
+                        .k_norm2 = mha__alloc(rows, sizeof(double)),
+                        .k_norm2_max = mha__calloc(batch * g, sizeof(double)),
+                        .key_row = mha__alloc(layer->head_dim, sizeof(float))};
     bool scaled = dtype == MHA_DTYPE_I8;
     if (scaled) {
-        c->k_scale = mha__alloc(rows, 1);
-        c->v_scale = mha__alloc(rows, 1);
+        c->k_scale = mha__alloc(rows, sizeof(float));
+        c->v_scale = mha__alloc(rows, sizeof(float));
     }
-    if (!c->k || !c->v || (scaled && (!c->k_scale || !c->v_scale))) {
+    if (!c->k || !c->v || !c->k_norm2 || !c->k_norm2_max || !c->key_row || (scaled && (!c->k_scale || !c->v_scale))) {
         mha_kv_cache_free(c);
         return MHA_ERR_NOMEM;
     }
@@ -90,6 +99,9 @@ void mha_kv_cache_free(mha_kv_cache *c)
     mha__free(c->v);
     mha__free(c->k_scale);
     mha__free(c->v_scale);
+    mha__free(c->k_norm2);
+    mha__free(c->k_norm2_max);
+    mha__free(c->key_row);
     mha__free(c);
 }
 
@@ -103,9 +115,28 @@ int64_t mha_kv_cache_capacity(const mha_kv_cache *c)
     return check_cache(c, "mha_kv_cache_capacity") == MHA_OK ? c->capacity : -1;
 }
 
+/* The largest key norm of rows [0, length) of each (b, g), NaN kept, as
+ * mha__rows_norm2_max finds it. */
+static void find_norm2_max(mha_kv_cache *c)
+{
+    for (int64_t bg = 0; bg < c->batch * c->kv_heads; bg++) {
+        const double *norm2 = c->k_norm2 + bg * c->capacity;
+        double top = 0;
+        for (int64_t j = 0; j < c->length && !isnan(top); j++) top = norm2[j] > top || isnan(norm2[j]) ? norm2[j] : top;
+        c->k_norm2_max[bg] = top;
+    }
+}
+
+/* Drops rows [length, c->length). */
+static void shorten(mha_kv_cache *c, int64_t length)
+{
+    c->length = length;
+    find_norm2_max(c);
+}
+
 void mha_kv_cache_reset(mha_kv_cache *c)
 {
-    if (check_cache(c, "mha_kv_cache_reset") == MHA_OK) c->length = 0;
+    if (check_cache(c, "mha_kv_cache_reset") == MHA_OK) shorten(c, 0);
 }
 
 mha_status mha_kv_cache_truncate(mha_kv_cache *c, int64_t length)
@@ -115,7 +146,7 @@ mha_status mha_kv_cache_truncate(mha_kv_cache *c, int64_t length)
     if (length < 0 || length > c->length)
         return mha__fail(MHA_ERR_INVALID_ARG, "cannot truncate a cache of %lld tokens to %lld", (long long)c->length,
                          (long long)length);
-    c->length = length;
+    shorten(c, length);
     return MHA_OK;
 }
 
@@ -129,7 +160,8 @@ static mha__kv_view cache_view(const mha_kv_cache *c)
                           .k_scale = c->k_scale,
                           .v_scale = c->v_scale,
                           .stride = {c->kv_heads * c->capacity * d, c->capacity * d, d},
-                          .scale_stride = {c->kv_heads * c->capacity, c->capacity}};
+                          .scale_stride = {c->kv_heads * c->capacity, c->capacity},
+                          .k_norm2_max = c->k_norm2_max};
 }
 
 /* One row of d values (stride apart) as int8 at dst; returns its scale.
@@ -185,6 +217,26 @@ static void store_rows(mha_kv_cache *c, void *dst_base, float *scales, const mha
             }
 }
 
+/* The norms of key rows [length, length + n), just stored, as the
+ * attention would find them from the values held. */
+static void keep_norms(mha_kv_cache *c, int64_t n)
+{
+    float *row = c->key_row;
+    const mha__kernels *kt = mha__isa_get()->f32;
+    mha__kv_view view = cache_view(c);
+    for (int64_t b = 0; b < c->batch; b++)
+        for (int64_t g = 0; g < c->kv_heads; g++) {
+            int64_t bg = b * c->kv_heads + g;
+            double *top = &c->k_norm2_max[bg];
+            for (int64_t j = c->length; j < c->length + n; j++) {
+                mha__kv_rows_widen(&view, false, b, g, j, 1, c->head_dim, row, c->head_dim, 1);
+                double *v = &c->k_norm2[bg * c->capacity + j];
+                mha__norms2(kt, row, c->head_dim, 1, 1, c->head_dim, v);
+                if (!isnan(*top) && (*v > *top || isnan(*v))) *top = *v; /* a NaN stays */
+            }
+        }
+}
+
 mha_status mha_kv_cache_append(mha_kv_cache *c, const mha_tensor *k, const mha_tensor *v)
 {
     mha_status st = check_cache(c, "mha_kv_cache_append");
@@ -199,6 +251,7 @@ mha_status mha_kv_cache_append(mha_kv_cache *c, const mha_tensor *k, const mha_t
                          (long long)k->shape[2], (long long)c->length, (long long)c->capacity);
     store_rows(c, c->k, c->k_scale, k);
     store_rows(c, c->v, c->v_scale, v);
+    keep_norms(c, k->shape[2]);
     c->length += k->shape[2];
     return MHA_OK;
 }
@@ -391,7 +444,7 @@ mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_ten
     int64_t top = mha__ws_top(ctx), before = c->length;
     st = run_decode(ctx, l, &p, c, out, x);
     mha__ws_release(ctx, top);
-    if (st != MHA_OK) c->length = before; /* the cache is unchanged on error */
+    if (st != MHA_OK) shorten(c, before); /* the cache is unchanged on error */
     return st;
 }
 
