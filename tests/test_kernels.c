@@ -281,26 +281,53 @@ static void test_transpose_scaled(const mha__kernels *kt)
     CHECK(bad == 0, "%s transpose_scaled: %d mismatches", kt->name, bad);
 }
 
-/* dot_f64 over every tail of n, terms of mixed sign and size: within
- * float64's rounding (n ulps of the sum of magnitudes) of long double. */
-static void test_dot_f64(const mha__kernels *kt)
+/* sum_c a[c] b[c] in float64 in kernels.h's norm2 order, written out. */
+static double ordered_dot(const float *a, const float *b, int n)
 {
-    enum { N = 133 };
-    float a[N], b[N];
-    for (int i = 0; i < N; i++) a[i] = uniform() * 1000.0f, b[i] = uniform() * (i % 3 ? 1.0f : 1e-3f);
+    double lane[8] = {0}, sum = 0;
+    int c = 0;
+    for (; c + 8 <= n; c += 8)
+        for (int l = 0; l < 8; l++) lane[l] += (double)a[c + l] * b[c + l];
+    for (; c < n; c++) sum += (double)a[c] * b[c];
+    for (int l = 0; l < 8; l++) sum += lane[l];
+    return sum;
+}
+
+/* Does got have want's bits, and lie within float64's rounding (n ulps
+ * of the sum of magnitudes) of long double? */
+static bool ordered_ok(double got, double want, const float *a, const float *b, int n)
+{
+    long double exact = 0, mag = 0;
+    for (int i = 0; i < n; i++) exact += (long double)a[i] * b[i], mag += fabsl((long double)a[i] * b[i]);
+    return memcmp(&got, &want, sizeof got) == 0 && fabsl(got - exact) <= (n + 1) * DBL_EPSILON * mag;
+}
+
+/* dots_f64 over every tail of d, seven keys in a shuffled order (the
+ * vector kernels take four at a time), terms of mixed sign and size:
+ * each key's bits as the order written out gives them, whatever keys
+ * come with it. */
+static void test_dots_f64(const mha__kernels *kt)
+{
+    enum { N = 133, KEYS = 7, LD = 140 };
+    static const int64_t idx[KEYS] = {3, 0, 6, 6, 1, 5, 2};
+    float a[N], b[KEYS * LD];
+    for (int i = 0; i < N; i++) a[i] = uniform() * 1000.0f;
+    for (int i = 0; i < KEYS * LD; i++) b[i] = uniform() * (i % 3 ? 1.0f : 1e-3f);
     int bad = 0;
-    for (int n = 0; n <= N; n++) {
-        long double want = 0, mag = 0;
-        for (int i = 0; i < n; i++) want += (long double)a[i] * b[i], mag += fabsl((long double)a[i] * b[i]);
-        bad += fabsl(kt->dot_f64(a, b, n) - want) > (n + 1) * DBL_EPSILON * mag;
-    }
-    CHECK(bad == 0, "%s dot_f64: %d mismatches", kt->name, bad);
+    for (int d = 0; d <= N; d++)
+        for (int n = 1; n <= KEYS; n += KEYS - 1) { /* one key alone; all of them */
+            double got[KEYS];
+            kt->dots_f64(a, b, LD, idx + KEYS - n, n, d, got);
+            for (int i = 0; i < n; i++) {
+                const float *k = b + idx[KEYS - n + i] * LD;
+                bad += !ordered_ok(got[i], ordered_dot(a, k, d), a, k, d);
+            }
+        }
+    CHECK(bad == 0, "%s dots_f64: %d mismatches", kt->name, bad);
 }
 
 /* norm2 over every tail of n, seven rows at once (the vector kernels
- * take them four at a time), values of every size: the bits of
- * kernels.h's order written out here (each square exact, so no kernel's
- * vector sums may differ), and within float64's rounding of long double. */
+ * take them four at a time), values of every size: the order's bits. */
 static void test_norm2(const mha__kernels *kt)
 {
     enum { N = 133, ROWS = 7, LD = 5 };
@@ -310,18 +337,8 @@ static void test_norm2(const mha__kernels *kt)
     for (int n = 0; n <= N; n++) {
         double got[ROWS];
         kt->norm2(x, LD, ROWS, n, got);
-        for (int r = 0; r < ROWS; r++) {
-            const float *row = x + r * LD;
-            double lane[8] = {0}, sum = 0;
-            long double exact = 0;
-            int c = 0;
-            for (; c + 8 <= n; c += 8)
-                for (int l = 0; l < 8; l++) lane[l] += (double)row[c + l] * row[c + l];
-            for (; c < n; c++) sum += (double)row[c] * row[c];
-            for (int l = 0; l < 8; l++) sum += lane[l];
-            for (int i = 0; i < n; i++) exact += (long double)row[i] * row[i];
-            bad += memcmp(&got[r], &sum, sizeof sum) != 0 || fabsl(got[r] - exact) > (n + 1) * DBL_EPSILON * exact;
-        }
+        for (int r = 0; r < ROWS; r++)
+            bad += !ordered_ok(got[r], ordered_dot(x + r * LD, x + r * LD, n), x + r * LD, x + r * LD, n);
     }
     CHECK(bad == 0, "%s norm2: %d mismatches", kt->name, bad);
 }
@@ -722,7 +739,7 @@ int main(void)
         test_softmax_step_large(kt);
         test_key_sums(kt);
         test_transpose_scaled(kt);
-        test_dot_f64(kt);
+        test_dots_f64(kt);
         test_norm2(kt);
         test_rows(kt, NULL, false);
         test_rows(kt, NULL, true);

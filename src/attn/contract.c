@@ -182,7 +182,8 @@ static float contiguous_top(const mha__attn_plan *p, const float *s, int64_t n)
 void mha__norms2(const mha__kernels *kt, const float *x, int64_t rs, int64_t cs, int64_t rows, int64_t n, double *out)
 {
     if (cs == 1) kt->norm2(x, rs, rows, n, out);
-    else mha__norm2_strided(x, rs, cs, rows, n, out);
+    else
+        for (int64_t r = 0; r < rows; r++) out[r] = mha__dot_f64_ordered(x + r * rs, cs, x + r * rs, cs, n);
 }
 
 /* The largest norm of n rows as mha__norms2 finds them; 0 for none, NaN
@@ -295,17 +296,42 @@ static double key_element(const mha__score_source *src, int64_t c, int64_t d)
     return ((const float *)src->k)[at];
 }
 
-/* The score of query row r and key c in float64, after the contract: the
- * softcap (its slope in *slope) and the bias of a real key. */
-static double exact_score(const mha__attn_plan *p, const mha__score_source *src, int64_t r, int64_t c, double *slope)
+/* The dot product of query row r and key c, unscaled, in float64 and in
+ * kernels.h's norm2 order whatever the layout. */
+static double exact_dot(const mha__attn_plan *p, const mha__score_source *src, int64_t r, int64_t c)
 {
     const float *q = src->q + r * src->q_rs;
-    double s = 0;
-    if (src->k_dtype == MHA_DTYPE_F32 && src->q_cs == 1 && src->k_cs == 1)
-        s = p->kt->dot_f64(q, (const float *)src->k + c * src->k_rs, p->D);
-    else
-        for (int64_t d = 0; d < p->D; d++) s += (double)q[d * src->q_cs] * key_element(src, c, d);
-    s *= p->scale;
+    if (src->k_dtype == MHA_DTYPE_F32)
+        return mha__dot_f64_ordered(q, src->q_cs, (const float *)src->k + c * src->k_rs, src->k_cs, p->D);
+    double lane[8] = {0}, sum = 0; /* a cache's bf16 or int8 rows: the same order */
+    int64_t d = 0;
+    for (; d + 8 <= p->D; d += 8)
+        for (int l = 0; l < 8; l++) lane[l] += q[(d + l) * src->q_cs] * key_element(src, c, d + l);
+    for (; d < p->D; d++) sum += q[d * src->q_cs] * key_element(src, c, d);
+    for (int l = 0; l < 8; l++) sum += lane[l];
+    return sum;
+}
+
+/* exact_dot of key c with query rows rows[0 .. n): a batch from the
+ * kernel where both are contiguous float32 rows (each product exact and
+ * the order the same: the same bits as exact_dot). */
+static void exact_dots(const mha__attn_plan *p, const mha__score_source *src, int64_t c, const int64_t *rows, int64_t n,
+                       double *out)
+{
+    if (src->k_dtype == MHA_DTYPE_F32 && src->q_cs == 1 && src->k_cs == 1) {
+        p->kt->dots_f64((const float *)src->k + c * src->k_rs, src->q, src->q_rs, rows, n, p->D, out);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) out[i] = exact_dot(p, src, rows[i], c);
+}
+
+/* Query row r's score of key c from its dot product, after the contract
+ * in float64: the scale, the softcap (its slope in *slope) and, where
+ * `biased`, the bias of a real key. */
+static double exact_contract(const mha__attn_plan *p, const mha__score_source *src, bool biased, int64_t r, int64_t c,
+                             double dot, double *slope)
+{
+    double s = dot * p->scale;
     *slope = 1.0;
     if (p->softcap > 0) {
         double t = tanh(s / p->softcap);
@@ -313,7 +339,7 @@ static double exact_score(const mha__attn_plan *p, const mha__score_source *src,
         *slope = 1.0 - t * t;
     }
     int64_t key = src->j0 + c;
-    if (key < p->R && mha__plan_has_bias(p)) s += mha__real_key_bias(p, src->b, src->h, src->i0 + r, key);
+    if (biased && key < p->R) s += mha__real_key_bias(p, src->b, src->h, src->i0 + r, key);
     return s;
 }
 
@@ -326,11 +352,35 @@ static void row_maxima(const float *st, int64_t lds, int64_t rows, int64_t cols,
             if (st[c * lds + r] > m32[r]) m32[r] = st[c * lds + r], at[r] = c;
 }
 
+/* Column c of the tile as x = s - anchor, its marked scores near their
+ * row's largest (above near) computed in float64, the others shifted. */
+static void shift_column(const mha__attn_plan *p, const mha__score_source *src, bool biased, float *st, int64_t lds,
+                         int64_t c, int64_t rows, const float *anchor, const float *near, const mha__refine *refine,
+                         float *slope)
+{
+    const bool *marked = mha__refine_column(refine, c);
+    int64_t exact[MHA_REFINE_MAX_ROWS], n = 0;
+    double dot[MHA_REFINE_MAX_ROWS], cap_slope;
+    float *x = st + c * lds;
+    for (int64_t r = 0; r < rows; r++) {
+        if (anchor[r] == -INFINITY) continue;            /* nothing visible: every score is -inf already */
+        if (marked[r] && x[r] > near[r]) exact[n++] = r; /* else far, masked (-inf) or NaN */
+        else x[r] -= anchor[r];
+    }
+    exact_dots(p, src, c, exact, n, dot);
+    for (int64_t i = 0; i < n; i++) {
+        int64_t r = exact[i];
+        x[r] = (float)(exact_contract(p, src, biased, r, c, dot[i], &cap_slope) - (double)anchor[r]);
+        if (slope) slope[c * lds + r] = (float)cap_slope;
+    }
+}
+
 void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, float *st, int64_t lds, int64_t rows,
                      int64_t cols, float *anchor, bool fixed, const mha__refine *refine, float *slope)
 {
     float m32[MHA_REFINE_MAX_ROWS], near[MHA_REFINE_MAX_ROWS];
     int64_t at[MHA_REFINE_MAX_ROWS];
+    bool biased = mha__plan_has_bias(p);
     double cap_slope;
     row_maxima(st, lds, rows, cols, m32, at);
     for (int64_t r = 0; r < rows; r++) {
@@ -339,20 +389,9 @@ void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, floa
         near[r] = (fixed || anchor[r] > m32[r] ? anchor[r] : m32[r]) - MHA_REFINE_NEAR;
         if (fixed) continue;
         bool exact = at[r] >= 0 && mha__refine_column(refine, at[r])[r];
-        float m = exact ? (float)exact_score(p, src, r, at[r], &cap_slope) : m32[r];
+        float m =
+            exact ? (float)exact_contract(p, src, biased, r, at[r], exact_dot(p, src, r, at[r]), &cap_slope) : m32[r];
         anchor[r] = m > anchor[r] ? m : anchor[r]; /* near the exact maximum: its own x is about 0 */
     }
-    for (int64_t c = 0; c < cols; c++) {
-        const bool *marked = mha__refine_column(refine, c);
-        for (int64_t r = 0; r < rows; r++) {
-            float *x = &st[c * lds + r];
-            if (anchor[r] == -INFINITY) continue; /* nothing visible: every score is -inf already */
-            if (!marked[r] || !(*x > near[r])) {  /* far, masked (-inf) or NaN */
-                *x -= anchor[r];
-                continue;
-            }
-            *x = (float)(exact_score(p, src, r, c, &cap_slope) - (double)anchor[r]);
-            if (slope) slope[c * lds + r] = (float)cap_slope;
-        }
-    }
+    for (int64_t c = 0; c < cols; c++) shift_column(p, src, biased, st, lds, c, rows, anchor, near, refine, slope);
 }

@@ -498,68 +498,73 @@ void mha__pair_dots_avx2(int64_t rows, int64_t k, const float *a, int64_t a_rs, 
 }
 
 /* Two chains of 4 doubles over 8 floats at a time, the tail scalar. */
-double mha__dot_f64_avx2(const float *a, const float *b, int64_t n)
-{
-    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
-    int64_t c = 0;
-    for (; c + 8 <= n; c += 8) {
-        __m256 x = _mm256_loadu_ps(a + c), y = _mm256_loadu_ps(b + c);
-        s0 =
-            _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_castps256_ps128(y)), s0);
-        s1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)),
-                             s1);
-    }
-    __m256d s = _mm256_add_pd(s0, s1);
-    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-    double acc = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
-    for (; c < n; c++) acc += (double)a[c] * (double)b[c];
-    return acc;
-}
-
-/* Row x's lanes 0-3 and 4-7 of kernels.h's order, then its tail and sum. */
-static double norm2_finish(const float *x, int64_t c, int64_t n, __m256d lo, __m256d hi)
+/* a . b from lanes 0-3 and 4-7 of kernels.h's norm2 order: the tail
+ * from c, then the lanes in turn. */
+static double ordered_finish(const float *a, const float *b, int64_t c, int64_t n, __m256d lo, __m256d hi)
 {
     double lane[8], sum = 0;
     _mm256_storeu_pd(lane, lo);
     _mm256_storeu_pd(lane + 4, hi);
-    for (; c < n; c++) sum += (double)x[c] * x[c];
+    for (; c < n; c++) sum += (double)a[c] * b[c];
     for (int l = 0; l < 8; l++) sum += lane[l];
     return sum;
 }
 
-#define NORM2_STEP(i)                                                  \
-    do {                                                               \
-        __m256d a = _mm256_cvtps_pd(_mm_loadu_ps(x + (i)*ld + c));     \
-        __m256d b = _mm256_cvtps_pd(_mm_loadu_ps(x + (i)*ld + c + 4)); \
-        lo##i = _mm256_fmadd_pd(a, a, lo##i);                          \
-        hi##i = _mm256_fmadd_pd(b, b, hi##i);                          \
+/* lo, hi += a[c ..] * b[c ..], eight floats as doubles. */
+#define ORDERED_STEP(a, b, lo, hi)                                                                                   \
+    do {                                                                                                             \
+        lo = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps((a) + c)), _mm256_cvtps_pd(_mm_loadu_ps((b) + c)), lo);    \
+        hi = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps((a) + c + 4)), _mm256_cvtps_pd(_mm_loadu_ps((b) + c + 4)), \
+                             hi);                                                                                    \
     } while (0)
 
-/* Four rows at a time: each row's eight lanes are one chain of n / 8
- * multiply-adds, which alone would wait out the latency every step. */
+/* out[t] = a[t] . b[t] for t < 4, n elements each: each product's eight
+ * lanes are one chain of n / 8 multiply-adds, which alone would wait out
+ * the latency every step, so four go together. */
+static void ordered_dots4(const float *const a[4], const float *const b[4], int64_t n, double out[4])
+{
+    __m256d lo0 = _mm256_setzero_pd(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        ORDERED_STEP(a[0], b[0], lo0, hi0);
+        ORDERED_STEP(a[1], b[1], lo1, hi1);
+        ORDERED_STEP(a[2], b[2], lo2, hi2);
+        ORDERED_STEP(a[3], b[3], lo3, hi3);
+    }
+    out[0] = ordered_finish(a[0], b[0], c, n, lo0, hi0);
+    out[1] = ordered_finish(a[1], b[1], c, n, lo1, hi1);
+    out[2] = ordered_finish(a[2], b[2], c, n, lo2, hi2);
+    out[3] = ordered_finish(a[3], b[3], c, n, lo3, hi3);
+}
+
+static double ordered_dot(const float *a, const float *b, int64_t n)
+{
+    __m256d lo = _mm256_setzero_pd(), hi = lo;
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) ORDERED_STEP(a, b, lo, hi);
+    return ordered_finish(a, b, c, n, lo, hi);
+}
+
 void mha__norm2_avx2(const float *x, int64_t ld, int64_t rows, int64_t n, double *out)
 {
     int64_t r = 0;
-    for (; r + 4 <= rows; r += 4, x += 4 * ld) {
-        __m256d lo0 = _mm256_setzero_pd(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
-        int64_t c = 0;
-        for (; c + 8 <= n; c += 8) {
-            NORM2_STEP(0);
-            NORM2_STEP(1);
-            NORM2_STEP(2);
-            NORM2_STEP(3);
-        }
-        out[r] = norm2_finish(x, c, n, lo0, hi0);
-        out[r + 1] = norm2_finish(x + ld, c, n, lo1, hi1);
-        out[r + 2] = norm2_finish(x + 2 * ld, c, n, lo2, hi2);
-        out[r + 3] = norm2_finish(x + 3 * ld, c, n, lo3, hi3);
+    for (; r + 4 <= rows; r += 4) {
+        const float *row[4] = {x + r * ld, x + (r + 1) * ld, x + (r + 2) * ld, x + (r + 3) * ld};
+        ordered_dots4(row, row, n, out + r);
     }
-    for (; r < rows; r++, x += ld) {
-        __m256d lo0 = _mm256_setzero_pd(), hi0 = lo0;
-        int64_t c = 0;
-        for (; c + 8 <= n; c += 8) NORM2_STEP(0);
-        out[r] = norm2_finish(x, c, n, lo0, hi0);
+    for (; r < rows; r++) out[r] = ordered_dot(x + r * ld, x + r * ld, n);
+}
+
+void mha__dots_f64_avx2(const float *a, const float *b, int64_t ldb, const int64_t *idx, int64_t n, int64_t d,
+                        double *out)
+{
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float *same[4] = {a, a, a, a};
+        const float *rows[4] = {b + idx[i] * ldb, b + idx[i + 1] * ldb, b + idx[i + 2] * ldb, b + idx[i + 3] * ldb};
+        ordered_dots4(same, rows, d, out + i);
     }
+    for (; i < n; i++) out[i] = ordered_dot(a, b + idx[i] * ldb, d);
 }
 
 static void exp_shift_avx2(float *x, int64_t n, float shift)
@@ -605,8 +610,8 @@ const mha__kernels mha__kernels_avx2 = {
     .exp_shift = exp_shift_avx2,
     .abs_max = abs_max_avx2,
     .key_sums = mha__key_sums_avx2,
-    .dot_f64 = mha__dot_f64_avx2,
     .norm2 = mha__norm2_avx2,
+    .dots_f64 = mha__dots_f64_avx2,
     .pair_dots = mha__pair_dots_avx2,
     .peak = peak_avx2,
 };

@@ -425,8 +425,8 @@ const mha__kernels mha__kernels_avx512 = {
     .exp_shift = exp_shift_avx512,
     .abs_max = abs_max_avx512,
     .key_sums = mha__key_sums_avx2,
-    .dot_f64 = mha__dot_f64_avx2,
     .norm2 = mha__norm2_avx2,
+    .dots_f64 = mha__dots_f64_avx2,
     .pair_dots = mha__pair_dots_avx2,
     .peak = peak_avx512,
 };

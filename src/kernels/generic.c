@@ -161,29 +161,26 @@ static void key_sums_generic(const float *s, const float *w, int64_t lds, int64_
         }
 }
 
-static double dot_f64_generic(const float *a, const float *b, int64_t n)
+double mha__dot_f64_ordered(const float *a, int64_t as, const float *b, int64_t bs, int64_t n)
 {
-    double acc = 0;
-    for (int64_t c = 0; c < n; c++) acc += (double)a[c] * (double)b[c];
-    return acc;
-}
-
-void mha__norm2_strided(const float *x, int64_t rs, int64_t cs, int64_t rows, int64_t n, double *out)
-{
-    for (int64_t r = 0; r < rows; r++, x += rs) {
-        double lane[8] = {0}, sum = 0;
-        int64_t c = 0;
-        for (; c + 8 <= n; c += 8)
-            for (int l = 0; l < 8; l++) lane[l] += (double)x[(c + l) * cs] * x[(c + l) * cs];
-        for (; c < n; c++) sum += (double)x[c * cs] * x[c * cs];
-        for (int l = 0; l < 8; l++) sum += lane[l];
-        out[r] = sum;
-    }
+    double lane[8] = {0}, sum = 0;
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8)
+        for (int l = 0; l < 8; l++) lane[l] += (double)a[(c + l) * as] * b[(c + l) * bs];
+    for (; c < n; c++) sum += (double)a[c * as] * b[c * bs];
+    for (int l = 0; l < 8; l++) sum += lane[l];
+    return sum;
 }
 
 static void norm2_generic(const float *x, int64_t ld, int64_t rows, int64_t n, double *out)
 {
-    mha__norm2_strided(x, ld, 1, rows, n, out);
+    for (int64_t r = 0; r < rows; r++) out[r] = mha__dot_f64_ordered(x + r * ld, 1, x + r * ld, 1, n);
+}
+
+static void dots_f64_generic(const float *a, const float *b, int64_t ldb, const int64_t *idx, int64_t n, int64_t d,
+                             double *out)
+{
+    for (int64_t i = 0; i < n; i++) out[i] = mha__dot_f64_ordered(a, 1, b + idx[i] * ldb, 1, d);
 }
 
 static void transpose_scaled_generic(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
@@ -292,7 +289,7 @@ const mha__kernels mha__kernels_generic = {
     .exp_shift = exp_shift_generic,
     .abs_max = abs_max_generic,
     .key_sums = key_sums_generic,
-    .dot_f64 = dot_f64_generic,
     .norm2 = norm2_generic,
+    .dots_f64 = dots_f64_generic,
     .peak = peak_generic,
 };

@@ -153,11 +153,6 @@ typedef void (*mha__abs_max_fn)(const float *s, int64_t lds, int64_t rows, int64
 typedef void (*mha__key_sums_fn)(const float *s, const float *w, int64_t lds, int64_t rows, int64_t cols, double *sum,
                                  double *wsum, float *top);
 
-/* sum_c a[c] b[c] for c < n in float64: each product exact, the sum
- * off by about n ulps of float64 (the order is the kernel's own).  A
- * score where float32 is not enough (attention.h). */
-typedef double (*mha__dot_f64_fn)(const float *a, const float *b, int64_t n);
-
 /* out[r] = sum_c x[r * ld + c]^2 for r < rows, c < n, in float64 and in
  * one order: lane c % 8 of eight partial sums takes c in turn (c < n / 8
  * * 8), the tail is summed from 0, then lanes 0 to 7 are added to it.
@@ -167,9 +162,17 @@ typedef double (*mha__dot_f64_fn)(const float *a, const float *b, int64_t n);
  * alike. */
 typedef void (*mha__norm2_fn)(const float *x, int64_t ld, int64_t rows, int64_t n, double *out);
 
-/* The same order over rows rs apart whose elements are cs apart: the
- * generic kernel's norm2, and the one for strided rows. */
-void mha__norm2_strided(const float *x, int64_t rs, int64_t cs, int64_t rows, int64_t n, double *out);
+/* out[i] = sum_c a[c] b[idx[i] * ldb + c] for i < n, c < d, in float64
+ * in norm2's order: each product is exact, so every kernel gives the same
+ * bits, whatever n and whichever rows come with it (and a . b = b . a to
+ * the bit).  A key against the query rows whose scores of it are refined
+ * (attention.h), several at a time. */
+typedef void (*mha__dots_f64_fn)(const float *a, const float *b, int64_t ldb, const int64_t *idx, int64_t n, int64_t d,
+                                 double *out);
+
+/* sum_c a[c * as] b[c * bs] for c < n in float64 in norm2's order: the
+ * generic kernels' arithmetic, and the one for strided rows. */
+double mha__dot_f64_ordered(const float *a, int64_t as, const float *b, int64_t bs, int64_t n);
 
 /* Runs `iterations` rounds of independent multiply-adds on registers (no
  * memory traffic) and returns the floating-point operations done: the
@@ -193,8 +196,8 @@ typedef struct mha__kernels {
     mha__exp_shift_fn exp_shift;
     mha__abs_max_fn abs_max;
     mha__key_sums_fn key_sums;
-    mha__dot_f64_fn dot_f64;
     mha__norm2_fn norm2;
+    mha__dots_f64_fn dots_f64;
     mha__peak_fn peak;
 } mha__kernels;
 
@@ -376,7 +379,8 @@ extern const mha__kernels mha__kernels_avx512;
 /* avx2.c's kernels that the avx512 table shares. */
 void mha__key_sums_avx2(const float *s, const float *w, int64_t lds, int64_t rows, int64_t cols, double *sum,
                         double *wsum, float *top);
-double mha__dot_f64_avx2(const float *a, const float *b, int64_t n);
+void mha__dots_f64_avx2(const float *a, const float *b, int64_t ldb, const int64_t *idx, int64_t n, int64_t d,
+                        double *out);
 void mha__norm2_avx2(const float *x, int64_t ld, int64_t rows, int64_t n, double *out);
 void mha__pair_dots_avx2(int64_t rows, int64_t k, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
                          int64_t b_rs, int64_t b_cs, float *out);
