@@ -62,6 +62,8 @@ typedef struct bwd_job {
     int64_t groups;             /* G: key-block groups per kv head */
     int64_t pass_blocks;        /* key blocks a sweep takes per pass over the query blocks */
     bool from_lse;              /* the forward kept an lse, not (max, sum) */
+    double *k_norm2;            /* [B * Hkv]: each kv head's largest squared key norm, found before dK may
+                                 * overwrite K (norms_range); NULL: found as the items meet them */
 } bwd_job;
 
 /* Per-thread tiles. */
@@ -325,7 +327,9 @@ static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int
 {
     const mha__attn_plan *p = j->p;
     int64_t g = h / p->group;
-    if (t->norms_of != b * p->Hkv + g) {
+    if (j->k_norm2) {
+        t->k_norm2_max = j->k_norm2[b * p->Hkv + g];
+    } else if (t->norms_of != b * p->Hkv + g) {
         t->k_norm2_max = mha__keys_norm2_max(p, NULL, j->k, b, g);
         t->norms_of = b * p->Hkv + g;
     }
@@ -719,7 +723,19 @@ bool mha__attn_backward_workspace(const mha__attn_plan *p, const mha_ctx *ctx, b
         return false;
     }
     return mha__ws_add(bytes, floats * (int64_t)sizeof(float), "the backward's rows") &&
+           mha__ws_add(bytes, p->B * p->Hkv * (int64_t)sizeof(double), "the key norms") &&
            mha__ws_add_per_thread(bytes, ctx, bwd_tiles_floats(p), "the backward's tiles");
+}
+
+/* Each kv head's largest squared key norm (attention.h: refined scores),
+ * before the sweep: its items write dK over K where they alias, and a
+ * head's norm reads every key of it. */
+static void norms_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const bwd_job *j = arg;
+    for (int64_t bg = begin; bg < end; bg++)
+        j->k_norm2[bg] = mha__keys_norm2_max(j->p, NULL, j->k, bg / j->p->Hkv, bg % j->p->Hkv);
 }
 
 mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
@@ -746,8 +762,10 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
     j.first_is_dq = dq->stride[3] == 1;
     if (!row_floats(p, partial_groups(j.groups, j.first_is_dq), &floats)) return MHA_ERR_INTERNAL; /* planned */
     float *rows = mha__ws_take(ctx, floats * (int64_t)sizeof(float));
-    j.scratch = rows ? mha__ws_take_per_thread(ctx, bwd_tiles_floats(p), &j.scratch_stride) : NULL;
+    j.k_norm2 = rows ? mha__ws_take(ctx, p->B * p->Hkv * (int64_t)sizeof(double)) : NULL;
+    j.scratch = j.k_norm2 ? mha__ws_take_per_thread(ctx, bwd_tiles_floats(p), &j.scratch_stride) : NULL;
     if (!j.scratch) return MHA_ERR_INTERNAL;
+    mha__parallel_items(ctx, p->B * p->Hkv, norms_range, &j); /* before anything writes dK */
     j.shift = rows;
     j.mul = rows + n_rows;
     j.delta = rows + 2 * n_rows;
