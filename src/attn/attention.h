@@ -226,6 +226,11 @@ mha__score_source mha__score_rows(const mha_tensor *q, int64_t b, int64_t h, int
  * set or the caller. */
 void mha__norms2(const mha__kernels *kt, const float *x, int64_t rs, int64_t cs, int64_t rows, int64_t n, double *out);
 
+/* The larger of the largest squared norm so far and the next one, v: a
+ * NaN, once met, stays (a row holding a NaN makes its head's maximum NaN
+ * whatever order its rows come in). */
+static inline double mha__norm2_top(double top, double v) { return isnan(top) ? top : v > top || isnan(v) ? v : top; }
+
 /* The largest squared norm of kv head g's keys [0, S) in batch b: kept by
  * a cache (rows->k_norm2_max), else from the float32 tensor k or the
  * float32 rows (either may be NULL); +inf (every row wide) if neither. */

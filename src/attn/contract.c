@@ -195,7 +195,7 @@ static double rows_norm2_max(const mha__kernels *kt, const float *x, int64_t rs,
     for (int64_t j0 = 0; j0 < n && !isnan(top); j0 += CHUNK) {
         int64_t m = n - j0 < CHUNK ? n - j0 : CHUNK;
         mha__norms2(kt, x + j0 * rs, rs, cs, m, d, norm2);
-        for (int64_t j = 0; j < m; j++) top = norm2[j] > top || isnan(norm2[j]) ? norm2[j] : top;
+        for (int64_t j = 0; j < m; j++) top = mha__norm2_top(top, norm2[j]);
     }
     return top;
 }

@@ -59,10 +59,10 @@ mha_status mha_kv_cache_create(const mha_layer *layer, int64_t batch, int64_t ca
                          (long long)batch, (long long)capacity);
     if (dtype != MHA_DTYPE_F32 && dtype != MHA_DTYPE_BF16 && dtype != MHA_DTYPE_I8)
         return mha__fail(MHA_ERR_INVALID_ARG, "a KV cache stores F32, BF16 or I8, not %s", mha_dtype_name(dtype));
-    int64_t n, rows, g = layer->desc.num_kv_heads;
+    int64_t n, rows, row_bytes, g = layer->desc.num_kv_heads; /* rows: one norm (and int8 scale) each */
     if (!mha__product((int64_t[]){batch, g, capacity, layer->head_dim, (int64_t)mha_dtype_size(dtype)}, 5, &n) ||
-        !mha__product((int64_t[]){batch, g, capacity, (int64_t)sizeof(double)}, 4, &rows) ||
-        !mha__product((int64_t[]){batch, g, capacity}, 3, &rows))
+        !mha__product((int64_t[]){batch, g, capacity}, 3, &rows) ||
+        !mha__mul(rows, (int64_t)sizeof(double), &row_bytes))
         return mha__fail(MHA_ERR_INVALID_ARG, "a cache of %lld tokens x %lld sequences overflows", (long long)capacity,
                          (long long)batch);
     mha_kv_cache *c = mha__calloc(1, sizeof *c);
@@ -115,14 +115,14 @@ int64_t mha_kv_cache_capacity(const mha_kv_cache *c)
     return check_cache(c, "mha_kv_cache_capacity") == MHA_OK ? c->capacity : -1;
 }
 
-/* The largest key norm of rows [0, length) of each (b, g), NaN kept, as
- * mha__rows_norm2_max finds it. */
+/* The largest key norm of rows [0, length) of each (b, g), as
+ * mha__keys_norm2_max finds it from the rows. */
 static void find_norm2_max(mha_kv_cache *c)
 {
     for (int64_t bg = 0; bg < c->batch * c->kv_heads; bg++) {
         const double *norm2 = c->k_norm2 + bg * c->capacity;
         double top = 0;
-        for (int64_t j = 0; j < c->length && !isnan(top); j++) top = norm2[j] > top || isnan(norm2[j]) ? norm2[j] : top;
+        for (int64_t j = 0; j < c->length; j++) top = mha__norm2_top(top, norm2[j]);
         c->k_norm2_max[bg] = top;
     }
 }
@@ -232,7 +232,7 @@ static void keep_norms(mha_kv_cache *c, int64_t n)
                 mha__kv_rows_widen(&view, false, b, g, j, 1, c->head_dim, row, c->head_dim, 1);
                 double *v = &c->k_norm2[bg * c->capacity + j];
                 mha__norms2(kt, row, c->head_dim, 1, 1, c->head_dim, v);
-                if (!isnan(*top) && (*v > *top || isnan(*v))) *top = *v; /* a NaN stays */
+                *top = mha__norm2_top(*top, *v);
             }
         }
 }
