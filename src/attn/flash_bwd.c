@@ -322,7 +322,8 @@ static void release_split(const bwd_job *j)
 
 /* Packs the query block's (scale Q)^T and dO^T (times 1: exact), and
  * finds its wide rows as the forward does (attention.h: refined scores;
- * the largest key norm once per (b, kv head) a thread meets). */
+ * the keys' largest norm from norms_range, else once per (b, kv head) a
+ * thread meets). */
 static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
