@@ -326,6 +326,76 @@ static void test_dots_f64(const mha__kernels *kt)
     CHECK(bad == 0, "%s dots_f64: %d mismatches", kt->name, bad);
 }
 
+/* dots_f64_panel over every tail of d, 1 to 19 rows of a panel wider
+ * than them (every mask of the vectors of 4 and 8 rows), an odd number of
+ * keys (the AVX-512 kernel takes two at a time): each score's bits as
+ * the order written out gives them, and nothing written outside the
+ * rows and keys asked for. */
+static void test_dots_f64_panel(const mha__kernels *kt)
+{
+    enum { N = 133, ROWS = 19, LDQ = 21, KEYS = 3, LDK = 140, LDO = 24 };
+    static double qd[N * LDQ], out[KEYS * LDO];
+    float q[ROWS][N], k[KEYS * LDK];
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < N; c++) q[r][c] = uniform() * (c % 3 ? 30.0f : 1e-3f);
+    for (int c = 0; c < N; c++)
+        for (int r = 0; r < LDQ; r++) qd[c * LDQ + r] = r < ROWS ? q[r][c] : NAN; /* never read */
+    for (int i = 0; i < KEYS * LDK; i++) k[i] = uniform() * (i % 4 ? 1.0f : 1e-2f);
+    int bad = 0;
+    for (int d = 0; d <= N; d++)
+        for (int rows = 1 + d % 3; rows <= ROWS; rows += 3) {
+            int cols = d % 2 ? KEYS : 1;
+            for (int i = 0; i < KEYS * LDO; i++) out[i] = -1.0;
+            kt->dots_f64_panel(k, LDK, cols, qd, LDQ, rows, d, out, LDO);
+            for (int c = 0; c < KEYS; c++)
+                for (int r = 0; r < LDO; r++) {
+                    double got = out[c * LDO + r];
+                    if (c < cols && r < rows)
+                        bad += !ordered_ok(got, ordered_dot(k + c * LDK, q[r], d), k + c * LDK, q[r], d);
+                    else bad += got != -1.0;
+                }
+        }
+    CHECK(bad == 0, "%s dots_f64_panel: %d mismatches", kt->name, bad);
+}
+
+/* shift_refined against its definition (kernels.h) written out: n from 1
+ * to 21 (every tail of the vectors), rows marked or not, above near or
+ * not (or at it, or an ulp above), a NaN and -inf score, a shift of 0 with +inf near (a row that sees
+ * nothing); nothing written past n. */
+static void test_shift_refined(const mha__kernels *kt)
+{
+    enum { N = 21 };
+    float x0[N + 1], near[N], shift[N];
+    double dot[N];
+    bool marked[N];
+    for (int r = 0; r < N; r++) {
+        x0[r] = uniform() * 40.0f;
+        near[r] = r % 5 == 0 ? INFINITY : uniform() * 40.0f - 10.0f;
+        shift[r] = r % 5 == 0 ? 0.0f : uniform() * 40.0f;
+        dot[r] = (double)x0[r] * 8.0 + uniform() * 1e-3;
+        marked[r] = r % 3 != 1;
+    }
+    x0[4] = NAN;
+    x0[7] = -INFINITY;
+    near[9] = x0[9]; /* not above: shifted */
+    near[10] = nextafterf(x0[10], -INFINITY);
+    x0[N] = 12345.0f;
+    const double scale = 0.125;
+    int bad = 0;
+    for (int n = 1; n <= N; n++) {
+        float x[N + 1];
+        memcpy(x, x0, sizeof x);
+        kt->shift_refined(x, dot, marked, near, shift, n, scale);
+        for (int r = 0; r <= N; r++) {
+            float want = r >= n                         ? x0[r]
+                         : marked[r] && x0[r] > near[r] ? (float)(dot[r] * scale - shift[r])
+                                                        : x0[r] - shift[r];
+            bad += memcmp(&x[r], &want, sizeof want) != 0 && !(isnan(x[r]) && isnan(want));
+        }
+    }
+    CHECK(bad == 0, "%s shift_refined: %d mismatches", kt->name, bad);
+}
+
 /* norm2 over every tail of n, seven rows at once (the vector kernels
  * take them four at a time), values of every size: the order's bits. */
 static void test_norm2(const mha__kernels *kt)
@@ -740,6 +810,8 @@ int main(void)
         test_key_sums(kt);
         test_transpose_scaled(kt);
         test_dots_f64(kt);
+        test_dots_f64_panel(kt);
+        test_shift_refined(kt);
         test_norm2(kt);
         test_rows(kt, NULL, false);
         test_rows(kt, NULL, true);

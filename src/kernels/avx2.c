@@ -567,6 +567,76 @@ void mha__dots_f64_avx2(const float *a, const float *b, int64_t ldb, const int64
     for (; i < n; i++) out[i] = ordered_dot(a, b + idx[i] * ldb, d);
 }
 
+/* Lanes [0, n) of four doubles (n clamped to [0, 4]). */
+static __m256i lane_mask64(int64_t n)
+{
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+
+/* x += key value kv * row c of the panel, for the four query rows in
+ * the vector (those m holds). */
+#define PANEL_STEP(kv, c, x) x = _mm256_fmadd_pd(_mm256_set1_pd(kv), _mm256_maskload_pd(qd + (c)*ldq, m), x)
+
+/* Key a against the panel's four rows from qd (those m holds), in
+ * norm2's order: eight chains of d / 8 multiply-adds, enough to cover the
+ * latency, then the tail from 0 and the lanes in turn added to it.  The
+ * key is widened 32 values at a time, so a step broadcasts a double. */
+static __m256d panel_dots4(const float *a, const double *qd, int64_t ldq, int64_t d, __m256i m)
+{
+    __m256d x0 = _mm256_setzero_pd(), x1 = x0, x2 = x0, x3 = x0, x4 = x0, x5 = x0, x6 = x0, x7 = x0, sum = x0;
+    double kd[32];
+    int64_t c = 0, whole = d / 8 * 8;
+    while (c < whole) {
+        int64_t n = whole - c < 32 ? whole - c : 32;
+        for (int64_t x = 0; x < n; x += 4) _mm256_storeu_pd(kd + x, _mm256_cvtps_pd(_mm_loadu_ps(a + c + x)));
+        for (int64_t x = 0; x < n; x += 8, c += 8) {
+            PANEL_STEP(kd[x], c, x0);
+            PANEL_STEP(kd[x + 1], c + 1, x1);
+            PANEL_STEP(kd[x + 2], c + 2, x2);
+            PANEL_STEP(kd[x + 3], c + 3, x3);
+            PANEL_STEP(kd[x + 4], c + 4, x4);
+            PANEL_STEP(kd[x + 5], c + 5, x5);
+            PANEL_STEP(kd[x + 6], c + 6, x6);
+            PANEL_STEP(kd[x + 7], c + 7, x7);
+        }
+    }
+    for (; c < d; c++) PANEL_STEP((double)a[c], c, sum);
+    const __m256d lanes[8] = {x0, x1, x2, x3, x4, x5, x6, x7};
+    for (int l = 0; l < 8; l++) sum = _mm256_add_pd(sum, lanes[l]);
+    return sum;
+}
+
+/* Four rows at a time against every key (their panel, 32 d bytes, stays
+ * in L1). */
+static void dots_f64_panel_avx2(const float *k, int64_t ldk, int64_t cols, const double *qd, int64_t ldq, int64_t rows,
+                                int64_t d, double *out, int64_t ldo)
+{
+    for (int64_t r = 0; r < rows; r += 4) {
+        __m256i m = lane_mask64(rows - r);
+        for (int64_t c = 0; c < cols; c++)
+            _mm256_maskstore_pd(out + c * ldo + r, m, panel_dots4(k + c * ldk, qd + r, ldq, d, m));
+    }
+}
+
+/* Four rows at a time: the taken lanes from their dot products, blended
+ * into the shifted scores. */
+static void shift_refined_avx2(float *x, const double *dot, const bool *marked, const float *near, const float *shift,
+                               int64_t n, double scale)
+{
+    __m256d vs = _mm256_set1_pd(scale);
+    for (int64_t r = 0; r < n; r += 4) {
+        int64_t k = n - r < 4 ? n - r : 4;
+        __m128i m = _mm256_castsi256_si128(lane_mask(k));
+        __m128i marks = _mm_setr_epi32(k > 0 && marked[r] ? -1 : 0, k > 1 && marked[r + 1] ? -1 : 0,
+                                       k > 2 && marked[r + 2] ? -1 : 0, k > 3 && marked[r + 3] ? -1 : 0);
+        __m128 xv = _mm_maskload_ps(x + r, m), sh = _mm_maskload_ps(shift + r, m);
+        __m128 take = _mm_and_ps(_mm_castsi128_ps(marks), _mm_cmpgt_ps(xv, _mm_maskload_ps(near + r, m)));
+        __m256d e = _mm256_sub_pd(_mm256_mul_pd(_mm256_maskload_pd(dot + r, _mm256_cvtepi32_epi64(m)), vs),
+                                  _mm256_cvtps_pd(sh));
+        _mm_maskstore_ps(x + r, m, _mm_blendv_ps(_mm_sub_ps(xv, sh), _mm256_cvtpd_ps(e), take));
+    }
+}
+
 static void exp_shift_avx2(float *x, int64_t n, float shift)
 {
     __m256 vs = _mm256_set1_ps(shift);
@@ -612,6 +682,8 @@ const mha__kernels mha__kernels_avx2 = {
     .key_sums = mha__key_sums_avx2,
     .norm2 = mha__norm2_avx2,
     .dots_f64 = mha__dots_f64_avx2,
+    .dots_f64_panel = dots_f64_panel_avx2,
+    .shift_refined = shift_refined_avx2,
     .pair_dots = mha__pair_dots_avx2,
     .peak = peak_avx2,
 };

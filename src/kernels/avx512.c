@@ -390,6 +390,95 @@ static void exp_shift_avx512(float *x, int64_t n, float shift)
     }
 }
 
+/* x += ka * row c of the panel, y += kb * the same row: two keys
+ * against the eight query rows in the vector (those m holds). */
+#define PANEL_STEP(ka, kb, c, x, y)                          \
+    do {                                                     \
+        __m512d q_ = _mm512_maskz_loadu_pd(m, qd + (c)*ldq); \
+        x = _mm512_fmadd_pd(_mm512_set1_pd(ka), q_, x);      \
+        y = _mm512_fmadd_pd(_mm512_set1_pd(kb), q_, y);      \
+    } while (0)
+
+/* s plus the lanes x0 .. x7 in turn: norm2's order after the tail's sum. */
+static inline __m512d lanes_added(__m512d s, __m512d x0, __m512d x1, __m512d x2, __m512d x3, __m512d x4, __m512d x5,
+                                  __m512d x6, __m512d x7)
+{
+    s = _mm512_add_pd(s, x0);
+    s = _mm512_add_pd(s, x1);
+    s = _mm512_add_pd(s, x2);
+    s = _mm512_add_pd(s, x3);
+    s = _mm512_add_pd(s, x4);
+    s = _mm512_add_pd(s, x5);
+    s = _mm512_add_pd(s, x6);
+    return _mm512_add_pd(s, x7);
+}
+
+/* Keys a and b (b may be a again) against eight rows of the panel from qd
+ * (those m holds), in norm2's order, into oa[0 .. 8) and ob[0 .. 8):
+ * sixteen chains of d / 8 multiply-adds, a load of the panel for two of
+ * them (a load each kept the FMA unit half idle on Zen 4). */
+static void panel_dots8x2(const float *a, const float *b, const double *qd, int64_t ldq, int64_t d, __mmask8 m,
+                          double *oa, double *ob)
+{
+    __m512d x0 = _mm512_setzero_pd(), x1 = x0, x2 = x0, x3 = x0, x4 = x0, x5 = x0, x6 = x0, x7 = x0;
+    __m512d y0 = x0, y1 = x0, y2 = x0, y3 = x0, y4 = x0, y5 = x0, y6 = x0, y7 = x0, sx = x0, sy = x0;
+    /* The keys widened 64 values at a time, so each step broadcasts a
+     * double from L1 (one load, folded into the multiply-add). */
+    double ka[64], kb[64];
+    int64_t c = 0, whole = d / 8 * 8;
+    while (c < whole) {
+        int64_t n = whole - c < 64 ? whole - c : 64;
+        for (int64_t x = 0; x < n; x += 8) {
+            _mm512_storeu_pd(ka + x, _mm512_cvtps_pd(_mm256_loadu_ps(a + c + x)));
+            _mm512_storeu_pd(kb + x, _mm512_cvtps_pd(_mm256_loadu_ps(b + c + x)));
+        }
+        for (int64_t x = 0; x < n; x += 8, c += 8) {
+            PANEL_STEP(ka[x], kb[x], c, x0, y0);
+            PANEL_STEP(ka[x + 1], kb[x + 1], c + 1, x1, y1);
+            PANEL_STEP(ka[x + 2], kb[x + 2], c + 2, x2, y2);
+            PANEL_STEP(ka[x + 3], kb[x + 3], c + 3, x3, y3);
+            PANEL_STEP(ka[x + 4], kb[x + 4], c + 4, x4, y4);
+            PANEL_STEP(ka[x + 5], kb[x + 5], c + 5, x5, y5);
+            PANEL_STEP(ka[x + 6], kb[x + 6], c + 6, x6, y6);
+            PANEL_STEP(ka[x + 7], kb[x + 7], c + 7, x7, y7);
+        }
+    }
+    for (; c < d; c++) PANEL_STEP((double)a[c], (double)b[c], c, sx, sy);
+    _mm512_mask_storeu_pd(oa, m, lanes_added(sx, x0, x1, x2, x3, x4, x5, x6, x7));
+    _mm512_mask_storeu_pd(ob, m, lanes_added(sy, y0, y1, y2, y3, y4, y5, y6, y7));
+}
+
+/* As avx2.c's (kernels.h), eight rows at a time against the keys two by
+ * two (the rows' panel, 64 d bytes, stays in L1). */
+static void dots_f64_panel_avx512(const float *k, int64_t ldk, int64_t cols, const double *qd, int64_t ldq,
+                                  int64_t rows, int64_t d, double *out, int64_t ldo)
+{
+    for (int64_t r = 0; r < rows; r += 8) {
+        __mmask8 m = rows - r >= 8 ? 0xff : (__mmask8)((1u << (rows - r)) - 1);
+        for (int64_t c = 0; c < cols; c += 2) {
+            int64_t c1 = c + 1 < cols ? c + 1 : c; /* an odd last key computed twice */
+            panel_dots8x2(k + c * ldk, k + c1 * ldk, qd + r, ldq, d, m, out + c * ldo + r, out + c1 * ldo + r);
+        }
+    }
+}
+
+/* Eight rows at a time: the taken lanes from their dot products,
+ * blended into the shifted scores. */
+static void shift_refined_avx512(float *x, const double *dot, const bool *marked, const float *near, const float *shift,
+                                 int64_t n, double scale)
+{
+    __m512d vs = _mm512_set1_pd(scale);
+    for (int64_t r = 0; r < n; r += 8) {
+        __mmask8 m = n - r >= 8 ? 0xff : (__mmask8)((1u << (n - r)) - 1);
+        __m128i marks = _mm_maskz_loadu_epi8(m, marked + r);
+        __m256 xv = _mm256_maskz_loadu_ps(m, x + r), sh = _mm256_maskz_loadu_ps(m, shift + r);
+        __mmask8 take =
+            _mm_test_epi8_mask(marks, marks) & _mm256_cmp_ps_mask(xv, _mm256_maskz_loadu_ps(m, near + r), _CMP_GT_OQ);
+        __m512d e = _mm512_sub_pd(_mm512_mul_pd(_mm512_maskz_loadu_pd(take, dot + r), vs), _mm512_cvtps_pd(sh));
+        _mm256_mask_storeu_ps(x + r, m, _mm256_mask_blend_ps(take, _mm256_sub_ps(xv, sh), _mm512_cvtpd_ps(e)));
+    }
+}
+
 /* 12 independent FMA chains: enough to cover the FMA latency on every
  * AVX-512 core we know (4 cycles x up to 2 ports, plus slack). */
 static double peak_avx512(int64_t iterations)
@@ -427,6 +516,8 @@ const mha__kernels mha__kernels_avx512 = {
     .key_sums = mha__key_sums_avx2,
     .norm2 = mha__norm2_avx2,
     .dots_f64 = mha__dots_f64_avx2,
+    .dots_f64_panel = dots_f64_panel_avx512,
+    .shift_refined = shift_refined_avx512,
     .pair_dots = mha__pair_dots_avx2,
     .peak = peak_avx512,
 };

@@ -183,6 +183,29 @@ static void dots_f64_generic(const float *a, const float *b, int64_t ldb, const 
     for (int64_t i = 0; i < n; i++) out[i] = mha__dot_f64_ordered(a, 1, b + idx[i] * ldb, 1, d);
 }
 
+static void dots_f64_panel_generic(const float *k, int64_t ldk, int64_t cols, const double *qd, int64_t ldq,
+                                   int64_t rows, int64_t d, double *out, int64_t ldo)
+{
+    for (int64_t c = 0; c < cols; c++)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *a = k + c * ldk;
+            double lane[8] = {0}, sum = 0;
+            int64_t x = 0;
+            for (; x + 8 <= d; x += 8)
+                for (int l = 0; l < 8; l++) lane[l] += a[x + l] * qd[(x + l) * ldq + r];
+            for (; x < d; x++) sum += a[x] * qd[x * ldq + r];
+            for (int l = 0; l < 8; l++) sum += lane[l];
+            out[c * ldo + r] = sum;
+        }
+}
+
+static void shift_refined_generic(float *x, const double *dot, const bool *marked, const float *near,
+                                  const float *shift, int64_t n, double scale)
+{
+    for (int64_t r = 0; r < n; r++)
+        x[r] = marked[r] && x[r] > near[r] ? (float)(dot[r] * scale - shift[r]) : x[r] - shift[r];
+}
+
 static void transpose_scaled_generic(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
                                      float alpha)
 {
@@ -291,5 +314,7 @@ const mha__kernels mha__kernels_generic = {
     .key_sums = key_sums_generic,
     .norm2 = norm2_generic,
     .dots_f64 = dots_f64_generic,
+    .dots_f64_panel = dots_f64_panel_generic,
+    .shift_refined = shift_refined_generic,
     .peak = peak_generic,
 };

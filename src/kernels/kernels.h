@@ -170,6 +170,26 @@ typedef void (*mha__norm2_fn)(const float *x, int64_t ld, int64_t rows, int64_t 
 typedef void (*mha__dots_f64_fn)(const float *a, const float *b, int64_t ldb, const int64_t *idx, int64_t n, int64_t d,
                                  double *out);
 
+/* out[c * ldo + r] = sum_x k[c * ldk + x] qd[x * ldq + r] for c < cols,
+ * r < rows, x < d, in float64 in norm2's order, where qd holds float32
+ * values widened (each product exact): the same bits as dots_f64 of key
+ * c against those rows.  Keys against a block of query rows kept
+ * transposed in float64 (mha__score_source), the rows in vector lanes,
+ * a few rows at a time against every key, so that their panel stays in
+ * L1: one multiply-add a product, where dots_f64 widens both operands and
+ * adds up each result's lanes. */
+typedef void (*mha__dots_f64_panel_fn)(const float *k, int64_t ldk, int64_t cols, const double *qd, int64_t ldq,
+                                       int64_t rows, int64_t d, double *out, int64_t ldo);
+
+/* For r < n: x[r] = (float)(dot[r] * scale - shift[r]) where marked[r]
+ * and x[r] > near[r] (a NaN x never), else x[r] - shift[r]: a column of
+ * a tile's scores shifted, those that are refined from their float64 dot
+ * products, under a contract that is the scale alone
+ * (mha__shift_tile).  A multiply and a subtract, each rounded, then the
+ * rounding to float: the same bits in every kernel. */
+typedef void (*mha__shift_refined_fn)(float *x, const double *dot, const bool *marked, const float *near,
+                                      const float *shift, int64_t n, double scale);
+
 /* sum_c a[c * as] b[c * bs] for c < n in float64 in norm2's order: the
  * generic kernels' arithmetic, and the one for strided rows. */
 double mha__dot_f64_ordered(const float *a, int64_t as, const float *b, int64_t bs, int64_t n);
@@ -198,6 +218,8 @@ typedef struct mha__kernels {
     mha__key_sums_fn key_sums;
     mha__norm2_fn norm2;
     mha__dots_f64_fn dots_f64;
+    mha__dots_f64_panel_fn dots_f64_panel;
+    mha__shift_refined_fn shift_refined;
     mha__peak_fn peak;
 } mha__kernels;
 
