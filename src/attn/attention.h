@@ -178,8 +178,9 @@ void mha__pack_columns(const mha__kernels *kt, float *dst, int64_t ldd, mha__str
  * arrive, get the same bits.  At 64 it costs nothing where logits are
  * moderate (q, k x2 at d = 64: bound 44, logits to 24, every score near
  * its row's maximum); 32 would also cover a score of 3 whose terms reach
- * 0.25 (bound 38), but refined scores cost too much yet to send those
- * rows whole through float64 (docs/NUMERICS.md). */
+ * 0.25 (bound 38), but even from dots_f64_panel its refined scores cost
+ * 1.4-2.1x the forward and backward where logits are moderate (d = 64 and
+ * 128, inputs x1.5-x2; docs/NUMERICS.md). */
 #define MHA_REFINE_ABOVE 16.0f
 #define MHA_REFINE_NEAR  20.0f
 #define MHA_REFINE_TERMS 64.0
@@ -206,7 +207,11 @@ static inline const bool *mha__refine_column(const mha__refine *f, int64_t c)
 
 /* Where the float64 scores of a tile come from: query rows i0 + r at q
  * (unscaled, float32) and key rows j0 + c at k, stored as float32, or as
- * a cache's bf16 or int8 rows (k_cs 1; int8 with a scale per row). */
+ * a cache's bf16 or int8 rows (k_cs 1; int8 with a scale per row).  qd,
+ * if not NULL, holds the same query rows widened and transposed (row r's
+ * element c at qd[c * ldq + r], mha__widen_rows): a key's refined scores
+ * against many of them then come from dots_f64_panel, the rows in vector
+ * lanes, at a fraction of what dots_f64 costs a score (the same bits). */
 typedef struct mha__score_source {
     const float *q;
     int64_t q_rs, q_cs;
@@ -215,7 +220,13 @@ typedef struct mha__score_source {
     mha_dtype k_dtype;
     const float *k_scale;
     int64_t b, h, i0, j0;
+    const double *qd;
+    int64_t ldq;
 } mha__score_source;
+
+/* qd[c * ldq + r] = q[r * q_rs + c * q_cs] in float64, for r < rows, c <
+ * D: the panel of a source's query rows (above). */
+void mha__widen_rows(const mha__attn_plan *p, const mha__score_source *src, int64_t rows, double *qd, int64_t ldq);
 
 /* The source of query rows i0.. of head h, batch b, of a float32 tensor
  * q [B, Hq, L, D], against float32 key rows k (keys j0..). */

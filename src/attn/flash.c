@@ -133,16 +133,31 @@ static void step_factors(const flash_job *j, const float *old, const float *max,
     j->kt->softmax_step(factor, BR, rows, 1, m, sum, scale, INFINITY);
 }
 
+/* Where the refined scores of the item's rows come from: its query rows,
+ * widened into t->qd when the item first refines (attention.h). */
+static mha__score_source refine_source(const mha__attn_plan *p, const mha_tensor *q, tiles *t, int64_t b, int64_t h,
+                                       int64_t i0, int64_t rows, int64_t j0, mha__strided ks)
+{
+    mha__score_source src = mha__score_rows(q, b, h, i0, j0, ks);
+    if (t->qd_row != src.q) {
+        mha__widen_rows(p, &src, rows, t->qd, BR);
+        t->qd_row = src.q;
+    }
+    src.qd = t->qd;
+    src.ldq = BR;
+    return src;
+}
+
 /* softmax_step (kernels.h) for a tile where some scores are large
  * (attention.h: refined scores): each row's scores relative to its new
  * maximum m, refined where marked, then p = exp(x) times the factor
  * softmax_step's probabilities carry, so that this tile's and the vector
  * step's tiles of a row add up alike; scale as the vector step's, a
  * power of two. */
-static void refined_softmax_step(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
+static void refined_softmax_step(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows,
                                  int64_t j0, int64_t cols, mha__strided ks)
 {
-    mha__score_source src = mha__score_rows(j->q, b, h, i0, j0, ks);
+    mha__score_source src = refine_source(j->p, j->q, t, b, h, i0, rows, j0, ks);
     float l[BR] = {0}, old[BR], factor[BR];
     memcpy(old, t->max, (size_t)rows * sizeof(float));
     mha__shift_tile(j->p, &src, t->st, LDS, rows, cols, t->max, false, &t->refine, NULL);
@@ -297,7 +312,7 @@ typedef struct probs_job {
 } probs_job;
 
 /* probs[b, h or 0, i0 .. i0+rows, j0 .. j0+cols] = P (or += for averaging). */
-static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+static void store_probs(const probs_job *pj, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                         int64_t cols, mha__strided ks)
 {
     const mha__attn_plan *p = pj->f.p;
@@ -308,7 +323,7 @@ static void store_probs(const probs_job *pj, const tiles *t, int64_t b, int64_t 
     float anchor[BR];
     for (int64_t r = 0; r < rows; r++) anchor[r] = sum[r] > 0 ? max[r] : -INFINITY;
     if (shifted) { /* as the forward refined them: x = s - max */
-        mha__score_source src = mha__score_rows(pj->f.q, b, h, i0, j0, ks);
+        mha__score_source src = refine_source(p, pj->f.q, t, b, h, i0, rows, j0, ks);
         mha__shift_tile(p, &src, t->st, LDS, rows, cols, anchor, true, &t->refine, NULL);
     }
     for (int64_t r = 0; r < rows; r++) {

@@ -90,6 +90,8 @@ typedef struct bwd_tiles {
     bool wide[BQ];      /* the query block's rows refined whole (attention.h) */
     int64_t norms_of;   /* the (b * Hkv + g) whose largest key norm is k_norm2_max; -1: none yet */
     double k_norm2_max;
+    double *qd;          /* [D][BQ]  the query block's rows widened, for refined scores (float32 plans only) */
+    const float *qd_row; /* the first of the rows qd holds; NULL: none yet */
 } bwd_tiles;
 
 static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -169,6 +171,8 @@ static bwd_tiles carve_tiles(const mha__attn_plan *p, carver *c)
     t.dos = (uint16_t *)carve(c, z.dout / 2);
     t.kvs = (uint16_t *)carve(c, slots * z.kv / 2);
     t.kv_finite = (bool *)carve(c, (2 * slots + 3) / 4);
+    t.qd = (double *)(void *)carve(c, p->bf16 ? 0 : 2 * p->D * BQ);
+    t.qd_row = NULL;
     t.qs_finite = t.dos_finite = false;
     memset(t.zero, 0, sizeof t.zero);
     return t;
@@ -391,6 +395,12 @@ static void refine_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, i
     const mha_tensor *k = j->k;
     mha__strided ks = {row_of(k, b, h / p->group, j0), k->stride[2], k->stride[3]};
     mha__score_source src = mha__score_rows(j->q, b, h, i0, j0, ks);
+    if (t->qd_row != src.q) { /* the block's first refined scores */
+        mha__widen_rows(p, &src, rows, t->qd, BQ);
+        t->qd_row = src.q;
+    }
+    src.qd = t->qd;
+    src.ldq = BQ;
     float anchor[BQ];
     memcpy(anchor, shift, (size_t)rows * sizeof(float));
     mha__shift_tile(p, &src, t->st, BQ, rows, cols, anchor, true, &t->refine, p->softcap > 0 ? t->slope : NULL);

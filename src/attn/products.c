@@ -117,6 +117,8 @@ static mha__tiles carve_tiles(const mha__attn_plan *p, carver *c)
     t.split_ktag = carve(c, split_tag_floats(t.sslots));
     t.split_vtag = carve(c, split_tag_floats(t.sslots));
     t.qs_finite = carve(c, 1);
+    t.qd = carve(c, p->bf16 ? 0 : 2 * p->D * MHA__BR);
+    t.qd_row = NULL;
     return t;
 }
 
