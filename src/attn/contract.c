@@ -350,19 +350,24 @@ static double exact_contract(const mha__attn_plan *p, const mha__score_source *s
 }
 
 /* Each row's largest float32 score and its key (-1: none above -inf). */
-static void row_maxima(const float *st, int64_t lds, int64_t rows, int64_t cols, float *m32, int64_t *at)
+static void row_maxima(const float *restrict st, int64_t lds, int64_t rows, int64_t cols, float *restrict m32,
+                       int32_t *restrict at)
 {
+    /* Two passes that vectorise (a maximum, then its first key), where
+     * one with a branch per score mispredicts at large logits. */
     for (int64_t r = 0; r < rows; r++) m32[r] = -INFINITY, at[r] = -1;
     for (int64_t c = 0; c < cols; c++)
-        for (int64_t r = 0; r < rows; r++)
-            if (st[c * lds + r] > m32[r]) m32[r] = st[c * lds + r], at[r] = c;
+        for (int64_t r = 0; r < rows; r++) m32[r] = st[c * lds + r] > m32[r] ? st[c * lds + r] : m32[r];
+    for (int64_t c = cols; c-- > 0;) /* the last match, from the right, is the first key */
+        for (int64_t r = 0; r < rows; r++) at[r] = st[c * lds + r] == m32[r] ? (int32_t)c : at[r];
+    for (int64_t r = 0; r < rows; r++) at[r] = m32[r] == -INFINITY ? -1 : at[r];
 }
 
 /* Whether score (r, c) of the tile is refined: marked, near its row's
  * largest, and its row sees something. */
 static bool refined_score(const float *x, int64_t r, const bool *marked, const float *near)
 {
-    return marked[r] && x[r] > near[r];
+    return marked[r] & (x[r] > near[r]); /* no branch */
 }
 
 /* Column c of the tile's rows [r0, r0 + rows) as x = s - shift, its
@@ -376,9 +381,10 @@ static void shift_column(const mha__attn_plan *p, const mha__score_source *src, 
     int64_t exact[MHA_REFINE_MAX_ROWS], n = 0;
     double dot[MHA_REFINE_MAX_ROWS], cap_slope;
     float *x = st + c * lds;
-    for (int64_t r = r0; r < r0 + rows; r++) {
-        if (refined_score(x, r, marked, near)) exact[n++] = r;
-        else x[r] -= shift[r]; /* far, masked (-inf) or NaN */
+    for (int64_t r = r0; r < r0 + rows; r++) { /* without a branch: at large logits it is a coin toss */
+        exact[n] = r;
+        n += refined_score(x, r, marked, near);
+        x[r] -= shift[r]; /* far, masked (-inf) or NaN; a refined score is written again below */
     }
     exact_dots(p, src, c, exact, n, dot);
     for (int64_t i = 0; i < n; i++) {
@@ -391,6 +397,9 @@ static void shift_column(const mha__attn_plan *p, const mha__score_source *src, 
 /* Rows per block of the panel path: the kernels' vectors of rows (4 for
  * AVX2, 16 for AVX-512) both divide it. */
 enum { PANEL_ROWS = 16 };
+
+/* The rows of the block that starts at row r0 of a tile of `rows`. */
+static int64_t panel_block(int64_t r0, int64_t rows) { return rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS; }
 
 /* Whether rows [r0, r0 + rows) have enough refined scores to take every
  * score's dot product from the panel: a score there costs about a third
@@ -441,7 +450,7 @@ void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, floa
                      int64_t cols, float *anchor, bool fixed, const mha__refine *refine, float *slope)
 {
     float m32[MHA_REFINE_MAX_ROWS], near[MHA_REFINE_MAX_ROWS], shift[MHA_REFINE_MAX_ROWS];
-    int64_t at[MHA_REFINE_MAX_ROWS];
+    int32_t at[MHA_REFINE_MAX_ROWS]; /* 32 bits: the pass that finds them vectorises */
     bool biased = mha__plan_has_bias(p);
     double cap_slope;
     row_maxima(st, lds, rows, cols, m32, at);
@@ -460,12 +469,18 @@ void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, floa
         shift[r] = none ? 0.0f : anchor[r];
         near[r] = none ? INFINITY : near[r];
     }
-    for (int64_t r0 = 0; r0 < rows; r0 += PANEL_ROWS) {
-        int64_t n = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
-        if (panel_pays(src, st, lds, r0, n, cols, near, refine))
-            shift_rows_panel(p, src, biased, st, lds, r0, n, cols, shift, near, refine, slope);
+    /* Blocks the panel does not pay for go column by column in runs as
+     * long as they come: dots_f64 takes a column's refined rows four at
+     * a time, and a run cut at every block leaves more of them alone. */
+    bool panel[MHA_REFINE_MAX_ROWS / PANEL_ROWS + 1];
+    for (int64_t r0 = 0; r0 < rows; r0 += PANEL_ROWS)
+        panel[r0 / PANEL_ROWS] = panel_pays(src, st, lds, r0, panel_block(r0, rows), cols, near, refine);
+    for (int64_t r0 = 0, r1; r0 < rows; r0 = r1) {
+        bool on = panel[r0 / PANEL_ROWS];
+        for (r1 = r0 + panel_block(r0, rows); !on && r1 < rows && !panel[r1 / PANEL_ROWS];) r1 += panel_block(r1, rows);
+        if (on) shift_rows_panel(p, src, biased, st, lds, r0, r1 - r0, cols, shift, near, refine, slope);
         else
             for (int64_t c = 0; c < cols; c++)
-                shift_column(p, src, biased, st, lds, c, r0, n, shift, near, refine, slope);
+                shift_column(p, src, biased, st, lds, c, r0, r1 - r0, shift, near, refine, slope);
     }
 }
