@@ -650,6 +650,18 @@ static void rows_axpy(const rows_case *r, const float *p, int n, int d, float *o
     else r->kt->axpy_rows(p, r->kv, ROWS_LD, n, d, o);
 }
 
+/* Whether bf16 rows' prefetching forms, where the table has them, differ
+ * from the plain ones by a bit: scores s (the plain dot's) and a sum. */
+static int far_rows_differ(const rows_case *r, int n, const float *q, const float *p, int d, const float *s)
+{
+    if (!r->bk || !r->bk->dot_rows_far) return 0;
+    float s_far[ROWS_N], o[ROWS_D] = {0}, o_far[ROWS_D] = {0};
+    r->bk->dot_rows_far(r->kv16, ROWS_LD, n, q, d, s_far);
+    r->bk->axpy_rows(p, r->kv16, ROWS_LD, n, d, o);
+    r->bk->axpy_rows_far(p, r->kv16, ROWS_LD, n, d, o_far);
+    return (memcmp(s, s_far, sizeof(float) * (size_t)n) != 0) + (memcmp(o, o_far, sizeof o) != 0);
+}
+
 /* dot_rows and axpy_rows (float32, bf16 with bk, or int8 with i8 keys and
  * values) against double over every tail of n and d; int8 rows may be off
  * by one more rounding (the scale's). */
@@ -669,6 +681,7 @@ static void test_rows(const mha__kernels *kt, const mha__bf16_kernels *bk, bool 
             s[n] = 42.0f;
             rows_dot(&r, n, q, d, s);
             bad += s[n] != 42.0f; /* nothing written past n */
+            bad += far_rows_differ(&r, n, q, p, d, s);
             for (int j = 0; j < n; j++) {
                 double want = 0, mag = 0;
                 for (int c = 0; c < d; c++)

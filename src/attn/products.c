@@ -375,8 +375,24 @@ void mha__kv_rows_widen(const mha__kv_view *kv, bool values, int64_t b, int64_t 
     }
 }
 
-const mha__kv_rows *mha__kv_rows_of(mha_dtype dtype)
+static void dot_bf16_far(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n,
+                         const float *q, float *s)
+{
+    (void)scale;
+    p->bk->dot_rows_far((const uint16_t *)k + at, ld, n, q, p->D, s);
+}
+
+static void axpy_bf16_far(const mha__attn_plan *p, const float *pr, const void *v, const float *scale, int64_t at,
+                          int64_t ld, int64_t n, float *o)
+{
+    (void)scale;
+    p->bk->axpy_rows_far(pr, (const uint16_t *)v + at, ld, n, p->Dv, o);
+}
+
+const mha__kv_rows *mha__kv_rows_of(mha_dtype dtype, const mha__bf16_kernels *bk, bool far)
 {
     static const mha__kv_rows f32 = {dot_f32, axpy_f32}, bf16 = {dot_bf16, axpy_bf16}, i8 = {dot_i8, axpy_i8};
-    return dtype == MHA_DTYPE_BF16 ? &bf16 : dtype == MHA_DTYPE_I8 ? &i8 : &f32;
+    static const mha__kv_rows bf16_far = {dot_bf16_far, axpy_bf16_far};
+    if (dtype == MHA_DTYPE_BF16) return far && bk && bk->dot_rows_far && bk->axpy_rows_far ? &bf16_far : &bf16;
+    return dtype == MHA_DTYPE_I8 ? &i8 : &f32;
 }

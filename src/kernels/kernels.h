@@ -321,6 +321,10 @@ typedef struct mha__bf16_kernels {
     mha__bf16_transpose_fn transpose;
     mha__dot_rows_bf16_fn dot_rows;
     mha__axpy_rows_bf16_fn axpy_rows;
+    /* The same sums (the same bits), prefetching rows ahead, for caches
+     * that stream from beyond L2 (NULL: the plain ones serve). */
+    mha__dot_rows_bf16_fn dot_rows_far;
+    mha__axpy_rows_bf16_fn axpy_rows_far;
     mha__peak_fn peak; /* the bf16 multiply-add peak (NULL: same as float32) */
     /* Float32 projections from split products (NULL: none on this ISA). */
     mha__split3_fn split3;
