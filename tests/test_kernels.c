@@ -650,15 +650,23 @@ static void rows_axpy(const rows_case *r, const float *p, int n, int d, float *o
     else r->kt->axpy_rows(p, r->kv, ROWS_LD, n, d, o);
 }
 
-/* Whether bf16 rows' prefetching forms, where the table has them, differ
- * from the plain ones by a bit: scores s (the plain dot's) and a sum. */
+/* Whether bf16 or int8 rows' prefetching forms, where the table has
+ * them, differ from the plain ones by a bit: scores s (the plain dot's)
+ * and a sum. */
 static int far_rows_differ(const rows_case *r, int n, const float *q, const float *p, int d, const float *s)
 {
-    if (!r->bk || !r->bk->dot_rows_far) return 0;
     float s_far[ROWS_N], o[ROWS_D] = {0}, o_far[ROWS_D] = {0};
-    r->bk->dot_rows_far(r->kv16, ROWS_LD, n, q, d, s_far);
-    r->bk->axpy_rows(p, r->kv16, ROWS_LD, n, d, o);
-    r->bk->axpy_rows_far(p, r->kv16, ROWS_LD, n, d, o_far);
+    if (r->bk && r->bk->dot_rows_far) {
+        r->bk->dot_rows_far(r->kv16, ROWS_LD, n, q, d, s_far);
+        r->bk->axpy_rows(p, r->kv16, ROWS_LD, n, d, o);
+        r->bk->axpy_rows_far(p, r->kv16, ROWS_LD, n, d, o_far);
+    } else if (!r->bk && r->i8 && r->kt->dot_rows_i8_far) {
+        r->kt->dot_rows_i8_far(r->kv8, ROWS_LD, n, r->scale, q, d, s_far);
+        r->kt->axpy_rows_i8(p, r->scale, r->kv8, ROWS_LD, n, d, o);
+        r->kt->axpy_rows_i8_far(p, r->scale, r->kv8, ROWS_LD, n, d, o_far);
+    } else {
+        return 0;
+    }
     return (memcmp(s, s_far, sizeof(float) * (size_t)n) != 0) + (memcmp(o, o_far, sizeof o) != 0);
 }
 

@@ -43,8 +43,9 @@ static int64_t block_rows(const mha__attn_plan *p)
 
 /* Whether each thread's share of the cached K and V rows is more than its
  * L2 holds, so that they stream from beyond it and prefetching them pays
- * (a bf16 cache on Sapphire Rapids: kernels/avx512_bf16.c); rows that
- * stay in L2 only pay the prefetches' cost. */
+ * (int8 rows: kernels/avx512.c; a bf16 cache on Sapphire Rapids:
+ * kernels/avx512_bf16.c); rows that stay in L2 only pay the prefetches'
+ * cost. */
 static bool kv_rows_far(const mha__attn_plan *p, const mha_ctx *ctx, mha_dtype dtype)
 {
     double bytes =
@@ -72,7 +73,7 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__at
     p->block_rows = block_rows(p);
     p->products = p->bf16 ? &mha__products_bf16 : split ? &mha__products_f32_split : &mha__products_f32;
     p->split = split;
-    p->kv_rows = mha__kv_rows_of(needs.kv_dtype, p->bk, kv_rows_far(p, ctx, needs.kv_dtype));
+    p->kv_rows = mha__kv_rows_of(p, needs.kv_dtype, kv_rows_far(p, ctx, needs.kv_dtype));
     p->workspace = 0;
     if (rows == 0) return MHA_OK;
     mha_status st = mha__attn_plan_check(p);

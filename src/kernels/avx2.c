@@ -320,13 +320,20 @@ static inline __m256 i8_row_load(const int8_t *x, int64_t c, int64_t d)
  * keys ahead against none, MHA_ISA=avx2 mha bench --op decode
  * --cache-dtype int8, E=512, h=8, 2 threads, Zen 5, 6 alternating rounds:
  * 131072 keys 6.21 -> 4.04 ms, 524288 keys 21.9 -> 18.0 ms, 4096 keys (in
- * L3) 0.112 / 0.111 ms. */
-#define ROWS_PREFETCHED
+ * L3) 0.112 / 0.111 ms.  The far rows only, as avx512.c's. */
 #define ROWS_ELEM          int8_t
 #define ROWS_LOAD(x, c, d) i8_row_load((x), (c), (d))
 #define ROWS_DOT           dot_rows_i8_avx2
 #define ROWS_AXPY64        axpy64_i8_avx2
 #define ROWS_AXPY          axpy_rows_i8_avx2
+#define ROWS_SCALED
+#include "kernels/rows_avx2.h"
+#define ROWS_PREFETCHED
+#define ROWS_ELEM          int8_t
+#define ROWS_LOAD(x, c, d) i8_row_load((x), (c), (d))
+#define ROWS_DOT           dot_rows_i8_far_avx2
+#define ROWS_AXPY64        axpy64_i8_far_avx2
+#define ROWS_AXPY          axpy_rows_i8_far_avx2
 #define ROWS_SCALED
 #include "kernels/rows_avx2.h"
 
@@ -675,6 +682,8 @@ const mha__kernels mha__kernels_avx2 = {
     .axpy_rows = axpy_rows_avx2,
     .dot_rows_i8 = dot_rows_i8_avx2,
     .axpy_rows_i8 = axpy_rows_i8_avx2,
+    .dot_rows_i8_far = dot_rows_i8_far_avx2,
+    .axpy_rows_i8_far = axpy_rows_i8_far_avx2,
     .transpose_scaled = transpose_scaled_avx2,
     .scale = scale_avx2,
     .exp_shift = exp_shift_avx2,

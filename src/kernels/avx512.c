@@ -339,12 +339,22 @@ static inline __m512 load_i8(__mmask16 mk, const int8_t *x)
  * -> 15.4 ms, 131072 keys 4.24 -> 3.74 ms; 4096 keys (in L3) 0.063 either
  * way.  Float32 rows are four lines a key and their prefetches cost more
  * than they hide while the cache sits in L3 (4096 keys 0.116 -> 0.138
- * ms), so only int8 takes them. */
-#define ROWS_PREFETCHED
+ * ms), so only int8 takes them, and only as the far rows (attn/plan.c):
+ * where a thread's share fits its L2 they cost (Sapphire Rapids, 12 heads
+ * of 64, two threads, three alternating rounds: 512 tokens 0.023-0.026
+ * ms against 0.021-0.023 plain, 2048 tokens 0.081-0.083 against
+ * 0.077-0.079; 32768 tokens 1.22-1.28 against 1.32-1.42). */
 #define ROWS_ELEM        int8_t
 #define ROWS_LOAD(mk, x) load_i8(mk, x)
 #define ROWS_DOT         dot_rows_i8_avx512
 #define ROWS_AXPY        axpy_rows_i8_avx512
+#define ROWS_SCALED
+#include "kernels/rows_avx512.h"
+#define ROWS_PREFETCHED
+#define ROWS_ELEM        int8_t
+#define ROWS_LOAD(mk, x) load_i8(mk, x)
+#define ROWS_DOT         dot_rows_i8_far_avx512
+#define ROWS_AXPY        axpy_rows_i8_far_avx512
 #define ROWS_SCALED
 #include "kernels/rows_avx512.h"
 
@@ -509,6 +519,8 @@ const mha__kernels mha__kernels_avx512 = {
     .axpy_rows = axpy_rows_avx512,
     .dot_rows_i8 = dot_rows_i8_avx512,
     .axpy_rows_i8 = axpy_rows_i8_avx512,
+    .dot_rows_i8_far = dot_rows_i8_far_avx512,
+    .axpy_rows_i8_far = axpy_rows_i8_far_avx512,
     .transpose_scaled = transpose_scaled_avx512,
     .scale = scale_avx512,
     .exp_shift = exp_shift_avx512,

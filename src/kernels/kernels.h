@@ -210,6 +210,10 @@ typedef struct mha__kernels {
     mha__axpy_rows_fn axpy_rows;
     mha__dot_rows_i8_fn dot_rows_i8;
     mha__axpy_rows_i8_fn axpy_rows_i8;
+    /* The same sums (the same bits), prefetching rows ahead, for caches
+     * that stream from beyond L2 (NULL: the plain ones serve). */
+    mha__dot_rows_i8_fn dot_rows_i8_far;
+    mha__axpy_rows_i8_fn axpy_rows_i8_far;
     mha__pair_dots_fn pair_dots;
     mha__transpose_scaled_fn transpose_scaled;
     mha__scale_fn scale;
