@@ -362,6 +362,37 @@ static void test_dots_f64_panel(const mha__kernels *kt)
  * to 21 (every tail of the vectors), rows marked or not, above near or
  * not (or at it, or an ulp above), a NaN and -inf score, a shift of 0 with +inf near (a row that sees
  * nothing); nothing written past n. */
+/* row_max over tails of rows and keys, scores with ties, NaN, -inf and
+ * rows that see nothing: the largest and its first key, as a branch per
+ * score finds them, and nothing written past rows. */
+static void test_row_max(const mha__kernels *kt)
+{
+    enum { ROWS = 37, COLS = 70, LDS = 40 };
+    static float s[COLS * LDS];
+    for (int i = 0; i < COLS * LDS; i++) {
+        int kind = (int)(fabs(uniform()) * 20);
+        s[i] = kind == 0 ? NAN : kind == 1 ? -INFINITY : kind < 5 ? 3.0f : uniform() * 4; /* 3: ties */
+    }
+    for (int c = 0; c < COLS; c++) s[c * LDS + 5] = c % 3 ? NAN : -INFINITY; /* row 5 sees nothing */
+    int bad = 0;
+    for (int rows = 1; rows <= ROWS; rows += 3)
+        for (int cols = 0; cols <= COLS; cols += 7) {
+            float top[ROWS + 1];
+            int32_t at[ROWS + 1];
+            top[rows] = 42.0f, at[rows] = 42;
+            kt->row_max(s, LDS, rows, cols, top, at);
+            bad += top[rows] != 42.0f || at[rows] != 42;
+            for (int r = 0; r < rows; r++) {
+                float want = -INFINITY;
+                int32_t want_at = -1;
+                for (int c = 0; c < cols; c++)
+                    if (s[c * LDS + r] > want) want = s[c * LDS + r], want_at = c;
+                bad += memcmp(&top[r], &want, sizeof want) != 0 || at[r] != want_at;
+            }
+        }
+    CHECK(bad == 0, "%s row_max: %d mismatches", kt->name, bad);
+}
+
 static void test_shift_refined(const mha__kernels *kt)
 {
     enum { N = 21 };
@@ -833,6 +864,7 @@ int main(void)
         test_dots_f64(kt);
         test_dots_f64_panel(kt);
         test_shift_refined(kt);
+        test_row_max(kt);
         test_norm2(kt);
         test_rows(kt, NULL, false);
         test_rows(kt, NULL, true);

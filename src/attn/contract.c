@@ -349,20 +349,6 @@ static double exact_contract(const mha__attn_plan *p, const mha__score_source *s
     return s;
 }
 
-/* Each row's largest float32 score and its key (-1: none above -inf). */
-static void row_maxima(const float *restrict st, int64_t lds, int64_t rows, int64_t cols, float *restrict m32,
-                       int32_t *restrict at)
-{
-    /* Two passes that vectorise (a maximum, then its first key), where
-     * one with a branch per score mispredicts at large logits. */
-    for (int64_t r = 0; r < rows; r++) m32[r] = -INFINITY, at[r] = -1;
-    for (int64_t c = 0; c < cols; c++)
-        for (int64_t r = 0; r < rows; r++) m32[r] = st[c * lds + r] > m32[r] ? st[c * lds + r] : m32[r];
-    for (int64_t c = cols; c-- > 0;) /* the last match, from the right, is the first key */
-        for (int64_t r = 0; r < rows; r++) at[r] = st[c * lds + r] == m32[r] ? (int32_t)c : at[r];
-    for (int64_t r = 0; r < rows; r++) at[r] = m32[r] == -INFINITY ? -1 : at[r];
-}
-
 /* Whether score (r, c) of the tile is refined: marked, near its row's
  * largest, and its row sees something. */
 static bool refined_score(const float *x, int64_t r, const bool *marked, const float *near)
@@ -450,10 +436,10 @@ void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, floa
                      int64_t cols, float *anchor, bool fixed, const mha__refine *refine, float *slope)
 {
     float m32[MHA_REFINE_MAX_ROWS], near[MHA_REFINE_MAX_ROWS], shift[MHA_REFINE_MAX_ROWS];
-    int32_t at[MHA_REFINE_MAX_ROWS]; /* 32 bits: the pass that finds them vectorises */
+    int32_t at[MHA_REFINE_MAX_ROWS];
     bool biased = mha__plan_has_bias(p);
     double cap_slope;
-    row_maxima(st, lds, rows, cols, m32, at);
+    p->kt->row_max(st, lds, rows, cols, m32, at);
     for (int64_t r = 0; r < rows; r++) {
         /* Near the row's largest so far (the anchor given, or the running
          * maximum and this tile's): farther, exp < 2e-9 whatever the tile. */

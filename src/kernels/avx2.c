@@ -644,6 +644,25 @@ static void shift_refined_avx2(float *x, const double *dot, const bool *marked, 
     }
 }
 
+/* Eight rows at a time, the maximum and its key blended in where a score
+ * beats it (a NaN never does). */
+static void row_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top, int32_t *at)
+{
+    for (int64_t r = 0; r < rows; r += 8) {
+        __m256i mk = lane_mask(rows - r);
+        __m256 m = _mm256_set1_ps(-INFINITY);
+        __m256 key = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+        for (int64_t c = 0; c < cols; c++) {
+            __m256 x = _mm256_maskload_ps(s + c * lds + r, mk);
+            __m256 above = _mm256_cmp_ps(x, m, _CMP_GT_OQ);
+            m = _mm256_blendv_ps(m, x, above);
+            key = _mm256_blendv_ps(key, _mm256_castsi256_ps(_mm256_set1_epi32((int)c)), above);
+        }
+        _mm256_maskstore_ps(top + r, mk, m);
+        _mm256_maskstore_epi32(at + r, mk, _mm256_castps_si256(key));
+    }
+}
+
 static void exp_shift_avx2(float *x, int64_t n, float shift)
 {
     __m256 vs = _mm256_set1_ps(shift);
@@ -693,6 +712,7 @@ const mha__kernels mha__kernels_avx2 = {
     .dots_f64 = mha__dots_f64_avx2,
     .dots_f64_panel = dots_f64_panel_avx2,
     .shift_refined = shift_refined_avx2,
+    .row_max = row_max_avx2,
     .pair_dots = mha__pair_dots_avx2,
     .peak = peak_avx2,
 };

@@ -489,6 +489,25 @@ static void shift_refined_avx512(float *x, const double *dot, const bool *marked
     }
 }
 
+/* Sixteen rows at a time, the maximum and its key merged in where a score
+ * beats it (a NaN never does). */
+static void row_max_avx512(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top, int32_t *at)
+{
+    for (int64_t r = 0; r < rows; r += 16) {
+        __mmask16 mk = lane_mask(rows - r);
+        __m512 m = _mm512_set1_ps(-INFINITY);
+        __m512i key = _mm512_set1_epi32(-1);
+        for (int64_t c = 0; c < cols; c++) {
+            __m512 x = _mm512_maskz_loadu_ps(mk, s + c * lds + r);
+            __mmask16 above = _mm512_cmp_ps_mask(x, m, _CMP_GT_OQ);
+            m = _mm512_mask_mov_ps(m, above, x);
+            key = _mm512_mask_mov_epi32(key, above, _mm512_set1_epi32((int)c));
+        }
+        _mm512_mask_storeu_ps(top + r, mk, m);
+        _mm512_mask_storeu_epi32(at + r, mk, key);
+    }
+}
+
 /* 12 independent FMA chains: enough to cover the FMA latency on every
  * AVX-512 core we know (4 cycles x up to 2 ports, plus slack). */
 static double peak_avx512(int64_t iterations)
@@ -530,6 +549,7 @@ const mha__kernels mha__kernels_avx512 = {
     .dots_f64 = mha__dots_f64_avx2,
     .dots_f64_panel = dots_f64_panel_avx512,
     .shift_refined = shift_refined_avx512,
+    .row_max = row_max_avx512,
     .pair_dots = mha__pair_dots_avx2,
     .peak = peak_avx512,
 };

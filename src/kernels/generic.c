@@ -149,6 +149,14 @@ static void abs_max_generic(const float *s, int64_t lds, int64_t rows, int64_t c
         }
 }
 
+static void row_max_generic(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top, int32_t *at)
+{
+    for (int64_t r = 0; r < rows; r++) top[r] = -INFINITY, at[r] = -1;
+    for (int64_t c = 0; c < cols; c++)
+        for (int64_t r = 0; r < rows; r++)
+            if (s[c * lds + r] > top[r]) top[r] = s[c * lds + r], at[r] = (int32_t)c;
+}
+
 static void key_sums_generic(const float *s, const float *w, int64_t lds, int64_t rows, int64_t cols, double *sum,
                              double *wsum, float *top)
 {
@@ -316,5 +324,6 @@ const mha__kernels mha__kernels_generic = {
     .dots_f64 = dots_f64_generic,
     .dots_f64_panel = dots_f64_panel_generic,
     .shift_refined = shift_refined_generic,
+    .row_max = row_max_generic,
     .peak = peak_generic,
 };

@@ -190,6 +190,13 @@ typedef void (*mha__dots_f64_panel_fn)(const float *k, int64_t ldk, int64_t cols
 typedef void (*mha__shift_refined_fn)(float *x, const double *dot, const bool *marked, const float *near,
                                       const float *shift, int64_t n, double scale);
 
+/* For r < rows of a key-major tile (queries in lanes): top[r] = the
+ * largest s[c * lds + r] over c < cols and at[r] = its first c, NaN
+ * passed over (-inf and -1 where no score is above -inf).  Where
+ * mha__shift_tile's refined rows anchor; at large logits a branch per
+ * score on whether it is the largest so far was a coin toss. */
+typedef void (*mha__row_max_fn)(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top, int32_t *at);
+
 /* sum_c a[c * as] b[c * bs] for c < n in float64 in norm2's order: the
  * generic kernels' arithmetic, and the one for strided rows. */
 double mha__dot_f64_ordered(const float *a, int64_t as, const float *b, int64_t bs, int64_t n);
@@ -224,6 +231,7 @@ typedef struct mha__kernels {
     mha__dots_f64_fn dots_f64;
     mha__dots_f64_panel_fn dots_f64_panel;
     mha__shift_refined_fn shift_refined;
+    mha__row_max_fn row_max;
     mha__peak_fn peak;
 } mha__kernels;
 
