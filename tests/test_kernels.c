@@ -362,6 +362,37 @@ static void test_dots_f64_panel(const mha__kernels *kt)
  * to 21 (every tail of the vectors), rows marked or not, above near or
  * not (or at it, or an ulp above), a NaN and -inf score, a shift of 0 with +inf near (a row that sees
  * nothing); nothing written past n. */
+/* shift_pick over every tail of n: the shifted column and the picked
+ * rows as the scalar loop finds them (NaN, -inf, unmarked rows and
+ * scores at near), nothing written past n. */
+static void test_shift_pick(const mha__kernels *kt)
+{
+    enum { N = 45 };
+    float x[N + 1], x0[N + 1], near[N], shift[N];
+    bool marked[N];
+    int64_t picked[N + 1];
+    int bad = 0;
+    for (int n = 0; n <= N; n++) {
+        for (int r = 0; r <= N; r++) x0[r] = r % 11 == 3 ? NAN : r % 13 == 5 ? -INFINITY : uniform() * 10;
+        for (int r = 0; r < N; r++) {
+            near[r] = r % 7 == 2 ? x0[r] : uniform() * 5; /* x == near: not picked */
+            shift[r] = uniform() * 3;
+            marked[r] = uniform() > -0.5;
+        }
+        memcpy(x, x0, sizeof x);
+        picked[n] = 42;
+        int64_t count = kt->shift_pick(x, marked, near, shift, n, picked), want = 0;
+        bad += memcmp(&x[n], &x0[n], sizeof x[n]) != 0;
+        for (int r = 0; r < n; r++) {
+            float shifted = x0[r] - shift[r];
+            bad += memcmp(&x[r], &shifted, sizeof shifted) != 0;
+            if (marked[r] && x0[r] > near[r]) bad += want >= count || picked[want++] != r;
+        }
+        bad += count != want || picked[n] != 42;
+    }
+    CHECK(bad == 0, "%s shift_pick: %d mismatches", kt->name, bad);
+}
+
 /* row_max over tails of rows and keys, scores with ties, NaN, -inf and
  * rows that see nothing: the largest and its first key, as a branch per
  * score finds them, and nothing written past rows. */
@@ -865,6 +896,7 @@ int main(void)
         test_dots_f64_panel(kt);
         test_shift_refined(kt);
         test_row_max(kt);
+        test_shift_pick(kt);
         test_norm2(kt);
         test_rows(kt, NULL, false);
         test_rows(kt, NULL, true);

@@ -364,14 +364,11 @@ static void shift_column(const mha__attn_plan *p, const mha__score_source *src, 
                          const mha__refine *refine, float *slope)
 {
     const bool *marked = mha__refine_column(refine, c);
-    int64_t exact[MHA_REFINE_MAX_ROWS], n = 0;
+    int64_t exact[MHA_REFINE_MAX_ROWS];
     double dot[MHA_REFINE_MAX_ROWS], cap_slope;
     float *x = st + c * lds;
-    for (int64_t r = r0; r < r0 + rows; r++) { /* without a branch: at large logits it is a coin toss */
-        exact[n] = r;
-        n += refined_score(x, r, marked, near);
-        x[r] -= shift[r]; /* far, masked (-inf) or NaN; a refined score is written again below */
-    }
+    int64_t n = p->kt->shift_pick(x + r0, marked + r0, near + r0, shift + r0, rows, exact); /* refined: again below */
+    for (int64_t i = 0; i < n; i++) exact[i] += r0;
     exact_dots(p, src, c, exact, n, dot);
     for (int64_t i = 0; i < n; i++) {
         int64_t r = exact[i];

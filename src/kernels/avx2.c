@@ -663,6 +663,25 @@ static void row_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols
     }
 }
 
+/* Eight rows at a time: shifted in a vector, the picked rows taken from
+ * the comparison's bits, lowest first. */
+static int64_t shift_pick_avx2(float *x, const bool *marked, const float *near, const float *shift, int64_t n,
+                               int64_t *picked)
+{
+    int64_t count = 0;
+    for (int64_t r = 0; r < n; r += 8) {
+        int64_t k = n - r < 8 ? n - r : 8;
+        __m256i mk = lane_mask(k);
+        __m256 xv = _mm256_maskload_ps(x + r, mk);
+        unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(xv, _mm256_maskload_ps(near + r, mk), _CMP_GT_OQ));
+        unsigned marks = 0;
+        for (int64_t i = 0; i < k; i++) marks |= (unsigned)marked[r + i] << i;
+        _mm256_maskstore_ps(x + r, mk, _mm256_sub_ps(xv, _mm256_maskload_ps(shift + r, mk)));
+        for (bits &= marks; bits; bits &= bits - 1) picked[count++] = r + __builtin_ctz(bits);
+    }
+    return count;
+}
+
 static void exp_shift_avx2(float *x, int64_t n, float shift)
 {
     __m256 vs = _mm256_set1_ps(shift);
@@ -713,6 +732,7 @@ const mha__kernels mha__kernels_avx2 = {
     .dots_f64_panel = dots_f64_panel_avx2,
     .shift_refined = shift_refined_avx2,
     .row_max = row_max_avx2,
+    .shift_pick = shift_pick_avx2,
     .pair_dots = mha__pair_dots_avx2,
     .peak = peak_avx2,
 };

@@ -508,6 +508,26 @@ static void row_max_avx512(const float *s, int64_t lds, int64_t rows, int64_t co
     }
 }
 
+/* Eight rows at a time: shifted in a vector, the picked rows' indices
+ * compressed into place. */
+static int64_t shift_pick_avx512(float *x, const bool *marked, const float *near, const float *shift, int64_t n,
+                                 int64_t *picked)
+{
+    int64_t count = 0;
+    __m512i rows = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t r = 0; r < n; r += 8, rows = _mm512_add_epi64(rows, _mm512_set1_epi64(8))) {
+        __mmask8 m = n - r >= 8 ? 0xff : (__mmask8)((1u << (n - r)) - 1);
+        __m128i marks = _mm_maskz_loadu_epi8(m, marked + r);
+        __m256 xv = _mm256_maskz_loadu_ps(m, x + r);
+        __mmask8 take =
+            _mm_test_epi8_mask(marks, marks) & _mm256_cmp_ps_mask(xv, _mm256_maskz_loadu_ps(m, near + r), _CMP_GT_OQ);
+        _mm256_mask_storeu_ps(x + r, m, _mm256_sub_ps(xv, _mm256_maskz_loadu_ps(m, shift + r)));
+        _mm512_mask_compressstoreu_epi64(picked + count, take, rows);
+        count += __builtin_popcount(take);
+    }
+    return count;
+}
+
 /* 12 independent FMA chains: enough to cover the FMA latency on every
  * AVX-512 core we know (4 cycles x up to 2 ports, plus slack). */
 static double peak_avx512(int64_t iterations)
@@ -550,6 +570,7 @@ const mha__kernels mha__kernels_avx512 = {
     .dots_f64_panel = dots_f64_panel_avx512,
     .shift_refined = shift_refined_avx512,
     .row_max = row_max_avx512,
+    .shift_pick = shift_pick_avx512,
     .pair_dots = mha__pair_dots_avx2,
     .peak = peak_avx512,
 };

@@ -157,6 +157,18 @@ static void row_max_generic(const float *s, int64_t lds, int64_t rows, int64_t c
             if (s[c * lds + r] > top[r]) top[r] = s[c * lds + r], at[r] = (int32_t)c;
 }
 
+static int64_t shift_pick_generic(float *x, const bool *marked, const float *near, const float *shift, int64_t n,
+                                  int64_t *picked)
+{
+    int64_t count = 0;
+    for (int64_t r = 0; r < n; r++) {
+        picked[count] = r;
+        count += marked[r] & (x[r] > near[r]);
+        x[r] -= shift[r];
+    }
+    return count;
+}
+
 static void key_sums_generic(const float *s, const float *w, int64_t lds, int64_t rows, int64_t cols, double *sum,
                              double *wsum, float *top)
 {
@@ -325,5 +337,6 @@ const mha__kernels mha__kernels_generic = {
     .dots_f64_panel = dots_f64_panel_generic,
     .shift_refined = shift_refined_generic,
     .row_max = row_max_generic,
+    .shift_pick = shift_pick_generic,
     .peak = peak_generic,
 };

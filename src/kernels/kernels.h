@@ -190,6 +190,13 @@ typedef void (*mha__dots_f64_panel_fn)(const float *k, int64_t ldk, int64_t cols
 typedef void (*mha__shift_refined_fn)(float *x, const double *dot, const bool *marked, const float *near,
                                       const float *shift, int64_t n, double scale);
 
+/* For r < n: x[r] -= shift[r], and the r where marked[r] and x[r] > near[r]
+ * beforehand (a NaN x never) listed in order in picked[], their count
+ * returned: a column of a tile's scores shifted, with the rows whose
+ * scores are refined found (mha__shift_tile), without a branch on each. */
+typedef int64_t (*mha__shift_pick_fn)(float *x, const bool *marked, const float *near, const float *shift, int64_t n,
+                                      int64_t *picked);
+
 /* For r < rows of a key-major tile (queries in lanes): top[r] = the
  * largest s[c * lds + r] over c < cols and at[r] = its first c, NaN
  * passed over (-inf and -1 where no score is above -inf).  Where
@@ -232,6 +239,7 @@ typedef struct mha__kernels {
     mha__dots_f64_panel_fn dots_f64_panel;
     mha__shift_refined_fn shift_refined;
     mha__row_max_fn row_max;
+    mha__shift_pick_fn shift_pick;
     mha__peak_fn peak;
 } mha__kernels;
 
