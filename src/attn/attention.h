@@ -46,6 +46,7 @@ typedef struct mha__attn_plan {
     const struct mha__products *products; /* the tiles' block products in its dtype (products.h) */
     bool split;                           /* they are float32 from split bf16 products (products_split.c) */
     const struct mha__kv_rows *kv_rows;   /* split-K's row operations in the K/V rows' dtype */
+    bool kv_far;                          /* ... in their prefetching forms (rows from beyond L2) */
     int64_t workspace;                    /* bytes the forward takes from the context */
 } mha__attn_plan;
 
@@ -209,7 +210,7 @@ static inline const bool *mha__refine_column(const mha__refine *f, int64_t c)
  * (unscaled, float32) and key rows j0 + c at k, stored as float32, or as
  * a cache's bf16 or int8 rows (k_cs 1; int8 with a scale per row).  qd,
  * if not NULL, holds the same query rows widened and transposed (row r's
- * element c at qd[c * ldq + r], mha__widen_rows): a key's refined scores
+ * element c at qd[c * ldq + r], mha__panel_of): a key's refined scores
  * against many of them then come from dots_f64_panel, the rows in vector
  * lanes, at a fraction of what dots_f64 costs a score (the same bits). */
 typedef struct mha__score_source {
@@ -224,9 +225,12 @@ typedef struct mha__score_source {
     int64_t ldq;
 } mha__score_source;
 
-/* qd[c * ldq + r] = q[r * q_rs + c * q_cs] in float64, for r < rows, c <
- * D: the panel of a source's query rows (above). */
-void mha__widen_rows(const mha__attn_plan *p, const mha__score_source *src, int64_t rows, double *qd, int64_t ldq);
+/* Gives src its panel (above) in qd, ldq doubles a row of it: the rows
+ * widened, qd[c * ldq + r] = q[r * q_rs + c * q_cs] for r < rows, c < D,
+ * unless *widened says qd holds src's rows already (a work item's tiles
+ * after its first; NULL: none yet). */
+void mha__panel_of(const mha__attn_plan *p, mha__score_source *src, int64_t rows, double *qd, int64_t ldq,
+                   const float **widened);
 
 /* The source of query rows i0.. of head h, batch b, of a float32 tensor
  * q [B, Hq, L, D], against float32 key rows k (keys j0..). */

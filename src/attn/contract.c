@@ -312,10 +312,15 @@ static double exact_dot(const mha__attn_plan *p, const mha__score_source *src, i
     return sum;
 }
 
-void mha__widen_rows(const mha__attn_plan *p, const mha__score_source *src, int64_t rows, double *qd, int64_t ldq)
+void mha__panel_of(const mha__attn_plan *p, mha__score_source *src, int64_t rows, double *qd, int64_t ldq,
+                   const float **widened)
 {
-    for (int64_t c = 0; c < p->D; c++)
-        for (int64_t r = 0; r < rows; r++) qd[c * ldq + r] = src->q[r * src->q_rs + c * src->q_cs];
+    if (*widened != src->q)
+        for (int64_t c = 0; c < p->D; c++)
+            for (int64_t r = 0; r < rows; r++) qd[c * ldq + r] = src->q[r * src->q_rs + c * src->q_cs];
+    *widened = src->q;
+    src->qd = qd;
+    src->ldq = ldq;
 }
 
 /* exact_dot of key c with query rows rows[0 .. n): a batch from the

@@ -139,12 +139,7 @@ static mha__score_source refine_source(const mha__attn_plan *p, const mha_tensor
                                        int64_t i0, int64_t rows, int64_t j0, mha__strided ks)
 {
     mha__score_source src = mha__score_rows(q, b, h, i0, j0, ks);
-    if (t->qd_row != src.q) {
-        mha__widen_rows(p, &src, rows, t->qd, BR);
-        t->qd_row = src.q;
-    }
-    src.qd = t->qd;
-    src.ldq = BR;
+    mha__panel_of(p, &src, rows, t->qd, BR, &t->qd_row);
     return src;
 }
 

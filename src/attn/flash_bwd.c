@@ -395,12 +395,7 @@ static void refine_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, i
     const mha_tensor *k = j->k;
     mha__strided ks = {row_of(k, b, h / p->group, j0), k->stride[2], k->stride[3]};
     mha__score_source src = mha__score_rows(j->q, b, h, i0, j0, ks);
-    if (t->qd_row != src.q) { /* the block's first refined scores */
-        mha__widen_rows(p, &src, rows, t->qd, BQ);
-        t->qd_row = src.q;
-    }
-    src.qd = t->qd;
-    src.ldq = BQ;
+    mha__panel_of(p, &src, rows, t->qd, BQ, &t->qd_row);
     float anchor[BQ];
     memcpy(anchor, shift, (size_t)rows * sizeof(float));
     mha__shift_tile(p, &src, t->st, BQ, rows, cols, anchor, true, &t->refine, p->softcap > 0 ? t->slope : NULL);

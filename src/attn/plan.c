@@ -41,17 +41,20 @@ static int64_t block_rows(const mha__attn_plan *p)
     return kv_bytes > 2.5e6 ? MHA__BR : MHA__BR / 2;
 }
 
-/* Whether each thread's share of the cached K and V rows is more than its
- * L2 holds, so that they stream from beyond it and prefetching them pays
- * (int8 rows: kernels/avx512.c; a bf16 cache on Sapphire Rapids:
- * kernels/avx512_bf16.c); rows that stay in L2 only pay the prefetches'
- * cost. */
+/* Whether split-K takes the kernels' prefetching row forms: where they
+ * have them for the dtype and each thread's share of the cached K and V
+ * rows is more than its L2 holds, so that they stream from beyond it and
+ * prefetching them pays (int8 rows: kernels/avx512.c; a bf16 cache on
+ * Sapphire Rapids: kernels/avx512_bf16.c); rows that stay in L2 only pay
+ * the prefetches' cost. */
 static bool kv_rows_far(const mha__attn_plan *p, const mha_ctx *ctx, mha_dtype dtype)
 {
+    bool have = dtype == MHA_DTYPE_BF16 ? p->bk && p->bk->dot_rows_far && p->bk->axpy_rows_far
+                                        : dtype == MHA_DTYPE_I8 && p->kt->dot_rows_i8_far && p->kt->axpy_rows_i8_far;
     double bytes =
         (double)p->B * (double)p->Hkv * (double)p->S * (double)(p->D + p->Dv) * (double)mha_dtype_size(dtype);
     int threads = mha_ctx_threads(ctx);
-    return bytes / (threads > 0 ? threads : 1) > (double)mha__l2_bytes();
+    return have && bytes / (threads > 0 ? threads : 1) > (double)mha__l2_bytes();
 }
 
 mha__attn_needs mha__attn_needs_of(const mha__kv *kv, bool stats)
@@ -73,7 +76,8 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__at
     p->block_rows = block_rows(p);
     p->products = p->bf16 ? &mha__products_bf16 : split ? &mha__products_f32_split : &mha__products_f32;
     p->split = split;
-    p->kv_rows = mha__kv_rows_of(p, needs.kv_dtype, kv_rows_far(p, ctx, needs.kv_dtype));
+    p->kv_rows = mha__kv_rows_of(needs.kv_dtype);
+    p->kv_far = kv_rows_far(p, ctx, needs.kv_dtype);
     p->workspace = 0;
     if (rows == 0) return MHA_OK;
     mha_status st = mha__attn_plan_check(p);

@@ -335,26 +335,26 @@ static void dot_bf16(const mha__attn_plan *p, const void *k, const float *scale,
                      const float *q, float *s)
 {
     (void)scale;
-    p->bk->dot_rows((const uint16_t *)k + at, ld, n, q, p->D, s);
+    (p->kv_far ? p->bk->dot_rows_far : p->bk->dot_rows)((const uint16_t *)k + at, ld, n, q, p->D, s);
 }
 
 static void axpy_bf16(const mha__attn_plan *p, const float *pr, const void *v, const float *scale, int64_t at,
                       int64_t ld, int64_t n, float *o)
 {
     (void)scale;
-    p->bk->axpy_rows(pr, (const uint16_t *)v + at, ld, n, p->Dv, o);
+    (p->kv_far ? p->bk->axpy_rows_far : p->bk->axpy_rows)(pr, (const uint16_t *)v + at, ld, n, p->Dv, o);
 }
 
 static void dot_i8(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n,
                    const float *q, float *s)
 {
-    p->kt->dot_rows_i8((const int8_t *)k + at, ld, n, scale, q, p->D, s);
+    (p->kv_far ? p->kt->dot_rows_i8_far : p->kt->dot_rows_i8)((const int8_t *)k + at, ld, n, scale, q, p->D, s);
 }
 
 static void axpy_i8(const mha__attn_plan *p, const float *pr, const void *v, const float *scale, int64_t at, int64_t ld,
                     int64_t n, float *o)
 {
-    p->kt->axpy_rows_i8(pr, scale, (const int8_t *)v + at, ld, n, p->Dv, o);
+    (p->kv_far ? p->kt->axpy_rows_i8_far : p->kt->axpy_rows_i8)(pr, scale, (const int8_t *)v + at, ld, n, p->Dv, o);
 }
 
 void mha__kv_rows_widen(const mha__kv_view *kv, bool values, int64_t b, int64_t g, int64_t j0, int64_t n, int64_t width,
@@ -375,37 +375,8 @@ void mha__kv_rows_widen(const mha__kv_view *kv, bool values, int64_t b, int64_t 
     }
 }
 
-static void dot_bf16_far(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n,
-                         const float *q, float *s)
-{
-    (void)scale;
-    p->bk->dot_rows_far((const uint16_t *)k + at, ld, n, q, p->D, s);
-}
-
-static void axpy_bf16_far(const mha__attn_plan *p, const float *pr, const void *v, const float *scale, int64_t at,
-                          int64_t ld, int64_t n, float *o)
-{
-    (void)scale;
-    p->bk->axpy_rows_far(pr, (const uint16_t *)v + at, ld, n, p->Dv, o);
-}
-
-static void dot_i8_far(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n,
-                       const float *q, float *s)
-{
-    p->kt->dot_rows_i8_far((const int8_t *)k + at, ld, n, scale, q, p->D, s);
-}
-
-static void axpy_i8_far(const mha__attn_plan *p, const float *pr, const void *v, const float *scale, int64_t at,
-                        int64_t ld, int64_t n, float *o)
-{
-    p->kt->axpy_rows_i8_far(pr, scale, (const int8_t *)v + at, ld, n, p->Dv, o);
-}
-
-const mha__kv_rows *mha__kv_rows_of(const mha__attn_plan *p, mha_dtype dtype, bool far)
+const mha__kv_rows *mha__kv_rows_of(mha_dtype dtype)
 {
     static const mha__kv_rows f32 = {dot_f32, axpy_f32}, bf16 = {dot_bf16, axpy_bf16}, i8 = {dot_i8, axpy_i8};
-    static const mha__kv_rows bf16_far = {dot_bf16_far, axpy_bf16_far}, i8_far = {dot_i8_far, axpy_i8_far};
-    if (dtype == MHA_DTYPE_BF16) return far && p->bk && p->bk->dot_rows_far && p->bk->axpy_rows_far ? &bf16_far : &bf16;
-    if (dtype == MHA_DTYPE_I8) return far && p->kt->dot_rows_i8_far && p->kt->axpy_rows_i8_far ? &i8_far : &i8;
-    return &f32;
+    return dtype == MHA_DTYPE_BF16 ? &bf16 : dtype == MHA_DTYPE_I8 ? &i8 : &f32;
 }

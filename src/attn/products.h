@@ -154,9 +154,8 @@ typedef struct mha__kv_rows {
                  int64_t n, float *o);
 } mha__kv_rows;
 
-/* The row operations for K and V stored as F32, BF16 or I8, from p's
- * kernels; `far`: the rows stream from beyond L2, and the kernels'
- * prefetching forms serve where they have them. */
-const mha__kv_rows *mha__kv_rows_of(const mha__attn_plan *p, mha_dtype dtype, bool far);
+/* The row operations for K and V stored as F32, BF16 or I8 (with the
+ * plan's kv_far, the kernels' prefetching forms). */
+const mha__kv_rows *mha__kv_rows_of(mha_dtype dtype);
 
 #endif /* MHA_PRODUCTS_H */
