@@ -281,7 +281,9 @@ typedef struct mha_attn_stats {
 
 /* mha_attention() writing the row statistics instead of lse (always by
  * the tiled driver, which keeps them: for fewer than 16 query rows the
- * output may differ from mha_attention's in the last bits).  Errors as
+ * output, and max + log(sum) against mha_attention's lse, may differ in
+ * the last bits, mha_attention's split-K rounding each score its own
+ * way; the backward recomputes the tiles' scores either way).  Errors as
  * mha_attention's (MISUSE for a NULL stats, max or sum). */
 mha_status mha_attention_with_stats(mha_ctx *ctx, mha_tensor *out, const mha_attn_stats *stats, const mha_tensor *q,
                                     const mha_tensor *k, const mha_tensor *v, const mha_attn_desc *desc);

@@ -11,6 +11,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
+#include "attn/attention.h" /* MHA_DECODE_ROWS: where split-K may take over */
 #include "core/convert.h"
 #include "harness.h"
 #include "reference.h"
@@ -216,10 +217,16 @@ static void check_sdpa_backward(const sdpa_case *c, const sdpa_data *x, const mh
 }
 
 /* mha_attention_with_stats: the same bits with 1 and 3 threads, the
- * output within the tolerance, max + log(sum) = lse (to float32
- * rounding), and the backward from the statistics within the tolerance. */
+ * output within the tolerance, max + log(sum) within the tolerance of
+ * the float64 lse, and the backward from the statistics within the
+ * tolerance.  From 16 query rows both forwards take the tiles, so there
+ * max + log(sum) = lse to float32 rounding; below, mha_attention may take
+ * split-K, whose float32 scores differ from the tiles' in the last bits
+ * (mha.h), and a row that sees one key has lse = its score: several ulps
+ * apart in one random case in three before this rule. */
 static void check_sdpa_stats(const sdpa_case *c, const sdpa_data *x, const mha_ref_sdpa *ref, const double *ref_out,
-                             const float *base_out, const float *lse, mha_ctx *ctx1, mha_ctx *ctx3, const char *label)
+                             const float *base_out, const float *lse, const double *ref_lse, const float *base_lse,
+                             mha_ctx *ctx1, mha_ctx *ctx3, const char *label)
 {
     int64_t no = c->B * c->Hq * c->L * c->Dv, nl = c->B * c->Hq * c->L;
     float *out[2], *max[2], *sum[2];
@@ -243,11 +250,17 @@ static void check_sdpa_stats(const sdpa_case *c, const sdpa_data *x, const mha_r
     snprintf(what, sizeof what, "%s output (with stats)", label);
     CHECK_CLOSE_EPS(what, got, ref_out, base_out, no, FLT_EPSILON);
     int64_t off = 0;
+    float *from_stats = malloc((size_t)(nl ? nl : 1) * sizeof(float));
     for (int64_t r = 0; r < nl; r++) {
-        double from_stats = sum[0][r] > 0 ? max[0][r] + log(sum[0][r]) : -INFINITY;
-        off += isinf(lse[r]) ? from_stats != lse[r] : fabs(from_stats - lse[r]) > 4 * FLT_EPSILON * (fabs(lse[r]) + 1);
+        double l = sum[0][r] > 0 ? max[0][r] + log(sum[0][r]) : -INFINITY;
+        from_stats[r] = (float)l;
+        off += isinf(lse[r]) ? l != lse[r] : fabs(l - lse[r]) > 4 * FLT_EPSILON * (fabs(lse[r]) + 1);
     }
-    CHECK(off == 0, "%s: max + log(sum) differs from lse in %lld rows", label, (long long)off);
+    CHECK(c->L < MHA_DECODE_ROWS || off == 0, "%s: max + log(sum) differs from lse in %lld rows", label,
+          (long long)off);
+    snprintf(what, sizeof what, "%s max + log(sum)", label);
+    CHECK_CLOSE_EPS(what, from_stats, ref_lse, base_lse, nl, FLT_EPSILON);
+    free(from_stats);
     mha_attn_stats stats = {max[0], sum[0]};
     snprintf(what, sizeof what, "%s (from stats)", label);
     check_sdpa_backward(c, x, ref, &o[0], NULL, &stats, ctx1, ctx3, what);
@@ -341,7 +354,7 @@ static void run_sdpa_case(const sdpa_case *c, mha_ctx *ctx1, mha_ctx *ctx3, cons
 
     if (!c->bf16) {
         check_sdpa_backward(c, &x, &ref, &o1, lse1, NULL, ctx1, ctx3, label);
-        check_sdpa_stats(c, &x, &ref, ref_out, base_out, lse1, ctx1, ctx3, label);
+        check_sdpa_stats(c, &x, &ref, ref_out, base_out, lse1, ref_lse, base_lse, ctx1, ctx3, label);
     }
 
     void *owned[] = {x.q,     x.k,     x.v,  x.mask_add, x.mask_keep, x.alibi,  alibi64, keep_dense, add_dense,
