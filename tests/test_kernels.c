@@ -801,6 +801,39 @@ static void test_bf16_transpose(const mha__bf16_kernels *bk)
     CHECK(bad == 0, "%s bf16 transpose: %d wrong or out-of-range values", bk->name, bad);
 }
 
+/* The sums of P's rounded rows, from a running sum: within float32
+ * rounding of the exact (double) sums over sizes around the 32-key
+ * vectors and 4-row passes; a NaN makes its row's sum NaN; nothing
+ * written beyond rows, nothing read beyond cols (those keys are NaN). */
+static void test_bf16_row_sums(const mha__bf16_kernels *bk)
+{
+    enum { MAX = 80, LD = MAX + 6 };
+    static const int64_t sizes[] = {1, 3, 4, 5, 15, 31, 32, 33, 64, 80};
+    enum { N_SIZES = sizeof sizes / sizeof sizes[0] };
+    uint16_t p[MAX * LD];
+    float sum[MAX + 1];
+    for (int i = 0; i < MAX * LD; i++) p[i] = mha__f32_to_bf16(i % 7 == 0 ? 0.0f : 0.5f + 0.5f * uniform());
+    int bad = 0;
+    for (int ri = 0; ri < N_SIZES; ri++)
+        for (int ci = 0; ci < N_SIZES; ci++) {
+            int64_t rows = sizes[ri], cols = sizes[ci];
+            for (int64_t r = 0; r < rows; r++) p[r * LD + cols] = 0x7fc0; /* a NaN just past the keys */
+            for (int64_t r = 0; r <= MAX; r++) sum[r] = r < rows ? 3.0f * (float)r : -1.0f;
+            bk->row_sums(p, LD, rows, cols, sum);
+            for (int64_t r = 0; r <= MAX; r++) {
+                double want = r < rows ? 3.0 * (double)r : -1.0;
+                for (int64_t c = 0; r < rows && c < cols; c++) want += mha__bf16_to_f32(p[r * LD + c]);
+                bad += !(fabs(sum[r] - want) <= 2.0 * (double)cols * FLT_EPSILON * fabs(want));
+            }
+            for (int64_t r = 0; r < rows; r++) p[r * LD + cols] = mha__f32_to_bf16(0.75f);
+        }
+    p[2 * LD + 1] = 0x7fc0;
+    sum[2] = 0.0f;
+    bk->row_sums(p, LD, 3, 40, sum);
+    CHECK(bad == 0 && isnan(sum[2]), "%s bf16 row_sums: %d rows wrong, a NaN row gives %g", bk->name, bad,
+          (double)sum[2]);
+}
+
 /* The bf16 kernels: the product over sizes around every tile edge (the
  * register tiles' 12 x 32, AMX's 16 x 16 and 32 x 32, k steps of 32), both
  * A layouts (row-major and pairs of rows) and both accumulate modes,
@@ -834,6 +867,7 @@ static void test_bf16_kernels(const mha__bf16_kernels *bk)
                     }
     CHECK(bad == 0, "%s bf16 product: %d wrong or out-of-block values", bk->name, bad);
     test_bf16_transpose(bk);
+    test_bf16_row_sums(bk);
     /* Conversions, with tails, against the scalar round-to-nearest-even. */
     enum { N = 37 };
     float x0[N], x1[N];

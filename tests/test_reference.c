@@ -754,6 +754,43 @@ static void test_one_key_rows(mha_ctx *ctx)
     free(q), free(k), free(v), free(dout), free(grads);
 }
 
+/* In bfloat16 a row that sees one key gets that key's value rounded to
+ * bf16, as a plain bf16 model's p = 1 gives it: the output divides by the
+ * sum of the probabilities as they were rounded into P V.  Divided by the
+ * unrounded sum instead, the step's factor (kernels.h: in (1/2, 1])
+ * rounded to bf16 moved every output of the row by up to 2^-9, and a
+ * random case in sixty failed the bf16 rule.  96 rows (one tile of the
+ * query block) and 512, causal and diagonal windows, on every path; held
+ * to a float32 rounding of the division. */
+static void test_bf16_one_key_rows(mha_ctx *ctx)
+{
+    enum { N = 512, D = 64 };
+    double *unused;
+    float *q = random_floats(N * D, 4.0, &unused), *k, *v, out[N * D];
+    free(unused);
+    k = random_floats(N * D, 4.0, &unused), free(unused);
+    v = random_floats(N * D, 1.0, &unused), free(unused);
+    for (int rows_at = 0; rows_at < 2; rows_at++) {
+        int64_t L = rows_at ? N : 96;
+        mha_tensor tq = mha_tensor_4d(q, 1, 1, L, D), tk = mha_tensor_4d(k, 1, 1, L, D);
+        mha_tensor tv = mha_tensor_4d(v, 1, 1, L, D), to = mha_tensor_4d(out, 1, 1, L, D);
+        mha_attn_desc desc;
+        mha_attn_desc_init(&desc);
+        desc.dtype = MHA_DTYPE_BF16;
+        desc.causal = MHA_CAUSAL_TOP_LEFT;
+        desc.window_left = 0; /* every row its own key only */
+        CHECK_OK(mha_attention(ctx, &to, NULL, &tq, &tk, &tv, &desc));
+        int64_t off = 0;
+        for (int64_t i = 0; i < L * D; i++) {
+            float want = mha__bf16_to_f32(mha__f32_to_bf16(v[i]));
+            off += fabsf(out[i] - want) > FLT_EPSILON * fabsf(want);
+        }
+        CHECK(off == 0, "bf16 one-key rows (%lld): %lld outputs are not their key's bf16 value", (long long)L,
+              (long long)off);
+    }
+    free(q), free(k), free(v);
+}
+
 /* Rows whose second key has p ~ 1e-5 at logits in the hundreds: dP -
  * delta is then 1e-5 of dP, and delta rounded to float32 alone puts an
  * ulp of dP -- a percent -- into dS, by a rounding that one ulp of the
@@ -1669,6 +1706,7 @@ int main(int argc, char **argv)
     test_heads_are_independent(ctx2);
     test_fully_masked_rows(ctx1);
     test_one_key_rows(ctx3);
+    test_bf16_one_key_rows(ctx3);
     test_two_key_rows(ctx3);
     test_refined_alike(ctx3);
     test_wide_rows(ctx3);

@@ -111,7 +111,10 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
 {
     const mha__attn_plan *p = j->p;
     for (int64_t r = 0; r < rows; r++)
-        if (t->scale[r] != 1.0f) j->kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
+        if (t->scale[r] != 1.0f) {
+            j->kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
+            if (p->bf16) t->p16_sum[r] *= t->scale[r]; /* a power of two: exact */
+        }
     p->products->values(p, tile_rows(j, t, true, b, h, j0, cols), rows, cols, key_tile_index(j, j0), t);
 }
 
@@ -218,7 +221,14 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
         float l = t->sum[r];
         bool seen = l > 0 || isnan(l);
         float *o = t->o + r * p->Dv;
-        if (seen) j->kt->scale(o, p->Dv, 1.0f / l); /* in the tile, then copied: one vector pass */
+        /* bf16 products weigh the values by the probabilities rounded, so
+         * O is divided by their sum: a row that sees one key gets its
+         * value (to the division's rounding), as a plain bf16 model's
+         * p = 1 gives, where l, the sum of unrounded p, would leave in it
+         * the rounding of the step's factor (kernels.h), up to 2^-9 of
+         * every output of the row. */
+        float divisor = p->bf16 ? t->p16_sum[r] : l;
+        if (seen) j->kt->scale(o, p->Dv, 1.0f / divisor); /* in the tile, then copied: one vector pass */
         else memset(o, 0, (size_t)p->Dv * sizeof(float));
         if (out->stride[3] == 1) memcpy(dst, o, (size_t)p->Dv * sizeof(float));
         else
@@ -267,6 +277,7 @@ static void flash_item(const flash_job *j, tiles *t, int64_t item)
     for (int64_t r = 0; r < rows; r++) {
         t->max[r] = -INFINITY;
         t->sum[r] = 0.0f;
+        if (p->bf16) t->p16_sum[r] = 0.0f;
     }
     memset(t->o, 0, (size_t)(rows * p->Dv) * sizeof(float));
     pack_queries(j, b, h, i0, rows, t);

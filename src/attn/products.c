@@ -103,6 +103,7 @@ static mha__tiles carve_tiles(const mha__attn_plan *p, carver *c)
     t.scale = carve(c, MHA__BR);
     t.k16 = carve(c, MHA__BC * even(p->D) / 2);
     t.p16 = carve(c, MHA__BR * MHA__BC / 2);
+    t.p16_sum = carve(c, p->bf16 ? MHA__BR : 0);
     t.vslots = value_slots(p);
     t.vcache = carve(c, t.vslots * MHA__BC * p->Dv);
     t.vtag = carve(c, tag_floats(t.vslots));
@@ -296,6 +297,7 @@ static void values_bf16(const mha__attn_plan *p, mha__strided v, int64_t rows, i
     int64_t Dv = p->Dv, ce = even(cols);
     uint16_t *v16 = (uint16_t *)t->vt, *p16 = t->p16;
     bk->transpose(p16, ce, t->st, MHA__LDS, rows, cols);
+    bk->row_sums(p16, ce, rows, cols, t->p16_sum);
     if (cols & 1)
         for (int64_t r = 0; r < rows; r++) p16[r * ce + cols] = 0;
     for (int64_t c = 0; c < cols; c += 2) {

@@ -39,6 +39,7 @@ typedef struct mha__tiles {
     float *max, *sum, *scale; /* [BR] */
     uint16_t *k16;            /* bf16 only: [BC][D even]  the key tile, rounded */
     uint16_t *p16;            /* bf16 only: [BR][BC even]  probabilities, a row of keys per query, rounded */
+    float *p16_sum;           /* bf16 only: [BR]  the running sum of the probabilities as rounded into p16 */
     float *vcache;            /* float32 table only: [vslots][Dv / nr][BC][nr]  packed value tiles, see below */
     const float **vtag;       /* [vslots]  the V rows each slot was packed from (NULL: none yet) */
     int64_t *vcols;           /* [vslots]  and how many (a causal item's last tile is partial) */

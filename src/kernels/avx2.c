@@ -343,6 +343,7 @@ const mha__bf16_kernels mha__bf16_kernels_avx2 = {
     .round = mha__bf16_round_generic,
     .pairs = mha__bf16_pairs_generic,
     .transpose = mha__bf16_transpose_generic,
+    .row_sums = mha__bf16_row_sums_generic,
     .dot_rows = dot_rows_bf16_avx2,
     .axpy_rows = axpy_rows_bf16_avx2,
     .peak = NULL, /* converts to float32: the float32 peak applies */

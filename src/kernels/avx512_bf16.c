@@ -145,6 +145,27 @@ static void transpose_bf16_avx512(uint16_t *dst, int64_t ldd, const float *src, 
     }
 }
 
+/* vdpbf16ps against ones: 32 probabilities an instruction, each row's
+ * 16 lanes reduced at the end; four rows at a time, so that no chain
+ * waits on the one before (one pass over the float32 tile instead,
+ * rounding each score again, ran the bf16 layer at N = 2048 5-9% slower). */
+static void row_sums_bf16_avx512(const uint16_t *p, int64_t ld, int64_t rows, int64_t cols, float *sum)
+{
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80); /* bf16 1.0 */
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        int64_t nr = rows - r0 < 4 ? rows - r0 : 4;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t c = 0; c < cols; c += 32) {
+            __mmask32 keys = cols - c >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (cols - c)) - 1);
+            for (int64_t i = 0; i < 4; i++) {
+                __m512i x = _mm512_maskz_loadu_epi16(i < nr ? keys : 0, p + (r0 + i) * ld + c);
+                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)x, ones);
+            }
+        }
+        for (int64_t i = 0; i < nr; i++) sum[r0 + i] += _mm512_reduce_add_ps(acc[i]);
+    }
+}
+
 /* 12 independent vdpbf16ps chains; each instruction is 16 lanes x 2
  * multiply-adds. */
 static double peak_bf16_avx512(int64_t iterations)
@@ -199,6 +220,7 @@ const mha__bf16_kernels mha__bf16_kernels_avx512 = {
     .round = round_bf16_avx512,
     .pairs = pairs_bf16_avx512,
     .transpose = transpose_bf16_avx512,
+    .row_sums = row_sums_bf16_avx512,
     .dot_rows = dot_rows_bf16_avx512,
     .axpy_rows = axpy_rows_bf16_avx512,
     .peak = peak_bf16_avx512,
@@ -212,6 +234,7 @@ const mha__bf16_kernels mha__bf16_kernels_amx = {
     .round = round_bf16_avx512,
     .pairs = pairs_bf16_avx512,
     .transpose = transpose_bf16_avx512,
+    .row_sums = row_sums_bf16_avx512,
     .dot_rows = dot_rows_bf16_avx512,
     .axpy_rows = axpy_rows_bf16_avx512,
     .dot_rows_far = dot_rows_bf16_far_avx512,

@@ -303,12 +303,22 @@ void mha__bf16_transpose_generic(uint16_t *dst, int64_t ldd, const float *src, i
         for (int64_t c = 0; c < cols; c++) dst[r * ldd + c] = mha__f32_to_bf16(src[c * lds + r]);
 }
 
+void mha__bf16_row_sums_generic(const uint16_t *p, int64_t ld, int64_t rows, int64_t cols, float *sum)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        float row = 0.0f;
+        for (int64_t c = 0; c < cols; c++) row += mha__bf16_to_f32(p[r * ld + c]);
+        sum[r] += row;
+    }
+}
+
 const mha__bf16_kernels mha__bf16_kernels_generic = {
     .name = "generic",
     .gemm = mha__bf16_gemm_generic,
     .round = mha__bf16_round_generic,
     .pairs = mha__bf16_pairs_generic,
     .transpose = mha__bf16_transpose_generic,
+    .row_sums = mha__bf16_row_sums_generic,
     .dot_rows = dot_rows_bf16_generic,
     .axpy_rows = axpy_rows_bf16_generic,
     .peak = NULL, /* converts to float32: the float32 peak applies */

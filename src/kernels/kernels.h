@@ -273,6 +273,13 @@ typedef void (*mha__bf16_pairs_fn)(uint16_t *dst, const float *x0, const float *
 typedef void (*mha__bf16_transpose_fn)(uint16_t *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows,
                                        int64_t cols);
 
+/* sum[r] += p[r * ld + c] summed over c < cols, for r < rows: the
+ * probabilities as transpose rounded them into P V's rows, added up so
+ * that a bf16 output divides by the sum of the very weights it was built
+ * from (flash.c).  Exact products by 1, float32 sums in an order fixed by
+ * each table (the same bits for any thread count). */
+typedef void (*mha__bf16_row_sums_fn)(const uint16_t *p, int64_t ld, int64_t rows, int64_t cols, float *sum);
+
 /* dot_rows and axpy_rows with keys and values stored as bf16 (a bf16 KV
  * cache); q, s, p and o stay float32, products exact, sums float32. */
 typedef void (*mha__dot_rows_bf16_fn)(const uint16_t *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s);
@@ -339,6 +346,7 @@ typedef struct mha__bf16_kernels {
     mha__bf16_round_fn round;
     mha__bf16_pairs_fn pairs;
     mha__bf16_transpose_fn transpose;
+    mha__bf16_row_sums_fn row_sums;
     mha__dot_rows_bf16_fn dot_rows;
     mha__axpy_rows_bf16_fn axpy_rows;
     /* The same sums (the same bits), prefetching rows ahead, for caches
@@ -382,13 +390,14 @@ extern const mha__bf16_kernels mha__bf16_kernels_avx2;
 void mha__bf16_gemm_tiled(mha__gemm_tile_bf16_fn tile, int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs,
                           int64_t a_ps, const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
 
-/* generic.c's bf16 product, rounding, pairing and transposing, for tables
+/* generic.c's bf16 product, rounding, pairing, transposing and sums, for tables
  * that have no faster ones. */
 void mha__bf16_gemm_generic(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
                             const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
 void mha__bf16_round_generic(uint16_t *dst, const float *src, int64_t n);
 void mha__bf16_pairs_generic(uint16_t *dst, const float *x0, const float *x1, int64_t n);
 void mha__bf16_transpose_generic(uint16_t *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols);
+void mha__bf16_row_sums_generic(const uint16_t *p, int64_t ld, int64_t rows, int64_t cols, float *sum);
 
 /* One instruction set's kernels for each dtype the library computes in. */
 typedef struct mha__isa_kernels {
