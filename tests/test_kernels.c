@@ -4,6 +4,7 @@
  *   gemm_tile: m in 1..mr, n in 1..nr, k in {0, 1, 3, 17, 64, 200}, both
  *              A layouts, overwrite and accumulate, never writing outside
  *              the tile; gemm_tile_grouped the same, over 1-12 groups;
+ *              gemm_tile_exact to the bit of its float64 sum;
  *   pair_dots: the same bits as gemm_tile's 1 x 1 product, row by row;
  *   exp:       relative error over [-103, 88] and exact 0 for -inf;
  *   softmax_step: running max/sum against a direct computation over a
@@ -106,6 +107,53 @@ static void test_gemm_tile(const mha__kernels *kt)
     free(b);
     free(c);
     free(c0);
+}
+
+/* gemm_tile_exact: every m <= MHA_EXACT_MR and n <= nr, from column 0
+ * and from inside the panel, with and without bias, A's rows in a
+ * shuffled order and strided: the bits of the float64 sum in order
+ * (bias first) rounded once, and nothing written past n.  B holds
+ * exactly the k rows read, so a read past them shows under ASan; A's
+ * values span 2^-8 to 2^8, so that a float32 sum would differ. */
+static void test_gemm_tile_exact(const mha__kernels *kt)
+{
+    enum { K_MAX = 200, CS = 3, LDC = 40 };
+    static const int64_t ks[] = {0, 1, 3, 17, 200};
+    float *a = filled(MHA_EXACT_MR * K_MAX * CS), *bias = filled(kt->nr), c[MHA_EXACT_MR * LDC];
+    for (int64_t i = 0; i < MHA_EXACT_MR * K_MAX * CS; i++) a[i] = ldexpf(a[i], (int)(uniform() * 8.0f));
+    int bad = 0;
+    for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++) {
+        int64_t k = ks[ki], ldb = kt->nr;
+        float *b = filled(k * ldb > 0 ? k * ldb : 1);
+        for (int64_t m = 1; m <= MHA_EXACT_MR; m++)
+            for (int64_t at = 0; at <= 5; at += 5)
+                for (int64_t n = 1; at + n <= kt->nr; n++)
+                    for (int with_bias = 0; with_bias < 2; with_bias++) {
+                        const float *rows[MHA_EXACT_MR];
+                        float *out[MHA_EXACT_MR];
+                        for (int64_t i = 0; i < m; i++) {
+                            rows[i] = a + ((i * 5 + 1) % MHA_EXACT_MR) * K_MAX * CS; /* shuffled */
+                            out[i] = c + i * LDC;
+                        }
+                        for (int64_t i = 0; i < MHA_EXACT_MR * LDC; i++) c[i] = -7.0f;
+                        const float *bj = with_bias ? bias + at : NULL;
+                        kt->gemm_tile_exact(m, n, k, rows, CS, b + at, ldb, bj, out);
+                        for (int64_t i = 0; i < MHA_EXACT_MR; i++)
+                            for (int64_t j = 0; j < LDC; j++) {
+                                if (i >= m || j >= n) {
+                                    bad += c[i * LDC + j] != -7.0f;
+                                    continue;
+                                }
+                                double want = bj ? bj[j] : 0.0;
+                                for (int64_t p = 0; p < k; p++) want += (double)rows[i][p * CS] * b[p * ldb + at + j];
+                                bad += c[i * LDC + j] != (float)want;
+                            }
+                    }
+        free(b);
+    }
+    CHECK(bad == 0, "%s gemm_tile_exact: %d wrong or out-of-tile values", kt->name, bad);
+    free(a);
+    free(bias);
 }
 
 /* gemm_tile_grouped: A's columns in groups of gk lying a_gs apart (an odd
@@ -916,6 +964,7 @@ int main(void)
         }
         test_gemm_tile(kt);
         test_gemm_tile_grouped(kt);
+        test_gemm_tile_exact(kt);
         test_pair_dots(kt);
         test_exp(kt);
         test_softmax_step(kt);

@@ -1309,6 +1309,83 @@ static void test_large_logit_layers(mha_ctx *ctx1, mha_ctx *ctx2)
     }
 }
 
+/* The rows the attention refines whole ("wide": scale |q_i| max_j |k_j|
+ * over the row's batch and head above 64) get Q, and their batch and
+ * head's keys K, rounded once from the exact sums (layer/pipeline.c);
+ * the others keep float32 projections.  Two batches of 20 rows: batch 0
+ * of inputs in [-1, 1), nothing wide; batch 1 with rows 5, 6 and 13
+ * x30, so that some of its rows are wide in some head.  The decision is
+ * taken here from the exact projections (no row lies near the bound), the
+ * library's from its float32 ones.  Batch 0 must match itself projected
+ * alone, and differ from the exact sums somewhere (float32 sums). */
+static void test_wide_rows_projected_exactly(mha_ctx *ctx)
+{
+    enum { E = 48, H = 2, D = E / H, N = 2, T = 20 };
+    double *w64, *b64, *wo64, *x64;
+    float *w = random_floats(3 * E * E, 1.0 / sqrt((double)E), &w64), *b = random_floats(3 * E, 0.5, &b64);
+    float *wo = random_floats(E * E, 0.1, &wo64), *x = random_floats(N * T * E, 1.0, &x64);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t c = 0; t == 5 || t == 6 || t == 13 ? c < E : false; c++) x[(T + t) * E + c] *= 30.0f;
+    mha_layer_desc ld;
+    mha_layer_desc_init(&ld);
+    ld.embed_dim = E, ld.num_heads = H, ld.out_bias = 0;
+    mha_layer *layer = NULL;
+    CHECK_OK(mha_layer_create(&ld, &layer));
+    if (!layer) return;
+    CHECK_OK(mha_layer_set_weight(layer, "in_proj_weight", w, 3 * E * E));
+    CHECK_OK(mha_layer_set_weight(layer, "in_proj_bias", b, 3 * E));
+    CHECK_OK(mha_layer_set_weight(layer, "out_proj.weight", wo, E * E));
+    float q[N * H * T * D], k[N * H * T * D], v[N * H * T * D], q0[H * T * D], k0[H * T * D], v0[H * T * D];
+    mha_tensor tx = mha_tensor_3d(x, N, T, E), tq = mha_tensor_4d(q, N, H, T, D), tk = mha_tensor_4d(k, N, H, T, D);
+    mha_tensor tv = mha_tensor_4d(v, N, H, T, D);
+    CHECK_OK(mha_layer_decode_qkv(ctx, layer, 0, &tx, &tq, &tk, &tv));
+    mha_tensor tx0 = mha_tensor_3d(x, 1, T, E), tq0 = mha_tensor_4d(q0, 1, H, T, D),
+               tk0 = mha_tensor_4d(k0, 1, H, T, D);
+    mha_tensor tv0 = mha_tensor_4d(v0, 1, H, T, D);
+    CHECK_OK(mha_layer_decode_qkv(ctx, layer, 0, &tx0, &tq0, &tk0, &tv0));
+    double exact[2][N][H][T][D], norm2[2][N][H][T];
+    for (int m = 0; m < 2; m++) /* Q, K */
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t h = 0; h < H; h++)
+                for (int64_t t = 0; t < T; t++) {
+                    norm2[m][n][h][t] = 0;
+                    for (int64_t c = 0; c < D; c++) {
+                        int64_t o = m * E + h * D + c;
+                        double sum = b64[o];
+                        for (int64_t i = 0; i < E; i++) sum += (double)x[(n * T + t) * E + i] * w64[o * E + i];
+                        exact[m][n][h][t][c] = sum;
+                        norm2[m][n][h][t] += sum * sum;
+                    }
+                }
+    double scale2 = 1.0 / D, limit = 64.0 * 64.0;
+    int64_t wide_rows = 0, off = 0, batch0_exact = 0;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t h = 0; h < H; h++) {
+            double keys = 0;
+            for (int64_t t = 0; t < T; t++) keys = fmax(keys, norm2[1][n][h][t]);
+            bool any = false;
+            for (int64_t t = 0; t < T; t++) {
+                bool wide = scale2 * norm2[0][n][h][t] * keys > limit;
+                CHECK(fabs(scale2 * norm2[0][n][h][t] * keys / limit - 1.0) > 1e-3, "row %lld lies on the bound",
+                      (long long)t);
+                any = any || wide;
+                wide_rows += wide;
+                for (int64_t c = 0; wide && c < D; c++)
+                    off += q[((n * H + h) * T + t) * D + c] != (float)exact[0][n][h][t][c];
+            }
+            for (int64_t t = 0; any && t < T; t++)
+                for (int64_t c = 0; c < D; c++) off += k[((n * H + h) * T + t) * D + c] != (float)exact[1][n][h][t][c];
+            CHECK(n == 1 || !any, "batch 0 has a wide row in head %lld", (long long)h);
+        }
+    for (int64_t i = 0; i < H * T * D; i++) batch0_exact += q[i] == (float)exact[0][0][i / (T * D)][i / D % T][i % D];
+    CHECK(wide_rows > 0 && wide_rows < H * T, "%lld wide rows: the case tests nothing", (long long)wide_rows);
+    CHECK(off == 0, "%lld projections of wide rows or their keys are not the exact sums rounded", (long long)off);
+    CHECK(memcmp(q, q0, sizeof q0) == 0 && memcmp(k, k0, sizeof k0) == 0, "batch 0's projections depend on batch 1");
+    CHECK(batch0_exact < H * T * D, "batch 0's Q is the exact sums: not float32 projections");
+    mha_layer_free(layer);
+    free(w), free(w64), free(b), free(b64), free(wo), free(wo64), free(x), free(x64);
+}
+
 static void test_block_sweep(mha_ctx *ctx1, mha_ctx *ctx2)
 {
     static const int64_t seqs[] = {1, 3, 8, 17, 40};
@@ -1712,6 +1789,7 @@ int main(int argc, char **argv)
     test_wide_rows(ctx3);
     test_layer_sweep(ctx1, ctx2);
     test_large_logit_layers(ctx1, ctx2);
+    test_wide_rows_projected_exactly(ctx2);
     test_block_sweep(ctx1, ctx2);
     test_reference_block_gradients_by_differences();
     test_padding_equals_attn_mask(ctx3);

@@ -246,6 +246,10 @@ void mha__norms2(const mha__kernels *kt, const float *x, int64_t rs, int64_t cs,
  * whatever order its rows come in). */
 static inline double mha__norm2_top(double top, double v) { return isnan(top) ? top : v > top || isnan(v) ? v : top; }
 
+/* The largest squared norm of n rows of d values, as mha__norms2 finds
+ * them; 0 for none, NaN if a row holds a NaN. */
+double mha__rows_norm2_max(const mha__kernels *kt, const float *x, int64_t rs, int64_t cs, int64_t n, int64_t d);
+
 /* The largest squared norm of kv head g's keys [0, S) in batch b: kept by
  * a cache (rows->k_norm2_max), else from the float32 tensor k or the
  * float32 rows (either may be NULL); +inf (every row wide) if neither. */

@@ -186,9 +186,7 @@ void mha__norms2(const mha__kernels *kt, const float *x, int64_t rs, int64_t cs,
         for (int64_t r = 0; r < rows; r++) out[r] = mha__dot_f64_ordered(x + r * rs, cs, x + r * rs, cs, n);
 }
 
-/* The largest norm of n rows as mha__norms2 finds them; 0 for none, NaN
- * if a row holds a NaN. */
-static double rows_norm2_max(const mha__kernels *kt, const float *x, int64_t rs, int64_t cs, int64_t n, int64_t d)
+double mha__rows_norm2_max(const mha__kernels *kt, const float *x, int64_t rs, int64_t cs, int64_t n, int64_t d)
 {
     enum { CHUNK = 64 };
     double norm2[CHUNK], top = 0;
@@ -204,11 +202,11 @@ double mha__keys_norm2_max(const mha__attn_plan *p, const mha__kv_view *rows, co
 {
     if (rows && rows->k_norm2_max) return rows->k_norm2_max[b * p->Hkv + g];
     if (k && k->data)
-        return rows_norm2_max(p->kt, k->data + b * k->stride[0] + g * k->stride[1], k->stride[2], k->stride[3], p->S,
-                              p->D);
+        return mha__rows_norm2_max(p->kt, k->data + b * k->stride[0] + g * k->stride[1], k->stride[2], k->stride[3],
+                                   p->S, p->D);
     if (rows && rows->k && rows->dtype == MHA_DTYPE_F32)
-        return rows_norm2_max(p->kt, (const float *)rows->k + b * rows->stride[0] + g * rows->stride[1],
-                              rows->stride[2], 1, p->S, p->D);
+        return mha__rows_norm2_max(p->kt, (const float *)rows->k + b * rows->stride[0] + g * rows->stride[1],
+                                   rows->stride[2], 1, p->S, p->D);
     return INFINITY;
 }
 

@@ -82,6 +82,25 @@ void mha__linear(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__
 void mha__linear_add(mha_ctx *ctx, const mha__kernels *kt, int64_t rows, const mha__mat *x, const mha__packed *w,
                      const mha__mat *y);
 
+/* Rows of x and y given one by one (the rows where the attention refines
+ * scores, wherever they lie): row r of x at x + x_at[r], its columns x_cs
+ * apart; row r's output o at mha__mat_at(&y, 0, o) + y_at[r]. */
+typedef struct mha__exact_rows {
+    const float *x;
+    int64_t x_cs;
+    const int64_t *x_at;
+    mha__mat y;
+    const int64_t *y_at;
+    int64_t count;
+} mha__exact_rows;
+
+/* Output o0 <= o < o1 of each listed row: y = x W^T[:, o] + b[o], the
+ * exact sum rounded once (summed in float64: exact.c), where mha__linear
+ * rounds every multiply-add; the same bits in every kernel set.  w
+ * packed for kt; y with cs = 1; b may be NULL. */
+void mha__linear_exact(mha_ctx *ctx, const mha__kernels *kt, const mha__exact_rows *rows, const mha__packed *w,
+                       int64_t o0, int64_t o1, const float *b);
+
 /* N matrices: matrix n is m with data moved by n * batch_stride. */
 typedef struct mha__batched {
     mha__mat m;

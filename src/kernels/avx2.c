@@ -116,6 +116,53 @@ static void gemm_tile_grouped_avx2(int64_t m, int64_t n, int64_t groups, int64_t
     else tile_body(m, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 0, groups, a_gs);
 }
 
+/* gemm_tile_exact: M rows (1 or 2, a constant once inlined) by up to 16
+ * columns in float64, four ymm of four sums a row (eight accumulators
+ * and four widened values of B fit the sixteen registers; more rows
+ * spilled).  Columns past n are masked off the loads and stores. */
+static inline __attribute__((always_inline)) void exact_rows_avx2(int M, int64_t n, int64_t k, const float *const *a,
+                                                                  int64_t a_cs, const float *b, int64_t ldb,
+                                                                  const float *bias, float *const *c)
+{
+    __m256i lo = lane_mask(n), hi = lane_mask(n - 8);
+    __m256 b0 = bias ? _mm256_maskload_ps(bias, lo) : _mm256_setzero_ps();
+    __m256 b1 = bias ? _mm256_maskload_ps(bias + 8, hi) : _mm256_setzero_ps();
+    __m256d acc[2][4];
+    _Pragma("GCC unroll 4") for (int i = 0; i < M; i++)
+    {
+        acc[i][0] = _mm256_cvtps_pd(_mm256_castps256_ps128(b0));
+        acc[i][1] = _mm256_cvtps_pd(_mm256_extractf128_ps(b0, 1));
+        acc[i][2] = _mm256_cvtps_pd(_mm256_castps256_ps128(b1));
+        acc[i][3] = _mm256_cvtps_pd(_mm256_extractf128_ps(b1, 1));
+    }
+    for (int64_t p = 0; p < k; p++) {
+        __m256 w0 = _mm256_maskload_ps(b + p * ldb, lo), w1 = _mm256_maskload_ps(b + p * ldb + 8, hi);
+        __m256d w[4] = {_mm256_cvtps_pd(_mm256_castps256_ps128(w0)), _mm256_cvtps_pd(_mm256_extractf128_ps(w0, 1)),
+                        _mm256_cvtps_pd(_mm256_castps256_ps128(w1)), _mm256_cvtps_pd(_mm256_extractf128_ps(w1, 1))};
+        _Pragma("GCC unroll 4") for (int i = 0; i < M; i++)
+        {
+            __m256d x = _mm256_set1_pd(a[i][p * a_cs]);
+            _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++) acc[i][q] = _mm256_fmadd_pd(x, w[q], acc[i][q]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int i = 0; i < M; i++)
+    {
+        __m256 r0 = _mm256_set_m128(_mm256_cvtpd_ps(acc[i][1]), _mm256_cvtpd_ps(acc[i][0]));
+        __m256 r1 = _mm256_set_m128(_mm256_cvtpd_ps(acc[i][3]), _mm256_cvtpd_ps(acc[i][2]));
+        _mm256_maskstore_ps(c[i], lo, r0);
+        _mm256_maskstore_ps(c[i] + 8, hi, r1);
+    }
+}
+
+static void gemm_tile_exact_avx2(int64_t m, int64_t n, int64_t k, const float *const *a, int64_t a_cs, const float *b,
+                                 int64_t ldb, const float *bias, float *const *c)
+{
+    for (int64_t i = 0; i < m; i += 2) {
+        if (m - i >= 2) exact_rows_avx2(2, n, k, a + i, a_cs, b, ldb, bias, c + i);
+        else exact_rows_avx2(1, n, k, a + i, a_cs, b, ldb, bias, c + i);
+    }
+}
+
 #define EXP_VEC    __m256
 #define EXP_OP(op) _mm256_##op
 #include "kernels/exp_estrin.h"
@@ -715,6 +762,7 @@ const mha__kernels mha__kernels_avx2 = {
     .nr = NR,
     .gemm_tile = gemm_tile_avx2,
     .gemm_tile_grouped = gemm_tile_grouped_avx2,
+    .gemm_tile_exact = gemm_tile_exact_avx2,
     .softmax_step = softmax_step_avx2,
     .softmax_grad = softmax_grad_avx2,
     .dot_rows = dot_rows_avx2,

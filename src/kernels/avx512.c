@@ -167,6 +167,60 @@ static void gemm_tile_grouped_avx512(int64_t m, int64_t n, int64_t groups, int64
     else tile_body(m, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 0, CLAMPED, groups, a_gs);
 }
 
+/* gemm_tile_exact: M rows (a constant once inlined) by up to 32 columns
+ * in float64, four zmm of eight sums a row; each step of k widens the
+ * panel row's 32 floats once and broadcasts M values of A (4 M FMAs for
+ * 2 loads, 4 conversions and M broadcasts).  Columns past n are masked
+ * off the loads, which read them as 0, and off the stores. */
+static inline __attribute__((always_inline)) void exact_rows_avx512(int M, int64_t n, int64_t k, const float *const *a,
+                                                                    int64_t a_cs, const float *b, int64_t ldb,
+                                                                    const float *bias, float *const *c)
+{
+    __mmask16 lo = lane_mask(n), hi = lane_mask(n - 16);
+    __m512 b0 = bias ? _mm512_maskz_loadu_ps(lo, bias) : _mm512_setzero_ps();
+    __m512 b1 = bias ? _mm512_maskz_loadu_ps(hi, bias + 16) : _mm512_setzero_ps();
+    __m512d acc[MHA_EXACT_MR][4];
+    _Pragma("GCC unroll 6") for (int i = 0; i < M; i++)
+    {
+        acc[i][0] = _mm512_cvtps_pd(_mm512_castps512_ps256(b0));
+        acc[i][1] = _mm512_cvtps_pd(_mm512_extractf32x8_ps(b0, 1));
+        acc[i][2] = _mm512_cvtps_pd(_mm512_castps512_ps256(b1));
+        acc[i][3] = _mm512_cvtps_pd(_mm512_extractf32x8_ps(b1, 1));
+    }
+    for (int64_t p = 0; p < k; p++) {
+        __m512 w0 = _mm512_maskz_loadu_ps(lo, b + p * ldb), w1 = _mm512_maskz_loadu_ps(hi, b + p * ldb + 16);
+        __m512d w[4] = {_mm512_cvtps_pd(_mm512_castps512_ps256(w0)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(w0, 1)),
+                        _mm512_cvtps_pd(_mm512_castps512_ps256(w1)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(w1, 1))};
+        _Pragma("GCC unroll 6") for (int i = 0; i < M; i++)
+        {
+            __m512d x = _mm512_set1_pd(a[i][p * a_cs]);
+            _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++) acc[i][q] = _mm512_fmadd_pd(x, w[q], acc[i][q]);
+        }
+    }
+    _Pragma("GCC unroll 6") for (int i = 0; i < M; i++)
+    {
+        __m512 r0 =
+            _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(acc[i][0])), _mm512_cvtpd_ps(acc[i][1]), 1);
+        __m512 r1 =
+            _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(acc[i][2])), _mm512_cvtpd_ps(acc[i][3]), 1);
+        _mm512_mask_storeu_ps(c[i], lo, r0);
+        _mm512_mask_storeu_ps(c[i] + 16, hi, r1);
+    }
+}
+
+static void gemm_tile_exact_avx512(int64_t m, int64_t n, int64_t k, const float *const *a, int64_t a_cs, const float *b,
+                                   int64_t ldb, const float *bias, float *const *c)
+{
+    switch (m) {
+    case 6: exact_rows_avx512(6, n, k, a, a_cs, b, ldb, bias, c); break;
+    case 5: exact_rows_avx512(5, n, k, a, a_cs, b, ldb, bias, c); break;
+    case 4: exact_rows_avx512(4, n, k, a, a_cs, b, ldb, bias, c); break;
+    case 3: exact_rows_avx512(3, n, k, a, a_cs, b, ldb, bias, c); break;
+    case 2: exact_rows_avx512(2, n, k, a, a_cs, b, ldb, bias, c); break;
+    default: exact_rows_avx512(1, n, k, a, a_cs, b, ldb, bias, c); break;
+    }
+}
+
 #define EXP_VEC    __m512
 #define EXP_OP(op) _mm512_##op
 #include "kernels/exp_estrin.h"
@@ -552,6 +606,7 @@ const mha__kernels mha__kernels_avx512 = {
     .nr = NR,
     .gemm_tile = gemm_tile_avx512,
     .gemm_tile_grouped = gemm_tile_grouped_avx512,
+    .gemm_tile_exact = gemm_tile_exact_avx512,
     .softmax_step = softmax_step_avx512,
     .softmax_grad = softmax_grad_avx512,
     .dot_rows = dot_rows_avx512,

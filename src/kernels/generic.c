@@ -33,6 +33,17 @@ static void gemm_tile_grouped_generic(int64_t m, int64_t n, int64_t groups, int6
         }
 }
 
+static void gemm_tile_exact_generic(int64_t m, int64_t n, int64_t k, const float *const *a, int64_t a_cs,
+                                    const float *b, int64_t ldb, const float *bias, float *const *c)
+{
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            double acc = bias ? bias[j] : 0.0;
+            for (int64_t p = 0; p < k; p++) acc += (double)a[i][p * a_cs] * b[p * ldb + j];
+            c[i][j] = (float)acc;
+        }
+}
+
 /* As gemm_tile_generic computes one element. */
 static void pair_dots_generic(int64_t rows, int64_t k, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
                               int64_t b_rs, int64_t b_cs, float *out)
@@ -330,6 +341,7 @@ const mha__kernels mha__kernels_generic = {
     .nr = GENERIC_NR,
     .gemm_tile = gemm_tile_generic,
     .gemm_tile_grouped = gemm_tile_grouped_generic,
+    .gemm_tile_exact = gemm_tile_exact_generic,
     .pair_dots = pair_dots_generic,
     .softmax_step = softmax_step_generic,
     .softmax_grad = softmax_grad_generic,

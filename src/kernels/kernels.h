@@ -43,6 +43,21 @@ typedef void (*mha__gemm_tile_grouped_fn)(int64_t m, int64_t n, int64_t groups, 
                                           int64_t a_rs, int64_t a_gs, const float *b, int64_t ldb, float *c,
                                           int64_t ldc, int accumulate);
 
+/* Rows a[0 .. m-1] times B in float64, plus bias, rounded to float32
+ * once into rows c[0 .. m-1]: A element (i, p) at a[i][p * a_cs], B
+ * element (p, j) at b[p * ldb + j] (a panel's rows, possibly from a
+ * column inside it: nothing past column n - 1 is read), bias[j] (NULL:
+ * 0).  Each C element starts from its bias and adds the products over p
+ * in increasing order; every product of two floats is exact in float64
+ * (so a multiply-add rounds as a multiply and an add do), and every
+ * kernel gives the same bits.  The rows come as pointers because they
+ * are the rows the attention refines, wherever they lie.  m <=
+ * MHA_EXACT_MR, n <= the table's nr.  The layer's projections where its
+ * logits are large (gemm/exact.c). */
+typedef void (*mha__gemm_tile_exact_fn)(int64_t m, int64_t n, int64_t k, const float *const *a, int64_t a_cs,
+                                        const float *b, int64_t ldb, const float *bias, float *const *c);
+enum { MHA_EXACT_MR = 6 };
+
 /* One online-softmax step over a tile of scores stored key-major:
  * s[j * lds + i] is the score of query i < rows against key j < cols.
  * The exponentials are taken in base 2 against an anchor: for a row whose
@@ -218,6 +233,7 @@ typedef struct mha__kernels {
     int mr, nr;       /* gemm_tile's largest m and n */
     mha__gemm_tile_fn gemm_tile;
     mha__gemm_tile_grouped_fn gemm_tile_grouped;
+    mha__gemm_tile_exact_fn gemm_tile_exact;
     mha__softmax_step_fn softmax_step;
     mha__softmax_grad_fn softmax_grad;
     mha__dot_rows_fn dot_rows;

@@ -110,6 +110,11 @@ int64_t mha__layer_bias_offset(const mha_layer *l, matrix which)
     return which == MAT_Q ? 0 : which == MAT_K ? l->qdim : l->qdim + l->kvdim;
 }
 
+const float *mha__layer_in_bias(const mha_layer *l, matrix which)
+{
+    return l->b_in ? l->b_in + mha__layer_bias_offset(l, which) : NULL;
+}
+
 mha_status mha__layer_pack(mha_layer *l, matrix which, const float *w)
 {
     int64_t out = mha__layer_out_features(l, which), in = mha__layer_in_features(l, which);
@@ -219,4 +224,33 @@ void mha__layer_set_names(mha_layer *l, mha_weight_names names) { l->names = nam
 const mha_layer_desc *mha_layer_get_desc(const mha_layer *l)
 {
     return mha__layer_check(l, "mha_layer_get_desc") == MHA_OK ? &l->desc : NULL;
+}
+
+/* Where the layer keeps its activations (Q, K, V, head outputs), T rows
+ * per batch: head-major [H][N][T][d] when d is a multiple of the kernels'
+ * nr, so each GEMM panel lies inside one head and attention reads a head's
+ * rows contiguously; otherwise row-major [N][T][E].  Heads outermost, not
+ * batches ([N][H][T][d] before): a head's rows of every batch then follow
+ * one another, so a projection over N batches of T rows is one GEMM of
+ * N T rows, where it was N GEMMs of T (at B = 8, T = 128: a 32-row tail
+ * tile in every 128 rows, eight times the calls). */
+static bool head_major(const mha_layer *l)
+{
+    return l->head_dim % mha__weight_panel(&l->w[MAT_Q]) == 0; /* every matrix has the same panel width */
+}
+
+mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t heads)
+{
+    int64_t d = l->head_dim, width = heads * d;
+    if (head_major(l)) return (mha__batched){{base, d, 1, d, N * T * d}, T * d};
+    return (mha__batched){{base, width, 1, 0, 0}, T * width};
+}
+
+/* The same activations as the [N, H, T, d] view attention reads. */
+mha_tensor mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t H)
+{
+    int64_t d = l->head_dim;
+    mha_tensor t = {base, {N, H, T, d}, {T * H * d, d, H * d, 1}};
+    if (head_major(l)) t.stride[0] = T * d, t.stride[1] = N * T * d, t.stride[2] = d;
+    return t;
 }

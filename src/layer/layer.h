@@ -145,10 +145,19 @@ typedef struct mha__layer_rows {
     int64_t N, Lq, Lk, Tk;
 } mha__layer_rows;
 
-/* Q, K, V = x W^T + b into the activation buffers q, k, v.  INTERNAL
- * (bf16: the plan reserved mha__layer_project_workspace). */
+/* Q, K, V = x W^T + b into the activation buffers q, k, v; the wide
+ * rows' Q (logits that may be large) and their keys' K summed exactly
+ * (pipeline.c).  INTERNAL (the plan reserved
+ * mha__layer_project_workspace). */
 mha_status mha__layer_project_qkv(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
                                   const mha__batched *x_k, const mha__batched *x_v, float *q, float *k, float *v);
+/* After the float32 Q and K (activation buffers qb, kb), the rows the
+ * attention will refine whole (wide) and their keys summed exactly again
+ * (wide.c); nothing for bf16 layers.  INTERNAL (the plan reserved
+ * mha__layer_project_wide_workspace). */
+mha_status mha__layer_project_wide(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
+                                   const mha__batched *x_k, const mha__batched *qb, const mha__batched *kb);
+bool mha__layer_project_wide_workspace(const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk, int64_t *bytes);
 /* The workspace of the four projections of N Lq query rows and N Lk
  * key rows (bf16 only: the rounded inputs). */
 bool mha__layer_project_workspace(const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk, int64_t *bytes);
@@ -166,7 +175,8 @@ mha_status mha__layer_project_output(mha_ctx *ctx, const mha_layer *l, int64_t N
 mha__batched mha__layer_from_view(const mha_tensor *t);
 /* Where the layer keeps activations of N batches of T rows from base:
  * head-major [H][N][T][d] when d is a multiple of the kernels' nr, else
- * row-major [N][T][E]; and the same as the [N, H, T, d] attention view. */
+ * row-major [N][T][E]; and the same as the [N, H, T, d] attention view
+ * (layer.c: every stage's, wide.c's too). */
 mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t heads);
 mha_tensor mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t heads);
 
@@ -203,6 +213,8 @@ mha_status mha__layer_pack(mha_layer *l, matrix which, const float *w);
 int64_t mha__layer_in_features(const mha_layer *l, matrix which);
 int64_t mha__layer_out_features(const mha_layer *l, matrix which);
 int64_t mha__layer_bias_offset(const mha_layer *l, matrix which);
+/* Matrix which's bias (Q, K, V: a slice of b_in), or NULL. */
+const float *mha__layer_in_bias(const mha_layer *l, matrix which);
 
 /* The naming family a loaded layer remembers (weights.c sets it). */
 void mha__layer_set_names(mha_layer *layer, mha_weight_names names);

@@ -5,6 +5,7 @@
  *
  *   project   Q = x_q W_q^T + b_q, K = x_k W_k^T + b_k, V = x_v W_v^T + b_v
  *             into the layer's activation layout        mha__layer_project_qkv
+ *             (wide rows' Q and K summed exactly: wide.c)
  *   rotate    Q and K by the rotary embedding at their positions (the
  *             backward: by minus the angle)              mha__layer_rotate
  *   attend    the planned attention                      mha__attn_run (attn/)
@@ -23,35 +24,6 @@
 mha__batched mha__layer_from_view(const mha_tensor *t)
 {
     return (mha__batched){{t->data, t->stride[1], t->stride[2], 0, 0}, t->stride[0]};
-}
-
-/* Where the layer keeps its activations (Q, K, V, head outputs), T rows
- * per batch: head-major [H][N][T][d] when d is a multiple of the kernels'
- * nr, so each GEMM panel lies inside one head and attention reads a head's
- * rows contiguously; otherwise row-major [N][T][E].  Heads outermost, not
- * batches ([N][H][T][d] before): a head's rows of every batch then follow
- * one another, so a projection over N batches of T rows is one GEMM of
- * N T rows, where it was N GEMMs of T (at B = 8, T = 128: a 32-row tail
- * tile in every 128 rows, eight times the calls). */
-static bool head_major(const mha_layer *l)
-{
-    return l->head_dim % mha__weight_panel(&l->w[MAT_Q]) == 0; /* every matrix has the same panel width */
-}
-
-mha__batched mha__layer_activations(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t heads)
-{
-    int64_t d = l->head_dim, width = heads * d;
-    if (head_major(l)) return (mha__batched){{base, d, 1, d, N * T * d}, T * d};
-    return (mha__batched){{base, width, 1, 0, 0}, T * width};
-}
-
-/* The same activations as the [N, H, T, d] view attention reads. */
-mha_tensor mha__layer_heads_view(const mha_layer *l, float *base, int64_t N, int64_t T, int64_t H)
-{
-    int64_t d = l->head_dim;
-    mha_tensor t = {base, {N, H, T, d}, {T * H * d, d, H * d, 1}};
-    if (head_major(l)) t.stride[0] = T * d, t.stride[1] = N * T * d, t.stride[2] = d;
-    return t;
 }
 
 /* One GEMM of the layer, in its dtype. */
@@ -121,7 +93,7 @@ static bool project_shared(mha_ctx *ctx, const mha_layer *l, const mha__layer_ro
     const mha__weight *w[3] = {&l->w[MAT_Q], &l->w[MAT_K], &l->w[MAT_V]};
     const float *b[3] = {NULL, NULL, NULL};
     const mha__mat *ym[3] = {&y[0]->m, &y[1]->m, &y[2]->m};
-    for (int i = 0; i < 3 && l->b_in; i++) b[i] = l->b_in + mha__layer_bias_offset(l, (matrix)(MAT_Q + i));
+    for (int i = 0; i < 3; i++) b[i] = mha__layer_in_bias(l, (matrix)(MAT_Q + i));
     *st = mha__weights_linear_shared(ctx, 3, w, r->N * T, &x->m, b, ym);
     return true;
 }
@@ -132,16 +104,13 @@ mha_status mha__layer_project_qkv(mha_ctx *ctx, const mha_layer *l, const mha__l
     int64_t H = l->desc.num_heads, G = l->desc.num_kv_heads;
     mha__batched qb = mha__layer_activations(l, q, r->N, r->Lq, H), kb = mha__layer_activations(l, k, r->N, r->Tk, G);
     mha__batched vb = mha__layer_activations(l, v, r->N, r->Tk, G);
-    const float *b = l->b_in;
     mha_status st;
     const mha__batched *outs[3] = {&qb, &kb, &vb};
-    if (same_view(x_q, x_k) && same_view(x_q, x_v) && project_shared(ctx, l, r, x_q, outs, &st)) return st;
-    if ((st = mha__layer_project(ctx, l, r->N, r->Lq, x_q, MAT_Q, b ? b + mha__layer_bias_offset(l, MAT_Q) : NULL,
-                                 &qb)) != MHA_OK ||
-        (st = mha__layer_project(ctx, l, r->N, r->Lk, x_k, MAT_K, b ? b + mha__layer_bias_offset(l, MAT_K) : NULL,
-                                 &kb)) != MHA_OK)
-        return st;
-    return mha__layer_project(ctx, l, r->N, r->Lk, x_v, MAT_V, b ? b + mha__layer_bias_offset(l, MAT_V) : NULL, &vb);
+    if (!(same_view(x_q, x_k) && same_view(x_q, x_v) && project_shared(ctx, l, r, x_q, outs, &st)) &&
+        (st = mha__layer_project(ctx, l, r->N, r->Lq, x_q, MAT_Q, mha__layer_in_bias(l, MAT_Q), &qb)) == MHA_OK &&
+        (st = mha__layer_project(ctx, l, r->N, r->Lk, x_k, MAT_K, mha__layer_in_bias(l, MAT_K), &kb)) == MHA_OK)
+        st = mha__layer_project(ctx, l, r->N, r->Lk, x_v, MAT_V, mha__layer_in_bias(l, MAT_V), &vb);
+    return st == MHA_OK ? mha__layer_project_wide(ctx, l, r, x_q, x_k, &qb, &kb) : st;
 }
 
 mha_status mha__layer_rotate(mha_ctx *ctx, const mha_layer *l, const mha_tensor *q, const mha_tensor *k,
@@ -193,6 +162,8 @@ bool mha__layer_project_workspace(const mha_layer *l, int64_t N, int64_t Lq, int
         if (!mha__weight_linear_workspace(&l->w[m], rows, mha__layer_in_features(l, (matrix)m), &one)) return false;
         most = mha__max64(most, one);
     }
-    *bytes = most; /* the four products run one after another */
+    int64_t wide = 0; /* and the wide rows' pass after them */
+    if (!mha__layer_project_wide_workspace(l, N, Lq, Lk, &wide)) return false;
+    *bytes = mha__max64(most, wide); /* the four products run one after another */
     return true;
 }

@@ -1,0 +1,183 @@
+/*
+ * wide.c -- the projections of rows whose logits may be large: their Q,
+ * and their keys' K, summed exactly (pipeline.c's project stage calls it
+ * after the float32 products).
+ *
+ * Where scale |q_i| max_j |k_j| passes MHA_REFINE_TERMS, the attention
+ * refines row i's scores in float64 (a "wide" row, attn/attention.h),
+ * but from q and k as projected, and a float32 projection errs by about
+ * an ulp of its terms (x's times W's, E of them), which the score
+ * multiplies by the other side's size.  With inputs x10 a plain float32
+ * layer's errors and ours were alike, and the W_q and W_k gradients
+ * missed the 3x rule in about one case in 1000 (docs/NUMERICS.md).  So
+ * the projections take the attention's decision, from the same float64
+ * norms of the float32 projections, per batch and kv head: a wide query
+ * row gets its Q columns of that head summed exactly
+ * (mha__linear_exact), and the head's keys in that batch their K
+ * columns, before the rotation (which keeps norms).  Every head decides
+ * before any changes.  A row the attention leaves in float32 keeps
+ * float32 projections: exact ones under float32 scores lost a plain
+ * implementation's cancellation of the two (one large-logit case at
+ * 1.05x the rule).  V and the output projection stay float32 (no logit
+ * multiplies their error), and so do bf16 layers (their rounding is far
+ * larger).  A decoding step decides from its new rows alone, as its
+ * stages (mha_layer_decode_qkv) must, having no cache: the same bits.
+ */
+#include "layer/layer.h"
+
+#include <math.h>
+
+/* The pass's buffers: the largest key norm of each batch and kv head,
+ * whether each batch and query head has a wide row, and the offsets of
+ * the rows of one head's call. */
+typedef struct exact_buffers {
+    double *keys; /* [N][G] */
+    bool *wide;   /* [N][H] */
+    int64_t *x_at, *y_at;
+} exact_buffers;
+
+bool mha__layer_project_wide_workspace(const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk, int64_t *bytes)
+{
+    int64_t rows = 0, offsets = 0, keys = 0, wide = 0; /* as exact_buffers_take takes them */
+    *bytes = 0;
+    return l->bf16 ||
+           (mha__mul(N, mha__max64(Lq, Lk), &rows) && mha__mul(rows, 2 * (int64_t)sizeof(int64_t), &offsets) &&
+            mha__mul(N, l->desc.num_kv_heads * (int64_t)sizeof(double), &keys) &&
+            mha__mul(N, l->desc.num_heads * (int64_t)sizeof(bool), &wide) &&
+            mha__ws_add(bytes, offsets, "the wide rows' offsets") && mha__ws_add(bytes, keys, "the key norms") &&
+            mha__ws_add(bytes, wide, "the wide heads"));
+}
+
+static bool exact_buffers_take(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t rows, exact_buffers *e)
+{
+    e->x_at = mha__ws_take(ctx, 2 * rows * (int64_t)sizeof(int64_t));
+    e->y_at = e->x_at ? e->x_at + rows : NULL;
+    e->keys = mha__ws_take(ctx, N * l->desc.num_kv_heads * (int64_t)sizeof(double));
+    e->wide = mha__ws_take(ctx, N * l->desc.num_heads * (int64_t)sizeof(bool));
+    return e->x_at && e->keys && e->wide;
+}
+
+/* The decision's inputs, shared by its parallel passes. */
+typedef struct wide_job {
+    const mha_layer *l;
+    mha_tensor qh, kh; /* the projections as attention reads them */
+    int64_t Lk;        /* key rows projected (kh holds appended ones after) */
+    exact_buffers *e;
+} wide_job;
+
+/* Item n G + g: batch n's largest key norm of kv head g. */
+static void key_norms(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const wide_job *j = arg;
+    int64_t G = j->kh.shape[1];
+    for (int64_t item = begin; item < end; item++) {
+        int64_t n = item / G, g = item % G;
+        const float *rows = j->kh.data + n * j->kh.stride[0] + g * j->kh.stride[1];
+        j->e->keys[item] = mha__rows_norm2_max(j->l->isa->f32, rows, j->kh.stride[2], 1, j->Lk, j->l->head_dim);
+    }
+}
+
+enum { WIDE_CHUNK = 64 }; /* query rows whose norms are taken at once */
+
+/* Marks in wide[] which of rows i0 .. i0 + m - 1 of batch n, head h are
+ * wide: scale^2 |q_i|^2 max_j |k_j|^2 > T^2, from the same float64 norms
+ * as the attention's (NaN: not wide). */
+static void wide_rows(const wide_job *j, int64_t n, int64_t h, int64_t i0, int64_t m, bool *wide)
+{
+    const mha_layer *l = j->l;
+    double scale = (float)(1.0 / sqrt((double)l->head_dim)), limit = MHA_REFINE_TERMS * MHA_REFINE_TERMS;
+    double bound = scale * scale * j->e->keys[n * j->kh.shape[1] + h / (j->qh.shape[1] / j->kh.shape[1])];
+    double norm2[WIDE_CHUNK];
+    const float *rows = j->qh.data + n * j->qh.stride[0] + h * j->qh.stride[1] + i0 * j->qh.stride[2];
+    mha__norms2(l->isa->f32, rows, j->qh.stride[2], 1, m, l->head_dim, norm2);
+    for (int64_t i = 0; i < m; i++) wide[i] = norm2[i] * bound > limit;
+}
+
+/* Item n H + h: whether batch n has a wide row in head h. */
+static void wide_heads(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const wide_job *j = arg;
+    int64_t H = j->qh.shape[1], L = j->qh.shape[2];
+    for (int64_t item = begin; item < end; item++) {
+        bool any = false, wide[WIDE_CHUNK];
+        for (int64_t i0 = 0; i0 < L && !any; i0 += WIDE_CHUNK) {
+            int64_t m = mha__min64(WIDE_CHUNK, L - i0);
+            wide_rows(j, item / H, item % H, i0, m, wide);
+            for (int64_t i = 0; i < m; i++) any = any || wide[i];
+        }
+        j->e->wide[item] = any;
+    }
+}
+
+/* Row i of batch n of x and of y: the offsets to list. */
+static void list_row(const mha__batched *x, const mha__batched *y, int64_t n, int64_t i, exact_buffers *e,
+                     int64_t *count)
+{
+    e->x_at[*count] = n * x->batch_stride + i * x->m.rs;
+    e->y_at[*count] = n * y->batch_stride + i * y->m.rs;
+    ++*count;
+}
+
+/* The listed rows of head `head`'s columns of matrix `which`, summed
+ * exactly. */
+static void project_listed(mha_ctx *ctx, const mha_layer *l, const mha__batched *x, matrix which, int64_t head,
+                           const exact_buffers *e, int64_t count, const mha__batched *y)
+{
+    int64_t d = l->head_dim;
+    mha__exact_rows rows = {x->m.data, x->m.cs, e->x_at, y->m, e->y_at, count};
+    mha__linear_exact(ctx, l->isa->f32, &rows, &l->w[which].f32, head * d, (head + 1) * d,
+                      mha__layer_in_bias(l, which));
+}
+
+/* Head h's wide query rows in every batch that has one, listed and
+ * projected exactly. */
+static void project_wide_queries(mha_ctx *ctx, const wide_job *j, const mha__batched *x_q, const mha__batched *qb,
+                                 int64_t h)
+{
+    int64_t N = j->qh.shape[0], H = j->qh.shape[1], L = j->qh.shape[2], count = 0;
+    bool wide[WIDE_CHUNK];
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t i0 = 0; j->e->wide[n * H + h] && i0 < L; i0 += WIDE_CHUNK) {
+            int64_t m = mha__min64(WIDE_CHUNK, L - i0);
+            wide_rows(j, n, h, i0, m, wide);
+            for (int64_t i = 0; i < m; i++)
+                if (wide[i]) list_row(x_q, qb, n, i0 + i, j->e, &count);
+        }
+    if (count) project_listed(ctx, j->l, x_q, MAT_Q, h, j->e, count, qb);
+}
+
+static mha_status project_wide_rows(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
+                                    const mha__batched *x_k, const mha__batched *qb, const mha__batched *kb)
+{
+    int64_t N = r->N, H = l->desc.num_heads, G = l->desc.num_kv_heads, group = H / G;
+    exact_buffers e;
+    if (!exact_buffers_take(ctx, l, N, N * mha__max64(r->Lq, r->Lk), &e)) return MHA_ERR_INTERNAL;
+    wide_job j = {l, mha__layer_heads_view(l, qb->m.data, N, r->Lq, H),
+                  mha__layer_heads_view(l, kb->m.data, N, r->Tk, G), r->Lk, &e};
+    /* Every head decides from the float32 projections before any changes. */
+    mha__parallel_for(ctx, N * G, key_norms, &j);
+    mha__parallel_for(ctx, N * H, wide_heads, &j);
+    for (int64_t g = 0; g < G; g++) {
+        for (int64_t h = g * group; h < (g + 1) * group; h++) project_wide_queries(ctx, &j, x_q, qb, h);
+        int64_t count = 0; /* then the keys of every batch where one of them has a wide row */
+        for (int64_t n = 0; n < N; n++) {
+            bool any = false;
+            for (int64_t h = g * group; h < (g + 1) * group; h++) any = any || e.wide[n * H + h];
+            for (int64_t i = 0; any && i < r->Lk; i++) list_row(x_k, kb, n, i, &e, &count);
+        }
+        if (count) project_listed(ctx, l, x_k, MAT_K, g, &e, count, kb);
+    }
+    return MHA_OK;
+}
+
+mha_status mha__layer_project_wide(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
+                                   const mha__batched *x_k, const mha__batched *qb, const mha__batched *kb)
+{
+    if (l->bf16) return MHA_OK;
+    int64_t top = mha__ws_top(ctx);
+    mha_status st = project_wide_rows(ctx, l, r, x_q, x_k, qb, kb);
+    mha__ws_release(ctx, top);
+    return st;
+}
