@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""large_logits_cost.py -- what the refined scores and the exact delta
-pass (docs/NUMERICS.md, "Large logits") cost where logits are large.
+"""large_logits_cost.py -- what the refined scores, the exact delta pass
+and the exact projections of wide rows (docs/NUMERICS.md, "Large
+logits") cost where logits are large.
 
-    python bench/large_logits_cost.py [--seq 2048] [--heads 8] [--dim 64] [--repeat 5]
+    python bench/large_logits_cost.py [--seq 2048] [--heads 8] [--dim 64] [--repeat 5] [--layer]
 
 Needs the Python package (`pip install .`).  For q and k scaled by 1, 3
 and 10 (random normal inputs), prints the largest logit, the mean of each
 row's largest probability, and the median time of the forward (keeping
-the row statistics) and of the backward from those statistics.
+the row statistics) and of the backward from those statistics.  With
+--layer, the same for an nn.MultiheadAttention layer (E = heads x dim,
+weights uniform in +-1/sqrt(E), inputs scaled by 1, 2, 4, 6 and 10): the
+share of wide rows (scale |q_i| max_j |k_j| above 64, whose Q and keys'
+K the layer sums exactly), the forward's and the forward+backward's
+medians.
 """
 import argparse
 import time
@@ -26,13 +32,53 @@ def median_ms(fn, repeat):
     return sorted(times)[repeat // 2] * 1e3
 
 
+def wide_share(x, w, b, heads, dim):
+    """The share of (row, head) pairs whose bound passes 64, from float32
+    projections as the layer decides (one batch)."""
+    E = heads * dim
+    q = (x[0] @ w[:E].T + b[:E]).reshape(-1, heads, dim).astype(np.float64)
+    k = (x[0] @ w[E:2 * E].T + b[E:2 * E]).reshape(-1, heads, dim).astype(np.float64)
+    qn, kn = np.linalg.norm(q, axis=2), np.linalg.norm(k, axis=2).max(axis=0)
+    return float(np.mean(qn * kn / np.sqrt(dim) > 64))
+
+
+def layer_costs(a):
+    r = np.random.default_rng(0)
+    E = a.heads * a.dim
+    layer = mha.MultiheadAttention(E, a.heads, batch_first=True)
+    bound = 1 / np.sqrt(E)
+    w = r.uniform(-bound, bound, (3 * E, E)).astype(np.float32)
+    b = r.uniform(-bound, bound, 3 * E).astype(np.float32)
+    layer.load_state_dict({"in_proj_weight": w, "in_proj_bias": b,
+                           "out_proj.weight": r.uniform(-bound, bound, (E, E)).astype(np.float32),
+                           "out_proj.bias": np.zeros(E, np.float32)})
+    dy = r.standard_normal((1, a.seq, E)).astype(np.float32)
+    for size in (1, 2, 4, 6, 10):
+        x = (r.standard_normal((1, a.seq, E)) * size).astype(np.float32)
+
+        def train_step():
+            layer.forward(x, x, x, need_weights=False)
+            layer.backward(dy)
+
+        layer.training = False
+        fwd = median_ms(lambda: layer.forward(x, x, x, need_weights=False), a.repeat)
+        layer.training = True
+        both = median_ms(train_step, a.repeat)
+        print(f"layer, inputs x{size}: wide rows {100 * wide_share(x, w, b, a.heads, a.dim):.1f}%: "
+              f"forward {fwd:.0f} ms, forward+backward {both:.0f} ms ({mha.isa()}, {a.seq} rows, E = {E})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--layer", action="store_true", help="the layer instead of the attention alone")
     a = ap.parse_args()
+    if a.layer:
+        layer_costs(a)
+        return
     r = np.random.default_rng(0)
     shape = (1, a.heads, a.seq, a.dim)
     for size in (1, 3, 10):
