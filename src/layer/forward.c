@@ -16,7 +16,6 @@
  */
 #include "layer/layer.h"
 
-#include <math.h>
 #include <string.h>
 
 /* Rows S and S+1 of K and V in every head: bias_k/bias_v, then the zero
@@ -196,7 +195,7 @@ mha__attn_plan mha__layer_plan(const mha_layer *l, const mha_layer_fwd_args *a)
         .D = l->head_dim,
         .Dv = l->head_dim,
         .R = S,
-        .scale = (float)(1.0 / sqrt((double)l->head_dim)),
+        .scale = mha__layer_scale(l),
         .softcap = d->softcap,
         .causal = a->causal,
         .window_left = d->window_left,

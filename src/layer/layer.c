@@ -110,6 +110,8 @@ int64_t mha__layer_bias_offset(const mha_layer *l, matrix which)
     return which == MAT_Q ? 0 : which == MAT_K ? l->qdim : l->qdim + l->kvdim;
 }
 
+float mha__layer_scale(const mha_layer *l) { return (float)(1.0 / sqrt((double)l->head_dim)); }
+
 const float *mha__layer_in_bias(const mha_layer *l, matrix which)
 {
     return l->b_in ? l->b_in + mha__layer_bias_offset(l, which) : NULL;

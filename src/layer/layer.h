@@ -213,6 +213,8 @@ mha_status mha__layer_pack(mha_layer *l, matrix which, const float *w);
 int64_t mha__layer_in_features(const mha_layer *l, matrix which);
 int64_t mha__layer_out_features(const mha_layer *l, matrix which);
 int64_t mha__layer_bias_offset(const mha_layer *l, matrix which);
+/* The attention's score scale, 1 / sqrt(head_dim), as a float. */
+float mha__layer_scale(const mha_layer *l);
 /* Matrix which's bias (Q, K, V: a slice of b_in), or NULL. */
 const float *mha__layer_in_bias(const mha_layer *l, matrix which);
 

@@ -25,8 +25,6 @@
  */
 #include "layer/layer.h"
 
-#include <math.h>
-
 /* The pass's buffers: the largest key norm of each batch and kv head,
  * whether each batch and query head has a wide row, and the offsets of
  * the rows of one head's call. */
@@ -57,9 +55,11 @@ static bool exact_buffers_take(mha_ctx *ctx, const mha_layer *l, int64_t N, int6
     return e->x_at && e->keys && e->wide;
 }
 
-/* The decision's inputs, shared by its parallel passes. */
+/* The decision's inputs, shared by its parallel passes: `p` holds what
+ * the attention's own decision (mha__wide_rows) reads of its plan. */
 typedef struct wide_job {
     const mha_layer *l;
+    mha__attn_plan p;
     mha_tensor qh, kh; /* the projections as attention reads them */
     int64_t Lk;        /* key rows projected (kh holds appended ones after) */
     exact_buffers *e;
@@ -81,17 +81,12 @@ static void key_norms(void *arg, int thread, int64_t begin, int64_t end)
 enum { WIDE_CHUNK = 64 }; /* query rows whose norms are taken at once */
 
 /* Marks in wide[] which of rows i0 .. i0 + m - 1 of batch n, head h are
- * wide: scale^2 |q_i|^2 max_j |k_j|^2 > T^2, from the same float64 norms
- * as the attention's (NaN: not wide). */
-static void wide_rows(const wide_job *j, int64_t n, int64_t h, int64_t i0, int64_t m, bool *wide)
+ * wide, by the attention's own test against the batch's keys; whether
+ * any is. */
+static bool wide_rows(const wide_job *j, int64_t n, int64_t h, int64_t i0, int64_t m, bool *wide)
 {
-    const mha_layer *l = j->l;
-    double scale = (float)(1.0 / sqrt((double)l->head_dim)), limit = MHA_REFINE_TERMS * MHA_REFINE_TERMS;
-    double bound = scale * scale * j->e->keys[n * j->kh.shape[1] + h / (j->qh.shape[1] / j->kh.shape[1])];
-    double norm2[WIDE_CHUNK];
-    const float *rows = j->qh.data + n * j->qh.stride[0] + h * j->qh.stride[1] + i0 * j->qh.stride[2];
-    mha__norms2(l->isa->f32, rows, j->qh.stride[2], 1, m, l->head_dim, norm2);
-    for (int64_t i = 0; i < m; i++) wide[i] = norm2[i] * bound > limit;
+    double keys = j->e->keys[n * j->kh.shape[1] + h / (j->qh.shape[1] / j->kh.shape[1])];
+    return mha__wide_rows(&j->p, &j->qh, n, h, i0, m, keys, wide);
 }
 
 /* Item n H + h: whether batch n has a wide row in head h. */
@@ -102,11 +97,8 @@ static void wide_heads(void *arg, int thread, int64_t begin, int64_t end)
     int64_t H = j->qh.shape[1], L = j->qh.shape[2];
     for (int64_t item = begin; item < end; item++) {
         bool any = false, wide[WIDE_CHUNK];
-        for (int64_t i0 = 0; i0 < L && !any; i0 += WIDE_CHUNK) {
-            int64_t m = mha__min64(WIDE_CHUNK, L - i0);
-            wide_rows(j, item / H, item % H, i0, m, wide);
-            for (int64_t i = 0; i < m; i++) any = any || wide[i];
-        }
+        for (int64_t i0 = 0; i0 < L && !any; i0 += WIDE_CHUNK)
+            any = wide_rows(j, item / H, item % H, i0, mha__min64(WIDE_CHUNK, L - i0), wide);
         j->e->wide[item] = any;
     }
 }
@@ -166,8 +158,10 @@ static mha_status project_wide_rows(mha_ctx *ctx, const mha_layer *l, const mha_
     int64_t N = r->N, H = l->desc.num_heads, G = l->desc.num_kv_heads, group = H / G;
     exact_buffers e;
     if (!exact_buffers_take(ctx, l, N, N * mha__max64(r->Lq, r->Lk), &e)) return MHA_ERR_INTERNAL;
-    wide_job j = {l, mha__layer_heads_view(l, qb->m.data, N, r->Lq, H),
-                  mha__layer_heads_view(l, kb->m.data, N, r->Tk, G), r->Lk, &e};
+    mha__attn_plan p = {.kt = l->isa->f32, .D = l->head_dim, .scale = mha__layer_scale(l)};
+    wide_job j = {
+        l,     p, mha__layer_heads_view(l, qb->m.data, N, r->Lq, H), mha__layer_heads_view(l, kb->m.data, N, r->Tk, G),
+        r->Lk, &e};
     /* Every head decides from the float32 projections before any changes. */
     int64_t floats = N * (r->Lk * G + r->Lq * H) * l->head_dim;
     run_pass(ctx, floats, N * G, key_norms, &j);
