@@ -13,6 +13,7 @@
 
 #include "attn/attention.h" /* MHA_DECODE_ROWS: where split-K may take over */
 #include "core/convert.h"
+#include "layer/layer.h" /* the wide pass's kept norms */
 #include "harness.h"
 #include "reference.h"
 
@@ -1318,23 +1319,47 @@ static void test_large_logit_layers(mha_ctx *ctx1, mha_ctx *ctx2)
  * taken here from the exact projections (no row lies near the bound), the
  * library's from its float32 ones.  Batch 0 must match itself projected
  * alone, and differ from the exact sums somewhere (float32 sums). */
-static void test_wide_rows_projected_exactly(mha_ctx *ctx)
-{
-    enum { E = 48, H = 2, D = E / H, N = 2, T = 20 };
+/* The layer and inputs of the wide rows' tests (above and below). */
+enum { WIDE_E = 48, WIDE_H = 2, WIDE_N = 2, WIDE_T = 20 };
+typedef struct wide_case {
+    float *w, *b, *wo, *x;
     double *w64, *b64, *wo64, *x64;
-    float *w = random_floats(3 * E * E, 1.0 / sqrt((double)E), &w64), *b = random_floats(3 * E, 0.5, &b64);
-    float *wo = random_floats(E * E, 0.1, &wo64), *x = random_floats(N * T * E, 1.0, &x64);
+    mha_layer *layer;
+} wide_case;
+
+static bool wide_case_make(wide_case *c)
+{
+    enum { E = WIDE_E, T = WIDE_T };
+    c->w = random_floats(3 * E * E, 1.0 / sqrt((double)E), &c->w64), c->b = random_floats(3 * E, 0.5, &c->b64);
+    c->wo = random_floats(E * E, 0.1, &c->wo64), c->x = random_floats(WIDE_N * T * E, 1.0, &c->x64);
     for (int64_t t = 0; t < T; t++)
-        for (int64_t c = 0; t == 5 || t == 6 || t == 13 ? c < E : false; c++) x[(T + t) * E + c] *= 30.0f;
+        for (int64_t col = 0; t == 5 || t == 6 || t == 13 ? col < E : false; col++) c->x[(T + t) * E + col] *= 30.0f;
     mha_layer_desc ld;
     mha_layer_desc_init(&ld);
-    ld.embed_dim = E, ld.num_heads = H, ld.out_bias = 0;
-    mha_layer *layer = NULL;
-    CHECK_OK(mha_layer_create(&ld, &layer));
-    if (!layer) return;
-    CHECK_OK(mha_layer_set_weight(layer, "in_proj_weight", w, 3 * E * E));
-    CHECK_OK(mha_layer_set_weight(layer, "in_proj_bias", b, 3 * E));
-    CHECK_OK(mha_layer_set_weight(layer, "out_proj.weight", wo, E * E));
+    ld.embed_dim = E, ld.num_heads = WIDE_H, ld.out_bias = 0;
+    c->layer = NULL;
+    CHECK_OK(mha_layer_create(&ld, &c->layer));
+    if (!c->layer) return false;
+    CHECK_OK(mha_layer_set_weight(c->layer, "in_proj_weight", c->w, 3 * E * E));
+    CHECK_OK(mha_layer_set_weight(c->layer, "in_proj_bias", c->b, 3 * E));
+    CHECK_OK(mha_layer_set_weight(c->layer, "out_proj.weight", c->wo, E * E));
+    return true;
+}
+
+static void wide_case_free(wide_case *c)
+{
+    mha_layer_free(c->layer);
+    free(c->w), free(c->w64), free(c->b), free(c->b64), free(c->wo), free(c->wo64), free(c->x), free(c->x64);
+}
+
+static void test_wide_rows_projected_exactly(mha_ctx *ctx)
+{
+    enum { E = WIDE_E, H = WIDE_H, D = E / H, N = WIDE_N, T = WIDE_T };
+    wide_case wc;
+    if (!wide_case_make(&wc)) return;
+    mha_layer *layer = wc.layer;
+    float *x = wc.x;
+    const double *w64 = wc.w64, *b64 = wc.b64;
     float q[N * H * T * D], k[N * H * T * D], v[N * H * T * D], q0[H * T * D], k0[H * T * D], v0[H * T * D];
     mha_tensor tx = mha_tensor_3d(x, N, T, E), tq = mha_tensor_4d(q, N, H, T, D), tk = mha_tensor_4d(k, N, H, T, D);
     mha_tensor tv = mha_tensor_4d(v, N, H, T, D);
@@ -1382,8 +1407,57 @@ static void test_wide_rows_projected_exactly(mha_ctx *ctx)
     CHECK(off == 0, "%lld projections of wide rows or their keys are not the exact sums rounded", (long long)off);
     CHECK(memcmp(q, q0, sizeof q0) == 0 && memcmp(k, k0, sizeof k0) == 0, "batch 0's projections depend on batch 1");
     CHECK(batch0_exact < H * T * D, "batch 0's Q is the exact sums: not float32 projections");
-    mha_layer_free(layer);
-    free(w), free(w64), free(b), free(b64), free(wo), free(wo64), free(x), free(x64);
+    wide_case_free(&wc);
+}
+
+/* The layer's forward hands the attention the norms its wide pass found
+ * (layer/wide.c), renewed for the rows summed again, instead of letting
+ * it read Q and K once more: the attention must decide as it would from
+ * its own norms.  The case above through mha_layer_forward, and through
+ * its stages with mha_attention (which finds its own), to the bit. */
+static void test_kept_norms_decide_as_the_attention(mha_ctx *ctx)
+{
+    enum { E = WIDE_E, H = WIDE_H, D = E / H, N = WIDE_N, T = WIDE_T };
+    wide_case wc;
+    if (!wide_case_make(&wc)) return;
+    float q[N * H * T * D], k[N * H * T * D], v[N * H * T * D], heads[N * H * T * D], staged[N * T * E];
+    float y[N * T * E];
+    mha_tensor tx = mha_tensor_3d(wc.x, N, T, E), ty = mha_tensor_3d(y, N, T, E), ts = mha_tensor_3d(staged, N, T, E);
+    mha_tensor tq = mha_tensor_4d(q, N, H, T, D), tk = mha_tensor_4d(k, N, H, T, D), tv = mha_tensor_4d(v, N, H, T, D);
+    mha_tensor th = mha_tensor_4d(heads, N, H, T, D);
+    mha_layer_fwd_args a;
+    mha_layer_fwd_args_init(&a);
+    a.query = a.key = a.value = tx;
+    a.causal = MHA_CAUSAL_BOTTOM_RIGHT; /* as mha_layer_decode_desc's */
+    CHECK_OK(mha_layer_forward(ctx, wc.layer, &ty, NULL, &a));
+    mha_attn_desc desc;
+    CHECK_OK(mha_layer_decode_desc(wc.layer, &desc));
+    CHECK_OK(mha_layer_decode_qkv(ctx, wc.layer, 0, &tx, &tq, &tk, &tv));
+    CHECK_OK(mha_attention(ctx, &th, NULL, &tq, &tk, &tv, &desc));
+    CHECK_OK(mha_layer_decode_output(ctx, wc.layer, &ts, &th));
+    CHECK(memcmp(y, staged, sizeof y) == 0, "the forward with the kept norms differs from its stages");
+    /* The kept norms themselves, against the rows the attention reads:
+     * stale ones (before the rows were summed again) differ in low bits,
+     * which only a row at the bound would show above. */
+    mha__layer_rows r = {N, T, T, T};
+    mha__batched xb = mha__layer_from_view(&tx);
+    double qn[N * H * T], kn[N * H], row[T];
+    mha__layer_norms keep = {qn, kn};
+    int64_t bytes = 0, off = 0;
+    CHECK(mha__layer_project_workspace(wc.layer, N, T, T, &bytes), "the projections' workspace");
+    CHECK_OK(mha__ws_reserve(ctx, bytes));
+    CHECK_OK(mha__layer_project_qkv(ctx, wc.layer, &r, &xb, &xb, &xb, q, k, v, &keep));
+    mha_tensor qh = mha__layer_heads_view(wc.layer, q, N, T, H), kh = mha__layer_heads_view(wc.layer, k, N, T, H);
+    const mha__kernels *kt = wc.layer->isa->f32;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t h = 0; h < H; h++) {
+            mha__norms2(kt, qh.data + n * qh.stride[0] + h * qh.stride[1], qh.stride[2], 1, T, D, row);
+            for (int64_t t = 0; t < T; t++) off += row[t] != qn[(n * H + h) * T + t];
+            off += kn[n * H + h] !=
+                   mha__rows_norm2_max(kt, kh.data + n * kh.stride[0] + h * kh.stride[1], kh.stride[2], 1, T, D);
+        }
+    CHECK(off == 0, "%lld kept norms are not those of the rows the attention reads", (long long)off);
+    wide_case_free(&wc);
 }
 
 static void test_block_sweep(mha_ctx *ctx1, mha_ctx *ctx2)
@@ -1790,6 +1864,7 @@ int main(int argc, char **argv)
     test_layer_sweep(ctx1, ctx2);
     test_large_logit_layers(ctx1, ctx2);
     test_wide_rows_projected_exactly(ctx2);
+    test_kept_norms_decide_as_the_attention(ctx2);
     test_block_sweep(ctx1, ctx2);
     test_reference_block_gradients_by_differences();
     test_padding_equals_attn_mask(ctx3);

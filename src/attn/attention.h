@@ -64,8 +64,9 @@ typedef struct mha__kv_view {
     const float *k_scale, *v_scale; /* I8 only */
     int64_t stride[3];
     int64_t scale_stride[2];
-    /* A cache's largest squared key norm of each (b, g), at b * Hkv + g
-     * (mha__keys_norm2_max); NULL: computed from float32 rows. */
+    /* The largest squared key norm of each (b, g), at b * Hkv + g
+     * (mha__keys_norm2_max), as a cache keeps it or the layer's wide pass
+     * found it; NULL: computed from float32 rows. */
     const double *k_norm2_max;
 } mha__kv_view;
 
@@ -258,9 +259,11 @@ double mha__keys_norm2_max(const mha__attn_plan *p, const mha__kv_view *rows, co
 
 /* wide[r] for query rows i0.. of head h (unscaled float32 rows of q)
  * against keys whose largest squared norm is k_norm2_max: whether the row
- * is refined whole (above); true if any is. */
-bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                    double k_norm2_max, bool *wide); /* rows <= MHA_REFINE_MAX_ROWS */
+ * is refined whole (above); true if any is.  q_norm2: all of q's rows'
+ * squared norms as mha__norms2 finds them, row (b, h, i) at (b * Hq + h) *
+ * L + i, when the caller has them; NULL: found here. */
+bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, const double *q_norm2, int64_t b, int64_t h,
+                    int64_t i0, int64_t rows, double k_norm2_max, bool *wide); /* rows <= MHA_REFINE_MAX_ROWS */
 
 /* f from key-major tile st (st[c * lds + r]) of raw float32 scores,
  * before the contract, for keys j0.. : a block's flag set where a visible
@@ -313,13 +316,15 @@ enum { MHA_DECODE_ROWS = 16 };
 
 /* out [B, Hq, L, Dv] (and lse [B, Hq, L], stats, if not NULL; stats only
  * with want_stats) from q [B, Hq, L, D] and kv, by the plan's driver;
- * shapes already validated.  Takes plan->workspace bytes of workspace. */
+ * shapes already validated.  q_norm2: q's rows' squared norms when the
+ * caller has them (mha__wide_rows), else NULL.  Takes plan->workspace
+ * bytes of workspace. */
 mha_status mha__attn_run(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *out, float *lse, mha__row_stats *stats,
-                         const mha_tensor *q, const mha__kv *kv);
+                         const mha_tensor *q, const double *q_norm2, const mha__kv *kv);
 
 /* The tiled forward (flash.c) and its workspace. */
 mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *plan, mha_tensor *out, float *lse,
-                             mha__row_stats *stats, const mha_tensor *q, const mha__kv *kv);
+                             mha__row_stats *stats, const mha_tensor *q, const double *q_norm2, const mha__kv *kv);
 bool mha__attn_forward_workspace(const mha__attn_plan *plan, const mha_ctx *ctx, int64_t *bytes);
 
 /* The split-K forward (decode.c) and its workspace: the plan's options

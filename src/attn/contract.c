@@ -210,17 +210,18 @@ double mha__keys_norm2_max(const mha__attn_plan *p, const mha__kv_view *rows, co
     return INFINITY;
 }
 
-bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                    double k_norm2_max, bool *wide)
+bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, const double *q_norm2, int64_t b, int64_t h,
+                    int64_t i0, int64_t rows, double k_norm2_max, bool *wide)
 {
     /* scale^2 |q|^2 max |k|^2 > T^2, in float64: no overflow, and the
      * same comparison in every pass.  NaN: not wide (the row is NaN). */
     double bound = (double)p->scale * p->scale * k_norm2_max, limit = MHA_REFINE_TERMS * MHA_REFINE_TERMS;
-    double norm2[MHA_REFINE_MAX_ROWS];
+    double found[MHA_REFINE_MAX_ROWS];
+    const double *norm2 = q_norm2 ? q_norm2 + (b * p->Hq + h) * p->L + i0 : found;
     bool any = false;
-    if (!p->bf16)
+    if (!p->bf16 && !q_norm2)
         mha__norms2(p->kt, q->data + b * q->stride[0] + h * q->stride[1] + i0 * q->stride[2], q->stride[2],
-                    q->stride[3], rows, p->D, norm2);
+                    q->stride[3], rows, p->D, found);
     for (int64_t r = 0; r < rows; r++) {
         wide[r] = !p->bf16 && norm2[r] * bound > limit;
         any = any || wide[r];

@@ -183,7 +183,7 @@ static void wide_range(void *arg, int thread, int64_t begin, int64_t end)
         int64_t b = bg / p->Hkv, g = bg % p->Hkv;
         double k_norm2_max = mha__keys_norm2_max(p, j->kv, NULL, b, g);
         for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
-            mha__wide_rows(p, j->q, b, h, 0, p->L, k_norm2_max, j->wide + (b * p->Hq + h) * p->L);
+            mha__wide_rows(p, j->q, NULL, b, h, 0, p->L, k_norm2_max, j->wide + (b * p->Hq + h) * p->L);
     }
 }
 

@@ -41,7 +41,8 @@ typedef struct flash_job {
     float *lse;
     mha__row_stats *stats;
     const mha_tensor *q;
-    const mha__kv *kv; /* float32 tensors, or a bf16/int8 cache's rows (kv->k.data NULL) */
+    const double *q_norm2; /* its rows' squared norms, or NULL (mha__wide_rows) */
+    const mha__kv *kv;     /* float32 tensors, or a bf16/int8 cache's rows (kv->k.data NULL) */
     char *scratch;
     int64_t scratch_stride, q_blocks;
 } flash_job;
@@ -256,7 +257,7 @@ static void wide_rows(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_
         t->k_norm2_max = mha__keys_norm2_max(p, &j->kv->rows, &j->kv->k, b, g);
         t->norms_of = b * p->Hkv + g;
     }
-    t->wide_any = mha__wide_rows(p, j->q, b, h, i0, rows, t->k_norm2_max, t->wide);
+    t->wide_any = mha__wide_rows(p, j->q, j->q_norm2, b, h, i0, rows, t->k_norm2_max, t->wide);
 }
 
 /* Each row's visible real keys, for the row contract in score_tile. */
@@ -404,8 +405,9 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *pr
 {
     int64_t br = p->block_rows, top = mha__ws_top(ctx);
     mha__kv kv = {.k = *k, .v = *k, .rows = {.dtype = MHA_DTYPE_F32}}; /* the keys only: no values are read */
-    probs_job pj = {
-        {p, p->kt, br, NULL, NULL, (mha__row_stats *)stats, q, &kv, NULL, 0, (p->L + br - 1) / br}, probs, average};
+    probs_job pj = {{p, p->kt, br, NULL, NULL, (mha__row_stats *)stats, q, NULL, &kv, NULL, 0, (p->L + br - 1) / br},
+                    probs,
+                    average};
     pj.f.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &pj.f.scratch_stride);
     if (!pj.f.scratch) return MHA_ERR_INTERNAL;
     forget_values(&pj.f, ctx);
@@ -415,10 +417,10 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *pr
 }
 
 mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse, mha__row_stats *stats,
-                             const mha_tensor *q, const mha__kv *kv)
+                             const mha_tensor *q, const double *q_norm2, const mha__kv *kv)
 {
     int64_t br = p->block_rows, top = mha__ws_top(ctx);
-    flash_job job = {p, p->kt, br, out, lse, stats, q, kv, NULL, 0, (p->L + br - 1) / br};
+    flash_job job = {p, p->kt, br, out, lse, stats, q, q_norm2, kv, NULL, 0, (p->L + br - 1) / br};
     job.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &job.scratch_stride);
     if (!job.scratch) return MHA_ERR_INTERNAL;
     forget_values(&job, ctx);

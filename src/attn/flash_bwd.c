@@ -338,7 +338,7 @@ static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int
         t->k_norm2_max = mha__keys_norm2_max(p, NULL, j->k, b, g);
         t->norms_of = b * p->Hkv + g;
     }
-    mha__wide_rows(p, j->q, b, h, i0, rows, t->k_norm2_max, t->wide);
+    mha__wide_rows(p, j->q, NULL, b, h, i0, rows, t->k_norm2_max, t->wide);
     mha__pack_columns(j->kt, t->qt, BQ, rows_at(j->q, b, h, i0), rows, p->D, p->scale);
     mha__pack_columns(j->kt, t->dot, BQ, rows_at(j->dout, b, h, i0), rows, p->Dv, 1.0f);
     if (!p->split) return;

@@ -88,9 +88,9 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__at
 }
 
 mha_status mha__attn_run(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *out, float *lse, mha__row_stats *stats,
-                         const mha_tensor *q, const mha__kv *kv)
+                         const mha_tensor *q, const double *q_norm2, const mha__kv *kv)
 {
     if (p->B * p->Hq * p->L == 0) return MHA_OK;
-    if (p->path == MHA__PATH_SPLIT_K) return mha__decode_attention(ctx, p, out, lse, q, &kv->rows);
-    return mha__attn_forward(ctx, p, out, lse, stats, q, kv);
+    if (p->path == MHA__PATH_SPLIT_K) return mha__decode_attention(ctx, p, out, lse, q, &kv->rows); /* a few rows */
+    return mha__attn_forward(ctx, p, out, lse, stats, q, q_norm2, kv);
 }

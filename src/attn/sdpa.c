@@ -125,7 +125,7 @@ static mha_status attention(mha_ctx *ctx, mha_tensor *out, float *lse, mha__row_
     if (st == MHA_OK) st = mha__ws_reserve(ctx, p.workspace);
     if (st != MHA_OK) return st;
     int64_t top = mha__ws_top(ctx);
-    st = mha__attn_run(ctx, &p, out, lse, stats, q, &kv);
+    st = mha__attn_run(ctx, &p, out, lse, stats, q, NULL, &kv);
     mha__ws_release(ctx, top);
     return st;
 }

@@ -76,7 +76,9 @@ typedef struct fwd_plan {
     bool stats;                  /* row max and sum are kept */
     bool weights;                /* attn_weights are asked for */
     bool staged;                 /* the output's columns are strided */
+    bool keep_norms;             /* the wide pass's norms go to the attention: no rotation between */
     int64_t nq, nk, nrow, n_out; /* floats: Q (and heads), K (and V), each statistic, the output */
+    int64_t n_norms;             /* doubles of the kept norms (mha__layer_norms) */
     int64_t buffers;             /* floats of Q, K, V, heads, statistics: workspace or tape */
     int64_t staging_at;          /* offset of the staging area in the workspace, or -1: Q's buffer */
     int64_t workspace;           /* bytes */
@@ -90,7 +92,9 @@ static mha_status plan_buffers(const mha_layer *l, bool tape, fwd_plan *f)
         !mha__mul(f->nk, l->kvdim, &f->nk) || !mha__mul(f->N * f->L, l->desc.num_heads, &f->nrow) ||
         !mha__mul(f->N * f->L, l->desc.embed_dim, &f->n_out) || !mha__add(f->nq, f->nk, &all) ||
         !mha__add(all, f->nk, &all) || !mha__add(all, f->separate_heads ? f->nq : 0, &all) ||
-        !mha__add(all, f->stats ? 2 * f->nrow : 0, &all) || !mha__add(all, f->n_out, &all) || all > INT64_MAX / 8)
+        !mha__add(all, f->stats ? 2 * f->nrow : 0, &all) || !mha__add(all, f->n_out, &all) || all > INT64_MAX / 8 ||
+        !mha__add(f->keep_norms ? f->nrow : 0, f->keep_norms ? f->N * l->desc.num_kv_heads : 0, &f->n_norms) ||
+        f->n_norms > INT64_MAX / 8)
         return mha__fail(MHA_ERR_INVALID_ARG, "the layer's workspace for %lld x %lld queries and %lld keys overflows",
                          (long long)f->N, (long long)f->L, (long long)f->S1);
     f->buffers = all - f->n_out;
@@ -127,6 +131,7 @@ static mha_status plan_forward(const mha_ctx *ctx, const mha_layer *l, const mha
     f->S1 = f->attn.S;
     /* The weights pass re-reads Q, and a strided output is staged. */
     f->separate_heads = tape || attn_weights || f->staged;
+    f->keep_norms = !l->bf16 && l->desc.rope.kind == MHA_ROPE_NONE;
     mha_status st = mha__attn_plan_check(&f->attn);
     if (st == MHA_OK) st = plan_buffers(l, tape, f);
     mha__attn_needs needs = {
@@ -137,16 +142,19 @@ static mha_status plan_forward(const mha_ctx *ctx, const mha_layer *l, const mha
     if (st != MHA_OK) return st;
     int64_t staging = f->staging_at >= 0 ? f->n_out : 0, floats = (tape ? 0 : f->buffers) + staging;
     if (!mha__ws_add(&own, floats * (int64_t)sizeof(float), "the layer's activations") ||
+        !mha__ws_add(&own, f->n_norms * (int64_t)sizeof(double), "the wide pass's norms") ||
         !mha__add(own, calls, &f->workspace))
         return mha__fail(MHA_ERR_INVALID_ARG, "the layer's workspace overflows");
     return MHA_OK;
 }
 
 /* Where a forward call keeps Q, K, V, the concatenated heads and the row
- * statistics, and where a strided attn_output is staged. */
+ * statistics, where a strided attn_output is staged, and the wide pass's
+ * norms (NULL when not kept). */
 typedef struct layer_buffers {
     float *q, *k, *v, *heads, *staging;
     mha__row_stats stats;
+    mha__layer_norms norms;
 } layer_buffers;
 
 static layer_buffers carve_buffers(const fwd_plan *f, float *base, float *staging)
@@ -179,6 +187,11 @@ static mha_status buffers_get(mha_ctx *ctx, const fwd_plan *f, mha_layer_tape *t
     float *ws = own ? mha__ws_take(ctx, own * (int64_t)sizeof(float)) : NULL;
     if (own && !ws) return MHA_ERR_INTERNAL;
     *b = carve_buffers(f, tape ? tape->base : ws, f->staging_at >= 0 ? ws + f->staging_at : NULL);
+    if (f->n_norms) {
+        b->norms.q = mha__ws_take(ctx, f->n_norms * (int64_t)sizeof(double));
+        if (!b->norms.q) return MHA_ERR_INTERNAL;
+        b->norms.k_max = b->norms.q + f->nrow;
+    }
     return MHA_OK;
 }
 
@@ -258,13 +271,18 @@ static mha_status run_forward(mha_ctx *ctx, const mha_layer *l, const fwd_plan *
     mha__layer_rows rows = {N, f->L, f->S, f->S1};
     mha__batched x_q = mha__layer_from_view(&a->query), x_k = mha__layer_from_view(&a->key);
     mha__batched x_v = mha__layer_from_view(&a->value);
-    if ((st = mha__layer_project_qkv(ctx, l, &rows, &x_q, &x_k, &x_v, buf.q, buf.k, buf.v)) != MHA_OK) return st;
+    /* The appended keys first: the wide pass's key norms take in every key
+     * the attention sees, as its own would. */
     append_extra_keys(l, buf.k, buf.v, N, f->S, f->S1);
+    mha__layer_norms *keep = f->keep_norms ? &buf.norms : NULL;
+    if ((st = mha__layer_project_qkv(ctx, l, &rows, &x_q, &x_k, &x_v, buf.q, buf.k, buf.v, keep)) != MHA_OK) return st;
     mha_tensor qh = mha__layer_heads_view(l, buf.q, N, f->L, H), kh = mha__layer_heads_view(l, buf.k, N, f->S1, G);
     mha_tensor vh = mha__layer_heads_view(l, buf.v, N, f->S1, G), oh = mha__layer_heads_view(l, buf.heads, N, f->L, H);
     if ((st = mha__layer_rotate(ctx, l, &qh, &kh, a->position, false)) != MHA_OK) return st;
     mha__kv kv = mha__kv_from_tensors(&kh, &vh);
-    if ((st = mha__attn_run(ctx, &f->attn, &oh, NULL, f->stats ? &buf.stats : NULL, &qh, &kv)) != MHA_OK) return st;
+    kv.rows.k_norm2_max = buf.norms.k_max; /* NULL: the attention finds its own */
+    if ((st = mha__attn_run(ctx, &f->attn, &oh, NULL, f->stats ? &buf.stats : NULL, &qh, buf.norms.q, &kv)) != MHA_OK)
+        return st;
     if (attn_weights &&
         (st = mha__attn_probs(ctx, &f->attn, attn_weights, a->average_attn_weights, &buf.stats, &qh, &kh)) != MHA_OK)
         return st;

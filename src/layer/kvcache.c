@@ -409,7 +409,7 @@ static mha_status project_new_rows(mha_ctx *ctx, const mha_layer *l, const mha_t
     int64_t N = x->shape[0], n = x->shape[1];
     mha__layer_rows rows = {N, n, n, n};
     mha__batched xb = mha__layer_from_view(x);
-    mha_status st = mha__layer_project_qkv(ctx, l, &rows, &xb, &xb, &xb, q, k, v);
+    mha_status st = mha__layer_project_qkv(ctx, l, &rows, &xb, &xb, &xb, q, k, v, NULL);
     mha_tensor qh = mha__layer_heads_view(l, q, N, n, l->desc.num_heads);
     mha_tensor kh = mha__layer_heads_view(l, k, N, n, l->desc.num_kv_heads);
     return st == MHA_OK ? mha__layer_rotate(ctx, l, &qh, &kh, position, false) : st;
@@ -427,7 +427,7 @@ static mha_status run_decode(mha_ctx *ctx, const mha_layer *l, const decode_plan
     mha_status st = project_new_rows(ctx, l, x, c->length, q, k, v);
     if (st == MHA_OK) st = mha_kv_cache_append(c, &kh, &vh); /* K after rotation, as the cache keeps it */
     mha__kv kv = cache_kv(c, c->length);
-    if (st == MHA_OK) st = mha__attn_run(ctx, &p->attn, &oh, NULL, NULL, &qh, &kv);
+    if (st == MHA_OK) st = mha__attn_run(ctx, &p->attn, &oh, NULL, NULL, &qh, NULL, &kv);
     if (st == MHA_OK) st = mha__layer_project_output(ctx, l, N, n, heads, out, NULL);
     return st;
 }
@@ -573,7 +573,7 @@ mha_status mha_kv_cache_attention_lse(mha_ctx *ctx, const mha_kv_cache *c, mha_t
     if (st != MHA_OK) return st;
     int64_t top = mha__ws_top(ctx);
     mha__kv kv = cache_kv(c, c->length);
-    st = mha__attn_run(ctx, &p, out, lse, NULL, q, &kv);
+    st = mha__attn_run(ctx, &p, out, lse, NULL, q, NULL, &kv);
     mha__ws_release(ctx, top);
     return st;
 }

@@ -140,23 +140,36 @@ void mha__named_storage(const mha_layer *l, const mha__named *t, float **value, 
 
 /* The rows a call projects: N batches of Lq query rows and Lk key/value
  * rows, the K and V buffers holding Tk >= Lk rows per batch (appended
- * keys follow). */
+ * keys follow, written before the projections). */
 typedef struct mha__layer_rows {
     int64_t N, Lq, Lk, Tk;
 } mha__layer_rows;
 
+/* The norms the wide pass found, kept for the attention so it need not
+ * read Q and K again for its own decision (mha__wide_rows): each query
+ * row's squared norm, q [N][H][Lq], and each batch and kv head's largest
+ * squared key norm over its Tk keys, k_max [N][G], of Q and K as they
+ * leave the pass.  Valid for the attention only while Q and K stay as
+ * they are: not across a rotation. */
+typedef struct mha__layer_norms {
+    double *q, *k_max;
+} mha__layer_norms;
+
 /* Q, K, V = x W^T + b into the activation buffers q, k, v; the wide
  * rows' Q (logits that may be large) and their keys' K summed exactly
- * (pipeline.c).  INTERNAL (the plan reserved
- * mha__layer_project_workspace). */
+ * (pipeline.c); their norms left in `keep` unless it is NULL.  INTERNAL
+ * (the plan reserved mha__layer_project_workspace). */
 mha_status mha__layer_project_qkv(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
-                                  const mha__batched *x_k, const mha__batched *x_v, float *q, float *k, float *v);
+                                  const mha__batched *x_k, const mha__batched *x_v, float *q, float *k, float *v,
+                                  mha__layer_norms *keep);
 /* After the float32 Q and K (activation buffers qb, kb), the rows the
  * attention will refine whole (wide) and their keys summed exactly again
- * (wide.c); nothing for bf16 layers.  INTERNAL (the plan reserved
+ * (wide.c), the norms it found left in `keep` unless it is NULL; nothing
+ * for bf16 layers.  INTERNAL (the plan reserved
  * mha__layer_project_wide_workspace). */
 mha_status mha__layer_project_wide(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
-                                   const mha__batched *x_k, const mha__batched *qb, const mha__batched *kb);
+                                   const mha__batched *x_k, const mha__batched *qb, const mha__batched *kb,
+                                   mha__layer_norms *keep);
 bool mha__layer_project_wide_workspace(const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk, int64_t *bytes);
 /* The workspace of the four projections of N Lq query rows and N Lk
  * key rows (bf16 only: the rounded inputs). */

@@ -99,7 +99,8 @@ static bool project_shared(mha_ctx *ctx, const mha_layer *l, const mha__layer_ro
 }
 
 mha_status mha__layer_project_qkv(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
-                                  const mha__batched *x_k, const mha__batched *x_v, float *q, float *k, float *v)
+                                  const mha__batched *x_k, const mha__batched *x_v, float *q, float *k, float *v,
+                                  mha__layer_norms *keep)
 {
     int64_t H = l->desc.num_heads, G = l->desc.num_kv_heads;
     mha__batched qb = mha__layer_activations(l, q, r->N, r->Lq, H), kb = mha__layer_activations(l, k, r->N, r->Tk, G);
@@ -110,7 +111,7 @@ mha_status mha__layer_project_qkv(mha_ctx *ctx, const mha_layer *l, const mha__l
         (st = mha__layer_project(ctx, l, r->N, r->Lq, x_q, MAT_Q, mha__layer_in_bias(l, MAT_Q), &qb)) == MHA_OK &&
         (st = mha__layer_project(ctx, l, r->N, r->Lk, x_k, MAT_K, mha__layer_in_bias(l, MAT_K), &kb)) == MHA_OK)
         st = mha__layer_project(ctx, l, r->N, r->Lk, x_v, MAT_V, mha__layer_in_bias(l, MAT_V), &vb);
-    return st == MHA_OK ? mha__layer_project_wide(ctx, l, r, x_q, x_k, &qb, &kb) : st;
+    return st == MHA_OK ? mha__layer_project_wide(ctx, l, r, x_q, x_k, &qb, &kb, keep) : st;
 }
 
 mha_status mha__layer_rotate(mha_ctx *ctx, const mha_layer *l, const mha_tensor *q, const mha_tensor *k,

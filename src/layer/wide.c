@@ -26,11 +26,13 @@
 #include "layer/layer.h"
 
 /* The pass's buffers: the largest key norm of each batch and kv head,
- * whether each batch and query head has a wide row, and the offsets of
- * the rows of one head's call. */
+ * each query row's norm (when the caller keeps them), whether each batch
+ * and query head has a wide row, and the offsets of the rows of one
+ * head's call. */
 typedef struct exact_buffers {
-    double *keys; /* [N][G] */
-    bool *wide;   /* [N][H] */
+    double *keys;    /* [N][G] */
+    double *queries; /* [N][H][Lq], or NULL: found a chunk at a time */
+    bool *wide;      /* [N][H] */
     int64_t *x_at, *y_at;
 } exact_buffers;
 
@@ -46,11 +48,14 @@ bool mha__layer_project_wide_workspace(const mha_layer *l, int64_t N, int64_t Lq
             mha__ws_add(bytes, wide, "the wide heads"));
 }
 
-static bool exact_buffers_take(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t rows, exact_buffers *e)
+/* The buffers, from the workspace but for the norms a caller keeps. */
+static bool exact_buffers_take(mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t rows, mha__layer_norms *keep,
+                               exact_buffers *e)
 {
     e->x_at = mha__ws_take(ctx, 2 * rows * (int64_t)sizeof(int64_t));
     e->y_at = e->x_at ? e->x_at + rows : NULL;
-    e->keys = mha__ws_take(ctx, N * l->desc.num_kv_heads * (int64_t)sizeof(double));
+    e->keys = keep ? keep->k_max : mha__ws_take(ctx, N * l->desc.num_kv_heads * (int64_t)sizeof(double));
+    e->queries = keep ? keep->q : NULL;
     e->wide = mha__ws_take(ctx, N * l->desc.num_heads * (int64_t)sizeof(bool));
     return e->x_at && e->keys && e->wide;
 }
@@ -60,22 +65,33 @@ static bool exact_buffers_take(mha_ctx *ctx, const mha_layer *l, int64_t N, int6
 typedef struct wide_job {
     const mha_layer *l;
     mha__attn_plan p;
-    mha_tensor qh, kh; /* the projections as attention reads them */
-    int64_t Lk;        /* key rows projected (kh holds appended ones after) */
+    mha_tensor qh, kh; /* the projections as attention reads them, with any appended keys */
     exact_buffers *e;
 } wide_job;
 
-/* Item n G + g: batch n's largest key norm of kv head g. */
+/* Batch n's largest key norm of kv head g, over every key the attention
+ * will see. */
+static void key_norm(const wide_job *j, int64_t n, int64_t g)
+{
+    const float *rows = j->kh.data + n * j->kh.stride[0] + g * j->kh.stride[1];
+    j->e->keys[n * j->kh.shape[1] + g] =
+        mha__rows_norm2_max(j->l->isa->f32, rows, j->kh.stride[2], 1, j->kh.shape[2], j->l->head_dim);
+}
+
+/* Item n G + g: key_norm(n, g). */
 static void key_norms(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const wide_job *j = arg;
-    int64_t G = j->kh.shape[1];
-    for (int64_t item = begin; item < end; item++) {
-        int64_t n = item / G, g = item % G;
-        const float *rows = j->kh.data + n * j->kh.stride[0] + g * j->kh.stride[1];
-        j->e->keys[item] = mha__rows_norm2_max(j->l->isa->f32, rows, j->kh.stride[2], 1, j->Lk, j->l->head_dim);
-    }
+    for (int64_t item = begin; item < end; item++) key_norm(j, item / j->kh.shape[1], item % j->kh.shape[1]);
+}
+
+/* Batch n's query rows of head h, their norms kept. */
+static void query_norms(const wide_job *j, int64_t n, int64_t h)
+{
+    int64_t H = j->qh.shape[1], L = j->qh.shape[2];
+    mha__norms2(j->l->isa->f32, j->qh.data + n * j->qh.stride[0] + h * j->qh.stride[1], j->qh.stride[2], 1, L,
+                j->l->head_dim, j->e->queries + (n * H + h) * L);
 }
 
 enum { WIDE_CHUNK = 64 }; /* query rows whose norms are taken at once */
@@ -86,16 +102,18 @@ enum { WIDE_CHUNK = 64 }; /* query rows whose norms are taken at once */
 static bool wide_rows(const wide_job *j, int64_t n, int64_t h, int64_t i0, int64_t m, bool *wide)
 {
     double keys = j->e->keys[n * j->kh.shape[1] + h / (j->qh.shape[1] / j->kh.shape[1])];
-    return mha__wide_rows(&j->p, &j->qh, n, h, i0, m, keys, wide);
+    return mha__wide_rows(&j->p, &j->qh, j->e->queries, n, h, i0, m, keys, wide);
 }
 
-/* Item n H + h: whether batch n has a wide row in head h. */
+/* Item n H + h: whether batch n has a wide row in head h (its rows'
+ * norms kept first, if they are). */
 static void wide_heads(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const wide_job *j = arg;
     int64_t H = j->qh.shape[1], L = j->qh.shape[2];
     for (int64_t item = begin; item < end; item++) {
+        if (j->e->queries) query_norms(j, item / H, item % H);
         bool any = false, wide[WIDE_CHUNK];
         for (int64_t i0 = 0; i0 < L && !any; i0 += WIDE_CHUNK)
             any = wide_rows(j, item / H, item % H, i0, mha__min64(WIDE_CHUNK, L - i0), wide);
@@ -152,39 +170,63 @@ static void project_wide_queries(mha_ctx *ctx, const wide_job *j, const mha__bat
     if (count) project_listed(ctx, j->l, x_q, MAT_Q, h, j->e, count, qb);
 }
 
+/* Whether batch n's keys of kv head g are summed again: one of the
+ * group's heads has a wide row there. */
+static bool keys_wide(const wide_job *j, int64_t n, int64_t g)
+{
+    int64_t H = j->qh.shape[1], group = H / j->kh.shape[1];
+    bool any = false;
+    for (int64_t h = g * group; h < (g + 1) * group; h++) any = any || j->e->wide[n * H + h];
+    return any;
+}
+
+/* The kept norms of the rows summed again, found again: as the attention
+ * would find them from what it reads. */
+static void renew_norms(const wide_job *j)
+{
+    int64_t N = j->qh.shape[0], H = j->qh.shape[1], G = j->kh.shape[1];
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t h = 0; h < H; h++)
+            if (j->e->wide[n * H + h]) query_norms(j, n, h);
+        for (int64_t g = 0; g < G; g++)
+            if (keys_wide(j, n, g)) key_norm(j, n, g);
+    }
+}
+
 static mha_status project_wide_rows(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
-                                    const mha__batched *x_k, const mha__batched *qb, const mha__batched *kb)
+                                    const mha__batched *x_k, const mha__batched *qb, const mha__batched *kb,
+                                    mha__layer_norms *keep)
 {
     int64_t N = r->N, H = l->desc.num_heads, G = l->desc.num_kv_heads, group = H / G;
     exact_buffers e;
-    if (!exact_buffers_take(ctx, l, N, N * mha__max64(r->Lq, r->Lk), &e)) return MHA_ERR_INTERNAL;
-    mha__attn_plan p = {.kt = l->isa->f32, .D = l->head_dim, .scale = mha__layer_scale(l)};
-    wide_job j = {
-        l,     p, mha__layer_heads_view(l, qb->m.data, N, r->Lq, H), mha__layer_heads_view(l, kb->m.data, N, r->Tk, G),
-        r->Lk, &e};
+    if (!exact_buffers_take(ctx, l, N, N * mha__max64(r->Lq, r->Lk), keep, &e)) return MHA_ERR_INTERNAL;
+    /* What mha__wide_rows reads of the attention's plan. */
+    mha__attn_plan p = {.Hq = H, .L = r->Lq, .kt = l->isa->f32, .D = l->head_dim, .scale = mha__layer_scale(l)};
+    wide_job j = {l, p, mha__layer_heads_view(l, qb->m.data, N, r->Lq, H),
+                  mha__layer_heads_view(l, kb->m.data, N, r->Tk, G), &e};
     /* Every head decides from the float32 projections before any changes. */
-    int64_t floats = N * (r->Lk * G + r->Lq * H) * l->head_dim;
+    int64_t floats = N * (r->Tk * G + r->Lq * H) * l->head_dim;
     run_pass(ctx, floats, N * G, key_norms, &j);
     run_pass(ctx, floats, N * H, wide_heads, &j);
     for (int64_t g = 0; g < G; g++) {
         for (int64_t h = g * group; h < (g + 1) * group; h++) project_wide_queries(ctx, &j, x_q, qb, h);
         int64_t count = 0; /* then the keys of every batch where one of them has a wide row */
-        for (int64_t n = 0; n < N; n++) {
-            bool any = false;
-            for (int64_t h = g * group; h < (g + 1) * group; h++) any = any || e.wide[n * H + h];
-            for (int64_t i = 0; any && i < r->Lk; i++) list_row(x_k, kb, n, i, &e, &count);
-        }
+        for (int64_t n = 0; n < N; n++)
+            if (keys_wide(&j, n, g))
+                for (int64_t i = 0; i < r->Lk; i++) list_row(x_k, kb, n, i, &e, &count);
         if (count) project_listed(ctx, l, x_k, MAT_K, g, &e, count, kb);
     }
+    if (keep) renew_norms(&j);
     return MHA_OK;
 }
 
 mha_status mha__layer_project_wide(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
-                                   const mha__batched *x_k, const mha__batched *qb, const mha__batched *kb)
+                                   const mha__batched *x_k, const mha__batched *qb, const mha__batched *kb,
+                                   mha__layer_norms *keep)
 {
     if (l->bf16) return MHA_OK;
     int64_t top = mha__ws_top(ctx);
-    mha_status st = project_wide_rows(ctx, l, r, x_q, x_k, qb, kb);
+    mha_status st = project_wide_rows(ctx, l, r, x_q, x_k, qb, kb, keep);
     mha__ws_release(ctx, top);
     return st;
 }
