@@ -22,6 +22,9 @@
  * multiplies their error), and so do bf16 layers (their rounding is far
  * larger).  A decoding step decides from its new rows alone, as its
  * stages (mha_layer_decode_qkv) must, having no cache: the same bits.
+ * The forward keeps the norms that decided (mha__layer_norms), those of
+ * the rows summed again found again, and hands them to the attention,
+ * which would otherwise read Q and K once more for the same decision.
  */
 #include "layer/layer.h"
 
