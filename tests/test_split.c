@@ -141,8 +141,8 @@ static void test_unit_pairs(const mha__bf16_kernels *bk)
 /* gemm_split's three ways with C, on 2 row pairs of A read a_run values
  * apart (one block of k more than the product uses) and a pair of B's
  * column tiles: the store and the sum from zero the same bits, within
- * float32's bound of the parts' exact product; the transposed sum the
- * same bits as the plain one, transposed. */
+ * float32's bound of the parts' exact product; the scaled sum C * s + X
+ * with each column's s, multiplied and added as two roundings. */
 static void test_gemm_modes(const mha__bf16_kernels *bk)
 {
     enum { KB = 3, PAIRS = 2, ROWS = 32 * PAIRS, LDC = 80 };
@@ -157,13 +157,12 @@ static void test_gemm_modes(const mha__bf16_kernels *bk)
         for (int64_t kb = 0; kb < KB; kb++)
             bk->split_pairs_tile(w + kb * 32 * 32 + t * 16, 32, 32, 16, b + t * run + kb * 3 * MHA_SPLIT_TILE);
     float *stored = malloc(sizeof(float) * ROWS * LDC), *added = malloc(sizeof(float) * ROWS * LDC);
-    float *c0 = random_floats(ROWS * LDC, 1.0f), *turned = malloc(sizeof(float) * 32 * LDC * 2);
-    for (int64_t i = 0; i < ROWS * LDC; i++) stored[i] = NAN, added[i] = c0[i];
-    for (int64_t i = 0; i < 32; i++) /* C^T for the transposed sum: turned[j][i] = c0[i][j] */
-        for (int64_t j = 0; j < ROWS; j++) turned[i * 2 * LDC + j] = c0[j * LDC + i];
-    bk->gemm_split(PAIRS, KB, a, a_run, b, stored, LDC, MHA_SPLIT_STORE);
-    bk->gemm_split(PAIRS, KB, a, a_run, b, added, LDC, MHA_SPLIT_ADD);
-    bk->gemm_split(PAIRS, KB, a, a_run, b, turned, 2 * LDC, MHA_SPLIT_ADD_TRANSPOSED);
+    float *c0 = random_floats(ROWS * LDC, 1.0f), *scaled = malloc(sizeof(float) * ROWS * LDC);
+    float *s = random_floats(32, 1.0f);
+    for (int64_t i = 0; i < ROWS * LDC; i++) stored[i] = NAN, added[i] = scaled[i] = c0[i];
+    bk->gemm_split(PAIRS, KB, a, a_run, b, stored, LDC, MHA_SPLIT_STORE, NULL);
+    bk->gemm_split(PAIRS, KB, a, a_run, b, added, LDC, MHA_SPLIT_ADD, NULL);
+    bk->gemm_split(PAIRS, KB, a, a_run, b, scaled, LDC, MHA_SPLIT_SCALE_ADD, s);
     bk->split_release();
     int bad = 0;
     for (int64_t i = 0; i < ROWS; i++)
@@ -175,15 +174,18 @@ static void test_gemm_modes(const mha__bf16_kernels *bk)
                                        ((k % 32) / 2) * 32 + 2 * (j % 16) + k % 2);
                 want += xa * wb, mag += fabs(xa * wb);
             }
-            float s = stored[i * LDC + j], sum = added[i * LDC + j] - c0[i * LDC + j];
-            bad += !(fabs(s - want) <= (32 * KB + 2) * FLT_EPSILON * mag);
-            bad += memcmp(&added[i * LDC + j], &(float){c0[i * LDC + j] + s}, sizeof(float)) != 0 && !isnan(sum);
-            bad += memcmp(&turned[j * 2 * LDC + i], &added[i * LDC + j], sizeof(float)) != 0;
+            float x_ij = stored[i * LDC + j], sum = added[i * LDC + j] - c0[i * LDC + j];
+            float rescaled = c0[i * LDC + j] * s[j];
+            bad += !(fabs(x_ij - want) <= (32 * KB + 2) * FLT_EPSILON * mag);
+            bad += memcmp(&added[i * LDC + j], &(float){c0[i * LDC + j] + x_ij}, sizeof(float)) != 0 && !isnan(sum);
+            bad += memcmp(&scaled[i * LDC + j], &(float){rescaled + x_ij}, sizeof(float)) != 0;
         }
     for (int64_t i = 0; i < ROWS; i++) /* columns past 32 untouched */
-        for (int64_t j = 32; j < LDC; j++) bad += !isnan(stored[i * LDC + j]) || added[i * LDC + j] != c0[i * LDC + j];
-    CHECK(bad == 0, "%s gemm_split's store, sum and transposed sum: %d outputs wrong", bk->name, bad);
-    void *owned[] = {a, b, x, w, stored, added, c0, turned};
+        for (int64_t j = 32; j < LDC; j++)
+            bad += !isnan(stored[i * LDC + j]) || added[i * LDC + j] != c0[i * LDC + j] ||
+                   scaled[i * LDC + j] != c0[i * LDC + j];
+    CHECK(bad == 0, "%s gemm_split's store, sum and scaled sum: %d outputs wrong", bk->name, bad);
+    void *owned[] = {a, b, x, w, stored, added, c0, scaled, s};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
 }
 

@@ -106,12 +106,12 @@ static void score_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64
 
 /* O = O * scale + P V for keys [j0, j0+cols), in the plan's dtype.  A
  * whole tile of V read in place may come from the value-tile cache
- * (products.h). */
+ * (products.h).  Products that keep O^T rescale it themselves. */
 static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t rows, int64_t j0,
                               int64_t cols)
 {
     const mha__attn_plan *p = j->p;
-    for (int64_t r = 0; r < rows; r++)
+    for (int64_t r = 0; r < rows && !p->products->o_transposed; r++)
         if (t->scale[r] != 1.0f) {
             j->kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
             if (p->bf16) t->p16_sum[r] *= t->scale[r]; /* a power of two: exact */
@@ -209,11 +209,21 @@ static void key_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t
     accumulate_values(j, t, b, h, rows, j0, cols);
 }
 
+/* The item's unnormalised output as rows [rows][Dv]: t->o, or O^T turned
+ * into t->vt (free once the item's last key tile is done). */
+static float *output_rows(const flash_job *j, const tiles *t, int64_t rows)
+{
+    const mha__attn_plan *p = j->p;
+    if (!p->products->o_transposed) return t->o;
+    j->kt->transpose_scaled(t->vt, p->Dv, t->o, BR, p->Dv, rows, 1.0f);
+    return t->vt;
+}
+
 static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
     const mha_tensor *out = j->out;
-    float factor[BR], unchanged[BR];
+    float factor[BR], unchanged[BR], *o_rows = output_rows(j, t, rows);
     step_factors(j, t->max, t->max, rows, factor, unchanged);
     for (int64_t r = 0; r < rows; r++) {
         float *dst = out->data + b * out->stride[0] + h * out->stride[1] + (i0 + r) * out->stride[2];
@@ -221,7 +231,7 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
          * saw a NaN score (output NaN, as a plain softmax gives). */
         float l = t->sum[r];
         bool seen = l > 0 || isnan(l);
-        float *o = t->o + r * p->Dv;
+        float *o = o_rows + r * p->Dv;
         /* bf16 products weigh the values by the probabilities rounded, so
          * O is divided by their sum: a row that sees one key gets its
          * value (to the division's rounding), as a plain bf16 model's
@@ -280,7 +290,9 @@ static void flash_item(const flash_job *j, tiles *t, int64_t item)
         t->sum[r] = 0.0f;
         if (p->bf16) t->p16_sum[r] = 0.0f;
     }
-    memset(t->o, 0, (size_t)(rows * p->Dv) * sizeof(float));
+    if (p->products->o_transposed)
+        for (int64_t d = 0; d < p->Dv; d++) memset(t->o + d * BR, 0, (size_t)rows * sizeof(float));
+    else memset(t->o, 0, (size_t)(rows * p->Dv) * sizeof(float));
     pack_queries(j, b, h, i0, rows, t);
     wide_rows(j, t, b, h, i0, rows);
     bool biased = p->softcap > 0 || mha__plan_has_bias(p); /* any score needs more than the GEMM */

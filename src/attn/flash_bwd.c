@@ -313,7 +313,7 @@ static bool split_scores(const bwd_job *j, const bwd_tiles *t, int64_t slot, boo
     const uint16_t *a = slot_tiles(j, t, slot, values), *columns = values ? t->dos : t->qs;
     for (int64_t r = 0; r < rows; r += PAIR)
         p->bk->gemm_split((cols + PAIR - 1) / PAIR, kb, a, run, columns + r / SPLIT_ROWS * run, dst + r, BQ,
-                          MHA_SPLIT_STORE);
+                          MHA_SPLIT_STORE, NULL);
     return true;
 }
 

@@ -35,7 +35,7 @@ typedef struct mha__tiles {
     float *vp;                /* [Dv / nr][BC][nr]  the value tile in the micro-kernel's column panels */
     float *kq;                /* [BC][D]   the key tile, when K's rows are a bf16 or int8 cache's */
     float *st;                /* [BC][LDS] scores, then probabilities, key-major */
-    float *o;                 /* [BR][Dv]  unnormalised output */
+    float *o;                 /* [BR][Dv]  unnormalised output; O^T, [Dv][BR], for products that keep it so */
     float *max, *sum, *scale; /* [BR] */
     uint16_t *k16;            /* bf16 only: [BC][D even]  the key tile, rounded */
     uint16_t *p16;            /* bf16 only: [BR][BC even]  probabilities, a row of keys per query, rounded */
@@ -103,12 +103,18 @@ typedef struct mha__products {
     /* t->o += P V for keys [0, cols) at v, P key-major in t->st, each
      * row's probabilities past t->reach being 0 (so not read); `tile`:
      * which key tile of its kv head v is (keys tile BC onward, read in
-     * place), or -1 (any other rows: never cached). */
+     * place), or -1 (any other rows: never cached).  With o_transposed,
+     * t->o = t->o * t->scale (each row's rescale, which the driver does
+     * itself otherwise) + P V, on O^T. */
     void (*values)(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, int64_t tile,
                    const mha__tiles *t);
     /* A thread's run of items is done: gives back what the products hold
      * across calls (AMX's tile state); NULL: nothing. */
     void (*release)(const mha__attn_plan *p);
+    /* t->o holds O^T, [Dv][MHA__BR]: the split products add P V as their
+     * tiles make it, V^T P^T, with no transpose a key tile, and fold each
+     * row's rescale into that add (products_split.c). */
+    bool o_transposed;
 } mha__products;
 
 extern const mha__products mha__products_f32;

@@ -7,11 +7,14 @@
  *   scores  S^T = K (scale Q)^T: K's tile split into A's row tiles of 16
  *           keys, (scale Q)^T into B's column tiles of 16 queries once
  *           per item, the products stored straight into the score tile;
- *   values  O += P V, computed as O^T += V^T P^T and added to O
- *           transposed (kernels.h): V's tile split into A's row tiles of
- *           V^T (16 of its columns), P into B's column tiles of 16
- *           queries straight from the key-major score tile, where 32 keys
- *           are already pairs down a query's column: no transpose of P.
+ *   values  O^T = O^T * scale + V^T P^T (kernels.h's MHA_SPLIT_SCALE_ADD):
+ *           V's tile split into A's row tiles of V^T (16 of its
+ *           columns), P into B's column tiles of 16 queries straight from
+ *           the key-major score tile, where 32 keys are already pairs
+ *           down a query's column: no transpose of P.  The item keeps O
+ *           transposed (o_transposed, products.h), so no key tile
+ *           transposes its product either, and each row's rescale rides
+ *           on the add; the driver turns O^T back once an item.
  *
  * Against the float32 table at N = 2048, d = 64 (Sapphire Rapids, two
  * threads): the core 1.07-1.13x, the layer 1.11x; at N = 8192 the core
@@ -69,7 +72,7 @@ static void pack_queries_split(const mha__attn_plan *p, mha__strided q, int64_t 
      * nothing uninitialised is read. */
     int64_t padded = (rows + PAIR - 1) / PAIR * PAIR;
     *t->qs_finite = mha__split_tiles(p->bk, true, t->qt, MHA__BR, padded / SPLIT_ROWS, rows, p->D, t->qs);
-    memset(t->o + rows * p->Dv, 0, (size_t)((padded - rows) * p->Dv) * sizeof(float));
+    for (int64_t d = 0; d < p->Dv; d++) memset(t->o + d * MHA__BR + rows, 0, (size_t)(padded - rows) * sizeof(float));
 }
 
 /* Where key tile `tile` (values: its value tile) goes split: its slot
@@ -124,7 +127,8 @@ static void scores_split(const mha__attn_plan *p, mha__strided k, int64_t rows, 
         int64_t n = rows - r < PAIR ? rows - r : PAIR;
         int64_t seen = (mha__strip_reach(t, r, n) + PAIR - 1) / PAIR;
         float *s = t->st + r;
-        if (seen) p->bk->gemm_split(seen, kb, a, run, t->qs + (r / SPLIT_ROWS) * run, s, MHA__LDS, MHA_SPLIT_STORE);
+        if (seen)
+            p->bk->gemm_split(seen, kb, a, run, t->qs + (r / SPLIT_ROWS) * run, s, MHA__LDS, MHA_SPLIT_STORE, NULL);
         for (int64_t c = seen * PAIR; c < pairs * PAIR; c++) memset(s + c * MHA__LDS, 0, PAIR * sizeof(float));
     }
 }
@@ -160,16 +164,33 @@ static bool probabilities_finite(const mha__tiles *t, int64_t rows)
     return finite;
 }
 
-/* O += P V as O^T += V^T P^T, added to O transposed: V^T's row tiles
- * against a pair of P^T's column tiles (32 queries: 32 keys of the
- * key-major score tile a block, as pairs down their columns, no
- * transpose). */
+/* The float32 table's P V on O^T: turned into rows in t->vt (free: V is
+ * read in place), rescaled there as the driver rescales rows, added to,
+ * turned back.  For a tile or P with a value that is not finite. */
+static void values_by_f32(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, int64_t tile,
+                          const mha__tiles *t)
+{
+    _Static_assert(MHA__BC >= MHA__BR, "t->vt must hold O's rows");
+    mha__tiles rowwise = *t;
+    rowwise.o = t->vt;
+    p->kt->transpose_scaled(rowwise.o, p->Dv, t->o, MHA__BR, p->Dv, rows, 1.0f);
+    for (int64_t r = 0; r < rows; r++)
+        if (t->scale[r] != 1.0f) p->kt->scale(rowwise.o + r * p->Dv, p->Dv, t->scale[r]);
+    mha__products_f32.values(p, v, rows, cols, tile, &rowwise);
+    p->kt->transpose_scaled(t->o, MHA__BR, rowwise.o, p->Dv, rows, p->Dv, 1.0f);
+}
+
+/* O^T = O^T * scale + V^T P^T, a panel of 32 queries at a time: V^T's row
+ * tiles against a pair of P^T's column tiles (32 keys of the key-major
+ * score tile a block, as pairs down their columns, no transpose), each
+ * query's rescale applied to its column as the product is added.  A
+ * panel that sees none of the tile's keys is only rescaled. */
 static void values_split(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, int64_t tile,
                          const mha__tiles *t)
 {
     const uint16_t *a = v.cs == 1 && probabilities_finite(t, rows) ? split_values(p, v, cols, tile, t) : NULL;
     if (!a) {
-        mha__products_f32.values(p, v, rows, cols, tile, t);
+        values_by_f32(p, v, rows, cols, tile, t);
         return;
     }
     int64_t a_run = run_of(blocks_of(cols));
@@ -178,7 +199,13 @@ static void values_split(const mha__attn_plan *p, mha__strided v, int64_t rows, 
          * at the block that holds its last (as the float32 table's). */
         int64_t n = rows - r < PAIR ? rows - r : PAIR, keys = mha__strip_reach(t, r, n);
         int64_t kb = blocks_of(keys), run = run_of(kb);
-        if (kb == 0) continue;
+        float scale[PAIR]; /* 1 past the item's rows: their columns stay 0 */
+        for (int64_t i = 0; i < PAIR; i++) scale[i] = i < n ? t->scale[r + i] : 1.0f;
+        if (kb == 0) {
+            for (int64_t d = 0; d < p->Dv; d++)
+                for (int64_t i = 0; i < n; i++) t->o[d * MHA__BR + r + i] *= scale[i];
+            continue;
+        }
         for (int64_t h = 0; h < 2; h++) {
             int64_t r0 = r + h * SPLIT_ROWS, m = rows - r0 < SPLIT_ROWS ? (rows - r0 > 0 ? rows - r0 : 0) : SPLIT_ROWS;
             for (int64_t b = 0; b < kb; b++) {
@@ -187,10 +214,10 @@ static void values_split(const mha__attn_plan *p, mha__strided v, int64_t rows, 
                                              t->ps + h * run + b * 3 * MHA_SPLIT_TILE);
             }
         }
-        p->bk->gemm_split(p->Dv / PAIR, kb, a, a_run, t->ps, t->o + r * p->Dv, p->Dv, MHA_SPLIT_ADD_TRANSPOSED);
+        p->bk->gemm_split(p->Dv / PAIR, kb, a, a_run, t->ps, t->o + r, MHA__BR, MHA_SPLIT_SCALE_ADD, scale);
     }
 }
 
 static void release_split(const mha__attn_plan *p) { p->bk->split_release(); }
 
-const mha__products mha__products_f32_split = {pack_queries_split, scores_split, values_split, release_split};
+const mha__products mha__products_f32_split = {pack_queries_split, scores_split, values_split, release_split, true};

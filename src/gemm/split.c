@@ -235,13 +235,13 @@ static void add_panel(const mha__bf16_kernels *bk, int64_t kb, const uint16_t *a
                       int64_t rows, int64_t cols, float *c, int64_t ldc)
 {
     int64_t run = 3 * kb * MHA_SPLIT_TILE, whole = cols == PANEL ? mha__min64(rows / PAIR_ROWS, pairs) : 0;
-    if (whole) bk->gemm_split(whole, kb, a, run, b, c, ldc, MHA_SPLIT_ADD);
+    if (whole) bk->gemm_split(whole, kb, a, run, b, c, ldc, MHA_SPLIT_ADD, NULL);
     for (int64_t q = whole; q < pairs && q * PAIR_ROWS < rows; q++) {
         float stage[PAIR_ROWS * PANEL] = {0};
         int64_t n = mha__min64(rows - q * PAIR_ROWS, PAIR_ROWS);
         float *cq = c + q * PAIR_ROWS * ldc;
         for (int64_t i = 0; i < n; i++) memcpy(stage + i * PANEL, cq + i * ldc, (size_t)cols * sizeof(float));
-        bk->gemm_split(1, kb, a + 2 * q * run, run, b, stage, PANEL, MHA_SPLIT_ADD);
+        bk->gemm_split(1, kb, a + 2 * q * run, run, b, stage, PANEL, MHA_SPLIT_ADD, NULL);
         for (int64_t i = 0; i < n; i++) memcpy(cq + i * ldc, stage + i * PANEL, (size_t)cols * sizeof(float));
     }
 }

@@ -516,7 +516,7 @@ void mha__split_transpose_amx(uint16_t *tiles)
  * against hi: eight loads of two tiles for 24 TDPBF16PS.  The last step
  * loads the next block's first parts as its registers come free. */
 static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1, const uint16_t *b0,
-                        const uint16_t *b1, float *c, int64_t ldc, int accumulate)
+                        const uint16_t *b1, float *c, int64_t ldc, int accumulate, const float *col_scale)
 {
     enum { HI, MID, LO };
     _tile_zero(0);
@@ -549,18 +549,15 @@ static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1
     _tile_stored(1, &sum[0][16], 32 * sizeof(float));
     _tile_stored(2, &sum[16][0], 32 * sizeof(float));
     _tile_stored(3, &sum[16][16], 32 * sizeof(float));
-    if (accumulate == MHA_SPLIT_ADD_TRANSPOSED) /* 16 x 16 quarters transposed in place, the off-diagonal two swapped */
-        for (int q = 0; q < 4; q++) {
-            int i0 = 16 * (q / 2), h0 = 16 * (q % 2);
-            __m512 x[16];
-            for (int i = 0; i < 16; i++) x[i] = _mm512_loadu_ps(&sum[i0 + i][h0]);
-            transpose16(x);
-            for (int i = 0; i < 16; i++) {
-                float *ci = c + (h0 + i) * ldc + i0;
-                _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), x[i]));
-            }
+    if (accumulate == MHA_SPLIT_SCALE_ADD) { /* C * scale first, rounded, then + X: no FMA (-ffp-contract=off) */
+        __m512 s0 = _mm512_loadu_ps(col_scale), s1 = _mm512_loadu_ps(col_scale + 16);
+        for (int i = 0; i < 32; i++) {
+            float *ci = c + i * ldc;
+            __m512 c0 = _mm512_mul_ps(_mm512_loadu_ps(ci), s0), c1 = _mm512_mul_ps(_mm512_loadu_ps(ci + 16), s1);
+            _mm512_storeu_ps(ci, _mm512_add_ps(c0, _mm512_loadu_ps(&sum[i][0])));
+            _mm512_storeu_ps(ci + 16, _mm512_add_ps(c1, _mm512_loadu_ps(&sum[i][16])));
         }
-    else
+    } else
         for (int i = 0; i < 32; i++)
             for (int h = 0; h < 32; h += 16) {
                 float *ci = c + i * ldc + h;
@@ -574,11 +571,11 @@ static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1
 #undef LOAD_B
 
 void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run, const uint16_t *b,
-                         float *c, int64_t ldc, int accumulate)
+                         float *c, int64_t ldc, int accumulate, const float *col_scale)
 {
     int64_t run = 3 * k_blocks * MHA_SPLIT_TILE; /* one column tile of B */
     configure();
-    int64_t step = accumulate == MHA_SPLIT_ADD_TRANSPOSED ? 32 : 32 * ldc; /* C's offset a pair of A's row tiles */
     for (int64_t p = 0; p < row_pairs; p++)
-        split_block(k_blocks, a + 2 * p * a_run, a + (2 * p + 1) * a_run, b, b + run, c + p * step, ldc, accumulate);
+        split_block(k_blocks, a + 2 * p * a_run, a + (2 * p + 1) * a_run, b, b + run, c + p * 32 * ldc, ldc, accumulate,
+                    col_scale);
 }

@@ -329,10 +329,12 @@ enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
  * MHA_SPLIT_ADD), or stores in C (MHA_SPLIT_STORE), the product X of
  * 2 * row_pairs row tiles of A, a_run values apart (3 * k_blocks *
  * MHA_SPLIT_TILE, or more: the first k_blocks blocks of longer tiles),
- * with two column tiles of B, one after the other: C rows 0 .. 32 row_pairs - 1, columns 0 .. 31; or adds X^T to C
- * (MHA_SPLIT_ADD_TRANSPOSED: C rows 0 .. 31, columns 0 .. 32 row_pairs -
- * 1).  Each C element is one float32 chain in a fixed order from zero,
- * added to C once (or stored), whatever the caller's blocking.  The
+ * with two column tiles of B, one after the other: C rows 0 .. 32 row_pairs - 1, columns 0 .. 31; or
+ * (MHA_SPLIT_SCALE_ADD) scales C's column j by col_scale[j] first, then
+ * adds X: C = C * col_scale + X, a multiply and an add, each rounded
+ * (col_scale is read in that mode only; NULL otherwise).  Each C element
+ * is one float32 chain in a fixed order from zero, added to C once (or
+ * stored), whatever the caller's blocking.  The
  * tiles stay configured from one gemm_split to the next on a thread until
  * split_release, which a caller makes when its run of calls ends.
  *
@@ -345,7 +347,7 @@ enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
  * split_pairs_tile for values in [0, 1] (probabilities), unchecked: its
  * lo part truncated, off by at most 2^-24 of the value. */
 enum { MHA_SPLIT_TILE = 512, MHA_SPLIT_K = 32 };
-enum { MHA_SPLIT_STORE, MHA_SPLIT_ADD, MHA_SPLIT_ADD_TRANSPOSED };
+enum { MHA_SPLIT_STORE, MHA_SPLIT_ADD, MHA_SPLIT_SCALE_ADD };
 typedef bool (*mha__split3_fn)(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
 /* Each of three part tiles (MHA_SPLIT_TILE values apart) transposed as
  * 16 x 16 pairs: pair j of row i moves to pair i of row j.  Rows of
@@ -353,7 +355,7 @@ typedef bool (*mha__split3_fn)(const float *src, int64_t n, uint16_t *hi, uint16
  * (split_pairs_tile) become A's. */
 typedef void (*mha__split_transpose_fn)(uint16_t *tiles);
 typedef void (*mha__gemm_split_fn)(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run,
-                                   const uint16_t *b, float *c, int64_t ldc, int accumulate);
+                                   const uint16_t *b, float *c, int64_t ldc, int accumulate, const float *col_scale);
 typedef bool (*mha__split_tile_fn)(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 
 typedef struct mha__bf16_kernels {
@@ -390,7 +392,7 @@ double mha__bf16_peak_amx(int64_t iterations);
 bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
 void mha__split_transpose_amx(uint16_t *tiles);
 void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run, const uint16_t *b,
-                         float *c, int64_t ldc, int accumulate);
+                         float *c, int64_t ldc, int accumulate, const float *col_scale);
 bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 bool mha__split_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 void mha__split_unit_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
