@@ -145,10 +145,13 @@ static void check_scaled_layer(mha_ctx *ctx)
  * rows that see j (causal: rows >= j) only; +Inf in a value makes that
  * output column non-finite in the rows that see it and leaves the other
  * columns finite (rows that cannot see it may get 0 x Inf = NaN there, as
- * PyTorch's P V does); nothing crashes. */
-static void check_nan_inf(mha_ctx *ctx, int L) /* L < 16: the decoding path; else the tiled one */
+ * PyTorch's P V does); nothing crashes.  L < 16: the decoding path; else
+ * the tiled one, and from 512 rows with D = 64 its split products where
+ * the CPU has AMX, whose tiles hand what is not finite to the float32
+ * products (O kept transposed there: turned into rows and back). */
+static void check_nan_inf(mha_ctx *ctx, int L, int D)
 {
-    enum { D = 8, J = 5 };
+    enum { J = 5 };
     for (int kind = 0; kind < 3; kind++) {
         float *q = randoms(L * D, 1, NULL), *k = randoms(L * D, 1, NULL), *v = randoms(L * D, 1, NULL);
         float *out = malloc((size_t)(L * D) * sizeof *out);
@@ -341,8 +344,9 @@ int main(void)
     check_large_logits(ctx, 1e2);
     check_large_logits(ctx, 1e4);
     check_scaled_layer(ctx);
-    check_nan_inf(ctx, 12);
-    check_nan_inf(ctx, 300);
+    check_nan_inf(ctx, 12, 8);
+    check_nan_inf(ctx, 300, 8);
+    check_nan_inf(ctx, 600, 64);
     mha_ctx_free(ctx);
     check_determinism();
     check_concurrency();
