@@ -514,19 +514,25 @@ void mha__split_transpose_amx(uint16_t *tiles)
  * each part is loaded once a row or column tile but B's hi (twice):
  * A hi against lo, mid, hi of B, then A mid against hi and mid, then A lo
  * against hi: eight loads of two tiles for 24 TDPBF16PS.  The last step
- * loads the next block's first parts as its registers come free. */
-static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1, const uint16_t *b0,
-                        const uint16_t *b1, float *c, int64_t ldc, int accumulate, const float *col_scale)
+ * loads the next block's first parts as its registers come free, and
+ * after the last block the next pair's (next0, next1 its row tiles of A;
+ * B is the same), which that call then finds `loaded`: a pair no longer
+ * starts by waiting for its first loads. */
+static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1, const uint16_t *next0,
+                        const uint16_t *next1, const uint16_t *b0, const uint16_t *b1, bool loaded, float *c,
+                        int64_t ldc, int accumulate, const float *col_scale)
 {
     enum { HI, MID, LO };
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    LOAD_A(4, 0, HI);
-    LOAD_B(6, 0, LO);
-    LOAD_A(5, 0, HI);
-    LOAD_B(7, 0, LO);
+    if (!loaded) {
+        LOAD_A(4, 0, HI);
+        LOAD_B(6, 0, LO);
+        LOAD_A(5, 0, HI);
+        LOAD_B(7, 0, LO);
+    }
     for (int64_t b = 0; b < k_blocks; b++) {
         PRODUCTS_B(LOAD_B(6, b, MID), LOAD_B(7, b, MID));                    /* hi lo */
         PRODUCTS_B(LOAD_B(6, b, HI), LOAD_B(7, b, HI));                      /* hi mid */
@@ -535,6 +541,12 @@ static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1
         PRODUCTS_A(LOAD_A(4, b, LO), LOAD_B(6, b, HI), LOAD_5_7(b, LO, HI)); /* mid mid */
         if (b + 1 < k_blocks) /* lo hi, loading the next block's first parts as registers come free */
             PRODUCTS_A(LOAD_A(4, b + 1, HI), LOAD_B(6, b + 1, LO), LOAD_5_7(b + 1, HI, LO));
+        else if (next0) /* or the next pair's */
+            PRODUCTS_A(
+                _tile_loadd(4, SPLIT_PART(next0, 0, HI), TILE_BYTES), LOAD_B(6, 0, LO), do {
+                    _tile_loadd(5, SPLIT_PART(next1, 0, HI), TILE_BYTES);
+                    LOAD_B(7, 0, LO);
+                } while (0));
         else PRODUCTS_A((void)0, (void)0, (void)0);
     }
     if (accumulate == MHA_SPLIT_STORE) { /* C = the product: the tiles straight to C */
@@ -575,7 +587,9 @@ void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a,
 {
     int64_t run = 3 * k_blocks * MHA_SPLIT_TILE; /* one column tile of B */
     configure();
-    for (int64_t p = 0; p < row_pairs; p++)
-        split_block(k_blocks, a + 2 * p * a_run, a + (2 * p + 1) * a_run, b, b + run, c + p * 32 * ldc, ldc, accumulate,
-                    col_scale);
+    for (int64_t p = 0; p < row_pairs; p++) {
+        const uint16_t *a0 = a + 2 * p * a_run, *next0 = p + 1 < row_pairs ? a0 + 2 * a_run : NULL;
+        split_block(k_blocks, a0, a0 + a_run, next0, next0 ? next0 + a_run : NULL, b, b + run, p > 0, c + p * 32 * ldc,
+                    ldc, accumulate, col_scale);
+    }
 }
