@@ -16,44 +16,24 @@ and `mha backward` run on both builds, and NEW also on one thread (the
 same bits for any thread count).  Every tensor of every output file must
 match byte for byte; exits 1 naming the first that does not.
 
-Standard library only: the safetensors files are written and read here.
+Standard library only: the safetensors files go through
+tests/safetensors_file.py.
 """
 import argparse
-import json
 import os
 import random
-import struct
 import subprocess
 import sys
 import tempfile
 from array import array
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import safetensors_file  # noqa: E402  (the writer and reader tests/gen_golden.py uses)
+
 
 def write_safetensors(path, tensors):
     """tensors: {name: (shape, array('f'))}, written as F32."""
-    header, offset, blobs = {}, 0, []
-    for name, (shape, data) in tensors.items():
-        blob = data.tobytes()
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for blob in blobs:
-            f.write(blob)
-
-
-def read_safetensors(path):
-    """{name: (dtype, shape, bytes)} of every tensor, metadata left out."""
-    with open(path, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(size))
-        data = f.read()
-    return {name: (t["dtype"], tuple(t["shape"]), data[t["data_offsets"][0]:t["data_offsets"][1]])
-            for name, t in header.items() if name != "__metadata__"}
+    safetensors_file.write(path, {name: ("F32", shape, data.tobytes()) for name, (shape, data) in tensors.items()})
 
 
 def uniform(rng, n, scale):
@@ -107,7 +87,7 @@ def run(binary, command, files, flags, threads, out):
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"compare_bits: {' '.join(cmd)} failed: {done.stderr.strip()}")
-    return read_safetensors(out)
+    return safetensors_file.read(out)[1]
 
 
 def first_difference(a, b):

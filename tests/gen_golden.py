@@ -21,13 +21,13 @@ has no scaled_dot_product_attention, so SDPA goldens come from sdpa_math()
 below, written with torch ops from the definitions (flash-attn's window
 and ALiBi, Gemma's softcap), run in float64 and float32.
 """
-import json
 import math
 import os
-import struct
 import sys
 
 import torch
+
+import safetensors_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "data", "golden")
@@ -45,21 +45,8 @@ def tensor_bytes(t):
 
 
 def save(path, tensors, metadata):
-    header = {"__metadata__": metadata}
-    blobs, offset = [], 0
-    for name, t in tensors.items():
-        data = tensor_bytes(t)
-        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for b in blobs:
-            f.write(b)
+    safetensors_file.write(path, {name: (DTYPES[t.dtype], t.shape, tensor_bytes(t)) for name, t in tensors.items()},
+                           metadata)
 
 
 # ---------------------------------------------------------------------------
