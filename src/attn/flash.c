@@ -111,11 +111,8 @@ static void accumulate_values(const flash_job *j, const tiles *t, int64_t b, int
                               int64_t cols)
 {
     const mha__attn_plan *p = j->p;
-    for (int64_t r = 0; r < rows && !p->products->o_transposed; r++)
-        if (t->scale[r] != 1.0f) {
-            j->kt->scale(t->o + r * p->Dv, p->Dv, t->scale[r]);
-            if (p->bf16) t->p16_sum[r] *= t->scale[r]; /* a power of two: exact */
-        }
+    if (!p->products->o_transposed) mha__rescale_rows(j->kt, t->o, p->Dv, rows, t->scale);
+    for (int64_t r = 0; r < rows && p->bf16; r++) t->p16_sum[r] *= t->scale[r]; /* a power of two: exact */
     p->products->values(p, tile_rows(j, t, true, b, h, j0, cols), rows, cols, key_tile_index(j, j0), t);
 }
 

@@ -123,6 +123,12 @@ static mha__tiles carve_tiles(const mha__attn_plan *p, carver *c)
     return t;
 }
 
+void mha__rescale_rows(const mha__kernels *kt, float *o, int64_t dv, int64_t rows, const float *scale)
+{
+    for (int64_t r = 0; r < rows; r++)
+        if (scale[r] != 1.0f) kt->scale(o + r * dv, dv, scale[r]);
+}
+
 int64_t mha__tiles_floats(const mha__attn_plan *p)
 {
     carver c = {NULL, 0};

@@ -80,6 +80,10 @@ typedef struct mha__tiles {
  * 4.4% (docs/PERFORMANCE.md). */
 enum { MHA__VCACHE_LARGE_L2 = 1 << 20 };
 
+/* o's rows [rows][dv] times each row's rescale, where it is not 1: the
+ * online softmax's step on an unnormalised output kept as rows. */
+void mha__rescale_rows(const mha__kernels *kt, float *o, int64_t dv, int64_t rows, const float *scale);
+
 /* The most keys any of rows [r, r + n) sees in the current key tile. */
 int64_t mha__strip_reach(const mha__tiles *t, int64_t r, int64_t n);
 

@@ -174,8 +174,7 @@ static void values_by_f32(const mha__attn_plan *p, mha__strided v, int64_t rows,
     mha__tiles rowwise = *t;
     rowwise.o = t->vt;
     p->kt->transpose_scaled(rowwise.o, p->Dv, t->o, MHA__BR, p->Dv, rows, 1.0f);
-    for (int64_t r = 0; r < rows; r++)
-        if (t->scale[r] != 1.0f) p->kt->scale(rowwise.o + r * p->Dv, p->Dv, t->scale[r]);
+    mha__rescale_rows(p->kt, rowwise.o, p->Dv, rows, t->scale);
     mha__products_f32.values(p, v, rows, cols, tile, &rowwise);
     p->kt->transpose_scaled(t->o, MHA__BR, rowwise.o, p->Dv, rows, p->Dv, 1.0f);
 }
