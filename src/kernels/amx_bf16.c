@@ -517,10 +517,10 @@ void mha__split_transpose_amx(uint16_t *tiles)
  * loads the next block's first parts as its registers come free, and
  * after the last block the next pair's (next0, next1 its row tiles of A;
  * B is the same), which that call then finds `loaded`: a pair no longer
- * starts by waiting for its first loads. */
+ * starts by waiting for its first loads.  The sums stay in tiles 0-3
+ * (store_sums takes them, to C or to a buffer add_sums adds to C). */
 static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1, const uint16_t *next0,
-                        const uint16_t *next1, const uint16_t *b0, const uint16_t *b1, bool loaded, float *c,
-                        int64_t ldc, int accumulate, const float *col_scale)
+                        const uint16_t *next1, const uint16_t *b0, const uint16_t *b1, bool loaded)
 {
     enum { HI, MID, LO };
     _tile_zero(0);
@@ -549,19 +549,23 @@ static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1
                 } while (0));
         else PRODUCTS_A((void)0, (void)0, (void)0);
     }
-    if (accumulate == MHA_SPLIT_STORE) { /* C = the product: the tiles straight to C */
-        _tile_stored(0, c, ldc * (int64_t)sizeof(float));
-        _tile_stored(1, c + 16, ldc * (int64_t)sizeof(float));
-        _tile_stored(2, c + 16 * ldc, ldc * (int64_t)sizeof(float));
-        _tile_stored(3, c + 16 * ldc + 16, ldc * (int64_t)sizeof(float));
-        return;
-    }
-    float sum[32][32];
-    _tile_stored(0, &sum[0][0], 32 * sizeof(float));
-    _tile_stored(1, &sum[0][16], 32 * sizeof(float));
-    _tile_stored(2, &sum[16][0], 32 * sizeof(float));
-    _tile_stored(3, &sum[16][16], 32 * sizeof(float));
-    if (accumulate == MHA_SPLIT_SCALE_ADD) { /* C * scale first, rounded, then + X: no FMA (-ffp-contract=off) */
+}
+
+/* Tiles 0-3 (a 32 x 32 block) stored at `to`, ld floats apart. */
+static void store_sums(float *to, int64_t ld)
+{
+    _tile_stored(0, to, ld * (int64_t)sizeof(float));
+    _tile_stored(1, to + 16, ld * (int64_t)sizeof(float));
+    _tile_stored(2, to + 16 * ld, ld * (int64_t)sizeof(float));
+    _tile_stored(3, to + 16 * ld + 16, ld * (int64_t)sizeof(float));
+}
+
+/* C's 32 x 32 block += sum (MHA_SPLIT_ADD), or C = C * col_scale + sum
+ * (MHA_SPLIT_SCALE_ADD: the multiply rounded, then the add; no FMA,
+ * -ffp-contract=off). */
+static void add_sums(float *c, int64_t ldc, const float (*sum)[32], int accumulate, const float *col_scale)
+{
+    if (accumulate == MHA_SPLIT_SCALE_ADD) {
         __m512 s0 = _mm512_loadu_ps(col_scale), s1 = _mm512_loadu_ps(col_scale + 16);
         for (int i = 0; i < 32; i++) {
             float *ci = c + i * ldc;
@@ -569,12 +573,13 @@ static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1
             _mm512_storeu_ps(ci, _mm512_add_ps(c0, _mm512_loadu_ps(&sum[i][0])));
             _mm512_storeu_ps(ci + 16, _mm512_add_ps(c1, _mm512_loadu_ps(&sum[i][16])));
         }
-    } else
-        for (int i = 0; i < 32; i++)
-            for (int h = 0; h < 32; h += 16) {
-                float *ci = c + i * ldc + h;
-                _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), _mm512_loadu_ps(&sum[i][h])));
-            }
+        return;
+    }
+    for (int i = 0; i < 32; i++)
+        for (int h = 0; h < 32; h += 16) {
+            float *ci = c + i * ldc + h;
+            _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), _mm512_loadu_ps(&sum[i][h])));
+        }
 }
 #undef PRODUCTS_A
 #undef PRODUCTS_B
@@ -582,14 +587,27 @@ static void split_block(int64_t k_blocks, const uint16_t *a0, const uint16_t *a1
 #undef LOAD_A
 #undef LOAD_B
 
+/* Pairs one after another; where C is added to, each pair's sums go to
+ * one of two buffers, and the previous pair's are added to C only after
+ * this pair's products are issued: the vector adds run while the tiles
+ * multiply, where they used to wait for them, and the tiles for them.
+ * The same operations on each element in the same order: the same bits. */
 void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run, const uint16_t *b,
                          float *c, int64_t ldc, int accumulate, const float *col_scale)
 {
     int64_t run = 3 * k_blocks * MHA_SPLIT_TILE; /* one column tile of B */
+    float sums[2][32][32];
     configure();
     for (int64_t p = 0; p < row_pairs; p++) {
         const uint16_t *a0 = a + 2 * p * a_run, *next0 = p + 1 < row_pairs ? a0 + 2 * a_run : NULL;
-        split_block(k_blocks, a0, a0 + a_run, next0, next0 ? next0 + a_run : NULL, b, b + run, p > 0, c + p * 32 * ldc,
-                    ldc, accumulate, col_scale);
+        split_block(k_blocks, a0, a0 + a_run, next0, next0 ? next0 + a_run : NULL, b, b + run, p > 0);
+        if (accumulate == MHA_SPLIT_STORE) { /* C = the product: the tiles straight to C */
+            store_sums(c + p * 32 * ldc, ldc);
+            continue;
+        }
+        if (p > 0) add_sums(c + (p - 1) * 32 * ldc, ldc, sums[(p - 1) & 1], accumulate, col_scale);
+        store_sums(&sums[p & 1][0][0], 32);
     }
+    if (accumulate != MHA_SPLIT_STORE && row_pairs > 0)
+        add_sums(c + (row_pairs - 1) * 32 * ldc, ldc, sums[(row_pairs - 1) & 1], accumulate, col_scale);
 }
