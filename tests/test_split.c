@@ -20,8 +20,9 @@
  *   weight gradients: dW += dY^T X the same ways, over batches, chunks of
  *            rows and head-major dY; three of one X (W_q, W_k, W_v)
  *            with X split once, the same bits as a call each;
- *   attention's pieces (products_split.c): the probabilities' filler, and
- *            the product stored, added and added transposed into C.
+ *   attention's pieces (products_split.c, flash_bwd.c): the
+ *            probabilities' filler, the near fillers, and the product
+ *            stored, added and scaled and added into C.
  */
 #include "core/convert.h"
 #include "gemm/gemm.h"
@@ -136,6 +137,62 @@ static void test_unit_pairs(const mha__bf16_kernels *bk)
             }
     }
     CHECK(bad == 0, "%s probabilities' filler: %d values misplaced or wrong", bk->name, bad);
+}
+
+/* Whether value `at` of three part tiles is src_value: exactly while
+ * lo can be a normal bf16, within 2^-126 below (as split3's). */
+static bool part_sum_is(const uint16_t *tiles, int64_t at, float src_value)
+{
+    double miss = fabs(tile_value(tiles, at) - (double)src_value);
+    return miss <= (fabs(src_value) >= 0x1p-110 ? 0.0 : 0x1p-126);
+}
+
+/* The near fillers (kernels.h), which the backward's dV, dK and dQ split
+ * P and dS with: split_rows_tile's and split_pairs_tile's layouts, every
+ * value its three parts' exact sum, over magnitudes from below the
+ * smallest normal to the edge of the range, whole tiles, partial and
+ * empty; false for an infinity, a NaN or a value within half a bf16 step
+ * of FLT_MAX among the live values, and only there. */
+static void test_near_fillers(const mha__bf16_kernels *bk)
+{
+    enum { LDS = 40 };
+    float src[32 * LDS];
+    uint16_t tiles[3 * MHA_SPLIT_TILE];
+    static const int64_t rows_cases[][2] = {{16, 32}, {9, 13}, {16, 7}, {1, 32}, {0, 32}};
+    static const int64_t pair_cases[][2] = {{32, 16}, {17, 5}, {1, 16}, {32, 3}, {0, 16}};
+    int bad = 0;
+    for (int e = -133; e <= 127; e += 5) {
+        for (int i = 0; i < 32 * LDS; i++) /* below the edge, 1.99609375 * 2^127 */
+            src[i] = ldexpf(1.0f + 0.99f * fabsf(uniform()), e - i % 4) * (uniform() < 0 ? -1.0f : 1.0f);
+        src[LDS + 1] = 0.0f;
+        for (int c = 0; c < 5; c++) {
+            int64_t live = rows_cases[c][0], n = rows_cases[c][1];
+            bad += !bk->split_near_rows_tile(src, LDS, live, n, tiles);
+            for (int64_t i = 0; i < 16; i++)
+                for (int64_t k = 0; k < 32; k++)
+                    bad += !part_sum_is(tiles, i * 32 + k, i < live && k < n ? src[i * LDS + k] : 0.0f);
+            live = pair_cases[c][0], n = pair_cases[c][1];
+            bad += !bk->split_near_pairs_tile(src, LDS, live, n, tiles);
+            for (int64_t k = 0; k < 32; k++)
+                for (int64_t j = 0; j < 16; j++)
+                    bad += !part_sum_is(tiles, (k / 2) * 32 + 2 * j + k % 2, k < live && j < n ? src[k * LDS + j] : 0.0f);
+        }
+    }
+    CHECK(bad == 0, "%s near fillers: %d values misplaced or wrong", bk->name, bad);
+    uint32_t edge_bits = 0x7f7f8000u;
+    float edge;
+    memcpy(&edge, &edge_bits, sizeof edge);
+    const float unsplittable[] = {INFINITY, -INFINITY, NAN, edge, -FLT_MAX};
+    for (size_t u = 0; u < sizeof unsplittable / sizeof unsplittable[0]; u++) {
+        for (int i = 0; i < 32 * LDS; i++) src[i] = uniform();
+        src[5 * LDS + 3] = unsplittable[u];
+        src[20 * LDS + 30] = unsplittable[u]; /* past the live rows and columns below */
+        CHECK(!bk->split_near_rows_tile(src, LDS, 16, 32, tiles) && !bk->split_near_pairs_tile(src, LDS, 32, 16, tiles),
+              "%s near fillers missed %g", bk->name, (double)unsplittable[u]);
+        CHECK(bk->split_near_rows_tile(src + 6 * LDS, LDS, 10, 32, tiles) &&
+                  bk->split_near_pairs_tile(src, LDS, 32, 3, tiles),
+              "%s near fillers saw %g where they do not read", bk->name, (double)unsplittable[u]);
+    }
 }
 
 /* gemm_split's three ways with C, on 2 row pairs of A read a_run values
@@ -501,6 +558,7 @@ int main(void)
     test_split3(bk);
     test_tile_fillers(bk);
     test_unit_pairs(bk);
+    test_near_fillers(bk);
     test_gemm_modes(bk);
     test_products(ctx1, ctx3, &k);
     test_shared_input(ctx1, ctx3, &k);

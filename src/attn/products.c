@@ -41,8 +41,10 @@ int64_t mha__split_blocks(int64_t n) { return (n + MHA_SPLIT_K - 1) / MHA_SPLIT_
 
 int64_t mha__split_run(int64_t k_blocks) { return 3 * k_blocks * MHA_SPLIT_TILE; }
 
-bool mha__split_tiles(const mha__bf16_kernels *bk, bool pairs, const float *x, int64_t ld, int64_t tiles, int64_t count,
-                      int64_t width, uint16_t *dst)
+/* mha__split_tiles with the filler `fill` (split_pairs_tile's kind with
+ * `pairs`, else split_rows_tile's). */
+static bool split_tiles_by(mha__split_tile_fn fill, bool pairs, const float *x, int64_t ld, int64_t tiles,
+                           int64_t count, int64_t width, uint16_t *dst)
 {
     int64_t kb = mha__split_blocks(width), run = mha__split_run(kb);
     bool finite = true;
@@ -51,11 +53,24 @@ bool mha__split_tiles(const mha__bf16_kernels *bk, bool pairs, const float *x, i
         for (int64_t b = 0; b < kb; b++) {
             int64_t d0 = b * MHA_SPLIT_K, k = width - d0 < MHA_SPLIT_K ? width - d0 : MHA_SPLIT_K;
             uint16_t *tile = dst + i * run + b * 3 * MHA_SPLIT_TILE;
-            finite &= pairs ? bk->split_pairs_tile(x + d0 * ld + at, ld, k, lanes, tile)
-                            : bk->split_rows_tile(lanes ? x + at * ld + d0 : NULL, ld, lanes, k, tile);
+            finite &= pairs ? fill(x + d0 * ld + at, ld, k, lanes, tile)
+                            : fill(lanes ? x + at * ld + d0 : NULL, ld, lanes, k, tile);
         }
     }
     return finite;
+}
+
+bool mha__split_tiles(const mha__bf16_kernels *bk, bool pairs, const float *x, int64_t ld, int64_t tiles, int64_t count,
+                      int64_t width, uint16_t *dst)
+{
+    return split_tiles_by(pairs ? bk->split_pairs_tile : bk->split_rows_tile, pairs, x, ld, tiles, count, width, dst);
+}
+
+bool mha__split_tiles_near(const mha__bf16_kernels *bk, bool pairs, const float *x, int64_t ld, int64_t tiles,
+                           int64_t count, int64_t width, uint16_t *dst)
+{
+    return split_tiles_by(pairs ? bk->split_near_pairs_tile : bk->split_near_rows_tile, pairs, x, ld, tiles, count,
+                          width, dst);
 }
 
 mha__split_sizes mha__split_sizes_of(const mha__attn_plan *p)

@@ -152,6 +152,11 @@ int64_t mha__split_run(int64_t k_blocks);
  * a value is not finite. */
 bool mha__split_tiles(const mha__bf16_kernels *bk, bool pairs, const float *x, int64_t ld, int64_t tiles, int64_t count,
                       int64_t width, uint16_t *dst);
+/* The same tiles from the near fillers (kernels.h: split_near_rows_tile),
+ * for operands split once and used once, where the rounding's cost
+ * counts; false also for a value at the edge of float32's range. */
+bool mha__split_tiles_near(const mha__bf16_kernels *bk, bool pairs, const float *x, int64_t ld, int64_t tiles,
+                           int64_t count, int64_t width, uint16_t *dst);
 
 /* The split-K driver's two row operations on cached K and V rows stored
  * in the cache's dtype, element `at` onward, rows ld elements apart, with

@@ -409,6 +409,57 @@ void mha__split_unit_pairs_tile_amx(const float *src, int64_t lds, int64_t live,
     }
 }
 
+/* Lanes whose value the rounding of bf16_bits_unit keeps finite: |x|
+ * below FLT_MAX's last half bf16 step (0x7f7f8000), which leaves out
+ * infinities and NaNs too.  For those lanes split_unit_lanes is exact
+ * whatever |x|: hi and mid take 8 bits each, rounded, and lo = r - mid
+ * the 8 that remain (x = hi + mid + lo, lo's low half 0). */
+static __mmask16 splittable_lanes(__m512 x)
+{
+    __m512i magnitude = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
+    return _mm512_cmplt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f7f8000));
+}
+
+bool mha__split_near_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
+{
+    __mmask16 mk = first_lanes(n), ok = 0xffff;
+    for (int64_t pr = 0; pr < 16; pr++) {
+        uint16_t *row = tiles + pr * MHA_SPLIT_K;
+        __m512 a = 2 * pr < live ? _mm512_maskz_loadu_ps(mk, src + 2 * pr * lds) : _mm512_setzero_ps();
+        __m512 b = 2 * pr + 1 < live ? _mm512_maskz_loadu_ps(mk, src + (2 * pr + 1) * lds) : _mm512_setzero_ps();
+        ok &= splittable_lanes(a) & splittable_lanes(b);
+        parts pa = split_unit_lanes(a), pb = split_unit_lanes(b);
+        store_pairs(row, pa.hi, pb.hi);
+        store_pairs(row + MHA_SPLIT_TILE, pa.mid, pb.mid);
+        store_pairs_cut(row + 2 * MHA_SPLIT_TILE, pa.lo, pb.lo);
+    }
+    return ok == 0xffff;
+}
+
+/* The high halves of a's 16 lanes, then b's, as 32 bf16 values in order. */
+static void store_high_halves(uint16_t *dst, __m512i a, __m512i b)
+{
+    const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
+                                               27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, odd_words, b));
+}
+
+bool mha__split_near_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
+{
+    __mmask16 m0 = first_lanes(n), m1 = first_lanes(n - 16), ok = 0xffff;
+    for (int64_t i = 0; i < 16; i++) {
+        uint16_t *row = tiles + i * MHA_SPLIT_K;
+        __m512 a = i < live ? _mm512_maskz_loadu_ps(m0, src + i * lds) : _mm512_setzero_ps();
+        __m512 b = i < live ? _mm512_maskz_loadu_ps(m1, src + i * lds + 16) : _mm512_setzero_ps();
+        ok &= splittable_lanes(a) & splittable_lanes(b);
+        parts pa = split_unit_lanes(a), pb = split_unit_lanes(b);
+        store_high_halves(row, pa.hi, pb.hi);
+        store_high_halves(row + MHA_SPLIT_TILE, pa.mid, pb.mid);
+        store_high_halves(row + 2 * MHA_SPLIT_TILE, pa.lo, pb.lo);
+    }
+    return ok == 0xffff;
+}
+
 /* A tile row of zeros in each of the three parts: rows past the live ones. */
 static void zero_row(uint16_t *row)
 {

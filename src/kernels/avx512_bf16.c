@@ -245,6 +245,8 @@ const mha__bf16_kernels mha__bf16_kernels_amx = {
     .split_rows_tile = mha__split_rows_tile_amx,
     .split_pairs_tile = mha__split_pairs_tile_amx,
     .split_unit_pairs_tile = mha__split_unit_pairs_tile_amx,
+    .split_near_rows_tile = mha__split_near_rows_tile_amx,
+    .split_near_pairs_tile = mha__split_near_pairs_tile_amx,
     .gemm_split = mha__gemm_split_amx,
     .split_release = mha__split_release_amx,
 };

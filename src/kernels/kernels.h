@@ -345,7 +345,12 @@ enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
  * rows a tile row as pairs (B's layout for k down src's columns).  Zeros
  * past them; false if a value is not finite.  split_unit_pairs_tile is
  * split_pairs_tile for values in [0, 1] (probabilities), unchecked: its
- * lo part truncated, off by at most 2^-24 of the value. */
+ * lo part truncated, off by at most 2^-24 of the value.
+ * split_near_rows_tile and split_near_pairs_tile are split_rows_tile and
+ * split_pairs_tile with hi and mid rounded half away from zero (two
+ * operations, not round-to-even's six), false also for a value within
+ * half a bf16 step of FLT_MAX (its rounding would overflow): the parts
+ * still add up to the value exactly, but are not split_rows_tile's. */
 enum { MHA_SPLIT_TILE = 512, MHA_SPLIT_K = 32 };
 enum { MHA_SPLIT_STORE, MHA_SPLIT_ADD, MHA_SPLIT_SCALE_ADD };
 typedef bool (*mha__split3_fn)(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
@@ -377,6 +382,7 @@ typedef struct mha__bf16_kernels {
     mha__split_transpose_fn split_transpose;
     mha__split_tile_fn split_rows_tile, split_pairs_tile;
     void (*split_unit_pairs_tile)(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
+    mha__split_tile_fn split_near_rows_tile, split_near_pairs_tile;
     mha__gemm_split_fn gemm_split;
     void (*split_release)(void);
 } mha__bf16_kernels;
@@ -396,6 +402,8 @@ void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a,
 bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 bool mha__split_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 void mha__split_unit_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
+bool mha__split_near_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
+bool mha__split_near_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 void mha__split_release_amx(void);
 /* AVX2 without native bf16 dot products: its own cache rows (dot_rows,
  * axpy_rows: a bf16 KV cache decodes at the speed of its bytes), the
