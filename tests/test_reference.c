@@ -70,7 +70,8 @@ typedef struct sdpa_case {
     bool alibi;
     enum mask_kind mask;
     double scale; /* NAN = default */
-    bool strided; /* q, k, v, out stored as [B, T, H, D] */
+    bool strided;   /* q, k, v, out stored as [B, T, H, D] */
+    bool k_columns; /* k stored as [B, H, D, S]: its rows' elements S apart */
     bool bf16;    /* computed in bfloat16; the baseline is the plain bf16 reference */
     double size;  /* q and k in [-2 size, 2 size): 1, or up to 20 for logits in the thousands */
 } sdpa_case;
@@ -80,6 +81,14 @@ static mha_tensor view(float *data, const sdpa_case *c, int64_t H, int64_t T, in
 {
     if (!c->strided) return mha_tensor_4d(data, c->B, H, T, D);
     mha_tensor t = {data, {c->B, H, T, D}, {T * H * D, D, H * D, 1}};
+    return t;
+}
+
+/* K's view: view's, or [B, H, D, S] in memory with k_columns. */
+static mha_tensor key_view(float *data, const sdpa_case *c)
+{
+    if (!c->k_columns) return view(data, c, c->Hkv, c->S, c->D);
+    mha_tensor t = {data, {c->B, c->Hkv, c->S, c->D}, {c->Hkv * c->D * c->S, c->D * c->S, 1, c->S}};
     return t;
 }
 
@@ -166,7 +175,7 @@ static void check_sdpa_backward(const sdpa_case *c, const sdpa_data *x, const mh
     double *unused;
     float *dout = random_floats(no, 1.0, &unused);
     free(unused);
-    mha_tensor q = view(x->q, c, c->Hq, c->L, c->D), k = view(x->k, c, c->Hkv, c->S, c->D);
+    mha_tensor q = view(x->q, c, c->Hq, c->L, c->D), k = key_view(x->k, c);
     mha_tensor v = view(x->v, c, c->Hkv, c->S, c->Dv), dov = view(dout, c, c->Hq, c->L, c->Dv);
     float *grads[2][3];
     mha_tensor views[2][3];
@@ -231,7 +240,7 @@ static void check_sdpa_stats(const sdpa_case *c, const sdpa_data *x, const mha_r
 {
     int64_t no = c->B * c->Hq * c->L * c->Dv, nl = c->B * c->Hq * c->L;
     float *out[2], *max[2], *sum[2];
-    mha_tensor q = view(x->q, c, c->Hq, c->L, c->D), k = view(x->k, c, c->Hkv, c->S, c->D);
+    mha_tensor q = view(x->q, c, c->Hq, c->L, c->D), k = key_view(x->k, c);
     mha_tensor v = view(x->v, c, c->Hkv, c->S, c->Dv), o[2];
     for (int t = 0; t < 2; t++) {
         out[t] = malloc((size_t)(no ? no : 1) * sizeof(float));
@@ -306,7 +315,7 @@ static void run_sdpa_case(const sdpa_case *c, mha_ctx *ctx1, mha_ctx *ctx3, cons
     double *add_dense;
     make_mask(c, &x, &keep_dense, &add_dense);
 
-    mha_tensor q = view(x.q, c, c->Hq, c->L, c->D), k = view(x.k, c, c->Hkv, c->S, c->D);
+    mha_tensor q = view(x.q, c, c->Hq, c->L, c->D), k = key_view(x.k, c);
     mha_tensor v = view(x.v, c, c->Hkv, c->S, c->Dv);
     float *out1 = malloc((size_t)(no ? no : 1) * sizeof(float)), *out3 = malloc((size_t)(no ? no : 1) * sizeof(float));
     float *lse1 = malloc((size_t)(nl ? nl : 1) * sizeof(float)), *lse3 = malloc((size_t)(nl ? nl : 1) * sizeof(float));
@@ -429,6 +438,35 @@ static void test_long_sweep(mha_ctx *ctx1, mha_ctx *ctx3)
                  c.size > 0 ? c.size : 1.0, (long long)c.Hq, (long long)c.L, (long long)c.S, (long long)c.D,
                  (long long)c.Dv, (int)c.causal, (long long)c.window_left, (long long)c.window_right,
                  (double)c.softcap);
+        run_sdpa_case(&c, ctx1, ctx3, label);
+    }
+}
+
+/* K whose rows' elements are not contiguous ([B, H, D, S] in memory),
+ * long enough for the split products: the forward and the backward's
+ * scores then take K's float32 rows, and so does dQ (its K^T comes from
+ * K's split tiles), while dV and dK stay split; against the reference,
+ * GQA, causal and not, inputs x1 and x10.  Last in main, so the other
+ * tests' random cases are the ones they always drew. */
+static void test_key_columns_strided(mha_ctx *ctx1, mha_ctx *ctx3)
+{
+    for (int n = 0; n < 2; n++) {
+        sdpa_case c = {.B = 1,
+                       .Hq = 2,
+                       .Hkv = 1 + n,
+                       .L = 520,
+                       .S = 530 - 20 * n,
+                       .D = 64,
+                       .Dv = 32 + 32 * n,
+                       .causal = n ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_NONE,
+                       .window_left = -1,
+                       .window_right = -1,
+                       .scale = NAN,
+                       .k_columns = true,
+                       .size = n ? 10.0 : 1.0};
+        char label[200];
+        snprintf(label, sizeof label, "k columns strided #%d Hq%lld Hkv%lld L%lld S%lld", n, (long long)c.Hq,
+                 (long long)c.Hkv, (long long)c.L, (long long)c.S);
         run_sdpa_case(&c, ctx1, ctx3, label);
     }
 }
@@ -1869,6 +1907,7 @@ int main(int argc, char **argv)
     test_reference_block_gradients_by_differences();
     test_padding_equals_attn_mask(ctx3);
     test_blocks_of_a_sequence(ctx2);
+    test_key_columns_strided(ctx1, ctx3);
     mha_ctx_free(ctx1);
     mha_ctx_free(ctx2);
     mha_ctx_free(ctx3);

@@ -3,7 +3,8 @@
  *   - logits up to +-1e4 and inputs scaled by 1e3: no overflow, no NaN,
  *     within the tolerance rule of float64;
  *   - NaN and Inf in inputs propagate as in a plain softmax (only to the
- *     rows that see them) and never crash;
+ *     rows that see them) and never crash; the backward's split products
+ *     hand such blocks to float32 ones with the same results;
  *   - the floating-point control state (MXCSR: flush-to-zero,
  *     denormals-are-zero, rounding) is the same after every call;
  *   - the same bits for 1, 2, 3 and 4 threads and over 50 repeats, for the
@@ -181,6 +182,59 @@ static void check_nan_inf(mha_ctx *ctx, int L, int D)
     }
 }
 
+/* The backward over the same non-finite inputs (L rows, from the forward's
+ * output and lse) with the split products and without: the same NaN and
+ * infinities, and finite gradients alike to float32 rounding.  Blocks
+ * whose P or dS are not finite take the float32 products there
+ * (flash_bwd.c); this is where they meet them. */
+static void check_nan_inf_backward(mha_ctx *ctx, int L, int D)
+{
+    enum { J = 5 };
+    int64_t n = (int64_t)L * D;
+    for (int kind = 0; kind < 3; kind++) {
+        float *q = randoms(n, 1, NULL), *k = randoms(n, 1, NULL), *v = randoms(n, 1, NULL), *dout = randoms(n, 1, NULL);
+        float *out = malloc((size_t)n * sizeof *out), *lse = malloc((size_t)L * sizeof *lse), *g[2][3];
+        if (kind == 0) q[3 * D + 2] = NAN;
+        if (kind == 1) k[J * D + 1] = NAN;
+        if (kind == 2) v[J * D + 4] = INFINITY;
+        mha_tensor tq = mha_tensor_4d(q, 1, 1, L, D), tk = mha_tensor_4d(k, 1, 1, L, D),
+                   tv = mha_tensor_4d(v, 1, 1, L, D), to = mha_tensor_4d(out, 1, 1, L, D),
+                   tdo = mha_tensor_4d(dout, 1, 1, L, D);
+        mha_attn_desc desc;
+        mha_attn_desc_init(&desc);
+        desc.causal = MHA_CAUSAL_TOP_LEFT;
+        CHECK_OK(mha_attention(ctx, &to, lse, &tq, &tk, &tv, &desc));
+        for (int split = 0; split < 2; split++) {
+            mha__split_attention_min_rows(split ? 0 : INT64_MAX);
+            mha_tensor t[3];
+            for (int i = 0; i < 3; i++) {
+                g[split][i] = malloc((size_t)n * sizeof(float));
+                t[i] = mha_tensor_4d(g[split][i], 1, 1, L, D);
+            }
+            CHECK_OK(mha_attention_backward(ctx, &t[0], &t[1], &t[2], &tq, &tk, &tv, &to, lse, &tdo, &desc));
+        }
+        mha__split_attention_min_rows(-1);
+        harness_split_all();
+        int64_t unlike = 0, non_finite = 0;
+        for (int i = 0; i < 3; i++) {
+            double top = 0;
+            for (int64_t e = 0; e < n; e++)
+                if (isfinite(g[0][i][e])) top = fmax(top, fabs(g[0][i][e]));
+            for (int64_t e = 0; e < n; e++) {
+                float a = g[0][i][e], b = g[1][i][e];
+                non_finite += !isfinite(a);
+                unlike += isfinite(a) ? !(fabs(a - b) <= 1e-5 * top) : isnan(a) ? !isnan(b) : a != b;
+            }
+        }
+        CHECK(unlike == 0 && non_finite > 0,
+              "L %d, non-finite input kind %d: %lld gradients differ with and without split products (%lld not finite)",
+              L, kind, (long long)unlike, (long long)non_finite);
+        for (int s = 0; s < 2; s++)
+            for (int i = 0; i < 3; i++) free(g[s][i]);
+        free(q), free(k), free(v), free(dout), free(out), free(lse);
+    }
+}
+
 /* ------------------------------------------------------------------ */
 
 typedef struct bits {
@@ -347,6 +401,7 @@ int main(void)
     check_nan_inf(ctx, 12, 8);
     check_nan_inf(ctx, 300, 8);
     check_nan_inf(ctx, 600, 64);
+    check_nan_inf_backward(ctx, 600, 64);
     mha_ctx_free(ctx);
     check_determinism();
     check_concurrency();

@@ -81,9 +81,15 @@ typedef struct bwd_tiles {
     /* The split scores and dP only (split products, below): */
     uint16_t *qs;    /* (scale Q)^T: B's column tiles of 16 queries */
     uint16_t *dos;   /* dO^T likewise */
-    uint16_t *kvs;   /* [pass blocks]: a key block's K rows as A's row tiles of 16 keys, then its V rows */
-    bool *kv_finite; /* [pass blocks][2]: the block's K, and V, values all finite */
+    uint16_t *kvs;   /* [pass blocks]: a key block's K rows as A's row tiles of 16 keys, then its V rows,
+                      * then (split_grads) K^T as A's row tiles of 16 dimensions, k along the keys */
+    bool *kv_finite; /* [pass blocks][3]: the block's K, V, and K^T tiles there and finite */
     bool qs_finite, dos_finite;
+    /* dV, dK and dQ from split products (split_grads) only: */
+    uint16_t *qb, *dob; /* the query block's Q rows, and dO rows, as B's column tiles, k down the queries */
+    uint16_t *grad;     /* P^T or dS^T as A's row tiles (k along the queries), or dS^T as B's column tiles */
+    float *dqt;         /* [D][BQ]  the query block's dQ^T sum over one pass's key blocks */
+    bool qb_finite, dob_finite;
     int64_t lo[BQ], hi[BQ];
     float zero[BQ];     /* the shift of refined scores, already shifted */
     mha__refine refine; /* which of the block's scores to refine (attention.h) */
@@ -102,20 +108,35 @@ static int64_t item_keys(const mha__attn_plan *p) { return ((p->R + BK - 1) / BK
 
 enum { SPLIT_ROWS = 16, PAIR = 32 }; /* rows of a split tile; of a pair of them */
 
+/* Whether dV, dK and dQ come from the split products too: where the
+ * scores do and D, like Dv, is a multiple of 32 (dK adds 32 of its
+ * columns at a time). */
+static bool split_grads(const mha__attn_plan *p) { return p->split && p->D % PAIR == 0; }
+
 /* The split products' sizes, in uint16_t values (0 where the plan's
  * forward does not use them: the backward's scores then come from the
  * same products as the forward's, see split_scores): one query block's
  * (scale Q)^T and dO^T as B's column tiles, and one key block's K and V
- * rows as A's row tiles. */
+ * rows as A's row tiles (a slot); with split_grads also the block's Q
+ * and dO rows as B's column tiles (rows), a slot's K^T (key_cols), one
+ * block pair's P or dS split (grad), and dQ^T's floats (dqt). */
 typedef struct bwd_split_sizes {
-    int64_t q, dout, kv;
+    int64_t q, dout, kv, rows, key_cols, grad, dqt;
 } bwd_split_sizes;
 
 static bwd_split_sizes bwd_split_sizes_of(const mha__attn_plan *p)
 {
     if (!p->split) return (bwd_split_sizes){0};
     int64_t run_k = mha__split_run(mha__split_blocks(p->D)), run_v = mha__split_run(mha__split_blocks(p->Dv));
-    return (bwd_split_sizes){BQ / SPLIT_ROWS * run_k, BQ / SPLIT_ROWS * run_v, BK / SPLIT_ROWS * (run_k + run_v)};
+    bwd_split_sizes z = {.q = BQ / SPLIT_ROWS * run_k, .dout = BQ / SPLIT_ROWS * run_v,
+                         .kv = BK / SPLIT_ROWS * (run_k + run_v)};
+    if (!split_grads(p)) return z;
+    int64_t run_q = mha__split_run(mha__split_blocks(BQ)), run_keys = mha__split_run(mha__split_blocks(BK));
+    z.rows = (p->D + p->Dv) / SPLIT_ROWS * run_q;
+    z.key_cols = p->D / SPLIT_ROWS * run_keys;
+    z.grad = (BK > BQ ? BK : BQ) / SPLIT_ROWS * (run_q > run_keys ? run_q : run_keys);
+    z.dqt = p->D * BQ;
+    return z;
 }
 
 /* Key blocks a sweep pass takes: as many as keep their K and V rows and
@@ -169,8 +190,13 @@ static bwd_tiles carve_tiles(const mha__attn_plan *p, carver *c)
     int64_t slots = z.kv ? pass_blocks(p) : 0;
     t.qs = (uint16_t *)carve(c, z.q / 2);
     t.dos = (uint16_t *)carve(c, z.dout / 2);
-    t.kvs = (uint16_t *)carve(c, slots * z.kv / 2);
-    t.kv_finite = (bool *)carve(c, (2 * slots + 3) / 4);
+    t.kvs = (uint16_t *)carve(c, slots * (z.kv + z.key_cols) / 2);
+    t.kv_finite = (bool *)carve(c, (3 * slots + 3) / 4);
+    t.qb = (uint16_t *)carve(c, z.rows / 2);
+    t.dob = z.rows && t.qb ? t.qb + p->D / SPLIT_ROWS * mha__split_run(mha__split_blocks(BQ)) : NULL;
+    t.grad = (uint16_t *)carve(c, z.grad / 2);
+    t.dqt = carve(c, z.dqt);
+    t.qb_finite = t.dob_finite = false;
     t.qd = (double *)(void *)carve(c, p->bf16 ? 0 : 2 * p->D * BQ);
     t.qd_row = NULL;
     t.qs_finite = t.dos_finite = false;
@@ -269,17 +295,25 @@ static void rows_range(void *arg, int thread, int64_t begin, int64_t end)
 
 /* The same chains as the forward's scores, so the backward's scores are
  * the forward's bits and its probabilities the forward's.  dV, dK and dQ
- * stay on the float32 tiles: their operands are P and dS, which would
- * need splitting for every block pair, three times (pairs along the
- * queries for dV and dK, along the keys for dQ), and that costs about
- * what the tiles would save (docs/PERFORMANCE.md). */
+ * (split_grads) take split products too, from P and dS split for every
+ * block pair, three times: P^T and dS^T as A's row tiles along the
+ * queries (dV = P^T dO, dK = dS^T Q), dS^T as B's column tiles down the
+ * keys (dQ^T = K^T dS^T, summed transposed over a pass's key blocks and
+ * added to dQ's rows once a pass: no transpose of dS).  Their other
+ * operands are split once a query block (Q and dO rows) or once a pass
+ * (K^T, with K and V).  The twenty-fifth session counted that the splits would
+ * cost what the tiles save; since then the split kernel's reloads and
+ * the P filler got faster (docs/PERFORMANCE.md). */
 
-/* Slot `slot`'s K row tiles, or its V row tiles. */
-static uint16_t *slot_tiles(const bwd_job *j, const bwd_tiles *t, int64_t slot, bool values)
+enum { SLOT_K, SLOT_V, SLOT_KT }; /* a slot's parts, in order */
+
+/* Slot `slot`'s K row tiles, its V row tiles, or its K^T row tiles. */
+static uint16_t *slot_tiles(const bwd_job *j, const bwd_tiles *t, int64_t slot, int part)
 {
     const mha__attn_plan *p = j->p;
+    bwd_split_sizes z = bwd_split_sizes_of(p);
     int64_t k_part = BK / SPLIT_ROWS * mha__split_run(mha__split_blocks(p->D));
-    return t->kvs + slot * bwd_split_sizes_of(p).kv + (values ? k_part : 0);
+    return t->kvs + slot * (z.kv + z.key_cols) + (part == SLOT_K ? 0 : part == SLOT_V ? k_part : z.kv);
 }
 
 /* Key block [j0, j0+cols) of kv head g, K's rows and (with `values`)
@@ -291,12 +325,32 @@ static void split_key_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g
 {
     const mha__attn_plan *p = j->p;
     const mha_tensor *k = j->k, *v = j->v;
-    t->kv_finite[2 * slot] =
+    t->kv_finite[3 * slot + SLOT_K] =
         k->stride[3] == 1 && mha__split_tiles(p->bk, false, row_of(k, b, g, j0), k->stride[2], BK / SPLIT_ROWS, cols,
-                                              p->D, slot_tiles(j, t, slot, false));
-    t->kv_finite[2 * slot + 1] = values && v->stride[3] == 1 &&
-                                 mha__split_tiles(p->bk, false, row_of(v, b, g, j0), v->stride[2], BK / SPLIT_ROWS,
-                                                  cols, p->Dv, slot_tiles(j, t, slot, true));
+                                              p->D, slot_tiles(j, t, slot, SLOT_K));
+    t->kv_finite[3 * slot + SLOT_V] = values && v->stride[3] == 1 &&
+                                      mha__split_tiles(p->bk, false, row_of(v, b, g, j0), v->stride[2],
+                                                       BK / SPLIT_ROWS, cols, p->Dv, slot_tiles(j, t, slot, SLOT_V));
+    t->kv_finite[3 * slot + SLOT_KT] = false;
+}
+
+/* The same key block's K^T into slot `slot` as A's row tiles of 16
+ * dimensions, k along the keys (dQ^T = K^T dS^T): pairs of keys down
+ * column tiles of K, each transposed.  Where K's tiles are not there
+ * (strided or not finite), neither is K^T: dQ then takes the float32
+ * product. */
+static void split_key_columns(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int64_t j0, int64_t cols,
+                              int64_t slot)
+{
+    const mha__attn_plan *p = j->p;
+    uint16_t *dst = slot_tiles(j, t, slot, SLOT_KT);
+    int64_t kb = mha__split_blocks(cols), run = mha__split_run(kb);
+    bool ok = t->kv_finite[3 * slot + SLOT_K] &&
+              mha__split_tiles_near(p->bk, true, row_of(j->k, b, g, j0), j->k->stride[2], p->D / SPLIT_ROWS, p->D, cols,
+                                    dst);
+    for (int64_t i = 0; ok && i < p->D / SPLIT_ROWS; i++)
+        for (int64_t bb = 0; bb < kb; bb++) p->bk->split_transpose(dst + i * run + bb * 3 * MHA_SPLIT_TILE);
+    t->kv_finite[3 * slot + SLOT_KT] = ok;
 }
 
 /* dst ([BK][BQ]) = S^T = K (scale Q)^T, or with `values` dP^T = V dO^T,
@@ -308,9 +362,9 @@ static bool split_scores(const bwd_job *j, const bwd_tiles *t, int64_t slot, boo
                          float *dst)
 {
     const mha__attn_plan *p = j->p;
-    if (slot < 0 || !t->kv_finite[2 * slot + values] || !(values ? t->dos_finite : t->qs_finite)) return false;
+    if (slot < 0 || !t->kv_finite[3 * slot + values] || !(values ? t->dos_finite : t->qs_finite)) return false;
     int64_t kb = mha__split_blocks(values ? p->Dv : p->D), run = mha__split_run(kb);
-    const uint16_t *a = slot_tiles(j, t, slot, values), *columns = values ? t->dos : t->qs;
+    const uint16_t *a = slot_tiles(j, t, slot, values ? SLOT_V : SLOT_K), *columns = values ? t->dos : t->qs;
     for (int64_t r = 0; r < rows; r += PAIR)
         p->bk->gemm_split((cols + PAIR - 1) / PAIR, kb, a, run, columns + r / SPLIT_ROWS * run, dst + r, BQ,
                           MHA_SPLIT_STORE, NULL);
@@ -489,6 +543,74 @@ static float *partial_row(const bwd_job *j, int64_t g, int64_t b, int64_t h, int
     return j->partial + (g - j->first_is_dq) * p->B * p->Hq * p->L * p->D + ((b * p->Hq + h) * p->L + i) * p->D;
 }
 
+/* The query block's Q and dO rows as B's column tiles, k down the
+ * queries (dK = dS^T Q, dV = P^T dO), and its dQ^T sum cleared. */
+static void split_query_rows(const bwd_job *j, bwd_tiles *t, const float *qr, int64_t ldqr, const float *dor,
+                             int64_t lddo, int64_t rows)
+{
+    const mha__attn_plan *p = j->p;
+    t->qb_finite = mha__split_tiles_near(p->bk, true, qr, ldqr, p->D / SPLIT_ROWS, p->D, rows, t->qb);
+    t->dob_finite = mha__split_tiles_near(p->bk, true, dor, lddo, p->Dv / SPLIT_ROWS, p->Dv, rows, t->dob);
+    memset(t->dqt, 0, (size_t)(p->D * BQ) * sizeof(float));
+}
+
+/* A block pair's float32 operands, for the products that fall back. */
+typedef struct block_operands {
+    const float *qr;
+    int64_t ldqr;
+    const float *dor;
+    int64_t lddo;
+    const float *kr;
+    int64_t ldk;
+} block_operands;
+
+/* acc (+)= X^T B, X = P or dS ([BK][BQ] key-major: its rows are A's
+ * rows, k along the queries), B split as `columns` (k down the
+ * queries), 32 of acc's `width` columns a call; false, nothing added,
+ * where X is not finite. */
+static bool add_key_rows(const bwd_job *j, bwd_tiles *t, const float *x, int64_t rows, int64_t cols,
+                         const uint16_t *columns, float *acc, int64_t width)
+{
+    const mha__bf16_kernels *bk = j->p->bk;
+    int64_t kb = mha__split_blocks(rows), run = mha__split_run(kb), pairs = (cols + PAIR - 1) / PAIR;
+    if (!mha__split_tiles_near(bk, false, x, BQ, 2 * pairs, cols, rows, t->grad)) return false;
+    for (int64_t c0 = 0; c0 < width; c0 += PAIR)
+        bk->gemm_split(pairs, kb, t->grad, run, columns + c0 / SPLIT_ROWS * run, acc + c0, width, MHA_SPLIT_ADD, NULL);
+    return true;
+}
+
+/* dV += P^T dO, dK += dS^T Q (unscaled) and the query block's dQ^T +=
+ * K^T dS^T, from split products; each product whose operands are not
+ * all finite (or K's rows strided) takes the float32 tiles instead, the
+ * same sums in float32 chains. */
+static void split_block_grads(const bwd_job *j, bwd_tiles *t, int64_t slot, int64_t rows, int64_t cols,
+                              block_operands f, float *acc_v, float *acc_k)
+{
+    const mha__attn_plan *p = j->p;
+    const mha__kernels *kt = j->kt;
+    if (!t->dob_finite || !add_key_rows(j, t, t->st, rows, cols, t->dob, acc_v, p->Dv))
+        product(kt, cols, p->Dv, rows, t->st, BQ, 1, f.dor, f.lddo, acc_v, p->Dv, 1);
+    if (!t->qb_finite || !add_key_rows(j, t, t->dpt, rows, cols, t->qb, acc_k, p->D))
+        product(kt, cols, p->D, rows, t->dpt, BQ, 1, f.qr, f.ldqr, acc_k, p->D, 1);
+    int64_t kb = mha__split_blocks(cols), run = mha__split_run(kb), pairs = (rows + PAIR - 1) / PAIR;
+    if (t->kv_finite[3 * slot + SLOT_KT] &&
+        mha__split_tiles_near(p->bk, true, t->dpt, BQ, 2 * pairs, rows, cols, t->grad)) {
+        const uint16_t *kcols = slot_tiles(j, t, slot, SLOT_KT);
+        for (int64_t r0 = 0; r0 < rows; r0 += PAIR)
+            p->bk->gemm_split(p->D / PAIR, kb, kcols, run, t->grad + r0 / SPLIT_ROWS * run, t->dqt + r0, BQ,
+                              MHA_SPLIT_ADD, NULL);
+    } else {
+        product(kt, p->D, rows, cols, f.kr, 1, f.ldk, t->dpt, BQ, t->dqt, BQ, 1);
+    }
+}
+
+/* dq_rows (+)= dqt^T: rows x width from [width][BQ]. */
+static void add_transposed(float *dq_rows, int64_t ldq, const float *dqt, int64_t rows, int64_t width)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < width; c++) dq_rows[r * ldq + c] += dqt[c * BQ + r];
+}
+
 /* One pass of a sweep: the item's key blocks m0 .. m1-1 (of its `mine`)
  * against every query block of every head of kv head g's group.  Each
  * query block is packed once a pass, and its dQ rows (partial sum
@@ -503,6 +625,7 @@ static void sweep_pass(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int
         int64_t j0, cols;
         key_block(j, group + m * j->groups, &j0, &cols);
         split_key_block(j, t, b, g, j0, cols, m - m0, true);
+        if (split_grads(p)) split_key_columns(j, t, b, g, j0, cols, m - m0);
     }
     for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
         for (int64_t qb = 0; qb < j->q_blocks; qb++) {
@@ -520,14 +643,22 @@ static void sweep_pass(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int
                     pack_block(j, t, b, h, i0, rows);
                     qr = operand_rows(j->q, b, h, i0, rows, p->D, t->qr, &ldqr);
                     dor = operand_rows(j->dout, b, h, i0, rows, p->Dv, t->dor, &lddo);
+                    if (split_grads(p)) split_query_rows(j, t, qr, ldqr, dor, lddo, rows);
                     packed = true;
                 }
                 const float *kr = operand_rows(j->k, b, g, j0, cols, p->D, t->kr, &ldk);
                 score_gradients(j, t, b, h, i0, rows, j0, cols, p->split ? m - m0 : -1, plain);
-                product(kt, cols, p->Dv, rows, t->st, BQ, 1, dor, lddo, t->acc_v + m * BK * p->Dv, p->Dv, 1);
-                product(kt, cols, p->D, rows, t->dpt, BQ, 1, qr, ldqr, t->acc_k + m * BK * p->D, p->D, 1);
+                float *acc_v = t->acc_v + m * BK * p->Dv, *acc_k = t->acc_k + m * BK * p->D;
+                if (split_grads(p)) {
+                    split_block_grads(j, t, m - m0, rows, cols, (block_operands){qr, ldqr, dor, lddo, kr, ldk},
+                                      acc_v, acc_k);
+                    continue;
+                }
+                product(kt, cols, p->Dv, rows, t->st, BQ, 1, dor, lddo, acc_v, p->Dv, 1);
+                product(kt, cols, p->D, rows, t->dpt, BQ, 1, qr, ldqr, acc_k, p->D, 1);
                 product(kt, rows, p->D, cols, t->dpt, 1, BQ, kr, ldk, dq_rows, ldq, 1);
             }
+            if (packed && split_grads(p)) add_transposed(dq_rows, ldq, t->dqt, rows, p->D);
         }
 }
 
