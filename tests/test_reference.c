@@ -69,11 +69,11 @@ typedef struct sdpa_case {
     float softcap;
     bool alibi;
     enum mask_kind mask;
-    double scale; /* NAN = default */
+    double scale;   /* NAN = default */
     bool strided;   /* q, k, v, out stored as [B, T, H, D] */
     bool k_columns; /* k stored as [B, H, D, S]: its rows' elements S apart */
-    bool bf16;    /* computed in bfloat16; the baseline is the plain bf16 reference */
-    double size;  /* q and k in [-2 size, 2 size): 1, or up to 20 for logits in the thousands */
+    bool bf16;      /* computed in bfloat16; the baseline is the plain bf16 reference */
+    double size;    /* q and k in [-2 size, 2 size): 1, or up to 20 for logits in the thousands */
 } sdpa_case;
 
 /* Offset of element (b, h, t, c) and the matching view. */

@@ -175,7 +175,8 @@ static void test_near_fillers(const mha__bf16_kernels *bk)
             bad += !bk->split_near_pairs_tile(src, LDS, live, n, tiles);
             for (int64_t k = 0; k < 32; k++)
                 for (int64_t j = 0; j < 16; j++)
-                    bad += !part_sum_is(tiles, (k / 2) * 32 + 2 * j + k % 2, k < live && j < n ? src[k * LDS + j] : 0.0f);
+                    bad +=
+                        !part_sum_is(tiles, (k / 2) * 32 + 2 * j + k % 2, k < live && j < n ? src[k * LDS + j] : 0.0f);
         }
     }
     CHECK(bad == 0, "%s near fillers: %d values misplaced or wrong", bk->name, bad);

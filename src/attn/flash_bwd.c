@@ -128,8 +128,8 @@ static bwd_split_sizes bwd_split_sizes_of(const mha__attn_plan *p)
 {
     if (!p->split) return (bwd_split_sizes){0};
     int64_t run_k = mha__split_run(mha__split_blocks(p->D)), run_v = mha__split_run(mha__split_blocks(p->Dv));
-    bwd_split_sizes z = {.q = BQ / SPLIT_ROWS * run_k, .dout = BQ / SPLIT_ROWS * run_v,
-                         .kv = BK / SPLIT_ROWS * (run_k + run_v)};
+    bwd_split_sizes z = {
+        .q = BQ / SPLIT_ROWS * run_k, .dout = BQ / SPLIT_ROWS * run_v, .kv = BK / SPLIT_ROWS * (run_k + run_v)};
     if (!split_grads(p)) return z;
     int64_t run_q = mha__split_run(mha__split_blocks(BQ)), run_keys = mha__split_run(mha__split_blocks(BK));
     z.rows = (p->D + p->Dv) / SPLIT_ROWS * run_q;
@@ -329,8 +329,8 @@ static void split_key_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g
         k->stride[3] == 1 && mha__split_tiles(p->bk, false, row_of(k, b, g, j0), k->stride[2], BK / SPLIT_ROWS, cols,
                                               p->D, slot_tiles(j, t, slot, SLOT_K));
     t->kv_finite[3 * slot + SLOT_V] = values && v->stride[3] == 1 &&
-                                      mha__split_tiles(p->bk, false, row_of(v, b, g, j0), v->stride[2],
-                                                       BK / SPLIT_ROWS, cols, p->Dv, slot_tiles(j, t, slot, SLOT_V));
+                                      mha__split_tiles(p->bk, false, row_of(v, b, g, j0), v->stride[2], BK / SPLIT_ROWS,
+                                                       cols, p->Dv, slot_tiles(j, t, slot, SLOT_V));
     t->kv_finite[3 * slot + SLOT_KT] = false;
 }
 
@@ -345,9 +345,9 @@ static void split_key_columns(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t
     const mha__attn_plan *p = j->p;
     uint16_t *dst = slot_tiles(j, t, slot, SLOT_KT);
     int64_t kb = mha__split_blocks(cols), run = mha__split_run(kb);
-    bool ok = t->kv_finite[3 * slot + SLOT_K] &&
-              mha__split_tiles_near(p->bk, true, row_of(j->k, b, g, j0), j->k->stride[2], p->D / SPLIT_ROWS, p->D, cols,
-                                    dst);
+    bool ok =
+        t->kv_finite[3 * slot + SLOT_K] &&
+        mha__split_tiles_near(p->bk, true, row_of(j->k, b, g, j0), j->k->stride[2], p->D / SPLIT_ROWS, p->D, cols, dst);
     for (int64_t i = 0; ok && i < p->D / SPLIT_ROWS; i++)
         for (int64_t bb = 0; bb < kb; bb++) p->bk->split_transpose(dst + i * run + bb * 3 * MHA_SPLIT_TILE);
     t->kv_finite[3 * slot + SLOT_KT] = ok;
@@ -650,8 +650,8 @@ static void sweep_pass(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int
                 score_gradients(j, t, b, h, i0, rows, j0, cols, p->split ? m - m0 : -1, plain);
                 float *acc_v = t->acc_v + m * BK * p->Dv, *acc_k = t->acc_k + m * BK * p->D;
                 if (split_grads(p)) {
-                    split_block_grads(j, t, m - m0, rows, cols, (block_operands){qr, ldqr, dor, lddo, kr, ldk},
-                                      acc_v, acc_k);
+                    split_block_grads(j, t, m - m0, rows, cols, (block_operands){qr, ldqr, dor, lddo, kr, ldk}, acc_v,
+                                      acc_k);
                     continue;
                 }
                 product(kt, cols, p->Dv, rows, t->st, BQ, 1, dor, lddo, acc_v, p->Dv, 1);
