@@ -395,20 +395,6 @@ static void store_pairs_cut(uint16_t *dst, __m512i a, __m512i b)
         dst, _mm512_ternarylogic_epi32(_mm512_srli_epi32(a, 16), b, _mm512_set1_epi32((int)0xffff0000u), A_OR_B_AND_C));
 }
 
-void mha__split_unit_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
-{
-    __mmask16 mk = first_lanes(n);
-    for (int64_t pr = 0; pr < 16; pr++) {
-        uint16_t *row = tiles + pr * MHA_SPLIT_K;
-        __m512 a = 2 * pr < live ? _mm512_maskz_loadu_ps(mk, src + 2 * pr * lds) : _mm512_setzero_ps();
-        __m512 b = 2 * pr + 1 < live ? _mm512_maskz_loadu_ps(mk, src + (2 * pr + 1) * lds) : _mm512_setzero_ps();
-        parts pa = split_unit_lanes(a), pb = split_unit_lanes(b);
-        store_pairs(row, pa.hi, pb.hi);
-        store_pairs(row + MHA_SPLIT_TILE, pa.mid, pb.mid);
-        store_pairs_cut(row + 2 * MHA_SPLIT_TILE, pa.lo, pb.lo);
-    }
-}
-
 /* Lanes whose value the rounding of bf16_bits_unit keeps finite: |x|
  * below FLT_MAX's last half bf16 step (0x7f7f8000), which leaves out
  * infinities and NaNs too.  For those lanes split_unit_lanes is exact
@@ -420,20 +406,35 @@ static __mmask16 splittable_lanes(__m512 x)
     return _mm512_cmplt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f7f8000));
 }
 
-bool mha__split_near_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
+/* B's pair tiles from split_unit_lanes: the probabilities' filler and the
+ * near pairs filler, one loop.  With `check`, the lanes of every row that
+ * are splittable (all 16 where they all are); without, 0xffff (the
+ * probabilities are in [0, 1]), the check compiled out. */
+static inline __attribute__((always_inline)) __mmask16 unit_pairs(const float *src, int64_t lds, int64_t live,
+                                                                  int64_t n, uint16_t *tiles, bool check)
 {
     __mmask16 mk = first_lanes(n), ok = 0xffff;
     for (int64_t pr = 0; pr < 16; pr++) {
         uint16_t *row = tiles + pr * MHA_SPLIT_K;
         __m512 a = 2 * pr < live ? _mm512_maskz_loadu_ps(mk, src + 2 * pr * lds) : _mm512_setzero_ps();
         __m512 b = 2 * pr + 1 < live ? _mm512_maskz_loadu_ps(mk, src + (2 * pr + 1) * lds) : _mm512_setzero_ps();
-        ok &= splittable_lanes(a) & splittable_lanes(b);
+        if (check) ok &= splittable_lanes(a) & splittable_lanes(b);
         parts pa = split_unit_lanes(a), pb = split_unit_lanes(b);
         store_pairs(row, pa.hi, pb.hi);
         store_pairs(row + MHA_SPLIT_TILE, pa.mid, pb.mid);
         store_pairs_cut(row + 2 * MHA_SPLIT_TILE, pa.lo, pb.lo);
     }
-    return ok == 0xffff;
+    return ok;
+}
+
+void mha__split_unit_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
+{
+    (void)unit_pairs(src, lds, live, n, tiles, false);
+}
+
+bool mha__split_near_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
+{
+    return unit_pairs(src, lds, live, n, tiles, true) == 0xffff;
 }
 
 /* The high halves of a's 16 lanes, then b's, as 32 bf16 values in order. */
