@@ -89,6 +89,7 @@ typedef struct bwd_tiles {
     uint16_t *qb, *dob; /* the query block's Q rows, and dO rows, as B's column tiles, k down the queries */
     uint16_t *grad;     /* P^T or dS^T as A's row tiles (k along the queries), or dS^T as B's column tiles */
     float *dqt;         /* [D][BQ]  the query block's dQ^T sum over one pass's key blocks */
+    float *dq_block;    /* [BQ][D]  dqt turned back into rows */
     bool qb_finite, dob_finite;
     int64_t lo[BQ], hi[BQ];
     float zero[BQ];     /* the shift of refined scores, already shifted */
@@ -196,6 +197,7 @@ static bwd_tiles carve_tiles(const mha__attn_plan *p, carver *c)
     t.dob = z.rows && t.qb ? t.qb + p->D / SPLIT_ROWS * mha__split_run(mha__split_blocks(BQ)) : NULL;
     t.grad = (uint16_t *)carve(c, z.grad / 2);
     t.dqt = carve(c, z.dqt);
+    t.dq_block = carve(c, z.dqt);
     t.qb_finite = t.dob_finite = false;
     t.qd = (double *)(void *)carve(c, p->bf16 ? 0 : 2 * p->D * BQ);
     t.qd_row = NULL;
@@ -524,11 +526,29 @@ static void key_block(const bwd_job *j, int64_t kb, int64_t *j0, int64_t *cols)
     *cols = kb < real_blocks ? (p->R - *j0 < BK ? p->R - *j0 : BK) : p->S - p->R;
 }
 
+/* Elements per run of the row loops below: a fixed count, and every
+ * load of a run made into a local array before its stores, which -O2's
+ * vectoriser takes (a loop of unknown count, or whose stores might alias
+ * its loads, it leaves scalar). */
+enum { RUN = 16 };
+
+/* An item's dK or dV sums, scaled, into their rows: where a row's
+ * elements are side by side, in runs of RUN (element by element, 5% of
+ * the attention backward at N = 512). */
 static void write_scaled(float *dst, const int64_t stride[4], const float *src, int64_t rows, int64_t width,
                          float scale)
 {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < width; c++) dst[r * stride[2] + c * stride[3]] = src[r * width + c] * scale;
+    for (int64_t r = 0; r < rows; r++) {
+        float *d = dst + r * stride[2];
+        const float *s = src + r * width;
+        int64_t c = 0;
+        for (; stride[3] == 1 && c + RUN <= width; c += RUN) {
+            float run[RUN];
+            for (int64_t v = 0; v < RUN; v++) run[v] = s[c + v] * scale;
+            memcpy(d + c, run, sizeof run);
+        }
+        for (; c < width; c++) d[c * stride[3]] = s[c] * scale;
+    }
 }
 
 /* Partial dQ sum `g` at (b, h, row i), and the distance between its rows. */
@@ -604,11 +624,25 @@ static void split_block_grads(const bwd_job *j, bwd_tiles *t, int64_t slot, int6
     }
 }
 
-/* dq_rows (+)= dqt^T: rows x width from [width][BQ]. */
-static void add_transposed(float *dq_rows, int64_t ldq, const float *dqt, int64_t rows, int64_t width)
+/* dq_rows (+)= dqt^T: rows x width from [width][BQ], turned by the
+ * kernel's transpose (times 1: exact) into `rows_of` first, so that the
+ * adds run along rows; the same adds as element by element, which read
+ * dqt a column at a time and were 2-3% of the backward at N = 512. */
+static void add_transposed(const mha__kernels *kt, float *dq_rows, int64_t ldq, const float *dqt, int64_t rows,
+                           int64_t width, float *rows_of)
 {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < width; c++) dq_rows[r * ldq + c] += dqt[c * BQ + r];
+    kt->transpose_scaled(rows_of, width, dqt, BQ, width, rows, 1.0f);
+    for (int64_t r = 0; r < rows; r++) {
+        float *d = dq_rows + r * ldq;
+        const float *s = rows_of + r * width;
+        int64_t c = 0;
+        for (; c + RUN <= width; c += RUN) {
+            float run[RUN];
+            for (int64_t v = 0; v < RUN; v++) run[v] = d[c + v] + s[c + v];
+            memcpy(d + c, run, sizeof run);
+        }
+        for (; c < width; c++) d[c] += s[c];
+    }
 }
 
 /* One pass of a sweep: the item's key blocks m0 .. m1-1 (of its `mine`)
@@ -658,7 +692,7 @@ static void sweep_pass(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g, int
                 product(kt, cols, p->D, rows, t->dpt, BQ, 1, qr, ldqr, acc_k, p->D, 1);
                 product(kt, rows, p->D, cols, t->dpt, 1, BQ, kr, ldk, dq_rows, ldq, 1);
             }
-            if (packed && split_grads(p)) add_transposed(dq_rows, ldq, t->dqt, rows, p->D);
+            if (packed && split_grads(p)) add_transposed(kt, dq_rows, ldq, t->dqt, rows, p->D, t->dq_block);
         }
 }
 
@@ -796,20 +830,35 @@ static void exact_rows_range(void *arg, int thread, int64_t begin, int64_t end)
     release_split(j);
 }
 
-/* dq = scale * (partial 0 + partial 1 + ...), in that order, per row. */
+enum { MAX_GROUPS = 4 }; /* key_groups' largest */
+
+/* dq = scale * (partial 0 + partial 1 + ...), in that order, per row.
+ * Each row's partial sums are found once, not once an element: the call
+ * per element (partial_row) was 6.4% of the attention backward at N =
+ * 512, where there is one group and this is only the scaling. */
 static void finish_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const bwd_job *j = arg;
     const mha__attn_plan *p = j->p;
+    int64_t cs = j->dq->stride[3];
     for (int64_t row = begin; row < end; row++) {
-        int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L;
+        int64_t b = row / (p->Hq * p->L), h = row / p->L % p->Hq, i = row % p->L, ld;
         float *dst = j->dq->data + b * j->dq->stride[0] + h * j->dq->stride[1] + i * j->dq->stride[2];
-        int64_t ld;
-        for (int64_t c = 0; c < p->D; c++) {
-            float sum = partial_row(j, 0, b, h, i, &ld)[c];
-            for (int64_t g = 1; g < j->groups; g++) sum += partial_row(j, g, b, h, i, &ld)[c];
-            dst[c * j->dq->stride[3]] = sum * p->scale;
+        const float *part[MAX_GROUPS];
+        for (int64_t g = 0; g < j->groups; g++) part[g] = partial_row(j, g, b, h, i, &ld);
+        int64_t c = 0;
+        for (; cs == 1 && c + RUN <= p->D; c += RUN) { /* dst may be partial 0: each run read before it is written */
+            float sum[RUN];
+            for (int64_t v = 0; v < RUN; v++) sum[v] = part[0][c + v];
+            for (int64_t g = 1; g < j->groups; g++)
+                for (int64_t v = 0; v < RUN; v++) sum[v] += part[g][c + v];
+            for (int64_t v = 0; v < RUN; v++) dst[c + v] = sum[v] * p->scale;
+        }
+        for (; c < p->D; c++) {
+            float sum = part[0][c];
+            for (int64_t g = 1; g < j->groups; g++) sum += part[g][c];
+            dst[c * cs] = sum * p->scale;
         }
     }
 }
@@ -833,7 +882,7 @@ static void zero_range(void *arg, int thread, int64_t begin, int64_t end)
 static int64_t key_groups(const mha__attn_plan *p, int64_t k_blocks)
 {
     int64_t pairs = p->B * p->Hkv, g = pairs >= 8 ? 1 : (8 + pairs - 1) / pairs;
-    g = g > 4 ? 4 : g;
+    g = g > MAX_GROUPS ? MAX_GROUPS : g;
     return g > k_blocks ? (k_blocks > 0 ? k_blocks : 1) : g;
 }
 
