@@ -10,12 +10,68 @@
   numbers, objects) is refused with a TypeError naming the argument.
 - Masks: bool arrays (True = the key takes part, as in PyTorch) are read
   in place; float masks (added to the scores) follow the rule above.
-- Outputs are new C-contiguous float32 arrays.
+- Outputs are C-contiguous float32 arrays nothing else refers to: of
+  1 MiB or more, they may take the memory of an earlier output that
+  nothing refers to any more (empty, below).
 """
+
+import sys
+import threading
 
 import numpy as np
 
 MAX_RANK = 4  # the library's tensors have up to four dimensions
+
+# Outputs as large as SPARE_MIN_BYTES are kept in _spare once made, and
+# handed out again once nothing but the list refers to them: a training
+# loop asks for the same shapes every step, and a fresh array of that size
+# comes from the kernel as pages, each faulted in and cleared when first
+# written.  At N = 2048 (four 6.3 MB outputs) that took 13 ms of the
+# attention's 135 ms forward + backward step (docs/PERFORMANCE.md).  At
+# most SPARE_COUNT arrays and SPARE_BYTES are kept, the least recently
+# used free one let go first.
+SPARE_MIN_BYTES = 1 << 20
+SPARE_COUNT = 32
+SPARE_BYTES = 1 << 30
+_spare = []  # 1-D float32 arrays, the least recently handed out first
+_spare_lock = threading.Lock()
+
+
+def _spare_free(i):
+    """Whether only the list refers to _spare[i] (getrefcount adds one)."""
+    return sys.getrefcount(_spare[i]) <= 2
+
+
+def _keep(arr):
+    """arr into _spare, letting free ones go (oldest first) to stay
+    within the limits; not kept when the ones in use already fill them."""
+    i = 0
+    while i < len(_spare) and (len(_spare) >= SPARE_COUNT or
+                               sum(a.nbytes for a in _spare) + arr.nbytes > SPARE_BYTES):
+        if _spare_free(i):
+            del _spare[i]
+        else:
+            i += 1
+    if len(_spare) < SPARE_COUNT and sum(a.nbytes for a in _spare) + arr.nbytes <= SPARE_BYTES:
+        _spare.append(arr)
+
+
+def empty(shape):
+    """A float32 array of `shape` for an output, its values undefined (the
+    library writes every one): np.empty, or from 1 MiB on the memory of an
+    earlier output that nothing refers to any more."""
+    n = int(np.prod(shape))
+    if n * 4 < SPARE_MIN_BYTES:
+        return np.empty(shape, dtype=np.float32)
+    with _spare_lock:
+        for i in range(len(_spare)):
+            if _spare[i].size == n and _spare_free(i):
+                arr = _spare.pop(i)
+                _spare.append(arr)
+                return arr.reshape(shape)  # the view refers to arr until it goes
+        arr = np.empty(n, dtype=np.float32)
+        _keep(arr)
+        return arr.reshape(shape)
 
 
 def floats(x, name):

@@ -122,9 +122,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     p = _Problem(query, key, value, attn_mask, is_causal, scale, enable_gqa, causal, window, softcap, alibi_slopes,
                  num_threads)
     B, H, L, _ = p.q.shape
-    out = np.empty((B, H, L, p.v.shape[-1]), dtype=np.float32)
-    lse = np.empty((B, H, L), dtype=np.float32)  # the row maxima, with return_stats
-    row_sum = np.empty((B, H, L), dtype=np.float32) if return_stats else None
+    out = _arrays.empty((B, H, L, p.v.shape[-1]))
+    lse = _arrays.empty((B, H, L))  # the row maxima, with return_stats
+    row_sum = _arrays.empty((B, H, L)) if return_stats else None
     finite = _core.attention(out, lse, row_sum, p.q, p.k, p.v, *p.options(), compute_dtype == "bfloat16", p.threads,
                              check_finite == "all")
     if check_finite and not finite:
@@ -158,9 +158,9 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_m
     B, H, L, _ = p.q.shape
     row_sum = None
     if output is None or (lse is None and stats is None):
-        out4 = np.empty((B, H, L, p.v.shape[-1]), dtype=np.float32)
-        lse4 = np.empty((B, H, L), dtype=np.float32)  # the row maxima
-        row_sum = np.empty((B, H, L), dtype=np.float32)
+        out4 = _arrays.empty((B, H, L, p.v.shape[-1]))
+        lse4 = _arrays.empty((B, H, L))  # the row maxima
+        row_sum = _arrays.empty((B, H, L))
         if not _core.attention(out4, lse4, row_sum, p.q, p.k, p.v, *p.options(), False, p.threads, False):
             p.raise_nonfinite("output")
     else:
@@ -176,9 +176,9 @@ def scaled_dot_product_attention_backward(grad_output, query, key, value, attn_m
     if go.shape != p.shape[:-1] + (p.v.shape[-1],):
         raise ValueError(f"grad_output has shape {go.shape}; the output's is {p.shape[:-1] + (p.v.shape[-1],)}")
     go = _arrays.as4d(go, p.lead)
-    dq = np.empty(p.q.shape, dtype=np.float32)
-    dk = np.empty(p.k.shape, dtype=np.float32)
-    dv = np.empty(p.v.shape, dtype=np.float32)
+    dq = _arrays.empty(p.q.shape)
+    dk = _arrays.empty(p.k.shape)
+    dv = _arrays.empty(p.v.shape)
     if not _core.attention_backward(dq, dk, dv, p.q, p.k, p.v, out4, lse4, row_sum, go, *p.options(), p.threads):
         p.raise_nonfinite("gradient", [("grad_output", go)])
     return (dq.reshape(np.shape(query)), dk.reshape(np.shape(key)), dv.reshape(np.shape(value)))

@@ -148,9 +148,9 @@ class MultiheadAttention:
     def _out_nle(self, unbatched, N, L, width):
         """A new output in the caller's layout, and its [N, L, width] view."""
         if unbatched:
-            out = np.empty((L, width), dtype=np.float32)
+            out = _arrays.empty((L, width))
             return out, out[None]
-        out = np.empty((N, L, width) if self.batch_first else (L, N, width), dtype=np.float32)
+        out = _arrays.empty((N, L, width) if self.batch_first else (L, N, width))
         return out, (out if self.batch_first else out.transpose(1, 0, 2))
 
     def _masks(self, attn_mask, key_padding_mask, N, L, S):
@@ -221,7 +221,7 @@ class MultiheadAttention:
         weights = None
         if need_weights:
             S = k.shape[1] + self._extra_keys
-            weights = np.empty((N, 1 if average_attn_weights else self.num_heads, L, S), dtype=np.float32)
+            weights = _arrays.empty((N, 1 if average_attn_weights else self.num_heads, L, S))
         tape = self._take_tape() if record else None
         with self._lock:
             if record:
@@ -288,7 +288,7 @@ class MultiheadAttention:
         x3 = x[None] if single else x
         if x3.ndim != 3 or x3.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be [N, n, {self.embed_dim}] or [n, {self.embed_dim}], got {x.shape}")
-        out = np.empty(x3.shape, dtype=np.float32)
+        out = _arrays.empty(x3.shape)
         with self._lock:
             finite = _core.layer_decode(self._layer, cache._handle(), out, x3, self.threads)
         if not finite:

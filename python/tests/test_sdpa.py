@@ -294,3 +294,84 @@ def test_the_gil_is_released():
     assert span["t"] > 0.05, f"the call took {span['t']:.3f} s, too short to tell"
     print(f"GIL test: counted {n / (rate * span['t']):.2f} of the solo rate")
     assert n > rate * span["t"] / 3, f"counted {n} in {span['t']:.3f} s at a solo rate of {rate:.0f}/s"
+
+
+# ---- outputs that take the memory of earlier ones (mha/_arrays.py) ----
+
+def big_case(seed, L=128):
+    """q, k, v whose output (2 x 8 x L x 128 floats: 1 MiB at L = 128) is
+    as large as the spare arrays' threshold."""
+    r = np.random.default_rng(seed)
+    return [r.standard_normal((2, 8, L, 128)).astype(np.float32) for _ in range(3)]
+
+
+def test_a_freed_output_is_reused_and_right():
+    q, k, v = big_case(1)
+    first = mha.scaled_dot_product_attention(q, k, v)
+    address = first.ctypes.data
+    del first
+    from mha import _arrays
+    assert any(a.ctypes.data == address for a in _arrays._spare)  # kept, and free: nothing refers to it
+    again = mha.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert again.ctypes.data == address  # its memory serves again
+    ref64, _ = attention(q, k, v, np.float64, causal="top_left")
+    plain32, _ = attention(q, k, v, np.float32, causal="top_left")
+    ok, err, limit = within_rule(again, ref64, plain32, 2)
+    assert ok, f"error {err} over {limit}"
+
+
+
+def test_an_output_still_referred_to_is_never_reused():
+    q, k, v = big_case(2)
+    held = mha.scaled_dot_product_attention(q, k, v)
+    row = mha.scaled_dot_product_attention(q, k, v)[0, 0]  # a view alone keeps its array
+    copies = (held.copy(), row.copy())
+    grads = mha.scaled_dot_product_attention_backward(held, q, k, v)
+    outs = [mha.scaled_dot_product_attention(q * 2, k, v) for _ in range(3)] + list(grads)
+    for o in outs:
+        assert not np.shares_memory(o, held) and not np.shares_memory(o, row)
+    for i, a in enumerate(outs):
+        for b in outs[i + 1:]:
+            assert not np.shares_memory(a, b)
+    assert np.array_equal(held, copies[0]) and np.array_equal(row, copies[1])
+
+
+def test_spare_arrays_stay_within_their_limits():
+    from mha import _arrays
+    q, k, v = big_case(3)
+    held = [mha.scaled_dot_product_attention(q, k, v) for _ in range(_arrays.SPARE_COUNT + 4)]
+    assert len(_arrays._spare) <= _arrays.SPARE_COUNT
+    assert sum(a.nbytes for a in _arrays._spare) <= _arrays.SPARE_BYTES
+    addresses = {h.ctypes.data for h in held}
+    assert len(addresses) == len(held)
+    del held
+    again = mha.scaled_dot_product_attention(q, k, v)
+    assert again.ctypes.data in addresses or len(_arrays._spare) == 0
+
+
+def test_threads_never_share_an_output():
+    q, k, v = big_case(4)
+    want = mha.scaled_dot_product_attention(q, k, v)
+    results, errors = [[] for _ in range(4)], []
+
+    def work(i):
+        try:
+            for n in range(6):
+                out = mha.scaled_dot_product_attention(q, k, v)
+                results[i].append(out)
+                if n % 2:
+                    results[i].pop(0)  # let some go, so others take their memory
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    live = [o for r in results for o in r]
+    for i, a in enumerate(live):
+        assert np.array_equal(a, want)
+        for b in live[i + 1:]:
+            assert not np.shares_memory(a, b)

@@ -170,6 +170,35 @@ def test_gradients_handed_out_stay_put():
     assert len(storages) == 1
 
 
+def test_outputs_and_input_gradients_kept_stay_put():
+    """Outputs and input gradients of 1 MiB or more take the memory of
+    earlier ones nothing refers to (mha/_arrays.py): one the caller keeps,
+    as a tensor, keeps its values through later steps, and a step whose
+    earlier results were let go gives the same values from reused memory."""
+    torch.manual_seed(2)
+    layer = mt.MultiheadAttention(256, 4, batch_first=True)
+    x, dy = torch.randn(2, 512, 256, requires_grad=True), torch.randn(2, 512, 256)  # 1 MiB each
+
+    def step(scale):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        out = layer(x * 1, x * 1, x * 1, need_weights=False)[0]
+        (out * scale).backward(dy)
+        return out.detach(), x.grad
+
+    out1, grad1 = step(1.0)
+    kept = (out1.clone(), grad1.clone())
+    out2, grad2 = step(2.0)
+    assert torch.equal(out1, kept[0]) and torch.equal(grad1, kept[1]), "a later step wrote a result handed out"
+    assert torch.equal(out2, kept[0]) and torch.allclose(grad2, 2 * kept[1], rtol=1e-6, atol=1e-6)
+    assert out2.data_ptr() != out1.data_ptr() and grad2.data_ptr() != grad1.data_ptr()
+    del out1, grad1, out2, grad2
+    for _ in range(2):  # nothing kept: the steps take the memory let go, with the same values
+        out, grad = step(1.0)
+        assert torch.equal(out, kept[0]) and torch.equal(grad, kept[1])
+        del out, grad
+
+
 def test_calls_in_flight_and_backward_once():
     """Two recorded calls in flight, their backwards in reverse order, give
     each call's own gradients (the layer reuses tapes only once consumed);
