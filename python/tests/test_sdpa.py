@@ -240,24 +240,36 @@ def test_bfloat16_compute():
     assert np.max(np.abs(out - ref)) < 0.05  # bf16 has 8 bits of mantissa
 
 
+def in_threads(n, work):
+    """work(0) .. work(n - 1) on n Python threads at once; the exceptions
+    they raised."""
+    errors = []
+
+    def run(i):
+        try:
+            work(i)
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def test_threads_at_once():
     """Eight Python threads call at once, on 1 and 2 library threads: each
     gets the same bits as a call alone."""
     q, k, v = randn(4, 8, 256, 64), randn(4, 8, 256, 64), randn(4, 8, 256, 64)
     alone = mha.scaled_dot_product_attention(q, k, v, num_threads=1)
-    results, errors = [None] * 8, []
+    results = [None] * 8
 
     def work(i):
-        try:
-            results[i] = mha.scaled_dot_product_attention(q, k, v, num_threads=1 + i % 2)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        results[i] = mha.scaled_dot_product_attention(q, k, v, num_threads=1 + i % 2)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = in_threads(8, work)
     assert not errors, errors
     assert all(np.array_equal(r, alone) for r in results), "same bits on every thread count and thread"
 
@@ -352,24 +364,16 @@ def test_spare_arrays_stay_within_their_limits():
 def test_threads_never_share_an_output():
     q, k, v = big_case(4)
     want = mha.scaled_dot_product_attention(q, k, v)
-    results, errors = [[] for _ in range(4)], []
+    results = [[] for _ in range(4)]
 
     def work(i):
-        try:
-            for n in range(6):
-                out = mha.scaled_dot_product_attention(q, k, v)
-                results[i].append(out)
-                if n % 2:
-                    results[i].pop(0)  # let some go, so others take their memory
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for n in range(6):
+            results[i].append(mha.scaled_dot_product_attention(q, k, v))
+            if n % 2:
+                results[i].pop(0)  # let some go, so others take their memory
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    errors = in_threads(4, work)
+    assert not errors, errors
     live = [o for r in results for o in r]
     for i, a in enumerate(live):
         assert np.array_equal(a, want)
