@@ -27,12 +27,13 @@ MAX_RANK = 4  # the library's tensors have up to four dimensions
 # loop asks for the same shapes every step, and a fresh array of that size
 # comes from the kernel as pages, each faulted in and cleared when first
 # written.  At N = 2048 (four 6.3 MB outputs) that took 13 ms of the
-# attention's 135 ms forward + backward step (docs/PERFORMANCE.md).  At
+# attention's 135 ms forward + backward step in a loop of them alone
+# (docs/PERFORMANCE.md).  At
 # most SPARE_COUNT arrays and SPARE_BYTES are kept, the least recently
 # used free one let go first.
 SPARE_MIN_BYTES = 1 << 20
 SPARE_COUNT = 32
-SPARE_BYTES = 1 << 30
+SPARE_BYTES = 256 << 20
 _spare = []  # 1-D float32 arrays, the least recently handed out first
 _spare_lock = threading.Lock()
 
