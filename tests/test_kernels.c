@@ -507,8 +507,8 @@ static void test_shift_refined(const mha__kernels *kt)
 }
 
 /* norm2 over every tail of n, nineteen rows at once (the vector kernels
- * take them four or eight at a time, then one by one), values of every
- * size: the order's bits. */
+ * take them four at a time, then one by one), values of every size: the
+ * order's bits. */
 static void test_norm2(const mha__kernels *kt)
 {
     enum { N = 133, ROWS = 19, LD = 5 };

@@ -43,17 +43,21 @@ def _spare_free(i):
     return sys.getrefcount(_spare[i]) <= 2
 
 
+def _room_for(arr):
+    """Whether _spare can take arr within SPARE_COUNT and SPARE_BYTES."""
+    return len(_spare) < SPARE_COUNT and sum(a.nbytes for a in _spare) + arr.nbytes <= SPARE_BYTES
+
+
 def _keep(arr):
-    """arr into _spare, letting free ones go (oldest first) to stay
-    within the limits; not kept when the ones in use already fill them."""
+    """arr into _spare, letting free ones go (oldest first) to make room;
+    not kept when the ones in use already fill it."""
     i = 0
-    while i < len(_spare) and (len(_spare) >= SPARE_COUNT or
-                               sum(a.nbytes for a in _spare) + arr.nbytes > SPARE_BYTES):
+    while not _room_for(arr) and i < len(_spare):
         if _spare_free(i):
             del _spare[i]
         else:
             i += 1
-    if len(_spare) < SPARE_COUNT and sum(a.nbytes for a in _spare) + arr.nbytes <= SPARE_BYTES:
+    if _room_for(arr):
         _spare.append(arr)
 
 
