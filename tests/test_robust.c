@@ -182,6 +182,47 @@ static void check_nan_inf(mha_ctx *ctx, int L, int D)
     }
 }
 
+/* NaN in a key (kind 0) or value (kind 1) row J = 150, causal.  The
+ * first work item's rows (0-95: the plan's block rows at this size) see
+ * half of the first 192-key tile, which the forward caches whole
+ * (mha__cached_tile_keys): the NaN there must not send that item to the
+ * float32 products (its own keys are finite, so the split products still
+ * take them, as they did when the cache held only the keys an item saw),
+ * so its rows keep the bits they have without the NaN.  Rows up to J
+ * stay finite (but for a value's column, as in check_nan_inf: a strip
+ * of rows whose keys pass J multiplies its 0 probability by the NaN);
+ * from J on a key's NaN fills the row, a value's its column. */
+static void check_unseen_nan(mha_ctx *ctx, int L, int D)
+{
+    enum { J = 150, COLUMN = 4, FIRST_ITEM = 96 };
+    int64_t n = (int64_t)L * D;
+    for (int kind = 0; kind < 2; kind++) {
+        float *q = randoms(n, 1, NULL), *k = randoms(n, 1, NULL), *v = randoms(n, 1, NULL), *out[2];
+        mha_tensor tq = mha_tensor_4d(q, 1, 1, L, D), tk = mha_tensor_4d(k, 1, 1, L, D),
+                   tv = mha_tensor_4d(v, 1, 1, L, D);
+        mha_attn_desc desc;
+        mha_attn_desc_init(&desc);
+        desc.causal = MHA_CAUSAL_TOP_LEFT;
+        for (int poisoned = 0; poisoned < 2; poisoned++) {
+            if (poisoned) (kind == 0 ? k : v)[J * D + COLUMN] = NAN;
+            out[poisoned] = malloc((size_t)n * sizeof(float));
+            mha_tensor to = mha_tensor_4d(out[poisoned], 1, 1, L, D);
+            CHECK_OK(mha_attention(ctx, &to, NULL, &tq, &tk, &tv, &desc));
+        }
+        bool same = memcmp(out[0], out[1], (size_t)FIRST_ITEM * D * sizeof(float)) == 0;
+        int64_t wrong = 0;
+        for (int64_t i = FIRST_ITEM; i < L; i++)
+            for (int c = 0; c < D; c++) {
+                float o = out[1][i * D + c];
+                bool column = kind == 1 && c == COLUMN;
+                wrong += i < J ? !column && !isfinite(o) : (kind == 0 || column) != isnan(o);
+            }
+        CHECK(same && !wrong, "L %d, NaN in %s row %d: the first item's rows %s, %lld outputs after them wrong", L,
+              kind == 0 ? "key" : "value", J, same ? "kept their bits" : "changed", (long long)wrong);
+        free(q), free(k), free(v), free(out[0]), free(out[1]);
+    }
+}
+
 /* The backward over the same non-finite inputs (L rows, from the forward's
  * output and lse) with the split products and without: the same NaN and
  * infinities, and finite gradients alike to float32 rounding.  Blocks
@@ -402,6 +443,8 @@ int main(void)
     check_nan_inf(ctx, 300, 8);
     check_nan_inf(ctx, 600, 64);
     check_nan_inf_backward(ctx, 600, 64);
+    check_unseen_nan(ctx, 600, 64);
+    check_unseen_nan(ctx, 300, 32);
     mha_ctx_free(ctx);
     check_determinism();
     check_concurrency();

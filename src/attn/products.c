@@ -228,21 +228,30 @@ static void pack_values(const mha__attn_plan *p, mha__strided v, int64_t cols, i
         }
 }
 
+int64_t mha__cached_tile_keys(const mha__attn_plan *p, int64_t tile)
+{
+    return mha__min64(MHA__BC, p->S - tile * MHA__BC);
+}
+
 /* Key tile `tile`'s values packed: from the thread's cache, packed into
- * it first if the slot holds other rows; t->vp when not cached. */
+ * it first (the whole tile) if the slot holds other rows; t->vp when not
+ * cached.  *packed: the keys packed, which set the panels' stride. */
 static const float *value_panels(const mha__attn_plan *p, mha__strided v, int64_t cols, int64_t tile,
-                                 const mha__tiles *t)
+                                 const mha__tiles *t, int64_t *packed)
 {
     if (tile < 0 || tile >= t->vslots) {
         pack_values(p, v, cols, p->kt->nr, t->vp);
+        *packed = cols;
         return t->vp;
     }
     float *slot = t->vcache + tile * MHA__BC * p->Dv;
-    if (t->vtag[tile] != v.data || t->vcols[tile] != cols) {
-        pack_values(p, v, cols, p->kt->nr, slot);
+    if (t->vtag[tile] != v.data || t->vcols[tile] < cols) {
+        int64_t whole = mha__cached_tile_keys(p, tile);
+        pack_values(p, v, whole, p->kt->nr, slot);
         t->vtag[tile] = v.data;
-        t->vcols[tile] = cols;
+        t->vcols[tile] = whole;
     }
+    *packed = t->vcols[tile];
     return slot;
 }
 
@@ -257,10 +266,11 @@ static void values_f32(const mha__attn_plan *p, mha__strided v, int64_t rows, in
      * the two evicted each other: the panel came from L2 again for every
      * strip.  Packed, its rows spread over all sets: 33% fewer L1 misses
      * (cachegrind), the core 4-5% faster (docs/PERFORMANCE.md). */
-    const float *vp = value_panels(p, v, cols, tile, t);
+    int64_t packed;
+    const float *vp = value_panels(p, v, cols, tile, t, &packed);
     for (int64_t c = 0; c < p->Dv; c += kt->nr) {
         int64_t n = p->Dv - c < kt->nr ? p->Dv - c : kt->nr;
-        const float *panel = vp + c * cols;
+        const float *panel = vp + c * packed;
         for (int64_t r = 0; r < rows; r += kt->mr) {
             /* The strip's probabilities past its reach are 0: adding
              * their products would leave each output's bits as they are

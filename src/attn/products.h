@@ -20,6 +20,15 @@
  * (a 16 x 16 float tile stored 800 bytes apart ran at 0.64x). */
 enum { MHA__BR = 192, MHA__BC = 192, MHA__LDS = MHA__BR + 16 };
 
+/* Keys a cached tile holds (products.c, products_split.c): the whole of
+ * key tile `tile`, whatever part of it the item at hand sees.  A causal
+ * item of 96 rows sees half of its last 192-key tile and the next item
+ * all of it; caching only the part seen packed or split that tile twice,
+ * 1.5x the keys of a dense pass (docs/PERFORMANCE.md).  The parts past
+ * an item's keys are never read: its probabilities there are 0 and the
+ * products stop at each strip's reach (mha__strip_reach). */
+int64_t mha__cached_tile_keys(const mha__attn_plan *p, int64_t tile);
+
 /* One split key or value tile (products_split.c): the rows it was split
  * from (NULL: none yet), how many, and whether all were finite. */
 typedef struct mha__split_tag {
@@ -42,7 +51,7 @@ typedef struct mha__tiles {
     float *p16_sum;           /* bf16 only: [BR]  the running sum of the probabilities as rounded into p16 */
     float *vcache;            /* float32 table only: [vslots][Dv / nr][BC][nr]  packed value tiles, see below */
     const float **vtag;       /* [vslots]  the V rows each slot was packed from (NULL: none yet) */
-    int64_t *vcols;           /* [vslots]  and how many (a causal item's last tile is partial) */
+    int64_t *vcols;           /* [vslots]  and how many (mha__cached_tile_keys) */
     int64_t vslots;           /* 0: no cache */
     /* The split products only (products_split.c): */
     uint16_t *qs;               /* (scale Q)^T: B's column tiles of 16 queries */

@@ -91,24 +91,62 @@ static split_place place_of(const mha__attn_plan *p, int64_t tile, bool values, 
     return values ? (split_place){slot + z.k, &t->split_vtag[tile]} : (split_place){slot, &t->split_ktag[tile]};
 }
 
-/* Whether a place already holds the split of `cols` rows from `rows`. */
+/* Whether a place already holds a split of the first `cols` rows from
+ * `rows` that serves: those rows exactly, or more of them all finite
+ * (each key's parts are its own, so the first cols are the same bits).
+ * A split with a value that is not finite serves only its own rows: the
+ * item's may all be finite, and then take the split products. */
 static bool holds(const split_place *at, const float *rows, int64_t cols)
 {
-    return at->tag && at->tag->rows == rows && at->tag->cols == cols;
+    return at->tag && at->tag->rows == rows && (at->tag->cols == cols || (at->tag->cols > cols && at->tag->finite));
 }
 
-/* Key tile `tile`'s rows split into A's row tiles (16 keys, 32 of the
- * D dimensions a block), from the thread's cache or into it; ks when not
- * cached.  NULL if a value is not finite. */
-static const uint16_t *split_keys(const mha__attn_plan *p, mha__strided k, int64_t cols, int64_t tile,
-                                  const mha__tiles *t)
+/* K's first `rows` rows split into A's row tiles (16 keys, 32 of the D
+ * dimensions a block) at dst. */
+static bool split_key_rows(const mha__attn_plan *p, mha__strided k, int64_t rows, uint16_t *dst)
 {
-    split_place at = place_of(p, tile, false, t);
-    uint16_t *dst = at.dst;
-    if (holds(&at, k.data, cols)) return at.tag->finite ? dst : NULL;
-    bool finite = mha__split_tiles(p->bk, false, k.data, k.rs, (cols + PAIR - 1) / PAIR * 2, cols, p->D, dst);
-    if (at.tag) *at.tag = (mha__split_tag){k.data, cols, finite};
-    return finite ? dst : NULL;
+    return mha__split_tiles(p->bk, false, k.data, k.rs, (rows + PAIR - 1) / PAIR * 2, rows, p->D, dst);
+}
+
+/* V's first `rows` rows split into A's row tiles of V^T (16 of the Dv
+ * columns, 32 keys a block) at dst: pairs of keys down 16 columns,
+ * transposed into rows of pairs. */
+static bool split_value_rows(const mha__attn_plan *p, mha__strided v, int64_t rows, uint16_t *dst)
+{
+    int64_t kb = blocks_of(rows), run = run_of(kb);
+    bool finite = true;
+    for (int64_t d = 0; d < p->Dv; d += SPLIT_ROWS)
+        for (int64_t b = 0; b < kb; b++) {
+            int64_t j0 = b * MHA_SPLIT_K, live = rows - j0 < MHA_SPLIT_K ? rows - j0 : MHA_SPLIT_K;
+            uint16_t *tiles = dst + (d / SPLIT_ROWS) * run + b * 3 * MHA_SPLIT_TILE;
+            finite &= p->bk->split_pairs_tile(v.data + j0 * v.rs + d, v.rs, live, SPLIT_ROWS, tiles);
+            p->bk->split_transpose(tiles);
+        }
+    return finite;
+}
+
+/* Key tile `tile`'s rows (`values`: its value rows) split, from the
+ * thread's cache or into it, the whole tile (mha__cached_tile_keys); ks
+ * (vs) and only the item's `cols` rows when not cached.  *split: the rows
+ * split, whose blocks set V^T's row tiles' stride.  NULL if one of the
+ * item's values is not finite: a whole tile that is not is split again
+ * as the item's rows alone, which may be. */
+static const uint16_t *split_tile(const mha__attn_plan *p, mha__strided x, int64_t cols, int64_t tile, bool values,
+                                  const mha__tiles *t, int64_t *split)
+{
+    split_place at = place_of(p, tile, values, t);
+    if (holds(&at, x.data, cols)) {
+        *split = at.tag->cols;
+        return at.tag->finite ? at.dst : NULL;
+    }
+    bool (*fill)(const mha__attn_plan *, mha__strided, int64_t, uint16_t *) =
+        values ? split_value_rows : split_key_rows;
+    int64_t rows = at.tag ? mha__cached_tile_keys(p, tile) : cols;
+    bool finite = fill(p, x, rows, at.dst);
+    if (!finite && rows > cols) finite = fill(p, x, rows = cols, at.dst);
+    if (at.tag) *at.tag = (mha__split_tag){x.data, rows, finite};
+    *split = rows;
+    return finite ? at.dst : NULL;
 }
 
 /* Pairs of 16-query column tiles, outer; the key row pairs up to the
@@ -117,7 +155,8 @@ static const uint16_t *split_keys(const mha__attn_plan *p, mha__strided k, int64
 static void scores_split(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, int64_t tile,
                          const mha__tiles *t)
 {
-    const uint16_t *a = k.cs == 1 && *t->qs_finite ? split_keys(p, k, cols, tile, t) : NULL;
+    int64_t split;
+    const uint16_t *a = k.cs == 1 && *t->qs_finite ? split_tile(p, k, cols, tile, false, t, &split) : NULL;
     if (!a) {
         mha__products_f32.scores(p, k, rows, cols, tile, t);
         return;
@@ -131,28 +170,6 @@ static void scores_split(const mha__attn_plan *p, mha__strided k, int64_t rows, 
             p->bk->gemm_split(seen, kb, a, run, t->qs + (r / SPLIT_ROWS) * run, s, MHA__LDS, MHA_SPLIT_STORE, NULL);
         for (int64_t c = seen * PAIR; c < pairs * PAIR; c++) memset(s + c * MHA__LDS, 0, PAIR * sizeof(float));
     }
-}
-
-/* Value tile `tile`'s rows split into A's row tiles of V^T (16 of the Dv
- * columns, 32 keys a block), cached as split_keys does: pairs of keys
- * down 16 columns, transposed into rows of pairs. */
-static const uint16_t *split_values(const mha__attn_plan *p, mha__strided v, int64_t cols, int64_t tile,
-                                    const mha__tiles *t)
-{
-    split_place at = place_of(p, tile, true, t);
-    uint16_t *dst = at.dst;
-    if (holds(&at, v.data, cols)) return at.tag->finite ? dst : NULL;
-    int64_t kb = blocks_of(cols), run = run_of(kb);
-    bool finite = true;
-    for (int64_t d = 0; d < p->Dv; d += SPLIT_ROWS)
-        for (int64_t b = 0; b < kb; b++) {
-            int64_t j0 = b * MHA_SPLIT_K, live = cols - j0 < MHA_SPLIT_K ? cols - j0 : MHA_SPLIT_K;
-            uint16_t *tiles = dst + (d / SPLIT_ROWS) * run + b * 3 * MHA_SPLIT_TILE;
-            finite &= p->bk->split_pairs_tile(v.data + j0 * v.rs + d, v.rs, live, SPLIT_ROWS, tiles);
-            p->bk->split_transpose(tiles);
-        }
-    if (at.tag) *at.tag = (mha__split_tag){v.data, cols, finite};
-    return finite ? dst : NULL;
 }
 
 /* Whether every row's probabilities so far are numbers: a NaN among them
@@ -187,12 +204,14 @@ static void values_by_f32(const mha__attn_plan *p, mha__strided v, int64_t rows,
 static void values_split(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, int64_t tile,
                          const mha__tiles *t)
 {
-    const uint16_t *a = v.cs == 1 && probabilities_finite(t, rows) ? split_values(p, v, cols, tile, t) : NULL;
+    int64_t split = cols;
+    const uint16_t *a =
+        v.cs == 1 && probabilities_finite(t, rows) ? split_tile(p, v, cols, tile, true, t, &split) : NULL;
     if (!a) {
         values_by_f32(p, v, rows, cols, tile, t);
         return;
     }
-    int64_t a_run = run_of(blocks_of(cols));
+    int64_t a_run = run_of(blocks_of(split));
     for (int64_t r = 0; r < rows; r += PAIR) {
         /* The panel's probabilities past its reach are 0: the keys stop
          * at the block that holds its last (as the float32 table's). */
