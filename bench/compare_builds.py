@@ -22,6 +22,7 @@ CASES = [  # name, mha bench arguments, timed calls per run
     ("layer S1", ["--batch", "8", "--seq", "128"], 20),
     ("layer S2", ["--seq", "512"], 20),
     ("layer S3", ["--seq", "2048"], 5),
+    ("layer S3 causal", ["--seq", "2048", "--is-causal"], 5),
     ("layer S4", ["--seq", "8192"], 2),
     ("core N=2048", ["--op", "sdpa", "--seq", "2048"], 5),
     ("core N=2048 causal", ["--op", "sdpa", "--seq", "2048", "--is-causal"], 5),
