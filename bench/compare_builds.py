@@ -26,6 +26,7 @@ CASES = [  # name, mha bench arguments, timed calls per run
     ("layer S4", ["--seq", "8192"], 2),
     ("core N=2048", ["--op", "sdpa", "--seq", "2048"], 5),
     ("core N=2048 causal", ["--op", "sdpa", "--seq", "2048", "--is-causal"], 5),
+    ("backward S1", ["--op", "backward", "--batch", "8", "--seq", "128"], 10),
     ("backward S2", ["--op", "backward", "--seq", "512"], 10),
     ("backward S3", ["--op", "backward", "--seq", "2048"], 3),
     ("decode 1 x 4096", ["--op", "decode", "--kv-seq", "4096"], 50),

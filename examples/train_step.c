@@ -74,7 +74,7 @@ int main(void)
     double first = 0, loss = 0;
     args.tape = tape;
     for (int step = 1; step <= STEPS && st == MHA_OK; step++) {
-        mha_layer_zero_grad(student);
+        mha_layer_zero_grad_deferred(student); /* zeroed by the backward as it writes them */
         st = mha_layer_forward(ctx, student, &out, NULL, &args);
         loss = 0;
         for (int i = 0; i < N * L * E; i++) {

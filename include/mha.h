@@ -654,6 +654,17 @@ mha_status mha_layer_params_changed(mha_layer *layer);
 /* Sets every gradient to 0. */
 void mha_layer_zero_grad(mha_layer *layer);
 
+/* Sets every gradient to 0 as of the next mha_layer_backward, which then
+ * writes the gradients instead of adding to them: each block of a weight
+ * gradient is zeroed just before its first sum is added, while in cache,
+ * not in a pass over 4 E^2 floats through memory first (the same bits as
+ * mha_layer_zero_grad).  Until that backward the gradients' contents are
+ * left as they are, so read none of them in between.  For a framework
+ * that hands each step's gradients on in new storage
+ * (mha_layer_set_grad_storage): PyTorch's autograd does.  mha_layer_zero_grad
+ * cancels it. */
+void mha_layer_zero_grad_deferred(mha_layer *layer);
+
 /* The floats of the layer's gradient storage: every parameter's gradient,
  * back to back.  Errors: MISUSE (no training state, NULL). */
 mha_status mha_layer_grad_storage_size(const mha_layer *layer, int64_t *count);

@@ -328,7 +328,7 @@ static mha_status attention_backward(mha_ctx *ctx, lab_model *m, int64_t l, int6
                                      float *gin)
 {
     int64_t T = m->c.context, E = m->c.embed_dim;
-    mha_layer_zero_grad(m->layers[l]);
+    mha_layer_zero_grad_deferred(m->layers[l]); /* the backward writes them: no pass to zero them first */
     mha_layer_fwd_args a;
     mha_layer_fwd_args_init(&a);
     a.query = a.key = a.value = mha_tensor_3d((float *)in, B, T, E);

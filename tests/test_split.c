@@ -436,13 +436,15 @@ static void test_shared_input(mha_ctx *ctx1, mha_ctx *ctx3, const mha__isa_kerne
 
 /* dW = dw0 + dY^T X over N batches of T rows (dY head-major in 64-column
  * groups when grouped) by the split products: off float32's bound, or
- * with an infinity in dY, of another class than the FMA path's. */
+ * with an infinity in dY, of another class than the FMA path's.  With
+ * `overwrite` dw0 is 0 and both paths write dW over NaN, the split one
+ * to the bits it adds to zeros. */
 static int grad_misses(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, int64_t out, int64_t in,
-                       bool grouped, bool infinity, float **dw_out)
+                       bool grouped, bool infinity, bool overwrite, float **dw_out)
 {
     int64_t rows = N * T, bytes = 0;
     float *dy = random_floats(rows * out, 2.0f), *x = random_floats(rows * in, 2.0f),
-          *dw0 = random_floats(out * in, 1.0f);
+          *dw0 = overwrite ? calloc((size_t)(out * in), sizeof(float)) : random_floats(out * in, 1.0f);
     float *dw = malloc(sizeof(float) * (size_t)(out * in)), *plain = malloc(sizeof(float) * (size_t)(out * in));
     mha__batched dyb = {{dy, out, 1, 0, 0}, T * out}, xb = {{x, in, 1, 0, 0}, T * in};
     if (grouped) dyb = (mha__batched){{dy, 64, 1, 64, rows * 64}, T * 64};
@@ -450,11 +452,18 @@ static int grad_misses(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64
     CHECK(mha__weight_grad_workspace(k->f32, out, in, &bytes) && mha__weight_grad_split_workspace(out, in, &bytes) &&
               mha__ws_reserve(ctx, bytes) == MHA_OK,
           "workspace");
-    memcpy(dw, dw0, sizeof(float) * (size_t)(out * in));
-    memcpy(plain, dw0, sizeof(float) * (size_t)(out * in));
-    CHECK(mha__weight_grad_split(ctx, k, N, T, &dyb, &xb, out, in, dw) == MHA_OK, "split weight gradient");
-    CHECK(mha__weight_grad(ctx, k->f32, N, T, &dyb, &xb, out, in, plain) == MHA_OK, "float32 weight gradient");
+    for (int64_t i = 0; i < out * in; i++) dw[i] = plain[i] = overwrite ? NAN : dw0[i];
+    CHECK(mha__weight_grad_split(ctx, k, N, T, &dyb, &xb, out, in, dw, overwrite) == MHA_OK, "split weight gradient");
+    CHECK(mha__weight_grad(ctx, k->f32, N, T, &dyb, &xb, out, in, plain, overwrite) == MHA_OK,
+          "float32 weight gradient");
     int bad = 0;
+    if (overwrite) { /* the same bits as adding to zeros */
+        float *added = calloc((size_t)(out * in), sizeof(float));
+        CHECK(mha__weight_grad_split(ctx, k, N, T, &dyb, &xb, out, in, added, false) == MHA_OK,
+              "split weight gradient");
+        bad += memcmp(added, dw, sizeof(float) * (size_t)(out * in)) != 0;
+        free(added);
+    }
     for (int64_t o = 0; o < out; o++)
         for (int64_t i = 0; i < in; i++) {
             double want = dw0[o * in + i], mag = fabs(want);
@@ -476,21 +485,29 @@ static void test_weight_grads(mha_ctx *ctx1, mha_ctx *ctx3, const mha__isa_kerne
     static const int64_t shapes[][4] = {{1, 1, 1, 1},     {1, 3, 16, 16},    {2, 128, 64, 96},
                                         {1, 300, 40, 33}, {3, 171, 130, 70}, {2, 100, 128, 64}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-        for (int mode = 0; mode < 3; mode++) { /* plain, grouped dY, an infinity */
+        for (int mode = 0; mode < 6; mode++) { /* plain, grouped dY, an infinity; each added, then written */
             int64_t N = shapes[s][0], T = shapes[s][1], out = shapes[s][2], in = shapes[s][3];
-            if (mode == 1 && out % 64) continue;
+            bool overwrite = mode >= 3;
+            if (mode % 3 == 1 && out % 64) continue;
             float *dw1, *dw3;
             uint64_t seed = rng;
-            int bad = grad_misses(ctx1, k, N, T, out, in, mode == 1, mode == 2, &dw1);
+            int bad = grad_misses(ctx1, k, N, T, out, in, mode % 3 == 1, mode % 3 == 2, overwrite, &dw1);
             rng = seed;
-            bad += grad_misses(ctx3, k, N, T, out, in, mode == 1, mode == 2, &dw3);
+            bad += grad_misses(ctx3, k, N, T, out, in, mode % 3 == 1, mode % 3 == 2, overwrite, &dw3);
             CHECK(bad == 0, "split weight gradient N %lld T %lld %lld x %lld (mode %d): %d off", (long long)N,
                   (long long)T, (long long)out, (long long)in, mode, bad);
-            CHECK(mode == 2 || memcmp(dw1, dw3, sizeof(float) * (size_t)(out * in)) == 0,
+            CHECK(mode % 3 == 2 || memcmp(dw1, dw3, sizeof(float) * (size_t)(out * in)) == 0,
                   "split weight gradient %lld x %lld: bits differ between 1 and 3 threads", (long long)out,
                   (long long)in);
             free(dw1), free(dw3);
         }
+}
+
+static bool all_finite(const float *x, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return false;
+    return true;
 }
 
 /* Three weight gradients of one X (self-attention's W_q, W_k, W_v) by
@@ -507,8 +524,10 @@ static void test_shared_grads(mha_ctx *ctx1, mha_ctx *ctx3, const mha__isa_kerne
                                         {2, 100, 40, 40, 40},
                                         {3, 17, 16, 48, 33}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-        for (int mode = 0; mode < 3; mode++) { /* plain, a spare dY row a batch, an infinity in dY_k */
-            int64_t N = shapes[s][0], T = shapes[s][1], in = 48, T1 = T + (mode == 1), bytes = 0;
+        for (int mode = 0; mode < 6; mode++) { /* plain, a spare dY row a batch, an infinity in dY_k; added, then
+                                                   written over NaN */
+            int64_t N = shapes[s][0], T = shapes[s][1], in = 48, T1 = T + (mode % 3 == 1), bytes = 0;
+            bool overwrite = mode >= 3;
             float *x = random_floats(N * T * in, 2.0f), *dy[3], *shared[3], *separate[3];
             mha__batched xb = {{x, in, 1, 0, 0}, T * in}, dyb[3];
             mha__grad_output outs[3];
@@ -517,11 +536,12 @@ static void test_shared_grads(mha_ctx *ctx1, mha_ctx *ctx3, const mha__isa_kerne
                 dy[i] = random_floats(N * T1 * out, 2.0f);
                 shared[i] = random_floats(out * in, 1.0f);
                 separate[i] = malloc(sizeof(float) * (size_t)(out * in));
+                for (int64_t e = 0; overwrite && e < out * in; e++) shared[i][e] = NAN;
                 memcpy(separate[i], shared[i], sizeof(float) * (size_t)(out * in));
                 dyb[i] = (mha__batched){{dy[i], out, 1, 0, 0}, T1 * out};
-                outs[i] = (mha__grad_output){&dyb[i], out, shared[i]};
+                outs[i] = (mha__grad_output){&dyb[i], out, shared[i], overwrite};
             }
-            if (mode == 2) dy[1][T / 2 * shapes[s][3]] = INFINITY;
+            if (mode % 3 == 2) dy[1][T / 2 * shapes[s][3]] = INFINITY;
             CHECK(mha__weight_grads_split_workspace(3, outs, in, &bytes) && mha__ws_reserve(ctx3, bytes) == MHA_OK,
                   "workspace");
             int64_t reserved = mha_ctx_workspace_bytes(ctx3);
@@ -533,12 +553,14 @@ static void test_shared_grads(mha_ctx *ctx1, mha_ctx *ctx3, const mha__isa_kerne
                           mha__weight_grad_split_workspace(outs[i].out, in, &one) &&
                           mha__ws_reserve(ctx1, one) == MHA_OK,
                       "workspace");
-                CHECK(mha__weight_grad_split(ctx1, k, N, T, &dyb[i], &xb, outs[i].out, in, separate[i]) == MHA_OK,
+                CHECK(mha__weight_grad_split(ctx1, k, N, T, &dyb[i], &xb, outs[i].out, in, separate[i], overwrite) ==
+                          MHA_OK,
                       "one weight gradient");
             }
             int differ = 0;
-            for (int i = 0; i < 3; i++)
-                differ += memcmp(shared[i], separate[i], sizeof(float) * (size_t)(outs[i].out * in)) != 0;
+            for (int i = 0; i < 3; i++) /* written over NaN: any left shows (an infinity's NaN has other bits) */
+                differ += memcmp(shared[i], separate[i], sizeof(float) * (size_t)(outs[i].out * in)) != 0 ||
+                          (overwrite && !(mode % 3 == 2 && i == 1) && !all_finite(shared[i], outs[i].out * in));
             CHECK(differ == 0, "shared weight gradients N %lld T %lld (mode %d): %d of 3 differ from a call each",
                   (long long)N, (long long)T, mode, differ);
             for (int i = 0; i < 3; i++) free(dy[i]), free(shared[i]), free(separate[i]);

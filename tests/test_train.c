@@ -4,6 +4,7 @@
  *     float32 forward, along random directions (inputs and parameters);
  *   - gradients accumulate across backward calls until zeroed;
  *   - gradients in storage the caller owns (mha_layer_set_grad_storage);
+ *   - a deferred zero: the next backward writes the gradients;
  *   - a training step allocates nothing once shapes stop growing;
  *   - writing parameters and calling mha_layer_params_changed changes what
  *     the forward computes;
@@ -247,6 +248,43 @@ static void test_caller_storage(mha_ctx *ctx)
     free(own);
 }
 
+/* mha_layer_zero_grad_deferred: the next backward writes every gradient
+ * (the bias_k, bias_v and biases' too) over whatever the storage held, to
+ * the bits a zeroed one gets; the one after adds again; and
+ * mha_layer_zero_grad cancels a deferred zero. */
+static void test_deferred_zero(mha_ctx *ctx)
+{
+    static fixture f;
+    fixture_init(&f, true, MHA_CAUSAL_NONE);
+    int64_t count = 0;
+    CHECK_OK(mha_layer_grad_storage_size(f.layer, &count));
+    float *storage = malloc((size_t)count * sizeof(float)), *zeroed = malloc((size_t)count * sizeof(float));
+    CHECK_OK(mha_layer_set_grad_storage(f.layer, storage, count));
+    mha_layer_zero_grad(f.layer);
+    step(ctx, f.layer, &f.a, f.dy, f.gx);
+    memcpy(zeroed, storage, (size_t)count * sizeof(float));
+    for (int64_t i = 0; i < count; i++) storage[i] = NAN;
+    mha_layer_zero_grad_deferred(f.layer);
+    step(ctx, f.layer, &f.a, f.dy, f.gx);
+    CHECK(memcmp(storage, zeroed, (size_t)count * sizeof(float)) == 0,
+          "a backward after a deferred zero differs from one after mha_layer_zero_grad");
+    step(ctx, f.layer, &f.a, f.dy, f.gx);
+    int bad = 0;
+    for (int64_t i = 0; i < count; i++) bad += !(fabsf(storage[i] - 2 * zeroed[i]) <= 1e-5f * (1 + fabsf(zeroed[i])));
+    CHECK(bad == 0, "%d gradients are not the sum of two calls after a deferred zero", bad);
+    mha_layer_zero_grad_deferred(f.layer);
+    mha_layer_zero_grad(f.layer);
+    for (int64_t i = 0; i < count; i++) bad += storage[i] != 0;
+    CHECK(bad == 0, "mha_layer_zero_grad after a deferred zero left %d gradients", bad);
+    storage[0] = 1.0f; /* a zero no longer deferred: the next backward adds to this */
+    step(ctx, f.layer, &f.a, f.dy, f.gx);
+    CHECK(fabsf(storage[0] - (1.0f + zeroed[0])) <= 1e-5f * (2 + fabsf(zeroed[0])),
+          "mha_layer_zero_grad did not cancel a deferred zero");
+    CHECK_OK(mha_layer_set_grad_storage(f.layer, NULL, 0));
+    fixture_free(&f);
+    free(storage), free(zeroed);
+}
+
 /* Plain SGD on 0.5 |y - y_teacher|^2 / n: the student starts from other
  * random weights; 150 steps must cut the loss by more than 10x. */
 static void test_fits_a_teacher(mha_ctx *ctx)
@@ -340,6 +378,7 @@ int main(void)
     test_directional_derivatives(ctx);
     test_accumulation_and_allocations(ctx);
     test_caller_storage(ctx);
+    test_deferred_zero(ctx);
     test_fits_a_teacher(ctx);
     test_param_names();
     mha_ctx_free(ctx);

@@ -97,7 +97,9 @@ class MultiheadAttention:
 
     def _grads_in_free_storage(self):
         """Moves the weights' gradients into an array no gradient handed
-        out still uses, zeroed, and returns {name: view of it} (the
+        out still uses, to be written (not added to) by the next backward
+        (mha_layer_zero_grad_deferred: no pass over the array to zero it
+        first), and returns {name: view of it} (the
         training state's names: PyTorch's for this family, Llama's for the
         others).  The torch path hands these views to autograd as a step's
         gradients, so they are never copied out.  The array is the last
@@ -114,7 +116,7 @@ class MultiheadAttention:
                 del fresh
                 self._grad_unused_refs = self._grad_storage_refs()  # the count with no view: the interpreter's own
             storage = self._grad_storage
-            _core.layer_train(self._layer, True)
+            _core.layer_zero_grad_deferred(self._layer)
         return {name: storage[at:at + int(np.prod(shape))].reshape(shape) for name, at, shape in self._grad_layout}
 
     def _grad_storage_refs(self):

@@ -263,6 +263,7 @@ typedef struct grad_chunk {
     float *a, *b;   /* the packs: [out_panels][rows][mr], [in_panels][rows][nr] */
     float *dw;
     int64_t in_blocks;
+    bool zero_first; /* dW's blocks zeroed before this chunk adds to them */
 } grad_chunk;
 
 /* The widest panel of any kernel table (avx512's nr). */
@@ -321,6 +322,8 @@ static void grad_tile_range(void *arg, int thread, int64_t begin, int64_t end)
     for (int64_t item = begin; item < end; item++) {
         int64_t o0 = (item / j->in_blocks) * GRAD_OUT, i0 = (item % j->in_blocks) * GRAD_IN;
         int64_t o1 = o0 + GRAD_OUT < j->out ? o0 + GRAD_OUT : j->out, i1 = i0 + GRAD_IN < j->in ? i0 + GRAD_IN : j->in;
+        for (int64_t o = o0; j->zero_first && o < o1; o++)
+            memset(j->dw + o * j->in + i0, 0, (size_t)(i1 - i0) * sizeof(float));
         for (int64_t o = o0; o < o1; o += mr)
             for (int64_t i = i0; i < i1; i += nr)
                 kt->gemm_tile(o1 - o < mr ? o1 - o : mr, i1 - i < nr ? i1 - i : nr, rows, j->a + (o / mr) * rows * mr,
@@ -343,7 +346,7 @@ bool mha__weight_grad_workspace(const mha__kernels *kt, int64_t out, int64_t in,
 }
 
 mha_status mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *dy,
-                            const mha__batched *x, int64_t out, int64_t in, float *dw)
+                            const mha__batched *x, int64_t out, int64_t in, float *dw, bool overwrite)
 {
     int64_t top = mha__ws_top(ctx), out_panels = (out + kt->mr - 1) / kt->mr;
     float *a = mha__ws_take(ctx, grad_pack_floats(kt, out, in) * (int64_t)sizeof(float));
@@ -353,15 +356,18 @@ mha_status mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int
                     out_panels, (in + kt->nr - 1) / kt->nr,
                     dy->m,      x->m,
                     a,          a + GRAD_ROWS * out_panels * kt->mr,
-                    dw,         (in + GRAD_IN - 1) / GRAD_IN};
+                    dw,         (in + GRAD_IN - 1) / GRAD_IN,
+                    false};
     /* Batches whose rows follow one another are one run of rows: at S1's
      * T = 128 a chunk of GRAD_ROWS then spans two batches, and dW is read
      * and written half as often (each chunk passes it through L3: 2.3 MB
      * at E = 768). */
     if (mha__batch_rows_follow(T, dy) && mha__batch_rows_follow(T, x)) T *= N, N = 1;
+    if (overwrite && (N < 1 || T < 1)) memset(dw, 0, (size_t)(out * in) * sizeof(float)); /* no chunk zeroes it */
     for (int64_t n = 0; n < N; n++)
         for (int64_t r0 = 0; r0 < T; r0 += GRAD_ROWS) {
             j.rows = T - r0 < GRAD_ROWS ? T - r0 : GRAD_ROWS;
+            j.zero_first = overwrite && n == 0 && r0 == 0;
             j.dy.data = dy->m.data + n * dy->batch_stride + r0 * dy->m.rs;
             j.x.data = x->m.data + n * x->batch_stride + r0 * x->m.rs;
             mha__parallel_for(ctx, (j.rows + PACK_ROWS - 1) / PACK_ROWS, grad_pack_range, &j);

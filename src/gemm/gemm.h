@@ -113,12 +113,15 @@ static inline bool mha__batch_rows_follow(int64_t T, const mha__batched *b) { re
 
 /* dW [out, in] row-major += sum over n < N, r < T of dy_n(r, o) x_n(r, i):
  * a weight's gradient.  Each element gets one chain of multiply-adds per
- * chunk of rows, added to it in order, whatever the thread count.  Packs
+ * chunk of rows, added to it in order, whatever the thread count.  With
+ * `overwrite` dW's contents are not read: each block of it is zeroed just
+ * before the first chunk adds to it, while it is in cache (the same bits
+ * as zeroing dW first, without a pass over it through memory).  Packs
  * the chunks in the workspace: the bytes to plan for (false, INVALID_ARG,
  * when they overflow); INTERNAL when they were not reserved. */
 bool mha__weight_grad_workspace(const mha__kernels *kt, int64_t out, int64_t in, int64_t *bytes);
 mha_status mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *dy,
-                            const mha__batched *x, int64_t out, int64_t in, float *dw);
+                            const mha__batched *x, int64_t out, int64_t in, float *dw, bool overwrite);
 
 /* sums[c] += sum over n < N, r < T of y_n(r, c), in that order. */
 void mha__column_sums(mha_ctx *ctx, int64_t N, int64_t T, const mha__batched *y, int64_t cols, float *sums);
@@ -222,7 +225,7 @@ mha_status mha__linear_split_shared(mha_ctx *ctx, const mha__isa_kernels *k, int
  * bytes overflow).  INTERNAL when not reserved. */
 bool mha__weight_grad_split_workspace(int64_t out, int64_t in, int64_t *bytes);
 mha_status mha__weight_grad_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, const mha__batched *dy,
-                                  const mha__batched *x, int64_t out, int64_t in, float *dw);
+                                  const mha__batched *x, int64_t out, int64_t in, float *dw, bool overwrite);
 /* The same for up to MHA_SPLIT_OUTPUTS weights of one input x
  * (self-attention's W_q, W_k, W_v): dW_o += dY_o^T X, X split once a
  * chunk for all of them and their panels on the threads together; each
@@ -232,6 +235,7 @@ typedef struct mha__grad_output {
     const mha__batched *dy;
     int64_t out;
     float *dw;
+    bool overwrite; /* as mha__weight_grad's */
 } mha__grad_output;
 bool mha__weight_grads_split_workspace(int count, const mha__grad_output *outs, int64_t in, int64_t *bytes);
 mha_status mha__weight_grads_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, int count,

@@ -228,20 +228,22 @@ static void split_rows(void *arg, int thread, int64_t begin, int64_t end)
 }
 
 /* C += `pairs` pairs of A's row tiles (each run values long) times a
- * panel of B, for C's first `rows` rows and `cols` <= 32 columns at c
- * (ldc floats a row): in place for the pairs that lie whole inside C,
- * through a staged copy for a tail of rows or columns. */
+ * panel of B (`mode` MHA_SPLIT_ADD; MHA_SPLIT_ZERO_ADD: C = 0 + it), for
+ * C's first `rows` rows and `cols` <= 32 columns at c (ldc floats a
+ * row): in place for the pairs that lie whole inside C, through a staged
+ * copy for a tail of rows or columns. */
 static void add_panel(const mha__bf16_kernels *bk, int64_t kb, const uint16_t *a, const uint16_t *b, int64_t pairs,
-                      int64_t rows, int64_t cols, float *c, int64_t ldc)
+                      int64_t rows, int64_t cols, float *c, int64_t ldc, int mode)
 {
     int64_t run = 3 * kb * MHA_SPLIT_TILE, whole = cols == PANEL ? mha__min64(rows / PAIR_ROWS, pairs) : 0;
-    if (whole) bk->gemm_split(whole, kb, a, run, b, c, ldc, MHA_SPLIT_ADD, NULL);
+    if (whole) bk->gemm_split(whole, kb, a, run, b, c, ldc, mode, NULL);
     for (int64_t q = whole; q < pairs && q * PAIR_ROWS < rows; q++) {
         float stage[PAIR_ROWS * PANEL] = {0};
         int64_t n = mha__min64(rows - q * PAIR_ROWS, PAIR_ROWS);
         float *cq = c + q * PAIR_ROWS * ldc;
-        for (int64_t i = 0; i < n; i++) memcpy(stage + i * PANEL, cq + i * ldc, (size_t)cols * sizeof(float));
-        bk->gemm_split(1, kb, a + 2 * q * run, run, b, stage, PANEL, MHA_SPLIT_ADD, NULL);
+        for (int64_t i = 0; mode == MHA_SPLIT_ADD && i < n; i++)
+            memcpy(stage + i * PANEL, cq + i * ldc, (size_t)cols * sizeof(float));
+        bk->gemm_split(1, kb, a + 2 * q * run, run, b, stage, PANEL, mode, NULL);
         for (int64_t i = 0; i < n; i++) memcpy(cq + i * ldc, stage + i * PANEL, (size_t)cols * sizeof(float));
     }
 }
@@ -252,7 +254,7 @@ static void split_panel(const split_job *j, const mha__split_output *o, int64_t 
 {
     int64_t run = tile_run(j->in), col0 = p * PANEL;
     add_panel(j->bk, k_blocks(j->in), j->a + (r / 16) * run, o->w->data + 2 * p * run, pairs, j->rows - r,
-              mha__min64(o->w->out - col0, PANEL), mha__mat_at(o->y, j->r0 + r, col0), o->y->rs);
+              mha__min64(o->w->out - col0, PANEL), mha__mat_at(o->y, j->r0 + r, col0), o->y->rs, MHA_SPLIT_ADD);
 }
 
 static void split_items(void *arg, int thread, int64_t begin, int64_t end)
@@ -412,6 +414,7 @@ typedef struct grad_job {
     uint16_t *tiles;
     int64_t first_tile[MHA_SPLIT_OUTPUTS + 1];
     uint8_t *finite; /* one flag a tile, then one an output */
+    bool first;      /* the first chunk: outputs with `overwrite` take its sums without reading dW */
 } grad_job;
 
 /* Tiles begin .. end - 1 of the chunk, a block of rows at a time across
@@ -460,7 +463,8 @@ static void grad_panels(void *arg, int thread, int64_t begin, int64_t end)
         if (!*output_finite(j, (int)o)) continue;
         const mha__grad_output *g = &j->outs[o];
         add_panel(j->bk, GRAD_BLOCKS, j->tiles + j->first_tile[o] * grad_run(), b + 2 * p * grad_run(),
-                  row_pairs(g->out), g->out, mha__min64(j->in - p * PANEL, PANEL), g->dw + p * PANEL, j->in);
+                  row_pairs(g->out), g->out, mha__min64(j->in - p * PANEL, PANEL), g->dw + p * PANEL, j->in,
+                  j->first && g->overwrite ? MHA_SPLIT_ZERO_ADD : MHA_SPLIT_ADD);
     }
     j->bk->split_release();
 }
@@ -486,7 +490,8 @@ static mha_status grad_chunk(mha_ctx *ctx, const mha__isa_kernels *k, grad_job *
     for (int o = 0; o < j->count && st == MHA_OK; o++) {
         if (*output_finite(j, o)) continue;
         mha__batched dy = {j->dy[o], j->rows * j->dy[o].rs}, x = {j->x, j->rows * j->x.rs};
-        st = mha__weight_grad(ctx, k->f32, 1, j->rows, &dy, &x, j->outs[o].out, j->in, j->outs[o].dw);
+        st = mha__weight_grad(ctx, k->f32, 1, j->rows, &dy, &x, j->outs[o].out, j->in, j->outs[o].dw,
+                              j->first && j->outs[o].overwrite);
     }
     return st;
 }
@@ -497,7 +502,7 @@ static mha_status grads_by_fma(mha_ctx *ctx, const mha__isa_kernels *k, int64_t 
 {
     mha_status st = MHA_OK;
     for (int o = 0; o < count && st == MHA_OK; o++)
-        st = mha__weight_grad(ctx, k->f32, N, T, outs[o].dy, x, outs[o].out, in, outs[o].dw);
+        st = mha__weight_grad(ctx, k->f32, N, T, outs[o].dy, x, outs[o].out, in, outs[o].dw, outs[o].overwrite);
     return st;
 }
 
@@ -529,6 +534,7 @@ mha_status mha__weight_grads_split(mha_ctx *ctx, const mha__isa_kernels *k, int6
             }
             j.x = x->m;
             j.x.data += n * x->batch_stride + r0 * x->m.rs;
+            j.first = n == 0 && r0 == 0;
             st = grad_chunk(ctx, k, &j);
         }
     mha__ws_release(ctx, top);
@@ -536,8 +542,8 @@ mha_status mha__weight_grads_split(mha_ctx *ctx, const mha__isa_kernels *k, int6
 }
 
 mha_status mha__weight_grad_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t N, int64_t T, const mha__batched *dy,
-                                  const mha__batched *x, int64_t out, int64_t in, float *dw)
+                                  const mha__batched *x, int64_t out, int64_t in, float *dw, bool overwrite)
 {
-    mha__grad_output one = {dy, out, dw};
+    mha__grad_output one = {dy, out, dw, overwrite};
     return mha__weight_grads_split(ctx, k, N, T, 1, &one, x, in);
 }

@@ -612,11 +612,17 @@ static void store_sums(float *to, int64_t ld)
     _tile_stored(3, to + 16 * ld + 16, ld * (int64_t)sizeof(float));
 }
 
-/* C's 32 x 32 block += sum (MHA_SPLIT_ADD), or C = C * col_scale + sum
+/* C's 32 x 32 block += sum (MHA_SPLIT_ADD), C = C * col_scale + sum
  * (MHA_SPLIT_SCALE_ADD: the multiply rounded, then the add; no FMA,
- * -ffp-contract=off). */
+ * -ffp-contract=off), or C = 0 + sum (MHA_SPLIT_ZERO_ADD). */
 static void add_sums(float *c, int64_t ldc, const float (*sum)[32], int accumulate, const float *col_scale)
 {
+    if (accumulate == MHA_SPLIT_ZERO_ADD) {
+        for (int i = 0; i < 32; i++)
+            for (int h = 0; h < 32; h += 16)
+                _mm512_storeu_ps(c + i * ldc + h, _mm512_add_ps(_mm512_setzero_ps(), _mm512_loadu_ps(&sum[i][h])));
+        return;
+    }
     if (accumulate == MHA_SPLIT_SCALE_ADD) {
         __m512 s0 = _mm512_loadu_ps(col_scale), s1 = _mm512_loadu_ps(col_scale + 16);
         for (int i = 0; i < 32; i++) {

@@ -27,6 +27,7 @@ typedef struct mha__layer_train {
     float *g_w[MAT_COUNT]; /* into grads */
     float *g_b_in, *g_b_out, *g_bias_k, *g_bias_v; /* into grads, or NULL */
     int64_t n_grads;                               /* floats in grads */
+    bool zero_pending; /* mha_layer_zero_grad_deferred: the next backward writes the gradients, not adds */
 } mha__layer_train;
 
 /* Frees a layer's training state (NULL: nothing). */

@@ -117,6 +117,13 @@ void mha_layer_zero_grad(mha_layer *l)
 {
     if (check_training(l, "mha_layer_zero_grad") != MHA_OK) return;
     memset(l->train->grads, 0, (size_t)l->train->n_grads * sizeof(float));
+    l->train->zero_pending = false;
+}
+
+void mha_layer_zero_grad_deferred(mha_layer *l)
+{
+    if (check_training(l, "mha_layer_zero_grad_deferred") != MHA_OK) return;
+    l->train->zero_pending = true;
 }
 
 mha_status mha_layer_grad_storage_size(const mha_layer *l, int64_t *count)
@@ -321,13 +328,27 @@ static void appended_key_grads(const mha_layer *l, const mha_layer_tape *tape, i
             }
 }
 
-/* Matrix m's weight gradient, from its outputs' gradient dy and its input x. */
+/* Matrix m's weight gradient, from its outputs' gradient dy and its input
+ * x: added to it, or written where a deferred zero is pending. */
 static mha_status weight_grad(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, const mha__batched *dy,
                               const mha__batched *x)
 {
     int64_t out = mha__layer_out_features(l, m), in = mha__layer_in_features(l, m);
-    if (mha__split_products(l->isa)) return mha__weight_grad_split(ctx, l->isa, N, T, dy, x, out, in, l->train->g_w[m]);
-    return mha__weight_grad(ctx, l->isa->f32, N, T, dy, x, out, in, l->train->g_w[m]);
+    bool overwrite = l->train->zero_pending;
+    if (mha__split_products(l->isa))
+        return mha__weight_grad_split(ctx, l->isa, N, T, dy, x, out, in, l->train->g_w[m], overwrite);
+    return mha__weight_grad(ctx, l->isa->f32, N, T, dy, x, out, in, l->train->g_w[m], overwrite);
+}
+
+/* A deferred zero, for the gradients the backward adds to rather than
+ * writes: the biases' (a few E floats, after the matrices). */
+static void zero_bias_grads(const mha_layer *l)
+{
+    mha__layer_train *t = l->train;
+    if (!t->zero_pending) return;
+    int64_t matrices = 0;
+    for (int m = 0; m < MAT_COUNT; m++) matrices += matrix_size(l, (matrix)m);
+    memset(t->grads + matrices, 0, (size_t)(t->n_grads - matrices) * sizeof(float));
 }
 
 /* Matrix m's input gradient dx = dy W, with W^T split into the workspace
@@ -398,7 +419,7 @@ static bool shared_weight_grads(mha_ctx *ctx, const mha_layer *l, const mha_laye
     for (matrix m = MAT_Q; m <= MAT_V; m++) {
         int64_t heads = m == MAT_Q ? l->desc.num_heads : l->desc.num_kv_heads;
         dpb[m] = mha__layer_activations(l, dp[m], tape->N, m == MAT_Q ? tape->L : S1, heads);
-        outs[m] = (mha__grad_output){&dpb[m], mha__layer_out_features(l, m), l->train->g_w[m]};
+        outs[m] = (mha__grad_output){&dpb[m], mha__layer_out_features(l, m), l->train->g_w[m], l->train->zero_pending};
     }
     *st = mha__weight_grads_split(ctx, l->isa, tape->N, tape->L, 3, outs, &xb, l->desc.embed_dim);
     return true;
@@ -433,6 +454,7 @@ static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, co
     mha_status st = grad_buffers_get(ctx, p, &g);
     if (st != MHA_OK) return st;
     tape->layer = NULL; /* consumed: the head outputs are overwritten below */
+    zero_bias_grads(l);
 
     /* The output projection. */
     mha__batched dy = contiguous(grad_attn_output, g.stage);
@@ -454,7 +476,8 @@ static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, co
     appended_key_grads(l, tape, S1);
 
     mha_tensor *const gx[3] = {grad_query, grad_key, grad_value};
-    return input_projections_grads(ctx, l, a, S1, gx, g.stage);
+    if ((st = input_projections_grads(ctx, l, a, S1, gx, g.stage)) == MHA_OK) t->zero_pending = false;
+    return st;
 }
 
 mha_status mha_layer_backward_workspace_size(const mha_ctx *ctx, const mha_layer *l, const mha_layer_fwd_args *a,
