@@ -217,10 +217,13 @@ static void test_gemm_modes(const mha__bf16_kernels *bk)
     float *stored = malloc(sizeof(float) * ROWS * LDC), *added = malloc(sizeof(float) * ROWS * LDC);
     float *c0 = random_floats(ROWS * LDC, 1.0f), *scaled = malloc(sizeof(float) * ROWS * LDC);
     float *s = random_floats(32, 1.0f);
-    for (int64_t i = 0; i < ROWS * LDC; i++) stored[i] = NAN, added[i] = scaled[i] = c0[i];
+    float *biased = malloc(sizeof(float) * ROWS * LDC), *zeroed = malloc(sizeof(float) * ROWS * LDC);
+    for (int64_t i = 0; i < ROWS * LDC; i++) stored[i] = biased[i] = zeroed[i] = NAN, added[i] = scaled[i] = c0[i];
     bk->gemm_split(PAIRS, KB, a, a_run, b, stored, LDC, MHA_SPLIT_STORE, NULL);
     bk->gemm_split(PAIRS, KB, a, a_run, b, added, LDC, MHA_SPLIT_ADD, NULL);
     bk->gemm_split(PAIRS, KB, a, a_run, b, scaled, LDC, MHA_SPLIT_SCALE_ADD, s);
+    bk->gemm_split(PAIRS, KB, a, a_run, b, biased, LDC, MHA_SPLIT_BIAS_ADD, s); /* s as the bias */
+    bk->gemm_split(PAIRS, KB, a, a_run, b, zeroed, LDC, MHA_SPLIT_BIAS_ADD, NULL);
     bk->split_release();
     int bad = 0;
     for (int64_t i = 0; i < ROWS; i++)
@@ -237,13 +240,15 @@ static void test_gemm_modes(const mha__bf16_kernels *bk)
             bad += !(fabs(x_ij - want) <= (32 * KB + 2) * FLT_EPSILON * mag);
             bad += memcmp(&added[i * LDC + j], &(float){c0[i * LDC + j] + x_ij}, sizeof(float)) != 0 && !isnan(sum);
             bad += memcmp(&scaled[i * LDC + j], &(float){rescaled + x_ij}, sizeof(float)) != 0;
+            bad += memcmp(&biased[i * LDC + j], &(float){s[j] + x_ij}, sizeof(float)) != 0;
+            bad += memcmp(&zeroed[i * LDC + j], &(float){0.0f + x_ij}, sizeof(float)) != 0;
         }
     for (int64_t i = 0; i < ROWS; i++) /* columns past 32 untouched */
         for (int64_t j = 32; j < LDC; j++)
             bad += !isnan(stored[i * LDC + j]) || added[i * LDC + j] != c0[i * LDC + j] ||
-                   scaled[i * LDC + j] != c0[i * LDC + j];
-    CHECK(bad == 0, "%s gemm_split's store, sum and scaled sum: %d outputs wrong", bk->name, bad);
-    void *owned[] = {a, b, x, w, stored, added, c0, scaled, s};
+                   scaled[i * LDC + j] != c0[i * LDC + j] || !isnan(biased[i * LDC + j]) || !isnan(zeroed[i * LDC + j]);
+    CHECK(bad == 0, "%s gemm_split's store, sum, scaled and biased sums: %d outputs wrong", bk->name, bad);
+    void *owned[] = {a, b, x, w, stored, added, c0, scaled, s, biased, zeroed};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
 }
 

@@ -12,8 +12,10 @@
  * call (pairs of W's rows, no transpose).  x is split a chunk of
  * SPLIT_ROWS rows at a time into the workspace (row tiles, padded to
  * pairs with zero rows), then items of (ROW_BLOCK rows, a range of
- * 32-column panels) run the kernel, which adds into y: y is first set to
- * the bias (or 0) unless the call adds.  The weight gradient dW += dY^T X
+ * 32-column panels) run the kernel, which adds into y, or unless the
+ * call adds, writes bias + product there (MHA_SPLIT_BIAS_ADD: the bits
+ * of adding to y set to the bias first, without that pass over y and
+ * the kernel's read of it).  The weight gradient dW += dY^T X
  * splits both operands 256 rows at a time (dY's pairs of rows transposed
  * into A's tiles).  Each output is one chain a chunk in a fixed order,
  * whatever the thread count.  A chunk with a value that is not finite,
@@ -228,22 +230,25 @@ static void split_rows(void *arg, int thread, int64_t begin, int64_t end)
 }
 
 /* C += `pairs` pairs of A's row tiles (each run values long) times a
- * panel of B (`mode` MHA_SPLIT_ADD; MHA_SPLIT_ZERO_ADD: C = 0 + it), for
- * C's first `rows` rows and `cols` <= 32 columns at c (ldc floats a
- * row): in place for the pairs that lie whole inside C, through a staged
- * copy for a tail of rows or columns. */
+ * panel of B, for C's first `rows` rows and `cols` <= 32 columns at c
+ * (ldc floats a row): in place for the pairs that lie whole inside C,
+ * through a staged copy for a tail of rows or columns.  With `set`, C =
+ * bias + the product instead (bias: the columns' `cols` values, or NULL
+ * for zeros), C not read. */
 static void add_panel(const mha__bf16_kernels *bk, int64_t kb, const uint16_t *a, const uint16_t *b, int64_t pairs,
-                      int64_t rows, int64_t cols, float *c, int64_t ldc, int mode)
+                      int64_t rows, int64_t cols, float *c, int64_t ldc, bool set, const float *bias)
 {
     int64_t run = 3 * kb * MHA_SPLIT_TILE, whole = cols == PANEL ? mha__min64(rows / PAIR_ROWS, pairs) : 0;
-    if (whole) bk->gemm_split(whole, kb, a, run, b, c, ldc, mode, NULL);
+    int mode = set ? MHA_SPLIT_BIAS_ADD : MHA_SPLIT_ADD;
+    float padded[PANEL] = {0}; /* a tail panel's bias: the kernel reads 32 */
+    if (bias && cols < PANEL) bias = memcpy(padded, bias, (size_t)cols * sizeof(float));
+    if (whole) bk->gemm_split(whole, kb, a, run, b, c, ldc, mode, bias);
     for (int64_t q = whole; q < pairs && q * PAIR_ROWS < rows; q++) {
         float stage[PAIR_ROWS * PANEL] = {0};
         int64_t n = mha__min64(rows - q * PAIR_ROWS, PAIR_ROWS);
         float *cq = c + q * PAIR_ROWS * ldc;
-        for (int64_t i = 0; mode == MHA_SPLIT_ADD && i < n; i++)
-            memcpy(stage + i * PANEL, cq + i * ldc, (size_t)cols * sizeof(float));
-        bk->gemm_split(1, kb, a + 2 * q * run, run, b, stage, PANEL, mode, NULL);
+        for (int64_t i = 0; !set && i < n; i++) memcpy(stage + i * PANEL, cq + i * ldc, (size_t)cols * sizeof(float));
+        bk->gemm_split(1, kb, a + 2 * q * run, run, b, stage, PANEL, mode, bias);
         for (int64_t i = 0; i < n; i++) memcpy(cq + i * ldc, stage + i * PANEL, (size_t)cols * sizeof(float));
     }
 }
@@ -254,7 +259,8 @@ static void split_panel(const split_job *j, const mha__split_output *o, int64_t 
 {
     int64_t run = tile_run(j->in), col0 = p * PANEL;
     add_panel(j->bk, k_blocks(j->in), j->a + (r / 16) * run, o->w->data + 2 * p * run, pairs, j->rows - r,
-              mha__min64(o->w->out - col0, PANEL), mha__mat_at(o->y, j->r0 + r, col0), o->y->rs, MHA_SPLIT_ADD);
+              mha__min64(o->w->out - col0, PANEL), mha__mat_at(o->y, j->r0 + r, col0), o->y->rs, !j->add,
+              o->b ? o->b + col0 : NULL);
 }
 
 static void split_items(void *arg, int thread, int64_t begin, int64_t end)
@@ -269,8 +275,6 @@ static void split_items(void *arg, int thread, int64_t begin, int64_t end)
         int64_t p0 = local / j->row_blocks * j->panels_per_item[which];
         int64_t p1 = mha__min64(p0 + j->panels_per_item[which], panels(o->w->out));
         int64_t r = rb * ROW_BLOCK, n = mha__min64(j->rows - r, ROW_BLOCK);
-        if (!j->add)
-            mha__fill_rows(o->y, o->b, j->r0 + r, j->r0 + r + n, p0 * PANEL, mha__min64(p1 * PANEL, o->w->out));
         for (int64_t p = p0; p < p1; p++) split_panel(j, o, r, row_pairs(n), p);
     }
     j->bk->split_release();
@@ -464,7 +468,7 @@ static void grad_panels(void *arg, int thread, int64_t begin, int64_t end)
         const mha__grad_output *g = &j->outs[o];
         add_panel(j->bk, GRAD_BLOCKS, j->tiles + j->first_tile[o] * grad_run(), b + 2 * p * grad_run(),
                   row_pairs(g->out), g->out, mha__min64(j->in - p * PANEL, PANEL), g->dw + p * PANEL, j->in,
-                  j->first && g->overwrite ? MHA_SPLIT_ZERO_ADD : MHA_SPLIT_ADD);
+                  j->first && g->overwrite, NULL);
     }
     j->bk->split_release();
 }

@@ -614,13 +614,17 @@ static void store_sums(float *to, int64_t ld)
 
 /* C's 32 x 32 block += sum (MHA_SPLIT_ADD), C = C * col_scale + sum
  * (MHA_SPLIT_SCALE_ADD: the multiply rounded, then the add; no FMA,
- * -ffp-contract=off), or C = 0 + sum (MHA_SPLIT_ZERO_ADD). */
+ * -ffp-contract=off), or C = bias + sum (MHA_SPLIT_BIAS_ADD, the bias in
+ * col_scale's place, NULL for zeros). */
 static void add_sums(float *c, int64_t ldc, const float (*sum)[32], int accumulate, const float *col_scale)
 {
-    if (accumulate == MHA_SPLIT_ZERO_ADD) {
-        for (int i = 0; i < 32; i++)
-            for (int h = 0; h < 32; h += 16)
-                _mm512_storeu_ps(c + i * ldc + h, _mm512_add_ps(_mm512_setzero_ps(), _mm512_loadu_ps(&sum[i][h])));
+    if (accumulate == MHA_SPLIT_BIAS_ADD) {
+        __m512 b0 = col_scale ? _mm512_loadu_ps(col_scale) : _mm512_setzero_ps();
+        __m512 b1 = col_scale ? _mm512_loadu_ps(col_scale + 16) : _mm512_setzero_ps();
+        for (int i = 0; i < 32; i++) {
+            _mm512_storeu_ps(c + i * ldc, _mm512_add_ps(b0, _mm512_loadu_ps(&sum[i][0])));
+            _mm512_storeu_ps(c + i * ldc + 16, _mm512_add_ps(b1, _mm512_loadu_ps(&sum[i][16])));
+        }
         return;
     }
     if (accumulate == MHA_SPLIT_SCALE_ADD) {

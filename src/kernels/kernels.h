@@ -333,10 +333,11 @@ enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
  * (MHA_SPLIT_SCALE_ADD) scales C's column j by col_scale[j] first, then
  * adds X: C = C * col_scale + X, a multiply and an add, each rounded
  * (col_scale is read in that mode only; NULL otherwise); or
- * (MHA_SPLIT_ZERO_ADD) C = 0 + X, the bits MHA_SPLIT_ADD leaves in a C
- * of zeros (a sum of -0 becomes +0), without reading C: a weight
- * gradient's first chunk, where zeroing C first cost a pass over it.
- * Each C element
+ * (MHA_SPLIT_BIAS_ADD) C = b + X with col_scale as b, C's 32 columns'
+ * bias (NULL: zeros), the bits MHA_SPLIT_ADD leaves in a C first set to
+ * b (a sum of -0 added to zeros becomes +0), without reading C: a
+ * projection's output, or a weight gradient's first chunk, where setting
+ * C first cost a pass over it.  Each C element
  * is one float32 chain in a fixed order from zero, added to C once (or
  * stored), whatever the caller's blocking.  The
  * tiles stay configured from one gemm_split to the next on a thread until
@@ -356,7 +357,7 @@ enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
  * half a bf16 step of FLT_MAX (its rounding would overflow): the parts
  * still add up to the value exactly, but are not split_rows_tile's. */
 enum { MHA_SPLIT_TILE = 512, MHA_SPLIT_K = 32 };
-enum { MHA_SPLIT_STORE, MHA_SPLIT_ADD, MHA_SPLIT_SCALE_ADD, MHA_SPLIT_ZERO_ADD };
+enum { MHA_SPLIT_STORE, MHA_SPLIT_ADD, MHA_SPLIT_SCALE_ADD, MHA_SPLIT_BIAS_ADD };
 typedef bool (*mha__split3_fn)(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
 /* Each of three part tiles (MHA_SPLIT_TILE values apart) transposed as
  * 16 x 16 pairs: pair j of row i moves to pair i of row j.  Rows of
