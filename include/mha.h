@@ -579,6 +579,11 @@ typedef struct mha_layer_fwd_args {
                                   mha_layer_backward needs (training) */
     int64_t position;          /* rope: position of query row 0 and key
                                   row 0; default 0 */
+    int write_input_grads;     /* mha_layer_backward only: 1 writes
+                                  grad_query, grad_key and grad_value (=)
+                                  instead of adding to them (+=); a tensor
+                                  given for several still gets their sum.
+                                  Default 0 */
 } mha_layer_fwd_args;
 
 void mha_layer_fwd_args_init(mha_layer_fwd_args *args);
@@ -694,7 +699,9 @@ void mha_layer_tape_free(mha_layer_tape *tape);
  *   grad_attn_output  [N, L, E]   dLoss/d attn_output
  *   grad_query        [N, L, E]      or NULL  \  ADDED to (+=), so the
  *   grad_key          [N, S, kdim]   or NULL   } three may be the same
- *   grad_value        [N, S, vdim]   or NULL  /  tensor (self-attention)
+ *   grad_value        [N, S, vdim]   or NULL  /  tensor (self-attention);
+ *                                                written instead with
+ *                                                args->write_input_grads
  * and every parameter gradient += its share (mha_layer_params).  The
  * probabilities are recomputed from the saved statistics
  * (FlashAttention-2), with O(L + S) memory per thread; the same bits for

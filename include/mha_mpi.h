@@ -112,7 +112,8 @@ mha_status mha_mpi_layer_forward(mha_ctx *ctx, mha_mpi_layer *layer, mha_tensor 
 /* mha_layer_backward over the ranks: the input gradients are summed
  * across the ranks (one sum per distinct tensor: one for self-attention,
  * where the three are the same) and ADDED to grad_query/key/value on
- * every rank, as the single-process call does; each rank's parameter
+ * every rank (written, with args->write_input_grads), as the
+ * single-process call does; each rank's parameter
  * gradients accumulate its shard (gather them with
  * mha_mpi_layer_get_grad).  Errors: as mha_layer_backward's, NOMEM. */
 mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *layer, const mha_layer_fwd_args *args,

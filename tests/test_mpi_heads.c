@@ -347,6 +347,33 @@ static int grad_slots(const fixture *f, grad_slot *s)
 }
 
 /* Input and parameter gradients against the reference's backward. */
+/* Input gradients written (args.write_input_grads) over NaN: the bits
+ * the backward leaves when adding them to zeros.  Two forwards and
+ * backwards of their own; the parameters' gradients are the caller's to
+ * zero after. */
+static void check_written_input_grads(mha_ctx *ctx, mha_mpi_layer *layer, const fixture *f, mha_layer_fwd_args *a)
+{
+    const heads_case *c = f->c;
+    int64_t nq = c->N * c->L * c->E, nk = c->N * c->S * c->kdim, n = c->self ? nq : nq + nk + c->N * c->S * c->vdim;
+    float *g[2] = {calloc((size_t)n, sizeof(float)), malloc((size_t)n * sizeof(float))}; /* added, written */
+    float *out = malloc((size_t)nq * sizeof(float)), *dy = calloc((size_t)nq, sizeof(float));
+    for (int64_t i = 0; i < n; i++) g[1][i] = NAN, dy[i % nq] = (float)(i % 7) - 3.0f;
+    mha_tensor y = mha_tensor_3d(out, c->N, c->L, c->E), tdy = mha_tensor_3d(dy, c->N, c->L, c->E);
+    for (int write = 0; write < 2; write++) {
+        mha_tensor gq = mha_tensor_3d(g[write], c->N, c->L, c->E);
+        mha_tensor gk = mha_tensor_3d(g[write] + nq, c->N, c->S, c->kdim);
+        mha_tensor gv = mha_tensor_3d(g[write] + nq + nk, c->N, c->S, c->vdim);
+        CHECK_OK(mha_mpi_layer_forward(ctx, layer, &y, NULL, a));
+        a->write_input_grads = write;
+        if (c->self) CHECK_OK(mha_mpi_layer_backward(ctx, layer, a, &tdy, &gq, &gq, &gq));
+        else CHECK_OK(mha_mpi_layer_backward(ctx, layer, a, &tdy, &gq, &gk, &gv));
+        a->write_input_grads = 0;
+    }
+    CHECK(memcmp(g[0], g[1], (size_t)n * sizeof(float)) == 0,
+          "%s on %d ranks: input gradients written differ from added to zeros", c->label, size);
+    free(g[0]), free(g[1]), free(out), free(dy);
+}
+
 static void check_backward(mha_ctx *ctx, mha_mpi_layer *layer, fixture *f)
 {
     const heads_case *c = f->c;
@@ -360,9 +387,10 @@ static void check_backward(mha_ctx *ctx, mha_mpi_layer *layer, fixture *f)
     mha_layer_tape *tape = NULL;
     CHECK_OK(mha_layer_train_init(mine));
     CHECK_OK(mha_layer_tape_create(&tape));
-    mha_layer_zero_grad(mine);
     mha_layer_fwd_args a = make_args(f);
     a.tape = tape;
+    check_written_input_grads(ctx, layer, f, &a);
+    mha_layer_zero_grad(mine); /* the parameters' gradients of the backward below only */
     mha_tensor y = mha_tensor_3d(out, c->N, c->L, c->E), tdy = mha_tensor_3d(dy, c->N, c->L, c->E);
     mha_tensor gq = mha_tensor_3d(got, c->N, c->L, c->E), gk = mha_tensor_3d(got + nq, c->N, c->S, c->kdim);
     mha_tensor gv = mha_tensor_3d(got + nq + nk, c->N, c->S, c->vdim);

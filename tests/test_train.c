@@ -5,6 +5,7 @@
  *   - gradients accumulate across backward calls until zeroed;
  *   - gradients in storage the caller owns (mha_layer_set_grad_storage);
  *   - a deferred zero: the next backward writes the gradients;
+ *   - input gradients written rather than added (write_input_grads);
  *   - a training step allocates nothing once shapes stop growing;
  *   - writing parameters and calling mha_layer_params_changed changes what
  *     the forward computes;
@@ -285,6 +286,45 @@ static void test_deferred_zero(mha_ctx *ctx)
     free(storage), free(zeroed);
 }
 
+/* args.write_input_grads: the backward writes grad_query, grad_key and
+ * grad_value over what they held (NaN), to the bits it leaves when adding
+ * to zeros: self-attention (one tensor for all three, its three shares
+ * summed) and cross-attention with key and value one tensor, on enough
+ * rows for the split products where the CPU has them. */
+static void test_write_input_grads(mha_ctx *ctx)
+{
+    enum { RL = 40, M = N * RL * E };
+    mha_param params[8];
+    int64_t n_params;
+    mha_layer *layer = make_layer(false, params, &n_params);
+    mha_layer_tape *tape = NULL;
+    CHECK_OK(mha_layer_tape_create(&tape));
+    static float x[M], kv[M], dy[M], y[M], got[2][2][M]; /* [written][query, key and value] */
+    fill(x, M, 1.0f), fill(kv, M, 1.0f), fill(dy, M, 1.0f);
+    for (int cross = 0; cross < 2; cross++) {
+        for (int write = 0; write < 2; write++) {
+            mha_layer_fwd_args a;
+            mha_layer_fwd_args_init(&a);
+            a.query = mha_tensor_3d(x, N, RL, E);
+            a.key = a.value = cross ? mha_tensor_3d(kv, N, RL, E) : a.query;
+            a.tape = tape;
+            a.write_input_grads = write;
+            float *gq = got[write][0], *gkv = cross ? got[write][1] : gq;
+            for (int64_t i = 0; i < M; i++) gq[i] = gkv[i] = write ? NAN : 0.0f;
+            mha_tensor ty = mha_tensor_3d(y, N, RL, E), tdy = mha_tensor_3d(dy, N, RL, E);
+            mha_tensor tq = mha_tensor_3d(gq, N, RL, E), tkv = mha_tensor_3d(gkv, N, RL, E);
+            CHECK_OK(mha_layer_forward(ctx, layer, &ty, NULL, &a));
+            CHECK_OK(mha_layer_backward(ctx, layer, &a, &tdy, &tq, &tkv, &tkv));
+        }
+        int differ = 0;
+        for (int t = 0; t <= cross; t++) differ += memcmp(got[0][t], got[1][t], sizeof got[0][t]) != 0;
+        CHECK(differ == 0, "%s: %d input gradients written differ from added to zeros",
+              cross ? "cross-attention" : "self-attention", differ);
+    }
+    mha_layer_tape_free(tape);
+    mha_layer_free(layer);
+}
+
 /* Plain SGD on 0.5 |y - y_teacher|^2 / n: the student starts from other
  * random weights; 150 steps must cut the loss by more than 10x. */
 static void test_fits_a_teacher(mha_ctx *ctx)
@@ -379,6 +419,7 @@ int main(void)
     test_accumulation_and_allocations(ctx);
     test_caller_storage(ctx);
     test_deferred_zero(ctx);
+    test_write_input_grads(ctx);
     test_fits_a_teacher(ctx);
     test_param_names();
     mha_ctx_free(ctx);

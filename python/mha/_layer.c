@@ -288,16 +288,17 @@ static PyObject *py_layer_backward(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *cap, *q, *k, *v, *am, *kpm, *tape, *go, *g[3];
-    int causal, average, threads;
+    int causal, average, threads, write;
     long long position;
-    if (!PyArg_ParseTuple(args, "OOOOOOipOLOOOOi", &cap, &q, &k, &v, &am, &kpm, &causal, &average, &tape, &position,
-                          &go, &g[0], &g[1], &g[2], &threads))
+    if (!PyArg_ParseTuple(args, "OOOOOOipOLOOOOip", &cap, &q, &k, &v, &am, &kpm, &causal, &average, &tape, &position,
+                          &go, &g[0], &g[1], &g[2], &threads, &write))
         return NULL;
     mha_py_held h = {.n = 0};
     layer_call c = {.layer = object_of(cap, LAYER)};
     static const char *const names[3] = {"grad_query", "grad_key", "grad_value"};
     bool ok = c.layer && fwd_args_of(&h, q, k, v, am, kpm, causal, average, tape, position, &c.args) &&
               mha_py_tensor3(&h, go, "grad_output", 0, &c.out);
+    c.args.write_input_grads = write; /* the gradients are new arrays: written, not zeroed and added to */
     mha_tensor *outputs[3] = {NULL, NULL, NULL};
     for (int i = 0; ok && i < 3; i++)
         if (g[i] != Py_None && (ok = mha_py_tensor3(&h, g[i], names[i], 1, &c.grads[i]))) outputs[i] = &c.grads[i];

@@ -3,6 +3,7 @@ same constructor arguments, state_dict names (PyTorch's, Llama's,
 GPT-2's or BERT's), shapes and masks, its gradients, and decoding with a KV cache.
 """
 
+import math
 import sys
 import threading
 
@@ -111,13 +112,14 @@ class MultiheadAttention:
                 if self._grad_count is None:
                     self._grad_count = _core.layer_grad_count(self._layer)
                 fresh = np.empty(self._grad_count, dtype=np.float32)
-                self._grad_layout = _core.layer_grad_storage(self._layer, fresh)
+                self._grad_layout = [(name, at, at + math.prod(shape), shape)  # sizes once, not a step
+                                     for name, at, shape in _core.layer_grad_storage(self._layer, fresh)]
                 self._grad_storage = fresh  # after the move: the old array is not let go while still in use
                 del fresh
                 self._grad_unused_refs = self._grad_storage_refs()  # the count with no view: the interpreter's own
             storage = self._grad_storage
             _core.layer_zero_grad_deferred(self._layer)
-        return {name: storage[at:at + int(np.prod(shape))].reshape(shape) for name, at, shape in self._grad_layout}
+        return {name: storage[at:end].reshape(shape) for name, at, end, shape in self._grad_layout}
 
     def _grad_storage_refs(self):
         """References to the gradient storage, counted the same way each
@@ -268,10 +270,10 @@ class MultiheadAttention:
                     grads.append(grads[same]), views.append(views[same])
                     continue
                 g, g_nle = self._out_nle(unbatched, N, x.shape[1], width)
-                g[...] = 0  # the library adds into them
                 grads.append(g), views.append(g_nle)
+            # New arrays: the library writes them (write_input_grads), a shared one the sum of its uses.
             finite = _core.layer_backward(self._layer, q, k, v, am, kpm, causal, average, tape, 0, go,
-                                          views[0], views[1], views[2], self.threads)
+                                          views[0], views[1], views[2], self.threads, True)
             if len(self._spare_tapes) < _SPARE_TAPES:
                 self._spare_tapes.append(tape)  # consumed by the backward: free to record again
         if not finite:

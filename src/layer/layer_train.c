@@ -377,11 +377,13 @@ static mha_status input_grad(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t
 
 /* One input projection's share: b_in's slice and, unless `weight_done`
  * (the shared weight gradients took it), W's gradient; and the input's
- * gradient if asked for.  dp: the projected rows' gradient (T rows per
- * batch, of a buffer with T1 rows per batch).  x and gx may share the
- * staging area: gx is staged only after the weight gradient has read x. */
+ * gradient if asked for, added to gx or (`write`) written there.  dp: the
+ * projected rows' gradient (T rows per batch, of a buffer with T1 rows
+ * per batch).  x and gx may share the staging area: gx is staged only
+ * after the weight gradient has read x. */
 static mha_status projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, float *dp,
-                                   int64_t T1, const mha_tensor *x, mha_tensor *gx, float *stage, bool weight_done)
+                                   int64_t T1, const mha_tensor *x, mha_tensor *gx, float *stage, bool weight_done,
+                                   bool write)
 {
     mha__layer_train *t = l->train;
     mha__batched dpb = mha__layer_activations(l, dp, N, T1, m == MAT_Q ? l->desc.num_heads : l->desc.num_kv_heads);
@@ -394,7 +396,7 @@ static mha_status projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, i
     }
     if (st != MHA_OK || !gx) return st;
     mha__batched gb = contiguous(gx, stage);
-    if ((st = input_grad(ctx, l, m, N, T, &dpb, &gb, true)) == MHA_OK) scatter(&gb, gx);
+    if ((st = input_grad(ctx, l, m, N, T, &dpb, &gb, !write)) == MHA_OK) scatter(&gb, gx);
     return st;
 }
 
@@ -437,7 +439,10 @@ static mha_status input_projections_grads(mha_ctx *ctx, const mha_layer *l, cons
     bool weight_done = shared_weight_grads(ctx, l, a, S1, dp, stage, &st);
     for (matrix m = MAT_Q; m <= MAT_V && st == MHA_OK; m++) {
         int64_t T = m == MAT_Q ? tape->L : tape->S, T1 = m == MAT_Q ? tape->L : S1;
-        st = projection_grads(ctx, l, m, tape->N, T, dp[m], T1, x[m], gx[m], stage, weight_done);
+        bool seen = false; /* gx[m] is also an earlier projection's: add to what that wrote */
+        for (matrix e = MAT_Q; e < m; e++) seen = seen || (gx[e] && gx[m] && same_tensor(gx[e], gx[m]));
+        st = projection_grads(ctx, l, m, tape->N, T, dp[m], T1, x[m], gx[m], stage, weight_done,
+                              a->write_input_grads && !seen);
     }
     return st;
 }

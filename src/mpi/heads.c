@@ -556,8 +556,11 @@ mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *L, const mha_laye
     }
     st = mha__mpi_agree(L->comm, st);
     if (st == MHA_OK) st = mha__mpi_sum(ctx, L->comm, g, total);
-    for (int i = 0; i < 3 && st == MHA_OK; i++)
-        if (user[i] && alias[i] == i) mha__mpi_add_piece(user[i], g + at[i]);
+    for (int i = 0; i < 3 && st == MHA_OK; i++) {
+        if (!user[i] || alias[i] != i) continue;
+        if (args->write_input_grads) mha__mpi_copy_piece(user[i], g + at[i], false);
+        else mha__mpi_add_piece(user[i], g + at[i]);
+    }
     mha__free(g);
     return st;
 }
