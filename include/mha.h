@@ -661,9 +661,9 @@ void mha_layer_zero_grad(mha_layer *layer);
 
 /* Sets every gradient to 0 as of the next mha_layer_backward, which then
  * writes the gradients instead of adding to them: each block of a weight
- * gradient is zeroed just before its first sum is added, while in cache,
- * not in a pass over 4 E^2 floats through memory first (the same bits as
- * mha_layer_zero_grad).  Until that backward the gradients' contents are
+ * gradient gets its first sum as if added to zero (the same bits as after
+ * mha_layer_zero_grad), with no pass over 4 E^2 floats through memory
+ * before the backward.  Until that backward the gradients' contents are
  * left as they are, so read none of them in between.  For a framework
  * that hands each step's gradients on in new storage
  * (mha_layer_set_grad_storage): PyTorch's autograd does.  mha_layer_zero_grad
