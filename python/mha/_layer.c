@@ -121,34 +121,21 @@ static PyObject *py_layer_weight(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* layer_train(layer, zero_grad): the training state (once), and with
- * zero_grad every gradient set to 0. */
+/* layer_train(layer, zero): the training state (once), and every
+ * gradient set to 0: not (zero 0), now (1, mha_layer_zero_grad) or by
+ * the next backward, which writes them (2, mha_layer_zero_grad_deferred). */
 static PyObject *py_layer_train(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *cap;
     int zero;
-    if (!PyArg_ParseTuple(args, "Op", &cap, &zero)) return NULL;
+    if (!PyArg_ParseTuple(args, "Oi", &cap, &zero)) return NULL;
     mha_layer *l = object_of(cap, LAYER);
     if (!l) return NULL;
     mha_status st = mha_layer_train_init(l);
     if (st != MHA_OK) return mha_py_raise(st);
-    if (zero) mha_layer_zero_grad(l);
-    Py_RETURN_NONE;
-}
-
-/* layer_zero_grad_deferred(layer): the next backward writes the
- * gradients instead of adding to them (mha_layer_zero_grad_deferred). */
-static PyObject *py_layer_zero_grad_deferred(PyObject *self, PyObject *args)
-{
-    (void)self;
-    PyObject *cap;
-    if (!PyArg_ParseTuple(args, "O", &cap)) return NULL;
-    mha_layer *l = object_of(cap, LAYER);
-    if (!l) return NULL;
-    mha_status st = mha_layer_train_init(l);
-    if (st != MHA_OK) return mha_py_raise(st);
-    mha_layer_zero_grad_deferred(l);
+    if (zero == 1) mha_layer_zero_grad(l);
+    if (zero == 2) mha_layer_zero_grad_deferred(l);
     Py_RETURN_NONE;
 }
 
@@ -392,7 +379,6 @@ PyMethodDef mha_py_layer_methods[] = {
     {"layer_weights", py_layer_weights, METH_VARARGS, "the layer's weight names and shapes"},
     {"layer_weight", py_layer_weight, METH_VARARGS, "set or get a weight, or get its gradient"},
     {"layer_train", py_layer_train, METH_VARARGS, "training state, and zero the gradients"},
-    {"layer_zero_grad_deferred", py_layer_zero_grad_deferred, METH_VARARGS, "zero the gradients by the next backward"},
     {"layer_grad_count", py_layer_grad_count, METH_VARARGS, "floats of the gradient storage"},
     {"layer_grad_storage", py_layer_grad_storage, METH_VARARGS, "move the gradients into a caller's array"},
     {"tape_create", py_tape_create, METH_NOARGS, "mha_layer_tape_create"},

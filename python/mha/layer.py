@@ -14,6 +14,8 @@ from . import _arrays, _core
 _ROPE = {None: 0, "none": 0, "half": 1, "interleaved": 2}
 _CAUSE = "values (or weights) too large?"  # when every input is finite but a result is not
 _SPARE_TAPES = 2  # tapes a layer keeps for its next forwards: one step's, and one in flight
+# _core.layer_train's zero: the gradients left, zeroed now, or written by the next backward
+_ZERO_NOT, _ZERO_NOW, _ZERO_BY_BACKWARD = 0, 1, 2
 
 
 class MultiheadAttention:
@@ -94,7 +96,7 @@ class MultiheadAttention:
 
     def zero_grad(self):
         with self._lock:
-            _core.layer_train(self._layer, True)
+            _core.layer_train(self._layer, _ZERO_NOW)
 
     def _grads_in_free_storage(self):
         """Moves the weights' gradients into an array no gradient handed
@@ -118,7 +120,7 @@ class MultiheadAttention:
                 del fresh
                 self._grad_unused_refs = self._grad_storage_refs()  # the count with no view: the interpreter's own
             storage = self._grad_storage
-            _core.layer_zero_grad_deferred(self._layer)
+            _core.layer_train(self._layer, _ZERO_BY_BACKWARD)
         return {name: storage[at:end].reshape(shape) for name, at, end, shape in self._grad_layout}
 
     def _grad_storage_refs(self):
@@ -129,7 +131,7 @@ class MultiheadAttention:
     def _get(self, name, shape, mode):
         out = np.empty(shape, dtype=np.float32)
         with self._lock:
-            _core.layer_train(self._layer, False)
+            _core.layer_train(self._layer, _ZERO_NOT)
             _core.layer_weight(self._layer, name, out, mode)
         return out
 
@@ -229,7 +231,7 @@ class MultiheadAttention:
         tape = self._take_tape() if record else None
         with self._lock:
             if record:
-                _core.layer_train(self._layer, False)
+                _core.layer_train(self._layer, _ZERO_NOT)
             finite = _core.layer_forward(self._layer, out_nle, weights, q, k, v, am, kpm, causal,
                                          bool(average_attn_weights), tape, 0, self.threads)
         if not finite:

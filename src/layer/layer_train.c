@@ -39,6 +39,14 @@ static int64_t matrix_size(const mha_layer *l, matrix m)
     return mha__layer_out_features(l, m) * mha__layer_in_features(l, m);
 }
 
+/* The floats of the four matrices, which come first in plain and grads. */
+static int64_t matrices_size(const mha_layer *l)
+{
+    int64_t n = 0;
+    for (int m = 0; m < MAT_COUNT; m++) n += matrix_size(l, (matrix)m);
+    return n;
+}
+
 static void train_layout(const mha_layer *l, mha__layer_train *t)
 {
     const mha_layer_desc *d = &l->desc;
@@ -65,8 +73,7 @@ mha_status mha_layer_train_init(mha_layer *l)
                          "mha_layer_train_init: training computes in F32; this layer's dtype is BF16");
     if (l->train) return MHA_OK;
     const mha_layer_desc *d = &l->desc;
-    int64_t E = d->embed_dim, n_plain = 0; /* sizes checked when the layer was made */
-    for (int m = 0; m < MAT_COUNT; m++) n_plain += matrix_size(l, (matrix)m);
+    int64_t E = d->embed_dim, n_plain = matrices_size(l); /* sizes checked when the layer was made */
     mha__layer_train *t = mha__calloc(1, sizeof *t);
     if (!t) return MHA_ERR_NOMEM;
     t->n_grads =
@@ -345,10 +352,8 @@ static mha_status weight_grad(mha_ctx *ctx, const mha_layer *l, matrix m, int64_
 static void zero_bias_grads(const mha_layer *l)
 {
     mha__layer_train *t = l->train;
-    if (!t->zero_pending) return;
-    int64_t matrices = 0;
-    for (int m = 0; m < MAT_COUNT; m++) matrices += matrix_size(l, (matrix)m);
-    memset(t->grads + matrices, 0, (size_t)(t->n_grads - matrices) * sizeof(float));
+    int64_t matrices = matrices_size(l);
+    if (t->zero_pending) memset(t->grads + matrices, 0, (size_t)(t->n_grads - matrices) * sizeof(float));
 }
 
 /* Matrix m's input gradient dx = dy W, with W^T split into the workspace
