@@ -390,7 +390,10 @@ static void check_backward(mha_ctx *ctx, mha_mpi_layer *layer, fixture *f)
     mha_layer_fwd_args a = make_args(f);
     a.tape = tape;
     check_written_input_grads(ctx, layer, f, &a);
-    mha_layer_zero_grad(mine); /* the parameters' gradients of the backward below only */
+    /* The parameters' gradients of the backward below only, deferred as
+     * a framework's step (and `mha bench --parallel heads`) does: the
+     * two backwards above left sums that it must write over. */
+    mha_layer_zero_grad_deferred(mine);
     mha_tensor y = mha_tensor_3d(out, c->N, c->L, c->E), tdy = mha_tensor_3d(dy, c->N, c->L, c->E);
     mha_tensor gq = mha_tensor_3d(got, c->N, c->L, c->E), gk = mha_tensor_3d(got + nq, c->N, c->S, c->kdim);
     mha_tensor gv = mha_tensor_3d(got + nq + nk, c->N, c->S, c->vdim);

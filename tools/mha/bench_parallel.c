@@ -70,6 +70,7 @@ static mha_status setup_heads(par_case *c)
         st = mha_layer_train_init(mha_mpi_layer_local(c->layer));
         if (st == MHA_OK) st = mha_layer_tape_create(&c->tape);
         c->args.tape = c->tape;
+        c->args.write_input_grads = 1; /* as the single-process bench */
     }
     return st;
 }
@@ -155,7 +156,7 @@ static mha_status run_once(par_case *c)
     const cli_bench_shape *o = c->o;
     if (strcmp(o->parallel, "heads") == 0) {
         if (!o->backward) return mha_mpi_layer_forward(c->ctx, c->layer, &c->y, NULL, &c->args);
-        mha_layer_zero_grad(mha_mpi_layer_local(c->layer));
+        mha_layer_zero_grad_deferred(mha_mpi_layer_local(c->layer)); /* as the single-process bench */
         mha_status st = mha_mpi_layer_forward(c->ctx, c->layer, &c->y, NULL, &c->args);
         mha_tensor dx = c->y; /* dX into Y's memory: Y is not read by the backward */
         return st != MHA_OK ? st : mha_mpi_layer_backward(c->ctx, c->layer, &c->args, &c->g, &dx, &dx, &dx);

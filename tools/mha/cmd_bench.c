@@ -109,6 +109,7 @@ static int setup_forward(const bench_opts *o, bench_case *c)
         return CLI_FAIL;
     }
     c->args.tape = c->tape;
+    c->args.write_input_grads = 1; /* as a framework's step: dX written, not added to */
     c->dout = mha_tensor_3d(c->buffers[3], o->batch, o->seq, E);
     c->dq = mha_tensor_3d(c->buffers[4], o->batch, o->seq, E);
     c->flops *= 3.5; /* forward + backward, the backward counted as 2.5 forwards (docs/PERFORMANCE.md) */
