@@ -2,7 +2,7 @@
 """libmha against PyTorch, side by side, in one run.
 
     /usr/bin/python3 bench/compare_torch.py [--threads 2] [--repeat 10] [--quick] [--training]
-    python bench/compare_torch.py --python [--threads 2] [--rounds 3] [--quick]
+    python bench/compare_torch.py --python [--threads 2] [--rounds 3] [--quick | --large] [--training]
 
 --python (needs the Python package, `pip install .`, and any PyTorch, 2.x
 for its public SDPA) compares in one process, through the same torch
@@ -11,8 +11,9 @@ torch.nn.functional.scaled_dot_product_attention on [B, 12, N, 64], and
 mha.torch.MultiheadAttention (from_torch of the same module) against
 torch.nn.MultiheadAttention(768, 12, batch_first=True), forward (no_grad,
 need_weights=False) and forward + backward (the input and every parameter
-requiring grad), S1-S4 and causal.  Rounds alternate PyTorch and libmha;
-each prints the median over rounds of per-round medians, and the ratio.
+requiring grad), S1-S4 and causal (--training: the layer's forward +
+backward alone).  Rounds alternate PyTorch and libmha; each prints the
+median over rounds of per-round medians, and the ratio.
 
 Without --python:
 
@@ -27,7 +28,7 @@ medians, GFLOP/s, percent of the measured peak and the ratio.
   train  (--training: only these) forward + backward of the layer: PyTorch
          in training mode (dropout 0) with the input requiring grad, the
          gradients dropped before each step, against `mha bench --op
-         backward` (zero_grad, forward on a tape, backward into dX).
+         backward` (the zero deferred, forward on a tape, dX written).
   core   PyTorch 1.13's private F._scaled_dot_product_attention on
          [B*h, N, d] (what nn.MultiheadAttention calls; 1.13 has no public
          SDPA) against `mha bench --op sdpa`.
@@ -182,6 +183,8 @@ def py_main(a):
         if (a.quick and N > 4096) or (a.large and N <= 4096):
             continue
         for what, t_fn, m_fn in py_cases(B, N, causal):
+            if a.training and what != "layer fwd+bwd":
+                continue
             t_runs, m_runs = [], []
             for _ in range(a.rounds):
                 t_runs.append(median_ms(t_fn, a.repeat))
@@ -198,7 +201,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="skip the N=8192 shapes")
-    ap.add_argument("--training", action="store_true", help="only forward + backward of the layer")
+    ap.add_argument("--training", action="store_true", help="only forward + backward of the layer (both modes)")
     a = ap.parse_args()
     global torch
     if a.python:
