@@ -109,51 +109,74 @@ static void test_gemm_tile(const mha__kernels *kt)
     free(c0);
 }
 
-/* gemm_tile_exact: every m <= MHA_EXACT_MR and n <= nr, from column 0
- * and from inside the panel, with and without bias, A's rows in a
- * shuffled order and strided: the bits of the float64 sum in order
- * (bias first) rounded once, and nothing written past n.  B holds
- * exactly the k rows read, so a read past them shows under ASan; A's
- * values span 2^-8 to 2^8, so that a float32 sum would differ. */
+/* gemm_tile_exact: every m <= MHA_EXACT_MR and n <= nr, with and
+ * without bias, A's rows lda apart (more than k) and C's rows in a
+ * shuffled order: the bits of the float64 sum in order (bias first)
+ * rounded once, and nothing written past n or to other rows.  A's and
+ * B's values are floats (what the caller widens), A's spanning 2^-8 to
+ * 2^8 so that a float32 sum would differ; B's columns from n on are
+ * NaN, which must not reach C.  B holds exactly the k rows read, so a
+ * read past them shows under ASan. */
 static void test_gemm_tile_exact(const mha__kernels *kt)
 {
-    enum { K_MAX = 200, CS = 3, LDC = 40 };
+    enum { K_MAX = 200, LDA = K_MAX + 3, LDC = 40 };
     static const int64_t ks[] = {0, 1, 3, 17, 200};
-    float *a = filled(MHA_EXACT_MR * K_MAX * CS), *bias = filled(kt->nr), c[MHA_EXACT_MR * LDC];
-    for (int64_t i = 0; i < MHA_EXACT_MR * K_MAX * CS; i++) a[i] = ldexpf(a[i], (int)(uniform() * 8.0f));
+    float *af = filled(MHA_EXACT_MR * LDA), *bias = filled(kt->nr), c[MHA_EXACT_MR * LDC];
+    double *a = malloc(MHA_EXACT_MR * LDA * sizeof(double));
+    for (int64_t i = 0; i < MHA_EXACT_MR * LDA; i++) a[i] = ldexpf(af[i], (int)(uniform() * 8.0f));
     int bad = 0;
     for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++) {
         int64_t k = ks[ki], ldb = kt->nr;
-        float *b = filled(k * ldb > 0 ? k * ldb : 1);
+        float *bf = filled(k * ldb > 0 ? k * ldb : 1);
+        double *b = malloc((size_t)(k * ldb > 0 ? k * ldb : 1) * sizeof(double));
         for (int64_t m = 1; m <= MHA_EXACT_MR; m++)
-            for (int64_t at = 0; at <= 5; at += 5)
-                for (int64_t n = 1; at + n <= kt->nr; n++)
-                    for (int with_bias = 0; with_bias < 2; with_bias++) {
-                        const float *rows[MHA_EXACT_MR];
-                        float *out[MHA_EXACT_MR];
-                        for (int64_t i = 0; i < m; i++) {
-                            rows[i] = a + ((i * 5 + 1) % MHA_EXACT_MR) * K_MAX * CS; /* shuffled */
-                            out[i] = c + i * LDC;
-                        }
-                        for (int64_t i = 0; i < MHA_EXACT_MR * LDC; i++) c[i] = -7.0f;
-                        const float *bj = with_bias ? bias + at : NULL;
-                        kt->gemm_tile_exact(m, n, k, rows, CS, b + at, ldb, bj, out);
-                        for (int64_t i = 0; i < MHA_EXACT_MR; i++)
-                            for (int64_t j = 0; j < LDC; j++) {
-                                if (i >= m || j >= n) {
-                                    bad += c[i * LDC + j] != -7.0f;
-                                    continue;
-                                }
-                                double want = bj ? bj[j] : 0.0;
-                                for (int64_t p = 0; p < k; p++) want += (double)rows[i][p * CS] * b[p * ldb + at + j];
-                                bad += c[i * LDC + j] != (float)want;
+            for (int64_t n = 1; n <= kt->nr; n++) {
+                for (int64_t i = 0; i < k * ldb; i++) b[i] = i % ldb < n ? (double)bf[i] : NAN;
+                for (int with_bias = 0; with_bias < 2; with_bias++) {
+                    float *out[MHA_EXACT_MR];
+                    for (int64_t i = 0; i < m; i++) out[i] = c + ((i * 5 + 1) % MHA_EXACT_MR) * LDC; /* shuffled */
+                    for (int64_t i = 0; i < MHA_EXACT_MR * LDC; i++) c[i] = -7.0f;
+                    const float *bj = with_bias ? bias : NULL;
+                    kt->gemm_tile_exact(m, n, k, a, LDA, b, ldb, bj, out);
+                    for (int64_t i = 0; i < MHA_EXACT_MR; i++) { /* C's row for A's row i; past m, untouched */
+                        const float *got = c + ((i * 5 + 1) % MHA_EXACT_MR) * LDC;
+                        for (int64_t j = 0; j < LDC; j++) {
+                            if (i >= m || j >= n) {
+                                bad += got[j] != -7.0f;
+                                continue;
                             }
+                            double want = bj ? bj[j] : 0.0;
+                            for (int64_t p = 0; p < k; p++) want += a[i * LDA + p] * b[p * ldb + j];
+                            bad += got[j] != (float)want;
+                        }
                     }
+                }
+            }
         free(b);
+        free(bf);
     }
+    free(af);
     CHECK(bad == 0, "%s gemm_tile_exact: %d wrong or out-of-tile values", kt->name, bad);
     free(a);
     free(bias);
+}
+
+/* widen: every n to 40, contiguous and strided: each value its float's
+ * double, and nothing written past n (the masked tail's edge). */
+static void test_widen(const mha__kernels *kt)
+{
+    enum { N_MAX = 40, CS = 3 };
+    float *src = filled(N_MAX * CS);
+    double dst[N_MAX + 1];
+    int bad = 0;
+    for (int64_t cs = 1; cs <= CS; cs += CS - 1)
+        for (int64_t n = 0; n <= N_MAX; n++) {
+            for (int64_t i = 0; i <= N_MAX; i++) dst[i] = -7.0;
+            kt->widen(dst, src, cs, n);
+            for (int64_t i = 0; i <= N_MAX; i++) bad += dst[i] != (i < n ? (double)src[i * cs] : -7.0);
+        }
+    CHECK(bad == 0, "%s widen: %d values wrong or written past n", kt->name, bad);
+    free(src);
 }
 
 /* gemm_tile_grouped: A's columns in groups of gk lying a_gs apart (an odd
@@ -967,6 +990,7 @@ int main(void)
         test_gemm_tile(kt);
         test_gemm_tile_grouped(kt);
         test_gemm_tile_exact(kt);
+        test_widen(kt);
         test_pair_dots(kt);
         test_exp(kt);
         test_softmax_step(kt);

@@ -1482,7 +1482,7 @@ static void test_kept_norms_decide_as_the_attention(mha_ctx *ctx)
     double qn[N * H * T], kn[N * H], row[T];
     mha__layer_norms keep = {qn, kn};
     int64_t bytes = 0, off = 0;
-    CHECK(mha__layer_project_workspace(wc.layer, N, T, T, &bytes), "the projections' workspace");
+    CHECK(mha__layer_project_workspace(ctx, wc.layer, N, T, T, &bytes), "the projections' workspace");
     CHECK_OK(mha__ws_reserve(ctx, bytes));
     CHECK_OK(mha__layer_project_qkv(ctx, wc.layer, &r, &xb, &xb, &xb, q, k, v, &keep));
     mha_tensor qh = mha__layer_heads_view(wc.layer, q, N, T, H), kh = mha__layer_heads_view(wc.layer, k, N, T, H);

@@ -97,9 +97,12 @@ typedef struct mha__exact_rows {
 /* Output o0 <= o < o1 of each listed row: y = x W^T[:, o] + b[o], the
  * exact sum rounded once (summed in float64: exact.c), where mha__linear
  * rounds every multiply-add; the same bits in every kernel set.  w
- * packed for kt; y with cs = 1; b may be NULL. */
-void mha__linear_exact(mha_ctx *ctx, const mha__kernels *kt, const mha__exact_rows *rows, const mha__packed *w,
-                       int64_t o0, int64_t o1, const float *b);
+ * packed for kt; y with cs = 1; b may be NULL.  The workspace to plan
+ * for up to `outputs` = o1 - o0 (false, INVALID_ARG, when it overflows),
+ * and the call (INTERNAL if it was not planned). */
+bool mha__linear_exact_workspace(const mha_ctx *ctx, const mha__packed *w, int64_t outputs, int64_t *bytes);
+mha_status mha__linear_exact(mha_ctx *ctx, const mha__kernels *kt, const mha__exact_rows *rows, const mha__packed *w,
+                             int64_t o0, int64_t o1, const float *b);
 
 /* N matrices: matrix n is m with data moved by n * batch_stride. */
 typedef struct mha__batched {

@@ -116,12 +116,12 @@ static void gemm_tile_grouped_avx2(int64_t m, int64_t n, int64_t groups, int64_t
     else tile_body(m, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 0, groups, a_gs);
 }
 
-/* gemm_tile_exact: M rows (1 or 2, a constant once inlined) by up to 16
+/* gemm_tile_exact: M rows (1 or 2, a constant once inlined) by 16
  * columns in float64, four ymm of four sums a row (eight accumulators
- * and four widened values of B fit the sixteen registers; more rows
- * spilled).  Columns past n are masked off the loads and stores. */
-static inline __attribute__((always_inline)) void exact_rows_avx2(int M, int64_t n, int64_t k, const float *const *a,
-                                                                  int64_t a_cs, const float *b, int64_t ldb,
+ * and B's row of four ymm fit the sixteen registers; more rows
+ * spilled).  Columns past n are masked off the stores. */
+static inline __attribute__((always_inline)) void exact_rows_avx2(int M, int64_t n, int64_t k, const double *a,
+                                                                  int64_t lda, const double *b, int64_t ldb,
                                                                   const float *bias, float *const *c)
 {
     __m256i lo = lane_mask(n), hi = lane_mask(n - 8);
@@ -136,12 +136,12 @@ static inline __attribute__((always_inline)) void exact_rows_avx2(int M, int64_t
         acc[i][3] = _mm256_cvtps_pd(_mm256_extractf128_ps(b1, 1));
     }
     for (int64_t p = 0; p < k; p++) {
-        __m256 w0 = _mm256_maskload_ps(b + p * ldb, lo), w1 = _mm256_maskload_ps(b + p * ldb + 8, hi);
-        __m256d w[4] = {_mm256_cvtps_pd(_mm256_castps256_ps128(w0)), _mm256_cvtps_pd(_mm256_extractf128_ps(w0, 1)),
-                        _mm256_cvtps_pd(_mm256_castps256_ps128(w1)), _mm256_cvtps_pd(_mm256_extractf128_ps(w1, 1))};
+        const double *row = b + p * ldb;
+        __m256d w[4] = {_mm256_loadu_pd(row), _mm256_loadu_pd(row + 4), _mm256_loadu_pd(row + 8),
+                        _mm256_loadu_pd(row + 12)};
         _Pragma("GCC unroll 4") for (int i = 0; i < M; i++)
         {
-            __m256d x = _mm256_set1_pd(a[i][p * a_cs]);
+            __m256d x = _mm256_set1_pd(a[i * lda + p]);
             _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++) acc[i][q] = _mm256_fmadd_pd(x, w[q], acc[i][q]);
         }
     }
@@ -154,12 +154,20 @@ static inline __attribute__((always_inline)) void exact_rows_avx2(int M, int64_t
     }
 }
 
-static void gemm_tile_exact_avx2(int64_t m, int64_t n, int64_t k, const float *const *a, int64_t a_cs, const float *b,
+/* widen: four floats a conversion where they are contiguous. */
+static void widen_avx2(double *dst, const float *src, int64_t cs, int64_t n)
+{
+    int64_t i = 0;
+    for (; cs == 1 && i + 4 <= n; i += 4) _mm256_storeu_pd(dst + i, _mm256_cvtps_pd(_mm_loadu_ps(src + i)));
+    for (; i < n; i++) dst[i] = src[i * cs];
+}
+
+static void gemm_tile_exact_avx2(int64_t m, int64_t n, int64_t k, const double *a, int64_t lda, const double *b,
                                  int64_t ldb, const float *bias, float *const *c)
 {
     for (int64_t i = 0; i < m; i += 2) {
-        if (m - i >= 2) exact_rows_avx2(2, n, k, a + i, a_cs, b, ldb, bias, c + i);
-        else exact_rows_avx2(1, n, k, a + i, a_cs, b, ldb, bias, c + i);
+        if (m - i >= 2) exact_rows_avx2(2, n, k, a + i * lda, lda, b, ldb, bias, c + i);
+        else exact_rows_avx2(1, n, k, a + i * lda, lda, b, ldb, bias, c + i);
     }
 }
 
@@ -777,6 +785,7 @@ const mha__kernels mha__kernels_avx2 = {
     .abs_max = abs_max_avx2,
     .key_sums = mha__key_sums_avx2,
     .norm2 = mha__norm2_avx2,
+    .widen = widen_avx2,
     .dots_f64 = mha__dots_f64_avx2,
     .dots_f64_panel = dots_f64_panel_avx2,
     .shift_refined = shift_refined_avx2,

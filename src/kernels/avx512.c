@@ -167,13 +167,13 @@ static void gemm_tile_grouped_avx512(int64_t m, int64_t n, int64_t groups, int64
     else tile_body(m, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 0, CLAMPED, groups, a_gs);
 }
 
-/* gemm_tile_exact: M rows (a constant once inlined) by up to 32 columns
- * in float64, four zmm of eight sums a row; each step of k widens the
- * panel row's 32 floats once and broadcasts M values of A (4 M FMAs for
- * 2 loads, 4 conversions and M broadcasts).  Columns past n are masked
- * off the loads, which read them as 0, and off the stores. */
-static inline __attribute__((always_inline)) void exact_rows_avx512(int M, int64_t n, int64_t k, const float *const *a,
-                                                                    int64_t a_cs, const float *b, int64_t ldb,
+/* gemm_tile_exact: M rows (a constant once inlined) by 32 columns in
+ * float64, four zmm of eight sums a row; each step of k loads B's row
+ * (four zmm) and broadcasts M values of A from memory: 4 M FMAs and no
+ * other work on the FMA ports.  Columns past n are masked off the
+ * stores. */
+static inline __attribute__((always_inline)) void exact_rows_avx512(int M, int64_t n, int64_t k, const double *a,
+                                                                    int64_t lda, const double *b, int64_t ldb,
                                                                     const float *bias, float *const *c)
 {
     __mmask16 lo = lane_mask(n), hi = lane_mask(n - 16);
@@ -188,12 +188,12 @@ static inline __attribute__((always_inline)) void exact_rows_avx512(int M, int64
         acc[i][3] = _mm512_cvtps_pd(_mm512_extractf32x8_ps(b1, 1));
     }
     for (int64_t p = 0; p < k; p++) {
-        __m512 w0 = _mm512_maskz_loadu_ps(lo, b + p * ldb), w1 = _mm512_maskz_loadu_ps(hi, b + p * ldb + 16);
-        __m512d w[4] = {_mm512_cvtps_pd(_mm512_castps512_ps256(w0)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(w0, 1)),
-                        _mm512_cvtps_pd(_mm512_castps512_ps256(w1)), _mm512_cvtps_pd(_mm512_extractf32x8_ps(w1, 1))};
+        const double *row = b + p * ldb;
+        __m512d w[4] = {_mm512_loadu_pd(row), _mm512_loadu_pd(row + 8), _mm512_loadu_pd(row + 16),
+                        _mm512_loadu_pd(row + 24)};
         _Pragma("GCC unroll 6") for (int i = 0; i < M; i++)
         {
-            __m512d x = _mm512_set1_pd(a[i][p * a_cs]);
+            __m512d x = _mm512_set1_pd(a[i * lda + p]);
             _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++) acc[i][q] = _mm512_fmadd_pd(x, w[q], acc[i][q]);
         }
     }
@@ -208,16 +208,30 @@ static inline __attribute__((always_inline)) void exact_rows_avx512(int M, int64
     }
 }
 
-static void gemm_tile_exact_avx512(int64_t m, int64_t n, int64_t k, const float *const *a, int64_t a_cs, const float *b,
+/* widen: eight floats a conversion where they are contiguous, the tail
+ * masked. */
+static void widen_avx512(double *dst, const float *src, int64_t cs, int64_t n)
+{
+    if (cs != 1) {
+        for (int64_t i = 0; i < n; i++) dst[i] = src[i * cs];
+        return;
+    }
+    for (int64_t i = 0; i < n; i += 8) {
+        __mmask8 mk = (__mmask8)lane_mask(n - i);
+        _mm512_mask_storeu_pd(dst + i, mk, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, src + i)));
+    }
+}
+
+static void gemm_tile_exact_avx512(int64_t m, int64_t n, int64_t k, const double *a, int64_t lda, const double *b,
                                    int64_t ldb, const float *bias, float *const *c)
 {
     switch (m) {
-    case 6: exact_rows_avx512(6, n, k, a, a_cs, b, ldb, bias, c); break;
-    case 5: exact_rows_avx512(5, n, k, a, a_cs, b, ldb, bias, c); break;
-    case 4: exact_rows_avx512(4, n, k, a, a_cs, b, ldb, bias, c); break;
-    case 3: exact_rows_avx512(3, n, k, a, a_cs, b, ldb, bias, c); break;
-    case 2: exact_rows_avx512(2, n, k, a, a_cs, b, ldb, bias, c); break;
-    default: exact_rows_avx512(1, n, k, a, a_cs, b, ldb, bias, c); break;
+    case 6: exact_rows_avx512(6, n, k, a, lda, b, ldb, bias, c); break;
+    case 5: exact_rows_avx512(5, n, k, a, lda, b, ldb, bias, c); break;
+    case 4: exact_rows_avx512(4, n, k, a, lda, b, ldb, bias, c); break;
+    case 3: exact_rows_avx512(3, n, k, a, lda, b, ldb, bias, c); break;
+    case 2: exact_rows_avx512(2, n, k, a, lda, b, ldb, bias, c); break;
+    default: exact_rows_avx512(1, n, k, a, lda, b, ldb, bias, c); break;
     }
 }
 
@@ -621,6 +635,7 @@ const mha__kernels mha__kernels_avx512 = {
     .abs_max = abs_max_avx512,
     .key_sums = mha__key_sums_avx2,
     .norm2 = mha__norm2_avx2,
+    .widen = widen_avx512,
     .dots_f64 = mha__dots_f64_avx2,
     .dots_f64_panel = dots_f64_panel_avx512,
     .shift_refined = shift_refined_avx512,

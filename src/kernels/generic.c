@@ -33,13 +33,13 @@ static void gemm_tile_grouped_generic(int64_t m, int64_t n, int64_t groups, int6
         }
 }
 
-static void gemm_tile_exact_generic(int64_t m, int64_t n, int64_t k, const float *const *a, int64_t a_cs,
-                                    const float *b, int64_t ldb, const float *bias, float *const *c)
+static void gemm_tile_exact_generic(int64_t m, int64_t n, int64_t k, const double *a, int64_t lda, const double *b,
+                                    int64_t ldb, const float *bias, float *const *c)
 {
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = 0; j < n; j++) {
             double acc = bias ? bias[j] : 0.0;
-            for (int64_t p = 0; p < k; p++) acc += (double)a[i][p * a_cs] * b[p * ldb + j];
+            for (int64_t p = 0; p < k; p++) acc += a[i * lda + p] * b[p * ldb + j];
             c[i][j] = (float)acc;
         }
 }
@@ -208,6 +208,11 @@ static void norm2_generic(const float *x, int64_t ld, int64_t rows, int64_t n, d
     for (int64_t r = 0; r < rows; r++) out[r] = mha__dot_f64_ordered(x + r * ld, 1, x + r * ld, 1, n);
 }
 
+static void widen_generic(double *dst, const float *src, int64_t cs, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = src[i * cs];
+}
+
 static void dots_f64_generic(const float *a, const float *b, int64_t ldb, const int64_t *idx, int64_t n, int64_t d,
                              double *out)
 {
@@ -355,6 +360,7 @@ const mha__kernels mha__kernels_generic = {
     .abs_max = abs_max_generic,
     .key_sums = key_sums_generic,
     .norm2 = norm2_generic,
+    .widen = widen_generic,
     .dots_f64 = dots_f64_generic,
     .dots_f64_panel = dots_f64_panel_generic,
     .shift_refined = shift_refined_generic,

@@ -43,19 +43,20 @@ typedef void (*mha__gemm_tile_grouped_fn)(int64_t m, int64_t n, int64_t groups, 
                                           int64_t a_rs, int64_t a_gs, const float *b, int64_t ldb, float *c,
                                           int64_t ldc, int accumulate);
 
-/* Rows a[0 .. m-1] times B in float64, plus bias, rounded to float32
- * once into rows c[0 .. m-1]: A element (i, p) at a[i][p * a_cs], B
- * element (p, j) at b[p * ldb + j] (a panel's rows, possibly from a
- * column inside it: nothing past column n - 1 is read), bias[j] (NULL:
- * 0).  Each C element starts from its bias and adds the products over p
- * in increasing order; every product of two floats is exact in float64
- * (so a multiply-add rounds as a multiply and an add do), and every
- * kernel gives the same bits.  The rows come as pointers because they
- * are the rows the attention refines, wherever they lie.  m <=
- * MHA_EXACT_MR, n <= the table's nr.  The layer's projections where its
- * logits are large (gemm/exact.c). */
-typedef void (*mha__gemm_tile_exact_fn)(int64_t m, int64_t n, int64_t k, const float *const *a, int64_t a_cs,
-                                        const float *b, int64_t ldb, const float *bias, float *const *c);
+/* Rows of A times B in float64, plus bias, rounded to float32 once into
+ * rows c[0 .. m-1]: A element (i, p) at a[i * lda + p], B element (p, j)
+ * at b[p * ldb + j], bias[j] (NULL: 0).  A and B hold floats widened to
+ * float64 (exactly) by the caller, once for all the tiles that read
+ * them: widening inside the loop over p cost the conversions and
+ * broadcasts half the FMA ports.  B's rows are the table's nr wide,
+ * and the columns from n on are read but never stored (any values).
+ * Each C element starts from its bias and adds the products over p in
+ * increasing order; every product of two floats is exact in float64 (so
+ * a multiply-add rounds as a multiply and an add do), and every kernel
+ * gives the same bits.  m <= MHA_EXACT_MR, n <= the table's nr.  The
+ * layer's projections where its logits are large (gemm/exact.c). */
+typedef void (*mha__gemm_tile_exact_fn)(int64_t m, int64_t n, int64_t k, const double *a, int64_t lda, const double *b,
+                                        int64_t ldb, const float *bias, float *const *c);
 enum { MHA_EXACT_MR = 6 };
 
 /* One online-softmax step over a tile of scores stored key-major:
@@ -177,6 +178,11 @@ typedef void (*mha__key_sums_fn)(const float *s, const float *w, int64_t lds, in
  * alike. */
 typedef void (*mha__norm2_fn)(const float *x, int64_t ld, int64_t rows, int64_t n, double *out);
 
+/* dst[i] = src[i * cs] in float64 (exact) for i < n: operands widened
+ * once for the float64 products that read them many times
+ * (gemm_tile_exact). */
+typedef void (*mha__widen_fn)(double *dst, const float *src, int64_t cs, int64_t n);
+
 /* out[i] = sum_c a[c] b[idx[i] * ldb + c] for i < n, c < d, in float64
  * in norm2's order: each product is exact, so every kernel gives the same
  * bits, whatever n and whichever rows come with it (and a . b = b . a to
@@ -251,6 +257,7 @@ typedef struct mha__kernels {
     mha__abs_max_fn abs_max;
     mha__key_sums_fn key_sums;
     mha__norm2_fn norm2;
+    mha__widen_fn widen;
     mha__dots_f64_fn dots_f64;
     mha__dots_f64_panel_fn dots_f64_panel;
     mha__shift_refined_fn shift_refined;

@@ -110,7 +110,7 @@ static mha_status plan_buffers(const mha_layer *l, bool tape, fwd_plan *f)
 static bool plan_calls(const mha_ctx *ctx, const mha_layer *l, const fwd_plan *f, int64_t *bytes)
 {
     int64_t project = 0, rotate = 0, probs = 0;
-    bool ok = mha__layer_project_workspace(l, f->N, f->L, f->S, &project) &&
+    bool ok = mha__layer_project_workspace(ctx, l, f->N, f->L, f->S, &project) &&
               mha__layer_rotate_workspace(l, f->L, f->S1, &rotate);
     if (ok && f->weights) ok = mha__attn_forward_workspace(&f->attn, ctx, &probs);
     *bytes = mha__max64(mha__max64(project, rotate), mha__max64(f->attn.workspace, probs));

@@ -347,10 +347,10 @@ static void step_desc(const mha_layer *l, mha_attn_desc *desc)
 
 /* The workspace of the step's projections and rotation of n new rows,
  * beside `own` bytes of its own buffers. */
-static bool stage_workspace(const mha_layer *l, int64_t N, int64_t n, int64_t own, int64_t *bytes)
+static bool stage_workspace(const mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t n, int64_t own, int64_t *bytes)
 {
     int64_t gemm = 0, rope = 0;
-    return mha__layer_rotate_workspace(l, n, n, &rope) && mha__layer_project_workspace(l, N, n, n, &gemm) &&
+    return mha__layer_rotate_workspace(l, n, n, &rope) && mha__layer_project_workspace(ctx, l, N, n, n, &gemm) &&
            mha__add(own, mha__max64(rope, gemm), bytes);
 }
 
@@ -367,7 +367,7 @@ static mha_status plan_decode(const mha_ctx *ctx, const mha_layer *l, const mha_
     p->nq = N * n * l->qdim; /* bounded by x and the cache, both allocated */
     p->nk = N * n * l->kvdim;
     bool ok = mha__ws_add(&own, (2 * p->nq + 2 * p->nk) * (int64_t)sizeof(float), "the decoding step's rows") &&
-              stage_workspace(l, N, n, 0, &stages);
+              stage_workspace(ctx, l, N, n, 0, &stages);
     if (!ok || !mha__add(own, mha__max64(p->attn.workspace, stages), &p->workspace))
         return mha__fail(MHA_ERR_INVALID_ARG, "the decoding step's workspace overflows");
     return MHA_OK;
@@ -487,7 +487,7 @@ mha_status mha_layer_decode_qkv(mha_ctx *ctx, const mha_layer *l, int64_t positi
     if (st != MHA_OK) return st;
     int64_t N = x->shape[0], n = x->shape[1], nq = N * n * l->qdim, nk = N * n * l->kvdim, bytes = 0, own = 0;
     int64_t rows = (nq + 2 * nk) * (int64_t)sizeof(float);
-    if (!mha__ws_add(&own, rows, "the new rows") || !stage_workspace(l, N, n, own, &bytes))
+    if (!mha__ws_add(&own, rows, "the new rows") || !stage_workspace(ctx, l, N, n, own, &bytes))
         return mha__fail(MHA_ERR_INVALID_ARG, "the decoding step's workspace overflows");
     if ((st = mha__ws_reserve(ctx, bytes)) != MHA_OK) return st;
     int64_t top = mha__ws_top(ctx);
@@ -524,7 +524,7 @@ mha_status mha_layer_decode_output(mha_ctx *ctx, const mha_layer *l, mha_tensor 
     mha_status st = check_output(l, out, heads);
     if (st != MHA_OK) return st;
     int64_t N = heads->shape[0], n = heads->shape[2], nq = N * n * l->qdim, bytes = 0, own = 0;
-    if (!mha__ws_add(&own, nq * (int64_t)sizeof(float), "the heads") || !stage_workspace(l, N, n, own, &bytes))
+    if (!mha__ws_add(&own, nq * (int64_t)sizeof(float), "the heads") || !stage_workspace(ctx, l, N, n, own, &bytes))
         return mha__fail(MHA_ERR_INVALID_ARG, "the decoding step's workspace overflows");
     if ((st = mha__ws_reserve(ctx, bytes)) != MHA_OK) return st;
     int64_t top = mha__ws_top(ctx);

@@ -171,10 +171,13 @@ mha_status mha__layer_project_qkv(mha_ctx *ctx, const mha_layer *l, const mha__l
 mha_status mha__layer_project_wide(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
                                    const mha__batched *x_k, const mha__batched *qb, const mha__batched *kb,
                                    mha__layer_norms *keep);
-bool mha__layer_project_wide_workspace(const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk, int64_t *bytes);
+bool mha__layer_project_wide_workspace(const mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk,
+                                       int64_t *bytes);
 /* The workspace of the four projections of N Lq query rows and N Lk
- * key rows (bf16 only: the rounded inputs). */
-bool mha__layer_project_workspace(const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk, int64_t *bytes);
+ * key rows: the largest of their products', or of the wide rows' pass
+ * after them. */
+bool mha__layer_project_workspace(const mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk,
+                                  int64_t *bytes);
 /* Q [N, h, Lq, d] and K [N, g, Tk, d] rotated at `position` (by minus the
  * angle when `inverse`); nothing without rope.  And its workspace. */
 mha_status mha__layer_rotate(mha_ctx *ctx, const mha_layer *l, const mha_tensor *q, const mha_tensor *k,

@@ -154,7 +154,8 @@ mha_status mha__layer_project_output(mha_ctx *ctx, const mha_layer *l, int64_t N
     return mha__layer_project(ctx, l, N, L, &hb, MAT_OUT, l->b_out, &yb);
 }
 
-bool mha__layer_project_workspace(const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk, int64_t *bytes)
+bool mha__layer_project_workspace(const mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk,
+                                  int64_t *bytes)
 {
     int64_t most = 0;
     for (int m = 0; m < MAT_COUNT; m++) {
@@ -164,7 +165,7 @@ bool mha__layer_project_workspace(const mha_layer *l, int64_t N, int64_t Lq, int
         most = mha__max64(most, one);
     }
     int64_t wide = 0; /* and the wide rows' pass after them */
-    if (!mha__layer_project_wide_workspace(l, N, Lq, Lk, &wide)) return false;
+    if (!mha__layer_project_wide_workspace(ctx, l, N, Lq, Lk, &wide)) return false;
     *bytes = mha__max64(most, wide); /* the four products run one after another */
     return true;
 }

@@ -39,16 +39,20 @@ typedef struct exact_buffers {
     int64_t *x_at, *y_at;
 } exact_buffers;
 
-bool mha__layer_project_wide_workspace(const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk, int64_t *bytes)
+bool mha__layer_project_wide_workspace(const mha_ctx *ctx, const mha_layer *l, int64_t N, int64_t Lq, int64_t Lk,
+                                       int64_t *bytes)
 {
-    int64_t rows = 0, offsets = 0, keys = 0, wide = 0; /* as exact_buffers_take takes them */
+    int64_t rows = 0, offsets = 0, keys = 0, wide = 0, q = 0, k = 0; /* as exact_buffers_take takes them */
     *bytes = 0;
     return l->bf16 ||
            (mha__mul(N, mha__max64(Lq, Lk), &rows) && mha__mul(rows, 2 * (int64_t)sizeof(int64_t), &offsets) &&
             mha__mul(N, l->desc.num_kv_heads * (int64_t)sizeof(double), &keys) &&
             mha__mul(N, l->desc.num_heads * (int64_t)sizeof(bool), &wide) &&
             mha__ws_add(bytes, offsets, "the wide rows' offsets") && mha__ws_add(bytes, keys, "the key norms") &&
-            mha__ws_add(bytes, wide, "the wide heads"));
+            mha__ws_add(bytes, wide, "the wide heads") &&
+            mha__linear_exact_workspace(ctx, &l->w[MAT_Q].f32, l->head_dim, &q) &&
+            mha__linear_exact_workspace(ctx, &l->w[MAT_K].f32, l->head_dim, &k) &&
+            mha__add(*bytes, mha__max64(q, k), bytes));
 }
 
 /* The buffers, from the workspace but for the norms a caller keeps. */
@@ -147,19 +151,19 @@ static void list_row(const mha__batched *x, const mha__batched *y, int64_t n, in
 
 /* The listed rows of head `head`'s columns of matrix `which`, summed
  * exactly. */
-static void project_listed(mha_ctx *ctx, const mha_layer *l, const mha__batched *x, matrix which, int64_t head,
-                           const exact_buffers *e, int64_t count, const mha__batched *y)
+static mha_status project_listed(mha_ctx *ctx, const mha_layer *l, const mha__batched *x, matrix which, int64_t head,
+                                 const exact_buffers *e, int64_t count, const mha__batched *y)
 {
     int64_t d = l->head_dim;
     mha__exact_rows rows = {x->m.data, x->m.cs, e->x_at, y->m, e->y_at, count};
-    mha__linear_exact(ctx, l->isa->f32, &rows, &l->w[which].f32, head * d, (head + 1) * d,
-                      mha__layer_in_bias(l, which));
+    return mha__linear_exact(ctx, l->isa->f32, &rows, &l->w[which].f32, head * d, (head + 1) * d,
+                             mha__layer_in_bias(l, which));
 }
 
 /* Head h's wide query rows in every batch that has one, listed and
  * projected exactly. */
-static void project_wide_queries(mha_ctx *ctx, const wide_job *j, const mha__batched *x_q, const mha__batched *qb,
-                                 int64_t h)
+static mha_status project_wide_queries(mha_ctx *ctx, const wide_job *j, const mha__batched *x_q, const mha__batched *qb,
+                                       int64_t h)
 {
     int64_t N = j->qh.shape[0], H = j->qh.shape[1], L = j->qh.shape[2], count = 0;
     bool wide[WIDE_CHUNK];
@@ -170,7 +174,7 @@ static void project_wide_queries(mha_ctx *ctx, const wide_job *j, const mha__bat
             for (int64_t i = 0; i < m; i++)
                 if (wide[i]) list_row(x_q, qb, n, i0 + i, j->e, &count);
         }
-    if (count) project_listed(ctx, j->l, x_q, MAT_Q, h, j->e, count, qb);
+    return count ? project_listed(ctx, j->l, x_q, MAT_Q, h, j->e, count, qb) : MHA_OK;
 }
 
 /* Whether batch n's keys of kv head g are summed again: one of the
@@ -211,16 +215,18 @@ static mha_status project_wide_rows(mha_ctx *ctx, const mha_layer *l, const mha_
     int64_t floats = N * (r->Tk * G + r->Lq * H) * l->head_dim;
     run_pass(ctx, floats, N * G, key_norms, &j);
     run_pass(ctx, floats, N * H, wide_heads, &j);
-    for (int64_t g = 0; g < G; g++) {
-        for (int64_t h = g * group; h < (g + 1) * group; h++) project_wide_queries(ctx, &j, x_q, qb, h);
+    mha_status st = MHA_OK;
+    for (int64_t g = 0; g < G && st == MHA_OK; g++) {
+        for (int64_t h = g * group; h < (g + 1) * group && st == MHA_OK; h++)
+            st = project_wide_queries(ctx, &j, x_q, qb, h);
         int64_t count = 0; /* then the keys of every batch where one of them has a wide row */
         for (int64_t n = 0; n < N; n++)
             if (keys_wide(&j, n, g))
                 for (int64_t i = 0; i < r->Lk; i++) list_row(x_k, kb, n, i, &e, &count);
-        if (count) project_listed(ctx, l, x_k, MAT_K, g, &e, count, kb);
+        if (count && st == MHA_OK) st = project_listed(ctx, l, x_k, MAT_K, g, &e, count, kb);
     }
-    if (keep) renew_norms(&j);
-    return MHA_OK;
+    if (keep && st == MHA_OK) renew_norms(&j);
+    return st;
 }
 
 mha_status mha__layer_project_wide(mha_ctx *ctx, const mha_layer *l, const mha__layer_rows *r, const mha__batched *x_q,
