@@ -4,6 +4,8 @@
  */
 #include "core/tensor.h"
 
+#include <string.h>
+
 mha_tensor mha_tensor_4d(float *data, int64_t d0, int64_t d1, int64_t d2, int64_t d3)
 {
     mha_tensor t = {data, {d0, d1, d2, d3}, {d1 * d2 * d3, d2 * d3, d3, 1}};
@@ -44,4 +46,10 @@ void mha__tensor_copy(const mha_tensor *src, const mha_tensor *dst)
                 float *to = dst->data + a * dst->stride[0] + b * dst->stride[1] + c * dst->stride[2];
                 for (int64_t e = 0; e < src->shape[3]; e++) to[e * dst->stride[3]] = from[e * src->stride[3]];
             }
+}
+
+bool mha__same_tensor(const mha_tensor *a, const mha_tensor *b)
+{
+    return a && b && a->data == b->data && memcmp(a->shape, b->shape, sizeof a->shape) == 0 &&
+           memcmp(a->stride, b->stride, sizeof a->stride) == 0;
 }

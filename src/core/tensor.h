@@ -13,4 +13,8 @@ mha_status mha__check_tensor(const mha_tensor *t, const char *what, const int64_
 /* dst = src: two views of the same shape, any strides, not overlapping. */
 void mha__tensor_copy(const mha_tensor *src, const mha_tensor *dst);
 
+/* Whether a and b (either may be NULL: not) view the same elements in
+ * the same order: one data pointer, shape and strides. */
+bool mha__same_tensor(const mha_tensor *a, const mha_tensor *b);
+
 #endif /* MHA_TENSOR_H */

@@ -405,12 +405,6 @@ static mha_status projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, i
     return st;
 }
 
-static bool same_tensor(const mha_tensor *a, const mha_tensor *b)
-{
-    return a->data == b->data && !memcmp(a->shape, b->shape, sizeof a->shape) &&
-           !memcmp(a->stride, b->stride, sizeof a->stride);
-}
-
 /* Self-attention's W_q, W_k, W_v gradients in one split product of their
  * shared input X (split once a chunk): false, nothing done, unless the
  * query, key and value are one tensor and the split products run. */
@@ -418,8 +412,8 @@ static bool shared_weight_grads(mha_ctx *ctx, const mha_layer *l, const mha_laye
                                 float *const dp[3], float *stage, mha_status *st)
 {
     const mha_layer_tape *tape = a->tape;
-    if (!mha__split_products(l->isa) || tape->L != tape->S || !same_tensor(&a->query, &a->key) ||
-        !same_tensor(&a->query, &a->value))
+    if (!mha__split_products(l->isa) || tape->L != tape->S || !mha__same_tensor(&a->query, &a->key) ||
+        !mha__same_tensor(&a->query, &a->value))
         return false;
     mha__batched dpb[3], xb = contiguous(&a->query, stage);
     mha__grad_output outs[3];
@@ -445,7 +439,7 @@ static mha_status input_projections_grads(mha_ctx *ctx, const mha_layer *l, cons
     for (matrix m = MAT_Q; m <= MAT_V && st == MHA_OK; m++) {
         int64_t T = m == MAT_Q ? tape->L : tape->S, T1 = m == MAT_Q ? tape->L : S1;
         bool seen = false; /* gx[m] is also an earlier projection's: add to what that wrote */
-        for (matrix e = MAT_Q; e < m; e++) seen = seen || (gx[e] && gx[m] && same_tensor(gx[e], gx[m]));
+        for (matrix e = MAT_Q; e < m; e++) seen = seen || mha__same_tensor(gx[e], gx[m]);
         st = projection_grads(ctx, l, m, tape->N, T, dp[m], T1, x[m], gx[m], stage, weight_done,
                               a->write_input_grads && !seen);
     }

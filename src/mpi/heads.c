@@ -502,12 +502,6 @@ mha_status mha_mpi_layer_forward(mha_ctx *ctx, mha_mpi_layer *L, mha_tensor *att
 
 /* Whether two gradient tensors are the same one (self-attention passes
  * one tensor three times). */
-static bool same_tensor(const mha_tensor *a, const mha_tensor *b)
-{
-    return a && b && a->data == b->data && memcmp(a->shape, b->shape, sizeof a->shape) == 0 &&
-           memcmp(a->stride, b->stride, sizeof a->stride) == 0;
-}
-
 mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *L, const mha_layer_fwd_args *args,
                                   const mha_tensor *grad_attn_output, mha_tensor *grad_query, mha_tensor *grad_key,
                                   mha_tensor *grad_value)
@@ -520,7 +514,7 @@ mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *L, const mha_laye
     int alias[3] = {0, 1, 2}; /* the first of the three that is the same tensor */
     for (int i = 1; i < 3; i++)
         for (int j = 0; j < i; j++)
-            if (alias[i] == i && same_tensor(user[i], user[j])) alias[i] = j;
+            if (alias[i] == i && mha__same_tensor(user[i], user[j])) alias[i] = j;
     const mha_tensor *inputs[3] = {args ? &args->query : NULL, args ? &args->key : NULL, args ? &args->value : NULL};
     const char *const grad_names[3] = {"grad_query", "grad_key", "grad_value"};
     if (!ctx || !args || !grad_attn_output) st = mha__fail(MHA_ERR_MISUSE, "mha_mpi_layer_backward: NULL argument");
