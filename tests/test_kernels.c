@@ -373,20 +373,21 @@ static bool ordered_ok(double got, double want, const float *a, const float *b, 
     return memcmp(&got, &want, sizeof got) == 0 && fabsl(got - exact) <= (n + 1) * DBL_EPSILON * mag;
 }
 
-/* dots_f64 over every tail of d, seven keys in a shuffled order (the
- * vector kernels take four at a time), terms of mixed sign and size:
- * each key's bits as the order written out gives them, whatever keys
- * come with it. */
+/* dots_f64 over every tail of d and every count of keys up to nineteen,
+ * in a shuffled order with repeats (the vector kernels take eight or
+ * four at a time, pad a short eight and take the last few one by one),
+ * terms of mixed sign and size: each key's bits as the order written
+ * out gives them, whatever keys come with it. */
 static void test_dots_f64(const mha__kernels *kt)
 {
-    enum { N = 133, KEYS = 7, LD = 140 };
-    static const int64_t idx[KEYS] = {3, 0, 6, 6, 1, 5, 2};
-    float a[N], b[KEYS * LD];
+    enum { N = 133, KEYS = 19, LD = 140 };
+    static const int64_t idx[KEYS] = {3, 0, 6, 6, 1, 5, 2, 9, 4, 8, 0, 7, 3, 9, 2, 5, 1, 8, 4};
+    float a[N], b[10 * LD];
     for (int i = 0; i < N; i++) a[i] = uniform() * 1000.0f;
-    for (int i = 0; i < KEYS * LD; i++) b[i] = uniform() * (i % 3 ? 1.0f : 1e-3f);
+    for (int i = 0; i < 10 * LD; i++) b[i] = uniform() * (i % 3 ? 1.0f : 1e-3f);
     int bad = 0;
     for (int d = 0; d <= N; d++)
-        for (int n = 1; n <= KEYS; n += KEYS - 1) { /* one key alone; all of them */
+        for (int n = 1; n <= KEYS; n++) {
             double got[KEYS];
             kt->dots_f64(a, b, LD, idx + KEYS - n, n, d, got);
             for (int i = 0; i < n; i++) {
@@ -529,21 +530,24 @@ static void test_shift_refined(const mha__kernels *kt)
     CHECK(bad == 0, "%s shift_refined: %d mismatches", kt->name, bad);
 }
 
-/* norm2 over every tail of n, nineteen rows at once (the vector kernels
- * take them four at a time, then one by one), values of every size: the
- * order's bits. */
+/* norm2 over every tail of n and every count of rows up to nineteen
+ * (the vector kernels take four at a time, then one by one), values of
+ * every size: the order's bits. */
 static void test_norm2(const mha__kernels *kt)
 {
     enum { N = 133, ROWS = 19, LD = 5 };
     float x[N + ROWS * LD];
     for (int i = 0; i < N + ROWS * LD; i++) x[i] = uniform() * (i % 5 ? 30.0f : 1e-3f);
     int bad = 0;
-    for (int n = 0; n <= N; n++) {
-        double got[ROWS];
-        kt->norm2(x, LD, ROWS, n, got);
-        for (int r = 0; r < ROWS; r++)
-            bad += !ordered_ok(got[r], ordered_dot(x + r * LD, x + r * LD, n), x + r * LD, x + r * LD, n);
-    }
+    for (int n = 0; n <= N; n++)
+        for (int rows = 1; rows <= ROWS; rows++) {
+            double got[ROWS];
+            kt->norm2(x + (ROWS - rows) * LD, LD, rows, n, got);
+            for (int r = 0; r < rows; r++) {
+                const float *row = x + (ROWS - rows + r) * LD;
+                bad += !ordered_ok(got[r], ordered_dot(row, row, n), row, row, n);
+            }
+        }
     CHECK(bad == 0, "%s norm2: %d mismatches", kt->name, bad);
 }
 

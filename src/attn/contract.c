@@ -300,6 +300,11 @@ static double key_element(const mha__score_source *src, int64_t c, int64_t d)
 static double exact_dot(const mha__attn_plan *p, const mha__score_source *src, int64_t r, int64_t c)
 {
     const float *q = src->q + r * src->q_rs;
+    if (src->k_dtype == MHA_DTYPE_F32 && src->q_cs == 1 && src->k_cs == 1) { /* the kernel's, a row's maximum a tile */
+        double dot;
+        p->kt->dots_f64((const float *)src->k + c * src->k_rs, src->q, src->q_rs, &r, 1, p->D, &dot);
+        return dot;
+    }
     if (src->k_dtype == MHA_DTYPE_F32)
         return mha__dot_f64_ordered(q, src->q_cs, (const float *)src->k + c * src->k_rs, src->k_cs, p->D);
     double lane[8] = {0}, sum = 0; /* a cache's bf16 or int8 rows: the same order */
@@ -457,8 +462,9 @@ void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, floa
         near[r] = none ? INFINITY : near[r];
     }
     /* Blocks the panel does not pay for go column by column in runs as
-     * long as they come: dots_f64 takes a column's refined rows four at
-     * a time, and a run cut at every block leaves more of them alone. */
+     * long as they come: dots_f64 takes a column's refined rows eight
+     * (AVX-512) or four at a time, and a run cut at every block leaves
+     * more of them alone. */
     bool panel[MHA_REFINE_MAX_ROWS / PANEL_ROWS + 1];
     for (int64_t r0 = 0; r0 < rows; r0 += PANEL_ROWS)
         panel[r0 / PANEL_ROWS] = panel_pays(src, st, lds, r0, panel_block(r0, rows), cols, near, refine);

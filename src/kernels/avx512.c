@@ -540,6 +540,80 @@ static void dots_f64_panel_avx512(const float *k, int64_t ldk, int64_t cols, con
     }
 }
 
+/* An 8 x 8 transpose of doubles: x[i]'s lane l to x[l]'s lane i. */
+static inline void transpose8_pd(__m512d x[8])
+{
+    __m512d even[4], odd[4]; /* rows 2i and 2i + 1 interleaved: their lanes 0, 2, 4, 6 and 1, 3, 5, 7 */
+    for (int i = 0; i < 4; i++) {
+        even[i] = _mm512_unpacklo_pd(x[2 * i], x[2 * i + 1]);
+        odd[i] = _mm512_unpackhi_pd(x[2 * i], x[2 * i + 1]);
+    }
+    /* Lanes l and l + 4 of four rows (half 0: rows 0-3, half 1: rows 4-7). */
+    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13),
+                  second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    __m512d quad[2][4];
+    for (int h = 0; h < 2; h++) {
+        quad[h][0] = _mm512_permutex2var_pd(even[2 * h], first, even[2 * h + 1]);
+        quad[h][1] = _mm512_permutex2var_pd(odd[2 * h], first, odd[2 * h + 1]);
+        quad[h][2] = _mm512_permutex2var_pd(even[2 * h], second, even[2 * h + 1]);
+        quad[h][3] = _mm512_permutex2var_pd(odd[2 * h], second, odd[2 * h + 1]);
+    }
+    for (int l = 0; l < 4; l++) {
+        x[l] = _mm512_shuffle_f64x2(quad[0][l], quad[1][l], 0x44);     /* the low halves: lane l */
+        x[l + 4] = _mm512_shuffle_f64x2(quad[0][l], quad[1][l], 0xee); /* the high halves: lane l + 4 */
+    }
+}
+
+/* out[i] = key . rows[i] for eight rows in float64 in kernels.h's norm2
+ * order, those m holds stored; the key widened once a step for all
+ * eight.  Each row's eight lanes are its own chain of d / 8
+ * multiply-adds, eight chains together; then the rows' lanes are
+ * transposed, so that one vector add a lane finishes all eight rows in
+ * norm2's order (the tail's sum, then lanes 0 .. 7), where adding each
+ * row's lanes in turn made the finish a chain of eight adds a row, the
+ * bound of avx2.c's four at a time.  Each product of two floats is exact
+ * in float64, so a multiply-add rounds as the add alone does. */
+static void ordered_dots8(const float *key, const float *const rows[8], int64_t d, __mmask8 m, double *out)
+{
+    __m512d x[8];
+    for (int i = 0; i < 8; i++) x[i] = _mm512_setzero_pd();
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8) {
+        __m512d k = _mm512_cvtps_pd(_mm256_loadu_ps(key + c));
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) x[i] = _mm512_fmadd_pd(k, _mm512_cvtps_pd(_mm256_loadu_ps(rows[i] + c)), x[i]);
+    }
+    __m512d sum = _mm512_setzero_pd(); /* the tail, from 0, row i in lane i */
+    for (; c < d; c++) {
+        double r[8];
+        for (int i = 0; i < 8; i++) r[i] = rows[i][c];
+        sum = _mm512_fmadd_pd(_mm512_set1_pd(key[c]), _mm512_loadu_pd(r), sum);
+    }
+    transpose8_pd(x);
+    for (int l = 0; l < 8; l++) sum = _mm512_add_pd(sum, x[l]);
+    _mm512_mask_storeu_pd(out, m, sum);
+}
+
+/* Rows past n of eight padded with row n - 1 (computed, not stored).
+ * Fewer than four go to avx2.c's kernels, which take them one by one
+ * (three padded to eight moved no samples at inputs x3). */
+enum { DOTS8_MIN = 4 };
+
+static void dots_f64_avx512(const float *a, const float *b, int64_t ldb, const int64_t *idx, int64_t n, int64_t d,
+                            double *out)
+{
+    for (int64_t i = 0; i < n; i += 8) {
+        int64_t live = n - i < 8 ? n - i : 8;
+        if (live < DOTS8_MIN) {
+            mha__dots_f64_avx2(a, b, ldb, idx + i, live, d, out + i);
+            return;
+        }
+        const float *rows[8];
+        for (int r = 0; r < 8; r++) rows[r] = b + idx[i + (r < live ? r : live - 1)] * ldb;
+        ordered_dots8(a, rows, d, (__mmask8)((1u << live) - 1), out + i);
+    }
+}
+
 /* Eight rows at a time: the taken lanes from their dot products,
  * blended into the shifted scores. */
 static void shift_refined_avx512(float *x, const double *dot, const bool *marked, const float *near, const float *shift,
@@ -636,7 +710,7 @@ const mha__kernels mha__kernels_avx512 = {
     .key_sums = mha__key_sums_avx2,
     .norm2 = mha__norm2_avx2,
     .widen = widen_avx512,
-    .dots_f64 = mha__dots_f64_avx2,
+    .dots_f64 = dots_f64_avx512,
     .dots_f64_panel = dots_f64_panel_avx512,
     .shift_refined = shift_refined_avx512,
     .row_max = row_max_avx512,
