@@ -652,8 +652,11 @@ typedef struct mha_param {
  * training state. */
 int64_t mha_layer_params(mha_layer *layer, mha_param *params, int64_t capacity);
 
-/* After writing to mha_param values: refreshes the packed copies the
- * kernels read (in place, no allocation).  Errors: MISUSE. */
+/* After writing to mha_param values: the packed copies the kernels read
+ * are brought up to date (in place) by the next call that computes with
+ * the layer (mha_layer_forward, _backward, _decode and the decoding
+ * stages), on its context's threads; mha_layer_set_weight on a training
+ * layer waits for it the same way.  Errors: MISUSE. */
 mha_status mha_layer_params_changed(mha_layer *layer);
 
 /* Sets every gradient to 0. */

@@ -298,7 +298,7 @@ static void run_split(mha_ctx *ctx, const mha__isa_kernels *k, problem *p)
     float *wt = malloc(sizeof(float) * (size_t)(in * out));
     for (int64_t o = 0; o < out; o++)
         for (int64_t c = 0; c < in; c++) wt[c * out + o] = p->w[o * in + c];
-    CHECK(mha__pack(&fma, k->f32, p->w, out, in) == MHA_OK, "float32 pack");
+    CHECK(mha__pack(ctx, &fma, k->f32, p->w, out, in) == MHA_OK, "float32 pack");
     CHECK(mha__linear_split_workspace(rows, in, &bytes) && mha__pack_split_transposed_workspace(in, out, &bytes) &&
               mha__pack_transposed_workspace(k->f32, in, out, &bytes) && mha__ws_reserve(ctx, bytes) == MHA_OK,
           "workspace");
@@ -306,7 +306,7 @@ static void run_split(mha_ctx *ctx, const mha__isa_kernels *k, problem *p)
     if (p->v == TRANSPOSED)
         CHECK(mha__pack_split_transposed_workspace_take(ctx, k->bf16, wt, in, out, &sp) == MHA_OK && sp.data,
               "transposed split");
-    else CHECK(mha__pack_split(&sp, k->bf16, p->w, out, in) == MHA_OK && sp.data, "split pack");
+    else CHECK(mha__pack_split(ctx, &sp, k->bf16, p->w, out, in) == MHA_OK && sp.data, "split pack");
     memcpy(p->ym.data, p->y0, sizeof(float) * (size_t)(rows * out));
     /* W^T's float32 panels, as the backward's, packed only if a chunk needs them. */
     mha__fma_on_demand on_demand = {k->f32, wt, in, out, {0}};
@@ -343,7 +343,7 @@ static void check_infinity(mha_ctx *ctx, const mha__isa_kernels *k, problem *p)
     mha__mat ym = p->ym;
     ym.data = fma;
     memcpy(fma, p->y0, sizeof(float) * (size_t)(p->rows * p->out));
-    CHECK(mha__pack(&packed, k->f32, p->w, p->out, p->in) == MHA_OK, "float32 pack");
+    CHECK(mha__pack(NULL, &packed, k->f32, p->w, p->out, p->in) == MHA_OK, "float32 pack");
     if (p->v == ADD) mha__linear_add(ctx, k->f32, p->rows, &p->xm, &packed, &ym);
     else mha__linear(ctx, k->f32, p->rows, &p->xm, &packed, p->v == BIAS ? p->b : NULL, &ym);
     float *plain = malloc(sizeof(float) * (size_t)(p->rows * p->out));
@@ -412,7 +412,8 @@ static void test_shared_input(mha_ctx *ctx1, mha_ctx *ctx3, const mha__isa_kerne
                 if (grouped)
                     ys[i] = (mha__mat){shared[i], 64, 1, 64, rows * 64},
                     yp[i] = (mha__mat){separate[i], 64, 1, 64, rows * 64};
-                CHECK(mha__weight_pack(&packed[i], k, MHA_DTYPE_F32, w[i], out, in) == MHA_OK && packed[i].split.data,
+                CHECK(mha__weight_pack(ctx3, &packed[i], k, MHA_DTYPE_F32, w[i], out, in) == MHA_OK &&
+                          packed[i].split.data,
                       "split weight");
                 total += out;
             }

@@ -8,7 +8,8 @@
  *   - input gradients written rather than added (write_input_grads);
  *   - a training step allocates nothing once shapes stop growing;
  *   - writing parameters and calling mha_layer_params_changed changes what
- *     the forward computes;
+ *     the forward computes, to the bits of a layer packed where its
+ *     weights were set (the packs wait for the next call with a context);
  *   - plain SGD on the gradients fits a layer to a teacher layer's outputs
  *     (the loss falls by more than 10x);
  *   - parameters are named as the layer's weights were: nn.MultiheadAttention
@@ -37,8 +38,8 @@ static void fill(float *x, int64_t n, float scale)
 
 enum { N = 2, L = 7, E = 32, H = 4, NX = N * L * E };
 
-/* A self-attention layer with every parameter random, and its parameters. */
-static mha_layer *make_layer(bool bias_kv, mha_param *params, int64_t *n_params)
+/* A self-attention layer of the tests' size, its weights zero. */
+static mha_layer *created(bool bias_kv)
 {
     mha_layer_desc d;
     mha_layer_desc_init(&d);
@@ -47,6 +48,13 @@ static mha_layer *make_layer(bool bias_kv, mha_param *params, int64_t *n_params)
     d.add_bias_kv = bias_kv;
     mha_layer *layer = NULL;
     CHECK_OK(mha_layer_create(&d, &layer));
+    return layer;
+}
+
+/* A self-attention layer with every parameter random, and its parameters. */
+static mha_layer *make_layer(bool bias_kv, mha_param *params, int64_t *n_params)
+{
+    mha_layer *layer = created(bias_kv);
     CHECK_OK(mha_layer_train_init(layer));
     *n_params = mha_layer_params(layer, params, 8);
     for (int64_t i = 0; i < *n_params; i++) fill(params[i].value, params[i].numel, 0.3f);
@@ -325,6 +333,65 @@ static void test_write_input_grads(mha_ctx *ctx)
     mha_layer_free(layer);
 }
 
+/* A layer like `trained` for inference: every weight set by name from
+ * trained's parameters, packed when set (the layer has no training
+ * state, so nothing waits for a call). */
+static mha_layer *copy_for_inference(const mha_param *params, int64_t n_params)
+{
+    mha_layer *layer = created(false);
+    for (int64_t i = 0; i < n_params; i++)
+        CHECK_OK(mha_layer_set_weight(layer, params[i].name, params[i].value, params[i].numel));
+    return layer;
+}
+
+/* A training layer's packs follow its parameters at the next call with a
+ * context, on that context's threads: the forward, and the decoding
+ * stages, which take the layer const, compute the very bits of a layer
+ * packed where its weights were set, after every change of the
+ * parameters (several steps, each on 1 and 3 threads). */
+static void test_packs_follow_params(void)
+{
+    enum { RL = 40, M = N * RL * E, HD = E / H };
+    mha_ctx *ctx[2] = {NULL, NULL};
+    CHECK_OK(mha_ctx_create(1, &ctx[0]));
+    CHECK_OK(mha_ctx_create(3, &ctx[1]));
+    mha_param params[8];
+    int64_t n_params;
+    mha_layer *trained = make_layer(false, params, &n_params);
+    static float x[M], y[2][M], q[2][M], k[2][M], v[2][M];
+    fill(x, M, 1.0f);
+    int differ = 0;
+    for (int step = 0; step < 4; step++) {
+        for (int64_t i = 0; step && i < n_params; i++) /* an optimizer's update */
+            for (int64_t j = 0; j < params[i].numel; j++) params[i].value[j] += 0.01f * uniform();
+        if (step) CHECK_OK(mha_layer_params_changed(trained));
+        mha_layer *packed = copy_for_inference(params, n_params);
+        mha_layer *const layers[2] = {trained, packed};
+        for (int which = 0; which < 2; which++) {
+            mha_ctx *c = ctx[step % 2];
+            mha_layer_fwd_args a;
+            mha_layer_fwd_args_init(&a);
+            a.query = a.key = a.value = mha_tensor_3d(x, N, RL, E);
+            mha_tensor ty = mha_tensor_3d(y[which], N, RL, E), tq = mha_tensor_4d(q[which], N, H, RL, HD),
+                       tk = mha_tensor_4d(k[which], N, H, RL, HD), tv = mha_tensor_4d(v[which], N, H, RL, HD);
+            if (step == 2) { /* the stages first: they bring the packs up to date */
+                CHECK_OK(mha_layer_decode_qkv(c, layers[which], 0, &a.query, &tq, &tk, &tv));
+                CHECK_OK(mha_layer_forward(c, layers[which], &ty, NULL, &a));
+            } else {
+                CHECK_OK(mha_layer_forward(c, layers[which], &ty, NULL, &a));
+                CHECK_OK(mha_layer_decode_qkv(c, layers[which], 0, &a.query, &tq, &tk, &tv));
+            }
+        }
+        differ += memcmp(y[0], y[1], sizeof y[0]) != 0;
+        differ += memcmp(q[0], q[1], sizeof q[0]) || memcmp(k[0], k[1], sizeof k[0]) || memcmp(v[0], v[1], sizeof v[0]);
+        mha_layer_free(packed);
+    }
+    CHECK(differ == 0, "%d outputs of a training layer differ from a layer packed when its weights were set", differ);
+    mha_layer_free(trained);
+    mha_ctx_free(ctx[0]);
+    mha_ctx_free(ctx[1]);
+}
+
 /* Plain SGD on 0.5 |y - y_teacher|^2 / n: the student starts from other
  * random weights; 150 steps must cut the loss by more than 10x. */
 static void test_fits_a_teacher(mha_ctx *ctx)
@@ -421,6 +488,7 @@ int main(void)
     test_deferred_zero(ctx);
     test_write_input_grads(ctx);
     test_fits_a_teacher(ctx);
+    test_packs_follow_params();
     test_param_names();
     mha_ctx_free(ctx);
     return harness_finish("test_train");

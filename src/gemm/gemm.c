@@ -29,20 +29,39 @@ static bool packed_floats(int64_t nr, int64_t out, int64_t in, int64_t *n)
     return false;
 }
 
-/* Fills data with w's panels (w NULL: zeros) and describes them. */
-static mha__packed pack_into(float *data, int64_t nr, const float *w, int64_t out, int64_t in)
+/* Panels [begin, end) of w's (w NULL: zeros) into data. */
+typedef struct pack_job {
+    float *data;
+    int64_t nr;
+    const float *w;
+    int64_t out, in;
+} pack_job;
+
+static void pack_panels(void *arg, int thread, int64_t begin, int64_t end)
 {
-    int64_t panels = (out + nr - 1) / nr;
-    for (int64_t panel = 0; panel < panels; panel++)
-        for (int64_t c = 0; c < in; c++)
-            for (int64_t j = 0; j < nr; j++) {
-                int64_t o = panel * nr + j;
-                data[(panel * in + c) * nr + j] = o < out && w ? w[o * in + c] : 0.0f;
+    (void)thread;
+    const pack_job *j = arg;
+    for (int64_t panel = begin; panel < end; panel++)
+        for (int64_t c = 0; c < j->in; c++)
+            for (int64_t k = 0; k < j->nr; k++) {
+                int64_t o = panel * j->nr + k;
+                j->data[(panel * j->in + c) * j->nr + k] = o < j->out && j->w ? j->w[o * j->in + c] : 0.0f;
             }
+}
+
+/* Fills data with w's panels (w NULL: zeros) on ctx's threads (NULL:
+ * this one) and describes them.  Each panel's values are moved, not
+ * computed: the same pack whatever the threads. */
+static mha__packed pack_into(mha_ctx *ctx, float *data, int64_t nr, const float *w, int64_t out, int64_t in)
+{
+    pack_job job = {data, nr, w, out, in};
+    int64_t panels = (out + nr - 1) / nr;
+    if (ctx) mha__parallel_for(ctx, panels, pack_panels, &job);
+    else pack_panels(&job, 0, 0, panels);
     return (mha__packed){data, out, in, nr, nr, in * nr};
 }
 
-mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in)
+mha_status mha__pack(mha_ctx *ctx, mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in)
 {
     int64_t n;
     if (!packed_floats(kt->nr, out, in, &n)) return MHA_ERR_INVALID_ARG;
@@ -52,7 +71,7 @@ mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int
     float *data = reuse ? p->data : mha__alloc(n, sizeof(float));
     if (!data) return MHA_ERR_NOMEM;
     if (!reuse) mha__free(p->data);
-    *p = pack_into(data, kt->nr, w, out, in);
+    *p = pack_into(ctx, data, kt->nr, w, out, in);
     return MHA_OK;
 }
 
@@ -69,7 +88,7 @@ mha_status mha__pack_workspace_take(mha_ctx *ctx, const mha__kernels *kt, const 
     int64_t n;
     float *data = packed_floats(kt->nr, out, in, &n) ? mha__ws_take(ctx, n * (int64_t)sizeof(float)) : NULL;
     if (!data) return MHA_ERR_INTERNAL; /* the plan sized it */
-    *p = pack_into(data, kt->nr, w, out, in);
+    *p = pack_into(ctx, data, kt->nr, w, out, in);
     return MHA_OK;
 }
 

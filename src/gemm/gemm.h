@@ -20,9 +20,10 @@ typedef struct mha__packed {
     int64_t ldb, panel_stride;
 } mha__packed;
 
-/* Packs w [out, in] (NULL: zeros); replaces any earlier contents of p,
- * in place when the size is unchanged.  On failure p is unchanged.  NOMEM. */
-mha_status mha__pack(mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in);
+/* Packs w [out, in] (NULL: zeros) on ctx's threads (NULL: the caller's
+ * alone); replaces any earlier contents of p, in place when the size is
+ * unchanged.  On failure p is unchanged.  NOMEM. */
+mha_status mha__pack(mha_ctx *ctx, mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in);
 /* The same into the workspace, for a weight used once: the bytes to plan
  * for (false, INVALID_ARG, when they overflow), and the take.  INTERNAL
  * when the plan did not reserve them. */
@@ -157,9 +158,11 @@ typedef struct mha__packed_split {
     int64_t out, in;
 } mha__packed_split;
 
-/* Splits w (NULL: zeros) with bk's split3, in place when the size is
- * unchanged.  NOMEM, or INVALID_ARG when the size overflows. */
-mha_status mha__pack_split(mha__packed_split *p, const mha__bf16_kernels *bk, const float *w, int64_t out, int64_t in);
+/* Splits w (NULL: zeros) with bk's split3 on ctx's threads (NULL: the
+ * caller's alone), in place when the size is unchanged.  NOMEM, or
+ * INVALID_ARG when the size overflows. */
+mha_status mha__pack_split(mha_ctx *ctx, mha__packed_split *p, const mha__bf16_kernels *bk, const float *w, int64_t out,
+                           int64_t in);
 void mha__packed_split_free(mha__packed_split *p);
 
 /* Whether k's float32 projections can run on split products: its bf16
@@ -252,12 +255,22 @@ typedef struct mha__weight {
     mha__packed f32;         /* float32 panels, and where the ISA has split products, */
     mha__packed_split split; /* its three bf16 parts; or */
     mha__packed_bf16 b16;    /* bf16 pairs */
+    const float *pending;    /* new values the packs wait for (mha__weight_defer), or NULL */
 } mha__weight;
 
 /* Packs src [out, in] (NULL: zeros) for k's kernels in dtype (F32 or
- * BF16), in place when the size is unchanged.  NOMEM. */
-mha_status mha__weight_pack(mha__weight *w, const mha__isa_kernels *k, mha_dtype dtype, const float *src, int64_t out,
-                            int64_t in);
+ * BF16) on ctx's threads (NULL: the caller's alone), in place when the
+ * size is unchanged; nothing is pending after.  NOMEM. */
+mha_status mha__weight_pack(mha_ctx *ctx, mha__weight *w, const mha__isa_kernels *k, mha_dtype dtype, const float *src,
+                            int64_t out, int64_t in);
+/* Marks a packed float32 weight's packs as behind src (its shape, read
+ * when the packs are brought up to date: src must live until then), and
+ * mha__weight_refresh brings them up to date on a context's threads.  A
+ * training layer's optimizer changes every weight every step; packing
+ * them where the change is announced took the caller's thread alone,
+ * about a tenth of a step at E = 768 (docs/PERFORMANCE.md). */
+void mha__weight_defer(mha__weight *w, const float *src);
+mha_status mha__weight_refresh(mha_ctx *ctx, mha__weight *w);
 void mha__weight_free(mha__weight *w);
 /* The output columns of one panel: a head-major activation layout must
  * be a multiple of it wide. */
@@ -266,6 +279,8 @@ int64_t mha__weight_panel(const mha__weight *w);
  * rounded input of `in` columns). */
 mha_status mha__weight_linear(mha_ctx *ctx, const mha__weight *w, int64_t rows, const mha__mat *x, const float *b,
                               const mha__mat *y);
+/* A pending weight is planned for as if its new values split (they may
+ * where the old ones did not). */
 bool mha__weight_linear_workspace(const mha__weight *w, int64_t rows, int64_t in, int64_t *bytes);
 /* y[i] = x W[i]^T + b[i] for `count` weights of one input (self-attention's
  * Q, K and V), in their order: x split once for all of them where each has

@@ -27,6 +27,7 @@
  */
 #include "gemm/gemm.h"
 
+#include <stdatomic.h>
 #include <string.h>
 
 enum {
@@ -74,7 +75,36 @@ static bool split_block_row(const mha__bf16_kernels *bk, const float *src, int64
 /* W, split once                                                     */
 /* ---------------------------------------------------------------- */
 
-mha_status mha__pack_split(mha__packed_split *p, const mha__bf16_kernels *bk, const float *w, int64_t out, int64_t in)
+typedef struct pack_split_job {
+    const mha__bf16_kernels *bk;
+    const float *w; /* NULL: zeros */
+    int64_t out, in;
+    uint16_t *data;
+    atomic_bool finite; /* cleared by a tile with a value that is not */
+} pack_split_job;
+
+/* Column tiles [begin, end): 16 rows of w split along k, then
+ * transposed; the fillers write the zeros past w (and all of a padding
+ * tile) too. */
+static void pack_split_tiles(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    pack_split_job *j = arg;
+    int64_t run = tile_run(j->in);
+    bool finite = true;
+    for (int64_t t = begin; t < end; t++)
+        for (int64_t b = 0; b < k_blocks(j->in); b++) {
+            uint16_t *tiles = j->data + t * run + b * 3 * MHA_SPLIT_TILE;
+            int64_t o0 = 16 * t, c0 = b * MHA_SPLIT_K, live = j->w ? mha__max64(0, mha__min64(16, j->out - o0)) : 0;
+            finite &= j->bk->split_rows_tile(live ? j->w + o0 * j->in + c0 : NULL, j->in, live,
+                                             mha__min64(j->in - c0, MHA_SPLIT_K), tiles);
+            j->bk->split_transpose(tiles);
+        }
+    if (!finite) atomic_store_explicit(&j->finite, false, memory_order_relaxed);
+}
+
+mha_status mha__pack_split(mha_ctx *ctx, mha__packed_split *p, const mha__bf16_kernels *bk, const float *w, int64_t out,
+                           int64_t in)
 {
     int64_t run = tile_run(in), n;
     if (!mha__mul(column_tiles(out), run, &n))
@@ -83,18 +113,11 @@ mha_status mha__pack_split(mha__packed_split *p, const mha__bf16_kernels *bk, co
     uint16_t *data = reuse ? p->data : mha__alloc(n, sizeof(uint16_t));
     if (!data) return MHA_ERR_NOMEM;
     if (!reuse) mha__free(p->data);
-    bool finite = true;
-    /* A column tile: 16 rows of w split along k, then transposed; the
-     * fillers write the zeros past w (and all of a padding tile) too. */
-    for (int64_t o0 = 0; o0 < column_tiles(out) * 16; o0 += 16)
-        for (int64_t b = 0; b < k_blocks(in); b++) {
-            uint16_t *tiles = data + (o0 / 16) * run + b * 3 * MHA_SPLIT_TILE;
-            int64_t c0 = b * MHA_SPLIT_K, live = w ? mha__max64(0, mha__min64(16, out - o0)) : 0;
-            finite &=
-                bk->split_rows_tile(live ? w + o0 * in + c0 : NULL, in, live, mha__min64(in - c0, MHA_SPLIT_K), tiles);
-            bk->split_transpose(tiles);
-        }
-    if (!finite) { /* the FMA path then: keep nothing split */
+    pack_split_job job = {.bk = bk, .w = w, .out = out, .in = in, .data = data};
+    atomic_init(&job.finite, true);
+    if (ctx) mha__parallel_for(ctx, column_tiles(out), pack_split_tiles, &job);
+    else pack_split_tiles(&job, 0, 0, column_tiles(out));
+    if (!atomic_load_explicit(&job.finite, memory_order_relaxed)) { /* the FMA path then: keep nothing split */
         mha__free(data);
         data = NULL;
     }

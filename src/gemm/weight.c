@@ -5,16 +5,28 @@
  */
 #include "gemm/gemm.h"
 
-mha_status mha__weight_pack(mha__weight *w, const mha__isa_kernels *k, mha_dtype dtype, const float *src, int64_t out,
-                            int64_t in)
+mha_status mha__weight_pack(mha_ctx *ctx, mha__weight *w, const mha__isa_kernels *k, mha_dtype dtype, const float *src,
+                            int64_t out, int64_t in)
 {
     w->kernels = k;
     w->bf16 = dtype == MHA_DTYPE_BF16;
+    w->pending = NULL;
     if (w->bf16) return mha__pack_bf16(&w->b16, src, out, in);
-    mha_status st = mha__pack(&w->f32, k->f32, src, out, in);
+    mha_status st = mha__pack(ctx, &w->f32, k->f32, src, out, in);
     if (st != MHA_OK || !mha__split_products(k)) return st;
-    st = mha__pack_split(&w->split, k->bf16, src, out, in);
+    st = mha__pack_split(ctx, &w->split, k->bf16, src, out, in);
     if (st != MHA_OK) mha__packed_split_free(&w->split); /* never a stale split beside new panels */
+    return st;
+}
+
+void mha__weight_defer(mha__weight *w, const float *src) { w->pending = src; }
+
+mha_status mha__weight_refresh(mha_ctx *ctx, mha__weight *w)
+{
+    if (!w->pending) return MHA_OK;
+    const float *src = w->pending;
+    mha_status st = mha__weight_pack(ctx, w, w->kernels, MHA_DTYPE_F32, src, w->f32.out, w->f32.in);
+    if (st != MHA_OK) w->pending = src; /* still behind: the next call tries again */
     return st;
 }
 
@@ -30,7 +42,8 @@ int64_t mha__weight_panel(const mha__weight *w) { return w->bf16 ? MHA_BF16_NR :
 bool mha__weight_linear_workspace(const mha__weight *w, int64_t rows, int64_t in, int64_t *bytes)
 {
     if (w->bf16) return mha__linear_bf16_workspace(rows, in, bytes);
-    return !w->split.data || mha__linear_split_workspace(rows, in, bytes);
+    bool may_split = w->split.data || (w->pending && mha__split_products(w->kernels));
+    return !may_split || mha__linear_split_workspace(rows, in, bytes);
 }
 
 mha_status mha__weight_linear(mha_ctx *ctx, const mha__weight *w, int64_t rows, const mha__mat *x, const float *b,

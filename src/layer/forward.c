@@ -297,6 +297,7 @@ mha_status mha_layer_forward(mha_ctx *ctx, mha_layer *l, mha_tensor *attn_output
     fwd_plan f;
     mha_status st = forward_plan(ctx, l, attn_output, attn_weights, a, &f);
     if (st == MHA_OK) st = mha__layer_check_weights(l, "mha_layer_forward");
+    if (st == MHA_OK) st = mha__layer_refresh(ctx, l);
     if (st != MHA_OK) return st;
     if (f.N * f.L == 0 && !a->tape) return MHA_OK;
     if ((st = mha__ws_reserve(ctx, f.workspace)) != MHA_OK) return st;

@@ -437,6 +437,7 @@ mha_status mha_layer_decode(mha_ctx *ctx, mha_layer *l, mha_kv_cache *c, mha_ten
     if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode: NULL context");
     mha_status st = check_decode(l, c, out, x);
     if (st == MHA_OK) st = mha__layer_check_weights(l, "mha_layer_decode");
+    if (st == MHA_OK) st = mha__layer_refresh(ctx, l);
     decode_plan p;
     if (st == MHA_OK) st = plan_decode(ctx, l, c, x->shape[1], &p);
     if (st == MHA_OK) st = mha__ws_reserve(ctx, p.workspace);
@@ -484,6 +485,7 @@ mha_status mha_layer_decode_qkv(mha_ctx *ctx, const mha_layer *l, int64_t positi
 {
     if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode_qkv: NULL context");
     mha_status st = check_qkv(l, x, q, k, v, position);
+    if (st == MHA_OK) st = mha__layer_refresh(ctx, l);
     if (st != MHA_OK) return st;
     int64_t N = x->shape[0], n = x->shape[1], nq = N * n * l->qdim, nk = N * n * l->kvdim, bytes = 0, own = 0;
     int64_t rows = (nq + 2 * nk) * (int64_t)sizeof(float);
@@ -522,6 +524,7 @@ mha_status mha_layer_decode_output(mha_ctx *ctx, const mha_layer *l, mha_tensor 
 {
     if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_decode_output: NULL context");
     mha_status st = check_output(l, out, heads);
+    if (st == MHA_OK) st = mha__layer_refresh(ctx, l);
     if (st != MHA_OK) return st;
     int64_t N = heads->shape[0], n = heads->shape[2], nq = N * n * l->qdim, bytes = 0, own = 0;
     if (!mha__ws_add(&own, nq * (int64_t)sizeof(float), "the heads") || !stage_workspace(ctx, l, N, n, own, &bytes))

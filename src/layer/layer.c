@@ -121,12 +121,24 @@ mha_status mha__layer_pack(mha_layer *l, matrix which, const float *w)
 {
     int64_t out = mha__layer_out_features(l, which), in = mha__layer_in_features(l, which);
     mha__layer_train *t = l->train;
-    if (t && w != t->w[which]) { /* training: the plain copy is the source of the packs */
+    if (!t) return mha__weight_pack(NULL, &l->w[which], l->isa, l->desc.dtype, w, out, in);
+    /* Training: the plain copy is the source of the packs, which the next
+     * call with a context makes on its threads (the weights change every
+     * optimizer step). */
+    if (w != t->w[which]) {
         if (w) memcpy(t->w[which], w, (size_t)(out * in) * sizeof(float));
         else memset(t->w[which], 0, (size_t)(out * in) * sizeof(float));
-        w = t->w[which];
     }
-    return mha__weight_pack(&l->w[which], l->isa, l->desc.dtype, w, out, in);
+    mha__weight_defer(&l->w[which], t->w[which]);
+    return MHA_OK;
+}
+
+mha_status mha__layer_refresh(mha_ctx *ctx, const mha_layer *l)
+{
+    mha_layer *cache = (mha_layer *)l; /* the packs only: see layer.h */
+    mha_status st = MHA_OK;
+    for (int m = 0; m < MAT_COUNT && st == MHA_OK; m++) st = mha__weight_refresh(ctx, &cache->w[m]);
+    return st;
 }
 
 mha_status mha__layer_complete_desc(const mha_layer_desc *desc, mha_layer_desc *out)

@@ -221,9 +221,15 @@ mha_status mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N
                                      const mha__packed *w, const mha__packed_split *split,
                                      mha__fma_on_demand *on_demand, const mha__batched *y, bool add);
 
-/* Packs `which` from w (NULL: zeros), and for training keeps w as the
- * plain copy.  NOMEM. */
+/* Packs `which` from w (NULL: zeros); for training keeps w as the plain
+ * copy and leaves the packs behind it until mha__layer_refresh.  NOMEM. */
 mha_status mha__layer_pack(mha_layer *l, matrix which, const float *w);
+/* Brings packs left behind the plain copy up to date on ctx's threads:
+ * every call that computes with the layer's matrices makes it first.
+ * The layer may be passed const: the packs are a cache of the plain
+ * copy, and bringing them up to date changes no value a caller can
+ * observe (and a layer is used by one thread at a time, mha.h).  NOMEM. */
+mha_status mha__layer_refresh(mha_ctx *ctx, const mha_layer *l);
 
 /* Matrix `which` is [out, in]: Q [qdim, E], K [kvdim, kdim], V [kvdim, vdim],
  * O [E, qdim]; its bias starts at b_in + bias_offset (Q, K, V). */

@@ -115,6 +115,7 @@ int64_t mha_layer_params(mha_layer *l, mha_param *params, int64_t capacity)
 mha_status mha_layer_params_changed(mha_layer *l)
 {
     mha_status st = check_training(l, "mha_layer_params_changed");
+    /* The packs follow at the next call with a context, on its threads. */
     for (int m = 0; m < MAT_COUNT && st == MHA_OK; m++) st = mha__layer_pack(l, (matrix)m, l->train->w[m]);
     if (st == MHA_OK) l->unset = 0; /* the caller wrote every parameter it was given */
     return st;
@@ -503,6 +504,7 @@ mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *l, const mha_layer_fwd_ar
     if (!ctx) return mha__fail(MHA_ERR_MISUSE, "mha_layer_backward: NULL context");
     mha_status st = check_backward(l, a, grad_attn_output, grad_query, grad_key, grad_value);
     if (st == MHA_OK) st = mha__layer_check_weights(l, "mha_layer_backward");
+    if (st == MHA_OK) st = mha__layer_refresh(ctx, l);
     bwd_plan p;
     if (st == MHA_OK) st = plan_backward(ctx, l, a, &p);
     if (st == MHA_OK) st = mha__ws_reserve(ctx, p.workspace);
