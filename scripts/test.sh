@@ -37,7 +37,11 @@ passed "$(ctest_count)"
 stage "AddressSanitizer + UndefinedBehaviorSanitizer build and ctest"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DMHA_WERROR=ON -DMHA_SANITIZE=address,undefined >/dev/null
 cmake --build build-asan -j"$jobs" >/dev/null
-(cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure) | tee "$log"
+# Side by side: the longest stage, and its build has no MPI suites, which
+# would contend for the cores (27 min in all on a contended machine, this
+# stage 17 of them, with its tests one at a time).
+(cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest -j"$jobs" --output-on-failure) |
+    tee "$log"
 passed "$(ctest_count)"
 
 stage "ThreadSanitizer over the threaded suites"
