@@ -300,11 +300,6 @@ static double key_element(const mha__score_source *src, int64_t c, int64_t d)
 static double exact_dot(const mha__attn_plan *p, const mha__score_source *src, int64_t r, int64_t c)
 {
     const float *q = src->q + r * src->q_rs;
-    if (src->k_dtype == MHA_DTYPE_F32 && src->q_cs == 1 && src->k_cs == 1) { /* the kernel's, a row's maximum a tile */
-        double dot;
-        p->kt->dots_f64((const float *)src->k + c * src->k_rs, src->q, src->q_rs, &r, 1, p->D, &dot);
-        return dot;
-    }
     if (src->k_dtype == MHA_DTYPE_F32)
         return mha__dot_f64_ordered(q, src->q_cs, (const float *)src->k + c * src->k_rs, src->k_cs, p->D);
     double lane[8] = {0}, sum = 0; /* a cache's bf16 or int8 rows: the same order */
@@ -452,8 +447,9 @@ void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, floa
         near[r] = (fixed || anchor[r] > m32[r] ? anchor[r] : m32[r]) - MHA_REFINE_NEAR;
         if (!fixed) {
             bool exact = at[r] >= 0 && mha__refine_column(refine, at[r])[r];
-            float m = exact ? (float)exact_contract(p, src, biased, r, at[r], exact_dot(p, src, r, at[r]), &cap_slope)
-                            : m32[r];
+            double dot = 0;
+            if (exact) exact_dots(p, src, at[r], &r, 1, &dot); /* the kernel's where it can */
+            float m = exact ? (float)exact_contract(p, src, biased, r, at[r], dot, &cap_slope) : m32[r];
             anchor[r] = m > anchor[r] ? m : anchor[r]; /* near the exact maximum: its own x is about 0 */
         }
         /* A row that sees nothing (every score -inf, or NaN) is left as it is. */

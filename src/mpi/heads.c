@@ -500,8 +500,6 @@ mha_status mha_mpi_layer_forward(mha_ctx *ctx, mha_mpi_layer *L, mha_tensor *att
     return st;
 }
 
-/* Whether two gradient tensors are the same one (self-attention passes
- * one tensor three times). */
 mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *L, const mha_layer_fwd_args *args,
                                   const mha_tensor *grad_attn_output, mha_tensor *grad_query, mha_tensor *grad_key,
                                   mha_tensor *grad_value)
@@ -511,7 +509,7 @@ mha_status mha_mpi_layer_backward(mha_ctx *ctx, mha_mpi_layer *L, const mha_laye
     mha_status st = MHA_OK;
     int n = 0;
     mha_tensor *user[3] = {grad_query, grad_key, grad_value};
-    int alias[3] = {0, 1, 2}; /* the first of the three that is the same tensor */
+    int alias[3] = {0, 1, 2}; /* the first of the three that is the same tensor (self-attention passes one) */
     for (int i = 1; i < 3; i++)
         for (int j = 0; j < i; j++)
             if (alias[i] == i && mha__same_tensor(user[i], user[j])) alias[i] = j;
