@@ -120,6 +120,31 @@ def test_bad_inputs():
         mha.MultiheadAttention(16, 3)
 
 
+@pytest.mark.parametrize("tokens", [16, 20])
+def test_nonfinite_in_the_last_output_row_is_found(tokens):
+    """The output is read for NaN in blocks of 64 floats and a tail: Inf
+    in the last token's query reaches only the last output row, which
+    ends a full block with 16 tokens of 8 features and sits in the tail
+    with 20.  Self-attention's backward hands one gradient
+    array for query, key and value, read once."""
+    layer = mha.MultiheadAttention(8, 2, batch_first=True)
+    layer.load_state_dict({name: (RNG.standard_normal(shape) / 3).astype(np.float32)
+                           for name, shape in layer.weight_shapes().items()})
+    x = RNG.standard_normal((1, tokens, 8)).astype(np.float32)
+    out, _ = layer(x, x, x, need_weights=False, is_causal=True)
+    assert np.isfinite(out).all()
+    q = x.copy()
+    q[0, -1, 5] = np.inf
+    with pytest.raises(ValueError, match=rf"query holds inf at index \(0, {tokens - 1}, 5\)"):
+        layer(q, x, x, need_weights=False, is_causal=True)
+    layer.training = True
+    layer(x, x, x, need_weights=False, is_causal=True)
+    dy = np.zeros_like(x)
+    dy[0, -1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"grad_output holds nan"):
+        layer.backward(dy)
+
+
 def test_one_layer_from_many_threads():
     layer, _ = llama_layer()
     x = RNG.standard_normal((2, 20, 64)).astype(np.float32)
