@@ -3,9 +3,13 @@
  * projection shapes of the layer, side by side in one process:
  *     y [M, n] = x [M, k] W^T + b,   M = batch * seq, k = n = E (or n = 3E)
  * with the same thread count (OpenBLAS via openblas_set_num_threads).
- * Two blocks of each, interleaved; median of `repeat` runs each; prints
- * GFLOP/s and the ratio.  OpenBLAS's time includes writing the bias into y
- * first (its beta = 1 does the add), since ours includes the bias too.  Built only when OpenBLAS is installed (libopenblas-dev).
+ * libmha twice: its FMA GEMM, and the weight's path the layer takes
+ * (mha__weight_linear: on a CPU with split products, float32 from three
+ * bf16 parts on AMX; elsewhere the same FMA GEMM).  Two blocks of each,
+ * interleaved; median of `repeat` runs each; prints GFLOP/s and the
+ * ratios to OpenBLAS.  OpenBLAS's time includes writing the bias into y
+ * first (its beta = 1 does the add), since ours includes the bias too.
+ * Built only when OpenBLAS is installed (libopenblas-dev).
  *
  *     build/bench_gemm [threads] [repeat]
  */
@@ -40,9 +44,65 @@ static float *filled(int64_t n)
     return p;
 }
 
+/* One product of a shape, as each side computes it. */
+typedef struct gemm_case {
+    mha_ctx *ctx;
+    const mha__kernels *kt;
+    int64_t M, K, N;
+    float *x, *y; /* (mha__mat's data is writable) */
+    const float *w, *b;
+    mha__packed fma;    /* libmha's FMA GEMM */
+    mha__weight weight; /* the layer's path */
+} gemm_case;
+
+typedef enum { SIDE_BLAS, SIDE_FMA, SIDE_LAYER, SIDES } side;
+
+static void run_once(gemm_case *g, side which)
+{
+    mha__mat xm = {g->x, g->K, 1, 0, 0}, ym = {g->y, g->N, 1, 0, 0};
+    if (which == SIDE_FMA) {
+        mha__linear(g->ctx, g->kt, g->M, &xm, &g->fma, g->b, &ym);
+    } else if (which == SIDE_LAYER) {
+        int64_t top = mha__ws_top(g->ctx);
+        if (mha__weight_linear(g->ctx, &g->weight, g->M, &xm, g->b, &ym) != MHA_OK) {
+            fprintf(stderr, "bench_gemm: %s\n", mha_last_error());
+            exit(1);
+        }
+        mha__ws_release(g->ctx, top);
+    } else {
+        for (int64_t i = 0; i < g->M; i++) /* bias first, as PyTorch's addmm */
+            for (int64_t j = 0; j < g->N; j++) g->y[i * g->N + j] = g->b[j];
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)g->M, (int)g->N, (int)g->K, 1.0f, g->x, (int)g->K,
+                    g->w, (int)g->K, 1.0f, g->y, (int)g->N);
+    }
+}
+
+/* Blocks, not alternating calls: OpenBLAS's threads spin for a while after
+ * each call and would steal the cores from the next one. */
+static void time_blocks(gemm_case *g, int repeat, double *times[SIDES])
+{
+    for (int block = 0; block < 2; block++) {
+        for (int which = 0; which < SIDES; which++)
+            for (int r = -2; r < repeat / 2; r++) { /* two warm-up calls */
+                double t0 = now_ms();
+                run_once(g, (side)which);
+                if (r >= 0) times[which][block * (repeat / 2) + r] = now_ms() - t0;
+            }
+        struct timespec pause = {0, 300 * 1000 * 1000}; /* let OpenBLAS's threads go to sleep */
+        nanosleep(&pause, NULL);
+    }
+}
+
+static void fail(const char *what)
+{
+    fprintf(stderr, "bench_gemm: %s: %s\n", what, mha_last_error());
+    exit(1);
+}
+
 int main(int argc, char **argv)
 {
     int threads = argc > 1 ? atoi(argv[1]) : 2, repeat = argc > 2 ? atoi(argv[2]) : 10;
+    repeat = repeat < 2 ? 2 : repeat / 2 * 2;
     static const struct {
         const char *name;
         int64_t rows, in, out;
@@ -52,45 +112,36 @@ int main(int argc, char **argv)
         {"S4 Q/K/V/O  (N=8192)", 8192, 768, 768},
     };
     mha_ctx *ctx;
-    if (mha_ctx_create(threads, &ctx) != MHA_OK) return 1;
+    if (mha_ctx_create(threads, &ctx) != MHA_OK) fail("context");
     openblas_set_num_threads(threads);
-    const mha__kernels *kt = mha__kernels_get();
-    printf("%d threads, libmha kernels %s; medians of %d\n", threads, kt->name, repeat);
-    printf("%-26s %12s %12s %8s\n", "shape", "OpenBLAS", "libmha", "ratio");
+    const mha__isa_kernels *isa = mha__isa_get();
+    bool split = mha__split_products(isa);
+    printf("%d threads; libmha's FMA GEMM on %s, the layer's path on %s; medians of %d\n", threads, isa->f32->name,
+           split ? "split bf16 products (AMX)" : "the same FMA GEMM", repeat);
+    printf("%-26s %12s %12s %12s %8s %8s\n", "shape", "OpenBLAS", "libmha FMA", "layer path", "FMA", "layer");
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
-        int64_t M = shapes[s].rows, K = shapes[s].in, N = shapes[s].out;
+        int64_t M = shapes[s].rows, K = shapes[s].in, N = shapes[s].out, ws = 0;
         float *x = filled(M * K), *w = filled(N * K), *b = filled(N), *y = malloc((size_t)(M * N) * sizeof(float));
-        mha__packed packed = {0};
-        mha__mat xm = {x, K, 1, 0, 0}, ym = {y, N, 1, 0, 0};
-        mha__pack(&packed, kt, w, N, K);
-        double *t_blas = malloc((size_t)repeat * sizeof(double)), *t_mha = malloc((size_t)repeat * sizeof(double));
-        /* Blocks, not alternating calls: OpenBLAS's threads spin for a while
-         * after each call and would steal the cores from the next one. */
-        for (int block = 0; block < 2; block++) {
-            for (int r = -2; r < repeat / 2; r++) { /* two warm-up calls */
-                double t0 = now_ms();
-                mha__linear(ctx, kt, M, &xm, &packed, b, &ym);
-                if (r >= 0) t_mha[block * (repeat / 2) + r] = now_ms() - t0;
-            }
-            for (int r = -2; r < repeat / 2; r++) {
-                double t0 = now_ms();
-                for (int64_t i = 0; i < M; i++) /* bias first, as PyTorch's addmm */
-                    for (int64_t j = 0; j < N; j++) y[i * N + j] = b[j];
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)K, 1.0f, x, (int)K, w, (int)K,
-                            1.0f, y, (int)N);
-                if (r >= 0) t_blas[block * (repeat / 2) + r] = now_ms() - t0;
-            }
-            struct timespec pause = {0, 300 * 1000 * 1000}; /* let OpenBLAS's threads go to sleep */
-            nanosleep(&pause, NULL);
+        gemm_case g = {.ctx = ctx, .kt = isa->f32, .M = M, .K = K, .N = N, .x = x, .w = w, .b = b, .y = y};
+        if (mha__pack(ctx, &g.fma, isa->f32, w, N, K) != MHA_OK) fail("packing W");
+        if (mha__weight_pack(ctx, &g.weight, isa, MHA_DTYPE_F32, w, N, K) != MHA_OK) fail("packing the weight");
+        if (!mha__weight_linear_workspace(&g.weight, M, K, &ws) || mha__ws_reserve(ctx, ws) != MHA_OK)
+            fail("the workspace");
+        double *times[SIDES];
+        for (int i = 0; i < SIDES; i++) times[i] = malloc((size_t)repeat * sizeof(double));
+        time_blocks(&g, repeat, times);
+        double flops = 2.0 * (double)M * (double)N * (double)K, gflops[SIDES];
+        for (int i = 0; i < SIDES; i++) {
+            qsort(times[i], (size_t)repeat, sizeof(double), cmp);
+            gflops[i] = flops / (times[i][repeat / 2] * 1e6);
+            free(times[i]);
         }
-        repeat = repeat / 2 * 2;
-        qsort(t_blas, (size_t)repeat, sizeof(double), cmp);
-        qsort(t_mha, (size_t)repeat, sizeof(double), cmp);
-        double flops = 2.0 * (double)M * (double)N * (double)K;
-        double g_blas = flops / (t_blas[repeat / 2] * 1e6), g_mha = flops / (t_mha[repeat / 2] * 1e6);
-        printf("%-26s %7.1f GF/s %7.1f GF/s %7.2fx\n", shapes[s].name, g_blas, g_mha, g_mha / g_blas);
-        mha__packed_free(&packed);
-        free(x), free(w), free(b), free(y), free(t_blas), free(t_mha);
+        printf("%-26s %7.1f GF/s %7.1f GF/s %7.1f GF/s %7.2fx %7.2fx\n", shapes[s].name, gflops[SIDE_BLAS],
+               gflops[SIDE_FMA], gflops[SIDE_LAYER], gflops[SIDE_FMA] / gflops[SIDE_BLAS],
+               gflops[SIDE_LAYER] / gflops[SIDE_BLAS]);
+        mha__packed_free(&g.fma);
+        mha__weight_free(&g.weight);
+        free(x), free(w), free(b), free(y);
     }
     mha_ctx_free(ctx);
     return 0;

@@ -32,6 +32,9 @@ if [ "${1:-}" != --lab ]; then
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config) # builds the examples as users do
     command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev)   # libmha_mpi
     command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)     # its tests, -np 1 to 4
+    # bench/bench_gemm (against OpenBLAS's sgemm) is built only where OpenBLAS
+    # is: installed here so that the build with warnings as errors covers it.
+    dpkg -s libopenblas-dev >/dev/null 2>&1 || missing+=(libopenblas-dev)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
