@@ -239,7 +239,7 @@ void mha__bf16_gemm_amx(int64_t m, int64_t n, int64_t k, const uint16_t *a, int6
 {
     if (m <= 0 || n <= 0) return;
     operands o = {m, n, k, a, a_rs, a_ps, b, ldb, c, ldc, accumulate};
-    block_pads pads;
+    _Alignas(64) block_pads pads; /* whole lines for the tiles, as gemm_split's sums */
     bool whole_k = a_ps == 2 && k % TILE_K == 0;
     configure();
     for (int64_t i = 0; i < m; i += 2 * TILE_ROWS)
@@ -658,7 +658,11 @@ void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a,
                          float *c, int64_t ldc, int accumulate, const float *col_scale)
 {
     int64_t run = 3 * k_blocks * MHA_SPLIT_TILE; /* one column tile of B */
-    float sums[2][32][32];
+    /* Tile rows of 64 bytes stored to, and add_sums's vectors loaded from,
+     * whole cache lines: without the alignment the buffer sat wherever the
+     * caller's stack left it (16 bytes), and a thread whose frame fell
+     * across lines split every row in two. */
+    _Alignas(64) float sums[2][32][32];
     configure();
     for (int64_t p = 0; p < row_pairs; p++) {
         const uint16_t *a0 = a + 2 * p * a_run, *next0 = p + 1 < row_pairs ? a0 + 2 * a_run : NULL;
