@@ -10,9 +10,10 @@
   numbers, objects) is refused with a TypeError naming the argument.
 - Masks: bool arrays (True = the key takes part, as in PyTorch) are read
   in place; float masks (added to the scores) follow the rule above.
-- Outputs are C-contiguous float32 arrays nothing else refers to: of
-  1 MiB or more, they may take the memory of an earlier output that
-  nothing refers to any more (empty, below).
+- Outputs are C-contiguous float32 arrays nothing else refers to,
+  starting on a 64-byte cache line: of 1 MiB or more, they may take the
+  memory of an earlier output that nothing refers to any more (empty,
+  below).
 """
 
 import sys
@@ -61,20 +62,42 @@ def _keep(arr):
         _spare.append(arr)
 
 
+class _Block(np.ndarray):
+    """The allocation behind an aligned array (aligned_empty)."""
+
+
+LINE = 64  # bytes of a cache line
+
+
+def aligned_empty(n):
+    """n float32 values, undefined, from the start of a cache line.  numpy
+    puts a large array 16 bytes into one (after malloc's header), so every
+    64-byte row the library's kernels stored split in two: in the layer's
+    AMX epilogue, its weight gradients and outputs.  The array is a plain
+    view of a larger _Block; views of it refer to it, not to the block
+    (numpy points a view at the first array that owns its memory or whose
+    base is of another type), so sys.getrefcount on it counts them, as on
+    an array of its own."""
+    block = np.empty(n + LINE // 4, dtype=np.float32).view(_Block)
+    skip = (-block.ctypes.data % LINE) // 4
+    return block[skip:skip + n].view(np.ndarray)
+
+
 def empty(shape):
     """A float32 array of `shape` for an output, its values undefined (the
-    library writes every one): np.empty, or from 1 MiB on the memory of an
-    earlier output that nothing refers to any more."""
+    library writes every one), starting on a cache line (aligned_empty):
+    new, or from 1 MiB on the memory of an earlier output that nothing
+    refers to any more."""
     n = int(np.prod(shape))
     if n * 4 < SPARE_MIN_BYTES:
-        return np.empty(shape, dtype=np.float32)
+        return aligned_empty(n).reshape(shape)
     with _spare_lock:
         for i in range(len(_spare)):
             if _spare[i].size == n and _spare_free(i):
                 arr = _spare.pop(i)
                 _spare.append(arr)
                 return arr.reshape(shape)  # the view refers to arr until it goes
-        arr = np.empty(n, dtype=np.float32)
+        arr = aligned_empty(n)
         _keep(arr)
         return arr.reshape(shape)
 

@@ -113,7 +113,7 @@ class MultiheadAttention:
             if self._grad_storage is None or self._grad_storage_refs() > self._grad_unused_refs:
                 if self._grad_count is None:
                     self._grad_count = _core.layer_grad_count(self._layer)
-                fresh = np.empty(self._grad_count, dtype=np.float32)
+                fresh = _arrays.aligned_empty(self._grad_count)
                 self._grad_layout = [(name, at, at + math.prod(shape), shape)  # sizes once, not a step
                                      for name, at, shape in _core.layer_grad_storage(self._layer, fresh)]
                 self._grad_storage = fresh  # after the move: the old array is not let go while still in use

@@ -348,6 +348,18 @@ def test_an_output_still_referred_to_is_never_reused():
     assert np.array_equal(held, copies[0]) and np.array_equal(row, copies[1])
 
 
+def test_outputs_start_on_a_cache_line():
+    """Outputs new and reused start on 64-byte lines (mha/_arrays.py)."""
+    for L in (4, 128):  # 16 KB, and 1 MiB: the spare arrays' threshold
+        q, k, v = big_case(5, L)
+        for _ in range(2):  # the second time from the spare arrays
+            out = mha.scaled_dot_product_attention(q, k, v)
+            grads = mha.scaled_dot_product_attention_backward(np.ones_like(out), q, k, v)
+            for a in (out, *grads):
+                assert a.ctypes.data % 64 == 0, f"L = {L}: {a.ctypes.data % 64} bytes into a line"
+            del out, grads
+
+
 def test_spare_arrays_stay_within_their_limits():
     from mha import _arrays
     q, k, v = big_case(3)

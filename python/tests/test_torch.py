@@ -170,6 +170,22 @@ def test_gradients_handed_out_stay_put():
     assert len(storages) == 1
 
 
+def test_gradients_and_outputs_start_on_a_cache_line():
+    """The arrays the library writes start on 64-byte lines (numpy's own
+    large arrays start 16 bytes into one, and every row the kernels stored
+    then split in two): the output, the input's gradient and the weights'
+    gradient storage, small and large."""
+    torch.manual_seed(3)
+    for L in (5, 512):  # arrays of a few KB, and of more than 1 MiB
+        layer = mt.MultiheadAttention(256, 4, batch_first=True)
+        x = torch.randn(2, L, 256, requires_grad=True)
+        out = layer(x, x, x, need_weights=False)[0]
+        out.backward(torch.randn_like(out))
+        for name, t in [("output", out), ("grad of x", x.grad)] + [(n, p.grad) for n, p in layer.named_parameters()]:
+            assert t.data_ptr() % 64 == 0 or name.endswith("bias"), f"{name} at L = {L}: {t.data_ptr() % 64} bytes in"
+        assert layer._layer._grad_storage.ctypes.data % 64 == 0
+
+
 def test_outputs_and_input_gradients_kept_stay_put():
     """Outputs and input gradients of 1 MiB or more take the memory of
     earlier ones nothing refers to (mha/_arrays.py): one the caller keeps,
