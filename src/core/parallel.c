@@ -35,13 +35,20 @@ enum { MAX_THREADS = 1024 };
  * each sleep costs a wake-up.  The layer's forward + backward at S2 on
  * Sapphire Rapids, 5 alternating rounds: spinning 5 us (the 20000 rounds
  * before) 31.4 ms, 50 us 30.2, 200 us 29.0; in another run 5 us 30.7,
- * 200 us 28.7, 500 us 29.1, 2 ms 29.2.  Past YIELD_AFTER_NS the spin
- * yields at each look at the clock, so that a thread it waits for, or
- * another process, gets the CPU when there are more threads than CPUs:
- * without that, `ctest -j2` (two test processes of 2-3 threads on 2 CPUs)
- * took 103 s against 51 s; with it 46 s, and the step the same 29.4 ms.
+ * 200 us 28.7, 500 us 29.1, 2 ms 29.2.  Between the calls of a step made
+ * from Python (the PyTorch drop-in's forward, autograd, its backward) the
+ * caller is away for 0.5-1 ms, and after a sleep that long the next call
+ * ran 3-8% slower than back to back: the same C calls in a loop with a
+ * 0.75 ms nanosleep before each, S2, 5 alternating runs, 31.2 ms a step
+ * spinning 200 us against 30.5 spinning 2 ms and 30.3 with no pause; the
+ * drop-in's step 32.5 ms against 31.5 (1, 2 and 5 ms alike).  So 2 ms.
+ * Past YIELD_AFTER_NS the spin yields at each look at the clock, so that
+ * a thread it waits for, or another process, gets the CPU when there are
+ * more threads than CPUs: without that, `ctest -j2` (two test processes
+ * of 2-3 threads on 2 CPUs) took 103 s against 51 s; with it 46 s (46 s
+ * spinning 2 ms too, and the MPI suites' ranks 20.5 s either way).
  * Timed, not counted, since a round's length differs between CPUs. */
-enum { SPIN_NS = 200 * 1000, YIELD_AFTER_NS = 5 * 1000, SPIN_CHECK = 256 };
+enum { SPIN_NS = 2000 * 1000, YIELD_AFTER_NS = 5 * 1000, SPIN_CHECK = 256 };
 
 int64_t mha__now_ns(void)
 {
