@@ -156,14 +156,24 @@ void mha__score_contract(const mha__attn_plan *p, float *st, int64_t lds, int64_
 /* Refined scores                                                    */
 /* ---------------------------------------------------------------- */
 
-/* Row r's keys outside [lo[r], hi[r]) of the tile set to 0. */
+/* Row r's keys outside [lo[r], hi[r]) of the tile set to 0, a key's
+ * column at a time: as in mha__score_contract the rows that see a key
+ * form one run [first, last), so the rest of its column is two
+ * contiguous stretches.  A row at a time, each store a column apart from
+ * the last, mha__refine_raw took 1.7% of the causal core's samples at N =
+ * 2048 (the diagonal tiles' masked halves); a column at a time 0.4%, and
+ * memset 0.5%. */
 static void zero_unseen(float *st, int64_t lds, int64_t rows, int64_t cols, int64_t j0, const int64_t *lo,
                         const int64_t *hi)
 {
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t first = lo[r] - j0, end = hi[r] - j0;
-        for (int64_t c = 0; c < cols && c < first; c++) st[c * lds + r] = 0.0f;
-        for (int64_t c = end > 0 ? end : 0; c < cols; c++) st[c * lds + r] = 0.0f;
+    int64_t first = 0, last = 0;
+    for (int64_t c = 0; c < cols; c++) {
+        int64_t key = j0 + c, from;
+        while (first < rows && hi[first] <= key) first++;
+        while (last < rows && lo[last] <= key) last++;
+        from = last > first ? last : first;
+        memset(st + c * lds, 0, (size_t)first * sizeof(float));
+        memset(st + c * lds + from, 0, (size_t)(rows - from) * sizeof(float));
     }
 }
 
