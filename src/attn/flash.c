@@ -43,6 +43,7 @@ typedef struct flash_job {
     const mha_tensor *q;
     const double *q_norm2; /* its rows' squared norms, or NULL (mha__wide_rows) */
     const mha__kv *kv;     /* float32 tensors, or a bf16/int8 cache's rows (kv->k.data NULL) */
+    const double *k_norm2; /* each (b, kv head)'s largest squared key norm, at b * Hkv + g (key_norms) */
     char *scratch;
     int64_t scratch_stride, q_blocks;
 } flash_job;
@@ -254,17 +255,12 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
 }
 
 /* Which of the item's rows are wide (attention.h: refined scores), from
- * the largest key norm of their kv head, found once per (b, kv head) a
- * thread meets: a pass over K, as much as one query row's scores. */
+ * the largest key norm of their kv head. */
 static void wide_rows(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
-    int64_t g = h / p->group;
-    if (t->norms_of != b * p->Hkv + g) {
-        t->k_norm2_max = mha__keys_norm2_max(p, &j->kv->rows, &j->kv->k, b, g);
-        t->norms_of = b * p->Hkv + g;
-    }
-    t->wide_any = mha__wide_rows(p, j->q, j->q_norm2, b, h, i0, rows, t->k_norm2_max, t->wide);
+    double k_norm2_max = j->k_norm2[b * p->Hkv + h / p->group];
+    t->wide_any = mha__wide_rows(p, j->q, j->q_norm2, b, h, i0, rows, k_norm2_max, t->wide);
 }
 
 /* Each row's visible real keys, for the row contract in score_tile. */
@@ -394,6 +390,37 @@ static void probs_range(void *arg, int thread, int64_t begin, int64_t end)
     if (pj->f.p->products->release) pj->f.p->products->release(pj->f.p);
 }
 
+/* Each (b, kv head)'s largest key norm, before the items: as the cache
+ * keeps it or the layer's wide pass found it, else from the keys.  Found
+ * by the first item of a head each thread met, it was found again for
+ * every run of items a thread claimed (the tiles are set up anew each
+ * run), and its pass over K took 4% of the causal core at N = 2048. */
+typedef struct norms_job {
+    const flash_job *j;
+    double *k_norm2;
+} norms_job;
+
+static void norms_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const norms_job *n = arg;
+    const mha__attn_plan *p = n->j->p;
+    for (int64_t bg = begin; bg < end; bg++)
+        n->k_norm2[bg] = mha__keys_norm2_max(p, &n->j->kv->rows, &n->j->kv->k, bg / p->Hkv, bg % p->Hkv);
+}
+
+static mha_status key_norms(mha_ctx *ctx, flash_job *j)
+{
+    const mha__attn_plan *p = j->p;
+    j->k_norm2 = j->kv->rows.k_norm2_max;
+    if (j->k_norm2) return MHA_OK;
+    norms_job n = {j, mha__ws_take(ctx, p->B * p->Hkv * (int64_t)sizeof(double))};
+    if (!n.k_norm2) return MHA_ERR_INTERNAL;
+    mha__parallel_for(ctx, p->B * p->Hkv, norms_range, &n);
+    j->k_norm2 = n.k_norm2;
+    return MHA_OK;
+}
+
 /* The tiles' caches emptied before a call's first item: the slices may
  * hold another call's tiles, from rows at the same addresses. */
 static void forget_values(const flash_job *j, const mha_ctx *ctx)
@@ -406,7 +433,8 @@ static void forget_values(const flash_job *j, const mha_ctx *ctx)
 
 bool mha__attn_forward_workspace(const mha__attn_plan *p, const mha_ctx *ctx, int64_t *bytes)
 {
-    return mha__ws_add_per_thread(bytes, ctx, mha__tiles_floats(p), "the attention tiles");
+    return mha__ws_add_per_thread(bytes, ctx, mha__tiles_floats(p), "the attention tiles") &&
+           mha__ws_add(bytes, p->B * p->Hkv * (int64_t)sizeof(double), "the key norms");
 }
 
 mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *probs, int average,
@@ -414,11 +442,17 @@ mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *pr
 {
     int64_t br = p->block_rows, top = mha__ws_top(ctx);
     mha__kv kv = {.k = *k, .v = *k, .rows = {.dtype = MHA_DTYPE_F32}}; /* the keys only: no values are read */
-    probs_job pj = {{p, p->kt, br, NULL, NULL, (mha__row_stats *)stats, q, NULL, &kv, NULL, 0, (p->L + br - 1) / br},
+    probs_job pj = {{.p = p,
+                     .kt = p->kt,
+                     .br = br,
+                     .stats = (mha__row_stats *)stats,
+                     .q = q,
+                     .kv = &kv,
+                     .q_blocks = (p->L + br - 1) / br},
                     probs,
                     average};
     pj.f.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &pj.f.scratch_stride);
-    if (!pj.f.scratch) return MHA_ERR_INTERNAL;
+    if (!pj.f.scratch || key_norms(ctx, &pj.f) != MHA_OK) return MHA_ERR_INTERNAL;
     forget_values(&pj.f, ctx);
     mha__parallel_items(ctx, p->B * pj.f.q_blocks, probs_range, &pj);
     mha__ws_release(ctx, top);
@@ -429,9 +463,18 @@ mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *
                              const mha_tensor *q, const double *q_norm2, const mha__kv *kv)
 {
     int64_t br = p->block_rows, top = mha__ws_top(ctx);
-    flash_job job = {p, p->kt, br, out, lse, stats, q, q_norm2, kv, NULL, 0, (p->L + br - 1) / br};
+    flash_job job = {.p = p,
+                     .kt = p->kt,
+                     .br = br,
+                     .out = out,
+                     .lse = lse,
+                     .stats = stats,
+                     .q = q,
+                     .q_norm2 = q_norm2,
+                     .kv = kv,
+                     .q_blocks = (p->L + br - 1) / br};
     job.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &job.scratch_stride);
-    if (!job.scratch) return MHA_ERR_INTERNAL;
+    if (!job.scratch || key_norms(ctx, &job) != MHA_OK) return MHA_ERR_INTERNAL;
     forget_values(&job, ctx);
     mha__parallel_items(ctx, p->B * p->Hq * job.q_blocks, flash_range, &job);
     mha__ws_release(ctx, top);

@@ -92,11 +92,9 @@ typedef struct bwd_tiles {
     float *dq_block;    /* [BQ][D]  dqt turned back into rows */
     bool qb_finite, dob_finite;
     int64_t lo[BQ], hi[BQ];
-    float zero[BQ];     /* the shift of refined scores, already shifted */
-    mha__refine refine; /* which of the block's scores to refine (attention.h) */
-    bool wide[BQ];      /* the query block's rows refined whole (attention.h) */
-    int64_t norms_of;   /* the (b * Hkv + g) whose largest key norm is k_norm2_max; -1: none yet */
-    double k_norm2_max;
+    float zero[BQ];      /* the shift of refined scores, already shifted */
+    mha__refine refine;  /* which of the block's scores to refine (attention.h) */
+    bool wide[BQ];       /* the query block's rows refined whole (attention.h) */
     double *qd;          /* [D][BQ]  the query block's rows widened, for refined scores (float32 plans only) */
     const float *qd_row; /* the first of the rows qd holds; NULL: none yet */
 } bwd_tiles;
@@ -176,7 +174,6 @@ static float *carve(carver *c, int64_t n)
 static bwd_tiles carve_tiles(const mha__attn_plan *p, carver *c)
 {
     bwd_tiles t;
-    t.norms_of = -1;
     t.qt = carve(c, p->D * BQ);
     t.qr = carve(c, BQ * p->D);
     t.dot = carve(c, p->Dv * BQ);
@@ -382,19 +379,11 @@ static void release_split(const bwd_job *j)
 
 /* Packs the query block's (scale Q)^T and dO^T (times 1: exact), and
  * finds its wide rows as the forward does (attention.h: refined scores;
- * the keys' largest norm from norms_range, else once per (b, kv head) a
- * thread meets). */
+ * the keys' largest norm from norms_range). */
 static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
-    int64_t g = h / p->group;
-    if (j->k_norm2) {
-        t->k_norm2_max = j->k_norm2[b * p->Hkv + g];
-    } else if (t->norms_of != b * p->Hkv + g) {
-        t->k_norm2_max = mha__keys_norm2_max(p, NULL, j->k, b, g);
-        t->norms_of = b * p->Hkv + g;
-    }
-    mha__wide_rows(p, j->q, NULL, b, h, i0, rows, t->k_norm2_max, t->wide);
+    mha__wide_rows(p, j->q, NULL, b, h, i0, rows, j->k_norm2[b * p->Hkv + h / p->group], t->wide);
     mha__pack_columns(j->kt, t->qt, BQ, rows_at(j->q, b, h, i0), rows, p->D, p->scale);
     mha__pack_columns(j->kt, t->dot, BQ, rows_at(j->dout, b, h, i0), rows, p->Dv, 1.0f);
     if (!p->split) return;
@@ -1006,7 +995,9 @@ void mha__attn_row_sums(mha_ctx *ctx, const mha__attn_plan *p, const mha_tensor 
                    .p_sum = p_sum,
                    .p_dp = p_dp};
     float *rows = mha__ws_take(ctx, (3 * n_rows + 1) * (int64_t)sizeof(float)); /* planned by the caller */
+    sj.j.k_norm2 = mha__ws_take(ctx, p->B * p->Hkv * (int64_t)sizeof(double));
     sj.j.scratch = mha__ws_take_per_thread(ctx, bwd_tiles_floats(p), &sj.j.scratch_stride);
+    mha__parallel_items(ctx, p->B * p->Hkv, norms_range, &sj.j);
     sj.j.shift = rows, sj.j.mul = rows + n_rows, sj.j.delta = rows + 2 * n_rows;
     rows_job rj = {&sj.j, NULL, norm};
     mha__parallel_for(ctx, n_rows, rows_range, &rj); /* shift and mul; no out, no delta */

@@ -106,7 +106,6 @@ static void *carve(carver *c, int64_t n)
 static mha__tiles carve_tiles(const mha__attn_plan *p, carver *c)
 {
     mha__tiles t;
-    t.norms_of = -1;
     t.qt = carve(c, p->D * MHA__BR);
     t.vt = carve(c, MHA__BC * p->Dv);
     t.vp = carve(c, MHA__BC * p->Dv);

@@ -66,8 +66,6 @@ typedef struct mha__tiles {
     int64_t reach[MHA__BR];           /* the current key tile's first reach[r] keys hold every key row r sees */
     mha__refine refine;               /* which of the tile's scores to refine (attention.h) */
     bool wide[MHA__BR], wide_any;     /* the item's rows refined whole (attention.h), and whether any is */
-    int64_t norms_of;                 /* the (b * Hkv + g) whose largest key norm is k_norm2_max; -1: none yet */
-    double k_norm2_max;
     double *qd;          /* [D][MHA__BR]  the item's query rows widened, for refined scores (float32 plans only) */
     const float *qd_row; /* the first of the rows qd holds; NULL: none yet */
 } mha__tiles;
