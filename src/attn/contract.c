@@ -6,6 +6,7 @@
  */
 #include "attn/attention.h"
 #include "core/convert.h"
+#include "core/parallel.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -218,6 +219,28 @@ double mha__keys_norm2_max(const mha__attn_plan *p, const mha__kv_view *rows, co
         return mha__rows_norm2_max(p->kt, (const float *)rows->k + b * rows->stride[0] + g * rows->stride[1],
                                    rows->stride[2], 1, p->S, p->D);
     return INFINITY;
+}
+
+typedef struct key_norms_job {
+    const mha__attn_plan *p;
+    const mha__kv_view *rows;
+    const mha_tensor *k;
+    double *out;
+} key_norms_job;
+
+static void key_norms_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const key_norms_job *n = arg;
+    for (int64_t bg = begin; bg < end; bg++)
+        n->out[bg] = mha__keys_norm2_max(n->p, n->rows, n->k, bg / n->p->Hkv, bg % n->p->Hkv);
+}
+
+void mha__keys_norm2_max_all(mha_ctx *ctx, const mha__attn_plan *p, const mha__kv_view *rows, const mha_tensor *k,
+                             double *out)
+{
+    key_norms_job n = {p, rows, k, out};
+    mha__parallel_items(ctx, p->B * p->Hkv, key_norms_range, &n);
 }
 
 bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, const double *q_norm2, int64_t b, int64_t h,

@@ -395,29 +395,15 @@ static void probs_range(void *arg, int thread, int64_t begin, int64_t end)
  * by the first item of a head each thread met, it was found again for
  * every run of items a thread claimed (the tiles are set up anew each
  * run), and its pass over K took 4% of the causal core at N = 2048. */
-typedef struct norms_job {
-    const flash_job *j;
-    double *k_norm2;
-} norms_job;
-
-static void norms_range(void *arg, int thread, int64_t begin, int64_t end)
-{
-    (void)thread;
-    const norms_job *n = arg;
-    const mha__attn_plan *p = n->j->p;
-    for (int64_t bg = begin; bg < end; bg++)
-        n->k_norm2[bg] = mha__keys_norm2_max(p, &n->j->kv->rows, &n->j->kv->k, bg / p->Hkv, bg % p->Hkv);
-}
-
 static mha_status key_norms(mha_ctx *ctx, flash_job *j)
 {
     const mha__attn_plan *p = j->p;
     j->k_norm2 = j->kv->rows.k_norm2_max;
     if (j->k_norm2) return MHA_OK;
-    norms_job n = {j, mha__ws_take(ctx, p->B * p->Hkv * (int64_t)sizeof(double))};
-    if (!n.k_norm2) return MHA_ERR_INTERNAL;
-    mha__parallel_for(ctx, p->B * p->Hkv, norms_range, &n);
-    j->k_norm2 = n.k_norm2;
+    double *found = mha__ws_take(ctx, p->B * p->Hkv * (int64_t)sizeof(double));
+    if (!found) return MHA_ERR_INTERNAL;
+    mha__keys_norm2_max_all(ctx, p, &j->kv->rows, &j->kv->k, found);
+    j->k_norm2 = found;
     return MHA_OK;
 }
 

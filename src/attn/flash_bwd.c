@@ -63,7 +63,7 @@ typedef struct bwd_job {
     int64_t pass_blocks;        /* key blocks a sweep takes per pass over the query blocks */
     bool from_lse;              /* the forward kept an lse, not (max, sum) */
     double *k_norm2;            /* [B * Hkv]: each kv head's largest squared key norm, found before dK may
-                                 * overwrite K (norms_range); NULL: found as the items meet them */
+                                 * overwrite K (mha__keys_norm2_max_all) */
 } bwd_job;
 
 /* Per-thread tiles. */
@@ -379,7 +379,7 @@ static void release_split(const bwd_job *j)
 
 /* Packs the query block's (scale Q)^T and dO^T (times 1: exact), and
  * finds its wide rows as the forward does (attention.h: refined scores;
- * the keys' largest norm from norms_range). */
+ * the keys' largest norm found before the items). */
 static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
@@ -902,17 +902,6 @@ bool mha__attn_backward_workspace(const mha__attn_plan *p, const mha_ctx *ctx, b
            mha__ws_add_per_thread(bytes, ctx, bwd_tiles_floats(p), "the backward's tiles");
 }
 
-/* Each kv head's largest squared key norm (attention.h: refined scores),
- * before the sweep: its items write dK over K where they alias, and a
- * head's norm reads every key of it. */
-static void norms_range(void *arg, int thread, int64_t begin, int64_t end)
-{
-    (void)thread;
-    const bwd_job *j = arg;
-    for (int64_t bg = begin; bg < end; bg++)
-        j->k_norm2[bg] = mha__keys_norm2_max(j->p, NULL, j->k, bg / j->p->Hkv, bg % j->p->Hkv);
-}
-
 mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *dq, mha_tensor *dk, mha_tensor *dv,
                               const mha_tensor *q, const mha_tensor *k, const mha_tensor *v, const mha_tensor *out,
                               const mha_tensor *dout, const mha__row_norm *norm)
@@ -940,7 +929,9 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
     j.k_norm2 = rows ? mha__ws_take(ctx, p->B * p->Hkv * (int64_t)sizeof(double)) : NULL;
     j.scratch = j.k_norm2 ? mha__ws_take_per_thread(ctx, bwd_tiles_floats(p), &j.scratch_stride) : NULL;
     if (!j.scratch) return MHA_ERR_INTERNAL;
-    mha__parallel_items(ctx, p->B * p->Hkv, norms_range, &j); /* before anything writes dK */
+    /* Each kv head's largest key norm (attention.h: refined scores), before
+     * the sweep: its items write dK over K where they alias. */
+    mha__keys_norm2_max_all(ctx, p, NULL, k, j.k_norm2);
     j.shift = rows;
     j.mul = rows + n_rows;
     j.delta = rows + 2 * n_rows;
@@ -997,7 +988,7 @@ void mha__attn_row_sums(mha_ctx *ctx, const mha__attn_plan *p, const mha_tensor 
     float *rows = mha__ws_take(ctx, (3 * n_rows + 1) * (int64_t)sizeof(float)); /* planned by the caller */
     sj.j.k_norm2 = mha__ws_take(ctx, p->B * p->Hkv * (int64_t)sizeof(double));
     sj.j.scratch = mha__ws_take_per_thread(ctx, bwd_tiles_floats(p), &sj.j.scratch_stride);
-    mha__parallel_items(ctx, p->B * p->Hkv, norms_range, &sj.j);
+    mha__keys_norm2_max_all(ctx, p, NULL, k, sj.j.k_norm2);
     sj.j.shift = rows, sj.j.mul = rows + n_rows, sj.j.delta = rows + 2 * n_rows;
     rows_job rj = {&sj.j, NULL, norm};
     mha__parallel_for(ctx, n_rows, rows_range, &rj); /* shift and mul; no out, no delta */
