@@ -467,15 +467,28 @@ static void zero_row(uint16_t *row)
     for (int q = 0; q < 3; q++) memset(row + q * MHA_SPLIT_TILE, 0, MHA_SPLIT_K * sizeof(uint16_t));
 }
 
+/* split3 of a row, each part's 32 values stored as one 64-byte row.  The
+ * weights' pack transposes each tile right after filling it, and its
+ * 64-byte loads of rows written as two 32-byte halves (split3's stores)
+ * could not be forwarded from the store buffer: they waited for both
+ * stores to reach L1, and the transpose took more time than the split. */
 bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
 {
-    bool finite = true;
+    __mmask16 m0 = first_lanes(n), m1 = first_lanes(n - 16), ok = 0xffff;
     for (int64_t i = 0; i < 16; i++) {
         uint16_t *row = tiles + i * MHA_SPLIT_K;
-        if (i < live) finite &= mha__split3_amx(src + i * lds, n, row, row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
-        else zero_row(row);
+        if (i >= live) {
+            zero_row(row);
+            continue;
+        }
+        __m512 a = _mm512_maskz_loadu_ps(m0, src + i * lds), b = _mm512_maskz_loadu_ps(m1, src + i * lds + 16);
+        ok &= (finite_lanes(a) | (__mmask16)~m0) & (finite_lanes(b) | (__mmask16)~m1);
+        parts pa = split_lanes(a), pb = split_lanes(b);
+        store_high_halves(row, pa.hi, pb.hi);
+        store_high_halves(row + MHA_SPLIT_TILE, pa.mid, pb.mid);
+        store_high_halves(row + 2 * MHA_SPLIT_TILE, pa.lo, pb.lo);
     }
-    return finite;
+    return ok == 0xffff;
 }
 
 /* The row MHA_SPLIT_K rows below x (the same columns of the next block,

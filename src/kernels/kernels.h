@@ -142,8 +142,9 @@ typedef void (*mha__pair_dots_fn)(int64_t rows, int64_t k, const float *a, int64
 
 /* dst[c * ldd + r] = alpha * src[r * lds + c] for r < rows, c < cols:
  * rows of queries scaled and turned into columns (queries in lanes), the
- * B operand of the score tile.  One multiply an element: the same bits in
- * every kernel. */
+ * B operand of the score tile; with alpha 1, a weight's rows turned into
+ * the FMA GEMM's panels (gemm.c).  One multiply an element: the same bits
+ * in every kernel. */
 typedef void (*mha__transpose_scaled_fn)(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows,
                                          int64_t cols, float alpha);
 
