@@ -310,7 +310,8 @@ static void run_split(mha_ctx *ctx, const mha__isa_kernels *k, problem *p)
     memcpy(p->ym.data, p->y0, sizeof(float) * (size_t)(rows * out));
     /* W^T's float32 panels, as the backward's, packed only if a chunk needs them. */
     mha__fma_on_demand on_demand = {k->f32, wt, in, out, {0}};
-    mha__split_output one = {&sp, p->v == TRANSPOSED ? NULL : &fma, p->v == BIAS ? p->b : NULL, &p->ym, &on_demand};
+    mha__split_output one = {
+        &sp, p->v == TRANSPOSED ? NULL : &fma, p->v == BIAS ? p->b : NULL, &p->ym, &on_demand, NULL, NULL};
     CHECK(mha__linear_split_shared(ctx, k, rows, &p->xm, 1, &one, p->v == ADD) == MHA_OK, "split product");
     CHECK(!on_demand.packed.data, "panels packed on demand outlive the product");
     if (p->v != TRANSPOSED) mha__packed_split_free(&sp);

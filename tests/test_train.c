@@ -344,21 +344,40 @@ static mha_layer *copy_for_inference(const mha_param *params, int64_t n_params)
     return layer;
 }
 
+/* The forward of `layer` over x's first `batches` batches of rows rows
+ * (x [N, RL, E], y alike), the inputs times `gain`. */
+static void forward_scaled(mha_ctx *ctx, mha_layer *layer, const float *x, int64_t batches, int64_t rows, float gain,
+                           float *y)
+{
+    enum { RL = 40 };
+    static float xs[N * RL * E];
+    for (int64_t i = 0; i < batches * rows * E; i++) xs[i] = gain * x[i];
+    mha_layer_fwd_args a;
+    mha_layer_fwd_args_init(&a);
+    a.query = a.key = a.value = mha_tensor_3d(xs, batches, rows, E);
+    mha_tensor ty = mha_tensor_3d(y, batches, rows, E);
+    CHECK_OK(mha_layer_forward(ctx, layer, &ty, NULL, &a));
+}
+
 /* A training layer's packs follow its parameters at the next call with a
  * context, on that context's threads: the forward, and the decoding
  * stages, which take the layer const, compute the very bits of a layer
  * packed where its weights were set, after every change of the
- * parameters (several steps, each on 1 and 3 threads). */
+ * parameters (several steps, each on 1 and 3 threads).  So do the
+ * float32 panels that split products leave for a call that asks
+ * (gemm.h): a forward of 5 rows (the FMA GEMM's) and one whose inputs
+ * x 100 make every row wide (the exact sums read the panels), each
+ * first after a change in some step. */
 static void test_packs_follow_params(void)
 {
-    enum { RL = 40, M = N * RL * E, HD = E / H };
+    enum { RL = 40, M = N * RL * E, HD = E / H, FEW = 5 };
     mha_ctx *ctx[2] = {NULL, NULL};
     CHECK_OK(mha_ctx_create(1, &ctx[0]));
     CHECK_OK(mha_ctx_create(3, &ctx[1]));
     mha_param params[8];
     int64_t n_params;
     mha_layer *trained = make_layer(false, params, &n_params);
-    static float x[M], y[2][M], q[2][M], k[2][M], v[2][M];
+    static float x[M], y[2][M], q[2][M], k[2][M], v[2][M], few[2][FEW * E], wide[2][M];
     fill(x, M, 1.0f);
     int differ = 0;
     for (int step = 0; step < 4; step++) {
@@ -374,6 +393,8 @@ static void test_packs_follow_params(void)
             a.query = a.key = a.value = mha_tensor_3d(x, N, RL, E);
             mha_tensor ty = mha_tensor_3d(y[which], N, RL, E), tq = mha_tensor_4d(q[which], N, H, RL, HD),
                        tk = mha_tensor_4d(k[which], N, H, RL, HD), tv = mha_tensor_4d(v[which], N, H, RL, HD);
+            if (step == 1) forward_scaled(c, layers[which], x, 1, FEW, 1.0f, few[which]);
+            if (step == 3) forward_scaled(c, layers[which], x, N, RL, 100.0f, wide[which]);
             if (step == 2) { /* the stages first: they bring the packs up to date */
                 CHECK_OK(mha_layer_decode_qkv(c, layers[which], 0, &a.query, &tq, &tk, &tv));
                 CHECK_OK(mha_layer_forward(c, layers[which], &ty, NULL, &a));
@@ -381,7 +402,11 @@ static void test_packs_follow_params(void)
                 CHECK_OK(mha_layer_forward(c, layers[which], &ty, NULL, &a));
                 CHECK_OK(mha_layer_decode_qkv(c, layers[which], 0, &a.query, &tq, &tk, &tv));
             }
+            if (step != 1) forward_scaled(c, layers[which], x, 1, FEW, 1.0f, few[which]);
+            if (step != 3) forward_scaled(c, layers[which], x, N, RL, 100.0f, wide[which]);
         }
+        differ += memcmp(few[0], few[1], sizeof few[0]) != 0;
+        differ += memcmp(wide[0], wide[1], sizeof wide[0]) != 0;
         differ += memcmp(y[0], y[1], sizeof y[0]) != 0;
         differ += memcmp(q[0], q[1], sizeof q[0]) || memcmp(k[0], k[1], sizeof k[0]) || memcmp(v[0], v[1], sizeof v[0]);
         mha_layer_free(packed);

@@ -178,18 +178,14 @@ bool mha__pack_split_transposed_workspace(int64_t rows, int64_t cols, int64_t *b
 mha_status mha__pack_split_transposed_workspace_take(mha_ctx *ctx, const mha__bf16_kernels *bk, const float *w,
                                                      int64_t rows, int64_t cols, mha__packed_split *p);
 
-/* y = x W^T + b, or y += x W^T with `add`, by k's split products (y as
- * for mha__linear), x split a chunk of rows at a time into the
- * workspace: the bytes to plan for, and the product.  A chunk with a
- * value that is not finite runs on the FMA GEMM with fma (W's float32
- * panels), so infinities and NaN propagate as IEEE products do; so do
- * fewer than 16 rows (a decoding step's), where the tiles' padding to 32
- * rows costs more than they gain.  INTERNAL if the workspace was not
- * planned. */
+/* y = x W^T + b, or y += x W^T with `add`, by split products, x split a
+ * chunk of rows at a time into the workspace (mha__linear_split_shared
+ * below, for one output or more): the bytes to plan for.  A chunk with a
+ * value that is not finite runs on the FMA GEMM with W's float32 panels,
+ * so infinities and NaN propagate as IEEE products do; so do fewer than
+ * 16 rows (a decoding step's), where the tiles' padding to 32 rows costs
+ * more than they gain. */
 bool mha__linear_split_workspace(int64_t rows, int64_t in, int64_t *bytes);
-mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x,
-                             const mha__packed_split *w, const mha__packed *fma, const float *b, const mha__mat *y,
-                             bool add);
 
 enum { MHA_SPLIT_OUTPUTS = 3 }; /* the most products of one input a call runs */
 
@@ -206,13 +202,17 @@ typedef struct mha__fma_on_demand {
 } mha__fma_on_demand;
 
 /* One output: W split, and W's float32 panels for the chunks the FMA GEMM
- * takes (fma, or when NULL, on_demand's). */
+ * takes: fma; or when NULL, those `panels` hands out for `panels_of` (a
+ * weight's own, packed at their first need: mha__weight_f32); or else
+ * on_demand's. */
 typedef struct mha__split_output {
     const mha__packed_split *w;
     const mha__packed *fma;
     const float *b;
     const mha__mat *y;
     mha__fma_on_demand *on_demand;
+    mha_status (*panels)(mha_ctx *ctx, const void *panels_of, const mha__packed **fma);
+    const void *panels_of;
 } mha__split_output;
 
 /* mha__linear_split for up to MHA_SPLIT_OUTPUTS products of one x
@@ -256,6 +256,7 @@ typedef struct mha__weight {
     mha__packed_split split; /* its three bf16 parts; or */
     mha__packed_bf16 b16;    /* bf16 pairs */
     const float *pending;    /* new values the packs wait for (mha__weight_defer), or NULL */
+    const float *f32_behind; /* the values f32 waits for once split is up to date, or NULL */
 } mha__weight;
 
 /* Packs src [out, in] (NULL: zeros) for k's kernels in dtype (F32 or
@@ -270,7 +271,17 @@ mha_status mha__weight_pack(mha_ctx *ctx, mha__weight *w, const mha__isa_kernels
  * them where the change is announced took the caller's thread alone,
  * about a tenth of a step at E = 768 (docs/PERFORMANCE.md). */
 void mha__weight_defer(mha__weight *w, const float *src);
+/* Where the ISA has split products the refresh makes only the split: the
+ * float32 panels serve just the rare chunks the FMA GEMM takes (fewer
+ * than 16 rows, a value that is not finite) and the exact sums of wide
+ * rows, so they follow when a call first asks for them (mha__weight_f32).
+ * Packing them at every refresh was a third of a training step's repack
+ * at E = 768, for panels most steps never read (docs/PERFORMANCE.md). */
 mha_status mha__weight_refresh(mha_ctx *ctx, mha__weight *w);
+/* w's float32 panels, packed first on ctx's threads if a refresh left
+ * them behind.  w may be passed const: the panels are a cache of the
+ * plain copy (as for mha__layer_refresh).  NOMEM. */
+mha_status mha__weight_f32(mha_ctx *ctx, const mha__weight *w, const mha__packed **panels);
 void mha__weight_free(mha__weight *w);
 /* The output columns of one panel: a head-major activation layout must
  * be a multiple of it wide. */

@@ -308,6 +308,7 @@ static mha_status fma_weight(mha_ctx *ctx, const mha__split_output *o, const mha
 {
     *w = o->fma;
     if (*w) return MHA_OK;
+    if (o->panels) return o->panels(ctx, o->panels_of, w);
     mha__fma_on_demand *d = o->on_demand;
     mha_status st = MHA_OK;
     if (!d->packed.data) st = mha__pack_transposed_workspace_take(ctx, d->kt, d->w, d->rows, d->cols, &d->packed);
@@ -386,14 +387,6 @@ mha_status mha__linear_split_shared(mha_ctx *ctx, const mha__isa_kernels *k, int
         else st = chunk_all_by_fma(ctx, k->f32, &j);
     }
     return release(ctx, top, count, outs, st);
-}
-
-mha_status mha__linear_split(mha_ctx *ctx, const mha__isa_kernels *k, int64_t rows, const mha__mat *x,
-                             const mha__packed_split *w, const mha__packed *fma, const float *b, const mha__mat *y,
-                             bool add)
-{
-    mha__split_output one = {w, fma, b, y, NULL};
-    return mha__linear_split_shared(ctx, k, rows, x, 1, &one, add);
 }
 
 /* ---------------------------------------------------------------- */

@@ -5,12 +5,15 @@
  */
 #include "gemm/gemm.h"
 
+#include <string.h>
+
 mha_status mha__weight_pack(mha_ctx *ctx, mha__weight *w, const mha__isa_kernels *k, mha_dtype dtype, const float *src,
                             int64_t out, int64_t in)
 {
     w->kernels = k;
     w->bf16 = dtype == MHA_DTYPE_BF16;
     w->pending = NULL;
+    w->f32_behind = NULL;
     if (w->bf16) return mha__pack_bf16(&w->b16, src, out, in);
     mha_status st = mha__pack(ctx, &w->f32, k->f32, src, out, in);
     if (st != MHA_OK || !mha__split_products(k)) return st;
@@ -25,9 +28,32 @@ mha_status mha__weight_refresh(mha_ctx *ctx, mha__weight *w)
 {
     if (!w->pending) return MHA_OK;
     const float *src = w->pending;
-    mha_status st = mha__weight_pack(ctx, w, w->kernels, MHA_DTYPE_F32, src, w->f32.out, w->f32.in);
+    mha_status st = MHA_OK;
+    if (mha__split_products(w->kernels)) {
+        st = mha__pack_split(ctx, &w->split, w->kernels->bf16, src, w->f32.out, w->f32.in);
+        if (st == MHA_OK && w->split.data) { /* split: the panels wait for a call that needs them */
+            w->pending = NULL;
+            w->f32_behind = src;
+            return MHA_OK;
+        }
+    }
+    /* No split products, or values that do not split (the FMA GEMM then
+     * serves every chunk): everything now. */
+    if (st == MHA_OK) st = mha__weight_pack(ctx, w, w->kernels, MHA_DTYPE_F32, src, w->f32.out, w->f32.in);
     if (st != MHA_OK) w->pending = src; /* still behind: the next call tries again */
     return st;
+}
+
+mha_status mha__weight_f32(mha_ctx *ctx, const mha__weight *w, const mha__packed **panels)
+{
+    mha__weight *cache = (mha__weight *)w;
+    if (cache->f32_behind) {
+        mha_status st = mha__pack(ctx, &cache->f32, w->kernels->f32, cache->f32_behind, w->f32.out, w->f32.in);
+        if (st != MHA_OK) return st;
+        cache->f32_behind = NULL;
+    }
+    *panels = &w->f32;
+    return MHA_OK;
 }
 
 void mha__weight_free(mha__weight *w)
@@ -46,12 +72,30 @@ bool mha__weight_linear_workspace(const mha__weight *w, int64_t rows, int64_t in
     return !may_split || mha__linear_split_workspace(rows, in, bytes);
 }
 
+/* The split product's view of w: its float32 panels handed out (packed
+ * first if behind) only to the chunks that take the FMA GEMM. */
+static mha_status own_panels(mha_ctx *ctx, const void *w, const mha__packed **panels)
+{
+    return mha__weight_f32(ctx, w, panels);
+}
+
+static mha__split_output split_output(const mha__weight *w, const float *b, const mha__mat *y)
+{
+    return (mha__split_output){&w->split, NULL, b, y, NULL, own_panels, w};
+}
+
 mha_status mha__weight_linear(mha_ctx *ctx, const mha__weight *w, int64_t rows, const mha__mat *x, const float *b,
                               const mha__mat *y)
 {
     if (w->bf16) return mha__linear_bf16(ctx, w->kernels->bf16, rows, x, &w->b16, b, y);
-    if (w->split.data) return mha__linear_split(ctx, w->kernels, rows, x, &w->split, &w->f32, b, y, false);
-    mha__linear(ctx, w->kernels->f32, rows, x, &w->f32, b, y);
+    if (w->split.data) {
+        mha__split_output one = split_output(w, b, y);
+        return mha__linear_split_shared(ctx, w->kernels, rows, x, 1, &one, false);
+    }
+    const mha__packed *panels;
+    mha_status st = mha__weight_f32(ctx, w, &panels);
+    if (st != MHA_OK) return st;
+    mha__linear(ctx, w->kernels->f32, rows, x, panels, b, y);
     return MHA_OK;
 }
 
@@ -62,7 +106,7 @@ mha_status mha__weights_linear_shared(mha_ctx *ctx, int count, const mha__weight
     bool shared = count <= MHA_SPLIT_OUTPUTS;
     for (int i = 0; i < count && shared; i++) {
         shared = !w[i]->bf16 && w[i]->split.data && w[i]->kernels == w[0]->kernels && w[i]->split.in == w[0]->split.in;
-        outs[i] = (mha__split_output){&w[i]->split, &w[i]->f32, b[i], y[i], NULL};
+        outs[i] = split_output(w[i], b[i], y[i]);
     }
     if (shared) return mha__linear_split_shared(ctx, w[0]->kernels, rows, x, count, outs, false);
     mha_status st = MHA_OK;
@@ -73,6 +117,7 @@ mha_status mha__weights_linear_shared(mha_ctx *ctx, int count, const mha__weight
 mha_status mha__weight_unpack(const mha__weight *w, float *dst)
 {
     if (w->bf16) return mha__fail(MHA_ERR_UNSUPPORTED, "a bf16 weight keeps only its rounded pack");
-    mha__unpack(&w->f32, dst);
+    if (w->f32_behind) memcpy(dst, w->f32_behind, (size_t)(w->f32.out * w->f32.in) * sizeof(float));
+    else mha__unpack(&w->f32, dst);
     return MHA_OK;
 }

@@ -66,7 +66,7 @@ mha_status mha__layer_project_packed(mha_ctx *ctx, const mha_layer *l, int64_t N
         xn.data += n * x->batch_stride;
         yn.data += n * y->batch_stride;
         int64_t rows = whole ? N * T : T;
-        mha__split_output out = {split, w, NULL, &yn, on_demand};
+        mha__split_output out = {split, w, NULL, &yn, on_demand, NULL, NULL};
         if (split) st = mha__linear_split_shared(ctx, l->isa, rows, &xn, 1, &out, add);
         else if (add) mha__linear_add(ctx, l->isa->f32, rows, &xn, w, &yn);
         else mha__linear(ctx, l->isa->f32, rows, &xn, w, NULL, &yn);

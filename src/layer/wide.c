@@ -156,8 +156,10 @@ static mha_status project_listed(mha_ctx *ctx, const mha_layer *l, const mha__ba
 {
     int64_t d = l->head_dim;
     mha__exact_rows rows = {x->m.data, x->m.cs, e->x_at, y->m, e->y_at, count};
-    return mha__linear_exact(ctx, l->isa->f32, &rows, &l->w[which].f32, head * d, (head + 1) * d,
-                             mha__layer_in_bias(l, which));
+    const mha__packed *w;
+    mha_status st = mha__weight_f32(ctx, &l->w[which], &w);
+    if (st != MHA_OK) return st;
+    return mha__linear_exact(ctx, l->isa->f32, &rows, w, head * d, (head + 1) * d, mha__layer_in_bias(l, which));
 }
 
 /* Head h's wide query rows in every batch that has one, listed and
