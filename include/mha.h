@@ -689,6 +689,25 @@ mha_status mha_layer_grad_storage_size(const mha_layer *layer, int64_t *count);
  * training state), INVALID_ARG (count is not the layer's), NOMEM. */
 mha_status mha_layer_set_grad_storage(mha_layer *layer, float *storage, int64_t count);
 
+/* The floats of the layer's weight storage: its matrices' values (the
+ * optimizer's copy), back to back.  Errors: MISUSE (no training state,
+ * NULL). */
+mha_status mha_layer_weight_storage_size(const mha_layer *layer, int64_t *count);
+
+/* Moves the matrices' values (mha_layer_params' value of each matrix
+ * parameter; biases stay the layer's) into storage the caller owns:
+ * `count` floats (mha_layer_weight_storage_size), any alignment, kept
+ * alive while the layer uses it; the current values are copied in.  For
+ * a framework whose parameters live in its own tensors (PyTorch's): with
+ * the tensors made views of the storage, the optimizer's update writes
+ * the layer's values in place, announced by mha_layer_params_changed,
+ * and nothing is copied a step.  mha_layer_params' value pointers point
+ * into it (read them again).  NULL gives the layer storage of its own
+ * again, the values copied back.  Either way the packs are made again at
+ * the next call with a context.  Errors: MISUSE (no training state),
+ * INVALID_ARG (count is not the layer's), NOMEM. */
+mha_status mha_layer_set_weight_storage(mha_layer *layer, float *storage, int64_t count);
+
 /* The activations one forward call saves for its backward: Q, K, V, the
  * head outputs and per-row softmax statistics, O(N (L + S) E) floats, never
  * the N h L S probabilities.  Buffers grow to the largest call and are

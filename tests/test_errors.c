@@ -292,9 +292,13 @@ static void test_layer_args(void)
     int64_t grad_count = 0;
     CHECK_FAILS(mha_layer_grad_storage_size(layer, &grad_count), MHA_ERR_MISUSE, "mha_layer_train_init first");
     CHECK_FAILS(mha_layer_set_grad_storage(layer, NULL, 0), MHA_ERR_MISUSE, "mha_layer_train_init first");
+    CHECK_FAILS(mha_layer_weight_storage_size(layer, &grad_count), MHA_ERR_MISUSE, "mha_layer_train_init first");
+    CHECK_FAILS(mha_layer_set_weight_storage(layer, NULL, 0), MHA_ERR_MISUSE, "mha_layer_train_init first");
     CHECK_OK(mha_layer_train_init(layer));
     CHECK_FAILS(mha_layer_grad_storage_size(layer, NULL), MHA_ERR_MISUSE, "NULL count");
     CHECK_FAILS(mha_layer_set_grad_storage(layer, dy_storage, 7), MHA_ERR_INVALID_ARG, "storage has 7 floats");
+    CHECK_FAILS(mha_layer_weight_storage_size(layer, NULL), MHA_ERR_MISUSE, "NULL count");
+    CHECK_FAILS(mha_layer_set_weight_storage(layer, dy_storage, 7), MHA_ERR_INVALID_ARG, "storage has 7 floats");
     CHECK_OK(mha_layer_train_init(layer)); /* idempotent */
     CHECK(mha_layer_params(layer, params, 8) == 6, "q/k/v_proj_weight, in_proj_bias, out_proj weight and bias");
     CHECK(mha_layer_params(layer, NULL, 0) == 6, "counting needs no array");

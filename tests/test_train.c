@@ -3,7 +3,8 @@
  *   - the library's own gradients against central differences of its own
  *     float32 forward, along random directions (inputs and parameters);
  *   - gradients accumulate across backward calls until zeroed;
- *   - gradients in storage the caller owns (mha_layer_set_grad_storage);
+ *   - gradients in storage the caller owns (mha_layer_set_grad_storage),
+ *     and the matrices' values too (mha_layer_set_weight_storage);
  *   - a deferred zero: the next backward writes the gradients;
  *   - input gradients written rather than added (write_input_grads);
  *   - a training step allocates nothing once shapes stop growing;
@@ -417,6 +418,67 @@ static void test_packs_follow_params(void)
     mha_ctx_free(ctx[1]);
 }
 
+/* The forward of `layer` on x (N batches of RL rows) into y. */
+static void forward_into(mha_ctx *ctx, mha_layer *layer, const float *x, float *y)
+{
+    forward_scaled(ctx, layer, x, N, 40, 1.0f, y);
+}
+
+/* mha_layer_set_weight_storage: the matrices' values move into the
+ * caller's storage (copied), mha_layer_params' matrix values point into
+ * it and the biases' do not, values written there and announced by
+ * mha_layer_params_changed are what the forward computes with (to the
+ * bits of a layer packed where those weights were set), and NULL moves
+ * them back, after which the caller's storage is not read. */
+static void test_weight_storage(mha_ctx *ctx)
+{
+    enum { M = N * 40 * E };
+    static float x[M], y[2][M];
+    fill(x, M, 1.0f);
+    mha_param params[8];
+    int64_t n_params, count = 0, matrices = 0;
+    mha_layer *layer = make_layer(false, params, &n_params);
+    CHECK_OK(mha_layer_weight_storage_size(layer, &count));
+    for (int64_t i = 0; i < n_params; i++) matrices += params[i].rank == 2 ? params[i].numel : 0;
+    CHECK(count == matrices, "weight storage of %lld floats for matrices of %lld", (long long)count,
+          (long long)matrices);
+    float *mine = malloc((size_t)(count + 1) * sizeof(float)), *storage = mine + 1; /* any alignment */
+    float before = params[0].value[5];
+    CHECK(mha_layer_set_weight_storage(layer, storage, count + 1) == MHA_ERR_INVALID_ARG &&
+              strstr(mha_last_error(), "storage has"),
+          "a storage of the wrong size is refused: %s", mha_last_error());
+    CHECK_OK(mha_layer_set_weight_storage(layer, storage, count));
+    CHECK(mha_layer_params(layer, params, 8) == n_params, "the same parameters");
+    int misplaced = 0;
+    for (int64_t i = 0; i < n_params; i++) {
+        bool inside = params[i].value >= storage && params[i].value + params[i].numel <= storage + count;
+        misplaced += inside != (params[i].rank == 2);
+    }
+    CHECK(misplaced == 0, "%d parameters' values are not where the storage puts them", misplaced);
+    CHECK(params[0].value[5] == before, "the values were not moved with the storage");
+    for (int step = 0; step < 2; step++) {
+        for (int64_t i = 0; i < n_params; i++) /* an optimizer's update, in place */
+            for (int64_t j = 0; j < params[i].numel; j++) params[i].value[j] -= 0.01f * uniform();
+        CHECK_OK(mha_layer_params_changed(layer));
+        mha_layer *packed = copy_for_inference(params, n_params);
+        forward_into(ctx, layer, x, y[0]);
+        forward_into(ctx, packed, x, y[1]);
+        CHECK(memcmp(y[0], y[1], sizeof y[0]) == 0,
+              "step %d: the forward differs from a layer packed with the "
+              "storage's values",
+              step);
+        mha_layer_free(packed);
+    }
+    CHECK_OK(mha_layer_set_weight_storage(layer, NULL, 0));
+    for (int64_t i = 0; i < count; i++) storage[i] = NAN; /* no longer the layer's: never read again */
+    CHECK_OK(mha_layer_params_changed(layer));
+    forward_into(ctx, layer, x, y[0]);
+    CHECK(memcmp(y[0], y[1], sizeof y[0]) == 0, "the values moved back differ");
+    CHECK_OK(mha_layer_set_weight_storage(layer, storage, count)); /* NaN now: freed with the layer, not by it */
+    mha_layer_free(layer);
+    free(mine);
+}
+
 /* Plain SGD on 0.5 |y - y_teacher|^2 / n: the student starts from other
  * random weights; 150 steps must cut the loss by more than 10x. */
 static void test_fits_a_teacher(mha_ctx *ctx)
@@ -510,6 +572,7 @@ int main(void)
     test_directional_derivatives(ctx);
     test_accumulation_and_allocations(ctx);
     test_caller_storage(ctx);
+    test_weight_storage(ctx);
     test_deferred_zero(ctx);
     test_write_input_grads(ctx);
     test_fits_a_teacher(ctx);

@@ -10,7 +10,14 @@
 
 static const char *const LAYER = "mha.layer", *const TAPE = "mha.tape", *const CACHE = "mha.kv_cache";
 
-static void free_layer(PyObject *cap) { mha_layer_free(PyCapsule_GetPointer(cap, LAYER)); }
+/* A layer's capsule holds the array its matrices live in, if moved there
+ * (layer_storage with STORE_WEIGHTS), as its context: the layer can read
+ * it as long as it lives, whoever else lets the array go. */
+static void free_layer(PyObject *cap)
+{
+    mha_layer_free(PyCapsule_GetPointer(cap, LAYER));
+    Py_XDECREF((PyObject *)PyCapsule_GetContext(cap));
+}
 static void free_tape(PyObject *cap) { mha_layer_tape_free(PyCapsule_GetPointer(cap, TAPE)); }
 /* A cache closed before its capsule dies is marked by a non-NULL context. */
 static bool closed(PyObject *cap) { return PyCapsule_GetContext(cap) != NULL; }
@@ -139,49 +146,71 @@ static PyObject *py_layer_train(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* layer_grad_count(layer): the floats of its gradient storage (with the
- * training state, made once). */
-static PyObject *py_layer_grad_count(PyObject *self, PyObject *args)
+/* Which of a training layer's arrays a storage call is about. */
+enum { STORE_GRADS, STORE_WEIGHTS };
+
+/* layer_storage_count(layer, which): the floats of its gradient storage
+ * (STORE_GRADS) or of its matrices' weight storage (STORE_WEIGHTS), with
+ * the training state, made once. */
+static PyObject *py_layer_storage_count(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *cap;
-    if (!PyArg_ParseTuple(args, "O", &cap)) return NULL;
+    int which;
+    if (!PyArg_ParseTuple(args, "Oi", &cap, &which)) return NULL;
     mha_layer *l = object_of(cap, LAYER);
     if (!l) return NULL;
     int64_t count = 0;
     mha_status st = mha_layer_train_init(l);
-    if (st == MHA_OK) st = mha_layer_grad_storage_size(l, &count);
+    if (st == MHA_OK)
+        st = which == STORE_WEIGHTS ? mha_layer_weight_storage_size(l, &count) : mha_layer_grad_storage_size(l, &count);
     if (st != MHA_OK) return mha_py_raise(st);
     return PyLong_FromLongLong(count);
 }
 
-/* layer_grad_storage(layer, buffer) -> [(name, offset, shape), ...]: the
- * gradients moved into buffer (contiguous float32, layer_grad_count
- * values; the caller keeps it alive while the layer uses it), and where
- * each parameter's gradient is in it, in parameters() order. */
-static PyObject *py_layer_grad_storage(PyObject *self, PyObject *args)
+/* layer_storage(layer, buffer, which) -> [(name, offset, shape), ...]:
+ * the gradients (STORE_GRADS) or the matrices' values (STORE_WEIGHTS)
+ * moved into buffer (contiguous float32, layer_storage_count values; the
+ * caller keeps it alive while the layer uses it), and where each
+ * parameter's is in it, in parameters() order (for the weights, the
+ * matrices only: biases stay the layer's). */
+static PyObject *py_layer_storage(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *cap, *buf;
-    if (!PyArg_ParseTuple(args, "OO", &cap, &buf)) return NULL;
+    int which;
+    if (!PyArg_ParseTuple(args, "OOi", &cap, &buf, &which)) return NULL;
     mha_layer *l = object_of(cap, LAYER);
     mha_py_held h = {.n = 0};
     mha_tensor t;
-    if (!l || !mha_py_tensor(&h, buf, "gradient storage", 1, &t)) return mha_py_release(&h), NULL;
+    const char *what = which == STORE_WEIGHTS ? "weight storage" : "gradient storage";
+    if (!l || !mha_py_tensor(&h, buf, what, 1, &t)) return mha_py_release(&h), NULL;
     if (h.views[0].ndim != 1 || t.stride[3] != 1) {
         mha_py_release(&h);
-        return PyErr_Format(PyExc_ValueError, "gradient storage: a contiguous 1-D float32 array was expected");
+        return PyErr_Format(PyExc_ValueError, "%s: a contiguous 1-D float32 array was expected", what);
     }
-    mha_status st = mha_layer_set_grad_storage(l, t.data, mha_py_numel(&t));
+    int64_t count = mha_py_numel(&t);
+    mha_status st = which == STORE_WEIGHTS ? mha_layer_set_weight_storage(l, t.data, count)
+                                           : mha_layer_set_grad_storage(l, t.data, count);
     mha_py_release(&h);
     if (st != MHA_OK) return mha_py_raise(st);
+    if (which == STORE_WEIGHTS) { /* the layer reads buf from now on: its capsule keeps it */
+        PyObject *before = PyCapsule_GetContext(cap);
+        Py_INCREF(buf);
+        if (PyCapsule_SetContext(cap, buf) < 0) {
+            Py_DECREF(buf);
+            return NULL;
+        }
+        Py_XDECREF(before);
+    }
     mha_param params[8];
     int64_t n = mha_layer_params(l, params, 8);
     PyObject *list = PyList_New(0);
     for (int64_t i = 0; list && i < n; i++) {
+        const float *at = which == STORE_WEIGHTS ? params[i].value : params[i].grad;
+        if (at < t.data || at >= t.data + count) continue; /* a bias: not in the weight storage */
         PyObject *dims = mha_py_shape(params[i].rank, params[i].shape);
-        PyObject *item =
-            dims ? Py_BuildValue("(sLN)", params[i].name, (long long)(params[i].grad - t.data), dims) : NULL;
+        PyObject *item = dims ? Py_BuildValue("(sLN)", params[i].name, (long long)(at - t.data), dims) : NULL;
         if (!item || PyList_Append(list, item) < 0) Py_CLEAR(list);
         Py_XDECREF(item);
     }
@@ -379,8 +408,8 @@ PyMethodDef mha_py_layer_methods[] = {
     {"layer_weights", py_layer_weights, METH_VARARGS, "the layer's weight names and shapes"},
     {"layer_weight", py_layer_weight, METH_VARARGS, "set or get a weight, or get its gradient"},
     {"layer_train", py_layer_train, METH_VARARGS, "training state, and zero the gradients"},
-    {"layer_grad_count", py_layer_grad_count, METH_VARARGS, "floats of the gradient storage"},
-    {"layer_grad_storage", py_layer_grad_storage, METH_VARARGS, "move the gradients into a caller's array"},
+    {"layer_storage_count", py_layer_storage_count, METH_VARARGS, "floats of the gradient or weight storage"},
+    {"layer_storage", py_layer_storage, METH_VARARGS, "move the gradients or the matrices into a caller's array"},
     {"tape_create", py_tape_create, METH_NOARGS, "mha_layer_tape_create"},
     {"layer_forward", py_layer_forward, METH_VARARGS, "mha_layer_forward on buffers"},
     {"layer_backward", py_layer_backward, METH_VARARGS, "mha_layer_backward on buffers"},

@@ -16,6 +16,8 @@ _CAUSE = "values (or weights) too large?"  # when every input is finite but a re
 _SPARE_TAPES = 2  # tapes a layer keeps for its next forwards: one step's, and one in flight
 # _core.layer_train's zero: the gradients left, zeroed now, or written by the next backward
 _ZERO_NOT, _ZERO_NOW, _ZERO_BY_BACKWARD = 0, 1, 2
+# _core.layer_storage's which: the gradients, or the matrices' values
+_STORE_GRADS, _STORE_WEIGHTS = 0, 1
 
 
 class MultiheadAttention:
@@ -58,6 +60,7 @@ class MultiheadAttention:
         self._recorded = None
         # The torch path's gradient storage (see _grads_in_free_storage).
         self._grad_count = self._grad_storage = self._grad_layout = self._grad_unused_refs = None
+        self._weight_views = None  # see _weights_in_storage
         self._spare_tapes = []  # see _take_tape
 
     # ---- weights ----------------------------------------------------
@@ -112,16 +115,32 @@ class MultiheadAttention:
         with self._lock:
             if self._grad_storage is None or self._grad_storage_refs() > self._grad_unused_refs:
                 if self._grad_count is None:
-                    self._grad_count = _core.layer_grad_count(self._layer)
+                    self._grad_count = _core.layer_storage_count(self._layer, _STORE_GRADS)
                 fresh = _arrays.aligned_empty(self._grad_count)
                 self._grad_layout = [(name, at, at + math.prod(shape), shape)  # sizes once, not a step
-                                     for name, at, shape in _core.layer_grad_storage(self._layer, fresh)]
+                                     for name, at, shape in _core.layer_storage(self._layer, fresh, _STORE_GRADS)]
                 self._grad_storage = fresh  # after the move: the old array is not let go while still in use
                 del fresh
                 self._grad_unused_refs = self._grad_storage_refs()  # the count with no view: the interpreter's own
             storage = self._grad_storage
             _core.layer_train(self._layer, _ZERO_BY_BACKWARD)
         return {name: storage[at:end].reshape(shape) for name, at, end, shape in self._grad_layout}
+
+    def _weights_in_storage(self, empty=_arrays.aligned_empty):
+        """Moves the matrices' values (the training copy an optimizer
+        updates; biases stay the layer's) into a float32 array from
+        empty(count), by default the package's, and returns {name: view of
+        it} (the training state's names).  A framework that makes its
+        parameters these views updates the layer's values in place: the
+        torch drop-in does, with an array of torch's allocator, and
+        set_weight with such a view then copies nothing.  Once: later calls
+        give the same views."""
+        with self._lock:
+            if self._weight_views is None:
+                storage = empty(_core.layer_storage_count(self._layer, _STORE_WEIGHTS))
+                self._weight_views = {name: storage[at:at + math.prod(shape)].reshape(shape)
+                                      for name, at, shape in _core.layer_storage(self._layer, storage, _STORE_WEIGHTS)}
+        return self._weight_views
 
     def _grad_storage_refs(self):
         """References to the gradient storage, counted the same way each

@@ -139,6 +139,41 @@ def test_training_follows_optimizer_steps():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ref.parameters(), ours.parameters()))
 
 
+def test_optimizer_writes_the_layers_own_weights():
+    """From the first forward that records for a backward, the projection
+    matrices' parameters are views of the layer's own values: an
+    optimizer's step writes where the layer reads (nothing is copied), the
+    Parameter objects stay the ones the optimizer holds, and loading a
+    state_dict into the module or replacing a parameter's data still
+    reaches the layer."""
+    torch.manual_seed(2)
+    ref = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    ours = mt.MultiheadAttention.from_torch(ref)
+    params = list(ours.parameters())
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ours(x, x, x)  # inference: nothing moves
+    assert ours._shared is None
+    ours(x, x, x)[0].sum().backward()
+    views = ours._layer._weights_in_storage()
+    for name in ("in_proj_weight", "out_proj.weight"):
+        p = dict(ours.named_parameters())[name]
+        assert p.data_ptr() == views[name].ctypes.data, f"{name} is not a view of the layer's values"
+        assert torch.equal(p.detach(), dict(ref.named_parameters())[name].detach()), "the values moved with it"
+    assert [id(p) for p in ours.parameters()] == [id(p) for p in params]
+    opt.step()  # in place, in the layer's storage
+    expect = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    expect.load_state_dict(ours.state_dict())
+    assert torch.allclose(ours(x, x, x)[0], expect(x, x, x)[0], atol=1e-6)
+    ours.load_state_dict(ref.state_dict())  # copied into the views
+    assert torch.allclose(ours(x, x, x)[0], ref(x, x, x)[0], atol=1e-6)
+    with torch.no_grad():
+        ours.in_proj_weight.data = ref.in_proj_weight.detach().clone() * 2  # elsewhere again: copied from there
+        ref.in_proj_weight.mul_(2)
+    assert torch.allclose(ours(x, x, x)[0], ref(x, x, x)[0], atol=1e-6)
+
+
 def _step_grads(module, x, dy):
     module(x, x, x, need_weights=False)[0].backward(dy)
     return [p.grad for p in module.parameters()]

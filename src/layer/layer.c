@@ -201,7 +201,7 @@ mha_status mha_layer_create(const mha_layer_desc *desc, mha_layer **out_layer)
 void mha__layer_train_free(mha__layer_train *t)
 {
     if (!t) return;
-    mha__free(t->plain);
+    if (t->own_plain) mha__free(t->plain);
     if (t->own_grads) mha__free(t->grads);
     mha__free(t);
 }

@@ -21,6 +21,7 @@ typedef enum matrix { MAT_Q, MAT_K, MAT_V, MAT_OUT, MAT_COUNT } matrix;
  * dX = dY W reads them in place) and their gradients. */
 typedef struct mha__layer_train {
     float *plain;          /* W_q, W_k, W_v, W_o back to back: in_proj_weight then out_proj.weight */
+    bool own_plain;        /* plain is the layer's (else the caller's storage) */
     float *w[MAT_COUNT];   /* into plain */
     float *grads;          /* the same layout, then the bias gradients */
     bool own_grads;        /* grads is the layer's (else the caller's storage) */

@@ -80,7 +80,7 @@ mha_status mha_layer_train_init(mha_layer *l)
         n_plain + (d->bias ? l->qdim + 2 * l->kvdim : 0) + (d->out_bias ? E : 0) + (d->add_bias_kv ? 2 * l->kvdim : 0);
     t->plain = mha__alloc(n_plain, sizeof(float));
     t->grads = mha__calloc((size_t)t->n_grads, sizeof(float));
-    t->own_grads = true;
+    t->own_plain = t->own_grads = true;
     if (!t->plain || !t->grads) {
         mha__layer_train_free(t);
         return MHA_ERR_NOMEM;
@@ -134,32 +134,76 @@ void mha_layer_zero_grad_deferred(mha_layer *l)
     l->train->zero_pending = true;
 }
 
+/* The floats of the caller's storage fn moves the gradients (or the
+ * matrices' values) into: n_grads (matrices_size).  -1: no training state. */
+static int64_t storage_floats(const mha_layer *l, bool weights)
+{
+    return !l->train ? -1 : weights ? matrices_size(l) : l->train->n_grads;
+}
+
+static mha_status storage_size(const mha_layer *l, const char *fn, bool weights, int64_t *count)
+{
+    mha_status st = check_training(l, fn);
+    if (st != MHA_OK) return st;
+    if (!count) return mha__fail(MHA_ERR_MISUSE, "%s: NULL count", fn);
+    *count = storage_floats(l, weights);
+    return MHA_OK;
+}
+
+/* fn's arguments: a training layer, and storage of its size (or NULL). */
+static mha_status storage_checked(const mha_layer *l, const char *fn, bool weights, const float *storage, int64_t count)
+{
+    mha_status st = check_training(l, fn);
+    if (st != MHA_OK || !storage || count == storage_floats(l, weights)) return st;
+    return mha__fail(MHA_ERR_INVALID_ARG, "%s: storage has %lld floats; the layer's %s take %lld", fn, (long long)count,
+                     weights ? "matrices" : "gradients", (long long)storage_floats(l, weights));
+}
+
+/* *array (n floats, the layer's if *own) moved to storage, or with NULL
+ * to an allocation of the layer's: its values kept (`keep`) or zeroed. */
+static bool move_array(float **array, bool *own, float *storage, int64_t n, bool keep)
+{
+    float *to = storage ? storage : keep ? mha__alloc(n, sizeof(float)) : mha__calloc((size_t)n, sizeof(float));
+    if (!to) return false;
+    if (keep) memmove(to, *array, (size_t)n * sizeof(float));
+    if (*own) mha__free(*array);
+    *array = to;
+    *own = !storage;
+    return true;
+}
+
 mha_status mha_layer_grad_storage_size(const mha_layer *l, int64_t *count)
 {
-    mha_status st = check_training(l, "mha_layer_grad_storage_size");
-    if (st != MHA_OK) return st;
-    if (!count) return mha__fail(MHA_ERR_MISUSE, "mha_layer_grad_storage_size: NULL count");
-    *count = l->train->n_grads;
-    return MHA_OK;
+    return storage_size(l, "mha_layer_grad_storage_size", false, count);
 }
 
 mha_status mha_layer_set_grad_storage(mha_layer *l, float *storage, int64_t count)
 {
-    mha_status st = check_training(l, "mha_layer_set_grad_storage");
+    mha_status st = storage_checked(l, "mha_layer_set_grad_storage", false, storage, count);
     if (st != MHA_OK) return st;
     mha__layer_train *t = l->train;
-    if (storage && count != t->n_grads)
-        return mha__fail(MHA_ERR_INVALID_ARG,
-                         "mha_layer_set_grad_storage: storage has %lld floats; the layer's gradients take %lld",
-                         (long long)count, (long long)t->n_grads);
     if (storage && storage == t->grads) return MHA_OK; /* already where the gradients are */
-    float *grads = storage ? storage : mha__calloc((size_t)t->n_grads, sizeof(float));
-    if (!grads) return MHA_ERR_NOMEM;
-    if (t->own_grads) mha__free(t->grads);
-    t->grads = grads;
-    t->own_grads = !storage;
+    if (!move_array(&t->grads, &t->own_grads, storage, t->n_grads, false)) return MHA_ERR_NOMEM;
     train_layout(l, t);
     return MHA_OK;
+}
+
+mha_status mha_layer_weight_storage_size(const mha_layer *l, int64_t *count)
+{
+    return storage_size(l, "mha_layer_weight_storage_size", true, count);
+}
+
+mha_status mha_layer_set_weight_storage(mha_layer *l, float *storage, int64_t count)
+{
+    mha_status st = storage_checked(l, "mha_layer_set_weight_storage", true, storage, count);
+    if (st != MHA_OK) return st;
+    mha__layer_train *t = l->train;
+    if (storage == t->plain) return MHA_OK; /* already where the values are */
+    if (!move_array(&t->plain, &t->own_plain, storage, matrices_size(l), true)) return MHA_ERR_NOMEM;
+    train_layout(l, t);
+    /* Packs still waiting read the values where they now are. */
+    for (int m = 0; m < MAT_COUNT && st == MHA_OK; m++) st = mha__layer_pack(l, (matrix)m, t->w[m]);
+    return st;
 }
 
 /* ---------------------------------------------------------------- */
