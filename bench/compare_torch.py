@@ -2,7 +2,7 @@
 """libmha against PyTorch, side by side, in one run.
 
     /usr/bin/python3 bench/compare_torch.py [--threads 2] [--repeat 10] [--quick] [--training]
-    python bench/compare_torch.py --python [--threads 2] [--rounds 3] [--quick | --large] [--training]
+    python bench/compare_torch.py --python [--threads 2] [--rounds 3] [--quick | --large] [--training] [--optimizer]
 
 --python (needs the Python package, `pip install .`, and any PyTorch, 2.x
 for its public SDPA) compares in one process, through the same torch
@@ -12,8 +12,12 @@ mha.torch.MultiheadAttention (from_torch of the same module) against
 torch.nn.MultiheadAttention(768, 12, batch_first=True), forward (no_grad,
 need_weights=False) and forward + backward (the input and every parameter
 requiring grad), S1-S4 and causal (--training: the layer's forward +
-backward alone).  Rounds alternate PyTorch and libmha; each prints the
-median over rounds of per-round medians, and the ratio.
+backward alone).  --optimizer adds the layer's forward + backward
+followed by a torch.optim.SGD step, as a training loop runs it: the
+step changes the parameters in place, so the drop-in takes the new
+values and packs them again before its next forward, which PyTorch's
+own module does not need.  Rounds alternate PyTorch and libmha; each
+prints the median over rounds of per-round medians, and the ratio.
 
 Without --python:
 
@@ -125,7 +129,7 @@ PY_SHAPES = [("S1", 8, 128, False), ("S2", 1, 512, False), ("S3", 1, 2048, False
 
 
 def py_cases(B, N, causal, E=768, H=12):
-    """The four timed calls of one shape, each as (torch fn, mha fn)."""
+    """The five timed calls of one shape, each as (name, torch fn, mha fn)."""
     import mha.torch as mt
     F = torch.nn.functional
     d = E // H
@@ -153,11 +157,17 @@ def py_cases(B, N, causal, E=768, H=12):
                 m(x, x, x, attn_mask=mask, need_weights=False, is_causal=causal)
         return call
 
-    def layer_train(m):
+    def layer_train(m, optimizer=False):
+        # A learning rate too small to move the float32 weights much: every
+        # round times the same layer, yet each step writes the parameters.
+        sgd = torch.optim.SGD(m.parameters(), lr=1e-9) if optimizer else None
+
         def step():
             m.zero_grad(set_to_none=True)
             xg.grad = None
             m(xg, xg, xg, attn_mask=mask, need_weights=False, is_causal=causal)[0].backward(dy)
+            if sgd:
+                sgd.step()
         return step
 
     def sdpa(fn):
@@ -168,7 +178,8 @@ def py_cases(B, N, causal, E=768, H=12):
 
     return [("sdpa fwd", sdpa(F.scaled_dot_product_attention), sdpa(mt.scaled_dot_product_attention)),
             ("sdpa fwd+bwd", sdpa_train(F.scaled_dot_product_attention), sdpa_train(mt.scaled_dot_product_attention)),
-            ("layer fwd", layer(ref), layer(ours)), ("layer fwd+bwd", layer_train(ref), layer_train(ours))]
+            ("layer fwd", layer(ref), layer(ours)), ("layer fwd+bwd", layer_train(ref), layer_train(ours)),
+            ("layer fwd+bwd+SGD", layer_train(ref, True), layer_train(ours, True))]
 
 
 def py_main(a):
@@ -183,7 +194,8 @@ def py_main(a):
         if (a.quick and N > 4096) or (a.large and N <= 4096):
             continue
         for what, t_fn, m_fn in py_cases(B, N, causal):
-            if a.training and what != "layer fwd+bwd":
+            wanted = "layer fwd+bwd+SGD" if a.optimizer else "layer fwd+bwd" if a.training else what
+            if what != wanted or (what == "layer fwd+bwd+SGD" and not a.optimizer):
                 continue
             t_runs, m_runs = [], []
             for _ in range(a.rounds):
@@ -202,6 +214,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="skip the N=8192 shapes")
     ap.add_argument("--training", action="store_true", help="only forward + backward of the layer (both modes)")
+    ap.add_argument("--optimizer", action="store_true",
+                    help="--python: only the layer's forward + backward and an SGD step, as a training loop")
     a = ap.parse_args()
     global torch
     if a.python:
