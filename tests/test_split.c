@@ -289,7 +289,8 @@ static int misses(const problem *p, const float *fma)
 }
 
 /* y through the split products as variant v asks: W split once
- * (mha__pack_split) or, TRANSPOSED, from W^T into the workspace. */
+ * (mha__pack_split) or, TRANSPOSED, from W^T (mha__pack_split_transposed,
+ * as a training layer keeps it for the backward). */
 static void run_split(mha_ctx *ctx, const mha__isa_kernels *k, problem *p)
 {
     int64_t bytes = 0, rows = p->rows, in = p->in, out = p->out;
@@ -299,13 +300,12 @@ static void run_split(mha_ctx *ctx, const mha__isa_kernels *k, problem *p)
     for (int64_t o = 0; o < out; o++)
         for (int64_t c = 0; c < in; c++) wt[c * out + o] = p->w[o * in + c];
     CHECK(mha__pack(ctx, &fma, k->f32, p->w, out, in) == MHA_OK, "float32 pack");
-    CHECK(mha__linear_split_workspace(rows, in, &bytes) && mha__pack_split_transposed_workspace(in, out, &bytes) &&
-              mha__pack_transposed_workspace(k->f32, in, out, &bytes) && mha__ws_reserve(ctx, bytes) == MHA_OK,
+    CHECK(mha__linear_split_workspace(rows, in, &bytes) && mha__pack_transposed_workspace(k->f32, in, out, &bytes) &&
+              mha__ws_reserve(ctx, bytes) == MHA_OK,
           "workspace");
     int64_t top = mha__ws_top(ctx);
     if (p->v == TRANSPOSED)
-        CHECK(mha__pack_split_transposed_workspace_take(ctx, k->bf16, wt, in, out, &sp) == MHA_OK && sp.data,
-              "transposed split");
+        CHECK(mha__pack_split_transposed(ctx, &sp, k->bf16, wt, in, out) == MHA_OK && sp.data, "transposed split");
     else CHECK(mha__pack_split(ctx, &sp, k->bf16, p->w, out, in) == MHA_OK && sp.data, "split pack");
     memcpy(p->ym.data, p->y0, sizeof(float) * (size_t)(rows * out));
     /* W^T's float32 panels, as the backward's, packed only if a chunk needs them. */
@@ -314,7 +314,7 @@ static void run_split(mha_ctx *ctx, const mha__isa_kernels *k, problem *p)
         &sp, p->v == TRANSPOSED ? NULL : &fma, p->v == BIAS ? p->b : NULL, &p->ym, &on_demand, NULL, NULL};
     CHECK(mha__linear_split_shared(ctx, k, rows, &p->xm, 1, &one, p->v == ADD) == MHA_OK, "split product");
     CHECK(!on_demand.packed.data, "panels packed on demand outlive the product");
-    if (p->v != TRANSPOSED) mha__packed_split_free(&sp);
+    mha__packed_split_free(&sp);
     mha__ws_release(ctx, top);
     mha__packed_free(&fma);
     free(wt);

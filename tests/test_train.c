@@ -9,8 +9,9 @@
  *   - input gradients written rather than added (write_input_grads);
  *   - a training step allocates nothing once shapes stop growing;
  *   - writing parameters and calling mha_layer_params_changed changes what
- *     the forward computes, to the bits of a layer packed where its
- *     weights were set (the packs wait for the next call with a context);
+ *     the forward and the backward compute, to the bits of a layer packed
+ *     where its weights were set (the packs wait for the next call with a
+ *     context; the backward's W^T is kept until the values change);
  *   - plain SGD on the gradients fits a layer to a teacher layer's outputs
  *     (the loss falls by more than 10x);
  *   - parameters are named as the layer's weights were: nn.MultiheadAttention
@@ -479,6 +480,53 @@ static void test_weight_storage(mha_ctx *ctx)
     free(mine);
 }
 
+/* A training layer's backward follows its parameters too: the W^T it
+ * keeps for dX = dY W (mha__weight_transposed) is made again after a
+ * change, so its input and parameter gradients are, step after step, the
+ * bits of a layer whose weights were set to the same values (80 rows:
+ * the split products' path, where the machine has them). */
+static void test_backward_follows_params(mha_ctx *ctx)
+{
+    enum { RL = 40, M = N * RL * E };
+    static float x[M], dy[M], y[M], gx[2][M];
+    fill(x, M, 1.0f);
+    fill(dy, M, 1.0f);
+    mha_param params[8], fresh_params[8];
+    int64_t n_params;
+    mha_layer *trained = make_layer(false, params, &n_params);
+    mha_layer_tape *tape = NULL;
+    CHECK_OK(mha_layer_tape_create(&tape));
+    int differ = 0;
+    for (int step = 0; step < 3; step++) {
+        for (int64_t i = 0; step && i < n_params; i++) /* an optimizer's update */
+            for (int64_t j = 0; j < params[i].numel; j++) params[i].value[j] += 0.01f * uniform();
+        if (step) CHECK_OK(mha_layer_params_changed(trained));
+        mha_layer *fresh = copy_for_inference(params, n_params);
+        CHECK_OK(mha_layer_train_init(fresh));
+        mha_layer *const layers[2] = {trained, fresh};
+        for (int which = 0; which < 2; which++) {
+            mha_layer_fwd_args a;
+            mha_layer_fwd_args_init(&a);
+            a.query = a.key = a.value = mha_tensor_3d(x, N, RL, E);
+            a.tape = tape;
+            mha_tensor ty = mha_tensor_3d(y, N, RL, E), tdy = mha_tensor_3d(dy, N, RL, E),
+                       tgx = mha_tensor_3d(gx[which], N, RL, E);
+            memset(gx[which], 0, sizeof gx[which]);
+            mha_layer_zero_grad(layers[which]);
+            CHECK_OK(mha_layer_forward(ctx, layers[which], &ty, NULL, &a));
+            CHECK_OK(mha_layer_backward(ctx, layers[which], &a, &tdy, &tgx, &tgx, &tgx));
+        }
+        differ += memcmp(gx[0], gx[1], sizeof gx[0]) != 0;
+        CHECK(mha_layer_params(fresh, fresh_params, 8) == n_params, "the same parameters");
+        for (int64_t i = 0; i < n_params; i++)
+            differ += memcmp(params[i].grad, fresh_params[i].grad, (size_t)params[i].numel * sizeof(float)) != 0;
+        mha_layer_free(fresh);
+    }
+    CHECK(differ == 0, "%d gradients of a training layer differ from a layer given its weights", differ);
+    mha_layer_tape_free(tape);
+    mha_layer_free(trained);
+}
+
 /* Plain SGD on 0.5 |y - y_teacher|^2 / n: the student starts from other
  * random weights; 150 steps must cut the loss by more than 10x. */
 static void test_fits_a_teacher(mha_ctx *ctx)
@@ -577,6 +625,7 @@ int main(void)
     test_write_input_grads(ctx);
     test_fits_a_teacher(ctx);
     test_packs_follow_params();
+    test_backward_follows_params(ctx);
     test_param_names();
     mha_ctx_free(ctx);
     return harness_finish("test_train");

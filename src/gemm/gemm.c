@@ -69,18 +69,29 @@ static mha__packed pack_into(mha_ctx *ctx, const mha__kernels *kt, float *data, 
     return (mha__packed){data, out, in, nr, nr, in * nr};
 }
 
-mha_status mha__pack(mha_ctx *ctx, mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in)
+/* Memory for p's panels of an [out, in] pack in *data: p's own when the
+ * shape is the same (a training step that repacks its weights allocates
+ * nothing), else a new allocation, p's old one freed.  On an error p is
+ * untouched: INVALID_ARG (too large), NOMEM. */
+static mha_status panels_memory(mha__packed *p, const mha__kernels *kt, int64_t out, int64_t in, float **data)
 {
     int64_t n;
     if (!packed_floats(kt->nr, out, in, &n)) return MHA_ERR_INVALID_ARG;
-    /* Same size as before: refill in place, so a training step that
-     * repacks its weights allocates nothing. */
-    bool reuse = p->data && p->out == out && p->in == in && p->nr == kt->nr;
-    float *data = reuse ? p->data : mha__alloc(n, sizeof(float));
-    if (!data) return MHA_ERR_NOMEM;
-    if (!reuse) mha__free(p->data);
-    *p = pack_into(ctx, kt, data, w, out, in);
+    if (p->data && p->out == out && p->in == in && p->nr == kt->nr) {
+        *data = p->data;
+        return MHA_OK;
+    }
+    if (!(*data = mha__alloc(n, sizeof(float)))) return MHA_ERR_NOMEM;
+    mha__packed_free(p);
     return MHA_OK;
+}
+
+mha_status mha__pack(mha_ctx *ctx, mha__packed *p, const mha__kernels *kt, const float *w, int64_t out, int64_t in)
+{
+    float *data;
+    mha_status st = panels_memory(p, kt, out, in, &data);
+    if (st == MHA_OK) *p = pack_into(ctx, kt, data, w, out, in);
+    return st;
 }
 
 bool mha__pack_workspace(const mha__kernels *kt, int64_t out, int64_t in, int64_t *bytes)
@@ -135,6 +146,18 @@ mha_status mha__pack_transposed_workspace_take(mha_ctx *ctx, const mha__kernels 
     int64_t n;
     float *data = packed_floats(kt->nr, cols, rows, &n) ? mha__ws_take(ctx, n * (int64_t)sizeof(float)) : NULL;
     if (!data) return MHA_ERR_INTERNAL; /* the plan sized it */
+    transpose_job job = {data, w, rows, cols, kt->nr};
+    mha__parallel_for(ctx, (cols + kt->nr - 1) / kt->nr, transpose_range, &job);
+    *p = (mha__packed){data, cols, rows, kt->nr, kt->nr, rows * kt->nr};
+    return MHA_OK;
+}
+
+mha_status mha__pack_transposed(mha_ctx *ctx, mha__packed *p, const mha__kernels *kt, const float *w, int64_t rows,
+                                int64_t cols)
+{
+    float *data;
+    mha_status st = panels_memory(p, kt, cols, rows, &data);
+    if (st != MHA_OK) return st;
     transpose_job job = {data, w, rows, cols, kt->nr};
     mha__parallel_for(ctx, (cols + kt->nr - 1) / kt->nr, transpose_range, &job);
     *p = (mha__packed){data, cols, rows, kt->nr, kt->nr, rows * kt->nr};

@@ -36,6 +36,11 @@ mha_status mha__pack_workspace_take(mha_ctx *ctx, const mha__kernels *kt, const 
 bool mha__pack_transposed_workspace(const mha__kernels *kt, int64_t rows, int64_t cols, int64_t *bytes);
 mha_status mha__pack_transposed_workspace_take(mha_ctx *ctx, const mha__kernels *kt, const float *w, int64_t rows,
                                                int64_t cols, mha__packed *p);
+/* The same panels in p's own memory, refilled in place when the size is
+ * unchanged (a training layer keeps them: mha__weight_transposed).
+ * NOMEM. */
+mha_status mha__pack_transposed(mha_ctx *ctx, mha__packed *p, const mha__kernels *kt, const float *w, int64_t rows,
+                                int64_t cols);
 /* The plain [out, in] matrix back from its pack (exact). */
 void mha__unpack(const mha__packed *p, float *w);
 void mha__packed_free(mha__packed *p);
@@ -170,13 +175,12 @@ void mha__packed_split_free(mha__packed_split *p);
  * head-major layout that suits one suits the other). */
 bool mha__split_products(const mha__isa_kernels *k);
 
-/* w [rows, cols] row-major split into the workspace as the B operand of
- * y = x w (dX = dY W in the backward pass): the bytes to plan for, and
- * the take (INTERNAL when not reserved); p->data NULL when w has a value
- * that is not finite. */
-bool mha__pack_split_transposed_workspace(int64_t rows, int64_t cols, int64_t *bytes);
-mha_status mha__pack_split_transposed_workspace_take(mha_ctx *ctx, const mha__bf16_kernels *bk, const float *w,
-                                                     int64_t rows, int64_t cols, mha__packed_split *p);
+/* w [rows, cols] row-major split into p's own memory (refilled in place
+ * when the size is unchanged) as the B operand of y = x w (dX = dY W in
+ * the backward pass); p->data NULL when w has a value that is not
+ * finite.  NOMEM, INVALID_ARG (too large). */
+mha_status mha__pack_split_transposed(mha_ctx *ctx, mha__packed_split *p, const mha__bf16_kernels *bk, const float *w,
+                                      int64_t rows, int64_t cols);
 
 /* y = x W^T + b, or y += x W^T with `add`, by split products, x split a
  * chunk of rows at a time into the workspace (mha__linear_split_shared
@@ -257,6 +261,13 @@ typedef struct mha__weight {
     mha__packed_bf16 b16;    /* bf16 pairs */
     const float *pending;    /* new values the packs wait for (mha__weight_defer), or NULL */
     const float *f32_behind; /* the values f32 waits for once split is up to date, or NULL */
+    /* W^T as a training layer's backward reads it for dX = dY W: split
+     * (split_t), or where split products do not apply or a value does not
+     * split, float32 panels (f32_t); made by mha__weight_transposed and
+     * kept while the values stay (transposed_fresh). */
+    mha__packed_split split_t;
+    mha__packed f32_t;
+    bool transposed_fresh;
 } mha__weight;
 
 /* Packs src [out, in] (NULL: zeros) for k's kernels in dtype (F32 or
@@ -278,6 +289,11 @@ void mha__weight_defer(mha__weight *w, const float *src);
  * Packing them at every refresh was a third of a training step's repack
  * at E = 768, for panels most steps never read (docs/PERFORMANCE.md). */
 mha_status mha__weight_refresh(mha_ctx *ctx, mha__weight *w);
+/* Brings w's transposed packs up to date with plain (its training copy,
+ * [out, in]) on ctx's threads, if the values changed since they were
+ * made: the backward packed W^T every call, 3% of a training step at S2
+ * where the weights had not changed (docs/PERFORMANCE.md).  NOMEM. */
+mha_status mha__weight_transposed(mha_ctx *ctx, mha__weight *w, const float *plain);
 /* w's float32 panels, packed first on ctx's threads if a refresh left
  * them behind.  w may be passed const: the panels are a cache of the
  * plain copy (as for mha__layer_refresh).  NOMEM. */

@@ -144,24 +144,12 @@ static int64_t transposed_values(int64_t rows, int64_t cols, bool *fits)
     return *fits ? n : 0;
 }
 
-bool mha__pack_split_transposed_workspace(int64_t rows, int64_t cols, int64_t *bytes)
-{
-    bool fits;
-    int64_t n = transposed_values(rows, cols, &fits);
-    if (!fits) {
-        mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)rows, (long long)cols);
-        return false;
-    }
-    return mha__ws_add(bytes, n * (int64_t)sizeof(uint16_t), "a split transposed weight") &&
-           mha__ws_add(bytes, column_tiles(cols), "a split weight's flags");
-}
-
 typedef struct transposed_job {
     const mha__bf16_kernels *bk;
     const float *w;
     int64_t rows, cols; /* w's: rows are k, columns the outputs */
     uint16_t *data;
-    uint8_t *finite; /* one flag a column tile */
+    atomic_bool finite; /* cleared by a tile with a value that is not */
 } transposed_job;
 
 /* Column tiles begin .. end - 1, a block of w's rows at a time across
@@ -171,29 +159,37 @@ typedef struct transposed_job {
 static void transposed_tiles(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
-    const transposed_job *j = arg;
+    transposed_job *j = arg;
     int64_t run = tile_run(j->rows);
-    for (int64_t t = begin; t < end; t++) j->finite[t] = true;
+    bool finite = true;
     for (int64_t b = 0; b < k_blocks(j->rows); b++)
         for (int64_t t = begin; t < end; t++) {
             int64_t c0 = 16 * t, n = mha__max64(0, mha__min64(16, j->cols - c0));
             int64_t k0 = b * MHA_SPLIT_K, live = n ? mha__min64(MHA_SPLIT_K, j->rows - k0) : 0;
-            j->finite[t] &= j->bk->split_pairs_tile(j->w + k0 * j->cols + c0, j->cols, live, n,
-                                                    j->data + t * run + b * 3 * MHA_SPLIT_TILE);
+            finite &= j->bk->split_pairs_tile(j->w + k0 * j->cols + c0, j->cols, live, n,
+                                              j->data + t * run + b * 3 * MHA_SPLIT_TILE);
         }
+    if (!finite) atomic_store_explicit(&j->finite, false, memory_order_relaxed);
 }
 
-mha_status mha__pack_split_transposed_workspace_take(mha_ctx *ctx, const mha__bf16_kernels *bk, const float *w,
-                                                     int64_t rows, int64_t cols, mha__packed_split *p)
+mha_status mha__pack_split_transposed(mha_ctx *ctx, mha__packed_split *p, const mha__bf16_kernels *bk, const float *w,
+                                      int64_t rows, int64_t cols)
 {
     bool fits;
-    int64_t tiles = column_tiles(cols);
-    transposed_job j = {bk, w, rows, cols, NULL, NULL};
-    j.data = mha__ws_take(ctx, transposed_values(rows, cols, &fits) * (int64_t)sizeof(uint16_t));
-    j.finite = mha__ws_take(ctx, tiles);
-    if (!fits || !j.data || !j.finite) return MHA_ERR_INTERNAL; /* the plan sized it */
-    mha__parallel_for(ctx, tiles, transposed_tiles, &j);
-    *p = (mha__packed_split){all_set(j.finite, tiles) ? j.data : NULL, cols, rows};
+    int64_t tiles = column_tiles(cols), n = transposed_values(rows, cols, &fits);
+    if (!fits)
+        return mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)rows, (long long)cols);
+    bool reuse = p->data && p->out == cols && p->in == rows;
+    transposed_job j = {
+        .bk = bk, .w = w, .rows = rows, .cols = cols, .data = reuse ? p->data : mha__alloc(n, sizeof(uint16_t))};
+    if (!j.data) return MHA_ERR_NOMEM;
+    if (!reuse) mha__packed_split_free(p);
+    atomic_init(&j.finite, true);
+    if (ctx) mha__parallel_for(ctx, tiles, transposed_tiles, &j);
+    else transposed_tiles(&j, 0, 0, tiles);
+    *p = (mha__packed_split){j.data, cols, rows};
+    if (!atomic_load_explicit(&j.finite, memory_order_relaxed))
+        mha__packed_split_free(p); /* the FMA panels serve: keep nothing split */
     return MHA_OK;
 }
 

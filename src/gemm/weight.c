@@ -14,6 +14,7 @@ mha_status mha__weight_pack(mha_ctx *ctx, mha__weight *w, const mha__isa_kernels
     w->bf16 = dtype == MHA_DTYPE_BF16;
     w->pending = NULL;
     w->f32_behind = NULL;
+    w->transposed_fresh = false;
     if (w->bf16) return mha__pack_bf16(&w->b16, src, out, in);
     mha_status st = mha__pack(ctx, &w->f32, k->f32, src, out, in);
     if (st != MHA_OK || !mha__split_products(k)) return st;
@@ -29,6 +30,7 @@ mha_status mha__weight_refresh(mha_ctx *ctx, mha__weight *w)
     if (!w->pending) return MHA_OK;
     const float *src = w->pending;
     mha_status st = MHA_OK;
+    w->transposed_fresh = false;
     if (mha__split_products(w->kernels)) {
         st = mha__pack_split(ctx, &w->split, w->kernels->bf16, src, w->f32.out, w->f32.in);
         if (st == MHA_OK && w->split.data) { /* split: the panels wait for a call that needs them */
@@ -41,6 +43,18 @@ mha_status mha__weight_refresh(mha_ctx *ctx, mha__weight *w)
      * serves every chunk): everything now. */
     if (st == MHA_OK) st = mha__weight_pack(ctx, w, w->kernels, MHA_DTYPE_F32, src, w->f32.out, w->f32.in);
     if (st != MHA_OK) w->pending = src; /* still behind: the next call tries again */
+    return st;
+}
+
+mha_status mha__weight_transposed(mha_ctx *ctx, mha__weight *w, const float *plain)
+{
+    if (w->transposed_fresh) return MHA_OK;
+    int64_t out = w->f32.out, in = w->f32.in;
+    mha_status st = MHA_OK;
+    if (mha__split_products(w->kernels))
+        st = mha__pack_split_transposed(ctx, &w->split_t, w->kernels->bf16, plain, out, in);
+    if (st == MHA_OK && !w->split_t.data) st = mha__pack_transposed(ctx, &w->f32_t, w->kernels->f32, plain, out, in);
+    w->transposed_fresh = st == MHA_OK;
     return st;
 }
 
@@ -60,6 +74,8 @@ void mha__weight_free(mha__weight *w)
 {
     mha__packed_free(&w->f32);
     mha__packed_split_free(&w->split);
+    mha__packed_free(&w->f32_t);
+    mha__packed_split_free(&w->split_t);
     mha__packed_bf16_free(&w->b16);
 }
 

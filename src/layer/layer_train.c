@@ -302,9 +302,9 @@ typedef struct bwd_plan {
 } bwd_plan;
 
 /* Raises *bytes to what any projection's gradients take: its weight
- * gradient's packs, then (reusing them) its packed transposed weight, and
- * where the split products run, that weight split and the split rows of
- * up to `rows` rows of dy. */
+ * gradient's packs, then (reusing them) its packed transposed weight for
+ * the FMA GEMM's chunks, and where the split products run the split rows
+ * of up to `rows` rows of dy (W^T itself is the weight's, kept). */
 static bool projections_workspace(const mha_layer *l, int64_t rows, int64_t *bytes)
 {
     bool split = mha__split_products(l->isa);
@@ -313,8 +313,7 @@ static bool projections_workspace(const mha_layer *l, int64_t rows, int64_t *byt
         if (!mha__weight_grad_workspace(l->isa->f32, out, in, &grad) ||
             (split && !mha__weight_grad_split_workspace(out, in, &grad)) ||
             !mha__pack_transposed_workspace(l->isa->f32, out, in, &pack) ||
-            (split &&
-             (!mha__pack_split_transposed_workspace(out, in, &pack) || !mha__linear_split_workspace(rows, out, &pack))))
+            (split && !mha__linear_split_workspace(rows, out, &pack)))
             return false;
         *bytes = mha__max64(*bytes, mha__max64(grad, pack));
     }
@@ -401,26 +400,19 @@ static void zero_bias_grads(const mha_layer *l)
     if (t->zero_pending) memset(t->grads + matrices, 0, (size_t)(t->n_grads - matrices) * sizeof(float));
 }
 
-/* Matrix m's input gradient dx = dy W, with W^T split into the workspace
- * for the call where the split products run, else packed (the split
- * products pack it too, but only for a chunk of dy that is not finite: it
- * cost 2% of a training step at S2 when packed every call): written into
- * gx, or added to it with `add`. */
+/* Matrix m's input gradient dx = dy W, with the W^T the weight keeps
+ * (mha__weight_transposed: split where the split products run, else
+ * packed; the split products' chunks of dy that are not finite pack the
+ * float32 panels into the workspace, which cost 2% of a training step at
+ * S2 when done every call): written into gx, or added to it with `add`. */
 static mha_status input_grad(mha_ctx *ctx, const mha_layer *l, matrix m, int64_t N, int64_t T, const mha__batched *dy,
                              const mha__batched *gx, bool add)
 {
     int64_t top = mha__ws_top(ctx), out = mha__layer_out_features(l, m), in = mha__layer_in_features(l, m);
-    const float *w = l->train->w[m];
-    mha__packed packed = {0};
-    mha__packed_split split = {0};
-    mha__fma_on_demand on_demand = {l->isa->f32, w, out, in, {0}};
-    mha_status st = MHA_OK;
-    if (mha__split_products(l->isa))
-        st = mha__pack_split_transposed_workspace_take(ctx, l->isa->bf16, w, out, in, &split);
-    if (st == MHA_OK && !split.data) st = mha__pack_transposed_workspace_take(ctx, l->isa->f32, w, out, in, &packed);
-    if (st == MHA_OK)
-        st = mha__layer_project_packed(ctx, l, N, T, dy, split.data ? NULL : &packed, split.data ? &split : NULL,
-                                       &on_demand, gx, add);
+    const mha__weight *w = &l->w[m]; /* its transposed packs made where the backward began */
+    mha__fma_on_demand on_demand = {l->isa->f32, l->train->w[m], out, in, {0}};
+    const mha__packed_split *split = w->split_t.data ? &w->split_t : NULL;
+    mha_status st = mha__layer_project_packed(ctx, l, N, T, dy, split ? NULL : &w->f32_t, split, &on_demand, gx, add);
     mha__ws_release(ctx, top);
     return st;
 }
@@ -549,6 +541,11 @@ mha_status mha_layer_backward(mha_ctx *ctx, mha_layer *l, const mha_layer_fwd_ar
     mha_status st = check_backward(l, a, grad_attn_output, grad_query, grad_key, grad_value);
     if (st == MHA_OK) st = mha__layer_check_weights(l, "mha_layer_backward");
     if (st == MHA_OK) st = mha__layer_refresh(ctx, l);
+    /* W^T for each dX = dY W, before anything is written: out_proj's
+     * always, the input projections' when an input's gradient is asked. */
+    bool inputs = grad_query || grad_key || grad_value;
+    for (int m = 0; m < MAT_COUNT && st == MHA_OK; m++)
+        if (m == MAT_OUT || inputs) st = mha__weight_transposed(ctx, &l->w[m], l->train->w[m]);
     bwd_plan p;
     if (st == MHA_OK) st = plan_backward(ctx, l, a, &p);
     if (st == MHA_OK) st = mha__ws_reserve(ctx, p.workspace);
