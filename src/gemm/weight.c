@@ -23,7 +23,11 @@ mha_status mha__weight_pack(mha_ctx *ctx, mha__weight *w, const mha__isa_kernels
     return st;
 }
 
-void mha__weight_defer(mha__weight *w, const float *src) { w->pending = src; }
+void mha__weight_defer(mha__weight *w, const float *src)
+{
+    w->pending = src;
+    w->f32_behind = NULL; /* the refresh says again where the panels' values are: src may have moved */
+}
 
 mha_status mha__weight_refresh(mha_ctx *ctx, mha__weight *w)
 {
