@@ -291,9 +291,12 @@ static __m512i bf16_bits(__m512i x)
     return _mm512_and_si512(_mm512_mask_blend_epi32(overflow, up, x), high);
 }
 
-static void store_halves(uint16_t *dst, __m512i bits)
+/* The high halves of a's 16 lanes, then b's, as 32 bf16 values in order. */
+static void store_high_halves(uint16_t *dst, __m512i a, __m512i b)
 {
-    _mm256_storeu_si256((__m256i *)(void *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+    const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
+                                               27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, odd_words, b));
 }
 
 /* The three parts of 16 lanes of x (finite lanes only matter). */
@@ -338,19 +341,20 @@ static __mmask16 first_lanes(int64_t n)
     return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
+/* Each part's 32 values are stored as one 64-byte row: the weights' pack
+ * transposes each tile right after filling it, and its 64-byte loads of
+ * rows written as two 32-byte halves could not be forwarded from the
+ * store buffer (they waited for both stores to reach L1, and the
+ * transpose took more time than the split). */
 bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo)
 {
-    bool finite = true;
-    for (int64_t i = 0; i < MHA_SPLIT_K; i += 16) { /* lanes past n load as 0, whose parts are 0 */
-        __mmask16 mk = first_lanes(n - i);
-        __m512 x = _mm512_maskz_loadu_ps(mk, src + i);
-        finite &= (finite_lanes(x) & mk) == mk;
-        parts p = split_lanes(x);
-        store_halves(hi + i, p.hi);
-        store_halves(mid + i, p.mid);
-        store_halves(lo + i, p.lo);
-    }
-    return finite;
+    __mmask16 m0 = first_lanes(n), m1 = first_lanes(n - 16); /* lanes past n load as 0, whose parts are 0 */
+    __m512 a = _mm512_maskz_loadu_ps(m0, src), b = _mm512_maskz_loadu_ps(m1, src + 16);
+    parts pa = split_lanes(a), pb = split_lanes(b);
+    store_high_halves(hi, pa.hi, pb.hi);
+    store_high_halves(mid, pa.mid, pb.mid);
+    store_high_halves(lo, pa.lo, pb.lo);
+    return (finite_lanes(a) & m0) == m0 && (finite_lanes(b) & m1) == m1;
 }
 
 /* split3 of two rows into a tile row of pairs, as B's tiles hold them:
@@ -437,14 +441,6 @@ bool mha__split_near_pairs_tile_amx(const float *src, int64_t lds, int64_t live,
     return unit_pairs(src, lds, live, n, tiles, true) == 0xffff;
 }
 
-/* The high halves of a's 16 lanes, then b's, as 32 bf16 values in order. */
-static void store_high_halves(uint16_t *dst, __m512i a, __m512i b)
-{
-    const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
-                                               27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, odd_words, b));
-}
-
 bool mha__split_near_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
 {
     __mmask16 m0 = first_lanes(n), m1 = first_lanes(n - 16), ok = 0xffff;
@@ -467,28 +463,15 @@ static void zero_row(uint16_t *row)
     for (int q = 0; q < 3; q++) memset(row + q * MHA_SPLIT_TILE, 0, MHA_SPLIT_K * sizeof(uint16_t));
 }
 
-/* split3 of a row, each part's 32 values stored as one 64-byte row.  The
- * weights' pack transposes each tile right after filling it, and its
- * 64-byte loads of rows written as two 32-byte halves (split3's stores)
- * could not be forwarded from the store buffer: they waited for both
- * stores to reach L1, and the transpose took more time than the split. */
 bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles)
 {
-    __mmask16 m0 = first_lanes(n), m1 = first_lanes(n - 16), ok = 0xffff;
+    bool finite = true;
     for (int64_t i = 0; i < 16; i++) {
         uint16_t *row = tiles + i * MHA_SPLIT_K;
-        if (i >= live) {
-            zero_row(row);
-            continue;
-        }
-        __m512 a = _mm512_maskz_loadu_ps(m0, src + i * lds), b = _mm512_maskz_loadu_ps(m1, src + i * lds + 16);
-        ok &= (finite_lanes(a) | (__mmask16)~m0) & (finite_lanes(b) | (__mmask16)~m1);
-        parts pa = split_lanes(a), pb = split_lanes(b);
-        store_high_halves(row, pa.hi, pb.hi);
-        store_high_halves(row + MHA_SPLIT_TILE, pa.mid, pb.mid);
-        store_high_halves(row + 2 * MHA_SPLIT_TILE, pa.lo, pb.lo);
+        if (i < live) finite &= mha__split3_amx(src + i * lds, n, row, row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
+        else zero_row(row);
     }
-    return ok == 0xffff;
+    return finite;
 }
 
 /* The row MHA_SPLIT_K rows below x (the same columns of the next block,
