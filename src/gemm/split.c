@@ -103,16 +103,26 @@ static void pack_split_tiles(void *arg, int thread, int64_t begin, int64_t end)
     if (!finite) atomic_store_explicit(&j->finite, false, memory_order_relaxed);
 }
 
+/* Memory for p's split of n values, `out` outputs of `in` inputs: p's
+ * own when the shape is the same (a training step that repacks its
+ * weights allocates nothing), else a new allocation, p's old one freed.
+ * NULL (p untouched) on NOMEM. */
+static uint16_t *split_memory(mha__packed_split *p, int64_t out, int64_t in, int64_t n)
+{
+    if (p->data && p->out == out && p->in == in) return p->data;
+    uint16_t *data = mha__alloc(n, sizeof(uint16_t));
+    if (data) mha__packed_split_free(p);
+    return data;
+}
+
 mha_status mha__pack_split(mha_ctx *ctx, mha__packed_split *p, const mha__bf16_kernels *bk, const float *w, int64_t out,
                            int64_t in)
 {
     int64_t run = tile_run(in), n;
     if (!mha__mul(column_tiles(out), run, &n))
         return mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)out, (long long)in);
-    bool reuse = p->data && p->out == out && p->in == in;
-    uint16_t *data = reuse ? p->data : mha__alloc(n, sizeof(uint16_t));
+    uint16_t *data = split_memory(p, out, in, n);
     if (!data) return MHA_ERR_NOMEM;
-    if (!reuse) mha__free(p->data);
     pack_split_job job = {.bk = bk, .w = w, .out = out, .in = in, .data = data};
     atomic_init(&job.finite, true);
     if (ctx) mha__parallel_for(ctx, column_tiles(out), pack_split_tiles, &job);
@@ -179,14 +189,10 @@ mha_status mha__pack_split_transposed(mha_ctx *ctx, mha__packed_split *p, const 
     int64_t tiles = column_tiles(cols), n = transposed_values(rows, cols, &fits);
     if (!fits)
         return mha__fail(MHA_ERR_INVALID_ARG, "weight of %lld x %lld is too large", (long long)rows, (long long)cols);
-    bool reuse = p->data && p->out == cols && p->in == rows;
-    transposed_job j = {
-        .bk = bk, .w = w, .rows = rows, .cols = cols, .data = reuse ? p->data : mha__alloc(n, sizeof(uint16_t))};
+    transposed_job j = {.bk = bk, .w = w, .rows = rows, .cols = cols, .data = split_memory(p, cols, rows, n)};
     if (!j.data) return MHA_ERR_NOMEM;
-    if (!reuse) mha__packed_split_free(p);
     atomic_init(&j.finite, true);
-    if (ctx) mha__parallel_for(ctx, tiles, transposed_tiles, &j);
-    else transposed_tiles(&j, 0, 0, tiles);
+    mha__parallel_for(ctx, tiles, transposed_tiles, &j);
     *p = (mha__packed_split){j.data, cols, rows};
     if (!atomic_load_explicit(&j.finite, memory_order_relaxed))
         mha__packed_split_free(p); /* the FMA panels serve: keep nothing split */
