@@ -256,11 +256,11 @@ double mha__rows_norm2_max(const mha__kernels *kt, const float *x, int64_t rs, i
  * float32 rows (either may be NULL); +inf (every row wide) if neither. */
 double mha__keys_norm2_max(const mha__attn_plan *p, const mha__kv_view *rows, const mha_tensor *k, int64_t b,
                            int64_t g);
-/* mha__keys_norm2_max of every (b, kv head), at out[b * Hkv + g], on ctx's
- * threads: the forward, the attention weights and the backward find them
- * once a call, before their items. */
-void mha__keys_norm2_max_all(mha_ctx *ctx, const mha__attn_plan *p, const mha__kv_view *rows, const mha_tensor *k,
-                             double *out);
+/* mha__keys_norm2_max of every (b, kv head), at [b * Hkv + g] of B * Hkv
+ * doubles taken from ctx's workspace (the caller planned them), found on
+ * ctx's threads; NULL when not planned.  The forward, the attention
+ * weights and the backward find them once a call, before their items. */
+double *mha__keys_norm2_max_all(mha_ctx *ctx, const mha__attn_plan *p, const mha__kv_view *rows, const mha_tensor *k);
 
 /* wide[r] for query rows i0.. of head h (unscaled float32 rows of q)
  * against keys whose largest squared norm is k_norm2_max: whether the row

@@ -236,11 +236,11 @@ static void key_norms_range(void *arg, int thread, int64_t begin, int64_t end)
         n->out[bg] = mha__keys_norm2_max(n->p, n->rows, n->k, bg / n->p->Hkv, bg % n->p->Hkv);
 }
 
-void mha__keys_norm2_max_all(mha_ctx *ctx, const mha__attn_plan *p, const mha__kv_view *rows, const mha_tensor *k,
-                             double *out)
+double *mha__keys_norm2_max_all(mha_ctx *ctx, const mha__attn_plan *p, const mha__kv_view *rows, const mha_tensor *k)
 {
-    key_norms_job n = {p, rows, k, out};
-    mha__parallel_items(ctx, p->B * p->Hkv, key_norms_range, &n);
+    key_norms_job n = {p, rows, k, mha__ws_take(ctx, p->B * p->Hkv * (int64_t)sizeof(double))};
+    if (n.out) mha__parallel_items(ctx, p->B * p->Hkv, key_norms_range, &n);
+    return n.out;
 }
 
 bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, const double *q_norm2, int64_t b, int64_t h,

@@ -397,14 +397,9 @@ static void probs_range(void *arg, int thread, int64_t begin, int64_t end)
  * run), and its pass over K took 4% of the causal core at N = 2048. */
 static mha_status key_norms(mha_ctx *ctx, flash_job *j)
 {
-    const mha__attn_plan *p = j->p;
     j->k_norm2 = j->kv->rows.k_norm2_max;
-    if (j->k_norm2) return MHA_OK;
-    double *found = mha__ws_take(ctx, p->B * p->Hkv * (int64_t)sizeof(double));
-    if (!found) return MHA_ERR_INTERNAL;
-    mha__keys_norm2_max_all(ctx, p, &j->kv->rows, &j->kv->k, found);
-    j->k_norm2 = found;
-    return MHA_OK;
+    if (!j->k_norm2) j->k_norm2 = mha__keys_norm2_max_all(ctx, j->p, &j->kv->rows, &j->kv->k);
+    return j->k_norm2 ? MHA_OK : MHA_ERR_INTERNAL; /* the plan sized it */
 }
 
 /* The tiles' caches emptied before a call's first item: the slices may

@@ -926,12 +926,11 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
     j.first_is_dq = dq->stride[3] == 1;
     if (!row_floats(p, partial_groups(j.groups, j.first_is_dq), &floats)) return MHA_ERR_INTERNAL; /* planned */
     float *rows = mha__ws_take(ctx, floats * (int64_t)sizeof(float));
-    j.k_norm2 = rows ? mha__ws_take(ctx, p->B * p->Hkv * (int64_t)sizeof(double)) : NULL;
-    j.scratch = j.k_norm2 ? mha__ws_take_per_thread(ctx, bwd_tiles_floats(p), &j.scratch_stride) : NULL;
-    if (!j.scratch) return MHA_ERR_INTERNAL;
     /* Each kv head's largest key norm (attention.h: refined scores), before
      * the sweep: its items write dK over K where they alias. */
-    mha__keys_norm2_max_all(ctx, p, NULL, k, j.k_norm2);
+    j.k_norm2 = rows ? mha__keys_norm2_max_all(ctx, p, NULL, k) : NULL;
+    j.scratch = j.k_norm2 ? mha__ws_take_per_thread(ctx, bwd_tiles_floats(p), &j.scratch_stride) : NULL;
+    if (!j.scratch) return MHA_ERR_INTERNAL;
     j.shift = rows;
     j.mul = rows + n_rows;
     j.delta = rows + 2 * n_rows;
@@ -986,9 +985,8 @@ void mha__attn_row_sums(mha_ctx *ctx, const mha__attn_plan *p, const mha_tensor 
                    .p_sum = p_sum,
                    .p_dp = p_dp};
     float *rows = mha__ws_take(ctx, (3 * n_rows + 1) * (int64_t)sizeof(float)); /* planned by the caller */
-    sj.j.k_norm2 = mha__ws_take(ctx, p->B * p->Hkv * (int64_t)sizeof(double));
+    sj.j.k_norm2 = mha__keys_norm2_max_all(ctx, p, NULL, k);
     sj.j.scratch = mha__ws_take_per_thread(ctx, bwd_tiles_floats(p), &sj.j.scratch_stride);
-    mha__keys_norm2_max_all(ctx, p, NULL, k, sj.j.k_norm2);
     sj.j.shift = rows, sj.j.mul = rows + n_rows, sj.j.delta = rows + 2 * n_rows;
     rows_job rj = {&sj.j, NULL, norm};
     mha__parallel_for(ctx, n_rows, rows_range, &rj); /* shift and mul; no out, no delta */
