@@ -229,9 +229,10 @@ class MultiheadAttention(torch.nn.Module):
         optimizer made before keeps working); only their storage moves,
         with their values."""
         layer = self._sync()
-        # torch's allocator, as for the parameters it made: a NumPy array in
-        # its place left the optimizer's step and the packs' reads of these
-        # 9.4 MB (E = 768) slower than the copy they save.
+        # torch's allocator, as for the parameters it made: the optimizer
+        # writes memory of the kind PyTorch's own parameters live in.  (A
+        # NumPy array first looked slower, but so did this one in the same
+        # runs: the time went to PyTorch's spinning threads, PERFORMANCE.md.)
         views = layer._weights_in_storage(lambda n: torch.empty(n, dtype=torch.float32).numpy())
         with torch.no_grad():
             for name, p in self._named_params():

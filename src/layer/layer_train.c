@@ -134,11 +134,11 @@ void mha_layer_zero_grad_deferred(mha_layer *l)
     l->train->zero_pending = true;
 }
 
-/* The floats of the caller's storage fn moves the gradients (or the
- * matrices' values) into: n_grads (matrices_size).  -1: no training state. */
+/* The floats of a training layer's caller storage: its gradients', or
+ * (`weights`) its matrices' values. */
 static int64_t storage_floats(const mha_layer *l, bool weights)
 {
-    return !l->train ? -1 : weights ? matrices_size(l) : l->train->n_grads;
+    return weights ? matrices_size(l) : l->train->n_grads;
 }
 
 static mha_status storage_size(const mha_layer *l, const char *fn, bool weights, int64_t *count)
