@@ -37,6 +37,10 @@ typedef struct mha__attn_plan {
     /* Positions in a longer sequence (mha_attn_desc's): 0 = this call's own. */
     int64_t query_offset, key_offset, query_total, key_total;
     bool bf16; /* Q, K, V and P rounded to bf16 for the products */
+    /* The passes feed a backward: a forward keeping the row statistics for
+     * one, or the backward's own.  Few such rows are wide from a lower
+     * bound (refined scores, below). */
+    bool feeds_backward;
     /* Resolved by mha__attn_plan_resolve. */
     int64_t group;                        /* Hq / Hkv: query heads per kv head */
     const mha__kernels *kt;               /* this CPU's float32 kernels */
@@ -182,10 +186,26 @@ void mha__pack_columns(const mha__kernels *kt, float *dst, int64_t ldd, mha__str
  * its row's maximum); 32 would also cover a score of 3 whose terms reach
  * 0.25 (bound 38), but even from dots_f64_panel its refined scores cost
  * 1.4-2.1x the forward and backward where logits are moderate (d = 64 and
- * 128, inputs x1.5-x2; docs/NUMERICS.md). */
+ * 128, inputs x1.5-x2; docs/NUMERICS.md).
+ *
+ * Few rows are wide from MHA_REFINE_ABOVE instead: fewer than
+ * MHA_REFINE_FEW_ROWS query rows in a plan that feeds a backward, or over
+ * at most MHA_REFINE_FEW_KEYS keys in any plan.  There a plain float32
+ * layer's largest error hangs on a handful of roundings, and by luck it
+ * can be a third of ours, while over many rows the two err alike: the
+ * W_q and W_k gradients multiply the rounding of q and k by the logits.
+ * Refined whole (and the layer then sums their Q and K exactly, wide.c),
+ * ours is smaller instead.  The large-logit layers of 1600 seeds missed
+ * the rule 26 times on amx and 29 on avx512, none after, every miss with
+ * 17 query rows or fewer, the forward's over 3 keys (docs/NUMERICS.md).
+ * A forward keeping no statistics over more keys, decoding's above all,
+ * keeps 64: few rows over 4096 keys refined whole cost 2.6-6x the
+ * attention (bound 35), and those outputs held the rule.  (A decoding
+ * step's projections decide from its new rows alone, as ever: layer/wide.c.) */
 #define MHA_REFINE_ABOVE 16.0f
 #define MHA_REFINE_NEAR  20.0f
 #define MHA_REFINE_TERMS 64.0
+enum { MHA_REFINE_FEW_ROWS = 32, MHA_REFINE_FEW_KEYS = 96 };
 enum { MHA_REFINE_MAX_COLS = 256, MHA_REFINE_MAX_ROWS = 192 }; /* the largest tile or chunk */
 /* Blocks of keys: a tile of MHA_REFINE_MAX_COLS keys from anywhere meets
  * at most MHA_REFINE_BLOCKS of them. */

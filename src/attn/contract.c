@@ -243,12 +243,20 @@ double *mha__keys_norm2_max_all(mha_ctx *ctx, const mha__attn_plan *p, const mha
     return n.out;
 }
 
+/* The bound past which a row is wide (attention.h: few rows). */
+static double wide_terms(const mha__attn_plan *p)
+{
+    bool few = p->L < MHA_REFINE_FEW_ROWS && (p->feeds_backward || p->S <= MHA_REFINE_FEW_KEYS);
+    return few ? MHA_REFINE_ABOVE : MHA_REFINE_TERMS;
+}
+
 bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, const double *q_norm2, int64_t b, int64_t h,
                     int64_t i0, int64_t rows, double k_norm2_max, bool *wide)
 {
     /* scale^2 |q|^2 max |k|^2 > T^2, in float64: no overflow, and the
      * same comparison in every pass.  NaN: not wide (the row is NaN). */
-    double bound = (double)p->scale * p->scale * k_norm2_max, limit = MHA_REFINE_TERMS * MHA_REFINE_TERMS;
+    double terms = wide_terms(p);
+    double bound = (double)p->scale * p->scale * k_norm2_max, limit = terms * terms;
     double found[MHA_REFINE_MAX_ROWS];
     const double *norm2 = q_norm2 ? q_norm2 + (b * p->Hq + h) * p->L + i0 : found;
     bool any = false;

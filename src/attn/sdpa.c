@@ -84,6 +84,7 @@ static mha_status forward_plan(const mha_ctx *ctx, const mha_tensor *out, const 
 {
     mha_status st = problem_from_desc(q, k, v, out, desc, p);
     if (st != MHA_OK) return st;
+    p->feeds_backward = stats; /* the statistics are the backward's */
     *kv = mha__kv_from_tensors(k, v);
     return mha__attn_plan_resolve(p, ctx, mha__attn_needs_of(kv, stats));
 }
@@ -156,6 +157,7 @@ static mha_status backward_plan(const mha_ctx *ctx, const mha_tensor *dq, const 
     if (st != MHA_OK) return st;
     if (p->bf16)
         return mha__fail(MHA_ERR_UNSUPPORTED, "the backward pass computes in F32 only; dtype BF16 is forward-only");
+    p->feeds_backward = true;
     if ((st = mha__check_tensor(grad_out, "grad_output", out->shape)) != MHA_OK ||
         (st = mha__check_tensor(dq, "query.grad", q->shape)) != MHA_OK ||
         (st = mha__check_tensor(dk, "key.grad", k->shape)) != MHA_OK ||

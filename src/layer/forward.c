@@ -216,6 +216,7 @@ mha__attn_plan mha__layer_plan(const mha_layer *l, const mha_layer_fwd_args *a)
         .alibi = l->alibi,
         .masks = {a->attn_mask, a->key_padding_mask},
         .bf16 = l->bf16,
+        .feeds_backward = a->tape != NULL, /* recording for one, or the backward itself */
     };
 }
 
@@ -268,7 +269,7 @@ static mha_status run_forward(mha_ctx *ctx, const mha_layer *l, const fwd_plan *
         return st;
     }
     int64_t N = f->N, H = l->desc.num_heads, G = l->desc.num_kv_heads;
-    mha__layer_rows rows = {N, f->L, f->S, f->S1};
+    mha__layer_rows rows = {N, f->L, f->S, f->S1, f->attn.feeds_backward};
     mha__batched x_q = mha__layer_from_view(&a->query), x_k = mha__layer_from_view(&a->key);
     mha__batched x_v = mha__layer_from_view(&a->value);
     /* The appended keys first: the wide pass's key norms take in every key

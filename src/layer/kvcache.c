@@ -407,7 +407,7 @@ static mha_status project_new_rows(mha_ctx *ctx, const mha_layer *l, const mha_t
                                    float *k, float *v)
 {
     int64_t N = x->shape[0], n = x->shape[1];
-    mha__layer_rows rows = {N, n, n, n};
+    mha__layer_rows rows = {N, n, n, n, false};
     mha__batched xb = mha__layer_from_view(x);
     mha_status st = mha__layer_project_qkv(ctx, l, &rows, &xb, &xb, &xb, q, k, v, NULL);
     mha_tensor qh = mha__layer_heads_view(l, q, N, n, l->desc.num_heads);

@@ -145,6 +145,9 @@ void mha__named_storage(const mha_layer *l, const mha__named *t, float **value, 
  * keys follow, written before the projections). */
 typedef struct mha__layer_rows {
     int64_t N, Lq, Lk, Tk;
+    /* Whether the attention's plan feeds a backward: with Lq and Tk, what
+     * its wide rows' bound depends on (attn/attention.h: few rows). */
+    bool feeds_backward;
 } mha__layer_rows;
 
 /* The norms the wide pass found, kept for the attention so it need not

@@ -210,7 +210,13 @@ static mha_status project_wide_rows(mha_ctx *ctx, const mha_layer *l, const mha_
     exact_buffers e;
     if (!exact_buffers_take(ctx, l, N, N * mha__max64(r->Lq, r->Lk), keep, &e)) return MHA_ERR_INTERNAL;
     /* What mha__wide_rows reads of the attention's plan. */
-    mha__attn_plan p = {.Hq = H, .L = r->Lq, .kt = l->isa->f32, .D = l->head_dim, .scale = mha__layer_scale(l)};
+    mha__attn_plan p = {.Hq = H,
+                        .L = r->Lq,
+                        .S = r->Tk, /* the attention's S; a decoding step's new rows (above) */
+                        .kt = l->isa->f32,
+                        .D = l->head_dim,
+                        .scale = mha__layer_scale(l),
+                        .feeds_backward = r->feeds_backward};
     wide_job j = {l, p, mha__layer_heads_view(l, qb->m.data, N, r->Lq, H),
                   mha__layer_heads_view(l, kb->m.data, N, r->Tk, G), &e};
     /* Every head decides from the float32 projections before any changes. */
