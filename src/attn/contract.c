@@ -422,6 +422,32 @@ static void shift_column(const mha__attn_plan *p, const mha__score_source *src, 
     }
 }
 
+/* A one-row tile (split-K's chunks): x = s - shift, its marked scores
+ * near the row's largest computed in float64 as shift_column would, but
+ * one dots_f64 call for all of them (the query row against the picked
+ * keys, four or eight at a time) instead of one a column: each product
+ * is exact and the order the same, so the same bits. */
+static void shift_one_row(const mha__attn_plan *p, const mha__score_source *src, bool biased, float *st, int64_t lds,
+                          int64_t cols, const float *shift, const float *near, const mha__refine *refine, float *slope)
+{
+    int64_t picked[MHA_REFINE_MAX_COLS], n = 0, zero = 0;
+    double dot[MHA_REFINE_MAX_COLS], cap_slope;
+    for (int64_t c = 0; c < cols; c++) {
+        float *x = st + c * lds;
+        if (refined_score(x, 0, mha__refine_column(refine, c), near)) picked[n++] = c;
+        *x -= shift[0];
+    }
+    if (src->k_dtype == MHA_DTYPE_F32 && src->q_cs == 1 && src->k_cs == 1)
+        p->kt->dots_f64(src->q, (const float *)src->k, src->k_rs, picked, n, p->D, dot);
+    else
+        for (int64_t i = 0; i < n; i++) exact_dots(p, src, picked[i], &zero, 1, dot + i);
+    for (int64_t i = 0; i < n; i++) {
+        int64_t c = picked[i];
+        st[c * lds] = (float)(exact_contract(p, src, biased, 0, c, dot[i], &cap_slope) - (double)shift[0]);
+        if (slope) slope[c * lds] = (float)cap_slope;
+    }
+}
+
 /* Rows per block of the panel path: the kernels' vectors of rows (4 for
  * AVX2, 16 for AVX-512) both divide it. */
 enum { PANEL_ROWS = 16 };
@@ -502,6 +528,10 @@ void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, floa
      * long as they come: dots_f64 takes a column's refined rows eight
      * (AVX-512) or four at a time, and a run cut at every block leaves
      * more of them alone. */
+    if (rows == 1 && !panel_pays(src, st, lds, 0, 1, cols, near, refine)) {
+        shift_one_row(p, src, biased, st, lds, cols, shift, near, refine, slope);
+        return;
+    }
     bool panel[MHA_REFINE_MAX_ROWS / PANEL_ROWS + 1];
     for (int64_t r0 = 0; r0 < rows; r0 += PANEL_ROWS)
         panel[r0 / PANEL_ROWS] = panel_pays(src, st, lds, r0, panel_block(r0, rows), cols, near, refine);
