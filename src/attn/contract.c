@@ -363,13 +363,20 @@ void mha__panel_of(const mha__attn_plan *p, mha__score_source *src, int64_t rows
     src->ldq = ldq;
 }
 
+/* Whether the kernels' dots_f64 can take these rows: contiguous float32
+ * query and key rows. */
+static bool dots_by_kernel(const mha__score_source *src)
+{
+    return src->k_dtype == MHA_DTYPE_F32 && src->q_cs == 1 && src->k_cs == 1;
+}
+
 /* exact_dot of key c with query rows rows[0 .. n): a batch from the
  * kernel where both are contiguous float32 rows (each product exact and
  * the order the same: the same bits as exact_dot). */
 static void exact_dots(const mha__attn_plan *p, const mha__score_source *src, int64_t c, const int64_t *rows, int64_t n,
                        double *out)
 {
-    if (src->k_dtype == MHA_DTYPE_F32 && src->q_cs == 1 && src->k_cs == 1) {
+    if (dots_by_kernel(src)) {
         p->kt->dots_f64((const float *)src->k + c * src->k_rs, src->q, src->q_rs, rows, n, p->D, out);
         return;
     }
@@ -430,17 +437,16 @@ static void shift_column(const mha__attn_plan *p, const mha__score_source *src, 
 static void shift_one_row(const mha__attn_plan *p, const mha__score_source *src, bool biased, float *st, int64_t lds,
                           int64_t cols, const float *shift, const float *near, const mha__refine *refine, float *slope)
 {
-    int64_t picked[MHA_REFINE_MAX_COLS], n = 0, zero = 0;
+    int64_t picked[MHA_REFINE_MAX_COLS], n = 0;
     double dot[MHA_REFINE_MAX_COLS], cap_slope;
     for (int64_t c = 0; c < cols; c++) {
         float *x = st + c * lds;
         if (refined_score(x, 0, mha__refine_column(refine, c), near)) picked[n++] = c;
         *x -= shift[0];
     }
-    if (src->k_dtype == MHA_DTYPE_F32 && src->q_cs == 1 && src->k_cs == 1)
-        p->kt->dots_f64(src->q, (const float *)src->k, src->k_rs, picked, n, p->D, dot);
+    if (dots_by_kernel(src)) p->kt->dots_f64(src->q, (const float *)src->k, src->k_rs, picked, n, p->D, dot);
     else
-        for (int64_t i = 0; i < n; i++) exact_dots(p, src, picked[i], &zero, 1, dot + i);
+        for (int64_t i = 0; i < n; i++) dot[i] = exact_dot(p, src, 0, picked[i]);
     for (int64_t i = 0; i < n; i++) {
         int64_t c = picked[i];
         st[c * lds] = (float)(exact_contract(p, src, biased, 0, c, dot[i], &cap_slope) - (double)shift[0]);
@@ -528,10 +534,6 @@ void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, floa
      * long as they come: dots_f64 takes a column's refined rows eight
      * (AVX-512) or four at a time, and a run cut at every block leaves
      * more of them alone. */
-    if (rows == 1 && !panel_pays(src, st, lds, 0, 1, cols, near, refine)) {
-        shift_one_row(p, src, biased, st, lds, cols, shift, near, refine, slope);
-        return;
-    }
     bool panel[MHA_REFINE_MAX_ROWS / PANEL_ROWS + 1];
     for (int64_t r0 = 0; r0 < rows; r0 += PANEL_ROWS)
         panel[r0 / PANEL_ROWS] = panel_pays(src, st, lds, r0, panel_block(r0, rows), cols, near, refine);
@@ -539,6 +541,8 @@ void mha__shift_tile(const mha__attn_plan *p, const mha__score_source *src, floa
         bool on = panel[r0 / PANEL_ROWS];
         for (r1 = r0 + panel_block(r0, rows); !on && r1 < rows && !panel[r1 / PANEL_ROWS];) r1 += panel_block(r1, rows);
         if (on) shift_rows_panel(p, src, biased, st, lds, r0, r1 - r0, cols, shift, near, refine, slope);
+        else if (rows == 1) /* split-K's chunks */
+            shift_one_row(p, src, biased, st, lds, cols, shift, near, refine, slope);
         else
             for (int64_t c = 0; c < cols; c++)
                 shift_column(p, src, biased, st, lds, c, r0, r1 - r0, shift, near, refine, slope);
