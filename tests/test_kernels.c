@@ -327,6 +327,34 @@ static void test_abs_max(const mha__kernels *kt)
     CHECK(bad == 0, "%s abs_max: %d mismatches", kt->name, bad);
 }
 
+/* column_sums over every width up to 70 (each tail of its vectors),
+ * rows 0, 1 and 37: each sum its start plus the rows in order, one
+ * float32 add at a time (bits against the scalar chain, so denormals, a
+ * NaN and an infinity too), nothing written past n. */
+static void test_column_sums(const mha__kernels *kt)
+{
+    enum { ROWS = 37, N = 70, LDX = 75 };
+    static float x[ROWS * LDX];
+    float sums[N + 1], want[N];
+    int bad = 0;
+    for (int i = 0; i < ROWS * LDX; i++) x[i] = uniform() * (i % 11 == 0 ? 1e-38f : 3.0f);
+    x[5 * LDX + 17] = NAN;
+    x[9 * LDX + 40] = -INFINITY;
+    static const int64_t row_counts[] = {0, 1, ROWS};
+    for (size_t c = 0; c < sizeof row_counts / sizeof row_counts[0]; c++)
+        for (int64_t n = 1; n <= N; n++) {
+            int64_t rows = row_counts[c];
+            for (int64_t i = 0; i <= N; i++) sums[i] = i < n ? uniform() : 7.0f;
+            for (int64_t i = 0; i < n; i++) {
+                want[i] = sums[i];
+                for (int64_t r = 0; r < rows; r++) want[i] += x[r * LDX + i];
+            }
+            kt->column_sums(x, LDX, rows, n, sums);
+            bad += memcmp(sums, want, (size_t)n * sizeof(float)) != 0 || sums[n] != 7.0f;
+        }
+    CHECK(bad == 0, "%s column_sums: %d widths wrong", kt->name, bad);
+}
+
 /* transpose_scaled over row and column tails around its 16 x 16 blocks:
  * every element alpha * src exactly (one multiply), nothing written
  * outside the rows x cols block of dst. */
@@ -1002,6 +1030,7 @@ int main(void)
         test_softmax_step_special(kt);
         test_softmax_grad(kt);
         test_abs_max(kt);
+        test_column_sums(kt);
         test_softmax_step_large(kt);
         test_key_sums(kt);
         test_transpose_scaled(kt);

@@ -428,6 +428,7 @@ mha_status mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int
 }
 
 typedef struct colsum_job {
+    const mha__kernels *kt;
     int64_t N, T, cols;
     mha__batched y;
     float *sums;
@@ -435,25 +436,21 @@ typedef struct colsum_job {
 
 enum { SUM_COLS = 64 };
 
-/* sums[i] += column i of a run of T rows, row by row as before: the
- * running sums live in a local array, which the compiler keeps in vector
- * registers for side-by-side columns, where sums[] itself might alias the
- * rows (the same additions in the same order, so the same bits). */
-static void sum_run(const float *at, int64_t rs, int64_t cs, int64_t T, int64_t run, float *sums)
+/* sums[i] += column i of a run of T rows, row by row: the kernel's
+ * column_sums where the run's columns lie side by side, else one column
+ * after another (the same additions in the same order, so the same bits). */
+static void sum_run(const mha__kernels *kt, const float *at, int64_t rs, int64_t cs, int64_t T, int64_t run,
+                    float *sums)
 {
-    float acc[SUM_COLS];
-    memcpy(acc, sums, (size_t)run * sizeof(float));
-    if (cs == 1)
-        for (int64_t r = 0; r < T; r++) {
-            int64_t i = 0;
-            for (; i + 16 <= run; i += 16) /* a fixed count, which -O2's vectoriser takes */
-                for (int64_t v = 0; v < 16; v++) acc[i + v] += at[r * rs + i + v];
-            for (; i < run; i++) acc[i] += at[r * rs + i];
-        }
-    else
-        for (int64_t r = 0; r < T; r++)
-            for (int64_t i = 0; i < run; i++) acc[i] += at[r * rs + i * cs];
-    memcpy(sums, acc, (size_t)run * sizeof(float));
+    if (cs == 1) {
+        kt->column_sums(at, rs, T, run, sums);
+        return;
+    }
+    for (int64_t i = 0; i < run; i++) {
+        float acc = sums[i];
+        for (int64_t r = 0; r < T; r++) acc += at[r * rs + i * cs];
+        sums[i] = acc;
+    }
 }
 
 static void colsum_range(void *arg, int thread, int64_t begin, int64_t end)
@@ -467,16 +464,17 @@ static void colsum_range(void *arg, int thread, int64_t begin, int64_t end)
             y.data += n * j->y.batch_stride;
             for (int64_t c = c0; c < c1;) { /* a run of columns in one group at a time */
                 int64_t run = mha__group_run(&y, c, c1 - c);
-                sum_run(mha__mat_at(&y, 0, c), y.rs, y.cs, j->T, run, j->sums + c);
+                sum_run(j->kt, mha__mat_at(&y, 0, c), y.rs, y.cs, j->T, run, j->sums + c);
                 c += run;
             }
         }
     }
 }
 
-void mha__column_sums(mha_ctx *ctx, int64_t N, int64_t T, const mha__batched *y, int64_t cols, float *sums)
+void mha__column_sums(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *y, int64_t cols,
+                      float *sums)
 {
-    colsum_job job = {N, T, cols, *y, sums};
+    colsum_job job = {kt, N, T, cols, *y, sums};
     mha__parallel_for(ctx, (cols + SUM_COLS - 1) / SUM_COLS, colsum_range, &job);
 }
 

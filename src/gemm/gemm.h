@@ -133,7 +133,8 @@ mha_status mha__weight_grad(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int
                             const mha__batched *x, int64_t out, int64_t in, float *dw, bool overwrite);
 
 /* sums[c] += sum over n < N, r < T of y_n(r, c), in that order. */
-void mha__column_sums(mha_ctx *ctx, int64_t N, int64_t T, const mha__batched *y, int64_t cols, float *sums);
+void mha__column_sums(mha_ctx *ctx, const mha__kernels *kt, int64_t N, int64_t T, const mha__batched *y, int64_t cols,
+                      float *sums);
 
 /* The same for bfloat16 weights: W [out, in] rounded to bf16, in panels of
  * MHA_BF16_NR columns, the input dimension padded to even with zeros and

@@ -89,6 +89,6 @@ mha_status mha_linear_backward(mha_ctx *ctx, const float *dy, const float *x, co
         mha__ws_release(ctx, top);
     }
     if ((st = mha__weight_grad(ctx, kt, 1, rows, &dyb, &xb, out, in, dw, false)) != MHA_OK) return st;
-    if (db) mha__column_sums(ctx, 1, rows, &dyb, out, db);
+    if (db) mha__column_sums(ctx, kt, 1, rows, &dyb, out, db);
     return MHA_OK;
 }

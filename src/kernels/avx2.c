@@ -485,6 +485,23 @@ static inline __attribute__((always_inline)) void abs_max8(const float *s, int64
     STORE8(top, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
 }
 
+/* Four vectors of sums (32 columns) in registers down all the rows:
+ * kept in memory, as the compiler left a plain loop, each row's adds
+ * waited on the last row's stores (a bias's gradient was 1% of an S2
+ * training step). */
+static void column_sums_avx2(const float *x, int64_t ldx, int64_t rows, int64_t n, float *sums)
+{
+    for (int64_t i = 0; i < n; i += 32) {
+        __m256i m[4] = {lane_mask(n - i), lane_mask(n - i - 8), lane_mask(n - i - 16), lane_mask(n - i - 24)};
+        __m256 acc[4];
+        for (int v = 0; v < 4; v++) acc[v] = _mm256_maskload_ps(sums + i + 8 * v, m[v]);
+        for (int64_t r = 0; r < rows; r++)
+            for (int v = 0; v < 4; v++)
+                acc[v] = _mm256_add_ps(acc[v], _mm256_maskload_ps(x + r * ldx + i + 8 * v, m[v]));
+        for (int v = 0; v < 4; v++) _mm256_maskstore_ps(sums + i + 8 * v, m[v], acc[v]);
+    }
+}
+
 static void abs_max_avx2(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top)
 {
     int64_t i = 0;
@@ -784,6 +801,7 @@ const mha__kernels mha__kernels_avx2 = {
     .exp_shift = exp_shift_avx2,
     .abs_max = abs_max_avx2,
     .key_sums = mha__key_sums_avx2,
+    .column_sums = column_sums_avx2,
     .norm2 = mha__norm2_avx2,
     .widen = widen_avx2,
     .dots_f64 = mha__dots_f64_avx2,

@@ -320,6 +320,21 @@ static void abs_max_avx512(const float *s, int64_t lds, int64_t rows, int64_t co
     }
 }
 
+/* Four vectors of sums (64 columns) in registers down all the rows, as
+ * column_sums_avx2. */
+static void column_sums_avx512(const float *x, int64_t ldx, int64_t rows, int64_t n, float *sums)
+{
+    for (int64_t i = 0; i < n; i += 64) {
+        __mmask16 m[4] = {lane_mask(n - i), lane_mask(n - i - 16), lane_mask(n - i - 32), lane_mask(n - i - 48)};
+        __m512 acc[4];
+        for (int v = 0; v < 4; v++) acc[v] = _mm512_maskz_loadu_ps(m[v], sums + i + 16 * v);
+        for (int64_t r = 0; r < rows; r++)
+            for (int v = 0; v < 4; v++)
+                acc[v] = _mm512_add_ps(acc[v], _mm512_maskz_loadu_ps(m[v], x + r * ldx + i + 16 * v));
+        for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(sums + i + 16 * v, m[v], acc[v]);
+    }
+}
+
 /* 2^y for 16 lanes of y <= 1, -inf or NaN (softmax_step's): vreduceps
  * takes the fraction r = y - floor(y) in one instruction, vscalefps
  * applies 2^floor(y), itself flooring y.  Lanes below 2^-126 give 0
@@ -708,6 +723,7 @@ const mha__kernels mha__kernels_avx512 = {
     .exp_shift = exp_shift_avx512,
     .abs_max = abs_max_avx512,
     .key_sums = mha__key_sums_avx2,
+    .column_sums = column_sums_avx512,
     .norm2 = mha__norm2_avx2,
     .widen = widen_avx512,
     .dots_f64 = dots_f64_avx512,

@@ -151,6 +151,12 @@ static void axpy_rows_i8_generic(const float *p, const float *scale, const int8_
     }
 }
 
+static void column_sums_generic(const float *x, int64_t ldx, int64_t rows, int64_t n, float *sums)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < n; i++) sums[i] += x[r * ldx + i];
+}
+
 static void abs_max_generic(const float *s, int64_t lds, int64_t rows, int64_t cols, float *top)
 {
     for (int64_t j = 0; j < cols; j++)
@@ -359,6 +365,7 @@ const mha__kernels mha__kernels_generic = {
     .exp_shift = exp_shift_generic,
     .abs_max = abs_max_generic,
     .key_sums = key_sums_generic,
+    .column_sums = column_sums_generic,
     .norm2 = norm2_generic,
     .widen = widen_generic,
     .dots_f64 = dots_f64_generic,

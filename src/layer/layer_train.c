@@ -430,7 +430,8 @@ static mha_status projection_grads(mha_ctx *ctx, const mha_layer *l, matrix m, i
     mha__layer_train *t = l->train;
     mha__batched dpb = mha__layer_activations(l, dp, N, T1, m == MAT_Q ? l->desc.num_heads : l->desc.num_kv_heads);
     if (t->g_b_in)
-        mha__column_sums(ctx, N, T, &dpb, mha__layer_out_features(l, m), t->g_b_in + mha__layer_bias_offset(l, m));
+        mha__column_sums(ctx, l->isa->f32, N, T, &dpb, mha__layer_out_features(l, m),
+                         t->g_b_in + mha__layer_bias_offset(l, m));
     mha_status st = MHA_OK;
     if (!weight_done) {
         mha__batched xb = contiguous(x, stage);
@@ -501,7 +502,7 @@ static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, co
     mha__batched dy = contiguous(grad_attn_output, g.stage);
     mha__batched heads = mha__layer_activations(l, tape->heads, N, L, H),
                  dout = mha__layer_activations(l, g.dout, N, L, H);
-    if (t->g_b_out) mha__column_sums(ctx, N, L, &dy, E, t->g_b_out);
+    if (t->g_b_out) mha__column_sums(ctx, l->isa->f32, N, L, &dy, E, t->g_b_out);
     if ((st = weight_grad(ctx, l, MAT_OUT, N, L, &dy, &heads)) != MHA_OK ||
         (st = input_grad(ctx, l, MAT_OUT, N, L, &dy, &dout, false)) != MHA_OK)
         return st;
