@@ -16,6 +16,7 @@
   below).
 """
 
+import math
 import sys
 import threading
 
@@ -88,7 +89,7 @@ def empty(shape):
     library writes every one), starting on a cache line (aligned_empty):
     new, or from 1 MiB on the memory of an earlier output that nothing
     refers to any more."""
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     if n * 4 < SPARE_MIN_BYTES:
         return aligned_empty(n).reshape(shape)
     with _spare_lock:

@@ -101,9 +101,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 class _MHA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, module, args, query, key, value, *params):
+    def forward(ctx, module, args, named, query, key, value, *params):
         kpm, need_weights, attn_mask, average, is_causal = args
-        layer = module._sync()
+        layer = module._sync(named)
         record = any(t.requires_grad for t in (query, key, value, *params))
         q = _np(query)
         k = q if key is query else _np(key)  # the same array for self-attention: one gradient for all its uses
@@ -111,6 +111,7 @@ class _MHA(torch.autograd.Function):
         out, weights, saved = layer._run(q, k, v, kpm, need_weights, attn_mask, average, is_causal, record)
         ctx.module, ctx.saved, ctx.consumed = module, saved, False
         ctx.same = (key is query, value is key)
+        ctx.grad_shapes = [(name, p.shape) for name, p in named]  # params' order and shapes
         result = torch.from_numpy(out)
         w = torch.from_numpy(weights) if weights is not None else None
         if w is not None:
@@ -132,8 +133,13 @@ class _MHA(torch.autograd.Function):
         key_same, value_same = ctx.same
         gx = [torch.from_numpy(gq), None if key_same else torch.from_numpy(gk),
               None if value_same else torch.from_numpy(gv)]
-        params = [torch.from_numpy(grads[name]).reshape(p.shape) for name, p in module._named_params()]
-        return (None, None, *gx, *params)
+        # Reshaped by numpy, and only where the library's shape is not the
+        # parameter's (bias_k's): a torch reshape is a dispatched operation.
+        params = []
+        for name, shape in ctx.grad_shapes:
+            g = grads[name]
+            params.append(torch.from_numpy(g if g.shape == shape else g.reshape(shape)))
+        return (None, None, None, *gx, *params)
 
 
 class MultiheadAttention(torch.nn.Module):
@@ -207,12 +213,12 @@ class MultiheadAttention(torch.nn.Module):
         takes them."""
         return [(name, p) for name, p in self.named_parameters() if p is not None]
 
-    def _sync(self):
+    def _sync(self, named=None):
         """The libmha layer with the parameters' current values (packed
         again only when one changed, e.g. after an optimizer step; copied
         too unless the parameter is a view of the layer's own values, see
-        _share_weights)."""
-        named = self._named_params()
+        _share_weights).  named: _named_params(), if the caller has it."""
+        named = self._named_params() if named is None else named
         versions = tuple((id(p), p._version, p.data_ptr()) for _, p in named)
         if versions != self._versions:
             with torch.no_grad():
@@ -242,8 +248,11 @@ class MultiheadAttention(torch.nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        for t, name in ((query, "query"), (key, "key"), (value, "value")):
-            _check_tensor(t, name, (torch.float32,))
+        _check_tensor(query, "query", (torch.float32,))
+        if key is not query:
+            _check_tensor(key, "key", (torch.float32,))
+        if value is not key and value is not query:
+            _check_tensor(value, "value", (torch.float32,))
         if is_causal and attn_mask is not None and key_padding_mask is None and not need_weights:
             attn_mask = None  # PyTorch's rule: is_causal is a hint that attn_mask is the causal mask
         masks = []
@@ -252,8 +261,12 @@ class MultiheadAttention(torch.nn.Module):
                 _check_tensor(m, name, (torch.bool, torch.float32))
             masks.append(None if m is None else _np(m))
         args = (masks[0], need_weights, masks[1], average_attn_weights, is_causal)
-        params = [p for _, p in self._named_params()]
+        # The module's parameters walked once a call, for _sync and the
+        # backward too: a training step's Python runs with its caches cold
+        # after the library's calls, where each walk took ~50 us (E = 768).
+        named = self._named_params()
+        params = [p for _, p in named]
         if self._shared is None and torch.is_grad_enabled() and any(p.requires_grad for p in params):
             self._share_weights()
-        out, weights = _MHA.apply(self, args, query, key, value, *params)
+        out, weights = _MHA.apply(self, args, named, query, key, value, *params)
         return out, weights
