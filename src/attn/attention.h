@@ -110,6 +110,10 @@ typedef struct mha__row_norm {
     const float *delta; /* NULL, or each row's sum_j P_ij dP_ij over all its
                            keys, of which the call sees a block (then no
                            row is renormalised over the call's keys) */
+    /* NULL, or what the forward found for its wide rows over the same q
+     * and k (mha__wide_rows' q_norm2; mha__keys_norm2_max_all's array):
+     * the backward then takes them instead of reading Q and K again. */
+    const double *q_norm2, *k_norm2_max;
 } mha__row_norm;
 
 /* The sizes of one attention problem: batch, query and kv heads, query

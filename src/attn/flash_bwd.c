@@ -62,8 +62,9 @@ typedef struct bwd_job {
     int64_t groups;             /* G: key-block groups per kv head */
     int64_t pass_blocks;        /* key blocks a sweep takes per pass over the query blocks */
     bool from_lse;              /* the forward kept an lse, not (max, sum) */
-    double *k_norm2;            /* [B * Hkv]: each kv head's largest squared key norm, found before dK may
-                                 * overwrite K (mha__keys_norm2_max_all) */
+    const double *k_norm2;      /* [B * Hkv]: each kv head's largest squared key norm, found before dK may
+                                 * overwrite K (mha__keys_norm2_max_all), or the forward's */
+    const double *q_norm2;      /* the forward's squared query norms (mha__wide_rows), or NULL */
 } bwd_job;
 
 /* Per-thread tiles. */
@@ -385,7 +386,7 @@ static void release_split(const bwd_job *j)
 static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
-    mha__wide_rows(p, j->q, NULL, b, h, i0, rows, j->k_norm2[b * p->Hkv + h / p->group], t->wide);
+    mha__wide_rows(p, j->q, j->q_norm2, b, h, i0, rows, j->k_norm2[b * p->Hkv + h / p->group], t->wide);
     mha__pack_columns(j->kt, t->qt, BQ, rows_at(j->q, b, h, i0), rows, p->D, p->scale);
     mha__pack_columns(j->kt, t->dot, BQ, rows_at(j->dout, b, h, i0), rows, p->Dv, 1.0f);
     if (!p->split) return;
@@ -929,8 +930,10 @@ mha_status mha__attn_backward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor 
     if (!row_floats(p, partial_groups(j.groups, j.first_is_dq), &floats)) return MHA_ERR_INTERNAL; /* planned */
     float *rows = mha__ws_take(ctx, floats * (int64_t)sizeof(float));
     /* Each kv head's largest key norm (attention.h: refined scores), before
-     * the sweep: its items write dK over K where they alias. */
-    j.k_norm2 = rows ? mha__keys_norm2_max_all(ctx, p, NULL, k) : NULL;
+     * the sweep: its items write dK over K where they alias.  The forward's,
+     * where it kept them (the layer's tape). */
+    j.q_norm2 = norm->q_norm2;
+    j.k_norm2 = !rows ? NULL : norm->k_norm2_max ? norm->k_norm2_max : mha__keys_norm2_max_all(ctx, p, NULL, k);
     j.scratch = j.k_norm2 ? mha__ws_take_per_thread(ctx, bwd_tiles_floats(p), &j.scratch_stride) : NULL;
     if (!j.scratch) return MHA_ERR_INTERNAL;
     j.shift = rows;

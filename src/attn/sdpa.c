@@ -204,7 +204,7 @@ mha_status mha_attention_backward(mha_ctx *ctx, mha_tensor *dq, mha_tensor *dk, 
 {
     if (!ctx || !dq || !dk || !dv || !q || !k || !v || !out || !lse || !grad_out || !desc)
         return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward: NULL argument");
-    mha__row_norm norm = {lse, NULL, NULL, NULL};
+    mha__row_norm norm = {.lse = lse};
     return attention_backward(ctx, dq, dk, dv, q, k, v, out, &norm, grad_out, desc);
 }
 
@@ -216,7 +216,7 @@ mha_status mha_attention_backward_with_stats(mha_ctx *ctx, mha_tensor *dq, mha_t
     if (!ctx || !dq || !dk || !dv || !q || !k || !v || !out || !stats || !stats->max || !stats->sum || !grad_out ||
         !desc)
         return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward_with_stats: NULL argument");
-    mha__row_norm norm = {NULL, stats->max, stats->sum, NULL};
+    mha__row_norm norm = {.max = stats->max, .sum = stats->sum};
     return attention_backward(ctx, dq, dk, dv, q, k, v, out, &norm, grad_out, desc);
 }
 
@@ -228,7 +228,7 @@ mha_status mha_attention_backward_block(mha_ctx *ctx, mha_tensor *dq, mha_tensor
     if (!ctx || !dq || !dk || !dv || !q || !k || !v || !stats || !stats->max || !stats->sum || !delta || !grad_out ||
         !desc)
         return mha__fail(MHA_ERR_MISUSE, "mha_attention_backward_block: NULL argument");
-    mha__row_norm norm = {NULL, stats->max, stats->sum, delta};
+    mha__row_norm norm = {.max = stats->max, .sum = stats->sum, .delta = delta};
     /* grad_out stands in for the output, whose shape it has: with delta
      * given, the output is never read. */
     return attention_backward(ctx, dq, dk, dv, q, k, v, grad_out, &norm, grad_out, desc);
@@ -248,7 +248,7 @@ mha_status mha_attention_backward_row_sums(mha_ctx *ctx, double *p_sum, double *
     mha_status st = backward_plan(ctx, q, k, v, q, k, v, grad_out, grad_out, desc, &p, &bytes);
     if (st == MHA_OK) st = mha__ws_reserve(ctx, bytes);
     if (st != MHA_OK) return st;
-    mha__row_norm norm = {NULL, stats->max, stats->sum, NULL};
+    mha__row_norm norm = {.max = stats->max, .sum = stats->sum};
     mha__attn_row_sums(ctx, &p, q, k, v, grad_out, &norm, p_sum, p_dp);
     return MHA_OK;
 }

@@ -79,6 +79,7 @@ typedef struct fwd_plan {
     bool keep_norms;             /* the wide pass's norms go to the attention: no rotation between */
     int64_t nq, nk, nrow, n_out; /* floats: Q (and heads), K (and V), each statistic, the output */
     int64_t n_norms;             /* doubles of the kept norms (mha__layer_norms) */
+    int64_t norms_at;            /* their offset in floats in the tape's buffers, or -1: workspace */
     int64_t buffers;             /* floats of Q, K, V, heads, statistics: workspace or tape */
     int64_t staging_at;          /* offset of the staging area in the workspace, or -1: Q's buffer */
     int64_t workspace;           /* bytes */
@@ -98,6 +99,10 @@ static mha_status plan_buffers(const mha_layer *l, bool tape, fwd_plan *f)
         return mha__fail(MHA_ERR_INVALID_ARG, "the layer's workspace for %lld x %lld queries and %lld keys overflows",
                          (long long)f->N, (long long)f->L, (long long)f->S1);
     f->buffers = all - f->n_out;
+    /* A tape keeps the norms after its activations (doubles: an even
+     * offset), for the backward. */
+    f->norms_at = tape && f->n_norms ? f->buffers + f->buffers % 2 : -1;
+    if (f->norms_at >= 0) f->buffers = f->norms_at + 2 * f->n_norms;
     /* A strided output is staged in Q's buffer, free once the heads have
      * their own, when it is large enough; else in an area of its own. */
     f->staging_at = f->staged && (tape || f->n_out > f->nq) ? (tape ? 0 : f->buffers) : -1;
@@ -142,7 +147,7 @@ static mha_status plan_forward(const mha_ctx *ctx, const mha_layer *l, const mha
     if (st != MHA_OK) return st;
     int64_t staging = f->staging_at >= 0 ? f->n_out : 0, floats = (tape ? 0 : f->buffers) + staging;
     if (!mha__ws_add(&own, floats * (int64_t)sizeof(float), "the layer's activations") ||
-        !mha__ws_add(&own, f->n_norms * (int64_t)sizeof(double), "the wide pass's norms") ||
+        !mha__ws_add(&own, (tape ? 0 : f->n_norms) * (int64_t)sizeof(double), "the wide pass's norms") ||
         !mha__add(own, calls, &f->workspace))
         return mha__fail(MHA_ERR_INVALID_ARG, "the layer's workspace overflows");
     return MHA_OK;
@@ -188,7 +193,8 @@ static mha_status buffers_get(mha_ctx *ctx, const fwd_plan *f, mha_layer_tape *t
     if (own && !ws) return MHA_ERR_INTERNAL;
     *b = carve_buffers(f, tape ? tape->base : ws, f->staging_at >= 0 ? ws + f->staging_at : NULL);
     if (f->n_norms) {
-        b->norms.q = mha__ws_take(ctx, f->n_norms * (int64_t)sizeof(double));
+        b->norms.q = tape ? (double *)(void *)(tape->base + f->norms_at)
+                          : mha__ws_take(ctx, f->n_norms * (int64_t)sizeof(double));
         if (!b->norms.q) return MHA_ERR_INTERNAL;
         b->norms.k_max = b->norms.q + f->nrow;
     }
@@ -224,9 +230,21 @@ mha__attn_plan mha__layer_plan(const mha_layer *l, const mha_layer_fwd_args *a)
 static void record(mha_layer_tape *tape, const mha_layer *l, const mha_layer_fwd_args *a, const layer_buffers *b)
 {
     if (tape)
-        *tape = (mha_layer_tape){
-            TAPE_MAGIC, l,    a->query.shape[0], a->query.shape[1], a->key.shape[1], a->position,   b->q,
-            b->k,       b->v, b->heads,          b->stats,          tape->base,      tape->capacity};
+        *tape = (mha_layer_tape){.magic = TAPE_MAGIC,
+                                 .layer = l,
+                                 .N = a->query.shape[0],
+                                 .L = a->query.shape[1],
+                                 .S = a->key.shape[1],
+                                 .position = a->position,
+                                 .q = b->q,
+                                 .k = b->k,
+                                 .v = b->v,
+                                 .heads = b->heads,
+                                 .stats = b->stats,
+                                 .q_norm2 = b->norms.q,
+                                 .k_norm2_max = b->norms.k_max,
+                                 .base = tape->base,
+                                 .capacity = tape->capacity};
 }
 
 static mha_status check_tape(const mha_layer *l, const mha_layer_tape *tape)

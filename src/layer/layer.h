@@ -64,8 +64,11 @@ struct mha_layer_tape {
     int64_t position;         /* and its rope position */
     float *q, *k, *v, *heads; /* activations (mha__layer_activations layout), S' key rows */
     mha__row_stats stats;     /* [N, h, L] */
-    float *base;              /* one allocation behind all of the above */
-    int64_t capacity;         /* floats in base */
+    /* The wide pass's norms the attention took (mha__layer_norms), NULL
+     * when not kept (rotary embeddings, bf16): the backward's too. */
+    const double *q_norm2, *k_norm2_max;
+    float *base;      /* one allocation behind all of the above */
+    int64_t capacity; /* floats in base */
 };
 
 enum { TAPE_MAGIC = 0x6d686174 }; /* "mhat" */

@@ -511,7 +511,8 @@ static mha_status run_backward(mha_ctx *ctx, mha_layer *l, const bwd_plan *p, co
     mha_tensor qh = mha__layer_heads_view(l, tape->q, N, L, H), kh = mha__layer_heads_view(l, tape->k, N, S1, G);
     mha_tensor vh = mha__layer_heads_view(l, tape->v, N, S1, G), oh = mha__layer_heads_view(l, tape->heads, N, L, H);
     mha_tensor doh = mha__layer_heads_view(l, g.dout, N, L, H);
-    mha__row_norm norm = {NULL, tape->stats.max, tape->stats.sum, NULL};
+    mha__row_norm norm = {
+        .max = tape->stats.max, .sum = tape->stats.sum, .q_norm2 = tape->q_norm2, .k_norm2_max = tape->k_norm2_max};
     if ((st = mha__attn_backward(ctx, &p->attn, &oh, &kh, &vh, &qh, &kh, &vh, &oh, &doh, &norm)) != MHA_OK) return st;
     /* Back through the rotation: the gradients of the unrotated Q and K. */
     if ((st = mha__layer_rotate(ctx, l, &oh, &kh, tape->position, true)) != MHA_OK) return st;
