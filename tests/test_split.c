@@ -196,46 +196,6 @@ static void test_near_fillers(const mha__bf16_kernels *bk)
     }
 }
 
-/* split_near_block: both near fillers of a block of up to 32 x 32 values
- * at once, the bits of the four tiles the fillers make apart
- * (split_near_rows_tile of rows 0-15 and 16-31, split_near_pairs_tile of
- * columns 0-15 and 16-31), over whole, partial and one-row blocks, and
- * false exactly where one of them is (an unsplittable value inside the
- * block, or outside it where neither reads). */
-static void test_near_block(const mha__bf16_kernels *bk)
-{
-    enum { LDS = 40, TILES = 3 * MHA_SPLIT_TILE };
-    static float src[40 * LDS];
-    static uint16_t both[4][TILES], apart[4][TILES];
-    static const int64_t cases[][2] = {{32, 32}, {17, 5}, {1, 32}, {32, 3}, {20, 16}, {16, 17}, {31, 31}, {9, 1}};
-    int bad = 0, flags = 0;
-    uint32_t edge_bits = 0x7f7f8000u;
-    float edge;
-    memcpy(&edge, &edge_bits, sizeof edge);
-    for (int round = 0; round < 12; round++) {
-        int e = -130 + round * 23;
-        for (int i = 0; i < 40 * LDS; i++)
-            src[i] = ldexpf(1.0f + 0.99f * fabsf(uniform()), e - i % 5) * (uniform() < 0 ? -1.0f : 1.0f);
-        if (round % 3 == 1) src[(round % 32) * LDS + (7 * round) % 32] = round % 2 ? INFINITY : edge;
-        if (round % 3 == 2) src[33 * LDS + 2] = NAN; /* below every block's rows: read by neither */
-        for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-            int64_t live = cases[c][0], n = cases[c][1];
-            memset(both, 0xab, sizeof both);
-            memset(apart, 0xcd, sizeof apart);
-            uint16_t *const rows[2] = {both[0], both[1]}, *const pairs[2] = {both[2], both[3]};
-            bool ok = bk->split_near_block(src, LDS, live, n, rows, pairs);
-            bool want = bk->split_near_rows_tile(src, LDS, live < 16 ? live : 16, n, apart[0]);
-            want &= bk->split_near_rows_tile(src + 16 * LDS, LDS, live > 16 ? live - 16 : 0, n, apart[1]);
-            want &= bk->split_near_pairs_tile(src, LDS, live, n < 16 ? n : 16, apart[2]);
-            want &= bk->split_near_pairs_tile(src + 16, LDS, live, n > 16 ? n - 16 : 0, apart[3]);
-            bad += memcmp(both, apart, sizeof both) != 0;
-            flags += ok != want;
-        }
-    }
-    CHECK(bad == 0 && flags == 0, "%s split_near_block: %d blocks differ from the fillers', %d flags", bk->name, bad,
-          flags);
-}
-
 /* gemm_split's three ways with C, on 2 row pairs of A read a_run values
  * apart (one block of k more than the product uses) and a pair of B's
  * column tiles: the store and the sum from zero the same bits, within
@@ -629,7 +589,6 @@ int main(void)
     test_tile_fillers(bk);
     test_unit_pairs(bk);
     test_near_fillers(bk);
-    test_near_block(bk);
     test_gemm_modes(bk);
     test_products(ctx1, ctx3, &k);
     test_shared_input(ctx1, ctx3, &k);

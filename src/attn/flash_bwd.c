@@ -88,8 +88,7 @@ typedef struct bwd_tiles {
     bool qs_finite, dos_finite;
     /* dV, dK and dQ from split products (split_grads) only: */
     uint16_t *qb, *dob; /* the query block's Q rows, and dO rows, as B's column tiles, k down the queries */
-    uint16_t *grad;     /* P^T or dS^T as A's row tiles (k along the queries) */
-    uint16_t *grad_b;   /* dS^T as B's column tiles (k along the keys), split with grad's */
+    uint16_t *grad;     /* P^T or dS^T as A's row tiles (k along the queries), or dS^T as B's column tiles */
     float *dqt;         /* [D][BQ]  the query block's dQ^T sum over one pass's key blocks */
     float *dq_block;    /* [BQ][D]  dqt turned back into rows */
     bool qb_finite, dob_finite;
@@ -195,7 +194,6 @@ static bwd_tiles carve_tiles(const mha__attn_plan *p, carver *c)
     t.qb = (uint16_t *)carve(c, z.rows / 2);
     t.dob = z.rows && t.qb ? t.qb + p->D / SPLIT_ROWS * mha__split_run(mha__split_blocks(BQ)) : NULL;
     t.grad = (uint16_t *)carve(c, z.grad / 2);
-    t.grad_b = (uint16_t *)carve(c, z.grad / 2);
     t.dqt = carve(c, z.dqt);
     t.dq_block = carve(c, z.dqt);
     t.qb_finite = t.dob_finite = false;
@@ -576,40 +574,40 @@ typedef struct block_operands {
     int64_t ldk;
 } block_operands;
 
-/* acc += X^T B, X = P or dS ([BK][BQ] key-major: its rows are A's
- * rows, k along the queries) split as `keys` (A's row tiles), B split as
- * `columns` (k down the queries), 32 of acc's `width` columns a call. */
-static void add_key_rows(const bwd_job *j, const uint16_t *keys, int64_t rows, int64_t cols, const uint16_t *columns,
-                         float *acc, int64_t width)
+/* acc (+)= X^T B, X = P or dS ([BK][BQ] key-major: its rows are A's
+ * rows, k along the queries), B split as `columns` (k down the
+ * queries), 32 of acc's `width` columns a call; false, nothing added,
+ * where X is not finite. */
+static bool add_key_rows(const bwd_job *j, bwd_tiles *t, const float *x, int64_t rows, int64_t cols,
+                         const uint16_t *columns, float *acc, int64_t width)
 {
+    const mha__bf16_kernels *bk = j->p->bk;
     int64_t kb = mha__split_blocks(rows), run = mha__split_run(kb), pairs = (cols + PAIR - 1) / PAIR;
+    if (!mha__split_tiles_near(bk, false, x, BQ, 2 * pairs, cols, rows, t->grad)) return false;
     for (int64_t c0 = 0; c0 < width; c0 += PAIR)
-        j->p->bk->gemm_split(pairs, kb, keys, run, columns + c0 / SPLIT_ROWS * run, acc + c0, width, MHA_SPLIT_ADD,
-                             NULL);
+        bk->gemm_split(pairs, kb, t->grad, run, columns + c0 / SPLIT_ROWS * run, acc + c0, width, MHA_SPLIT_ADD, NULL);
+    return true;
 }
 
 /* dV += P^T dO, dK += dS^T Q (unscaled) and the query block's dQ^T +=
  * K^T dS^T, from split products; each product whose operands are not
  * all finite (or K's rows strided) takes the float32 tiles instead, the
- * same sums in float32 chains.  dS is split once into both of its
- * layouts (A's rows for dK, B's pairs for dQ). */
+ * same sums in float32 chains. */
 static void split_block_grads(const bwd_job *j, bwd_tiles *t, int64_t slot, int64_t rows, int64_t cols,
                               block_operands f, float *acc_v, float *acc_k)
 {
     const mha__attn_plan *p = j->p;
     const mha__kernels *kt = j->kt;
-    int64_t pairs = (cols + PAIR - 1) / PAIR;
-    if (t->dob_finite && mha__split_tiles_near(p->bk, false, t->st, BQ, 2 * pairs, cols, rows, t->grad))
-        add_key_rows(j, t->grad, rows, cols, t->dob, acc_v, p->Dv);
-    else product(kt, cols, p->Dv, rows, t->st, BQ, 1, f.dor, f.lddo, acc_v, p->Dv, 1);
-    bool ds_split = mha__split_tiles_near_both(p->bk, t->dpt, BQ, cols, rows, t->grad, t->grad_b);
-    if (t->qb_finite && ds_split) add_key_rows(j, t->grad, rows, cols, t->qb, acc_k, p->D);
-    else product(kt, cols, p->D, rows, t->dpt, BQ, 1, f.qr, f.ldqr, acc_k, p->D, 1);
-    int64_t kb = mha__split_blocks(cols), run = mha__split_run(kb);
-    if (t->kv_finite[3 * slot + SLOT_KT] && ds_split) {
+    if (!t->dob_finite || !add_key_rows(j, t, t->st, rows, cols, t->dob, acc_v, p->Dv))
+        product(kt, cols, p->Dv, rows, t->st, BQ, 1, f.dor, f.lddo, acc_v, p->Dv, 1);
+    if (!t->qb_finite || !add_key_rows(j, t, t->dpt, rows, cols, t->qb, acc_k, p->D))
+        product(kt, cols, p->D, rows, t->dpt, BQ, 1, f.qr, f.ldqr, acc_k, p->D, 1);
+    int64_t kb = mha__split_blocks(cols), run = mha__split_run(kb), pairs = (rows + PAIR - 1) / PAIR;
+    if (t->kv_finite[3 * slot + SLOT_KT] &&
+        mha__split_tiles_near(p->bk, true, t->dpt, BQ, 2 * pairs, rows, cols, t->grad)) {
         const uint16_t *kcols = slot_tiles(j, t, slot, SLOT_KT);
         for (int64_t r0 = 0; r0 < rows; r0 += PAIR)
-            p->bk->gemm_split(p->D / PAIR, kb, kcols, run, t->grad_b + r0 / SPLIT_ROWS * run, t->dqt + r0, BQ,
+            p->bk->gemm_split(p->D / PAIR, kb, kcols, run, t->grad + r0 / SPLIT_ROWS * run, t->dqt + r0, BQ,
                               MHA_SPLIT_ADD, NULL);
     } else {
         product(kt, p->D, rows, cols, f.kr, 1, f.ldk, t->dpt, BQ, t->dqt, BQ, 1);

@@ -73,24 +73,6 @@ bool mha__split_tiles_near(const mha__bf16_kernels *bk, bool pairs, const float 
                           width, dst);
 }
 
-bool mha__split_tiles_near_both(const mha__bf16_kernels *bk, const float *x, int64_t ld, int64_t rows, int64_t cols,
-                                uint16_t *to_rows, uint16_t *to_pairs)
-{
-    int64_t run_rows = mha__split_run(mha__split_blocks(cols)), run_pairs = mha__split_run(mha__split_blocks(rows));
-    bool finite = true;
-    for (int64_t r0 = 0; r0 < rows; r0 += MHA_SPLIT_K)
-        for (int64_t c0 = 0; c0 < cols; c0 += MHA_SPLIT_K) {
-            uint16_t *row_tiles = to_rows + (r0 / 16) * run_rows + (c0 / MHA_SPLIT_K) * 3 * MHA_SPLIT_TILE;
-            uint16_t *pair_tiles = to_pairs + (c0 / 16) * run_pairs + (r0 / MHA_SPLIT_K) * 3 * MHA_SPLIT_TILE;
-            uint16_t *const row_pair[2] = {row_tiles, row_tiles + run_rows};
-            uint16_t *const col_pair[2] = {pair_tiles, pair_tiles + run_pairs};
-            int64_t live = rows - r0 < MHA_SPLIT_K ? rows - r0 : MHA_SPLIT_K;
-            int64_t n = cols - c0 < MHA_SPLIT_K ? cols - c0 : MHA_SPLIT_K;
-            finite &= bk->split_near_block(x + r0 * ld + c0, ld, live, n, row_pair, col_pair);
-        }
-    return finite;
-}
-
 mha__split_sizes mha__split_sizes_of(const mha__attn_plan *p)
 {
     if (!p->split) return (mha__split_sizes){0};

@@ -164,13 +164,6 @@ bool mha__split_tiles(const mha__bf16_kernels *bk, bool pairs, const float *x, i
  * counts; false also for a value at the edge of float32's range. */
 bool mha__split_tiles_near(const mha__bf16_kernels *bk, bool pairs, const float *x, int64_t ld, int64_t tiles,
                            int64_t count, int64_t width, uint16_t *dst);
-/* Both at once, from one load and split of each value (split_near_block):
- * x's `rows` x `cols` values as the row tiles mha__split_tiles_near(bk,
- * false, x, ld, 2 * ceil(rows / 32), rows, cols, to_rows) makes and the
- * column tiles mha__split_tiles_near(bk, true, x, ld, 2 * ceil(cols / 32),
- * cols, rows, to_pairs) makes, the same bits; false where either is. */
-bool mha__split_tiles_near_both(const mha__bf16_kernels *bk, const float *x, int64_t ld, int64_t rows, int64_t cols,
-                                uint16_t *to_rows, uint16_t *to_pairs);
 
 /* The split-K driver's two row operations on cached K and V rows stored
  * in the cache's dtype, element `at` onward, rows ld elements apart, with

@@ -457,40 +457,6 @@ bool mha__split_near_rows_tile_amx(const float *src, int64_t lds, int64_t live, 
     return ok == 0xffff;
 }
 
-/* Both near fillers of one block of live <= 32 rows of n <= 32 values,
- * from one load and one split of each value: rows[0] and rows[1] as
- * split_near_rows_tile of rows 0-15 and 16-31, pairs[0] and pairs[1] as
- * split_near_pairs_tile of columns 0-15 and 16-31, the same bits.  The
- * backward's dS feeds two products, dK's as A's rows and dQ's as B's
- * pairs; split apart, the second filler loaded and split it again. */
-bool mha__split_near_block_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *const rows[2],
-                               uint16_t *const pairs[2])
-{
-    __mmask16 mask[2] = {first_lanes(n), first_lanes(n - 16)}, ok = 0xffff;
-    for (int64_t pr = 0; pr < 16; pr++) {
-        parts s[2][2]; /* [row of the pair][half of the columns] */
-        for (int h = 0; h < 2; h++) {
-            int64_t r = 2 * pr + h;
-            for (int c = 0; c < 2; c++) {
-                __m512 x = r < live ? _mm512_maskz_loadu_ps(mask[c], src + r * lds + 16 * c) : _mm512_setzero_ps();
-                ok &= splittable_lanes(x);
-                s[h][c] = split_unit_lanes(x);
-            }
-            uint16_t *row = rows[r / 16] + (r % 16) * MHA_SPLIT_K;
-            store_high_halves(row, s[h][0].hi, s[h][1].hi);
-            store_high_halves(row + MHA_SPLIT_TILE, s[h][0].mid, s[h][1].mid);
-            store_high_halves(row + 2 * MHA_SPLIT_TILE, s[h][0].lo, s[h][1].lo);
-        }
-        for (int c = 0; c < 2; c++) {
-            uint16_t *row = pairs[c] + pr * MHA_SPLIT_K;
-            store_pairs(row, s[0][c].hi, s[1][c].hi);
-            store_pairs(row + MHA_SPLIT_TILE, s[0][c].mid, s[1][c].mid);
-            store_pairs_cut(row + 2 * MHA_SPLIT_TILE, s[0][c].lo, s[1][c].lo);
-        }
-    }
-    return ok == 0xffff;
-}
-
 /* A tile row of zeros in each of the three parts: rows past the live ones. */
 static void zero_row(uint16_t *row)
 {

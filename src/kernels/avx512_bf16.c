@@ -247,7 +247,6 @@ const mha__bf16_kernels mha__bf16_kernels_amx = {
     .split_unit_pairs_tile = mha__split_unit_pairs_tile_amx,
     .split_near_rows_tile = mha__split_near_rows_tile_amx,
     .split_near_pairs_tile = mha__split_near_pairs_tile_amx,
-    .split_near_block = mha__split_near_block_amx,
     .gemm_split = mha__gemm_split_amx,
     .split_release = mha__split_release_amx,
 };

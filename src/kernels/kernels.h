@@ -369,11 +369,7 @@ enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
  * split_pairs_tile with hi and mid rounded half away from zero (two
  * operations, not round-to-even's six), false also for a value within
  * half a bf16 step of FLT_MAX (its rounding would overflow): the parts
- * still add up to the value exactly, but are not split_rows_tile's.
- * split_near_block fills both layouts of one block of live <= 32 rows of
- * n <= 32 values (rows[0], rows[1]: split_near_rows_tile of its rows 0-15
- * and 16-31; pairs[0], pairs[1]: split_near_pairs_tile of its columns
- * 0-15 and 16-31), the same bits, false as those would be. */
+ * still add up to the value exactly, but are not split_rows_tile's. */
 enum { MHA_SPLIT_TILE = 512, MHA_SPLIT_K = 32 };
 enum { MHA_SPLIT_STORE, MHA_SPLIT_ADD, MHA_SPLIT_SCALE_ADD, MHA_SPLIT_BIAS_ADD };
 typedef bool (*mha__split3_fn)(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
@@ -385,8 +381,6 @@ typedef void (*mha__split_transpose_fn)(uint16_t *tiles);
 typedef void (*mha__gemm_split_fn)(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run,
                                    const uint16_t *b, float *c, int64_t ldc, int accumulate, const float *col_scale);
 typedef bool (*mha__split_tile_fn)(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
-typedef bool (*mha__split_block_fn)(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *const rows[2],
-                                    uint16_t *const pairs[2]);
 
 typedef struct mha__bf16_kernels {
     const char *name; /* "generic", "avx2", "avx512_bf16" or "amx" */
@@ -408,7 +402,6 @@ typedef struct mha__bf16_kernels {
     mha__split_tile_fn split_rows_tile, split_pairs_tile;
     void (*split_unit_pairs_tile)(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
     mha__split_tile_fn split_near_rows_tile, split_near_pairs_tile;
-    mha__split_block_fn split_near_block;
     mha__gemm_split_fn gemm_split;
     void (*split_release)(void);
 } mha__bf16_kernels;
@@ -430,8 +423,6 @@ bool mha__split_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int6
 void mha__split_unit_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 bool mha__split_near_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 bool mha__split_near_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
-bool mha__split_near_block_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *const rows[2],
-                               uint16_t *const pairs[2]);
 void mha__split_release_amx(void);
 /* AVX2 without native bf16 dot products: its own cache rows (dot_rows,
  * axpy_rows: a bf16 KV cache decodes at the speed of its bytes), the
