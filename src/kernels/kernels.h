@@ -167,13 +167,13 @@ typedef void (*mha__abs_max_fn)(const float *s, int64_t lds, int64_t rows, int64
  * max(top[i], s[c * lds + i]), passing over NaN.  Each sum one float64
  * chain in key order: the same bits in every kernel.  The backward's row
  * sums of p and p dP (flash_bwd.c). */
+typedef void (*mha__key_sums_fn)(const float *s, const float *w, int64_t lds, int64_t rows, int64_t cols, double *sum,
+                                 double *wsum, float *top);
+
 /* sums[i] += x[r * ldx + i] for i < n, over rows r < rows in order: each
  * sum one float32 chain in row order, the same bits in every kernel.  A
  * bias's gradient, the column sums of dY (gemm.c). */
 typedef void (*mha__column_sums_fn)(const float *x, int64_t ldx, int64_t rows, int64_t n, float *sums);
-
-typedef void (*mha__key_sums_fn)(const float *s, const float *w, int64_t lds, int64_t rows, int64_t cols, double *sum,
-                                 double *wsum, float *top);
 
 /* out[r] = sum_c x[r * ld + c]^2 for r < rows, c < n, in float64 and in
  * one order: lane c % 8 of eight partial sums takes c in turn (c < n / 8

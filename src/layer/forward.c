@@ -193,8 +193,8 @@ static mha_status buffers_get(mha_ctx *ctx, const fwd_plan *f, mha_layer_tape *t
     if (own && !ws) return MHA_ERR_INTERNAL;
     *b = carve_buffers(f, tape ? tape->base : ws, f->staging_at >= 0 ? ws + f->staging_at : NULL);
     if (f->n_norms) {
-        b->norms.q = tape ? (double *)(void *)(tape->base + f->norms_at)
-                          : mha__ws_take(ctx, f->n_norms * (int64_t)sizeof(double));
+        b->norms.q = f->norms_at >= 0 ? (double *)(void *)(tape->base + f->norms_at)
+                                      : mha__ws_take(ctx, f->n_norms * (int64_t)sizeof(double));
         if (!b->norms.q) return MHA_ERR_INTERNAL;
         b->norms.k_max = b->norms.q + f->nrow;
     }
