@@ -252,6 +252,59 @@ static void test_gemm_modes(const mha__bf16_kernels *bk)
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
 }
 
+/* Side work's record: the order its steps ran in. */
+typedef struct side_log {
+    int64_t ran[64], count;
+} side_log;
+
+static void log_step(void *ctx, int64_t i)
+{
+    side_log *log = ctx;
+    if (log->count < 64) log->ran[log->count] = i;
+    log->count++;
+}
+
+/* gemm_split_beside: gemm_split's bits, and each side step run once, in
+ * order, whether there are fewer steps than blocks of k, more, none, or
+ * no products to run them beside. */
+static void test_gemm_beside(const mha__bf16_kernels *bk)
+{
+    if (!bk->gemm_split_beside) return;
+    enum { KB = 3, PAIRS = 3, ROWS = 32 * PAIRS, LDC = 40 };
+    int64_t run = 3 * KB * MHA_SPLIT_TILE;
+    uint16_t *a = calloc((size_t)(2 * PAIRS * run), sizeof(uint16_t)), *b = calloc((size_t)(2 * run), 2);
+    float *x = random_floats(ROWS * 32 * KB, 2.0f), *w = random_floats(32 * KB * 32, 2.0f);
+    for (int64_t t = 0; t < 2 * PAIRS; t++)
+        for (int64_t kb = 0; kb < KB; kb++)
+            bk->split_rows_tile(x + t * 16 * 32 * KB + kb * 32, 32 * KB, 16, 32, a + t * run + kb * 3 * MHA_SPLIT_TILE);
+    for (int64_t t = 0; t < 2; t++)
+        for (int64_t kb = 0; kb < KB; kb++)
+            bk->split_pairs_tile(w + kb * 32 * 32 + t * 16, 32, 32, 16, b + t * run + kb * 3 * MHA_SPLIT_TILE);
+    float *c0 = random_floats(ROWS * LDC, 1.0f), *s = random_floats(32, 1.0f);
+    float *want = malloc(sizeof(float) * ROWS * LDC), *got = malloc(sizeof(float) * ROWS * LDC);
+    memcpy(want, c0, sizeof(float) * ROWS * LDC);
+    bk->gemm_split(PAIRS, KB, a, run, b, want, LDC, MHA_SPLIT_SCALE_ADD, s);
+    const int64_t counts[] = {0, 1, 5, PAIRS * KB, 37};
+    for (size_t n = 0; n < sizeof counts / sizeof counts[0]; n++)
+        for (int64_t pairs = 0; pairs <= PAIRS; pairs += PAIRS) {
+            side_log log = {.count = 0};
+            mha__side_work side = {log_step, &log, counts[n]};
+            memcpy(got, c0, sizeof(float) * ROWS * LDC);
+            bk->gemm_split_beside(pairs, KB, a, run, b, got, LDC, MHA_SPLIT_SCALE_ADD, s, &side);
+            bool in_order = log.count == counts[n];
+            for (int64_t i = 0; i < log.count && i < 64; i++) in_order &= log.ran[i] == i;
+            CHECK(in_order, "%s gemm_split_beside ran %lld of %lld side steps out of order (%lld row pairs)", bk->name,
+                  (long long)log.count, (long long)counts[n], (long long)pairs);
+            const float *expect = pairs ? want : c0;
+            CHECK(memcmp(got, expect, sizeof(float) * ROWS * LDC) == 0,
+                  "%s gemm_split_beside's C differs from gemm_split's (%lld side steps, %lld row pairs)", bk->name,
+                  (long long)counts[n], (long long)pairs);
+        }
+    bk->split_release();
+    void *owned[] = {a, b, x, w, c0, s, want, got};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
+}
+
 enum variant { PLAIN, BIAS, GROUPED, ADD, TRANSPOSED, VARIANTS };
 
 typedef struct problem {
@@ -590,6 +643,7 @@ int main(void)
     test_unit_pairs(bk);
     test_near_fillers(bk);
     test_gemm_modes(bk);
+    test_gemm_beside(bk);
     test_products(ctx1, ctx3, &k);
     test_shared_input(ctx1, ctx3, &k);
     test_weight_grads(ctx1, ctx3, &k);

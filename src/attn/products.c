@@ -78,7 +78,7 @@ mha__split_sizes mha__split_sizes_of(const mha__attn_plan *p)
     if (!p->split) return (mha__split_sizes){0};
     mha__split_sizes z;
     z.q = MHA__BR / 16 * mha__split_run(mha__split_blocks(p->D));
-    z.p = 2 * mha__split_run(MHA__BC / MHA_SPLIT_K);
+    z.p = 2 * 2 * mha__split_run(MHA__BC / MHA_SPLIT_K); /* two panels (products_split.c) */
     z.k = MHA__BC / 16 * mha__split_run(mha__split_blocks(p->D));
     z.v = p->Dv / 16 * mha__split_run(MHA__BC / MHA_SPLIT_K);
     z.slots = cache_slots(p, (z.k + z.v) * (int64_t)sizeof(uint16_t));

@@ -56,8 +56,8 @@ bool mha__split_attention(const mha__attn_plan *p, const mha__isa_kernels *isa, 
      * too, the case that made the scores alone 0.90x (docs/PERFORMANCE.md,
      * twentieth session).  P V adds 32 columns of O at a time: Dv a
      * multiple of 32 keeps them in their row. */
-    return !p->bf16 && isa->bf16 && isa->bf16->gemm_split && kv_dtype == MHA_DTYPE_F32 && p->Dv % PAIR == 0 &&
-           p->S >= min_rows && p->L >= min_rows;
+    return !p->bf16 && isa->bf16 && isa->bf16->gemm_split && isa->bf16->gemm_split_beside &&
+           kv_dtype == MHA_DTYPE_F32 && p->Dv % PAIR == 0 && p->S >= min_rows && p->L >= min_rows;
 }
 
 void mha__split_attention_min_rows(int64_t rows) { min_rows = rows < 0 ? MIN_ROWS : rows; }
@@ -196,11 +196,53 @@ static void values_by_f32(const mha__attn_plan *p, mha__strided v, int64_t rows,
     p->kt->transpose_scaled(t->o, MHA__BR, rowwise.o, p->Dv, rows, p->Dv, 1.0f);
 }
 
+/* Panel q of 32 queries' P^T, split into B's two column tiles: rows
+ * 32 q .. 32 q + n - 1 of the item, against the tile's first `keys` keys
+ * (past its reach its probabilities are 0: the keys stop at the block
+ * that holds its last, as the float32 table's). */
+typedef struct p_panel {
+    const mha__attn_plan *p;
+    const mha__tiles *t;
+    int64_t rows, r, n, keys, kb;
+    uint16_t *ps; /* half of t->ps: panels alternate, one split while the other multiplies */
+} p_panel;
+
+static p_panel panel_at(const mha__attn_plan *p, const mha__tiles *t, int64_t rows, int64_t q, int64_t half)
+{
+    int64_t r = q * PAIR, n = rows - r < PAIR ? rows - r : PAIR, keys = mha__strip_reach(t, r, n);
+    uint16_t *ps = t->ps + half * 2 * run_of(blocks_of(MHA__BC));
+    return (p_panel){p, t, rows, r, n, keys, blocks_of(keys), ps};
+}
+
+/* Step i of a panel's split (side work, kernels.h): its half i / kb (16
+ * queries) in block i % kb of keys. */
+static void split_panel_step(void *ctx, int64_t i)
+{
+    const p_panel *at = ctx;
+    int64_t h = i / at->kb, b = i % at->kb, r0 = at->r + h * SPLIT_ROWS;
+    int64_t m = at->rows - r0 < SPLIT_ROWS ? (at->rows - r0 > 0 ? at->rows - r0 : 0) : SPLIT_ROWS;
+    int64_t j0 = b * MHA_SPLIT_K, live = at->keys - j0 < MHA_SPLIT_K ? at->keys - j0 : MHA_SPLIT_K;
+    at->p->bk->split_unit_pairs_tile(at->t->st + j0 * MHA__LDS + r0, MHA__LDS, m ? live : 0, m,
+                                     at->ps + h * run_of(at->kb) + b * 3 * MHA_SPLIT_TILE);
+}
+
+static mha__side_work panel_split(p_panel *at) { return (mha__side_work){split_panel_step, at, 2 * at->kb}; }
+
+static void run_side_work(const mha__side_work *w)
+{
+    for (int64_t i = 0; i < w->steps; i++) w->step(w->ctx, i);
+}
+
 /* O^T = O^T * scale + V^T P^T, a panel of 32 queries at a time: V^T's row
  * tiles against a pair of P^T's column tiles (32 keys of the key-major
  * score tile a block, as pairs down their columns, no transpose), each
- * query's rescale applied to its column as the product is added.  A
- * panel that sees none of the tile's keys is only rescaled. */
+ * query's rescale applied to its column as the product is added.  The
+ * next panel's P is split while the tiles multiply this one's (side
+ * work, kernels.h), where the splits were a tenth of the core's time
+ * between the products.  Panels go last to first: the first one's split
+ * cannot hide, and taken first to last the core gained 1.02-1.04x, last
+ * to first 1.06x (docs/PERFORMANCE.md).  A panel that sees none of the
+ * tile's keys is only rescaled. */
 static void values_split(const mha__attn_plan *p, mha__strided v, int64_t rows, int64_t cols, int64_t tile,
                          const mha__tiles *t)
 {
@@ -211,28 +253,24 @@ static void values_split(const mha__attn_plan *p, mha__strided v, int64_t rows, 
         values_by_f32(p, v, rows, cols, tile, t);
         return;
     }
-    int64_t a_run = run_of(blocks_of(split));
-    for (int64_t r = 0; r < rows; r += PAIR) {
-        /* The panel's probabilities past its reach are 0: the keys stop
-         * at the block that holds its last (as the float32 table's). */
-        int64_t n = rows - r < PAIR ? rows - r : PAIR, keys = mha__strip_reach(t, r, n);
-        int64_t kb = blocks_of(keys), run = run_of(kb);
+    int64_t a_run = run_of(blocks_of(split)), last = (rows - 1) / PAIR;
+    p_panel now = panel_at(p, t, rows, last, 0), next;
+    mha__side_work side = panel_split(&now);
+    run_side_work(&side);
+    for (int64_t q = last; q >= 0; q--, now = next) {
+        next = panel_at(p, t, rows, q > 0 ? q - 1 : 0, (last - q + 1) % 2);
+        side = panel_split(&next);
+        side.steps = q > 0 ? side.steps : 0;
         float scale[PAIR]; /* 1 past the item's rows: their columns stay 0 */
-        for (int64_t i = 0; i < PAIR; i++) scale[i] = i < n ? t->scale[r + i] : 1.0f;
-        if (kb == 0) {
+        for (int64_t i = 0; i < PAIR; i++) scale[i] = i < now.n ? t->scale[now.r + i] : 1.0f;
+        if (now.kb == 0) {
             for (int64_t d = 0; d < p->Dv; d++)
-                for (int64_t i = 0; i < n; i++) t->o[d * MHA__BR + r + i] *= scale[i];
+                for (int64_t i = 0; i < now.n; i++) t->o[d * MHA__BR + now.r + i] *= scale[i];
+            run_side_work(&side);
             continue;
         }
-        for (int64_t h = 0; h < 2; h++) {
-            int64_t r0 = r + h * SPLIT_ROWS, m = rows - r0 < SPLIT_ROWS ? (rows - r0 > 0 ? rows - r0 : 0) : SPLIT_ROWS;
-            for (int64_t b = 0; b < kb; b++) {
-                int64_t j0 = b * MHA_SPLIT_K, live = keys - j0 < MHA_SPLIT_K ? keys - j0 : MHA_SPLIT_K;
-                p->bk->split_unit_pairs_tile(t->st + j0 * MHA__LDS + r0, MHA__LDS, m ? live : 0, m,
-                                             t->ps + h * run + b * 3 * MHA_SPLIT_TILE);
-            }
-        }
-        p->bk->gemm_split(p->Dv / PAIR, kb, a, a_run, t->ps, t->o + r, MHA__BR, MHA_SPLIT_SCALE_ADD, scale);
+        p->bk->gemm_split_beside(p->Dv / PAIR, now.kb, a, a_run, now.ps, t->o + now.r, MHA__BR, MHA_SPLIT_SCALE_ADD,
+                                 scale, &side);
     }
 }
 

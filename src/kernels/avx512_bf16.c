@@ -248,5 +248,6 @@ const mha__bf16_kernels mha__bf16_kernels_amx = {
     .split_near_rows_tile = mha__split_near_rows_tile_amx,
     .split_near_pairs_tile = mha__split_near_pairs_tile_amx,
     .gemm_split = mha__gemm_split_amx,
+    .gemm_split_beside = mha__gemm_split_beside_amx,
     .split_release = mha__split_release_amx,
 };

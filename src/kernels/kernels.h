@@ -381,6 +381,24 @@ typedef void (*mha__split_transpose_fn)(uint16_t *tiles);
 typedef void (*mha__gemm_split_fn)(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run,
                                    const uint16_t *b, float *c, int64_t ldc, int accumulate, const float *col_scale);
 typedef bool (*mha__split_tile_fn)(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
+/* Vector work a split product runs while its tiles multiply
+ * (gemm_split_beside): step(ctx, i) for i = 0 .. steps - 1, each once and
+ * in order, spread over the product's blocks of k; what is left when the
+ * products end runs after them.  The tiles multiply on a unit of their
+ * own and leave the vector ports idle: one thread's four TDPBF16PS took
+ * 22 ns with or without 64 FMAs, or 16 rows split from L1, issued beside
+ * them, where work between two products adds its whole time.  Work that
+ * reads and writes beyond L1 competes with the tiles' loads and hides
+ * less (docs/PERFORMANCE.md).  A step must not write the product's
+ * operands, nor touch C. */
+typedef struct mha__side_work {
+    void (*step)(void *ctx, int64_t i);
+    void *ctx;
+    int64_t steps;
+} mha__side_work;
+typedef void (*mha__gemm_split_beside_fn)(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run,
+                                          const uint16_t *b, float *c, int64_t ldc, int accumulate,
+                                          const float *col_scale, const mha__side_work *side);
 
 typedef struct mha__bf16_kernels {
     const char *name; /* "generic", "avx2", "avx512_bf16" or "amx" */
@@ -403,6 +421,7 @@ typedef struct mha__bf16_kernels {
     void (*split_unit_pairs_tile)(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
     mha__split_tile_fn split_near_rows_tile, split_near_pairs_tile;
     mha__gemm_split_fn gemm_split;
+    mha__gemm_split_beside_fn gemm_split_beside; /* gemm_split with side work (NULL: none on this ISA) */
     void (*split_release)(void);
 } mha__bf16_kernels;
 
@@ -418,6 +437,9 @@ bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, u
 void mha__split_transpose_amx(uint16_t *tiles);
 void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run, const uint16_t *b,
                          float *c, int64_t ldc, int accumulate, const float *col_scale);
+void mha__gemm_split_beside_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run,
+                                const uint16_t *b, float *c, int64_t ldc, int accumulate, const float *col_scale,
+                                const mha__side_work *side);
 bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 bool mha__split_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
 void mha__split_unit_pairs_tile_amx(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
