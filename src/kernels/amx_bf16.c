@@ -573,6 +573,20 @@ static void side_steps(side_cursor *side)
     while (side->done < due) side->work->step(side->work->ctx, side->done++);
 }
 
+/* A tile store where none has run for some 2000 cycles takes about 900
+ * more (a throwaway timer of split_block's products from L1, one thread:
+ * pairs of up to 5 blocks of k ran at the tiles' peak, 5.4 ns a
+ * TDPBF16PS, pairs of 6 blocks at 7.3 ns, their store_sums 300 ns each;
+ * a store of any tile every block or two took that away).  So each block
+ * stores tile 4 as one line, all 16 rows at one place (stride 0) in a
+ * line of the thread's own: the attention's values (6 blocks a pair) and
+ * the projections (24) keep their stores warm. */
+static void keep_stores_warm(void)
+{
+    static _Thread_local _Alignas(64) uint8_t line[64];
+    _tile_stored(4, line, 0);
+}
+
 /* One 32 x 32 block of C: tiles 0-3 accumulate the product from zero,
  * added to C at the end (one rounding at C's scale, as the FMA tiles add
  * theirs: summed from C itself, the six products of each block of k each
@@ -608,6 +622,7 @@ static inline __attribute__((always_inline)) void split_block(int64_t k_blocks, 
     for (int64_t b = 0; b < k_blocks; b++) {
         PRODUCTS_B(LOAD_B(6, b, MID), LOAD_B(7, b, MID)); /* hi lo */
         PRODUCTS_B(LOAD_B(6, b, HI), LOAD_B(7, b, HI));   /* hi mid */
+        keep_stores_warm();
         side_steps(side);
         PRODUCTS_A(LOAD_A(4, b, MID), (void)0, LOAD_A(5, b, MID));           /* hi hi */
         PRODUCTS_B(LOAD_B(6, b, MID), LOAD_B(7, b, MID));                    /* mid hi */
