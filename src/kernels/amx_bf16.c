@@ -579,8 +579,9 @@ static void side_steps(side_cursor *side)
  * TDPBF16PS, pairs of 6 blocks at 7.3 ns, their store_sums 300 ns each;
  * a store of any tile every block or two took that away).  So each block
  * stores tile 4 as one line, all 16 rows at one place (stride 0) in a
- * line of the thread's own: the attention's values (6 blocks a pair) and
- * the projections (24) keep their stores warm. */
+ * line of the thread's own: the attention's values (6 blocks a pair),
+ * the weight gradients (8) and the projections (24) keep their stores
+ * warm. */
 static void keep_stores_warm(void)
 {
     static _Thread_local _Alignas(64) uint8_t line[64];

@@ -386,8 +386,9 @@ typedef bool (*mha__split_tile_fn)(const float *src, int64_t lds, int64_t live, 
  * in order, spread over the product's blocks of k; what is left when the
  * products end runs after them.  The tiles multiply on a unit of their
  * own and leave the vector ports idle: one thread's four TDPBF16PS took
- * 22 ns with or without 64 FMAs, or 16 rows split from L1, issued beside
- * them, where work between two products adds its whole time.  Work that
+ * 22 ns with or without 64 FMAs issued beside them, 24 ns beside 16 rows
+ * split from L1 (20 ns alone), where work between two products adds its
+ * whole time.  Work that
  * reads and writes beyond L1 competes with the tiles' loads and hides
  * less (docs/PERFORMANCE.md).  A step must not write the product's
  * operands, nor touch C. */
