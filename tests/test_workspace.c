@@ -506,10 +506,12 @@ static void test_reserve_errors(void)
     mha_ctx_free(ctx);
 }
 
-/* Each item counts its visits; runs and thread numbers must be sane. */
+/* Each item counts its visits; runs and thread numbers must be sane,
+ * and with groups (group > 1) a run claimed while more than one group a
+ * thread was left must be whole groups. */
 typedef struct visits {
     int *count;
-    int64_t items;
+    int64_t items, group;
     int threads, bad;
 } visits;
 
@@ -518,6 +520,7 @@ static void count_visits(void *arg, int thread, int64_t begin, int64_t end)
     visits *v = arg;
     if (thread < 0 || thread >= v->threads || begin < 0 || begin >= end || end > v->items)
         v->bad = 1; /* a flag: any writer sets 1 */
+    if (v->group > 1 && v->items - begin > v->threads * v->group && (begin % v->group || end % v->group)) v->bad = 1;
     for (int64_t i = begin; i < end; i++) v->count[i]++;
 }
 
@@ -530,15 +533,19 @@ static void test_parallel_loops(void)
         CHECK_OK(mha_ctx_create(threads[t], &ctx));
         if (!ctx) continue;
         for (size_t n = 0; n < sizeof items / sizeof *items; n++)
-            for (int shared = 0; shared < 2; shared++) {
+            for (int way = 0; way < 5; way++) { /* for, items, groups of 3, 22 and 2000 */
+                static const char *names[] = {"parallel_for", "parallel_items", "parallel_groups"};
+                static const int64_t groups[] = {1, 1, 3, 22, 2000};
                 int64_t count = items[n];
-                visits v = {calloc((size_t)count + 1, sizeof(int)), count, mha_ctx_threads(ctx), 0};
-                if (shared) mha__parallel_items(ctx, count, count_visits, &v);
-                else mha__parallel_for(ctx, count, count_visits, &v);
+                visits v = {calloc((size_t)count + 1, sizeof(int)), count, groups[way], mha_ctx_threads(ctx), 0};
+                if (way == 0) mha__parallel_for(ctx, count, count_visits, &v);
+                else if (way == 1) mha__parallel_items(ctx, count, count_visits, &v);
+                else mha__parallel_groups(ctx, count, groups[way], count_visits, &v);
                 int wrong = 0;
                 for (int64_t i = 0; i < count; i++) wrong += v.count[i] != 1;
-                CHECK(wrong == 0 && !v.bad, "%s, %d threads, %lld items: %d items not run exactly once%s",
-                      shared ? "parallel_items" : "parallel_for", threads[t], (long long)count, wrong,
+                CHECK(wrong == 0 && !v.bad,
+                      "%s (groups of %lld), %d threads, %lld items: %d items not run exactly once%s",
+                      names[way < 2 ? way : 2], (long long)groups[way], threads[t], (long long)count, wrong,
                       v.bad ? ", or a bad range" : "");
                 free(v.count);
             }

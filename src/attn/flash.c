@@ -457,7 +457,9 @@ mha_status mha__attn_forward(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *
     job.scratch = mha__ws_take_per_thread(ctx, mha__tiles_floats(p), &job.scratch_stride);
     if (!job.scratch || key_norms(ctx, &job) != MHA_OK) return MHA_ERR_INTERNAL;
     forget_values(&job, ctx);
-    mha__parallel_items(ctx, p->B * p->Hq * job.q_blocks, flash_range, &job);
+    /* A kv head's items in a row: its query heads' blocks, which share
+     * the split products' key and value tiles (products_split.c). */
+    mha__parallel_groups(ctx, p->B * p->Hq * job.q_blocks, job.q_blocks * p->group, flash_range, &job);
     mha__ws_release(ctx, top);
     return MHA_OK;
 }

@@ -75,6 +75,7 @@ typedef struct job {
     int64_t n_items;
     int n_chunks;
     atomic_int_fast64_t *claimed; /* items handed out so far */
+    int64_t group;                /* claimed: items that share a cache, handed out together while many are left */
 } job;
 
 typedef struct pool {
@@ -109,17 +110,28 @@ static int default_threads(void)
     return online >= 1 && online <= MAX_THREADS ? (int)online : 1;
 }
 
-/* The next run of a shared-out job's items, [*begin, *end): a
- * (2 x threads)th of those left, at least one -- long runs while much is
- * left keep a thread's items together (a GEMM's panels stay in its cache),
- * short ones at the end even out the finish.  False when none is left. */
+/* How many items the next run takes, `left` being left: a (2 x
+ * threads)th of them, at least one -- long runs while much is left keep
+ * a thread's items together (a GEMM's panels stay in its cache), short
+ * ones at the end even out the finish.  With groups, whole groups (at
+ * least one) while more than one a thread is left, so that a thread
+ * starts a group only where no other has: each group's first items fill
+ * a cache of the thread's that the rest reuse. */
+static int64_t run_of(const job *j, int64_t left)
+{
+    int64_t run = left / (2 * j->n_chunks);
+    if (j->group > 1 && left > j->n_chunks * j->group) return (run / j->group > 1 ? run / j->group : 1) * j->group;
+    return run > 1 ? run : 1;
+}
+
+/* The next run of a shared-out job's items, [*begin, *end) (run_of's
+ * length).  False when none is left. */
 static bool claim(const job *j, int64_t *begin, int64_t *end)
 {
     int64_t at = atomic_load_explicit(j->claimed, memory_order_relaxed), run;
     do {
         if (at >= j->n_items) return false;
-        run = (j->n_items - at) / (2 * j->n_chunks);
-        run = run > 1 ? run : 1;
+        run = run_of(j, j->n_items - at);
     } while (
         !atomic_compare_exchange_weak_explicit(j->claimed, &at, at + run, memory_order_relaxed, memory_order_relaxed));
     *begin = at;
@@ -286,16 +298,21 @@ void mha__parallel_for(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *ar
 {
     int n = ctx->n_threads;
     if (n_items < n) n = (int)n_items;
-    run_job(ctx, (job){fn, arg, n_items, n, NULL});
+    run_job(ctx, (job){fn, arg, n_items, n, NULL, 1});
 }
 
-void mha__parallel_items(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *arg)
+void mha__parallel_groups(mha_ctx *ctx, int64_t n_items, int64_t group, mha__range_fn fn, void *arg)
 {
     int n = ctx->n_threads;
     if (n_items < n) n = (int)n_items;
     atomic_int_fast64_t claimed;
     atomic_init(&claimed, 0);
-    run_job(ctx, (job){fn, arg, n_items, n, &claimed});
+    run_job(ctx, (job){fn, arg, n_items, n, &claimed, group > 1 ? group : 1});
+}
+
+void mha__parallel_items(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *arg)
+{
+    mha__parallel_groups(ctx, n_items, 1, fn, arg);
 }
 
 /* ---------------------------------------------------------------- */

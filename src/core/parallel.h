@@ -69,6 +69,12 @@ void mha__parallel_for(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *ar
  * slowed by other load on its CPU does not hold up the call.  The results
  * are the same bits however the items fall. */
 void mha__parallel_items(mha_ctx *ctx, int64_t n_items, mha__range_fn fn, void *arg);
+/* mha__parallel_items for items in groups of `group` consecutive ones
+ * that share something a thread caches (a head's query blocks share its
+ * keys and values, split once per thread): runs of whole groups while
+ * more than one group a thread is left, so that two threads start on one
+ * group only at the end. */
+void mha__parallel_groups(mha_ctx *ctx, int64_t n_items, int64_t group, mha__range_fn fn, void *arg);
 
 /* Bytes rounded up to whole cache lines, so threads never share one. */
 int64_t mha__pad_to_line(int64_t bytes);
