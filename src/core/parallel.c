@@ -117,21 +117,21 @@ static int default_threads(void)
  * least one) while more than one a thread is left, so that a thread
  * starts a group only where no other has: each group's first items fill
  * a cache of the thread's that the rest reuse. */
-static int64_t run_of(const job *j, int64_t left)
+static int64_t claim_length(const job *j, int64_t left)
 {
     int64_t run = left / (2 * j->n_chunks);
     if (j->group > 1 && left > j->n_chunks * j->group) return (run / j->group > 1 ? run / j->group : 1) * j->group;
     return run > 1 ? run : 1;
 }
 
-/* The next run of a shared-out job's items, [*begin, *end) (run_of's
- * length).  False when none is left. */
+/* The next run of a shared-out job's items, [*begin, *end)
+ * (claim_length's length).  False when none is left. */
 static bool claim(const job *j, int64_t *begin, int64_t *end)
 {
     int64_t at = atomic_load_explicit(j->claimed, memory_order_relaxed), run;
     do {
         if (at >= j->n_items) return false;
-        run = run_of(j, j->n_items - at);
+        run = claim_length(j, j->n_items - at);
     } while (
         !atomic_compare_exchange_weak_explicit(j->claimed, &at, at + run, memory_order_relaxed, memory_order_relaxed));
     *begin = at;

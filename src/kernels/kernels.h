@@ -388,10 +388,9 @@ typedef bool (*mha__split_tile_fn)(const float *src, int64_t lds, int64_t live, 
  * own and leave the vector ports idle: one thread's four TDPBF16PS took
  * 22 ns with or without 64 FMAs issued beside them, 24 ns beside 16 rows
  * split from L1 (20 ns alone), where work between two products adds its
- * whole time.  Work that
- * reads and writes beyond L1 competes with the tiles' loads and hides
- * less (docs/PERFORMANCE.md).  A step must not write the product's
- * operands, nor touch C. */
+ * whole time.  Work that reads and writes beyond L1 competes with the
+ * tiles' loads and hides less (docs/PERFORMANCE.md).  A step must not
+ * write the product's operands, nor touch C. */
 typedef struct mha__side_work {
     void (*step)(void *ctx, int64_t i);
     void *ctx;
