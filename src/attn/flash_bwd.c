@@ -326,10 +326,10 @@ static void split_key_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g
     const mha__attn_plan *p = j->p;
     const mha_tensor *k = j->k, *v = j->v;
     t->kv_finite[3 * slot + SLOT_K] =
-        k->stride[3] == 1 && mha__split_tiles(p->bk, false, row_of(k, b, g, j0), k->stride[2], BK / SPLIT_ROWS, cols,
+        k->stride[3] == 1 && mha__split_tiles_near(p->bk, false, row_of(k, b, g, j0), k->stride[2], BK / SPLIT_ROWS, cols,
                                               p->D, slot_tiles(j, t, slot, SLOT_K));
     t->kv_finite[3 * slot + SLOT_V] = values && v->stride[3] == 1 &&
-                                      mha__split_tiles(p->bk, false, row_of(v, b, g, j0), v->stride[2], BK / SPLIT_ROWS,
+                                      mha__split_tiles_near(p->bk, false, row_of(v, b, g, j0), v->stride[2], BK / SPLIT_ROWS,
                                                        cols, p->Dv, slot_tiles(j, t, slot, SLOT_V));
     t->kv_finite[3 * slot + SLOT_KT] = false;
 }
@@ -389,8 +389,8 @@ static void pack_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int
     mha__pack_columns(j->kt, t->dot, BQ, rows_at(j->dout, b, h, i0), rows, p->Dv, 1.0f);
     if (!p->split) return;
     /* All BQ / 16 column tiles, zeros past the rows: every pair is whole. */
-    t->qs_finite = mha__split_tiles(p->bk, true, t->qt, BQ, BQ / SPLIT_ROWS, rows, p->D, t->qs);
-    t->dos_finite = mha__split_tiles(p->bk, true, t->dot, BQ, BQ / SPLIT_ROWS, rows, p->Dv, t->dos);
+    t->qs_finite = mha__split_tiles_near(p->bk, true, t->qt, BQ, BQ / SPLIT_ROWS, rows, p->D, t->qs);
+    t->dos_finite = mha__split_tiles_near(p->bk, true, t->dot, BQ, BQ / SPLIT_ROWS, rows, p->Dv, t->dos);
 }
 
 /* Rows i0 .. i0+n of x (K, Q or dO) for (b, head h), `width` elements

@@ -71,7 +71,7 @@ static void pack_queries_split(const mha__attn_plan *p, mha__strided q, int64_t 
      * to O's rows in 32s: those past the item's are zeroed too, so that
      * nothing uninitialised is read. */
     int64_t padded = (rows + PAIR - 1) / PAIR * PAIR;
-    *t->qs_finite = mha__split_tiles(p->bk, true, t->qt, MHA__BR, padded / SPLIT_ROWS, rows, p->D, t->qs);
+    *t->qs_finite = mha__split_tiles_near(p->bk, true, t->qt, MHA__BR, padded / SPLIT_ROWS, rows, p->D, t->qs);
     for (int64_t d = 0; d < p->Dv; d++) memset(t->o + d * MHA__BR + rows, 0, (size_t)(padded - rows) * sizeof(float));
 }
 
@@ -105,7 +105,7 @@ static bool holds(const split_place *at, const float *rows, int64_t cols)
  * dimensions a block) at dst. */
 static bool split_key_rows(const mha__attn_plan *p, mha__strided k, int64_t rows, uint16_t *dst)
 {
-    return mha__split_tiles(p->bk, false, k.data, k.rs, (rows + PAIR - 1) / PAIR * 2, rows, p->D, dst);
+    return mha__split_tiles_near(p->bk, false, k.data, k.rs, (rows + PAIR - 1) / PAIR * 2, rows, p->D, dst);
 }
 
 /* V's first `rows` rows split into A's row tiles of V^T (16 of the Dv
@@ -119,7 +119,7 @@ static bool split_value_rows(const mha__attn_plan *p, mha__strided v, int64_t ro
         for (int64_t b = 0; b < kb; b++) {
             int64_t j0 = b * MHA_SPLIT_K, live = rows - j0 < MHA_SPLIT_K ? rows - j0 : MHA_SPLIT_K;
             uint16_t *tiles = dst + (d / SPLIT_ROWS) * run + b * 3 * MHA_SPLIT_TILE;
-            finite &= p->bk->split_pairs_tile(v.data + j0 * v.rs + d, v.rs, live, SPLIT_ROWS, tiles);
+            finite &= p->bk->split_near_pairs_tile(v.data + j0 * v.rs + d, v.rs, live, SPLIT_ROWS, tiles);
             p->bk->split_transpose(tiles);
         }
     return finite;
