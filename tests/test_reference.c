@@ -754,6 +754,34 @@ static void test_fully_masked_rows(mha_ctx *ctx)
     }
 }
 
+/* A fully masked row beside an infinite value: its output is exactly +0,
+ * while the other rows get the NaN that 0 * inf gives, as a plain product
+ * of P and V does (their masked keys weigh 0).  D = 32: the suite's split
+ * run takes the split products, whose output rows are scaled as O^T is
+ * turned into them (flash.c's write_outputs). */
+static void test_masked_row_infinite_value(mha_ctx *ctx)
+{
+    enum { L = 3, S = 4, D = 32 };
+    float q[L * D], k[S * D], v[S * D], out[L * D];
+    for (int i = 0; i < S * D; i++) k[i] = v[i] = (float)(i % 7) - 3.0f;
+    for (int i = 0; i < L * D; i++) q[i] = (float)(i % 5) - 2.0f;
+    for (int c = 0; c < D; c++) v[1 * D + c] = INFINITY;
+    /* An additive mask: row 0's keys stay in its range, so their products
+     * run, weighing the infinite value by 0. */
+    float add[L * S] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, 0, -INFINITY, 0, 0, 1, 2, 3, 4};
+    mha_tensor tq = mha_tensor_4d(q, 1, 1, L, D), tk = mha_tensor_4d(k, 1, 1, S, D), tv = mha_tensor_4d(v, 1, 1, S, D);
+    mha_tensor to = mha_tensor_4d(out, 1, 1, L, D);
+    mha_attn_desc desc;
+    mha_attn_desc_init(&desc);
+    desc.mask = (mha_mask){MHA_MASK_ADD, add, {0, 0, S, 1}};
+    CHECK_OK(mha_attention(ctx, &to, NULL, &tq, &tk, &tv, &desc));
+    bool zero = true;
+    for (int c = 0; c < D; c++) zero = zero && out[c] == 0.0f && !signbit(out[c]);
+    CHECK(zero, "a masked row beside an infinite value gives %g", (double)out[0]);
+    CHECK(isnan(out[D]) && isinf(out[2 * D]), "rows that weigh the infinite value by 0, then 1: %g, %g",
+          (double)out[D], (double)out[2 * D]);
+}
+
 /* A row that sees one key has p = 1 whatever its score, so the softmax's
  * gradient sends nothing back to its scores: dS = 0 exactly, hence 0 in
  * dQ's row (and, where every row sees only its own key, in all of dQ and
@@ -1912,6 +1940,7 @@ int main(int argc, char **argv)
     test_reference_layer_gradients_by_differences();
     test_heads_are_independent(ctx2);
     test_fully_masked_rows(ctx1);
+    test_masked_row_infinite_value(ctx1);
     test_one_key_rows(ctx3);
     test_bf16_one_key_rows(ctx3);
     test_two_key_rows(ctx3);

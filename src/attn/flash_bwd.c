@@ -621,7 +621,7 @@ static void split_block_grads(const bwd_job *j, bwd_tiles *t, int64_t slot, int6
 static void add_transposed(const mha__kernels *kt, float *dq_rows, int64_t ldq, const float *dqt, int64_t rows,
                            int64_t width, float *rows_of)
 {
-    kt->transpose_scaled(rows_of, width, dqt, BQ, width, rows, 1.0f);
+    kt->transpose_scaled(rows_of, width, dqt, BQ, width, rows, 1.0f, NULL);
     for (int64_t r = 0; r < rows; r++) {
         float *d = dq_rows + r * ldq;
         const float *s = rows_of + r * width;
