@@ -757,8 +757,7 @@ static void test_fully_masked_rows(mha_ctx *ctx)
 /* A fully masked row beside an infinite value: its output is exactly +0,
  * while the other rows get the NaN that 0 * inf gives, as a plain product
  * of P and V does (their masked keys weigh 0).  D = 32: the suite's split
- * run takes the split products, whose output rows are scaled as O^T is
- * turned into them (flash.c's write_outputs). */
+ * run takes the split products, which keep O transposed. */
 static void test_masked_row_infinite_value(mha_ctx *ctx)
 {
     enum { L = 3, S = 4, D = 32 };
@@ -778,8 +777,8 @@ static void test_masked_row_infinite_value(mha_ctx *ctx)
     bool zero = true;
     for (int c = 0; c < D; c++) zero = zero && out[c] == 0.0f && !signbit(out[c]);
     CHECK(zero, "a masked row beside an infinite value gives %g", (double)out[0]);
-    CHECK(isnan(out[D]) && isinf(out[2 * D]), "rows that weigh the infinite value by 0, then 1: %g, %g",
-          (double)out[D], (double)out[2 * D]);
+    CHECK(isnan(out[D]) && isinf(out[2 * D]), "rows that weigh the infinite value by 0, then 1: %g, %g", (double)out[D],
+          (double)out[2 * D]);
 }
 
 /* A row that sees one key has p = 1 whatever its score, so the softmax's

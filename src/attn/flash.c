@@ -207,65 +207,43 @@ static void key_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t
     accumulate_values(j, t, b, h, rows, j0, cols);
 }
 
-/* l is 0 for a row that saw no key (output 0), NaN for a row that saw a
- * NaN score (output NaN, as a plain softmax gives). */
-static bool row_seen(float l) { return l > 0 || isnan(l); }
-
-/* Each row's 1 / divisor, 0 for a row that saw no key.  bf16 products
- * weigh the values by the probabilities rounded, so O is divided by
- * their sum: a row that sees one key gets its value (to the division's
- * rounding), as a plain bf16 model's p = 1 gives, where l, the sum of
- * unrounded p, would leave in it the rounding of the step's factor
- * (kernels.h), up to 2^-9 of every output of the row. */
-static void output_scales(const flash_job *j, const tiles *t, int64_t rows, float *inv)
-{
-    for (int64_t r = 0; r < rows; r++)
-        inv[r] = row_seen(t->sum[r]) ? 1.0f / (j->p->bf16 ? t->p16_sum[r] : t->sum[r]) : 0.0f;
-}
-
-/* The item's output rows, each O times its row's 1 / divisor (or 0):
- * O^T turned straight into contiguous output rows, scaled on the way (one
- * pass where a transpose into the tile, a scale in it and a copy out took
- * three: the causal core 1.03x, Sapphire Rapids); else O's rows scaled
- * in the tile, then copied. */
-static void write_outputs(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
+/* The item's unnormalised output as rows [rows][Dv]: t->o, or O^T turned
+ * into t->vt (free once the item's last key tile is done). */
+static float *output_rows(const flash_job *j, const tiles *t, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
-    const mha_tensor *out = j->out;
-    float inv[BR], *first = out->data + b * out->stride[0] + h * out->stride[1] + i0 * out->stride[2];
-    output_scales(j, t, rows, inv);
-    if (p->products->o_transposed && out->stride[3] == 1) {
-        j->kt->transpose_scaled(first, out->stride[2], t->o, BR, p->Dv, rows, 1.0f, inv);
-        for (int64_t r = 0; r < rows; r++) /* 0, not 0 times what the row's O holds */
-            if (!row_seen(t->sum[r])) memset(first + r * out->stride[2], 0, (size_t)p->Dv * sizeof(float));
-        return;
-    }
-    float *o_rows = t->o;
-    if (p->products->o_transposed) { /* turned into t->vt, free once the item's last key tile is done */
-        j->kt->transpose_scaled(t->vt, p->Dv, t->o, BR, p->Dv, rows, 1.0f, NULL);
-        o_rows = t->vt;
-    }
-    for (int64_t r = 0; r < rows; r++) {
-        float *dst = first + r * out->stride[2], *o = o_rows + r * p->Dv;
-        if (row_seen(t->sum[r])) j->kt->scale(o, p->Dv, inv[r]); /* in the tile, then copied: one vector pass */
-        else memset(o, 0, (size_t)p->Dv * sizeof(float));
-        if (out->stride[3] == 1) memcpy(dst, o, (size_t)p->Dv * sizeof(float));
-        else
-            for (int64_t c = 0; c < p->Dv; c++) dst[c * out->stride[3]] = o[c];
-    }
+    if (!p->products->o_transposed) return t->o;
+    j->kt->transpose_scaled(t->vt, p->Dv, t->o, BR, p->Dv, rows, 1.0f);
+    return t->vt;
 }
 
 static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
-    float factor[BR], unchanged[BR];
-    write_outputs(j, t, b, h, i0, rows);
+    const mha_tensor *out = j->out;
+    float factor[BR], unchanged[BR], *o_rows = output_rows(j, t, rows);
     step_factors(j, t->max, t->max, rows, factor, unchanged);
     for (int64_t r = 0; r < rows; r++) {
+        float *dst = out->data + b * out->stride[0] + h * out->stride[1] + (i0 + r) * out->stride[2];
+        /* l is 0 for a row that saw no key (output 0), NaN for a row that
+         * saw a NaN score (output NaN, as a plain softmax gives). */
+        float l = t->sum[r];
+        bool seen = l > 0 || isnan(l);
+        float *o = o_rows + r * p->Dv;
+        /* bf16 products weigh the values by the probabilities rounded, so
+         * O is divided by their sum: a row that sees one key gets its
+         * value (to the division's rounding), as a plain bf16 model's
+         * p = 1 gives, where l, the sum of unrounded p, would leave in it
+         * the rounding of the step's factor (kernels.h), up to 2^-9 of
+         * every output of the row. */
+        float divisor = p->bf16 ? t->p16_sum[r] : l;
+        if (seen) j->kt->scale(o, p->Dv, 1.0f / divisor); /* in the tile, then copied: one vector pass */
+        else memset(o, 0, (size_t)p->Dv * sizeof(float));
+        if (out->stride[3] == 1) memcpy(dst, o, (size_t)p->Dv * sizeof(float));
+        else
+            for (int64_t c = 0; c < p->Dv; c++) dst[c * out->stride[3]] = o[c];
         /* l carries softmax_step's factor (step_factors); the lse and
          * the saved sum are the row's own, without it. */
-        float l = t->sum[r];
-        bool seen = row_seen(l);
         int64_t at = (b * p->Hq + h) * p->L + i0 + r;
         float own = seen ? l / factor[r] : l;
         if (j->lse) j->lse[at] = seen ? t->max[r] + logf(own) : -INFINITY;

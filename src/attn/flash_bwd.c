@@ -326,11 +326,12 @@ static void split_key_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t g
     const mha__attn_plan *p = j->p;
     const mha_tensor *k = j->k, *v = j->v;
     t->kv_finite[3 * slot + SLOT_K] =
-        k->stride[3] == 1 && mha__split_tiles_near(p->bk, false, row_of(k, b, g, j0), k->stride[2], BK / SPLIT_ROWS, cols,
-                                              p->D, slot_tiles(j, t, slot, SLOT_K));
-    t->kv_finite[3 * slot + SLOT_V] = values && v->stride[3] == 1 &&
-                                      mha__split_tiles_near(p->bk, false, row_of(v, b, g, j0), v->stride[2], BK / SPLIT_ROWS,
-                                                       cols, p->Dv, slot_tiles(j, t, slot, SLOT_V));
+        k->stride[3] == 1 && mha__split_tiles_near(p->bk, false, row_of(k, b, g, j0), k->stride[2], BK / SPLIT_ROWS,
+                                                   cols, p->D, slot_tiles(j, t, slot, SLOT_K));
+    t->kv_finite[3 * slot + SLOT_V] =
+        values && v->stride[3] == 1 &&
+        mha__split_tiles_near(p->bk, false, row_of(v, b, g, j0), v->stride[2], BK / SPLIT_ROWS, cols, p->Dv,
+                              slot_tiles(j, t, slot, SLOT_V));
     t->kv_finite[3 * slot + SLOT_KT] = false;
 }
 
@@ -621,7 +622,7 @@ static void split_block_grads(const bwd_job *j, bwd_tiles *t, int64_t slot, int6
 static void add_transposed(const mha__kernels *kt, float *dq_rows, int64_t ldq, const float *dqt, int64_t rows,
                            int64_t width, float *rows_of)
 {
-    kt->transpose_scaled(rows_of, width, dqt, BQ, width, rows, 1.0f, NULL);
+    kt->transpose_scaled(rows_of, width, dqt, BQ, width, rows, 1.0f);
     for (int64_t r = 0; r < rows; r++) {
         float *d = dq_rows + r * ldq;
         const float *s = rows_of + r * width;

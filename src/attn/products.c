@@ -170,7 +170,7 @@ void mha__pack_columns(const mha__kernels *kt, float *dst, int64_t ldd, mha__str
                        float alpha)
 {
     if (x.cs == 1) {
-        kt->transpose_scaled(dst, ldd, x.data, x.rs, rows, cols, alpha, NULL);
+        kt->transpose_scaled(dst, ldd, x.data, x.rs, rows, cols, alpha);
         return;
     }
     for (int64_t r = 0; r < rows; r++)

@@ -190,10 +190,10 @@ static void values_by_f32(const mha__attn_plan *p, mha__strided v, int64_t rows,
     _Static_assert(MHA__BC >= MHA__BR, "t->vt must hold O's rows");
     mha__tiles rowwise = *t;
     rowwise.o = t->vt;
-    p->kt->transpose_scaled(rowwise.o, p->Dv, t->o, MHA__BR, p->Dv, rows, 1.0f, NULL);
+    p->kt->transpose_scaled(rowwise.o, p->Dv, t->o, MHA__BR, p->Dv, rows, 1.0f);
     mha__rescale_rows(p->kt, rowwise.o, p->Dv, rows, t->scale);
     mha__products_f32.values(p, v, rows, cols, tile, &rowwise);
-    p->kt->transpose_scaled(t->o, MHA__BR, rowwise.o, p->Dv, rows, p->Dv, 1.0f, NULL);
+    p->kt->transpose_scaled(t->o, MHA__BR, rowwise.o, p->Dv, rows, p->Dv, 1.0f);
 }
 
 /* Panel q of 32 queries' P^T, split into B's two column tiles: rows

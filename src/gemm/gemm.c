@@ -51,7 +51,7 @@ static void pack_panels(void *arg, int thread, int64_t begin, int64_t end)
     for (int64_t panel = begin; panel < end; panel++) {
         float *dst = j->data + panel * j->in * nr;
         int64_t live = j->w ? mha__max64(0, mha__min64(nr, j->out - panel * nr)) : 0;
-        if (live) j->kt->transpose_scaled(dst, nr, j->w + panel * nr * j->in, j->in, live, j->in, 1.0f, NULL);
+        if (live) j->kt->transpose_scaled(dst, nr, j->w + panel * nr * j->in, j->in, live, j->in, 1.0f);
         if (live < nr)
             for (int64_t c = 0; c < j->in; c++) memset(dst + c * nr + live, 0, (size_t)(nr - live) * sizeof(float));
     }

@@ -430,9 +430,8 @@ static inline void transpose8(__m256 x[8])
  * loaded, the block transposed in registers, scaled, stored as columns;
  * rows past the last load as zeros, columns past it are not stored.  The
  * portable loop was 1.8% of the core at N = 512 on one thread. */
-static inline __attribute__((always_inline)) void transposed_blocks8(float *dst, int64_t ldd, const float *src,
-                                                                       int64_t lds, int64_t rows, int64_t cols,
-                                                                       float alpha, const float *row_scale)
+static void transpose_scaled_avx2(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
+                                  float alpha)
 {
     const __m256 va = _mm256_set1_ps(alpha);
     for (int64_t r0 = 0; r0 < rows; r0 += 8) {
@@ -447,20 +446,12 @@ static inline __attribute__((always_inline)) void transposed_blocks8(float *dst,
             transpose8(x);
             for (int64_t c = 0; c < nc; c++) {
                 float *d = dst + (c0 + c) * ldd + r0;
-                __m256 v = _mm256_mul_ps(x[c], row_scale ? _mm256_set1_ps(row_scale[c0 + c]) : va);
+                __m256 v = _mm256_mul_ps(x[c], va);
                 if (nr == 8) _mm256_storeu_ps(d, v);
                 else _mm256_maskstore_ps(d, row_mask, v);
             }
         }
     }
-}
-
-/* The loop compiled twice, for one scale and for a scale a row. */
-static void transpose_scaled_avx2(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
-                                  float alpha, const float *row_scale)
-{
-    if (row_scale) transposed_blocks8(dst, ldd, src, lds, rows, cols, 1.0f, row_scale);
-    else transposed_blocks8(dst, ldd, src, lds, rows, cols, alpha, NULL);
 }
 
 /* Whole vectors plain, the tail masked (see LOAD8). */

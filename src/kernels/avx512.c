@@ -461,9 +461,8 @@ static inline __m512 load_i8(__mmask16 mk, const int8_t *x)
  * transpose, strided stores into every line of the 48 KB tile, was 1.5%
  * of the attention core at N = 2048 and 3.8% at N = 512 (one thread,
  * Sapphire Rapids). */
-static inline __attribute__((always_inline)) void transposed_blocks16(float *dst, int64_t ldd, const float *src,
-                                                                        int64_t lds, int64_t rows, int64_t cols,
-                                                                        float alpha, const float *row_scale)
+static void transpose_scaled_avx512(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
+                                    float alpha)
 {
     const __m512 va = _mm512_set1_ps(alpha);
     for (int64_t r0 = 0; r0 < rows; r0 += 16) {
@@ -475,18 +474,9 @@ static inline __attribute__((always_inline)) void transposed_blocks16(float *dst
             __m512 x[16];
             load_transposed16(x, src + r0 * lds + c0, lds, nr, col_mask);
             for (int64_t c = 0; c < nc; c++)
-                _mm512_mask_storeu_ps(dst + (c0 + c) * ldd + r0, row_mask,
-                                      _mm512_mul_ps(x[c], row_scale ? _mm512_set1_ps(row_scale[c0 + c]) : va));
+                _mm512_mask_storeu_ps(dst + (c0 + c) * ldd + r0, row_mask, _mm512_mul_ps(x[c], va));
         }
     }
-}
-
-/* The loop compiled twice, for one scale and for a scale a row. */
-static void transpose_scaled_avx512(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
-                                    float alpha, const float *row_scale)
-{
-    if (row_scale) transposed_blocks16(dst, ldd, src, lds, rows, cols, 1.0f, row_scale);
-    else transposed_blocks16(dst, ldd, src, lds, rows, cols, alpha, NULL);
 }
 
 static void scale_avx512(float *x, int64_t n, float alpha)

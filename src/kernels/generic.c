@@ -249,10 +249,10 @@ static void shift_refined_generic(float *x, const double *dot, const bool *marke
 }
 
 static void transpose_scaled_generic(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
-                                     float alpha, const float *row_scale)
+                                     float alpha)
 {
     for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < cols; c++) dst[c * ldd + r] = (row_scale ? row_scale[c] : alpha) * src[r * lds + c];
+        for (int64_t c = 0; c < cols; c++) dst[c * ldd + r] = alpha * src[r * lds + c];
 }
 
 static void scale_generic(float *x, int64_t n, float alpha)

@@ -140,15 +140,13 @@ typedef void (*mha__axpy_rows_i8_fn)(const float *p, const float *scale, const i
 typedef void (*mha__pair_dots_fn)(int64_t rows, int64_t k, const float *a, int64_t a_rs, int64_t a_cs, const float *b,
                                   int64_t b_rs, int64_t b_cs, float *out);
 
-/* dst[c * ldd + r] = alpha * src[r * lds + c] for r < rows, c < cols, or
- * row_scale[c] * src[r * lds + c] where row_scale is not NULL (a scale
- * for each of dst's rows): rows of queries scaled and turned into columns
- * (queries in lanes), the B operand of the score tile; with alpha 1, a
- * weight's rows turned into the FMA GEMM's panels (gemm.c); with a row
- * scale, O^T turned into the output's rows, each divided by its sum
- * (flash.c).  One multiply an element: the same bits in every kernel. */
+/* dst[c * ldd + r] = alpha * src[r * lds + c] for r < rows, c < cols:
+ * rows of queries scaled and turned into columns (queries in lanes), the
+ * B operand of the score tile; with alpha 1, a weight's rows turned into
+ * the FMA GEMM's panels (gemm.c).  One multiply an element: the same bits
+ * in every kernel. */
 typedef void (*mha__transpose_scaled_fn)(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows,
-                                         int64_t cols, float alpha, const float *row_scale);
+                                         int64_t cols, float alpha);
 
 /* x[i] *= alpha for i < n. */
 typedef void (*mha__scale_fn)(float *x, int64_t n, float alpha);
