@@ -2,7 +2,7 @@
  * test_split.c -- float32 projections from split bf16 products (AMX),
  * where this CPU has them (otherwise skipped, and the FMA path the layer
  * takes instead is test_linear's):
- *   split3:  hi + mid + lo == x exactly down to |x| = 2^-110 (within
+ *   split:   hi + mid + lo == x exactly down to |x| = 2^-110 (within
  *            2^-126 below), |mid| <= 2^-8 |x|, |lo| <= 2^-16 |x|, over
  *            magnitudes from the smallest normal to FLT_MAX; any infinity
  *            or NaN reported; the tile fillers put every value's parts
@@ -40,17 +40,21 @@ static float uniform(void)
 
 static double bf16_value(uint16_t h) { return mha__bf16_to_f32(h); }
 
-static void test_split3(const mha__bf16_kernels *bk)
+/* split_rows_tile's parts of one row of N values (row 0 of the three
+ * part tiles), every exponent: exact, |mid| <= 2^-8 |x|, |lo| <= 2^-16
+ * |x|, hi finite up to FLT_MAX; false for an infinity or a NaN. */
+static void test_split_row(const mha__bf16_kernels *bk)
 {
     enum { N = 29 }; /* a tail past one vector */
     float x[N];
-    uint16_t hi[MHA_SPLIT_K], mid[MHA_SPLIT_K], lo[MHA_SPLIT_K]; /* split3 writes a whole tile row */
+    uint16_t tiles[3 * MHA_SPLIT_TILE];
+    const uint16_t *hi = tiles, *mid = tiles + MHA_SPLIT_TILE, *lo = tiles + 2 * MHA_SPLIT_TILE;
     int bad = 0;
     for (int e = -126; e <= 127; e += 3)
         for (int rep = 0; rep < 4; rep++) {
             for (int i = 0; i < N; i++) x[i] = ldexpf(1.0f + fabsf(uniform()), e) * (uniform() < 0 ? -1.0f : 1.0f);
             if (e == 127) x[0] = FLT_MAX, x[1] = -FLT_MAX, x[2] = nextafterf(FLT_MAX, 0);
-            bad += !bk->split3(x, N, hi, mid, lo);
+            bad += !bk->split_rows_tile(x, N, 1, N, tiles);
             for (int i = 0; i < N; i++) {
                 double h = bf16_value(hi[i]), m = bf16_value(mid[i]), l = bf16_value(lo[i]), a = fabs(x[i]);
                 /* Exact while lo can be a normal bf16; below that the
@@ -60,12 +64,13 @@ static void test_split3(const mha__bf16_kernels *bk)
                 bad += miss > allowed || fabs(m) > 0x1p-8 * a || fabs(l) > 0x1p-16 * a || isinf(h);
             }
         }
-    CHECK(bad == 0, "%s split3: %d parts wrong", bk->name, bad);
+    CHECK(bad == 0, "%s row split: %d parts wrong", bk->name, bad);
     float special[3] = {INFINITY, -INFINITY, NAN};
     for (int s = 0; s < 3; s++) {
         for (int i = 0; i < N; i++) x[i] = uniform();
         x[17] = special[s];
-        CHECK(!bk->split3(x, N, hi, mid, lo), "%s split3 missed a value that is not finite (%d)", bk->name, s);
+        CHECK(!bk->split_rows_tile(x, N, 1, N, tiles), "%s row split missed a value that is not finite (%d)", bk->name,
+              s);
     }
 }
 
@@ -140,7 +145,7 @@ static void test_unit_pairs(const mha__bf16_kernels *bk)
 }
 
 /* Whether value `at` of three part tiles is src_value: exactly while
- * lo can be a normal bf16, within 2^-126 below (as split3's). */
+ * lo can be a normal bf16, within 2^-126 below (as a row split's). */
 static bool part_sum_is(const uint16_t *tiles, int64_t at, float src_value)
 {
     double miss = fabs(tile_value(tiles, at) - (double)src_value);
@@ -638,7 +643,7 @@ int main(void)
     }
     mha_ctx *ctx1 = NULL, *ctx3 = NULL;
     CHECK(mha_ctx_create(1, &ctx1) == MHA_OK && mha_ctx_create(3, &ctx3) == MHA_OK, "contexts");
-    test_split3(bk);
+    test_split_row(bk);
     test_tile_fillers(bk);
     test_unit_pairs(bk);
     test_near_fillers(bk);

@@ -164,7 +164,7 @@ typedef struct mha__packed_split {
     int64_t out, in;
 } mha__packed_split;
 
-/* Splits w (NULL: zeros) with bk's split3 on ctx's threads (NULL: the
+/* Splits w (NULL: zeros) with bk's split_rows_tile on ctx's threads (NULL: the
  * caller's alone), in place when the size is unchanged.  NOMEM, or
  * INVALID_ARG when the size overflows. */
 mha_status mha__pack_split(mha_ctx *ctx, mha__packed_split *p, const mha__bf16_kernels *bk, const float *w, int64_t out,

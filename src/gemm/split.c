@@ -62,15 +62,6 @@ static bool all_set(const uint8_t *flags, int64_t n)
     return all;
 }
 
-/* Splits n <= 32 values of src (zeros past n) into block b of a row
- * tile's run, as row 0 of its three part tiles (callers move run to the
- * row).  False if a value is not finite. */
-static bool split_block_row(const mha__bf16_kernels *bk, const float *src, int64_t n, uint16_t *run, int64_t b)
-{
-    uint16_t *hi = run + (b * 3) * MHA_SPLIT_TILE;
-    return bk->split3(src, n, hi, hi + MHA_SPLIT_TILE, hi + 2 * MHA_SPLIT_TILE);
-}
-
 /* ---------------------------------------------------------------- */
 /* W, split once                                                     */
 /* ---------------------------------------------------------------- */
@@ -228,29 +219,41 @@ typedef struct split_job {
     int64_t panels_per_item[MHA_SPLIT_OUTPUTS], first_item[MHA_SPLIT_OUTPUTS + 1];
 } split_job;
 
+/* The chunk's row tile `tile` (16 rows, zeros past the chunk's) split
+ * by the near filler (kernels.h): rows read in place where a block's
+ * columns are contiguous, else gathered first.  x is split once a call
+ * and used once a panel, so its rounding's cost counts: round-to-even's
+ * filler (a row at a time) was 3.4% of the layer forward at S2 (Sapphire
+ * Rapids, two threads).  False if a value is not splittable. */
+static bool split_row_tile(const split_job *j, int64_t tile)
+{
+    int64_t r0 = 16 * tile, live = mha__max64(0, mha__min64(16, j->rows - r0));
+    uint16_t *run = j->a + tile * tile_run(j->in);
+    float gathered[16][MHA_SPLIT_K];
+    bool finite = true;
+    for (int64_t b = 0; b * MHA_SPLIT_K < j->in; b++) {
+        int64_t c0 = b * MHA_SPLIT_K, cols = mha__min64(j->in - c0, MHA_SPLIT_K);
+        const float *src = gathered[0];
+        int64_t lds = MHA_SPLIT_K;
+        if (live && j->x->cs == 1 && mha__group_run(j->x, c0, cols) >= cols) {
+            src = mha__mat_at(j->x, j->r0 + r0, c0);
+            lds = j->x->rs;
+        } else
+            for (int64_t i = 0; i < live; i++)
+                for (int64_t c = 0; c < cols; c++) gathered[i][c] = *mha__mat_at(j->x, j->r0 + r0 + i, c0 + c);
+        finite &= j->bk->split_near_rows_tile(src, lds, live, cols, run + b * 3 * MHA_SPLIT_TILE);
+    }
+    return finite;
+}
+
 /* Row pair `pair` of the chunk into its two row tiles. */
 static void split_rows(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
     const split_job *j = arg;
-    int64_t in = j->in, run = tile_run(in);
-    float gathered[MHA_SPLIT_K];
     for (int64_t pair = begin; pair < end; pair++) {
-        bool finite = true;
-        for (int64_t i = 0; i < PAIR_ROWS; i++) {
-            int64_t r = pair * PAIR_ROWS + i;
-            uint16_t *row = j->a + (r / 16) * run + (r % 16) * MHA_SPLIT_K;
-            for (int64_t b = 0; b * MHA_SPLIT_K < in; b++) {
-                int64_t c0 = b * MHA_SPLIT_K, cols = r < j->rows ? mha__min64(in - c0, MHA_SPLIT_K) : 0;
-                const float *src = cols ? mha__mat_at(j->x, j->r0 + r, c0) : gathered;
-                if (cols && (j->x->cs != 1 || mha__group_run(j->x, c0, cols) < cols)) {
-                    for (int64_t c = 0; c < cols; c++) gathered[c] = *mha__mat_at(j->x, j->r0 + r, c0 + c);
-                    src = gathered;
-                }
-                finite &= split_block_row(j->bk, src, cols, row, b);
-            }
-        }
-        j->finite[pair] = finite;
+        bool first = split_row_tile(j, 2 * pair), second = split_row_tile(j, 2 * pair + 1);
+        j->finite[pair] = first && second;
     }
 }
 
@@ -443,7 +446,8 @@ typedef struct grad_job {
  * all of them (as transposed_tiles, so that each row's columns are read
  * side by side).  Tile t is a row tile of some output's dY^T (16
  * outputs: pairs of dY's rows, transposed), or a column tile of X (16
- * inputs: pairs of X's rows). */
+ * inputs: pairs of X's rows).  The near filler (kernels.h), as for x in
+ * the forward: each chunk's tiles are split once and used once. */
 static void grad_tiles_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
@@ -458,7 +462,7 @@ static void grad_tiles_range(void *arg, int thread, int64_t begin, int64_t end)
             int64_t c0 = 16 * (t - j->first_tile[o]), cols = is_a ? j->outs[o].out : j->in;
             int64_t n = mha__max64(0, mha__min64(16, cols - c0)), live = n ? rows : 0;
             uint16_t *tiles = j->tiles + t * grad_run() + b * 3 * MHA_SPLIT_TILE;
-            j->finite[t] &= j->bk->split_pairs_tile(live ? mha__mat_at(m, r0, c0) : NULL, m->rs, live, n, tiles);
+            j->finite[t] &= j->bk->split_near_pairs_tile(live ? mha__mat_at(m, r0, c0) : NULL, m->rs, live, n, tiles);
             if (is_a) j->bk->split_transpose(tiles);
         }
     }

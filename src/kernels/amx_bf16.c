@@ -346,7 +346,7 @@ static __mmask16 first_lanes(int64_t n)
  * rows written as two 32-byte halves could not be forwarded from the
  * store buffer (they waited for both stores to reach L1, and the
  * transpose took more time than the split). */
-bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo)
+static bool split3(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo)
 {
     __mmask16 m0 = first_lanes(n), m1 = first_lanes(n - 16); /* lanes past n load as 0, whose parts are 0 */
     __m512 a = _mm512_maskz_loadu_ps(m0, src), b = _mm512_maskz_loadu_ps(m1, src + 16);
@@ -468,7 +468,7 @@ bool mha__split_rows_tile_amx(const float *src, int64_t lds, int64_t live, int64
     bool finite = true;
     for (int64_t i = 0; i < 16; i++) {
         uint16_t *row = tiles + i * MHA_SPLIT_K;
-        if (i < live) finite &= mha__split3_amx(src + i * lds, n, row, row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
+        if (i < live) finite &= split3(src + i * lds, n, row, row + MHA_SPLIT_TILE, row + 2 * MHA_SPLIT_TILE);
         else zero_row(row);
     }
     return finite;

@@ -240,7 +240,6 @@ const mha__bf16_kernels mha__bf16_kernels_amx = {
     .dot_rows_far = dot_rows_bf16_far_avx512,
     .axpy_rows_far = axpy_rows_bf16_far_avx512,
     .peak = mha__bf16_peak_amx,
-    .split3 = mha__split3_amx,
     .split_transpose = mha__split_transpose_amx,
     .split_rows_tile = mha__split_rows_tile_amx,
     .split_pairs_tile = mha__split_pairs_tile_amx,

@@ -325,12 +325,11 @@ enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
  * dot product of split operands is as accurate as float32's own, at the
  * bf16 units' rate (docs/NUMERICS.md).
  *
- * split3 writes the parts of src[0 .. n-1] (n <= 32) to hi, mid and lo,
- * zeros up to 32 values (a whole tile row each), and returns false if any
- * src value is not finite (an infinity's parts
- * would turn inf * w into inf - inf; the caller then takes the float32
- * path).  hi rounds to nearest even, or truncates where that rounding
- * would overflow to infinity.
+ * The fillers below return false if a value is not finite (an
+ * infinity's parts would turn inf * w into inf - inf; the caller then
+ * takes the float32 path).  split_rows_tile and split_pairs_tile round hi
+ * (and mid) to nearest even, or truncate where that rounding would
+ * overflow to infinity.
  *
  * The split product's operands are whole tiles (amx_bf16.c), each 16 rows
  * of 32 bf16 values of k, one tile per part, parts in the order hi, mid,
@@ -372,10 +371,9 @@ enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
  * still add up to the value exactly, but are not split_rows_tile's. */
 enum { MHA_SPLIT_TILE = 512, MHA_SPLIT_K = 32 };
 enum { MHA_SPLIT_STORE, MHA_SPLIT_ADD, MHA_SPLIT_SCALE_ADD, MHA_SPLIT_BIAS_ADD };
-typedef bool (*mha__split3_fn)(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
 /* Each of three part tiles (MHA_SPLIT_TILE values apart) transposed as
  * 16 x 16 pairs: pair j of row i moves to pair i of row j.  Rows of
- * pairs along k (split3 of a row) become B's tile, pairs of rows
+ * pairs along k (a row tile's rows) become B's tile, pairs of rows
  * (split_pairs_tile) become A's. */
 typedef void (*mha__split_transpose_fn)(uint16_t *tiles);
 typedef void (*mha__gemm_split_fn)(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run,
@@ -414,8 +412,7 @@ typedef struct mha__bf16_kernels {
     mha__dot_rows_bf16_fn dot_rows_far;
     mha__axpy_rows_bf16_fn axpy_rows_far;
     mha__peak_fn peak; /* the bf16 multiply-add peak (NULL: same as float32) */
-    /* Float32 projections from split products (NULL: none on this ISA). */
-    mha__split3_fn split3;
+    /* Float32 products from split parts (NULL: none on this ISA). */
     mha__split_transpose_fn split_transpose;
     mha__split_tile_fn split_rows_tile, split_pairs_tile;
     void (*split_unit_pairs_tile)(const float *src, int64_t lds, int64_t live, int64_t n, uint16_t *tiles);
@@ -433,7 +430,6 @@ extern const mha__bf16_kernels mha__bf16_kernels_amx;
 void mha__bf16_gemm_amx(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
                         const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate);
 double mha__bf16_peak_amx(int64_t iterations);
-bool mha__split3_amx(const float *src, int64_t n, uint16_t *hi, uint16_t *mid, uint16_t *lo);
 void mha__split_transpose_amx(uint16_t *tiles);
 void mha__gemm_split_amx(int64_t row_pairs, int64_t k_blocks, const uint16_t *a, int64_t a_run, const uint16_t *b,
                          float *c, int64_t ldc, int accumulate, const float *col_scale);
