@@ -184,12 +184,7 @@ static void pack_queries_f32(const mha__attn_plan *p, mha__strided q, int64_t ro
     mha__pack_columns(p->kt, t->qt, MHA__BR, q, rows, p->D, p->scale);
 }
 
-int64_t mha__strip_reach(const mha__tiles *t, int64_t r, int64_t n)
-{
-    int64_t most = 0;
-    for (int64_t x = r; x < r + n; x++) most = t->reach[x] > most ? t->reach[x] : most;
-    return most;
-}
+int64_t mha__strip_reach(const mha__tiles *t, int64_t r, int64_t n) { return n > 0 ? t->reach[r + n - 1] : 0; }
 
 /* Blocks of keys that no row of a strip sees (above a causal diagonal)
  * are not computed but zeroed: the contract masks them, and the check

@@ -63,9 +63,10 @@ typedef struct mha__tiles {
     int64_t sslots;             /* 0: no cache */
     bool *qs_finite;            /* (scale Q)^T's values all finite */
     int64_t lo[MHA__BR], hi[MHA__BR]; /* each row's visible real keys (mha__row_key_range) */
-    int64_t reach[MHA__BR];           /* the current key tile's first reach[r] keys hold every key row r sees */
-    mha__refine refine;               /* which of the tile's scores to refine (attention.h) */
-    bool wide[MHA__BR], wide_any;     /* the item's rows refined whole (attention.h), and whether any is */
+    int64_t
+        reach[MHA__BR]; /* the current key tile's first reach[r] keys hold every key row r sees; never falls with r */
+    mha__refine refine; /* which of the tile's scores to refine (attention.h) */
+    bool wide[MHA__BR], wide_any; /* the item's rows refined whole (attention.h), and whether any is */
     double *qd;          /* [D][MHA__BR]  the item's query rows widened, for refined scores (float32 plans only) */
     const float *qd_row; /* the first of the rows qd holds; NULL: none yet */
 } mha__tiles;
@@ -91,7 +92,9 @@ enum { MHA__VCACHE_LARGE_L2 = 1 << 20 };
  * online softmax's step on an unnormalised output kept as rows. */
 void mha__rescale_rows(const mha__kernels *kt, float *o, int64_t dv, int64_t rows, const float *scale);
 
-/* The most keys any of rows [r, r + n) sees in the current key tile. */
+/* The most keys any of rows [r, r + n) sees in the current key tile:
+ * its last row's reach, as reach never falls from one row to the next
+ * (rows' key ranges grow with the row, flash.c). */
 int64_t mha__strip_reach(const mha__tiles *t, int64_t r, int64_t n);
 
 /* Floats of one thread's tiles for a plan. */
