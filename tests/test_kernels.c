@@ -615,7 +615,7 @@ static void test_softmax_step_special(const mha__kernels *kt)
         for (int k = 0; k < 2; k++) {
             for (int r = 0; r < ROWS; r++)
                 for (int j = 0; j < COLS; j++) s[k][j * LDS + r] = row[r][blk * COLS + j];
-            (k ? kt : ref)->softmax_step(s[k], LDS, ROWS, COLS, max[k], sum[k], scale[k], INFINITY);
+            (k ? kt : ref)->softmax_step(s[k], LDS, ROWS, COLS, max[k], sum[k], scale[k], INFINITY, NULL);
         }
         for (int r = 0; r < ROWS; r++) {
             bad += !agrees(max[1][r], max[0][r]) + !agrees(sum[1][r], sum[0][r]) + !agrees(scale[1][r], scale[0][r]);
@@ -645,13 +645,63 @@ static void test_softmax_step_large(const mha__kernels *kt)
             memcpy(s, base, sizeof s);
             s[(r % 2 ? COLS - 1 : r % COLS) * LDS + r] = value;
             for (int i = 0; i < ROWS; i++) max[i] = -INFINITY, sum[i] = 0;
-            bool large = kt->softmax_step(s, LDS, ROWS, COLS, max, sum, scale, 16.0f);
+            bool large = kt->softmax_step(s, LDS, ROWS, COLS, max, sum, scale, 16.0f, NULL);
             bad += large != (v < 2);
             memcpy(s, base, sizeof s);
             s[r] = value; /* key 0 */
-            bad += kt->softmax_step(s, LDS, ROWS, COLS, max, sum, scale, INFINITY);
+            bad += kt->softmax_step(s, LDS, ROWS, COLS, max, sum, scale, INFINITY, NULL);
         }
     CHECK(bad == 0, "%s softmax_step: %d wrong answers to whether a score is large", kt->name, bad);
+}
+
+/* softmax_step with a reach for each row against the same step over the
+ * tile with the keys past each reach set to -inf, as a causal contract
+ * sets them: the same bits (probabilities 0 there, maxima, sums and
+ * scales), a NaN or a large score past a reach left out, every reach
+ * from 0 to the whole tile, tails of 16 and 8 lanes; and the large
+ * answer for scores within the reach as without one. */
+static void test_softmax_step_reach(const mha__kernels *kt)
+{
+    enum { ROWS = 37, COLS = 23, LDS = 40 };
+    float row[ROWS][2 * COLS], s[2][COLS * LDS], max[2][ROWS], sum[2][ROWS], scale[2][ROWS];
+    int64_t reach[2][ROWS];
+    for (int r = 0; r < ROWS; r++) {
+        for (int j = 0; j < 2 * COLS; j++) row[r][j] = uniform() * 15.0f;
+        reach[0][r] = r * (COLS + 1) / ROWS; /* 0 .. COLS, growing: a causal diagonal */
+        reach[1][r] = (r * 7) % (COLS + 1);  /* any order */
+    }
+    row[5][COLS] = 20.0f; /* within both reaches of row 5: the second block is large */
+    int bad = 0, wrong_large = 0;
+    for (int kind = 0; kind < 2; kind++) {
+        for (int k = 0; k < 2; k++)
+            for (int r = 0; r < ROWS; r++) max[k][r] = -INFINITY, sum[k][r] = 0;
+        for (int blk = 0; blk < 2; blk++) {
+            for (int k = 0; k < 2; k++)
+                for (int r = 0; r < ROWS; r++)
+                    for (int j = 0; j < COLS; j++) {
+                        bool past = j >= reach[kind][r];
+                        /* past the reach: -inf for the masked step, else a value to leave out */
+                        float beyond = r % 3 == 0 ? 40.0f : r % 3 == 1 ? NAN : -40.0f;
+                        s[k][j * LDS + r] = !past ? row[r][blk * COLS + j] : k == 0 ? -INFINITY : beyond;
+                    }
+            bool want_large = false;
+            for (int r = 0; r < ROWS; r++)
+                for (int j = 0; j < reach[kind][r]; j++) want_large |= fabsf(row[r][blk * COLS + j]) > 16.0f;
+            bool large0 = kt->softmax_step(s[0], LDS, ROWS, COLS, max[0], sum[0], scale[0], INFINITY, NULL);
+            bool large1 = kt->softmax_step(s[1], LDS, ROWS, COLS, max[1], sum[1], scale[1], 16.0f, reach[kind]);
+            wrong_large += large0 || large1 != want_large;
+            for (int r = 0; r < ROWS; r++) {
+                bad += memcmp(&max[0][r], &max[1][r], sizeof(float)) != 0;
+                bad += memcmp(&sum[0][r], &sum[1][r], sizeof(float)) != 0;
+                bad += memcmp(&scale[0][r], &scale[1][r], sizeof(float)) != 0;
+                for (int j = 0; j < COLS; j++)
+                    bad += memcmp(&s[0][j * LDS + r], &s[1][j * LDS + r], sizeof(float)) != 0;
+            }
+        }
+    }
+    CHECK(bad == 0, "%s softmax_step with reaches: %d values differ from the masked step", kt->name, bad);
+    CHECK(wrong_large == 0, "%s softmax_step with reaches: %d wrong answers to whether a score is large", kt->name,
+          wrong_large);
 }
 
 /* 2^(s log2 e - a) as kernels.h states softmax_step's probabilities, in
@@ -688,7 +738,7 @@ static void test_softmax_step(const mha__kernels *kt)
     for (int blk = 0; blk < 2; blk++) {
         for (int r = 0; r < ROWS; r++) /* key-major: s[key * LDS + query] */
             for (int j = 0; j < COLS; j++) s[j * LDS + r] = row[r][blk * COLS + j];
-        kt->softmax_step(s, LDS, ROWS, COLS, max, sum, scale, INFINITY);
+        kt->softmax_step(s, LDS, ROWS, COLS, max, sum, scale, INFINITY, NULL);
         for (int r = 0; r < ROWS; r++) {
             double m = -INFINITY;
             for (int j = 0; j < (blk + 1) * COLS; j++) m = fmax(m, row[r][j]);
@@ -732,13 +782,13 @@ static void test_softmax_exp2(const mha__kernels *kt)
     }
     float y[N];
     for (int i = 0; i < N; i++) y[i] = fmaf(s[i], MHA_EXP_LOG2E, 0.0f);
-    kt->softmax_step(s, N, N, 1, max, sum, scale, INFINITY); /* one key, N queries */
+    kt->softmax_step(s, N, N, 1, max, sum, scale, INFINITY, NULL); /* one key, N queries */
     for (int i = 0; i < N; i++) {
         double want = y[i] < MHA_EXP2_MIN_INPUT ? 0.0 : exp2((double)y[i]);
         bad += fabs(s[i] - want) > 4 * FLT_EPSILON * want;
     }
     float x = 0.0f, m = 0.0f, l = 0.0f, sc; /* y = 0: exactly 1, so a score at an integer anchor is 1 */
-    kt->softmax_step(&x, 1, 1, 1, &m, &l, &sc, INFINITY);
+    kt->softmax_step(&x, 1, 1, 1, &m, &l, &sc, INFINITY, NULL);
     bad += x != 1.0f || sc != 1.0f;
     CHECK(bad == 0, "%s softmax_step's 2^y: %d values off", kt->name, bad);
     /* A step may flush subnormal results to zero inside (avx512.c's) but
@@ -1030,6 +1080,7 @@ int main(void)
         test_pair_dots(kt);
         test_exp(kt);
         test_softmax_step(kt);
+        test_softmax_step_reach(kt);
         test_softmax_exp2(kt);
         test_softmax_step_special(kt);
         test_softmax_grad(kt);

@@ -132,7 +132,7 @@ static void step_factors(const flash_job *j, const float *old, const float *max,
     float m[BR], sum[BR] = {0};
     memcpy(m, old, (size_t)rows * sizeof(float));
     memcpy(factor, max, (size_t)rows * sizeof(float));
-    j->kt->softmax_step(factor, BR, rows, 1, m, sum, scale, INFINITY);
+    j->kt->softmax_step(factor, BR, rows, 1, m, sum, scale, INFINITY, NULL);
 }
 
 /* Where the refined scores of the item's rows come from: its query rows,
@@ -183,19 +183,27 @@ static void tile_reach(const flash_job *j, tiles *t, int64_t rows, int64_t j0, i
 /* One key tile [j0, j0+cols) for the item's rows: the vector softmax
  * step, or the refined one where some of the tile's scores are large.
  * A plain tile learns that from the vector step itself, and then goes
- * back to its statistics before the step and computes its scores again. */
+ * back to its statistics before the step and computes its scores again.
+ * So does a `prefix` tile (each row sees a first part of it: a causal
+ * mask alone, no bias, no cap) when no row is wide: the step masks the
+ * keys past each row's reach itself, so the tile needs neither the
+ * contract's pass nor the refinement's pass that finds large scores
+ * (both still run where the step finds some).  The same bits as the
+ * contract's -inf give. */
 static void key_tile(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                     int64_t cols, bool plain)
+                     int64_t cols, bool plain, bool prefix)
 {
     const mha__attn_plan *p = j->p;
     tile_reach(j, t, rows, j0, cols, plain);
     mha__strided ks = tile_rows(j, t, false, b, h, j0, cols);
-    score_tile(j, t, b, h, i0, rows, j0, cols, plain, false, ks);
+    bool unmasked = plain || (prefix && !t->wide_any); /* scores as the products leave them */
+    score_tile(j, t, b, h, i0, rows, j0, cols, unmasked, false, ks);
     if (!t->refine.any) {
-        float max[BR], sum[BR], above = plain && !p->bf16 ? MHA_REFINE_ABOVE : INFINITY;
+        float max[BR], sum[BR], above = unmasked && !p->bf16 ? MHA_REFINE_ABOVE : INFINITY;
+        const int64_t *reach = unmasked && !plain ? t->reach : NULL;
         memcpy(max, t->max, (size_t)rows * sizeof(float));
         memcpy(sum, t->sum, (size_t)rows * sizeof(float));
-        if (!j->kt->softmax_step(t->st, LDS, rows, cols, t->max, t->sum, t->scale, above)) {
+        if (!j->kt->softmax_step(t->st, LDS, rows, cols, t->max, t->sum, t->scale, above, reach)) {
             accumulate_values(j, t, b, h, rows, j0, cols);
             return;
         }
@@ -292,11 +300,11 @@ static void flash_item(const flash_job *j, tiles *t, int64_t item)
     int64_t start = lo_first > 0 ? lo_first / BC * BC : 0, stop = hi_last < p->R ? hi_last : p->R;
     for (int64_t j0 = start; j0 < stop; j0 += BC) {
         int64_t cols = stop - j0 < BC ? stop - j0 : BC;
-        bool plain = !biased && j0 >= lo_last && j0 + cols <= hi_first;
-        key_tile(j, t, b, h, i0, rows, j0, cols, plain);
+        bool seen_from_start = !biased && j0 >= lo_last; /* no row's keys start inside the tile */
+        key_tile(j, t, b, h, i0, rows, j0, cols, seen_from_start && j0 + cols <= hi_first, seen_from_start);
     }
     if (p->S > p->R) { /* appended keys: visible to all, unbiased, but capped */
-        key_tile(j, t, b, h, i0, rows, p->R, p->S - p->R, p->softcap == 0);
+        key_tile(j, t, b, h, i0, rows, p->R, p->S - p->R, p->softcap == 0, false);
     }
     write_rows(j, t, b, h, i0, rows);
 }

@@ -205,7 +205,7 @@ static inline __m256 exp256(__m256 x)
  * floor(y) in [0, 1], and 2^floor(y) built in the exponent bits as
  * exp256_clamped builds 2^n.  y is clamped below at -127, where the field
  * gives +0.0: every 2^y below 2^-126 comes out 0, -inf included, as
- * avx512.c's mask gives.  vmaxps returns its second operand when either
+ * avx512.c's flush to zero gives.  vmaxps returns its second operand when either
  * is NaN, so a NaN passes the clamp and comes out NaN. */
 static inline __m256 exp2_256(__m256 y)
 {
@@ -227,10 +227,13 @@ static inline __m256 anchor256(__m256 m) { return _mm256_ceil_ps(_mm256_mul_ps(m
 #define STORE8(ptr, val) (full ? _mm256_storeu_ps((ptr), (val)) : _mm256_maskstore_ps((ptr), mk, (val)))
 
 /* softmax_step for the queries i .. i+7 (those of mk); inlined twice, with
- * full = 1 and 0, so the test on `full` disappears. */
+ * full = 1 and 0, so the test on `full` disappears, and again with a
+ * reach for each lane (`limit`, NULL for none), so that the plain step
+ * keeps its loop.  Keys past a lane's reach are loaded as -inf (left out
+ * of the maximum, exp 0) and as +inf for the minimum. */
 static inline __attribute__((always_inline)) bool softmax_step8(float *s, int64_t lds, int64_t cols, float *max,
                                                                 float *sum, float *scale, float above, __m256i mk,
-                                                                int full)
+                                                                int full, const int32_t *limit)
 {
     const __m256 neg_inf = _mm256_set1_ps(-INFINITY), pos_inf = _mm256_set1_ps(INFINITY), one = _mm256_set1_ps(1.0f);
     __m256 old_max = LOAD8(max), m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
@@ -241,7 +244,14 @@ static inline __attribute__((always_inline)) bool softmax_step8(float *s, int64_
      * output (P V and the division by the sum) and its lse.  Lanes past
      * the rows are computed on whatever maskload gave (0) and not stored.
      * Four running maxima and minima, as avx512.c's column_max keeps. */
+    const __m256i lim = limit ? _mm256_loadu_si256((const __m256i *)(const void *)limit) : _mm256_setzero_si256();
+#define SEEN8(j) _mm256_castsi256_ps(_mm256_cmpgt_epi32(lim, _mm256_set1_epi32((int)(j))))
     int64_t j = 0;
+    for (; limit && j < cols; j++) {
+        __m256 x = LOAD8(s + j * lds), seen_j = SEEN8(j);
+        m0 = _mm256_max_ps(_mm256_blendv_ps(neg_inf, x, seen_j), m0);
+        n0 = _mm256_min_ps(_mm256_blendv_ps(pos_inf, x, seen_j), n0);
+    }
     for (; j + 4 <= cols; j += 4) {
         __m256 x0 = LOAD8(s + j * lds), x1 = LOAD8(s + (j + 1) * lds), x2 = LOAD8(s + (j + 2) * lds);
         __m256 x3 = LOAD8(s + (j + 3) * lds);
@@ -263,10 +273,13 @@ static inline __attribute__((always_inline)) bool softmax_step8(float *s, int64_
     __m256 anchor = _mm256_and_ps(anchor256(new_max), seen), block_sum = _mm256_setzero_ps();
     const __m256 log2e = _mm256_set1_ps(MHA_EXP_LOG2E);
     for (j = 0; j < cols; j++) {
-        __m256 e = exp2_256(_mm256_fmsub_ps(LOAD8(s + j * lds), log2e, anchor));
+        __m256 x = LOAD8(s + j * lds);
+        if (limit) x = _mm256_blendv_ps(neg_inf, x, SEEN8(j));
+        __m256 e = exp2_256(_mm256_fmsub_ps(x, log2e, anchor));
         STORE8(s + j * lds, e);
         block_sum = _mm256_add_ps(block_sum, e);
     }
+#undef SEEN8
     __m256 sc = _mm256_blendv_ps(one, exp2_256(_mm256_sub_ps(anchor256(old_max), anchor)), seen);
     __m256 new_sum = _mm256_fmadd_ps(LOAD8(sum), sc, block_sum);
     STORE8(scale, sc);
@@ -275,15 +288,30 @@ static inline __attribute__((always_inline)) bool softmax_step8(float *s, int64_
     return _mm256_movemask_ps(large) != 0;
 }
 
+/* The lanes' reaches as 32-bit integers (0 past the rows). */
+static void lane_limits(const int64_t *reach, int64_t lanes, int32_t limit[8])
+{
+    for (int64_t k = 0; k < 8; k++) limit[k] = k < lanes ? (int32_t)reach[k] : 0;
+}
+
 static bool softmax_step_avx2(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum, float *scale,
-                              float above)
+                              float above, const int64_t *reach)
 {
     bool large = false;
+    int32_t limit[8];
     int64_t i = 0;
-    for (; i + 8 <= rows; i += 8) /* 8 queries per vector */
-        large |= softmax_step8(s + i, lds, cols, max + i, sum + i, scale + i, above, lane_mask(8), 1);
-    if (i < rows) large |= softmax_step8(s + i, lds, cols, max + i, sum + i, scale + i, above, lane_mask(rows - i), 0);
-    return large;
+    for (; i + 8 <= rows; i += 8) { /* 8 queries per vector */
+        if (!reach) {
+            large |= softmax_step8(s + i, lds, cols, max + i, sum + i, scale + i, above, lane_mask(8), 1, NULL);
+            continue;
+        }
+        lane_limits(reach + i, 8, limit);
+        large |= softmax_step8(s + i, lds, cols, max + i, sum + i, scale + i, above, lane_mask(8), 1, limit);
+    }
+    if (i == rows) return large;
+    if (reach) lane_limits(reach + i, rows - i, limit);
+    return large | softmax_step8(s + i, lds, cols, max + i, sum + i, scale + i, above, lane_mask(rows - i), 0,
+                                 reach ? limit : NULL);
 }
 
 static inline __attribute__((always_inline)) void softmax_grad8(float *s, float *dp, int64_t lds, int64_t cols,

@@ -365,28 +365,70 @@ static inline __m512 anchor512(__m512 m)
                                 _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
 }
 
+/* column_max over the keys each lane sees: key j in the lanes of mk whose
+ * reach (limit, 32-bit) passes j; the others passed over (a lane that
+ * sees none keeps -inf and +inf). */
+static inline __m512 reach_column_max(const float *s, int64_t lds, int64_t cols, __mmask16 mk, __m512i limit,
+                                      __m512 *min)
+{
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+    __m512 m = neg_inf, n = _mm512_set1_ps(INFINITY);
+    for (int64_t j = 0; j < cols; j++) {
+        __mmask16 seen = _mm512_mask_cmpgt_epi32_mask(mk, limit, _mm512_set1_epi32((int)j));
+        __m512 x = _mm512_maskz_loadu_ps(mk, s + j * lds);
+        m = _mm512_mask_max_ps(m, seen, x, m);
+        n = _mm512_mask_min_ps(n, seen, x, n);
+    }
+    *min = _mm512_mask_mov_ps(neg_inf, mk, n);
+    return _mm512_mask_mov_ps(neg_inf, mk, m);
+}
+
+/* 16 lanes' reaches as 32-bit integers (0 past mk). */
+static inline __m512i lane_reach(const int64_t *reach, __mmask16 mk)
+{
+    __m256i lo = _mm512_cvtepi64_epi32(_mm512_maskz_loadu_epi64((__mmask8)mk, reach));
+    __m256i hi = _mm512_cvtepi64_epi32(_mm512_maskz_loadu_epi64((__mmask8)(mk >> 8), reach + 8));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* The step's exponentials of 16 queries' column (lanes mk) against
+ * `anchor`, stored, their sum returned; with `limit`, 0 for the keys past
+ * a lane's reach, as a -inf score gives. */
+static inline __attribute__((always_inline)) __m512 column_exp(float *s, int64_t lds, int64_t cols, __mmask16 mk,
+                                                               __m512 anchor, bool reached, __m512i limit)
+{
+    const __m512 log2e = _mm512_set1_ps(MHA_EXP_LOG2E);
+    __m512 block_sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < cols; j++) {
+        __m512 e = exp2_512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, s + j * lds), log2e, anchor));
+        if (reached) e = _mm512_maskz_mov_ps(_mm512_cmpgt_epi32_mask(limit, _mm512_set1_epi32((int)j)), e);
+        _mm512_mask_storeu_ps(s + j * lds, mk, e);
+        block_sum = _mm512_add_ps(block_sum, e);
+    }
+    return block_sum;
+}
+
 static bool softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum, float *scale,
-                                float above)
+                                float above, const int64_t *reach)
 {
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY), one = _mm512_set1_ps(1.0f);
-    const __m512 log2e = _mm512_set1_ps(MHA_EXP_LOG2E), top = _mm512_set1_ps(above), bottom = _mm512_set1_ps(-above);
+    const __m512 top = _mm512_set1_ps(above), bottom = _mm512_set1_ps(-above);
     unsigned caller_csr = with_flush_to_zero(); /* exp2_512's */
     __mmask16 large = 0;
     for (int64_t i = 0; i < rows; i += 16) { /* 16 queries per vector */
         __mmask16 mk = lane_mask(rows - i);
+        __m512i limit = reach ? lane_reach(reach + i, mk) : _mm512_setzero_si512();
         __m512 old_max = _mm512_mask_loadu_ps(neg_inf, mk, max + i), tile_min;
-        __m512 tile_max = column_max(s + i, lds, cols, mk, &tile_min), new_max = _mm512_max_ps(tile_max, old_max);
+        __m512 tile_max = reach ? reach_column_max(s + i, lds, cols, mk, limit, &tile_min)
+                                : column_max(s + i, lds, cols, mk, &tile_min);
+        __m512 new_max = _mm512_max_ps(tile_max, old_max);
         large |= _mm512_mask_cmp_ps_mask(mk, tile_max, top, _CMP_GT_OQ) |
                  _mm512_mask_cmp_ps_mask(mk, tile_min, bottom, _CMP_LT_OQ);
         /* Queries that still see nothing take anchor 0, so their -inf scores give 0. */
         __mmask16 seen = _mm512_cmp_ps_mask(new_max, neg_inf, _CMP_NEQ_UQ);
-        __m512 anchor = _mm512_maskz_mov_ps(seen, anchor512(new_max)), block_sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < cols; j++) {
-            __m512 y = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, s + j * lds + i), log2e, anchor);
-            __m512 e = exp2_512(y);
-            _mm512_mask_storeu_ps(s + j * lds + i, mk, e);
-            block_sum = _mm512_add_ps(block_sum, e);
-        }
+        __m512 anchor = _mm512_maskz_mov_ps(seen, anchor512(new_max));
+        __m512 block_sum = reach ? column_exp(s + i, lds, cols, mk, anchor, true, limit)
+                                 : column_exp(s + i, lds, cols, mk, anchor, false, limit);
         __m512 sc = _mm512_mask_blend_ps(seen, one, exp2_512(_mm512_sub_ps(anchor512(old_max), anchor)));
         __m512 new_sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, sum + i), sc, block_sum);
         _mm512_mask_storeu_ps(scale + i, mk, sc);

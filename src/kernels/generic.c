@@ -59,12 +59,13 @@ static void pair_dots_generic(int64_t rows, int64_t k, const float *a, int64_t a
 static float exp2_flushed(float y) { return y < MHA_EXP2_MIN_INPUT ? 0.0f : exp2f(y); }
 
 static bool softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
-                                 float *scale, float above)
+                                 float *scale, float above, const int64_t *reach)
 {
     bool large = false;
     for (int64_t i = 0; i < rows; i++) {
         float top = -INFINITY, bottom = INFINITY;
-        for (int64_t j = 0; j < cols; j++) { /* a NaN score fails both tests: passed over */
+        int64_t seen = reach ? reach[i] : cols;
+        for (int64_t j = 0; j < seen; j++) { /* a NaN score fails both tests: passed over */
             if (s[j * lds + i] > top) top = s[j * lds + i];
             if (s[j * lds + i] < bottom) bottom = s[j * lds + i];
         }
@@ -73,8 +74,8 @@ static bool softmax_step_generic(float *s, int64_t lds, int64_t rows, int64_t co
         /* A query that still sees nothing takes anchor 0: its -inf
          * scores give 0, a NaN gives NaN. */
         float anchor = new_max == -INFINITY ? 0.0f : mha__softmax_anchor(new_max), block_sum = 0.0f;
-        for (int64_t j = 0; j < cols; j++) {
-            s[j * lds + i] = exp2_flushed(fmaf(s[j * lds + i], MHA_EXP_LOG2E, -anchor));
+        for (int64_t j = 0; j < cols; j++) { /* keys past the reach: -inf's 0, added as a -inf score's is */
+            s[j * lds + i] = j < seen ? exp2_flushed(fmaf(s[j * lds + i], MHA_EXP_LOG2E, -anchor)) : 0.0f;
             block_sum += s[j * lds + i];
         }
         scale[i] = new_max == -INFINITY ? 1.0f : exp2_flushed(mha__softmax_anchor(max[i]) - anchor);

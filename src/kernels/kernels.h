@@ -93,9 +93,16 @@ enum { MHA_EXACT_MR = 6 };
  * (NaN passed over, -inf passing any bound): the forward's test for
  * refining a tile whose scores are its raw ones, none masked
  * (attention.h), taken in the maximum's pass over the tile, where a pass
- * of its own (abs_max) cost 1% of the core. */
+ * of its own (abs_max) cost 1% of the core.
+ *
+ * With `reach` (NULL: every key), query i sees only the tile's first
+ * reach[i] keys (0 <= reach[i] <= cols): the others count as -inf
+ * scores (probability 0, left out of the maximum) and not as large, as
+ * if a causal contract had masked them, so a diagonal tile under a
+ * causal mask alone needs no contract pass, nor the refinement's pass to
+ * find its large scores (flash.c). */
 typedef bool (*mha__softmax_step_fn)(float *s, int64_t lds, int64_t rows, int64_t cols, float *max, float *sum,
-                                     float *scale, float above);
+                                     float *scale, float above, const int64_t *reach);
 
 /* softmax_step's anchor for a row whose maximum is m: ceil(m log2 e), the
  * product rounded to float first (every kernel computes it so). */
