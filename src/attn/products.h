@@ -63,9 +63,10 @@ typedef struct mha__tiles {
     int64_t sslots;             /* 0: no cache */
     bool *qs_finite;            /* (scale Q)^T's values all finite */
     int64_t lo[MHA__BR], hi[MHA__BR]; /* each row's visible real keys (mha__row_key_range) */
-    int64_t
-        reach[MHA__BR]; /* the current key tile's first reach[r] keys hold every key row r sees; never falls with r */
-    mha__refine refine; /* which of the tile's scores to refine (attention.h) */
+    /* The current key tile's first reach[r] keys hold every key row r
+     * sees; reach never falls with r (mha__strip_reach). */
+    int64_t reach[MHA__BR];
+    mha__refine refine;           /* which of the tile's scores to refine (attention.h) */
     bool wide[MHA__BR], wide_any; /* the item's rows refined whole (attention.h), and whether any is */
     double *qd;          /* [D][MHA__BR]  the item's query rows widened, for refined scores (float32 plans only) */
     const float *qd_row; /* the first of the rows qd holds; NULL: none yet */

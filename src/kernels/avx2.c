@@ -205,8 +205,8 @@ static inline __m256 exp256(__m256 x)
  * floor(y) in [0, 1], and 2^floor(y) built in the exponent bits as
  * exp256_clamped builds 2^n.  y is clamped below at -127, where the field
  * gives +0.0: every 2^y below 2^-126 comes out 0, -inf included, as
- * avx512.c's flush to zero gives.  vmaxps returns its second operand when either
- * is NaN, so a NaN passes the clamp and comes out NaN. */
+ * avx512.c's flush to zero gives.  vmaxps returns its second operand
+ * when either is NaN, so a NaN passes the clamp and comes out NaN. */
 static inline __m256 exp2_256(__m256 y)
 {
     y = _mm256_max_ps(_mm256_set1_ps(MHA_EXP2_MIN_INPUT - 1.0f), y);
