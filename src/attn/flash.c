@@ -23,6 +23,7 @@
 #include "attn/products.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
 
 /* Query rows per item (at most BR; the plan's block_rows) and keys per tile
@@ -43,7 +44,13 @@ typedef struct flash_job {
     const mha_tensor *q;
     const double *q_norm2; /* its rows' squared norms, or NULL (mha__wide_rows) */
     const mha__kv *kv;     /* float32 tensors, or a bf16/int8 cache's rows (kv->k.data NULL) */
-    const double *k_norm2; /* each (b, kv head)'s largest squared key norm, at b * Hkv + g (key_norms) */
+    /* Each (b, kv head)'s largest squared key norm, at b * Hkv + g: as
+     * the cache keeps it or the layer's wide pass found it (NULL: none),
+     * else found by the first item of the head that needs it
+     * (head_key_norm2). */
+    const double *k_norm2;
+    _Atomic double *k_norm2_found;
+    atomic_bool *k_norm2_known;
     char *scratch;
     int64_t scratch_stride, q_blocks;
 } flash_job;
@@ -262,12 +269,31 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
     }
 }
 
+/* The largest squared key norm of kv head g in batch b.  Found by the
+ * head's first item, not in a pass of its own over all of K before the
+ * items: that pass read K from memory, and the head's key tiles, split
+ * or packed later, read it again (a pass of its own was 2.4% of the
+ * causal core at N = 2048); found here, the head's keys are in L2 when
+ * its tiles are split.  Two threads that start items of one head
+ * together may both find it, and store the same bits. */
+static double head_key_norm2(const flash_job *j, int64_t b, int64_t g)
+{
+    int64_t bg = b * j->p->Hkv + g;
+    if (j->k_norm2) return j->k_norm2[bg];
+    if (atomic_load_explicit(&j->k_norm2_known[bg], memory_order_acquire))
+        return atomic_load_explicit(&j->k_norm2_found[bg], memory_order_relaxed);
+    double found = mha__keys_norm2_max(j->p, &j->kv->rows, &j->kv->k, b, g);
+    atomic_store_explicit(&j->k_norm2_found[bg], found, memory_order_relaxed);
+    atomic_store_explicit(&j->k_norm2_known[bg], true, memory_order_release);
+    return found;
+}
+
 /* Which of the item's rows are wide (attention.h: refined scores), from
  * the largest key norm of their kv head. */
 static void wide_rows(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
-    double k_norm2_max = j->k_norm2[b * p->Hkv + h / p->group];
+    double k_norm2_max = head_key_norm2(j, b, h / p->group);
     t->wide_any = mha__wide_rows(p, j->q, j->q_norm2, b, h, i0, rows, k_norm2_max, t->wide);
 }
 
@@ -398,16 +424,21 @@ static void probs_range(void *arg, int thread, int64_t begin, int64_t end)
     if (pj->f.p->products->release) pj->f.p->products->release(pj->f.p);
 }
 
-/* Each (b, kv head)'s largest key norm, before the items: as the cache
- * keeps it or the layer's wide pass found it, else from the keys.  Found
- * by the first item of a head each thread met, it was found again for
- * every run of items a thread claimed (the tiles are set up anew each
- * run), and its pass over K took 4% of the causal core at N = 2048. */
+/* Where each (b, kv head)'s largest key norm comes from
+ * (head_key_norm2): the cache or the layer's wide pass, else the slots
+ * its first item fills, one each, shared by the threads.  Kept by the
+ * thread that met the head first, it was found again for every run of
+ * items a thread claimed (the tiles are set up anew each run). */
 static mha_status key_norms(mha_ctx *ctx, flash_job *j)
 {
     j->k_norm2 = j->kv->rows.k_norm2_max;
-    if (!j->k_norm2) j->k_norm2 = mha__keys_norm2_max_all(ctx, j->p, &j->kv->rows, &j->kv->k);
-    return j->k_norm2 ? MHA_OK : MHA_ERR_INTERNAL; /* the plan sized it */
+    if (j->k_norm2) return MHA_OK;
+    int64_t heads = j->p->B * j->p->Hkv;
+    j->k_norm2_found = mha__ws_take(ctx, heads * (int64_t)sizeof(_Atomic double));
+    j->k_norm2_known = mha__ws_take(ctx, heads * (int64_t)sizeof(atomic_bool));
+    if (!j->k_norm2_found || !j->k_norm2_known) return MHA_ERR_INTERNAL; /* the plan sized them */
+    for (int64_t bg = 0; bg < heads; bg++) atomic_init(&j->k_norm2_known[bg], false);
+    return MHA_OK;
 }
 
 /* The tiles' caches emptied before a call's first item: the slices may
@@ -423,7 +454,8 @@ static void forget_values(const flash_job *j, const mha_ctx *ctx)
 bool mha__attn_forward_workspace(const mha__attn_plan *p, const mha_ctx *ctx, int64_t *bytes)
 {
     return mha__ws_add_per_thread(bytes, ctx, mha__tiles_floats(p), "the attention tiles") &&
-           mha__ws_add(bytes, p->B * p->Hkv * (int64_t)sizeof(double), "the key norms");
+           mha__ws_add(bytes, p->B * p->Hkv * (int64_t)sizeof(_Atomic double), "the key norms") &&
+           mha__ws_add(bytes, p->B * p->Hkv * (int64_t)sizeof(atomic_bool), "the key norms' flags");
 }
 
 mha_status mha__attn_probs(mha_ctx *ctx, const mha__attn_plan *p, mha_tensor *probs, int average,
