@@ -226,11 +226,30 @@ static inline __m256 anchor256(__m256 m) { return _mm256_ceil_ps(_mm256_mul_ps(m
 #define LOAD8(ptr)       (full ? _mm256_loadu_ps(ptr) : _mm256_maskload_ps((ptr), mk))
 #define STORE8(ptr, val) (full ? _mm256_storeu_ps((ptr), (val)) : _mm256_maskstore_ps((ptr), mk, (val)))
 
+/* The keys [0, cols) seen by all of the first `lanes` lanes' limits
+ * (the others are 0), and those [0, *some) seen by at least one. */
+static inline int64_t keys_seen_by_all8(const int32_t *limit, __m256i mk, int64_t cols, int64_t *some)
+{
+    int32_t live[8];
+    _mm256_storeu_si256((__m256i *)(void *)live, mk);
+    int64_t all = cols, any = 0;
+    for (int k = 0; k < 8; k++) {
+        if (!live[k]) continue;
+        all = limit[k] < all ? limit[k] : all;
+        any = limit[k] > any ? limit[k] : any;
+    }
+    *some = any < cols ? any : cols;
+    return all < *some ? all : *some;
+}
+
 /* softmax_step for the queries i .. i+7 (those of mk); inlined twice, with
  * full = 1 and 0, so the test on `full` disappears, and again with a
  * reach for each lane (`limit`, NULL for none), so that the plain step
  * keeps its loop.  Keys past a lane's reach are loaded as -inf (left out
- * of the maximum, exp 0) and as +inf for the minimum. */
+ * of the maximum, exp 0) and as +inf for the minimum.  Only the keys some
+ * lane sees but not all take the masked loops: those all see take the
+ * plain ones (four chains for the maximum, where one masked chain waited
+ * a vmaxps latency a key), and those none sees are stored 0. */
 static inline __attribute__((always_inline)) bool softmax_step8(float *s, int64_t lds, int64_t cols, float *max,
                                                                 float *sum, float *scale, float above, __m256i mk,
                                                                 int full, const int32_t *limit)
@@ -246,21 +265,21 @@ static inline __attribute__((always_inline)) bool softmax_step8(float *s, int64_
      * Four running maxima and minima, as avx512.c's column_max keeps. */
     const __m256i lim = limit ? _mm256_loadu_si256((const __m256i *)(const void *)limit) : _mm256_setzero_si256();
 #define SEEN8(j) _mm256_castsi256_ps(_mm256_cmpgt_epi32(lim, _mm256_set1_epi32((int)(j))))
-    int64_t j = 0;
-    for (; limit && j < cols; j++) {
-        __m256 x = LOAD8(s + j * lds), seen_j = SEEN8(j);
-        m0 = _mm256_max_ps(_mm256_blendv_ps(neg_inf, x, seen_j), m0);
-        n0 = _mm256_min_ps(_mm256_blendv_ps(pos_inf, x, seen_j), n0);
-    }
-    for (; j + 4 <= cols; j += 4) {
+    int64_t some = cols, all = limit ? keys_seen_by_all8(limit, mk, cols, &some) : cols, j = 0;
+    for (; j + 4 <= all; j += 4) {
         __m256 x0 = LOAD8(s + j * lds), x1 = LOAD8(s + (j + 1) * lds), x2 = LOAD8(s + (j + 2) * lds);
         __m256 x3 = LOAD8(s + (j + 3) * lds);
         m0 = _mm256_max_ps(x0, m0), m1 = _mm256_max_ps(x1, m1), m2 = _mm256_max_ps(x2, m2), m3 = _mm256_max_ps(x3, m3);
         n0 = _mm256_min_ps(x0, n0), n1 = _mm256_min_ps(x1, n1), n2 = _mm256_min_ps(x2, n2), n3 = _mm256_min_ps(x3, n3);
     }
-    for (; j < cols; j++) {
+    for (; j < all; j++) {
         __m256 x = LOAD8(s + j * lds);
         m0 = _mm256_max_ps(x, m0), n0 = _mm256_min_ps(x, n0);
+    }
+    for (; j < some; j++) {
+        __m256 x = LOAD8(s + j * lds), seen_j = SEEN8(j);
+        m0 = _mm256_max_ps(_mm256_blendv_ps(neg_inf, x, seen_j), m0);
+        n0 = _mm256_min_ps(_mm256_blendv_ps(pos_inf, x, seen_j), n0);
     }
     __m256 tile_max = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
     __m256 tile_min = _mm256_min_ps(_mm256_min_ps(n0, n1), _mm256_min_ps(n2, n3));
@@ -272,13 +291,14 @@ static inline __attribute__((always_inline)) bool softmax_step8(float *s, int64_
     __m256 seen = _mm256_cmp_ps(new_max, neg_inf, _CMP_NEQ_UQ);
     __m256 anchor = _mm256_and_ps(anchor256(new_max), seen), block_sum = _mm256_setzero_ps();
     const __m256 log2e = _mm256_set1_ps(MHA_EXP_LOG2E);
-    for (j = 0; j < cols; j++) {
+    for (j = 0; j < some; j++) { /* past them the exponentials are 0: adding them adds +0 */
         __m256 x = LOAD8(s + j * lds);
-        if (limit) x = _mm256_blendv_ps(neg_inf, x, SEEN8(j));
+        if (j >= all) x = _mm256_blendv_ps(neg_inf, x, SEEN8(j));
         __m256 e = exp2_256(_mm256_fmsub_ps(x, log2e, anchor));
         STORE8(s + j * lds, e);
         block_sum = _mm256_add_ps(block_sum, e);
     }
+    for (; j < cols; j++) STORE8(s + j * lds, _mm256_setzero_ps());
 #undef SEEN8
     __m256 sc = _mm256_blendv_ps(one, exp2_256(_mm256_sub_ps(anchor256(old_max), anchor)), seen);
     __m256 new_sum = _mm256_fmadd_ps(LOAD8(sum), sc, block_sum);

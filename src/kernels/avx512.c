@@ -365,15 +365,29 @@ static inline __m512 anchor512(__m512 m)
                                 _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
 }
 
+/* The keys [0, cols) seen by every lane of mk, and those [0, *some)
+ * seen by at least one, from the lanes' reaches (limit, 32-bit). */
+static inline int64_t keys_seen_by_all(__m512i limit, __mmask16 mk, int64_t cols, int64_t *some)
+{
+    int64_t all = _mm512_mask_reduce_min_epi32(mk, limit), any = _mm512_mask_reduce_max_epi32(mk, limit);
+    *some = any < cols ? any : cols;
+    return all < *some ? all : *some;
+}
+
 /* column_max over the keys each lane sees: key j in the lanes of mk whose
  * reach (limit, 32-bit) passes j; the others passed over (a lane that
- * sees none keeps -inf and +inf). */
+ * sees none keeps -inf and +inf).  The keys every lane sees go through
+ * column_max's four chains, the keys only some see through one masked
+ * chain, the keys none sees not at all: one masked chain over them all
+ * waited a vmaxps latency a key, and made a diagonal tile's step slower
+ * than a whole tile's. */
 static inline __m512 reach_column_max(const float *s, int64_t lds, int64_t cols, __mmask16 mk, __m512i limit,
                                       __m512 *min)
 {
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
-    __m512 m = neg_inf, n = _mm512_set1_ps(INFINITY);
-    for (int64_t j = 0; j < cols; j++) {
+    int64_t some, all = keys_seen_by_all(limit, mk, cols, &some);
+    __m512 n, m = column_max(s, lds, all, mk, &n);
+    for (int64_t j = all; j < some; j++) {
         __mmask16 seen = _mm512_mask_cmpgt_epi32_mask(mk, limit, _mm512_set1_epi32((int)j));
         __m512 x = _mm512_maskz_loadu_ps(mk, s + j * lds);
         m = _mm512_mask_max_ps(m, seen, x, m);
@@ -391,20 +405,32 @@ static inline __m512i lane_reach(const int64_t *reach, __mmask16 mk)
     return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
-/* The step's exponentials of 16 queries' column (lanes mk) against
- * `anchor`, stored, their sum returned; with `limit`, 0 for the keys past
- * a lane's reach, as a -inf score gives. */
-static inline __attribute__((always_inline)) __m512 column_exp(float *s, int64_t lds, int64_t cols, __mmask16 mk,
-                                                               __m512 anchor, bool reached, __m512i limit)
+/* The step's exponentials of 16 queries' columns [from, cols) (lanes
+ * mk) against `anchor`, stored, added to block_sum in turn; with `limit`,
+ * 0 for the keys past a lane's reach, as a -inf score gives. */
+static inline __attribute__((always_inline)) __m512 column_exp(float *s, int64_t lds, int64_t from, int64_t cols,
+                                                               __mmask16 mk, __m512 anchor, bool reached, __m512i limit,
+                                                               __m512 block_sum)
 {
     const __m512 log2e = _mm512_set1_ps(MHA_EXP_LOG2E);
-    __m512 block_sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < cols; j++) {
+    for (int64_t j = from; j < cols; j++) {
         __m512 e = exp2_512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, s + j * lds), log2e, anchor));
         if (reached) e = _mm512_maskz_mov_ps(_mm512_cmpgt_epi32_mask(limit, _mm512_set1_epi32((int)j)), e);
         _mm512_mask_storeu_ps(s + j * lds, mk, e);
         block_sum = _mm512_add_ps(block_sum, e);
     }
+    return block_sum;
+}
+
+/* column_exp with reaches: the keys every lane sees unmasked, those
+ * some see masked, and 0 stored for those none sees, whose exponentials
+ * would be 0 (adding them to the sum adds +0: the same sum). */
+static inline __m512 reach_column_exp(float *s, int64_t lds, int64_t cols, __mmask16 mk, __m512 anchor, __m512i limit)
+{
+    int64_t some, all = keys_seen_by_all(limit, mk, cols, &some);
+    __m512 block_sum = column_exp(s, lds, 0, all, mk, anchor, false, limit, _mm512_setzero_ps());
+    block_sum = column_exp(s, lds, all, some, mk, anchor, true, limit, block_sum);
+    for (int64_t j = some; j < cols; j++) _mm512_mask_storeu_ps(s + j * lds, mk, _mm512_setzero_ps());
     return block_sum;
 }
 
@@ -427,8 +453,8 @@ static bool softmax_step_avx512(float *s, int64_t lds, int64_t rows, int64_t col
         /* Queries that still see nothing take anchor 0, so their -inf scores give 0. */
         __mmask16 seen = _mm512_cmp_ps_mask(new_max, neg_inf, _CMP_NEQ_UQ);
         __m512 anchor = _mm512_maskz_mov_ps(seen, anchor512(new_max));
-        __m512 block_sum = reach ? column_exp(s + i, lds, cols, mk, anchor, true, limit)
-                                 : column_exp(s + i, lds, cols, mk, anchor, false, limit);
+        __m512 block_sum = reach ? reach_column_exp(s + i, lds, cols, mk, anchor, limit)
+                                 : column_exp(s + i, lds, 0, cols, mk, anchor, false, limit, _mm512_setzero_ps());
         __m512 sc = _mm512_mask_blend_ps(seen, one, exp2_512(_mm512_sub_ps(anchor512(old_max), anchor)));
         __m512 new_sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, sum + i), sc, block_sum);
         _mm512_mask_storeu_ps(scale + i, mk, sc);
