@@ -276,13 +276,21 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
  * causal core at N = 2048); found here, the head's keys are in L2 when
  * its tiles are split.  Two threads that start items of one head
  * together may both find it, and store the same bits. */
-static double head_key_norm2(const flash_job *j, int64_t b, int64_t g)
+static double head_key_norm2(const flash_job *j, const tiles *t, int64_t b, int64_t g)
 {
-    int64_t bg = b * j->p->Hkv + g;
+    const mha__attn_plan *p = j->p;
+    const mha_tensor *k = &j->kv->k;
+    int64_t bg = b * p->Hkv + g;
     if (j->k_norm2) return j->k_norm2[bg];
     if (atomic_load_explicit(&j->k_norm2_known[bg], memory_order_acquire))
         return atomic_load_explicit(&j->k_norm2_found[bg], memory_order_relaxed);
-    double found = mha__keys_norm2_max(j->p, &j->kv->rows, &j->kv->k, b, g);
+    double found;
+    if (k->data && p->products->key_norm2_max) {
+        mha__strided keys = {k->data + b * k->stride[0] + g * k->stride[1], k->stride[2], k->stride[3]};
+        found = p->products->key_norm2_max(p, keys, p->S, t);
+    } else {
+        found = mha__keys_norm2_max(p, &j->kv->rows, k, b, g);
+    }
     atomic_store_explicit(&j->k_norm2_found[bg], found, memory_order_relaxed);
     atomic_store_explicit(&j->k_norm2_known[bg], true, memory_order_release);
     return found;
@@ -293,7 +301,7 @@ static double head_key_norm2(const flash_job *j, int64_t b, int64_t g)
 static void wide_rows(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows)
 {
     const mha__attn_plan *p = j->p;
-    double k_norm2_max = head_key_norm2(j, b, h / p->group);
+    double k_norm2_max = head_key_norm2(j, t, b, h / p->group);
     t->wide_any = mha__wide_rows(p, j->q, j->q_norm2, b, h, i0, rows, k_norm2_max, t->wide);
 }
 

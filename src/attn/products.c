@@ -275,7 +275,7 @@ static void values_f32(const mha__attn_plan *p, mha__strided v, int64_t rows, in
     }
 }
 
-const mha__products mha__products_f32 = {pack_queries_f32, scores_f32, values_f32, NULL, false};
+const mha__products mha__products_f32 = {pack_queries_f32, scores_f32, values_f32, NULL, NULL, false};
 
 /* ---------------------------------------------------------------- */
 /* bf16                                                              */
@@ -338,7 +338,7 @@ static void values_bf16(const mha__attn_plan *p, mha__strided v, int64_t rows, i
     bk->gemm(rows, Dv, ce, p16, ce, 2, v16, 2 * Dv, t->o, Dv, 1);
 }
 
-const mha__products mha__products_bf16 = {pack_queries_bf16, scores_bf16, values_bf16, NULL, false};
+const mha__products mha__products_bf16 = {pack_queries_bf16, scores_bf16, values_bf16, NULL, NULL, false};
 
 /* ---------------------------------------------------------------- */
 /* Cached rows for split-K, float32 or bf16                          */

@@ -126,6 +126,13 @@ typedef struct mha__products {
     /* A thread's run of items is done: gives back what the products hold
      * across calls (AMX's tile state); NULL: nothing. */
     void (*release)(const mha__attn_plan *p);
+    /* The largest squared norm of a kv head's `keys` keys at k (float32,
+     * read in place) as mha__rows_norm2_max finds it, from each key tile
+     * as the products make it ready in the thread's cache (the whole
+     * tile, as scores would): K read once for both, where the norm's own
+     * pass read it from memory and the tiles read it again.  NULL: the
+     * products keep no key tiles. */
+    double (*key_norm2_max)(const mha__attn_plan *p, mha__strided k, int64_t keys, const mha__tiles *t);
     /* t->o holds O^T, [Dv][MHA__BR]: the split products add P V as their
      * tiles make it, V^T P^T, with no transpose a key tile, and fold each
      * row's rescale into that add (products_split.c). */

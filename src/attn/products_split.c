@@ -276,4 +276,19 @@ static void values_split(const mha__attn_plan *p, mha__strided v, int64_t rows, 
 
 static void release_split(const mha__attn_plan *p) { p->bk->split_release(); }
 
-const mha__products mha__products_f32_split = {pack_queries_split, scores_split, values_split, release_split, true};
+/* Each key tile split into the thread's cache, then its keys' norms
+ * found while the tile is in L1 (products.h). */
+static double split_key_norm2_max(const mha__attn_plan *p, mha__strided k, int64_t keys, const mha__tiles *t)
+{
+    double top = 0;
+    for (int64_t j0 = 0; j0 < keys && !isnan(top); j0 += MHA__BC) {
+        int64_t tile = j0 / MHA__BC, rows = keys - j0 < MHA__BC ? keys - j0 : MHA__BC, split;
+        mha__strided x = {k.data + j0 * k.rs, k.rs, k.cs};
+        if (k.cs == 1 && tile < t->sslots) split_tile(p, x, mha__cached_tile_keys(p, tile), tile, false, t, &split);
+        top = mha__norm2_top(top, mha__rows_norm2_max(p->kt, x.data, x.rs, x.cs, rows, p->D));
+    }
+    return top;
+}
+
+const mha__products mha__products_f32_split = {pack_queries_split, scores_split,        values_split,
+                                               release_split,      split_key_norm2_max, true};
