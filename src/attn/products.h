@@ -111,8 +111,10 @@ typedef struct mha__products {
     void (*pack_queries)(const mha__attn_plan *p, mha__strided q, int64_t rows, const mha__tiles *t);
     /* t->st = S^T = K (scale Q)^T for keys [0, cols) at k, key-major;
      * scores past every row's t->reach in a block of the micro-kernel's
-     * may be left 0 instead (the contract masks them).  `tile` as for
-     * values, below. */
+     * may be left 0 or as they were instead: the driver never takes them
+     * for scores (the contract masks them, the refinement's check zeroes
+     * them first, and the softmax step masks keys past the reaches it is
+     * given).  `tile` as for values, below. */
     void (*scores)(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, int64_t tile,
                    const mha__tiles *t);
     /* t->o += P V for keys [0, cols) at v, P key-major in t->st, each
