@@ -12,6 +12,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include "attn/attention.h" /* MHA_DECODE_ROWS: where split-K may take over */
+#include "attn/products.h"  /* key_norm2_max, against mha__keys_norm2_max */
 #include "core/convert.h"
 #include "layer/layer.h" /* the wide pass's kept norms */
 #include "harness.h"
@@ -1029,6 +1030,50 @@ static void test_wide_rows(mha_ctx *ctx)
     free(q), free(k);
 }
 
+/* A kv head's largest key norm as the products find it from the key
+ * tiles they split (key_norm2_max, flash.c's first item of a head) is
+ * the one every other pass finds from the keys (mha__keys_norm2_max):
+ * the forward and the backward decide which rows are wide alike.  Keys
+ * that end inside a tile, the largest in that last part, a NaN, and
+ * keys a column apart (not split, norms only). */
+static void test_key_norms_from_tiles(mha_ctx *ctx)
+{
+    enum { S = 600, D = 64, LD = 2 * D };
+    mha__attn_plan p = {.B = 1,
+                        .Hq = 1,
+                        .Hkv = 1,
+                        .L = S,
+                        .S = S,
+                        .R = S,
+                        .D = D,
+                        .Dv = D,
+                        .scale = 0.125f,
+                        .window_left = -1,
+                        .window_right = -1};
+    mha__kv_view none = {.dtype = MHA_DTYPE_F32};
+    CHECK_OK(mha__attn_plan_resolve(&p, ctx, (mha__attn_needs){.kv_dtype = MHA_DTYPE_F32}));
+    if (!p.products->key_norm2_max) return; /* no products that keep key tiles on this CPU */
+    double *copy;
+    float *k = random_floats(S * LD, 1.0, &copy), *slice = malloc((size_t)mha__tiles_floats(&p) * sizeof(float));
+    free(copy);
+    mha__tiles t = mha__tiles_carve(&p, slice);
+    int off = 0;
+    for (int c = 0; c < 5; c++) {
+        if (c == 1) k[590 * LD + 7] = 40.0f; /* the largest norm, in the last tile's 24 keys */
+        if (c == 2) k[250 * LD + 3] = NAN;
+        int64_t cs = c == 4 ? 2 : 1, keys = c == 3 ? 576 : S; /* 576: three whole tiles */
+        mha__tiles_forget_values(&t);
+        p.S = p.R = keys;
+        mha_tensor tk = {.data = k, .shape = {1, 1, keys, D}, .stride = {keys * LD, keys * LD, LD, cs}};
+        double want = mha__keys_norm2_max(&p, &none, &tk, 0, 0);
+        double got = p.products->key_norm2_max(&p, (mha__strided){k, LD, cs}, keys, &t);
+        off += memcmp(&want, &got, sizeof want) != 0;
+        if (c == 2) k[250 * LD + 3] = 0.5f;
+    }
+    CHECK(off == 0, "%d key norms found from the split tiles differ from the keys' own", off);
+    free(k), free(slice);
+}
+
 /* ------------------------------------------------------------------ */
 /* The layer against the reference                                     */
 /* ------------------------------------------------------------------ */
@@ -1945,6 +1990,7 @@ int main(int argc, char **argv)
     test_two_key_rows(ctx3);
     test_refined_alike(ctx3);
     test_wide_rows(ctx3);
+    test_key_norms_from_tiles(ctx1);
     test_layer_sweep(ctx1, ctx2);
     test_large_logit_layers(ctx1, ctx2);
     test_few_row_large_logit_layers(ctx1, ctx2);

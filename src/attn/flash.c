@@ -272,10 +272,11 @@ static void write_rows(const flash_job *j, const tiles *t, int64_t b, int64_t h,
 /* The largest squared key norm of kv head g in batch b.  Found by the
  * head's first item, not in a pass of its own over all of K before the
  * items: that pass read K from memory, and the head's key tiles, split
- * or packed later, read it again (a pass of its own was 2.4% of the
- * causal core at N = 2048); found here, the head's keys are in L2 when
- * its tiles are split.  Two threads that start items of one head
- * together may both find it, and store the same bits. */
+ * or packed later, read it again (the pass was 2.4% of the causal core
+ * at N = 2048).  Products that keep key tiles find it from the tiles as
+ * they make them (key_norm2_max, products.h); otherwise the head's keys
+ * are at least in L2 when its tiles come.  Two threads that start items
+ * of one head together may both find it, and store the same bits. */
 static double head_key_norm2(const flash_job *j, const tiles *t, int64_t b, int64_t g)
 {
     const mha__attn_plan *p = j->p;
@@ -433,10 +434,10 @@ static void probs_range(void *arg, int thread, int64_t begin, int64_t end)
 }
 
 /* Where each (b, kv head)'s largest key norm comes from
- * (head_key_norm2): the cache or the layer's wide pass, else the slots
- * its first item fills, one each, shared by the threads.  Kept by the
- * thread that met the head first, it was found again for every run of
- * items a thread claimed (the tiles are set up anew each run). */
+ * (head_key_norm2): the cache or the layer's wide pass, else a slot per
+ * head that its first item fills, shared by the threads.  Not a copy per
+ * thread: a thread's tiles are set up anew for each run of items it
+ * claims, and a copy in them was found again every run. */
 static mha_status key_norms(mha_ctx *ctx, flash_job *j)
 {
     j->k_norm2 = j->kv->rows.k_norm2_max;
