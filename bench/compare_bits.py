@@ -10,8 +10,9 @@ compare_builds.py proves it lost no speed.  Each case is a random layer
 rotary embeddings) with inputs scaled x1, x4, x10 or x20 (x10 and up make
 logits in the hundreds: the refined scores and the wide rows' exact
 projections), causal or not, self- or cross-attention, sometimes a zero
-key or the attention weights, from a few rows to 600 (512 and more take
-the attention's split products where the CPU has AMX).  `mha forward`
+key or the attention weights, from a few rows to 1030 (512 and more take
+the attention's split products where the CPU has AMX; 768 and more, with
+every key visible, items of 192 rows).  `mha forward`
 and `mha backward` run on both builds, and NEW also on one thread (the
 same bits for any thread count).  Every tensor of every output file must
 match byte for byte; exits 1 naming the first that does not.
@@ -48,7 +49,7 @@ def random_case(rng, index):
     kv_heads = rng.choice([h for h in (1, 2, heads) if heads % h == 0]) if llama else heads
     E = heads * d
     N = rng.choice([1, 2, 3])
-    L = rng.choice([1, 5, 17, 40, 130, 520, 600]) if index % 4 else rng.choice([512, 600])
+    L = rng.choice([1, 5, 17, 40, 130, 520, 600]) if index % 4 else rng.choice([512, 600, 800, 1030])
     S = L if llama or rng.random() < 0.6 else rng.choice([3, 33, 520])
     x_scale = rng.choice([1.0, 4.0, 10.0, 20.0])
     w = 1.0 / E ** 0.5

@@ -472,6 +472,31 @@ static void test_key_columns_strided(mha_ctx *ctx1, mha_ctx *ctx3)
     }
 }
 
+/* Rows that see every key, four blocks of 192 and more of them: on the
+ * split products (AMX) the forward's items are then 192 rows (plan.c's
+ * block_rows), against 96 below, and the last item is cut short.  x1,
+ * and x10 where wide and refined rows share items with plain ones.
+ * After test_key_columns_strided in main, for the reason it gives. */
+static void test_long_items(mha_ctx *ctx1, mha_ctx *ctx3)
+{
+    for (int n = 0; n < 2; n++) {
+        sdpa_case c = {.B = 1,
+                       .Hq = 2,
+                       .Hkv = 1,
+                       .L = n ? 1030 : 800,
+                       .S = n ? 530 : 610,
+                       .D = 64,
+                       .Dv = 64,
+                       .window_left = -1,
+                       .window_right = -1,
+                       .scale = NAN,
+                       .size = n ? 10.0 : 1.0};
+        char label[200];
+        snprintf(label, sizeof label, "long items #%d x%g L%lld S%lld", n, c.size, (long long)c.L, (long long)c.S);
+        run_sdpa_case(&c, ctx1, ctx3, label);
+    }
+}
+
 /* Large logits: q and k 5 to 20 times the sweep's, head widths to 128,
  * so scores reach the thousands, with the options that met them badly
  * before the scores were refined and delta taken from P and dP
@@ -2001,6 +2026,7 @@ int main(int argc, char **argv)
     test_padding_equals_attn_mask(ctx3);
     test_blocks_of_a_sequence(ctx2);
     test_key_columns_strided(ctx1, ctx3);
+    test_long_items(ctx1, ctx3);
     mha_ctx_free(ctx1);
     mha_ctx_free(ctx2);
     mha_ctx_free(ctx3);

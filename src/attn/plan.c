@@ -34,10 +34,20 @@ static mha__attn_path choose_path(const mha__attn_plan *p, mha__attn_needs needs
 
 /* 96 query rows per work item while one head's K and V fit in about
  * twice the L2 cache; beyond that, 192 rows share each pass over K and V
- * (measured at N = 2048 and 8192, d = 64: docs/PERFORMANCE.md). */
+ * (measured at N = 2048 and 8192, d = 64: docs/PERFORMANCE.md).  The
+ * split products (AMX) take 192 sooner: a thread splits each K and V
+ * tile of its head once, and twice the rows use each split.  Where every
+ * row sees every key that is all an item's size changes, from four
+ * blocks of 192 rows up (the core at N = 2048 1.01x, 4096 1.055x, the
+ * layer at 2048 1.017x; no change at 512 or 1024); under a causal mask or
+ * a window a larger item also computes more of its diagonal tiles' masked
+ * half, so 192 only once a head's K and V pass 1.5 MB (causal N = 4096
+ * 1.03x, 2048 0.993x). */
 static int64_t block_rows(const mha__attn_plan *p)
 {
     double kv_bytes = (double)p->S * (double)(p->D + p->Dv) * sizeof(float);
+    bool every_key = p->causal == MHA_CAUSAL_NONE && p->window_left < 0 && p->window_right < 0;
+    if (p->split) return (every_key && p->L >= 4 * MHA__BR) || kv_bytes > 1.5e6 ? MHA__BR : MHA__BR / 2;
     return kv_bytes > 2.5e6 ? MHA__BR : MHA__BR / 2;
 }
 
@@ -73,9 +83,9 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__at
     bool split = mha__split_attention(p, isa, needs.kv_dtype);
     p->bk = p->bf16 || split || needs.kv_dtype == MHA_DTYPE_BF16 ? isa->bf16 : NULL;
     p->path = choose_path(p, needs);
+    p->split = split;
     p->block_rows = block_rows(p);
     p->products = p->bf16 ? &mha__products_bf16 : split ? &mha__products_f32_split : &mha__products_f32;
-    p->split = split;
     p->kv_rows = mha__kv_rows_of(needs.kv_dtype);
     p->kv_far = kv_rows_far(p, ctx, needs.kv_dtype);
     p->workspace = 0;
