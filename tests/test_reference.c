@@ -475,24 +475,26 @@ static void test_key_columns_strided(mha_ctx *ctx1, mha_ctx *ctx3)
 /* Rows that see every key, four blocks of 192 and more of them: on the
  * split products (AMX) the forward's items are then 192 rows (plan.c's
  * block_rows), against 96 below, and the last item is cut short.  x1,
- * and x10 where wide and refined rows share items with plain ones.
- * After test_key_columns_strided in main, for the reason it gives. */
+ * and x10 where wide and refined rows share items with plain ones; GQA
+ * at d = 128 with Dv != D.  After test_key_columns_strided in main, for
+ * the reason it gives. */
 static void test_long_items(mha_ctx *ctx1, mha_ctx *ctx3)
 {
-    for (int n = 0; n < 2; n++) {
+    for (int n = 0; n < 3; n++) {
         sdpa_case c = {.B = 1,
-                       .Hq = 2,
-                       .Hkv = 1,
-                       .L = n ? 1030 : 800,
-                       .S = n ? 530 : 610,
-                       .D = 64,
-                       .Dv = 64,
+                       .Hq = n == 2 ? 4 : 2,
+                       .Hkv = n == 2 ? 2 : 1,
+                       .L = n == 1 ? 1030 : 800,
+                       .S = n == 1 ? 530 : 610,
+                       .D = n == 2 ? 128 : 64,
+                       .Dv = n == 2 ? 96 : 64,
                        .window_left = -1,
                        .window_right = -1,
                        .scale = NAN,
-                       .size = n ? 10.0 : 1.0};
+                       .size = n == 1 ? 10.0 : 1.0};
         char label[200];
-        snprintf(label, sizeof label, "long items #%d x%g L%lld S%lld", n, c.size, (long long)c.L, (long long)c.S);
+        snprintf(label, sizeof label, "long items #%d x%g Hq%lld Hkv%lld L%lld S%lld D%lld Dv%lld", n, c.size,
+                 (long long)c.Hq, (long long)c.Hkv, (long long)c.L, (long long)c.S, (long long)c.D, (long long)c.Dv);
         run_sdpa_case(&c, ctx1, ctx3, label);
     }
 }
