@@ -38,11 +38,11 @@ static mha__attn_path choose_path(const mha__attn_plan *p, mha__attn_needs needs
  * split products (AMX) take 192 sooner: a thread splits each K and V
  * tile of its head once, and twice the rows use each split.  Where every
  * row sees every key that is all an item's size changes, from four
- * blocks of 192 rows up (the core at N = 2048 1.01x, 4096 1.055x, the
- * layer at 2048 1.017x; no change at 512 or 1024); under a causal mask or
- * a window a larger item also computes more of its diagonal tiles' masked
- * half, so 192 only once a head's K and V pass 1.5 MB (causal N = 4096
- * 1.03x, 2048 0.993x). */
+ * blocks of 192 rows up (the core at N = 2048 1.014x, 4096 1.063x, the
+ * layer at 2048 1.009-1.017x; no change at 512 or 1024); under a causal
+ * mask or a window a larger item also computes more of its diagonal
+ * tiles' masked half, so 192 only once a head's K and V pass 1.5 MB
+ * (causal N = 4096 1.035x, 2048 0.993-1.003x). */
 static int64_t block_rows(const mha__attn_plan *p)
 {
     double kv_bytes = (double)p->S * (double)(p->D + p->Dv) * sizeof(float);
