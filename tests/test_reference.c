@@ -1561,7 +1561,11 @@ static void test_wide_rows_projected_exactly(mha_ctx *ctx)
     CHECK(wide_rows > 0 && wide_rows < H * T, "%lld wide rows: the case tests nothing", (long long)wide_rows);
     CHECK(off == 0, "%lld projections of wide rows or their keys are not the exact sums rounded", (long long)off);
     CHECK(memcmp(q, q0, sizeof q0) == 0 && memcmp(k, k0, sizeof k0) == 0, "batch 0's projections depend on batch 1");
-    CHECK(batch0_exact < H * T * D, "batch 0's Q is the exact sums: not float32 projections");
+    /* The generic kernels' dots sum in double (generic.c), so their
+     * float32 projections are the exact sums rounded: nothing to tell
+     * apart there. */
+    bool dots_exact = strcmp(wc.layer->isa->f32->name, "generic") == 0;
+    CHECK(dots_exact || batch0_exact < H * T * D, "batch 0's Q is the exact sums: not float32 projections");
     wide_case_free(&wc);
 }
 
