@@ -360,6 +360,14 @@ mha_status mha_measure_bandwidth(mha_ctx *ctx, int64_t bytes, double *gbps);
  * INVALID_ARG (bytes outside 4 KiB .. 64 GiB). */
 mha_status mha_time_copy(mha_ctx *ctx, void *dst, const void *src, int64_t bytes, double *gbps);
 
+/* One core's last-level cache in bytes: what Linux's sysfs says of cpu0's
+ * highest cache level (index3), else the C library's sysconf, else 32 MB.
+ * sysfs first: on an AMD EPYC guest glibc's sysconf said 320 MB, the whole
+ * package's, where a core sees its own 32 MB.  Decoding's plan asks it
+ * whether a float32 KV cache stays in it between steps; `mha bench`
+ * whether K and V fit in it. */
+int64_t mha_last_level_cache_bytes(void);
+
 typedef struct mha_st_info {
     const char *name; /* owned by the file object */
     mha_dtype dtype;

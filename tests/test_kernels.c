@@ -871,9 +871,9 @@ static void rows_axpy(const rows_case *r, const float *p, int n, int d, float *o
     else r->kt->axpy_rows(p, r->kv, ROWS_LD, n, d, o);
 }
 
-/* Whether bf16 or int8 rows' prefetching forms, where the table has
- * them, differ from the plain ones by a bit: scores s (the plain dot's)
- * and a sum. */
+/* Whether float32, bf16 or int8 rows' prefetching forms, where the table
+ * has them, differ from the plain ones by a bit: scores s (the plain
+ * dot's) and a sum. */
 static int far_rows_differ(const rows_case *r, int n, const float *q, const float *p, int d, const float *s)
 {
     float s_far[ROWS_N], o[ROWS_D] = {0}, o_far[ROWS_D] = {0};
@@ -885,6 +885,10 @@ static int far_rows_differ(const rows_case *r, int n, const float *q, const floa
         r->kt->dot_rows_i8_far(r->kv8, ROWS_LD, n, r->scale, q, d, s_far);
         r->kt->axpy_rows_i8(p, r->scale, r->kv8, ROWS_LD, n, d, o);
         r->kt->axpy_rows_i8_far(p, r->scale, r->kv8, ROWS_LD, n, d, o_far);
+    } else if (!r->bk && !r->i8 && r->kt->dot_rows_far) {
+        r->kt->dot_rows_far(r->kv, ROWS_LD, n, q, d, s_far);
+        r->kt->axpy_rows(p, r->kv, ROWS_LD, n, d, o);
+        r->kt->axpy_rows_far(p, r->kv, ROWS_LD, n, d, o_far);
     } else {
         return 0;
     }

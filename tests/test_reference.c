@@ -482,6 +482,26 @@ static mha__attn_plan resolved_plan(const sdpa_case *c, mha_ctx *ctx)
     return p;
 }
 
+/* A decoding step over a float32 cache's rows takes the prefetching row
+ * kernels (plan.c's kv_rows_far) where its K and V pass two thirds of
+ * the last-level cache, not below, and only where the kernels have them
+ * (AVX-512). */
+static void test_far_float_rows(mha_ctx *ctx)
+{
+    const mha__kernels *kt = mha__isa_get()->f32;
+    double llc = (double)mha_last_level_cache_bytes(), key_bytes = 2 * 64 * sizeof(float);
+    for (int far = 0; far < 2; far++) {
+        int64_t keys = (int64_t)((far ? 0.70 : 0.62) * llc / key_bytes);
+        mha__attn_plan p = {.B = 1, .Hq = 1, .Hkv = 1, .L = 1, .S = keys, .R = keys, .D = 64, .Dv = 64};
+        p.scale = 0.125f, p.window_left = p.window_right = -1;
+        CHECK_OK(mha__attn_plan_resolve(&p, ctx, (mha__attn_needs){.kv_rows = true, .kv_dtype = MHA_DTYPE_F32}));
+        bool want = far && kt->dot_rows_far && kt->axpy_rows_far;
+        CHECK(p.path == MHA__PATH_SPLIT_K && p.kv_far == want, "%s: %lld float32 keys (%.0f%% of the LLC) %s far",
+              kt->name, (long long)keys, 100.0 * (double)keys * key_bytes / llc,
+              p.kv_far ? "taken as" : "not taken as");
+    }
+}
+
 /* Whether the forward takes items of 192 rows (plan.c's block_rows) for
  * case c: only on the split products, so on CPUs with AMX. */
 static bool takes_long_items(const sdpa_case *c, mha_ctx *ctx) { return resolved_plan(c, ctx).block_rows == MHA__BR; }
@@ -2022,6 +2042,7 @@ int main(int argc, char **argv)
     test_refined_alike(ctx3);
     test_wide_rows(ctx3);
     test_key_norms_from_tiles(ctx1);
+    test_far_float_rows(ctx1);
     test_layer_sweep(ctx1, ctx2);
     test_large_logit_layers(ctx1, ctx2);
     test_few_row_large_logit_layers(ctx1, ctx2);

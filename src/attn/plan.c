@@ -52,17 +52,23 @@ static int64_t block_rows(const mha__attn_plan *p)
 }
 
 /* Whether split-K takes the kernels' prefetching row forms: where they
- * have them for the dtype and each thread's share of the cached K and V
- * rows is more than its L2 holds, so that they stream from beyond it and
- * prefetching them pays (int8 rows: kernels/avx512.c; a bf16 cache on
- * Sapphire Rapids: kernels/avx512_bf16.c); rows that stay in L2 only pay
- * the prefetches' cost. */
+ * have them for the dtype and the cached K and V rows stream from far
+ * enough that prefetching them pays.  bf16 and int8 rows: where each
+ * thread's share is more than its L2 holds (int8 rows: kernels/avx512.c;
+ * a bf16 cache on Sapphire Rapids: kernels/avx512_bf16.c).  Float32 rows,
+ * four lines a key, come from L3 at the rate the core takes them, so
+ * only where K and V pass two thirds of the last-level cache, which then
+ * does not keep them between steps (kernels/avx512.c: 0.93x at 59% of
+ * Zen 4's 32 MB, 1.04-1.24x from 69%).  Rows nearer only pay the
+ * prefetches' cost. */
 static bool kv_rows_far(const mha__attn_plan *p, const mha_ctx *ctx, mha_dtype dtype)
 {
-    bool have = dtype == MHA_DTYPE_BF16 ? p->bk && p->bk->dot_rows_far && p->bk->axpy_rows_far
-                                        : dtype == MHA_DTYPE_I8 && p->kt->dot_rows_i8_far && p->kt->axpy_rows_i8_far;
     double bytes =
         (double)p->B * (double)p->Hkv * (double)p->S * (double)(p->D + p->Dv) * (double)mha_dtype_size(dtype);
+    if (dtype == MHA_DTYPE_F32)
+        return p->kt->dot_rows_far && p->kt->axpy_rows_far && bytes > 2.0 / 3.0 * (double)mha_last_level_cache_bytes();
+    bool have = dtype == MHA_DTYPE_BF16 ? p->bk && p->bk->dot_rows_far && p->bk->axpy_rows_far
+                                        : dtype == MHA_DTYPE_I8 && p->kt->dot_rows_i8_far && p->kt->axpy_rows_i8_far;
     int threads = mha_ctx_threads(ctx);
     return have && bytes / (threads > 0 ? threads : 1) > (double)mha__l2_bytes();
 }

@@ -348,14 +348,14 @@ static void dot_f32(const mha__attn_plan *p, const void *k, const float *scale, 
                     const float *q, float *s)
 {
     (void)scale;
-    p->kt->dot_rows((const float *)k + at, ld, n, q, p->D, s);
+    (p->kv_far ? p->kt->dot_rows_far : p->kt->dot_rows)((const float *)k + at, ld, n, q, p->D, s);
 }
 
 static void axpy_f32(const mha__attn_plan *p, const float *pr, const void *v, const float *scale, int64_t at,
                      int64_t ld, int64_t n, float *o)
 {
     (void)scale;
-    p->kt->axpy_rows(pr, (const float *)v + at, ld, n, p->Dv, o);
+    (p->kv_far ? p->kt->axpy_rows_far : p->kt->axpy_rows)(pr, (const float *)v + at, ld, n, p->Dv, o);
 }
 
 static void dot_bf16(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n,

@@ -15,6 +15,7 @@
 
 #include <pthread.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -158,8 +159,24 @@ static const char *chosen_name;
 /* The L2 assumed where the system does not say: the smallest of the CPUs
  * measured (Zen 3), so blocking sized by it errs towards staying in cache. */
 enum { UNKNOWN_L2 = 1 << 19 };
-static int64_t chosen_l2; /* bytes */
+static int64_t chosen_l2, chosen_llc; /* bytes */
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
+
+/* mha_last_level_cache_bytes (mha.h), read once. */
+static int64_t llc_bytes(void)
+{
+    int64_t bytes = 0;
+    FILE *f = fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r");
+    char unit = 'B';
+    long long n = 0;
+    if (f && fscanf(f, "%lld%c", &n, &unit) >= 1 && n > 0)
+        bytes = unit == 'K' ? n << 10 : unit == 'M' ? n << 20 : unit == 'G' ? n << 30 : n;
+    if (f) fclose(f);
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    if (bytes <= 0) bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return bytes > 0 ? bytes : INT64_C(32) << 20;
+}
 
 /* The best instruction set at or below the MHA_ISA cap, with its kernels
  * for every dtype. */
@@ -182,6 +199,7 @@ static void choose(void)
     long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE); /* glibc reads it from CPUID */
     if (l2 > 0) chosen_l2 = l2;
 #endif
+    chosen_llc = llc_bytes();
 }
 
 const mha__isa_kernels *mha__isa_get(void)
@@ -198,6 +216,12 @@ int64_t mha__l2_bytes(void)
 {
     mha__isa_get();
     return chosen_l2;
+}
+
+int64_t mha_last_level_cache_bytes(void)
+{
+    mha__isa_get();
+    return chosen_llc;
 }
 
 const char *mha_isa(void)

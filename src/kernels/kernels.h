@@ -260,7 +260,10 @@ typedef struct mha__kernels {
     mha__dot_rows_i8_fn dot_rows_i8;
     mha__axpy_rows_i8_fn axpy_rows_i8;
     /* The same sums (the same bits), prefetching rows ahead, for caches
-     * that stream from beyond L2 (NULL: the plain ones serve). */
+     * whose rows stream from far away (attn/plan.c; NULL: the plain ones
+     * serve). */
+    mha__dot_rows_fn dot_rows_far;
+    mha__axpy_rows_fn axpy_rows_far;
     mha__dot_rows_i8_fn dot_rows_i8_far;
     mha__axpy_rows_i8_fn axpy_rows_i8_far;
     mha__pair_dots_fn pair_dots;

@@ -116,25 +116,6 @@ static int setup_forward(const bench_opts *o, bench_case *c)
     return CLI_OK;
 }
 
-/* One core's last-level cache in bytes: what Linux's sysfs says of cpu0's
- * highest cache level (index3 on the machines here), else sysconf, else
- * 32 MB.  sysfs first: on an AMD EPYC guest glibc's sysconf said 320 MB,
- * the whole package's, where a core sees its own 32 MB. */
-static int64_t last_level_cache_bytes(void)
-{
-    int64_t bytes = 0;
-    FILE *f = fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r");
-    char unit = 'B';
-    long long n = 0;
-    if (f && fscanf(f, "%lld%c", &n, &unit) >= 1 && n > 0)
-        bytes = unit == 'K' ? n << 10 : unit == 'M' ? n << 20 : unit == 'G' ? n << 30 : n;
-    if (f) fclose(f);
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    if (bytes <= 0) bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
-#endif
-    return bytes > 0 ? bytes : INT64_C(32) << 20;
-}
-
 /* The copy bandwidth a decoding step is held against (--copy-timing).
  * "before": the best of ten copies of 64 MB before the calls, the default
  * where K and V fit in the last-level cache (a copy between the calls
@@ -148,7 +129,7 @@ static int64_t last_level_cache_bytes(void)
  * the same 32 GB/s in both. */
 static bool setup_copies(const bench_opts *o, bench_case *c)
 {
-    int64_t llc = last_level_cache_bytes();
+    int64_t llc = mha_last_level_cache_bytes();
     bool between =
         strcmp(o->copy_timing, "auto") == 0 ? c->bytes > (double)llc : strcmp(o->copy_timing, "between") == 0;
     if (!between) {
