@@ -203,10 +203,12 @@ static __m512 load_bf16(__mmask16 mk, const uint16_t *x)
  * against 3.41-4.23, reading K and V at the copy bandwidth; 131072
  * tokens, 8 heads, 8.5-9.0 against 12.9-13.1; 4096 tokens 0.237-0.241
  * against 0.238-0.265; but 512 tokens, which sit in L2, 0.024-0.025
- * against 0.022-0.024 (hence far rows only: attn/plan.c).  Not measured
- * on the AVX512-BF16 CPUs without AMX (Zen 4), where float32 rows lost
- * to their prefetches while the cache sat in L3 (avx512.c): their table
- * keeps the plain rows until it is. */
+ * against 0.022-0.024 (hence far rows only: attn/plan.c).  The
+ * AVX512-BF16 table without AMX (Zen 4) keeps the plain rows: there, 12
+ * heads, two threads, five alternating rounds, the far rows ran 1024
+ * tokens 0.96x, 4096 1.00x, 8192 (25 MB, past two thirds of the 32 MB
+ * L3) 1.33x but 32768 0.94x, where the plain step already reads at the
+ * copy bandwidth: no one rule gains. */
 #define ROWS_PREFETCHED
 #define ROWS_ELEM        uint16_t
 #define ROWS_LOAD(mk, x) load_bf16(mk, x)
