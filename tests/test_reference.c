@@ -472,13 +472,15 @@ static void test_key_columns_strided(mha_ctx *ctx1, mha_ctx *ctx3)
     }
 }
 
-/* The forward's plan for case c's sizes, no mask or options, resolved
- * for this CPU: what its internals choose (items, products). */
-static mha__attn_plan resolved_plan(const sdpa_case *c, mha_ctx *ctx)
+/* The plan for case c's sizes over float32 K and V, no mask or options,
+ * resolved for this CPU: what its internals choose (path, items,
+ * products, row kernels).  `rows`: K and V have a row view, as a cache's
+ * (decoding may then split the keys). */
+static mha__attn_plan resolved_plan(const sdpa_case *c, mha_ctx *ctx, bool rows)
 {
     mha__attn_plan p = {.B = c->B, .Hq = c->Hq, .Hkv = c->Hkv, .L = c->L, .S = c->S, .R = c->S, .D = c->D};
     p.Dv = c->Dv, p.scale = 0.125f, p.window_left = p.window_right = -1;
-    CHECK_OK(mha__attn_plan_resolve(&p, ctx, (mha__attn_needs){.kv_dtype = MHA_DTYPE_F32}));
+    CHECK_OK(mha__attn_plan_resolve(&p, ctx, (mha__attn_needs){.kv_rows = rows, .kv_dtype = MHA_DTYPE_F32}));
     return p;
 }
 
@@ -492,9 +494,8 @@ static void test_far_float_rows(mha_ctx *ctx)
     double llc = (double)mha_last_level_cache_bytes(), key_bytes = 2 * 64 * sizeof(float);
     for (int far = 0; far < 2; far++) {
         int64_t keys = (int64_t)((far ? 0.70 : 0.62) * llc / key_bytes);
-        mha__attn_plan p = {.B = 1, .Hq = 1, .Hkv = 1, .L = 1, .S = keys, .R = keys, .D = 64, .Dv = 64};
-        p.scale = 0.125f, p.window_left = p.window_right = -1;
-        CHECK_OK(mha__attn_plan_resolve(&p, ctx, (mha__attn_needs){.kv_rows = true, .kv_dtype = MHA_DTYPE_F32}));
+        mha__attn_plan p =
+            resolved_plan(&(sdpa_case){.B = 1, .Hq = 1, .Hkv = 1, .L = 1, .S = keys, .D = 64, .Dv = 64}, ctx, true);
         bool want = far && kt->dot_rows_far && kt->axpy_rows_far;
         CHECK(p.path == MHA__PATH_SPLIT_K && p.kv_far == want, "%s: %lld float32 keys (%.0f%% of the LLC) %s far",
               kt->name, (long long)keys, 100.0 * (double)keys * key_bytes / llc,
@@ -504,7 +505,10 @@ static void test_far_float_rows(mha_ctx *ctx)
 
 /* Whether the forward takes items of 192 rows (plan.c's block_rows) for
  * case c: only on the split products, so on CPUs with AMX. */
-static bool takes_long_items(const sdpa_case *c, mha_ctx *ctx) { return resolved_plan(c, ctx).block_rows == MHA__BR; }
+static bool takes_long_items(const sdpa_case *c, mha_ctx *ctx)
+{
+    return resolved_plan(c, ctx, false).block_rows == MHA__BR;
+}
 
 /* Rows that see every key, four blocks of 192 and more of them: on the
  * split products the forward's items are then 192 rows, against 96
@@ -1097,7 +1101,8 @@ static void test_wide_rows(mha_ctx *ctx)
 static void test_key_norms_from_tiles(mha_ctx *ctx)
 {
     enum { S = 600, D = 64, LD = 2 * D };
-    mha__attn_plan p = resolved_plan(&(sdpa_case){.B = 1, .Hq = 1, .Hkv = 1, .L = S, .S = S, .D = D, .Dv = D}, ctx);
+    mha__attn_plan p =
+        resolved_plan(&(sdpa_case){.B = 1, .Hq = 1, .Hkv = 1, .L = S, .S = S, .D = D, .Dv = D}, ctx, false);
     mha__kv_view none = {.dtype = MHA_DTYPE_F32};
     if (!p.products->key_norm2_max) return; /* no products that keep key tiles on this CPU */
     double *copy;
