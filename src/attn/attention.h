@@ -50,7 +50,7 @@ typedef struct mha__attn_plan {
     const struct mha__products *products; /* the tiles' block products in its dtype (products.h) */
     bool split;                           /* they are float32 from split bf16 products (products_split.c) */
     const struct mha__kv_rows *kv_rows;   /* split-K's row operations in the K/V rows' dtype */
-    bool kv_far;                          /* ... in their prefetching forms (rows from beyond L2) */
+    bool kv_far;                          /* ... in their prefetching forms (split-K's far rows: plan.c) */
     int64_t workspace;                    /* bytes the forward takes from the context */
 } mha__attn_plan;
 

@@ -60,9 +60,11 @@ static int64_t block_rows(const mha__attn_plan *p)
  * only where K and V pass two thirds of the last-level cache, which then
  * does not keep them between steps (kernels/avx512.c: 0.93x at 59% of
  * Zen 4's 32 MB, 1.04-1.24x from 69%).  Rows nearer only pay the
- * prefetches' cost. */
+ * prefetches' cost.  Only split-K reads rows this way (decode.c); other
+ * plans neither ask nor read the last-level cache's size. */
 static bool kv_rows_far(const mha__attn_plan *p, const mha_ctx *ctx, mha_dtype dtype)
 {
+    if (p->path != MHA__PATH_SPLIT_K) return false;
     double bytes =
         (double)p->B * (double)p->Hkv * (double)p->S * (double)(p->D + p->Dv) * (double)mha_dtype_size(dtype);
     if (dtype == MHA_DTYPE_F32)

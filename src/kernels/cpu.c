@@ -159,11 +159,16 @@ static const char *chosen_name;
 /* The L2 assumed where the system does not say: the smallest of the CPUs
  * measured (Zen 3), so blocking sized by it errs towards staying in cache. */
 enum { UNKNOWN_L2 = 1 << 19 };
-static int64_t chosen_l2, chosen_llc; /* bytes */
+static int64_t chosen_l2; /* bytes */
 static pthread_once_t chosen_once = PTHREAD_ONCE_INIT;
 
-/* mha_last_level_cache_bytes (mha.h), read once. */
-static int64_t llc_bytes(void)
+/* mha_last_level_cache_bytes (mha.h), read once, when first asked: only
+ * decoding's plans and `mha bench` want it, so loading the library does
+ * not open sysfs. */
+static int64_t llc; /* bytes */
+static pthread_once_t llc_once = PTHREAD_ONCE_INIT;
+
+static void read_llc(void)
 {
     int64_t bytes = 0;
     FILE *f = fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r");
@@ -175,7 +180,7 @@ static int64_t llc_bytes(void)
 #if defined(_SC_LEVEL3_CACHE_SIZE)
     if (bytes <= 0) bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
-    return bytes > 0 ? bytes : INT64_C(32) << 20;
+    llc = bytes > 0 ? bytes : INT64_C(32) << 20;
 }
 
 /* The best instruction set at or below the MHA_ISA cap, with its kernels
@@ -199,7 +204,6 @@ static void choose(void)
     long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE); /* glibc reads it from CPUID */
     if (l2 > 0) chosen_l2 = l2;
 #endif
-    chosen_llc = llc_bytes();
 }
 
 const mha__isa_kernels *mha__isa_get(void)
@@ -220,8 +224,8 @@ int64_t mha__l2_bytes(void)
 
 int64_t mha_last_level_cache_bytes(void)
 {
-    mha__isa_get();
-    return chosen_llc;
+    pthread_once(&llc_once, read_llc);
+    return llc;
 }
 
 const char *mha_isa(void)
