@@ -18,17 +18,19 @@ import statistics
 import subprocess
 import sys
 
+import shapes
+
 CASES = [  # name, mha bench arguments, timed calls per run
-    ("layer S1", ["--batch", "8", "--seq", "128"], 20),
-    ("layer S2", ["--seq", "512"], 20),
-    ("layer S3", ["--seq", "2048"], 5),
-    ("layer S3 causal", ["--seq", "2048", "--is-causal"], 5),
-    ("layer S4", ["--seq", "8192"], 2),
+    ("layer S1", shapes.bench_args("S1"), 20),
+    ("layer S2", shapes.bench_args("S2"), 20),
+    ("layer S3", shapes.bench_args("S3"), 5),
+    ("layer S3 causal", shapes.bench_args("S3 causal"), 5),
+    ("layer S4", shapes.bench_args("S4"), 2),
     ("core N=2048", ["--op", "sdpa", "--seq", "2048"], 5),
     ("core N=2048 causal", ["--op", "sdpa", "--seq", "2048", "--is-causal"], 5),
-    ("backward S1", ["--op", "backward", "--batch", "8", "--seq", "128"], 10),
-    ("backward S2", ["--op", "backward", "--seq", "512"], 10),
-    ("backward S3", ["--op", "backward", "--seq", "2048"], 3),
+    ("backward S1", ["--op", "backward", *shapes.bench_args("S1")], 10),
+    ("backward S2", ["--op", "backward", *shapes.bench_args("S2")], 10),
+    ("backward S3", ["--op", "backward", *shapes.bench_args("S3")], 3),
     ("decode 1 x 4096", ["--op", "decode", "--kv-seq", "4096"], 50),
 ]
 

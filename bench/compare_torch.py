@@ -48,16 +48,15 @@ import subprocess
 import sys
 import time
 
+import shapes
+
 torch = None  # imported in main(), after the peak is measured on an idle machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MHA = os.path.join(ROOT, "build", "mha")
 
-LAYER_SHAPES = [  # name, B, N, causal
-    ("S1", 8, 128, False), ("S2", 1, 512, False), ("S3", 1, 2048, False), ("S3 causal", 1, 2048, True),
-    ("S4", 1, 8192, False), ("S4 causal", 1, 8192, True),
-]
-TRAIN_SHAPES = [("S1", 8, 128, False), ("S2", 1, 512, False), ("S3", 1, 2048, False), ("S3 causal", 1, 2048, True)]
+LAYER_SHAPES = shapes.LAYER  # name, B, N, causal
+TRAIN_SHAPES = shapes.TRAIN
 CORE_SHAPES = [  # name, N, heads, kv heads, head dim
     ("core N=512", 512, 12, 12, 64), ("core N=2048", 2048, 12, 12, 64), ("core N=8192", 8192, 12, 12, 64),
     ("GQA 32/8 d=128 N=2048", 2048, 32, 8, 128),
@@ -124,10 +123,6 @@ def blas_in_use():
     return ", ".join(sorted(os.path.realpath(p) for p in libs)) or "unknown"
 
 
-PY_SHAPES = [("S1", 8, 128, False), ("S2", 1, 512, False), ("S3", 1, 2048, False), ("S3 causal", 1, 2048, True),
-             ("S4", 1, 8192, False), ("S4 causal", 1, 8192, True)]
-
-
 def py_cases(B, N, causal, E=768, H=12):
     """The five timed calls of one shape, each as (name, torch fn, mha fn)."""
     import mha.torch as mt
@@ -190,7 +185,7 @@ def py_main(a):
     print(f"torch {torch.__version__} ({torch.__config__.parallel_info().splitlines()[0]}), mha {mha.__version__} "
           f"({mha.isa()}), {a.threads} threads, {a.rounds} alternating rounds of {a.repeat} calls")
     print(f"{'shape':<26}{'torch ms':>10}{'mha ms':>10}{'speed-up':>10}")
-    for name, B, N, causal in PY_SHAPES:
+    for name, B, N, causal in LAYER_SHAPES:
         if (a.quick and N > 4096) or (a.large and N <= 4096):
             continue
         for what, t_fn, m_fn in py_cases(B, N, causal):
