@@ -140,61 +140,24 @@ static void softmax_grad_generic(float *s, float *dp, int64_t lds, int64_t rows,
         }
 }
 
-static void dot_rows_generic(const float *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s)
-{
-    for (int64_t j = 0; j < n; j++) {
-        float acc = 0.0f;
-        for (int64_t c = 0; c < d; c++) acc += q[c] * k[j * ldk + c];
-        s[j] = acc;
-    }
-}
+#define ROWS_ELEM     float
+#define ROWS_WIDEN(x) (x)
+#define ROWS_DOT      dot_rows_generic
+#define ROWS_AXPY     axpy_rows_generic
+#include "kernels/rows_generic.h"
 
-static void axpy_rows_generic(const float *p, const float *v, int64_t ldv, int64_t n, int64_t d, float *o)
-{
-    for (int64_t c = 0; c < d; c++) {
-        float acc = o[c];
-        for (int64_t j = 0; j < n; j++) acc += p[j] * v[j * ldv + c];
-        o[c] = acc;
-    }
-}
+#define ROWS_ELEM     uint16_t
+#define ROWS_WIDEN(x) mha__bf16_to_f32(x)
+#define ROWS_DOT      dot_rows_bf16_generic
+#define ROWS_AXPY     axpy_rows_bf16_generic
+#include "kernels/rows_generic.h"
 
-static void dot_rows_bf16_generic(const uint16_t *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s)
-{
-    for (int64_t j = 0; j < n; j++) {
-        float acc = 0.0f;
-        for (int64_t c = 0; c < d; c++) acc += q[c] * mha__bf16_to_f32(k[j * ldk + c]);
-        s[j] = acc;
-    }
-}
-
-static void axpy_rows_bf16_generic(const float *p, const uint16_t *v, int64_t ldv, int64_t n, int64_t d, float *o)
-{
-    for (int64_t c = 0; c < d; c++) {
-        float acc = o[c];
-        for (int64_t j = 0; j < n; j++) acc += p[j] * mha__bf16_to_f32(v[j * ldv + c]);
-        o[c] = acc;
-    }
-}
-
-static void dot_rows_i8_generic(const int8_t *k, int64_t ldk, int64_t n, const float *scale, const float *q, int64_t d,
-                                float *s)
-{
-    for (int64_t j = 0; j < n; j++) {
-        float acc = 0.0f;
-        for (int64_t c = 0; c < d; c++) acc += q[c] * (float)k[j * ldk + c];
-        s[j] = scale[j] * acc;
-    }
-}
-
-static void axpy_rows_i8_generic(const float *p, const float *scale, const int8_t *v, int64_t ldv, int64_t n, int64_t d,
-                                 float *o)
-{
-    for (int64_t c = 0; c < d; c++) {
-        float acc = o[c];
-        for (int64_t j = 0; j < n; j++) acc += p[j] * scale[j] * (float)v[j * ldv + c];
-        o[c] = acc;
-    }
-}
+#define ROWS_SCALED
+#define ROWS_ELEM     int8_t
+#define ROWS_WIDEN(x) ((float)(x))
+#define ROWS_DOT      dot_rows_i8_generic
+#define ROWS_AXPY     axpy_rows_i8_generic
+#include "kernels/rows_generic.h"
 
 static void column_sums_generic(const float *x, int64_t ldx, int64_t rows, int64_t n, float *sums)
 {

@@ -143,20 +143,5 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
 
 #undef ROWS_DOT_SLICE4
 #undef ROWS_DOT_KEY32
-#undef ROWS_PREFETCHED
-#undef ROWS_PREFETCH
-#undef ROWS_L1_KEYS
-#undef ROWS_L2_KEYS
-#undef ROWS_ELEM
-#undef ROWS_LOAD
-#undef ROWS_DOT
 #undef ROWS_AXPY64
-#undef ROWS_AXPY
-#undef ROWS_SCALED
-#undef ROWS_KEYWISE
-#undef ROWS_KEY_BLOCKS
-#undef ROWS_SCALE_PARAM
-#undef ROWS_SCALE_ARG
-#undef ROWS_SCALE4
-#undef ROWS_SCALE1
-#undef ROWS_WEIGHT
+#include "kernels/rows_undef.h"

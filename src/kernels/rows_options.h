@@ -26,7 +26,7 @@
  *   a0 .. a7, rows k0 .. k0 + 3 ldk and k4 .. k4 + 3 ldk (ROWS_DOT's
  *   names).
  *
- * The templates #undef all of these at their end.
+ * The templates undefine all of these at their end (rows_undef.h).
  */
 #ifdef ROWS_SCALED
 #define ROWS_SCALE_PARAM  const float *scale,
