@@ -8,7 +8,7 @@
  * PyTorch's float32 erred by 1-2 (bench/accuracy_sweep.py case 324 on
  * Zen 4: dk 1.13x the rule's limit).  Summed in double: 1-3 ulps.  The
  * tiles take B a row at a time (row_dots_wide), which made the generic
- * core 2.5-3.6x faster than going down B's columns, with the same bits.
+ * core 2.3-3.8x faster than going down B's columns, with the same bits.
  */
 #include "core/convert.h"
 #include "kernels/kernels.h"
@@ -33,7 +33,7 @@ static double dot_wide(int64_t k, const float *a, int64_t a_step, const float *b
  * column strode ldb floats a product.  A whole row of GENERIC_NR sums in
  * a local array of constant size, which the compiler keeps in registers
  * and vectorises at -O2 too (the default build's; a count of n it left
- * scalar there: the core 1.7x slower). */
+ * scalar there: the core 1.4-1.5x slower than this). */
 static void row_dots_wide(int64_t n, int64_t k, const float *a, int64_t a_step, const float *b, int64_t ldb,
                           double dots[GENERIC_NR])
 {
