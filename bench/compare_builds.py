@@ -5,8 +5,9 @@ by side in one run.
     bench/compare_builds.py OLD/mha NEW/mha [--rounds R] [--threads T]
 
 For each case (the layer at S1-S4, the attention core at N = 2048 plain and
-causal, the layer's backward at S3, a decode step against 4096 cached
-tokens), the two binaries run alternately, R rounds each, every run a
+causal and at 8192, where K and V stream from L3, the layer's backward at
+S1-S3, a decode step against 4096 cached tokens), the two binaries run
+alternately, R rounds each, every run a
 `mha bench --json` of several timed calls; a build's figure is the median
 of its rounds' medians.  Alternating spreads the shared machine's noise
 over both builds.  Prints new/old speed (old ms / new ms: above 1 is
@@ -28,6 +29,7 @@ CASES = [  # name, mha bench arguments, timed calls per run
     ("layer S4", shapes.bench_args("S4"), 2),
     ("core N=2048", ["--op", "sdpa", "--seq", "2048"], 5),
     ("core N=2048 causal", ["--op", "sdpa", "--seq", "2048", "--is-causal"], 5),
+    ("core N=8192", ["--op", "sdpa", "--seq", "8192"], 2),
     ("backward S1", ["--op", "backward", *shapes.bench_args("S1")], 10),
     ("backward S2", ["--op", "backward", *shapes.bench_args("S2")], 10),
     ("backward S3", ["--op", "backward", *shapes.bench_args("S3")], 3),

@@ -51,6 +51,7 @@ typedef struct mha__attn_plan {
     bool split;                           /* they are float32 from split bf16 products (products_split.c) */
     const struct mha__kv_rows *kv_rows;   /* split-K's row operations in the K/V rows' dtype */
     bool kv_far;                          /* ... in their prefetching forms (split-K's far rows: plan.c) */
+    bool kv_stream;                       /* the tiles fetch K and V ahead into L2 (plan.c, products.h) */
     int64_t workspace;                    /* bytes the forward takes from the context */
 } mha__attn_plan;
 

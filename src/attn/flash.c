@@ -85,6 +85,19 @@ static mha__strided tile_rows(const flash_job *j, const tiles *t, bool values, i
     return (mha__strided){dst, width, 1};
 }
 
+/* t->next_keys (products.h) for the key tile [j0, j0 + cols), which
+ * next_cols keys follow: none unless the plan streams K and V
+ * (kv_stream) and K is read in place, row by row. */
+static void fetch_ahead(const flash_job *j, tiles *t, int64_t b, int64_t h, int64_t j0, int64_t cols, int64_t next_cols)
+{
+    const mha__attn_plan *p = j->p;
+    const mha_tensor *k = &j->kv->k;
+    t->next_keys.at = NULL;
+    if (!p->kv_stream || !k->data || k->stride[3] != 1 || next_cols <= 0) return;
+    const float *rows = k->data + b * k->stride[0] + h / p->group * k->stride[1] + (j0 + cols) * k->stride[2];
+    t->next_keys = (mha__fetch_rows){rows, next_cols, k->stride[2], p->D};
+}
+
 /* Which key tile of its kv head keys j0 onward are, for the products'
  * caches (products.h): a whole tile of K and V read in place; -1 for
  * appended keys (off the tile grid) and a cache's rows. */
@@ -336,9 +349,11 @@ static void flash_item(const flash_job *j, tiles *t, int64_t item)
     for (int64_t j0 = start; j0 < stop; j0 += BC) {
         int64_t cols = stop - j0 < BC ? stop - j0 : BC;
         bool seen_from_start = !biased && j0 >= lo_last; /* no row's keys start inside the tile */
+        fetch_ahead(j, t, b, h, j0, cols, mha__min64(BC, stop - j0 - cols));
         key_tile(j, t, b, h, i0, rows, j0, cols, seen_from_start && j0 + cols <= hi_first, seen_from_start);
     }
     if (p->S > p->R) { /* appended keys: visible to all, unbiased, but capped */
+        fetch_ahead(j, t, b, h, p->R, p->S - p->R, 0);
         key_tile(j, t, b, h, i0, rows, p->R, p->S - p->R, p->softcap == 0, false);
     }
     write_rows(j, t, b, h, i0, rows);

@@ -75,6 +75,20 @@ static bool kv_rows_far(const mha__attn_plan *p, const mha_ctx *ctx, mha_dtype d
     return have && bytes / (threads > 0 ? threads : 1) > (double)mha__l2_bytes();
 }
 
+/* Whether the float32 tiles fetch the next key tile's keys into L2 as
+ * they compute a tile's scores (products.h): where one head's K and V
+ * take more than twice L2, so that every item reads them from L3 again.
+ * On Zen 4 (1 MB of L2) the core at N = 8192 (4 MB a head) ran 1.026x
+ * and the layer at S4 1.030x (7 alternating rounds); with the rule
+ * lowered to take N = 2048 and 4096 in, they ran 1.007x and 1.000x, the
+ * caches keeping what the fetches would bring (docs/PERFORMANCE.md). */
+static bool kv_streams(const mha__attn_plan *p)
+{
+    if (p->bf16 || p->split || p->path != MHA__PATH_TILED) return false;
+    double kv_bytes = (double)p->S * (double)(p->D + p->Dv) * sizeof(float);
+    return kv_bytes > 2.0 * (double)mha__l2_bytes();
+}
+
 mha__attn_needs mha__attn_needs_of(const mha__kv *kv, bool stats)
 {
     return (mha__attn_needs){.kv_rows = kv->rows.k != NULL, .kv_dtype = kv->rows.dtype, .stats = stats};
@@ -96,6 +110,7 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *p, const mha_ctx *ctx, mha__at
     p->products = p->bf16 ? &mha__products_bf16 : split ? &mha__products_f32_split : &mha__products_f32;
     p->kv_rows = mha__kv_rows_of(needs.kv_dtype);
     p->kv_far = kv_rows_far(p, ctx, needs.kv_dtype);
+    p->kv_stream = kv_streams(p);
     p->workspace = 0;
     if (rows == 0) return MHA_OK;
     mha_status st = mha__attn_plan_check(p);

@@ -106,6 +106,7 @@ static void *carve(carver *c, int64_t n)
 static mha__tiles carve_tiles(const mha__attn_plan *p, carver *c)
 {
     mha__tiles t;
+    t.next_keys.at = NULL; /* nothing to fetch until a driver says */
     t.qt = carve(c, p->D * MHA__BR);
     t.vt = carve(c, MHA__BC * p->Dv);
     t.vp = carve(c, MHA__BC * p->Dv);
@@ -186,18 +187,31 @@ static void pack_queries_f32(const mha__attn_plan *p, mha__strided q, int64_t ro
 
 int64_t mha__strip_reach(const mha__tiles *t, int64_t r, int64_t n) { return n > 0 ? t->reach[r + n - 1] : 0; }
 
+/* Row `row` of f brought into L2: every cache line it touches. */
+static void fetch_row(const mha__fetch_rows *f, int64_t row)
+{
+    const char *first = (const char *)(f->at + row * f->ld);
+    uintptr_t line = (uintptr_t)first & ~(uintptr_t)63, end = (uintptr_t)(first + f->width * (int64_t)sizeof(float));
+    for (; line < end; line += 64) __builtin_prefetch((const void *)line, 0, 2); /* prefetcht1: into L2 */
+}
+
 /* Blocks of keys that no row of a strip sees (above a causal diagonal)
  * are not computed but zeroed: the contract masks them, and the check
- * for large scores then passes over them as it should. */
+ * for large scores then passes over them as it should.  The fetches
+ * are spread evenly over the micro-kernel's calls, a few rows each: all
+ * at once, they would queue behind each other in the miss buffers. */
 static void scores_f32(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, int64_t tile,
                        const mha__tiles *t)
 {
     (void)tile;
     const mha__kernels *kt = p->kt;
+    int64_t blocks = (cols + kt->mr - 1) / kt->mr, calls = (rows + kt->nr - 1) / kt->nr * blocks;
+    int64_t fetch = t->next_keys.at ? t->next_keys.rows : 0, call = 0;
     for (int64_t r = 0; r < rows; r += kt->nr) {
         int64_t n = rows - r < kt->nr ? rows - r : kt->nr, seen = mha__strip_reach(t, r, n);
-        for (int64_t c = 0; c < cols; c += kt->mr) {
+        for (int64_t c = 0; c < cols; c += kt->mr, call++) {
             int64_t m = cols - c < kt->mr ? cols - c : kt->mr;
+            for (int64_t x = call * fetch / calls; x < (call + 1) * fetch / calls; x++) fetch_row(&t->next_keys, x);
             float *s = t->st + c * MHA__LDS + r;
             if (c < seen) kt->gemm_tile(m, n, p->D, k.data + c * k.rs, k.rs, k.cs, t->qt + r, MHA__BR, s, MHA__LDS, 0);
             else

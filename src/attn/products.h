@@ -37,6 +37,20 @@ typedef struct mha__split_tag {
     bool finite;
 } mha__split_tag;
 
+/* Rows of `width` floats, `ld` floats apart, that the float32 products
+ * bring into L2 while they compute a tile's scores (a prefetch, never a
+ * read; `at` NULL: none).  Where a head's K and V stream from beyond L2
+ * (the plan's kv_stream), the driver names the next key tile's keys:
+ * the scores' first strip read each new key row from L3 with only the
+ * micro-kernel's twelve rows in flight, and waited on them.  Fetching
+ * the tile's values too (packed or in place) gained nothing, the
+ * hardware's prefetcher following P V's reads in order
+ * (docs/PERFORMANCE.md). */
+typedef struct mha__fetch_rows {
+    const float *at;
+    int64_t rows, ld, width;
+} mha__fetch_rows;
+
 /* Per-thread tiles, carved from one workspace slice. */
 typedef struct mha__tiles {
     float *qt;                /* [D][BR]   the item's queries, (scale Q)^T (packed once per item) */
@@ -68,6 +82,7 @@ typedef struct mha__tiles {
     int64_t reach[MHA__BR];
     mha__refine refine;           /* which of the tile's scores to refine (attention.h) */
     bool wide[MHA__BR], wide_any; /* the item's rows refined whole (attention.h), and whether any is */
+    mha__fetch_rows next_keys;    /* what the scores fetch (above): the next key tile's keys */
     double *qd;          /* [D][MHA__BR]  the item's query rows widened, for refined scores (float32 plans only) */
     const float *qd_row; /* the first of the rows qd holds; NULL: none yet */
 } mha__tiles;
@@ -114,7 +129,8 @@ typedef struct mha__products {
      * may be left 0 or as they were instead: the driver never takes them
      * for scores (the contract masks them, the refinement's check zeroes
      * them first, and the softmax step masks keys past the reaches it is
-     * given).  `tile` as for values, below. */
+     * given).  `tile` as for values, below.  Products may fetch the rows
+     * of t->next_keys meanwhile (the float32 ones do). */
     void (*scores)(const mha__attn_plan *p, mha__strided k, int64_t rows, int64_t cols, int64_t tile,
                    const mha__tiles *t);
     /* t->o += P V for keys [0, cols) at v, P key-major in t->st, each
