@@ -206,12 +206,13 @@ static void scores_f32(const mha__attn_plan *p, mha__strided k, int64_t rows, in
     (void)tile;
     const mha__kernels *kt = p->kt;
     int64_t blocks = (cols + kt->mr - 1) / kt->mr, calls = (rows + kt->nr - 1) / kt->nr * blocks;
-    int64_t fetch = t->next_keys.at ? t->next_keys.rows : 0, call = 0;
+    /* fetch / calls rows a call, by a running count (no division a call) */
+    int64_t fetch = t->next_keys.at ? t->next_keys.rows : 0, due = 0, fetched = 0;
     for (int64_t r = 0; r < rows; r += kt->nr) {
         int64_t n = rows - r < kt->nr ? rows - r : kt->nr, seen = mha__strip_reach(t, r, n);
-        for (int64_t c = 0; c < cols; c += kt->mr, call++) {
+        for (int64_t c = 0; c < cols; c += kt->mr) {
             int64_t m = cols - c < kt->mr ? cols - c : kt->mr;
-            for (int64_t x = call * fetch / calls; x < (call + 1) * fetch / calls; x++) fetch_row(&t->next_keys, x);
+            for (due += fetch; due >= calls; due -= calls) fetch_row(&t->next_keys, fetched++);
             float *s = t->st + c * MHA__LDS + r;
             if (c < seen) kt->gemm_tile(m, n, p->D, k.data + c * k.rs, k.rs, k.cs, t->qt + r, MHA__BR, s, MHA__LDS, 0);
             else
