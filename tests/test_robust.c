@@ -8,7 +8,8 @@
  *   - the floating-point control state (MXCSR: flush-to-zero,
  *     denormals-are-zero, rounding) is the same after every call;
  *   - the same bits for 1, 2, 3 and 4 threads and over 50 repeats, for the
- *     layer's forward and backward and for decoding;
+ *     layer's forward and backward and for decoding; and with the score
+ *     tiles' fetch ahead forced on and off;
  *   - several threads calling the library at once, each with its own
  *     context, get the single-threaded bits;
  *   - a sequence whose workspace does not fit in the address space fails
@@ -358,6 +359,43 @@ static void check_determinism(void)
     CHECK(differ == 0, "%d of 50 repeats gave other bits", differ);
 }
 
+/* The score tiles' fetch of the next key tile (products.h: kv_stream)
+ * brings lines into L2 and nothing else: forced on for every plan and
+ * off, the same bits, over tiles with tails, GQA, causal and a window,
+ * K and V contiguous and as views of rows holding every kv head (the
+ * layer's layout).  Run under the sanitizers, it also checks the rows it
+ * names lie inside K. */
+static void check_fetch_ahead(mha_ctx *ctx)
+{
+    enum { Hq = 4, Hkv = 2, L = 230, S = 500, D = 64 };
+    float *q = randoms(Hq * L * D, 1, NULL), *k = randoms(Hkv * S * D, 1, NULL), *v = randoms(Hkv * S * D, 1, NULL);
+    float *out[2] = {malloc(sizeof(float) * Hq * L * D), malloc(sizeof(float) * Hq * L * D)};
+    for (int shape = 0; shape < 4; shape++) {
+        bool rows_view = shape & 1, masked = shape & 2;
+        mha_tensor tq = mha_tensor_4d(q, 1, Hq, L, D), tk = mha_tensor_4d(k, 1, Hkv, S, D),
+                   tv = mha_tensor_4d(v, 1, Hkv, S, D);
+        if (rows_view) /* [S][Hkv][D] rows: head g's key j at (j * Hkv + g) * D */
+            for (int i = 0; i < 2; i++) {
+                mha_tensor *t = i ? &tv : &tk;
+                t->stride[1] = D, t->stride[2] = Hkv * D;
+            }
+        mha_attn_desc desc;
+        mha_attn_desc_init(&desc);
+        desc.enable_gqa = true;
+        if (masked) desc.causal = MHA_CAUSAL_BOTTOM_RIGHT, desc.window_left = 300;
+        for (int fetch = 0; fetch < 2; fetch++) {
+            mha__kv_stream_min_bytes(fetch ? 0 : INT64_MAX);
+            mha_tensor to = mha_tensor_4d(out[fetch], 1, Hq, L, D);
+            CHECK_OK(mha_attention(ctx, &to, NULL, &tq, &tk, &tv, &desc));
+        }
+        CHECK(memcmp(out[0], out[1], sizeof(float) * Hq * L * D) == 0,
+              "%s K and V%s: other bits with the next key tile fetched", rows_view ? "row-view" : "contiguous",
+              masked ? ", causal with a window" : "");
+    }
+    mha__kv_stream_min_bytes(-1);
+    free(q), free(k), free(v), free(out[0]), free(out[1]);
+}
+
 static bits *shared_want;
 
 static void *concurrent_worker(void *arg)
@@ -445,6 +483,7 @@ int main(void)
     check_nan_inf_backward(ctx, 600, 64);
     check_unseen_nan(ctx, 600, 64);
     check_unseen_nan(ctx, 300, 32);
+    check_fetch_ahead(ctx);
     mha_ctx_free(ctx);
     check_determinism();
     check_concurrency();

@@ -82,12 +82,16 @@ static bool kv_rows_far(const mha__attn_plan *p, const mha_ctx *ctx, mha_dtype d
  * and the layer at S4 1.030x (7 alternating rounds); with the rule
  * lowered to take N = 2048 and 4096 in, they ran 1.007x and 1.000x, the
  * caches keeping what the fetches would bring (docs/PERFORMANCE.md). */
+static int64_t stream_min_bytes = -1; /* -1: twice L2 (mha__kv_stream_min_bytes) */
+
 static bool kv_streams(const mha__attn_plan *p)
 {
     if (p->bf16 || p->split || p->path != MHA__PATH_TILED) return false;
     double kv_bytes = (double)p->S * (double)(p->D + p->Dv) * sizeof(float);
-    return kv_bytes > 2.0 * (double)mha__l2_bytes();
+    return kv_bytes > (stream_min_bytes < 0 ? 2.0 * (double)mha__l2_bytes() : (double)stream_min_bytes);
 }
+
+void mha__kv_stream_min_bytes(int64_t bytes) { stream_min_bytes = bytes < 0 ? -1 : bytes; }
 
 mha__attn_needs mha__attn_needs_of(const mha__kv *kv, bool stats)
 {
