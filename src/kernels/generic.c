@@ -81,15 +81,21 @@ static void gemm_tile_grouped_generic(int64_t m, int64_t n, int64_t groups, int6
         }
 }
 
+/* Each output from its bias, then the products over p in order (each
+ * exact: widened floats), as kernels.h orders them; a row of B at a time
+ * into a row of sums, as row_dots_wide and for its reasons.  B's rows
+ * are the table's nr wide (kernels.h), so every row takes the loop of
+ * constant size, the columns from n on summed and never stored. */
 static void gemm_tile_exact_generic(int64_t m, int64_t n, int64_t k, const double *a, int64_t lda, const double *b,
                                     int64_t ldb, const float *bias, float *const *c)
 {
-    for (int64_t i = 0; i < m; i++)
-        for (int64_t j = 0; j < n; j++) {
-            double acc = bias ? bias[j] : 0.0;
-            for (int64_t p = 0; p < k; p++) acc += a[i * lda + p] * b[p * ldb + j];
-            c[i][j] = (float)acc;
-        }
+    for (int64_t i = 0; i < m; i++) {
+        double row[GENERIC_NR];
+        for (int j = 0; j < GENERIC_NR; j++) row[j] = bias && j < n ? bias[j] : 0.0;
+        for (int64_t p = 0; p < k; p++)
+            for (int j = 0; j < GENERIC_NR; j++) row[j] += a[i * lda + p] * b[p * ldb + j];
+        for (int64_t j = 0; j < n; j++) c[i][j] = (float)row[j];
+    }
 }
 
 /* As gemm_tile_generic computes one element. */
