@@ -51,7 +51,7 @@ typedef struct mha__attn_plan {
     bool split;                           /* they are float32 from split bf16 products (products_split.c) */
     const struct mha__kv_rows *kv_rows;   /* split-K's row operations in the K/V rows' dtype */
     bool kv_far;                          /* ... in their prefetching forms (split-K's far rows: plan.c) */
-    bool kv_stream;                       /* the tiles fetch K and V ahead into L2 (plan.c, products.h) */
+    bool kv_stream;                       /* the score tiles fetch the next key tile into L2 (plan.c, products.h) */
     int64_t workspace;                    /* bytes the forward takes from the context */
 } mha__attn_plan;
 
@@ -339,6 +339,12 @@ mha__attn_needs mha__attn_needs_of(const mha__kv *kv, bool stats);
  * query rows when no row statistics are wanted and the rows allow it;
  * else tiles) and sizes its workspace.  INVALID_ARG. */
 mha_status mha__attn_plan_resolve(mha__attn_plan *plan, const mha_ctx *ctx, mha__attn_needs needs);
+
+/* For tests: the bytes of K and V a head must pass for plans to take
+ * kv_stream (default twice L2; negative: the default again; 0: every
+ * float32 tiled plan).  Set it before plans are made and while no call
+ * runs. */
+void mha__kv_stream_min_bytes(int64_t bytes);
 
 /* Below this many query rows, a forward splits the keys over the threads
  * (decode.c) instead of the query rows (flash.c). */

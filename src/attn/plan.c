@@ -32,6 +32,9 @@ static mha__attn_path choose_path(const mha__attn_plan *p, mha__attn_needs needs
     return few_rows && !needs.stats && !p->bf16 && p->D == p->Dv && p->R == p->S ? MHA__PATH_SPLIT_K : MHA__PATH_TILED;
 }
 
+/* One head's K and V as float32, the size the tiles' rules go by. */
+static double head_kv_bytes(const mha__attn_plan *p) { return (double)p->S * (double)(p->D + p->Dv) * sizeof(float); }
+
 /* 96 query rows per work item while one head's K and V fit in about
  * twice the L2 cache; beyond that, 192 rows share each pass over K and V
  * (measured at N = 2048 and 8192, d = 64: docs/PERFORMANCE.md).  The
@@ -45,7 +48,7 @@ static mha__attn_path choose_path(const mha__attn_plan *p, mha__attn_needs needs
  * (causal N = 4096 1.035x, 2048 0.993-1.003x). */
 static int64_t block_rows(const mha__attn_plan *p)
 {
-    double kv_bytes = (double)p->S * (double)(p->D + p->Dv) * sizeof(float);
+    double kv_bytes = head_kv_bytes(p);
     bool every_key = p->causal == MHA_CAUSAL_NONE && p->window_left < 0 && p->window_right < 0;
     if (p->split) return (every_key && p->L >= 4 * MHA__BR) || kv_bytes > 1.5e6 ? MHA__BR : MHA__BR / 2;
     return kv_bytes > 2.5e6 ? MHA__BR : MHA__BR / 2;
@@ -75,6 +78,8 @@ static bool kv_rows_far(const mha__attn_plan *p, const mha_ctx *ctx, mha_dtype d
     return have && bytes / (threads > 0 ? threads : 1) > (double)mha__l2_bytes();
 }
 
+static int64_t stream_min_bytes = -1; /* -1: twice L2 (mha__kv_stream_min_bytes) */
+
 /* Whether the float32 tiles fetch the next key tile's keys into L2 as
  * they compute a tile's scores (products.h): where one head's K and V
  * take more than twice L2, so that every item reads them from L3 again.
@@ -82,13 +87,10 @@ static bool kv_rows_far(const mha__attn_plan *p, const mha_ctx *ctx, mha_dtype d
  * and the layer at S4 1.030x (7 alternating rounds); with the rule
  * lowered to take N = 2048 and 4096 in, they ran 1.007x and 1.000x, the
  * caches keeping what the fetches would bring (docs/PERFORMANCE.md). */
-static int64_t stream_min_bytes = -1; /* -1: twice L2 (mha__kv_stream_min_bytes) */
-
 static bool kv_streams(const mha__attn_plan *p)
 {
     if (p->bf16 || p->split || p->path != MHA__PATH_TILED) return false;
-    double kv_bytes = (double)p->S * (double)(p->D + p->Dv) * sizeof(float);
-    return kv_bytes > (stream_min_bytes < 0 ? 2.0 * (double)mha__l2_bytes() : (double)stream_min_bytes);
+    return head_kv_bytes(p) > (stream_min_bytes < 0 ? 2.0 * (double)mha__l2_bytes() : (double)stream_min_bytes);
 }
 
 void mha__kv_stream_min_bytes(int64_t bytes) { stream_min_bytes = bytes < 0 ? -1 : bytes; }

@@ -50,11 +50,6 @@ typedef struct mha__fetch_rows {
     const float *at;
     int64_t rows, ld, width;
 } mha__fetch_rows;
-/* For tests: the bytes of K and V a head must pass for the plan to take
- * kv_stream (default twice L2; negative: the default again; 0: every
- * float32 tiled plan).  Set it before plans are made and while no call
- * runs. */
-void mha__kv_stream_min_bytes(int64_t bytes);
 
 /* Per-thread tiles, carved from one workspace slice. */
 typedef struct mha__tiles {
