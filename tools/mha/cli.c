@@ -314,6 +314,28 @@ int cli_out_distinct(const char *cmd, const char *out, const char *const *inputs
     return CLI_OK;
 }
 
+int cli_compute_check(const char *cmd, const char *inputs, const char *weights, const char *out, const char *dtype,
+                      bool backward, const char *parallel)
+{
+    if (!inputs || !out) {
+        cli_error(cmd, "%s is required (see mha %s --help)", !inputs ? "--inputs" : "--out", cmd);
+        return CLI_USAGE;
+    }
+    const char *read[2] = {inputs, weights};
+    int rc = cli_out_distinct(cmd, out, read, 2);
+    if (rc != CLI_OK) return rc;
+    if (strcmp(dtype, "f32") != 0 && (backward || strcmp(dtype, "bf16") != 0)) {
+        cli_error(cmd, "--dtype must be %s, got \"%s\"", backward ? "f32 (gradients are float32 only)" : "f32 or bf16",
+                  dtype);
+        return CLI_USAGE;
+    }
+    if (parallel && strcmp(dtype, "f32") != 0) {
+        cli_error(cmd, "--parallel computes in f32; --dtype %s runs in one process", dtype);
+        return CLI_USAGE;
+    }
+    return CLI_OK;
+}
+
 bool cli_product(const int64_t *dims, int n, int64_t *out)
 {
     int64_t p = 1;

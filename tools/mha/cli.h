@@ -128,6 +128,14 @@ int cli_save(const char *cmd, const char *path, const cli_output *outs, int n);
  * input. */
 int cli_out_distinct(const char *cmd, const char *out, const char *const *inputs, int n);
 
+/* The rules the four computing commands (forward, backward, sdpa,
+ * sdpa-backward) share, each named when broken: --inputs and --out given,
+ * --out neither --inputs nor `weights` (NULL: none), --dtype f32 or, for
+ * a forward, bf16, and --parallel (`parallel`, NULL: off) in f32 only.
+ * CLI_USAGE (printed) or CLI_OK. */
+int cli_compute_check(const char *cmd, const char *inputs, const char *weights, const char *out, const char *dtype,
+                      bool backward, const char *parallel);
+
 /* Product of sizes; false when it overflows (or exceeds what float
  * buffers can address). */
 bool cli_product(const int64_t *dims, int n, int64_t *out);

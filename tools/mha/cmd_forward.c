@@ -308,23 +308,9 @@ static int run(const forward_opts *o, const cli_engine *e, inputs *in)
 static int check_opts(const forward_opts *o, const cli_flag *flags)
 {
     const char *CMD = o->cmd;
-    if (!o->inputs || !o->out) {
-        cli_error(CMD, "%s is required (see mha %s --help)", !o->inputs ? "--inputs" : "--out", CMD);
-        return CLI_USAGE;
-    }
-    int rc = cli_layer_check(CMD, &o->layer, flags);
-    const char *read[2] = {o->inputs, o->layer.weights};
-    if (rc == CLI_OK) rc = cli_out_distinct(CMD, o->out, read, 2);
+    int rc = cli_compute_check(CMD, o->inputs, o->layer.weights, o->out, o->dtype, o->backward, o->parallel);
+    if (rc == CLI_OK) rc = cli_layer_check(CMD, &o->layer, flags);
     if (rc != CLI_OK) return rc;
-    if (strcmp(o->dtype, "f32") != 0 && (o->backward || strcmp(o->dtype, "bf16") != 0)) {
-        cli_error(CMD, "--dtype must be %s, got \"%s\"",
-                  o->backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o->dtype);
-        return CLI_USAGE;
-    }
-    if (o->parallel && strcmp(o->dtype, "f32") != 0) {
-        cli_error(CMD, "--parallel computes in f32; --dtype %s runs in one process", o->dtype);
-        return CLI_USAGE;
-    }
     if (o->backward && (o->need_weights || o->no_average)) {
         cli_error(CMD,
                   "--need-weights and --no-average-attn-weights are forward outputs; mha backward writes gradients");

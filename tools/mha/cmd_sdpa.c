@@ -192,22 +192,8 @@ static int run(const cli_sdpa_opts *o, cli_sdpa_inputs *in)
 static int check_opts(const cli_sdpa_opts *o)
 {
     const char *CMD = o->cmd;
-    if (!o->inputs || !o->out) {
-        cli_error(CMD, "%s is required (see mha %s --help)", !o->inputs ? "--inputs" : "--out", CMD);
-        return CLI_USAGE;
-    }
-    const char *read[1] = {o->inputs};
-    int rc = cli_out_distinct(CMD, o->out, read, 1);
+    int rc = cli_compute_check(CMD, o->inputs, NULL, o->out, o->dtype, o->backward, o->parallel);
     if (rc != CLI_OK) return rc;
-    if (strcmp(o->dtype, "f32") != 0 && (o->backward || strcmp(o->dtype, "bf16") != 0)) {
-        cli_error(CMD, "--dtype must be %s, got \"%s\"",
-                  o->backward ? "f32 (gradients are float32 only)" : "f32 or bf16", o->dtype);
-        return CLI_USAGE;
-    }
-    if (o->parallel && strcmp(o->dtype, "f32") != 0) {
-        cli_error(CMD, "--parallel computes in f32; --dtype %s runs in one process", o->dtype);
-        return CLI_USAGE;
-    }
     if (o->is_causal && o->bottom_right) {
         cli_error(CMD, "--is-causal and --causal-bottom-right exclude each other; choose one alignment");
         return CLI_USAGE;
