@@ -587,30 +587,64 @@ static void test_large_logit_sweep(mha_ctx *ctx1, mha_ctx *ctx3)
 /* Properties of SDPA                                                  */
 /* ------------------------------------------------------------------ */
 
+/* A reference call and its loss sum(out * dout): the SDPA's (values q, k,
+ * v) or, with sdpa NULL, the layer's (values query, key, value, then the
+ * parameters its pointers name). */
+typedef struct loss_problem {
+    const mha_ref_sdpa *sdpa;
+    const mha_ref_layer *layer;
+    const double *dout;
+    double *out;
+} loss_problem;
+
+static double problem_loss(const loss_problem *p, double *const *values)
+{
+    int64_t n_out;
+    if (p->sdpa) {
+        mha_ref_sdpa_f64(p->sdpa, values[0], values[1], values[2], p->out, NULL, NULL);
+        n_out = p->sdpa->B * p->sdpa->Hq * p->sdpa->L * p->sdpa->Dv;
+    } else {
+        mha_ref_layer_f64(p->layer, values[0], values[1], values[2], p->out, NULL);
+        n_out = p->layer->N * p->layer->L * p->layer->E;
+    }
+    double loss = 0;
+    for (int64_t i = 0; i < n_out; i++) loss += p->out[i] * p->dout[i];
+    return loss;
+}
+
+/* The largest difference between grads (in the order of `values`) and
+ * central differences of the problem's loss, each value moved by +-1e-6
+ * in place. */
+static double difference_error(const loss_problem *p, double *const *values, const int64_t *counts, int n_values,
+                               const double *grads)
+{
+    double worst = 0;
+    for (int g = 0, at = 0; g < n_values; g++)
+        for (int64_t i = 0; i < counts[g]; i++, at++) {
+            double keep = values[g][i], h = 1e-6;
+            values[g][i] = keep + h;
+            double up = problem_loss(p, values);
+            values[g][i] = keep - h;
+            double down = problem_loss(p, values);
+            values[g][i] = keep;
+            worst = fmax(worst, fabs((up - down) / (2 * h) - grads[at]));
+        }
+    return worst;
+}
+
 /* The oracle's gradients against central differences of the oracle's
  * forward (loss = sum out * dO), so the float64 reference the library is
  * held to is itself checked independently, on every option that shapes
  * the gradient: softcap, ALiBi, additive and keep masks, causal, window,
  * GQA. */
-static double sdpa_loss(const mha_ref_sdpa *a, const double *q, const double *k, const double *v, const double *dout,
-                        double *out)
-{
-    mha_ref_sdpa_f64(a, q, k, v, out, NULL, NULL);
-    double loss = 0;
-    for (int64_t i = 0; i < a->B * a->Hq * a->L * a->Dv; i++) loss += out[i] * dout[i];
-    return loss;
-}
-
 static void test_reference_gradients_by_differences(void)
 {
     enum { B = 1, HQ = 4, HKV = 2, L = 5, S = 6, D = 3, DV = 2 };
-    int64_t n[3] = {B * HQ * L * D, B * HKV * S * D, B * HKV * S * DV};
-    double *x[3], *grad[3], dout[B * HQ * L * DV], out[B * HQ * L * DV], add[B * HQ * L * S], alibi[HQ];
+    const int64_t n[3] = {B * HQ * L * D, B * HKV * S * D, B * HKV * S * DV};
+    double *x[3], grads[B * HQ * L * D + B * HKV * S * D + B * HKV * S * DV];
+    double dout[B * HQ * L * DV], out[B * HQ * L * DV], add[B * HQ * L * S], alibi[HQ];
     uint8_t keep[B * HQ * L * S];
-    for (int g = 0; g < 3; g++) {
-        free(random_floats(n[g], 1.5, &x[g]));
-        grad[g] = malloc((size_t)n[g] * sizeof(double));
-    }
+    for (int g = 0; g < 3; g++) free(random_floats(n[g], 1.5, &x[g]));
     for (int i = 0; i < B * HQ * L * DV; i++) dout[i] = uniform();
     for (int i = 0; i < B * HQ * L * S; i++) add[i] = uniform(), keep[i] = pick(5) != 0;
     for (int h = 0; h < HQ; h++) alibi[h] = 0.25 * (h + 1);
@@ -628,47 +662,22 @@ static void test_reference_gradients_by_differences(void)
         if (variant == 1) a.softcap = 2.0, a.alibi = alibi, a.add = add;
         if (variant == 2) a.causal = MHA_CAUSAL_BOTTOM_RIGHT, a.keep = keep, a.window_left = 2;
         if (variant == 3) a.causal = MHA_CAUSAL_TOP_LEFT, a.softcap = 1.0;
-        mha_ref_sdpa_backward_f64(&a, x[0], x[1], x[2], dout, grad[0], grad[1], grad[2]);
-        double worst = 0;
-        for (int g = 0; g < 3; g++)
-            for (int64_t i = 0; i < n[g]; i++) {
-                double keep_x = x[g][i], h = 1e-6;
-                x[g][i] = keep_x + h;
-                double up = sdpa_loss(&a, x[0], x[1], x[2], dout, out);
-                x[g][i] = keep_x - h;
-                double down = sdpa_loss(&a, x[0], x[1], x[2], dout, out);
-                x[g][i] = keep_x;
-                worst = fmax(worst, fabs((up - down) / (2 * h) - grad[g][i]));
-            }
+        mha_ref_sdpa_backward_f64(&a, x[0], x[1], x[2], dout, grads, grads + n[0], grads + n[0] + n[1]);
+        loss_problem problem = {.sdpa = &a, .dout = dout, .out = out};
+        double worst = difference_error(&problem, x, n, 3, grads);
         CHECK(worst < 1e-7, "reference gradients, variant %d: differ from central differences by %.3g", variant, worst);
     }
-    for (int g = 0; g < 3; g++) {
-        free(x[g]);
-        free(grad[g]);
-    }
+    for (int g = 0; g < 3; g++) free(x[g]);
 }
 
-/* The largest difference between grads (in the reference's order, which
- * is the order of `values`) and central differences of the reference
- * layer's loss sum(out * dout), each value moved by +-1e-6. */
+/* difference_error of the reference layer: values in the order of its
+ * gradient array. */
 static double layer_difference_error(const mha_ref_layer *a, double *const *values, const int64_t *counts, int n_values,
                                      const double *dout, const double *grads)
 {
-    int64_t n_out = a->N * a->L * a->E;
-    double *out = malloc((size_t)n_out * sizeof(double)), worst = 0;
-    for (int g = 0, at = 0; g < n_values; g++)
-        for (int64_t i = 0; i < counts[g]; i++, at++) {
-            double keep = values[g][i], h = 1e-6, up = 0, down = 0;
-            values[g][i] = keep + h;
-            mha_ref_layer_f64(a, values[0], values[1], values[2], out, NULL);
-            for (int64_t j = 0; j < n_out; j++) up += out[j] * dout[j];
-            values[g][i] = keep - h;
-            mha_ref_layer_f64(a, values[0], values[1], values[2], out, NULL);
-            for (int64_t j = 0; j < n_out; j++) down += out[j] * dout[j];
-            values[g][i] = keep;
-            worst = fmax(worst, fabs((up - down) / (2 * h) - grads[at]));
-        }
-    free(out);
+    loss_problem problem = {.layer = a, .dout = dout, .out = malloc((size_t)(a->N * a->L * a->E) * sizeof(double))};
+    double worst = difference_error(&problem, values, counts, n_values, grads);
+    free(problem.out);
     return worst;
 }
 
