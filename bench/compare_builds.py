@@ -11,7 +11,11 @@ alternately, R rounds each, every run a
 `mha bench --json` of several timed calls; a build's figure is the median
 of its rounds' medians.  Alternating spreads the shared machine's noise
 over both builds.  Prints new/old speed (old ms / new ms: above 1 is
-faster) per case; exits 1 when a case falls below --min-ratio.
+faster) per case, with how many rounds the new build won and the middle
+half of the rounds' own ratios (each round runs both builds back to back,
+so a busy minute on the shared machine moves both); exits 1 when a case
+falls below --min-ratio.  Given one build twice it measures the noise
+itself: a change whose ratio sits inside that run's spread is not shown.
 """
 import argparse
 import json
@@ -44,6 +48,19 @@ def bench(binary, args, repeat, threads, peak):
     return json.loads(out.strip().splitlines()[-1])["median_ms"]
 
 
+def paired(old, new):
+    """The rounds' own ratios, each of two runs back to back: how many
+    rounds the new build won, and the middle half of their old/new ratios.
+    A neighbour's busy minute moves a pair together, so these show whether
+    the ratio of the medians is the builds' difference or the machine's."""
+    ratios = sorted(o / n for o, n in zip(old, new))
+    won = sum(r > 1 for r in ratios)
+    if len(ratios) < 4:
+        return f"{won} of {len(ratios)}"
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"{won} of {len(ratios)}, {q1:.3f}-{q3:.3f}x"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("old")
@@ -55,19 +72,19 @@ def main():
     a = ap.parse_args()
     peak = 1.0  # percentages are not compared here; skip measuring the peak
     worst = None
-    print(f"{'case':<22}{'old ms':>10}{'new ms':>10}{'new/old speed':>15}   (medians of {a.rounds} alternating rounds)")
+    print(f"{'case':<22}{'old ms':>10}{'new ms':>10}{'new/old speed':>15}{'rounds new won, middle half':>30}"
+          f"   (medians of {a.rounds} alternating rounds)")
     for name, args, repeat in CASES:
         if a.only and a.only not in name:
             continue
-        times = {a.old: [], a.new: []}
+        times = ([], [])  # old's, new's: by position, so a build against itself is an A/A check of the noise
         for r in range(a.rounds):
-            order = (a.old, a.new) if r % 2 == 0 else (a.new, a.old)
-            for binary in order:
-                times[binary].append(bench(binary, args, repeat, a.threads, peak))
-        old, new = statistics.median(times[a.old]), statistics.median(times[a.new])
+            for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+                times[side].append(bench((a.old, a.new)[side], args, repeat, a.threads, peak))
+        old, new = statistics.median(times[0]), statistics.median(times[1])
         ratio = old / new
         worst = ratio if worst is None else min(worst, ratio)
-        print(f"{name:<22}{old:>10.3f}{new:>10.3f}{ratio:>14.3f}x", flush=True)
+        print(f"{name:<22}{old:>10.3f}{new:>10.3f}{ratio:>14.3f}x{paired(*times):>30}", flush=True)
     if worst is not None and worst < a.min_ratio:
         print(f"compare_builds: slowest case at {worst:.3f}x, below {a.min_ratio}x")
         return 1
