@@ -226,7 +226,10 @@ class MultiheadAttention:
         the top-left causal mask (with or without attn_mask)."""
         out, weights, record = self._run(query, key, value, key_padding_mask, need_weights, attn_mask,
                                          average_attn_weights, is_causal, self.training)
-        self._recorded = record
+        dropped, self._recorded = self._recorded, record
+        if dropped is not None:  # never differentiated: its tape records a later forward
+            with self._lock:
+                self._keep_spare(dropped[0])
         return out, weights
 
     def _take_tape(self):
@@ -235,6 +238,12 @@ class MultiheadAttention:
         allocated and faulted in again), or a new one."""
         with self._lock:
             return self._spare_tapes.pop() if self._spare_tapes else _core.tape_create()
+
+    def _keep_spare(self, tape):
+        """A tape no call needs any more kept for a later forward (under
+        self._lock), up to _SPARE_TAPES."""
+        if len(self._spare_tapes) < _SPARE_TAPES:
+            self._spare_tapes.append(tape)
 
     def _run(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
              record):
@@ -295,8 +304,7 @@ class MultiheadAttention:
             # New arrays: the library writes them (write_input_grads), a shared one the sum of its uses.
             finite = _core.layer_backward(self._layer, q, k, v, am, kpm, causal, average, tape, 0, go,
                                           views[0], views[1], views[2], self.threads, True)
-            if len(self._spare_tapes) < _SPARE_TAPES:
-                self._spare_tapes.append(tape)  # consumed by the backward: free to record again
+            self._keep_spare(tape)  # consumed by the backward: free to record again
         if not finite:
             _arrays.raise_nonfinite("gradient", [("grad_output", go)], cause=_CAUSE)
         return tuple(grads)

@@ -32,6 +32,12 @@ def _check_tensor(t, name, dtypes=(torch.float32, torch.bfloat16)):
         raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; libmha takes {allowed}")
 
 
+def _grad_wanted(*tensors):
+    """Whether autograd records a call on these tensors: grad mode on and
+    one of them requiring grad."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _np(t):
     """A tensor's values as numpy: float32 memory shared (no copy), bfloat16
     widened to float32 (exact), bool shared."""
@@ -43,14 +49,11 @@ def _np(t):
 
 class _SDPA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, attn_mask, alibi_slopes, options):
+    def forward(ctx, query, key, value, attn_mask, alibi_slopes, keep, options):
         bf16 = query.dtype == torch.bfloat16
         q, k, v = _np(query), _np(key), _np(value)
         mask = None if attn_mask is None else _np(attn_mask)
         slopes = None if alibi_slopes is None else _np(alibi_slopes)
-        # The row statistics only when a gradient will be asked for: keeping
-        # them takes the tiled driver, slower than split-K for a few rows.
-        keep = any(ctx.needs_input_grad[:3])
         result = _functional.scaled_dot_product_attention(q, k, v, mask, alibi_slopes=slopes, return_stats=keep,
                                                           compute_dtype="bfloat16" if bf16 else "float32", **options)
         out, stats = result if keep else (result, None)
@@ -71,7 +74,7 @@ class _SDPA(torch.autograd.Function):
                                                                        output=out, stats=stats, **options)
         dtype = torch.bfloat16 if bf16 else torch.float32
         grads = [torch.from_numpy(g).to(dtype) for g in (dq, dk, dv)]
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -96,15 +99,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         _check_tensor(alibi_slopes, "alibi_slopes", (torch.float32,))
     options = dict(is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, causal=causal, window=window,
                    softcap=softcap, num_threads=num_threads)
-    return _SDPA.apply(query, key, value, attn_mask, alibi_slopes, options)
+    # The row statistics only when a gradient can be asked for: keeping
+    # them takes the tiled driver, slower than split-K for a few rows.
+    # Not from ctx.needs_input_grad, which says what requires grad even
+    # under torch.no_grad().
+    keep = _grad_wanted(query, key, value)
+    return _SDPA.apply(query, key, value, attn_mask, alibi_slopes, keep, options)
 
 
 class _MHA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module, args, named, query, key, value, *params):
-        kpm, need_weights, attn_mask, average, is_causal = args
+        kpm, need_weights, attn_mask, average, is_causal, record = args
         layer = module._sync(named)
-        record = any(t.requires_grad for t in (query, key, value, *params))
         q = _np(query)
         k = q if key is query else _np(key)  # the same array for self-attention: one gradient for all its uses
         v = k if value is key else _np(value)
@@ -260,13 +267,18 @@ class MultiheadAttention(torch.nn.Module):
             if m is not None:
                 _check_tensor(m, name, (torch.bool, torch.float32))
             masks.append(None if m is None else _np(m))
-        args = (masks[0], need_weights, masks[1], average_attn_weights, is_causal)
         # The module's parameters walked once a call, for _sync and the
         # backward too: a training step's Python runs with its caches cold
         # after the library's calls, where each walk took ~50 us (E = 768).
         named = self._named_params()
         params = [p for _, p in named]
-        if self._shared is None and torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        # A tape only for a call that autograd will differentiate: under
+        # torch.no_grad() the parameters still require grad, and a tape a
+        # call (the activations, 14 MB at S1) cost inference a third of
+        # its time in page faults (docs/PERFORMANCE.md).
+        record = _grad_wanted(query, key, value, *params)
+        if self._shared is None and record and any(p.requires_grad for p in params):
             self._share_weights()
+        args = (masks[0], need_weights, masks[1], average_attn_weights, is_causal, record)
         out, weights = _MHA.apply(self, args, named, query, key, value, *params)
         return out, weights

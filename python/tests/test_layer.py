@@ -186,3 +186,23 @@ def test_info():
     assert i["kv_cache_bytes_per_token_mha"] == 6144
     with pytest.raises(ValueError, match="not divisible"):
         mha.info(768, 10)
+
+
+def test_training_forwards_reuse_tapes_no_backward_claimed(tapes_made):
+    """With training = True, a forward whose record the next forward
+    replaces (no backward asked for it) hands its tape to a later forward:
+    two tapes serve any number of calls, and the last call's backward is
+    that call's own."""
+    layer, _ = llama_layer()
+    layer.training = True
+    xs = [RNG.standard_normal((2, 6, 64)).astype(np.float32) for _ in range(5)]
+    for x in xs:
+        layer(x, x, x, need_weights=False)
+    assert len(tapes_made) == 2
+    dy = RNG.standard_normal((2, 6, 64)).astype(np.float32)
+    last = layer.backward(dy)
+    fresh, _ = llama_layer()
+    fresh.load_state_dict(layer.state_dict())
+    fresh.training = True
+    fresh(xs[-1], xs[-1], xs[-1], need_weights=False)
+    assert all(np.array_equal(a, b) for a, b in zip(last, fresh.backward(dy)))

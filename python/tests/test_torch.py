@@ -273,6 +273,46 @@ def test_calls_in_flight_and_backward_once():
         y2.sum().backward()
 
 
+def test_no_tape_without_autograd(tapes_made):
+    """Under torch.no_grad() and with nothing requiring grad, the drop-in
+    records nothing: the parameters require grad all the same, and a tape
+    each call (its activations allocated and faulted in again) made
+    inference a third slower.  The outputs are a recorded call's, to
+    float32 rounding (recording takes another path through the layer)."""
+    torch.manual_seed(3)
+    ours = mt.MultiheadAttention(16, 4)
+    x = torch.randn(6, 2, 16)
+    recorded = ours(x, x, x, need_weights=False)[0]
+    assert len(tapes_made) == 1 and recorded.requires_grad
+    with torch.no_grad():
+        for _ in range(3):
+            y = ours(x, x, x, need_weights=False)[0]
+            assert torch.allclose(y, recorded.detach(), rtol=1e-5, atol=1e-6) and not y.requires_grad
+    for p in ours.parameters():
+        p.requires_grad_(False)
+    ours(x, x, x, need_weights=False)
+    assert len(tapes_made) == 1
+
+
+def test_sdpa_keeps_statistics_only_for_autograd(monkeypatch):
+    """The SDPA keeps the row statistics for a backward only when autograd
+    records the call: ctx.needs_input_grad says True under no_grad too."""
+    asked = []
+    sdpa = mt._functional.scaled_dot_product_attention
+
+    def spy(*args, return_stats=False, **kw):
+        asked.append(return_stats)
+        return sdpa(*args, return_stats=return_stats, **kw)
+    monkeypatch.setattr(mt._functional, "scaled_dot_product_attention", spy)
+    q, k, v = (torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        plain = mt.scaled_dot_product_attention(q, k, v)
+    kept = mt.scaled_dot_product_attention(q, k, v)
+    kept.sum().backward()
+    assert asked == [False, True] and q.grad is not None
+    assert torch.allclose(plain, kept.detach(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("i", range(24))
 def test_sdpa_against_pytorch(i):
     r = np.random.default_rng(500 + i)
