@@ -625,7 +625,6 @@ void mha__pair_dots_avx2(int64_t rows, int64_t k, const float *a, int64_t a_rs, 
     }
 }
 
-/* Two chains of 4 doubles over 8 floats at a time, the tail scalar. */
 /* a . b from lanes 0-3 and 4-7 of kernels.h's norm2 order: the tail
  * from c, then the lanes in turn. */
 static double ordered_finish(const float *a, const float *b, int64_t c, int64_t n, __m256d lo, __m256d hi)
@@ -638,26 +637,32 @@ static double ordered_finish(const float *a, const float *b, int64_t c, int64_t 
     return sum;
 }
 
-/* lo, hi += a[c ..] * b[c ..], eight floats as doubles. */
-#define ORDERED_STEP(a, b, lo, hi)                                                                                   \
-    do {                                                                                                             \
-        lo = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps((a) + c)), _mm256_cvtps_pd(_mm_loadu_ps((b) + c)), lo);    \
-        hi = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps((a) + c + 4)), _mm256_cvtps_pd(_mm_loadu_ps((b) + c + 4)), \
-                             hi);                                                                                    \
+/* lo, hi += a[c ..] * b[c ..], eight floats as doubles; with `square`,
+ * b is a and each float is loaded and widened once. */
+#define ORDERED_STEP(a, b, lo, hi, square)                                         \
+    do {                                                                           \
+        __m256d al_ = _mm256_cvtps_pd(_mm_loadu_ps((a) + c));                      \
+        __m256d ah_ = _mm256_cvtps_pd(_mm_loadu_ps((a) + c + 4));                  \
+        __m256d bl_ = (square) ? al_ : _mm256_cvtps_pd(_mm_loadu_ps((b) + c));     \
+        __m256d bh_ = (square) ? ah_ : _mm256_cvtps_pd(_mm_loadu_ps((b) + c + 4)); \
+        lo = _mm256_fmadd_pd(al_, bl_, lo);                                        \
+        hi = _mm256_fmadd_pd(ah_, bh_, hi);                                        \
     } while (0)
 
-/* out[t] = a[t] . b[t] for t < 4, n elements each: each product's eight
- * lanes are one chain of n / 8 multiply-adds, which alone would wait out
- * the latency every step, so four go together. */
-static void ordered_dots4(const float *const a[4], const float *const b[4], int64_t n, double out[4])
+/* out[t] = a[t] . b[t] for t < 4, n elements each (`square`, a constant
+ * once inlined: a[t] . a[t], norm2's case): each product's eight lanes
+ * are one chain of n / 8 multiply-adds, which alone would wait out the
+ * latency every step, so four go together. */
+static inline __attribute__((always_inline)) void ordered_dots4(const float *const a[4], const float *const b[4],
+                                                                int64_t n, bool square, double out[4])
 {
     __m256d lo0 = _mm256_setzero_pd(), hi0 = lo0, lo1 = lo0, hi1 = lo0, lo2 = lo0, hi2 = lo0, lo3 = lo0, hi3 = lo0;
     int64_t c = 0;
     for (; c + 8 <= n; c += 8) {
-        ORDERED_STEP(a[0], b[0], lo0, hi0);
-        ORDERED_STEP(a[1], b[1], lo1, hi1);
-        ORDERED_STEP(a[2], b[2], lo2, hi2);
-        ORDERED_STEP(a[3], b[3], lo3, hi3);
+        ORDERED_STEP(a[0], b[0], lo0, hi0, square);
+        ORDERED_STEP(a[1], b[1], lo1, hi1, square);
+        ORDERED_STEP(a[2], b[2], lo2, hi2, square);
+        ORDERED_STEP(a[3], b[3], lo3, hi3, square);
     }
     out[0] = ordered_finish(a[0], b[0], c, n, lo0, hi0);
     out[1] = ordered_finish(a[1], b[1], c, n, lo1, hi1);
@@ -669,7 +674,7 @@ static double ordered_dot(const float *a, const float *b, int64_t n)
 {
     __m256d lo = _mm256_setzero_pd(), hi = lo;
     int64_t c = 0;
-    for (; c + 8 <= n; c += 8) ORDERED_STEP(a, b, lo, hi);
+    for (; c + 8 <= n; c += 8) ORDERED_STEP(a, b, lo, hi, false);
     return ordered_finish(a, b, c, n, lo, hi);
 }
 
@@ -678,7 +683,7 @@ void mha__norm2_avx2(const float *x, int64_t ld, int64_t rows, int64_t n, double
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
         const float *row[4] = {x + r * ld, x + (r + 1) * ld, x + (r + 2) * ld, x + (r + 3) * ld};
-        ordered_dots4(row, row, n, out + r);
+        ordered_dots4(row, row, n, true, out + r);
     }
     for (; r < rows; r++) out[r] = ordered_dot(x + r * ld, x + r * ld, n);
 }
@@ -690,7 +695,7 @@ void mha__dots_f64_avx2(const float *a, const float *b, int64_t ldb, const int64
     for (; i + 4 <= n; i += 4) {
         const float *same[4] = {a, a, a, a};
         const float *rows[4] = {b + idx[i] * ldb, b + idx[i + 1] * ldb, b + idx[i + 2] * ldb, b + idx[i + 3] * ldb};
-        ordered_dots4(same, rows, d, out + i);
+        ordered_dots4(same, rows, d, false, out + i);
     }
     for (; i < n; i++) out[i] = ordered_dot(a, b + idx[i] * ldb, d);
 }
