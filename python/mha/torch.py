@@ -47,20 +47,26 @@ def _np(t):
     return t.numpy()
 
 
+def _sdpa_forward(query, key, value, attn_mask, alibi_slopes, keep, options):
+    """The SDPA's output as a tensor, and what its backward needs (the row
+    statistics only with `keep`)."""
+    bf16 = query.dtype == torch.bfloat16
+    q, k, v = _np(query), _np(key), _np(value)
+    mask = None if attn_mask is None else _np(attn_mask)
+    slopes = None if alibi_slopes is None else _np(alibi_slopes)
+    result = _functional.scaled_dot_product_attention(q, k, v, mask, alibi_slopes=slopes, return_stats=keep,
+                                                      compute_dtype="bfloat16" if bf16 else "float32", **options)
+    out, stats = result if keep else (result, None)
+    result = torch.from_numpy(out)
+    return result.to(torch.bfloat16) if bf16 else result, (mask, slopes, options, out, stats, bf16)
+
+
 class _SDPA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, attn_mask, alibi_slopes, keep, options):
-        bf16 = query.dtype == torch.bfloat16
-        q, k, v = _np(query), _np(key), _np(value)
-        mask = None if attn_mask is None else _np(attn_mask)
-        slopes = None if alibi_slopes is None else _np(alibi_slopes)
-        result = _functional.scaled_dot_product_attention(q, k, v, mask, alibi_slopes=slopes, return_stats=keep,
-                                                          compute_dtype="bfloat16" if bf16 else "float32", **options)
-        out, stats = result if keep else (result, None)
+    def forward(ctx, query, key, value, attn_mask, alibi_slopes, options):
+        result, ctx.saved = _sdpa_forward(query, key, value, attn_mask, alibi_slopes, True, options)
         ctx.save_for_backward(query, key, value)
-        ctx.saved = (mask, slopes, options, out, stats, bf16)
-        result = torch.from_numpy(out)
-        return result.to(torch.bfloat16) if bf16 else result
+        return result
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -74,7 +80,7 @@ class _SDPA(torch.autograd.Function):
                                                                        output=out, stats=stats, **options)
         dtype = torch.bfloat16 if bf16 else torch.float32
         grads = [torch.from_numpy(g).to(dtype) for g in (dq, dk, dv)]
-        return grads[0], grads[1], grads[2], None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -99,12 +105,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         _check_tensor(alibi_slopes, "alibi_slopes", (torch.float32,))
     options = dict(is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, causal=causal, window=window,
                    softcap=softcap, num_threads=num_threads)
-    # The row statistics only when a gradient can be asked for: keeping
-    # them takes the tiled driver, slower than split-K for a few rows.
-    # Not from ctx.needs_input_grad, which says what requires grad even
-    # under torch.no_grad().
-    keep = _grad_wanted(query, key, value)
-    return _SDPA.apply(query, key, value, attn_mask, alibi_slopes, keep, options)
+    # Through autograd, with the row statistics kept, only when a gradient
+    # can be asked for: keeping them takes the tiled driver, slower than
+    # split-K for a few rows, and a Function's bookkeeping cost a
+    # decoding step 3 us.  Not from ctx.needs_input_grad, which says what
+    # requires grad even under torch.no_grad().
+    if not _grad_wanted(query, key, value):
+        return _sdpa_forward(query, key, value, attn_mask, alibi_slopes, False, options)[0]
+    return _SDPA.apply(query, key, value, attn_mask, alibi_slopes, options)
 
 
 class _MHA(torch.autograd.Function):

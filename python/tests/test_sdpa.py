@@ -349,7 +349,11 @@ def test_an_output_still_referred_to_is_never_reused():
 
 
 def test_outputs_start_on_a_cache_line():
-    """Outputs new and reused start on 64-byte lines (mha/_arrays.py)."""
+    """Outputs new and reused start on 64-byte lines (mha/_arrays.py) from
+    ALIGN_MIN_BYTES on."""
+    from mha import _arrays
+    for n in (1024, 1025, 5000):  # 4 KiB, the threshold, and past it
+        assert _arrays.empty((n,)).ctypes.data % 64 == 0, n
     for L in (4, 128):  # 16 KB, and 1 MiB: the spare arrays' threshold
         q, k, v = big_case(5, L)
         for _ in range(2):  # the second time from the spare arrays
