@@ -24,11 +24,19 @@ mha__kv mha__kv_from_tensors(const mha_tensor *k, const mha_tensor *v)
  * reuse each K and V tile across many rows (a bf16 or int8 cache's tile
  * widened to float32 once per block of query rows: a prompt).  Only the
  * tiles produce row statistics, appended keys, Dv != D and bf16 products,
- * or read K and V without a row view. */
+ * or read K and V without a row view.  Split-K's rows each read the
+ * chunk's K and V from L2 again, a matrix-vector product a row, while a
+ * tile of 32 query rows costs about as much as one of a single row.  So
+ * over float32 rows split-K gives way from 8 rows: against 4096 keys, 12
+ * heads of 64 ran 1.24x at 12 rows and 0.835x at 8, a Llama-style GQA
+ * (32 query heads on 8 of 128) 1.21x at 8 and 1.76x at 12.  The tiles
+ * widen a bf16 or int8 cache's rows per block of query rows, which keeps
+ * split-K to 16 rows there (12 rows: the tiles 1.4x and 1.7x slower;
+ * docs/PERFORMANCE.md). */
 static mha__attn_path choose_path(const mha__attn_plan *p, mha__attn_needs needs)
 {
     if (!needs.kv_rows) return MHA__PATH_TILED;
-    bool few_rows = p->L < MHA_DECODE_ROWS;
+    bool few_rows = p->L < (needs.kv_dtype == MHA_DTYPE_F32 ? MHA_DECODE_ROWS_F32 : MHA_DECODE_ROWS);
     return few_rows && !needs.stats && !p->bf16 && p->D == p->Dv && p->R == p->S ? MHA__PATH_SPLIT_K : MHA__PATH_TILED;
 }
 
