@@ -40,8 +40,9 @@ def _grad_wanted(*tensors):
 
 def _np(t):
     """A tensor's values as numpy: float32 memory shared (no copy), bfloat16
-    widened to float32 (exact), bool shared."""
-    t = t.detach()
+    widened to float32 (exact), bool shared; a view with the neg bit (as
+    the .imag of a conjugated complex tensor is) negated into a copy."""
+    t = t.detach().resolve_neg()
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.numpy()

@@ -313,6 +313,17 @@ def test_sdpa_keeps_statistics_only_for_autograd(monkeypatch):
     assert torch.allclose(plain, kept.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_module_reads_neg_bit_views_as_their_values():
+    """The .imag of a conjugated complex tensor is a float32 view whose
+    memory holds the values negated (the neg bit): read as its values."""
+    m = mt.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 5, 16, dtype=torch.cfloat).conj().imag
+    assert x.is_neg()
+    out, weights = m(x, x, x)
+    same, same_weights = m(x.resolve_neg(), x.resolve_neg(), x.resolve_neg())
+    assert torch.equal(out, same) and torch.equal(weights, same_weights)
+
+
 @pytest.mark.parametrize("i", range(24))
 def test_sdpa_against_pytorch(i):
     r = np.random.default_rng(500 + i)
