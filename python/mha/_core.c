@@ -15,6 +15,7 @@
  */
 #include "_core.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -191,10 +192,11 @@ static bool seen_before(mha_tensor *const *outputs, int i)
     return false;
 }
 
-bool mha_py_bad_lse(const float *p, int64_t n)
+bool mha_py_bad_lse(const float *p, int64_t n, bool masked_rows)
 {
+    const float lowest = masked_rows ? -INFINITY : -FLT_MAX;
     unsigned bad = 0;
-    for (int64_t i = 0; i < n; i++) bad |= !(p[i] < INFINITY); /* true for NaN and +Inf */
+    for (int64_t i = 0; i < n; i++) bad |= !(p[i] < INFINITY && p[i] >= lowest); /* true for NaN */
     return bad != 0;
 }
 

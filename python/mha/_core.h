@@ -59,8 +59,9 @@ PyObject *mha_py_shape(int rank, const int64_t *shape);
 int64_t mha_py_numel(const mha_tensor *t);
 /* Does a contiguous output of n floats hold NaN or Inf?  (One pass.) */
 bool mha_py_nonfinite(const float *p, int64_t n);
-/* Does a log-sum-exp hold NaN or +Inf?  (-Inf is a fully masked row.) */
-bool mha_py_bad_lse(const float *p, int64_t n);
+/* Does a log-sum-exp (or a row maximum) hold NaN or +Inf, or -Inf where
+ * no row can be fully masked?  (-Inf is a row that saw no key.) */
+bool mha_py_bad_lse(const float *p, int64_t n, bool masked_rows);
 
 /* Each file's functions, added to the module by _core.c. */
 extern PyMethodDef mha_py_sdpa_methods[], mha_py_layer_methods[], mha_py_io_methods[];

@@ -14,18 +14,32 @@ typedef struct sdpa_call {
     mha_attn_desc desc;
 } sdpa_call;
 
+/* Whether some row may see no key, and so rightly have an lse (or max)
+ * of -Inf: a mask, a window, or bottom-right causal can hide every key
+ * from a row; top-left causal leaves each row key 0. */
+static bool rows_may_be_masked(const sdpa_call *c)
+{
+    const mha_attn_desc *d = &c->desc;
+    return c->t[K].shape[2] == 0 || d->mask.data || d->window_left >= 0 || d->window_right >= 0 ||
+           d->causal == MHA_CAUSAL_BOTTOM_RIGHT;
+}
+
 /* NaN or Inf in the query, key, a mask or the slopes reaches a score, and
- * so the row's log-sum-exp (or its sum, NaN, and its max, +Inf): checking
- * one float a row finds it at no cost.  NaN in the value reaches only the
- * output: with check_all the output is read once more too. */
+ * so the row's log-sum-exp (or its sum, NaN, and its max, +Inf; -Inf when
+ * every score of the row is -Inf, which no row with a key to see has
+ * otherwise): checking one float a row finds it at no cost.  NaN in the
+ * value reaches only the output: with check_all the output is read once
+ * more too. */
 static mha_status forward_job(mha_ctx *ctx, void *arg, bool *finite)
 {
     sdpa_call *c = arg;
     mha_attn_stats stats = {c->t[LSE].data, c->t[SUM].data};
     int64_t rows = mha_py_numel(&c->t[LSE]);
+    bool masked_rows = rows_may_be_masked(c);
     mha_status st = c->stats ? mha_attention_with_stats(ctx, &c->t[OUT], &stats, &c->t[Q], &c->t[K], &c->t[V], &c->desc)
                              : mha_attention(ctx, &c->t[OUT], c->t[LSE].data, &c->t[Q], &c->t[K], &c->t[V], &c->desc);
-    if (st == MHA_OK && (mha_py_bad_lse(c->t[LSE].data, rows) || (c->stats && mha_py_bad_lse(stats.sum, rows))))
+    if (st == MHA_OK &&
+        (mha_py_bad_lse(c->t[LSE].data, rows, masked_rows) || (c->stats && mha_py_bad_lse(stats.sum, rows, true))))
         *finite = false;
     return st;
 }

@@ -227,6 +227,13 @@ def test_nan_names_the_input():
     with pytest.raises(ValueError, match=r"query holds nan at index \(0, 1, 2, 5\)"):
         mha.scaled_dot_product_attention(q, k, v)
     assert np.isnan(mha.scaled_dot_product_attention(q, k, v, check_finite=None)).any()
+    # Inf against keys all negative there makes a row's every score -Inf,
+    # which only a row with no key to see may have: here every row has one.
+    q, k = randn(1, 2, 4, 8), -np.abs(randn(1, 2, 5, 8))
+    q[0, 0, 1, 0] = np.inf
+    for opts in ({}, dict(is_causal=True), dict(return_stats=True)):
+        with pytest.raises(ValueError, match=r"query holds inf at index \(0, 0, 1, 0\)"):
+            mha.scaled_dot_product_attention(q, k, v, **opts)
     mask = np.zeros((4, 5), dtype=np.float32)
     mask[2, 3] = np.nan
     with pytest.raises(ValueError, match=r"attn_mask holds nan"):
