@@ -39,6 +39,13 @@ bool mha_py_tensor(mha_py_held *h, PyObject *obj, const char *what, int writable
 /* The same for a [d0, d1, d2] tensor, as the layer's calls take them
  * (shape[3] = 1, stride[3] = 0). */
 bool mha_py_tensor3(mha_py_held *h, PyObject *obj, const char *what, int writable, mha_tensor *t);
+/* obj's float32 memory as a tensor of 2 to 4 dimensions (padded on the
+ * left as above) when it can be read exactly as it is: a buffer of items
+ * 'f' with non-negative strides, or a plain CPU float32 torch tensor
+ * (mha.torch registers its types: _core.use_torch).  *rank gets its dimensions.  False, with no
+ * exception set, for anything else: the caller then takes the path that
+ * converts and checks its arguments. */
+bool mha_py_plain_tensor(mha_py_held *h, PyObject *obj, mha_tensor *t, int *rank);
 /* obj (None, bool: non-zero = may attend, or float32: added) as a mask
  * over 4 dimensions, any strides (0 broadcasts). */
 bool mha_py_mask(mha_py_held *h, PyObject *obj, const char *what, mha_mask *m);

@@ -4,6 +4,8 @@
  */
 #include "_core.h"
 
+#include <math.h>
+
 /* One call's tensors and descriptor.  LSE holds lse, or, with `stats`,
  * each row's maximum score, and SUM the sum of exp(score - max)
  * (mha_attn_stats: the backward needs no renormalising pass). */
@@ -110,6 +112,101 @@ static PyObject *py_attention(PyObject *self, PyObject *args)
     return mha_py_run(&h, ok, threads, forward_job, &c, outputs, check_all ? 1 : 0);
 }
 
+/* A plain call's scale (None: 1/sqrt(D)) and threads (None: all CPUs),
+ * when given as the checked path would take them without converting. */
+static bool plain_scale(PyObject *obj, double *scale)
+{
+    if (obj == Py_None) *scale = NAN;
+    else if (PyFloat_CheckExact(obj)) *scale = PyFloat_AS_DOUBLE(obj);
+    else if (PyLong_CheckExact(obj)) *scale = PyLong_AsDouble(obj);
+    else return false;
+    if (!PyErr_Occurred()) return true;
+    PyErr_Clear(); /* an int too large for a double */
+    return false;
+}
+
+static bool plain_threads(PyObject *obj, int *threads)
+{
+    long n = obj == Py_None ? 0 : PyLong_CheckExact(obj) ? PyLong_AsLong(obj) : -1;
+    if (PyErr_Occurred()) PyErr_Clear();
+    *threads = (int)n;
+    return n >= 0 && n <= 1024;
+}
+
+/* The inputs of a plain call, each read in place and all of one rank. */
+static bool plain_inputs(mha_py_held *h, PyObject *const *qkv, sdpa_call *c, int *rank)
+{
+    int of[3];
+    *rank = 0;
+    bool ok = mha_py_plain_tensor(h, qkv[0], &c->t[Q], &of[0]) && mha_py_plain_tensor(h, qkv[1], &c->t[K], &of[1]) &&
+              mha_py_plain_tensor(h, qkv[2], &c->t[V], &of[2]) && of[0] == of[1] && of[1] == of[2];
+    *rank = of[0];
+    return ok;
+}
+
+/* The output of a plain call, [*q's shape[:-1], Dv], from `empty` (a
+ * function of a shape tuple giving a writable float32 C-contiguous
+ * buffer), and as a tensor in t.  Building the shape here saves the
+ * PyTorch drop-in 0.5 us of torch.Size arithmetic a call. */
+static PyObject *plain_output(PyObject *empty, int rank, const mha_tensor *q, const mha_tensor *v, mha_py_held *h,
+                              mha_tensor *t)
+{
+    int64_t shape[4];
+    for (int d = 0; d < rank - 1; d++) shape[d] = q->shape[4 - rank + d];
+    shape[rank - 1] = v->shape[3];
+    PyObject *dims = mha_py_shape(rank, shape);
+    PyObject *out = dims ? PyObject_CallOneArg(empty, dims) : NULL;
+    Py_XDECREF(dims);
+    if (out && !mha_py_tensor(h, out, "out", 1, t)) Py_CLEAR(out);
+    return out;
+}
+
+/* attention_plain(empty, q, k, v, scale, is_causal, enable_gqa, threads):
+ * the common call with no mask or extras, its inputs read exactly as they
+ * are (mha_py_plain_tensor), with no Python between the caller and the
+ * library.  The output (made by `empty`, see plain_output) when every
+ * score was finite; None when the call is not one this takes, or a score
+ * was not finite: the caller then takes the checked path, which converts
+ * what needs it and names what is wrong.  The library's own refusals
+ * raise, as they would there. */
+static PyObject *py_attention_plain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 8) {
+        PyErr_Format(PyExc_TypeError, "attention_plain takes 8 arguments, got %zd", nargs);
+        return NULL;
+    }
+    sdpa_call c = {.stats = false};
+    mha_attn_desc_init(&c.desc);
+    int threads, rank, causal = PyObject_IsTrue(args[5]), gqa = PyObject_IsTrue(args[6]);
+    if (causal < 0 || gqa < 0) return NULL;
+    c.desc.causal = causal ? MHA_CAUSAL_TOP_LEFT : MHA_CAUSAL_NONE;
+    c.desc.enable_gqa = gqa;
+    mha_py_held h = {.n = 0};
+    if (!plain_scale(args[4], &c.desc.scale) || !plain_threads(args[7], &threads) ||
+        !plain_inputs(&h, args + 1, &c, &rank)) {
+        mha_py_release(&h);
+        Py_RETURN_NONE;
+    }
+    PyObject *out = plain_output(args[0], rank, &c.t[Q], &c.t[V], &h, &c.t[OUT]);
+    /* The log-sum-exps, only to find a score that was not finite. */
+    int64_t rows = c.t[Q].shape[0] * c.t[Q].shape[1] * c.t[Q].shape[2];
+    float *lse = out ? PyMem_RawMalloc((size_t)(rows > 0 ? rows : 1) * sizeof *lse) : NULL;
+    if (!lse) {
+        mha_py_release(&h);
+        Py_XDECREF(out);
+        return out ? PyErr_NoMemory() : NULL;
+    }
+    c.t[LSE] = (mha_tensor){.data = lse, .shape = {1, 1, 1, rows}, .stride = {rows, rows, rows, 1}};
+    mha_tensor *outputs[1] = {&c.t[OUT]};
+    PyObject *finite = mha_py_run(&h, true, threads, forward_job, &c, outputs, 0);
+    PyMem_RawFree(lse);
+    if (finite != Py_True) Py_CLEAR(out);
+    if (finite == Py_False) out = Py_NewRef(Py_None);
+    Py_XDECREF(finite);
+    return out;
+}
+
 /* attention_backward(dq, dk, dv, q, k, v, out, lse, sum, grad_out, mask,
  *                    scale, causal, window_left, window_right, softcap,
  *                    alibi, enable_gqa, threads) -> True when the gradients
@@ -138,6 +235,8 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *args)
 
 PyMethodDef mha_py_sdpa_methods[] = {
     {"attention", py_attention, METH_VARARGS, "mha_attention on buffers (see mha/functional.py)"},
+    {"attention_plain", (PyCFunction)(void (*)(void))py_attention_plain, METH_FASTCALL,
+     "a call with no mask or extras on inputs read as they are (see mha/functional.py)"},
     {"attention_backward", py_attention_backward, METH_VARARGS, "mha_attention_backward on buffers"},
     {NULL, NULL, 0, NULL},
 };

@@ -185,6 +185,87 @@ def test_other_floats_are_converted_once():
     assert out.dtype == np.float32 and np.array_equal(out, ref)
 
 
+def checked_path_refused(monkeypatch):
+    """Makes the checked path (its _Problem) raise, for calls that must not
+    take it."""
+    def refuse(*args, **kw):
+        raise AssertionError("the checked path ran")
+    monkeypatch.setattr(mha.functional, "_Problem", refuse)
+
+
+def plain_cases():
+    """(query, key, value, options) the library reads as they are."""
+    q, k, v = randn(2, 4, 9, 16), randn(2, 4, 11, 16), randn(2, 4, 11, 24)
+    return [
+        (q, k, v, {}),
+        (q[0], k[0], v[0], dict(is_causal=True)),  # 3-D, top-left causal
+        (q[0, 1], k[0, 1], v[0, 1], dict(scale=0.25)),  # 2-D
+        (randn(2, 9, 4, 16).transpose(0, 2, 1, 3), k, v, dict(scale=2, num_threads=1)),  # strided, int scale
+        (q, k[:, :2], v[:, :2], dict(enable_gqa=True, num_threads=2)),
+        (q[:, :, :1], k, v, {}),  # one row: split-K
+        (q, np.broadcast_to(randn(1, 1, 11, 16), k.shape), v, {}),  # stride 0, read-only
+    ]
+
+
+@pytest.mark.parametrize("n", range(7))
+def test_plain_calls_go_straight_to_the_library(monkeypatch, n):
+    """A call with no mask or extras on float32 arrays of 2 to 4 dimensions
+    that the library can read as they are skips the checked path's Python,
+    with its results to the bit."""
+    q, k, v, opts = plain_cases()[n]
+    checked = mha.scaled_dot_product_attention(q, k, v, return_lse=True, **opts)[0]  # return_lse: checked
+    checked_path_refused(monkeypatch)
+    out = mha.scaled_dot_product_attention(q, k, v, **opts)
+    assert out.shape == checked.shape and out.dtype == np.float32 and np.array_equal(out, checked)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(query=np.ones((1, 1, 2, 4))), None),  # float64: converted
+    (dict(value=np.ones((1, 1, 2, 4), dtype=np.float32)[..., ::-1]), None),  # negative strides: copied
+    (dict(query=np.ones((1, 1, 1, 2, 4), dtype=np.float32), key=np.ones((1, 1, 1, 2, 4), dtype=np.float32),
+          value=np.ones((1, 1, 1, 2, 4), dtype=np.float32)), None),  # 5-D
+    (dict(scale=np.float32(0.5)), None),
+    (dict(num_threads=np.int64(1)), None),
+    (dict(key=[[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]), "same number of dimensions"),
+    (dict(num_threads=2000), "num_threads must be in 0..1024"),
+])
+def test_what_the_plain_path_leaves_to_the_checked_one(monkeypatch, change, words):
+    """Whatever needs converting or checking goes the checked path, which
+    converts it or names what is wrong."""
+    made = []
+    problem = mha.functional._Problem
+    monkeypatch.setattr(mha.functional, "_Problem", lambda *a: made.append(1) or problem(*a))
+    args = dict(query=np.ones((1, 1, 2, 4), dtype=np.float32), key=np.ones((1, 1, 2, 4), dtype=np.float32),
+                value=np.ones((1, 1, 2, 4), dtype=np.float32))
+    args.update(change)
+    if words:
+        with pytest.raises((TypeError, ValueError), match=words):
+            mha.scaled_dot_product_attention(**args)
+    else:
+        assert np.all(mha.scaled_dot_product_attention(**args) == 1)
+    assert made == [1]
+
+
+def test_plain_calls_hold_no_references():
+    """The plain path's C lets go of everything it took, on every way out:
+    computed, declined (float64), refused by the library, not finite."""
+    import sys
+    q, k, v = randn(1, 2, 4, 8), randn(1, 2, 5, 8), randn(1, 2, 5, 8)
+    bad_q = q.copy()
+    bad_q[0, 0, 0, 0] = np.nan
+    calls = [((q, k, v), None), ((q.astype(np.float64), k, v), None), ((q, k[..., :4], v), ValueError),
+             ((bad_q, k, v), ValueError)]
+    for args, exc in calls:
+        before = [sys.getrefcount(a) for a in args]
+        for _ in range(50):
+            if exc:
+                with pytest.raises(exc):
+                    mha.scaled_dot_product_attention(*args)
+            else:
+                mha.scaled_dot_product_attention(*args)
+        assert [sys.getrefcount(a) for a in args] == before
+
+
 @pytest.mark.parametrize("bad, exc, words", [
     (dict(query=np.ones((1, 1, 2, 4), dtype=np.int32)), TypeError, "query must hold real floating-point"),
     (dict(key=np.ones((1, 1, 2, 4), dtype=np.complex64)), TypeError, "key must hold real floating-point"),

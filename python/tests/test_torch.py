@@ -296,21 +296,74 @@ def test_no_tape_without_autograd(tapes_made):
 
 def test_sdpa_keeps_statistics_only_for_autograd(monkeypatch):
     """The SDPA keeps the row statistics for a backward only when autograd
-    records the call: ctx.needs_input_grad says True under no_grad too."""
+    records the call: ctx.needs_input_grad says True under no_grad too.
+    Without autograd, a call with no mask or extras goes straight to the
+    library (plain_attention), and with a mask it asks for no statistics."""
     asked = []
-    sdpa = mt._functional.scaled_dot_product_attention
+    sdpa, plain = mt._functional.scaled_dot_product_attention, mt._functional.plain_attention
 
     def spy(*args, return_stats=False, **kw):
         asked.append(return_stats)
         return sdpa(*args, return_stats=return_stats, **kw)
+
+    def plain_spy(*args):
+        asked.append("plain")
+        return plain(*args)
     monkeypatch.setattr(mt._functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(mt._functional, "plain_attention", plain_spy)
     q, k, v = (torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3))
+    mask = torch.ones(5, 5, dtype=torch.bool)
     with torch.no_grad():
-        plain = mt.scaled_dot_product_attention(q, k, v)
+        straight = mt.scaled_dot_product_attention(q, k, v)
+        masked = mt.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     kept = mt.scaled_dot_product_attention(q, k, v)
     kept.sum().backward()
-    assert asked == [False, True] and q.grad is not None
-    assert torch.allclose(plain, kept.detach(), rtol=1e-5, atol=1e-6)
+    assert asked == ["plain", False, True] and q.grad is not None
+    for other in (kept.detach(), masked):
+        assert torch.allclose(straight, other, rtol=1e-5, atol=1e-6)
+
+
+NUMPY_SDPA = mt._functional.scaled_dot_product_attention  # as imported, before any test's spy
+
+
+def checked(q, k, v, **opts):
+    """The numpy API's checked path (return_lse takes it) on the tensors' values."""
+    arrays = (x.detach().resolve_neg().numpy() for x in (q, k, v))
+    return torch.from_numpy(NUMPY_SDPA(*arrays, return_lse=True, **opts)[0])
+
+
+def test_plain_tensors_read_in_place(monkeypatch):
+    """With nothing to differentiate, float32 CPU tensors of exactly
+    torch.Tensor or Parameter go straight to the library through
+    data_ptr(), shape and stride() (strided, with a storage offset,
+    requiring grad under no_grad), with the checked path's bits; anything
+    else takes the checked path: a neg-bit view (its memory holds the
+    values negated), a subclass, bfloat16."""
+    through_checked = []
+    sdpa = mt._functional.scaled_dot_product_attention
+    monkeypatch.setattr(mt._functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: through_checked.append(1) or sdpa(*a, **kw))
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 6, 16, generator=g) for _ in range(3))
+    wide = torch.randn(2, 6, 3, 16, generator=g).transpose(1, 2)  # strided
+    offset = torch.randn(3, 3, 6, 16, generator=g)[1:]  # a storage offset
+    param = torch.nn.Parameter(torch.randn(2, 3, 6, 16, generator=g))
+    for args, opts in (((q, k, v), {}), ((wide, offset, v), dict(is_causal=True)), ((param, k, wide), dict(scale=0.2))):
+        with torch.no_grad():
+            out = mt.scaled_dot_product_attention(*args, **opts)
+        assert torch.equal(out, checked(*args, **opts))
+    assert not through_checked
+
+    negated = torch.randn(2, 3, 6, 16, dtype=torch.cfloat, generator=g).conj().imag
+    assert negated.is_neg()
+
+    class Marked(torch.Tensor):
+        pass
+    for args in ((negated, k, v), (q, k.as_subclass(Marked), v)):
+        out = mt.scaled_dot_product_attention(*args)
+        assert torch.allclose(out, checked(*args), rtol=1e-6, atol=1e-6)
+    out = mt.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.bfloat16 and len(through_checked) == 3
 
 
 def test_module_reads_neg_bit_views_as_their_values():
