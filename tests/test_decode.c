@@ -414,7 +414,11 @@ static void test_int8_cache(mha_ctx *ctx1, mha_ctx *ctx3)
  * take float32 keys only, so where the _split run sends every float32
  * problem to them (on AMX), a bf16 or int8 cache's rows read back as
  * float32 must not go there either, or the products would differ and
- * the comparison would no longer be about the kept norm. */
+ * the comparison would no longer be about the kept norm.  Two kv heads,
+ * the large key in the second only, and a third of the query rows small:
+ * split-K over tensors decides a head's wide rows after its chunks
+ * (decode.c), and here some heads have wide rows and others none, some
+ * rows of a head are wide and others not. */
 static void check_cache_as_tensors(mha_ctx *ctx, mha_kv_cache *c, mha_dtype dtype, int64_t G, int64_t d, const float *q,
                                    int64_t Hq, const char *label)
 {
@@ -426,9 +430,11 @@ static void check_cache_as_tensors(mha_ctx *ctx, mha_kv_cache *c, mha_dtype dtyp
     mha_attn_desc desc;
     mha_attn_desc_init(&desc);
     desc.enable_gqa = Hq != G;
-    if (dtype != MHA_DTYPE_F32) mha__split_attention_min_rows(-1);     /* the default: never at 20 rows */
-    bool split_k = dtype != MHA_DTYPE_I8;                              /* int8 rows scale the sums, not the elements */
-    for (int64_t rows = L; rows >= (split_k ? 1 : L); rows -= L - 1) { /* the tiles; split-K */
+    if (dtype != MHA_DTYPE_F32) mha__split_attention_min_rows(-1); /* the default: never at 20 rows */
+    bool split_k = dtype != MHA_DTYPE_I8;                          /* int8 rows scale the sums, not the elements */
+    const int64_t row_counts[] = {L, 5, 1};                        /* the tiles; split-K */
+    for (int n = 0; n < (split_k ? 3 : 1); n++) {
+        int64_t rows = row_counts[n];
         mha_tensor qt = {(float *)q, {1, Hq, rows, d}, {L * d * Hq, L * d, d, 1}};
         mha_tensor oc = {o_cache, {1, Hq, rows, d}, {L * d * Hq, L * d, d, 1}}, orows = oc;
         orows.data = o_rows;
@@ -446,7 +452,7 @@ static void check_cache_as_tensors(mha_ctx *ctx, mha_kv_cache *c, mha_dtype dtyp
 
 static void test_cache_keeps_norms(mha_ctx *ctx)
 {
-    enum { G = 1, HQ = 2, D = 64, S = 300 };
+    enum { G = 2, HQ = 4, D = 64, S = 300 };
     static const mha_dtype dtypes[] = {MHA_DTYPE_F32, MHA_DTYPE_BF16, MHA_DTYPE_I8};
     mha_layer_desc ld;
     mha_layer_desc_init(&ld);
@@ -461,6 +467,9 @@ static void test_cache_keeps_norms(mha_ctx *ctx)
     k = randoms(G * S * D, 2.0, &copy), free(copy);
     v = randoms(G * S * D, 1.0, &copy), free(copy);
     big = randoms(G * D, 40.0, &copy), free(copy);
+    for (int64_t c = 0; c < D; c++) big[c] *= 0.05f; /* kv head 0's: as its other keys */
+    for (int64_t r = 1; r < HQ * 20; r += 3)
+        for (int64_t c = 0; c < D; c++) q[r * D + c] *= 0.02f; /* rows too small to be wide */
     mha_tensor kt = mha_tensor_4d(k, 1, G, S, D), vt = mha_tensor_4d(v, 1, G, S, D);
     mha_tensor kb = mha_tensor_4d(big, 1, G, 1, D), vb = mha_tensor_4d(v, 1, G, 1, D);
     for (int n = 0; n < 3; n++) {

@@ -1071,29 +1071,38 @@ static void test_refined_alike(mha_ctx *ctx)
  * whole (attention.h: refined scores) is good to 8e-8 on the three
  * kernel sets; without, it was off by the scores' error, 4.8 to 6.4e-7.
  * Through the tiles (64 rows at once) and split-K decoding (one row at a
- * time). */
+ * time).  Two kv heads of two query heads each: kv head 0's keys and
+ * every third query row are small, so that wide rows share heads and
+ * calls with narrow ones, as split-K over tensors must find after its
+ * chunks (decode.c). */
 static void test_wide_rows(mha_ctx *ctx)
 {
-    enum { L = 64, S = 2, D = 128 };
+    enum { L = 64, S = 2, D = 128, G = 2, HQ = 4 };
     double *copy, scale = 0.002, worst[2] = {0, 0};
-    float *q = random_floats(L * D, 32.0, &copy), *k, v[S * D] = {0}, out[L * D];
+    float *q = random_floats(HQ * L * D, 32.0, &copy), *k, v[G * S * D] = {0}, out[HQ * L * D];
     free(copy);
-    k = random_floats(S * D, 32.0, &copy), free(copy);
-    v[0] = v[D + 1] = 1.0f;
-    mha_tensor tk = mha_tensor_4d(k, 1, 1, S, D), tv = mha_tensor_4d(v, 1, 1, S, D);
+    k = random_floats(G * S * D, 32.0, &copy), free(copy);
+    for (int64_t c = 0; c < S * D; c++) k[c] *= 1.0f / 64; /* kv head 0: nothing wide */
+    for (int64_t r = 0; r < HQ * L; r += 3)
+        for (int64_t c = 0; c < D; c++) q[r * D + c] *= 1.0f / 64;
+    for (int64_t g = 0; g < G; g++) v[g * S * D] = v[g * S * D + D + 1] = 1.0f;
+    mha_tensor tk = mha_tensor_4d(k, 1, G, S, D), tv = mha_tensor_4d(v, 1, G, S, D);
     mha_attn_desc desc;
     mha_attn_desc_init(&desc);
     desc.scale = scale;
+    desc.enable_gqa = 1;
     for (int path = 0; path < 2; path++) { /* 0: the tiles; 1: split-K, a row at a time */
         for (int64_t i0 = 0; i0 < L; i0 += path ? 1 : L) {
             int64_t rows = path ? 1 : L;
-            mha_tensor tq = mha_tensor_4d(q + i0 * D, 1, 1, rows, D), to = mha_tensor_4d(out + i0 * D, 1, 1, rows, D);
+            mha_tensor tq = {q + i0 * D, {1, HQ, rows, D}, {HQ * L * D, L * D, D, 1}};
+            mha_tensor to = {out + i0 * D, {1, HQ, rows, D}, {HQ * L * D, L * D, D, 1}};
             CHECK_OK(mha_attention(ctx, &to, NULL, &tq, &tk, &tv, &desc));
         }
-        for (int64_t i = 0; i < L; i++) {
-            double s0 = score64(q + i * D, k, D, scale), s1 = score64(q + i * D, k + D, D, scale);
+        for (int64_t r = 0; r < HQ * L; r++) {
+            const float *kg = k + r / L / (HQ / G) * S * D, *o = out + r * D;
+            double s0 = score64(q + r * D, kg, D, scale), s1 = score64(q + r * D, kg + D, D, scale);
             double p0 = 1.0 / (1.0 + exp(s1 - s0));
-            worst[path] = fmax(worst[path], fmax(fabs(out[i * D] - p0), fabs(out[i * D + 1] - (1.0 - p0))));
+            worst[path] = fmax(worst[path], fmax(fabs(o[0] - p0), fabs(o[1] - (1.0 - p0))));
         }
     }
     CHECK(worst[0] <= 2e-7 && worst[1] <= 2e-7,

@@ -295,6 +295,12 @@ double *mha__keys_norm2_max_all(mha_ctx *ctx, const mha__attn_plan *p, const mha
 bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, const double *q_norm2, int64_t b, int64_t h,
                     int64_t i0, int64_t rows, double k_norm2_max, bool *wide); /* rows <= MHA_REFINE_MAX_ROWS */
 
+/* Whether keys whose largest squared norm is at most k_norm2 leave every
+ * query row of squared norm at most q_norm2_max narrow (mha__wide_rows),
+ * so that an upper bound on either decides as the exact values would;
+ * false for NaN. */
+bool mha__none_wide(const mha__attn_plan *p, double q_norm2_max, double k_norm2);
+
 /* f from key-major tile st (st[c * lds + r]) of raw float32 scores,
  * before the contract, for keys j0.. : a block's flag set where a visible
  * score passes MHA_REFINE_ABOVE in magnitude, or for every block of a

@@ -270,6 +270,14 @@ static double wide_terms(const mha__attn_plan *p)
     return few ? MHA_REFINE_ABOVE : MHA_REFINE_TERMS;
 }
 
+bool mha__none_wide(const mha__attn_plan *p, double q_norm2_max, double k_norm2)
+{
+    /* mha__wide_rows' comparison, for the largest query row; its rounding
+     * is monotone in both norms. */
+    double terms = wide_terms(p);
+    return p->bf16 || q_norm2_max * ((double)p->scale * p->scale * k_norm2) <= terms * terms;
+}
+
 bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, const double *q_norm2, int64_t b, int64_t h,
                     int64_t i0, int64_t rows, double k_norm2_max, bool *wide)
 {

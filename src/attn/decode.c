@@ -13,6 +13,15 @@
  * uses every thread and the result has the same bits for any thread count.
  * K and V are read in place from the cache, float32, bf16 or int8 (each
  * row dequantised in registers by its scale).
+ *
+ * Which rows are wide (refined whole, attention.h) depends on the keys'
+ * largest norm.  A cache keeps it.  For tensors it waits for the chunks
+ * (deferred_wide): each item takes its chunk's column maxima of |K|,
+ * which brings the chunk into L2 for the dots, and takes every row as
+ * narrow; then each head's bound, the sum of its columns' squared maxima,
+ * shows whether any row could be wide, and only then are its exact norms
+ * found and its wide rows done again.  An exact pass before the chunks
+ * read K from L3 once more: a third of a step against 4096 keys.
  */
 #include "attn/products.h"
 
@@ -32,6 +41,8 @@ typedef struct decode_job {
     float *lse;
     float *partial; /* [B, Hq, L, chunks][2 + Dv]: m, l, O */
     bool *wide;     /* [B, Hq, L]: the rows refined whole (attention.h; wide_range) */
+    float *key_top; /* [B, Hkv, chunks][D]: each chunk's column maxima of |K| (deferred_wide), or NULL */
+    bool *redo;     /* [B, Hkv]: a head with wide rows to do again (deferred_wide) */
     int64_t chunks;
     char *scratch;
     int64_t scratch_stride;
@@ -159,6 +170,22 @@ static void row_chunk(const decode_job *j, float *s, float *qs, int64_t b, int64
     part[1] = l;
 }
 
+/* top[d] = the largest |k| of column d over the chunk's keys (NaN passed
+ * over), after the chunk's rows: the dots have brought its K into L2.
+ * abs_max takes columns in lanes and walks the keys once per 16 columns,
+ * so KEYS keys a call keep those walks in L1. */
+static void chunk_key_top(const decode_job *j, int64_t b, int64_t g, int64_t c, float *top)
+{
+    enum { KEYS = 32 };
+    const mha__attn_plan *p = j->p;
+    const mha__kv_view *kv = j->kv;
+    int64_t j0 = c * KC, cols = p->S - j0 < KC ? p->S - j0 : KC;
+    const float *k = (const float *)kv->k + b * kv->stride[0] + g * kv->stride[1] + j0 * kv->stride[2];
+    memset(top, 0, (size_t)p->D * sizeof(float));
+    for (int64_t k0 = 0; k0 < cols; k0 += KEYS)
+        j->kt->abs_max(k + k0 * kv->stride[2], kv->stride[2], p->D, cols - k0 < KEYS ? cols - k0 : KEYS, top);
+}
+
 static void chunk_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     const decode_job *j = arg;
@@ -168,12 +195,27 @@ static void chunk_range(void *arg, int thread, int64_t begin, int64_t end)
         int64_t c = item % j->chunks, bg = item / j->chunks, b = bg / p->Hkv, g = bg % p->Hkv;
         for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
             for (int64_t i = 0; i < p->L; i++) row_chunk(j, s, qs, b, h, i, c);
+        if (j->key_top) chunk_key_top(j, b, g, c, j->key_top + item * p->D);
+    }
+}
+
+/* The wide rows' chunks again, with the wide flags now found. */
+static void redo_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    const decode_job *j = arg;
+    const mha__attn_plan *p = j->p;
+    float *s = (float *)(j->scratch + thread * j->scratch_stride), *qs = s + KC;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t c = item % j->chunks, bg = item / j->chunks, b = bg / p->Hkv, g = bg % p->Hkv;
+        for (int64_t h = g * p->group; j->redo[bg] && h < (g + 1) * p->group; h++)
+            for (int64_t i = 0; i < p->L; i++)
+                if (j->wide[(b * p->Hq + h) * p->L + i]) row_chunk(j, s, qs, b, h, i, c);
     }
 }
 
 /* Which rows of each kv head's group are wide (attention.h: refined
- * scores), from the keys' largest norm: a cache keeps it, tensors' rows
- * are read for it once, before the chunks. */
+ * scores), from the keys' largest norm that a cache keeps, before the
+ * chunks. */
 static void wide_range(void *arg, int thread, int64_t begin, int64_t end)
 {
     (void)thread;
@@ -185,6 +227,84 @@ static void wide_range(void *arg, int thread, int64_t begin, int64_t end)
         for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
             mha__wide_rows(p, j->q, NULL, b, h, 0, p->L, k_norm2_max, j->wide + (b * p->Hq + h) * p->L);
     }
+}
+
+/* The largest squared norm of the query rows of kv head g's group in
+ * batch b, as mha__wide_rows finds each (NaN if one holds a NaN). */
+static double group_q_norm2_max(const decode_job *j, int64_t b, int64_t g)
+{
+    const mha__attn_plan *p = j->p;
+    const mha_tensor *q = j->q;
+    double top = 0;
+    for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
+        top = mha__norm2_top(top, mha__rows_norm2_max(p->kt, q->data + b * q->stride[0] + h * q->stride[1],
+                                                      q->stride[2], q->stride[3], p->L, p->D));
+    return top;
+}
+
+/* At least kv head (b, g)'s largest squared key norm: the sum of its
+ * columns' squared maxima over every chunk.  Squares of floats are exact
+ * in float64; the margin covers this sum's rounding and the exact norms'. */
+static double key_norm2_bound(const decode_job *j, int64_t bg)
+{
+    const mha__attn_plan *p = j->p;
+    const float *top = j->key_top + bg * j->chunks * p->D;
+    double sum = 0;
+    for (int64_t d = 0; d < p->D; d++) {
+        float m = 0.0f;
+        for (int64_t c = 0; c < j->chunks; c++) m = top[c * p->D + d] > m ? top[c * p->D + d] : m;
+        sum += (double)m * m;
+    }
+    return sum * (1 + (double)(p->D + 1) * 0x1p-50);
+}
+
+/* deferred_wide's decision, after the chunks, for heads whose bound did
+ * not leave every row narrow (redo set by decide_wide): the exact norm
+ * decides, and a head keeps its mark only if it has a wide row. */
+static void exact_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const decode_job *j = arg;
+    const mha__attn_plan *p = j->p;
+    for (int64_t bg = begin; bg < end; bg++) {
+        if (!j->redo[bg]) continue;
+        int64_t b = bg / p->Hkv, g = bg % p->Hkv;
+        double k_norm2_max = mha__keys_norm2_max(p, j->kv, NULL, b, g);
+        j->redo[bg] = false;
+        for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
+            j->redo[bg] |= mha__wide_rows(p, j->q, NULL, b, h, 0, p->L, k_norm2_max, j->wide + (b * p->Hq + h) * p->L);
+    }
+}
+
+/* deferred_wide's first question: can any of the head's rows be wide?
+ * Where its bound leaves every row narrow, as the chunks took them, that
+ * is what the exact norm decides too (mha__none_wide). */
+static void bound_range(void *arg, int thread, int64_t begin, int64_t end)
+{
+    (void)thread;
+    const decode_job *j = arg;
+    const mha__attn_plan *p = j->p;
+    for (int64_t bg = begin; bg < end; bg++)
+        j->redo[bg] = !mha__none_wide(p, group_q_norm2_max(j, bg / p->Hkv, bg % p->Hkv), key_norm2_bound(j, bg));
+}
+
+/* deferred_wide's decision: the bounds, then the exact norms where a
+ * bound could not settle it.  The bounds read a few floats a chunk and a
+ * row: below BOUND_FLOATS of them the calling thread finds them, as a
+ * pass on the pool cost a step over 16 keys a tenth.  Returns whether a
+ * head has wide rows to do again. */
+static bool decide_wide(mha_ctx *ctx, decode_job *j)
+{
+    enum { BOUND_FLOATS = 4096 };
+    const mha__attn_plan *p = j->p;
+    int64_t heads = p->B * p->Hkv;
+    if (heads * (j->chunks + p->group * p->L) * p->D <= BOUND_FLOATS) bound_range(j, 0, 0, heads);
+    else mha__parallel_items(ctx, heads, bound_range, j);
+    bool exact = false, again = false;
+    for (int64_t bg = 0; bg < heads; bg++) exact = exact || j->redo[bg];
+    if (exact) mha__parallel_items(ctx, heads, exact_range, j);
+    for (int64_t bg = 0; bg < heads; bg++) again = again || j->redo[bg];
+    return again;
 }
 
 /* The chunks of each row combined in chunk order. */
@@ -225,6 +345,14 @@ static bool partial_floats(const mha__attn_plan *p, int64_t chunks, int64_t *flo
 
 static int64_t chunk_count(const mha__attn_plan *p) { return (p->S + KC - 1) / KC; }
 
+/* deferred_wide's column maxima: D floats a chunk of each kv head, no
+ * more than the partials' 2 + Dv a chunk of each query row (checked). */
+static int64_t key_top_floats(const mha__attn_plan *p) { return p->B * p->Hkv * chunk_count(p) * p->D; }
+
+/* Whether the wide rows wait for the chunks (above): float32 rows whose
+ * largest norm nobody kept. */
+static bool deferred_wide(const mha__kv_view *kv) { return !kv->k_norm2_max && kv->dtype == MHA_DTYPE_F32; }
+
 /* Per thread: a chunk's scores and the scaled query row. */
 static int64_t thread_floats(const mha__attn_plan *p) { return KC + p->D + 16; }
 
@@ -238,6 +366,8 @@ bool mha__decode_workspace(const mha__attn_plan *p, const mha_ctx *ctx, int64_t 
     }
     return mha__ws_add(bytes, floats * (int64_t)sizeof(float), "the split-K partials") &&
            mha__ws_add(bytes, p->B * p->Hq * p->L * (int64_t)sizeof(bool), "the wide rows") &&
+           mha__ws_add(bytes, key_top_floats(p) * (int64_t)sizeof(float), "the chunks' key maxima") &&
+           mha__ws_add(bytes, p->B * p->Hkv * (int64_t)sizeof(bool), "the heads done again") &&
            mha__ws_add_per_thread(bytes, ctx, thread_floats(p), "the split-K rows");
 }
 
@@ -251,9 +381,21 @@ mha_status mha__decode_attention(mha_ctx *ctx, const mha__attn_plan *p, mha_tens
     j.partial = mha__ws_take(ctx, floats * (int64_t)sizeof(float));
     j.wide = j.partial ? mha__ws_take(ctx, rows * (int64_t)sizeof(bool)) : NULL;
     j.scratch = j.wide ? mha__ws_take_per_thread(ctx, thread_floats(p), &j.scratch_stride) : NULL;
+    if (j.scratch && deferred_wide(kv)) {
+        j.key_top = mha__ws_take(ctx, key_top_floats(p) * (int64_t)sizeof(float));
+        j.redo = j.key_top ? mha__ws_take(ctx, p->B * p->Hkv * (int64_t)sizeof(bool)) : NULL;
+        if (!j.redo) return MHA_ERR_INTERNAL;
+    }
     if (!j.scratch) return MHA_ERR_INTERNAL;
-    mha__parallel_items(ctx, p->B * p->Hkv, wide_range, &j);
-    mha__parallel_items(ctx, p->B * p->Hkv * j.chunks, chunk_range, &j);
+    int64_t items = p->B * p->Hkv * j.chunks;
+    if (j.key_top) {
+        memset(j.wide, 0, (size_t)rows * sizeof(bool));
+        mha__parallel_items(ctx, items, chunk_range, &j);
+        if (decide_wide(ctx, &j)) mha__parallel_items(ctx, items, redo_range, &j);
+    } else {
+        mha__parallel_items(ctx, p->B * p->Hkv, wide_range, &j);
+        mha__parallel_items(ctx, items, chunk_range, &j);
+    }
     mha__parallel_for(ctx, rows, merge_range, &j);
     mha__ws_release(ctx, top);
     return MHA_OK;
