@@ -2,7 +2,8 @@
 """libmha against PyTorch, side by side, in one run.
 
     /usr/bin/python3 bench/compare_torch.py [--threads 2] [--repeat 10] [--quick] [--training]
-    python bench/compare_torch.py --python [--threads 2] [--rounds 3] [--quick | --large] [--training] [--optimizer]
+    python bench/compare_torch.py --python [--threads 2] [--rounds 3] [--quick | --large | --small] [--training]
+                                  [--optimizer]
 
 --python (needs the Python package, `pip install .`, and any PyTorch, 2.x
 for its public SDPA) compares in one process, through the same torch
@@ -18,6 +19,9 @@ step changes the parameters in place, so the drop-in takes the new
 values and packs them again before its next forward, which PyTorch's
 own module does not need.  Rounds alternate PyTorch and libmha; each
 prints the median over rounds of per-round medians, and the ratio.
+--small times SDPA calls of a few query rows instead (SMALL_SHAPES: one
+row against a cache's worth of keys, short prompts), in microseconds a
+call, where a call's fixed cost in Python shows.
 
 Without --python:
 
@@ -177,6 +181,66 @@ def py_cases(B, N, causal, E=768, H=12):
             ("layer fwd+bwd+SGD", layer_train(ref, True), layer_train(ours, True))]
 
 
+# Calls of a few query rows, as decoding and short prompts make them: name,
+# B, query heads, kv heads, query rows, keys, head dim, causal.
+SMALL_SHAPES = [
+    ("1 head, 1 row x 1 key", 1, 1, 1, 1, 1, 64, False),
+    ("12 heads, 16 x 16", 1, 12, 12, 16, 16, 64, False),
+    ("12 heads, 128 x 128 causal", 1, 12, 12, 128, 128, 64, True),
+    ("12 heads, 1 row x 4096", 1, 12, 12, 1, 4096, 64, False),
+    ("12 heads, 16 rows x 4096", 1, 12, 12, 16, 4096, 64, False),
+    ("GQA 32/8 d=128, 1 x 512", 1, 32, 8, 1, 512, 128, False),
+    ("GQA 32/8 d=128, 1 x 4096", 1, 32, 8, 1, 4096, 128, False),
+]
+
+
+def small_cases():
+    """The SMALL_SHAPES' SDPA calls under no_grad, as (name, torch fn, mha
+    fn), each fn making as many calls as take about 10 ms: a sample of
+    calls of a few microseconds is not one timer reading, and each side's
+    threads spin for a while after its last call (PyTorch's OpenMP ones
+    for milliseconds), which in samples of a fraction of a millisecond
+    took half of the other side's cores for the whole round."""
+    import mha.torch as mt
+    F = torch.nn.functional
+    cases = []
+    for name, B, Hq, Hkv, L, S, d, causal in SMALL_SHAPES:
+        q, k, v = torch.randn(B, Hq, L, d), torch.randn(B, Hkv, S, d), torch.randn(B, Hkv, S, d)
+        opts = dict(is_causal=causal, enable_gqa=Hq != Hkv)
+
+        def batch(fn, q=q, k=k, v=v, opts=opts):
+            time.sleep(0.05)  # the other side's threads asleep
+            with torch.no_grad():
+                fn(q, k, v, **opts)  # the first call is cold
+                times = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    fn(q, k, v, **opts)
+                    times.append(time.perf_counter() - t0)
+                calls = max(1, int(1e-2 / max(min(times), 1e-7)))
+
+            def call():
+                with torch.no_grad():
+                    for _ in range(calls):
+                        fn(q, k, v, **opts)
+            call.calls = calls
+            return call
+        cases.append((name, batch(F.scaled_dot_product_attention), batch(mt.scaled_dot_product_attention)))
+    return cases
+
+
+def py_small(a):
+    """--small: the SMALL_SHAPES, microseconds a call."""
+    print(f"{'shape':<30}{'torch us':>10}{'mha us':>10}{'speed-up':>10}")
+    for name, t_fn, m_fn in small_cases():
+        t_runs, m_runs = [], []
+        for _ in range(a.rounds):
+            t_runs.append(median_ms(t_fn, a.repeat) * 1e3 / t_fn.calls)
+            m_runs.append(median_ms(m_fn, a.repeat) * 1e3 / m_fn.calls)
+        t, m = statistics.median(t_runs), statistics.median(m_runs)
+        print(f"{name:<30}{t:>10.1f}{m:>10.1f}{t / m:>9.2f}x", flush=True)
+
+
 def py_main(a):
     import mha
     if not hasattr(torch.nn.functional, "scaled_dot_product_attention"):
@@ -184,6 +248,8 @@ def py_main(a):
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__} ({torch.__config__.parallel_info().splitlines()[0]}), mha {mha.__version__} "
           f"({mha.isa()}), {a.threads} threads, {a.rounds} alternating rounds of {a.repeat} calls")
+    if a.small:
+        return py_small(a)
     print(f"{'shape':<26}{'torch ms':>10}{'mha ms':>10}{'speed-up':>10}")
     for name, B, N, causal in LAYER_SHAPES:
         if (a.quick and N > 4096) or (a.large and N <= 4096):
@@ -208,6 +274,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="skip the N=8192 shapes")
+    ap.add_argument("--small", action="store_true", help="--python: only SDPA calls of a few query rows (decoding)")
     ap.add_argument("--training", action="store_true", help="only forward + backward of the layer (both modes)")
     ap.add_argument("--optimizer", action="store_true",
                     help="--python: only the layer's forward + backward and an SGD step, as a training loop")
