@@ -9,6 +9,7 @@
  * adds both products into each float32 lane: twice the multiply-adds of
  * vfmadd231ps per instruction.
  */
+#include "kernels/few_rows.h"
 #include "kernels/kernels.h"
 #include "kernels/transpose16.h"
 
@@ -47,8 +48,10 @@ static __m512i pair_at(const uint16_t *a)
         }                                                                             \
     } while (0)
 
-static void tile_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
-                             const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+/* The tile, inlined once per row count few_rows.h tells apart. */
+static inline __attribute__((always_inline)) void tile_body(int64_t m, int64_t n, int64_t k, const uint16_t *a,
+                                                            int64_t a_rs, int64_t a_ps, const uint16_t *b, int64_t ldb,
+                                                            float *c, int64_t ldc, int accumulate)
 {
 #define ROW_PTR(i) const uint16_t *r##i = a + (i < m ? i : m - 1) * a_rs
     ROW_PTR(0);
@@ -98,6 +101,16 @@ static void tile_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t *a,
     ROW_STORE(9);
     ROW_STORE(10);
     ROW_STORE(11);
+}
+
+/* Tiles of one to four rows (a decoding step's projections) each with a
+ * body of its own, the missing rows' dot products dropped
+ * (kernels/few_rows.h). */
+static void tile_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
+                             const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
+{
+    if (m <= MHA_FEW_ROWS) MHA_FEW_ROWS_CALL(m, tile_body(M, n, k, a, a_rs, a_ps, b, ldb, c, ldc, accumulate));
+    else tile_body(m, n, k, a, a_rs, a_ps, b, ldb, c, ldc, accumulate);
 }
 
 static void round_bf16_avx512(uint16_t *dst, const float *src, int64_t n)
