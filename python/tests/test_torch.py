@@ -366,6 +366,15 @@ def test_plain_tensors_read_in_place(monkeypatch):
     assert out.dtype == torch.bfloat16 and len(through_checked) == 3
 
 
+def test_parameters_in_named_parameters_order():
+    """_named_params reads the two modules' tables instead of walking
+    named_parameters: the same names and objects in the same order, for
+    every layout of the parameters."""
+    for kw in ({}, dict(bias=False), dict(add_bias_kv=True), dict(kdim=6, vdim=10), dict(kdim=6, bias=False)):
+        m = mt.MultiheadAttention(8, 2, **kw)
+        assert [(n, id(p)) for n, p in m._named_params()] == [(n, id(p)) for n, p in m.named_parameters()], kw
+
+
 def test_module_reads_neg_bit_views_as_their_values():
     """The .imag of a conjugated complex tensor is a float32 view whose
     memory holds the values negated (the neg bit): read as its values."""
