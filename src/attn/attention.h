@@ -194,8 +194,10 @@ void mha__pack_columns(const mha__kernels *kt, float *dst, int64_t ldd, mha__str
  * 128, inputs x1.5-x2; docs/NUMERICS.md).
  *
  * Few rows are wide from MHA_REFINE_ABOVE instead: fewer than
- * MHA_REFINE_FEW_ROWS query rows in a plan that feeds a backward, or over
- * at most MHA_REFINE_FEW_KEYS keys in any plan.  There a plain float32
+ * MHA_REFINE_FEW_ROWS query rows, or fewer than MHA_REFINE_FEW_BATCH_ROWS
+ * over the batch, in a plan that feeds a backward, or over at most
+ * MHA_REFINE_FEW_KEYS keys in any plan (the whole sequence's, under
+ * sequence parallelism).  There a plain float32
  * layer's largest error hangs on a handful of roundings, and by luck it
  * can be a third of ours, while over many rows the two err alike: the
  * W_q and W_k gradients multiply the rounding of q and k by the logits.
@@ -206,11 +208,19 @@ void mha__pack_columns(const mha__kernels *kt, float *dst, int64_t ldd, mha__str
  * A forward keeping no statistics over more keys, decoding's above all,
  * keeps 64: few rows over 4096 keys refined whole cost 2.6-6x the
  * attention (bound 35), and those outputs held the rule.  (A decoding
- * step's projections decide from its new rows alone, as ever: layer/wide.c.) */
+ * step's projections decide from its new rows alone, as ever: layer/wide.c.)
+ * The batch's count came in 2026-12-07 (eleventh session): one batch of
+ * 33 rows and two of 48 missed by 1.15x and 1.02x (dq; a small scale,
+ * bottom-right causal).  It leaves the heads out, which Ulysses splits.
+ * Few rows' backward also takes their wide rows' dP = dO V^T in float64
+ * (flash_bwd.c, refine_dp; the same session):
+ * a float32 chain over Dv = 128 erred by several ulps of dP, which with a
+ * row's probability split between two keys far apart made dq's error
+ * twenty times PyTorch's (x10 inputs). */
 #define MHA_REFINE_ABOVE 16.0f
 #define MHA_REFINE_NEAR  20.0f
 #define MHA_REFINE_TERMS 64.0
-enum { MHA_REFINE_FEW_ROWS = 32, MHA_REFINE_FEW_KEYS = 96 };
+enum { MHA_REFINE_FEW_ROWS = 32, MHA_REFINE_FEW_BATCH_ROWS = 128, MHA_REFINE_FEW_KEYS = 96 };
 enum { MHA_REFINE_MAX_COLS = 256, MHA_REFINE_MAX_ROWS = 192 }; /* the largest tile or chunk */
 /* Blocks of keys: a tile of MHA_REFINE_MAX_COLS keys from anywhere meets
  * at most MHA_REFINE_BLOCKS of them. */
@@ -294,6 +304,10 @@ double *mha__keys_norm2_max_all(mha_ctx *ctx, const mha__attn_plan *p, const mha
  * L + i, when the caller has them; NULL: found here. */
 bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, const double *q_norm2, int64_t b, int64_t h,
                     int64_t i0, int64_t rows, double k_norm2_max, bool *wide); /* rows <= MHA_REFINE_MAX_ROWS */
+
+/* Whether the plan's rows are few (above): wide from MHA_REFINE_ABOVE,
+ * and the backward's dP of its wide rows refined too (flash_bwd.c). */
+bool mha__refine_few(const mha__attn_plan *p);
 
 /* Whether keys whose largest squared norm is at most k_norm2 leave every
  * query row of squared norm at most q_norm2_max narrow (mha__wide_rows),

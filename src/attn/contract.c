@@ -263,12 +263,18 @@ double *mha__keys_norm2_max_all(mha_ctx *ctx, const mha__attn_plan *p, const mha
     return n.out;
 }
 
-/* The bound past which a row is wide (attention.h: few rows). */
-static double wide_terms(const mha__attn_plan *p)
+bool mha__refine_few(const mha__attn_plan *p)
 {
-    bool few = p->L < MHA_REFINE_FEW_ROWS && (p->feeds_backward || p->S <= MHA_REFINE_FEW_KEYS);
-    return few ? MHA_REFINE_ABOVE : MHA_REFINE_TERMS;
+    /* The whole sequence's rows and keys, not a block's, and not the
+     * heads: sequence parallelism and Ulysses (mha_mpi.h) must decide as
+     * one process does. */
+    int64_t L = p->query_total ? p->query_total : p->L, S = p->key_total ? p->key_total : p->S;
+    bool few_rows = L < MHA_REFINE_FEW_ROWS || p->B * L < MHA_REFINE_FEW_BATCH_ROWS;
+    return few_rows && (p->feeds_backward || S <= MHA_REFINE_FEW_KEYS);
 }
+
+/* The bound past which a row is wide (attention.h: few rows). */
+static double wide_terms(const mha__attn_plan *p) { return mha__refine_few(p) ? MHA_REFINE_ABOVE : MHA_REFINE_TERMS; }
 
 bool mha__none_wide(const mha__attn_plan *p, double q_norm2_max, double k_norm2)
 {

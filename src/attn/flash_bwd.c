@@ -93,11 +93,13 @@ typedef struct bwd_tiles {
     float *dq_block;    /* [BQ][D]  dqt turned back into rows */
     bool qb_finite, dob_finite;
     int64_t lo[BQ], hi[BQ];
-    float zero[BQ];      /* the shift of refined scores, already shifted */
-    mha__refine refine;  /* which of the block's scores to refine (attention.h) */
-    bool wide[BQ];       /* the query block's rows refined whole (attention.h) */
-    double *qd;          /* [D][BQ]  the query block's rows widened, for refined scores (float32 plans only) */
-    const float *qd_row; /* the first of the rows qd holds; NULL: none yet */
+    float zero[BQ];       /* the shift of refined scores, already shifted */
+    mha__refine refine;   /* which of the block's scores to refine (attention.h) */
+    bool wide[BQ];        /* the query block's rows refined whole (attention.h) */
+    double *qd;           /* [D][BQ]  the query block's rows widened, for refined scores (float32 plans only) */
+    const float *qd_row;  /* the first of the rows qd holds; NULL: none yet */
+    double *dod;          /* [Dv][BQ]  the block's dO rows widened, for the wide rows' dP (refine_dp) */
+    const float *dod_row; /* the first of the rows dod holds; NULL: none yet */
 } bwd_tiles;
 
 static int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -199,6 +201,8 @@ static bwd_tiles carve_tiles(const mha__attn_plan *p, carver *c)
     t.qb_finite = t.dob_finite = false;
     t.qd = (double *)(void *)carve(c, p->bf16 ? 0 : 2 * p->D * BQ);
     t.qd_row = NULL;
+    t.dod = (double *)(void *)carve(c, p->bf16 ? 0 : 2 * p->Dv * BQ);
+    t.dod_row = NULL;
     t.qs_finite = t.dos_finite = false;
     memset(t.zero, 0, sizeof t.zero);
     return t;
@@ -448,6 +452,44 @@ static void refine_block(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, i
     mha__shift_tile(p, &src, t->st, BQ, rows, cols, anchor, true, &t->refine, p->softcap > 0 ? t->slope : NULL);
 }
 
+/* dP of a plan with few rows (attention.h: refined scores) in float64,
+ * rounded once.  A float32 chain over Dv = 128 errs by several ulps of
+ * dP, and where a row's probability is split between keys far apart
+ * that error is dq's: x10 inputs at d = 128, twenty times PyTorch's dq
+ * error; at x1, two rows against 66 keys, dk's 6.7 times (PyTorch's
+ * blocked sums err less than one chain, and over few rows the largest
+ * error is a handful of roundings; docs/NUMERICS.md).  Sixteen rows at a
+ * time from the panel kernel, dO's rows widened once a block (as Q's for
+ * the refined scores); V's rows a column apart take the ordered dot,
+ * which gives the same bits. */
+enum { DP_PANEL = 16 };
+
+static void refine_dp(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                      int64_t cols)
+{
+    const mha__attn_plan *p = j->p;
+    const mha_tensor *v = j->v, *dout = j->dout;
+    const float *vb = row_of(v, b, h / p->group, j0), *d0 = row_of(dout, b, h, i0);
+    bool panel = v->stride[3] == 1 && t->dod;
+    if (!mha__refine_few(p)) return;
+    if (panel && t->dod_row != d0) {
+        for (int64_t x = 0; x < p->Dv; x++)
+            for (int64_t r = 0; r < rows; r++) t->dod[x * BQ + r] = d0[r * dout->stride[2] + x * dout->stride[3]];
+        t->dod_row = d0;
+    }
+    double dot[BK * DP_PANEL];
+    for (int64_t r0 = 0; r0 < rows; r0 += DP_PANEL) {
+        int64_t n = rows - r0 < DP_PANEL ? rows - r0 : DP_PANEL;
+        if (panel) p->kt->dots_f64_panel(vb, v->stride[2], cols, t->dod + r0, BQ, n, p->Dv, dot, DP_PANEL);
+        for (int64_t r = r0; r < r0 + n; r++)
+            for (int64_t c = 0; c < cols; c++)
+                t->dpt[c * BQ + r] =
+                    (float)(panel ? dot[c * DP_PANEL + r - r0]
+                                  : mha__dot_f64_ordered(vb + c * v->stride[2], v->stride[3], d0 + r * dout->stride[2],
+                                                         dout->stride[3], p->Dv));
+    }
+}
+
 /* For key rows k_j0.. and the packed query block: st = P^T and dpt =
  * (P o (dP - delta))^T, with delta for the block's rows (and, under
  * softcap, the cap's slope in t->slope).  Without `dp` the dP product is
@@ -472,6 +514,7 @@ static void block_probabilities(const bwd_job *j, bwd_tiles *t, int64_t b, int64
     }
     if (dp && !split_scores(j, t, slot, true, rows, cols, t->dpt))
         product(kt, cols, rows, p->Dv, vb, v->stride[2], v->stride[3], t->dot, BQ, t->dpt, BQ, 0);
+    if (dp) refine_dp(j, t, b, h, i0, rows, j0, cols);
     const float *shift = j->shift + (b * p->Hq + h) * p->L + i0;
     if (t->refine.any) {
         refine_block(j, t, b, h, i0, rows, j0, cols, shift);
