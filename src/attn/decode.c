@@ -186,32 +186,30 @@ static void chunk_key_top(const decode_job *j, int64_t b, int64_t g, int64_t c, 
         j->kt->abs_max(k + k0 * kv->stride[2], kv->stride[2], p->D, cols - k0 < KEYS ? cols - k0 : KEYS, top);
 }
 
-static void chunk_range(void *arg, int thread, int64_t begin, int64_t end)
+/* Items begin .. end - 1: every query row of the group against the
+ * item's chunk (then, deferring, the chunk's column maxima), or with
+ * `again` only the wide rows of the heads marked to be done again. */
+static void run_items(const decode_job *j, int thread, int64_t begin, int64_t end, bool again)
 {
-    const decode_job *j = arg;
     const mha__attn_plan *p = j->p;
     float *s = (float *)(j->scratch + thread * j->scratch_stride), *qs = s + KC;
     for (int64_t item = begin; item < end; item++) {
         int64_t c = item % j->chunks, bg = item / j->chunks, b = bg / p->Hkv, g = bg % p->Hkv;
+        if (again && !j->redo[bg]) continue;
         for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
-            for (int64_t i = 0; i < p->L; i++) row_chunk(j, s, qs, b, h, i, c);
-        if (j->key_top) chunk_key_top(j, b, g, c, j->key_top + item * p->D);
+            for (int64_t i = 0; i < p->L; i++)
+                if (!again || j->wide[(b * p->Hq + h) * p->L + i]) row_chunk(j, s, qs, b, h, i, c);
+        if (j->key_top && !again) chunk_key_top(j, b, g, c, j->key_top + item * p->D);
     }
 }
 
-/* The wide rows' chunks again, with the wide flags now found. */
-static void redo_range(void *arg, int thread, int64_t begin, int64_t end)
+static void chunk_range(void *arg, int thread, int64_t begin, int64_t end)
 {
-    const decode_job *j = arg;
-    const mha__attn_plan *p = j->p;
-    float *s = (float *)(j->scratch + thread * j->scratch_stride), *qs = s + KC;
-    for (int64_t item = begin; item < end; item++) {
-        int64_t c = item % j->chunks, bg = item / j->chunks, b = bg / p->Hkv, g = bg % p->Hkv;
-        for (int64_t h = g * p->group; j->redo[bg] && h < (g + 1) * p->group; h++)
-            for (int64_t i = 0; i < p->L; i++)
-                if (j->wide[(b * p->Hq + h) * p->L + i]) row_chunk(j, s, qs, b, h, i, c);
-    }
+    run_items(arg, thread, begin, end, false);
 }
+
+/* The wide rows' chunks again, with the wide flags now found. */
+static void redo_range(void *arg, int thread, int64_t begin, int64_t end) { run_items(arg, thread, begin, end, true); }
 
 /* Which rows of each kv head's group are wide (attention.h: refined
  * scores), from the keys' largest norm that a cache keeps, before the
