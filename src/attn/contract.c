@@ -276,22 +276,31 @@ bool mha__refine_few(const mha__attn_plan *p)
 /* The bound past which a row is wide (attention.h: few rows). */
 static double wide_terms(const mha__attn_plan *p) { return mha__refine_few(p) ? MHA_REFINE_ABOVE : MHA_REFINE_TERMS; }
 
+/* A row of squared norm q2 is wide where q2 * bound > limit: scale^2
+ * |q|^2 max |k|^2 > T^2, in float64 (no overflow), the one comparison of
+ * every pass, mha__wide_rows' and mha__none_wide's. */
+static void wide_test(const mha__attn_plan *p, double k_norm2, double *bound, double *limit)
+{
+    double terms = wide_terms(p);
+    *bound = (double)p->scale * p->scale * k_norm2;
+    *limit = terms * terms;
+}
+
 bool mha__none_wide(const mha__attn_plan *p, double q_norm2_max, double k_norm2)
 {
-    /* mha__wide_rows' comparison, for the largest query row; its rounding
-     * is monotone in both norms. */
-    double terms = wide_terms(p);
-    return p->bf16 || q_norm2_max * ((double)p->scale * p->scale * k_norm2) <= terms * terms;
+    /* wide_test's comparison for the largest query row, whose rounding is
+     * monotone in both norms; NaN settles nothing. */
+    double bound, limit;
+    wide_test(p, k_norm2, &bound, &limit);
+    return p->bf16 || q_norm2_max * bound <= limit;
 }
 
 bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, const double *q_norm2, int64_t b, int64_t h,
                     int64_t i0, int64_t rows, double k_norm2_max, bool *wide)
 {
-    /* scale^2 |q|^2 max |k|^2 > T^2, in float64: no overflow, and the
-     * same comparison in every pass.  NaN: not wide (the row is NaN). */
-    double terms = wide_terms(p);
-    double bound = (double)p->scale * p->scale * k_norm2_max, limit = terms * terms;
-    double found[MHA_REFINE_MAX_ROWS];
+    /* wide_test's comparison.  NaN: not wide (the row is NaN). */
+    double bound, limit, found[MHA_REFINE_MAX_ROWS];
+    wide_test(p, k_norm2_max, &bound, &limit);
     const double *norm2 = q_norm2 ? q_norm2 + (b * p->Hq + h) * p->L + i0 : found;
     bool any = false;
     if (!p->bf16 && !q_norm2)
