@@ -212,7 +212,7 @@ void mha__pack_columns(const mha__kernels *kt, float *dst, int64_t ldd, mha__str
  * The batch's count came in 2026-12-07 (eleventh session): one batch of
  * 33 rows and two of 48 missed by 1.15x and 1.02x (dq; a small scale,
  * bottom-right causal).  It leaves the heads out, which Ulysses splits.
- * Few rows' backward also takes their wide rows' dP = dO V^T in float64
+ * Few rows' backward also takes every dP = dO V^T in float64
  * (flash_bwd.c, refine_dp; the same session):
  * a float32 chain over Dv = 128 erred by several ulps of dP, which with a
  * row's probability split between two keys far apart made dq's error
@@ -306,7 +306,7 @@ bool mha__wide_rows(const mha__attn_plan *p, const mha_tensor *q, const double *
                     int64_t i0, int64_t rows, double k_norm2_max, bool *wide); /* rows <= MHA_REFINE_MAX_ROWS */
 
 /* Whether the plan's rows are few (above): wide from MHA_REFINE_ABOVE,
- * and the backward's dP of its wide rows refined too (flash_bwd.c). */
+ * and the backward's dP taken in float64 (flash_bwd.c). */
 bool mha__refine_few(const mha__attn_plan *p);
 
 /* Whether keys whose largest squared norm is at most k_norm2 leave every

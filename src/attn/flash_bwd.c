@@ -98,7 +98,7 @@ typedef struct bwd_tiles {
     bool wide[BQ];        /* the query block's rows refined whole (attention.h) */
     double *qd;           /* [D][BQ]  the query block's rows widened, for refined scores (float32 plans only) */
     const float *qd_row;  /* the first of the rows qd holds; NULL: none yet */
-    double *dod;          /* [Dv][BQ]  the block's dO rows widened, for the wide rows' dP (refine_dp) */
+    double *dod;          /* [Dv][BQ]  the block's dO rows widened, for few rows' dP (refine_dp) */
     const float *dod_row; /* the first of the rows dod holds; NULL: none yet */
 } bwd_tiles;
 
@@ -471,7 +471,6 @@ static void refine_dp(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int6
     const mha_tensor *v = j->v, *dout = j->dout;
     const float *vb = row_of(v, b, h / p->group, j0), *d0 = row_of(dout, b, h, i0);
     bool panel = v->stride[3] == 1 && t->dod;
-    if (!mha__refine_few(p)) return;
     if (panel && t->dod_row != d0) {
         for (int64_t x = 0; x < p->Dv; x++)
             for (int64_t r = 0; r < rows; r++) t->dod[x * BQ + r] = d0[r * dout->stride[2] + x * dout->stride[3]];
@@ -512,9 +511,10 @@ static void block_probabilities(const bwd_job *j, bwd_tiles *t, int64_t b, int64
         mha__score_contract(p, t->st, BQ, b, h, i0, rows, j0, cols, t->lo, t->hi, capped ? t->slope : NULL);
         mha__refine_contracted(p, t->st, BQ, rows, cols, &t->refine);
     }
-    if (dp && !split_scores(j, t, slot, true, rows, cols, t->dpt))
+    if (dp && mha__refine_few(p)) /* in float64 instead of the float32 product */
+        refine_dp(j, t, b, h, i0, rows, j0, cols);
+    else if (dp && !split_scores(j, t, slot, true, rows, cols, t->dpt))
         product(kt, cols, rows, p->Dv, vb, v->stride[2], v->stride[3], t->dot, BQ, t->dpt, BQ, 0);
-    if (dp) refine_dp(j, t, b, h, i0, rows, j0, cols);
     const float *shift = j->shift + (b * p->Hq + h) * p->L + i0;
     if (t->refine.any) {
         refine_block(j, t, b, h, i0, rows, j0, cols, shift);
