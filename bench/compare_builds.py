@@ -42,6 +42,8 @@ CASES = [  # name, mha bench arguments, timed calls per run
     ("backward S2", ["--op", "backward", *shapes.bench_args("S2")], 10),
     ("backward S3", ["--op", "backward", *shapes.bench_args("S3")], 3),
     ("decode 1 x 4096", ["--op", "decode", "--kv-seq", "4096"], 50),
+    ("layer 8 x 1", ["--op", "forward", "--batch", "8", "--seq", "1"], 200),  # eight sequences' decoding projections
+    ("layer 11 x 1", ["--op", "forward", "--batch", "11", "--seq", "1"], 200),
 ]
 
 

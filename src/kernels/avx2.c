@@ -105,20 +105,15 @@ static void gemm_tile_avx2(int64_t m, int64_t n, int64_t k, const float *a, int6
 {
     if (n == NR && m == MR && a_cs == 1) tile_body(MR, NR, k, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, 1, 0);
     else if (n == NR && m == MR && a_rs == 1) tile_body(MR, NR, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, 1, 1, 0);
-    else if (m <= MHA_FEW_ROWS) /* kernels/few_rows.h */
-        MHA_FEW_ROWS_CALL(m, tile_body(M, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, n == NR, 1, 0));
-    else if (n == NR) tile_body(m, NR, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, 1, 1, 0);
-    else tile_body(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, 0, 1, 0);
+    else /* kernels/few_rows.h */
+        MHA_FEW_ROWS_CALL(m, MR, tile_body(M, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, n == NR, 1, 0));
 }
 
 static void gemm_tile_grouped_avx2(int64_t m, int64_t n, int64_t groups, int64_t gk, const float *a, int64_t a_rs,
                                    int64_t a_gs, const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
     if (n == NR && m == MR) tile_body(MR, NR, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, groups, a_gs);
-    else if (m <= MHA_FEW_ROWS)
-        MHA_FEW_ROWS_CALL(m, tile_body(M, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, n == NR, groups, a_gs));
-    else if (n == NR) tile_body(m, NR, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, groups, a_gs);
-    else tile_body(m, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 0, groups, a_gs);
+    else MHA_FEW_ROWS_CALL(m, MR, tile_body(M, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, n == NR, groups, a_gs));
 }
 
 /* gemm_tile_exact: M rows (1 or 2, a constant once inlined) by 16

@@ -156,10 +156,8 @@ static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, in
         else tile_body(MR, n, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, 0, PANEL, 1, 0);
     } else if (m == MR && n == NR && a_cs == 1) {
         tile_body(MR, NR, k, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, ROWS, 1, 0);
-    } else if (m <= MHA_FEW_ROWS) { /* kernels/few_rows.h */
-        MHA_FEW_ROWS_CALL(m, tile_body(M, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, n == NR, CLAMPED, 1, 0));
-    } else {
-        tile_body(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, 0, CLAMPED, 1, 0);
+    } else { /* kernels/few_rows.h */
+        MHA_FEW_ROWS_CALL(m, MR, tile_body(M, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, n == NR, CLAMPED, 1, 0));
     }
 }
 
@@ -167,10 +165,9 @@ static void gemm_tile_grouped_avx512(int64_t m, int64_t n, int64_t groups, int64
                                      int64_t a_gs, const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
     if (m == MR && n == NR) tile_body(MR, NR, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, ROWS, groups, a_gs);
-    else if (m <= MHA_FEW_ROWS)
-        MHA_FEW_ROWS_CALL(m,
+    else
+        MHA_FEW_ROWS_CALL(m, MR,
                           tile_body(M, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, n == NR, CLAMPED, groups, a_gs));
-    else tile_body(m, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 0, CLAMPED, groups, a_gs);
 }
 
 /* gemm_tile_exact: M rows (a constant once inlined) by 32 columns in

@@ -103,14 +103,13 @@ static inline __attribute__((always_inline)) void tile_body(int64_t m, int64_t n
     ROW_STORE(11);
 }
 
-/* Tiles of one to four rows (a decoding step's projections) each with a
- * body of its own, the missing rows' dot products dropped
+/* Each row count (a decoding step's projections: a row a sequence) with
+ * a body of its own, the missing rows' dot products dropped
  * (kernels/few_rows.h). */
 static void tile_bf16_avx512(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t a_rs, int64_t a_ps,
                              const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
-    if (m <= MHA_FEW_ROWS) MHA_FEW_ROWS_CALL(m, tile_body(M, n, k, a, a_rs, a_ps, b, ldb, c, ldc, accumulate));
-    else tile_body(m, n, k, a, a_rs, a_ps, b, ldb, c, ldc, accumulate);
+    MHA_FEW_ROWS_CALL(m, MHA_BF16_MR, tile_body(M, n, k, a, a_rs, a_ps, b, ldb, c, ldc, accumulate));
 }
 
 static void round_bf16_avx512(uint16_t *dst, const float *src, int64_t n)
