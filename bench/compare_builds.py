@@ -36,6 +36,7 @@ CASES = [  # name, mha bench arguments, timed calls per run
     ("core N=8192", ["--op", "sdpa", "--seq", "8192"], 2),
     ("core S1", ["--op", "sdpa", *shapes.bench_args("S1")], 20),
     ("core 1 x 4096", ["--op", "sdpa", "--seq", "1", "--kv-seq", "4096"], 50),  # a decoding step over tensors
+    ("core 16 x 4096", ["--op", "sdpa", "--seq", "16", "--kv-seq", "4096"], 20),  # a few rows over the tiles
     ("core GQA 1 x 4096", ["--op", "sdpa", "--seq", "1", "--kv-seq", "4096", "--embed-dim", "4096", "--num-heads", "32",
                            "--num-kv-heads", "8"], 20),
     ("backward S1", ["--op", "backward", *shapes.bench_args("S1")], 10),

@@ -24,12 +24,12 @@ static __mmask16 lane_mask(int64_t n)
 }
 
 /* One row of the tile: broadcast A(i, p) from the expression a_at, two
- * FMAs. */
-#define ROW_FMA(i, a_at)                            \
-    do {                                            \
-        __m512 a_ = _mm512_set1_ps(a_at);           \
-        c##i##0 = _mm512_fmadd_ps(a_, b0, c##i##0); \
-        c##i##1 = _mm512_fmadd_ps(a_, b1, c##i##1); \
+ * FMAs (one in a tile of half width). */
+#define ROW_FMA(i, a_at)                                       \
+    do {                                                       \
+        __m512 a_ = _mm512_set1_ps(a_at);                      \
+        c##i##0 = _mm512_fmadd_ps(a_, b0, c##i##0);            \
+        if (!half) c##i##1 = _mm512_fmadd_ps(a_, b1, c##i##1); \
     } while (0)
 
 /* B's row p: plain loads for a full tile, masked ones for a tail. */
@@ -37,42 +37,42 @@ static __mmask16 lane_mask(int64_t n)
     (full ? _mm512_loadu_ps(b + p * ldb + (off)) : _mm512_maskz_loadu_ps((off) ? m1 : m0, b + p * ldb + (off)))
 
 /* The k loop, A(i, p) read as A_AT(i); NEXT_P advances A's pointer. */
-#define K_LOOP(A_AT, NEXT_P)                    \
-    for (int64_t p = 0; p < k; p++) {           \
-        __m512 b0 = LOAD_B(0), b1 = LOAD_B(16); \
-        ROW_FMA(0, A_AT(0));                    \
-        ROW_FMA(1, A_AT(1));                    \
-        ROW_FMA(2, A_AT(2));                    \
-        ROW_FMA(3, A_AT(3));                    \
-        ROW_FMA(4, A_AT(4));                    \
-        ROW_FMA(5, A_AT(5));                    \
-        ROW_FMA(6, A_AT(6));                    \
-        ROW_FMA(7, A_AT(7));                    \
-        ROW_FMA(8, A_AT(8));                    \
-        ROW_FMA(9, A_AT(9));                    \
-        ROW_FMA(10, A_AT(10));                  \
-        ROW_FMA(11, A_AT(11));                  \
-        NEXT_P;                                 \
+#define K_LOOP(A_AT, NEXT_P)                                \
+    for (int64_t p = 0; p < k; p++) {                       \
+        __m512 b0 = LOAD_B(0), b1 = half ? b0 : LOAD_B(16); \
+        ROW_FMA(0, A_AT(0));                                \
+        ROW_FMA(1, A_AT(1));                                \
+        ROW_FMA(2, A_AT(2));                                \
+        ROW_FMA(3, A_AT(3));                                \
+        ROW_FMA(4, A_AT(4));                                \
+        ROW_FMA(5, A_AT(5));                                \
+        ROW_FMA(6, A_AT(6));                                \
+        ROW_FMA(7, A_AT(7));                                \
+        ROW_FMA(8, A_AT(8));                                \
+        ROW_FMA(9, A_AT(9));                                \
+        ROW_FMA(10, A_AT(10));                              \
+        ROW_FMA(11, A_AT(11));                              \
+        NEXT_P;                                             \
     }
 
 #define LOAD_C(off, mk) (full ? _mm512_loadu_ps(ci + (off)) : _mm512_maskz_loadu_ps(mk, ci + (off)))
 
-#define ROW_STORE(i)                                              \
-    do {                                                          \
-        if (i < m) {                                              \
-            float *ci = c + i * ldc;                              \
-            if (accumulate) {                                     \
-                c##i##0 = _mm512_add_ps(c##i##0, LOAD_C(0, m0));  \
-                c##i##1 = _mm512_add_ps(c##i##1, LOAD_C(16, m1)); \
-            }                                                     \
-            if (full) {                                           \
-                _mm512_storeu_ps(ci, c##i##0);                    \
-                _mm512_storeu_ps(ci + 16, c##i##1);               \
-            } else {                                              \
-                _mm512_mask_storeu_ps(ci, m0, c##i##0);           \
-                _mm512_mask_storeu_ps(ci + 16, m1, c##i##1);      \
-            }                                                     \
-        }                                                         \
+#define ROW_STORE(i)                                                         \
+    do {                                                                     \
+        if (i < m) {                                                         \
+            float *ci = c + i * ldc;                                         \
+            if (accumulate) {                                                \
+                c##i##0 = _mm512_add_ps(c##i##0, LOAD_C(0, m0));             \
+                if (!half) c##i##1 = _mm512_add_ps(c##i##1, LOAD_C(16, m1)); \
+            }                                                                \
+            if (full) {                                                      \
+                _mm512_storeu_ps(ci, c##i##0);                               \
+                _mm512_storeu_ps(ci + 16, c##i##1);                          \
+            } else {                                                         \
+                _mm512_mask_storeu_ps(ci, m0, c##i##0);                      \
+                if (!half) _mm512_mask_storeu_ps(ci + 16, m1, c##i##1);      \
+            }                                                                \
+        }                                                                    \
     } while (0)
 
 /* How the tile reads A, from the cheapest to the general form:
@@ -100,15 +100,23 @@ enum a_form { PANEL, ROWS, CLAMPED };
 #define ROWS_NEXT    (ap += 1, ap6 += 1)
 #define CLAMPED_A(i) r[i][p * a_cs]
 
+/* Which of the tile's columns exist: all NR (no masks), up to NR
+ * (masked), or up to 16, a tile of half width whose second vector of
+ * columns has neither FMAs nor stores.  The score tiles of a call with
+ * 16 query rows or fewer are such tiles (B is Q^T), and with the second
+ * vector's FMAs on masked-off lanes they ran at half the FMA rate. */
+enum b_cols { B_FULL, B_PART, B_HALF };
+
 /* The tile, inlined into gemm_tile_avx512 once per case it tells apart so
- * that constant arguments (m, the form, full = whether n = NR) fold away.
+ * that constant arguments (m, the form, the columns) fold away.
  * Named accumulators, not an array: compilers spill arrays of vectors.
  * 24 accumulators + 2 B vectors + 1 broadcast of the 32 zmm registers. */
 static inline __attribute__((always_inline)) void tile_body(int64_t m, int64_t n, int64_t k, const float *a,
                                                             int64_t a_rs, int64_t a_cs, const float *b, int64_t ldb,
-                                                            float *c, int64_t ldc, int accumulate, int full,
+                                                            float *c, int64_t ldc, int accumulate, enum b_cols cols,
                                                             enum a_form form, int64_t groups, int64_t a_gs)
 {
+    int full = cols == B_FULL, half = cols == B_HALF;
     __mmask16 m0 = lane_mask(n), m1 = lane_mask(n - 16);
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
     __m512 c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
@@ -152,22 +160,26 @@ static void gemm_tile_avx512(int64_t m, int64_t n, int64_t k, const float *a, in
                              const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
     if (m == MR && a_rs == 1) {
-        if (n == NR) tile_body(MR, NR, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, 1, PANEL, 1, 0);
-        else tile_body(MR, n, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, 0, PANEL, 1, 0);
-    } else if (m == MR && n == NR && a_cs == 1) {
-        tile_body(MR, NR, k, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, ROWS, 1, 0);
+        if (n == NR) tile_body(MR, NR, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, B_FULL, PANEL, 1, 0);
+        else tile_body(MR, n, k, a, 1, a_cs, b, ldb, c, ldc, accumulate, B_PART, PANEL, 1, 0);
+    } else if (m == MR && a_cs == 1 && (n == NR || n <= NR / 2)) {
+        if (n == NR) tile_body(MR, NR, k, a, a_rs, 1, b, ldb, c, ldc, accumulate, B_FULL, ROWS, 1, 0);
+        else tile_body(MR, n, k, a, a_rs, 1, b, ldb, c, ldc, accumulate, B_HALF, ROWS, 1, 0);
     } else { /* kernels/few_rows.h */
-        MHA_FEW_ROWS_CALL(m, MR, tile_body(M, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, n == NR, CLAMPED, 1, 0));
+        MHA_FEW_ROWS_CALL(
+            m, MR,
+            tile_body(M, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate, n == NR ? B_FULL : B_PART, CLAMPED, 1, 0));
     }
 }
 
 static void gemm_tile_grouped_avx512(int64_t m, int64_t n, int64_t groups, int64_t gk, const float *a, int64_t a_rs,
                                      int64_t a_gs, const float *b, int64_t ldb, float *c, int64_t ldc, int accumulate)
 {
-    if (m == MR && n == NR) tile_body(MR, NR, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, 1, ROWS, groups, a_gs);
+    if (m == MR && n == NR) tile_body(MR, NR, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, B_FULL, ROWS, groups, a_gs);
     else
         MHA_FEW_ROWS_CALL(m, MR,
-                          tile_body(M, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, n == NR, CLAMPED, groups, a_gs));
+                          tile_body(M, n, gk, a, a_rs, 1, b, ldb, c, ldc, accumulate, n == NR ? B_FULL : B_PART,
+                                    CLAMPED, groups, a_gs));
 }
 
 /* gemm_tile_exact: M rows (a constant once inlined) by 32 columns in
