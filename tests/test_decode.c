@@ -432,7 +432,7 @@ static void check_cache_as_tensors(mha_ctx *ctx, mha_kv_cache *c, mha_dtype dtyp
     desc.enable_gqa = Hq != G;
     if (dtype != MHA_DTYPE_F32) mha__split_attention_min_rows(-1); /* the default: never at 20 rows */
     bool split_k = dtype != MHA_DTYPE_I8;                          /* int8 rows scale the sums, not the elements */
-    const int64_t row_counts[] = {L, 5, 1};                        /* the tiles; split-K */
+    const int64_t row_counts[] = {L, 4, 1};                        /* the tiles; split-K on every ISA */
     for (int n = 0; n < (split_k ? 3 : 1); n++) {
         int64_t rows = row_counts[n];
         mha_tensor qt = {(float *)q, {1, Hq, rows, d}, {L * d * Hq, L * d, d, 1}};

@@ -355,9 +355,9 @@ mha__attn_needs mha__attn_needs_of(const mha__kv *kv, bool stats);
 
 /* Completes a plan whose problem fields are filled, to run on ctx: checks
  * it, picks the kernels, the forward's driver (the one place that
- * chooses: split-K for fewer than MHA_DECODE_ROWS (float32 rows:
- * MHA_DECODE_ROWS_F32) query rows when no row statistics are wanted and
- * the rows allow it;
+ * chooses: split-K for fewer than MHA_DECODE_ROWS (float32 rows: the
+ * kernel table's split_k_rows) query rows when no row statistics are
+ * wanted and the rows allow it;
  * else tiles) and sizes its workspace.  INVALID_ARG. */
 mha_status mha__attn_plan_resolve(mha__attn_plan *plan, const mha_ctx *ctx, mha__attn_needs needs);
 
@@ -368,9 +368,10 @@ mha_status mha__attn_plan_resolve(mha__attn_plan *plan, const mha_ctx *ctx, mha_
 void mha__kv_stream_min_bytes(int64_t bytes);
 
 /* Below this many query rows, a forward splits the keys over the threads
- * (decode.c) instead of the query rows (flash.c); below the second over
- * float32 K and V (plan.c says why). */
-enum { MHA_DECODE_ROWS = 16, MHA_DECODE_ROWS_F32 = 8 };
+ * (decode.c) instead of the query rows (flash.c); over float32 K and V
+ * below the kernel table's split_k_rows, at most this (plan.c says
+ * why). */
+enum { MHA_DECODE_ROWS = 16 };
 
 /* out [B, Hq, L, Dv] (and lse [B, Hq, L], stats, if not NULL; stats only
  * with want_stats) from q [B, Hq, L, D] and kv, by the plan's driver;

@@ -26,17 +26,28 @@ mha__kv mha__kv_from_tensors(const mha_tensor *k, const mha_tensor *v)
  * tiles produce row statistics, appended keys, Dv != D and bf16 products,
  * or read K and V without a row view.  Split-K's rows each read the
  * chunk's K and V from L2 again, a matrix-vector product a row, while a
- * tile of 32 query rows costs about as much as one of a single row.  So
- * over float32 rows split-K gives way from 8 rows: against 4096 keys, 12
- * heads of 64 ran 1.24x at 12 rows and 0.835x at 8, a Llama-style GQA
- * (32 query heads on 8 of 128) 1.21x at 8 and 1.76x at 12.  The tiles
- * widen a bf16 or int8 cache's rows per block of query rows, which keeps
- * split-K to 16 rows there (12 rows: the tiles 1.4x and 1.7x slower;
+ * tile of a few query rows costs about as much as one of a single row.
+ * Where the two cross over float32 rows depends on the micro-kernel, so
+ * each kernel table says (split_k_rows): on Zen 4, against 4096 keys,
+ * AVX-512's tiles (half-width score tiles up to 16 rows) take over from
+ * 8 rows with a kv head per query head (at 7 rows, 12 heads of 64: the
+ * tiles 1.105x over tensors but 0.936x in a decoding step from a cache;
+ * 32 heads of 128 even; split-K 1.04-1.12x at 6) and from 5 where query
+ * heads share kv heads (32 on 8 of 128: 1.10-1.15x at 4 rows, 1.23x at
+ * 5, 1.6x at 7; 16 on 8 and 32 on 4: even at 5; 12 on 4 of 64: split-K
+ * 1.09x at 5, the tiles 1.17x at 6): a thread's packed value tiles serve
+ * all the query heads of a kv head.  AVX2's tiles of 16 columns win
+ * only from 14 rows (split-K 1.28x at 12, the tiles 1.04x at 15) and 10
+ * shared (split-K 1.10x at 8, the tiles 1.28x at 12); the generic
+ * kernels' split-K wins up to its limit.  The tiles widen a
+ * bf16 or int8 cache's rows per block of query rows, which keeps split-K
+ * to 16 rows there (12 rows: the tiles 1.4x and 1.7x slower;
  * docs/PERFORMANCE.md). */
 static mha__attn_path choose_path(const mha__attn_plan *p, mha__attn_needs needs)
 {
     if (!needs.kv_rows) return MHA__PATH_TILED;
-    bool few_rows = p->L < (needs.kv_dtype == MHA_DTYPE_F32 ? MHA_DECODE_ROWS_F32 : MHA_DECODE_ROWS);
+    int64_t f32_rows = p->group > 1 ? p->kt->split_k_rows_shared : p->kt->split_k_rows;
+    bool few_rows = p->L < (needs.kv_dtype == MHA_DTYPE_F32 ? mha__min64(f32_rows, MHA_DECODE_ROWS) : MHA_DECODE_ROWS);
     return few_rows && !needs.stats && !p->bf16 && p->D == p->Dv && p->R == p->S ? MHA__PATH_SPLIT_K : MHA__PATH_TILED;
 }
 

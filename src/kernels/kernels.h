@@ -250,6 +250,10 @@ typedef double (*mha__peak_fn)(int64_t iterations);
 typedef struct mha__kernels {
     const char *name; /* "generic", "avx2", "avx512" */
     int mr, nr;       /* gemm_tile's largest m and n */
+    /* Float32 query rows below which splitting the keys over the threads
+     * (attn/decode.c) beats these tiles (attn/flash.c): a kv head per
+     * query head, and kv heads shared (attn/plan.c says why they differ). */
+    int split_k_rows, split_k_rows_shared;
     mha__gemm_tile_fn gemm_tile;
     mha__gemm_tile_grouped_fn gemm_tile_grouped;
     mha__gemm_tile_exact_fn gemm_tile_exact;
