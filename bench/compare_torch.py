@@ -191,6 +191,7 @@ SMALL_SHAPES = [
     ("12 heads, 16 rows x 4096", 1, 12, 12, 16, 4096, 64, False),
     ("GQA 32/8 d=128, 1 x 512", 1, 32, 8, 1, 512, 128, False),
     ("GQA 32/8 d=128, 1 x 4096", 1, 32, 8, 1, 4096, 128, False),
+    ("GQA 32/8 d=128, 6 x 4096", 1, 32, 8, 6, 4096, 128, False),  # speculative decoding's few rows
 ]
 
 
