@@ -951,6 +951,49 @@ static void test_rows(const mha__kernels *kt, const mha__bf16_kernels *bk, bool 
           bk ? bk->name : kt->name, bad);
 }
 
+/* dot_rows_multi and axpy_rows_multi (and their far forms), where the
+ * table has them: for 1 to MHA_ROWS_AT_ONCE rows, over every tail of n
+ * (the four-key blocks and the lone keys) and d (whole and masked slices
+ * and 64-column blocks), each row's scores and sums the one-row kernels'
+ * to the bit, and nothing written past n or d. */
+static void test_rows_multi(const mha__kernels *kt)
+{
+    enum { N = ROWS_N, D = ROWS_D, LD = ROWS_LD, R = MHA_ROWS_AT_ONCE };
+    if (!kt->dot_rows_multi) return;
+    static rows_case r;
+    r.kt = kt, r.bk = NULL, r.i8 = false;
+    fill_rows(&r);
+    float q[R][D], s[R][N + 1], s1[N], p[R][N], o[R][D + 1], o1[D + 1];
+    for (int i = 0; i < R; i++) {
+        for (int c = 0; c < D; c++) q[i][c] = uniform();
+        for (int j = 0; j < N; j++) p[i][j] = uniform();
+    }
+    const float *qp[R] = {q[0], q[1], q[2], q[3]}, *pp[R] = {p[0], p[1], p[2], p[3]};
+    float *sp[R] = {s[0], s[1], s[2], s[3]}, *op[R] = {o[0], o[1], o[2], o[3]};
+    int bad = 0;
+    for (int far = 0; far < 1 + (kt->dot_rows_multi_far != NULL); far++)
+        for (int rows = 1; rows <= R; rows++)
+            for (int n = 0; n <= N; n++)
+                for (int d = 1; d <= D; d += 4) {
+                    for (int i = 0; i < R; i++) {
+                        s[i][n] = 42.0f;
+                        for (int c = 0; c <= D; c++) o[i][c] = (float)(i + c);
+                    }
+                    (far ? kt->dot_rows_multi_far : kt->dot_rows_multi)(r.kv, LD, n, rows, qp, d, sp);
+                    (far ? kt->axpy_rows_multi_far : kt->axpy_rows_multi)(rows, pp, r.kv, LD, n, d, op);
+                    for (int i = 0; i < rows; i++) {
+                        kt->dot_rows(r.kv, LD, n, q[i], d, s1);
+                        for (int c = 0; c <= D; c++) o1[c] = (float)(i + c);
+                        kt->axpy_rows(p[i], r.kv, LD, n, d, o1);
+                        bad += memcmp(s[i], s1, sizeof(float) * (size_t)n) != 0 || s[i][n] != 42.0f;
+                        bad += memcmp(o[i], o1, sizeof o1) != 0;
+                    }
+                    for (int i = rows; i < R; i++)
+                        bad += s[i][n] != 42.0f || o[i][0] != (float)i; /* rows past `rows` */
+                }
+    CHECK(bad == 0, "%s dot_rows_multi/axpy_rows_multi: %d differ from one row at a time", kt->name, bad);
+}
+
 /* P's turn into rows: every element rounded as the scalar rounding does,
  * over sizes around the 16 x 16 blocks, nothing written outside rows x cols
  * of dst. */
@@ -1114,6 +1157,7 @@ int main(void)
         test_norm2(kt);
         test_rows(kt, NULL, false);
         test_rows(kt, NULL, true);
+        test_rows_multi(kt);
         tested++;
     }
     CHECK(tested >= 1, "no kernels ran");

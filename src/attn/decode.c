@@ -62,19 +62,22 @@ static const float *row_scales(const mha__kv_view *kv, const float *scales, int6
     return scales ? scales + b * kv->scale_stride[0] + g * kv->scale_stride[1] + j0 : NULL;
 }
 
-/* Scores of keys [j0, j0 + cols) of kv head g for the scaled query qs. */
-static void chunk_scores(const decode_job *j, int64_t b, int64_t g, int64_t j0, int64_t cols, const float *qs, float *s)
+/* Scores of keys [j0, j0 + cols) of kv head g for the scaled queries
+ * q[r], r < rows, into s[r]. */
+static void chunk_scores(const decode_job *j, int64_t b, int64_t g, int64_t j0, int64_t cols, int rows,
+                         const float *const *q, float *const *s)
 {
     const mha__kv_view *kv = j->kv;
     int64_t at = b * kv->stride[0] + g * kv->stride[1] + j0 * kv->stride[2];
-    j->p->kv_rows->dot(j->p, kv->k, row_scales(kv, kv->k_scale, b, g, j0), at, kv->stride[2], cols, qs, s);
+    j->p->kv_rows->dot(j->p, kv->k, row_scales(kv, kv->k_scale, b, g, j0), at, kv->stride[2], cols, rows, q, s);
 }
 
-static void chunk_values(const decode_job *j, int64_t b, int64_t g, int64_t j0, int64_t cols, const float *pr, float *o)
+static void chunk_values(const decode_job *j, int64_t b, int64_t g, int64_t j0, int64_t cols, int rows,
+                         const float *const *pr, float *const *o)
 {
     const mha__kv_view *kv = j->kv;
     int64_t at = b * kv->stride[0] + g * kv->stride[1] + j0 * kv->stride[2];
-    j->p->kv_rows->axpy(j->p, pr, kv->v, row_scales(kv, kv->v_scale, b, g, j0), at, kv->stride[2], cols, o);
+    j->p->kv_rows->axpy(j->p, rows, pr, kv->v, row_scales(kv, kv->v_scale, b, g, j0), at, kv->stride[2], cols, o);
 }
 
 /* Where the float64 scores of query row qi against keys j0.. come from. */
@@ -132,20 +135,15 @@ static float chunk_sum(const float *s, int64_t n)
     return l;
 }
 
-/* One query row (b, h, i) against chunk c: its (m, l, O). */
-static void row_chunk(const decode_job *j, float *s, float *qs, int64_t b, int64_t h, int64_t i, int64_t c)
+/* Query row (b, h, i)'s scores s against chunk c's keys j0 .. j0 +
+ * cols - 1 made its probabilities, relative to their maximum, returned
+ * with their sum; -inf when the row sees none of them. */
+static float chunk_probs(const decode_job *j, float *s, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols,
+                         float *sum)
 {
     const mha__attn_plan *p = j->p;
-    float *part = partial_at(j, b, h, i, c);
-    int64_t j0 = c * KC, cols = p->S - j0 < KC ? p->S - j0 : KC, lo, hi;
+    int64_t lo, hi;
     mha__row_key_range(p, i, &lo, &hi);
-    part[0] = -INFINITY;
-    part[1] = 0.0f;
-    memset(part + 2, 0, (size_t)p->Dv * sizeof(float));
-    if (j0 >= hi || j0 + cols <= lo) return; /* nothing of this chunk is visible */
-    const float *qi = j->q->data + b * j->q->stride[0] + h * j->q->stride[1] + i * j->q->stride[2];
-    for (int64_t d = 0; d < p->D; d++) qs[d] = qi[d * j->q->stride[3]] * p->scale;
-    chunk_scores(j, b, h / p->group, j0, cols, qs, s);
     bool plain = p->softcap == 0 && !mha__plan_has_bias(p) && j0 >= lo && j0 + cols <= hi;
     mha__refine refine;
     mha__refine_raw(p, s, 1, 1, cols, j0, plain ? NULL : &lo, plain ? NULL : &hi, &j->wide[(b * p->Hq + h) * p->L + i],
@@ -155,8 +153,9 @@ static void row_chunk(const decode_job *j, float *s, float *qs, int64_t b, int64
         mha__refine_contracted(p, s, 1, 1, cols, &refine);
     }
     float m = chunk_max(s, cols);
-    if (m == -INFINITY) return;
+    if (m == -INFINITY) return m;
     if (refine.any && !isnan(m)) { /* relative to the chunk's exact maximum (attention.h: refined scores) */
+        const float *qi = j->q->data + b * j->q->stride[0] + h * j->q->stride[1] + i * j->q->stride[2];
         mha__score_source src = chunk_source(j, qi, b, h, i, j0);
         m = -INFINITY;
         mha__shift_tile(p, &src, s, 1, 1, cols, &m, false, &refine, NULL);
@@ -164,10 +163,57 @@ static void row_chunk(const decode_job *j, float *s, float *qs, int64_t b, int64
     } else {
         j->kt->exp_shift(s, cols, m);
     }
-    float l = chunk_sum(s, cols);
-    chunk_values(j, b, h / p->group, j0, cols, s, part + 2);
-    part[0] = m;
-    part[1] = l;
+    *sum = chunk_sum(s, cols);
+    return m;
+}
+
+/* A row's share of a thread's scratch: a chunk's scores, then the scaled
+ * query row (16 floats over, so each slot starts a line apart). */
+static int64_t row_floats(const mha__attn_plan *p) { return KC + p->D + 16; }
+
+/* Query rows rows[0 .. count - 1] (h L + i, at most MHA_ROWS_AT_ONCE) of
+ * one kv head's group against chunk c: each row's (m, l, O).  The rows'
+ * dots and value sums go to the kernels together, which read each key's
+ * and value's row once for all of them; a row at a time re-read the
+ * chunk from L2 for every row of the group. */
+static void rows_chunk(const decode_job *j, float *scratch, int64_t b, const int64_t *rows, int count, int64_t c)
+{
+    const mha__attn_plan *p = j->p;
+    int64_t j0 = c * KC, cols = p->S - j0 < KC ? p->S - j0 : KC, g = rows[0] / p->L / p->group;
+    const float *q[MHA_ROWS_AT_ONCE];
+    float *s[MHA_ROWS_AT_ONCE], *o[MHA_ROWS_AT_ONCE];
+    int64_t seen[MHA_ROWS_AT_ONCE];
+    int n = 0;
+    for (int r = 0; r < count; r++) {
+        int64_t h = rows[r] / p->L, i = rows[r] % p->L, lo, hi;
+        float *part = partial_at(j, b, h, i, c);
+        part[0] = -INFINITY;
+        part[1] = 0.0f;
+        memset(part + 2, 0, (size_t)p->Dv * sizeof(float));
+        mha__row_key_range(p, i, &lo, &hi);
+        if (j0 >= hi || j0 + cols <= lo) continue; /* nothing of this chunk is visible */
+        const float *qi = j->q->data + b * j->q->stride[0] + h * j->q->stride[1] + i * j->q->stride[2];
+        float *qs = scratch + n * row_floats(p) + KC;
+        for (int64_t d = 0; d < p->D; d++) qs[d] = qi[d * j->q->stride[3]] * p->scale;
+        q[n] = qs;
+        s[n] = qs - KC;
+        seen[n++] = rows[r];
+    }
+    if (n == 0) return;
+    chunk_scores(j, b, g, j0, cols, n, q, s);
+    const float *pr[MHA_ROWS_AT_ONCE];
+    int adding = 0;
+    for (int r = 0; r < n; r++) {
+        int64_t h = seen[r] / p->L, i = seen[r] % p->L;
+        float l, m = chunk_probs(j, s[r], b, h, i, j0, cols, &l);
+        if (m == -INFINITY) continue;
+        float *part = partial_at(j, b, h, i, c);
+        part[0] = m;
+        part[1] = l;
+        pr[adding] = s[r];
+        o[adding++] = part + 2;
+    }
+    if (adding) chunk_values(j, b, g, j0, cols, adding, pr, o);
 }
 
 /* top[d] = the largest |k| of column d over the chunk's keys (NaN passed
@@ -192,13 +238,18 @@ static void chunk_key_top(const decode_job *j, int64_t b, int64_t g, int64_t c, 
 static void run_items(const decode_job *j, int thread, int64_t begin, int64_t end, bool again)
 {
     const mha__attn_plan *p = j->p;
-    float *s = (float *)(j->scratch + thread * j->scratch_stride), *qs = s + KC;
+    float *scratch = (float *)(j->scratch + thread * j->scratch_stride);
     for (int64_t item = begin; item < end; item++) {
         int64_t c = item % j->chunks, bg = item / j->chunks, b = bg / p->Hkv, g = bg % p->Hkv;
         if (again && !j->redo[bg]) continue;
-        for (int64_t h = g * p->group; h < (g + 1) * p->group; h++)
-            for (int64_t i = 0; i < p->L; i++)
-                if (!again || j->wide[(b * p->Hq + h) * p->L + i]) row_chunk(j, s, qs, b, h, i, c);
+        int64_t rows[MHA_ROWS_AT_ONCE];
+        int count = 0;
+        for (int64_t row = g * p->group * p->L; row < (g + 1) * p->group * p->L; row++) { /* h L + i */
+            if (again && !j->wide[b * p->Hq * p->L + row]) continue;
+            rows[count++] = row;
+            if (count == MHA_ROWS_AT_ONCE) rows_chunk(j, scratch, b, rows, count, c), count = 0;
+        }
+        if (count) rows_chunk(j, scratch, b, rows, count, c);
         if (j->key_top && !again) chunk_key_top(j, b, g, c, j->key_top + item * p->D);
     }
 }
@@ -351,8 +402,9 @@ static int64_t key_top_floats(const mha__attn_plan *p) { return p->B * p->Hkv * 
  * largest norm nobody kept. */
 static bool deferred_wide(const mha__kv_view *kv) { return !kv->k_norm2_max && kv->dtype == MHA_DTYPE_F32; }
 
-/* Per thread: a chunk's scores and the scaled query row. */
-static int64_t thread_floats(const mha__attn_plan *p) { return KC + p->D + 16; }
+/* Per thread: each of MHA_ROWS_AT_ONCE rows' chunk scores and scaled
+ * query row. */
+static int64_t thread_floats(const mha__attn_plan *p) { return MHA_ROWS_AT_ONCE * row_floats(p); }
 
 bool mha__decode_workspace(const mha__attn_plan *p, const mha_ctx *ctx, int64_t *bytes)
 {

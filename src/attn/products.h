@@ -196,14 +196,16 @@ bool mha__split_tiles_near(const mha__bf16_kernels *bk, bool pairs, const float 
 
 /* The split-K driver's two row operations on cached K and V rows stored
  * in the cache's dtype, element `at` onward, rows ld elements apart, with
- * the rows' scales from `scale` on (int8 rows; NULL for the others):
- *   dot:  s[j] = q . k_j for j < n (q already scaled)
- *   axpy: o += sum_j p[j] v_j, j in order */
+ * the rows' scales from `scale` on (int8 rows; NULL for the others), for
+ * 1 .. MHA_ROWS_AT_ONCE query rows r < rows at once (kernels.h):
+ *   dot:  s[r][j] = q[r] . k_j for j < n (q already scaled)
+ *   axpy: o[r] += sum_j pr[r][j] v_j, j in order
+ * Each row's outputs have the same bits however many rows a call takes. */
 typedef struct mha__kv_rows {
-    void (*dot)(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n,
-                const float *q, float *s);
-    void (*axpy)(const mha__attn_plan *p, const float *pr, const void *v, const float *scale, int64_t at, int64_t ld,
-                 int64_t n, float *o);
+    void (*dot)(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n, int rows,
+                const float *const *q, float *const *s);
+    void (*axpy)(const mha__attn_plan *p, int rows, const float *const *pr, const void *v, const float *scale,
+                 int64_t at, int64_t ld, int64_t n, float *const *o);
 } mha__kv_rows;
 
 /* The row operations for K and V stored as F32, BF16 or I8 (with the

@@ -127,6 +127,16 @@ typedef void (*mha__softmax_grad_fn)(float *s, float *dp, int64_t lds, int64_t r
 typedef void (*mha__dot_rows_fn)(const float *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s);
 typedef void (*mha__axpy_rows_fn)(const float *p, const float *v, int64_t ldv, int64_t n, int64_t d, float *o);
 
+/* The same for 1 .. MHA_ROWS_AT_ONCE query rows at once, q[r] and s[r]
+ * (dot), p[r] and o[r] (axpy) for row r < rows, which share each key's
+ * and value's loads: every output the bits dot_rows and axpy_rows give
+ * it.  Float32 rows; NULL in a table: a call of those per row. */
+enum { MHA_ROWS_AT_ONCE = 4 };
+typedef void (*mha__dot_rows_multi_fn)(const float *k, int64_t ldk, int64_t n, int rows, const float *const *q,
+                                       int64_t d, float *const *s);
+typedef void (*mha__axpy_rows_multi_fn)(int rows, const float *const *p, const float *v, int64_t ldv, int64_t n,
+                                        int64_t d, float *const *o);
+
 /* The same two over an int8 cache, each row stored as integers with one
  * float scale (the row's value is scale[j] * k[j * ldk + c]), dequantised
  * in registers, never copied out:
@@ -261,6 +271,10 @@ typedef struct mha__kernels {
     mha__softmax_grad_fn softmax_grad;
     mha__dot_rows_fn dot_rows;
     mha__axpy_rows_fn axpy_rows;
+    mha__dot_rows_multi_fn dot_rows_multi;
+    mha__axpy_rows_multi_fn axpy_rows_multi;
+    mha__dot_rows_multi_fn dot_rows_multi_far; /* and prefetching, as dot_rows_far (NULL: none) */
+    mha__axpy_rows_multi_fn axpy_rows_multi_far;
     mha__dot_rows_i8_fn dot_rows_i8;
     mha__axpy_rows_i8_fn axpy_rows_i8;
     /* The same sums (the same bits), prefetching rows ahead, for caches
