@@ -27,18 +27,17 @@ mha__kv mha__kv_from_tensors(const mha_tensor *k, const mha_tensor *v)
  * or read K and V without a row view.  Split-K's rows each read the
  * chunk's K and V from L2 again, a matrix-vector product a row, while a
  * tile of a few query rows costs about as much as one of a single row.
- * Where the two cross over float32 rows depends on the micro-kernel, so
- * each kernel table says (split_k_rows): on Zen 4, against 4096 keys,
- * AVX-512's tiles (half-width score tiles up to 16 rows) take over from
- * 8 rows with a kv head per query head (at 7 rows, 12 heads of 64: the
- * tiles 1.105x over tensors but 0.936x in a decoding step from a cache;
- * 32 heads of 128 even; split-K 1.04-1.12x at 6) and from 5 where query
- * heads share kv heads (32 on 8 of 128: 1.10-1.15x at 4 rows, 1.23x at
- * 5, 1.6x at 7; 16 on 8 and 32 on 4: even at 5; 12 on 4 of 64: split-K
- * 1.09x at 5, the tiles 1.17x at 6): a thread's packed value tiles serve
- * all the query heads of a kv head.  AVX2's tiles of 16 columns win
- * only from 14 rows (split-K 1.28x at 12, the tiles 1.04x at 15) and 10
- * shared (split-K 1.10x at 8, the tiles 1.28x at 12); the generic
+ * Where the two cross over float32 rows depends on the micro-kernels, so
+ * each kernel table says (split_k_rows).  On Zen 4, against 4096 keys:
+ * AVX-512's split-K takes four rows of a group at once (dot_rows_multi)
+ * and wins to its limit of 16 (12 heads of 64: 1.73x at 8 rows, even at
+ * 10, the tiles 1.09x at 12 and even at 15 over tensors, but split-K
+ * 1.37x at 12 in a decoding step from a cache; 32 query heads on 8 of
+ * 128: split-K 2.5x at 4 rows, 1.42x at 8, 1.08x at 12).  Before those
+ * kernels, the tiles took over from 8 rows, and from 5 where query heads
+ * share kv heads.  AVX2's tiles of 16 columns, against its one-row
+ * split-K, win from 14 rows (split-K 1.28x at 12, the tiles 1.04x at 15)
+ * and 10 shared (split-K 1.10x at 8, the tiles 1.28x at 12); the generic
  * kernels' split-K wins up to its limit.  The tiles widen a
  * bf16 or int8 cache's rows per block of query rows, which keeps split-K
  * to 16 rows there (12 rows: the tiles 1.4x and 1.7x slower;
