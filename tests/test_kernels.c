@@ -951,17 +951,39 @@ static void test_rows(const mha__kernels *kt, const mha__bf16_kernels *bk, bool 
           bk ? bk->name : kt->name, bad);
 }
 
-/* dot_rows_multi and axpy_rows_multi (and their far forms), where the
- * table has them: for 1 to MHA_ROWS_AT_ONCE rows, over every tail of n
- * (the four-key blocks and the lone keys) and d (whole and masked slices
- * and 64-column blocks), each row's scores and sums the one-row kernels'
- * to the bit, and nothing written past n or d. */
-static void test_rows_multi(const mha__kernels *kt)
+/* A rows_case's multi-row dot and sum (far: the prefetching forms);
+ * false where its table has none. */
+static bool rows_multi(const rows_case *r, bool far, int rows, const float *const *q, const float *const *p, int n,
+                       int d, float *const *s, float *const *o)
 {
-    enum { N = ROWS_N, D = ROWS_D, LD = ROWS_LD, R = MHA_ROWS_AT_ONCE };
-    if (!kt->dot_rows_multi) return;
+    const mha__kernels *kt = r->kt;
+    const mha__bf16_kernels *bk = r->bk;
+    if (bk && (far ? bk->dot_rows_multi_far : bk->dot_rows_multi)) {
+        (far ? bk->dot_rows_multi_far : bk->dot_rows_multi)(r->kv16, ROWS_LD, n, rows, q, d, s);
+        (far ? bk->axpy_rows_multi_far : bk->axpy_rows_multi)(rows, p, r->kv16, ROWS_LD, n, d, o);
+    } else if (!bk && r->i8 && (far ? kt->dot_rows_i8_multi_far : kt->dot_rows_i8_multi)) {
+        (far ? kt->dot_rows_i8_multi_far : kt->dot_rows_i8_multi)(r->kv8, ROWS_LD, n, r->scale, rows, q, d, s);
+        (far ? kt->axpy_rows_i8_multi_far : kt->axpy_rows_i8_multi)(rows, p, r->scale, r->kv8, ROWS_LD, n, d, o);
+    } else if (!bk && !r->i8 && (far ? kt->dot_rows_multi_far : kt->dot_rows_multi)) {
+        (far ? kt->dot_rows_multi_far : kt->dot_rows_multi)(r->kv, ROWS_LD, n, rows, q, d, s);
+        (far ? kt->axpy_rows_multi_far : kt->axpy_rows_multi)(rows, p, r->kv, ROWS_LD, n, d, o);
+    } else {
+        return false;
+    }
+    return true;
+}
+
+/* The multi-row dots and sums (plain and far) of float32, int8 or bf16
+ * rows, where the table has them: for 1 to MHA_ROWS_AT_ONCE rows, over
+ * every tail of n (the four-key blocks and the lone keys) and d (whole
+ * and masked slices and 64-column blocks), each row's scores and sums the
+ * one-row kernels' to the bit, and nothing written past n or d, or to
+ * rows past `rows`. */
+static void test_rows_multi(const mha__kernels *kt, const mha__bf16_kernels *bk, bool i8)
+{
+    enum { N = ROWS_N, D = ROWS_D, R = MHA_ROWS_AT_ONCE };
     static rows_case r;
-    r.kt = kt, r.bk = NULL, r.i8 = false;
+    r.kt = kt, r.bk = bk, r.i8 = i8;
     fill_rows(&r);
     float q[R][D], s[R][N + 1], s1[N], p[R][N], o[R][D + 1], o1[D + 1];
     for (int i = 0; i < R; i++) {
@@ -970,8 +992,8 @@ static void test_rows_multi(const mha__kernels *kt)
     }
     const float *qp[R] = {q[0], q[1], q[2], q[3]}, *pp[R] = {p[0], p[1], p[2], p[3]};
     float *sp[R] = {s[0], s[1], s[2], s[3]}, *op[R] = {o[0], o[1], o[2], o[3]};
-    int bad = 0;
-    for (int far = 0; far < 1 + (kt->dot_rows_multi_far != NULL); far++)
+    int bad = 0, ran = 0;
+    for (int far = 0; far < 2; far++)
         for (int rows = 1; rows <= R; rows++)
             for (int n = 0; n <= N; n++)
                 for (int d = 1; d <= D; d += 4) {
@@ -979,19 +1001,23 @@ static void test_rows_multi(const mha__kernels *kt)
                         s[i][n] = 42.0f;
                         for (int c = 0; c <= D; c++) o[i][c] = (float)(i + c);
                     }
-                    (far ? kt->dot_rows_multi_far : kt->dot_rows_multi)(r.kv, LD, n, rows, qp, d, sp);
-                    (far ? kt->axpy_rows_multi_far : kt->axpy_rows_multi)(rows, pp, r.kv, LD, n, d, op);
+                    if (!rows_multi(&r, far, rows, qp, pp, n, d, sp, op)) continue;
+                    ran++;
                     for (int i = 0; i < rows; i++) {
-                        kt->dot_rows(r.kv, LD, n, q[i], d, s1);
+                        rows_dot(&r, n, q[i], d, s1);
                         for (int c = 0; c <= D; c++) o1[c] = (float)(i + c);
-                        kt->axpy_rows(p[i], r.kv, LD, n, d, o1);
+                        rows_axpy(&r, p[i], n, d, o1);
                         bad += memcmp(s[i], s1, sizeof(float) * (size_t)n) != 0 || s[i][n] != 42.0f;
                         bad += memcmp(o[i], o1, sizeof o1) != 0;
                     }
                     for (int i = rows; i < R; i++)
                         bad += s[i][n] != 42.0f || o[i][0] != (float)i; /* rows past `rows` */
                 }
-    CHECK(bad == 0, "%s dot_rows_multi/axpy_rows_multi: %d differ from one row at a time", kt->name, bad);
+    CHECK(bad == 0, "%s%s multi-row dots and sums (%d calls): %d differ from one row at a time",
+          bk   ? "bf16 "
+          : i8 ? "int8 "
+               : "",
+          bk ? bk->name : kt->name, ran, bad);
 }
 
 /* P's turn into rows: every element rounded as the scalar rounding does,
@@ -1123,6 +1149,7 @@ int main(void)
         if (bk) {
             test_bf16_kernels(bk);
             test_rows(NULL, bk, false);
+            test_rows_multi(NULL, bk, false);
         } else printf("test_kernels: bf16 kernels %s not supported here, skipped\n", bf16_names[i]);
     }
     static const char *const names[] = {"generic", "avx2", "avx512"};
@@ -1157,7 +1184,8 @@ int main(void)
         test_norm2(kt);
         test_rows(kt, NULL, false);
         test_rows(kt, NULL, true);
-        test_rows_multi(kt);
+        test_rows_multi(kt, NULL, false);
+        test_rows_multi(kt, NULL, true);
         tested++;
     }
     CHECK(tested >= 1, "no kernels ran");

@@ -359,7 +359,7 @@ const mha__products mha__products_bf16 = {pack_queries_bf16, scores_bf16, values
 /* Cached rows for split-K, float32 or bf16                          */
 /* ---------------------------------------------------------------- */
 
-/* Float32 rows: the rows at once where the kernels can, prefetching
+/* Each dtype's rows: the rows at once where the kernels can, prefetching
  * where the plan says the cache is far (kv_rows_far). */
 static void dot_f32(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n,
                     int rows, const float *const *q, float *const *s)
@@ -391,32 +391,52 @@ static void dot_bf16(const mha__attn_plan *p, const void *k, const float *scale,
                      int rows, const float *const *q, float *const *s)
 {
     (void)scale;
-    for (int r = 0; r < rows; r++)
-        (p->kv_far ? p->bk->dot_rows_far : p->bk->dot_rows)((const uint16_t *)k + at, ld, n, q[r], p->D, s[r]);
+    const uint16_t *kr = (const uint16_t *)k + at;
+    mha__dot_rows_bf16_multi_fn multi = p->kv_far ? p->bk->dot_rows_multi_far : p->bk->dot_rows_multi;
+    if (multi) {
+        multi(kr, ld, n, rows, q, p->D, s);
+        return;
+    }
+    for (int r = 0; r < rows; r++) (p->kv_far ? p->bk->dot_rows_far : p->bk->dot_rows)(kr, ld, n, q[r], p->D, s[r]);
 }
 
 static void axpy_bf16(const mha__attn_plan *p, int rows, const float *const *pr, const void *v, const float *scale,
                       int64_t at, int64_t ld, int64_t n, float *const *o)
 {
     (void)scale;
-    for (int r = 0; r < rows; r++)
-        (p->kv_far ? p->bk->axpy_rows_far : p->bk->axpy_rows)(pr[r], (const uint16_t *)v + at, ld, n, p->Dv, o[r]);
+    const uint16_t *vr = (const uint16_t *)v + at;
+    mha__axpy_rows_bf16_multi_fn multi = p->kv_far ? p->bk->axpy_rows_multi_far : p->bk->axpy_rows_multi;
+    if (multi) {
+        multi(rows, pr, vr, ld, n, p->Dv, o);
+        return;
+    }
+    for (int r = 0; r < rows; r++) (p->kv_far ? p->bk->axpy_rows_far : p->bk->axpy_rows)(pr[r], vr, ld, n, p->Dv, o[r]);
 }
 
 static void dot_i8(const mha__attn_plan *p, const void *k, const float *scale, int64_t at, int64_t ld, int64_t n,
                    int rows, const float *const *q, float *const *s)
 {
+    const int8_t *kr = (const int8_t *)k + at;
+    mha__dot_rows_i8_multi_fn multi = p->kv_far ? p->kt->dot_rows_i8_multi_far : p->kt->dot_rows_i8_multi;
+    if (multi) {
+        multi(kr, ld, n, scale, rows, q, p->D, s);
+        return;
+    }
     for (int r = 0; r < rows; r++)
-        (p->kv_far ? p->kt->dot_rows_i8_far : p->kt->dot_rows_i8)((const int8_t *)k + at, ld, n, scale, q[r], p->D,
-                                                                  s[r]);
+        (p->kv_far ? p->kt->dot_rows_i8_far : p->kt->dot_rows_i8)(kr, ld, n, scale, q[r], p->D, s[r]);
 }
 
 static void axpy_i8(const mha__attn_plan *p, int rows, const float *const *pr, const void *v, const float *scale,
                     int64_t at, int64_t ld, int64_t n, float *const *o)
 {
+    const int8_t *vr = (const int8_t *)v + at;
+    mha__axpy_rows_i8_multi_fn multi = p->kv_far ? p->kt->axpy_rows_i8_multi_far : p->kt->axpy_rows_i8_multi;
+    if (multi) {
+        multi(rows, pr, scale, vr, ld, n, p->Dv, o);
+        return;
+    }
     for (int r = 0; r < rows; r++)
-        (p->kv_far ? p->kt->axpy_rows_i8_far : p->kt->axpy_rows_i8)(pr[r], scale, (const int8_t *)v + at, ld, n, p->Dv,
-                                                                    o[r]);
+        (p->kv_far ? p->kt->axpy_rows_i8_far : p->kt->axpy_rows_i8)(pr[r], scale, vr, ld, n, p->Dv, o[r]);
 }
 
 void mha__kv_rows_widen(const mha__kv_view *kv, bool values, int64_t b, int64_t g, int64_t j0, int64_t n, int64_t width,

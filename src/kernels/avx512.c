@@ -501,182 +501,9 @@ static void softmax_grad_avx512(float *s, float *dp, int64_t lds, int64_t rows, 
 #define ROWS_LOAD(mk, x) _mm512_maskz_loadu_ps(mk, x)
 #define ROWS_DOT         dot_rows_avx512
 #define ROWS_AXPY        axpy_rows_avx512
+#define ROWS_DOT_MULTI   dot_rows_multi_avx512
+#define ROWS_AXPY_MULTI  axpy_rows_multi_avx512
 #include "kernels/rows_avx512.h"
-
-/* dot_rows and axpy_rows for up to four query rows at once (kernels.h).
- * Split-K takes every query row of a kv head's group against a chunk of
- * 256 keys, and a row at a time it read the chunk's K and V from L2 again
- * for each: the dots and sums ran at L2's rate, not the FMAs'.  Here each
- * key's slice is loaded once for every row.  Each key's chain over d, and
- * each output's over the keys, are those of the one-row kernels, and a
- * key's four-way reduction does not depend on its neighbours', so every
- * output has their bits.  A row count is a constant in its body
- * (few_rows.h): 4 keys x 4 rows of chains, the keys' slices and one of q
- * take 21 of the 32 registers.  The far forms prefetch the rows as the
- * one-row far kernels do (rows_options.h), for caches beyond the last
- * level. */
-#define ROWS_PREFETCHED
-#define ROWS_ELEM float
-#include "kernels/rows_options.h"
-#define MULTI_DOT_ROW(r)                                       \
-    do {                                                       \
-        if ((r) < R) {                                         \
-            __m512 qv_ = _mm512_maskz_loadu_ps(mk_, q##r + c); \
-            a##r##0 = _mm512_fmadd_ps(k0v, qv_, a##r##0);      \
-            a##r##1 = _mm512_fmadd_ps(k1v, qv_, a##r##1);      \
-            a##r##2 = _mm512_fmadd_ps(k2v, qv_, a##r##2);      \
-            a##r##3 = _mm512_fmadd_ps(k3v, qv_, a##r##3);      \
-        }                                                      \
-    } while (0)
-
-/* Slice c (lanes in mk) of keys j .. j + 3 into every row's chains. */
-#define MULTI_DOT_SLICE(mk)                                                                      \
-    do {                                                                                         \
-        const __mmask16 mk_ = (mk);                                                              \
-        const float *kj_ = k + j * ldk + c;                                                      \
-        __m512 k0v = _mm512_maskz_loadu_ps(mk, kj_), k1v = _mm512_maskz_loadu_ps(mk, kj_ + ldk); \
-        __m512 k2v = _mm512_maskz_loadu_ps(mk, kj_ + 2 * ldk);                                   \
-        __m512 k3v = _mm512_maskz_loadu_ps(mk, kj_ + 3 * ldk);                                   \
-        MULTI_DOT_ROW(0);                                                                        \
-        MULTI_DOT_ROW(1);                                                                        \
-        MULTI_DOT_ROW(2);                                                                        \
-        MULTI_DOT_ROW(3);                                                                        \
-    } while (0)
-
-#define MULTI_DOT_STORE(r)                                                                 \
-    do {                                                                                   \
-        if ((r) < R) _mm_storeu_ps(s[r] + j, reduce4(a##r##0, a##r##1, a##r##2, a##r##3)); \
-    } while (0)
-
-/* A lone key (the last n % 4), as the one-row kernel reduces it. */
-static float dot_one_key(const float *kj, const float *q, int64_t d)
-{
-    __m512 a = _mm512_setzero_ps(), zero = a;
-    for (int64_t c = 0; c < d; c += 16) {
-        __mmask16 mk = lane_mask(d - c);
-        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, kj + c), _mm512_maskz_loadu_ps(mk, q + c), a);
-    }
-    return _mm_cvtss_f32(reduce4(a, zero, zero, zero));
-}
-
-static inline __attribute__((always_inline)) void dot_multi_body(int R, bool far, const float *k, int64_t ldk,
-                                                                 int64_t n, const float *const *q, int64_t d,
-                                                                 float *const *s)
-{
-    const float *q0 = q[0], *q1 = q[1 < R ? 1 : 0], *q2 = q[2 < R ? 2 : 0], *q3 = q[3 < R ? 3 : 0];
-    const __mmask16 full = 0xffff, tail = lane_mask(d % 16);
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-        __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
-        if (far)
-            for (int t = 0; t < 4; t++) ROWS_PREFETCH(k + (j + t) * ldk, ldk, d);
-        int64_t c = 0;
-        for (; c + 16 <= d; c += 16) MULTI_DOT_SLICE(full);
-        if (c < d) MULTI_DOT_SLICE(tail);
-        MULTI_DOT_STORE(0);
-        MULTI_DOT_STORE(1);
-        MULTI_DOT_STORE(2);
-        MULTI_DOT_STORE(3);
-    }
-    for (; j < n; j++)
-        for (int r = 0; r < R; r++) s[r][j] = dot_one_key(k + j * ldk, q[r], d);
-}
-
-static void dot_rows_multi_avx512(const float *k, int64_t ldk, int64_t n, int rows, const float *const *q, int64_t d,
-                                  float *const *s)
-{
-    MHA_FEW_ROWS_CALL(rows, MHA_ROWS_AT_ONCE, dot_multi_body(M, false, k, ldk, n, q, d, s));
-}
-
-static void dot_rows_multi_far_avx512(const float *k, int64_t ldk, int64_t n, int rows, const float *const *q,
-                                      int64_t d, float *const *s)
-{
-    MHA_FEW_ROWS_CALL(rows, MHA_ROWS_AT_ONCE, dot_multi_body(M, true, k, ldk, n, q, d, s));
-}
-
-#define MULTI_AXPY_LOAD(r)                                   \
-    __m512 o##r##0 = _mm512_setzero_ps(), o##r##1 = o##r##0; \
-    __m512 o##r##2 = o##r##0, o##r##3 = o##r##0;             \
-    if ((r) < R) {                                           \
-        o##r##0 = _mm512_maskz_loadu_ps(m0, o[r] + c);       \
-        o##r##1 = _mm512_maskz_loadu_ps(m1, o[r] + c + 16);  \
-        o##r##2 = _mm512_maskz_loadu_ps(m2, o[r] + c + 32);  \
-        o##r##3 = _mm512_maskz_loadu_ps(m3, o[r] + c + 48);  \
-    }
-
-#define MULTI_AXPY_ROW(r)                                \
-    do {                                                 \
-        if ((r) < R) {                                   \
-            __m512 pj_ = _mm512_set1_ps(p##r[j]);        \
-            o##r##0 = _mm512_fmadd_ps(pj_, v0, o##r##0); \
-            o##r##1 = _mm512_fmadd_ps(pj_, v1, o##r##1); \
-            o##r##2 = _mm512_fmadd_ps(pj_, v2, o##r##2); \
-            o##r##3 = _mm512_fmadd_ps(pj_, v3, o##r##3); \
-        }                                                \
-    } while (0)
-
-#define MULTI_AXPY_STORE(r)                                    \
-    do {                                                       \
-        if ((r) < R) {                                         \
-            _mm512_mask_storeu_ps(o[r] + c, m0, o##r##0);      \
-            _mm512_mask_storeu_ps(o[r] + c + 16, m1, o##r##1); \
-            _mm512_mask_storeu_ps(o[r] + c + 32, m2, o##r##2); \
-            _mm512_mask_storeu_ps(o[r] + c + 48, m3, o##r##3); \
-        }                                                      \
-    } while (0)
-
-/* Columns c .. c + 63 (lanes in m0 .. m3) of every row's output. */
-static inline __attribute__((always_inline)) void axpy_multi_block(int R, bool far, const float *const *p,
-                                                                   const float *v, int64_t ldv, int64_t n, int64_t d,
-                                                                   int64_t c, __mmask16 m0, __mmask16 m1, __mmask16 m2,
-                                                                   __mmask16 m3, float *const *o)
-{
-    const float *p0 = p[0], *p1 = p[1 < R ? 1 : 0], *p2 = p[2 < R ? 2 : 0], *p3 = p[3 < R ? 3 : 0];
-    MULTI_AXPY_LOAD(0)
-    MULTI_AXPY_LOAD(1)
-    MULTI_AXPY_LOAD(2)
-    MULTI_AXPY_LOAD(3)
-    for (int64_t j = 0; j < n; j++) {
-        const float *vj = v + j * ldv + c;
-        if (far && c == 0) ROWS_PREFETCH(vj, ldv, d);
-        __m512 v0 = _mm512_maskz_loadu_ps(m0, vj), v1 = _mm512_maskz_loadu_ps(m1, vj + 16);
-        __m512 v2 = _mm512_maskz_loadu_ps(m2, vj + 32), v3 = _mm512_maskz_loadu_ps(m3, vj + 48);
-        MULTI_AXPY_ROW(0);
-        MULTI_AXPY_ROW(1);
-        MULTI_AXPY_ROW(2);
-        MULTI_AXPY_ROW(3);
-    }
-    MULTI_AXPY_STORE(0);
-    MULTI_AXPY_STORE(1);
-    MULTI_AXPY_STORE(2);
-    MULTI_AXPY_STORE(3);
-}
-
-static inline __attribute__((always_inline)) void axpy_multi_body(int R, bool far, const float *const *p,
-                                                                  const float *v, int64_t ldv, int64_t n, int64_t d,
-                                                                  float *const *o)
-{
-    const __mmask16 full = 0xffff;
-    int64_t c = 0;
-    for (; c + 64 <= d; c += 64) axpy_multi_block(R, far, p, v, ldv, n, d, c, full, full, full, full, o);
-    if (c < d)
-        axpy_multi_block(R, far, p, v, ldv, n, d, c, lane_mask(d - c), lane_mask(d - c - 16), lane_mask(d - c - 32),
-                         lane_mask(d - c - 48), o);
-}
-
-static void axpy_rows_multi_avx512(int rows, const float *const *p, const float *v, int64_t ldv, int64_t n, int64_t d,
-                                   float *const *o)
-{
-    MHA_FEW_ROWS_CALL(rows, MHA_ROWS_AT_ONCE, axpy_multi_body(M, false, p, v, ldv, n, d, o));
-}
-
-static void axpy_rows_multi_far_avx512(int rows, const float *const *p, const float *v, int64_t ldv, int64_t n,
-                                       int64_t d, float *const *o)
-{
-    MHA_FEW_ROWS_CALL(rows, MHA_ROWS_AT_ONCE, axpy_multi_body(M, true, p, v, ldv, n, d, o));
-}
-#include "kernels/rows_undef.h"
 
 /* And prefetching, for a float32 cache too large to stay in the last-level
  * cache between steps (attn/plan.c says when).  Zen 4 (32 MB L3), 12
@@ -692,6 +519,8 @@ static void axpy_rows_multi_far_avx512(int rows, const float *const *p, const fl
 #define ROWS_LOAD(mk, x) _mm512_maskz_loadu_ps(mk, x)
 #define ROWS_DOT         dot_rows_far_avx512
 #define ROWS_AXPY        axpy_rows_far_avx512
+#define ROWS_DOT_MULTI   dot_rows_multi_far_avx512
+#define ROWS_AXPY_MULTI  axpy_rows_multi_far_avx512
 #include "kernels/rows_avx512.h"
 
 /* 16 int8 values widened to float32 (exact): a sign extension and a
@@ -719,6 +548,8 @@ static inline __m512 load_i8(__mmask16 mk, const int8_t *x)
 #define ROWS_LOAD(mk, x) load_i8(mk, x)
 #define ROWS_DOT         dot_rows_i8_avx512
 #define ROWS_AXPY        axpy_rows_i8_avx512
+#define ROWS_DOT_MULTI   dot_rows_i8_multi_avx512
+#define ROWS_AXPY_MULTI  axpy_rows_i8_multi_avx512
 #define ROWS_SCALED
 #include "kernels/rows_avx512.h"
 #define ROWS_PREFETCHED
@@ -726,6 +557,8 @@ static inline __m512 load_i8(__mmask16 mk, const int8_t *x)
 #define ROWS_LOAD(mk, x) load_i8(mk, x)
 #define ROWS_DOT         dot_rows_i8_far_avx512
 #define ROWS_AXPY        axpy_rows_i8_far_avx512
+#define ROWS_DOT_MULTI   dot_rows_i8_multi_far_avx512
+#define ROWS_AXPY_MULTI  axpy_rows_i8_multi_far_avx512
 #define ROWS_SCALED
 #include "kernels/rows_avx512.h"
 
@@ -1006,8 +839,12 @@ const mha__kernels mha__kernels_avx512 = {
     .axpy_rows = axpy_rows_avx512,
     .dot_rows_multi = dot_rows_multi_avx512,
     .axpy_rows_multi = axpy_rows_multi_avx512,
+    .dot_rows_i8_multi = dot_rows_i8_multi_avx512,
+    .axpy_rows_i8_multi = axpy_rows_i8_multi_avx512,
     .dot_rows_multi_far = dot_rows_multi_far_avx512,
     .axpy_rows_multi_far = axpy_rows_multi_far_avx512,
+    .dot_rows_i8_multi_far = dot_rows_i8_multi_far_avx512,
+    .axpy_rows_i8_multi_far = axpy_rows_i8_multi_far_avx512,
     .dot_rows_far = dot_rows_far_avx512,
     .axpy_rows_far = axpy_rows_far_avx512,
     .dot_rows_i8 = dot_rows_i8_avx512,

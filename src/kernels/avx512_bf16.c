@@ -207,6 +207,8 @@ static __m512 load_bf16(__mmask16 mk, const uint16_t *x)
 #define ROWS_LOAD(mk, x) load_bf16(mk, x)
 #define ROWS_DOT         dot_rows_bf16_avx512
 #define ROWS_AXPY        axpy_rows_bf16_avx512
+#define ROWS_DOT_MULTI   dot_rows_bf16_multi_avx512
+#define ROWS_AXPY_MULTI  axpy_rows_bf16_multi_avx512
 #include "kernels/rows_avx512.h"
 
 /* And prefetched (rows_options.h), the AMX table's far rows.  Sapphire
@@ -226,6 +228,8 @@ static __m512 load_bf16(__mmask16 mk, const uint16_t *x)
 #define ROWS_LOAD(mk, x) load_bf16(mk, x)
 #define ROWS_DOT         dot_rows_bf16_far_avx512
 #define ROWS_AXPY        axpy_rows_bf16_far_avx512
+#define ROWS_DOT_MULTI   dot_rows_bf16_multi_far_avx512
+#define ROWS_AXPY_MULTI  axpy_rows_bf16_multi_far_avx512
 #include "kernels/rows_avx512.h"
 
 const mha__bf16_kernels mha__bf16_kernels_avx512 = {
@@ -237,6 +241,8 @@ const mha__bf16_kernels mha__bf16_kernels_avx512 = {
     .row_sums = row_sums_bf16_avx512,
     .dot_rows = dot_rows_bf16_avx512,
     .axpy_rows = axpy_rows_bf16_avx512,
+    .dot_rows_multi = dot_rows_bf16_multi_avx512,
+    .axpy_rows_multi = axpy_rows_bf16_multi_avx512,
     .peak = peak_bf16_avx512,
 };
 
@@ -253,6 +259,10 @@ const mha__bf16_kernels mha__bf16_kernels_amx = {
     .axpy_rows = axpy_rows_bf16_avx512,
     .dot_rows_far = dot_rows_bf16_far_avx512,
     .axpy_rows_far = axpy_rows_bf16_far_avx512,
+    .dot_rows_multi = dot_rows_bf16_multi_avx512,
+    .axpy_rows_multi = axpy_rows_bf16_multi_avx512,
+    .dot_rows_multi_far = dot_rows_bf16_multi_far_avx512,
+    .axpy_rows_multi_far = axpy_rows_bf16_multi_far_avx512,
     .peak = mha__bf16_peak_amx,
     .split_transpose = mha__split_transpose_amx,
     .split_rows_tile = mha__split_rows_tile_amx,

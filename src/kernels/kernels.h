@@ -130,7 +130,8 @@ typedef void (*mha__axpy_rows_fn)(const float *p, const float *v, int64_t ldv, i
 /* The same for 1 .. MHA_ROWS_AT_ONCE query rows at once, q[r] and s[r]
  * (dot), p[r] and o[r] (axpy) for row r < rows, which share each key's
  * and value's loads: every output the bits dot_rows and axpy_rows give
- * it.  Float32 rows; NULL in a table: a call of those per row. */
+ * it.  So too for int8 and bf16 rows below; NULL in a table: a call of
+ * the one-row kernel per row. */
 enum { MHA_ROWS_AT_ONCE = 4 };
 typedef void (*mha__dot_rows_multi_fn)(const float *k, int64_t ldk, int64_t n, int rows, const float *const *q,
                                        int64_t d, float *const *s);
@@ -148,6 +149,10 @@ typedef void (*mha__dot_rows_i8_fn)(const int8_t *k, int64_t ldk, int64_t n, con
                                     int64_t d, float *s);
 typedef void (*mha__axpy_rows_i8_fn)(const float *p, const float *scale, const int8_t *v, int64_t ldv, int64_t n,
                                      int64_t d, float *o);
+typedef void (*mha__dot_rows_i8_multi_fn)(const int8_t *k, int64_t ldk, int64_t n, const float *scale, int rows,
+                                          const float *const *q, int64_t d, float *const *s);
+typedef void (*mha__axpy_rows_i8_multi_fn)(int rows, const float *const *p, const float *scale, const int8_t *v,
+                                           int64_t ldv, int64_t n, int64_t d, float *const *o);
 
 /* out[i] = sum_p a[i * a_rs + p * a_cs] b[i * b_rs + p * b_cs] for i < rows,
  * p < k: each one chain of multiply-adds from 0 in p order, the arithmetic
@@ -273,8 +278,8 @@ typedef struct mha__kernels {
     mha__axpy_rows_fn axpy_rows;
     mha__dot_rows_multi_fn dot_rows_multi;
     mha__axpy_rows_multi_fn axpy_rows_multi;
-    mha__dot_rows_multi_fn dot_rows_multi_far; /* and prefetching, as dot_rows_far (NULL: none) */
-    mha__axpy_rows_multi_fn axpy_rows_multi_far;
+    mha__dot_rows_i8_multi_fn dot_rows_i8_multi;
+    mha__axpy_rows_i8_multi_fn axpy_rows_i8_multi;
     mha__dot_rows_i8_fn dot_rows_i8;
     mha__axpy_rows_i8_fn axpy_rows_i8;
     /* The same sums (the same bits), prefetching rows ahead, for caches
@@ -284,6 +289,10 @@ typedef struct mha__kernels {
     mha__axpy_rows_fn axpy_rows_far;
     mha__dot_rows_i8_fn dot_rows_i8_far;
     mha__axpy_rows_i8_fn axpy_rows_i8_far;
+    mha__dot_rows_multi_fn dot_rows_multi_far;
+    mha__axpy_rows_multi_fn axpy_rows_multi_far;
+    mha__dot_rows_i8_multi_fn dot_rows_i8_multi_far;
+    mha__axpy_rows_i8_multi_fn axpy_rows_i8_multi_far;
     mha__pair_dots_fn pair_dots;
     mha__transpose_scaled_fn transpose_scaled;
     mha__scale_fn scale;
@@ -342,6 +351,10 @@ typedef void (*mha__bf16_row_sums_fn)(const uint16_t *p, int64_t ld, int64_t row
  * cache); q, s, p and o stay float32, products exact, sums float32. */
 typedef void (*mha__dot_rows_bf16_fn)(const uint16_t *k, int64_t ldk, int64_t n, const float *q, int64_t d, float *s);
 typedef void (*mha__axpy_rows_bf16_fn)(const float *p, const uint16_t *v, int64_t ldv, int64_t n, int64_t d, float *o);
+typedef void (*mha__dot_rows_bf16_multi_fn)(const uint16_t *k, int64_t ldk, int64_t n, int rows, const float *const *q,
+                                            int64_t d, float *const *s);
+typedef void (*mha__axpy_rows_bf16_multi_fn)(int rows, const float *const *p, const uint16_t *v, int64_t ldv, int64_t n,
+                                             int64_t d, float *const *o);
 
 enum { MHA_BF16_MR = 12, MHA_BF16_NR = 32 };
 
@@ -439,6 +452,9 @@ typedef struct mha__bf16_kernels {
      * that stream from beyond L2 (NULL: the plain ones serve). */
     mha__dot_rows_bf16_fn dot_rows_far;
     mha__axpy_rows_bf16_fn axpy_rows_far;
+    /* Up to MHA_ROWS_AT_ONCE rows at once, plain and far (NULL: none) */
+    mha__dot_rows_bf16_multi_fn dot_rows_multi, dot_rows_multi_far;
+    mha__axpy_rows_bf16_multi_fn axpy_rows_multi, axpy_rows_multi_far;
     mha__peak_fn peak; /* the bf16 multiply-add peak (NULL: same as float32) */
     /* Float32 products from split parts (NULL: none on this ISA). */
     mha__split_transpose_fn split_transpose;

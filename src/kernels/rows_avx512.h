@@ -13,7 +13,10 @@
  *                       each score and weight (rows_options.h)
  *   ROWS_KEYWISE        (optional) the dot reads blocks of 64 columns key
  *                       by key (ROWS_DOT says when that pays; rows_options.h)
- * and a lane_mask(n).  Eight keys at a time, each an FMA chain over
+ *   ROWS_DOT_MULTI, ROWS_AXPY_MULTI  (optional) the names of the same two
+ *                       for up to MHA_ROWS_AT_ONCE query rows at once
+ *                       (kernels.h), after ROWS_AXPY below
+ * and a lane_mask(n) (and kernels/few_rows.h for the multi-row forms).  Eight keys at a time, each an FMA chain over
  * 16-wide slices of d, then reduced four together; values accumulate in
  * registers, 64 columns at a time, while the rows stream by.  Tails are
  * masked.
@@ -146,6 +149,178 @@ static void ROWS_AXPY(const float *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64
     for (; c + 64 <= d; c += 64) ROWS_AXPY_BLOCK(full, full, full, full);
     if (c < d) ROWS_AXPY_BLOCK(lane_mask(d - c), lane_mask(d - c - 16), lane_mask(d - c - 32), lane_mask(d - c - 48));
 }
+
+#ifdef ROWS_DOT_MULTI
+/* The two for up to four query rows at once.  Split-K takes every query
+ * row of a kv head's group against a chunk of 256 keys, and a row at a
+ * time it read the chunk's K and V from L2 again for each: the dots and
+ * sums ran at L2's rate, not the FMAs'.  Here each key's and value's
+ * slice is loaded (and widened, and prefetched) once for every row.  Each
+ * key's chain over d and each output's over the keys are the one-row
+ * kernels', a key's four-way reduction does not depend on its
+ * neighbours', and scales apply as there, so every output has their
+ * bits.  A row count is a constant in its body (few_rows.h): 4 keys x 4
+ * rows of chains, the keys' slices and one of q take 21 of the 32
+ * registers. */
+#define ROWS_CAT2_(a, b)      a##b
+#define ROWS_CAT_(a, b)       ROWS_CAT2_(a, b)
+#define ROWS_MULTI_DOT_BODY   ROWS_CAT_(ROWS_DOT_MULTI, _body)
+#define ROWS_MULTI_AXPY_BLOCK ROWS_CAT_(ROWS_AXPY_MULTI, _block)
+#define ROWS_MULTI_AXPY_BODY  ROWS_CAT_(ROWS_AXPY_MULTI, _body)
+
+#define ROWS_MULTI_DOT_ROW(r)                                  \
+    do {                                                       \
+        if ((r) < R) {                                         \
+            __m512 qv_ = _mm512_maskz_loadu_ps(mk_, q##r + c); \
+            a##r##0 = _mm512_fmadd_ps(k0v, qv_, a##r##0);      \
+            a##r##1 = _mm512_fmadd_ps(k1v, qv_, a##r##1);      \
+            a##r##2 = _mm512_fmadd_ps(k2v, qv_, a##r##2);      \
+            a##r##3 = _mm512_fmadd_ps(k3v, qv_, a##r##3);      \
+        }                                                      \
+    } while (0)
+
+/* Slice c (lanes in mk) of keys j .. j + 3 into every row's chains. */
+#define ROWS_MULTI_DOT_SLICE(mk)                                                         \
+    do {                                                                                 \
+        const __mmask16 mk_ = (mk);                                                      \
+        const ROWS_ELEM *kj_ = k + j * ldk + c;                                          \
+        __m512 k0v = ROWS_LOAD(mk_, kj_), k1v = ROWS_LOAD(mk_, kj_ + ldk);               \
+        __m512 k2v = ROWS_LOAD(mk_, kj_ + 2 * ldk), k3v = ROWS_LOAD(mk_, kj_ + 3 * ldk); \
+        ROWS_MULTI_DOT_ROW(0);                                                           \
+        ROWS_MULTI_DOT_ROW(1);                                                           \
+        ROWS_MULTI_DOT_ROW(2);                                                           \
+        ROWS_MULTI_DOT_ROW(3);                                                           \
+    } while (0)
+
+#define ROWS_MULTI_DOT_STORE(r)                                                                            \
+    do {                                                                                                   \
+        if ((r) < R) _mm_storeu_ps(s[r] + j, ROWS_SCALE4(reduce4(a##r##0, a##r##1, a##r##2, a##r##3), j)); \
+    } while (0)
+
+static inline __attribute__((always_inline)) void ROWS_MULTI_DOT_BODY(int R, const ROWS_ELEM *k, int64_t ldk, int64_t n,
+                                                                      ROWS_SCALE_PARAM const float *const *q, int64_t d,
+                                                                      float *const *s)
+{
+    const float *q0 = q[0], *q1 = q[1 < R ? 1 : 0], *q2 = q[2 < R ? 2 : 0], *q3 = q[3 < R ? 3 : 0];
+    const __mmask16 full = 0xffff, tail = lane_mask(d % 16);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        for (int t = 0; t < 4; t++) ROWS_PREFETCH(k + (j + t) * ldk, ldk, d);
+        __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+        __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+        int64_t c = 0;
+        for (; c + 16 <= d; c += 16) ROWS_MULTI_DOT_SLICE(full);
+        if (c < d) ROWS_MULTI_DOT_SLICE(tail);
+        ROWS_MULTI_DOT_STORE(0);
+        ROWS_MULTI_DOT_STORE(1);
+        ROWS_MULTI_DOT_STORE(2);
+        ROWS_MULTI_DOT_STORE(3);
+    }
+    for (; j < n; j++) /* a lone key, as the one-row kernel reduces it */
+        for (int r = 0; r < R; r++) {
+            __m512 a = _mm512_setzero_ps(), zero = a;
+            for (int64_t c = 0; c < d; c += 16) {
+                __mmask16 mk = c + 16 <= d ? full : tail;
+                a = _mm512_fmadd_ps(ROWS_LOAD(mk, k + j * ldk + c), _mm512_maskz_loadu_ps(mk, q[r] + c), a);
+            }
+            s[r][j] = ROWS_SCALE1(_mm_cvtss_f32(reduce4(a, zero, zero, zero)), j);
+        }
+}
+
+static void ROWS_DOT_MULTI(const ROWS_ELEM *k, int64_t ldk, int64_t n, ROWS_SCALE_PARAM int rows, const float *const *q,
+                           int64_t d, float *const *s)
+{
+    MHA_FEW_ROWS_CALL(rows, MHA_ROWS_AT_ONCE, ROWS_MULTI_DOT_BODY(M, k, ldk, n, ROWS_SCALE_ARG q, d, s));
+}
+
+#define ROWS_MULTI_AXPY_LOAD(r)                              \
+    __m512 o##r##0 = _mm512_setzero_ps(), o##r##1 = o##r##0; \
+    __m512 o##r##2 = o##r##0, o##r##3 = o##r##0;             \
+    if ((r) < R) {                                           \
+        o##r##0 = _mm512_maskz_loadu_ps(m0, o[r] + c);       \
+        o##r##1 = _mm512_maskz_loadu_ps(m1, o[r] + c + 16);  \
+        o##r##2 = _mm512_maskz_loadu_ps(m2, o[r] + c + 32);  \
+        o##r##3 = _mm512_maskz_loadu_ps(m3, o[r] + c + 48);  \
+    }
+
+#define ROWS_MULTI_AXPY_ROW(r)                                 \
+    do {                                                       \
+        if ((r) < R) {                                         \
+            __m512 pj_ = _mm512_set1_ps(ROWS_WEIGHT(p##r, j)); \
+            o##r##0 = _mm512_fmadd_ps(pj_, v0, o##r##0);       \
+            o##r##1 = _mm512_fmadd_ps(pj_, v1, o##r##1);       \
+            o##r##2 = _mm512_fmadd_ps(pj_, v2, o##r##2);       \
+            o##r##3 = _mm512_fmadd_ps(pj_, v3, o##r##3);       \
+        }                                                      \
+    } while (0)
+
+#define ROWS_MULTI_AXPY_STORE(r)                               \
+    do {                                                       \
+        if ((r) < R) {                                         \
+            _mm512_mask_storeu_ps(o[r] + c, m0, o##r##0);      \
+            _mm512_mask_storeu_ps(o[r] + c + 16, m1, o##r##1); \
+            _mm512_mask_storeu_ps(o[r] + c + 32, m2, o##r##2); \
+            _mm512_mask_storeu_ps(o[r] + c + 48, m3, o##r##3); \
+        }                                                      \
+    } while (0)
+
+/* Columns c .. c + 63 (lanes in m0 .. m3) of every row's output. */
+static inline __attribute__((always_inline)) void
+ROWS_MULTI_AXPY_BLOCK(int R, const float *const *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64_t ldv, int64_t n,
+                      int64_t d, int64_t c, __mmask16 m0, __mmask16 m1, __mmask16 m2, __mmask16 m3, float *const *o)
+{
+    (void)d; /* the prefetches' row length */
+    const float *p0 = p[0], *p1 = p[1 < R ? 1 : 0], *p2 = p[2 < R ? 2 : 0], *p3 = p[3 < R ? 3 : 0];
+    ROWS_MULTI_AXPY_LOAD(0)
+    ROWS_MULTI_AXPY_LOAD(1)
+    ROWS_MULTI_AXPY_LOAD(2)
+    ROWS_MULTI_AXPY_LOAD(3)
+    for (int64_t j = 0; j < n; j++) {
+        const ROWS_ELEM *vj = v + j * ldv + c;
+        if (c == 0) ROWS_PREFETCH(vj, ldv, d);
+        __m512 v0 = ROWS_LOAD(m0, vj), v1 = ROWS_LOAD(m1, vj + 16), v2 = ROWS_LOAD(m2, vj + 32);
+        __m512 v3 = ROWS_LOAD(m3, vj + 48);
+        ROWS_MULTI_AXPY_ROW(0);
+        ROWS_MULTI_AXPY_ROW(1);
+        ROWS_MULTI_AXPY_ROW(2);
+        ROWS_MULTI_AXPY_ROW(3);
+    }
+    ROWS_MULTI_AXPY_STORE(0);
+    ROWS_MULTI_AXPY_STORE(1);
+    ROWS_MULTI_AXPY_STORE(2);
+    ROWS_MULTI_AXPY_STORE(3);
+}
+
+static inline __attribute__((always_inline)) void ROWS_MULTI_AXPY_BODY(int R, const float *const *p,
+                                                                       ROWS_SCALE_PARAM const ROWS_ELEM *v, int64_t ldv,
+                                                                       int64_t n, int64_t d, float *const *o)
+{
+    const __mmask16 full = 0xffff;
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64) ROWS_MULTI_AXPY_BLOCK(R, p, ROWS_SCALE_ARG v, ldv, n, d, c, full, full, full, full, o);
+    if (c < d)
+        ROWS_MULTI_AXPY_BLOCK(R, p, ROWS_SCALE_ARG v, ldv, n, d, c, lane_mask(d - c), lane_mask(d - c - 16),
+                              lane_mask(d - c - 32), lane_mask(d - c - 48), o);
+}
+
+static void ROWS_AXPY_MULTI(int rows, const float *const *p, ROWS_SCALE_PARAM const ROWS_ELEM *v, int64_t ldv,
+                            int64_t n, int64_t d, float *const *o)
+{
+    MHA_FEW_ROWS_CALL(rows, MHA_ROWS_AT_ONCE, ROWS_MULTI_AXPY_BODY(M, p, ROWS_SCALE_ARG v, ldv, n, d, o));
+}
+
+#undef ROWS_CAT2_
+#undef ROWS_CAT_
+#undef ROWS_MULTI_DOT_BODY
+#undef ROWS_MULTI_AXPY_BLOCK
+#undef ROWS_MULTI_AXPY_BODY
+#undef ROWS_MULTI_DOT_ROW
+#undef ROWS_MULTI_DOT_SLICE
+#undef ROWS_MULTI_DOT_STORE
+#undef ROWS_MULTI_AXPY_LOAD
+#undef ROWS_MULTI_AXPY_ROW
+#undef ROWS_MULTI_AXPY_STORE
+#endif /* ROWS_DOT_MULTI */
 
 #undef ROWS_DOT_SLICE4
 #undef ROWS_DOT_KEY64

@@ -11,6 +11,8 @@
 #undef ROWS_WIDEN
 #undef ROWS_DOT
 #undef ROWS_AXPY
+#undef ROWS_DOT_MULTI
+#undef ROWS_AXPY_MULTI
 #undef ROWS_SCALED
 #undef ROWS_KEYWISE
 #undef ROWS_KEY_BLOCKS
