@@ -4,7 +4,8 @@
  *
  * The keys are split into chunks of KC, fixed by the shape, never by the
  * thread count.  A work item (batch, kv head, chunk) takes every query row
- * of the group's heads against its chunk:
+ * of the group's heads against its chunk, up to MHA_ROWS_AT_ONCE rows in
+ * one pass over the chunk's rows (rows_chunk):
  *   s = K_chunk (scale q)    (dot_rows)    score contract (contract.c)
  *   m = max s,  p = exp(s - m),  l = sum p,  O = sum p V_chunk (axpy_rows)
  * and a merge pass combines the chunks of each row in chunk order:

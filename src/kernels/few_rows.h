@@ -1,7 +1,8 @@
 /*
  * few_rows.h -- a tile of fewer rows than a micro-kernel's MR as a body of
  * its own, one per row count, for the FMA and bf16 micro-kernels (avx2.c,
- * avx512.c, avx512_bf16.c).
+ * avx512.c, avx512_bf16.c), and the same for the decoding kernels' query
+ * rows at once (rows_avx512.h).
  *
  * A micro-kernel's general body computes the FMAs of all its MR rows and
  * stores only the m that exist.  The projections of a decoding step are
