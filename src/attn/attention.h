@@ -268,6 +268,12 @@ typedef struct mha__score_source {
 void mha__panel_of(const mha__attn_plan *p, mha__score_source *src, int64_t rows, double *qd, int64_t ldq,
                    const float **widened);
 
+/* The widening under mha__panel_of, for any float32 rows (few rows' dO
+ * too: flash_bwd.c): dst[c * ld + r] = x[r * rs + c * cs] for r < rows,
+ * c < width, unless *widened is x already; then *widened = x. */
+void mha__widen_panel(const float *x, int64_t rs, int64_t cs, int64_t rows, int64_t width, double *dst, int64_t ld,
+                      const float **widened);
+
 /* The source of query rows i0.. of head h, batch b, of a float32 tensor
  * q [B, Hq, L, D], against float32 key rows k (keys j0..). */
 mha__score_source mha__score_rows(const mha_tensor *q, int64_t b, int64_t h, int64_t i0, int64_t j0, mha__strided k);

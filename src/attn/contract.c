@@ -395,13 +395,19 @@ static double exact_dot(const mha__attn_plan *p, const mha__score_source *src, i
     return sum;
 }
 
+void mha__widen_panel(const float *x, int64_t rs, int64_t cs, int64_t rows, int64_t width, double *dst, int64_t ld,
+                      const float **widened)
+{
+    if (*widened != x)
+        for (int64_t c = 0; c < width; c++)
+            for (int64_t r = 0; r < rows; r++) dst[c * ld + r] = x[r * rs + c * cs];
+    *widened = x;
+}
+
 void mha__panel_of(const mha__attn_plan *p, mha__score_source *src, int64_t rows, double *qd, int64_t ldq,
                    const float **widened)
 {
-    if (*widened != src->q)
-        for (int64_t c = 0; c < p->D; c++)
-            for (int64_t r = 0; r < rows; r++) qd[c * ldq + r] = src->q[r * src->q_rs + c * src->q_cs];
-    *widened = src->q;
+    mha__widen_panel(src->q, src->q_rs, src->q_cs, rows, p->D, qd, ldq, widened);
     src->qd = qd;
     src->ldq = ldq;
 }

@@ -471,11 +471,7 @@ static void refine_dp(const bwd_job *j, bwd_tiles *t, int64_t b, int64_t h, int6
     const mha_tensor *v = j->v, *dout = j->dout;
     const float *vb = row_of(v, b, h / p->group, j0), *d0 = row_of(dout, b, h, i0);
     bool panel = v->stride[3] == 1 && t->dod;
-    if (panel && t->dod_row != d0) {
-        for (int64_t x = 0; x < p->Dv; x++)
-            for (int64_t r = 0; r < rows; r++) t->dod[x * BQ + r] = d0[r * dout->stride[2] + x * dout->stride[3]];
-        t->dod_row = d0;
-    }
+    if (panel) mha__widen_panel(d0, dout->stride[2], dout->stride[3], rows, p->Dv, t->dod, BQ, &t->dod_row);
     double dot[BK * DP_PANEL];
     for (int64_t r0 = 0; r0 < rows; r0 += DP_PANEL) {
         int64_t n = rows - r0 < DP_PANEL ? rows - r0 : DP_PANEL;
